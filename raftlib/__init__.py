@@ -1,0 +1,38 @@
+"""raftlib: the Raft consensus protocol as a pure state machine, with the pieces to run it.
+
+Importing `raftlib` gives the pure API only: it opens no file and imports neither gevent nor zmq. The runtime
+(`raftlib.runtime`), the transport (`raftlib.transport`), the codec (`raftlib.codec`) and the disk storage
+(`raftlib.storage`) are imported by name when needed.
+"""
+
+from .core import Config, NotLeader, ProposalDropped, RaftNode, Ready
+from .log import RaftLog
+from .memory_storage import MemoryStorage, StoredState
+from .messages import (
+    AppendEntries,
+    AppendEntriesReply,
+    ConfChange,
+    ConfChangeKind,
+    Entry,
+    EntryKind,
+    HardState,
+    InstallSnapshot,
+    InstallSnapshotReply,
+    Member,
+    Membership,
+    Message,
+    ReadIndexReply,
+    ReadIndexRequest,
+    RequestVote,
+    RequestVoteReply,
+    Role,
+    Snapshot,
+    TimeoutNow,
+)
+
+__all__ = [
+    "AppendEntries", "AppendEntriesReply", "ConfChange", "ConfChangeKind", "Config", "Entry", "EntryKind",
+    "HardState", "InstallSnapshot", "InstallSnapshotReply", "MemoryStorage", "Member", "Membership", "Message",
+    "NotLeader", "ProposalDropped", "RaftLog", "RaftNode", "ReadIndexReply", "ReadIndexRequest", "Ready",
+    "RequestVote", "RequestVoteReply", "Role", "Snapshot", "StoredState", "TimeoutNow",
+]

@@ -1,0 +1,942 @@
+"""RaftNode: the Raft protocol as a deterministic state machine.
+
+Pure: no clock, no sockets, no files, no module-level random. Time comes in as `tick()`, messages as `step()`,
+requests as `propose()`, `read_index()`, `change_membership()` and `transfer_leadership()`. What the node wants
+done comes out of `ready()`: hard state and entries to persist, messages to send once they are persisted,
+committed entries to apply, and reads that are now safe. The caller does all of that, then calls `advance()`.
+Same state and same inputs give the same outputs, so a seeded simulator can replay any run.
+
+Section numbers cite the Raft paper (§5-§8) and Ongaro's thesis ("thesis §x").
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .log import RaftLog, membership_at
+from .messages import (
+    AppendEntries,
+    AppendEntriesReply,
+    ConfChange,
+    ConfChangeKind,
+    Entry,
+    EntryKind,
+    HardState,
+    InstallSnapshot,
+    InstallSnapshotReply,
+    Member,
+    Membership,
+    Message,
+    ReadIndexReply,
+    ReadIndexRequest,
+    RequestVote,
+    RequestVoteReply,
+    Role,
+    Snapshot,
+    TimeoutNow,
+)
+
+
+class NotLeader(Exception):
+    """Raised by a request only a leader can serve. `leader_id` is the leader this node knows, or None."""
+
+    def __init__(self, leader_id: str | None) -> None:
+        super().__init__(f"not the leader (leader: {leader_id})")
+        self.leader_id = leader_id
+
+
+class ProposalDropped(Exception):
+    """The leader cannot take this request now (a transfer or membership change is under way); retry later."""
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str
+    election_ticks: int = 10  # a follower waits election_ticks + rng.randrange(election_ticks) ticks
+    heartbeat_ticks: int = 1
+    max_batch_bytes: int = 1 << 20  # bound on the entries of one AppendEntries
+    snapshot_chunk_bytes: int = 1 << 20
+    pre_vote: bool = True  # thesis §9.6
+    check_quorum: bool = True  # thesis §6.2 / §9.6: leader steps down without a majority; voters keep a lease
+    auto_promote: bool = True  # promote a learner to voter once it has caught up (thesis §4.2.1)
+    # Deliberate faults, only for showing that the simulator's checks can fire. Never set them otherwise.
+    unsafe_commit_previous_term: bool = False
+    unsafe_read_without_quorum: bool = False
+    unsafe_vote_twice: bool = False
+
+
+@dataclass
+class Ready:
+    """What the node needs done. In this order: persist `snapshot`, then `entries` (replacing any entries at or
+    after entries[0].index), then `hard_state`, durably; then send `messages`; then apply `snapshot` and
+    `committed_entries` to the state machine; then serve `read_states` once applied up to their index; then call
+    `advance(ready)`."""
+
+    hard_state: HardState | None
+    entries: list[Entry]
+    snapshot: Snapshot | None
+    messages: list[Message]
+    committed_entries: list[Entry]
+    read_states: list[tuple[int, int]]  # (request_id, read_index)
+    failed_reads: list[int]  # request ids this node can no longer answer (it lost its leader or leadership)
+    role: Role
+    term: int
+    leader_id: str | None
+
+
+class ProgressState(enum.Enum):
+    PROBE = "probe"  # one AppendEntries per heartbeat until the follower's log matches
+    REPLICATE = "replicate"  # send new entries as soon as they exist
+    SNAPSHOT = "snapshot"  # sending a snapshot; appends wait
+
+
+@dataclass
+class Progress:
+    """The leader's view of one follower (Figure 2: next_index, match_index)."""
+
+    match_index: int = 0
+    next_index: int = 1
+    state: ProgressState = ProgressState.PROBE
+    probe_sent: bool = False
+    recent_active: bool = False
+    snapshot_index: int = 0
+    snapshot_offset: int = 0
+
+
+@dataclass
+class _ReadRound:
+    round_id: int
+    read_index: int
+    requests: list[tuple[int, str]]  # (request_id, node that asked)
+    acks: set[str] = field(default_factory=set)
+
+
+class RaftNode:
+    def __init__(
+        self,
+        config: Config,
+        rng,
+        hard_state: HardState = HardState(),
+        log: RaftLog | None = None,
+        snapshot: Snapshot | None = None,
+        membership: Membership | None = None,
+    ) -> None:
+        """`rng` is any object with `randrange` (random.Random(seed) in tests). `log` holds the persisted entries
+        after `snapshot`; `membership` is the configuration to start from when there is neither a snapshot nor
+        a membership entry (an empty one for a node waiting to be added to a cluster)."""
+        self.config = config
+        self.node_id = config.node_id
+        self._rng = rng
+        self.log = log if log is not None else RaftLog()
+        self._snapshot = snapshot
+        if snapshot is not None:
+            assert self.log.snapshot_index == snapshot.last_included_index
+            self._base_membership = snapshot.membership
+        else:
+            self._base_membership = membership if membership is not None else Membership(voters=())
+        self.membership = self._base_membership
+        self._refresh_membership()
+
+        self.current_term = hard_state.current_term
+        self.voted_for = hard_state.voted_for
+        assert hard_state.commit_index <= self.log.last_index, "commit index beyond the persisted log"
+        self.commit_index = max(hard_state.commit_index, self.log.snapshot_index)
+        self.last_applied = self.log.snapshot_index
+        self._persisted_index = self.log.last_index
+        self._unstable_from = self.log.last_index + 1
+        self._saved_hard_state = hard_state
+
+        self.role = Role.FOLLOWER
+        self.leader_id: str | None = None
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_election_ticks = 0
+        self._votes: dict[str, bool] = {}
+        self._progress: dict[str, Progress] = {}
+        self._pending_membership_index = 0
+        self._transferee: str | None = None
+        self._transfer_elapsed = 0
+
+        self._messages: list[Message] = []
+        self._append_dirty = False
+        self._commit_dirty = False
+        self._pending_snapshot: Snapshot | None = None
+        self._incoming_snapshot: tuple[int, int, bytearray] | None = None  # (index, term, bytes so far)
+
+        # Linearizable reads (thesis §6.4).
+        self._read_round_id = 0
+        self._read_rounds: list[_ReadRound] = []
+        self._reads_unstarted: list[tuple[int, str]] = []  # waiting for the next confirmation round
+        self._reads_before_commit: list[tuple[int, str]] = []  # waiting for an entry of this term to commit
+        self._reads_to_forward: list[int] = []
+        self._reads_forwarded: list[int] = []
+        self._read_states: list[tuple[int, int]] = []
+        self._failed_reads: list[int] = []
+        self._ready_outstanding = False
+
+        self._reset_election_timer()
+
+    # ---- read-only views -------------------------------------------------------------------------
+
+    @property
+    def term(self) -> int:
+        return self.current_term
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        return tuple(n for n in self.membership.node_ids if n != self.node_id)
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def progress(self, node_id: str) -> Progress | None:
+        return self._progress.get(node_id)
+
+    def _promotable(self) -> bool:
+        return self.node_id in self.membership.voters
+
+    # ---- inputs ---------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One unit of logical time has passed."""
+        if self.role is Role.LEADER:
+            self._tick_leader()
+        else:
+            self._election_elapsed += 1
+            if self._promotable() and self._election_elapsed >= self._randomized_election_ticks:
+                self._election_elapsed = 0
+                self._campaign(pre_vote=self.config.pre_vote)
+
+    def _tick_leader(self) -> None:
+        self._heartbeat_elapsed += 1
+        self._election_elapsed += 1
+        if self._transferee is not None:
+            self._transfer_elapsed += 1
+            if self._transfer_elapsed >= self.config.election_ticks:
+                self._transferee = None  # thesis §3.10: abort a transfer that does not finish in time
+        if self._election_elapsed >= self.config.election_ticks:
+            self._election_elapsed = 0
+            if self.config.check_quorum and not self._quorum_active():
+                # thesis §6.2: a leader that has not heard from a majority for an election timeout steps down.
+                self._become_follower(self.current_term, None)
+                return
+            for node_id, pr in self._progress.items():
+                pr.recent_active = node_id == self.node_id
+        if self._heartbeat_elapsed >= self.config.heartbeat_ticks:
+            self._heartbeat_elapsed = 0
+            self._broadcast_heartbeat()
+
+    def propose(self, command: bytes) -> int:
+        """Append a command to the log; returns its index. Raises NotLeader or ProposalDropped.
+        The command is committed when an entry with this index *and the current term* is applied."""
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader_id)
+        if self._transferee is not None:
+            raise ProposalDropped("leadership transfer in progress")
+        return self._append(EntryKind.COMMAND, command)
+
+    def change_membership(self, change: ConfChange) -> int | None:
+        """Propose a configuration with one server added (as a learner), promoted or removed (thesis §4.1).
+        Returns the index of its entry, or None when the configuration already says so. Raises NotLeader,
+        ProposalDropped (a change is still in progress, or this term has no committed entry yet: the fix
+        from thesis §4.1 for single-server changes), or ValueError for a change that makes no sense."""
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader_id)
+        if self._transferee is not None:
+            raise ProposalDropped("leadership transfer in progress")
+        if self._pending_membership_index > self.commit_index:
+            raise ProposalDropped("a membership change is in progress")
+        if self.log.term(self.commit_index) != self.current_term:
+            raise ProposalDropped("the leader has not committed an entry in its term yet")
+        new = self._changed_membership(self.membership, change)
+        if new is None:
+            return None
+        return self._append(EntryKind.MEMBERSHIP, b"", new)
+
+    @staticmethod
+    def _changed_membership(old: Membership, change: ConfChange) -> Membership | None:
+        node_id = change.member.node_id
+        voters, learners = list(old.voters), list(old.learners)
+        members = [m for m in old.members if m.node_id != node_id]
+        if change.kind is ConfChangeKind.ADD_LEARNER:
+            if node_id in voters or node_id in learners:
+                if old.member(node_id) == change.member:
+                    return None
+                members.append(change.member)  # same node, new address
+            else:
+                learners.append(node_id)
+                members.append(change.member)
+        elif change.kind is ConfChangeKind.PROMOTE:
+            if node_id in voters:
+                return None
+            if node_id not in learners:
+                raise ValueError(f"{node_id} is not a learner")
+            learners.remove(node_id)
+            voters.append(node_id)
+            members.append(old.member(node_id) or change.member)
+        elif change.kind is ConfChangeKind.REMOVE:
+            if node_id not in voters and node_id not in learners:
+                return None
+            if voters == [node_id]:
+                raise ValueError("cannot remove the last voter")
+            if node_id in voters:
+                voters.remove(node_id)
+            else:
+                learners.remove(node_id)
+        return Membership(
+            voters=tuple(sorted(voters)),
+            learners=tuple(sorted(learners)),
+            members=tuple(sorted(members, key=lambda m: m.node_id)),
+        )
+
+    def transfer_leadership(self, target: str) -> None:
+        """Thesis §3.10: bring `target` up to date, then tell it to start an election. Raises NotLeader or
+        ValueError. Proposals are refused until the transfer ends or is aborted after an election timeout."""
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader_id)
+        if target == self.node_id:
+            return
+        if target not in self.membership.voters:
+            raise ValueError(f"{target} is not a voter")
+        self._transferee = target
+        self._transfer_elapsed = 0
+        pr = self._progress[target]
+        if pr.match_index == self.log.last_index:
+            self._send(TimeoutNow(self.node_id, target, self.current_term))
+        else:
+            self._append_dirty = True
+
+    def read_index(self, request_id: int) -> None:
+        """Ask for a linearizable read (thesis §6.4). Later, `ready().read_states` holds (request_id, index):
+        the read may be served once the state machine has applied `index`. Or `failed_reads` holds the id.
+        Raises NotLeader(None) when this node knows no leader to ask."""
+        if self.role is Role.LEADER:
+            self._queue_leader_read(request_id, self.node_id)
+        elif self.leader_id is not None:
+            self._reads_to_forward.append(request_id)
+        else:
+            raise NotLeader(None)
+
+    def create_snapshot(self, index: int, data: bytes) -> Snapshot:
+        """The state machine, serialized as `data`, has applied exactly up to `index`. Drop the log up to
+        there and keep the snapshot to send to followers that are too far behind (§7). The caller persists it."""
+        assert self.log.snapshot_index < index <= self.last_applied, (index, self.last_applied)
+        term = self.log.term(index)
+        assert term is not None
+        membership = membership_at(self._base_membership, self.log.membership_entries(), index)
+        snap = Snapshot(index, term, membership, data)
+        self._snapshot = snap
+        self._base_membership = membership
+        self.log.compact(index, term)
+        return snap
+
+    def step(self, m: Message) -> None:
+        """Take one message from a peer."""
+        assert not self._ready_outstanding, "advance() the last Ready before stepping"
+        if m.dst != self.node_id or m.src == self.node_id:
+            return
+        if m.term > self.current_term:
+            if isinstance(m, RequestVote):
+                in_lease = (
+                    self.config.check_quorum
+                    and self.leader_id is not None
+                    and self._election_elapsed < self.config.election_ticks
+                )
+                if in_lease and not m.leadership_transfer:
+                    # thesis §4.2.3 / §9.6: a node that hears from a leader ignores disruptive candidates.
+                    return
+                if not m.pre_vote:
+                    self._become_follower(m.term, None)
+            elif isinstance(m, RequestVoteReply) and m.pre_vote and m.vote_granted:
+                pass  # a granted pre-vote carries the term we would campaign in
+            elif isinstance(m, (AppendEntries, InstallSnapshot, TimeoutNow)):
+                self._become_follower(m.term, m.src)
+            else:
+                self._become_follower(m.term, None)
+        elif m.term < self.current_term:
+            if isinstance(m, (AppendEntries, InstallSnapshot)):
+                # Tell a stale leader about the new term, or it would never step down (thesis §9.6).
+                self._send(AppendEntriesReply(self.node_id, m.src, self.current_term, False, 0))
+            elif isinstance(m, RequestVote) and m.pre_vote:
+                self._send(RequestVoteReply(self.node_id, m.src, self.current_term, False, pre_vote=True))
+            return
+
+        match m:
+            case RequestVote():
+                self._handle_request_vote(m)
+            case RequestVoteReply():
+                self._handle_request_vote_reply(m)
+            case AppendEntries():
+                self._handle_append_entries(m)
+            case AppendEntriesReply():
+                self._handle_append_entries_reply(m)
+            case InstallSnapshot():
+                self._handle_install_snapshot(m)
+            case InstallSnapshotReply():
+                self._handle_install_snapshot_reply(m)
+            case TimeoutNow():
+                self._handle_timeout_now(m)
+            case ReadIndexRequest():
+                self._handle_read_index_request(m)
+            case ReadIndexReply():
+                self._handle_read_index_reply(m)
+
+    # ---- outputs --------------------------------------------------------------------------------
+
+    def has_ready(self) -> bool:
+        return bool(
+            self._messages
+            or (self.role is Role.LEADER and (self._append_dirty or self._commit_dirty))
+            or self._reads_unstarted
+            or self._reads_to_forward
+            or self._read_states
+            or self._failed_reads
+            or self._pending_snapshot is not None
+            or self._unstable_from <= self.log.last_index
+            or self.commit_index > self.last_applied
+            or self._hard_state() != self._saved_hard_state
+        )
+
+    def ready(self) -> Ready | None:
+        """Collect what is to be done, or None. Every Ready must be followed by `advance(ready)` before the
+        next `step`, `tick` or `ready`."""
+        assert not self._ready_outstanding, "advance() the last Ready first"
+        if self.role is Role.LEADER:
+            self._flush_appends()
+            self._start_read_round()
+        elif self._reads_to_forward and self.leader_id is not None:
+            ids = tuple(self._reads_to_forward)
+            self._reads_to_forward.clear()
+            self._reads_forwarded.extend(ids)
+            self._send(ReadIndexRequest(self.node_id, self.leader_id, self.current_term, ids))
+        if not self.has_ready():
+            return None
+        hard_state = self._hard_state()
+        entries = []
+        if self._unstable_from <= self.log.last_index:
+            entries = self.log.slice(self._unstable_from, self.log.last_index + 1)
+        committed = []
+        if self.commit_index > self.last_applied:
+            committed = self.log.slice(self.last_applied + 1, self.commit_index + 1)
+        rd = Ready(
+            hard_state=hard_state if hard_state != self._saved_hard_state else None,
+            entries=entries,
+            snapshot=self._pending_snapshot,
+            messages=self._messages,
+            committed_entries=committed,
+            read_states=self._read_states,
+            failed_reads=self._failed_reads,
+            role=self.role,
+            term=self.current_term,
+            leader_id=self.leader_id,
+        )
+        self._messages, self._read_states, self._failed_reads = [], [], []
+        self._ready_outstanding = True
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """Everything in `rd` has been persisted, sent and applied."""
+        assert self._ready_outstanding
+        self._ready_outstanding = False
+        if rd.snapshot is not None:
+            self._pending_snapshot = None
+            self._persisted_index = max(self._persisted_index, rd.snapshot.last_included_index)
+            self.last_applied = max(self.last_applied, rd.snapshot.last_included_index)
+        if rd.entries:
+            self._persisted_index = rd.entries[-1].index
+            self._unstable_from = max(self._unstable_from, rd.entries[-1].index + 1)
+        if rd.hard_state is not None:
+            self._saved_hard_state = rd.hard_state
+        if rd.committed_entries:
+            self.last_applied = rd.committed_entries[-1].index
+        if self.role is Role.LEADER and (rd.entries or rd.snapshot):
+            self._maybe_commit()
+
+    def _hard_state(self) -> HardState:
+        return HardState(self.current_term, self.voted_for, self.commit_index)
+
+    def _send(self, m: Message) -> None:
+        self._messages.append(m)
+
+    # ---- roles ----------------------------------------------------------------------------------
+
+    def _reset_election_timer(self) -> None:
+        self._election_elapsed = 0
+        self._randomized_election_ticks = self.config.election_ticks + self._rng.randrange(self.config.election_ticks)
+
+    def _reset(self, term: int) -> None:
+        if term != self.current_term:
+            self.current_term = term
+            self.voted_for = None
+        self.leader_id = None
+        self._votes = {}
+        self._heartbeat_elapsed = 0
+        self._transferee = None
+        self._append_dirty = self._commit_dirty = False
+        self._reset_election_timer()
+        self._fail_reads()
+
+    def _fail_reads(self) -> None:
+        for r in self._read_rounds:
+            self._fail_read_requests(r.requests)
+        self._fail_read_requests(self._reads_unstarted)
+        self._fail_read_requests(self._reads_before_commit)
+        self._read_rounds, self._reads_unstarted, self._reads_before_commit = [], [], []
+        self._failed_reads.extend(self._reads_to_forward)
+        self._failed_reads.extend(self._reads_forwarded)
+        self._reads_to_forward, self._reads_forwarded = [], []
+
+    def _fail_read_requests(self, requests: list[tuple[int, str]]) -> None:
+        self._failed_reads.extend(rid for rid, origin in requests if origin == self.node_id)
+
+    def _become_follower(self, term: int, leader_id: str | None) -> None:
+        if self.role is Role.FOLLOWER and term == self.current_term and leader_id == self.leader_id:
+            self._election_elapsed = 0
+            return
+        if self.role is Role.FOLLOWER and term == self.current_term and self.leader_id is None:
+            # Learning the leader of our own term does not cost our vote nor pending forwarded reads.
+            self.leader_id = leader_id
+            self._election_elapsed = 0
+            return
+        self._reset(term)
+        self.role = Role.FOLLOWER
+        self.leader_id = leader_id
+
+    def _campaign(self, pre_vote: bool, leadership_transfer: bool = False) -> None:
+        if pre_vote:
+            # thesis §9.6: do not bump the term until a majority says it would vote for us.
+            self._reset(self.current_term)
+            self.role = Role.PRE_CANDIDATE
+            term = self.current_term + 1
+        else:
+            self._reset(self.current_term + 1)
+            self.role = Role.CANDIDATE
+            self.voted_for = self.node_id
+            term = self.current_term
+        self._votes = {self.node_id: True}
+        if self._won_votes():
+            if pre_vote:
+                self._campaign(pre_vote=False)
+            else:
+                self._become_leader()
+            return
+        for peer in self.membership.voters:
+            if peer != self.node_id:
+                self._send(
+                    RequestVote(
+                        self.node_id,
+                        peer,
+                        term,
+                        self.log.last_index,
+                        self.log.last_term,
+                        pre_vote=pre_vote,
+                        leadership_transfer=leadership_transfer,
+                    )
+                )
+
+    def _won_votes(self) -> bool:
+        granted = sum(1 for n in self.membership.voters if self._votes.get(n) is True)
+        return granted >= self.membership.quorum()
+
+    def _lost_votes(self) -> bool:
+        rejected = sum(1 for n in self.membership.voters if self._votes.get(n) is False)
+        return rejected >= self.membership.quorum()
+
+    def _become_leader(self) -> None:
+        assert self.role is Role.CANDIDATE
+        self.role = Role.LEADER
+        self.leader_id = self.node_id
+        self._heartbeat_elapsed = 0
+        self._election_elapsed = 0
+        self._progress = {}
+        for node_id in self.membership.node_ids:
+            self._progress[node_id] = Progress(next_index=self.log.last_index + 1, recent_active=True)
+        # The last membership entry in our log may not be committed yet: no new change until it is.
+        entries = self.log.membership_entries()
+        self._pending_membership_index = entries[-1].index if entries else 0
+        # §8: a new leader commits a no-op of its own term, which also commits everything before it.
+        self._append(EntryKind.NOOP, b"")
+
+    # ---- elections ------------------------------------------------------------------------------
+
+    def _handle_request_vote(self, m: RequestVote) -> None:
+        if m.pre_vote:
+            can_vote = m.term > self.current_term or self.voted_for in (None, m.src)
+        else:
+            can_vote = self.voted_for == m.src or (self.voted_for is None and self.leader_id is None)
+            if self.config.unsafe_vote_twice:
+                can_vote = True
+        granted = can_vote and self.log.is_up_to_date(m.last_log_index, m.last_log_term)
+        if granted and not m.pre_vote:
+            self.voted_for = m.src  # §5.2; persisted (in the Ready's hard state) before the reply leaves
+            self._reset_election_timer()
+        term = m.term if (m.pre_vote and granted) else self.current_term
+        self._send(RequestVoteReply(self.node_id, m.src, term, granted, pre_vote=m.pre_vote))
+
+    def _handle_request_vote_reply(self, m: RequestVoteReply) -> None:
+        expected = Role.PRE_CANDIDATE if m.pre_vote else Role.CANDIDATE
+        if self.role is not expected:
+            return
+        if not m.pre_vote and m.term != self.current_term:
+            return
+        self._votes.setdefault(m.src, m.vote_granted)
+        if self._won_votes():
+            if m.pre_vote:
+                self._campaign(pre_vote=False)
+            else:
+                self._become_leader()
+        elif self._lost_votes():
+            self._become_follower(self.current_term, None)
+
+    def _handle_timeout_now(self, m: TimeoutNow) -> None:
+        if self._promotable() and self.role is not Role.LEADER:
+            self._campaign(pre_vote=False, leadership_transfer=True)
+
+    # ---- replication: follower side ---------------------------------------------------------------
+
+    def _handle_append_entries(self, m: AppendEntries) -> None:
+        self._become_follower(m.term, m.src)
+        self._send(self._append_from_leader(m))
+
+    def _append_from_leader(self, m: AppendEntries) -> AppendEntriesReply:
+        me, term = self.node_id, self.current_term
+        if m.prev_log_index < self.commit_index:
+            # Everything up to our commit index matches the leader's log (§5.4 Log Matching).
+            return AppendEntriesReply(me, m.src, term, True, self.commit_index, read_round=m.read_round)
+        if not self.log.match_term(m.prev_log_index, m.prev_log_term):
+            if m.prev_log_index > self.log.last_index:
+                conflict_index, conflict_term = self.log.last_index + 1, 0
+            else:
+                conflict_term = self.log.term(m.prev_log_index) or 0
+                conflict_index = self.log.first_index_of_term(m.prev_log_index)
+            return AppendEntriesReply(
+                me, m.src, term, False, 0, m.prev_log_index, conflict_index, conflict_term, m.read_round
+            )
+        new_entries: tuple[Entry, ...] = ()
+        for n, e in enumerate(m.entries):
+            if self.log.term(e.index) != e.term:
+                assert e.index > self.commit_index, "a leader overwrote a committed entry"
+                new_entries = m.entries[n:]
+                break
+        if new_entries:
+            first = new_entries[0].index
+            truncated = first <= self.log.last_index
+            self.log.append(new_entries)
+            self._unstable_from = min(self._unstable_from, first)
+            self._persisted_index = min(self._persisted_index, first - 1)
+            if truncated or any(e.membership is not None for e in new_entries):
+                self._refresh_membership()
+        last_new = m.prev_log_index + len(m.entries)
+        self._commit_to(min(m.leader_commit, last_new))
+        return AppendEntriesReply(me, m.src, term, True, last_new, read_round=m.read_round)
+
+    def _commit_to(self, index: int) -> None:
+        if index > self.commit_index:
+            assert index <= self.log.last_index
+            self.commit_index = index
+
+    def _handle_install_snapshot(self, m: InstallSnapshot) -> None:
+        self._become_follower(m.term, m.src)
+        index, term = m.last_included_index, m.last_included_term
+
+        def reply(next_offset: int, done: bool) -> None:
+            self._send(InstallSnapshotReply(self.node_id, m.src, self.current_term, index, next_offset, done))
+
+        if index <= self.commit_index:
+            self._incoming_snapshot = None
+            reply(0, True)
+            return
+        held = self._incoming_snapshot
+        if held is None or held[:2] != (index, term):
+            if m.offset != 0:
+                reply(0, False)
+                return
+            held = self._incoming_snapshot = (index, term, bytearray())
+        buf = held[2]
+        if m.offset == len(buf):
+            buf += m.data
+        elif m.offset > len(buf):
+            reply(len(buf), False)
+            return
+        if not (m.done and m.offset + len(m.data) == len(buf)):
+            reply(len(buf), False)
+            return
+        self._incoming_snapshot = None
+        self._restore(Snapshot(index, term, m.membership, bytes(buf)))
+        reply(len(buf), True)
+
+    def _restore(self, snap: Snapshot) -> None:
+        """§7: replace our state with a snapshot the leader sent, unless our log already has its last entry."""
+        index, term = snap.last_included_index, snap.last_included_term
+        if self.log.match_term(index, term):
+            self._commit_to(index)
+            return
+        self.log = RaftLog(index, term)
+        self._snapshot = snap
+        self._base_membership = snap.membership
+        self._refresh_membership()
+        self.commit_index = index
+        self.last_applied = index
+        self._pending_snapshot = snap
+        self._unstable_from = index + 1
+        self._persisted_index = min(self._persisted_index, index)
+
+    def _refresh_membership(self) -> None:
+        entries = self.log.membership_entries()
+        self.membership = entries[-1].membership if entries else self._base_membership
+
+    # ---- replication: leader side -----------------------------------------------------------------
+
+    def _append(self, kind: EntryKind, data: bytes, membership: Membership | None = None) -> int:
+        index = self.log.last_index + 1
+        self.log.append([Entry(self.current_term, index, kind, data, membership)])
+        self._unstable_from = min(self._unstable_from, index)
+        self._append_dirty = True
+        if membership is not None:
+            self._pending_membership_index = index
+            self._apply_membership_to_progress(membership)
+        return index
+
+    def _apply_membership_to_progress(self, membership: Membership) -> None:
+        self.membership = membership
+        for node_id in membership.node_ids:
+            if node_id not in self._progress:
+                self._progress[node_id] = Progress(next_index=self.log.last_index, recent_active=True)
+        for node_id in list(self._progress):
+            if node_id not in membership.node_ids and node_id != self.node_id:
+                del self._progress[node_id]
+
+    def _flush_appends(self) -> None:
+        if not (self._append_dirty or self._commit_dirty):
+            return
+        allow_empty = self._commit_dirty
+        self._append_dirty = self._commit_dirty = False
+        for peer in self.peers:
+            self._send_append(peer, allow_empty=allow_empty)
+
+    def _broadcast_heartbeat(self, read_round: int = 0) -> None:
+        for peer in self.peers:
+            pr = self._progress[peer]
+            if pr.state is ProgressState.PROBE:
+                pr.probe_sent = False
+            self._send_append(peer, allow_empty=True, read_round=read_round, heartbeat=True)
+
+    def _send_append(self, peer: str, allow_empty: bool, read_round: int = 0, heartbeat: bool = False) -> None:
+        pr = self._progress[peer]
+        if pr.state is ProgressState.SNAPSHOT:
+            if heartbeat:
+                self._send_snapshot(peer)
+            return
+        if pr.state is ProgressState.PROBE and pr.probe_sent and not read_round:
+            return
+        prev_index = pr.next_index - 1
+        prev_term = self.log.term(prev_index)
+        if prev_term is None:
+            # §7: the entries this follower needs are compacted: send it the snapshot instead.
+            self._send_snapshot(peer)
+            return
+        entries: list[Entry] = []
+        if pr.next_index <= self.log.last_index and not (pr.state is ProgressState.PROBE and pr.probe_sent):
+            entries = self.log.slice(pr.next_index, self.log.last_index + 1, self.config.max_batch_bytes)
+        if not entries and not allow_empty:
+            return
+        if pr.state is ProgressState.PROBE:
+            pr.probe_sent = True
+        elif entries:
+            pr.next_index = entries[-1].index + 1  # optimistic: pipeline the next batch (REPLICATE)
+        self._send(
+            AppendEntries(
+                self.node_id, peer, self.current_term, prev_index, prev_term, tuple(entries),
+                self.commit_index, read_round,
+            )
+        )
+
+    def _send_snapshot(self, peer: str) -> None:
+        snap = self._snapshot
+        assert snap is not None, "log compacted without a snapshot"
+        pr = self._progress[peer]
+        if pr.state is not ProgressState.SNAPSHOT or pr.snapshot_index != snap.last_included_index:
+            pr.state = ProgressState.SNAPSHOT
+            pr.snapshot_index = snap.last_included_index
+            pr.snapshot_offset = 0
+        chunk = snap.data[pr.snapshot_offset : pr.snapshot_offset + self.config.snapshot_chunk_bytes]
+        done = pr.snapshot_offset + len(chunk) >= len(snap.data)
+        self._send(
+            InstallSnapshot(
+                self.node_id, peer, self.current_term, snap.last_included_index, snap.last_included_term,
+                snap.membership, pr.snapshot_offset, chunk, done,
+            )
+        )
+
+    def _handle_install_snapshot_reply(self, m: InstallSnapshotReply) -> None:
+        pr = self._progress.get(m.src)
+        if self.role is not Role.LEADER or pr is None:
+            return
+        pr.recent_active = True
+        if pr.state is not ProgressState.SNAPSHOT or m.last_included_index != pr.snapshot_index:
+            return
+        if m.done:
+            pr.match_index = max(pr.match_index, m.last_included_index)
+            pr.next_index = pr.match_index + 1
+            pr.state = ProgressState.PROBE
+            pr.probe_sent = False
+            self._append_dirty = True
+        else:
+            pr.snapshot_offset = m.next_offset
+            self._send_snapshot(m.src)
+
+    def _handle_append_entries_reply(self, m: AppendEntriesReply) -> None:
+        pr = self._progress.get(m.src)
+        if self.role is not Role.LEADER or pr is None:
+            return
+        pr.recent_active = True
+        if m.read_round:
+            self._ack_read_round(m.src, m.read_round)
+        if m.success:
+            if m.match_index > pr.match_index:
+                pr.match_index = m.match_index
+                self._maybe_commit()
+                if self.role is not Role.LEADER:
+                    return  # committing our own removal made us step down
+            if pr.state is ProgressState.PROBE:
+                pr.state = ProgressState.REPLICATE
+                pr.probe_sent = False
+            pr.next_index = max(pr.next_index, pr.match_index + 1)
+            self._append_dirty = True
+            if m.src == self._transferee and pr.match_index == self.log.last_index:
+                self._send(TimeoutNow(self.node_id, m.src, self.current_term))
+            self._maybe_promote(m.src)
+            return
+        if m.reject_index == 0 and m.match_index == 0 and m.conflict_index == 0:
+            return  # a stale-term answer; the term rule above already handled it
+        if pr.state is ProgressState.REPLICATE and m.reject_index <= pr.match_index:
+            return  # stale rejection
+        if pr.state is ProgressState.PROBE and m.reject_index != pr.next_index - 1:
+            return  # answers a probe we have since replaced
+        if m.conflict_term:
+            last_of_term = self.log.last_index_of_term(m.conflict_term)
+            hint = last_of_term + 1 if last_of_term else m.conflict_index
+        else:
+            hint = m.conflict_index
+        pr.next_index = max(pr.match_index + 1, min(hint, m.reject_index))
+        pr.state = ProgressState.PROBE
+        pr.probe_sent = False
+        self._append_dirty = True
+
+    def _maybe_promote(self, node_id: str) -> None:
+        pr = self._progress[node_id]
+        if (
+            self.config.auto_promote
+            and node_id in self.membership.learners
+            and pr.match_index >= self.commit_index
+            and self._pending_membership_index <= self.commit_index
+            and self.log.term(self.commit_index) == self.current_term
+            and self._transferee is None
+        ):
+            self.change_membership(ConfChange(ConfChangeKind.PROMOTE, Member(node_id)))
+
+    def _maybe_commit(self) -> None:
+        voters = self.membership.voters
+        if not voters:
+            return
+        matches = sorted(
+            (self._persisted_index if n == self.node_id else self._progress[n].match_index for n in voters),
+            reverse=True,
+        )
+        index = matches[self.membership.quorum() - 1]
+        if index <= self.commit_index:
+            return
+        # §5.4.2 (Figure 8): only entries of the leader's own term commit by counting replicas.
+        if self.log.term(index) != self.current_term and not self.config.unsafe_commit_previous_term:
+            return
+        self.commit_index = index
+        self._commit_dirty = True
+        if self._reads_before_commit and self.log.term(self.commit_index) == self.current_term:
+            self._reads_unstarted.extend(self._reads_before_commit)
+            self._reads_before_commit = []
+        if self.commit_index >= self._pending_membership_index and self.node_id not in self.membership.node_ids:
+            self._step_down_after_removal()
+
+    def _step_down_after_removal(self) -> None:
+        """Thesis §4.2.2: a leader removed from the configuration steps down once the removal is committed.
+        It hands over to the most up-to-date voter first so the cluster need not wait for an election timeout."""
+        self._flush_appends()
+        best = max(
+            self.membership.voters,
+            key=lambda n: (self._progress[n].match_index, n) if n in self._progress else (-1, n),
+        )
+        if self._progress[best].match_index == self.log.last_index:
+            self._send(TimeoutNow(self.node_id, best, self.current_term))
+        self._become_follower(self.current_term, None)
+
+    def _quorum_active(self) -> bool:
+        voters = self.membership.voters
+        active = sum(1 for n in voters if n == self.node_id or self._progress[n].recent_active)
+        return active >= self.membership.quorum()
+
+    # ---- linearizable reads (thesis §6.4) ----------------------------------------------------------
+
+    def _queue_leader_read(self, request_id: int, origin: str) -> None:
+        if self.log.term(self.commit_index) != self.current_term:
+            # §6.4 step 1: until an entry of its term commits, a new leader does not know the commit index.
+            self._reads_before_commit.append((request_id, origin))
+        else:
+            self._reads_unstarted.append((request_id, origin))
+
+    def _start_read_round(self) -> None:
+        if not self._reads_unstarted:
+            return
+        self._read_round_id += 1
+        rnd = _ReadRound(self._read_round_id, self.commit_index, self._reads_unstarted)
+        self._reads_unstarted = []
+        if self.node_id in self.membership.voters:
+            rnd.acks.add(self.node_id)
+        self._read_rounds.append(rnd)
+        if len(rnd.acks) >= self.membership.quorum() or self.config.unsafe_read_without_quorum:
+            self._release_read_rounds(rnd.round_id)
+        else:
+            self._broadcast_heartbeat(read_round=rnd.round_id)
+
+    def _ack_read_round(self, node_id: str, round_id: int) -> None:
+        if node_id not in self.membership.voters:
+            return
+        confirmed = 0
+        for rnd in self._read_rounds:
+            if rnd.round_id > round_id:
+                break
+            rnd.acks.add(node_id)
+            if len(rnd.acks) >= self.membership.quorum():
+                confirmed = rnd.round_id
+        if confirmed:
+            self._release_read_rounds(confirmed)
+
+    def _release_read_rounds(self, up_to_round: int) -> None:
+        """A majority confirmed we were still leader after round `up_to_round` began: its reads, and all
+        earlier ones, may be served at their read index."""
+        while self._read_rounds and self._read_rounds[0].round_id <= up_to_round:
+            rnd = self._read_rounds.pop(0)
+            forwarded: dict[str, list[int]] = {}
+            for request_id, origin in rnd.requests:
+                if origin == self.node_id:
+                    self._read_states.append((request_id, rnd.read_index))
+                else:
+                    forwarded.setdefault(origin, []).append(request_id)
+            for origin, ids in forwarded.items():
+                self._send(ReadIndexReply(self.node_id, origin, self.current_term, tuple(ids), rnd.read_index))
+
+    def _handle_read_index_request(self, m: ReadIndexRequest) -> None:
+        if self.role is not Role.LEADER:
+            return  # the follower times its requests out, or fails them when it learns of a new leader
+        for request_id in m.request_ids:
+            self._queue_leader_read(request_id, m.src)
+
+    def _handle_read_index_reply(self, m: ReadIndexReply) -> None:
+        wanted = set(self._reads_forwarded)
+        answered = [rid for rid in m.request_ids if rid in wanted]
+        if not answered:
+            return
+        done = set(answered)
+        self._reads_forwarded = [rid for rid in self._reads_forwarded if rid not in done]
+        self._read_states.extend((rid, m.read_index) for rid in answered)

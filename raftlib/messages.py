@@ -1,0 +1,226 @@
+"""Raft messages and the small value types the protocol is made of.
+
+Pure data: frozen dataclasses with slots, named after the Raft paper (Figure 2) and Ongaro's thesis. Every
+message carries `src`, `dst` and `term`; only `raftlib.codec` knows how they look on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+class EntryKind(enum.IntEnum):
+    COMMAND = 0  # data is an opaque command for the state machine
+    NOOP = 1  # appended by a new leader (§5.4.2, §8: commit an entry of its own term)
+    MEMBERSHIP = 2  # data is unused; `membership` holds the new configuration (thesis §4.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One server of the cluster. The core only uses `node_id`; the addresses travel with the configuration."""
+
+    node_id: str
+    raft_address: str = ""
+    http_address: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """A cluster configuration: voters decide elections and commits, learners only receive the log."""
+
+    voters: tuple[str, ...]
+    learners: tuple[str, ...] = ()
+    members: tuple[Member, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert self.voters == tuple(sorted(self.voters)), "voters must be sorted"
+        assert self.learners == tuple(sorted(self.learners)), "learners must be sorted"
+        assert not set(self.voters) & set(self.learners), "a node is a voter or a learner, not both"
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(sorted(self.voters + self.learners))
+
+    def member(self, node_id: str) -> Member | None:
+        for m in self.members:
+            if m.node_id == node_id:
+                return m
+        return None
+
+    def quorum(self) -> int:
+        return len(self.voters) // 2 + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    term: int
+    index: int
+    kind: EntryKind = EntryKind.COMMAND
+    data: bytes = b""
+    membership: Membership | None = None
+
+    def size(self) -> int:
+        return len(self.data) + 24
+
+
+@dataclass(frozen=True, slots=True)
+class HardState:
+    """What must be on disk before a node speaks (§5.1, Figure 2 "persistent state"), plus the commit index."""
+
+    current_term: int = 0
+    voted_for: str | None = None
+    commit_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The state machine at `last_included_index` (§7), with the configuration in force at that index."""
+
+    last_included_index: int
+    last_included_term: int
+    membership: Membership
+    data: bytes = field(default=b"", repr=False)
+
+
+class ConfChangeKind(enum.IntEnum):
+    ADD_LEARNER = 0
+    PROMOTE = 1
+    REMOVE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ConfChange:
+    kind: ConfChangeKind
+    member: Member
+
+
+# ---- messages between nodes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestVote:
+    src: str
+    dst: str
+    term: int
+    last_log_index: int
+    last_log_term: int
+    pre_vote: bool = False  # thesis §9.6: ask "would you vote for me?" without disrupting anyone
+    leadership_transfer: bool = False  # thesis §3.10: voters must not ignore it under their leader lease
+
+
+@dataclass(frozen=True, slots=True)
+class RequestVoteReply:
+    src: str
+    dst: str
+    term: int
+    vote_granted: bool
+    pre_vote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AppendEntries:
+    src: str
+    dst: str
+    term: int
+    prev_log_index: int
+    prev_log_term: int
+    entries: tuple[Entry, ...]
+    leader_commit: int
+    read_round: int = 0  # thesis §6.4: a heartbeat that confirms leadership for read rounds <= this one
+
+
+@dataclass(frozen=True, slots=True)
+class AppendEntriesReply:
+    src: str
+    dst: str
+    term: int
+    success: bool
+    match_index: int  # on success: the last index known to match the leader's log
+    reject_index: int = 0  # on failure: the prev_log_index that did not match
+    conflict_index: int = 0  # on failure: where the leader should retry (fast backtracking)
+    conflict_term: int = 0  # on failure: the follower's term at prev_log_index, 0 if it has no such entry
+    read_round: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSnapshot:
+    src: str
+    dst: str
+    term: int
+    last_included_index: int
+    last_included_term: int
+    membership: Membership
+    offset: int
+    data: bytes
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSnapshotReply:
+    src: str
+    dst: str
+    term: int
+    last_included_index: int
+    next_offset: int  # how many bytes of that snapshot the follower holds; resume from here
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutNow:
+    """Thesis §3.10: the leader tells its chosen successor to start an election at once."""
+
+    src: str
+    dst: str
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndexRequest:
+    """Thesis §6.4: a follower asks the leader for a read index on behalf of its clients."""
+
+    src: str
+    dst: str
+    term: int
+    request_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndexReply:
+    src: str
+    dst: str
+    term: int
+    request_ids: tuple[int, ...]
+    read_index: int
+
+
+Message = (
+    RequestVote
+    | RequestVoteReply
+    | AppendEntries
+    | AppendEntriesReply
+    | InstallSnapshot
+    | InstallSnapshotReply
+    | TimeoutNow
+    | ReadIndexRequest
+    | ReadIndexReply
+)
+
+MESSAGE_TYPES = (
+    RequestVote,
+    RequestVoteReply,
+    AppendEntries,
+    AppendEntriesReply,
+    InstallSnapshot,
+    InstallSnapshotReply,
+    TimeoutNow,
+    ReadIndexRequest,
+    ReadIndexReply,
+)
