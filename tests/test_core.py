@@ -1,0 +1,297 @@
+"""Named cases for the Raft core, each citing the paper or thesis, driven through the simulated cluster, and
+tests that break the core on purpose to show each safety check can fire."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+
+from raftlib import (
+    AppendEntries,
+    ConfChangeKind,
+    Entry,
+    EntryKind,
+    HardState,
+    MemoryStorage,
+    NotLeader,
+    ProposalDropped,
+    Role,
+)
+from simulator import Cluster, SafetyViolation, random_schedule
+
+
+def elect(c: Cluster, max_ticks: int = 500) -> str:
+    assert c.run_until(lambda: c.leader() is not None, max_ticks), "no leader elected"
+    leader = c.leader()
+    # Let the no-op of the new term commit (§8).
+    n = c.nodes[leader].node
+    assert c.run_until(lambda: n.log.term(n.commit_index) == n.current_term, 200)
+    return leader
+
+
+def write(c: Cluster, key: str = "k", ticks: int = 200) -> None:
+    leader = c.leader()
+    w = c.client_write(leader, key)
+    assert w is not None
+    assert c.run_until(lambda: w in c.acked_writes, ticks), "write not acknowledged"
+
+
+def test_import_of_core_pulls_in_no_io():
+    import subprocess
+
+    code = "import raftlib, raftlib.core, sys; print(sorted(m for m in ('gevent','zmq','bottle','cbor2','socket') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sys.path[0] + "/..")
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_one_leader_is_elected_and_replicates():
+    """§5.2, §5.3: a leader is elected and its entries reach every node."""
+    c = Cluster(seed=1, n=3)
+    elect(c)
+    for _ in range(5):
+        write(c)
+    c.run(20)
+    leader_log = c.nodes[c.leader()].node.log
+    for sn in c.nodes.values():
+        assert sn.node.commit_index == leader_log.last_index
+        assert [sn.node.log.term(i) for i in range(1, leader_log.last_index + 1)] == [
+            leader_log.term(i) for i in range(1, leader_log.last_index + 1)
+        ]
+
+
+def test_follower_refuses_proposals():
+    c = Cluster(seed=2, n=3)
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    with pytest.raises(NotLeader) as e:
+        c.nodes[follower].node.propose(b"x=1")
+    assert e.value.leader_id == leader
+
+
+def test_figure_7_divergent_follower_logs_are_repaired():
+    """§5.3, Figure 7: followers missing entries, with extra entries, or both, end with the leader's log."""
+    logs = {
+        "n1": [1, 1, 1, 4, 4, 5, 5, 6, 6, 6],  # the leader for term 8
+        "n2": [1, 1, 1, 4, 4, 5, 5, 6, 6],  # (a)
+        "n3": [1, 1, 1, 4],  # (b)
+        "n4": [1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 6],  # (c)
+        "n5": [1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 7, 7],  # (d)
+        "n6": [1, 1, 1, 4, 4, 4, 4],  # (e)
+        "n7": [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3],  # (f)
+    }
+    c = Cluster(seed=3, n=7, election_ticks=10)
+    first = c.nodes["n1"].storage.load().entries[0]
+    for node_id, terms in logs.items():
+        storage = MemoryStorage()
+        es = [first] + [Entry(t, i, EntryKind.COMMAND, f"k=t{t}i{i}".encode()) for i, t in enumerate(terms[1:], 2)]
+        storage.save(HardState(7, None, 1), es)
+        c.nodes[node_id].storage = storage
+        c.restart(node_id)
+    c.nodes["n1"].node.step(_timeout_now("n1"))  # make n1 the candidate, as in the figure
+    c.process("n1")
+    leader = elect(c)
+    assert leader == "n1"
+    write(c)
+    c.run(50)
+    want = [c.nodes["n1"].node.log.term(i) for i in range(1, c.nodes["n1"].node.log.last_index + 1)]
+    assert want[:10] == logs["n1"] and want[10] == 8
+    for node_id in logs:
+        n = c.nodes[node_id].node
+        assert [n.log.term(i) for i in range(1, n.log.last_index + 1)] == want, node_id
+
+
+def _timeout_now(dst: str, term: int = 7):
+    from raftlib import TimeoutNow
+
+    return TimeoutNow("n2", dst, term)
+
+
+def _figure_8(unsafe: bool) -> Cluster:
+    """§5.4.2, Figure 8: S1 (n1), leader of term 4, gets its term-2 entry at index 2 onto a majority; then it
+    crashes and S5 (n5), whose index 2 holds term 3, is elected and overwrites it everywhere."""
+    logs = {"n1": [1, 2], "n2": [1, 2], "n3": [1], "n4": [1], "n5": [1, 3]}
+    c = Cluster(seed=12, n=5, config_overrides={"max_batch_bytes": 1, "unsafe_commit_previous_term": unsafe})
+    first = c.nodes["n1"].storage.load().entries[0]
+    for node_id, terms in logs.items():
+        storage = MemoryStorage()
+        es = [first] + [Entry(t, i, EntryKind.COMMAND, f"k=t{t}i{i}".encode()) for i, t in enumerate(terms[1:], 2)]
+        storage.save(HardState(3, None, 1), es)
+        c.nodes[node_id].storage = storage
+        c.restart(node_id)
+    # S1 wins term 4 without S5, and only index 2 (never its term-4 no-op at 3) reaches the others.
+    def only_index_2(m):
+        if "n5" in (m.src, m.dst):
+            return None
+        if isinstance(m, AppendEntries):
+            return dataclasses.replace(m, entries=tuple(e for e in m.entries if e.index <= 2))
+        return m
+
+    c.deliver_filter = only_index_2
+    c.nodes["n1"].node.step(_timeout_now("n1", 3))
+    c.process("n1")
+    assert c.run_until(lambda: all(c.nodes[i].node.log.term(2) == 2 for i in ("n1", "n2", "n3", "n4")), 100)
+    c.run(10)
+    c.crash("n1")
+    c.deliver_filter = None
+    c.isolate("n1")
+    c.nodes["n5"].node.step(_timeout_now("n5", 4))  # S5 times out first, as in the figure
+    c.process("n5")
+    assert c.run_until(lambda: c.leader() == "n5", 100)
+    c.run(50)
+    return c
+
+
+def test_figure_8_an_entry_of_a_previous_term_is_not_committed_by_counting():
+    c = _figure_8(unsafe=False)
+    for node_id in ("n2", "n3", "n4", "n5"):
+        assert c.nodes[node_id].node.log.term(2) == 3  # overwritten, and that was safe: it never committed
+
+
+def test_figure_8_check_fires_when_the_core_counts_previous_term_entries():
+    with pytest.raises(SafetyViolation, match="leader completeness|state machine safety"):
+        _figure_8(unsafe=True)
+
+
+def test_partitioned_node_rejoining_does_not_depose_the_leader():
+    """Thesis §9.6: with pre-vote, a node that was cut off (and timed out many times) rejoins quietly."""
+    c = Cluster(seed=4, n=3)
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    loner = next(i for i in c.ids if i != leader)
+    c.isolate(loner)
+    c.run(300)
+    assert c.nodes[loner].node.current_term == term  # pre-votes never succeed, so the term never rose
+    c.heal()
+    c.run(100)
+    assert c.leader() == leader and c.nodes[leader].node.current_term == term
+
+
+def test_without_pre_vote_the_rejoining_node_does_depose_the_leader():
+    """The counter-test: the same schedule without pre-vote disrupts the cluster, so the test above can fail."""
+    c = Cluster(seed=4, n=3, config_overrides={"pre_vote": False, "check_quorum": False})
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    loner = next(i for i in c.ids if i != leader)
+    c.isolate(loner)
+    c.run(300)
+    assert c.nodes[loner].node.current_term > term + 5
+    c.heal()
+    c.run(100)
+    assert c.nodes[c.leader()].node.current_term > term
+
+
+def test_leader_without_a_majority_steps_down_within_an_election_timeout():
+    """Thesis §6.2 (check-quorum)."""
+    c = Cluster(seed=5, n=3)
+    leader = elect(c)
+    c.isolate(leader)
+    c.run(2 * c.election_ticks + 1)
+    assert c.nodes[leader].node.role is not Role.LEADER
+
+
+def test_leader_removed_from_the_configuration_steps_down():
+    """Thesis §4.2.2: the leader replicates its own removal, steps down once it commits, and never campaigns."""
+    c = Cluster(seed=6, n=3)
+    leader = elect(c)
+    assert c.change_membership(ConfChangeKind.REMOVE, leader)
+    assert c.run_until(lambda: c.leader() not in (None, leader), 300)
+    new = c.leader()
+    assert leader not in c.nodes[new].node.membership.voters
+    write(c)
+    c.run(300)
+    assert c.nodes[leader].node.role is Role.FOLLOWER
+    assert c.leader() == new
+
+
+def test_learner_joins_catches_up_and_is_promoted():
+    """Thesis §4.2.1: a new server joins as a non-voting learner and becomes a voter once caught up."""
+    c = Cluster(seed=7, n=3, spares=1)
+    leader = elect(c)
+    for _ in range(10):
+        write(c)
+    assert c.change_membership(ConfChangeKind.ADD_LEARNER, "n4")
+    assert c.run_until(lambda: "n4" in c.nodes[c.leader()].node.membership.voters, 500)
+    c.run(20)
+    assert c.nodes["n4"].kv.data == c.nodes[leader].kv.data
+
+
+def test_transfer_to_a_node_that_is_behind():
+    """Thesis §3.10: the leader brings the target up to date, then it wins an election at once."""
+    c = Cluster(seed=8, n=3)
+    leader = elect(c)
+    target = next(i for i in c.ids if i != leader)
+    c.cut.add((leader, target))
+    for _ in range(5):
+        write(c)
+    c.heal()
+    c.nodes[leader].node.transfer_leadership(target)
+    with pytest.raises(ProposalDropped):
+        c.nodes[leader].node.propose(b"k=during-transfer")
+    assert c.run_until(lambda: c.leader() == target, 100)
+    tn = c.nodes[target].node
+    assert tn.log.last_index >= c.nodes[leader].node.commit_index
+
+
+def test_a_deposed_leader_never_serves_a_read():
+    """Thesis §6.4: a read needs a majority to confirm leadership after it arrives; an isolated leader can't."""
+    c = Cluster(seed=9, n=3)
+    old = elect(c)
+    write(c, "k")
+    c.isolate(old)
+    r = c.client_read(old, "k")
+    assert r is not None
+    assert c.run_until(lambda: c.leader() not in (None, old), 500)
+    write(c, "k")  # the new value, acknowledged by the new leader
+    c.run(100)
+    assert r.read_index is None  # never released; the read failed when the old leader stepped down
+    assert r.request_id not in c.pending_reads[old]
+
+
+def test_follower_read_waits_for_its_own_apply():
+    """Thesis §6.4: a follower gets the read index from the leader and serves after applying that far."""
+    c = Cluster(seed=10, n=3)
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    write(c, "k")
+    r = c.client_read(follower, "k")
+    before = c.reads_checked
+    assert c.run_until(lambda: c.reads_checked > before, 100)
+    assert r.read_index is not None and r.read_index >= c.nodes[leader].node.commit_index - 1
+
+
+def test_far_behind_follower_catches_up_through_a_chunked_snapshot():
+    """§7: once the leader compacted the entries a follower needs, it sends its snapshot, here in 64-byte chunks."""
+    c = Cluster(seed=11, n=3, drop_rate=0.05)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(30):
+        write(c, f"key{k % 7}", ticks=500)
+    c.take_snapshot(leader)
+    assert c.nodes[leader].node.log.snapshot_index > 10
+    c.restart(lagger)
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[c.leader()].kv.data, 1000)
+    assert c.nodes[lagger].node.log.snapshot_index > 10
+
+
+@pytest.mark.parametrize(
+    "fault, check",
+    [
+        ("unsafe_vote_twice", "election safety"),
+        ("unsafe_read_without_quorum", "linearizability"),
+    ],
+)
+def test_each_safety_check_fires_on_a_broken_core(fault, check):
+    """Break the core on purpose and find a seed whose schedule the checks reject."""
+    import re
+
+    for seed in range(400):
+        for n in (3, 5):
+            try:
+                random_schedule(seed, n, config_overrides={fault: True})
+            except SafetyViolation as e:
+                assert re.search(check, str(e)), str(e).splitlines()[0]
+                return
+    pytest.fail(f"no schedule exposed {fault}")
