@@ -1,0 +1,576 @@
+#!/usr/bin/env python
+"""raftdzmq: a Raft-replicated key/value server. Raft over zmq.green REQ/REP with CBOR messages, a Bottle HTTP
+API on gevent's WSGI server, and an append-only log in the data dir.
+
+    python raftdzmq.py -p 5555 -hp 8080 ~/node.1
+    python raftdzmq.py -p 5556 -hp 8081 -join localhost:8080 ~/node.2
+
+This file is the only one that monkey-patches gevent, in its first lines.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import binascii  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.parse  # noqa: E402
+import urllib.request  # noqa: E402
+
+import bottle  # noqa: E402
+import cbor2  # noqa: E402
+import gevent  # noqa: E402
+import gevent.pywsgi  # noqa: E402
+
+from raftlib import (  # noqa: E402
+    ConfChange,
+    ConfChangeKind,
+    Config,
+    Entry,
+    EntryKind,
+    HardState,
+    Member,
+    Membership,
+    NotLeader,
+    ProposalDropped,
+    RaftNode,
+    Role,
+)
+from raftlib.runtime import EntryLost, Runtime, StateMachine, Stopped, Timeout  # noqa: E402
+from raftlib.storage import DiskStorage, StorageError  # noqa: E402
+from raftlib.transport import ZmqTransport  # noqa: E402
+
+log = logging.getLogger("raftdzmq")
+TRACE = 5
+NOT_LEADER = "raft.Server: Not current leader"
+
+# Commands, as CBOR arrays [op, key, value, expected].
+SET, DELETE, COMPARE_AND_SET, CREATE = 0, 1, 2, 3
+
+
+class KeyValueStore(StateMachine):
+    """The replicated state: keys (str) to values (bytes). Commands are applied in log order, atomically."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.applied_index = 0
+
+    @staticmethod
+    def command(op: int, key: str, value: bytes = b"", expected: bytes | None = None) -> bytes:
+        return cbor2.dumps([op, key, value, expected])
+
+    def apply(self, index: int, command: bytes) -> str:
+        self.applied_index = index
+        try:
+            op, key, value, expected = cbor2.loads(command)
+        except Exception:
+            log.error("skipping an undecodable command at index %d", index)
+            return "error"
+        data = self.data
+        if op == SET:
+            data[key] = value
+        elif op == DELETE:
+            if data.pop(key, None) is None:
+                return "missing"
+        elif op == COMPARE_AND_SET:
+            if data.get(key) != expected:
+                return "failed"
+            data[key] = value
+        elif op == CREATE:
+            if key in data:
+                return "failed"
+            data[key] = value
+        return "ok"
+
+    def snapshot(self) -> bytes:
+        return cbor2.dumps(self.data)
+
+    def restore(self, data: bytes) -> None:
+        self.data = cbor2.loads(data) if data else {}
+
+
+# ---- the server -----------------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.raft_address = f"{args.host}:{args.port}"
+        self.http_address = f"{args.host}:{args.http_port}"
+        self.storage = DiskStorage(args.data_dir, fsync=not args.no_fsync)
+        identity = self.storage.read_identity()
+        stored = self.storage.load()
+        self.joined_before = identity is not None
+        if identity is None:
+            self.node_id = binascii.hexlify(os.urandom(4)).decode()
+            self.storage.write_identity(self.node_id, self.raft_address, self.http_address)
+        else:
+            self.node_id = identity["node_id"]
+            if (identity.get("raft_address"), identity.get("http_address")) != (self.raft_address, self.http_address):
+                log.warning("this node was created with addresses %s / %s; the cluster still knows it by those",
+                            identity.get("raft_address"), identity.get("http_address"))
+        self.bootstrapped = False
+        if identity is None and not args.join:
+            # The first node of a new cluster: a configuration with itself as the only voter (index 1).
+            me = Member(self.node_id, self.raft_address, self.http_address)
+            first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership((self.node_id,), (), (me,)))
+            self.storage.save(HardState(1, None, 1), [first])
+            stored = self.storage.state
+            self.bootstrapped = True
+        tick = args.heartbeat_ms / 1000.0 / 5
+        config = Config(
+            node_id=self.node_id,
+            election_ticks=max(2, int(args.election_ms / 1000.0 / tick)),
+            heartbeat_ticks=5,
+        )
+        self.node = RaftNode(
+            config,
+            random.Random(),
+            stored.hard_state,
+            stored.raft_log(),
+            stored.snapshot,
+        )
+        self.kv = KeyValueStore()
+        if stored.snapshot is not None:
+            self.kv.restore(stored.snapshot.data)
+        self.transport = ZmqTransport(self.node_id, f"{self._bind_host()}:{args.port}", self._deliver,
+                                      reply_timeout_seconds=max(0.2, args.election_ms / 1000.0))
+        self.runtime = Runtime(self.node, self.storage, self.transport, self.kv, tick_seconds=tick,
+                               snapshot_threshold_bytes=args.snapshot_threshold, on_fatal=self._fatal)
+        self.http = None
+        self._requests = 0
+        self._stopping = False
+
+    def _bind_host(self) -> str:
+        host = self.args.host
+        return "127.0.0.1" if host == "localhost" else host
+
+    def _deliver(self, messages, reply_wanted):
+        return self.runtime.deliver(messages, reply_wanted)
+
+    def _fatal(self, error: Exception) -> None:
+        log.critical("storage failed (%s); exiting without acknowledging anything more", error)
+        os._exit(3)
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        self.transport.start()
+        self.runtime.start()
+        listener = gevent.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # gevent.pywsgi writes headers and body separately: without TCP_NODELAY each keep-alive response
+        # waits ~40 ms for Nagle and delayed ACK (STACK-NOTES.md). Accepted sockets inherit the option.
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.bind((self._bind_host(), self.args.http_port))
+        listener.listen(1024)
+        self.http = gevent.pywsgi.WSGIServer(listener, make_app(self), log=None, error_log=log)
+        self.http.start()
+        log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
+                 self.raft_address, self.args.data_dir)
+
+    def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("shutting down")
+        if self.node.role is Role.LEADER and len(self.node.membership.voters) > 1:
+            target = self._best_successor()
+            if target is not None:
+                try:
+                    self.runtime.transfer_leadership(target, timeout_seconds=2.0)
+                    log.info("handed leadership to %s", target)
+                except Exception as e:
+                    log.warning("leadership transfer before shutdown failed: %s", e)
+        if self.http is not None:
+            self.http.stop(timeout=1)
+        self.runtime.stop()
+        self.transport.stop()
+        self.storage.close()
+        log.info("stopped")
+
+    def _best_successor(self) -> str | None:
+        best, best_match = None, -1
+        for v in self.node.membership.voters:
+            pr = self.node.progress(v)
+            if v != self.node_id and pr is not None and pr.match_index > best_match:
+                best, best_match = v, pr.match_index
+        return best
+
+    # ---- cluster ----
+
+    def leader_http(self) -> str | None:
+        leader = self.node.leader_id
+        if leader is None:
+            return None
+        m = self.node.membership.member(leader)
+        return m.http_address if m else None
+
+    def join(self, target: str) -> None:
+        """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded in time."""
+        body = json.dumps({"node_id": self.node_id, "raft_address": self.raft_address,
+                           "http_address": self.http_address}).encode()
+        deadline = time.monotonic() + self.args.join_timeout
+        url = f"http://{target}/join"
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+            try:
+                with _no_redirects.open(req, timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
+                    resp.read()
+                log.info("joined the cluster through %s", url)
+                return
+            except urllib.error.HTTPError as e:
+                text = e.read().decode(errors="replace").strip()
+                if e.code == 307 and e.headers.get("Location"):
+                    url = e.headers["Location"]
+                    continue
+                if e.code >= 500:
+                    last_error = f"{e.code} {text}"
+                else:
+                    raise SystemExit(f"raftdzmq: join refused by {url}: {e.code} {text}")
+            except (OSError, urllib.error.URLError) as e:
+                last_error = str(getattr(e, "reason", e))
+            gevent.sleep(0.2)
+        raise SystemExit(f"raftdzmq: could not join the cluster at {target} within {self.args.join_timeout:g}s: "
+                         f"{last_error}")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_no_redirects = urllib.request.build_opener(_NoRedirect)
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------------------
+
+
+def text(status: int, message: str, **headers) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(message + "\n", status, {"Content-Type": "text/plain; charset=utf-8", **headers})
+
+
+def make_app(server: Server) -> bottle.Bottle:
+    app = bottle.Bottle(catchall=True)
+    args = server.args
+    runtime = server.runtime
+    bottle.BaseRequest.MEMFILE_MAX = args.max_body + 1
+
+    def default_error(res):
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return f"{res.status_line}: {res.body}\n" if isinstance(res.body, str) and res.body else f"{res.status_line}\n"
+
+    app.default_error_handler = default_error
+
+    @app.hook("before_request")
+    def _yield_now_and_then():
+        # A keep-alive connection with its next request waiting never yields; without this, timers (elections,
+        # heartbeats) starve under load (STACK-NOTES.md). Every few requests is enough and cheaper.
+        server._requests += 1
+        if server._requests % 4 == 0:
+            gevent.idle()
+
+    def redirect_to_leader():
+        leader = server.leader_http()
+        if leader is None:
+            return text(503, "no leader is known right now; retry shortly")
+        url = f"http://{leader}{bottle.request.fullpath}"
+        if bottle.request.query_string:
+            url += "?" + bottle.request.query_string
+        return text(307, NOT_LEADER, Location=url)
+
+    def read_body() -> bytes:
+        length = bottle.request.content_length
+        if length > args.max_body:
+            raise text(413, f"body of {length} bytes is over the {args.max_body} byte limit")
+        return bottle.request.body.read()
+
+    def propose(command: bytes):
+        if server.node.role is not Role.LEADER:
+            raise redirect_to_leader()
+        try:
+            return runtime.propose(command, args.write_timeout)
+        except NotLeader:
+            raise redirect_to_leader() from None
+        except ProposalDropped as e:
+            raise text(503, f"write refused for now: {e}; retry") from None
+        except EntryLost:
+            raise text(503, "write lost: leadership changed before it committed; it was not applied") from None
+        except Timeout:
+            raise text(503, f"write not confirmed within {args.write_timeout:g}s; its outcome is unknown") from None
+        except Stopped as e:
+            raise text(503, str(e)) from None
+
+    def check_key(key: str) -> str:
+        if not key or len(key.encode()) > 4096:
+            raise text(400, "key must be 1 to 4096 bytes")
+        return key
+
+    @app.post("/db/<key:path>")
+    @app.put("/db/<key:path>")
+    def set_key(key):
+        key = check_key(key)
+        value = read_body()
+        q = bottle.request.query
+        if "prev_value" in q:
+            cmd = KeyValueStore.command(COMPARE_AND_SET, key, value, q.prev_value.encode())
+        elif q.get("prev_exist") == "false":
+            cmd = KeyValueStore.command(CREATE, key, value)
+        else:
+            cmd = KeyValueStore.command(SET, key, value)
+        index, result = propose(cmd)
+        if result == "failed":
+            return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
+        return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})
+
+    @app.delete("/db/<key:path>")
+    def delete_key(key):
+        index, result = propose(KeyValueStore.command(DELETE, check_key(key)))
+        if result == "missing":
+            return text(404, f"no such key: {key}", **{"X-Raft-Index": str(index)})
+        return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})
+
+    def wait_consistent():
+        q = bottle.request.query
+        consistency = q.get("consistency", "linearizable")
+        if "min_index" in q:
+            try:
+                min_index = int(q.min_index)
+            except ValueError:
+                raise text(400, "min_index must be an integer") from None
+            try:
+                runtime.wait_applied(min_index, args.read_timeout)
+            except Timeout:
+                raise text(503, f"index {min_index} not applied here within {args.read_timeout:g}s") from None
+        if consistency == "stale":
+            return
+        if consistency != "linearizable":
+            raise text(400, "consistency must be linearizable or stale")
+        try:
+            runtime.read(args.read_timeout)
+        except NotLeader:
+            raise text(503, "no leader is known right now; the read cannot be confirmed") from None
+        except Timeout:
+            raise text(503, f"could not confirm a linearizable read within {args.read_timeout:g}s") from None
+        except Stopped as e:
+            raise text(503, str(e)) from None
+
+    def read_headers() -> dict:
+        return {"X-Raft-Applied-Index": str(server.node.last_applied), "X-Raft-Leader": server.node.leader_id or ""}
+
+    @app.get("/db/<key:path>")
+    def get_key(key):
+        key = check_key(key)
+        wait_consistent()
+        value = server.kv.data.get(key)
+        if value is None:
+            return text(404, f"no such key: {key}", **read_headers())
+        return bottle.HTTPResponse(value, 200, {"Content-Type": "application/octet-stream", **read_headers()})
+
+    @app.get("/db/")
+    @app.get("/db")
+    def list_keys():
+        q = bottle.request.query
+        prefix = q.get("prefix", "")
+        try:
+            limit = min(max(int(q.get("limit", "1000")), 1), 10000)
+        except ValueError:
+            raise text(400, "limit must be an integer") from None
+        after = q.get("after", "")
+        wait_consistent()
+        keys = sorted(k for k in server.kv.data if k.startswith(prefix) and k > after)
+        page = keys[:limit]
+        body = {"keys": page, "next": page[-1] if len(keys) > limit else None}
+        return bottle.HTTPResponse(json.dumps(body) + "\n", 200, {"Content-Type": "application/json", **read_headers()})
+
+    @app.post("/join")
+    def join():
+        try:
+            body = json.loads(read_body() or b"null")
+            fields = [body[k] for k in ("node_id", "raft_address", "http_address")]
+            if not all(isinstance(f, str) and 0 < len(f) < 256 for f in fields):
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            return text(400, 'bad join body: want JSON {"node_id": ..., "raft_address": ..., "http_address": ...}')
+        if server.node.role is not Role.LEADER:
+            return redirect_to_leader()
+        change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(*fields))
+        deadline = time.monotonic() + args.write_timeout
+        while True:
+            try:
+                index, _ = runtime.change_membership(change, args.write_timeout)
+                break
+            except ProposalDropped as e:  # another change in flight: wait for it
+                if time.monotonic() > deadline:
+                    return text(503, f"join not possible now: {e}")
+                gevent.sleep(0.05)
+            except NotLeader:
+                return redirect_to_leader()
+            except (Timeout, EntryLost, Stopped) as e:
+                return text(503, f"join not confirmed: {e}")
+            except ValueError as e:
+                return text(400, str(e))
+        log.info("node %s (%s) joined as a learner", fields[0], fields[2])
+        return bottle.HTTPResponse(json.dumps({"index": index}) + "\n", 200, {"Content-Type": "application/json"})
+
+    def members():
+        node = server.node
+        out = []
+        for m in node.membership.members:
+            pr = node.progress(m.node_id) if node.role is Role.LEADER else None
+            out.append({
+                "id": m.node_id, "raft_address": m.raft_address, "http_address": m.http_address,
+                "role": "voter" if m.node_id in node.membership.voters else "learner",
+                "match_index": (node.log.last_index if m.node_id == node.node_id else pr.match_index) if pr else None,
+            })
+        return out
+
+    @app.get("/status")
+    def status():
+        node = server.node
+        body = {
+            "node_id": node.node_id, "role": node.role.value, "term": node.current_term,
+            "leader": node.leader_id, "leader_http": server.leader_http(), "commit_index": node.commit_index,
+            "applied_index": node.last_applied, "last_index": node.log.last_index,
+            "snapshot_index": node.log.snapshot_index, "members": members(), "keys": len(server.kv.data),
+        }
+        return bottle.HTTPResponse(json.dumps(body, indent=1) + "\n", 200, {"Content-Type": "application/json"})
+
+    @app.get("/cluster")
+    def cluster():
+        return bottle.HTTPResponse(json.dumps(members(), indent=1) + "\n", 200, {"Content-Type": "application/json"})
+
+    @app.delete("/cluster/<node_id>")
+    def remove_member(node_id):
+        if server.node.role is not Role.LEADER:
+            return redirect_to_leader()
+        try:
+            index, _ = runtime.change_membership(
+                ConfChange(ConfChangeKind.REMOVE, Member(node_id)), args.write_timeout)
+        except NotLeader:
+            return redirect_to_leader()
+        except (ProposalDropped, Timeout, EntryLost, Stopped) as e:
+            return text(503, f"removal not confirmed: {e}")
+        except ValueError as e:
+            return text(400, str(e))
+        return text(200, f"removed {node_id}", **{"X-Raft-Index": str(index)})
+
+    @app.post("/cluster/transfer")
+    def transfer():
+        target = bottle.request.query.get("to", "")
+        if server.node.role is not Role.LEADER:
+            return redirect_to_leader()
+        try:
+            runtime.transfer_leadership(target, args.write_timeout)
+        except NotLeader:
+            return redirect_to_leader()
+        except ValueError as e:
+            return text(400, str(e))
+        except (Timeout, Stopped) as e:
+            return text(503, f"transfer not confirmed: {e}")
+        return text(200, f"leader is now {target}")
+
+    return app
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="raftdzmq",
+        add_help=False,
+        description="A Raft-replicated key/value server: Raft over ZeroMQ, the data over HTTP.",
+        epilog="Example: python raftdzmq.py -p 5555 -hp 8080 ~/node.1",
+    )
+    p.add_argument("--help", action="help", help="show this help and exit")
+    p.add_argument("-p", "--port", type=int, default=5555, help="the Raft (ZeroMQ) port (default 5555)")
+    p.add_argument("-hp", "--http-port", dest="http_port", type=int, default=8080, help="the HTTP port (default 8080)")
+    p.add_argument("-h", "--host", default="localhost",
+                   help="the host this node binds and advertises to its peers (default localhost)")
+    p.add_argument("-join", "--join", default=None, metavar="HOST:HTTPPORT",
+                   help="join the cluster through this node (followed to the leader); ignored once joined")
+    p.add_argument("-v", "--verbose", action="store_true", help="verbose raftdzmq logging (every request)")
+    p.add_argument("-debug", "--debug", action="store_true", help="debug-level raft logging")
+    p.add_argument("-trace", "--trace", action="store_true", help="trace-level raft logging (every message)")
+    p.add_argument("-heartbeat-ms", "--heartbeat-ms", dest="heartbeat_ms", type=float, default=50,
+                   help="leader heartbeat interval in ms (default 50)")
+    p.add_argument("-election-ms", "--election-ms", dest="election_ms", type=float, default=300,
+                   help="election timeout in ms; randomized between this and twice this (default 300)")
+    p.add_argument("-write-timeout", "--write-timeout", dest="write_timeout", type=float, default=5.0,
+                   help="seconds a write may take to commit before it gets 503 (default 5)")
+    p.add_argument("-read-timeout", "--read-timeout", dest="read_timeout", type=float, default=5.0,
+                   help="seconds a linearizable read may wait (default 5)")
+    p.add_argument("-join-timeout", "--join-timeout", dest="join_timeout", type=float, default=10.0,
+                   help="seconds to keep trying to join before giving up (default 10)")
+    p.add_argument("-max-body", "--max-body", dest="max_body", type=int, default=1 << 20,
+                   help="largest accepted request body in bytes (default 1 MiB)")
+    p.add_argument("-snapshot-threshold", "--snapshot-threshold", dest="snapshot_threshold", type=int,
+                   default=16 << 20, help="take a snapshot when the log since the last one passes this many bytes "
+                   "(default 16 MiB)")
+    p.add_argument("-no-fsync", "--no-fsync", dest="no_fsync", action="store_true",
+                   help="UNSAFE, for experiments only: do not fsync the log")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="where this node keeps its log and snapshots")
+    return p.parse_args(argv)
+
+
+def setup_logging(args, node_label: str = "-") -> None:
+    logging.addLevelName(TRACE, "TRACE")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{node_label}] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("raftdzmq").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("raftlib").setLevel(TRACE if args.trace else logging.DEBUG if args.debug else logging.INFO)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.data_dir = os.path.expanduser(args.data_dir)
+    setup_logging(args)
+    try:
+        server = Server(args)
+    except StorageError as e:
+        print(f"raftdzmq: {e}", file=sys.stderr)
+        return 2
+    setup_logging(args, server.node_id)
+    try:
+        server.start()
+    except OSError as e:
+        print(f"raftdzmq: cannot listen: {e}", file=sys.stderr)
+        return 2
+    done = gevent.event.Event()
+
+    def on_signal():
+        gevent.spawn(lambda: (server.stop(), done.set()))
+
+    gevent.signal_handler(signal.SIGTERM, on_signal)
+    gevent.signal_handler(signal.SIGINT, on_signal)
+    if server.bootstrapped:
+        log.info("bootstrapped a new one-node cluster")
+    elif args.join and server.joined_before:
+        log.info("this data dir already belongs to a cluster: starting normally, -join %s ignored", args.join)
+    elif args.join:
+        try:
+            server.join(args.join)
+        except SystemExit as e:
+            print(e, file=sys.stderr)
+            server.stop()
+            return 1
+    done.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Runtime: drives one RaftNode with gevent: ticks, the inbox, disk, transport and the state machine.
+
+Rules: one greenlet (`_loop`) touches the node. Everything else (HTTP handlers, the transport's greenlets, the
+ticker) puts an item in the inbox and waits on a result with a bound. The loop takes everything waiting at once,
+steps the node with all of it, then handles each Ready in order: save (one fsync for the whole batch: group
+commit), send, apply, wake the waiting requests, advance. A disk failure stops the node rather than acknowledge
+anything (fsyncgate).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+
+import gevent
+import gevent.event
+
+from .core import NotLeader, ProposalDropped, RaftNode, Ready
+from .messages import ConfChange, Entry, EntryKind, Membership, Role
+
+logger = logging.getLogger("raftlib.runtime")
+
+
+class Timeout(Exception):
+    """The request did not finish in time; for a write, its outcome is unknown."""
+
+
+class EntryLost(Exception):
+    """The entry was overwritten by a new leader: it was not, and will never be, committed."""
+
+
+class Stopped(Exception):
+    """The node is stopping or has stopped."""
+
+
+class StateMachine:
+    """What the runtime applies committed commands to."""
+
+    def apply(self, index: int, command: bytes):  # returns the result handed to the proposer
+        raise NotImplementedError
+
+    def snapshot(self) -> bytes:
+        raise NotImplementedError
+
+    def restore(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+class Runtime:
+    def __init__(
+        self,
+        node: RaftNode,
+        storage,
+        transport,
+        state_machine: StateMachine,
+        tick_seconds: float = 0.01,
+        snapshot_threshold_bytes: int = 16 << 20,
+        on_fatal=None,
+    ) -> None:
+        self.node = node
+        self.storage = storage
+        self.transport = transport
+        self.state_machine = state_machine
+        self.tick_seconds = tick_seconds
+        self.snapshot_threshold_bytes = snapshot_threshold_bytes
+        self._on_fatal = on_fatal
+        self._inbox: collections.deque = collections.deque()
+        self._wake = gevent.event.Event()
+        self._proposals: dict[int, tuple[int, gevent.event.AsyncResult]] = {}
+        self._reads: dict[int, gevent.event.AsyncResult] = {}
+        self._reads_waiting_apply: list[tuple[int, gevent.event.AsyncResult]] = []
+        self._index_waiters: list[tuple[int, gevent.event.AsyncResult]] = []
+        self._request_ids = itertools.count(1)
+        self._greenlets: list = []
+        self._membership: Membership | None = None
+        self._soft = (None, None, None)
+        self.running = False
+        self.stats = collections.Counter()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.running = True
+        self._sync_peers()
+        self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._ticker)]
+
+    def stop(self) -> None:
+        if not self.running:
+            return
+        self.running = False
+        self._wake.set()
+        gevent.joinall(self._greenlets, timeout=2)
+        for g in self._greenlets:
+            g.kill(block=False)
+        self._fail_all(Stopped("node is stopping"))
+
+    def _ticker(self) -> None:
+        while self.running:
+            gevent.sleep(self.tick_seconds)
+            self._put(("tick",))
+
+    def _put(self, item) -> None:
+        self._inbox.append(item)
+        self._wake.set()
+
+    # ---- requests (called from other greenlets) -------------------------------------------------
+
+    def propose(self, command: bytes, timeout_seconds: float):
+        """Replicate `command`; return (index, result of applying it) once it is committed and applied here.
+        Raises NotLeader, ProposalDropped, EntryLost, Timeout (outcome unknown) or Stopped."""
+        result = gevent.event.AsyncResult()
+        self._put(("propose", command, result))
+        return self._wait(result, timeout_seconds)
+
+    def read(self, timeout_seconds: float) -> int:
+        """Block until a linearizable read of the state machine is safe (thesis §6.4); returns the read index.
+        Raises NotLeader (no leader known), Timeout or Stopped."""
+        result = gevent.event.AsyncResult()
+        self._put(("read", result))
+        return self._wait(result, timeout_seconds)
+
+    def wait_applied(self, index: int, timeout_seconds: float) -> int:
+        """Block until the state machine has applied `index`."""
+        if self.node.last_applied >= index:
+            return self.node.last_applied
+        result = gevent.event.AsyncResult()
+        self._index_waiters.append((index, result))
+        return self._wait(result, timeout_seconds)
+
+    def change_membership(self, change: ConfChange, timeout_seconds: float):
+        result = gevent.event.AsyncResult()
+        self._put(("membership", change, result))
+        return self._wait(result, timeout_seconds)
+
+    def transfer_leadership(self, target: str, timeout_seconds: float) -> None:
+        """Start a transfer and wait until `target` leads (or the time is up: Timeout)."""
+        result = gevent.event.AsyncResult()
+        self._put(("transfer", target, result))
+        self._wait(result, timeout_seconds)
+        deadline = gevent.get_hub().loop.now() + timeout_seconds
+        while self.node.leader_id != target:
+            if gevent.get_hub().loop.now() > deadline:
+                raise Timeout(f"{target} did not take over in {timeout_seconds}s")
+            gevent.sleep(self.tick_seconds)
+
+    def deliver(self, messages, reply_wanted: bool):
+        """Transport handler: step the messages; when `reply_wanted`, return the answers to their sender."""
+        if not self.running:
+            return []
+        if not reply_wanted:
+            self._put(("messages", messages, None))
+            return None
+        result = gevent.event.AsyncResult()
+        self._put(("messages", messages, result))
+        try:
+            return result.get(timeout=2.0)
+        except gevent.Timeout:
+            return []
+
+    def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
+        if not self.running:
+            raise Stopped("node is not running")
+        try:
+            return result.get(timeout=timeout_seconds)
+        except gevent.Timeout:
+            raise Timeout(f"no answer in {timeout_seconds}s") from None
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while self.running:
+                if not self._inbox:
+                    self._wake.clear()
+                    if not self._inbox:
+                        self._wake.wait()
+                    continue
+                items = list(self._inbox)
+                self._inbox.clear()
+                replies: dict[str, tuple[gevent.event.AsyncResult, list]] = {}
+                for item in items:
+                    self._handle(item, replies)
+                self._process_ready(replies)
+                for result, out in replies.values():
+                    result.set(out)
+                self._maybe_snapshot()
+                if len(items) > 64:
+                    gevent.idle()  # let timers and I/O run between big batches
+        except Exception as e:
+            logger.critical("stopping: %s", e, exc_info=not isinstance(e, OSError))
+            self.running = False
+            self._fail_all(Stopped(f"node stopped: {e}"))
+            if self._on_fatal is not None:
+                self._on_fatal(e)
+
+    def _handle(self, item, replies) -> None:
+        node = self.node
+        kind = item[0]
+        if kind == "tick":
+            node.tick()
+        elif kind == "messages":
+            _, messages, result = item
+            for m in messages:
+                node.step(m)
+            if result is not None:
+                src = messages[0].src
+                if src in replies:
+                    replies[src][0].set([])  # an older exchange from the same peer: answer it empty
+                replies[src] = (result, [])
+        elif kind == "propose":
+            _, command, result = item
+            try:
+                index = node.propose(command)
+            except (NotLeader, ProposalDropped) as e:
+                result.set_exception(e)
+                return
+            self._proposals[index] = (node.current_term, result)
+            self.stats["proposals"] += 1
+        elif kind == "read":
+            result = item[1]
+            request_id = next(self._request_ids)
+            try:
+                node.read_index(request_id)
+            except NotLeader as e:
+                result.set_exception(e)
+                return
+            self._reads[request_id] = result
+        elif kind == "membership":
+            _, change, result = item
+            try:
+                index = node.change_membership(change)
+            except (NotLeader, ProposalDropped, ValueError) as e:
+                result.set_exception(e)
+                return
+            if index is None:
+                result.set((node.commit_index, None))
+            else:
+                self._proposals[index] = (node.current_term, result)
+        elif kind == "transfer":
+            _, target, result = item
+            try:
+                node.transfer_leadership(target)
+                result.set(None)
+            except (NotLeader, ValueError) as e:
+                result.set_exception(e)
+
+    def _process_ready(self, replies) -> None:
+        node = self.node
+        while True:
+            rd = node.ready()
+            if rd is None:
+                return
+            if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
+                self.storage.save(rd.hard_state, rd.entries, rd.snapshot)
+                self.stats["saves"] += 1
+            outgoing = []
+            for m in rd.messages:
+                route = replies.get(m.dst)
+                if route is not None:
+                    route[1].append(m)
+                else:
+                    outgoing.append(m)
+            if outgoing:
+                self.transport.send(outgoing)
+            if rd.snapshot is not None:
+                self.state_machine.restore(rd.snapshot.data)
+                self._fail_proposals_up_to(rd.snapshot.last_included_index)
+                logger.info("installed a snapshot at index %d from the leader", rd.snapshot.last_included_index)
+            for e in rd.committed_entries:
+                self._apply(e)
+            for request_id, index in rd.read_states:
+                result = self._reads.pop(request_id, None)
+                if result is not None:
+                    self._reads_waiting_apply.append((index, result))
+            for request_id in rd.failed_reads:
+                result = self._reads.pop(request_id, None)
+                if result is not None:
+                    result.set_exception(NotLeader(rd.leader_id))
+            node.advance(rd)
+            self._note_soft_state(rd)
+            self._wake_applied()
+            if node.membership is not self._membership:
+                self._sync_peers()
+
+    def _apply(self, e: Entry) -> None:
+        waiter = self._proposals.pop(e.index, None)
+        result = None
+        if e.kind is EntryKind.COMMAND:
+            result = self.state_machine.apply(e.index, e.data)
+        elif e.kind is EntryKind.MEMBERSHIP:
+            logger.info("membership at index %d: voters %s, learners %s", e.index,
+                        ",".join(e.membership.voters), ",".join(e.membership.learners) or "-")
+        self.stats["applied"] += 1
+        if waiter is not None:
+            term, async_result = waiter
+            if term == e.term:
+                async_result.set((e.index, result))
+            else:
+                async_result.set_exception(EntryLost(f"entry {e.index} was overwritten by a newer leader"))
+
+    def _fail_proposals_up_to(self, index: int) -> None:
+        for i in [i for i in self._proposals if i <= index]:
+            # A snapshot replaced these entries: we cannot tell whether ours committed.
+            self._proposals.pop(i)[1].set_exception(Timeout("outcome unknown: replaced by a snapshot"))
+
+    def _wake_applied(self) -> None:
+        applied = self.node.last_applied
+        if self._reads_waiting_apply:
+            still = []
+            for index, result in self._reads_waiting_apply:
+                if index <= applied:
+                    result.set(index)
+                else:
+                    still.append((index, result))
+            self._reads_waiting_apply = still
+        if self._index_waiters:
+            still = []
+            for index, result in self._index_waiters:
+                if index <= applied:
+                    result.set(applied)
+                elif not result.ready():
+                    still.append((index, result))
+            self._index_waiters = still
+
+    def _note_soft_state(self, rd: Ready) -> None:
+        soft = (rd.role, rd.term, rd.leader_id)
+        if soft == self._soft:
+            return
+        old_role, old_term, old_leader = self._soft
+        self._soft = soft
+        if rd.role is Role.LEADER and old_role is not Role.LEADER:
+            self.stats["elections_won"] += 1
+            logger.info("became leader in term %d", rd.term)
+        elif rd.leader_id is not None and (rd.leader_id, rd.term) != (old_leader, old_term):
+            logger.info("leader is %s (term %d)", rd.leader_id, rd.term)
+        elif rd.role is Role.CANDIDATE and old_role is not Role.CANDIDATE:
+            logger.info("starting an election for term %d", rd.term)
+        elif old_role is Role.LEADER and rd.role is not Role.LEADER:
+            logger.info("stepped down in term %d", rd.term)
+
+    def _sync_peers(self) -> None:
+        self._membership = self.node.membership
+        self.transport.set_peers(
+            {m.node_id: m.raft_address for m in self._membership.members if m.node_id != self.node.node_id}
+        )
+
+    def _maybe_snapshot(self) -> None:
+        node = self.node
+        if self.storage.log_bytes < self.snapshot_threshold_bytes or node.last_applied <= node.log.snapshot_index:
+            return
+        data = self.state_machine.snapshot()
+        snap = node.create_snapshot(node.last_applied, data)
+        self.storage.save_snapshot(snap)
+        self.stats["snapshots"] += 1
+        logger.info("took a snapshot at index %d (%d bytes)", snap.last_included_index, len(data))
+
+    def _fail_all(self, error: Exception) -> None:
+        for _, result in self._proposals.values():
+            result.set_exception(error)
+        for result in self._reads.values():
+            result.set_exception(error)
+        for _, result in self._reads_waiting_apply + self._index_waiters:
+            result.set_exception(error)
+        self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, [], []

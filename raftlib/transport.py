@@ -1,0 +1,174 @@
+"""ZmqTransport: Raft messages between nodes over zmq.green REQ/REP, as CBOR frames (raftlib.codec).
+
+Rules: every socket is used by one greenlet only. Each peer has one REQ socket and one request in flight: its
+sender greenlet takes everything queued for that peer, sends it as one frame and waits (bounded) for the reply
+frame, which carries the messages the peer had for us in answer. A reply that does not come in time closes the
+socket with linger 0 and opens a new one (the zguide's "lazy pirate"), so a dead peer never wedges the sender;
+the messages are dropped, as Raft allows. The REP server decodes each frame, hands the messages to the owner
+and answers with whatever the owner returns. Bad frames are logged and dropped, never raised.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import gevent
+import gevent.event
+import zmq.green as zmq
+
+from . import codec
+
+logger = logging.getLogger("raftlib.transport")
+TRACE = 5
+
+
+class ZmqTransport:
+    def __init__(
+        self,
+        node_id: str,
+        bind_address: str,
+        handler,
+        reply_timeout_seconds: float = 0.5,
+        max_queued_messages: int = 10_000,
+    ) -> None:
+        """`handler(messages, reply_wanted) -> list[Message]`: called in the transport's greenlets; when
+        `reply_wanted` it may block (bounded) and returns the messages to answer with."""
+        self.node_id = node_id
+        self.bind_address = bind_address
+        self._handler = handler
+        self._reply_timeout_ms = int(reply_timeout_seconds * 1000)
+        self._max_queued = max_queued_messages
+        self._context = zmq.Context.instance()
+        self._peers: dict[str, _PeerSender] = {}
+        self._server = None
+        self._rep = None
+        self.dropped_frames = 0
+
+    def start(self) -> None:
+        self._rep = self._context.socket(zmq.REP)
+        self._rep.setsockopt(zmq.LINGER, 0)
+        self._rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
+        self._rep.bind(f"tcp://{self.bind_address}")
+        self._server = gevent.spawn(self._serve)
+
+    def set_peers(self, addresses: dict[str, str]) -> None:
+        """Which peers exist and where they listen ("host:port"). Senders for others are stopped."""
+        for node_id in list(self._peers):
+            if node_id not in addresses or self._peers[node_id].address != addresses[node_id]:
+                self._peers.pop(node_id).stop()
+        for node_id, address in addresses.items():
+            if node_id != self.node_id and node_id not in self._peers and address:
+                self._peers[node_id] = _PeerSender(self, node_id, address)
+
+    def send(self, messages) -> None:
+        for m in messages:
+            peer = self._peers.get(m.dst)
+            if peer is None:
+                logger.log(TRACE, "no address for %s, dropping %s", m.dst, type(m).__name__)
+                continue
+            peer.enqueue(m)
+
+    def _serve(self) -> None:
+        sock = self._rep
+        while True:
+            try:
+                frame = sock.recv(copy=True)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.ETERM or sock.closed:
+                    return
+                logger.warning("raft port receive error: %s", e)
+                continue
+            replies = []
+            try:
+                messages = codec.decode_batch(frame)
+                if any(m.dst != self.node_id for m in messages):
+                    raise codec.CodecError("frame addressed to another node")
+                logger.log(TRACE, "recv %s", messages)
+                if messages:
+                    replies = self._handler(messages, True) or []
+            except codec.CodecError as e:
+                self.dropped_frames += 1
+                logger.warning("dropped a bad frame on the raft port (%d bytes): %s", len(frame), e)
+            except Exception:
+                logger.exception("handler failed on a raft frame")
+            try:
+                sock.send(codec.encode_batch(replies))
+            except zmq.ZMQError as e:
+                if sock.closed:
+                    return
+                logger.warning("raft port send error: %s", e)
+
+    def stop(self) -> None:
+        for peer in list(self._peers.values()):
+            peer.stop()
+        self._peers.clear()
+        if self._server is not None:
+            self._server.kill(block=False)
+        if self._rep is not None:
+            self._rep.close(linger=0)
+
+
+class _PeerSender:
+    def __init__(self, transport: ZmqTransport, node_id: str, address: str) -> None:
+        self.transport = transport
+        self.node_id = node_id
+        self.address = address
+        self._queue: collections.deque = collections.deque(maxlen=transport._max_queued)
+        self._wake = gevent.event.Event()
+        self._sock = None
+        self._greenlet = gevent.spawn(self._run)
+
+    def enqueue(self, m) -> None:
+        self._queue.append(m)
+        self._wake.set()
+
+    def _open(self):
+        sock = self.transport._context.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
+        sock.connect(f"tcp://{self.address}")
+        return sock
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _run(self) -> None:
+        t = self.transport
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                self._wake.wait()
+                continue
+            batch = list(self._queue)
+            self._queue.clear()
+            if self._sock is None:
+                self._sock = self._open()
+            try:
+                logger.log(TRACE, "send to %s: %s", self.node_id, batch)
+                self._sock.send(codec.encode_batch(batch))
+                if not self._sock.poll(t._reply_timeout_ms, zmq.POLLIN):
+                    logger.debug("no reply from %s at %s in %d ms: reconnecting", self.node_id, self.address,
+                                 t._reply_timeout_ms)
+                    self._close()
+                    continue
+                frame = self._sock.recv()
+            except zmq.ZMQError as e:
+                logger.debug("socket to %s failed (%s): reconnecting", self.node_id, e)
+                self._close()
+                gevent.sleep(0.01)
+                continue
+            try:
+                replies = codec.decode_batch(frame)
+            except codec.CodecError as e:
+                logger.warning("dropped a bad reply from %s: %s", self.node_id, e)
+                continue
+            if replies:
+                logger.log(TRACE, "reply from %s: %s", self.node_id, replies)
+                t._handler(replies, False)
+
+    def stop(self) -> None:
+        self._greenlet.kill(block=False)
+        self._close()
