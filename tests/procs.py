@@ -1,0 +1,188 @@
+"""Real raftdzmq processes on loopback for tests: free ports, temporary data dirs, polling with deadlines, and
+every process stopped by its pid at the end."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(ROOT, "raftdzmq.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Response:
+    def __init__(self, status: int, body: bytes, headers: dict) -> None:
+        self.status, self.body, self.headers = status, body, headers
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<{self.status} {self.body[:100]!r}>"
+
+
+def http_request(method: str, address: str, path: str, body: bytes | str | None = None, timeout: float = 10.0,
+         headers: dict | None = None) -> Response:
+    """One HTTP request; raises OSError when the node does not answer."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        if isinstance(body, str):
+            body = body.encode()
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return Response(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
+    finally:
+        conn.close()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except (OSError, ValueError, KeyError) as e:
+            last_error = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
+
+
+class Node:
+    def __init__(self, name: str, base_dir: str) -> None:
+        self.name = name
+        self.data_dir = os.path.join(base_dir, name)
+        self.port = free_port()
+        self.http_port = free_port()
+        self.address = f"127.0.0.1:{self.http_port}"
+        self.log_path = os.path.join(base_dir, f"{name}.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *extra: str, join: str | None = None) -> "Node":
+        args = [sys.executable, SERVER, "-p", str(self.port), "-hp", str(self.http_port)]
+        if join:
+            args += ["-join", join]
+        args += list(extra) + [self.data_dir]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            self._wait_serving()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _wait_serving(self) -> None:
+        wait_for(lambda: self.request("GET", "/status", timeout=1).status == 200 or self.exited(), 15,
+                 f"{self.name} to serve HTTP")
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def request(self, method: str, path: str, body=None, timeout: float = 10.0, headers=None) -> Response:
+        return http_request(method, self.address, path, body, timeout, headers)
+
+    def status(self) -> dict:
+        return self.request("GET", "/status", timeout=2).json()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(timeout=15)
+        self._close_log()
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, then SIGKILL if it did not stop; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._close_log()
+        return self.proc.returncode
+
+    def _close_log(self) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
+            self._log = None
+
+    def log_text(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+
+class LocalCluster:
+    def __init__(self, base_dir: str, size: int = 3, extra: tuple[str, ...] = ()) -> None:
+        self.base_dir = base_dir
+        self.extra = extra
+        self.nodes = [Node(f"node.{i}", base_dir) for i in range(1, size + 1)]
+
+    def start(self) -> "LocalCluster":
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "LocalCluster":
+        first = self.nodes[0].start(*self.extra)
+        wait_for(lambda: first.status()["role"] == "leader", 10, "the first node to lead")
+        for n in self.nodes[1:]:
+            n.start(*self.extra, join=first.address)
+            wait_for(lambda n=n: self._is_voter(n), 15, f"{n.name} to become a voter")
+        return self
+
+    def _is_voter(self, node: Node) -> bool:
+        st = self.leader().status()
+        return any(m["http_address"].endswith(f":{node.http_port}") and m["role"] == "voter" for m in st["members"])
+
+    def running(self) -> list[Node]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def leader(self, timeout: float = 10.0) -> Node:
+        def find():
+            for n in self.running():
+                try:
+                    if n.status()["role"] == "leader":
+                        return n
+                except OSError:
+                    pass
+            return None
+
+        return wait_for(find, timeout, "a leader")
+
+    def write(self, key: str, value: str, timeout: float = 10.0) -> Response:
+        """Write through whichever node leads, retrying until acknowledged."""
+
+        def attempt():
+            r = self.leader().request("POST", f"/db/{key}", value)
+            return r if r.status == 200 else None
+
+        return wait_for(attempt, timeout, f"write {key}={value}", interval=0.1)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.kill()
