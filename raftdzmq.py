@@ -14,6 +14,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import binascii  # noqa: E402
+import http.client  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -284,10 +285,29 @@ def make_app(server: Server) -> bottle.Bottle:
         leader = server.leader_http()
         if leader is None:
             return text(503, "no leader is known right now; retry shortly")
+        if args.forward and bottle.request.get_header("X-Raftdzmq-Forwarded") is None:
+            return forward_to(leader)
         url = f"http://{leader}{bottle.request.fullpath}"
         if bottle.request.query_string:
             url += "?" + bottle.request.query_string
         return text(307, NOT_LEADER, Location=url)
+
+    def forward_to(leader: str) -> bottle.HTTPResponse:
+        """-forward: proxy this request to the leader and hand back its answer (one hop only)."""
+        req = bottle.request
+        body = read_body()
+        host, port = leader.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=args.write_timeout + 1)
+        try:
+            conn.request(req.method, req.fullpath + ("?" + req.query_string if req.query_string else ""), body=body,
+                         headers={"X-Raftdzmq-Forwarded": server.node_id, "Content-Type": req.content_type or ""})
+            resp = conn.getresponse()
+            keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "x-raft-index", "location")}
+            return bottle.HTTPResponse(resp.read(), resp.status, keep)
+        except OSError as e:
+            return text(503, f"could not forward to the leader at {leader}: {e}; outcome unknown")
+        finally:
+            conn.close()
 
     def read_body() -> bytes:
         length = bottle.request.content_length
@@ -356,10 +376,17 @@ def make_app(server: Server) -> bottle.Bottle:
             return
         if consistency != "linearizable":
             raise text(400, "consistency must be linearizable or stale")
+        deadline = time.monotonic() + args.read_timeout
         try:
-            runtime.read(args.read_timeout)
-        except NotLeader:
-            raise text(503, "no leader is known right now; the read cannot be confirmed") from None
+            while True:
+                try:
+                    runtime.read(max(0.01, deadline - time.monotonic()))
+                    break
+                except NotLeader:
+                    # Right after a start or an election no leader is known yet: wait for one, within the bound.
+                    if time.monotonic() >= deadline:
+                        raise text(503, "no leader is known right now; the read cannot be confirmed") from None
+                    gevent.sleep(0.02)
         except Timeout:
             raise text(503, f"could not confirm a linearizable read within {args.read_timeout:g}s") from None
         except Stopped as e:
@@ -503,6 +530,8 @@ def parse_args(argv=None):
     p.add_argument("-v", "--verbose", action="store_true", help="verbose raftdzmq logging (every request)")
     p.add_argument("-debug", "--debug", action="store_true", help="debug-level raft logging")
     p.add_argument("-trace", "--trace", action="store_true", help="trace-level raft logging (every message)")
+    p.add_argument("-forward", "--forward", action="store_true",
+                   help="followers proxy writes to the leader instead of redirecting with 307")
     p.add_argument("-heartbeat-ms", "--heartbeat-ms", dest="heartbeat_ms", type=float, default=50,
                    help="leader heartbeat interval in ms (default 50)")
     p.add_argument("-election-ms", "--election-ms", dest="election_ms", type=float, default=300,
