@@ -1,0 +1,417 @@
+#!/usr/bin/env python
+"""The load bench: start a local raftdzmq cluster (or target --url), run writes and reads at several
+concurrencies, print a table of ops/s and latency percentiles, and compare side by side with references run the
+same way on loopback in the same run: a bare Bottle dict server (--vs bare), etcd (--vs etcd, v3 JSON gateway;
+--vs etcd2 for its v2 API) and PySyncObj (--vs pysyncobj, through bench/pysyncobj_server.py).
+
+    python bench/load.py                                   # 3 nodes, writes and reads at 1, 16, 64 clients
+    python bench/load.py --vs bare --vs etcd --json out.json --plot out.png
+    python bench/load.py --url http://localhost:8080 --workloads write -c 64 -d 10
+
+The load comes from wrk when it is on the PATH (a C client: it is not the bottleneck), else from a gevent client
+(bench/pyclient.py). The load generator's own CPU use is reported per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 2.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"bench: timed out waiting for {what}")
+
+
+# ---- systems under test -----------------------------------------------------------------------------------
+
+
+class System:
+    name = "?"
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        log = open(os.path.join(self.workdir, log_name), "ab")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    # Each returns a list of (method, path, body or None, headers) to pick from at random.
+    def write_requests(self, keys: list[str], value: str) -> list:
+        return [("POST", f"/db/{k}", value, {}) for k in keys]
+
+    def read_requests(self, keys: list[str], stale: bool = False) -> list:
+        q = "?consistency=stale" if stale else ""
+        return [("GET", f"/db/{k}{q}", None, {}) for k in keys]
+
+
+class Raftdzmq(System):
+    def __init__(self, workdir: str, nodes: int, extra: list[str]) -> None:
+        super().__init__(workdir)
+        self.name = f"raftdzmq-{nodes}"
+        self.http_ports = []
+        for i in range(nodes):
+            port, http_port = free_port(), free_port()
+            args = [sys.executable, os.path.join(ROOT, "raftdzmq.py"), "-p", str(port), "-hp", str(http_port)]
+            if i > 0:
+                args += ["-join", f"127.0.0.1:{self.http_ports[0]}"]
+            self.spawn(args + extra + [os.path.join(workdir, f"{self.name}-node{i + 1}")], f"{self.name}-{i + 1}.log")
+            self.http_ports.append(http_port)
+            wait_until(lambda: self._voters() == i + 1, 20, f"{self.name} node {i + 1} to join")
+        self.url = f"http://127.0.0.1:{self.http_ports[0]}"
+
+    def _voters(self) -> int:
+        st = json.loads(get(f"http://127.0.0.1:{self.http_ports[0]}/status"))
+        return sum(1 for m in st["members"] if m["role"] == "voter") if st["role"] == "leader" else 0
+
+
+class Bare(System):
+    name = "bare-bottle"
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir)
+        port = free_port()
+        self.spawn([sys.executable, os.path.join(HERE, "bare_server.py"), str(port)], "bare.log")
+        self.url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: self._up(), 10, "the bare server")
+
+    def _up(self) -> bool:
+        try:
+            get(self.url + "/db/x")
+        except urllib.error.HTTPError as e:
+            return e.code == 404
+        return True
+
+
+class Etcd(System):
+    def __init__(self, workdir: str, nodes: int, api: str) -> None:
+        super().__init__(workdir)
+        self.api = api
+        self.name = f"etcd-{nodes}-{api}"
+        peers = [(f"e{i}", free_port(), free_port()) for i in range(nodes)]
+        cluster = ",".join(f"{n}=http://127.0.0.1:{pp}" for n, _, pp in peers)
+        for name, cp, pp in peers:
+            args = [
+                "etcd", "--name", name, "--data-dir", os.path.join(workdir, f"{self.name}-{name}"),
+                "--listen-client-urls", f"http://127.0.0.1:{cp}", "--advertise-client-urls", f"http://127.0.0.1:{cp}",
+                "--listen-peer-urls", f"http://127.0.0.1:{pp}", "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{pp}", "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                "--log-level", "error",
+            ]
+            if api == "v2":
+                args.append("--enable-v2")
+            self.spawn(args, f"{self.name}-{name}.log")
+        self.url = f"http://127.0.0.1:{peers[0][1]}"
+        wait_until(lambda: b"true" in get(self.url + "/health"), 30, "etcd to be healthy")
+
+    @staticmethod
+    def _b64(s: str) -> str:
+        return base64.b64encode(s.encode()).decode()
+
+    def write_requests(self, keys, value):
+        if self.api == "v2":
+            return [("PUT", f"/v2/keys/{k}", f"value={value}", {"Content-Type": "application/x-www-form-urlencoded"})
+                    for k in keys]
+        return [("POST", "/v3/kv/put", json.dumps({"key": self._b64(k), "value": self._b64(value)}), {})
+                for k in keys]
+
+    def read_requests(self, keys, stale=False):
+        if self.api == "v2":
+            q = "" if stale else "?quorum=true"
+            return [("GET", f"/v2/keys/{k}{q}", None, {}) for k in keys]
+        extra = ', "serializable": true' if stale else ""
+        return [("POST", "/v3/kv/range", '{"key": "%s"%s}' % (self._b64(k), extra), {}) for k in keys]
+
+
+class PySyncObjKV(System):
+    def __init__(self, workdir: str, nodes: int) -> None:
+        super().__init__(workdir)
+        self.name = f"pysyncobj-{nodes}"
+        raft = [free_port() for _ in range(nodes)]
+        http = [free_port() for _ in range(nodes)]
+        for i in range(nodes):
+            partners = ",".join(f"127.0.0.1:{p}" for j, p in enumerate(raft) if j != i)
+            self.spawn([sys.executable, os.path.join(HERE, "pysyncobj_server.py"), f"127.0.0.1:{raft[i]}", partners,
+                        str(http[i])], f"{self.name}-{i}.log")
+        self.urls = [f"http://127.0.0.1:{p}" for p in http]
+        wait_until(self._find_leader, 30, "a pysyncobj leader")
+
+    def _find_leader(self) -> bool:
+        for u in self.urls:
+            if get(u + "/leader") == b"yes":
+                self.url = u
+                return True
+        return False
+
+
+# ---- the load -----------------------------------------------------------------------------------------------
+
+
+def _lua_table(requests: list) -> str:
+    def q(s):
+        return json.dumps(s) if s is not None else "nil"
+
+    rows = []
+    for method, path, body, headers in requests:
+        hs = "{" + ",".join(f"[{q(k)}]={q(v)}" for k, v in headers.items()) + "}"
+        rows.append(f"{{{q(method)},{q(path)},{q(body)},{hs}}}")
+    return "{" + ",\n".join(rows) + "}"
+
+
+WRK_SCRIPT = """
+local reqs = %s
+math.randomseed(%d)
+request = function()
+  local r = reqs[math.random(#reqs)]
+  return wrk.format(r[1], r[2], r[4], r[3])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests": %%d, "errors": %%d, "seconds": %%f, "p50": %%f, "p90": %%f, "p99": %%f, "p999": %%f}\\n',
+    summary.requests, e.connect + e.read + e.write + e.status + e.timeout, summary.duration / 1e6,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9)))
+end
+"""
+
+
+class Progress:
+    def __init__(self, label: str, seconds: float) -> None:
+        self.label, self.seconds, self._stop = label, seconds, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.wait(0.5):
+            if sys.stderr.isatty():
+                sys.stderr.write(f"\r  {self.label}: {time.monotonic() - t0:4.1f}/{self.seconds:g}s ")
+                sys.stderr.flush()
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            self._t.start()
+        else:
+            sys.stderr.write(f"  {self.label} ({self.seconds:g}s)\n")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if sys.stderr.isatty():
+            sys.stderr.write("\r" + " " * 80 + "\r")
+
+
+def run_load(url: str, requests: list, concurrency: int, seconds: float, workdir: str, label: str,
+             client: str) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with Progress(label, seconds):
+        if client == "wrk":
+            script = os.path.join(workdir, "load.lua")
+            with open(script, "w") as f:
+                f.write(WRK_SCRIPT % (_lua_table(requests), random.randrange(1 << 30)))
+            threads = 1 if concurrency < 4 else 2
+            out = subprocess.run(["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s",
+                                  "--timeout", "10s", "-s", script, url], capture_output=True, text=True,
+                                 timeout=seconds + 60)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"bench: wrk gave no result:\n{out.stdout}\n{out.stderr}")
+            result = json.loads(line[7:])
+        else:
+            reqfile = os.path.join(workdir, "requests.json")
+            with open(reqfile, "w") as f:
+                json.dump(requests, f)
+            out = subprocess.run([sys.executable, os.path.join(HERE, "pyclient.py"), url, str(concurrency),
+                                  str(seconds), reqfile], capture_output=True, text=True, timeout=seconds + 60)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["ops"] = result["requests"] / result["seconds"]
+    result["client_cpu"] = cpu / result["seconds"]
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--nodes", type=int, default=3, help="raftdzmq cluster size (default 3)")
+    p.add_argument("--url", help="target a running raftdzmq node (its leader) instead of starting a cluster")
+    p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("-d", "--duration", type=float, default=10.0, help="seconds per run (default 10)")
+    p.add_argument("-w", "--workloads", nargs="+", default=["write", "read"],
+                   choices=["write", "read", "stale-read"])
+    p.add_argument("--keys", type=int, default=1000, help="distinct random keys (default 1000)")
+    p.add_argument("--value-size", type=int, nargs=2, default=[100, 100], metavar=("MIN", "MAX"),
+                   help="value sizes in bytes, drawn uniformly (default 100 100)")
+    p.add_argument("--vs", action="append", default=[], choices=["bare", "etcd", "etcd2", "pysyncobj"],
+                   help="also measure this reference, alternating, in the same run")
+    p.add_argument("--repeat", type=int, default=1, help="alternate the systems this many times; report medians")
+    p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    p.add_argument("--raftdzmq-flag", action="append", default=[], help="extra flag for every raftdzmq node")
+    p.add_argument("--json", help="write all results to this file")
+    p.add_argument("--plot", help="draw throughput and latency against concurrency to this PNG (needs matplotlib)")
+    args = p.parse_args()
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
+    workdir = tempfile.mkdtemp(prefix="raftdzmq-bench-")
+    rng = random.Random(1)
+    keys = [f"k{rng.randrange(10**9)}" for _ in range(args.keys)]
+    systems: list[System] = []
+    try:
+        if args.url:
+            s = System(workdir)
+            s.name, s.url = "raftdzmq", args.url.rstrip("/")
+            systems.append(s)
+        else:
+            systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag))
+        for ref in args.vs:
+            if ref == "bare":
+                systems.append(Bare(workdir))
+            elif ref in ("etcd", "etcd2"):
+                if not shutil.which("etcd"):
+                    print("bench: etcd is not on the PATH (apt-get install etcd-server); skipping it", file=sys.stderr)
+                    continue
+                systems.append(Etcd(workdir, args.nodes, "v2" if ref == "etcd2" else "v3"))
+            elif ref == "pysyncobj":
+                try:
+                    import pysyncobj  # noqa: F401
+                except ImportError:
+                    print("bench: pysyncobj is not installed (pip install pysyncobj); skipping it", file=sys.stderr)
+                    continue
+                systems.append(PySyncObjKV(workdir, args.nodes))
+        print(f"bench: client {client}, {args.duration:g}s per run, {args.keys} keys, values "
+              f"{args.value_size[0]}-{args.value_size[1]} bytes, systems: {', '.join(s.name for s in systems)}",
+              file=sys.stderr)
+        value = "v" * rng.randint(*args.value_size)
+        for s in systems:  # every key exists before reads
+            run_load(s.url, s.write_requests(keys, value), 16, 2, workdir, f"{s.name} prefill", client)
+        results: dict = {}
+        for workload in args.workloads:
+            for c in args.concurrency:
+                for rep in range(args.repeat):
+                    for s in systems:
+                        if workload == "write":
+                            reqs = s.write_requests(keys, "v" * rng.randint(*args.value_size))
+                        else:
+                            reqs = s.read_requests(keys, stale=workload == "stale-read")
+                        r = run_load(s.url, reqs, c, args.duration, workdir, f"{s.name} {workload} c={c}", client)
+                        results.setdefault((workload, c, s.name), []).append(r)
+        print_table(results, systems)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([{"workload": w, "concurrency": c, "system": n, "runs": rs, "median": median(rs)}
+                           for (w, c, n), rs in results.items()], f, indent=1)
+        if args.plot:
+            plot(results, systems, args.plot)
+    finally:
+        for s in systems:
+            s.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def median(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in ("ops", "p50", "p90", "p99", "p999", "errors",
+                                                                 "client_cpu")}
+
+
+def print_table(results: dict, systems: list[System]) -> None:
+    base = systems[0].name
+    print(f"{'workload':<11}{'clients':>8}  {'system':<18}{'ops/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+          f"{'p99.9 ms':>10}{'errors':>8}{'client cpu':>11}{'raftdzmq/x':>11}")
+    for (workload, c, name), runs in results.items():
+        m = median(runs)
+        ours = median(results[(workload, c, base)])["ops"]
+        ratio = "" if name == base else f"{ours / m['ops']:.2f}" if m["ops"] else "-"
+        print(f"{workload:<11}{c:>8}  {name:<18}{m['ops']:>9.0f}{m['p50'] / 1000:>9.2f}{m['p90'] / 1000:>9.2f}"
+              f"{m['p99'] / 1000:>9.2f}{m['p999'] / 1000:>10.2f}{m['errors']:>8.0f}{m['client_cpu'] * 100:>10.0f}%"
+              f"{ratio:>11}")
+
+
+def plot(results: dict, systems: list[System], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return
+    workloads = sorted({w for w, _, _ in results})
+    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 8), squeeze=False)
+    for col, w in enumerate(workloads):
+        for s in systems:
+            pts = sorted((c, median(rs)) for (ww, c, n), rs in results.items() if ww == w and n == s.name)
+            if not pts:
+                continue
+            cs = [c for c, _ in pts]
+            axes[0][col].plot(cs, [m["ops"] for _, m in pts], marker="o", label=s.name)
+            axes[1][col].plot(cs, [m["p50"] / 1000 for _, m in pts], marker="o", label=f"{s.name} p50")
+            axes[1][col].plot(cs, [m["p99"] / 1000 for _, m in pts], marker="x", linestyle="--",
+                              label=f"{s.name} p99")
+        axes[0][col].set_title(f"{w}: throughput")
+        axes[0][col].set_xlabel("concurrent clients")
+        axes[0][col].set_ylabel("ops/s")
+        axes[1][col].set_title(f"{w}: latency")
+        axes[1][col].set_xlabel("concurrent clients")
+        axes[1][col].set_ylabel("ms")
+        axes[1][col].set_yscale("log")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=7)
+            ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"bench: plot written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
