@@ -1,0 +1,92 @@
+"""The wire codec: every message round-trips; junk raises CodecError and nothing else."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raftlib import (
+    AppendEntries,
+    AppendEntriesReply,
+    Entry,
+    EntryKind,
+    InstallSnapshot,
+    InstallSnapshotReply,
+    Member,
+    Membership,
+    ReadIndexReply,
+    ReadIndexRequest,
+    RequestVote,
+    RequestVoteReply,
+    TimeoutNow,
+)
+from raftlib import codec
+
+MEMBERSHIP = Membership(("a", "b"), ("c",), (Member("a", "h:1", "h:2"), Member("c", "h:3", "h:4")))
+SAMPLES = [
+    RequestVote("a", "b", 3, 10, 2, pre_vote=True, leadership_transfer=False),
+    RequestVoteReply("b", "a", 3, True, True),
+    AppendEntries("a", "b", 4, 9, 3, (Entry(4, 10, EntryKind.COMMAND, b"x" * 50),
+                                       Entry(4, 11, EntryKind.MEMBERSHIP, b"", MEMBERSHIP),
+                                       Entry(4, 12, EntryKind.NOOP, b"")), 8, 7),
+    AppendEntriesReply("b", "a", 4, False, 0, 9, 5, 2, 7),
+    InstallSnapshot("a", "b", 4, 100, 3, MEMBERSHIP, 64, b"chunk", False),
+    InstallSnapshotReply("b", "a", 4, 100, 69, False),
+    TimeoutNow("a", "b", 5),
+    ReadIndexRequest("b", "a", 5, (1, 2, 3)),
+    ReadIndexReply("a", "b", 5, (1, 2, 3), 42),
+]
+
+
+@pytest.mark.parametrize("m", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(m):
+    assert codec.decode_batch(codec.encode_batch([m])) == [m]
+
+
+def test_unknown_version_and_oversized_frames_are_refused():
+    with pytest.raises(codec.CodecError, match="version"):
+        codec.decode_batch(cbor2.dumps([99, []]))
+    with pytest.raises(codec.CodecError, match="limit"):
+        codec.decode_batch(b"\x00" * (codec.MAX_FRAME_BYTES + 1))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_raise_only_codec_error(data):
+    try:
+        codec.decode_batch(data)
+    except codec.CodecError:
+        pass
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.sampled_from(SAMPLES), st.data())
+def test_mutated_frames_raise_only_codec_error(m, data):
+    frame = bytearray(codec.encode_batch([m]))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(frame) - 1))
+        frame[pos] = data.draw(st.integers(0, 255))
+    try:
+        out = codec.decode_batch(bytes(frame))
+    except codec.CodecError:
+        return
+    assert all(type(x) in codec._SCHEMAS for x in out)
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.text(max_size=5) | st.binary(max_size=5),
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=3), children, max_size=3),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(json_like, max_size=8), st.integers(0, 10))
+def test_well_formed_cbor_of_the_wrong_shape_raises_only_codec_error(fields, tag):
+    for frame in ([1, [[tag] + fields]], [1, fields], fields):
+        try:
+            codec.decode_batch(cbor2.dumps(frame))
+        except codec.CodecError:
+            pass

@@ -1,0 +1,15 @@
+"""The transport's reconnect behaviour (lazy pirate), in a subprocess that owns its gevent hub."""
+
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_reconnects_after_dead_missing_and_returning_peers():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "transport_harness.py")], capture_output=True,
+                         text=True, timeout=60, cwd=os.path.dirname(HERE),
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+    lines = dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
+    assert lines == {"never-existed": "ok", "killed-mid-request": "ok", "came-back": "ok"}, out.stdout + out.stderr
