@@ -388,7 +388,7 @@ class RaftNode:
     def has_ready(self) -> bool:
         return bool(
             self._messages
-            or (self.role is Role.LEADER and (self._append_dirty or self._commit_dirty))
+            or (self.role is Role.LEADER and self._append_dirty)
             or self._reads_unstarted
             or self._reads_to_forward
             or self._read_states
@@ -709,12 +709,14 @@ class RaftNode:
                 del self._progress[node_id]
 
     def _flush_appends(self) -> None:
-        if not (self._append_dirty or self._commit_dirty):
+        # A commit index that moved without new entries is not sent on its own: the next AppendEntries or
+        # heartbeat carries it. An extra round trip per commit would hold up the next batch behind it (one
+        # request in flight per peer), and reads do not need it: a read round's heartbeats carry the commit.
+        if not self._append_dirty:
             return
-        allow_empty = self._commit_dirty
         self._append_dirty = self._commit_dirty = False
         for peer in self.peers:
-            self._send_append(peer, allow_empty=allow_empty)
+            self._send_append(peer, allow_empty=False)
 
     def _broadcast_heartbeat(self, read_round: int = 0) -> None:
         for peer in self.peers:

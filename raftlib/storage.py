@@ -80,8 +80,11 @@ def encode_record(hard_state: HardState | None, entries: list[Entry]) -> bytes:
 class DiskStorage:
     """Durable storage for one node. Use `DiskStorage(data_dir)` then `load()` once, then `save()` per Ready."""
 
-    def __init__(self, data_dir: str, fsync: bool = True) -> None:
+    def __init__(self, data_dir: str, fsync: bool = True, fdatasync=None) -> None:
+        """`fdatasync(fd, nbytes)` makes a batch of `nbytes` durable (default: os.fdatasync); the gevent server
+        passes one that runs big batches in a worker thread so the hub keeps serving while the disk works."""
         self.data_dir = os.path.abspath(data_dir)
+        self._fdatasync = fdatasync or (lambda fd, nbytes: os.fdatasync(fd))
         self.log_dir = os.path.join(self.data_dir, "log")
         self._fsync = fsync
         os.makedirs(self.log_dir, exist_ok=True)
@@ -289,7 +292,7 @@ class DiskStorage:
         self._segment.write(record)
         self._segment.flush()
         if self._fsync:
-            os.fdatasync(self._segment.fileno())
+            self._fdatasync(self._segment.fileno(), len(record))
         self.log_bytes += len(record)
         if entries:
             self._put_entries(entries)

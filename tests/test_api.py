@@ -3,7 +3,6 @@ consistency levels, forwarding, membership and leadership, and junk on the Raft 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from procs import LocalCluster, Node, http_request, wait_for
+from procs import LocalCluster, Node, wait_for
 
 
 @pytest.fixture(scope="module")
