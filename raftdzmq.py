@@ -29,6 +29,7 @@ import urllib.request  # noqa: E402
 
 import bottle  # noqa: E402
 import cbor2  # noqa: E402
+import prometheus_client as prom  # noqa: E402
 import gevent  # noqa: E402
 import gevent.pywsgi  # noqa: E402
 
@@ -99,6 +100,42 @@ class KeyValueStore(StateMachine):
         self.data = cbor2.loads(data) if data else {}
 
 
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus metrics for GET /metrics, in a registry of this node's own."""
+
+    def __init__(self) -> None:
+        r = self.registry = prom.CollectorRegistry()
+        self.writes = prom.Counter("raftdzmq_writes", "Writes answered, by outcome", ["outcome"], registry=r)
+        self.write_seconds = prom.Histogram("raftdzmq_write_seconds", "Time from proposal to commit and apply",
+                                            registry=r, buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .5, 2))
+        self.fsync_seconds = prom.Histogram("raftdzmq_fsync_seconds", "Log fdatasync time per batch", registry=r,
+                                            buckets=(.00005, .0001, .0002, .0005, .001, .002, .005, .01, .05))
+        self.reads = prom.Counter("raftdzmq_reads", "Reads answered, by consistency", ["consistency"], registry=r)
+        self.read_index_seconds = prom.Histogram("raftdzmq_read_index_seconds", "Time to confirm a read index",
+                                                 registry=r, buckets=(.0005, .001, .002, .005, .01, .05, .1, .5))
+
+    def bind(self, server: "Server") -> None:
+        node, runtime = server.node, server.runtime
+        r = self.registry
+        for name, doc, fn in (
+            ("raftdzmq_term", "Current term", lambda: node.current_term),
+            ("raftdzmq_commit_index", "Commit index", lambda: node.commit_index),
+            ("raftdzmq_applied_index", "Last applied index", lambda: node.last_applied),
+            ("raftdzmq_last_index", "Last log index", lambda: node.log.last_index),
+            ("raftdzmq_snapshot_index", "Index of the newest snapshot", lambda: node.log.snapshot_index),
+            ("raftdzmq_is_leader", "1 on the leader", lambda: int(node.role is Role.LEADER)),
+            ("raftdzmq_proposals", "Proposals taken by this node as leader", lambda: runtime.stats["proposals"]),
+            ("raftdzmq_applied_entries", "Entries applied", lambda: runtime.stats["applied"]),
+            ("raftdzmq_elections_won", "Elections this node won", lambda: runtime.stats["elections_won"]),
+            ("raftdzmq_batches_saved", "Batches made durable (one fsync each)", lambda: runtime.stats["saves"]),
+            ("raftdzmq_snapshots", "Snapshots taken", lambda: runtime.stats["snapshots"]),
+        ):
+            prom.Gauge(name, doc, registry=r).set_function(fn)
+
+
 # ---- the server -----------------------------------------------------------------------------------------
 
 
@@ -107,7 +144,14 @@ class Server:
         self.args = args
         self.raft_address = f"{args.host}:{args.port}"
         self.http_address = f"{args.host}:{args.http_port}"
-        self.storage = DiskStorage(args.data_dir, fsync=not args.no_fsync, fdatasync=_fdatasync_in_thread)
+        self.metrics = Metrics()
+
+        def timed_fdatasync(fd: int, nbytes: int) -> None:
+            t0 = time.perf_counter()
+            _fdatasync_in_thread(fd, nbytes)
+            self.metrics.fsync_seconds.observe(time.perf_counter() - t0)
+
+        self.storage = DiskStorage(args.data_dir, fsync=not args.no_fsync, fdatasync=timed_fdatasync)
         identity = self.storage.read_identity()
         stored = self.storage.load()
         self.joined_before = identity is not None
@@ -147,6 +191,7 @@ class Server:
                                       reply_timeout_seconds=max(0.2, args.election_ms / 1000.0))
         self.runtime = Runtime(self.node, self.storage, self.transport, self.kv, tick_seconds=tick,
                                snapshot_threshold_bytes=args.snapshot_threshold, on_fatal=self._fatal)
+        self.metrics.bind(self)
         self.http = None
         self._requests = 0
         self._stopping = False
@@ -282,6 +327,7 @@ def make_app(server: Server) -> bottle.Bottle:
     app = bottle.Bottle(catchall=True)
     args = server.args
     runtime = server.runtime
+    metrics = server.metrics
     bottle.BaseRequest.MEMFILE_MAX = args.max_body + 1
 
     def default_error(res):
@@ -335,18 +381,26 @@ def make_app(server: Server) -> bottle.Bottle:
     def propose(command: bytes):
         if server.node.role is not Role.LEADER:
             raise redirect_to_leader()
+        t0 = time.perf_counter()
         try:
-            return runtime.propose(command, args.write_timeout)
+            result = runtime.propose(command, args.write_timeout)
         except NotLeader:
+            metrics.writes.labels("redirected").inc()
             raise redirect_to_leader() from None
         except ProposalDropped as e:
+            metrics.writes.labels("refused").inc()
             raise text(503, f"write refused for now: {e}; retry") from None
         except EntryLost:
+            metrics.writes.labels("lost").inc()
             raise text(503, "write lost: leadership changed before it committed; it was not applied") from None
         except Timeout:
+            metrics.writes.labels("unknown").inc()
             raise text(503, f"write not confirmed within {args.write_timeout:g}s; its outcome is unknown") from None
         except Stopped as e:
             raise text(503, str(e)) from None
+        metrics.write_seconds.observe(time.perf_counter() - t0)
+        metrics.writes.labels("committed").inc()
+        return result
 
     def check_key(key: str) -> str:
         if not key or len(key.encode()) > 4096:
@@ -390,9 +444,12 @@ def make_app(server: Server) -> bottle.Bottle:
             except Timeout:
                 raise text(503, f"index {min_index} not applied here within {args.read_timeout:g}s") from None
         if consistency == "stale":
+            metrics.reads.labels("stale").inc()
             return
         if consistency != "linearizable":
             raise text(400, "consistency must be linearizable or stale")
+        metrics.reads.labels("linearizable").inc()
+        t0 = time.perf_counter()
         deadline = time.monotonic() + args.read_timeout
         try:
             while True:
@@ -408,6 +465,7 @@ def make_app(server: Server) -> bottle.Bottle:
             raise text(503, f"could not confirm a linearizable read within {args.read_timeout:g}s") from None
         except Stopped as e:
             raise text(503, str(e)) from None
+        metrics.read_index_seconds.observe(time.perf_counter() - t0)
 
     def read_headers() -> dict:
         return {"X-Raft-Applied-Index": str(server.node.last_applied), "X-Raft-Leader": server.node.leader_id or ""}
@@ -489,6 +547,11 @@ def make_app(server: Server) -> bottle.Bottle:
             "snapshot_index": node.log.snapshot_index, "members": members(), "keys": len(server.kv.data),
         }
         return bottle.HTTPResponse(json.dumps(body, indent=1) + "\n", 200, {"Content-Type": "application/json"})
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return bottle.HTTPResponse(prom.generate_latest(metrics.registry), 200,
+                                   {"Content-Type": prom.CONTENT_TYPE_LATEST})
 
     @app.get("/cluster")
     def cluster():

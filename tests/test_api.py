@@ -223,3 +223,20 @@ def test_paused_old_leader_never_serves_a_stale_default_read(tmp_path):
         assert r.status == 200 and "x-raft-applied-index" in r.headers
     finally:
         c.stop()
+
+
+def test_status_and_prometheus_metrics(cluster):
+    leader = cluster.leader()
+    assert leader.request("POST", "/db/m", "1").status == 200
+    assert leader.request("GET", "/db/m").status == 200
+    st = leader.status()
+    assert st["role"] == "leader" and st["commit_index"] >= st["applied_index"] > 0
+    assert len(st["members"]) == 3 and all(m["match_index"] is not None for m in st["members"])
+    text = leader.request("GET", "/metrics").text
+    for name in ("raftdzmq_writes_total{outcome=\"committed\"}", "raftdzmq_fsync_seconds_bucket",
+                 "raftdzmq_write_seconds_count", "raftdzmq_read_index_seconds_count", "raftdzmq_is_leader 1.0",
+                 "raftdzmq_elections_won"):
+        assert name in text, name
+    written = float(text.split("raftdzmq_writes_total{outcome=\"committed\"} ")[1].split()[0])
+    assert written >= 1
+    assert float(text.split("raftdzmq_elections_won ")[1].split()[0]) >= 1
