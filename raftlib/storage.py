@@ -71,6 +71,14 @@ def _write_atomically(path: str, data: bytes) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
+def _check_header(path: str, data: bytes, magic: bytes, what: str) -> None:
+    found, version = _HEADER.unpack_from(data, 0)
+    if found != magic:
+        raise CorruptLogError(f"{path}: not a raftdzmq {what} (bad magic at offset 0)")
+    if version != FORMAT_VERSION:
+        raise UnknownFormatError(f"{path}: {what} format {version}; this raftdzmq reads format {FORMAT_VERSION}")
+
+
 def encode_record(hard_state: HardState | None, entries: list[Entry]) -> bytes:
     hs = None if hard_state is None else [hard_state.current_term, hard_state.voted_for, hard_state.commit_index]
     payload = bytes([RECORD_BATCH]) + cbor2.dumps([hs, [codec.entry_to_wire(e) for e in entries]])
@@ -203,11 +211,7 @@ class DiskStorage:
                     f.write(_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION))
                 return
             raise CorruptLogError(f"{path}: truncated segment header")
-        magic, version = _HEADER.unpack_from(data, 0)
-        if magic != SEGMENT_MAGIC:
-            raise CorruptLogError(f"{path}: not a raftdzmq log segment (bad magic at offset 0)")
-        if version != FORMAT_VERSION:
-            raise UnknownFormatError(f"{path}: log format {version}; this raftdzmq reads format {FORMAT_VERSION}")
+        _check_header(path, data, SEGMENT_MAGIC, "log segment")
         offset = _HEADER.size
         self.log_bytes += offset
         while offset < len(data):
@@ -347,11 +351,7 @@ def read_snapshot(path: str) -> Snapshot:
         data = f.read()
     if len(data) < _HEADER.size + 8:
         raise CorruptLogError(f"{path}: too short to be a snapshot")
-    magic, version = _HEADER.unpack_from(data, 0)
-    if magic != SNAPSHOT_MAGIC:
-        raise CorruptLogError(f"{path}: not a raftdzmq snapshot (bad magic)")
-    if version != FORMAT_VERSION:
-        raise UnknownFormatError(f"{path}: snapshot format {version}; this raftdzmq reads {FORMAT_VERSION}")
+    _check_header(path, data, SNAPSHOT_MAGIC, "snapshot")
     (crc,) = struct.unpack_from(">I", data, len(data) - 4)
     if zlib.crc32(data[:-4]) != crc:
         raise CorruptLogError(f"{path}: snapshot checksum mismatch")

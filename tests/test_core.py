@@ -70,6 +70,17 @@ def test_follower_refuses_proposals():
     assert e.value.leader_id == leader
 
 
+def preload_logs(c: Cluster, logs: dict[str, list[int]], current_term: int) -> None:
+    """Give each node a log with these terms (index 1 stays the bootstrap configuration), then restart it."""
+    first = c.nodes["n1"].storage.load().entries[0]
+    for node_id, terms in logs.items():
+        storage = MemoryStorage()
+        es = [first] + [Entry(t, i, EntryKind.COMMAND, f"k=t{t}i{i}".encode()) for i, t in enumerate(terms[1:], 2)]
+        storage.save(HardState(current_term, None, 1), es)
+        c.nodes[node_id].storage = storage
+        c.restart(node_id)
+
+
 def test_figure_7_divergent_follower_logs_are_repaired():
     """§5.3, Figure 7: followers missing entries, with extra entries, or both, end with the leader's log."""
     logs = {
@@ -82,13 +93,7 @@ def test_figure_7_divergent_follower_logs_are_repaired():
         "n7": [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3],  # (f)
     }
     c = Cluster(seed=3, n=7, election_ticks=10)
-    first = c.nodes["n1"].storage.load().entries[0]
-    for node_id, terms in logs.items():
-        storage = MemoryStorage()
-        es = [first] + [Entry(t, i, EntryKind.COMMAND, f"k=t{t}i{i}".encode()) for i, t in enumerate(terms[1:], 2)]
-        storage.save(HardState(7, None, 1), es)
-        c.nodes[node_id].storage = storage
-        c.restart(node_id)
+    preload_logs(c, logs, current_term=7)
     c.nodes["n1"].node.step(_timeout_now("n1"))  # make n1 the candidate, as in the figure
     c.process("n1")
     leader = elect(c)
@@ -113,13 +118,7 @@ def _figure_8(unsafe: bool) -> Cluster:
     crashes and S5 (n5), whose index 2 holds term 3, is elected and overwrites it everywhere."""
     logs = {"n1": [1, 2], "n2": [1, 2], "n3": [1], "n4": [1], "n5": [1, 3]}
     c = Cluster(seed=12, n=5, config_overrides={"max_batch_bytes": 1, "unsafe_commit_previous_term": unsafe})
-    first = c.nodes["n1"].storage.load().entries[0]
-    for node_id, terms in logs.items():
-        storage = MemoryStorage()
-        es = [first] + [Entry(t, i, EntryKind.COMMAND, f"k=t{t}i{i}".encode()) for i, t in enumerate(terms[1:], 2)]
-        storage.save(HardState(3, None, 1), es)
-        c.nodes[node_id].storage = storage
-        c.restart(node_id)
+    preload_logs(c, logs, current_term=3)
     # S1 wins term 4 without S5, and only index 2 (never its term-4 no-op at 3) reaches the others.
     def only_index_2(m):
         if "n5" in (m.src, m.dst):
