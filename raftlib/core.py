@@ -160,7 +160,6 @@ class RaftNode:
 
         self._messages: list[Message] = []
         self._append_dirty = False
-        self._commit_dirty = False
         self._pending_snapshot: Snapshot | None = None
         self._incoming_snapshot: tuple[int, int, bytearray] | None = None  # (index, term, bytes so far)
 
@@ -474,7 +473,7 @@ class RaftNode:
         self._votes = {}
         self._heartbeat_elapsed = 0
         self._transferee = None
-        self._append_dirty = self._commit_dirty = False
+        self._append_dirty = False
         self._reset_election_timer()
         self._fail_reads()
 
@@ -714,7 +713,7 @@ class RaftNode:
         # request in flight per peer), and reads do not need it: a read round's heartbeats carry the commit.
         if not self._append_dirty:
             return
-        self._append_dirty = self._commit_dirty = False
+        self._append_dirty = False
         for peer in self.peers:
             self._send_append(peer, allow_empty=False)
 
@@ -854,7 +853,6 @@ class RaftNode:
         if self.log.term(index) != self.current_term and not self.config.unsafe_commit_previous_term:
             return
         self.commit_index = index
-        self._commit_dirty = True
         if self._reads_before_commit and self.log.term(self.commit_index) == self.current_term:
             self._reads_unstarted.extend(self._reads_before_commit)
             self._reads_before_commit = []
