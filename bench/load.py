@@ -212,9 +212,12 @@ def _lua_table(requests: list) -> str:
 
 WRK_SCRIPT = """
 local reqs = %s
+local sequential = %s
+local n = 0
 math.randomseed(%d)
 request = function()
-  local r = reqs[math.random(#reqs)]
+  n = n + 1
+  local r = sequential and reqs[(n - 1) %% #reqs + 1] or reqs[math.random(#reqs)]
   return wrk.format(r[1], r[2], r[4], r[3])
 end
 done = function(summary, latency, requests)
@@ -252,13 +255,15 @@ class Progress:
 
 
 def run_load(url: str, requests: list, concurrency: int, seconds: float, workdir: str, label: str,
-             client: str) -> dict:
+             client: str, sequential: bool = False) -> dict:
+    """Run one load; `sequential` walks the requests in order (wrk only), so a prefill writes every key."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with Progress(label, seconds):
         if client == "wrk":
             script = os.path.join(workdir, "load.lua")
             with open(script, "w") as f:
-                f.write(WRK_SCRIPT % (_lua_table(requests), random.randrange(1 << 30)))
+                f.write(WRK_SCRIPT % (_lua_table(requests), "true" if sequential else "false",
+                                      random.randrange(1 << 30)))
             threads = 1 if concurrency < 4 else 2
             out = subprocess.run(["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s",
                                   "--timeout", "10s", "-s", script, url], capture_output=True, text=True,
@@ -332,7 +337,8 @@ def main() -> int:
               file=sys.stderr)
         value = "v" * rng.randint(*args.value_size)
         for s in systems:  # every key exists before reads
-            run_load(s.url, s.write_requests(keys, value), 16, 2, workdir, f"{s.name} prefill", client)
+            run_load(s.url, s.write_requests(keys, value), 16, 2, workdir, f"{s.name} prefill", client,
+                     sequential=True)
         results: dict = {}
         for workload in args.workloads:
             for c in args.concurrency:
