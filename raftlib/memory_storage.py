@@ -24,6 +24,34 @@ class StoredState:
         s = self.snapshot
         return RaftLog(s.last_included_index, s.last_included_term, tuple(self.entries))
 
+    @property
+    def base_index(self) -> int:
+        return self.snapshot.last_included_index if self.snapshot else 0
+
+    @property
+    def last_index(self) -> int:
+        return self.base_index + len(self.entries)
+
+    def put_entries(self, entries: list[Entry]) -> None:
+        """Entries replace whatever is at or after entries[0].index (the conflicting suffix)."""
+        first = entries[0].index
+        assert self.base_index < first <= self.last_index + 1, "entries must extend the log"
+        del self.entries[first - self.base_index - 1 :]
+        self.entries.extend(entries)
+
+    def install_snapshot(self, snapshot: Snapshot) -> bool:
+        """Drop the entries `snapshot` covers (all of them when the log disagrees with it at its last index).
+        Returns False, changing nothing, for a snapshot no newer than the one held."""
+        if snapshot.last_included_index <= self.base_index:
+            return False
+        keep = [e for e in self.entries if e.index > snapshot.last_included_index]
+        covered = [e for e in self.entries if e.index == snapshot.last_included_index]
+        if not covered or covered[0].term != snapshot.last_included_term:
+            keep = []
+        self.snapshot = snapshot
+        self.entries = keep
+        return True
+
 
 class MemoryStorage:
     def __init__(self) -> None:
@@ -35,27 +63,12 @@ class MemoryStorage:
 
     def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None) -> None:
         if snapshot is not None:
-            self._install_snapshot(snapshot)
+            self.state.install_snapshot(snapshot)
         if entries:
-            first = entries[0].index
-            base = self.state.snapshot.last_included_index if self.state.snapshot else 0
-            assert base < first <= base + len(self.state.entries) + 1, "entries must extend the log"
-            del self.state.entries[first - base - 1 :]
-            self.state.entries.extend(entries)
+            self.state.put_entries(entries)
         if hard_state is not None:
             self.state.hard_state = hard_state
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """A snapshot the node took itself: drop the entries it covers."""
-        self._install_snapshot(snapshot)
-
-    def _install_snapshot(self, snapshot: Snapshot) -> None:
-        old = self.state.snapshot.last_included_index if self.state.snapshot else 0
-        if snapshot.last_included_index <= old:
-            return
-        keep = [e for e in self.state.entries if e.index > snapshot.last_included_index]
-        covered = [e for e in self.state.entries if e.index == snapshot.last_included_index]
-        if not covered or covered[0].term != snapshot.last_included_term:
-            keep = []
-        self.state.snapshot = snapshot
-        self.state.entries = keep
+        self.state.install_snapshot(snapshot)

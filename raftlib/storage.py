@@ -183,7 +183,7 @@ class DiskStorage:
             self._replay_segment(path, is_last=n == len(segments) - 1)
             self._segment_seq = seq
         hs = self.state.hard_state
-        last = self._last_index()
+        last = self.state.last_index
         if hs.commit_index > last:
             # The commit index may be saved ahead of a snapshot-only state; never beyond what we hold.
             self.state.hard_state = HardState(hs.current_term, hs.voted_for, last)
@@ -194,12 +194,6 @@ class DiskStorage:
         for _, path in self._snapshots()[1:]:
             os.unlink(path)  # older snapshots are only kept until a newer one is complete
         return StoredState(self.state.hard_state, self.state.snapshot, list(self.state.entries))
-
-    def _base_index(self) -> int:
-        return self.state.snapshot.last_included_index if self.state.snapshot else 0
-
-    def _last_index(self) -> int:
-        return self._base_index() + len(self.state.entries)
 
     def _replay_segment(self, path: str, is_last: bool) -> None:
         with open(path, "rb") as f:
@@ -250,18 +244,13 @@ class DiskStorage:
             hard_state = None if hs is None else codec.decode_hard_state(cbor2.dumps(hs))
         except Exception as e:
             raise CorruptLogError(f"{path}: undecodable record at offset {offset}: {e}") from None
-        entries = [e for e in entries if e.index > self._base_index()]
+        entries = [e for e in entries if e.index > self.state.base_index]
         if entries:
-            if entries[0].index > self._last_index() + 1:
+            if entries[0].index > self.state.last_index + 1:
                 raise CorruptLogError(f"{path}: record at offset {offset} leaves a gap before {entries[0].index}")
-            self._put_entries(entries)
+            self.state.put_entries(entries)
         if hard_state is not None:
             self.state.hard_state = hard_state
-
-    def _put_entries(self, entries: list[Entry]) -> None:
-        first = entries[0].index
-        del self.state.entries[first - self._base_index() - 1 :]
-        self.state.entries.extend(entries)
 
     # ---- writing --------------------------------------------------------------------------------
 
@@ -289,7 +278,7 @@ class DiskStorage:
         if snapshot is not None:
             self._install_snapshot(snapshot)
         if entries:
-            assert self._base_index() < entries[0].index <= self._last_index() + 1
+            assert self.state.base_index < entries[0].index <= self.state.last_index + 1
         if hard_state is None and not entries:
             return
         record = encode_record(hard_state, entries)
@@ -299,7 +288,7 @@ class DiskStorage:
             self._fdatasync(self._segment.fileno(), len(record))
         self.log_bytes += len(record)
         if entries:
-            self._put_entries(entries)
+            self.state.put_entries(entries)
         if hard_state is not None:
             self.state.hard_state = hard_state
 
@@ -308,19 +297,14 @@ class DiskStorage:
         self._install_snapshot(snapshot)
 
     def _install_snapshot(self, snapshot: Snapshot) -> None:
-        if snapshot.last_included_index <= self._base_index():
+        if snapshot.last_included_index <= self.state.base_index:
             return
         path = os.path.join(self.data_dir, f"snapshot-{snapshot.last_included_index:020d}.snap")
         _write_atomically(path, encode_snapshot(snapshot))
-        keep = [e for e in self.state.entries if e.index > snapshot.last_included_index]
-        covered = [e for e in self.state.entries if e.index == snapshot.last_included_index]
-        if not covered or covered[0].term != snapshot.last_included_term:
-            keep = []  # the snapshot replaces a log that disagrees with it
         old_segments = self._segments()
-        self.state.snapshot = snapshot
-        self.state.entries = keep
+        self.state.install_snapshot(snapshot)
         # A new segment starts with what the snapshot does not cover; only then do older files go.
-        self._open_new_segment(self.state.hard_state, keep)
+        self._open_new_segment(self.state.hard_state, self.state.entries)
         for seq, seg in old_segments:
             if seq < self._segment_seq:
                 os.unlink(seg)
