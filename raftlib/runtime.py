@@ -109,16 +109,12 @@ class Runtime:
     def propose(self, command: bytes, timeout_seconds: float):
         """Replicate `command`; return (index, result of applying it) once it is committed and applied here.
         Raises NotLeader, ProposalDropped, EntryLost, Timeout (outcome unknown) or Stopped."""
-        result = gevent.event.AsyncResult()
-        self._put(("propose", command, result))
-        return self._wait(result, timeout_seconds)
+        return self._call(timeout_seconds, "propose", command)
 
     def read(self, timeout_seconds: float) -> int:
         """Block until a linearizable read of the state machine is safe (thesis §6.4); returns the read index.
         Raises NotLeader (no leader known), Timeout or Stopped."""
-        result = gevent.event.AsyncResult()
-        self._put(("read", result))
-        return self._wait(result, timeout_seconds)
+        return self._call(timeout_seconds, "read")
 
     def wait_applied(self, index: int, timeout_seconds: float) -> int:
         """Block until the state machine has applied `index`."""
@@ -129,15 +125,11 @@ class Runtime:
         return self._wait(result, timeout_seconds)
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
-        result = gevent.event.AsyncResult()
-        self._put(("membership", change, result))
-        return self._wait(result, timeout_seconds)
+        return self._call(timeout_seconds, "membership", change)
 
     def transfer_leadership(self, target: str, timeout_seconds: float) -> None:
         """Start a transfer and wait until `target` leads (or the time is up: Timeout)."""
-        result = gevent.event.AsyncResult()
-        self._put(("transfer", target, result))
-        self._wait(result, timeout_seconds)
+        self._call(timeout_seconds, "transfer", target)
         deadline = gevent.get_hub().loop.now() + timeout_seconds
         while self.node.leader_id != target:
             if gevent.get_hub().loop.now() > deadline:
@@ -157,6 +149,12 @@ class Runtime:
             return result.get(timeout=2.0)
         except gevent.Timeout:
             return []
+
+    def _call(self, timeout_seconds: float, kind: str, *args):
+        """Put (kind, *args, result) in the inbox and wait for the loop to set the result."""
+        result = gevent.event.AsyncResult()
+        self._put((kind, *args, result))
+        return self._wait(result, timeout_seconds)
 
     def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
         if not self.running:
