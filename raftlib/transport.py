@@ -11,7 +11,9 @@ and answers with whatever the owner returns. Bad frames are logged and dropped, 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
+import time
 
 import gevent
 import gevent.event
@@ -49,8 +51,24 @@ class ZmqTransport:
         self._rep = self._context.socket(zmq.REP)
         self._rep.setsockopt(zmq.LINGER, 0)
         self._rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
-        self._rep.bind(f"tcp://{self.bind_address}")
+        self._bind(self._rep, f"tcp://{self.bind_address}")
         self._server = gevent.spawn(self._serve)
+
+    @staticmethod
+    def _bind(sock, endpoint: str, patience_seconds: float = 3.0) -> None:
+        """Bind, waiting (bounded) while the port is still held. zmq closes a socket in its I/O thread, after
+        close() has returned, so a transport stopped and started again in one process can find its own old
+        listener still there for a moment."""
+        deadline = time.monotonic() + patience_seconds
+        while True:
+            try:
+                sock.bind(endpoint)
+                return
+            except zmq.ZMQError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    sock.close(linger=0)
+                    raise
+                gevent.sleep(0.05)
 
     def set_peers(self, addresses: dict[str, str]) -> None:
         """Which peers exist and where they listen ("host:port"). Senders for others are stopped."""
