@@ -63,8 +63,34 @@ def _register_step(state, op: Op):
     return op.value == state, state
 
 
+def _settle_unknown_writes(ops: list[Op]) -> list[Op]:
+    """Give each unknown-outcome write the latest moment it could have taken effect, or drop it.
+
+    With unique written values this loses nothing and saves the search from trying every unknown write at every
+    later point. A write nobody read can be left out: any order that places it stays legal without it (no read
+    returns its value). A write somebody read took effect before the earliest return among those reads, so that
+    return becomes its own. (When values repeat this is not sound, and they are left alone.)"""
+    written = [op.value for op in ops if op.kind == WRITE]
+    if len(written) != len(set(written)):
+        return ops
+    first_seen: dict[object, float] = {}
+    for op in ops:
+        if op.kind == READ:
+            first_seen[op.value] = min(first_seen.get(op.value, math.inf), op.ret)
+    out = []
+    for op in ops:
+        if op.kind == WRITE and op.ret == math.inf:
+            seen = first_seen.get(op.value, math.inf)
+            if seen == math.inf:
+                continue
+            op = dataclasses.replace(op, ret=max(seen, op.call))
+        out.append(op)
+    return out
+
+
 def check_register(ops: list[Op], initial=None) -> Result:
     """Is this history of one register linearizable? `initial` is the value before the first operation."""
+    ops = _settle_unknown_writes(ops)
     if not ops:
         return Result(True)
     events = []

@@ -67,17 +67,23 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 
 class Node:
-    def __init__(self, name: str, base_dir: str) -> None:
+    def __init__(self, name: str, base_dir: str, host: str | None = None, ports: tuple[int, int] | None = None,
+                 wrap: tuple[str, ...] = ()) -> None:
+        """`host`: the -h address (default: the server's default, localhost); `ports`: (raft, http), default two
+        free ports; `wrap`: a command prefix, such as ("ip", "netns", "exec", NS), that execs the server."""
         self.name = name
         self.data_dir = os.path.join(base_dir, name)
-        self.port = free_port()
-        self.http_port = free_port()
-        self.address = f"127.0.0.1:{self.http_port}"
+        self.host = host
+        self.port, self.http_port = ports or (free_port(), free_port())
+        self.address = f"{host or '127.0.0.1'}:{self.http_port}"
         self.log_path = os.path.join(base_dir, f"{name}.log")
+        self.wrap = wrap
         self.proc: subprocess.Popen | None = None
 
     def start(self, *extra: str, join: str | None = None) -> "Node":
-        args = [sys.executable, SERVER, "-p", str(self.port), "-hp", str(self.http_port)]
+        args = [*self.wrap, sys.executable, SERVER, "-p", str(self.port), "-hp", str(self.http_port)]
+        if self.host:
+            args += ["-h", self.host]
         if join:
             args += ["-join", join]
         args += list(extra) + [self.data_dir]
@@ -135,10 +141,11 @@ class Node:
 
 
 class LocalCluster:
-    def __init__(self, base_dir: str, size: int = 3, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, base_dir: str, size: int = 3, extra: tuple[str, ...] = (), nodes: list[Node] | None = None
+                 ) -> None:
         self.base_dir = base_dir
         self.extra = extra
-        self.nodes = [Node(f"node.{i}", base_dir) for i in range(1, size + 1)]
+        self.nodes = nodes or [Node(f"node.{i}", base_dir) for i in range(1, size + 1)]
 
     def start(self) -> "LocalCluster":
         try:
