@@ -17,6 +17,8 @@ import binascii  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import hmac  # noqa: E402
+import ipaddress  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
@@ -47,6 +49,7 @@ from raftlib import (  # noqa: E402
     RaftNode,
     Role,
 )
+from raftlib import codec  # noqa: E402
 from raftlib.runtime import EntryLost, Runtime, StateMachine, Stopped, Timeout  # noqa: E402
 from raftlib.storage import DiskStorage, StorageError  # noqa: E402
 from raftlib.transport import ZmqTransport  # noqa: E402
@@ -144,6 +147,7 @@ class Server:
         self.args = args
         self.raft_address = f"{args.host}:{args.port}"
         self.http_address = f"{args.host}:{args.http_port}"
+        self.secret = load_secret(args)
         self.metrics = Metrics()
 
         def timed_fdatasync(fd: int, nbytes: int) -> None:
@@ -188,7 +192,7 @@ class Server:
         if stored.snapshot is not None:
             self.kv.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{self._bind_host()}:{args.port}", self._deliver,
-                                      reply_timeout_seconds=max(0.2, args.election_ms / 1000.0))
+                                      reply_timeout_seconds=max(0.2, args.election_ms / 1000.0), secret=self.secret)
         self.runtime = Runtime(self.node, self.storage, self.transport, self.kv, tick_seconds=tick,
                                snapshot_threshold_bytes=args.snapshot_threshold, on_fatal=self._fatal)
         self.metrics.bind(self)
@@ -224,6 +228,10 @@ class Server:
         self.http.start()
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
                  self.raft_address, self.args.data_dir)
+        if self.secret is None and not _is_loopback(self._bind_host()):
+            log.warning("listening on %s beyond loopback without a cluster secret: anyone who can reach the raft port "
+                        "can speak for a member, and anyone who reaches the http port can join; give every node "
+                        "-secret-file (or %s)", self._bind_host(), SECRET_ENV)
 
     def stop(self) -> None:
         if self._stopping:
@@ -270,7 +278,10 @@ class Server:
         url = f"http://{target}/join"
         last_error = "no answer"
         while time.monotonic() < deadline:
-            req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            if self.secret is not None:
+                headers[SIGNATURE_HEADER] = codec.sign(self.secret, body).hex()
+            req = urllib.request.Request(url, data=body, method="POST", headers=headers)
             try:
                 with _no_redirects.open(req, timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
                     resp.read()
@@ -497,8 +508,15 @@ def make_app(server: Server) -> bottle.Bottle:
 
     @app.post("/join")
     def join():
+        raw = read_body()
+        if server.secret is not None:
+            given = bottle.request.get_header(SIGNATURE_HEADER) or ""
+            if not hmac.compare_digest(given.encode(), codec.sign(server.secret, raw).hex().encode()):
+                log.warning("refused a join from %s: %s", bottle.request.remote_addr,
+                            "no signature" if not given else "signed with a different cluster secret")
+                return text(403, "join refused: not signed with this cluster's secret")
         try:
-            body = json.loads(read_body() or b"null")
+            body = json.loads(raw or b"null")
             fields = [body[k] for k in ("node_id", "raft_address", "http_address")]
             if not all(isinstance(f, str) and 0 < len(f) < 256 for f in fields):
                 raise ValueError
@@ -593,6 +611,32 @@ def make_app(server: Server) -> bottle.Bottle:
 # ---- command line ---------------------------------------------------------------------------------------
 
 
+SECRET_ENV = "RAFTDZMQ_SECRET"
+SIGNATURE_HEADER = "X-Raftdzmq-Signature"
+
+
+def load_secret(args) -> bytes | None:
+    """The cluster secret from -secret-file, else from $RAFTDZMQ_SECRET; None when neither is given."""
+    if args.secret_file:
+        try:
+            with open(os.path.expanduser(args.secret_file), "rb") as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise SystemExit(f"raftdzmq: cannot read the secret file: {e}") from None
+        if not secret:
+            raise SystemExit(f"raftdzmq: the secret file {args.secret_file} is empty")
+        return secret
+    secret = os.environ.get(SECRET_ENV, "").strip().encode()
+    return secret or None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="raftdzmq",
@@ -627,6 +671,9 @@ def parse_args(argv=None):
     p.add_argument("-snapshot-threshold", "--snapshot-threshold", dest="snapshot_threshold", type=int,
                    default=16 << 20, help="take a snapshot when the log since the last one passes this many bytes "
                    "(default 16 MiB)")
+    p.add_argument("-secret-file", "--secret-file", dest="secret_file", default=None, metavar="PATH",
+                   help=f"a file holding the cluster secret (or set ${SECRET_ENV}): every raft message and every join "
+                        "is signed with it (HMAC-SHA256); nodes and joins without it are refused")
     p.add_argument("-no-fsync", "--no-fsync", dest="no_fsync", action="store_true",
                    help="UNSAFE, for experiments only: do not fsync the log")
     p.add_argument("data_dir", metavar="DATA_DIR", help="where this node keeps its log and snapshots")

@@ -33,9 +33,11 @@ class ZmqTransport:
         handler,
         reply_timeout_seconds: float = 0.5,
         max_queued_messages: int = 10_000,
+        secret: bytes | None = None,
     ) -> None:
         """`handler(messages, reply_wanted) -> list[Message]`: called in the transport's greenlets; when
-        `reply_wanted` it may block (bounded) and returns the messages to answer with."""
+        `reply_wanted` it may block (bounded) and returns the messages to answer with. With a `secret` every frame
+        is signed, and frames without its signature are dropped."""
         self.node_id = node_id
         self.bind_address = bind_address
         self._handler = handler
@@ -45,7 +47,27 @@ class ZmqTransport:
         self._peers: dict[str, _PeerSender] = {}
         self._server = None
         self._rep = None
+        self._secret = secret
         self.dropped_frames = 0
+        self._warned_at = 0.0
+        self._unwarned = 0
+
+    def _encode(self, messages) -> bytes:
+        return codec.sign_frame(codec.encode_batch(messages), self._secret)
+
+    def _decode(self, data: bytes):
+        return codec.decode_batch(codec.open_frame(data, self._secret))
+
+    def _warn_dropped(self, what: str, nbytes: int, error: Exception) -> None:
+        """Log a dropped frame, at most once a second: a peer with the wrong secret sends one every heartbeat."""
+        self.dropped_frames += 1
+        now = time.monotonic()
+        if now - self._warned_at < 1.0:
+            self._unwarned += 1
+            return
+        also = f" (and {self._unwarned} more since the last warning)" if self._unwarned else ""
+        logger.warning("dropped %s (%d bytes): %s%s", what, nbytes, error, also)
+        self._warned_at, self._unwarned = now, 0
 
     def start(self) -> None:
         self._rep = self._context.socket(zmq.REP)
@@ -99,19 +121,18 @@ class ZmqTransport:
                 continue
             replies = []
             try:
-                messages = codec.decode_batch(frame)
+                messages = self._decode(frame)
                 if any(m.dst != self.node_id for m in messages):
                     raise codec.CodecError("frame addressed to another node")
                 logger.log(TRACE, "recv %s", messages)
                 if messages:
                     replies = self._handler(messages, True) or []
             except codec.CodecError as e:
-                self.dropped_frames += 1
-                logger.warning("dropped a bad frame on the raft port (%d bytes): %s", len(frame), e)
+                self._warn_dropped("a bad frame on the raft port", len(frame), e)
             except Exception:
                 logger.exception("handler failed on a raft frame")
             try:
-                sock.send(codec.encode_batch(replies))
+                sock.send(self._encode(replies))
             except zmq.ZMQError as e:
                 if sock.closed:
                     return
@@ -166,7 +187,7 @@ class _PeerSender:
                 self._sock = self._open()
             try:
                 logger.log(TRACE, "send to %s: %s", self.node_id, batch)
-                self._sock.send(codec.encode_batch(batch))
+                self._sock.send(t._encode(batch))
                 if not self._sock.poll(t._reply_timeout_ms, zmq.POLLIN):
                     logger.debug("no reply from %s at %s in %d ms: reconnecting", self.node_id, self.address,
                                  t._reply_timeout_ms)
@@ -179,9 +200,9 @@ class _PeerSender:
                 gevent.sleep(0.01)
                 continue
             try:
-                replies = codec.decode_batch(frame)
+                replies = t._decode(frame)
             except codec.CodecError as e:
-                logger.warning("dropped a bad reply from %s: %s", self.node_id, e)
+                t._warn_dropped(f"a bad reply from {self.node_id}", len(frame), e)
                 continue
             if replies:
                 logger.log(TRACE, "reply from %s: %s", self.node_id, replies)

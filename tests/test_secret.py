@@ -1,0 +1,102 @@
+"""The cluster secret (-secret-file / $RAFTDZMQ_SECRET), driven through real processes: members with it replicate,
+joins without it or with another are refused, a member restarted with the wrong secret is cut off and logged; and
+the warning for a node that listens beyond loopback without a secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from procs import SERVER, LocalCluster, Node, free_port, wait_for
+
+
+def secret_file(tmp_path, name: str, secret: str) -> str:
+    path = os.path.join(tmp_path, name)
+    with open(path, "w") as f:
+        f.write(secret + "\n")
+    return path
+
+
+def test_members_with_the_secret_replicate_and_strangers_are_refused(tmp_path):
+    good = secret_file(tmp_path, "good", "s3cret-of-the-cluster")
+    bad = secret_file(tmp_path, "bad", "another-secret")
+    c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", good)).start()
+    try:
+        leader = c.leader()
+        assert c.write("k", "v1").status == 200
+        for n in c.nodes:
+            wait_for(lambda n=n: n.request("GET", "/db/k").body == b"v1", 10, "a read of the replicated write")
+
+        # A join signed with another secret, and one not signed at all, are refused with a clear message.
+        for extra, what in ((("-secret-file", bad), "other secret"), ((), "no secret")):
+            stranger = Node(f"stranger-{len(extra)}", str(tmp_path))
+            stranger.proc = subprocess.Popen(
+                [sys.executable, SERVER, "-p", str(stranger.port), "-hp", str(stranger.http_port), "-join",
+                 leader.address, "-join-timeout", "5", *extra, stranger.data_dir],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                out, _ = stranger.proc.communicate(timeout=30)
+            finally:
+                stranger.kill()
+            assert stranger.proc.returncode != 0, what
+            assert b"join refused" in out and b"secret" in out, (what, out[-2000:])
+        wait_for(lambda: "refused a join" in leader.log_text(), 5, "the leader to log the refusals")
+        assert len(leader.status()["members"]) == 3
+
+        # A member restarted with the wrong secret: its frames are dropped and logged, and it gets nothing.
+        follower = next(n for n in c.nodes if n is not leader)
+        follower.stop()
+        follower.start("-secret-file", bad)
+        assert leader.request("POST", "/db/k", "v2").status == 200
+        wait_for(lambda: "signed with a different cluster secret" in leader.log_text(), 10, "the leader's warning")
+        time.sleep(1.0)
+        assert follower.request("GET", "/db/k?consistency=stale").body == b"v1"
+        assert not follower.exited() and not leader.exited()
+
+        # Back with the right secret (from the environment this time), it catches up.
+        follower.stop()
+        os.environ["RAFTDZMQ_SECRET"] = "s3cret-of-the-cluster"
+        try:
+            follower.start()
+        finally:
+            del os.environ["RAFTDZMQ_SECRET"]
+        wait_for(lambda: follower.request("GET", "/db/k?consistency=stale").body == b"v2", 15, "the catch-up")
+    finally:
+        c.stop()
+
+
+def test_an_empty_secret_file_is_refused(tmp_path):
+    empty = secret_file(tmp_path, "empty", "")
+    out = subprocess.run([sys.executable, SERVER, "-p", str(free_port()), "-hp", str(free_port()), "-secret-file",
+                          empty, os.path.join(tmp_path, "node")], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "secret file" in out.stderr and "empty" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the non-loopback address lives in a network namespace")
+def test_warns_when_listening_beyond_loopback_without_a_secret(tmp_path):
+    ns = f"rdz{os.getpid() % 100000}-warn"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+    try:
+        for cmd in (["link", "set", "lo", "up"], ["link", "add", "a0", "type", "veth", "peer", "name", "b0"],
+                    ["addr", "add", "10.78.0.1/24", "dev", "a0"], ["link", "set", "a0", "up"],
+                    ["link", "set", "b0", "up"]):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True, timeout=30)
+        node = Node("outside", str(tmp_path), host="10.78.0.1", ports=(5555, 8080), wrap=("ip", "netns", "exec", ns))
+        node._wait_serving = lambda: None  # its HTTP port is only reachable inside the namespace
+        node.start()
+        try:
+            wait_for(lambda: "beyond loopback without a cluster secret" in node.log_text(), 15, "the warning")
+        finally:
+            node.kill()
+        local = Node("inside", str(tmp_path)).start()
+        try:
+            wait_for(lambda: "serving http" in local.log_text(), 15, "the start-up line")
+            assert "beyond loopback" not in local.log_text()
+        finally:
+            local.kill()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], timeout=30)
