@@ -51,7 +51,7 @@ from raftlib import (  # noqa: E402
 )
 from raftlib import codec  # noqa: E402
 from raftlib.runtime import EntryLost, Runtime, StateMachine, Stopped, Timeout  # noqa: E402
-from raftlib.storage import DiskStorage, StorageError  # noqa: E402
+from raftlib.storage import DiskFull, DiskStorage, StorageError  # noqa: E402
 from raftlib.transport import ZmqTransport  # noqa: E402
 
 log = logging.getLogger("raftdzmq")
@@ -407,6 +407,9 @@ def make_app(server: Server) -> bottle.Bottle:
         except Timeout:
             metrics.writes.labels("unknown").inc()
             raise text(503, f"write not confirmed within {args.write_timeout:g}s; its outcome is unknown") from None
+        except DiskFull as e:
+            metrics.writes.labels("refused").inc()
+            raise text(507, f"write refused: {e}; it was not applied") from None
         except Stopped as e:
             raise text(503, str(e)) from None
         metrics.write_seconds.observe(time.perf_counter() - t0)
@@ -563,6 +566,7 @@ def make_app(server: Server) -> bottle.Bottle:
             "leader": node.leader_id, "leader_http": server.leader_http(), "commit_index": node.commit_index,
             "applied_index": node.last_applied, "last_index": node.log.last_index,
             "snapshot_index": node.log.snapshot_index, "members": members(), "keys": len(server.kv.data),
+            "disk_full": runtime.disk_full,
         }
         return bottle.HTTPResponse(json.dumps(body, indent=1) + "\n", 200, {"Content-Type": "application/json"})
 

@@ -4,7 +4,8 @@ Rules: one greenlet (`_loop`) touches the node. Everything else (HTTP handlers, 
 ticker) puts an item in the inbox and waits on a result with a bound. The loop takes everything waiting at once,
 steps the node with all of it, then handles each Ready in order: save (one fsync for the whole batch: group
 commit), send, apply, wake the waiting requests, advance. A disk failure stops the node rather than acknowledge
-anything (fsyncgate).
+anything (fsyncgate). A full disk is waited out instead: the save is tried again until there is room, nothing is
+sent or acknowledged meanwhile (to the others the node looks paused), and new proposals are refused at once.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import time
 
 import gevent
 import gevent.event
 
 from .core import NotLeader, ProposalDropped, RaftNode, Ready
 from .messages import ConfChange, Entry, EntryKind, Membership, Role
+from .storage import DiskFull
 
 logger = logging.getLogger("raftlib.runtime")
 
@@ -76,6 +79,9 @@ class Runtime:
         self._membership: Membership | None = None
         self._soft = (None, None, None)
         self.running = False
+        self.disk_full = False
+        self.disk_retry_seconds = 0.5
+        self._snapshot_not_before = 0.0
         self.stats = collections.Counter()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -108,7 +114,10 @@ class Runtime:
 
     def propose(self, command: bytes, timeout_seconds: float):
         """Replicate `command`; return (index, result of applying it) once it is committed and applied here.
-        Raises NotLeader, ProposalDropped, EntryLost, Timeout (outcome unknown) or Stopped."""
+        Raises NotLeader, ProposalDropped, EntryLost, Timeout (outcome unknown), Stopped, or DiskFull (refused:
+        this node's disk has no room)."""
+        if self.disk_full:
+            raise DiskFull("the disk of this node is full")
         return self._call(timeout_seconds, "propose", command)
 
     def read(self, timeout_seconds: float) -> int:
@@ -250,8 +259,7 @@ class Runtime:
             if rd is None:
                 return
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
-                self.storage.save(rd.hard_state, rd.entries, rd.snapshot)
-                self.stats["saves"] += 1
+                self._save(rd)
             outgoing = []
             for m in rd.messages:
                 route = replies.get(m.dst)
@@ -280,6 +288,24 @@ class Runtime:
             self._wake_applied()
             if node.membership is not self._membership:
                 self._sync_peers()
+
+    def _save(self, rd: Ready) -> None:
+        while True:
+            try:
+                self.storage.save(rd.hard_state, rd.entries, rd.snapshot)
+                break
+            except DiskFull as e:
+                if not self.disk_full:
+                    logger.error("%s: refusing writes, and trying again every %gs", e, self.disk_retry_seconds)
+                    self.disk_full = True
+                    self.stats["disk_full"] += 1
+                if not self.running:
+                    raise
+                gevent.sleep(self.disk_retry_seconds)
+        if self.disk_full:
+            logger.warning("the disk has room again: carrying on")
+            self.disk_full = False
+        self.stats["saves"] += 1
 
     def _apply(self, e: Entry) -> None:
         waiter = self._proposals.pop(e.index, None)
@@ -347,9 +373,17 @@ class Runtime:
         node = self.node
         if self.storage.log_bytes < self.snapshot_threshold_bytes or node.last_applied <= node.log.snapshot_index:
             return
+        if self._snapshot_not_before > time.monotonic():
+            return
         data = self.state_machine.snapshot()
         snap = node.create_snapshot(node.last_applied, data)
-        self.storage.save_snapshot(snap)
+        try:
+            self.storage.save_snapshot(snap)
+        except DiskFull as e:
+            # The log on disk still holds everything: the snapshot is only tried again later.
+            logger.warning("could not write a snapshot: %s; trying again in 5s", e)
+            self._snapshot_not_before = time.monotonic() + 5.0
+            return
         self.stats["snapshots"] += 1
         logger.info("took a snapshot at index %d (%d bytes)", snap.last_included_index, len(data))
 

@@ -12,6 +12,8 @@ other damage stops the node with the file and offset named. The data dir holds:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -52,6 +54,14 @@ class DataDirLocked(StorageError):
     pass
 
 
+class DiskFull(StorageError):
+    """The disk had no room (ENOSPC, EDQUOT). Nothing of the failed write is left behind: the same save may be
+    tried again once there is room, and the data dir stays as it was before."""
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -61,12 +71,19 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-    """Write to a temporary file, fsync, rename over `path`, fsync the folder."""
+    """Write to a temporary file, fsync, rename over `path`, fsync the folder. Out of room: DiskFull, no trace."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if e.errno in _NO_ROOM:
+            raise DiskFull(f"no room on the disk for {path}: {e.strerror}") from None
+        raise
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path) or ".")
 
@@ -188,7 +205,7 @@ class DiskStorage:
             # The commit index may be saved ahead of a snapshot-only state; never beyond what we hold.
             self.state.hard_state = HardState(hs.current_term, hs.voted_for, last)
         if segments:
-            self._segment = open(segments[-1][1], "ab")
+            self._segment = open(segments[-1][1], "ab", buffering=0)
         else:
             self._open_new_segment(self.state.hard_state, [])
         for _, path in self._snapshots()[1:]:
@@ -260,16 +277,24 @@ class DiskStorage:
         data = _HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION)
         if hard_state is not None or entries:
             data += encode_record(hard_state, entries)
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            if self._fsync:
-                os.fsync(f.fileno())
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self._fsync:
+                    os.fsync(f.fileno())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            self._segment_seq -= 1
+            if e.errno in _NO_ROOM:
+                raise DiskFull(f"no room on the disk for a new log segment: {e.strerror}") from None
+            raise
         if self._fsync:
             _fsync_dir(self.log_dir)
         if self._segment is not None:
             self._segment.close()
-        self._segment = open(path, "ab")
+        self._segment = open(path, "ab", buffering=0)
         self.log_bytes = len(data)
 
     def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None) -> None:
@@ -282,8 +307,7 @@ class DiskStorage:
         if hard_state is None and not entries:
             return
         record = encode_record(hard_state, entries)
-        self._segment.write(record)
-        self._segment.flush()
+        self._append(record)
         if self._fsync:
             self._fdatasync(self._segment.fileno(), len(record))
         self.log_bytes += len(record)
@@ -291,6 +315,21 @@ class DiskStorage:
             self.state.put_entries(entries)
         if hard_state is not None:
             self.state.hard_state = hard_state
+
+    def _append(self, record: bytes) -> None:
+        """Write one record at the end of the segment, unbuffered. When the disk is full, cut off whatever part of
+        it reached the file (so no torn record is left before later ones) and raise DiskFull."""
+        fd = self._segment.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(record)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            if e.errno not in _NO_ROOM:
+                raise
+            os.ftruncate(fd, start)
+            raise DiskFull(f"no room on the disk for the log ({len(record)} bytes): {e.strerror}") from None
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """A snapshot this node took of its own state machine: write it, then drop the log it covers."""
@@ -314,7 +353,6 @@ class DiskStorage:
 
     def close(self) -> None:
         if self._segment is not None:
-            self._segment.flush()
             if self._fsync:
                 os.fsync(self._segment.fileno())
             self._segment.close()
