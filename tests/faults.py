@@ -221,6 +221,11 @@ class FaultRun:
         self.dead: set[int] = set()
         extra = ("-forward", "-write-timeout", "2", "-read-timeout", "2")
         if self.netns:
+            # Beyond loopback, as a real deployment: with a cluster secret, so signed frames get the faults too.
+            secret = os.path.join(base_dir, "secret")
+            with open(secret, "w") as f:
+                f.write(f"fault-run-{seed}\n")
+            extra += ("-secret-file", secret)
             nodes = [Node(f"node.{i + 1}", base_dir, host=self.netns.addresses[i], ports=(5551 + i, 8081 + i),
                           wrap=self.netns.wrap(i)) for i in range(size)]
         else:
