@@ -460,15 +460,15 @@ def make_app(server: Server) -> bottle.Bottle:
         if consistency == "stale":
             metrics.reads.labels("stale").inc()
             return
-        if consistency != "linearizable":
-            raise text(400, "consistency must be linearizable or stale")
-        metrics.reads.labels("linearizable").inc()
+        if consistency not in ("linearizable", "lease"):
+            raise text(400, "consistency must be linearizable, lease or stale")
+        metrics.reads.labels(consistency).inc()
         t0 = time.perf_counter()
         deadline = time.monotonic() + args.read_timeout
         try:
             while True:
                 try:
-                    runtime.read(max(0.01, deadline - time.monotonic()))
+                    runtime.read(max(0.01, deadline - time.monotonic()), lease=consistency == "lease")
                     break
                 except NotLeader:
                     # Right after a start or an election no leader is known yet: wait for one, within the bound.

@@ -60,6 +60,9 @@ class Config:
     pre_vote: bool = True  # thesis §9.6
     check_quorum: bool = True  # thesis §6.2 / §9.6: leader steps down without a majority; voters keep a lease
     auto_promote: bool = True  # promote a learner to voter once it has caught up (thesis §4.2.1)
+    # Leader leases (thesis §6.4.1): how long after sending a heartbeat that a majority acknowledged the leader may
+    # answer lease reads without a round. Below election_ticks by a margin for clock drift; None: 4/5 of it.
+    lease_ticks: int | None = None
     # Deliberate faults, only for showing that the simulator's checks can fire. Never set them otherwise.
     unsafe_commit_previous_term: bool = False
     unsafe_read_without_quorum: bool = False
@@ -160,6 +163,14 @@ class RaftNode:
 
         self._messages: list[Message] = []
         self._append_dirty = False
+        self._ticks = 0  # ticks since this node started: its clock
+
+        # Leader leases (thesis §6.4.1). Every heartbeat carries a round id; a voter's reply to it proves it heard
+        # from us at or after the tick the round was sent, and will not vote for another candidate (check-quorum
+        # lease) until election_ticks after that.
+        self._round_sent_tick: dict[int, int] = {}
+        self._voter_lease_tick: dict[str, int] = {}
+        self._no_lease_term = 0  # a term in which this node sent TimeoutNow: votes in it may skip the leases
         self._pending_snapshot: Snapshot | None = None
         self._incoming_snapshot: tuple[int, int, bytearray] | None = None  # (index, term, bytes so far)
 
@@ -200,6 +211,7 @@ class RaftNode:
 
     def tick(self) -> None:
         """One unit of logical time has passed."""
+        self._ticks += 1
         if self.role is Role.LEADER:
             self._tick_leader()
         else:
@@ -226,6 +238,7 @@ class RaftNode:
         if self._heartbeat_elapsed >= self.config.heartbeat_ticks:
             self._heartbeat_elapsed = 0
             self._broadcast_heartbeat()
+            self._forget_old_rounds()
 
     def propose(self, command: bytes) -> int:
         """Append a command to the log; returns its index. Raises NotLeader or ProposalDropped.
@@ -307,11 +320,17 @@ class RaftNode:
         else:
             self._append_dirty = True
 
-    def read_index(self, request_id: int) -> None:
+    def read_index(self, request_id: int, lease: bool = False) -> None:
         """Ask for a linearizable read (thesis §6.4). Later, `ready().read_states` holds (request_id, index):
         the read may be served once the state machine has applied `index`. Or `failed_reads` holds the id.
-        Raises NotLeader(None) when this node knows no leader to ask."""
-        if self.role is Role.LEADER:
+        Raises NotLeader(None) when this node knows no leader to ask.
+
+        With `lease`, a leader holding a lease answers at once, without a confirmation round (thesis §6.4.1). This
+        assumes that clocks run at about the same rate (within the margin of `lease_ticks`) and that a paused
+        process catches up on the ticks it missed before it steps anything else. Elsewhere it is a normal read."""
+        if lease and self.role is Role.LEADER and self._lease_valid():
+            self._read_states.append((request_id, self.commit_index))
+        elif self.role is Role.LEADER:
             self._queue_leader_read(request_id, self.node_id)
         elif self.leader_id is not None:
             self._reads_to_forward.append(request_id)
@@ -338,9 +357,11 @@ class RaftNode:
             return
         if m.term > self.current_term:
             if isinstance(m, RequestVote):
+                # Also in the first election timeout after a start: this node may have acknowledged a leader's
+                # heartbeat just before it crashed, and the leader's lease counts on that.
                 in_lease = (
                     self.config.check_quorum
-                    and self.leader_id is not None
+                    and (self.leader_id is not None or self._ticks < self.config.election_ticks)
                     and self._election_elapsed < self.config.election_ticks
                 )
                 if in_lease and not m.leadership_transfer:
@@ -457,6 +478,8 @@ class RaftNode:
         return HardState(self.current_term, self.voted_for, self.commit_index)
 
     def _send(self, m: Message) -> None:
+        if isinstance(m, TimeoutNow):
+            self._no_lease_term = self.current_term  # the target's votes may ignore the voters' leases
         self._messages.append(m)
 
     # ---- roles ----------------------------------------------------------------------------------
@@ -476,6 +499,7 @@ class RaftNode:
         self._append_dirty = False
         self._reset_election_timer()
         self._fail_reads()
+        self._round_sent_tick, self._voter_lease_tick = {}, {}
 
     def _fail_reads(self) -> None:
         for r in self._read_rounds:
@@ -718,6 +742,10 @@ class RaftNode:
             self._send_append(peer, allow_empty=False)
 
     def _broadcast_heartbeat(self, read_round: int = 0) -> None:
+        if not read_round:
+            self._read_round_id += 1
+            read_round = self._read_round_id
+        self._round_sent_tick[read_round] = self._ticks
         for peer in self.peers:
             pr = self._progress[peer]
             if pr.state is ProgressState.PROBE:
@@ -795,6 +823,9 @@ class RaftNode:
         pr.recent_active = True
         if m.read_round:
             self._ack_read_round(m.src, m.read_round)
+            sent = self._round_sent_tick.get(m.read_round)
+            if sent is not None and sent > self._voter_lease_tick.get(m.src, -1):
+                self._voter_lease_tick[m.src] = sent
         if m.success:
             if m.match_index > pr.match_index:
                 pr.match_index = m.match_index
@@ -877,6 +908,25 @@ class RaftNode:
         return active >= self.membership.quorum()
 
     # ---- linearizable reads (thesis §6.4) ----------------------------------------------------------
+
+    def _lease_valid(self) -> bool:
+        if not self.config.check_quorum or self._no_lease_term == self.current_term:
+            return False
+        if self.log.term(self.commit_index) != self.current_term:
+            return False  # §6.4 step 1 holds for leases too
+        lease_ticks = self.config.lease_ticks
+        if lease_ticks is None:
+            lease_ticks = self.config.election_ticks * 4 // 5
+        # The newest tick at which a majority (counting this node, now) had heard from us.
+        heard = sorted((self._ticks if v == self.node_id else self._voter_lease_tick.get(v, -1)
+                        for v in self.membership.voters), reverse=True)
+        since = heard[self.membership.quorum() - 1]
+        return since >= 0 and self._ticks < since + lease_ticks
+
+    def _forget_old_rounds(self) -> None:
+        if len(self._round_sent_tick) > 64:
+            horizon = self._ticks - self.config.election_ticks
+            self._round_sent_tick = {r: t for r, t in self._round_sent_tick.items() if t >= horizon}
 
     def _queue_leader_read(self, request_id: int, origin: str) -> None:
         if self.log.term(self.commit_index) != self.current_term:

@@ -88,6 +88,8 @@ class Runtime:
 
     def start(self) -> None:
         self.running = True
+        self._clock_start = time.monotonic()
+        self._ticks_given = 0
         self._sync_peers()
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._ticker)]
 
@@ -102,9 +104,22 @@ class Runtime:
         self._fail_all(Stopped("node is stopping"))
 
     def _ticker(self) -> None:
+        """Wakes the loop once a tick; the loop reads the clock itself (`_advance_clock`)."""
         while self.running:
             gevent.sleep(self.tick_seconds)
             self._put(("tick",))
+
+    def _advance_clock(self) -> None:
+        """Tick the node once for every tick of monotonic time since the last call, before anything else is
+        stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
+        time it missed, so its leader lease has run out before it answers a read. Capped at three election
+        timeouts, which every timer in the core has expired by."""
+        due = int((time.monotonic() - self._clock_start) / self.tick_seconds) - self._ticks_given
+        if due <= 0:
+            return
+        self._ticks_given += due
+        for _ in range(min(due, 3 * self.node.config.election_ticks)):
+            self.node.tick()
 
     def _put(self, item) -> None:
         self._inbox.append(item)
@@ -120,10 +135,11 @@ class Runtime:
             raise DiskFull("the disk of this node is full")
         return self._call(timeout_seconds, "propose", command)
 
-    def read(self, timeout_seconds: float) -> int:
+    def read(self, timeout_seconds: float, lease: bool = False) -> int:
         """Block until a linearizable read of the state machine is safe (thesis §6.4); returns the read index.
-        Raises NotLeader (no leader known), Timeout or Stopped."""
-        return self._call(timeout_seconds, "read")
+        With `lease`, a leader within its lease answers without a round (§6.4.1). Raises NotLeader (no leader
+        known), Timeout or Stopped."""
+        return self._call(timeout_seconds, "read", lease)
 
     def wait_applied(self, index: int, timeout_seconds: float) -> int:
         """Block until the state machine has applied `index`."""
@@ -185,6 +201,7 @@ class Runtime:
                     continue
                 items = list(self._inbox)
                 self._inbox.clear()
+                self._advance_clock()
                 replies: dict[str, tuple[gevent.event.AsyncResult, list]] = {}
                 for item in items:
                     self._handle(item, replies)
@@ -205,7 +222,7 @@ class Runtime:
         node = self.node
         kind = item[0]
         if kind == "tick":
-            node.tick()
+            pass  # the clock was read before the batch (_advance_clock)
         elif kind == "messages":
             _, messages, result = item
             for m in messages:
@@ -225,10 +242,10 @@ class Runtime:
             self._proposals[index] = (node.current_term, result)
             self.stats["proposals"] += 1
         elif kind == "read":
-            result = item[1]
+            _, lease, result = item
             request_id = next(self._request_ids)
             try:
-                node.read_index(request_id)
+                node.read_index(request_id, lease=lease)
             except NotLeader as e:
                 result.set_exception(e)
                 return

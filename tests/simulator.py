@@ -71,6 +71,7 @@ class SimNode:
     kv: KV = field(default_factory=KV)
     alive: bool = True
     paused: bool = False
+    missed_ticks: int = 0  # while paused; a resumed node catches up on them first, as the runtime's clock does
 
 
 @dataclass
@@ -169,6 +170,7 @@ class Cluster:
             sn.kv.restore(stored.snapshot.data, stored.snapshot.last_included_index)
         sn.alive = True
         sn.paused = False
+        sn.missed_ticks = 0
 
     def crash(self, node_id: str) -> None:
         sn = self.nodes[node_id]
@@ -236,6 +238,8 @@ class Cluster:
         self.now += 1
         for node_id in self.ids:
             sn = self.nodes[node_id]
+            if sn.alive and sn.paused:
+                sn.missed_ticks += 1
             if sn.alive and not sn.paused:
                 role = sn.node.role
                 sn.node.tick()
@@ -327,6 +331,24 @@ class Cluster:
                     best = node_id
         return best
 
+    def pause(self, node_id: str) -> None:
+        self.nodes[node_id].paused = True
+        self.log_event(node_id, "paused")
+
+    def resume(self, node_id: str, catch_up: bool = True) -> None:
+        """Like SIGCONT for the real runtime: the node's clock jumps over the time it was stopped. (Without
+        `catch_up`, a runtime whose clock stopped with the process: what leases must not run on.)"""
+        sn = self.nodes[node_id]
+        if not sn.paused:
+            return
+        sn.paused = False
+        if sn.alive and catch_up:
+            for _ in range(sn.missed_ticks):
+                sn.node.tick()
+            self.log_event(node_id, f"resumed after {sn.missed_ticks} ticks -> {sn.node.role.value}")
+            self.process(node_id)
+        sn.missed_ticks = 0
+
     def client_write(self, node_id: str, key: str | None = None) -> PendingWrite | None:
         sn = self.nodes[node_id]
         if not sn.alive or sn.paused:
@@ -343,7 +365,7 @@ class Cluster:
         self.process(node_id)
         return w
 
-    def client_read(self, node_id: str, key: str | None = None) -> PendingRead | None:
+    def client_read(self, node_id: str, key: str | None = None, lease: bool | None = None) -> PendingRead | None:
         sn = self.nodes[node_id]
         if not sn.alive or sn.paused:
             return None
@@ -352,7 +374,7 @@ class Cluster:
         request_id = self.next_request_id
         self.next_request_id += 1
         try:
-            sn.node.read_index(request_id)
+            sn.node.read_index(request_id, lease=self.rng.random() < 0.5 if lease is None else lease)
         except NotLeader:
             return None
         r = PendingRead(request_id, key, node_id, self.now, min_index)
@@ -534,14 +556,17 @@ def random_schedule(
                         removed.add(victim)
         elif x < 0.55:
             victim = r.choice(cluster.ids)
-            cluster.nodes[victim].paused = not cluster.nodes[victim].paused
+            if cluster.nodes[victim].paused:
+                cluster.resume(victim)
+            else:
+                cluster.pause(victim)
         cluster.tick(crash_rate=crash_rate)
     # Heal: every link back, every node up, no more faults; a leader must appear and everything converge.
     cluster.heal()
     cluster.drop_rate = cluster.dup_rate = 0.0
     for node_id in cluster.ids:
         sn = cluster.nodes[node_id]
-        sn.paused = False
+        cluster.resume(node_id)
         if not sn.alive:
             cluster.restart(node_id)
     check_liveness(cluster, heal_ticks)

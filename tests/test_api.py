@@ -194,13 +194,18 @@ def test_node_joining_after_compaction_catches_up_through_a_snapshot(tmp_path):
         c.stop()
 
 
-def test_paused_old_leader_never_serves_a_stale_default_read(tmp_path):
-    """Thesis §6.4: the old leader, paused while the others elect and write, must not answer the old value."""
+@pytest.mark.parametrize("consistency", ["linearizable", "lease"])
+def test_paused_old_leader_never_serves_a_stale_read(tmp_path, consistency):
+    """Thesis §6.4 and §6.4.1: the old leader, paused while the others elect and write, must not answer the old
+    value, by default nor under its lease. The read is already waiting in its socket when it wakes up, and the
+    others are stopped then: without a round (lease) only the clock can save it."""
     c = LocalCluster(str(tmp_path), extra=("-read-timeout", "2")).start()
     try:
         old = c.leader()
         assert old.request("POST", "/db/k", "old").status == 200
+        assert old.request("GET", f"/db/k?consistency={consistency}").body == b"old"
         os.kill(old.proc.pid, signal.SIGSTOP)
+        answer = []
         try:
             others = [n for n in c.nodes if n is not old]
 
@@ -212,9 +217,20 @@ def test_paused_old_leader_never_serves_a_stale_default_read(tmp_path):
 
             new = wait_for(new_leader, 10, "a new leader")
             assert new.request("POST", "/db/k", "new").status == 200
-        finally:
+            # The others stop too, so the old leader cannot learn of the new term before it answers: only its
+            # own clock can tell it that its lease is over.
+            for n in others:
+                os.kill(n.proc.pid, signal.SIGSTOP)
+            reader = threading.Thread(
+                target=lambda: answer.append(old.request("GET", f"/db/k?consistency={consistency}", timeout=15)))
+            reader.start()
+            time.sleep(0.3)
             os.kill(old.proc.pid, signal.SIGCONT)
-        r = old.request("GET", "/db/k", timeout=15)
+            reader.join(20)
+        finally:
+            for n in c.nodes:
+                os.kill(n.proc.pid, signal.SIGCONT)
+        r = answer[0]
         assert r.body != b"old" and r.status in (200, 503), r
         if r.status == 200:
             assert r.body == b"new"

@@ -53,6 +53,13 @@ def test_three_nodes_through_partitions_and_packet_loss():
     assert "rdz" not in names, f"namespaces left behind: {names}"
 
 
+def test_lease_reads_stay_linearizable_through_kills_and_pauses():
+    """?consistency=lease (thesis §6.4.1): leaders answer without a round while their lease lasts."""
+    code, output, result = fault_run("--nodes", "3", "--seconds", "20", "--seed", "3", "--faults", "kill,pause",
+                                     "--read-consistency", "lease")
+    assert_clean(code, output, result, {"kill", "pause"})
+
+
 def test_the_checker_catches_the_stale_reads_of_a_weaker_store():
     """The same run with ?consistency=stale reads (the Go original's only kind) must be caught: proof that the
     runs above could fail."""
