@@ -107,8 +107,10 @@ class Cluster:
         max_delay: int = 2,
         election_ticks: int = 10,
         heartbeat_ticks: int = 2,
+        lease_share: float = 0.5,
     ) -> None:
         self.seed = seed
+        self.lease_share = lease_share  # of the client reads, the share asked for with a lease
         self.size = n
         self.rng = random.Random(seed)
         self.now = 0
@@ -374,7 +376,7 @@ class Cluster:
         request_id = self.next_request_id
         self.next_request_id += 1
         try:
-            sn.node.read_index(request_id, lease=self.rng.random() < 0.5 if lease is None else lease)
+            sn.node.read_index(request_id, lease=self.rng.random() < self.lease_share if lease is None else lease)
         except NotLeader:
             return None
         r = PendingRead(request_id, key, node_id, self.now, min_index)
@@ -486,7 +488,8 @@ class Cluster:
 
 
 def random_schedule(
-    seed: int, n: int, fault_ticks: int = 300, heal_ticks: int = 600, config_overrides: dict | None = None
+    seed: int, n: int, fault_ticks: int = 300, heal_ticks: int = 600, config_overrides: dict | None = None,
+    lease_share: float = 0.5,
 ) -> Cluster:
     """One seeded run: faults and clients for `fault_ticks`, then heal everything and check liveness."""
     rng = random.Random(seed ^ 0x5EED)
@@ -494,6 +497,7 @@ def random_schedule(
         seed,
         n=n,
         config_overrides=config_overrides,
+        lease_share=lease_share,
         spares=1,
         drop_rate=rng.choice([0.0, 0.02, 0.1]),
         dup_rate=rng.choice([0.0, 0.02]),

@@ -239,7 +239,7 @@ def test_a_deposed_leader_never_serves_a_read():
     old = elect(c)
     write(c, "k")
     c.isolate(old)
-    r = c.client_read(old, "k")
+    r = c.client_read(old, "k", lease=False)  # (a lease read would be served: the lease was still valid)
     assert r is not None
     assert c.run_until(lambda: c.leader() not in (None, old), 500)
     write(c, "k")  # the new value, acknowledged by the new leader
@@ -279,7 +279,9 @@ def test_far_behind_follower_catches_up_through_a_chunked_snapshot():
     "fault, check",
     [
         ("unsafe_vote_twice", "election safety"),
-        ("unsafe_read_without_quorum", "linearizability"),
+        # With check-quorum on, an isolated leader steps down within two election timeouts, and a paused one as
+        # soon as its clock catches up: the window for a stale read is too rare for random schedules to find.
+        ("unsafe_read_without_quorum+no_check_quorum", "linearizability"),
     ],
 )
 def test_each_safety_check_fires_on_a_broken_core(fault, check):
@@ -289,7 +291,10 @@ def test_each_safety_check_fires_on_a_broken_core(fault, check):
     for seed in range(400):
         for n in (3, 5):
             try:
-                random_schedule(seed, n, config_overrides={fault: True})
+                overrides = {f: True for f in fault.split("+") if f.startswith("unsafe")}
+                if "no_check_quorum" in fault:
+                    overrides["check_quorum"] = False
+                random_schedule(seed, n, config_overrides=overrides, lease_share=0.0)
             except SafetyViolation as e:
                 assert re.search(check, str(e)), str(e).splitlines()[0]
                 return
