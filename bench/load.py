@@ -92,8 +92,8 @@ class System:
     def write_requests(self, keys: list[str], value: str) -> list:
         return [("POST", f"/db/{k}", value, {}) for k in keys]
 
-    def read_requests(self, keys: list[str], stale: bool = False) -> list:
-        q = "?consistency=stale" if stale else ""
+    def read_requests(self, keys: list[str], stale: bool = False, lease: bool = False) -> list:
+        q = "?consistency=stale" if stale else "?consistency=lease" if lease else ""
         return [("GET", f"/db/{k}{q}", None, {}) for k in keys]
 
 
@@ -293,7 +293,9 @@ def main() -> int:
     p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("-d", "--duration", type=float, default=10.0, help="seconds per run (default 10)")
     p.add_argument("-w", "--workloads", nargs="+", default=["write", "read"],
-                   choices=["write", "read", "stale-read"])
+                   choices=["write", "read", "lease-read", "stale-read"],
+                   help="read: the default (linearizable); lease-read: ?consistency=lease on raftdzmq, the default "
+                        "read elsewhere")
     p.add_argument("--keys", type=int, default=1000, help="distinct random keys (default 1000)")
     p.add_argument("--value-size", type=int, nargs=2, default=[100, 100], metavar=("MIN", "MAX"),
                    help="value sizes in bytes, drawn uniformly (default 100 100)")
@@ -347,7 +349,8 @@ def main() -> int:
                         if workload == "write":
                             reqs = s.write_requests(keys, "v" * rng.randint(*args.value_size))
                         else:
-                            reqs = s.read_requests(keys, stale=workload == "stale-read")
+                            reqs = s.read_requests(keys, stale=workload == "stale-read", **(
+                                {"lease": True} if workload == "lease-read" and isinstance(s, Raftdzmq) else {}))
                         r = run_load(s.url, reqs, c, args.duration, workdir, f"{s.name} {workload} c={c}", client)
                         results.setdefault((workload, c, s.name), []).append(r)
         print_table(results, systems)
