@@ -25,6 +25,7 @@ import argparse
 import collections
 import ctypes
 import dataclasses
+import http.client
 import json
 import math
 import os
@@ -142,8 +143,16 @@ class Client(threading.Thread):
         self.rng = random.Random(run.seed * 1000 + number)
         self.history: list[Op] = []
         self.inserts: dict[str, str] = {}  # key -> "ok" | "unknown" | "failed"
+        self.error: BaseException | None = None
 
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # a bug of the test itself: the run fails with it
+            self.error = e
+            raise
+
+    def _run(self) -> None:
         seq = 0
         while not self.run_.stopping.is_set():
             seq += 1
@@ -162,7 +171,7 @@ class Client(threading.Thread):
             r = http_request(method, node.address, path, body, timeout=REQUEST_TIMEOUT)
         except ConnectionRefusedError:
             r = REFUSED
-        except OSError:
+        except (OSError, http.client.HTTPException):  # e.g. the node died in the middle of its answer
             r = None
         if r is None or r is REFUSED or r.status >= 300:
             time.sleep(0.05)  # a down node answers at once: do not spin on it
@@ -383,6 +392,9 @@ class FaultRun:
     # -- the checks -------------------------------------------------------------------------------------------------
 
     def _verify(self, clients: list[Client], elapsed: float) -> dict:
+        for c in clients:
+            if c.error is not None:
+                raise AssertionError(f"client {c.number} failed: {c.error!r}")
         for n in self.cluster.nodes:
             self._ensure_ran_well(n)
         history = [op for c in clients for op in c.history]

@@ -60,7 +60,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
             result = predicate()
             if result:
                 return result
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, http.client.HTTPException) as e:
             last_error = e
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
