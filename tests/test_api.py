@@ -38,6 +38,31 @@ def test_errors_are_one_line_4xx_without_tracebacks(cluster):
         assert "Traceback" not in r.text and r.text.count("\n") <= 1
 
 
+def raw_http(address: str, request: bytes) -> bytes:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_bad_request_headers_get_400_and_good_ones_work(cluster):
+    leader = cluster.leader()
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
+    for head in (b"NoColonHere\r\n", b"X-Folded: a\r\n  b\r\n", b"Bad Name : x\r\n", many,
+                 b"X-Long: " + b"x" * 70000 + b"\r\n"):
+        out = raw_http(leader.address, b"GET /db/k HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+        assert out.startswith(b"HTTP/1.1 400"), (head[:30], out[:100])
+    # Case-insensitive names, a body by Content-Length, keep-alive: two requests on one connection.
+    out = raw_http(leader.address, b"POST /db/hdr HTTP/1.1\r\nHost: x\r\ncontent-LENGTH: 5\r\n\r\nhello"
+                                   b"GET /db/hdr HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1 200") == 2 and out.endswith(b"hello"), out
+    assert not leader.exited()
+
+
 def test_delete_and_compare_and_set(cluster):
     leader = cluster.leader()
     assert leader.request("POST", "/db/cas", "1").status == 200
