@@ -275,17 +275,12 @@ class Runtime:
             rd = node.ready()
             if rd is None:
                 return
+            early, late = rd.split_messages()
+            if early:  # a leader's appends: the followers write while we do (thesis §10.2.1)
+                self._send(early, replies)
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                 self._save(rd)
-            outgoing = []
-            for m in rd.messages:
-                route = replies.get(m.dst)
-                if route is not None:
-                    route[1].append(m)
-                else:
-                    outgoing.append(m)
-            if outgoing:
-                self.transport.send(outgoing)
+            self._send(late, replies)
             if rd.snapshot is not None:
                 self.state_machine.restore(rd.snapshot.data)
                 self._fail_proposals_up_to(rd.snapshot.last_included_index)
@@ -305,6 +300,18 @@ class Runtime:
             self._wake_applied()
             if node.membership is not self._membership:
                 self._sync_peers()
+
+    def _send(self, messages, replies) -> None:
+        """Messages for a peer whose request we are answering ride back on the reply; the others go out now."""
+        outgoing = []
+        for m in messages:
+            route = replies.get(m.dst)
+            if route is not None:
+                route[1].append(m)
+            else:
+                outgoing.append(m)
+        if outgoing:
+            self.transport.send(outgoing)
 
     def _save(self, rd: Ready) -> None:
         while True:

@@ -266,14 +266,17 @@ class Cluster:
             rd = sn.node.ready()
             if rd is None:
                 break
+            early, late = rd.split_messages()
+            for m in early:  # a leader's appends go out before its own save, as the runtime sends them
+                self.send(m)
             if crash_rate and self.rng.random() < crash_rate:
-                self.crash(node_id)  # before saving: everything in this Ready is lost
+                self.crash(node_id)  # before saving: everything in this Ready is lost (but the early messages)
                 return
             sn.storage.save(rd.hard_state, rd.entries, rd.snapshot)
             if crash_rate and self.rng.random() < crash_rate:
-                self.crash(node_id)  # saved, but nothing sent or applied
+                self.crash(node_id)  # saved, but nothing else sent, nothing applied
                 return
-            for m in rd.messages:
+            for m in late:
                 self.send(m)
             if rd.snapshot is not None:
                 sn.kv.restore(rd.snapshot.data, rd.snapshot.last_included_index)
