@@ -147,7 +147,11 @@ class Runtime:
             return self.node.last_applied
         result = gevent.event.AsyncResult()
         self._index_waiters.append((index, result))
-        return self._wait(result, timeout_seconds)
+        try:
+            return self._wait(result, timeout_seconds)
+        except Timeout as e:
+            result.set_exception(e)  # settled: the next apply drops it, however far off `index` is
+            raise
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
         return self._call(timeout_seconds, "membership", change)
@@ -365,9 +369,11 @@ class Runtime:
         if self._index_waiters:
             still = []
             for index, result in self._index_waiters:
+                if result.ready():
+                    continue  # timed out
                 if index <= applied:
                     result.set(applied)
-                elif not result.ready():
+                else:
                     still.append((index, result))
             self._index_waiters = still
 
