@@ -435,7 +435,10 @@ def make_app(server: Server) -> bottle.Bottle:
         length = bottle.request.content_length
         if length > args.max_body:
             raise text(413, f"body of {length} bytes is over the {args.max_body} byte limit")
-        return bottle.request.body.read()
+        try:
+            return bottle.request.body.read()
+        except OSError as e:  # the client went away (or lied about the length) in the middle of its body
+            raise text(400, f"request body cut short: {e}") from None
 
     def propose(command: bytes):
         if server.node.role is not Role.LEADER:
