@@ -188,12 +188,16 @@ class _PeerSender:
             try:
                 logger.log(TRACE, "send to %s: %s", self.node_id, batch)
                 self._sock.send(t._encode(batch))
-                if not self._sock.poll(t._reply_timeout_ms, zmq.POLLIN):
+                # recv under a gevent.Timeout waits on the socket's own watcher; poll() would build a Poller, a
+                # select and two timers for every request.
+                with gevent.Timeout(t._reply_timeout_ms / 1000.0, False):
+                    frame = None
+                    frame = self._sock.recv()
+                if frame is None:
                     logger.debug("no reply from %s at %s in %d ms: reconnecting", self.node_id, self.address,
                                  t._reply_timeout_ms)
                     self._close()
                     continue
-                frame = self._sock.recv()
             except zmq.ZMQError as e:
                 logger.debug("socket to %s failed (%s): reconnecting", self.node_id, e)
                 self._close()
