@@ -282,6 +282,7 @@ class Runtime:
             early, late = rd.split_messages()
             if early:  # a leader's appends: the followers write while we do (thesis §10.2.1)
                 self._send(early, replies)
+                gevent.sleep(0)  # let the senders hand them to zmq before the fsync holds the hub
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                 self._save(rd)
             self._send(late, replies)
