@@ -299,7 +299,8 @@ def main() -> int:
     p.add_argument("--keys", type=int, default=1000, help="distinct random keys (default 1000)")
     p.add_argument("--value-size", type=int, nargs=2, default=[100, 100], metavar=("MIN", "MAX"),
                    help="value sizes in bytes, drawn uniformly (default 100 100)")
-    p.add_argument("--vs", action="append", default=[], choices=["bare", "etcd", "etcd2", "pysyncobj"],
+    p.add_argument("--vs", action="append", default=[],
+                   choices=["bare", "etcd", "etcd2", "pysyncobj", "raftdzmq1", "raftdzmq3", "raftdzmq5", "raftdzmq7"],
                    help="also measure this reference, alternating, in the same run")
     p.add_argument("--repeat", type=int, default=1, help="alternate the systems this many times; report medians")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
@@ -320,7 +321,9 @@ def main() -> int:
         else:
             systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag))
         for ref in args.vs:
-            if ref == "bare":
+            if ref.startswith("raftdzmq"):  # raftdzmq3, raftdzmq5: another cluster size, same run
+                systems.append(Raftdzmq(workdir, int(ref[len("raftdzmq"):]), args.raftdzmq_flag))
+            elif ref == "bare":
                 systems.append(Bare(workdir))
             elif ref in ("etcd", "etcd2"):
                 if not shutil.which("etcd"):

@@ -74,6 +74,7 @@ class Runtime:
         self._reads: dict[int, gevent.event.AsyncResult] = {}
         self._reads_waiting_apply: list[tuple[int, gevent.event.AsyncResult]] = []
         self._index_waiters: list[tuple[int, gevent.event.AsyncResult]] = []
+        self._read_waiting: dict[bool, gevent.event.AsyncResult] = {}  # lease? -> the read not yet taken
         self._request_ids = itertools.count(1)
         self._greenlets: list = []
         self._membership: Membership | None = None
@@ -139,7 +140,13 @@ class Runtime:
         """Block until a linearizable read of the state machine is safe (thesis §6.4); returns the read index.
         With `lease`, a leader within its lease answers without a round (§6.4.1). Raises NotLeader (no leader
         known), Timeout or Stopped."""
-        return self._call(timeout_seconds, "read", lease)
+        # Reads that arrive before the loop takes the waiting one share it: its read index is chosen after every
+        # one of them arrived, so it is safe for all, and a burst of reads costs the loop one request.
+        shared = self._read_waiting.get(lease)
+        if shared is None:
+            shared = self._read_waiting[lease] = gevent.event.AsyncResult()
+            self._put(("read", lease, shared))
+        return self._wait(shared, timeout_seconds)
 
     def wait_applied(self, index: int, timeout_seconds: float) -> int:
         """Block until the state machine has applied `index`."""
@@ -247,6 +254,7 @@ class Runtime:
             self.stats["proposals"] += 1
         elif kind == "read":
             _, lease, result = item
+            self._read_waiting.pop(lease, None)  # later reads wait for the next one
             request_id = next(self._request_ids)
             try:
                 node.read_index(request_id, lease=lease)
