@@ -207,7 +207,12 @@ def _lua_table(requests: list) -> str:
     for method, path, body, headers in requests:
         hs = "{" + ",".join(f"[{q(k)}]={q(v)}" for k, v in headers.items()) + "}"
         rows.append(f"{{{q(method)},{q(path)},{q(body)},{hs}}}")
-    return "{" + ",\n".join(rows) + "}"
+    # Lua allows 65,536 constants in one function: fill the table from functions of 4,000 rows each.
+    parts = []
+    for i in range(0, len(rows), 4000):
+        parts.append(";(function() local n = #t\n" + "\n".join(
+            f"t[n + {j + 1}] = {row}" for j, row in enumerate(rows[i:i + 4000])) + "\nend)()")
+    return "(function() local t = {}\n" + "\n".join(parts) + "\nreturn t end)()"
 
 
 WRK_SCRIPT = """
