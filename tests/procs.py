@@ -193,3 +193,21 @@ class LocalCluster:
     def stop(self) -> None:
         for n in self.nodes:
             n.kill()
+
+
+def netns_unavailable() -> str | None:
+    """Why network namespaces cannot be made here (not root, or no permission even as root), or None."""
+    if os.geteuid() != 0:
+        return "needs root: partitions use network namespaces and iptables rules"
+    name = f"rdzprobe{os.getpid() % 100000}"
+    try:
+        out = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        return f"cannot run ip: {e}"
+    if out.returncode != 0:
+        return f"cannot make a network namespace here: {out.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    for tool in ("iptables",):
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
+            return f"{tool} is not installed"
+    return None

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from procs import netns_unavailable
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -50,7 +52,7 @@ def test_five_nodes_through_kills_pauses_and_whole_cluster_restarts():
     assert_clean(code, output, result, {"kill", "pause", "restart-all"})
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="partitions need root: they make network namespaces and iptables rules")
+@pytest.mark.skipif(netns_unavailable() is not None, reason=str(netns_unavailable()))
 def test_three_nodes_through_partitions_and_packet_loss():
     code, output, result = fault_run("--nodes", "3", "--seconds", "30", "--seed", "5",
                                      "--faults", "partition,loss,kill,pause")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from procs import SERVER, LocalCluster, Node, free_port, wait_for
+from procs import SERVER, LocalCluster, Node, free_port, netns_unavailable, wait_for
 
 
 def secret_file(tmp_path, name: str, secret: str) -> str:
@@ -76,7 +76,8 @@ def test_an_empty_secret_file_is_refused(tmp_path):
     assert out.returncode != 0 and "secret file" in out.stderr and "empty" in out.stderr
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the non-loopback address lives in a network namespace")
+@pytest.mark.skipif(netns_unavailable() is not None, reason=f"the non-loopback address lives in a network namespace: "
+                                                             f"{netns_unavailable()}")
 def test_warns_when_listening_beyond_loopback_without_a_secret(tmp_path):
     ns = f"rdz{os.getpid() % 100000}-warn"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
