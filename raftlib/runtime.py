@@ -1,9 +1,10 @@
 """Runtime: drives one RaftNode with gevent: ticks, the inbox, disk, transport and the state machine.
 
-Rules: one greenlet (`_loop`) touches the node. Everything else (HTTP handlers, the transport's greenlets, the
-ticker) puts an item in the inbox and waits on a result with a bound. The loop takes everything waiting at once,
-steps the node with all of it, then handles each Ready in order: save (one fsync for the whole batch: group
-commit), send, apply, wake the waiting requests, advance. A disk failure stops the node rather than acknowledge
+Rules: one greenlet (`_loop`) touches the node. Everything else (HTTP handlers, the transport's greenlets) puts
+an item in the inbox and waits on a result with a bound. The loop wakes for the inbox, or once a tick at the
+latest; it ticks the node by the monotonic clock, takes everything waiting at once, steps the node with all of
+it, then handles each Ready in order: save (one fsync for the whole batch: group commit), send, apply, wake the
+waiting requests, advance. A disk failure stops the node rather than acknowledge
 anything (fsyncgate). A full disk is waited out instead: the save is tried again until there is room, nothing is
 sent or acknowledged meanwhile (to the others the node looks paused), and new proposals are refused at once.
 """
@@ -92,7 +93,7 @@ class Runtime:
         self._clock_start = time.monotonic()
         self._ticks_given = 0
         self._sync_peers()
-        self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._ticker)]
+        self._greenlets = [gevent.spawn(self._loop)]
 
     def stop(self) -> None:
         if not self.running:
@@ -103,12 +104,6 @@ class Runtime:
         for g in self._greenlets:
             g.kill(block=False)
         self._fail_all(Stopped("node is stopping"))
-
-    def _ticker(self) -> None:
-        """Wakes the loop once a tick; the loop reads the clock itself (`_advance_clock`)."""
-        while self.running:
-            gevent.sleep(self.tick_seconds)
-            self._put(("tick",))
 
     def _advance_clock(self) -> None:
         """Tick the node once for every tick of monotonic time since the last call, before anything else is
@@ -208,8 +203,7 @@ class Runtime:
                 if not self._inbox:
                     self._wake.clear()
                     if not self._inbox:
-                        self._wake.wait()
-                    continue
+                        self._wake.wait(self.tick_seconds)  # a tick at the latest: the clock is read below
                 items = list(self._inbox)
                 self._inbox.clear()
                 self._advance_clock()
@@ -232,9 +226,7 @@ class Runtime:
     def _handle(self, item, replies) -> None:
         node = self.node
         kind = item[0]
-        if kind == "tick":
-            pass  # the clock was read before the batch (_advance_clock)
-        elif kind == "messages":
+        if kind == "messages":
             _, messages, result = item
             for m in messages:
                 node.step(m)
