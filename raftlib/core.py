@@ -74,7 +74,9 @@ class Ready:
     """What the node needs done. In this order: persist `snapshot`, then `entries` (replacing any entries at or
     after entries[0].index), then `hard_state`, durably; then send `messages`; then apply `snapshot` and
     `committed_entries` to the state machine; then serve `read_states` once applied up to their index; then call
-    `advance(ready)`.
+    `advance(ready)`. The save must reach the disk (fsync) only when `must_sync`: new entries, a snapshot, or a
+    new term or vote. A hard state whose only change is the commit index may be written lazily: a commit index
+    lost in a crash is learnt again from the leader (etcd's MustSync).
 
     One exception saves a disk's worth of latency (thesis §10.2.1): a leader's early messages (`split_messages`) may go out
     before the save, so followers write while the leader writes. It is safe because the leader counts itself
@@ -90,6 +92,7 @@ class Ready:
     role: Role
     term: int
     leader_id: str | None
+    must_sync: bool = True
 
     def split_messages(self) -> tuple[list[Message], list[Message]]:
         """(early, late): the messages that may be sent before this Ready is saved (a leader's AppendEntries),
@@ -454,8 +457,9 @@ class RaftNode:
         committed = []
         if self.commit_index > self.last_applied:
             committed = self.log.slice(self.last_applied + 1, self.commit_index + 1)
+        saved = self._saved_hard_state
         rd = Ready(
-            hard_state=hard_state if hard_state != self._saved_hard_state else None,
+            hard_state=hard_state if hard_state != saved else None,
             entries=entries,
             snapshot=self._pending_snapshot,
             messages=self._messages,
@@ -465,6 +469,9 @@ class RaftNode:
             role=self.role,
             term=self.current_term,
             leader_id=self.leader_id,
+            must_sync=bool(entries)
+            or self._pending_snapshot is not None
+            or (hard_state.current_term, hard_state.voted_for) != (saved.current_term, saved.voted_for),
         )
         self._messages, self._read_states, self._failed_reads = [], [], []
         self._ready_outstanding = True

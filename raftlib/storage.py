@@ -297,9 +297,17 @@ class DiskStorage:
         self._segment = open(path, "ab", buffering=0)
         self.log_bytes = len(data)
 
-    def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None) -> None:
+    def save(
+        self,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        snapshot: Snapshot | None = None,
+        sync: bool = True,
+    ) -> None:
         """Make a Ready durable: snapshot (if any) first, then entries and hard state in one record and one
-        fsync. Raises OSError when the disk fails: the caller must stop, not acknowledge (fsyncgate)."""
+        fsync. With `sync` False (a Ready that only moves the commit index) the record is written but not
+        fsynced: the next synced record, or the kernel, takes it to the disk. Raises OSError when the disk
+        fails: the caller must stop, not acknowledge (fsyncgate)."""
         if snapshot is not None:
             self._install_snapshot(snapshot)
         if entries:
@@ -308,7 +316,7 @@ class DiskStorage:
             return
         record = encode_record(hard_state, entries)
         self._append(record)
-        if self._fsync:
+        if self._fsync and sync:
             self._fdatasync(self._segment.fileno(), len(record))
         self.log_bytes += len(record)
         if entries:

@@ -178,6 +178,8 @@ class Cluster:
         sn = self.nodes[node_id]
         sn.alive = False
         sn.node = None
+        if self.rng.random() < 0.5:
+            sn.storage.lose_unsynced()  # the kernel had not written the commit index out yet
         self.pending_writes[node_id] = []  # outcome unknown: they may or may not commit
         self.pending_reads[node_id] = {}
         self.log_event(node_id, "crash")
@@ -272,7 +274,7 @@ class Cluster:
             if crash_rate and self.rng.random() < crash_rate:
                 self.crash(node_id)  # before saving: everything in this Ready is lost (but the early messages)
                 return
-            sn.storage.save(rd.hard_state, rd.entries, rd.snapshot)
+            sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
             if crash_rate and self.rng.random() < crash_rate:
                 self.crash(node_id)  # saved, but nothing else sent, nothing applied
                 return

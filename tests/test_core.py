@@ -334,3 +334,32 @@ def test_lease_read_with_a_stopped_clock_is_caught():
     the old value, and the simulator's linearizability check catches it."""
     with pytest.raises(SafetyViolation, match="linearizability"):
         _lease_read_on_a_leader_paused_through_an_election(catch_up=False)
+
+
+def test_ready_must_sync_only_for_entries_snapshots_terms_and_votes():
+    """etcd's MustSync: a Ready whose only change is the commit index needs no fsync (a lost commit index is
+    learnt again from the leader); one with entries, or a new term or vote, does."""
+    c = Cluster(seed=7)
+    leader = elect(c)
+    follower = next(n for n in c.nodes if n != leader)
+    node = c.nodes[follower].node
+    term = node.current_term
+    commit = node.commit_index
+    last = node.log.last_index
+    # New entries: synced.
+    node.step(AppendEntries(leader, follower, term, last, node.log.term(last),
+                            (Entry(term, last + 1, EntryKind.COMMAND, b"x"),), commit))
+    rd = node.ready()
+    assert rd.entries and rd.must_sync
+    node.advance(rd)
+    # The leader's next message only moves the commit index: written, not synced.
+    node.step(AppendEntries(leader, follower, term, last + 1, term, (), last + 1))
+    rd = node.ready()
+    assert rd.hard_state is not None and rd.hard_state.commit_index == last + 1
+    assert not rd.entries and not rd.must_sync
+    node.advance(rd)
+    # A new term: synced.
+    node.step(AppendEntries(leader, follower, term + 1, last + 1, term, (), last + 1))
+    rd = node.ready()
+    assert rd.hard_state.current_term == term + 1 and rd.must_sync
+    node.advance(rd)

@@ -262,3 +262,17 @@ def test_disk_storage_matches_the_memory_model(tmp_path_factory, ops):
     assert reloaded.snapshot == want.snapshot
     assert reloaded.hard_state == want.hard_state
     disk.close()
+
+
+def test_a_commit_index_alone_is_written_but_not_synced(tmp_path):
+    synced = []
+    s = DiskStorage(str(tmp_path), fdatasync=lambda fd, nbytes: synced.append(nbytes))
+    s.load()
+    s.save(HardState(1, "a", 0), entries(1, 3))
+    assert len(synced) == 1
+    s.save(HardState(1, "a", 3), [], sync=False)  # only the commit index moved (Ready.must_sync is False)
+    assert len(synced) == 1
+    s.close()
+    s, st = reopen(tmp_path)
+    assert st.hard_state == HardState(1, "a", 3) and [e.index for e in st.entries] == [1, 2, 3]
+    s.close()
