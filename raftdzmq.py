@@ -360,8 +360,19 @@ class RequestHeaders:
 
 
 class _QuietHandler(gevent.pywsgi.WSGIHandler):
+    _date = (0, b"")  # (second, its Date header): pywsgi formats one per response (~1% of a write)
+
     def log_request(self):  # formatting an access log line per request costs ~3% of a write; -v logs in Bottle
         pass
+
+    def finalize_headers(self):
+        if self.provided_date is None:
+            now = int(time.time())
+            if _QuietHandler._date[0] != now:
+                _QuietHandler._date = (now, gevent.pywsgi.format_date_time(now))
+            self.response_headers.append((b"Date", _QuietHandler._date[1]))
+            self.provided_date = True
+        super().finalize_headers()
 
     def MessageClass(self, rfile, *_):  # noqa: N802 (pywsgi's name)
         return RequestHeaders(rfile)
@@ -432,13 +443,27 @@ def make_app(server: Server) -> bottle.Bottle:
             conn.close()
 
     def read_body() -> bytes:
-        length = bottle.request.content_length
+        environ = bottle.request.environ
+        if "raftdzmq.body" in environ:  # read already (a handler, then forward_to)
+            return environ["raftdzmq.body"]
+        length = int(environ.get("CONTENT_LENGTH") or -1)
         if length > args.max_body:
             raise text(413, f"body of {length} bytes is over the {args.max_body} byte limit")
         try:
-            return bottle.request.body.read()
+            if length >= 0 and "HTTP_TRANSFER_ENCODING" not in environ:
+                # Straight from the socket: Bottle's request.body copies it through a BytesIO (~3% of a write).
+                body = environ["wsgi.input"].read(length)
+                if len(body) != length:
+                    raise OSError(f"{len(body)} of {length} bytes")
+            else:
+                body = bottle.request.body.read()
+            environ["raftdzmq.body"] = body
+            return body
         except OSError as e:  # the client went away (or lied about the length) in the middle of its body
             raise text(400, f"request body cut short: {e}") from None
+
+    writes_committed = metrics.writes.labels("committed")  # labels() looks the child up: ~1.5% of a write
+    observe_write_seconds = metrics.write_seconds.observe
 
     def propose(command: bytes):
         if server.node.role is not Role.LEADER:
@@ -463,8 +488,8 @@ def make_app(server: Server) -> bottle.Bottle:
             raise text(507, f"write refused: {e}; it was not applied") from None
         except Stopped as e:
             raise text(503, str(e)) from None
-        metrics.write_seconds.observe(time.perf_counter() - t0)
-        metrics.writes.labels("committed").inc()
+        observe_write_seconds(time.perf_counter() - t0)
+        writes_committed.inc()
         return result
 
     def check_key(key: str) -> str:
@@ -477,7 +502,7 @@ def make_app(server: Server) -> bottle.Bottle:
     def set_key(key):
         key = check_key(key)
         value = read_body()
-        q = bottle.request.query
+        q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
         if "prev_value" in q:
             cmd = KeyValueStore.command(COMPARE_AND_SET, key, value, q.prev_value.encode())
         elif q.get("prev_exist") == "false":
@@ -487,7 +512,8 @@ def make_app(server: Server) -> bottle.Bottle:
         index, result = propose(cmd)
         if result == "failed":
             return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
-        return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})
+        bottle.response.set_header("X-Raft-Index", str(index))
+        return ""
 
     @app.delete("/db/<key:path>")
     def delete_key(key):

@@ -38,6 +38,10 @@ class Stopped(Exception):
     """The node is stopping or has stopped."""
 
 
+class _Expired(Exception):
+    """Set by the expiry sweep on a request whose time is up; its waiter raises Timeout."""
+
+
 class StateMachine:
     """What the runtime applies committed commands to."""
 
@@ -77,6 +81,8 @@ class Runtime:
         self._index_waiters: list[tuple[int, gevent.event.AsyncResult]] = []
         self._read_waiting: dict[bool, gevent.event.AsyncResult] = {}  # lease? -> the read not yet taken
         self._request_ids = itertools.count(1)
+        # Requests by their timeout: each deque holds (deadline, result) in arrival order, so in deadline order.
+        self._deadlines: dict[float, collections.deque] = {}
         self._greenlets: list = []
         self._membership: Membership | None = None
         self._soft = (None, None, None)
@@ -93,7 +99,7 @@ class Runtime:
         self._clock_start = time.monotonic()
         self._ticks_given = 0
         self._sync_peers()
-        self._greenlets = [gevent.spawn(self._loop)]
+        self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._expire_loop)]
 
     def stop(self) -> None:
         if not self.running:
@@ -182,10 +188,31 @@ class Runtime:
             return []
 
     def _call(self, timeout_seconds: float, kind: str, *args):
-        """Put (kind, *args, result) in the inbox and wait for the loop to set the result."""
+        """Put (kind, *args, result) in the inbox and wait for the loop to set the result, or for
+        `_expire_loop` to time it out: one timer for all requests rather than one each (a gevent.Timeout per
+        write cost ~3% of a leader's CPU at 64 clients)."""
+        if not self.running:
+            raise Stopped("node is not running")
         result = gevent.event.AsyncResult()
+        pending = self._deadlines.get(timeout_seconds)
+        if pending is None:
+            pending = self._deadlines[timeout_seconds] = collections.deque()
+        pending.append((time.monotonic() + timeout_seconds, result))
         self._put((kind, *args, result))
-        return self._wait(result, timeout_seconds)
+        try:
+            return result.get()
+        except _Expired:
+            raise Timeout(f"no answer in {timeout_seconds}s") from None
+
+    def _expire_loop(self) -> None:
+        while self.running:
+            gevent.sleep(self.tick_seconds)
+            now = time.monotonic()
+            for pending in self._deadlines.values():
+                while pending and pending[0][0] <= now:
+                    result = pending.popleft()[1]
+                    if not result.ready():
+                        result.set_exception(_Expired())
 
     def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
         if not self.running:
@@ -321,7 +348,7 @@ class Runtime:
     def _save(self, rd: Ready) -> None:
         while True:
             try:
-                self.storage.save(rd.hard_state, rd.entries, rd.snapshot)
+                self.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
                 break
             except DiskFull as e:
                 if not self.disk_full:
@@ -426,3 +453,8 @@ class Runtime:
         for _, result in self._reads_waiting_apply + self._index_waiters:
             result.set_exception(error)
         self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, [], []
+        for pending in self._deadlines.values():  # requests still in the inbox, or answered already
+            for _, result in pending:
+                if not result.ready():
+                    result.set_exception(error)
+        self._deadlines = {}
