@@ -1,12 +1,14 @@
 """Runtime: drives one RaftNode with gevent: ticks, the inbox, disk, transport and the state machine.
 
-Rules: one greenlet (`_loop`) touches the node. Everything else (HTTP handlers, the transport's greenlets) puts
-an item in the inbox and waits on a result with a bound. The loop wakes for the inbox, or once a tick at the
-latest; it ticks the node by the monotonic clock, takes everything waiting at once, steps the node with all of
-it, then handles each Ready in order: save (one fsync for the whole batch: group commit), send, apply, wake the
-waiting requests, advance. A disk failure stops the node rather than acknowledge
-anything (fsyncgate). A full disk is waited out instead: the save is tried again until there is room, nothing is
-sent or acknowledged meanwhile (to the others the node looks paused), and new proposals are refused at once.
+Rules: one greenlet at a time touches the node, in `_drive`. Everything else (HTTP handlers, the transport's
+greenlets) puts an item in the inbox and waits on a result with a bound; `_loop` drives for them, waking for
+the inbox or once a tick at the latest. A transport greenlet that finds the node free drives it itself (a
+peer's message, a reply), saving two greenlet switches a hop. A drive ticks the node by the monotonic clock,
+takes everything waiting at once, steps the node with all of it, then handles each Ready in order: save (one
+fsync for the whole batch: group commit), send, apply, wake the waiting requests, advance. A disk failure stops
+the node rather than acknowledge anything (fsyncgate). A full disk is waited out instead: the save is tried
+again until there is room, nothing is sent or acknowledged meanwhile (to the others the node looks paused), and
+new proposals are refused at once.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Runtime:
         self._on_fatal = on_fatal
         self._inbox: collections.deque = collections.deque()
         self._wake = gevent.event.Event()
+        self._driving = False  # a greenlet is in _drive (it may have yielded: an fsync, a send)
         self._proposals: dict[int, tuple[int, gevent.event.AsyncResult]] = {}
         self._reads: dict[int, gevent.event.AsyncResult] = {}
         self._reads_waiting_apply: list[tuple[int, gevent.event.AsyncResult]] = []
@@ -106,6 +109,9 @@ class Runtime:
             return
         self.running = False
         self._wake.set()
+        deadline = time.monotonic() + 2
+        while self._driving and time.monotonic() < deadline:  # a transport greenlet in the middle of a drive
+            gevent.sleep(0.01)
         gevent.joinall(self._greenlets, timeout=2)
         for g in self._greenlets:
             g.kill(block=False)
@@ -123,9 +129,16 @@ class Runtime:
         for _ in range(min(due, 3 * self.node.config.election_ticks)):
             self.node.tick()
 
-    def _put(self, item) -> None:
+    def _put(self, item, drive: bool = False) -> None:
+        """Queue an item for the node. With `drive` (the transport's greenlets), a caller that finds the node free
+        steps it itself, now. Requests from clients do not: a drive can wait on a full disk without bound, and
+        a request must keep its own."""
         self._inbox.append(item)
-        self._wake.set()
+        if drive and not self._driving and self.running:
+            self._drive()
+        else:
+            self._wake.set()
+
 
     # ---- requests (called from other greenlets) -------------------------------------------------
 
@@ -178,10 +191,10 @@ class Runtime:
         if not self.running:
             return []
         if not reply_wanted:
-            self._put(("messages", messages, None))
+            self._put(("messages", messages, None), drive=True)
             return None
         result = gevent.event.AsyncResult()
-        self._put(("messages", messages, result))
+        self._put(("messages", messages, result), drive=True)
         try:
             return result.get(timeout=2.0)
         except gevent.Timeout:
@@ -225,30 +238,43 @@ class Runtime:
     # ---- the loop ---------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Ticks the node when nothing else does, and takes what arrives while another greenlet has the node."""
+        while self.running:
+            if not self._inbox or self._driving:
+                self._wake.clear()
+                self._wake.wait(self.tick_seconds)  # a tick at the latest: the clock is read in _drive
+            if not self._driving and self.running:
+                self._drive()
+
+    def _drive(self) -> None:
+        """Take everything in the inbox, step the node with it and carry out what it asks. Only one greenlet at a
+        time is in here (`_driving`): the loop, or a transport greenlet whose message found the node free. Items
+        that come while a drive has yielded (to an fsync, a send) wait in the inbox; the drive wakes the loop for
+        them on its way out."""
+        self._driving = True
         try:
-            while self.running:
-                if not self._inbox:
-                    self._wake.clear()
-                    if not self._inbox:
-                        self._wake.wait(self.tick_seconds)  # a tick at the latest: the clock is read below
-                items = list(self._inbox)
-                self._inbox.clear()
-                self._advance_clock()
-                replies: dict[str, tuple[gevent.event.AsyncResult, list]] = {}
-                for item in items:
-                    self._handle(item, replies)
-                self._process_ready(replies)
-                for result, out in replies.values():
-                    result.set(out)
-                self._maybe_snapshot()
-                if len(items) > 64:
-                    gevent.idle()  # let timers and I/O run between big batches
+            items = list(self._inbox)
+            self._inbox.clear()
+            self._advance_clock()
+            replies: dict[str, tuple[gevent.event.AsyncResult, list]] = {}
+            for item in items:
+                self._handle(item, replies)
+            self._process_ready(replies)
+            for result, out in replies.values():
+                result.set(out)
+            self._maybe_snapshot()
         except Exception as e:
             logger.critical("stopping: %s", e, exc_info=not isinstance(e, OSError))
             self.running = False
             self._fail_all(Stopped(f"node stopped: {e}"))
             if self._on_fatal is not None:
                 self._on_fatal(e)
+        finally:
+            self._driving = False
+        if self._inbox:
+            self._wake.set()  # it came while we saved or sent: the loop takes it
+        if len(items) > 64:
+            gevent.idle()  # let timers and I/O run between big batches
 
     def _handle(self, item, replies) -> None:
         node = self.node
