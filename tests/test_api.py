@@ -287,4 +287,9 @@ def test_status_and_prometheus_metrics(cluster):
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line and not line.startswith("#")}
     assert samples['raftdzmq_writes_total{outcome="committed"}'] >= 1
+    # The histograms add up: every committed write observed once, the +Inf bucket holds them all.
+    assert samples["raftdzmq_write_seconds_count"] == samples['raftdzmq_writes_total{outcome="committed"}']
+    assert samples['raftdzmq_write_seconds_bucket{le="+Inf"}'] == samples["raftdzmq_write_seconds_count"]
+    assert 0 < samples["raftdzmq_write_seconds_sum"] < samples["raftdzmq_write_seconds_count"] * 10
+    assert samples['raftdzmq_write_seconds_bucket{le="0.0005"}'] <= samples['raftdzmq_write_seconds_bucket{le="2.0"}']
     assert samples["raftdzmq_elections_won"] >= 1
