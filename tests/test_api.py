@@ -282,7 +282,7 @@ def test_status_and_prometheus_metrics(cluster):
     text = leader.request("GET", "/metrics").text
     for name in ("raftdzmq_writes_total{outcome=\"committed\"}", "raftdzmq_fsync_seconds_bucket",
                  "raftdzmq_write_seconds_count", "raftdzmq_read_index_seconds_count", "raftdzmq_is_leader 1.0",
-                 "raftdzmq_elections_won"):
+                 "raftdzmq_elections_won", "raftdzmq_hub_lag_seconds_count"):
         assert name in text, name
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line and not line.startswith("#")}
@@ -292,4 +292,5 @@ def test_status_and_prometheus_metrics(cluster):
     assert samples['raftdzmq_write_seconds_bucket{le="+Inf"}'] == samples["raftdzmq_write_seconds_count"]
     assert 0 < samples["raftdzmq_write_seconds_sum"] < samples["raftdzmq_write_seconds_count"] * 10
     assert samples['raftdzmq_write_seconds_bucket{le="0.0005"}'] <= samples['raftdzmq_write_seconds_bucket{le="2.0"}']
+    assert samples["raftdzmq_hub_lag_seconds_count"] > 10  # a 10 ms probe, running since the start
     assert samples["raftdzmq_elections_won"] >= 1
