@@ -13,30 +13,9 @@ import tempfile  # noqa: E402
 import gevent  # noqa: E402
 
 from raftlib import Config, Entry, EntryKind, HardState, Member, Membership, RaftNode, Role  # noqa: E402
-from raftlib.runtime import Runtime, StateMachine  # noqa: E402
+from raftlib.runtime import Runtime  # noqa: E402
+from runtime_fakes import NullTransport, Values  # noqa: E402
 from raftlib.storage import DiskStorage  # noqa: E402
-
-
-class Transport:
-    def set_peers(self, addresses):
-        pass
-
-    def send(self, messages):
-        pass
-
-
-class Values(StateMachine):
-    def __init__(self):
-        self.applied = []
-
-    def apply(self, index, command):
-        self.applied.append(command)
-
-    def snapshot(self):
-        return b""
-
-    def restore(self, data):
-        pass
 
 
 def main() -> None:
@@ -56,7 +35,7 @@ def main() -> None:
         node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1), random.Random(1), stored.hard_state,
                         stored.raft_log(), stored.snapshot)
         fatal = []
-        runtime = Runtime(node, storage, Transport(), Values(), tick_seconds=0.005, on_fatal=fatal.append)
+        runtime = Runtime(node, storage, NullTransport(), Values(), tick_seconds=0.005, on_fatal=fatal.append)
         runtime.start()
         deadline = gevent.time.time() + 5
         while node.role is not Role.LEADER and gevent.time.time() < deadline:

@@ -11,30 +11,8 @@ import gevent
 import pytest
 
 from raftlib import Config, Entry, EntryKind, HardState, Member, Membership, MemoryStorage, RaftNode, Role
-from raftlib.runtime import Runtime, StateMachine, Stopped, Timeout
-
-
-class Transport:
-    def set_peers(self, addresses):
-        pass
-
-    def send(self, messages):
-        pass
-
-
-class Values(StateMachine):
-    def __init__(self):
-        self.applied = []
-
-    def apply(self, index, command):
-        self.applied.append(command)
-        return len(self.applied)
-
-    def snapshot(self):
-        return b""
-
-    def restore(self, data):
-        pass
+from raftlib.runtime import Runtime, Stopped, Timeout
+from runtime_fakes import NullTransport, Values
 
 
 class HangingStorage(MemoryStorage):
@@ -59,7 +37,7 @@ def one_node():
     node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1), random.Random(1), stored.hard_state,
                     stored.raft_log(), stored.snapshot)
     values = Values()
-    runtime = Runtime(node, storage, Transport(), values, tick_seconds=0.005)
+    runtime = Runtime(node, storage, NullTransport(), values, tick_seconds=0.005)
     runtime.start()
     with gevent.Timeout(5):
         while node.role is not Role.LEADER or node.log.term(node.commit_index) != node.current_term:
