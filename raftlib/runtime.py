@@ -139,7 +139,6 @@ class Runtime:
         else:
             self._wake.set()
 
-
     # ---- requests (called from other greenlets) -------------------------------------------------
 
     def propose(self, command: bytes, timeout_seconds: float):
@@ -249,8 +248,8 @@ class Runtime:
     def _drive(self) -> None:
         """Take everything in the inbox, step the node with it and carry out what it asks. Only one greenlet at a
         time is in here (`_driving`): the loop, or a transport greenlet whose message found the node free. Items
-        that come while a drive has yielded (to an fsync, a send) wait in the inbox; the drive wakes the loop for
-        them on its way out."""
+        that come while a drive has yielded (to let a leader's appends go out, or while the disk is full) wait in
+        the inbox; the drive wakes the loop for them on its way out."""
         self._driving = True
         try:
             items = list(self._inbox)
