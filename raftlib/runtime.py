@@ -77,7 +77,7 @@ class Runtime:
         self._on_fatal = on_fatal
         self._inbox: collections.deque = collections.deque()
         self._wake = gevent.event.Event()
-        self._driving = False  # a greenlet is in _drive (it may have yielded: an fsync, a send)
+        self._driving = False  # a greenlet is in _drive (it may have yielded: a leader's sends, a full disk)
         self._proposals: dict[int, tuple[int, gevent.event.AsyncResult]] = {}
         self._reads: dict[int, gevent.event.AsyncResult] = {}
         self._reads_waiting_apply: list[tuple[int, gevent.event.AsyncResult]] = []
