@@ -67,6 +67,10 @@ class Config:
     unsafe_commit_previous_term: bool = False
     unsafe_read_without_quorum: bool = False
     unsafe_vote_twice: bool = False
+    unsafe_reply_before_fsync: bool = False  # a follower's new entries need no fsync before its reply
+    unsafe_count_own_entries_before_fsync: bool = False  # nor a leader's before it counts itself
+    unsafe_forget_vote_on_restart: bool = False
+    unsafe_keep_conflicting_suffix: bool = False  # a follower keeps its entries that conflict with the leader's
 
 
 @dataclass
@@ -159,7 +163,7 @@ class RaftNode:
         self._refresh_membership()
 
         self.current_term = hard_state.current_term
-        self.voted_for = hard_state.voted_for
+        self.voted_for = None if config.unsafe_forget_vote_on_restart else hard_state.voted_for
         assert hard_state.commit_index <= self.log.last_index, "commit index beyond the persisted log"
         self.commit_index = max(hard_state.commit_index, self.log.snapshot_index)
         self.last_applied = self.log.snapshot_index
@@ -458,6 +462,8 @@ class RaftNode:
         if self.commit_index > self.last_applied:
             committed = self.log.slice(self.last_applied + 1, self.commit_index + 1)
         saved = self._saved_hard_state
+        unsafe_lazy_fsync = (self.config.unsafe_count_own_entries_before_fsync if self.role is Role.LEADER
+                             else self.config.unsafe_reply_before_fsync)
         rd = Ready(
             hard_state=hard_state if hard_state != saved else None,
             entries=entries,
@@ -469,7 +475,7 @@ class RaftNode:
             role=self.role,
             term=self.current_term,
             leader_id=self.leader_id,
-            must_sync=bool(entries)
+            must_sync=bool(entries) and not unsafe_lazy_fsync
             or self._pending_snapshot is not None
             or (hard_state.current_term, hard_state.voted_for) != (saved.current_term, saved.voted_for),
         )
@@ -664,6 +670,8 @@ class RaftNode:
                 assert e.index > self.commit_index, "a leader overwrote a committed entry"
                 new_entries = m.entries[n:]
                 break
+        if self.config.unsafe_keep_conflicting_suffix:
+            new_entries = tuple(e for e in new_entries if e.index > self.log.last_index)
         if new_entries:
             first = new_entries[0].index
             truncated = first <= self.log.last_index

@@ -2,6 +2,12 @@
 
 Same contract: `save()` makes a Ready's snapshot, entries and hard state durable (here: keeps them), `load()`
 returns exactly what was saved, nothing more.
+
+Rules of the crash model (`crash`), which mirror what DiskStorage leaves on a disk after a power cut: a `save` is
+one record appended to the log; what a synced save wrote (and everything written before it) survives; of the
+records written without a sync since, a prefix survives (the kernel may have written out some of them, and a torn
+or missing record ends the replay, so no record after it counts). A snapshot install is synced as a whole (the
+disk writes the snapshot and a new segment with everything held, and fsyncs both).
 """
 
 from __future__ import annotations
@@ -52,20 +58,39 @@ class StoredState:
         self.entries = keep
         return True
 
+    def put_record(self, hard_state: HardState | None, entries: list[Entry]) -> None:
+        """One log record: entries (replacing any conflicting suffix), then the hard state."""
+        if entries:
+            self.put_entries(entries)
+        if hard_state is not None:
+            self.hard_state = hard_state
+
+    def copy(self) -> StoredState:
+        return StoredState(self.hard_state, self.snapshot, list(self.entries))
+
 
 class MemoryStorage:
     def __init__(self) -> None:
         self.state = StoredState()
-        self._synced_hard_state = HardState()  # what a crash cannot take away
+        self._durable = StoredState()  # what a crash cannot take away
+        self._unsynced: list[tuple[HardState | None, list[Entry]]] = []  # records written since the last sync
         self.log_bytes = 0  # the runtime snapshots by log size: never, here
 
-    def lose_unsynced(self) -> None:
-        """A crash before the kernel wrote them out: hard states saved without `sync` are gone."""
-        self.state.hard_state = self._synced_hard_state
+    @property
+    def unsynced_records(self) -> int:
+        return len(self._unsynced)
+
+    def crash(self, rng=None) -> None:
+        """A power cut: keep what was synced and, chosen with `rng` (none without it), a prefix of the records
+        written since. The state then is what a restart would load."""
+        kept = rng.randint(0, len(self._unsynced)) if rng is not None else 0
+        for hard_state, entries in self._unsynced[:kept]:
+            self._durable.put_record(hard_state, entries)
+        self._unsynced = []
+        self.state = self._durable.copy()
 
     def load(self) -> StoredState:
-        s = self.state
-        return StoredState(s.hard_state, s.snapshot, list(s.entries))
+        return self.state.copy()
 
     def save(
         self,
@@ -75,14 +100,25 @@ class MemoryStorage:
         sync: bool = True,
     ) -> None:
         if snapshot is not None:
-            self.state.install_snapshot(snapshot)
-        if entries:
-            self.state.put_entries(entries)
-        if hard_state is not None:
-            self.state.hard_state = hard_state
+            self._install_snapshot(snapshot)
+        if hard_state is None and not entries:
+            return
+        self.state.put_record(hard_state, entries)
+        self._unsynced.append((hard_state, list(entries)))
         if sync:
-            self._synced_hard_state = self.state.hard_state
+            self._sync()
+
+    def _sync(self) -> None:
+        for hard_state, entries in self._unsynced:
+            self._durable.put_record(hard_state, entries)
+        self._unsynced = []
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """A snapshot the node took itself: drop the entries it covers."""
-        self.state.install_snapshot(snapshot)
+        self._install_snapshot(snapshot)
+
+    def _install_snapshot(self, snapshot: Snapshot) -> None:
+        if self.state.install_snapshot(snapshot):
+            # DiskStorage starts a new segment holding everything kept, and fsyncs it: all of it is durable.
+            self._unsynced = []
+            self._durable = self.state.copy()

@@ -1,9 +1,28 @@
 """A deterministic simulated cluster of RaftNodes, and the safety checks run after every step.
 
-One `random.Random(seed)` drives everything: node rngs, message delays, drops, duplicates and reorders,
-partitions, crashes (a node keeps only what it saved, and may die between save, send and apply), membership
-changes, leadership transfers, snapshots and the client workload. Time is an integer number of ticks; the
-network is a heap of (deliver_at, sequence, message). Every message crosses `codec.encode`/`codec.decode`.
+One `random.Random(seed)` drives everything: node rngs, clock rates, message delays (a few longer than an election
+timeout), drops, duplicates and reorders, partitions, pauses (a paused node's messages wait for it, as they do in
+the socket buffers of a SIGSTOPped process), crashes, membership changes, leadership transfers, snapshots and the
+client workload. Time is an integer number of ticks; the network is a heap of (deliver_at, sequence, message);
+every message crosses `codec.encode_batch`/`codec.decode_batch`.
+
+Rules of the model:
+- A crash keeps only what storage made durable: the synced records and, chosen at random, a prefix of the records
+  written since the last sync (see `MemoryStorage.crash`). A node may crash at any of the points of a Ready
+  (`CRASH_POINTS`): after a leader's early appends went out but before its save (thesis §10.2.1), in the middle of
+  its save (written, not fsynced), after its save but before its messages went out, after they went out but
+  before anything was applied.
+- Each node's clock runs at its own rate, within `clock_drift_percent` of the true one: a node ticks
+  `rate_percent / 100` times a tick on average. Leases (thesis §6.4.1) assume rates agree within their margin.
+- Checks (Figure 3 of the paper) run after every tick of a node, every delivered message and every Ready, on the
+  node that moved: election safety, leader append-only, log matching over whole logs (incrementally: every entry
+  a node ever holds is recorded with the term before it, so two logs that share an (index, term) share all before
+  it), leader completeness, state machine safety. At the end of a schedule, liveness after healing, and the
+  clients' history of reads and writes is checked for linearizability with `tests/linearizability.py`.
+- A failure raises SafetyViolation with the seed, the last events, and one command that replays the schedule.
+
+`MUTATIONS` names deliberately broken variants of the core; `--mutation NAME` runs schedules with one on, to show
+that the checks catch it (tests/test_mutations.py).
 """
 
 from __future__ import annotations
@@ -13,11 +32,15 @@ import sys
 
 if __name__ == "__main__":  # `python tests/simulator.py` from the project root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import ast
 import heapq
+import math
 import random
 from dataclasses import dataclass, field
 
+import linearizability
 from raftlib import (
     ConfChange,
     ConfChangeKind,
@@ -34,6 +57,25 @@ from raftlib import (
     Role,
 )
 from raftlib import codec
+
+ELECTION_TICKS = 10
+HEARTBEAT_TICKS = 2
+
+# Where in the handling of a Ready a node may crash (see the module docstring).
+CRASH_POINTS = ("before_save", "mid_save", "after_save", "after_send")
+
+# Deliberately broken variants of the core, each named by what it gets wrong: Config overrides for the nodes, and
+# the schedule knobs (random_schedule's arguments) under which the simulator catches it.
+MUTATIONS: dict[str, dict] = {
+    "vote_twice": {"config": {"unsafe_vote_twice": True}},
+    "read_without_quorum": {"config": {"unsafe_read_without_quorum": True}},
+    "commit_previous_term": {"config": {"unsafe_commit_previous_term": True}},
+    "lease_without_margin": {"config": {"lease_ticks": ELECTION_TICKS}},
+    "reply_before_fsync": {"config": {"unsafe_reply_before_fsync": True}},
+    "count_own_entries_before_fsync": {"config": {"unsafe_count_own_entries_before_fsync": True}},
+    "forget_vote_on_restart": {"config": {"unsafe_forget_vote_on_restart": True}},
+    "keep_conflicting_suffix": {"config": {"unsafe_keep_conflicting_suffix": True}},
+}
 
 
 class SafetyViolation(AssertionError):
@@ -57,8 +99,6 @@ class KV:
         return repr(sorted(self.data.items())).encode()
 
     def restore(self, data: bytes, index: int) -> None:
-        import ast
-
         self.data = dict(ast.literal_eval(data.decode())) if data else {}
         self.applied_index = index
 
@@ -72,6 +112,11 @@ class SimNode:
     alive: bool = True
     paused: bool = False
     missed_ticks: int = 0  # while paused; a resumed node catches up on them first, as the runtime's clock does
+    backlog: list = field(default_factory=list)  # messages that arrived while paused, in arrival order
+    rate_percent: int = 100  # how fast this node's clock runs
+    clock_percent: int = 0  # the fraction of a tick this node's clock has run but not yet ticked
+    max_commit_index: int = 0  # since the last start: a commit index never goes back
+    leader_last_index: tuple[int, int] = (0, 0)  # (term, last index) while leader: a leader never shrinks its log
 
 
 @dataclass
@@ -82,6 +127,9 @@ class PendingWrite:
     index: int
     term: int
     start: int
+    call: int = 0  # on the history's clock
+    ret: float = math.inf  # when acknowledged; math.inf while (or when forever) unknown
+    lost: bool = False  # another entry was applied at its index: it never took effect
 
 
 @dataclass
@@ -92,6 +140,7 @@ class PendingRead:
     start: int
     min_write_index: int  # the index of the newest write to `key` acknowledged before this read began
     read_index: int | None = None
+    call: int = 0
 
 
 class Cluster:
@@ -105,9 +154,11 @@ class Cluster:
         drop_rate: float = 0.0,
         dup_rate: float = 0.0,
         max_delay: int = 2,
-        election_ticks: int = 10,
-        heartbeat_ticks: int = 2,
+        election_ticks: int = ELECTION_TICKS,
+        heartbeat_ticks: int = HEARTBEAT_TICKS,
         lease_share: float = 0.5,
+        long_delay_rate: float = 0.0,
+        clock_drift_percent: int = 0,
     ) -> None:
         self.seed = seed
         self.lease_share = lease_share  # of the client reads, the share asked for with a lease
@@ -116,32 +167,41 @@ class Cluster:
         self.now = 0
         self.codec_roundtrip = codec_roundtrip
         self.drop_rate, self.dup_rate, self.max_delay = drop_rate, dup_rate, max_delay
+        self.long_delay_rate = long_delay_rate  # of the messages, the share delayed by 1 to 3 election timeouts
         self.config_overrides = dict(config_overrides or {})
         self.election_ticks, self.heartbeat_ticks = election_ticks, heartbeat_ticks
+        self.replay_command = f"python tests/simulator.py --seed {seed} --size {n}"
         self.ids = [f"n{i}" for i in range(1, n + spares + 1)]
         voters = tuple(self.ids[:n])
         self.initial = Membership(voters=voters, members=tuple(Member(v, f"raft-{v}", f"http-{v}") for v in voters))
         self.nodes: dict[str, SimNode] = {}
+        self.trace: list[str] = []
+        self.leaders_by_term: dict[int, str] = {}
+        self.applied: dict[int, tuple[int, int, bytes]] = {}  # index -> (term, kind, data) applied anywhere
+        self.entries_seen: dict[tuple[int, int], tuple[Entry, int | None]] = {}  # (index, term) -> (entry, term before)
+        self.commit_term: dict[int, int] = {}  # index -> term of the leader that first committed it
+        self._leader_commit: dict[str, int] = {}
+        self._leaders_checked: set[tuple[str, int]] = set()
         for node_id in self.ids:
             storage = MemoryStorage()
             if node_id in voters:  # bootstrap: every initial voter starts with the same first entry
                 storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", self.initial)])
-            self.nodes[node_id] = SimNode(node_id, storage)
+            rate = 100 + self.rng.randint(-clock_drift_percent, clock_drift_percent) if clock_drift_percent else 100
+            self.nodes[node_id] = SimNode(node_id, storage, rate_percent=rate,
+                                          clock_percent=self.rng.randrange(100) if clock_drift_percent else 0)
             self._start(node_id)
         self.network: list = []
         self._seq = 0
         self.cut: set[tuple[str, str]] = set()  # directed links that drop everything
         self.deliver_filter = None  # optional callable(message) -> message or None, for scripted scenarios
-        self.trace: list[str] = []
-        self.leaders_by_term: dict[int, str] = {}
-        self.applied: dict[int, tuple[int, int, bytes]] = {}  # index -> (term, kind, data) applied anywhere
+        self.writes: list[PendingWrite] = []  # every write a leader accepted, whatever became of it
         self.acked_writes: list[PendingWrite] = []
+        self._acked_index: dict[str, int] = {}  # key -> index of the newest acknowledged write to it
+        self.read_ops: list[linearizability.Op] = []  # every read that was answered
+        self.history_clock = 0  # orders calls and returns: the simulator is one thread, so this is real time
         self.pending_writes: dict[str, list[PendingWrite]] = {i: [] for i in self.ids}
         self.pending_reads: dict[str, dict[int, PendingRead]] = {i: {} for i in self.ids}
         self.reads_checked = 0
-        self.commit_term: dict[int, int] = {}  # index -> term of the leader that first committed it
-        self._leader_commit: dict[str, int] = {}
-        self._leaders_checked: set[tuple[str, int]] = set()
         self.next_request_id = 1
         self.next_value = 1
         self.keys = ["a", "b", "c"]
@@ -173,13 +233,19 @@ class Cluster:
         sn.alive = True
         sn.paused = False
         sn.missed_ticks = 0
+        sn.backlog = []
+        sn.max_commit_index = 0
+        sn.leader_last_index = (0, 0)
+        log = sn.node.log
+        for index in range(log.first_index, log.last_index + 1):  # what storage gave back was once in a Ready
+            self._check_entry(node_id, log.entry(index), log.term(index - 1))
 
     def crash(self, node_id: str) -> None:
         sn = self.nodes[node_id]
         sn.alive = False
         sn.node = None
-        if self.rng.random() < 0.5:
-            sn.storage.lose_unsynced()  # the kernel had not written the commit index out yet
+        sn.backlog = []
+        sn.storage.crash(self.rng)  # the kernel wrote out some, none or all of what was not synced
         self.pending_writes[node_id] = []  # outcome unknown: they may or may not commit
         self.pending_reads[node_id] = {}
         self.log_event(node_id, "crash")
@@ -203,7 +269,10 @@ class Cluster:
         for _ in range(copies):
             if self.codec_roundtrip:
                 m = codec.decode_batch(codec.encode_batch([m]))[0]
-            delay = self.rng.randint(0, self.max_delay)
+            if self.long_delay_rate and self.rng.random() < self.long_delay_rate:
+                delay = self.rng.randint(self.election_ticks, 3 * self.election_ticks)
+            else:
+                delay = self.rng.randint(0, self.max_delay)
             self._seq += 1
             heapq.heappush(self.network, (self.now + delay, self._seq, m))
 
@@ -237,49 +306,100 @@ class Cluster:
         if len(self.trace) > 400:
             del self.trace[:200]
 
+    def _clock_ticks(self, sn: SimNode) -> int:
+        """How many times this node's clock ticks during this tick of true time (0, 1 or 2 when rates differ)."""
+        if sn.rate_percent == 100:
+            return 1
+        sn.clock_percent += sn.rate_percent
+        ticks, sn.clock_percent = divmod(sn.clock_percent, 100)
+        return ticks
+
     def tick(self, crash_rate: float = 0.0) -> None:
-        """Advance one tick: tick every live node, deliver what is due, process every Ready."""
+        """Advance one tick: tick every live node (by its own clock), deliver what is due, process every Ready."""
         self.now += 1
         for node_id in self.ids:
             sn = self.nodes[node_id]
-            if sn.alive and sn.paused:
-                sn.missed_ticks += 1
-            if sn.alive and not sn.paused:
-                role = sn.node.role
-                sn.node.tick()
-                if sn.node.role is not role:
-                    self.log_event(node_id, f"tick -> {sn.node.role.value}")
-                self.process(node_id, crash_rate)
+            if not sn.alive:
+                continue
+            ticks = self._clock_ticks(sn)
+            if sn.paused:
+                sn.missed_ticks += ticks
+                continue
+            for _ in range(ticks):
+                self._tick_node(node_id, crash_rate)
+                if not sn.alive:
+                    break
         while self.network and self.network[0][0] <= self.now:
             _, _, m = heapq.heappop(self.network)
             sn = self.nodes[m.dst]
-            if not sn.alive or sn.paused:
+            if not sn.alive:
                 continue
-            role = sn.node.role
-            sn.node.step(m)
-            if sn.node.role is not role:
-                self.log_event(m.dst, f"{type(m).__name__} from {m.src} -> {sn.node.role.value}")
-            self.process(m.dst, crash_rate)
-        self.check_safety()
+            if sn.paused:
+                sn.backlog.append(m)  # waits in the socket for the process to run again
+                continue
+            self._step(m, crash_rate)
+
+    def _tick_node(self, node_id: str, crash_rate: float = 0.0) -> None:
+        sn = self.nodes[node_id]
+        role = sn.node.role
+        sn.node.tick()
+        if sn.node.role is not role:
+            self.log_event(node_id, f"tick -> {sn.node.role.value}")
+        self.process(node_id, crash_rate)
+
+    def _step(self, m, crash_rate: float = 0.0) -> None:
+        sn = self.nodes[m.dst]
+        role = sn.node.role
+        sn.node.step(m)
+        if sn.node.role is not role:
+            self.log_event(m.dst, f"{type(m).__name__} from {m.src} -> {sn.node.role.value}")
+        self.process(m.dst, crash_rate)
 
     def process(self, node_id: str, crash_rate: float = 0.0) -> None:
+        """Check the node, then handle each of its Readies as the runtime does, checking again after each."""
         sn = self.nodes[node_id]
+        self._check_node(node_id)
         while sn.alive and sn.node.has_ready():
             rd = sn.node.ready()
             if rd is None:
                 break
+            point = None
+            if crash_rate and self.rng.random() < 2 * crash_rate:
+                point = self.rng.choice(CRASH_POINTS)
+            n = sn.node
+            for e in rd.entries:
+                self._check_entry(node_id, e, n.log.term(e.index - 1))
+            if rd.role is Role.LEADER and rd.entries:
+                term, last = sn.leader_last_index
+                if term == rd.term and rd.entries[0].index <= last:
+                    self.fail(f"leader append-only: {node_id} rewrote its log from {rd.entries[0].index} in term "
+                              f"{term}, where it had {last}")
+                sn.leader_last_index = (rd.term, rd.entries[-1].index)
+            if rd.snapshot is not None:
+                s = rd.snapshot
+                seen = self.applied.get(s.last_included_index)
+                if seen is not None and seen[0] != s.last_included_term:
+                    self.fail(f"{node_id} installs a snapshot at {s.last_included_index} term {s.last_included_term}"
+                              f", but the entry applied there has term {seen[0]}")
             early, late = rd.split_messages()
             for m in early:  # a leader's appends go out before its own save, as the runtime sends them
                 self.send(m)
-            if crash_rate and self.rng.random() < crash_rate:
-                self.crash(node_id)  # before saving: everything in this Ready is lost (but the early messages)
+            if point == "before_save":
+                self.crash(node_id)  # everything in this Ready is lost (but the early messages)
+                return
+            if point == "mid_save":
+                sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=False)
+                self.crash(node_id)  # written, never fsynced: some, none or all of it survives
                 return
             sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
-            if crash_rate and self.rng.random() < crash_rate:
-                self.crash(node_id)  # saved, but nothing else sent, nothing applied
+            if point == "after_save":
+                self.crash(node_id)  # saved, but nothing sent, nothing applied
                 return
             for m in late:
                 self.send(m)
+            if point == "after_send":
+                self.crash(node_id)  # saved and sent, nothing applied
+                return
             if rd.snapshot is not None:
                 sn.kv.restore(rd.snapshot.data, rd.snapshot.last_included_index)
             for e in rd.committed_entries:
@@ -292,6 +412,11 @@ class Cluster:
                 self.pending_reads[node_id].pop(request_id, None)
             sn.node.advance(rd)
             self._serve_reads(sn)
+            self._check_node(node_id)
+
+    def _stamp(self) -> int:
+        self.history_clock += 1
+        return self.history_clock
 
     def _apply(self, sn: SimNode, e: Entry) -> None:
         seen = self.applied.get(e.index)
@@ -307,7 +432,11 @@ class Cluster:
         for w in self.pending_writes[sn.node_id]:
             if w.index == e.index:
                 if w.term == e.term:
+                    w.ret = self._stamp()
                     self.acked_writes.append(w)
+                    self._acked_index[w.key] = max(self._acked_index.get(w.key, 0), w.index)
+                else:
+                    w.lost = True  # (index, term) never commits once another entry committed at the index
             elif w.index > e.index:
                 still.append(w)
         self.pending_writes[sn.node_id] = still
@@ -319,8 +448,9 @@ class Cluster:
             if sn.kv.applied_index < r.read_index:
                 continue
             del reads[request_id]
-            _, write_index = sn.kv.data.get(r.key, (None, 0))
+            value, write_index = sn.kv.data.get(r.key, (None, 0))
             self.reads_checked += 1
+            self.read_ops.append(linearizability.Op(r.key, linearizability.READ, value, r.call, self._stamp()))
             if write_index < r.min_write_index:
                 self.fail(
                     f"linearizability: read of {r.key!r} on {sn.node_id} (started t={r.start}) saw the write at "
@@ -343,17 +473,23 @@ class Cluster:
         self.log_event(node_id, "paused")
 
     def resume(self, node_id: str, catch_up: bool = True) -> None:
-        """Like SIGCONT for the real runtime: the node's clock jumps over the time it was stopped. (Without
-        `catch_up`, a runtime whose clock stopped with the process: what leases must not run on.)"""
+        """Like SIGCONT for the real runtime: the node's clock jumps over the time it was stopped, then it reads
+        the messages that waited for it. (Without `catch_up`, a runtime whose clock stopped with the process:
+        what leases must not run on.)"""
         sn = self.nodes[node_id]
         if not sn.paused:
             return
         sn.paused = False
-        if sn.alive and catch_up:
-            for _ in range(sn.missed_ticks):
-                sn.node.tick()
-            self.log_event(node_id, f"resumed after {sn.missed_ticks} ticks -> {sn.node.role.value}")
-            self.process(node_id)
+        if sn.alive:
+            if catch_up:
+                for _ in range(sn.missed_ticks):
+                    sn.node.tick()
+                self.log_event(node_id, f"resumed after {sn.missed_ticks} ticks -> {sn.node.role.value}")
+                self.process(node_id)
+            backlog, sn.backlog = sn.backlog, []
+            for m in backlog:
+                if sn.alive:
+                    self._step(m)
         sn.missed_ticks = 0
 
     def client_write(self, node_id: str, key: str | None = None) -> PendingWrite | None:
@@ -363,11 +499,13 @@ class Cluster:
         key = key or self.rng.choice(self.keys)
         value = f"v{self.next_value}"
         self.next_value += 1
+        call = self._stamp()
         try:
             index = sn.node.propose(f"{key}={value}".encode())
         except (NotLeader, ProposalDropped):
             return None
-        w = PendingWrite(key, value, node_id, index, sn.node.current_term, self.now)
+        w = PendingWrite(key, value, node_id, index, sn.node.current_term, self.now, call)
+        self.writes.append(w)
         self.pending_writes[node_id].append(w)
         self.process(node_id)
         return w
@@ -377,14 +515,15 @@ class Cluster:
         if not sn.alive or sn.paused:
             return None
         key = key or self.rng.choice(self.keys)
-        min_index = max((w.index for w in self.acked_writes if w.key == key), default=0)
+        min_index = self._acked_index.get(key, 0)
         request_id = self.next_request_id
         self.next_request_id += 1
+        call = self._stamp()
         try:
             sn.node.read_index(request_id, lease=self.rng.random() < self.lease_share if lease is None else lease)
         except NotLeader:
             return None
-        r = PendingRead(request_id, key, node_id, self.now, min_index)
+        r = PendingRead(request_id, key, node_id, self.now, min_index, call=call)
         self.pending_reads[node_id][request_id] = r
         self.process(node_id)
         return r
@@ -418,42 +557,49 @@ class Cluster:
         trace = "\n".join(self.trace[-60:])
         raise SafetyViolation(
             f"{why}\nseed={self.seed} t={self.now}\n--- last events ---\n{trace}\n"
-            f"replay: python tests/simulator.py --seed {self.seed} --size {self.size}"
+            f"replay: {self.replay_command}"
         )
 
+    def _check_entry(self, node_id: str, e: Entry, term_before: int | None) -> None:
+        """Log matching (§5.3), whole logs, incrementally: an (index, term) names one entry everywhere, and one
+        term of the entry before it, so by induction logs that agree at an index agree on all before it."""
+        key = (e.index, e.term)
+        seen = self.entries_seen.get(key)
+        if seen is None:
+            self.entries_seen[key] = (e, term_before)
+        elif seen[0] != e:
+            self.fail(f"log matching: {node_id} holds {e} at index {e.index} term {e.term}, another node {seen[0]}")
+        elif term_before is not None and seen[1] is not None and seen[1] != term_before:
+            self.fail(f"log matching: {node_id} holds entry {e.index} term {e.term} after an entry of term "
+                      f"{term_before}, another node after one of term {seen[1]}")
+
+    def _check_node(self, node_id: str) -> None:
+        """Figure 3, on the node that just moved."""
+        sn = self.nodes[node_id]
+        if not sn.alive:
+            return
+        n = sn.node
+        if n.role is Role.LEADER:
+            other = self.leaders_by_term.setdefault(n.current_term, node_id)
+            if other != node_id:
+                self.fail(f"election safety: {other} and {node_id} both leaders in term {n.current_term}")
+            if (node_id, n.current_term) not in self._leaders_checked:
+                self._leaders_checked.add((node_id, n.current_term))
+                self._check_leader_completeness(node_id)
+            before = self._leader_commit.get(node_id, 0)
+            if n.commit_index > before:
+                for index in range(max(before, n.log.snapshot_index) + 1, n.commit_index + 1):
+                    self.commit_term.setdefault(index, n.current_term)
+            self._leader_commit[node_id] = n.commit_index
+        if n.commit_index > n.log.last_index:
+            self.fail(f"{node_id} commit {n.commit_index} beyond its log {n.log.last_index}")
+        if n.commit_index < sn.max_commit_index:
+            self.fail(f"{node_id} commit index went back from {sn.max_commit_index} to {n.commit_index}")
+        sn.max_commit_index = n.commit_index
+
     def check_safety(self) -> None:
-        by_index: dict[tuple[int, int], bytes] = {}
         for node_id in self.ids:
-            sn = self.nodes[node_id]
-            if not sn.alive:
-                continue
-            n = sn.node
-            if n.role is Role.LEADER:
-                other = self.leaders_by_term.setdefault(n.current_term, node_id)
-                if other != node_id:
-                    self.fail(f"election safety: {other} and {node_id} both leaders in term {n.current_term}")
-                if (node_id, n.current_term) not in self._leaders_checked:
-                    self._leaders_checked.add((node_id, n.current_term))
-                    self._check_leader_completeness(node_id)
-                if n.commit_index > self._leader_commit.get(node_id, 0):
-                    for index in range(max(self._leader_commit.get(node_id, 0), n.log.snapshot_index) + 1,
-                                       n.commit_index + 1):
-                        self.commit_term.setdefault(index, n.current_term)
-                self._leader_commit[node_id] = n.commit_index
-            if n.commit_index > n.log.last_index:
-                self.fail(f"{node_id} commit {n.commit_index} beyond its log {n.log.last_index}")
-        # Log matching, part 1: an (index, term) pair names one entry everywhere.
-        for node_id in self.ids:
-            sn = self.nodes[node_id]
-            if not sn.alive:
-                continue
-            log = sn.node.log
-            for index in range(max(log.first_index, log.last_index - 20), log.last_index + 1):
-                e = log.entry(index)
-                key = (index, e.term)
-                data = e.data if e.membership is None else repr(e.membership).encode()
-                if by_index.setdefault(key, data) != data:
-                    self.fail(f"log matching: two different entries at index {index} term {e.term}")
+            self._check_node(node_id)
 
     def _check_leader_completeness(self, node_id: str) -> None:
         """§5.4: a leader's log holds every entry committed in an earlier term."""
@@ -461,7 +607,7 @@ class Cluster:
         for index, committed_in in self.commit_term.items():
             if committed_in >= n.current_term or index <= n.log.snapshot_index:
                 continue
-            if n.log.term(index) != self.applied.get(index, (n.log.term(index),))[0] or index > n.log.last_index:
+            if index > n.log.last_index or n.log.term(index) != self.applied.get(index, (n.log.term(index),))[0]:
                 self.fail(f"leader completeness: {node_id} (term {n.current_term}) lacks committed entry {index}")
 
     def check_log_matching(self) -> None:
@@ -480,6 +626,16 @@ class Cluster:
                         self.fail(f"log matching: {a.node_id} and {b.node_id} differ at {index} below a match")
                     agreed = agreed or same
 
+    def check_history(self) -> None:
+        """The clients' reads and writes must be linearizable: acknowledged writes at their acknowledgement,
+        writes never acknowledged (a crash, a lost leadership, the end of the run) with unknown outcome, writes
+        whose entry was overwritten left out (they never took effect), answered reads as answered."""
+        ops = [linearizability.Op(w.key, linearizability.WRITE, w.value, w.call, w.ret)
+               for w in self.writes if not w.lost]
+        result = linearizability.check(ops + self.read_ops)
+        if not result.ok:
+            self.fail(f"linearizability (history checker): {result.explanation}")
+
     def run(self, ticks: int, **kwargs) -> None:
         for _ in range(ticks):
             self.tick(**kwargs)
@@ -492,22 +648,37 @@ class Cluster:
         return predicate()
 
 
+def _config_arg(overrides: dict) -> str:
+    return " ".join(f"--config {k}={v!r}" for k, v in sorted(overrides.items()))
+
+
 def random_schedule(
     seed: int, n: int, fault_ticks: int = 300, heal_ticks: int = 600, config_overrides: dict | None = None,
-    lease_share: float = 0.5,
+    lease_share: float = 0.5, mutation: str | None = None,
 ) -> Cluster:
-    """One seeded run: faults and clients for `fault_ticks`, then heal everything and check liveness."""
+    """One seeded run: faults and clients for `fault_ticks`, then heal everything and check liveness and the
+    clients' history. `mutation` names a deliberately broken core from MUTATIONS."""
     rng = random.Random(seed ^ 0x5EED)
+    overrides = dict(MUTATIONS[mutation]["config"]) if mutation else {}
+    overrides.update(config_overrides or {})
     cluster = Cluster(
         seed,
         n=n,
-        config_overrides=config_overrides,
+        config_overrides=overrides,
         lease_share=lease_share,
         spares=1,
         drop_rate=rng.choice([0.0, 0.02, 0.1]),
         dup_rate=rng.choice([0.0, 0.02]),
         max_delay=rng.choice([1, 2, 4]),
+        long_delay_rate=rng.choice([0.0, 0.0, 0.003, 0.01]),
+        clock_drift_percent=rng.choice([0, 2, 4]),
     )
+    if mutation:
+        cluster.replay_command += f" --mutation {mutation}"
+    if lease_share != 0.5:
+        cluster.replay_command += f" --lease-share {lease_share}"
+    if config_overrides:
+        cluster.replay_command += " " + _config_arg(config_overrides)
     r = cluster.rng
     removed: set[str] = set()
     spare = cluster.ids[-1]
@@ -572,13 +743,14 @@ def random_schedule(
         cluster.tick(crash_rate=crash_rate)
     # Heal: every link back, every node up, no more faults; a leader must appear and everything converge.
     cluster.heal()
-    cluster.drop_rate = cluster.dup_rate = 0.0
+    cluster.drop_rate = cluster.dup_rate = cluster.long_delay_rate = 0.0
     for node_id in cluster.ids:
         sn = cluster.nodes[node_id]
         cluster.resume(node_id)
         if not sn.alive:
             cluster.restart(node_id)
     check_liveness(cluster, heal_ticks)
+    cluster.check_history()
     return cluster
 
 
@@ -618,6 +790,14 @@ def check_liveness(cluster: Cluster, heal_ticks: int) -> None:
                 cluster.fail(f"acknowledged write {w} missing on {node_id}")
 
 
+def _parse_config(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        out[name] = ast.literal_eval(value)
+    return out
+
+
 def main() -> None:
     import argparse
     import time
@@ -627,11 +807,15 @@ def main() -> None:
     p.add_argument("--size", type=int, default=None, help="cluster size (default: 3, 5 and 7)")
     p.add_argument("--count", type=int, default=1, help="run seeds seed .. seed+count-1")
     p.add_argument("--trace", action="store_true", help="print the event trace of each run")
+    p.add_argument("--mutation", choices=sorted(MUTATIONS), help="run a deliberately broken core")
+    p.add_argument("--lease-share", type=float, default=0.5, help="of the client reads, the share with a lease")
+    p.add_argument("--config", action="append", default=[], metavar="NAME=VALUE", help="a Config override")
     args = p.parse_args()
     started, runs, writes, reads = time.monotonic(), 0, 0, 0
     for seed in range(args.seed, args.seed + args.count):
         for n in (args.size,) if args.size else (3, 5, 7):
-            c = random_schedule(seed, n)
+            c = random_schedule(seed, n, config_overrides=_parse_config(args.config), lease_share=args.lease_share,
+                                mutation=args.mutation)
             runs, writes, reads = runs + 1, writes + len(c.acked_writes), reads + c.reads_checked
             if args.trace:
                 print("\n".join(c.trace))
