@@ -60,23 +60,26 @@ from raftlib import codec
 
 ELECTION_TICKS = 10
 HEARTBEAT_TICKS = 2
+CLIENTS = 4
+CLIENT_OP_CHANCE = 0.25  # per idle client per tick: a write (55%) or a read
+CLIENT_TIMEOUT_ELECTIONS = 3  # a client gives up on a request after this many election timeouts
 
 # Where in the handling of a Ready a node may crash (see the module docstring).
 CRASH_POINTS = ("before_save", "mid_save", "after_save", "after_send")
 
-# Deliberately broken variants of the core, each named by what it gets wrong: Config overrides for the nodes, and
-# the schedule knobs (random_schedule's arguments) under which the simulator catches it.
+# Deliberately broken variants of the core, each named by what it gets wrong: the Config overrides that make it (a
+# value may be a function of the schedule's election ticks).
 MUTATIONS: dict[str, dict] = {
-    "vote_twice": {"config": {"unsafe_vote_twice": True}},
-    "read_without_quorum": {"config": {"unsafe_read_without_quorum": True}},
-    "commit_previous_term": {"config": {"unsafe_commit_previous_term": True}},
-    "lease_without_margin": {"config": {"lease_ticks": ELECTION_TICKS}},
-    "reply_before_fsync": {"config": {"unsafe_reply_before_fsync": True}},
-    "count_own_entries_before_fsync": {"config": {"unsafe_count_own_entries_before_fsync": True}},
-    "forget_vote_on_restart": {"config": {"unsafe_forget_vote_on_restart": True}},
-    "keep_conflicting_suffix": {"config": {"unsafe_keep_conflicting_suffix": True}},
+    "vote_twice": {"unsafe_vote_twice": True},
+    "read_without_quorum": {"unsafe_read_without_quorum": True},
+    "commit_previous_term": {"unsafe_commit_previous_term": True},
+    "lease_without_margin": {"lease_ticks": lambda election_ticks: election_ticks},
+    "lease_longer_than_election_timeout": {"lease_ticks": lambda election_ticks: 2 * election_ticks},
+    "reply_before_fsync": {"unsafe_reply_before_fsync": True},
+    "count_own_entries_before_fsync": {"unsafe_count_own_entries_before_fsync": True},
+    "forget_vote_on_restart": {"unsafe_forget_vote_on_restart": True},
+    "keep_conflicting_suffix": {"unsafe_keep_conflicting_suffix": True},
 }
-
 
 class SafetyViolation(AssertionError):
     pass
@@ -117,6 +120,7 @@ class SimNode:
     clock_percent: int = 0  # the fraction of a tick this node's clock has run but not yet ticked
     max_commit_index: int = 0  # since the last start: a commit index never goes back
     leader_last_index: tuple[int, int] = (0, 0)  # (term, last index) while leader: a leader never shrinks its log
+    saved_vote: tuple[int, str | None] = (0, None)  # (current_term, voted_for) last saved
 
 
 @dataclass
@@ -141,6 +145,7 @@ class PendingRead:
     min_write_index: int  # the index of the newest write to `key` acknowledged before this read began
     read_index: int | None = None
     call: int = 0
+    served: bool = False
 
 
 class Cluster:
@@ -159,6 +164,7 @@ class Cluster:
         lease_share: float = 0.5,
         long_delay_rate: float = 0.0,
         clock_drift_percent: int = 0,
+        restart_rate: float = 0.0,
     ) -> None:
         self.seed = seed
         self.lease_share = lease_share  # of the client reads, the share asked for with a lease
@@ -168,6 +174,7 @@ class Cluster:
         self.codec_roundtrip = codec_roundtrip
         self.drop_rate, self.dup_rate, self.max_delay = drop_rate, dup_rate, max_delay
         self.long_delay_rate = long_delay_rate  # of the messages, the share delayed by 1 to 3 election timeouts
+        self.restart_rate = restart_rate  # of the crashes inside a Ready, the share restarted at once (a supervisor)
         self.config_overrides = dict(config_overrides or {})
         self.election_ticks, self.heartbeat_ticks = election_ticks, heartbeat_ticks
         self.replay_command = f"python tests/simulator.py --seed {seed} --size {n}"
@@ -236,9 +243,15 @@ class Cluster:
         sn.backlog = []
         sn.max_commit_index = 0
         sn.leader_last_index = (0, 0)
+        sn.saved_vote = (stored.hard_state.current_term, stored.hard_state.voted_for)
         log = sn.node.log
         for index in range(log.first_index, log.last_index + 1):  # what storage gave back was once in a Ready
             self._check_entry(node_id, log.entry(index), log.term(index - 1))
+
+    def _crash_in_ready(self, node_id: str) -> None:
+        self.crash(node_id)
+        if self.restart_rate and self.rng.random() < self.restart_rate:
+            self.restart(node_id)
 
     def crash(self, node_id: str) -> None:
         sn = self.nodes[node_id]
@@ -364,7 +377,10 @@ class Cluster:
             if rd is None:
                 break
             point = None
-            if crash_rate and self.rng.random() < 2 * crash_rate:
+            # Crash ten times as often around a new term or vote: the saves whose loss would matter most.
+            hs = rd.hard_state
+            votes = hs is not None and (hs.current_term, hs.voted_for) != sn.saved_vote
+            if crash_rate and self.rng.random() < 2 * crash_rate * (10 if votes else 1):
                 point = self.rng.choice(CRASH_POINTS)
             n = sn.node
             for e in rd.entries:
@@ -385,20 +401,22 @@ class Cluster:
             for m in early:  # a leader's appends go out before its own save, as the runtime sends them
                 self.send(m)
             if point == "before_save":
-                self.crash(node_id)  # everything in this Ready is lost (but the early messages)
+                self._crash_in_ready(node_id)  # everything in this Ready is lost (but the early messages)
                 return
             if point == "mid_save":
                 sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=False)
-                self.crash(node_id)  # written, never fsynced: some, none or all of it survives
+                self._crash_in_ready(node_id)  # written, never fsynced: some, none or all of it survives
                 return
             sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
+            if hs is not None:
+                sn.saved_vote = (hs.current_term, hs.voted_for)
             if point == "after_save":
-                self.crash(node_id)  # saved, but nothing sent, nothing applied
+                self._crash_in_ready(node_id)  # saved, but nothing sent, nothing applied
                 return
             for m in late:
                 self.send(m)
             if point == "after_send":
-                self.crash(node_id)  # saved and sent, nothing applied
+                self._crash_in_ready(node_id)  # saved and sent, nothing applied
                 return
             if rd.snapshot is not None:
                 sn.kv.restore(rd.snapshot.data, rd.snapshot.last_included_index)
@@ -448,6 +466,7 @@ class Cluster:
             if sn.kv.applied_index < r.read_index:
                 continue
             del reads[request_id]
+            r.served = True
             value, write_index = sn.kv.data.get(r.key, (None, 0))
             self.reads_checked += 1
             self.read_ops.append(linearizability.Op(r.key, linearizability.READ, value, r.call, self._stamp()))
@@ -492,17 +511,25 @@ class Cluster:
                     self._step(m)
         sn.missed_ticks = 0
 
-    def client_write(self, node_id: str, key: str | None = None) -> PendingWrite | None:
+    def client_write(self, node_id: str, key: str | None = None, redirect: bool = True,
+                     value: str | None = None) -> PendingWrite | None:
         sn = self.nodes[node_id]
         if not sn.alive or sn.paused:
             return None
         key = key or self.rng.choice(self.keys)
-        value = f"v{self.next_value}"
-        self.next_value += 1
+        if value is None:
+            value = f"v{self.next_value}"
+            self.next_value += 1
         call = self._stamp()
         try:
             index = sn.node.propose(f"{key}={value}".encode())
-        except (NotLeader, ProposalDropped):
+        except NotLeader as e:
+            # The client follows the redirect to the leader the node names, once (`curl -L`, or `-forward`).
+            hint = self.nodes.get(e.leader_id) if redirect else None
+            if hint is None or not hint.alive or hint.paused:
+                return None
+            return self.client_write(hint.node_id, key, redirect=False, value=value)
+        except ProposalDropped:
             return None
         w = PendingWrite(key, value, node_id, index, sn.node.current_term, self.now, call)
         self.writes.append(w)
@@ -648,18 +675,97 @@ class Cluster:
         return predicate()
 
 
+class Client:
+    """One client: one request at a time, as a real client waits for its answer (so the history stays as narrow
+    as the checker needs), to the node it keeps talking to (a kept-alive connection: the clients of a stale
+    leader keep asking it). It follows a redirect for writes, gives up on a request after `timeout_ticks` (a
+    write's outcome is then unknown), and moves to another node when its node fails it."""
+
+    def __init__(self, home: str, timeout_ticks: int) -> None:
+        self.home = home
+        self.timeout_ticks = timeout_ticks
+        self.request: PendingWrite | PendingRead | None = None
+
+    def _waiting(self, cluster: Cluster) -> bool:
+        """Is the request still unanswered (True), or answered, failed or given up (False, and failed says how)?"""
+        r = self.request
+        if isinstance(r, PendingWrite):
+            answered = r.ret != math.inf or r.lost or r not in cluster.pending_writes[r.node_id]
+            self.failed = r.ret == math.inf
+        else:
+            answered = r.request_id not in cluster.pending_reads[r.node_id]
+            self.failed = answered and not r.served
+        return not answered and cluster.now - r.start < self.timeout_ticks
+
+    def act(self, cluster: Cluster, alive: list[str]) -> None:
+        r = cluster.rng
+        if self.request is not None:
+            if self._waiting(cluster):
+                return
+            self.request = None
+            if self.failed and alive:
+                self.home = r.choice(alive)
+            return
+        x = r.random()
+        if x >= CLIENT_OP_CHANCE:
+            return
+        if self.home not in alive or cluster.nodes[self.home].paused:
+            if alive:
+                self.home = r.choice(alive)
+            return
+        if x < CLIENT_OP_CHANCE * 0.55:
+            self.request = cluster.client_write(self.home)
+        else:
+            self.request = cluster.client_read(self.home)
+        if alive and (self.request is None or r.random() < 0.02):
+            self.home = r.choice(alive)
+
+
 def _config_arg(overrides: dict) -> str:
     return " ".join(f"--config {k}={v!r}" for k, v in sorted(overrides.items()))
 
 
+# Nemesis profiles: the chance of each action per round (one round per `scale` ticks), and the chances per Ready of
+# a crash inside it. "mixed" is a bit of everything; "churn" takes leaders away often (isolation, crash, transfer),
+# which is what makes logs diverge across terms (Figure 8); "crashy" crashes and restarts nodes all the time.
+PROFILES: dict[str, dict] = {
+    "mixed": {"crash": 0.01, "restart": 0.02, "isolate_leader": 0.01, "partition": 0.01, "cut": 0.005,
+              "heal": 0.025, "snapshot": 0.005, "transfer": 0.005, "add_learner": 0.003, "remove": 0.002,
+              "pause": 0.005, "crash_leader": 0.0, "ready_crash_rates": (0.0, 0.001, 0.003, 0.01)},
+    "churn": {"crash": 0.005, "restart": 0.03, "isolate_leader": 0.04, "partition": 0.02, "cut": 0.005,
+              "heal": 0.04, "snapshot": 0.005, "transfer": 0.01, "add_learner": 0.0, "remove": 0.0,
+              "pause": 0.005, "crash_leader": 0.01, "ready_crash_rates": (0.0, 0.003)},
+    "isolation": {"crash": 0.002, "restart": 0.02, "isolate_leader": 0.03, "partition": 0.01, "cut": 0.0,
+                  "heal": 0.01, "snapshot": 0.002, "transfer": 0.0, "add_learner": 0.0, "remove": 0.0,
+                  "pause": 0.0, "crash_leader": 0.0, "ready_crash_rates": (0.0,)},
+    "crashy": {"crash": 0.03, "restart": 0.06, "isolate_leader": 0.005, "partition": 0.005, "cut": 0.0,
+               "heal": 0.03, "snapshot": 0.01, "transfer": 0.005, "add_learner": 0.003, "remove": 0.002,
+               "pause": 0.005, "crash_leader": 0.01, "ready_crash_rates": (0.01, 0.03)},
+}
+PROFILE_MIX = ("mixed", "mixed", "churn", "crashy")  # a schedule's profile, drawn from its seed
+
+
 def random_schedule(
     seed: int, n: int, fault_ticks: int = 300, heal_ticks: int = 600, config_overrides: dict | None = None,
-    lease_share: float = 0.5, mutation: str | None = None,
+    lease_share: float = 0.5, mutation: str | None = None, profile: str | None = None,
 ) -> Cluster:
-    """One seeded run: faults and clients for `fault_ticks`, then heal everything and check liveness and the
-    clients' history. `mutation` names a deliberately broken core from MUTATIONS."""
+    """One seeded run: faults and clients for `fault_ticks` (times the time scale), then heal everything and check
+    liveness and the clients' history. `mutation` names a deliberately broken core from MUTATIONS; `profile` a
+    nemesis from PROFILES (default: drawn from the seed)."""
     rng = random.Random(seed ^ 0x5EED)
-    overrides = dict(MUTATIONS[mutation]["config"]) if mutation else {}
+    drawn = rng.choice(PROFILE_MIX)
+    nemesis = PROFILES[profile or drawn]
+    # A third of the schedules run on a finer clock (a tick a third as long, messages as fast as before): the races
+    # between an election timeout and a lease, and clock drift, then show at a resolution the lease margin needs.
+    scale = rng.choice([1, 1, 3])
+    election_ticks = ELECTION_TICKS * scale
+    # One entry per AppendEntries in some schedules: followers then hold parts of a new leader's log, as in Figure 8.
+    overrides = {"max_batch_bytes": rng.choice([1 << 20, 1 << 20, 1])}
+    # The protocol's options are part of the contract too: a share of the schedules runs without each.
+    overrides["check_quorum"] = rng.random() >= 0.2
+    overrides["pre_vote"] = rng.random() >= 0.2
+    if mutation:
+        overrides.update({k: v(election_ticks) if callable(v) else v for k, v in MUTATIONS[mutation].items()})
     overrides.update(config_overrides or {})
     cluster = Cluster(
         seed,
@@ -667,14 +773,22 @@ def random_schedule(
         config_overrides=overrides,
         lease_share=lease_share,
         spares=1,
+        election_ticks=election_ticks,
+        heartbeat_ticks=HEARTBEAT_TICKS if scale == 1 else 5,
         drop_rate=rng.choice([0.0, 0.02, 0.1]),
         dup_rate=rng.choice([0.0, 0.02]),
         max_delay=rng.choice([1, 2, 4]),
         long_delay_rate=rng.choice([0.0, 0.0, 0.003, 0.01]),
-        clock_drift_percent=rng.choice([0, 2, 4]),
+        # Within the lease margin (thesis §6.4.1): a lease is 4/5 of the election timeout, so rates may differ by
+        # up to 5/4; 8% either way is 1.17 at most, with room for the ticks' granularity.
+        clock_drift_percent=rng.choice([0, 4, 8]),
+        restart_rate=rng.choice([0.0, 0.5, 1.0]),
     )
+    crash_rate = rng.choice(nemesis["ready_crash_rates"])
     if mutation:
         cluster.replay_command += f" --mutation {mutation}"
+    if profile and profile != drawn:
+        cluster.replay_command += f" --profile {profile}"
     if lease_share != 0.5:
         cluster.replay_command += f" --lease-share {lease_share}"
     if config_overrides:
@@ -682,39 +796,47 @@ def random_schedule(
     r = cluster.rng
     removed: set[str] = set()
     spare = cluster.ids[-1]
-    crash_rate = rng.choice([0.0, 0.001, 0.003])
+    clients = [Client(r.choice(cluster.ids), CLIENT_TIMEOUT_ELECTIONS * election_ticks) for _ in range(CLIENTS)]
+    actions = [(name, nemesis[name]) for name in ("crash", "restart", "isolate_leader", "partition", "cut", "heal",
+                                                  "snapshot", "transfer", "add_learner", "remove", "pause",
+                                                  "crash_leader")]
     for _ in range(fault_ticks):
         x = r.random()
         alive = [i for i in cluster.ids if cluster.nodes[i].alive and i not in removed]
-        if x < 0.25:
-            cluster.client_write(r.choice(alive) if alive else cluster.ids[0])
-        elif x < 0.45:
-            if alive:
-                cluster.client_read(r.choice(alive))
-        elif x < 0.46:
+        action = None
+        for name, chance in actions:
+            if x < chance:
+                action = name
+                break
+            x -= chance
+        if action == "crash":
             victim = r.choice(cluster.ids)
             if cluster.nodes[victim].alive:
                 cluster.crash(victim)
-        elif x < 0.48:
+        elif action == "restart":
             down = [i for i in cluster.ids if not cluster.nodes[i].alive]
             if down:
                 cluster.restart(r.choice(down))
-        elif x < 0.49:
+        elif action == "isolate_leader":
             leader = cluster.leader()
             if leader:
                 cluster.isolate(leader)
                 cluster.log_event(leader, "isolated")
-        elif x < 0.50:
+        elif action == "crash_leader":
+            leader = cluster.leader()
+            if leader:
+                cluster.crash(leader)
+        elif action == "partition":
             group = r.sample(cluster.ids, len(cluster.ids) // 2)
             cluster.partition(group)
-        elif x < 0.505:
+        elif action == "cut":
             a, b = r.sample(cluster.ids, 2)
             cluster.cut.add((a, b))  # asymmetric
-        elif x < 0.53:
+        elif action == "heal":
             cluster.heal()
-        elif x < 0.535:
+        elif action == "snapshot":
             cluster.take_snapshot(r.choice(cluster.ids))
-        elif x < 0.54:
+        elif action == "transfer":
             leader = cluster.leader()
             voters = cluster.nodes[leader].node.membership.voters if leader else ()
             if leader and len(voters) > 1:
@@ -724,9 +846,9 @@ def random_schedule(
                     cluster.log_event(leader, f"transfer to {target}")
                 except Exception:
                     pass
-        elif x < 0.543:
+        elif action == "add_learner":
             cluster.change_membership(ConfChangeKind.ADD_LEARNER, spare)
-        elif x < 0.545:
+        elif action == "remove":
             leader = cluster.leader()
             if leader:
                 voters = cluster.nodes[leader].node.membership.voters
@@ -734,13 +856,17 @@ def random_schedule(
                     victim = r.choice(voters)
                     if cluster.change_membership(ConfChangeKind.REMOVE, victim):
                         removed.add(victim)
-        elif x < 0.55:
+        elif action == "pause":
             victim = r.choice(cluster.ids)
             if cluster.nodes[victim].paused:
                 cluster.resume(victim)
             else:
                 cluster.pause(victim)
-        cluster.tick(crash_rate=crash_rate)
+        for _ in range(scale):
+            alive = [i for i in cluster.ids if cluster.nodes[i].alive and i not in removed]
+            for client in clients:
+                client.act(cluster, alive)
+            cluster.tick(crash_rate=crash_rate)
     # Heal: every link back, every node up, no more faults; a leader must appear and everything converge.
     cluster.heal()
     cluster.drop_rate = cluster.dup_rate = cluster.long_delay_rate = 0.0
@@ -749,7 +875,7 @@ def random_schedule(
         cluster.resume(node_id)
         if not sn.alive:
             cluster.restart(node_id)
-    check_liveness(cluster, heal_ticks)
+    check_liveness(cluster, heal_ticks * scale)
     cluster.check_history()
     return cluster
 
@@ -808,6 +934,7 @@ def main() -> None:
     p.add_argument("--count", type=int, default=1, help="run seeds seed .. seed+count-1")
     p.add_argument("--trace", action="store_true", help="print the event trace of each run")
     p.add_argument("--mutation", choices=sorted(MUTATIONS), help="run a deliberately broken core")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="the nemesis (default: drawn from the seed)")
     p.add_argument("--lease-share", type=float, default=0.5, help="of the client reads, the share with a lease")
     p.add_argument("--config", action="append", default=[], metavar="NAME=VALUE", help="a Config override")
     args = p.parse_args()
@@ -815,7 +942,7 @@ def main() -> None:
     for seed in range(args.seed, args.seed + args.count):
         for n in (args.size,) if args.size else (3, 5, 7):
             c = random_schedule(seed, n, config_overrides=_parse_config(args.config), lease_share=args.lease_share,
-                                mutation=args.mutation)
+                                mutation=args.mutation, profile=args.profile)
             runs, writes, reads = runs + 1, writes + len(c.acked_writes), reads + c.reads_checked
             if args.trace:
                 print("\n".join(c.trace))
