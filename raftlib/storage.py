@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import zlib
 import cbor2
 
 from . import codec
+from .fs import FileSystem, OsFileSystem
 from .memory_storage import StoredState
 from .messages import Entry, HardState, Snapshot
 
@@ -62,30 +62,24 @@ class DiskFull(StorageError):
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: str, data: bytes) -> None:
+def _write_atomically(fs: FileSystem, path: str, data: bytes) -> None:
     """Write to a temporary file, fsync, rename over `path`, fsync the folder. Out of room: DiskFull, no trace."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        f = fs.create(tmp)
+        try:
+            fs.append(f, data)
+            fs.fsync(f)
+        finally:
+            fs.close(f)
     except OSError as e:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            fs.unlink(tmp)
         if e.errno in _NO_ROOM:
             raise DiskFull(f"no room on the disk for {path}: {e.strerror}") from None
         raise
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    fs.rename(tmp, path)
+    fs.fsync_dir(os.path.dirname(path))
 
 
 def _check_header(path: str, data: bytes, magic: bytes, what: str) -> None:
@@ -105,26 +99,40 @@ def encode_record(hard_state: HardState | None, entries: list[Entry]) -> bytes:
 class DiskStorage:
     """Durable storage for one node. Use `DiskStorage(data_dir)` then `load()` once, then `save()` per Ready."""
 
-    def __init__(self, data_dir: str, fsync: bool = True, fdatasync=None) -> None:
-        """`fdatasync(fd, nbytes)` makes a batch of `nbytes` durable (default: os.fdatasync); the gevent server
-        passes one that runs big batches in a worker thread so the hub keeps serving while the disk works."""
+    def __init__(self, data_dir: str, fsync: bool = True, fdatasync=None, fs: FileSystem | None = None) -> None:
+        """`fs` is the file system to work through (default: the real one, `OsFileSystem`). `fdatasync(handle,
+        nbytes)` makes a batch of `nbytes` durable (default: the file system's fdatasync); the server passes one
+        that times it."""
+        self.fs = fs if fs is not None else OsFileSystem()
         self.data_dir = os.path.abspath(data_dir)
-        self._fdatasync = fdatasync or (lambda fd, nbytes: os.fdatasync(fd))
+        self._fdatasync = fdatasync or (lambda handle, nbytes: self.fs.fdatasync(handle))
         self.log_dir = os.path.join(self.data_dir, "log")
         self._fsync = fsync
-        os.makedirs(self.log_dir, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(self.data_dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        self._make_dir(self.log_dir)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock = self.fs.lock(os.path.join(self.data_dir, "LOCK"))
         except BlockingIOError:
-            os.close(self._lock_fd)
             raise DataDirLocked(f"data dir {self.data_dir} is in use by another process (LOCK is held)") from None
         self._check_format()
         self.state = StoredState()
-        self._segment = None  # the open newest segment
+        self._segment = None  # the handle of the open newest segment
+        self._segment_bytes = 0  # its size
         self._segment_seq = 0
         self.log_bytes = 0  # bytes in segments since the last snapshot
         self._loaded = False
+
+    def _make_dir(self, path: str) -> None:
+        """Make `path` and any missing parent, each made durable in its parent folder."""
+        parent = os.path.dirname(path)
+        try:
+            made = self.fs.mkdir(path)
+        except FileNotFoundError:
+            if parent == path:
+                raise
+            self._make_dir(parent)
+            made = self.fs.mkdir(path)
+        if made:
+            self.fs.fsync_dir(parent)
 
     # ---- identity -------------------------------------------------------------------------------
 
@@ -142,8 +150,7 @@ class DiskStorage:
 
     def read_identity(self) -> dict | None:
         try:
-            with open(self._identity_path, "rb") as f:
-                ident = json.loads(f.read())
+            ident = json.loads(self.fs.read_file(self._identity_path))
         except FileNotFoundError:
             return None
         except ValueError as e:
@@ -155,20 +162,20 @@ class DiskStorage:
     def write_identity(self, node_id: str, raft_address: str, http_address: str) -> None:
         ident = {"format": FORMAT_VERSION, "node_id": node_id, "raft_address": raft_address,
                  "http_address": http_address}
-        _write_atomically(self._identity_path, json.dumps(ident, indent=1).encode() + b"\n")
+        _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n")
 
     # ---- recovery -------------------------------------------------------------------------------
 
     def _segments(self) -> list[tuple[int, str]]:
         out = []
-        for name in os.listdir(self.log_dir):
+        for name in self.fs.listdir(self.log_dir):
             if name.endswith(".seg") and name[:-4].isdigit():
                 out.append((int(name[:-4]), os.path.join(self.log_dir, name)))
         return sorted(out)
 
     def _snapshots(self) -> list[tuple[int, str]]:
         out = []
-        for name in os.listdir(self.data_dir):
+        for name in self.fs.listdir(self.data_dir):
             if name.startswith("snapshot-") and name.endswith(".snap") and name[9:-5].isdigit():
                 out.append((int(name[9:-5]), os.path.join(self.data_dir, name)))
         return sorted(out, reverse=True)
@@ -188,7 +195,7 @@ class DiskStorage:
         snapshot = None
         for _, path in self._snapshots():
             try:
-                snapshot = read_snapshot(path)
+                snapshot = read_snapshot(path, self.fs)
                 break
             except StorageError as e:
                 logger.warning("skipping snapshot: %s", e)
@@ -196,8 +203,9 @@ class DiskStorage:
             raise CorruptLogError(f"no readable snapshot in {self.data_dir}")
         self.state = StoredState(HardState(), snapshot, [])
         segments = self._segments()
+        size = 0
         for n, (seq, path) in enumerate(segments):
-            self._replay_segment(path, is_last=n == len(segments) - 1)
+            size = self._replay_segment(path, is_last=n == len(segments) - 1)
             self._segment_seq = seq
         hs = self.state.hard_state
         last = self.state.last_index
@@ -205,22 +213,24 @@ class DiskStorage:
             # The commit index may be saved ahead of a snapshot-only state; never beyond what we hold.
             self.state.hard_state = HardState(hs.current_term, hs.voted_for, last)
         if segments:
-            self._segment = open(segments[-1][1], "ab", buffering=0)
+            self._segment = self.fs.open_append(segments[-1][1])
+            self._segment_bytes = size
         else:
             self._open_new_segment(self.state.hard_state, [])
         for _, path in self._snapshots()[1:]:
-            os.unlink(path)  # older snapshots are only kept until a newer one is complete
+            self.fs.unlink(path)  # older snapshots are only kept until a newer one is complete
         return StoredState(self.state.hard_state, self.state.snapshot, list(self.state.entries))
 
-    def _replay_segment(self, path: str, is_last: bool) -> None:
-        with open(path, "rb") as f:
-            data = f.read()
+    def _replay_segment(self, path: str, is_last: bool) -> int:
+        """Apply the segment's records; return its size after any torn tail is cut off."""
+        data = self.fs.read_file(path)
         if len(data) < _HEADER.size:
             if is_last:
                 logger.warning("%s: torn segment header (%d bytes), starting it again", path, len(data))
-                with open(path, "wb") as f:
-                    f.write(_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION))
-                return
+                f = self.fs.create(path)
+                self.fs.append(f, _HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION))
+                self.fs.close(f)
+                return _HEADER.size
             raise CorruptLogError(f"{path}: truncated segment header")
         _check_header(path, data, SEGMENT_MAGIC, "log segment")
         offset = _HEADER.size
@@ -232,25 +242,30 @@ class DiskStorage:
             else:
                 length, crc = _RECORD.unpack_from(data, offset)
                 end = offset + _RECORD.size + length
-                if length > MAX_RECORD_BYTES or end > len(data):
+                if length == 0:
+                    problem = "empty record"  # zeros: the size reached the disk, the data did not
+                elif length > MAX_RECORD_BYTES or end > len(data):
                     problem = f"record length {length} runs past the end of the file"
                 elif zlib.crc32(data[offset + _RECORD.size : end]) != crc:
                     problem = "checksum mismatch"
             if problem is not None:
-                torn = is_last and (
-                    problem != "checksum mismatch" or end == len(data) or not any(data[end:])
-                )
+                if problem == "empty record":
+                    torn = is_last and not any(data[offset:])
+                else:
+                    torn = is_last and (problem != "checksum mismatch" or end == len(data) or not any(data[end:]))
                 if not torn:
                     raise CorruptLogError(f"{path}: {problem} at offset {offset}; the log is damaged")
                 logger.warning("%s: torn record at offset %d (%s): cut off %d bytes", path, offset, problem,
                                len(data) - offset)
-                with open(path, "r+b") as f:
-                    f.truncate(offset)
-                    os.fsync(f.fileno())
-                return
+                f = self.fs.open_append(path)
+                self.fs.truncate(f, offset)
+                self.fs.fsync(f)
+                self.fs.close(f)
+                return offset
             self._apply_record(path, offset, data[offset + _RECORD.size : end])
             self.log_bytes += end - offset
             offset = end
+        return offset
 
     def _apply_record(self, path: str, offset: int, payload: bytes) -> None:
         try:
@@ -277,24 +292,29 @@ class DiskStorage:
         data = _HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION)
         if hard_state is not None or entries:
             data += encode_record(hard_state, entries)
+        fs = self.fs
         try:
-            with open(path, "wb") as f:
-                f.write(data)
-                f.flush()
+            f = fs.create(path)
+            try:
+                fs.append(f, data)
                 if self._fsync:
-                    os.fsync(f.fileno())
+                    fs.fsync(f)
+            except BaseException:
+                fs.close(f)
+                raise
         except OSError as e:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                fs.unlink(path)
             self._segment_seq -= 1
             if e.errno in _NO_ROOM:
                 raise DiskFull(f"no room on the disk for a new log segment: {e.strerror}") from None
             raise
         if self._fsync:
-            _fsync_dir(self.log_dir)
+            fs.fsync_dir(self.log_dir)
         if self._segment is not None:
-            self._segment.close()
-        self._segment = open(path, "ab", buffering=0)
+            fs.close(self._segment)
+        self._segment = f
+        self._segment_bytes = len(data)
         self.log_bytes = len(data)
 
     def save(
@@ -317,7 +337,7 @@ class DiskStorage:
         record = encode_record(hard_state, entries)
         self._append(record)
         if self._fsync and sync:
-            self._fdatasync(self._segment.fileno(), len(record))
+            self._fdatasync(self._segment, len(record))
         self.log_bytes += len(record)
         if entries:
             self.state.put_entries(entries)
@@ -327,17 +347,15 @@ class DiskStorage:
     def _append(self, record: bytes) -> None:
         """Write one record at the end of the segment, unbuffered. When the disk is full, cut off whatever part of
         it reached the file (so no torn record is left before later ones) and raise DiskFull."""
-        fd = self._segment.fileno()
-        start = os.lseek(fd, 0, os.SEEK_END)
-        view = memoryview(record)
+        start = self._segment_bytes
         try:
-            while view:
-                view = view[os.write(fd, view):]
+            self.fs.append(self._segment, record)
         except OSError as e:
             if e.errno not in _NO_ROOM:
                 raise
-            os.ftruncate(fd, start)
+            self.fs.truncate(self._segment, start)
             raise DiskFull(f"no room on the disk for the log ({len(record)} bytes): {e.strerror}") from None
+        self._segment_bytes = start + len(record)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """A snapshot this node took of its own state machine: write it, then drop the log it covers."""
@@ -347,27 +365,27 @@ class DiskStorage:
         if snapshot.last_included_index <= self.state.base_index:
             return
         path = os.path.join(self.data_dir, f"snapshot-{snapshot.last_included_index:020d}.snap")
-        _write_atomically(path, encode_snapshot(snapshot))
+        _write_atomically(self.fs, path, encode_snapshot(snapshot))
         old_segments = self._segments()
         self.state.install_snapshot(snapshot)
         # A new segment starts with what the snapshot does not cover; only then do older files go.
         self._open_new_segment(self.state.hard_state, self.state.entries)
         for seq, seg in old_segments:
             if seq < self._segment_seq:
-                os.unlink(seg)
+                self.fs.unlink(seg)
         for index, snap_path in self._snapshots():
             if index < snapshot.last_included_index:
-                os.unlink(snap_path)
+                self.fs.unlink(snap_path)
 
     def close(self) -> None:
         if self._segment is not None:
             if self._fsync:
-                os.fsync(self._segment.fileno())
-            self._segment.close()
+                self.fs.fsync(self._segment)
+            self.fs.close(self._segment)
             self._segment = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self.fs.unlock(self._lock)
+            self._lock = None
 
 
 def encode_snapshot(s: Snapshot) -> bytes:
@@ -376,9 +394,8 @@ def encode_snapshot(s: Snapshot) -> bytes:
     return body + struct.pack(">I", zlib.crc32(body))
 
 
-def read_snapshot(path: str) -> Snapshot:
-    with open(path, "rb") as f:
-        data = f.read()
+def read_snapshot(path: str, fs: FileSystem | None = None) -> Snapshot:
+    data = (fs or OsFileSystem()).read_file(path)
     if len(data) < _HEADER.size + 8:
         raise CorruptLogError(f"{path}: too short to be a snapshot")
     _check_header(path, data, SNAPSHOT_MAGIC, "snapshot")
