@@ -526,7 +526,7 @@ class DiskStorage:
     def _load_unsafe_replay_filter(self) -> None:
         """The replay before base records (issue 11), kept only for the crash explorer to show what it finds:
         every segment in order on top of the newest snapshot, each record's entries at or below the snapshot
-        index dropped, with the cut they stood for."""
+        index dropped, and with them the cut they stood for. The rest is as `_load` does it."""
         fs = self.fs
         snapshot = None
         for _, path in self._snapshots():
@@ -537,8 +537,11 @@ class DiskStorage:
                 pass
         self.state = StoredState(HardState(), snapshot, [])
         segments = self._segments()
+        while segments and _first_record(segments[-1][1], fs.read_file(segments[-1][1])) is None:
+            fs.unlink(segments.pop()[1])  # an interrupted creation, as `_load` deletes it
+        self._segment_seq = segments[-1][0] if segments else self._segment_seq
         size = 0
-        for n, (seq, path) in enumerate(segments):
+        for n, (_, path) in enumerate(segments):
             records, size = _scan(path, fs.read_file(path), tail_may_tear=n == len(segments) - 1)
             for r in records:
                 entries = [e for e in r.entries if e.index > self.state.base_index]
@@ -548,13 +551,16 @@ class DiskStorage:
                     self.state.put_entries(entries)
                 if r.hard_state is not None:
                     self.state.hard_state = r.hard_state
-            self._segment_seq = seq
-        if segments and size >= _HEADER.size:
+        if segments:
             self._segment = fs.open_append(segments[-1][1])
             fs.truncate(self._segment, size)
+            fs.fsync(self._segment)
+            fs.fsync_dir(self.log_dir)
+            fs.fsync_dir(self.data_dir)
             self._segment_bytes = self.log_bytes = size
         else:
             index, term = (snapshot.last_included_index, snapshot.last_included_term) if snapshot else (0, 0)
+            fs.fsync_dir(self.data_dir)
             self._segment, self._segment_bytes = self._create_segment(
                 encode_base_record(index, term, self.state.hard_state, self.state.entries))
 
