@@ -452,3 +452,51 @@ def test_a_format1_dir_of_a_follower_that_took_a_disagreeing_snapshot(tmp_path):
     s, got = reopen(tmp_path)
     s.close()
     assert state_of(got) == ((20, 3), [(i, 3) for i in range(21, 26)], HardState(3, None, 20))
+
+
+POINT_CHILD = textwrap.dedent(
+    """
+    import sys
+    from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, crashpoints
+    from raftlib.storage import DiskStorage
+
+    data_dir, point = sys.argv[1], sys.argv[2]
+    M = Membership(voters=("a",), members=(Member("a", "localhost:5555", "localhost:8080"),))
+    s = DiskStorage(data_dir)
+    s.load()
+    s.save(HardState(3, "a", 10), [Entry(3, i, EntryKind.COMMAND, b"t3-%d" % i) for i in range(1, 15)])
+    s.save(HardState(4, "b", 12), [Entry(4, i, EntryKind.COMMAND, b"t4-%d" % i) for i in (11, 12)])
+    crashpoints.configure(point + "=1")
+    if point.startswith("log."):
+        s.save(HardState(4, "b", 12), [Entry(4, 13, EntryKind.COMMAND, b"t4-13")])
+    else:
+        s.save_snapshot(Snapshot(12, 4, M, b"state-at-12"))
+    print("the crash point was not reached", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("point, outcome", [
+    ("log.after_write", "before-or-after"),  # the record is in the page cache: a kill keeps it
+    ("log.after_fsync", "after"),
+    ("snapshot.after_write", "before"),
+    ("snapshot.after_rename", "before"),  # no base record names the snapshot yet: the install did not commit
+    ("snapshot.after_segment", "after"),
+    ("snapshot.between_unlinks", "after"),
+])
+def test_each_storage_crash_point_is_reached_and_recovers_to_before_or_after(tmp_path, point, outcome):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", POINT_CHILD, str(tmp_path), point], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=root))
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert f"crash point {point}" in p.stderr
+    s, got = reopen(tmp_path)
+    s.close()
+    log = [(i, 3) for i in range(1, 11)] + [(11, 4), (12, 4)]
+    if point.startswith("log."):
+        before, after = (None, log), (None, log + [(13, 4)])
+    else:
+        before, after = (None, log), ((12, 4), [])
+    got = state_of(got)[:2]
+    allowed = {"before": [before], "after": [after], "before-or-after": [before, after]}[outcome]
+    assert got in allowed, got
