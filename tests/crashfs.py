@@ -22,10 +22,12 @@ Use:
     fs.fail_at[k] = SimulatedCrash()        # ... or the process dies there: every later call raises it too
     fs.before_op = hook                     # hook(fs, number, kind, name) before each mutating operation
     fs.free_bytes = 4096                    # a disk that fills up: an append past it writes what fits, then ENOSPC
+    fs.record_ops = False                   # keep no operation list (long simulations); numbering goes on
 
 Operations are numbered from 0 in the order they run; only the mutating ones (create, append, truncate, fsync,
 fdatasync, fsync_dir, rename, unlink, mkdir) get numbers: they are the crash points. `fs.ops` lists them.
-Everything is deterministic: the same calls give the same numbers and the same crash states.
+Everything is deterministic: the same calls give the same numbers and the same crash states. Appends cost what
+the data costs (about 10 us a DiskStorage.save() here), so a simulated cluster can run on it.
 """
 
 from __future__ import annotations
@@ -46,12 +48,24 @@ class SimulatedCrash(BaseException):
 @dataclass
 class _Inode:
     is_dir: bool
-    data: bytes = b""  # a file's content as the process sees it
-    durable: bytes = b""  # ... and as the disk holds it for sure
+    data: bytearray = field(default_factory=bytearray)  # a file's content as the process sees it
+    synced_len: int = 0  # ... and as the disk holds it for sure: data[:synced_len], unless `durable` says
+    durable: bytes | None = None  # set when a truncate changed data[:synced_len] since the last sync
     pending: list = field(default_factory=list)  # ("append", bytes) | ("truncate", size) since the last sync
     entries: dict = field(default_factory=dict)  # a folder's names -> inode numbers, as the process sees them
     durable_entries: dict = field(default_factory=dict)
     dir_pending: list = field(default_factory=list)  # ("create", name, ino) | ("unlink", name, ino) | ("rename", src, dst, ino)
+
+    def durable_content(self) -> bytes:
+        return self.durable if self.durable is not None else bytes(self.data[: self.synced_len])
+
+    def keep_durable(self) -> None:
+        """Before data[:synced_len] changes (a truncate): keep what the disk holds for sure."""
+        if self.durable is None:
+            self.durable = bytes(self.data[: self.synced_len])
+
+    def synced(self) -> None:
+        self.synced_len, self.durable, self.pending = len(self.data), None, []
 
 
 def _apply_data(base: bytes, ops: list) -> bytes:
@@ -66,8 +80,8 @@ def _apply_data(base: bytes, ops: list) -> bytes:
 
 def _data_variants(node: _Inode) -> list[bytes]:
     """Every content a crash can leave this file with: a prefix of its pending operations, the last one torn."""
-    out = [node.durable]
-    cur = node.durable
+    cur = node.durable_content()
+    out = [cur]
     for op in node.pending:
         if op[0] == "append":
             data = op[1]
@@ -225,7 +239,8 @@ class CrashFS:
             node = self.inodes[ino]
             if node.is_dir:
                 raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
-            node.data = b""
+            node.keep_durable()
+            node.data = bytearray()
             node.pending.append(("truncate", 0))
         else:
             ino = self._new_inode(is_dir=False)
@@ -256,7 +271,7 @@ class CrashFS:
         if self.free_bytes is not None:
             self.free_bytes -= len(data)
         if data:
-            node.data = node.data + data
+            node.data += data
             node.pending.append(("append", data))
         if error is not None:
             raise error
@@ -266,18 +281,22 @@ class CrashFS:
         self._op("truncate", f"{self._name(handle)} to {size}")
         if self.free_bytes is not None:
             self.free_bytes += max(0, len(node.data) - size)
-        node.data = _apply_data(node.data, [("truncate", size)])
+        node.keep_durable()
+        if size <= len(node.data):
+            del node.data[size:]
+        else:
+            node.data += bytes(size - len(node.data))
         node.pending.append(("truncate", size))
 
     def fdatasync(self, handle: int) -> None:
         node = self._handle(handle)
         self._op("fdatasync", self._name(handle))
-        node.durable, node.pending = node.data, []
+        node.synced()
 
     def fsync(self, handle: int) -> None:
         node = self._handle(handle)
         self._op("fsync", self._name(handle))
-        node.durable, node.pending = node.data, []
+        node.synced()
 
     def close(self, handle: int) -> None:
         self._handle(handle)
@@ -398,8 +417,8 @@ class CrashFS:
                 out.inodes[ino] = _Inode(is_dir=True, entries=dict(ents), durable_entries=dict(ents))
                 stack.extend(ents.values())
             else:
-                data = file_pick.get(ino, node.durable)
-                out.inodes[ino] = _Inode(is_dir=False, data=data, durable=data)
+                data = file_pick[ino] if ino in file_pick else node.durable_content()
+                out.inodes[ino] = _Inode(is_dir=False, data=bytearray(data), synced_len=len(data))
         out._next_ino = self._next_ino
         out._next_handle = self._next_handle
         out.free_bytes = self.free_bytes
@@ -480,8 +499,8 @@ class CrashFS:
         """A copy of the state as it is (unsynced data stays unsynced), with no handles open and no locks."""
         out = CrashFS()
         out.inodes = {
-            i: _Inode(n.is_dir, n.data, n.durable, list(n.pending), dict(n.entries), dict(n.durable_entries),
-                      list(n.dir_pending))
+            i: _Inode(n.is_dir, bytearray(n.data), n.synced_len, n.durable, list(n.pending), dict(n.entries),
+                      dict(n.durable_entries), list(n.dir_pending))
             for i, n in self.inodes.items()
         }
         out._next_ino, out._next_handle, out.free_bytes = self._next_ino, self._next_handle, self.free_bytes
