@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from crashfs import CrashFS  # noqa: E402
 from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, StoredState  # noqa: E402
 from raftlib import storage as storage_module  # noqa: E402
-from raftlib.storage import DiskStorage, StorageError  # noqa: E402
+from raftlib.storage import DiskFull, DiskStorage, StorageError  # noqa: E402
 
 DATA_DIR = "/data"
 MEMBERSHIP = Membership(voters=("a",), members=(Member("a", "a:1", "a:2"),))
@@ -262,25 +262,35 @@ class Explorer:
         for i, step in enumerate(workload):
             if len(self.stats.violations) >= self.limits.max_violations:
                 return
+            full = step[0] == "full"  # ("full", free_bytes, step): the disk has only that much room for it
+            if full:
+                fs.free_bytes, step = step[1], step[2]
             after = model.after(step)
             candidates = [model, after]
-            step_label = f"step {i} {describe_step(step)}"
-            if step[0] == "save":
-                _, hard_state, entries, snapshot, sync = step
-                storage.save(hard_state, entries, snapshot, sync=sync)
-            elif step[0] == "snapshot":
-                storage.save_snapshot(step[1])
-            else:
-                storage.close()
-                storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
-                storage.load()
-            model = after
+            step_label = f"step {i} {describe_step(step)}" + (f" (with {fs.free_bytes} bytes free)" if full else "")
+            try:
+                if step[0] == "save":
+                    _, hard_state, entries, snapshot, sync = step
+                    storage.save(hard_state, entries, snapshot, sync=sync)
+                elif step[0] == "snapshot":
+                    storage.save_snapshot(step[1])
+                else:
+                    storage.close()
+                    storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
+                    storage.load()
+                model = after
+            except DiskFull:
+                assert full, step_label  # the disk fills only in a "full" step; the state must not have moved
+            finally:
+                fs.free_bytes = None
             live = storage.state
             if (live.hard_state, live.snapshot, live.entries) != (model.state.hard_state, model.state.snapshot,
                                                                  model.state.entries):
                 self.where = step_label
-                self.violation("the live state differs from the model: " + describe(live), None, [model])
-                return
+                try:
+                    self.violation("the live state differs from the model: " + describe(live), None, [model])
+                except _Found:
+                    return
             candidates = [model]
             self.crash_point(fs, candidates, f"after step {i} {describe_step(step)}")
         fs.before_op = None
@@ -288,6 +298,8 @@ class Explorer:
 
 
 def describe_step(step: tuple) -> str:
+    if step[0] == "full":
+        return f"{describe_step(step[2])} with {step[1]} bytes free"
     if step[0] == "save":
         _, hs, entries, snap, sync = step
         parts = []
@@ -343,6 +355,14 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
         save(HardState(1, "a", 4), es(1, 10, 1)),
         save(HardState(2, None, 6), es(11, 1, 2), snap(6, 1)),
         save(HardState(2, None, 8), [], sync=False),
+    ],
+    "full-disk-mid-install-then-more-saves": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("full", 80, ("snapshot", snap(8, 1))),  # the snapshot file fits (56 bytes), its segment (66) does not
+        save(HardState(1, "a", 10), es(11, 2, 1)),  # the node carries on on the old segment
+        ("full", 0, save(HardState(2, None, 10), es(13, 1, 2))),
+        ("snapshot", snap(10, 1)),
+        ("reopen",),
     ],
     "rolls-reopens-and-unsynced-commits": [
         save(HardState(1, "a", 0), es(1, 4, 1)),
@@ -403,6 +423,10 @@ def random_workload(rng: random.Random, steps: int) -> list[tuple]:
             step = save(HardState(term, vote, max(commit, index)), extra, s)
         else:
             step = ("reopen",)
+        if step[0] != "reopen" and rng.random() < 0.15:
+            # The disk is (nearly) full for this save: it fails with DiskFull, or not; then it is tried again, as
+            # the runtime does (a save tried again after it worked changes nothing).
+            out.append(("full", rng.choice((0, 5, 20, 60, 150, 400)), step))
         out.append(step)
         if step[0] == "save":
             _, hs, entries, s, _ = step
