@@ -82,18 +82,17 @@ class Model:
 
 
 def describe(st: StoredState) -> str:
+    """One line: the snapshot, the log as runs of one term ("1..10@3 11..12@4"), the hard state."""
     snap = st.snapshot and (st.snapshot.last_included_index, st.snapshot.last_included_term)
-    runs, start = [], None
+    runs: list[list[int]] = []  # [first, last, term]
     for e in st.entries:
-        if start is None or e.term != start[1] or e.index != prev + 1:  # noqa: F821
-            if start is not None:
-                runs.append(f"{start[0]}..{prev}@{start[1]}")  # noqa: F821
-            start = (e.index, e.term)
-        prev = e.index  # noqa: F841
-    if start is not None:
-        runs.append(f"{start[0]}..{prev}@{start[1]}")
+        if runs and runs[-1][2] == e.term and runs[-1][1] == e.index - 1:
+            runs[-1][1] = e.index
+        else:
+            runs.append([e.index, e.index, e.term])
+    log = " ".join(f"{a}..{b}@{t}" for a, b, t in runs)
     hs = st.hard_state
-    return f"snapshot={snap} log=[{' '.join(runs)}] term={hs.current_term} vote={hs.voted_for} commit={hs.commit_index}"
+    return f"snapshot={snap} log=[{log}] term={hs.current_term} vote={hs.voted_for} commit={hs.commit_index}"
 
 
 def problems(got: StoredState, candidates: list[Model]) -> str | None:
