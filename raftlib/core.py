@@ -80,7 +80,9 @@ class Ready:
 
     One exception saves a disk's worth of latency (thesis §10.2.1): a leader's early messages (`split_messages`) may go out
     before the save, so followers write while the leader writes. It is safe because the leader counts itself
-    towards a majority only up to the entries `advance` told it are durable."""
+    towards a majority only up to the entries `advance` told it are durable, and because a Ready that changes the
+    term or the vote has no early messages: no message may carry a term (or rest on a vote) that could still be
+    lost (§5.1: a lone voter wins its election inside one Ready)."""
 
     hard_state: HardState | None
     entries: list[Entry]
@@ -93,11 +95,12 @@ class Ready:
     term: int
     leader_id: str | None
     must_sync: bool = True
+    new_term_or_vote: bool = False  # hard_state changes current_term or voted_for
 
     def split_messages(self) -> tuple[list[Message], list[Message]]:
-        """(early, late): the messages that may be sent before this Ready is saved (a leader's AppendEntries),
-        and those that must wait for the save."""
-        if self.role is not Role.LEADER:
+        """(early, late): the messages that may be sent before this Ready is saved (a leader's AppendEntries in a
+        Ready that keeps the saved term and vote), and those that must wait for the save."""
+        if self.role is not Role.LEADER or self.new_term_or_vote:
             return [], self.messages
         early, late = [], []
         for m in self.messages:
@@ -458,6 +461,7 @@ class RaftNode:
         if self.commit_index > self.last_applied:
             committed = self.log.slice(self.last_applied + 1, self.commit_index + 1)
         saved = self._saved_hard_state
+        new_term_or_vote = (hard_state.current_term, hard_state.voted_for) != (saved.current_term, saved.voted_for)
         rd = Ready(
             hard_state=hard_state if hard_state != saved else None,
             entries=entries,
@@ -469,9 +473,8 @@ class RaftNode:
             role=self.role,
             term=self.current_term,
             leader_id=self.leader_id,
-            must_sync=bool(entries)
-            or self._pending_snapshot is not None
-            or (hard_state.current_term, hard_state.voted_for) != (saved.current_term, saved.voted_for),
+            must_sync=bool(entries) or self._pending_snapshot is not None or new_term_or_vote,
+            new_term_or_vote=new_term_or_vote,
         )
         self._messages, self._read_states, self._failed_reads = [], [], []
         self._ready_outstanding = True

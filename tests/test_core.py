@@ -363,3 +363,41 @@ def test_ready_must_sync_only_for_entries_snapshots_terms_and_votes():
     rd = node.ready()
     assert rd.hard_state.current_term == term + 1 and rd.must_sync
     node.advance(rd)
+
+
+def test_a_one_voter_leader_says_nothing_before_its_new_term_is_saved():
+    """§5.1 and Figure 2 (save before you speak): a lone voter wins its election inside one Ready, whose hard state
+    holds the new term and its own vote. Its appends to a learner may not go out early (thesis §10.2.1) then: had
+    they left and the node crashed before the save, it would come back in the old term, win the same term again
+    and write other entries under it, and the learner, holding the first ones at the same (index, term), would
+    keep and apply them."""
+    c = Cluster(seed=13, n=1, spares=1, config_overrides={"auto_promote": False})
+    elect(c)
+    assert c.change_membership(ConfChangeKind.ADD_LEARNER, "n2")
+    write(c, "a")
+    c.run(20)
+    assert c.nodes["n2"].kv.data == c.nodes["n1"].kv.data
+    c.crash("n1")
+    c.restart("n1")
+    n1 = c.nodes["n1"].node
+    term = n1.current_term
+    for _ in range(100):  # by hand: the election and a proposal in one drive, as the runtime batches them
+        n1.tick()
+        if n1.role is Role.LEADER:
+            break
+    assert n1.role is Role.LEADER and n1.current_term == term + 1
+    n1.propose(b"a=never-saved")
+    rd = n1.ready()
+    assert rd.hard_state is not None and rd.hard_state.current_term == term + 1
+    early, _ = rd.split_messages()
+    c.cut.add(("n2", "n1"))  # the learner's answer is lost: it would have told n1 the term it forgot
+    for m in early:
+        c.send(m)
+    c.crash("n1")  # before the save: nothing of that Ready is on its disk
+    c.restart("n1")
+    elect(c)
+    c.heal()
+    assert c.nodes["n1"].node.current_term == term + 1  # the same term, won a second time
+    write(c, "a")
+    c.run(50)
+    assert c.nodes["n2"].kv.data == c.nodes["n1"].kv.data
