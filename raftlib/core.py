@@ -965,10 +965,9 @@ class RaftNode:
         self._read_round_id += 1
         rnd = _ReadRound(self._read_round_id, self.commit_index, self._reads_unstarted)
         self._reads_unstarted = []
-        if self.node_id in self.membership.voters:
-            rnd.acks.add(self.node_id)
+        rnd.acks.add(self.node_id)
         self._read_rounds.append(rnd)
-        if len(rnd.acks) >= self.membership.quorum() or self.config.unsafe_read_without_quorum:
+        if self._read_round_confirmed(rnd) or self.config.unsafe_read_without_quorum:
             self._release_read_rounds(rnd.round_id)
         else:
             self._broadcast_heartbeat(read_round=rnd.round_id)
@@ -981,10 +980,16 @@ class RaftNode:
             if rnd.round_id > round_id:
                 break
             rnd.acks.add(node_id)
-            if len(rnd.acks) >= self.membership.quorum():
+            if self._read_round_confirmed(rnd):
                 confirmed = rnd.round_id
         if confirmed:
             self._release_read_rounds(confirmed)
+
+    def _read_round_confirmed(self, rnd: _ReadRound) -> bool:
+        """A majority of the voters of the configuration in force now acknowledged the round. A voter removed
+        since it acknowledged no longer counts (etcd's read-only quorum does the same)."""
+        voters = self.membership.voters
+        return sum(1 for v in voters if v in rnd.acks) >= self.membership.quorum()
 
     def _release_read_rounds(self, up_to_round: int) -> None:
         """A majority confirmed we were still leader after round `up_to_round` began: its reads, and all

@@ -10,6 +10,7 @@ import pytest
 
 from raftlib import (
     AppendEntries,
+    AppendEntriesReply,
     ConfChangeKind,
     Entry,
     EntryKind,
@@ -401,3 +402,37 @@ def test_a_one_voter_leader_says_nothing_before_its_new_term_is_saved():
     write(c, "a")
     c.run(50)
     assert c.nodes["n2"].kv.data == c.nodes["n1"].kv.data
+
+
+def _without_read_acks_from(nodes: set[str]):
+    """A deliver filter: these nodes' answers to heartbeats still count for replication, not for read rounds."""
+
+    def strip(m):
+        if isinstance(m, AppendEntriesReply) and m.src in nodes and m.read_round:
+            return dataclasses.replace(m, read_round=0)
+        return m
+
+    return strip
+
+
+def test_a_read_round_counts_only_the_voters_of_the_current_configuration():
+    """Thesis §6.4: a read is served once a majority of the configuration confirms the leader after the read
+    arrived. An acknowledgement from a voter removed since then is no part of that majority (etcd counts its
+    current voters only)."""
+    c = Cluster(seed=14, n=5, election_ticks=50)  # long timeouts: nothing expires while the test holds the read
+    leader = elect(c)
+    gone, *rest = [i for i in c.ids if i != leader]
+    c.deliver_filter = _without_read_acks_from(set(rest))
+    r = c.client_read(leader, "k", lease=False)
+    c.run(10)  # `gone` acknowledges the round: 2 of 5, not yet a majority
+    assert r.read_index is None and r.request_id in c.pending_reads[leader]
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    n = c.nodes[leader].node
+    assert c.run_until(lambda: n.commit_index >= n.log.last_index and gone not in n.membership.voters, 50)
+    c.deliver_filter = _without_read_acks_from(set(rest[1:]))  # one more voter acknowledges: 2 of the 4 voters
+    c.run(20)
+    assert r.read_index is None and r.request_id in c.pending_reads[leader], "served on a minority's word"
+    c.deliver_filter = None
+    before = c.reads_checked
+    assert c.run_until(lambda: c.reads_checked > before, 50)
+    assert r.read_index is not None
