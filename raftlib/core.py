@@ -458,8 +458,9 @@ class RaftNode:
         if self._unstable_from <= self.log.last_index:
             entries = self.log.slice(self._unstable_from, self.log.last_index + 1)
         committed = []
-        if self.commit_index > self.last_applied:
-            committed = self.log.slice(self.last_applied + 1, self.commit_index + 1)
+        applied = max(self.last_applied, self.log.snapshot_index)  # a snapshot not yet applied comes first
+        if self.commit_index > applied:
+            committed = self.log.slice(applied + 1, self.commit_index + 1)
         saved = self._saved_hard_state
         new_term_or_vote = (hard_state.current_term, hard_state.voted_for) != (saved.current_term, saved.voted_for)
         rd = Ready(
@@ -725,7 +726,9 @@ class RaftNode:
         self._base_membership = snap.membership
         self._refresh_membership()
         self.commit_index = index
-        self.last_applied = index
+        # last_applied stays: the state machine holds the snapshot only once the caller has applied this Ready
+        # (after the save, which may wait), and `advance` moves it then. Until then a read waiting for `index`
+        # must not be answered from the old state.
         self._pending_snapshot = snap
         self._unstable_from = index + 1
         self._persisted_index = min(self._persisted_index, index)

@@ -10,7 +10,18 @@ import time
 import gevent
 import pytest
 
-from raftlib import Config, Entry, EntryKind, HardState, Member, Membership, MemoryStorage, RaftNode, Role
+from raftlib import (
+    Config,
+    Entry,
+    EntryKind,
+    HardState,
+    InstallSnapshot,
+    Member,
+    Membership,
+    MemoryStorage,
+    RaftNode,
+    Role,
+)
 from raftlib.runtime import Runtime, Stopped, Timeout
 from runtime_fakes import NullTransport, Values
 
@@ -89,3 +100,51 @@ def test_stopping_fails_every_waiting_request(one_node):
         assert w.successful() or isinstance(w.exception, Stopped), w.exception
     with pytest.raises(Stopped):
         runtime.propose(b"late", 1.0)
+
+
+class Restorable(Values):
+    """Values that keeps the snapshot it was last restored from."""
+
+    def __init__(self):
+        super().__init__()
+        self.restored = None
+
+    def restore(self, data):
+        self.restored = data
+
+
+def follower(node_id="b", leader="a", election_ticks=1000, state_machine=None):
+    """A runtime for `node_id`, one of two voters, that hears from nobody (its election timeout is far off)."""
+    storage = HangingStorage()
+    members = tuple(Member(n, f"127.0.0.1:{i}", "") for i, n in enumerate(sorted((node_id, leader)), 1))
+    membership = Membership(tuple(sorted((node_id, leader))), (), members)
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", membership)])
+    stored = storage.load()
+    node = RaftNode(Config(node_id, election_ticks=election_ticks), random.Random(1), stored.hard_state,
+                    stored.raft_log(), stored.snapshot)
+    runtime = Runtime(node, storage, NullTransport(), state_machine or Values(), tick_seconds=0.005)
+    return runtime, storage, membership
+
+
+def test_last_applied_moves_only_once_the_state_machine_holds_the_snapshot():
+    """§7: a follower that installs the leader's snapshot has applied its index only when the state machine was
+    restored from it, which comes after the save. While the save waits (a full disk), a read that waits for that
+    index (`wait_applied`, the HTTP min_index) must keep waiting rather than answer from the old state."""
+    state_machine = Restorable()
+    runtime, storage, membership = follower(state_machine=state_machine)
+    runtime.start()
+    try:
+        storage.hang = True
+        chunk = InstallSnapshot("a", "b", 2, 50, 2, membership, 0, b"the state at 50", True)
+        gevent.spawn(runtime.deliver, [chunk], False)
+        gevent.sleep(0.05)
+        assert runtime.node.commit_index == 50  # the node took the snapshot; its save is waiting
+        with pytest.raises(Timeout):
+            runtime.wait_applied(50, 0.1)
+        assert state_machine.restored is None and runtime.node.last_applied < 50
+        storage.hang = False
+        assert runtime.wait_applied(50, 2.0) == 50
+        assert state_machine.restored == b"the state at 50"
+    finally:
+        storage.hang = False
+        runtime.stop()
