@@ -123,8 +123,12 @@ class Progress:
     state: ProgressState = ProgressState.PROBE
     probe_sent: bool = False
     recent_active: bool = False
-    snapshot_index: int = 0
-    snapshot_offset: int = 0
+    snapshot: Snapshot | None = None  # SNAPSHOT: the one being sent, kept until done even if a newer one is taken
+    snapshot_offset: int = 0  # SNAPSHOT: how many of its bytes the follower holds
+
+    @property
+    def snapshot_index(self) -> int:
+        return self.snapshot.last_included_index if self.snapshot is not None else 0
 
 
 @dataclass
@@ -810,13 +814,16 @@ class RaftNode:
         )
 
     def _send_snapshot(self, peer: str) -> None:
-        snap = self._snapshot
-        assert snap is not None, "log compacted without a snapshot"
         pr = self._progress[peer]
-        if pr.state is not ProgressState.SNAPSHOT or pr.snapshot_index != snap.last_included_index:
+        if pr.state is not ProgressState.SNAPSHOT or pr.snapshot is None:
+            assert self._snapshot is not None, "log compacted without a snapshot"
             pr.state = ProgressState.SNAPSHOT
-            pr.snapshot_index = snap.last_included_index
+            pr.snapshot = self._snapshot
             pr.snapshot_offset = 0
+        # §7: the transfer under way is finished even when a newer snapshot is taken meanwhile. Starting over
+        # with each new one, a follower on a slow link would never get a whole snapshot while the leader
+        # snapshots faster than one transfer takes; once this one is in, the next transfer brings it further.
+        snap = pr.snapshot
         chunk = snap.data[pr.snapshot_offset : pr.snapshot_offset + self.config.snapshot_chunk_bytes]
         done = pr.snapshot_offset + len(chunk) >= len(snap.data)
         self._send(
@@ -838,6 +845,7 @@ class RaftNode:
             pr.next_index = pr.match_index + 1
             pr.state = ProgressState.PROBE
             pr.probe_sent = False
+            pr.snapshot, pr.snapshot_offset = None, 0
             self._append_dirty = True
         else:
             pr.snapshot_offset = m.next_offset
@@ -870,6 +878,8 @@ class RaftNode:
             return
         if m.reject_index == 0 and m.match_index == 0 and m.conflict_index == 0:
             return  # a stale-term answer; the term rule above already handled it
+        if pr.state is ProgressState.SNAPSHOT:
+            return  # no append goes out while a snapshot is sent: it answers one from before the transfer
         if pr.state is ProgressState.REPLICATE and m.reject_index <= pr.match_index:
             return  # stale rejection
         if pr.state is ProgressState.PROBE and m.reject_index != pr.next_index - 1:

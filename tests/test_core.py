@@ -436,3 +436,34 @@ def test_a_read_round_counts_only_the_voters_of_the_current_configuration():
     before = c.reads_checked
     assert c.run_until(lambda: c.reads_checked > before, 50)
     assert r.read_index is not None
+
+
+def test_a_snapshot_transfer_is_finished_while_the_leader_takes_newer_snapshots():
+    """§7: a far-behind follower gets the leader's snapshot in chunks (64 bytes in the simulator). The leader takes
+    a new snapshot every 15 ticks, faster than one transfer takes, under steady writes; the transfer under way is
+    finished rather than started again from byte 0, so the follower moves forward, snapshot after snapshot, and
+    catches up once the leader stops snapshotting."""
+    c = Cluster(seed=15, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(100):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    size = len(c.nodes[leader].node.snapshot.data)
+    assert size > 30 * 64, size  # dozens of chunks: a transfer takes longer than the 15 ticks between snapshots
+    c.restart(lagger)
+    first = c.nodes[leader].node.snapshot.last_included_index
+    installed = set()
+    for t in range(600):
+        if t % 3 == 0:
+            c.client_write(leader, f"key{t % 100}")
+        if t % 15 == 0:
+            c.take_snapshot(leader)
+        c.tick()
+        installed.add(c.nodes[lagger].node.log.snapshot_index)
+    assert c.leader() == leader
+    assert max(installed) >= first and len(installed - {0}) >= 3, sorted(installed)
+    for k in range(10):  # no more snapshots: the follower catches up through the log
+        write(c, f"key{k}")
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 500)
