@@ -210,6 +210,10 @@ class RaftNode:
         self._ready_outstanding = False
 
         self._reset_election_timer()
+        # Thesis §9.6: each pre-vote round has its own number, echoed in the replies, so that a grant from an
+        # earlier round (delayed or duplicated) is not counted in a later one at the same term. Random to start
+        # with, so that a restarted node does not number its rounds as it did before.
+        self._pre_vote_round = self._rng.randrange(1 << 32)
 
     # ---- read-only views -------------------------------------------------------------------------
 
@@ -404,7 +408,8 @@ class RaftNode:
                 # Tell a stale leader about the new term, or it would never step down (thesis §9.6).
                 self._send(AppendEntriesReply(self.node_id, m.src, self.current_term, False, 0))
             elif isinstance(m, RequestVote) and m.pre_vote:
-                self._send(RequestVoteReply(self.node_id, m.src, self.current_term, False, pre_vote=True))
+                self._send(RequestVoteReply(self.node_id, m.src, self.current_term, False, pre_vote=True,
+                                            pre_vote_round=m.pre_vote_round))
             return
 
         match m:
@@ -562,6 +567,7 @@ class RaftNode:
             self._reset(self.current_term)
             self.role = Role.PRE_CANDIDATE
             term = self.current_term + 1
+            self._pre_vote_round += 1
         else:
             self._reset(self.current_term + 1)
             self.role = Role.CANDIDATE
@@ -585,6 +591,7 @@ class RaftNode:
                         self.log.last_term,
                         pre_vote=pre_vote,
                         leadership_transfer=leadership_transfer,
+                        pre_vote_round=self._pre_vote_round if pre_vote else 0,
                     )
                 )
 
@@ -625,7 +632,8 @@ class RaftNode:
             self.voted_for = m.src  # §5.2; persisted (in the Ready's hard state) before the reply leaves
             self._reset_election_timer()
         term = m.term if (m.pre_vote and granted) else self.current_term
-        self._send(RequestVoteReply(self.node_id, m.src, term, granted, pre_vote=m.pre_vote))
+        self._send(RequestVoteReply(self.node_id, m.src, term, granted, pre_vote=m.pre_vote,
+                                    pre_vote_round=m.pre_vote_round))
 
     def _handle_request_vote_reply(self, m: RequestVoteReply) -> None:
         expected = Role.PRE_CANDIDATE if m.pre_vote else Role.CANDIDATE
@@ -633,6 +641,8 @@ class RaftNode:
             return
         if not m.pre_vote and m.term != self.current_term:
             return
+        if m.pre_vote and m.pre_vote_round != self._pre_vote_round:
+            return  # answers an earlier round: that majority is not one now (thesis §9.6)
         self._votes.setdefault(m.src, m.vote_granted)
         if self._won_votes():
             if m.pre_vote:

@@ -114,6 +114,7 @@ class RequestVote:
     last_log_term: int
     pre_vote: bool = False  # thesis §9.6: ask "would you vote for me?" without disrupting anyone
     leadership_transfer: bool = False  # thesis §3.10: voters must not ignore it under their leader lease
+    pre_vote_round: int = 0  # which pre-vote round of the candidate this is (0 for a real vote); echoed back
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class RequestVoteReply:
     term: int
     vote_granted: bool
     pre_vote: bool = False
+    pre_vote_round: int = 0  # the pre_vote_round of the request this answers: only the current round counts
 
 
 @dataclass(frozen=True, slots=True)

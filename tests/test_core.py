@@ -18,6 +18,7 @@ from raftlib import (
     MemoryStorage,
     NotLeader,
     ProposalDropped,
+    RequestVoteReply,
     Role,
 )
 from simulator import Cluster, SafetyViolation, random_schedule
@@ -467,3 +468,38 @@ def test_a_snapshot_transfer_is_finished_while_the_leader_takes_newer_snapshots(
     for k in range(10):  # no more snapshots: the follower catches up through the log
         write(c, f"key{k}")
     assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 500)
+
+
+def test_a_pre_vote_granted_in_an_earlier_round_does_not_count_in_a_later_one():
+    """Thesis §9.6: a pre-candidate becomes a candidate only when a majority would vote for it now. A grant from an
+    earlier round at the same term (delayed, or duplicated by the network) is no such answer: counted in a later
+    round, it let a node cut off from a healthy leader start a real election, and its new term deposed the leader.
+    Five voters; the leader L keeps a majority throughout. X never hears L. A, then B, stop hearing L for a while,
+    so each would vote for X at that time, but never both at once."""
+    c = Cluster(seed=16, n=5)
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    x, a, b, _ = [i for i in c.ids if i != leader]
+    held, granted_by_b = [], []
+
+    def network(m):
+        if isinstance(m, RequestVoteReply) and m.dst == x and m.pre_vote and m.vote_granted:
+            if m.src == a and not held:
+                held.append(m)  # A's grant of an early round, delivered late (below)
+                return None
+            if m.src == b:
+                granted_by_b.append(m)
+        return m
+
+    c.deliver_filter = network
+    c.cut |= {(leader, x), (leader, a)}
+    assert c.run_until(lambda: held, 300), "A never granted X a pre-vote"
+    c.cut.discard((leader, a))  # A hears the leader again (and would not grant X now) ...
+    c.cut.add((leader, b))  # ... and B stops hearing it
+    assert c.run_until(lambda: granted_by_b, 300), "B never granted X a pre-vote"
+    c.send(held[0])  # the old grant from A arrives in the same round as B's: X + B + stale A is 3 of 5
+    c.run(40)
+    assert c.nodes[x].node.current_term == term, "X started an election on a stale pre-vote"
+    c.heal()
+    c.run(100)
+    assert c.leader() == leader and c.nodes[leader].node.current_term == term
