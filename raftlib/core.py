@@ -63,6 +63,10 @@ class Config:
     # Leader leases (thesis §6.4.1): how long after sending a heartbeat that a majority acknowledged the leader may
     # answer lease reads without a round. Below election_ticks by a margin for clock drift; None: 4/5 of it.
     lease_ticks: int | None = None
+    # A read not answered within this many ticks fails (`Ready.failed_reads`; the caller may retry): a forwarded
+    # request or its answer can be lost, and a leader may not get a round confirmed or commit in its term. This
+    # bounds every list a read waits in. None: two election timeouts.
+    read_timeout_ticks: int | None = None
     # Deliberate faults, only for showing that the simulator's checks can fire. Never set them otherwise.
     unsafe_commit_previous_term: bool = False
     unsafe_read_without_quorum: bool = False
@@ -136,6 +140,7 @@ class _ReadRound:
     round_id: int
     read_index: int
     requests: list[tuple[int, str]]  # (request_id, node that asked)
+    started_tick: int
     acks: set[str] = field(default_factory=set)
 
 
@@ -201,10 +206,14 @@ class RaftNode:
         # Linearizable reads (thesis §6.4).
         self._read_round_id = 0
         self._read_rounds: list[_ReadRound] = []
-        self._reads_unstarted: list[tuple[int, str]] = []  # waiting for the next confirmation round
-        self._reads_before_commit: list[tuple[int, str]] = []  # waiting for an entry of this term to commit
-        self._reads_to_forward: list[int] = []
-        self._reads_forwarded: list[int] = []
+        # Every read waits in one of these until it is answered or failed: at a change of leader or role, or
+        # after read_timeout_ticks (`_expire_reads`), whichever comes first. Nothing else bounds them: a read
+        # whose request or answer was lost would otherwise stay for as long as the leader does.
+        self._reads_unstarted: list[tuple[int, str]] = []  # waiting for the next confirmation round (next ready())
+        self._reads_before_commit: list[tuple[int, str, int]] = []  # (id, origin, tick): for this term's commit
+        self._reads_to_forward: list[int] = []  # sent to the leader at the next ready()
+        self._reads_forwarded: dict[int, int] = {}  # request_id -> tick forwarded, in that order
+        self._read_timeout_ticks = config.read_timeout_ticks or 2 * config.election_ticks
         self._read_states: list[tuple[int, int]] = []
         self._failed_reads: list[int] = []
         self._ready_outstanding = False
@@ -232,6 +241,13 @@ class RaftNode:
     def progress(self, node_id: str) -> Progress | None:
         return self._progress.get(node_id)
 
+    @property
+    def reads_pending(self) -> int:
+        """How many reads this node holds: its callers' (waiting for a round, a commit or the leader's answer)
+        and, as leader, its followers'. Each is answered or failed within read_timeout_ticks."""
+        return (len(self._reads_to_forward) + len(self._reads_forwarded) + len(self._reads_unstarted)
+                + len(self._reads_before_commit) + sum(len(r.requests) for r in self._read_rounds))
+
     def _promotable(self) -> bool:
         return self.node_id in self.membership.voters
 
@@ -240,6 +256,8 @@ class RaftNode:
     def tick(self) -> None:
         """One unit of logical time has passed."""
         self._ticks += 1
+        if self._reads_forwarded or self._reads_before_commit or self._read_rounds:
+            self._expire_reads()
         if self.role is Role.LEADER:
             self._tick_leader()
         else:
@@ -350,7 +368,8 @@ class RaftNode:
 
     def read_index(self, request_id: int, lease: bool = False) -> None:
         """Ask for a linearizable read (thesis §6.4). Later, `ready().read_states` holds (request_id, index):
-        the read may be served once the state machine has applied `index`. Or `failed_reads` holds the id.
+        the read may be served once the state machine has applied `index`. Or `failed_reads` holds the id: this
+        node lost its leader or leadership, or no answer came within `read_timeout_ticks`; the caller may retry.
         Raises NotLeader(None) when this node knows no leader to ask.
 
         With `lease`, a leader holding a lease answers at once, without a confirmation round (thesis §6.4.1). This
@@ -458,7 +477,8 @@ class RaftNode:
         elif self._reads_to_forward and self.leader_id is not None:
             ids = tuple(self._reads_to_forward)
             self._reads_to_forward.clear()
-            self._reads_forwarded.extend(ids)
+            for request_id in ids:
+                self._reads_forwarded[request_id] = self._ticks
             self._send(ReadIndexRequest(self.node_id, self.leader_id, self.current_term, ids))
         if not self.has_ready():
             return None
@@ -543,10 +563,12 @@ class RaftNode:
         self._read_rounds, self._reads_unstarted, self._reads_before_commit = [], [], []
         self._failed_reads.extend(self._reads_to_forward)
         self._failed_reads.extend(self._reads_forwarded)
-        self._reads_to_forward, self._reads_forwarded = [], []
+        self._reads_to_forward, self._reads_forwarded = [], {}
 
-    def _fail_read_requests(self, requests: list[tuple[int, str]]) -> None:
-        self._failed_reads.extend(rid for rid, origin in requests if origin == self.node_id)
+    def _fail_read_requests(self, requests) -> None:
+        """Fail this node's own reads among `requests`, tuples that start (request_id, origin). A follower's are
+        dropped: it fails them itself, when it changes leader or after read_timeout_ticks."""
+        self._failed_reads.extend(r[0] for r in requests if r[1] == self.node_id)
 
     def _become_follower(self, term: int, leader_id: str | None) -> None:
         if self.role is Role.FOLLOWER and term == self.current_term and leader_id == self.leader_id:
@@ -932,7 +954,7 @@ class RaftNode:
             return
         self.commit_index = index
         if self._reads_before_commit and self.log.term(self.commit_index) == self.current_term:
-            self._reads_unstarted.extend(self._reads_before_commit)
+            self._reads_unstarted.extend((rid, origin) for rid, origin, _ in self._reads_before_commit)
             self._reads_before_commit = []
         if self.commit_index >= self._pending_membership_index and self.node_id not in self.membership.node_ids:
             self._step_down_after_removal()
@@ -978,7 +1000,7 @@ class RaftNode:
     def _queue_leader_read(self, request_id: int, origin: str) -> None:
         if self.log.term(self.commit_index) != self.current_term:
             # §6.4 step 1: until an entry of its term commits, a new leader does not know the commit index.
-            self._reads_before_commit.append((request_id, origin))
+            self._reads_before_commit.append((request_id, origin, self._ticks))
         else:
             self._reads_unstarted.append((request_id, origin))
 
@@ -986,7 +1008,7 @@ class RaftNode:
         if not self._reads_unstarted:
             return
         self._read_round_id += 1
-        rnd = _ReadRound(self._read_round_id, self.commit_index, self._reads_unstarted)
+        rnd = _ReadRound(self._read_round_id, self.commit_index, self._reads_unstarted, self._ticks)
         self._reads_unstarted = []
         rnd.acks.add(self.node_id)
         self._read_rounds.append(rnd)
@@ -1035,10 +1057,23 @@ class RaftNode:
             self._queue_leader_read(request_id, m.src)
 
     def _handle_read_index_reply(self, m: ReadIndexReply) -> None:
-        wanted = set(self._reads_forwarded)
-        answered = [rid for rid in m.request_ids if rid in wanted]
-        if not answered:
-            return
-        done = set(answered)
-        self._reads_forwarded = [rid for rid in self._reads_forwarded if rid not in done]
-        self._read_states.extend((rid, m.read_index) for rid in answered)
+        forwarded = self._reads_forwarded
+        self._read_states.extend((rid, m.read_index) for rid in m.request_ids if forwarded.pop(rid, None) is not None)
+
+    def _expire_reads(self) -> None:
+        """Fail the reads that waited read_timeout_ticks (this node's own; a follower's are dropped, and it fails
+        them itself). Each list is in arrival order, so only its head is looked at when nothing is due."""
+        horizon = self._ticks - self._read_timeout_ticks
+        while self._read_rounds and self._read_rounds[0].started_tick <= horizon:
+            self._fail_read_requests(self._read_rounds.pop(0).requests)
+        if self._reads_before_commit and self._reads_before_commit[0][2] <= horizon:
+            due = [r for r in self._reads_before_commit if r[2] <= horizon]
+            self._reads_before_commit = self._reads_before_commit[len(due):]
+            self._fail_read_requests(due)
+        forwarded = self._reads_forwarded
+        while forwarded:
+            request_id, tick = next(iter(forwarded.items()))
+            if tick > horizon:
+                break
+            del forwarded[request_id]
+            self._failed_reads.append(request_id)

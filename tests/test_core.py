@@ -18,6 +18,7 @@ from raftlib import (
     MemoryStorage,
     NotLeader,
     ProposalDropped,
+    ReadIndexRequest,
     RequestVoteReply,
     Role,
 )
@@ -503,3 +504,48 @@ def test_a_pre_vote_granted_in_an_earlier_round_does_not_count_in_a_later_one():
     c.heal()
     c.run(100)
     assert c.leader() == leader and c.nodes[leader].node.current_term == term
+
+
+def test_forwarded_reads_that_are_never_answered_fail_in_bounded_time():
+    """Thesis §6.4: a follower forwards reads to the leader. A request lost on the way (a reply timeout, a full
+    queue) is never answered; under a stable leader nothing else ends it. It must fail within a bound (two
+    election timeouts) so that the caller retries and the follower does not keep it forever."""
+    c = Cluster(seed=17, n=3)
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    node = c.nodes[follower].node
+    c.deliver_filter = lambda m: None if isinstance(m, ReadIndexRequest) else m
+    reads = [c.client_read(follower, "k", lease=False) for _ in range(5)]
+    assert all(r is not None for r in reads) and node.reads_pending == 5
+    c.run(2 * c.election_ticks + 1)
+    assert [r.request_id for r in reads if r.request_id in c.pending_reads[follower]] == []  # failed: retry
+    assert node.reads_pending == 0
+    assert c.leader() == leader and c.nodes[leader].node.current_term == node.current_term
+    c.deliver_filter = None
+    before = c.reads_checked
+    c.client_read(follower, "k", lease=False)
+    assert c.run_until(lambda: c.reads_checked > before, 50)
+
+
+def test_reads_on_a_leader_that_cannot_commit_in_its_term_fail_in_bounded_time():
+    """Thesis §6.4 step 1: a new leader serves reads only once an entry of its term has committed. One that hears
+    from its followers (so check-quorum keeps it) but cannot get its entries to them never commits: its reads
+    and its followers' must not wait for that forever."""
+    c = Cluster(seed=18, n=3)
+
+    def no_entries(m):
+        return dataclasses.replace(m, entries=()) if isinstance(m, AppendEntries) and m.entries else m
+
+    c.deliver_filter = no_entries
+    assert c.run_until(lambda: c.leader() is not None, 500)
+    leader = c.leader()
+    n = c.nodes[leader].node
+    follower = next(i for i in c.ids if i != leader)
+    mine = c.client_read(leader, "k", lease=False)
+    theirs = c.client_read(follower, "k", lease=False)
+    c.run(3)
+    assert n.log.term(n.commit_index) != n.current_term and n.reads_pending == 2
+    c.run(2 * c.election_ticks + 5)
+    assert c.leader() == leader and n.log.term(n.commit_index) != n.current_term
+    assert mine.request_id not in c.pending_reads[leader] and theirs.request_id not in c.pending_reads[follower]
+    assert n.reads_pending == 0 and c.nodes[follower].node.reads_pending == 0
