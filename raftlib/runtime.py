@@ -9,6 +9,11 @@ fsync for the whole batch: group commit), send, apply, wake the waiting requests
 the node rather than acknowledge anything (fsyncgate). A full disk is waited out instead: the save is tried
 again until there is room, nothing is sent or acknowledged meanwhile (to the others the node looks paused), and
 new proposals are refused at once.
+
+Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`, `_index_waiters`),
+by the node (`_reads`: the core answers or fails every read within its read_timeout_ticks), by the log
+(`_proposals`, `_reads_waiting_apply`: answered when their index is applied), or by the delivery bound (`_inbox`:
+a peer's frame not taken within `deliver_timeout_seconds` is dropped, as the network may drop it).
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class Runtime:
         self.disk_full = False
         self.disk_retry_seconds = 0.5
         self._snapshot_not_before = 0.0
+        self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats = collections.Counter()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -169,8 +175,9 @@ class Runtime:
         self._index_waiters.append((index, result))
         try:
             return self._wait(result, timeout_seconds)
-        except Timeout as e:
-            result.set_exception(e)  # settled: the next apply drops it, however far off `index` is
+        except Timeout:
+            # Forget it now: the next apply may be far off (no leader, a full disk) and waiters would pile up.
+            self._index_waiters = [w for w in self._index_waiters if w[1] is not result]
             raise
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
@@ -193,10 +200,17 @@ class Runtime:
             self._put(("messages", messages, None), drive=True)
             return None
         result = gevent.event.AsyncResult()
-        self._put(("messages", messages, result), drive=True)
+        item = ("messages", messages, result)
+        self._put(item, drive=True)
         try:
-            return result.get(timeout=2.0)
+            return result.get(timeout=self.deliver_timeout_seconds)
         except gevent.Timeout:
+            # Not taken yet (the drive is held up, e.g. by a full disk): drop it, as the network may drop any
+            # message, rather than let every frame that comes meanwhile pile up in the inbox.
+            for n, queued in enumerate(self._inbox):
+                if queued is item:
+                    del self._inbox[n]
+                    break
             return []
 
     def _call(self, timeout_seconds: float, kind: str, *args):
@@ -225,6 +239,8 @@ class Runtime:
                     result = pending.popleft()[1]
                     if not result.ready():
                         result.set_exception(_Expired())
+            for timeout_seconds in [t for t, pending in self._deadlines.items() if not pending]:
+                del self._deadlines[timeout_seconds]  # callers may pass any number of distinct timeouts
 
     def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
         if not self.running:

@@ -11,6 +11,7 @@ import gevent
 import pytest
 
 from raftlib import (
+    AppendEntries,
     Config,
     Entry,
     EntryKind,
@@ -19,6 +20,7 @@ from raftlib import (
     Member,
     Membership,
     MemoryStorage,
+    NotLeader,
     RaftNode,
     Role,
 )
@@ -148,3 +150,89 @@ def test_last_applied_moves_only_once_the_state_machine_holds_the_snapshot():
     finally:
         storage.hang = False
         runtime.stop()
+
+
+def heartbeats_from_a(runtime, period_seconds=0.02):
+    """A greenlet that plays the leader `a` in term 2: a heartbeat every period (its answers are dropped)."""
+
+    def run():
+        while runtime.running:
+            runtime.deliver([AppendEntries("a", "b", 2, 1, 1, (), 1)], False)
+            gevent.sleep(period_seconds)
+
+    return gevent.spawn(run)
+
+
+def test_a_follower_read_whose_request_is_lost_fails_in_bounded_time_and_is_forgotten():
+    """Thesis §6.4: the follower forwards the read to the leader; here every request is lost (the transport drops
+    all). Under a stable leader nothing else ends such a read: the node fails it after read_timeout_ticks (two
+    election timeouts: 40 ticks of 5 ms), the caller gets NotLeader (and may retry), and neither the runtime nor
+    the node holds on to it, also when its caller gave up earlier."""
+    runtime, _, _ = follower(election_ticks=20)
+    runtime.start()
+    beats = heartbeats_from_a(runtime)
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.leader_id != "a":
+                gevent.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(NotLeader):
+            runtime.read(3.0)
+        assert time.monotonic() - t0 < 1.5
+        for _ in range(20):  # callers that give up before the node does
+            with pytest.raises(Timeout):
+                runtime.read(0.01)
+        with gevent.Timeout(2, AssertionError(f"reads still held: {runtime._reads}")):
+            while runtime._reads or runtime.node.reads_pending:
+                gevent.sleep(0.01)
+        assert runtime.node.leader_id == "a"  # the leader was stable throughout
+    finally:
+        beats.kill()
+        runtime.stop()
+
+
+def test_messages_that_wait_longer_than_the_delivery_bound_are_dropped_not_queued():
+    """A node whose drive is held up (a full disk: the save is retried until there is room) cannot step what
+    arrives. The transport's REP server waits for each frame's answer at most the delivery bound; a frame not
+    taken by then is dropped, as the network may drop it, rather than left in the inbox to pile up for as long
+    as the disk is full."""
+    runtime, storage, _ = follower()
+    runtime.deliver_timeout_seconds = 0.02
+    runtime.start()
+    try:
+        storage.hang = True
+        heartbeat = AppendEntries("a", "b", 2, 1, 1, (), 1)
+        stuck = gevent.spawn(runtime.deliver, [heartbeat], True)  # a new term to save: the drive hangs there
+        gevent.sleep(0.05)
+        assert runtime._driving and runtime.node.current_term == 2
+        for _ in range(20):
+            assert runtime.deliver([heartbeat], True) == []
+        assert len(runtime._inbox) == 0
+        storage.hang = False
+        stuck.get(timeout=2)
+        assert runtime.deliver([heartbeat], True)[0].success  # and it carries on
+    finally:
+        storage.hang = False
+        runtime.stop()
+
+
+def test_waiters_that_time_out_are_forgotten():
+    """wait_applied (HTTP min_index) and the request deadlines: a waiter that timed out is not kept until the
+    next apply, which may be far off (here: never), and a timeout value no request uses any more is dropped."""
+    runtime, _, _ = follower()
+    runtime.start()
+    try:
+        for _ in range(50):
+            with pytest.raises(Timeout):
+                runtime.wait_applied(100, 0.001)
+        assert runtime._index_waiters == []
+    finally:
+        runtime.stop()
+
+
+def test_request_deadlines_of_every_length_are_forgotten_once_past(one_node):
+    runtime, _, _ = one_node
+    for i in range(20):
+        runtime.propose(b"x", 0.05 + i / 1000)
+    gevent.sleep(0.2)
+    assert runtime._deadlines == {}
