@@ -34,6 +34,7 @@ from .messages import (
     Message,
     ReadIndexReply,
     ReadIndexRequest,
+    Removed,
     RequestVote,
     RequestVoteReply,
     Snapshot,
@@ -90,6 +91,7 @@ _SCHEMAS: dict[type, tuple[int, tuple[int, ...]]] = {
     TimeoutNow: (7, ()),
     ReadIndexRequest: (8, (_INTS,)),
     ReadIndexReply: (9, (_INTS, _INT)),
+    Removed: (10, (_INT, _STR)),
 }
 # How many of a message's last fields came after version 1 (see the module docstring): a frame may lack them.
 _ADDED_FIELDS: dict[type, int] = {RequestVote: 1, RequestVoteReply: 1}  # pre_vote_round

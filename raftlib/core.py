@@ -30,6 +30,7 @@ from .messages import (
     Message,
     ReadIndexReply,
     ReadIndexRequest,
+    Removed,
     RequestVote,
     RequestVoteReply,
     Role,
@@ -167,8 +168,11 @@ class RaftNode:
             self._base_membership = snapshot.membership
         else:
             self._base_membership = membership if membership is not None else Membership(voters=())
-        self.membership = self._base_membership
         self._refresh_membership()
+        # Set when a member told us that its committed configuration (at that index) leaves us out: (the leader
+        # it knew, or None; the index). It only informs (/status, the HTTP answers): we campaign and serve as
+        # before, and forget it when a leader sends us entries (it counts us as a member) or we win an election.
+        self.removed: tuple[str | None, int] | None = None
 
         self.current_term = hard_state.current_term
         self.voted_for = hard_state.voted_for
@@ -402,6 +406,8 @@ class RaftNode:
         assert not self._ready_outstanding, "advance() the last Ready before stepping"
         if m.dst != self.node_id or m.src == self.node_id:
             return
+        if m.src not in self._member_ids and type(m) is not Removed:
+            self._tell_removed(m.src)
         if m.term > self.current_term:
             if isinstance(m, RequestVote):
                 # Also in the first election timeout after a start: this node may have acknowledged a leader's
@@ -450,6 +456,8 @@ class RaftNode:
                 self._handle_read_index_request(m)
             case ReadIndexReply():
                 self._handle_read_index_reply(m)
+            case Removed():
+                self._handle_removed(m)
 
     # ---- outputs --------------------------------------------------------------------------------
 
@@ -629,6 +637,7 @@ class RaftNode:
         assert self.role is Role.CANDIDATE
         self.role = Role.LEADER
         self.leader_id = self.node_id
+        self.removed = None  # a majority of our configuration just voted for us
         self._heartbeat_elapsed = 0
         self._election_elapsed = 0
         self._progress = {}
@@ -682,6 +691,7 @@ class RaftNode:
 
     def _handle_append_entries(self, m: AppendEntries) -> None:
         self._become_follower(m.term, m.src)
+        self.removed = None  # a leader sends entries only to the members of its configuration
         self._send(self._append_from_leader(m))
 
     def _append_from_leader(self, m: AppendEntries) -> AppendEntriesReply:
@@ -723,6 +733,7 @@ class RaftNode:
 
     def _handle_install_snapshot(self, m: InstallSnapshot) -> None:
         self._become_follower(m.term, m.src)
+        self.removed = None
         index, term = m.last_included_index, m.last_included_term
 
         def reply(next_offset: int, done: bool) -> None:
@@ -771,7 +782,33 @@ class RaftNode:
 
     def _refresh_membership(self) -> None:
         entries = self.log.membership_entries()
-        self.membership = entries[-1].membership if entries else self._base_membership
+        if entries:
+            self._set_membership(entries[-1].membership, entries[-1].index)
+        else:
+            self._set_membership(self._base_membership, self.log.snapshot_index)
+
+    def _set_membership(self, membership: Membership, index: int) -> None:
+        """The configuration in force is the latest in the log, committed or not (thesis §4.1), from `index`."""
+        self.membership = membership
+        self._membership_index = index
+        self._member_ids = frozenset(membership.voters + membership.learners)
+
+    def _tell_removed(self, node_id: str) -> None:
+        """`node_id` spoke to us and our configuration leaves it out. Say so if that configuration is committed
+        (a removed node, not one that is being added and that our log has not caught up with) and we are in it.
+        A message from a non-member is still handled as ever: thesis §4.2.3 has servers take votes and
+        entries from servers outside their configuration."""
+        if self._membership_index <= self.commit_index and self.node_id in self._member_ids:
+            self._send(Removed(self.node_id, node_id, self.current_term, self._membership_index,
+                               self.leader_id or ""))
+
+    def _handle_removed(self, m: Removed) -> None:
+        if self.node_id in self._member_ids and self._membership_index > m.membership_index:
+            return  # our log holds a newer configuration, with us in it: the notice is stale
+        leader_id = m.leader_id or None
+        if leader_id is None and self.removed is not None and self.removed[1] == m.membership_index:
+            leader_id = self.removed[0]  # keep the leader another member named for the same configuration
+        self.removed = (leader_id, m.membership_index)
 
     # ---- replication: leader side -----------------------------------------------------------------
 
@@ -782,11 +819,11 @@ class RaftNode:
         self._append_dirty = True
         if membership is not None:
             self._pending_membership_index = index
-            self._apply_membership_to_progress(membership)
+            self._apply_membership_to_progress(membership, index)
         return index
 
-    def _apply_membership_to_progress(self, membership: Membership) -> None:
-        self.membership = membership
+    def _apply_membership_to_progress(self, membership: Membership, index: int) -> None:
+        self._set_membership(membership, index)
         for node_id in membership.node_ids:
             if node_id not in self._progress:
                 self._progress[node_id] = Progress(next_index=self.log.last_index, recent_active=True)
@@ -970,6 +1007,7 @@ class RaftNode:
         if self._progress[best].match_index == self.log.last_index:
             self._send(TimeoutNow(self.node_id, best, self.current_term))
         self._become_follower(self.current_term, None)
+        self.removed = (self.node_id, self._membership_index)
 
     def _quorum_active(self) -> bool:
         voters = self.membership.voters

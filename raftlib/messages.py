@@ -203,6 +203,21 @@ class ReadIndexReply:
     read_index: int
 
 
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """The sender's committed configuration, at `membership_index`, does not hold the receiver, which sent it a
+    message: a node removed from the cluster learns it this way (the leader stops sending to a node once the
+    configuration without it is appended, so that node never gets the entry itself; etcd likewise answers a
+    removed member). It only informs: the receiver keeps campaigning and serving as before, and forgets the
+    notice when a leader sends it entries. `leader_id` is the leader the sender knows, "" for none."""
+
+    src: str
+    dst: str
+    term: int
+    membership_index: int
+    leader_id: str
+
+
 Message = (
     RequestVote
     | RequestVoteReply
@@ -213,6 +228,7 @@ Message = (
     | TimeoutNow
     | ReadIndexRequest
     | ReadIndexReply
+    | Removed
 )
 
 MESSAGE_TYPES = (
@@ -225,4 +241,5 @@ MESSAGE_TYPES = (
     TimeoutNow,
     ReadIndexRequest,
     ReadIndexReply,
+    Removed,
 )

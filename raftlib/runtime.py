@@ -94,6 +94,7 @@ class Runtime:
         self._greenlets: list = []
         self._membership: Membership | None = None
         self._soft = (None, None, None)
+        self._removed = None  # the node's `removed` notice, as last logged
         self.running = False
         self.disk_full = False
         self.disk_retry_seconds = 0.5
@@ -373,6 +374,8 @@ class Runtime:
                     result.set_exception(NotLeader(rd.leader_id))
             node.advance(rd)
             self._note_soft_state(rd)
+            if node.removed != self._removed:
+                self._note_removed(node.removed)
             self._wake_applied()
             if node.membership is not self._membership:
                 self._sync_peers()
@@ -464,6 +467,15 @@ class Runtime:
             logger.info("starting an election for term %d", rd.term)
         elif old_role is Role.LEADER and rd.role is not Role.LEADER:
             logger.info("stepped down in term %d", rd.term)
+
+    def _note_removed(self, removed) -> None:
+        self._removed = removed
+        if removed is None:
+            logger.info("a leader counts this node as a member (again)")
+            return
+        leader_id, index = removed
+        logger.warning("this node was removed from the cluster (%sconfiguration at index %d); it keeps out of the "
+                       "way: add it again, or stop it", f"by {leader_id}, " if leader_id else "", index)
 
     def _sync_peers(self) -> None:
         self._membership = self.node.membership

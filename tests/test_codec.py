@@ -18,6 +18,7 @@ from raftlib import (
     Membership,
     ReadIndexReply,
     ReadIndexRequest,
+    Removed,
     RequestVote,
     RequestVoteReply,
     TimeoutNow,
@@ -37,6 +38,8 @@ SAMPLES = [
     TimeoutNow("a", "b", 5),
     ReadIndexRequest("b", "a", 5, (1, 2, 3)),
     ReadIndexReply("a", "b", 5, (1, 2, 3), 42),
+    Removed("a", "c", 5, 17, "a"),
+    Removed("b", "c", 5, 17, ""),
 ]
 
 

@@ -19,6 +19,7 @@ from raftlib import (
     NotLeader,
     ProposalDropped,
     ReadIndexRequest,
+    Removed,
     RequestVoteReply,
     Role,
 )
@@ -549,3 +550,50 @@ def test_reads_on_a_leader_that_cannot_commit_in_its_term_fail_in_bounded_time()
     assert c.leader() == leader and n.log.term(n.commit_index) != n.current_term
     assert mine.request_id not in c.pending_reads[leader] and theirs.request_id not in c.pending_reads[follower]
     assert n.reads_pending == 0 and c.nodes[follower].node.reads_pending == 0
+
+
+def test_a_removed_node_learns_that_it_was_removed_and_disturbs_nobody():
+    """Thesis §4.2.3: the leader stops sending to a node once the configuration without it is appended, so the
+    removed node never gets that entry; it times out and asks for pre-votes, for ever. Pre-vote and the members'
+    leader leases keep it from disturbing anyone (§9.6). Now the members also answer it with Removed (as etcd
+    answers a removed member), so it can say why it is idle; re-added under the same id, it forgets the notice as
+    soon as the leader sends it entries, and serves as a voter again."""
+    c = Cluster(seed=19, n=3)
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    gone = next(i for i in c.ids if i != leader)
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    index = c.nodes[leader].node.log.last_index
+    n = c.nodes[gone].node
+    assert c.run_until(lambda: n.removed is not None, 300), "the removed node was never told"
+    assert n.removed == (leader, index)
+    assert gone not in c.nodes[leader].node.membership.node_ids and gone in n.membership.voters
+    c.run(300)
+    assert c.leader() == leader and c.nodes[leader].node.current_term == term
+    assert n.removed == (leader, index) and n.role is not Role.LEADER
+    assert c.change_membership(ConfChangeKind.ADD_LEARNER, gone)
+    assert c.run_until(lambda: gone in c.nodes[leader].node.membership.voters, 500)
+    assert n.removed is None
+    write(c)
+    assert c.leader() == leader
+
+
+def test_a_removed_notice_only_informs():
+    """A Removed notice can come from a node with a stale view. It must cost nothing: a notice from an older term
+    is ignored, and a member that holds one still campaigns, wins and serves; it forgets the notice then."""
+    c = Cluster(seed=20, n=3)
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    a, b = [i for i in c.ids if i != leader]
+    c.isolate(leader)
+    c.nodes[a].node.step(Removed(leader, a, term - 1, 1, leader))
+    c.process(a)
+    assert c.nodes[a].node.removed is None  # an older term's word
+    for x in (a, b):
+        c.nodes[x].node.step(Removed(leader, x, term, 1, leader))
+        c.process(x)
+        assert c.nodes[x].node.removed == (leader, 1)
+    assert c.run_until(lambda: c.leader() in (a, b), 500)
+    write(c)
+    c.run(20)
+    assert c.nodes[a].node.removed is None and c.nodes[b].node.removed is None

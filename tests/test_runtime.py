@@ -22,6 +22,7 @@ from raftlib import (
     MemoryStorage,
     NotLeader,
     RaftNode,
+    Removed,
     Role,
 )
 from raftlib.runtime import Runtime, Stopped, Timeout
@@ -236,3 +237,22 @@ def test_request_deadlines_of_every_length_are_forgotten_once_past(one_node):
         runtime.propose(b"x", 0.05 + i / 1000)
     gevent.sleep(0.2)
     assert runtime._deadlines == {}
+
+
+def test_a_removed_notice_is_logged_once(caplog):
+    """A removed node hears it is removed at every election timeout; its log says so once, and once more when a
+    leader counts it as a member again."""
+    runtime, _, _ = follower()
+    runtime.start()
+    try:
+        with caplog.at_level("INFO", logger="raftlib.runtime"):
+            for _ in range(3):
+                runtime.deliver([Removed("a", "b", 2, 7, "a")], True)
+            assert runtime.node.removed == ("a", 7)
+            runtime.deliver([AppendEntries("a", "b", 2, 1, 1, (), 1)], True)
+            assert runtime.node.removed is None
+        lines = [r.getMessage() for r in caplog.records if "removed from" in r.getMessage() or "counts this" in r.getMessage()]
+        assert lines == ["this node was removed from the cluster (by a, configuration at index 7); it keeps out of "
+                         "the way: add it again, or stop it", "a leader counts this node as a member (again)"]
+    finally:
+        runtime.stop()
