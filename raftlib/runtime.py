@@ -278,6 +278,8 @@ class Runtime:
             self._process_ready(replies)
             for result, out in replies.values():
                 result.set(out)
+            if self.node.removed != self._removed:  # a notice may change nothing else: no Ready for it
+                self._note_removed(self.node.removed)
             self._maybe_snapshot()
         except Exception as e:
             logger.critical("stopping: %s", e, exc_info=not isinstance(e, OSError))
@@ -374,8 +376,6 @@ class Runtime:
                     result.set_exception(NotLeader(rd.leader_id))
             node.advance(rd)
             self._note_soft_state(rd)
-            if node.removed != self._removed:
-                self._note_removed(node.removed)
             self._wake_applied()
             if node.membership is not self._membership:
                 self._sync_peers()
