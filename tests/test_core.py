@@ -199,6 +199,7 @@ def test_leader_removed_from_the_configuration_steps_down():
     c = Cluster(seed=6, n=3)
     leader = elect(c)
     assert c.change_membership(ConfChangeKind.REMOVE, leader)
+    index = c.nodes[leader].node.log.last_index
     assert c.run_until(lambda: c.leader() not in (None, leader), 300)
     new = c.leader()
     assert leader not in c.nodes[new].node.membership.voters
@@ -206,6 +207,7 @@ def test_leader_removed_from_the_configuration_steps_down():
     c.run(300)
     assert c.nodes[leader].node.role is Role.FOLLOWER
     assert c.leader() == new
+    assert c.nodes[leader].node.removed == (leader, index)  # it knows why it is idle
 
 
 def test_learner_joins_catches_up_and_is_promoted():
