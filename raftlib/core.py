@@ -495,11 +495,14 @@ class RaftNode:
         if self._unstable_from <= self.log.last_index:
             entries = self.log.slice(self._unstable_from, self.log.last_index + 1)
         committed = []
-        applied = max(self.last_applied, self.log.snapshot_index)  # a snapshot not yet applied comes first
-        if self.commit_index > applied:
-            committed = self.log.slice(applied + 1, self.commit_index + 1)
+        if self.commit_index > self.last_applied:
+            applied = self.last_applied
+            if applied < self.log.snapshot_index:  # a snapshot from the leader, applied with this Ready first
+                applied = self.log.snapshot_index
+            if self.commit_index > applied:
+                committed = self.log.slice(applied + 1, self.commit_index + 1)
         saved = self._saved_hard_state
-        new_term_or_vote = (hard_state.current_term, hard_state.voted_for) != (saved.current_term, saved.voted_for)
+        new_term_or_vote = self.current_term != saved.current_term or self.voted_for != saved.voted_for
         rd = Ready(
             hard_state=hard_state if hard_state != saved else None,
             entries=entries,
