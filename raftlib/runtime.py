@@ -86,7 +86,7 @@ class Runtime:
         self._proposals: dict[int, tuple[int, gevent.event.AsyncResult]] = {}
         self._reads: dict[int, gevent.event.AsyncResult] = {}
         self._reads_waiting_apply: list[tuple[int, gevent.event.AsyncResult]] = []
-        self._index_waiters: list[tuple[int, gevent.event.AsyncResult]] = []
+        self._index_waiters: dict[gevent.event.AsyncResult, int] = {}  # wait_applied: result -> index
         self._read_waiting: dict[bool, gevent.event.AsyncResult] = {}  # lease? -> the read not yet taken
         self._request_ids = itertools.count(1)
         # Requests by their timeout: each deque holds (deadline, result) in arrival order, so in deadline order.
@@ -173,12 +173,12 @@ class Runtime:
         if self.node.last_applied >= index:
             return self.node.last_applied
         result = gevent.event.AsyncResult()
-        self._index_waiters.append((index, result))
+        self._index_waiters[result] = index
         try:
             return self._wait(result, timeout_seconds)
         except Timeout:
             # Forget it now: the next apply may be far off (no leader, a full disk) and waiters would pile up.
-            self._index_waiters = [w for w in self._index_waiters if w[1] is not result]
+            self._index_waiters.pop(result, None)
             raise
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
@@ -442,15 +442,9 @@ class Runtime:
                     still.append((index, result))
             self._reads_waiting_apply = still
         if self._index_waiters:
-            still = []
-            for index, result in self._index_waiters:
-                if result.ready():
-                    continue  # timed out
-                if index <= applied:
-                    result.set(applied)
-                else:
-                    still.append((index, result))
-            self._index_waiters = still
+            for result in [r for r, index in self._index_waiters.items() if index <= applied]:
+                del self._index_waiters[result]
+                result.set(applied)
 
     def _note_soft_state(self, rd: Ready) -> None:
         soft = (rd.role, rd.term, rd.leader_id)
@@ -506,9 +500,11 @@ class Runtime:
             result.set_exception(error)
         for result in self._reads.values():
             result.set_exception(error)
-        for _, result in self._reads_waiting_apply + self._index_waiters:
+        for _, result in self._reads_waiting_apply:
             result.set_exception(error)
-        self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, [], []
+        for result in self._index_waiters:
+            result.set_exception(error)
+        self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, [], {}
         for pending in self._deadlines.values():  # requests still in the inbox, or answered already
             for _, result in pending:
                 if not result.ready():

@@ -226,7 +226,7 @@ def test_waiters_that_time_out_are_forgotten():
         for _ in range(50):
             with pytest.raises(Timeout):
                 runtime.wait_applied(100, 0.001)
-        assert runtime._index_waiters == []
+        assert not runtime._index_waiters
     finally:
         runtime.stop()
 
