@@ -159,7 +159,8 @@ class Runtime:
     def read(self, timeout_seconds: float, lease: bool = False) -> int:
         """Block until a linearizable read of the state machine is safe (thesis §6.4); returns the read index.
         With `lease`, a leader within its lease answers without a round (§6.4.1). Raises NotLeader (no leader
-        known), Timeout or Stopped."""
+        known, the leader changed, or the node got no answer within its read_timeout_ticks: retry), Timeout or
+        Stopped."""
         # Reads that arrive before the loop takes the waiting one share it: its read index is chosen after every
         # one of them arrived, so it is safe for all, and a burst of reads costs the loop one request.
         shared = self._read_waiting.get(lease)
