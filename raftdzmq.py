@@ -335,6 +335,13 @@ class Server:
         m = self.node.membership.member(leader)
         return m.http_address if m else None
 
+    def removed_text(self) -> str | None:
+        """Why this node serves nothing, when a member told it that it was removed (RaftNode.removed); else None."""
+        if self.node.removed is None:
+            return None
+        leader_id, index = self.node.removed
+        return f"this node was removed from the cluster ({f'by {leader_id} ' if leader_id else ''}at index {index})"
+
     def join(self, target: str) -> None:
         """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded in time."""
         body = json.dumps({"node_id": self.node_id, "raft_address": self.raft_address,
@@ -476,7 +483,8 @@ def make_app(server: Server) -> bottle.Bottle:
     def redirect_to_leader():
         leader = server.leader_http()
         if leader is None:
-            return text(503, "no leader is known right now; retry shortly")
+            removed = server.removed_text()
+            return text(410, removed) if removed else text(503, "no leader is known right now; retry shortly")
         if args.forward and bottle.request.get_header("X-Raftdzmq-Forwarded") is None:
             return forward_to(leader)
         url = f"http://{leader}{bottle.request.fullpath}"
@@ -605,6 +613,8 @@ def make_app(server: Server) -> bottle.Bottle:
                     runtime.read(max(0.01, deadline - time.monotonic()), lease=consistency == "lease")
                     break
                 except NotLeader:
+                    if server.removed_text():
+                        raise text(410, server.removed_text()) from None
                     # Right after a start or an election no leader is known yet: wait for one, within the bound.
                     if time.monotonic() >= deadline:
                         raise text(503, "no leader is known right now; the read cannot be confirmed") from None
@@ -701,6 +711,7 @@ def make_app(server: Server) -> bottle.Bottle:
             "applied_index": node.last_applied, "last_index": node.log.last_index,
             "snapshot_index": node.log.snapshot_index, "members": members(), "keys": len(server.kv.data),
             "disk_full": runtime.disk_full,
+            "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
         }
         return bottle.HTTPResponse(json.dumps(body, indent=1) + "\n", 200, {"Content-Type": "application/json"})
 
