@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -14,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raftlib import Entry, EntryKind, HardState, MemoryStorage, Member, Membership, Snapshot
-from raftlib.storage import CorruptLogError, DataDirLocked, DiskStorage, UnknownFormatError
+from crashfs import CrashFS
+from raftlib.storage import (CorruptLogError, DataDirLocked, DiskFull, DiskStorage, UnknownFormatError, encode_record,
+                             encode_snapshot)
 
 MEMBERSHIP = Membership(voters=("a",), members=(Member("a", "localhost:5555", "localhost:8080"),))
 
@@ -277,3 +280,223 @@ def test_a_commit_index_alone_is_written_but_not_synced(tmp_path):
     s, st = reopen(tmp_path)
     assert st.hard_state == HardState(1, "a", 3) and [e.index for e in st.entries] == [1, 2, 3]
     s.close()
+
+
+# ---- issue 11: a snapshot install killed at every file operation -------------------------------------------------
+
+KILLED_AT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot
+    from raftlib.storage import DiskStorage
+
+    data_dir, scenario, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    M = Membership(voters=("a",), members=(Member("a", "localhost:5555", "localhost:8080"),))
+    s = DiskStorage(data_dir)
+    s.load()
+    s.save(HardState(3, "a", 10), [Entry(3, i, EntryKind.COMMAND, b"t3-%d" % i) for i in range(1, 15)])
+    if scenario == "cut":  # a term-4 leader cut the log back to 12: 11 and 12 are of term 4 now
+        s.save(HardState(4, "b", 12), [Entry(4, i, EntryKind.COMMAND, b"t4-%d" % i) for i in (11, 12)])
+
+    # From here on, every file operation counts, and the k-th one is never done: SIGKILL just before it (the
+    # hook is at the os level, so that it works on any version of storage.py).
+    count = [0]
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            count[0] += 1
+            if count[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+        return wrapper
+    def counted_open(path, flags, *args, _open=os.open):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            return counted(_open)(path, flags, *args)
+        return _open(path, flags, *args)
+    for name in ("write", "fsync", "fdatasync", "ftruncate", "replace", "rename", "unlink", "mkdir"):
+        setattr(os, name, counted(getattr(os, name)))
+    os.open = counted_open
+
+    if scenario == "cut":  # the node snapshots its own state at 12
+        s.save_snapshot(Snapshot(12, 4, M, b"state-at-12"))
+    else:  # a term-4 leader's snapshot at 12 disagrees with this log (term 3 at 12): all of it goes
+        s.save(HardState(4, None, 12), [], Snapshot(12, 4, M, b"leader-state-at-12"))
+    print("finished after", count[0], "file operations", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("scenario", ["cut", "disagree"])
+def test_a_snapshot_install_killed_at_any_file_operation_brings_no_entry_back(tmp_path, scenario):
+    """Issue 11: replaying old segments on top of a snapshot dropped their entries at or below it, and with them
+    the cut they stood for: (12, term 4) came back followed by (13, term 3), (14, term 3)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    t3 = [(i, 3) for i in range(1, 15)]
+    if scenario == "cut":
+        before = (None, t3[:10] + [(11, 4), (12, 4)])
+    else:
+        before = (None, t3)
+    after = ((12, 4), [])
+    outcomes = {}
+    for kill_at in range(1, 100):
+        d = tmp_path / f"k{kill_at}"
+        p = subprocess.run([sys.executable, "-c", KILLED_AT, str(d), scenario, str(kill_at)], capture_output=True,
+                           text=True, timeout=60, env=dict(os.environ, PYTHONPATH=root))
+        finished = p.returncode == 0
+        assert finished or p.returncode == -signal.SIGKILL, p.stderr
+        s, got = reopen(d)
+        s.close()
+        snap = got.snapshot and (got.snapshot.last_included_index, got.snapshot.last_included_term)
+        log = [(e.index, e.term) for e in got.entries]
+        terms = ([snap[1]] if snap else []) + [t for _, t in log]
+        assert terms == sorted(terms), f"killed before file operation {kill_at}: terms go down: {snap} {log}"
+        assert (snap, log) in (before, after), f"killed before file operation {kill_at}: {snap} {log}"
+        outcomes[kill_at] = (snap, log) == after
+        if finished:
+            break
+    assert finished, "the install never finished"
+    assert outcomes[kill_at] and not outcomes[1]  # both ends seen: the state before, and after
+
+
+def test_a_full_disk_mid_install_changes_nothing_and_the_same_save_works_later():
+    """Issue 11: the new segment hit ENOSPC after the snapshot was renamed into place: the in-memory state had
+    already dropped the log, and a retry of the same save skipped the snapshot as already held."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 10), entries(1, 10))
+
+    def no_room_for_segments(fs, number, kind, what):
+        if kind == "append" and what.startswith("/data/log/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    fs.before_op = no_room_for_segments
+    snap = Snapshot(8, 1, MEMBERSHIP, b"state-at-8")
+    with pytest.raises(DiskFull):
+        s.save(HardState(2, None, 10), entries(11, 1, term=2), snap)
+    assert s.state.snapshot is None and [e.index for e in s.state.entries] == list(range(1, 11))
+    assert s.state.hard_state == HardState(1, "a", 10)
+    fs.before_op = None
+    s.save(HardState(2, None, 10), entries(11, 1, term=2), snap)  # the runtime tries the same save again
+    assert s.state.snapshot == snap and [e.index for e in s.state.entries] == [9, 10, 11]
+    s.close()
+    got = DiskStorage("/data", fs=fs).load()
+    assert got.snapshot == snap and [e.index for e in got.entries] == [9, 10, 11]
+    assert got.hard_state == HardState(2, None, 10)
+
+
+def test_a_zero_filled_tail_is_torn_not_damage(tmp_path):
+    """ext4 with delayed allocation can leave a file's new size on the disk without its data: zeros, which read
+    as a record of length 0 whose crc32 (of nothing) is 0."""
+    ends, data = _write_records(tmp_path, 3)
+    with open(segment_path(tmp_path), "wb") as f:
+        f.write(data[: ends[1]] + bytes(len(data) - ends[1]))
+    s, got = reopen(tmp_path)
+    assert [e.index for e in got.entries] == [1, 2]
+    s.close()
+
+
+# ---- data dirs written before base records (format 1 without record type 2) -------------------------------------
+
+
+def format1_dir(path, segments: list[list[tuple]], snapshots: list[Snapshot] = ()) -> None:
+    """A data dir as the code before base records wrote it: batch records only."""
+    os.makedirs(path / "log")
+    for n, records in enumerate(segments, start=1):
+        with open(path / "log" / f"{n:010d}.seg", "wb") as f:
+            f.write(b"RDZMQLOG\x00\x00\x00\x01" + b"".join(encode_record(hs, es) for hs, es in records))
+    for snap in snapshots:
+        with open(path / f"snapshot-{snap.last_included_index:020d}.snap", "wb") as f:
+            f.write(encode_snapshot(snap))
+
+
+def state_of(st) -> tuple:
+    snap = st.snapshot and (st.snapshot.last_included_index, st.snapshot.last_included_term)
+    return snap, [(e.index, e.term) for e in st.entries], st.hard_state
+
+
+def test_a_format1_dir_loads_as_before_and_is_rewritten_with_a_base_record(tmp_path):
+    snap = Snapshot(8, 1, MEMBERSHIP, b"state-at-8")
+    format1_dir(tmp_path, [[(HardState(1, "a", 8), entries(9, 2)), (HardState(2, "a", 10), entries(11, 1, term=2))]],
+                [snap])
+    s, got = reopen(tmp_path)
+    s.close()
+    assert state_of(got) == ((8, 1), [(9, 1), (10, 1), (11, 2)], HardState(2, "a", 10))
+    assert got.snapshot == snap
+    with open(segment_path(tmp_path), "rb") as f:
+        assert f.read()[20] == 2  # the first record of the only segment is a base record now
+    assert len(os.listdir(tmp_path / "log")) == 1
+    s, again = reopen(tmp_path)
+    s.close()
+    assert state_of(again) == state_of(got)
+
+
+def test_a_format1_dir_left_by_the_issue_11_crash_loads_without_the_cut_entries(tmp_path):
+    # The old install: snapshot renamed, new segment written, killed before the old segment was unlinked.
+    snap = Snapshot(12, 4, MEMBERSHIP, b"state-at-12")
+    format1_dir(tmp_path, [
+        [(HardState(1, None, 0), []), (HardState(3, "a", 10), entries(1, 14, term=3)),
+         (HardState(4, "b", 12), entries(11, 2, term=4))],
+        [(HardState(4, "b", 12), [])],
+    ], [snap])
+    s, got = reopen(tmp_path)
+    s.close()
+    assert state_of(got) == ((12, 4), [], HardState(4, "b", 12))  # before the fix: (13, 3), (14, 3) came back
+
+
+def test_a_format1_dir_of_a_follower_that_took_a_disagreeing_snapshot(tmp_path):
+    snap = Snapshot(20, 3, MEMBERSHIP, b"leader-state")
+    format1_dir(tmp_path, [
+        [(HardState(1, "a", 5), entries(1, 30, term=1))],
+        [(HardState(3, None, 20), []), (None, entries(21, 5, term=3))],
+    ], [snap])
+    s, got = reopen(tmp_path)
+    s.close()
+    assert state_of(got) == ((20, 3), [(i, 3) for i in range(21, 26)], HardState(3, None, 20))
+
+
+POINT_CHILD = textwrap.dedent(
+    """
+    import sys
+    from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, crashpoints
+    from raftlib.storage import DiskStorage
+
+    data_dir, point = sys.argv[1], sys.argv[2]
+    M = Membership(voters=("a",), members=(Member("a", "localhost:5555", "localhost:8080"),))
+    s = DiskStorage(data_dir)
+    s.load()
+    s.save(HardState(3, "a", 10), [Entry(3, i, EntryKind.COMMAND, b"t3-%d" % i) for i in range(1, 15)])
+    s.save(HardState(4, "b", 12), [Entry(4, i, EntryKind.COMMAND, b"t4-%d" % i) for i in (11, 12)])
+    crashpoints.configure(point + "=1")
+    if point.startswith("log."):
+        s.save(HardState(4, "b", 12), [Entry(4, 13, EntryKind.COMMAND, b"t4-13")])
+    else:
+        s.save_snapshot(Snapshot(12, 4, M, b"state-at-12"))
+    print("the crash point was not reached", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("point, outcome", [
+    ("log.after_write", "before-or-after"),  # the record is in the page cache: a kill keeps it
+    ("log.after_fsync", "after"),
+    ("snapshot.after_write", "before"),
+    ("snapshot.after_rename", "before"),  # no base record names the snapshot yet: the install did not commit
+    ("snapshot.after_segment", "after"),
+    ("snapshot.between_unlinks", "after"),
+])
+def test_each_storage_crash_point_is_reached_and_recovers_to_before_or_after(tmp_path, point, outcome):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", POINT_CHILD, str(tmp_path), point], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=root))
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert f"crash point {point}" in p.stderr
+    s, got = reopen(tmp_path)
+    s.close()
+    log = [(i, 3) for i in range(1, 11)] + [(11, 4), (12, 4)]
+    if point.startswith("log."):
+        before, after = (None, log), (None, log + [(13, 4)])
+    else:
+        before, after = (None, log), ((12, 4), [])
+    got = state_of(got)[:2]
+    allowed = {"before": [before], "after": [after], "before-or-after": [before, after]}[outcome]
+    assert got in allowed, got

@@ -1,0 +1,502 @@
+#!/usr/bin/env python
+"""The crash-state explorer: DiskStorage workloads run on CrashFS, and at EVERY file operation every state a crash
+could leave on the disk (tests/crashfs.py: unsynced data dropped, kept or torn; unsynced folder operations in any
+applicable combination) is recovered with a fresh DiskStorage.load() and checked.
+
+The checks, on each recovered state R, against the save in flight (or, between saves, the last one):
+- it loads at all (a CorruptLogError on a state a crash can leave is a failure);
+- the log is well formed: contiguous after the snapshot, terms never decrease along it (from the snapshot's term);
+- R equals the state before or the state after the save in flight (a snapshot install included): the same
+  snapshot, the same entries (so nothing cut before the last sync comes back, nothing synced is lost), the same
+  term and vote; the commit index may be lost only back to what was fsynced;
+- recovery is itself crash-safe where it writes (torn-tail truncation, deleting garbage, rewriting the log as a
+  base segment): R is recovered again from every crash state at every operation of that recovery, and must still
+  be allowed; and once a recovery has returned, every crash state after it must load as exactly what it returned;
+- a process crash (SIGKILL: unsynced writes still in the page cache) is recovered too, and power failures during
+  that recovery must not lose what it returned.
+
+    python tests/crash_explorer.py                          # the hand-written workloads and 20 random ones
+    python tests/crash_explorer.py --workloads 500 --seed 7  # a soak; prints how many crash states it explored
+    python tests/crash_explorer.py --unsafe-replay-filter    # the replay before issue 11's fix: finds violations
+
+Workloads are saves with and without sync, conflicting truncations, hard-state-only saves, snapshots taken by the
+node and installed from a leader (agreeing with the log and not), segment rolls (every install starts a segment)
+and reopens. Random ones come from --seed; workload i of seed S is the same on every run (`--only i`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from crashfs import CrashFS  # noqa: E402
+from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, StoredState  # noqa: E402
+from raftlib import storage as storage_module  # noqa: E402
+from raftlib.storage import DiskFull, DiskStorage, StorageError  # noqa: E402
+
+DATA_DIR = "/data"
+MEMBERSHIP = Membership(voters=("a",), members=(Member("a", "a:1", "a:2"),))
+
+
+# ---- the expected state ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Model:
+    """What storage must hold: the last saved state, and the commit index a crash cannot take away."""
+
+    state: StoredState = field(default_factory=StoredState)
+    durable_commit_index: int = 0
+
+    def copy(self) -> Model:
+        s = self.state
+        return Model(StoredState(s.hard_state, s.snapshot, list(s.entries)), self.durable_commit_index)
+
+    def after(self, step: tuple) -> Model:
+        out = self.copy()
+        s = out.state
+        kind = step[0]
+        if kind == "save":
+            _, hard_state, entries, snapshot, sync = step
+            installed = snapshot is not None and s.install_snapshot(snapshot)
+            if entries:
+                s.put_entries(entries)
+            if hard_state is not None:
+                s.hard_state = hard_state
+            if sync or installed:  # an fdatasync covers every earlier record; a base record holds the hard state
+                out.durable_commit_index = s.hard_state.commit_index
+        elif kind == "snapshot":
+            if s.install_snapshot(step[1]):
+                out.durable_commit_index = s.hard_state.commit_index
+        elif kind == "reopen":
+            out.durable_commit_index = s.hard_state.commit_index  # close() fsyncs; load() fsyncs what it read
+        return out
+
+
+def describe(st: StoredState) -> str:
+    """One line: the snapshot, the log as runs of one term ("1..10@3 11..12@4"), the hard state."""
+    snap = st.snapshot and (st.snapshot.last_included_index, st.snapshot.last_included_term)
+    runs: list[list[int]] = []  # [first, last, term]
+    for e in st.entries:
+        if runs and runs[-1][2] == e.term and runs[-1][1] == e.index - 1:
+            runs[-1][1] = e.index
+        else:
+            runs.append([e.index, e.index, e.term])
+    log = " ".join(f"{a}..{b}@{t}" for a, b, t in runs)
+    hs = st.hard_state
+    return f"snapshot={snap} log=[{log}] term={hs.current_term} vote={hs.voted_for} commit={hs.commit_index}"
+
+
+def problems(got: StoredState, candidates: list[Model]) -> str | None:
+    """Why `got` is not an allowed recovery, or None."""
+    base_index = got.snapshot.last_included_index if got.snapshot else 0
+    base_term = got.snapshot.last_included_term if got.snapshot else 0
+    for n, e in enumerate(got.entries):
+        if e.index != base_index + 1 + n:
+            return f"the log is not contiguous after the snapshot at {base_index}"
+    terms = [base_term] + [e.term for e in got.entries]
+    if any(a > b for a, b in zip(terms, terms[1:])):
+        return "terms go down along the log"
+    last_index = base_index + len(got.entries)
+    hs = got.hard_state
+    if hs.commit_index > last_index:
+        return f"commit index {hs.commit_index} beyond the log's last index {last_index}"
+    for m in candidates:
+        want = m.state
+        if got.snapshot != want.snapshot or got.entries != want.entries:
+            continue
+        if (hs.current_term, hs.voted_for) != (want.hard_state.current_term, want.hard_state.voted_for):
+            continue
+        high = min(want.hard_state.commit_index, want.last_index)
+        low = min(m.durable_commit_index, high)
+        if low <= hs.commit_index <= high:
+            return None
+    return "neither the state before nor the state after the save in flight"
+
+
+# ---- the explorer ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    crash_points: int = 0
+    crash_states: int = 0  # recoveries from a power-failure crash state after a workload operation
+    recovery_crash_states: int = 0  # recoveries from a crash state inside a recovery, or after one
+    process_crashes: int = 0
+    violations: list = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.crash_states + self.recovery_crash_states + self.process_crashes
+
+    def add(self, other: Stats) -> None:
+        self.crash_points += other.crash_points
+        self.crash_states += other.crash_states
+        self.recovery_crash_states += other.recovery_crash_states
+        self.process_crashes += other.process_crashes
+        self.violations += other.violations
+
+
+@dataclass
+class Limits:
+    states: int = 32  # crash states recovered per crash point (all of them when there are fewer)
+    nested_states: int = 6  # crash states per operation of a recovery
+    nested_every: int = 4  # a recovery from every n-th crash state is crashed in too (the process crash: always)
+    max_violations: int = 5
+
+
+class _Found(BaseException):
+    """A violation was recorded: stop exploring this crash point (raised through DiskStorage from a hook)."""
+
+
+class Explorer:
+    def __init__(self, name: str, limits: Limits, storage_fs=None) -> None:
+        """`storage_fs(fs)`: what the workload's DiskStorage gets instead of the CrashFS (a test passes a file
+        system that skips some syncs, to see that the explorer notices); recoveries always get the CrashFS."""
+        self.name = name
+        self.limits = limits
+        self.storage_fs = storage_fs or (lambda fs: fs)
+        self.stats = Stats()
+        self.where = ""
+
+    def violation(self, what: str, got: StoredState | None, candidates: list[Model]) -> None:
+        lines = [f"{self.name}: {self.where}: {what}"]
+        if got is not None:
+            lines.append(f"    recovered: {describe(got)}")
+        for label, m in zip(("before", "after"), candidates):
+            lines.append(f"    {label:9}: {describe(m.state)} (durable commit {m.durable_commit_index})")
+        self.stats.violations.append("\n".join(lines))
+        raise _Found()
+
+    def recover(self, fs: CrashFS) -> StoredState | str:
+        try:
+            return DiskStorage(DATA_DIR, fs=fs).load()
+        except StorageError as e:
+            return f"recovery failed: {type(e).__name__}: {e}"
+
+    def check(self, got: StoredState | str, candidates: list[Model]) -> None:
+        if isinstance(got, str):
+            self.violation(got, None, candidates)
+        why = problems(got, candidates)
+        if why is not None:
+            self.violation(why, got, candidates)
+
+    def recover_crashing(self, fs: CrashFS, candidates: list[Model], seed: int) -> None:
+        """Recover `fs` (a copy of it), and at every operation of that recovery, recover each crash state of the
+        moment: all must be allowed. Once it returned, every crash state must load as what it returned."""
+        work = fs.copy()
+        work.record_ops = False
+        limits = self.limits
+
+        def inside(wfs: CrashFS, number: int, kind: str, what: str) -> None:
+            for state in wfs.crash_states(limits.nested_states, seed=seed + number):
+                self.stats.recovery_crash_states += 1
+                got = self.recover(state)
+                if isinstance(got, str) or problems(got, candidates):
+                    wfs.before_op = None  # the recovery being crashed in unwinds through close(): no more of this
+                    self.where += f" / a crash in that recovery before its {kind} {what}"
+                    self.check(got, candidates)
+
+        work.before_op = inside
+        got = self.recover(work)
+        work.before_op = None
+        self.check(got, candidates)
+        for state in work.crash_states(limits.nested_states, seed=seed):
+            self.stats.recovery_crash_states += 1
+            again = self.recover(state)
+            if isinstance(again, str) or (again.hard_state, again.snapshot, again.entries) != (
+                    got.hard_state, got.snapshot, got.entries):
+                self.violation("a crash after recovery returned loses what it returned: "
+                               + (again if isinstance(again, str) else describe(again)), got, candidates)
+
+    def crash_point(self, fs: CrashFS, candidates: list[Model], label: str) -> None:
+        """Every crash state of `fs` as it is now, and a process crash, recovered and checked."""
+        if len(self.stats.violations) >= self.limits.max_violations:
+            return
+        self.stats.crash_points += 1
+        point = self.stats.crash_points
+        try:
+            for n, state in enumerate(fs.crash_states(self.limits.states, seed=point)):
+                self.stats.crash_states += 1
+                self.where = f"{label} (power failure, crash state {n})"
+                if n % self.limits.nested_every == 0:
+                    self.recover_crashing(state, candidates, seed=point * 1000 + n)
+                else:
+                    self.check(self.recover(state), candidates)
+            self.where = f"{label} (process crash)"
+            self.stats.process_crashes += 1
+            self.recover_crashing(fs.copy(), candidates, seed=point * 1000 + 999)
+        except _Found:
+            pass
+
+    def run(self, workload: list[tuple]) -> Stats:
+        previous = logging.getLogger("raftlib.storage").level
+        logging.getLogger("raftlib.storage").setLevel(logging.ERROR)  # torn tails are expected by the thousand
+        try:
+            self._run(workload)
+        finally:
+            logging.getLogger("raftlib.storage").setLevel(previous)
+        return self.stats
+
+    def _run(self, workload: list[tuple]) -> None:
+        fs = CrashFS()
+        model = Model()
+        candidates = [model, model]
+        step_label = "creating the data dir"
+
+        def hook(fs: CrashFS, number: int, kind: str, what: str) -> None:
+            self.crash_point(fs, candidates, f"{step_label}, before operation {number} ({kind} {what})")
+
+        fs.before_op = hook
+        storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
+        storage.load()
+        for i, step in enumerate(workload):
+            if len(self.stats.violations) >= self.limits.max_violations:
+                return
+            full = step[0] == "full"  # ("full", free_bytes, step): the disk has only that much room for it
+            if full:
+                fs.free_bytes, step = step[1], step[2]
+            after = model.after(step)
+            candidates = [model, after]
+            step_label = f"step {i} {describe_step(step)}" + (f" (with {fs.free_bytes} bytes free)" if full else "")
+            try:
+                if step[0] == "save":
+                    _, hard_state, entries, snapshot, sync = step
+                    storage.save(hard_state, entries, snapshot, sync=sync)
+                elif step[0] == "snapshot":
+                    storage.save_snapshot(step[1])
+                else:
+                    storage.close()
+                    storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
+                    storage.load()
+                model = after
+            except DiskFull:
+                assert full, step_label  # the disk fills only in a "full" step; the state must not have moved
+            finally:
+                fs.free_bytes = None
+            live = storage.state
+            if (live.hard_state, live.snapshot, live.entries) != (model.state.hard_state, model.state.snapshot,
+                                                                 model.state.entries):
+                self.where = step_label
+                try:
+                    self.violation("the live state differs from the model: " + describe(live), None, [model])
+                except _Found:
+                    return
+            candidates = [model]
+            self.crash_point(fs, candidates, f"after step {i} {describe_step(step)}")
+        fs.before_op = None
+        storage.close()
+
+
+def describe_step(step: tuple) -> str:
+    if step[0] == "full":
+        return f"{describe_step(step[2])} with {step[1]} bytes free"
+    if step[0] == "save":
+        _, hs, entries, snap, sync = step
+        parts = []
+        if snap is not None:
+            parts.append(f"snapshot ({snap.last_included_index}, {snap.last_included_term})")
+        if entries:
+            parts.append(f"entries {entries[0].index}..{entries[-1].index}@{entries[0].term}")
+        if hs is not None:
+            parts.append(f"hs ({hs.current_term}, {hs.voted_for}, {hs.commit_index})")
+        return "save " + ", ".join(parts) + ("" if sync else " (no sync)")
+    if step[0] == "snapshot":
+        return f"save_snapshot ({step[1].last_included_index}, {step[1].last_included_term})"
+    return "reopen"
+
+
+# ---- workloads ------------------------------------------------------------------------------------------------
+
+
+def es(first: int, count: int, term: int, size: int = 12) -> list[Entry]:
+    return [Entry(term, i, EntryKind.COMMAND, (b"%d.%d:" % (term, i)).ljust(size, b"x")) for i in range(first, first + count)]
+
+
+def snap(index: int, term: int) -> Snapshot:
+    return Snapshot(index, term, MEMBERSHIP, b"state-%d-%d" % (index, term))
+
+
+def save(hs, entries=(), snapshot=None, sync=True) -> tuple:
+    return ("save", hs, list(entries), snapshot, sync)
+
+
+HAND_WRITTEN: dict[str, list[tuple]] = {
+    # Issue 11: a term-4 leader cut 1..14 (term 3) back to 12, then the node snapshots at 12.
+    "issue11-cut-then-snapshot": [
+        save(HardState(3, "a", 10), es(1, 14, 3)),
+        save(HardState(4, "b", 12), es(11, 2, 4)),
+        ("snapshot", snap(12, 4)),
+        save(HardState(4, "b", 13), es(13, 1, 4)),
+    ],
+    # Issue 11's second case: a leader's snapshot disagrees with the log at its last index: all entries go.
+    "issue11-disagreeing-leader-snapshot": [
+        save(HardState(3, "a", 10), es(1, 14, 3)),
+        save(HardState(4, None, 12), [], snap(12, 4)),
+        save(None, es(13, 2, 4)),
+    ],
+    "leader-snapshot-past-a-short-log": [
+        save(HardState(1, "a", 3), es(1, 5, 1)),
+        save(HardState(3, None, 20), [], snap(20, 3)),
+        save(None, es(21, 3, 3)),
+        ("reopen",),
+        save(HardState(3, None, 23), [], sync=False),
+    ],
+    "agreeing-leader-snapshot-keeps-the-rest": [
+        save(HardState(1, "a", 4), es(1, 10, 1)),
+        save(HardState(2, None, 6), es(11, 1, 2), snap(6, 1)),
+        save(HardState(2, None, 8), [], sync=False),
+    ],
+    "full-disk-mid-install-then-more-saves": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("full", 80, ("snapshot", snap(8, 1))),  # the snapshot file fits (56 bytes), its segment (66) does not
+        save(HardState(1, "a", 10), es(11, 2, 1)),  # the node carries on on the old segment
+        ("full", 0, save(HardState(2, None, 10), es(13, 1, 2))),
+        ("snapshot", snap(10, 1)),
+        ("reopen",),
+    ],
+    "rolls-reopens-and-unsynced-commits": [
+        save(HardState(1, "a", 0), es(1, 4, 1)),
+        save(HardState(1, "a", 3), [], sync=False),
+        save(HardState(1, "a", 4), [], sync=False),
+        ("snapshot", snap(3, 1)),
+        save(HardState(2, "b", 4), es(5, 2, 2)),
+        ("reopen",),
+        save(HardState(3, None, 4), es(6, 2, 3)),  # a conflicting truncation after a reopen
+        ("snapshot", snap(5, 2)),
+        ("snapshot", snap(6, 3)),
+        save(HardState(3, "c", 6)),  # a vote alone
+        ("reopen",),
+    ],
+}
+
+
+def random_workload(rng: random.Random, steps: int) -> list[tuple]:
+    """Raft-shaped saves: appends in the current term, cuts of an uncommitted suffix by a newer leader, commit-only
+    saves without sync, term and vote changes, snapshots by the node (at or below the commit index) and from a
+    leader (agreeing with the log at its index, or of a newer term), and reopens."""
+    model = StoredState()
+    term, vote = 1, "a"
+    out = []
+    for _ in range(steps):
+        base, last = model.base_index, model.last_index
+        commit = model.hard_state.commit_index
+        r = rng.random()
+        if r < 0.3 or last == base:
+            n = rng.randint(1, 4)
+            commit = min(last + n, commit + rng.randint(0, 3))
+            step = save(HardState(term, vote, commit), es(last + 1, n, term, rng.choice((8, 12, 40))))
+        elif r < 0.42 and commit < last:
+            term += 1
+            vote = rng.choice(("b", None))
+            first = rng.randint(max(commit, base) + 1, last)
+            step = save(HardState(term, vote, commit), es(first, rng.randint(1, 3), term))
+        elif r < 0.55 and commit < last:
+            step = save(HardState(term, vote, rng.randint(commit + 1, last)), [], sync=False)
+        elif r < 0.62:
+            term += rng.randint(0, 1)
+            vote = rng.choice(("a", "b", None))
+            step = save(HardState(term, vote, commit))
+        elif r < 0.75 and commit > base:
+            index = rng.randint(base + 1, commit)
+            step = ("snapshot", snap(index, model.entries[index - base - 1].term))
+        elif r < 0.85:
+            if rng.random() < 0.5 and last > max(base, commit):
+                index = rng.randint(max(base, commit) + 1, last)  # agrees with our log there
+                s = snap(index, model.entries[index - base - 1].term)
+                term = max(term, s.last_included_term)
+            else:
+                term += 1
+                index = rng.randint(max(base, commit) + 1, last + 3)
+                s = snap(index, term)  # a newer leader's: our entry there, if any, is of an older term
+                vote = None
+            extra = es(index + 1, rng.randint(0, 2), term) if rng.random() < 0.3 else []
+            step = save(HardState(term, vote, max(commit, index)), extra, s)
+        else:
+            step = ("reopen",)
+        if step[0] != "reopen" and rng.random() < 0.15:
+            # The disk is (nearly) full for this save: it fails with DiskFull, or not; then it is tried again, as
+            # the runtime does (a save tried again after it worked changes nothing).
+            out.append(("full", rng.choice((0, 5, 20, 60, 150, 400)), step))
+        out.append(step)
+        if step[0] == "save":
+            _, hs, entries, s, _ = step
+            if s is not None:
+                model.install_snapshot(s)
+            if entries:
+                model.put_entries(entries)
+            if hs is not None:
+                model.hard_state = hs
+        elif step[0] == "snapshot":
+            model.install_snapshot(step[1])
+    return out
+
+
+def workloads(count: int, seed: int, hand_written: bool = True):
+    if hand_written:
+        yield from HAND_WRITTEN.items()
+    for i in range(count):
+        rng = random.Random(f"{seed}:{i}")
+        yield f"random seed {seed} workload {i}", random_workload(rng, rng.randint(4, 12))
+
+
+def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None, storage_fs=None) -> Stats:
+    total = Stats()
+    storage_module.UNSAFE_REPLAY_FILTER = unsafe_replay_filter
+    try:
+        for name, workload in items:
+            stats = Explorer(name, limits, storage_fs).run(workload)
+            total.add(stats)
+            if out is not None and stats.violations:
+                print("\n".join(stats.violations), file=out)
+    finally:
+        storage_module.UNSAFE_REPLAY_FILTER = False
+    return total
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", type=int, default=20, help="random workloads (after the hand-written ones)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", type=int, default=None, help="run only random workload number ONLY of the seed")
+    p.add_argument("--states", type=int, default=Limits.states, help="crash states per crash point")
+    p.add_argument("--nested-states", type=int, default=Limits.nested_states)
+    p.add_argument("--nested-every", type=int, default=Limits.nested_every)
+    p.add_argument("--seconds", type=float, default=None, help="stop starting new workloads after this long")
+    p.add_argument("--unsafe-replay-filter", action="store_true", help="the replay before issue 11's fix")
+    p.add_argument("--print-workload", action="store_true")
+    args = p.parse_args()
+    limits = Limits(args.states, args.nested_states, args.nested_every)
+    if args.only is not None:
+        items = [w for n, w in enumerate(workloads(args.only + 1, args.seed, False)) if n == args.only]
+    else:
+        items = workloads(args.workloads, args.seed)
+    started = time.monotonic()
+    total = Stats()
+    runs = 0
+    for name, workload in items:
+        if args.seconds is not None and time.monotonic() - started > args.seconds:
+            break
+        if args.print_workload:
+            print(name)
+            for i, step in enumerate(workload):
+                print(f"  step {i}: {describe_step(step)}")
+        total.add(explore([(name, workload)], limits, args.unsafe_replay_filter, out=sys.stdout))
+        runs += 1
+    elapsed = time.monotonic() - started
+    print(f"{runs} workloads, {total.crash_points} crash points, {total.total} crash states explored "
+          f"({total.crash_states} after workload operations, {total.recovery_crash_states} in or after a recovery, "
+          f"{total.process_crashes} process crashes) in {elapsed:.1f}s: {len(total.violations)} violations")
+    return 1 if total.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
