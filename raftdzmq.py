@@ -618,7 +618,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             raise HttpError(400, "malformed request line: want METHOD SP TARGET SP HTTP/1.1")
         method, target, version = parts
         if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-            if version.startswith(b"HTTP/"):
+            if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):  # well formed, another version
                 raise HttpError(505, f"HTTP version {version.decode('latin-1')!r} is not supported; use HTTP/1.1")
             raise HttpError(400, "malformed request line: want METHOD SP TARGET SP HTTP/1.1")
         if not method or method.translate(None, _TCHARS):
@@ -1118,12 +1118,13 @@ def make_app(server: Server) -> bottle.Bottle:
     @app.get("/db")
     def list_keys():
         q = bottle.request.query
-        prefix = q.get("prefix", "")
+        # getunicode: as keys are, from UTF-8 (get() would hand back the bytes as latin-1, matching no non-ASCII key)
+        prefix = q.getunicode("prefix", default="")
         try:
             limit = min(max(int(q.get("limit", "1000")), 1), 10000)
         except ValueError:
             raise text(400, "limit must be an integer") from None
-        after = q.get("after", "")
+        after = q.getunicode("after", default="")
         wait_consistent()
         page, more = server.kv.page(prefix, after, limit)
         body = {"keys": page, "next": page[-1] if more else None}
