@@ -809,7 +809,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
             self.evicted += 1
             try:
                 oldest.socket.shutdown(socket.SHUT_RDWR)  # its wait for a request ends with end of file
-            except OSError:
+            except (OSError, AttributeError):  # it closed meanwhile
                 pass
         self.handler_class(sock, address, self).handle()
 
@@ -1118,13 +1118,14 @@ def make_app(server: Server) -> bottle.Bottle:
     @app.get("/db")
     def list_keys():
         q = bottle.request.query
-        # getunicode: as keys are, from UTF-8 (get() would hand back the bytes as latin-1, matching no non-ASCII key)
-        prefix = q.getunicode("prefix", default="")
+        try:  # from UTF-8, as keys are (get() hands back the bytes as latin-1, which matches no non-ASCII key)
+            prefix, after = (q.get(name, "").encode("latin-1").decode("utf-8") for name in ("prefix", "after"))
+        except UnicodeError:
+            raise text(400, "prefix and after must be UTF-8") from None
         try:
             limit = min(max(int(q.get("limit", "1000")), 1), 10000)
         except ValueError:
             raise text(400, "limit must be an integer") from None
-        after = q.getunicode("after", default="")
         wait_consistent()
         page, more = server.kv.page(prefix, after, limit)
         body = {"keys": page, "next": page[-1] if more else None}

@@ -592,6 +592,12 @@ def test_listing_through_http_uses_the_ordered_keys(cluster):
     assert r == {"keys": [f"{prefix}a", f"{prefix}c/0"], "next": f"{prefix}c/0"}
     r = leader.request("GET", f"/db/?prefix={prefix}&limit=2&after={prefix}c/0").json()
     assert r == {"keys": [f"{prefix}c/1"], "next": None}
+    # Non-ASCII prefixes match keys (decoded from UTF-8 as keys are); bytes that are not UTF-8 get 400.
+    assert leader.request("POST", f"/db/{prefix}%C3%A9t%C3%A9", "summer").status == 200
+    assert leader.request("GET", f"/db/?prefix={prefix}%C3%A9").json()["keys"] == [f"{prefix}\u00e9t\u00e9"]
+    assert leader.request("GET", f"/db/?prefix={prefix}&after={prefix}%C3%A9").json()["keys"] == \
+        [f"{prefix}\u00e9t\u00e9"]
+    assert leader.request("GET", "/db/?prefix=%FF").status == 400
 
 
 def test_help_and_flags_reject_nonsense(tmp_path):
