@@ -428,6 +428,39 @@ def test_idle_connections_are_closed_after_the_idle_timeout(cluster):
     assert [r[0] for r in responses] == [200] and closed
 
 
+def test_a_client_that_never_reads_its_answers_is_cut_off(tmp_path):
+    """Every wait has a bound, sending too: 40 pipelined GETs of a 1 MiB value, never read, fill the socket
+    buffers; the node closes the connection once the request has outlived receiving + its route's bounds +
+    -idle-timeout (1 + 2 x 0.5 + 1 + 1 = 4 s here), rather than hold it and its memory for ever."""
+    n = Node("one", str(tmp_path)).start("-idle-timeout", "1", "-receive-timeout", "1", "-write-timeout", "0.5",
+                                         "-read-timeout", "0.5")
+    try:
+        wait_for(lambda: n.status()["role"] == "leader", 10, "a leader")
+        assert n.request("POST", "/db/big", b"x" * (1 << 20)).status == 200
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", n.http_port))
+        s.sendall(b"GET /db/big?consistency=stale HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+        time.sleep(7)
+        received, closed = 0, False
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+        except socket.timeout:
+            pass
+        except ConnectionResetError:
+            closed = True
+        else:
+            closed = True
+        s.close()
+        assert closed and received < 20 << 20, received
+        assert n.request("GET", "/db/big?consistency=stale").status == 200
+        assert "Traceback" not in n.log_text()
+    finally:
+        n.kill()
+
+
 def test_out_of_descriptors_the_leader_keeps_serving_and_replicating(tmp_path):
     """Issue 17 item 5: the leader under `ulimit -n 300` with 290 idle HTTP connections open, and a follower that
     pauses (so the leader's sender reconnects): new requests are served, and the follower hears from the leader
