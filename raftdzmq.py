@@ -808,7 +808,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
     idle keep-alive connections cannot lock clients out. A sweeper closes connections that wait for a request
     longer than `idle_timeout_seconds`, or spend longer than `busy_timeout_seconds` on one request (a client that
     does not read its answer). It does this rather than a socket timeout, which costs a timer on every wait (~4.5 us
-    a request here); closing is a shutdown(), which ends whatever wait the connection's greenlet is in."""
+    a request here); closing is a shutdown() of the OS socket, which ends whatever wait its greenlet is in."""
 
     handler_class = EdgeHandler
 
@@ -862,7 +862,10 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         handlers.pop(handler, None)
         self.closed_connections[why] += 1
         try:
-            handler.socket.shutdown(socket.SHUT_RDWR)  # its wait (for a request, or to send) ends
+            # On the OS socket: the kernel then ends the greenlet's wait with end of file or EPIPE, which pywsgi
+            # takes as a client gone. gevent's own shutdown() cancels the wait with EBADF, logged as a traceback.
+            sock = handler.socket
+            getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
         except (OSError, AttributeError):  # it closed meanwhile
             pass
 
