@@ -894,11 +894,11 @@ class _RateLimitedLog:
         self._logged_at, self._left_out = now, 0
 
 
-def default_max_connections() -> int:
-    """Half of the descriptors left after FD_RESERVE, at most 1,000: with -forward a connection may hold a second
-    descriptor (its request forwarded to the leader)."""
+def connection_bound() -> int:
+    """The most HTTP connections the descriptor limit allows: half of those left after FD_RESERVE, since with
+    -forward a connection may hold a second descriptor (its request forwarded to the leader)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(8, min(1000, (soft - FD_RESERVE) // 2))
+    return max(8, (soft - FD_RESERVE) // 2)
 
 
 # ---- admin request signatures ---------------------------------------------------------------------------------
@@ -1383,9 +1383,9 @@ def parse_args(argv=None):
     for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
-    safe = default_max_connections()
+    safe = connection_bound()
     if args.max_connections is None:
-        args.max_connections = safe
+        args.max_connections = min(1000, safe)
     elif not 0 < args.max_connections <= safe:
         p.error(f"-max-connections must be 1 to {safe} under this ulimit -n (descriptors kept for Raft and the log)")
     return args
