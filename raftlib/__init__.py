@@ -23,6 +23,7 @@ from .messages import (
     Message,
     ReadIndexReply,
     ReadIndexRequest,
+    Removed,
     RequestVote,
     RequestVoteReply,
     Role,
@@ -33,6 +34,6 @@ from .messages import (
 __all__ = [
     "AppendEntries", "AppendEntriesReply", "ConfChange", "ConfChangeKind", "Config", "Entry", "EntryKind",
     "HardState", "InstallSnapshot", "InstallSnapshotReply", "MemoryStorage", "Member", "Membership", "Message",
-    "NotLeader", "ProposalDropped", "RaftLog", "RaftNode", "ReadIndexReply", "ReadIndexRequest", "Ready",
+    "NotLeader", "ProposalDropped", "RaftLog", "RaftNode", "ReadIndexReply", "ReadIndexRequest", "Ready", "Removed",
     "RequestVote", "RequestVoteReply", "Role", "Snapshot", "StoredState", "TimeoutNow",
 ]

@@ -5,6 +5,10 @@ order its dataclass declares them; an entry is [term, index, kind, data, members
 every field's type and the frame's size: anything that is not a well-formed frame of known messages raises
 `CodecError`, and only that (a remote error: the caller logs and drops it).
 
+Fields added to a message after version 1 went out come last, and the decoder takes frames without them (the
+dataclass default stands in): new nodes read what old ones send. Old nodes cannot read such a message, nor a
+message type they do not know, and drop the whole frame: a cluster is upgraded as a whole.
+
 With a cluster secret, a frame travels signed: SIGNED_MAGIC, then the HMAC-SHA256 of the frame under the secret,
 then the frame (`sign_frame` / `open_frame`). A node refuses unsigned frames, and frames signed with another secret,
 when it has a secret, and signed frames when it has none.
@@ -30,6 +34,7 @@ from .messages import (
     Message,
     ReadIndexReply,
     ReadIndexRequest,
+    Removed,
     RequestVote,
     RequestVoteReply,
     Snapshot,
@@ -77,8 +82,8 @@ def open_frame(data: bytes, secret: bytes | None) -> bytes:
 _INT, _BOOL, _BYTES, _STR, _ENTRIES, _MEMBERSHIP, _INTS = range(7)
 
 _SCHEMAS: dict[type, tuple[int, tuple[int, ...]]] = {
-    RequestVote: (1, (_INT, _INT, _BOOL, _BOOL)),
-    RequestVoteReply: (2, (_BOOL, _BOOL)),
+    RequestVote: (1, (_INT, _INT, _BOOL, _BOOL, _INT)),
+    RequestVoteReply: (2, (_BOOL, _BOOL, _INT)),
     AppendEntries: (3, (_INT, _INT, _ENTRIES, _INT, _INT)),
     AppendEntriesReply: (4, (_BOOL, _INT, _INT, _INT, _INT, _INT)),
     InstallSnapshot: (5, (_INT, _INT, _MEMBERSHIP, _INT, _BYTES, _BOOL)),
@@ -86,7 +91,10 @@ _SCHEMAS: dict[type, tuple[int, tuple[int, ...]]] = {
     TimeoutNow: (7, ()),
     ReadIndexRequest: (8, (_INTS,)),
     ReadIndexReply: (9, (_INTS, _INT)),
+    Removed: (10, (_INT, _STR)),
 }
+# How many of a message's last fields came after version 1 (see the module docstring): a frame may lack them.
+_ADDED_FIELDS: dict[type, int] = {RequestVote: 1, RequestVoteReply: 1}  # pre_vote_round
 _BY_TAG = {tag: (cls, kinds) for cls, (tag, kinds) in _SCHEMAS.items()}
 _FIELDS = {cls: tuple(cls.__dataclass_fields__)[3:] for cls in _SCHEMAS}
 
@@ -198,7 +206,7 @@ def _message_in(v) -> Message:
     tag = v[0]
     _need(type(tag) is int and tag in _BY_TAG, f"unknown message tag {tag!r}"[:80])
     cls, kinds = _BY_TAG[tag]
-    _need(len(v) == 4 + len(kinds), f"wrong field count for {cls.__name__}")
+    _need(len(kinds) - _ADDED_FIELDS.get(cls, 0) <= len(v) - 4 <= len(kinds), f"wrong field count for {cls.__name__}")
     args = [_str(v[1]), _str(v[2]), _int(v[3])]
     args.extend(_field(k, x) for k, x in zip(kinds, v[4:]))
     return cls(*args)

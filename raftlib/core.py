@@ -30,6 +30,7 @@ from .messages import (
     Message,
     ReadIndexReply,
     ReadIndexRequest,
+    Removed,
     RequestVote,
     RequestVoteReply,
     Role,
@@ -63,6 +64,10 @@ class Config:
     # Leader leases (thesis §6.4.1): how long after sending a heartbeat that a majority acknowledged the leader may
     # answer lease reads without a round. Below election_ticks by a margin for clock drift; None: 4/5 of it.
     lease_ticks: int | None = None
+    # A read not answered within this many ticks fails (`Ready.failed_reads`; the caller may retry): a forwarded
+    # request or its answer can be lost, and a leader may not get a round confirmed or commit in its term. This
+    # bounds every list a read waits in. None: two election timeouts.
+    read_timeout_ticks: int | None = None
     # Deliberate faults, only for showing that the simulator's checks can fire. Never set them otherwise.
     unsafe_commit_previous_term: bool = False
     unsafe_read_without_quorum: bool = False
@@ -84,7 +89,9 @@ class Ready:
 
     One exception saves a disk's worth of latency (thesis §10.2.1): a leader's early messages (`split_messages`) may go out
     before the save, so followers write while the leader writes. It is safe because the leader counts itself
-    towards a majority only up to the entries `advance` told it are durable."""
+    towards a majority only up to the entries `advance` told it are durable, and because a Ready that changes the
+    term or the vote has no early messages: no message may carry a term (or rest on a vote) that could still be
+    lost (§5.1: a lone voter wins its election inside one Ready)."""
 
     hard_state: HardState | None
     entries: list[Entry]
@@ -97,11 +104,12 @@ class Ready:
     term: int
     leader_id: str | None
     must_sync: bool = True
+    new_term_or_vote: bool = False  # hard_state changes current_term or voted_for
 
     def split_messages(self) -> tuple[list[Message], list[Message]]:
-        """(early, late): the messages that may be sent before this Ready is saved (a leader's AppendEntries),
-        and those that must wait for the save."""
-        if self.role is not Role.LEADER:
+        """(early, late): the messages that may be sent before this Ready is saved (a leader's AppendEntries in a
+        Ready that keeps the saved term and vote), and those that must wait for the save."""
+        if self.role is not Role.LEADER or self.new_term_or_vote:
             return [], self.messages
         early, late = [], []
         for m in self.messages:
@@ -124,8 +132,12 @@ class Progress:
     state: ProgressState = ProgressState.PROBE
     probe_sent: bool = False
     recent_active: bool = False
-    snapshot_index: int = 0
-    snapshot_offset: int = 0
+    snapshot: Snapshot | None = None  # SNAPSHOT: the one being sent, kept until done even if a newer one is taken
+    snapshot_offset: int = 0  # SNAPSHOT: how many of its bytes the follower holds
+
+    @property
+    def snapshot_index(self) -> int:
+        return self.snapshot.last_included_index if self.snapshot is not None else 0
 
 
 @dataclass
@@ -133,6 +145,7 @@ class _ReadRound:
     round_id: int
     read_index: int
     requests: list[tuple[int, str]]  # (request_id, node that asked)
+    started_tick: int
     acks: set[str] = field(default_factory=set)
 
 
@@ -159,8 +172,11 @@ class RaftNode:
             self._base_membership = snapshot.membership
         else:
             self._base_membership = membership if membership is not None else Membership(voters=())
-        self.membership = self._base_membership
         self._refresh_membership()
+        # Set when a member told us that its committed configuration (at that index) leaves us out: (the leader
+        # it knew, or None; the index). It only informs (/status, the HTTP answers): we campaign and serve as
+        # before, and forget it when a leader sends us entries (it counts us as a member) or we win an election.
+        self.removed: tuple[str | None, int] | None = None
 
         self.current_term = hard_state.current_term
         self.voted_for = None if config.unsafe_forget_vote_on_restart else hard_state.voted_for
@@ -198,15 +214,23 @@ class RaftNode:
         # Linearizable reads (thesis §6.4).
         self._read_round_id = 0
         self._read_rounds: list[_ReadRound] = []
-        self._reads_unstarted: list[tuple[int, str]] = []  # waiting for the next confirmation round
-        self._reads_before_commit: list[tuple[int, str]] = []  # waiting for an entry of this term to commit
-        self._reads_to_forward: list[int] = []
-        self._reads_forwarded: list[int] = []
+        # Every read waits in one of these until it is answered or failed: at a change of leader or role, or
+        # after read_timeout_ticks (`_expire_reads`), whichever comes first. Nothing else bounds them: a read
+        # whose request or answer was lost would otherwise stay for as long as the leader does.
+        self._reads_unstarted: list[tuple[int, str]] = []  # waiting for the next confirmation round (next ready())
+        self._reads_before_commit: list[tuple[int, str, int]] = []  # (id, origin, tick): for this term's commit
+        self._reads_to_forward: list[int] = []  # sent to the leader at the next ready()
+        self._reads_forwarded: dict[int, int] = {}  # request_id -> tick forwarded, in that order
+        self._read_timeout_ticks = config.read_timeout_ticks or 2 * config.election_ticks
         self._read_states: list[tuple[int, int]] = []
         self._failed_reads: list[int] = []
         self._ready_outstanding = False
 
         self._reset_election_timer()
+        # Thesis §9.6: each pre-vote round has its own number, echoed in the replies, so that a grant from an
+        # earlier round (delayed or duplicated) is not counted in a later one at the same term. Random to start
+        # with, so that a restarted node does not number its rounds as it did before.
+        self._pre_vote_round = self._rng.randrange(1 << 32)
 
     # ---- read-only views -------------------------------------------------------------------------
 
@@ -225,6 +249,13 @@ class RaftNode:
     def progress(self, node_id: str) -> Progress | None:
         return self._progress.get(node_id)
 
+    @property
+    def reads_pending(self) -> int:
+        """How many reads this node holds: its callers' (waiting for a round, a commit or the leader's answer)
+        and, as leader, its followers'. Each is answered or failed within read_timeout_ticks."""
+        return (len(self._reads_to_forward) + len(self._reads_forwarded) + len(self._reads_unstarted)
+                + len(self._reads_before_commit) + sum(len(r.requests) for r in self._read_rounds))
+
     def _promotable(self) -> bool:
         return self.node_id in self.membership.voters
 
@@ -233,6 +264,8 @@ class RaftNode:
     def tick(self) -> None:
         """One unit of logical time has passed."""
         self._ticks += 1
+        if self._reads_forwarded or self._reads_before_commit or self._read_rounds:
+            self._expire_reads()
         if self.role is Role.LEADER:
             self._tick_leader()
         else:
@@ -343,7 +376,8 @@ class RaftNode:
 
     def read_index(self, request_id: int, lease: bool = False) -> None:
         """Ask for a linearizable read (thesis §6.4). Later, `ready().read_states` holds (request_id, index):
-        the read may be served once the state machine has applied `index`. Or `failed_reads` holds the id.
+        the read may be served once the state machine has applied `index`. Or `failed_reads` holds the id: this
+        node lost its leader or leadership, or no answer came within `read_timeout_ticks`; the caller may retry.
         Raises NotLeader(None) when this node knows no leader to ask.
 
         With `lease`, a leader holding a lease answers at once, without a confirmation round (thesis §6.4.1). This
@@ -376,6 +410,8 @@ class RaftNode:
         assert not self._ready_outstanding, "advance() the last Ready before stepping"
         if m.dst != self.node_id or m.src == self.node_id:
             return
+        if m.src not in self._member_ids and type(m) is not Removed:
+            self._tell_removed(m.src)
         if m.term > self.current_term:
             if isinstance(m, RequestVote):
                 # Also in the first election timeout after a start: this node may have acknowledged a leader's
@@ -401,7 +437,8 @@ class RaftNode:
                 # Tell a stale leader about the new term, or it would never step down (thesis §9.6).
                 self._send(AppendEntriesReply(self.node_id, m.src, self.current_term, False, 0))
             elif isinstance(m, RequestVote) and m.pre_vote:
-                self._send(RequestVoteReply(self.node_id, m.src, self.current_term, False, pre_vote=True))
+                self._send(RequestVoteReply(self.node_id, m.src, self.current_term, False, pre_vote=True,
+                                            pre_vote_round=m.pre_vote_round))
             return
 
         match m:
@@ -423,6 +460,8 @@ class RaftNode:
                 self._handle_read_index_request(m)
             case ReadIndexReply():
                 self._handle_read_index_reply(m)
+            case Removed():
+                self._handle_removed(m)
 
     # ---- outputs --------------------------------------------------------------------------------
 
@@ -450,7 +489,8 @@ class RaftNode:
         elif self._reads_to_forward and self.leader_id is not None:
             ids = tuple(self._reads_to_forward)
             self._reads_to_forward.clear()
-            self._reads_forwarded.extend(ids)
+            for request_id in ids:
+                self._reads_forwarded[request_id] = self._ticks
             self._send(ReadIndexRequest(self.node_id, self.leader_id, self.current_term, ids))
         if not self.has_ready():
             return None
@@ -460,10 +500,15 @@ class RaftNode:
             entries = self.log.slice(self._unstable_from, self.log.last_index + 1)
         committed = []
         if self.commit_index > self.last_applied:
-            committed = self.log.slice(self.last_applied + 1, self.commit_index + 1)
+            applied = self.last_applied
+            if applied < self.log.snapshot_index:  # a snapshot from the leader, applied with this Ready first
+                applied = self.log.snapshot_index
+            if self.commit_index > applied:
+                committed = self.log.slice(applied + 1, self.commit_index + 1)
         saved = self._saved_hard_state
         unsafe_lazy_fsync = (self.config.unsafe_count_own_entries_before_fsync if self.role is Role.LEADER
                              else self.config.unsafe_reply_before_fsync)
+        new_term_or_vote = self.current_term != saved.current_term or self.voted_for != saved.voted_for
         rd = Ready(
             hard_state=hard_state if hard_state != saved else None,
             entries=entries,
@@ -477,7 +522,8 @@ class RaftNode:
             leader_id=self.leader_id,
             must_sync=bool(entries) and not unsafe_lazy_fsync
             or self._pending_snapshot is not None
-            or (hard_state.current_term, hard_state.voted_for) != (saved.current_term, saved.voted_for),
+            or new_term_or_vote,
+            new_term_or_vote=new_term_or_vote,
         )
         self._messages, self._read_states, self._failed_reads = [], [], []
         self._ready_outstanding = True
@@ -536,10 +582,12 @@ class RaftNode:
         self._read_rounds, self._reads_unstarted, self._reads_before_commit = [], [], []
         self._failed_reads.extend(self._reads_to_forward)
         self._failed_reads.extend(self._reads_forwarded)
-        self._reads_to_forward, self._reads_forwarded = [], []
+        self._reads_to_forward, self._reads_forwarded = [], {}
 
-    def _fail_read_requests(self, requests: list[tuple[int, str]]) -> None:
-        self._failed_reads.extend(rid for rid, origin in requests if origin == self.node_id)
+    def _fail_read_requests(self, requests) -> None:
+        """Fail this node's own reads among `requests`, tuples that start (request_id, origin). A follower's are
+        dropped: it fails them itself, when it changes leader or after read_timeout_ticks."""
+        self._failed_reads.extend(r[0] for r in requests if r[1] == self.node_id)
 
     def _become_follower(self, term: int, leader_id: str | None) -> None:
         if self.role is Role.FOLLOWER and term == self.current_term and leader_id == self.leader_id:
@@ -560,6 +608,7 @@ class RaftNode:
             self._reset(self.current_term)
             self.role = Role.PRE_CANDIDATE
             term = self.current_term + 1
+            self._pre_vote_round += 1
         else:
             self._reset(self.current_term + 1)
             self.role = Role.CANDIDATE
@@ -583,6 +632,7 @@ class RaftNode:
                         self.log.last_term,
                         pre_vote=pre_vote,
                         leadership_transfer=leadership_transfer,
+                        pre_vote_round=self._pre_vote_round if pre_vote else 0,
                     )
                 )
 
@@ -598,6 +648,7 @@ class RaftNode:
         assert self.role is Role.CANDIDATE
         self.role = Role.LEADER
         self.leader_id = self.node_id
+        self.removed = None  # a majority of our configuration just voted for us
         self._heartbeat_elapsed = 0
         self._election_elapsed = 0
         self._progress = {}
@@ -623,7 +674,8 @@ class RaftNode:
             self.voted_for = m.src  # §5.2; persisted (in the Ready's hard state) before the reply leaves
             self._reset_election_timer()
         term = m.term if (m.pre_vote and granted) else self.current_term
-        self._send(RequestVoteReply(self.node_id, m.src, term, granted, pre_vote=m.pre_vote))
+        self._send(RequestVoteReply(self.node_id, m.src, term, granted, pre_vote=m.pre_vote,
+                                    pre_vote_round=m.pre_vote_round))
 
     def _handle_request_vote_reply(self, m: RequestVoteReply) -> None:
         expected = Role.PRE_CANDIDATE if m.pre_vote else Role.CANDIDATE
@@ -631,6 +683,8 @@ class RaftNode:
             return
         if not m.pre_vote and m.term != self.current_term:
             return
+        if m.pre_vote and m.pre_vote_round != self._pre_vote_round:
+            return  # answers an earlier round: that majority is not one now (thesis §9.6)
         self._votes.setdefault(m.src, m.vote_granted)
         if self._won_votes():
             if m.pre_vote:
@@ -648,6 +702,7 @@ class RaftNode:
 
     def _handle_append_entries(self, m: AppendEntries) -> None:
         self._become_follower(m.term, m.src)
+        self.removed = None  # a leader sends entries only to the members of its configuration
         self._send(self._append_from_leader(m))
 
     def _append_from_leader(self, m: AppendEntries) -> AppendEntriesReply:
@@ -691,6 +746,7 @@ class RaftNode:
 
     def _handle_install_snapshot(self, m: InstallSnapshot) -> None:
         self._become_follower(m.term, m.src)
+        self.removed = None
         index, term = m.last_included_index, m.last_included_term
 
         def reply(next_offset: int, done: bool) -> None:
@@ -730,14 +786,42 @@ class RaftNode:
         self._base_membership = snap.membership
         self._refresh_membership()
         self.commit_index = index
-        self.last_applied = index
+        # last_applied stays: the state machine holds the snapshot only once the caller has applied this Ready
+        # (after the save, which may wait), and `advance` moves it then. Until then a read waiting for `index`
+        # must not be answered from the old state.
         self._pending_snapshot = snap
         self._unstable_from = index + 1
         self._persisted_index = min(self._persisted_index, index)
 
     def _refresh_membership(self) -> None:
         entries = self.log.membership_entries()
-        self.membership = entries[-1].membership if entries else self._base_membership
+        if entries:
+            self._set_membership(entries[-1].membership, entries[-1].index)
+        else:
+            self._set_membership(self._base_membership, self.log.snapshot_index)
+
+    def _set_membership(self, membership: Membership, index: int) -> None:
+        """The configuration in force is the latest in the log, committed or not (thesis §4.1), from `index`."""
+        self.membership = membership
+        self._membership_index = index
+        self._member_ids = frozenset(membership.voters + membership.learners)
+
+    def _tell_removed(self, node_id: str) -> None:
+        """`node_id` spoke to us and our configuration leaves it out. Say so if that configuration is committed
+        (a removed node, not one that is being added and that our log has not caught up with) and we are in it.
+        A message from a non-member is still handled as ever: thesis §4.2.3 has servers take votes and
+        entries from servers outside their configuration."""
+        if self._membership_index <= self.commit_index and self.node_id in self._member_ids:
+            self._send(Removed(self.node_id, node_id, self.current_term, self._membership_index,
+                               self.leader_id or ""))
+
+    def _handle_removed(self, m: Removed) -> None:
+        if self.node_id in self._member_ids and self._membership_index > m.membership_index:
+            return  # our log holds a newer configuration, with us in it: the notice is stale
+        leader_id = m.leader_id or None
+        if leader_id is None and self.removed is not None and self.removed[1] == m.membership_index:
+            leader_id = self.removed[0]  # keep the leader another member named for the same configuration
+        self.removed = (leader_id, m.membership_index)
 
     # ---- replication: leader side -----------------------------------------------------------------
 
@@ -748,11 +832,11 @@ class RaftNode:
         self._append_dirty = True
         if membership is not None:
             self._pending_membership_index = index
-            self._apply_membership_to_progress(membership)
+            self._apply_membership_to_progress(membership, index)
         return index
 
-    def _apply_membership_to_progress(self, membership: Membership) -> None:
-        self.membership = membership
+    def _apply_membership_to_progress(self, membership: Membership, index: int) -> None:
+        self._set_membership(membership, index)
         for node_id in membership.node_ids:
             if node_id not in self._progress:
                 self._progress[node_id] = Progress(next_index=self.log.last_index, recent_active=True)
@@ -812,13 +896,16 @@ class RaftNode:
         )
 
     def _send_snapshot(self, peer: str) -> None:
-        snap = self._snapshot
-        assert snap is not None, "log compacted without a snapshot"
         pr = self._progress[peer]
-        if pr.state is not ProgressState.SNAPSHOT or pr.snapshot_index != snap.last_included_index:
+        if pr.state is not ProgressState.SNAPSHOT or pr.snapshot is None:
+            assert self._snapshot is not None, "log compacted without a snapshot"
             pr.state = ProgressState.SNAPSHOT
-            pr.snapshot_index = snap.last_included_index
+            pr.snapshot = self._snapshot
             pr.snapshot_offset = 0
+        # §7: the transfer under way is finished even when a newer snapshot is taken meanwhile. Starting over
+        # with each new one, a follower on a slow link would never get a whole snapshot while the leader
+        # snapshots faster than one transfer takes; once this one is in, the next transfer brings it further.
+        snap = pr.snapshot
         chunk = snap.data[pr.snapshot_offset : pr.snapshot_offset + self.config.snapshot_chunk_bytes]
         done = pr.snapshot_offset + len(chunk) >= len(snap.data)
         self._send(
@@ -840,6 +927,7 @@ class RaftNode:
             pr.next_index = pr.match_index + 1
             pr.state = ProgressState.PROBE
             pr.probe_sent = False
+            pr.snapshot, pr.snapshot_offset = None, 0
             self._append_dirty = True
         else:
             pr.snapshot_offset = m.next_offset
@@ -872,6 +960,8 @@ class RaftNode:
             return
         if m.reject_index == 0 and m.match_index == 0 and m.conflict_index == 0:
             return  # a stale-term answer; the term rule above already handled it
+        if pr.state is ProgressState.SNAPSHOT:
+            return  # no append goes out while a snapshot is sent: it answers one from before the transfer
         if pr.state is ProgressState.REPLICATE and m.reject_index <= pr.match_index:
             return  # stale rejection
         if pr.state is ProgressState.PROBE and m.reject_index != pr.next_index - 1:
@@ -914,7 +1004,7 @@ class RaftNode:
             return
         self.commit_index = index
         if self._reads_before_commit and self.log.term(self.commit_index) == self.current_term:
-            self._reads_unstarted.extend(self._reads_before_commit)
+            self._reads_unstarted.extend((rid, origin) for rid, origin, _ in self._reads_before_commit)
             self._reads_before_commit = []
         if self.commit_index >= self._pending_membership_index and self.node_id not in self.membership.node_ids:
             self._step_down_after_removal()
@@ -930,6 +1020,7 @@ class RaftNode:
         if self._progress[best].match_index == self.log.last_index:
             self._send(TimeoutNow(self.node_id, best, self.current_term))
         self._become_follower(self.current_term, None)
+        self.removed = (self.node_id, self._membership_index)
 
     def _quorum_active(self) -> bool:
         voters = self.membership.voters
@@ -960,7 +1051,7 @@ class RaftNode:
     def _queue_leader_read(self, request_id: int, origin: str) -> None:
         if self.log.term(self.commit_index) != self.current_term:
             # §6.4 step 1: until an entry of its term commits, a new leader does not know the commit index.
-            self._reads_before_commit.append((request_id, origin))
+            self._reads_before_commit.append((request_id, origin, self._ticks))
         else:
             self._reads_unstarted.append((request_id, origin))
 
@@ -968,12 +1059,11 @@ class RaftNode:
         if not self._reads_unstarted:
             return
         self._read_round_id += 1
-        rnd = _ReadRound(self._read_round_id, self.commit_index, self._reads_unstarted)
+        rnd = _ReadRound(self._read_round_id, self.commit_index, self._reads_unstarted, self._ticks)
         self._reads_unstarted = []
-        if self.node_id in self.membership.voters:
-            rnd.acks.add(self.node_id)
+        rnd.acks.add(self.node_id)
         self._read_rounds.append(rnd)
-        if len(rnd.acks) >= self.membership.quorum() or self.config.unsafe_read_without_quorum:
+        if self._read_round_confirmed(rnd) or self.config.unsafe_read_without_quorum:
             self._release_read_rounds(rnd.round_id)
         else:
             self._broadcast_heartbeat(read_round=rnd.round_id)
@@ -986,10 +1076,16 @@ class RaftNode:
             if rnd.round_id > round_id:
                 break
             rnd.acks.add(node_id)
-            if len(rnd.acks) >= self.membership.quorum():
+            if self._read_round_confirmed(rnd):
                 confirmed = rnd.round_id
         if confirmed:
             self._release_read_rounds(confirmed)
+
+    def _read_round_confirmed(self, rnd: _ReadRound) -> bool:
+        """A majority of the voters of the configuration in force now acknowledged the round. A voter removed
+        since it acknowledged no longer counts (etcd's read-only quorum does the same)."""
+        voters = self.membership.voters
+        return sum(1 for v in voters if v in rnd.acks) >= self.membership.quorum()
 
     def _release_read_rounds(self, up_to_round: int) -> None:
         """A majority confirmed we were still leader after round `up_to_round` began: its reads, and all
@@ -1012,10 +1108,23 @@ class RaftNode:
             self._queue_leader_read(request_id, m.src)
 
     def _handle_read_index_reply(self, m: ReadIndexReply) -> None:
-        wanted = set(self._reads_forwarded)
-        answered = [rid for rid in m.request_ids if rid in wanted]
-        if not answered:
-            return
-        done = set(answered)
-        self._reads_forwarded = [rid for rid in self._reads_forwarded if rid not in done]
-        self._read_states.extend((rid, m.read_index) for rid in answered)
+        forwarded = self._reads_forwarded
+        self._read_states.extend((rid, m.read_index) for rid in m.request_ids if forwarded.pop(rid, None) is not None)
+
+    def _expire_reads(self) -> None:
+        """Fail the reads that waited read_timeout_ticks (this node's own; a follower's are dropped, and it fails
+        them itself). Each list is in arrival order, so only its head is looked at when nothing is due."""
+        horizon = self._ticks - self._read_timeout_ticks
+        while self._read_rounds and self._read_rounds[0].started_tick <= horizon:
+            self._fail_read_requests(self._read_rounds.pop(0).requests)
+        if self._reads_before_commit and self._reads_before_commit[0][2] <= horizon:
+            due = [r for r in self._reads_before_commit if r[2] <= horizon]
+            self._reads_before_commit = self._reads_before_commit[len(due):]
+            self._fail_read_requests(due)
+        forwarded = self._reads_forwarded
+        while forwarded:
+            request_id, tick = next(iter(forwarded.items()))
+            if tick > horizon:
+                break
+            del forwarded[request_id]
+            self._failed_reads.append(request_id)

@@ -114,6 +114,7 @@ class RequestVote:
     last_log_term: int
     pre_vote: bool = False  # thesis §9.6: ask "would you vote for me?" without disrupting anyone
     leadership_transfer: bool = False  # thesis §3.10: voters must not ignore it under their leader lease
+    pre_vote_round: int = 0  # which pre-vote round of the candidate this is (0 for a real vote); echoed back
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class RequestVoteReply:
     term: int
     vote_granted: bool
     pre_vote: bool = False
+    pre_vote_round: int = 0  # the pre_vote_round of the request this answers: only the current round counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,21 @@ class ReadIndexReply:
     read_index: int
 
 
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """The sender's committed configuration, at `membership_index`, does not hold the receiver, which sent it a
+    message: a node removed from the cluster learns it this way (the leader stops sending to a node once the
+    configuration without it is appended, so that node never gets the entry itself; etcd likewise answers a
+    removed member). It only informs: the receiver keeps campaigning and serving as before, and forgets the
+    notice when a leader sends it entries. `leader_id` is the leader the sender knows, "" for none."""
+
+    src: str
+    dst: str
+    term: int
+    membership_index: int
+    leader_id: str
+
+
 Message = (
     RequestVote
     | RequestVoteReply
@@ -211,6 +228,7 @@ Message = (
     | TimeoutNow
     | ReadIndexRequest
     | ReadIndexReply
+    | Removed
 )
 
 MESSAGE_TYPES = (
@@ -223,4 +241,5 @@ MESSAGE_TYPES = (
     TimeoutNow,
     ReadIndexRequest,
     ReadIndexReply,
+    Removed,
 )

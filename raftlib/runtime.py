@@ -9,6 +9,11 @@ fsync for the whole batch: group commit), send, apply, wake the waiting requests
 the node rather than acknowledge anything (fsyncgate). A full disk is waited out instead: the save is tried
 again until there is room, nothing is sent or acknowledged meanwhile (to the others the node looks paused), and
 new proposals are refused at once.
+
+Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`, `_index_waiters`),
+by the node (`_reads`: the core answers or fails every read within its read_timeout_ticks), by the log
+(`_proposals`, `_reads_waiting_apply`: answered when their index is applied), or by the delivery bound (`_inbox`:
+a peer's frame not taken within `deliver_timeout_seconds` is dropped, as the network may drop it).
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class Runtime:
         self._proposals: dict[int, tuple[int, gevent.event.AsyncResult]] = {}
         self._reads: dict[int, gevent.event.AsyncResult] = {}
         self._reads_waiting_apply: list[tuple[int, gevent.event.AsyncResult]] = []
-        self._index_waiters: list[tuple[int, gevent.event.AsyncResult]] = []
+        self._index_waiters: dict[gevent.event.AsyncResult, int] = {}  # wait_applied: result -> index
         self._read_waiting: dict[bool, gevent.event.AsyncResult] = {}  # lease? -> the read not yet taken
         self._request_ids = itertools.count(1)
         # Requests by their timeout: each deque holds (deadline, result) in arrival order, so in deadline order.
@@ -89,10 +94,12 @@ class Runtime:
         self._greenlets: list = []
         self._membership: Membership | None = None
         self._soft = (None, None, None)
+        self._removed = None  # the node's `removed` notice, as last logged
         self.running = False
         self.disk_full = False
         self.disk_retry_seconds = 0.5
         self._snapshot_not_before = 0.0
+        self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats = collections.Counter()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -152,7 +159,8 @@ class Runtime:
     def read(self, timeout_seconds: float, lease: bool = False) -> int:
         """Block until a linearizable read of the state machine is safe (thesis §6.4); returns the read index.
         With `lease`, a leader within its lease answers without a round (§6.4.1). Raises NotLeader (no leader
-        known), Timeout or Stopped."""
+        known, the leader changed, or the node got no answer within its read_timeout_ticks: retry), Timeout or
+        Stopped."""
         # Reads that arrive before the loop takes the waiting one share it: its read index is chosen after every
         # one of them arrived, so it is safe for all, and a burst of reads costs the loop one request.
         shared = self._read_waiting.get(lease)
@@ -166,11 +174,12 @@ class Runtime:
         if self.node.last_applied >= index:
             return self.node.last_applied
         result = gevent.event.AsyncResult()
-        self._index_waiters.append((index, result))
+        self._index_waiters[result] = index
         try:
             return self._wait(result, timeout_seconds)
-        except Timeout as e:
-            result.set_exception(e)  # settled: the next apply drops it, however far off `index` is
+        except Timeout:
+            # Forget it now: the next apply may be far off (no leader, a full disk) and waiters would pile up.
+            self._index_waiters.pop(result, None)
             raise
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
@@ -193,10 +202,17 @@ class Runtime:
             self._put(("messages", messages, None), drive=True)
             return None
         result = gevent.event.AsyncResult()
-        self._put(("messages", messages, result), drive=True)
+        item = ("messages", messages, result)
+        self._put(item, drive=True)
         try:
-            return result.get(timeout=2.0)
+            return result.get(timeout=self.deliver_timeout_seconds)
         except gevent.Timeout:
+            # Not taken yet (the drive is held up, e.g. by a full disk): drop it, as the network may drop any
+            # message, rather than let every frame that comes meanwhile pile up in the inbox.
+            for n, queued in enumerate(self._inbox):
+                if queued is item:
+                    del self._inbox[n]
+                    break
             return []
 
     def _call(self, timeout_seconds: float, kind: str, *args):
@@ -225,6 +241,8 @@ class Runtime:
                     result = pending.popleft()[1]
                     if not result.ready():
                         result.set_exception(_Expired())
+            for timeout_seconds in [t for t, pending in self._deadlines.items() if not pending]:
+                del self._deadlines[timeout_seconds]  # callers may pass any number of distinct timeouts
 
     def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
         if not self.running:
@@ -261,6 +279,8 @@ class Runtime:
             self._process_ready(replies)
             for result, out in replies.values():
                 result.set(out)
+            if self.node.removed != self._removed:  # a notice may change nothing else: no Ready for it
+                self._note_removed(self.node.removed)
             self._maybe_snapshot()
         except Exception as e:
             logger.critical("stopping: %s", e, exc_info=not isinstance(e, OSError))
@@ -423,15 +443,9 @@ class Runtime:
                     still.append((index, result))
             self._reads_waiting_apply = still
         if self._index_waiters:
-            still = []
-            for index, result in self._index_waiters:
-                if result.ready():
-                    continue  # timed out
-                if index <= applied:
-                    result.set(applied)
-                else:
-                    still.append((index, result))
-            self._index_waiters = still
+            for result in [r for r, index in self._index_waiters.items() if index <= applied]:
+                del self._index_waiters[result]
+                result.set(applied)
 
     def _note_soft_state(self, rd: Ready) -> None:
         soft = (rd.role, rd.term, rd.leader_id)
@@ -448,6 +462,15 @@ class Runtime:
             logger.info("starting an election for term %d", rd.term)
         elif old_role is Role.LEADER and rd.role is not Role.LEADER:
             logger.info("stepped down in term %d", rd.term)
+
+    def _note_removed(self, removed) -> None:
+        self._removed = removed
+        if removed is None:
+            logger.info("a leader counts this node as a member (again)")
+            return
+        leader_id, index = removed
+        logger.warning("this node was removed from the cluster (%sconfiguration at index %d); it keeps out of the "
+                       "way: add it again, or stop it", f"by {leader_id}, " if leader_id else "", index)
 
     def _sync_peers(self) -> None:
         self._membership = self.node.membership
@@ -478,9 +501,11 @@ class Runtime:
             result.set_exception(error)
         for result in self._reads.values():
             result.set_exception(error)
-        for _, result in self._reads_waiting_apply + self._index_waiters:
+        for _, result in self._reads_waiting_apply:
             result.set_exception(error)
-        self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, [], []
+        for result in self._index_waiters:
+            result.set_exception(error)
+        self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, [], {}
         for pending in self._deadlines.values():  # requests still in the inbox, or answered already
             for _, result in pending:
                 if not result.ready():

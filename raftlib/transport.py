@@ -4,7 +4,9 @@ Rules: every socket is used by one greenlet only. Each peer has one REQ socket a
 sender greenlet takes everything queued for that peer, sends it as one frame and waits (bounded) for the reply
 frame, which carries the messages the peer had for us in answer. A reply that does not come in time closes the
 socket with linger 0 and opens a new one (the zguide's "lazy pirate"), so a dead peer never wedges the sender;
-the messages are dropped, as Raft allows. The REP server decodes each frame, hands the messages to the owner
+the messages are dropped, as Raft allows. Any other failure of a send, the opening of a socket included (out of
+descriptors: EMFILE), drops the batch too, is logged at most once a second, and is retried after 0.1 s: a sender
+never dies while its peer exists. The REP server decodes each frame, hands the messages to the owner
 and answers with whatever the owner returns. Bad frames are logged and dropped, never raised.
 """
 
@@ -156,6 +158,8 @@ class _PeerSender:
         self._queue: collections.deque = collections.deque(maxlen=transport._max_queued)
         self._wake = gevent.event.Event()
         self._sock = None
+        self._failures = 0
+        self._warned_at = 0.0
         self._greenlet = gevent.spawn(self._run)
 
     def enqueue(self, m) -> None:
@@ -183,9 +187,11 @@ class _PeerSender:
                 continue
             batch = list(self._queue)
             self._queue.clear()
-            if self._sock is None:
-                self._sock = self._open()
             try:
+                if self._sock is None:
+                    # Inside the try: opening can fail too (EMFILE when the process is out of descriptors), and
+                    # a sender that died here would never speak to this peer again.
+                    self._sock = self._open()
                 logger.log(TRACE, "send to %s: %s", self.node_id, batch)
                 self._sock.send(t._encode(batch))
                 # recv under a gevent.Timeout waits on the socket's own watcher; poll() would build a Poller, a
@@ -199,9 +205,15 @@ class _PeerSender:
                     self._close()
                     continue
             except zmq.ZMQError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self._failed(e)
+                    continue
                 logger.debug("socket to %s failed (%s): reconnecting", self.node_id, e)
                 self._close()
                 gevent.sleep(0.01)
+                continue
+            except Exception as e:  # any failure: the batch is dropped, as Raft allows, and we retry
+                self._failed(e)
                 continue
             try:
                 replies = t._decode(frame)
@@ -210,7 +222,24 @@ class _PeerSender:
                 continue
             if replies:
                 logger.log(TRACE, "reply from %s: %s", self.node_id, replies)
-                t._handler(replies, False)
+                try:
+                    t._handler(replies, False)
+                except Exception:
+                    logger.exception("handler failed on a reply from %s", self.node_id)
+
+    def _failed(self, error: Exception) -> None:
+        """A send or a reconnect failed in an unexpected way: warn (at most once a second), start afresh after a
+        pause."""
+        self._failures += 1
+        if time.monotonic() - self._warned_at >= 1.0:
+            logger.warning("sending to %s at %s failed (%s; %d failures since the last warning): retrying",
+                           self.node_id, self.address, error, self._failures)
+            self._warned_at, self._failures = time.monotonic(), 0
+        try:
+            self._close()
+        except Exception:  # a socket half made: zmq frees it with the context
+            self._sock = None
+        gevent.sleep(0.1)
 
     def stop(self) -> None:
         self._greenlet.kill(block=False)

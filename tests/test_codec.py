@@ -18,6 +18,7 @@ from raftlib import (
     Membership,
     ReadIndexReply,
     ReadIndexRequest,
+    Removed,
     RequestVote,
     RequestVoteReply,
     TimeoutNow,
@@ -26,8 +27,8 @@ from raftlib import codec
 
 MEMBERSHIP = Membership(("a", "b"), ("c",), (Member("a", "h:1", "h:2"), Member("c", "h:3", "h:4")))
 SAMPLES = [
-    RequestVote("a", "b", 3, 10, 2, pre_vote=True, leadership_transfer=False),
-    RequestVoteReply("b", "a", 3, True, True),
+    RequestVote("a", "b", 3, 10, 2, pre_vote=True, leadership_transfer=False, pre_vote_round=(1 << 32) + 7),
+    RequestVoteReply("b", "a", 3, True, True, (1 << 32) + 7),
     AppendEntries("a", "b", 4, 9, 3, (Entry(4, 10, EntryKind.COMMAND, b"x" * 50),
                                        Entry(4, 11, EntryKind.MEMBERSHIP, b"", MEMBERSHIP),
                                        Entry(4, 12, EntryKind.NOOP, b"")), 8, 7),
@@ -37,12 +38,25 @@ SAMPLES = [
     TimeoutNow("a", "b", 5),
     ReadIndexRequest("b", "a", 5, (1, 2, 3)),
     ReadIndexReply("a", "b", 5, (1, 2, 3), 42),
+    Removed("a", "c", 5, 17, "a"),
+    Removed("b", "c", 5, 17, ""),
 ]
 
 
 @pytest.mark.parametrize("m", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(m):
     assert codec.decode_batch(codec.encode_batch([m])) == [m]
+
+
+def test_vote_messages_from_before_pre_vote_rounds_decode_with_round_0():
+    """pre_vote_round came after format version 1: frames without it still decode; fewer fields do not."""
+    old_request = cbor2.dumps([1, [[1, "a", "b", 3, 10, 2, True, False]]])
+    old_reply = cbor2.dumps([1, [[2, "b", "a", 3, True, True]]])
+    assert codec.decode_batch(old_request) == [RequestVote("a", "b", 3, 10, 2, True, False, 0)]
+    assert codec.decode_batch(old_reply) == [RequestVoteReply("b", "a", 3, True, True, 0)]
+    for short in ([1, "a", "b", 3, 10, 2, True], [2, "b", "a", 3, True], [3, "a", "b", 4, 9, 3, [], 8]):
+        with pytest.raises(codec.CodecError, match="field count"):
+            codec.decode_batch(cbor2.dumps([1, [short]]))
 
 
 def test_unknown_version_and_oversized_frames_are_refused():

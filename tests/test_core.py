@@ -10,6 +10,7 @@ import pytest
 
 from raftlib import (
     AppendEntries,
+    AppendEntriesReply,
     ConfChangeKind,
     Entry,
     EntryKind,
@@ -17,6 +18,9 @@ from raftlib import (
     MemoryStorage,
     NotLeader,
     ProposalDropped,
+    ReadIndexRequest,
+    Removed,
+    RequestVoteReply,
     Role,
 )
 from simulator import Cluster, SafetyViolation, random_schedule
@@ -195,6 +199,7 @@ def test_leader_removed_from_the_configuration_steps_down():
     c = Cluster(seed=6, n=3)
     leader = elect(c)
     assert c.change_membership(ConfChangeKind.REMOVE, leader)
+    index = c.nodes[leader].node.log.last_index
     assert c.run_until(lambda: c.leader() not in (None, leader), 300)
     new = c.leader()
     assert leader not in c.nodes[new].node.membership.voters
@@ -202,6 +207,7 @@ def test_leader_removed_from_the_configuration_steps_down():
     c.run(300)
     assert c.nodes[leader].node.role is Role.FOLLOWER
     assert c.leader() == new
+    assert c.nodes[leader].node.removed == (leader, index)  # it knows why it is idle
 
 
 def test_learner_joins_catches_up_and_is_promoted():
@@ -363,3 +369,233 @@ def test_ready_must_sync_only_for_entries_snapshots_terms_and_votes():
     rd = node.ready()
     assert rd.hard_state.current_term == term + 1 and rd.must_sync
     node.advance(rd)
+
+
+def test_a_one_voter_leader_says_nothing_before_its_new_term_is_saved():
+    """§5.1 and Figure 2 (save before you speak): a lone voter wins its election inside one Ready, whose hard state
+    holds the new term and its own vote. Its appends to a learner may not go out early (thesis §10.2.1) then: had
+    they left and the node crashed before the save, it would come back in the old term, win the same term again
+    and write other entries under it, and the learner, holding the first ones at the same (index, term), would
+    keep and apply them."""
+    c = Cluster(seed=13, n=1, spares=1, config_overrides={"auto_promote": False})
+    elect(c)
+    assert c.change_membership(ConfChangeKind.ADD_LEARNER, "n2")
+    write(c, "a")
+    c.run(20)
+    assert c.nodes["n2"].kv.data == c.nodes["n1"].kv.data
+    c.crash("n1")
+    c.restart("n1")
+    n1 = c.nodes["n1"].node
+    term = n1.current_term
+    for _ in range(100):  # by hand: the election and a proposal in one drive, as the runtime batches them
+        n1.tick()
+        if n1.role is Role.LEADER:
+            break
+    assert n1.role is Role.LEADER and n1.current_term == term + 1
+    n1.propose(b"a=never-saved")
+    rd = n1.ready()
+    assert rd.hard_state is not None and rd.hard_state.current_term == term + 1
+    early, _ = rd.split_messages()
+    c.cut.add(("n2", "n1"))  # the learner's answer is lost: it would have told n1 the term it forgot
+    for m in early:
+        c.send(m)
+    c.crash("n1")  # before the save: nothing of that Ready is on its disk
+    c.restart("n1")
+    elect(c)
+    c.heal()
+    assert c.nodes["n1"].node.current_term == term + 1  # the same term, won a second time
+    write(c, "a")
+    c.run(50)
+    assert c.nodes["n2"].kv.data == c.nodes["n1"].kv.data
+
+
+def _without_read_acks_from(nodes: set[str]):
+    """A deliver filter: these nodes' answers to heartbeats still count for replication, not for read rounds."""
+
+    def strip(m):
+        if isinstance(m, AppendEntriesReply) and m.src in nodes and m.read_round:
+            return dataclasses.replace(m, read_round=0)
+        return m
+
+    return strip
+
+
+def test_a_read_round_counts_only_the_voters_of_the_current_configuration():
+    """Thesis §6.4: a read is served once a majority of the configuration confirms the leader after the read
+    arrived. An acknowledgement from a voter removed since then is no part of that majority (etcd counts its
+    current voters only)."""
+    c = Cluster(seed=14, n=5, election_ticks=50)  # long timeouts: nothing expires while the test holds the read
+    leader = elect(c)
+    gone, *rest = [i for i in c.ids if i != leader]
+    c.deliver_filter = _without_read_acks_from(set(rest))
+    r = c.client_read(leader, "k", lease=False)
+    c.run(10)  # `gone` acknowledges the round: 2 of 5, not yet a majority
+    assert r.read_index is None and r.request_id in c.pending_reads[leader]
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    n = c.nodes[leader].node
+    assert c.run_until(lambda: n.commit_index >= n.log.last_index and gone not in n.membership.voters, 50)
+    c.deliver_filter = _without_read_acks_from(set(rest[1:]))  # one more voter acknowledges: 2 of the 4 voters
+    c.run(20)
+    assert r.read_index is None and r.request_id in c.pending_reads[leader], "served on a minority's word"
+    c.deliver_filter = None
+    before = c.reads_checked
+    assert c.run_until(lambda: c.reads_checked > before, 50)
+    assert r.read_index is not None
+
+
+def test_a_snapshot_transfer_is_finished_while_the_leader_takes_newer_snapshots():
+    """§7: a far-behind follower gets the leader's snapshot in chunks (64 bytes in the simulator). The leader takes
+    a new snapshot every 15 ticks, faster than one transfer takes, under steady writes; the transfer under way is
+    finished rather than started again from byte 0, so the follower moves forward, snapshot after snapshot, and
+    catches up once the leader stops snapshotting."""
+    c = Cluster(seed=15, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(100):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    size = len(c.nodes[leader].node.snapshot.data)
+    assert size > 30 * 64, size  # dozens of chunks: a transfer takes longer than the 15 ticks between snapshots
+    c.restart(lagger)
+    first = c.nodes[leader].node.snapshot.last_included_index
+    installed = set()
+    for t in range(600):
+        if t % 3 == 0:
+            c.client_write(leader, f"key{t % 100}")
+        if t % 15 == 0:
+            c.take_snapshot(leader)
+        c.tick()
+        installed.add(c.nodes[lagger].node.log.snapshot_index)
+    assert c.leader() == leader
+    assert max(installed) >= first and len(installed - {0}) >= 3, sorted(installed)
+    for k in range(10):  # no more snapshots: the follower catches up through the log
+        write(c, f"key{k}")
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 500)
+
+
+def test_a_pre_vote_granted_in_an_earlier_round_does_not_count_in_a_later_one():
+    """Thesis §9.6: a pre-candidate becomes a candidate only when a majority would vote for it now. A grant from an
+    earlier round at the same term (delayed, or duplicated by the network) is no such answer: counted in a later
+    round, it let a node cut off from a healthy leader start a real election, and its new term deposed the leader.
+    Five voters; the leader L keeps a majority throughout. X never hears L. A, then B, stop hearing L for a while,
+    so each would vote for X at that time, but never both at once."""
+    c = Cluster(seed=16, n=5)
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    x, a, b, _ = [i for i in c.ids if i != leader]
+    held, granted_by_b = [], []
+
+    def network(m):
+        if isinstance(m, RequestVoteReply) and m.dst == x and m.pre_vote and m.vote_granted:
+            if m.src == a and not held:
+                held.append(m)  # A's grant of an early round, delivered late (below)
+                return None
+            if m.src == b:
+                granted_by_b.append(m)
+        return m
+
+    c.deliver_filter = network
+    c.cut |= {(leader, x), (leader, a)}
+    assert c.run_until(lambda: held, 300), "A never granted X a pre-vote"
+    c.cut.discard((leader, a))  # A hears the leader again (and would not grant X now) ...
+    c.cut.add((leader, b))  # ... and B stops hearing it
+    assert c.run_until(lambda: granted_by_b, 300), "B never granted X a pre-vote"
+    c.send(held[0])  # the old grant from A arrives in the same round as B's: X + B + stale A is 3 of 5
+    c.run(40)
+    assert c.nodes[x].node.current_term == term, "X started an election on a stale pre-vote"
+    c.heal()
+    c.run(100)
+    assert c.leader() == leader and c.nodes[leader].node.current_term == term
+
+
+def test_forwarded_reads_that_are_never_answered_fail_in_bounded_time():
+    """Thesis §6.4: a follower forwards reads to the leader. A request lost on the way (a reply timeout, a full
+    queue) is never answered; under a stable leader nothing else ends it. It must fail within a bound (two
+    election timeouts) so that the caller retries and the follower does not keep it forever."""
+    c = Cluster(seed=17, n=3)
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    node = c.nodes[follower].node
+    c.deliver_filter = lambda m: None if isinstance(m, ReadIndexRequest) else m
+    reads = [c.client_read(follower, "k", lease=False) for _ in range(5)]
+    assert all(r is not None for r in reads) and node.reads_pending == 5
+    c.run(2 * c.election_ticks + 1)
+    assert [r.request_id for r in reads if r.request_id in c.pending_reads[follower]] == []  # failed: retry
+    assert node.reads_pending == 0
+    assert c.leader() == leader and c.nodes[leader].node.current_term == node.current_term
+    c.deliver_filter = None
+    before = c.reads_checked
+    c.client_read(follower, "k", lease=False)
+    assert c.run_until(lambda: c.reads_checked > before, 50)
+
+
+def test_reads_on_a_leader_that_cannot_commit_in_its_term_fail_in_bounded_time():
+    """Thesis §6.4 step 1: a new leader serves reads only once an entry of its term has committed. One that hears
+    from its followers (so check-quorum keeps it) but cannot get its entries to them never commits: its reads
+    and its followers' must not wait for that forever."""
+    c = Cluster(seed=18, n=3)
+
+    def no_entries(m):
+        return dataclasses.replace(m, entries=()) if isinstance(m, AppendEntries) and m.entries else m
+
+    c.deliver_filter = no_entries
+    assert c.run_until(lambda: c.leader() is not None, 500)
+    leader = c.leader()
+    n = c.nodes[leader].node
+    follower = next(i for i in c.ids if i != leader)
+    mine = c.client_read(leader, "k", lease=False)
+    theirs = c.client_read(follower, "k", lease=False)
+    c.run(3)
+    assert n.log.term(n.commit_index) != n.current_term and n.reads_pending == 2
+    c.run(2 * c.election_ticks + 5)
+    assert c.leader() == leader and n.log.term(n.commit_index) != n.current_term
+    assert mine.request_id not in c.pending_reads[leader] and theirs.request_id not in c.pending_reads[follower]
+    assert n.reads_pending == 0 and c.nodes[follower].node.reads_pending == 0
+
+
+def test_a_removed_node_learns_that_it_was_removed_and_disturbs_nobody():
+    """Thesis §4.2.3: the leader stops sending to a node once the configuration without it is appended, so the
+    removed node never gets that entry; it times out and asks for pre-votes, for ever. Pre-vote and the members'
+    leader leases keep it from disturbing anyone (§9.6). Now the members also answer it with Removed (as etcd
+    answers a removed member), so it can say why it is idle; re-added under the same id, it forgets the notice as
+    soon as the leader sends it entries, and serves as a voter again."""
+    c = Cluster(seed=19, n=3)
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    gone = next(i for i in c.ids if i != leader)
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    index = c.nodes[leader].node.log.last_index
+    n = c.nodes[gone].node
+    assert c.run_until(lambda: n.removed is not None, 300), "the removed node was never told"
+    assert n.removed == (leader, index)
+    assert gone not in c.nodes[leader].node.membership.node_ids and gone in n.membership.voters
+    c.run(300)
+    assert c.leader() == leader and c.nodes[leader].node.current_term == term
+    assert n.removed == (leader, index) and n.role is not Role.LEADER
+    assert c.change_membership(ConfChangeKind.ADD_LEARNER, gone)
+    assert c.run_until(lambda: gone in c.nodes[leader].node.membership.voters, 500)
+    assert n.removed is None
+    write(c)
+    assert c.leader() == leader
+
+
+def test_a_removed_notice_only_informs():
+    """A Removed notice can come from a node with a stale view. It must cost nothing: a notice from an older term
+    is ignored, and a member that holds one still campaigns, wins and serves; it forgets the notice then."""
+    c = Cluster(seed=20, n=3)
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    a, b = [i for i in c.ids if i != leader]
+    c.isolate(leader)
+    c.nodes[a].node.step(Removed(leader, a, term - 1, 1, leader))
+    c.process(a)
+    assert c.nodes[a].node.removed is None  # an older term's word
+    for x in (a, b):
+        c.nodes[x].node.step(Removed(leader, x, term, 1, leader))
+        c.process(x)
+        assert c.nodes[x].node.removed == (leader, 1)
+    assert c.run_until(lambda: c.leader() in (a, b), 500)
+    write(c)
+    c.run(20)
+    assert c.nodes[a].node.removed is None and c.nodes[b].node.removed is None

@@ -10,7 +10,21 @@ import time
 import gevent
 import pytest
 
-from raftlib import Config, Entry, EntryKind, HardState, Member, Membership, MemoryStorage, RaftNode, Role
+from raftlib import (
+    AppendEntries,
+    Config,
+    Entry,
+    EntryKind,
+    HardState,
+    InstallSnapshot,
+    Member,
+    Membership,
+    MemoryStorage,
+    NotLeader,
+    RaftNode,
+    Removed,
+    Role,
+)
 from raftlib.runtime import Runtime, Stopped, Timeout
 from runtime_fakes import NullTransport, Values
 
@@ -89,3 +103,167 @@ def test_stopping_fails_every_waiting_request(one_node):
         assert w.successful() or isinstance(w.exception, Stopped), w.exception
     with pytest.raises(Stopped):
         runtime.propose(b"late", 1.0)
+
+
+class Restorable(Values):
+    """Values that keeps the snapshot it was last restored from."""
+
+    def __init__(self):
+        super().__init__()
+        self.restored = None
+
+    def restore(self, data):
+        self.restored = data
+
+
+def follower(node_id="b", leader="a", election_ticks=1000, state_machine=None):
+    """A runtime for `node_id`, one of two voters, that hears from nobody (its election timeout is far off)."""
+    storage = HangingStorage()
+    members = tuple(Member(n, f"127.0.0.1:{i}", "") for i, n in enumerate(sorted((node_id, leader)), 1))
+    membership = Membership(tuple(sorted((node_id, leader))), (), members)
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", membership)])
+    stored = storage.load()
+    node = RaftNode(Config(node_id, election_ticks=election_ticks), random.Random(1), stored.hard_state,
+                    stored.raft_log(), stored.snapshot)
+    runtime = Runtime(node, storage, NullTransport(), state_machine or Values(), tick_seconds=0.005)
+    return runtime, storage, membership
+
+
+def test_last_applied_moves_only_once_the_state_machine_holds_the_snapshot():
+    """§7: a follower that installs the leader's snapshot has applied its index only when the state machine was
+    restored from it, which comes after the save. While the save waits (a full disk), a read that waits for that
+    index (`wait_applied`, the HTTP min_index) must keep waiting rather than answer from the old state."""
+    state_machine = Restorable()
+    runtime, storage, membership = follower(state_machine=state_machine)
+    runtime.start()
+    try:
+        storage.hang = True
+        chunk = InstallSnapshot("a", "b", 2, 50, 2, membership, 0, b"the state at 50", True)
+        gevent.spawn(runtime.deliver, [chunk], False)
+        gevent.sleep(0.05)
+        assert runtime.node.commit_index == 50  # the node took the snapshot; its save is waiting
+        with pytest.raises(Timeout):
+            runtime.wait_applied(50, 0.1)
+        assert state_machine.restored is None and runtime.node.last_applied < 50
+        storage.hang = False
+        assert runtime.wait_applied(50, 2.0) == 50
+        assert state_machine.restored == b"the state at 50"
+    finally:
+        storage.hang = False
+        runtime.stop()
+
+
+def heartbeats_from_a(runtime, period_seconds=0.02):
+    """A greenlet that plays the leader `a` in term 2: a heartbeat every period (its answers are dropped)."""
+
+    def run():
+        while runtime.running:
+            runtime.deliver([AppendEntries("a", "b", 2, 1, 1, (), 1)], False)
+            gevent.sleep(period_seconds)
+
+    return gevent.spawn(run)
+
+
+def test_a_follower_read_whose_request_is_lost_fails_in_bounded_time_and_is_forgotten():
+    """Thesis §6.4: the follower forwards the read to the leader; here every request is lost (the transport drops
+    all). Under a stable leader nothing else ends such a read: the node fails it after read_timeout_ticks (two
+    election timeouts: 40 ticks of 5 ms), the caller gets NotLeader (and may retry), and neither the runtime nor
+    the node holds on to it, also when its caller gave up earlier."""
+    runtime, _, _ = follower(election_ticks=20)
+    runtime.start()
+    beats = heartbeats_from_a(runtime)
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.leader_id != "a":
+                gevent.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(NotLeader):
+            runtime.read(3.0)
+        assert time.monotonic() - t0 < 1.5
+        for _ in range(20):  # callers that give up before the node does
+            with pytest.raises(Timeout):
+                runtime.read(0.01)
+        with gevent.Timeout(2, AssertionError(f"reads still held: {runtime._reads}")):
+            while runtime._reads or runtime.node.reads_pending:
+                gevent.sleep(0.01)
+        assert runtime.node.leader_id == "a"  # the leader was stable throughout
+    finally:
+        beats.kill()
+        runtime.stop()
+
+
+def test_messages_that_wait_longer_than_the_delivery_bound_are_dropped_not_queued():
+    """A node whose drive is held up (a full disk: the save is retried until there is room) cannot step what
+    arrives. The transport's REP server waits for each frame's answer at most the delivery bound; a frame not
+    taken by then is dropped, as the network may drop it, rather than left in the inbox to pile up for as long
+    as the disk is full."""
+    runtime, storage, _ = follower()
+    runtime.deliver_timeout_seconds = 0.02
+    runtime.start()
+    try:
+        storage.hang = True
+        heartbeat = AppendEntries("a", "b", 2, 1, 1, (), 1)
+        stuck = gevent.spawn(runtime.deliver, [heartbeat], True)  # a new term to save: the drive hangs there
+        gevent.sleep(0.05)
+        assert runtime._driving and runtime.node.current_term == 2
+        for _ in range(20):
+            assert runtime.deliver([heartbeat], True) == []
+        assert len(runtime._inbox) == 0
+        storage.hang = False
+        stuck.get(timeout=2)
+        assert runtime.deliver([heartbeat], True)[0].success  # and it carries on
+    finally:
+        storage.hang = False
+        runtime.stop()
+
+
+def test_waiters_that_time_out_are_forgotten():
+    """wait_applied (HTTP min_index) and the request deadlines: a waiter that timed out is not kept until the
+    next apply, which may be far off (here: never), and a timeout value no request uses any more is dropped."""
+    runtime, _, _ = follower()
+    runtime.start()
+    try:
+        for _ in range(50):
+            with pytest.raises(Timeout):
+                runtime.wait_applied(100, 0.001)
+        assert not runtime._index_waiters
+    finally:
+        runtime.stop()
+
+
+def test_request_deadlines_of_every_length_are_forgotten_once_past(one_node):
+    runtime, _, _ = one_node
+    for i in range(20):
+        runtime.propose(b"x", 0.05 + i / 1000)
+    gevent.sleep(0.2)
+    assert runtime._deadlines == {}
+
+
+def test_a_removed_notice_is_logged_once(caplog):
+    """A removed node hears it is removed at every election timeout; its log says so at once (also when the notice
+    changes nothing else, so the node has no Ready for it), only once, and once more when a leader counts it as a
+    member again."""
+    runtime, _, _ = follower()
+    runtime.start()
+    with gevent.Timeout(2):
+        while runtime.node.last_applied < 1:  # the start-up Ready (applying index 1) is done
+            gevent.sleep(0.01)
+
+    def said():
+        return [r.getMessage() for r in caplog.records
+                if "removed from" in r.getMessage() or "counts this" in r.getMessage()]
+
+    try:
+        with caplog.at_level("INFO", logger="raftlib.runtime"):
+            runtime.deliver([Removed("a", "b", 1, 7, "a")], True)  # in its own term: nothing else changes
+            assert runtime.node.removed == ("a", 7)
+            assert said() == ["this node was removed from the cluster (by a, configuration at index 7); it keeps "
+                              "out of the way: add it again, or stop it"]
+            for term in (1, 2):
+                runtime.deliver([Removed("a", "b", term, 7, "a")], True)
+            assert len(said()) == 1
+            runtime.deliver([AppendEntries("a", "b", 2, 1, 1, (), 1)], True)
+            assert runtime.node.removed is None
+            assert said()[1:] == ["a leader counts this node as a member (again)"]
+    finally:
+        runtime.stop()

@@ -1,10 +1,15 @@
 """The cluster secret (-secret-file / $RAFTDZMQ_SECRET), driven through real processes: members with it replicate,
-joins without it or with another are refused, a member restarted with the wrong secret is cut off and logged; and
-the warning for a node that listens beyond loopback without a secret."""
+joins without it or with another are refused, a member restarted with the wrong secret is cut off and logged;
+admin requests (/join, /cluster changes) need a fresh signature, directly, forwarded and redirected; and the
+warning for a node that listens beyond loopback without a secret."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,6 +70,102 @@ def test_members_with_the_secret_replicate_and_strangers_are_refused(tmp_path):
         finally:
             del os.environ["RAFTDZMQ_SECRET"]
         wait_for(lambda: follower.request("GET", "/db/k?consistency=stale").body == b"v2", 15, "the catch-up")
+    finally:
+        c.stop()
+
+
+def sign(secret: bytes, method: str, target: str, body: bytes = b"", timestamp: float | None = None) -> dict:
+    """The documented admin signature, computed here independently of the server's code."""
+    ts = f"{time.time() if timestamp is None else timestamp:.6f}"
+    message = f"raftdzmq-admin-v1\n{method}\n{target}\n{ts}\n".encode() + body
+    return {"X-Raftdzmq-Timestamp": ts, "X-Raftdzmq-Signature": hmac.new(secret, message, hashlib.sha256).hexdigest()}
+
+
+def members(node: Node) -> dict:
+    return {m["id"]: m["role"] for m in node.request("GET", "/cluster").json()}
+
+
+def test_admin_requests_need_a_fresh_signature_forwarded_or_redirected(tmp_path):
+    """Issue 17 item 4: with a secret, unsigned, wrongly signed, stale and replayed /cluster changes and joins are
+    refused (the leader stays, all three voters stay); signed ones work directly, through a -forward follower and
+    after a 307; the -sign helper signs for curl; the secret is never logged."""
+    secret = b"admin-s3cret"
+    path = secret_file(tmp_path, "s", secret.decode())
+    c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path, "-forward")).start()
+    try:
+        leader = c.leader()
+        leader_id = leader.status()["node_id"]
+        follower = next(n for n in c.nodes if n is not leader)
+        follower_id = follower.status()["node_id"]
+        voters = members(leader)
+        assert sorted(voters.values()) == ["voter"] * 3
+        ghost = json.dumps({"node_id": "ghost", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2"})
+        now = time.time()
+        refusals = [
+            ("DELETE", f"/cluster/{leader_id}", b"", {}, "not signed"),
+            ("DELETE", f"/cluster/{follower_id}", b"", {}, "not signed"),
+            ("POST", f"/cluster/transfer?to={follower_id}", b"", {}, "not signed"),
+            ("POST", "/join", ghost.encode(), {}, "not signed"),
+            ("DELETE", f"/cluster/{leader_id}", b"", sign(b"another", "DELETE", f"/cluster/{leader_id}"), "not signed"),
+            # Signed for another target, another body, another method: the signature does not match.
+            ("POST", f"/cluster/transfer?to={follower_id}", b"",
+             sign(secret, "POST", f"/cluster/transfer?to={leader_id}"), "not signed"),
+            ("POST", "/join", ghost.encode(), sign(secret, "POST", "/join", b"{}"), "not signed"),
+            ("DELETE", f"/cluster/{follower_id}", b"", sign(secret, "POST", f"/cluster/{follower_id}"), "not signed"),
+            # Out of the allowed clock skew (300 s) either way: a recording is worthless after it.
+            ("DELETE", f"/cluster/{follower_id}", b"", sign(secret, "DELETE", f"/cluster/{follower_id}", b"",
+                                                             now - 301), "clock"),
+            ("POST", "/join", ghost.encode(), sign(secret, "POST", "/join", ghost.encode(), now + 301), "clock"),
+        ]
+        for node in (leader, follower):
+            for method, target, body, headers, why in refusals:
+                r = node.request(method, target, body, headers=headers)
+                assert r.status == 403 and why in r.text, (node.name, method, target, r)
+        assert c.leader() is leader and members(leader) == voters
+
+        # A signed join, then a signed removal of the same node; the join replayed is refused (the same signature
+        # within the window), so the removed node does not come back.
+        join = sign(secret, "POST", "/join", ghost.encode())
+        assert leader.request("POST", "/join", ghost, headers=join).status == 200
+        assert members(leader).get("ghost") == "learner"
+        remove = sign(secret, "DELETE", "/cluster/ghost")
+        assert follower.request("DELETE", "/cluster/ghost", headers=remove).status == 200  # forwarded
+        assert "ghost" not in members(leader)
+        for node in (leader, follower):
+            r = node.request("POST", "/join", ghost, headers=join)
+            assert r.status == 403 and "replay" in r.text, r
+        assert "ghost" not in members(leader)
+
+        # A redirect: the client follows the 307 with the same signed request.
+        join = sign(secret, "POST", "/join", ghost.encode())
+        r = follower.request("POST", "/join", ghost, headers={**join, "X-Raftdzmq-Forwarded": "test"})
+        assert r.status == 307, r
+        target = re.sub(r"^http://[^/]+", "", r.headers["location"])
+        assert target == "/join"
+        assert leader.request("POST", target, ghost, headers=join).status == 200
+        assert members(leader).get("ghost") == "learner"
+
+        # curl with the headers from -sign (DELETE, no body).
+        out = subprocess.run([sys.executable, SERVER, "-secret-file", path, "-sign", "DELETE", "/cluster/ghost"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        headers_file = os.path.join(tmp_path, "headers")
+        with open(headers_file, "w") as f:
+            f.write(out.stdout)
+        curl = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-XDELETE", "-H",
+                               f"@{headers_file}", f"http://{leader.address}/cluster/ghost"], capture_output=True,
+                              text=True, timeout=30)
+        assert curl.stdout == "200", curl
+        assert "ghost" not in members(leader)
+
+        # A signed transfer through the forwarding follower.
+        r = follower.request("POST", f"/cluster/transfer?to={follower_id}",
+                             headers=sign(secret, "POST", f"/cluster/transfer?to={follower_id}"))
+        assert r.status == 200, r
+        assert c.leader() is follower
+        for n in c.nodes:
+            assert secret.decode() not in n.log_text() and "Traceback" not in n.log_text()
+        assert "refused a removal" in leader.log_text()
     finally:
         c.stop()
 

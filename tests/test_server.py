@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from procs import SERVER, LocalCluster, Node, free_port, wait_for
+from procs import ROOT, SERVER, LocalCluster, Node, free_port, wait_for
 
 
 @pytest.fixture
@@ -106,6 +109,40 @@ def test_joining_a_node_that_does_not_answer_fails_clearly(tmp_path):
     assert time.monotonic() - t0 < 15
 
 
+def test_a_failed_join_can_be_retried_and_a_node_that_never_joined_says_so(tmp_path):
+    """Issue 11 item 9: a first -join that fails leaves the node's identity behind; started again with a reachable
+    -join it joins, with the same node id; started without -join before that, it says what is wrong and exits."""
+    first = Node("first", str(tmp_path)).start()
+    late = Node("late", str(tmp_path))
+    try:
+        wait_for(lambda: first.status()["role"] == "leader", 10, "the first node to lead")
+        command = [sys.executable, SERVER, "-p", str(late.port), "-hp", str(late.http_port)]
+        failed = subprocess.run(command + ["-join", f"127.0.0.1:{free_port()}", "-join-timeout", "1", late.data_dir],
+                                capture_output=True, text=True, timeout=60)
+        assert failed.returncode == 1 and "could not join" in failed.stderr
+        with open(os.path.join(late.data_dir, "node.json")) as f:
+            node_id = json.load(f)["node_id"]
+        alone = subprocess.run(command + [late.data_dir], capture_output=True, text=True, timeout=60)
+        assert alone.returncode == 2 and "never joined" in alone.stderr and "-join" in alone.stderr, alone.stderr
+        late.start(join=first.address)
+        wait_for(lambda: any(m["id"] == node_id and m["role"] == "voter" for m in first.status()["members"]), 15,
+                 "the retried join to make it a voter")
+        assert late.status()["node_id"] == node_id
+        assert "ignored" not in late.log_text()
+        assert first.request("POST", "/db/j", "1").status == 200
+        wait_for(lambda: late.request("GET", "/db/j").body == b"1", 10, "a read on the new member")
+        # Joined now: a restart needs no -join, and one given is ignored with the info line.
+        late.kill()
+        late.start()
+        assert late.request("GET", "/db/j").body == b"1"
+        late.kill()
+        late.start(join=first.address)
+        wait_for(lambda: "already belongs to a cluster" in late.log_text(), 5, "the info line")
+    finally:
+        late.kill()
+        first.kill()
+
+
 def test_second_process_on_a_data_dir_exits_at_once(tmp_path):
     n = Node("one", str(tmp_path)).start()
     try:
@@ -131,6 +168,15 @@ def test_sigterm_stops_cleanly(tmp_path):
 
 
 def test_help_explains_each_flag():
+    """Every flag README's Flags section lists is in --help, and every flag --help gives is in README."""
     out = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True, timeout=30).stdout
-    for flag in ("-p", "-hp", "-join", "-h HOST", "-v", "-debug", "-trace", "DATA_DIR"):
-        assert flag in out, flag
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    block = readme.split("## Flags", 1)[1].split("```", 2)[1]
+    documented = {line.split()[0] for line in block.splitlines() if line.strip()}
+    assert {"-p", "-hp", "-join", "-max-header-bytes", "-max-connections", "-idle-timeout", "-sign"} <= documented
+    for flag in documented:
+        assert re.search(rf"(^|[\s,]){re.escape(flag)}([\s,]|$)", out, re.M), flag
+    given = set(re.findall(r"^\s+(-[a-z][a-z-]*)", out, re.M)) - {"--help"}
+    assert given <= documented, given - documented
+    assert "-h HOST" in out and "DATA_DIR" in out

@@ -1,0 +1,653 @@
+"""The HTTP edge under attack (issue 17, issue 11 items 8-9's HTTP part): raw sockets against real nodes.
+
+Each hostile request is checked for the right 4xx/5xx, the connection closed where it must be (a request that
+cannot be framed leaves the rest of the connection unreadable: RFC 9112 §6.3, §11.2), nothing applied (every
+request here writes or deletes a key of its own, and a pipelined request after it writes another), and no
+traceback in any log. A 3-node cluster runs the whole module, and its leader must keep its term throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from procs import ROOT, SERVER, LocalCluster, Node, free_port, wait_for
+
+MAX_BODY = 4096
+RECEIVE_TIMEOUT = 1.0
+IDLE_TIMEOUT = 3.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(str(tmp_path_factory.mktemp("edge")), extra=(
+        "-forward", "-max-body", str(MAX_BODY), "-receive-timeout", str(RECEIVE_TIMEOUT),
+        "-idle-timeout", str(IDLE_TIMEOUT))).start()
+    leader = c.leader()
+    c.first_leader, c.first_term = leader, leader.status()["term"]
+    yield c
+    c.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_traceback(request):
+    yield
+    if "cluster" in request.fixturenames:
+        for n in request.getfixturevalue("cluster").nodes:
+            assert "Traceback" not in n.log_text(), n.name
+
+
+_keys = iter(range(10**9))
+
+
+def fresh(prefix: str) -> str:
+    return f"{prefix}-{next(_keys)}-{os.getpid()}"
+
+
+# ---- raw HTTP ----------------------------------------------------------------------------------------------
+
+
+def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
+    """The complete responses in `data` (1xx interim answers left out)."""
+    out = []
+    while True:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return out
+        head, rest = data[:end].decode("latin-1"), data[end + 4:]
+        status = int(head.split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head.split("\r\n")[1:])}
+        length = int(headers.get("content-length", "0")) if status >= 200 else 0
+        if len(rest) < length:
+            return out
+        if status >= 200:
+            out.append((status, headers, rest[:length]))
+        data = rest[length:]
+
+
+def exchange(address: str, data: bytes, half_close: bool = False, timeout: float = 5.0, sock=None):
+    """Send `data` on a new connection (or `sock`) and read until the server closes it or `timeout` passes with
+    nothing new. Returns (responses, closed): closed is True when the server ended the connection."""
+    host, port = address.rsplit(":", 1)
+    s = sock or socket.create_connection((host, int(port)), timeout=timeout)
+    s.settimeout(timeout)
+    out, closed = b"", False
+    try:
+        if data:
+            s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                closed = True
+                break
+            out += chunk
+    except socket.timeout:
+        pass
+    except (ConnectionResetError, BrokenPipeError):
+        closed = True
+    finally:
+        s.close()
+    return parse_responses(out), closed
+
+
+def post(key: str, body: bytes = b"v", extra: bytes = b"") -> bytes:
+    return b"POST /db/%s HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s" % (key.encode(), extra, len(body), body)
+
+
+def absent(node: Node, *keys: str) -> bool:
+    return all(node.request("GET", f"/db/{k}").status == 404 for k in keys)
+
+
+def leader_of(cluster) -> Node:
+    leader = cluster.leader()
+    return leader
+
+
+# ---- issue 17 item 1: a request cut short runs nothing --------------------------------------------------------
+
+
+def test_end_of_file_before_the_blank_line_runs_nothing(cluster):
+    leader = leader_of(cluster)
+    victim = fresh("victim")
+    assert leader.request("POST", f"/db/{victim}", "alive").status == 200
+    for cut in (b"DELETE /db/%s HTTP/1.1\r\nHost: x\r\nX-Still-Typing: " % victim.encode(),
+                b"DELETE /db/%s HTTP/1.1\r\nHost: x\r\n" % victim.encode(),
+                b"DELETE /db/%s HTTP/1.1" % victim.encode()):
+        responses, closed = exchange(leader.address, cut, half_close=True)
+        assert responses == [] and closed, cut
+    # Many slow clients that never finish their heads, then go away.
+    keys = [fresh("slow") for _ in range(50)]
+    socks = []
+    for k in keys:
+        s = socket.create_connection(("127.0.0.1", leader.http_port), timeout=5)
+        s.sendall(b"POST /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nX-Still-Typing: " % k.encode())
+        socks.append(s)
+    time.sleep(0.2)
+    for s in socks:
+        s.close()
+    assert leader.request("GET", f"/db/{victim}").body == b"alive"
+    assert absent(leader, *keys)
+
+
+def test_a_body_shorter_than_its_length_runs_nothing(cluster):
+    leader = leader_of(cluster)
+    victim, short = fresh("victim"), fresh("short")
+    assert leader.request("POST", f"/db/{victim}", "alive").status == 200
+    for request in (b"POST /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc" % short.encode(),
+                    b"DELETE /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc" % victim.encode()):
+        responses, closed = exchange(leader.address, request, half_close=True)
+        assert [r[0] for r in responses] == [400] and b"cut short" in responses[0][2] and closed, responses
+    assert absent(leader, short)
+    assert leader.request("GET", f"/db/{victim}").body == b"alive"
+
+
+# ---- issue 17 item 6 and RFC 9112's smuggling vectors ------------------------------------------------------------
+
+
+def _vectors():
+    """(name, head lines after the request line, body, status): each must be refused and close the connection."""
+    return [
+        ("CL and TE together", b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n", 400),
+        ("TE and CL together", b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n", b"3\r\nabc\r\n0\r\n\r\n", 400),
+        ("TE gzip", b"Transfer-Encoding: gzip\r\n", b"abc", 501),
+        ("TE chunked twice in one field", b"Transfer-Encoding: chunked, chunked\r\n", b"0\r\n\r\n", 501),
+        ("TE in two fields", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n", 501),
+        ("TE identity", b"Transfer-Encoding: identity\r\n", b"", 501),
+        ("TE xchunked", b"Transfer-Encoding: xchunked\r\n", b"0\r\n\r\n", 501),
+        ("TE with a vertical tab", b"Transfer-Encoding:\x0bchunked\r\n", b"0\r\n\r\n", 400),
+        ("CL differing duplicates", b"Content-Length: 3\r\nContent-Length: 60\r\n", b"abc", 400),
+        ("CL +3", b"Content-Length: +3\r\n", b"abc", 400),
+        ("CL 0_62", b"Content-Length: 0_62\r\n", b"abc", 400),
+        ("CL -1", b"Content-Length: -1\r\n", b"abc", 400),
+        ("CL 0x3", b"Content-Length: 0x3\r\n", b"abc", 400),
+        ("CL list", b"Content-Length: 3, 3\r\n", b"abc", 400),
+        ("CL empty", b"Content-Length: \r\n", b"abc", 400),
+        ("CL unicode digit", "Content-Length: \u0663\r\n".encode("utf-8"), b"abc", 400),
+        ("obs-fold", b"X-A: a\r\n b\r\n", b"", 400),
+        ("obs-fold of TE", b"X-A: a\r\n\tTransfer-Encoding: chunked\r\n", b"0\r\n\r\n", 400),
+        ("space before the colon", b"Transfer-Encoding : chunked\r\n", b"0\r\n\r\n", 400),
+        ("bare LF", b"X-A: a\nContent-Length: 3\r\n", b"abc", 400),
+        ("bare CR", b"X-A: a\rContent-Length: 3\r\n", b"abc", 400),
+        ("NUL in a value", b"X-A: a\x00b\r\n", b"", 400),
+        ("chunk size +3", b"Transfer-Encoding: chunked\r\n", b"+3\r\nabc\r\n0\r\n\r\n", 400),
+        ("chunk size 0x3", b"Transfer-Encoding: chunked\r\n", b"0x3\r\nabc\r\n0\r\n\r\n", 400),
+        ("chunk longer than its size", b"Transfer-Encoding: chunked\r\n", b"2\r\nabc\r\n0\r\n\r\n", 400),
+        ("chunk line bare LF", b"Transfer-Encoding: chunked\r\n", b"3\nabc\r\n0\r\n\r\n", 400),
+    ]
+
+
+@pytest.mark.parametrize("name,head,body,status", _vectors(), ids=[v[0] for v in _vectors()])
+def test_smuggling_vectors_are_refused_and_close_the_connection(cluster, name, head, body, status):
+    leader = leader_of(cluster)
+    first, smuggled = fresh("first"), fresh("smuggled")
+    request = b"POST /db/%s HTTP/1.1\r\nHost: x\r\n%s\r\n%s" % (first.encode(), head, body)
+    responses, closed = exchange(leader.address, request + post(smuggled))
+    assert [r[0] for r in responses] == [status], (name, responses)
+    assert closed, name
+    assert responses[0][2].count(b"\n") == 1, responses[0][2]  # one line of reason
+    assert absent(leader, first, smuggled), name
+
+
+@pytest.mark.parametrize("request_line,status", [
+    (b"POST /db/%s HTTP/1.1\n", 400),  # bare LF after the request line
+    (b"POST  /db/%s HTTP/1.1\r\n", 400),  # two spaces
+    (b"POST /db/%s HTTP/2.0\r\n", 505),
+    (b"POST /db/%s HTTP/1.1x\r\n", 400),
+    (b"POST /db/%s\r\n", 400),  # HTTP/0.9
+    (b"POST http://x/db/%s HTTP/1.1\r\n", 400),
+    (b"PO\x01ST /db/%s HTTP/1.1\r\n", 400),
+])
+def test_malformed_request_lines_are_refused(cluster, request_line, status):
+    leader = leader_of(cluster)
+    first, smuggled = fresh("first"), fresh("smuggled")
+    request = (request_line % first.encode()) + b"Host: x\r\nContent-Length: 1\r\n\r\nx"
+    responses, closed = exchange(leader.address, request + post(smuggled))
+    assert [r[0] for r in responses] == [status] and closed, (request_line, responses)
+    assert absent(leader, first, smuggled)
+
+
+def test_a_declared_body_over_the_limit_gets_413_at_once_and_is_not_drained(cluster):
+    leader = leader_of(cluster)
+    for method in (b"POST", b"GET", b"DELETE"):
+        key = fresh("big")
+        t0 = time.monotonic()
+        host, port = leader.address.rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), timeout=10)
+        # The head only: the claimed gigabyte never comes. A server that drains it waits for ever.
+        responses, closed = exchange(leader.address, b"%s /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000"
+                                     b"\r\n\r\n" % (method, key.encode()), sock=s, timeout=10)
+        assert [r[0] for r in responses] == [413] and closed, (method, responses)
+        assert time.monotonic() - t0 < 5
+        assert absent(leader, key)
+
+
+def test_good_requests_pipelined_keep_the_connection(cluster):
+    leader = leader_of(cluster)
+    a, b = fresh("pipe"), fresh("pipe")
+    chunked = b"POST /db/%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" % b.encode()
+    responses, closed = exchange(leader.address, b"\r\n" + post(a, b"one") + chunked + b"GET /db/%s HTTP/1.1\r\n"
+                                 b"Host: x\r\nContent-Length: 0\r\n\r\n" % a.encode(), timeout=1.0)
+    assert [r[0] for r in responses] == [200, 200, 200] and responses[2][2] == b"one" and not closed, responses
+    assert leader.request("GET", f"/db/{b}").body == b"abc"
+
+
+# ---- issue 11 item 8: chunked request bodies ------------------------------------------------------------------
+
+
+def test_chunked_bodies_from_raw_sockets_curl_and_requests(cluster, tmp_path):
+    leader = leader_of(cluster)
+    follower = next(n for n in cluster.nodes if n is not leader)
+    k1, k2, k3, k4 = (fresh("chunked") for _ in range(4))
+    # Extensions and a trailer field, split over several chunks.
+    body = b"4;ext=1\r\nabcd\r\n2 ; x\r\nef\r\n0\r\nX-Trailer: t\r\n\r\n"
+    responses, _ = exchange(leader.address, b"POST /db/%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n"
+                            b"Connection: close\r\n\r\n%s" % (k1.encode(), body))
+    assert [r[0] for r in responses] == [200], responses
+    assert leader.request("GET", f"/db/{k1}").body == b"abcdef"
+    # curl -T - sends Transfer-Encoding: chunked and Expect: 100-continue; through a forwarding follower.
+    out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", "-", "-XPOST",
+                          f"http://{follower.address}/db/{k2}"], input=b"from curl\n", capture_output=True, timeout=30)
+    assert out.stdout == b"200", out
+    assert leader.request("GET", f"/db/{k2}").body == b"from curl\n"
+    code = subprocess.run([sys.executable, "-c", "import requests, sys; r = requests.post(sys.argv[1], "
+                           "data=(c for c in [b'gen', b'erat', b'or'])); print(r.status_code)",
+                           f"http://{leader.address}/db/{k3}"], capture_output=True, text=True, timeout=30)
+    assert code.stdout.strip() == "200", code
+    assert leader.request("GET", f"/db/{k3}").body == b"generator"
+    # Over the body limit, chunk by chunk: 413, nothing applied.
+    big = b"".join(b"400\r\n" + b"x" * 1024 + b"\r\n" for _ in range(MAX_BODY // 1024 + 1)) + b"0\r\n\r\n"
+    responses, closed = exchange(leader.address, b"POST /db/%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                                 b"\r\n\r\n%s" % (k4.encode(), big))
+    assert [r[0] for r in responses] == [413] and closed, responses
+    assert absent(leader, k4)
+
+
+# ---- issue 17 item 2: forwarding and redirects keep the key ------------------------------------------------------
+
+
+# (target as sent after /db/, the key it names)
+KEYS = [
+    (b"f_pct%2541", "f_pct%41"),
+    (b"f_q%3Fprev_exist=false", "f_q?prev_exist=false"),
+    (b"f_dot/../f_target", "f_dot/../f_target"),
+    (b"f%20space", "f space"),
+    (b"f_pct_utf8_%C3%A9", "f_pct_utf8_\u00e9"),
+    ("f_raw_utf8_\u00e9\u4e2d".encode("utf-8"), "f_raw_utf8_\u00e9\u4e2d"),
+    (b"f_hash%23x", "f_hash#x"),
+    (b"f_plus+x", "f_plus+x"),
+]
+
+
+def listed(node: Node, prefix: str) -> list[str]:
+    return node.request("GET", "/db/?prefix=" + prefix.replace("%", "%25").replace("+", "%2B")).json()["keys"]
+
+
+@pytest.mark.parametrize("raw,key", KEYS, ids=[k for _, k in KEYS])
+def test_forwarding_and_redirects_carry_the_key_as_sent(cluster, raw, key):
+    leader = leader_of(cluster)
+    follower = next(n for n in cluster.nodes if n is not leader)
+    tag = fresh("k").encode()
+    target = b"/db/" + tag + raw
+    expect = tag.decode() + key
+    # Through -forward: the follower proxies to the leader.
+    responses, _ = exchange(follower.address, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                            b"Connection: close\r\n\r\nfwd" % target)
+    assert [r[0] for r in responses] == [200], responses
+    assert listed(leader, tag.decode()) == [expect]
+    # A redirect (a request already forwarded once gets the 307): the Location names the same key.
+    responses, _ = exchange(follower.address, b"POST %s HTTP/1.1\r\nHost: x\r\nX-Raftdzmq-Forwarded: test\r\n"
+                            b"Content-Length: 3\r\nConnection: close\r\n\r\nred" % target)
+    assert [r[0] for r in responses] == [307], responses
+    location = responses[0][1]["location"]
+    assert location.isascii() and " " not in location
+    assert location.startswith(f"http://{cluster.leader().status()['leader_http']}/db/")
+    path = re.sub(r"^http://[^/]+", "", location).encode()
+    responses, _ = exchange(leader.address, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                            b"Connection: close\r\n\r\nred" % path)
+    assert [r[0] for r in responses] == [200], responses
+    assert listed(leader, tag.decode()) == [expect]
+    responses, _ = exchange(leader.address, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+    assert responses[0][2] == b"red"
+
+
+# ---- issue 17 item 3: header size and slow clients ----------------------------------------------------------------
+
+
+def test_oversized_heads_get_431_or_414(cluster):
+    leader = leader_of(cluster)
+    for extra, status in (
+        (b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(40)), 431),  # 40 KB of fields
+        (b"".join(b"X-H%d: v\r\n" % i for i in range(101)), 431),
+        (b"X-Long: " + b"x" * 9000 + b"\r\n", 431),
+        (b"\r\n" * 20000, 431),  # empty lines: allowed before a request line, not as the head
+    ):
+        key = fresh("head")
+        if extra.startswith(b"\r\n"):
+            request = extra + post(key)
+        else:
+            request = b"POST /db/%s HTTP/1.1\r\nHost: x\r\n%sContent-Length: 1\r\n\r\nx" % (key.encode(), extra)
+        responses, closed = exchange(leader.address, request)
+        assert [r[0] for r in responses] == [status] and closed, (extra[:20], responses)
+        assert absent(leader, key)
+    responses, closed = exchange(leader.address, b"GET /db/" + b"a" * 17000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [r[0] for r in responses] == [414] and closed
+
+
+def test_a_slow_head_or_body_gets_408_and_runs_nothing(cluster):
+    leader = leader_of(cluster)
+    k1, k2 = fresh("slow"), fresh("slow")
+    host, port = leader.address.rsplit(":", 1)
+    results = {}
+
+    def drip(name, parts):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        t0 = time.monotonic()
+        try:
+            for part in parts:
+                s.sendall(part)
+                time.sleep(0.3)
+        except OSError:
+            pass
+        results[name] = (exchange(leader.address, b"", sock=s, timeout=10), time.monotonic() - t0)
+
+    head = [b"POST /db/%s HTTP/1.1\r\n" % k1.encode()] + [b"X-%d: v\r\n" % i for i in range(20)]
+    body = [b"POST /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n" % k2.encode()] + [b"x"] * 19
+    threads = [threading.Thread(target=drip, args=a) for a in (("head", head), ("body", body))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for name in ("head", "body"):
+        (responses, closed), took = results[name]
+        assert [r[0] for r in responses] == [408] and closed, (name, responses)
+        assert took < RECEIVE_TIMEOUT + 5
+    assert absent(leader, k1, k2)
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def test_many_huge_heads_at_once_neither_depose_the_leader_nor_bloat_it(cluster):
+    leader = leader_of(cluster)
+    term = leader.status()["term"]
+    rss0 = _rss_kb(leader.proc.pid)
+    host, port = leader.address.rsplit(":", 1)
+    line = b"X-Big: " + b"x" * 60000 + b"\r\n"
+    head = b"GET /db/k HTTP/1.1\r\nHost: x\r\n" + line * 100  # ~6 MB, never finished
+    statuses = []
+
+    def flood():
+        s = socket.create_connection((host, int(port)), timeout=10)
+        try:
+            s.sendall(head)
+        except OSError:
+            pass  # the server answered 431 and closed while we were still sending
+        statuses.append([r[0] for r in exchange(leader.address, b"", sock=s, timeout=10)[0]])
+
+    threads = [threading.Thread(target=flood) for _ in range(25)]
+    for t in threads:
+        t.start()
+    writes = 0
+    while any(t.is_alive() for t in threads):
+        assert leader.request("POST", "/db/during-flood", str(writes), timeout=10).status == 200
+        writes += 1
+    for t in threads:
+        t.join()
+    assert all(s in ([431], []) for s in statuses) and [431] in statuses, statuses
+    # If the term moved, say whether the leader's own loop stalled (its timers late) or the machine did.
+    lag = [line for line in leader.request("GET", "/metrics").text.splitlines() if "hub_lag_seconds_bucket" in line]
+    assert leader.status()["term"] == term and leader.status()["role"] == "leader", (lag, leader.log_text()[-3000:])
+    assert _rss_kb(leader.proc.pid) - rss0 < 100_000  # kB
+
+
+# ---- issue 17 item 5: idle connections, the connection cap, descriptors ----------------------------------------
+
+
+def test_idle_connections_are_closed_after_the_idle_timeout(cluster):
+    leader = leader_of(cluster)
+    s = socket.create_connection(("127.0.0.1", leader.http_port), timeout=IDLE_TIMEOUT + 5)
+    t0 = time.monotonic()
+    assert s.recv(1) == b""  # the server ends it
+    assert IDLE_TIMEOUT - 0.5 < time.monotonic() - t0 < IDLE_TIMEOUT + 4
+    s.close()
+    # A kept-alive connection too, after its request.
+    s = socket.create_connection(("127.0.0.1", leader.http_port), timeout=IDLE_TIMEOUT + 5)
+    responses, closed = exchange(leader.address, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", sock=s,
+                                 timeout=IDLE_TIMEOUT + 5)
+    assert [r[0] for r in responses] == [200] and closed
+
+
+def test_a_client_that_never_reads_its_answers_is_cut_off(tmp_path):
+    """Every wait has a bound, sending too: 40 pipelined GETs of a 1 MiB value, never read, fill the socket
+    buffers; the node closes the connection once the request has outlived receiving + its route's bounds +
+    -idle-timeout (1 + 2 x 0.5 + 1 + 1 = 4 s here), rather than hold it and its memory for ever."""
+    n = Node("one", str(tmp_path)).start("-idle-timeout", "1", "-receive-timeout", "1", "-write-timeout", "0.5",
+                                         "-read-timeout", "0.5")
+    try:
+        wait_for(lambda: n.status()["role"] == "leader", 10, "a leader")
+        assert n.request("POST", "/db/big", b"x" * (1 << 20)).status == 200
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", n.http_port))
+        s.sendall(b"GET /db/big?consistency=stale HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+        time.sleep(7)
+        received, closed = 0, False
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+        except socket.timeout:
+            pass
+        except ConnectionResetError:
+            closed = True
+        else:
+            closed = True
+        s.close()
+        assert closed and received < 20 << 20, received
+        assert n.request("GET", "/db/big?consistency=stale").status == 200
+        assert "Traceback" not in n.log_text()
+    finally:
+        n.kill()
+
+
+def test_out_of_descriptors_the_leader_keeps_serving_and_replicating(tmp_path):
+    """Issue 17 item 5: the leader under `ulimit -n 300` with 290 idle HTTP connections open, and a follower that
+    pauses (so the leader's sender reconnects): new requests are served, and the follower hears from the leader
+    again afterwards."""
+    nofile = ("prlimit", "--nofile=300:300", "--")
+    nodes = [Node("node.1", str(tmp_path), wrap=nofile)] + [Node(f"node.{i}", str(tmp_path)) for i in (2, 3)]
+    c = LocalCluster(str(tmp_path), nodes=nodes, extra=("-idle-timeout", "60")).start()
+    idle = []
+    try:
+        leader = c.leader()
+        assert leader is nodes[0]
+        term = leader.status()["term"]
+        for _ in range(290):
+            idle.append(socket.create_connection(("127.0.0.1", leader.http_port), timeout=10))
+        t0 = time.monotonic()
+        assert leader.request("POST", "/db/k", "1", timeout=10).status == 200
+        assert time.monotonic() - t0 < 5  # not after the 60 s idle timeout: the cap closes the longest idle
+        follower = nodes[1]
+        os.kill(follower.proc.pid, signal.SIGSTOP)
+        try:
+            more = [socket.create_connection(("127.0.0.1", leader.http_port), timeout=10) for _ in range(50)]
+            idle += more
+            time.sleep(1.0)  # the leader's sender to it times out and reconnects meanwhile
+            assert leader.request("POST", "/db/k", "2", timeout=10).status == 200
+        finally:
+            os.kill(follower.proc.pid, signal.SIGCONT)
+        wait_for(lambda: follower.request("GET", "/db/k?consistency=stale").body == b"2", 10, "the follower to catch up")
+        assert leader.status()["term"] == term
+        assert "Too many open files" not in leader.log_text() and "Traceback" not in leader.log_text()
+    finally:
+        for s in idle:
+            s.close()
+        c.stop()
+
+
+SENDER_SURVIVES_EMFILE = r"""
+from gevent import monkey
+monkey.patch_all()
+import errno, socket, sys, gevent, zmq.green as zmq
+from raftlib import RequestVote
+from raftlib.transport import ZmqTransport
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+port = free_port()
+got = []
+a = ZmqTransport("a", f"127.0.0.1:{free_port()}", lambda m, r: [], reply_timeout_seconds=0.2)
+a.start()
+context, real_socket, failures = a._context, type(a._context).socket, [0]
+
+class Exhausted(type(a._context)):
+    def socket(self, kind, *args, **kwargs):
+        if kind == zmq.REQ and failures[0] < 5:
+            failures[0] += 1
+            raise zmq.ZMQError(errno.EMFILE)
+        return real_socket(self, kind, *args, **kwargs)
+
+a._context.__class__ = Exhausted  # the next 5 REQ sockets fail to open: "Too many open files"
+a.set_peers({"b": f"127.0.0.1:{port}"})
+b = ZmqTransport("b", f"127.0.0.1:{port}", lambda m, r: got.extend(m) or [], reply_timeout_seconds=0.2)
+b.start()
+for _ in range(100):
+    a.send([RequestVote("a", "b", 2, 0, 0)])
+    gevent.sleep(0.05)
+    if got:
+        break
+print("failures", failures[0], "delivered", len(got))
+"""
+
+
+def test_a_peer_sender_survives_running_out_of_descriptors():
+    out = subprocess.run([sys.executable, "-c", SENDER_SURVIVES_EMFILE], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    words = out.stdout.split()
+    assert words[:2] == ["failures", "5"] and int(words[3]) > 0, out.stdout + out.stderr
+
+
+# ---- issue 17 item 7: a page of keys does not walk the key set ---------------------------------------------------
+
+
+STORE_PAGES = r"""
+import io, json, random, sys, types
+sys.path.insert(0, sys.argv[1])
+import raftdzmq
+from raftdzmq import COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, Metrics, Role, make_app, parse_args
+
+
+class NoWalk(dict):
+    def __iter__(self):
+        raise AssertionError("a listing walked the whole key set")
+
+    keys = values = items = __iter__
+
+
+rng = random.Random(7)
+kv = KeyValueStore()
+model = {}
+for i in range(20000):
+    key = "".join(rng.choice("ab/\u00e9") for _ in range(rng.randint(1, 6)))
+    op = rng.choice([SET, SET, DELETE, COMPARE_AND_SET, CREATE])
+    kv.apply(i + 1, KeyValueStore.command(op, key, b"v%d" % i, model.get(key)))
+    if op == DELETE:
+        model.pop(key, None)
+    elif op != CREATE or key not in model:
+        model[key] = b"v%d" % i
+assert kv.data == model and list(kv.keys) == sorted(model)
+restored = KeyValueStore()
+restored.restore(kv.snapshot())
+assert list(restored.keys) == sorted(model)
+kv.data = NoWalk(kv.data)
+
+# The listing route itself, on a stand-in server (stale reads need no Raft).
+server = types.SimpleNamespace(args=parse_args(["x"]), runtime=None, metrics=Metrics(), secret=None, kv=kv, _requests=0,
+                               node_id="n", node=types.SimpleNamespace(last_applied=0, leader_id="n",
+                                                                      role=Role.LEADER))
+app = make_app(server)
+
+
+def get(query):
+    answer = []
+    body = app({"REQUEST_METHOD": "GET", "PATH_INFO": "/db/", "QUERY_STRING": query, "SERVER_NAME": "x",
+                "SERVER_PORT": "1", "wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr, "wsgi.url_scheme": "http"},
+               lambda status, headers, exc_info=None: answer.append(status))
+    return answer[0], b"".join(body)
+
+
+checked = 0
+for prefix in ["", "a", "ab", "b/", "\u00e9", "zz"]:
+    for after in ["", "a", "ab/", "b", "\u00e9\u00e9", "zzz"]:
+        for limit in [1, 3, 1000]:
+            want = sorted(k for k in model if k.startswith(prefix) and k > after)
+            q = "consistency=stale&limit=%d&prefix=%s&after=%s" % (limit, prefix.encode().decode("latin-1"),
+                                                                after.encode().decode("latin-1"))
+            status, body = get(q.replace("/", "%2F"))
+            assert status.startswith("200"), (status, body[:300])
+            assert json.loads(body) == {"keys": want[:limit], "next": want[limit - 1] if len(want) > limit else None}
+            checked += 1
+print(json.dumps({"checked": checked, "keys": len(model)}))
+"""
+
+
+def test_pages_of_keys_are_right_and_never_walk_the_whole_key_set():
+    """Issue 17 item 7, without a clock: the listing route answers from the ordered keys, and would fail (500) if
+    it walked the map of all keys to sort it."""
+    out = subprocess.run([sys.executable, "-c", STORE_PAGES, ROOT], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["checked"] == 108 and result["keys"] > 1000
+
+
+def test_listing_through_http_uses_the_ordered_keys(cluster):
+    leader = leader_of(cluster)
+    prefix = fresh("list") + "/"
+    for k in ("b", "a", "c/1", "c/0"):
+        assert leader.request("POST", f"/db/{prefix}{k}", k).status == 200
+    assert leader.request("DELETE", f"/db/{prefix}b").status == 200
+    r = leader.request("GET", f"/db/?prefix={prefix}&limit=2").json()
+    assert r == {"keys": [f"{prefix}a", f"{prefix}c/0"], "next": f"{prefix}c/0"}
+    r = leader.request("GET", f"/db/?prefix={prefix}&limit=2&after={prefix}c/0").json()
+    assert r == {"keys": [f"{prefix}c/1"], "next": None}
+    # Non-ASCII prefixes match keys (decoded from UTF-8 as keys are); bytes that are not UTF-8 get 400.
+    assert leader.request("POST", f"/db/{prefix}%C3%A9t%C3%A9", "summer").status == 200
+    assert leader.request("GET", f"/db/?prefix={prefix}%C3%A9").json()["keys"] == [f"{prefix}\u00e9t\u00e9"]
+    assert leader.request("GET", f"/db/?prefix={prefix}&after={prefix}%C3%A9").json()["keys"] == \
+        [f"{prefix}\u00e9t\u00e9"]
+    assert leader.request("GET", "/db/?prefix=%FF").status == 400
+
+
+def test_help_and_flags_reject_nonsense(tmp_path):
+    for flags in (("-max-connections", "0"), ("-max-connections", "100000000"), ("-idle-timeout", "0"),
+                  ("-max-header-bytes", "-1")):
+        out = subprocess.run([sys.executable, SERVER, "-p", str(free_port()), "-hp", str(free_port()), *flags,
+                              str(tmp_path / "n")], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and flags[0] in out.stderr, (flags, out.stderr)
+
+
+# ---- the cluster kept its leader through all of the above (keep this test last) -----------------------------------
+
+
+def test_the_leader_kept_its_term_through_the_whole_module(cluster):
+    leader = cluster.leader()
+    assert leader is cluster.first_leader and leader.status()["term"] == cluster.first_term
+    for n in cluster.nodes:
+        assert not n.exited()
