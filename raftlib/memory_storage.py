@@ -1,13 +1,8 @@
-"""MemoryStorage: the in-memory twin of `raftlib.storage.DiskStorage`, for tests and the simulator.
+"""MemoryStorage: the in-memory twin of `raftlib.storage.DiskStorage`, for tests.
 
 Same contract: `save()` makes a Ready's snapshot, entries and hard state durable (here: keeps them), `load()`
-returns exactly what was saved, nothing more.
-
-Rules of the crash model (`crash`), which mirror what DiskStorage leaves on a disk after a power cut: a `save` is
-one record appended to the log; what a synced save wrote (and everything written before it) survives; of the
-records written without a sync since, a prefix survives (the kernel may have written out some of them, and a torn
-or missing record ends the replay, so no record after it counts). A snapshot install is synced as a whole (the
-disk writes the snapshot and a new segment with everything held, and fsyncs both).
+returns exactly what was saved, nothing more. It has no crash model: the simulator drives the real DiskStorage on
+a simulated disk (tests/crashfs.py), whose crashes lose what a real one can lose.
 """
 
 from __future__ import annotations
@@ -72,22 +67,7 @@ class StoredState:
 class MemoryStorage:
     def __init__(self) -> None:
         self.state = StoredState()
-        self._durable = StoredState()  # what a crash cannot take away
-        self._unsynced: list[tuple[HardState | None, list[Entry]]] = []  # records written since the last sync
         self.log_bytes = 0  # the runtime snapshots by log size: never, here
-
-    @property
-    def unsynced_records(self) -> int:
-        return len(self._unsynced)
-
-    def crash(self, rng=None) -> None:
-        """A power cut: keep what was synced and, chosen with `rng` (none without it), a prefix of the records
-        written since. The state then is what a restart would load."""
-        kept = rng.randint(0, len(self._unsynced)) if rng is not None else 0
-        for hard_state, entries in self._unsynced[:kept]:
-            self._durable.put_record(hard_state, entries)
-        self._unsynced = []
-        self.state = self._durable.copy()
 
     def load(self) -> StoredState:
         return self.state.copy()
@@ -100,25 +80,9 @@ class MemoryStorage:
         sync: bool = True,
     ) -> None:
         if snapshot is not None:
-            self._install_snapshot(snapshot)
-        if hard_state is None and not entries:
-            return
+            self.state.install_snapshot(snapshot)
         self.state.put_record(hard_state, entries)
-        self._unsynced.append((hard_state, list(entries)))
-        if sync:
-            self._sync()
-
-    def _sync(self) -> None:
-        for hard_state, entries in self._unsynced:
-            self._durable.put_record(hard_state, entries)
-        self._unsynced = []
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """A snapshot the node took itself: drop the entries it covers."""
-        self._install_snapshot(snapshot)
-
-    def _install_snapshot(self, snapshot: Snapshot) -> None:
-        if self.state.install_snapshot(snapshot):
-            # DiskStorage starts a new segment holding everything kept, and fsyncs it: all of it is durable.
-            self._unsynced = []
-            self._durable = self.state.copy()
+        self.state.install_snapshot(snapshot)

@@ -41,6 +41,7 @@ import random
 from dataclasses import dataclass, field
 
 import linearizability
+from crashfs import CrashFS, SimulatedCrash
 from raftlib import (
     ConfChange,
     ConfChangeKind,
@@ -48,15 +49,17 @@ from raftlib import (
     Entry,
     EntryKind,
     HardState,
-    MemoryStorage,
     Member,
     Membership,
     NotLeader,
     ProposalDropped,
     RaftNode,
     Role,
+    Snapshot,
+    StoredState,
 )
 from raftlib import codec
+from raftlib.storage import DiskStorage, StorageError
 
 ELECTION_TICKS = 10
 HEARTBEAT_TICKS = 2
@@ -106,10 +109,84 @@ class KV:
         self.applied_index = index
 
 
+DATA_DIR = "/data"
+SAVE_OPS = 2  # the file operations of a plain save: append the record, fdatasync
+INSTALL_OPS = 24  # at least as many as a snapshot install takes (files, syncs, renames, unlinks)
+LOAD_OPS = 10  # ... and as a recovery that repairs something
+
+
+class SimDisk:
+    """One node's disk: the real DiskStorage on its own CrashFS, so the simulated crashes are the ones the storage
+    code meets (tests/crashfs.py: unsynced data dropped, kept or torn; unsynced folder operations undone in any
+    combination that applies). `crash_at_op` crashes a call at its k-th file operation (k = 0: before the first)."""
+
+    def __init__(self) -> None:
+        self.fs = CrashFS()
+        self.fs.record_ops = False
+        self.storage: DiskStorage | None = None
+
+    def open(self, rng=None, crash_at_op: int | None = None) -> StoredState | None:
+        """A process starts: a fresh DiskStorage recovers the data dir. None when it crashed on the way."""
+        self.storage = None
+        if not self._arm(crash_at_op):
+            return None
+        try:
+            storage = DiskStorage(DATA_DIR, fs=self.fs)
+            stored = storage.load()
+        except SimulatedCrash:
+            return None
+        self._disarm()
+        self.storage = storage
+        return stored
+
+    def load(self) -> StoredState:
+        """What the node holds (the open storage's view), for tests; opens the storage when none is open."""
+        if self.storage is None:
+            return self.open()
+        return self.storage.state.copy()
+
+    def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None,
+             sync: bool = True, crash_at_op: int | None = None) -> bool:
+        """Like DiskStorage.save; False when the process died in it (at `crash_at_op`)."""
+        self._arm(crash_at_op)
+        try:
+            self.storage.save(hard_state, entries, snapshot, sync=sync)
+        except SimulatedCrash:
+            return False
+        self._disarm()
+        return True
+
+    def save_snapshot(self, snapshot: Snapshot, crash_at_op: int | None = None) -> bool:
+        self._arm(crash_at_op)
+        try:
+            self.storage.save_snapshot(snapshot)
+        except SimulatedCrash:
+            return False
+        self._disarm()
+        return True
+
+    def crash(self, rng, power_failure: bool = True) -> None:
+        """The process dies: a power failure leaves one crash state CrashFS allows, picked with `rng`; a process
+        crash (SIGKILL) leaves what the kernel has, synced or not."""
+        self.storage = None
+        if power_failure:
+            self.fs.crash(rng)
+        else:
+            self.fs.crash_process()
+
+    def _arm(self, crash_at_op: int | None) -> bool:
+        if crash_at_op is not None:
+            self.fs.fail_at = {self.fs.op_count + crash_at_op: SimulatedCrash()}
+        return True
+
+    def _disarm(self) -> None:
+        self.fs.fail_at = {}
+
+
 @dataclass
 class SimNode:
     node_id: str
-    storage: MemoryStorage
+    storage: SimDisk
     node: RaftNode | None = None
     kv: KV = field(default_factory=KV)
     alive: bool = True
@@ -121,6 +198,7 @@ class SimNode:
     max_commit_index: int = 0  # since the last start: a commit index never goes back
     leader_last_index: tuple[int, int] = (0, 0)  # (term, last index) while leader: a leader never shrinks its log
     saved_vote: tuple[int, str | None] = (0, None)  # (current_term, voted_for) last saved
+    durable_vote: tuple[int, str | None] = (0, None)  # ... last saved with an fsync: no crash may take it away
 
 
 @dataclass
@@ -175,6 +253,8 @@ class Cluster:
         self.drop_rate, self.dup_rate, self.max_delay = drop_rate, dup_rate, max_delay
         self.long_delay_rate = long_delay_rate  # of the messages, the share delayed by 1 to 3 election timeouts
         self.restart_rate = restart_rate  # of the crashes inside a Ready, the share restarted at once (a supervisor)
+        self.load_crash_rate = 0.0  # of the recoveries, the share that crash (at a random file operation)
+        self.power_failure_share = 0.5  # of the crashes, the share that lose the page cache (the rest: SIGKILL)
         self.config_overrides = dict(config_overrides or {})
         self.election_ticks, self.heartbeat_ticks = election_ticks, heartbeat_ticks
         self.replay_command = f"python tests/simulator.py --seed {seed} --size {n}"
@@ -190,7 +270,7 @@ class Cluster:
         self._leader_commit: dict[str, int] = {}
         self._leaders_checked: set[tuple[str, int]] = set()
         for node_id in self.ids:
-            storage = MemoryStorage()
+            storage = self.new_storage()
             if node_id in voters:  # bootstrap: every initial voter starts with the same first entry
                 storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", self.initial)])
             rate = 100 + self.rng.randint(-clock_drift_percent, clock_drift_percent) if clock_drift_percent else 100
@@ -224,9 +304,36 @@ class Cluster:
             **self.config_overrides,
         )
 
+    def new_storage(self) -> SimDisk:
+        """An empty disk for a node, its storage open."""
+        storage = SimDisk()
+        storage.open()
+        return storage
+
+    def _recover(self, sn: SimNode) -> StoredState:
+        """The node's process starts and recovers its storage; it may crash while doing so (and start again)."""
+        for _ in range(3):
+            crash_at = self.rng.randrange(LOAD_OPS) if self.rng.random() < self.load_crash_rate else None
+            try:
+                stored = sn.storage.open(crash_at_op=crash_at)
+            except StorageError as e:
+                self.fail(f"storage: {sn.node_id} cannot recover its data dir after a crash: {e}")
+            if stored is not None:
+                return stored
+            self.log_event(sn.node_id, f"crash at file operation {crash_at} of recovery")
+            sn.storage.crash(self.rng, power_failure=self.rng.random() < 0.5)
+        stored = sn.storage.open()
+        assert stored is not None
+        return stored
+
     def _start(self, node_id: str) -> None:
         sn = self.nodes[node_id]
-        stored = sn.storage.load()
+        stored = self._recover(sn) if sn.storage.storage is None else sn.storage.load()
+        hs = stored.hard_state
+        term, vote = sn.durable_vote
+        if hs.current_term < term or (hs.current_term == term and vote is not None and hs.voted_for != vote):
+            self.fail(f"storage: {node_id} recovered term {hs.current_term} vote {hs.voted_for}, but had fsynced "
+                      f"term {term} vote {vote}")
         sn.node = RaftNode(
             self._config(node_id),
             random.Random(self.rng.randrange(1 << 30)),
@@ -258,7 +365,8 @@ class Cluster:
         sn.alive = False
         sn.node = None
         sn.backlog = []
-        sn.storage.crash(self.rng)  # the kernel wrote out some, none or all of what was not synced
+        # A power failure: the kernel wrote out some, none or all of what was not synced. Else SIGKILL: all of it.
+        sn.storage.crash(self.rng, power_failure=self.rng.random() < self.power_failure_share)
         self.pending_writes[node_id] = []  # outcome unknown: they may or may not commit
         self.pending_reads[node_id] = {}
         self.log_event(node_id, "crash")
@@ -342,6 +450,10 @@ class Cluster:
                 self._tick_node(node_id, crash_rate)
                 if not sn.alive:
                     break
+        for node_id in self.ids:
+            sn = self.nodes[node_id]
+            if sn.backlog and sn.alive and not sn.paused:
+                self._deliver_backlog(sn, crash_rate)
         while self.network and self.network[0][0] <= self.now:
             _, _, m = heapq.heappop(self.network)
             sn = self.nodes[m.dst]
@@ -404,12 +516,18 @@ class Cluster:
                 self._crash_in_ready(node_id)  # everything in this Ready is lost (but the early messages)
                 return
             if point == "mid_save":
-                sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=False)
-                self._crash_in_ready(node_id)  # written, never fsynced: some, none or all of it survives
+                # At one of the save's file operations (or just after it): what was written and not synced may
+                # be lost, kept or torn.
+                ops = INSTALL_OPS if rd.snapshot is not None else SAVE_OPS
+                sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync,
+                                crash_at_op=self.rng.randrange(ops))
+                self._crash_in_ready(node_id)
                 return
             sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
             if hs is not None:
                 sn.saved_vote = (hs.current_term, hs.voted_for)
+                if rd.must_sync:
+                    sn.durable_vote = sn.saved_vote
             if point == "after_save":
                 self._crash_in_ready(node_id)  # saved, but nothing sent, nothing applied
                 return
@@ -491,25 +609,29 @@ class Cluster:
         self.nodes[node_id].paused = True
         self.log_event(node_id, "paused")
 
-    def resume(self, node_id: str, catch_up: bool = True) -> None:
+    def resume(self, node_id: str, catch_up: bool = True, backlog: bool = True) -> None:
         """Like SIGCONT for the real runtime: the node's clock jumps over the time it was stopped, then it reads
-        the messages that waited for it. (Without `catch_up`, a runtime whose clock stopped with the process:
-        what leases must not run on.)"""
+        the messages that waited for it (at once, or with `backlog` False at the next tick: a client's request
+        may come first). Without `catch_up`, a runtime whose clock stopped with the process: what leases must
+        not run on."""
         sn = self.nodes[node_id]
         if not sn.paused:
             return
         sn.paused = False
-        if sn.alive:
-            if catch_up:
-                for _ in range(sn.missed_ticks):
-                    sn.node.tick()
-                self.log_event(node_id, f"resumed after {sn.missed_ticks} ticks -> {sn.node.role.value}")
-                self.process(node_id)
-            backlog, sn.backlog = sn.backlog, []
-            for m in backlog:
-                if sn.alive:
-                    self._step(m)
+        if sn.alive and catch_up:
+            for _ in range(sn.missed_ticks):
+                sn.node.tick()
+            self.log_event(node_id, f"resumed after {sn.missed_ticks} ticks -> {sn.node.role.value}")
+            self.process(node_id)
         sn.missed_ticks = 0
+        if backlog:
+            self._deliver_backlog(sn)
+
+    def _deliver_backlog(self, sn: SimNode, crash_rate: float = 0.0) -> None:
+        messages, sn.backlog = sn.backlog, []
+        for m in messages:
+            if sn.alive:
+                self._step(m, crash_rate)
 
     def client_write(self, node_id: str, key: str | None = None, redirect: bool = True,
                      value: str | None = None) -> PendingWrite | None:
@@ -555,13 +677,16 @@ class Cluster:
         self.process(node_id)
         return r
 
-    def take_snapshot(self, node_id: str) -> None:
+    def take_snapshot(self, node_id: str, crash_at_op: int | None = None) -> None:
         sn = self.nodes[node_id]
         n = sn.node
         if not sn.alive or n.last_applied <= n.log.snapshot_index:
             return
         snap = n.create_snapshot(n.last_applied, sn.kv.snapshot_bytes())
-        sn.storage.save_snapshot(snap)
+        if not sn.storage.save_snapshot(snap, crash_at_op=crash_at_op):
+            self.log_event(node_id, f"crash at file operation {crash_at_op} of a snapshot at {snap.last_included_index}")
+            self.crash(node_id)
+            return
         self.log_event(node_id, f"snapshot at {snap.last_included_index}")
 
     def change_membership(self, kind: ConfChangeKind, node_id: str) -> bool:
@@ -731,16 +856,20 @@ def _config_arg(overrides: dict) -> str:
 PROFILES: dict[str, dict] = {
     "mixed": {"crash": 0.01, "restart": 0.02, "isolate_leader": 0.01, "partition": 0.01, "cut": 0.005,
               "heal": 0.025, "snapshot": 0.005, "transfer": 0.005, "add_learner": 0.003, "remove": 0.002,
-              "pause": 0.005, "crash_leader": 0.0, "ready_crash_rates": (0.0, 0.001, 0.003, 0.01)},
+              "pause": 0.005, "crash_leader": 0.0, "ready_crash_rates": (0.0, 0.001, 0.003, 0.01), "snapshot_crash": 0.1,
+              "load_crash": 0.05},
     "churn": {"crash": 0.005, "restart": 0.03, "isolate_leader": 0.04, "partition": 0.02, "cut": 0.005,
               "heal": 0.04, "snapshot": 0.005, "transfer": 0.01, "add_learner": 0.0, "remove": 0.0,
-              "pause": 0.005, "crash_leader": 0.01, "ready_crash_rates": (0.0, 0.003)},
+              "pause": 0.005, "crash_leader": 0.01, "ready_crash_rates": (0.0, 0.003), "snapshot_crash": 0.1,
+              "load_crash": 0.05},
     "isolation": {"crash": 0.002, "restart": 0.02, "isolate_leader": 0.03, "partition": 0.01, "cut": 0.0,
                   "heal": 0.01, "snapshot": 0.002, "transfer": 0.0, "add_learner": 0.0, "remove": 0.0,
-                  "pause": 0.0, "crash_leader": 0.0, "ready_crash_rates": (0.0,)},
+                  "pause": 0.0, "crash_leader": 0.0, "ready_crash_rates": (0.0,), "snapshot_crash": 0.0,
+                  "load_crash": 0.0},
     "crashy": {"crash": 0.03, "restart": 0.06, "isolate_leader": 0.005, "partition": 0.005, "cut": 0.0,
                "heal": 0.03, "snapshot": 0.01, "transfer": 0.005, "add_learner": 0.003, "remove": 0.002,
-               "pause": 0.005, "crash_leader": 0.01, "ready_crash_rates": (0.01, 0.03)},
+               "pause": 0.005, "crash_leader": 0.01, "ready_crash_rates": (0.01, 0.03), "snapshot_crash": 0.3,
+               "load_crash": 0.2},
 }
 PROFILE_MIX = ("mixed", "mixed", "churn", "crashy")  # a schedule's profile, drawn from its seed
 
@@ -784,6 +913,7 @@ def random_schedule(
         clock_drift_percent=rng.choice([0, 4, 8]),
         restart_rate=rng.choice([0.0, 0.5, 1.0]),
     )
+    cluster.load_crash_rate = nemesis["load_crash"]
     crash_rate = rng.choice(nemesis["ready_crash_rates"])
     if mutation:
         cluster.replay_command += f" --mutation {mutation}"
@@ -835,7 +965,8 @@ def random_schedule(
         elif action == "heal":
             cluster.heal()
         elif action == "snapshot":
-            cluster.take_snapshot(r.choice(cluster.ids))
+            crash_at = r.randrange(INSTALL_OPS) if r.random() < nemesis["snapshot_crash"] else None
+            cluster.take_snapshot(r.choice(cluster.ids), crash_at_op=crash_at)
         elif action == "transfer":
             leader = cluster.leader()
             voters = cluster.nodes[leader].node.membership.voters if leader else ()
@@ -859,7 +990,7 @@ def random_schedule(
         elif action == "pause":
             victim = r.choice(cluster.ids)
             if cluster.nodes[victim].paused:
-                cluster.resume(victim)
+                cluster.resume(victim, backlog=r.random() < 0.5)
             else:
                 cluster.pause(victim)
         for _ in range(scale):
@@ -926,6 +1057,7 @@ def _parse_config(items: list[str]) -> dict:
 
 def main() -> None:
     import argparse
+    import logging
     import time
 
     p = argparse.ArgumentParser(description="Replay one seeded schedule, or soak many.")
@@ -938,6 +1070,7 @@ def main() -> None:
     p.add_argument("--lease-share", type=float, default=0.5, help="of the client reads, the share with a lease")
     p.add_argument("--config", action="append", default=[], metavar="NAME=VALUE", help="a Config override")
     args = p.parse_args()
+    logging.getLogger("raftlib.storage").setLevel(logging.ERROR)  # torn tails cut after crashes: expected here
     started, runs, writes, reads = time.monotonic(), 0, 0, 0
     for seed in range(args.seed, args.seed + args.count):
         for n in (args.size,) if args.size else (3, 5, 7):

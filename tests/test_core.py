@@ -15,7 +15,6 @@ from raftlib import (
     Entry,
     EntryKind,
     HardState,
-    MemoryStorage,
     NotLeader,
     ProposalDropped,
     ReadIndexRequest,
@@ -78,7 +77,7 @@ def preload_logs(c: Cluster, logs: dict[str, list[int]], current_term: int) -> N
     """Give each node a log with these terms (index 1 stays the bootstrap configuration), then restart it."""
     first = c.nodes["n1"].storage.load().entries[0]
     for node_id, terms in logs.items():
-        storage = MemoryStorage()
+        storage = c.new_storage()
         es = [first] + [Entry(t, i, EntryKind.COMMAND, f"k=t{t}i{i}".encode()) for i, t in enumerate(terms[1:], 2)]
         storage.save(HardState(current_term, None, 1), es)
         c.nodes[node_id].storage = storage
@@ -323,7 +322,7 @@ def _lease_read_on_a_leader_paused_through_an_election(catch_up: bool):
     n = c.nodes[new].node
     assert c.run_until(lambda: n.log.term(n.commit_index) == n.current_term, 200)
     write(c, "k")
-    c.resume(old, catch_up=catch_up)
+    c.resume(old, catch_up=catch_up, backlog=False)  # the read comes before the messages that waited
     return c, old, c.client_read(old, "k", lease=True)
 
 
