@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import linearizability
 from crashfs import CrashFS, SimulatedCrash
+from raftlib import storage as storage_module
 from raftlib import (
     ConfChange,
     ConfChangeKind,
@@ -54,6 +55,7 @@ from raftlib import (
     NotLeader,
     ProposalDropped,
     RaftNode,
+    RequestVoteReply,
     Role,
     Snapshot,
     StoredState,
@@ -71,7 +73,7 @@ CLIENT_TIMEOUT_ELECTIONS = 3  # a client gives up on a request after this many e
 CRASH_POINTS = ("before_save", "mid_save", "after_save", "after_send")
 
 # Deliberately broken variants of the core, each named by what it gets wrong: the Config overrides that make it (a
-# value may be a function of the schedule's election ticks).
+# value may be a function of the schedule's election ticks), or "storage.NAME": a switch of raftlib.storage.
 MUTATIONS: dict[str, dict] = {
     "vote_twice": {"unsafe_vote_twice": True},
     "read_without_quorum": {"unsafe_read_without_quorum": True},
@@ -82,6 +84,9 @@ MUTATIONS: dict[str, dict] = {
     "count_own_entries_before_fsync": {"unsafe_count_own_entries_before_fsync": True},
     "forget_vote_on_restart": {"unsafe_forget_vote_on_restart": True},
     "keep_conflicting_suffix": {"unsafe_keep_conflicting_suffix": True},
+    # The storage's own: recovery as before base records (issue 11), each record's entries at or below the
+    # snapshot dropped, and with them the cut of a conflicting suffix they stood for.
+    "replay_filter": {"storage.UNSAFE_REPLAY_FILTER": True},
 }
 
 class SafetyViolation(AssertionError):
@@ -199,6 +204,7 @@ class SimNode:
     leader_last_index: tuple[int, int] = (0, 0)  # (term, last index) while leader: a leader never shrinks its log
     saved_vote: tuple[int, str | None] = (0, None)  # (current_term, voted_for) last saved
     durable_vote: tuple[int, str | None] = (0, None)  # ... last saved with an fsync: no crash may take it away
+    written_votes: set = field(default_factory=set)  # ... written since, which a crash may keep or lose
 
 
 @dataclass
@@ -267,6 +273,7 @@ class Cluster:
         self.applied: dict[int, tuple[int, int, bytes]] = {}  # index -> (term, kind, data) applied anywhere
         self.entries_seen: dict[tuple[int, int], tuple[Entry, int | None]] = {}  # (index, term) -> (entry, term before)
         self.commit_term: dict[int, int] = {}  # index -> term of the leader that first committed it
+        self.votes: dict[tuple[str, int], str] = {}  # (voter, term) -> the candidate it voted for
         self._leader_commit: dict[str, int] = {}
         self._leaders_checked: set[tuple[str, int]] = set()
         for node_id in self.ids:
@@ -328,12 +335,13 @@ class Cluster:
 
     def _start(self, node_id: str) -> None:
         sn = self.nodes[node_id]
-        stored = self._recover(sn) if sn.storage.storage is None else sn.storage.load()
-        hs = stored.hard_state
-        term, vote = sn.durable_vote
-        if hs.current_term < term or (hs.current_term == term and vote is not None and hs.voted_for != vote):
-            self.fail(f"storage: {node_id} recovered term {hs.current_term} vote {hs.voted_for}, but had fsynced "
-                      f"term {term} vote {vote}")
+        recovering = sn.storage.storage is None  # (else: a first start, on the storage as a test set it up)
+        stored = self._recover(sn) if recovering else sn.storage.load()
+        recovered = (stored.hard_state.current_term, stored.hard_state.voted_for)
+        if recovering and recovered != sn.durable_vote and recovered not in sn.written_votes:
+            self.fail(f"storage: {node_id} recovered term and vote {recovered}; it had fsynced {sn.durable_vote} "
+                      f"and written {sorted(sn.written_votes, key=repr)} since")
+        sn.durable_vote, sn.written_votes = recovered, set()  # a recovery makes what it read durable
         sn.node = RaftNode(
             self._config(node_id),
             random.Random(self.rng.randrange(1 << 30)),
@@ -515,6 +523,8 @@ class Cluster:
             if point == "before_save":
                 self._crash_in_ready(node_id)  # everything in this Ready is lost (but the early messages)
                 return
+            if hs is not None:
+                sn.written_votes.add((hs.current_term, hs.voted_for))
             if point == "mid_save":
                 # At one of the save's file operations (or just after it): what was written and not synced may
                 # be lost, kept or torn.
@@ -527,11 +537,13 @@ class Cluster:
             if hs is not None:
                 sn.saved_vote = (hs.current_term, hs.voted_for)
                 if rd.must_sync:
-                    sn.durable_vote = sn.saved_vote
+                    sn.durable_vote, sn.written_votes = sn.saved_vote, set()
             if point == "after_save":
                 self._crash_in_ready(node_id)  # saved, but nothing sent, nothing applied
                 return
             for m in late:
+                if type(m) is RequestVoteReply and m.vote_granted and not m.pre_vote:
+                    self._check_vote(m)
                 self.send(m)
             if point == "after_send":
                 self._crash_in_ready(node_id)  # saved and sent, nothing applied
@@ -725,6 +737,12 @@ class Cluster:
             self.fail(f"log matching: {node_id} holds entry {e.index} term {e.term} after an entry of term "
                       f"{term_before}, another node after one of term {seen[1]}")
 
+    def _check_vote(self, m: RequestVoteReply) -> None:
+        """§5.2: each server votes for at most one candidate in a term (on a first-come-first-served basis)."""
+        other = self.votes.setdefault((m.src, m.term), m.dst)
+        if other != m.dst:
+            self.fail(f"one vote per term (§5.2): {m.src} voted for {other} and for {m.dst} in term {m.term}")
+
     def _check_node(self, node_id: str) -> None:
         """Figure 3, on the node that just moved."""
         sn = self.nodes[node_id]
@@ -893,9 +911,27 @@ def random_schedule(
     # The protocol's options are part of the contract too: a share of the schedules runs without each.
     overrides["check_quorum"] = rng.random() >= 0.2
     overrides["pre_vote"] = rng.random() >= 0.2
-    if mutation:
-        overrides.update({k: v(election_ticks) if callable(v) else v for k, v in MUTATIONS[mutation].items()})
+    storage_switches = {}
+    for name, value in (MUTATIONS[mutation] if mutation else {}).items():
+        if name.startswith("storage."):
+            storage_switches[name[len("storage."):]] = value
+        else:
+            overrides[name] = value(election_ticks) if callable(value) else value
     overrides.update(config_overrides or {})
+    saved = {name: getattr(storage_module, name) for name in storage_switches}
+    try:
+        for name, value in storage_switches.items():
+            setattr(storage_module, name, value)
+        return _run_schedule(seed, n, rng, nemesis, profile, drawn, scale, overrides, fault_ticks, heal_ticks,
+                             config_overrides, lease_share, mutation)
+    finally:
+        for name, value in saved.items():
+            setattr(storage_module, name, value)
+
+
+def _run_schedule(seed, n, rng, nemesis, profile, drawn, scale, overrides, fault_ticks, heal_ticks,
+                  config_overrides, lease_share, mutation) -> Cluster:
+    election_ticks = ELECTION_TICKS * scale
     cluster = Cluster(
         seed,
         n=n,
