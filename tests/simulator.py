@@ -116,8 +116,8 @@ class KV:
 
 DATA_DIR = "/data"
 SAVE_OPS = 2  # the file operations of a plain save: append the record, fdatasync
-INSTALL_OPS = 24  # at least as many as a snapshot install takes (files, syncs, renames, unlinks)
-LOAD_OPS = 10  # ... and as a recovery that repairs something
+INSTALL_OPS = 14  # a snapshot install takes 12-13 (the snapshot file, the new segment, the unlinks, their syncs)
+LOAD_OPS = 6  # a recovery 3 (its syncs), more when it repairs something (a torn tail, garbage)
 
 
 class SimDisk:
@@ -205,6 +205,7 @@ class SimNode:
     saved_vote: tuple[int, str | None] = (0, None)  # (current_term, voted_for) last saved
     durable_vote: tuple[int, str | None] = (0, None)  # ... last saved with an fsync: no crash may take it away
     written_votes: set = field(default_factory=set)  # ... written since, which a crash may keep or lose
+    leader_since: int = -1000  # when this node last became leader
 
 
 @dataclass
@@ -260,6 +261,8 @@ class Cluster:
         self.long_delay_rate = long_delay_rate  # of the messages, the share delayed by 1 to 3 election timeouts
         self.restart_rate = restart_rate  # of the crashes inside a Ready, the share restarted at once (a supervisor)
         self.load_crash_rate = 0.0  # of the recoveries, the share that crash (at a random file operation)
+        self.snapshot_entries: int | None = None  # a node snapshots once it applied this many entries since the last
+        self.snapshot_crash_rate = 0.0  # of the snapshots, the share that crash (at a random file operation)
         self.power_failure_share = 0.5  # of the crashes, the share that lose the page cache (the rest: SIGKILL)
         self.config_overrides = dict(config_overrides or {})
         self.election_ticks, self.heartbeat_ticks = election_ticks, heartbeat_ticks
@@ -363,7 +366,9 @@ class Cluster:
         for index in range(log.first_index, log.last_index + 1):  # what storage gave back was once in a Ready
             self._check_entry(node_id, log.entry(index), log.term(index - 1))
 
-    def _crash_in_ready(self, node_id: str) -> None:
+    def _crash_in_ready(self, node_id: str, outbox: list) -> None:
+        for m in outbox[:self.rng.randint(0, len(outbox))]:  # what left before the process died
+            self.send(m)
         self.crash(node_id)
         if self.restart_rate and self.rng.random() < self.restart_rate:
             self.restart(node_id)
@@ -497,10 +502,12 @@ class Cluster:
             if rd is None:
                 break
             point = None
-            # Crash ten times as often around a new term or vote: the saves whose loss would matter most.
+            # Crash ten times as often around a new term or vote (the saves whose loss matters most), and in a
+            # new leader's first ticks (its entries then stay on a few nodes only: how logs diverge, Figure 8).
             hs = rd.hard_state
             votes = hs is not None and (hs.current_term, hs.voted_for) != sn.saved_vote
-            if crash_rate and self.rng.random() < 2 * crash_rate * (10 if votes else 1):
+            fresh = rd.role is Role.LEADER and self.now - sn.leader_since <= self.election_ticks
+            if crash_rate and self.rng.random() < 2 * crash_rate * (10 if votes or fresh else 1):
                 point = self.rng.choice(CRASH_POINTS)
             n = sn.node
             for e in rd.entries:
@@ -518,10 +525,11 @@ class Cluster:
                     self.fail(f"{node_id} installs a snapshot at {s.last_included_index} term {s.last_included_term}"
                               f", but the entry applied there has term {seen[0]}")
             early, late = rd.split_messages()
-            for m in early:  # a leader's appends go out before its own save, as the runtime sends them
-                self.send(m)
+            # A leader's appends are handed to the transport before its own save, as the runtime does. What was
+            # handed over in this Ready is in the process's send buffers: a crash now loses an arbitrary suffix.
+            outbox = list(early)
             if point == "before_save":
-                self._crash_in_ready(node_id)  # everything in this Ready is lost (but the early messages)
+                self._crash_in_ready(node_id, outbox)  # nothing of this Ready saved
                 return
             if hs is not None:
                 sn.written_votes.add((hs.current_term, hs.voted_for))
@@ -531,7 +539,7 @@ class Cluster:
                 ops = INSTALL_OPS if rd.snapshot is not None else SAVE_OPS
                 sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync,
                                 crash_at_op=self.rng.randrange(ops))
-                self._crash_in_ready(node_id)
+                self._crash_in_ready(node_id, outbox)
                 return
             sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
             if hs is not None:
@@ -539,15 +547,17 @@ class Cluster:
                 if rd.must_sync:
                     sn.durable_vote, sn.written_votes = sn.saved_vote, set()
             if point == "after_save":
-                self._crash_in_ready(node_id)  # saved, but nothing sent, nothing applied
+                self._crash_in_ready(node_id, outbox)  # saved, its messages maybe not sent, nothing applied
                 return
             for m in late:
                 if type(m) is RequestVoteReply and m.vote_granted and not m.pre_vote:
                     self._check_vote(m)
-                self.send(m)
+                outbox.append(m)
             if point == "after_send":
-                self._crash_in_ready(node_id)  # saved and sent, nothing applied
+                self._crash_in_ready(node_id, outbox)  # saved and (some) sent, nothing applied
                 return
+            for m in outbox:
+                self.send(m)
             if rd.snapshot is not None:
                 sn.kv.restore(rd.snapshot.data, rd.snapshot.last_included_index)
             for e in rd.committed_entries:
@@ -561,6 +571,10 @@ class Cluster:
             sn.node.advance(rd)
             self._serve_reads(sn)
             self._check_node(node_id)
+            if self.snapshot_entries and n.last_applied - n.log.snapshot_index >= self.snapshot_entries:
+                # As the server does when its log has grown past a threshold (here counted in entries).
+                crash = self.rng.random() < self.snapshot_crash_rate
+                self.take_snapshot(node_id, crash_at_op=self.rng.randrange(INSTALL_OPS) if crash else None)
 
     def _stamp(self) -> int:
         self.history_clock += 1
@@ -755,6 +769,7 @@ class Cluster:
                 self.fail(f"election safety: {other} and {node_id} both leaders in term {n.current_term}")
             if (node_id, n.current_term) not in self._leaders_checked:
                 self._leaders_checked.add((node_id, n.current_term))
+                sn.leader_since = self.now
                 self._check_leader_completeness(node_id)
             before = self._leader_commit.get(node_id, 0)
             if n.commit_index > before:
@@ -950,6 +965,8 @@ def _run_schedule(seed, n, rng, nemesis, profile, drawn, scale, overrides, fault
         restart_rate=rng.choice([0.0, 0.5, 1.0]),
     )
     cluster.load_crash_rate = nemesis["load_crash"]
+    cluster.snapshot_entries = rng.choice([None, 20, 60])
+    cluster.snapshot_crash_rate = nemesis["snapshot_crash"]
     crash_rate = rng.choice(nemesis["ready_crash_rates"])
     if mutation:
         cluster.replay_command += f" --mutation {mutation}"
@@ -1036,7 +1053,7 @@ def _run_schedule(seed, n, rng, nemesis, profile, drawn, scale, overrides, fault
             cluster.tick(crash_rate=crash_rate)
     # Heal: every link back, every node up, no more faults; a leader must appear and everything converge.
     cluster.heal()
-    cluster.drop_rate = cluster.dup_rate = cluster.long_delay_rate = 0.0
+    cluster.drop_rate = cluster.dup_rate = cluster.long_delay_rate = cluster.snapshot_crash_rate = 0.0
     for node_id in cluster.ids:
         sn = cluster.nodes[node_id]
         cluster.resume(node_id)
