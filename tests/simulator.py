@@ -1,28 +1,35 @@
 """A deterministic simulated cluster of RaftNodes, and the safety checks run after every step.
 
 One `random.Random(seed)` drives everything: node rngs, clock rates, message delays (a few longer than an election
-timeout), drops, duplicates and reorders, partitions, pauses (a paused node's messages wait for it, as they do in
-the socket buffers of a SIGSTOPped process), crashes, membership changes, leadership transfers, snapshots and the
-client workload. Time is an integer number of ticks; the network is a heap of (deliver_at, sequence, message);
-every message crosses `codec.encode_batch`/`codec.decode_batch`.
+timeout), drops, duplicates and reorders, partitions, pauses, crashes (and where they hit), membership changes,
+leadership transfers, snapshots and the clients. Time is an integer number of ticks; the network is a heap of
+(deliver_at, sequence, message); every message crosses `codec.encode_batch`/`codec.decode_batch`.
 
 Rules of the model:
-- A crash keeps only what storage made durable: the synced records and, chosen at random, a prefix of the records
-  written since the last sync (see `MemoryStorage.crash`). A node may crash at any of the points of a Ready
-  (`CRASH_POINTS`): after a leader's early appends went out but before its save (thesis §10.2.1), in the middle of
-  its save (written, not fsynced), after its save but before its messages went out, after they went out but
-  before anything was applied.
-- Each node's clock runs at its own rate, within `clock_drift_percent` of the true one: a node ticks
-  `rate_percent / 100` times a tick on average. Leases (thesis §6.4.1) assume rates agree within their margin.
-- Checks (Figure 3 of the paper) run after every tick of a node, every delivered message and every Ready, on the
-  node that moved: election safety, leader append-only, log matching over whole logs (incrementally: every entry
-  a node ever holds is recorded with the term before it, so two logs that share an (index, term) share all before
-  it), leader completeness, state machine safety. At the end of a schedule, liveness after healing, and the
-  clients' history of reads and writes is checked for linearizability with `tests/linearizability.py`.
+- Each node runs the real DiskStorage on its own simulated disk (tests/crashfs.py), so the model and the disk code
+  cannot drift apart. A crash is a power failure (the disk becomes one of the states CrashFS allows, picked at
+  random: unsynced data dropped, kept or torn, unsynced folder operations undone) or a SIGKILL (the page cache
+  survives). A node may crash at any point of a Ready (`CRASH_POINTS`): before its save (a leader's early
+  appends, thesis §10.2.1, may be out already), at a random file operation of its save or snapshot install,
+  after its save, after its sends; a suffix of what it had handed to the transport in that Ready is lost. It may
+  also crash at a random file operation of a snapshot it takes, and of its own recovery. Crashes are ten times as
+  likely around a new term or vote and in a new leader's first election timeout.
+- A paused node (SIGSTOP) misses its ticks and catches up on them when resumed, as the runtime's monotonic clock
+  does; messages sent to it wait, as in its socket buffers, and are read after the catch-up (or after a client's
+  request). Each node's clock runs at its own rate, within `clock_drift_percent` of the true one; leases (thesis
+  §6.4.1) assume rates agree within their margin (`lease_scenario` pushes that to the edge).
+- Clients (`Client`) ask one request at a time of the node they stick to, follow redirects for writes, and give
+  up after a timeout (a write's outcome is then unknown).
+- Checks run after every tick of a node, every delivered message and every Ready, on the node that moved: Figure 3
+  (election safety, leader append-only, log matching over whole logs, leader completeness, state machine safety:
+  log matching incrementally, as every entry a node ever holds is recorded with the term before it, so two logs
+  that share an (index, term) share all before it), one vote per term, a commit index that never goes back, and
+  that recovery gives back the fsynced term and vote. At the end of a schedule: liveness after healing, every
+  acknowledged write on every member, and the clients' history through `tests/linearizability.py`.
 - A failure raises SafetyViolation with the seed, the last events, and one command that replays the schedule.
 
-`MUTATIONS` names deliberately broken variants of the core; `--mutation NAME` runs schedules with one on, to show
-that the checks catch it (tests/test_mutations.py).
+`PROFILES` are the nemeses a schedule's seed picks from. `MUTATIONS` names deliberately broken variants of the
+core and storage; `--mutation NAME` runs with one on, to show that the checks catch it (tests/test_mutations.py).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ if __name__ == "__main__":  # `python tests/simulator.py` from the project root
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ast
+import contextlib
 import dataclasses
 import heapq
 import math
@@ -950,53 +958,59 @@ def random_schedule(
         else:
             overrides[name] = value(election_ticks) if callable(value) else value
     overrides.update(config_overrides or {})
-    saved = {name: getattr(storage_module, name) for name in storage_switches}
+    with _storage_switches(storage_switches):
+        cluster = Cluster(
+            seed,
+            n=n,
+            config_overrides=overrides,
+            lease_share=lease_share,
+            spares=1,
+            election_ticks=election_ticks,
+            heartbeat_ticks=HEARTBEAT_TICKS if scale == 1 else 5,
+            drop_rate=rng.choice([0.0, 0.02, 0.1]),
+            dup_rate=rng.choice([0.0, 0.02]),
+            max_delay=rng.choice([1, 2, 4]),
+            long_delay_rate=rng.choice([0.0, 0.0, 0.003, 0.01]),
+            # Within the lease margin (thesis §6.4.1): a lease is 4/5 of the election timeout, so rates may differ by
+            # up to 5/4; 8% either way is 1.17 at most, with room for the ticks' granularity.
+            clock_drift_percent=rng.choice([0, 4, 8]),
+            restart_rate=rng.choice([0.0, 0.5, 1.0]),
+        )
+        cluster.load_crash_rate = nemesis["load_crash"]
+        cluster.snapshot_entries = rng.choice([None, 20, 60])
+        cluster.snapshot_crash_rate = nemesis["snapshot_crash"]
+        crash_rate = rng.choice(nemesis["ready_crash_rates"])
+        if mutation:
+            cluster.replay_command += f" --mutation {mutation}"
+        if profile and profile != drawn:
+            cluster.replay_command += f" --profile {profile}"
+        if lease_share != 0.5:
+            cluster.replay_command += f" --lease-share {lease_share}"
+        if config_overrides:
+            cluster.replay_command += " " + _config_arg(config_overrides)
+        _drive(cluster, nemesis, n, scale, crash_rate, fault_ticks, heal_ticks)
+    return cluster
+
+
+@contextlib.contextmanager
+def _storage_switches(switches: dict):
+    """raftlib.storage's module switches set for the duration (a mutation of the storage), then restored."""
+    saved = {name: getattr(storage_module, name) for name in switches}
     try:
-        for name, value in storage_switches.items():
+        for name, value in switches.items():
             setattr(storage_module, name, value)
-        return _run_schedule(seed, n, rng, nemesis, profile, drawn, scale, overrides, fault_ticks, heal_ticks,
-                             config_overrides, lease_share, mutation)
+        yield
     finally:
         for name, value in saved.items():
             setattr(storage_module, name, value)
 
 
-def _run_schedule(seed, n, rng, nemesis, profile, drawn, scale, overrides, fault_ticks, heal_ticks,
-                  config_overrides, lease_share, mutation) -> Cluster:
-    election_ticks = ELECTION_TICKS * scale
-    cluster = Cluster(
-        seed,
-        n=n,
-        config_overrides=overrides,
-        lease_share=lease_share,
-        spares=1,
-        election_ticks=election_ticks,
-        heartbeat_ticks=HEARTBEAT_TICKS if scale == 1 else 5,
-        drop_rate=rng.choice([0.0, 0.02, 0.1]),
-        dup_rate=rng.choice([0.0, 0.02]),
-        max_delay=rng.choice([1, 2, 4]),
-        long_delay_rate=rng.choice([0.0, 0.0, 0.003, 0.01]),
-        # Within the lease margin (thesis §6.4.1): a lease is 4/5 of the election timeout, so rates may differ by
-        # up to 5/4; 8% either way is 1.17 at most, with room for the ticks' granularity.
-        clock_drift_percent=rng.choice([0, 4, 8]),
-        restart_rate=rng.choice([0.0, 0.5, 1.0]),
-    )
-    cluster.load_crash_rate = nemesis["load_crash"]
-    cluster.snapshot_entries = rng.choice([None, 20, 60])
-    cluster.snapshot_crash_rate = nemesis["snapshot_crash"]
-    crash_rate = rng.choice(nemesis["ready_crash_rates"])
-    if mutation:
-        cluster.replay_command += f" --mutation {mutation}"
-    if profile and profile != drawn:
-        cluster.replay_command += f" --profile {profile}"
-    if lease_share != 0.5:
-        cluster.replay_command += f" --lease-share {lease_share}"
-    if config_overrides:
-        cluster.replay_command += " " + _config_arg(config_overrides)
+def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: float, fault_ticks: int,
+           heal_ticks: int) -> None:
     r = cluster.rng
     removed: set[str] = set()
     spare = cluster.ids[-1]
-    clients = [Client(r.choice(cluster.ids), CLIENT_TIMEOUT_ELECTIONS * election_ticks) for _ in range(CLIENTS)]
+    clients = [Client(r.choice(cluster.ids), CLIENT_TIMEOUT_ELECTIONS * cluster.election_ticks) for _ in range(CLIENTS)]
     actions = [(name, nemesis[name]) for name in ("crash", "restart", "isolate_leader", "partition", "cut", "heal",
                                                   "snapshot", "transfer", "add_learner", "remove", "pause",
                                                   "crash_leader")]

@@ -1,5 +1,5 @@
 """Named cases for the Raft core, each citing the paper or thesis, driven through the simulated cluster, and
-tests that break the core on purpose to show each safety check can fire."""
+tests that break the core on purpose to show a check can fire (the whole mutation table: test_mutations.py)."""
 
 from __future__ import annotations
 
