@@ -217,6 +217,7 @@ class SimNode:
     durable_vote: tuple[int, str | None] = (0, None)  # ... last saved with an fsync: no crash may take it away
     written_votes: set = field(default_factory=set)  # ... written since, which a crash may keep or lose
     leader_since: int = -1000  # when this node last became leader
+    batching: bool = False  # this tick, its inputs are all stepped before its Readies are handled
 
 
 @dataclass
@@ -278,6 +279,7 @@ class Cluster:
         self.load_crash_rate = 0.0  # of the recoveries, the share that crash (at a random file operation)
         self.snapshot_entries: int | None = None  # a node snapshots once it applied this many entries since the last
         self.snapshot_crash_rate = 0.0  # of the snapshots, the share that crash (at a random file operation)
+        self.batch_rate = 0.0  # of the ticks of a node, the share in which its inputs are batched (_after_input)
         self.power_failure_share = 0.5  # of the crashes, the share that lose the page cache (the rest: SIGKILL)
         self.config_overrides = dict(config_overrides or {})
         self.election_ticks, self.heartbeat_ticks = election_ticks, heartbeat_ticks
@@ -473,8 +475,9 @@ class Cluster:
         ticks, sn.clock_percent = divmod(sn.clock_percent, 100)
         return ticks
 
-    def tick(self, crash_rate: float = 0.0) -> None:
-        """Advance one tick: tick every live node (by its own clock), deliver what is due, process every Ready."""
+    def tick(self, crash_rate: float = 0.0, clients=None) -> None:
+        """Advance one tick: tick every live node (by its own clock), let the `clients()` act, deliver what is due,
+        process every Ready (at once, or for a batching node at the end)."""
         self.now += 1
         for node_id in self.ids:
             sn = self.nodes[node_id]
@@ -492,6 +495,8 @@ class Cluster:
             sn = self.nodes[node_id]
             if sn.backlog and sn.alive and not sn.paused:
                 self._deliver_backlog(sn, crash_rate)
+        if clients is not None:
+            clients()
         while self.network and self.network[0][0] <= self.now:
             _, _, m = heapq.heappop(self.network)
             sn = self.nodes[m.dst]
@@ -501,6 +506,11 @@ class Cluster:
                 sn.backlog.append(m)  # waits in the socket for the process to run again
                 continue
             self._step(m, crash_rate)
+        for node_id in self.ids:
+            sn = self.nodes[node_id]
+            if sn.batching and sn.alive and not sn.paused:
+                self.process(node_id, crash_rate)
+            sn.batching = bool(self.batch_rate) and self.rng.random() < self.batch_rate
 
     def _tick_node(self, node_id: str, crash_rate: float = 0.0) -> None:
         sn = self.nodes[node_id]
@@ -508,7 +518,15 @@ class Cluster:
         sn.node.tick()
         if sn.node.role is not role:
             self.log_event(node_id, f"tick -> {sn.node.role.value}")
-        self.process(node_id, crash_rate)
+        self._after_input(sn, crash_rate)
+
+    def _after_input(self, sn: SimNode, crash_rate: float = 0.0) -> None:
+        """Handle the node's Readies now, or (batching) once everything of this tick reached it: the runtime's
+        drive takes everything waiting at once (ticks, messages, proposals) and steps the node with all of it."""
+        if sn.batching:
+            self._check_node(sn.node_id)
+        else:
+            self.process(sn.node_id, crash_rate)
 
     def _step(self, m, crash_rate: float = 0.0) -> None:
         sn = self.nodes[m.dst]
@@ -516,7 +534,7 @@ class Cluster:
         sn.node.step(m)
         if sn.node.role is not role:
             self.log_event(m.dst, f"{type(m).__name__} from {m.src} -> {sn.node.role.value}")
-        self.process(m.dst, crash_rate)
+        self._after_input(sn, crash_rate)
 
     def process(self, node_id: str, crash_rate: float = 0.0) -> None:
         """Check the node, then handle each of its Readies as the runtime does, checking again after each."""
@@ -707,7 +725,7 @@ class Cluster:
         w = PendingWrite(key, value, node_id, index, sn.node.current_term, self.now, call)
         self.writes.append(w)
         self.pending_writes[node_id].append(w)
-        self.process(node_id)
+        self._after_input(sn)
         return w
 
     def client_read(self, node_id: str, key: str | None = None, lease: bool | None = None) -> PendingRead | None:
@@ -725,7 +743,7 @@ class Cluster:
             return None
         r = PendingRead(request_id, key, node_id, self.now, min_index, call=call)
         self.pending_reads[node_id][request_id] = r
-        self.process(node_id)
+        self._after_input(sn)
         return r
 
     def take_snapshot(self, node_id: str, crash_at_op: int | None = None) -> None:
@@ -942,6 +960,11 @@ def random_schedule(
     rng = random.Random(seed ^ 0x5EED)
     drawn = rng.choice(PROFILE_MIX)
     nemesis = PROFILES[profile or drawn]
+    # A fifth of the clusters grow from one node, the others joining as learners (promoted once caught up), as a
+    # cluster is built from `-join`: elections of a lone voter are won inside one Ready.
+    grow = rng.random() < 0.2
+    if grow:
+        nemesis = dict(nemesis, add_learner=0.05)
     # A third of the schedules run on a finer clock (a tick a third as long, messages as fast as before): the races
     # between an election timeout and a lease, and clock drift, then show at a resolution the lease margin needs.
     scale = rng.choice([1, 1, 3])
@@ -961,10 +984,10 @@ def random_schedule(
     with _storage_switches(storage_switches):
         cluster = Cluster(
             seed,
-            n=n,
+            n=1 if grow else n,
             config_overrides=overrides,
             lease_share=lease_share,
-            spares=1,
+            spares=n if grow else 1,
             election_ticks=election_ticks,
             heartbeat_ticks=HEARTBEAT_TICKS if scale == 1 else 5,
             drop_rate=rng.choice([0.0, 0.02, 0.1]),
@@ -976,8 +999,10 @@ def random_schedule(
             clock_drift_percent=rng.choice([0, 4, 8]),
             restart_rate=rng.choice([0.0, 0.5, 1.0]),
         )
+        cluster.replay_command = f"python tests/simulator.py --seed {seed} --size {n}"
         cluster.load_crash_rate = nemesis["load_crash"]
         cluster.snapshot_entries = rng.choice([None, 20, 60])
+        cluster.batch_rate = rng.choice([0.0, 0.5, 1.0])
         cluster.snapshot_crash_rate = nemesis["snapshot_crash"]
         crash_rate = rng.choice(nemesis["ready_crash_rates"])
         if mutation:
@@ -1009,14 +1034,12 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
            heal_ticks: int) -> None:
     r = cluster.rng
     removed: set[str] = set()
-    spare = cluster.ids[-1]
     clients = [Client(r.choice(cluster.ids), CLIENT_TIMEOUT_ELECTIONS * cluster.election_ticks) for _ in range(CLIENTS)]
     actions = [(name, nemesis[name]) for name in ("crash", "restart", "isolate_leader", "partition", "cut", "heal",
                                                   "snapshot", "transfer", "add_learner", "remove", "pause",
                                                   "crash_leader")]
     for _ in range(fault_ticks):
         x = r.random()
-        alive = [i for i in cluster.ids if cluster.nodes[i].alive and i not in removed]
         action = None
         for name, chance in actions:
             if x < chance:
@@ -1062,7 +1085,10 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
                 except Exception:
                     pass
         elif action == "add_learner":
-            cluster.change_membership(ConfChangeKind.ADD_LEARNER, spare)
+            leader = cluster.leader()
+            outside = [i for i in cluster.ids if leader and i not in cluster.nodes[leader].node.membership.node_ids]
+            if outside:
+                cluster.change_membership(ConfChangeKind.ADD_LEARNER, r.choice(outside))
         elif action == "remove":
             leader = cluster.leader()
             if leader:
@@ -1077,11 +1103,13 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
                 cluster.resume(victim, backlog=r.random() < 0.5)
             else:
                 cluster.pause(victim)
-        for _ in range(scale):
+        def act() -> None:
             alive = [i for i in cluster.ids if cluster.nodes[i].alive and i not in removed]
             for client in clients:
                 client.act(cluster, alive)
-            cluster.tick(crash_rate=crash_rate)
+
+        for _ in range(scale):
+            cluster.tick(crash_rate=crash_rate, clients=act)
     # Heal: every link back, every node up, no more faults; a leader must appear and everything converge.
     cluster.heal()
     cluster.drop_rate = cluster.dup_rate = cluster.long_delay_rate = cluster.snapshot_crash_rate = 0.0
@@ -1198,6 +1226,14 @@ def check_liveness(cluster: Cluster, heal_ticks: int) -> None:
     else:
         cluster.fail(f"liveness: no converged leader {heal_ticks} ticks after healing (leader={cluster.leader()})")
     cluster.check_log_matching()
+    # Every read is answered or failed in bounded time (the core's read_timeout_ticks, 2 election timeouts by
+    # default; a few more for drift and for the messages that answer it).
+    bound = 3 * cluster.election_ticks + 4 * cluster.max_delay
+    for node_id in cluster.ids:
+        for r in cluster.pending_reads[node_id].values():
+            if cluster.now - r.start > bound:
+                cluster.fail(f"liveness: a read on {node_id} (request {r.request_id}, started t={r.start}) was "
+                             f"neither answered nor failed in {cluster.now - r.start} ticks")
     for w in cluster.acked_writes:
         for node_id in members():
             sn = cluster.nodes[node_id]
