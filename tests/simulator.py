@@ -12,8 +12,8 @@ Rules of the model:
   survives). A node may crash at any point of a Ready (`CRASH_POINTS`): before its save (a leader's early
   appends, thesis §10.2.1, may be out already), at a random file operation of its save or snapshot install,
   after its save, after its sends; a suffix of what it had handed to the transport in that Ready is lost. It may
-  also crash at a random file operation of a snapshot it takes, and of its own recovery. Crashes are five times as
-  likely around a new term or vote and in a new leader's first tick.
+  also crash at a random file operation of a snapshot it takes, and of its own recovery. Crashes are 20 times as
+  likely around a new term or vote, five times in a new leader's first tick.
 - A paused node (SIGSTOP) misses its ticks and catches up on them when resumed, as the runtime's monotonic clock
   does; messages sent to it wait, as in its socket buffers, and are read after the catch-up (or after a client's
   request). Each node's clock runs at its own rate, within `clock_drift_percent` of the true one; leases (thesis
@@ -545,12 +545,12 @@ class Cluster:
             if rd is None:
                 break
             point = None
-            # Crash five times as often around a new term or vote (the saves whose loss matters most), and in a
-            # new leader's first ticks (its entries then stay on a few nodes only: how logs diverge, Figure 8).
+            # Crash 20 times as often around a new term or vote (the saves whose loss matters most; they are few),
+            # five times in a new leader's first tick (its first entries then stay on a few nodes: Figure 8).
             hs = rd.hard_state
             votes = hs is not None and (hs.current_term, hs.voted_for) != sn.saved_vote
             fresh = rd.role is Role.LEADER and self.now - sn.leader_since <= 1
-            if crash_rate and self.rng.random() < 2 * crash_rate * (5 if votes or fresh else 1):
+            if crash_rate and self.rng.random() < 2 * crash_rate * (20 if votes else 5 if fresh else 1):
                 point = self.rng.choice(CRASH_POINTS)
             n = sn.node
             if rd.role is Role.LEADER and rd.entries:
