@@ -13,7 +13,7 @@ Rules of the model:
   appends, thesis §10.2.1, may be out already), at a random file operation of its save or snapshot install,
   after its save, after its sends; a suffix of what it had handed to the transport in that Ready is lost. It may
   also crash at a random file operation of a snapshot it takes, and of its own recovery. Crashes are 20 times as
-  likely around a new term or vote, five times in a new leader's first tick.
+  likely around a new term or vote or a leader's snapshot, five times in a new leader's first tick.
 - A paused node (SIGSTOP) misses its ticks and catches up on them when resumed, as the runtime's monotonic clock
   does; messages sent to it wait, as in its socket buffers, and are read after the catch-up (or after a client's
   request). Each node's clock runs at its own rate, within `clock_drift_percent` of the true one; leases (thesis
@@ -42,6 +42,7 @@ if __name__ == "__main__":  # `python tests/simulator.py` from the project root
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ast
+import collections
 import contextlib
 import dataclasses
 import heapq
@@ -294,6 +295,7 @@ class Cluster:
         self.entries_seen: dict[tuple[int, int], tuple[Entry, int | None]] = {}  # (index, term) -> (entry, term before)
         self.commit_term: dict[int, int] = {}  # index -> term of the leader that first committed it
         self.votes: dict[tuple[str, int], str] = {}  # (voter, term) -> the candidate it voted for
+        self.stats: collections.Counter = collections.Counter()  # what the faults did (test_simulation counts them)
         self._leader_commit: dict[str, int] = {}
         self._leaders_checked: set[tuple[str, int]] = set()
         for node_id in self.ids:
@@ -348,6 +350,7 @@ class Cluster:
             if stored is not None:
                 return stored
             self.log_event(sn.node_id, f"crash at file operation {crash_at} of recovery")
+            self.stats["crash inside a recovery"] += 1
             sn.storage.crash(self.rng, power_failure=self.rng.random() < 0.5)
         stored = sn.storage.open()
         assert stored is not None
@@ -384,8 +387,10 @@ class Cluster:
             self._check_entry(node_id, log.entry(index), log.term(index - 1))
 
     def _crash_in_ready(self, node_id: str, outbox: list) -> None:
-        for m in outbox[:self.rng.randint(0, len(outbox))]:  # what left before the process died
+        sent = self.rng.randint(0, len(outbox))
+        for m in outbox[:sent]:  # what left before the process died
             self.send(m)
+        self.stats["messages lost in a crash"] += len(outbox) - sent
         self.crash(node_id)
         if self.restart_rate and self.rng.random() < self.restart_rate:
             self.restart(node_id)
@@ -406,7 +411,9 @@ class Cluster:
         sn.node = None
         sn.backlog = []
         # A power failure: the kernel wrote out some, none or all of what was not synced. Else SIGKILL: all of it.
-        sn.storage.crash(self.rng, power_failure=self.rng.random() < self.power_failure_share)
+        power_failure = self.rng.random() < self.power_failure_share
+        self.stats["power failures" if power_failure else "process kills"] += 1
+        sn.storage.crash(self.rng, power_failure=power_failure)
         self.pending_writes[node_id] = []  # outcome unknown: they may or may not commit
         self.pending_reads[node_id] = {}
         self.log_event(node_id, "crash")
@@ -432,6 +439,7 @@ class Cluster:
                 m = codec.decode_batch(codec.encode_batch([m]))[0]
             if self.long_delay_rate and self.rng.random() < self.long_delay_rate:
                 delay = self.rng.randint(self.election_ticks, 3 * self.election_ticks)
+                self.stats["long delays"] += 1
             else:
                 delay = self.rng.randint(0, self.max_delay)
             self._seq += 1
@@ -509,6 +517,7 @@ class Cluster:
         for node_id in self.ids:
             sn = self.nodes[node_id]
             if sn.batching and sn.alive and not sn.paused:
+                self.stats["batched drives"] += 1
                 self.process(node_id, crash_rate)
             sn.batching = bool(self.batch_rate) and self.rng.random() < self.batch_rate
 
@@ -545,12 +554,14 @@ class Cluster:
             if rd is None:
                 break
             point = None
-            # Crash 20 times as often around a new term or vote (the saves whose loss matters most; they are few),
-            # five times in a new leader's first tick (its first entries then stay on a few nodes: Figure 8).
+            # Crash 20 times as often around a new term or vote, or a snapshot from the leader (the saves whose
+            # loss matters most; they are few), five times in a new leader's first tick (its first entries then
+            # stay on a few nodes: Figure 8).
             hs = rd.hard_state
             votes = hs is not None and (hs.current_term, hs.voted_for) != sn.saved_vote
             fresh = rd.role is Role.LEADER and self.now - sn.leader_since <= 1
-            if crash_rate and self.rng.random() < 2 * crash_rate * (20 if votes else 5 if fresh else 1):
+            rare = votes or rd.snapshot is not None
+            if crash_rate and self.rng.random() < 2 * crash_rate * (20 if rare else 5 if fresh else 1):
                 point = self.rng.choice(CRASH_POINTS)
             n = sn.node
             if rd.role is Role.LEADER and rd.entries:
@@ -569,6 +580,8 @@ class Cluster:
             # A leader's appends are handed to the transport before its own save, as the runtime does. What was
             # handed over in this Ready is in the process's send buffers: a crash now loses an arbitrary suffix.
             outbox = list(early)
+            if point is not None:
+                self.stats[f"crash {point.replace('_', ' ')}"] += 1
             if point == "before_save":
                 self._crash_in_ready(node_id, outbox)  # nothing of this Ready saved
                 return
@@ -578,8 +591,9 @@ class Cluster:
                 # At one of the save's file operations (or just after it): what was written and not synced may
                 # be lost, kept or torn.
                 ops = INSTALL_OPS if rd.snapshot is not None else SAVE_OPS
-                sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync,
-                                crash_at_op=self.rng.randrange(ops))
+                if not sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync,
+                                       crash_at_op=self.rng.randrange(ops)):
+                    self.stats["crash inside a snapshot install" if rd.snapshot else "crash inside a save"] += 1
                 self._crash_in_ready(node_id, outbox)
                 return
             sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
@@ -700,6 +714,7 @@ class Cluster:
 
     def _deliver_backlog(self, sn: SimNode, crash_rate: float = 0.0) -> None:
         messages, sn.backlog = sn.backlog, []
+        self.stats["messages read after a pause"] += len(messages)
         for m in messages:
             if sn.alive:
                 self._step(m, crash_rate)
@@ -756,6 +771,7 @@ class Cluster:
         snap = n.create_snapshot(n.last_applied, sn.kv.snapshot_bytes())
         if not sn.storage.save_snapshot(snap, crash_at_op=crash_at_op):
             self.log_event(node_id, f"crash at file operation {crash_at_op} of a snapshot at {snap.last_included_index}")
+            self.stats["crash inside a snapshot"] += 1
             self.crash(node_id)
             return
         self.log_event(node_id, f"snapshot at {snap.last_included_index}")
