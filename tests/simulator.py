@@ -101,6 +101,7 @@ MUTATIONS: dict[str, dict] = {
     "replay_filter": {"storage.UNSAFE_REPLAY_FILTER": True},
 }
 
+
 class SafetyViolation(AssertionError):
     pass
 
@@ -142,11 +143,10 @@ class SimDisk:
         self.fs.record_ops = False
         self.storage: DiskStorage | None = None
 
-    def open(self, rng=None, crash_at_op: int | None = None) -> StoredState | None:
+    def open(self, crash_at_op: int | None = None) -> StoredState | None:
         """A process starts: a fresh DiskStorage recovers the data dir. None when it crashed on the way."""
         self.storage = None
-        if not self._arm(crash_at_op):
-            return None
+        self._arm(crash_at_op)
         try:
             storage = DiskStorage(DATA_DIR, fs=self.fs)
             stored = storage.load()
@@ -157,9 +157,7 @@ class SimDisk:
         return stored
 
     def load(self) -> StoredState:
-        """What the node holds (the open storage's view), for tests; opens the storage when none is open."""
-        if self.storage is None:
-            return self.open()
+        """What the open storage holds (a first start, and tests, read it)."""
         return self.storage.state.copy()
 
     def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None,
@@ -191,10 +189,9 @@ class SimDisk:
         else:
             self.fs.crash_process()
 
-    def _arm(self, crash_at_op: int | None) -> bool:
+    def _arm(self, crash_at_op: int | None) -> None:
         if crash_at_op is not None:
             self.fs.fail_at = {self.fs.op_count + crash_at_op: SimulatedCrash()}
-        return True
 
     def _disarm(self) -> None:
         self.fs.fail_at = {}
@@ -351,7 +348,7 @@ class Cluster:
                 return stored
             self.log_event(sn.node_id, f"crash at file operation {crash_at} of recovery")
             self.stats["crash inside a recovery"] += 1
-            sn.storage.crash(self.rng, power_failure=self.rng.random() < 0.5)
+            sn.storage.crash(self.rng, power_failure=self.rng.random() < self.power_failure_share)
         stored = sn.storage.open()
         assert stored is not None
         return stored
