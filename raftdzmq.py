@@ -503,6 +503,19 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"
 _UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")
 
 
+def _field_line(line: bytes) -> tuple[bytes, bytes]:
+    """A header or trailer field line (without its CRLF) checked (RFC 9112 §5, RFC 9110 §5.5): a token name, a colon
+    with no space before it, a value of visible characters, spaces and tabs (obs-text allowed), no control
+    character and no lone CR. Returns (name, value without the spaces around it); raises HttpError 400."""
+    name, colon, value = line.partition(b":")
+    if not colon or not name or name.translate(None, _TCHARS):
+        raise HttpError(400, "malformed field line (no colon, a space before the colon, or a folded line)")
+    value = value.strip(b" \t")
+    if value.translate(None, _FIELD_VALUE_CHARS):
+        raise HttpError(400, "a control character in a field value")
+    return name, value
+
+
 class HttpError(Exception):
     """A request refused before any route runs: answered with `status` and a one-line reason, and the connection
     closed, since what follows it on the connection cannot be framed reliably (RFC 9112 §6.3, §11.2)."""
@@ -541,7 +554,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       otherwise), a target in origin form; at most 16 KiB (414). Header fields: token names, no space before the
       colon and no obs-fold (400), no control characters in values; a field line at most 8 KiB, at most 100
       fields, and the whole head at most -max-header-bytes (431). Empty lines before a request line are skipped
-      (RFC 9112 §2.2), within the same budget.
+      (RFC 9112 §2.2), within the same budget. The path, percent-decoded, must be UTF-8 (400): Bottle would drop the
+      bytes that are not, and name another key.
     - A body is framed by Content-Length (plain digits; duplicates must agree) or by Transfer-Encoding that is
       exactly `chunked`, never both (400); any other coding gets 501. A declared length over -max-body gets 413
       before a byte of the body is read; a chunked body is cut off at the limit the same way.
@@ -655,12 +669,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         env = server.get_environ()
         length = te = expect = connection = None
         for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name.translate(None, _TCHARS):
-                raise HttpError(400, "malformed header field line (a space before the colon, or a folded line)")
-            value = value.strip(b" \t")
-            if value.translate(None, _FIELD_VALUE_CHARS):
-                raise HttpError(400, "a control character in a header field value")
+            name, value = _field_line(line)
             name = name.upper()
             if name == b"CONTENT-LENGTH":
                 if not value.isdigit() or len(value) > 18:
@@ -706,7 +715,13 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.request_version = env["SERVER_PROTOCOL"] = version.decode("latin-1")
         self.requestline = lines[0].decode("latin-1")
         env["SCRIPT_NAME"] = ""
-        env["PATH_INFO"] = gevent.pywsgi.unquote_latin1(path)
+        path = env["PATH_INFO"] = gevent.pywsgi.unquote_latin1(path)
+        if not path.isascii():
+            # Bottle decodes the path from UTF-8 with errors ignored: /db/k%E9x would name the key "kx".
+            try:
+                path.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise HttpError(400, "the request path is not UTF-8 once percent-decoded") from None
         env["QUERY_STRING"] = query
         if length is not None:
             env["CONTENT_LENGTH"] = str(length)
@@ -731,7 +746,9 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
 
     def _read_chunked(self) -> bytes:
         """A chunked body (RFC 9112 §7.1): hex sizes only (no sign, prefix or underscore), every chunk followed by
-        CRLF, extensions and trailer fields read and dropped within the line and head limits."""
+        CRLF, extensions and trailer fields read and dropped within the line and head limits. A size line, its
+        extensions included, holds no control character or lone CR (§7.1.1), and each trailer line is a well-formed
+        field line (§7.1.2), as a header's must be."""
         rfile, limit = self.rfile, self.server.max_body_bytes
         parts, total = [], 0
         while True:
@@ -741,6 +758,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                     raise HttpError(400, f"a chunk size line over {MAX_CHUNK_LINE_BYTES} bytes")
                 raise HttpError(400, "a chunk size line ends in a bare LF" if line[-1:] == b"\n" else
                                 "request body cut short (chunked)")
+            if line.translate(None, _FIELD_VALUE_CHARS) != b"\r\n":
+                raise HttpError(400, "a control character (or a lone CR) in a chunk size line or its extensions")
             size_text = line[:-2].split(b";", 1)[0].rstrip(b" \t")
             if not size_text or len(size_text) > 16 or size_text.translate(None, _HEX_DIGITS):
                 raise HttpError(400, "malformed chunk size")
@@ -768,6 +787,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                                 "a trailer line ends in a bare LF")
             if line == b"\r\n":
                 return b"".join(parts)
+            _field_line(line[:-2])  # a trailer field is a field line like any in the head (RFC 9112 §7.1.2)
             budget -= len(line)
 
     def _refuse(self, status: int, reason: str):
@@ -1112,7 +1132,9 @@ def make_app(server: Server) -> bottle.Bottle:
         value = read_body()
         q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
         if "prev_value" in q:
-            cmd = KeyValueStore.command(COMPARE_AND_SET, key, value, q.prev_value.encode())
+            # The percent-decoded bytes as they are (Bottle's q.prev_value turns bytes that are not UTF-8 into "",
+            # which would compare against an empty value).
+            cmd = KeyValueStore.command(COMPARE_AND_SET, key, value, q.get("prev_value").encode("latin-1"))
         elif q.get("prev_exist") == "false":
             cmd = KeyValueStore.command(CREATE, key, value)
         else:

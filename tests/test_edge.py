@@ -184,6 +184,16 @@ def _vectors():
         ("chunk size 0x3", b"Transfer-Encoding: chunked\r\n", b"0x3\r\nabc\r\n0\r\n\r\n", 400),
         ("chunk longer than its size", b"Transfer-Encoding: chunked\r\n", b"2\r\nabc\r\n0\r\n\r\n", 400),
         ("chunk line bare LF", b"Transfer-Encoding: chunked\r\n", b"3\nabc\r\n0\r\n\r\n", 400),
+        # RFC 9112 §7.1.1, §7.1.2: chunk extensions and trailer fields get the same character checks as a head.
+        ("chunk extension with a lone CR", b"Transfer-Encoding: chunked\r\n", b"3;a\rX\r\nabc\r\n0\r\n\r\n", 400),
+        ("chunk extension with NUL and DEL", b"Transfer-Encoding: chunked\r\n", b"3;\x00\x7f\r\nabc\r\n0\r\n\r\n", 400),
+        ("last chunk extension with a control", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0;\x01\r\n\r\n", 400),
+        ("trailer with a lone CR", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\nA\rB\r\n\r\n", 400),
+        ("trailer without a colon", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\nno colon here\r\n\r\n", 400),
+        ("trailer with a control in its value", b"Transfer-Encoding: chunked\r\n",
+         b"3\r\nabc\r\n0\r\nX-T: a\x01b\r\n\r\n", 400),
+        ("trailer with a space before the colon", b"Transfer-Encoding: chunked\r\n",
+         b"3\r\nabc\r\n0\r\nX-T : a\r\n\r\n", 400),
     ]
 
 
@@ -230,6 +240,41 @@ def test_a_declared_body_over_the_limit_gets_413_at_once_and_is_not_drained(clus
         assert [r[0] for r in responses] == [413] and closed, (method, responses)
         assert time.monotonic() - t0 < 5
         assert absent(leader, key)
+
+
+def test_a_path_that_is_not_utf8_gets_400_not_another_key(cluster):
+    """Bottle decodes the path from UTF-8 ignoring errors: /db/k%E9latin named the key "klatin"."""
+    leader = leader_of(cluster)
+    tag = fresh("utf8")
+    for raw in (b"k%E9latin", b"k\xe9raw", b"k%C3latin"):
+        target = b"/db/%s/%s" % (tag.encode(), raw)
+        for method in (b"POST", b"GET", b"DELETE"):
+            responses, closed = exchange(leader.address, b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                                         b"Connection: close\r\n\r\nx" % (method, target))
+            assert [r[0] for r in responses] == [400] and b"UTF-8" in responses[0][2], (method, raw, responses)
+    assert listed(leader, tag) == []
+    # Valid UTF-8, raw or percent-encoded, still names the key.
+    for raw in (b"ok%C3%A9", "ok\u00e9".encode()):
+        responses, _ = exchange(leader.address, b"POST /db/%s/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                                b"Connection: close\r\n\r\nx" % (tag.encode(), raw))
+        assert [r[0] for r in responses] == [200], responses
+    assert listed(leader, tag) == [f"{tag}/ok\u00e9"]
+
+
+def test_prev_value_is_compared_as_the_bytes_sent(cluster):
+    """?prev_value= bytes that are not UTF-8 were read as "" by Bottle: a compare-and-set against an empty value
+    succeeded for %E9."""
+    leader = leader_of(cluster)
+    empty, binary = fresh("cas"), fresh("cas")
+    assert leader.request("POST", f"/db/{empty}", b"").status == 200
+    assert leader.request("POST", f"/db/{empty}?prev_value=%E9", b"new").status == 412
+    assert leader.request("GET", f"/db/{empty}").body == b""
+    assert leader.request("POST", f"/db/{binary}", b"\xe9").status == 200
+    assert leader.request("POST", f"/db/{binary}?prev_value=%E8", b"no").status == 412
+    assert leader.request("POST", f"/db/{binary}?prev_value=%E9", b"yes").status == 200
+    assert leader.request("POST", f"/db/{binary}?prev_value=yes", "\u00e9t\u00e9".encode()).status == 200
+    assert leader.request("POST", f"/db/{binary}?prev_value=%C3%A9t%C3%A9", b"done").status == 200
+    assert leader.request("GET", f"/db/{binary}").body == b"done"
 
 
 def test_good_requests_pipelined_keep_the_connection(cluster):
