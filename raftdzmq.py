@@ -580,10 +580,11 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             server.idle.pop(self, None)
         if not buffered:
             return None
-        server.busy[self] = time.monotonic()
+        server.busy[self] = server.receiving[self] = time.monotonic()
         try:
             return self._handle_request(buffered)
         finally:
+            server.receiving.pop(self, None)
             server.busy.pop(self, None)
 
     def _handle_request(self, buffered: bytes):
@@ -612,6 +613,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         finally:
             if timer is not None:
                 timer.close()
+        server.receiving.pop(self, None)  # whole: no longer the first to go when the server is full
         if refusal is not None:
             return self._refuse(*refusal)  # after the timer is closed: it must not fire in the answer
         environ = self.environ
@@ -831,8 +833,11 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
 class EdgeServer(gevent.pywsgi.WSGIServer):
     """The HTTP server with a connection cap. Rules: at most `max_connections` connections at once (a pool; past it
     the server stops accepting and the kernel's backlog holds the rest, using none of this process's descriptors);
-    when the pool fills, the connection that has waited longest for its next request is closed to make room, so
-    idle keep-alive connections cannot lock clients out. A sweeper closes connections that wait for a request
+    when the pool fills, the connection that has waited longest for its next request, or spent longest receiving
+    one (whichever began earlier), is closed to make room, so neither idle keep-alive connections nor clients
+    that send a byte now and then (slowloris) can lock others out. There is no cap per client
+    address: -forward followers and proxies bring many clients from one address, and the eviction order already
+    bounds what one slow sender holds. A sweeper closes connections that wait for a request
     longer than `idle_timeout_seconds`, or spend longer than `busy_timeout_seconds` on one request (a client that
     does not read its answer). It does this rather than a socket timeout, which costs a timer on every wait (~4.5 us
     a request here); closing is a shutdown() of the OS socket, which ends whatever wait its greenlet is in."""
@@ -852,6 +857,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         # first, since a handler is removed and added again each time.
         self.idle: dict[EdgeHandler, float] = {}
         self.busy: dict[EdgeHandler, float] = {}
+        self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
         self.closed_connections: collections.Counter = collections.Counter()  # by EdgeServer: idle, busy, evicted
         self._refusals = _RateLimitedLog("refused HTTP requests")
         self._sweeper = None
@@ -866,8 +872,16 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         super().stop(timeout)
 
     def handle(self, sock, address):
-        if self.pool.free_count() == 0 and self.idle:
-            self._close(self.idle, next(iter(self.idle)), "evicted")
+        if self.pool.free_count() == 0:
+            # This connection took the last place: make room for the next one. Of the one that has waited longest
+            # for its next request and the one that has spent longest receiving one (a byte of it is enough to be
+            # busy: slowloris), the older goes. Not simply an idle one first: a connection accepted a moment ago
+            # is idle until its first bytes arrive, and under slowloris it would be the one closed every time.
+            victims = [(next(iter(handlers.values())), handlers, why) for handlers, why in
+                       ((self.idle, "evicted"), (self.receiving, "evicted while receiving")) if handlers]
+            if victims:
+                _, handlers, why = min(victims, key=lambda v: v[0])
+                self._close(handlers, next(iter(handlers)), why)
         self.handler_class(sock, address, self).handle()
 
     def _sweep(self) -> None:

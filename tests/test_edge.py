@@ -508,6 +508,31 @@ def test_a_client_that_never_reads_its_answers_is_cut_off(tmp_path):
         n.kill()
 
 
+def test_slowloris_cannot_lock_clients_out_of_a_full_server(tmp_path):
+    """Review F4: connections that send one byte of a request and stall count as busy, and only idle ones were
+    evicted when the pool was full: a normal request waited until -receive-timeout freed a place. Now the one that
+    has spent longest receiving goes."""
+    n = Node("one", str(tmp_path)).start("-max-connections", "40", "-receive-timeout", "20")
+    stalled = []
+    try:
+        wait_for(lambda: n.status()["role"] == "leader", 10, "a leader")
+        for _ in range(60):  # 40 fill the pool, 20 more wait in the backlog
+            s = socket.create_connection(("127.0.0.1", n.http_port), timeout=10)
+            s.sendall(b"G")
+            stalled.append(s)
+        time.sleep(0.5)
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert n.request("GET", "/status", timeout=30).status == 200
+            took = time.monotonic() - t0
+            assert took < 5, took  # it waited for -receive-timeout (20 s) before
+        assert "Traceback" not in n.log_text()
+    finally:
+        for s in stalled:
+            s.close()
+        n.kill()
+
+
 def test_out_of_descriptors_the_leader_keeps_serving_and_replicating(tmp_path):
     """Issue 17 item 5: the leader under `ulimit -n 300` with 290 idle HTTP connections open, and a follower that
     pauses (so the leader's sender reconnects): new requests are served, and the follower hears from the leader
