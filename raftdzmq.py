@@ -68,8 +68,9 @@ log = logging.getLogger("raftdzmq")
 TRACE = 5
 NOT_LEADER = "raft.Server: Not current leader"
 
-# Commands, as CBOR arrays [op, key, value, expected].
-SET, DELETE, COMPARE_AND_SET, CREATE = 0, 1, 2, 3
+# Commands, as CBOR arrays [op, key, value, expected]. ADMIN_CLAIM is [op, signature, b"", [timestamp, now]]: a
+# signed admin request about to take effect (AdminClaims).
+SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
 
 
 class KeyValueStore(StateMachine):
@@ -84,6 +85,7 @@ class KeyValueStore(StateMachine):
         self.data: dict[str, bytes] = {}
         self.keys = SortedList()
         self.applied_index = 0
+        self.admin_claims = AdminClaims()
 
     @staticmethod
     def command(op: int, key: str, value: bytes = b"", expected: bytes | None = None) -> bytes:
@@ -97,6 +99,8 @@ class KeyValueStore(StateMachine):
             log.error("skipping an undecodable command at index %d", index)
             return "error"
         data = self.data
+        if op == ADMIN_CLAIM:
+            return self.admin_claims.apply(key, expected)
         if op == DELETE:
             if data.pop(key, None) is None:
                 return "missing"
@@ -132,11 +136,22 @@ class KeyValueStore(StateMachine):
         return page[:limit], len(page) > limit
 
     def snapshot(self) -> bytes:
+        """The map as a CBOR map; with admin claims still within their window, [SNAPSHOT_WITH_CLAIMS, map, claims]
+        (so a snapshot without claims stays readable by nodes from before claims)."""
+        if self.admin_claims.claims:
+            return cbor2.dumps([SNAPSHOT_WITH_CLAIMS, self.data, self.admin_claims.claims])
         return cbor2.dumps(self.data)
 
     def restore(self, data: bytes) -> None:
-        self.data = cbor2.loads(data) if data else {}
+        v = cbor2.loads(data) if data else {}
+        claims = {}
+        if type(v) is list:
+            if len(v) != 3 or v[0] != SNAPSHOT_WITH_CLAIMS:
+                raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
+            _, v, claims = v
+        self.data = v
         self.keys = SortedList(self.data)
+        self.admin_claims = AdminClaims(claims)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------
@@ -949,8 +964,9 @@ def connection_bound() -> int:
 # X-Raftdzmq-Signature: the hex HMAC-SHA256 under the secret of
 #     "raftdzmq-admin-v1\n" METHOD "\n" TARGET "\n" TIMESTAMP "\n" BODY
 # where TARGET is the path and query exactly as sent (wire_target form). The leader refuses a timestamp more than
-# ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature it has already accepted within that window (a
-# replay); a recorded request is therefore worthless after the window, and on the same leader at once.
+# ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
+# leader took, and AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
+# worthless once used, everywhere, and after the window even if never used.
 
 TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
 SIGNATURE_HEADER = "X-Raftdzmq-Signature"
@@ -975,7 +991,8 @@ def admin_headers(secret: bytes, method: str, target: str, body: bytes = b"", no
 class AdminGuard:
     """Checks admin signatures (see above) on one node. `verify` is pure apart from the clock; `claim` records a
     signature the leader is about to act on, and refuses one it has seen (memory: one entry per accepted admin
-    request of the last 2 x ADMIN_CLOCK_SKEW_SECONDS; only correctly signed requests get in)."""
+    request of the last 2 x ADMIN_CLOCK_SKEW_SECONDS; only correctly signed requests get in). Only this node's
+    memory: a replay to this leader costs no log entry; AdminClaims is what holds across leaders."""
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
@@ -1006,6 +1023,40 @@ class AdminGuard:
             return "this signed request was already used (a replay); sign it again"
         self._seen[signature] = now + 2 * ADMIN_CLOCK_SKEW_SECONDS
         return None
+
+
+SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
+
+
+class AdminClaims:
+    """The replicated memory of signed admin requests that took effect, so that each takes effect at most once in
+    the whole cluster: a leader proposes an ADMIN_CLAIM (the signature, its timestamp and the leader's clock) before
+    acting, and acts only if the claim applied as "ok"; a claim of a signature already in the log applies as
+    "used". Every node applies the same claims in log order, so a leader elected later (or after a restart, or a
+    snapshot) refuses what an earlier one took.
+
+    Rules: deterministic (no clock of its own: `now` comes in the command). A claim is forgotten once its timestamp
+    is 2 x ADMIN_CLOCK_SKEW_SECONDS behind the newest `now` seen: every leader whose clock is within the allowed
+    skew of that one refuses its timestamp anyway. Memory: one entry per admin request of that window."""
+
+    def __init__(self, claims: dict | None = None) -> None:
+        self.claims: dict[str, float] = dict(claims or {})  # signature -> its timestamp
+        self._newest_now = max(self.claims.values(), default=0.0)
+
+    def apply(self, signature, when) -> str:
+        """`when`: [the request's timestamp, the proposing leader's clock], Unix seconds."""
+        if type(signature) is not str or type(when) is not list or len(when) != 2 or not all(
+                type(t) in (int, float) for t in when):
+            return "error"  # not written by this version: nothing to claim
+        timestamp, now = when
+        if now > self._newest_now + 60:  # forget in steps, not a scan of every claim at every claim
+            self._newest_now = now
+            horizon = now - 2 * ADMIN_CLOCK_SKEW_SECONDS
+            self.claims = {s: t for s, t in self.claims.items() if t >= horizon}
+        if signature in self.claims:
+            return "used"
+        self.claims[signature] = timestamp
+        return "ok"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -1099,12 +1150,26 @@ def make_app(server: Server) -> bottle.Bottle:
             raise text(403, f"{what} refused: {reason}")
 
     def claim_signature(what: str) -> None:
-        """On the leader, just before acting: refuse a signature already acted on (a replay)."""
+        """On the leader, just before acting: refuse a signature already acted on (a replay), here (AdminGuard: no
+        log entry for a replay to this leader) or by any leader (AdminClaims, through the log)."""
         if guard is None:
             return
-        reason = guard.claim(bottle.request.get_header(SIGNATURE_HEADER))
+        req = bottle.request
+        signature = req.get_header(SIGNATURE_HEADER)
+        reason = guard.claim(signature)
+        if reason is None:
+            command = KeyValueStore.command(ADMIN_CLAIM, signature, b"",
+                                            [float(req.get_header(TIMESTAMP_HEADER)), time.time()])
+            try:
+                _, result = runtime.propose(command, args.write_timeout)
+            except NotLeader:
+                raise redirect_to_leader() from None
+            except (ProposalDropped, EntryLost, Timeout, DiskFull, Stopped) as e:
+                raise text(503, f"{what} not confirmed ({e}); sign it again to retry") from None
+            if result == "used":
+                reason = "this signed request was already used, on another leader (a replay); sign it again"
         if reason is not None:
-            admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", what, bottle.request.remote_addr, reason)
+            admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", what, req.remote_addr, reason)
             raise text(403, f"{what} refused: {reason}")
 
     def propose(command: bytes):

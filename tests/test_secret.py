@@ -202,3 +202,54 @@ def test_warns_when_listening_beyond_loopback_without_a_secret(tmp_path):
             local.kill()
     finally:
         subprocess.run(["ip", "netns", "del", ns], timeout=30)
+
+
+def test_a_used_admin_request_is_refused_by_every_later_leader(tmp_path):
+    """Review F5: a recorded signed join of a node later removed, replayed to the next leader (after a transfer),
+    brought it back; the recorded removal replayed removed it again: the used-signature memory was the leader's
+    own. Now a claim of each signature goes through the Raft log before the request acts, and every node, also one
+    restarted from a snapshot that holds the claims, refuses it."""
+    secret = b"claims-s3cret"
+    path = secret_file(tmp_path, "s", secret.decode())
+    c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path, "-snapshot-threshold", "65536")).start()
+    try:
+        leader = c.leader()
+        ghost = json.dumps({"node_id": "ghost", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2"})
+        join = sign(secret, "POST", "/join", ghost.encode())
+        assert leader.request("POST", "/join", ghost, headers=join).status == 200
+        assert members(leader).get("ghost") == "learner"
+        remove = sign(secret, "DELETE", "/cluster/ghost")
+        r = leader.request("DELETE", "/cluster/ghost", headers=remove)
+        assert r.status == 200, r
+        removed_at = int(r.headers["x-raft-index"])
+        assert "ghost" not in members(leader)
+
+        # Enough writes that every node's snapshot covers the claims; then the next leader restarts from it.
+        successor = next(n for n in c.nodes if n is not leader)
+        for i in range(120):
+            assert leader.request("POST", f"/db/fill{i}", b"x" * 1024).status == 200
+        wait_for(lambda: successor.status()["snapshot_index"] > removed_at, 15, "a snapshot past the claims")
+        successor.stop()
+        successor.start("-secret-file", path, "-snapshot-threshold", "65536")
+        successor_id = successor.status()["node_id"]
+        wait_for(lambda: leader.request("POST", f"/cluster/transfer?to={successor_id}", headers=sign(
+            secret, "POST", f"/cluster/transfer?to={successor_id}")).status == 200, 15, "the transfer")
+        assert c.leader() is successor
+
+        # The recorded join, replayed to the new leader (directly and through the old one): refused.
+        for node in (successor, leader):
+            r = node.request("POST", "/join", ghost, headers=join)
+            assert r.status in (403, 307) and ("replay" in r.text or r.status == 307), r
+        r = successor.request("POST", "/join", ghost, headers=join)
+        assert r.status == 403 and "replay" in r.text, r
+        assert "ghost" not in members(successor)
+        # Joined again with a fresh signature, the recorded removal replayed does not remove it.
+        assert successor.request("POST", "/join", ghost, headers=sign(secret, "POST", "/join", ghost.encode())
+                                 ).status == 200
+        r = successor.request("DELETE", "/cluster/ghost", headers=remove)
+        assert r.status == 403 and "replay" in r.text, r
+        assert members(successor).get("ghost") == "learner"
+        for n in c.nodes:
+            assert "Traceback" not in n.log_text()
+    finally:
+        c.stop()
