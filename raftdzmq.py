@@ -16,6 +16,7 @@ import argparse  # noqa: E402
 import binascii  # noqa: E402
 import bisect  # noqa: E402
 import collections  # noqa: E402
+import errno  # noqa: E402
 import hashlib  # noqa: E402
 import http.client  # noqa: E402
 import io  # noqa: E402
@@ -62,7 +63,7 @@ from raftlib import (  # noqa: E402
 )
 from raftlib.runtime import EntryLost, Runtime, StateMachine, Stopped, Timeout  # noqa: E402
 from raftlib.storage import DiskFull, DiskStorage, StorageError  # noqa: E402
-from raftlib.transport import ZmqTransport  # noqa: E402
+from raftlib.transport import CURVE_AVAILABLE, ZmqTransport  # noqa: E402
 
 log = logging.getLogger("raftdzmq")
 TRACE = 5
@@ -508,7 +509,9 @@ MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
 MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
 MAX_CHUNK_LINE_BYTES = 1024
-FD_RESERVE = 100  # descriptors kept for the Raft sockets (zmq: a few per peer), the log, the listeners, stdio
+# Descriptors kept for all but HTTP: ~25 for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
+# two per peer (its REQ socket); and the Raft port's inbound connections (at most 32 kept: transport.py).
+FD_RESERVE = 100
 _TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # RFC 9110 §5.6.2
 _FIELD_VALUE_CHARS = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))  # HTAB, SP, VCHAR, obs-text
 _TARGET_CHARS = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))  # no space, no control character
@@ -875,6 +878,8 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
         self.closed_connections: collections.Counter = collections.Counter()  # by EdgeServer: idle, busy, evicted
         self._refusals = _RateLimitedLog("refused HTTP requests")
+        self._accept_failures = _RateLimitedLog("failed accepts")
+        self._accept_pause_seconds = 0.0
         self._sweeper = None
 
     def start(self) -> None:
@@ -885,6 +890,28 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
         super().stop(timeout)
+
+    def do_read(self):
+        """Accept one connection. Out of descriptors (EMFILE, ENFILE) or kernel memory, accepting pauses (0.01 s,
+        doubling up to 1 s, back to nothing once one succeeds) and says so at most once a second: the connections
+        wait in the backlog meanwhile. gevent would log a traceback each time, and retry at once in a busy loop
+        for as long as the descriptors stay used up. A connection reset before it was accepted is skipped quietly."""
+        try:
+            accepted = super().do_read()
+        except OSError as e:
+            if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                return None
+            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            self._accept_pause_seconds = min(1.0, max(0.01, 2 * self._accept_pause_seconds))
+            self._accept_failures.log(logging.WARNING, "cannot accept HTTP connections (%s): pausing accept for %gs",
+                                      e.strerror, self._accept_pause_seconds)
+            self.stop_accepting()
+            self._timer = self.loop.timer(self._accept_pause_seconds)
+            self._timer.start(self._start_accepting_if_started)
+            return None
+        self._accept_pause_seconds = 0.0
+        return accepted
 
     def handle(self, sock, address):
         if self.pool.free_count() == 0:
@@ -948,6 +975,19 @@ class _RateLimitedLog:
             message += f" (and {self._left_out} more {self.what} since the last such line)"
         log.log(level, message, *args)
         self._logged_at, self._left_out = now, 0
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (a process may, without privileges): the soft default (often
+    1,024) is what strangers' connections to either port would otherwise use up first. The HTTP connection cap is
+    sized from the result (connection_bound)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.info("could not raise the descriptor limit from %d to %d: %s", soft, target, e)
 
 
 def connection_bound() -> int:
@@ -1409,7 +1449,16 @@ SECRET_ENV = "RAFTDZMQ_SECRET"
 
 
 def load_secret(args) -> bytes | None:
-    """The cluster secret from -secret-file, else from $RAFTDZMQ_SECRET; None when neither is given."""
+    """The cluster secret from -secret-file, else from $RAFTDZMQ_SECRET; None when neither is given. Exits when a
+    secret is given and this libzmq cannot use it (no CURVE)."""
+    secret = _read_secret(args)
+    if secret is not None and not CURVE_AVAILABLE:
+        raise SystemExit("raftdzmq: a cluster secret needs CURVE, and this pyzmq's libzmq has none (zmq.has('curve') "
+                         "is False): install a pyzmq wheel")
+    return secret
+
+
+def _read_secret(args) -> bytes | None:
     if args.secret_file:
         try:
             with open(os.path.expanduser(args.secret_file), "rb") as f:
@@ -1478,9 +1527,9 @@ def parse_args(argv=None):
                    default=16 << 20, help="take a snapshot when the log since the last one passes this many bytes "
                    "(default 16 MiB)")
     p.add_argument("-secret-file", "--secret-file", dest="secret_file", default=None, metavar="PATH",
-                   help=f"a file holding the cluster secret (or set ${SECRET_ENV}): every raft message, every join and "
-                        "every /cluster change is signed with it (HMAC-SHA256); nodes and requests without it are "
-                        "refused")
+                   help=f"a file holding the cluster secret (or set ${SECRET_ENV}): raft connections use CURVE keys "
+                        "derived from it, and every join and /cluster change is signed with it (HMAC-SHA256); nodes "
+                        "and requests without it are refused")
     p.add_argument("-sign", "--sign", nargs=2, metavar=("METHOD", "TARGET"), default=None,
                    help="print the headers that sign this admin request with the cluster secret, for curl -H @FILE "
                         "(e.g. -sign DELETE /cluster/ab12cd34), and exit; no DATA_DIR")
@@ -1533,6 +1582,7 @@ def setup_logging(args, node_label: str = "-") -> None:
 
 
 def main(argv=None) -> int:
+    raise_descriptor_limit()  # before parse_args: the default -max-connections depends on it
     args = parse_args(argv)
     if args.sign is not None:
         return print_signed_headers(args)

@@ -568,6 +568,195 @@ def test_out_of_descriptors_the_leader_keeps_serving_and_replicating(tmp_path):
         c.stop()
 
 
+# The ZMTP 3.0 greeting and READY of a REQ socket with the NULL mechanism: what any zmq client sends, no secret
+# needed (RFC 23/ZMTP).
+ZMTP_NULL_REQ = (b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+                 + b"\x04\x1a\x05READY\x0bSocket-Type\x00\x00\x00\x03REQ")
+
+
+class RaftPortSquatter:
+    """Holds `count` TCP connections to a Raft port, each sending `hello` (b"" for none), and opens a new one for
+    each the node closes, at most `reconnects_per_second` (a persistent attacker that keeps the count up)."""
+
+    def __init__(self, port: int, count: int, hello: bytes, reconnects_per_second: float = 200.0) -> None:
+        self.port, self.count, self.hello = port, count, hello
+        self.pause_seconds = 1.0 / reconnects_per_second
+        self.closed_by_node = 0
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+            if self.hello:
+                s.sendall(self.hello)
+            s.setblocking(False)
+            self._socks.append(s)
+        except OSError:
+            time.sleep(0.05)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if len(self._socks) < self.count:
+                self._open()
+                time.sleep(self.pause_seconds)
+                continue
+            for s in list(self._socks):
+                try:
+                    if s.recv(65536) == b"":
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self.closed_by_node += 1
+                    self._socks.remove(s)
+                    s.close()
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for s in self._socks:
+            s.close()
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("with_secret", [False, True], ids=["no secret", "secret"])
+def test_strangers_on_the_raft_port_cannot_use_up_the_leaders_descriptors(tmp_path, with_secret):
+    """Review F1: 420 connections to the leader's Raft port, each doing the ZMTP NULL handshake of a REQ socket
+    (no secret needed), were all kept by zmq: the leader (ulimit -n 400) ran out of descriptors, HTTP stopped
+    answering, accept() logged a traceback every second, and the next snapshot died with EMFILE. Here 420 such
+    connections and 100 that send nothing, kept up by reconnecting, against a leader with -snapshot-threshold
+    small enough to snapshot several times meanwhile: it serves, replicates and snapshots throughout."""
+    extra = ["-snapshot-threshold", "65536"]
+    if with_secret:
+        with open(tmp_path / "secret", "w") as f:
+            f.write("squatters-do-not-know-this\n")
+        extra += ["-secret-file", str(tmp_path / "secret")]
+    nofile = ("prlimit", "--nofile=400:400", "--")
+    nodes = [Node("node.1", str(tmp_path), wrap=nofile)] + [Node(f"node.{i}", str(tmp_path)) for i in (2, 3)]
+    c = LocalCluster(str(tmp_path), nodes=nodes, extra=tuple(extra)).start()
+    squatters = []
+    try:
+        leader = c.leader()
+        assert leader is nodes[0]
+        term = leader.status()["term"]
+        squatters = [RaftPortSquatter(leader.port, 420, ZMTP_NULL_REQ), RaftPortSquatter(leader.port, 100, b"")]
+        deadline = time.monotonic() + 8
+        writes, most_fds = 0, 0
+        while time.monotonic() < deadline:
+            r = leader.request("POST", f"/db/k{writes % 20}", b"v" * 3000, timeout=10)
+            assert r.status == 200, (writes, r, leader.log_text()[-2000:])
+            assert leader.request("GET", "/status", timeout=10).status == 200
+            writes += 1
+            most_fds = max(most_fds, _fds(leader.proc.pid))
+        follower = nodes[1]
+        wait_for(lambda: follower.request("GET", "/db/k0?consistency=stale").body == b"v" * 3000, 10, "replication")
+        status = leader.status()
+        assert status["snapshot_index"] > 0 and status["term"] == term and status["role"] == "leader", status
+        assert not leader.exited()
+        assert sum(s.closed_by_node for s in squatters) > 0  # the node closed squatters rather than keep them
+        text = leader.log_text()
+        assert "Traceback" not in text and "storage failed" not in text, text[-3000:]
+        print(f"writes {writes}, most descriptors {most_fds}/400, squatters closed "
+              f"{[s.closed_by_node for s in squatters]}")
+    finally:
+        for s in squatters:
+            s.stop()
+        c.stop()
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
+    """Review F1 (b): a node started under a low soft limit (1,024 is common) raises it to the hard limit, and
+    sizes its default HTTP connection cap from that."""
+    n = Node("one", str(tmp_path), wrap=("prlimit", "--nofile=256:4096", "--")).start()
+    try:
+        with open(f"/proc/{n.proc.pid}/limits") as f:
+            row = next(line for line in f if line.startswith("Max open files")).split()
+        assert row[3:5] == ["4096", "4096"], row
+        held = [socket.create_connection(("127.0.0.1", n.http_port), timeout=10) for _ in range(300)]
+        try:  # more than (256 - 100) / 2 = 78 connections are served at once: the cap came from 4,096
+            time.sleep(0.5)
+            assert n.request("GET", "/status").status == 200
+            assert _fds(n.proc.pid) > 300
+        finally:
+            for s in held:
+                s.close()
+    finally:
+        n.kill()
+
+
+ACCEPT_OUT_OF_DESCRIPTORS = r"""
+import io, json, logging, os, resource, sys
+sys.path.insert(0, sys.argv[1])
+import raftdzmq
+import gevent, gevent.socket
+
+out = io.StringIO()
+logging.basicConfig(stream=out, level=logging.INFO)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+listener = gevent.socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+
+
+server = raftdzmq.EdgeServer(listener, app, max_connections=50, idle_timeout_seconds=30, receive_timeout_seconds=30,
+                             busy_timeout_seconds=60, max_header_bytes=32768, max_body_bytes=1024)
+server.start()
+hog = []
+while True:  # every descriptor this process may have
+    try:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        break
+print(listener.getsockname()[1], flush=True)
+gevent.socket.wait_read(0)  # the test's clients connect and send; accept fails meanwhile; then a line comes
+os.read(0, 100)
+for fd in hog:
+    os.close(fd)
+gevent.sleep(3)
+server.stop()
+sys.stderr.write(out.getvalue())
+"""
+
+
+def test_out_of_descriptors_accept_pauses_and_says_so_once_a_second():
+    """Review F1: with the process out of descriptors, gevent's accept() logged an EMFILE traceback every second (and
+    retried at once, in a busy loop). Now it pauses, logs at most once a second, and the connections that waited in
+    the backlog are served once descriptors are back."""
+    p = subprocess.Popen([sys.executable, "-c", ACCEPT_OUT_OF_DESCRIPTORS, ROOT], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        port = int(p.stdout.readline())
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        for c in clients:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(3.5)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        answers = [c.recv(100) for c in clients]
+        for c in clients:
+            c.close()
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    log = err.decode()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers), (answers, log)
+    assert "Traceback" not in log and "Too many open files" in log, log
+    assert 2 <= log.count("cannot accept HTTP connections") <= 5, log
+
+
 SENDER_SURVIVES_EMFILE = r"""
 from gevent import monkey
 monkey.patch_all()
