@@ -43,6 +43,7 @@ import prometheus_client as prom  # noqa: E402
 import prometheus_client.core as prom_core  # noqa: E402
 import prometheus_client.utils as prom_utils  # noqa: E402
 import gevent  # noqa: E402
+import gevent.hub  # noqa: E402
 import gevent.pool  # noqa: E402
 import gevent.pywsgi  # noqa: E402
 from sortedcontainers import SortedList  # noqa: E402
@@ -339,7 +340,6 @@ class Server:
                                snapshot_threshold_bytes=args.snapshot_threshold, on_fatal=self._fatal)
         self.metrics.bind(self)
         self.http = None
-        self._requests = 0
         self._stopping = False
 
     # ---- the join marker: "joined" means a leader accepted the join (issue 11) ----
@@ -509,6 +509,7 @@ MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
 MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
 MAX_CHUNK_LINE_BYTES = 1024
+TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
 # Descriptors kept for all but HTTP: ~25 for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
 # two per peer (its REQ socket); and the Raft port's inbound connections (at most 32 kept: transport.py).
 FD_RESERVE = 100
@@ -583,6 +584,9 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       answer included, is bounded by EdgeServer too.
     - An answer that closes the connection half-closes it and reads what the client still sends for up to a
       second (at most 1 MiB), so the answer is not lost to a reset; a claimed body is never drained beyond that.
+    - Each request, once its first byte is there, passes EdgeServer.gate (TurnGate) before anything else: a turn of
+      the event loop starts at most about 5 ms of requests, so timers keep their pace however many connections
+      are ready (this replaces a sleep every 16 requests, which bounded nothing once every connection was ready).
     """
 
     def handle_one_request(self):
@@ -598,6 +602,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             server.idle.pop(self, None)
         if not buffered:
             return None
+        if server.gate.enter():  # it waited for a later turn of the loop: what came meanwhile counts too
+            buffered = self.rfile.peek(1)
         server.busy[self] = server.receiving[self] = time.monotonic()
         try:
             return self._handle_request(buffered)
@@ -848,6 +854,65 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         super().finalize_headers()
 
 
+class TurnGate:
+    """How much HTTP work one turn of the event loop may do, so that timers (ticks, heartbeats, elections) run
+    often enough however many connections have a request ready.
+
+    Why: in one turn, the loop runs every greenlet whose socket became readable, one after the other, and only
+    then the timers that expired. With 200 keep-alive connections sending GET /status as fast as answered, each
+    turn ran 200 requests (~60-100 ms, up to 0.5 s) and the leader lost its term (review F3); the stall grows with
+    the number of connections ready at once, whatever each request costs.
+
+    Rules: a request starts at once while this turn has spent less than `budget_seconds` on requests (measured from
+    the first request of the turn; a turn is libev's iteration count) and nobody is waiting. Otherwise it waits,
+    first come first served, and a timer callback (run after this turn's I/O, in a later turn's timer phase, with
+    the Raft timers) starts the waiting ones, at least one and then while its own budget lasts. So a turn does at
+    most about two budgets of HTTP work plus a few microseconds per ready connection to queue it. A request that
+    blocks (a write waiting for its commit) does not hold the budget while it waits."""
+
+    def __init__(self, budget_seconds: float) -> None:
+        self.budget_seconds = budget_seconds
+        self._loop = gevent.get_hub().loop
+        self._turn = -1
+        self._turn_started = 0.0
+        self._waiting: collections.deque = collections.deque()
+        self._timer = None
+        self.waited = 0  # requests that waited for a later turn, in all
+
+    def enter(self) -> bool:
+        """Return once this greenlet's request may start; True if it had to wait."""
+        if not self._waiting:
+            turn = self._loop.iteration
+            if turn != self._turn:
+                self._turn, self._turn_started = turn, time.perf_counter()
+                return False
+            if time.perf_counter() - self._turn_started < self.budget_seconds:
+                return False
+        waiter = gevent.hub.Waiter()
+        self._waiting.append(waiter)
+        self.waited += 1
+        if self._timer is None:
+            self._timer = self._loop.timer(0.0)
+            self._timer.start(self._admit)
+        waiter.get()
+        return True
+
+    def _admit(self) -> None:
+        """In the hub, a turn later: start waiting requests, each running until it blocks, within the budget."""
+        self._timer.close()
+        self._timer = None
+        started = time.perf_counter()
+        self._turn, self._turn_started = self._loop.iteration, started
+        waiting = self._waiting
+        while waiting:
+            waiting.popleft().switch(None)
+            if time.perf_counter() - started >= self.budget_seconds:
+                break
+        if waiting:
+            self._timer = self._loop.timer(0.0)
+            self._timer.start(self._admit)
+
+
 class EdgeServer(gevent.pywsgi.WSGIServer):
     """The HTTP server with a connection cap. Rules: at most `max_connections` connections at once (a pool; past it
     the server stops accepting and the kernel's backlog holds the rest, using none of this process's descriptors);
@@ -864,7 +929,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
 
     def __init__(self, listener, application, *, max_connections: int, idle_timeout_seconds: float,
                  receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS) -> None:
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         self.idle_timeout_seconds = idle_timeout_seconds
         self.receive_timeout_seconds = receive_timeout_seconds
@@ -880,6 +945,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self._refusals = _RateLimitedLog("refused HTTP requests")
         self._accept_failures = _RateLimitedLog("failed accepts")
         self._accept_pause_seconds = 0.0
+        self.gate = TurnGate(turn_budget_seconds)
         self._sweeper = None
 
     def start(self) -> None:
@@ -1126,19 +1192,6 @@ def make_app(server: Server) -> bottle.Bottle:
         return f"{res.status_line}: {res.body}\n" if isinstance(res.body, str) and res.body else f"{res.status_line}\n"
 
     app.default_error_handler = default_error
-
-    @app.hook("before_request")
-    def _yield_now_and_then():
-        # A keep-alive connection with its next request waiting never yields; without this, timers (elections,
-        # heartbeats) starve under load (STACK-NOTES.md), and so do connections whose requests are still in the
-        # socket. A tiny sleep yields to the next turn of the event loop, which polls every socket and runs the
-        # timers; gevent.idle() (used before) waits until nothing else at all is runnable, which made its
-        # request wait for everybody else's. Alternating 3-node runs at 64 clients (raftdzmq_hub_lag_seconds
-        # p99 <= 10 ms in all): idle every 4 requests 4,530 writes/s, p99 65 ms; sleep every 4: 5,637/s, p99
-        # 25 ms; sleep every 16: 6,532/s, p99 20 ms (5,712/s, p99 25 ms for every 4 in that run).
-        server._requests += 1
-        if server._requests % 16 == 0:
-            gevent.sleep(0.00001)
 
     def redirect_to_leader():
         leader = server.leader_http()
