@@ -150,10 +150,16 @@ class ZmqTransport:
         self._rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
         self._rep.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_SECONDS * 1000))
         self.secure(self._rep, server=True)
-        self._monitor = self._rep.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        # The monitor's events go through an inproc pair whose queue drops what does not fit: make room for the
+        # bursts a flood of connections brings while the loop is busy (a missed event skews the count).
+        endpoint = f"inproc://raft-port-monitor-{id(self)}"
+        self._rep.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
+                          | zmq.EVENT_CLOSED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._monitor = self._context.socket(zmq.PAIR)
+        self._monitor.setsockopt(zmq.LINGER, 0)
+        self._monitor.setsockopt(zmq.RCVHWM, 0)
+        self._monitor.connect(endpoint)
         self._bind(self._rep, f"tcp://{self.bind_address}")
         self._greenlets += [gevent.spawn(self._serve), gevent.spawn(self._watch_connections)]
 
@@ -310,11 +316,11 @@ class _InboundConnections:
         return len(self._rank)
 
     def accepted(self, fd: int) -> None:
-        self._rank[fd] = time.monotonic() - NEVER_SPOKE_SECONDS
+        # It may have spoken already: its first frame can be handled before the monitor's event about it.
+        self._rank[fd] = max(self._rank.get(fd, 0.0), time.monotonic() - NEVER_SPOKE_SECONDS)
 
     def spoke(self, fd: int) -> None:
-        if fd in self._rank:
-            self._rank[fd] = time.monotonic()
+        self._rank[fd] = time.monotonic()
 
     def gone(self, fd: int) -> None:
         self._rank.pop(fd, None)
