@@ -428,7 +428,11 @@ class RaftNode:
                 self._become_follower(m.term, m.src)
             else:
                 self._become_follower(m.term, None)
-        elif m.term < self.current_term:
+        elif m.term < self.current_term and type(m) is not Removed:
+            # A Removed notice is let through: a removed node that campaigns without pre-vote runs its term ahead
+            # of the members', who answer at their own term, so it would never learn why nobody follows it. Its
+            # own check (`_handle_removed`: a configuration of ours that is newer, with us in it) tells a stale
+            # notice, whatever its term.
             if isinstance(m, (AppendEntries, InstallSnapshot)):
                 # Tell a stale leader about the new term, or it would never step down (thesis §9.6).
                 self._send(AppendEntriesReply(self.node_id, m.src, self.current_term, False, 0))

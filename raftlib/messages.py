@@ -209,7 +209,9 @@ class Removed:
     message: a node removed from the cluster learns it this way (the leader stops sending to a node once the
     configuration without it is appended, so that node never gets the entry itself; etcd likewise answers a
     removed member). It only informs: the receiver keeps campaigning and serving as before, and forgets the
-    notice when a leader sends it entries. `leader_id` is the leader the sender knows, "" for none."""
+    notice when a leader sends it entries. It is taken whatever its term (a removed node's term may run ahead of
+    the members'), unless the receiver holds a newer configuration with itself in it. `leader_id` is the leader
+    the sender knows, "" for none."""
 
     src: str
     dst: str

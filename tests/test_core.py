@@ -564,6 +564,8 @@ def test_a_removed_node_learns_that_it_was_removed_and_disturbs_nobody():
     leader = elect(c)
     term = c.nodes[leader].node.current_term
     gone = next(i for i in c.ids if i != leader)
+    notices = []
+    c.deliver_filter = lambda m: (notices.append(m) or m) if isinstance(m, Removed) else m
     assert c.change_membership(ConfChangeKind.REMOVE, gone)
     index = c.nodes[leader].node.log.last_index
     n = c.nodes[gone].node
@@ -576,26 +578,48 @@ def test_a_removed_node_learns_that_it_was_removed_and_disturbs_nobody():
     assert c.change_membership(ConfChangeKind.ADD_LEARNER, gone)
     assert c.run_until(lambda: gone in c.nodes[leader].node.membership.voters, 500)
     assert n.removed is None
+    # A notice from before the node was added again, delayed or duplicated by the network, arrives now: its
+    # configuration is older than the one the node holds, with itself in it, so it is stale and changes nothing.
+    assert n.log.membership_entries()[-1].index > index and gone in n.membership.node_ids
+    n.step(notices[0])
+    c.process(gone)
+    assert n.removed is None, "took a notice older than its own configuration"
     write(c)
     assert c.leader() == leader
 
 
 def test_a_removed_notice_only_informs():
-    """A Removed notice can come from a node with a stale view. It must cost nothing: a notice from an older term
-    is ignored, and a member that holds one still campaigns, wins and serves; it forgets the notice then."""
+    """A Removed notice can come from a node with a stale view, or be plain wrong. It must cost nothing: a member
+    that holds one (here from the current term and from an older one: terms do not tell a stale notice) still
+    campaigns, wins and serves; it forgets the notice then."""
     c = Cluster(seed=20, n=3)
     leader = elect(c)
     term = c.nodes[leader].node.current_term
     a, b = [i for i in c.ids if i != leader]
     c.isolate(leader)
-    c.nodes[a].node.step(Removed(leader, a, term - 1, 1, leader))
-    c.process(a)
-    assert c.nodes[a].node.removed is None  # an older term's word
-    for x in (a, b):
-        c.nodes[x].node.step(Removed(leader, x, term, 1, leader))
+    for x, notice_term in ((a, term - 1), (b, term)):
+        c.nodes[x].node.step(Removed(leader, x, notice_term, 1, leader))
         c.process(x)
         assert c.nodes[x].node.removed == (leader, 1)
     assert c.run_until(lambda: c.leader() in (a, b), 500)
     write(c)
     c.run(20)
     assert c.nodes[a].node.removed is None and c.nodes[b].node.removed is None
+
+
+def test_a_removed_node_whose_term_ran_ahead_still_learns_that_it_was_removed():
+    """Without pre-vote (a library user's choice, thesis §9.6), a removed node campaigns in real elections: its
+    term runs ahead of the members', and every Removed notice comes at a member's own, lower term. The notice is
+    still taken (its configuration index, not its term, tells whether it is stale), or the node would never
+    learn why nobody follows it."""
+    c = Cluster(seed=19, n=3, config_overrides={"pre_vote": False})
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    gone = next(i for i in c.ids if i != leader)
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    index = c.nodes[leader].node.log.last_index
+    n = c.nodes[gone].node
+    assert c.run_until(lambda: n.removed is not None, 300), "the removed node was never told"
+    assert n.removed == (leader, index) and n.current_term > term  # told, at a term below its own
+    c.run(100)
+    assert c.leader() == leader and c.nodes[leader].node.current_term == term
