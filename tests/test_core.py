@@ -623,3 +623,34 @@ def test_a_removed_node_whose_term_ran_ahead_still_learns_that_it_was_removed():
     assert n.removed == (leader, index) and n.current_term > term  # told, at a term below its own
     c.run(100)
     assert c.leader() == leader and c.nodes[leader].node.current_term == term
+
+
+def test_a_removal_that_never_commits_is_never_announced():
+    """Thesis §4.1: a configuration is in force once appended, committed or not, and an uncommitted one can be
+    overwritten. The leader appends the removal of G but cannot commit it (its other voter is cut off); G, which
+    no longer hears from it, keeps talking to it (answers, then votes). Only a committed configuration is
+    announced (`Removed`): this one is lost when the other two elect a leader without it, and G was never told
+    that it was out."""
+    c = Cluster(seed=22, n=3)
+    leader = elect(c)
+    gone, other = [i for i in c.ids if i != leader]
+    notices, spoke = [], []
+
+    def network(m):
+        if isinstance(m, Removed):
+            notices.append(m)
+        elif (m.src, m.dst) == (gone, leader):
+            spoke.append(m)
+        return m
+
+    c.deliver_filter = network
+    c.cut |= {(leader, other), (other, leader)}
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    removal = c.nodes[leader].node.log.last_index
+    assert c.run_until(lambda: c.leader() not in (None, leader), 500)
+    old = c.nodes[leader].node
+    assert old.commit_index < removal and gone not in old.membership.node_ids and spoke  # G spoke to it meanwhile
+    c.heal()
+    c.run(200)
+    assert gone in c.nodes[c.leader()].node.membership.voters and gone in old.membership.voters  # overwritten
+    assert notices == [] and c.nodes[gone].node.removed is None
