@@ -15,6 +15,7 @@ from raftlib import (
     Entry,
     EntryKind,
     HardState,
+    InstallSnapshot,
     MemoryStorage,
     NotLeader,
     ProposalDropped,
@@ -23,6 +24,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
 )
+from raftlib.core import ProgressState
 from simulator import Cluster, SafetyViolation, random_schedule
 
 
@@ -654,3 +656,35 @@ def test_a_removal_that_never_commits_is_never_announced():
     c.run(200)
     assert gone in c.nodes[c.leader()].node.membership.voters and gone in old.membership.voters  # overwritten
     assert notices == [] and c.nodes[gone].node.removed is None
+
+
+def test_a_stale_rejection_does_not_restart_a_snapshot_transfer():
+    """§7: while a snapshot is sent to a follower, no append goes to it, so a rejected append it answers is from
+    before the transfer (delayed or duplicated by the network). Taken as news, it would put the follower back to
+    probing, and the probe, finding its entries compacted, would start the transfer again from byte 0."""
+    c = Cluster(seed=15, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    rejections = []
+    c.crash(lagger)
+    for k in range(60):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    c.deliver_filter = lambda m: (
+        (rejections.append(m) or m) if isinstance(m, AppendEntriesReply) and m.src == lagger and not m.success
+        else m)
+    c.restart(lagger)
+    n = c.nodes[leader].node
+    pr = n.progress(lagger)
+    assert c.run_until(lambda: pr.state is ProgressState.SNAPSHOT and pr.snapshot_offset > 64, 200)
+    assert rejections  # the probe that found the follower behind
+    offset = pr.snapshot_offset
+    chunks = []
+    c.deliver_filter = lambda m: (chunks.append(m) or m) if isinstance(m, InstallSnapshot) else m
+    n.step(rejections[0])
+    assert pr.state is ProgressState.SNAPSHOT and pr.snapshot_offset == offset
+    c.process(leader)
+    c.run(10)
+    assert chunks and chunks[0].offset >= offset, "the transfer started again"
+    c.deliver_filter = None
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 500)
