@@ -864,6 +864,18 @@ class RaftNode:
         if pr.state is ProgressState.SNAPSHOT:
             if heartbeat:
                 self._send_snapshot(peer)
+                # A chunk's reply carries no read round. An empty append at the snapshot's last entry carries
+                # it, so that this follower still confirms read rounds and renews the lease (thesis §6.4, §6.4.1)
+                # for as long as the transfer takes: it may be needed for a majority. Whatever it answers
+                # changes nothing else here: a success only tells how far its log matches ours (true), and a
+                # rejection is ignored in this state (_handle_append_entries_reply).
+                snap = pr.snapshot
+                self._send(
+                    AppendEntries(
+                        self.node_id, peer, self.current_term, snap.last_included_index, snap.last_included_term,
+                        (), self.commit_index, read_round,
+                    )
+                )
             return
         if pr.state is ProgressState.PROBE and pr.probe_sent and not read_round:
             return

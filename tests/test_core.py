@@ -688,3 +688,37 @@ def test_a_stale_rejection_does_not_restart_a_snapshot_transfer():
     assert chunks and chunks[0].offset >= offset, "the transfer started again"
     c.deliver_filter = None
     assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 500)
+
+
+def test_reads_are_served_while_a_follower_needed_for_a_majority_receives_a_snapshot():
+    """Thesis §6.4, §6.4.1: a read round, and the lease, need the acknowledgement of a majority. Of three voters
+    one is down and the other is far behind, so it gets the leader's snapshot, in 64-byte chunks over longer than
+    a read may wait (read_timeout_ticks). Its acknowledgements are needed throughout: every read, with a round or
+    on the lease, is served during the transfer, none fails."""
+    c = Cluster(seed=15, n=3)
+    leader = elect(c)
+    lagger, other = [i for i in c.ids if i != leader]
+    c.crash(lagger)
+    for k in range(150):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    c.crash(other)
+    c.restart(lagger)
+    n = c.nodes[leader].node
+    pr = n.progress(lagger)
+    reads, lease_reads, transfer_ticks = [], [], 0
+    for t in range(500):
+        if pr.state is ProgressState.SNAPSHOT:
+            transfer_ticks += 1
+            if t % 5 == 0:
+                reads.append(c.client_read(leader, "key1", lease=False))
+                lease_reads.append(c.client_read(leader, "key1", lease=True).read_index)  # None: not at once
+        elif transfer_ticks:
+            break
+        c.tick()
+    assert transfer_ticks > n._read_timeout_ticks + 10, transfer_ticks  # reads would have timed out meanwhile
+    assert c.nodes[lagger].node.log.snapshot_index == n.log.snapshot_index  # the transfer did finish
+    assert c.leader() == leader  # check-quorum kept it: the lagger's replies count as activity
+    c.run(50)
+    assert len(reads) > 5 and [r.start for r in reads if r.read_index is None] == []
+    assert None not in lease_reads, "the lease lapsed during the transfer"
