@@ -1110,6 +1110,11 @@ class RaftNode:
     def _handle_read_index_request(self, m: ReadIndexRequest) -> None:
         if self.role is not Role.LEADER:
             return  # the follower times its requests out, or fails them when it learns of a new leader
+        if m.src not in self._member_ids:
+            # A node our configuration leaves out gets no more entries from us (thesis §4.2.2), so it could never
+            # apply the read index (at least the removal's index). Dropped: it times the reads out, and is told
+            # it was removed (step) once that configuration is committed.
+            return
         for request_id in m.request_ids:
             self._queue_leader_read(request_id, m.src)
 

@@ -722,3 +722,22 @@ def test_reads_are_served_while_a_follower_needed_for_a_majority_receives_a_snap
     c.run(50)
     assert len(reads) > 5 and [r.start for r in reads if r.read_index is None] == []
     assert None not in lease_reads, "the lease lapsed during the transfer"
+
+
+def test_a_removed_node_is_not_given_a_read_index_it_can_never_apply():
+    """Thesis §6.4, §4.2.2: for up to an election timeout after its removal a node still knows the leader and
+    forwards its reads. The leader sends it no more entries, so any read index it got (at least the removal's
+    index) would never be applied there: the leader does not take reads from nodes outside its configuration,
+    and the removed node fails them within read_timeout_ticks instead of holding them for ever."""
+    c = Cluster(seed=19, n=3)
+    leader = elect(c)
+    gone = next(i for i in c.ids if i != leader)
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    c.run(3)
+    n = c.nodes[gone].node
+    assert n.leader_id == leader and n.removed is None
+    r = c.client_read(gone, "k", lease=False)
+    assert r is not None and n.reads_pending == 1
+    c.run(n._read_timeout_ticks + 1)
+    assert r.read_index is None and r.request_id not in c.pending_reads[gone] and n.reads_pending == 0
+    assert c.nodes[leader].node.reads_pending == 0
