@@ -66,12 +66,34 @@ class Config:
     lease_ticks: int | None = None
     # A read not answered within this many ticks fails (`Ready.failed_reads`; the caller may retry): a forwarded
     # request or its answer can be lost, and a leader may not get a round confirmed or commit in its term. This
-    # bounds every list a read waits in. None: two election timeouts.
+    # bounds every list a read waits in. None: two election timeouts. At least one election timeout: a read may
+    # take two round trips (forwarded, then confirmed) and a new leader's first commit, and the protocol only
+    # assumes that a round trip fits well inside an election timeout (§5.6); less would fail healthy reads.
     read_timeout_ticks: int | None = None
     # Deliberate faults, only for showing that the simulator's checks can fire. Never set them otherwise.
     unsafe_commit_previous_term: bool = False
     unsafe_read_without_quorum: bool = False
     unsafe_vote_twice: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse a configuration the protocol cannot run on (a local error: ValueError, naming the field)."""
+
+        def ticks(name: str, value, low: int) -> None:
+            if type(value) is not int or value < low:
+                raise ValueError(f"Config.{name} must be an integer of at least {low}, not {value!r}")
+
+        ticks("election_ticks", self.election_ticks, 1)
+        ticks("heartbeat_ticks", self.heartbeat_ticks, 1)
+        ticks("max_batch_bytes", self.max_batch_bytes, 1)
+        ticks("snapshot_chunk_bytes", self.snapshot_chunk_bytes, 1)
+        if self.lease_ticks is not None:
+            ticks("lease_ticks", self.lease_ticks, 1)
+            if self.lease_ticks >= self.election_ticks:
+                # thesis §6.4.1: a lease as long as the voters' election timeout leaves no margin for clock drift.
+                raise ValueError(f"Config.lease_ticks ({self.lease_ticks}) must be below election_ticks "
+                                 f"({self.election_ticks})")
+        if self.read_timeout_ticks is not None:
+            ticks("read_timeout_ticks", self.read_timeout_ticks, self.election_ticks)
 
 
 @dataclass
@@ -95,7 +117,9 @@ class Ready:
     messages: list[Message]
     committed_entries: list[Entry]
     read_states: list[tuple[int, int]]  # (request_id, read_index)
-    failed_reads: list[int]  # request ids this node can no longer answer (it lost its leader or leadership)
+    # Request ids this node can no longer answer: it lost its leader or its leadership, or no answer came within
+    # read_timeout_ticks. The caller may retry.
+    failed_reads: list[int]
     role: Role
     term: int
     leader_id: str | None
@@ -217,7 +241,9 @@ class RaftNode:
         self._reads_before_commit: list[tuple[int, str, int]] = []  # (id, origin, tick): for this term's commit
         self._reads_to_forward: list[int] = []  # sent to the leader at the next ready()
         self._reads_forwarded: dict[int, int] = {}  # request_id -> tick forwarded, in that order
-        self._read_timeout_ticks = config.read_timeout_ticks or 2 * config.election_ticks
+        self._read_timeout_ticks = config.read_timeout_ticks
+        if self._read_timeout_ticks is None:
+            self._read_timeout_ticks = 2 * config.election_ticks
         self._read_states: list[tuple[int, int]] = []
         self._failed_reads: list[int] = []
         self._ready_outstanding = False

@@ -12,6 +12,7 @@ from raftlib import (
     AppendEntries,
     AppendEntriesReply,
     ConfChangeKind,
+    Config,
     Entry,
     EntryKind,
     HardState,
@@ -741,3 +742,35 @@ def test_a_removed_node_is_not_given_a_read_index_it_can_never_apply():
     c.run(n._read_timeout_ticks + 1)
     assert r.read_index is None and r.request_id not in c.pending_reads[gone] and n.reads_pending == 0
     assert c.nodes[leader].node.reads_pending == 0
+
+
+@pytest.mark.parametrize(
+    "fields, why",
+    [
+        ({"read_timeout_ticks": 0}, "read_timeout_ticks must be an integer of at least 10, not 0"),
+        ({"read_timeout_ticks": 9}, "read_timeout_ticks must be an integer of at least 10, not 9"),
+        ({"lease_ticks": 10}, r"lease_ticks \(10\) must be below election_ticks \(10\)"),
+        ({"election_ticks": 0}, "election_ticks must be an integer of at least 1, not 0"),
+        ({"heartbeat_ticks": 1.5}, "heartbeat_ticks must be an integer of at least 1, not 1.5"),
+    ],
+)
+def test_a_config_the_protocol_cannot_run_on_is_refused(fields, why):
+    """A read timeout of 0 used to mean the default, and one below a round trip failed every read; a lease as long
+    as an election timeout leaves no margin for clock drift (thesis §6.4.1). Each is refused, naming the field."""
+    with pytest.raises(ValueError, match=why):
+        Config("n1", **fields)
+    assert Config("n1", read_timeout_ticks=10).read_timeout_ticks == 10  # the smallest allowed
+
+
+def test_reads_fail_after_the_read_timeout_given():
+    """Config.read_timeout_ticks is the bound a read waits (thesis §6.4), not only the default of two election
+    timeouts: a forwarded read whose request is lost fails right after it."""
+    c = Cluster(seed=17, n=3, config_overrides={"read_timeout_ticks": 13})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    c.deliver_filter = lambda m: None if isinstance(m, ReadIndexRequest) else m
+    r = c.client_read(follower, "k", lease=False)
+    c.run(12)
+    assert r.request_id in c.pending_reads[follower]
+    c.run(1)
+    assert r.request_id not in c.pending_reads[follower] and r.read_index is None
