@@ -193,9 +193,12 @@ class RaftNode:
         else:
             self._base_membership = membership if membership is not None else Membership(voters=())
         self._refresh_membership()
-        # Set when a member told us that its committed configuration (at that index) leaves us out: (the leader
-        # it knew, or None; the index). It only informs (/status, the HTTP answers): we campaign and serve as
-        # before, and forget it when a leader sends us entries (it counts us as a member) or we win an election.
+        # Set when a member told us that its committed configuration leaves us out: (the leader it knew, or None;
+        # an index N). We were removed at or before N: N is the index of that configuration's entry while the
+        # member has it in its log, and its snapshot's index once the entry is compacted (a snapshot does not
+        # record its configuration's index; keeping it would change the snapshot and wire formats). It only
+        # informs (/status, the HTTP answers): we campaign and serve as before, and forget it when a leader sends
+        # us entries (it counts us as a member) or we win an election.
         self.removed: tuple[str | None, int] | None = None
 
         self.current_term = hard_state.current_term
@@ -818,6 +821,7 @@ class RaftNode:
         if entries:
             self._set_membership(entries[-1].membership, entries[-1].index)
         else:
+            # The snapshot's configuration: made at or before its index, which is all the snapshot tells.
             self._set_membership(self._base_membership, self.log.snapshot_index)
 
     def _set_membership(self, membership: Membership, index: int) -> None:

@@ -474,8 +474,9 @@ class Runtime:
             logger.info("a leader counts this node as a member (again)")
             return
         leader_id, index = removed
-        logger.warning("this node was removed from the cluster (%sconfiguration at index %d); it keeps out of the "
-                       "way: add it again, or stop it", f"by {leader_id}, " if leader_id else "", index)
+        # At or before: a member that compacted the configuration's entry into a snapshot names the snapshot's index.
+        logger.warning("this node was removed from the cluster (%sat or before index %d); it keeps out of the way: "
+                       "add it again, or stop it", f"by {leader_id}, " if leader_id else "", index)
 
     def _sync_peers(self) -> None:
         self._membership = self.node.membership

@@ -774,3 +774,31 @@ def test_reads_fail_after_the_read_timeout_given():
     assert r.request_id in c.pending_reads[follower]
     c.run(1)
     assert r.request_id not in c.pending_reads[follower] and r.read_index is None
+
+
+def test_a_removed_notice_names_an_index_at_or_after_the_removal():
+    """§7: a snapshot keeps the configuration in force at its index, not the index of that configuration's entry.
+    Members that compacted the removal into a snapshot and restarted can only name the snapshot's index: the node
+    was removed at or before it (so the notice, the log line and /status say "at or before"). Never earlier than
+    the removal, and a stale-notice check on it stays sound."""
+    c = Cluster(seed=19, n=3)
+    leader = elect(c)
+    gone = next(i for i in c.ids if i != leader)
+    c.isolate(gone)
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    removal = c.nodes[leader].node.log.last_index
+    for k in range(5):
+        write(c, f"k{k}")
+    c.run(10)
+    for i in c.ids:
+        if i != gone:
+            c.take_snapshot(i)
+            c.crash(i)
+            c.restart(i)
+    elect(c)
+    snapshot_index = c.nodes[c.leader()].node.log.snapshot_index
+    assert snapshot_index > removal
+    c.heal()
+    n = c.nodes[gone].node
+    assert c.run_until(lambda: n.removed is not None, 300)
+    assert n.removed[1] == snapshot_index  # at or before: removal <= snapshot_index

@@ -302,8 +302,8 @@ def test_a_removed_notice_is_logged_once(caplog):
         with caplog.at_level("INFO", logger="raftlib.runtime"):
             runtime.deliver([Removed("a", "b", 1, 7, "a")], True)  # in its own term: nothing else changes
             assert runtime.node.removed == ("a", 7)
-            assert said() == ["this node was removed from the cluster (by a, configuration at index 7); it keeps "
-                              "out of the way: add it again, or stop it"]
+            assert said() == ["this node was removed from the cluster (by a, at or before index 7); it keeps out "
+                              "of the way: add it again, or stop it"]
             for term in (1, 2):
                 runtime.deliver([Removed("a", "b", term, 7, "a")], True)
             assert len(said()) == 1
