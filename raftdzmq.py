@@ -441,7 +441,7 @@ class Server:
         if self.node.removed is None:
             return None
         leader_id, index = self.node.removed
-        return f"this node was removed from the cluster ({f'by {leader_id} ' if leader_id else ''}at index {index})"
+        return f"this node was removed from the cluster ({f'by {leader_id} ' if leader_id else ''}at or before index {index})"
 
     def join(self, target: str) -> None:
         """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded in time."""
