@@ -87,21 +87,29 @@ class DataDirLocked(StorageError):
 
 
 class DiskFull(StorageError):
-    """The disk had no room (ENOSPC, EDQUOT). Nothing of the failed write is left behind: the same save may be
-    tried again once there is room, and the data dir and the storage's state stay as they were before."""
+    """The disk had no room (ENOSPC, EDQUOT) for a write, or for the fsync of a file this write created. The
+    storage's state is as it was, and so is the data dir as every reader sees it, now and after any crash: it
+    loads to the state before the write. What may be left is harmless: a `*.tmp` file whose unlink a power failure
+    undid (no reader uses it, load deletes it), a snapshot file no base record names (an install that did not
+    commit: load deletes it), or the part of a record that reached the log before ENOSPC, cut off and never
+    synced (a torn tail at worst, which load cuts). The same save may be tried again once there is room. Every
+    other error of a write or a sync is an OSError: the caller must stop (fsyncgate)."""
 
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None) -> None:
-    """Write to a temporary file, fsync, rename over `path`, fsync the folder. Out of room: DiskFull, no trace."""
+    """Write to a temporary file, fsync, rename over `path`, fsync the folder. No room (the writes or the temporary
+    file's fsync): DiskFull, and `path` is as it was; the temporary file is unlinked, but that unlink is not synced,
+    so a power failure may bring it back: no reader looks at a `*.tmp`, and load deletes them. A failed rename or
+    folder fsync is fatal (the OSError goes up): which of the folder's operations reached the disk is unknown."""
     tmp = path + ".tmp"
     try:
         f = fs.create(tmp)
         try:
             fs.append(f, data)
-            fs.fsync(f)
+            fs.fsync(f)  # a new file: nothing older rides on this sync, so a failure of it loses nothing
         finally:
             fs.close(f)
     except OSError as e:
@@ -566,29 +574,47 @@ class DiskStorage:
 
     # ---- writing --------------------------------------------------------------------------------
 
-    def _create_segment(self, base_record: bytes) -> tuple[object, int]:
-        """A new newest segment holding `base_record`, durable (file and folder) when fsync is on; returns its
-        handle, open for appending, and its size. Out of room: DiskFull, and the file is gone."""
+    def _create_segment(self, records: bytes) -> tuple[object, int]:
+        """A new newest segment holding `records` (a base record, and the batch records that continue it), durable
+        (file and folder) when fsync is on; returns its handle, open for appending, and its size.
+
+        No room (ENOSPC, EDQUOT from a write or from the new file's fsync): the file is unlinked AND the folder
+        fsynced before DiskFull goes up, so that no power failure can bring back a complete base record that the
+        caller, carrying on with the older segment, no longer writes to (the newest base record is the log). Any
+        other error, or any error of a folder fsync, is fatal: the OSError goes up (fsyncgate: which of the
+        folder's operations reached the disk is unknown, and syncing again would not tell), and the caller must
+        stop; what is on the disk then recovers to the state before this segment or, with it, after."""
         fs = self.fs
         seq = self._segment_seq + 1
         path = os.path.join(self.log_dir, f"{seq:010d}.seg")
-        data = _HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION) + base_record
+        data = _HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION) + records
         try:
             f = fs.create(path)
-            try:
-                fs.append(f, data)
-                if self._fsync:
-                    fs.fsync(f)
-                    fs.fsync_dir(self.log_dir)
-            except BaseException:
-                fs.close(f)
-                raise
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                fs.unlink(path)
+        except OSError as e:  # no room for a new name: the file does not exist
             if e.errno in _NO_ROOM:
                 raise DiskFull(f"no room on the disk for a new log segment: {e.strerror}") from None
             raise
+        try:
+            fs.append(f, data)
+            if self._fsync:
+                fs.fsync(f)
+        except OSError as e:
+            fs.close(f)
+            if e.errno not in _NO_ROOM:
+                raise
+            fs.unlink(path)
+            if self._fsync:
+                fs.fsync_dir(self.log_dir)  # fails: fatal, as any folder fsync
+            raise DiskFull(f"no room on the disk for a new log segment: {e.strerror}") from None
+        except BaseException:
+            fs.close(f)
+            raise
+        if self._fsync:
+            try:
+                fs.fsync_dir(self.log_dir)
+            except BaseException:
+                fs.close(f)
+                raise
         self._segment_seq = seq
         return f, len(data)
 

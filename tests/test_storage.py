@@ -500,3 +500,63 @@ def test_each_storage_crash_point_is_reached_and_recovers_to_before_or_after(tmp
     got = state_of(got)[:2]
     allowed = {"before": [before], "after": [after], "before-or-after": [before, after]}[outcome]
     assert got in allowed, got
+
+
+# ---- a full disk or a failing disk at a sync (review S1) ----------------------------------------------------------
+
+
+def _fail_once(fs: CrashFS, kind: str, path: str, error: OSError) -> None:
+    """Make the next `kind` operation on `path` raise `error` (once)."""
+
+    def hook(fs, number, op_kind, what):
+        if op_kind == kind and what.split(" ")[0] == path:
+            fs.fail_at[number] = error
+            fs.before_op = None
+
+    fs.before_op = hook
+
+
+def _loads(fs: CrashFS) -> set:
+    out = set()
+    for state in fs.crash_states(limit=10_000):
+        snap, log, _ = state_of(DiskStorage("/data", fs=state).load())
+        out.add((snap, tuple(log)))
+    return out
+
+
+def test_no_room_at_the_fsync_of_a_new_segment_leaves_no_base_record_a_power_failure_brings_back():
+    """ENOSPC from the new segment's fsync (ext4's delayed allocation reports a full disk there): the install
+    raises DiskFull and the node carries on with the old segment, acknowledging saves. The unlink of the new
+    segment must be durable before that, or a power failure keeps its complete base record, load takes it as the
+    log, and the entries acknowledged since are gone."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 5), entries(1, 5))
+    _fail_once(fs, "fsync", "/data/log/0000000002.seg", OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(DiskFull):
+        s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"state-at-5"))
+    assert s.state.snapshot is None and s.state.last_index == 5
+    s.save(HardState(1, "a", 8), entries(6, 3))  # fdatasynced: 6..8 are acknowledged
+    assert _loads(fs) == {(None, tuple((i, 1) for i in range(1, 9)))}
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EIO])
+def test_a_failed_folder_fsync_at_a_new_segment_is_fatal_and_the_disk_recovers_to_before_or_after(errno_):
+    """A folder fsync that fails leaves it unknown which of its operations reached the disk (fsyncgate): not
+    DiskFull (the caller would carry on), but the OSError, and the node stops; every crash state then loads as the
+    state before the install or after it."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 5), entries(1, 5))
+    _fail_once(fs, "fsync_dir", "/data/log", OSError(errno_, os.strerror(errno_)))
+    with pytest.raises(OSError) as raised:
+        s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"state-at-5"))
+    assert not isinstance(raised.value, DiskFull) and raised.value.errno == errno_
+    before, after = (None, tuple((i, 1) for i in range(1, 6))), ((5, 1), ())
+    got = _loads(fs)
+    assert got <= {before, after} and after in got, got
+    fs.crash_process()
+    snap, log, _ = state_of(DiskStorage("/data", fs=fs).load())
+    assert (snap, tuple(log)) in (before, after)
