@@ -62,6 +62,8 @@ _RECORD = struct.Struct(">II")  # payload length, crc32(payload)
 MAX_RECORD_BYTES = 256 << 20
 RECORD_BATCH = 1  # payload: 1 type byte, then CBOR [hard_state or null, [entry, ...]]
 RECORD_BASE = 2  # payload: 1 type byte, then CBOR [snapshot_index, snapshot_term, hard_state, [entry, ...]]
+RECORD_BATCH_PART = 3  # a batch record that more records of its group follow (payload as type 1)
+RECORD_BASE_PART = 4  # a base record that more records of its group follow (payload as type 2)
 
 # Test-only (the crash explorer's mutation table): replay every segment as the code before base records did,
 # dropping each record's entries at or below the snapshot index, and with them the cut that record stood for.
@@ -84,6 +86,10 @@ class UnknownFormatError(StorageError):
 
 class DataDirLocked(StorageError):
     pass
+
+
+class RecordTooBig(StorageError):
+    """A log entry too big for any record (over MAX_RECORD_BYTES): refused before anything is written."""
 
 
 class DiskFull(StorageError):
@@ -140,19 +146,65 @@ def _framed(payload: bytes) -> bytes:
     return _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def _chunks(head: list, wire: list, limit: int) -> list[list]:
+    """`wire` (encoded entries) cut into runs whose record, CBOR `head + [run]` after one type byte, fits in
+    `limit` bytes. An entry that no record can hold is refused before anything is written."""
+    overhead = 1 + len(cbor2.dumps(head + [[]])) + 8  # the type byte, the head, a list header of up to 9 bytes
+    out: list[list] = [[]]
+    size = overhead
+    for w in wire:
+        n = len(cbor2.dumps(w))
+        if n + overhead > limit:
+            raise RecordTooBig(f"a log entry of {n} bytes (index {w[1]}) is over the {limit}-byte record limit")
+        if size + n > limit and out[-1]:
+            out.append([])
+            size = overhead
+        out[-1].append(w)
+        size += n
+    return out
+
+
+def _encode_group(first_kind: int, head: list, hard_state: HardState | None, entries: list[Entry]) -> bytes:
+    """One record (`first_kind`'s final type) or, when that would be over MAX_RECORD_BYTES, a group: records of
+    the part types, closed by a batch record. The hard state rides in the first record of a base group and in
+    the last of a batch group; load applies a group only when all of it is there."""
+    limit = MAX_RECORD_BYTES
+    wire = [codec.entry_to_wire(e) for e in entries]
+    hs = _hard_state_out(hard_state)
+    if first_kind == RECORD_BASE:
+        one = bytes([RECORD_BASE]) + cbor2.dumps(head + [hs, wire])
+    else:
+        one = bytes([RECORD_BATCH]) + cbor2.dumps([hs, wire])
+    if len(one) <= limit:  # the common case costs one encoding, as before groups
+        return _framed(one)
+    runs = _chunks(head + [hs] if first_kind == RECORD_BASE else [hs], wire, limit)
+    out = []
+    for n, run in enumerate(runs):
+        last = n == len(runs) - 1
+        if n == 0 and first_kind == RECORD_BASE:
+            payload = bytes([RECORD_BASE if last else RECORD_BASE_PART]) + cbor2.dumps(head + [hs, run])
+        else:
+            body = [hs if last and first_kind == RECORD_BATCH else None, run]
+            payload = bytes([RECORD_BATCH if last else RECORD_BATCH_PART]) + cbor2.dumps(body)
+        assert len(payload) <= limit, (len(payload), limit)
+        out.append(_framed(payload))
+    return b"".join(out)
+
+
 def encode_record(hard_state: HardState | None, entries: list[Entry]) -> bytes:
-    """A batch record: the Ready's hard state (or None) and entries."""
-    hs = None if hard_state is None else [hard_state.current_term, hard_state.voted_for, hard_state.commit_index]
-    return _framed(bytes([RECORD_BATCH]) + cbor2.dumps([hs, [codec.entry_to_wire(e) for e in entries]]))
+    """A Ready's hard state (or None) and entries as one batch record, or as a group when over the record limit."""
+    return _encode_group(RECORD_BATCH, [], hard_state, entries)
 
 
 def encode_base_record(snapshot_index: int, snapshot_term: int, hard_state: HardState, entries: list[Entry]) -> bytes:
-    """A base record: the whole log after the snapshot at `snapshot_index`; what came before is forgotten."""
-    body = [snapshot_index, snapshot_term, _hard_state_out(hard_state), [codec.entry_to_wire(e) for e in entries]]
-    return _framed(bytes([RECORD_BASE]) + cbor2.dumps(body))
+    """A base record: the whole log after the snapshot at `snapshot_index`; what came before is forgotten. Over the
+    record limit: a base part record, then batch records holding the rest of the entries (one group)."""
+    return _encode_group(RECORD_BASE, [snapshot_index, snapshot_term], hard_state, entries)
 
 
 class _Record:
+    """A record, or a whole group merged: `kind` RECORD_BATCH or RECORD_BASE for a group."""
+
     __slots__ = ("offset", "kind", "hard_state", "entries", "snapshot_index", "snapshot_term")
 
     def __init__(self, offset, kind, hard_state, entries, snapshot_index=None, snapshot_term=None) -> None:
@@ -164,10 +216,10 @@ def _decode_record(path: str, offset: int, payload: bytes) -> _Record:
     try:
         kind = payload[0]
         body = cbor2.loads(payload[1:])
-        if kind == RECORD_BATCH:
+        if kind in (RECORD_BATCH, RECORD_BATCH_PART):
             hs, entries = body
             base = None
-        elif kind == RECORD_BASE:
+        elif kind in (RECORD_BASE, RECORD_BASE_PART):
             index, term, hs, entries = body
             if type(index) is not int or type(term) is not int or index < 0 or term < 0 or hs is None:
                 raise ValueError("bad base record")
@@ -186,59 +238,98 @@ def _decode_record(path: str, offset: int, payload: bytes) -> _Record:
     return _Record(offset, kind, hard_state, entries, *base)
 
 
+def _merge(path: str, parts: list[_Record]) -> _Record:
+    """A group's records as one: the first one's kind and offset, the entries in order, the last hard state."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    entries = list(first.entries)
+    hard_state = first.hard_state
+    for r in parts[1:]:
+        if r.entries:
+            if entries and r.entries[0].index != entries[-1].index + 1:
+                raise CorruptLogError(f"{path}: record at offset {r.offset} does not follow the entries of the "
+                                      f"group at offset {first.offset}")
+            entries += r.entries
+        if r.hard_state is not None:
+            hard_state = r.hard_state
+    kind = RECORD_BASE if first.kind in (RECORD_BASE, RECORD_BASE_PART) else RECORD_BATCH
+    return _Record(first.offset, kind, hard_state, entries, first.snapshot_index, first.snapshot_term)
+
+
+def _check_record(data: bytes, offset: int) -> tuple[str | None, int]:
+    """What is wrong with the record at `offset` (None: nothing), and where it ends (the file's end when its
+    length cannot be trusted)."""
+    if offset + _RECORD.size > len(data):
+        return "incomplete record header", len(data)
+    length, crc = _RECORD.unpack_from(data, offset)
+    if length == 0:
+        return "empty record", len(data)
+    if length > MAX_RECORD_BYTES:
+        return f"record length {length} is over the limit of {MAX_RECORD_BYTES}", len(data)
+    end = offset + _RECORD.size + length
+    if end > len(data):
+        return f"record length {length} runs past the end of the file", len(data)
+    if zlib.crc32(data[offset + _RECORD.size : end]) != crc:
+        return "checksum mismatch", end
+    return None, end
+
+
+SECTOR_BYTES = 512  # the unit a disk writes whole or not at all; a lost page is 8 of them (etcd: isTornEntry)
+
+
+def _torn(data: bytes, offset: int, problem: str, end: int) -> bool:
+    """Whether a bad record at `offset` of the newest segment's tail is what a crash during unsynced appends can
+    leave (it was never acknowledged), rather than damage. A crash keeps any prefix of the appended bytes (the
+    file ends inside the record), and of what it keeps, each sector may hold its data or zeros (the size reached
+    the disk before the data: ext4's delayed allocation; pages flushed out of order). So: torn when the file ends
+    inside the record, or when the record is the file's last one and only its checksum fails (a sector torn), or
+    when a sector from `offset` on within the record, or anywhere after it when its length cannot be trusted,
+    reads as zeros."""
+    if problem.startswith(("incomplete record header", "record length")) and "over the limit" not in problem:
+        return True
+    if problem == "checksum mismatch" and not any(data[end:]):
+        return True
+    first = offset - offset % SECTOR_BYTES
+    for sector in range(first, end, SECTOR_BYTES):
+        lo, hi = max(sector, offset), min(sector + SECTOR_BYTES, len(data))
+        if lo < hi and not any(data[lo:hi]):
+            return True
+    return False
+
+
 def _scan(path: str, data: bytes, tail_may_tear: bool) -> tuple[list[_Record], int]:
-    """The records of a segment, and the offset where the good ones end (less than len(data) when a torn tail
-    follows them). A torn tail is allowed only when `tail_may_tear`; any other damage raises CorruptLogError."""
-    if len(data) < _HEADER.size:
+    """The record groups of a segment (each merged into one _Record), and the offset where the complete ones end
+    (less than len(data) when a torn tail follows them, or a group the file ends inside). A torn tail is allowed
+    only when `tail_may_tear`; any other damage raises CorruptLogError naming the file and offset."""
+    if len(data) < _HEADER.size or not any(data[:SECTOR_BYTES]):
         if tail_may_tear:
-            return [], 0
+            return [], 0  # the file's size reached the disk, its first sector did not: a creation cut short
         raise CorruptLogError(f"{path}: truncated segment header")
-    if tail_may_tear and not any(data[: _HEADER.size]):
-        return [], 0  # the file's size reached the disk, its data did not
     _check_header(path, data, SEGMENT_MAGIC, "log segment")
-    records = []
-    offset = _HEADER.size
+    groups: list[_Record] = []
+    parts: list[_Record] = []  # the records of the group being read
+    offset = group_start = _HEADER.size
     while offset < len(data):
-        problem = None
-        end = len(data)
-        if offset + _RECORD.size > len(data):
-            problem = "incomplete record header"
-        else:
-            length, crc = _RECORD.unpack_from(data, offset)
-            end = offset + _RECORD.size + length
-            if length == 0:
-                problem = "empty record"  # zeros: the size reached the disk, the data did not
-            elif length > MAX_RECORD_BYTES or end > len(data):
-                problem = f"record length {length} runs past the end of the file"
-            elif zlib.crc32(data[offset + _RECORD.size : end]) != crc:
-                problem = "checksum mismatch"
+        problem, end = _check_record(data, offset)
         if problem is not None:
-            if problem == "empty record":
-                torn = not any(data[offset:])
-            else:
-                torn = problem != "checksum mismatch" or end == len(data) or not any(data[end:])
-            if not (torn and tail_may_tear):
-                raise CorruptLogError(f"{path}: {problem} at offset {offset}; the log is damaged")
-            return records, offset
-        records.append(_decode_record(path, offset, data[offset + _RECORD.size : end]))
+            if tail_may_tear and _torn(data, offset, problem, end):
+                return groups, group_start
+            raise CorruptLogError(f"{path}: {problem} at offset {offset}; the log is damaged")
+        r = _decode_record(path, offset, data[offset + _RECORD.size : end])
+        if r.kind in (RECORD_BASE, RECORD_BASE_PART) and (parts or groups):
+            raise CorruptLogError(f"{path}: a base record at offset {offset}, after the first record of a segment")
+        parts.append(r)
         offset = end
-    return records, offset
-
-
-def _first_record(path: str, data: bytes) -> _Record | None:
-    """A segment's first record, or None when it holds no complete one (a creation a crash cut short: only a
-    torn or zero-filled header or first record). Any other damage raises CorruptLogError."""
-    if len(data) < _HEADER.size or not any(data[: _HEADER.size]):
-        return None
-    _check_header(path, data, SEGMENT_MAGIC, "log segment")
-    offset = _HEADER.size
-    if offset + _RECORD.size <= len(data):
-        length, crc = _RECORD.unpack_from(data, offset)
-        end = offset + _RECORD.size + length
-        if 0 < length <= MAX_RECORD_BYTES and end <= len(data) and zlib.crc32(data[offset + _RECORD.size : end]) == crc:
-            return _decode_record(path, offset, data[offset + _RECORD.size : end])
-    _scan(path, data, tail_may_tear=True)  # raises unless what follows the header is a torn tail
-    return None
+        if r.kind in (RECORD_BATCH, RECORD_BASE):
+            groups.append(_merge(path, parts))
+            parts = []
+            group_start = offset
+    if parts:  # the file ends inside a group: the rest of its records never reached it
+        if not tail_may_tear:
+            raise CorruptLogError(f"{path}: the record group at offset {group_start} is incomplete")
+        return groups, group_start
+    return groups, offset
 
 
 class _Replay:
@@ -393,33 +484,40 @@ class DiskStorage:
         fs = self.fs
         segments = self._segments()
         self._segment_seq = segments[-1][0] if segments else 0
-        # Newest first: the first segment that starts with a complete base record is the log.
+        # Newest first: the first segment that starts with a complete base record (group) is the log.
         interrupted = []  # newer segments holding no complete record: creations a crash cut short
         base = None
         for pos in range(len(segments) - 1, -1, -1):
             path = segments[pos][1]
             data = fs.read_file(path)
-            first = _first_record(path, data)
-            if first is None:
+            # Only the newest segment that holds anything can have a torn tail: a segment is durable before
+            # anything is appended to it, and a new one is created only once the one before is (load fsyncs it).
+            groups, good_end = _scan(path, data, tail_may_tear=True)
+            if not groups:
                 logger.warning("%s: holds no complete record (a crash cut its creation short): deleting it", path)
                 interrupted.append(path)
                 continue
-            if first.kind == RECORD_BASE:
-                base = (pos, path, data)
+            if groups[0].kind == RECORD_BASE:
+                base = (pos, path, data, groups, good_end)
             break
         if base is None:
             self._load_format1(segments[: len(segments) - len(interrupted)], interrupted)
             return
-        pos, path, data = base
-        records, good_end = _scan(path, data, tail_may_tear=True)
+        pos, path, data, groups, good_end = base
         if good_end < len(data):
             logger.warning("%s: torn record at offset %d: cutting off %d bytes", path, good_end, len(data) - good_end)
-        first = records[0]
+        first = groups[0]
+        where = f"{path} at offset {first.offset}"
+        if first.entries and first.entries[0].index != first.snapshot_index + 1:
+            raise CorruptLogError(f"{where}: the base record's entries start at index {first.entries[0].index}, "
+                                  f"not after its snapshot at {first.snapshot_index}")
+        terms = [first.snapshot_term] + [e.term for e in first.entries]
+        if any(a > b for a, b in zip(terms, terms[1:])):
+            raise CorruptLogError(f"{where}: the base record's terms go down along its log (from the snapshot's "
+                                  f"term {first.snapshot_term})")
         replay = _Replay(first.snapshot_index, first.snapshot_term, list(first.entries), first.hard_state)
-        for r in records[1:]:
+        for r in groups[1:]:
             where = f"{path} at offset {r.offset}"
-            if r.kind != RECORD_BATCH:
-                raise CorruptLogError(f"{where}: a base record after the first record of a segment")
             if r.entries:
                 replay.put(r.entries, where)
             if r.hard_state is not None:
@@ -545,7 +643,7 @@ class DiskStorage:
                 pass
         self.state = StoredState(HardState(), snapshot, [])
         segments = self._segments()
-        while segments and _first_record(segments[-1][1], fs.read_file(segments[-1][1])) is None:
+        while segments and not _scan(segments[-1][1], fs.read_file(segments[-1][1]), tail_may_tear=True)[0]:
             fs.unlink(segments.pop()[1])  # an interrupted creation, as `_load` deletes it
         self._segment_seq = segments[-1][0] if segments else self._segment_seq
         size = 0
@@ -680,13 +778,14 @@ class DiskStorage:
         if hard_state is not None:
             state.hard_state = hard_state
         index = snapshot.last_included_index
+        base = encode_base_record(index, snapshot.last_included_term, state.hard_state, state.entries)  # first: it
+        # may be refused (RecordTooBig) before anything is written
         _write_atomically(self.fs, self._snapshot_path(index), encode_snapshot(snapshot),
                           crash_point="snapshot.after_write")
         if crashpoints.enabled:
             crashpoints.hit("snapshot.after_rename")
         old_segments = self._segments()
-        handle, size = self._create_segment(
-            encode_base_record(index, snapshot.last_included_term, state.hard_state, state.entries))
+        handle, size = self._create_segment(base)
         if crashpoints.enabled:
             crashpoints.hit("snapshot.after_segment")
         # Committed: the new segment is durable, and it makes everything older garbage.

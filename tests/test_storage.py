@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raftlib import Entry, EntryKind, HardState, MemoryStorage, Member, Membership, Snapshot
+from raftlib import Entry, EntryKind, HardState, MemoryStorage, Member, Membership, Snapshot, storage
 from crashfs import CrashFS
 from raftlib.storage import (CorruptLogError, DataDirLocked, DiskFull, DiskStorage, UnknownFormatError, encode_record,
                              encode_snapshot)
@@ -560,3 +560,126 @@ def test_a_failed_folder_fsync_at_a_new_segment_is_fatal_and_the_disk_recovers_t
     fs.crash_process()
     snap, log, _ = state_of(DiskStorage("/data", fs=fs).load())
     assert (snap, tuple(log)) in (before, after)
+
+
+# ---- records over the limit (review S2) -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_records(monkeypatch):
+    """The record limit scaled down from 256 MiB to 4 KiB: the same code paths, with small data."""
+    monkeypatch.setattr(storage, "MAX_RECORD_BYTES", 4096)
+    return 4096
+
+
+def _records_of(data: bytes) -> list[tuple[int, int]]:
+    """(type, payload length) of each record of a segment's bytes."""
+    out, offset = [], 12
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        out.append((data[offset + 8], length))
+        offset += 8 + length
+    return out
+
+
+def test_a_base_record_over_the_limit_is_written_as_a_group_and_loads(small_records):
+    """The review's repro: the base record of a snapshot install was one record of ~4.6 KB over a 4 KiB limit;
+    load took it for an interrupted creation, deleted the committed segment and reset term and vote to 0/None."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(7, "b", 2), [Entry(7, i, EntryKind.COMMAND, b"z" * 500) for i in range(1, 12)])
+    s.save_snapshot(Snapshot(2, 7, MEMBERSHIP, b"state-at-2"))
+    s.save(HardState(7, "b", 3), [])
+    s.close()
+    seg = [p for p in fs.tree() if p.endswith(".seg")]
+    records = _records_of(fs.read_file(seg[0]))
+    assert len(seg) == 1 and len(records) > 2 and all(length <= small_records for _, length in records)
+    assert records[0][0] == storage.RECORD_BASE_PART and records[1][0] == storage.RECORD_BATCH
+    fs.crash_process()
+    got = DiskStorage("/data", fs=fs).load()
+    assert got.hard_state == HardState(7, "b", 3) and got.snapshot.last_included_index == 2
+    assert [e.index for e in got.entries] == list(range(3, 12))
+
+
+def test_a_save_over_the_limit_is_a_group_that_a_crash_keeps_whole_or_not_at_all(small_records):
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 1), entries(1, 2))
+    seg = "/data/log/0000000001.seg"
+    start = len(fs.read_file(seg))
+    big = entries(3, 30, term=2, size=300)
+    s.save(HardState(2, "b", 2), big)
+    data = fs.read_file(seg)
+    records = _records_of(data)
+    assert len(records) > 2 and all(length <= small_records for _, length in records)
+    before = ([1, 2], HardState(1, "a", 1))
+    after = (list(range(1, 33)), HardState(2, "b", 2))
+    seen = set()
+    cuts = sorted(set(range(start, len(data) + 1, 97)) | {len(data) - 1, len(data)})
+    for cut in cuts:
+        crashed = CrashFS()
+        crashed.mkdir("/data")
+        crashed.mkdir("/data/log")
+        f = crashed.create(seg)
+        crashed.append(f, data[:cut])
+        got = DiskStorage("/data", fs=crashed).load()
+        outcome = ([e.index for e in got.entries], got.hard_state)
+        assert outcome in (before, after), cut
+        seen.add(outcome == after)
+    assert seen == {False, True}
+
+
+def test_a_first_record_longer_than_the_limit_is_damage_not_an_interrupted_creation(small_records):
+    """A writer never makes one (the test writes it by hand): the segment must not be deleted."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(3, "a", 0), entries(1, 2))
+    s.close()
+    payload = bytes([storage.RECORD_BASE]) + storage.cbor2.dumps([0, 0, [3, "a", 0], [["x" * 5000]]])
+    f = fs.create("/data/log/0000000002.seg")
+    fs.append(f, b"RDZMQLOG\x00\x00\x00\x01" + storage._framed(payload))
+    fs.fsync(f)
+    fs.fsync_dir("/data/log")
+    with pytest.raises(CorruptLogError, match=r"0000000002.seg: record length \d+ is over the limit .* at offset 12"):
+        DiskStorage("/data", fs=fs).load()
+    assert "/data/log/0000000002.seg" in fs.tree()
+
+
+def test_an_entry_no_record_can_hold_is_refused_before_anything_is_written(small_records):
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 0), entries(1, 2))
+    before = fs.tree()
+    with pytest.raises(storage.RecordTooBig, match="index 4"):
+        s.save(HardState(1, "a", 0), entries(3, 1) + [Entry(1, 4, EntryKind.COMMAND, b"y" * 5000)])
+    with pytest.raises(storage.RecordTooBig):
+        s.save(HardState(1, "a", 0), [Entry(1, 3, EntryKind.COMMAND, b"y" * 5000)], Snapshot(2, 1, MEMBERSHIP, b"s"))
+    assert fs.tree() == before and s.state.last_index == 2
+
+
+# ---- a base record that contradicts itself (review Q1) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_index, terms, why", [
+    (7, [2, 2], r"entries start at index 7, not after its snapshot at 5"),
+    (6, [1, 2], r"terms go down"),  # the snapshot is of term 2
+    (6, [2, 3, 2], r"terms go down"),
+])
+def test_a_base_record_whose_log_does_not_follow_its_snapshot_is_damage(first_index, terms, why):
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(2, "a", 5), entries(1, 5, term=2))
+    s.save_snapshot(Snapshot(5, 2, MEMBERSHIP, b"state-at-5"))
+    s.close()
+    bad = [Entry(t, first_index + n, EntryKind.COMMAND, b"x") for n, t in enumerate(terms)]
+    f = fs.create("/data/log/0000000003.seg")
+    fs.append(f, b"RDZMQLOG\x00\x00\x00\x01" + storage.encode_base_record(5, 2, HardState(3, None, 5), bad))
+    fs.fsync(f)
+    fs.fsync_dir("/data/log")
+    with pytest.raises(CorruptLogError, match=rf"0000000003.seg at offset 12: the base record.*{why}"):
+        DiskStorage("/data", fs=fs).load()
