@@ -21,9 +21,19 @@ Rules:
   process leaves writes in the page cache that a power failure can still drop), cuts a torn tail off the newest
   segment, deletes garbage only once the segment that makes it garbage is durable, and for a data dir written
   before base records existed writes one (see `_load_format1`).
-- A torn record at the end of the newest segment (a crash mid-append) is cut off with a warning; any other damage
-  stops the node with the file and offset named. A segment newer than the newest base that holds no complete
-  record is a segment creation a crash interrupted: deleted with a warning.
+- No record is longer than MAX_RECORD_BYTES, the length a reader trusts: a save or a base record too big for one
+  record is written as a GROUP (part records, closed by a batch record) in the same append and fsync, and load
+  applies a group only when all of it is there. An entry too big for any record is refused (RecordTooBig)
+  before anything is written.
+- A torn record (group) at the end of the newest segment is cut off with a warning. Torn means what a crash
+  during unsynced appends can leave: the file ends inside it, or only its checksum fails and nothing but zeros
+  follows, or a sector of it (from where it starts; to the file's end when its length reads as 0) is all zeros,
+  a page whose data never reached the disk though a later one or the size did. Records after a torn one were
+  appended after it, so were never synced either: they go too. (A synced record that the disk itself zeroes
+  reads the same way: etcd's WAL draws the same line.) Any other damage (a checksum that fails with data after
+  it, a length over the limit, a record that does not decode, a base record anywhere but first) stops the node
+  with the file and offset named. A segment newer than the newest base that holds no complete group is a
+  segment creation a crash interrupted: deleted with a warning.
 
 The data dir:
 
@@ -33,8 +43,10 @@ The data dir:
     snapshot-IIII.snap     the snapshot the newest base record names (IIII = its last included index, 20 digits)
 
 A record is `u32 length | u32 crc32(payload) | payload`; the payload is a type byte and CBOR: type 1 (batch)
-`[hard_state or null, [entry, ...]]`, type 2 (base) `[snapshot_index, snapshot_term, hard_state, [entry, ...]]`.
-Readers from before type 2 stop on it with "unknown record type", naming the file and offset.
+`[hard_state or null, [entry, ...]]`, type 2 (base) `[snapshot_index, snapshot_term, hard_state, [entry, ...]]`;
+types 3 and 4 are batch and base records that more records of their group follow (a group: 3* 1, or 4 3* 1; the
+hard state rides in a base group's first record and a batch group's last). Readers from before types 2-4 stop on
+them with "unknown record type", naming the file and offset.
 """
 
 from __future__ import annotations

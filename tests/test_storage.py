@@ -683,3 +683,27 @@ def test_a_base_record_whose_log_does_not_follow_its_snapshot_is_damage(first_in
     fs.fsync_dir("/data/log")
     with pytest.raises(CorruptLogError, match=rf"0000000003.seg at offset 12: the base record.*{why}"):
         DiskStorage("/data", fs=fs).load()
+
+
+# ---- a lost page in the unsynced tail (review L3) ---------------------------------------------------------------
+
+
+def test_an_unsynced_record_whose_first_page_was_lost_while_a_later_one_made_it_is_torn():
+    """The review's repro: a multi-page record not yet fdatasynced; its first page never reached the disk, a later
+    page and the new size did. Nothing in it was acknowledged: load must cut it, not stop the node."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 0), [Entry(1, 1, EntryKind.COMMAND, b"x")])
+    seg = "/data/log/0000000001.seg"
+    synced = len(fs.read_file(seg))
+    s.save(HardState(1, "a", 1), [Entry(1, i, EntryKind.COMMAND, b"y" * 1000) for i in range(2, 22)], sync=False)
+    full = fs.read_file(seg)
+    page_end = (synced // 4096 + 1) * 4096
+    lost = full[:synced] + bytes(page_end - synced) + full[page_end:]
+    states = fs.crash_states(limit=10_000)
+    assert any(c.read_file(seg) == lost for c in states if seg in c.tree())  # CrashFS builds it
+    for c in states:
+        got = DiskStorage("/data", fs=c).load()
+        assert [e.index for e in got.entries] in ([1], list(range(1, 22)))
+
