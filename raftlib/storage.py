@@ -587,48 +587,70 @@ class DiskStorage:
             fs.fsync_dir(self.data_dir)
 
     def _load_format1(self, segments: list[tuple[int, str]], interrupted: list[str]) -> None:
-        """A log without base records: a data dir from before them, or a new one. Format-1 segments were each
-        started at a snapshot install with a batch record holding the entries after that snapshot, but their
-        older segments were not always gone (issue 11), so: replay every segment with full truncation meaning;
-        where a later segment starts after the newest snapshot (its first entries follow it, or it has none),
-        cut the log by that snapshot first, as the install did; cut by it at the end if nothing did. Then write
-        the state as a base segment, and only once that is durable delete the old files."""
+        """A log without base records: a data dir written before them (raftdzmq up to d2cfdfd), or a new one. Then,
+        the state in memory was always the newest snapshot install's segment replayed on top of that snapshot: an
+        install wrote the snapshot (fsynced, renamed, folder fsynced), then a new segment whose first record held
+        the hard state and every entry after the snapshot, fsynced with its folder; older files were unlinked
+        without a folder fsync, so any of them may still be here (issue 11), and are garbage. So the log is the
+        newest segment begun by an install, replayed on the snapshot that began it: the one just below its first
+        entry, or, when it holds no entry, the newest snapshot (an install after it that a crash cut short keeps
+        its snapshot: the state after that install, without what its Ready appended). Two kinds of segment were
+        not begun by an install: the first one ever (its entries start at 1), and one whose creation a crash cut
+        short and the old code, restarted, then appended to (its first record has no hard state, or its entries
+        follow no snapshot): its log goes on from the segment before, cut by the newest snapshot at or below
+        where its entries start, as the old load did. Then write the state as a base segment, and only once
+        that is durable delete the old files."""
         fs = self.fs
-        snapshot = None
-        for _, path in self._snapshots():
+        snapshots: dict[int, Snapshot] = {}
+        for index, path in self._snapshots():
             try:
-                snapshot = read_snapshot(path, fs)
-                break
+                snapshots[index] = read_snapshot(path, fs)
             except StorageError as e:
                 logger.warning("skipping snapshot: %s", e)
-        if snapshot is None and self._snapshots():
+        if self._snapshots() and not snapshots:
             raise CorruptLogError(f"no readable snapshot in {self.data_dir}")
-        replay = _Replay()
-        cut = False
-        for n, (_, path) in enumerate(segments):
+        newest = max(snapshots, default=0)
+        replay = None
+        for _, path in segments:
             data = fs.read_file(path)
-            records, good_end = _scan(path, data, tail_may_tear=n == len(segments) - 1)
+            # Any of them may end torn: the old code began a segment after records it had not synced (a commit
+            # index alone), and never fsynced a segment it left behind.
+            groups, good_end = _scan(path, data, tail_may_tear=True)
             if good_end < len(data):
                 logger.warning("%s: torn record at offset %d: dropping %d bytes", path, good_end, len(data) - good_end)
-            for k, r in enumerate(records):
-                where = f"{path} at offset {r.offset}"
-                if r.kind != RECORD_BATCH:
-                    raise CorruptLogError(f"{where}: a base record after a segment that has none")
-                if k == 0 and n > 0 and snapshot is not None and not cut and (
-                        not r.entries or r.entries[0].index == snapshot.last_included_index + 1):
-                    replay.cut(snapshot, where)
-                    cut = True
-                if r.entries:
-                    replay.put(r.entries, where)
-                if r.hard_state is not None:
-                    replay.hard_state = r.hard_state
-        if snapshot is not None and not cut:
-            replay.cut(snapshot, f"{self.log_dir} (the end)")
+            if not groups:
+                continue
+            for g in groups:
+                if g.kind != RECORD_BATCH:
+                    raise CorruptLogError(f"{path} at offset {g.offset}: a base record after a segment that has none")
+            first_index = next((g.entries[0].index for g in groups if g.entries), None)
+            if groups[0].hard_state is not None and (first_index is None or first_index == 1
+                                                     or first_index - 1 in snapshots):
+                # Begun by an install (or the first segment ever): the whole log after its snapshot.
+                index = newest if first_index is None else first_index - 1
+                term = snapshots[index].last_included_term if index else 0
+                replay = _Replay(index, term)
+            else:
+                # Appended to by a restarted old process: its log, cut as that process's load cut it.
+                below = first_index - 1 if first_index is not None else newest
+                cut = max((i for i in snapshots if i <= below), default=0)
+                if replay is None:
+                    replay = _Replay()
+                if cut and (replay.start_index is None or cut > replay.start_index):
+                    replay.cut(snapshots[cut], path)
+            for g in groups:
+                if g.entries:
+                    replay.put(g.entries, f"{path} at offset {g.offset}")
+                if g.hard_state is not None:
+                    replay.hard_state = g.hard_state
+        if replay is None:  # no segment: a new data dir (or one whose segments a crash left empty)
+            replay = _Replay(newest, snapshots[newest].last_included_term if newest else 0)
         if replay.start_index is None:
             replay.start_index, replay.start_term = 0, 0
+        snapshot = snapshots.get(replay.start_index)
         if snapshot is None and replay.start_index != 0:
             raise CorruptLogError(f"{self.log_dir}: the log starts after index {replay.start_index} and there is "
-                                  "no snapshot")
+                                  "no snapshot there")
         self.state = StoredState(replay.hard_state, snapshot, replay.entries)
         if segments:
             logger.warning("%s: log segments without a base record (written before format 1 had them): "

@@ -707,3 +707,33 @@ def test_an_unsynced_record_whose_first_page_was_lost_while_a_later_one_made_it_
         got = DiskStorage("/data", fs=c).load()
         assert [e.index for e in got.entries] in ([1], list(range(1, 22)))
 
+
+
+# ---- data dirs of the code before base records, made by that code (review L1) ------------------------------------
+
+
+def test_a_format1_segment_the_old_code_appended_to_after_a_cut_short_creation_goes_on_from_the_one_before(tmp_path):
+    """The old code's install was killed after creating its new segment, before writing it (an empty file);
+    restarted, it wrote a header into it and appended there, its log being the older segment's cut by the newest
+    snapshot. That segment's first record holds no hard state, and is not the whole log."""
+    import format1_storage as old
+
+    s = old.DiskStorage(str(tmp_path))
+    s.load()
+    s.save(HardState(1, "a", 6), entries(1, 8))
+    s.save_snapshot(Snapshot(6, 1, MEMBERSHIP, b"state-at-6"))  # segment 2: [hs, 7..8]
+    s.save(HardState(2, "b", 8), entries(9, 2, term=2))
+    old._write_atomically(str(tmp_path / f"snapshot-{9:020d}.snap"), encode_snapshot(Snapshot(9, 2, MEMBERSHIP,
+                                                                                          b"state-at-9")))
+    open(tmp_path / "log" / "0000000003.seg", "wb").close()  # killed here: the install's segment is empty
+    s.close()
+    s = old.DiskStorage(str(tmp_path))
+    s.load()  # the old code: snapshot 9, then 10; segment 3 restarted with a header only
+    s.save(None, entries(11, 2, term=2))
+    s.save(HardState(2, "b", 11), [])
+    want = (s.state.snapshot, s.state.entries, s.state.hard_state)
+    s.close()
+    assert want[0].last_included_index == 9 and [e.index for e in want[1]] == [10, 11, 12]
+    s, got = reopen(tmp_path)
+    s.close()
+    assert (got.snapshot, got.entries, got.hard_state) == want
