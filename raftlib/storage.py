@@ -411,17 +411,21 @@ class DiskStorage:
         self.log_bytes = 0  # bytes in the segment since the last snapshot
         self._loaded = False
 
-    def _make_dir(self, path: str) -> None:
-        """Make `path` and any missing parent, each made durable in its parent folder."""
+    def _make_dir(self, path: str, depth: int = 2) -> None:
+        """Make `path` and any missing parent, and make each name durable in its parent folder: `path` and its
+        `depth - 1` parents even when they existed (a process killed after its mkdir left the name in the page
+        cache only, and a power failure after this process's first synced save would still take the folder)."""
         parent = os.path.dirname(path)
         try:
             made = self.fs.mkdir(path)
         except FileNotFoundError:
             if parent == path:
                 raise
-            self._make_dir(parent)
+            self._make_dir(parent, depth=0)
             made = self.fs.mkdir(path)
-        if made:
+        if depth > 1 and parent != path:
+            self._make_dir(parent, depth - 1)
+        if (made or depth > 0) and self._fsync:
             self.fs.fsync_dir(parent)
 
     # ---- identity -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ and reopens. Random ones come from --seed; workload i of seed S is the same on e
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import random
@@ -216,6 +217,29 @@ class Explorer:
                     got.hard_state, got.snapshot, got.entries):
                 self.violation("a crash after recovery returned loses what it returned: "
                                + (again if isinstance(again, str) else describe(again)), got, candidates)
+        self.write_after_recovery(work, got, candidates, seed)
+
+    def write_after_recovery(self, work: CrashFS, got: StoredState, candidates: list[Model], seed: int) -> None:
+        """The recovered node goes on: a save of one more entry (fdatasynced) on what the recovery left, and every
+        crash state after it must load as the recovered state with that entry (a torn tail load did not cut, or
+        garbage it did not delete, would spoil it)."""
+        work.crash_process()
+        work.free_bytes = None  # the disk has room again
+        storage = DiskStorage(DATA_DIR, fs=work)
+        storage.load()
+        last = got.raft_log().last_index
+        term = max(got.hard_state.current_term, got.raft_log().last_term, 1)
+        entry = es(last + 1, 1, term)[0]
+        hs = HardState(term, got.hard_state.voted_for, got.hard_state.commit_index)
+        storage.save(hs, [entry])
+        want = (hs, got.snapshot, list(got.entries) + [entry])
+        storage.close()
+        for state in work.crash_states(self.limits.nested_states, seed=seed + 1):
+            self.stats.recovery_crash_states += 1
+            again = self.recover(state)
+            if isinstance(again, str) or (again.hard_state, again.snapshot, again.entries) != want:
+                self.violation(f"a save of entry {last + 1} after the recovery, then a crash: "
+                               + (again if isinstance(again, str) else describe(again)), got, candidates)
 
     def crash_point(self, fs: CrashFS, candidates: list[Model], label: str) -> None:
         """Every crash state of `fs` as it is now, and a process crash, recovered and checked."""
@@ -248,12 +272,18 @@ class Explorer:
 
     def _run(self, workload: list[tuple]) -> None:
         fs = CrashFS()
+        fs.page_bytes = 512  # lost pages inside the small records of these workloads too
         model = Model()
         candidates = [model, model]
         step_label = "creating the data dir"
+        failing = None  # [kind, how many more of that kind to let run, errno] while a "fail" step runs
 
         def hook(fs: CrashFS, number: int, kind: str, what: str) -> None:
             self.crash_point(fs, candidates, f"{step_label}, before operation {number} ({kind} {what})")
+            if failing is not None and kind == failing[0]:
+                if failing[1] == 0:
+                    fs.fail_at[number] = OSError(failing[2], os.strerror(failing[2]))
+                failing[1] -= 1
 
         fs.before_op = hook
         storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
@@ -264,9 +294,12 @@ class Explorer:
             full = step[0] == "full"  # ("full", free_bytes, step): the disk has only that much room for it
             if full:
                 fs.free_bytes, step = step[1], step[2]
+            fail = step[0] == "fail"  # ("fail", kind, n, errno, step): the n-th operation of that kind fails
+            if fail:
+                failing, step = [step[1], step[2], step[3]], step[4]
             after = model.after(step)
             candidates = [model, after]
-            step_label = f"step {i} {describe_step(step)}" + (f" (with {fs.free_bytes} bytes free)" if full else "")
+            step_label = f"step {i} {describe_step(workload[i])}"
             try:
                 if step[0] == "save":
                     _, hard_state, entries, snapshot, sync = step
@@ -279,9 +312,30 @@ class Explorer:
                     storage.load()
                 model = after
             except DiskFull:
-                assert full, step_label  # the disk fills only in a "full" step; the state must not have moved
+                # The disk fills only in a "full" step, or when told to fail with ENOSPC; the state must not
+                # have moved (checked below, and by the crash point after the step).
+                assert full or (fail and failing[2] in (errno.ENOSPC, errno.EDQUOT)), step_label
+            except (OSError, StorageError) as e:
+                # Fatal (fsyncgate): the node stops. The disk must recover to the state before or after the step,
+                # now and after any crash; the process starts again on what it finds.
+                if not fail or failing[1] >= 0:
+                    raise
+                failing = None
+                found = len(self.stats.violations)
+                self.crash_point(fs, candidates, f"{step_label}: after the fatal {type(e).__name__} {e}")
+                if len(self.stats.violations) > found:
+                    return
+                fs.crash_process()
+                storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
+                got = storage.load()
+                model = next(m for m in candidates if (m.state.snapshot, m.state.entries) == (got.snapshot,
+                                                                                             got.entries))
+                model = model.copy()
+                model.state.hard_state = got.hard_state  # the commit index may have gone back (checked above)
+                model.durable_commit_index = got.hard_state.commit_index
             finally:
                 fs.free_bytes = None
+                failing = None
             live = storage.state
             if (live.hard_state, live.snapshot, live.entries) != (model.state.hard_state, model.state.snapshot,
                                                                  model.state.entries):
@@ -299,6 +353,8 @@ class Explorer:
 def describe_step(step: tuple) -> str:
     if step[0] == "full":
         return f"{describe_step(step[2])} with {step[1]} bytes free"
+    if step[0] == "fail":
+        return f"{describe_step(step[4])}, its {step[1]} number {step[2]} failing with {errno.errorcode[step[3]]}"
     if step[0] == "save":
         _, hs, entries, snap, sync = step
         parts = []
@@ -432,10 +488,16 @@ def random_workload(rng: random.Random, steps: int) -> list[tuple]:
             step = save(HardState(term, vote, max(commit, index)), extra, s)
         else:
             step = ("reopen",)
-        if step[0] != "reopen" and rng.random() < 0.15:
+        r = rng.random()
+        if step[0] != "reopen" and r < 0.15:
             # The disk is (nearly) full for this save: it fails with DiskFull, or not; then it is tried again, as
             # the runtime does (a save tried again after it worked changes nothing).
             out.append(("full", rng.choice((0, 5, 20, 60, 150, 400)), step))
+        elif r < 0.3:
+            # One of its file operations fails: DiskFull (then tried again), or fatal (the node stops; started
+            # again, it finds the state before or after; the step is tried again, which changes nothing after).
+            kind = rng.choice(("append", "fdatasync", "fsync", "fsync_dir", "create", "rename", "unlink", "truncate"))
+            out.append(("fail", kind, rng.randint(0, 1), rng.choice((errno.ENOSPC, errno.EIO, errno.EDQUOT)), step))
         out.append(step)
         if step[0] == "save":
             _, hs, entries, s, _ = step
@@ -595,9 +657,9 @@ def format1_states(workload: list[tuple], root: str):
     `root`, and yield, at every file operation it does, (label, tree, candidates): the data dir as a kill
     there leaves it, and as a power failure there can (the unlinks and the segment creations no folder fsync
     covered undone), with the states that code had in memory before and after the step in flight (and, for a
-    save with a snapshot, after the install and before the Ready's record). Steps "reopen" and "full" are not
-    run (the old load could itself bring cut entries back, issue 11; the old code on a full disk is not the
-    point here)."""
+    save with a snapshot, after the install and before the Ready's record). Steps "reopen" are not run (the old
+    load could itself bring cut entries back, issue 11), and "full" and "fail" steps run without their fault
+    (the old code's handling of faults is not the point here)."""
     import format1_storage as old
 
     states: list = []
@@ -637,7 +699,9 @@ def format1_states(workload: list[tuple], root: str):
         shim = old.os
         model = Model()
         for i, step in enumerate(workload):
-            if step[0] in ("reopen", "full"):
+            while step[0] in ("full", "fail"):
+                step = step[-1]
+            if step[0] == "reopen":
                 continue
             after = model.after(step)
             after.durable_commit_index = 0  # the old code's commit index may be lost back to any

@@ -63,8 +63,9 @@ def test_the_explorer_notices_missing_syncs(kinds):
 
 
 def test_a_format1_dir_rewritten_at_load_is_crash_safe_when_its_snapshot_rename_was_not_synced():
-    """The old code was killed after renaming a snapshot into place, before fsyncing the folder: the rename is in
-    the page cache only, and a power failure may still undo it (then the log without the snapshot is the state).
+    """The old code was killed after renaming a leader's snapshot into place, before fsyncing the folder: the
+    rename is in the page cache only, and a power failure may still undo it (then the log without the snapshot is
+    the state). The only segment holds no entry, so the newest snapshot is the one it goes on from.
     Load rewrites the log as a base segment that names the snapshot; no crash during or after that may leave a
     base record naming a snapshot that is gone."""
     fs = CrashFS()
@@ -73,16 +74,16 @@ def test_a_format1_dir_rewritten_at_load_is_crash_safe_when_its_snapshot_rename_
     fs.fsync_dir("/")
     fs.fsync_dir("/data")
     seg = fs.create("/data/log/0000000001.seg")
-    fs.append(seg, b"RDZMQLOG\x00\x00\x00\x01" + encode_record(HardState(1, "a", 10), crash_explorer.es(1, 10, 1)))
+    fs.append(seg, b"RDZMQLOG\x00\x00\x00\x01" + encode_record(HardState(2, None, 0), []))
     fs.fsync(seg)
     fs.fsync_dir("/data/log")
     tmp = fs.create("/data/snapshot-00000000000000000008.snap.tmp")
-    fs.append(tmp, encode_snapshot(Snapshot(8, 1, MEMBERSHIP, b"state-at-8")))
+    fs.append(tmp, encode_snapshot(Snapshot(8, 2, MEMBERSHIP, b"state-at-8")))  # a leader's, past the log
     fs.fsync(tmp)
     fs.rename("/data/snapshot-00000000000000000008.snap.tmp", "/data/snapshot-00000000000000000008.snap")
     fs.crash_process()  # killed here: no fsync of /data
-    with_snapshot = ((8, 1), [(9, 1), (10, 1)], HardState(1, "a", 10))
-    without = (None, [(i, 1) for i in range(1, 11)], HardState(1, "a", 10))
+    with_snapshot = ((8, 2), [], HardState(2, None, 0))  # the segment holds no entry: begun by that install
+    without = (None, [], HardState(2, None, 0))
     checked = []
 
     def every_crash_state(fs, number, kind, what):

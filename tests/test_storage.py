@@ -737,3 +737,17 @@ def test_a_format1_segment_the_old_code_appended_to_after_a_cut_short_creation_g
     s, got = reopen(tmp_path)
     s.close()
     assert (got.snapshot, got.entries, got.hard_state) == want
+
+
+def test_a_data_dir_made_by_a_killed_process_is_made_durable_by_the_next_one():
+    """Found by the crash explorer's save after recovery: a process killed after its mkdir left the folder's name
+    in the page cache only; the next process found the folder, did not fsync its parent, and a power failure
+    after its first synced save could take the whole folder."""
+    fs = CrashFS()
+    fs.mkdir("/data")  # the killed process got this far: no fsync of /
+    fs.crash_process()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 0), entries(1, 1))
+    for c in fs.crash_states(limit=10_000):
+        assert [e.index for e in DiskStorage("/data", fs=c).load().entries] == [1]
