@@ -520,9 +520,14 @@ def workloads(count: int, seed: int, hand_written: bool = True):
         yield f"random seed {seed} workload {i}", random_workload(rng, rng.randint(4, 12))
 
 
-def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None, storage_fs=None) -> Stats:
+def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None, storage_fs=None,
+            record_bytes: int | None = None) -> Stats:
+    """`record_bytes`: MAX_RECORD_BYTES for the run (scaled down, saves and base records become groups)."""
     total = Stats()
     storage_module.UNSAFE_REPLAY_FILTER = unsafe_replay_filter
+    saved_limit = storage_module.MAX_RECORD_BYTES
+    if record_bytes is not None:
+        storage_module.MAX_RECORD_BYTES = record_bytes
     try:
         for name, workload in items:
             stats = Explorer(name, limits, storage_fs).run(workload)
@@ -531,6 +536,7 @@ def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None,
                 print("\n".join(stats.violations), file=out)
     finally:
         storage_module.UNSAFE_REPLAY_FILTER = False
+        storage_module.MAX_RECORD_BYTES = saved_limit
     return total
 
 
@@ -778,6 +784,7 @@ def main() -> int:
     p.add_argument("--nested-every", type=int, default=Limits.nested_every)
     p.add_argument("--seconds", type=float, default=None, help="stop starting new workloads after this long")
     p.add_argument("--unsafe-replay-filter", action="store_true", help="the replay before issue 11's fix")
+    p.add_argument("--record-bytes", type=int, default=None, help="MAX_RECORD_BYTES scaled down (groups)")
     p.add_argument("--print-workload", action="store_true")
     args = p.parse_args()
     limits = Limits(args.states, args.nested_states, args.nested_every)
@@ -795,7 +802,8 @@ def main() -> int:
             print(name)
             for i, step in enumerate(workload):
                 print(f"  step {i}: {describe_step(step)}")
-        total.add(explore([(name, workload)], limits, args.unsafe_replay_filter, out=sys.stdout))
+        total.add(explore([(name, workload)], limits, args.unsafe_replay_filter, out=sys.stdout,
+                          record_bytes=args.record_bytes))
         runs += 1
     elapsed = time.monotonic() - started
     print(f"{runs} workloads, {total.crash_points} crash points, {total.total} crash states explored "
