@@ -52,6 +52,7 @@ them with "unknown record type", naming the file and offset.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -64,7 +65,7 @@ import cbor2
 from . import codec, crashpoints
 from .fs import FileSystem, OsFileSystem
 from .memory_storage import StoredState
-from .messages import Entry, HardState, Snapshot
+from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"RDZMQLOG"
@@ -98,6 +99,10 @@ class UnknownFormatError(StorageError):
 
 class DataDirLocked(StorageError):
     pass
+
+
+class NotJoined(StorageError):
+    """This data dir's node never joined a cluster, and no -join was given."""
 
 
 class RecordTooBig(StorageError):
@@ -457,6 +462,31 @@ class DiskStorage:
         ident = {"format": FORMAT_VERSION, "node_id": node_id, "raft_address": raft_address,
                  "http_address": http_address}
         _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n")
+
+    # ---- the join marker: what a node's first start is for, until it is done ---------------------------
+
+    @property
+    def _join_marker_path(self) -> str:
+        return os.path.join(self.data_dir, JOIN_MARKER)
+
+    def read_join_marker(self) -> str | None:
+        """"bootstrap" or "join" while the first start of this dir's node is not done; else None."""
+        try:
+            return self.fs.read_file(self._join_marker_path).decode(errors="replace").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def write_join_marker(self, intent: str) -> None:
+        assert intent in ("bootstrap", "join")
+        _write_atomically(self.fs, self._join_marker_path, intent.encode() + b"\n")
+
+    def remove_join_marker(self) -> None:
+        try:
+            self.fs.unlink(self._join_marker_path)
+        except FileNotFoundError:
+            return
+        if self._fsync:
+            self.fs.fsync_dir(self.data_dir)
 
     # ---- recovery -------------------------------------------------------------------------------
 
@@ -843,6 +873,80 @@ class DiskStorage:
         if self._lock is not None:
             self.fs.unlock(self._lock)
             self._lock = None
+
+
+JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not done: "bootstrap" or "join"
+
+
+@dataclasses.dataclass
+class NodeStart:
+    node_id: str
+    stored: StoredState  # the state to start the node with (the bootstrap's included)
+    bootstrapped: bool = False  # this start made a new one-node cluster
+    must_join: bool = False  # a -join was given and no leader has reached this node yet: join, then run
+    joined_before: bool = False  # a leader reached this node (a term, entries or a snapshot), or it bootstrapped
+
+
+def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft_address: str, http_address: str,
+               join: bool) -> NodeStart:
+    """Who this data dir's node is and what it must do, made crash-safe. The states, each durable before the next
+    is entered, so that a crash anywhere leaves one of them:
+
+        no node.json                       a new node: `new_node_id`; with `join`, a joining node, else the first
+                                           node of a new cluster. The intent (JOINING) is written first, then
+                                           node.json: never an identity without its intent.
+        node.json + JOINING "bootstrap"    the first node, not bootstrapped yet: the bootstrap save (term 1 and a
+                                           configuration with this node as the only voter, at index 1), then
+                                           JOINING removed. A crash or a full disk before the save's fsync: the
+                                           next start bootstraps again, with the same id.
+        node.json + JOINING "join"         a joining node no leader has accepted yet: joins again with the same id
+                                           (with -join; without, NotJoined, saying how to go on).
+        node.json, no JOINING              a leader accepted the join (the server removed JOINING then), or the node
+                                           bootstrapped: it runs. When it has no log yet either, a leader has yet
+                                           to reach it (or an older raftdzmq wrote the dir): a warning.
+        a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed.
+
+    Raises NotJoined, DiskFull (nothing is lost: start again once there is room), or OSError."""
+    identity = storage.read_identity()
+    pending = storage.read_join_marker()
+    joined_before = stored.hard_state.current_term > 0 or stored.last_index > 0
+    if identity is None:
+        node_id = new_node_id
+        pending = "join" if join else "bootstrap"
+        storage.write_join_marker(pending)  # before the identity: no identity without its intent
+        storage.write_identity(node_id, raft_address, http_address)
+    else:
+        node_id = identity["node_id"]
+        if (identity.get("raft_address"), identity.get("http_address")) != (raft_address, http_address):
+            logger.warning("this node was created with addresses %s / %s; the cluster still knows it by those",
+                           identity.get("raft_address"), identity.get("http_address"))
+    out = NodeStart(node_id, stored, joined_before=joined_before)
+    if joined_before:
+        if pending is not None:
+            storage.remove_join_marker()  # a leader reached it: the join was accepted (or the bootstrap done)
+    elif join:
+        out.must_join = True  # a first join, or one that never succeeded: again, with the same node id
+        if pending != "join":
+            storage.write_join_marker("join")
+    elif pending == "join":
+        raise NotJoined(f"node {node_id} ({storage.data_dir}) never joined a cluster: its -join did not succeed. "
+                        "Start it again with -join HOST:HTTPPORT (it keeps its id), or give it an empty data dir to "
+                        "start a new cluster")
+    elif pending == "bootstrap":
+        # The first node of a new cluster: a configuration with itself as the only voter (index 1).
+        me = Member(node_id, raft_address, http_address)
+        first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership((node_id,), (), (me,)))
+        storage.save(HardState(1, None, 1), [first])
+        out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))
+        storage.remove_join_marker()
+        out.bootstrapped = True
+    else:
+        # An identity, no log and no marker: a joined node no leader has reached yet, or a dir written by an older
+        # raftdzmq (whose failed joins, and lost bootstraps, looked like this).
+        logger.warning("node %s has no log and no term yet: no leader has reached it. If its join never succeeded, "
+                       "restart it with -join HOST:HTTPPORT; if it was the first node of a new cluster, give it an "
+                       "empty data dir", node_id)
+    return out
 
 
 def encode_snapshot(s: Snapshot) -> bytes:

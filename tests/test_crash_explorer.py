@@ -3,6 +3,7 @@ rules, and the explorer does find the defects it is there to find (the mutation 
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import crash_explorer
 from crash_explorer import HAND_WRITTEN, Limits, explore, workloads
 from crashfs import CrashFS
 from raftlib import HardState, Snapshot
-from raftlib.storage import DiskStorage, encode_record, encode_snapshot
+from raftlib.storage import DiskFull, DiskStorage, NotJoined, encode_record, encode_snapshot
 
 MEMBERSHIP = crash_explorer.MEMBERSHIP
 
@@ -131,3 +132,90 @@ def test_no_crash_state_breaks_the_rules_when_records_are_split_into_groups():
     assert parts > 30, parts  # groups were written, base groups among them
     assert any(kind == 4 for _, kind in sizes)
     assert crash_explorer.storage_module.MAX_RECORD_BYTES == 256 << 20  # set back
+
+
+# ---- identity, JOINING and the bootstrap, crashed at every file operation (review L2) ----------------------------
+
+
+def start(fs, node_id: str, join: bool):
+    from raftlib.storage import start_node
+
+    storage = DiskStorage("/data", fs=fs)
+    try:
+        return storage, start_node(storage, storage.load(), node_id, "h:1", "h:2", join=join)
+    except BaseException:
+        storage.close()
+        raise
+
+
+def can_elect_itself(stored, node_id: str) -> bool:
+    voters = [e.membership.voters for e in stored.entries if e.membership is not None]
+    return stored.hard_state.current_term >= 1 and voters[-1:] == [(node_id,)]
+
+
+def _every_crash_of(first_start, check) -> int:
+    """Run `first_start(fs)` on a new CrashFS; before each of its file operations, `check` every crash state
+    (and the process crash) of the moment, and every one after it returned."""
+    checked = [0]
+
+    def hook(fs, number, kind, what):
+        for state in fs.crash_states(limit=64, seed=number) + [fs.copy()]:
+            check(state, f"before operation {number} ({kind} {what})")
+            checked[0] += 1
+
+    fs = CrashFS()
+    fs.before_op = hook
+    first_start(fs)
+    fs.before_op = None
+    for state in fs.crash_states(limit=64) + [fs.copy()]:
+        check(state, "after the first start")
+        checked[0] += 1
+    return checked[0]
+
+
+def test_a_first_node_crashed_anywhere_in_its_first_start_can_elect_itself_after_the_next():
+    """The review's repro: node.json was made durable before the bootstrap save; a power failure between the two,
+    or a full disk at the save, left an identity and an empty log: never bootstrapped, never promotable."""
+
+    def check(state, where):
+        had = DiskStorage("/data", fs=state.copy()).read_identity()
+        storage, got = start(state, "n2", join=False)
+        assert had is None or got.node_id == had["node_id"], where  # the same node, once it has an identity
+        assert got.bootstrapped or got.joined_before, where
+        assert can_elect_itself(got.stored, got.node_id), where
+        storage.close()
+        for after in state.crash_states(limit=8):  # the bootstrap is durable once the start returned
+            _, again = start(after, "n3", join=False)
+            assert again.node_id == got.node_id and can_elect_itself(again.stored, got.node_id), where
+
+    assert _every_crash_of(lambda fs: start(fs, "n1", join=False), check) > 50
+
+
+def test_a_joining_node_crashed_anywhere_in_its_first_start_joins_again_with_the_same_id():
+    def check(state, where):
+        had = DiskStorage("/data", fs=state.copy()).read_identity()
+        storage, got = start(state.copy(), "n2", join=True)
+        assert got.must_join and not got.bootstrapped, where
+        assert had is None or got.node_id == had["node_id"], where
+        storage.close()
+        if had is not None:  # restarted without -join: told so, not bootstrapped into a cluster of its own
+            with pytest.raises(NotJoined, match="never joined a cluster"):
+                start(state, "n3", join=False)
+
+    assert _every_crash_of(lambda fs: start(fs, "n1", join=True), check) > 50
+
+
+def test_a_full_disk_at_the_bootstrap_save_bootstraps_at_the_next_start():
+    fs = CrashFS()
+
+    def no_room_for_the_bootstrap(fs, number, kind, what):
+        if kind == "append" and what.startswith("/data/log/") and "/data/node.json" in fs.tree():
+            fs.free_bytes = 10
+
+    fs.before_op = no_room_for_the_bootstrap
+    with pytest.raises(DiskFull):
+        start(fs, "n1", join=False)
+    fs.before_op, fs.free_bytes = None, None
+    fs.crash(random.Random(0))
+    _, got = start(fs, "n2", join=False)
+    assert got.node_id == "n1" and got.bootstrapped and can_elect_itself(got.stored, "n1")
