@@ -210,6 +210,10 @@ class Explorer:
         got = self.recover(work)
         work.before_op = None
         self.check(got, candidates)
+        garbage = [p for p in work.tree() if p.endswith(".tmp") or p.startswith(DATA_DIR + "/log/")]
+        snapshots = [p for p in work.tree() if p.endswith(".snap")]
+        if len(garbage) != 1 or len(snapshots) != (got.snapshot is not None):
+            self.violation(f"recovery left garbage: {sorted(garbage + snapshots)}", got, candidates)
         for state in work.crash_states(limits.nested_states, seed=seed):
             self.stats.recovery_crash_states += 1
             again = self.recover(state)
@@ -428,6 +432,15 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
         save(HardState(2, None, 22), es(16, 10, 2)),
         ("snapshot", snap(20, 2)),
         save(HardState(2, None, 23), [], sync=False),
+    ],
+    # Review S1: no room at the fsync of the new segment (operation "fsync" number 1 of an install; number 0 is
+    # the snapshot file's): DiskFull, and the node carries on with the old segment, acknowledging saves.
+    "no-room-at-the-new-segments-fsync-then-more-saves": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("fail", "fsync", 1, errno.ENOSPC, ("snapshot", snap(8, 1))),
+        save(HardState(1, "a", 10), es(11, 2, 1)),
+        ("fail", "fsync_dir", 1, errno.EIO, ("snapshot", snap(10, 1))),
+        save(HardState(1, "a", 12), es(13, 1, 1)),
     ],
     "rolls-reopens-and-unsynced-commits": [
         save(HardState(1, "a", 0), es(1, 4, 1)),
