@@ -21,7 +21,7 @@ def state_of(st) -> tuple:
     snap = st.snapshot and (st.snapshot.last_included_index, st.snapshot.last_included_term)
     return snap, [(e.index, e.term) for e in st.entries], st.hard_state
 
-RANDOM_WORKLOADS = 120  # 15-25 s of CPU here (~157,000 crash states); the soak: python tests/crash_explorer.py --workloads 5000 --seed N
+RANDOM_WORKLOADS = 120  # ~27 s of CPU here (~243,000 crash states); the soak: python tests/crash_explorer.py --workloads 5000 --seed N
 
 
 def test_no_crash_state_breaks_the_rules():
