@@ -20,8 +20,8 @@ A nemesis driven by one seeded RNG meanwhile injects one fault at a time, in shu
   removed-restart  remove a voter, restart it on its old data dir (it does not know it was removed) for a few
                    seconds: the leader's term must not move because of it; then wipe it and let it join again
   transfer         POST /cluster/transfer?to=ID to another voter
-  slow-disk        every log fdatasync of one node (the leader half the time) takes 0.2-0.5 s for a while; when the
-                   node stays a follower, the others must keep acknowledging writes meanwhile
+  slow-disk        every log fdatasync of one node (a follower, the next time the leader) takes 0.2-0.5 s for a
+                   while; when the node stays a follower, the others must keep acknowledging writes meanwhile
   skewed-pause     (with --clock-rate) hand leadership to the node whose clock is skewed, then SIGSTOP it for 1-2 s
   membership       all of remove, add, removed-restart and transfer
 Options that apply to every kind: --snapshot-threshold (default 4 KB: snapshots and InstallSnapshot all the time),
@@ -170,7 +170,7 @@ class Client(threading.Thread):
         self.rng = random.Random(run.seed * 1000 + number)
         self.history: list[Op] = []
         self.inserts: dict[str, str] = {}  # key -> "ok" | "unknown" | "failed"
-        self.acknowledged_at: list[float] = []  # when each acknowledged write or insert returned
+        self.acknowledged: list[tuple[float, float, Node]] = []  # (returned, seconds taken, node) of each ok write
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -221,7 +221,7 @@ class Client(threading.Thread):
         outcome = self._write_outcome(r)
         self.run_.stats.ops[f"write {outcome}"] += 1
         if outcome == "ok":
-            self.acknowledged_at.append(ret)
+            self.acknowledged.append((ret, ret - call, node))
         if outcome != "failed":
             self.history.append(Op(key, WRITE, value, call, ret if outcome == "ok" else math.inf, self.number))
 
@@ -236,11 +236,13 @@ class Client(threading.Thread):
             self.run_.stats.ops["read failed"] += 1
 
     def insert(self, node: Node, key: str) -> None:
+        call = time.monotonic()
         outcome = self._write_outcome(self._request("POST", node, f"/db/{key}", key))
         self.inserts[key] = outcome
         self.run_.stats.ops[f"insert {outcome}"] += 1
         if outcome == "ok":
-            self.acknowledged_at.append(time.monotonic())
+            ret = time.monotonic()
+            self.acknowledged.append((ret, ret - call, node))
 
 
 class FaultRun:
@@ -668,7 +670,12 @@ class FaultRun:
         self._pause(node, self.rng.uniform(1.0, 2.0))
 
     def _fault_slow_disk(self) -> None:
-        node = self._target()
+        # A follower first, then the leader, and so on: a short run checks the follower case.
+        leader = self._leader_or_none()
+        if self.stats.faults["slow-disk"] % 2 == 0 and leader is not None:
+            node = leader
+        else:
+            node = self.rng.choice([n for n in self.members if n is not leader])
         seconds = self.rng.uniform(0.2, 0.5)
         hold = self.rng.uniform(2.0, 4.0)
         self.log(f"nemesis: {node.name}'s fsyncs take {seconds:.2f}s for {hold:.1f}s")
@@ -683,12 +690,16 @@ class FaultRun:
             t1 = time.monotonic()
             os.unlink(self._delay_file(node))
         leader_after = self._leader_or_none()
-        acknowledged = sum(1 for c in self.clients for t in c.acknowledged_at if t0 <= t <= t1)
+        # The writes acknowledged through the other nodes (clients that picked the slow node wait for it).
+        others = sorted(took for c in self.clients for ret, took, via in c.acknowledged
+                        if t0 <= ret <= t1 and via is not node)
         follower = leader_before is not None and leader_before is leader_after and leader_before is not node
         window = {"node": node.name, "fsync_seconds": round(seconds, 2), "seconds": round(t1 - t0, 1),
-                  "as_follower": follower, "acknowledged_writes": acknowledged}
+                  "leaders": [n.name if n else None for n in (leader_before, leader_after)],
+                  "as_follower": follower, "acknowledged_through_others": len(others),
+                  "their_median_seconds": round(others[len(others) // 2], 3) if others else None}
         self.stats.slow_disk_windows.append(window)
-        if follower and sum(self.stats.crash_points.values()) == crashes_before and acknowledged < t1 - t0:
+        if follower and sum(self.stats.crash_points.values()) == crashes_before and len(others) < t1 - t0:
             raise AssertionError(f"with a slow disk on a follower the cluster stalled: {window}")
 
     def _heal_everything(self) -> None:
