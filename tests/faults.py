@@ -699,8 +699,11 @@ class FaultRun:
                   "as_follower": follower, "acknowledged_through_others": len(others),
                   "their_median_seconds": round(others[len(others) // 2], 3) if others else None}
         self.stats.slow_disk_windows.append(window)
-        if follower and sum(self.stats.crash_points.values()) == crashes_before and len(others) < t1 - t0:
-            raise AssertionError(f"with a slow disk on a follower the cluster stalled: {window}")
+        if follower and sum(self.stats.crash_points.values()) == crashes_before:
+            # A majority without the slow node commits without it: writes through the others keep coming, and
+            # most of them take less than one of its fsyncs (a leader that waited for it would take more).
+            if len(others) < t1 - t0 or others[len(others) // 2] >= seconds:
+                raise AssertionError(f"with a slow disk on a follower the cluster stalled or waited for it: {window}")
 
     def _heal_everything(self) -> None:
         if self.netns:
