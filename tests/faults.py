@@ -267,6 +267,7 @@ class FaultRun:
         self.crash_points = crash_points
         self.clock_rate = clock_rate
         self.stopping = threading.Event()
+        self.t0 = time.monotonic()
         n_slots = size + (1 if "add" in faults else 0)  # a spare for "add"
         self.netns = Netns(n_slots) if any(f in NETWORK_FAULTS for f in faults) else None
         extra = ("-forward", "-write-timeout", "2", "-read-timeout", "2", "-join-timeout", str(JOIN_SECONDS))
@@ -291,6 +292,7 @@ class FaultRun:
         self.paused: set[Node] = set()
         self.starts: collections.Counter = collections.Counter()
         self.joined: set[Node] = set()  # nodes whose current identity the cluster has as a voter
+        self.crashed: dict[Node, float] = {}  # nodes that died at a crash point -> when to restart them
         self._reaping = False
 
     # -- the run ----------------------------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ class FaultRun:
             self.netns.enter_hub()
         try:
             if self.skewed is not None:
-                self.log(f"nemesis: {self.skewed.name}'s clock runs at {self.clock_rate}x")
+                self._say(f"{self.skewed.name}'s clock runs at {self.clock_rate}x")
             self._start_cluster()
             started = time.monotonic()
             clients = [Client(self, i) for i in range(self.n_clients)]
@@ -365,34 +367,40 @@ class FaultRun:
 
     def _start(self, node: Node, join: str | None = None) -> None:
         node.start(*self.extra, join=join, env=self._env(node))
-        node.node_id = None
         self.up.add(node)
 
-    def _node_id(self, node: Node) -> str:
-        if getattr(node, "node_id", None) is None:
-            node.node_id = node.status()["node_id"]
-        return node.node_id
+    @staticmethod
+    def _node_id(node: Node) -> str | None:
+        """The identity in the node's data dir (written before it serves), or None before it has one."""
+        try:
+            with open(os.path.join(node.data_dir, "node.json")) as f:
+                return json.load(f)["node_id"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def _leader(self, timeout: float = 20) -> Node:
-        """The member that leads in the highest term (an isolated old leader may still think it leads)."""
-        def find():
-            best, best_term = None, -1
-            for node in self.members:
-                if node not in self.up or node in self.paused:
-                    continue
-                try:
-                    st = node.status()
-                except (OSError, ValueError):
-                    continue
-                if st["role"] == "leader" and st["term"] > best_term:
-                    best, best_term = node, st["term"]
-            return best
+        return self._wait(self._leader_now, timeout, "a leader")
 
-        return self._wait(find, timeout, "a leader")
+    def _leader_now(self) -> Node | None:
+        """The member that leads in the highest term (an isolated old leader may still think it leads), or None."""
+        best, best_term = None, -1
+        for node in self.members:
+            if node not in self.up or node in self.paused:
+                continue
+            try:
+                st = node.status()
+            except (OSError, ValueError):
+                continue
+            if st["role"] == "leader" and st["term"] > best_term:
+                best, best_term = node, st["term"]
+        return best
+
+    def _leader_term(self) -> int:
+        return self._wait(lambda: self._leader().status()["term"], 20, "the leader's term")
 
     def _membership(self) -> tuple[set[str], set[str]]:
         """(voters, learners) as the leader sees them."""
-        members = self._leader().status()["members"]
+        members = self._wait(lambda: self._leader().status()["members"], 20, "the leader's configuration")
         return ({m["id"] for m in members if m["role"] == "voter"}, {m["id"] for m in members if m["role"] != "voter"})
 
     def _wait_voter(self, node: Node) -> None:
@@ -428,7 +436,7 @@ class FaultRun:
         self.up.discard(node)
 
     def _restart(self, node: Node) -> None:
-        if node not in self.up:
+        if node not in self.up and node not in self.crashed:  # the reaper brings back those
             self._start(node)
 
     def _rejoin(self, node: Node) -> None:
@@ -445,47 +453,66 @@ class FaultRun:
             os.kill(proc.pid, sig)
 
     def _reap(self) -> None:
-        """A node that SIGKILLed itself at a crash point is a fault: restart it (and note it). A node that exited
-        any other way fails the run."""
+        """A node that SIGKILLed itself at a crash point is a fault: note it, and restart it a moment later. A node
+        that exited any other way fails the run."""
         if self._reaping:
             return  # called again from a wait of the reaper's own
         self._reaping = True
         try:
             for node in list(self.up):
                 if node.exited():
-                    self._reap_one(node)
+                    self._note_crash(node)
+            for node in list(self.crashed):
+                self._bring_back(node)
         finally:
             self._reaping = False
 
-    def _reap_one(self, node: Node) -> None:
+    def _note_crash(self, node: Node) -> None:
         point = CRASH_LINE.search(node.log_text(current=True))
         if point is None or node.proc.returncode != -signal.SIGKILL:
             self._ensure_ran_well(node)
         self.up.discard(node)
         self.paused.discard(node)
         self.stats.crash_points[point.group(1)] += 1
-        self.log(f"nemesis: {node.name} died at crash point {point.group(1)}: restarting it")
-        time.sleep(self.rng.uniform(0.1, 1.0))
+        self._say(f"{node.name} died at crash point {point.group(1)}")
+        self.crashed[node] = time.monotonic() + self.rng.uniform(0.1, 1.0)
+
+    def _bring_back(self, node: Node) -> None:
         if node not in self.members:
-            return  # a removed node the nemesis ran on its old dir: it is wiped and joins again next
-        if node in self.joined or self._in_configuration(node):
+            del self.crashed[node]  # a removed node the nemesis ran on its old dir: it is wiped and joins again
+            return
+        if time.monotonic() < self.crashed[node]:
+            return
+        if node in self.joined:
+            del self.crashed[node]
+            self._start(node)
+            return
+        # It died while it was joining: if its join did not go through, its data dir can never join (the server
+        # ignores -join once it has an identity), so it starts afresh. Which it is, only a leader can say; without
+        # one now, the next reap asks again (the nodes that make one may be among those still to restart).
+        leader = self._leader_now()
+        if leader is None:
+            return
+        try:
+            members = {m["id"] for m in leader.status()["members"]}
+        except (OSError, ValueError):
+            return
+        del self.crashed[node]
+        if self._node_id(node) in members:
             self._start(node)
         else:
-            # It died before its join went through, and a data dir with an identity never joins again (the server
-            # ignores -join then): start afresh. A join that did reach the leader leaves a learner behind that
-            # nobody runs; _members_are_voters removes it at the end.
+            # A join that reached the leader just before the node died leaves a learner behind that nobody runs:
+            # _members_are_voters removes it at the end.
             node.wipe()
             self._start(node, join=self.rng.choice([n for n in self.members if n in self.joined]).address)
 
     def _in_configuration(self, node: Node) -> bool:
         """Whether the identity in `node`'s data dir is in the leader's configuration (its join went through)."""
-        try:
-            with open(os.path.join(node.data_dir, "node.json")) as f:
-                node_id = json.load(f)["node_id"]
-        except (OSError, ValueError, KeyError):
-            return False
         voters, learners = self._membership()
-        return node_id in voters | learners
+        return self._node_id(node) in voters | learners
+
+    def _say(self, what: str) -> None:
+        self.log(f"{time.monotonic() - self.t0:7.2f}s nemesis: {what}")
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -510,6 +537,8 @@ class FaultRun:
     def _ensure_ran_well(self, node: Node) -> None:
         """A node must never exit or trace back on its own: a crash is a failure, not a fault (a crash point's
         SIGKILL is a fault: _reap)."""
+        if node.proc is None and not os.path.exists(node.log_path):
+            return  # never started (a spare)
         if node in self.up and node.exited():
             raise AssertionError(f"{node.name} exited on its own with code {node.proc.returncode}:\n"
                                  + node.log_text(current=True)[-3000:])
@@ -521,7 +550,7 @@ class FaultRun:
 
     def _fault_kill(self) -> None:
         node = self._target()
-        self.log(f"nemesis: SIGKILL {node.name}")
+        self._say(f"SIGKILL {node.name}")
         self._kill(node)
         self._hold()
         self._restart(node)
@@ -531,7 +560,7 @@ class FaultRun:
         self._pause(node, self.rng.uniform(0.6, 3.0))
 
     def _pause(self, node: Node, seconds: float) -> None:
-        self.log(f"nemesis: SIGSTOP {node.name} for {seconds:.1f}s")
+        self._say(f"SIGSTOP {node.name} for {seconds:.1f}s")
         self._signal(node, signal.SIGSTOP)
         self.paused.add(node)
         self._sleep(seconds)
@@ -539,7 +568,7 @@ class FaultRun:
         self.paused.discard(node)
 
     def _fault_restart_all(self) -> None:
-        self.log("nemesis: SIGKILL every node, then restart them all")
+        self._say("SIGKILL every node, then restart them all")
         for node in self.members:
             self._kill(node)
         time.sleep(self.rng.uniform(0.1, 1.0))
@@ -555,7 +584,7 @@ class FaultRun:
             self.rng.shuffle(nodes)
             minority = nodes[: (len(nodes) - 1) // 2]
         majority = [i for i in nodes if i not in minority]
-        self.log(f"nemesis: partition {[self.slots[i].name for i in minority]} from the rest")
+        self._say(f"partition {[self.slots[i].name for i in minority]} from the rest")
         for a in minority:
             for b in majority:
                 self.netns.cut(a, b)
@@ -564,7 +593,7 @@ class FaultRun:
 
     def _fault_loss(self) -> None:
         node = self._target()
-        self.log(f"nemesis: drop 30% of {node.name}'s packets")
+        self._say(f"drop 30% of {node.name}'s packets")
         self.netns.lossy(self.slot[node], 0.3)
         self._hold()
         self.netns.heal()
@@ -572,6 +601,7 @@ class FaultRun:
     def _remove(self, node: Node) -> None:
         """DELETE /cluster/ID through the leader until the leader's configuration no longer has the node."""
         node_id = self._node_id(node)
+        assert node_id is not None, f"{node.name} has no identity to remove"
 
         def removed():
             voters, learners = self._membership()
@@ -585,7 +615,7 @@ class FaultRun:
 
     def _fault_remove(self) -> None:
         node = self._target()
-        self.log(f"nemesis: remove {node.name} from the cluster, wipe it and join it again")
+        self._say(f"remove {node.name} from the cluster, wipe it and join it again")
         self._remove(node)
         self.members.remove(node)
         self.targets = [n for n in self.targets if n is not node]
@@ -598,12 +628,12 @@ class FaultRun:
     def _fault_add(self) -> None:
         spare = self.slots[-1]
         if spare not in self.members:
-            self.log(f"nemesis: add {spare.name} to the cluster")
+            self._say(f"add {spare.name} to the cluster")
             self.members.append(spare)
             self._rejoin(spare)
             self.targets = list(self.members)
         else:
-            self.log(f"nemesis: remove {spare.name}, the node added before")
+            self._say(f"remove {spare.name}, the node added before")
             self._remove(spare)
             self.members.remove(spare)
             self.targets = list(self.members)
@@ -615,14 +645,14 @@ class FaultRun:
         """A removed node restarted on its old dir does not know it was removed (its log may end before the
         removal): it must not disturb the members (thesis §4.2.3)."""
         node = self._target()
-        self.log(f"nemesis: remove {node.name}, then restart it on its old data dir")
+        self._say(f"remove {node.name}, then restart it on its old data dir")
         self._remove(node)
         self.members.remove(node)
         self._kill(node)
-        term_before = self._leader().status()["term"]
+        term_before = self._leader_term()
         self._start(node)  # in `targets` still: it must not answer a read from its stale state either
         self._sleep(self.rng.uniform(2.0, 4.0))
-        term_after = self._leader().status()["term"]
+        term_after = self._leader_term()
         campaigned = "starting an election" in node.log_text(current=True)
         if term_after != term_before:
             if campaigned:
@@ -645,7 +675,7 @@ class FaultRun:
         self._transfer(leader, target)
 
     def _transfer(self, leader: Node, target: Node) -> int:
-        self.log(f"nemesis: transfer leadership from {leader.name} to {target.name}")
+        self._say(f"transfer leadership from {leader.name} to {target.name}")
         try:
             r = leader.request("POST", f"/cluster/transfer?to={self._node_id(target)}", timeout=5)
             status = r.status
@@ -678,7 +708,7 @@ class FaultRun:
             node = self.rng.choice([n for n in self.members if n is not leader])
         seconds = self.rng.uniform(0.2, 0.5)
         hold = self.rng.uniform(2.0, 4.0)
-        self.log(f"nemesis: {node.name}'s fsyncs take {seconds:.2f}s for {hold:.1f}s")
+        self._say(f"{node.name}'s fsyncs take {seconds:.2f}s for {hold:.1f}s")
         leader_before = self._leader_or_none()
         crashes_before = sum(self.stats.crash_points.values())
         with open(self._delay_file(node), "w") as f:
@@ -716,6 +746,7 @@ class FaultRun:
                 os.unlink(self._delay_file(node))
         for node in self.members:
             self._restart(node)
+        self._wait(lambda: not self.crashed, 60, "the nodes that died at crash points to be back")
 
     # -- the checks -------------------------------------------------------------------------------------------------
 
@@ -760,7 +791,7 @@ class FaultRun:
         self._reap()
         for n in self.slots:
             self._ensure_ran_well(n)
-        logs = "".join(n.log_text() for n in self.slots)
+        logs = "".join(n.log_text() for n in self.slots if os.path.exists(n.log_path))
         ops = self.stats.ops
         return {
             "nodes": self.size, "seed": self.seed, "seconds": round(elapsed, 1), "faults": dict(self.stats.faults),
