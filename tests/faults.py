@@ -504,7 +504,8 @@ class FaultRun:
             # A join that reached the leader just before the node died leaves a learner behind that nobody runs:
             # _members_are_voters removes it at the end.
             node.wipe()
-            self._start(node, join=self.rng.choice([n for n in self.members if n in self.joined]).address)
+            others = [n for n in self.members if n in self.joined] or [n for n in self.members if n is not node]
+            self._start(node, join=self.rng.choice(others).address)
 
     def _in_configuration(self, node: Node) -> bool:
         """Whether the identity in `node`'s data dir is in the leader's configuration (its join went through)."""
@@ -667,7 +668,7 @@ class FaultRun:
 
     def _fault_transfer(self) -> None:
         leader = self._leader()
-        others = [n for n in self.members if n is not leader and n in self.up]
+        others = [n for n in self.members if n is not leader]
         if self.skewed in others and self.rng.random() < 0.5:
             target = self.skewed
         else:
