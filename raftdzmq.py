@@ -61,10 +61,20 @@ from raftlib.transport import ZmqTransport  # noqa: E402
 
 log = logging.getLogger("raftdzmq")
 TRACE = 5
+NOT_LEADER = "raft.Server: Not current leader"
 # Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_FSYNC_DELAY_FILE names a file holding a number of
 # seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
 TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
-NOT_LEADER = "raft.Server: Not current leader"
+
+
+def _test_fsync_delay(path: str) -> None:
+    try:
+        with open(path) as f:
+            seconds = float(f.read())
+    except (OSError, ValueError):
+        return
+    monkey.get_original("time", "sleep")(seconds)  # not gevent's sleep: a slow fsync holds the hub too
+
 
 # Commands, as CBOR arrays [op, key, value, expected].
 SET, DELETE, COMPARE_AND_SET, CREATE = 0, 1, 2, 3
@@ -371,15 +381,6 @@ class Server:
             gevent.sleep(0.2)
         raise SystemExit(f"raftdzmq: could not join the cluster at {target} within {self.args.join_timeout:g}s: "
                          f"{last_error}")
-
-
-def _test_fsync_delay(path: str) -> None:
-    try:
-        with open(path) as f:
-            seconds = float(f.read())
-    except (OSError, ValueError):
-        return
-    monkey.get_original("time", "sleep")(seconds)  # not gevent's sleep: a slow fsync holds the hub too
 
 
 class RequestHeaders:

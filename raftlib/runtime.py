@@ -347,7 +347,8 @@ class Runtime:
                 gevent.sleep(0)  # let the senders hand them to zmq before the fsync holds the hub
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                 self._save(rd)
-                crashpoints.hit("runtime.after_save")
+                if crashpoints.enabled:
+                    crashpoints.hit("runtime.after_save")
             self._send(late, replies)
             if rd.snapshot is not None:
                 self.state_machine.restore(rd.snapshot.data)
