@@ -91,6 +91,7 @@ class Node:
         if join:
             args += ["-join", join]
         args += list(extra) + [self.data_dir]
+        self._close_log()  # the last process's, when it died by itself
         self._log = open(self.log_path, "ab")
         self.log_offset = self._log.tell()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
