@@ -56,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -889,6 +890,7 @@ def main() -> None:
     if any(f in NETWORK_FAULTS for f in faults) and os.geteuid() != 0:
         sys.exit("network faults (partition, loss) need root: they make network namespaces and iptables rules")
     totals: collections.Counter = collections.Counter()
+    failed = []
     for seed in range(args.seed, args.seed + args.runs):
         base = tempfile.mkdtemp(prefix="raftdzmq-faults-")
         ok = False
@@ -905,12 +907,18 @@ def main() -> None:
                            "snapshots_installed": result["snapshots_installed"]})
             totals.update({f"fault {k}": v for k, v in result["faults"].items()})
             totals.update({f"crash point {k}": v for k, v in result["crash_points"].items()})
+        except Exception:  # the next seeds still run; the exit code says that one failed
+            traceback.print_exc()
+            print(f"run with seed {seed} FAILED", file=sys.stderr, flush=True)
+            failed.append(seed)
         finally:
             if ok or not args.keep:
                 shutil.rmtree(base, ignore_errors=True)
             else:
                 print(f"kept {base}", file=sys.stderr)
     print("total", json.dumps(dict(totals)))
+    if failed:
+        sys.exit(f"failed seeds: {failed}")
 
 
 if __name__ == "__main__":

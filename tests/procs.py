@@ -104,7 +104,8 @@ class Node:
         return self
 
     def _wait_serving(self) -> None:
-        wait_for(lambda: self.request("GET", "/status", timeout=1).status == 200 or self.exited(), 15,
+        # exited() first: a refused connection raises, and a process that died while starting never serves.
+        wait_for(lambda: self.exited() or self.request("GET", "/status", timeout=1).status == 200, 15,
                  f"{self.name} to serve HTTP")
 
     def exited(self) -> bool:
