@@ -731,6 +731,8 @@ class FaultRun:
         hold = self.rng.uniform(2.0, 4.0)
         self._say(f"{node.name}'s fsyncs take {seconds:.2f}s for {hold:.1f}s")
         leader_before = self._leader_or_none()
+        # Checked only with every other member up throughout: a majority without the slow node.
+        all_up = not self.crashed and all(n in self.up for n in self.members)
         crashes_before = sum(self.stats.crash_points.values())
         with open(self._delay_file(node), "w") as f:
             f.write(f"{seconds}\n")
@@ -750,7 +752,7 @@ class FaultRun:
                   "as_follower": follower, "acknowledged_through_others": len(others),
                   "their_median_seconds": round(others[len(others) // 2], 3) if others else None}
         self.stats.slow_disk_windows.append(window)
-        if follower and sum(self.stats.crash_points.values()) == crashes_before:
+        if follower and all_up and sum(self.stats.crash_points.values()) == crashes_before:
             # A majority without the slow node commits without it: writes through the others keep coming, and
             # most of them take less than one of its fsyncs (a leader that waited for it would take more).
             if len(others) < t1 - t0 or others[len(others) // 2] >= seconds:
