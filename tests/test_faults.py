@@ -70,8 +70,10 @@ def test_membership_changes_and_crash_points():
     """Voters removed (the leader too) and joined again on a wiped dir, a node added and removed, a removed node
     restarted on its old dir, leadership transfers; and nodes that SIGKILL themselves at crash points, restarted.
     The checks apply to the members at the end."""
+    # The save points a little more often than faults.py's default, so that a 40 s run surely reaches some.
     code, output, result = fault_run("--nodes", "3", "--seconds", "40", "--seed", "4", "--faults", "kill,membership",
-                                     "--crash-points")
+                                     "--crash-points", "runtime.after_save=0.001,log.after_write=0.0003,"
+                                     "log.after_fsync=0.0003,*=0.004")
     assert_clean(code, output, result, {"kill", "remove", "add", "removed-restart", "transfer"})
     assert sum(result["crash_points"].values()) > 0, result
 
