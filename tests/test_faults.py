@@ -49,7 +49,7 @@ def test_three_nodes_through_kills_pauses_whole_cluster_restarts_and_a_slow_disk
     # The first slow disk is a follower's (fsyncs of 0.2-0.5 s): the others kept acknowledging writes meanwhile,
     # without waiting for it (faults.py fails the run otherwise; a leader that waited for every voter was caught).
     windows = [w for w in result["slow_disk_windows"] if w["as_follower"]]
-    assert windows and all(w["acknowledged_through_others"] >= w["seconds"] for w in windows), result
+    assert windows and all(w["acknowledged_through_others"] >= 3 for w in windows), result
     assert all(w["their_median_seconds"] < w["fsync_seconds"] for w in windows), result
 
 
