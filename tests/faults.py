@@ -303,6 +303,8 @@ class FaultRun:
         self.joined: set[Node] = set()  # nodes whose current identity the cluster has as a voter
         self.crashed: dict[Node, float] = {}  # nodes that died at a crash point -> when to restart them
         self._reaping = False
+        self.probes = 0
+        self.probe_history: list[Op] = []  # the skewed-pause probe's operations (list.append: thread-safe)
 
     # -- the run ----------------------------------------------------------------------------------------------------
 
@@ -707,7 +709,11 @@ class FaultRun:
 
     def _fault_skewed_pause(self) -> None:
         """Lease reads under a clock-rate fault: the skewed node leads, then stops for longer than the others'
-        election timeout. Within the README's margin its lease has run out, by its own clock, when it wakes."""
+        election timeout, and the others elect a leader. A probe writes every register through that leader and
+        sends a lease read of each to the stopped node, where they wait in its socket. Then the others stop and the
+        skewed node wakes alone, as an old leader cut off from the new majority would be: within the README's
+        margin its lease has run out, by its own clock, and it cannot confirm a read until the others wake; well
+        beyond the margin it answers from memory at once, and the checker sees the stale values."""
         node = self.skewed
         for _ in range(5):
             leader = self._leader()
@@ -718,7 +724,63 @@ class FaultRun:
             self.stats.notes["skewed-pause: no transfer"] += 1
             return
         self._sleep(0.2)  # its no-op commits and a majority answers: its lease starts
-        self._pause(node, self.rng.uniform(1.0, 2.0))
+        seconds = self.rng.uniform(1.0, 2.0)
+        self._say(f"SIGSTOP {node.name} for {seconds:.1f}s; then it wakes while the others are stopped")
+        wake_at = time.monotonic() + seconds
+        others = [n for n in self.members if n is not node and n in self.up]
+        readers = []
+        self._signal(node, signal.SIGSTOP)
+        self.paused.add(node)
+        try:
+            readers = self._probe(node)
+            self._sleep(max(0.1, wake_at - time.monotonic()))  # at least: the reads are in its socket
+            for n in others:
+                self._signal(n, signal.SIGSTOP)
+                self.paused.add(n)
+            self._signal(node, signal.SIGCONT)
+            self.paused.discard(node)
+            self._sleep(0.5)
+        finally:
+            for n in [node, *others]:
+                self._signal(n, signal.SIGCONT)
+                self.paused.discard(n)
+        for t in readers:
+            t.join(10)
+
+    def _probe(self, stopped: Node) -> list[threading.Thread]:
+        """Write a new value to every register through the leader the others elected, then read each from
+        `stopped` in a thread of its own (it answers once it wakes). Every operation goes into the history."""
+        try:
+            leader = self._leader(timeout=5)  # among the nodes that run: `stopped` is paused
+        except AssertionError:
+            self.stats.notes["skewed-pause: no new leader to probe"] += 1
+            return []
+        self.probes += 1
+        for key in REGISTER_KEYS:
+            value = f"probe-{self.probes}-{key}"
+            call = time.monotonic()
+            try:
+                r = leader.request("POST", f"/db/{key}", value, timeout=3)
+                ok = r.status == 200
+            except OSError:
+                ok = False  # unknown
+            self.probe_history.append(Op(key, WRITE, value, call, time.monotonic() if ok else math.inf, -2))
+
+        def read(key: str) -> None:
+            call = time.monotonic()
+            try:
+                r = stopped.request("GET", f"/db/{key}{self.read_query}", timeout=10)
+            except OSError:
+                return
+            if r.status in (200, 404):
+                self.probe_history.append(Op(key, READ, r.text if r.status == 200 else None, call,
+                                             time.monotonic(), -2))
+                self.stats.notes[f"probe read answered {r.status}"] += 1
+
+        readers = [threading.Thread(target=read, args=(key,), daemon=True) for key in REGISTER_KEYS]
+        for t in readers:
+            t.start()
+        return readers
 
     def _fault_slow_disk(self) -> None:
         # A follower first, then the leader, and so on: a short run checks the follower case.
@@ -782,7 +844,7 @@ class FaultRun:
         for n in self.slots:
             self._ensure_ran_well(n)
         # Crash points stay armed to the end: the last checks restart what dies, as the nemesis did.
-        history = [op for c in clients for op in c.history]
+        history = [op for c in clients for op in c.history] + self.probe_history
         # One more linearizable read of every register after the faults, so a lost last write cannot hide.
         for key in REGISTER_KEYS:
             call = time.monotonic()
