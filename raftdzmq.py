@@ -63,6 +63,19 @@ from raftlib.transport import ZmqTransport  # noqa: E402
 log = logging.getLogger("raftdzmq")
 TRACE = 5
 NOT_LEADER = "raft.Server: Not current leader"
+# Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_FSYNC_DELAY_FILE names a file holding a number of
+# seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
+TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
+
+
+def _test_fsync_delay(path: str) -> None:
+    try:
+        with open(path) as f:
+            seconds = float(f.read())
+    except (OSError, ValueError):
+        return
+    monkey.get_original("time", "sleep")(seconds)  # not gevent's sleep: a slow fsync holds the hub too
+
 
 # Commands, as CBOR arrays [op, key, value, expected].
 SET, DELETE, COMPARE_AND_SET, CREATE = 0, 1, 2, 3
@@ -240,6 +253,8 @@ class Server:
 
         def timed_fdatasync(fd: int, nbytes: int) -> None:
             t0 = time.perf_counter()
+            if TEST_FSYNC_DELAY_FILE:
+                _test_fsync_delay(TEST_FSYNC_DELAY_FILE)
             # Inline: it holds the hub for the fsync (~0.1-0.8 ms here). gevent's thread pool would free the hub
             # meanwhile, but in alternating 3-node runs at 64 clients the hand-off cost as much as it won, on the
             # leader (p50 latency was higher) and more so on the followers, which have nothing else to do.
