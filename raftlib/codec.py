@@ -6,8 +6,10 @@ every field's type and the frame's size: anything that is not a well-formed fram
 `CodecError`, and only that (a remote error: the caller logs and drops it).
 
 Fields added to a message after version 1 went out come last, and the decoder takes frames without them (the
-dataclass default stands in): new nodes read what old ones send. Old nodes cannot read such a message, nor a
-message type they do not know, and drop the whole frame: a cluster is upgraded as a whole.
+dataclass default stands in): new nodes read what old ones send. The encoder leaves such a field off when it
+holds its default (0), so a message that does not use it is as old nodes know it: RequestVote and its reply carry
+`pre_vote_round` only for pre-votes, and real votes still reach old nodes during a rolling upgrade. Old nodes
+cannot read a message that carries one, nor a message type they do not know, and drop the whole frame.
 
 Frames are not signed here: with a cluster secret the transport's CURVE connections authenticate and encrypt
 them (raftlib.transport). A frame that starts as the HMAC-signed frames of earlier versions did is refused with a
@@ -65,6 +67,7 @@ _SCHEMAS: dict[type, tuple[int, tuple[int, ...]]] = {
     Removed: (10, (_INT, _STR)),
 }
 # How many of a message's last fields came after version 1 (see the module docstring): a frame may lack them.
+# Each is an integer whose default is 0.
 _ADDED_FIELDS: dict[type, int] = {RequestVote: 1, RequestVoteReply: 1}  # pre_vote_round
 _BY_TAG = {tag: (cls, kinds) for cls, (tag, kinds) in _SCHEMAS.items()}
 _FIELDS = {cls: tuple(cls.__dataclass_fields__)[3:] for cls in _SCHEMAS}
@@ -94,6 +97,10 @@ def _message_out(m: Message) -> list:
         elif kind == _INTS:
             v = list(v)
         out.append(v)
+    added = _ADDED_FIELDS.get(cls)
+    while added and out[-1] == 0:  # left off at their default: old nodes read the message
+        out.pop()
+        added -= 1
     return out
 
 

@@ -66,12 +66,34 @@ class Config:
     lease_ticks: int | None = None
     # A read not answered within this many ticks fails (`Ready.failed_reads`; the caller may retry): a forwarded
     # request or its answer can be lost, and a leader may not get a round confirmed or commit in its term. This
-    # bounds every list a read waits in. None: two election timeouts.
+    # bounds every list a read waits in. None: two election timeouts. At least one election timeout: a read may
+    # take two round trips (forwarded, then confirmed) and a new leader's first commit, and the protocol only
+    # assumes that a round trip fits well inside an election timeout (§5.6); less would fail healthy reads.
     read_timeout_ticks: int | None = None
     # Deliberate faults, only for showing that the simulator's checks can fire. Never set them otherwise.
     unsafe_commit_previous_term: bool = False
     unsafe_read_without_quorum: bool = False
     unsafe_vote_twice: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse a configuration the protocol cannot run on (a local error: ValueError, naming the field)."""
+
+        def ticks(name: str, value, low: int) -> None:
+            if type(value) is not int or value < low:
+                raise ValueError(f"Config.{name} must be an integer of at least {low}, not {value!r}")
+
+        ticks("election_ticks", self.election_ticks, 1)
+        ticks("heartbeat_ticks", self.heartbeat_ticks, 1)
+        ticks("max_batch_bytes", self.max_batch_bytes, 1)
+        ticks("snapshot_chunk_bytes", self.snapshot_chunk_bytes, 1)
+        if self.lease_ticks is not None:
+            ticks("lease_ticks", self.lease_ticks, 1)
+            if self.lease_ticks >= self.election_ticks:
+                # thesis §6.4.1: a lease as long as the voters' election timeout leaves no margin for clock drift.
+                raise ValueError(f"Config.lease_ticks ({self.lease_ticks}) must be below election_ticks "
+                                 f"({self.election_ticks})")
+        if self.read_timeout_ticks is not None:
+            ticks("read_timeout_ticks", self.read_timeout_ticks, self.election_ticks)
 
 
 @dataclass
@@ -95,7 +117,9 @@ class Ready:
     messages: list[Message]
     committed_entries: list[Entry]
     read_states: list[tuple[int, int]]  # (request_id, read_index)
-    failed_reads: list[int]  # request ids this node can no longer answer (it lost its leader or leadership)
+    # Request ids this node can no longer answer: it lost its leader or its leadership, or no answer came within
+    # read_timeout_ticks. The caller may retry.
+    failed_reads: list[int]
     role: Role
     term: int
     leader_id: str | None
@@ -169,9 +193,12 @@ class RaftNode:
         else:
             self._base_membership = membership if membership is not None else Membership(voters=())
         self._refresh_membership()
-        # Set when a member told us that its committed configuration (at that index) leaves us out: (the leader
-        # it knew, or None; the index). It only informs (/status, the HTTP answers): we campaign and serve as
-        # before, and forget it when a leader sends us entries (it counts us as a member) or we win an election.
+        # Set when a member told us that its committed configuration leaves us out: (the leader it knew, or None;
+        # an index N). We were removed at or before N: N is the index of that configuration's entry while the
+        # member has it in its log, and its snapshot's index once the entry is compacted (a snapshot does not
+        # record its configuration's index; keeping it would change the snapshot and wire formats). It only
+        # informs (/status, the HTTP answers): we campaign and serve as before, and forget it when a leader sends
+        # us entries (it counts us as a member) or we win an election.
         self.removed: tuple[str | None, int] | None = None
 
         self.current_term = hard_state.current_term
@@ -217,7 +244,9 @@ class RaftNode:
         self._reads_before_commit: list[tuple[int, str, int]] = []  # (id, origin, tick): for this term's commit
         self._reads_to_forward: list[int] = []  # sent to the leader at the next ready()
         self._reads_forwarded: dict[int, int] = {}  # request_id -> tick forwarded, in that order
-        self._read_timeout_ticks = config.read_timeout_ticks or 2 * config.election_ticks
+        self._read_timeout_ticks = config.read_timeout_ticks
+        if self._read_timeout_ticks is None:
+            self._read_timeout_ticks = 2 * config.election_ticks
         self._read_states: list[tuple[int, int]] = []
         self._failed_reads: list[int] = []
         self._ready_outstanding = False
@@ -428,7 +457,11 @@ class RaftNode:
                 self._become_follower(m.term, m.src)
             else:
                 self._become_follower(m.term, None)
-        elif m.term < self.current_term:
+        elif m.term < self.current_term and type(m) is not Removed:
+            # A Removed notice is let through: a removed node that campaigns without pre-vote runs its term ahead
+            # of the members', who answer at their own term, so it would never learn why nobody follows it. Its
+            # own check (`_handle_removed`: a configuration of ours that is newer, with us in it) tells a stale
+            # notice, whatever its term.
             if isinstance(m, (AppendEntries, InstallSnapshot)):
                 # Tell a stale leader about the new term, or it would never step down (thesis §9.6).
                 self._send(AppendEntriesReply(self.node_id, m.src, self.current_term, False, 0))
@@ -788,6 +821,7 @@ class RaftNode:
         if entries:
             self._set_membership(entries[-1].membership, entries[-1].index)
         else:
+            # The snapshot's configuration: made at or before its index, which is all the snapshot tells.
             self._set_membership(self._base_membership, self.log.snapshot_index)
 
     def _set_membership(self, membership: Membership, index: int) -> None:
@@ -860,6 +894,18 @@ class RaftNode:
         if pr.state is ProgressState.SNAPSHOT:
             if heartbeat:
                 self._send_snapshot(peer)
+                # A chunk's reply carries no read round. An empty append at the snapshot's last entry carries
+                # it, so that this follower still confirms read rounds and renews the lease (thesis §6.4, §6.4.1)
+                # for as long as the transfer takes: it may be needed for a majority. Whatever it answers
+                # changes nothing else here: a success only tells how far its log matches ours (true), and a
+                # rejection is ignored in this state (_handle_append_entries_reply).
+                snap = pr.snapshot
+                self._send(
+                    AppendEntries(
+                        self.node_id, peer, self.current_term, snap.last_included_index, snap.last_included_term,
+                        (), self.commit_index, read_round,
+                    )
+                )
             return
         if pr.state is ProgressState.PROBE and pr.probe_sent and not read_round:
             return
@@ -1094,6 +1140,11 @@ class RaftNode:
     def _handle_read_index_request(self, m: ReadIndexRequest) -> None:
         if self.role is not Role.LEADER:
             return  # the follower times its requests out, or fails them when it learns of a new leader
+        if m.src not in self._member_ids:
+            # A node our configuration leaves out gets no more entries from us (thesis §4.2.2), so it could never
+            # apply the read index (at least the removal's index). Dropped: it times the reads out, and is told
+            # it was removed (step) once that configuration is committed.
+            return
         for request_id in m.request_ids:
             self._queue_leader_read(request_id, m.src)
 

@@ -10,10 +10,15 @@ the node rather than acknowledge anything (fsyncgate). A full disk is waited out
 again until there is room, nothing is sent or acknowledged meanwhile (to the others the node looks paused), and
 new proposals are refused at once.
 
-Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`, `_index_waiters`),
-by the node (`_reads`: the core answers or fails every read within its read_timeout_ticks), by the log
-(`_proposals`, `_reads_waiting_apply`: answered when their index is applied), or by the delivery bound (`_inbox`:
-a peer's frame not taken within `deliver_timeout_seconds` is dropped, as the network may drop it).
+Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`; `_index_waiters`
+and `_reads_waiting_apply`, left by the last caller that gives up: the index may never be applied here, e.g. on
+a node cut off or removed right after it got a read index), by the node (`_reads`: the core answers or fails
+every read within its read_timeout_ticks), by the log (`_proposals`: one per entry of this node's log, answered
+when that index is applied or a snapshot replaces it), by one (`_read_waiting`: per kind, the read not yet
+taken, shared by every caller meanwhile), or by the drive (`_inbox`: it takes everything at once; while a drive
+waits for a full disk, a peer's frame not taken within `deliver_timeout_seconds` is dropped, as the network may
+drop it, proposals are refused at once and reads share one item; only the rare membership changes and transfers
+queue up).
 """
 
 from __future__ import annotations
@@ -21,16 +26,23 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import time
 
 import gevent
 import gevent.event
 
+from . import crashpoints
 from .core import NotLeader, ProposalDropped, RaftNode, Ready
 from .messages import ConfChange, Entry, EntryKind, Membership, Role
 from .storage import DiskFull
 
 logger = logging.getLogger("raftlib.runtime")
+
+# Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_CLOCK_RATE=1.15 makes the clock this node's ticks
+# are derived from run 1.15 times as fast as the monotonic clock (0.87: slower), to test what the lease assumes
+# about clock rates (README, "Lease reads and their clock assumption").
+_CLOCK_RATE = float(os.environ.get("RAFTDZMQ_TEST_CLOCK_RATE") or 1)
 
 
 class Timeout(Exception):
@@ -85,7 +97,7 @@ class Runtime:
         self._driving = False  # a greenlet is in _drive (it may have yielded: a leader's sends, a full disk)
         self._proposals: dict[int, tuple[int, gevent.event.AsyncResult]] = {}
         self._reads: dict[int, gevent.event.AsyncResult] = {}
-        self._reads_waiting_apply: list[tuple[int, gevent.event.AsyncResult]] = []
+        self._reads_waiting_apply: dict[gevent.event.AsyncResult, int] = {}  # read -> its read index
         self._index_waiters: dict[gevent.event.AsyncResult, int] = {}  # wait_applied: result -> index
         self._read_waiting: dict[bool, gevent.event.AsyncResult] = {}  # lease? -> the read not yet taken
         self._request_ids = itertools.count(1)
@@ -129,7 +141,7 @@ class Runtime:
         stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
         time it missed, so its leader lease has run out before it answers a read. Capped at three election
         timeouts, which every timer in the core has expired by."""
-        due = int((time.monotonic() - self._clock_start) / self.tick_seconds) - self._ticks_given
+        due = int((time.monotonic() - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
         if due <= 0:
             return
         self._ticks_given += due
@@ -167,7 +179,12 @@ class Runtime:
         if shared is None:
             shared = self._read_waiting[lease] = gevent.event.AsyncResult()
             self._put(("read", lease, shared))
-        return self._wait(shared, timeout_seconds)
+        try:
+            return self._wait(shared, timeout_seconds)
+        except Timeout:
+            if not shared.linkcount():  # nobody else waits for it: forget it (its index may never be applied)
+                self._reads_waiting_apply.pop(shared, None)
+            raise
 
     def wait_applied(self, index: int, timeout_seconds: float) -> int:
         """Block until the state machine has applied `index`."""
@@ -360,6 +377,8 @@ class Runtime:
                 gevent.sleep(0)  # let the senders hand them to zmq before the fsync holds the hub
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                 self._save(rd)
+                if crashpoints.enabled:
+                    crashpoints.hit("runtime.after_save")
             self._send(late, replies)
             if rd.snapshot is not None:
                 self.state_machine.restore(rd.snapshot.data)
@@ -369,8 +388,8 @@ class Runtime:
                 self._apply(e)
             for request_id, index in rd.read_states:
                 result = self._reads.pop(request_id, None)
-                if result is not None:
-                    self._reads_waiting_apply.append((index, result))
+                if result is not None and result.linkcount():  # else every caller gave up already
+                    self._reads_waiting_apply[result] = index
             for request_id in rd.failed_reads:
                 result = self._reads.pop(request_id, None)
                 if result is not None:
@@ -435,13 +454,8 @@ class Runtime:
     def _wake_applied(self) -> None:
         applied = self.node.last_applied
         if self._reads_waiting_apply:
-            still = []
-            for index, result in self._reads_waiting_apply:
-                if index <= applied:
-                    result.set(index)
-                else:
-                    still.append((index, result))
-            self._reads_waiting_apply = still
+            for result in [r for r, index in self._reads_waiting_apply.items() if index <= applied]:
+                result.set(self._reads_waiting_apply.pop(result))
         if self._index_waiters:
             for result in [r for r, index in self._index_waiters.items() if index <= applied]:
                 del self._index_waiters[result]
@@ -469,8 +483,9 @@ class Runtime:
             logger.info("a leader counts this node as a member (again)")
             return
         leader_id, index = removed
-        logger.warning("this node was removed from the cluster (%sconfiguration at index %d); it keeps out of the "
-                       "way: add it again, or stop it", f"by {leader_id}, " if leader_id else "", index)
+        # At or before: a member that compacted the configuration's entry into a snapshot names the snapshot's index.
+        logger.warning("this node was removed from the cluster (%sat or before index %d); it keeps out of the way: "
+                       "add it again, or stop it", f"by {leader_id}, " if leader_id else "", index)
 
     def _sync_peers(self) -> None:
         self._membership = self.node.membership
@@ -501,11 +516,11 @@ class Runtime:
             result.set_exception(error)
         for result in self._reads.values():
             result.set_exception(error)
-        for _, result in self._reads_waiting_apply:
+        for result in self._reads_waiting_apply:
             result.set_exception(error)
         for result in self._index_waiters:
             result.set_exception(error)
-        self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, [], {}
+        self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, {}, {}
         for pending in self._deadlines.values():  # requests still in the inbox, or answered already
             for _, result in pending:
                 if not result.ready():
