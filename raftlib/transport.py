@@ -52,7 +52,7 @@ MAX_INBOUND_CONNECTIONS = 32  # kept at once on the Raft port; members need one 
 NEVER_SPOKE_SECONDS = 1.0  # a connection that never sent a valid frame ranks as if it last did this long before it came
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks who may connect (RFC 27/ZAP)
 _HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "a protocol error", zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                     "refused by authentication", zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no handshake in time, or reset"}
+                     "refused by authentication"}
 
 
 def curve_keypair(secret: bytes) -> tuple[bytes, bytes]:
@@ -260,11 +260,12 @@ class ZmqTransport:
             self._inbound.gone(value)
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self._handshake_warning.warn("raft port: accepting a connection failed: %s", zmq.strerror(value))
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a peer that died or stopped mid-handshake, a squatter
+            logger.debug("raft port: a connection ended before its handshake finished (%s)", zmq.strerror(value))
         elif kind in _HANDSHAKE_FAILED:
             self._handshake_warning.warn(
                 "raft port: a connection failed the handshake (%s): a node with another cluster secret, or none, "
-                "or not a raftdzmq node", _HANDSHAKE_FAILED[kind],
-                level=logging.WARNING if kind != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else logging.INFO)
+                "or not a raftdzmq node", _HANDSHAKE_FAILED[kind])
 
     def _authenticate(self) -> None:
         """The ZAP handler (RFC 27): admit a CURVE client only if its long-term key is the cluster's, which it
