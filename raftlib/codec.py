@@ -11,15 +11,12 @@ holds its default (0), so a message that does not use it is as old nodes know it
 `pre_vote_round` only for pre-votes, and real votes still reach old nodes during a rolling upgrade. Old nodes
 cannot read a message that carries one, nor a message type they do not know, and drop the whole frame.
 
-With a cluster secret, a frame travels signed: SIGNED_MAGIC, then the HMAC-SHA256 of the frame under the secret,
-then the frame (`sign_frame` / `open_frame`). A node refuses unsigned frames, and frames signed with another secret,
-when it has a secret, and signed frames when it has none.
+Frames are not signed here: with a cluster secret the transport's CURVE connections authenticate and encrypt
+them (raftlib.transport). A frame that starts as the HMAC-signed frames of earlier versions did is refused with a
+reason that says so.
 """
 
 from __future__ import annotations
-
-import hashlib
-import hmac
 
 import cbor2
 
@@ -51,33 +48,7 @@ class CodecError(ValueError):
     """Bytes that are not a valid frame of this format. Carries a one-line reason."""
 
 
-SIGNED_MAGIC = b"RDZMQ-HMAC1"
-_TAG_BYTES = 32
-
-
-def sign(secret: bytes, data: bytes) -> bytes:
-    """The HMAC-SHA256 of `data` under the cluster secret (also used for join requests)."""
-    return hmac.digest(secret, data, hashlib.sha256)
-
-
-def sign_frame(frame: bytes, secret: bytes | None) -> bytes:
-    if secret is None:
-        return frame
-    return SIGNED_MAGIC + sign(secret, frame) + frame
-
-
-def open_frame(data: bytes, secret: bytes | None) -> bytes:
-    """The frame inside `data`, checked against the cluster secret. Raises CodecError."""
-    data = bytes(data)
-    signed = data.startswith(SIGNED_MAGIC)
-    if secret is None:
-        _need(not signed, "frame is signed with a cluster secret and this node has none")
-        return data
-    _need(signed, "frame is not signed with the cluster secret")
-    start = len(SIGNED_MAGIC) + _TAG_BYTES
-    tag, frame = data[len(SIGNED_MAGIC):start], data[start:]
-    _need(hmac.compare_digest(tag, sign(secret, frame)), "frame is signed with a different cluster secret")
-    return frame
+SIGNED_MAGIC = b"RDZMQ-HMAC1"  # how earlier versions began a frame signed with the cluster secret
 
 
 # Field kinds, checked on decode.
@@ -222,7 +193,8 @@ def _message_in(v) -> Message:
 def decode_batch(data: bytes) -> list[Message]:
     """Decode one frame. Raises CodecError, and nothing else, for anything but a valid frame."""
     _need(isinstance(data, (bytes, bytearray, memoryview)), "frame must be bytes")
-    _need(not bytes(data[:len(SIGNED_MAGIC)]) == SIGNED_MAGIC, "frame is signed: open it with the cluster secret")
+    _need(not bytes(data[:len(SIGNED_MAGIC)]) == SIGNED_MAGIC,
+          "an HMAC-signed frame from an older raftdzmq (a cluster secret now means CURVE connections)")
     _need(len(data) <= MAX_FRAME_BYTES, f"frame of {len(data)} bytes is over the {MAX_FRAME_BYTES} limit")
     try:
         v = cbor2.loads(bytes(data))
