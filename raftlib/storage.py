@@ -51,7 +51,7 @@ import cbor2
 
 from . import codec, crashpoints
 from .fs import FileSystem, OsFileSystem
-from .memory_storage import StoredState
+from .interfaces import StoredState
 from .messages import Entry, HardState, Snapshot
 
 FORMAT_VERSION = 1

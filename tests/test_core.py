@@ -25,7 +25,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
 )
-from raftlib.core import ProgressState
+from raftlib.progress import ProgressState
 from simulator import Cluster, SafetyViolation, random_schedule
 
 
@@ -717,7 +717,7 @@ def test_reads_are_served_while_a_follower_needed_for_a_majority_receives_a_snap
         elif transfer_ticks:
             break
         c.tick()
-    assert transfer_ticks > n._read_timeout_ticks + 10, transfer_ticks  # reads would have timed out meanwhile
+    assert transfer_ticks > n._reads.read_timeout_ticks + 10, transfer_ticks  # reads would have timed out meanwhile
     assert c.nodes[lagger].node.log.snapshot_index == n.log.snapshot_index  # the transfer did finish
     assert c.leader() == leader  # check-quorum kept it: the lagger's replies count as activity
     c.run(50)
@@ -739,7 +739,7 @@ def test_a_removed_node_is_not_given_a_read_index_it_can_never_apply():
     assert n.leader_id == leader and n.removed is None
     r = c.client_read(gone, "k", lease=False)
     assert r is not None and n.reads_pending == 1
-    c.run(n._read_timeout_ticks + 1)
+    c.run(n._reads.read_timeout_ticks + 1)
     assert r.read_index is None and r.request_id not in c.pending_reads[gone] and n.reads_pending == 0
     assert c.nodes[leader].node.reads_pending == 0
 

@@ -198,9 +198,9 @@ def _forwarded_read(runtime, *timeout_seconds):
     Returns (their greenlets, the request id)."""
     callers = [gevent.spawn(runtime.read, t) for t in timeout_seconds]
     with gevent.Timeout(2):
-        while not runtime.node._reads_forwarded:
+        while not runtime.node._reads._forwarded:
             gevent.sleep(0.002)
-    return callers, next(iter(runtime.node._reads_forwarded))
+    return callers, next(iter(runtime.node._reads._forwarded))
 
 
 def test_a_read_whose_index_is_never_applied_is_forgotten_once_its_callers_give_up():
