@@ -18,6 +18,7 @@ when it has a secret, and signed frames when it has none.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 
@@ -99,7 +100,7 @@ _SCHEMAS: dict[type, tuple[int, tuple[int, ...]]] = {
 # Each is an integer whose default is 0.
 _ADDED_FIELDS: dict[type, int] = {RequestVote: 1, RequestVoteReply: 1}  # pre_vote_round
 _BY_TAG = {tag: (cls, kinds) for cls, (tag, kinds) in _SCHEMAS.items()}
-_FIELDS = {cls: tuple(cls.__dataclass_fields__)[3:] for cls in _SCHEMAS}
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls))[3:] for cls in _SCHEMAS}
 
 
 # ---- encoding ---------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .messages import (
     TimeoutNow,
 )
 from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker
-from .readonly import ReadOnly
+from .readonly import ReadAnswer, ReadOnly
 
 
 class NotLeader(Exception):
@@ -134,7 +134,8 @@ class Ready:
         Ready that keeps the saved term and vote), and those that must wait for the save."""
         if self.role is not Role.LEADER or self.new_term_or_vote:
             return [], self.messages
-        early, late = [], []
+        early: list[Message] = []
+        late: list[Message] = []
         for m in self.messages:
             (early if type(m) is AppendEntries else late).append(m)
         return early, late
@@ -789,7 +790,9 @@ class RaftNode:
     def _refresh_membership(self) -> None:
         entries = self.log.membership_entries()
         if entries:
-            self._set_membership(entries[-1].membership, entries[-1].index)
+            last = entries[-1]
+            assert last.membership is not None
+            self._set_membership(last.membership, last.index)
         else:
             # The snapshot's configuration: made at or before its index, which is all the snapshot tells.
             self._set_membership(self._base_membership, self.log.snapshot_index)
@@ -866,6 +869,7 @@ class RaftNode:
                 # changes nothing else here: a success only tells how far its log matches ours (true), and a
                 # rejection is ignored in this state (_handle_append_entries_reply).
                 snap = pr.snapshot
+                assert snap is not None
                 self._send(
                     AppendEntries(
                         self.node_id, peer, self.current_term, snap.last_included_index, snap.last_included_term,
@@ -1021,7 +1025,7 @@ class RaftNode:
         else:
             self._broadcast_heartbeat(read_round=rnd.round_id)
 
-    def _send_read_answers(self, answers: list[tuple[str, tuple[int, ...], int]]) -> None:
+    def _send_read_answers(self, answers: list[ReadAnswer]) -> None:
         for origin, request_ids, read_index in answers:
             self._send(ReadIndexReply(self.node_id, origin, self.current_term, request_ids, read_index))
 

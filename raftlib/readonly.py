@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 from .messages import Membership
 
+# (origin, request_ids, read_index): the leader's answer to reads another node forwarded (a ReadIndexReply).
+ReadAnswer = tuple[str, tuple[int, ...], int]
+
 
 @dataclass(slots=True)
 class ReadRound:
@@ -109,11 +112,11 @@ class ReadOnly:
         """A heartbeat carrying `round_id` went out at `tick`."""
         self._round_sent_tick[round_id] = tick
 
-    def acknowledged(self, node_id: str, round_id: int, membership: Membership) -> list[tuple[str, tuple[int, ...], int]]:
+    def acknowledged(self, node_id: str, round_id: int, membership: Membership) -> list[ReadAnswer]:
         """`node_id` answered the heartbeat of `round_id`: it heard from us at or after that heartbeat was sent.
         Renews its lease and acknowledges every round up to `round_id`; returns the answers to send to other
-        nodes for the rounds this confirmed, as (origin, request_ids, read_index)."""
-        replies = []
+        nodes for the rounds this confirmed."""
+        replies: list[ReadAnswer] = []
         if node_id in membership.voters:
             confirmed = 0
             for rnd in self._rounds:
@@ -129,11 +132,11 @@ class ReadOnly:
             self._voter_lease_tick[node_id] = sent
         return replies
 
-    def release(self, up_to_round: int) -> list[tuple[str, tuple[int, ...], int]]:
+    def release(self, up_to_round: int) -> list[ReadAnswer]:
         """A majority confirmed this node was still leader after round `up_to_round` began: its reads, and all
         earlier ones, may be served at their read index. This node's go to `read_states`; the others are
-        returned as (origin, request_ids, read_index), to be sent."""
-        replies = []
+        returned, to be sent."""
+        replies: list[ReadAnswer] = []
         while self._rounds and self._rounds[0].round_id <= up_to_round:
             rnd = self._rounds.pop(0)
             forwarded: dict[str, list[int]] = {}
