@@ -179,7 +179,7 @@ def entry_from_wire(v) -> Entry:
     term, index, kind, data, membership = v
     _need(type(data) is bytes, "entry data must be bytes")
     _need(type(kind) is int and 0 <= kind < len(_ENTRY_KINDS), "unknown entry kind")
-    kind = _ENTRY_KINDS[kind]  # EntryKind(kind) costs ~1 us an entry
+    kind = _ENTRY_KINDS[kind]  # by position: EntryKind(kind) runs the enum's lookup machinery for every entry
     _need((membership is not None) == (kind is EntryKind.MEMBERSHIP), "membership entry mismatch")
     return Entry(_int(term), _int(index), kind, data, None if membership is None else _membership_in(membership))
 
@@ -243,10 +243,6 @@ def decode_batch(data: bytes) -> list[Message]:
 
 
 # ---- records for the storage ----------------------------------------------------------------------
-
-
-def encode_hard_state(hs: HardState) -> bytes:
-    return cbor2.dumps([hs.current_term, hs.voted_for, hs.commit_index])
 
 
 def decode_hard_state(data: bytes) -> HardState:

@@ -430,39 +430,8 @@ class RaftNode:
             return
         if m.src not in self._member_ids and type(m) is not Removed:
             self._tell_removed(m.src)
-        if m.term > self.current_term:
-            if isinstance(m, RequestVote):
-                # Also in the first election timeout after a start: this node may have acknowledged a leader's
-                # heartbeat just before it crashed, and the leader's lease counts on that.
-                in_lease = (
-                    self.config.check_quorum
-                    and (self.leader_id is not None or self._ticks < self.config.election_ticks)
-                    and self._election_elapsed < self.config.election_ticks
-                )
-                if in_lease and not m.leadership_transfer:
-                    # thesis §4.2.3 / §9.6: a node that hears from a leader ignores disruptive candidates.
-                    return
-                if not m.pre_vote:
-                    self._become_follower(m.term, None)
-            elif isinstance(m, RequestVoteReply) and m.pre_vote and m.vote_granted:
-                pass  # a granted pre-vote carries the term we would campaign in
-            elif isinstance(m, (AppendEntries, InstallSnapshot, TimeoutNow)):
-                self._become_follower(m.term, m.src)
-            else:
-                self._become_follower(m.term, None)
-        elif m.term < self.current_term and type(m) is not Removed:
-            # A Removed notice is let through: a removed node that campaigns without pre-vote runs its term ahead
-            # of the members', who answer at their own term, so it would never learn why nobody follows it. Its
-            # own check (`_handle_removed`: a configuration of ours that is newer, with us in it) tells a stale
-            # notice, whatever its term.
-            if isinstance(m, (AppendEntries, InstallSnapshot)):
-                # Tell a stale leader about the new term, or it would never step down (thesis §9.6).
-                self._send(AppendEntriesReply(self.node_id, m.src, self.current_term, False, 0))
-            elif isinstance(m, RequestVote) and m.pre_vote:
-                self._send(RequestVoteReply(self.node_id, m.src, self.current_term, False, pre_vote=True,
-                                            pre_vote_round=m.pre_vote_round))
+        if m.term != self.current_term and not self._take_term(m):
             return
-
         match m:
             case RequestVote():
                 self._handle_request_vote(m)
@@ -484,6 +453,44 @@ class RaftNode:
                 self._handle_read_index_reply(m)
             case Removed():
                 self._handle_removed(m)
+
+    def _take_term(self, m: Message) -> bool:
+        """§5.1: a message of a newer term makes this node a follower in it (but see the leases below); one of an
+        older term is answered at our term where that helps its sender, and dropped. Returns whether `m` is to
+        be handled."""
+        if m.term > self.current_term:
+            if isinstance(m, RequestVote):
+                # Also in the first election timeout after a start: this node may have acknowledged a leader's
+                # heartbeat just before it crashed, and the leader's lease counts on that.
+                in_lease = (
+                    self.config.check_quorum
+                    and (self.leader_id is not None or self._ticks < self.config.election_ticks)
+                    and self._election_elapsed < self.config.election_ticks
+                )
+                if in_lease and not m.leadership_transfer:
+                    # thesis §4.2.3 / §9.6: a node that hears from a leader ignores disruptive candidates.
+                    return False
+                if not m.pre_vote:
+                    self._become_follower(m.term, None)
+            elif isinstance(m, RequestVoteReply) and m.pre_vote and m.vote_granted:
+                pass  # a granted pre-vote carries the term we would campaign in
+            elif isinstance(m, (AppendEntries, InstallSnapshot, TimeoutNow)):
+                self._become_follower(m.term, m.src)
+            else:
+                self._become_follower(m.term, None)
+        elif m.term < self.current_term and type(m) is not Removed:
+            # A Removed notice is let through: a removed node that campaigns without pre-vote runs its term ahead
+            # of the members', who answer at their own term, so it would never learn why nobody follows it. Its
+            # own check (`_handle_removed`: a configuration of ours that is newer, with us in it) tells a stale
+            # notice, whatever its term.
+            if isinstance(m, (AppendEntries, InstallSnapshot)):
+                # Tell a stale leader about the new term, or it would never step down (thesis §9.6).
+                self._send(AppendEntriesReply(self.node_id, m.src, self.current_term, False, 0))
+            elif isinstance(m, RequestVote) and m.pre_vote:
+                self._send(RequestVoteReply(self.node_id, m.src, self.current_term, False, pre_vote=True,
+                                            pre_vote_round=m.pre_vote_round))
+            return False
+        return True
 
     # ---- outputs --------------------------------------------------------------------------------
 
