@@ -105,9 +105,16 @@ class RuntimeStatus:
     node: NodeStatus
     running: bool
     disk_full: bool  # saves are failing for lack of room: writes are refused
-    # Counters since start: proposals (taken as leader), applied (entries), elections_won, saves (one fsync
-    # each), snapshots (taken of this node's state machine).
-    stats: Mapping[str, int]
+    stats: Mapping[str, int]  # every counter of _COUNTERS, since start
+
+
+_COUNTERS = (
+    "proposals",  # taken as leader
+    "applied",  # entries applied
+    "elections_won",
+    "saves",  # Readies saved (one fsync each when they must sync)
+    "snapshots",  # taken of this node's own state machine
+)
 
 
 class Runtime:
@@ -148,7 +155,7 @@ class Runtime:
         self.disk_retry_seconds = 0.5
         self._snapshot_not_before = 0.0
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
-        self.stats: collections.Counter[str] = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
 
     def status(self) -> RuntimeStatus:
         return RuntimeStatus(self.node.status(), self.running, self.disk_full, types.MappingProxyType(dict(self.stats)))

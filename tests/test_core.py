@@ -802,3 +802,29 @@ def test_a_removed_notice_names_an_index_at_or_after_the_removal():
     n = c.nodes[gone].node
     assert c.run_until(lambda: n.removed is not None, 300)
     assert n.removed[1] == snapshot_index  # at or before: removal <= snapshot_index
+
+
+def test_status_is_a_frozen_copy_of_what_the_node_knows():
+    """RaftNode.status(): what /status, /cluster, /metrics and the choice of a successor read, instead of the
+    node's fields. Followers' progress only on the leader, and not the leader's own."""
+    c = Cluster(seed=1, n=3)
+    leader = elect(c)
+    write(c)
+    c.run(5)
+    n = c.nodes[leader].node
+    st = n.status()
+    assert (st.node_id, st.role, st.term, st.leader_id, st.removed, st.reads_pending) == (
+        leader, Role.LEADER, n.current_term, leader, None, 0)
+    assert (st.commit_index, st.last_applied, st.last_index, st.snapshot_index) == (
+        n.commit_index, n.last_applied, n.log.last_index, n.log.snapshot_index) and st.commit_index >= 3
+    assert st.membership == n.membership
+    followers = sorted(i for i in c.ids if i != leader)
+    assert list(st.progress) == followers
+    assert [st.progress[f].match_index for f in followers] == [n.log.last_index] * 2
+    assert {p.state for p in st.progress.values()} == {ProgressState.REPLICATE}
+    write(c)
+    assert n.commit_index > st.commit_index and n.status().commit_index == n.commit_index  # a copy, not a view
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        st.term = 99  # type: ignore[misc]
+    fst = c.nodes[followers[0]].node.status()
+    assert fst.role is Role.FOLLOWER and fst.leader_id == leader and len(fst.progress) == 0
