@@ -495,10 +495,14 @@ class RaftNode:
     # ---- outputs --------------------------------------------------------------------------------
 
     def has_ready(self) -> bool:
+        reads = self._reads
         return bool(
             self._messages
             or (self.role is Role.LEADER and self._append_dirty)
-            or self._reads.has_work()
+            or reads.unstarted  # a round to start, at the next ready()
+            or reads.to_forward
+            or reads.read_states
+            or reads.failed_reads
             or self._pending_snapshot is not None
             or self._unstable_from <= self.log.last_index
             or self.commit_index > self.last_applied
@@ -511,11 +515,11 @@ class RaftNode:
         assert not self._ready_outstanding, "advance() the last Ready first"
         if self.role is Role.LEADER:
             self._flush_appends()
-            self._start_read_round()
-        elif self.leader_id is not None:
+            if self._reads.unstarted:
+                self._start_read_round()
+        elif self.leader_id is not None and self._reads.to_forward:
             ids = self._reads.take_to_forward(self._ticks)
-            if ids:
-                self._send(ReadIndexRequest(self.node_id, self.leader_id, self.current_term, ids))
+            self._send(ReadIndexRequest(self.node_id, self.leader_id, self.current_term, ids))
         if not self.has_ready():
             return None
         hard_state = self._hard_state()
@@ -531,7 +535,10 @@ class RaftNode:
                 committed = self.log.slice(applied + 1, self.commit_index + 1)
         saved = self._saved_hard_state
         new_term_or_vote = self.current_term != saved.current_term or self.voted_for != saved.voted_for
-        read_states, failed_reads = self._reads.take_results()
+        read_states: list[tuple[int, int]] = []
+        failed_reads: list[int] = []
+        if self._reads.read_states or self._reads.failed_reads:
+            read_states, failed_reads = self._reads.take_results()
         rd = Ready(
             hard_state=hard_state if hard_state != saved else None,
             entries=entries,
@@ -884,7 +891,8 @@ class RaftNode:
                     )
                 )
             return
-        if pr.paused and not read_round:
+        paused = pr.paused
+        if paused and not read_round:
             return
         prev_index = pr.next_index - 1
         prev_term = self.log.term(prev_index)
@@ -893,7 +901,7 @@ class RaftNode:
             self._send_snapshot(peer)
             return
         entries: list[Entry] = []
-        if pr.next_index <= self.log.last_index and not pr.paused:
+        if pr.next_index <= self.log.last_index and not paused:
             entries = self.log.slice(pr.next_index, self.log.last_index + 1, self.config.max_batch_bytes)
         if not entries and not allow_empty:
             return
@@ -990,7 +998,7 @@ class RaftNode:
         if self.log.term(index) != self.current_term and not self.config.unsafe_commit_previous_term:
             return
         self.commit_index = index
-        if self._reads.waiting_for_commit and self.log.term(self.commit_index) == self.current_term:
+        if self._reads.before_commit and self.log.term(self.commit_index) == self.current_term:
             self._reads.committed_in_term()
         if self.commit_index >= self._pending_membership_index and self.node_id not in self.membership.node_ids:
             self._step_down_after_removal()

@@ -3,8 +3,8 @@
 Pure bookkeeping: no clock (the tick comes in as an argument) and no messages. The leader (`raftlib.core`) decides
 when a round starts and sends the heartbeats and the ReadIndexReply messages this module hands back. Rules:
 - A read waits in exactly one place until it is answered (`read_states`: (request_id, read_index)) or failed
-  (`failed_reads`): `_unstarted` (the leader's next round), `_before_commit` (a new leader's first commit in its
-  term, §6.4 step 1), a round (a majority's acknowledgement, step 2), `_to_forward` and `_forwarded` (a
+  (`failed_reads`): `unstarted` (the leader's next round), `before_commit` (a new leader's first commit in its
+  term, §6.4 step 1), a round (a majority's acknowledgement, step 2), `to_forward` and `_forwarded` (a
   follower's, until its leader answers).
 - Each place is bounded: `expire` fails what waited `read_timeout_ticks`, and `reset` fails everything when the
   node changes role or leader. Only reads of this node (origin `node_id`) are failed; another node's are dropped,
@@ -38,13 +38,15 @@ class ReadOnly:
     def __init__(self, node_id: str, read_timeout_ticks: int) -> None:
         self.node_id = node_id
         self.read_timeout_ticks = read_timeout_ticks
+        # The public lists are read by the node, for cheap checks on its busiest path; only methods here change
+        # them (and `take_results`).
         self.read_states: list[tuple[int, int]] = []  # (request_id, read_index): this node may serve them
         self.failed_reads: list[int] = []  # this node's requests that cannot be answered: the caller may retry
+        self.unstarted: list[tuple[int, str]] = []
+        self.before_commit: list[tuple[int, str, int]] = []  # (request_id, origin, tick)
+        self.to_forward: list[int] = []  # sent to the leader at the node's next ready()
         self._round_id = 0
         self._rounds: list[ReadRound] = []
-        self._unstarted: list[tuple[int, str]] = []
-        self._before_commit: list[tuple[int, str, int]] = []  # (request_id, origin, tick)
-        self._to_forward: list[int] = []  # sent to the leader at the node's next ready()
         self._forwarded: dict[int, int] = {}  # request_id -> tick forwarded, in that order
         # Leases (thesis §6.4.1): the tick each heartbeat round was sent, and per voter the newest such tick it
         # acknowledged: it heard from the leader at or after then.
@@ -54,12 +56,8 @@ class ReadOnly:
     @property
     def pending(self) -> int:
         """How many reads are held: this node's own, and as leader its followers'."""
-        return (len(self._to_forward) + len(self._forwarded) + len(self._unstarted) + len(self._before_commit)
+        return (len(self.to_forward) + len(self._forwarded) + len(self.unstarted) + len(self.before_commit)
                 + sum(len(r.requests) for r in self._rounds))
-
-    def has_work(self) -> bool:
-        """Something for the node's next Ready: answers, failures, or reads to start a round for or forward."""
-        return bool(self._unstarted or self._to_forward or self.read_states or self.failed_reads)
 
     def take_results(self) -> tuple[list[tuple[int, int]], list[int]]:
         """(read_states, failed_reads) since the last call."""
@@ -73,21 +71,17 @@ class ReadOnly:
 
     # ---- the leader's reads -----------------------------------------------------------------------
 
-    @property
-    def waiting_for_commit(self) -> bool:
-        return bool(self._before_commit)
-
     def queue(self, request_id: int, origin: str, tick: int, committed_in_term: bool) -> None:
         """A read for the leader: for the next round once an entry of its term is committed, else after that."""
         if committed_in_term:
-            self._unstarted.append((request_id, origin))
+            self.unstarted.append((request_id, origin))
         else:
-            self._before_commit.append((request_id, origin, tick))
+            self.before_commit.append((request_id, origin, tick))
 
     def committed_in_term(self) -> None:
         """The leader committed an entry of its term: it knows the commit index now (§6.4 step 1)."""
-        self._unstarted.extend((rid, origin) for rid, origin, _ in self._before_commit)
-        self._before_commit = []
+        self.unstarted.extend((rid, origin) for rid, origin, _ in self.before_commit)
+        self.before_commit = []
 
     def new_round_id(self) -> int:
         self._round_id += 1
@@ -96,10 +90,10 @@ class ReadOnly:
     def start_round(self, read_index: int, tick: int) -> ReadRound | None:
         """A round for every read queued since the last one, at `read_index` (§6.4 step 2), acknowledged by this
         node; None when no read waits."""
-        if not self._unstarted:
+        if not self.unstarted:
             return None
-        rnd = ReadRound(self.new_round_id(), read_index, self._unstarted, tick)
-        self._unstarted = []
+        rnd = ReadRound(self.new_round_id(), read_index, self.unstarted, tick)
+        self.unstarted = []
         rnd.acks.add(self.node_id)
         self._rounds.append(rnd)
         return rnd
@@ -166,12 +160,12 @@ class ReadOnly:
     # ---- a follower's reads -----------------------------------------------------------------------
 
     def forward(self, request_id: int) -> None:
-        self._to_forward.append(request_id)
+        self.to_forward.append(request_id)
 
     def take_to_forward(self, tick: int) -> tuple[int, ...]:
         """The reads to send to the leader now; they wait for its answer from `tick` on."""
-        ids = tuple(self._to_forward)
-        self._to_forward.clear()
+        ids = tuple(self.to_forward)
+        self.to_forward.clear()
         for request_id in ids:
             self._forwarded[request_id] = tick
         return ids
@@ -186,14 +180,14 @@ class ReadOnly:
     def expire(self, tick: int) -> None:
         """Fail the reads that waited read_timeout_ticks. Each list is in arrival order, so only its head is looked
         at when nothing is due."""
-        if not (self._forwarded or self._before_commit or self._rounds):
+        if not (self._forwarded or self.before_commit or self._rounds):
             return
         horizon = tick - self.read_timeout_ticks
         while self._rounds and self._rounds[0].started_tick <= horizon:
             self._fail(self._rounds.pop(0).requests)
-        if self._before_commit and self._before_commit[0][2] <= horizon:
-            due = [r for r in self._before_commit if r[2] <= horizon]
-            self._before_commit = self._before_commit[len(due):]
+        if self.before_commit and self.before_commit[0][2] <= horizon:
+            due = [r for r in self.before_commit if r[2] <= horizon]
+            self.before_commit = self.before_commit[len(due):]
             self._fail(due)
         forwarded = self._forwarded
         while forwarded:
@@ -207,12 +201,12 @@ class ReadOnly:
         """The node changed role, term or leader: every read it holds fails, and every lease is forgotten."""
         for r in self._rounds:
             self._fail(r.requests)
-        self._fail(self._unstarted)
-        self._fail(self._before_commit)
-        self._rounds, self._unstarted, self._before_commit = [], [], []
-        self.failed_reads.extend(self._to_forward)
+        self._fail(self.unstarted)
+        self._fail(self.before_commit)
+        self._rounds, self.unstarted, self.before_commit = [], [], []
+        self.failed_reads.extend(self.to_forward)
         self.failed_reads.extend(self._forwarded)
-        self._to_forward, self._forwarded = [], {}
+        self.to_forward, self._forwarded = [], {}
         self._round_sent_tick, self._voter_lease_tick = {}, {}
 
     def _fail(self, requests) -> None:

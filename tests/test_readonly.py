@@ -60,9 +60,9 @@ def test_a_new_leader_starts_no_round_before_its_first_commit():
     """§6.4 step 1: until an entry of its term is committed, a new leader does not know the commit index."""
     r = leader()
     r.queue(1, "a", tick=0, committed_in_term=False)
-    assert r.waiting_for_commit and r.start_round(read_index=5, tick=0) is None and not r.has_work()
+    assert r.before_commit and r.start_round(read_index=5, tick=0) is None and not r.unstarted
     r.committed_in_term()
-    assert not r.waiting_for_commit and r.has_work()
+    assert not r.before_commit and r.unstarted
     assert r.start_round(read_index=6, tick=1) is not None
 
 
@@ -86,7 +86,7 @@ def test_a_followers_forwarded_reads_are_answered_or_time_out():
     r = ReadOnly("b", read_timeout_ticks=10)
     r.forward(1)
     r.forward(2)
-    assert r.has_work() and r.take_to_forward(tick=3) == (1, 2) and r.take_to_forward(tick=3) == ()
+    assert r.to_forward and r.take_to_forward(tick=3) == (1, 2) and r.take_to_forward(tick=3) == ()
     r.forward(3)
     r.take_to_forward(tick=8)
     r.forwarded_answer((2, 99), read_index=12)  # 99: never asked (or failed already): ignored
