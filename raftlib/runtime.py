@@ -363,49 +363,52 @@ class Runtime:
             gevent.sleep(0.00001)
 
     def _handle(self, item: InboxItem, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
+        # Class patterns without captures: a positional capture looks up __match_args__ and each attribute again,
+        # several times the cost of the type test, on every write.
         node = self.node
         match item:
-            case Deliver(messages, result):
+            case Propose():
+                try:
+                    index = node.propose(item.command)
+                except (NotLeader, ProposalDropped) as e:
+                    item.result.set_exception(e)
+                    return
+                self._proposals[index] = (node.current_term, item.result)
+                self.stats["proposals"] += 1
+            case Deliver():
+                messages = item.messages
                 for m in messages:
                     node.step(m)
-                if result is not None:
+                if item.result is not None:
                     src = messages[0].src
                     if src in replies:
                         replies[src][0].set([])  # an older exchange from the same peer: answer it empty
-                    replies[src] = (result, [])
-            case Propose(command, result):
-                try:
-                    index = node.propose(command)
-                except (NotLeader, ProposalDropped) as e:
-                    result.set_exception(e)
-                    return
-                self._proposals[index] = (node.current_term, result)
-                self.stats["proposals"] += 1
-            case Read(lease, result):
-                self._read_waiting.pop(lease, None)  # later reads wait for the next one
+                    replies[src] = (item.result, [])
+            case Read():
+                self._read_waiting.pop(item.lease, None)  # later reads wait for the next one
                 request_id = next(self._request_ids)
                 try:
-                    node.read_index(request_id, lease=lease)
+                    node.read_index(request_id, lease=item.lease)
                 except NotLeader as e:
-                    result.set_exception(e)
+                    item.result.set_exception(e)
                     return
-                self._reads[request_id] = result
-            case ChangeMembership(change, result):
+                self._reads[request_id] = item.result
+            case ChangeMembership():
                 try:
-                    membership_index = node.change_membership(change)
+                    membership_index = node.change_membership(item.change)
                 except (NotLeader, ProposalDropped, ValueError) as e:
-                    result.set_exception(e)
+                    item.result.set_exception(e)
                     return
                 if membership_index is None:
-                    result.set((node.commit_index, None))
+                    item.result.set((node.commit_index, None))
                 else:
-                    self._proposals[membership_index] = (node.current_term, result)
-            case Transfer(target, result):
+                    self._proposals[membership_index] = (node.current_term, item.result)
+            case Transfer():
                 try:
-                    node.transfer_leadership(target)
-                    result.set(None)
+                    node.transfer_leadership(item.target)
+                    item.result.set(None)
                 except (NotLeader, ValueError) as e:
-                    result.set_exception(e)
+                    item.result.set_exception(e)
 
     def _process_ready(self, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         node = self.node
