@@ -48,9 +48,43 @@ def write(c: Cluster, key: str = "k", ticks: int = 200) -> None:
 def test_import_of_core_pulls_in_no_io():
     import subprocess
 
-    code = "import raftlib, raftlib.core, sys; print(sorted(m for m in ('gevent','zmq','bottle','cbor2','socket') if m in sys.modules))"
+    code = ("import raftlib, raftlib.core, sys; "
+            "print(sorted(m for m in ('gevent','zmq','bottle','cbor2','socket','raftdzmq') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sys.path[0] + "/..")
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# The pure modules and what each may import: the standard library's pure modules, and the arrows of the layout
+# (core -> log, messages, progress, readonly). Checked in the source, so that an import inside a function counts.
+PURE_IMPORTS = {
+    "messages": set(),
+    "log": {"messages"},
+    "progress": {"messages"},
+    "readonly": {"messages"},
+    "core": {"log", "messages", "progress", "readonly"},
+    "interfaces": {"log", "messages"},
+    "memory_storage": {"interfaces", "messages"},
+}
+PURE_STDLIB = {"__future__", "collections.abc", "dataclasses", "enum", "types", "typing"}
+
+
+def test_the_pure_modules_import_only_along_the_layouts_arrows():
+    import ast
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "raftlib")
+    for module, allowed in PURE_IMPORTS.items():
+        with open(os.path.join(root, module + ".py")) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+                assert names <= PURE_STDLIB, f"raftlib/{module}.py imports {names - PURE_STDLIB}"
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert node.module in PURE_STDLIB, f"raftlib/{module}.py imports {node.module}"
+                else:
+                    assert node.module in allowed, f"raftlib/{module}.py imports .{node.module}"
 
 
 def test_one_leader_is_elected_and_replicates():
