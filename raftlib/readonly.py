@@ -35,11 +35,12 @@ class ReadRound:
 
 
 class ReadOnly:
+    """The reads one node holds, as leader or follower, and the leases it holds as leader."""
+
     def __init__(self, node_id: str, read_timeout_ticks: int) -> None:
         self.node_id = node_id
         self.read_timeout_ticks = read_timeout_ticks
-        # The public lists are read by the node, for cheap checks on its busiest path; only methods here change
-        # them (and `take_results`).
+        # The node reads these lists directly, for cheap checks on its busiest path; only this class changes them.
         self.read_states: list[tuple[int, int]] = []  # (request_id, read_index): this node may serve them
         self.failed_reads: list[int] = []  # this node's requests that cannot be answered: the caller may retry
         self.unstarted: list[tuple[int, str]] = []
