@@ -50,23 +50,32 @@ from raftlib import (  # noqa: E402
     ConfChange,
     ConfChangeKind,
     Config,
-    Entry,
-    EntryKind,
-    HardState,
     Member,
-    Membership,
     NotLeader,
     ProposalDropped,
     RaftNode,
     Role,
 )
 from raftlib.runtime import EntryLost, Runtime, StateMachine, Stopped, Timeout  # noqa: E402
-from raftlib.storage import DiskFull, DiskStorage, StorageError  # noqa: E402
+from raftlib.storage import DiskFull, DiskStorage, NotJoined, StorageError, start_node  # noqa: E402
 from raftlib.transport import ZmqTransport  # noqa: E402
 
 log = logging.getLogger("raftdzmq")
 TRACE = 5
 NOT_LEADER = "raft.Server: Not current leader"
+# Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_FSYNC_DELAY_FILE names a file holding a number of
+# seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
+TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
+
+
+def _test_fsync_delay(path: str) -> None:
+    try:
+        with open(path) as f:
+            seconds = float(f.read())
+    except (OSError, ValueError):
+        return
+    monkey.get_original("time", "sleep")(seconds)  # not gevent's sleep: a slow fsync holds the hub too
+
 
 # Commands, as CBOR arrays [op, key, value, expected].
 SET, DELETE, COMPARE_AND_SET, CREATE = 0, 1, 2, 3
@@ -234,13 +243,6 @@ class Metrics:
 # ---- the server -----------------------------------------------------------------------------------------
 
 
-JOIN_MARKER = "JOINING"  # in the data dir while a node's first join (or bootstrap) is not done: "join" or "bootstrap"
-
-
-class NotJoined(Exception):
-    """This data dir's node never joined a cluster and no -join was given."""
-
-
 class Server:
     def __init__(self, args) -> None:
         self.args = args
@@ -251,6 +253,8 @@ class Server:
 
         def timed_fdatasync(fd: int, nbytes: int) -> None:
             t0 = time.perf_counter()
+            if TEST_FSYNC_DELAY_FILE:
+                _test_fsync_delay(TEST_FSYNC_DELAY_FILE)
             # Inline: it holds the hub for the fsync (~0.1-0.8 ms here). gevent's thread pool would free the hub
             # meanwhile, but in alternating 3-node runs at 64 clients the hand-off cost as much as it won, on the
             # leader (p50 latency was higher) and more so on the followers, which have nothing else to do.
@@ -258,49 +262,16 @@ class Server:
             self.metrics.fsync_seconds.observe(time.perf_counter() - t0)
 
         self.storage = DiskStorage(args.data_dir, fsync=not args.no_fsync, fdatasync=timed_fdatasync)
-        identity = self.storage.read_identity()
         stored = self.storage.load()
-        self._join_marker = os.path.join(self.storage.data_dir, JOIN_MARKER)
-        pending = self._read_join_marker()
-        # In a cluster = the cluster reached this node (a term, entries or a snapshot came from a leader), or it
-        # bootstrapped one. Not the identity file: that is written before the join, to keep the id across retries.
-        self.joined_before = stored.hard_state.current_term > 0 or stored.last_index > 0
-        if identity is None:
-            self.node_id = binascii.hexlify(os.urandom(4)).decode()
-            pending = "join" if args.join else "bootstrap"
-            self._write_join_marker(pending)  # before the identity: no identity without its intent
-            self.storage.write_identity(self.node_id, self.raft_address, self.http_address)
-        else:
-            self.node_id = identity["node_id"]
-            if (identity.get("raft_address"), identity.get("http_address")) != (self.raft_address, self.http_address):
-                log.warning("this node was created with addresses %s / %s; the cluster still knows it by those",
-                            identity.get("raft_address"), identity.get("http_address"))
-        self.bootstrapped = False
-        self.must_join = False
-        if self.joined_before:
-            if pending is not None:
-                self._remove_join_marker()  # a leader reached it: the join was accepted
-        elif args.join:
-            self.must_join = True  # a first join, or one that never succeeded: again, with the same node id
-            if pending != "join":
-                self._write_join_marker("join")
-        elif pending == "join":
+        try:
+            # Identity, the JOINING marker and the bootstrap, crash-safe (raftlib.storage.start_node says how).
+            start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
+                               self.http_address, join=bool(args.join))
+        except BaseException:
             self.storage.close()
-            raise NotJoined(f"node {self.node_id} ({args.data_dir}) never joined a cluster: its -join did not "
-                            f"succeed. Start it again with -join HOST:HTTPPORT (it keeps its id), or give it an empty "
-                            f"data dir to start a new cluster")
-        elif pending == "bootstrap":
-            # The first node of a new cluster: a configuration with itself as the only voter (index 1).
-            me = Member(self.node_id, self.raft_address, self.http_address)
-            first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership((self.node_id,), (), (me,)))
-            self.storage.save(HardState(1, None, 1), [first])
-            stored = self.storage.state
-            self._remove_join_marker()
-            self.bootstrapped = True
-        else:
-            # An identity, no log and no marker: written by an older raftdzmq, whose failed joins looked like this.
-            log.warning("node %s has no log and no term yet: no leader has reached it. If its join never succeeded, "
-                        "restart it with -join HOST:HTTPPORT", self.node_id)
+            raise
+        self.node_id, stored = start.node_id, start.stored
+        self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
         tick = args.heartbeat_ms / 1000.0 / 5
         config = Config(
             node_id=self.node_id,
@@ -325,38 +296,6 @@ class Server:
         self.http = None
         self._requests = 0
         self._stopping = False
-
-    # ---- the join marker: "joined" means a leader accepted the join (issue 11) ----
-
-    def _read_join_marker(self) -> str | None:
-        try:
-            with open(self._join_marker) as f:
-                return f.read().strip() or None
-        except FileNotFoundError:
-            return None
-
-    def _write_join_marker(self, intent: str) -> None:
-        tmp = self._join_marker + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(intent + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._join_marker)
-        self._fsync_data_dir()
-
-    def _remove_join_marker(self) -> None:
-        try:
-            os.unlink(self._join_marker)
-        except FileNotFoundError:
-            return
-        self._fsync_data_dir()
-
-    def _fsync_data_dir(self) -> None:
-        fd = os.open(self.storage.data_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _bind_host(self) -> str:
         host = self.args.host
@@ -460,7 +399,7 @@ class Server:
             try:
                 with _no_redirects.open(req, timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
                     resp.read()
-                self._remove_join_marker()
+                self.storage.remove_join_marker()  # "joined": a leader accepted the join (issue 11)
                 log.info("joined the cluster through %s", url)
                 return
             except urllib.error.HTTPError as e:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -35,12 +36,18 @@ from typing import Any
 import gevent
 import gevent.event
 
+from . import crashpoints
 from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role
 from .storage import DiskFull
 
 logger = logging.getLogger("raftlib.runtime")
+
+# Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_CLOCK_RATE=1.15 makes the clock this node's ticks
+# are derived from run 1.15 times as fast as the monotonic clock (0.87: slower), to test what the lease assumes
+# about clock rates (README, "Lease reads and their clock assumption").
+_CLOCK_RATE = float(os.environ.get("RAFTDZMQ_TEST_CLOCK_RATE") or 1)
 
 
 class Timeout(Exception):
@@ -187,7 +194,7 @@ class Runtime:
         stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
         time it missed, so its leader lease has run out before it answers a read. Capped at three election
         timeouts, which every timer in the core has expired by."""
-        due = int((time.monotonic() - self._clock_start) / self.tick_seconds) - self._ticks_given
+        due = int((time.monotonic() - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
         if due <= 0:
             return
         self._ticks_given += due
@@ -422,6 +429,8 @@ class Runtime:
                 gevent.sleep(0)  # let the senders hand them to zmq before the fsync holds the hub
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                 self._save(rd)
+                if crashpoints.enabled:
+                    crashpoints.hit("runtime.after_save")
             self._send(late, replies)
             if rd.snapshot is not None:
                 self.state_machine.restore(rd.snapshot.data)
