@@ -233,16 +233,3 @@ Message = (
     | ReadIndexReply
     | Removed
 )
-
-MESSAGE_TYPES = (
-    RequestVote,
-    RequestVoteReply,
-    AppendEntries,
-    AppendEntriesReply,
-    InstallSnapshot,
-    InstallSnapshotReply,
-    TimeoutNow,
-    ReadIndexRequest,
-    ReadIndexReply,
-    Removed,
-)

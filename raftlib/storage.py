@@ -64,7 +64,7 @@ import cbor2
 
 from . import codec, crashpoints
 from .fs import FileSystem, OsFileSystem
-from .memory_storage import StoredState
+from .interfaces import StoredState
 from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot
 
 FORMAT_VERSION = 1

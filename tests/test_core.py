@@ -25,7 +25,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
 )
-from raftlib.core import ProgressState
+from raftlib.progress import ProgressState
 from simulator import Cluster, SafetyViolation, random_schedule
 
 
@@ -48,9 +48,43 @@ def write(c: Cluster, key: str = "k", ticks: int = 200) -> None:
 def test_import_of_core_pulls_in_no_io():
     import subprocess
 
-    code = "import raftlib, raftlib.core, sys; print(sorted(m for m in ('gevent','zmq','bottle','cbor2','socket') if m in sys.modules))"
+    code = ("import raftlib, raftlib.core, sys; "
+            "print(sorted(m for m in ('gevent','zmq','bottle','cbor2','socket','raftdzmq') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sys.path[0] + "/..")
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# The pure modules and what each may import: the standard library's pure modules, and the arrows of the layout
+# (core -> log, messages, progress, readonly). Checked in the source, so that an import inside a function counts.
+PURE_IMPORTS = {
+    "messages": set(),
+    "log": {"messages"},
+    "progress": {"messages"},
+    "readonly": {"messages"},
+    "core": {"log", "messages", "progress", "readonly"},
+    "interfaces": {"log", "messages"},
+    "memory_storage": {"interfaces", "messages"},
+}
+PURE_STDLIB = {"__future__", "collections.abc", "dataclasses", "enum", "types", "typing"}
+
+
+def test_the_pure_modules_import_only_along_the_layouts_arrows():
+    import ast
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "raftlib")
+    for module, allowed in PURE_IMPORTS.items():
+        with open(os.path.join(root, module + ".py")) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+                assert names <= PURE_STDLIB, f"raftlib/{module}.py imports {names - PURE_STDLIB}"
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert node.module in PURE_STDLIB, f"raftlib/{module}.py imports {node.module}"
+                else:
+                    assert node.module in allowed, f"raftlib/{module}.py imports .{node.module}"
 
 
 def test_one_leader_is_elected_and_replicates():
@@ -717,7 +751,7 @@ def test_reads_are_served_while_a_follower_needed_for_a_majority_receives_a_snap
         elif transfer_ticks:
             break
         c.tick()
-    assert transfer_ticks > n._read_timeout_ticks + 10, transfer_ticks  # reads would have timed out meanwhile
+    assert transfer_ticks > n._reads.read_timeout_ticks + 10, transfer_ticks  # reads would have timed out meanwhile
     assert c.nodes[lagger].node.log.snapshot_index == n.log.snapshot_index  # the transfer did finish
     assert c.leader() == leader  # check-quorum kept it: the lagger's replies count as activity
     c.run(50)
@@ -739,7 +773,7 @@ def test_a_removed_node_is_not_given_a_read_index_it_can_never_apply():
     assert n.leader_id == leader and n.removed is None
     r = c.client_read(gone, "k", lease=False)
     assert r is not None and n.reads_pending == 1
-    c.run(n._read_timeout_ticks + 1)
+    c.run(n._reads.read_timeout_ticks + 1)
     assert r.read_index is None and r.request_id not in c.pending_reads[gone] and n.reads_pending == 0
     assert c.nodes[leader].node.reads_pending == 0
 
@@ -802,3 +836,29 @@ def test_a_removed_notice_names_an_index_at_or_after_the_removal():
     n = c.nodes[gone].node
     assert c.run_until(lambda: n.removed is not None, 300)
     assert n.removed[1] == snapshot_index  # at or before: removal <= snapshot_index
+
+
+def test_status_is_a_frozen_copy_of_what_the_node_knows():
+    """RaftNode.status(): what /status, /cluster, /metrics and the choice of a successor read, instead of the
+    node's fields. Followers' progress only on the leader, and not the leader's own."""
+    c = Cluster(seed=1, n=3)
+    leader = elect(c)
+    write(c)
+    c.run(5)
+    n = c.nodes[leader].node
+    st = n.status()
+    assert (st.node_id, st.role, st.term, st.leader_id, st.removed, st.reads_pending) == (
+        leader, Role.LEADER, n.current_term, leader, None, 0)
+    assert (st.commit_index, st.last_applied, st.last_index, st.snapshot_index) == (
+        n.commit_index, n.last_applied, n.log.last_index, n.log.snapshot_index) and st.commit_index >= 3
+    assert st.membership == n.membership
+    followers = sorted(i for i in c.ids if i != leader)
+    assert list(st.progress) == followers
+    assert [st.progress[f].match_index for f in followers] == [n.log.last_index] * 2
+    assert {p.state for p in st.progress.values()} == {ProgressState.REPLICATE}
+    write(c)
+    assert n.commit_index > st.commit_index and n.status().commit_index == n.commit_index  # a copy, not a view
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        st.term = 99  # type: ignore[misc]
+    fst = c.nodes[followers[0]].node.status()
+    assert fst.role is Role.FOLLOWER and fst.leader_id == leader and len(fst.progress) == 0

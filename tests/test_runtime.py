@@ -8,6 +8,7 @@ import random
 import time
 
 import gevent
+import gevent.event
 import pytest
 
 from raftlib import (
@@ -198,9 +199,9 @@ def _forwarded_read(runtime, *timeout_seconds):
     Returns (their greenlets, the request id)."""
     callers = [gevent.spawn(runtime.read, t) for t in timeout_seconds]
     with gevent.Timeout(2):
-        while not runtime.node._reads_forwarded:
+        while not runtime.node._reads._forwarded:
             gevent.sleep(0.002)
-    return callers, next(iter(runtime.node._reads_forwarded))
+    return callers, next(iter(runtime.node._reads._forwarded))
 
 
 def test_a_read_whose_index_is_never_applied_is_forgotten_once_its_callers_give_up():
@@ -312,3 +313,40 @@ def test_a_removed_notice_is_logged_once(caplog):
             assert said()[1:] == ["a leader counts this node as a member (again)"]
     finally:
         runtime.stop()
+
+
+def test_status_is_a_frozen_copy_of_the_node_and_the_runtime(one_node):
+    """Runtime.status(): the node's status, whether the disk is full, and the counters, as one frozen value."""
+    runtime, storage, _ = one_node
+    before = runtime.status()
+    for n in range(3):
+        runtime.propose(f"v{n}".encode(), 2.0)
+    st = runtime.status()
+    assert st.running and not st.disk_full and st.node.role is Role.LEADER and st.node.node_id == "a"
+    assert st.node.last_applied == runtime.node.last_applied == st.node.commit_index
+    assert set(before.stats) == {"proposals", "applied", "elections_won", "saves", "snapshots"}
+    assert st.stats["proposals"] - before.stats["proposals"] == 3
+    assert st.stats["applied"] - before.stats["applied"] == 3 and st.stats["saves"] >= 3
+    runtime.propose(b"more", 2.0)
+    assert st.stats["proposals"] - before.stats["proposals"] == 3  # a copy: it did not move
+    with pytest.raises(TypeError):
+        st.stats["proposals"] = 0  # type: ignore[index]
+    storage.hang = False
+    runtime.stop()
+    assert not runtime.status().running
+
+
+def test_two_equal_requests_in_the_inbox_are_two_requests(one_node):
+    """Inbox items compare by identity: the same command proposed twice is two proposals, each answered (the
+    transport's delivery takes its own item back out of the inbox by identity too)."""
+    from raftlib.runtime import Propose
+
+    runtime, _, values = one_node
+    a, b = gevent.event.AsyncResult(), gevent.event.AsyncResult()
+    first, second = Propose(b"same", a), Propose(b"same", b)
+    assert first != second
+    runtime._put(first)
+    runtime._put(second)
+    index_a, _ = a.get(timeout=2)
+    index_b, _ = b.get(timeout=2)
+    assert index_b == index_a + 1 and values.applied[-2:] == [b"same", b"same"]
