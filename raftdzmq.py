@@ -16,6 +16,7 @@ import argparse  # noqa: E402
 import binascii  # noqa: E402
 import bisect  # noqa: E402
 import collections  # noqa: E402
+import errno  # noqa: E402
 import hashlib  # noqa: E402
 import http.client  # noqa: E402
 import io  # noqa: E402
@@ -42,6 +43,7 @@ import prometheus_client as prom  # noqa: E402
 import prometheus_client.core as prom_core  # noqa: E402
 import prometheus_client.utils as prom_utils  # noqa: E402
 import gevent  # noqa: E402
+import gevent.hub  # noqa: E402
 import gevent.pool  # noqa: E402
 import gevent.pywsgi  # noqa: E402
 from sortedcontainers import SortedList  # noqa: E402
@@ -50,26 +52,36 @@ from raftlib import (  # noqa: E402
     ConfChange,
     ConfChangeKind,
     Config,
-    Entry,
-    EntryKind,
-    HardState,
     Member,
-    Membership,
     NotLeader,
     ProposalDropped,
     RaftNode,
     Role,
 )
 from raftlib.runtime import EntryLost, Runtime, StateMachine, Stopped, Timeout  # noqa: E402
-from raftlib.storage import DiskFull, DiskStorage, StorageError  # noqa: E402
-from raftlib.transport import ZmqTransport  # noqa: E402
+from raftlib.storage import DiskFull, DiskStorage, NotJoined, StorageError, start_node  # noqa: E402
+from raftlib.transport import CURVE_AVAILABLE, ZmqTransport  # noqa: E402
 
 log = logging.getLogger("raftdzmq")
 TRACE = 5
 NOT_LEADER = "raft.Server: Not current leader"
+# Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_FSYNC_DELAY_FILE names a file holding a number of
+# seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
+TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
 
-# Commands, as CBOR arrays [op, key, value, expected].
-SET, DELETE, COMPARE_AND_SET, CREATE = 0, 1, 2, 3
+
+def _test_fsync_delay(path: str) -> None:
+    try:
+        with open(path) as f:
+            seconds = float(f.read())
+    except (OSError, ValueError):
+        return
+    monkey.get_original("time", "sleep")(seconds)  # not gevent's sleep: a slow fsync holds the hub too
+
+
+# Commands, as CBOR arrays [op, key, value, expected]. ADMIN_CLAIM is [op, signature, b"", [timestamp, now]]: a
+# signed admin request about to take effect (AdminClaims).
+SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
 
 
 class KeyValueStore(StateMachine):
@@ -84,6 +96,7 @@ class KeyValueStore(StateMachine):
         self.data: dict[str, bytes] = {}
         self.keys = SortedList()
         self.applied_index = 0
+        self.admin_claims = AdminClaims()
 
     @staticmethod
     def command(op: int, key: str, value: bytes = b"", expected: bytes | None = None) -> bytes:
@@ -97,6 +110,8 @@ class KeyValueStore(StateMachine):
             log.error("skipping an undecodable command at index %d", index)
             return "error"
         data = self.data
+        if op == ADMIN_CLAIM:
+            return self.admin_claims.apply(key, expected)
         if op == DELETE:
             if data.pop(key, None) is None:
                 return "missing"
@@ -132,11 +147,22 @@ class KeyValueStore(StateMachine):
         return page[:limit], len(page) > limit
 
     def snapshot(self) -> bytes:
+        """The map as a CBOR map; with admin claims still within their window, [SNAPSHOT_WITH_CLAIMS, map, claims]
+        (so a snapshot without claims stays readable by nodes from before claims)."""
+        if self.admin_claims.claims:
+            return cbor2.dumps([SNAPSHOT_WITH_CLAIMS, self.data, self.admin_claims.claims])
         return cbor2.dumps(self.data)
 
     def restore(self, data: bytes) -> None:
-        self.data = cbor2.loads(data) if data else {}
+        v = cbor2.loads(data) if data else {}
+        claims = {}
+        if type(v) is list:
+            if len(v) != 3 or v[0] != SNAPSHOT_WITH_CLAIMS:
+                raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
+            _, v, claims = v
+        self.data = v
         self.keys = SortedList(self.data)
+        self.admin_claims = AdminClaims(claims)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------
@@ -234,13 +260,6 @@ class Metrics:
 # ---- the server -----------------------------------------------------------------------------------------
 
 
-JOIN_MARKER = "JOINING"  # in the data dir while a node's first join (or bootstrap) is not done: "join" or "bootstrap"
-
-
-class NotJoined(Exception):
-    """This data dir's node never joined a cluster and no -join was given."""
-
-
 class Server:
     def __init__(self, args) -> None:
         self.args = args
@@ -251,6 +270,8 @@ class Server:
 
         def timed_fdatasync(fd: int, nbytes: int) -> None:
             t0 = time.perf_counter()
+            if TEST_FSYNC_DELAY_FILE:
+                _test_fsync_delay(TEST_FSYNC_DELAY_FILE)
             # Inline: it holds the hub for the fsync (~0.1-0.8 ms here). gevent's thread pool would free the hub
             # meanwhile, but in alternating 3-node runs at 64 clients the hand-off cost as much as it won, on the
             # leader (p50 latency was higher) and more so on the followers, which have nothing else to do.
@@ -258,49 +279,16 @@ class Server:
             self.metrics.fsync_seconds.observe(time.perf_counter() - t0)
 
         self.storage = DiskStorage(args.data_dir, fsync=not args.no_fsync, fdatasync=timed_fdatasync)
-        identity = self.storage.read_identity()
         stored = self.storage.load()
-        self._join_marker = os.path.join(self.storage.data_dir, JOIN_MARKER)
-        pending = self._read_join_marker()
-        # In a cluster = the cluster reached this node (a term, entries or a snapshot came from a leader), or it
-        # bootstrapped one. Not the identity file: that is written before the join, to keep the id across retries.
-        self.joined_before = stored.hard_state.current_term > 0 or stored.last_index > 0
-        if identity is None:
-            self.node_id = binascii.hexlify(os.urandom(4)).decode()
-            pending = "join" if args.join else "bootstrap"
-            self._write_join_marker(pending)  # before the identity: no identity without its intent
-            self.storage.write_identity(self.node_id, self.raft_address, self.http_address)
-        else:
-            self.node_id = identity["node_id"]
-            if (identity.get("raft_address"), identity.get("http_address")) != (self.raft_address, self.http_address):
-                log.warning("this node was created with addresses %s / %s; the cluster still knows it by those",
-                            identity.get("raft_address"), identity.get("http_address"))
-        self.bootstrapped = False
-        self.must_join = False
-        if self.joined_before:
-            if pending is not None:
-                self._remove_join_marker()  # a leader reached it: the join was accepted
-        elif args.join:
-            self.must_join = True  # a first join, or one that never succeeded: again, with the same node id
-            if pending != "join":
-                self._write_join_marker("join")
-        elif pending == "join":
+        try:
+            # Identity, the JOINING marker and the bootstrap, crash-safe (raftlib.storage.start_node says how).
+            start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
+                               self.http_address, join=bool(args.join))
+        except BaseException:
             self.storage.close()
-            raise NotJoined(f"node {self.node_id} ({args.data_dir}) never joined a cluster: its -join did not "
-                            f"succeed. Start it again with -join HOST:HTTPPORT (it keeps its id), or give it an empty "
-                            f"data dir to start a new cluster")
-        elif pending == "bootstrap":
-            # The first node of a new cluster: a configuration with itself as the only voter (index 1).
-            me = Member(self.node_id, self.raft_address, self.http_address)
-            first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership((self.node_id,), (), (me,)))
-            self.storage.save(HardState(1, None, 1), [first])
-            stored = self.storage.state
-            self._remove_join_marker()
-            self.bootstrapped = True
-        else:
-            # An identity, no log and no marker: written by an older raftdzmq, whose failed joins looked like this.
-            log.warning("node %s has no log and no term yet: no leader has reached it. If its join never succeeded, "
-                        "restart it with -join HOST:HTTPPORT", self.node_id)
+            raise
+        self.node_id, stored = start.node_id, start.stored
+        self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
         tick = args.heartbeat_ms / 1000.0 / 5
         config = Config(
             node_id=self.node_id,
@@ -323,40 +311,7 @@ class Server:
                                snapshot_threshold_bytes=args.snapshot_threshold, on_fatal=self._fatal)
         self.metrics.bind(self)
         self.http = None
-        self._requests = 0
         self._stopping = False
-
-    # ---- the join marker: "joined" means a leader accepted the join (issue 11) ----
-
-    def _read_join_marker(self) -> str | None:
-        try:
-            with open(self._join_marker) as f:
-                return f.read().strip() or None
-        except FileNotFoundError:
-            return None
-
-    def _write_join_marker(self, intent: str) -> None:
-        tmp = self._join_marker + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(intent + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._join_marker)
-        self._fsync_data_dir()
-
-    def _remove_join_marker(self) -> None:
-        try:
-            os.unlink(self._join_marker)
-        except FileNotFoundError:
-            return
-        self._fsync_data_dir()
-
-    def _fsync_data_dir(self) -> None:
-        fd = os.open(self.storage.data_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _bind_host(self) -> str:
         host = self.args.host
@@ -441,7 +396,7 @@ class Server:
         if self.node.removed is None:
             return None
         leader_id, index = self.node.removed
-        return f"this node was removed from the cluster ({f'by {leader_id} ' if leader_id else ''}at index {index})"
+        return f"this node was removed from the cluster ({f'by {leader_id} ' if leader_id else ''}at or before index {index})"
 
     def join(self, target: str) -> None:
         """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded in time."""
@@ -460,7 +415,7 @@ class Server:
             try:
                 with _no_redirects.open(req, timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
                     resp.read()
-                self._remove_join_marker()
+                self.storage.remove_join_marker()  # "joined": a leader accepted the join (issue 11)
                 log.info("joined the cluster through %s", url)
                 return
             except urllib.error.HTTPError as e:
@@ -493,7 +448,10 @@ MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
 MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
 MAX_CHUNK_LINE_BYTES = 1024
-FD_RESERVE = 100  # descriptors kept for the Raft sockets (zmq: a few per peer), the log, the listeners, stdio
+TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
+# Descriptors kept for all but HTTP: ~25 for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
+# two per peer (its REQ socket); and the Raft port's inbound connections (at most 32 kept: transport.py).
+FD_RESERVE = 100
 _TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # RFC 9110 §5.6.2
 _FIELD_VALUE_CHARS = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))  # HTAB, SP, VCHAR, obs-text
 _TARGET_CHARS = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))  # no space, no control character
@@ -501,6 +459,19 @@ _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
             431: "Request Header Fields Too Large", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
 _UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")
+
+
+def _field_line(line: bytes) -> tuple[bytes, bytes]:
+    """A header or trailer field line (without its CRLF) checked (RFC 9112 §5, RFC 9110 §5.5): a token name, a colon
+    with no space before it, a value of visible characters, spaces and tabs (obs-text allowed), no control
+    character and no lone CR. Returns (name, value without the spaces around it); raises HttpError 400."""
+    name, colon, value = line.partition(b":")
+    if not colon or not name or name.translate(None, _TCHARS):
+        raise HttpError(400, "malformed field line (no colon, a space before the colon, or a folded line)")
+    value = value.strip(b" \t")
+    if value.translate(None, _FIELD_VALUE_CHARS):
+        raise HttpError(400, "a control character in a field value")
+    return name, value
 
 
 class HttpError(Exception):
@@ -541,7 +512,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       otherwise), a target in origin form; at most 16 KiB (414). Header fields: token names, no space before the
       colon and no obs-fold (400), no control characters in values; a field line at most 8 KiB, at most 100
       fields, and the whole head at most -max-header-bytes (431). Empty lines before a request line are skipped
-      (RFC 9112 §2.2), within the same budget.
+      (RFC 9112 §2.2), within the same budget. The path, percent-decoded, must be UTF-8 (400): Bottle would drop the
+      bytes that are not, and name another key.
     - A body is framed by Content-Length (plain digits; duplicates must agree) or by Transfer-Encoding that is
       exactly `chunked`, never both (400); any other coding gets 501. A declared length over -max-body gets 413
       before a byte of the body is read; a chunked body is cut off at the limit the same way.
@@ -551,6 +523,9 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       answer included, is bounded by EdgeServer too.
     - An answer that closes the connection half-closes it and reads what the client still sends for up to a
       second (at most 1 MiB), so the answer is not lost to a reset; a claimed body is never drained beyond that.
+    - Each request, once its first byte is there, passes EdgeServer.gate (TurnGate) before anything else: a turn of
+      the event loop starts at most about 5 ms of requests, so timers keep their pace however many connections
+      are ready (this replaces a sleep every 16 requests, which bounded nothing once every connection was ready).
     """
 
     def handle_one_request(self):
@@ -566,10 +541,13 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             server.idle.pop(self, None)
         if not buffered:
             return None
-        server.busy[self] = time.monotonic()
+        if server.gate.enter():  # it waited for a later turn of the loop: what came meanwhile counts too
+            buffered = self.rfile.peek(1)
+        server.busy[self] = server.receiving[self] = time.monotonic()
         try:
             return self._handle_request(buffered)
         finally:
+            server.receiving.pop(self, None)
             server.busy.pop(self, None)
 
     def _handle_request(self, buffered: bytes):
@@ -598,6 +576,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         finally:
             if timer is not None:
                 timer.close()
+        server.receiving.pop(self, None)  # whole: no longer the first to go when the server is full
         if refusal is not None:
             return self._refuse(*refusal)  # after the timer is closed: it must not fire in the answer
         environ = self.environ
@@ -655,12 +634,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         env = server.get_environ()
         length = te = expect = connection = None
         for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name.translate(None, _TCHARS):
-                raise HttpError(400, "malformed header field line (a space before the colon, or a folded line)")
-            value = value.strip(b" \t")
-            if value.translate(None, _FIELD_VALUE_CHARS):
-                raise HttpError(400, "a control character in a header field value")
+            name, value = _field_line(line)
             name = name.upper()
             if name == b"CONTENT-LENGTH":
                 if not value.isdigit() or len(value) > 18:
@@ -706,7 +680,13 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.request_version = env["SERVER_PROTOCOL"] = version.decode("latin-1")
         self.requestline = lines[0].decode("latin-1")
         env["SCRIPT_NAME"] = ""
-        env["PATH_INFO"] = gevent.pywsgi.unquote_latin1(path)
+        path = env["PATH_INFO"] = gevent.pywsgi.unquote_latin1(path)
+        if not path.isascii():
+            # Bottle decodes the path from UTF-8 with errors ignored: /db/k%E9x would name the key "kx".
+            try:
+                path.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise HttpError(400, "the request path is not UTF-8 once percent-decoded") from None
         env["QUERY_STRING"] = query
         if length is not None:
             env["CONTENT_LENGTH"] = str(length)
@@ -731,7 +711,9 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
 
     def _read_chunked(self) -> bytes:
         """A chunked body (RFC 9112 §7.1): hex sizes only (no sign, prefix or underscore), every chunk followed by
-        CRLF, extensions and trailer fields read and dropped within the line and head limits."""
+        CRLF, extensions and trailer fields read and dropped within the line and head limits. A size line, its
+        extensions included, holds no control character or lone CR (§7.1.1), and each trailer line is a well-formed
+        field line (§7.1.2), as a header's must be."""
         rfile, limit = self.rfile, self.server.max_body_bytes
         parts, total = [], 0
         while True:
@@ -741,6 +723,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                     raise HttpError(400, f"a chunk size line over {MAX_CHUNK_LINE_BYTES} bytes")
                 raise HttpError(400, "a chunk size line ends in a bare LF" if line[-1:] == b"\n" else
                                 "request body cut short (chunked)")
+            if line.translate(None, _FIELD_VALUE_CHARS) != b"\r\n":
+                raise HttpError(400, "a control character (or a lone CR) in a chunk size line or its extensions")
             size_text = line[:-2].split(b";", 1)[0].rstrip(b" \t")
             if not size_text or len(size_text) > 16 or size_text.translate(None, _HEX_DIGITS):
                 raise HttpError(400, "malformed chunk size")
@@ -768,6 +752,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                                 "a trailer line ends in a bare LF")
             if line == b"\r\n":
                 return b"".join(parts)
+            _field_line(line[:-2])  # a trailer field is a field line like any in the head (RFC 9112 §7.1.2)
             budget -= len(line)
 
     def _refuse(self, status: int, reason: str):
@@ -808,11 +793,73 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         super().finalize_headers()
 
 
+class TurnGate:
+    """How much HTTP work one turn of the event loop may do, so that timers (ticks, heartbeats, elections) run
+    often enough however many connections have a request ready.
+
+    Why: in one turn, the loop runs every greenlet whose socket became readable, one after the other, and only
+    then the timers that expired. With 200 keep-alive connections sending GET /status as fast as answered, each
+    turn ran 200 requests (~60-100 ms, up to 0.5 s) and the leader lost its term (review F3); the stall grows with
+    the number of connections ready at once, whatever each request costs.
+
+    Rules: a request starts at once while this turn has spent less than `budget_seconds` on requests (measured from
+    the first request of the turn; a turn is libev's iteration count) and nobody is waiting. Otherwise it waits,
+    first come first served, and a timer callback (run after this turn's I/O, in a later turn's timer phase, with
+    the Raft timers) starts the waiting ones, at least one and then while its own budget lasts. So a turn does at
+    most about two budgets of HTTP work plus a few microseconds per ready connection to queue it. A request that
+    blocks (a write waiting for its commit) does not hold the budget while it waits."""
+
+    def __init__(self, budget_seconds: float) -> None:
+        self.budget_seconds = budget_seconds
+        self._loop = gevent.get_hub().loop
+        self._turn = -1
+        self._turn_started = 0.0
+        self._waiting: collections.deque = collections.deque()
+        self._timer = None
+        self.waited = 0  # requests that waited for a later turn, in all
+
+    def enter(self) -> bool:
+        """Return once this greenlet's request may start; True if it had to wait."""
+        if not self._waiting:
+            turn = self._loop.iteration
+            if turn != self._turn:
+                self._turn, self._turn_started = turn, time.perf_counter()
+                return False
+            if time.perf_counter() - self._turn_started < self.budget_seconds:
+                return False
+        waiter = gevent.hub.Waiter()
+        self._waiting.append(waiter)
+        self.waited += 1
+        if self._timer is None:
+            self._timer = self._loop.timer(0.0)
+            self._timer.start(self._admit)
+        waiter.get()
+        return True
+
+    def _admit(self) -> None:
+        """In the hub, a turn later: start waiting requests, each running until it blocks, within the budget."""
+        self._timer.close()
+        self._timer = None
+        started = time.perf_counter()
+        self._turn, self._turn_started = self._loop.iteration, started
+        waiting = self._waiting
+        while waiting:
+            waiting.popleft().switch(None)
+            if time.perf_counter() - started >= self.budget_seconds:
+                break
+        if waiting:
+            self._timer = self._loop.timer(0.0)
+            self._timer.start(self._admit)
+
+
 class EdgeServer(gevent.pywsgi.WSGIServer):
     """The HTTP server with a connection cap. Rules: at most `max_connections` connections at once (a pool; past it
     the server stops accepting and the kernel's backlog holds the rest, using none of this process's descriptors);
-    when the pool fills, the connection that has waited longest for its next request is closed to make room, so
-    idle keep-alive connections cannot lock clients out. A sweeper closes connections that wait for a request
+    when the pool fills, the connection that has waited longest for its next request, or spent longest receiving
+    one (whichever began earlier), is closed to make room, so neither idle keep-alive connections nor clients
+    that send a byte now and then (slowloris) can lock others out. There is no cap per client
+    address: -forward followers and proxies bring many clients from one address, and the eviction order already
+    bounds what one slow sender holds. A sweeper closes connections that wait for a request
     longer than `idle_timeout_seconds`, or spend longer than `busy_timeout_seconds` on one request (a client that
     does not read its answer). It does this rather than a socket timeout, which costs a timer on every wait (~4.5 us
     a request here); closing is a shutdown() of the OS socket, which ends whatever wait its greenlet is in."""
@@ -821,7 +868,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
 
     def __init__(self, listener, application, *, max_connections: int, idle_timeout_seconds: float,
                  receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS) -> None:
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         self.idle_timeout_seconds = idle_timeout_seconds
         self.receive_timeout_seconds = receive_timeout_seconds
@@ -832,8 +879,12 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         # first, since a handler is removed and added again each time.
         self.idle: dict[EdgeHandler, float] = {}
         self.busy: dict[EdgeHandler, float] = {}
+        self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
         self.closed_connections: collections.Counter = collections.Counter()  # by EdgeServer: idle, busy, evicted
         self._refusals = _RateLimitedLog("refused HTTP requests")
+        self._accept_failures = _RateLimitedLog("failed accepts")
+        self._accept_pause_seconds = 0.0
+        self.gate = TurnGate(turn_budget_seconds)
         self._sweeper = None
 
     def start(self) -> None:
@@ -845,9 +896,39 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
             self._sweeper.kill(block=False)
         super().stop(timeout)
 
+    def do_read(self):
+        """Accept one connection. Out of descriptors (EMFILE, ENFILE) or kernel memory, accepting pauses (0.01 s,
+        doubling up to 1 s, back to nothing once one succeeds) and says so at most once a second: the connections
+        wait in the backlog meanwhile. gevent would log a traceback each time, and retry at once in a busy loop
+        for as long as the descriptors stay used up. A connection reset before it was accepted is skipped quietly."""
+        try:
+            accepted = super().do_read()
+        except OSError as e:
+            if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                return None
+            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            self._accept_pause_seconds = min(1.0, max(0.01, 2 * self._accept_pause_seconds))
+            self._accept_failures.log(logging.WARNING, "cannot accept HTTP connections (%s): pausing accept for %gs",
+                                      e.strerror, self._accept_pause_seconds)
+            self.stop_accepting()
+            self._timer = self.loop.timer(self._accept_pause_seconds)
+            self._timer.start(self._start_accepting_if_started)
+            return None
+        self._accept_pause_seconds = 0.0
+        return accepted
+
     def handle(self, sock, address):
-        if self.pool.free_count() == 0 and self.idle:
-            self._close(self.idle, next(iter(self.idle)), "evicted")
+        if self.pool.free_count() == 0:
+            # This connection took the last place: make room for the next one. Of the one that has waited longest
+            # for its next request and the one that has spent longest receiving one (a byte of it is enough to be
+            # busy: slowloris), the older goes. Not simply an idle one first: a connection accepted a moment ago
+            # is idle until its first bytes arrive, and under slowloris it would be the one closed every time.
+            victims = [(next(iter(handlers.values())), handlers, why) for handlers, why in
+                       ((self.idle, "evicted"), (self.receiving, "evicted while receiving")) if handlers]
+            if victims:
+                _, handlers, why = min(victims, key=lambda v: v[0])
+                self._close(handlers, next(iter(handlers)), why)
         self.handler_class(sock, address, self).handle()
 
     def _sweep(self) -> None:
@@ -901,6 +982,19 @@ class _RateLimitedLog:
         self._logged_at, self._left_out = now, 0
 
 
+def raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (a process may, without privileges): the soft default (often
+    1,024) is what strangers' connections to either port would otherwise use up first. The HTTP connection cap is
+    sized from the result (connection_bound)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.info("could not raise the descriptor limit from %d to %d: %s", soft, target, e)
+
+
 def connection_bound() -> int:
     """The most HTTP connections the descriptor limit allows: half of those left after FD_RESERVE, since with
     -forward a connection may hold a second descriptor (its request forwarded to the leader)."""
@@ -915,8 +1009,9 @@ def connection_bound() -> int:
 # X-Raftdzmq-Signature: the hex HMAC-SHA256 under the secret of
 #     "raftdzmq-admin-v1\n" METHOD "\n" TARGET "\n" TIMESTAMP "\n" BODY
 # where TARGET is the path and query exactly as sent (wire_target form). The leader refuses a timestamp more than
-# ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature it has already accepted within that window (a
-# replay); a recorded request is therefore worthless after the window, and on the same leader at once.
+# ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
+# leader took, and AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
+# worthless once used, everywhere, and after the window even if never used.
 
 TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
 SIGNATURE_HEADER = "X-Raftdzmq-Signature"
@@ -941,7 +1036,8 @@ def admin_headers(secret: bytes, method: str, target: str, body: bytes = b"", no
 class AdminGuard:
     """Checks admin signatures (see above) on one node. `verify` is pure apart from the clock; `claim` records a
     signature the leader is about to act on, and refuses one it has seen (memory: one entry per accepted admin
-    request of the last 2 x ADMIN_CLOCK_SKEW_SECONDS; only correctly signed requests get in)."""
+    request of the last 2 x ADMIN_CLOCK_SKEW_SECONDS; only correctly signed requests get in). Only this node's
+    memory: a replay to this leader costs no log entry; AdminClaims is what holds across leaders."""
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
@@ -974,6 +1070,40 @@ class AdminGuard:
         return None
 
 
+SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
+
+
+class AdminClaims:
+    """The replicated memory of signed admin requests that took effect, so that each takes effect at most once in
+    the whole cluster: a leader proposes an ADMIN_CLAIM (the signature, its timestamp and the leader's clock) before
+    acting, and acts only if the claim applied as "ok"; a claim of a signature already in the log applies as
+    "used". Every node applies the same claims in log order, so a leader elected later (or after a restart, or a
+    snapshot) refuses what an earlier one took.
+
+    Rules: deterministic (no clock of its own: `now` comes in the command). A claim is forgotten once its timestamp
+    is 2 x ADMIN_CLOCK_SKEW_SECONDS behind the newest `now` seen: every leader whose clock is within the allowed
+    skew of that one refuses its timestamp anyway. Memory: one entry per admin request of that window."""
+
+    def __init__(self, claims: dict | None = None) -> None:
+        self.claims: dict[str, float] = dict(claims or {})  # signature -> its timestamp
+        self._newest_now = max(self.claims.values(), default=0.0)
+
+    def apply(self, signature, when) -> str:
+        """`when`: [the request's timestamp, the proposing leader's clock], Unix seconds."""
+        if type(signature) is not str or type(when) is not list or len(when) != 2 or not all(
+                type(t) in (int, float) for t in when):
+            return "error"  # not written by this version: nothing to claim
+        timestamp, now = when
+        if now > self._newest_now + 60:  # forget in steps, not a scan of every claim at every claim
+            self._newest_now = now
+            horizon = now - 2 * ADMIN_CLOCK_SKEW_SECONDS
+            self.claims = {s: t for s, t in self.claims.items() if t >= horizon}
+        if signature in self.claims:
+            return "used"
+        self.claims[signature] = timestamp
+        return "ok"
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None
@@ -1001,19 +1131,6 @@ def make_app(server: Server) -> bottle.Bottle:
         return f"{res.status_line}: {res.body}\n" if isinstance(res.body, str) and res.body else f"{res.status_line}\n"
 
     app.default_error_handler = default_error
-
-    @app.hook("before_request")
-    def _yield_now_and_then():
-        # A keep-alive connection with its next request waiting never yields; without this, timers (elections,
-        # heartbeats) starve under load (STACK-NOTES.md), and so do connections whose requests are still in the
-        # socket. A tiny sleep yields to the next turn of the event loop, which polls every socket and runs the
-        # timers; gevent.idle() (used before) waits until nothing else at all is runnable, which made its
-        # request wait for everybody else's. Alternating 3-node runs at 64 clients (raftdzmq_hub_lag_seconds
-        # p99 <= 10 ms in all): idle every 4 requests 4,530 writes/s, p99 65 ms; sleep every 4: 5,637/s, p99
-        # 25 ms; sleep every 16: 6,532/s, p99 20 ms (5,712/s, p99 25 ms for every 4 in that run).
-        server._requests += 1
-        if server._requests % 16 == 0:
-            gevent.sleep(0.00001)
 
     def redirect_to_leader():
         leader = server.leader_http()
@@ -1065,12 +1182,26 @@ def make_app(server: Server) -> bottle.Bottle:
             raise text(403, f"{what} refused: {reason}")
 
     def claim_signature(what: str) -> None:
-        """On the leader, just before acting: refuse a signature already acted on (a replay)."""
+        """On the leader, just before acting: refuse a signature already acted on (a replay), here (AdminGuard: no
+        log entry for a replay to this leader) or by any leader (AdminClaims, through the log)."""
         if guard is None:
             return
-        reason = guard.claim(bottle.request.get_header(SIGNATURE_HEADER))
+        req = bottle.request
+        signature = req.get_header(SIGNATURE_HEADER)
+        reason = guard.claim(signature)
+        if reason is None:
+            command = KeyValueStore.command(ADMIN_CLAIM, signature, b"",
+                                            [float(req.get_header(TIMESTAMP_HEADER)), time.time()])
+            try:
+                _, result = runtime.propose(command, args.write_timeout)
+            except NotLeader:
+                raise redirect_to_leader() from None
+            except (ProposalDropped, EntryLost, Timeout, DiskFull, Stopped) as e:
+                raise text(503, f"{what} not confirmed ({e}); sign it again to retry") from None
+            if result == "used":
+                reason = "this signed request was already used, on another leader (a replay); sign it again"
         if reason is not None:
-            admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", what, bottle.request.remote_addr, reason)
+            admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", what, req.remote_addr, reason)
             raise text(403, f"{what} refused: {reason}")
 
     def propose(command: bytes):
@@ -1112,7 +1243,9 @@ def make_app(server: Server) -> bottle.Bottle:
         value = read_body()
         q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
         if "prev_value" in q:
-            cmd = KeyValueStore.command(COMPARE_AND_SET, key, value, q.prev_value.encode())
+            # The percent-decoded bytes as they are (Bottle's q.prev_value turns bytes that are not UTF-8 into "",
+            # which would compare against an empty value).
+            cmd = KeyValueStore.command(COMPARE_AND_SET, key, value, q.get("prev_value").encode("latin-1"))
         elif q.get("prev_exist") == "false":
             cmd = KeyValueStore.command(CREATE, key, value)
         else:
@@ -1308,7 +1441,16 @@ SECRET_ENV = "RAFTDZMQ_SECRET"
 
 
 def load_secret(args) -> bytes | None:
-    """The cluster secret from -secret-file, else from $RAFTDZMQ_SECRET; None when neither is given."""
+    """The cluster secret from -secret-file, else from $RAFTDZMQ_SECRET; None when neither is given. Exits when a
+    secret is given and this libzmq cannot use it (no CURVE)."""
+    secret = _read_secret(args)
+    if secret is not None and not CURVE_AVAILABLE:
+        raise SystemExit("raftdzmq: a cluster secret needs CURVE, and this pyzmq's libzmq has none (zmq.has('curve') "
+                         "is False): install a pyzmq wheel")
+    return secret
+
+
+def _read_secret(args) -> bytes | None:
     if args.secret_file:
         try:
             with open(os.path.expanduser(args.secret_file), "rb") as f:
@@ -1377,9 +1519,9 @@ def parse_args(argv=None):
                    default=16 << 20, help="take a snapshot when the log since the last one passes this many bytes "
                    "(default 16 MiB)")
     p.add_argument("-secret-file", "--secret-file", dest="secret_file", default=None, metavar="PATH",
-                   help=f"a file holding the cluster secret (or set ${SECRET_ENV}): every raft message, every join and "
-                        "every /cluster change is signed with it (HMAC-SHA256); nodes and requests without it are "
-                        "refused")
+                   help=f"a file holding the cluster secret (or set ${SECRET_ENV}): raft connections use CURVE keys "
+                        "derived from it, and every join and /cluster change is signed with it (HMAC-SHA256); nodes "
+                        "and requests without it are refused")
     p.add_argument("-sign", "--sign", nargs=2, metavar=("METHOD", "TARGET"), default=None,
                    help="print the headers that sign this admin request with the cluster secret, for curl -H @FILE "
                         "(e.g. -sign DELETE /cluster/ab12cd34), and exit; no DATA_DIR")
@@ -1432,6 +1574,7 @@ def setup_logging(args, node_label: str = "-") -> None:
 
 
 def main(argv=None) -> int:
+    raise_descriptor_limit()  # before parse_args: the default -max-connections depends on it
     args = parse_args(argv)
     if args.sign is not None:
         return print_signed_headers(args)

@@ -5,9 +5,10 @@ Importing `raftlib` gives the pure API only: it opens no file and imports neithe
 (`raftlib.storage`) are imported by name when needed.
 """
 
-from .core import Config, NotLeader, ProposalDropped, RaftNode, Ready
+from .core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
+from .interfaces import StateMachine, Storage, StoredState, Transport
 from .log import RaftLog
-from .memory_storage import MemoryStorage, StoredState
+from .memory_storage import MemoryStorage
 from .messages import (
     AppendEntries,
     AppendEntriesReply,
@@ -30,10 +31,12 @@ from .messages import (
     Snapshot,
     TimeoutNow,
 )
+from .progress import Progress, ProgressState, ProgressStatus
 
 __all__ = [
     "AppendEntries", "AppendEntriesReply", "ConfChange", "ConfChangeKind", "Config", "Entry", "EntryKind",
     "HardState", "InstallSnapshot", "InstallSnapshotReply", "MemoryStorage", "Member", "Membership", "Message",
-    "NotLeader", "ProposalDropped", "RaftLog", "RaftNode", "ReadIndexReply", "ReadIndexRequest", "Ready", "Removed",
-    "RequestVote", "RequestVoteReply", "Role", "Snapshot", "StoredState", "TimeoutNow",
+    "NodeStatus", "NotLeader", "Progress", "ProgressState", "ProgressStatus", "ProposalDropped", "RaftLog",
+    "RaftNode", "ReadIndexReply", "ReadIndexRequest", "Ready", "Removed", "RequestVote", "RequestVoteReply", "Role",
+    "Snapshot", "StateMachine", "Storage", "StoredState", "TimeoutNow", "Transport",
 ]

@@ -11,8 +11,9 @@ Section numbers cite the Raft paper (§5-§8) and Ongaro's thesis ("thesis §x")
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .log import RaftLog, membership_at
 from .messages import (
@@ -37,6 +38,8 @@ from .messages import (
     Snapshot,
     TimeoutNow,
 )
+from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker
+from .readonly import ReadAnswer, ReadOnly
 
 
 class NotLeader(Exception):
@@ -66,7 +69,9 @@ class Config:
     lease_ticks: int | None = None
     # A read not answered within this many ticks fails (`Ready.failed_reads`; the caller may retry): a forwarded
     # request or its answer can be lost, and a leader may not get a round confirmed or commit in its term. This
-    # bounds every list a read waits in. None: two election timeouts.
+    # bounds every list a read waits in. None: two election timeouts. At least one election timeout: a read may
+    # take two round trips (forwarded, then confirmed) and a new leader's first commit, and the protocol only
+    # assumes that a round trip fits well inside an election timeout (§5.6); less would fail healthy reads.
     read_timeout_ticks: int | None = None
     # Deliberate faults, only for showing that the simulator's checks can fire. Never set them otherwise.
     unsafe_commit_previous_term: bool = False
@@ -76,6 +81,27 @@ class Config:
     unsafe_count_own_entries_before_fsync: bool = False  # nor a leader's before it counts itself
     unsafe_forget_vote_on_restart: bool = False
     unsafe_keep_conflicting_suffix: bool = False  # a follower keeps its entries that conflict with the leader's
+    unsafe_lease_ticks: int | None = None  # a lease of this many ticks, past the check on lease_ticks
+
+    def __post_init__(self) -> None:
+        """Refuse a configuration the protocol cannot run on (a local error: ValueError, naming the field)."""
+
+        def ticks(name: str, value, low: int) -> None:
+            if type(value) is not int or value < low:
+                raise ValueError(f"Config.{name} must be an integer of at least {low}, not {value!r}")
+
+        ticks("election_ticks", self.election_ticks, 1)
+        ticks("heartbeat_ticks", self.heartbeat_ticks, 1)
+        ticks("max_batch_bytes", self.max_batch_bytes, 1)
+        ticks("snapshot_chunk_bytes", self.snapshot_chunk_bytes, 1)
+        if self.lease_ticks is not None:
+            ticks("lease_ticks", self.lease_ticks, 1)
+            if self.lease_ticks >= self.election_ticks:
+                # thesis §6.4.1: a lease as long as the voters' election timeout leaves no margin for clock drift.
+                raise ValueError(f"Config.lease_ticks ({self.lease_ticks}) must be below election_ticks "
+                                 f"({self.election_ticks})")
+        if self.read_timeout_ticks is not None:
+            ticks("read_timeout_ticks", self.read_timeout_ticks, self.election_ticks)
 
 
 @dataclass
@@ -99,7 +125,9 @@ class Ready:
     messages: list[Message]
     committed_entries: list[Entry]
     read_states: list[tuple[int, int]]  # (request_id, read_index)
-    failed_reads: list[int]  # request ids this node can no longer answer (it lost its leader or leadership)
+    # Request ids this node can no longer answer: it lost its leader or its leadership, or no answer came within
+    # read_timeout_ticks. The caller may retry.
+    failed_reads: list[int]
     role: Role
     term: int
     leader_id: str | None
@@ -111,42 +139,34 @@ class Ready:
         Ready that keeps the saved term and vote), and those that must wait for the save."""
         if self.role is not Role.LEADER or self.new_term_or_vote:
             return [], self.messages
-        early, late = [], []
+        early: list[Message] = []
+        late: list[Message] = []
         for m in self.messages:
             (early if type(m) is AppendEntries else late).append(m)
         return early, late
 
 
-class ProgressState(enum.Enum):
-    PROBE = "probe"  # one AppendEntries per heartbeat until the follower's log matches
-    REPLICATE = "replicate"  # send new entries as soon as they exist
-    SNAPSHOT = "snapshot"  # sending a snapshot; appends wait
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """What a node is and knows at one moment (etcd-io/raft's Status): a frozen copy, so that status pages,
+    metrics and the choice of a successor read this rather than the node's fields."""
+
+    node_id: str
+    role: Role
+    term: int
+    leader_id: str | None
+    commit_index: int
+    last_applied: int
+    last_index: int
+    snapshot_index: int
+    membership: Membership
+    # Each follower's replication progress while this node leads (empty otherwise), by node id.
+    progress: Mapping[str, ProgressStatus]
+    removed: tuple[str | None, int] | None  # see RaftNode.removed
+    reads_pending: int
 
 
-@dataclass
-class Progress:
-    """The leader's view of one follower (Figure 2: next_index, match_index)."""
-
-    match_index: int = 0
-    next_index: int = 1
-    state: ProgressState = ProgressState.PROBE
-    probe_sent: bool = False
-    recent_active: bool = False
-    snapshot: Snapshot | None = None  # SNAPSHOT: the one being sent, kept until done even if a newer one is taken
-    snapshot_offset: int = 0  # SNAPSHOT: how many of its bytes the follower holds
-
-    @property
-    def snapshot_index(self) -> int:
-        return self.snapshot.last_included_index if self.snapshot is not None else 0
-
-
-@dataclass
-class _ReadRound:
-    round_id: int
-    read_index: int
-    requests: list[tuple[int, str]]  # (request_id, node that asked)
-    started_tick: int
-    acks: set[str] = field(default_factory=set)
+_NO_PROGRESS: Mapping[str, ProgressStatus] = types.MappingProxyType({})
 
 
 class RaftNode:
@@ -165,65 +185,35 @@ class RaftNode:
         self.config = config
         self.node_id = config.node_id
         self._rng = rng
-        self.log = log if log is not None else RaftLog()
-        self._snapshot = snapshot
-        if snapshot is not None:
-            assert self.log.snapshot_index == snapshot.last_included_index
-            self._base_membership = snapshot.membership
-        else:
-            self._base_membership = membership if membership is not None else Membership(voters=())
-        self._refresh_membership()
-        # Set when a member told us that its committed configuration (at that index) leaves us out: (the leader
-        # it knew, or None; the index). It only informs (/status, the HTTP answers): we campaign and serve as
-        # before, and forget it when a leader sends us entries (it counts us as a member) or we win an election.
+        self._start_from(hard_state, log if log is not None else RaftLog(), snapshot, membership)
+        # Set when a member told us that its committed configuration leaves us out: (the leader it knew, or None;
+        # an index N). We were removed at or before N: N is the index of that configuration's entry while the
+        # member has it in its log, and its snapshot's index once the entry is compacted (a snapshot does not
+        # record its configuration's index; keeping it would change the snapshot and wire formats). It only
+        # informs (/status, the HTTP answers): we campaign and serve as before, and forget it when a leader sends
+        # us entries (it counts us as a member) or we win an election.
         self.removed: tuple[str | None, int] | None = None
-
-        self.current_term = hard_state.current_term
-        self.voted_for = None if config.unsafe_forget_vote_on_restart else hard_state.voted_for
-        assert hard_state.commit_index <= self.log.last_index, "commit index beyond the persisted log"
-        self.commit_index = max(hard_state.commit_index, self.log.snapshot_index)
-        self.last_applied = self.log.snapshot_index
-        self._persisted_index = self.log.last_index
-        self._unstable_from = self.log.last_index + 1
-        self._saved_hard_state = hard_state
 
         self.role = Role.FOLLOWER
         self.leader_id: str | None = None
+        self._ticks = 0  # ticks since this node started: its clock
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._randomized_election_ticks = 0
         self._votes: dict[str, bool] = {}
-        self._progress: dict[str, Progress] = {}
-        self._pending_membership_index = 0
+        self._progress = ProgressTracker()  # as leader
+        self._pending_membership_index = 0  # as leader: no new configuration until this one is committed
         self._transferee: str | None = None
         self._transfer_elapsed = 0
-
-        self._messages: list[Message] = []
-        self._append_dirty = False
-        self._ticks = 0  # ticks since this node started: its clock
-
-        # Leader leases (thesis §6.4.1). Every heartbeat carries a round id; a voter's reply to it proves it heard
-        # from us at or after the tick the round was sent, and will not vote for another candidate (check-quorum
-        # lease) until election_ticks after that.
-        self._round_sent_tick: dict[int, int] = {}
-        self._voter_lease_tick: dict[str, int] = {}
         self._no_lease_term = 0  # a term in which this node sent TimeoutNow: votes in it may skip the leases
-        self._pending_snapshot: Snapshot | None = None
+        self._messages: list[Message] = []
+        self._append_dirty = False  # as leader: entries or next indices changed; followers may need appends
+        self._pending_snapshot: Snapshot | None = None  # a leader's snapshot, to be saved and applied
         self._incoming_snapshot: tuple[int, int, bytearray] | None = None  # (index, term, bytes so far)
-
-        # Linearizable reads (thesis §6.4).
-        self._read_round_id = 0
-        self._read_rounds: list[_ReadRound] = []
-        # Every read waits in one of these until it is answered or failed: at a change of leader or role, or
-        # after read_timeout_ticks (`_expire_reads`), whichever comes first. Nothing else bounds them: a read
-        # whose request or answer was lost would otherwise stay for as long as the leader does.
-        self._reads_unstarted: list[tuple[int, str]] = []  # waiting for the next confirmation round (next ready())
-        self._reads_before_commit: list[tuple[int, str, int]] = []  # (id, origin, tick): for this term's commit
-        self._reads_to_forward: list[int] = []  # sent to the leader at the next ready()
-        self._reads_forwarded: dict[int, int] = {}  # request_id -> tick forwarded, in that order
-        self._read_timeout_ticks = config.read_timeout_ticks or 2 * config.election_ticks
-        self._read_states: list[tuple[int, int]] = []
-        self._failed_reads: list[int] = []
+        read_timeout_ticks = config.read_timeout_ticks
+        if read_timeout_ticks is None:
+            read_timeout_ticks = 2 * config.election_ticks
+        self._reads = ReadOnly(self.node_id, read_timeout_ticks)  # linearizable reads and leases (thesis §6.4)
         self._ready_outstanding = False
 
         self._reset_election_timer()
@@ -232,11 +222,27 @@ class RaftNode:
         # with, so that a restarted node does not number its rounds as it did before.
         self._pre_vote_round = self._rng.randrange(1 << 32)
 
-    # ---- read-only views -------------------------------------------------------------------------
+    def _start_from(self, hard_state: HardState, log: RaftLog, snapshot: Snapshot | None,
+                    membership: Membership | None) -> None:
+        """Take the persisted state: the log and snapshot, the configuration they hold, and the hard state."""
+        self.log = log
+        self._snapshot = snapshot
+        if snapshot is not None:
+            assert log.snapshot_index == snapshot.last_included_index
+            self._base_membership = snapshot.membership
+        else:
+            self._base_membership = membership if membership is not None else Membership(voters=())
+        self._refresh_membership()
+        self.current_term = hard_state.current_term
+        self.voted_for = None if self.config.unsafe_forget_vote_on_restart else hard_state.voted_for
+        assert hard_state.commit_index <= log.last_index, "commit index beyond the persisted log"
+        self.commit_index = max(hard_state.commit_index, log.snapshot_index)
+        self.last_applied = log.snapshot_index
+        self._persisted_index = log.last_index
+        self._unstable_from = log.last_index + 1
+        self._saved_hard_state = hard_state
 
-    @property
-    def term(self) -> int:
-        return self.current_term
+    # ---- read-only views -------------------------------------------------------------------------
 
     @property
     def peers(self) -> tuple[str, ...]:
@@ -247,14 +253,33 @@ class RaftNode:
         return self._snapshot
 
     def progress(self, node_id: str) -> Progress | None:
+        """The leader's live record of `node_id` (tests look inside; others read `status().progress`)."""
         return self._progress.get(node_id)
 
     @property
     def reads_pending(self) -> int:
         """How many reads this node holds: its callers' (waiting for a round, a commit or the leader's answer)
         and, as leader, its followers'. Each is answered or failed within read_timeout_ticks."""
-        return (len(self._reads_to_forward) + len(self._reads_forwarded) + len(self._reads_unstarted)
-                + len(self._reads_before_commit) + sum(len(r.requests) for r in self._read_rounds))
+        return self._reads.pending
+
+    def status(self) -> NodeStatus:
+        """A frozen copy of what this node is and knows now. Costs a copy of the followers' progress: for status
+        pages and metrics, not for every request."""
+        leading = self.role is Role.LEADER
+        return NodeStatus(
+            node_id=self.node_id,
+            role=self.role,
+            term=self.current_term,
+            leader_id=self.leader_id,
+            commit_index=self.commit_index,
+            last_applied=self.last_applied,
+            last_index=self.log.last_index,
+            snapshot_index=self.log.snapshot_index,
+            membership=self.membership,
+            progress=self._progress.status(self.node_id) if leading else _NO_PROGRESS,
+            removed=self.removed,
+            reads_pending=self._reads.pending,
+        )
 
     def _promotable(self) -> bool:
         return self.node_id in self.membership.voters
@@ -264,8 +289,7 @@ class RaftNode:
     def tick(self) -> None:
         """One unit of logical time has passed."""
         self._ticks += 1
-        if self._reads_forwarded or self._reads_before_commit or self._read_rounds:
-            self._expire_reads()
+        self._reads.expire(self._ticks)
         if self.role is Role.LEADER:
             self._tick_leader()
         else:
@@ -283,16 +307,15 @@ class RaftNode:
                 self._transferee = None  # thesis §3.10: abort a transfer that does not finish in time
         if self._election_elapsed >= self.config.election_ticks:
             self._election_elapsed = 0
-            if self.config.check_quorum and not self._quorum_active():
+            if self.config.check_quorum and not self._progress.quorum_active(self.membership, self.node_id):
                 # thesis §6.2: a leader that has not heard from a majority for an election timeout steps down.
                 self._become_follower(self.current_term, None)
                 return
-            for node_id, pr in self._progress.items():
-                pr.recent_active = node_id == self.node_id
+            self._progress.reset_recent_active(self.node_id)
         if self._heartbeat_elapsed >= self.config.heartbeat_ticks:
             self._heartbeat_elapsed = 0
             self._broadcast_heartbeat()
-            self._forget_old_rounds()
+            self._reads.forget_old_rounds(self._ticks - self.config.election_ticks)
 
     def propose(self, command: bytes) -> int:
         """Append a command to the log; returns its index. Raises NotLeader or ProposalDropped.
@@ -384,11 +407,11 @@ class RaftNode:
         assumes that clocks run at about the same rate (within the margin of `lease_ticks`) and that a paused
         process catches up on the ticks it missed before it steps anything else. Elsewhere it is a normal read."""
         if lease and self.role is Role.LEADER and self._lease_valid():
-            self._read_states.append((request_id, self.commit_index))
+            self._reads.answer(request_id, self.commit_index)
         elif self.role is Role.LEADER:
             self._queue_leader_read(request_id, self.node_id)
         elif self.leader_id is not None:
-            self._reads_to_forward.append(request_id)
+            self._reads.forward(request_id)
         else:
             raise NotLeader(None)
 
@@ -412,35 +435,8 @@ class RaftNode:
             return
         if m.src not in self._member_ids and type(m) is not Removed:
             self._tell_removed(m.src)
-        if m.term > self.current_term:
-            if isinstance(m, RequestVote):
-                # Also in the first election timeout after a start: this node may have acknowledged a leader's
-                # heartbeat just before it crashed, and the leader's lease counts on that.
-                in_lease = (
-                    self.config.check_quorum
-                    and (self.leader_id is not None or self._ticks < self.config.election_ticks)
-                    and self._election_elapsed < self.config.election_ticks
-                )
-                if in_lease and not m.leadership_transfer:
-                    # thesis §4.2.3 / §9.6: a node that hears from a leader ignores disruptive candidates.
-                    return
-                if not m.pre_vote:
-                    self._become_follower(m.term, None)
-            elif isinstance(m, RequestVoteReply) and m.pre_vote and m.vote_granted:
-                pass  # a granted pre-vote carries the term we would campaign in
-            elif isinstance(m, (AppendEntries, InstallSnapshot, TimeoutNow)):
-                self._become_follower(m.term, m.src)
-            else:
-                self._become_follower(m.term, None)
-        elif m.term < self.current_term:
-            if isinstance(m, (AppendEntries, InstallSnapshot)):
-                # Tell a stale leader about the new term, or it would never step down (thesis §9.6).
-                self._send(AppendEntriesReply(self.node_id, m.src, self.current_term, False, 0))
-            elif isinstance(m, RequestVote) and m.pre_vote:
-                self._send(RequestVoteReply(self.node_id, m.src, self.current_term, False, pre_vote=True,
-                                            pre_vote_round=m.pre_vote_round))
+        if m.term != self.current_term and not self._take_term(m):
             return
-
         match m:
             case RequestVote():
                 self._handle_request_vote(m)
@@ -463,16 +459,55 @@ class RaftNode:
             case Removed():
                 self._handle_removed(m)
 
+    def _take_term(self, m: Message) -> bool:
+        """§5.1: a message of a newer term makes this node a follower in it (but see the leases below); one of an
+        older term is answered at our term where that helps its sender, and dropped. Returns whether `m` is to
+        be handled."""
+        if m.term > self.current_term:
+            if isinstance(m, RequestVote):
+                # Also in the first election timeout after a start: this node may have acknowledged a leader's
+                # heartbeat just before it crashed, and the leader's lease counts on that.
+                in_lease = (
+                    self.config.check_quorum
+                    and (self.leader_id is not None or self._ticks < self.config.election_ticks)
+                    and self._election_elapsed < self.config.election_ticks
+                )
+                if in_lease and not m.leadership_transfer:
+                    # thesis §4.2.3 / §9.6: a node that hears from a leader ignores disruptive candidates.
+                    return False
+                if not m.pre_vote:
+                    self._become_follower(m.term, None)
+            elif isinstance(m, RequestVoteReply) and m.pre_vote and m.vote_granted:
+                pass  # a granted pre-vote carries the term we would campaign in
+            elif isinstance(m, (AppendEntries, InstallSnapshot, TimeoutNow)):
+                self._become_follower(m.term, m.src)
+            else:
+                self._become_follower(m.term, None)
+        elif m.term < self.current_term and type(m) is not Removed:
+            # A Removed notice is let through: a removed node that campaigns without pre-vote runs its term ahead
+            # of the members', who answer at their own term, so it would never learn why nobody follows it. Its
+            # own check (`_handle_removed`: a configuration of ours that is newer, with us in it) tells a stale
+            # notice, whatever its term.
+            if isinstance(m, (AppendEntries, InstallSnapshot)):
+                # Tell a stale leader about the new term, or it would never step down (thesis §9.6).
+                self._send(AppendEntriesReply(self.node_id, m.src, self.current_term, False, 0))
+            elif isinstance(m, RequestVote) and m.pre_vote:
+                self._send(RequestVoteReply(self.node_id, m.src, self.current_term, False, pre_vote=True,
+                                            pre_vote_round=m.pre_vote_round))
+            return False
+        return True
+
     # ---- outputs --------------------------------------------------------------------------------
 
     def has_ready(self) -> bool:
+        reads = self._reads
         return bool(
             self._messages
             or (self.role is Role.LEADER and self._append_dirty)
-            or self._reads_unstarted
-            or self._reads_to_forward
-            or self._read_states
-            or self._failed_reads
+            or reads.unstarted  # a round to start, at the next ready()
+            or reads.to_forward
+            or reads.read_states
+            or reads.failed_reads
             or self._pending_snapshot is not None
             or self._unstable_from <= self.log.last_index
             or self.commit_index > self.last_applied
@@ -485,12 +520,10 @@ class RaftNode:
         assert not self._ready_outstanding, "advance() the last Ready first"
         if self.role is Role.LEADER:
             self._flush_appends()
-            self._start_read_round()
-        elif self._reads_to_forward and self.leader_id is not None:
-            ids = tuple(self._reads_to_forward)
-            self._reads_to_forward.clear()
-            for request_id in ids:
-                self._reads_forwarded[request_id] = self._ticks
+            if self._reads.unstarted:
+                self._start_read_round()
+        elif self.leader_id is not None and self._reads.to_forward:
+            ids = self._reads.take_to_forward(self._ticks)
             self._send(ReadIndexRequest(self.node_id, self.leader_id, self.current_term, ids))
         if not self.has_ready():
             return None
@@ -509,14 +542,18 @@ class RaftNode:
         unsafe_lazy_fsync = (self.config.unsafe_count_own_entries_before_fsync if self.role is Role.LEADER
                              else self.config.unsafe_reply_before_fsync)
         new_term_or_vote = self.current_term != saved.current_term or self.voted_for != saved.voted_for
+        read_states: list[tuple[int, int]] = []
+        failed_reads: list[int] = []
+        if self._reads.read_states or self._reads.failed_reads:
+            read_states, failed_reads = self._reads.take_results()
         rd = Ready(
             hard_state=hard_state if hard_state != saved else None,
             entries=entries,
             snapshot=self._pending_snapshot,
             messages=self._messages,
             committed_entries=committed,
-            read_states=self._read_states,
-            failed_reads=self._failed_reads,
+            read_states=read_states,
+            failed_reads=failed_reads,
             role=self.role,
             term=self.current_term,
             leader_id=self.leader_id,
@@ -525,7 +562,7 @@ class RaftNode:
             or new_term_or_vote,
             new_term_or_vote=new_term_or_vote,
         )
-        self._messages, self._read_states, self._failed_reads = [], [], []
+        self._messages = []
         self._ready_outstanding = True
         return rd
 
@@ -571,23 +608,7 @@ class RaftNode:
         self._transferee = None
         self._append_dirty = False
         self._reset_election_timer()
-        self._fail_reads()
-        self._round_sent_tick, self._voter_lease_tick = {}, {}
-
-    def _fail_reads(self) -> None:
-        for r in self._read_rounds:
-            self._fail_read_requests(r.requests)
-        self._fail_read_requests(self._reads_unstarted)
-        self._fail_read_requests(self._reads_before_commit)
-        self._read_rounds, self._reads_unstarted, self._reads_before_commit = [], [], []
-        self._failed_reads.extend(self._reads_to_forward)
-        self._failed_reads.extend(self._reads_forwarded)
-        self._reads_to_forward, self._reads_forwarded = [], {}
-
-    def _fail_read_requests(self, requests) -> None:
-        """Fail this node's own reads among `requests`, tuples that start (request_id, origin). A follower's are
-        dropped: it fails them itself, when it changes leader or after read_timeout_ticks."""
-        self._failed_reads.extend(r[0] for r in requests if r[1] == self.node_id)
+        self._reads.reset()
 
     def _become_follower(self, term: int, leader_id: str | None) -> None:
         if self.role is Role.FOLLOWER and term == self.current_term and leader_id == self.leader_id:
@@ -651,9 +672,7 @@ class RaftNode:
         self.removed = None  # a majority of our configuration just voted for us
         self._heartbeat_elapsed = 0
         self._election_elapsed = 0
-        self._progress = {}
-        for node_id in self.membership.node_ids:
-            self._progress[node_id] = Progress(next_index=self.log.last_index + 1, recent_active=True)
+        self._progress = ProgressTracker.for_new_leader(self.membership.node_ids, self.log.last_index + 1)
         # The last membership entry in our log may not be committed yet: no new change until it is.
         entries = self.log.membership_entries()
         self._pending_membership_index = entries[-1].index if entries else 0
@@ -796,8 +815,11 @@ class RaftNode:
     def _refresh_membership(self) -> None:
         entries = self.log.membership_entries()
         if entries:
-            self._set_membership(entries[-1].membership, entries[-1].index)
+            last = entries[-1]
+            assert last.membership is not None
+            self._set_membership(last.membership, last.index)
         else:
+            # The snapshot's configuration: made at or before its index, which is all the snapshot tells.
             self._set_membership(self._base_membership, self.log.snapshot_index)
 
     def _set_membership(self, membership: Membership, index: int) -> None:
@@ -837,12 +859,7 @@ class RaftNode:
 
     def _apply_membership_to_progress(self, membership: Membership, index: int) -> None:
         self._set_membership(membership, index)
-        for node_id in membership.node_ids:
-            if node_id not in self._progress:
-                self._progress[node_id] = Progress(next_index=self.log.last_index, recent_active=True)
-        for node_id in list(self._progress):
-            if node_id not in membership.node_ids and node_id != self.node_id:
-                del self._progress[node_id]
+        self._progress.set_members(membership, self.log.last_index, self.node_id)
 
     def _flush_appends(self) -> None:
         # A commit index that moved without new entries is not sent on its own: the next AppendEntries or
@@ -855,14 +872,15 @@ class RaftNode:
             self._send_append(peer, allow_empty=False)
 
     def _broadcast_heartbeat(self, read_round: int = 0) -> None:
+        """Every heartbeat is a read round (thesis §6.4, §6.4.1): its answers confirm the reads of every round up
+        to it and renew the lease."""
         if not read_round:
-            self._read_round_id += 1
-            read_round = self._read_round_id
-        self._round_sent_tick[read_round] = self._ticks
+            read_round = self._reads.new_round_id()
+        self._reads.sent_round(read_round, self._ticks)
         for peer in self.peers:
             pr = self._progress[peer]
             if pr.state is ProgressState.PROBE:
-                pr.probe_sent = False
+                pr.probe_sent = False  # a probe lost on the way is sent again with each heartbeat
             self._send_append(peer, allow_empty=True, read_round=read_round, heartbeat=True)
 
     def _send_append(self, peer: str, allow_empty: bool, read_round: int = 0, heartbeat: bool = False) -> None:
@@ -870,8 +888,22 @@ class RaftNode:
         if pr.state is ProgressState.SNAPSHOT:
             if heartbeat:
                 self._send_snapshot(peer)
+                # A chunk's reply carries no read round. An empty append at the snapshot's last entry carries
+                # it, so that this follower still confirms read rounds and renews the lease (thesis §6.4, §6.4.1)
+                # for as long as the transfer takes: it may be needed for a majority. Whatever it answers
+                # changes nothing else here: a success only tells how far its log matches ours (true), and a
+                # rejection is ignored in this state (_handle_append_entries_reply).
+                snap = pr.snapshot
+                assert snap is not None
+                self._send(
+                    AppendEntries(
+                        self.node_id, peer, self.current_term, snap.last_included_index, snap.last_included_term,
+                        (), self.commit_index, read_round,
+                    )
+                )
             return
-        if pr.state is ProgressState.PROBE and pr.probe_sent and not read_round:
+        paused = pr.paused
+        if paused and not read_round:
             return
         prev_index = pr.next_index - 1
         prev_term = self.log.term(prev_index)
@@ -880,14 +912,11 @@ class RaftNode:
             self._send_snapshot(peer)
             return
         entries: list[Entry] = []
-        if pr.next_index <= self.log.last_index and not (pr.state is ProgressState.PROBE and pr.probe_sent):
+        if pr.next_index <= self.log.last_index and not paused:
             entries = self.log.slice(pr.next_index, self.log.last_index + 1, self.config.max_batch_bytes)
         if not entries and not allow_empty:
             return
-        if pr.state is ProgressState.PROBE:
-            pr.probe_sent = True
-        elif entries:
-            pr.next_index = entries[-1].index + 1  # optimistic: pipeline the next batch (REPLICATE)
+        pr.sent_entries(entries[-1].index if entries else prev_index)
         self._send(
             AppendEntries(
                 self.node_id, peer, self.current_term, prev_index, prev_term, tuple(entries),
@@ -899,13 +928,12 @@ class RaftNode:
         pr = self._progress[peer]
         if pr.state is not ProgressState.SNAPSHOT or pr.snapshot is None:
             assert self._snapshot is not None, "log compacted without a snapshot"
-            pr.state = ProgressState.SNAPSHOT
-            pr.snapshot = self._snapshot
-            pr.snapshot_offset = 0
+            pr.become_snapshot(self._snapshot)
         # §7: the transfer under way is finished even when a newer snapshot is taken meanwhile. Starting over
         # with each new one, a follower on a slow link would never get a whole snapshot while the leader
         # snapshots faster than one transfer takes; once this one is in, the next transfer brings it further.
         snap = pr.snapshot
+        assert snap is not None
         chunk = snap.data[pr.snapshot_offset : pr.snapshot_offset + self.config.snapshot_chunk_bytes]
         done = pr.snapshot_offset + len(chunk) >= len(snap.data)
         self._send(
@@ -923,11 +951,7 @@ class RaftNode:
         if pr.state is not ProgressState.SNAPSHOT or m.last_included_index != pr.snapshot_index:
             return
         if m.done:
-            pr.match_index = max(pr.match_index, m.last_included_index)
-            pr.next_index = pr.match_index + 1
-            pr.state = ProgressState.PROBE
-            pr.probe_sent = False
-            pr.snapshot, pr.snapshot_offset = None, 0
+            pr.snapshot_done(m.last_included_index)
             self._append_dirty = True
         else:
             pr.snapshot_offset = m.next_offset
@@ -939,20 +963,13 @@ class RaftNode:
             return
         pr.recent_active = True
         if m.read_round:
-            self._ack_read_round(m.src, m.read_round)
-            sent = self._round_sent_tick.get(m.read_round)
-            if sent is not None and sent > self._voter_lease_tick.get(m.src, -1):
-                self._voter_lease_tick[m.src] = sent
+            self._send_read_answers(self._reads.acknowledged(m.src, m.read_round, self.membership))
         if m.success:
-            if m.match_index > pr.match_index:
-                pr.match_index = m.match_index
+            if pr.update_match(m.match_index):
                 self._maybe_commit()
                 if self.role is not Role.LEADER:
                     return  # committing our own removal made us step down
-            if pr.state is ProgressState.PROBE:
-                pr.state = ProgressState.REPLICATE
-                pr.probe_sent = False
-            pr.next_index = max(pr.next_index, pr.match_index + 1)
+            pr.matched()
             self._append_dirty = True
             if m.src == self._transferee and pr.match_index == self.log.last_index:
                 self._send(TimeoutNow(self.node_id, m.src, self.current_term))
@@ -960,20 +977,14 @@ class RaftNode:
             return
         if m.reject_index == 0 and m.match_index == 0 and m.conflict_index == 0:
             return  # a stale-term answer; the term rule above already handled it
-        if pr.state is ProgressState.SNAPSHOT:
-            return  # no append goes out while a snapshot is sent: it answers one from before the transfer
-        if pr.state is ProgressState.REPLICATE and m.reject_index <= pr.match_index:
-            return  # stale rejection
-        if pr.state is ProgressState.PROBE and m.reject_index != pr.next_index - 1:
-            return  # answers a probe we have since replaced
+        if pr.is_stale_rejection(m.reject_index):
+            return
         if m.conflict_term:
             last_of_term = self.log.last_index_of_term(m.conflict_term)
             hint = last_of_term + 1 if last_of_term else m.conflict_index
         else:
             hint = m.conflict_index
-        pr.next_index = max(pr.match_index + 1, min(hint, m.reject_index))
-        pr.state = ProgressState.PROBE
-        pr.probe_sent = False
+        pr.rejected(m.reject_index, hint)
         self._append_dirty = True
 
     def _maybe_promote(self, node_id: str) -> None:
@@ -989,23 +1000,17 @@ class RaftNode:
             self.change_membership(ConfChange(ConfChangeKind.PROMOTE, Member(node_id)))
 
     def _maybe_commit(self) -> None:
-        voters = self.membership.voters
-        if not voters:
+        if not self.membership.voters:
             return
-        matches = sorted(
-            (self._persisted_index if n == self.node_id else self._progress[n].match_index for n in voters),
-            reverse=True,
-        )
-        index = matches[self.membership.quorum() - 1]
+        index = self._progress.committed_index(self.membership, self.node_id, self._persisted_index)
         if index <= self.commit_index:
             return
         # §5.4.2 (Figure 8): only entries of the leader's own term commit by counting replicas.
         if self.log.term(index) != self.current_term and not self.config.unsafe_commit_previous_term:
             return
         self.commit_index = index
-        if self._reads_before_commit and self.log.term(self.commit_index) == self.current_term:
-            self._reads_unstarted.extend((rid, origin) for rid, origin, _ in self._reads_before_commit)
-            self._reads_before_commit = []
+        if self._reads.before_commit and self.log.term(self.commit_index) == self.current_term:
+            self._reads.committed_in_term()
         if self.commit_index >= self._pending_membership_index and self.node_id not in self.membership.node_ids:
             self._step_down_after_removal()
 
@@ -1013,19 +1018,11 @@ class RaftNode:
         """Thesis §4.2.2: a leader removed from the configuration steps down once the removal is committed.
         It hands over to the most up-to-date voter first so the cluster need not wait for an election timeout."""
         self._flush_appends()
-        best = max(
-            self.membership.voters,
-            key=lambda n: (self._progress[n].match_index, n) if n in self._progress else (-1, n),
-        )
+        best = self._progress.most_up_to_date(self.membership.voters)
         if self._progress[best].match_index == self.log.last_index:
             self._send(TimeoutNow(self.node_id, best, self.current_term))
         self._become_follower(self.current_term, None)
         self.removed = (self.node_id, self._membership_index)
-
-    def _quorum_active(self) -> bool:
-        voters = self.membership.voters
-        active = sum(1 for n in voters if n == self.node_id or self._progress[n].recent_active)
-        return active >= self.membership.quorum()
 
     # ---- linearizable reads (thesis §6.4) ----------------------------------------------------------
 
@@ -1034,97 +1031,40 @@ class RaftNode:
             return False
         if self.log.term(self.commit_index) != self.current_term:
             return False  # §6.4 step 1 holds for leases too
-        lease_ticks = self.config.lease_ticks
+        lease_ticks = self.config.unsafe_lease_ticks or self.config.lease_ticks
         if lease_ticks is None:
             lease_ticks = self.config.election_ticks * 4 // 5
-        # The newest tick at which a majority (counting this node, now) had heard from us.
-        heard = sorted((self._ticks if v == self.node_id else self._voter_lease_tick.get(v, -1)
-                        for v in self.membership.voters), reverse=True)
-        since = heard[self.membership.quorum() - 1]
-        return since >= 0 and self._ticks < since + lease_ticks
-
-    def _forget_old_rounds(self) -> None:
-        if len(self._round_sent_tick) > 64:
-            horizon = self._ticks - self.config.election_ticks
-            self._round_sent_tick = {r: t for r, t in self._round_sent_tick.items() if t >= horizon}
+        return self._reads.lease_holds(self._ticks, self.membership, lease_ticks)
 
     def _queue_leader_read(self, request_id: int, origin: str) -> None:
-        if self.log.term(self.commit_index) != self.current_term:
-            # §6.4 step 1: until an entry of its term commits, a new leader does not know the commit index.
-            self._reads_before_commit.append((request_id, origin, self._ticks))
-        else:
-            self._reads_unstarted.append((request_id, origin))
+        # §6.4 step 1: until an entry of its term commits, a new leader does not know the commit index.
+        committed_in_term = self.log.term(self.commit_index) == self.current_term
+        self._reads.queue(request_id, origin, self._ticks, committed_in_term)
 
     def _start_read_round(self) -> None:
-        if not self._reads_unstarted:
+        """§6.4 step 2: one round of heartbeats confirms that we still lead, for every read queued since the last."""
+        rnd = self._reads.start_round(self.commit_index, self._ticks)
+        if rnd is None:
             return
-        self._read_round_id += 1
-        rnd = _ReadRound(self._read_round_id, self.commit_index, self._reads_unstarted, self._ticks)
-        self._reads_unstarted = []
-        rnd.acks.add(self.node_id)
-        self._read_rounds.append(rnd)
-        if self._read_round_confirmed(rnd) or self.config.unsafe_read_without_quorum:
-            self._release_read_rounds(rnd.round_id)
+        if self._reads.confirmed(rnd, self.membership) or self.config.unsafe_read_without_quorum:
+            self._send_read_answers(self._reads.release(rnd.round_id))
         else:
             self._broadcast_heartbeat(read_round=rnd.round_id)
 
-    def _ack_read_round(self, node_id: str, round_id: int) -> None:
-        if node_id not in self.membership.voters:
-            return
-        confirmed = 0
-        for rnd in self._read_rounds:
-            if rnd.round_id > round_id:
-                break
-            rnd.acks.add(node_id)
-            if self._read_round_confirmed(rnd):
-                confirmed = rnd.round_id
-        if confirmed:
-            self._release_read_rounds(confirmed)
-
-    def _read_round_confirmed(self, rnd: _ReadRound) -> bool:
-        """A majority of the voters of the configuration in force now acknowledged the round. A voter removed
-        since it acknowledged no longer counts (etcd's read-only quorum does the same)."""
-        voters = self.membership.voters
-        return sum(1 for v in voters if v in rnd.acks) >= self.membership.quorum()
-
-    def _release_read_rounds(self, up_to_round: int) -> None:
-        """A majority confirmed we were still leader after round `up_to_round` began: its reads, and all
-        earlier ones, may be served at their read index."""
-        while self._read_rounds and self._read_rounds[0].round_id <= up_to_round:
-            rnd = self._read_rounds.pop(0)
-            forwarded: dict[str, list[int]] = {}
-            for request_id, origin in rnd.requests:
-                if origin == self.node_id:
-                    self._read_states.append((request_id, rnd.read_index))
-                else:
-                    forwarded.setdefault(origin, []).append(request_id)
-            for origin, ids in forwarded.items():
-                self._send(ReadIndexReply(self.node_id, origin, self.current_term, tuple(ids), rnd.read_index))
+    def _send_read_answers(self, answers: list[ReadAnswer]) -> None:
+        for origin, request_ids, read_index in answers:
+            self._send(ReadIndexReply(self.node_id, origin, self.current_term, request_ids, read_index))
 
     def _handle_read_index_request(self, m: ReadIndexRequest) -> None:
         if self.role is not Role.LEADER:
             return  # the follower times its requests out, or fails them when it learns of a new leader
+        if m.src not in self._member_ids:
+            # A node our configuration leaves out gets no more entries from us (thesis §4.2.2), so it could never
+            # apply the read index (at least the removal's index). Dropped: it times the reads out, and is told
+            # it was removed (step) once that configuration is committed.
+            return
         for request_id in m.request_ids:
             self._queue_leader_read(request_id, m.src)
 
     def _handle_read_index_reply(self, m: ReadIndexReply) -> None:
-        forwarded = self._reads_forwarded
-        self._read_states.extend((rid, m.read_index) for rid in m.request_ids if forwarded.pop(rid, None) is not None)
-
-    def _expire_reads(self) -> None:
-        """Fail the reads that waited read_timeout_ticks (this node's own; a follower's are dropped, and it fails
-        them itself). Each list is in arrival order, so only its head is looked at when nothing is due."""
-        horizon = self._ticks - self._read_timeout_ticks
-        while self._read_rounds and self._read_rounds[0].started_tick <= horizon:
-            self._fail_read_requests(self._read_rounds.pop(0).requests)
-        if self._reads_before_commit and self._reads_before_commit[0][2] <= horizon:
-            due = [r for r in self._reads_before_commit if r[2] <= horizon]
-            self._reads_before_commit = self._reads_before_commit[len(due):]
-            self._fail_read_requests(due)
-        forwarded = self._reads_forwarded
-        while forwarded:
-            request_id, tick = next(iter(forwarded.items()))
-            if tick > horizon:
-                break
-            del forwarded[request_id]
-            self._failed_reads.append(request_id)
+        self._reads.forwarded_answer(m.request_ids, m.read_index)

@@ -205,11 +205,14 @@ class ReadIndexReply:
 
 @dataclass(frozen=True, slots=True)
 class Removed:
-    """The sender's committed configuration, at `membership_index`, does not hold the receiver, which sent it a
-    message: a node removed from the cluster learns it this way (the leader stops sending to a node once the
+    """The sender's committed configuration, in force at `membership_index`, does not hold the receiver, which sent
+    it a message. A node removed from the cluster learns it this way (the leader stops sending to a node once the
     configuration without it is appended, so that node never gets the entry itself; etcd likewise answers a
-    removed member). It only informs: the receiver keeps campaigning and serving as before, and forgets the
-    notice when a leader sends it entries. `leader_id` is the leader the sender knows, "" for none."""
+    removed member). The receiver was removed at or before `membership_index`: the index of the configuration's
+    entry, or the sender's snapshot index once that entry is compacted. It only informs: the receiver keeps
+    campaigning and serving as before, and forgets the notice when a leader sends it entries. It is taken whatever
+    its term (a removed node's term may run ahead of the members'), unless the receiver holds a newer
+    configuration with itself in it. `leader_id` is the leader the sender knows, "" for none."""
 
     src: str
     dst: str
@@ -229,17 +232,4 @@ Message = (
     | ReadIndexRequest
     | ReadIndexReply
     | Removed
-)
-
-MESSAGE_TYPES = (
-    RequestVote,
-    RequestVoteReply,
-    AppendEntries,
-    AppendEntriesReply,
-    InstallSnapshot,
-    InstallSnapshotReply,
-    TimeoutNow,
-    ReadIndexRequest,
-    ReadIndexReply,
-    Removed,
 )

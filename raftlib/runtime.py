@@ -10,10 +10,15 @@ the node rather than acknowledge anything (fsyncgate). A full disk is waited out
 again until there is room, nothing is sent or acknowledged meanwhile (to the others the node looks paused), and
 new proposals are refused at once.
 
-Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`, `_index_waiters`),
-by the node (`_reads`: the core answers or fails every read within its read_timeout_ticks), by the log
-(`_proposals`, `_reads_waiting_apply`: answered when their index is applied), or by the delivery bound (`_inbox`:
-a peer's frame not taken within `deliver_timeout_seconds` is dropped, as the network may drop it).
+Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`; `_index_waiters`
+and `_reads_waiting_apply`, left by the last caller that gives up: the index may never be applied here, e.g. on
+a node cut off or removed right after it got a read index), by the node (`_reads`: the core answers or fails
+every read within its read_timeout_ticks), by the log (`_proposals`: one per entry of this node's log, answered
+when that index is applied or a snapshot replaces it), by one (`_read_waiting`: per kind, the read not yet
+taken, shared by every caller meanwhile), or by the drive (`_inbox`: it takes everything at once; while a drive
+waits for a full disk, a peer's frame not taken within `deliver_timeout_seconds` is dropped, as the network may
+drop it, proposals are refused at once and reads share one item; only the rare membership changes and transfers
+queue up).
 """
 
 from __future__ import annotations
@@ -21,16 +26,28 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import time
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import gevent
 import gevent.event
 
-from .core import NotLeader, ProposalDropped, RaftNode, Ready
-from .messages import ConfChange, Entry, EntryKind, Membership, Role
+from . import crashpoints
+from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
+from .interfaces import StateMachine, Storage, Transport
+from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role
 from .storage import DiskFull
 
 logger = logging.getLogger("raftlib.runtime")
+
+# Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_CLOCK_RATE=1.15 makes the clock this node's ticks
+# are derived from run 1.15 times as fast as the monotonic clock (0.87: slower), to test what the lease assumes
+# about clock rates (README, "Lease reads and their clock assumption").
+_CLOCK_RATE = float(os.environ.get("RAFTDZMQ_TEST_CLOCK_RATE") or 1)
 
 
 class Timeout(Exception):
@@ -49,29 +66,74 @@ class _Expired(Exception):
     """Set by the expiry sweep on a request whose time is up; its waiter raises Timeout."""
 
 
-class StateMachine:
-    """What the runtime applies committed commands to."""
+# ---- the inbox: one item type per kind of input (etcd's node.go gives each its own channel; h11 its event
+# classes). Items are compared by identity (eq=False): two equal requests are still two requests.
 
-    def apply(self, index: int, command: bytes):  # returns the result handed to the proposer
-        raise NotImplementedError
 
-    def snapshot(self) -> bytes:
-        raise NotImplementedError
+@dataclass(frozen=True, slots=True, eq=False)
+class Deliver:
+    """Messages from a peer; `result`, when not None, takes the messages to answer with (its REP socket waits)."""
 
-    def restore(self, data: bytes) -> None:
-        raise NotImplementedError
+    messages: list[Message]
+    result: gevent.event.AsyncResult | None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Propose:
+    command: bytes
+    result: gevent.event.AsyncResult
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Read:
+    lease: bool
+    result: gevent.event.AsyncResult
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ChangeMembership:
+    change: ConfChange
+    result: gevent.event.AsyncResult
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Transfer:
+    target: str
+    result: gevent.event.AsyncResult
+
+
+InboxItem = Deliver | Propose | Read | ChangeMembership | Transfer
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStatus:
+    """What the node is and knows (`node`), and how its runtime is doing: a frozen copy (hashicorp/raft's Stats)."""
+
+    node: NodeStatus
+    running: bool
+    disk_full: bool  # saves are failing for lack of room: writes are refused
+    stats: Mapping[str, int]  # every counter of _COUNTERS, since start
+
+
+_COUNTERS = (
+    "proposals",  # taken as leader
+    "applied",  # entries applied
+    "elections_won",
+    "saves",  # Readies saved (one fsync each when they must sync)
+    "snapshots",  # taken of this node's own state machine
+)
 
 
 class Runtime:
     def __init__(
         self,
         node: RaftNode,
-        storage,
-        transport,
+        storage: Storage,
+        transport: Transport,
         state_machine: StateMachine,
         tick_seconds: float = 0.01,
         snapshot_threshold_bytes: int = 16 << 20,
-        on_fatal=None,
+        on_fatal: Callable[[Exception], object] | None = None,
     ) -> None:
         self.node = node
         self.storage = storage
@@ -80,27 +142,30 @@ class Runtime:
         self.tick_seconds = tick_seconds
         self.snapshot_threshold_bytes = snapshot_threshold_bytes
         self._on_fatal = on_fatal
-        self._inbox: collections.deque = collections.deque()
+        self._inbox: collections.deque[InboxItem] = collections.deque()
         self._wake = gevent.event.Event()
         self._driving = False  # a greenlet is in _drive (it may have yielded: a leader's sends, a full disk)
         self._proposals: dict[int, tuple[int, gevent.event.AsyncResult]] = {}
         self._reads: dict[int, gevent.event.AsyncResult] = {}
-        self._reads_waiting_apply: list[tuple[int, gevent.event.AsyncResult]] = []
+        self._reads_waiting_apply: dict[gevent.event.AsyncResult, int] = {}  # read -> its read index
         self._index_waiters: dict[gevent.event.AsyncResult, int] = {}  # wait_applied: result -> index
         self._read_waiting: dict[bool, gevent.event.AsyncResult] = {}  # lease? -> the read not yet taken
         self._request_ids = itertools.count(1)
         # Requests by their timeout: each deque holds (deadline, result) in arrival order, so in deadline order.
-        self._deadlines: dict[float, collections.deque] = {}
-        self._greenlets: list = []
+        self._deadlines: dict[float, collections.deque[tuple[float, gevent.event.AsyncResult]]] = {}
+        self._greenlets: list[gevent.Greenlet] = []
         self._membership: Membership | None = None
-        self._soft = (None, None, None)
-        self._removed = None  # the node's `removed` notice, as last logged
+        self._soft: tuple[Role | None, int, str | None] = (None, 0, None)  # role, term, leader: as last logged
+        self._removed: tuple[str | None, int] | None = None  # the node's `removed` notice, as last logged
         self.running = False
         self.disk_full = False
         self.disk_retry_seconds = 0.5
         self._snapshot_not_before = 0.0
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
+
+    def status(self) -> RuntimeStatus:
+        return RuntimeStatus(self.node.status(), self.running, self.disk_full, types.MappingProxyType(dict(self.stats)))
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -129,14 +194,14 @@ class Runtime:
         stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
         time it missed, so its leader lease has run out before it answers a read. Capped at three election
         timeouts, which every timer in the core has expired by."""
-        due = int((time.monotonic() - self._clock_start) / self.tick_seconds) - self._ticks_given
+        due = int((time.monotonic() - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
         if due <= 0:
             return
         self._ticks_given += due
         for _ in range(min(due, 3 * self.node.config.election_ticks)):
             self.node.tick()
 
-    def _put(self, item, drive: bool = False) -> None:
+    def _put(self, item: InboxItem, drive: bool = False) -> None:
         """Queue an item for the node. With `drive` (the transport's greenlets), a caller that finds the node free
         steps it itself, now. Requests from clients do not: a drive can wait on a full disk without bound, and
         a request must keep its own."""
@@ -154,7 +219,7 @@ class Runtime:
         this node's disk has no room)."""
         if self.disk_full:
             raise DiskFull("the disk of this node is full")
-        return self._call(timeout_seconds, "propose", command)
+        return self._call(timeout_seconds, Propose, command)
 
     def read(self, timeout_seconds: float, lease: bool = False) -> int:
         """Block until a linearizable read of the state machine is safe (thesis §6.4); returns the read index.
@@ -166,8 +231,13 @@ class Runtime:
         shared = self._read_waiting.get(lease)
         if shared is None:
             shared = self._read_waiting[lease] = gevent.event.AsyncResult()
-            self._put(("read", lease, shared))
-        return self._wait(shared, timeout_seconds)
+            self._put(Read(lease, shared))
+        try:
+            return self._wait(shared, timeout_seconds)
+        except Timeout:
+            if not shared.linkcount():  # nobody else waits for it: forget it (its index may never be applied)
+                self._reads_waiting_apply.pop(shared, None)
+            raise
 
     def wait_applied(self, index: int, timeout_seconds: float) -> int:
         """Block until the state machine has applied `index`."""
@@ -183,26 +253,26 @@ class Runtime:
             raise
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
-        return self._call(timeout_seconds, "membership", change)
+        return self._call(timeout_seconds, ChangeMembership, change)
 
     def transfer_leadership(self, target: str, timeout_seconds: float) -> None:
         """Start a transfer and wait until `target` leads (or the time is up: Timeout)."""
-        self._call(timeout_seconds, "transfer", target)
+        self._call(timeout_seconds, Transfer, target)
         deadline = gevent.get_hub().loop.now() + timeout_seconds
         while self.node.leader_id != target:
             if gevent.get_hub().loop.now() > deadline:
                 raise Timeout(f"{target} did not take over in {timeout_seconds}s")
             gevent.sleep(self.tick_seconds)
 
-    def deliver(self, messages, reply_wanted: bool):
+    def deliver(self, messages: list[Message], reply_wanted: bool) -> list[Message] | None:
         """Transport handler: step the messages; when `reply_wanted`, return the answers to their sender."""
         if not self.running:
             return []
         if not reply_wanted:
-            self._put(("messages", messages, None), drive=True)
+            self._put(Deliver(messages, None), drive=True)
             return None
         result = gevent.event.AsyncResult()
-        item = ("messages", messages, result)
+        item = Deliver(messages, result)
         self._put(item, drive=True)
         try:
             return result.get(timeout=self.deliver_timeout_seconds)
@@ -215,10 +285,11 @@ class Runtime:
                     break
             return []
 
-    def _call(self, timeout_seconds: float, kind: str, *args):
-        """Put (kind, *args, result) in the inbox and wait for the loop to set the result, or for
-        `_expire_loop` to time it out: one timer for all requests rather than one each (a gevent.Timeout per
-        write cost ~3% of a leader's CPU at 64 clients)."""
+    def _call(self, timeout_seconds: float, item_type: Callable[[Any, gevent.event.AsyncResult], InboxItem],
+              argument: object) -> Any:
+        """Put `item_type(argument, result)` in the inbox and wait for the loop to set the result, or for
+        `_expire_loop` to time it out: one timer for all requests rather than a gevent.Timeout each, which would
+        arm and cancel a timer on the leader's busiest path for every write."""
         if not self.running:
             raise Stopped("node is not running")
         result = gevent.event.AsyncResult()
@@ -226,7 +297,7 @@ class Runtime:
         if pending is None:
             pending = self._deadlines[timeout_seconds] = collections.deque()
         pending.append((time.monotonic() + timeout_seconds, result))
-        self._put((kind, *args, result))
+        self._put(item_type(argument, result))
         try:
             return result.get()
         except _Expired:
@@ -273,7 +344,7 @@ class Runtime:
             items = list(self._inbox)
             self._inbox.clear()
             self._advance_clock()
-            replies: dict[str, tuple[gevent.event.AsyncResult, list]] = {}
+            replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]] = {}
             for item in items:
                 self._handle(item, replies)
             self._process_ready(replies)
@@ -293,62 +364,60 @@ class Runtime:
         if self._inbox:
             self._wake.set()  # it came while we saved or sent: the loop takes it
         if len(items) > 64:
-            # Let timers and I/O run between big batches: a short sleep yields to the next turn of the loop;
-            # gevent.idle() would wait until nothing else is runnable (3 alternating pairs at 64 clients:
-            # 5,347 -> 5,698 writes/s).
+            # Let timers and I/O run between big batches: a short sleep yields to the next turn of the loop
+            # (timers run, every socket is polled); gevent.idle() would wait until nothing else is runnable, and
+            # gevent.sleep(0) lets no timer run.
             gevent.sleep(0.00001)
 
-    def _handle(self, item, replies) -> None:
+    def _handle(self, item: InboxItem, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
+        # Class patterns without captures: a positional capture looks up __match_args__ and each attribute again,
+        # several times the cost of the type test, on every write.
         node = self.node
-        kind = item[0]
-        if kind == "messages":
-            _, messages, result = item
-            for m in messages:
-                node.step(m)
-            if result is not None:
-                src = messages[0].src
-                if src in replies:
-                    replies[src][0].set([])  # an older exchange from the same peer: answer it empty
-                replies[src] = (result, [])
-        elif kind == "propose":
-            _, command, result = item
-            try:
-                index = node.propose(command)
-            except (NotLeader, ProposalDropped) as e:
-                result.set_exception(e)
-                return
-            self._proposals[index] = (node.current_term, result)
-            self.stats["proposals"] += 1
-        elif kind == "read":
-            _, lease, result = item
-            self._read_waiting.pop(lease, None)  # later reads wait for the next one
-            request_id = next(self._request_ids)
-            try:
-                node.read_index(request_id, lease=lease)
-            except NotLeader as e:
-                result.set_exception(e)
-                return
-            self._reads[request_id] = result
-        elif kind == "membership":
-            _, change, result = item
-            try:
-                index = node.change_membership(change)
-            except (NotLeader, ProposalDropped, ValueError) as e:
-                result.set_exception(e)
-                return
-            if index is None:
-                result.set((node.commit_index, None))
-            else:
-                self._proposals[index] = (node.current_term, result)
-        elif kind == "transfer":
-            _, target, result = item
-            try:
-                node.transfer_leadership(target)
-                result.set(None)
-            except (NotLeader, ValueError) as e:
-                result.set_exception(e)
+        match item:
+            case Propose():
+                try:
+                    index = node.propose(item.command)
+                except (NotLeader, ProposalDropped) as e:
+                    item.result.set_exception(e)
+                    return
+                self._proposals[index] = (node.current_term, item.result)
+                self.stats["proposals"] += 1
+            case Deliver():
+                messages = item.messages
+                for m in messages:
+                    node.step(m)
+                if item.result is not None:
+                    src = messages[0].src
+                    if src in replies:
+                        replies[src][0].set([])  # an older exchange from the same peer: answer it empty
+                    replies[src] = (item.result, [])
+            case Read():
+                self._read_waiting.pop(item.lease, None)  # later reads wait for the next one
+                request_id = next(self._request_ids)
+                try:
+                    node.read_index(request_id, lease=item.lease)
+                except NotLeader as e:
+                    item.result.set_exception(e)
+                    return
+                self._reads[request_id] = item.result
+            case ChangeMembership():
+                try:
+                    membership_index = node.change_membership(item.change)
+                except (NotLeader, ProposalDropped, ValueError) as e:
+                    item.result.set_exception(e)
+                    return
+                if membership_index is None:
+                    item.result.set((node.commit_index, None))
+                else:
+                    self._proposals[membership_index] = (node.current_term, item.result)
+            case Transfer():
+                try:
+                    node.transfer_leadership(item.target)
+                    item.result.set(None)
+                except (NotLeader, ValueError) as e:
+                    item.result.set_exception(e)
 
-    def _process_ready(self, replies) -> None:
+    def _process_ready(self, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         node = self.node
         while True:
             rd = node.ready()
@@ -360,6 +429,8 @@ class Runtime:
                 gevent.sleep(0)  # let the senders hand them to zmq before the fsync holds the hub
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                 self._save(rd)
+                if crashpoints.enabled:
+                    crashpoints.hit("runtime.after_save")
             self._send(late, replies)
             if rd.snapshot is not None:
                 self.state_machine.restore(rd.snapshot.data)
@@ -369,8 +440,8 @@ class Runtime:
                 self._apply(e)
             for request_id, index in rd.read_states:
                 result = self._reads.pop(request_id, None)
-                if result is not None:
-                    self._reads_waiting_apply.append((index, result))
+                if result is not None and result.linkcount():  # else every caller gave up already
+                    self._reads_waiting_apply[result] = index
             for request_id in rd.failed_reads:
                 result = self._reads.pop(request_id, None)
                 if result is not None:
@@ -381,7 +452,7 @@ class Runtime:
             if node.membership is not self._membership:
                 self._sync_peers()
 
-    def _send(self, messages, replies) -> None:
+    def _send(self, messages: list[Message], replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         """Messages for a peer whose request we are answering ride back on the reply; the others go out now."""
         outgoing = []
         for m in messages:
@@ -402,7 +473,6 @@ class Runtime:
                 if not self.disk_full:
                     logger.error("%s: refusing writes, and trying again every %gs", e, self.disk_retry_seconds)
                     self.disk_full = True
-                    self.stats["disk_full"] += 1
                 if not self.running:
                     raise
                 gevent.sleep(self.disk_retry_seconds)
@@ -416,7 +486,7 @@ class Runtime:
         result = None
         if e.kind is EntryKind.COMMAND:
             result = self.state_machine.apply(e.index, e.data)
-        elif e.kind is EntryKind.MEMBERSHIP:
+        elif e.kind is EntryKind.MEMBERSHIP and e.membership is not None:
             logger.info("membership at index %d: voters %s, learners %s", e.index,
                         ",".join(e.membership.voters), ",".join(e.membership.learners) or "-")
         self.stats["applied"] += 1
@@ -435,13 +505,8 @@ class Runtime:
     def _wake_applied(self) -> None:
         applied = self.node.last_applied
         if self._reads_waiting_apply:
-            still = []
-            for index, result in self._reads_waiting_apply:
-                if index <= applied:
-                    result.set(index)
-                else:
-                    still.append((index, result))
-            self._reads_waiting_apply = still
+            for result in [r for r, index in self._reads_waiting_apply.items() if index <= applied]:
+                result.set(self._reads_waiting_apply.pop(result))
         if self._index_waiters:
             for result in [r for r, index in self._index_waiters.items() if index <= applied]:
                 del self._index_waiters[result]
@@ -469,8 +534,9 @@ class Runtime:
             logger.info("a leader counts this node as a member (again)")
             return
         leader_id, index = removed
-        logger.warning("this node was removed from the cluster (%sconfiguration at index %d); it keeps out of the "
-                       "way: add it again, or stop it", f"by {leader_id}, " if leader_id else "", index)
+        # At or before: a member that compacted the configuration's entry into a snapshot names the snapshot's index.
+        logger.warning("this node was removed from the cluster (%sat or before index %d); it keeps out of the way: "
+                       "add it again, or stop it", f"by {leader_id}, " if leader_id else "", index)
 
     def _sync_peers(self) -> None:
         self._membership = self.node.membership
@@ -501,11 +567,11 @@ class Runtime:
             result.set_exception(error)
         for result in self._reads.values():
             result.set_exception(error)
-        for _, result in self._reads_waiting_apply:
+        for result in self._reads_waiting_apply:
             result.set_exception(error)
         for result in self._index_waiters:
             result.set_exception(error)
-        self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, [], {}
+        self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, {}, {}
         for pending in self._deadlines.values():  # requests still in the inbox, or answered already
             for _, result in pending:
                 if not result.ready():

@@ -21,9 +21,19 @@ Rules:
   process leaves writes in the page cache that a power failure can still drop), cuts a torn tail off the newest
   segment, deletes garbage only once the segment that makes it garbage is durable, and for a data dir written
   before base records existed writes one (see `_load_format1`).
-- A torn record at the end of the newest segment (a crash mid-append) is cut off with a warning; any other damage
-  stops the node with the file and offset named. A segment newer than the newest base that holds no complete
-  record is a segment creation a crash interrupted: deleted with a warning.
+- No record is longer than MAX_RECORD_BYTES, the length a reader trusts: a save or a base record too big for one
+  record is written as a GROUP (part records, closed by a batch record) in the same append and fsync, and load
+  applies a group only when all of it is there. An entry too big for any record is refused (RecordTooBig)
+  before anything is written.
+- A torn record (group) at the end of the newest segment is cut off with a warning. Torn means what a crash
+  during unsynced appends can leave: the file ends inside it, or only its checksum fails and nothing but zeros
+  follows, or a sector of it (from where it starts; to the file's end when its length reads as 0) is all zeros,
+  a page whose data never reached the disk though a later one or the size did. Records after a torn one were
+  appended after it, so were never synced either: they go too. (A synced record that the disk itself zeroes
+  reads the same way: etcd's WAL draws the same line.) Any other damage (a checksum that fails with data after
+  it, a length over the limit, a record that does not decode, a base record anywhere but first) stops the node
+  with the file and offset named. A segment newer than the newest base that holds no complete group is a
+  segment creation a crash interrupted: deleted with a warning.
 
 The data dir:
 
@@ -33,13 +43,16 @@ The data dir:
     snapshot-IIII.snap     the snapshot the newest base record names (IIII = its last included index, 20 digits)
 
 A record is `u32 length | u32 crc32(payload) | payload`; the payload is a type byte and CBOR: type 1 (batch)
-`[hard_state or null, [entry, ...]]`, type 2 (base) `[snapshot_index, snapshot_term, hard_state, [entry, ...]]`.
-Readers from before type 2 stop on it with "unknown record type", naming the file and offset.
+`[hard_state or null, [entry, ...]]`, type 2 (base) `[snapshot_index, snapshot_term, hard_state, [entry, ...]]`;
+types 3 and 4 are batch and base records that more records of their group follow (a group: 3* 1, or 4 3* 1; the
+hard state rides in a base group's first record and a batch group's last). Readers from before types 2-4 stop on
+them with "unknown record type", naming the file and offset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -51,8 +64,8 @@ import cbor2
 
 from . import codec, crashpoints
 from .fs import FileSystem, OsFileSystem
-from .memory_storage import StoredState
-from .messages import Entry, HardState, Snapshot
+from .interfaces import StoredState
+from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"RDZMQLOG"
@@ -62,6 +75,8 @@ _RECORD = struct.Struct(">II")  # payload length, crc32(payload)
 MAX_RECORD_BYTES = 256 << 20
 RECORD_BATCH = 1  # payload: 1 type byte, then CBOR [hard_state or null, [entry, ...]]
 RECORD_BASE = 2  # payload: 1 type byte, then CBOR [snapshot_index, snapshot_term, hard_state, [entry, ...]]
+RECORD_BATCH_PART = 3  # a batch record that more records of its group follow (payload as type 1)
+RECORD_BASE_PART = 4  # a base record that more records of its group follow (payload as type 2)
 
 # Test-only (the crash explorer's mutation table): replay every segment as the code before base records did,
 # dropping each record's entries at or below the snapshot index, and with them the cut that record stood for.
@@ -86,22 +101,38 @@ class DataDirLocked(StorageError):
     pass
 
 
+class NotJoined(StorageError):
+    """This data dir's node never joined a cluster, and no -join was given."""
+
+
+class RecordTooBig(StorageError):
+    """A log entry too big for any record (over MAX_RECORD_BYTES): refused before anything is written."""
+
+
 class DiskFull(StorageError):
-    """The disk had no room (ENOSPC, EDQUOT). Nothing of the failed write is left behind: the same save may be
-    tried again once there is room, and the data dir and the storage's state stay as they were before."""
+    """The disk had no room (ENOSPC, EDQUOT) for a write, or for the fsync of a file this write created. The
+    storage's state is as it was, and so is the data dir as every reader sees it, now and after any crash: it
+    loads to the state before the write. What may be left is harmless: a `*.tmp` file whose unlink a power failure
+    undid (no reader uses it, load deletes it), a snapshot file no base record names (an install that did not
+    commit: load deletes it), or the part of a record that reached the log before ENOSPC, cut off and never
+    synced (a torn tail at worst, which load cuts). The same save may be tried again once there is room. Every
+    other error of a write or a sync is an OSError: the caller must stop (fsyncgate)."""
 
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None) -> None:
-    """Write to a temporary file, fsync, rename over `path`, fsync the folder. Out of room: DiskFull, no trace."""
+    """Write to a temporary file, fsync, rename over `path`, fsync the folder. No room (the writes or the temporary
+    file's fsync): DiskFull, and `path` is as it was; the temporary file is unlinked, but that unlink is not synced,
+    so a power failure may bring it back: no reader looks at a `*.tmp`, and load deletes them. A failed rename or
+    folder fsync is fatal (the OSError goes up): which of the folder's operations reached the disk is unknown."""
     tmp = path + ".tmp"
     try:
         f = fs.create(tmp)
         try:
             fs.append(f, data)
-            fs.fsync(f)
+            fs.fsync(f)  # a new file: nothing older rides on this sync, so a failure of it loses nothing
         finally:
             fs.close(f)
     except OSError as e:
@@ -132,19 +163,65 @@ def _framed(payload: bytes) -> bytes:
     return _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def _chunks(head: list, wire: list, limit: int) -> list[list]:
+    """`wire` (encoded entries) cut into runs whose record, CBOR `head + [run]` after one type byte, fits in
+    `limit` bytes. An entry that no record can hold is refused before anything is written."""
+    overhead = 1 + len(cbor2.dumps(head + [[]])) + 8  # the type byte, the head, a list header of up to 9 bytes
+    out: list[list] = [[]]
+    size = overhead
+    for w in wire:
+        n = len(cbor2.dumps(w))
+        if n + overhead > limit:
+            raise RecordTooBig(f"a log entry of {n} bytes (index {w[1]}) is over the {limit}-byte record limit")
+        if size + n > limit and out[-1]:
+            out.append([])
+            size = overhead
+        out[-1].append(w)
+        size += n
+    return out
+
+
+def _encode_group(first_kind: int, head: list, hard_state: HardState | None, entries: list[Entry]) -> bytes:
+    """One record (`first_kind`'s final type) or, when that would be over MAX_RECORD_BYTES, a group: records of
+    the part types, closed by a batch record. The hard state rides in the first record of a base group and in
+    the last of a batch group; load applies a group only when all of it is there."""
+    limit = MAX_RECORD_BYTES
+    wire = [codec.entry_to_wire(e) for e in entries]
+    hs = _hard_state_out(hard_state)
+    if first_kind == RECORD_BASE:
+        one = bytes([RECORD_BASE]) + cbor2.dumps(head + [hs, wire])
+    else:
+        one = bytes([RECORD_BATCH]) + cbor2.dumps([hs, wire])
+    if len(one) <= limit:  # the common case costs one encoding, as before groups
+        return _framed(one)
+    runs = _chunks(head + [hs] if first_kind == RECORD_BASE else [hs], wire, limit)
+    out = []
+    for n, run in enumerate(runs):
+        last = n == len(runs) - 1
+        if n == 0 and first_kind == RECORD_BASE:
+            payload = bytes([RECORD_BASE if last else RECORD_BASE_PART]) + cbor2.dumps(head + [hs, run])
+        else:
+            body = [hs if last and first_kind == RECORD_BATCH else None, run]
+            payload = bytes([RECORD_BATCH if last else RECORD_BATCH_PART]) + cbor2.dumps(body)
+        assert len(payload) <= limit, (len(payload), limit)
+        out.append(_framed(payload))
+    return b"".join(out)
+
+
 def encode_record(hard_state: HardState | None, entries: list[Entry]) -> bytes:
-    """A batch record: the Ready's hard state (or None) and entries."""
-    hs = None if hard_state is None else [hard_state.current_term, hard_state.voted_for, hard_state.commit_index]
-    return _framed(bytes([RECORD_BATCH]) + cbor2.dumps([hs, [codec.entry_to_wire(e) for e in entries]]))
+    """A Ready's hard state (or None) and entries as one batch record, or as a group when over the record limit."""
+    return _encode_group(RECORD_BATCH, [], hard_state, entries)
 
 
 def encode_base_record(snapshot_index: int, snapshot_term: int, hard_state: HardState, entries: list[Entry]) -> bytes:
-    """A base record: the whole log after the snapshot at `snapshot_index`; what came before is forgotten."""
-    body = [snapshot_index, snapshot_term, _hard_state_out(hard_state), [codec.entry_to_wire(e) for e in entries]]
-    return _framed(bytes([RECORD_BASE]) + cbor2.dumps(body))
+    """A base record: the whole log after the snapshot at `snapshot_index`; what came before is forgotten. Over the
+    record limit: a base part record, then batch records holding the rest of the entries (one group)."""
+    return _encode_group(RECORD_BASE, [snapshot_index, snapshot_term], hard_state, entries)
 
 
 class _Record:
+    """A record, or a whole group merged: `kind` RECORD_BATCH or RECORD_BASE for a group."""
+
     __slots__ = ("offset", "kind", "hard_state", "entries", "snapshot_index", "snapshot_term")
 
     def __init__(self, offset, kind, hard_state, entries, snapshot_index=None, snapshot_term=None) -> None:
@@ -156,10 +233,10 @@ def _decode_record(path: str, offset: int, payload: bytes) -> _Record:
     try:
         kind = payload[0]
         body = cbor2.loads(payload[1:])
-        if kind == RECORD_BATCH:
+        if kind in (RECORD_BATCH, RECORD_BATCH_PART):
             hs, entries = body
             base = None
-        elif kind == RECORD_BASE:
+        elif kind in (RECORD_BASE, RECORD_BASE_PART):
             index, term, hs, entries = body
             if type(index) is not int or type(term) is not int or index < 0 or term < 0 or hs is None:
                 raise ValueError("bad base record")
@@ -178,59 +255,98 @@ def _decode_record(path: str, offset: int, payload: bytes) -> _Record:
     return _Record(offset, kind, hard_state, entries, *base)
 
 
+def _merge(path: str, parts: list[_Record]) -> _Record:
+    """A group's records as one: the first one's kind and offset, the entries in order, the last hard state."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    entries = list(first.entries)
+    hard_state = first.hard_state
+    for r in parts[1:]:
+        if r.entries:
+            if entries and r.entries[0].index != entries[-1].index + 1:
+                raise CorruptLogError(f"{path}: record at offset {r.offset} does not follow the entries of the "
+                                      f"group at offset {first.offset}")
+            entries += r.entries
+        if r.hard_state is not None:
+            hard_state = r.hard_state
+    kind = RECORD_BASE if first.kind in (RECORD_BASE, RECORD_BASE_PART) else RECORD_BATCH
+    return _Record(first.offset, kind, hard_state, entries, first.snapshot_index, first.snapshot_term)
+
+
+def _check_record(data: bytes, offset: int) -> tuple[str | None, int]:
+    """What is wrong with the record at `offset` (None: nothing), and where it ends (the file's end when its
+    length cannot be trusted)."""
+    if offset + _RECORD.size > len(data):
+        return "incomplete record header", len(data)
+    length, crc = _RECORD.unpack_from(data, offset)
+    if length == 0:
+        return "empty record", len(data)
+    if length > MAX_RECORD_BYTES:
+        return f"record length {length} is over the limit of {MAX_RECORD_BYTES}", len(data)
+    end = offset + _RECORD.size + length
+    if end > len(data):
+        return f"record length {length} runs past the end of the file", len(data)
+    if zlib.crc32(data[offset + _RECORD.size : end]) != crc:
+        return "checksum mismatch", end
+    return None, end
+
+
+SECTOR_BYTES = 512  # the unit a disk writes whole or not at all; a lost page is 8 of them (etcd: isTornEntry)
+
+
+def _torn(data: bytes, offset: int, problem: str, end: int) -> bool:
+    """Whether a bad record at `offset` of the newest segment's tail is what a crash during unsynced appends can
+    leave (it was never acknowledged), rather than damage. A crash keeps any prefix of the appended bytes (the
+    file ends inside the record), and of what it keeps, each sector may hold its data or zeros (the size reached
+    the disk before the data: ext4's delayed allocation; pages flushed out of order). So: torn when the file ends
+    inside the record, or when the record is the file's last one and only its checksum fails (a sector torn), or
+    when a sector from `offset` on within the record, or anywhere after it when its length cannot be trusted,
+    reads as zeros."""
+    if problem.startswith(("incomplete record header", "record length")) and "over the limit" not in problem:
+        return True
+    if problem == "checksum mismatch" and not any(data[end:]):
+        return True
+    first = offset - offset % SECTOR_BYTES
+    for sector in range(first, end, SECTOR_BYTES):
+        lo, hi = max(sector, offset), min(sector + SECTOR_BYTES, len(data))
+        if lo < hi and not any(data[lo:hi]):
+            return True
+    return False
+
+
 def _scan(path: str, data: bytes, tail_may_tear: bool) -> tuple[list[_Record], int]:
-    """The records of a segment, and the offset where the good ones end (less than len(data) when a torn tail
-    follows them). A torn tail is allowed only when `tail_may_tear`; any other damage raises CorruptLogError."""
-    if len(data) < _HEADER.size:
+    """The record groups of a segment (each merged into one _Record), and the offset where the complete ones end
+    (less than len(data) when a torn tail follows them, or a group the file ends inside). A torn tail is allowed
+    only when `tail_may_tear`; any other damage raises CorruptLogError naming the file and offset."""
+    if len(data) < _HEADER.size or not any(data[:SECTOR_BYTES]):
         if tail_may_tear:
-            return [], 0
+            return [], 0  # the file's size reached the disk, its first sector did not: a creation cut short
         raise CorruptLogError(f"{path}: truncated segment header")
-    if tail_may_tear and not any(data[: _HEADER.size]):
-        return [], 0  # the file's size reached the disk, its data did not
     _check_header(path, data, SEGMENT_MAGIC, "log segment")
-    records = []
-    offset = _HEADER.size
+    groups: list[_Record] = []
+    parts: list[_Record] = []  # the records of the group being read
+    offset = group_start = _HEADER.size
     while offset < len(data):
-        problem = None
-        end = len(data)
-        if offset + _RECORD.size > len(data):
-            problem = "incomplete record header"
-        else:
-            length, crc = _RECORD.unpack_from(data, offset)
-            end = offset + _RECORD.size + length
-            if length == 0:
-                problem = "empty record"  # zeros: the size reached the disk, the data did not
-            elif length > MAX_RECORD_BYTES or end > len(data):
-                problem = f"record length {length} runs past the end of the file"
-            elif zlib.crc32(data[offset + _RECORD.size : end]) != crc:
-                problem = "checksum mismatch"
+        problem, end = _check_record(data, offset)
         if problem is not None:
-            if problem == "empty record":
-                torn = not any(data[offset:])
-            else:
-                torn = problem != "checksum mismatch" or end == len(data) or not any(data[end:])
-            if not (torn and tail_may_tear):
-                raise CorruptLogError(f"{path}: {problem} at offset {offset}; the log is damaged")
-            return records, offset
-        records.append(_decode_record(path, offset, data[offset + _RECORD.size : end]))
+            if tail_may_tear and _torn(data, offset, problem, end):
+                return groups, group_start
+            raise CorruptLogError(f"{path}: {problem} at offset {offset}; the log is damaged")
+        r = _decode_record(path, offset, data[offset + _RECORD.size : end])
+        if r.kind in (RECORD_BASE, RECORD_BASE_PART) and (parts or groups):
+            raise CorruptLogError(f"{path}: a base record at offset {offset}, after the first record of a segment")
+        parts.append(r)
         offset = end
-    return records, offset
-
-
-def _first_record(path: str, data: bytes) -> _Record | None:
-    """A segment's first record, or None when it holds no complete one (a creation a crash cut short: only a
-    torn or zero-filled header or first record). Any other damage raises CorruptLogError."""
-    if len(data) < _HEADER.size or not any(data[: _HEADER.size]):
-        return None
-    _check_header(path, data, SEGMENT_MAGIC, "log segment")
-    offset = _HEADER.size
-    if offset + _RECORD.size <= len(data):
-        length, crc = _RECORD.unpack_from(data, offset)
-        end = offset + _RECORD.size + length
-        if 0 < length <= MAX_RECORD_BYTES and end <= len(data) and zlib.crc32(data[offset + _RECORD.size : end]) == crc:
-            return _decode_record(path, offset, data[offset + _RECORD.size : end])
-    _scan(path, data, tail_may_tear=True)  # raises unless what follows the header is a torn tail
-    return None
+        if r.kind in (RECORD_BATCH, RECORD_BASE):
+            groups.append(_merge(path, parts))
+            parts = []
+            group_start = offset
+    if parts:  # the file ends inside a group: the rest of its records never reached it
+        if not tail_may_tear:
+            raise CorruptLogError(f"{path}: the record group at offset {group_start} is incomplete")
+        return groups, group_start
+    return groups, offset
 
 
 class _Replay:
@@ -300,17 +416,21 @@ class DiskStorage:
         self.log_bytes = 0  # bytes in the segment since the last snapshot
         self._loaded = False
 
-    def _make_dir(self, path: str) -> None:
-        """Make `path` and any missing parent, each made durable in its parent folder."""
+    def _make_dir(self, path: str, depth: int = 2) -> None:
+        """Make `path` and any missing parent, and make each name durable in its parent folder: `path` and its
+        `depth - 1` parents even when they existed (a process killed after its mkdir left the name in the page
+        cache only, and a power failure after this process's first synced save would still take the folder)."""
         parent = os.path.dirname(path)
         try:
             made = self.fs.mkdir(path)
         except FileNotFoundError:
             if parent == path:
                 raise
-            self._make_dir(parent)
+            self._make_dir(parent, depth=0)
             made = self.fs.mkdir(path)
-        if made:
+        if depth > 1 and parent != path:
+            self._make_dir(parent, depth - 1)
+        if (made or depth > 0) and self._fsync:
             self.fs.fsync_dir(parent)
 
     # ---- identity -------------------------------------------------------------------------------
@@ -342,6 +462,31 @@ class DiskStorage:
         ident = {"format": FORMAT_VERSION, "node_id": node_id, "raft_address": raft_address,
                  "http_address": http_address}
         _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n")
+
+    # ---- the join marker: what a node's first start is for, until it is done ---------------------------
+
+    @property
+    def _join_marker_path(self) -> str:
+        return os.path.join(self.data_dir, JOIN_MARKER)
+
+    def read_join_marker(self) -> str | None:
+        """"bootstrap" or "join" while the first start of this dir's node is not done; else None."""
+        try:
+            return self.fs.read_file(self._join_marker_path).decode(errors="replace").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def write_join_marker(self, intent: str) -> None:
+        assert intent in ("bootstrap", "join")
+        _write_atomically(self.fs, self._join_marker_path, intent.encode() + b"\n")
+
+    def remove_join_marker(self) -> None:
+        try:
+            self.fs.unlink(self._join_marker_path)
+        except FileNotFoundError:
+            return
+        if self._fsync:
+            self.fs.fsync_dir(self.data_dir)
 
     # ---- recovery -------------------------------------------------------------------------------
 
@@ -385,33 +530,40 @@ class DiskStorage:
         fs = self.fs
         segments = self._segments()
         self._segment_seq = segments[-1][0] if segments else 0
-        # Newest first: the first segment that starts with a complete base record is the log.
+        # Newest first: the first segment that starts with a complete base record (group) is the log.
         interrupted = []  # newer segments holding no complete record: creations a crash cut short
         base = None
         for pos in range(len(segments) - 1, -1, -1):
             path = segments[pos][1]
             data = fs.read_file(path)
-            first = _first_record(path, data)
-            if first is None:
+            # Only the newest segment that holds anything can have a torn tail: a segment is durable before
+            # anything is appended to it, and a new one is created only once the one before is (load fsyncs it).
+            groups, good_end = _scan(path, data, tail_may_tear=True)
+            if not groups:
                 logger.warning("%s: holds no complete record (a crash cut its creation short): deleting it", path)
                 interrupted.append(path)
                 continue
-            if first.kind == RECORD_BASE:
-                base = (pos, path, data)
+            if groups[0].kind == RECORD_BASE:
+                base = (pos, path, data, groups, good_end)
             break
         if base is None:
             self._load_format1(segments[: len(segments) - len(interrupted)], interrupted)
             return
-        pos, path, data = base
-        records, good_end = _scan(path, data, tail_may_tear=True)
+        pos, path, data, groups, good_end = base
         if good_end < len(data):
             logger.warning("%s: torn record at offset %d: cutting off %d bytes", path, good_end, len(data) - good_end)
-        first = records[0]
+        first = groups[0]
+        where = f"{path} at offset {first.offset}"
+        if first.entries and first.entries[0].index != first.snapshot_index + 1:
+            raise CorruptLogError(f"{where}: the base record's entries start at index {first.entries[0].index}, "
+                                  f"not after its snapshot at {first.snapshot_index}")
+        terms = [first.snapshot_term] + [e.term for e in first.entries]
+        if any(a > b for a, b in zip(terms, terms[1:])):
+            raise CorruptLogError(f"{where}: the base record's terms go down along its log (from the snapshot's "
+                                  f"term {first.snapshot_term})")
         replay = _Replay(first.snapshot_index, first.snapshot_term, list(first.entries), first.hard_state)
-        for r in records[1:]:
+        for r in groups[1:]:
             where = f"{path} at offset {r.offset}"
-            if r.kind != RECORD_BATCH:
-                raise CorruptLogError(f"{where}: a base record after the first record of a segment")
             if r.entries:
                 replay.put(r.entries, where)
             if r.hard_state is not None:
@@ -469,48 +621,70 @@ class DiskStorage:
             fs.fsync_dir(self.data_dir)
 
     def _load_format1(self, segments: list[tuple[int, str]], interrupted: list[str]) -> None:
-        """A log without base records: a data dir from before them, or a new one. Format-1 segments were each
-        started at a snapshot install with a batch record holding the entries after that snapshot, but their
-        older segments were not always gone (issue 11), so: replay every segment with full truncation meaning;
-        where a later segment starts after the newest snapshot (its first entries follow it, or it has none),
-        cut the log by that snapshot first, as the install did; cut by it at the end if nothing did. Then write
-        the state as a base segment, and only once that is durable delete the old files."""
+        """A log without base records: a data dir written before them (raftdzmq up to d2cfdfd), or a new one. Then,
+        the state in memory was always the newest snapshot install's segment replayed on top of that snapshot: an
+        install wrote the snapshot (fsynced, renamed, folder fsynced), then a new segment whose first record held
+        the hard state and every entry after the snapshot, fsynced with its folder; older files were unlinked
+        without a folder fsync, so any of them may still be here (issue 11), and are garbage. So the log is the
+        newest segment begun by an install, replayed on the snapshot that began it: the one just below its first
+        entry, or, when it holds no entry, the newest snapshot (an install after it that a crash cut short keeps
+        its snapshot: the state after that install, without what its Ready appended). Two kinds of segment were
+        not begun by an install: the first one ever (its entries start at 1), and one whose creation a crash cut
+        short and the old code, restarted, then appended to (its first record has no hard state, or its entries
+        follow no snapshot): its log goes on from the segment before, cut by the newest snapshot at or below
+        where its entries start, as the old load did. Then write the state as a base segment, and only once
+        that is durable delete the old files."""
         fs = self.fs
-        snapshot = None
-        for _, path in self._snapshots():
+        snapshots: dict[int, Snapshot] = {}
+        for index, path in self._snapshots():
             try:
-                snapshot = read_snapshot(path, fs)
-                break
+                snapshots[index] = read_snapshot(path, fs)
             except StorageError as e:
                 logger.warning("skipping snapshot: %s", e)
-        if snapshot is None and self._snapshots():
+        if self._snapshots() and not snapshots:
             raise CorruptLogError(f"no readable snapshot in {self.data_dir}")
-        replay = _Replay()
-        cut = False
-        for n, (_, path) in enumerate(segments):
+        newest = max(snapshots, default=0)
+        replay = None
+        for _, path in segments:
             data = fs.read_file(path)
-            records, good_end = _scan(path, data, tail_may_tear=n == len(segments) - 1)
+            # Any of them may end torn: the old code began a segment after records it had not synced (a commit
+            # index alone), and never fsynced a segment it left behind.
+            groups, good_end = _scan(path, data, tail_may_tear=True)
             if good_end < len(data):
                 logger.warning("%s: torn record at offset %d: dropping %d bytes", path, good_end, len(data) - good_end)
-            for k, r in enumerate(records):
-                where = f"{path} at offset {r.offset}"
-                if r.kind != RECORD_BATCH:
-                    raise CorruptLogError(f"{where}: a base record after a segment that has none")
-                if k == 0 and n > 0 and snapshot is not None and not cut and (
-                        not r.entries or r.entries[0].index == snapshot.last_included_index + 1):
-                    replay.cut(snapshot, where)
-                    cut = True
-                if r.entries:
-                    replay.put(r.entries, where)
-                if r.hard_state is not None:
-                    replay.hard_state = r.hard_state
-        if snapshot is not None and not cut:
-            replay.cut(snapshot, f"{self.log_dir} (the end)")
+            if not groups:
+                continue
+            for g in groups:
+                if g.kind != RECORD_BATCH:
+                    raise CorruptLogError(f"{path} at offset {g.offset}: a base record after a segment that has none")
+            first_index = next((g.entries[0].index for g in groups if g.entries), None)
+            if groups[0].hard_state is not None and (first_index is None or first_index == 1
+                                                     or first_index - 1 in snapshots):
+                # Begun by an install (or the first segment ever): the whole log after its snapshot.
+                index = newest if first_index is None else first_index - 1
+                term = snapshots[index].last_included_term if index else 0
+                replay = _Replay(index, term)
+            else:
+                # Appended to by a restarted old process: its log, cut as that process's load cut it.
+                below = first_index - 1 if first_index is not None else newest
+                cut = max((i for i in snapshots if i <= below), default=0)
+                if replay is None:
+                    replay = _Replay()
+                if cut and (replay.start_index is None or cut > replay.start_index):
+                    replay.cut(snapshots[cut], path)
+            for g in groups:
+                if g.entries:
+                    replay.put(g.entries, f"{path} at offset {g.offset}")
+                if g.hard_state is not None:
+                    replay.hard_state = g.hard_state
+        if replay is None:  # no segment: a new data dir (or one whose segments a crash left empty)
+            replay = _Replay(newest, snapshots[newest].last_included_term if newest else 0)
         if replay.start_index is None:
             replay.start_index, replay.start_term = 0, 0
+        snapshot = snapshots.get(replay.start_index)
         if snapshot is None and replay.start_index != 0:
             raise CorruptLogError(f"{self.log_dir}: the log starts after index {replay.start_index} and there is "
-                                  "no snapshot")
+                                  "no snapshot there")
         self.state = StoredState(replay.hard_state, snapshot, replay.entries)
         if segments:
             logger.warning("%s: log segments without a base record (written before format 1 had them): "
@@ -537,7 +711,7 @@ class DiskStorage:
                 pass
         self.state = StoredState(HardState(), snapshot, [])
         segments = self._segments()
-        while segments and _first_record(segments[-1][1], fs.read_file(segments[-1][1])) is None:
+        while segments and not _scan(segments[-1][1], fs.read_file(segments[-1][1]), tail_may_tear=True)[0]:
             fs.unlink(segments.pop()[1])  # an interrupted creation, as `_load` deletes it
         self._segment_seq = segments[-1][0] if segments else self._segment_seq
         size = 0
@@ -566,29 +740,47 @@ class DiskStorage:
 
     # ---- writing --------------------------------------------------------------------------------
 
-    def _create_segment(self, base_record: bytes) -> tuple[object, int]:
-        """A new newest segment holding `base_record`, durable (file and folder) when fsync is on; returns its
-        handle, open for appending, and its size. Out of room: DiskFull, and the file is gone."""
+    def _create_segment(self, records: bytes) -> tuple[object, int]:
+        """A new newest segment holding `records` (a base record, and the batch records that continue it), durable
+        (file and folder) when fsync is on; returns its handle, open for appending, and its size.
+
+        No room (ENOSPC, EDQUOT from a write or from the new file's fsync): the file is unlinked AND the folder
+        fsynced before DiskFull goes up, so that no power failure can bring back a complete base record that the
+        caller, carrying on with the older segment, no longer writes to (the newest base record is the log). Any
+        other error, or any error of a folder fsync, is fatal: the OSError goes up (fsyncgate: which of the
+        folder's operations reached the disk is unknown, and syncing again would not tell), and the caller must
+        stop; what is on the disk then recovers to the state before this segment or, with it, after."""
         fs = self.fs
         seq = self._segment_seq + 1
         path = os.path.join(self.log_dir, f"{seq:010d}.seg")
-        data = _HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION) + base_record
+        data = _HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION) + records
         try:
             f = fs.create(path)
-            try:
-                fs.append(f, data)
-                if self._fsync:
-                    fs.fsync(f)
-                    fs.fsync_dir(self.log_dir)
-            except BaseException:
-                fs.close(f)
-                raise
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                fs.unlink(path)
+        except OSError as e:  # no room for a new name: the file does not exist
             if e.errno in _NO_ROOM:
                 raise DiskFull(f"no room on the disk for a new log segment: {e.strerror}") from None
             raise
+        try:
+            fs.append(f, data)
+            if self._fsync:
+                fs.fsync(f)
+        except OSError as e:
+            fs.close(f)
+            if e.errno not in _NO_ROOM:
+                raise
+            fs.unlink(path)
+            if self._fsync:
+                fs.fsync_dir(self.log_dir)  # fails: fatal, as any folder fsync
+            raise DiskFull(f"no room on the disk for a new log segment: {e.strerror}") from None
+        except BaseException:
+            fs.close(f)
+            raise
+        if self._fsync:
+            try:
+                fs.fsync_dir(self.log_dir)
+            except BaseException:
+                fs.close(f)
+                raise
         self._segment_seq = seq
         return f, len(data)
 
@@ -654,13 +846,14 @@ class DiskStorage:
         if hard_state is not None:
             state.hard_state = hard_state
         index = snapshot.last_included_index
+        base = encode_base_record(index, snapshot.last_included_term, state.hard_state, state.entries)  # first: it
+        # may be refused (RecordTooBig) before anything is written
         _write_atomically(self.fs, self._snapshot_path(index), encode_snapshot(snapshot),
                           crash_point="snapshot.after_write")
         if crashpoints.enabled:
             crashpoints.hit("snapshot.after_rename")
         old_segments = self._segments()
-        handle, size = self._create_segment(
-            encode_base_record(index, snapshot.last_included_term, state.hard_state, state.entries))
+        handle, size = self._create_segment(base)
         if crashpoints.enabled:
             crashpoints.hit("snapshot.after_segment")
         # Committed: the new segment is durable, and it makes everything older garbage.
@@ -680,6 +873,80 @@ class DiskStorage:
         if self._lock is not None:
             self.fs.unlock(self._lock)
             self._lock = None
+
+
+JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not done: "bootstrap" or "join"
+
+
+@dataclasses.dataclass
+class NodeStart:
+    node_id: str
+    stored: StoredState  # the state to start the node with (the bootstrap's included)
+    bootstrapped: bool = False  # this start made a new one-node cluster
+    must_join: bool = False  # a -join was given and no leader has reached this node yet: join, then run
+    joined_before: bool = False  # a leader reached this node (a term, entries or a snapshot), or it bootstrapped
+
+
+def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft_address: str, http_address: str,
+               join: bool) -> NodeStart:
+    """Who this data dir's node is and what it must do, made crash-safe. The states, each durable before the next
+    is entered, so that a crash anywhere leaves one of them:
+
+        no node.json                       a new node: `new_node_id`; with `join`, a joining node, else the first
+                                           node of a new cluster. The intent (JOINING) is written first, then
+                                           node.json: never an identity without its intent.
+        node.json + JOINING "bootstrap"    the first node, not bootstrapped yet: the bootstrap save (term 1 and a
+                                           configuration with this node as the only voter, at index 1), then
+                                           JOINING removed. A crash or a full disk before the save's fsync: the
+                                           next start bootstraps again, with the same id.
+        node.json + JOINING "join"         a joining node no leader has accepted yet: joins again with the same id
+                                           (with -join; without, NotJoined, saying how to go on).
+        node.json, no JOINING              a leader accepted the join (the server removed JOINING then), or the node
+                                           bootstrapped: it runs. When it has no log yet either, a leader has yet
+                                           to reach it (or an older raftdzmq wrote the dir): a warning.
+        a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed.
+
+    Raises NotJoined, DiskFull (nothing is lost: start again once there is room), or OSError."""
+    identity = storage.read_identity()
+    pending = storage.read_join_marker()
+    joined_before = stored.hard_state.current_term > 0 or stored.last_index > 0
+    if identity is None:
+        node_id = new_node_id
+        pending = "join" if join else "bootstrap"
+        storage.write_join_marker(pending)  # before the identity: no identity without its intent
+        storage.write_identity(node_id, raft_address, http_address)
+    else:
+        node_id = identity["node_id"]
+        if (identity.get("raft_address"), identity.get("http_address")) != (raft_address, http_address):
+            logger.warning("this node was created with addresses %s / %s; the cluster still knows it by those",
+                           identity.get("raft_address"), identity.get("http_address"))
+    out = NodeStart(node_id, stored, joined_before=joined_before)
+    if joined_before:
+        if pending is not None:
+            storage.remove_join_marker()  # a leader reached it: the join was accepted (or the bootstrap done)
+    elif join:
+        out.must_join = True  # a first join, or one that never succeeded: again, with the same node id
+        if pending != "join":
+            storage.write_join_marker("join")
+    elif pending == "join":
+        raise NotJoined(f"node {node_id} ({storage.data_dir}) never joined a cluster: its -join did not succeed. "
+                        "Start it again with -join HOST:HTTPPORT (it keeps its id), or give it an empty data dir to "
+                        "start a new cluster")
+    elif pending == "bootstrap":
+        # The first node of a new cluster: a configuration with itself as the only voter (index 1).
+        me = Member(node_id, raft_address, http_address)
+        first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership((node_id,), (), (me,)))
+        storage.save(HardState(1, None, 1), [first])
+        out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))
+        storage.remove_join_marker()
+        out.bootstrapped = True
+    else:
+        # An identity, no log and no marker: a joined node no leader has reached yet, or a dir written by an older
+        # raftdzmq (whose failed joins, and lost bootstraps, looked like this).
+        logger.warning("node %s has no log and no term yet: no leader has reached it. If its join never succeeded, "
+                       "restart it with -join HOST:HTTPPORT; if it was the first node of a new cluster, give it an "
+                       "empty data dir", node_id)
+    return out
 
 
 def encode_snapshot(s: Snapshot) -> bytes:

@@ -8,23 +8,77 @@ the messages are dropped, as Raft allows. Any other failure of a send, the openi
 descriptors: EMFILE), drops the batch too, is logged at most once a second, and is retried after 0.1 s: a sender
 never dies while its peer exists. The REP server decodes each frame, hands the messages to the owner
 and answers with whatever the owner returns. Bad frames are logged and dropped, never raised.
+
+Security. With a cluster secret every connection uses CURVE (RFC 26/CurveZMQ) with one key pair that every member
+derives from the secret (`curve_keypair`): a client must know the server's public key to say hello, and a ZAP
+handler admits only clients that prove they hold the cluster's secret key. So only members complete a handshake,
+and every frame travels encrypted and authenticated under keys of that connection alone, with a nonce that must
+increase: a frame or a whole session recorded and sent again does not open. That is why frames carry no HMAC,
+sequence number or timestamp of their own (they did: a captured heartbeat, sent again, kept followers following
+a dead leader). Without a secret anyone who reaches the port is a peer.
+
+Descriptors. zmq accepts every TCP connection to the port, and keeps each until it closes: strangers could hold
+all of the process's descriptors (review F1). So a connection must finish its handshake within
+HANDSHAKE_SECONDS, and at most `max_inbound_connections` are kept: the REP socket's monitor tells which
+descriptors zmq accepted, each frame tells which one it came on (ZMQ_SRCFD), and past the cap the connection that
+has gone longest without a valid frame is shut down (one that never sent one counts from NEVER_SPOKE_SECONDS
+before it was accepted). Members speak every heartbeat; an idle member connection that is closed is opened again
+by zmq when needed. The cap holds after the fact (zmq accepts first): leave descriptors in reserve beyond it.
 """
 
 from __future__ import annotations
 
+import _socket
 import collections
 import errno
+import hashlib
+import hmac
 import logging
 import time
 
 import gevent
 import gevent.event
 import zmq.green as zmq
+from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
 
 from . import codec
 
 logger = logging.getLogger("raftlib.transport")
 TRACE = 5
+CURVE_AVAILABLE = zmq.has("curve")
+HANDSHAKE_SECONDS = 2.0  # a connection must finish the zmq handshake (and CURVE's) within this
+MAX_INBOUND_CONNECTIONS = 32  # kept at once on the Raft port; members need one each
+NEVER_SPOKE_SECONDS = 1.0  # a connection that never sent a valid frame ranks as if it last did this long before it came
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks who may connect (RFC 27/ZAP)
+_HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "a protocol error", zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                     "refused by authentication"}
+
+
+def curve_keypair(secret: bytes) -> tuple[bytes, bytes]:
+    """The cluster's CURVE key pair (public, secret; Z85 text), derived from the cluster secret: every member holds
+    the same pair, and nobody without the secret can compute either key (the public one is never sent: CURVE
+    sends only keys made for one connection)."""
+    secret_key = z85.encode(hmac.digest(secret, b"raftdzmq-curve-v1", hashlib.sha256))
+    return zmq.curve_public(secret_key), secret_key
+
+
+class _RateLimitedWarning:
+    """A warning a remote party can cause, logged at most once a second with a count of those left out."""
+
+    def __init__(self) -> None:
+        self._warned_at = 0.0
+        self._left_out = 0
+
+    def warn(self, message: str, *args, level: int = logging.WARNING) -> None:
+        now = time.monotonic()
+        if now - self._warned_at < 1.0:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" (and {self._left_out} more since the last such line)"
+        logger.log(level, message, *args)
+        self._warned_at, self._left_out = now, 0
 
 
 class ZmqTransport:
@@ -36,47 +90,78 @@ class ZmqTransport:
         reply_timeout_seconds: float = 0.5,
         max_queued_messages: int = 10_000,
         secret: bytes | None = None,
+        max_inbound_connections: int = MAX_INBOUND_CONNECTIONS,
     ) -> None:
         """`handler(messages, reply_wanted) -> list[Message]`: called in the transport's greenlets; when
-        `reply_wanted` it may block (bounded) and returns the messages to answer with. With a `secret` every frame
-        is signed, and frames without its signature are dropped."""
+        `reply_wanted` it may block (bounded) and returns the messages to answer with. With a `secret`, only
+        members that hold it connect (CURVE, see the module's rules); raises RuntimeError if this libzmq has no
+        CURVE."""
+        if secret is not None and not CURVE_AVAILABLE:
+            raise RuntimeError("a cluster secret needs a libzmq with CURVE (zmq.has('curve') is False)")
         self.node_id = node_id
         self.bind_address = bind_address
         self._handler = handler
         self._reply_timeout_ms = int(reply_timeout_seconds * 1000)
         self._max_queued = max_queued_messages
-        self._context = zmq.Context.instance()
+        self._context = zmq.Context()  # its own: the ZAP handler is one per context
         self._peers: dict[str, _PeerSender] = {}
-        self._server = None
+        self._greenlets: list = []
         self._rep = None
-        self._secret = secret
+        self._zap = None
+        self._monitor = None
+        self._curve = curve_keypair(secret) if secret is not None else None
         self.dropped_frames = 0
-        self._warned_at = 0.0
-        self._unwarned = 0
+        self._dropped_warning = _RateLimitedWarning()
+        self._handshake_warning = _RateLimitedWarning()
+        self._inbound = _InboundConnections(int(bind_address.rsplit(":", 1)[1]), max_inbound_connections)
 
     def _encode(self, messages) -> bytes:
-        return codec.sign_frame(codec.encode_batch(messages), self._secret)
+        return codec.encode_batch(messages)
 
     def _decode(self, data: bytes):
-        return codec.decode_batch(codec.open_frame(data, self._secret))
+        return codec.decode_batch(data)
 
     def _warn_dropped(self, what: str, nbytes: int, error: Exception) -> None:
-        """Log a dropped frame, at most once a second: a peer with the wrong secret sends one every heartbeat."""
+        """Log a dropped frame, at most once a second: a broken peer may send one every heartbeat."""
         self.dropped_frames += 1
-        now = time.monotonic()
-        if now - self._warned_at < 1.0:
-            self._unwarned += 1
+        self._dropped_warning.warn("dropped %s (%d bytes): %s", what, nbytes, error)
+
+    def secure(self, sock, server: bool = False) -> None:
+        """With a secret: CURVE on `sock`, as the server (the REP socket) or as a client (a REQ socket)."""
+        if self._curve is None:
             return
-        also = f" (and {self._unwarned} more since the last warning)" if self._unwarned else ""
-        logger.warning("dropped %s (%d bytes): %s%s", what, nbytes, error, also)
-        self._warned_at, self._unwarned = now, 0
+        public_key, secret_key = self._curve
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+        if server:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+        else:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, public_key)
 
     def start(self) -> None:
+        if self._curve is not None:
+            # Before the REP socket exists: libzmq asks the ZAP handler about every CURVE client once one is bound.
+            self._zap = self._context.socket(zmq.REP)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            self._zap.bind(_ZAP_ENDPOINT)
+            self._greenlets.append(gevent.spawn(self._authenticate))
         self._rep = self._context.socket(zmq.REP)
         self._rep.setsockopt(zmq.LINGER, 0)
         self._rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
+        self._rep.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_SECONDS * 1000))
+        self.secure(self._rep, server=True)
+        # The monitor's events go through an inproc pair whose queue drops what does not fit: make room for the
+        # bursts a flood of connections brings while the loop is busy (a missed event skews the count).
+        endpoint = f"inproc://raft-port-monitor-{id(self)}"
+        self._rep.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
+                          | zmq.EVENT_CLOSED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._monitor = self._context.socket(zmq.PAIR)
+        self._monitor.setsockopt(zmq.LINGER, 0)
+        self._monitor.setsockopt(zmq.RCVHWM, 0)
+        self._monitor.connect(endpoint)
         self._bind(self._rep, f"tcp://{self.bind_address}")
-        self._server = gevent.spawn(self._serve)
+        self._greenlets += [gevent.spawn(self._serve), gevent.spawn(self._watch_connections)]
 
     @staticmethod
     def _bind(sock, endpoint: str, patience_seconds: float = 3.0) -> None:
@@ -102,6 +187,7 @@ class ZmqTransport:
         for node_id, address in addresses.items():
             if node_id != self.node_id and node_id not in self._peers and address:
                 self._peers[node_id] = _PeerSender(self, node_id, address)
+        self._inbound.members = len(addresses)
 
     def send(self, messages) -> None:
         for m in messages:
@@ -115,22 +201,24 @@ class ZmqTransport:
         sock = self._rep
         while True:
             try:
-                frame = sock.recv(copy=True)
+                frame = sock.recv(copy=False)
             except zmq.ZMQError as e:
                 if e.errno == zmq.ETERM or sock.closed:
                     return
                 logger.warning("raft port receive error: %s", e)
                 continue
+            data = frame.bytes
             replies = []
             try:
-                messages = self._decode(frame)
+                messages = self._decode(data)
                 if any(m.dst != self.node_id for m in messages):
                     raise codec.CodecError("frame addressed to another node")
+                self._inbound.spoke(frame.get(zmq.SRCFD))
                 logger.log(TRACE, "recv %s", messages)
                 if messages:
                     replies = self._handler(messages, True) or []
             except codec.CodecError as e:
-                self._warn_dropped("a bad frame on the raft port", len(frame), e)
+                self._warn_dropped("a bad frame on the raft port", len(data), e)
             except Exception:
                 logger.exception("handler failed on a raft frame")
             try:
@@ -140,14 +228,136 @@ class ZmqTransport:
                     return
                 logger.warning("raft port send error: %s", e)
 
+    def _watch_connections(self) -> None:
+        """Follow the REP socket's monitor: count the connections zmq accepted, shut down the surplus, and log
+        handshakes that failed (another secret, none, or not zmq at all) at most once a second."""
+        monitor, inbound = self._monitor, self._inbound
+        while True:
+            try:
+                frames = monitor.recv_multipart()
+                while True:  # everything that has happened, before any eviction: descriptors are reused
+                    self._on_event(parse_monitor_message(frames))
+                    frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as e:
+                if monitor.closed or e.errno == zmq.ETERM:
+                    return
+                logger.warning("raft port monitor: %s", e)
+                gevent.sleep(0.1)
+                continue
+            closed = inbound.enforce_cap()
+            if closed:
+                self._handshake_warning.warn(
+                    "raft port: closed %d connection(s) beyond the cap of %d (those longest without a valid frame)",
+                    closed, inbound.cap)
+
+    def _on_event(self, event: dict) -> None:
+        kind, value = event["event"], event["value"]
+        if kind == zmq.EVENT_ACCEPTED:
+            self._inbound.accepted(value)
+        elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+            self._inbound.gone(value)
+        elif kind == zmq.EVENT_ACCEPT_FAILED:
+            self._handshake_warning.warn("raft port: accepting a connection failed: %s", zmq.strerror(value))
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a peer that died or stopped mid-handshake, a squatter
+            logger.debug("raft port: a connection ended before its handshake finished (%s)", zmq.strerror(value))
+        elif kind in _HANDSHAKE_FAILED:
+            self._handshake_warning.warn(
+                "raft port: a connection failed the handshake (%s): a node with another cluster secret, or none, "
+                "or not a raftdzmq node", _HANDSHAKE_FAILED[kind])
+
+    def _authenticate(self) -> None:
+        """The ZAP handler (RFC 27): admit a CURVE client only if its long-term key is the cluster's, which it
+        can use only if it holds the cluster's secret key (CURVE's INITIATE proves that)."""
+        zap, cluster_key = self._zap, z85.decode(self._curve[0])
+        while True:
+            try:
+                frames = zap.recv_multipart()
+            except zmq.ZMQError:
+                if zap.closed:
+                    return
+                continue
+            ok = len(frames) >= 7 and frames[5] == b"CURVE" and hmac.compare_digest(frames[6], cluster_key)
+            if not ok:
+                self._handshake_warning.warn("raft port: refused a connection from %s: not this cluster's key",
+                                             frames[3].decode(errors="replace") if len(frames) > 3 else "?")
+            request_id = frames[1] if len(frames) > 1 else b""
+            zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
+                                b"OK" if ok else b"not this cluster's key", b"", b""])
+
     def stop(self) -> None:
         for peer in list(self._peers.values()):
             peer.stop()
         self._peers.clear()
-        if self._server is not None:
-            self._server.kill(block=False)
-        if self._rep is not None:
-            self._rep.close(linger=0)
+        for g in self._greenlets:
+            g.kill(block=False)
+        for sock in (self._monitor, self._rep, self._zap):
+            if sock is not None:
+                sock.close(linger=0)
+        self._context.destroy(linger=0)
+
+
+class _InboundConnections:
+    """The connections zmq accepted on the Raft port, by descriptor (see the module's rules). Pure bookkeeping but
+    for `enforce_cap`, which shuts the surplus down."""
+
+    def __init__(self, port: int, cap: int) -> None:
+        self.port = port
+        self.base_cap = cap
+        self.members = 0
+        self.closed = 0  # by enforce_cap, in all
+        self._rank: dict[int, float] = {}  # descriptor -> when it last sent a valid frame (see NEVER_SPOKE_SECONDS)
+
+    @property
+    def cap(self) -> int:
+        return max(self.base_cap, 2 * self.members + 8)
+
+    def __len__(self) -> int:
+        return len(self._rank)
+
+    def accepted(self, fd: int) -> None:
+        # It may have spoken already: its first frame can be handled before the monitor's event about it.
+        self._rank[fd] = max(self._rank.get(fd, 0.0), time.monotonic() - NEVER_SPOKE_SECONDS)
+
+    def spoke(self, fd: int) -> None:
+        self._rank[fd] = time.monotonic()
+
+    def gone(self, fd: int) -> None:
+        self._rank.pop(fd, None)
+
+    def enforce_cap(self) -> int:
+        """Shut down connections, longest without a valid frame first, until at most `cap` are left; returns how
+        many. A descriptor is shut down only if it still is a connection accepted on our port: zmq may have
+        closed it and given the number to another (then it is that one, which is as much a surplus)."""
+        closed = 0
+        rank = self._rank
+        while len(rank) > self.cap:
+            fd = min(rank, key=rank.__getitem__)
+            del rank[fd]
+            if _shutdown_accepted(fd, self.port):
+                closed += 1
+        self.closed += closed
+        return closed
+
+
+def _shutdown_accepted(fd: int, port: int) -> bool:
+    """shutdown(2) the socket `fd` if it is a TCP connection accepted on `port`: zmq's I/O thread then reads end of
+    file and closes it. Not close(): the descriptor is zmq's. Uses no descriptor (none may be left)."""
+    try:
+        sock = _socket.socket(fileno=fd)
+    except OSError:  # closed meanwhile, or not a socket any more
+        return False
+    try:
+        if sock.getsockname()[1] != port:
+            return False
+        sock.getpeername()  # a listening socket has none
+        sock.shutdown(_socket.SHUT_RDWR)
+        return True
+    except (OSError, IndexError, TypeError):
+        return False
+    finally:
+        sock.detach()
 
 
 class _PeerSender:
@@ -168,9 +378,14 @@ class _PeerSender:
 
     def _open(self):
         sock = self.transport._context.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
-        sock.connect(f"tcp://{self.address}")
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
+            self.transport.secure(sock)
+            sock.connect(f"tcp://{self.address}")
+        except BaseException:
+            sock.close(linger=0)
+            raise
         return sock
 
     def _close(self) -> None:

@@ -27,6 +27,7 @@ and reopens. Random ones come from --seed; workload i of seed S is the same on e
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import random
@@ -209,12 +210,39 @@ class Explorer:
         got = self.recover(work)
         work.before_op = None
         self.check(got, candidates)
+        garbage = [p for p in work.tree() if p.endswith(".tmp") or p.startswith(DATA_DIR + "/log/")]
+        snapshots = [p for p in work.tree() if p.endswith(".snap")]
+        if len(garbage) != 1 or len(snapshots) != (got.snapshot is not None):
+            self.violation(f"recovery left garbage: {sorted(garbage + snapshots)}", got, candidates)
         for state in work.crash_states(limits.nested_states, seed=seed):
             self.stats.recovery_crash_states += 1
             again = self.recover(state)
             if isinstance(again, str) or (again.hard_state, again.snapshot, again.entries) != (
                     got.hard_state, got.snapshot, got.entries):
                 self.violation("a crash after recovery returned loses what it returned: "
+                               + (again if isinstance(again, str) else describe(again)), got, candidates)
+        self.write_after_recovery(work, got, candidates, seed)
+
+    def write_after_recovery(self, work: CrashFS, got: StoredState, candidates: list[Model], seed: int) -> None:
+        """The recovered node goes on: a save of one more entry (fdatasynced) on what the recovery left, and every
+        crash state after it must load as the recovered state with that entry (a torn tail load did not cut, or
+        garbage it did not delete, would spoil it)."""
+        work.crash_process()
+        work.free_bytes = None  # the disk has room again
+        storage = DiskStorage(DATA_DIR, fs=work)
+        storage.load()
+        last = got.raft_log().last_index
+        term = max(got.hard_state.current_term, got.raft_log().last_term, 1)
+        entry = es(last + 1, 1, term)[0]
+        hs = HardState(term, got.hard_state.voted_for, got.hard_state.commit_index)
+        storage.save(hs, [entry])
+        want = (hs, got.snapshot, list(got.entries) + [entry])
+        storage.close()
+        for state in work.crash_states(self.limits.nested_states, seed=seed + 1):
+            self.stats.recovery_crash_states += 1
+            again = self.recover(state)
+            if isinstance(again, str) or (again.hard_state, again.snapshot, again.entries) != want:
+                self.violation(f"a save of entry {last + 1} after the recovery, then a crash: "
                                + (again if isinstance(again, str) else describe(again)), got, candidates)
 
     def crash_point(self, fs: CrashFS, candidates: list[Model], label: str) -> None:
@@ -248,12 +276,18 @@ class Explorer:
 
     def _run(self, workload: list[tuple]) -> None:
         fs = CrashFS()
+        fs.page_bytes = 512  # lost pages inside the small records of these workloads too
         model = Model()
         candidates = [model, model]
         step_label = "creating the data dir"
+        failing = None  # [kind, how many more of that kind to let run, errno] while a "fail" step runs
 
         def hook(fs: CrashFS, number: int, kind: str, what: str) -> None:
             self.crash_point(fs, candidates, f"{step_label}, before operation {number} ({kind} {what})")
+            if failing is not None and kind == failing[0]:
+                if failing[1] == 0:
+                    fs.fail_at[number] = OSError(failing[2], os.strerror(failing[2]))
+                failing[1] -= 1
 
         fs.before_op = hook
         storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
@@ -264,9 +298,12 @@ class Explorer:
             full = step[0] == "full"  # ("full", free_bytes, step): the disk has only that much room for it
             if full:
                 fs.free_bytes, step = step[1], step[2]
+            fail = step[0] == "fail"  # ("fail", kind, n, errno, step): the n-th operation of that kind fails
+            if fail:
+                failing, step = [step[1], step[2], step[3]], step[4]
             after = model.after(step)
             candidates = [model, after]
-            step_label = f"step {i} {describe_step(step)}" + (f" (with {fs.free_bytes} bytes free)" if full else "")
+            step_label = f"step {i} {describe_step(workload[i])}"
             try:
                 if step[0] == "save":
                     _, hard_state, entries, snapshot, sync = step
@@ -279,9 +316,30 @@ class Explorer:
                     storage.load()
                 model = after
             except DiskFull:
-                assert full, step_label  # the disk fills only in a "full" step; the state must not have moved
+                # The disk fills only in a "full" step, or when told to fail with ENOSPC; the state must not
+                # have moved (checked below, and by the crash point after the step).
+                assert full or (fail and failing[2] in (errno.ENOSPC, errno.EDQUOT)), step_label
+            except (OSError, StorageError) as e:
+                # Fatal (fsyncgate): the node stops. The disk must recover to the state before or after the step,
+                # now and after any crash; the process starts again on what it finds.
+                if not fail or failing[1] >= 0:
+                    raise
+                failing = None
+                found = len(self.stats.violations)
+                self.crash_point(fs, candidates, f"{step_label}: after the fatal {type(e).__name__} {e}")
+                if len(self.stats.violations) > found:
+                    return
+                fs.crash_process()
+                storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
+                got = storage.load()
+                model = next(m for m in candidates if (m.state.snapshot, m.state.entries) == (got.snapshot,
+                                                                                             got.entries))
+                model = model.copy()
+                model.state.hard_state = got.hard_state  # the commit index may have gone back (checked above)
+                model.durable_commit_index = got.hard_state.commit_index
             finally:
                 fs.free_bytes = None
+                failing = None
             live = storage.state
             if (live.hard_state, live.snapshot, live.entries) != (model.state.hard_state, model.state.snapshot,
                                                                  model.state.entries):
@@ -299,6 +357,8 @@ class Explorer:
 def describe_step(step: tuple) -> str:
     if step[0] == "full":
         return f"{describe_step(step[2])} with {step[1]} bytes free"
+    if step[0] == "fail":
+        return f"{describe_step(step[4])}, its {step[1]} number {step[2]} failing with {errno.errorcode[step[3]]}"
     if step[0] == "save":
         _, hs, entries, snap, sync = step
         parts = []
@@ -363,6 +423,25 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
         ("snapshot", snap(10, 1)),
         ("reopen",),
     ],
+    # Review L1: a segment begun by a leader's snapshot past the log holds no entry in its first record; the
+    # next install's segment is the log (the old code left all three segments when a power failure undid its
+    # unlinks).
+    "leader-snapshot-past-the-log-then-own-snapshot": [
+        save(HardState(1, "a", 5), es(1, 10, 1)),
+        save(HardState(2, None, 15), [], snap(15, 2)),
+        save(HardState(2, None, 22), es(16, 10, 2)),
+        ("snapshot", snap(20, 2)),
+        save(HardState(2, None, 23), [], sync=False),
+    ],
+    # Review S1: no room at the fsync of the new segment (operation "fsync" number 1 of an install; number 0 is
+    # the snapshot file's): DiskFull, and the node carries on with the old segment, acknowledging saves.
+    "no-room-at-the-new-segments-fsync-then-more-saves": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("fail", "fsync", 1, errno.ENOSPC, ("snapshot", snap(8, 1))),
+        save(HardState(1, "a", 10), es(11, 2, 1)),
+        ("fail", "fsync_dir", 1, errno.EIO, ("snapshot", snap(10, 1))),
+        save(HardState(1, "a", 12), es(13, 1, 1)),
+    ],
     "rolls-reopens-and-unsynced-commits": [
         save(HardState(1, "a", 0), es(1, 4, 1)),
         save(HardState(1, "a", 3), [], sync=False),
@@ -422,10 +501,16 @@ def random_workload(rng: random.Random, steps: int) -> list[tuple]:
             step = save(HardState(term, vote, max(commit, index)), extra, s)
         else:
             step = ("reopen",)
-        if step[0] != "reopen" and rng.random() < 0.15:
+        r = rng.random()
+        if step[0] != "reopen" and r < 0.15:
             # The disk is (nearly) full for this save: it fails with DiskFull, or not; then it is tried again, as
             # the runtime does (a save tried again after it worked changes nothing).
             out.append(("full", rng.choice((0, 5, 20, 60, 150, 400)), step))
+        elif r < 0.3:
+            # One of its file operations fails: DiskFull (then tried again), or fatal (the node stops; started
+            # again, it finds the state before or after; the step is tried again, which changes nothing after).
+            kind = rng.choice(("append", "fdatasync", "fsync", "fsync_dir", "create", "rename", "unlink", "truncate"))
+            out.append(("fail", kind, rng.randint(0, 1), rng.choice((errno.ENOSPC, errno.EIO, errno.EDQUOT)), step))
         out.append(step)
         if step[0] == "save":
             _, hs, entries, s, _ = step
@@ -448,9 +533,14 @@ def workloads(count: int, seed: int, hand_written: bool = True):
         yield f"random seed {seed} workload {i}", random_workload(rng, rng.randint(4, 12))
 
 
-def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None, storage_fs=None) -> Stats:
+def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None, storage_fs=None,
+            record_bytes: int | None = None) -> Stats:
+    """`record_bytes`: MAX_RECORD_BYTES for the run (scaled down, saves and base records become groups)."""
     total = Stats()
     storage_module.UNSAFE_REPLAY_FILTER = unsafe_replay_filter
+    saved_limit = storage_module.MAX_RECORD_BYTES
+    if record_bytes is not None:
+        storage_module.MAX_RECORD_BYTES = record_bytes
     try:
         for name, workload in items:
             stats = Explorer(name, limits, storage_fs).run(workload)
@@ -459,6 +549,241 @@ def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None,
                 print("\n".join(stats.violations), file=out)
     finally:
         storage_module.UNSAFE_REPLAY_FILTER = False
+        storage_module.MAX_RECORD_BYTES = saved_limit
+    return total
+
+
+# ---- data dirs of the code before base records (format 1) --------------------------------------------------------
+
+
+class _Killed(BaseException):
+    """The old process died here (raised out of the old code; nothing of it runs after)."""
+
+
+class _OldOs:
+    """`os` for tests/format1_storage.py (the frozen code before base records): every call that changes the disk
+    first calls `before(kind, path)` (where the explorer takes the state a kill there leaves), and the unlinks and
+    creations that no folder fsync has covered yet are kept, to build what a power failure can leave. Syncs change
+    nothing on a real disk here: only what the process sees is used."""
+
+    def __init__(self, before) -> None:
+        self._before = before
+        self.dir_fds: dict[int, str] = {}
+        self.unsynced_unlinks: dict[str, dict[str, bytes]] = {}  # folder -> {path: content}
+        self.unsynced_creations: dict[str, set[str]] = {}  # folder -> paths
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def open(self, path, flags, *args):
+        fd = os.open(path, flags, *args)
+        if os.path.isdir(path):
+            self.dir_fds[fd] = os.path.abspath(path)
+        return fd
+
+    def close(self, fd):
+        self.dir_fds.pop(fd, None)
+        os.close(fd)
+
+    def fsync(self, fd):
+        self._before("fsync", self.dir_fds.get(fd, "a file"))
+        folder = self.dir_fds.get(fd)
+        if folder is not None:
+            self.unsynced_unlinks.pop(folder, None)
+            self.unsynced_creations.pop(folder, None)
+
+    def fdatasync(self, fd):
+        self._before("fdatasync", "a file")
+
+    def write(self, fd, data):
+        self._before("write", "a file")
+        return os.write(fd, data)
+
+    def ftruncate(self, fd, size):
+        self._before("ftruncate", "a file")
+        os.ftruncate(fd, size)
+
+    def replace(self, src, dst):
+        self._before("replace", dst)
+        os.replace(src, dst)
+
+    def unlink(self, path):
+        self._before("unlink", path)
+        with open(path, "rb") as f:
+            content = f.read()
+        os.unlink(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if path in self.unsynced_creations.get(folder, ()):
+            self.unsynced_creations[folder].discard(path)
+        else:
+            self.unsynced_unlinks.setdefault(folder, {})[path] = content
+
+    def created(self, path) -> None:
+        self.unsynced_creations.setdefault(os.path.dirname(os.path.abspath(path)), set()).add(path)
+
+
+class _OldFile:
+    """A file object of the old code whose writes are kill points (before the data reaches its buffer)."""
+
+    def __init__(self, f, before) -> None:
+        self._f, self._before = f, before
+
+    def write(self, data):
+        self._before("write", self._f.name)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _tree(root: str) -> dict[str, bytes | None]:
+    out: dict[str, bytes | None] = {}
+    for folder, dirs, files in os.walk(root):
+        out[folder] = None
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.join(folder, name)] = f.read()
+    return out
+
+
+def crashfs_of(tree: dict[str, bytes | None], root: str) -> CrashFS:
+    """A CrashFS holding `tree` (paths under `root`, put under DATA_DIR), everything durable."""
+    fs = CrashFS()
+    for path in sorted(tree):
+        where = DATA_DIR + path[len(root):]
+        if tree[path] is None:
+            fs.mkdir(where)
+        else:
+            h = fs.create(where)
+            fs.append(h, tree[path])
+            fs.fsync(h)
+            fs.close(h)
+    for path in sorted(p for p in tree if tree[p] is None):
+        fs.fsync_dir(DATA_DIR + path[len(root):])
+    fs.fsync_dir("/")
+    fs.ops.clear()
+    return fs
+
+
+def format1_states(workload: list[tuple], root: str):
+    """Run `workload` with the frozen code before base records (tests/format1_storage.py) in the empty folder
+    `root`, and yield, at every file operation it does, (label, tree, candidates): the data dir as a kill
+    there leaves it, and as a power failure there can (the unlinks and the segment creations no folder fsync
+    covered undone), with the states that code had in memory before and after the step in flight (and, for a
+    save with a snapshot, after the install and before the Ready's record). Steps "reopen" are not run (the old
+    load could itself bring cut entries back, issue 11), and "full" and "fail" steps run without their fault
+    (the old code's handling of faults is not the point here)."""
+    import format1_storage as old
+
+    states: list = []
+    label = ["creating the data dir"]
+    candidates: list[Model] = [Model()]
+
+    def before(kind: str, path: str) -> None:
+        if shim is None:
+            return
+        states.append((f"{label[0]}, before its {kind} of {path} (killed)", _tree(root), list(candidates)))
+        unlinks = {p: c for d in shim.unsynced_unlinks.values() for p, c in d.items()}
+        creations = {p for d in shim.unsynced_creations.values() for p in d}
+        if unlinks or creations:
+            tree = _tree(root)
+            tree.update(unlinks)
+            for p in creations:
+                tree.pop(p, None)
+            states.append((f"{label[0]}, before its {kind} of {path} (power failure)", tree, list(candidates)))
+
+    def old_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and shim is not None:
+            before("create", path)
+            existed = os.path.exists(path)
+            f = _OldFile(open(path, mode, *args, **kwargs), before)
+            if not existed:
+                shim.created(path)
+            return f
+        return open(path, mode, *args, **kwargs)
+
+    shim = None
+    saved = old.os, getattr(old, "open", None)
+    old.os = _OldOs(before)
+    old.open = old_open
+    try:
+        s = old.DiskStorage(root)
+        s.load()
+        shim = old.os
+        model = Model()
+        for i, step in enumerate(workload):
+            while step[0] in ("full", "fail"):
+                step = step[-1]
+            if step[0] == "reopen":
+                continue
+            after = model.after(step)
+            after.durable_commit_index = 0  # the old code's commit index may be lost back to any
+            candidates[:] = [model, after]
+            if step[0] == "save" and step[3] is not None:
+                mid = model.copy()
+                mid.durable_commit_index = 0
+                if mid.state.install_snapshot(step[3]):
+                    candidates.append(mid)
+            label[0] = f"old code: step {i} {describe_step(step)}"
+            yield from states
+            states.clear()
+            if step[0] == "save":
+                _, hard_state, entries, snapshot, sync = step
+                s.save(hard_state, entries, snapshot, sync=sync)
+            else:
+                s.save_snapshot(step[1])
+            live = s.state
+            assert (live.snapshot, live.entries, live.hard_state) == (
+                after.state.snapshot, after.state.entries, after.state.hard_state), label[0]
+            model = after
+        candidates[:] = [model]
+        label[0] = "old code: after the last step"
+        yield from states
+        states.clear()
+        shim = None
+        yield label[0], _tree(root), [model]
+        s.close()
+    finally:
+        old.os = saved[0]
+        if saved[1] is None:
+            del old.open
+        else:
+            old.open = saved[1]
+
+
+def explore_format1(items, limits: Limits, out=None) -> Stats:
+    """Every data dir the code before base records leaves (format1_states) is upgraded by today's load, crashed in
+    at every operation of that upgrade, and checked against the state the old code had."""
+    import tempfile
+
+    total = Stats()
+    previous = logging.getLogger("raftlib.storage").level
+    logging.getLogger("raftlib.storage").setLevel(logging.ERROR)
+    try:
+        for name, workload in items:
+            explorer = Explorer(f"format 1: {name}", limits)
+            with tempfile.TemporaryDirectory() as tmp:
+                root = os.path.join(tmp, "data")
+                for n, (label, tree, candidates) in enumerate(format1_states(workload, root)):
+                    if len(explorer.stats.violations) >= limits.max_violations:
+                        break
+                    explorer.stats.crash_points += 1
+                    explorer.where = label
+                    try:
+                        explorer.recover_crashing(crashfs_of(tree, root), candidates, seed=n)
+                    except _Found:
+                        pass
+            total.add(explorer.stats)
+            if out is not None and explorer.stats.violations:
+                print("\n".join(explorer.stats.violations), file=out)
+    finally:
+        logging.getLogger("raftlib.storage").setLevel(previous)
     return total
 
 
@@ -472,6 +797,7 @@ def main() -> int:
     p.add_argument("--nested-every", type=int, default=Limits.nested_every)
     p.add_argument("--seconds", type=float, default=None, help="stop starting new workloads after this long")
     p.add_argument("--unsafe-replay-filter", action="store_true", help="the replay before issue 11's fix")
+    p.add_argument("--record-bytes", type=int, default=None, help="MAX_RECORD_BYTES scaled down (groups)")
     p.add_argument("--print-workload", action="store_true")
     args = p.parse_args()
     limits = Limits(args.states, args.nested_states, args.nested_every)
@@ -489,7 +815,8 @@ def main() -> int:
             print(name)
             for i, step in enumerate(workload):
                 print(f"  step {i}: {describe_step(step)}")
-        total.add(explore([(name, workload)], limits, args.unsafe_replay_filter, out=sys.stdout))
+        total.add(explore([(name, workload)], limits, args.unsafe_replay_filter, out=sys.stdout,
+                          record_bytes=args.record_bytes))
         runs += 1
     elapsed = time.monotonic() - started
     print(f"{runs} workloads, {total.crash_points} crash points, {total.total} crash states explored "

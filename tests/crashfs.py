@@ -4,7 +4,9 @@ the states a crash can leave on the disk, after the model of ALICE (OSDI 2014) a
 The model: POSIX promises, no more.
 - A file's data is durable as of its last `fsync`/`fdatasync`. The appends and truncates made since reach the disk
   in order, and a crash keeps any prefix of them; the last one kept may be torn: only a prefix of its bytes, or
-  its length in zeros (the new size got to the disk, the data did not: ext4's delayed allocation).
+  its length in zeros (the new size got to the disk, the data did not: ext4's delayed allocation). Or all of them
+  are kept but one page (`page_bytes`, 4096) of the unsynced range reads as zeros while later ones made it: the
+  page cache writes pages back in no promised order.
 - A folder's entries are durable as of its last `fsync_dir`. The creations, mkdirs, renames and unlinks made in it
   since reach the disk in ANY combination that can be applied in order (a rename needs its source, an unlink its
   file): journaling file systems keep them in order, POSIX does not promise it.
@@ -22,6 +24,7 @@ Use:
     fs.fail_at[k] = SimulatedCrash()        # ... or the process dies there: every later call raises it too
     fs.before_op = hook                     # hook(fs, number, kind, name) before each mutating operation
     fs.free_bytes = 4096                    # a disk that fills up: an append past it writes what fits, then ENOSPC
+    fs.page_bytes = 512                     # the page a crash loses whole (smaller: lost pages in small workloads)
     fs.record_ops = False                   # keep no operation list (long simulations); numbering goes on
 
 Operations are numbered from 0 in the order they run; only the mutating ones (create, append, truncate, fsync,
@@ -78,10 +81,17 @@ def _apply_data(base: bytes, ops: list) -> bytes:
     return base
 
 
-def _data_variants(node: _Inode) -> list[bytes]:
-    """Every content a crash can leave this file with: a prefix of its pending operations, the last one torn."""
+PAGE_BYTES = 4096  # the unit the page cache writes back: each page of unsynced data reaches the disk or not
+MAX_LOST_PAGES_ENUMERATED = 8  # pages of one file's unsynced range tried lost, one at a time (the first and last)
+
+
+def _data_variants(node: _Inode, page_bytes: int = PAGE_BYTES) -> list[bytes]:
+    """Every content a crash can leave this file with: a prefix of its pending operations, the last one torn; and
+    all of them kept, but one page of the unsynced range lost (zeros: the size reached the disk, that page did
+    not) while later pages made it."""
     cur = node.durable_content()
     out = [cur]
+    durable = cur
     for op in node.pending:
         if op[0] == "append":
             data = op[1]
@@ -92,6 +102,16 @@ def _data_variants(node: _Inode) -> list[bytes]:
                 out.append(cur + bytes(len(data)))
         cur = _apply_data(cur, [op])
         out.append(cur)
+    start = 0  # where the unsynced range begins: the first byte that differs from what is durable
+    while start < min(len(cur), len(durable)) and cur[start] == durable[start]:
+        start += 1
+    pages = range(start - start % page_bytes, len(cur), page_bytes)
+    if len(pages) > MAX_LOST_PAGES_ENUMERATED:
+        half = MAX_LOST_PAGES_ENUMERATED // 2
+        pages = list(pages[:half]) + list(pages[-half:])
+    for page in pages:
+        lo, hi = max(page, start), min(page + page_bytes, len(cur))
+        out.append(cur[:lo] + bytes(hi - lo) + cur[hi:])
     seen, unique = set(), []
     for c in out:
         if c not in seen:
@@ -151,6 +171,7 @@ class CrashFS:
         self.fail_at: dict[int, BaseException] = {}
         self.before_op = None
         self.free_bytes: int | None = None
+        self.page_bytes = PAGE_BYTES
         self.dead = False
 
     # ---- paths ------------------------------------------------------------------------------------
@@ -399,7 +420,7 @@ class CrashFS:
         dirs = sorted(i for i, n in self.inodes.items() if n.is_dir and n.dir_pending)
         masks = {i: _dir_masks(self.inodes[i]) for i in dirs}
         files = sorted(i for i, n in self.inodes.items() if not n.is_dir and n.pending)
-        variants = {i: _data_variants(self.inodes[i]) for i in files}
+        variants = {i: _data_variants(self.inodes[i], self.page_bytes) for i in files}
         return dirs, masks, files, variants
 
     def _build(self, dir_pick: dict[int, int], file_pick: dict[int, bytes]) -> CrashFS:
@@ -421,7 +442,7 @@ class CrashFS:
                 out.inodes[ino] = _Inode(is_dir=False, data=bytearray(data), synced_len=len(data))
         out._next_ino = self._next_ino
         out._next_handle = self._next_handle
-        out.free_bytes = self.free_bytes
+        out.free_bytes, out.page_bytes = self.free_bytes, self.page_bytes
         return out
 
     def _reachable_files(self, dir_pick: dict[int, int], files: list[int]) -> list[int]:
@@ -504,6 +525,7 @@ class CrashFS:
             for i, n in self.inodes.items()
         }
         out._next_ino, out._next_handle, out.free_bytes = self._next_ino, self._next_handle, self.free_bytes
+        out.page_bytes = self.page_bytes
         return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,16 +80,22 @@ class Node:
         self.log_path = os.path.join(base_dir, f"{name}.log")
         self.wrap = wrap
         self.proc: subprocess.Popen | None = None
+        self.log_offset = 0  # where the current process's lines start in the log file
 
-    def start(self, *extra: str, join: str | None = None) -> "Node":
+    def start(self, *extra: str, join: str | None = None, env: dict[str, str] | None = None) -> "Node":
+        """Start the server (`env`: variables added to this process's environment) and wait until it serves HTTP
+        or exits."""
         args = [*self.wrap, sys.executable, SERVER, "-p", str(self.port), "-hp", str(self.http_port)]
         if self.host:
             args += ["-h", self.host]
         if join:
             args += ["-join", join]
         args += list(extra) + [self.data_dir]
+        self._close_log()  # the last process's, when it died by itself
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.log_offset = self._log.tell()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **env} if env else None)
         try:
             self._wait_serving()
         except BaseException:
@@ -97,7 +104,8 @@ class Node:
         return self
 
     def _wait_serving(self) -> None:
-        wait_for(lambda: self.request("GET", "/status", timeout=1).status == 200 or self.exited(), 15,
+        # exited() first: a refused connection raises, and a process that died while starting never serves.
+        wait_for(lambda: self.exited() or self.request("GET", "/status", timeout=1).status == 200, 15,
                  f"{self.name} to serve HTTP")
 
     def exited(self) -> bool:
@@ -135,9 +143,17 @@ class Node:
             log.close()
             self._log = None
 
-    def log_text(self) -> str:
+    def log_text(self, current: bool = False) -> str:
+        """The node's log; with `current`, only what the current (or last) process wrote."""
         with open(self.log_path, "rb") as f:
+            if current:
+                f.seek(self.log_offset)
             return f.read().decode(errors="replace")
+
+    def wipe(self) -> None:
+        """Delete the data dir (the process must be stopped): the next start is a new node."""
+        assert not self.proc or self.proc.poll() is not None, f"{self.name} is running"
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 class LocalCluster:

@@ -90,8 +90,8 @@ MUTATIONS: dict[str, dict] = {
     "vote_twice": {"unsafe_vote_twice": True},
     "read_without_quorum": {"unsafe_read_without_quorum": True},
     "commit_previous_term": {"unsafe_commit_previous_term": True},
-    "lease_without_margin": {"lease_ticks": lambda election_ticks: election_ticks},
-    "lease_longer_than_election_timeout": {"lease_ticks": lambda election_ticks: 2 * election_ticks},
+    "lease_without_margin": {"unsafe_lease_ticks": lambda election_ticks: election_ticks},
+    "lease_longer_than_election_timeout": {"unsafe_lease_ticks": lambda election_ticks: 2 * election_ticks},
     "reply_before_fsync": {"unsafe_reply_before_fsync": True},
     "count_own_entries_before_fsync": {"unsafe_count_own_entries_before_fsync": True},
     "forget_vote_on_restart": {"unsafe_forget_vote_on_restart": True},
@@ -158,7 +158,8 @@ class SimDisk:
 
     def load(self) -> StoredState:
         """What the open storage holds (a first start, and tests, read it)."""
-        return self.storage.state.copy()
+        s = self.storage.state
+        return StoredState(s.hard_state, s.snapshot, list(s.entries))
 
     def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None,
              sync: bool = True, crash_at_op: int | None = None) -> bool:

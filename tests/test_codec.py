@@ -29,6 +29,8 @@ MEMBERSHIP = Membership(("a", "b"), ("c",), (Member("a", "h:1", "h:2"), Member("
 SAMPLES = [
     RequestVote("a", "b", 3, 10, 2, pre_vote=True, leadership_transfer=False, pre_vote_round=(1 << 32) + 7),
     RequestVoteReply("b", "a", 3, True, True, (1 << 32) + 7),
+    RequestVote("a", "b", 3, 10, 2, leadership_transfer=True),
+    RequestVoteReply("b", "a", 3, False),
     AppendEntries("a", "b", 4, 9, 3, (Entry(4, 10, EntryKind.COMMAND, b"x" * 50),
                                        Entry(4, 11, EntryKind.MEMBERSHIP, b"", MEMBERSHIP),
                                        Entry(4, 12, EntryKind.NOOP, b"")), 8, 7),
@@ -57,6 +59,16 @@ def test_vote_messages_from_before_pre_vote_rounds_decode_with_round_0():
     for short in ([1, "a", "b", 3, 10, 2, True], [2, "b", "a", 3, True], [3, "a", "b", 4, 9, 3, [], 8]):
         with pytest.raises(codec.CodecError, match="field count"):
             codec.decode_batch(cbor2.dumps([1, [short]]))
+
+
+def test_real_votes_go_out_as_version_1_had_them():
+    """A rolling upgrade: a node that does not know pre-vote rounds reads a frame only if every message in it has
+    the fields it knows. A real vote (round 0) and its reply leave the round off; a pre-vote carries it."""
+    frame = codec.encode_batch([RequestVote("a", "b", 3, 10, 2, leadership_transfer=True),
+                                RequestVoteReply("b", "a", 3, True)])
+    assert cbor2.loads(frame) == [1, [[1, "a", "b", 3, 10, 2, False, True], [2, "b", "a", 3, True, False]]]
+    pre_vote = codec.encode_batch([RequestVote("a", "b", 3, 10, 2, pre_vote=True, pre_vote_round=9)])
+    assert cbor2.loads(pre_vote) == [1, [[1, "a", "b", 3, 10, 2, True, False, 9]]]
 
 
 def test_unknown_version_and_oversized_frames_are_refused():
@@ -106,20 +118,9 @@ def test_well_formed_cbor_of_the_wrong_shape_raises_only_codec_error(fields, tag
             pass
 
 
-def test_signed_frames_open_only_with_the_same_secret():
-    frame = codec.encode_batch(SAMPLES[:3])
-    signed = codec.sign_frame(frame, b"secret")
-    assert codec.decode_batch(codec.open_frame(signed, b"secret")) == SAMPLES[:3]
-    assert codec.sign_frame(frame, None) == frame and codec.open_frame(frame, None) == frame
-    cases = [
-        (signed, b"other", "different cluster secret"),
-        (frame, b"secret", "not signed"),
-        (signed, None, "this node has none"),
-        (signed[:-1] + bytes([signed[-1] ^ 1]), b"secret", "different cluster secret"),  # one bit flipped
-        (signed[:20], b"secret", "different cluster secret"),  # cut short
-    ]
-    for data, secret, reason in cases:
-        with pytest.raises(codec.CodecError, match=reason):
-            codec.open_frame(data, secret)
-    with pytest.raises(codec.CodecError, match="signed"):
-        codec.decode_batch(signed)
+def test_hmac_signed_frames_of_older_versions_are_refused_with_the_reason():
+    """Frames are not signed any more (a secret means CURVE connections: raftlib.transport); a frame as older
+    versions signed it is refused, saying so."""
+    frame = codec.SIGNED_MAGIC + b"\x00" * 32 + codec.encode_batch(SAMPLES[:3])
+    with pytest.raises(codec.CodecError, match="HMAC-signed frame from an older raftdzmq"):
+        codec.decode_batch(frame)

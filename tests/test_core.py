@@ -12,8 +12,10 @@ from raftlib import (
     AppendEntries,
     AppendEntriesReply,
     ConfChangeKind,
+    Config,
     Entry,
     EntryKind,
+    InstallSnapshot,
     NotLeader,
     ProposalDropped,
     ReadIndexRequest,
@@ -21,6 +23,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
 )
+from raftlib.progress import ProgressState
 from simulator import Cluster, SafetyViolation, figure_8_scenario
 
 
@@ -43,9 +46,43 @@ def write(c: Cluster, key: str = "k", ticks: int = 200) -> None:
 def test_import_of_core_pulls_in_no_io():
     import subprocess
 
-    code = "import raftlib, raftlib.core, sys; print(sorted(m for m in ('gevent','zmq','bottle','cbor2','socket') if m in sys.modules))"
+    code = ("import raftlib, raftlib.core, sys; "
+            "print(sorted(m for m in ('gevent','zmq','bottle','cbor2','socket','raftdzmq') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sys.path[0] + "/..")
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# The pure modules and what each may import: the standard library's pure modules, and the arrows of the layout
+# (core -> log, messages, progress, readonly). Checked in the source, so that an import inside a function counts.
+PURE_IMPORTS = {
+    "messages": set(),
+    "log": {"messages"},
+    "progress": {"messages"},
+    "readonly": {"messages"},
+    "core": {"log", "messages", "progress", "readonly"},
+    "interfaces": {"log", "messages"},
+    "memory_storage": {"interfaces", "messages"},
+}
+PURE_STDLIB = {"__future__", "collections.abc", "dataclasses", "enum", "types", "typing"}
+
+
+def test_the_pure_modules_import_only_along_the_layouts_arrows():
+    import ast
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "raftlib")
+    for module, allowed in PURE_IMPORTS.items():
+        with open(os.path.join(root, module + ".py")) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+                assert names <= PURE_STDLIB, f"raftlib/{module}.py imports {names - PURE_STDLIB}"
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert node.module in PURE_STDLIB, f"raftlib/{module}.py imports {node.module}"
+                else:
+                    assert node.module in allowed, f"raftlib/{module}.py imports .{node.module}"
 
 
 def test_one_leader_is_elected_and_replicates():
@@ -497,6 +534,8 @@ def test_a_removed_node_learns_that_it_was_removed_and_disturbs_nobody():
     leader = elect(c)
     term = c.nodes[leader].node.current_term
     gone = next(i for i in c.ids if i != leader)
+    notices = []
+    c.deliver_filter = lambda m: (notices.append(m) or m) if isinstance(m, Removed) else m
     assert c.change_membership(ConfChangeKind.REMOVE, gone)
     index = c.nodes[leader].node.log.last_index
     n = c.nodes[gone].node
@@ -509,26 +548,250 @@ def test_a_removed_node_learns_that_it_was_removed_and_disturbs_nobody():
     assert c.change_membership(ConfChangeKind.ADD_LEARNER, gone)
     assert c.run_until(lambda: gone in c.nodes[leader].node.membership.voters, 500)
     assert n.removed is None
+    # A notice from before the node was added again, delayed or duplicated by the network, arrives now: its
+    # configuration is older than the one the node holds, with itself in it, so it is stale and changes nothing.
+    assert n.log.membership_entries()[-1].index > index and gone in n.membership.node_ids
+    n.step(notices[0])
+    c.process(gone)
+    assert n.removed is None, "took a notice older than its own configuration"
     write(c)
     assert c.leader() == leader
 
 
 def test_a_removed_notice_only_informs():
-    """A Removed notice can come from a node with a stale view. It must cost nothing: a notice from an older term
-    is ignored, and a member that holds one still campaigns, wins and serves; it forgets the notice then."""
+    """A Removed notice can come from a node with a stale view, or be plain wrong. It must cost nothing: a member
+    that holds one (here from the current term and from an older one: terms do not tell a stale notice) still
+    campaigns, wins and serves; it forgets the notice then."""
     c = Cluster(seed=20, n=3)
     leader = elect(c)
     term = c.nodes[leader].node.current_term
     a, b = [i for i in c.ids if i != leader]
     c.isolate(leader)
-    c.nodes[a].node.step(Removed(leader, a, term - 1, 1, leader))
-    c.process(a)
-    assert c.nodes[a].node.removed is None  # an older term's word
-    for x in (a, b):
-        c.nodes[x].node.step(Removed(leader, x, term, 1, leader))
+    for x, notice_term in ((a, term - 1), (b, term)):
+        c.nodes[x].node.step(Removed(leader, x, notice_term, 1, leader))
         c.process(x)
         assert c.nodes[x].node.removed == (leader, 1)
     assert c.run_until(lambda: c.leader() in (a, b), 500)
     write(c)
     c.run(20)
     assert c.nodes[a].node.removed is None and c.nodes[b].node.removed is None
+
+
+def test_a_removed_node_whose_term_ran_ahead_still_learns_that_it_was_removed():
+    """Without pre-vote (a library user's choice, thesis §9.6), a removed node campaigns in real elections: its
+    term runs ahead of the members', and every Removed notice comes at a member's own, lower term. The notice is
+    still taken (its configuration index, not its term, tells whether it is stale), or the node would never
+    learn why nobody follows it."""
+    c = Cluster(seed=19, n=3, config_overrides={"pre_vote": False})
+    leader = elect(c)
+    term = c.nodes[leader].node.current_term
+    gone = next(i for i in c.ids if i != leader)
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    index = c.nodes[leader].node.log.last_index
+    n = c.nodes[gone].node
+    assert c.run_until(lambda: n.removed is not None, 300), "the removed node was never told"
+    assert n.removed == (leader, index) and n.current_term > term  # told, at a term below its own
+    c.run(100)
+    assert c.leader() == leader and c.nodes[leader].node.current_term == term
+
+
+def test_a_removal_that_never_commits_is_never_announced():
+    """Thesis §4.1: a configuration is in force once appended, committed or not, and an uncommitted one can be
+    overwritten. The leader appends the removal of G but cannot commit it (its other voter is cut off); G, which
+    no longer hears from it, keeps talking to it (answers, then votes). Only a committed configuration is
+    announced (`Removed`): this one is lost when the other two elect a leader without it, and G was never told
+    that it was out."""
+    c = Cluster(seed=22, n=3)
+    leader = elect(c)
+    gone, other = [i for i in c.ids if i != leader]
+    notices, spoke = [], []
+
+    def network(m):
+        if isinstance(m, Removed):
+            notices.append(m)
+        elif (m.src, m.dst) == (gone, leader):
+            spoke.append(m)
+        return m
+
+    c.deliver_filter = network
+    c.cut |= {(leader, other), (other, leader)}
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    removal = c.nodes[leader].node.log.last_index
+    assert c.run_until(lambda: c.leader() not in (None, leader), 500)
+    old = c.nodes[leader].node
+    assert old.commit_index < removal and gone not in old.membership.node_ids and spoke  # G spoke to it meanwhile
+    c.heal()
+    c.run(200)
+    assert gone in c.nodes[c.leader()].node.membership.voters and gone in old.membership.voters  # overwritten
+    assert notices == [] and c.nodes[gone].node.removed is None
+
+
+def test_a_stale_rejection_does_not_restart_a_snapshot_transfer():
+    """§7: while a snapshot is sent to a follower, no append goes to it, so a rejected append it answers is from
+    before the transfer (delayed or duplicated by the network). Taken as news, it would put the follower back to
+    probing, and the probe, finding its entries compacted, would start the transfer again from byte 0."""
+    c = Cluster(seed=15, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    rejections = []
+    c.crash(lagger)
+    for k in range(60):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    c.deliver_filter = lambda m: (
+        (rejections.append(m) or m) if isinstance(m, AppendEntriesReply) and m.src == lagger and not m.success
+        else m)
+    c.restart(lagger)
+    n = c.nodes[leader].node
+    pr = n.progress(lagger)
+    assert c.run_until(lambda: pr.state is ProgressState.SNAPSHOT and pr.snapshot_offset > 64, 200)
+    assert rejections  # the probe that found the follower behind
+    offset = pr.snapshot_offset
+    chunks = []
+    c.deliver_filter = lambda m: (chunks.append(m) or m) if isinstance(m, InstallSnapshot) else m
+    n.step(rejections[0])
+    assert pr.state is ProgressState.SNAPSHOT and pr.snapshot_offset == offset
+    c.process(leader)
+    c.run(10)
+    assert chunks and chunks[0].offset >= offset, "the transfer started again"
+    c.deliver_filter = None
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 500)
+
+
+def test_reads_are_served_while_a_follower_needed_for_a_majority_receives_a_snapshot():
+    """Thesis §6.4, §6.4.1: a read round, and the lease, need the acknowledgement of a majority. Of three voters
+    one is down and the other is far behind, so it gets the leader's snapshot, in 64-byte chunks over longer than
+    a read may wait (read_timeout_ticks). Its acknowledgements are needed throughout: every read, with a round or
+    on the lease, is served during the transfer, none fails."""
+    c = Cluster(seed=15, n=3)
+    leader = elect(c)
+    lagger, other = [i for i in c.ids if i != leader]
+    c.crash(lagger)
+    for k in range(150):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    c.crash(other)
+    c.restart(lagger)
+    n = c.nodes[leader].node
+    pr = n.progress(lagger)
+    reads, lease_reads, transfer_ticks = [], [], 0
+    for t in range(500):
+        if pr.state is ProgressState.SNAPSHOT:
+            transfer_ticks += 1
+            if t % 5 == 0:
+                reads.append(c.client_read(leader, "key1", lease=False))
+                lease_reads.append(c.client_read(leader, "key1", lease=True).read_index)  # None: not at once
+        elif transfer_ticks:
+            break
+        c.tick()
+    assert transfer_ticks > n._reads.read_timeout_ticks + 10, transfer_ticks  # reads would have timed out meanwhile
+    assert c.nodes[lagger].node.log.snapshot_index == n.log.snapshot_index  # the transfer did finish
+    assert c.leader() == leader  # check-quorum kept it: the lagger's replies count as activity
+    c.run(50)
+    assert len(reads) > 5 and [r.start for r in reads if r.read_index is None] == []
+    assert None not in lease_reads, "the lease lapsed during the transfer"
+
+
+def test_a_removed_node_is_not_given_a_read_index_it_can_never_apply():
+    """Thesis §6.4, §4.2.2: for up to an election timeout after its removal a node still knows the leader and
+    forwards its reads. The leader sends it no more entries, so any read index it got (at least the removal's
+    index) would never be applied there: the leader does not take reads from nodes outside its configuration,
+    and the removed node fails them within read_timeout_ticks instead of holding them for ever."""
+    c = Cluster(seed=19, n=3)
+    leader = elect(c)
+    gone = next(i for i in c.ids if i != leader)
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    c.run(3)
+    n = c.nodes[gone].node
+    assert n.leader_id == leader and n.removed is None
+    r = c.client_read(gone, "k", lease=False)
+    assert r is not None and n.reads_pending == 1
+    c.run(n._reads.read_timeout_ticks + 1)
+    assert r.read_index is None and r.request_id not in c.pending_reads[gone] and n.reads_pending == 0
+    assert c.nodes[leader].node.reads_pending == 0
+
+
+@pytest.mark.parametrize(
+    "fields, why",
+    [
+        ({"read_timeout_ticks": 0}, "read_timeout_ticks must be an integer of at least 10, not 0"),
+        ({"read_timeout_ticks": 9}, "read_timeout_ticks must be an integer of at least 10, not 9"),
+        ({"lease_ticks": 10}, r"lease_ticks \(10\) must be below election_ticks \(10\)"),
+        ({"election_ticks": 0}, "election_ticks must be an integer of at least 1, not 0"),
+        ({"heartbeat_ticks": 1.5}, "heartbeat_ticks must be an integer of at least 1, not 1.5"),
+    ],
+)
+def test_a_config_the_protocol_cannot_run_on_is_refused(fields, why):
+    """A read timeout of 0 used to mean the default, and one below a round trip failed every read; a lease as long
+    as an election timeout leaves no margin for clock drift (thesis §6.4.1). Each is refused, naming the field."""
+    with pytest.raises(ValueError, match=why):
+        Config("n1", **fields)
+    assert Config("n1", read_timeout_ticks=10).read_timeout_ticks == 10  # the smallest allowed
+
+
+def test_reads_fail_after_the_read_timeout_given():
+    """Config.read_timeout_ticks is the bound a read waits (thesis §6.4), not only the default of two election
+    timeouts: a forwarded read whose request is lost fails right after it."""
+    c = Cluster(seed=17, n=3, config_overrides={"read_timeout_ticks": 13})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    c.deliver_filter = lambda m: None if isinstance(m, ReadIndexRequest) else m
+    r = c.client_read(follower, "k", lease=False)
+    c.run(12)
+    assert r.request_id in c.pending_reads[follower]
+    c.run(1)
+    assert r.request_id not in c.pending_reads[follower] and r.read_index is None
+
+
+def test_a_removed_notice_names_an_index_at_or_after_the_removal():
+    """§7: a snapshot keeps the configuration in force at its index, not the index of that configuration's entry.
+    Members that compacted the removal into a snapshot and restarted can only name the snapshot's index: the node
+    was removed at or before it (so the notice, the log line and /status say "at or before"). Never earlier than
+    the removal, and a stale-notice check on it stays sound."""
+    c = Cluster(seed=19, n=3)
+    leader = elect(c)
+    gone = next(i for i in c.ids if i != leader)
+    c.isolate(gone)
+    assert c.change_membership(ConfChangeKind.REMOVE, gone)
+    removal = c.nodes[leader].node.log.last_index
+    for k in range(5):
+        write(c, f"k{k}")
+    c.run(10)
+    for i in c.ids:
+        if i != gone:
+            c.take_snapshot(i)
+            c.crash(i)
+            c.restart(i)
+    elect(c)
+    snapshot_index = c.nodes[c.leader()].node.log.snapshot_index
+    assert snapshot_index > removal
+    c.heal()
+    n = c.nodes[gone].node
+    assert c.run_until(lambda: n.removed is not None, 300)
+    assert n.removed[1] == snapshot_index  # at or before: removal <= snapshot_index
+
+
+def test_status_is_a_frozen_copy_of_what_the_node_knows():
+    """RaftNode.status(): what /status, /cluster, /metrics and the choice of a successor read, instead of the
+    node's fields. Followers' progress only on the leader, and not the leader's own."""
+    c = Cluster(seed=1, n=3)
+    leader = elect(c)
+    write(c)
+    c.run(5)
+    n = c.nodes[leader].node
+    st = n.status()
+    assert (st.node_id, st.role, st.term, st.leader_id, st.removed, st.reads_pending) == (
+        leader, Role.LEADER, n.current_term, leader, None, 0)
+    assert (st.commit_index, st.last_applied, st.last_index, st.snapshot_index) == (
+        n.commit_index, n.last_applied, n.log.last_index, n.log.snapshot_index) and st.commit_index >= 3
+    assert st.membership == n.membership
+    followers = sorted(i for i in c.ids if i != leader)
+    assert list(st.progress) == followers
+    assert [st.progress[f].match_index for f in followers] == [n.log.last_index] * 2
+    assert {p.state for p in st.progress.values()} == {ProgressState.REPLICATE}
+    write(c)
+    assert n.commit_index > st.commit_index and n.status().commit_index == n.commit_index  # a copy, not a view
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        st.term = 99  # type: ignore[misc]
+    fst = c.nodes[followers[0]].node.status()
+    assert fst.role is Role.FOLLOWER and fst.leader_id == leader and len(fst.progress) == 0

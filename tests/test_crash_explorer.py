@@ -3,6 +3,7 @@ rules, and the explorer does find the defects it is there to find (the mutation 
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import crash_explorer
 from crash_explorer import HAND_WRITTEN, Limits, explore, workloads
 from crashfs import CrashFS
 from raftlib import HardState, Snapshot
-from raftlib.storage import DiskStorage, encode_record, encode_snapshot
+from raftlib.storage import DiskFull, DiskStorage, NotJoined, encode_record, encode_snapshot
 
 MEMBERSHIP = crash_explorer.MEMBERSHIP
 
@@ -20,7 +21,7 @@ def state_of(st) -> tuple:
     snap = st.snapshot and (st.snapshot.last_included_index, st.snapshot.last_included_term)
     return snap, [(e.index, e.term) for e in st.entries], st.hard_state
 
-RANDOM_WORKLOADS = 120  # 15-25 s of CPU here (~157,000 crash states); the soak: python tests/crash_explorer.py --workloads 5000 --seed N
+RANDOM_WORKLOADS = 120  # ~27 s of CPU here (~243,000 crash states); the soak: python tests/crash_explorer.py --workloads 5000 --seed N
 
 
 def test_no_crash_state_breaks_the_rules():
@@ -63,8 +64,9 @@ def test_the_explorer_notices_missing_syncs(kinds):
 
 
 def test_a_format1_dir_rewritten_at_load_is_crash_safe_when_its_snapshot_rename_was_not_synced():
-    """The old code was killed after renaming a snapshot into place, before fsyncing the folder: the rename is in
-    the page cache only, and a power failure may still undo it (then the log without the snapshot is the state).
+    """The old code was killed after renaming a leader's snapshot into place, before fsyncing the folder: the
+    rename is in the page cache only, and a power failure may still undo it (then the log without the snapshot is
+    the state). The only segment holds no entry, so the newest snapshot is the one it goes on from.
     Load rewrites the log as a base segment that names the snapshot; no crash during or after that may leave a
     base record naming a snapshot that is gone."""
     fs = CrashFS()
@@ -73,16 +75,16 @@ def test_a_format1_dir_rewritten_at_load_is_crash_safe_when_its_snapshot_rename_
     fs.fsync_dir("/")
     fs.fsync_dir("/data")
     seg = fs.create("/data/log/0000000001.seg")
-    fs.append(seg, b"RDZMQLOG\x00\x00\x00\x01" + encode_record(HardState(1, "a", 10), crash_explorer.es(1, 10, 1)))
+    fs.append(seg, b"RDZMQLOG\x00\x00\x00\x01" + encode_record(HardState(2, None, 0), []))
     fs.fsync(seg)
     fs.fsync_dir("/data/log")
     tmp = fs.create("/data/snapshot-00000000000000000008.snap.tmp")
-    fs.append(tmp, encode_snapshot(Snapshot(8, 1, MEMBERSHIP, b"state-at-8")))
+    fs.append(tmp, encode_snapshot(Snapshot(8, 2, MEMBERSHIP, b"state-at-8")))  # a leader's, past the log
     fs.fsync(tmp)
     fs.rename("/data/snapshot-00000000000000000008.snap.tmp", "/data/snapshot-00000000000000000008.snap")
     fs.crash_process()  # killed here: no fsync of /data
-    with_snapshot = ((8, 1), [(9, 1), (10, 1)], HardState(1, "a", 10))
-    without = (None, [(i, 1) for i in range(1, 11)], HardState(1, "a", 10))
+    with_snapshot = ((8, 2), [], HardState(2, None, 0))  # the segment holds no entry: begun by that install
+    without = (None, [], HardState(2, None, 0))
     checked = []
 
     def every_crash_state(fs, number, kind, what):
@@ -96,3 +98,124 @@ def test_a_format1_dir_rewritten_at_load_is_crash_safe_when_its_snapshot_rename_
     assert "create" in checked  # the base segment's creation was among the crash points
     for state in fs.crash_states(limit=200):
         assert state_of(DiskStorage("/data", fs=state).load()) == with_snapshot
+
+
+FORMAT1_RANDOM_WORKLOADS = 40
+
+
+def test_every_format1_dir_the_old_code_leaves_upgrades_to_the_state_it_had():
+    """Review L1: the data dirs that the code before base records (tests/format1_storage.py, frozen) leaves when
+    killed, or cut by a power failure, at any file operation of the hand-written workloads and of random ones,
+    each loaded by today's code (crashed in at every operation of that upgrade, too): each must come back as the
+    state the old code had in memory before or after the step in flight."""
+    t0 = time.process_time()
+    stats = crash_explorer.explore_format1(workloads(FORMAT1_RANDOM_WORKLOADS, seed=1), Limits())
+    print(f"format-1 explorer: {stats.crash_points} old-code crash points, {stats.total} states recovered in "
+          f"{time.process_time() - t0:.1f}s of CPU")
+    assert not stats.violations, "\n".join(stats.violations)
+    assert stats.crash_points > 1000, stats
+
+
+def test_no_crash_state_breaks_the_rules_when_records_are_split_into_groups():
+    """Review S2: with the record limit scaled down to 120 bytes, most saves and every base record of these
+    workloads are groups of several records: a crash must keep a group whole or not at all."""
+    sizes = []
+    real = crash_explorer.storage_module._framed
+    crash_explorer.storage_module._framed = lambda payload: sizes.append((len(payload), payload[0])) or real(payload)
+    try:
+        stats = explore(workloads(30, seed=2), Limits(states=16), record_bytes=120)
+    finally:
+        crash_explorer.storage_module._framed = real
+    assert not stats.violations, "\n".join(stats.violations)
+    assert max(n for n, _ in sizes) <= 120 and stats.crash_points > 500, stats
+    parts = sum(1 for _, kind in sizes if kind in (3, 4))
+    assert parts > 30, parts  # groups were written, base groups among them
+    assert any(kind == 4 for _, kind in sizes)
+    assert crash_explorer.storage_module.MAX_RECORD_BYTES == 256 << 20  # set back
+
+
+# ---- identity, JOINING and the bootstrap, crashed at every file operation (review L2) ----------------------------
+
+
+def start(fs, node_id: str, join: bool):
+    from raftlib.storage import start_node
+
+    storage = DiskStorage("/data", fs=fs)
+    try:
+        return storage, start_node(storage, storage.load(), node_id, "h:1", "h:2", join=join)
+    except BaseException:
+        storage.close()
+        raise
+
+
+def can_elect_itself(stored, node_id: str) -> bool:
+    voters = [e.membership.voters for e in stored.entries if e.membership is not None]
+    return stored.hard_state.current_term >= 1 and voters[-1:] == [(node_id,)]
+
+
+def _every_crash_of(first_start, check) -> int:
+    """Run `first_start(fs)` on a new CrashFS; before each of its file operations, `check` every crash state
+    (and the process crash) of the moment, and every one after it returned."""
+    checked = [0]
+
+    def hook(fs, number, kind, what):
+        for state in fs.crash_states(limit=64, seed=number) + [fs.copy()]:
+            check(state, f"before operation {number} ({kind} {what})")
+            checked[0] += 1
+
+    fs = CrashFS()
+    fs.before_op = hook
+    first_start(fs)
+    fs.before_op = None
+    for state in fs.crash_states(limit=64) + [fs.copy()]:
+        check(state, "after the first start")
+        checked[0] += 1
+    return checked[0]
+
+
+def test_a_first_node_crashed_anywhere_in_its_first_start_can_elect_itself_after_the_next():
+    """The review's repro: node.json was made durable before the bootstrap save; a power failure between the two,
+    or a full disk at the save, left an identity and an empty log: never bootstrapped, never promotable."""
+
+    def check(state, where):
+        had = DiskStorage("/data", fs=state.copy()).read_identity()
+        storage, got = start(state, "n2", join=False)
+        assert had is None or got.node_id == had["node_id"], where  # the same node, once it has an identity
+        assert got.bootstrapped or got.joined_before, where
+        assert can_elect_itself(got.stored, got.node_id), where
+        storage.close()
+        for after in state.crash_states(limit=8):  # the bootstrap is durable once the start returned
+            _, again = start(after, "n3", join=False)
+            assert again.node_id == got.node_id and can_elect_itself(again.stored, got.node_id), where
+
+    assert _every_crash_of(lambda fs: start(fs, "n1", join=False), check) > 50
+
+
+def test_a_joining_node_crashed_anywhere_in_its_first_start_joins_again_with_the_same_id():
+    def check(state, where):
+        had = DiskStorage("/data", fs=state.copy()).read_identity()
+        storage, got = start(state.copy(), "n2", join=True)
+        assert got.must_join and not got.bootstrapped, where
+        assert had is None or got.node_id == had["node_id"], where
+        storage.close()
+        if had is not None:  # restarted without -join: told so, not bootstrapped into a cluster of its own
+            with pytest.raises(NotJoined, match="never joined a cluster"):
+                start(state, "n3", join=False)
+
+    assert _every_crash_of(lambda fs: start(fs, "n1", join=True), check) > 50
+
+
+def test_a_full_disk_at_the_bootstrap_save_bootstraps_at_the_next_start():
+    fs = CrashFS()
+
+    def no_room_for_the_bootstrap(fs, number, kind, what):
+        if kind == "append" and what.startswith("/data/log/") and "/data/node.json" in fs.tree():
+            fs.free_bytes = 10
+
+    fs.before_op = no_room_for_the_bootstrap
+    with pytest.raises(DiskFull):
+        start(fs, "n1", join=False)
+    fs.before_op, fs.free_bytes = None, None
+    fs.crash(random.Random(0))
+    _, got = start(fs, "n2", join=False)
+    assert got.node_id == "n1" and got.bootstrapped and can_elect_itself(got.stored, "n1")

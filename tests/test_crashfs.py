@@ -146,3 +146,16 @@ def test_a_full_disk_on_crashfs_is_diskfull():
     s.save(HardState(1, "a", 0), [Entry(1, 1, EntryKind.COMMAND, b"x" * 200)])
     s.close()
     assert [e.index for e in DiskStorage("/data", fs=fs).load().entries] == [1]
+
+
+def test_a_lost_page_of_the_unsynced_range_reads_as_zeros_while_later_pages_made_it():
+    fs = CrashFS()
+    fs.page_bytes = 16
+    h = new_file(fs, "/a", b"0123", sync=True)
+    fs.fsync_dir("/")
+    fs.append(h, b"a" * 30)  # the unsynced range is bytes 4..33: pages 0 (from 4), 1 and 2
+    got = contents(fs.crash_states(limit=1000), "/a")
+    assert b"0123" + bytes(12) + b"a" * 18 in got  # page 0 lost (the synced bytes of it kept), pages 1-2 made it
+    assert b"0123" + b"a" * 12 + bytes(16) + b"aa" in got  # page 1 lost
+    assert all(c.startswith(b"0123") for c in got)
+    assert b"0123" + b"a" * 28 + bytes(2) in got  # the last page lost

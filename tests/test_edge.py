@@ -184,6 +184,16 @@ def _vectors():
         ("chunk size 0x3", b"Transfer-Encoding: chunked\r\n", b"0x3\r\nabc\r\n0\r\n\r\n", 400),
         ("chunk longer than its size", b"Transfer-Encoding: chunked\r\n", b"2\r\nabc\r\n0\r\n\r\n", 400),
         ("chunk line bare LF", b"Transfer-Encoding: chunked\r\n", b"3\nabc\r\n0\r\n\r\n", 400),
+        # RFC 9112 §7.1.1, §7.1.2: chunk extensions and trailer fields get the same character checks as a head.
+        ("chunk extension with a lone CR", b"Transfer-Encoding: chunked\r\n", b"3;a\rX\r\nabc\r\n0\r\n\r\n", 400),
+        ("chunk extension with NUL and DEL", b"Transfer-Encoding: chunked\r\n", b"3;\x00\x7f\r\nabc\r\n0\r\n\r\n", 400),
+        ("last chunk extension with a control", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0;\x01\r\n\r\n", 400),
+        ("trailer with a lone CR", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\nA\rB\r\n\r\n", 400),
+        ("trailer without a colon", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\nno colon here\r\n\r\n", 400),
+        ("trailer with a control in its value", b"Transfer-Encoding: chunked\r\n",
+         b"3\r\nabc\r\n0\r\nX-T: a\x01b\r\n\r\n", 400),
+        ("trailer with a space before the colon", b"Transfer-Encoding: chunked\r\n",
+         b"3\r\nabc\r\n0\r\nX-T : a\r\n\r\n", 400),
     ]
 
 
@@ -230,6 +240,41 @@ def test_a_declared_body_over_the_limit_gets_413_at_once_and_is_not_drained(clus
         assert [r[0] for r in responses] == [413] and closed, (method, responses)
         assert time.monotonic() - t0 < 5
         assert absent(leader, key)
+
+
+def test_a_path_that_is_not_utf8_gets_400_not_another_key(cluster):
+    """Bottle decodes the path from UTF-8 ignoring errors: /db/k%E9latin named the key "klatin"."""
+    leader = leader_of(cluster)
+    tag = fresh("utf8")
+    for raw in (b"k%E9latin", b"k\xe9raw", b"k%C3latin"):
+        target = b"/db/%s/%s" % (tag.encode(), raw)
+        for method in (b"POST", b"GET", b"DELETE"):
+            responses, closed = exchange(leader.address, b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                                         b"Connection: close\r\n\r\nx" % (method, target))
+            assert [r[0] for r in responses] == [400] and b"UTF-8" in responses[0][2], (method, raw, responses)
+    assert listed(leader, tag) == []
+    # Valid UTF-8, raw or percent-encoded, still names the key.
+    for raw in (b"ok%C3%A9", "ok\u00e9".encode()):
+        responses, _ = exchange(leader.address, b"POST /db/%s/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                                b"Connection: close\r\n\r\nx" % (tag.encode(), raw))
+        assert [r[0] for r in responses] == [200], responses
+    assert listed(leader, tag) == [f"{tag}/ok\u00e9"]
+
+
+def test_prev_value_is_compared_as_the_bytes_sent(cluster):
+    """?prev_value= bytes that are not UTF-8 were read as "" by Bottle: a compare-and-set against an empty value
+    succeeded for %E9."""
+    leader = leader_of(cluster)
+    empty, binary = fresh("cas"), fresh("cas")
+    assert leader.request("POST", f"/db/{empty}", b"").status == 200
+    assert leader.request("POST", f"/db/{empty}?prev_value=%E9", b"new").status == 412
+    assert leader.request("GET", f"/db/{empty}").body == b""
+    assert leader.request("POST", f"/db/{binary}", b"\xe9").status == 200
+    assert leader.request("POST", f"/db/{binary}?prev_value=%E8", b"no").status == 412
+    assert leader.request("POST", f"/db/{binary}?prev_value=%E9", b"yes").status == 200
+    assert leader.request("POST", f"/db/{binary}?prev_value=yes", "\u00e9t\u00e9".encode()).status == 200
+    assert leader.request("POST", f"/db/{binary}?prev_value=%C3%A9t%C3%A9", b"done").status == 200
+    assert leader.request("GET", f"/db/{binary}").body == b"done"
 
 
 def test_good_requests_pipelined_keep_the_connection(cluster):
@@ -413,6 +458,44 @@ def test_many_huge_heads_at_once_neither_depose_the_leader_nor_bloat_it(cluster)
     assert _rss_kb(leader.proc.pid) - rss0 < 100_000  # kB
 
 
+STATUS_FLOOD_CLIENT = r"""
+import asyncio, sys, time
+port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+count = 0
+
+
+async def worker():
+    global count
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    end = time.time() + seconds
+    while time.time() < end:
+        w.write(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await r.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await r.readexactly(length)
+        count += 1
+
+
+async def main():
+    await asyncio.gather(*[worker() for _ in range(n)])
+
+asyncio.run(main())
+print(count)
+"""
+
+
+def test_a_flood_of_status_requests_does_not_depose_the_leader(cluster):
+    """Review F3, end to end: 200 keep-alive connections sending GET /status as fast as answered, for 10 s, at the
+    leader (it moved the term in every 20 s run before TurnGate)."""
+    leader = leader_of(cluster)
+    term = leader.status()["term"]
+    out = subprocess.run([sys.executable, "-c", STATUS_FLOOD_CLIENT, str(leader.http_port), "200", "10"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and int(out.stdout) > 1000, out.stderr[-2000:]
+    lag = [line for line in leader.request("GET", "/metrics").text.splitlines() if "hub_lag_seconds_bucket" in line]
+    assert leader.status()["term"] == term and leader.status()["role"] == "leader", lag
+
+
 # ---- issue 17 item 5: idle connections, the connection cap, descriptors ----------------------------------------
 
 
@@ -463,6 +546,31 @@ def test_a_client_that_never_reads_its_answers_is_cut_off(tmp_path):
         n.kill()
 
 
+def test_slowloris_cannot_lock_clients_out_of_a_full_server(tmp_path):
+    """Review F4: connections that send one byte of a request and stall count as busy, and only idle ones were
+    evicted when the pool was full: a normal request waited until -receive-timeout freed a place. Now the one that
+    has spent longest receiving goes."""
+    n = Node("one", str(tmp_path)).start("-max-connections", "40", "-receive-timeout", "20")
+    stalled = []
+    try:
+        wait_for(lambda: n.status()["role"] == "leader", 10, "a leader")
+        for _ in range(60):  # 40 fill the pool, 20 more wait in the backlog
+            s = socket.create_connection(("127.0.0.1", n.http_port), timeout=10)
+            s.sendall(b"G")
+            stalled.append(s)
+        time.sleep(0.5)
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert n.request("GET", "/status", timeout=30).status == 200
+            took = time.monotonic() - t0
+            assert took < 5, took  # it waited for -receive-timeout (20 s) before
+        assert "Traceback" not in n.log_text()
+    finally:
+        for s in stalled:
+            s.close()
+        n.kill()
+
+
 def test_out_of_descriptors_the_leader_keeps_serving_and_replicating(tmp_path):
     """Issue 17 item 5: the leader under `ulimit -n 300` with 290 idle HTTP connections open, and a follower that
     pauses (so the leader's sender reconnects): new requests are served, and the follower hears from the leader
@@ -496,6 +604,281 @@ def test_out_of_descriptors_the_leader_keeps_serving_and_replicating(tmp_path):
         for s in idle:
             s.close()
         c.stop()
+
+
+# The ZMTP 3.0 greeting and READY of a REQ socket with the NULL mechanism: what any zmq client sends, no secret
+# needed (RFC 23/ZMTP).
+ZMTP_NULL_REQ = (b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+                 + b"\x04\x1a\x05READY\x0bSocket-Type\x00\x00\x00\x03REQ")
+
+
+class RaftPortSquatter:
+    """Holds `count` TCP connections to a Raft port, each sending `hello` (b"" for none), and opens a new one for
+    each the node closes, at most `reconnects_per_second` (a persistent attacker that keeps the count up)."""
+
+    def __init__(self, port: int, count: int, hello: bytes, reconnects_per_second: float = 200.0) -> None:
+        self.port, self.count, self.hello = port, count, hello
+        self.pause_seconds = 1.0 / reconnects_per_second
+        self.closed_by_node = 0
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+            if self.hello:
+                s.sendall(self.hello)
+            s.setblocking(False)
+            self._socks.append(s)
+        except OSError:
+            time.sleep(0.05)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if len(self._socks) < self.count:
+                self._open()
+                time.sleep(self.pause_seconds)
+                continue
+            for s in list(self._socks):
+                try:
+                    if s.recv(65536) == b"":
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self.closed_by_node += 1
+                    self._socks.remove(s)
+                    s.close()
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for s in self._socks:
+            s.close()
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("with_secret", [False, True], ids=["no secret", "secret"])
+def test_strangers_on_the_raft_port_cannot_use_up_the_leaders_descriptors(tmp_path, with_secret):
+    """Review F1: 420 connections to the leader's Raft port, each doing the ZMTP NULL handshake of a REQ socket
+    (no secret needed), were all kept by zmq: the leader (ulimit -n 400) ran out of descriptors, HTTP stopped
+    answering, accept() logged a traceback every second, and the next snapshot died with EMFILE. Here 420 such
+    connections and 100 that send nothing, kept up by reconnecting, against a leader with -snapshot-threshold
+    small enough to snapshot several times meanwhile: it serves, replicates and snapshots throughout."""
+    extra = ["-snapshot-threshold", "65536"]
+    if with_secret:
+        with open(tmp_path / "secret", "w") as f:
+            f.write("squatters-do-not-know-this\n")
+        extra += ["-secret-file", str(tmp_path / "secret")]
+    nofile = ("prlimit", "--nofile=400:400", "--")
+    nodes = [Node("node.1", str(tmp_path), wrap=nofile)] + [Node(f"node.{i}", str(tmp_path)) for i in (2, 3)]
+    c = LocalCluster(str(tmp_path), nodes=nodes, extra=tuple(extra)).start()
+    squatters = []
+    try:
+        leader = c.leader()
+        assert leader is nodes[0]
+        term = leader.status()["term"]
+        squatters = [RaftPortSquatter(leader.port, 420, ZMTP_NULL_REQ), RaftPortSquatter(leader.port, 100, b"")]
+        deadline = time.monotonic() + 8
+        writes, most_fds = 0, 0
+        while time.monotonic() < deadline:
+            r = leader.request("POST", f"/db/k{writes % 20}", b"v" * 3000, timeout=10)
+            assert r.status == 200, (writes, r, leader.log_text()[-2000:])
+            assert leader.request("GET", "/status", timeout=10).status == 200
+            writes += 1
+            most_fds = max(most_fds, _fds(leader.proc.pid))
+        follower = nodes[1]
+        wait_for(lambda: follower.request("GET", "/db/k0?consistency=stale").body == b"v" * 3000, 10, "replication")
+        status = leader.status()
+        assert status["snapshot_index"] > 0 and status["term"] == term and status["role"] == "leader", status
+        assert not leader.exited()
+        assert sum(s.closed_by_node for s in squatters) > 0  # the node closed squatters rather than keep them
+        text = leader.log_text()
+        assert "Traceback" not in text and "storage failed" not in text, text[-3000:]
+        print(f"writes {writes}, most descriptors {most_fds}/400, squatters closed "
+              f"{[s.closed_by_node for s in squatters]}")
+    finally:
+        for s in squatters:
+            s.stop()
+        c.stop()
+
+
+FLOOD_CLIENT = r"""
+import asyncio, sys, time
+port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+
+
+async def worker():
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    end = time.time() + seconds
+    while time.time() < end:
+        w.write(b"GET /db/?consistency=stale&limit=200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await r.readuntil(b"}\n")
+
+
+async def main():
+    await asyncio.gather(*[worker() for _ in range(n)])
+
+asyncio.run(main())
+"""
+
+TURNS_UNDER_A_FLOOD = r"""
+import json, subprocess, sys, time, types
+sys.path.insert(0, sys.argv[1])
+import raftdzmq
+import gevent, gevent.socket
+from raftdzmq import SET, KeyValueStore, Metrics, Role, make_app, parse_args
+
+CONNECTIONS, SECONDS, CLIENT = int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+listener = gevent.socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1024)
+kv = KeyValueStore()
+for i in range(1000):
+    kv.apply(i + 1, KeyValueStore.command(SET, "key%04d" % i, b"v"))
+# The real routes on a stand-in server; the client lists a page of keys, a stale read (no Raft): ~0.3 ms each.
+stand_in = types.SimpleNamespace(args=parse_args(["x"]), runtime=None, metrics=Metrics(), secret=None, kv=kv,
+                                 node_id="n", node=types.SimpleNamespace(last_applied=0, leader_id="n",
+                                                                         role=Role.LEADER))
+app = make_app(stand_in)
+served = [0]
+
+
+def counting(environ, start_response):  # plus 1 ms of work: more than the client needs to send the next request
+    served[0] += 1
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.001:
+        pass
+    return app(environ, start_response)
+
+
+server = raftdzmq.EdgeServer(listener, counting, max_connections=1000, idle_timeout_seconds=60,
+                             receive_timeout_seconds=60, busy_timeout_seconds=120, max_header_bytes=32768,
+                             max_body_bytes=1024)
+server.start()
+client = subprocess.Popen([sys.executable, "-c", CLIENT, str(listener.getsockname()[1]), str(CONNECTIONS),
+                           str(SECONDS)])
+gevent.sleep(1.0)  # the connections are up and busy
+lags = []
+end = time.monotonic() + SECONDS - 2
+while time.monotonic() < end:  # how late a 10 ms timer fires: what a Raft tick or heartbeat would see
+    t0 = time.monotonic()
+    gevent.sleep(0.01)
+    lags.append(time.monotonic() - t0 - 0.01)
+client.wait()
+lags.sort()
+print(json.dumps({"served": served[0], "samples": len(lags), "p50": lags[len(lags) // 2],
+                  "p90": lags[len(lags) * 9 // 10], "max": lags[-1], "waited": getattr(server, "gate", None)
+                  and server.gate.waited}))
+"""
+
+
+def test_many_ready_connections_do_not_stall_the_loops_timers():
+    """Review F3: 200 keep-alive connections sending GET /status as fast as answered moved the leader's term in every
+    run: one turn of the event loop ran every ready connection's request before any timer (hub lag 0.25-1.0 s),
+    and the stall grows with the number of connections once the server is saturated (each request costs more than
+    the client needs to send the next one, so every connection is ready at every turn). Here 150 connections list
+    a page of keys through the real routes, with 1 ms of extra work each: without a bound a 10 ms timer fired
+    ~135 ms late (p50; checked); with TurnGate's 5 ms budget, within a few ms."""
+    out = subprocess.run([sys.executable, "-c", TURNS_UNDER_A_FLOOD, ROOT, "150", "6", FLOOD_CLIENT],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["served"] > 1000 and result["waited"], result
+    assert result["p50"] < 0.025 and result["p90"] < 0.040, result
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
+    """Review F1 (b): a node started under a low soft limit (1,024 is common) raises it to the hard limit, and
+    sizes its default HTTP connection cap from that."""
+    n = Node("one", str(tmp_path), wrap=("prlimit", "--nofile=256:4096", "--")).start()
+    try:
+        with open(f"/proc/{n.proc.pid}/limits") as f:
+            row = next(line for line in f if line.startswith("Max open files")).split()
+        assert row[3:5] == ["4096", "4096"], row
+        held = [socket.create_connection(("127.0.0.1", n.http_port), timeout=10) for _ in range(300)]
+        try:  # more than (256 - 100) / 2 = 78 connections are served at once: the cap came from 4,096
+            time.sleep(0.5)
+            assert n.request("GET", "/status").status == 200
+            assert _fds(n.proc.pid) > 300
+        finally:
+            for s in held:
+                s.close()
+    finally:
+        n.kill()
+
+
+ACCEPT_OUT_OF_DESCRIPTORS = r"""
+import io, json, logging, os, resource, sys
+sys.path.insert(0, sys.argv[1])
+import raftdzmq
+import gevent, gevent.socket
+
+out = io.StringIO()
+logging.basicConfig(stream=out, level=logging.INFO)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+listener = gevent.socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+
+
+server = raftdzmq.EdgeServer(listener, app, max_connections=50, idle_timeout_seconds=30, receive_timeout_seconds=30,
+                             busy_timeout_seconds=60, max_header_bytes=32768, max_body_bytes=1024)
+server.start()
+hog = []
+while True:  # every descriptor this process may have
+    try:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        break
+print(listener.getsockname()[1], flush=True)
+gevent.socket.wait_read(0)  # the test's clients connect and send; accept fails meanwhile; then a line comes
+os.read(0, 100)
+for fd in hog:
+    os.close(fd)
+gevent.sleep(3)
+server.stop()
+sys.stderr.write(out.getvalue())
+"""
+
+
+def test_out_of_descriptors_accept_pauses_and_says_so_once_a_second():
+    """Review F1: with the process out of descriptors, gevent's accept() logged an EMFILE traceback every second (and
+    retried at once, in a busy loop). Now it pauses, logs at most once a second, and the connections that waited in
+    the backlog are served once descriptors are back."""
+    p = subprocess.Popen([sys.executable, "-c", ACCEPT_OUT_OF_DESCRIPTORS, ROOT], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        port = int(p.stdout.readline())
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        for c in clients:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(3.5)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        answers = [c.recv(100) for c in clients]
+        for c in clients:
+            c.close()
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    log = err.decode()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers), (answers, log)
+    assert "Traceback" not in log and "Too many open files" in log, log
+    assert 2 <= log.count("cannot accept HTTP connections") <= 5, log
 
 
 SENDER_SURVIVES_EMFILE = r"""
@@ -578,7 +961,7 @@ assert list(restored.keys) == sorted(model)
 kv.data = NoWalk(kv.data)
 
 # The listing route itself, on a stand-in server (stale reads need no Raft).
-server = types.SimpleNamespace(args=parse_args(["x"]), runtime=None, metrics=Metrics(), secret=None, kv=kv, _requests=0,
+server = types.SimpleNamespace(args=parse_args(["x"]), runtime=None, metrics=Metrics(), secret=None, kv=kv,
                                node_id="n", node=types.SimpleNamespace(last_applied=0, leader_id="n",
                                                                       role=Role.LEADER))
 app = make_app(server)

@@ -8,6 +8,7 @@ import random
 import time
 
 import gevent
+import gevent.event
 import pytest
 
 from raftlib import (
@@ -22,6 +23,7 @@ from raftlib import (
     MemoryStorage,
     NotLeader,
     RaftNode,
+    ReadIndexReply,
     Removed,
     Role,
 )
@@ -192,6 +194,50 @@ def test_a_follower_read_whose_request_is_lost_fails_in_bounded_time_and_is_forg
         runtime.stop()
 
 
+def _forwarded_read(runtime, *timeout_seconds):
+    """Callers, one per timeout, that arrive together and share one read; waits until the node has forwarded it.
+    Returns (their greenlets, the request id)."""
+    callers = [gevent.spawn(runtime.read, t) for t in timeout_seconds]
+    with gevent.Timeout(2):
+        while not runtime.node._reads._forwarded:
+            gevent.sleep(0.002)
+    return callers, next(iter(runtime.node._reads._forwarded))
+
+
+def test_a_read_whose_index_is_never_applied_is_forgotten_once_its_callers_give_up():
+    """Thesis §6.4: a follower serves a read once it has applied the read index the leader named. A follower cut
+    off (or removed) right after it got that index may never apply it. Its callers time out; the runtime must not
+    keep their reads, whether the answer came before they gave up or after. A read shared by two callers stays
+    for the one still waiting, and is served once the index is applied."""
+    runtime, _, _ = follower(election_ticks=1000)  # the node fails no read for 2,000 ticks (10 s)
+    runtime.start()
+    beats = heartbeats_from_a(runtime)
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.leader_id != "a":
+                gevent.sleep(0.01)
+        beats.kill()  # cut off from the leader from now on
+        for answer_first in [True] * 10 + [False] * 10:
+            (g,), request_id = _forwarded_read(runtime, 0.03)
+            if not answer_first:
+                with pytest.raises(Timeout):
+                    g.get()
+            runtime.deliver([ReadIndexReply("a", "b", 2, (request_id,), 100)], True)  # never applied here
+            with pytest.raises(Timeout):
+                g.get()
+        assert runtime._reads_waiting_apply == {} and runtime._reads == {}
+        (short, long), request_id = _forwarded_read(runtime, 0.05, 5.0)
+        runtime.deliver([ReadIndexReply("a", "b", 2, (request_id,), 2)], True)
+        with pytest.raises(Timeout):
+            short.get()
+        assert list(runtime._reads_waiting_apply.values()) == [2]
+        runtime.deliver([AppendEntries("a", "b", 2, 1, 1, (Entry(2, 2, EntryKind.NOOP),), 2)], True)
+        assert long.get(timeout=2) == 2 and runtime._reads_waiting_apply == {}
+    finally:
+        beats.kill()
+        runtime.stop()
+
+
 def test_messages_that_wait_longer_than_the_delivery_bound_are_dropped_not_queued():
     """A node whose drive is held up (a full disk: the save is retried until there is room) cannot step what
     arrives. The transport's REP server waits for each frame's answer at most the delivery bound; a frame not
@@ -257,8 +303,8 @@ def test_a_removed_notice_is_logged_once(caplog):
         with caplog.at_level("INFO", logger="raftlib.runtime"):
             runtime.deliver([Removed("a", "b", 1, 7, "a")], True)  # in its own term: nothing else changes
             assert runtime.node.removed == ("a", 7)
-            assert said() == ["this node was removed from the cluster (by a, configuration at index 7); it keeps "
-                              "out of the way: add it again, or stop it"]
+            assert said() == ["this node was removed from the cluster (by a, at or before index 7); it keeps out "
+                              "of the way: add it again, or stop it"]
             for term in (1, 2):
                 runtime.deliver([Removed("a", "b", term, 7, "a")], True)
             assert len(said()) == 1
@@ -267,3 +313,40 @@ def test_a_removed_notice_is_logged_once(caplog):
             assert said()[1:] == ["a leader counts this node as a member (again)"]
     finally:
         runtime.stop()
+
+
+def test_status_is_a_frozen_copy_of_the_node_and_the_runtime(one_node):
+    """Runtime.status(): the node's status, whether the disk is full, and the counters, as one frozen value."""
+    runtime, storage, _ = one_node
+    before = runtime.status()
+    for n in range(3):
+        runtime.propose(f"v{n}".encode(), 2.0)
+    st = runtime.status()
+    assert st.running and not st.disk_full and st.node.role is Role.LEADER and st.node.node_id == "a"
+    assert st.node.last_applied == runtime.node.last_applied == st.node.commit_index
+    assert set(before.stats) == {"proposals", "applied", "elections_won", "saves", "snapshots"}
+    assert st.stats["proposals"] - before.stats["proposals"] == 3
+    assert st.stats["applied"] - before.stats["applied"] == 3 and st.stats["saves"] >= 3
+    runtime.propose(b"more", 2.0)
+    assert st.stats["proposals"] - before.stats["proposals"] == 3  # a copy: it did not move
+    with pytest.raises(TypeError):
+        st.stats["proposals"] = 0  # type: ignore[index]
+    storage.hang = False
+    runtime.stop()
+    assert not runtime.status().running
+
+
+def test_two_equal_requests_in_the_inbox_are_two_requests(one_node):
+    """Inbox items compare by identity: the same command proposed twice is two proposals, each answered (the
+    transport's delivery takes its own item back out of the inbox by identity too)."""
+    from raftlib.runtime import Propose
+
+    runtime, _, values = one_node
+    a, b = gevent.event.AsyncResult(), gevent.event.AsyncResult()
+    first, second = Propose(b"same", a), Propose(b"same", b)
+    assert first != second
+    runtime._put(first)
+    runtime._put(second)
+    index_a, _ = a.get(timeout=2)
+    index_b, _ = b.get(timeout=2)
+    assert index_b == index_a + 1 and values.applied[-2:] == [b"same", b"same"]

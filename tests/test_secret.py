@@ -10,13 +10,15 @@ import hmac
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from procs import SERVER, LocalCluster, Node, free_port, netns_unavailable, wait_for
+from procs import ROOT, SERVER, LocalCluster, Node, free_port, netns_unavailable, wait_for
 
 
 def secret_file(tmp_path, name: str, secret: str) -> str:
@@ -52,12 +54,13 @@ def test_members_with_the_secret_replicate_and_strangers_are_refused(tmp_path):
         wait_for(lambda: "refused a join" in leader.log_text(), 5, "the leader to log the refusals")
         assert len(leader.status()["members"]) == 3
 
-        # A member restarted with the wrong secret: its frames are dropped and logged, and it gets nothing.
+        # A member restarted with the wrong secret: its connections fail the CURVE handshake (logged), and it gets
+        # nothing.
         follower = next(n for n in c.nodes if n is not leader)
         follower.stop()
         follower.start("-secret-file", bad)
         assert leader.request("POST", "/db/k", "v2").status == 200
-        wait_for(lambda: "signed with a different cluster secret" in leader.log_text(), 10, "the leader's warning")
+        wait_for(lambda: "failed the handshake" in leader.log_text(), 10, "the leader's warning")
         time.sleep(1.0)
         assert follower.request("GET", "/db/k?consistency=stale").body == b"v1"
         assert not follower.exited() and not leader.exited()
@@ -202,3 +205,168 @@ def test_warns_when_listening_beyond_loopback_without_a_secret(tmp_path):
             local.kill()
     finally:
         subprocess.run(["ip", "netns", "del", ns], timeout=30)
+
+
+def test_a_used_admin_request_is_refused_by_every_later_leader(tmp_path):
+    """Review F5: a recorded signed join of a node later removed, replayed to the next leader (after a transfer),
+    brought it back; the recorded removal replayed removed it again: the used-signature memory was the leader's
+    own. Now a claim of each signature goes through the Raft log before the request acts, and every node, also one
+    restarted from a snapshot that holds the claims, refuses it."""
+    secret = b"claims-s3cret"
+    path = secret_file(tmp_path, "s", secret.decode())
+    c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path, "-snapshot-threshold", "65536")).start()
+    try:
+        leader = c.leader()
+        ghost = json.dumps({"node_id": "ghost", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2"})
+        join = sign(secret, "POST", "/join", ghost.encode())
+        assert leader.request("POST", "/join", ghost, headers=join).status == 200
+        assert members(leader).get("ghost") == "learner"
+        remove = sign(secret, "DELETE", "/cluster/ghost")
+        r = leader.request("DELETE", "/cluster/ghost", headers=remove)
+        assert r.status == 200, r
+        removed_at = int(r.headers["x-raft-index"])
+        assert "ghost" not in members(leader)
+
+        # Enough writes that every node's snapshot covers the claims; then the next leader restarts from it.
+        successor = next(n for n in c.nodes if n is not leader)
+        for i in range(120):
+            assert leader.request("POST", f"/db/fill{i}", b"x" * 1024).status == 200
+        wait_for(lambda: successor.status()["snapshot_index"] > removed_at, 15, "a snapshot past the claims")
+        successor.stop()
+        successor.start("-secret-file", path, "-snapshot-threshold", "65536")
+        successor_id = successor.status()["node_id"]
+        wait_for(lambda: leader.request("POST", f"/cluster/transfer?to={successor_id}", headers=sign(
+            secret, "POST", f"/cluster/transfer?to={successor_id}")).status == 200, 15, "the transfer")
+        assert c.leader() is successor
+
+        # The recorded join, replayed to the new leader (directly and through the old one): refused.
+        for node in (successor, leader):
+            r = node.request("POST", "/join", ghost, headers=join)
+            assert r.status in (403, 307) and ("replay" in r.text or r.status == 307), r
+        r = successor.request("POST", "/join", ghost, headers=join)
+        assert r.status == 403 and "replay" in r.text, r
+        assert "ghost" not in members(successor)
+        # Joined again with a fresh signature, the recorded removal replayed does not remove it.
+        assert successor.request("POST", "/join", ghost, headers=sign(secret, "POST", "/join", ghost.encode())
+                                 ).status == 200
+        r = successor.request("DELETE", "/cluster/ghost", headers=remove)
+        assert r.status == 403 and "replay" in r.text, r
+        assert members(successor).get("ghost") == "learner"
+        for n in c.nodes:
+            assert "Traceback" not in n.log_text()
+    finally:
+        c.stop()
+
+
+# A member's session, as the leader would hold it: one heartbeat (AppendEntries at the leader's term) to a follower,
+# through this process's transport with the cluster secret. argv: secret, leader id, term, follower id, address.
+MEMBER_HEARTBEAT = r"""
+from gevent import monkey
+monkey.patch_all()
+import socket, sys, gevent
+from raftlib import AppendEntries
+from raftlib.transport import ZmqTransport
+
+secret, leader_id, term, follower_id, address = sys.argv[1:6]
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+replies = []
+t = ZmqTransport(leader_id, f"127.0.0.1:{port}", lambda m, r: replies.extend(m) or [], reply_timeout_seconds=2.0,
+                 secret=secret.encode())
+t.start()
+t.set_peers({follower_id: address})
+t.send([AppendEntries(leader_id, follower_id, int(term), 0, 0, (), 0)])
+for _ in range(100):
+    gevent.sleep(0.05)
+    if replies:
+        break
+print("replies", len(replies))
+"""
+
+
+class RecordingProxy:
+    """A TCP proxy to `port` that records what the client side sends (one connection)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.recorded = b""
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+
+        def pipe(a, b, record):
+            try:
+                while data := a.recv(65536):
+                    if record:
+                        self.recorded += data
+                    b.sendall(data)
+            except OSError:
+                pass
+            for x in (a, b):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pipe, args=(upstream, client, False), daemon=True).start()
+        pipe(client, upstream, True)
+
+
+def test_a_recorded_heartbeat_sent_again_does_not_hold_off_an_election(tmp_path):
+    """Review F2: signed frames carried no sequence number or timestamp, so an AppendEntries heartbeat captured
+    and sent again every 50 ms after the leader was SIGKILLed kept both followers following the dead leader for as
+    long as it went on (20 s in the review). Here a member's session to each follower is recorded byte for byte,
+    the leader killed, and each recording sent again on new connections every 50 ms for 8 s: the followers must
+    elect a new leader meanwhile. (CURVE: the recorded handshake does not open a new session.)"""
+    secret = "replay-s3cret"
+    path = secret_file(tmp_path, "s", secret)
+    c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path)).start()
+    stop = threading.Event()
+    try:
+        leader = c.leader()
+        status = leader.status()
+        followers = [n for n in c.nodes if n is not leader]
+        recordings = []
+        for f in followers:
+            proxy = RecordingProxy(f.port)
+            out = subprocess.run([sys.executable, "-c", MEMBER_HEARTBEAT, secret, status["node_id"],
+                                  str(status["term"]), f.status()["node_id"], f"127.0.0.1:{proxy.port}"],
+                                 capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ,
+                                                                                                PYTHONPATH=ROOT))
+            assert out.stdout.split() == ["replies", "1"], out.stdout + out.stderr  # the session was a real one
+            recordings.append((f.port, proxy.recorded))
+        assert all(len(r) > 64 for _, r in recordings)
+        leader.kill()
+
+        def replay(port: int, data: bytes) -> None:
+            while not stop.is_set():
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                        s.sendall(data[:64])  # the ZMTP greeting: libzmq reads it apart from what follows
+                        time.sleep(0.01)
+                        s.sendall(data[64:])
+                        s.settimeout(0.05)
+                        try:
+                            s.recv(65536)
+                        except OSError:
+                            pass
+                except OSError:
+                    pass
+                time.sleep(0.05)
+
+        threads = [threading.Thread(target=replay, args=r, daemon=True) for r in recordings]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        new_leader = wait_for(lambda: next((n for n in followers if n.status()["role"] == "leader"), None), 8,
+                              "a new leader while the recorded heartbeats are sent again")
+        assert new_leader.status()["term"] > status["term"]
+        print(f"new leader after {time.monotonic() - t0:.2f}s")
+    finally:
+        stop.set()
+        c.stop()

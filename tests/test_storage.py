@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raftlib import Entry, EntryKind, HardState, MemoryStorage, Member, Membership, Snapshot
+from raftlib import Entry, EntryKind, HardState, MemoryStorage, Member, Membership, Snapshot, storage
 from crashfs import CrashFS
 from raftlib.storage import (CorruptLogError, DataDirLocked, DiskFull, DiskStorage, UnknownFormatError, encode_record,
                              encode_snapshot)
@@ -500,3 +500,254 @@ def test_each_storage_crash_point_is_reached_and_recovers_to_before_or_after(tmp
     got = state_of(got)[:2]
     allowed = {"before": [before], "after": [after], "before-or-after": [before, after]}[outcome]
     assert got in allowed, got
+
+
+# ---- a full disk or a failing disk at a sync (review S1) ----------------------------------------------------------
+
+
+def _fail_once(fs: CrashFS, kind: str, path: str, error: OSError) -> None:
+    """Make the next `kind` operation on `path` raise `error` (once)."""
+
+    def hook(fs, number, op_kind, what):
+        if op_kind == kind and what.split(" ")[0] == path:
+            fs.fail_at[number] = error
+            fs.before_op = None
+
+    fs.before_op = hook
+
+
+def _loads(fs: CrashFS) -> set:
+    out = set()
+    for state in fs.crash_states(limit=10_000):
+        snap, log, _ = state_of(DiskStorage("/data", fs=state).load())
+        out.add((snap, tuple(log)))
+    return out
+
+
+def test_no_room_at_the_fsync_of_a_new_segment_leaves_no_base_record_a_power_failure_brings_back():
+    """ENOSPC from the new segment's fsync (ext4's delayed allocation reports a full disk there): the install
+    raises DiskFull and the node carries on with the old segment, acknowledging saves. The unlink of the new
+    segment must be durable before that, or a power failure keeps its complete base record, load takes it as the
+    log, and the entries acknowledged since are gone."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 5), entries(1, 5))
+    _fail_once(fs, "fsync", "/data/log/0000000002.seg", OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(DiskFull):
+        s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"state-at-5"))
+    assert s.state.snapshot is None and s.state.last_index == 5
+    s.save(HardState(1, "a", 8), entries(6, 3))  # fdatasynced: 6..8 are acknowledged
+    assert _loads(fs) == {(None, tuple((i, 1) for i in range(1, 9)))}
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EIO])
+def test_a_failed_folder_fsync_at_a_new_segment_is_fatal_and_the_disk_recovers_to_before_or_after(errno_):
+    """A folder fsync that fails leaves it unknown which of its operations reached the disk (fsyncgate): not
+    DiskFull (the caller would carry on), but the OSError, and the node stops; every crash state then loads as the
+    state before the install or after it."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 5), entries(1, 5))
+    _fail_once(fs, "fsync_dir", "/data/log", OSError(errno_, os.strerror(errno_)))
+    with pytest.raises(OSError) as raised:
+        s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"state-at-5"))
+    assert not isinstance(raised.value, DiskFull) and raised.value.errno == errno_
+    before, after = (None, tuple((i, 1) for i in range(1, 6))), ((5, 1), ())
+    got = _loads(fs)
+    assert got <= {before, after} and after in got, got
+    fs.crash_process()
+    snap, log, _ = state_of(DiskStorage("/data", fs=fs).load())
+    assert (snap, tuple(log)) in (before, after)
+
+
+# ---- records over the limit (review S2) -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_records(monkeypatch):
+    """The record limit scaled down from 256 MiB to 4 KiB: the same code paths, with small data."""
+    monkeypatch.setattr(storage, "MAX_RECORD_BYTES", 4096)
+    return 4096
+
+
+def _records_of(data: bytes) -> list[tuple[int, int]]:
+    """(type, payload length) of each record of a segment's bytes."""
+    out, offset = [], 12
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        out.append((data[offset + 8], length))
+        offset += 8 + length
+    return out
+
+
+def test_a_base_record_over_the_limit_is_written_as_a_group_and_loads(small_records):
+    """The review's repro: the base record of a snapshot install was one record of ~4.6 KB over a 4 KiB limit;
+    load took it for an interrupted creation, deleted the committed segment and reset term and vote to 0/None."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(7, "b", 2), [Entry(7, i, EntryKind.COMMAND, b"z" * 500) for i in range(1, 12)])
+    s.save_snapshot(Snapshot(2, 7, MEMBERSHIP, b"state-at-2"))
+    s.save(HardState(7, "b", 3), [])
+    s.close()
+    seg = [p for p in fs.tree() if p.endswith(".seg")]
+    records = _records_of(fs.read_file(seg[0]))
+    assert len(seg) == 1 and len(records) > 2 and all(length <= small_records for _, length in records)
+    assert records[0][0] == storage.RECORD_BASE_PART and records[1][0] == storage.RECORD_BATCH
+    fs.crash_process()
+    got = DiskStorage("/data", fs=fs).load()
+    assert got.hard_state == HardState(7, "b", 3) and got.snapshot.last_included_index == 2
+    assert [e.index for e in got.entries] == list(range(3, 12))
+
+
+def test_a_save_over_the_limit_is_a_group_that_a_crash_keeps_whole_or_not_at_all(small_records):
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 1), entries(1, 2))
+    seg = "/data/log/0000000001.seg"
+    start = len(fs.read_file(seg))
+    big = entries(3, 30, term=2, size=300)
+    s.save(HardState(2, "b", 2), big)
+    data = fs.read_file(seg)
+    records = _records_of(data)
+    assert len(records) > 2 and all(length <= small_records for _, length in records)
+    before = ([1, 2], HardState(1, "a", 1))
+    after = (list(range(1, 33)), HardState(2, "b", 2))
+    seen = set()
+    cuts = sorted(set(range(start, len(data) + 1, 97)) | {len(data) - 1, len(data)})
+    for cut in cuts:
+        crashed = CrashFS()
+        crashed.mkdir("/data")
+        crashed.mkdir("/data/log")
+        f = crashed.create(seg)
+        crashed.append(f, data[:cut])
+        got = DiskStorage("/data", fs=crashed).load()
+        outcome = ([e.index for e in got.entries], got.hard_state)
+        assert outcome in (before, after), cut
+        seen.add(outcome == after)
+    assert seen == {False, True}
+
+
+def test_a_first_record_longer_than_the_limit_is_damage_not_an_interrupted_creation(small_records):
+    """A writer never makes one (the test writes it by hand): the segment must not be deleted."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(3, "a", 0), entries(1, 2))
+    s.close()
+    payload = bytes([storage.RECORD_BASE]) + storage.cbor2.dumps([0, 0, [3, "a", 0], [["x" * 5000]]])
+    f = fs.create("/data/log/0000000002.seg")
+    fs.append(f, b"RDZMQLOG\x00\x00\x00\x01" + storage._framed(payload))
+    fs.fsync(f)
+    fs.fsync_dir("/data/log")
+    with pytest.raises(CorruptLogError, match=r"0000000002.seg: record length \d+ is over the limit .* at offset 12"):
+        DiskStorage("/data", fs=fs).load()
+    assert "/data/log/0000000002.seg" in fs.tree()
+
+
+def test_an_entry_no_record_can_hold_is_refused_before_anything_is_written(small_records):
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 0), entries(1, 2))
+    before = fs.tree()
+    with pytest.raises(storage.RecordTooBig, match="index 4"):
+        s.save(HardState(1, "a", 0), entries(3, 1) + [Entry(1, 4, EntryKind.COMMAND, b"y" * 5000)])
+    with pytest.raises(storage.RecordTooBig):
+        s.save(HardState(1, "a", 0), [Entry(1, 3, EntryKind.COMMAND, b"y" * 5000)], Snapshot(2, 1, MEMBERSHIP, b"s"))
+    assert fs.tree() == before and s.state.last_index == 2
+
+
+# ---- a base record that contradicts itself (review Q1) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_index, terms, why", [
+    (7, [2, 2], r"entries start at index 7, not after its snapshot at 5"),
+    (6, [1, 2], r"terms go down"),  # the snapshot is of term 2
+    (6, [2, 3, 2], r"terms go down"),
+])
+def test_a_base_record_whose_log_does_not_follow_its_snapshot_is_damage(first_index, terms, why):
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(2, "a", 5), entries(1, 5, term=2))
+    s.save_snapshot(Snapshot(5, 2, MEMBERSHIP, b"state-at-5"))
+    s.close()
+    bad = [Entry(t, first_index + n, EntryKind.COMMAND, b"x") for n, t in enumerate(terms)]
+    f = fs.create("/data/log/0000000003.seg")
+    fs.append(f, b"RDZMQLOG\x00\x00\x00\x01" + storage.encode_base_record(5, 2, HardState(3, None, 5), bad))
+    fs.fsync(f)
+    fs.fsync_dir("/data/log")
+    with pytest.raises(CorruptLogError, match=rf"0000000003.seg at offset 12: the base record.*{why}"):
+        DiskStorage("/data", fs=fs).load()
+
+
+# ---- a lost page in the unsynced tail (review L3) ---------------------------------------------------------------
+
+
+def test_an_unsynced_record_whose_first_page_was_lost_while_a_later_one_made_it_is_torn():
+    """The review's repro: a multi-page record not yet fdatasynced; its first page never reached the disk, a later
+    page and the new size did. Nothing in it was acknowledged: load must cut it, not stop the node."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 0), [Entry(1, 1, EntryKind.COMMAND, b"x")])
+    seg = "/data/log/0000000001.seg"
+    synced = len(fs.read_file(seg))
+    s.save(HardState(1, "a", 1), [Entry(1, i, EntryKind.COMMAND, b"y" * 1000) for i in range(2, 22)], sync=False)
+    full = fs.read_file(seg)
+    page_end = (synced // 4096 + 1) * 4096
+    lost = full[:synced] + bytes(page_end - synced) + full[page_end:]
+    states = fs.crash_states(limit=10_000)
+    assert any(c.read_file(seg) == lost for c in states if seg in c.tree())  # CrashFS builds it
+    for c in states:
+        got = DiskStorage("/data", fs=c).load()
+        assert [e.index for e in got.entries] in ([1], list(range(1, 22)))
+
+
+
+# ---- data dirs of the code before base records, made by that code (review L1) ------------------------------------
+
+
+def test_a_format1_segment_the_old_code_appended_to_after_a_cut_short_creation_goes_on_from_the_one_before(tmp_path):
+    """The old code's install was killed after creating its new segment, before writing it (an empty file);
+    restarted, it wrote a header into it and appended there, its log being the older segment's cut by the newest
+    snapshot. That segment's first record holds no hard state, and is not the whole log."""
+    import format1_storage as old
+
+    s = old.DiskStorage(str(tmp_path))
+    s.load()
+    s.save(HardState(1, "a", 6), entries(1, 8))
+    s.save_snapshot(Snapshot(6, 1, MEMBERSHIP, b"state-at-6"))  # segment 2: [hs, 7..8]
+    s.save(HardState(2, "b", 8), entries(9, 2, term=2))
+    old._write_atomically(str(tmp_path / f"snapshot-{9:020d}.snap"), encode_snapshot(Snapshot(9, 2, MEMBERSHIP,
+                                                                                          b"state-at-9")))
+    open(tmp_path / "log" / "0000000003.seg", "wb").close()  # killed here: the install's segment is empty
+    s.close()
+    s = old.DiskStorage(str(tmp_path))
+    s.load()  # the old code: snapshot 9, then 10; segment 3 restarted with a header only
+    s.save(None, entries(11, 2, term=2))
+    s.save(HardState(2, "b", 11), [])
+    want = (s.state.snapshot, s.state.entries, s.state.hard_state)
+    s.close()
+    assert want[0].last_included_index == 9 and [e.index for e in want[1]] == [10, 11, 12]
+    s, got = reopen(tmp_path)
+    s.close()
+    assert (got.snapshot, got.entries, got.hard_state) == want
+
+
+def test_a_data_dir_made_by_a_killed_process_is_made_durable_by_the_next_one():
+    """Found by the crash explorer's save after recovery: a process killed after its mkdir left the folder's name
+    in the page cache only; the next process found the folder, did not fsync its parent, and a power failure
+    after its first synced save could take the whole folder."""
+    fs = CrashFS()
+    fs.mkdir("/data")  # the killed process got this far: no fsync of /
+    fs.crash_process()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 0), entries(1, 1))
+    for c in fs.crash_states(limit=10_000):
+        assert [e.index for e in DiskStorage("/data", fs=c).load().entries] == [1]

@@ -1,4 +1,5 @@
-"""The transport's reconnect behaviour (lazy pirate), in a subprocess that owns its gevent hub."""
+"""The transport in a subprocess that owns its gevent hub: reconnects (lazy pirate), the cap on inbound
+connections, and who may connect with a cluster secret (CURVE and ZAP)."""
 
 import os
 import subprocess
@@ -12,4 +13,5 @@ def test_reconnects_after_dead_missing_and_returning_peers():
                          text=True, timeout=60, cwd=os.path.dirname(HERE),
                          env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
     lines = dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
-    assert lines == {"never-existed": "ok", "killed-mid-request": "ok", "came-back": "ok"}, out.stdout + out.stderr
+    assert lines == {"never-existed": "ok", "killed-mid-request": "ok", "came-back": "ok", "over-the-cap": "ok",
+                     "only-the-cluster-key": "ok"}, out.stdout + out.stderr

@@ -1,0 +1,162 @@
+"""Replication progress: a leader's view of each follower's log (Figure 2's next_index and match_index; etcd's
+tracker/progress.go).
+
+Pure bookkeeping: the leader (`raftlib.core`) decides what to send and when; this module keeps the numbers and the
+state each follower is in, and answers the questions the leader asks of all of them together (what a majority
+holds, whether a majority was heard from). Rules:
+- `match_index` only grows while a node leads: it is what the follower said it holds, and a follower never loses
+  an entry it acknowledged (it saved it first). `next_index` stays above it: match_index < next_index.
+- A follower is in one state: PROBE (one AppendEntries per heartbeat until the follower's log matches ours; §5.3's
+  "decrement nextIndex and retry"), REPLICATE (entries go as soon as they exist, next_index moves ahead
+  optimistically: several batches in flight), or SNAPSHOT (a snapshot is being sent, §7; appends wait).
+- A rejection that does not answer the request in flight (`is_stale_rejection`) changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .messages import Membership, Snapshot
+
+
+class ProgressState(enum.Enum):
+    PROBE = "probe"  # one AppendEntries per heartbeat until the follower's log matches
+    REPLICATE = "replicate"  # send new entries as soon as they exist
+    SNAPSHOT = "snapshot"  # sending a snapshot; appends wait
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressStatus:
+    """A copy of one follower's progress, for status pages and tests."""
+
+    match_index: int
+    next_index: int
+    state: ProgressState
+    recent_active: bool
+
+
+@dataclass(slots=True)
+class Progress:
+    """The leader's view of one follower (Figure 2: next_index, match_index)."""
+
+    match_index: int = 0
+    next_index: int = 1
+    state: ProgressState = ProgressState.PROBE
+    probe_sent: bool = False  # PROBE: an append is in flight; the next waits for its answer or a heartbeat
+    recent_active: bool = False  # heard from within this election timeout (check-quorum, thesis §6.2)
+    snapshot: Snapshot | None = None  # SNAPSHOT: the one being sent, kept until done even if a newer one is taken
+    snapshot_offset: int = 0  # SNAPSHOT: how many of its bytes the follower holds
+
+    @property
+    def snapshot_index(self) -> int:
+        return self.snapshot.last_included_index if self.snapshot is not None else 0
+
+    @property
+    def paused(self) -> bool:
+        """A probe is in flight: nothing more goes until it is answered or the next heartbeat."""
+        return self.state is ProgressState.PROBE and self.probe_sent
+
+    def status(self) -> ProgressStatus:
+        return ProgressStatus(self.match_index, self.next_index, self.state, self.recent_active)
+
+    def become_probe(self) -> None:
+        self.state = ProgressState.PROBE
+        self.probe_sent = False
+
+    def become_snapshot(self, snapshot: Snapshot) -> None:
+        self.state = ProgressState.SNAPSHOT
+        self.snapshot = snapshot
+        self.snapshot_offset = 0
+
+    def sent_entries(self, last_index: int) -> None:
+        """An AppendEntries went out whose last entry (or, when it has none, its prev_log_index) is `last_index`.
+        A probe waits for its answer; replication moves next_index past it at once."""
+        if self.state is ProgressState.PROBE:
+            self.probe_sent = True
+        else:
+            self.next_index = max(self.next_index, last_index + 1)
+
+    def update_match(self, match_index: int) -> bool:
+        """The follower said its log matches ours up to `match_index`. Returns whether match_index grew."""
+        if match_index <= self.match_index:
+            return False
+        self.match_index = match_index
+        return True
+
+    def matched(self) -> None:
+        """After a successful append: a probe that matched starts replicating; next_index stays past match_index.
+        (A success while a snapshot is sent, the answer to the heartbeat at the snapshot's index, keeps SNAPSHOT.)"""
+        if self.state is ProgressState.PROBE:
+            self.state = ProgressState.REPLICATE
+            self.probe_sent = False
+        self.next_index = max(self.next_index, self.match_index + 1)
+
+    def is_stale_rejection(self, reject_index: int) -> bool:
+        """A rejection of prev_log_index `reject_index` that does not answer what is in flight now: one from
+        before a snapshot transfer, one at or below what the follower already matched, or one for a probe that has
+        since been replaced."""
+        if self.state is ProgressState.SNAPSHOT:
+            return True
+        if self.state is ProgressState.REPLICATE:
+            return reject_index <= self.match_index
+        return reject_index != self.next_index - 1
+
+    def rejected(self, reject_index: int, hint: int) -> None:
+        """The follower's log does not match at `reject_index`; `hint` is where the leader's log and its may
+        match (fast backtracking, §5.3). Probe from there, never at or below match_index."""
+        self.next_index = max(self.match_index + 1, min(hint, reject_index))
+        self.become_probe()
+
+    def snapshot_done(self, index: int) -> None:
+        """The follower holds the snapshot at `index`: probe from just after it."""
+        self.match_index = max(self.match_index, index)
+        self.next_index = self.match_index + 1
+        self.become_probe()
+        self.snapshot, self.snapshot_offset = None, 0
+
+
+class ProgressTracker(dict[str, Progress]):
+    """The leader's Progress of every member (itself included, whose entry only serves `recent_active`), by node
+    id. A dict, so that the leader's hot path looks a follower up at dict speed."""
+
+    @classmethod
+    def for_new_leader(cls, node_ids: Iterable[str], next_index: int) -> ProgressTracker:
+        """§5.3: a new leader starts every next_index just after its own last entry, and counts every member as
+        recently active (it just won an election, or is alone)."""
+        return cls((n, Progress(next_index=next_index, recent_active=True)) for n in node_ids)
+
+    def set_members(self, membership: Membership, next_index: int, self_id: str) -> None:
+        """Track exactly the members of `membership` (and this node): new ones start probing at `next_index`."""
+        for node_id in membership.node_ids:
+            if node_id not in self:
+                self[node_id] = Progress(next_index=next_index, recent_active=True)
+        for node_id in [n for n in self if n not in membership.node_ids and n != self_id]:
+            del self[node_id]
+
+    def committed_index(self, membership: Membership, self_id: str, self_match_index: int) -> int:
+        """The highest index that a majority of the voters holds (this node's own holding is `self_match_index`,
+        what it has saved). Whether it may commit is the caller's question (§5.4.2)."""
+        matches = sorted(
+            (self_match_index if n == self_id else self[n].match_index for n in membership.voters), reverse=True
+        )
+        return matches[membership.quorum() - 1]
+
+    def quorum_active(self, membership: Membership, self_id: str) -> bool:
+        """A majority of the voters was heard from since `reset_recent_active` (thesis §6.2, check-quorum)."""
+        active = sum(1 for n in membership.voters if n == self_id or self[n].recent_active)
+        return active >= membership.quorum()
+
+    def reset_recent_active(self, self_id: str) -> None:
+        for node_id, pr in self.items():
+            pr.recent_active = node_id == self_id
+
+    def most_up_to_date(self, voters: Iterable[str]) -> str:
+        """The voter with the highest match_index (ties: the greatest id); untracked voters count least."""
+        return max(voters, key=lambda n: (self[n].match_index, n) if n in self else (-1, n))
+
+    def status(self, self_id: str) -> Mapping[str, ProgressStatus]:
+        """Every follower's progress, frozen."""
+        return types.MappingProxyType({n: pr.status() for n, pr in sorted(self.items()) if n != self_id})
