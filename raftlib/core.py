@@ -77,6 +77,11 @@ class Config:
     unsafe_commit_previous_term: bool = False
     unsafe_read_without_quorum: bool = False
     unsafe_vote_twice: bool = False
+    unsafe_reply_before_fsync: bool = False  # a follower's new entries need no fsync before its reply
+    unsafe_count_own_entries_before_fsync: bool = False  # nor a leader's before it counts itself
+    unsafe_forget_vote_on_restart: bool = False
+    unsafe_keep_conflicting_suffix: bool = False  # a follower keeps its entries that conflict with the leader's
+    unsafe_lease_ticks: int | None = None  # a lease of this many ticks, past the check on lease_ticks
 
     def __post_init__(self) -> None:
         """Refuse a configuration the protocol cannot run on (a local error: ValueError, naming the field)."""
@@ -229,7 +234,7 @@ class RaftNode:
             self._base_membership = membership if membership is not None else Membership(voters=())
         self._refresh_membership()
         self.current_term = hard_state.current_term
-        self.voted_for = hard_state.voted_for
+        self.voted_for = None if self.config.unsafe_forget_vote_on_restart else hard_state.voted_for
         assert hard_state.commit_index <= log.last_index, "commit index beyond the persisted log"
         self.commit_index = max(hard_state.commit_index, log.snapshot_index)
         self.last_applied = log.snapshot_index
@@ -534,6 +539,8 @@ class RaftNode:
             if self.commit_index > applied:
                 committed = self.log.slice(applied + 1, self.commit_index + 1)
         saved = self._saved_hard_state
+        unsafe_lazy_fsync = (self.config.unsafe_count_own_entries_before_fsync if self.role is Role.LEADER
+                             else self.config.unsafe_reply_before_fsync)
         new_term_or_vote = self.current_term != saved.current_term or self.voted_for != saved.voted_for
         read_states: list[tuple[int, int]] = []
         failed_reads: list[int] = []
@@ -550,7 +557,9 @@ class RaftNode:
             role=self.role,
             term=self.current_term,
             leader_id=self.leader_id,
-            must_sync=bool(entries) or self._pending_snapshot is not None or new_term_or_vote,
+            must_sync=bool(entries) and not unsafe_lazy_fsync
+            or self._pending_snapshot is not None
+            or new_term_or_vote,
             new_term_or_vote=new_term_or_vote,
         )
         self._messages = []
@@ -735,6 +744,8 @@ class RaftNode:
                 assert e.index > self.commit_index, "a leader overwrote a committed entry"
                 new_entries = m.entries[n:]
                 break
+        if self.config.unsafe_keep_conflicting_suffix:
+            new_entries = tuple(e for e in new_entries if e.index > self.log.last_index)
         if new_entries:
             first = new_entries[0].index
             truncated = first <= self.log.last_index
@@ -1020,7 +1031,7 @@ class RaftNode:
             return False
         if self.log.term(self.commit_index) != self.current_term:
             return False  # §6.4 step 1 holds for leases too
-        lease_ticks = self.config.lease_ticks
+        lease_ticks = self.config.unsafe_lease_ticks or self.config.lease_ticks
         if lease_ticks is None:
             lease_ticks = self.config.election_ticks * 4 // 5
         return self._reads.lease_holds(self._ticks, self.membership, lease_ticks)

@@ -1,9 +1,35 @@
 """A deterministic simulated cluster of RaftNodes, and the safety checks run after every step.
 
-One `random.Random(seed)` drives everything: node rngs, message delays, drops, duplicates and reorders,
-partitions, crashes (a node keeps only what it saved, and may die between save, send and apply), membership
-changes, leadership transfers, snapshots and the client workload. Time is an integer number of ticks; the
-network is a heap of (deliver_at, sequence, message). Every message crosses `codec.encode`/`codec.decode`.
+One `random.Random(seed)` drives everything: node rngs, clock rates, message delays (a few longer than an election
+timeout), drops, duplicates and reorders, partitions, pauses, crashes (and where they hit), membership changes,
+leadership transfers, snapshots and the clients. Time is an integer number of ticks; the network is a heap of
+(deliver_at, sequence, message); every message crosses `codec.encode_batch`/`codec.decode_batch`.
+
+Rules of the model:
+- Each node runs the real DiskStorage on its own simulated disk (tests/crashfs.py), so the model and the disk code
+  cannot drift apart. A crash is a power failure (the disk becomes one of the states CrashFS allows, picked at
+  random: unsynced data dropped, kept or torn, unsynced folder operations undone) or a SIGKILL (the page cache
+  survives). A node may crash at any point of a Ready (`CRASH_POINTS`): before its save (a leader's early
+  appends, thesis §10.2.1, may be out already), at a random file operation of its save or snapshot install,
+  after its save, after its sends; a suffix of what it had handed to the transport in that Ready is lost. It may
+  also crash at a random file operation of a snapshot it takes, and of its own recovery. Crashes are 20 times as
+  likely around a new term or vote or a leader's snapshot, five times in a new leader's first tick.
+- A paused node (SIGSTOP) misses its ticks and catches up on them when resumed, as the runtime's monotonic clock
+  does; messages sent to it wait, as in its socket buffers, and are read after the catch-up (or after a client's
+  request). Each node's clock runs at its own rate, within `clock_drift_percent` of the true one; leases (thesis
+  §6.4.1) assume rates agree within their margin (`lease_scenario` pushes that to the edge).
+- Clients (`Client`) ask one request at a time of the node they stick to, follow redirects for writes, and give
+  up after a timeout (a write's outcome is then unknown).
+- Checks run after every tick of a node, every delivered message and every Ready, on the node that moved: Figure 3
+  (election safety, leader append-only, log matching over whole logs, leader completeness, state machine safety:
+  log matching incrementally, as every entry a node ever holds is recorded with the term before it, so two logs
+  that share an (index, term) share all before it), one vote per term, a commit index that never goes back, and
+  that recovery gives back the fsynced term and vote. At the end of a schedule: liveness after healing, every
+  acknowledged write on every member, and the clients' history through `tests/linearizability.py`.
+- A failure raises SafetyViolation with the seed, the last events, and one command that replays the schedule.
+
+`PROFILES` are the nemeses a schedule's seed picks from. `MUTATIONS` names deliberately broken variants of the
+core and storage; `--mutation NAME` runs with one on, to show that the checks catch it (tests/test_mutations.py).
 """
 
 from __future__ import annotations
@@ -13,27 +39,67 @@ import sys
 
 if __name__ == "__main__":  # `python tests/simulator.py` from the project root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import ast
+import collections
+import contextlib
+import dataclasses
 import heapq
+import math
 import random
 from dataclasses import dataclass, field
 
+import linearizability
+from crashfs import CrashFS, SimulatedCrash
+from raftlib import storage as storage_module
 from raftlib import (
+    AppendEntries,
     ConfChange,
     ConfChangeKind,
     Config,
     Entry,
     EntryKind,
     HardState,
-    MemoryStorage,
     Member,
     Membership,
     NotLeader,
     ProposalDropped,
     RaftNode,
+    RequestVoteReply,
     Role,
+    Snapshot,
+    StoredState,
+    TimeoutNow,
 )
 from raftlib import codec
+from raftlib.storage import DiskStorage, StorageError
+
+ELECTION_TICKS = 10
+HEARTBEAT_TICKS = 2
+CLIENTS = 4
+CLIENT_OP_CHANCE = 0.25  # per idle client per tick: a write (55%) or a read
+CLIENT_TIMEOUT_ELECTIONS = 3  # a client gives up on a request after this many election timeouts
+
+# Where in the handling of a Ready a node may crash (see the module docstring).
+CRASH_POINTS = ("before_save", "mid_save", "after_save", "after_send")
+
+# Deliberately broken variants of the core, each named by what it gets wrong: the Config overrides that make it (a
+# value may be a function of the schedule's election ticks), or "storage.NAME": a switch of raftlib.storage.
+MUTATIONS: dict[str, dict] = {
+    "vote_twice": {"unsafe_vote_twice": True},
+    "read_without_quorum": {"unsafe_read_without_quorum": True},
+    "commit_previous_term": {"unsafe_commit_previous_term": True},
+    "lease_without_margin": {"unsafe_lease_ticks": lambda election_ticks: election_ticks},
+    "lease_longer_than_election_timeout": {"unsafe_lease_ticks": lambda election_ticks: 2 * election_ticks},
+    "reply_before_fsync": {"unsafe_reply_before_fsync": True},
+    "count_own_entries_before_fsync": {"unsafe_count_own_entries_before_fsync": True},
+    "forget_vote_on_restart": {"unsafe_forget_vote_on_restart": True},
+    "keep_conflicting_suffix": {"unsafe_keep_conflicting_suffix": True},
+    # The storage's own: recovery as before base records (issue 11), each record's entries at or below the
+    # snapshot dropped, and with them the cut of a conflicting suffix they stood for.
+    "replay_filter": {"storage.UNSAFE_REPLAY_FILTER": True},
+}
 
 
 class SafetyViolation(AssertionError):
@@ -57,21 +123,100 @@ class KV:
         return repr(sorted(self.data.items())).encode()
 
     def restore(self, data: bytes, index: int) -> None:
-        import ast
-
         self.data = dict(ast.literal_eval(data.decode())) if data else {}
         self.applied_index = index
+
+
+DATA_DIR = "/data"
+SAVE_OPS = 2  # the file operations of a plain save: append the record, fdatasync
+INSTALL_OPS = 14  # a snapshot install takes 12-13 (the snapshot file, the new segment, the unlinks, their syncs)
+LOAD_OPS = 6  # a recovery 3 (its syncs), more when it repairs something (a torn tail, garbage)
+
+
+class SimDisk:
+    """One node's disk: the real DiskStorage on its own CrashFS, so the simulated crashes are the ones the storage
+    code meets (tests/crashfs.py: unsynced data dropped, kept or torn; unsynced folder operations undone in any
+    combination that applies). `crash_at_op` crashes a call at its k-th file operation (k = 0: before the first)."""
+
+    def __init__(self) -> None:
+        self.fs = CrashFS()
+        self.fs.record_ops = False
+        self.storage: DiskStorage | None = None
+
+    def open(self, crash_at_op: int | None = None) -> StoredState | None:
+        """A process starts: a fresh DiskStorage recovers the data dir. None when it crashed on the way."""
+        self.storage = None
+        self._arm(crash_at_op)
+        try:
+            storage = DiskStorage(DATA_DIR, fs=self.fs)
+            stored = storage.load()
+        except SimulatedCrash:
+            return None
+        self._disarm()
+        self.storage = storage
+        return stored
+
+    def load(self) -> StoredState:
+        """What the open storage holds (a first start, and tests, read it)."""
+        s = self.storage.state
+        return StoredState(s.hard_state, s.snapshot, list(s.entries))
+
+    def save(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None,
+             sync: bool = True, crash_at_op: int | None = None) -> bool:
+        """Like DiskStorage.save; False when the process died in it (at `crash_at_op`)."""
+        self._arm(crash_at_op)
+        try:
+            self.storage.save(hard_state, entries, snapshot, sync=sync)
+        except SimulatedCrash:
+            return False
+        self._disarm()
+        return True
+
+    def save_snapshot(self, snapshot: Snapshot, crash_at_op: int | None = None) -> bool:
+        self._arm(crash_at_op)
+        try:
+            self.storage.save_snapshot(snapshot)
+        except SimulatedCrash:
+            return False
+        self._disarm()
+        return True
+
+    def crash(self, rng, power_failure: bool = True) -> None:
+        """The process dies: a power failure leaves one crash state CrashFS allows, picked with `rng`; a process
+        crash (SIGKILL) leaves what the kernel has, synced or not."""
+        self.storage = None
+        if power_failure:
+            self.fs.crash(rng)
+        else:
+            self.fs.crash_process()
+
+    def _arm(self, crash_at_op: int | None) -> None:
+        if crash_at_op is not None:
+            self.fs.fail_at = {self.fs.op_count + crash_at_op: SimulatedCrash()}
+
+    def _disarm(self) -> None:
+        self.fs.fail_at = {}
 
 
 @dataclass
 class SimNode:
     node_id: str
-    storage: MemoryStorage
+    storage: SimDisk
     node: RaftNode | None = None
     kv: KV = field(default_factory=KV)
     alive: bool = True
     paused: bool = False
     missed_ticks: int = 0  # while paused; a resumed node catches up on them first, as the runtime's clock does
+    backlog: list = field(default_factory=list)  # messages that arrived while paused, in arrival order
+    rate_percent: int = 100  # how fast this node's clock runs
+    clock_percent: int = 0  # the fraction of a tick this node's clock has run but not yet ticked
+    max_commit_index: int = 0  # since the last start: a commit index never goes back
+    leader_last_index: tuple[int, int] = (0, 0)  # (term, last index) while leader: a leader never shrinks its log
+    saved_vote: tuple[int, str | None] = (0, None)  # (current_term, voted_for) last saved
+    durable_vote: tuple[int, str | None] = (0, None)  # ... last saved with an fsync: no crash may take it away
+    written_votes: set = field(default_factory=set)  # ... written since, which a crash may keep or lose
+    leader_since: int = -1000  # when this node last became leader
+    batching: bool = False  # this tick, its inputs are all stepped before its Readies are handled
 
 
 @dataclass
@@ -82,6 +227,9 @@ class PendingWrite:
     index: int
     term: int
     start: int
+    call: int = 0  # on the history's clock
+    ret: float = math.inf  # when acknowledged; math.inf while (or when forever) unknown
+    lost: bool = False  # another entry was applied at its index: it never took effect
 
 
 @dataclass
@@ -92,9 +240,15 @@ class PendingRead:
     start: int
     min_write_index: int  # the index of the newest write to `key` acknowledged before this read began
     read_index: int | None = None
+    call: int = 0
+    served: bool = False
 
 
 class Cluster:
+    # Each answered read is compared at once with the newest write acknowledged before it began (a quick check that
+    # names the read); the whole history goes through the linearizability checker at the end either way.
+    check_reads_at_once = True
+
     def __init__(
         self,
         seed: int,
@@ -105,9 +259,12 @@ class Cluster:
         drop_rate: float = 0.0,
         dup_rate: float = 0.0,
         max_delay: int = 2,
-        election_ticks: int = 10,
-        heartbeat_ticks: int = 2,
+        election_ticks: int = ELECTION_TICKS,
+        heartbeat_ticks: int = HEARTBEAT_TICKS,
         lease_share: float = 0.5,
+        long_delay_rate: float = 0.0,
+        clock_drift_percent: int = 0,
+        restart_rate: float = 0.0,
     ) -> None:
         self.seed = seed
         self.lease_share = lease_share  # of the client reads, the share asked for with a lease
@@ -116,32 +273,49 @@ class Cluster:
         self.now = 0
         self.codec_roundtrip = codec_roundtrip
         self.drop_rate, self.dup_rate, self.max_delay = drop_rate, dup_rate, max_delay
+        self.long_delay_rate = long_delay_rate  # of the messages, the share delayed by 1 to 3 election timeouts
+        self.restart_rate = restart_rate  # of the crashes inside a Ready, the share restarted at once (a supervisor)
+        self.load_crash_rate = 0.0  # of the recoveries, the share that crash (at a random file operation)
+        self.snapshot_entries: int | None = None  # a node snapshots once it applied this many entries since the last
+        self.snapshot_crash_rate = 0.0  # of the snapshots, the share that crash (at a random file operation)
+        self.batch_rate = 0.0  # of the ticks of a node, the share in which its inputs are batched (_after_input)
+        self.power_failure_share = 0.5  # of the crashes, the share that lose the page cache (the rest: SIGKILL)
         self.config_overrides = dict(config_overrides or {})
         self.election_ticks, self.heartbeat_ticks = election_ticks, heartbeat_ticks
+        self.replay_command = f"python tests/simulator.py --seed {seed} --size {n}"
         self.ids = [f"n{i}" for i in range(1, n + spares + 1)]
         voters = tuple(self.ids[:n])
         self.initial = Membership(voters=voters, members=tuple(Member(v, f"raft-{v}", f"http-{v}") for v in voters))
         self.nodes: dict[str, SimNode] = {}
+        self.trace: list[str] = []
+        self.leaders_by_term: dict[int, str] = {}
+        self.applied: dict[int, tuple[int, int, bytes]] = {}  # index -> (term, kind, data) applied anywhere
+        self.entries_seen: dict[tuple[int, int], tuple[Entry, int | None]] = {}  # (index, term) -> (entry, term before)
+        self.commit_term: dict[int, int] = {}  # index -> term of the leader that first committed it
+        self.votes: dict[tuple[str, int], str] = {}  # (voter, term) -> the candidate it voted for
+        self.stats: collections.Counter = collections.Counter()  # what the faults did (test_simulation counts them)
+        self._leader_commit: dict[str, int] = {}
+        self._leaders_checked: set[tuple[str, int]] = set()
         for node_id in self.ids:
-            storage = MemoryStorage()
+            storage = self.new_storage()
             if node_id in voters:  # bootstrap: every initial voter starts with the same first entry
                 storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", self.initial)])
-            self.nodes[node_id] = SimNode(node_id, storage)
+            rate = 100 + self.rng.randint(-clock_drift_percent, clock_drift_percent) if clock_drift_percent else 100
+            self.nodes[node_id] = SimNode(node_id, storage, rate_percent=rate,
+                                          clock_percent=self.rng.randrange(100) if clock_drift_percent else 0)
             self._start(node_id)
         self.network: list = []
         self._seq = 0
         self.cut: set[tuple[str, str]] = set()  # directed links that drop everything
         self.deliver_filter = None  # optional callable(message) -> message or None, for scripted scenarios
-        self.trace: list[str] = []
-        self.leaders_by_term: dict[int, str] = {}
-        self.applied: dict[int, tuple[int, int, bytes]] = {}  # index -> (term, kind, data) applied anywhere
+        self.writes: list[PendingWrite] = []  # every write a leader accepted, whatever became of it
         self.acked_writes: list[PendingWrite] = []
+        self._acked_index: dict[str, int] = {}  # key -> index of the newest acknowledged write to it
+        self.read_ops: list[linearizability.Op] = []  # every read that was answered
+        self.history_clock = 0  # orders calls and returns: the simulator is one thread, so this is real time
         self.pending_writes: dict[str, list[PendingWrite]] = {i: [] for i in self.ids}
         self.pending_reads: dict[str, dict[int, PendingRead]] = {i: {} for i in self.ids}
         self.reads_checked = 0
-        self.commit_term: dict[int, int] = {}  # index -> term of the leader that first committed it
-        self._leader_commit: dict[str, int] = {}
-        self._leaders_checked: set[tuple[str, int]] = set()
         self.next_request_id = 1
         self.next_value = 1
         self.keys = ["a", "b", "c"]
@@ -157,9 +331,38 @@ class Cluster:
             **self.config_overrides,
         )
 
+    def new_storage(self) -> SimDisk:
+        """An empty disk for a node, its storage open."""
+        storage = SimDisk()
+        storage.open()
+        return storage
+
+    def _recover(self, sn: SimNode) -> StoredState:
+        """The node's process starts and recovers its storage; it may crash while doing so (and start again)."""
+        for _ in range(3):
+            crash_at = self.rng.randrange(LOAD_OPS) if self.rng.random() < self.load_crash_rate else None
+            try:
+                stored = sn.storage.open(crash_at_op=crash_at)
+            except StorageError as e:
+                self.fail(f"storage: {sn.node_id} cannot recover its data dir after a crash: {e}")
+            if stored is not None:
+                return stored
+            self.log_event(sn.node_id, f"crash at file operation {crash_at} of recovery")
+            self.stats["crash inside a recovery"] += 1
+            sn.storage.crash(self.rng, power_failure=self.rng.random() < self.power_failure_share)
+        stored = sn.storage.open()
+        assert stored is not None
+        return stored
+
     def _start(self, node_id: str) -> None:
         sn = self.nodes[node_id]
-        stored = sn.storage.load()
+        recovering = sn.storage.storage is None  # (else: a first start, on the storage as a test set it up)
+        stored = self._recover(sn) if recovering else sn.storage.load()
+        recovered = (stored.hard_state.current_term, stored.hard_state.voted_for)
+        if recovering and recovered != sn.durable_vote and recovered not in sn.written_votes:
+            self.fail(f"storage: {node_id} recovered term and vote {recovered}; it had fsynced {sn.durable_vote} "
+                      f"and written {sorted(sn.written_votes, key=repr)} since")
+        sn.durable_vote, sn.written_votes = recovered, set()  # a recovery makes what it read durable
         sn.node = RaftNode(
             self._config(node_id),
             random.Random(self.rng.randrange(1 << 30)),
@@ -173,13 +376,42 @@ class Cluster:
         sn.alive = True
         sn.paused = False
         sn.missed_ticks = 0
+        sn.backlog = []
+        sn.max_commit_index = 0
+        sn.leader_last_index = (0, 0)
+        sn.saved_vote = (stored.hard_state.current_term, stored.hard_state.voted_for)
+        log = sn.node.log
+        for index in range(log.first_index, log.last_index + 1):  # what storage gave back was once in a Ready
+            self._check_entry(node_id, log.entry(index), log.term(index - 1))
+
+    def _crash_in_ready(self, node_id: str, outbox: list) -> None:
+        sent = self.rng.randint(0, len(outbox))
+        for m in outbox[:sent]:  # what left before the process died
+            self.send(m)
+        self.stats["messages lost in a crash"] += len(outbox) - sent
+        self.crash(node_id)
+        if self.restart_rate and self.rng.random() < self.restart_rate:
+            self.restart(node_id)
+
+    def preload_logs(self, logs: dict[str, list[int]], current_term: int) -> None:
+        """Give each node a log with these terms (index 1 stays the bootstrap configuration), then restart it."""
+        first = self.nodes[self.ids[0]].storage.load().entries[0]
+        for node_id, terms in logs.items():
+            storage = self.new_storage()
+            es = [first] + [Entry(t, i, EntryKind.COMMAND, f"k=t{t}i{i}".encode()) for i, t in enumerate(terms[1:], 2)]
+            storage.save(HardState(current_term, None, 1), es)
+            self.nodes[node_id].storage = storage
+            self.restart(node_id)
 
     def crash(self, node_id: str) -> None:
         sn = self.nodes[node_id]
         sn.alive = False
         sn.node = None
-        if self.rng.random() < 0.5:
-            sn.storage.lose_unsynced()  # the kernel had not written the commit index out yet
+        sn.backlog = []
+        # A power failure: the kernel wrote out some, none or all of what was not synced. Else SIGKILL: all of it.
+        power_failure = self.rng.random() < self.power_failure_share
+        self.stats["power failures" if power_failure else "process kills"] += 1
+        sn.storage.crash(self.rng, power_failure=power_failure)
         self.pending_writes[node_id] = []  # outcome unknown: they may or may not commit
         self.pending_reads[node_id] = {}
         self.log_event(node_id, "crash")
@@ -203,7 +435,11 @@ class Cluster:
         for _ in range(copies):
             if self.codec_roundtrip:
                 m = codec.decode_batch(codec.encode_batch([m]))[0]
-            delay = self.rng.randint(0, self.max_delay)
+            if self.long_delay_rate and self.rng.random() < self.long_delay_rate:
+                delay = self.rng.randint(self.election_ticks, 3 * self.election_ticks)
+                self.stats["long delays"] += 1
+            else:
+                delay = self.rng.randint(0, self.max_delay)
             self._seq += 1
             heapq.heappush(self.network, (self.now + delay, self._seq, m))
 
@@ -237,48 +473,147 @@ class Cluster:
         if len(self.trace) > 400:
             del self.trace[:200]
 
-    def tick(self, crash_rate: float = 0.0) -> None:
-        """Advance one tick: tick every live node, deliver what is due, process every Ready."""
+    def _clock_ticks(self, sn: SimNode) -> int:
+        """How many times this node's clock ticks during this tick of true time (0, 1 or 2 when rates differ)."""
+        if sn.rate_percent == 100:
+            return 1
+        sn.clock_percent += sn.rate_percent
+        ticks, sn.clock_percent = divmod(sn.clock_percent, 100)
+        return ticks
+
+    def tick(self, crash_rate: float = 0.0, clients=None) -> None:
+        """Advance one tick: tick every live node (by its own clock), let the `clients()` act, deliver what is due,
+        process every Ready (at once, or for a batching node at the end)."""
         self.now += 1
         for node_id in self.ids:
             sn = self.nodes[node_id]
-            if sn.alive and sn.paused:
-                sn.missed_ticks += 1
-            if sn.alive and not sn.paused:
-                role = sn.node.role
-                sn.node.tick()
-                if sn.node.role is not role:
-                    self.log_event(node_id, f"tick -> {sn.node.role.value}")
-                self.process(node_id, crash_rate)
+            if not sn.alive:
+                continue
+            ticks = self._clock_ticks(sn)
+            if sn.paused:
+                sn.missed_ticks += ticks
+                continue
+            for _ in range(ticks):
+                self._tick_node(node_id, crash_rate)
+                if not sn.alive:
+                    break
+        for node_id in self.ids:
+            sn = self.nodes[node_id]
+            if sn.backlog and sn.alive and not sn.paused:
+                self._deliver_backlog(sn, crash_rate)
+        if clients is not None:
+            clients()
         while self.network and self.network[0][0] <= self.now:
             _, _, m = heapq.heappop(self.network)
             sn = self.nodes[m.dst]
-            if not sn.alive or sn.paused:
+            if not sn.alive:
                 continue
-            role = sn.node.role
-            sn.node.step(m)
-            if sn.node.role is not role:
-                self.log_event(m.dst, f"{type(m).__name__} from {m.src} -> {sn.node.role.value}")
-            self.process(m.dst, crash_rate)
-        self.check_safety()
+            if sn.paused:
+                sn.backlog.append(m)  # waits in the socket for the process to run again
+                continue
+            self._step(m, crash_rate)
+        for node_id in self.ids:
+            sn = self.nodes[node_id]
+            if sn.batching and sn.alive and not sn.paused:
+                self.stats["batched drives"] += 1
+                self.process(node_id, crash_rate)
+            sn.batching = bool(self.batch_rate) and self.rng.random() < self.batch_rate
+
+    def _tick_node(self, node_id: str, crash_rate: float = 0.0) -> None:
+        sn = self.nodes[node_id]
+        role = sn.node.role
+        sn.node.tick()
+        if sn.node.role is not role:
+            self.log_event(node_id, f"tick -> {sn.node.role.value}")
+        self._after_input(sn, crash_rate)
+
+    def _after_input(self, sn: SimNode, crash_rate: float = 0.0) -> None:
+        """Handle the node's Readies now, or (batching) once everything of this tick reached it: the runtime's
+        drive takes everything waiting at once (ticks, messages, proposals) and steps the node with all of it."""
+        if sn.batching:
+            self._check_node(sn.node_id)
+        else:
+            self.process(sn.node_id, crash_rate)
+
+    def _step(self, m, crash_rate: float = 0.0) -> None:
+        sn = self.nodes[m.dst]
+        role = sn.node.role
+        sn.node.step(m)
+        if sn.node.role is not role:
+            self.log_event(m.dst, f"{type(m).__name__} from {m.src} -> {sn.node.role.value}")
+        self._after_input(sn, crash_rate)
 
     def process(self, node_id: str, crash_rate: float = 0.0) -> None:
+        """Check the node, then handle each of its Readies as the runtime does, checking again after each."""
         sn = self.nodes[node_id]
+        self._check_node(node_id)
         while sn.alive and sn.node.has_ready():
             rd = sn.node.ready()
             if rd is None:
                 break
+            point = None
+            # Crash 20 times as often around a new term or vote, or a snapshot from the leader (the saves whose
+            # loss matters most; they are few), five times in a new leader's first tick (its first entries then
+            # stay on a few nodes: Figure 8).
+            hs = rd.hard_state
+            votes = hs is not None and (hs.current_term, hs.voted_for) != sn.saved_vote
+            fresh = rd.role is Role.LEADER and self.now - sn.leader_since <= 1
+            rare = votes or rd.snapshot is not None
+            if crash_rate and self.rng.random() < 2 * crash_rate * (20 if rare else 5 if fresh else 1):
+                point = self.rng.choice(CRASH_POINTS)
+            n = sn.node
+            if rd.role is Role.LEADER and rd.entries:
+                term, last = sn.leader_last_index
+                if term == rd.term and rd.entries[0].index <= last:
+                    self.fail(f"leader append-only: {node_id} rewrote its log from {rd.entries[0].index} in term "
+                              f"{term}, where it had {last}")
+                sn.leader_last_index = (rd.term, rd.entries[-1].index)
+            if rd.snapshot is not None:
+                s = rd.snapshot
+                seen = self.applied.get(s.last_included_index)
+                if seen is not None and seen[0] != s.last_included_term:
+                    self.fail(f"{node_id} installs a snapshot at {s.last_included_index} term {s.last_included_term}"
+                              f", but the entry applied there has term {seen[0]}")
             early, late = rd.split_messages()
-            for m in early:  # a leader's appends go out before its own save, as the runtime sends them
-                self.send(m)
-            if crash_rate and self.rng.random() < crash_rate:
-                self.crash(node_id)  # before saving: everything in this Ready is lost (but the early messages)
+            # A leader's appends are handed to the transport before its own save, as the runtime does. What was
+            # handed over in this Ready is in the process's send buffers: a crash now loses an arbitrary suffix.
+            outbox = list(early)
+            if point is not None:
+                self.stats[f"crash {point.replace('_', ' ')}"] += 1
+            if point == "before_save":
+                self._crash_in_ready(node_id, outbox)  # nothing of this Ready saved
+                return
+            if hs is not None:
+                sn.written_votes.add((hs.current_term, hs.voted_for))
+            if point == "mid_save":
+                # At one of the save's file operations (or just after it): what was written and not synced may
+                # be lost, kept or torn.
+                ops = INSTALL_OPS if rd.snapshot is not None else SAVE_OPS
+                if not sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync,
+                                       crash_at_op=self.rng.randrange(ops)):
+                    self.stats["crash inside a snapshot install" if rd.snapshot else "crash inside a save"] += 1
+                self._crash_in_ready(node_id, outbox)
                 return
             sn.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
-            if crash_rate and self.rng.random() < crash_rate:
-                self.crash(node_id)  # saved, but nothing else sent, nothing applied
+            # Entries count from their save on: a leader's entries that were neither saved nor sent (it crashed
+            # first) never existed, and it may write others at the same index and term once it wins the term again.
+            for e in rd.entries:
+                self._check_entry(node_id, e, n.log.term(e.index - 1))
+            if hs is not None:
+                sn.saved_vote = (hs.current_term, hs.voted_for)
+                if rd.must_sync:
+                    sn.durable_vote, sn.written_votes = sn.saved_vote, set()
+            if point == "after_save":
+                self._crash_in_ready(node_id, outbox)  # saved, its messages maybe not sent, nothing applied
                 return
             for m in late:
+                if type(m) is RequestVoteReply and m.vote_granted and not m.pre_vote:
+                    self._check_vote(m)
+                outbox.append(m)
+            if point == "after_send":
+                self._crash_in_ready(node_id, outbox)  # saved and (some) sent, nothing applied
+                return
+            for m in outbox:
                 self.send(m)
             if rd.snapshot is not None:
                 sn.kv.restore(rd.snapshot.data, rd.snapshot.last_included_index)
@@ -292,6 +627,15 @@ class Cluster:
                 self.pending_reads[node_id].pop(request_id, None)
             sn.node.advance(rd)
             self._serve_reads(sn)
+            self._check_node(node_id)
+            if self.snapshot_entries and n.last_applied - n.log.snapshot_index >= self.snapshot_entries:
+                # As the server does when its log has grown past a threshold (here counted in entries).
+                crash = self.rng.random() < self.snapshot_crash_rate
+                self.take_snapshot(node_id, crash_at_op=self.rng.randrange(INSTALL_OPS) if crash else None)
+
+    def _stamp(self) -> int:
+        self.history_clock += 1
+        return self.history_clock
 
     def _apply(self, sn: SimNode, e: Entry) -> None:
         seen = self.applied.get(e.index)
@@ -307,7 +651,11 @@ class Cluster:
         for w in self.pending_writes[sn.node_id]:
             if w.index == e.index:
                 if w.term == e.term:
+                    w.ret = self._stamp()
                     self.acked_writes.append(w)
+                    self._acked_index[w.key] = max(self._acked_index.get(w.key, 0), w.index)
+                else:
+                    w.lost = True  # (index, term) never commits once another entry committed at the index
             elif w.index > e.index:
                 still.append(w)
         self.pending_writes[sn.node_id] = still
@@ -319,9 +667,11 @@ class Cluster:
             if sn.kv.applied_index < r.read_index:
                 continue
             del reads[request_id]
-            _, write_index = sn.kv.data.get(r.key, (None, 0))
+            r.served = True
+            value, write_index = sn.kv.data.get(r.key, (None, 0))
             self.reads_checked += 1
-            if write_index < r.min_write_index:
+            self.read_ops.append(linearizability.Op(r.key, linearizability.READ, value, r.call, self._stamp()))
+            if self.check_reads_at_once and write_index < r.min_write_index:
                 self.fail(
                     f"linearizability: read of {r.key!r} on {sn.node_id} (started t={r.start}) saw the write at "
                     f"index {write_index}, but the write at {r.min_write_index} was acknowledged before it began"
@@ -342,9 +692,11 @@ class Cluster:
         self.nodes[node_id].paused = True
         self.log_event(node_id, "paused")
 
-    def resume(self, node_id: str, catch_up: bool = True) -> None:
-        """Like SIGCONT for the real runtime: the node's clock jumps over the time it was stopped. (Without
-        `catch_up`, a runtime whose clock stopped with the process: what leases must not run on.)"""
+    def resume(self, node_id: str, catch_up: bool = True, backlog: bool = True) -> None:
+        """Like SIGCONT for the real runtime: the node's clock jumps over the time it was stopped, then it reads
+        the messages that waited for it (at once, or with `backlog` False at the next tick: a client's request
+        may come first). Without `catch_up`, a runtime whose clock stopped with the process: what leases must
+        not run on."""
         sn = self.nodes[node_id]
         if not sn.paused:
             return
@@ -355,21 +707,40 @@ class Cluster:
             self.log_event(node_id, f"resumed after {sn.missed_ticks} ticks -> {sn.node.role.value}")
             self.process(node_id)
         sn.missed_ticks = 0
+        if backlog:
+            self._deliver_backlog(sn)
 
-    def client_write(self, node_id: str, key: str | None = None) -> PendingWrite | None:
+    def _deliver_backlog(self, sn: SimNode, crash_rate: float = 0.0) -> None:
+        messages, sn.backlog = sn.backlog, []
+        self.stats["messages read after a pause"] += len(messages)
+        for m in messages:
+            if sn.alive:
+                self._step(m, crash_rate)
+
+    def client_write(self, node_id: str, key: str | None = None, redirect: bool = True,
+                     value: str | None = None) -> PendingWrite | None:
         sn = self.nodes[node_id]
         if not sn.alive or sn.paused:
             return None
         key = key or self.rng.choice(self.keys)
-        value = f"v{self.next_value}"
-        self.next_value += 1
+        if value is None:
+            value = f"v{self.next_value}"
+            self.next_value += 1
+        call = self._stamp()
         try:
             index = sn.node.propose(f"{key}={value}".encode())
-        except (NotLeader, ProposalDropped):
+        except NotLeader as e:
+            # The client follows the redirect to the leader the node names, once (`curl -L`, or `-forward`).
+            hint = self.nodes.get(e.leader_id) if redirect else None
+            if hint is None or not hint.alive or hint.paused:
+                return None
+            return self.client_write(hint.node_id, key, redirect=False, value=value)
+        except ProposalDropped:
             return None
-        w = PendingWrite(key, value, node_id, index, sn.node.current_term, self.now)
+        w = PendingWrite(key, value, node_id, index, sn.node.current_term, self.now, call)
+        self.writes.append(w)
         self.pending_writes[node_id].append(w)
-        self.process(node_id)
+        self._after_input(sn)
         return w
 
     def client_read(self, node_id: str, key: str | None = None, lease: bool | None = None) -> PendingRead | None:
@@ -377,25 +748,30 @@ class Cluster:
         if not sn.alive or sn.paused:
             return None
         key = key or self.rng.choice(self.keys)
-        min_index = max((w.index for w in self.acked_writes if w.key == key), default=0)
+        min_index = self._acked_index.get(key, 0)
         request_id = self.next_request_id
         self.next_request_id += 1
+        call = self._stamp()
         try:
             sn.node.read_index(request_id, lease=self.rng.random() < self.lease_share if lease is None else lease)
         except NotLeader:
             return None
-        r = PendingRead(request_id, key, node_id, self.now, min_index)
+        r = PendingRead(request_id, key, node_id, self.now, min_index, call=call)
         self.pending_reads[node_id][request_id] = r
-        self.process(node_id)
+        self._after_input(sn)
         return r
 
-    def take_snapshot(self, node_id: str) -> None:
+    def take_snapshot(self, node_id: str, crash_at_op: int | None = None) -> None:
         sn = self.nodes[node_id]
         n = sn.node
         if not sn.alive or n.last_applied <= n.log.snapshot_index:
             return
         snap = n.create_snapshot(n.last_applied, sn.kv.snapshot_bytes())
-        sn.storage.save_snapshot(snap)
+        if not sn.storage.save_snapshot(snap, crash_at_op=crash_at_op):
+            self.log_event(node_id, f"crash at file operation {crash_at_op} of a snapshot at {snap.last_included_index}")
+            self.stats["crash inside a snapshot"] += 1
+            self.crash(node_id)
+            return
         self.log_event(node_id, f"snapshot at {snap.last_included_index}")
 
     def change_membership(self, kind: ConfChangeKind, node_id: str) -> bool:
@@ -418,42 +794,56 @@ class Cluster:
         trace = "\n".join(self.trace[-60:])
         raise SafetyViolation(
             f"{why}\nseed={self.seed} t={self.now}\n--- last events ---\n{trace}\n"
-            f"replay: python tests/simulator.py --seed {self.seed} --size {self.size}"
+            f"replay: {self.replay_command}"
         )
 
+    def _check_entry(self, node_id: str, e: Entry, term_before: int | None) -> None:
+        """Log matching (§5.3), whole logs, incrementally: an (index, term) names one entry everywhere, and one
+        term of the entry before it, so by induction logs that agree at an index agree on all before it."""
+        key = (e.index, e.term)
+        seen = self.entries_seen.get(key)
+        if seen is None:
+            self.entries_seen[key] = (e, term_before)
+        elif seen[0] != e:
+            self.fail(f"log matching: {node_id} holds {e} at index {e.index} term {e.term}, another node {seen[0]}")
+        elif term_before is not None and seen[1] is not None and seen[1] != term_before:
+            self.fail(f"log matching: {node_id} holds entry {e.index} term {e.term} after an entry of term "
+                      f"{term_before}, another node after one of term {seen[1]}")
+
+    def _check_vote(self, m: RequestVoteReply) -> None:
+        """§5.2: each server votes for at most one candidate in a term (on a first-come-first-served basis)."""
+        other = self.votes.setdefault((m.src, m.term), m.dst)
+        if other != m.dst:
+            self.fail(f"one vote per term (§5.2): {m.src} voted for {other} and for {m.dst} in term {m.term}")
+
+    def _check_node(self, node_id: str) -> None:
+        """Figure 3, on the node that just moved."""
+        sn = self.nodes[node_id]
+        if not sn.alive:
+            return
+        n = sn.node
+        if n.role is Role.LEADER:
+            other = self.leaders_by_term.setdefault(n.current_term, node_id)
+            if other != node_id:
+                self.fail(f"election safety: {other} and {node_id} both leaders in term {n.current_term}")
+            if (node_id, n.current_term) not in self._leaders_checked:
+                self._leaders_checked.add((node_id, n.current_term))
+                sn.leader_since = self.now
+                self._check_leader_completeness(node_id)
+            before = self._leader_commit.get(node_id, 0)
+            if n.commit_index > before:
+                for index in range(max(before, n.log.snapshot_index) + 1, n.commit_index + 1):
+                    self.commit_term.setdefault(index, n.current_term)
+            self._leader_commit[node_id] = n.commit_index
+        if n.commit_index > n.log.last_index:
+            self.fail(f"{node_id} commit {n.commit_index} beyond its log {n.log.last_index}")
+        if n.commit_index < sn.max_commit_index:
+            self.fail(f"{node_id} commit index went back from {sn.max_commit_index} to {n.commit_index}")
+        sn.max_commit_index = n.commit_index
+
     def check_safety(self) -> None:
-        by_index: dict[tuple[int, int], bytes] = {}
         for node_id in self.ids:
-            sn = self.nodes[node_id]
-            if not sn.alive:
-                continue
-            n = sn.node
-            if n.role is Role.LEADER:
-                other = self.leaders_by_term.setdefault(n.current_term, node_id)
-                if other != node_id:
-                    self.fail(f"election safety: {other} and {node_id} both leaders in term {n.current_term}")
-                if (node_id, n.current_term) not in self._leaders_checked:
-                    self._leaders_checked.add((node_id, n.current_term))
-                    self._check_leader_completeness(node_id)
-                if n.commit_index > self._leader_commit.get(node_id, 0):
-                    for index in range(max(self._leader_commit.get(node_id, 0), n.log.snapshot_index) + 1,
-                                       n.commit_index + 1):
-                        self.commit_term.setdefault(index, n.current_term)
-                self._leader_commit[node_id] = n.commit_index
-            if n.commit_index > n.log.last_index:
-                self.fail(f"{node_id} commit {n.commit_index} beyond its log {n.log.last_index}")
-        # Log matching, part 1: an (index, term) pair names one entry everywhere.
-        for node_id in self.ids:
-            sn = self.nodes[node_id]
-            if not sn.alive:
-                continue
-            log = sn.node.log
-            for index in range(max(log.first_index, log.last_index - 20), log.last_index + 1):
-                e = log.entry(index)
-                key = (index, e.term)
-                data = e.data if e.membership is None else repr(e.membership).encode()
-                if by_index.setdefault(key, data) != data:
-                    self.fail(f"log matching: two different entries at index {index} term {e.term}")
+            self._check_node(node_id)
 
     def _check_leader_completeness(self, node_id: str) -> None:
         """§5.4: a leader's log holds every entry committed in an earlier term."""
@@ -461,7 +851,7 @@ class Cluster:
         for index, committed_in in self.commit_term.items():
             if committed_in >= n.current_term or index <= n.log.snapshot_index:
                 continue
-            if n.log.term(index) != self.applied.get(index, (n.log.term(index),))[0] or index > n.log.last_index:
+            if index > n.log.last_index or n.log.term(index) != self.applied.get(index, (n.log.term(index),))[0]:
                 self.fail(f"leader completeness: {node_id} (term {n.current_term}) lacks committed entry {index}")
 
     def check_log_matching(self) -> None:
@@ -480,6 +870,16 @@ class Cluster:
                         self.fail(f"log matching: {a.node_id} and {b.node_id} differ at {index} below a match")
                     agreed = agreed or same
 
+    def check_history(self) -> None:
+        """The clients' reads and writes must be linearizable: acknowledged writes at their acknowledgement,
+        writes never acknowledged (a crash, a lost leadership, the end of the run) with unknown outcome, writes
+        whose entry was overwritten left out (they never took effect), answered reads as answered."""
+        ops = [linearizability.Op(w.key, linearizability.WRITE, w.value, w.call, w.ret)
+               for w in self.writes if not w.lost]
+        result = linearizability.check(ops + self.read_ops)
+        if not result.ok:
+            self.fail(f"linearizability (history checker): {result.explanation}")
+
     def run(self, ticks: int, **kwargs) -> None:
         for _ in range(ticks):
             self.tick(**kwargs)
@@ -492,58 +892,205 @@ class Cluster:
         return predicate()
 
 
+class Client:
+    """One client: one request at a time, as a real client waits for its answer (so the history stays as narrow
+    as the checker needs), to the node it keeps talking to (a kept-alive connection: the clients of a stale
+    leader keep asking it). It follows a redirect for writes, gives up on a request after `timeout_ticks` (a
+    write's outcome is then unknown), and moves to another node when its node fails it."""
+
+    def __init__(self, home: str, timeout_ticks: int) -> None:
+        self.home = home
+        self.timeout_ticks = timeout_ticks
+        self.request: PendingWrite | PendingRead | None = None
+
+    def _waiting(self, cluster: Cluster) -> bool:
+        """Is the request still unanswered (True), or answered, failed or given up (False, and failed says how)?"""
+        r = self.request
+        if isinstance(r, PendingWrite):
+            answered = r.ret != math.inf or r.lost or r not in cluster.pending_writes[r.node_id]
+            self.failed = r.ret == math.inf
+        else:
+            answered = r.request_id not in cluster.pending_reads[r.node_id]
+            self.failed = answered and not r.served
+        return not answered and cluster.now - r.start < self.timeout_ticks
+
+    def act(self, cluster: Cluster, alive: list[str]) -> None:
+        r = cluster.rng
+        if self.request is not None:
+            if self._waiting(cluster):
+                return
+            self.request = None
+            if self.failed and alive:
+                self.home = r.choice(alive)
+            return
+        x = r.random()
+        if x >= CLIENT_OP_CHANCE:
+            return
+        if self.home not in alive or cluster.nodes[self.home].paused:
+            if alive:
+                self.home = r.choice(alive)
+            return
+        if x < CLIENT_OP_CHANCE * 0.55:
+            self.request = cluster.client_write(self.home)
+        else:
+            self.request = cluster.client_read(self.home)
+        if alive and (self.request is None or r.random() < 0.02):
+            self.home = r.choice(alive)
+
+
+def _config_arg(overrides: dict) -> str:
+    return " ".join(f"--config {k}={v!r}" for k, v in sorted(overrides.items()))
+
+
+# Nemesis profiles: the chance of each action per round (one round per `scale` ticks), and the chances per Ready of
+# a crash inside it. "mixed" is a bit of everything; "churn" takes leaders away often (isolation, crash, transfer),
+# which is what makes logs diverge across terms (Figure 8); "crashy" crashes and restarts nodes all the time.
+PROFILES: dict[str, dict] = {
+    "mixed": {"crash": 0.01, "restart": 0.02, "isolate_leader": 0.01, "partition": 0.01, "cut": 0.005,
+              "heal": 0.025, "snapshot": 0.005, "transfer": 0.005, "add_learner": 0.003, "remove": 0.002,
+              "pause": 0.005, "crash_leader": 0.0, "ready_crash_rates": (0.0, 0.0005, 0.001, 0.003), "snapshot_crash": 0.1,
+              "load_crash": 0.05},
+    "churn": {"crash": 0.005, "restart": 0.03, "isolate_leader": 0.04, "partition": 0.02, "cut": 0.005,
+              "heal": 0.04, "snapshot": 0.005, "transfer": 0.01, "add_learner": 0.0, "remove": 0.0,
+              "pause": 0.005, "crash_leader": 0.01, "ready_crash_rates": (0.0, 0.002), "snapshot_crash": 0.1,
+              "load_crash": 0.05},
+    "isolation": {"crash": 0.002, "restart": 0.02, "isolate_leader": 0.03, "partition": 0.01, "cut": 0.0,
+                  "heal": 0.01, "snapshot": 0.002, "transfer": 0.0, "add_learner": 0.0, "remove": 0.0,
+                  "pause": 0.0, "crash_leader": 0.0, "ready_crash_rates": (0.0,), "snapshot_crash": 0.0,
+                  "load_crash": 0.0},
+    "crashy": {"crash": 0.03, "restart": 0.06, "isolate_leader": 0.005, "partition": 0.005, "cut": 0.0,
+               "heal": 0.03, "snapshot": 0.01, "transfer": 0.005, "add_learner": 0.003, "remove": 0.002,
+               "pause": 0.005, "crash_leader": 0.01, "ready_crash_rates": (0.003, 0.01), "snapshot_crash": 0.3,
+               "load_crash": 0.2},
+}
+PROFILE_MIX = ("mixed", "mixed", "churn", "crashy")  # a schedule's profile, drawn from its seed
+
+
 def random_schedule(
     seed: int, n: int, fault_ticks: int = 300, heal_ticks: int = 600, config_overrides: dict | None = None,
-    lease_share: float = 0.5,
+    lease_share: float = 0.5, mutation: str | None = None, profile: str | None = None,
 ) -> Cluster:
-    """One seeded run: faults and clients for `fault_ticks`, then heal everything and check liveness."""
+    """One seeded run: faults and clients for `fault_ticks` (times the time scale), then heal everything and check
+    liveness and the clients' history. `mutation` names a deliberately broken core from MUTATIONS; `profile` a
+    nemesis from PROFILES (default: drawn from the seed)."""
     rng = random.Random(seed ^ 0x5EED)
-    cluster = Cluster(
-        seed,
-        n=n,
-        config_overrides=config_overrides,
-        lease_share=lease_share,
-        spares=1,
-        drop_rate=rng.choice([0.0, 0.02, 0.1]),
-        dup_rate=rng.choice([0.0, 0.02]),
-        max_delay=rng.choice([1, 2, 4]),
-    )
+    drawn = rng.choice(PROFILE_MIX)
+    nemesis = PROFILES[profile or drawn]
+    # A fifth of the clusters grow from one node, the others joining as learners (promoted once caught up), as a
+    # cluster is built from `-join`: elections of a lone voter are won inside one Ready.
+    grow = rng.random() < 0.2
+    if grow:
+        nemesis = dict(nemesis, add_learner=0.05)
+    # A third of the schedules run on a finer clock (a tick a third as long, messages as fast as before): the races
+    # between an election timeout and a lease, and clock drift, then show at a resolution the lease margin needs.
+    scale = rng.choice([1, 1, 3])
+    election_ticks = ELECTION_TICKS * scale
+    # One entry per AppendEntries in some schedules: followers then hold parts of a new leader's log, as in Figure 8.
+    overrides = {"max_batch_bytes": rng.choice([1 << 20, 1 << 20, 1])}
+    # The protocol's options are part of the contract too: a share of the schedules runs without each.
+    overrides["check_quorum"] = rng.random() >= 0.2
+    overrides["pre_vote"] = rng.random() >= 0.2
+    storage_switches = {}
+    for name, value in (MUTATIONS[mutation] if mutation else {}).items():
+        if name.startswith("storage."):
+            storage_switches[name[len("storage."):]] = value
+        else:
+            overrides[name] = value(election_ticks) if callable(value) else value
+    overrides.update(config_overrides or {})
+    with _storage_switches(storage_switches):
+        cluster = Cluster(
+            seed,
+            n=1 if grow else n,
+            config_overrides=overrides,
+            lease_share=lease_share,
+            spares=n if grow else 1,
+            election_ticks=election_ticks,
+            heartbeat_ticks=HEARTBEAT_TICKS if scale == 1 else 5,
+            drop_rate=rng.choice([0.0, 0.02, 0.1]),
+            dup_rate=rng.choice([0.0, 0.02]),
+            max_delay=rng.choice([1, 2, 4]),
+            long_delay_rate=rng.choice([0.0, 0.0, 0.003, 0.01]),
+            # Within the lease margin (thesis §6.4.1): a lease is 4/5 of the election timeout, so rates may differ by
+            # up to 5/4; 8% either way is 1.17 at most, with room for the ticks' granularity.
+            clock_drift_percent=rng.choice([0, 4, 8]),
+            restart_rate=rng.choice([0.0, 0.5, 1.0]),
+        )
+        cluster.replay_command = f"python tests/simulator.py --seed {seed} --size {n}"
+        cluster.load_crash_rate = nemesis["load_crash"]
+        cluster.snapshot_entries = rng.choice([None, 20, 60])
+        cluster.batch_rate = rng.choice([0.0, 0.5, 1.0])
+        cluster.snapshot_crash_rate = nemesis["snapshot_crash"]
+        crash_rate = rng.choice(nemesis["ready_crash_rates"])
+        if mutation:
+            cluster.replay_command += f" --mutation {mutation}"
+        if profile and profile != drawn:
+            cluster.replay_command += f" --profile {profile}"
+        if lease_share != 0.5:
+            cluster.replay_command += f" --lease-share {lease_share}"
+        if config_overrides:
+            cluster.replay_command += " " + _config_arg(config_overrides)
+        _drive(cluster, nemesis, n, scale, crash_rate, fault_ticks, heal_ticks)
+    return cluster
+
+
+@contextlib.contextmanager
+def _storage_switches(switches: dict):
+    """raftlib.storage's module switches set for the duration (a mutation of the storage), then restored."""
+    saved = {name: getattr(storage_module, name) for name in switches}
+    try:
+        for name, value in switches.items():
+            setattr(storage_module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(storage_module, name, value)
+
+
+def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: float, fault_ticks: int,
+           heal_ticks: int) -> None:
     r = cluster.rng
     removed: set[str] = set()
-    spare = cluster.ids[-1]
-    crash_rate = rng.choice([0.0, 0.001, 0.003])
+    clients = [Client(r.choice(cluster.ids), CLIENT_TIMEOUT_ELECTIONS * cluster.election_ticks) for _ in range(CLIENTS)]
+    actions = [(name, nemesis[name]) for name in ("crash", "restart", "isolate_leader", "partition", "cut", "heal",
+                                                  "snapshot", "transfer", "add_learner", "remove", "pause",
+                                                  "crash_leader")]
     for _ in range(fault_ticks):
         x = r.random()
-        alive = [i for i in cluster.ids if cluster.nodes[i].alive and i not in removed]
-        if x < 0.25:
-            cluster.client_write(r.choice(alive) if alive else cluster.ids[0])
-        elif x < 0.45:
-            if alive:
-                cluster.client_read(r.choice(alive))
-        elif x < 0.46:
+        action = None
+        for name, chance in actions:
+            if x < chance:
+                action = name
+                break
+            x -= chance
+        if action == "crash":
             victim = r.choice(cluster.ids)
             if cluster.nodes[victim].alive:
                 cluster.crash(victim)
-        elif x < 0.48:
+        elif action == "restart":
             down = [i for i in cluster.ids if not cluster.nodes[i].alive]
             if down:
                 cluster.restart(r.choice(down))
-        elif x < 0.49:
+        elif action == "isolate_leader":
             leader = cluster.leader()
             if leader:
                 cluster.isolate(leader)
                 cluster.log_event(leader, "isolated")
-        elif x < 0.50:
+        elif action == "crash_leader":
+            leader = cluster.leader()
+            if leader:
+                cluster.crash(leader)
+        elif action == "partition":
             group = r.sample(cluster.ids, len(cluster.ids) // 2)
             cluster.partition(group)
-        elif x < 0.505:
+        elif action == "cut":
             a, b = r.sample(cluster.ids, 2)
             cluster.cut.add((a, b))  # asymmetric
-        elif x < 0.53:
+        elif action == "heal":
             cluster.heal()
-        elif x < 0.535:
-            cluster.take_snapshot(r.choice(cluster.ids))
-        elif x < 0.54:
+        elif action == "snapshot":
+            crash_at = r.randrange(INSTALL_OPS) if r.random() < nemesis["snapshot_crash"] else None
+            cluster.take_snapshot(r.choice(cluster.ids), crash_at_op=crash_at)
+        elif action == "transfer":
             leader = cluster.leader()
             voters = cluster.nodes[leader].node.membership.voters if leader else ()
             if leader and len(voters) > 1:
@@ -553,9 +1100,12 @@ def random_schedule(
                     cluster.log_event(leader, f"transfer to {target}")
                 except Exception:
                     pass
-        elif x < 0.543:
-            cluster.change_membership(ConfChangeKind.ADD_LEARNER, spare)
-        elif x < 0.545:
+        elif action == "add_learner":
+            leader = cluster.leader()
+            outside = [i for i in cluster.ids if leader and i not in cluster.nodes[leader].node.membership.node_ids]
+            if outside:
+                cluster.change_membership(ConfChangeKind.ADD_LEARNER, r.choice(outside))
+        elif action == "remove":
             leader = cluster.leader()
             if leader:
                 voters = cluster.nodes[leader].node.membership.voters
@@ -563,23 +1113,104 @@ def random_schedule(
                     victim = r.choice(voters)
                     if cluster.change_membership(ConfChangeKind.REMOVE, victim):
                         removed.add(victim)
-        elif x < 0.55:
+        elif action == "pause":
             victim = r.choice(cluster.ids)
             if cluster.nodes[victim].paused:
-                cluster.resume(victim)
+                cluster.resume(victim, backlog=r.random() < 0.5)
             else:
                 cluster.pause(victim)
-        cluster.tick(crash_rate=crash_rate)
+        def act() -> None:
+            alive = [i for i in cluster.ids if cluster.nodes[i].alive and i not in removed]
+            for client in clients:
+                client.act(cluster, alive)
+
+        for _ in range(scale):
+            cluster.tick(crash_rate=crash_rate, clients=act)
     # Heal: every link back, every node up, no more faults; a leader must appear and everything converge.
     cluster.heal()
-    cluster.drop_rate = cluster.dup_rate = 0.0
+    cluster.drop_rate = cluster.dup_rate = cluster.long_delay_rate = cluster.snapshot_crash_rate = 0.0
     for node_id in cluster.ids:
         sn = cluster.nodes[node_id]
         cluster.resume(node_id)
         if not sn.alive:
             cluster.restart(node_id)
-    check_liveness(cluster, heal_ticks)
+    check_liveness(cluster, heal_ticks * scale)
+    cluster.check_history()
     return cluster
+
+
+LEASE_SCENARIO_DRIFT_PERCENT = 10  # rates up to 1.1 / 0.9 = 1.22 apart: inside the lease margin's 5/4
+
+
+def lease_scenario(seed: int, mutation: str | None = None) -> Cluster:
+    """A directed schedule for leader leases (thesis §6.4.1) against clock drift: a 3-node cluster on the fine
+    clock (30-tick election timeout) whose leader's clock runs 10% slow and the others' 10% fast, the most the
+    lease margin allows (a lease is 4/5 of the election timeout). The leader is isolated at a random moment; a
+    client writes through the new leader as soon as there is one, and another asks the old leader for a lease read
+    every tick until it steps down. The reads must be linearizable."""
+    overrides = {}
+    if mutation:
+        for name, value in MUTATIONS[mutation].items():
+            overrides[name] = value(3 * ELECTION_TICKS) if callable(value) else value
+    c = Cluster(seed, n=3, config_overrides=overrides, election_ticks=3 * ELECTION_TICKS, heartbeat_ticks=5,
+                max_delay=1)
+    c.replay_command = f"python tests/simulator.py --scenario lease --seed {seed}" + (
+        f" --mutation {mutation}" if mutation else "")
+    if not c.run_until(lambda: c.leader() is not None, 20 * c.election_ticks):
+        c.fail("liveness: no leader")
+    old = c.leader()
+    for node_id, sn in c.nodes.items():
+        sn.rate_percent = 100 + (-1 if node_id == old else 1) * LEASE_SCENARIO_DRIFT_PERCENT
+    n = c.nodes[old].node
+    c.run_until(lambda: n.log.term(n.commit_index) == n.current_term, 100)
+    w = c.client_write(old, "k")
+    c.run_until(lambda: w.ret != math.inf, 100)
+    c.run(c.rng.randrange(2 * c.election_ticks))
+    c.isolate(old)
+    c.log_event(old, "isolated")
+    for _ in range(4 * c.election_ticks):
+        new = c.leader()
+        if new not in (None, old):
+            c.client_write(new, "k")
+        c.client_read(old, "k", lease=True)
+        c.tick()
+        if n.role is not Role.LEADER:
+            break
+    c.check_history()
+    return c
+
+
+def figure_8_scenario(mutation: str | None = None) -> Cluster:
+    """§5.4.2, Figure 8, scripted: S1 (n1), leader of term 4, gets its term-2 entry at index 2 onto a majority; then
+    it crashes and S5 (n5), whose index 2 holds term 3, is elected and overwrites it everywhere. Safe only while a
+    leader does not commit an entry of an earlier term by counting replicas."""
+    logs = {"n1": [1, 2], "n2": [1, 2], "n3": [1], "n4": [1], "n5": [1, 3]}
+    c = Cluster(seed=12, n=5, config_overrides={"max_batch_bytes": 1, **(MUTATIONS[mutation] if mutation else {})})
+    c.replay_command = "python tests/simulator.py --scenario figure8" + (f" --mutation {mutation}" if mutation else "")
+    c.preload_logs(logs, current_term=3)
+
+    def only_index_2(m):  # S1 wins term 4 without S5, and only index 2 (never its term-4 no-op) reaches the others
+        if "n5" in (m.src, m.dst):
+            return None
+        if isinstance(m, AppendEntries):
+            return dataclasses.replace(m, entries=tuple(e for e in m.entries if e.index <= 2))
+        return m
+
+    c.deliver_filter = only_index_2
+    c.nodes["n1"].node.step(TimeoutNow("n2", "n1", 3))
+    c.process("n1")
+    if not c.run_until(lambda: all(c.nodes[i].node.log.term(2) == 2 for i in ("n1", "n2", "n3", "n4")), 100):
+        c.fail("figure 8: index 2 of term 2 never reached a majority")
+    c.run(10)
+    c.crash("n1")
+    c.deliver_filter = None
+    c.isolate("n1")
+    c.nodes["n5"].node.step(TimeoutNow("n4", "n5", 4))  # S5 times out first, as in the figure
+    c.process("n5")
+    if not c.run_until(lambda: c.leader() == "n5", 100):
+        c.fail("figure 8: S5 was not elected")
+    c.run(50)
+    return c
 
 
 def check_liveness(cluster: Cluster, heal_ticks: int) -> None:
@@ -611,6 +1242,15 @@ def check_liveness(cluster: Cluster, heal_ticks: int) -> None:
     else:
         cluster.fail(f"liveness: no converged leader {heal_ticks} ticks after healing (leader={cluster.leader()})")
     cluster.check_log_matching()
+    # The core answers (with a read index) or fails every read in bounded time: read_timeout_ticks, 2 election
+    # timeouts by default; a few more ticks here for drift and for the messages. (Waiting to apply up to the read
+    # index is the runtime's, with its own bound: a removed node, say, never gets there.)
+    bound = 3 * cluster.election_ticks + 4 * cluster.max_delay
+    for node_id in cluster.ids:
+        for r in cluster.pending_reads[node_id].values():
+            if r.read_index is None and cluster.now - r.start > bound:
+                cluster.fail(f"liveness: a read on {node_id} (request {r.request_id}, started t={r.start}) was "
+                             f"neither answered nor failed in {cluster.now - r.start} ticks")
     for w in cluster.acked_writes:
         for node_id in members():
             sn = cluster.nodes[node_id]
@@ -618,8 +1258,17 @@ def check_liveness(cluster: Cluster, heal_ticks: int) -> None:
                 cluster.fail(f"acknowledged write {w} missing on {node_id}")
 
 
+def _parse_config(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        out[name] = ast.literal_eval(value)
+    return out
+
+
 def main() -> None:
     import argparse
+    import logging
     import time
 
     p = argparse.ArgumentParser(description="Replay one seeded schedule, or soak many.")
@@ -627,11 +1276,23 @@ def main() -> None:
     p.add_argument("--size", type=int, default=None, help="cluster size (default: 3, 5 and 7)")
     p.add_argument("--count", type=int, default=1, help="run seeds seed .. seed+count-1")
     p.add_argument("--trace", action="store_true", help="print the event trace of each run")
+    p.add_argument("--mutation", choices=sorted(MUTATIONS), help="run a deliberately broken core")
+    p.add_argument("--scenario", choices=("random", "lease", "figure8"), default="random",
+                   help="random schedules (default), the directed lease-against-drift one, or Figure 8 scripted")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="the nemesis (default: drawn from the seed)")
+    p.add_argument("--lease-share", type=float, default=0.5, help="of the client reads, the share with a lease")
+    p.add_argument("--config", action="append", default=[], metavar="NAME=VALUE", help="a Config override")
     args = p.parse_args()
+    logging.getLogger("raftlib.storage").setLevel(logging.ERROR)  # torn tails cut after crashes: expected here
     started, runs, writes, reads = time.monotonic(), 0, 0, 0
     for seed in range(args.seed, args.seed + args.count):
+        if args.scenario != "random":
+            c = lease_scenario(seed, args.mutation) if args.scenario == "lease" else figure_8_scenario(args.mutation)
+            runs, writes, reads = runs + 1, writes + len(c.acked_writes), reads + c.reads_checked
+            continue
         for n in (args.size,) if args.size else (3, 5, 7):
-            c = random_schedule(seed, n)
+            c = random_schedule(seed, n, config_overrides=_parse_config(args.config), lease_share=args.lease_share,
+                                mutation=args.mutation, profile=args.profile)
             runs, writes, reads = runs + 1, writes + len(c.acked_writes), reads + c.reads_checked
             if args.trace:
                 print("\n".join(c.trace))

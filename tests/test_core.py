@@ -1,5 +1,5 @@
 """Named cases for the Raft core, each citing the paper or thesis, driven through the simulated cluster, and
-tests that break the core on purpose to show each safety check can fire."""
+tests that break the core on purpose to show a check can fire (the whole mutation table: test_mutations.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from raftlib import (
     Config,
     Entry,
     EntryKind,
-    HardState,
     InstallSnapshot,
-    MemoryStorage,
     NotLeader,
     ProposalDropped,
     ReadIndexRequest,
@@ -26,7 +24,7 @@ from raftlib import (
     Role,
 )
 from raftlib.progress import ProgressState
-from simulator import Cluster, SafetyViolation, random_schedule
+from simulator import Cluster, SafetyViolation, figure_8_scenario
 
 
 def elect(c: Cluster, max_ticks: int = 500) -> str:
@@ -111,17 +109,6 @@ def test_follower_refuses_proposals():
     assert e.value.leader_id == leader
 
 
-def preload_logs(c: Cluster, logs: dict[str, list[int]], current_term: int) -> None:
-    """Give each node a log with these terms (index 1 stays the bootstrap configuration), then restart it."""
-    first = c.nodes["n1"].storage.load().entries[0]
-    for node_id, terms in logs.items():
-        storage = MemoryStorage()
-        es = [first] + [Entry(t, i, EntryKind.COMMAND, f"k=t{t}i{i}".encode()) for i, t in enumerate(terms[1:], 2)]
-        storage.save(HardState(current_term, None, 1), es)
-        c.nodes[node_id].storage = storage
-        c.restart(node_id)
-
-
 def test_figure_7_divergent_follower_logs_are_repaired():
     """§5.3, Figure 7: followers missing entries, with extra entries, or both, end with the leader's log."""
     logs = {
@@ -134,7 +121,7 @@ def test_figure_7_divergent_follower_logs_are_repaired():
         "n7": [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3],  # (f)
     }
     c = Cluster(seed=3, n=7, election_ticks=10)
-    preload_logs(c, logs, current_term=7)
+    c.preload_logs(logs, current_term=7)
     c.nodes["n1"].node.step(_timeout_now("n1"))  # make n1 the candidate, as in the figure
     c.process("n1")
     leader = elect(c)
@@ -154,44 +141,16 @@ def _timeout_now(dst: str, term: int = 7):
     return TimeoutNow("n2", dst, term)
 
 
-def _figure_8(unsafe: bool) -> Cluster:
-    """§5.4.2, Figure 8: S1 (n1), leader of term 4, gets its term-2 entry at index 2 onto a majority; then it
-    crashes and S5 (n5), whose index 2 holds term 3, is elected and overwrites it everywhere."""
-    logs = {"n1": [1, 2], "n2": [1, 2], "n3": [1], "n4": [1], "n5": [1, 3]}
-    c = Cluster(seed=12, n=5, config_overrides={"max_batch_bytes": 1, "unsafe_commit_previous_term": unsafe})
-    preload_logs(c, logs, current_term=3)
-    # S1 wins term 4 without S5, and only index 2 (never its term-4 no-op at 3) reaches the others.
-    def only_index_2(m):
-        if "n5" in (m.src, m.dst):
-            return None
-        if isinstance(m, AppendEntries):
-            return dataclasses.replace(m, entries=tuple(e for e in m.entries if e.index <= 2))
-        return m
-
-    c.deliver_filter = only_index_2
-    c.nodes["n1"].node.step(_timeout_now("n1", 3))
-    c.process("n1")
-    assert c.run_until(lambda: all(c.nodes[i].node.log.term(2) == 2 for i in ("n1", "n2", "n3", "n4")), 100)
-    c.run(10)
-    c.crash("n1")
-    c.deliver_filter = None
-    c.isolate("n1")
-    c.nodes["n5"].node.step(_timeout_now("n5", 4))  # S5 times out first, as in the figure
-    c.process("n5")
-    assert c.run_until(lambda: c.leader() == "n5", 100)
-    c.run(50)
-    return c
-
-
 def test_figure_8_an_entry_of_a_previous_term_is_not_committed_by_counting():
-    c = _figure_8(unsafe=False)
+    """§5.4.2, Figure 8 (see simulator.figure_8_scenario)."""
+    c = figure_8_scenario()
     for node_id in ("n2", "n3", "n4", "n5"):
         assert c.nodes[node_id].node.log.term(2) == 3  # overwritten, and that was safe: it never committed
 
 
 def test_figure_8_check_fires_when_the_core_counts_previous_term_entries():
     with pytest.raises(SafetyViolation, match="leader completeness|state machine safety"):
-        _figure_8(unsafe=True)
+        figure_8_scenario("commit_previous_term")
 
 
 def test_partitioned_node_rejoining_does_not_depose_the_leader():
@@ -318,32 +277,6 @@ def test_far_behind_follower_catches_up_through_a_chunked_snapshot():
     assert c.nodes[lagger].node.log.snapshot_index > 10
 
 
-@pytest.mark.parametrize(
-    "fault, check",
-    [
-        ("unsafe_vote_twice", "election safety"),
-        # With check-quorum on, an isolated leader steps down within two election timeouts, and a paused one as
-        # soon as its clock catches up: the window for a stale read is too rare for random schedules to find.
-        ("unsafe_read_without_quorum+no_check_quorum", "linearizability"),
-    ],
-)
-def test_each_safety_check_fires_on_a_broken_core(fault, check):
-    """Break the core on purpose and find a seed whose schedule the checks reject."""
-    import re
-
-    for seed in range(400):
-        for n in (3, 5):
-            try:
-                overrides = {f: True for f in fault.split("+") if f.startswith("unsafe")}
-                if "no_check_quorum" in fault:
-                    overrides["check_quorum"] = False
-                random_schedule(seed, n, config_overrides=overrides, lease_share=0.0)
-            except SafetyViolation as e:
-                assert re.search(check, str(e)), str(e).splitlines()[0]
-                return
-    pytest.fail(f"no schedule exposed {fault}")
-
-
 def _lease_read_on_a_leader_paused_through_an_election(catch_up: bool):
     """Thesis §6.4.1: a leader answers lease reads without a round while a majority heard from it within the lease.
     Its old leader is paused while the others elect a new one and commit a write; then, resumed, it is asked for a
@@ -360,7 +293,7 @@ def _lease_read_on_a_leader_paused_through_an_election(catch_up: bool):
     n = c.nodes[new].node
     assert c.run_until(lambda: n.log.term(n.commit_index) == n.current_term, 200)
     write(c, "k")
-    c.resume(old, catch_up=catch_up)
+    c.resume(old, catch_up=catch_up, backlog=False)  # the read comes before the messages that waited
     return c, old, c.client_read(old, "k", lease=True)
 
 

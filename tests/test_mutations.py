@@ -1,0 +1,90 @@
+"""The mutation score: deliberately broken variants of the core (`Config.unsafe_*`, a lease setting) and of the
+storage (`raftlib.storage.UNSAFE_REPLAY_FILTER`), each switched on here only, must each be caught by the layer
+named in CASES within a bounded number of seeds. Each test prints how many seeds it took, then runs the seed that
+caught it again with the variant off: the schedule passes, so it is the variant that the checks caught.
+
+`python tests/test_mutations.py` prints the table (variant, layer, seeds) for the README.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+if __name__ == "__main__":  # `python tests/test_mutations.py` from the project root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest
+
+from simulator import MUTATIONS, SafetyViolation, figure_8_scenario, lease_scenario, random_schedule
+
+SIZES = (3, 5, 7)
+
+
+@dataclass
+class Case:
+    mutation: str
+    layer: str
+    run: Callable[[int, str | None], object]  # run(k, mutation): the k-th seed of the layer; raises when caught
+    max_seeds: int
+
+
+def random_schedules(profile: str | None = None) -> Callable[[int, str | None], object]:
+    """The CI simulator's schedules, in its order (seed k // 3 on SIZES[k % 3] nodes), or only one nemesis."""
+    return lambda k, mutation: random_schedule(k // 3, SIZES[k % 3], mutation=mutation, profile=profile)
+
+
+CASES = [
+    Case("vote_twice", "simulator, random schedules", random_schedules(), 40),
+    Case("read_without_quorum", "simulator, random schedules, isolation profile", random_schedules("isolation"), 40),
+    Case("commit_previous_term", "simulator, Figure 8 scripted", lambda k, m: figure_8_scenario(m), 1),
+    Case("lease_without_margin", "simulator, lease scenario (clocks 10% apart)", lease_scenario, 40),
+    Case("lease_longer_than_election_timeout", "simulator, lease scenario (clocks 10% apart)", lease_scenario, 40),
+    Case("reply_before_fsync", "simulator, random schedules", random_schedules(), 40),
+    Case("count_own_entries_before_fsync", "simulator, random schedules", random_schedules(), 60),
+    Case("forget_vote_on_restart", "simulator, random schedules, crashy profile", random_schedules("crashy"), 60),
+    Case("keep_conflicting_suffix", "simulator, random schedules", random_schedules(), 40),
+    Case("replay_filter", "simulator, random schedules", random_schedules(), 250),
+]
+
+
+def first_catch(case: Case) -> tuple[int, str]:
+    """(seeds it took, the first line of what caught it); (0, "") when none of max_seeds caught it."""
+    for k in range(case.max_seeds):
+        try:
+            case.run(k, case.mutation)
+        except SafetyViolation as e:
+            return k + 1, str(e).splitlines()[0]
+    return 0, ""
+
+
+def test_every_mutation_has_a_case():
+    assert sorted(c.mutation for c in CASES) == sorted(MUTATIONS)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.mutation for c in CASES])
+def test_mutation_is_caught(case: Case):
+    seeds, why = first_catch(case)
+    assert seeds, f"{case.mutation}: not caught by {case.layer} in {case.max_seeds} seeds"
+    print(f"{case.mutation}: caught by {case.layer} after {seeds} seed(s): {why}")
+    case.run(seeds - 1, None)  # the same seed without the variant passes
+
+
+def main() -> None:
+    logging.getLogger("raftlib.storage").setLevel(logging.ERROR)
+    print("| variant | caught by | seeds | what fired |")
+    print("| --- | --- | ---: | --- |")
+    for case in CASES:
+        started = time.monotonic()
+        seeds, why = first_catch(case)
+        print(f"| `{case.mutation}` | {case.layer} | {seeds or 'not in ' + str(case.max_seeds)} | {why.split(':')[0]} "
+              f"({time.monotonic() - started:.1f}s) |")
+
+
+if __name__ == "__main__":
+    main()
