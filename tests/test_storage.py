@@ -872,3 +872,25 @@ def test_a_process_with_no_descriptor_left_installs_a_snapshot_through_its_reser
     assert state_of(got)[:2] == ((4, 1), [(5, 1), (6, 1)])
     assert sorted(os.listdir(tmp_path)) == ["LOCK", "log", "snapshot-00000000000000000004.snap"]
     assert len(os.listdir(os.path.join(tmp_path, "log"))) == 1
+
+
+def test_the_explorer_finds_emfile_at_a_folder_fsync_taken_as_nothing_changed(monkeypatch):
+    """Mutation: the first form of the proposal, folders fsynced by path (an open each time) and EMFILE there
+    taken as "nothing changed". Out of descriptors at the new segment's folder fsync, the install raised
+    OutOfDescriptors and the node carried on with the old segment, but the new one, complete, was in the folder:
+    a crash loads it as the log, the state after an install the node had given up. The crash explorer's
+    out-of-descriptors steps must catch it (and do not without it: test_crash_explorer)."""
+    import crash_explorer
+
+    def fsync_dir_by_path(self, path):
+        try:
+            self.fs.fsync_dir(path)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise OutOfDescriptors(str(e)) from None
+            raise
+
+    monkeypatch.setattr(DiskStorage, "_fsync_dir", fsync_dir_by_path)
+    name = "out-of-descriptors-at-each-open-of-an-install"
+    stats = crash_explorer.explore([(name, crash_explorer.HAND_WRITTEN[name])], crash_explorer.Limits())
+    assert any("neither the state before nor the state after" in v for v in stats.violations), stats.violations
