@@ -8,10 +8,11 @@ takes everything waiting at once, steps the node with all of it, then handles ea
 fsync for the whole batch: group commit), send, apply, wake the waiting requests, advance. A disk failure stops
 the node rather than acknowledge anything (fsyncgate). A full disk is waited out instead: the save is tried
 again until there is room, nothing is sent or acknowledged meanwhile (to the others the node looks paused), and
-new proposals are refused at once. So is a save refused for want of a file descriptor (OutOfDescriptors: only a
-leader's snapshot, installed on a follower, opens files; descriptors come back as connections close), tried
-again every `descriptor_retry_seconds` without refusing proposals, and logged at most once a second. A snapshot
-of this node's own that meets either is tried again later: the log on disk still holds everything.
+new proposals are refused at once. A save refused for want of a file descriptor (OutOfDescriptors: nothing
+changed on the disk; descriptors come back as connections close) is waited out too, tried again every
+`descriptor_retry_seconds` and logged at most once a second, but proposals are not refused: only a follower's
+install of a leader's snapshot opens files, a leader's saves never do. A snapshot of this node's own that meets
+a full disk or no descriptor is tried again later: the log on disk still holds everything.
 
 Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`; `_index_waiters`
 and `_reads_waiting_apply`, left by the last caller that gives up: the index may never be applied here, e.g. on
@@ -165,7 +166,8 @@ class Runtime:
         self.disk_full = False
         self.disk_retry_seconds = 0.5
         self.descriptor_retry_seconds = 0.1
-        self._descriptors_logged_at = -1.0  # monotonic time of the last line about missing descriptors
+        self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
+        self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
@@ -486,12 +488,16 @@ class Runtime:
             except OutOfDescriptors as e:
                 # Nothing changed on the disk (storage's rules): not fatal, and not a full disk (no 507).
                 self._note_no_descriptor(f"{e}: trying the save again every {self.descriptor_retry_seconds:g}s")
+                self._waiting_for_descriptors = True
                 if not self.running:
                     raise
                 gevent.sleep(self.descriptor_retry_seconds)
         if self.disk_full:
             logger.warning("the disk has room again: carrying on")
             self.disk_full = False
+        if self._waiting_for_descriptors:
+            logger.warning("a file descriptor was free again: saved")
+            self._waiting_for_descriptors = False
         self.stats["saves"] += 1
 
     def _note_no_descriptor(self, message: str) -> None:
@@ -582,7 +588,8 @@ class Runtime:
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
         except OutOfDescriptors as e:
-            self._note_no_descriptor(f"could not write a snapshot: {e}; trying again in {self.snapshot_retry_seconds:g}s")
+            self._note_no_descriptor(f"could not write a snapshot: {e}; trying again in "
+                                     f"{self.snapshot_retry_seconds:g}s")
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
         self.stats["snapshots"] += 1

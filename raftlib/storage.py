@@ -442,6 +442,7 @@ class DiskStorage:
             raise
 
     def _fsync_dir(self, path: str) -> None:
+        """Fsync a folder: through its handle for the data dir and the log folder (no descriptor to open)."""
         self.fs.fsync_dir(self._folders.get(path, path))
 
     def _make_dir(self, path: str, depth: int = 2) -> None:
@@ -871,7 +872,8 @@ class DiskStorage:
         self._segment_bytes = start + len(record)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
-        """A snapshot this node took of its own state machine: write it, then drop the log it covers."""
+        """A snapshot this node took of its own state machine: write it, then drop the log it covers. Raises as
+        `save` does."""
         if snapshot.last_included_index > self.state.base_index:
             self._install_snapshot(snapshot, None, [])
 
