@@ -437,8 +437,9 @@ def test_a_leaders_snapshot_with_no_descriptor_free_is_saved_once_one_is_and_nev
             assert runtime.wait_applied(50, 2.0) == 50
         assert runtime.state_machine.restored == b"state" and storage.state.snapshot.last_included_index == 50
         said = [r.getMessage() for r in caplog.records if "file descriptor" in r.getMessage()]
-        assert len(said) == 2 and "trying the save again every 0.01s" in said[0], said
-        assert said[1] == "a file descriptor was free again: saved"
+        assert said[-1] == "a file descriptor was free again: saved", said
+        assert all("trying the save again every 0.01s" in line for line in said[:-1]), said
+        assert 1 <= len(said) - 1 < runtime.stats["out_of_descriptors"], said  # at most one line a second
         assert not fatal and runtime.running and not runtime.disk_full
     finally:
         runtime.stop()
