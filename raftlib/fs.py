@@ -3,23 +3,37 @@
 Rules:
 - Every file operation `raftlib.storage` does goes through a `FileSystem`, so that a test can put a simulated one
   underneath (`tests/crashfs.py` records every operation and builds the states a crash can leave on the disk).
-- Paths are absolute strings. A handle is whatever `create` or `open_append` returned (a file descriptor here);
-  only the file system that made it may use it.
+- Paths are absolute strings. A handle is whatever `create`, `open_append` or `open_dir` returned (a file
+  descriptor here); only the file system that made it may use it.
 - Files are append-only: created empty, grown with `append`, cut back only with `truncate`; never rewritten in
   place.
 - Nothing is durable until it is synced, and each sync covers only what it names (POSIX; ALICE, OSDI 2014):
   `fdatasync`/`fsync` a file's data, `fsync_dir` the creations, renames and unlinks inside one folder. A new
   file's data can be on the disk while its name is not.
 - Errors are OSError with an errno, exactly as `os.*` raises them (ENOSPC for a full disk, EIO for a failed sync).
+- Out of file descriptors (EMFILE: this process's limit; ENFILE: the system's), an operation that opens one
+  (`create`, `open_append`, `open_dir`, `read_file`, `listdir`, `lock`, and `fsync_dir` given a path) raises
+  OSError with that errno and has done nothing: the kernel takes the descriptor before it looks up or creates
+  the name. No other operation opens one: `fsync_dir` given a handle from `open_dir` needs none, so a caller
+  that opened its folders beforehand can always make its renames and unlinks durable.
+- OsFileSystem keeps one descriptor in reserve for the whole process (on /dev/null, opened by the first
+  OsFileSystem, never by an import): an open that finds none left closes the reserve, tries once more, and takes
+  the reserve back at its next open that finds one free (libuv's accept does the same with its reserve). A short
+  burst of connections that takes every descriptor then costs the disk nothing. It is a help, not a promise:
+  another thread may take the freed descriptor first, and ENFILE is the whole system's.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
-from typing import Any, Protocol
+import posix
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
-Handle = Any  # an open file, as the file system that opened it represents it
+Handle = Any  # an open file or folder, as the file system that opened it represents it
+NO_DESCRIPTOR = (errno.EMFILE, errno.ENFILE)  # the errnos of an open that found no file descriptor free
 
 
 class FileSystem(Protocol):
@@ -34,6 +48,9 @@ class FileSystem(Protocol):
 
     def open_append(self, path: str) -> Handle:
         """An existing file open for appending at its end."""
+
+    def open_dir(self, path: str) -> Handle:
+        """A folder, held open for `fsync_dir` (which then opens nothing) until `close`."""
 
     def append(self, handle: Handle, data: bytes) -> None:
         """Write all of `data` at the end of the file, or raise OSError (part of it may have been written)."""
@@ -57,8 +74,9 @@ class FileSystem(Protocol):
     def mkdir(self, path: str) -> bool:
         """Make one folder (its parent must exist: FileNotFoundError). False when it existed already."""
 
-    def fsync_dir(self, path: str) -> None:
-        """Make the creations, renames and unlinks done in this folder durable."""
+    def fsync_dir(self, folder: str | Handle) -> None:
+        """Make the creations, renames and unlinks done in this folder (a path, or a handle from `open_dir`)
+        durable."""
 
     def lock(self, path: str) -> Handle:
         """Hold an exclusive lock named by `path` (created if missing) until `unlock`; BlockingIOError when another
@@ -67,22 +85,66 @@ class FileSystem(Protocol):
     def unlock(self, handle: Handle) -> None: ...
 
 
+_spare: int | None = None  # the descriptor held in reserve (one for the process, opened by the first OsFileSystem)
+_T = TypeVar("_T")
+
+
+def _reserve_spare() -> None:
+    global _spare
+    if _spare is None:
+        try:
+            _spare = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            pass  # none free either: the next open tries again
+
+
+def _with_spare(opening: Callable[[], _T]) -> _T:
+    """`opening()` (an open, or an open and its use and its close): out of descriptors, once more with the reserve
+    given up for it; then the reserve is taken back if a descriptor is free (else at the next open). A second
+    failure is raised: another thread took the freed descriptor (libzmq's I/O thread opens sockets), or the
+    system (ENFILE) has none. Only an open raises EMFILE or ENFILE, so trying again repeats nothing done."""
+    global _spare
+    if _spare is None:
+        _reserve_spare()
+    try:
+        return opening()
+    except OSError as e:
+        if e.errno not in NO_DESCRIPTOR or _spare is None:
+            raise
+    posix.close(_spare)  # os.close may be gevent's (25.8.1+), which closes a device's descriptor a loop turn later
+    _spare = None
+    try:
+        return opening()
+    finally:
+        _reserve_spare()
+
+
 class OsFileSystem:
     """The real file system, through `os`: handles are file descriptors, `lock` is flock(2). Every method calls
-    `os.*` at call time (no functions bound early), so a test process may wrap them."""
+    `os.*` at call time (no functions bound early), so a test process may wrap them. Each one that opens a
+    descriptor goes through `_with_spare`: nothing else (appends, syncs) pays for the reserve."""
+
+    def __init__(self) -> None:
+        _reserve_spare()  # before the descriptors run out, not after
 
     def listdir(self, path: str) -> list[str]:
-        return os.listdir(path)
+        return _with_spare(lambda: os.listdir(path))
 
     def read_file(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        return _with_spare(read)
 
     def create(self, path: str) -> int:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        return _with_spare(lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644))
 
     def open_append(self, path: str) -> int:
-        return os.open(path, os.O_WRONLY | os.O_APPEND)
+        return _with_spare(lambda: os.open(path, os.O_WRONLY | os.O_APPEND))
+
+    def open_dir(self, path: str) -> int:
+        return _with_spare(lambda: os.open(path, os.O_RDONLY | os.O_DIRECTORY))
 
     def append(self, fd: int, data: bytes) -> None:
         written = os.write(fd, data)
@@ -116,15 +178,18 @@ class OsFileSystem:
             return False
         return True
 
-    def fsync_dir(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    def fsync_dir(self, folder: str | int) -> None:
+        if not isinstance(folder, str):
+            os.fsync(folder)
+            return
+        fd = self.open_dir(folder)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def lock(self, path: str) -> int:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _with_spare(lambda: os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:

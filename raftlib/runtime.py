@@ -8,7 +8,11 @@ takes everything waiting at once, steps the node with all of it, then handles ea
 fsync for the whole batch: group commit), send, apply, wake the waiting requests, advance. A disk failure stops
 the node rather than acknowledge anything (fsyncgate). A full disk is waited out instead: the save is tried
 again until there is room, nothing is sent or acknowledged meanwhile (to the others the node looks paused), and
-new proposals are refused at once.
+new proposals are refused at once. A save refused for want of a file descriptor (OutOfDescriptors: nothing
+changed on the disk; descriptors come back as connections close) is waited out too, tried again every
+`descriptor_retry_seconds` and logged at most once a second, but proposals are not refused: only a follower's
+install of a leader's snapshot opens files, a leader's saves never do. A snapshot of this node's own that meets
+a full disk or no descriptor is tried again later: the log on disk still holds everything.
 
 Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`; `_index_waiters`
 and `_reads_waiting_apply`, left by the last caller that gives up: the index may never be applied here, e.g. on
@@ -40,7 +44,7 @@ from . import crashpoints
 from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role
-from .storage import DiskFull
+from .storage import DiskFull, OutOfDescriptors
 
 logger = logging.getLogger("raftlib.runtime")
 
@@ -121,6 +125,7 @@ _COUNTERS = (
     "elections_won",
     "saves",  # Readies saved (one fsync each when they must sync)
     "snapshots",  # taken of this node's own state machine
+    "out_of_descriptors",  # saves and snapshots refused for want of a file descriptor (each try)
 )
 
 
@@ -160,7 +165,11 @@ class Runtime:
         self.running = False
         self.disk_full = False
         self.disk_retry_seconds = 0.5
+        self.descriptor_retry_seconds = 0.1
+        self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
+        self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
+        self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
 
@@ -476,10 +485,29 @@ class Runtime:
                 if not self.running:
                     raise
                 gevent.sleep(self.disk_retry_seconds)
+            except OutOfDescriptors as e:
+                # Nothing changed on the disk (storage's rules): not fatal, and not a full disk (no 507).
+                self._note_no_descriptor(f"{e}: trying the save again every {self.descriptor_retry_seconds:g}s")
+                self._waiting_for_descriptors = True
+                if not self.running:
+                    raise
+                gevent.sleep(self.descriptor_retry_seconds)
         if self.disk_full:
             logger.warning("the disk has room again: carrying on")
             self.disk_full = False
+        if self._waiting_for_descriptors:
+            logger.warning("a file descriptor was free again: saved")
+            self._waiting_for_descriptors = False
         self.stats["saves"] += 1
+
+    def _note_no_descriptor(self, message: str) -> None:
+        """Count a save or snapshot refused for want of a descriptor; log it at most once a second (a burst of
+        connections can last a while, and each retry would log)."""
+        self.stats["out_of_descriptors"] += 1
+        now = time.monotonic()
+        if now - self._descriptors_logged_at >= 1.0:
+            self._descriptors_logged_at = now
+            logger.warning("%s", message)
 
     def _apply(self, e: Entry) -> None:
         waiter = self._proposals.pop(e.index, None)
@@ -556,8 +584,13 @@ class Runtime:
             self.storage.save_snapshot(snap)
         except DiskFull as e:
             # The log on disk still holds everything: the snapshot is only tried again later.
-            logger.warning("could not write a snapshot: %s; trying again in 5s", e)
-            self._snapshot_not_before = time.monotonic() + 5.0
+            logger.warning("could not write a snapshot: %s; trying again in %gs", e, self.snapshot_retry_seconds)
+            self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
+            return
+        except OutOfDescriptors as e:
+            self._note_no_descriptor(f"could not write a snapshot: {e}; trying again in "
+                                     f"{self.snapshot_retry_seconds:g}s")
+            self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
         self.stats["snapshots"] += 1
         logger.info("took a snapshot at index %d (%d bytes)", snap.last_included_index, len(data))

@@ -21,6 +21,12 @@ Rules:
   process leaves writes in the page cache that a power failure can still drop), cuts a torn tail off the newest
   segment, deletes garbage only once the segment that makes it garbage is durable, and for a data dir written
   before base records existed writes one (see `_load_format1`).
+- Running out of file descriptors (EMFILE, ENFILE) never stops a node: it changes nothing on the disk. The data
+  dir's two folders are held open from the constructor to `close`, so their fsyncs need no descriptor; after
+  `load`, a save opens one only to create a file (the snapshot's temporary file, a new segment), refused before
+  anything changed (OutOfDescriptors, as DiskFull: the same save may be tried again), and to list the folders for
+  the garbage an install leaves, after its commit point (refused: the garbage stays, harmless, for load or the
+  next install to delete). A plain save (append, fdatasync) opens none.
 - No record is longer than MAX_RECORD_BYTES, the length a reader trusts: a save or a base record too big for one
   record is written as a GROUP (part records, closed by a batch record) in the same append and fsync, and load
   applies a group only when all of it is there. An entry too big for any record is refused (RecordTooBig)
@@ -63,7 +69,7 @@ import zlib
 import cbor2
 
 from . import codec, crashpoints
-from .fs import FileSystem, OsFileSystem
+from .fs import NO_DESCRIPTOR, FileSystem, OsFileSystem
 from .interfaces import StoredState
 from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot
 
@@ -119,14 +125,23 @@ class DiskFull(StorageError):
     other error of a write or a sync is an OSError: the caller must stop (fsyncgate)."""
 
 
+class OutOfDescriptors(StorageError):
+    """The process had no file descriptor free (EMFILE; ENFILE: the system had none) to create a file a save
+    needed. Nothing was changed: the kernel takes the descriptor before it makes the name. As with DiskFull, the
+    storage's state and what any crash recovers are as before the save, which may be tried again (descriptors
+    come back as connections close). Not a disk failure: the caller must not stop for it."""
+
+
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None) -> None:
-    """Write to a temporary file, fsync, rename over `path`, fsync the folder. No room (the writes or the temporary
-    file's fsync): DiskFull, and `path` is as it was; the temporary file is unlinked, but that unlink is not synced,
-    so a power failure may bring it back: no reader looks at a `*.tmp`, and load deletes them. A failed rename or
-    folder fsync is fatal (the OSError goes up): which of the folder's operations reached the disk is unknown."""
+def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None, folder=None) -> None:
+    """Write to a temporary file, fsync, rename over `path`, fsync the folder (`folder`: a handle of it from
+    `open_dir`, so that the sync opens nothing; by default its path). No room (the writes or the temporary file's
+    fsync): DiskFull, and `path` is as it was; the temporary file is unlinked, but that unlink is not synced, so a
+    power failure may bring it back: no reader looks at a `*.tmp`, and load deletes them. No descriptor for the
+    temporary file: OutOfDescriptors, and nothing was made. A failed rename or folder fsync is fatal (the OSError
+    goes up): which of the folder's operations reached the disk is unknown."""
     tmp = path + ".tmp"
     try:
         f = fs.create(tmp)
@@ -136,6 +151,8 @@ def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str |
         finally:
             fs.close(f)
     except OSError as e:
+        if e.errno in NO_DESCRIPTOR:  # only an open raises it: the create, which made nothing
+            raise OutOfDescriptors(f"no file descriptor free to write {path}: {e.strerror}") from None
         with contextlib.suppress(OSError):
             fs.unlink(tmp)
         if e.errno in _NO_ROOM:
@@ -144,7 +161,7 @@ def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str |
     if crash_point and crashpoints.enabled:
         crashpoints.hit(crash_point)
     fs.rename(tmp, path)
-    fs.fsync_dir(os.path.dirname(path))
+    fs.fsync_dir(folder if folder is not None else os.path.dirname(path))
 
 
 def _check_header(path: str, data: bytes, magic: bytes, what: str) -> None:
@@ -403,18 +420,30 @@ class DiskStorage:
         self._fdatasync = fdatasync or (lambda handle, nbytes: self.fs.fdatasync(handle))
         self.log_dir = os.path.join(self.data_dir, "log")
         self._fsync = fsync
-        self._make_dir(self.log_dir)
-        try:
-            self._lock = self.fs.lock(os.path.join(self.data_dir, "LOCK"))
-        except BlockingIOError:
-            raise DataDirLocked(f"data dir {self.data_dir} is in use by another process (LOCK is held)") from None
-        self._check_format()
         self.state = StoredState()
         self._segment = None  # the handle of the newest segment, open for appending
         self._segment_bytes = 0  # its size
         self._segment_seq = 0
         self.log_bytes = 0  # bytes in the segment since the last snapshot
         self._loaded = False
+        self._lock = None
+        self._folders: dict[str, object] = {}  # data_dir and log_dir -> a handle (fsync_dir then opens nothing)
+        self._make_dir(self.log_dir)
+        try:
+            self._lock = self.fs.lock(os.path.join(self.data_dir, "LOCK"))
+        except BlockingIOError:
+            raise DataDirLocked(f"data dir {self.data_dir} is in use by another process (LOCK is held)") from None
+        try:
+            for path in (self.data_dir, self.log_dir):
+                self._folders[path] = self.fs.open_dir(path)
+            self._check_format()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fsync_dir(self, path: str) -> None:
+        """Fsync a folder: through its handle for the data dir and the log folder (no descriptor to open)."""
+        self.fs.fsync_dir(self._folders.get(path, path))
 
     def _make_dir(self, path: str, depth: int = 2) -> None:
         """Make `path` and any missing parent, and make each name durable in its parent folder: `path` and its
@@ -461,7 +490,8 @@ class DiskStorage:
     def write_identity(self, node_id: str, raft_address: str, http_address: str) -> None:
         ident = {"format": FORMAT_VERSION, "node_id": node_id, "raft_address": raft_address,
                  "http_address": http_address}
-        _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n")
+        _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
+                          folder=self._folders[self.data_dir])
 
     # ---- the join marker: what a node's first start is for, until it is done ---------------------------
 
@@ -478,7 +508,8 @@ class DiskStorage:
 
     def write_join_marker(self, intent: str) -> None:
         assert intent in ("bootstrap", "join")
-        _write_atomically(self.fs, self._join_marker_path, intent.encode() + b"\n")
+        _write_atomically(self.fs, self._join_marker_path, intent.encode() + b"\n",
+                          folder=self._folders[self.data_dir])
 
     def remove_join_marker(self) -> None:
         try:
@@ -486,7 +517,7 @@ class DiskStorage:
         except FileNotFoundError:
             return
         if self._fsync:
-            self.fs.fsync_dir(self.data_dir)
+            self._fsync_dir(self.data_dir)
 
     # ---- recovery -------------------------------------------------------------------------------
 
@@ -582,8 +613,8 @@ class DiskStorage:
                 fs.truncate(handle, good_end)
             if self._fsync:
                 fs.fsync(handle)
-                fs.fsync_dir(self.log_dir)
-                fs.fsync_dir(self.data_dir)
+                self._fsync_dir(self.log_dir)
+                self._fsync_dir(self.data_dir)
         except BaseException:
             fs.close(handle)
             raise
@@ -608,17 +639,23 @@ class DiskStorage:
     def _delete(self, segments: list[str], keep_snapshot: int | None) -> None:
         """Unlink garbage: the given segments, every snapshot but the one at `keep_snapshot`, leftover temporary
         files; then fsync the folders so that it stays gone. Only call once what makes it garbage is durable."""
-        fs = self.fs
+        self._unlink(self._garbage(segments, keep_snapshot))
+
+    def _garbage(self, segments: list[str], keep_snapshot: int | None) -> list[str]:
         names = list(segments)
         names += [p for index, p in self._snapshots() if index != keep_snapshot]
-        names += [os.path.join(self.data_dir, n) for n in fs.listdir(self.data_dir) if n.endswith(".tmp")]
+        names += [os.path.join(self.data_dir, n) for n in self.fs.listdir(self.data_dir) if n.endswith(".tmp")]
+        return names
+
+    def _unlink(self, names: list[str]) -> None:
+        fs = self.fs
         for path in names:
             fs.unlink(path)
             if crashpoints.enabled:
                 crashpoints.hit("snapshot.between_unlinks")
         if names and self._fsync:
-            fs.fsync_dir(self.log_dir)
-            fs.fsync_dir(self.data_dir)
+            self._fsync_dir(self.log_dir)
+            self._fsync_dir(self.data_dir)
 
     def _load_format1(self, segments: list[tuple[int, str]], interrupted: list[str]) -> None:
         """A log without base records: a data dir written before them (raftdzmq up to d2cfdfd), or a new one. Then,
@@ -690,7 +727,7 @@ class DiskStorage:
             logger.warning("%s: log segments without a base record (written before format 1 had them): "
                            "rewriting the log after the snapshot as one base segment", self.log_dir)
         if self._fsync:
-            fs.fsync_dir(self.data_dir)  # the snapshot's name, before a base record names it
+            self._fsync_dir(self.data_dir)  # the snapshot's name, before a base record names it
         index, term = (snapshot.last_included_index, snapshot.last_included_term) if snapshot else (0, 0)
         self._segment, self._segment_bytes = self._create_segment(
             encode_base_record(index, term, self.state.hard_state, self.state.entries))
@@ -729,12 +766,12 @@ class DiskStorage:
             self._segment = fs.open_append(segments[-1][1])
             fs.truncate(self._segment, size)
             fs.fsync(self._segment)
-            fs.fsync_dir(self.log_dir)
-            fs.fsync_dir(self.data_dir)
+            self._fsync_dir(self.log_dir)
+            self._fsync_dir(self.data_dir)
             self._segment_bytes = self.log_bytes = size
         else:
             index, term = (snapshot.last_included_index, snapshot.last_included_term) if snapshot else (0, 0)
-            fs.fsync_dir(self.data_dir)
+            self._fsync_dir(self.data_dir)
             self._segment, self._segment_bytes = self._create_segment(
                 encode_base_record(index, term, self.state.hard_state, self.state.entries))
 
@@ -749,16 +786,19 @@ class DiskStorage:
         caller, carrying on with the older segment, no longer writes to (the newest base record is the log). Any
         other error, or any error of a folder fsync, is fatal: the OSError goes up (fsyncgate: which of the
         folder's operations reached the disk is unknown, and syncing again would not tell), and the caller must
-        stop; what is on the disk then recovers to the state before this segment or, with it, after."""
+        stop; what is on the disk then recovers to the state before this segment or, with it, after. No
+        descriptor for the new file: OutOfDescriptors, and nothing was made."""
         fs = self.fs
         seq = self._segment_seq + 1
         path = os.path.join(self.log_dir, f"{seq:010d}.seg")
         data = _HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION) + records
         try:
             f = fs.create(path)
-        except OSError as e:  # no room for a new name: the file does not exist
+        except OSError as e:  # no room for a new name, or no descriptor: the file does not exist
             if e.errno in _NO_ROOM:
                 raise DiskFull(f"no room on the disk for a new log segment: {e.strerror}") from None
+            if e.errno in NO_DESCRIPTOR:
+                raise OutOfDescriptors(f"no file descriptor free for a new log segment: {e.strerror}") from None
             raise
         try:
             fs.append(f, data)
@@ -770,14 +810,14 @@ class DiskStorage:
                 raise
             fs.unlink(path)
             if self._fsync:
-                fs.fsync_dir(self.log_dir)  # fails: fatal, as any folder fsync
+                self._fsync_dir(self.log_dir)  # fails: fatal, as any folder fsync
             raise DiskFull(f"no room on the disk for a new log segment: {e.strerror}") from None
         except BaseException:
             fs.close(f)
             raise
         if self._fsync:
             try:
-                fs.fsync_dir(self.log_dir)
+                self._fsync_dir(self.log_dir)
             except BaseException:
                 fs.close(f)
                 raise
@@ -794,8 +834,9 @@ class DiskStorage:
         """Make a Ready durable: entries and hard state in one record and one fdatasync; with a snapshot newer
         than the one held, all three at once in a new segment (see the module's rules). With `sync` False (a
         Ready that only moves the commit index) the record is written but not fsynced: the next synced record,
-        or the kernel, takes it to the disk. Raises DiskFull (nothing changed: try the same save again later),
-        or OSError when the disk fails: the caller must stop, not acknowledge (fsyncgate)."""
+        or the kernel, takes it to the disk. Raises DiskFull or OutOfDescriptors (nothing changed: try the same
+        save again later; only an install opens files, so only a save with a snapshot can meet the second), or
+        OSError when the disk fails: the caller must stop, not acknowledge (fsyncgate)."""
         if snapshot is not None and snapshot.last_included_index > self.state.base_index:
             self._install_snapshot(snapshot, hard_state, entries)
             return
@@ -831,7 +872,8 @@ class DiskStorage:
         self._segment_bytes = start + len(record)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
-        """A snapshot this node took of its own state machine: write it, then drop the log it covers."""
+        """A snapshot this node took of its own state machine: write it, then drop the log it covers. Raises as
+        `save` does."""
         if snapshot.last_included_index > self.state.base_index:
             self._install_snapshot(snapshot, None, [])
 
@@ -849,10 +891,9 @@ class DiskStorage:
         base = encode_base_record(index, snapshot.last_included_term, state.hard_state, state.entries)  # first: it
         # may be refused (RecordTooBig) before anything is written
         _write_atomically(self.fs, self._snapshot_path(index), encode_snapshot(snapshot),
-                          crash_point="snapshot.after_write")
+                          crash_point="snapshot.after_write", folder=self._folders[self.data_dir])
         if crashpoints.enabled:
             crashpoints.hit("snapshot.after_rename")
-        old_segments = self._segments()
         handle, size = self._create_segment(base)
         if crashpoints.enabled:
             crashpoints.hit("snapshot.after_segment")
@@ -862,7 +903,17 @@ class DiskStorage:
         self.state = state
         if old is not None:
             self.fs.close(old)
-        self._delete([p for seq, p in old_segments if seq < self._segment_seq], keep_snapshot=index)
+        try:
+            names = self._garbage([p for seq, p in self._segments() if seq < self._segment_seq], keep_snapshot=index)
+        except OSError as e:
+            if e.errno not in NO_DESCRIPTOR:
+                raise
+            # Listing the folders opens them. The install stands; what it made garbage stays until load or the
+            # next install deletes it (load takes the newest base segment, and deletes any snapshot it does not name).
+            logger.warning("installed the snapshot at index %d, but no file descriptor was free to list the old "
+                           "files: they go at the next snapshot or start (%s)", index, e.strerror)
+            return
+        self._unlink(names)
 
     def close(self) -> None:
         if self._segment is not None:
@@ -870,6 +921,8 @@ class DiskStorage:
                 self.fs.fsync(self._segment)
             self.fs.close(self._segment)
             self._segment = None
+        for path in list(self._folders):
+            self.fs.close(self._folders.pop(path))
         if self._lock is not None:
             self.fs.unlock(self._lock)
             self._lock = None

@@ -21,7 +21,8 @@ The checks, on each recovered state R, against the save in flight (or, between s
 
 Workloads are saves with and without sync, conflicting truncations, hard-state-only saves, snapshots taken by the
 node and installed from a leader (agreeing with the log and not), segment rolls (every install starts a segment)
-and reopens. Random ones come from --seed; workload i of seed S is the same on every run (`--only i`).
+and reopens; some of them on a full disk, with a file operation failing, or out of file descriptors (EMFILE after
+n more opens: OutOfDescriptors, and the state must not have moved). Random ones come from --seed; workload i of seed S is the same on every run (`--only i`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from crashfs import CrashFS  # noqa: E402
 from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, StoredState  # noqa: E402
 from raftlib import storage as storage_module  # noqa: E402
-from raftlib.storage import DiskFull, DiskStorage, StorageError  # noqa: E402
+from raftlib.storage import DiskFull, DiskStorage, OutOfDescriptors, StorageError  # noqa: E402
 
 DATA_DIR = "/data"
 MEMBERSHIP = Membership(voters=("a",), members=(Member("a", "a:1", "a:2"),))
@@ -301,6 +302,9 @@ class Explorer:
             fail = step[0] == "fail"  # ("fail", kind, n, errno, step): the n-th operation of that kind fails
             if fail:
                 failing, step = [step[1], step[2], step[3]], step[4]
+            no_descriptors = step[0] == "nofds"  # ("nofds", n, step): EMFILE from the (n+1)-th open on
+            if no_descriptors:
+                fs.opens_left, step = step[1], step[2]
             after = model.after(step)
             candidates = [model, after]
             step_label = f"step {i} {describe_step(workload[i])}"
@@ -319,6 +323,9 @@ class Explorer:
                 # The disk fills only in a "full" step, or when told to fail with ENOSPC; the state must not
                 # have moved (checked below, and by the crash point after the step).
                 assert full or (fail and failing[2] in (errno.ENOSPC, errno.EDQUOT)), step_label
+            except OutOfDescriptors:
+                # Only when the process runs out of them; the state must not have moved, as for DiskFull.
+                assert no_descriptors, step_label
             except (OSError, StorageError) as e:
                 # Fatal (fsyncgate): the node stops. The disk must recover to the state before or after the step,
                 # now and after any crash; the process starts again on what it finds.
@@ -339,6 +346,7 @@ class Explorer:
                 model.durable_commit_index = got.hard_state.commit_index
             finally:
                 fs.free_bytes = None
+                fs.opens_left = None
                 failing = None
             live = storage.state
             if (live.hard_state, live.snapshot, live.entries) != (model.state.hard_state, model.state.snapshot,
@@ -359,6 +367,8 @@ def describe_step(step: tuple) -> str:
         return f"{describe_step(step[2])} with {step[1]} bytes free"
     if step[0] == "fail":
         return f"{describe_step(step[4])}, its {step[1]} number {step[2]} failing with {errno.errorcode[step[3]]}"
+    if step[0] == "nofds":
+        return f"{describe_step(step[2])} with {step[1]} file descriptors left"
     if step[0] == "save":
         _, hs, entries, snap, sync = step
         parts = []
@@ -442,6 +452,21 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
         ("fail", "fsync_dir", 1, errno.EIO, ("snapshot", snap(10, 1))),
         save(HardState(1, "a", 12), es(13, 1, 1)),
     ],
+    # The attacker review: EMFILE at each open of an install (the snapshot's temporary file, the new segment, the
+    # listings for the garbage after the commit point), by the node and from a leader; each refused one is tried
+    # again, and the garbage one left goes at the next install.
+    "out-of-descriptors-at-each-open-of-an-install": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("nofds", 0, ("snapshot", snap(6, 1))),
+        ("nofds", 1, ("snapshot", snap(6, 1))),
+        ("nofds", 2, ("snapshot", snap(6, 1))),  # committed; the old segment and no snapshot listed, left
+        save(HardState(1, "a", 10), es(11, 2, 1)),
+        ("nofds", 1, save(HardState(2, None, 12), es(13, 1, 2), snap(12, 1))),
+        save(HardState(2, None, 12), es(13, 1, 2), snap(12, 1)),
+        ("nofds", 0, save(HardState(2, None, 13), es(14, 2, 2))),  # a plain save opens nothing
+        ("snapshot", snap(13, 2)),
+        ("reopen",),
+    ],
     "rolls-reopens-and-unsynced-commits": [
         save(HardState(1, "a", 0), es(1, 4, 1)),
         save(HardState(1, "a", 3), [], sync=False),
@@ -511,6 +536,10 @@ def random_workload(rng: random.Random, steps: int) -> list[tuple]:
             # again, it finds the state before or after; the step is tried again, which changes nothing after).
             kind = rng.choice(("append", "fdatasync", "fsync", "fsync_dir", "create", "rename", "unlink", "truncate"))
             out.append(("fail", kind, rng.randint(0, 1), rng.choice((errno.ENOSPC, errno.EIO, errno.EDQUOT)), step))
+        elif r < 0.4 and step[0] != "reopen":
+            # The process runs out of file descriptors after a few opens: OutOfDescriptors (then tried again), or
+            # through (a plain save opens nothing; an install's garbage listing may be refused after its commit).
+            out.append(("nofds", rng.randint(0, 4), step))
         out.append(step)
         if step[0] == "save":
             _, hs, entries, s, _ = step
@@ -677,8 +706,8 @@ def format1_states(workload: list[tuple], root: str):
     there leaves it, and as a power failure there can (the unlinks and the segment creations no folder fsync
     covered undone), with the states that code had in memory before and after the step in flight (and, for a
     save with a snapshot, after the install and before the Ready's record). Steps "reopen" are not run (the old
-    load could itself bring cut entries back, issue 11), and "full" and "fail" steps run without their fault
-    (the old code's handling of faults is not the point here)."""
+    load could itself bring cut entries back, issue 11), and "full", "fail" and "nofds" steps run without their
+    fault (the old code's handling of faults is not the point here)."""
     import format1_storage as old
 
     states: list = []
@@ -718,7 +747,7 @@ def format1_states(workload: list[tuple], root: str):
         shim = old.os
         model = Model()
         for i, step in enumerate(workload):
-            while step[0] in ("full", "fail"):
+            while step[0] in ("full", "fail", "nofds"):
                 step = step[-1]
             if step[0] == "reopen":
                 continue

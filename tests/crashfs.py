@@ -13,6 +13,9 @@ The model: POSIX promises, no more.
 - A file's fsync does not make its name durable; a folder's fsync does not make its files' data durable. A file no
   durable name reaches is gone after the crash.
 - Locks and open handles die with the process; `lock` makes no file.
+- Descriptors (`opens_left`): each call that opens one (create, open_append, open_dir, read_file, listdir, lock,
+  fsync_dir given a path) takes one of those left; with none left it raises EMFILE before doing anything, as the
+  kernel does (the descriptor is taken before the name is looked up or made).
 
 Use:
     fs = CrashFS()
@@ -24,6 +27,7 @@ Use:
     fs.fail_at[k] = SimulatedCrash()        # ... or the process dies there: every later call raises it too
     fs.before_op = hook                     # hook(fs, number, kind, name) before each mutating operation
     fs.free_bytes = 4096                    # a disk that fills up: an append past it writes what fits, then ENOSPC
+    fs.opens_left = 2                       # out of file descriptors after two more opens: then EMFILE
     fs.page_bytes = 512                     # the page a crash loses whole (smaller: lost pages in small workloads)
     fs.record_ops = False                   # keep no operation list (long simulations); numbering goes on
 
@@ -171,6 +175,7 @@ class CrashFS:
         self.fail_at: dict[int, BaseException] = {}
         self.before_op = None
         self.free_bytes: int | None = None
+        self.opens_left: int | None = None  # None: no limit
         self.page_bytes = PAGE_BYTES
         self.dead = False
 
@@ -205,13 +210,26 @@ class CrashFS:
             raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
         return node
 
-    def _handle(self, handle: int) -> _Inode:
+    def _handle(self, handle: int, folder: bool = False) -> _Inode:
         if self.dead:
             raise SimulatedCrash()
         ino = self._handles.get(handle)
         if ino is None:
             raise OSError(errno.EBADF, "Bad file descriptor")
-        return self.inodes[ino]
+        node = self.inodes[ino]
+        if node.is_dir != folder:
+            raise OSError(errno.EISDIR if node.is_dir else errno.ENOTDIR, "Wrong kind of handle",
+                          self._handle_paths[handle])
+        return node
+
+    def _descriptor(self, path: str) -> None:
+        """Take a file descriptor for an open of `path`, or raise EMFILE when none is left (nothing done)."""
+        if self.dead:
+            raise SimulatedCrash()
+        if self.opens_left is not None:
+            if self.opens_left <= 0:
+                raise OSError(errno.EMFILE, "Too many open files", path)
+            self.opens_left -= 1
 
     def _op(self, kind: str, what: str) -> None:
         """Number a mutating operation; run the hook; fail it when told to."""
@@ -238,8 +256,7 @@ class CrashFS:
     # ---- the FileSystem protocol ----------------------------------------------------------------------
 
     def listdir(self, path: str) -> list[str]:
-        if self.dead:
-            raise SimulatedCrash()
+        self._descriptor(path)
         ino = self._lookup(path)
         if ino is None:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
@@ -248,11 +265,11 @@ class CrashFS:
         return sorted(self.inodes[ino].entries)
 
     def read_file(self, path: str) -> bytes:
-        if self.dead:
-            raise SimulatedCrash()
+        self._descriptor(path)
         return bytes(self._file(path).data)
 
     def create(self, path: str) -> int:
+        self._descriptor(path)
         parent, name = self._parent(path)
         self._op("create", path)
         ino = parent.entries.get(name)
@@ -277,10 +294,18 @@ class CrashFS:
         return handle
 
     def open_append(self, path: str) -> int:
-        if self.dead:
-            raise SimulatedCrash()
+        self._descriptor(path)
         self._file(path)
         return self._open(self._lookup(path), path)
+
+    def open_dir(self, path: str) -> int:
+        self._descriptor(path)
+        ino = self._lookup(path)
+        if ino is None:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        if not self.inodes[ino].is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
+        return self._open(ino, path)
 
     def append(self, handle: int, data: bytes) -> None:
         node = self._handle(handle)
@@ -320,7 +345,10 @@ class CrashFS:
         node.synced()
 
     def close(self, handle: int) -> None:
-        self._handle(handle)
+        if self.dead:
+            raise SimulatedCrash()
+        if handle not in self._handles:
+            raise OSError(errno.EBADF, "Bad file descriptor")
         del self._handles[handle]
         del self._handle_paths[handle]
 
@@ -364,19 +392,23 @@ class CrashFS:
         parent.dir_pending.append(("create", name, ino))
         return True
 
-    def fsync_dir(self, path: str) -> None:
-        ino = self._lookup(path)
-        if ino is None or not self.inodes[ino].is_dir:
-            if self.dead:
-                raise SimulatedCrash()
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+    def fsync_dir(self, folder: str | int) -> None:
+        """`folder`: a path (which takes a descriptor for the time of the call) or a handle from `open_dir`."""
+        if isinstance(folder, str):
+            path = folder
+            self._descriptor(path)
+            ino = self._lookup(path)
+            if ino is None or not self.inodes[ino].is_dir:
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+            node = self.inodes[ino]
+        else:
+            node = self._handle(folder, folder=True)
+            path = self._name(folder)
         self._op("fsync_dir", path)
-        node = self.inodes[ino]
         node.durable_entries, node.dir_pending = dict(node.entries), []
 
     def lock(self, path: str) -> str:
-        if self.dead:
-            raise SimulatedCrash()
+        self._descriptor(path)
         self._parent(path)
         if path in self._locks:
             raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable", path)

@@ -1,11 +1,15 @@
-"""Disk faults: a data dir on a small tmpfs that fills up (ENOSPC), and an fsync that fails (fsyncgate)."""
+"""Disk faults: a data dir on a small tmpfs that fills up (ENOSPC), an fsync that fails (fsyncgate), and a process
+that runs out of file descriptors (EMFILE) when it takes a snapshot."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
+import resource
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -106,3 +110,96 @@ def test_a_failing_fsync_stops_the_node_without_acknowledging():
     assert lines.get("later-write") == "Stopped", out.stdout + out.stderr
     assert lines.get("fatal") == "OSError 5", out.stdout + out.stderr
     assert lines.get("reopened-entries") == "5", out.stdout + out.stderr
+
+
+# ---- out of file descriptors (the attacker review) ---------------------------------------------------------------
+
+
+def lowest_free_descriptor(pid: int) -> int:
+    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(taken) + 1)) - taken)
+
+
+@contextlib.contextmanager
+def descriptor_limit(pid: int, soft: int):
+    """Lower the running process's soft RLIMIT_NOFILE to `soft` (its descriptors above stay open; it can open no
+    new one numbered `soft` or more); back to what it was on leaving. The hard limit is left alone, so no
+    privilege is needed either way."""
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, old[1]))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+
+
+class KeepAlive:
+    """One HTTP/1.1 connection, opened before the node's descriptors run out (it can accept no new one then)."""
+
+    def __init__(self, node: Node) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=10)
+
+    def post(self, key: str, value: bytes) -> int:
+        self.conn.request("POST", f"/db/{key}", body=value)
+        r = self.conn.getresponse()
+        r.read()
+        return r.status
+
+
+def test_a_node_with_no_descriptor_left_at_a_snapshot_serves_on_and_loses_nothing(tmp_path):
+    """The attacker review: with every descriptor taken, the next snapshot's temporary file failed with EMFILE and
+    the node exited (code 3), an availability loss for a failure that changed nothing on the disk. Here the soft
+    limit is lowered to 3 (stdin, stdout and stderr: nothing more can be opened, the reserve descriptor included)
+    while writes cross the snapshot threshold: every write is acknowledged, the snapshot waits, and is taken once
+    descriptors are back; after a SIGKILL every acknowledged write is there."""
+    node = Node("node.1", str(tmp_path))
+    node.start("-snapshot-threshold", "20000")
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "leadership")
+        client = KeepAlive(node)
+        assert client.post("k0", b"0" * 1000) == 200
+        acknowledged = ["k0"]
+        with descriptor_limit(node.proc.pid, 3):
+            for i in range(1, 40):  # 40 KB: past the threshold
+                assert client.post(f"k{i}", str(i).encode() * 1000) == 200, i
+                acknowledged.append(f"k{i}")
+            assert not node.exited()
+            wait_for(lambda: "could not write a snapshot: no file descriptor free" in node.log_text(), 5,
+                     "the refused snapshot to be logged")
+        assert "took a snapshot" not in node.log_text()
+        deadline = time.monotonic() + 15  # the snapshot is tried again 5 s after it was refused
+        while "took a snapshot" not in node.log_text() and time.monotonic() < deadline:
+            assert client.post("later", b"later") == 200
+            time.sleep(0.2)
+        assert "took a snapshot" in node.log_text()
+        assert node.status()["snapshot_index"] > 0 and not node.exited()
+        assert "storage failed" not in node.log_text() and "Traceback" not in node.log_text()
+        node.kill()
+        node.start()
+        wait_for(lambda: node.status()["role"] == "leader", 10, "leadership after the restart")
+        for key in acknowledged:
+            i = int(key[1:])
+            assert node.request("GET", f"/db/{key}").body == str(i).encode() * 1000, key
+    finally:
+        node.kill()
+
+
+def test_the_reserve_descriptor_lets_a_snapshot_through_when_the_process_has_none_left(tmp_path):
+    """The soft limit lowered to the process's lowest free descriptor: it can open nothing, but the storage gives
+    up its reserve descriptor for the snapshot's files (and gets it back), so the snapshot is taken at once, and no
+    write or snapshot ever waits. (gevent's os.close closes a device's descriptor only a loop turn later: the
+    reserve must be closed with the real close, or the retried open finds no descriptor free.)"""
+    node = Node("node.1", str(tmp_path))
+    node.start("-snapshot-threshold", "20000")
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "leadership")
+        client = KeepAlive(node)
+        assert client.post("k0", b"0" * 1000) == 200
+        with descriptor_limit(node.proc.pid, lowest_free_descriptor(node.proc.pid)):
+            for i in range(1, 26):  # 26 KB: past the threshold once
+                assert client.post(f"k{i}", b"v" * 1000) == 200, i
+            wait_for(lambda: "took a snapshot" in node.log_text(), 5, "a snapshot while no descriptor is free")
+            assert not node.exited()
+        assert "no file descriptor free" not in node.log_text()
+    finally:
+        node.kill()

@@ -28,6 +28,8 @@ from raftlib import (
     Role,
 )
 from raftlib.runtime import Runtime, Stopped, Timeout
+from raftlib.storage import DiskStorage
+from crashfs import CrashFS
 from runtime_fakes import NullTransport, Values
 
 
@@ -324,7 +326,7 @@ def test_status_is_a_frozen_copy_of_the_node_and_the_runtime(one_node):
     st = runtime.status()
     assert st.running and not st.disk_full and st.node.role is Role.LEADER and st.node.node_id == "a"
     assert st.node.last_applied == runtime.node.last_applied == st.node.commit_index
-    assert set(before.stats) == {"proposals", "applied", "elections_won", "saves", "snapshots"}
+    assert set(before.stats) == {"proposals", "applied", "elections_won", "saves", "snapshots", "out_of_descriptors"}
     assert st.stats["proposals"] - before.stats["proposals"] == 3
     assert st.stats["applied"] - before.stats["applied"] == 3 and st.stats["saves"] >= 3
     runtime.propose(b"more", 2.0)
@@ -350,3 +352,94 @@ def test_two_equal_requests_in_the_inbox_are_two_requests(one_node):
     index_a, _ = a.get(timeout=2)
     index_b, _ = b.get(timeout=2)
     assert index_b == index_a + 1 and values.applied[-2:] == [b"same", b"same"]
+
+
+# ---- out of file descriptors: never a reason to stop (the attacker review) --------------------------------------
+
+
+def on_crashfs(node_id="a", voters=("a",), **runtime_args):
+    """A runtime for `node_id` on a real DiskStorage over CrashFS (whose `opens_left` runs out of descriptors),
+    bootstrapped with `voters`; failures that would stop the process are collected in `fatal`."""
+    fs = CrashFS()
+    storage = DiskStorage("/data", fs=fs)
+    storage.load()
+    members = tuple(Member(n, f"127.0.0.1:{i}", "") for i, n in enumerate(voters, 1))
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(voters, (), members))])
+    stored = storage.state
+    node = RaftNode(Config(node_id, election_ticks=4 if len(voters) == 1 else 1000, heartbeat_ticks=1),
+                    random.Random(1), stored.hard_state, stored.raft_log(), stored.snapshot)
+    fatal: list[Exception] = []
+    runtime = Runtime(node, storage, NullTransport(), Restorable(), tick_seconds=0.005, on_fatal=fatal.append,
+                      **runtime_args)
+    return runtime, storage, fs, fatal
+
+
+def test_a_snapshot_with_no_descriptor_free_is_tried_later_and_the_node_serves_on(caplog):
+    """The attacker review: EMFILE at a snapshot's temporary file was taken as a failed disk, and the node stopped.
+    It changed nothing on the disk: the node goes on acknowledging writes (a save opens no descriptor), and takes
+    the snapshot once descriptors are back; a restart finds every acknowledged write."""
+    runtime, storage, fs, fatal = on_crashfs(snapshot_threshold_bytes=400)
+    runtime.snapshot_retry_seconds = 0.05
+    runtime.start()
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+        fs.opens_left = 0
+        acknowledged = []
+        with caplog.at_level("WARNING", logger="raftlib.runtime"):
+            for i in range(30):  # ~1,000 bytes of log: over the threshold, a snapshot tried many times
+                acknowledged.append(runtime.propose(b"value-%d" % i, 2.0)[0])
+                gevent.sleep(0.01)
+        assert not fatal and runtime.running, fatal
+        assert runtime.stats["out_of_descriptors"] >= 2 and runtime.stats["snapshots"] == 0
+        assert storage.state.snapshot is None
+        said = [r.getMessage() for r in caplog.records if "file descriptor" in r.getMessage()]
+        assert 1 <= len(said) < runtime.stats["out_of_descriptors"], said  # at most one line a second
+        assert said[0].startswith("could not write a snapshot: no file descriptor free")
+        fs.opens_left = None
+        acknowledged.append(runtime.propose(b"after", 2.0)[0])
+        with gevent.Timeout(2):
+            while runtime.stats["snapshots"] == 0:
+                gevent.sleep(0.01)
+        assert storage.state.snapshot is not None and not fatal
+    finally:
+        runtime.stop()
+    storage.close()
+    fs.crash_process()
+    got = DiskStorage("/data", fs=fs).load()
+    held = {e.index for e in got.entries} | set(range(1, got.snapshot.last_included_index + 1))
+    assert set(acknowledged) <= held
+
+
+def test_a_leaders_snapshot_with_no_descriptor_free_is_saved_once_one_is_and_never_stops_the_node(caplog):
+    """A follower installing a leader's snapshot (§7) needs new files: with no descriptor free the save is tried
+    again until it goes through, without declaring the disk full (no 507) and without applying the snapshot
+    before it is saved; one line a second at most says why."""
+    runtime, storage, fs, fatal = on_crashfs("b", voters=("a", "b"))
+    runtime.descriptor_retry_seconds = 0.01
+    runtime.start()
+    try:
+        with gevent.Timeout(2):
+            while runtime.node.last_applied < 1:
+                gevent.sleep(0.01)
+        fs.opens_left = 0
+        membership = runtime.node.membership
+        with caplog.at_level("WARNING", logger="raftlib.runtime"):
+            gevent.spawn(runtime.deliver, [InstallSnapshot("a", "b", 2, 50, 2, membership, 0, b"state", True)], False)
+            with gevent.Timeout(2):
+                while runtime.stats["out_of_descriptors"] < 5:
+                    gevent.sleep(0.01)
+            assert runtime.running and not fatal and not runtime.disk_full
+            assert storage.state.snapshot is None and runtime.state_machine.restored is None
+            assert runtime.node.last_applied < 50
+            fs.opens_left = None
+            assert runtime.wait_applied(50, 2.0) == 50
+        assert runtime.state_machine.restored == b"state" and storage.state.snapshot.last_included_index == 50
+        said = [r.getMessage() for r in caplog.records if "file descriptor" in r.getMessage()]
+        assert said[-1] == "a file descriptor was free again: saved", said
+        assert all("trying the save again every 0.01s" in line for line in said[:-1]), said
+        assert 1 <= len(said) - 1 < runtime.stats["out_of_descriptors"], said  # at most one line a second
+        assert not fatal and runtime.running and not runtime.disk_full
+    finally:
+        runtime.stop()
