@@ -38,7 +38,6 @@ import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
 
 import bottle  # noqa: E402
-import cbor2  # noqa: E402
 import prometheus_client as prom  # noqa: E402
 import prometheus_client.core as prom_core  # noqa: E402
 import prometheus_client.utils as prom_utils  # noqa: E402
@@ -46,7 +45,6 @@ import gevent  # noqa: E402
 import gevent.hub  # noqa: E402
 import gevent.pool  # noqa: E402
 import gevent.pywsgi  # noqa: E402
-from sortedcontainers import SortedList  # noqa: E402
 
 from raftlib import (  # noqa: E402
     ConfChange,
@@ -58,9 +56,19 @@ from raftlib import (  # noqa: E402
     RaftNode,
     Role,
 )
-from raftlib.runtime import EntryLost, Runtime, StateMachine, Stopped, Timeout  # noqa: E402
+from raftlib.runtime import EntryLost, Runtime, Stopped, Timeout  # noqa: E402
 from raftlib.storage import DiskFull, DiskStorage, NotJoined, StorageError, start_node  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, ZmqTransport  # noqa: E402
+from raftlib.server.store import (  # noqa: E402
+    ADMIN_CLAIM,
+    ADMIN_CLOCK_SKEW_SECONDS,
+    COMPARE_AND_SET,
+    CREATE,
+    DELETE,
+    SET,
+    KeyValueStore,
+    command,
+)
 
 log = logging.getLogger("raftdzmq")
 TRACE = 5
@@ -77,92 +85,6 @@ def _test_fsync_delay(path: str) -> None:
     except (OSError, ValueError):
         return
     monkey.get_original("time", "sleep")(seconds)  # not gevent's sleep: a slow fsync holds the hub too
-
-
-# Commands, as CBOR arrays [op, key, value, expected]. ADMIN_CLAIM is [op, signature, b"", [timestamp, now]]: a
-# signed admin request about to take effect (AdminClaims).
-SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
-
-
-class KeyValueStore(StateMachine):
-    """The replicated state: keys (str) to values (bytes). Commands are applied in log order, atomically.
-
-    Rules: `data` is the map; `keys` holds the same keys in order (a SortedList), kept in step by `apply` and
-    `restore` only, so a page of keys costs O(log n + page) rather than a sort of the whole key set (with 200,000
-    keys that sort held the loop ~92 ms per listing). Only new and deleted keys touch `keys`: an overwrite costs
-    one extra dict lookup."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.keys = SortedList()
-        self.applied_index = 0
-        self.admin_claims = AdminClaims()
-
-    @staticmethod
-    def command(op: int, key: str, value: bytes = b"", expected: bytes | None = None) -> bytes:
-        return cbor2.dumps([op, key, value, expected])
-
-    def apply(self, index: int, command: bytes) -> str:
-        self.applied_index = index
-        try:
-            op, key, value, expected = cbor2.loads(command)
-        except Exception:
-            log.error("skipping an undecodable command at index %d", index)
-            return "error"
-        data = self.data
-        if op == ADMIN_CLAIM:
-            return self.admin_claims.apply(key, expected)
-        if op == DELETE:
-            if data.pop(key, None) is None:
-                return "missing"
-            self.keys.remove(key)
-            return "ok"
-        if op == COMPARE_AND_SET:
-            if data.get(key) != expected:
-                return "failed"
-        elif op == CREATE:
-            if key in data:
-                return "failed"
-        elif op != SET:
-            return "ok"  # an unknown op (a newer version's command): applied as nothing, as before
-        if key not in data:
-            self.keys.add(key)
-        data[key] = value
-        return "ok"
-
-    def page(self, prefix: str, after: str, limit: int) -> tuple[list[str], bool]:
-        """Up to `limit` keys that start with `prefix` and sort after `after`, in order, and whether more follow.
-        Keys with a prefix are contiguous in sorted order, from the first key >= the prefix. By value (irange),
-        not by position: positional lookups make SortedList keep an index that every later add and remove
-        must update (~2 us more per new or deleted key)."""
-        if after and after >= prefix:
-            candidates = self.keys.irange(minimum=after, inclusive=(False, True))
-        else:
-            candidates = self.keys.irange(minimum=prefix)
-        page = []
-        for key in candidates:
-            if not key.startswith(prefix) or len(page) > limit:
-                break
-            page.append(key)
-        return page[:limit], len(page) > limit
-
-    def snapshot(self) -> bytes:
-        """The map as a CBOR map; with admin claims still within their window, [SNAPSHOT_WITH_CLAIMS, map, claims]
-        (so a snapshot without claims stays readable by nodes from before claims)."""
-        if self.admin_claims.claims:
-            return cbor2.dumps([SNAPSHOT_WITH_CLAIMS, self.data, self.admin_claims.claims])
-        return cbor2.dumps(self.data)
-
-    def restore(self, data: bytes) -> None:
-        v = cbor2.loads(data) if data else {}
-        claims = {}
-        if type(v) is list:
-            if len(v) != 3 or v[0] != SNAPSHOT_WITH_CLAIMS:
-                raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-            _, v, claims = v
-        self.data = v
-        self.keys = SortedList(self.data)
-        self.admin_claims = AdminClaims(claims)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------
@@ -1015,7 +937,6 @@ def connection_bound() -> int:
 
 TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
 SIGNATURE_HEADER = "X-Raftdzmq-Signature"
-ADMIN_CLOCK_SKEW_SECONDS = 300.0
 _TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 
 
@@ -1068,40 +989,6 @@ class AdminGuard:
             return "this signed request was already used (a replay); sign it again"
         self._seen[signature] = now + 2 * ADMIN_CLOCK_SKEW_SECONDS
         return None
-
-
-SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
-
-
-class AdminClaims:
-    """The replicated memory of signed admin requests that took effect, so that each takes effect at most once in
-    the whole cluster: a leader proposes an ADMIN_CLAIM (the signature, its timestamp and the leader's clock) before
-    acting, and acts only if the claim applied as "ok"; a claim of a signature already in the log applies as
-    "used". Every node applies the same claims in log order, so a leader elected later (or after a restart, or a
-    snapshot) refuses what an earlier one took.
-
-    Rules: deterministic (no clock of its own: `now` comes in the command). A claim is forgotten once its timestamp
-    is 2 x ADMIN_CLOCK_SKEW_SECONDS behind the newest `now` seen: every leader whose clock is within the allowed
-    skew of that one refuses its timestamp anyway. Memory: one entry per admin request of that window."""
-
-    def __init__(self, claims: dict | None = None) -> None:
-        self.claims: dict[str, float] = dict(claims or {})  # signature -> its timestamp
-        self._newest_now = max(self.claims.values(), default=0.0)
-
-    def apply(self, signature, when) -> str:
-        """`when`: [the request's timestamp, the proposing leader's clock], Unix seconds."""
-        if type(signature) is not str or type(when) is not list or len(when) != 2 or not all(
-                type(t) in (int, float) for t in when):
-            return "error"  # not written by this version: nothing to claim
-        timestamp, now = when
-        if now > self._newest_now + 60:  # forget in steps, not a scan of every claim at every claim
-            self._newest_now = now
-            horizon = now - 2 * ADMIN_CLOCK_SKEW_SECONDS
-            self.claims = {s: t for s, t in self.claims.items() if t >= horizon}
-        if signature in self.claims:
-            return "used"
-        self.claims[signature] = timestamp
-        return "ok"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -1190,10 +1077,9 @@ def make_app(server: Server) -> bottle.Bottle:
         signature = req.get_header(SIGNATURE_HEADER)
         reason = guard.claim(signature)
         if reason is None:
-            command = KeyValueStore.command(ADMIN_CLAIM, signature, b"",
-                                            [float(req.get_header(TIMESTAMP_HEADER)), time.time()])
+            claim = command(ADMIN_CLAIM, signature, b"", [float(req.get_header(TIMESTAMP_HEADER)), time.time()])
             try:
-                _, result = runtime.propose(command, args.write_timeout)
+                _, result = runtime.propose(claim, args.write_timeout)
             except NotLeader:
                 raise redirect_to_leader() from None
             except (ProposalDropped, EntryLost, Timeout, DiskFull, Stopped) as e:
@@ -1245,11 +1131,11 @@ def make_app(server: Server) -> bottle.Bottle:
         if "prev_value" in q:
             # The percent-decoded bytes as they are (Bottle's q.prev_value turns bytes that are not UTF-8 into "",
             # which would compare against an empty value).
-            cmd = KeyValueStore.command(COMPARE_AND_SET, key, value, q.get("prev_value").encode("latin-1"))
+            cmd = command(COMPARE_AND_SET, key, value, q.get("prev_value").encode("latin-1"))
         elif q.get("prev_exist") == "false":
-            cmd = KeyValueStore.command(CREATE, key, value)
+            cmd = command(CREATE, key, value)
         else:
-            cmd = KeyValueStore.command(SET, key, value)
+            cmd = command(SET, key, value)
         index, result = propose(cmd)
         if result == "failed":
             return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
@@ -1258,7 +1144,7 @@ def make_app(server: Server) -> bottle.Bottle:
 
     @app.delete("/db/<key:path>")
     def delete_key(key):
-        index, result = propose(KeyValueStore.command(DELETE, check_key(key)))
+        index, result = propose(command(DELETE, check_key(key)))
         if result == "missing":
             return text(404, f"no such key: {key}", **{"X-Raft-Index": str(index)})
         return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})

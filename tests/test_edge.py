@@ -733,7 +733,8 @@ import json, subprocess, sys, time, types
 sys.path.insert(0, sys.argv[1])
 import raftdzmq
 import gevent, gevent.socket
-from raftdzmq import SET, KeyValueStore, Metrics, Role, make_app, parse_args
+from raftdzmq import Metrics, Role, make_app, parse_args
+from raftlib.server.store import SET, KeyValueStore, command
 
 CONNECTIONS, SECONDS, CLIENT = int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 listener = gevent.socket.socket()
@@ -741,7 +742,7 @@ listener.bind(("127.0.0.1", 0))
 listener.listen(1024)
 kv = KeyValueStore()
 for i in range(1000):
-    kv.apply(i + 1, KeyValueStore.command(SET, "key%04d" % i, b"v"))
+    kv.apply(i + 1, command(SET, "key%04d" % i, b"v"))
 # The real routes on a stand-in server; the client lists a page of keys, a stale read (no Raft): ~0.3 ms each.
 stand_in = types.SimpleNamespace(args=parse_args(["x"]), runtime=None, metrics=Metrics(), secret=None, kv=kv,
                                  node_id="n", node=types.SimpleNamespace(last_applied=0, leader_id="n",
@@ -933,7 +934,8 @@ STORE_PAGES = r"""
 import io, json, random, sys, types
 sys.path.insert(0, sys.argv[1])
 import raftdzmq
-from raftdzmq import COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, Metrics, Role, make_app, parse_args
+from raftdzmq import Metrics, Role, make_app, parse_args
+from raftlib.server.store import COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
 
 
 class NoWalk(dict):
@@ -949,7 +951,7 @@ model = {}
 for i in range(20000):
     key = "".join(rng.choice("ab/\u00e9") for _ in range(rng.randint(1, 6)))
     op = rng.choice([SET, SET, DELETE, COMPARE_AND_SET, CREATE])
-    kv.apply(i + 1, KeyValueStore.command(op, key, b"v%d" % i, model.get(key)))
+    kv.apply(i + 1, command(op, key, b"v%d" % i, model.get(key)))
     if op == DELETE:
         model.pop(key, None)
     elif op != CREATE or key not in model:
