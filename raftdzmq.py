@@ -17,13 +17,11 @@ import binascii  # noqa: E402
 import bisect  # noqa: E402
 import collections  # noqa: E402
 import errno  # noqa: E402
-import hashlib  # noqa: E402
 import http.client  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import hmac  # noqa: E402
 import ipaddress  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -59,9 +57,18 @@ from raftlib import (  # noqa: E402
 from raftlib.runtime import EntryLost, Runtime, Stopped, Timeout  # noqa: E402
 from raftlib.storage import DiskFull, DiskStorage, NotJoined, StorageError, start_node  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, ZmqTransport  # noqa: E402
+from raftlib.server.admin import (  # noqa: E402
+    SECRET_ENV,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    AdminGuard,
+    SecretError,
+    admin_headers,
+    read_secret,
+    wire_target,
+)
 from raftlib.server.store import (  # noqa: E402
     ADMIN_CLAIM,
-    ADMIN_CLOCK_SKEW_SECONDS,
     COMPARE_AND_SET,
     CREATE,
     DELETE,
@@ -380,7 +387,6 @@ _TARGET_CHARS = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))  # no space
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
             431: "Request Header Fields Too Large", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
-_UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")
 
 
 def _field_line(line: bytes) -> tuple[bytes, bytes]:
@@ -414,13 +420,6 @@ class _Body(io.BytesIO):
 
     def _discard(self) -> None:  # pywsgi calls this after each response to skip what the route left unread
         pass
-
-
-def wire_target(raw: str) -> str:
-    """The request target as sent (a str of latin-1 bytes), fit to send on: a byte outside printable ASCII, or a
-    `#`, percent-encoded. The receiver decodes PATH_INFO the same either way, so a forwarded request or a
-    redirect names exactly the key and query the client sent; `%`, `?`, `..` and `/` pass through untouched."""
-    return _UNSAFE_IN_TARGET.sub(lambda m: "%%%02X" % ord(m.group()), raw)
 
 
 class EdgeHandler(gevent.pywsgi.WSGIHandler):
@@ -924,73 +923,6 @@ def connection_bound() -> int:
     return max(8, (soft - FD_RESERVE) // 2)
 
 
-# ---- admin request signatures ---------------------------------------------------------------------------------
-#
-# With a cluster secret, every request that changes the cluster (POST /join, DELETE /cluster/ID,
-# POST /cluster/transfer) carries X-Raftdzmq-Timestamp (Unix seconds, a fraction allowed) and
-# X-Raftdzmq-Signature: the hex HMAC-SHA256 under the secret of
-#     "raftdzmq-admin-v1\n" METHOD "\n" TARGET "\n" TIMESTAMP "\n" BODY
-# where TARGET is the path and query exactly as sent (wire_target form). The leader refuses a timestamp more than
-# ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
-# leader took, and AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
-# worthless once used, everywhere, and after the window even if never used.
-
-TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
-SIGNATURE_HEADER = "X-Raftdzmq-Signature"
-_TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
-
-
-def admin_signature(secret: bytes, method: str, target: str, body: bytes, timestamp: str) -> str:
-    """The signature of an admin request: `target` is the path and query as sent (latin-1 text of its bytes)."""
-    message = f"raftdzmq-admin-v1\n{method}\n{wire_target(target)}\n{timestamp}\n".encode("latin-1") + body
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-def admin_headers(secret: bytes, method: str, target: str, body: bytes = b"", now: float | None = None) -> dict:
-    """The two headers that sign an admin request, for clients (raftdzmqctl, scripts, `-sign`). A non-ASCII
-    `target` is taken as UTF-8, as clients send it."""
-    timestamp = f"{time.time() if now is None else now:.6f}"
-    target = target.encode("utf-8").decode("latin-1")
-    return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: admin_signature(secret, method, target, body, timestamp)}
-
-
-class AdminGuard:
-    """Checks admin signatures (see above) on one node. `verify` is pure apart from the clock; `claim` records a
-    signature the leader is about to act on, and refuses one it has seen (memory: one entry per accepted admin
-    request of the last 2 x ADMIN_CLOCK_SKEW_SECONDS; only correctly signed requests get in). Only this node's
-    memory: a replay to this leader costs no log entry; AdminClaims is what holds across leaders."""
-
-    def __init__(self, secret: bytes) -> None:
-        self._secret = secret
-        self._seen: dict[str, float] = {}  # signature -> time.monotonic() when it may be forgotten
-
-    def verify(self, method: str, target: str, body: bytes, timestamp: str | None, signature: str | None,
-               now: float | None = None) -> str | None:
-        """None when the request is signed with the secret within the allowed skew, else why not."""
-        if not signature or not timestamp:
-            return "not signed with this cluster's secret (no signature)"
-        if not _TIMESTAMP.fullmatch(timestamp):
-            return "malformed timestamp: want Unix seconds"
-        expected = admin_signature(self._secret, method, target, body, timestamp)
-        if not hmac.compare_digest(signature.encode("latin-1"), expected.encode()):
-            return "not signed with this cluster's secret (the signature does not match)"
-        skew = float(timestamp) - (time.time() if now is None else now)
-        if abs(skew) > ADMIN_CLOCK_SKEW_SECONDS:
-            return (f"signature timestamp is {skew:+.0f}s from this node's clock (allowed: "
-                    f"{ADMIN_CLOCK_SKEW_SECONDS:g}s); sign again, or check the clocks")
-        return None
-
-    def claim(self, signature: str) -> str | None:
-        """Record `signature` as used; None if it was new, else why it is refused."""
-        now = time.monotonic()
-        if len(self._seen) > 256:
-            self._seen = {s: t for s, t in self._seen.items() if t > now}
-        if self._seen.get(signature, 0.0) > now:
-            return "this signed request was already used (a replay); sign it again"
-        self._seen[signature] = now + 2 * ADMIN_CLOCK_SKEW_SECONDS
-        return None
-
-
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None
@@ -1323,31 +1255,17 @@ def make_app(server: Server) -> bottle.Bottle:
 # ---- command line ---------------------------------------------------------------------------------------
 
 
-SECRET_ENV = "RAFTDZMQ_SECRET"
-
-
 def load_secret(args) -> bytes | None:
     """The cluster secret from -secret-file, else from $RAFTDZMQ_SECRET; None when neither is given. Exits when a
     secret is given and this libzmq cannot use it (no CURVE)."""
-    secret = _read_secret(args)
+    try:
+        secret = read_secret(args.secret_file)
+    except SecretError as e:
+        raise SystemExit(f"raftdzmq: {e}") from None
     if secret is not None and not CURVE_AVAILABLE:
         raise SystemExit("raftdzmq: a cluster secret needs CURVE, and this pyzmq's libzmq has none (zmq.has('curve') "
                          "is False): install a pyzmq wheel")
     return secret
-
-
-def _read_secret(args) -> bytes | None:
-    if args.secret_file:
-        try:
-            with open(os.path.expanduser(args.secret_file), "rb") as f:
-                secret = f.read().strip()
-        except OSError as e:
-            raise SystemExit(f"raftdzmq: cannot read the secret file: {e}") from None
-        if not secret:
-            raise SystemExit(f"raftdzmq: the secret file {args.secret_file} is empty")
-        return secret
-    secret = os.environ.get(SECRET_ENV, "").strip().encode()
-    return secret or None
 
 
 def _is_loopback(host: str) -> bool:
