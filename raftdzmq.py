@@ -14,14 +14,12 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import binascii  # noqa: E402
-import bisect  # noqa: E402
 import collections  # noqa: E402
 import errno  # noqa: E402
 import http.client  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import ipaddress  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -37,8 +35,6 @@ import urllib.request  # noqa: E402
 
 import bottle  # noqa: E402
 import prometheus_client as prom  # noqa: E402
-import prometheus_client.core as prom_core  # noqa: E402
-import prometheus_client.utils as prom_utils  # noqa: E402
 import gevent  # noqa: E402
 import gevent.hub  # noqa: E402
 import gevent.pool  # noqa: E402
@@ -67,6 +63,7 @@ from raftlib.server.admin import (  # noqa: E402
     read_secret,
     wire_target,
 )
+from raftlib.server.metrics import Metrics  # noqa: E402
 from raftlib.server.store import (  # noqa: E402
     ADMIN_CLAIM,
     COMPARE_AND_SET,
@@ -92,98 +89,6 @@ def _test_fsync_delay(path: str) -> None:
     except (OSError, ValueError):
         return
     monkey.get_original("time", "sleep")(seconds)  # not gevent's sleep: a slow fsync holds the hub too
-
-
-# ---- metrics ---------------------------------------------------------------------------------------------
-
-
-class _Counter:
-    """A counter by one label, kept in a dict. prometheus_client's metrics take a lock on every update (a gevent
-    lock here: ~2.5% of a write at 64 clients for the write metrics); all updates come from this one thread."""
-
-    def __init__(self, name: str, doc: str, label: str) -> None:
-        self.name, self.doc, self.label = name, doc, label
-        self.values: collections.Counter = collections.Counter()
-
-    def inc(self, label_value: str) -> None:
-        self.values[label_value] += 1
-
-    def collect(self):
-        family = prom_core.CounterMetricFamily(self.name, self.doc, labels=[self.label])
-        for value, count in sorted(self.values.items()):
-            family.add_metric([value], count)
-        return family
-
-
-class _Histogram:
-    """A histogram kept in a list of bucket counts (see _Counter)."""
-
-    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.doc, self.buckets = name, doc, buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bucket (+Inf)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.sum += seconds
-
-    def collect(self):
-        cumulative, rows = 0, []
-        for bound, count in zip((*self.buckets, math.inf), self.counts):
-            cumulative += count
-            rows.append((prom_utils.floatToGoString(bound), cumulative))
-        family = prom_core.HistogramMetricFamily(self.name, self.doc)
-        family.add_metric([], rows, self.sum)
-        return family
-
-
-class Metrics:
-    """Prometheus metrics for GET /metrics, in a registry of this node's own."""
-
-    def __init__(self) -> None:
-        r = self.registry = prom.CollectorRegistry()
-        self.writes = _Counter("raftdzmq_writes", "Writes answered, by outcome", "outcome")
-        self.write_seconds = _Histogram("raftdzmq_write_seconds", "Time from proposal to commit and apply",
-                                        (.0005, .001, .002, .005, .01, .02, .05, .1, .5, 2))
-        self.fsync_seconds = _Histogram("raftdzmq_fsync_seconds", "Log fdatasync time per batch",
-                                        (.00005, .0001, .0002, .0005, .001, .002, .005, .01, .05))
-        self.reads = _Counter("raftdzmq_reads", "Reads answered, by consistency", "consistency")
-        self.read_index_seconds = _Histogram("raftdzmq_read_index_seconds", "Time to confirm a read index",
-                                             (.0005, .001, .002, .005, .01, .05, .1, .5))
-        self.hub_lag_seconds = _Histogram("raftdzmq_hub_lag_seconds", "How late a 10 ms gevent timer fires: the "
-                                          "delay every timer (ticks, heartbeats, elections) sees",
-                                          (.001, .002, .005, .01, .02, .05, .1, .25, .5, 1))
-        r.register(self)
-
-    def collect(self):
-        for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
-                  self.hub_lag_seconds):
-            yield m.collect()
-
-    def watch_hub_lag(self, period: float = 0.01) -> None:
-        """Runs in a greenlet of its own: sleep `period` and note how late the wake-up came."""
-        while True:
-            t0 = time.monotonic()
-            gevent.sleep(period)
-            self.hub_lag_seconds.observe(max(0.0, time.monotonic() - t0 - period))
-
-    def bind(self, server: "Server") -> None:
-        node, runtime = server.node, server.runtime
-        r = self.registry
-        for name, doc, fn in (
-            ("raftdzmq_term", "Current term", lambda: node.current_term),
-            ("raftdzmq_commit_index", "Commit index", lambda: node.commit_index),
-            ("raftdzmq_applied_index", "Last applied index", lambda: node.last_applied),
-            ("raftdzmq_last_index", "Last log index", lambda: node.log.last_index),
-            ("raftdzmq_snapshot_index", "Index of the newest snapshot", lambda: node.log.snapshot_index),
-            ("raftdzmq_is_leader", "1 on the leader", lambda: int(node.role is Role.LEADER)),
-            ("raftdzmq_proposals", "Proposals taken by this node as leader", lambda: runtime.stats["proposals"]),
-            ("raftdzmq_applied_entries", "Entries applied", lambda: runtime.stats["applied"]),
-            ("raftdzmq_elections_won", "Elections this node won", lambda: runtime.stats["elections_won"]),
-            ("raftdzmq_batches_saved", "Batches made durable (one fsync each)", lambda: runtime.stats["saves"]),
-            ("raftdzmq_snapshots", "Snapshots taken", lambda: runtime.stats["snapshots"]),
-        ):
-            prom.Gauge(name, doc, registry=r).set_function(fn)
 
 
 # ---- the server -----------------------------------------------------------------------------------------
@@ -238,7 +143,7 @@ class Server:
                                       reply_timeout_seconds=max(0.2, args.election_ms / 1000.0), secret=self.secret)
         self.runtime = Runtime(self.node, self.storage, self.transport, self.kv, tick_seconds=tick,
                                snapshot_threshold_bytes=args.snapshot_threshold, on_fatal=self._fatal)
-        self.metrics.bind(self)
+        self.metrics.bind(self.runtime.status)
         self.http = None
         self._stopping = False
 
