@@ -817,10 +817,12 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
 
 
 ACCEPT_OUT_OF_DESCRIPTORS = r"""
+from gevent import monkey
+monkey.patch_all()
 import io, json, logging, os, resource, sys
 sys.path.insert(0, sys.argv[1])
-import raftdzmq
 import gevent, gevent.socket
+from raftlib.server.edge import EdgeServer
 
 out = io.StringIO()
 logging.basicConfig(stream=out, level=logging.INFO)
@@ -835,8 +837,8 @@ def app(environ, start_response):
     return [b"ok"]
 
 
-server = raftdzmq.EdgeServer(listener, app, max_connections=50, idle_timeout_seconds=30, receive_timeout_seconds=30,
-                             busy_timeout_seconds=60, max_header_bytes=32768, max_body_bytes=1024)
+server = EdgeServer(listener, app, max_connections=50, idle_timeout_seconds=30, receive_timeout_seconds=30,
+                    busy_timeout_seconds=60, max_header_bytes=32768, max_body_bytes=1024)
 server.start()
 hog = []
 while True:  # every descriptor this process may have
