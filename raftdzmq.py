@@ -14,7 +14,6 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import binascii  # noqa: E402
-import http.client  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import ipaddress  # noqa: E402
@@ -28,46 +27,31 @@ import urllib.error  # noqa: E402
 import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
 
-import bottle  # noqa: E402
-import prometheus_client as prom  # noqa: E402
 import gevent  # noqa: E402
 import gevent.hub  # noqa: E402
 import gevent.pool  # noqa: E402
 import gevent.pywsgi  # noqa: E402
 
 from raftlib import (  # noqa: E402
-    ConfChange,
-    ConfChangeKind,
     Config,
-    Member,
-    NotLeader,
-    ProposalDropped,
     RaftNode,
     Role,
 )
-from raftlib.runtime import EntryLost, Runtime, Stopped, Timeout  # noqa: E402
-from raftlib.storage import DiskFull, DiskStorage, NotJoined, StorageError, start_node  # noqa: E402
+from raftlib.runtime import Runtime  # noqa: E402
+from raftlib.storage import DiskStorage, NotJoined, StorageError, start_node  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, ZmqTransport  # noqa: E402
 from raftlib.server.admin import (  # noqa: E402
     SECRET_ENV,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
     AdminGuard,
     SecretError,
     admin_headers,
     read_secret,
-    wire_target,
 )
-from raftlib.server.edge import EdgeServer, RateLimitedLog, connection_bound, listen, raise_descriptor_limit  # noqa: E402
+from raftlib.server.api import Api, make_app  # noqa: E402
+from raftlib.server.edge import EdgeServer, connection_bound, listen, raise_descriptor_limit  # noqa: E402
 from raftlib.server.metrics import Metrics  # noqa: E402
 from raftlib.server.store import (  # noqa: E402
-    ADMIN_CLAIM,
-    COMPARE_AND_SET,
-    CREATE,
-    DELETE,
-    SET,
     KeyValueStore,
-    command,
 )
 
 log = logging.getLogger("raftdzmq")
@@ -165,7 +149,10 @@ class Server:
         # twice its timeout: a first try, then a retry or the read after a wait for an index), then -idle-timeout
         # more for a client slow to take its answer.
         longest_route_seconds = 2 * max(args.write_timeout, args.read_timeout) + 1
-        self.http = EdgeServer(listener, make_app(self), max_connections=args.max_connections,
+        api = Api(self.runtime, self.kv, self.metrics, write_timeout_seconds=args.write_timeout,
+                  read_timeout_seconds=args.read_timeout, forward=args.forward,
+                  guard=None if self.secret is None else AdminGuard(self.secret))
+        self.http = EdgeServer(listener, make_app(api), max_connections=args.max_connections,
                                idle_timeout_seconds=args.idle_timeout, receive_timeout_seconds=args.receive_timeout,
                                busy_timeout_seconds=args.receive_timeout + longest_route_seconds + args.idle_timeout,
                                max_header_bytes=args.max_header_bytes, max_body_bytes=args.max_body)
@@ -205,22 +192,6 @@ class Server:
             if v != self.node_id and pr is not None and pr.match_index > best_match:
                 best, best_match = v, pr.match_index
         return best
-
-    # ---- cluster ----
-
-    def leader_http(self) -> str | None:
-        leader = self.node.leader_id
-        if leader is None:
-            return None
-        m = self.node.membership.member(leader)
-        return m.http_address if m else None
-
-    def removed_text(self) -> str | None:
-        """Why this node serves nothing, when a member told it that it was removed (RaftNode.removed); else None."""
-        if self.node.removed is None:
-            return None
-        leader_id, index = self.node.removed
-        return f"this node was removed from the cluster ({f'by {leader_id} ' if leader_id else ''}at or before index {index})"
 
     def join(self, target: str) -> None:
         """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded in time."""
@@ -264,327 +235,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _no_redirects = urllib.request.build_opener(_NoRedirect)
-
-
-# ---- HTTP ---------------------------------------------------------------------------------------------------
-
-
-def text(status: int, message: str, **headers) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(message + "\n", status, {"Content-Type": "text/plain; charset=utf-8", **headers})
-
-
-def make_app(server: Server) -> bottle.Bottle:
-    app = bottle.Bottle(catchall=True)
-    args = server.args
-    runtime = server.runtime
-    metrics = server.metrics
-    bottle.BaseRequest.MEMFILE_MAX = args.max_body + 1
-
-    def default_error(res):
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return f"{res.status_line}: {res.body}\n" if isinstance(res.body, str) and res.body else f"{res.status_line}\n"
-
-    app.default_error_handler = default_error
-
-    def redirect_to_leader():
-        leader = server.leader_http()
-        if leader is None:
-            removed = server.removed_text()
-            return text(410, removed) if removed else text(503, "no leader is known right now; retry shortly")
-        if args.forward and bottle.request.get_header("X-Raftdzmq-Forwarded") is None:
-            return forward_to(leader)
-        # The target exactly as sent: rebuilding it from the decoded path would change the key (%2541 -> %41,
-        # %3F -> a query, /../ resolved) and break on a space or non-ASCII.
-        return text(307, NOT_LEADER, Location=f"http://{leader}{wire_target(bottle.request.environ['REQUEST_URI'])}")
-
-    def forward_to(leader: str) -> bottle.HTTPResponse:
-        """-forward: proxy this request to the leader and hand back its answer (one hop only). The target goes
-        as sent, and with it the admin signature headers, which cover it."""
-        req = bottle.request
-        host, port = leader.rsplit(":", 1)
-        headers = {"X-Raftdzmq-Forwarded": server.node_id, "Content-Type": req.content_type or ""}
-        for name in (TIMESTAMP_HEADER, SIGNATURE_HEADER):
-            if req.get_header(name) is not None:
-                headers[name] = req.get_header(name)
-        conn = http.client.HTTPConnection(host, int(port), timeout=args.write_timeout + 1)
-        try:
-            conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
-            resp = conn.getresponse()
-            keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "x-raft-index", "location")}
-            return bottle.HTTPResponse(resp.read(), resp.status, keep)
-        except (OSError, http.client.HTTPException) as e:
-            return text(503, f"could not forward to the leader at {leader}: {e}; outcome unknown")
-        finally:
-            conn.close()
-
-    def read_body() -> bytes:
-        # Read whole by the edge (EdgeHandler) before any route runs: cut short or too big never gets here.
-        return bottle.request.environ["raftdzmq.body"]
-
-    guard = AdminGuard(server.secret) if server.secret is not None else None
-    admin_refusals = RateLimitedLog("refused admin requests", log)
-
-    def check_signature(what: str) -> None:
-        """With a cluster secret: 403 unless this admin request is signed with it, recently (AdminGuard)."""
-        if guard is None:
-            return
-        req = bottle.request
-        reason = guard.verify(req.method, req.environ["REQUEST_URI"], read_body(), req.get_header(TIMESTAMP_HEADER),
-                              req.get_header(SIGNATURE_HEADER))
-        if reason is not None:
-            admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", what, req.remote_addr, reason)
-            raise text(403, f"{what} refused: {reason}")
-
-    def claim_signature(what: str) -> None:
-        """On the leader, just before acting: refuse a signature already acted on (a replay), here (AdminGuard: no
-        log entry for a replay to this leader) or by any leader (AdminClaims, through the log)."""
-        if guard is None:
-            return
-        req = bottle.request
-        signature = req.get_header(SIGNATURE_HEADER)
-        reason = guard.claim(signature)
-        if reason is None:
-            claim = command(ADMIN_CLAIM, signature, b"", [float(req.get_header(TIMESTAMP_HEADER)), time.time()])
-            try:
-                _, result = runtime.propose(claim, args.write_timeout)
-            except NotLeader:
-                raise redirect_to_leader() from None
-            except (ProposalDropped, EntryLost, Timeout, DiskFull, Stopped) as e:
-                raise text(503, f"{what} not confirmed ({e}); sign it again to retry") from None
-            if result == "used":
-                reason = "this signed request was already used, on another leader (a replay); sign it again"
-        if reason is not None:
-            admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", what, req.remote_addr, reason)
-            raise text(403, f"{what} refused: {reason}")
-
-    def propose(command: bytes):
-        if server.node.role is not Role.LEADER:
-            raise redirect_to_leader()
-        t0 = time.perf_counter()
-        try:
-            result = runtime.propose(command, args.write_timeout)
-        except NotLeader:
-            metrics.writes.inc("redirected")
-            raise redirect_to_leader() from None
-        except ProposalDropped as e:
-            metrics.writes.inc("refused")
-            raise text(503, f"write refused for now: {e}; retry") from None
-        except EntryLost:
-            metrics.writes.inc("lost")
-            raise text(503, "write lost: leadership changed before it committed; it was not applied") from None
-        except Timeout:
-            metrics.writes.inc("unknown")
-            raise text(503, f"write not confirmed within {args.write_timeout:g}s; its outcome is unknown") from None
-        except DiskFull as e:
-            metrics.writes.inc("refused")
-            raise text(507, f"write refused: {e}; it was not applied") from None
-        except Stopped as e:
-            raise text(503, str(e)) from None
-        metrics.write_seconds.observe(time.perf_counter() - t0)
-        metrics.writes.inc("committed")
-        return result
-
-    def check_key(key: str) -> str:
-        if not key or len(key.encode()) > 4096:
-            raise text(400, "key must be 1 to 4096 bytes")
-        return key
-
-    @app.post("/db/<key:path>")
-    @app.put("/db/<key:path>")
-    def set_key(key):
-        key = check_key(key)
-        value = read_body()
-        q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
-        if "prev_value" in q:
-            # The percent-decoded bytes as they are (Bottle's q.prev_value turns bytes that are not UTF-8 into "",
-            # which would compare against an empty value).
-            cmd = command(COMPARE_AND_SET, key, value, q.get("prev_value").encode("latin-1"))
-        elif q.get("prev_exist") == "false":
-            cmd = command(CREATE, key, value)
-        else:
-            cmd = command(SET, key, value)
-        index, result = propose(cmd)
-        if result == "failed":
-            return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
-        bottle.response.set_header("X-Raft-Index", str(index))
-        return ""
-
-    @app.delete("/db/<key:path>")
-    def delete_key(key):
-        index, result = propose(command(DELETE, check_key(key)))
-        if result == "missing":
-            return text(404, f"no such key: {key}", **{"X-Raft-Index": str(index)})
-        return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})
-
-    def wait_consistent():
-        q = bottle.request.query
-        consistency = q.get("consistency", "linearizable")
-        if "min_index" in q:
-            try:
-                min_index = int(q.min_index)
-            except ValueError:
-                raise text(400, "min_index must be an integer") from None
-            try:
-                runtime.wait_applied(min_index, args.read_timeout)
-            except Timeout:
-                raise text(503, f"index {min_index} not applied here within {args.read_timeout:g}s") from None
-        if consistency == "stale":
-            metrics.reads.inc("stale")
-            return
-        if consistency not in ("linearizable", "lease"):
-            raise text(400, "consistency must be linearizable, lease or stale")
-        metrics.reads.inc(consistency)
-        t0 = time.perf_counter()
-        deadline = time.monotonic() + args.read_timeout
-        try:
-            while True:
-                try:
-                    runtime.read(max(0.01, deadline - time.monotonic()), lease=consistency == "lease")
-                    break
-                except NotLeader:
-                    if server.removed_text():
-                        raise text(410, server.removed_text()) from None
-                    # Right after a start or an election no leader is known yet: wait for one, within the bound.
-                    if time.monotonic() >= deadline:
-                        raise text(503, "no leader is known right now; the read cannot be confirmed") from None
-                    gevent.sleep(0.02)
-        except Timeout:
-            raise text(503, f"could not confirm a linearizable read within {args.read_timeout:g}s") from None
-        except Stopped as e:
-            raise text(503, str(e)) from None
-        metrics.read_index_seconds.observe(time.perf_counter() - t0)
-
-    def read_headers() -> dict:
-        return {"X-Raft-Applied-Index": str(server.node.last_applied), "X-Raft-Leader": server.node.leader_id or ""}
-
-    @app.get("/db/<key:path>")
-    def get_key(key):
-        key = check_key(key)
-        wait_consistent()
-        value = server.kv.data.get(key)
-        if value is None:
-            return text(404, f"no such key: {key}", **read_headers())
-        return bottle.HTTPResponse(value, 200, {"Content-Type": "application/octet-stream", **read_headers()})
-
-    @app.get("/db/")
-    @app.get("/db")
-    def list_keys():
-        q = bottle.request.query
-        try:  # from UTF-8, as keys are (get() hands back the bytes as latin-1, which matches no non-ASCII key)
-            prefix, after = (q.get(name, "").encode("latin-1").decode("utf-8") for name in ("prefix", "after"))
-        except UnicodeError:
-            raise text(400, "prefix and after must be UTF-8") from None
-        try:
-            limit = min(max(int(q.get("limit", "1000")), 1), 10000)
-        except ValueError:
-            raise text(400, "limit must be an integer") from None
-        wait_consistent()
-        page, more = server.kv.page(prefix, after, limit)
-        body = {"keys": page, "next": page[-1] if more else None}
-        return bottle.HTTPResponse(json.dumps(body) + "\n", 200, {"Content-Type": "application/json", **read_headers()})
-
-    @app.post("/join")
-    def join():
-        raw = read_body()
-        check_signature("join")
-        try:
-            body = json.loads(raw or b"null")
-            fields = [body[k] for k in ("node_id", "raft_address", "http_address")]
-            if not all(isinstance(f, str) and 0 < len(f) < 256 for f in fields):
-                raise ValueError
-        except (ValueError, TypeError, KeyError):
-            return text(400, 'bad join body: want JSON {"node_id": ..., "raft_address": ..., "http_address": ...}')
-        if server.node.role is not Role.LEADER:
-            return redirect_to_leader()
-        claim_signature("join")
-        change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(*fields))
-        deadline = time.monotonic() + args.write_timeout
-        while True:
-            try:
-                index, _ = runtime.change_membership(change, args.write_timeout)
-                break
-            except ProposalDropped as e:  # another change in flight: wait for it
-                if time.monotonic() > deadline:
-                    return text(503, f"join not possible now: {e}")
-                gevent.sleep(0.05)
-            except NotLeader:
-                return redirect_to_leader()
-            except (Timeout, EntryLost, Stopped) as e:
-                return text(503, f"join not confirmed: {e}")
-            except ValueError as e:
-                return text(400, str(e))
-        log.info("node %s (%s) joined as a learner", fields[0], fields[2])
-        return bottle.HTTPResponse(json.dumps({"index": index}) + "\n", 200, {"Content-Type": "application/json"})
-
-    def members():
-        node = server.node
-        out = []
-        for m in node.membership.members:
-            pr = node.progress(m.node_id) if node.role is Role.LEADER else None
-            out.append({
-                "id": m.node_id, "raft_address": m.raft_address, "http_address": m.http_address,
-                "role": "voter" if m.node_id in node.membership.voters else "learner",
-                "match_index": (node.log.last_index if m.node_id == node.node_id else pr.match_index) if pr else None,
-            })
-        return out
-
-    @app.get("/status")
-    def status():
-        node = server.node
-        body = {
-            "node_id": node.node_id, "role": node.role.value, "term": node.current_term,
-            "leader": node.leader_id, "leader_http": server.leader_http(), "commit_index": node.commit_index,
-            "applied_index": node.last_applied, "last_index": node.log.last_index,
-            "snapshot_index": node.log.snapshot_index, "members": members(), "keys": len(server.kv.data),
-            "disk_full": runtime.disk_full,
-            "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
-        }
-        return bottle.HTTPResponse(json.dumps(body, indent=1) + "\n", 200, {"Content-Type": "application/json"})
-
-    @app.get("/metrics")
-    def prometheus_metrics():
-        return bottle.HTTPResponse(prom.generate_latest(metrics.registry), 200,
-                                   {"Content-Type": prom.CONTENT_TYPE_LATEST})
-
-    @app.get("/cluster")
-    def cluster():
-        return bottle.HTTPResponse(json.dumps(members(), indent=1) + "\n", 200, {"Content-Type": "application/json"})
-
-    @app.delete("/cluster/<node_id>")
-    def remove_member(node_id):
-        check_signature("removal")
-        if server.node.role is not Role.LEADER:
-            return redirect_to_leader()
-        claim_signature("removal")
-        try:
-            index, _ = runtime.change_membership(
-                ConfChange(ConfChangeKind.REMOVE, Member(node_id)), args.write_timeout)
-        except NotLeader:
-            return redirect_to_leader()
-        except (ProposalDropped, Timeout, EntryLost, Stopped) as e:
-            return text(503, f"removal not confirmed: {e}")
-        except ValueError as e:
-            return text(400, str(e))
-        return text(200, f"removed {node_id}", **{"X-Raft-Index": str(index)})
-
-    @app.post("/cluster/transfer")
-    def transfer():
-        target = bottle.request.query.get("to", "")
-        check_signature("transfer")
-        if server.node.role is not Role.LEADER:
-            return redirect_to_leader()
-        claim_signature("transfer")
-        try:
-            runtime.transfer_leadership(target, args.write_timeout)
-        except NotLeader:
-            return redirect_to_leader()
-        except ValueError as e:
-            return text(400, str(e))
-        except (Timeout, Stopped) as e:
-            return text(503, f"transfer not confirmed: {e}")
-        return text(200, f"leader is now {target}")
-
-    return app
 
 
 # ---- command line ---------------------------------------------------------------------------------------

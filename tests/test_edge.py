@@ -729,11 +729,15 @@ asyncio.run(main())
 """
 
 TURNS_UNDER_A_FLOOD = r"""
+from gevent import monkey
+monkey.patch_all()
 import json, subprocess, sys, time, types
 sys.path.insert(0, sys.argv[1])
-import raftdzmq
 import gevent, gevent.socket
-from raftdzmq import Metrics, Role, make_app, parse_args
+from raftlib import Role
+from raftlib.server.api import Api, make_app
+from raftlib.server.edge import EdgeServer
+from raftlib.server.metrics import Metrics
 from raftlib.server.store import SET, KeyValueStore, command
 
 CONNECTIONS, SECONDS, CLIENT = int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
@@ -743,11 +747,9 @@ listener.listen(1024)
 kv = KeyValueStore()
 for i in range(1000):
     kv.apply(i + 1, command(SET, "key%04d" % i, b"v"))
-# The real routes on a stand-in server; the client lists a page of keys, a stale read (no Raft): ~0.3 ms each.
-stand_in = types.SimpleNamespace(args=parse_args(["x"]), runtime=None, metrics=Metrics(), secret=None, kv=kv,
-                                 node_id="n", node=types.SimpleNamespace(last_applied=0, leader_id="n",
-                                                                         role=Role.LEADER))
-app = make_app(stand_in)
+# The real routes on a stand-in runtime; the client lists a page of keys, a stale read (no Raft): ~0.3 ms each.
+node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
+app = make_app(Api(types.SimpleNamespace(node=node), kv, Metrics()))
 served = [0]
 
 
@@ -759,9 +761,8 @@ def counting(environ, start_response):  # plus 1 ms of work: more than the clien
     return app(environ, start_response)
 
 
-server = raftdzmq.EdgeServer(listener, counting, max_connections=1000, idle_timeout_seconds=60,
-                             receive_timeout_seconds=60, busy_timeout_seconds=120, max_header_bytes=32768,
-                             max_body_bytes=1024)
+server = EdgeServer(listener, counting, max_connections=1000, idle_timeout_seconds=60, receive_timeout_seconds=60,
+                    busy_timeout_seconds=120, max_header_bytes=32768, max_body_bytes=1024)
 server.start()
 client = subprocess.Popen([sys.executable, "-c", CLIENT, str(listener.getsockname()[1]), str(CONNECTIONS),
                            str(SECONDS)])
@@ -935,8 +936,9 @@ def test_a_peer_sender_survives_running_out_of_descriptors():
 STORE_PAGES = r"""
 import io, json, random, sys, types
 sys.path.insert(0, sys.argv[1])
-import raftdzmq
-from raftdzmq import Metrics, Role, make_app, parse_args
+from raftlib import Role
+from raftlib.server.api import Api, make_app
+from raftlib.server.metrics import Metrics
 from raftlib.server.store import COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
 
 
@@ -964,11 +966,9 @@ restored.restore(kv.snapshot())
 assert list(restored.keys) == sorted(model)
 kv.data = NoWalk(kv.data)
 
-# The listing route itself, on a stand-in server (stale reads need no Raft).
-server = types.SimpleNamespace(args=parse_args(["x"]), runtime=None, metrics=Metrics(), secret=None, kv=kv,
-                               node_id="n", node=types.SimpleNamespace(last_applied=0, leader_id="n",
-                                                                      role=Role.LEADER))
-app = make_app(server)
+# The listing route itself, on a stand-in runtime (stale reads need no Raft).
+node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
+app = make_app(Api(types.SimpleNamespace(node=node), kv, Metrics()))
 
 
 def get(query):
