@@ -384,7 +384,7 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
     if "prev_value" in q:
         # The percent-decoded bytes as they are (Bottle's q.prev_value turns bytes that are not UTF-8 into "",
         # which would compare against an empty value).
-        cmd = command(COMPARE_AND_SET, key, value, q.get("prev_value").encode("latin-1"))
+        cmd = command(COMPARE_AND_SET, key, value, q["prev_value"].encode("latin-1"))
     elif q.get("prev_exist") == "false":
         cmd = command(CREATE, key, value)
     else:

@@ -29,6 +29,7 @@ import re
 import resource
 import socket
 import time
+from typing import Any
 
 import gevent
 import gevent.hub
@@ -384,6 +385,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             pass
         return None
 
+    provided_date: Any  # pywsgi's: whether the route gave a Date header (None: not yet looked)
     _date = (0, b"")  # (second, its Date header): pywsgi would format one per response, on every write's path
 
     def log_request(self):  # no access log: formatting a line per request is a cost on every write's path
@@ -421,7 +423,7 @@ class TurnGate:
         self._turn = -1
         self._turn_started = 0.0
         self._waiting: collections.deque = collections.deque()
-        self._timer = None
+        self._timer: Any = None  # a libev timer watcher, while requests wait
         self.waited = 0  # requests that waited for a later turn, in all
 
     def enter(self) -> bool:
@@ -491,7 +493,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self._accept_failures = RateLimitedLog("failed accepts", log)
         self._accept_pause_seconds = 0.0
         self.gate = TurnGate(turn_budget_seconds)
-        self._sweeper = None
+        self._sweeper: gevent.Greenlet | None = None
 
     def start(self) -> None:
         super().start()
@@ -556,7 +558,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         try:
             # On the OS socket: the kernel then ends the greenlet's wait with end of file or EPIPE, which pywsgi
             # takes as a client gone. gevent's own shutdown() cancels the wait with EBADF, logged as a traceback.
-            sock = handler.socket
+            sock: Any = handler.socket
             getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
         except (OSError, AttributeError):  # it closed meanwhile
             pass

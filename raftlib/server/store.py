@@ -121,7 +121,7 @@ class KeyValueStore:
             candidates = self.keys.irange(minimum=after, inclusive=(False, True))
         else:
             candidates = self.keys.irange(minimum=prefix)
-        page = []
+        page: list[str] = []
         for key in candidates:
             if not key.startswith(prefix) or len(page) > limit:
                 break
