@@ -424,7 +424,7 @@ class TurnGate:
         self._turn_started = 0.0
         self._waiting: collections.deque = collections.deque()
         self._timer: Any = None  # a libev timer watcher, while requests wait
-        self.waited = 0  # requests that waited for a later turn, in all
+        self.waited = 0  # requests that waited for a later turn, in all (tests read it: the gate did engage)
 
     def enter(self) -> bool:
         """Return once this greenlet's request may start; True if it had to wait."""
