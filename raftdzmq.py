@@ -5,7 +5,10 @@ API on gevent's WSGI server, and an append-only log in the data dir.
     python raftdzmq.py -p 5555 -hp 8080 ~/node.1
     python raftdzmq.py -p 5556 -hp 8081 -join localhost:8080 ~/node.2
 
-This file is the only one that monkey-patches gevent, in its first lines.
+The command only: flags, logging and main(); the server is raftlib.server (ARCHITECTURE.md). This file is the only
+one that monkey-patches gevent, in its first lines, before anything else is imported. Exit codes: 0 after a clean
+stop, 1 when the join or the cluster secret fails, 2 when the node cannot start (flags, data dir, ports), 3 when its
+storage fails while it runs.
 """
 
 from gevent import monkey
@@ -13,1523 +16,81 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import binascii  # noqa: E402
-import bisect  # noqa: E402
-import collections  # noqa: E402
-import errno  # noqa: E402
-import hashlib  # noqa: E402
-import http.client  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
-import hmac  # noqa: E402
-import ipaddress  # noqa: E402
 import os  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import resource  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.parse  # noqa: E402
-import urllib.request  # noqa: E402
 
-import bottle  # noqa: E402
-import cbor2  # noqa: E402
-import prometheus_client as prom  # noqa: E402
-import prometheus_client.core as prom_core  # noqa: E402
-import prometheus_client.utils as prom_utils  # noqa: E402
 import gevent  # noqa: E402
-import gevent.hub  # noqa: E402
-import gevent.pool  # noqa: E402
-import gevent.pywsgi  # noqa: E402
-from sortedcontainers import SortedList  # noqa: E402
+import gevent.event  # noqa: E402
 
-from raftlib import (  # noqa: E402
-    ConfChange,
-    ConfChangeKind,
-    Config,
-    Member,
-    NotLeader,
-    ProposalDropped,
-    RaftNode,
-    Role,
-)
-from raftlib.runtime import EntryLost, Runtime, StateMachine, Stopped, Timeout  # noqa: E402
-from raftlib.storage import DiskFull, DiskStorage, NotJoined, StorageError, start_node  # noqa: E402
-from raftlib.transport import CURVE_AVAILABLE, ZmqTransport  # noqa: E402
+from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_secret  # noqa: E402
+from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
+from raftlib.server.node import JoinFailed, Server, ServerConfig  # noqa: E402
+from raftlib.storage import StorageError  # noqa: E402
+from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
 
 log = logging.getLogger("raftdzmq")
-TRACE = 5
-NOT_LEADER = "raft.Server: Not current leader"
-# Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_FSYNC_DELAY_FILE names a file holding a number of
-# seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
-TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
 
-
-def _test_fsync_delay(path: str) -> None:
-    try:
-        with open(path) as f:
-            seconds = float(f.read())
-    except (OSError, ValueError):
-        return
-    monkey.get_original("time", "sleep")(seconds)  # not gevent's sleep: a slow fsync holds the hub too
-
-
-# Commands, as CBOR arrays [op, key, value, expected]. ADMIN_CLAIM is [op, signature, b"", [timestamp, now]]: a
-# signed admin request about to take effect (AdminClaims).
-SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
-
-
-class KeyValueStore(StateMachine):
-    """The replicated state: keys (str) to values (bytes). Commands are applied in log order, atomically.
-
-    Rules: `data` is the map; `keys` holds the same keys in order (a SortedList), kept in step by `apply` and
-    `restore` only, so a page of keys costs O(log n + page) rather than a sort of the whole key set (with 200,000
-    keys that sort held the loop ~92 ms per listing). Only new and deleted keys touch `keys`: an overwrite costs
-    one extra dict lookup."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.keys = SortedList()
-        self.applied_index = 0
-        self.admin_claims = AdminClaims()
-
-    @staticmethod
-    def command(op: int, key: str, value: bytes = b"", expected: bytes | None = None) -> bytes:
-        return cbor2.dumps([op, key, value, expected])
-
-    def apply(self, index: int, command: bytes) -> str:
-        self.applied_index = index
-        try:
-            op, key, value, expected = cbor2.loads(command)
-        except Exception:
-            log.error("skipping an undecodable command at index %d", index)
-            return "error"
-        data = self.data
-        if op == ADMIN_CLAIM:
-            return self.admin_claims.apply(key, expected)
-        if op == DELETE:
-            if data.pop(key, None) is None:
-                return "missing"
-            self.keys.remove(key)
-            return "ok"
-        if op == COMPARE_AND_SET:
-            if data.get(key) != expected:
-                return "failed"
-        elif op == CREATE:
-            if key in data:
-                return "failed"
-        elif op != SET:
-            return "ok"  # an unknown op (a newer version's command): applied as nothing, as before
-        if key not in data:
-            self.keys.add(key)
-        data[key] = value
-        return "ok"
-
-    def page(self, prefix: str, after: str, limit: int) -> tuple[list[str], bool]:
-        """Up to `limit` keys that start with `prefix` and sort after `after`, in order, and whether more follow.
-        Keys with a prefix are contiguous in sorted order, from the first key >= the prefix. By value (irange),
-        not by position: positional lookups make SortedList keep an index that every later add and remove
-        must update (~2 us more per new or deleted key)."""
-        if after and after >= prefix:
-            candidates = self.keys.irange(minimum=after, inclusive=(False, True))
-        else:
-            candidates = self.keys.irange(minimum=prefix)
-        page = []
-        for key in candidates:
-            if not key.startswith(prefix) or len(page) > limit:
-                break
-            page.append(key)
-        return page[:limit], len(page) > limit
-
-    def snapshot(self) -> bytes:
-        """The map as a CBOR map; with admin claims still within their window, [SNAPSHOT_WITH_CLAIMS, map, claims]
-        (so a snapshot without claims stays readable by nodes from before claims)."""
-        if self.admin_claims.claims:
-            return cbor2.dumps([SNAPSHOT_WITH_CLAIMS, self.data, self.admin_claims.claims])
-        return cbor2.dumps(self.data)
-
-    def restore(self, data: bytes) -> None:
-        v = cbor2.loads(data) if data else {}
-        claims = {}
-        if type(v) is list:
-            if len(v) != 3 or v[0] != SNAPSHOT_WITH_CLAIMS:
-                raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-            _, v, claims = v
-        self.data = v
-        self.keys = SortedList(self.data)
-        self.admin_claims = AdminClaims(claims)
-
-
-# ---- metrics ---------------------------------------------------------------------------------------------
-
-
-class _Counter:
-    """A counter by one label, kept in a dict. prometheus_client's metrics take a lock on every update (a gevent
-    lock here: ~2.5% of a write at 64 clients for the write metrics); all updates come from this one thread."""
-
-    def __init__(self, name: str, doc: str, label: str) -> None:
-        self.name, self.doc, self.label = name, doc, label
-        self.values: collections.Counter = collections.Counter()
-
-    def inc(self, label_value: str) -> None:
-        self.values[label_value] += 1
-
-    def collect(self):
-        family = prom_core.CounterMetricFamily(self.name, self.doc, labels=[self.label])
-        for value, count in sorted(self.values.items()):
-            family.add_metric([value], count)
-        return family
-
-
-class _Histogram:
-    """A histogram kept in a list of bucket counts (see _Counter)."""
-
-    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.doc, self.buckets = name, doc, buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bucket (+Inf)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.sum += seconds
-
-    def collect(self):
-        cumulative, rows = 0, []
-        for bound, count in zip((*self.buckets, math.inf), self.counts):
-            cumulative += count
-            rows.append((prom_utils.floatToGoString(bound), cumulative))
-        family = prom_core.HistogramMetricFamily(self.name, self.doc)
-        family.add_metric([], rows, self.sum)
-        return family
-
-
-class Metrics:
-    """Prometheus metrics for GET /metrics, in a registry of this node's own."""
-
-    def __init__(self) -> None:
-        r = self.registry = prom.CollectorRegistry()
-        self.writes = _Counter("raftdzmq_writes", "Writes answered, by outcome", "outcome")
-        self.write_seconds = _Histogram("raftdzmq_write_seconds", "Time from proposal to commit and apply",
-                                        (.0005, .001, .002, .005, .01, .02, .05, .1, .5, 2))
-        self.fsync_seconds = _Histogram("raftdzmq_fsync_seconds", "Log fdatasync time per batch",
-                                        (.00005, .0001, .0002, .0005, .001, .002, .005, .01, .05))
-        self.reads = _Counter("raftdzmq_reads", "Reads answered, by consistency", "consistency")
-        self.read_index_seconds = _Histogram("raftdzmq_read_index_seconds", "Time to confirm a read index",
-                                             (.0005, .001, .002, .005, .01, .05, .1, .5))
-        self.hub_lag_seconds = _Histogram("raftdzmq_hub_lag_seconds", "How late a 10 ms gevent timer fires: the "
-                                          "delay every timer (ticks, heartbeats, elections) sees",
-                                          (.001, .002, .005, .01, .02, .05, .1, .25, .5, 1))
-        r.register(self)
-
-    def collect(self):
-        for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
-                  self.hub_lag_seconds):
-            yield m.collect()
-
-    def watch_hub_lag(self, period: float = 0.01) -> None:
-        """Runs in a greenlet of its own: sleep `period` and note how late the wake-up came."""
-        while True:
-            t0 = time.monotonic()
-            gevent.sleep(period)
-            self.hub_lag_seconds.observe(max(0.0, time.monotonic() - t0 - period))
-
-    def bind(self, server: "Server") -> None:
-        node, runtime = server.node, server.runtime
-        r = self.registry
-        for name, doc, fn in (
-            ("raftdzmq_term", "Current term", lambda: node.current_term),
-            ("raftdzmq_commit_index", "Commit index", lambda: node.commit_index),
-            ("raftdzmq_applied_index", "Last applied index", lambda: node.last_applied),
-            ("raftdzmq_last_index", "Last log index", lambda: node.log.last_index),
-            ("raftdzmq_snapshot_index", "Index of the newest snapshot", lambda: node.log.snapshot_index),
-            ("raftdzmq_is_leader", "1 on the leader", lambda: int(node.role is Role.LEADER)),
-            ("raftdzmq_proposals", "Proposals taken by this node as leader", lambda: runtime.stats["proposals"]),
-            ("raftdzmq_applied_entries", "Entries applied", lambda: runtime.stats["applied"]),
-            ("raftdzmq_elections_won", "Elections this node won", lambda: runtime.stats["elections_won"]),
-            ("raftdzmq_batches_saved", "Batches made durable (one fsync each)", lambda: runtime.stats["saves"]),
-            ("raftdzmq_snapshots", "Snapshots taken", lambda: runtime.stats["snapshots"]),
-        ):
-            prom.Gauge(name, doc, registry=r).set_function(fn)
-
-
-# ---- the server -----------------------------------------------------------------------------------------
-
-
-class Server:
-    def __init__(self, args) -> None:
-        self.args = args
-        self.raft_address = f"{args.host}:{args.port}"
-        self.http_address = f"{args.host}:{args.http_port}"
-        self.secret = load_secret(args)
-        self.metrics = Metrics()
-
-        def timed_fdatasync(fd: int, nbytes: int) -> None:
-            t0 = time.perf_counter()
-            if TEST_FSYNC_DELAY_FILE:
-                _test_fsync_delay(TEST_FSYNC_DELAY_FILE)
-            # Inline: it holds the hub for the fsync (~0.1-0.8 ms here). gevent's thread pool would free the hub
-            # meanwhile, but in alternating 3-node runs at 64 clients the hand-off cost as much as it won, on the
-            # leader (p50 latency was higher) and more so on the followers, which have nothing else to do.
-            os.fdatasync(fd)
-            self.metrics.fsync_seconds.observe(time.perf_counter() - t0)
-
-        self.storage = DiskStorage(args.data_dir, fsync=not args.no_fsync, fdatasync=timed_fdatasync)
-        stored = self.storage.load()
-        try:
-            # Identity, the JOINING marker and the bootstrap, crash-safe (raftlib.storage.start_node says how).
-            start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
-                               self.http_address, join=bool(args.join))
-        except BaseException:
-            self.storage.close()
-            raise
-        self.node_id, stored = start.node_id, start.stored
-        self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
-        tick = args.heartbeat_ms / 1000.0 / 5
-        config = Config(
-            node_id=self.node_id,
-            election_ticks=max(2, int(args.election_ms / 1000.0 / tick)),
-            heartbeat_ticks=5,
-        )
-        self.node = RaftNode(
-            config,
-            random.Random(),
-            stored.hard_state,
-            stored.raft_log(),
-            stored.snapshot,
-        )
-        self.kv = KeyValueStore()
-        if stored.snapshot is not None:
-            self.kv.restore(stored.snapshot.data)
-        self.transport = ZmqTransport(self.node_id, f"{self._bind_host()}:{args.port}", self._deliver,
-                                      reply_timeout_seconds=max(0.2, args.election_ms / 1000.0), secret=self.secret)
-        self.runtime = Runtime(self.node, self.storage, self.transport, self.kv, tick_seconds=tick,
-                               snapshot_threshold_bytes=args.snapshot_threshold, on_fatal=self._fatal)
-        self.metrics.bind(self)
-        self.http = None
-        self._stopping = False
-
-    def _bind_host(self) -> str:
-        host = self.args.host
-        return "127.0.0.1" if host == "localhost" else host
-
-    def _deliver(self, messages, reply_wanted):
-        return self.runtime.deliver(messages, reply_wanted)
-
-    def _fatal(self, error: Exception) -> None:
-        log.critical("storage failed (%s); exiting without acknowledging anything more", error)
-        os._exit(3)
-
-    # ---- lifecycle ----
-
-    def start(self) -> None:
-        self.transport.start()
-        self.runtime.start()
-        listener = gevent.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # gevent.pywsgi writes headers and body separately: without TCP_NODELAY each keep-alive response
-        # waits ~40 ms for Nagle and delayed ACK (STACK-NOTES.md). Accepted sockets inherit the option.
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        listener.bind((self._bind_host(), self.args.http_port))
-        listener.listen(1024)
-        args = self.args
-        # A request may legitimately take receiving, then its route's own bounds (a write or a read waits at most
-        # twice its timeout: a first try, then a retry or the read after a wait for an index), then -idle-timeout
-        # more for a client slow to take its answer.
-        longest_route_seconds = 2 * max(args.write_timeout, args.read_timeout) + 1
-        self.http = EdgeServer(listener, make_app(self), max_connections=args.max_connections,
-                               idle_timeout_seconds=args.idle_timeout, receive_timeout_seconds=args.receive_timeout,
-                               busy_timeout_seconds=args.receive_timeout + longest_route_seconds + args.idle_timeout,
-                               max_header_bytes=args.max_header_bytes, max_body_bytes=args.max_body)
-        self.http.start()
-        gevent.spawn(self.metrics.watch_hub_lag)
-        log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
-                 self.raft_address, self.args.data_dir)
-        if self.secret is None and not _is_loopback(self._bind_host()):
-            log.warning("listening on %s beyond loopback without a cluster secret: anyone who can reach the raft port "
-                        "can speak for a member, and anyone who reaches the http port can join; give every node "
-                        "-secret-file (or %s)", self._bind_host(), SECRET_ENV)
-
-    def stop(self) -> None:
-        if self._stopping:
-            return
-        self._stopping = True
-        log.info("shutting down")
-        if self.node.role is Role.LEADER and len(self.node.membership.voters) > 1:
-            target = self._best_successor()
-            if target is not None:
-                try:
-                    self.runtime.transfer_leadership(target, timeout_seconds=2.0)
-                    log.info("handed leadership to %s", target)
-                except Exception as e:
-                    log.warning("leadership transfer before shutdown failed: %s", e)
-        if self.http is not None:
-            self.http.stop(timeout=1)
-        self.runtime.stop()
-        self.transport.stop()
-        self.storage.close()
-        log.info("stopped")
-
-    def _best_successor(self) -> str | None:
-        best, best_match = None, -1
-        for v in self.node.membership.voters:
-            pr = self.node.progress(v)
-            if v != self.node_id and pr is not None and pr.match_index > best_match:
-                best, best_match = v, pr.match_index
-        return best
-
-    # ---- cluster ----
-
-    def leader_http(self) -> str | None:
-        leader = self.node.leader_id
-        if leader is None:
-            return None
-        m = self.node.membership.member(leader)
-        return m.http_address if m else None
-
-    def removed_text(self) -> str | None:
-        """Why this node serves nothing, when a member told it that it was removed (RaftNode.removed); else None."""
-        if self.node.removed is None:
-            return None
-        leader_id, index = self.node.removed
-        return f"this node was removed from the cluster ({f'by {leader_id} ' if leader_id else ''}at or before index {index})"
-
-    def join(self, target: str) -> None:
-        """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded in time."""
-        body = json.dumps({"node_id": self.node_id, "raft_address": self.raft_address,
-                           "http_address": self.http_address}).encode()
-        deadline = time.monotonic() + self.args.join_timeout
-        url = f"http://{target}/join"
-        last_error = "no answer"
-        while time.monotonic() < deadline:
-            headers = {"Content-Type": "application/json"}
-            if self.secret is not None:
-                split = urllib.parse.urlsplit(url)
-                target = split.path + (f"?{split.query}" if split.query else "")
-                headers.update(admin_headers(self.secret, "POST", target, body))  # a fresh timestamp each try
-            req = urllib.request.Request(url, data=body, method="POST", headers=headers)
-            try:
-                with _no_redirects.open(req, timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
-                    resp.read()
-                self.storage.remove_join_marker()  # "joined": a leader accepted the join (issue 11)
-                log.info("joined the cluster through %s", url)
-                return
-            except urllib.error.HTTPError as e:
-                text = e.read().decode(errors="replace").strip()
-                if e.code == 307 and e.headers.get("Location"):
-                    url = e.headers["Location"]
-                    continue
-                if e.code >= 500:
-                    last_error = f"{e.code} {text}"
-                else:
-                    raise SystemExit(f"raftdzmq: join refused by {url}: {e.code} {text}")
-            except (OSError, urllib.error.URLError) as e:
-                last_error = str(getattr(e, "reason", e))
-            gevent.sleep(0.2)
-        raise SystemExit(f"raftdzmq: could not join the cluster at {target} within {self.args.join_timeout:g}s: "
-                         f"{last_error}")
-
-
-# ---- the HTTP edge: framing, limits, connections --------------------------------------------------------------
-#
-# gevent.pywsgi's own request parsing is replaced here (EdgeHandler.handle_one_request): it treated end-of-file as
-# the end of the headers, let a second Content-Length or a Transfer-Encoding other than chunked through, had no cap
-# on the header block and no read timeout, and drained any claimed body after an answer. The rules below follow
-# RFC 9112's list of what a server must refuse (§2.2, §3, §5, §6.1, §6.3, §7.1, §11.2). It runs for every request,
-# so it stays lean: bytes are checked with bytes.translate and the WSGI environ is built in the same pass (the
-# email-based http.client.parse_headers cost ~10% of a leader's CPU at 64 clients; this costs about what the
-# RequestHeaders class it replaces did, ~12 us a request including the body, in process).
-
-MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
-MAX_FIELD_LINE_BYTES = 8192
-MAX_HEADER_FIELDS = 100
-MAX_CHUNK_LINE_BYTES = 1024
-TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
-# Descriptors kept for all but HTTP: ~25 for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
-# two per peer (its REQ socket); and the Raft port's inbound connections (at most 32 kept: transport.py).
-FD_RESERVE = 100
-_TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # RFC 9110 §5.6.2
-_FIELD_VALUE_CHARS = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))  # HTAB, SP, VCHAR, obs-text
-_TARGET_CHARS = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))  # no space, no control character
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-            431: "Request Header Fields Too Large", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
-_UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")
-
-
-def _field_line(line: bytes) -> tuple[bytes, bytes]:
-    """A header or trailer field line (without its CRLF) checked (RFC 9112 §5, RFC 9110 §5.5): a token name, a colon
-    with no space before it, a value of visible characters, spaces and tabs (obs-text allowed), no control
-    character and no lone CR. Returns (name, value without the spaces around it); raises HttpError 400."""
-    name, colon, value = line.partition(b":")
-    if not colon or not name or name.translate(None, _TCHARS):
-        raise HttpError(400, "malformed field line (no colon, a space before the colon, or a folded line)")
-    value = value.strip(b" \t")
-    if value.translate(None, _FIELD_VALUE_CHARS):
-        raise HttpError(400, "a control character in a field value")
-    return name, value
-
-
-class HttpError(Exception):
-    """A request refused before any route runs: answered with `status` and a one-line reason, and the connection
-    closed, since what follows it on the connection cannot be framed reliably (RFC 9112 §6.3, §11.2)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-class _ReceiveTimeout(Exception):
-    """Raised (by a gevent.Timeout) in a handler whose client took longer than -receive-timeout to send a request."""
-
-
-class _Body(io.BytesIO):
-    """The request body, read whole before the route runs, as wsgi.input."""
-
-    def _discard(self) -> None:  # pywsgi calls this after each response to skip what the route left unread
-        pass
-
-
-def wire_target(raw: str) -> str:
-    """The request target as sent (a str of latin-1 bytes), fit to send on: a byte outside printable ASCII, or a
-    `#`, percent-encoded. The receiver decodes PATH_INFO the same either way, so a forwarded request or a
-    redirect names exactly the key and query the client sent; `%`, `?`, `..` and `/` pass through untouched."""
-    return _UNSAFE_IN_TARGET.sub(lambda m: "%%%02X" % ord(m.group()), raw)
-
-
-class EdgeHandler(gevent.pywsgi.WSGIHandler):
-    """One HTTP connection: a keep-alive loop of strictly framed requests.
-
-    Rules:
-    - No route runs until the whole request, head and body, has arrived and parsed cleanly. End-of-file before the
-      blank line closes the connection and runs nothing; a body cut short, a malformed or oversized head or
-      ambiguous framing is answered 4xx/5xx with a one-line reason, and the connection is closed.
-    - The request line ends in CRLF (a bare LF is refused), has exactly three parts, HTTP/1.1 or HTTP/1.0 (505
-      otherwise), a target in origin form; at most 16 KiB (414). Header fields: token names, no space before the
-      colon and no obs-fold (400), no control characters in values; a field line at most 8 KiB, at most 100
-      fields, and the whole head at most -max-header-bytes (431). Empty lines before a request line are skipped
-      (RFC 9112 §2.2), within the same budget. The path, percent-decoded, must be UTF-8 (400): Bottle would drop the
-      bytes that are not, and name another key.
-    - A body is framed by Content-Length (plain digits; duplicates must agree) or by Transfer-Encoding that is
-      exactly `chunked`, never both (400); any other coding gets 501. A declared length over -max-body gets 413
-      before a byte of the body is read; a chunked body is cut off at the limit the same way.
-    - Waits are bounded: a connection waits at most -idle-timeout for a request's first byte (EdgeServer closes
-      it); from that byte, the rest of the request must come within -receive-timeout (408), and a request that is
-      already whole in the buffer (nearly every one under load) starts no timer; a request's life as a whole, its
-      answer included, is bounded by EdgeServer too.
-    - An answer that closes the connection half-closes it and reads what the client still sends for up to a
-      second (at most 1 MiB), so the answer is not lost to a reset; a claimed body is never drained beyond that.
-    - Each request, once its first byte is there, passes EdgeServer.gate (TurnGate) before anything else: a turn of
-      the event loop starts at most about 5 ms of requests, so timers keep their pace however many connections
-      are ready (this replaces a sleep every 16 requests, which bounded nothing once every connection was ready).
-    """
-
-    def handle_one_request(self):
-        if self.rfile.closed:
-            return None
-        server = self.server
-        server.idle[self] = time.monotonic()  # closed when idle too long, or evicted first when the server is full
-        try:
-            buffered = self.rfile.peek(1)
-        except OSError:  # a reset, or closed by EdgeServer
-            return None
-        finally:
-            server.idle.pop(self, None)
-        if not buffered:
-            return None
-        if server.gate.enter():  # it waited for a later turn of the loop: what came meanwhile counts too
-            buffered = self.rfile.peek(1)
-        server.busy[self] = server.receiving[self] = time.monotonic()
-        try:
-            return self._handle_request(buffered)
-        finally:
-            server.receiving.pop(self, None)
-            server.busy.pop(self, None)
-
-    def _handle_request(self, buffered: bytes):
-        server = self.server
-        timer = refusal = None
-        try:
-            head_end = buffered.find(b"\r\n\r\n")
-            if head_end <= 0 or buffered[0] in b"\r\n":
-                timer = gevent.Timeout.start_new(server.receive_timeout_seconds, _ReceiveTimeout)
-            lines = self._read_head()
-            if lines is None:
-                return None  # end of file before the blank line: nothing runs
-            length, chunked, expect = self._parse_head(lines)
-            if length or chunked:
-                if timer is None and (chunked or len(buffered) - head_end - 4 < length):
-                    timer = gevent.Timeout.start_new(server.receive_timeout_seconds, _ReceiveTimeout)
-                body = self._read_body(length, chunked, expect)
-            else:
-                body = b""
-        except HttpError as e:
-            refusal = e.status, e.reason
-        except _ReceiveTimeout:
-            refusal = 408, f"request not received within {server.receive_timeout_seconds:g}s"
-        except OSError:  # a reset, or closed by EdgeServer: nothing to answer
-            return None
-        finally:
-            if timer is not None:
-                timer.close()
-        server.receiving.pop(self, None)  # whole: no longer the first to go when the server is full
-        if refusal is not None:
-            return self._refuse(*refusal)  # after the timer is closed: it must not fire in the answer
-        environ = self.environ
-        environ["raftdzmq.body"] = body
-        self.wsgi_input = environ["wsgi.input"] = _Body(body)
-        self.application = server.application
-        self.handle_one_response()
-        if self.close_connection or self.rfile.closed:
-            return None
-        return True
-
-    def _read_head(self) -> list[bytes] | None:
-        """The request line and field lines without their CRLFs, or None at end of file before the blank line."""
-        readline = self.rfile.readline
-        budget = self.server.max_header_bytes
-        lines: list[bytes] = []
-        while True:
-            cap = MAX_FIELD_LINE_BYTES if lines else MAX_REQUEST_LINE_BYTES
-            limit = min(cap, budget)
-            line = readline(limit + 1)
-            if len(line) > limit:
-                if limit < cap:
-                    raise HttpError(431, f"request head over the {self.server.max_header_bytes} byte limit")
-                if lines:
-                    raise HttpError(431, f"a header field line over {cap} bytes")
-                raise HttpError(414, f"request line over {cap} bytes")
-            if line[-1:] != b"\n":
-                return None
-            if line[-2:-1] != b"\r":
-                raise HttpError(400, "a line ends in a bare LF; HTTP lines end in CRLF")
-            budget -= len(line)
-            if len(line) == 2:
-                if lines:
-                    return lines
-                continue
-            lines.append(line[:-2])
-            if len(lines) > MAX_HEADER_FIELDS + 1:
-                raise HttpError(431, f"over {MAX_HEADER_FIELDS} header fields")
-
-    def _parse_head(self, lines: list[bytes]) -> tuple[int, bool, bytes | None]:
-        """Check the head and build the WSGI environ; returns (Content-Length or 0, chunked, Expect value)."""
-        parts = lines[0].split(b" ")
-        if len(parts) != 3:
-            raise HttpError(400, "malformed request line: want METHOD SP TARGET SP HTTP/1.1")
-        method, target, version = parts
-        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-            if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):  # well formed, another version
-                raise HttpError(505, f"HTTP version {version.decode('latin-1')!r} is not supported; use HTTP/1.1")
-            raise HttpError(400, "malformed request line: want METHOD SP TARGET SP HTTP/1.1")
-        if not method or method.translate(None, _TCHARS):
-            raise HttpError(400, "malformed request method")
-        if target[:1] != b"/" or target.translate(None, _TARGET_CHARS):
-            raise HttpError(400, "malformed request target: want a path starting with / and no control characters")
-        server = self.server
-        env = server.get_environ()
-        length = te = expect = connection = None
-        for line in lines[1:]:
-            name, value = _field_line(line)
-            name = name.upper()
-            if name == b"CONTENT-LENGTH":
-                if not value.isdigit() or len(value) > 18:
-                    raise HttpError(400, "Content-Length must be plain digits")
-                if length is not None and int(value) != length:
-                    raise HttpError(400, "two different Content-Length values")
-                length = int(value)
-                continue
-            if name == b"TRANSFER-ENCODING":
-                if te is not None:
-                    raise HttpError(501, "only one transfer coding is supported: chunked")
-                te = value
-                continue
-            if name == b"CONTENT-TYPE":
-                env["CONTENT_TYPE"] = value.decode("latin-1")
-                continue
-            if name == b"CONNECTION":
-                connection = value.lower()
-            elif name == b"EXPECT":
-                expect = value.lower()
-            if b"_" in name:
-                continue  # X_A and X-A both read as HTTP_X_A: one could pass for the other (pywsgi drops them too)
-            key = "HTTP_" + name.replace(b"-", b"_").decode("latin-1")
-            text_value = value.decode("latin-1")
-            env[key] = env[key] + "," + text_value if key in env else text_value
-        chunked = False
-        if te is not None:
-            if version == b"HTTP/1.0":
-                raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
-            if te.lower() != b"chunked":
-                raise HttpError(501, f"transfer coding {te.decode('latin-1')!r} is not supported: only chunked")
-            if length is not None:
-                raise HttpError(400, "both Content-Length and Transfer-Encoding")
-            chunked = True
-        elif length is not None and length > server.max_body_bytes:
-            raise HttpError(413, f"body of {length} bytes is over the {server.max_body_bytes} byte limit")
-        tokens = () if connection is None else [token.strip() for token in connection.split(b",")]
-        self.close_connection = b"close" in tokens if version == b"HTTP/1.1" else b"keep-alive" not in tokens
-        text_target = target.decode("latin-1")
-        path, _, query = text_target.partition("?")
-        self.command = env["REQUEST_METHOD"] = method.decode("latin-1")
-        self.path = env["REQUEST_URI"] = text_target
-        self.request_version = env["SERVER_PROTOCOL"] = version.decode("latin-1")
-        self.requestline = lines[0].decode("latin-1")
-        env["SCRIPT_NAME"] = ""
-        path = env["PATH_INFO"] = gevent.pywsgi.unquote_latin1(path)
-        if not path.isascii():
-            # Bottle decodes the path from UTF-8 with errors ignored: /db/k%E9x would name the key "kx".
-            try:
-                path.encode("latin-1").decode("utf-8")
-            except UnicodeDecodeError:
-                raise HttpError(400, "the request path is not UTF-8 once percent-decoded") from None
-        env["QUERY_STRING"] = query
-        if length is not None:
-            env["CONTENT_LENGTH"] = str(length)
-        address = self.client_address
-        if isinstance(address, tuple):
-            env["REMOTE_ADDR"], env["REMOTE_PORT"] = str(address[0]), str(address[1])
-        env["wsgi.input_terminated"] = True
-        self.environ = env
-        return length or 0, chunked, expect
-
-    def _read_body(self, length: int, chunked: bool, expect: bytes | None) -> bytes:
-        if expect == b"100-continue" and self.request_version == "HTTP/1.1":
-            self.socket.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if chunked:
-            body = self._read_chunked()
-            self.environ["CONTENT_LENGTH"] = str(len(body))
-            return body
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise HttpError(400, f"request body cut short: {len(body)} of {length} bytes")
-        return body
-
-    def _read_chunked(self) -> bytes:
-        """A chunked body (RFC 9112 §7.1): hex sizes only (no sign, prefix or underscore), every chunk followed by
-        CRLF, extensions and trailer fields read and dropped within the line and head limits. A size line, its
-        extensions included, holds no control character or lone CR (§7.1.1), and each trailer line is a well-formed
-        field line (§7.1.2), as a header's must be."""
-        rfile, limit = self.rfile, self.server.max_body_bytes
-        parts, total = [], 0
-        while True:
-            line = rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
-            if line[-2:] != b"\r\n":
-                if len(line) > MAX_CHUNK_LINE_BYTES:
-                    raise HttpError(400, f"a chunk size line over {MAX_CHUNK_LINE_BYTES} bytes")
-                raise HttpError(400, "a chunk size line ends in a bare LF" if line[-1:] == b"\n" else
-                                "request body cut short (chunked)")
-            if line.translate(None, _FIELD_VALUE_CHARS) != b"\r\n":
-                raise HttpError(400, "a control character (or a lone CR) in a chunk size line or its extensions")
-            size_text = line[:-2].split(b";", 1)[0].rstrip(b" \t")
-            if not size_text or len(size_text) > 16 or size_text.translate(None, _HEX_DIGITS):
-                raise HttpError(400, "malformed chunk size")
-            size = int(size_text, 16)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise HttpError(413, f"chunked body over the {limit} byte limit")
-            data = rfile.read(size + 2)
-            if len(data) != size + 2:
-                raise HttpError(400, "request body cut short (chunked)")
-            if data[-2:] != b"\r\n":
-                raise HttpError(400, "chunk data longer than its size, or not followed by CRLF")
-            parts.append(data[:-2])
-            if len(parts) % 256 == 0:
-                gevent.sleep(0.00001)  # many tiny chunks already buffered never block: let timers run
-        budget = self.server.max_header_bytes
-        while True:  # the trailer section: field lines until an empty one
-            line = rfile.readline(min(budget, MAX_FIELD_LINE_BYTES) + 1)
-            if len(line) > min(budget, MAX_FIELD_LINE_BYTES):
-                raise HttpError(431, "chunked trailer fields over the limit")
-            if line[-2:] != b"\r\n":
-                raise HttpError(400, "request body cut short (chunked)" if line[-1:] != b"\n" else
-                                "a trailer line ends in a bare LF")
-            if line == b"\r\n":
-                return b"".join(parts)
-            _field_line(line[:-2])  # a trailer field is a field line like any in the head (RFC 9112 §7.1.2)
-            budget -= len(line)
-
-    def _refuse(self, status: int, reason: str):
-        """Answer `status` with a one-line reason, then close (see the class docstring); returns None for
-        pywsgi's loop, which then closes the socket."""
-        self.close_connection = True
-        self.server.note_refusal(self.client_address, status, reason)
-        body = reason.encode("ascii", "backslashreplace") + b"\n"
-        answer = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-                  b"Connection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), body))
-        sock = self.socket
-        try:
-            sock.sendall(answer)
-            sock.shutdown(socket.SHUT_WR)
-            with gevent.Timeout(1.0, False):
-                budget = 1 << 20
-                while budget > 0:
-                    data = sock.recv(65536)
-                    if not data:
-                        break
-                    budget -= len(data)
-        except OSError:
-            pass
-        return None
-
-    _date = (0, b"")  # (second, its Date header): pywsgi formats one per response (~1% of a write)
-
-    def log_request(self):  # formatting an access log line per request costs ~3% of a write; -v logs in Bottle
-        pass
-
-    def finalize_headers(self):
-        if self.provided_date is None:
-            now = int(time.time())
-            if EdgeHandler._date[0] != now:
-                EdgeHandler._date = (now, gevent.pywsgi.format_date_time(now))
-            self.response_headers.append((b"Date", EdgeHandler._date[1]))
-            self.provided_date = True
-        super().finalize_headers()
-
-
-class TurnGate:
-    """How much HTTP work one turn of the event loop may do, so that timers (ticks, heartbeats, elections) run
-    often enough however many connections have a request ready.
-
-    Why: in one turn, the loop runs every greenlet whose socket became readable, one after the other, and only
-    then the timers that expired. With 200 keep-alive connections sending GET /status as fast as answered, each
-    turn ran 200 requests (~60-100 ms, up to 0.5 s) and the leader lost its term (review F3); the stall grows with
-    the number of connections ready at once, whatever each request costs.
-
-    Rules: a request starts at once while this turn has spent less than `budget_seconds` on requests (measured from
-    the first request of the turn; a turn is libev's iteration count) and nobody is waiting. Otherwise it waits,
-    first come first served, and a timer callback (run after this turn's I/O, in a later turn's timer phase, with
-    the Raft timers) starts the waiting ones, at least one and then while its own budget lasts. So a turn does at
-    most about two budgets of HTTP work plus a few microseconds per ready connection to queue it. A request that
-    blocks (a write waiting for its commit) does not hold the budget while it waits."""
-
-    def __init__(self, budget_seconds: float) -> None:
-        self.budget_seconds = budget_seconds
-        self._loop = gevent.get_hub().loop
-        self._turn = -1
-        self._turn_started = 0.0
-        self._waiting: collections.deque = collections.deque()
-        self._timer = None
-        self.waited = 0  # requests that waited for a later turn, in all
-
-    def enter(self) -> bool:
-        """Return once this greenlet's request may start; True if it had to wait."""
-        if not self._waiting:
-            turn = self._loop.iteration
-            if turn != self._turn:
-                self._turn, self._turn_started = turn, time.perf_counter()
-                return False
-            if time.perf_counter() - self._turn_started < self.budget_seconds:
-                return False
-        waiter = gevent.hub.Waiter()
-        self._waiting.append(waiter)
-        self.waited += 1
-        if self._timer is None:
-            self._timer = self._loop.timer(0.0)
-            self._timer.start(self._admit)
-        waiter.get()
-        return True
-
-    def _admit(self) -> None:
-        """In the hub, a turn later: start waiting requests, each running until it blocks, within the budget."""
-        self._timer.close()
-        self._timer = None
-        started = time.perf_counter()
-        self._turn, self._turn_started = self._loop.iteration, started
-        waiting = self._waiting
-        while waiting:
-            waiting.popleft().switch(None)
-            if time.perf_counter() - started >= self.budget_seconds:
-                break
-        if waiting:
-            self._timer = self._loop.timer(0.0)
-            self._timer.start(self._admit)
-
-
-class EdgeServer(gevent.pywsgi.WSGIServer):
-    """The HTTP server with a connection cap. Rules: at most `max_connections` connections at once (a pool; past it
-    the server stops accepting and the kernel's backlog holds the rest, using none of this process's descriptors);
-    when the pool fills, the connection that has waited longest for its next request, or spent longest receiving
-    one (whichever began earlier), is closed to make room, so neither idle keep-alive connections nor clients
-    that send a byte now and then (slowloris) can lock others out. There is no cap per client
-    address: -forward followers and proxies bring many clients from one address, and the eviction order already
-    bounds what one slow sender holds. A sweeper closes connections that wait for a request
-    longer than `idle_timeout_seconds`, or spend longer than `busy_timeout_seconds` on one request (a client that
-    does not read its answer). It does this rather than a socket timeout, which costs a timer on every wait (~4.5 us
-    a request here); closing is a shutdown() of the OS socket, which ends whatever wait its greenlet is in."""
-
-    handler_class = EdgeHandler
-
-    def __init__(self, listener, application, *, max_connections: int, idle_timeout_seconds: float,
-                 receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
-                 max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS) -> None:
-        super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
-        self.idle_timeout_seconds = idle_timeout_seconds
-        self.receive_timeout_seconds = receive_timeout_seconds
-        self.busy_timeout_seconds = busy_timeout_seconds
-        self.max_header_bytes = max_header_bytes
-        self.max_body_bytes = max_body_bytes
-        # Handlers waiting for a request, and handlers in one, each with the time.monotonic() it began: oldest
-        # first, since a handler is removed and added again each time.
-        self.idle: dict[EdgeHandler, float] = {}
-        self.busy: dict[EdgeHandler, float] = {}
-        self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
-        self.closed_connections: collections.Counter = collections.Counter()  # by EdgeServer: idle, busy, evicted
-        self._refusals = _RateLimitedLog("refused HTTP requests")
-        self._accept_failures = _RateLimitedLog("failed accepts")
-        self._accept_pause_seconds = 0.0
-        self.gate = TurnGate(turn_budget_seconds)
-        self._sweeper = None
-
-    def start(self) -> None:
-        super().start()
-        self._sweeper = gevent.spawn(self._sweep)
-
-    def stop(self, timeout=None) -> None:
-        if self._sweeper is not None:
-            self._sweeper.kill(block=False)
-        super().stop(timeout)
-
-    def do_read(self):
-        """Accept one connection. Out of descriptors (EMFILE, ENFILE) or kernel memory, accepting pauses (0.01 s,
-        doubling up to 1 s, back to nothing once one succeeds) and says so at most once a second: the connections
-        wait in the backlog meanwhile. gevent would log a traceback each time, and retry at once in a busy loop
-        for as long as the descriptors stay used up. A connection reset before it was accepted is skipped quietly."""
-        try:
-            accepted = super().do_read()
-        except OSError as e:
-            if e.errno in (errno.ECONNABORTED, errno.EPROTO):
-                return None
-            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                raise
-            self._accept_pause_seconds = min(1.0, max(0.01, 2 * self._accept_pause_seconds))
-            self._accept_failures.log(logging.WARNING, "cannot accept HTTP connections (%s): pausing accept for %gs",
-                                      e.strerror, self._accept_pause_seconds)
-            self.stop_accepting()
-            self._timer = self.loop.timer(self._accept_pause_seconds)
-            self._timer.start(self._start_accepting_if_started)
-            return None
-        self._accept_pause_seconds = 0.0
-        return accepted
-
-    def handle(self, sock, address):
-        if self.pool.free_count() == 0:
-            # This connection took the last place: make room for the next one. Of the one that has waited longest
-            # for its next request and the one that has spent longest receiving one (a byte of it is enough to be
-            # busy: slowloris), the older goes. Not simply an idle one first: a connection accepted a moment ago
-            # is idle until its first bytes arrive, and under slowloris it would be the one closed every time.
-            victims = [(next(iter(handlers.values())), handlers, why) for handlers, why in
-                       ((self.idle, "evicted"), (self.receiving, "evicted while receiving")) if handlers]
-            if victims:
-                _, handlers, why = min(victims, key=lambda v: v[0])
-                self._close(handlers, next(iter(handlers)), why)
-        self.handler_class(sock, address, self).handle()
-
-    def _sweep(self) -> None:
-        period = min(1.0, self.idle_timeout_seconds / 4)
-        while True:
-            gevent.sleep(period)
-            now = time.monotonic()
-            for handlers, limit, why in ((self.idle, self.idle_timeout_seconds, "idle"),
-                                         (self.busy, self.busy_timeout_seconds, "busy")):
-                expired = []
-                for handler, since in handlers.items():
-                    if now - since < limit:
-                        break
-                    expired.append(handler)
-                for handler in expired:
-                    self._close(handlers, handler, why)
-
-    def _close(self, handlers: dict, handler: EdgeHandler, why: str) -> None:
-        handlers.pop(handler, None)
-        self.closed_connections[why] += 1
-        try:
-            # On the OS socket: the kernel then ends the greenlet's wait with end of file or EPIPE, which pywsgi
-            # takes as a client gone. gevent's own shutdown() cancels the wait with EBADF, logged as a traceback.
-            sock = handler.socket
-            getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
-        except (OSError, AttributeError):  # it closed meanwhile
-            pass
-
-    def note_refusal(self, address, status: int, reason: str) -> None:
-        client = address[0] if isinstance(address, tuple) else address
-        self._refusals.log(logging.INFO, "%d to %s: %s", status, client, reason)
-
-
-class _RateLimitedLog:
-    """Log lines a remote party can cause, at most once a second, counting the ones left out (a client could
-    otherwise fill the log)."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self._logged_at = 0.0
-        self._left_out = 0
-
-    def log(self, level: int, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._logged_at < 1.0:
-            self._left_out += 1
-            return
-        if self._left_out:
-            message += f" (and {self._left_out} more {self.what} since the last such line)"
-        log.log(level, message, *args)
-        self._logged_at, self._left_out = now, 0
-
-
-def raise_descriptor_limit() -> None:
-    """Raise the soft RLIMIT_NOFILE to the hard one (a process may, without privileges): the soft default (often
-    1,024) is what strangers' connections to either port would otherwise use up first. The HTTP connection cap is
-    sized from the result (connection_bound)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as e:
-            log.info("could not raise the descriptor limit from %d to %d: %s", soft, target, e)
-
-
-def connection_bound() -> int:
-    """The most HTTP connections the descriptor limit allows: half of those left after FD_RESERVE, since with
-    -forward a connection may hold a second descriptor (its request forwarded to the leader)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(8, (soft - FD_RESERVE) // 2)
-
-
-# ---- admin request signatures ---------------------------------------------------------------------------------
-#
-# With a cluster secret, every request that changes the cluster (POST /join, DELETE /cluster/ID,
-# POST /cluster/transfer) carries X-Raftdzmq-Timestamp (Unix seconds, a fraction allowed) and
-# X-Raftdzmq-Signature: the hex HMAC-SHA256 under the secret of
-#     "raftdzmq-admin-v1\n" METHOD "\n" TARGET "\n" TIMESTAMP "\n" BODY
-# where TARGET is the path and query exactly as sent (wire_target form). The leader refuses a timestamp more than
-# ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
-# leader took, and AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
-# worthless once used, everywhere, and after the window even if never used.
-
-TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
-SIGNATURE_HEADER = "X-Raftdzmq-Signature"
-ADMIN_CLOCK_SKEW_SECONDS = 300.0
-_TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
-
-
-def admin_signature(secret: bytes, method: str, target: str, body: bytes, timestamp: str) -> str:
-    """The signature of an admin request: `target` is the path and query as sent (latin-1 text of its bytes)."""
-    message = f"raftdzmq-admin-v1\n{method}\n{wire_target(target)}\n{timestamp}\n".encode("latin-1") + body
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-def admin_headers(secret: bytes, method: str, target: str, body: bytes = b"", now: float | None = None) -> dict:
-    """The two headers that sign an admin request, for clients (raftdzmqctl, scripts, `-sign`). A non-ASCII
-    `target` is taken as UTF-8, as clients send it."""
-    timestamp = f"{time.time() if now is None else now:.6f}"
-    target = target.encode("utf-8").decode("latin-1")
-    return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: admin_signature(secret, method, target, body, timestamp)}
-
-
-class AdminGuard:
-    """Checks admin signatures (see above) on one node. `verify` is pure apart from the clock; `claim` records a
-    signature the leader is about to act on, and refuses one it has seen (memory: one entry per accepted admin
-    request of the last 2 x ADMIN_CLOCK_SKEW_SECONDS; only correctly signed requests get in). Only this node's
-    memory: a replay to this leader costs no log entry; AdminClaims is what holds across leaders."""
-
-    def __init__(self, secret: bytes) -> None:
-        self._secret = secret
-        self._seen: dict[str, float] = {}  # signature -> time.monotonic() when it may be forgotten
-
-    def verify(self, method: str, target: str, body: bytes, timestamp: str | None, signature: str | None,
-               now: float | None = None) -> str | None:
-        """None when the request is signed with the secret within the allowed skew, else why not."""
-        if not signature or not timestamp:
-            return "not signed with this cluster's secret (no signature)"
-        if not _TIMESTAMP.fullmatch(timestamp):
-            return "malformed timestamp: want Unix seconds"
-        expected = admin_signature(self._secret, method, target, body, timestamp)
-        if not hmac.compare_digest(signature.encode("latin-1"), expected.encode()):
-            return "not signed with this cluster's secret (the signature does not match)"
-        skew = float(timestamp) - (time.time() if now is None else now)
-        if abs(skew) > ADMIN_CLOCK_SKEW_SECONDS:
-            return (f"signature timestamp is {skew:+.0f}s from this node's clock (allowed: "
-                    f"{ADMIN_CLOCK_SKEW_SECONDS:g}s); sign again, or check the clocks")
-        return None
-
-    def claim(self, signature: str) -> str | None:
-        """Record `signature` as used; None if it was new, else why it is refused."""
-        now = time.monotonic()
-        if len(self._seen) > 256:
-            self._seen = {s: t for s, t in self._seen.items() if t > now}
-        if self._seen.get(signature, 0.0) > now:
-            return "this signed request was already used (a replay); sign it again"
-        self._seen[signature] = now + 2 * ADMIN_CLOCK_SKEW_SECONDS
-        return None
-
-
-SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
-
-
-class AdminClaims:
-    """The replicated memory of signed admin requests that took effect, so that each takes effect at most once in
-    the whole cluster: a leader proposes an ADMIN_CLAIM (the signature, its timestamp and the leader's clock) before
-    acting, and acts only if the claim applied as "ok"; a claim of a signature already in the log applies as
-    "used". Every node applies the same claims in log order, so a leader elected later (or after a restart, or a
-    snapshot) refuses what an earlier one took.
-
-    Rules: deterministic (no clock of its own: `now` comes in the command). A claim is forgotten once its timestamp
-    is 2 x ADMIN_CLOCK_SKEW_SECONDS behind the newest `now` seen: every leader whose clock is within the allowed
-    skew of that one refuses its timestamp anyway. Memory: one entry per admin request of that window."""
-
-    def __init__(self, claims: dict | None = None) -> None:
-        self.claims: dict[str, float] = dict(claims or {})  # signature -> its timestamp
-        self._newest_now = max(self.claims.values(), default=0.0)
-
-    def apply(self, signature, when) -> str:
-        """`when`: [the request's timestamp, the proposing leader's clock], Unix seconds."""
-        if type(signature) is not str or type(when) is not list or len(when) != 2 or not all(
-                type(t) in (int, float) for t in when):
-            return "error"  # not written by this version: nothing to claim
-        timestamp, now = when
-        if now > self._newest_now + 60:  # forget in steps, not a scan of every claim at every claim
-            self._newest_now = now
-            horizon = now - 2 * ADMIN_CLOCK_SKEW_SECONDS
-            self.claims = {s: t for s, t in self.claims.items() if t >= horizon}
-        if signature in self.claims:
-            return "used"
-        self.claims[signature] = timestamp
-        return "ok"
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-_no_redirects = urllib.request.build_opener(_NoRedirect)
-
-
-# ---- HTTP ---------------------------------------------------------------------------------------------------
-
-
-def text(status: int, message: str, **headers) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(message + "\n", status, {"Content-Type": "text/plain; charset=utf-8", **headers})
-
-
-def make_app(server: Server) -> bottle.Bottle:
-    app = bottle.Bottle(catchall=True)
-    args = server.args
-    runtime = server.runtime
-    metrics = server.metrics
-    bottle.BaseRequest.MEMFILE_MAX = args.max_body + 1
-
-    def default_error(res):
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return f"{res.status_line}: {res.body}\n" if isinstance(res.body, str) and res.body else f"{res.status_line}\n"
-
-    app.default_error_handler = default_error
-
-    def redirect_to_leader():
-        leader = server.leader_http()
-        if leader is None:
-            removed = server.removed_text()
-            return text(410, removed) if removed else text(503, "no leader is known right now; retry shortly")
-        if args.forward and bottle.request.get_header("X-Raftdzmq-Forwarded") is None:
-            return forward_to(leader)
-        # The target exactly as sent: rebuilding it from the decoded path would change the key (%2541 -> %41,
-        # %3F -> a query, /../ resolved) and break on a space or non-ASCII.
-        return text(307, NOT_LEADER, Location=f"http://{leader}{wire_target(bottle.request.environ['REQUEST_URI'])}")
-
-    def forward_to(leader: str) -> bottle.HTTPResponse:
-        """-forward: proxy this request to the leader and hand back its answer (one hop only). The target goes
-        as sent, and with it the admin signature headers, which cover it."""
-        req = bottle.request
-        host, port = leader.rsplit(":", 1)
-        headers = {"X-Raftdzmq-Forwarded": server.node_id, "Content-Type": req.content_type or ""}
-        for name in (TIMESTAMP_HEADER, SIGNATURE_HEADER):
-            if req.get_header(name) is not None:
-                headers[name] = req.get_header(name)
-        conn = http.client.HTTPConnection(host, int(port), timeout=args.write_timeout + 1)
-        try:
-            conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
-            resp = conn.getresponse()
-            keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "x-raft-index", "location")}
-            return bottle.HTTPResponse(resp.read(), resp.status, keep)
-        except (OSError, http.client.HTTPException) as e:
-            return text(503, f"could not forward to the leader at {leader}: {e}; outcome unknown")
-        finally:
-            conn.close()
-
-    def read_body() -> bytes:
-        # Read whole by the edge (EdgeHandler) before any route runs: cut short or too big never gets here.
-        return bottle.request.environ["raftdzmq.body"]
-
-    guard = AdminGuard(server.secret) if server.secret is not None else None
-    admin_refusals = _RateLimitedLog("refused admin requests")
-
-    def check_signature(what: str) -> None:
-        """With a cluster secret: 403 unless this admin request is signed with it, recently (AdminGuard)."""
-        if guard is None:
-            return
-        req = bottle.request
-        reason = guard.verify(req.method, req.environ["REQUEST_URI"], read_body(), req.get_header(TIMESTAMP_HEADER),
-                              req.get_header(SIGNATURE_HEADER))
-        if reason is not None:
-            admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", what, req.remote_addr, reason)
-            raise text(403, f"{what} refused: {reason}")
-
-    def claim_signature(what: str) -> None:
-        """On the leader, just before acting: refuse a signature already acted on (a replay), here (AdminGuard: no
-        log entry for a replay to this leader) or by any leader (AdminClaims, through the log)."""
-        if guard is None:
-            return
-        req = bottle.request
-        signature = req.get_header(SIGNATURE_HEADER)
-        reason = guard.claim(signature)
-        if reason is None:
-            command = KeyValueStore.command(ADMIN_CLAIM, signature, b"",
-                                            [float(req.get_header(TIMESTAMP_HEADER)), time.time()])
-            try:
-                _, result = runtime.propose(command, args.write_timeout)
-            except NotLeader:
-                raise redirect_to_leader() from None
-            except (ProposalDropped, EntryLost, Timeout, DiskFull, Stopped) as e:
-                raise text(503, f"{what} not confirmed ({e}); sign it again to retry") from None
-            if result == "used":
-                reason = "this signed request was already used, on another leader (a replay); sign it again"
-        if reason is not None:
-            admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", what, req.remote_addr, reason)
-            raise text(403, f"{what} refused: {reason}")
-
-    def propose(command: bytes):
-        if server.node.role is not Role.LEADER:
-            raise redirect_to_leader()
-        t0 = time.perf_counter()
-        try:
-            result = runtime.propose(command, args.write_timeout)
-        except NotLeader:
-            metrics.writes.inc("redirected")
-            raise redirect_to_leader() from None
-        except ProposalDropped as e:
-            metrics.writes.inc("refused")
-            raise text(503, f"write refused for now: {e}; retry") from None
-        except EntryLost:
-            metrics.writes.inc("lost")
-            raise text(503, "write lost: leadership changed before it committed; it was not applied") from None
-        except Timeout:
-            metrics.writes.inc("unknown")
-            raise text(503, f"write not confirmed within {args.write_timeout:g}s; its outcome is unknown") from None
-        except DiskFull as e:
-            metrics.writes.inc("refused")
-            raise text(507, f"write refused: {e}; it was not applied") from None
-        except Stopped as e:
-            raise text(503, str(e)) from None
-        metrics.write_seconds.observe(time.perf_counter() - t0)
-        metrics.writes.inc("committed")
-        return result
-
-    def check_key(key: str) -> str:
-        if not key or len(key.encode()) > 4096:
-            raise text(400, "key must be 1 to 4096 bytes")
-        return key
-
-    @app.post("/db/<key:path>")
-    @app.put("/db/<key:path>")
-    def set_key(key):
-        key = check_key(key)
-        value = read_body()
-        q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
-        if "prev_value" in q:
-            # The percent-decoded bytes as they are (Bottle's q.prev_value turns bytes that are not UTF-8 into "",
-            # which would compare against an empty value).
-            cmd = KeyValueStore.command(COMPARE_AND_SET, key, value, q.get("prev_value").encode("latin-1"))
-        elif q.get("prev_exist") == "false":
-            cmd = KeyValueStore.command(CREATE, key, value)
-        else:
-            cmd = KeyValueStore.command(SET, key, value)
-        index, result = propose(cmd)
-        if result == "failed":
-            return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
-        bottle.response.set_header("X-Raft-Index", str(index))
-        return ""
-
-    @app.delete("/db/<key:path>")
-    def delete_key(key):
-        index, result = propose(KeyValueStore.command(DELETE, check_key(key)))
-        if result == "missing":
-            return text(404, f"no such key: {key}", **{"X-Raft-Index": str(index)})
-        return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})
-
-    def wait_consistent():
-        q = bottle.request.query
-        consistency = q.get("consistency", "linearizable")
-        if "min_index" in q:
-            try:
-                min_index = int(q.min_index)
-            except ValueError:
-                raise text(400, "min_index must be an integer") from None
-            try:
-                runtime.wait_applied(min_index, args.read_timeout)
-            except Timeout:
-                raise text(503, f"index {min_index} not applied here within {args.read_timeout:g}s") from None
-        if consistency == "stale":
-            metrics.reads.inc("stale")
-            return
-        if consistency not in ("linearizable", "lease"):
-            raise text(400, "consistency must be linearizable, lease or stale")
-        metrics.reads.inc(consistency)
-        t0 = time.perf_counter()
-        deadline = time.monotonic() + args.read_timeout
-        try:
-            while True:
-                try:
-                    runtime.read(max(0.01, deadline - time.monotonic()), lease=consistency == "lease")
-                    break
-                except NotLeader:
-                    if server.removed_text():
-                        raise text(410, server.removed_text()) from None
-                    # Right after a start or an election no leader is known yet: wait for one, within the bound.
-                    if time.monotonic() >= deadline:
-                        raise text(503, "no leader is known right now; the read cannot be confirmed") from None
-                    gevent.sleep(0.02)
-        except Timeout:
-            raise text(503, f"could not confirm a linearizable read within {args.read_timeout:g}s") from None
-        except Stopped as e:
-            raise text(503, str(e)) from None
-        metrics.read_index_seconds.observe(time.perf_counter() - t0)
-
-    def read_headers() -> dict:
-        return {"X-Raft-Applied-Index": str(server.node.last_applied), "X-Raft-Leader": server.node.leader_id or ""}
-
-    @app.get("/db/<key:path>")
-    def get_key(key):
-        key = check_key(key)
-        wait_consistent()
-        value = server.kv.data.get(key)
-        if value is None:
-            return text(404, f"no such key: {key}", **read_headers())
-        return bottle.HTTPResponse(value, 200, {"Content-Type": "application/octet-stream", **read_headers()})
-
-    @app.get("/db/")
-    @app.get("/db")
-    def list_keys():
-        q = bottle.request.query
-        try:  # from UTF-8, as keys are (get() hands back the bytes as latin-1, which matches no non-ASCII key)
-            prefix, after = (q.get(name, "").encode("latin-1").decode("utf-8") for name in ("prefix", "after"))
-        except UnicodeError:
-            raise text(400, "prefix and after must be UTF-8") from None
-        try:
-            limit = min(max(int(q.get("limit", "1000")), 1), 10000)
-        except ValueError:
-            raise text(400, "limit must be an integer") from None
-        wait_consistent()
-        page, more = server.kv.page(prefix, after, limit)
-        body = {"keys": page, "next": page[-1] if more else None}
-        return bottle.HTTPResponse(json.dumps(body) + "\n", 200, {"Content-Type": "application/json", **read_headers()})
-
-    @app.post("/join")
-    def join():
-        raw = read_body()
-        check_signature("join")
-        try:
-            body = json.loads(raw or b"null")
-            fields = [body[k] for k in ("node_id", "raft_address", "http_address")]
-            if not all(isinstance(f, str) and 0 < len(f) < 256 for f in fields):
-                raise ValueError
-        except (ValueError, TypeError, KeyError):
-            return text(400, 'bad join body: want JSON {"node_id": ..., "raft_address": ..., "http_address": ...}')
-        if server.node.role is not Role.LEADER:
-            return redirect_to_leader()
-        claim_signature("join")
-        change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(*fields))
-        deadline = time.monotonic() + args.write_timeout
-        while True:
-            try:
-                index, _ = runtime.change_membership(change, args.write_timeout)
-                break
-            except ProposalDropped as e:  # another change in flight: wait for it
-                if time.monotonic() > deadline:
-                    return text(503, f"join not possible now: {e}")
-                gevent.sleep(0.05)
-            except NotLeader:
-                return redirect_to_leader()
-            except (Timeout, EntryLost, Stopped) as e:
-                return text(503, f"join not confirmed: {e}")
-            except ValueError as e:
-                return text(400, str(e))
-        log.info("node %s (%s) joined as a learner", fields[0], fields[2])
-        return bottle.HTTPResponse(json.dumps({"index": index}) + "\n", 200, {"Content-Type": "application/json"})
-
-    def members():
-        node = server.node
-        out = []
-        for m in node.membership.members:
-            pr = node.progress(m.node_id) if node.role is Role.LEADER else None
-            out.append({
-                "id": m.node_id, "raft_address": m.raft_address, "http_address": m.http_address,
-                "role": "voter" if m.node_id in node.membership.voters else "learner",
-                "match_index": (node.log.last_index if m.node_id == node.node_id else pr.match_index) if pr else None,
-            })
-        return out
-
-    @app.get("/status")
-    def status():
-        node = server.node
-        body = {
-            "node_id": node.node_id, "role": node.role.value, "term": node.current_term,
-            "leader": node.leader_id, "leader_http": server.leader_http(), "commit_index": node.commit_index,
-            "applied_index": node.last_applied, "last_index": node.log.last_index,
-            "snapshot_index": node.log.snapshot_index, "members": members(), "keys": len(server.kv.data),
-            "disk_full": runtime.disk_full,
-            "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
-        }
-        return bottle.HTTPResponse(json.dumps(body, indent=1) + "\n", 200, {"Content-Type": "application/json"})
-
-    @app.get("/metrics")
-    def prometheus_metrics():
-        return bottle.HTTPResponse(prom.generate_latest(metrics.registry), 200,
-                                   {"Content-Type": prom.CONTENT_TYPE_LATEST})
-
-    @app.get("/cluster")
-    def cluster():
-        return bottle.HTTPResponse(json.dumps(members(), indent=1) + "\n", 200, {"Content-Type": "application/json"})
-
-    @app.delete("/cluster/<node_id>")
-    def remove_member(node_id):
-        check_signature("removal")
-        if server.node.role is not Role.LEADER:
-            return redirect_to_leader()
-        claim_signature("removal")
-        try:
-            index, _ = runtime.change_membership(
-                ConfChange(ConfChangeKind.REMOVE, Member(node_id)), args.write_timeout)
-        except NotLeader:
-            return redirect_to_leader()
-        except (ProposalDropped, Timeout, EntryLost, Stopped) as e:
-            return text(503, f"removal not confirmed: {e}")
-        except ValueError as e:
-            return text(400, str(e))
-        return text(200, f"removed {node_id}", **{"X-Raft-Index": str(index)})
-
-    @app.post("/cluster/transfer")
-    def transfer():
-        target = bottle.request.query.get("to", "")
-        check_signature("transfer")
-        if server.node.role is not Role.LEADER:
-            return redirect_to_leader()
-        claim_signature("transfer")
-        try:
-            runtime.transfer_leadership(target, args.write_timeout)
-        except NotLeader:
-            return redirect_to_leader()
-        except ValueError as e:
-            return text(400, str(e))
-        except (Timeout, Stopped) as e:
-            return text(503, f"transfer not confirmed: {e}")
-        return text(200, f"leader is now {target}")
-
-    return app
-
-
-# ---- command line ---------------------------------------------------------------------------------------
-
-
-SECRET_ENV = "RAFTDZMQ_SECRET"
-
-
-def load_secret(args) -> bytes | None:
-    """The cluster secret from -secret-file, else from $RAFTDZMQ_SECRET; None when neither is given. Exits when a
-    secret is given and this libzmq cannot use it (no CURVE)."""
-    secret = _read_secret(args)
-    if secret is not None and not CURVE_AVAILABLE:
-        raise SystemExit("raftdzmq: a cluster secret needs CURVE, and this pyzmq's libzmq has none (zmq.has('curve') "
-                         "is False): install a pyzmq wheel")
-    return secret
-
-
-def _read_secret(args) -> bytes | None:
-    if args.secret_file:
-        try:
-            with open(os.path.expanduser(args.secret_file), "rb") as f:
-                secret = f.read().strip()
-        except OSError as e:
-            raise SystemExit(f"raftdzmq: cannot read the secret file: {e}") from None
-        if not secret:
-            raise SystemExit(f"raftdzmq: the secret file {args.secret_file} is empty")
-        return secret
-    secret = os.environ.get(SECRET_ENV, "").strip().encode()
-    return secret or None
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="raftdzmq",
-        add_help=False,
-        description="A Raft-replicated key/value server: Raft over ZeroMQ, the data over HTTP.",
-        epilog="Example: python raftdzmq.py -p 5555 -hp 8080 ~/node.1",
-    )
-    p.add_argument("--help", action="help", help="show this help and exit")
-    p.add_argument("-p", "--port", type=int, default=5555, help="the Raft (ZeroMQ) port (default 5555)")
-    p.add_argument("-hp", "--http-port", dest="http_port", type=int, default=8080, help="the HTTP port (default 8080)")
-    p.add_argument("-h", "--host", default="localhost",
-                   help="the host this node binds and advertises to its peers (default localhost)")
-    p.add_argument("-join", "--join", default=None, metavar="HOST:HTTPPORT",
-                   help="join the cluster through this node (followed to the leader); ignored once joined")
-    p.add_argument("-v", "--verbose", action="store_true", help="verbose raftdzmq logging (every request)")
-    p.add_argument("-debug", "--debug", action="store_true", help="debug-level raft logging")
-    p.add_argument("-trace", "--trace", action="store_true", help="trace-level raft logging (every message)")
-    p.add_argument("-forward", "--forward", action="store_true",
-                   help="followers proxy writes to the leader instead of redirecting with 307")
-    p.add_argument("-heartbeat-ms", "--heartbeat-ms", dest="heartbeat_ms", type=float, default=50,
-                   help="leader heartbeat interval in ms (default 50)")
-    p.add_argument("-election-ms", "--election-ms", dest="election_ms", type=float, default=300,
-                   help="election timeout in ms; randomized between this and twice this (default 300)")
-    p.add_argument("-write-timeout", "--write-timeout", dest="write_timeout", type=float, default=5.0,
-                   help="seconds a write may take to commit before it gets 503 (default 5)")
-    p.add_argument("-read-timeout", "--read-timeout", dest="read_timeout", type=float, default=5.0,
-                   help="seconds a linearizable read may wait (default 5)")
-    p.add_argument("-join-timeout", "--join-timeout", dest="join_timeout", type=float, default=10.0,
-                   help="seconds to keep trying to join before giving up (default 10)")
-    p.add_argument("-max-body", "--max-body", dest="max_body", type=int, default=1 << 20,
-                   help="largest accepted request body in bytes (default 1 MiB)")
-    p.add_argument("-max-header-bytes", "--max-header-bytes", dest="max_header_bytes", type=int, default=32 << 10,
-                   help="largest request head (request line and header fields) in bytes; larger gets 431 "
-                        "(default 32 KiB)")
-    p.add_argument("-max-connections", "--max-connections", dest="max_connections", type=int, default=None,
-                   help="most HTTP connections at once; when full, the longest idle one is closed for a new one "
-                        "(default: half the descriptors left under ulimit -n after 100 kept for Raft and the log, "
-                        "at most 1000)")
-    p.add_argument("-idle-timeout", "--idle-timeout", dest="idle_timeout", type=float, default=60.0,
-                   help="seconds an HTTP connection may wait for its next request before it is closed, and may "
-                        "take beyond the request's own bounds to read its answer (default 60)")
-    p.add_argument("-receive-timeout", "--receive-timeout", dest="receive_timeout", type=float, default=10.0,
-                   help="seconds a client has to send a whole request (head and body) once it has begun; 408 "
-                        "after (default 10)")
-    p.add_argument("-snapshot-threshold", "--snapshot-threshold", dest="snapshot_threshold", type=int,
-                   default=16 << 20, help="take a snapshot when the log since the last one passes this many bytes "
-                   "(default 16 MiB)")
-    p.add_argument("-secret-file", "--secret-file", dest="secret_file", default=None, metavar="PATH",
-                   help=f"a file holding the cluster secret (or set ${SECRET_ENV}): raft connections use CURVE keys "
-                        "derived from it, and every join and /cluster change is signed with it (HMAC-SHA256); nodes "
-                        "and requests without it are refused")
-    p.add_argument("-sign", "--sign", nargs=2, metavar=("METHOD", "TARGET"), default=None,
-                   help="print the headers that sign this admin request with the cluster secret, for curl -H @FILE "
-                        "(e.g. -sign DELETE /cluster/ab12cd34), and exit; no DATA_DIR")
-    p.add_argument("-sign-body", "--sign-body", dest="sign_body", default=None, metavar="FILE",
-                   help="with -sign: the request's body, from this file ('-': standard input)")
-    p.add_argument("-no-fsync", "--no-fsync", dest="no_fsync", action="store_true",
-                   help="UNSAFE, for experiments only: do not fsync the log")
-    p.add_argument("data_dir", metavar="DATA_DIR", nargs="?", help="where this node keeps its log and snapshots")
+# The flags, in --help's order: (names, argparse keywords). README's "Flags" lists the same (tests/test_server.py).
+FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
+    (("--help",), dict(action="help", help="show this help and exit")),
+    (("-p", "--port"), dict(type=int, default=5555, help="the Raft (ZeroMQ) port (default 5555)")),
+    (("-hp", "--http-port"), dict(dest="http_port", type=int, default=8080, help="the HTTP port (default 8080)")),
+    (("-h", "--host"), dict(default="localhost", help="the host this node binds and advertises to its peers "
+                            "(default localhost)")),
+    (("-join", "--join"), dict(metavar="HOST:HTTPPORT", help="join the cluster through this node (followed to the "
+                               "leader); ignored once joined")),
+    (("-v", "--verbose"), dict(action="store_true", help="debug-level raftdzmq logging")),
+    (("-debug", "--debug"), dict(action="store_true", help="debug-level raft logging")),
+    (("-trace", "--trace"), dict(action="store_true", help="trace-level raft logging (every message)")),
+    (("-forward", "--forward"), dict(action="store_true", help="followers proxy writes to the leader instead of "
+                                     "redirecting with 307")),
+    (("-heartbeat-ms", "--heartbeat-ms"), dict(dest="heartbeat_ms", type=float, default=50, help="leader heartbeat "
+                                               "interval in ms (default 50)")),
+    (("-election-ms", "--election-ms"), dict(dest="election_ms", type=float, default=300, help="election timeout in "
+                                             "ms; randomized between this and twice this (default 300)")),
+    (("-write-timeout", "--write-timeout"), dict(dest="write_timeout", type=float, default=5.0, help="seconds a "
+                                                 "write may take to commit before it gets 503 (default 5)")),
+    (("-read-timeout", "--read-timeout"), dict(dest="read_timeout", type=float, default=5.0, help="seconds a "
+                                               "linearizable read may wait (default 5)")),
+    (("-join-timeout", "--join-timeout"), dict(dest="join_timeout", type=float, default=10.0, help="seconds to keep "
+                                               "trying to join before giving up (default 10)")),
+    (("-max-body", "--max-body"), dict(dest="max_body", type=int, default=1 << 20, help="largest accepted request "
+                                       "body in bytes (default 1 MiB)")),
+    (("-max-header-bytes", "--max-header-bytes"), dict(dest="max_header_bytes", type=int, default=32 << 10, help=(
+        "largest request head (request line and header fields) in bytes; larger gets 431 (default 32 KiB)"))),
+    (("-max-connections", "--max-connections"), dict(dest="max_connections", type=int, help=(
+        "most HTTP connections at once; when full, the longest idle one is closed for a new one (default: half the "
+        "descriptors left under ulimit -n after 100 kept for Raft and the log, at most 1000)"))),
+    (("-idle-timeout", "--idle-timeout"), dict(dest="idle_timeout", type=float, default=60.0, help=(
+        "seconds an HTTP connection may wait for its next request before it is closed, and may take beyond the "
+        "request's own bounds to read its answer (default 60)"))),
+    (("-receive-timeout", "--receive-timeout"), dict(dest="receive_timeout", type=float, default=10.0, help=(
+        "seconds a client has to send a whole request (head and body) once it has begun; 408 after (default 10)"))),
+    (("-snapshot-threshold", "--snapshot-threshold"), dict(dest="snapshot_threshold", type=int, default=16 << 20,
+        help="take a snapshot when the log since the last one passes this many bytes (default 16 MiB)")),
+    (("-secret-file", "--secret-file"), dict(dest="secret_file", metavar="PATH", help=(
+        f"a file holding the cluster secret (or set ${SECRET_ENV}): raft connections use CURVE keys derived from it, "
+        "and every join and /cluster change is signed with it (HMAC-SHA256); nodes and requests without it are "
+        "refused"))),
+    (("-sign", "--sign"), dict(nargs=2, metavar=("METHOD", "TARGET"), help=(
+        "print the headers that sign this admin request with the cluster secret, for curl -H @FILE (e.g. -sign "
+        "DELETE /cluster/ab12cd34), and exit; no DATA_DIR"))),
+    (("-sign-body", "--sign-body"), dict(dest="sign_body", metavar="FILE", help="with -sign: the request's body, "
+                                         "from this file ('-': standard input)")),
+    (("-no-fsync", "--no-fsync"), dict(dest="no_fsync", action="store_true", help="UNSAFE, for experiments only: do "
+                                       "not fsync the log")),
+    (("data_dir",), dict(metavar="DATA_DIR", nargs="?", help="where this node keeps its log and snapshots")),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="raftdzmq", add_help=False, epilog="Example: python raftdzmq.py -p 5555 -hp "
+                                "8080 ~/node.1", description="A Raft-replicated key/value server: Raft over ZeroMQ, "
+                                "the data over HTTP.")
+    for names, options in FLAGS:
+        p.add_argument(*names, **options)
     args = p.parse_args(argv)
     if args.sign is None and args.data_dir is None:
         p.error("the following arguments are required: DATA_DIR")
@@ -1544,7 +105,30 @@ def parse_args(argv=None):
     return args
 
 
-def print_signed_headers(args) -> int:
+def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfig:
+    return ServerConfig(
+        data_dir=os.path.expanduser(args.data_dir), host=args.host, port=args.port, http_port=args.http_port,
+        join=args.join, forward=args.forward, heartbeat_ms=args.heartbeat_ms, election_ms=args.election_ms,
+        write_timeout_seconds=args.write_timeout, read_timeout_seconds=args.read_timeout,
+        join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
+        max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
+        receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
+        secret=secret, fsync=not args.no_fsync)
+
+
+def load_secret(args: argparse.Namespace) -> bytes | None:
+    """The cluster secret (-secret-file, else $RAFTDZMQ_SECRET), or None; exits when it cannot be had or used."""
+    try:
+        secret = read_secret(args.secret_file)
+    except SecretError as e:
+        raise SystemExit(f"raftdzmq: {e}") from None
+    if secret is not None and not CURVE_AVAILABLE:
+        raise SystemExit("raftdzmq: a cluster secret needs CURVE, and this pyzmq's libzmq has none (zmq.has('curve') "
+                         "is False): install a pyzmq wheel")
+    return secret
+
+
+def print_signed_headers(args: argparse.Namespace) -> int:
     """-sign METHOD TARGET: print X-Raftdzmq-Timestamp and X-Raftdzmq-Signature lines (curl -H @FILE reads them)."""
     secret = load_secret(args)
     if secret is None:
@@ -1562,7 +146,7 @@ def print_signed_headers(args) -> int:
     return 0
 
 
-def setup_logging(args, node_label: str = "-") -> None:
+def setup_logging(args: argparse.Namespace, node_label: str = "-") -> None:
     logging.addLevelName(TRACE, "TRACE")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{node_label}] %(name)s: %(message)s"))
@@ -1573,17 +157,18 @@ def setup_logging(args, node_label: str = "-") -> None:
     logging.getLogger("raftlib").setLevel(TRACE if args.trace else logging.DEBUG if args.debug else logging.INFO)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     raise_descriptor_limit()  # before parse_args: the default -max-connections depends on it
     args = parse_args(argv)
     if args.sign is not None:
         return print_signed_headers(args)
-    args.data_dir = os.path.expanduser(args.data_dir)
     setup_logging(args)
+    config = server_config(args, load_secret(args))
     try:
-        server = Server(args)
-    except (StorageError, NotJoined) as e:
-        print(f"raftdzmq: {e}", file=sys.stderr)
+        server = Server(config)
+    except (StorageError, OSError) as e:  # StorageError says where; an OSError (a failed fsync, a path) names it
+        print(f"raftdzmq: cannot start on {config.data_dir}: {e}" if isinstance(e, OSError) else f"raftdzmq: {e}",
+              file=sys.stderr)
         return 2
     setup_logging(args, server.node_id)
     try:
@@ -1591,22 +176,27 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"raftdzmq: cannot listen: {e}", file=sys.stderr)
         return 2
+    return serve(server, args.join)
+
+
+def serve(server: Server, join: str | None) -> int:
+    """Join when the data dir asks for it, then serve until SIGTERM or SIGINT stops the node cleanly."""
     done = gevent.event.Event()
 
-    def on_signal():
+    def on_signal() -> None:
         gevent.spawn(lambda: (server.stop(), done.set()))
 
     gevent.signal_handler(signal.SIGTERM, on_signal)
     gevent.signal_handler(signal.SIGINT, on_signal)
     if server.bootstrapped:
         log.info("bootstrapped a new one-node cluster")
-    elif args.join and server.joined_before:
-        log.info("this data dir already belongs to a cluster: starting normally, -join %s ignored", args.join)
+    elif join and server.joined_before:
+        log.info("this data dir already belongs to a cluster: starting normally, -join %s ignored", join)
     elif server.must_join:
         try:
-            server.join(args.join)
-        except SystemExit as e:
-            print(e, file=sys.stderr)
+            server.join(join)
+        except JoinFailed as e:
+            print(f"raftdzmq: {e}", file=sys.stderr)
             server.stop()
             return 1
     done.wait()

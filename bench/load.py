@@ -7,6 +7,7 @@ same way on loopback in the same run: a bare Bottle dict server (--vs bare), etc
     python bench/load.py                                   # 3 nodes, writes and reads at 1, 16, 64 clients
     python bench/load.py --vs bare --vs etcd --json out.json --plot out.png
     python bench/load.py --url http://localhost:8080 --workloads write -c 64 -d 10
+    python bench/load.py --vs-build /tmp/old -c 1 64 -w write --repeat 5   # this build against another, alternating
 
 The load comes from wrk when it is on the PATH (a C client: it is not the bottleneck), else from a gevent client
 (bench/pyclient.py). The load generator's own CPU use is reported per run.
@@ -67,9 +68,9 @@ class System:
         self.workdir = workdir
         self.procs: list[subprocess.Popen] = []
 
-    def spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+    def spawn(self, args: list[str], log_name: str, cwd: str = ROOT) -> subprocess.Popen:
         log = open(os.path.join(self.workdir, log_name), "ab")
-        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         log.close()
         self.procs.append(p)
         return p
@@ -98,16 +99,18 @@ class System:
 
 
 class Raftdzmq(System):
-    def __init__(self, workdir: str, nodes: int, extra: list[str]) -> None:
+    def __init__(self, workdir: str, nodes: int, extra: list[str], build: str = ROOT) -> None:
+        """`build`: the checkout whose raftdzmq.py runs (another one: named after its folder)."""
         super().__init__(workdir)
-        self.name = f"raftdzmq-{nodes}"
+        self.name = f"raftdzmq-{nodes}" + ("" if build == ROOT else f"-{os.path.basename(build.rstrip('/'))}")
         self.http_ports = []
         for i in range(nodes):
             port, http_port = free_port(), free_port()
-            args = [sys.executable, os.path.join(ROOT, "raftdzmq.py"), "-p", str(port), "-hp", str(http_port)]
+            args = [sys.executable, os.path.join(build, "raftdzmq.py"), "-p", str(port), "-hp", str(http_port)]
             if i > 0:
                 args += ["-join", f"127.0.0.1:{self.http_ports[0]}"]
-            self.spawn(args + extra + [os.path.join(workdir, f"{self.name}-node{i + 1}")], f"{self.name}-{i + 1}.log")
+            self.spawn(args + extra + [os.path.join(workdir, f"{self.name}-node{i + 1}")], f"{self.name}-{i + 1}.log",
+                       cwd=build)
             self.http_ports.append(http_port)
             wait_until(lambda: self._voters() == i + 1, 20, f"{self.name} node {i + 1} to join")
         self.url = f"http://127.0.0.1:{self.http_ports[0]}"
@@ -291,7 +294,7 @@ def run_load(url: str, requests: list, concurrency: int, seconds: float, workdir
     return result
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--nodes", type=int, default=3, help="raftdzmq cluster size (default 3)")
     p.add_argument("--url", help="target a running raftdzmq node (its leader) instead of starting a cluster")
@@ -307,60 +310,82 @@ def main() -> int:
     p.add_argument("--vs", action="append", default=[],
                    choices=["bare", "etcd", "etcd2", "pysyncobj", "raftdzmq1", "raftdzmq3", "raftdzmq5", "raftdzmq7"],
                    help="also measure this reference, alternating, in the same run")
+    p.add_argument("--vs-build", action="append", default=[], metavar="DIR",
+                   help="also measure the raftdzmq.py of this checkout (another build, e.g. from git archive), "
+                        "alternating, in the same run")
     p.add_argument("--repeat", type=int, default=1, help="alternate the systems this many times; report medians")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--raftdzmq-flag", action="append", default=[], help="extra flag for every raftdzmq node")
     p.add_argument("--json", help="write all results to this file")
     p.add_argument("--plot", help="draw throughput and latency against concurrency to this PNG (needs matplotlib)")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def start_systems(args: argparse.Namespace, workdir: str, systems: list[System]) -> None:
+    """Start raftdzmq (or name --url) and every reference asked for, appending each to `systems` as it starts (the
+    caller stops them however this ends)."""
+    if args.url:
+        s = System(workdir)
+        s.name, s.url = "raftdzmq", args.url.rstrip("/")
+        systems.append(s)
+    else:
+        systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag))
+    for build in args.vs_build:
+        systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag, build=os.path.abspath(build)))
+    for ref in args.vs:
+        if ref.startswith("raftdzmq"):  # raftdzmq3, raftdzmq5: another cluster size, same run
+            systems.append(Raftdzmq(workdir, int(ref[len("raftdzmq"):]), args.raftdzmq_flag))
+        elif ref == "bare":
+            systems.append(Bare(workdir))
+        elif ref in ("etcd", "etcd2"):
+            if not shutil.which("etcd"):
+                print("bench: etcd is not on the PATH (apt-get install etcd-server); skipping it", file=sys.stderr)
+                continue
+            systems.append(Etcd(workdir, args.nodes, "v2" if ref == "etcd2" else "v3"))
+        elif ref == "pysyncobj":
+            try:
+                import pysyncobj  # noqa: F401
+            except ImportError:
+                print("bench: pysyncobj is not installed (pip install pysyncobj); skipping it", file=sys.stderr)
+                continue
+            systems.append(PySyncObjKV(workdir, args.nodes))
+
+
+def measure(args: argparse.Namespace, systems: list[System], keys: list[str], rng: random.Random, workdir: str,
+            client: str) -> dict:
+    """Every workload at every concurrency, the systems alternating, `--repeat` times: {(workload, clients,
+    system): [result, ...]}."""
+    value = "v" * rng.randint(*args.value_size)
+    for s in systems:  # every key exists before reads
+        run_load(s.url, s.write_requests(keys, value), 16, 2, workdir, f"{s.name} prefill", client, sequential=True)
+    results: dict = {}
+    for workload in args.workloads:
+        for c in args.concurrency:
+            for _ in range(args.repeat):
+                for s in systems:
+                    if workload == "write":
+                        reqs = s.write_requests(keys, "v" * rng.randint(*args.value_size))
+                    else:
+                        reqs = s.read_requests(keys, stale=workload == "stale-read", **(
+                            {"lease": True} if workload == "lease-read" and isinstance(s, Raftdzmq) else {}))
+                    r = run_load(s.url, reqs, c, args.duration, workdir, f"{s.name} {workload} c={c}", client)
+                    results.setdefault((workload, c, s.name), []).append(r)
+    return results
+
+
+def main() -> int:
+    args = parse_args()
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
     workdir = tempfile.mkdtemp(prefix="raftdzmq-bench-")
     rng = random.Random(1)
     keys = [f"k{rng.randrange(10**9)}" for _ in range(args.keys)]
     systems: list[System] = []
     try:
-        if args.url:
-            s = System(workdir)
-            s.name, s.url = "raftdzmq", args.url.rstrip("/")
-            systems.append(s)
-        else:
-            systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag))
-        for ref in args.vs:
-            if ref.startswith("raftdzmq"):  # raftdzmq3, raftdzmq5: another cluster size, same run
-                systems.append(Raftdzmq(workdir, int(ref[len("raftdzmq"):]), args.raftdzmq_flag))
-            elif ref == "bare":
-                systems.append(Bare(workdir))
-            elif ref in ("etcd", "etcd2"):
-                if not shutil.which("etcd"):
-                    print("bench: etcd is not on the PATH (apt-get install etcd-server); skipping it", file=sys.stderr)
-                    continue
-                systems.append(Etcd(workdir, args.nodes, "v2" if ref == "etcd2" else "v3"))
-            elif ref == "pysyncobj":
-                try:
-                    import pysyncobj  # noqa: F401
-                except ImportError:
-                    print("bench: pysyncobj is not installed (pip install pysyncobj); skipping it", file=sys.stderr)
-                    continue
-                systems.append(PySyncObjKV(workdir, args.nodes))
+        start_systems(args, workdir, systems)
         print(f"bench: client {client}, {args.duration:g}s per run, {args.keys} keys, values "
               f"{args.value_size[0]}-{args.value_size[1]} bytes, systems: {', '.join(s.name for s in systems)}",
               file=sys.stderr)
-        value = "v" * rng.randint(*args.value_size)
-        for s in systems:  # every key exists before reads
-            run_load(s.url, s.write_requests(keys, value), 16, 2, workdir, f"{s.name} prefill", client,
-                     sequential=True)
-        results: dict = {}
-        for workload in args.workloads:
-            for c in args.concurrency:
-                for rep in range(args.repeat):
-                    for s in systems:
-                        if workload == "write":
-                            reqs = s.write_requests(keys, "v" * rng.randint(*args.value_size))
-                        else:
-                            reqs = s.read_requests(keys, stale=workload == "stale-read", **(
-                                {"lease": True} if workload == "lease-read" and isinstance(s, Raftdzmq) else {}))
-                        r = run_load(s.url, reqs, c, args.duration, workdir, f"{s.name} {workload} c={c}", client)
-                        results.setdefault((workload, c, s.name), []).append(r)
+        results = measure(args, systems, keys, rng, workdir, client)
         print_table(results, systems)
         if args.json:
             with open(args.json, "w") as f:

@@ -1,8 +1,8 @@
 """raftlib: the Raft consensus protocol as a pure state machine, with the pieces to run it.
 
 Importing `raftlib` gives the pure API only: it opens no file and imports neither gevent nor zmq. The runtime
-(`raftlib.runtime`), the transport (`raftlib.transport`), the codec (`raftlib.codec`) and the disk storage
-(`raftlib.storage`) are imported by name when needed.
+(`raftlib.runtime`), the transport (`raftlib.transport`), the codec (`raftlib.codec`), the disk storage
+(`raftlib.storage`) and the key/value server (`raftlib.server`) are imported by name when needed.
 """
 
 from .core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready

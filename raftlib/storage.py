@@ -45,7 +45,7 @@ The data dir:
 
     LOCK                   held with flock(LOCK_EX) while a process uses the dir
     node.json              {"format": 1, "node_id": ..., "raft_address": ..., "http_address": ...}
-    log/NNNNNNNNNN.seg     log segments: "RDZMQLOG", u32 version 1, then records (README, "The data dir")
+    log/NNNNNNNNNN.seg     log segments: "RDZMQLOG", u32 version 1, then records (docs/DATA-DIR.md)
     snapshot-IIII.snap     the snapshot the newest base record names (IIII = its last included index, 20 digits)
 
 A record is `u32 length | u32 crc32(payload) | payload`; the payload is a type byte and CBOR: type 1 (batch)
@@ -408,6 +408,67 @@ class _Replay:
         self.start_index, self.start_term = index, term
 
 
+def _replay_base(path: str, groups: list[_Record]) -> _Replay:
+    """The log a segment that starts with a base record holds: the base, then every record after it."""
+    first = groups[0]
+    where = f"{path} at offset {first.offset}"
+    if first.entries and first.entries[0].index != first.snapshot_index + 1:
+        raise CorruptLogError(f"{where}: the base record's entries start at index {first.entries[0].index}, "
+                              f"not after its snapshot at {first.snapshot_index}")
+    terms = [first.snapshot_term] + [e.term for e in first.entries]
+    if any(a > b for a, b in zip(terms, terms[1:])):
+        raise CorruptLogError(f"{where}: the base record's terms go down along its log (from the snapshot's "
+                              f"term {first.snapshot_term})")
+    replay = _Replay(first.snapshot_index, first.snapshot_term, list(first.entries), first.hard_state)
+    for r in groups[1:]:
+        where = f"{path} at offset {r.offset}"
+        if r.entries:
+            replay.put(r.entries, where)
+        if r.hard_state is not None:
+            replay.hard_state = r.hard_state
+    return replay
+
+
+def _replay_format1(segments: list[tuple[int, str]], snapshots: dict[int, Snapshot], newest: int,
+                    fs: FileSystem) -> _Replay | None:
+    """The log of a data dir before base records (DiskStorage._load_format1 says how it is found), or None when
+    there is no segment with a complete record."""
+    replay = None
+    for _, path in segments:
+        data = fs.read_file(path)
+        # Any of them may end torn: the old code began a segment after records it had not synced (a commit
+        # index alone), and never fsynced a segment it left behind.
+        groups, good_end = _scan(path, data, tail_may_tear=True)
+        if good_end < len(data):
+            logger.warning("%s: torn record at offset %d: dropping %d bytes", path, good_end, len(data) - good_end)
+        if not groups:
+            continue
+        for g in groups:
+            if g.kind != RECORD_BATCH:
+                raise CorruptLogError(f"{path} at offset {g.offset}: a base record after a segment that has none")
+        first_index = next((g.entries[0].index for g in groups if g.entries), None)
+        if groups[0].hard_state is not None and (first_index is None or first_index == 1
+                                                 or first_index - 1 in snapshots):
+            # Begun by an install (or the first segment ever): the whole log after its snapshot.
+            index = newest if first_index is None else first_index - 1
+            term = snapshots[index].last_included_term if index else 0
+            replay = _Replay(index, term)
+        else:
+            # Appended to by a restarted old process: its log, cut as that process's load cut it.
+            below = first_index - 1 if first_index is not None else newest
+            cut = max((i for i in snapshots if i <= below), default=0)
+            if replay is None:
+                replay = _Replay()
+            if cut and (replay.start_index is None or cut > replay.start_index):
+                replay.cut(snapshots[cut], path)
+        for g in groups:
+            if g.entries:
+                replay.put(g.entries, f"{path} at offset {g.offset}")
+            if g.hard_state is not None:
+                replay.hard_state = g.hard_state
+    return replay
+
+
 class DiskStorage:
     """Durable storage for one node. Use `DiskStorage(data_dir)` then `load()` once, then `save()` per Ready."""
 
@@ -558,15 +619,36 @@ class DiskStorage:
         return StoredState(self.state.hard_state, self.state.snapshot, list(self.state.entries))
 
     def _load(self) -> None:
-        fs = self.fs
         segments = self._segments()
         self._segment_seq = segments[-1][0] if segments else 0
-        # Newest first: the first segment that starts with a complete base record (group) is the log.
-        interrupted = []  # newer segments holding no complete record: creations a crash cut short
-        base = None
+        base, interrupted = self._newest_base(segments)
+        if base is None:
+            self._load_format1(segments[: len(segments) - len(interrupted)], interrupted)
+            return
+        pos, path, data, groups, good_end = base
+        if good_end < len(data):
+            logger.warning("%s: torn record at offset %d: cutting off %d bytes", path, good_end, len(data) - good_end)
+        replay = _replay_base(path, groups)
+        snapshot = None
+        if replay.start_index > 0:
+            snapshot = self._read_snapshot_at(replay.start_index, replay.start_term, path)
+        elif replay.start_term != 0:
+            raise CorruptLogError(f"{path}: base record at index 0 with term {replay.start_term}")
+        self.state = StoredState(replay.hard_state, snapshot, replay.entries)
+        self._segment = self._continue_segment(path, len(data), good_end)
+        self._segment_bytes = self.log_bytes = good_end
+        garbage = [p for _, p in segments[:pos]] + interrupted
+        self._delete(garbage, keep_snapshot=replay.start_index if snapshot else None)
+
+    def _newest_base(self, segments: list[tuple[int, str]]) -> tuple[tuple | None, list[str]]:
+        """Newest first, the first segment that starts with a complete base record (group): it is the log. Returns
+        (its position, path, bytes, groups and the end of its last complete group), or None when the segment
+        newest with a complete record starts otherwise (format 1); and the newer segments holding no complete
+        record (creations a crash cut short)."""
+        interrupted = []
         for pos in range(len(segments) - 1, -1, -1):
             path = segments[pos][1]
-            data = fs.read_file(path)
+            data = self.fs.read_file(path)
             # Only the newest segment that holds anything can have a torn tail: a segment is durable before
             # anything is appended to it, and a new one is created only once the one before is (load fsyncs it).
             groups, good_end = _scan(path, data, tail_may_tear=True)
@@ -575,41 +657,18 @@ class DiskStorage:
                 interrupted.append(path)
                 continue
             if groups[0].kind == RECORD_BASE:
-                base = (pos, path, data, groups, good_end)
+                return (pos, path, data, groups, good_end), interrupted
             break
-        if base is None:
-            self._load_format1(segments[: len(segments) - len(interrupted)], interrupted)
-            return
-        pos, path, data, groups, good_end = base
-        if good_end < len(data):
-            logger.warning("%s: torn record at offset %d: cutting off %d bytes", path, good_end, len(data) - good_end)
-        first = groups[0]
-        where = f"{path} at offset {first.offset}"
-        if first.entries and first.entries[0].index != first.snapshot_index + 1:
-            raise CorruptLogError(f"{where}: the base record's entries start at index {first.entries[0].index}, "
-                                  f"not after its snapshot at {first.snapshot_index}")
-        terms = [first.snapshot_term] + [e.term for e in first.entries]
-        if any(a > b for a, b in zip(terms, terms[1:])):
-            raise CorruptLogError(f"{where}: the base record's terms go down along its log (from the snapshot's "
-                                  f"term {first.snapshot_term})")
-        replay = _Replay(first.snapshot_index, first.snapshot_term, list(first.entries), first.hard_state)
-        for r in groups[1:]:
-            where = f"{path} at offset {r.offset}"
-            if r.entries:
-                replay.put(r.entries, where)
-            if r.hard_state is not None:
-                replay.hard_state = r.hard_state
-        snapshot = None
-        if replay.start_index > 0:
-            snapshot = self._read_snapshot_at(replay.start_index, replay.start_term, path)
-        elif replay.start_term != 0:
-            raise CorruptLogError(f"{path}: base record at index 0 with term {replay.start_term}")
-        self.state = StoredState(replay.hard_state, snapshot, replay.entries)
-        # Make durable what we rely on before anything goes: the segment (a killed process may have left its tail
-        # in the page cache only), its name, and the snapshot's name.
+        return None, interrupted
+
+    def _continue_segment(self, path: str, size: int, good_end: int) -> int:
+        """Open the segment the log goes on in, cut to `good_end`, and make durable what we rely on before anything
+        goes: the segment (a killed process may have left its tail in the page cache only), its name, and the
+        snapshot's name. Returns its handle."""
+        fs = self.fs
         handle = fs.open_append(path)
         try:
-            if good_end < len(data):
+            if good_end < size:
                 fs.truncate(handle, good_end)
             if self._fsync:
                 fs.fsync(handle)
@@ -618,9 +677,7 @@ class DiskStorage:
         except BaseException:
             fs.close(handle)
             raise
-        self._segment, self._segment_bytes, self.log_bytes = handle, good_end, good_end
-        garbage = [p for _, p in segments[:pos]] + interrupted
-        self._delete(garbage, keep_snapshot=replay.start_index if snapshot else None)
+        return handle
 
     def _read_snapshot_at(self, index: int, term: int, named_by: str) -> Snapshot:
         path = self._snapshot_path(index)
@@ -672,48 +729,9 @@ class DiskStorage:
         where its entries start, as the old load did. Then write the state as a base segment, and only once
         that is durable delete the old files."""
         fs = self.fs
-        snapshots: dict[int, Snapshot] = {}
-        for index, path in self._snapshots():
-            try:
-                snapshots[index] = read_snapshot(path, fs)
-            except StorageError as e:
-                logger.warning("skipping snapshot: %s", e)
-        if self._snapshots() and not snapshots:
-            raise CorruptLogError(f"no readable snapshot in {self.data_dir}")
+        snapshots = self._readable_snapshots()
         newest = max(snapshots, default=0)
-        replay = None
-        for _, path in segments:
-            data = fs.read_file(path)
-            # Any of them may end torn: the old code began a segment after records it had not synced (a commit
-            # index alone), and never fsynced a segment it left behind.
-            groups, good_end = _scan(path, data, tail_may_tear=True)
-            if good_end < len(data):
-                logger.warning("%s: torn record at offset %d: dropping %d bytes", path, good_end, len(data) - good_end)
-            if not groups:
-                continue
-            for g in groups:
-                if g.kind != RECORD_BATCH:
-                    raise CorruptLogError(f"{path} at offset {g.offset}: a base record after a segment that has none")
-            first_index = next((g.entries[0].index for g in groups if g.entries), None)
-            if groups[0].hard_state is not None and (first_index is None or first_index == 1
-                                                     or first_index - 1 in snapshots):
-                # Begun by an install (or the first segment ever): the whole log after its snapshot.
-                index = newest if first_index is None else first_index - 1
-                term = snapshots[index].last_included_term if index else 0
-                replay = _Replay(index, term)
-            else:
-                # Appended to by a restarted old process: its log, cut as that process's load cut it.
-                below = first_index - 1 if first_index is not None else newest
-                cut = max((i for i in snapshots if i <= below), default=0)
-                if replay is None:
-                    replay = _Replay()
-                if cut and (replay.start_index is None or cut > replay.start_index):
-                    replay.cut(snapshots[cut], path)
-            for g in groups:
-                if g.entries:
-                    replay.put(g.entries, f"{path} at offset {g.offset}")
-                if g.hard_state is not None:
-                    replay.hard_state = g.hard_state
+        replay = _replay_format1(segments, snapshots, newest, fs)
         if replay is None:  # no segment: a new data dir (or one whose segments a crash left empty)
             replay = _Replay(newest, snapshots[newest].last_included_term if newest else 0)
         if replay.start_index is None:
@@ -733,6 +751,18 @@ class DiskStorage:
             encode_base_record(index, term, self.state.hard_state, self.state.entries))
         self.log_bytes = self._segment_bytes
         self._delete([p for _, p in segments] + interrupted, keep_snapshot=index if snapshot else None)
+
+    def _readable_snapshots(self) -> dict[int, Snapshot]:
+        """Every snapshot file that reads, by index (a data dir before base records may hold several)."""
+        snapshots: dict[int, Snapshot] = {}
+        for index, path in self._snapshots():
+            try:
+                snapshots[index] = read_snapshot(path, self.fs)
+            except StorageError as e:
+                logger.warning("skipping snapshot: %s", e)
+        if self._snapshots() and not snapshots:
+            raise CorruptLogError(f"no readable snapshot in {self.data_dir}")
+        return snapshots
 
     def _load_unsafe_replay_filter(self) -> None:
         """The replay before base records (issue 11), kept only for the crash explorer to show what it finds:

@@ -30,7 +30,7 @@ point is restarted, as a fault, the run goes on), --clock-rate R (RAFTDZMQ_TEST_
 the seed: its ticks run R times as fast; the README's lease margin is 1.25 between a leader and a voter).
 The test-only variables these set on the node processes (each ignored unless set): RAFTDZMQ_CRASH_POINTS and
 RAFTDZMQ_CRASH_SEED (raftlib/crashpoints.py), RAFTDZMQ_TEST_CLOCK_RATE (raftlib/runtime.py: the rate of the clock
-the node's ticks are derived from), RAFTDZMQ_TEST_FSYNC_DELAY_FILE (raftdzmq.py: a file holding the seconds each
+the node's ticks are derived from), RAFTDZMQ_TEST_FSYNC_DELAY_FILE (raftlib/server/node.py: a file holding the seconds each
 log fdatasync blocks the process first; the nemesis writes and deletes it).
 For the network faults each node runs in its own network namespace, joined to the others by veth pairs on a bridge
 in a hub namespace, where this runner and its clients live; cuts are iptables rules inside the node namespaces

@@ -729,11 +729,16 @@ asyncio.run(main())
 """
 
 TURNS_UNDER_A_FLOOD = r"""
+from gevent import monkey
+monkey.patch_all()
 import json, subprocess, sys, time, types
 sys.path.insert(0, sys.argv[1])
-import raftdzmq
 import gevent, gevent.socket
-from raftdzmq import SET, KeyValueStore, Metrics, Role, make_app, parse_args
+from raftlib import Role
+from raftlib.server.api import Api, make_app
+from raftlib.server.edge import EdgeServer
+from raftlib.server.metrics import Metrics
+from raftlib.server.store import SET, KeyValueStore, command
 
 CONNECTIONS, SECONDS, CLIENT = int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 listener = gevent.socket.socket()
@@ -741,12 +746,10 @@ listener.bind(("127.0.0.1", 0))
 listener.listen(1024)
 kv = KeyValueStore()
 for i in range(1000):
-    kv.apply(i + 1, KeyValueStore.command(SET, "key%04d" % i, b"v"))
-# The real routes on a stand-in server; the client lists a page of keys, a stale read (no Raft): ~0.3 ms each.
-stand_in = types.SimpleNamespace(args=parse_args(["x"]), runtime=None, metrics=Metrics(), secret=None, kv=kv,
-                                 node_id="n", node=types.SimpleNamespace(last_applied=0, leader_id="n",
-                                                                         role=Role.LEADER))
-app = make_app(stand_in)
+    kv.apply(i + 1, command(SET, "key%04d" % i, b"v"))
+# The real routes on a stand-in runtime; the client lists a page of keys, a stale read (no Raft): ~0.3 ms each.
+node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
+app = make_app(Api(types.SimpleNamespace(node=node), kv, Metrics()))
 served = [0]
 
 
@@ -758,9 +761,8 @@ def counting(environ, start_response):  # plus 1 ms of work: more than the clien
     return app(environ, start_response)
 
 
-server = raftdzmq.EdgeServer(listener, counting, max_connections=1000, idle_timeout_seconds=60,
-                             receive_timeout_seconds=60, busy_timeout_seconds=120, max_header_bytes=32768,
-                             max_body_bytes=1024)
+server = EdgeServer(listener, counting, max_connections=1000, idle_timeout_seconds=60, receive_timeout_seconds=60,
+                    busy_timeout_seconds=120, max_header_bytes=32768, max_body_bytes=1024)
 server.start()
 client = subprocess.Popen([sys.executable, "-c", CLIENT, str(listener.getsockname()[1]), str(CONNECTIONS),
                            str(SECONDS)])
@@ -816,10 +818,12 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
 
 
 ACCEPT_OUT_OF_DESCRIPTORS = r"""
+from gevent import monkey
+monkey.patch_all()
 import io, json, logging, os, resource, sys
 sys.path.insert(0, sys.argv[1])
-import raftdzmq
 import gevent, gevent.socket
+from raftlib.server.edge import EdgeServer
 
 out = io.StringIO()
 logging.basicConfig(stream=out, level=logging.INFO)
@@ -834,8 +838,8 @@ def app(environ, start_response):
     return [b"ok"]
 
 
-server = raftdzmq.EdgeServer(listener, app, max_connections=50, idle_timeout_seconds=30, receive_timeout_seconds=30,
-                             busy_timeout_seconds=60, max_header_bytes=32768, max_body_bytes=1024)
+server = EdgeServer(listener, app, max_connections=50, idle_timeout_seconds=30, receive_timeout_seconds=30,
+                    busy_timeout_seconds=60, max_header_bytes=32768, max_body_bytes=1024)
 server.start()
 hog = []
 while True:  # every descriptor this process may have
@@ -932,8 +936,10 @@ def test_a_peer_sender_survives_running_out_of_descriptors():
 STORE_PAGES = r"""
 import io, json, random, sys, types
 sys.path.insert(0, sys.argv[1])
-import raftdzmq
-from raftdzmq import COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, Metrics, Role, make_app, parse_args
+from raftlib import Role
+from raftlib.server.api import Api, make_app
+from raftlib.server.metrics import Metrics
+from raftlib.server.store import COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
 
 
 class NoWalk(dict):
@@ -949,7 +955,7 @@ model = {}
 for i in range(20000):
     key = "".join(rng.choice("ab/\u00e9") for _ in range(rng.randint(1, 6)))
     op = rng.choice([SET, SET, DELETE, COMPARE_AND_SET, CREATE])
-    kv.apply(i + 1, KeyValueStore.command(op, key, b"v%d" % i, model.get(key)))
+    kv.apply(i + 1, command(op, key, b"v%d" % i, model.get(key)))
     if op == DELETE:
         model.pop(key, None)
     elif op != CREATE or key not in model:
@@ -960,11 +966,9 @@ restored.restore(kv.snapshot())
 assert list(restored.keys) == sorted(model)
 kv.data = NoWalk(kv.data)
 
-# The listing route itself, on a stand-in server (stale reads need no Raft).
-server = types.SimpleNamespace(args=parse_args(["x"]), runtime=None, metrics=Metrics(), secret=None, kv=kv,
-                               node_id="n", node=types.SimpleNamespace(last_applied=0, leader_id="n",
-                                                                      role=Role.LEADER))
-app = make_app(server)
+# The listing route itself, on a stand-in runtime (stale reads need no Raft).
+node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
+app = make_app(Api(types.SimpleNamespace(node=node), kv, Metrics()))
 
 
 def get(query):

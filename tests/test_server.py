@@ -180,3 +180,17 @@ def test_help_explains_each_flag():
     given = set(re.findall(r"^\s+(-[a-z][a-z-]*)", out, re.M)) - {"--help"}
     assert given <= documented, given - documented
     assert "-h HOST" in out and "DATA_DIR" in out
+
+
+def test_a_data_dir_the_node_cannot_use_is_one_line_and_exit_code_2(tmp_path):
+    """An OSError while the data dir is opened and loaded (a path through a file here; a failed fsync the same way)
+    is one line naming the data dir, not a traceback."""
+    (tmp_path / "file").write_text("")
+    for data_dir in (tmp_path / "file" / "node", tmp_path / "dir"):
+        if data_dir.name == "dir":
+            (data_dir / "node.json").mkdir(parents=True)  # a file the node reads is a folder
+        proc = subprocess.run([sys.executable, SERVER, "-p", str(free_port()), "-hp", str(free_port()), str(data_dir)],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"raftdzmq: cannot start on {data_dir}: [Errno ") and \
+            proc.stderr.count("\n") == 1, proc.stderr

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from raftlib import MemoryStorage, RaftNode, StateMachine, Storage, Transport
 from raftlib.runtime import Runtime
+from raftlib.server.api import NodeView, Raft
+from raftlib.server.store import KeyValueStore
 from raftlib.storage import DiskStorage
 from raftlib.transport import ZmqTransport
 from runtime_fakes import NullTransport, Values
@@ -33,3 +35,15 @@ def values(v: Values) -> StateMachine:
 
 def runtime(node: RaftNode, storage: DiskStorage, transport: ZmqTransport, state_machine: Values) -> Runtime:
     return Runtime(node, storage, transport, state_machine)
+
+
+def key_value_store(s: KeyValueStore) -> StateMachine:
+    return s
+
+
+def runtime_for_the_routes(r: Runtime) -> Raft:
+    return r
+
+
+def node_for_the_routes(n: RaftNode) -> NodeView:
+    return n

@@ -1,0 +1,12 @@
+"""raftlib.server: the key/value server that `raftdzmq.py` runs, one concern a module (ARCHITECTURE.md has the map).
+
+    store.py     the key/value state machine: pure and deterministic (no gevent, Bottle, zmq or clock)
+    admin.py     admin request signatures and the cluster secret: pure, importable without monkey-patching
+    metrics.py   the Prometheus metrics of GET /metrics
+    edge.py      the HTTP edge on gevent's WSGI server: strict framing, limits, connections, turns of the loop
+    api.py       the HTTP routes as module-level functions, and the one mapping from failures to answers
+    node.py      the wiring: storage, transport, runtime and store; joining a cluster; a graceful stop
+
+Rules: no module here monkey-patches (the command does, before it imports any of them); importing this package
+imports none of its modules.
+"""

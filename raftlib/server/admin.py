@@ -1,0 +1,111 @@
+"""Admin request signatures and the cluster secret.
+
+With a cluster secret, every request that changes the cluster (POST /join, DELETE /cluster/ID,
+POST /cluster/transfer) carries X-Raftdzmq-Timestamp (Unix seconds, a fraction allowed) and X-Raftdzmq-Signature:
+the hex HMAC-SHA256 under the secret of
+
+    "raftdzmq-admin-v1\\n" METHOD "\\n" TARGET "\\n" TIMESTAMP "\\n" BODY
+
+where TARGET is the path and query exactly as sent (`wire_target` form). The leader refuses a timestamp more than
+ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
+leader took, and store.AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
+worthless once used, everywhere, and after the window even if never used.
+
+Rules: no gevent, Bottle or zmq: clients (raftdzmqctl, scripts) import `admin_headers` from here without
+monkey-patching anything. The secret is never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import time
+from collections.abc import Mapping
+
+from .store import ADMIN_CLOCK_SKEW_SECONDS
+
+TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
+SIGNATURE_HEADER = "X-Raftdzmq-Signature"
+SECRET_ENV = "RAFTDZMQ_SECRET"
+_TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+_UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")
+
+
+class SecretError(Exception):
+    """The cluster secret was asked for and cannot be had (an unreadable or empty file)."""
+
+
+def read_secret(secret_file: str | None, environ: Mapping[str, str] = os.environ) -> bytes | None:
+    """The cluster secret from `secret_file` (surrounding white space dropped), else from $RAFTDZMQ_SECRET; None
+    when neither is given. Raises SecretError when the file cannot be read or is empty."""
+    if secret_file:
+        try:
+            with open(os.path.expanduser(secret_file), "rb") as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise SecretError(f"cannot read the secret file: {e}") from None
+        if not secret:
+            raise SecretError(f"the secret file {secret_file} is empty")
+        return secret
+    return environ.get(SECRET_ENV, "").strip().encode() or None
+
+
+def wire_target(raw: str) -> str:
+    """The request target as sent (a str of latin-1 bytes), fit to send on: a byte outside printable ASCII, or a
+    `#`, percent-encoded. The receiver decodes PATH_INFO the same either way, so a signature, a forwarded request
+    or a redirect names exactly the key and query the client sent; `%`, `?`, `..` and `/` pass through untouched."""
+    return _UNSAFE_IN_TARGET.sub(lambda m: "%%%02X" % ord(m.group()), raw)
+
+
+def admin_signature(secret: bytes, method: str, target: str, body: bytes, timestamp: str) -> str:
+    """The signature of an admin request: `target` is the path and query as sent (latin-1 text of its bytes)."""
+    message = f"raftdzmq-admin-v1\n{method}\n{wire_target(target)}\n{timestamp}\n".encode("latin-1") + body
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def admin_headers(secret: bytes, method: str, target: str, body: bytes = b"", now: float | None = None
+                  ) -> dict[str, str]:
+    """The two headers that sign an admin request, for clients (raftdzmqctl, scripts, `-sign`). A non-ASCII
+    `target` is taken as UTF-8, as clients send it."""
+    timestamp = f"{time.time() if now is None else now:.6f}"
+    target = target.encode("utf-8").decode("latin-1")
+    return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: admin_signature(secret, method, target, body, timestamp)}
+
+
+class AdminGuard:
+    """Checks admin signatures on one node. `verify` is pure apart from the clock; `claim` records a signature the
+    leader is about to act on, and refuses one it has seen (memory: one entry per accepted admin request of the
+    last 2 x ADMIN_CLOCK_SKEW_SECONDS; only correctly signed requests get in). Only this node's memory: a replay to
+    this leader costs no log entry; store.AdminClaims is what holds across leaders."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self._seen: dict[str, float] = {}  # signature -> time.monotonic() when it may be forgotten
+
+    def verify(self, method: str, target: str, body: bytes, timestamp: str | None, signature: str | None,
+               now: float | None = None) -> str | None:
+        """None when the request is signed with the secret within the allowed skew, else why not."""
+        if not signature or not timestamp:
+            return "not signed with this cluster's secret (no signature)"
+        if not _TIMESTAMP.fullmatch(timestamp):
+            return "malformed timestamp: want Unix seconds"
+        expected = admin_signature(self._secret, method, target, body, timestamp)
+        if not hmac.compare_digest(signature.encode("latin-1"), expected.encode()):
+            return "not signed with this cluster's secret (the signature does not match)"
+        skew = float(timestamp) - (time.time() if now is None else now)
+        if abs(skew) > ADMIN_CLOCK_SKEW_SECONDS:
+            return (f"signature timestamp is {skew:+.0f}s from this node's clock (allowed: "
+                    f"{ADMIN_CLOCK_SKEW_SECONDS:g}s); sign again, or check the clocks")
+        return None
+
+    def claim(self, signature: str) -> str | None:
+        """Record `signature` as used; None if it was new, else why it is refused."""
+        now = time.monotonic()
+        if len(self._seen) > 256:
+            self._seen = {s: t for s, t in self._seen.items() if t > now}
+        if self._seen.get(signature, 0.0) > now:
+            return "this signed request was already used (a replay); sign it again"
+        self._seen[signature] = now + 2 * ADMIN_CLOCK_SKEW_SECONDS
+        return None

@@ -1,0 +1,537 @@
+"""The HTTP API: the routes as module-level functions of an `Api` (what they share: the runtime, the store, the
+metrics, the timeouts), and `failure_answer`, the one place where a failure becomes a status and a line of text.
+
+Rules:
+- Every answer that is not a success is one line of text with a 4xx or 5xx status. A route answers bad input
+  itself (400, 404, 412); every exception from the runtime or the signature checks goes to `failure_answer`,
+  which maps it by the route's operation and the exception's type. An exception it does not know is a bug:
+  Bottle answers 500 with one line, and the connection carries on.
+- The routes reach the node only through `Api.runtime` (a `Raft`: raftlib.runtime.Runtime, or a fake in tests).
+  The status pages (GET /status, GET /cluster) read only `runtime.status()`, a frozen copy; writes and reads, on
+  the busiest path, read the few fields of `runtime.node` that `NodeView` names, without a copy.
+- A request's body arrives read whole by the edge (environ["raftdzmq.body"]): no route reads the socket.
+- Every wait is bounded by -write-timeout or -read-timeout (a write or a read waits at most twice its timeout:
+  a first try, then a retry or the read after a wait for an index).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import bottle
+import gevent
+import prometheus_client as prom
+
+from raftlib.core import NodeStatus, NotLeader, ProposalDropped
+from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Role
+from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
+from raftlib.storage import DiskFull
+
+from .admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, wire_target
+from .edge import RateLimitedLog
+from .metrics import Metrics
+from .store import ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
+
+log = logging.getLogger("raftdzmq.api")
+
+NOT_LEADER = "raft.Server: Not current leader"  # the Go original's text for a write sent to a follower
+FORWARDED_HEADER = "X-Raftdzmq-Forwarded"  # set by a -forward follower: the leader answers it, never forwards it
+MAX_KEY_BYTES = 4096
+
+
+class NodeView(Protocol):
+    """The fields of the node (raftlib.core.RaftNode) the busiest routes read directly."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def role(self) -> Role: ...
+
+    @property
+    def leader_id(self) -> str | None: ...
+
+    @property
+    def last_applied(self) -> int: ...
+
+    @property
+    def membership(self) -> Membership: ...
+
+    @property
+    def removed(self) -> tuple[str | None, int] | None: ...
+
+
+class Raft(Protocol):
+    """What the routes need of raftlib.runtime.Runtime (its docstrings give the contracts)."""
+
+    @property
+    def node(self) -> NodeView: ...
+
+    def status(self) -> RuntimeStatus: ...
+
+    def propose(self, command: bytes, timeout_seconds: float): ...
+
+    def read(self, timeout_seconds: float, lease: bool = False) -> int: ...
+
+    def wait_applied(self, index: int, timeout_seconds: float) -> int: ...
+
+    def change_membership(self, change: ConfChange, timeout_seconds: float): ...
+
+    def transfer_leadership(self, target: str, timeout_seconds: float) -> None: ...
+
+
+@dataclass(slots=True)
+class Api:
+    """What the routes share. `guard` is None without a cluster secret (admin requests are not signed then);
+    `connect` opens the connection a -forward follower passes a request on with (http.client's, unless a test
+    gives another)."""
+
+    runtime: Raft
+    store: KeyValueStore
+    metrics: Metrics
+    write_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 5.0
+    forward: bool = False
+    guard: AdminGuard | None = None
+    connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
+    admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
+
+
+# ---- failures and their answers -------------------------------------------------------------------------------
+
+
+class Forbidden(Exception):
+    """An admin request refused (403): not signed with the cluster secret, or a replay."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(reason)
+        self.what, self.reason = what, reason
+
+
+class Unconfirmed(Exception):
+    """The claim of a signed admin request (store.AdminClaims) did not commit: its outcome is unknown, and the
+    request must be signed again (a new signature) to be tried again."""
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(f"{cause}")
+        self.what, self.cause = what, cause
+
+
+class NotApplied(Exception):
+    """?min_index=N: this node did not apply index N within the read timeout."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"index {index} not applied")
+        self.index = index
+
+
+# By operation, then by exception type: (status, text; {e} is the exception, {write}/{read} the timeouts, and for
+# writes the outcome the metrics count). NotLeader, Forbidden, Unconfirmed and NotApplied are answered alike for
+# every operation, in failure_answer.
+_NOT_CONFIRMED = "{operation} not confirmed: {e}"
+_ANSWERS: dict[str, dict[type, tuple[int, str, str | None]]] = {
+    "write": {
+        ProposalDropped: (503, "write refused for now: {e}; retry", "refused"),
+        EntryLost: (503, "write lost: leadership changed before it committed; it was not applied", "lost"),
+        Timeout: (503, "write not confirmed within {write:g}s; its outcome is unknown", "unknown"),
+        DiskFull: (507, "write refused: {e}; it was not applied", "refused"),
+        Stopped: (503, "{e}", None),
+    },
+    "read": {
+        Timeout: (503, "could not confirm a linearizable read within {read:g}s", None),
+        Stopped: (503, "{e}", None),
+    },
+    "join": {
+        ProposalDropped: (503, "join not possible now: {e}", None),
+        Timeout: (503, _NOT_CONFIRMED, None),
+        EntryLost: (503, _NOT_CONFIRMED, None),
+        Stopped: (503, _NOT_CONFIRMED, None),
+        ValueError: (400, "{e}", None),
+    },
+    "removal": {
+        ProposalDropped: (503, _NOT_CONFIRMED, None),
+        Timeout: (503, _NOT_CONFIRMED, None),
+        EntryLost: (503, _NOT_CONFIRMED, None),
+        Stopped: (503, _NOT_CONFIRMED, None),
+        ValueError: (400, "{e}", None),
+    },
+    "transfer": {
+        Timeout: (503, _NOT_CONFIRMED, None),
+        Stopped: (503, _NOT_CONFIRMED, None),
+        ValueError: (400, "{e}", None),
+    },
+}
+_CAUGHT = (NotLeader, Forbidden, Unconfirmed, NotApplied, ProposalDropped, EntryLost, Timeout, DiskFull, Stopped,
+           ValueError)
+
+
+def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPResponse:
+    """The answer to `e`, raised while serving `operation` ("write", "read", "join", "removal", "transfer").
+    Raises `e` again when it is not one this API answers (Bottle then answers 500)."""
+    request = bottle.request
+    match e:
+        case Forbidden():
+            api.admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", e.what, request.remote_addr, e.reason)
+            return text(403, f"{e.what} refused: {e.reason}")
+        case Unconfirmed():
+            return text(503, f"{e.what} not confirmed ({e.cause}); sign it again to retry")
+        case NotApplied():
+            return text(503, f"index {e.index} not applied here within {api.read_timeout_seconds:g}s")
+        case NotLeader() if operation == "read":
+            removed = removed_text(api.runtime.node.removed)
+            return text(410, removed) if removed else text(
+                503, "no leader is known right now; the read cannot be confirmed")
+        case NotLeader():
+            if operation == "write":
+                api.metrics.writes.inc("redirected")
+            return redirect_to_leader(api)
+    for kind in type(e).__mro__:
+        answer = _ANSWERS.get(operation, {}).get(kind)
+        if answer is not None:
+            status, template, outcome = answer
+            if outcome is not None:
+                api.metrics.writes.inc(outcome)
+            return text(status, template.format(e=e, operation=operation, write=api.write_timeout_seconds,
+                                                read=api.read_timeout_seconds))
+    raise e
+
+
+def text(status: int, message: str, **headers: str) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(message + "\n", status, {"Content-Type": "text/plain; charset=utf-8", **headers})
+
+
+def json_answer(body: object, **headers: str) -> bottle.HTTPResponse:
+    """One line of JSON and a newline (json's C encoder: with `indent` it would fall back to the Python one)."""
+    return bottle.HTTPResponse(json.dumps(body) + "\n", 200, {"Content-Type": "application/json", **headers})
+
+
+def removed_text(removed: tuple[str | None, int] | None) -> str | None:
+    """Why this node serves nothing, when a member told it that it was removed (RaftNode.removed); else None."""
+    if removed is None:
+        return None
+    leader_id, index = removed
+    return f"this node was removed from the cluster ({f'by {leader_id} ' if leader_id else ''}at or before index {index})"
+
+
+def leader_http(membership: Membership, leader_id: str | None) -> str | None:
+    member = membership.member(leader_id) if leader_id is not None else None
+    return member.http_address if member else None
+
+
+def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
+    """307 to the leader with the request target exactly as sent: rebuilding it from the decoded path would change
+    the key (%2541 -> %41, %3F -> a query, /../ resolved) and break on a space or non-ASCII. With -forward, the
+    request is passed on instead (one hop only). 410 on a removed node, 503 when no leader is known."""
+    node = api.runtime.node
+    leader = leader_http(node.membership, node.leader_id)
+    if leader is None:
+        removed = removed_text(node.removed)
+        return text(410, removed) if removed else text(503, "no leader is known right now; retry shortly")
+    if api.forward and bottle.request.get_header(FORWARDED_HEADER) is None:
+        return forward_to(api, leader)
+    return text(307, NOT_LEADER, Location=f"http://{leader}{wire_target(bottle.request.environ['REQUEST_URI'])}")
+
+
+def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
+    """-forward: pass this request on to the leader and hand back its answer. The target goes as sent, and with it
+    the admin signature headers, which cover it."""
+    req = bottle.request
+    host, port = leader.rsplit(":", 1)
+    headers = {FORWARDED_HEADER: api.runtime.node.node_id, "Content-Type": req.content_type or ""}
+    for name in (TIMESTAMP_HEADER, SIGNATURE_HEADER):
+        if req.get_header(name) is not None:
+            headers[name] = req.get_header(name)
+    conn = api.connect(host, int(port), timeout=api.write_timeout_seconds + 1)
+    try:
+        conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
+        resp = conn.getresponse()
+        keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "x-raft-index", "location")}
+        return bottle.HTTPResponse(resp.read(), resp.status, keep)
+    except (OSError, http.client.HTTPException) as e:
+        return text(503, f"could not forward to the leader at {leader}: {e}; outcome unknown")
+    finally:
+        conn.close()
+
+
+# ---- helpers of the routes ------------------------------------------------------------------------------------
+
+
+def read_body() -> bytes:
+    return bottle.request.environ["raftdzmq.body"]
+
+
+def check_key(key: str) -> str:
+    if not key or len(key.encode()) > MAX_KEY_BYTES:
+        raise text(400, f"key must be 1 to {MAX_KEY_BYTES} bytes")
+    return key
+
+
+def require_leader(api: Api) -> None:
+    node = api.runtime.node
+    if node.role is not Role.LEADER:
+        raise NotLeader(node.leader_id)
+
+
+def check_signature(api: Api, what: str) -> None:
+    """With a cluster secret: Forbidden unless this admin request is signed with it, recently (AdminGuard)."""
+    if api.guard is None:
+        return
+    req = bottle.request
+    reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], read_body(), req.get_header(TIMESTAMP_HEADER),
+                              req.get_header(SIGNATURE_HEADER))
+    if reason is not None:
+        raise Forbidden(what, reason)
+
+
+def claim_signature(api: Api, what: str) -> None:
+    """On the leader, just before acting: refuse a signature already acted on (a replay), here (AdminGuard: no log
+    entry for a replay to this leader) or by any leader (store.AdminClaims, through the log)."""
+    if api.guard is None:
+        return
+    req = bottle.request
+    signature = req.get_header(SIGNATURE_HEADER)
+    reason = api.guard.claim(signature)
+    if reason is None:
+        claim = command(ADMIN_CLAIM, signature, b"", [float(req.get_header(TIMESTAMP_HEADER)), time.time()])
+        try:
+            _, result = api.runtime.propose(claim, api.write_timeout_seconds)
+        except (ProposalDropped, EntryLost, Timeout, DiskFull, Stopped) as e:
+            raise Unconfirmed(what, e) from None
+        if result == "used":
+            reason = "this signed request was already used, on another leader (a replay); sign it again"
+    if reason is not None:
+        raise Forbidden(what, reason)
+
+
+def propose(api: Api, cmd: bytes) -> tuple[int, object]:
+    """A write: (index, result) once committed and applied here; failures go to failure_answer."""
+    node = api.runtime.node
+    if node.role is not Role.LEADER:  # require_leader, inline on the busiest path
+        raise NotLeader(node.leader_id)
+    t0 = time.perf_counter()
+    result = api.runtime.propose(cmd, api.write_timeout_seconds)
+    api.metrics.write_seconds.observe(time.perf_counter() - t0)
+    api.metrics.writes.inc("committed")
+    return result
+
+
+def wait_consistent(api: Api) -> None:
+    """Wait until this node may answer a read at the consistency asked for (thesis §6.4): ?min_index=N first
+    waits for index N to be applied here; then linearizable (ReadIndex), lease, or stale (no wait)."""
+    q = bottle.request.query
+    consistency = q.get("consistency", "linearizable")
+    if "min_index" in q:
+        try:
+            min_index = int(q.min_index)
+        except ValueError:
+            raise text(400, "min_index must be an integer") from None
+        try:
+            api.runtime.wait_applied(min_index, api.read_timeout_seconds)
+        except Timeout:
+            raise NotApplied(min_index) from None
+    if consistency == "stale":
+        api.metrics.reads.inc("stale")
+        return
+    if consistency not in ("linearizable", "lease"):
+        raise text(400, "consistency must be linearizable, lease or stale")
+    api.metrics.reads.inc(consistency)
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + api.read_timeout_seconds
+    while True:
+        try:
+            api.runtime.read(max(0.01, deadline - time.monotonic()), lease=consistency == "lease")
+            break
+        except NotLeader:
+            # Right after a start or an election no leader is known yet: wait for one, within the bound.
+            if api.runtime.node.removed is not None or time.monotonic() >= deadline:
+                raise
+            gevent.sleep(0.02)
+    api.metrics.read_index_seconds.observe(time.perf_counter() - t0)
+
+
+def read_headers(api: Api) -> dict[str, str]:
+    node = api.runtime.node
+    return {"X-Raft-Applied-Index": str(node.last_applied), "X-Raft-Leader": node.leader_id or ""}
+
+
+def members(node: NodeStatus) -> list[dict]:
+    """The members as GET /cluster lists them; match indexes only while this node leads (its own: its last index)."""
+    leading = node.role is Role.LEADER
+    out = []
+    for m in node.membership.members:
+        match_index = None
+        if leading:
+            progress = node.progress.get(m.node_id)
+            match_index = node.last_index if m.node_id == node.node_id else progress and progress.match_index
+        out.append({"id": m.node_id, "raft_address": m.raft_address, "http_address": m.http_address,
+                    "role": "voter" if m.node_id in node.membership.voters else "learner",
+                    "match_index": match_index})
+    return out
+
+
+# ---- the routes -----------------------------------------------------------------------------------------------
+
+
+def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
+    key = check_key(key)
+    value = read_body()
+    q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
+    if "prev_value" in q:
+        # The percent-decoded bytes as they are (Bottle's q.prev_value turns bytes that are not UTF-8 into "",
+        # which would compare against an empty value).
+        cmd = command(COMPARE_AND_SET, key, value, q["prev_value"].encode("latin-1"))
+    elif q.get("prev_exist") == "false":
+        cmd = command(CREATE, key, value)
+    else:
+        cmd = command(SET, key, value)
+    index, result = propose(api, cmd)
+    if result == "failed":
+        return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
+    bottle.response.set_header("X-Raft-Index", str(index))
+    return ""
+
+
+def delete_key(api: Api, key: str) -> bottle.HTTPResponse:
+    index, result = propose(api, command(DELETE, check_key(key)))
+    if result == "missing":
+        return text(404, f"no such key: {key}", **{"X-Raft-Index": str(index)})
+    return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})
+
+
+def get_key(api: Api, key: str) -> bottle.HTTPResponse:
+    key = check_key(key)
+    wait_consistent(api)
+    value = api.store.get(key)
+    if value is None:
+        return text(404, f"no such key: {key}", **read_headers(api))
+    return bottle.HTTPResponse(value, 200, {"Content-Type": "application/octet-stream", **read_headers(api)})
+
+
+def list_keys(api: Api) -> bottle.HTTPResponse:
+    q = bottle.request.query
+    try:  # from UTF-8, as keys are (get() hands back the bytes as latin-1, which matches no non-ASCII key)
+        prefix, after = (q.get(name, "").encode("latin-1").decode("utf-8") for name in ("prefix", "after"))
+    except UnicodeError:
+        raise text(400, "prefix and after must be UTF-8") from None
+    try:
+        limit = min(max(int(q.get("limit", "1000")), 1), 10000)
+    except ValueError:
+        raise text(400, "limit must be an integer") from None
+    wait_consistent(api)
+    page, more = api.store.page(prefix, after, limit)
+    return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
+
+
+def join(api: Api) -> bottle.HTTPResponse:
+    raw = read_body()
+    check_signature(api, "join")
+    try:
+        body = json.loads(raw or b"null")
+        fields = [body[k] for k in ("node_id", "raft_address", "http_address")]
+        if not all(isinstance(f, str) and 0 < len(f) < 256 for f in fields):
+            raise ValueError
+    except (ValueError, TypeError, KeyError):
+        return text(400, 'bad join body: want JSON {"node_id": ..., "raft_address": ..., "http_address": ...}')
+    require_leader(api)
+    claim_signature(api, "join")
+    change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(*fields))
+    deadline = time.monotonic() + api.write_timeout_seconds
+    while True:
+        try:
+            index, _ = api.runtime.change_membership(change, api.write_timeout_seconds)
+            break
+        except ProposalDropped:  # another change in flight: wait for it
+            if time.monotonic() > deadline:
+                raise
+            gevent.sleep(0.05)
+    log.info("node %s (%s) joined as a learner", fields[0], fields[2])
+    return json_answer({"index": index})
+
+
+def get_status(api: Api) -> bottle.HTTPResponse:
+    status = api.runtime.status()
+    node = status.node
+    return json_answer({
+        "node_id": node.node_id, "role": node.role.value, "term": node.term, "leader": node.leader_id,
+        "leader_http": leader_http(node.membership, node.leader_id), "commit_index": node.commit_index,
+        "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
+        "members": members(node), "keys": len(api.store), "disk_full": status.disk_full,
+        "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
+    })
+
+
+def get_metrics(api: Api) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(prom.generate_latest(api.metrics.registry), 200,
+                               {"Content-Type": prom.CONTENT_TYPE_LATEST})
+
+
+def get_cluster(api: Api) -> bottle.HTTPResponse:
+    return json_answer(members(api.runtime.status().node))
+
+
+def remove_member(api: Api, node_id: str) -> bottle.HTTPResponse:
+    check_signature(api, "removal")
+    require_leader(api)
+    claim_signature(api, "removal")
+    index, _ = api.runtime.change_membership(ConfChange(ConfChangeKind.REMOVE, Member(node_id)),
+                                             api.write_timeout_seconds)
+    return text(200, f"removed {node_id}", **{"X-Raft-Index": str(index)})
+
+
+def transfer(api: Api) -> bottle.HTTPResponse:
+    target = bottle.request.query.get("to", "")
+    check_signature(api, "transfer")
+    require_leader(api)
+    claim_signature(api, "transfer")
+    api.runtime.transfer_leadership(target, api.write_timeout_seconds)
+    return text(200, f"leader is now {target}")
+
+
+# (method, path, route, the operation its failures are answered as)
+ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
+    ("POST", "/db/<key:path>", set_key, "write"),
+    ("PUT", "/db/<key:path>", set_key, "write"),
+    ("DELETE", "/db/<key:path>", delete_key, "write"),
+    ("GET", "/db/<key:path>", get_key, "read"),
+    ("GET", "/db/", list_keys, "read"),
+    ("GET", "/db", list_keys, "read"),
+    ("POST", "/join", join, "join"),
+    ("GET", "/status", get_status, "status"),
+    ("GET", "/metrics", get_metrics, "status"),
+    ("GET", "/cluster", get_cluster, "status"),
+    ("DELETE", "/cluster/<node_id>", remove_member, "removal"),
+    ("POST", "/cluster/transfer", transfer, "transfer"),
+)
+
+
+def _serving(api: Api, route: Callable[..., object], operation: str) -> Callable[..., object]:
+    """The callback Bottle calls for `route`: a closure rather than functools.partial, one layer less per request."""
+
+    def serve(**url_args: str) -> object:
+        try:
+            return route(api, **url_args)
+        except _CAUGHT as e:
+            return failure_answer(api, operation, e)
+
+    return serve
+
+
+def _default_error(res: bottle.HTTPError) -> str:
+    """Bottle's own errors (404 no such route, 405, 500) as one line of text, never a page or a traceback."""
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    return f"{res.status_line}: {res.body}\n" if isinstance(res.body, str) and res.body else f"{res.status_line}\n"
+
+
+def make_app(api: Api) -> bottle.Bottle:
+    """The WSGI application of `api`: every route of ROUTES."""
+    app = bottle.Bottle(catchall=True)
+    app.default_error_handler = _default_error
+    for method, path, route, operation in ROUTES:
+        app.route(path, method, _serving(api, route, operation))
+    return app

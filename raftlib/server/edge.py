@@ -1,0 +1,621 @@
+"""The HTTP edge: gevent's WSGI server with strict request framing, limits on every request and connection, and a
+bound on the HTTP work one turn of the event loop may start.
+
+gevent.pywsgi's own request parsing is replaced here (EdgeHandler.handle_one_request): it treated end-of-file as
+the end of the headers, let a second Content-Length or a Transfer-Encoding other than chunked through, had no cap
+on the header block and no read timeout, and drained any claimed body after an answer. The rules (EdgeHandler's
+docstring) follow RFC 9112's list of what a server must refuse (§2.2, §3, §5, §6.1, §6.3, §7.1, §11.2).
+
+Rules:
+- No route runs until a whole request, head and body, has arrived and parsed cleanly; what cannot be framed is
+  answered 4xx/5xx with a one-line reason and the connection closed.
+- Every wait is bounded: for a request (-idle-timeout), for the rest of one (-receive-timeout, 408), for a whole
+  request's life (EdgeServer's sweeper), for the client to take a refusal (a second).
+- At most -max-connections connections; when full, the one that has waited or received longest goes.
+- One turn of the event loop starts at most about TURN_BUDGET_SECONDS of HTTP work (TurnGate), so Raft's timers
+  keep their pace however many connections have a request ready.
+- The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
+  environ is built in the same pass.
+- Importing this module patches nothing: the command monkey-patches before it imports it.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import io
+import logging
+import re
+import resource
+import socket
+import time
+from typing import Any
+
+import gevent
+import gevent.hub
+import gevent.pool
+import gevent.pywsgi
+import gevent.socket
+
+log = logging.getLogger("raftdzmq.edge")
+
+
+MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
+MAX_FIELD_LINE_BYTES = 8192
+MAX_HEADER_FIELDS = 100
+MAX_CHUNK_LINE_BYTES = 1024
+TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
+# Descriptors kept for all but HTTP: a few dozen for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
+# two per peer (its REQ socket); and the Raft port's inbound connections (at most 32 kept: transport.py).
+FD_RESERVE = 100
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # RFC 9110 §5.6.2
+_FIELD_VALUE_CHARS = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))  # HTAB, SP, VCHAR, obs-text
+_TARGET_CHARS = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))  # no space, no control character
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+            431: "Request Header Fields Too Large", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
+
+
+def _field_line(line: bytes) -> tuple[bytes, bytes]:
+    """A header or trailer field line (without its CRLF) checked (RFC 9112 §5, RFC 9110 §5.5): a token name, a colon
+    with no space before it, a value of visible characters, spaces and tabs (obs-text allowed), no control
+    character and no lone CR. Returns (name, value without the spaces around it); raises HttpError 400."""
+    name, colon, value = line.partition(b":")
+    if not colon or not name or name.translate(None, _TCHARS):
+        raise HttpError(400, "malformed field line (no colon, a space before the colon, or a folded line)")
+    value = value.strip(b" \t")
+    if value.translate(None, _FIELD_VALUE_CHARS):
+        raise HttpError(400, "a control character in a field value")
+    return name, value
+
+
+class HttpError(Exception):
+    """A request refused before any route runs: answered with `status` and a one-line reason, and the connection
+    closed, since what follows it on the connection cannot be framed reliably (RFC 9112 §6.3, §11.2)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class _ReceiveTimeout(Exception):
+    """Raised (by a gevent.Timeout) in a handler whose client took longer than -receive-timeout to send a request."""
+
+
+class _Body(io.BytesIO):
+    """The request body, read whole before the route runs, as wsgi.input."""
+
+    def _discard(self) -> None:  # pywsgi calls this after each response to skip what the route left unread
+        pass
+
+
+def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """The request line checked (RFC 9112 §3): (method, target, version); raises HttpError 400 or 505."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise HttpError(400, "malformed request line: want METHOD SP TARGET SP HTTP/1.1")
+    method, target, version = parts
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):  # well formed, another version
+            raise HttpError(505, f"HTTP version {version.decode('latin-1')!r} is not supported; use HTTP/1.1")
+        raise HttpError(400, "malformed request line: want METHOD SP TARGET SP HTTP/1.1")
+    if not method or method.translate(None, _TCHARS):
+        raise HttpError(400, "malformed request method")
+    if target[:1] != b"/" or target.translate(None, _TARGET_CHARS):
+        raise HttpError(400, "malformed request target: want a path starting with / and no control characters")
+    return method, target, version
+
+
+def _fields(env: dict, lines: list[bytes]) -> tuple[int | None, bytes | None, bytes | None, bytes | None]:
+    """The header fields after the request line, checked, into `env` as HTTP_* (repeated ones joined with
+    commas); returns the values framing depends on: (Content-Length, Transfer-Encoding, Expect, Connection)."""
+    length = te = expect = connection = None
+    for line in lines[1:]:
+        name, value = _field_line(line)
+        name = name.upper()
+        if name == b"CONTENT-LENGTH":
+            if not value.isdigit() or len(value) > 18:
+                raise HttpError(400, "Content-Length must be plain digits")
+            if length is not None and int(value) != length:
+                raise HttpError(400, "two different Content-Length values")
+            length = int(value)
+            continue
+        if name == b"TRANSFER-ENCODING":
+            if te is not None:
+                raise HttpError(501, "only one transfer coding is supported: chunked")
+            te = value
+            continue
+        if name == b"CONTENT-TYPE":
+            env["CONTENT_TYPE"] = value.decode("latin-1")
+            continue
+        if name == b"CONNECTION":
+            connection = value.lower()
+        elif name == b"EXPECT":
+            expect = value.lower()
+        if b"_" in name:
+            continue  # X_A and X-A both read as HTTP_X_A: one could pass for the other (pywsgi drops them too)
+        key = "HTTP_" + name.replace(b"-", b"_").decode("latin-1")
+        text_value = value.decode("latin-1")
+        env[key] = env[key] + "," + text_value if key in env else text_value
+    return length, te, expect, connection
+
+
+def _chunked(version: bytes, length: int | None, te: bytes | None, max_body_bytes: int) -> bool:
+    """Whether the body is chunked (RFC 9112 §6.1, §6.3): Transfer-Encoding exactly `chunked` (501 for another
+    coding), never with Content-Length nor in HTTP/1.0 (400); a declared length over the limit is 413 at once."""
+    if te is None:
+        if length is not None and length > max_body_bytes:
+            raise HttpError(413, f"body of {length} bytes is over the {max_body_bytes} byte limit")
+        return False
+    if version == b"HTTP/1.0":
+        raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+    if te.lower() != b"chunked":
+        raise HttpError(501, f"transfer coding {te.decode('latin-1')!r} is not supported: only chunked")
+    if length is not None:
+        raise HttpError(400, "both Content-Length and Transfer-Encoding")
+    return True
+
+
+class EdgeHandler(gevent.pywsgi.WSGIHandler):
+    """One HTTP connection: a keep-alive loop of strictly framed requests.
+
+    Rules:
+    - No route runs until the whole request, head and body, has arrived and parsed cleanly. End-of-file before the
+      blank line closes the connection and runs nothing; a body cut short, a malformed or oversized head or
+      ambiguous framing is answered 4xx/5xx with a one-line reason, and the connection is closed.
+    - The request line ends in CRLF (a bare LF is refused), has exactly three parts, HTTP/1.1 or HTTP/1.0 (505
+      otherwise), a target in origin form; at most 16 KiB (414). Header fields: token names, no space before the
+      colon and no obs-fold (400), no control characters in values; a field line at most 8 KiB, at most 100
+      fields, and the whole head at most -max-header-bytes (431). Empty lines before a request line are skipped
+      (RFC 9112 §2.2), within the same budget. The path, percent-decoded, must be UTF-8 (400): Bottle would drop the
+      bytes that are not, and name another key.
+    - A body is framed by Content-Length (plain digits; duplicates must agree) or by Transfer-Encoding that is
+      exactly `chunked`, never both (400); any other coding gets 501. A declared length over -max-body gets 413
+      before a byte of the body is read; a chunked body is cut off at the limit the same way.
+    - Waits are bounded: a connection waits at most -idle-timeout for a request's first byte (EdgeServer closes
+      it); from that byte, the rest of the request must come within -receive-timeout (408), and a request that is
+      already whole in the buffer (nearly every one under load) starts no timer; a request's life as a whole, its
+      answer included, is bounded by EdgeServer too.
+    - An answer that closes the connection half-closes it and reads what the client still sends for up to a
+      second (at most 1 MiB), so the answer is not lost to a reset; a claimed body is never drained beyond that.
+    - Each request, once its first byte is there, passes EdgeServer.gate (TurnGate) before anything else: a turn of
+      the event loop starts at most about 5 ms of requests, so timers keep their pace however many connections
+      are ready (a sleep every few requests would bound nothing once every connection is ready).
+    """
+
+    def handle_one_request(self):
+        if self.rfile.closed:
+            return None
+        server = self.server
+        server.idle[self] = time.monotonic()  # closed when idle too long, or evicted first when the server is full
+        try:
+            buffered = self.rfile.peek(1)
+        except OSError:  # a reset, or closed by EdgeServer
+            return None
+        finally:
+            server.idle.pop(self, None)
+        if not buffered:
+            return None
+        if server.gate.enter():  # it waited for a later turn of the loop: what came meanwhile counts too
+            buffered = self.rfile.peek(1)
+        server.busy[self] = server.receiving[self] = time.monotonic()
+        try:
+            return self._handle_request(buffered)
+        finally:
+            server.receiving.pop(self, None)
+            server.busy.pop(self, None)
+
+    def _handle_request(self, buffered: bytes):
+        server = self.server
+        timer = refusal = None
+        try:
+            head_end = buffered.find(b"\r\n\r\n")
+            if head_end <= 0 or buffered[0] in b"\r\n":
+                timer = gevent.Timeout.start_new(server.receive_timeout_seconds, _ReceiveTimeout)
+            lines = self._read_head()
+            if lines is None:
+                return None  # end of file before the blank line: nothing runs
+            length, chunked, expect = self._parse_head(lines)
+            if length or chunked:
+                if timer is None and (chunked or len(buffered) - head_end - 4 < length):
+                    timer = gevent.Timeout.start_new(server.receive_timeout_seconds, _ReceiveTimeout)
+                body = self._read_body(length, chunked, expect)
+            else:
+                body = b""
+        except HttpError as e:
+            refusal = e.status, e.reason
+        except _ReceiveTimeout:
+            refusal = 408, f"request not received within {server.receive_timeout_seconds:g}s"
+        except OSError:  # a reset, or closed by EdgeServer: nothing to answer
+            return None
+        finally:
+            if timer is not None:
+                timer.close()
+        server.receiving.pop(self, None)  # whole: no longer the first to go when the server is full
+        if refusal is not None:
+            return self._refuse(*refusal)  # after the timer is closed: it must not fire in the answer
+        environ = self.environ
+        environ["raftdzmq.body"] = body
+        self.wsgi_input = environ["wsgi.input"] = _Body(body)
+        self.application = server.application
+        self.handle_one_response()
+        if self.close_connection or self.rfile.closed:
+            return None
+        return True
+
+    def _read_head(self) -> list[bytes] | None:
+        """The request line and field lines without their CRLFs, or None at end of file before the blank line."""
+        readline = self.rfile.readline
+        budget = self.server.max_header_bytes
+        lines: list[bytes] = []
+        while True:
+            cap = MAX_FIELD_LINE_BYTES if lines else MAX_REQUEST_LINE_BYTES
+            limit = min(cap, budget)
+            line = readline(limit + 1)
+            if len(line) > limit:
+                if limit < cap:
+                    raise HttpError(431, f"request head over the {self.server.max_header_bytes} byte limit")
+                if lines:
+                    raise HttpError(431, f"a header field line over {cap} bytes")
+                raise HttpError(414, f"request line over {cap} bytes")
+            if line[-1:] != b"\n":
+                return None
+            if line[-2:-1] != b"\r":
+                raise HttpError(400, "a line ends in a bare LF; HTTP lines end in CRLF")
+            budget -= len(line)
+            if len(line) == 2:
+                if lines:
+                    return lines
+                continue
+            lines.append(line[:-2])
+            if len(lines) > MAX_HEADER_FIELDS + 1:
+                raise HttpError(431, f"over {MAX_HEADER_FIELDS} header fields")
+
+    def _parse_head(self, lines: list[bytes]) -> tuple[int, bool, bytes | None]:
+        """Check the head and build the WSGI environ; returns (Content-Length or 0, chunked, Expect value)."""
+        method, target, version = _request_line(lines[0])
+        server = self.server
+        env = server.get_environ()
+        length, te, expect, connection = _fields(env, lines)
+        chunked = _chunked(version, length, te, server.max_body_bytes)
+        tokens = () if connection is None else [token.strip() for token in connection.split(b",")]
+        self.close_connection = b"close" in tokens if version == b"HTTP/1.1" else b"keep-alive" not in tokens
+        text_target = target.decode("latin-1")
+        path, _, query = text_target.partition("?")
+        self.command = env["REQUEST_METHOD"] = method.decode("latin-1")
+        self.path = env["REQUEST_URI"] = text_target
+        self.request_version = env["SERVER_PROTOCOL"] = version.decode("latin-1")
+        self.requestline = lines[0].decode("latin-1")
+        env["SCRIPT_NAME"] = ""
+        path = env["PATH_INFO"] = gevent.pywsgi.unquote_latin1(path)
+        if not path.isascii():
+            # Bottle decodes the path from UTF-8 with errors ignored: /db/k%E9x would name the key "kx".
+            try:
+                path.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise HttpError(400, "the request path is not UTF-8 once percent-decoded") from None
+        env["QUERY_STRING"] = query
+        if length is not None:
+            env["CONTENT_LENGTH"] = str(length)
+        address = self.client_address
+        if isinstance(address, tuple):
+            env["REMOTE_ADDR"], env["REMOTE_PORT"] = str(address[0]), str(address[1])
+        env["wsgi.input_terminated"] = True
+        self.environ = env
+        return length or 0, chunked, expect
+
+    def _read_body(self, length: int, chunked: bool, expect: bytes | None) -> bytes:
+        if expect == b"100-continue" and self.request_version == "HTTP/1.1":
+            self.socket.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if chunked:
+            body = self._read_chunked()
+            self.environ["CONTENT_LENGTH"] = str(len(body))
+            return body
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise HttpError(400, f"request body cut short: {len(body)} of {length} bytes")
+        return body
+
+    def _read_chunked(self) -> bytes:
+        """A chunked body (RFC 9112 §7.1): hex sizes only (no sign, prefix or underscore), every chunk followed by
+        CRLF, extensions and trailer fields read and dropped within the line and head limits. A size line, its
+        extensions included, holds no control character or lone CR (§7.1.1), and each trailer line is a well-formed
+        field line (§7.1.2), as a header's must be."""
+        rfile, limit = self.rfile, self.server.max_body_bytes
+        parts, total = [], 0
+        while True:
+            line = rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
+            if line[-2:] != b"\r\n":
+                if len(line) > MAX_CHUNK_LINE_BYTES:
+                    raise HttpError(400, f"a chunk size line over {MAX_CHUNK_LINE_BYTES} bytes")
+                raise HttpError(400, "a chunk size line ends in a bare LF" if line[-1:] == b"\n" else
+                                "request body cut short (chunked)")
+            if line.translate(None, _FIELD_VALUE_CHARS) != b"\r\n":
+                raise HttpError(400, "a control character (or a lone CR) in a chunk size line or its extensions")
+            size_text = line[:-2].split(b";", 1)[0].rstrip(b" \t")
+            if not size_text or len(size_text) > 16 or size_text.translate(None, _HEX_DIGITS):
+                raise HttpError(400, "malformed chunk size")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise HttpError(413, f"chunked body over the {limit} byte limit")
+            data = rfile.read(size + 2)
+            if len(data) != size + 2:
+                raise HttpError(400, "request body cut short (chunked)")
+            if data[-2:] != b"\r\n":
+                raise HttpError(400, "chunk data longer than its size, or not followed by CRLF")
+            parts.append(data[:-2])
+            if len(parts) % 256 == 0:
+                gevent.sleep(0.00001)  # many tiny chunks already buffered never block: let timers run
+        budget = self.server.max_header_bytes
+        while True:  # the trailer section: field lines until an empty one
+            line = rfile.readline(min(budget, MAX_FIELD_LINE_BYTES) + 1)
+            if len(line) > min(budget, MAX_FIELD_LINE_BYTES):
+                raise HttpError(431, "chunked trailer fields over the limit")
+            if line[-2:] != b"\r\n":
+                raise HttpError(400, "request body cut short (chunked)" if line[-1:] != b"\n" else
+                                "a trailer line ends in a bare LF")
+            if line == b"\r\n":
+                return b"".join(parts)
+            _field_line(line[:-2])  # a trailer field is a field line like any in the head (RFC 9112 §7.1.2)
+            budget -= len(line)
+
+    def _refuse(self, status: int, reason: str):
+        """Answer `status` with a one-line reason, then close (see the class docstring); returns None for
+        pywsgi's loop, which then closes the socket."""
+        self.close_connection = True
+        self.server.note_refusal(self.client_address, status, reason)
+        body = reason.encode("ascii", "backslashreplace") + b"\n"
+        answer = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+                  b"Connection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), body))
+        sock = self.socket
+        try:
+            sock.sendall(answer)
+            sock.shutdown(socket.SHUT_WR)
+            with gevent.Timeout(1.0, False):
+                budget = 1 << 20
+                while budget > 0:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    budget -= len(data)
+        except OSError:
+            pass
+        return None
+
+    provided_date: Any  # pywsgi's: whether the route gave a Date header (None: not yet looked)
+    _date = (0, b"")  # (second, its Date header): pywsgi would format one per response, on every write's path
+
+    def log_request(self):  # no access log: formatting a line per request is a cost on every write's path
+        pass
+
+    def finalize_headers(self):
+        if self.provided_date is None:
+            now = int(time.time())
+            if EdgeHandler._date[0] != now:
+                EdgeHandler._date = (now, gevent.pywsgi.format_date_time(now))
+            self.response_headers.append((b"Date", EdgeHandler._date[1]))
+            self.provided_date = True
+        super().finalize_headers()
+
+
+class TurnGate:
+    """How much HTTP work one turn of the event loop may do, so that timers (ticks, heartbeats, elections) run
+    often enough however many connections have a request ready.
+
+    Why: in one turn, the loop runs every greenlet whose socket became readable, one after the other, and only
+    then the timers that expired. With a few hundred keep-alive connections sending requests as fast as answered,
+    each turn ran all of them before any timer, long enough for the leader to lose its term; the stall grows with
+    the number of connections ready at once, whatever each request costs.
+
+    Rules: a request starts at once while this turn has spent less than `budget_seconds` on requests (measured from
+    the first request of the turn; a turn is libev's iteration count) and nobody is waiting. Otherwise it waits,
+    first come first served, and a timer callback (run after this turn's I/O, in a later turn's timer phase, with
+    the Raft timers) starts the waiting ones, at least one and then while its own budget lasts. So a turn does at
+    most about two budgets of HTTP work plus a few microseconds per ready connection to queue it. A request that
+    blocks (a write waiting for its commit) does not hold the budget while it waits."""
+
+    def __init__(self, budget_seconds: float) -> None:
+        self.budget_seconds = budget_seconds
+        self._loop = gevent.get_hub().loop
+        self._turn = -1
+        self._turn_started = 0.0
+        self._waiting: collections.deque = collections.deque()
+        self._timer: Any = None  # a libev timer watcher, while requests wait
+        self.waited = 0  # requests that waited for a later turn, in all (tests read it: the gate did engage)
+
+    def enter(self) -> bool:
+        """Return once this greenlet's request may start; True if it had to wait."""
+        if not self._waiting:
+            turn = self._loop.iteration
+            if turn != self._turn:
+                self._turn, self._turn_started = turn, time.perf_counter()
+                return False
+            if time.perf_counter() - self._turn_started < self.budget_seconds:
+                return False
+        waiter = gevent.hub.Waiter()
+        self._waiting.append(waiter)
+        self.waited += 1
+        if self._timer is None:
+            self._timer = self._loop.timer(0.0)
+            self._timer.start(self._admit)
+        waiter.get()
+        return True
+
+    def _admit(self) -> None:
+        """In the hub, a turn later: start waiting requests, each running until it blocks, within the budget."""
+        self._timer.close()
+        self._timer = None
+        started = time.perf_counter()
+        self._turn, self._turn_started = self._loop.iteration, started
+        waiting = self._waiting
+        while waiting:
+            waiting.popleft().switch(None)
+            if time.perf_counter() - started >= self.budget_seconds:
+                break
+        if waiting:
+            self._timer = self._loop.timer(0.0)
+            self._timer.start(self._admit)
+
+
+class EdgeServer(gevent.pywsgi.WSGIServer):
+    """The HTTP server with a connection cap. Rules: at most `max_connections` connections at once (a pool; past it
+    the server stops accepting and the kernel's backlog holds the rest, using none of this process's descriptors);
+    when the pool fills, the connection that has waited longest for its next request, or spent longest receiving
+    one (whichever began earlier), is closed to make room, so neither idle keep-alive connections nor clients
+    that send a byte now and then (slowloris) can lock others out. There is no cap per client
+    address: -forward followers and proxies bring many clients from one address, and the eviction order already
+    bounds what one slow sender holds. A sweeper closes connections that wait for a request
+    longer than `idle_timeout_seconds`, or spend longer than `busy_timeout_seconds` on one request (a client that
+    does not read its answer). It does this rather than a socket timeout, which would arm and cancel a timer on
+    every wait of every request; closing is a shutdown() of the OS socket, which ends whatever wait its greenlet
+    is in."""
+
+    handler_class = EdgeHandler
+
+    def __init__(self, listener, application, *, max_connections: int, idle_timeout_seconds: float,
+                 receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
+                 max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS) -> None:
+        super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.receive_timeout_seconds = receive_timeout_seconds
+        self.busy_timeout_seconds = busy_timeout_seconds
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        # Handlers waiting for a request, and handlers in one, each with the time.monotonic() it began: oldest
+        # first, since a handler is removed and added again each time.
+        self.idle: dict[EdgeHandler, float] = {}
+        self.busy: dict[EdgeHandler, float] = {}
+        self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
+        self._refusals = RateLimitedLog("refused HTTP requests", log)
+        self._accept_failures = RateLimitedLog("failed accepts", log)
+        self._accept_pause_seconds = 0.0
+        self.gate = TurnGate(turn_budget_seconds)
+        self._sweeper: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        super().start()
+        self._sweeper = gevent.spawn(self._sweep)
+
+    def stop(self, timeout=None) -> None:
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+        super().stop(timeout)
+
+    def do_read(self):
+        """Accept one connection. Out of descriptors (EMFILE, ENFILE) or kernel memory, accepting pauses (0.01 s,
+        doubling up to 1 s, back to nothing once one succeeds) and says so at most once a second: the connections
+        wait in the backlog meanwhile. gevent would log a traceback each time, and retry at once in a busy loop
+        for as long as the descriptors stay used up. A connection reset before it was accepted is skipped quietly."""
+        try:
+            accepted = super().do_read()
+        except OSError as e:
+            if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                return None
+            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            self._accept_pause_seconds = min(1.0, max(0.01, 2 * self._accept_pause_seconds))
+            self._accept_failures.log(logging.WARNING, "cannot accept HTTP connections (%s): pausing accept for %gs",
+                                      e.strerror, self._accept_pause_seconds)
+            self.stop_accepting()
+            self._timer = self.loop.timer(self._accept_pause_seconds)
+            self._timer.start(self._start_accepting_if_started)
+            return None
+        self._accept_pause_seconds = 0.0
+        return accepted
+
+    def handle(self, sock, address):
+        if self.pool.free_count() == 0:
+            # This connection took the last place: make room for the next one. Of the one that has waited longest
+            # for its next request and the one that has spent longest receiving one (a byte of it is enough to be
+            # busy: slowloris), the older goes. Not simply an idle one first: a connection accepted a moment ago
+            # is idle until its first bytes arrive, and under slowloris it would be the one closed every time.
+            victims = [(next(iter(handlers.values())), handlers) for handlers in (self.idle, self.receiving)
+                       if handlers]
+            if victims:
+                _, handlers = min(victims, key=lambda v: v[0])
+                self._close(handlers, next(iter(handlers)))
+        self.handler_class(sock, address, self).handle()
+
+    def _sweep(self) -> None:
+        period = min(1.0, self.idle_timeout_seconds / 4)
+        while True:
+            gevent.sleep(period)
+            now = time.monotonic()
+            for handlers, limit in ((self.idle, self.idle_timeout_seconds), (self.busy, self.busy_timeout_seconds)):
+                expired = []
+                for handler, since in handlers.items():
+                    if now - since < limit:
+                        break
+                    expired.append(handler)
+                for handler in expired:
+                    self._close(handlers, handler)
+
+    def _close(self, handlers: dict, handler: EdgeHandler) -> None:
+        handlers.pop(handler, None)
+        try:
+            # On the OS socket: the kernel then ends the greenlet's wait with end of file or EPIPE, which pywsgi
+            # takes as a client gone. gevent's own shutdown() cancels the wait with EBADF, logged as a traceback.
+            sock: Any = handler.socket
+            getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):  # it closed meanwhile
+            pass
+
+    def note_refusal(self, address, status: int, reason: str) -> None:
+        client = address[0] if isinstance(address, tuple) else address
+        self._refusals.log(logging.INFO, "%d to %s: %s", status, client, reason)
+
+
+class RateLimitedLog:
+    """Log lines a remote party can cause, at most once a second, counting the ones left out (a client could
+    otherwise fill the log)."""
+
+    def __init__(self, what: str, logger: logging.Logger) -> None:
+        self.what = what
+        self._logger = logger
+        self._logged_at = 0.0
+        self._left_out = 0
+
+    def log(self, level: int, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._logged_at < 1.0:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" (and {self._left_out} more {self.what} since the last such line)"
+        self._logger.log(level, message, *args)
+        self._logged_at, self._left_out = now, 0
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (a process may, without privileges): the soft default (often
+    1,024) is what strangers' connections to either port would otherwise use up first. The HTTP connection cap is
+    sized from the result (connection_bound)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.info("could not raise the descriptor limit from %d to %d: %s", soft, target, e)
+
+
+def connection_bound() -> int:
+    """The most HTTP connections the descriptor limit allows: half of those left after FD_RESERVE, since with
+    -forward a connection may hold a second descriptor (its request forwarded to the leader)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(8, (soft - FD_RESERVE) // 2)
+
+
+def listen(host: str, port: int) -> gevent.socket.socket:
+    """The HTTP listening socket. gevent.pywsgi writes headers and body separately: without TCP_NODELAY each
+    keep-alive response waits for Nagle's algorithm and the client's delayed ACK (tens of milliseconds). Accepted
+    sockets inherit the option."""
+    listener = gevent.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.bind((host, port))
+    listener.listen(1024)
+    return listener

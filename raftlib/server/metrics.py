@@ -1,0 +1,121 @@
+"""The Prometheus metrics of GET /metrics: what the server counts itself (writes and reads by outcome, write, fsync
+and read-index latencies, how late the event loop runs timers), and gauges read from the runtime's status.
+
+Rules:
+- Every update comes from the one thread that runs the event loop, so counters and histograms are plain Python
+  (a dict, a list of bucket counts): prometheus_client's own metrics take a lock on every update, a cost paid on
+  every write.
+- The gauges read only `Runtime.status()` (a frozen RuntimeStatus), once per scrape, never the core's fields.
+- The registry is this node's own, not prometheus_client's global one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import gevent
+import prometheus_client as prom
+import prometheus_client.core as prom_core
+import prometheus_client.utils as prom_utils
+
+from raftlib.messages import Role
+from raftlib.runtime import RuntimeStatus
+
+
+class Counter:
+    """A counter by one label, kept in a dict."""
+
+    def __init__(self, name: str, doc: str, label: str) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self.values: collections.Counter[str] = collections.Counter()
+
+    def inc(self, label_value: str) -> None:
+        self.values[label_value] += 1
+
+    def collect(self) -> prom_core.CounterMetricFamily:
+        family = prom_core.CounterMetricFamily(self.name, self.doc, labels=[self.label])
+        for value, count in sorted(self.values.items()):
+            family.add_metric([value], count)
+        return family
+
+
+class Histogram:
+    """A histogram kept in a list of bucket counts."""
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.buckets = name, doc, buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bucket (+Inf)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+
+    def collect(self) -> prom_core.HistogramMetricFamily:
+        cumulative, rows = 0, []
+        for bound, count in zip((*self.buckets, math.inf), self.counts):
+            cumulative += count
+            rows.append((prom_utils.floatToGoString(bound), cumulative))
+        family = prom_core.HistogramMetricFamily(self.name, self.doc)
+        family.add_metric([], rows, self.sum)
+        return family
+
+
+# The gauges: (name, help, the value in a RuntimeStatus).
+GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], int]], ...] = (
+    ("raftdzmq_term", "Current term", lambda s: s.node.term),
+    ("raftdzmq_commit_index", "Commit index", lambda s: s.node.commit_index),
+    ("raftdzmq_applied_index", "Last applied index", lambda s: s.node.last_applied),
+    ("raftdzmq_last_index", "Last log index", lambda s: s.node.last_index),
+    ("raftdzmq_snapshot_index", "Index of the newest snapshot", lambda s: s.node.snapshot_index),
+    ("raftdzmq_is_leader", "1 on the leader", lambda s: int(s.node.role is Role.LEADER)),
+    ("raftdzmq_proposals", "Proposals taken by this node as leader", lambda s: s.stats["proposals"]),
+    ("raftdzmq_applied_entries", "Entries applied", lambda s: s.stats["applied"]),
+    ("raftdzmq_elections_won", "Elections this node won", lambda s: s.stats["elections_won"]),
+    ("raftdzmq_batches_saved", "Batches made durable (one fsync each)", lambda s: s.stats["saves"]),
+    ("raftdzmq_snapshots", "Snapshots taken", lambda s: s.stats["snapshots"]),
+)
+
+
+class Metrics:
+    """This node's metrics, in a registry of its own (`registry`, for prometheus_client.generate_latest)."""
+
+    def __init__(self) -> None:
+        self.writes = Counter("raftdzmq_writes", "Writes answered, by outcome", "outcome")
+        self.write_seconds = Histogram("raftdzmq_write_seconds", "Time from proposal to commit and apply",
+                                       (.0005, .001, .002, .005, .01, .02, .05, .1, .5, 2))
+        self.fsync_seconds = Histogram("raftdzmq_fsync_seconds", "Log fdatasync time per batch",
+                                       (.00005, .0001, .0002, .0005, .001, .002, .005, .01, .05))
+        self.reads = Counter("raftdzmq_reads", "Reads answered, by consistency", "consistency")
+        self.read_index_seconds = Histogram("raftdzmq_read_index_seconds", "Time to confirm a read index",
+                                            (.0005, .001, .002, .005, .01, .05, .1, .5))
+        self.hub_lag_seconds = Histogram("raftdzmq_hub_lag_seconds", "How late a 10 ms gevent timer fires: the "
+                                         "delay every timer (ticks, heartbeats, elections) sees",
+                                         (.001, .002, .005, .01, .02, .05, .1, .25, .5, 1))
+        self._status: Callable[[], RuntimeStatus] | None = None
+        self.registry = prom.CollectorRegistry()
+        self.registry.register(self)
+
+    def bind(self, status: Callable[[], RuntimeStatus]) -> None:
+        """Read the gauges from `status` (the runtime's `status`) at every scrape."""
+        self._status = status
+
+    def collect(self) -> Iterator[prom_core.Metric]:
+        for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
+                  self.hub_lag_seconds):
+            yield m.collect()
+        if self._status is not None:
+            status = self._status()
+            for name, doc, value in GAUGES:
+                yield prom_core.GaugeMetricFamily(name, doc, value=value(status))
+
+    def watch_hub_lag(self, period_seconds: float = 0.01) -> None:
+        """Runs in a greenlet of its own: sleep `period_seconds` and note how late the wake-up came."""
+        while True:
+            t0 = time.monotonic()
+            gevent.sleep(period_seconds)
+            self.hub_lag_seconds.observe(max(0.0, time.monotonic() - t0 - period_seconds))

@@ -1,0 +1,267 @@
+"""The wiring of one node: its data dir (DiskStorage), the Raft transport (ZmqTransport), the runtime that drives
+the core, the key/value store it applies to, the metrics and the HTTP edge; joining a cluster; a graceful stop.
+
+Rules:
+- Construction opens the data dir (and holds its lock) and builds everything, but nothing runs and no port is
+  bound until `start`; `stop` undoes `start` and closes the data dir, once however often it is called.
+- A storage failure the runtime reports (a failed write or fsync: fsyncgate) ends the process at once with exit
+  code 3, acknowledging nothing more.
+- The choice of a successor on shutdown reads only `Runtime.status()`, never the core's fields.
+- Every wait has a bound: joining (-join-timeout), each join request, the hand-over on shutdown.
+"""
+
+from __future__ import annotations
+
+import binascii
+import ipaddress
+import json
+import logging
+import os
+import random
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+import gevent
+from gevent import monkey
+
+from raftlib.core import Config, NodeStatus, RaftNode
+from raftlib.interfaces import StoredState
+from raftlib.messages import Message, Role
+from raftlib.runtime import Runtime
+from raftlib.storage import DiskStorage, start_node
+from raftlib.transport import ZmqTransport
+
+from .admin import SECRET_ENV, AdminGuard, admin_headers
+from .api import Api, make_app
+from .edge import EdgeServer, listen
+from .metrics import Metrics
+from .store import KeyValueStore
+
+log = logging.getLogger("raftdzmq.node")
+
+# Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_FSYNC_DELAY_FILE names a file holding a number of
+# seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
+TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
+HEARTBEAT_TICKS = 5  # ticks per heartbeat: the election timeout is counted in fifths of a heartbeat
+HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its successor to take over
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """A node's settings (the command's flags; README, "Flags")."""
+
+    data_dir: str
+    host: str = "localhost"  # bound and advertised
+    port: int = 5555  # Raft (ZeroMQ)
+    http_port: int = 8080
+    join: str | None = None  # host:httpport of a member, for a node not yet in a cluster
+    forward: bool = False
+    heartbeat_ms: float = 50.0
+    election_ms: float = 300.0
+    write_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 5.0
+    join_timeout_seconds: float = 10.0
+    max_body_bytes: int = 1 << 20
+    max_header_bytes: int = 32 << 10
+    max_connections: int = 1000
+    idle_timeout_seconds: float = 60.0
+    receive_timeout_seconds: float = 10.0
+    snapshot_threshold_bytes: int = 16 << 20
+    secret: bytes | None = None
+    fsync: bool = True  # False: UNSAFE, for experiments only
+
+    @property
+    def bind_host(self) -> str:
+        return "127.0.0.1" if self.host == "localhost" else self.host
+
+
+class JoinFailed(Exception):
+    """This node could not join the cluster: refused, or no answer within -join-timeout."""
+
+
+class Server:
+    """One node (see the module's rules). `bootstrapped`, `must_join` and `joined_before` say what its data dir held
+    at start (raftlib.storage.start_node)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.raft_address = f"{config.host}:{config.port}"
+        self.http_address = f"{config.host}:{config.http_port}"
+        self.metrics = Metrics()
+        self.storage = DiskStorage(config.data_dir, fsync=config.fsync, fdatasync=self._timed_fdatasync)
+        try:
+            stored = self._start_node()
+        except BaseException:
+            self.storage.close()
+            raise
+        tick_seconds = config.heartbeat_ms / 1000.0 / HEARTBEAT_TICKS
+        raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
+                             election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
+        self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
+        self.store = KeyValueStore()
+        if stored.snapshot is not None:
+            self.store.restore(stored.snapshot.data)
+        self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
+                                      reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
+                                      secret=config.secret)
+        self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
+                               snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
+        self.metrics.bind(self.runtime.status)
+        self.http: EdgeServer | None = None
+        self._stopping = False
+
+    def _start_node(self) -> StoredState:
+        """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
+        (raftlib.storage.start_node says how)."""
+        stored = self.storage.load()
+        start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
+                           self.http_address, join=bool(self.config.join))
+        self.node_id = start.node_id
+        self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
+        return start.stored
+
+    def _timed_fdatasync(self, fd: int, nbytes: int) -> None:
+        t0 = time.perf_counter()
+        if TEST_FSYNC_DELAY_FILE:
+            _test_fsync_delay(TEST_FSYNC_DELAY_FILE)
+        # Inline, holding the hub for the fsync: gevent's thread pool would free the hub meanwhile, but the
+        # hand-off cost about as much as it won on the leader, and more on the followers, which have nothing
+        # else to do (docs/BENCHMARKS.md).
+        os.fdatasync(fd)
+        self.metrics.fsync_seconds.observe(time.perf_counter() - t0)
+
+    def _deliver(self, messages: list[Message], reply_wanted: bool) -> list[Message] | None:
+        # The transport is made before the runtime it delivers to.
+        return self.runtime.deliver(messages, reply_wanted)
+
+    def _fatal(self, error: Exception) -> None:
+        log.critical("storage failed (%s); exiting without acknowledging anything more", error)
+        os._exit(3)
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Start Raft, then serve HTTP. Raises OSError when the HTTP port cannot be bound."""
+        config = self.config
+        self.transport.start()
+        self.runtime.start()
+        api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
+                  read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
+                  guard=None if config.secret is None else AdminGuard(config.secret))
+        # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
+        # -idle-timeout more for a client slow to take its answer.
+        longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
+        self.http = EdgeServer(
+            listen(config.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
+            idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
+            busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
+            max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes)
+        self.http.start()
+        gevent.spawn(self.metrics.watch_hub_lag)
+        log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
+                 self.raft_address, config.data_dir)
+        if config.secret is None and not _is_loopback(config.bind_host):
+            log.warning("listening on %s beyond loopback without a cluster secret: anyone who can reach the raft port "
+                        "can speak for a member, and anyone who reaches the http port can join; give every node "
+                        "-secret-file (or %s)", config.bind_host, SECRET_ENV)
+
+    def stop(self) -> None:
+        """Stop serving and close the data dir. A leader first hands leadership to its most up-to-date voter
+        (thesis §3.10), so the cluster does not wait an election timeout for a new one."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("shutting down")
+        target = best_successor(self.runtime.status().node)
+        if target is not None:
+            try:
+                self.runtime.transfer_leadership(target, timeout_seconds=HANDOVER_TIMEOUT_SECONDS)
+                log.info("handed leadership to %s", target)
+            except Exception as e:
+                log.warning("leadership transfer before shutdown failed: %s", e)
+        if self.http is not None:
+            self.http.stop(timeout=1)
+        self.runtime.stop()
+        self.transport.stop()
+        self.storage.close()
+        log.info("stopped")
+
+    # ---- joining ----
+
+    def join(self, target: str) -> None:
+        """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded by
+        -join-timeout. Raises JoinFailed."""
+        body = json.dumps({"node_id": self.node_id, "raft_address": self.raft_address,
+                           "http_address": self.http_address}).encode()
+        deadline = time.monotonic() + self.config.join_timeout_seconds
+        url = f"http://{target}/join"
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                with _no_redirects.open(self._join_request(url, body),
+                                        timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
+                    resp.read()
+                self.storage.remove_join_marker()  # "joined": a leader accepted the join (issue 11)
+                log.info("joined the cluster through %s", url)
+                return
+            except urllib.error.HTTPError as e:
+                text = e.read().decode(errors="replace").strip()
+                if e.code == 307 and e.headers.get("Location"):
+                    url = e.headers["Location"]
+                    continue
+                if e.code < 500:
+                    raise JoinFailed(f"join refused by {url}: {e.code} {text}") from None
+                last_error = f"{e.code} {text}"
+            except (OSError, urllib.error.URLError) as e:
+                last_error = str(getattr(e, "reason", e))
+            gevent.sleep(0.2)
+        raise JoinFailed(f"could not join the cluster at {target} within {self.config.join_timeout_seconds:g}s: "
+                         f"{last_error}")
+
+    def _join_request(self, url: str, body: bytes) -> urllib.request.Request:
+        headers = {"Content-Type": "application/json"}
+        if self.config.secret is not None:
+            split = urllib.parse.urlsplit(url)
+            target = split.path + (f"?{split.query}" if split.query else "")
+            headers.update(admin_headers(self.config.secret, "POST", target, body))  # a fresh timestamp each try
+        return urllib.request.Request(url, data=body, method="POST", headers=headers)
+
+
+def best_successor(node: NodeStatus) -> str | None:
+    """The voter other than this leader with the highest match index, when this node leads others; else None."""
+    if node.role is not Role.LEADER:
+        return None
+    best, best_match = None, -1
+    for voter in node.membership.voters:
+        progress = node.progress.get(voter)
+        if voter != node.node_id and progress is not None and progress.match_index > best_match:
+            best, best_match = voter, progress.match_index
+    return best
+
+
+def _test_fsync_delay(path: str) -> None:
+    try:
+        with open(path) as f:
+            seconds = float(f.read())
+    except (OSError, ValueError):
+        return
+    monkey.get_original("time", "sleep")(seconds)  # not gevent's sleep: a slow fsync holds the hub too
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_no_redirects = urllib.request.build_opener(_NoRedirect)

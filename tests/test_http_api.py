@@ -1,0 +1,588 @@
+"""raftlib.server.api in process: every route and every error answer, through the WSGI application with a fake
+runtime (no sockets, no processes, no Raft). The requests are built as the edge (raftlib.server.edge) hands them
+to the application: the body read whole in environ["raftdzmq.body"], REQUEST_URI as sent."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import sys
+import types
+import urllib.parse
+
+import pytest
+
+from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, ProposalDropped, Role
+from raftlib.progress import ProgressState, ProgressStatus
+from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
+from raftlib.server import api as api_module
+from raftlib.server.admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers
+from raftlib.server.api import NOT_LEADER, Api, make_app
+from raftlib.server.metrics import Metrics
+from raftlib.server.store import ADMIN_CLAIM, SET, KeyValueStore, command
+from raftlib.storage import DiskFull
+
+MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
+           Member("c", "10.0.0.3:5555", "10.0.0.3:8080"))
+SECRET = b"the cluster secret"
+
+
+@dataclasses.dataclass
+class FakeNode:
+    """The fields api.NodeView names."""
+
+    node_id: str = "a"
+    role: Role = Role.LEADER
+    leader_id: str | None = "a"
+    last_applied: int = 0
+    removed: tuple[str | None, int] | None = None
+    membership: Membership = Membership(("a", "b"), ("c",), MEMBERS)
+
+
+class FakeRuntime:
+    """A runtime with no Raft under it: a proposal applies to the store at once, a read is safe at once, unless a
+    test queued an exception for the call (`fail`). Records every call."""
+
+    def __init__(self, store: KeyValueStore) -> None:
+        self.node = FakeNode()
+        self.store = store
+        self.failures: dict[str, list[Exception]] = {}
+        self.calls: list[tuple] = []
+        self.disk_full = False
+
+    def fail(self, call: str, *errors: Exception) -> None:
+        self.failures.setdefault(call, []).extend(errors)
+
+    def _call(self, name: str, *args) -> None:
+        self.calls.append((name, *args))
+        if self.failures.get(name):
+            raise self.failures[name].pop(0)
+
+    def propose(self, cmd: bytes, timeout_seconds: float):
+        self._call("propose", cmd, timeout_seconds)
+        self.node.last_applied += 1
+        return self.node.last_applied, self.store.apply(self.node.last_applied, cmd)
+
+    def read(self, timeout_seconds: float, lease: bool = False) -> int:
+        self._call("read", timeout_seconds, lease)
+        return self.node.last_applied
+
+    def wait_applied(self, index: int, timeout_seconds: float) -> int:
+        self._call("wait_applied", index, timeout_seconds)
+        if index > self.node.last_applied:
+            raise Timeout(f"no answer in {timeout_seconds}s")
+        return self.node.last_applied
+
+    def change_membership(self, change, timeout_seconds: float):
+        self._call("change_membership", change, timeout_seconds)
+        self.node.last_applied += 1
+        return self.node.last_applied, None
+
+    def transfer_leadership(self, target: str, timeout_seconds: float) -> None:
+        self._call("transfer_leadership", target, timeout_seconds)
+
+    def status(self) -> RuntimeStatus:
+        n = self.node
+        leading = n.role is Role.LEADER
+        progress = {"b": ProgressStatus(n.last_applied - 1, n.last_applied, ProgressState.REPLICATE, True)}
+        return RuntimeStatus(
+            NodeStatus(node_id=n.node_id, role=n.role, term=7, leader_id=n.leader_id, commit_index=n.last_applied,
+                       last_applied=n.last_applied, last_index=n.last_applied + 2, snapshot_index=0,
+                       membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
+                       removed=n.removed, reads_pending=0),
+            True, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
+                                                          "saves": 5, "snapshots": 0}))
+
+
+class Answer:
+    def __init__(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = int(status.split()[0])
+        self.headers = {k.lower(): v for k, v in headers}
+        self.body = body
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+    def __repr__(self) -> str:
+        return f"<{self.status} {self.body[:200]!r}>"
+
+
+class Client:
+    """An Api on a FakeRuntime, and its WSGI application called as the edge calls it."""
+
+    def __init__(self, **api_options) -> None:
+        self.store = KeyValueStore()
+        self.runtime = FakeRuntime(self.store)
+        self.metrics = Metrics()
+        self.metrics.bind(self.runtime.status)
+        self.api = Api(self.runtime, self.store, self.metrics, **api_options)
+        self.app = make_app(self.api)
+
+    def __call__(self, method: str, target: str, body: bytes | str = b"", headers: dict | None = None) -> Answer:
+        """`target` as it would be on the request line (percent-encoded)."""
+        body = body.encode() if isinstance(body, str) else body
+        path, _, query = target.partition("?")
+        environ = {
+            "REQUEST_METHOD": method, "REQUEST_URI": target, "SCRIPT_NAME": "",
+            "PATH_INFO": urllib.parse.unquote_to_bytes(path).decode("latin-1"), "QUERY_STRING": query,
+            "SERVER_NAME": "localhost", "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1", "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr, "wsgi.url_scheme": "http", "raftdzmq.body": body,
+        }
+        for name, value in (headers or {}).items():  # as the edge files them (Content-Type without HTTP_)
+            key = name.upper().replace("-", "_")
+            environ[key if key == "CONTENT_TYPE" else "HTTP_" + key] = value
+        started = []
+        out = b"".join(self.app(environ, lambda status, headers, exc_info=None: started.append((status, headers))))
+        return Answer(*started[0], out)
+
+    def counted(self, family: str) -> dict[str, float]:
+        return dict(getattr(self.metrics, family).values)
+
+    def be_follower(self, leader_id: str | None = "b") -> None:
+        self.runtime.node.role, self.runtime.node.leader_id = Role.FOLLOWER, leader_id
+
+
+def one_line(answer: Answer) -> bool:
+    return answer.body.endswith(b"\n") and answer.body.count(b"\n") == 1 and b"Traceback" not in answer.body
+
+
+@pytest.fixture
+def client() -> Client:
+    return Client(write_timeout_seconds=2.0, read_timeout_seconds=0.2)
+
+
+# ---- writes -----------------------------------------------------------------------------------------------------
+
+
+def test_a_write_answers_200_with_its_index_once_applied(client):
+    r = client("POST", "/db/foo", "bar")
+    assert (r.status, r.body, r.headers["x-raft-index"]) == (200, b"", "1")
+    r = client("PUT", "/db/foo", "baz")
+    assert (r.status, r.headers["x-raft-index"]) == (200, "2")
+    assert client.store.get("foo") == b"baz"
+    assert client.runtime.calls[0] == ("propose", command(SET, "foo", b"bar"), 2.0)  # bounded by -write-timeout
+    assert client.counted("writes") == {"committed": 2} and sum(client.metrics.write_seconds.counts) == 2
+
+
+def test_keys_are_decoded_from_the_path_as_utf8_and_kept_as_sent(client):
+    assert client("POST", "/db/a%2Fb%20c%C3%A9", "1").status == 200
+    assert client("POST", "/db/dir/../x", "2").status == 200
+    assert sorted(client.store.data) == ["a/b c\u00e9", "dir/../x"]
+
+
+def test_compare_and_set_and_create_answer_412_when_the_precondition_fails(client):
+    client("POST", "/db/k", "1")
+    r = client("POST", "/db/k?prev_value=2", "3")
+    assert (r.status, r.text, r.headers["x-raft-index"]) == (412, "precondition failed\n", "2")
+    assert client("POST", "/db/k?prev_value=1", "3").status == 200 and client.store.get("k") == b"3"
+    assert client("POST", "/db/k?prev_exist=false", "4").status == 412
+    assert client("POST", "/db/new?prev_exist=false", "4").status == 200
+    # prev_value is compared as the percent-decoded bytes, UTF-8 or not.
+    client("POST", "/db/raw", b"\xff\x00")
+    assert client("POST", "/db/raw?prev_value=%FF%00", "ok").status == 200 and client.store.get("raw") == b"ok"
+    assert client("POST", "/db/raw?prev_value=", "no").status == 412
+
+
+def test_delete_answers_404_for_a_missing_key(client):
+    client("POST", "/db/k", "1")
+    r = client("DELETE", "/db/k")
+    assert (r.status, r.headers["x-raft-index"]) == (200, "2")
+    r = client("DELETE", "/db/k")
+    assert (r.status, r.text, r.headers["x-raft-index"]) == (404, "no such key: k\n", "3")
+
+
+def test_keys_longer_than_4096_bytes_are_refused(client):
+    for method in ("POST", "DELETE", "GET"):
+        r = client(method, "/db/" + "\u00e9" * 2049)  # 4,098 bytes in UTF-8
+        assert (r.status, r.text) == (400, "key must be 1 to 4096 bytes\n") and one_line(r)
+    assert client("POST", "/db/" + "k" * 4096, "v").status == 200
+    assert client.runtime.calls == [("propose", command(SET, "k" * 4096, b"v"), 2.0)]
+
+
+def test_a_write_to_a_follower_is_redirected_to_the_leader_with_the_target_as_sent(client):
+    client.be_follower("b")
+    r = client("POST", "/db/%2541%3F/../k%C3%A9?prev_exist=false", "v")
+    assert (r.status, r.text) == (307, NOT_LEADER + "\n")
+    assert r.headers["location"] == "http://10.0.0.2:8080/db/%2541%3F/../k%C3%A9?prev_exist=false"
+    assert client("DELETE", "/db/k").status == 307
+    assert client.runtime.calls == [] and client.counted("writes") == {"redirected": 2}
+
+
+def test_a_write_with_no_leader_known_gets_503_and_on_a_removed_node_410(client):
+    client.be_follower(None)
+    r = client("POST", "/db/k", "v")
+    assert (r.status, r.text) == (503, "no leader is known right now; retry shortly\n")
+    client.runtime.node.removed = ("b", 17)
+    r = client("POST", "/db/k", "v")
+    assert (r.status, r.text) == (410, "this node was removed from the cluster (by b at or before index 17)\n")
+    client.runtime.node.removed = (None, 17)
+    assert client("POST", "/db/k", "v").text == "this node was removed from the cluster (at or before index 17)\n"
+
+
+@pytest.mark.parametrize("error, status, text, outcome", [
+    (NotLeader("b"), 307, NOT_LEADER, "redirected"),
+    (ProposalDropped("a transfer is under way"), 503, "write refused for now: a transfer is under way; retry",
+     "refused"),
+    (EntryLost("entry 3 was overwritten"), 503,
+     "write lost: leadership changed before it committed; it was not applied", "lost"),
+    (Timeout("no answer in 2.0s"), 503, "write not confirmed within 2s; its outcome is unknown", "unknown"),
+    (DiskFull("the disk of this node is full"), 507, "write refused: the disk of this node is full; it was not applied",
+     "refused"),
+    (Stopped("node is stopping"), 503, "node is stopping", None),
+])
+def test_each_failure_of_a_write_has_its_answer_and_outcome(client, error, status, text, outcome):
+    client.runtime.node.leader_id = "b"  # when NotLeader comes, the node has just learnt of another leader
+    client.runtime.fail("propose", error)
+    r = client("POST", "/db/k", "v")
+    assert (r.status, r.text) == (status, text + "\n") and one_line(r), r
+    assert client.counted("writes") == ({outcome: 1} if outcome else {})
+    assert client.metrics.write_seconds.counts == [0] * len(client.metrics.write_seconds.counts)
+    assert client.store.get("k") is None
+
+
+def test_a_failure_nobody_expected_is_a_500_of_one_line(client, capsys):
+    client.runtime.fail("propose", RuntimeError("a bug"))
+    r = client("POST", "/db/k", "v")
+    assert (r.status, r.text) == (500, "500 Internal Server Error: Internal Server Error\n")
+    client.runtime.fail("propose", ValueError("not a failure a write may have"))
+    assert client("POST", "/db/k", "v").status == 500
+    assert "RuntimeError: a bug" in capsys.readouterr().err  # the traceback goes to the log, not to the client
+
+
+# ---- -forward -----------------------------------------------------------------------------------------------------
+
+
+class FakeConnection:
+    """http.client.HTTPConnection's part that forward_to uses; the leader's answer is `answer` (or `error`)."""
+
+    made: list[FakeConnection] = []
+    answer = (200, b"", [("X-Raft-Index", "9"), ("Server", "gevent"), ("Content-Type", "text/plain")])
+    error: Exception | None = None
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.address, self.timeout, self.sent, self.closed = (host, port), timeout, None, False
+        FakeConnection.made.append(self)
+
+    def request(self, method, target, body, headers):
+        if self.error is not None:
+            raise self.error
+        self.sent = (method, target, body, headers)
+
+    def getresponse(self):
+        status, body, headers = self.answer
+        return types.SimpleNamespace(status=status, read=lambda: body, getheaders=lambda: headers)
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_forward_follower_passes_a_write_on_to_the_leader_once(monkeypatch):
+    monkeypatch.setattr(FakeConnection, "made", [])
+    client = Client(forward=True, write_timeout_seconds=2.0, connect=FakeConnection)
+    client.be_follower("c")
+    signed = admin_headers(SECRET, "POST", "/db/k%C3%A9?prev_exist=false", b"v")
+    r = client("POST", "/db/k%C3%A9?prev_exist=false", "v", headers={"Content-Type": "text/plain", **signed})
+    assert (r.status, r.headers["x-raft-index"], r.headers["content-type"]) == (200, "9", "text/plain")
+    assert "server" not in r.headers  # only what the client needs of the leader's answer
+    [conn] = FakeConnection.made
+    method, target, body, headers = conn.sent
+    assert (conn.address, conn.timeout, method, target, body) == (("10.0.0.3", 8080), 3.0, "POST",
+                                                                  "/db/k%C3%A9?prev_exist=false", b"v")
+    assert headers["X-Raftdzmq-Forwarded"] == "a" and headers["Content-Type"] == "text/plain"
+    assert headers[TIMESTAMP_HEADER] == signed[TIMESTAMP_HEADER] and headers[SIGNATURE_HEADER] == signed[
+        SIGNATURE_HEADER] and conn.closed
+    # A request that was forwarded once is not forwarded again: the follower answers 307.
+    r = client("POST", "/db/k", "v", headers={"X-Raftdzmq-Forwarded": "b"})
+    assert r.status == 307 and len(FakeConnection.made) == 1
+    monkeypatch.setattr(FakeConnection, "error", ConnectionRefusedError(111, "Connection refused"))
+    r = client("DELETE", "/db/k")
+    assert r.status == 503 and r.text.startswith("could not forward to the leader at 10.0.0.3:8080: ") and \
+        r.text.endswith("; outcome unknown\n") and one_line(r)
+
+
+# ---- reads --------------------------------------------------------------------------------------------------------
+
+
+def test_a_read_is_linearizable_by_default_and_answers_the_value_with_its_headers(client):
+    client("POST", "/db/k", b"\x00value")
+    r = client("GET", "/db/k")
+    assert (r.status, r.body, r.headers["content-type"]) == (200, b"\x00value", "application/octet-stream")
+    assert (r.headers["x-raft-applied-index"], r.headers["x-raft-leader"]) == ("1", "a")
+    assert client.runtime.calls[-1][0] == "read" and 0.1 < client.runtime.calls[-1][1] <= 0.2  # the read timeout
+    assert client.runtime.calls[-1][2] is False
+    r = client("GET", "/db/missing")
+    assert (r.status, r.text, r.headers["x-raft-applied-index"]) == (404, "no such key: missing\n", "1")
+    assert client.counted("reads") == {"linearizable": 2} and sum(client.metrics.read_index_seconds.counts) == 2
+
+
+def test_lease_and_stale_reads(client):
+    client("POST", "/db/k", "v")
+    assert client("GET", "/db/k?consistency=lease").body == b"v"
+    assert client.runtime.calls[-1][::2] == ("read", True)
+    client.be_follower(None)
+    client.runtime.fail("read", NotLeader(None))  # a stale read never asks
+    r = client("GET", "/db/k?consistency=stale")
+    assert (r.status, r.body, r.headers["x-raft-leader"]) == (200, b"v", "")
+    assert client.counted("reads") == {"lease": 1, "stale": 1}
+    r = client("GET", "/db/k?consistency=weird")
+    assert (r.status, r.text) == (400, "consistency must be linearizable, lease or stale\n")
+
+
+def test_min_index_waits_for_the_index_within_the_read_timeout(client):
+    client("POST", "/db/k", "v")
+    assert client("GET", "/db/k?min_index=1&consistency=stale").body == b"v"
+    assert ("wait_applied", 1, 0.2) in client.runtime.calls
+    r = client("GET", "/db/k?min_index=5&consistency=stale")
+    assert (r.status, r.text) == (503, "index 5 not applied here within 0.2s\n")
+    r = client("GET", "/db/k?min_index=abc")
+    assert (r.status, r.text) == (400, "min_index must be an integer\n")
+
+
+def test_a_read_waits_for_a_leader_within_its_bound_then_answers_503(client):
+    client.runtime.fail("read", NotLeader(None), NotLeader(None))
+    client("POST", "/db/k", "v")
+    assert client("GET", "/db/k").body == b"v"  # a leader came after two tries
+    client.runtime.fail("read", *[NotLeader(None)] * 1000)
+    r = client("GET", "/db/k")
+    assert (r.status, r.text) == (503, "no leader is known right now; the read cannot be confirmed\n")
+    reads = [c for c in client.runtime.calls if c[0] == "read"]
+    assert 3 < len(reads) < 30  # every 20 ms for the 0.2 s read timeout, each try bounded by what is left
+    assert all(0.01 <= c[1] <= 0.2 for c in reads)
+
+
+def test_a_read_on_a_removed_node_answers_410_at_once(client):
+    client.runtime.node.removed = ("b", 4)
+    client.runtime.fail("read", NotLeader(None), NotLeader(None))
+    r = client("GET", "/db/k?consistency=lease")
+    assert (r.status, r.text) == (410, "this node was removed from the cluster (by b at or before index 4)\n")
+    assert [c[0] for c in client.runtime.calls] == ["read"]
+
+
+@pytest.mark.parametrize("error, text", [
+    (Timeout("no answer"), "could not confirm a linearizable read within 0.2s"),
+    (Stopped("node is stopping"), "node is stopping"),
+])
+def test_each_failure_of_a_read_has_its_answer(client, error, text):
+    client.runtime.fail("read", error)
+    r = client("GET", "/db/k")
+    assert (r.status, r.text) == (503, text + "\n")
+
+
+def test_a_page_of_keys_as_json_with_the_next_key(client):
+    for k in ("b/1", "a", "b/2", "b/3", "\u00e9t\u00e9"):
+        client("POST", "/db/" + urllib.parse.quote(k), "v")
+    r = client("GET", "/db/?prefix=b/&limit=2")
+    assert (r.status, r.headers["content-type"]) == (200, "application/json")
+    assert r.body == b'{"keys": ["b/1", "b/2"], "next": "b/2"}\n'
+    assert json.loads(client("GET", "/db?prefix=b/&after=b/2").body) == {"keys": ["b/3"], "next": None}
+    assert json.loads(client("GET", "/db/?prefix=%C3%A9").body)["keys"] == ["\u00e9t\u00e9"]
+    assert json.loads(client("GET", "/db/?limit=0").body) == {"keys": ["a"], "next": "a"}  # at least 1
+    assert len(json.loads(client("GET", "/db/?limit=99999").body)["keys"]) == 5  # at most 10,000
+    assert client.runtime.calls[-1][::2] == ("read", False)
+    for query, text in (("prefix=%FF", "prefix and after must be UTF-8"), ("after=%C3", "prefix and after must be UTF-8"),
+                        ("limit=ten", "limit must be an integer"), ("consistency=x", "consistency must be linearizable, "
+                                                                                     "lease or stale")):
+        r = client("GET", "/db/?" + query)
+        assert (r.status, r.text) == (400, text + "\n"), query
+
+
+# ---- membership and leadership ------------------------------------------------------------------------------------
+
+JOIN = json.dumps({"node_id": "d", "raft_address": "10.0.0.4:5555", "http_address": "10.0.0.4:8080"})
+
+
+def test_join_adds_a_learner_and_answers_its_index(client):
+    r = client("POST", "/join", JOIN)
+    assert (r.status, r.headers["content-type"], json.loads(r.body)) == (200, "application/json", {"index": 1})
+    [(_, change, timeout_seconds)] = client.runtime.calls
+    assert (change.kind, change.member, timeout_seconds) == (ConfChangeKind.ADD_LEARNER,
+                                                             Member("d", "10.0.0.4:5555", "10.0.0.4:8080"), 2.0)
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"[", b"{}", b"[1, 2, 3]", json.dumps({
+    "node_id": 1, "raft_address": "a", "http_address": "b"}).encode(), json.dumps({
+        "node_id": "", "raft_address": "a", "http_address": "b"}).encode(), json.dumps({
+            "node_id": "x" * 256, "raft_address": "a", "http_address": "b"}).encode()])
+def test_a_bad_join_body_gets_400(client, body):
+    r = client("POST", "/join", body)
+    assert r.status == 400 and r.text.startswith("bad join body") and one_line(r)
+    assert client.runtime.calls == []
+
+
+def test_a_join_waits_out_another_change_in_flight_within_the_write_timeout():
+    client = Client(write_timeout_seconds=0.3)
+    client.runtime.fail("change_membership", ProposalDropped("a change is in flight"))
+    assert client("POST", "/join", JOIN).status == 200
+    client.runtime.fail("change_membership", *[ProposalDropped("a change is in flight")] * 100)
+    r = client("POST", "/join", JOIN)
+    assert (r.status, r.text) == (503, "join not possible now: a change is in flight\n")
+    assert 4 <= len(client.runtime.calls) - 2 <= 10  # every 50 ms for 0.3 s
+
+
+@pytest.mark.parametrize("operation, method, target, body, call", [
+    ("join", "POST", "/join", JOIN, "change_membership"),
+    ("removal", "DELETE", "/cluster/b", "", "change_membership"),
+    ("transfer", "POST", "/cluster/transfer?to=b", "", "transfer_leadership"),
+])
+def test_each_failure_of_an_admin_request_has_its_answer(client, operation, method, target, body, call):
+    assert client(method, target, body).status == 200
+    cases = [(Timeout("no answer in 2.0s"), 503, f"{operation} not confirmed: no answer in 2.0s"),
+             (Stopped("node is stopping"), 503, f"{operation} not confirmed: node is stopping"),
+             (ValueError("b is not a member"), 400, "b is not a member"),
+             (NotLeader("c"), 307, NOT_LEADER)]
+    if operation != "transfer":
+        cases.append((EntryLost("entry 5 was overwritten"), 503, f"{operation} not confirmed: entry 5 was overwritten"))
+    if operation == "removal":
+        cases.append((ProposalDropped("a change is in flight"), 503, "removal not confirmed: a change is in flight"))
+    for error, status, text in cases:
+        client.runtime.node.leader_id = "c"
+        client.runtime.fail(call, error)
+        r = client(method, target, body)
+        assert (r.status, r.text) == (status, text + "\n") and one_line(r), (error, r)
+        client.runtime.node.leader_id = "a"
+    client.be_follower("b")
+    r = client(method, target, body)
+    assert r.status == 307 and r.headers["location"] == "http://10.0.0.2:8080" + target
+
+
+def test_remove_and_transfer_answer_what_they_did(client):
+    r = client("DELETE", "/cluster/b")
+    assert (r.status, r.text, r.headers["x-raft-index"]) == (200, "removed b\n", "1")
+    change = client.runtime.calls[-1][1]
+    assert (change.kind, change.member.node_id) == (ConfChangeKind.REMOVE, "b")
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.text) == (200, "leader is now c\n")
+    assert client.runtime.calls[-1] == ("transfer_leadership", "c", 2.0)
+
+
+# ---- signed admin requests ----------------------------------------------------------------------------------------
+
+
+def signed_client() -> Client:
+    return Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET))
+
+
+@pytest.mark.parametrize("method, target, body, what", [
+    ("POST", "/join", JOIN, "join"), ("DELETE", "/cluster/b", "", "removal"),
+    ("POST", "/cluster/transfer?to=b", "", "transfer")])
+def test_with_a_secret_admin_requests_must_be_signed_once(method, target, body, what):
+    client = signed_client()
+    for headers, why in (({}, "not signed with this cluster's secret (no signature)"),
+                         (admin_headers(b"another", method, target, body.encode()), "the signature does not match"),
+                         (admin_headers(SECRET, method, target + "x", body.encode()), "the signature does not match"),
+                         ({TIMESTAMP_HEADER: "soon", SIGNATURE_HEADER: "00"}, "malformed timestamp"),
+                         (admin_headers(SECRET, method, target, body.encode(), now=1.0), "from this node's clock")):
+        r = client(method, target, body, headers=headers)
+        assert r.status == 403 and r.text.startswith(f"{what} refused: ") and why in r.text and one_line(r), r
+    assert client.runtime.calls == []
+    headers = admin_headers(SECRET, method, target, body.encode())
+    assert client(method, target, body, headers=headers).status == 200
+    claim = client.runtime.calls[0]
+    assert claim[0] == "propose" and client.store.admin_claims.claims == {
+        headers[SIGNATURE_HEADER]: float(headers[TIMESTAMP_HEADER])}
+    r = client(method, target, body, headers=headers)  # the same request again: a replay
+    assert (r.status, r.text) == (403, f"{what} refused: this signed request was already used (a replay); sign it "
+                                       "again\n")
+    assert len(client.runtime.calls) == 2  # the replay to this leader cost no log entry
+
+
+def test_a_signature_claimed_on_another_leader_is_refused():
+    client = signed_client()
+    headers = admin_headers(SECRET, "POST", "/cluster/transfer?to=b")
+    # Another leader claimed it through the log; this one never saw the request.
+    client.store.apply(1, command(ADMIN_CLAIM, headers[SIGNATURE_HEADER], b"", [float(headers[TIMESTAMP_HEADER]), 0]))
+    r = client("POST", "/cluster/transfer?to=b", headers=headers)
+    assert (r.status, r.text) == (403, "transfer refused: this signed request was already used, on another leader (a "
+                                       "replay); sign it again\n")
+    assert not any(c[0] == "transfer_leadership" for c in client.runtime.calls)
+
+
+@pytest.mark.parametrize("error", [ProposalDropped("busy"), EntryLost("lost"), Timeout("no answer"),
+                                   DiskFull("disk full"), Stopped("stopping")])
+def test_a_claim_that_does_not_commit_must_be_signed_again(error):
+    client = signed_client()
+    client.runtime.fail("propose", error)
+    r = client("DELETE", "/cluster/b", headers=admin_headers(SECRET, "DELETE", "/cluster/b"))
+    assert (r.status, r.text) == (503, f"removal not confirmed ({error}); sign it again to retry\n")
+    assert [c[0] for c in client.runtime.calls] == ["propose"]
+
+
+def test_a_signed_request_to_a_follower_is_redirected_before_its_claim():
+    client = signed_client()
+    client.be_follower("b")
+    headers = admin_headers(SECRET, "POST", "/join", JOIN.encode())
+    r = client("POST", "/join", JOIN, headers=headers)
+    assert r.status == 307 and client.runtime.calls == []
+    client.runtime.node.role = Role.LEADER
+    assert client("POST", "/join", JOIN, headers=headers).status == 200  # not used up by the redirect
+
+
+# ---- status pages -------------------------------------------------------------------------------------------------
+
+
+def test_status_is_one_line_of_json_from_the_status_copy(client):
+    client("POST", "/db/k", "v")
+    client("POST", "/db/k", "w")
+    r = client("GET", "/status")
+    assert (r.status, r.headers["content-type"]) == (200, "application/json")
+    assert r.body.endswith(b"}\n") and r.body.count(b"\n") == 1  # compact, not indented
+    assert json.loads(r.body) == {
+        "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
+        "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "disk_full": False,
+        "removed": None, "members": [
+            {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
+             "match_index": 4},
+            {"id": "b", "raft_address": "10.0.0.2:5555", "http_address": "10.0.0.2:8080", "role": "voter",
+             "match_index": 1},
+            {"id": "c", "raft_address": "10.0.0.3:5555", "http_address": "10.0.0.3:8080", "role": "learner",
+             "match_index": None}]}
+    client.be_follower(None)
+    client.runtime.node.removed = ("b", 3)
+    client.runtime.disk_full = True
+    status = json.loads(client("GET", "/status").body)
+    assert (status["role"], status["leader"], status["leader_http"], status["removed"], status["disk_full"]) == (
+        "follower", None, None, {"by": "b", "index": 3}, True)
+    assert [m["match_index"] for m in status["members"]] == [None, None, None]
+
+
+def test_cluster_lists_the_members(client):
+    r = client("GET", "/cluster")
+    assert r.body.count(b"\n") == 1
+    assert [(m["id"], m["role"], m["match_index"]) for m in json.loads(r.body)] == [
+        ("a", "voter", 2), ("b", "voter", -1), ("c", "learner", None)]
+
+
+def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
+    client("POST", "/db/k", "v")
+    client("GET", "/db/k?consistency=stale")
+    r = client("GET", "/metrics")
+    assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=")
+    samples = dict(line.rsplit(" ", 1) for line in r.text.splitlines() if line and not line.startswith("#"))
+    assert samples['raftdzmq_writes_total{outcome="committed"}'] == "1.0"
+    assert samples['raftdzmq_reads_total{consistency="stale"}'] == "1.0"
+    assert samples["raftdzmq_write_seconds_count"] == "1.0"
+    assert (samples["raftdzmq_term"], samples["raftdzmq_is_leader"], samples["raftdzmq_last_index"],
+            samples["raftdzmq_batches_saved"], samples["raftdzmq_elections_won"]) == ("7.0", "1.0", "3.0", "5.0", "1.0")
+    assert "# TYPE raftdzmq_hub_lag_seconds histogram" in r.text
+
+
+# ---- what no route takes ------------------------------------------------------------------------------------------
+
+
+def test_unknown_paths_and_methods_get_one_line(client):
+    for method, target, status in (("GET", "/nowhere", 404), ("PATCH", "/db/k", 405), ("GET", "/cluster/x", 405),
+                                   ("POST", "/status", 405)):
+        r = client(method, target)
+        assert r.status == status and one_line(r) and r.headers["content-type"] == "text/plain; charset=utf-8", r
+    assert client.runtime.calls == []
+
+
+def test_every_route_is_tested_here():
+    """A route added to api.ROUTES without a test here fails this test: add the test, then the route below."""
+    assert {(method, path) for method, path, _, _ in api_module.ROUTES} == {
+        ("POST", "/db/<key:path>"), ("PUT", "/db/<key:path>"), ("DELETE", "/db/<key:path>"),
+        ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
+        ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer")}
