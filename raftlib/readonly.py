@@ -17,12 +17,34 @@ when a round starts and sends the heartbeats and the ReadIndexReply messages thi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
 from dataclasses import dataclass, field
 
 from .messages import Membership
 
 # (origin, request_ids, read_index): the leader's answer to reads another node forwarded (a ReadIndexReply).
 ReadAnswer = tuple[str, tuple[int, ...], int]
+
+
+class _Bits(Protocol):
+    def getrandbits(self, k: int, /) -> int: ...
+
+
+def request_ids(rng: _Bits) -> Iterator[int]:
+    """The ids one process gives its reads: consecutive, from a random start in [1, 2**52].
+
+    They must not repeat across the node's restarts. A leader's ReadIndexReply can reach a follower long after it was
+    sent (a slow network, a paused leader, a queue): if the restarted follower had numbered its reads from 1 again,
+    the old reply would answer a new read of the same id with a read index from before that read began, and the node
+    would serve a stale value. With 2**52 starting points and a few thousand reads in flight, a collision across
+    incarnations is as likely as a disk returning the wrong block. (etcd's request ids carry a time prefix for the
+    same reason.)
+    """
+    request_id = rng.getrandbits(52)  # random.SystemRandom() in the runtime, random.Random(seed) in tests
+    while True:
+        request_id += 1
+        yield request_id
 
 
 @dataclass(slots=True)

@@ -28,9 +28,9 @@ queue up).
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import os
+import random
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -40,7 +40,7 @@ from typing import Any
 import gevent
 import gevent.event
 
-from . import crashpoints
+from . import crashpoints, readonly
 from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role
@@ -155,7 +155,7 @@ class Runtime:
         self._reads_waiting_apply: dict[gevent.event.AsyncResult, int] = {}  # read -> its read index
         self._index_waiters: dict[gevent.event.AsyncResult, int] = {}  # wait_applied: result -> index
         self._read_waiting: dict[bool, gevent.event.AsyncResult] = {}  # lease? -> the read not yet taken
-        self._request_ids = itertools.count(1)
+        self._request_ids = readonly.request_ids(random.SystemRandom())  # unique across restarts
         # Requests by their timeout: each deque holds (deadline, result) in arrival order, so in deadline order.
         self._deadlines: dict[float, collections.deque[tuple[float, gevent.event.AsyncResult]]] = {}
         self._greenlets: list[gevent.Greenlet] = []

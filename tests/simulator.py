@@ -48,6 +48,7 @@ import dataclasses
 import heapq
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import linearizability
@@ -72,7 +73,7 @@ from raftlib import (
     StoredState,
     TimeoutNow,
 )
-from raftlib import codec
+from raftlib import codec, readonly
 from raftlib.storage import DiskStorage, StorageError
 
 ELECTION_TICKS = 10
@@ -217,6 +218,8 @@ class SimNode:
     written_votes: set = field(default_factory=set)  # ... written since, which a crash may keep or lose
     leader_since: int = -1000  # when this node last became leader
     batching: bool = False  # this tick, its inputs are all stepped before its Readies are handled
+    incarnation: int = 0  # how many times this node has started
+    request_ids: Iterator[int] = field(default_factory=lambda: iter(()))  # this process's read ids
 
 
 @dataclass
@@ -316,7 +319,6 @@ class Cluster:
         self.pending_writes: dict[str, list[PendingWrite]] = {i: [] for i in self.ids}
         self.pending_reads: dict[str, dict[int, PendingRead]] = {i: {} for i in self.ids}
         self.reads_checked = 0
-        self.next_request_id = 1
         self.next_value = 1
         self.keys = ["a", "b", "c"]
 
@@ -370,6 +372,9 @@ class Cluster:
             stored.raft_log(),
             stored.snapshot,
         )
+        sn.incarnation += 1
+        # Read ids as the runtime draws them: a new sequence per process (see readonly.request_ids).
+        sn.request_ids = readonly.request_ids(random.Random(f"{self.seed}/{node_id}/{sn.incarnation}"))
         sn.kv = KV()
         if stored.snapshot is not None:
             sn.kv.restore(stored.snapshot.data, stored.snapshot.last_included_index)
@@ -749,8 +754,7 @@ class Cluster:
             return None
         key = key or self.rng.choice(self.keys)
         min_index = self._acked_index.get(key, 0)
-        request_id = self.next_request_id
-        self.next_request_id += 1
+        request_id = next(sn.request_ids)
         call = self._stamp()
         try:
             sn.node.read_index(request_id, lease=self.rng.random() < self.lease_share if lease is None else lease)

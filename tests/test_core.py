@@ -18,6 +18,7 @@ from raftlib import (
     InstallSnapshot,
     NotLeader,
     ProposalDropped,
+    ReadIndexReply,
     ReadIndexRequest,
     Removed,
     RequestVoteReply,
@@ -498,6 +499,40 @@ def test_forwarded_reads_that_are_never_answered_fail_in_bounded_time():
     before = c.reads_checked
     c.client_read(follower, "k", lease=False)
     assert c.run_until(lambda: c.reads_checked > before, 50)
+
+
+def test_a_late_read_reply_to_a_restarted_follower_does_not_answer_its_new_reads():
+    """Thesis §6.4: a follower serves a read at the index its leader answered for that read. A ReadIndexReply held
+    in the network across the follower's restart must not answer the new process's read, which began after a newer
+    write was acknowledged: that would be a stale read. Read ids are drawn afresh per process (readonly.request_ids),
+    as the runtime draws them; with ids counted from 1 in each process, the new read reuses the old id and the
+    simulator's history check finds the stale value."""
+    c = Cluster(seed=1, n=3)
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    write(c, "k")
+    held: list[ReadIndexReply] = []
+
+    def hold_first_reply(m):
+        if isinstance(m, ReadIndexReply) and m.dst == follower and not held:
+            held.append(m)
+            return None
+        return m
+
+    c.deliver_filter = hold_first_reply
+    assert c.client_read(follower, "k", lease=False) is not None
+    assert c.run_until(lambda: held, 50), "the leader never answered the read"
+    c.deliver_filter = None
+    c.crash(follower)
+    c.restart(follower)
+    write(c, "k")  # acknowledged before the new read begins
+    node = c.nodes[follower].node
+    assert c.run_until(lambda: node.leader_id == leader and node.last_applied >= held[0].read_index, 200)
+    new = c.client_read(follower, "k", lease=False)
+    assert new is not None
+    c.send(held[0])  # the old answer arrives now
+    c.run(20)  # the new read is served at a fresh read index, not the old one (else: SafetyViolation)
+    assert new.read_index is not None and new.read_index > held[0].read_index
 
 
 def test_reads_on_a_leader_that_cannot_commit_in_its_term_fail_in_bounded_time():
