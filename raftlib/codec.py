@@ -78,8 +78,16 @@ _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls))[3:] for cls in _S
 # ---- encoding ---------------------------------------------------------------------------------------
 
 
+def _member_out(x: Member) -> list:
+    # The public key only when there is one: without a cluster secret a member is as version 1 wrote it, on the
+    # wire and on disk, and older nodes read it.
+    if x.public_key:
+        return [x.node_id, x.raft_address, x.http_address, x.public_key]
+    return [x.node_id, x.raft_address, x.http_address]
+
+
 def _membership_out(m: Membership) -> list:
-    return [list(m.voters), list(m.learners), [[x.node_id, x.raft_address, x.http_address] for x in m.members]]
+    return [list(m.voters), list(m.learners), [_member_out(x) for x in m.members]]
 
 
 def entry_to_wire(e: Entry) -> list:
@@ -128,14 +136,24 @@ def _str(v) -> str:
     return v
 
 
+_Z85_ALPHABET = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+
+
+def _public_key(v) -> str:
+    """A CURVE public key as Z85 text: 40 characters of Z85's alphabet (32 bytes)."""
+    _need(type(v) is str and len(v) == 40 and set(v) <= _Z85_ALPHABET, "bad public key")
+    return v
+
+
 def _membership_in(v) -> Membership:
     _need(type(v) is list and len(v) == 3, "bad membership")
     voters, learners, members = v
     _need(type(voters) is list and type(learners) is list and type(members) is list, "bad membership")
     out = []
     for m in members:
-        _need(type(m) is list and len(m) == 3, "bad member")
-        out.append(Member(_str(m[0]), _str(m[1]), _str(m[2])))
+        _need(type(m) is list and len(m) in (3, 4), "bad member")
+        public_key = _public_key(m[3]) if len(m) == 4 else ""
+        out.append(Member(_str(m[0]), _str(m[1]), _str(m[2]), public_key))
     vs, ls = tuple(_str(x) for x in voters), tuple(_str(x) for x in learners)
     _need(vs == tuple(sorted(set(vs))) and ls == tuple(sorted(set(ls))), "membership not sorted")
     _need(not set(vs) & set(ls), "a node is both voter and learner")
