@@ -43,7 +43,13 @@ from .messages import (
 )
 
 FORMAT_VERSION = 1
-MAX_FRAME_BYTES = 64 << 20
+# zmq's MAXMSGSIZE on the Raft port, so also the most a stranger can make a node hold per connection before the
+# handshake ends (libzmq applies it to handshake commands too: review 2 F1, 64 MiB then). Every sender fits its
+# frames under it (raftlib.transport: FRAME_BUDGET_BYTES): the core bounds an AppendEntries by max_batch_bytes
+# plus one entry, and a snapshot chunk by snapshot_chunk_bytes (1 MiB each by default), and an entry by
+# MAX_ENTRY_BYTES.
+MAX_FRAME_BYTES = 4 << 20
+MAX_ENTRY_BYTES = 2 << 20  # the largest entry's data that still fits a frame with a whole batch before it
 
 
 class CodecError(ValueError):
@@ -112,6 +118,25 @@ def _message_out(m: Message) -> list:
         out.pop()
         added -= 1
     return out
+
+
+def estimated_size(m: Message) -> int:
+    """About how many bytes `m` takes in a frame, never much less: for fitting frames under MAX_FRAME_BYTES
+    without encoding twice."""
+    base = 64 + len(m.src) + len(m.dst)
+    if type(m) is AppendEntries:
+        return base + sum(len(e.data) + 32 + (0 if e.membership is None else _membership_size(e.membership))
+                        for e in m.entries)
+    if type(m) is InstallSnapshot:
+        return base + len(m.data) + _membership_size(m.membership)
+    if type(m) is ReadIndexRequest or type(m) is ReadIndexReply:
+        return base + 9 * len(m.request_ids)
+    return base + (len(m.leader_id) if type(m) is Removed else 0)
+
+
+def _membership_size(m: Membership) -> int:
+    return 16 + sum(32 + len(x.node_id) * 2 + len(x.raft_address) + len(x.http_address) + len(x.public_key)
+                    for x in m.members)
 
 
 def encode_batch(messages: list[Message]) -> bytes:

@@ -1,8 +1,10 @@
 """ZmqTransport: Raft messages between nodes over zmq.green REQ/REP, as CBOR frames (raftlib.codec).
 
 Rules: every socket is used by one greenlet only. Each peer has one REQ socket and one request in flight: its
-sender greenlet takes everything queued for that peer, sends it as one frame and waits (bounded) for the reply
-frame, which carries the messages the peer had for us in answer. A reply that does not come in time closes the
+sender greenlet takes what is queued for that peer, as much as fits FRAME_BUDGET_BYTES (at least one message),
+sends it as one frame and waits (bounded) for the reply frame, which carries the messages the peer had for us in
+answer (as many as fit; the rest go as requests of our own). Every frame stays under codec.MAX_FRAME_BYTES, which
+is zmq's MAXMSGSIZE on every socket: a few MiB, since libzmq applies it to handshake commands too (review 2 F1). A reply that does not come in time closes the
 socket with linger 0 and opens a new one (the zguide's "lazy pirate"), so a dead peer never wedges the sender;
 the messages are dropped, as Raft allows. Any other failure of a send, the opening of a socket included (out of
 descriptors: EMFILE), drops the batch too, is logged at most once a second, and is retried after 0.1 s: a sender
@@ -56,12 +58,25 @@ from .messages import Member
 logger = logging.getLogger("raftlib.transport")
 TRACE = 5
 CURVE_AVAILABLE = zmq.has("curve")
+FRAME_BUDGET_BYTES = codec.MAX_FRAME_BYTES // 2  # messages batched into one frame, by codec.estimated_size; one
+# message alone may take more, up to codec.MAX_FRAME_BYTES (an AppendEntries: max_batch_bytes and one entry)
 HANDSHAKE_SECONDS = 2.0  # a connection must finish the zmq handshake (and CURVE's) within this
 MAX_INBOUND_CONNECTIONS = 32  # kept at once on the Raft port; members need one each
 NEVER_SPOKE_SECONDS = 1.0  # a connection that never sent a valid frame ranks as if it last did this long before it came
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks who may connect (RFC 27/ZAP)
 _HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "a protocol error", zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                      "refused by authentication"}
+
+
+def fit_frame(messages) -> int:
+    """How many of `messages`, from the first, go into one frame: at least one, then as many as fit
+    FRAME_BUDGET_BYTES (review 2 F1: frames must stay under MAXMSGSIZE, which is now small)."""
+    total = 0
+    for n, m in enumerate(messages):
+        total += codec.estimated_size(m)
+        if total > FRAME_BUDGET_BYTES and n > 0:
+            return n
+    return len(messages)
 
 
 def new_node_key() -> str:
@@ -283,8 +298,16 @@ class ZmqTransport:
                 self._warn_dropped("a bad frame on the raft port", len(data), e)
             except Exception:
                 logger.exception("handler failed on a raft frame")
+            n = fit_frame(replies)
+            if n < len(replies):  # the rest as requests of our own: an answer must fit a frame too
+                self.send(replies[n:])
+                replies = replies[:n]
+            out = self._encode(replies)
+            if len(out) > codec.MAX_FRAME_BYTES:
+                self._warn_dropped("an answer over the frame limit (not sent)", len(out), codec.CodecError("too big"))
+                out = self._encode([])
             try:
-                sock.send(self._encode(replies))
+                sock.send(out)
             except zmq.ZMQError as e:
                 if sock.closed:
                     return
@@ -316,14 +339,25 @@ class ZmqTransport:
 
     def _on_event(self, event: dict) -> None:
         kind, value = event["event"], event["value"]
+        inbound = self._inbound
         if kind == zmq.EVENT_ACCEPTED:
-            self._inbound.accepted(value)
+            inbound.accepted(value)
         elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
-            self._inbound.gone(value)
+            if inbound.gone(value):
+                # zmq says no more (its handshake events name no descriptor): the usual cause is a frame over
+                # MAXMSGSIZE (review 2 F1: a stranger declaring a huge handshake command), else bytes that are not
+                # ZMTP, a refused handshake (logged as well), or a peer that hung up.
+                self._handshake_warning.warn(
+                    "raft port: a connection closed before it sent a valid frame: a frame over the %d MiB limit, "
+                    "not ZMTP, refused, or the other side hung up", codec.MAX_FRAME_BYTES >> 20)
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self._handshake_warning.warn("raft port: accepting a connection failed: %s", zmq.strerror(value))
-        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a peer that died or stopped mid-handshake, a squatter
-            logger.debug("raft port: a connection ended before its handshake finished (%s)", zmq.strerror(value))
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # the value is an errno
+            if value in (errno.EAGAIN, errno.ETIMEDOUT):  # HANDSHAKE_IVL ran out (zmq reports EAGAIN)
+                self._handshake_warning.warn("raft port: closed a connection that did not finish its handshake "
+                                             "within %gs", HANDSHAKE_SECONDS)
+            else:  # a peer that died or stopped mid-handshake
+                logger.debug("raft port: a connection ended before its handshake finished (%s)", zmq.strerror(value))
         elif kind in _HANDSHAKE_FAILED:
             self._handshake_warning.warn(
                 "raft port: a connection failed the handshake (%s): a node with another cluster secret, or none, "
@@ -374,6 +408,7 @@ class _InboundConnections:
         self.members = 0
         self.closed = 0  # by enforce_cap, in all
         self._rank: dict[int, float] = {}  # descriptor -> when it last sent a valid frame (see NEVER_SPOKE_SECONDS)
+        self._silent: set[int] = set()  # descriptors accepted that have not sent a valid frame yet
 
     @property
     def cap(self) -> int:
@@ -384,13 +419,21 @@ class _InboundConnections:
 
     def accepted(self, fd: int) -> None:
         # It may have spoken already: its first frame can be handled before the monitor's event about it.
+        if fd not in self._rank:
+            self._silent.add(fd)
         self._rank[fd] = max(self._rank.get(fd, 0.0), time.monotonic() - NEVER_SPOKE_SECONDS)
 
     def spoke(self, fd: int) -> None:
         self._rank[fd] = time.monotonic()
+        self._silent.discard(fd)
 
-    def gone(self, fd: int) -> None:
+    def gone(self, fd: int) -> bool:
+        """Forget `fd`; True when it was accepted and never sent a valid frame."""
         self._rank.pop(fd, None)
+        if fd in self._silent:
+            self._silent.remove(fd)
+            return True
+        return False
 
     def enforce_cap(self) -> int:
         """Shut down connections, longest without a valid frame first, until at most `cap` are left; returns how
@@ -401,6 +444,7 @@ class _InboundConnections:
         while len(rank) > self.cap:
             fd = min(rank, key=rank.__getitem__)
             del rank[fd]
+            self._silent.discard(fd)
             if _shutdown_accepted(fd, self.port):
                 closed += 1
         self.closed += closed
@@ -467,15 +511,21 @@ class _PeerSender:
                 self._wake.clear()
                 self._wake.wait()
                 continue
-            batch = list(self._queue)
-            self._queue.clear()
+            queue = self._queue
+            n = fit_frame(queue) if len(queue) > 1 else 1
+            batch = [queue.popleft() for _ in range(n)]
+            data = t._encode(batch)
+            if len(data) > codec.MAX_FRAME_BYTES:  # cannot happen within the core's bounds: see codec
+                t._warn_dropped(f"a frame for {self.node_id} over the limit (not sent)", len(data),
+                                codec.CodecError(f"{len(batch)} message(s)"))
+                continue
             try:
                 if self._sock is None:
                     # Inside the try: opening can fail too (EMFILE when the process is out of descriptors), and
                     # a sender that died here would never speak to this peer again.
                     self._sock = self._open()
                 logger.log(TRACE, "send to %s: %s", self.node_id, batch)
-                self._sock.send(t._encode(batch))
+                self._sock.send(data)
                 # recv under a gevent.Timeout waits on the socket's own watcher; poll() would build a Poller, a
                 # select and two timers for every request.
                 with gevent.Timeout(t._reply_timeout_ms / 1000.0, False):

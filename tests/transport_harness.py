@@ -82,6 +82,7 @@ def main() -> None:
         p.t.stop()
     over_the_cap()
     only_members_as_themselves()
+    frames_within_the_limit()
     sys.stdout.flush()
 
 
@@ -229,6 +230,76 @@ def only_members_as_themselves() -> None:
     failed = [name for name, ok in checks.items() if not ok]
     print("only-members-as-themselves", "ok" if not failed else "FAIL " + ",".join(failed))
     for t in (member, server, joiner):
+        t.stop()
+
+
+def frames_within_the_limit() -> None:
+    """Review 2 F1. A stranger's handshake command declaring 64,000,000 bytes is cut at once (MAXMSGSIZE is a few
+    MiB: it held ~64 MiB per connection until the 2 s handshake bound) and logged at warning; and frames stay under
+    the limit however much is queued: six AppendEntries of 1 MiB each reach their peer, as do six such answers."""
+    import dataclasses
+    import logging
+    import struct
+
+    from raftlib import AppendEntries, Entry, Member
+    from raftlib.transport import new_node_key, public_key_of
+
+    warnings = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("raftlib.transport").addHandler(Record())
+    a_port, b_port = free_port(), free_port()
+    k_a, k_b = new_node_key(), new_node_key()
+    config = [Member("a", f"127.0.0.1:{a_port}", "", public_key_of(k_a)),
+              Member("b", f"127.0.0.1:{b_port}", "", public_key_of(k_b))]
+    big = [AppendEntries("x", "y", 1, i, 1, (Entry(1, i + 1, data=b"e" * (1 << 20)),), 0) for i in range(6)]
+    at_a, at_b = [], []
+
+    def b_handler(messages, reply_wanted):
+        at_b.extend(messages)
+        if any(m.term == 2 for m in messages):  # answer with six big ones
+            return [dataclasses.replace(m, src="b", dst="a", term=2) for m in big]
+        return []
+
+    a = ZmqTransport("a", f"127.0.0.1:{a_port}", lambda m, r: at_a.extend(m) or [], reply_timeout_seconds=2.0,
+                     node_key=k_a, members=lambda: config)
+    b = ZmqTransport("b", f"127.0.0.1:{b_port}", b_handler, reply_timeout_seconds=2.0, node_key=k_b,
+                     members=lambda: config)
+    a.start()
+    b.start()
+    a.set_peers({"b": f"127.0.0.1:{b_port}"})
+    b.set_peers({"a": f"127.0.0.1:{a_port}"})
+
+    attacker = socket.create_connection(("127.0.0.1", b_port))
+    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([3, 0]) + b"CURVE".ljust(20, b"\x00") + b"\x00" * 32
+    attacker.sendall(greeting + b"\x06" + struct.pack(">Q", 64_000_000) + b"\x05HELLO")
+    t0, cut = time.monotonic(), None
+    attacker.setblocking(False)
+    while cut is None and time.monotonic() - t0 < 3.0:
+        try:
+            attacker.sendall(b"\x00" * 65536)
+            if attacker.recv(65536) == b"":
+                cut = time.monotonic() - t0
+        except BlockingIOError:
+            pass
+        except OSError:
+            cut = time.monotonic() - t0
+        gevent.sleep(0.01)
+    attacker.close()
+    checks = {"cut-at-once": cut is not None and cut < 1.0}
+
+    a.send([dataclasses.replace(m, src="a", dst="b") for m in big])
+    checks["six-big-requests"] = wait(lambda: len(at_b) == 6, 10)
+    a.send([RequestVote("a", "b", 2, 0, 0)])
+    checks["six-big-answers"] = wait(lambda: sum(isinstance(m, AppendEntries) for m in at_a) == 6, 10)
+    checks["over-limit-logged"] = wait(lambda: any("over the 4 MiB limit" in w for w in warnings), 2)
+    failed = [name for name, ok in checks.items() if not ok]
+    print("frames-within-the-limit", "ok" if not failed else f"FAIL {','.join(failed)} (cut after {cut})")
+    for t in (a, b):
         t.stop()
 
 
