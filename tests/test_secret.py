@@ -35,7 +35,7 @@ def secret_file(tmp_path, name: str, secret: str) -> str:
 
 def test_members_with_the_secret_replicate_and_strangers_are_refused(tmp_path):
     good = secret_file(tmp_path, "good", "s3cret-of-the-cluster")
-    bad = secret_file(tmp_path, "bad", "another-secret")
+    bad = secret_file(tmp_path, "bad", "another-secret-of-a-cluster")
     c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", good)).start()
     try:
         leader = c.leader()
@@ -174,7 +174,7 @@ def test_admin_requests_need_a_fresh_signature_forwarded_or_redirected(tmp_path)
     """Issue 17 item 4: with a secret, unsigned, wrongly signed, stale and replayed /cluster changes and joins are
     refused (the leader stays, all three voters stay); signed ones work directly, through a -forward follower and
     after a 307; the -sign helper signs for curl; the secret is never logged."""
-    secret = b"admin-s3cret"
+    secret = b"admin-s3cret-of-the-cluster"
     path = secret_file(tmp_path, "s", secret.decode())
     c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path, "-forward")).start()
     try:
@@ -263,6 +263,21 @@ def test_an_empty_secret_file_is_refused(tmp_path):
     assert out.returncode != 0 and "secret file" in out.stderr and "empty" in out.stderr
 
 
+def test_a_short_secret_is_refused_from_a_file_and_from_the_environment(tmp_path):
+    """Review 2 F5: a signed admin header is HMAC(secret, known text), open to offline guessing: a secret must have
+    at least 16 bytes, and the error says how to make one."""
+    short = secret_file(tmp_path, "short", "x" * 15)
+    node_dir = os.path.join(tmp_path, "node")
+    for extra, env in ((("-secret-file", short), {}), ((), {"RAFTDZMQ_SECRET": "y" * 15})):
+        out = subprocess.run([sys.executable, SERVER, "-p", str(free_port()), "-hp", str(free_port()), *extra,
+                              node_dir], capture_output=True, text=True, timeout=30, env={**os.environ, **env})
+        assert out.returncode != 0 and "at least 16 bytes" in out.stderr and "openssl rand" in out.stderr, out
+        assert not os.path.exists(node_dir)  # refused before anything is made
+    out = subprocess.run([sys.executable, SERVER, "-secret-file", secret_file(tmp_path, "ok", "z" * 16), "-sign",
+                          "DELETE", "/cluster/x"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "X-Raftdzmq-Signature" in out.stdout, out
+
+
 @pytest.mark.skipif(netns_unavailable() is not None, reason=f"the non-loopback address lives in a network namespace: "
                                                              f"{netns_unavailable()}")
 def test_warns_when_listening_beyond_loopback_without_a_secret(tmp_path):
@@ -295,7 +310,7 @@ def test_a_used_admin_request_is_refused_by_every_later_leader(tmp_path):
     brought it back; the recorded removal replayed removed it again: the used-signature memory was the leader's
     own. Now a claim of each signature goes through the Raft log before the request acts, and every node, also one
     restarted from a snapshot that holds the claims, refuses it."""
-    secret = b"claims-s3cret"
+    secret = b"claims-s3cret-of-the-cluster"
     path = secret_file(tmp_path, "s", secret.decode())
     c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path, "-snapshot-threshold", "65536")).start()
     try:
@@ -408,7 +423,7 @@ def test_a_recorded_heartbeat_sent_again_does_not_hold_off_an_election(tmp_path)
     long as it went on (20 s in the review). Here a member's session to each follower is recorded byte for byte,
     the leader killed, and each recording sent again on new connections every 50 ms for 8 s: the followers must
     elect a new leader meanwhile. (CURVE: the recorded handshake does not open a new session.)"""
-    secret = "replay-s3cret"
+    secret = "replay-s3cret-of-the-cluster"
     path = secret_file(tmp_path, "s", secret)
     c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path)).start()
     stop = threading.Event()

@@ -42,13 +42,17 @@ def valid_public_key(text: object) -> bool:
     return isinstance(text, str) and _PUBLIC_KEY.fullmatch(text) is not None
 
 
+MIN_SECRET_BYTES = 16  # a signed header is HMAC(secret, known text): open to offline guessing (review 2 F5)
+
+
 class SecretError(Exception):
-    """The cluster secret was asked for and cannot be had (an unreadable or empty file)."""
+    """The cluster secret was asked for and cannot be had (an unreadable or empty file, or one too short)."""
 
 
 def read_secret(secret_file: str | None, environ: Mapping[str, str] = os.environ) -> bytes | None:
     """The cluster secret from `secret_file` (surrounding white space dropped), else from $RAFTDZMQ_SECRET; None
-    when neither is given. Raises SecretError when the file cannot be read or is empty."""
+    when neither is given. Raises SecretError when the file cannot be read or is empty, or the secret is shorter
+    than MIN_SECRET_BYTES."""
     if secret_file:
         try:
             with open(os.path.expanduser(secret_file), "rb") as f:
@@ -57,8 +61,17 @@ def read_secret(secret_file: str | None, environ: Mapping[str, str] = os.environ
             raise SecretError(f"cannot read the secret file: {e}") from None
         if not secret:
             raise SecretError(f"the secret file {secret_file} is empty")
-        return secret
-    return environ.get(SECRET_ENV, "").strip().encode() or None
+        where = f"the secret in {secret_file}"
+    else:
+        secret = environ.get(SECRET_ENV, "").strip().encode()
+        if not secret:
+            return None
+        where = f"${SECRET_ENV}"
+    if len(secret) < MIN_SECRET_BYTES:
+        # No stretching (a KDF) makes a short secret safe here: clients sign with the plain HMAC (curl, openssl).
+        raise SecretError(f"{where} has {len(secret)} bytes: a cluster secret needs at least {MIN_SECRET_BYTES} bytes "
+                          "(make one with: openssl rand -hex 32)")
+    return secret
 
 
 def wire_target(raw: str) -> str:
