@@ -511,6 +511,11 @@ def test_idle_connections_are_closed_after_the_idle_timeout(cluster):
     responses, closed = exchange(leader.address, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", sock=s,
                                  timeout=IDLE_TIMEOUT + 5)
     assert [r[0] for r in responses] == [200] and closed
+    # Counted and logged (review 2, minor): evictions were neither.
+    metrics = leader.request("GET", "/metrics").text
+    assert re.search(r'^raftdzmq_http_evictions_total\{reason="idle_timeout"\} [1-9]', metrics, re.M), metrics
+    assert re.search(r"^raftdzmq_out_of_descriptors 0", metrics, re.M)
+    assert "(idle timeout)" in leader.log_text()
 
 
 def test_a_client_that_never_reads_its_answers_is_cut_off(tmp_path):
@@ -565,6 +570,9 @@ def test_slowloris_cannot_lock_clients_out_of_a_full_server(tmp_path):
             took = time.monotonic() - t0
             assert took < 5, took  # it waited for -receive-timeout (20 s) before
         assert "Traceback" not in n.log_text()
+        metrics = n.request("GET", "/metrics", timeout=30).text
+        assert re.search(r'^raftdzmq_http_evictions_total\{reason="full_receiving"\} [1-9]', metrics, re.M), metrics
+        assert "(full receiving)" in n.log_text()
     finally:
         for s in stalled:
             s.close()

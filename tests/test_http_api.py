@@ -522,6 +522,14 @@ def test_a_signed_request_to_a_follower_is_redirected_before_its_claim():
     assert client("POST", "/join", SIGNED_JOIN, headers=headers).status == 200  # not used up by the redirect
 
 
+def test_removing_a_node_that_is_not_a_member_is_404_and_appends_nothing():
+    """Review 2, minor: a signed DELETE /cluster/nope00 answered 200 and put a claim into the log."""
+    client = signed_client()
+    r = client("DELETE", "/cluster/nope00", headers=admin_headers(SECRET, "DELETE", "/cluster/nope00"))
+    assert (r.status, r.text) == (404, "nope00 is not a member\n")
+    assert client.runtime.calls == []
+
+
 def test_with_a_secret_a_join_names_its_key_and_the_answer_lists_the_members_keys_signed():
     """Review 2 F2: the joining node's public key goes into the configuration; the answer's keys are what it
     admits until a configuration reaches it, so the answer is signed for this request; a member's id with another

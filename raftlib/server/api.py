@@ -495,6 +495,8 @@ def get_cluster(api: Api) -> bottle.HTTPResponse:
 def remove_member(api: Api, node_id: str) -> bottle.HTTPResponse:
     check_signature(api, "removal")
     require_leader(api)
+    if node_id not in api.runtime.node.membership.node_ids:
+        return text(404, f"{node_id} is not a member")  # before the claim: nothing goes into the log
     claim_signature(api, "removal")
     index, _ = api.runtime.change_membership(ConfChange(ConfChangeKind.REMOVE, Member(node_id)),
                                              api.write_timeout_seconds)

@@ -193,7 +193,8 @@ class Server:
             listen(config.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
-            max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes)
+            max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
+            on_eviction=self.metrics.http_evictions.inc)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
