@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import resource
 import socket
 import time
 import urllib.error
@@ -52,7 +53,8 @@ log = logging.getLogger("raftdzmq.node")
 # seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
 TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
 HEARTBEAT_TICKS = 5  # ticks per heartbeat: the election timeout is counted in fifths of a heartbeat
-HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its successor to take over
+HANDOVER_TIMEOUT_SECONDS = 2.0
+MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start  # how long a stopping leader waits for its successor to take over
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,13 @@ class Server:
         gevent.spawn(self.metrics.watch_hub_lag)
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
                  self.raft_address, config.data_dir)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < MIN_HARD_DESCRIPTORS:
+            # Review 2 F3: with a small hard limit strangers' connections use up the descriptors at once, and zmq
+            # then fails its accepts in a loop; the HTTP cap shrinks to a handful too.
+            log.warning("the hard limit on open files (ulimit -Hn) is %d, under %d: connections to either port can "
+                        "use up this node's descriptors; raise it (e.g. LimitNOFILE= in systemd)", hard,
+                        MIN_HARD_DESCRIPTORS)
         if config.secret is None and not _is_loopback(config.bind_host):
             log.warning("listening on %s beyond loopback without a cluster secret: anyone who can reach the raft port "
                         "can speak for a member, and anyone who reaches the http port can join; give every node "
