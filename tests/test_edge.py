@@ -1075,10 +1075,10 @@ def test_a_small_hard_descriptor_limit_is_warned_about_and_a_flood_does_not_pile
         time.sleep(6.0)
         grown = rss_bytes(n.proc.pid) - before
         assert grown < 20 << 20, f"grew {grown >> 20} MiB in 6 s"
+        for s in flood:
+            s.close()
+        wait_for(lambda: n.request("GET", "/status", timeout=5).status == 200, 15, "an answer after the flood")
     finally:
         for s in flood:
             s.close()
-    try:
-        wait_for(lambda: n.request("GET", "/status", timeout=5).status == 200, 15, "an answer after the flood")
-    finally:
         n.kill()
