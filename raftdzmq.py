@@ -28,7 +28,10 @@ from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_se
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
 from raftlib.server.node import JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.storage import StorageError  # noqa: E402
+from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
+
+MAX_BODY_LIMIT = MAX_ENTRY_BYTES - 8192  # room for the key (at most 4 KiB) and the command's encoding
 
 log = logging.getLogger("raftdzmq")
 
@@ -97,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
+    if args.max_body > MAX_BODY_LIMIT:  # an entry must fit a Raft frame (raftlib.codec.MAX_ENTRY_BYTES)
+        p.error(f"-max-body must be at most {MAX_BODY_LIMIT} (a write travels in one Raft frame)")
     safe = connection_bound()
     if args.max_connections is None:
         args.max_connections = min(1000, safe)

@@ -45,6 +45,8 @@ The data dir:
 
     LOCK                   held with flock(LOCK_EX) while a process uses the dir
     node.json              {"format": 1, "node_id": ..., "raft_address": ..., "http_address": ...}
+    node.key               with a cluster secret: the node's CURVE key pair and whom it admits before it has a
+                           configuration (raftlib.server.node); mode 0600, never logged
     log/NNNNNNNNNN.seg     log segments: "RDZMQLOG", u32 version 1, then records (docs/DATA-DIR.md)
     snapshot-IIII.snap     the snapshot the newest base record names (IIII = its last included index, 20 digits)
 
@@ -135,7 +137,8 @@ class OutOfDescriptors(StorageError):
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None, folder=None) -> None:
+def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None, folder=None,
+                      private: bool = False) -> None:
     """Write to a temporary file, fsync, rename over `path`, fsync the folder (`folder`: a handle of it from
     `open_dir`, so that the sync opens nothing; by default its path). No room (the writes or the temporary file's
     fsync): DiskFull, and `path` is as it was; the temporary file is unlinked, but that unlink is not synced, so a
@@ -146,6 +149,8 @@ def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str |
     try:
         f = fs.create(tmp)
         try:
+            if private and isinstance(f, int):  # a real descriptor: readable by the owner only, before any byte
+                os.fchmod(f, 0o600)
             fs.append(f, data)
             fs.fsync(f)  # a new file: nothing older rides on this sync, so a failure of it loses nothing
         finally:
@@ -554,6 +559,29 @@ class DiskStorage:
         _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
                           folder=self._folders[self.data_dir])
 
+    # ---- the node's key (with a cluster secret) ------------------------------------------------------------
+
+    @property
+    def _node_key_path(self) -> str:
+        return os.path.join(self.data_dir, NODE_KEY)
+
+    def read_node_key(self) -> dict | None:
+        """The JSON object in node.key, None when there is none; StorageError when it is not one."""
+        try:
+            value = json.loads(self.fs.read_file(self._node_key_path))
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise StorageError(f"{self._node_key_path} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise StorageError(f"{self._node_key_path} is not a JSON object")
+        return value
+
+    def write_node_key(self, value: dict) -> None:
+        """Replace node.key, crash-safe (a crash leaves the old file or the new one), readable by the owner only."""
+        _write_atomically(self.fs, self._node_key_path, json.dumps(value, indent=1).encode() + b"\n",
+                          folder=self._folders[self.data_dir], private=True)
+
     # ---- the join marker: what a node's first start is for, until it is done ---------------------------
 
     @property
@@ -958,6 +986,7 @@ class DiskStorage:
             self._lock = None
 
 
+NODE_KEY = "node.key"
 JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not done: "bootstrap" or "join"
 
 
@@ -971,7 +1000,7 @@ class NodeStart:
 
 
 def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft_address: str, http_address: str,
-               join: bool) -> NodeStart:
+               join: bool, public_key: str = "") -> NodeStart:
     """Who this data dir's node is and what it must do, made crash-safe. The states, each durable before the next
     is entered, so that a crash anywhere leaves one of them:
 
@@ -989,6 +1018,7 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                                            to reach it (or an older raftdzmq wrote the dir): a warning.
         a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed.
 
+    `public_key` (with a cluster secret) goes into the bootstrap's configuration with this node.
     Raises NotJoined, DiskFull (nothing is lost: start again once there is room), or OSError."""
     identity = storage.read_identity()
     pending = storage.read_join_marker()
@@ -1017,7 +1047,7 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                         "start a new cluster")
     elif pending == "bootstrap":
         # The first node of a new cluster: a configuration with itself as the only voter (index 1).
-        me = Member(node_id, raft_address, http_address)
+        me = Member(node_id, raft_address, http_address, public_key)
         first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership((node_id,), (), (me,)))
         storage.save(HardState(1, None, 1), [first])
         out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))

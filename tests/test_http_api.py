@@ -17,7 +17,7 @@ from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, P
 from raftlib.progress import ProgressState, ProgressStatus
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
-from raftlib.server.admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers
+from raftlib.server.admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers, verify_answer
 from raftlib.server.api import NOT_LEADER, Api, make_app
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import ADMIN_CLAIM, SET, KeyValueStore, command
@@ -92,7 +92,7 @@ class FakeRuntime:
                        membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
                        removed=n.removed, reads_pending=0),
             True, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
-                                                          "saves": 5, "snapshots": 0}))
+                                                          "saves": 5, "snapshots": 0, "out_of_descriptors": 2}))
 
 
 class Answer:
@@ -392,6 +392,8 @@ def test_a_page_of_keys_as_json_with_the_next_key(client):
 # ---- membership and leadership ------------------------------------------------------------------------------------
 
 JOIN = json.dumps({"node_id": "d", "raft_address": "10.0.0.4:5555", "http_address": "10.0.0.4:8080"})
+D_KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a CURVE public key (Z85; the one in RFC 32's example)
+SIGNED_JOIN = json.dumps({**json.loads(JOIN), "public_key": D_KEY})  # with a cluster secret
 
 
 def test_join_adds_a_learner_and_answers_its_index(client):
@@ -466,7 +468,7 @@ def signed_client() -> Client:
 
 
 @pytest.mark.parametrize("method, target, body, what", [
-    ("POST", "/join", JOIN, "join"), ("DELETE", "/cluster/b", "", "removal"),
+    ("POST", "/join", SIGNED_JOIN, "join"), ("DELETE", "/cluster/b", "", "removal"),
     ("POST", "/cluster/transfer?to=b", "", "transfer")])
 def test_with_a_secret_admin_requests_must_be_signed_once(method, target, body, what):
     client = signed_client()
@@ -513,11 +515,42 @@ def test_a_claim_that_does_not_commit_must_be_signed_again(error):
 def test_a_signed_request_to_a_follower_is_redirected_before_its_claim():
     client = signed_client()
     client.be_follower("b")
-    headers = admin_headers(SECRET, "POST", "/join", JOIN.encode())
-    r = client("POST", "/join", JOIN, headers=headers)
+    headers = admin_headers(SECRET, "POST", "/join", SIGNED_JOIN.encode())
+    r = client("POST", "/join", SIGNED_JOIN, headers=headers)
     assert r.status == 307 and client.runtime.calls == []
     client.runtime.node.role = Role.LEADER
-    assert client("POST", "/join", JOIN, headers=headers).status == 200  # not used up by the redirect
+    assert client("POST", "/join", SIGNED_JOIN, headers=headers).status == 200  # not used up by the redirect
+
+
+def test_removing_a_node_that_is_not_a_member_is_404_and_appends_nothing():
+    """Review 2, minor: a signed DELETE /cluster/nope00 answered 200 and put a claim into the log."""
+    client = signed_client()
+    r = client("DELETE", "/cluster/nope00", headers=admin_headers(SECRET, "DELETE", "/cluster/nope00"))
+    assert (r.status, r.text) == (404, "nope00 is not a member\n")
+    assert client.runtime.calls == []
+
+
+def test_with_a_secret_a_join_names_its_key_and_the_answer_lists_the_members_keys_signed():
+    """Review 2 F2: the joining node's public key goes into the configuration; the answer's keys are what it
+    admits until a configuration reaches it, so the answer is signed for this request; a member's id with another
+    key is refused (a holder of the secret must not take over a member's identity)."""
+    client = signed_client()
+    r = client("POST", "/join", JOIN, headers=admin_headers(SECRET, "POST", "/join", JOIN.encode()))
+    assert r.status == 400 and "public_key" in r.text and one_line(r), r
+    headers = admin_headers(SECRET, "POST", "/join", SIGNED_JOIN.encode())
+    r = client("POST", "/join", SIGNED_JOIN, headers=headers)
+    assert r.status == 200, r
+    change = next(c[1] for c in client.runtime.calls if c[0] == "change_membership")
+    assert change.member == Member("d", "10.0.0.4:5555", "10.0.0.4:8080", D_KEY)
+    answer = {k.lower(): v for k, v in r.headers.items()}
+    canonical = {TIMESTAMP_HEADER: answer[TIMESTAMP_HEADER.lower()], SIGNATURE_HEADER: answer[SIGNATURE_HEADER.lower()]}
+    assert verify_answer(SECRET, headers[SIGNATURE_HEADER], r.body, canonical)
+    assert not verify_answer(SECRET, "another request", r.body, canonical)
+    assert not verify_answer(b"another secret", headers[SIGNATURE_HEADER], r.body, canonical)
+    assert json.loads(r.body)["members"] == {m.node_id: m.public_key for m in MEMBERS}
+    taken = json.dumps({"node_id": "b", "raft_address": "x:1", "http_address": "x:2", "public_key": D_KEY})
+    r = client("POST", "/join", taken, headers=admin_headers(SECRET, "POST", "/join", taken.encode()))
+    assert r.status == 409 and "another key" in r.text, r
 
 
 # ---- status pages -------------------------------------------------------------------------------------------------
@@ -567,6 +600,7 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert (samples["raftdzmq_term"], samples["raftdzmq_is_leader"], samples["raftdzmq_last_index"],
             samples["raftdzmq_batches_saved"], samples["raftdzmq_elections_won"]) == ("7.0", "1.0", "3.0", "5.0", "1.0")
     assert "# TYPE raftdzmq_hub_lag_seconds histogram" in r.text
+    assert samples["raftdzmq_out_of_descriptors"] == "2.0"
 
 
 # ---- what no route takes ------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The cluster secret (-secret-file / $RAFTDZMQ_SECRET), driven through real processes: members with it replicate,
-joins without it or with another are refused, a member restarted with the wrong secret is cut off and logged;
+joins without it or with another are refused; each node has a CURVE key of its own and speaks only as itself, and
+a removed member's key is refused;
 admin requests (/join, /cluster changes) need a fresh signature, directly, forwarded and redirected; and the
 warning for a node that listens beyond loopback without a secret."""
 
@@ -17,8 +18,12 @@ import threading
 import time
 
 import pytest
+import zmq
 
 from procs import ROOT, SERVER, LocalCluster, Node, free_port, netns_unavailable, wait_for
+
+
+GHOST_KEY = zmq.curve_keypair()[0].decode()  # the public key a made-up joining node names
 
 
 def secret_file(tmp_path, name: str, secret: str) -> str:
@@ -30,7 +35,7 @@ def secret_file(tmp_path, name: str, secret: str) -> str:
 
 def test_members_with_the_secret_replicate_and_strangers_are_refused(tmp_path):
     good = secret_file(tmp_path, "good", "s3cret-of-the-cluster")
-    bad = secret_file(tmp_path, "bad", "another-secret")
+    bad = secret_file(tmp_path, "bad", "another-secret-of-a-cluster")
     c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", good)).start()
     try:
         leader = c.leader()
@@ -54,25 +59,102 @@ def test_members_with_the_secret_replicate_and_strangers_are_refused(tmp_path):
         wait_for(lambda: "refused a join" in leader.log_text(), 5, "the leader to log the refusals")
         assert len(leader.status()["members"]) == 3
 
-        # A member restarted with the wrong secret: its connections fail the CURVE handshake (logged), and it gets
-        # nothing.
+        # Restarted with the secret from the environment, a member catches up.
         follower = next(n for n in c.nodes if n is not leader)
         follower.stop()
-        follower.start("-secret-file", bad)
         assert leader.request("POST", "/db/k", "v2").status == 200
-        wait_for(lambda: "failed the handshake" in leader.log_text(), 10, "the leader's warning")
-        time.sleep(1.0)
-        assert follower.request("GET", "/db/k?consistency=stale").body == b"v1"
-        assert not follower.exited() and not leader.exited()
-
-        # Back with the right secret (from the environment this time), it catches up.
-        follower.stop()
         os.environ["RAFTDZMQ_SECRET"] = "s3cret-of-the-cluster"
         try:
             follower.start()
         finally:
             del os.environ["RAFTDZMQ_SECRET"]
         wait_for(lambda: follower.request("GET", "/db/k?consistency=stale").body == b"v2", 15, "the catch-up")
+        # Each node has a key of its own in its data dir, owner-only; its public key is in the configuration.
+        keys = {m["id"]: m["public_key"] for m in leader.request("GET", "/cluster").json()}
+        for n in c.nodes:
+            path = os.path.join(n.data_dir, "node.key")
+            assert os.stat(path).st_mode & 0o077 == 0
+            with open(path) as f:
+                secret_key = json.load(f)["secret_key"]
+            assert secret_key not in n.log_text()
+            assert keys[n.status()["node_id"]] == zmq.curve_public(secret_key.encode()).decode()
+        assert len(set(keys.values())) == 3
+    finally:
+        c.stop()
+
+
+# One frame to a node's Raft port through a CURVE connection made with a node key: argv: the client's secret key
+# (Z85), the server's public key, the port, the frame (hex). Prints "answered" or "no answer".
+RAW_FRAME = r"""
+import sys, zmq
+secret_key, server_key, port, frame = sys.argv[1:5]
+ctx = zmq.Context()
+s = ctx.socket(zmq.REQ)
+for option, value in ((zmq.LINGER, 0), (zmq.SNDTIMEO, 2000), (zmq.RCVTIMEO, 2000)):
+    s.setsockopt(option, value)
+s.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode())
+s.setsockopt(zmq.CURVE_PUBLICKEY, zmq.curve_public(secret_key.encode()))
+s.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+s.connect(f"tcp://127.0.0.1:{port}")
+try:
+    s.send(bytes.fromhex(frame))
+    s.recv()
+    print("answered")
+except zmq.Again:
+    print("no answer")
+s.close(linger=0)
+ctx.term()
+"""
+
+
+def send_raw(secret_key: str, server_key: str, port: int, messages) -> str:
+    from raftlib import codec
+
+    out = subprocess.run([sys.executable, "-c", RAW_FRAME, secret_key, server_key, str(port),
+                          codec.encode_batch(messages).hex()], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_a_member_speaks_only_as_itself_and_not_once_removed(tmp_path):
+    """Review 2 F2: with one CURVE key for the whole cluster and no check of a message's `src`, a removed member
+    (anyone who ever had the secret) derived the key, sent a TimeoutNow claiming to come from the leader, and the
+    target started an election and won. Now each node has its own key: a member's frame that names the leader as
+    its `src` is dropped, and once the member is removed its key does not even complete a handshake."""
+    from raftlib import TimeoutNow
+
+    path = secret_file(tmp_path, "s", "forgery-s3cret-of-the-cluster")
+    secret = b"forgery-s3cret-of-the-cluster"
+    c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path)).start()
+    try:
+        leader = c.leader()
+        leader_id = leader.status()["node_id"]
+        removed, target = (n for n in c.nodes if n is not leader)
+        removed_id, target_id = removed.status()["node_id"], target.status()["node_id"]
+        target_key = {m["id"]: m["public_key"] for m in leader.request("GET", "/cluster").json()}[target_id]
+        with open(os.path.join(removed.data_dir, "node.key")) as f:
+            removed_key = json.load(f)["secret_key"]
+        term = target.status()["term"]
+
+        # A member, still in the configuration, speaking as the leader: answered (the connection is a member's),
+        # but the message is dropped: no election.
+        assert send_raw(removed_key, target_key, target.port, [TimeoutNow(leader_id, target_id, term)]) == "answered"
+        time.sleep(1.5)
+        assert target.status()["term"] == term and c.leader() is leader
+        wait_for(lambda: "whose src is not" in target.log_text(), 5, "the target to log the forgery")
+
+        # Removed (signed), and stopped: its key is refused from then on, whatever it claims.
+        r = leader.request("DELETE", f"/cluster/{removed_id}", headers=sign(secret, "DELETE", f"/cluster/{removed_id}"))
+        assert r.status == 200, r
+        wait_for(lambda: removed_id not in members(target), 10, "the removal to reach the target")
+        removed.stop()
+        for src in (leader_id, removed_id):
+            assert send_raw(removed_key, target_key, target.port, [TimeoutNow(src, target_id, term)]) == "no answer"
+        time.sleep(1.0)
+        assert target.status()["term"] == term and c.leader() is leader
+        wait_for(lambda: "not a member's key" in target.log_text(), 5, "the target to log the refusal")
+        assert leader.request("POST", "/db/after", "x").status == 200
     finally:
         c.stop()
 
@@ -92,7 +174,7 @@ def test_admin_requests_need_a_fresh_signature_forwarded_or_redirected(tmp_path)
     """Issue 17 item 4: with a secret, unsigned, wrongly signed, stale and replayed /cluster changes and joins are
     refused (the leader stays, all three voters stay); signed ones work directly, through a -forward follower and
     after a 307; the -sign helper signs for curl; the secret is never logged."""
-    secret = b"admin-s3cret"
+    secret = b"admin-s3cret-of-the-cluster"
     path = secret_file(tmp_path, "s", secret.decode())
     c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path, "-forward")).start()
     try:
@@ -102,7 +184,8 @@ def test_admin_requests_need_a_fresh_signature_forwarded_or_redirected(tmp_path)
         follower_id = follower.status()["node_id"]
         voters = members(leader)
         assert sorted(voters.values()) == ["voter"] * 3
-        ghost = json.dumps({"node_id": "ghost", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2"})
+        ghost = json.dumps({"node_id": "ghost", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2",
+                            "public_key": GHOST_KEY})
         now = time.time()
         refusals = [
             ("DELETE", f"/cluster/{leader_id}", b"", {}, "not signed"),
@@ -180,6 +263,21 @@ def test_an_empty_secret_file_is_refused(tmp_path):
     assert out.returncode != 0 and "secret file" in out.stderr and "empty" in out.stderr
 
 
+def test_a_short_secret_is_refused_from_a_file_and_from_the_environment(tmp_path):
+    """Review 2 F5: a signed admin header is HMAC(secret, known text), open to offline guessing: a secret must have
+    at least 16 bytes, and the error says how to make one."""
+    short = secret_file(tmp_path, "short", "x" * 15)
+    node_dir = os.path.join(tmp_path, "node")
+    for extra, env in ((("-secret-file", short), {}), ((), {"RAFTDZMQ_SECRET": "y" * 15})):
+        out = subprocess.run([sys.executable, SERVER, "-p", str(free_port()), "-hp", str(free_port()), *extra,
+                              node_dir], capture_output=True, text=True, timeout=30, env={**os.environ, **env})
+        assert out.returncode != 0 and "at least 16 bytes" in out.stderr and "openssl rand" in out.stderr, out
+        assert not os.path.exists(node_dir)  # refused before anything is made
+    out = subprocess.run([sys.executable, SERVER, "-secret-file", secret_file(tmp_path, "ok", "z" * 16), "-sign",
+                          "DELETE", "/cluster/x"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "X-Raftdzmq-Signature" in out.stdout, out
+
+
 @pytest.mark.skipif(netns_unavailable() is not None, reason=f"the non-loopback address lives in a network namespace: "
                                                              f"{netns_unavailable()}")
 def test_warns_when_listening_beyond_loopback_without_a_secret(tmp_path):
@@ -212,12 +310,13 @@ def test_a_used_admin_request_is_refused_by_every_later_leader(tmp_path):
     brought it back; the recorded removal replayed removed it again: the used-signature memory was the leader's
     own. Now a claim of each signature goes through the Raft log before the request acts, and every node, also one
     restarted from a snapshot that holds the claims, refuses it."""
-    secret = b"claims-s3cret"
+    secret = b"claims-s3cret-of-the-cluster"
     path = secret_file(tmp_path, "s", secret.decode())
     c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path, "-snapshot-threshold", "65536")).start()
     try:
         leader = c.leader()
-        ghost = json.dumps({"node_id": "ghost", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2"})
+        ghost = json.dumps({"node_id": "ghost", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2",
+                            "public_key": GHOST_KEY})
         join = sign(secret, "POST", "/join", ghost.encode())
         assert leader.request("POST", "/join", ghost, headers=join).status == 200
         assert members(leader).get("ghost") == "learner"
@@ -259,21 +358,22 @@ def test_a_used_admin_request_is_refused_by_every_later_leader(tmp_path):
 
 
 # A member's session, as the leader would hold it: one heartbeat (AppendEntries at the leader's term) to a follower,
-# through this process's transport with the cluster secret. argv: secret, leader id, term, follower id, address.
+# through this process's transport with the leader's node key. argv: the leader's secret key, leader id, term,
+# follower id, address, the follower's public key.
 MEMBER_HEARTBEAT = r"""
 from gevent import monkey
 monkey.patch_all()
 import socket, sys, gevent
-from raftlib import AppendEntries
+from raftlib import AppendEntries, Member
 from raftlib.transport import ZmqTransport
 
-secret, leader_id, term, follower_id, address = sys.argv[1:6]
+node_key, leader_id, term, follower_id, address, follower_key = sys.argv[1:7]
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
 replies = []
 t = ZmqTransport(leader_id, f"127.0.0.1:{port}", lambda m, r: replies.extend(m) or [], reply_timeout_seconds=2.0,
-                 secret=secret.encode())
+                 node_key=node_key, members=lambda: [Member(follower_id, address, "", follower_key)])
 t.start()
 t.set_peers({follower_id: address})
 t.send([AppendEntries(leader_id, follower_id, int(term), 0, 0, (), 0)])
@@ -323,7 +423,7 @@ def test_a_recorded_heartbeat_sent_again_does_not_hold_off_an_election(tmp_path)
     long as it went on (20 s in the review). Here a member's session to each follower is recorded byte for byte,
     the leader killed, and each recording sent again on new connections every 50 ms for 8 s: the followers must
     elect a new leader meanwhile. (CURVE: the recorded handshake does not open a new session.)"""
-    secret = "replay-s3cret"
+    secret = "replay-s3cret-of-the-cluster"
     path = secret_file(tmp_path, "s", secret)
     c = LocalCluster(str(tmp_path), size=3, extra=("-secret-file", path)).start()
     stop = threading.Event()
@@ -332,10 +432,14 @@ def test_a_recorded_heartbeat_sent_again_does_not_hold_off_an_election(tmp_path)
         status = leader.status()
         followers = [n for n in c.nodes if n is not leader]
         recordings = []
+        keys = {m["id"]: m["public_key"] for m in leader.request("GET", "/cluster").json()}
+        with open(os.path.join(leader.data_dir, "node.key")) as f:
+            leader_key = json.load(f)["secret_key"]
         for f in followers:
             proxy = RecordingProxy(f.port)
-            out = subprocess.run([sys.executable, "-c", MEMBER_HEARTBEAT, secret, status["node_id"],
-                                  str(status["term"]), f.status()["node_id"], f"127.0.0.1:{proxy.port}"],
+            follower_id = f.status()["node_id"]
+            out = subprocess.run([sys.executable, "-c", MEMBER_HEARTBEAT, leader_key, status["node_id"],
+                                  str(status["term"]), follower_id, f"127.0.0.1:{proxy.port}", keys[follower_id]],
                                  capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ,
                                                                                                 PYTHONPATH=ROOT))
             assert out.stdout.split() == ["replies", "1"], out.stdout + out.stderr  # the session was a real one

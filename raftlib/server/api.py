@@ -33,7 +33,7 @@ from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Rol
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.storage import DiskFull
 
-from .admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, wire_target
+from .admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, valid_public_key, wire_target
 from .edge import RateLimitedLog
 from .metrics import Metrics
 from .store import ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
@@ -371,7 +371,7 @@ def members(node: NodeStatus) -> list[dict]:
             match_index = node.last_index if m.node_id == node.node_id else progress and progress.match_index
         out.append({"id": m.node_id, "raft_address": m.raft_address, "http_address": m.http_address,
                     "role": "voter" if m.node_id in node.membership.voters else "learner",
-                    "match_index": match_index})
+                    "match_index": match_index, **({"public_key": m.public_key} if m.public_key else {})})
     return out
 
 
@@ -429,6 +429,8 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
 
 
 def join(api: Api) -> bottle.HTTPResponse:
+    """Add the node the body names as a learner. With a cluster secret the body names its CURVE public key too,
+    and the answer lists the members' keys, signed (admin.answer_headers): the joining node admits them."""
     raw = read_body()
     check_signature(api, "join")
     try:
@@ -438,9 +440,19 @@ def join(api: Api) -> bottle.HTTPResponse:
             raise ValueError
     except (ValueError, TypeError, KeyError):
         return text(400, 'bad join body: want JSON {"node_id": ..., "raft_address": ..., "http_address": ...}')
+    public_key = ""
+    if api.guard is not None:
+        public_key = body.get("public_key")
+        if not valid_public_key(public_key):
+            return text(400, "bad join body: with a cluster secret, want the node's CURVE public key as "
+                        '"public_key" (40 characters of Z85)')
     require_leader(api)
+    known = api.runtime.node.membership.member(fields[0])
+    if known is not None and known.public_key != public_key:
+        # A signed join must not give a member's identity to another key: only its own key speaks as it.
+        return text(409, f"node {fields[0]} is a member with another key: remove it first")
     claim_signature(api, "join")
-    change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(*fields))
+    change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(fields[0], fields[1], fields[2], public_key))
     deadline = time.monotonic() + api.write_timeout_seconds
     while True:
         try:
@@ -451,7 +463,12 @@ def join(api: Api) -> bottle.HTTPResponse:
                 raise
             gevent.sleep(0.05)
     log.info("node %s (%s) joined as a learner", fields[0], fields[2])
-    return json_answer({"index": index})
+    if api.guard is None:
+        return json_answer({"index": index})
+    membership = api.runtime.status().node.membership
+    answer = json.dumps({"index": index, "members": {m.node_id: m.public_key for m in membership.members}}).encode()
+    headers = answer_headers(api.guard.secret, bottle.request.get_header(SIGNATURE_HEADER), answer)
+    return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
 
 
 def get_status(api: Api) -> bottle.HTTPResponse:
@@ -478,6 +495,8 @@ def get_cluster(api: Api) -> bottle.HTTPResponse:
 def remove_member(api: Api, node_id: str) -> bottle.HTTPResponse:
     check_signature(api, "removal")
     require_leader(api)
+    if node_id not in api.runtime.node.membership.node_ids:
+        return text(404, f"{node_id} is not a member")  # before the claim: nothing goes into the log
     claim_signature(api, "removal")
     index, _ = api.runtime.change_membership(ConfChange(ConfChangeKind.REMOVE, Member(node_id)),
                                              api.write_timeout_seconds)

@@ -8,6 +8,11 @@ Rules:
   code 3, acknowledging nothing more.
 - The choice of a successor on shutdown reads only `Runtime.status()`, never the core's fields.
 - Every wait has a bound: joining (-join-timeout), each join request, the hand-over on shutdown.
+- With a cluster secret the node has a CURVE key pair of its own, made at its first start and kept in node.key
+  (DiskStorage.write_node_key: crash-safe, mode 0600); the secret key is never logged. Its public key goes into
+  the bootstrap's configuration, or into the signed join request; the leader's signed answer to the join names
+  the members' keys, which the node admits on its Raft port (kept in node.key too, before JOINING goes) until a
+  configuration reaches it (raftlib.transport: bootstrap rule).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import os
 import random
+import resource
 import socket
 import time
 import urllib.error
@@ -32,10 +38,10 @@ from raftlib.core import Config, NodeStatus, RaftNode
 from raftlib.interfaces import StoredState
 from raftlib.messages import Message, Role
 from raftlib.runtime import Runtime
-from raftlib.storage import DiskStorage, start_node
-from raftlib.transport import ZmqTransport
+from raftlib.storage import DiskStorage, StorageError, start_node
+from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
-from .admin import SECRET_ENV, AdminGuard, admin_headers
+from .admin import SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, valid_public_key, verify_answer
 from .api import Api, make_app
 from .edge import EdgeServer, listen
 from .metrics import Metrics
@@ -47,7 +53,8 @@ log = logging.getLogger("raftdzmq.node")
 # seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
 TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
 HEARTBEAT_TICKS = 5  # ticks per heartbeat: the election timeout is counted in fifths of a heartbeat
-HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its successor to take over
+HANDOVER_TIMEOUT_SECONDS = 2.0
+MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start  # how long a stopping leader waits for its successor to take over
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,10 @@ class Server:
             self.store.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
                                       reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
-                                      secret=config.secret)
+                                      node_key=None if self.node_key is None else self.node_key["secret_key"],
+                                      members=lambda: self.node.membership.members)
+        if self.node_key is not None and self.node_key.get("admit"):
+            self.transport.admit_before_configuration(self.node_key["admit"])
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
         self.metrics.bind(self.runtime.status)
@@ -118,11 +128,37 @@ class Server:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (raftlib.storage.start_node says how)."""
         stored = self.storage.load()
+        self.node_key = None if self.config.secret is None else self._load_node_key()
         start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
-                           self.http_address, join=bool(self.config.join))
+                           self.http_address, join=bool(self.config.join), public_key=self.public_key)
         self.node_id = start.node_id
         self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
         return start.stored
+
+    @property
+    def public_key(self) -> str:
+        """This node's CURVE public key (Z85 text); "" without a cluster secret."""
+        return "" if self.node_key is None else public_key_of(self.node_key["secret_key"])
+
+    def _load_node_key(self) -> dict:
+        """node.key: this node's CURVE secret key and whom it admits before it has a configuration; made (with a
+        new key) when the data dir has none. Before node.json at a first start: a crash between leaves a key and
+        no identity, which the next start keeps."""
+        key = self.storage.read_node_key()
+        if key is None:
+            key = {"format": 1, "secret_key": new_node_key(), "admit": {}}
+            self.storage.write_node_key(key)
+            log.info("made a CURVE key pair for this node (public key in the configuration; secret key in %s)",
+                     os.path.join(self.config.data_dir, "node.key"))
+            return key
+        admit = key.get("admit", {})
+        try:
+            public_key_of(key.get("secret_key", ""))
+            if not isinstance(admit, dict) or not all(valid_public_key(v) for v in admit.values()):
+                raise ValueError("bad \"admit\"")
+        except (ValueError, AttributeError) as e:
+            raise StorageError(f"{os.path.join(self.config.data_dir, 'node.key')} is not a node key: {e}") from None
+        return key
 
     def _timed_fdatasync(self, fd: int, nbytes: int) -> None:
         t0 = time.perf_counter()
@@ -159,11 +195,19 @@ class Server:
             listen(config.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
-            max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes)
+            max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
+            on_eviction=self.metrics.http_evictions.inc)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
                  self.raft_address, config.data_dir)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < MIN_HARD_DESCRIPTORS:
+            # Review 2 F3: with a small hard limit strangers' connections use up the descriptors at once, and zmq
+            # then fails its accepts in a loop; the HTTP cap shrinks to a handful too.
+            log.warning("the hard limit on open files (ulimit -Hn) is %d, under %d: connections to either port can "
+                        "use up this node's descriptors; raise it (e.g. LimitNOFILE= in systemd)", hard,
+                        MIN_HARD_DESCRIPTORS)
         if config.secret is None and not _is_loopback(config.bind_host):
             log.warning("listening on %s beyond loopback without a cluster secret: anyone who can reach the raft port "
                         "can speak for a member, and anyone who reaches the http port can join; give every node "
@@ -195,16 +239,21 @@ class Server:
     def join(self, target: str) -> None:
         """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded by
         -join-timeout. Raises JoinFailed."""
-        body = json.dumps({"node_id": self.node_id, "raft_address": self.raft_address,
-                           "http_address": self.http_address}).encode()
+        fields = {"node_id": self.node_id, "raft_address": self.raft_address, "http_address": self.http_address}
+        if self.node_key is not None:
+            fields["public_key"] = self.public_key
+        body = json.dumps(fields).encode()
         deadline = time.monotonic() + self.config.join_timeout_seconds
         url = f"http://{target}/join"
         last_error = "no answer"
         while time.monotonic() < deadline:
             try:
-                with _no_redirects.open(self._join_request(url, body),
-                                        timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
-                    resp.read()
+                request = self._join_request(url, body)
+                with _no_redirects.open(request, timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
+                    answer, answer_headers = resp.read(), resp.headers
+                if self.node_key is not None:
+                    self._admit_from_answer(request.get_header(SIGNATURE_HEADER.capitalize()) or "", answer,
+                                            answer_headers)
                 self.storage.remove_join_marker()  # "joined": a leader accepted the join (issue 11)
                 log.info("joined the cluster through %s", url)
                 return
@@ -221,6 +270,23 @@ class Server:
             gevent.sleep(0.2)
         raise JoinFailed(f"could not join the cluster at {target} within {self.config.join_timeout_seconds:g}s: "
                          f"{last_error}")
+
+    def _admit_from_answer(self, request_signature: str, answer: bytes, headers) -> None:
+        """The leader's answer to our signed join: check its signature (a stranger on the HTTP path must not name
+        keys we admit), keep the members' keys in node.key (before JOINING goes: a restart before any leader
+        reaches us still admits them), and admit them on the Raft port."""
+        assert self.config.secret is not None and self.node_key is not None  # only with a secret
+        if not verify_answer(self.config.secret, request_signature, answer, headers):
+            raise JoinFailed("the answer to the join is not signed with this cluster's secret (a leader of an older "
+                             "raftdzmq, or not the cluster's)")
+        try:
+            members = json.loads(answer)["members"]
+            admit = {k: v for k, v in members.items() if k != self.node_id and valid_public_key(v)}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise JoinFailed("the answer to the join lists no members' keys") from None
+        self.node_key = {**self.node_key, "admit": admit}
+        self.storage.write_node_key(self.node_key)
+        self.transport.admit_before_configuration(admit)
 
     def _join_request(self, url: str, body: bytes) -> urllib.request.Request:
         headers = {"Content-Type": "application/json"}
