@@ -305,6 +305,9 @@ def claim_signature(api: Api, what: str) -> None:
             raise Unconfirmed(what, e) from None
         if result == "used":
             reason = "this signed request was already used, on another leader (a replay); sign it again"
+        elif result == "expired":
+            reason = ("this signed request is older than the cluster remembers (a leader's clock ran ahead?); "
+                      "sign it again")
     if reason is not None:
         raise Forbidden(what, reason)
 

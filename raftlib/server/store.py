@@ -7,11 +7,13 @@ Rules:
   restored gives back exactly the state it was taken of.
 - A command is a CBOR array `[op, key, value, expected]` (`command` builds one). Results: "ok"; "missing" (a DELETE
   of a key that is not there); "failed" (a COMPARE_AND_SET whose expected value differs, a CREATE of a key that
-  exists); "used" (an ADMIN_CLAIM of a signature claimed before); "error" (a command that does not decode, applied
+  exists); "used" (an ADMIN_CLAIM of a signature claimed before); "expired" (an ADMIN_CLAIM older than the claims'
+  horizon); "error" (a command that does not decode, applied
   as nothing). An unknown op (a newer version's command) applies as nothing and gives "ok".
-- The formats are part of the data dir (docs/DATA-DIR.md): a snapshot is the map as a CBOR map, or, while admin
-  claims are within their window, `[SNAPSHOT_WITH_CLAIMS, map, claims]`, so a snapshot without claims stays
-  readable by nodes from before claims.
+- The formats are part of the data dir (docs/DATA-DIR.md): a snapshot is the map as a CBOR map, or, once any
+  admin request was claimed, `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]`, so a snapshot of a cluster that
+  never signed an admin request stays readable by nodes from before claims; `[SNAPSHOT_WITH_CLAIMS, map, claims]`
+  (the previous version's) is still read, with a horizon of 0.
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
   O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes).
 """
@@ -29,9 +31,11 @@ log = logging.getLogger("raftdzmq.store")
 # to take effect (AdminClaims).
 SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
 SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
+SNAPSHOT_WITH_CLAIMS_V2 = "raftdzmq-kv-claims-v2"
 # The clock skew allowed between the signer of an admin request and the leader that checks it (admin.AdminGuard).
-# Part of the replicated state's rules: AdminClaims forgets a claim 2 x this after its timestamp.
 ADMIN_CLOCK_SKEW_SECONDS = 300.0
+# Part of the replicated state's rules: how far behind the newest leader clock a claim is kept (AdminClaims).
+CLAIM_RETENTION_SECONDS = 3 * ADMIN_CLOCK_SKEW_SECONDS
 
 
 def command(op: int, key: str, value: bytes = b"", expected: object = None) -> bytes:
@@ -46,13 +50,20 @@ class AdminClaims:
     "used". Every node applies the same claims in log order, so a leader elected later (or after a restart, or a
     snapshot) refuses what an earlier one took.
 
-    Rules: deterministic (no clock of its own: `now` comes in the command). A claim is forgotten once its timestamp
-    is 2 x ADMIN_CLOCK_SKEW_SECONDS behind the newest `now` seen: every leader whose clock is within the allowed
-    skew of that one refuses its timestamp anyway. Memory: one entry per admin request of that window."""
+    Rules: deterministic (no clock of its own: `now` comes in the command), and the whole state is `claims` and
+    `horizon`, both in the snapshot, so a node that restored a snapshot and one that applied the log agree on every
+    later result. The horizon is the newest `now` seen minus CLAIM_RETENTION_SECONDS; claims with a timestamp before
+    it are forgotten, and a claim with a timestamp before it applies as "expired" (refused), so a forgotten request
+    can never take effect again, whatever the leaders' clocks: safety does not rest on the clocks agreeing. The
+    clocks matter for availability only: a leader whose clock is more than CLAIM_RETENTION_SECONDS -
+    ADMIN_CLOCK_SKEW_SECONDS behind the newest `now` sees its fresh requests refused until it catches up. Memory: one
+    entry per admin request of the last CLAIM_RETENTION_SECONDS."""
 
-    def __init__(self, claims: dict[str, float] | None = None) -> None:
+    __slots__ = ("claims", "horizon")
+
+    def __init__(self, claims: dict[str, float] | None = None, horizon: float = 0.0) -> None:
         self.claims: dict[str, float] = dict(claims or {})  # signature -> its timestamp
-        self._newest_now = max(self.claims.values(), default=0.0)
+        self.horizon = horizon
 
     def apply(self, signature: object, when: object) -> str:
         """`when`: [the request's timestamp, the proposing leader's clock], Unix seconds."""
@@ -60,10 +71,11 @@ class AdminClaims:
                 type(t) in (int, float) for t in when):
             return "error"  # not written by this version: nothing to claim
         timestamp, now = when
-        if now > self._newest_now + 60:  # forget in steps, not a scan of every claim at every claim
-            self._newest_now = now
-            horizon = now - 2 * ADMIN_CLOCK_SKEW_SECONDS
-            self.claims = {s: t for s, t in self.claims.items() if t >= horizon}
+        if now - CLAIM_RETENTION_SECONDS > self.horizon:
+            self.horizon = now - CLAIM_RETENTION_SECONDS
+            self.claims = {s: t for s, t in self.claims.items() if t >= self.horizon}
+        if timestamp < self.horizon:
+            return "expired"  # it may have been claimed and forgotten: refuse it
         if signature in self.claims:
             return "used"
         self.claims[signature] = timestamp
@@ -129,21 +141,25 @@ class KeyValueStore:
         return page[:limit], len(page) > limit
 
     def snapshot(self) -> bytes:
-        if self.admin_claims.claims:
-            return cbor2.dumps([SNAPSHOT_WITH_CLAIMS, self.data, self.admin_claims.claims])
+        claims = self.admin_claims
+        if claims.claims or claims.horizon:
+            return cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, self.data, claims.claims, claims.horizon])
         return cbor2.dumps(self.data)
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot's (empty bytes: the empty state). Raises ValueError for a
         snapshot of an unknown format, changing nothing."""
         v = cbor2.loads(data) if data else {}
-        claims = {}
+        claims, horizon = {}, 0.0
         if type(v) is list:
-            if len(v) != 3 or v[0] != SNAPSHOT_WITH_CLAIMS:
+            if len(v) == 4 and v[0] == SNAPSHOT_WITH_CLAIMS_V2 and type(v[3]) in (int, float):
+                _, v, claims, horizon = v
+            elif len(v) == 3 and v[0] == SNAPSHOT_WITH_CLAIMS:  # before the horizon was kept: it starts at 0
+                _, v, claims = v
+            else:
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-            _, v, claims = v
-        if type(v) is not dict:
+        if type(v) is not dict or type(claims) is not dict:
             raise ValueError("a key/value snapshot of an unknown format (not a map)")
         self.data = v
         self.keys = SortedList(self.data)
-        self.admin_claims = AdminClaims(claims)
+        self.admin_claims = AdminClaims(claims, float(horizon))
