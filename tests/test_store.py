@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from raftlib.server import store
 from raftlib.server.store import (
     ADMIN_CLAIM,
-    ADMIN_CLOCK_SKEW_SECONDS,
     COMPARE_AND_SET,
     CREATE,
     DELETE,
