@@ -474,3 +474,49 @@ def test_a_recorded_heartbeat_sent_again_does_not_hold_off_an_election(tmp_path)
     finally:
         stop.set()
         c.stop()
+
+
+def node_key_of(node: Node) -> dict:
+    with open(os.path.join(node.data_dir, "node.key")) as f:
+        return json.load(f)
+
+
+def test_a_removed_member_is_not_admitted_by_the_sole_survivor(tmp_path):
+    """Review 3 F1: B joined A (B's node.key kept A's key from the join's answer to admit before any configuration
+    reached it); a signed removal of A left B the only member, and B's transport, finding no other member, fell
+    back to that list: A's key was admitted as A again, and A's AppendEntries at a higher term made B apply
+    `SET pwned`. Now the list counts only while B has no configuration at all, and leaves node.key once one
+    arrives: A's key gets no handshake, before and after B restarts, and nothing of A's is applied."""
+    from raftlib import AppendEntries, Entry
+    from raftlib.server.store import SET, command
+
+    secret = b"survivor-s3cret-of-the-cluster"
+    path = secret_file(tmp_path, "s", secret.decode())
+    a, b = Node("a", str(tmp_path)), Node("b", str(tmp_path))
+    c = LocalCluster(str(tmp_path), extra=("-secret-file", path), nodes=[a, b]).start()
+    try:
+        a_id, b_id = a.status()["node_id"], b.status()["node_id"]
+        a_key, b_public = node_key_of(a)["secret_key"], {m["id"]: m["public_key"] for m in a.request("GET", "/cluster").json()}[b_id]
+        r = a.request("DELETE", f"/cluster/{a_id}", headers=sign(secret, "DELETE", f"/cluster/{a_id}"))
+        assert r.status == 200, r
+        wait_for(lambda: b.status()["role"] == "leader" and list(members(b)) == [b_id], 15, "B to lead alone")
+        a.stop()
+        for restart in (False, True):
+            if restart:
+                b.stop()
+                b.start("-secret-file", path)
+                wait_for(lambda: b.status()["role"] == "leader", 10, "B to lead again")
+            st = b.status()
+            forged = AppendEntries(a_id, b_id, st["term"] + 100, st["last_index"], st["term"],
+                                   (Entry(st["term"] + 100, st["last_index"] + 1,
+                                          data=command(SET, "pwned", b"by removed A", None)),), st["last_index"] + 1)
+            assert send_raw(a_key, b_public, b.port, [forged]) == "no answer", restart
+            time.sleep(1.0)
+            assert b.status()["term"] == st["term"], restart
+            assert b.request("GET", "/db/pwned?consistency=stale").status == 404, restart
+            # The join answer's list left node.key once the leader's first append reached B.
+            assert "admit" not in node_key_of(b), restart
+        wait_for(lambda: "not a member's key" in b.log_text(), 5, "B to log the refusal")
+        assert b.request("POST", "/db/after", "x").status == 200
+    finally:
+        c.stop()

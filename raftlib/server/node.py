@@ -11,8 +11,8 @@ Rules:
 - With a cluster secret the node has a CURVE key pair of its own, made at its first start and kept in node.key
   (DiskStorage.write_node_key: crash-safe, mode 0600); the secret key is never logged. Its public key goes into
   the bootstrap's configuration, or into the signed join request; the leader's signed answer to the join names
-  the members' keys, which the node admits on its Raft port (kept in node.key too, before JOINING goes) until a
-  configuration reaches it (raftlib.transport: bootstrap rule).
+  the members' keys, which the node admits on its Raft port (kept in node.key too, before JOINING goes) only
+  while it has no configuration at all; once one reaches it they are dropped from node.key (review 3 F1).
 """
 
 from __future__ import annotations
@@ -115,9 +115,13 @@ class Server:
         self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
                                       reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
                                       node_key=None if self.node_key is None else self.node_key["secret_key"],
-                                      members=lambda: self.node.membership.members)
+                                      members=lambda: self.node.membership.members,
+                                      on_configuration=self._forget_admitted)
         if self.node_key is not None and self.node_key.get("admit"):
-            self.transport.admit_before_configuration(self.node_key["admit"])
+            if self.node.membership.members:  # a configuration reached us before a crash: the list is stale
+                self._forget_admitted()
+            else:
+                self.transport.admit_before_configuration(self.node_key["admit"])
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
         self.metrics.bind(self.runtime.status)
@@ -159,6 +163,23 @@ class Server:
         except (ValueError, AttributeError) as e:
             raise StorageError(f"{os.path.join(self.config.data_dir, 'node.key')} is not a node key: {e}") from None
         return key
+
+    def _forget_admitted(self) -> None:
+        """A configuration is here (durable: the runtime syncs the peers after the save, and at start it was
+        loaded from disk): drop the join answer's keys from node.key, crash-safe, so no later start admits them
+        (review 3 F1). No room or no descriptor: the transport has forgotten them already, and the next start,
+        which finds the configuration again, drops them; any other failure of the write is fatal (storage's rules)."""
+        assert self.node_key is not None
+        if not self.node_key.get("admit"):
+            return
+        self.node_key = {k: v for k, v in self.node_key.items() if k != "admit"}
+        try:
+            self.storage.write_node_key(self.node_key)
+        except StorageError as e:
+            log.warning("could not drop the join's keys from node.key (%s); they are not admitted, and the next "
+                        "start drops them", e)
+            return
+        log.info("a configuration reached this node: node.key no longer lists the join answer's keys")
 
     def _timed_fdatasync(self, fd: int, nbytes: int) -> None:
         t0 = time.perf_counter()
@@ -284,6 +305,8 @@ class Server:
             admit = {k: v for k, v in members.items() if k != self.node_id and valid_public_key(v)}
         except (ValueError, TypeError, KeyError, AttributeError):
             raise JoinFailed("the answer to the join lists no members' keys") from None
+        if self.node.membership.members:
+            return  # a leader reached us already (a retried join): the configuration says whom to admit
         self.node_key = {**self.node_key, "admit": admit}
         self.storage.write_node_key(self.node_key)
         self.transport.admit_before_configuration(admit)
