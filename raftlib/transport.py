@@ -20,7 +20,9 @@ not: thesis §4.1), and tells zmq which node it is (the ZAP User-Id, which zmq p
 connection). The REP server takes a frame only if its sender's key is still a member's (a removed member's
 connection is refused from the moment the configuration without it is here, and so are its frames on a
 connection made before) and every message in it has `src` = that member (review 2 F2: a message's `src` was not
-authenticated, and anyone who once held the cluster secret could speak as any member). A sender checks the
+authenticated, and anyone who once held the cluster secret could speak as any member). A key belongs to one
+member only: when a configuration gives two members one key, the one that had it first keeps it and the other is
+neither admitted nor called (review 3 F2; the leader refuses such a join too). A sender checks the
 replies' `src` likewise (the server's key is the peer's own). Every frame travels encrypted and authenticated
 under keys of that connection alone, with a nonce that must increase: a frame or a whole session recorded and
 sent again does not open, which is why frames carry no HMAC, sequence number or timestamp of their own.
@@ -153,6 +155,7 @@ class ZmqTransport:
         self._before_configuration: dict[str, str] = {}  # node id -> public key: admitted while no configuration
         self._on_configuration = on_configuration
         self._keyless_warned: frozenset[str] = frozenset()
+        self._duplicates_logged: list[str] = []
         self.dropped_frames = 0
         self._dropped_warning = _RateLimitedWarning()
         self._handshake_warning = _RateLimitedWarning()
@@ -206,8 +209,32 @@ class ZmqTransport:
                            "connect, nor be called (a configuration made without a secret, or by a raftdzmq "
                            "before node keys)", ", ".join(sorted(keyless)))
         self._keyless_warned = keyless
-        self._peer_key = peer_key
-        self._key_owner = {key: node_id for node_id, key in peer_key.items()}
+        self._peer_key, self._key_owner = self._one_member_per_key(peer_key)
+
+    def _one_member_per_key(self, peer_key: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        """`peer_key` without the members whose key another member has (review 3 F2: a join that reused a member's
+        public key, read from GET /cluster, took that member's frames from it everywhere), and the map from key to
+        member. A key stays with whoever had it first: the member it was admitted as before (else, for keys new
+        here, the first in the configuration's order); my own key is mine. The others get neither a sender nor
+        admission, and an error is logged (once per such configuration)."""
+        owner: dict[str, str] = {}
+        if self._curve is not None:
+            owner[self._curve[0]] = self.node_id
+        order = sorted(peer_key, key=lambda node_id: self._key_owner.get(peer_key[node_id]) != node_id)
+        refused = []
+        for node_id in order:
+            key = peer_key[node_id]
+            if key in owner:
+                refused.append(f"{node_id} (the key of {owner[key]})")
+            else:
+                owner[key] = node_id
+        if refused and refused != self._duplicates_logged:
+            logger.error("members with another member's public key in the configuration: %s; neither admitted nor "
+                         "called (remove them)", ", ".join(sorted(refused)))
+        self._duplicates_logged = refused
+        if self._curve is not None:
+            del owner[self._curve[0]]
+        return {node_id: key for key, node_id in owner.items()}, owner
 
     def admit_before_configuration(self, keys: dict[str, str]) -> bool:
         """While this node has no configuration (it is joining): admit these members (node id -> public key).

@@ -81,6 +81,7 @@ class FakeRuntime:
 
     def transfer_leadership(self, target: str, timeout_seconds: float) -> None:
         self._call("transfer_leadership", target, timeout_seconds)
+        self.node.leader_id = target  # the runtime returns once this node has heard of the target leading
 
     def status(self) -> RuntimeStatus:
         n = self.node
@@ -393,6 +394,7 @@ def test_a_page_of_keys_as_json_with_the_next_key(client):
 
 JOIN = json.dumps({"node_id": "d", "raft_address": "10.0.0.4:5555", "http_address": "10.0.0.4:8080"})
 D_KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a CURVE public key (Z85; the one in RFC 32's example)
+A_KEY = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID"  # another (RFC 32's example server key)
 SIGNED_JOIN = json.dumps({**json.loads(JOIN), "public_key": D_KEY})  # with a cluster secret
 
 
@@ -457,7 +459,38 @@ def test_remove_and_transfer_answer_what_they_did(client):
     assert (change.kind, change.member.node_id) == (ConfChangeKind.REMOVE, "b")
     r = client("POST", "/cluster/transfer?to=c")
     assert (r.status, r.text) == (200, "leader is now c\n")
-    assert client.runtime.calls[-1] == ("transfer_leadership", "c", 2.0)
+    assert client.runtime.calls[-2] == ("transfer_leadership", "c", 2.0) and client.runtime.calls[-1][0] == "read"
+
+
+def test_a_transfer_answers_200_only_once_the_target_is_confirmed_as_leader():
+    """Review 3 F2: the runtime returns once this node has heard of the target leading; a target that cannot hold
+    leadership (cut off from the others) did that for a moment, and the transfer answered 200. The route now
+    confirms it with a linearizable read, within the write timeout."""
+    client = Client(write_timeout_seconds=0.5)
+    client.runtime.fail("read", Timeout("could not confirm a read in 0.5s"))
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.text) == (503, "transfer not confirmed: could not confirm a read in 0.5s\n") and one_line(r)
+    # The read confirms a leader, but another one: the target lost it meanwhile.
+    runtime = client.runtime
+    read = runtime.read
+
+    def read_then_lost(timeout_seconds: float, lease: bool = False) -> int:
+        runtime.node.leader_id = "a"
+        return read(timeout_seconds, lease)
+
+    runtime.read = read_then_lost
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.text) == (503, "transfer not confirmed: a leads, not c\n"), r
+    # No leader known for a while (NotLeader), then the target confirmed: 200, with the read asked again.
+    runtime.read = read
+    runtime.fail("read", NotLeader(None), NotLeader(None))
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.text) == (200, "leader is now c\n"), r
+    assert [c[0] for c in runtime.calls[-4:]] == ["transfer_leadership", "read", "read", "read"]
+    # Never confirmed within the bound: 503.
+    runtime.fail("read", *[NotLeader(None)] * 1000)
+    r = client("POST", "/cluster/transfer?to=c")
+    assert r.status == 503 and "c was not confirmed as the leader within 0.5s" in r.text, r
 
 
 # ---- signed admin requests ----------------------------------------------------------------------------------------
@@ -485,10 +518,11 @@ def test_with_a_secret_admin_requests_must_be_signed_once(method, target, body, 
     claim = client.runtime.calls[0]
     assert claim[0] == "propose" and client.store.admin_claims.claims == {
         headers[SIGNATURE_HEADER]: float(headers[TIMESTAMP_HEADER])}
+    calls = len(client.runtime.calls)
     r = client(method, target, body, headers=headers)  # the same request again: a replay
     assert (r.status, r.text) == (403, f"{what} refused: this signed request was already used (a replay); sign it "
                                        "again\n")
-    assert len(client.runtime.calls) == 2  # the replay to this leader cost no log entry
+    assert len(client.runtime.calls) == calls  # the replay to this leader cost no log entry
 
 
 def test_a_signature_claimed_on_another_leader_is_refused():
@@ -551,6 +585,20 @@ def test_with_a_secret_a_join_names_its_key_and_the_answer_lists_the_members_key
     taken = json.dumps({"node_id": "b", "raft_address": "x:1", "http_address": "x:2", "public_key": D_KEY})
     r = client("POST", "/join", taken, headers=admin_headers(SECRET, "POST", "/join", taken.encode()))
     assert r.status == 409 and "another key" in r.text, r
+
+
+def test_a_join_with_another_members_key_is_409():
+    """Review 3 F2: a new node id with a member's public key (GET /cluster lists them) was accepted, and every node
+    then took that member's frames as the newcomer's: the member was cut off."""
+    client = signed_client()
+    client.runtime.node.membership = Membership(("a", "b"), (), (dataclasses.replace(MEMBERS[0], public_key=A_KEY),
+                                                                   dataclasses.replace(MEMBERS[1], public_key=D_KEY)))
+    for key, owner in ((D_KEY, "b"), (A_KEY, "a")):
+        body = json.dumps({"node_id": "zzzzzzzz", "raft_address": "x:1", "http_address": "x:2", "public_key": key})
+        r = client("POST", "/join", body, headers=admin_headers(SECRET, "POST", "/join", body.encode()))
+        assert (r.status, r.text) == (409, f"this public key is member {owner}'s: every node needs a key of its "
+                                           "own\n"), r
+    assert client.runtime.calls == []  # refused before its claim: nothing in the log
 
 
 # ---- status pages -------------------------------------------------------------------------------------------------

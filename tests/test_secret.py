@@ -520,3 +520,30 @@ def test_a_removed_member_is_not_admitted_by_the_sole_survivor(tmp_path):
         assert b.request("POST", "/db/after", "x").status == 200
     finally:
         c.stop()
+
+
+def test_a_signed_join_cannot_take_a_members_key(tmp_path):
+    """Review 3 F2 on real nodes: a signed join of a new id with B's public key (from the open GET /cluster) was
+    accepted, every node then took B's frames as the newcomer's and dropped them, and B was cut off (its reads
+    timed out; a transfer to it answered 200 and did not hold). Now the join is refused (409) and B keeps its
+    voice: a transfer to it answers 200 and B leads."""
+    secret = b"dupkey-s3cret-of-the-cluster"
+    path = secret_file(tmp_path, "s", secret.decode())
+    a, b = Node("a", str(tmp_path)), Node("b", str(tmp_path))
+    c = LocalCluster(str(tmp_path), extra=("-secret-file", path), nodes=[a, b]).start()
+    try:
+        b_id = b.status()["node_id"]
+        keys = {m["id"]: m["public_key"] for m in a.request("GET", "/cluster").json()}
+        body = json.dumps({"node_id": "zzzzzzzz", "raft_address": "127.0.0.1:9", "http_address": "127.0.0.1:9",
+                           "public_key": keys[b_id]})
+        r = a.request("POST", "/join", body, headers=sign(secret, "POST", "/join", body.encode()))
+        assert r.status == 409 and f"member {b_id}'s" in r.text, r
+        assert set(members(a)) == set(keys)
+        assert c.write("x", "1").status == 200
+        assert b.request("GET", "/db/x", timeout=15).body == b"1"
+        r = a.request("POST", f"/cluster/transfer?to={b_id}", headers=sign(secret, "POST", f"/cluster/transfer?to={b_id}"))
+        assert r.status == 200, r
+        assert c.leader() is b
+        assert b.request("POST", "/db/y", "2").status == 200
+    finally:
+        c.stop()

@@ -213,6 +213,19 @@ def only_members_as_themselves() -> None:
     checks["removed-refused"] = not any(m.src == "r" for m in received)
     member.send([RequestVote("m", "s", 2, 0, 0)])
     checks["member-still"] = wait(lambda: any(m.src == "m" for m in received), 3)
+    # Review 3 F2: a newcomer with m's public key (GET /cluster lists it) in the configuration: m keeps its key and
+    # its voice, and the key speaks for no one else; a newcomer with the server's own key is not called either.
+    config = [*config, Member("zz", "127.0.0.1:9", "", public_key_of(k_member)),
+              Member("zzz", "127.0.0.1:9", "", server_key)]
+    server.set_peers({"m": f"127.0.0.1:{member_port}", "zz": "127.0.0.1:9", "zzz": "127.0.0.1:9"})
+    received.clear()
+    member.send([RequestVote("m", "s", 3, 0, 0)])
+    checks["duplicate-key-stays-with-member"] = wait(lambda: any(m.src == "m" and m.term == 3 for m in received), 3)
+    impostor = RawClient(ctx, port, server_key, k_member)
+    impostor.ask([RequestVote("zz", "s", 4, 0, 0)])
+    checks["duplicate-key-not-the-newcomer"] = not any(m.src == "zz" for m in received)
+    checks["duplicates-not-called"] = set(server._peers) == {"m"}
+    impostor.close()
     # A joining node: no configuration; admits the keys the join's answer named, and no others.
     joiner_port, joined, joiner_config = free_port(), [], []
     joiner = ZmqTransport("j", f"127.0.0.1:{joiner_port}", lambda m, r: joined.extend(m) or [], node_key=k_joiner,

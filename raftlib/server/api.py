@@ -431,6 +431,22 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
     return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
 
 
+def join_refusal(membership: Membership, node_id: str, public_key: str) -> str | None:
+    """Why a join of `node_id` with `public_key` is refused (409) in the configuration `membership`, else None."""
+    known = membership.member(node_id)
+    if known is not None and known.public_key != public_key:
+        # A signed join must not give a member's identity to another key: only its own key speaks as it.
+        return f"node {node_id} is a member with another key: remove it first"
+    if public_key:
+        # Review 3 F2: a member's public key (GET /cluster lists them) named by another node id took that member's
+        # frames from it on every node, cutting it off.
+        owner = next((m.node_id for m in membership.members if m.public_key == public_key and m.node_id != node_id),
+                     None)
+        if owner is not None:
+            return f"this public key is member {owner}'s: every node needs a key of its own"
+    return None
+
+
 def join(api: Api) -> bottle.HTTPResponse:
     """Add the node the body names as a learner. With a cluster secret the body names its CURVE public key too,
     and the answer lists the members' keys, signed (admin.answer_headers): the joining node admits them."""
@@ -450,10 +466,9 @@ def join(api: Api) -> bottle.HTTPResponse:
             return text(400, "bad join body: with a cluster secret, want the node's CURVE public key as "
                         '"public_key" (40 characters of Z85)')
     require_leader(api)
-    known = api.runtime.node.membership.member(fields[0])
-    if known is not None and known.public_key != public_key:
-        # A signed join must not give a member's identity to another key: only its own key speaks as it.
-        return text(409, f"node {fields[0]} is a member with another key: remove it first")
+    refusal = join_refusal(api.runtime.node.membership, fields[0], public_key)
+    if refusal is not None:
+        return text(409, refusal)
     claim_signature(api, "join")
     change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(fields[0], fields[1], fields[2], public_key))
     deadline = time.monotonic() + api.write_timeout_seconds
@@ -511,8 +526,31 @@ def transfer(api: Api) -> bottle.HTTPResponse:
     check_signature(api, "transfer")
     require_leader(api)
     claim_signature(api, "transfer")
+    deadline = time.monotonic() + api.write_timeout_seconds
     api.runtime.transfer_leadership(target, api.write_timeout_seconds)
+    confirm_leader(api, target, deadline)
     return text(200, f"leader is now {target}")
+
+
+def confirm_leader(api: Api, target: str, deadline: float) -> None:
+    """After a transfer: Timeout unless `target` is confirmed as the leader by `deadline`. The runtime returns
+    once this node has heard of `target` leading, which a target that cannot hold leadership also does for a
+    moment (review 3 F2: a target cut off from the others won an election, lost it to check-quorum, and the
+    transfer answered 200). A linearizable read through this node settles it (thesis §6.4): the leader answers
+    only once an entry of its term has committed and a majority answered its heartbeat round after the read."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"{target} was not confirmed as the leader within {api.write_timeout_seconds:g}s")
+        try:
+            api.runtime.read(remaining)
+        except NotLeader:  # between two leaders: ask again, within the bound
+            gevent.sleep(0.02)
+            continue
+        leader = api.runtime.node.leader_id
+        if leader == target:
+            return
+        raise Timeout(f"{leader or 'no node'} leads, not {target}")
 
 
 # (method, path, route, the operation its failures are answered as)
