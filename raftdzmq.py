@@ -26,7 +26,7 @@ import gevent.event  # noqa: E402
 
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
-from raftlib.server.node import JoinFailed, Server, ServerConfig  # noqa: E402
+from raftlib.server.node import CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.storage import StorageError  # noqa: E402
 from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     config = server_config(args, load_secret(args))
     try:
         server = Server(config)
-    except (StorageError, OSError) as e:  # StorageError says where; an OSError (a failed fsync, a path) names it
+    except (StorageError, CannotStart, OSError) as e:  # the first two say where; an OSError (a failed fsync, a
+        # path) names it
         print(f"raftdzmq: cannot start on {config.data_dir}: {e}" if isinstance(e, OSError) else f"raftdzmq: {e}",
               file=sys.stderr)
         return 2

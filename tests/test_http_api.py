@@ -395,6 +395,9 @@ def test_a_page_of_keys_as_json_with_the_next_key(client):
 JOIN = json.dumps({"node_id": "d", "raft_address": "10.0.0.4:5555", "http_address": "10.0.0.4:8080"})
 D_KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a CURVE public key (Z85; the one in RFC 32's example)
 A_KEY = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID"  # another (RFC 32's example server key)
+B_KEY, C_KEY = "^R^Q{<giwv)vJU.c*l?4EdeYygWkTt&}[!OkA-2D", "-p]9@i8{bMzPp-Z1fHT^<5Db[Z2aAa7}F22{^&W*"
+KEYED = Membership(("a", "b"), ("c",), tuple(dataclasses.replace(m, public_key=k) for m, k in zip(
+    MEMBERS, (A_KEY, B_KEY, C_KEY))))  # the configuration of a cluster with a secret: every member has its key
 SIGNED_JOIN = json.dumps({**json.loads(JOIN), "public_key": D_KEY})  # with a cluster secret
 
 
@@ -497,7 +500,9 @@ def test_a_transfer_answers_200_only_once_the_target_is_confirmed_as_leader():
 
 
 def signed_client() -> Client:
-    return Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET))
+    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET))
+    client.runtime.node.membership = KEYED
+    return client
 
 
 @pytest.mark.parametrize("method, target, body, what", [
@@ -581,7 +586,7 @@ def test_with_a_secret_a_join_names_its_key_and_the_answer_lists_the_members_key
     assert verify_answer(SECRET, headers[SIGNATURE_HEADER], r.body, canonical)
     assert not verify_answer(SECRET, "another request", r.body, canonical)
     assert not verify_answer(b"another secret", headers[SIGNATURE_HEADER], r.body, canonical)
-    assert json.loads(r.body)["members"] == {m.node_id: m.public_key for m in MEMBERS}
+    assert json.loads(r.body) == {"index": 2, "leader": "a", "members": {m.node_id: m.public_key for m in KEYED.members}}
     taken = json.dumps({"node_id": "b", "raft_address": "x:1", "http_address": "x:2", "public_key": D_KEY})
     r = client("POST", "/join", taken, headers=admin_headers(SECRET, "POST", "/join", taken.encode()))
     assert r.status == 409 and "another key" in r.text, r
@@ -599,6 +604,20 @@ def test_a_join_with_another_members_key_is_409():
         assert (r.status, r.text) == (409, f"this public key is member {owner}'s: every node needs a key of its "
                                            "own\n"), r
     assert client.runtime.calls == []  # refused before its claim: nothing in the log
+
+
+def test_with_a_secret_a_cluster_whose_members_lack_keys_refuses_joins():
+    """Review 3 F3: a cluster with a secret made before node keys (no key in the configuration) took a join, and
+    the new node admitted nobody: it waited for ever. Now 409 with the reason; without a secret, joins as before."""
+    client = signed_client()
+    client.runtime.node.membership = Membership(("a", "b"), ("c",), (KEYED.members[0], MEMBERS[1], KEYED.members[2]))
+    r = client("POST", "/join", SIGNED_JOIN, headers=admin_headers(SECRET, "POST", "/join", SIGNED_JOIN.encode()))
+    assert r.status == 409 and r.text.startswith("members b have no node key") and one_line(r), r
+    client.runtime.node.membership = Membership(("a",), (), (MEMBERS[0],))  # the leader's own key missing
+    r = client("POST", "/join", SIGNED_JOIN, headers=admin_headers(SECRET, "POST", "/join", SIGNED_JOIN.encode()))
+    assert r.status == 409 and r.text.startswith("members a have no node key"), r
+    assert client.runtime.calls == []
+    assert Client()("POST", "/join", JOIN).status == 200
 
 
 # ---- status pages -------------------------------------------------------------------------------------------------

@@ -547,3 +547,82 @@ def test_a_signed_join_cannot_take_a_members_key(tmp_path):
         assert b.request("POST", "/db/y", "2").status == 200
     finally:
         c.stop()
+
+
+def test_a_configuration_whose_members_lack_keys_does_not_start_with_a_secret(tmp_path):
+    """Review 3 F3: a data dir whose configuration holds members without a node key (made by a raftdzmq before
+    node keys with a secret, or made without one) started with a secret and wedged silently (pre-candidates for
+    ever; a single leader whose joiners were never admitted). Now it exits with code 2 and one line saying what
+    to do, and leaves the data dir as it was: without a secret it runs on, its data intact."""
+    path = secret_file(tmp_path, "s", "upgrade-s3cret-of-the-cluster")
+    node = Node("old", str(tmp_path)).start()
+    try:
+        wait_for(lambda: node.request("POST", "/db/k", "v").status == 200, 10, "a write")
+        assert node.stop() == 0
+        out = subprocess.run([sys.executable, SERVER, "-p", str(node.port), "-hp", str(node.http_port),
+                              "-secret-file", path, node.data_dir], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out
+        [line] = [x for x in out.stderr.splitlines() if x.startswith("raftdzmq:")]
+        assert "members without a node key" in line and "recreate the cluster" in line and "without a secret" in line
+        assert "Traceback" not in out.stderr
+        assert not os.path.exists(os.path.join(node.data_dir, "node.key"))
+        node.start()
+        wait_for(lambda: node.request("GET", "/db/k").body == b"v", 10, "the write, read after the restart")
+    finally:
+        node.kill()
+
+
+class JoinAnswerer:
+    """An HTTP server on loopback that answers every POST /join with `answer`, signed with `secret` for that
+    request (as a leader does): a leader whose configuration has no key of its own."""
+
+    def __init__(self, secret: bytes, answer: bytes) -> None:
+        import http.server
+
+        from raftlib.server.admin import SIGNATURE_HEADER, answer_headers
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                headers = answer_headers(secret, self.headers.get(SIGNATURE_HEADER, ""), answer)
+                self.send_response(200)
+                for name, value in {**headers, "Content-Type": "application/json",
+                                    "Content-Length": str(len(answer))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_join_answer_without_the_leaders_key_is_refused(tmp_path):
+    """Review 3 F3: the upgraded single node of a cluster made before node keys answered a join with its own key
+    missing; the joining node dropped the keyless entry, admitted nobody, and waited for ever. Now the join fails
+    (exit code 1) with the reason."""
+    secret = b"answer-s3cret-of-the-cluster"
+    path = secret_file(tmp_path, "s", secret.decode())
+    answerer = JoinAnswerer(secret, json.dumps({"index": 2, "leader": "0ld1ead0", "members": {"0ld1ead0": ""}}
+                                               ).encode())
+    joiner = Node("joiner", str(tmp_path))
+    try:
+        joiner.proc = subprocess.Popen([sys.executable, SERVER, "-p", str(joiner.port), "-hp", str(joiner.http_port),
+                                        "-secret-file", path, "-join", answerer.address, "-join-timeout", "5",
+                                        joiner.data_dir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            out, _ = joiner.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = b"(still running: it took the answer)"
+        assert joiner.proc.returncode == 1, out[-2000:]
+        assert b"lacks the node keys of 0ld1ead0" in out, out[-2000:]
+    finally:
+        joiner.kill()
+        answerer.close()

@@ -431,8 +431,14 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
     return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
 
 
-def join_refusal(membership: Membership, node_id: str, public_key: str) -> str | None:
-    """Why a join of `node_id` with `public_key` is refused (409) in the configuration `membership`, else None."""
+def join_refusal(membership: Membership, node_id: str, public_key: str, secret: bool) -> str | None:
+    """Why a join of `node_id` with `public_key` is refused (409) in the configuration `membership`, else None.
+    `secret`: the cluster has a secret (node keys)."""
+    keyless = [m for m in membership.node_ids if not getattr(membership.member(m), "public_key", "")]
+    if secret and keyless:
+        # Review 3 F3: the joining node could not admit these members (nor they it): it would wait for ever.
+        return (f"members {', '.join(keyless)} have no node key (a cluster made by a raftdzmq before node keys, or "
+                "without a secret): it cannot take new nodes with a secret; recreate it with this version")
     known = membership.member(node_id)
     if known is not None and known.public_key != public_key:
         # A signed join must not give a member's identity to another key: only its own key speaks as it.
@@ -466,7 +472,7 @@ def join(api: Api) -> bottle.HTTPResponse:
             return text(400, "bad join body: with a cluster secret, want the node's CURVE public key as "
                         '"public_key" (40 characters of Z85)')
     require_leader(api)
-    refusal = join_refusal(api.runtime.node.membership, fields[0], public_key)
+    refusal = join_refusal(api.runtime.node.membership, fields[0], public_key, api.guard is not None)
     if refusal is not None:
         return text(409, refusal)
     claim_signature(api, "join")
@@ -483,8 +489,9 @@ def join(api: Api) -> bottle.HTTPResponse:
     log.info("node %s (%s) joined as a learner", fields[0], fields[2])
     if api.guard is None:
         return json_answer({"index": index})
-    membership = api.runtime.status().node.membership
-    answer = json.dumps({"index": index, "members": {m.node_id: m.public_key for m in membership.members}}).encode()
+    node = api.runtime.status().node
+    answer = json.dumps({"index": index, "leader": node.node_id,
+                         "members": {m.node_id: m.public_key for m in node.membership.members}}).encode()
     headers = answer_headers(api.guard.secret, bottle.request.get_header(SIGNATURE_HEADER), answer)
     return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
 

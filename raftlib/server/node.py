@@ -90,6 +90,24 @@ class JoinFailed(Exception):
     """This node could not join the cluster: refused, or no answer within -join-timeout."""
 
 
+class CannotStart(Exception):
+    """This data dir cannot run with the settings given (the command exits with code 2 and this one line)."""
+
+
+def keyless_members(stored: StoredState) -> list[str]:
+    """The members of the newest configuration in `stored` (the log's, else the snapshot's) that have no CURVE
+    public key; [] when there is no configuration yet."""
+    membership = stored.snapshot.membership if stored.snapshot is not None else None
+    for entry in reversed(stored.entries):
+        if entry.membership is not None:
+            membership = entry.membership
+            break
+    if membership is None:
+        return []
+    return [node_id for node_id in membership.node_ids
+            if not getattr(membership.member(node_id), "public_key", "")]
+
+
 class Server:
     """One node (see the module's rules). `bootstrapped`, `must_join` and `joined_before` say what its data dir held
     at start (raftlib.storage.start_node)."""
@@ -132,12 +150,27 @@ class Server:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (raftlib.storage.start_node says how)."""
         stored = self.storage.load()
+        if self.config.secret is not None:
+            self._refuse_keyless(stored)
         self.node_key = None if self.config.secret is None else self._load_node_key()
         start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
                            self.http_address, join=bool(self.config.join), public_key=self.public_key)
         self.node_id = start.node_id
         self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
         return start.stored
+
+    def _refuse_keyless(self, stored: StoredState) -> None:
+        """With a secret, a configuration whose members lack node keys cannot run: those members can neither be
+        admitted nor called, and the cluster would wedge silently (review 3 F3: pre-candidates forever, or a
+        single leader whose joiners are never admitted). Checked before node.key is made: the data dir is left as
+        it was."""
+        keyless = keyless_members(stored)
+        if keyless:
+            raise CannotStart(
+                f"the configuration in {self.config.data_dir} has members without a node key ({', '.join(keyless)}): "
+                "it was made by a raftdzmq before node keys, or without a secret, and a cluster with a secret cannot "
+                "run on it; recreate the cluster with this version (dump the keys over HTTP and load them into the "
+                "new one), or run this one without a secret")
 
     @property
     def public_key(self) -> str:
@@ -301,10 +334,18 @@ class Server:
             raise JoinFailed("the answer to the join is not signed with this cluster's secret (a leader of an older "
                              "raftdzmq, or not the cluster's)")
         try:
-            members = json.loads(answer)["members"]
-            admit = {k: v for k, v in members.items() if k != self.node_id and valid_public_key(v)}
+            parsed = json.loads(answer)
+            members, leader = parsed["members"], parsed.get("leader")
+            admit = {k: v for k, v in members.items() if k != self.node_id}
         except (ValueError, TypeError, KeyError, AttributeError):
             raise JoinFailed("the answer to the join lists no members' keys") from None
+        keyless = sorted(k for k, v in admit.items() if not valid_public_key(v))
+        if keyless or not admit or (leader is not None and leader not in admit):
+            # Review 3 F3: a leader of a cluster made before node keys answered with its own key missing; the
+            # node admitted nobody and waited for ever. No key of a member: nobody could reach this node as it.
+            raise JoinFailed(f"the leader's answer lacks the node keys of {', '.join(keyless) or leader or 'the leader'}"
+                             ": a cluster with a secret made by a raftdzmq before node keys cannot take new nodes; "
+                             "recreate it with this version")
         if self.node.membership.members:
             return  # a leader reached us already (a retried join): the configuration says whom to admit
         self.node_key = {**self.node_key, "admit": admit}
