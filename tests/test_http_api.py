@@ -606,6 +606,26 @@ def test_a_join_with_another_members_key_is_409():
     assert client.runtime.calls == []  # refused before its claim: nothing in the log
 
 
+@pytest.mark.parametrize("secret", [True, False])
+def test_a_join_naming_a_member_with_other_addresses_is_409_and_the_same_join_is_a_retry(secret):
+    """Review 3 F4: a signed join naming the leader's id and key with another HTTP address moved the leader, and
+    a follower's 307 then pointed at attacker.example."""
+    client = signed_client() if secret else Client()
+    b = (KEYED if secret else client.runtime.node.membership).members[1]
+    for raft, http_address in ((b.raft_address, "attacker.example:80"), ("attacker.example:5555", b.http_address)):
+        body = json.dumps({"node_id": "b", "raft_address": raft, "http_address": http_address,
+                           **({"public_key": b.public_key} if secret else {})})
+        r = client("POST", "/join", body, headers=admin_headers(SECRET, "POST", "/join", body.encode()))
+        assert (r.status, r.text) == (409, "node b is a member at 10.0.0.2:5555 (raft) and 10.0.0.2:8080 (http): a "
+                                           "join does not move a member; remove it first\n"), r
+    assert client.runtime.calls == []
+    body = json.dumps({"node_id": "b", "raft_address": b.raft_address, "http_address": b.http_address,
+                       **({"public_key": b.public_key} if secret else {})})
+    r = client("POST", "/join", body, headers=admin_headers(SECRET, "POST", "/join", body.encode()))
+    assert r.status == 200, r  # the same join again (a retry): answered as before
+    assert next(c for c in client.runtime.calls if c[0] == "change_membership")[1].member == b
+
+
 def test_with_a_secret_a_cluster_whose_members_lack_keys_refuses_joins():
     """Review 3 F3: a cluster with a secret made before node keys (no key in the configuration) took a join, and
     the new node admitted nobody: it waited for ever. Now 409 with the reason; without a secret, joins as before."""

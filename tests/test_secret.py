@@ -522,11 +522,13 @@ def test_a_removed_member_is_not_admitted_by_the_sole_survivor(tmp_path):
         c.stop()
 
 
-def test_a_signed_join_cannot_take_a_members_key(tmp_path):
+def test_a_signed_join_cannot_take_a_members_key_nor_move_it(tmp_path):
     """Review 3 F2 on real nodes: a signed join of a new id with B's public key (from the open GET /cluster) was
     accepted, every node then took B's frames as the newcomer's and dropped them, and B was cut off (its reads
     timed out; a transfer to it answered 200 and did not hold). Now the join is refused (409) and B keeps its
-    voice: a transfer to it answers 200 and B leads."""
+    voice: a transfer to it answers 200 and B leads. F4: a signed join naming the leader's id and key with
+    another HTTP address moved it, and a follower's 307 pointed at attacker.example: now 409, and the 307 points
+    at the leader."""
     secret = b"dupkey-s3cret-of-the-cluster"
     path = secret_file(tmp_path, "s", secret.decode())
     a, b = Node("a", str(tmp_path)), Node("b", str(tmp_path))
@@ -545,6 +547,14 @@ def test_a_signed_join_cannot_take_a_members_key(tmp_path):
         assert r.status == 200, r
         assert c.leader() is b
         assert b.request("POST", "/db/y", "2").status == 200
+
+        me = next(m for m in b.request("GET", "/cluster").json() if m["id"] == b_id)
+        body = json.dumps({"node_id": b_id, "raft_address": me["raft_address"], "http_address": "attacker.example:80",
+                           "public_key": me["public_key"]})
+        r = b.request("POST", "/join", body, headers=sign(secret, "POST", "/join", body.encode()))
+        assert r.status == 409 and "does not move a member" in r.text, r
+        r = a.request("POST", "/db/secret", "v")
+        assert r.status == 307 and r.headers["location"] == f"http://{me['http_address']}/db/secret", r
     finally:
         c.stop()
 

@@ -431,9 +431,11 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
     return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
 
 
-def join_refusal(membership: Membership, node_id: str, public_key: str, secret: bool) -> str | None:
-    """Why a join of `node_id` with `public_key` is refused (409) in the configuration `membership`, else None.
-    `secret`: the cluster has a secret (node keys)."""
+def join_refusal(membership: Membership, member: Member, secret: bool) -> str | None:
+    """Why a join of `member` is refused (409) in the configuration `membership`, else None. A join that names a
+    member exactly as the configuration has it is a retry of the same join and not refused. `secret`: the cluster
+    has a secret (node keys)."""
+    node_id, public_key = member.node_id, member.public_key
     keyless = [m for m in membership.node_ids if not getattr(membership.member(m), "public_key", "")]
     if secret and keyless:
         # Review 3 F3: the joining node could not admit these members (nor they it): it would wait for ever.
@@ -443,6 +445,11 @@ def join_refusal(membership: Membership, node_id: str, public_key: str, secret: 
     if known is not None and known.public_key != public_key:
         # A signed join must not give a member's identity to another key: only its own key speaks as it.
         return f"node {node_id} is a member with another key: remove it first"
+    if known is not None and known != member:
+        # Review 3 F4: a join naming a member's id and key with other addresses moved the member (a follower's
+        # 307 then sent clients to the join's address). A node's addresses are fixed by its first join.
+        return (f"node {node_id} is a member at {known.raft_address} (raft) and {known.http_address} (http): a join "
+                "does not move a member; remove it first")
     if public_key:
         # Review 3 F2: a member's public key (GET /cluster lists them) named by another node id took that member's
         # frames from it on every node, cutting it off.
@@ -472,11 +479,12 @@ def join(api: Api) -> bottle.HTTPResponse:
             return text(400, "bad join body: with a cluster secret, want the node's CURVE public key as "
                         '"public_key" (40 characters of Z85)')
     require_leader(api)
-    refusal = join_refusal(api.runtime.node.membership, fields[0], public_key, api.guard is not None)
+    member = Member(fields[0], fields[1], fields[2], public_key)
+    refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None)
     if refusal is not None:
         return text(409, refusal)
     claim_signature(api, "join")
-    change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(fields[0], fields[1], fields[2], public_key))
+    change = ConfChange(ConfChangeKind.ADD_LEARNER, member)
     deadline = time.monotonic() + api.write_timeout_seconds
     while True:
         try:
