@@ -626,6 +626,22 @@ def test_a_join_naming_a_member_with_other_addresses_is_409_and_the_same_join_is
     assert next(c for c in client.runtime.calls if c[0] == "change_membership")[1].member == b
 
 
+def test_a_join_beyond_max_members_is_409_and_a_retry_or_a_removal_is_not_refused():
+    """Review 3 F5: thousands of signed learner joins grew every membership entry and snapshot, and opened a
+    socket each on every node. The configuration has three members here."""
+    client = Client(max_members=3)
+    r = client("POST", "/join", JOIN)
+    assert (r.status, r.text) == (409, "the cluster has 3 members, the most -max-members allows: remove one first\n")
+    assert client.runtime.calls == []
+    b = MEMBERS[1]
+    again = json.dumps({"node_id": "b", "raft_address": b.raft_address, "http_address": b.http_address})
+    assert client("POST", "/join", again).status == 200  # a retry of a member's join adds nobody
+    assert client("DELETE", "/cluster/c").status == 200
+    client.runtime.node.membership = Membership(("a", "b"), (), MEMBERS[:2])
+    assert client("POST", "/join", JOIN).status == 200
+    assert Client()("POST", "/join", JOIN).status == 200  # the default, 64
+
+
 def test_with_a_secret_a_cluster_whose_members_lack_keys_refuses_joins():
     """Review 3 F3: a cluster with a secret made before node keys (no key in the configuration) took a join, and
     the new node admitted nobody: it waited for ever. Now 409 with the reason; without a secret, joins as before."""

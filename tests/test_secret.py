@@ -522,7 +522,7 @@ def test_a_removed_member_is_not_admitted_by_the_sole_survivor(tmp_path):
         c.stop()
 
 
-def test_a_signed_join_cannot_take_a_members_key_nor_move_it(tmp_path):
+def test_a_signed_join_cannot_take_a_members_key_nor_move_it_nor_pass_the_cap(tmp_path):
     """Review 3 F2 on real nodes: a signed join of a new id with B's public key (from the open GET /cluster) was
     accepted, every node then took B's frames as the newcomer's and dropped them, and B was cut off (its reads
     timed out; a transfer to it answered 200 and did not hold). Now the join is refused (409) and B keeps its
@@ -532,7 +532,7 @@ def test_a_signed_join_cannot_take_a_members_key_nor_move_it(tmp_path):
     secret = b"dupkey-s3cret-of-the-cluster"
     path = secret_file(tmp_path, "s", secret.decode())
     a, b = Node("a", str(tmp_path)), Node("b", str(tmp_path))
-    c = LocalCluster(str(tmp_path), extra=("-secret-file", path), nodes=[a, b]).start()
+    c = LocalCluster(str(tmp_path), extra=("-secret-file", path, "-max-members", "2"), nodes=[a, b]).start()
     try:
         b_id = b.status()["node_id"]
         keys = {m["id"]: m["public_key"] for m in a.request("GET", "/cluster").json()}
@@ -555,6 +555,12 @@ def test_a_signed_join_cannot_take_a_members_key_nor_move_it(tmp_path):
         assert r.status == 409 and "does not move a member" in r.text, r
         r = a.request("POST", "/db/secret", "v")
         assert r.status == 307 and r.headers["location"] == f"http://{me['http_address']}/db/secret", r
+        # F5: -max-members 2, and two members: a new node's join is refused.
+        body = json.dumps({"node_id": "c0ffee00", "raft_address": "127.0.0.1:9", "http_address": "127.0.0.1:9",
+                           "public_key": GHOST_KEY})
+        r = b.request("POST", "/join", body, headers=sign(secret, "POST", "/join", body.encode()))
+        assert r.status == 409 and "the most -max-members allows" in r.text, r
+        assert set(members(b)) == set(keys)
     finally:
         c.stop()
 

@@ -99,6 +99,7 @@ class Api:
     read_timeout_seconds: float = 5.0
     forward: bool = False
     guard: AdminGuard | None = None
+    max_members: int = 64
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
 
@@ -431,10 +432,10 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
     return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
 
 
-def join_refusal(membership: Membership, member: Member, secret: bool) -> str | None:
+def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64) -> str | None:
     """Why a join of `member` is refused (409) in the configuration `membership`, else None. A join that names a
     member exactly as the configuration has it is a retry of the same join and not refused. `secret`: the cluster
-    has a secret (node keys)."""
+    has a secret (node keys); `max_members`: the most members (voters and learners) a join may bring it to."""
     node_id, public_key = member.node_id, member.public_key
     keyless = [m for m in membership.node_ids if not getattr(membership.member(m), "public_key", "")]
     if secret and keyless:
@@ -457,6 +458,11 @@ def join_refusal(membership: Membership, member: Member, secret: bool) -> str | 
                      None)
         if owner is not None:
             return f"this public key is member {owner}'s: every node needs a key of its own"
+    if known is None and len(membership.node_ids) >= max_members:
+        # Review 3 F5: every member is in every membership entry and snapshot, and costs each node a socket and a
+        # sender; signed learner joins without end would grow all of them.
+        return (f"the cluster has {len(membership.node_ids)} members, the most -max-members allows: remove one "
+                "first")
     return None
 
 
@@ -480,7 +486,7 @@ def join(api: Api) -> bottle.HTTPResponse:
                         '"public_key" (40 characters of Z85)')
     require_leader(api)
     member = Member(fields[0], fields[1], fields[2], public_key)
-    refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None)
+    refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None, api.max_members)
     if refusal is not None:
         return text(409, refusal)
     claim_signature(api, "join")

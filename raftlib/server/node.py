@@ -79,6 +79,7 @@ class ServerConfig:
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
     secret: bytes | None = None
+    max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
 
     @property
@@ -241,7 +242,7 @@ class Server:
         self.runtime.start()
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
-                  guard=None if config.secret is None else AdminGuard(config.secret))
+                  guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members)
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
