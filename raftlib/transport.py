@@ -20,12 +20,16 @@ not: thesis §4.1), and tells zmq which node it is (the ZAP User-Id, which zmq p
 connection). The REP server takes a frame only if its sender's key is still a member's (a removed member's
 connection is refused from the moment the configuration without it is here, and so are its frames on a
 connection made before) and every message in it has `src` = that member (review 2 F2: a message's `src` was not
-authenticated, and anyone who once held the cluster secret could speak as any member). A sender checks the
+authenticated, and anyone who once held the cluster secret could speak as any member). A key belongs to one
+member only: when a configuration gives two members one key, the one that had it first keeps it and the other is
+neither admitted nor called (review 3 F2; the leader refuses such a join too). A sender checks the
 replies' `src` likewise (the server's key is the peer's own). Every frame travels encrypted and authenticated
 under keys of that connection alone, with a nonce that must increase: a frame or a whole session recorded and
 sent again does not open, which is why frames carry no HMAC, sequence number or timestamp of their own.
-A node with no configuration yet (a joining node) admits the keys `admit_before_configuration` names: those the
-leader that accepted its join listed in its answer, signed with the cluster secret (raftlib.server.node).
+A node with no configuration at all yet (a joining node: an empty log and no snapshot) admits the keys
+`admit_before_configuration` names: those the leader that accepted its join listed in its answer, signed with the
+cluster secret (raftlib.server.node). Once any configuration is here, that list is forgotten for good, even when the
+configuration names this node alone (a removed member's key must never come back that way).
 Without a secret anyone who reaches the port is a peer and may name any `src`.
 
 Descriptors. zmq accepts every TCP connection to the port, and keeps each until it closes: strangers could hold
@@ -122,12 +126,15 @@ class ZmqTransport:
         node_key: str | None = None,
         members: Callable[[], Iterable[Member]] | None = None,
         max_inbound_connections: int = MAX_INBOUND_CONNECTIONS,
+        on_configuration: Callable[[], None] | None = None,
     ) -> None:
         """`handler(messages, reply_wanted) -> list[Message]`: called in the transport's greenlets; when
         `reply_wanted` it may block (bounded) and returns the messages to answer with. With `node_key` (this
         node's CURVE secret key, Z85 text; a cluster secret), only the members that `members()` (the current
         configuration's, read on `start` and on every `set_peers`) lists with their public keys connect, each
-        only as itself (CURVE, see the module's rules); raises RuntimeError if this libzmq has no CURVE."""
+        only as itself (CURVE, see the module's rules); raises RuntimeError if this libzmq has no CURVE.
+        `on_configuration()` is called once when a configuration replaces the keys `admit_before_configuration`
+        named (the node forgets them on disk then)."""
         if node_key is not None and not CURVE_AVAILABLE:
             raise RuntimeError("a cluster secret needs a libzmq with CURVE (zmq.has('curve') is False)")
         self.node_id = node_id
@@ -146,7 +153,9 @@ class ZmqTransport:
         self._key_owner: dict[str, str] = {}  # public key (Z85) -> node id: whom the ZAP handler admits
         self._peer_key: dict[str, str] = {}  # node id -> public key (Z85), to call it
         self._before_configuration: dict[str, str] = {}  # node id -> public key: admitted while no configuration
+        self._on_configuration = on_configuration
         self._keyless_warned: frozenset[str] = frozenset()
+        self._duplicates_logged: list[str] = []
         self.dropped_frames = 0
         self._dropped_warning = _RateLimitedWarning()
         self._handshake_warning = _RateLimitedWarning()
@@ -179,12 +188,19 @@ class ZmqTransport:
 
     def _refresh_keys(self) -> None:
         """Whom to admit and how to call each peer: the keys of the current configuration's members, or, while
-        this node has none, those `admit_before_configuration` named (see the module's rules)."""
+        this node has no configuration at all, those `admit_before_configuration` named (see the module's rules).
+        A configuration of this node alone is a configuration: it admits nobody (review 3 F1: a sole survivor fell
+        back to the join's list and admitted the removed leader's key as that leader)."""
         if self._curve is None:
             return
-        members = [m for m in self._members() if m.node_id != self.node_id]
-        if members:
+        everyone = list(self._members())
+        members = [m for m in everyone if m.node_id != self.node_id]
+        if everyone:
             peer_key = {m.node_id: m.public_key for m in members if m.public_key}
+            if self._before_configuration:
+                self._before_configuration = {}
+                if self._on_configuration is not None:
+                    self._on_configuration()
         else:
             peer_key = dict(self._before_configuration)
         keyless = frozenset(m.node_id for m in members if not m.public_key)
@@ -193,13 +209,41 @@ class ZmqTransport:
                            "connect, nor be called (a configuration made without a secret, or by a raftdzmq "
                            "before node keys)", ", ".join(sorted(keyless)))
         self._keyless_warned = keyless
-        self._peer_key = peer_key
-        self._key_owner = {key: node_id for node_id, key in peer_key.items()}
+        self._peer_key, self._key_owner = self._one_member_per_key(peer_key)
 
-    def admit_before_configuration(self, keys: dict[str, str]) -> None:
-        """While this node has no configuration (it is joining): admit these members (node id -> public key)."""
+    def _one_member_per_key(self, peer_key: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        """`peer_key` without the members whose key another member has (review 3 F2: a join that reused a member's
+        public key, read from GET /cluster, took that member's frames from it everywhere), and the map from key to
+        member. A key stays with whoever had it first: the member it was admitted as before (else, for keys new
+        here, the first in the configuration's order); my own key is mine. The others get neither a sender nor
+        admission, and an error is logged (once per such configuration)."""
+        owner: dict[str, str] = {}
+        if self._curve is not None:
+            owner[self._curve[0]] = self.node_id
+        order = sorted(peer_key, key=lambda node_id: self._key_owner.get(peer_key[node_id]) != node_id)
+        refused = []
+        for node_id in order:
+            key = peer_key[node_id]
+            if key in owner:
+                refused.append(f"{node_id} (the key of {owner[key]})")
+            else:
+                owner[key] = node_id
+        if refused and refused != self._duplicates_logged:
+            logger.error("members with another member's public key in the configuration: %s; neither admitted nor "
+                         "called (remove them)", ", ".join(sorted(refused)))
+        self._duplicates_logged = refused
+        if self._curve is not None:
+            del owner[self._curve[0]]
+        return {node_id: key for key, node_id in owner.items()}, owner
+
+    def admit_before_configuration(self, keys: dict[str, str]) -> bool:
+        """While this node has no configuration (it is joining): admit these members (node id -> public key).
+        Ignored, returning False, once it has one: from then on only the configuration's members are admitted."""
+        if any(True for _ in self._members()):
+            return False
         self._before_configuration = dict(keys)
         self._refresh_keys()
+        return True
 
     def start(self) -> None:
         self._refresh_keys()

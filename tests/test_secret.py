@@ -474,3 +474,171 @@ def test_a_recorded_heartbeat_sent_again_does_not_hold_off_an_election(tmp_path)
     finally:
         stop.set()
         c.stop()
+
+
+def node_key_of(node: Node) -> dict:
+    with open(os.path.join(node.data_dir, "node.key")) as f:
+        return json.load(f)
+
+
+def test_a_removed_member_is_not_admitted_by_the_sole_survivor(tmp_path):
+    """Review 3 F1: B joined A (B's node.key kept A's key from the join's answer to admit before any configuration
+    reached it); a signed removal of A left B the only member, and B's transport, finding no other member, fell
+    back to that list: A's key was admitted as A again, and A's AppendEntries at a higher term made B apply
+    `SET pwned`. Now the list counts only while B has no configuration at all, and leaves node.key once one
+    arrives: A's key gets no handshake, before and after B restarts, and nothing of A's is applied."""
+    from raftlib import AppendEntries, Entry
+    from raftlib.server.store import SET, command
+
+    secret = b"survivor-s3cret-of-the-cluster"
+    path = secret_file(tmp_path, "s", secret.decode())
+    a, b = Node("a", str(tmp_path)), Node("b", str(tmp_path))
+    c = LocalCluster(str(tmp_path), extra=("-secret-file", path), nodes=[a, b]).start()
+    try:
+        a_id, b_id = a.status()["node_id"], b.status()["node_id"]
+        a_key, b_public = node_key_of(a)["secret_key"], {m["id"]: m["public_key"] for m in a.request("GET", "/cluster").json()}[b_id]
+        r = a.request("DELETE", f"/cluster/{a_id}", headers=sign(secret, "DELETE", f"/cluster/{a_id}"))
+        assert r.status == 200, r
+        wait_for(lambda: b.status()["role"] == "leader" and list(members(b)) == [b_id], 15, "B to lead alone")
+        a.stop()
+        for restart in (False, True):
+            if restart:
+                b.stop()
+                b.start("-secret-file", path)
+                wait_for(lambda: b.status()["role"] == "leader", 10, "B to lead again")
+            st = b.status()
+            forged = AppendEntries(a_id, b_id, st["term"] + 100, st["last_index"], st["term"],
+                                   (Entry(st["term"] + 100, st["last_index"] + 1,
+                                          data=command(SET, "pwned", b"by removed A", None)),), st["last_index"] + 1)
+            assert send_raw(a_key, b_public, b.port, [forged]) == "no answer", restart
+            time.sleep(1.0)
+            assert b.status()["term"] == st["term"], restart
+            assert b.request("GET", "/db/pwned?consistency=stale").status == 404, restart
+            # The join answer's list left node.key once the leader's first append reached B.
+            assert "admit" not in node_key_of(b), restart
+        wait_for(lambda: "not a member's key" in b.log_text(), 5, "B to log the refusal")
+        assert b.request("POST", "/db/after", "x").status == 200
+    finally:
+        c.stop()
+
+
+def test_a_signed_join_cannot_take_a_members_key_nor_move_it_nor_pass_the_cap(tmp_path):
+    """Review 3 F2 on real nodes: a signed join of a new id with B's public key (from the open GET /cluster) was
+    accepted, every node then took B's frames as the newcomer's and dropped them, and B was cut off (its reads
+    timed out; a transfer to it answered 200 and did not hold). Now the join is refused (409) and B keeps its
+    voice: a transfer to it answers 200 and B leads. F4: a signed join naming the leader's id and key with
+    another HTTP address moved it, and a follower's 307 pointed at attacker.example: now 409, and the 307 points
+    at the leader."""
+    secret = b"dupkey-s3cret-of-the-cluster"
+    path = secret_file(tmp_path, "s", secret.decode())
+    a, b = Node("a", str(tmp_path)), Node("b", str(tmp_path))
+    c = LocalCluster(str(tmp_path), extra=("-secret-file", path, "-max-members", "2"), nodes=[a, b]).start()
+    try:
+        b_id = b.status()["node_id"]
+        keys = {m["id"]: m["public_key"] for m in a.request("GET", "/cluster").json()}
+        body = json.dumps({"node_id": "zzzzzzzz", "raft_address": "127.0.0.1:9", "http_address": "127.0.0.1:9",
+                           "public_key": keys[b_id]})
+        r = a.request("POST", "/join", body, headers=sign(secret, "POST", "/join", body.encode()))
+        assert r.status == 409 and f"member {b_id}'s" in r.text, r
+        assert set(members(a)) == set(keys)
+        assert c.write("x", "1").status == 200
+        assert b.request("GET", "/db/x", timeout=15).body == b"1"
+        r = a.request("POST", f"/cluster/transfer?to={b_id}", headers=sign(secret, "POST", f"/cluster/transfer?to={b_id}"))
+        assert r.status == 200, r
+        assert c.leader() is b
+        assert b.request("POST", "/db/y", "2").status == 200
+
+        me = next(m for m in b.request("GET", "/cluster").json() if m["id"] == b_id)
+        body = json.dumps({"node_id": b_id, "raft_address": me["raft_address"], "http_address": "attacker.example:80",
+                           "public_key": me["public_key"]})
+        r = b.request("POST", "/join", body, headers=sign(secret, "POST", "/join", body.encode()))
+        assert r.status == 409 and "does not move a member" in r.text, r
+        r = a.request("POST", "/db/secret", "v")
+        assert r.status == 307 and r.headers["location"] == f"http://{me['http_address']}/db/secret", r
+        # F5: -max-members 2, and two members: a new node's join is refused.
+        body = json.dumps({"node_id": "c0ffee00", "raft_address": "127.0.0.1:9", "http_address": "127.0.0.1:9",
+                           "public_key": GHOST_KEY})
+        r = b.request("POST", "/join", body, headers=sign(secret, "POST", "/join", body.encode()))
+        assert r.status == 409 and "the most -max-members allows" in r.text, r
+        assert set(members(b)) == set(keys)
+    finally:
+        c.stop()
+
+
+def test_a_configuration_whose_members_lack_keys_does_not_start_with_a_secret(tmp_path):
+    """Review 3 F3: a data dir whose configuration holds members without a node key (made by a raftdzmq before
+    node keys with a secret, or made without one) started with a secret and wedged silently (pre-candidates for
+    ever; a single leader whose joiners were never admitted). Now it exits with code 2 and one line saying what
+    to do, and leaves the data dir as it was: without a secret it runs on, its data intact."""
+    path = secret_file(tmp_path, "s", "upgrade-s3cret-of-the-cluster")
+    node = Node("old", str(tmp_path)).start()
+    try:
+        wait_for(lambda: node.request("POST", "/db/k", "v").status == 200, 10, "a write")
+        assert node.stop() == 0
+        out = subprocess.run([sys.executable, SERVER, "-p", str(node.port), "-hp", str(node.http_port),
+                              "-secret-file", path, node.data_dir], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out
+        [line] = [x for x in out.stderr.splitlines() if x.startswith("raftdzmq:")]
+        assert "members without a node key" in line and "recreate the cluster" in line and "without a secret" in line
+        assert "Traceback" not in out.stderr
+        assert not os.path.exists(os.path.join(node.data_dir, "node.key"))
+        node.start()
+        wait_for(lambda: node.request("GET", "/db/k").body == b"v", 10, "the write, read after the restart")
+    finally:
+        node.kill()
+
+
+class JoinAnswerer:
+    """An HTTP server on loopback that answers every POST /join with `answer`, signed with `secret` for that
+    request (as a leader does): a leader whose configuration has no key of its own."""
+
+    def __init__(self, secret: bytes, answer: bytes) -> None:
+        import http.server
+
+        from raftlib.server.admin import SIGNATURE_HEADER, answer_headers
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                headers = answer_headers(secret, self.headers.get(SIGNATURE_HEADER, ""), answer)
+                self.send_response(200)
+                for name, value in {**headers, "Content-Type": "application/json",
+                                    "Content-Length": str(len(answer))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_join_answer_without_the_leaders_key_is_refused(tmp_path):
+    """Review 3 F3: the upgraded single node of a cluster made before node keys answered a join with its own key
+    missing; the joining node dropped the keyless entry, admitted nobody, and waited for ever. Now the join fails
+    (exit code 1) with the reason."""
+    secret = b"answer-s3cret-of-the-cluster"
+    path = secret_file(tmp_path, "s", secret.decode())
+    answerer = JoinAnswerer(secret, json.dumps({"index": 2, "leader": "0ld1ead0", "members": {"0ld1ead0": ""}}
+                                               ).encode())
+    joiner = Node("joiner", str(tmp_path))
+    try:
+        joiner.proc = subprocess.Popen([sys.executable, SERVER, "-p", str(joiner.port), "-hp", str(joiner.http_port),
+                                        "-secret-file", path, "-join", answerer.address, "-join-timeout", "5",
+                                        joiner.data_dir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            out, _ = joiner.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = b"(still running: it took the answer)"
+        assert joiner.proc.returncode == 1, out[-2000:]
+        assert b"lacks the node keys of 0ld1ead0" in out, out[-2000:]
+    finally:
+        joiner.kill()
+        answerer.close()

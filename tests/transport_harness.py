@@ -213,10 +213,23 @@ def only_members_as_themselves() -> None:
     checks["removed-refused"] = not any(m.src == "r" for m in received)
     member.send([RequestVote("m", "s", 2, 0, 0)])
     checks["member-still"] = wait(lambda: any(m.src == "m" for m in received), 3)
+    # Review 3 F2: a newcomer with m's public key (GET /cluster lists it) in the configuration: m keeps its key and
+    # its voice, and the key speaks for no one else; a newcomer with the server's own key is not called either.
+    config = [*config, Member("zz", "127.0.0.1:9", "", public_key_of(k_member)),
+              Member("zzz", "127.0.0.1:9", "", server_key)]
+    server.set_peers({"m": f"127.0.0.1:{member_port}", "zz": "127.0.0.1:9", "zzz": "127.0.0.1:9"})
+    received.clear()
+    member.send([RequestVote("m", "s", 3, 0, 0)])
+    checks["duplicate-key-stays-with-member"] = wait(lambda: any(m.src == "m" and m.term == 3 for m in received), 3)
+    impostor = RawClient(ctx, port, server_key, k_member)
+    impostor.ask([RequestVote("zz", "s", 4, 0, 0)])
+    checks["duplicate-key-not-the-newcomer"] = not any(m.src == "zz" for m in received)
+    checks["duplicates-not-called"] = set(server._peers) == {"m"}
+    impostor.close()
     # A joining node: no configuration; admits the keys the join's answer named, and no others.
-    joiner_port, joined = free_port(), []
+    joiner_port, joined, joiner_config = free_port(), [], []
     joiner = ZmqTransport("j", f"127.0.0.1:{joiner_port}", lambda m, r: joined.extend(m) or [], node_key=k_joiner,
-                          members=lambda: ())
+                          members=lambda: joiner_config)
     joiner.start()
     before = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
     before.ask([RequestVote("m", "j", 1, 0, 0)])
@@ -224,7 +237,17 @@ def only_members_as_themselves() -> None:
     joiner.admit_before_configuration({"m": public_key_of(k_member)})
     after = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
     checks["joiner-admits-after"] = after.ask([RequestVote("m", "j", 2, 0, 0)]) and any(m.term == 2 for m in joined)
-    for c in (stranger, null, removed, again, before, after):
+    # Review 3 F1: once a configuration is here the list is forgotten, even when that configuration names the
+    # joiner alone (m removed): m's key is refused, and a list given after that is ignored.
+    joiner_config.append(Member("j", f"127.0.0.1:{joiner_port}", "", public_key_of(k_joiner)))
+    joiner.set_peers({})
+    checks["configured-forgets-the-list"] = joiner._before_configuration == {}
+    late = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
+    checks["sole-member-refuses-removed"] = not late.ask([RequestVote("m", "j", 3, 0, 0)])
+    checks["list-ignored-once-configured"] = not joiner.admit_before_configuration({"m": public_key_of(k_member)})
+    later = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
+    checks["still-refused"] = not later.ask([RequestVote("m", "j", 4, 0, 0)]) and not any(m.term > 2 for m in joined)
+    for c in (stranger, null, removed, again, before, after, late, later):
         c.close()
     ctx.destroy(linger=0)
     failed = [name for name, ok in checks.items() if not ok]

@@ -99,6 +99,7 @@ class Api:
     read_timeout_seconds: float = 5.0
     forward: bool = False
     guard: AdminGuard | None = None
+    max_members: int = 64
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
 
@@ -431,6 +432,40 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
     return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
 
 
+def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64) -> str | None:
+    """Why a join of `member` is refused (409) in the configuration `membership`, else None. A join that names a
+    member exactly as the configuration has it is a retry of the same join and not refused. `secret`: the cluster
+    has a secret (node keys); `max_members`: the most members (voters and learners) a join may bring it to."""
+    node_id, public_key = member.node_id, member.public_key
+    keyless = [m for m in membership.node_ids if not getattr(membership.member(m), "public_key", "")]
+    if secret and keyless:
+        # Review 3 F3: the joining node could not admit these members (nor they it): it would wait for ever.
+        return (f"members {', '.join(keyless)} have no node key (a cluster made by a raftdzmq before node keys, or "
+                "without a secret): it cannot take new nodes with a secret; recreate it with this version")
+    known = membership.member(node_id)
+    if known is not None and known.public_key != public_key:
+        # A signed join must not give a member's identity to another key: only its own key speaks as it.
+        return f"node {node_id} is a member with another key: remove it first"
+    if known is not None and known != member:
+        # Review 3 F4: a join naming a member's id and key with other addresses moved the member (a follower's
+        # 307 then sent clients to the join's address). A node's addresses are fixed by its first join.
+        return (f"node {node_id} is a member at {known.raft_address} (raft) and {known.http_address} (http): a join "
+                "does not move a member; remove it first")
+    if public_key:
+        # Review 3 F2: a member's public key (GET /cluster lists them) named by another node id took that member's
+        # frames from it on every node, cutting it off.
+        owner = next((m.node_id for m in membership.members if m.public_key == public_key and m.node_id != node_id),
+                     None)
+        if owner is not None:
+            return f"this public key is member {owner}'s: every node needs a key of its own"
+    if known is None and len(membership.node_ids) >= max_members:
+        # Review 3 F5: every member is in every membership entry and snapshot, and costs each node a socket and a
+        # sender; signed learner joins without end would grow all of them.
+        return (f"the cluster has {len(membership.node_ids)} members, the most -max-members allows: remove one "
+                "first")
+    return None
+
+
 def join(api: Api) -> bottle.HTTPResponse:
     """Add the node the body names as a learner. With a cluster secret the body names its CURVE public key too,
     and the answer lists the members' keys, signed (admin.answer_headers): the joining node admits them."""
@@ -450,12 +485,12 @@ def join(api: Api) -> bottle.HTTPResponse:
             return text(400, "bad join body: with a cluster secret, want the node's CURVE public key as "
                         '"public_key" (40 characters of Z85)')
     require_leader(api)
-    known = api.runtime.node.membership.member(fields[0])
-    if known is not None and known.public_key != public_key:
-        # A signed join must not give a member's identity to another key: only its own key speaks as it.
-        return text(409, f"node {fields[0]} is a member with another key: remove it first")
+    member = Member(fields[0], fields[1], fields[2], public_key)
+    refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None, api.max_members)
+    if refusal is not None:
+        return text(409, refusal)
     claim_signature(api, "join")
-    change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(fields[0], fields[1], fields[2], public_key))
+    change = ConfChange(ConfChangeKind.ADD_LEARNER, member)
     deadline = time.monotonic() + api.write_timeout_seconds
     while True:
         try:
@@ -468,8 +503,9 @@ def join(api: Api) -> bottle.HTTPResponse:
     log.info("node %s (%s) joined as a learner", fields[0], fields[2])
     if api.guard is None:
         return json_answer({"index": index})
-    membership = api.runtime.status().node.membership
-    answer = json.dumps({"index": index, "members": {m.node_id: m.public_key for m in membership.members}}).encode()
+    node = api.runtime.status().node
+    answer = json.dumps({"index": index, "leader": node.node_id,
+                         "members": {m.node_id: m.public_key for m in node.membership.members}}).encode()
     headers = answer_headers(api.guard.secret, bottle.request.get_header(SIGNATURE_HEADER), answer)
     return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
 
@@ -511,8 +547,31 @@ def transfer(api: Api) -> bottle.HTTPResponse:
     check_signature(api, "transfer")
     require_leader(api)
     claim_signature(api, "transfer")
+    deadline = time.monotonic() + api.write_timeout_seconds
     api.runtime.transfer_leadership(target, api.write_timeout_seconds)
+    confirm_leader(api, target, deadline)
     return text(200, f"leader is now {target}")
+
+
+def confirm_leader(api: Api, target: str, deadline: float) -> None:
+    """After a transfer: Timeout unless `target` is confirmed as the leader by `deadline`. The runtime returns
+    once this node has heard of `target` leading, which a target that cannot hold leadership also does for a
+    moment (review 3 F2: a target cut off from the others won an election, lost it to check-quorum, and the
+    transfer answered 200). A linearizable read through this node settles it (thesis §6.4): the leader answers
+    only once an entry of its term has committed and a majority answered its heartbeat round after the read."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"{target} was not confirmed as the leader within {api.write_timeout_seconds:g}s")
+        try:
+            api.runtime.read(remaining)
+        except NotLeader:  # between two leaders: ask again, within the bound
+            gevent.sleep(0.02)
+            continue
+        leader = api.runtime.node.leader_id
+        if leader == target:
+            return
+        raise Timeout(f"{leader or 'no node'} leads, not {target}")
 
 
 # (method, path, route, the operation its failures are answered as)

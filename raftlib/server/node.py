@@ -11,8 +11,8 @@ Rules:
 - With a cluster secret the node has a CURVE key pair of its own, made at its first start and kept in node.key
   (DiskStorage.write_node_key: crash-safe, mode 0600); the secret key is never logged. Its public key goes into
   the bootstrap's configuration, or into the signed join request; the leader's signed answer to the join names
-  the members' keys, which the node admits on its Raft port (kept in node.key too, before JOINING goes) until a
-  configuration reaches it (raftlib.transport: bootstrap rule).
+  the members' keys, which the node admits on its Raft port (kept in node.key too, before JOINING goes) only
+  while it has no configuration at all; once one reaches it they are dropped from node.key (review 3 F1).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class ServerConfig:
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
     secret: bytes | None = None
+    max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
 
     @property
@@ -88,6 +89,24 @@ class ServerConfig:
 
 class JoinFailed(Exception):
     """This node could not join the cluster: refused, or no answer within -join-timeout."""
+
+
+class CannotStart(Exception):
+    """This data dir cannot run with the settings given (the command exits with code 2 and this one line)."""
+
+
+def keyless_members(stored: StoredState) -> list[str]:
+    """The members of the newest configuration in `stored` (the log's, else the snapshot's) that have no CURVE
+    public key; [] when there is no configuration yet."""
+    membership = stored.snapshot.membership if stored.snapshot is not None else None
+    for entry in reversed(stored.entries):
+        if entry.membership is not None:
+            membership = entry.membership
+            break
+    if membership is None:
+        return []
+    return [node_id for node_id in membership.node_ids
+            if not getattr(membership.member(node_id), "public_key", "")]
 
 
 class Server:
@@ -115,9 +134,13 @@ class Server:
         self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
                                       reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
                                       node_key=None if self.node_key is None else self.node_key["secret_key"],
-                                      members=lambda: self.node.membership.members)
+                                      members=lambda: self.node.membership.members,
+                                      on_configuration=self._forget_admitted)
         if self.node_key is not None and self.node_key.get("admit"):
-            self.transport.admit_before_configuration(self.node_key["admit"])
+            if self.node.membership.members:  # a configuration reached us before a crash: the list is stale
+                self._forget_admitted()
+            else:
+                self.transport.admit_before_configuration(self.node_key["admit"])
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
         self.metrics.bind(self.runtime.status)
@@ -128,12 +151,27 @@ class Server:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (raftlib.storage.start_node says how)."""
         stored = self.storage.load()
+        if self.config.secret is not None:
+            self._refuse_keyless(stored)
         self.node_key = None if self.config.secret is None else self._load_node_key()
         start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
                            self.http_address, join=bool(self.config.join), public_key=self.public_key)
         self.node_id = start.node_id
         self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
         return start.stored
+
+    def _refuse_keyless(self, stored: StoredState) -> None:
+        """With a secret, a configuration whose members lack node keys cannot run: those members can neither be
+        admitted nor called, and the cluster would wedge silently (review 3 F3: pre-candidates forever, or a
+        single leader whose joiners are never admitted). Checked before node.key is made: the data dir is left as
+        it was."""
+        keyless = keyless_members(stored)
+        if keyless:
+            raise CannotStart(
+                f"the configuration in {self.config.data_dir} has members without a node key ({', '.join(keyless)}): "
+                "it was made by a raftdzmq before node keys, or without a secret, and a cluster with a secret cannot "
+                "run on it; recreate the cluster with this version (dump the keys over HTTP and load them into the "
+                "new one), or run this one without a secret")
 
     @property
     def public_key(self) -> str:
@@ -159,6 +197,23 @@ class Server:
         except (ValueError, AttributeError) as e:
             raise StorageError(f"{os.path.join(self.config.data_dir, 'node.key')} is not a node key: {e}") from None
         return key
+
+    def _forget_admitted(self) -> None:
+        """A configuration is here (durable: the runtime syncs the peers after the save, and at start it was
+        loaded from disk): drop the join answer's keys from node.key, crash-safe, so no later start admits them
+        (review 3 F1). No room or no descriptor: the transport has forgotten them already, and the next start,
+        which finds the configuration again, drops them; any other failure of the write is fatal (storage's rules)."""
+        assert self.node_key is not None
+        if not self.node_key.get("admit"):
+            return
+        self.node_key = {k: v for k, v in self.node_key.items() if k != "admit"}
+        try:
+            self.storage.write_node_key(self.node_key)
+        except StorageError as e:
+            log.warning("could not drop the join's keys from node.key (%s); they are not admitted, and the next "
+                        "start drops them", e)
+            return
+        log.info("a configuration reached this node: node.key no longer lists the join answer's keys")
 
     def _timed_fdatasync(self, fd: int, nbytes: int) -> None:
         t0 = time.perf_counter()
@@ -187,7 +242,7 @@ class Server:
         self.runtime.start()
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
-                  guard=None if config.secret is None else AdminGuard(config.secret))
+                  guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members)
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
@@ -280,10 +335,20 @@ class Server:
             raise JoinFailed("the answer to the join is not signed with this cluster's secret (a leader of an older "
                              "raftdzmq, or not the cluster's)")
         try:
-            members = json.loads(answer)["members"]
-            admit = {k: v for k, v in members.items() if k != self.node_id and valid_public_key(v)}
+            parsed = json.loads(answer)
+            members, leader = parsed["members"], parsed.get("leader")
+            admit = {k: v for k, v in members.items() if k != self.node_id}
         except (ValueError, TypeError, KeyError, AttributeError):
             raise JoinFailed("the answer to the join lists no members' keys") from None
+        keyless = sorted(k for k, v in admit.items() if not valid_public_key(v))
+        if keyless or not admit or (leader is not None and leader not in admit):
+            # Review 3 F3: a leader of a cluster made before node keys answered with its own key missing; the
+            # node admitted nobody and waited for ever. No key of a member: nobody could reach this node as it.
+            raise JoinFailed(f"the leader's answer lacks the node keys of {', '.join(keyless) or leader or 'the leader'}"
+                             ": a cluster with a secret made by a raftdzmq before node keys cannot take new nodes; "
+                             "recreate it with this version")
+        if self.node.membership.members:
+            return  # a leader reached us already (a retried join): the configuration says whom to admit
         self.node_key = {**self.node_key, "admit": admit}
         self.storage.write_node_key(self.node_key)
         self.transport.admit_before_configuration(admit)
