@@ -249,6 +249,13 @@ def test_admin_requests_need_a_fresh_signature_forwarded_or_redirected(tmp_path)
                              headers=sign(secret, "POST", f"/cluster/transfer?to={follower_id}"))
         assert r.status == 200, r
         assert c.leader() is follower
+
+        # A new node whose -join names a -forward follower: the leader's signed answer comes back through it with
+        # its signature (the joining node refuses an unsigned one and exits).
+        newcomer = Node("node.4", str(tmp_path))
+        c.nodes.append(newcomer)
+        newcomer.start("-secret-file", path, "-forward", join=leader.address)  # `leader` is a follower now
+        wait_for(lambda: members(follower).get(newcomer.status()["node_id"]) == "voter", 20, "the newcomer to vote")
         for n in c.nodes:
             assert secret.decode() not in n.log_text() and "Traceback" not in n.log_text()
         assert "refused a removal" in leader.log_text()

@@ -239,6 +239,12 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
     return text(307, NOT_LEADER, Location=f"http://{leader}{wire_target(bottle.request.environ['REQUEST_URI'])}")
 
 
+# The leader's answer headers a forwarding follower hands back: the signature of a signed answer (a join's) too,
+# without which the joining node must refuse the answer.
+_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "location", TIMESTAMP_HEADER.lower(),
+                                       SIGNATURE_HEADER.lower()))
+
+
 def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
     """-forward: pass this request on to the leader and hand back its answer. The target goes as sent, and with it
     the admin signature headers, which cover it."""
@@ -252,7 +258,7 @@ def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
     try:
         conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
         resp = conn.getresponse()
-        keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "x-raft-index", "location")}
+        keep = {k: v for k, v in resp.getheaders() if k.lower() in _FORWARDED_ANSWER_HEADERS}
         return bottle.HTTPResponse(resp.read(), resp.status, keep)
     except (OSError, http.client.HTTPException) as e:
         return text(503, f"could not forward to the leader at {leader}: {e}; outcome unknown")
