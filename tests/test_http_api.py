@@ -18,7 +18,7 @@ from raftlib.progress import ProgressState, ProgressStatus
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
 from raftlib.server.admin import (NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
-                                  keys_request_headers, parse_vouched, verify_answer)
+                                  keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import ADMIN_CLAIM, SET, KeyValueStore, command
@@ -615,9 +615,15 @@ def test_the_keys_request_is_answered_by_any_member_signed_for_that_request_only
     assert verify_answer(SECRET, headers[SIGNATURE_HEADER], r.body, answer_headers_of(r))
     assert parse_vouched(r.body) == (7, {m.node_id: m.public_key for m in KEYED.members},
                                      {m.node_id: m.http_address for m in KEYED.members})
+    # The asker takes it for its own request only: not for another (a recorded answer replayed), not changed, not
+    # under another secret.
+    assert read_keys_answer(SECRET, headers, r.body, answer_headers_of(r)) == parse_vouched(r.body)
     other = keys_request_headers(SECRET)
-    assert not verify_answer(SECRET, other[SIGNATURE_HEADER], r.body, answer_headers_of(r))
-    assert not verify_answer(b"another secret", headers[SIGNATURE_HEADER], r.body, answer_headers_of(r))
+    tampered = r.body.replace(b'"index": 7', b'"index": 9')
+    for secret, request_headers, body in ((SECRET, other, r.body), (SECRET, headers, tampered),
+                                          (b"another secret", headers, r.body)):
+        with pytest.raises(ValueError, match="not signed for our request"):
+            read_keys_answer(secret, request_headers, body, answer_headers_of(r))
     nonce = headers[NONCE_HEADER]
     for request_headers, status, why in (
             ({NONCE_HEADER: nonce}, 403, "(no signature)"),

@@ -156,6 +156,17 @@ def parse_vouched(body: bytes) -> tuple[int, dict[str, str], dict[str, str]]:
     return index, dict(members), http_addresses
 
 
+def read_keys_answer(secret: bytes, request_headers: Mapping[str, str], body: bytes,
+                     headers: Mapping[str, str]) -> tuple[int, dict[str, str], dict[str, str]]:
+    """The asker's side of GET /cluster/keys: (index, members' keys, HTTP addresses) from the answer `body` to the
+    request made with `request_headers` (keys_request_headers). ValueError when the answer is not signed with
+    `secret` for that very request (made without the secret, or recorded for another request: a replay), or is
+    not a list of keys."""
+    if not verify_answer(secret, request_headers.get(SIGNATURE_HEADER, ""), body, headers):
+        raise ValueError("not signed for our request with this cluster's secret")
+    return parse_vouched(body)
+
+
 class AdminGuard:
     """Checks admin signatures on one node. `verify` is pure apart from the clock; `claim` records a signature the
     leader is about to act on, and refuses one it has seen (memory: one entry per accepted admin request of the

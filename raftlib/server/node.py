@@ -24,6 +24,7 @@ Rules:
 from __future__ import annotations
 
 import binascii
+import http.client
 import ipaddress
 import json
 import logging
@@ -48,7 +49,7 @@ from raftlib.storage import DiskStorage, StorageError, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
-                    parse_vouched, valid_public_key, verify_answer)
+                    parse_vouched, read_keys_answer, valid_public_key, verify_answer)
 from .api import Api, make_app
 from .edge import EdgeServer, listen
 from .metrics import Metrics
@@ -295,18 +296,17 @@ class Server:
         headers = keys_request_headers(self.config.secret)
         request = urllib.request.Request(f"http://{address}{KEYS_PATH}", method="GET", headers=headers)
         try:
-            with _no_redirects.open(request, timeout=KEYS_REQUEST_TIMEOUT_SECONDS) as resp:
-                body, answer_headers = resp.read(MAX_KEYS_ANSWER_BYTES + 1), resp.headers
-        except (OSError, urllib.error.URLError, ValueError) as e:
+            # The socket's timeout bounds each step; gevent.Timeout the whole (an answer sent a byte at a time).
+            with gevent.Timeout(2 * KEYS_REQUEST_TIMEOUT_SECONDS, OSError("no whole answer in time")):
+                with _no_redirects.open(request, timeout=KEYS_REQUEST_TIMEOUT_SECONDS) as resp:
+                    body, answer_headers = resp.read(MAX_KEYS_ANSWER_BYTES + 1), resp.headers
+        except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as e:
             log.debug("no keys from %s at %s: %s", node_id, address, e)
             return None
-        if len(body) > MAX_KEYS_ANSWER_BYTES or not verify_answer(self.config.secret, headers[SIGNATURE_HEADER],
-                                                                  body, answer_headers):
-            log.warning("the keys %s at %s answered are not signed for our request with this cluster's secret: "
-                        "ignored", node_id, address)
-            return None
         try:
-            return parse_vouched(body)
+            if len(body) > MAX_KEYS_ANSWER_BYTES:
+                raise ValueError(f"over {MAX_KEYS_ANSWER_BYTES} bytes")
+            return read_keys_answer(self.config.secret, headers, body, answer_headers)
         except ValueError as e:
             log.warning("the keys %s at %s answered are ignored: %s", node_id, address, e)
             return None
