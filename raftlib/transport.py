@@ -26,10 +26,18 @@ neither admitted nor called (review 3 F2; the leader refuses such a join too). A
 replies' `src` likewise (the server's key is the peer's own). Every frame travels encrypted and authenticated
 under keys of that connection alone, with a nonce that must increase: a frame or a whole session recorded and
 sent again does not open, which is why frames carry no HMAC, sequence number or timestamp of their own.
-A node with no configuration at all yet (a joining node: an empty log and no snapshot) admits the keys
-`admit_before_configuration` names: those the leader that accepted its join listed in its answer, signed with the
-cluster secret (raftlib.server.node). Once any configuration is here, that list is forgotten for good, even when the
-configuration names this node alone (a removed member's key must never come back that way).
+Vouched keys. A node's log can be behind the cluster's configuration: a member restarted after others joined
+(its configuration lacks the leader that must send it the entries that would name that leader), or a joining node
+whose first appends carry a configuration older than its leader. So the node also admits the keys of a "vouched"
+list: the newest configuration (index, members' keys) that a member gave it in an answer signed with the cluster
+secret (the join's answer, or GET /cluster/keys: raftlib.server.node asks), only while the node's own newest
+configuration is older than that list (its index below the list's). Once the node's log reaches that index the
+list is dropped for good (`on_vouched_dropped`: the node forgets it on disk), even when the configuration then
+names this node alone (review 3 F1: a removed member's key must never come back that way). Until then the list
+adds to the configuration's keys and never takes any away: a member removed after the node's configuration is
+still admitted until the node's log catches up (a vouched configuration may not be committed, and one that is
+later cut off must not lock out a member the node still counts). A key refused that neither list names is
+reported (`on_refused`) so that the node can ask for a newer list.
 Without a secret anyone who reaches the port is a peer and may name any `src`.
 
 Descriptors. zmq accepts every TCP connection to the port, and keeps each until it closes: strangers could hold
@@ -126,15 +134,20 @@ class ZmqTransport:
         node_key: str | None = None,
         members: Callable[[], Iterable[Member]] | None = None,
         max_inbound_connections: int = MAX_INBOUND_CONNECTIONS,
-        on_configuration: Callable[[], None] | None = None,
+        configuration_index: Callable[[], int] | None = None,
+        on_vouched_dropped: Callable[[], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         """`handler(messages, reply_wanted) -> list[Message]`: called in the transport's greenlets; when
         `reply_wanted` it may block (bounded) and returns the messages to answer with. With `node_key` (this
         node's CURVE secret key, Z85 text; a cluster secret), only the members that `members()` (the current
         configuration's, read on `start` and on every `set_peers`) lists with their public keys connect, each
         only as itself (CURVE, see the module's rules); raises RuntimeError if this libzmq has no CURVE.
-        `on_configuration()` is called once when a configuration replaces the keys `admit_before_configuration`
-        named (the node forgets them on disk then)."""
+        `configuration_index()` is the index of the newest configuration `members()` comes from (0: none);
+        `on_vouched_dropped()` is called once when the node's configuration reaches the vouched list's index and
+        the list is dropped (the node forgets it on disk then); `on_refused(public_key)` when the ZAP handler
+        refuses a key that neither the configuration nor the vouched list names (the module's rules). Both are
+        called in the transport's greenlets and must not block."""
         if node_key is not None and not CURVE_AVAILABLE:
             raise RuntimeError("a cluster secret needs a libzmq with CURVE (zmq.has('curve') is False)")
         self.node_id = node_id
@@ -152,8 +165,11 @@ class ZmqTransport:
         self._members = members or (lambda: ())
         self._key_owner: dict[str, str] = {}  # public key (Z85) -> node id: whom the ZAP handler admits
         self._peer_key: dict[str, str] = {}  # node id -> public key (Z85), to call it
-        self._before_configuration: dict[str, str] = {}  # node id -> public key: admitted while no configuration
-        self._on_configuration = on_configuration
+        self._configuration_index = configuration_index or (lambda: 0)
+        self._vouched: dict[str, str] = {}  # node id -> public key: admitted while our configuration is older
+        self._vouched_index = 0  # the index of the configuration the vouched list is; 0: none
+        self._on_vouched_dropped = on_vouched_dropped
+        self._on_refused = on_refused
         self._keyless_warned: frozenset[str] = frozenset()
         self._duplicates_logged: list[str] = []
         self.dropped_frames = 0
@@ -187,22 +203,21 @@ class ZmqTransport:
             sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode("ascii"))
 
     def _refresh_keys(self) -> None:
-        """Whom to admit and how to call each peer: the keys of the current configuration's members, or, while
-        this node has no configuration at all, those `admit_before_configuration` named (see the module's rules).
-        A configuration of this node alone is a configuration: it admits nobody (review 3 F1: a sole survivor fell
-        back to the join's list and admitted the removed leader's key as that leader)."""
+        """Whom to admit and how to call each peer: the keys of the current configuration's members, and those of
+        the vouched list while the configuration is older than it (see the module's rules). A configuration of
+        this node alone is a configuration: once it reaches the list's index it admits nobody (review 3 F1: a sole
+        survivor fell back to the join's list and admitted the removed leader's key as that leader)."""
         if self._curve is None:
             return
-        everyone = list(self._members())
-        members = [m for m in everyone if m.node_id != self.node_id]
-        if everyone:
-            peer_key = {m.node_id: m.public_key for m in members if m.public_key}
-            if self._before_configuration:
-                self._before_configuration = {}
-                if self._on_configuration is not None:
-                    self._on_configuration()
-        else:
-            peer_key = dict(self._before_configuration)
+        members = [m for m in self._members() if m.node_id != self.node_id]
+        peer_key = {m.node_id: m.public_key for m in members if m.public_key}
+        if self._vouched_index and self._configuration_index() >= self._vouched_index:
+            self._vouched, self._vouched_index = {}, 0
+            if self._on_vouched_dropped is not None:
+                self._on_vouched_dropped()
+        # The vouched list is the newer configuration: its key for a member wins (a member's key never changes
+        # within one cluster's configurations: api.join_refusal; this only orders a conflict).
+        peer_key.update((node_id, key) for node_id, key in self._vouched.items() if node_id != self.node_id)
         keyless = frozenset(m.node_id for m in members if not m.public_key)
         if keyless and keyless != self._keyless_warned:
             logger.warning("members %s have no public key in the configuration: with a cluster secret they cannot "
@@ -236,14 +251,21 @@ class ZmqTransport:
             del owner[self._curve[0]]
         return {node_id: key for key, node_id in owner.items()}, owner
 
-    def admit_before_configuration(self, keys: dict[str, str]) -> bool:
-        """While this node has no configuration (it is joining): admit these members (node id -> public key).
-        Ignored, returning False, once it has one: from then on only the configuration's members are admitted."""
-        if any(True for _ in self._members()):
+    def vouch(self, index: int, keys: dict[str, str]) -> bool:
+        """Admit the members `keys` names (node id -> public key), the configuration at `index` as a member
+        vouched for it (an answer signed with the cluster secret), while this node's own configuration is older
+        than `index`. Taken, returning True, only when it is newer than both this node's configuration and the
+        vouched list it has; else ignored, returning False."""
+        if index <= self._vouched_index or index <= self._configuration_index():
             return False
-        self._before_configuration = dict(keys)
+        self._vouched, self._vouched_index = dict(keys), index
         self._refresh_keys()
         return True
+
+    @property
+    def vouched_index(self) -> int:
+        """The index of the vouched list admitted now; 0 when there is none."""
+        return self._vouched_index
 
     def start(self) -> None:
         self._refresh_keys()
@@ -428,6 +450,11 @@ class ZmqTransport:
             if not ok:
                 self._handshake_warning.warn("raft port: refused a connection from %s: not a member's key",
                                              frames[3].decode(errors="replace") if len(frames) > 3 else "?")
+                if key and self._on_refused is not None:
+                    try:
+                        self._on_refused(key)  # perhaps a member newer than our configuration: ask (bounded)
+                    except Exception:
+                        logger.exception("on_refused failed")
             request_id = frames[1] if len(frames) > 1 else b""
             zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
                                 b"OK" if ok else b"not a member's key", key.encode("ascii") if ok else b"", b""])

@@ -17,7 +17,8 @@ from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, P
 from raftlib.progress import ProgressState, ProgressStatus
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
-from raftlib.server.admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers, verify_answer
+from raftlib.server.admin import (NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
+                                  keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import ADMIN_CLAIM, SET, KeyValueStore, command
@@ -586,10 +587,57 @@ def test_with_a_secret_a_join_names_its_key_and_the_answer_lists_the_members_key
     assert verify_answer(SECRET, headers[SIGNATURE_HEADER], r.body, canonical)
     assert not verify_answer(SECRET, "another request", r.body, canonical)
     assert not verify_answer(b"another secret", headers[SIGNATURE_HEADER], r.body, canonical)
-    assert json.loads(r.body) == {"index": 2, "leader": "a", "members": {m.node_id: m.public_key for m in KEYED.members}}
+    assert json.loads(r.body) == {"index": 2, "leader": "a", "members": {m.node_id: m.public_key for m in KEYED.members},
+                                  "http_addresses": {m.node_id: m.http_address for m in KEYED.members}}
     taken = json.dumps({"node_id": "b", "raft_address": "x:1", "http_address": "x:2", "public_key": D_KEY})
     r = client("POST", "/join", taken, headers=admin_headers(SECRET, "POST", "/join", taken.encode()))
     assert r.status == 409 and "another key" in r.text, r
+
+
+def answer_headers_of(r: Answer) -> dict:
+    headers = {k.lower(): v for k, v in r.headers.items()}
+    return {TIMESTAMP_HEADER: headers.get(TIMESTAMP_HEADER.lower(), ""),
+            SIGNATURE_HEADER: headers.get(SIGNATURE_HEADER.lower(), "")}
+
+
+def test_the_keys_request_is_answered_by_any_member_signed_for_that_request_only():
+    """GET /cluster/keys (review of edge3, findings 1 and 2: a node whose configuration is behind asks a member for
+    the keys of a newer one): a follower answers from its own newest configuration, with its index, signed for the
+    request; an unsigned, wrongly signed, stale or replayed request is refused (403), one without a fresh nonce is
+    400, and nothing goes through the log. An answer verifies for its own request only, so a recorded answer
+    cannot be handed to another."""
+    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), configuration_index=lambda: 7)
+    client.runtime.node.membership = KEYED
+    client.be_follower("b")
+    headers = keys_request_headers(SECRET)
+    r = client("GET", "/cluster/keys", headers=headers)
+    assert r.status == 200, r
+    assert verify_answer(SECRET, headers[SIGNATURE_HEADER], r.body, answer_headers_of(r))
+    assert parse_vouched(r.body) == (7, {m.node_id: m.public_key for m in KEYED.members},
+                                     {m.node_id: m.http_address for m in KEYED.members})
+    # The asker takes it for its own request only: not for another (a recorded answer replayed), not changed, not
+    # under another secret.
+    assert read_keys_answer(SECRET, headers, r.body, answer_headers_of(r)) == parse_vouched(r.body)
+    other = keys_request_headers(SECRET)
+    tampered = r.body.replace(b'"index": 7', b'"index": 9')
+    for secret, request_headers, body in ((SECRET, other, r.body), (SECRET, headers, tampered),
+                                          (b"another secret", headers, r.body)):
+        with pytest.raises(ValueError, match="not signed for our request"):
+            read_keys_answer(secret, request_headers, body, answer_headers_of(r))
+    nonce = headers[NONCE_HEADER]
+    for request_headers, status, why in (
+            ({NONCE_HEADER: nonce}, 403, "(no signature)"),
+            ({**admin_headers(SECRET, "GET", "/cluster/keys"), NONCE_HEADER: nonce}, 403, "does not match"),
+            (keys_request_headers(b"another secret"), 403, "does not match"),
+            (keys_request_headers(SECRET, now=1.0), 403, "from this node's clock"),
+            (headers, 403, "already used (a replay)"),
+            ({k: v for k, v in headers.items() if k != NONCE_HEADER}, 400, NONCE_HEADER),
+            ({**keys_request_headers(SECRET, nonce="ab" * 4)}, 400, NONCE_HEADER)):
+        r = client("GET", "/cluster/keys", headers=request_headers)
+        assert r.status == status and why in r.text and one_line(r), (request_headers, r)
+        assert SIGNATURE_HEADER.lower() not in {k.lower() for k in r.headers}
+    assert client.runtime.calls == []
+    assert Client()("GET", "/cluster/keys").status == 404  # no secret, no keys
 
 
 def test_a_join_with_another_members_key_is_409():
@@ -722,4 +770,5 @@ def test_every_route_is_tested_here():
     assert {(method, path) for method, path, _, _ in api_module.ROUTES} == {
         ("POST", "/db/<key:path>"), ("PUT", "/db/<key:path>"), ("DELETE", "/db/<key:path>"),
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
-        ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer")}
+        ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
+        ("GET", "/cluster/keys")}

@@ -521,8 +521,8 @@ def test_a_removed_member_is_not_admitted_by_the_sole_survivor(tmp_path):
             time.sleep(1.0)
             assert b.status()["term"] == st["term"], restart
             assert b.request("GET", "/db/pwned?consistency=stale").status == 404, restart
-            # The join answer's list left node.key once the leader's first append reached B.
-            assert "admit" not in node_key_of(b), restart
+            # The join answer's list left node.key once B's log reached the configuration that added B.
+            assert "admit" not in node_key_of(b) and "vouched" not in node_key_of(b), restart
         wait_for(lambda: "not a member's key" in b.log_text(), 5, "B to log the refusal")
         assert b.request("POST", "/db/after", "x").status == 200
     finally:
@@ -649,3 +649,84 @@ def test_a_join_answer_without_the_leaders_key_is_refused(tmp_path):
     finally:
         joiner.kill()
         answerer.close()
+
+
+def voter(node: Node, node_id: str) -> bool:
+    return members(node).get(node_id) == "voter"
+
+
+def test_a_member_whose_configuration_is_behind_admits_the_leader_that_joined_meanwhile(tmp_path):
+    """Review of edge3, finding 1: A, B, C voters; C down; D joins, is promoted and takes the leadership; C restarts
+    with a configuration {A, B, C} that lacks D, so it refused D's key for good (a pre-candidate for ever, the
+    cluster on 3 of 4 voters). Now C asks a member for the keys of its newest configuration (GET /cluster/keys,
+    signed both ways) and admits D until its log holds that configuration: C catches up, and with A stopped
+    D's writes commit only with C's acknowledgement (3 of 4 voters). A stranger's key is still refused, and the
+    keys request is refused unsigned."""
+    secret = b"lagging-s3cret-of-the-cluster"
+    path = secret_file(tmp_path, "s", secret.decode())
+    a, b, c_, d = (Node(name, str(tmp_path)) for name in "abcd")
+    cluster = LocalCluster(str(tmp_path), extra=("-secret-file", path), nodes=[a, b, c_, d])
+    cluster.nodes = [a, b, c_]
+    cluster.start()
+    cluster.nodes.append(d)
+    try:
+        c_id = c_.status()["node_id"]
+        c_.stop()
+        d.start("-secret-file", path, join=a.address)
+        d_id = d.status()["node_id"]
+        wait_for(lambda: voter(a, d_id), 20, "D to become a voter")
+        r = a.request("POST", f"/cluster/transfer?to={d_id}", headers=sign(secret, "POST", f"/cluster/transfer?to={d_id}"))
+        assert r.status == 200, r
+        assert d.request("POST", "/db/after", "v").status == 200
+        c_.start("-secret-file", path)
+        wait_for(lambda: c_.request("GET", "/db/after?consistency=stale").body == b"v", 20, "C to catch up")
+        assert "vouched for the keys" in c_.log_text(current=True)
+        # C's log now holds the configuration with D: the vouched list left node.key.
+        wait_for(lambda: "vouched" not in node_key_of(c_), 10, "C to drop the vouched list")
+        a.stop()
+        assert d.request("POST", "/db/quorum", "needs C", timeout=15).status == 200
+        assert wait_for(lambda: c_.request("GET", "/db/quorum?consistency=stale").body == b"needs C", 10, "C")
+        assert dict((m["id"], m["match_index"]) for m in d.request("GET", "/cluster").json())[c_id] > 0
+
+        # A stranger's key: refused, also after the refresh it set off (the lists name no stranger).
+        from raftlib import RequestVote
+        from raftlib.transport import new_node_key
+
+        c_public = {m["id"]: m["public_key"] for m in d.request("GET", "/cluster").json()}[c_id]
+        for _ in range(2):
+            assert send_raw(new_node_key(), c_public, c_.port, [RequestVote("x", c_id, 99, 0, 0)]) == "no answer"
+            time.sleep(2.5)
+        assert c_.status()["term"] < 99
+        r = c_.request("GET", "/cluster/keys", headers={"X-Raftdzmq-Nonce": "ab" * 16})
+        assert r.status == 403 and "no signature" in r.text, r
+    finally:
+        cluster.stop()
+
+
+def test_a_join_into_a_log_longer_than_one_batch_keeps_admitting_its_leader(tmp_path):
+    """Review of edge3, finding 2: B joined A after 2.5 MiB of writes and took the leadership; D joined through B.
+    B's first append to D (one 1 MiB batch) ended with the configuration at index 1, {A}: D dropped the join
+    answer's keys there and refused B's frames for good ("a removed member"), never promoted. Now the join's keys
+    count until D's log holds the configuration that added D (the answer's index): D catches up and is promoted."""
+    secret = b"biglog-s3cret-of-the-cluster"
+    path = secret_file(tmp_path, "s", secret.decode())
+    a, b, d = (Node(name, str(tmp_path)) for name in "abd")
+    cluster = LocalCluster(str(tmp_path), extra=("-secret-file", path), nodes=[a])
+    cluster.start()
+    cluster.nodes += [b, d]
+    try:
+        for i in range(5):
+            assert a.request("POST", f"/db/big{i}", b"x" * 500_000, timeout=15).status == 200
+        b.start("-secret-file", path, join=a.address)
+        b_id = b.status()["node_id"]
+        wait_for(lambda: voter(a, b_id), 20, "B to become a voter")
+        r = a.request("POST", f"/cluster/transfer?to={b_id}", headers=sign(secret, "POST", f"/cluster/transfer?to={b_id}"))
+        assert r.status == 200, r
+        d.start("-secret-file", path, join=b.address)
+        d_id = d.status()["node_id"]
+        wait_for(lambda: voter(b, d_id), 30, "D to be promoted")
+        wait_for(lambda: d.request("GET", "/db/big4?consistency=stale").body == b"x" * 500_000, 10, "D's copy")
+        assert "a removed member" not in d.log_text()
+        wait_for(lambda: "vouched" not in node_key_of(d), 10, "D to drop the join's list")
+    finally:
+        cluster.stop()

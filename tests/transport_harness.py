@@ -173,8 +173,10 @@ def only_members_as_themselves() -> None:
     """With node keys (a cluster secret): the ZAP handler admits only the keys of the configuration's members, and
     each only as itself (review 2 F2). A member's frames arrive; a stranger with a key of its own, or NULL, does
     not get through; a member that names another member as `src` is dropped (the forged TimeoutNow); a removed
-    member is refused, on its old connection and on a new one; a node with no configuration admits the keys
-    `admit_before_configuration` names."""
+    member is refused, on its old connection and on a new one; a node admits the keys a vouched list names while
+    its own configuration is older than the list (a joining node's first appends may carry an older one: review
+    of edge3, finding 2), drops the list once its configuration reaches the list's index, and reports the keys it
+    refuses that no list names."""
     import zmq.green as gzmq
 
     from raftlib import Member, TimeoutNow
@@ -226,28 +228,41 @@ def only_members_as_themselves() -> None:
     checks["duplicate-key-not-the-newcomer"] = not any(m.src == "zz" for m in received)
     checks["duplicates-not-called"] = set(server._peers) == {"m"}
     impostor.close()
-    # A joining node: no configuration; admits the keys the join's answer named, and no others.
-    joiner_port, joined, joiner_config = free_port(), [], []
+    # A joining node: no configuration; admits the keys the join's answer named (the configuration at index 5
+    # added it), and no others.
+    joiner_port, joined, joiner_config, joiner_index, dropped, refused = free_port(), [], [], [0], [], []
     joiner = ZmqTransport("j", f"127.0.0.1:{joiner_port}", lambda m, r: joined.extend(m) or [], node_key=k_joiner,
-                          members=lambda: joiner_config)
+                          members=lambda: joiner_config, configuration_index=lambda: joiner_index[0],
+                          on_vouched_dropped=lambda: dropped.append(1), on_refused=refused.append)
     joiner.start()
     before = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
     before.ask([RequestVote("m", "j", 1, 0, 0)])
     checks["joiner-refuses-before"] = not joined
-    joiner.admit_before_configuration({"m": public_key_of(k_member)})
+    checks["refusal-reported"] = wait(lambda: refused == [public_key_of(k_member)], 2)
+    checks["vouched-taken"] = joiner.vouch(5, {"m": public_key_of(k_member)})
     after = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
     checks["joiner-admits-after"] = after.ask([RequestVote("m", "j", 2, 0, 0)]) and any(m.term == 2 for m in joined)
-    # Review 3 F1: once a configuration is here the list is forgotten, even when that configuration names the
-    # joiner alone (m removed): m's key is refused, and a list given after that is ignored.
-    joiner_config.append(Member("j", f"127.0.0.1:{joiner_port}", "", public_key_of(k_joiner)))
+    # The leader's first append brings the cluster's first configuration (index 1, another member alone): older
+    # than the list, so m is still admitted (it was dropped here, and the joiner refused its leader for good).
+    joiner_config[:] = [Member("x", "127.0.0.1:9", "", public_key_of(k_stranger))]
+    joiner_index[0] = 1
+    joiner.set_peers({"x": "127.0.0.1:9"})
+    older = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
+    checks["older-configuration-keeps-the-list"] = (older.ask([RequestVote("m", "j", 3, 0, 0)])
+                                                    and any(m.term == 3 for m in joined) and not dropped)
+    checks["older-list-ignored"] = not joiner.vouch(4, {"m": public_key_of(k_member)})
+    # Review 3 F1: once the configuration reaches the list's index the list is dropped, even when that
+    # configuration names the joiner alone (m removed): m's key is refused, and a list no newer is ignored.
+    joiner_config[:] = [Member("j", f"127.0.0.1:{joiner_port}", "", public_key_of(k_joiner))]
+    joiner_index[0] = 5
     joiner.set_peers({})
-    checks["configured-forgets-the-list"] = joiner._before_configuration == {}
+    checks["configured-forgets-the-list"] = joiner.vouched_index == 0 and dropped == [1]
     late = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
-    checks["sole-member-refuses-removed"] = not late.ask([RequestVote("m", "j", 3, 0, 0)])
-    checks["list-ignored-once-configured"] = not joiner.admit_before_configuration({"m": public_key_of(k_member)})
+    checks["sole-member-refuses-removed"] = not late.ask([RequestVote("m", "j", 4, 0, 0)])
+    checks["list-ignored-once-configured"] = not joiner.vouch(5, {"m": public_key_of(k_member)})
     later = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
-    checks["still-refused"] = not later.ask([RequestVote("m", "j", 4, 0, 0)]) and not any(m.term > 2 for m in joined)
-    for c in (stranger, null, removed, again, before, after, late, later):
+    checks["still-refused"] = not later.ask([RequestVote("m", "j", 5, 0, 0)]) and not any(m.term > 3 for m in joined)
+    for c in (stranger, null, removed, again, before, after, older, late, later):
         c.close()
     ctx.destroy(linger=0)
     failed = [name for name, ok in checks.items() if not ok]

@@ -9,7 +9,12 @@ the hex HMAC-SHA256 under the secret of
 where TARGET is the path and query exactly as sent (`wire_target` form). With a secret a join's body also names
 the joining node's CURVE public key, and the leader's answer to a join lists the members' public keys, signed
 the same way with METHOD "JOINED" and TARGET the join's signature (`answer_headers`, `verify_answer`): the
-joining node admits those keys on its Raft port until it has a configuration (raftlib.transport). The leader refuses a timestamp more than
+joining node admits those keys on its Raft port until its configuration is as new (raftlib.transport: "vouched
+keys"). GET /cluster/keys asks any member for its newest configuration's keys: the asker sends a fresh random
+nonce in X-Raftdzmq-Nonce and signs the request as above with the nonce as BODY (`keys_request_headers`); the
+member answers JSON {"index", "members": {node_id: public_key}, "http_addresses": {node_id: address}}, signed as
+a join's answer is (`answer_headers`, bound to the request's signature: an answer recorded for another request,
+or made without the secret, does not verify); `parse_vouched` reads either answer. The leader refuses a timestamp more than
 ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
 leader took, and store.AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
 worthless once used, everywhere, and after the window even if never used.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import time
@@ -31,9 +37,12 @@ from .store import ADMIN_CLOCK_SKEW_SECONDS
 
 TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
 SIGNATURE_HEADER = "X-Raftdzmq-Signature"
+NONCE_HEADER = "X-Raftdzmq-Nonce"
 SECRET_ENV = "RAFTDZMQ_SECRET"
+KEYS_PATH = "/cluster/keys"
 _TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 _UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")
+_NONCE = re.compile(r"[0-9a-f]{32,128}")  # hex: at least 128 random bits
 _PUBLIC_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")  # a CURVE key in Z85 text (RFC 32)
 
 
@@ -111,6 +120,51 @@ def verify_answer(secret: bytes, request_signature: str, body: bytes, headers: M
         return False
     expected = admin_signature(secret, "JOINED", request_signature, body, timestamp)
     return hmac.compare_digest(signature.encode("latin-1", errors="replace"), expected.encode())
+
+
+def valid_nonce(text: object) -> bool:
+    """Whether `text` is a nonce as GET /cluster/keys wants it: 32 to 128 lowercase hex digits."""
+    return isinstance(text, str) and _NONCE.fullmatch(text) is not None
+
+
+def keys_request_headers(secret: bytes, nonce: str | None = None, now: float | None = None) -> dict[str, str]:
+    """The headers of a signed GET /cluster/keys: a fresh nonce (128 random bits, unless given) and the admin
+    signature with the nonce as the body."""
+    nonce = os.urandom(16).hex() if nonce is None else nonce
+    return {NONCE_HEADER: nonce, **admin_headers(secret, "GET", KEYS_PATH, nonce.encode("ascii"), now)}
+
+
+def parse_vouched(body: bytes) -> tuple[int, dict[str, str], dict[str, str]]:
+    """(index, members' public keys, members' HTTP addresses) from a signed answer listing a configuration (a
+    join's or GET /cluster/keys'; verify it first). ValueError when it is not one: an index that is not a positive
+    integer, or a member whose key is not a CURVE public key (review 3 F3: a cluster made before node keys)."""
+    try:
+        parsed = json.loads(body)
+        index, members = parsed["index"], parsed["members"]
+        http_addresses = parsed.get("http_addresses", {})
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"not a list of members' keys ({e})") from None
+    if not isinstance(index, int) or isinstance(index, bool) or index < 1:
+        raise ValueError("not a list of members' keys (no configuration index)")
+    if not isinstance(members, dict) or not isinstance(http_addresses, dict):
+        raise ValueError("not a list of members' keys")
+    keyless = sorted(str(k) for k, v in members.items() if not valid_public_key(v))
+    if keyless:
+        raise ValueError(f"no node key for {', '.join(keyless)}")
+    http_addresses = {k: v for k, v in http_addresses.items()
+                      if k in members and isinstance(v, str) and 0 < len(v) < 256}
+    return index, dict(members), http_addresses
+
+
+def read_keys_answer(secret: bytes, request_headers: Mapping[str, str], body: bytes,
+                     headers: Mapping[str, str]) -> tuple[int, dict[str, str], dict[str, str]]:
+    """The asker's side of GET /cluster/keys: (index, members' keys, HTTP addresses) from the answer `body` to the
+    request made with `request_headers` (keys_request_headers). ValueError when the answer is not signed with
+    `secret` for that very request (made without the secret, or recorded for another request: a replay), or is
+    not a list of keys."""
+    if not verify_answer(secret, request_headers.get(SIGNATURE_HEADER, ""), body, headers):
+        raise ValueError("not signed for our request with this cluster's secret")
+    return parse_vouched(body)
 
 
 class AdminGuard:

@@ -33,7 +33,8 @@ from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Rol
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.storage import DiskFull
 
-from .admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, valid_public_key, wire_target
+from .admin import (NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, valid_nonce,
+                    valid_public_key, wire_target)
 from .edge import RateLimitedLog
 from .metrics import Metrics
 from .store import ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
@@ -100,6 +101,9 @@ class Api:
     forward: bool = False
     guard: AdminGuard | None = None
     max_members: int = 64
+    # The index of the newest configuration in this node's log (its snapshot's index when the log has none): GET
+    # /cluster/keys answers with it. Read in the same step as runtime.status(): no yield between the two.
+    configuration_index: Callable[[], int] = lambda: 0
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
 
@@ -162,6 +166,7 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None]]] = {
         Stopped: (503, _NOT_CONFIRMED, None),
         ValueError: (400, "{e}", None),
     },
+    "keys": {},
     "transfer": {
         Timeout: (503, _NOT_CONFIRMED, None),
         Stopped: (503, _NOT_CONFIRMED, None),
@@ -510,9 +515,39 @@ def join(api: Api) -> bottle.HTTPResponse:
     if api.guard is None:
         return json_answer({"index": index})
     node = api.runtime.status().node
+    # The joining node admits these keys until its log holds the configuration at `index`, the one that added it
+    # (raftlib.transport, "vouched keys"): not before, however old the configurations its first appends carry.
     answer = json.dumps({"index": index, "leader": node.node_id,
-                         "members": {m.node_id: m.public_key for m in node.membership.members}}).encode()
+                         "members": {m.node_id: m.public_key for m in node.membership.members},
+                         "http_addresses": {m.node_id: m.http_address for m in node.membership.members}}).encode()
     headers = answer_headers(api.guard.secret, bottle.request.get_header(SIGNATURE_HEADER), answer)
+    return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
+
+
+def cluster_keys(api: Api) -> bottle.HTTPResponse:
+    """GET /cluster/keys, with a cluster secret: this node's newest configuration (its index, the members' public
+    keys and HTTP addresses), whether or not it leads, for a node whose own configuration may be older (it admits
+    these keys on its Raft port until its log catches up: raftlib.transport, "vouched keys"). The request carries
+    a fresh nonce and is signed with it as the body (admin.keys_request_headers); a signature is taken once (this
+    node's AdminGuard; nothing goes through the log: any member answers, a lagging one too); the answer is signed
+    for that request (admin.answer_headers)."""
+    if api.guard is None:
+        return text(404, "no cluster secret: nodes have no keys")
+    req = bottle.request
+    nonce = req.get_header(NONCE_HEADER)
+    if not valid_nonce(nonce):
+        return text(400, f"a keys request needs {NONCE_HEADER}: a fresh random nonce of 32 to 128 hex digits")
+    reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], nonce.encode("ascii"),
+                              req.get_header(TIMESTAMP_HEADER), req.get_header(SIGNATURE_HEADER))
+    if reason is None:
+        reason = api.guard.claim(req.get_header(SIGNATURE_HEADER))
+    if reason is not None:
+        raise Forbidden("keys request", reason)
+    membership = api.runtime.status().node.membership
+    index = api.configuration_index()
+    answer = json.dumps({"index": index, "members": {m.node_id: m.public_key for m in membership.members},
+                         "http_addresses": {m.node_id: m.http_address for m in membership.members}}).encode()
+    headers = answer_headers(api.guard.secret, req.get_header(SIGNATURE_HEADER), answer)
     return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
 
 
@@ -592,6 +627,7 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("GET", "/status", get_status, "status"),
     ("GET", "/metrics", get_metrics, "status"),
     ("GET", "/cluster", get_cluster, "status"),
+    ("GET", "/cluster/keys", cluster_keys, "keys"),
     ("DELETE", "/cluster/<node_id>", remove_member, "removal"),
     ("POST", "/cluster/transfer", transfer, "transfer"),
 )

@@ -10,14 +10,21 @@ Rules:
 - Every wait has a bound: joining (-join-timeout), each join request, the hand-over on shutdown.
 - With a cluster secret the node has a CURVE key pair of its own, made at its first start and kept in node.key
   (DiskStorage.write_node_key: crash-safe, mode 0600); the secret key is never logged. Its public key goes into
-  the bootstrap's configuration, or into the signed join request; the leader's signed answer to the join names
-  the members' keys, which the node admits on its Raft port (kept in node.key too, before JOINING goes) only
-  while it has no configuration at all; once one reaches it they are dropped from node.key (review 3 F1).
+  the bootstrap's configuration, or into the signed join request.
+- Vouched keys (raftlib.transport's rules): the leader's signed answer to the join names the members' keys and
+  the index of the configuration that added this node; a member's signed answer to GET /cluster/keys names its
+  newest configuration's keys and index. The newest such list (by index) is admitted on the Raft port while this
+  node's own configuration is older, and kept in node.key ("vouched", before JOINING goes); once the log reaches
+  its index it is dropped from node.key (review 3 F1). The node asks for a list once at start (when it has a
+  configuration with other members) and when its Raft port refuses a key that no list names, at most once every
+  KEYS_REFRESH_SECONDS: it asks its configuration's members, then the vouched list's, one at a time, each within
+  KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
 """
 
 from __future__ import annotations
 
 import binascii
+import http.client
 import ipaddress
 import json
 import logging
@@ -41,7 +48,8 @@ from raftlib.runtime import Runtime
 from raftlib.storage import DiskStorage, StorageError, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
-from .admin import SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, valid_public_key, verify_answer
+from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
+                    parse_vouched, read_keys_answer, valid_public_key, verify_answer)
 from .api import Api, make_app
 from .edge import EdgeServer, listen
 from .metrics import Metrics
@@ -53,8 +61,11 @@ log = logging.getLogger("raftdzmq.node")
 # seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
 TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
 HEARTBEAT_TICKS = 5  # ticks per heartbeat: the election timeout is counted in fifths of a heartbeat
-HANDOVER_TIMEOUT_SECONDS = 2.0
-MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start  # how long a stopping leader waits for its successor to take over
+HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its successor to take over
+MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start
+KEYS_REFRESH_SECONDS = 2.0  # at most one round of GET /cluster/keys this often (a stranger's refusals cause them)
+KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
+MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
 
 
 @dataclass(frozen=True)
@@ -135,12 +146,14 @@ class Server:
                                       reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
                                       node_key=None if self.node_key is None else self.node_key["secret_key"],
                                       members=lambda: self.node.membership.members,
-                                      on_configuration=self._forget_admitted)
-        if self.node_key is not None and self.node_key.get("admit"):
-            if self.node.membership.members:  # a configuration reached us before a crash: the list is stale
-                self._forget_admitted()
-            else:
-                self.transport.admit_before_configuration(self.node_key["admit"])
+                                      configuration_index=self.configuration_index,
+                                      on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused)
+        self._keys_asked_at = -KEYS_REFRESH_SECONDS  # time.monotonic() of the last round of keys requests
+        self._keys_asking = False
+        if self.node_key is not None and self.node_key.get("vouched"):
+            vouched = self.node_key["vouched"]
+            if not self.transport.vouch(vouched["index"], vouched["members"]):
+                self._forget_vouched()  # our configuration reached it before a crash: the list is stale
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
         self.metrics.bind(self.runtime.status)
@@ -179,41 +192,124 @@ class Server:
         return "" if self.node_key is None else public_key_of(self.node_key["secret_key"])
 
     def _load_node_key(self) -> dict:
-        """node.key: this node's CURVE secret key and whom it admits before it has a configuration; made (with a
+        """node.key: this node's CURVE secret key and the vouched list it admits while its configuration is older
+        (an "admit" list of the version before is the join's, read as vouched at index 1); made (with a
         new key) when the data dir has none. Before node.json at a first start: a crash between leaves a key and
         no identity, which the next start keeps."""
         key = self.storage.read_node_key()
         if key is None:
-            key = {"format": 1, "secret_key": new_node_key(), "admit": {}}
+            key = {"format": 1, "secret_key": new_node_key()}
             self.storage.write_node_key(key)
             log.info("made a CURVE key pair for this node (public key in the configuration; secret key in %s)",
                      os.path.join(self.config.data_dir, "node.key"))
             return key
-        admit = key.get("admit", {})
         try:
             public_key_of(key.get("secret_key", ""))
-            if not isinstance(admit, dict) or not all(valid_public_key(v) for v in admit.values()):
-                raise ValueError("bad \"admit\"")
-        except (ValueError, AttributeError) as e:
+            admit = key.pop("admit", None)
+            if admit:  # the version before vouched lists: the join's keys, kept while there was no configuration
+                key.setdefault("vouched", {"index": 1, "members": admit, "http_addresses": {}})
+            vouched = key.get("vouched")
+            if vouched is not None:
+                index, members = vouched["index"], vouched["members"]
+                if (not isinstance(index, int) or index < 1 or not isinstance(members, dict)
+                        or not all(valid_public_key(v) for v in members.values())
+                        or not isinstance(vouched.get("http_addresses", {}), dict)):
+                    raise ValueError('bad "vouched"')
+        except (ValueError, AttributeError, KeyError, TypeError) as e:
             raise StorageError(f"{os.path.join(self.config.data_dir, 'node.key')} is not a node key: {e}") from None
         return key
 
-    def _forget_admitted(self) -> None:
-        """A configuration is here (durable: the runtime syncs the peers after the save, and at start it was
-        loaded from disk): drop the join answer's keys from node.key, crash-safe, so no later start admits them
-        (review 3 F1). No room or no descriptor: the transport has forgotten them already, and the next start,
-        which finds the configuration again, drops them; any other failure of the write is fatal (storage's rules)."""
+    def configuration_index(self) -> int:
+        """The index of the newest configuration in the log; the snapshot's index when the log holds none (the
+        snapshot's configuration was made at or before it); 0 when there is none. O(entries in memory): for the
+        rare moments that need it (a change of configuration, a vouched list, a keys request)."""
+        entries = self.node.log.membership_entries()
+        return entries[-1].index if entries else self.node.log.snapshot_index
+
+    def _forget_vouched(self) -> None:
+        """The log reached the vouched list's index (durable: the runtime syncs the peers after the save, and at
+        start it was loaded from disk): drop the list from node.key, crash-safe, so no later start admits it
+        (review 3 F1). No room or no descriptor: the transport has forgotten it already, and the next start, which
+        finds the configuration again, drops it; any other failure of the write is fatal (storage's rules)."""
         assert self.node_key is not None
-        if not self.node_key.get("admit"):
+        if "vouched" not in self.node_key:
             return
-        self.node_key = {k: v for k, v in self.node_key.items() if k != "admit"}
+        self.node_key = {k: v for k, v in self.node_key.items() if k != "vouched"}
         try:
             self.storage.write_node_key(self.node_key)
         except StorageError as e:
-            log.warning("could not drop the join's keys from node.key (%s); they are not admitted, and the next "
+            log.warning("could not drop the vouched keys from node.key (%s); they are not admitted, and the next "
                         "start drops them", e)
             return
-        log.info("a configuration reached this node: node.key no longer lists the join answer's keys")
+        log.info("the log reached the configuration of the vouched keys: node.key no longer lists them")
+
+    def _vouch(self, index: int, members: dict[str, str], http_addresses: dict[str, str]) -> bool:
+        """Admit a vouched list (verified) if it is newer than the configuration and the list we have, and keep it
+        in node.key. True when taken."""
+        assert self.node_key is not None
+        members = {k: v for k, v in members.items() if k != self.node_id}
+        if not self.transport.vouch(index, members):
+            return False
+        self.node_key = {**self.node_key, "vouched": {"index": index, "members": members,
+                                                      "http_addresses": http_addresses}}
+        self.storage.write_node_key(self.node_key)
+        return True
+
+    def _key_refused(self, public_key: str) -> None:
+        """The Raft port refused a key no list names: perhaps a member newer than our configuration. Ask for a
+        newer list, at most once every KEYS_REFRESH_SECONDS (the transport's greenlet: never blocks)."""
+        self._ask_keys_soon()
+
+    def _ask_keys_soon(self) -> None:
+        now = time.monotonic()
+        if self._keys_asking or self._stopping or now - self._keys_asked_at < KEYS_REFRESH_SECONDS:
+            return
+        self._keys_asked_at, self._keys_asking = now, True
+        gevent.spawn(self._ask_keys)
+
+    def _ask_keys(self) -> None:
+        """One round of GET /cluster/keys: the members of our configuration, then those of the vouched list, one at
+        a time, until one vouches for a configuration newer than ours (or none is left)."""
+        try:
+            asked = set()
+            vouched = (self.node_key or {}).get("vouched", {})
+            mine = [(m.node_id, m.http_address) for m in self.node.membership.members]
+            theirs = sorted(vouched.get("http_addresses", {}).items())
+            for node_id, address in [*sorted(mine), *theirs]:
+                if node_id == self.node_id or not address or address in asked or self._stopping:
+                    continue
+                asked.add(address)
+                answer = self._keys_of(node_id, address)
+                if answer is not None and self._vouch(*answer):
+                    log.info("%s vouched for the keys of its configuration at index %d (ours is at %d): admitted "
+                             "until our log reaches it", node_id, answer[0], self.configuration_index())
+                    return
+        except Exception:
+            log.exception("asking for the members' keys failed")
+        finally:
+            self._keys_asking = False
+
+    def _keys_of(self, node_id: str, address: str) -> tuple[int, dict[str, str], dict[str, str]] | None:
+        """`node_id`'s signed answer to GET /cluster/keys, verified and parsed; None (logged at debug) when there
+        is none within KEYS_REQUEST_TIMEOUT_SECONDS or it does not verify."""
+        assert self.config.secret is not None
+        headers = keys_request_headers(self.config.secret)
+        request = urllib.request.Request(f"http://{address}{KEYS_PATH}", method="GET", headers=headers)
+        try:
+            # The socket's timeout bounds each step; gevent.Timeout the whole (an answer sent a byte at a time).
+            with gevent.Timeout(2 * KEYS_REQUEST_TIMEOUT_SECONDS, OSError("no whole answer in time")):
+                with _no_redirects.open(request, timeout=KEYS_REQUEST_TIMEOUT_SECONDS) as resp:
+                    body, answer_headers = resp.read(MAX_KEYS_ANSWER_BYTES + 1), resp.headers
+        except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as e:
+            log.debug("no keys from %s at %s: %s", node_id, address, e)
+            return None
+        try:
+            if len(body) > MAX_KEYS_ANSWER_BYTES:
+                raise ValueError(f"over {MAX_KEYS_ANSWER_BYTES} bytes")
+            return read_keys_answer(self.config.secret, headers, body, answer_headers)
+        except ValueError as e:
+            log.warning("the keys %s at %s answered are ignored: %s", node_id, address, e)
+            return None
 
     def _timed_fdatasync(self, fd: int, nbytes: int) -> None:
         t0 = time.perf_counter()
@@ -242,7 +338,8 @@ class Server:
         self.runtime.start()
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
-                  guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members)
+                  guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
+                  configuration_index=self.configuration_index)
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
@@ -254,6 +351,8 @@ class Server:
             on_eviction=self.metrics.http_evictions.inc)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
+        if self.node_key is not None and self.node.membership.members:
+            self._ask_keys_soon()  # our configuration may be older than the cluster's (a member that was down)
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
                  self.raft_address, config.data_dir)
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -347,11 +446,15 @@ class Server:
             raise JoinFailed(f"the leader's answer lacks the node keys of {', '.join(keyless) or leader or 'the leader'}"
                              ": a cluster with a secret made by a raftdzmq before node keys cannot take new nodes; "
                              "recreate it with this version")
-        if self.node.membership.members:
-            return  # a leader reached us already (a retried join): the configuration says whom to admit
-        self.node_key = {**self.node_key, "admit": admit}
-        self.storage.write_node_key(self.node_key)
-        self.transport.admit_before_configuration(admit)
+        try:
+            index, members, http_addresses = parse_vouched(answer)
+        except ValueError as e:
+            raise JoinFailed(f"the answer to the join is not a list of members' keys: {e}") from None
+        # The index of the configuration that added us: its keys count until our log holds it, however old the
+        # configurations the leader's first appends bring (review: a log over one batch before the leader's own
+        # join made the node drop the list at index 1 and refuse its leader for good). A retried join whose
+        # configuration reached us already is not taken (transport.vouch).
+        self._vouch(index, members, http_addresses)
 
     def _join_request(self, url: str, body: bytes) -> urllib.request.Request:
         headers = {"Content-Type": "application/json"}
