@@ -332,6 +332,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--saturation-clients", type=int, default=64, help="closed-loop clients for the saturation rate")
     p.add_argument("--warmup", type=float, default=1.0, help="--open-loop: seconds at each rate before measuring")
     p.add_argument("--max-connections", type=int, default=256, help="--open-loop: the generator's connection cap")
+    p.add_argument("--gc-stats", action="store_true", help="time every garbage collection in each raftdzmq node "
+                   "($RAFTDZMQ_GC_STATS) and print the pauses at the end")
     p.add_argument("--json", help="write all results to this file")
     p.add_argument("--plot", help="draw throughput and latency against concurrency to this PNG (needs matplotlib)")
     return p.parse_args()
@@ -392,6 +394,9 @@ def main() -> int:
     rng = random.Random(1)
     keys = [f"k{rng.randrange(10**9)}" for _ in range(args.keys)]
     systems: list[System] = []
+    if args.gc_stats:
+        os.environ["RAFTDZMQ_GC_STATS"] = os.path.join(workdir, "gc")
+        os.mkdir(os.environ["RAFTDZMQ_GC_STATS"])
     try:
         start_systems(args, workdir, systems)
         print(f"bench: client {client}, {args.duration:g}s per run, {args.keys} keys, values "
@@ -410,8 +415,25 @@ def main() -> int:
     finally:
         for s in systems:
             s.stop()
+        if args.gc_stats:
+            print_gc_stats(systems, os.environ["RAFTDZMQ_GC_STATS"])
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def print_gc_stats(systems: list[System], folder: str) -> None:
+    """Each raftdzmq node's collections over the whole run, by generation (raftlib/server/tuning.py wrote them)."""
+    for s in systems:
+        for k, pid in enumerate(s.pids()):
+            path = os.path.join(folder, f"gc-{pid}.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                st = json.load(f)
+            gens = "; ".join(f"gen{g} {st['count'][g]}x total {st['total_seconds'][g] * 1000:.0f} ms max "
+                             f"{st['max_seconds'][g] * 1000:.1f} ms, {len(st['long_seconds'][g])} >= 1 ms"
+                             for g in range(3))
+            print(f"gc {s.name} node{k + 1}: {gens}")
 
 
 # ---- the open loop ------------------------------------------------------------------------------------------
