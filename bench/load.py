@@ -463,8 +463,12 @@ def raftdzmq_metrics(s: System) -> dict | None:
     if not isinstance(s, Raftdzmq):
         return None
     text = get(s.url + "/metrics").decode()
-    return {h: prom_histogram(text, h) for h in ("raftdzmq_hub_lag_seconds", "raftdzmq_fsync_seconds",
-                                                  "raftdzmq_write_seconds")}
+    out = {h: prom_histogram(text, h) for h in ("raftdzmq_hub_lag_seconds", "raftdzmq_fsync_seconds",
+                                                 "raftdzmq_write_seconds")}
+    for line in text.splitlines():
+        if line.startswith(("raftdzmq_proposals ", "raftdzmq_batches_saved ")):
+            out[line.split()[0]] = {0.0: float(line.split()[1])}
+    return out
 
 
 def run_open_loop(s: System, requests: list, rate: float, args: argparse.Namespace, workdir: str,
@@ -484,8 +488,11 @@ def run_open_loop(s: System, requests: list, rate: float, args: argparse.Namespa
     result = json.loads(lines[-1])
     if before is not None:
         after = raftdzmq_metrics(s)
-        for name in before:
+        for name in ("raftdzmq_hub_lag_seconds", "raftdzmq_fsync_seconds", "raftdzmq_write_seconds"):
             result[name.replace("raftdzmq_", "")] = histogram_delta(before[name], after[name])
+        delta = {k: after[k][0.0] - before[k][0.0] for k in ("raftdzmq_proposals", "raftdzmq_batches_saved")}
+        # The leader's entries per fsync over the run (group commit): proposals / batches saved.
+        result["entries_per_batch"] = delta["raftdzmq_proposals"] / max(1.0, delta["raftdzmq_batches_saved"])
     return result
 
 
@@ -551,22 +558,26 @@ def ol_median(runs: list[dict]) -> dict:
     lag = [r["hub_lag_seconds"][">0.01"] for r in runs if "hub_lag_seconds" in r]
     if lag:
         m["hub_lag_over_10ms"] = statistics.median(lag)
+        m["fsync_over_5ms"] = statistics.median(r["fsync_seconds"][">0.005"] for r in runs)
+        m["entries_per_batch"] = statistics.median(r["entries_per_batch"] for r in runs)
     return m
 
 
 def print_open_loop(results: dict, systems: list[System], saturation: dict) -> None:
     ref = saturation.get("system", systems[-1].name)
     print(f"{'workload':<11}{'rate/s':>8}  {'system':<18}{'done/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'p99.9 ms':>9}"
-          f"{'max ms':>8}{'err':>5}{'t/o':>5}{'late p99':>9}{'gen cpu':>8}{'busy':>5}{'hub>10ms':>9}"
+          f"{'max ms':>8}{'err':>5}{'t/o':>5}{'late p99':>9}{'gen cpu':>8}{'busy':>5}{'hub>10ms':>9}{'fs>5ms':>7}"
+          f"{'batch':>6}"
           f"{'p99/ref':>8}{'p99.9/ref':>10}  valid")
     for (workload, rate, name), runs in results.items():
         m = ol_median(runs)
         r = ol_median(results[(workload, rate, ref)]) if (workload, rate, ref) in results else None
         ratio = lambda k: "" if r is None or name == ref else f"{m[k] / r[k]:.2f}" if r[k] else "-"  # noqa: E731
-        hub = f"{m['hub_lag_over_10ms']:.0f}" if "hub_lag_over_10ms" in m else ""
+        hub = f"{m['hub_lag_over_10ms']:>9.0f}{m['fsync_over_5ms']:>7.0f}{m['entries_per_batch']:>6.1f}" \
+            if "hub_lag_over_10ms" in m else " " * 22
         print(f"{workload:<11}{rate:>8.0f}  {name:<18}{m['rate']:>8.0f}{m['p50'] / 1000:>8.2f}{m['p99'] / 1000:>8.2f}"
               f"{m['p999'] / 1000:>9.2f}{m['max'] / 1000:>8.1f}{m['errors']:>5.0f}{m['timeouts']:>5.0f}"
-              f"{m['late_p99'] / 1000:>8.2f}m{m['client_cpu'] * 100:>7.0f}%{m['client_busy'] * 100:>4.0f}%{hub:>9}{ratio('p99'):>8}"
+              f"{m['late_p99'] / 1000:>8.2f}m{m['client_cpu'] * 100:>7.0f}%{m['client_busy'] * 100:>4.0f}%{hub}{ratio('p99'):>8}"
               f"{ratio('p999'):>10}  {'yes' if m['valid'] else 'NO: ' + '; '.join(m['invalid_reasons'])}")
 
 
