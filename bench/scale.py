@@ -6,10 +6,11 @@
 
 For each N (keys k000000000 .. of 100-byte values), a fresh 3-node cluster of each system is loaded by wrk (64
 connections, each key written once; keys a write failed on are written again on the next pass), and then:
-- RSS per node (VmRSS) before and after, and memory per key (the leader's growth / N);
-- the snapshot: raftdzmq's newest snapshot file in the leader's data dir, and the time to take one of N keys
-  (KeyValueStore.snapshot() of the same data, written and fsynced, in this process); etcd's `etcdctl snapshot
-  save` size and time;
+- RSS per node (VmRSS) before and after (the table: the largest node's), and memory per key (the leader's growth
+  / N);
+- the snapshot: raftdzmq's newest snapshot file in the leader's data dir (none yet below -snapshot-threshold of
+  log: then the size of the encoding below), and the time to take one of N keys (KeyValueStore.snapshot() of the
+  same data, written and fsynced, in this process); etcd's `etcdctl snapshot save` size and time;
 - the longest serving pause during the load, seen by probing each node's status every 20 ms, and leader changes;
 - write and read (linearizable) throughput at that size: wrk, 64 connections, random keys, --seconds each;
 - restart: SIGKILL a follower, start it again, until it answers a linearizable read;
@@ -239,8 +240,9 @@ def time_store_snapshot(n: int, workdir: str) -> dict:
         os.fsync(f.fileno())
     written = time.perf_counter()
     os.unlink(path)
+    size = len(data)
     del store, data
-    return {"encode_seconds": encoded - t0, "write_fsync_seconds": written - encoded}
+    return {"encode_seconds": encoded - t0, "write_fsync_seconds": written - encoded, "encoded_bytes": size}
 
 
 class EtcdCluster(Cluster):
@@ -409,14 +411,14 @@ def fmt(v, unit: str = "") -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'system':<9}{'keys':>10}{'load/s':>8}{'RSS leader':>12}{'B/key':>7}{'snap file':>11}{'snap take':>10}"
+    print(f"{'system':<9}{'keys':>10}{'load/s':>8}{'RSS max':>12}{'B/key':>7}{'snap file':>11}{'snap take':>10}"
           f"{'pause':>8}{'terms':>6}{'write/s':>9}{'read/s':>8}{'restart':>9}{'join':>10}")
     for r in rows:
         snap = r["snapshot"]
         take = snap.get("save_seconds", snap.get("encode_seconds", 0) + snap.get("write_fsync_seconds", 0))
         lead = max(r["rss_bytes"].values())
         print(f"{r['system']:<9}{r['keys']:>10,}{r['load']['ops']:>8.0f}{fmt(lead, 'MB'):>12}"
-              f"{r['bytes_per_key']:>7.0f}{fmt(snap['file_bytes'], 'MB'):>11}{fmt(take, 's'):>10}"
+              f"{r['bytes_per_key']:>7.0f}{fmt(snap['file_bytes'] or snap.get('encoded_bytes'), 'MB'):>11}{fmt(take, 's'):>10}"
               f"{fmt(r['during_load']['longest_status_seconds'], 's'):>8}{len(r['during_load']['terms_seen']):>6}"
               f"{r['write']['ops']:>9.0f}{r['read']['ops']:>8.0f}{fmt(r['restart_seconds'], 's'):>9}"
               f"{fmt(r['join_seconds'], 's'):>10}")
