@@ -55,6 +55,16 @@ class GcPauses:
                 "long_seconds": self.long_seconds, "threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}
 
 
+def freeze_after_start() -> None:
+    """Collect once, then move every object alive now out of the collector's sight (gc.freeze): the modules,
+    classes and functions of start-up and the state just restored from disk. They live as long as the process, and
+    a collection of the oldest generation walked all of them each time: ~34,000 objects after the imports, ~20-30 ms
+    a full collection here, a pause of the whole event loop. Objects frozen are still freed by their reference
+    count; only garbage in a cycle among them would stay, and start-up's objects are not garbage."""
+    gc.collect()
+    gc.freeze()
+
+
 def watch_gc_from_env() -> GcPauses | None:
     """With $RAFTDZMQ_GC_STATS set to a folder: time every collection and write gc-PID.json there at exit."""
     folder = os.environ.get(STATS_ENV)
