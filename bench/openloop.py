@@ -17,8 +17,8 @@ Rules:
   If the loop was busy most of the run, its lateness is a material part of the tail it reports, or its CPU nears a
   whole core, the run is marked invalid: the generator, not the server, was the bottleneck (`verdict`).
 - Requests still unanswered when the run ends (after a bounded drain) count as timeouts with an infinite latency:
-  they raise the percentiles, never vanish from them. Error answers (4xx, 5xx, a broken connection) are counted,
-  and their latency is kept too.
+  they raise the percentiles, never vanish from them. Answers other than 2xx (a 307 from a node that lost the
+  leadership, 4xx, 5xx) and broken connections are counted as errors, and their latency is kept too.
 - Why gevent and raw sockets rather than wrk: Debian's wrk is closed-loop (wrk2 is not packaged), and its Lua
   hooks have no clock to measure from a schedule. One gevent process with pre-encoded requests and a minimal
   response parser costs ~30 us of CPU a request here, so it keeps a schedule of several thousand a second on one
@@ -201,7 +201,7 @@ def run(host: str, port: int, requests: list[bytes], rate_per_second: float, dur
                 sent = time.monotonic()
                 lateness[i] = max(0.0, sent - max(due, free_at))
                 status = conn.exchange(requests[i % len(requests)])
-                if status >= 400:
+                if not 200 <= status < 300:  # a 307 from a node that no longer leads is not an answer
                     errors[0] += 1
             except (OSError, ValueError, IndexError):
                 errors[0] += 1

@@ -82,8 +82,8 @@ class StallingServer:
     """HTTP/1.1 keep-alive on 127.0.0.1, a thread per connection; the `stall_at`-th request (1-based, across all
     connections) is answered `stall_seconds` late, every other one at once."""
 
-    def __init__(self, stall_at: int = 0, stall_seconds: float = 0.0) -> None:
-        self.stall_at, self.stall_seconds = stall_at, stall_seconds
+    def __init__(self, stall_at: int = 0, stall_seconds: float = 0.0, status: bytes = b"200 OK") -> None:
+        self.stall_at, self.stall_seconds, self.status = stall_at, stall_seconds, status
         self.count, self.lock, self.conns = 0, threading.Lock(), []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -113,7 +113,7 @@ class StallingServer:
                     stall = self.count == self.stall_at
                 if stall:
                     time.sleep(self.stall_seconds)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                conn.sendall(b"HTTP/1.1 " + self.status + b"\r\nContent-Length: 2\r\n\r\nok")
         except OSError:
             return
 
@@ -176,3 +176,14 @@ def test_a_generator_that_cannot_keep_up_marks_its_run_invalid(requests_file):
         server.close()
     assert not r["valid"], r
     assert "generator" in r["invalid_reason"]
+
+
+def test_a_redirect_is_an_error_not_an_answer(requests_file):
+    # A node that lost the leadership answers writes with 307 at once: counted as answers, they would make its
+    # latency look better than the leader's.
+    server = StallingServer(status=b"307 Temporary Redirect")
+    try:
+        r = generate(server.port, requests_file, rate=100, duration=0.5, max_connections=8)
+    finally:
+        server.close()
+    assert r["requests"] == 50 and r["errors"] == 50, r
