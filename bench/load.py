@@ -122,6 +122,16 @@ class Raftdzmq(System):
             wait_until(lambda: self._voters() == i + 1, 20, f"{self.name} node {i + 1} to join")
         self.url = f"http://127.0.0.1:{self.http_ports[0]}"
 
+    def follow_leader(self) -> None:
+        """Point `url` at the node that leads now (a loaded machine can move the leadership between runs)."""
+        for port in self.http_ports:
+            try:
+                if json.loads(get(f"http://127.0.0.1:{port}/status"))["role"] == "leader":
+                    self.url = f"http://127.0.0.1:{port}"
+                    return
+            except OSError:
+                continue
+
     def _voters(self) -> int:
         st = json.loads(get(f"http://127.0.0.1:{self.http_ports[0]}/status"))
         return sum(1 for m in st["members"] if m["role"] == "voter") if st["role"] == "leader" else 0
@@ -473,6 +483,8 @@ def raftdzmq_metrics(s: System) -> dict | None:
 
 def run_open_loop(s: System, requests: list, rate: float, args: argparse.Namespace, workdir: str,
                   label: str) -> dict:
+    if isinstance(s, Raftdzmq):
+        s.follow_leader()
     reqfile = os.path.join(workdir, "openloop-requests.json")
     with open(reqfile, "w") as f:
         json.dump(requests, f)
@@ -602,7 +614,7 @@ def plot_open_loop(results: dict, systems: list[System], path: str) -> None:
                 ax.plot([x for x, _ in pts], [m[key] / 1000 for _, m in pts], linestyle=style, marker="o",
                         color=colors[k % len(colors)], label=f"{s.name} {label}")
         ax.set_title(f"{w}: open-loop latency against throughput")
-        ax.set_xlabel("answered requests/s (at a fixed arrival rate)")
+        ax.set_xlabel("completed requests/s (at a fixed arrival rate)")
         ax.set_ylabel("latency from the scheduled time, ms")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
