@@ -187,3 +187,46 @@ def test_a_redirect_is_an_error_not_an_answer(requests_file):
     finally:
         server.close()
     assert r["requests"] == 50 and r["errors"] == 50, r
+
+
+class FakeCluster:
+    def __init__(self, held: set[str]) -> None:
+        self.held, self.written = held, []
+
+    def keys(self) -> set[str]:
+        return set(self.held)
+
+    def put(self, key: str) -> int:
+        self.written.append(key)
+        self.held.add(key)
+        return 200
+
+    def count(self) -> int:
+        return len(self.held)
+
+
+def test_the_scale_load_writes_again_exactly_the_keys_whose_write_failed():
+    import scale
+
+    cluster = FakeCluster({f"k{i:09d}" for i in range(100) if i % 7})
+    assert scale.repair(cluster, 100) == 15
+    assert sorted(cluster.written) == [f"k{i:09d}" for i in range(0, 100, 7)]
+    assert cluster.count() == 100
+
+
+def test_the_scale_load_stops_waiting_when_the_count_stalls(monkeypatch):
+    import scale
+
+    cluster = FakeCluster({"k000000000"})
+    clock = [0.0]
+    monkeypatch.setattr(scale.time, "monotonic", lambda: clock[0])
+    stalled = scale.Stalled(cluster, 10, seconds=15)
+    assert not stalled()
+    clock[0] = 10
+    cluster.held.add("k000000001")
+    assert not stalled()  # it grew: the wait starts again
+    clock[0] = 24
+    assert not stalled()
+    clock[0] = 26
+    assert stalled()
+    assert scale.Stalled(FakeCluster({f"k{i}" for i in range(10)}), 10)()
