@@ -21,8 +21,9 @@ Rules:
   leadership, 4xx, 5xx) and broken connections are counted as errors, and their latency is kept too.
 - Why gevent and raw sockets rather than wrk: Debian's wrk is closed-loop (wrk2 is not packaged), and its Lua
   hooks have no clock to measure from a schedule. One gevent process with pre-encoded requests and a minimal
-  response parser costs ~30 us of CPU a request here, so it keeps a schedule of several thousand a second on one
-  core; its CPU and lateness are reported with every run so that claim is checked each time, not assumed.
+  response parser cost 90-125 us of CPU a request on the busy shared machine (13-20% of a core at 900-2,200/s);
+  its CPU, lateness and loop busy share are reported with every run so that it keeping up is checked each time,
+  not assumed.
 
 The pure parts (`schedule_seconds`, `percentile`, `summarize`, `verdict`) are tested in tests/test_bench.py.
 """
