@@ -17,7 +17,8 @@ from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, P
 from raftlib.progress import ProgressState, ProgressStatus
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
-from raftlib.server.admin import (NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
+from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
+                                  answer_headers,
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
 from raftlib.server.metrics import Metrics
@@ -609,16 +610,17 @@ def test_the_keys_request_is_answered_by_any_member_signed_for_that_request_only
     client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), configuration_index=lambda: 7)
     client.runtime.node.membership = KEYED
     client.be_follower("b")
-    headers = keys_request_headers(SECRET)
+    headers = keys_request_headers(SECRET, "a")
     r = client("GET", "/cluster/keys", headers=headers)
     assert r.status == 200, r
+    assert json.loads(r.body)["node_id"] == "a"
     assert verify_answer(SECRET, headers[SIGNATURE_HEADER], r.body, answer_headers_of(r))
     assert parse_vouched(r.body) == (7, {m.node_id: m.public_key for m in KEYED.members},
                                      {m.node_id: m.http_address for m in KEYED.members})
     # The asker takes it for its own request only: not for another (a recorded answer replayed), not changed, not
     # under another secret.
     assert read_keys_answer(SECRET, headers, r.body, answer_headers_of(r)) == parse_vouched(r.body)
-    other = keys_request_headers(SECRET)
+    other = keys_request_headers(SECRET, "a")
     tampered = r.body.replace(b'"index": 7', b'"index": 9')
     for secret, request_headers, body in ((SECRET, other, r.body), (SECRET, headers, tampered),
                                           (b"another secret", headers, r.body)):
@@ -626,18 +628,47 @@ def test_the_keys_request_is_answered_by_any_member_signed_for_that_request_only
             read_keys_answer(secret, request_headers, body, answer_headers_of(r))
     nonce = headers[NONCE_HEADER]
     for request_headers, status, why in (
-            ({NONCE_HEADER: nonce}, 403, "(no signature)"),
-            ({**admin_headers(SECRET, "GET", "/cluster/keys"), NONCE_HEADER: nonce}, 403, "does not match"),
-            (keys_request_headers(b"another secret"), 403, "does not match"),
-            (keys_request_headers(SECRET, now=1.0), 403, "from this node's clock"),
+            ({NONCE_HEADER: nonce, NODE_HEADER: "a"}, 403, "(no signature)"),
+            ({**admin_headers(SECRET, "GET", "/cluster/keys"), NONCE_HEADER: nonce, NODE_HEADER: "a"}, 403,
+             "does not match"),
+            (keys_request_headers(b"another secret", "a"), 403, "does not match"),
+            (keys_request_headers(SECRET, "a", now=1.0), 403, "from this node's clock"),
+            ({**keys_request_headers(SECRET, "a"), NODE_HEADER: "b"}, 403, "does not match"),
             (headers, 403, "already used (a replay)"),
             ({k: v for k, v in headers.items() if k != NONCE_HEADER}, 400, NONCE_HEADER),
-            ({**keys_request_headers(SECRET, nonce="ab" * 4)}, 400, NONCE_HEADER)):
+            ({k: v for k, v in keys_request_headers(SECRET, "a").items() if k != NODE_HEADER}, 400, NODE_HEADER),
+            ({**keys_request_headers(SECRET, "a", nonce="ab" * 4)}, 400, NONCE_HEADER)):
         r = client("GET", "/cluster/keys", headers=request_headers)
         assert r.status == status and why in r.text and one_line(r), (request_headers, r)
         assert SIGNATURE_HEADER.lower() not in {k.lower() for k in r.headers}
     assert client.runtime.calls == []
     assert Client()("GET", "/cluster/keys").status == 404  # no secret, no keys
+
+
+def test_a_keys_request_is_answered_only_by_the_node_it_names_and_taken_only_from_it():
+    """Review of edge5, finding 1: C asked B's address; Z, a node of another cluster with the same secret, listened
+    there and answered with its own list, which C took (and, kept in node.key, it then refused B's genuine lists
+    for good). The request names the node asked, signed: another node refuses it (421). The answer names its
+    node, signed: the asker refuses an answer from another node, or from a node not in the list it sends."""
+    z = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), configuration_index=lambda: 35)
+    z.runtime.node.node_id = "z"
+    z.runtime.node.membership = Membership(("z",), (), (Member("z", "10.9.0.1:5555", "10.9.0.1:8080", D_KEY),))
+    z.be_follower("z")
+    for_b = keys_request_headers(SECRET, "b")
+    r = z("GET", "/cluster/keys", headers=for_b)
+    assert (r.status, r.text) == (421, "this is node z, not b: ask the node at the address it gave\n"), r
+    assert SIGNATURE_HEADER.lower() not in {k.lower() for k in r.headers}
+    # Z answers a request naming Z; a recording of that answer, or a node that answers whatever it is asked,
+    # does not pass for B's answer, nor does one naming B in a list without B.
+    for_z = keys_request_headers(SECRET, "z")
+    r = z("GET", "/cluster/keys", headers=for_z)
+    assert r.status == 200 and json.loads(r.body)["node_id"] == "z", r
+    assert read_keys_answer(SECRET, for_z, r.body, answer_headers_of(r))[0] == 35
+    for claimed, why in (("z", "answered by 'z', not by 'b'"), ("b", "b is not a member")):
+        body = r.body.replace(b'"node_id": "z"', f'"node_id": "{claimed}"'.encode())
+        signed = answer_headers(SECRET, for_b[SIGNATURE_HEADER], body)
+        with pytest.raises(ValueError, match=why):
+            read_keys_answer(SECRET, for_b, body, signed)
 
 
 def test_a_join_with_another_members_key_is_409():

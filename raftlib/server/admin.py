@@ -10,11 +10,15 @@ where TARGET is the path and query exactly as sent (`wire_target` form). With a 
 the joining node's CURVE public key, and the leader's answer to a join lists the members' public keys, signed
 the same way with METHOD "JOINED" and TARGET the join's signature (`answer_headers`, `verify_answer`): the
 joining node admits those keys on its Raft port until its configuration is as new (raftlib.transport: "vouched
-keys"). GET /cluster/keys asks any member for its newest configuration's keys: the asker sends a fresh random
-nonce in X-Raftdzmq-Nonce and signs the request as above with the nonce as BODY (`keys_request_headers`); the
-member answers JSON {"index", "members": {node_id: public_key}, "http_addresses": {node_id: address}}, signed as
-a join's answer is (`answer_headers`, bound to the request's signature: an answer recorded for another request,
-or made without the secret, does not verify); `parse_vouched` reads either answer. The leader refuses a timestamp more than
+keys"). GET /cluster/keys asks one member for its newest committed configuration's keys: the asker sends a fresh
+random nonce in X-Raftdzmq-Nonce and the id of the node it means to ask in X-Raftdzmq-Node, and signs the request
+as above with "NONCE LF NODE_ID" as BODY (`keys_request_headers`); a node named otherwise refuses it (421). The
+member answers JSON {"node_id", "index", "members": {node_id: public_key}, "http_addresses": {node_id: address}},
+signed as a join's answer is (`answer_headers`, bound to the request's signature: an answer recorded for another
+request, or made without the secret, does not verify), and the asker takes it only from the node it asked, and
+only when that node is in the list (`read_keys_answer`; review of edge5, finding 1: a node of another cluster with
+the same secret listening at a member's address answered with its own list); `parse_vouched` reads either
+answer. The leader refuses a timestamp more than
 ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
 leader took, and store.AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
 worthless once used, everywhere, and after the window even if never used.
@@ -38,6 +42,7 @@ from .store import ADMIN_CLOCK_SKEW_SECONDS
 TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
 SIGNATURE_HEADER = "X-Raftdzmq-Signature"
 NONCE_HEADER = "X-Raftdzmq-Nonce"
+NODE_HEADER = "X-Raftdzmq-Node"  # GET /cluster/keys: the id of the node asked
 SECRET_ENV = "RAFTDZMQ_SECRET"
 KEYS_PATH = "/cluster/keys"
 _TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
@@ -127,11 +132,18 @@ def valid_nonce(text: object) -> bool:
     return isinstance(text, str) and _NONCE.fullmatch(text) is not None
 
 
-def keys_request_headers(secret: bytes, nonce: str | None = None, now: float | None = None) -> dict[str, str]:
-    """The headers of a signed GET /cluster/keys: a fresh nonce (128 random bits, unless given) and the admin
-    signature with the nonce as the body."""
+def keys_request_body(nonce: str, node_id: str) -> bytes:
+    """What a GET /cluster/keys request signs as its body: its nonce and the id of the node it asks."""
+    return f"{nonce}\n{node_id}".encode("utf-8")
+
+
+def keys_request_headers(secret: bytes, node_id: str, nonce: str | None = None, now: float | None = None
+                         ) -> dict[str, str]:
+    """The headers of a signed GET /cluster/keys to the node `node_id`: a fresh nonce (128 random bits, unless
+    given), the id asked, and the admin signature with both as the body (keys_request_body)."""
     nonce = os.urandom(16).hex() if nonce is None else nonce
-    return {NONCE_HEADER: nonce, **admin_headers(secret, "GET", KEYS_PATH, nonce.encode("ascii"), now)}
+    return {NONCE_HEADER: nonce, NODE_HEADER: node_id,
+            **admin_headers(secret, "GET", KEYS_PATH, keys_request_body(nonce, node_id), now)}
 
 
 def parse_vouched(body: bytes) -> tuple[int, dict[str, str], dict[str, str]]:
@@ -160,11 +172,18 @@ def read_keys_answer(secret: bytes, request_headers: Mapping[str, str], body: by
                      headers: Mapping[str, str]) -> tuple[int, dict[str, str], dict[str, str]]:
     """The asker's side of GET /cluster/keys: (index, members' keys, HTTP addresses) from the answer `body` to the
     request made with `request_headers` (keys_request_headers). ValueError when the answer is not signed with
-    `secret` for that very request (made without the secret, or recorded for another request: a replay), or is
-    not a list of keys."""
+    `secret` for that very request (made without the secret, or recorded for another request: a replay), is not
+    a list of keys, or does not come from the node asked, a member of that list (review of edge5, finding 1:
+    another cluster's node with the same secret, at the address asked, answered with its own list)."""
     if not verify_answer(secret, request_headers.get(SIGNATURE_HEADER, ""), body, headers):
         raise ValueError("not signed for our request with this cluster's secret")
-    return parse_vouched(body)
+    index, members, http_addresses = parse_vouched(body)
+    asked, answerer = request_headers.get(NODE_HEADER), json.loads(body).get("node_id")
+    if answerer != asked:
+        raise ValueError(f"answered by {answerer!r}, not by {asked!r}, the node asked")
+    if answerer not in members:
+        raise ValueError(f"{answerer} is not a member of the configuration it lists")
+    return index, members, http_addresses
 
 
 class AdminGuard:

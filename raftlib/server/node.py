@@ -293,7 +293,7 @@ class Server:
         """`node_id`'s signed answer to GET /cluster/keys, verified and parsed; None (logged at debug) when there
         is none within KEYS_REQUEST_TIMEOUT_SECONDS or it does not verify."""
         assert self.config.secret is not None
-        headers = keys_request_headers(self.config.secret)
+        headers = keys_request_headers(self.config.secret, node_id)
         request = urllib.request.Request(f"http://{address}{KEYS_PATH}", method="GET", headers=headers)
         try:
             # The socket's timeout bounds each step; gevent.Timeout the whole (an answer sent a byte at a time).
