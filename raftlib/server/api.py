@@ -530,9 +530,11 @@ def cluster_keys(api: Api) -> bottle.HTTPResponse:
     these keys on its Raft port until its log catches up: raftlib.transport, "vouched keys"). The request carries
     a fresh nonce and the id of the node it asks, and is signed with both as the body (admin.keys_request_headers);
     a request meant for another node is refused (421: review of edge5, finding 1, another cluster's node at a
-    member's old address answered for it). A signature is taken once (this node's AdminGuard; nothing goes through
-    the log: any member answers, a lagging one too); the answer names this node and is signed for that request
-    (admin.answer_headers)."""
+    member's old address answered for it). Its signature is not remembered (review of edge5, finding 3: every
+    keys request took a place in the AdminGuard for 600 s): the answer is signed for this request's own fresh
+    nonce, so a replayed request gets only an answer its asker will not take, and nothing changes. Nothing goes
+    through the log: any member answers, a lagging one too. The answer names this node and is signed for that
+    request (admin.answer_headers)."""
     if api.guard is None:
         return text(404, "no cluster secret: nodes have no keys")
     req = bottle.request
@@ -543,8 +545,6 @@ def cluster_keys(api: Api) -> bottle.HTTPResponse:
         return text(400, f"a keys request needs {NODE_HEADER}: the id of the node asked")
     reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], keys_request_body(nonce, asked),
                               req.get_header(TIMESTAMP_HEADER), req.get_header(SIGNATURE_HEADER))
-    if reason is None:
-        reason = api.guard.claim(req.get_header(SIGNATURE_HEADER))
     if reason is not None:
         raise Forbidden("keys request", reason)
     status = api.runtime.status()

@@ -17,8 +17,10 @@ Rules:
   node's own configuration is older, and kept in node.key ("vouched", before JOINING goes); once the log reaches
   its index it is dropped from node.key (review 3 F1). The node asks for a list once at start (when it has a
   configuration with other members) and when its Raft port refuses a key that no list names, at most once every
-  KEYS_REFRESH_SECONDS: it asks its configuration's members, then the vouched list's, one at a time, each within
-  KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
+  KEYS_REFRESH_SECONDS, doubled after each round that found nothing newer up to KEYS_REFRESH_MAX_SECONDS and back
+  to KEYS_REFRESH_SECONDS once one does (review of edge5, finding 3: a removed member dialling in kept every
+  member asking every 2 s): it asks its configuration's members, then the vouched list's, one at a time, each
+  within KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
 """
 
 from __future__ import annotations
@@ -64,8 +66,36 @@ HEARTBEAT_TICKS = 5  # ticks per heartbeat: the election timeout is counted in f
 HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its successor to take over
 MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start
 KEYS_REFRESH_SECONDS = 2.0  # at most one round of GET /cluster/keys this often (a stranger's refusals cause them)
+KEYS_REFRESH_MAX_SECONDS = 30.0  # the pause between rounds doubles up to this while they find nothing newer
 KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
+
+
+class KeysRefresh:
+    """When the next round of GET /cluster/keys may start: `first_seconds` after the last one began, doubled for
+    each round in a row that found nothing newer after the first (2, 4, 8, 16 s), at most `most_seconds`, and
+    back to `first_seconds` after a round that did (review of edge5, finding 3). Pure: the caller passes the time
+    (time.monotonic())."""
+
+    def __init__(self, first_seconds: float = KEYS_REFRESH_SECONDS, most_seconds: float = KEYS_REFRESH_MAX_SECONDS
+                 ) -> None:
+        assert 0 < first_seconds <= most_seconds
+        self.first_seconds, self.most_seconds = first_seconds, most_seconds
+        self.pause_seconds = first_seconds
+        self._fruitless_rounds = 0
+        self._started_at: float | None = None
+
+    def due(self, now: float) -> bool:
+        """Whether a round may start at `now`; if so, it counts as started."""
+        if self._started_at is not None and now - self._started_at < self.pause_seconds:
+            return False
+        self._started_at = now
+        return True
+
+    def round_done(self, found_newer: bool) -> None:
+        self._fruitless_rounds = 0 if found_newer else self._fruitless_rounds + 1
+        doublings = min(max(self._fruitless_rounds - 1, 0), 32)
+        self.pause_seconds = min(self.first_seconds * 2 ** doublings, self.most_seconds)
 
 
 @dataclass(frozen=True)
@@ -148,7 +178,7 @@ class Server:
                                       members=lambda: self.node.membership.members,
                                       configuration_index=self.configuration_index,
                                       on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused)
-        self._keys_asked_at = -KEYS_REFRESH_SECONDS  # time.monotonic() of the last round of keys requests
+        self._keys_refresh = KeysRefresh()
         self._keys_asking = False
         if self.node_key is not None and self.node_key.get("vouched"):
             vouched = self.node_key["vouched"]
@@ -261,15 +291,15 @@ class Server:
         self._ask_keys_soon()
 
     def _ask_keys_soon(self) -> None:
-        now = time.monotonic()
-        if self._keys_asking or self._stopping or now - self._keys_asked_at < KEYS_REFRESH_SECONDS:
+        if self._keys_asking or self._stopping or not self._keys_refresh.due(time.monotonic()):
             return
-        self._keys_asked_at, self._keys_asking = now, True
+        self._keys_asking = True
         gevent.spawn(self._ask_keys)
 
     def _ask_keys(self) -> None:
         """One round of GET /cluster/keys: the members of our configuration, then those of the vouched list, one at
         a time, until one vouches for a configuration newer than ours (or none is left)."""
+        found = False
         try:
             asked = set()
             vouched = (self.node_key or {}).get("vouched", {})
@@ -283,10 +313,12 @@ class Server:
                 if answer is not None and self._vouch(*answer):
                     log.info("%s vouched for the keys of its configuration at index %d (ours is at %d): admitted "
                              "until our log reaches it", node_id, answer[0], self.configuration_index())
+                    found = True
                     return
         except Exception:
             log.exception("asking for the members' keys failed")
         finally:
+            self._keys_refresh.round_done(found)
             self._keys_asking = False
 
     def _keys_of(self, node_id: str, address: str) -> tuple[int, dict[str, str], dict[str, str]] | None:
