@@ -607,7 +607,7 @@ def test_the_keys_request_is_answered_by_any_member_signed_for_that_request_only
     request; an unsigned, wrongly signed, stale or replayed request is refused (403), one without a fresh nonce is
     400, and nothing goes through the log. An answer verifies for its own request only, so a recorded answer
     cannot be handed to another."""
-    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), configuration_index=lambda: 7)
+    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), committed_configuration=lambda: (7, KEYED))
     client.runtime.node.membership = KEYED
     client.be_follower("b")
     headers = keys_request_headers(SECRET, "a")
@@ -644,13 +644,42 @@ def test_the_keys_request_is_answered_by_any_member_signed_for_that_request_only
     assert Client()("GET", "/cluster/keys").status == 404  # no secret, no keys
 
 
+def test_the_keys_answer_is_the_newest_committed_configuration():
+    """Review of edge5, finding 2: GET /cluster/keys answered the newest configuration in the log, committed or
+    not; one later cut off pinned the asker's list. The answer is the newest configuration at or below the commit
+    index (Server.committed_configuration), else the snapshot's; with neither, 503 and no list."""
+    from raftlib import Entry, EntryKind, Snapshot
+    from raftlib.server.node import Server
+
+    old, new = KEYED, Membership(("a", "b", "c"), (), KEYED.members)
+    entries = [Entry(1, 3, EntryKind.MEMBERSHIP, membership=old), Entry(2, 6, EntryKind.MEMBERSHIP, membership=new)]
+    snapshot = Snapshot(2, 1, Membership(("a",), (), KEYED.members[:1]), b"")
+    raft = types.SimpleNamespace(commit_index=5, snapshot=snapshot,
+                                 log=types.SimpleNamespace(membership_entries=lambda: entries))
+    node = types.SimpleNamespace(node=raft)
+    assert Server.committed_configuration(node) == (3, old)  # 6 is not committed
+    raft.commit_index = 6
+    assert Server.committed_configuration(node) == (6, new)
+    entries.clear()
+    assert Server.committed_configuration(node) == (2, snapshot.membership)
+    raft.snapshot = None
+    assert Server.committed_configuration(node) is None
+    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), committed_configuration=lambda: (3, old))
+    client.runtime.node.membership = new  # the newest in the log, not committed
+    r = client("GET", "/cluster/keys", headers=keys_request_headers(SECRET, "a"))
+    assert r.status == 200 and json.loads(r.body)["index"] == 3, r
+    client.api.committed_configuration = lambda: None
+    r = client("GET", "/cluster/keys", headers=keys_request_headers(SECRET, "a"))
+    assert r.status == 503 and "no committed configuration" in r.text and one_line(r), r
+
+
 def test_keys_requests_take_no_place_in_the_admin_guards_memory():
     """Review of edge5, finding 3: every keys request's signature was kept for 600 s, so a removed member dialling
     in filled the memory that admin requests need (and past 256 entries every claim rebuilt it). The answer is
     bound to the request's fresh nonce, so the same request again is answered again (signed for that request,
     which only its asker takes) and nothing is remembered."""
     guard = AdminGuard(SECRET)
-    client = Client(write_timeout_seconds=2.0, guard=guard, configuration_index=lambda: 7)
+    client = Client(write_timeout_seconds=2.0, guard=guard, committed_configuration=lambda: (7, KEYED))
     client.runtime.node.membership = KEYED
     headers = keys_request_headers(SECRET, "a")
     bodies = {client("GET", "/cluster/keys", headers=headers).body for _ in range(3)}
@@ -702,9 +731,10 @@ def test_a_keys_request_is_answered_only_by_the_node_it_names_and_taken_only_fro
     there and answered with its own list, which C took (and, kept in node.key, it then refused B's genuine lists
     for good). The request names the node asked, signed: another node refuses it (421). The answer names its
     node, signed: the asker refuses an answer from another node, or from a node not in the list it sends."""
-    z = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), configuration_index=lambda: 35)
+    z_membership = Membership(("z",), (), (Member("z", "10.9.0.1:5555", "10.9.0.1:8080", D_KEY),))
+    z = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), committed_configuration=lambda: (35, z_membership))
     z.runtime.node.node_id = "z"
-    z.runtime.node.membership = Membership(("z",), (), (Member("z", "10.9.0.1:5555", "10.9.0.1:8080", D_KEY),))
+    z.runtime.node.membership = z_membership
     z.be_follower("z")
     for_b = keys_request_headers(SECRET, "b")
     r = z("GET", "/cluster/keys", headers=for_b)

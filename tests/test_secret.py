@@ -697,7 +697,7 @@ def test_a_member_whose_configuration_is_behind_admits_the_leader_that_joined_me
             assert send_raw(new_node_key(), c_public, c_.port, [RequestVote("x", c_id, 99, 0, 0)]) == "no answer"
             time.sleep(2.5)
         assert c_.status()["term"] < 99
-        r = c_.request("GET", "/cluster/keys", headers={"X-Raftdzmq-Nonce": "ab" * 16})
+        r = c_.request("GET", "/cluster/keys", headers={"X-Raftdzmq-Nonce": "ab" * 16, "X-Raftdzmq-Node": c_id})
         assert r.status == 403 and "no signature" in r.text, r
     finally:
         cluster.stop()

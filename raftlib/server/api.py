@@ -101,9 +101,9 @@ class Api:
     forward: bool = False
     guard: AdminGuard | None = None
     max_members: int = 64
-    # The index of the newest configuration in this node's log (its snapshot's index when the log has none): GET
-    # /cluster/keys answers with it. Read in the same step as runtime.status(): no yield between the two.
-    configuration_index: Callable[[], int] = lambda: 0
+    # The newest committed configuration in this node's log and its index (its snapshot's when the log has none
+    # committed; None when there is none): GET /cluster/keys answers with it.
+    committed_configuration: Callable[[], tuple[int, Membership] | None] = lambda: None
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
 
@@ -525,8 +525,8 @@ def join(api: Api) -> bottle.HTTPResponse:
 
 
 def cluster_keys(api: Api) -> bottle.HTTPResponse:
-    """GET /cluster/keys, with a cluster secret: this node's newest configuration (its index, the members' public
-    keys and HTTP addresses), whether or not it leads, for a node whose own configuration may be older (it admits
+    """GET /cluster/keys, with a cluster secret: this node's newest committed configuration (its index, the
+    members' public keys and HTTP addresses), whether or not it leads, for a node whose own configuration may be older (it admits
     these keys on its Raft port until its log catches up: raftlib.transport, "vouched keys"). The request carries
     a fresh nonce and the id of the node it asks, and is signed with both as the body (admin.keys_request_headers);
     a request meant for another node is refused (421: review of edge5, finding 1, another cluster's node at a
@@ -547,11 +547,15 @@ def cluster_keys(api: Api) -> bottle.HTTPResponse:
                               req.get_header(TIMESTAMP_HEADER), req.get_header(SIGNATURE_HEADER))
     if reason is not None:
         raise Forbidden("keys request", reason)
-    status = api.runtime.status()
-    node_id, membership = status.node.node_id, status.node.membership
+    node_id = api.runtime.status().node.node_id
     if asked != node_id:
         return text(421, f"this is node {node_id}, not {asked}: ask the node at the address it gave")
-    index = api.configuration_index()
+    # Committed only (review of edge5, finding 2): an uncommitted configuration may be cut off, and a list at its
+    # index would stay with the asker until its log passed that index.
+    committed = api.committed_configuration()
+    if committed is None:
+        return text(503, "this node has no committed configuration yet; ask another member")
+    index, membership = committed
     answer = json.dumps({"node_id": node_id, "index": index,
                          "members": {m.node_id: m.public_key for m in membership.members},
                          "http_addresses": {m.node_id: m.http_address for m in membership.members}}).encode()

@@ -13,9 +13,11 @@ Rules:
   the bootstrap's configuration, or into the signed join request.
 - Vouched keys (raftlib.transport's rules): the leader's signed answer to the join names the members' keys and
   the index of the configuration that added this node; a member's signed answer to GET /cluster/keys names its
-  newest configuration's keys and index. The newest such list (by index) is admitted on the Raft port while this
-  node's own configuration is older, and kept in node.key ("vouched", before JOINING goes); once the log reaches
-  its index it is dropped from node.key (review 3 F1). The node asks for a list once at start (when it has a
+  newest committed configuration's keys and index. The newest such list (by index) is admitted on the Raft port
+  while this node's own configuration and commit index are older, and kept in node.key ("vouched", before
+  JOINING goes); once the log's configuration or the commit index reaches its index (checked every
+  VOUCHED_RECHECK_SECONDS for the commit index: review of edge5, finding 2) it is dropped from node.key (review
+  3 F1). The node asks for a list once at start (when it has a
   configuration with other members) and when its Raft port refuses a key that no list names, at most once every
   KEYS_REFRESH_SECONDS, doubled after each round that found nothing newer up to KEYS_REFRESH_MAX_SECONDS and back
   to KEYS_REFRESH_SECONDS once one does (review of edge5, finding 3: a removed member dialling in kept every
@@ -45,7 +47,7 @@ from gevent import monkey
 
 from raftlib.core import Config, NodeStatus, RaftNode
 from raftlib.interfaces import StoredState
-from raftlib.messages import Message, Role
+from raftlib.messages import Membership, Message, Role
 from raftlib.runtime import Runtime
 from raftlib.storage import DiskStorage, StorageError, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
@@ -67,6 +69,7 @@ HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its succe
 MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start
 KEYS_REFRESH_SECONDS = 2.0  # at most one round of GET /cluster/keys this often (a stranger's refusals cause them)
 KEYS_REFRESH_MAX_SECONDS = 30.0  # the pause between rounds doubles up to this while they find nothing newer
+VOUCHED_RECHECK_SECONDS = 1.0  # how often the vouched list is checked against the commit index
 KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
 
@@ -177,9 +180,11 @@ class Server:
                                       node_key=None if self.node_key is None else self.node_key["secret_key"],
                                       members=lambda: self.node.membership.members,
                                       configuration_index=self.configuration_index,
-                                      on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused)
+                                      on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused,
+                                      commit_index=lambda: self.node.commit_index)
         self._keys_refresh = KeysRefresh()
         self._keys_asking = False
+        self._vouched_watch: gevent.Greenlet | None = None
         if self.node_key is not None and self.node_key.get("vouched"):
             vouched = self.node_key["vouched"]
             if not self.transport.vouch(vouched["index"], vouched["members"]):
@@ -256,6 +261,19 @@ class Server:
         entries = self.node.log.membership_entries()
         return entries[-1].index if entries else self.node.log.snapshot_index
 
+    def committed_configuration(self) -> tuple[int, Membership] | None:
+        """The newest committed configuration and its index: the last configuration entry at or below the commit
+        index, else the snapshot's (made at or before its index, which is committed); None when there is neither
+        (review of edge5, finding 2: GET /cluster/keys answered an uncommitted configuration, which may be cut
+        off). O(entries in memory), as configuration_index."""
+        commit_index = self.node.commit_index
+        committed = [e for e in self.node.log.membership_entries() if e.index <= commit_index]
+        if committed:
+            assert committed[-1].membership is not None
+            return committed[-1].index, committed[-1].membership
+        snapshot = self.node.snapshot
+        return None if snapshot is None else (snapshot.last_included_index, snapshot.membership)
+
     def _forget_vouched(self) -> None:
         """The log reached the vouched list's index (durable: the runtime syncs the peers after the save, and at
         start it was loaded from disk): drop the list from node.key, crash-safe, so no later start admits it
@@ -284,6 +302,16 @@ class Server:
                                                       "http_addresses": http_addresses}}
         self.storage.write_node_key(self.node_key)
         return True
+
+    def _watch_vouched(self) -> None:
+        """Every VOUCHED_RECHECK_SECONDS, drop the vouched list once the commit index has reached its index (the
+        transport sees configuration changes, not commits: review of edge5, finding 2)."""
+        while not self._stopping:
+            gevent.sleep(VOUCHED_RECHECK_SECONDS)
+            try:
+                self.transport.recheck_vouched()
+            except Exception:
+                log.exception("checking the vouched list against the commit index failed")
 
     def _key_refused(self, public_key: str) -> None:
         """The Raft port refused a key no list names: perhaps a member newer than our configuration. Ask for a
@@ -371,7 +399,7 @@ class Server:
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
                   guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
-                  configuration_index=self.configuration_index)
+                  committed_configuration=self.committed_configuration)
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
@@ -383,6 +411,8 @@ class Server:
             on_eviction=self.metrics.http_evictions.inc)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
+        if self.node_key is not None:
+            self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:
             self._ask_keys_soon()  # our configuration may be older than the cluster's (a member that was down)
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
@@ -406,6 +436,8 @@ class Server:
             return
         self._stopping = True
         log.info("shutting down")
+        if self._vouched_watch is not None:
+            self._vouched_watch.kill()  # before the data dir closes: it may write node.key
         target = best_successor(self.runtime.status().node)
         if target is not None:
             try:
