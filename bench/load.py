@@ -593,7 +593,8 @@ def print_open_loop(results: dict, systems: list[System], saturation: dict) -> N
               f"{ratio('p999'):>10}  {'yes' if m['valid'] else 'NO: ' + '; '.join(m['invalid_reasons'])}")
 
 
-def plot_open_loop(results: dict, systems: list[System], path: str) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display), or None, said once on stderr, without matplotlib."""
     try:
         import matplotlib
 
@@ -601,6 +602,13 @@ def plot_open_loop(results: dict, systems: list[System], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_open_loop(results: dict, systems: list[System], path: str) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     workloads = sorted({w for w, _, _ in results})
     fig, axes = plt.subplots(1, len(workloads), figsize=(7 * len(workloads), 5), squeeze=False)
@@ -643,13 +651,8 @@ def print_table(results: dict, systems: list[System]) -> None:
 
 
 def plot(results: dict, systems: list[System], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return
     workloads = sorted({w for w, _, _ in results})
     fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 8), squeeze=False)
