@@ -30,6 +30,11 @@ from raftlib.server.store import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def values(kv: KeyValueStore) -> dict[str, bytes]:
+    """The key -> value map of the store's records."""
+    return {key: record[0] for key, record in kv.data.items()}
+
+
 def applied(*commands: bytes) -> tuple[KeyValueStore, list[str]]:
     kv = KeyValueStore()
     return kv, [kv.apply(i + 1, c) for i, c in enumerate(commands)]
@@ -38,21 +43,21 @@ def applied(*commands: bytes) -> tuple[KeyValueStore, list[str]]:
 def test_set_creates_and_overwrites():
     kv, results = applied(command(SET, "a", b"1"), command(SET, "a", b"2"), command(SET, "b", b""))
     assert results == ["ok", "ok", "ok"]
-    assert kv.data == {"a": b"2", "b": b""} and list(kv.keys) == ["a", "b"] and len(kv) == 2
+    assert values(kv) == {"a": b"2", "b": b""} and list(kv.keys) == ["a", "b"] and len(kv) == 2
     assert kv.get("a") == b"2" and kv.get("b") == b"" and kv.get("c") is None
 
 
 def test_delete_answers_missing_for_a_key_that_is_not_there():
     kv, results = applied(command(SET, "a", b"1"), command(DELETE, "a"), command(DELETE, "a"), command(DELETE, "z"))
     assert results == ["ok", "ok", "missing", "missing"]
-    assert kv.data == {} and list(kv.keys) == []
+    assert values(kv) == {} and list(kv.keys) == []
 
 
 def test_compare_and_set_sets_only_on_the_expected_value():
     kv, results = applied(command(SET, "a", b"1"), command(COMPARE_AND_SET, "a", b"3", b"2"),
                           command(COMPARE_AND_SET, "a", b"3", b"1"), command(COMPARE_AND_SET, "new", b"x", b""))
     assert results == ["ok", "failed", "ok", "failed"]
-    assert kv.data == {"a": b"3"}
+    assert values(kv) == {"a": b"3"}
     # An expected value of None matches a missing key (HTTP always sends bytes: prev_value= is b"").
     assert kv.apply(5, command(COMPARE_AND_SET, "fresh", b"x", None)) == "ok" and kv.get("fresh") == b"x"
     assert list(kv.keys) == ["a", "fresh"]
@@ -60,13 +65,13 @@ def test_compare_and_set_sets_only_on_the_expected_value():
 
 def test_create_only_when_the_key_is_missing():
     kv, results = applied(command(CREATE, "a", b"1"), command(CREATE, "a", b"2"))
-    assert results == ["ok", "failed"] and kv.data == {"a": b"1"}
+    assert results == ["ok", "failed"] and values(kv) == {"a": b"1"}
 
 
 def test_an_unknown_op_applies_as_nothing_and_junk_as_an_error():
     kv, results = applied(command(SET, "a", b"1"), command(99, "a", b"2"), b"\xff\x00junk", cbor2.dumps([SET, "a"]))
     assert results == ["ok", "ok", "error", "error"]
-    assert kv.data == {"a": b"1"}
+    assert values(kv) == {"a": b"1"}
 
 
 def test_admin_claims_take_a_signature_once_and_forget_it_after_the_window():
@@ -74,7 +79,7 @@ def test_admin_claims_take_a_signature_once_and_forget_it_after_the_window():
     kv, results = applied(command(ADMIN_CLAIM, "sig1", b"", [now, now]), command(ADMIN_CLAIM, "sig1", b"", [now, now]),
                           command(ADMIN_CLAIM, "sig2", b"", [now, now + 1]))
     assert results == ["ok", "used", "ok"]
-    assert kv.data == {} and kv.admin_claims.claims == {"sig1": now, "sig2": now}
+    assert values(kv) == {} and kv.admin_claims.claims == {"sig1": now, "sig2": now}
     assert kv.admin_claims.horizon == now + 1 - CLAIM_RETENTION_SECONDS
     # Malformed claims (another version's) claim nothing.
     for bad in ([now], [now, "x"], "when", None):
@@ -95,23 +100,23 @@ def test_admin_claims_take_a_signature_once_and_forget_it_after_the_window():
 def test_snapshot_and_restore_round_trip_with_and_without_claims():
     kv, _ = applied(command(SET, "b", b"2"), command(SET, "a", b"\x00\xff"), command(SET, "\u00e9", b"3"))
     plain = kv.snapshot()
-    assert cbor2.loads(plain) == kv.data  # without claims: the map alone, as nodes from before claims wrote it
+    assert cbor2.loads(plain) == values(kv)  # without claims: the map alone, as nodes from before claims wrote it
     copy = KeyValueStore()
     copy.restore(plain)
-    assert copy.data == kv.data and list(copy.keys) == sorted(kv.data) and copy.admin_claims.claims == {}
+    assert values(copy) == values(kv) and list(copy.keys) == sorted(values(kv)) and copy.admin_claims.claims == {}
     kv.apply(4, command(ADMIN_CLAIM, "sig", b"", [5.0, 5.0]))
     with_claims = kv.snapshot()
     horizon = max(0.0, 5.0 - CLAIM_RETENTION_SECONDS)  # 5 s after the epoch: nothing to forget yet
-    assert cbor2.loads(with_claims) == [SNAPSHOT_WITH_CLAIMS_V2, kv.data, {"sig": 5.0}, horizon]
+    assert cbor2.loads(with_claims) == [SNAPSHOT_WITH_CLAIMS_V2, values(kv), {"sig": 5.0}, horizon]
     copy.restore(with_claims)
-    assert copy.data == kv.data and copy.admin_claims.claims == {"sig": 5.0} and copy.admin_claims.horizon == horizon
+    assert values(copy) == values(kv) and copy.admin_claims.claims == {"sig": 5.0} and copy.admin_claims.horizon == horizon
     assert copy.apply(5, command(ADMIN_CLAIM, "sig", b"", [5.0, 6.0])) == "used"  # the claim came along
     assert copy.snapshot() == kv.snapshot()
     # The previous version's format is still read, with a horizon of 0.
-    copy.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS, kv.data, {"old": 3.0}]))
+    copy.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS, values(kv), {"old": 3.0}]))
     assert copy.admin_claims.claims == {"old": 3.0} and copy.admin_claims.horizon == 0.0
     copy.restore(b"")  # the empty state
-    assert copy.data == {} and list(copy.keys) == [] and copy.admin_claims.claims == {}
+    assert values(copy) == {} and list(copy.keys) == [] and copy.admin_claims.claims == {}
 
 
 @pytest.mark.parametrize("snapshot", [cbor2.dumps(["another-format", {}, {}]), cbor2.dumps([SNAPSHOT_WITH_CLAIMS, {}]),
@@ -122,7 +127,7 @@ def test_a_snapshot_of_an_unknown_format_is_refused_and_changes_nothing(snapshot
     kv, _ = applied(command(SET, "a", b"1"))
     with pytest.raises(ValueError, match="unknown format"):
         kv.restore(snapshot)
-    assert kv.data == {"a": b"1"} and list(kv.keys) == ["a"]
+    assert values(kv) == {"a": b"1"} and list(kv.keys) == ["a"]
 
 
 def test_pages_follow_prefix_after_and_limit():
@@ -134,7 +139,7 @@ def test_pages_follow_prefix_after_and_limit():
     assert kv.page("b", "b/3", 10) == (["ba"], False)
     assert kv.page("", "c", 10) == (["\u00e9"], False)
     assert kv.page("zz", "", 10) == ([], False)
-    assert kv.page("", "", 7) == (sorted(kv.data), False)
+    assert kv.page("", "", 7) == (sorted(values(kv)), False)
 
 
 KEYS = st.text(alphabet="ab/\u00e9", min_size=1, max_size=4)
@@ -178,7 +183,7 @@ def test_a_random_history_matches_a_dict_through_snapshots(ops, prefix, after, l
         assert result == replica.apply(index, command(op, key, value, expected))
         if op != ADMIN_CLAIM:
             assert result == model_apply(model, op, key, value, expected)
-        assert kv.data == model
+        assert values(kv) == model
     assert kv.snapshot() == replica.snapshot()
     assert list(kv.keys) == sorted(model)
     want = sorted(k for k in model if k.startswith(prefix) and k > after)
@@ -195,7 +200,7 @@ def test_the_same_commands_give_the_same_snapshot_bytes():
 # The store's imports: the standard library's pure modules, cbor2 and sortedcontainers; admin.py's, the store and
 # the standard library (it reads the clock and a file, but loads nothing of the server's runtime).
 ALLOWED_IMPORTS = {
-    "store": {"__future__", "logging", "cbor2", "sortedcontainers"},
+    "store": {"__future__", "logging", "cbor2", "sortedcontainers", "typing", "collections.abc"},
     "admin": {"__future__", "collections", "hashlib", "hmac", "json", "os", "re", "time", "collections.abc", "store"},
 }
 
