@@ -20,7 +20,7 @@ Rules:
 - Indices: a key's create index is the index of the entry that created it (after a delete, the next put creates
   it again), its modify index that of the entry that last wrote it. A node that restored a snapshot of the old
   format (level 1, written without indices) knows them as 0, so the indices exposed (`record`, events, compares,
-  the V3 snapshot) are max(index, level_index): the same on every node. A txn's compares see the state before the
+  the V3 snapshot) are max(index, level_index), and 0 below level 2: the same on every node. A txn's compares see the state before the
   txn; its ops apply in order, each seeing the ones before it (as etcd's).
 - Events (`on_event`, for watches): one Event per key changed, after the change, in a fixed order: a prefix
   delete's in key order, a txn's in op order (a prefix delete inside it in key order), all with the entry's
@@ -220,13 +220,17 @@ class KeyValueStore:
         return None if record is None else record[0]
 
     def record(self, key: str) -> tuple[bytes, int, int] | None:
-        """(value, create_index, modify_index) with the indices as exposed (max(index, level_index)), or None."""
+        """(value, create_index, modify_index) with the indices as exposed, or None (the module's rules)."""
         record = self.data.get(key)
         if record is None:
             return None
         value, create_index, modify_index = record
-        floor = self.level_index
-        return value, max(create_index, floor), max(modify_index, floor)
+        return value, self.exposed(create_index), self.exposed(modify_index)
+
+    def exposed(self, index: int) -> int:
+        """An index as exposed: max(index, level_index) from level 2 on; 0 below it, where a node that restored an
+        old-format snapshot does not know it (the module's rules)."""
+        return (index if index > self.level_index else self.level_index) if self.feature_level >= 2 else 0
 
     def __len__(self) -> int:
         return len(self.data)
@@ -274,7 +278,7 @@ class KeyValueStore:
         record = self.data.get(key)
         if op == DELETE_IF_INDEX and record is None:
             return "missing"
-        if (0 if record is None else max(record[2], self.level_index)) != expected:
+        if (0 if record is None else self.exposed(record[2])) != expected:
             return "failed"
         if op == SET_IF_INDEX:
             self._put(index, key, value, record)  # type: ignore[arg-type]
@@ -302,7 +306,7 @@ class KeyValueStore:
             create_index = record[1]
             self.data[key] = (value, create_index, index)
         if self.on_event is not None:
-            self.on_event(Event("put", key, value, index, max(create_index, self.level_index)))
+            self.on_event(Event("put", key, value, index, self.exposed(create_index)))
 
     def _delete(self, index: int, key: str) -> bool:
         record = self.data.pop(key, None)
@@ -311,7 +315,7 @@ class KeyValueStore:
         self.keys.remove(key)
         self.lease_of.pop(key, None)
         if self.on_event is not None:
-            self.on_event(Event("delete", key, None, index, max(record[1], self.level_index)))
+            self.on_event(Event("delete", key, None, index, self.exposed(record[1])))
         return True
 
     def _prefixed(self, prefix: str) -> list[str]:
@@ -339,7 +343,7 @@ class KeyValueStore:
             return record is not None and _holds(record[0], op, operand)
         if target == "lease":
             return _holds(self.lease_of.get(key, 0), op, operand)
-        current = 0 if record is None else max(record[1 if target == "create_index" else 2], self.level_index)
+        current = 0 if record is None else self.exposed(record[1 if target == "create_index" else 2])
         return _holds(current, op, operand)
 
     def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult:
