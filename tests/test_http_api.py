@@ -22,7 +22,8 @@ from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, T
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
 from raftlib.server.metrics import Metrics
-from raftlib.server.store import ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, SET, KeyValueStore, command
+from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_TXN_OPS, SET,
+                                  SET_FEATURE_LEVEL, KeyValueStore, command)
 from raftlib.storage import DiskFull
 
 MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
@@ -107,6 +108,9 @@ class Answer:
     @property
     def text(self) -> str:
         return self.body.decode()
+
+    def json(self):
+        return json.loads(self.body)
 
     def __repr__(self) -> str:
         return f"<{self.status} {self.body[:200]!r}>"
@@ -829,7 +833,7 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
     assert json.loads(r.body) == {
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
         "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "disk_full": False,
-        "removed": None, "members": [
+        "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
             {"id": "b", "raft_address": "10.0.0.2:5555", "http_address": "10.0.0.2:8080", "role": "voter",
@@ -884,4 +888,127 @@ def test_every_route_is_tested_here():
         ("POST", "/db/<key:path>"), ("PUT", "/db/<key:path>"), ("DELETE", "/db/<key:path>"),
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
-        ("GET", "/cluster/keys")}
+        ("GET", "/cluster/keys"), ("DELETE", "/db/"), ("DELETE", "/db"), ("POST", "/txn")}
+
+
+# ---- issue 14: indices, ?prev_index, prefix deletes, transactions, the feature level ---------------------------
+
+
+@pytest.fixture
+def upgraded(client) -> Client:
+    """A client whose cluster's feature level was raised (index 1)."""
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    assert client.store.feature_level == FEATURE_LEVEL
+    return client
+
+
+def test_reads_answer_the_indices_from_level_2_on(client):
+    client("POST", "/db/k", "v")
+    r = client("GET", "/db/k")
+    assert r.status == 200 and "x-raft-create-index" not in r.headers and "x-raft-modify-index" not in r.headers
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)  # index 2
+    client("POST", "/db/k", "w")  # index 3
+    r = client("GET", "/db/k")
+    assert (r.body, r.headers["x-raft-create-index"], r.headers["x-raft-modify-index"]) == (b"w", "2", "3")
+
+
+def test_prev_index_is_compare_and_set_on_the_modify_index(upgraded):
+    client = upgraded
+    assert client("POST", "/db/k?prev_index=0", "1").status == 200  # 0: only when missing (index 2)
+    r = client("POST", "/db/k?prev_index=0", "x")
+    assert (r.status, r.text, r.headers["x-raft-index"]) == (412, "precondition failed\n", "3")
+    assert client("POST", "/db/k?prev_index=2", "2").status == 200 and client.store.get("k") == b"2"  # index 4
+    assert client("DELETE", "/db/k?prev_index=2").status == 412 and client.store.get("k") == b"2"
+    assert client("DELETE", "/db/k?prev_index=4").status == 200 and client.store.get("k") is None
+    assert client("DELETE", "/db/k?prev_index=4").status == 404
+    for bad in ("prev_index=x", "prev_index=-1", "prev_index=1&prev_value=a", "prev_index=1&prev_exist=false"):
+        r = client("POST", f"/db/k?{bad}", "v")
+        assert r.status == 400 and "prev_index" in r.text, bad
+    assert client("DELETE", "/db/k?prev_index=x").status == 400
+
+
+def test_delete_prefix_answers_what_it_deleted(upgraded):
+    client = upgraded
+    for key in ("p/1", "p/2", "p", "q"):
+        client("POST", f"/db/{key}", "v")
+    r = client("DELETE", "/db/?prefix=p/")
+    assert (r.status, r.json()) == (200, {"deleted": 2, "index": 6}) and sorted(client.store.data) == ["p", "q"]
+    assert client("DELETE", "/db?prefix=zz").json() == {"deleted": 0, "index": 7}
+    for target in ("/db/", "/db/?prefix=", "/db/?prefix=%FF"):
+        r = client("DELETE", target)
+        assert r.status == 400 and "prefix" in r.text, target
+    assert sorted(client.store.data) == ["p", "q"]
+
+
+def test_a_txn_answers_its_branch_and_results(upgraded):
+    client = upgraded
+    client("POST", "/db/a", "1")  # index 2
+    client("POST", "/db/bin", b"\xff\x00")  # index 3
+    body = {"compare": [{"key": "a", "target": "value", "op": "==", "value": "1"},
+                        {"key": "a", "target": "modify_index", "op": "==", "value": 2},
+                        {"key": "nope", "target": "exists", "op": "==", "value": False}],
+            "success": [{"op": "put", "key": "a", "value_base64": "AP8="}, {"op": "get", "prefix": "b"},
+                        {"op": "delete", "key": "bin"}, {"op": "get", "key": "a"}],
+            "failure": [{"op": "put", "key": "failed", "value": "x"}]}
+    r = client("POST", "/txn", json.dumps(body))
+    assert r.status == 200 and r.headers["x-raft-index"] == "4"
+    assert r.json() == {"succeeded": True, "index": 4, "results": [
+        {"op": "put", "key": "a"},
+        {"op": "get", "kvs": [{"key": "bin", "value_base64": "/wA=", "create_index": 3, "modify_index": 3}]},
+        {"op": "delete", "deleted": 1},
+        {"op": "get", "kvs": [{"key": "a", "value_base64": "AP8=", "create_index": 2, "modify_index": 4}]}]}
+    r = client("POST", "/txn", json.dumps(body))  # a's value is no longer "1"
+    assert r.json() == {"succeeded": False, "index": 5, "results": [{"op": "put", "key": "failed"}]}
+    assert client.store.get("failed") == b"x" and client.store.get("a") == b"\x00\xff"
+    assert client("POST", "/txn", "{}").json() == {"succeeded": True, "index": 6, "results": []}
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("not json", "not JSON"), ("[]", "JSON object"), ('{"compares": []}', "unknown field 'compares'"),
+    ('{"success": {}}', "success must be a list"),
+    ('{"compare": [{"key": "k", "target": "size", "op": "==", "value": 1}]}', "unknown target 'size'"),
+    ('{"compare": [{"key": "k", "target": "value", "op": "=~", "value": "x"}]}', "unknown compare op"),
+    ('{"compare": [{"target": "exists", "op": "==", "value": true}]}', "missing key"),
+    ('{"compare": [{"key": "k", "target": "modify_index", "op": "<", "value": "3"}]}', "integer >= 0"),
+    ('{"compare": [{"key": "k", "target": "exists", "op": "==", "value": 1}]}', "true or false"),
+    ('{"success": [{"op": "patch", "key": "k"}]}', "unknown op 'patch'"),
+    ('{"success": [{"op": "put", "value": "v"}]}', "missing key"),
+    ('{"success": [{"op": "put", "key": "k"}]}', "needs a value"),
+    ('{"success": [{"op": "put", "key": "k", "value": "a", "value_base64": "YQ=="}]}', "both given"),
+    ('{"failure": [{"op": "put", "key": "k", "value_base64": "not base64!"}]}', "not base64"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": 7}]}', "lease 7 not found"),
+    ('{"success": [{"op": "delete", "key": "k", "prefix": "k"}]}', "one of them"),
+    ('{"success": [{"op": "get"}]}', "one of them"),
+    ('{"success": [{"op": "get", "key": ""}]}', "1 to 4096 bytes"),
+    ('{"success": [{"op": "get", "key": "k", "limit": 3}]}', "unknown field 'limit'"),
+    (json.dumps({"success": [{"op": "get", "key": "k"}] * (MAX_TXN_OPS + 1)}), f"at most {MAX_TXN_OPS}"),
+])
+def test_a_malformed_txn_is_a_400_naming_the_problem(upgraded, body, problem):
+    r = upgraded("POST", "/txn", body)
+    assert r.status == 400 and r.text.startswith("bad transaction: ") and problem in r.text, r.text
+    assert r.text.count("\n") == 1
+    assert not [c for c in upgraded.runtime.calls if c[0] == "propose" and c[1] != command(
+        SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)]  # nothing proposed
+
+
+def test_the_new_api_is_409_until_the_cluster_is_upgraded(client):
+    client.api.upgrade_reason = lambda: "the cluster is not upgraded yet: members c run an older raftdzmq"
+    client("POST", "/db/k", "v")
+    for method, target, body in (("POST", "/db/k?prev_index=1", "w"), ("DELETE", "/db/k?prev_index=1", ""),
+                                 ("DELETE", "/db/?prefix=k", ""), ("POST", "/txn", "{}")):
+        r = client(method, target, body)
+        assert (r.status, r.text) == (409, "the cluster is not upgraded yet: members c run an older raftdzmq\n")
+    assert client.store.get("k") == b"v" and client.runtime.node.last_applied == 1  # nothing proposed
+    client.be_follower("b")  # a follower sends them to the leader, as every write
+    assert client("POST", "/txn", "{}").status == 307
+
+
+def test_a_join_without_the_feature_level_is_refused_once_the_cluster_has_it(client):
+    join = {"node_id": "d", "raft_address": "10.0.0.4:5555", "http_address": "10.0.0.4:8080"}
+    assert client("POST", "/join", json.dumps(join)).status == 200  # level 1: an older node may join
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    for level in ({}, {"feature_level": 1}, {"feature_level": "2"}):
+        r = client("POST", "/join", json.dumps({**join, "node_id": "e", **level}))
+        assert r.status == 409 and "upgrade it, then join" in r.text, level
+    r = client("POST", "/join", json.dumps({**join, "node_id": "e", "feature_level": FEATURE_LEVEL}))
+    assert r.status == 200

@@ -12,10 +12,15 @@ Rules:
 - A request's body arrives read whole by the edge (environ["raftdzmq.body"]): no route reads the socket.
 - Every wait is bounded by -write-timeout or -read-timeout (a write or a read waits at most twice its timeout:
   a first try, then a retry or the read after a wait for an index).
+- The API of feature level 2 (?prev_index=N, DELETE /db/?prefix=P, POST /txn: issue 14) is answered 409 while
+  the cluster's feature level (the store's, replicated) is below 2: an older release would apply its commands as
+  nothing and the nodes would diverge. A request is checked whole (400 naming the problem) before it is proposed.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import http.client
 import json
 import logging
@@ -26,6 +31,7 @@ from typing import Protocol
 
 import bottle
 import gevent
+import gevent.lock
 import prometheus_client as prom
 
 from raftlib.core import NodeStatus, NotLeader, ProposalDropped
@@ -37,7 +43,8 @@ from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADE
                     valid_public_key, wire_target)
 from .edge import RateLimitedLog
 from .metrics import Metrics
-from .store import ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
+from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
+                    MAX_TXN_OPS, SET, SET_IF_INDEX, TXN, KeyValueStore, TxnResult, command, txn_problem)
 
 log = logging.getLogger("raftdzmq.api")
 
@@ -106,6 +113,13 @@ class Api:
     committed_configuration: Callable[[], tuple[int, Membership] | None] = lambda: None
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
+    # This node's feature level (store.FEATURE_LEVEL; lower only in tests: node.TEST_FEATURE_LEVEL_ENV), and why
+    # the cluster's is not raised yet (the node's FeatureLevelRaiser knows which members lag).
+    feature_level: int = FEATURE_LEVEL
+    upgrade_reason: Callable[[], str] = lambda: "the cluster's feature level is being raised; retry shortly"
+    # Held by a join while its configuration change is made, and by the leader's FeatureLevelRaiser from asking
+    # the members' levels until its SET_FEATURE_LEVEL applied: a node of an older release cannot join between.
+    membership_lock: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
 
 
 # ---- failures and their answers -------------------------------------------------------------------------------
@@ -390,6 +404,135 @@ def members(node: NodeStatus) -> list[dict]:
     return out
 
 
+def require_level_2(api: Api) -> None:
+    """409 unless the cluster's feature level (replicated) is 2 or more (the module's rules)."""
+    if api.store.feature_level < 2:
+        raise text(409, api.upgrade_reason())
+
+
+def prev_index(api: Api) -> int:
+    """?prev_index=N (an integer >= 0; 0: the key must be missing), on a leader of a cluster of level 2."""
+    try:
+        n = int(bottle.request.query["prev_index"])
+        if n < 0:
+            raise ValueError
+    except ValueError:
+        raise text(400, "prev_index must be an integer >= 0") from None
+    require_leader(api)
+    require_level_2(api)
+    return n
+
+
+class BadTxn(Exception):
+    """A transaction's body that is not one (400 with this text)."""
+
+
+_TXN_FIELDS = {"compare": {"key", "target", "op", "value", "value_base64"},
+               "put": {"op", "key", "value", "value_base64", "lease"}, "delete": {"op", "key", "prefix"},
+               "get": {"op", "key", "prefix"}}
+
+
+def _txn_key(item: dict, name: str, where: str) -> str:
+    key = item[name]
+    if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
+        raise BadTxn(f"{where}: {name} must be a string of 1 to {MAX_KEY_BYTES} bytes")
+    return key
+
+
+def _txn_value(item: dict, where: str) -> bytes:
+    """A JSON item's value: "value" (text, sent as UTF-8) or "value_base64"; never both."""
+    if "value" in item and "value_base64" in item:
+        raise BadTxn(f"{where}: value and value_base64 both given; give one")
+    if "value_base64" in item:
+        try:
+            if not isinstance(item["value_base64"], str):
+                raise ValueError
+            return base64.b64decode(item["value_base64"], validate=True)
+        except (ValueError, binascii.Error):
+            raise BadTxn(f"{where}: value_base64 is not base64") from None
+    if not isinstance(item.get("value"), str):
+        raise BadTxn(f"{where}: needs a value (text) or value_base64")
+    return item["value"].encode()
+
+
+def _txn_item(item: object, kind: str, where: str) -> list:
+    """One compare or op of a JSON transaction as the store's TXN carries it (store.txn_problem)."""
+    if not isinstance(item, dict):
+        raise BadTxn(f"{where}: want a JSON object")
+    if kind != "compare":
+        kind = item.get("op")
+        if kind not in ("put", "delete", "get"):
+            raise BadTxn(f"{where}: unknown op {kind!r} (want put, delete or get)")
+    unknown = sorted(set(item) - _TXN_FIELDS[kind])
+    if unknown:
+        raise BadTxn(f"{where}: unknown field {unknown[0]!r}")
+    if kind == "compare":
+        target, operand = item.get("target"), item.get("value")
+        if target == "value":
+            operand = _txn_value(item, where)
+        elif target in ("modify_index", "create_index", "lease") and (type(operand) is not int or operand < 0):
+            raise BadTxn(f"{where}: a {target} compare needs an integer >= 0 as value")
+        elif target == "exists" and type(operand) is not bool:
+            raise BadTxn(f"{where}: an exists compare needs true or false as value")
+        if "key" not in item:
+            raise BadTxn(f"{where}: missing key")
+        return [_txn_key(item, "key", where), target, item.get("op"), operand]
+    if kind == "put":
+        if "key" not in item:
+            raise BadTxn(f"{where}: missing key")
+        if item.get("lease", 0) != 0:
+            raise BadTxn(f"{where}: lease {item['lease']!r} not found")  # leases: issue 14, part 2
+        return ["put", _txn_key(item, "key", where), _txn_value(item, where)]
+    if ("key" in item) == ("prefix" in item):
+        raise BadTxn(f"{where}: a {kind} names a key or a prefix (one of them)")
+    name = "key" if "key" in item else "prefix"
+    return [kind, _txn_key(item, name, where), name == "prefix"]
+
+
+def parse_txn(raw: bytes) -> list:
+    """POST /txn's JSON body as the store's TXN carries it; BadTxn naming the first problem."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadTxn("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadTxn('want a JSON object {"compare": [...], "success": [...], "failure": [...]}')
+    unknown = sorted(set(body) - {"compare", "success", "failure"})
+    if unknown:
+        raise BadTxn(f"unknown field {unknown[0]!r} (want compare, success, failure)")
+    parts = []
+    for name in ("compare", "success", "failure"):
+        part = body.get(name, [])
+        if not isinstance(part, list):
+            raise BadTxn(f"{name} must be a list")
+        if len(part) > MAX_TXN_OPS:
+            raise BadTxn(f"{name} has {len(part)} items: at most {MAX_TXN_OPS}")
+        parts.append([_txn_item(item, "compare" if name == "compare" else "op", f"{name}[{i}]")
+                      for i, item in enumerate(part)])
+    problem = txn_problem(parts)  # the store's own check: unknown targets and compare ops, and all the rest
+    if problem is not None:
+        raise BadTxn(problem)
+    return parts
+
+
+def _json_value(value: bytes) -> dict[str, str]:
+    """`value` as answers carry it: "value" when it is UTF-8, else "value_base64"."""
+    try:
+        return {"value": value.decode()}
+    except UnicodeDecodeError:
+        return {"value_base64": base64.b64encode(value).decode()}
+
+
+def _txn_answer(result: tuple) -> dict:
+    kind, detail = result
+    if kind == "put":
+        return {"op": "put", "key": detail}
+    if kind == "delete":
+        return {"op": "delete", "deleted": detail}
+    return {"op": "get", "kvs": [{"key": k, **_json_value(v), "create_index": c, "modify_index": m}
+                                 for k, v, c, m in detail]}
+
+
 # ---- the routes -----------------------------------------------------------------------------------------------
 
 
@@ -397,7 +540,11 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
     key = check_key(key)
     value = read_body()
     q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
-    if "prev_value" in q:
+    if "prev_index" in q:
+        if "prev_value" in q or "prev_exist" in q:
+            raise text(400, "prev_index goes alone: not with prev_value or prev_exist")
+        cmd = command(SET_IF_INDEX, key, value, prev_index(api))
+    elif "prev_value" in q:
         # The percent-decoded bytes as they are (Bottle's q.prev_value turns bytes that are not UTF-8 into "",
         # which would compare against an empty value).
         cmd = command(COMPARE_AND_SET, key, value, q["prev_value"].encode("latin-1"))
@@ -413,19 +560,28 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
 
 
 def delete_key(api: Api, key: str) -> bottle.HTTPResponse:
-    index, result = propose(api, command(DELETE, check_key(key)))
+    key = check_key(key)
+    q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
+    cmd = command(DELETE_IF_INDEX, key, b"", prev_index(api)) if "prev_index" in q else command(DELETE, key)
+    index, result = propose(api, cmd)
     if result == "missing":
         return text(404, f"no such key: {key}", **{"X-Raft-Index": str(index)})
+    if result == "failed":
+        return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
     return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})
 
 
 def get_key(api: Api, key: str) -> bottle.HTTPResponse:
     key = check_key(key)
     wait_consistent(api)
-    value = api.store.get(key)
-    if value is None:
+    record = api.store.record(key)
+    if record is None:
         return text(404, f"no such key: {key}", **read_headers(api))
-    return bottle.HTTPResponse(value, 200, {"Content-Type": "application/octet-stream", **read_headers(api)})
+    value, create_index, modify_index = record
+    headers = {"Content-Type": "application/octet-stream", **read_headers(api)}
+    if api.store.feature_level >= 2:  # below it no node exposes indices (store: "Indices")
+        headers["X-Raft-Create-Index"], headers["X-Raft-Modify-Index"] = str(create_index), str(modify_index)
+    return bottle.HTTPResponse(value, 200, headers)
 
 
 def list_keys(api: Api) -> bottle.HTTPResponse:
@@ -441,6 +597,36 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
     wait_consistent(api)
     page, more = api.store.page(prefix, after, limit)
     return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
+
+
+def delete_prefix(api: Api) -> bottle.HTTPResponse:
+    """DELETE /db/?prefix=P: every key that starts with P, in one entry; {"deleted": n, "index": i}."""
+    q = bottle.request.query
+    try:
+        prefix = q.get("prefix", "").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise text(400, "prefix must be UTF-8") from None
+    if not prefix or len(prefix.encode()) > MAX_KEY_BYTES:
+        raise text(400, f"DELETE /db/ needs ?prefix= of 1 to {MAX_KEY_BYTES} bytes (the keys it deletes start with it)")
+    require_leader(api)
+    require_level_2(api)
+    index, result = propose(api, command(DELETE_PREFIX, prefix))
+    return json_answer({"deleted": result, "index": index}, **{"X-Raft-Index": str(index)})
+
+
+def post_txn(api: Api) -> bottle.HTTPResponse:
+    """POST /txn: compares, then the success or the failure ops, in one entry (store: TXN)."""
+    try:
+        body = parse_txn(read_body())
+    except BadTxn as e:
+        raise text(400, f"bad transaction: {e}") from None
+    require_leader(api)
+    require_level_2(api)
+    index, result = propose(api, command(TXN, "", b"", body))
+    if not isinstance(result, TxnResult):  # "error": checked above, so not expected
+        return text(500, f"the transaction applied as nothing ({result}) at index {index}")
+    return json_answer({"succeeded": result.succeeded, "index": index,
+                        "results": [_txn_answer(r) for r in result.results]}, **{"X-Raft-Index": str(index)})
 
 
 def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64) -> str | None:
@@ -500,17 +686,28 @@ def join(api: Api) -> bottle.HTTPResponse:
     refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None, api.max_members)
     if refusal is not None:
         return text(409, refusal)
-    claim_signature(api, "join")
-    change = ConfChange(ConfChangeKind.ADD_LEARNER, member)
-    deadline = time.monotonic() + api.write_timeout_seconds
-    while True:
-        try:
-            index, _ = api.runtime.change_membership(change, api.write_timeout_seconds)
-            break
-        except ProposalDropped:  # another change in flight: wait for it
-            if time.monotonic() > deadline:
-                raise
-            gevent.sleep(0.05)
+    # Under the membership lock: the leader's FeatureLevelRaiser asks every member's level and raises the cluster's
+    # under it too, so this join comes either before (and is asked) or after (and is checked here).
+    if not api.membership_lock.acquire(timeout=api.write_timeout_seconds):
+        return text(503, "join not possible now: the cluster's feature level is being raised; retry")
+    try:
+        cluster_level, joining_level = api.store.feature_level, body.get("feature_level", 1)
+        if cluster_level >= 2 and (type(joining_level) is not int or joining_level < cluster_level):
+            return text(409, f"the joining node runs an older raftdzmq (feature level {joining_level}) than the "
+                        f"cluster (feature level {cluster_level}): upgrade it, then join")
+        claim_signature(api, "join")
+        change = ConfChange(ConfChangeKind.ADD_LEARNER, member)
+        deadline = time.monotonic() + api.write_timeout_seconds
+        while True:
+            try:
+                index, _ = api.runtime.change_membership(change, api.write_timeout_seconds)
+                break
+            except ProposalDropped:  # another change in flight: wait for it
+                if time.monotonic() > deadline:
+                    raise
+                gevent.sleep(0.05)
+    finally:
+        api.membership_lock.release()
     log.info("node %s (%s) joined as a learner", fields[0], fields[2])
     if api.guard is None:
         return json_answer({"index": index})
@@ -572,6 +769,7 @@ def get_status(api: Api) -> bottle.HTTPResponse:
         "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
         "members": members(node), "keys": len(api.store), "disk_full": status.disk_full,
         "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
+        "feature_level": api.feature_level, "cluster_feature_level": api.store.feature_level,
     })
 
 
@@ -635,6 +833,9 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("GET", "/db/<key:path>", get_key, "read"),
     ("GET", "/db/", list_keys, "read"),
     ("GET", "/db", list_keys, "read"),
+    ("DELETE", "/db/", delete_prefix, "write"),
+    ("DELETE", "/db", delete_prefix, "write"),
+    ("POST", "/txn", post_txn, "write"),
     ("POST", "/join", join, "join"),
     ("GET", "/status", get_status, "status"),
     ("GET", "/metrics", get_metrics, "status"),
