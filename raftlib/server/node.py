@@ -168,6 +168,8 @@ class FeatureLevelRaiser:
 
     def reason(self) -> str:
         """Why the new API is refused: the 409's text."""
+        if self.level < FEATURE_LEVEL:
+            return "the cluster is not upgraded yet: its leader runs an older raftdzmq"
         older = sorted(n for n, why in self.laggards.items() if why != "no answer")
         silent = sorted(n for n, why in self.laggards.items() if why == "no answer")
         if older:
