@@ -460,9 +460,10 @@ def _txn_item(item: object, kind: str, where: str) -> list:
     if not isinstance(item, dict):
         raise BadTxn(f"{where}: want a JSON object")
     if kind != "compare":
-        kind = item.get("op")
-        if kind not in ("put", "delete", "get"):
-            raise BadTxn(f"{where}: unknown op {kind!r} (want put, delete or get)")
+        op = item.get("op")
+        if op not in ("put", "delete", "get"):
+            raise BadTxn(f"{where}: unknown op {op!r} (want put, delete or get)")
+        kind = op
     unknown = sorted(set(item) - _TXN_FIELDS[kind])
     if unknown:
         raise BadTxn(f"{where}: unknown field {unknown[0]!r}")

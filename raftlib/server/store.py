@@ -122,7 +122,7 @@ class Event(NamedTuple):
     type: str  # "put" or "delete"
     key: str
     value: bytes | None
-    index: int
+    index: int  # type: ignore[assignment]  # the brief's name; it hides tuple.index, which nothing here calls
     create_index: int
 
 
@@ -264,7 +264,7 @@ class KeyValueStore:
             return self._apply_level_2(index, op, key, value, expected)
         return "ok"  # an unknown op (a newer version's command): applied as nothing
 
-    def _apply_level_2(self, index: int, op: int, key: object, value: object, expected: object) -> object:
+    def _apply_level_2(self, index: int, op: int, key: str, value: object, expected: object) -> object:
         if op == TXN:
             if txn_problem(expected) is not None:
                 return "error"
@@ -343,8 +343,9 @@ class KeyValueStore:
             return record is not None and _holds(record[0], op, operand)
         if target == "lease":
             return _holds(self.lease_of.get(key, 0), op, operand)
-        current = 0 if record is None else self.exposed(record[1 if target == "create_index" else 2])
-        return _holds(current, op, operand)
+        if record is None:
+            return _holds(0, op, operand)
+        return _holds(self.exposed(record[1] if target == "create_index" else record[2]), op, operand)
 
     def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult:
         # All compares against the state before the txn (etcd's), then the branch's ops in order.
@@ -357,7 +358,11 @@ class KeyValueStore:
             elif kind == "delete":
                 results.append(("delete", self._delete_prefix(index, key) if third else int(self._delete(index, key))))
             else:
-                found = [(k, *self.record(k)) for k in (self._prefixed(key) if third else [key]) if k in self.data]
+                found = []
+                for k in self._prefixed(key) if third else [key]:
+                    record = self.record(k)
+                    if record is not None:
+                        found.append((k, *record))
                 results.append(("get", found))
         return TxnResult(succeeded, results)
 
