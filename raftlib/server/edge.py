@@ -16,6 +16,10 @@ Rules:
   keep their pace however many connections have a request ready.
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
   environ is built in the same pass.
+- A streaming answer (GET /watch: an iterable of chunks, sent with chunked encoding as each is yielded) holds
+  its connection through a Stream: each chunk written restarts its whole-life bound, which then bounds one
+  write the client does not take (-idle-timeout and the routes' bounds); the client closing its end (or sending
+  anything) ends the stream at once; the connection closes after it.
 - Importing this module patches nothing: the command monkey-patches before it imports it.
 """
 
@@ -33,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.hub
 import gevent.pool
 import gevent.pywsgi
@@ -237,6 +242,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             return self._refuse(*refusal)  # after the timer is closed: it must not fire in the answer
         environ = self.environ
         environ["raftdzmq.body"] = body
+        environ["raftdzmq.handler"] = self  # for a streaming answer (Stream)
         self.wsgi_input = environ["wsgi.input"] = _Body(body)
         self.application = server.application
         self.handle_one_response()
@@ -400,6 +406,40 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             self.response_headers.append((b"Date", EdgeHandler._date[1]))
             self.provided_date = True
         super().finalize_headers()
+
+
+class Stream:
+    """What a streaming answer needs of its connection (the module's rules). `gone` is set once the client's side
+    of the socket turns readable: end of file (it closed or reset), or bytes where none are expected (a stream is
+    the connection's last answer). `wrote()` after each chunk: the sweeper's busy bound then counts from the last
+    chunk written, so it cuts off only a client that stopped taking the stream. `close()` when the stream ends."""
+
+    def __init__(self, handler: EdgeHandler) -> None:
+        self.handler = handler
+        self.gone = gevent.event.Event()
+        handler.close_connection = True  # whatever ends the stream ends the connection
+        self._watcher = None
+        try:
+            fileno = handler.socket.fileno()
+        except (OSError, AttributeError):
+            self.gone.set()
+            return
+        self._watcher = gevent.get_hub().loop.io(fileno, 1)
+        self._watcher.start(self._readable)
+
+    def _readable(self) -> None:
+        self.gone.set()
+        self._watcher.stop()
+
+    def wrote(self) -> None:
+        busy = self.handler.server.busy
+        if busy.pop(self.handler, None) is not None:  # to the end: the dict is kept oldest first
+            busy[self.handler] = time.monotonic()
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
 
 
 class TurnGate:

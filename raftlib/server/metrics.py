@@ -33,8 +33,8 @@ class Counter:
         self.name, self.doc, self.label = name, doc, label
         self.values: collections.Counter[str] = collections.Counter()
 
-    def inc(self, label_value: str) -> None:
-        self.values[label_value] += 1
+    def inc(self, label_value: str, amount: int = 1) -> None:
+        self.values[label_value] += amount
 
     def collect(self) -> prom_core.CounterMetricFamily:
         family = prom_core.CounterMetricFamily(self.name, self.doc, labels=[self.label])
@@ -101,6 +101,11 @@ class Metrics:
         self.hub_lag_seconds = Histogram("raftdzmq_hub_lag_seconds", "How late a 10 ms gevent timer fires: the "
                                          "delay every timer (ticks, heartbeats, elections) sees",
                                          (.001, .002, .005, .01, .02, .05, .1, .25, .5, 1))
+        self.watch_events = Counter("raftdzmq_watch_events_delivered", "Watch events handed to watchers, by mode "
+                                    "(stream: server-sent events, poll)", "mode")
+        self.watches_behind = Counter("raftdzmq_watches_behind", "Watches ended or refused (410) because the event "
+                                      "history moved past them, by mode", "mode")
+        self.watches_open = 0  # a gauge: the watches (streams and long polls) open now
         self._status: Callable[[], RuntimeStatus] | None = None
         self.registry = prom.CollectorRegistry()
         self.registry.register(self)
@@ -111,8 +116,10 @@ class Metrics:
 
     def collect(self) -> Iterator[prom_core.Metric]:
         for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
-                  self.hub_lag_seconds, self.http_evictions):
+                  self.hub_lag_seconds, self.http_evictions, self.watch_events, self.watches_behind):
             yield m.collect()
+        yield prom_core.GaugeMetricFamily("raftdzmq_watches_open", "Watches open now (streams and long polls)",
+                                          value=self.watches_open)
         if self._status is not None:
             status = self._status()
             for name, doc, value in GAUGES:

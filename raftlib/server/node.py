@@ -58,10 +58,11 @@ from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
-from .api import Api, make_app
+from .api import MAX_POLL_TIMEOUT_SECONDS, Api, make_app
 from .edge import EdgeServer, listen
 from .metrics import Metrics
 from .store import FEATURE_LEVEL, SET_FEATURE_LEVEL, KeyValueStore, command
+from .watch import DEFAULT_HISTORY_EVENTS, WatchHub
 
 log = logging.getLogger("raftdzmq.node")
 
@@ -136,6 +137,7 @@ class ServerConfig:
     secret: bytes | None = None
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
+    watch_history_events: int = DEFAULT_HISTORY_EVENTS  # -watch-history: events kept for watches
 
     @property
     def bind_host(self) -> str:
@@ -243,6 +245,23 @@ class FeatureLevelRaiser:
             conn.close()
 
 
+class WatchedStore(KeyValueStore):
+    """The node's store: its events go to the watch hub, and so does each restore of a snapshot (which produces
+    no events: watch.py's rules), with the snapshot's index. `snapshot_of_node` gives the core's snapshot, which
+    is the one being restored whenever restore is called: at start, and by the runtime for a snapshot the leader
+    sent (RaftNode._restore sets it before the Ready that carries it)."""
+
+    def __init__(self, hub: WatchHub, snapshot_of_node) -> None:
+        super().__init__(on_event=hub.on_event)
+        self.hub, self.snapshot_of_node = hub, snapshot_of_node
+
+    def restore(self, data: bytes) -> None:
+        super().restore(data)
+        snapshot = self.snapshot_of_node()
+        assert snapshot is not None and snapshot.data == data, "a restore of a snapshot the core does not hold"
+        self.hub.restored(snapshot.last_included_index)
+
+
 class JoinFailed(Exception):
     """This node could not join the cluster: refused, or no answer within -join-timeout."""
 
@@ -284,7 +303,8 @@ class Server:
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
-        self.store = KeyValueStore()
+        self.watch_hub = WatchHub(config.watch_history_events)
+        self.store = WatchedStore(self.watch_hub, lambda: self.node.snapshot)
         if stored.snapshot is not None:
             self.store.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
@@ -513,13 +533,17 @@ class Server:
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
                   guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
-                  committed_configuration=self.committed_configuration, feature_level=self.feature_level)
+                  committed_configuration=self.committed_configuration, feature_level=self.feature_level,
+                  watch_hub=self.watch_hub)
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
-        longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
+        # A long poll waits up to MAX_POLL_TIMEOUT_SECONDS; a watch stream restarts its bound at every chunk
+        # (edge.Stream), so the bound cuts off only a client that stopped taking it.
+        longest_route_seconds = max(2 * max(config.write_timeout_seconds, config.read_timeout_seconds),
+                                    MAX_POLL_TIMEOUT_SECONDS) + 1
         self.http = EdgeServer(
             listen(config.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
