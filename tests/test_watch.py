@@ -270,3 +270,82 @@ def test_a_stream_sends_events_then_an_error_event_when_it_falls_behind():
     with pytest.raises(StopIteration):
         next(chunks)
     assert c.metrics.watches_open == 0 and c.counted("watches_behind") == {"stream": 1}
+
+
+# ---- streams through the edge (a process of its own: it monkey-patches) -------------------------------------------
+
+STREAM_THROUGH_THE_EDGE = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, socket, sys, time, types
+sys.path.insert(0, sys.argv[1])
+import gevent, gevent.socket
+from raftlib import Role
+from raftlib.server import api as api_module
+from raftlib.server.api import Api, make_app
+from raftlib.server.edge import EdgeServer
+from raftlib.server.metrics import Metrics
+from raftlib.server.store import SET, KeyValueStore, command
+from raftlib.server.watch import WatchHub
+
+api_module.KEEPALIVE_SECONDS = 1.0
+listener = gevent.socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+hub, metrics = WatchHub(), Metrics()
+kv = KeyValueStore(on_event=hub.on_event)
+node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
+evictions = []
+server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node), kv, metrics, watch_hub=hub)),
+                    max_connections=50, idle_timeout_seconds=1.0, receive_timeout_seconds=1.0,
+                    busy_timeout_seconds=3.0, max_header_bytes=32768, max_body_bytes=1024,
+                    on_eviction=evictions.append)
+server.start()
+port = listener.getsockname()[1]
+
+def watch():
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET /watch?prefix=k HTTP/1.1\r\nHost: x\r\n\r\n")
+    return s
+
+# A stream with nothing to say for longer than the busy bound and the idle timeout: it is not cut off.
+kept = watch()
+received = b""
+end = time.monotonic() + 7
+while time.monotonic() < end:
+    received += kept.recv(65536)
+node.last_applied = 1
+kv.apply(1, command(SET, "k1", b"v"))
+t0 = time.monotonic()
+while b"id: 1" not in received and time.monotonic() - t0 < 5:
+    received += kept.recv(65536)
+event_seconds = time.monotonic() - t0
+# A client that goes away ends its stream at once, not at the next keep-alive.
+gone = watch()
+gevent.sleep(0.3)
+opened = metrics.watches_open
+gone.close()
+t0 = time.monotonic()
+while metrics.watches_open == opened and time.monotonic() - t0 < 5:
+    gevent.sleep(0.01)
+print(json.dumps({"head": received.split(b"\r\n\r\n")[0].decode(), "keepalives": received.count(b": keep-alive"),
+                  "event_seconds": event_seconds, "evictions": evictions, "opened": opened,
+                  "gone_seconds": time.monotonic() - t0, "open_after": metrics.watches_open}))
+"""
+
+
+def test_a_stream_through_the_edge_is_chunked_outlives_the_busy_bound_and_ends_when_its_client_goes():
+    import subprocess
+    import sys
+
+    from procs import ROOT
+
+    out = subprocess.run([sys.executable, "-c", STREAM_THROUGH_THE_EDGE, ROOT], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert "Transfer-Encoding: chunked" in result["head"] and "text/event-stream" in result["head"]
+    assert result["evictions"] == [] and result["keepalives"] >= 5  # 7 s, a keep-alive a second, busy bound 3 s
+    assert result["event_seconds"] < 1.0  # written as it came, not buffered
+    assert result["opened"] == 2 and result["open_after"] == 1 and result["gone_seconds"] < 0.5
