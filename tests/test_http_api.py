@@ -888,7 +888,8 @@ def test_every_route_is_tested_here():
         ("POST", "/db/<key:path>"), ("PUT", "/db/<key:path>"), ("DELETE", "/db/<key:path>"),
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
-        ("GET", "/cluster/keys"), ("DELETE", "/db/"), ("DELETE", "/db"), ("POST", "/txn")}
+        ("GET", "/cluster/keys"), ("DELETE", "/db/"), ("DELETE", "/db"), ("POST", "/txn"),
+        ("GET", "/watch")}  # GET /watch: tests/test_watch.py
 
 
 # ---- issue 14: indices, ?prev_index, prefix deletes, transactions, the feature level ---------------------------

@@ -418,7 +418,7 @@ class Stream:
         self.handler = handler
         self.gone = gevent.event.Event()
         handler.close_connection = True  # whatever ends the stream ends the connection
-        self._watcher = None
+        self._watcher: Any = None  # a libev io watcher on the socket, for reading
         try:
             fileno = handler.socket.fileno()
         except (OSError, AttributeError):
@@ -429,7 +429,8 @@ class Stream:
 
     def _readable(self) -> None:
         self.gone.set()
-        self._watcher.stop()
+        if self._watcher is not None:
+            self._watcher.stop()
 
     def wrote(self) -> None:
         busy = self.handler.server.busy
