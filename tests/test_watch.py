@@ -328,13 +328,19 @@ gone.close()
 t0 = time.monotonic()
 while metrics.watches_open == opened and time.monotonic() - t0 < 5:
     gevent.sleep(0.01)
-print(json.dumps({"head": received.split(b"\r\n\r\n")[0].decode(), "keepalives": received.count(b": keep-alive"),
+gone_seconds = time.monotonic() - t0
+# A long poll longer than the busy bound is answered, not cut off.
+polling = socket.create_connection(("127.0.0.1", port), timeout=10)
+polling.sendall(b"GET /watch?key=zz&poll=1&timeout=4 HTTP/1.1\r\nHost: x\r\n\r\n")
+poll_answer = polling.recv(65536).decode()
+print(json.dumps({"poll_answer": poll_answer, "head": received.split(b"\r\n\r\n")[0].decode(), "keepalives": received.count(b": keep-alive"),
                   "event_seconds": event_seconds, "evictions": evictions, "opened": opened,
-                  "gone_seconds": time.monotonic() - t0, "open_after": metrics.watches_open}))
+                  "gone_seconds": gone_seconds, "open_after": metrics.watches_open}))
 """
 
 
 def test_a_stream_through_the_edge_is_chunked_outlives_the_busy_bound_and_ends_when_its_client_goes():
+    """And a long poll longer than the busy bound is answered."""
     import subprocess
     import sys
 
@@ -349,3 +355,4 @@ def test_a_stream_through_the_edge_is_chunked_outlives_the_busy_bound_and_ends_w
     assert result["evictions"] == [] and result["keepalives"] >= 5  # 7 s, a keep-alive a second, busy bound 3 s
     assert result["event_seconds"] < 1.0  # written as it came, not buffered
     assert result["opened"] == 2 and result["open_after"] == 1 and result["gone_seconds"] < 0.5
+    assert result["poll_answer"].startswith("HTTP/1.1 200") and result["poll_answer"].endswith("\r\n\r\n[]\n")

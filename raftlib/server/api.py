@@ -46,7 +46,7 @@ from raftlib.storage import DiskFull
 
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
-from .edge import RateLimitedLog, Stream
+from .edge import RateLimitedLog, Stream, waiting_on_its_own
 from .metrics import Metrics
 from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
                     MAX_TXN_OPS, SET, SET_IF_INDEX, TXN, KeyValueStore, TxnResult, command, txn_problem)
@@ -714,7 +714,8 @@ def _long_poll(api: Api, position: int, wanted: Filter, timeout_seconds: float) 
             if events or remaining <= 0:
                 metrics.watch_events.inc("poll", len(events))
                 return json_answer([event_json(e) for e in events], **read_headers(api))
-            hub.wait(position, remaining)
+            with waiting_on_its_own(bottle.request.environ):  # bounded by remaining, at most a minute
+                hub.wait(position, remaining)
     finally:
         metrics.watches_open -= 1
 

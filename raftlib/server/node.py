@@ -58,7 +58,7 @@ from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
-from .api import MAX_POLL_TIMEOUT_SECONDS, Api, make_app
+from .api import Api, make_app
 from .edge import EdgeServer, listen
 from .metrics import Metrics
 from .store import FEATURE_LEVEL, SET_FEATURE_LEVEL, KeyValueStore, command
@@ -540,10 +540,8 @@ class Server:
         api.upgrade_reason = self.level_raiser.reason
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
-        # A long poll waits up to MAX_POLL_TIMEOUT_SECONDS; a watch stream restarts its bound at every chunk
-        # (edge.Stream), so the bound cuts off only a client that stopped taking it.
-        longest_route_seconds = max(2 * max(config.write_timeout_seconds, config.read_timeout_seconds),
-                                    MAX_POLL_TIMEOUT_SECONDS) + 1
+        # A long poll's wait and a watch stream are bounded on their own (edge.waiting_on_its_own, edge.Stream).
+        longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
         self.http = EdgeServer(
             listen(config.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
