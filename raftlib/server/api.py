@@ -538,13 +538,15 @@ def _json_value(value: bytes) -> dict[str, str]:
 
 
 def _txn_answer(result: tuple) -> dict:
-    kind, detail = result
+    """One op's result as JSON; "more": true when a bound of the store (MAX_DELETE_KEYS_PER_ENTRY,
+    MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES) stopped it before the end of its prefix (absent otherwise)."""
+    kind, detail, *more = result
     if kind == "put":
         return {"op": "put", "key": detail}
     if kind == "delete":
-        return {"op": "delete", "deleted": detail}
+        return {"op": "delete", "deleted": detail, **({"more": True} if more[0] else {})}
     return {"op": "get", "kvs": [{"key": k, **_json_value(v), "create_index": c, "modify_index": m}
-                                 for k, v, c, m in detail]}
+                                 for k, v, c, m in detail], **({"more": True} if more[0] else {})}
 
 
 # ---- the routes -----------------------------------------------------------------------------------------------

@@ -9,22 +9,38 @@ Rules:
   of a key that is not there); "failed" (a COMPARE_AND_SET whose expected value differs, a CREATE of a key that
   exists, a SET_IF_INDEX or DELETE_IF_INDEX whose index differs); "used" (an ADMIN_CLAIM of a signature claimed
   before); "expired" (an ADMIN_CLAIM older than the claims' horizon); "unchanged" (a SET_FEATURE_LEVEL not above
-  the state's); an int (the keys a DELETE_PREFIX deleted); a TxnResult (a TXN); "error" (a command that does not
-  decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing). An unknown op
-  (a newer version's command) applies as nothing and gives "ok".
+  the state's); an int (the keys a DELETE_PREFIX deleted: at most MAX_DELETE_KEYS_PER_ENTRY, the first in key
+  order; the caller proposes it again while it deleted that many); a TxnResult (a TXN); "error" (a command that
+  does not decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing). An
+  unknown op (a newer version's command) applies as nothing and gives "ok".
+- Bounded work per entry (every node applies it on its event loop, and again on a replay): a DELETE_PREFIX, and
+  a TXN's prefix deletes together, delete at most MAX_DELETE_KEYS_PER_ENTRY keys; a TXN's gets together return
+  at most MAX_TXN_GET_KEYS keys and MAX_TXN_GET_BYTES of keys and values. Past a bound a result says "more"
+  (TxnResult): the same on every node, since the bound is counted in the entry's own order.
 - The feature level (rolling upgrades): an older release applies the ops from SET_IF_INDEX on as nothing, so a
   cluster that mixed releases would diverge if they changed anything. The state's `feature_level` starts at 1
   and only SET_FEATURE_LEVEL raises it (never lowers it), at `level_index`; the leader proposes it once every
   member runs a release of FEATURE_LEVEL (raftlib.server.node). Until then those ops apply as nothing ("error")
-  here too: the level is in the log, so every node decides alike.
+  here too: the level is in the log, so every node decides alike. `level_index` is set once, when the level
+  crosses from below 2 to 2 or more (a later raise keeps it: the exposed indices of older keys never change).
+  A SET_FEATURE_LEVEL above this release's FEATURE_LEVEL raises FeatureLevelTooHigh (nothing changed): this node
+  cannot apply what follows as the others do, so the runtime stops it (a new binary must take over its data dir).
+- Downgrades: once the level is 2 the log holds ops an older release applies as nothing. `on_level_raised` is
+  called when the level crosses to 2 so that the node takes a snapshot at once (raftlib.runtime's
+  request_snapshot): an older binary started on the data dir then stops at start on the V3 snapshot ("unknown
+  format") rather than replay the new ops as nothing. A downgrade below the cluster's level is not supported.
 - Indices: a key's create index is the index of the entry that created it (after a delete, the next put creates
   it again), its modify index that of the entry that last wrote it. A node that restored a snapshot of the old
   format (level 1, written without indices) knows them as 0, so the indices exposed (`record`, events, compares,
-  the V3 snapshot) are max(index, level_index), and 0 below level 2: the same on every node. A txn's compares see the state before the
+  the V3 snapshot) are max(index, level_index), and 0 below level 2: the same on every node. The raise brings
+  every stored index up to level_index once (an O(keys) pass at that one entry), so from then on the records are
+  stored as exposed and the V3 snapshot dumps `data` as it is. A txn's compares see the state before the
   txn; its ops apply in order, each seeing the ones before it (as etcd's).
-- Events (`on_event`, for watches): one Event per key changed, after the change, in a fixed order: a prefix
-  delete's in key order, a txn's in op order (a prefix delete inside it in key order), all with the entry's
-  index. None for a delete of a missing key, a failed condition, a restore.
+- Events (`on_event`, for watches): one Event per key changed, in a fixed order: a prefix delete's in key
+  order, a txn's in op order (a prefix delete inside it in key order), all with the entry's index. None for a
+  delete of a missing key, a failed condition, a restore. They are handed over once the whole command applied,
+  and an on_event that raises is logged and does not stop the others: the replicated state never depends on a
+  watcher (a txn is never left half applied).
 - The formats are part of the data dir (docs/DATA-DIR.md). Below level 2 a snapshot is written as the previous
   releases read it: the map key -> value as a CBOR map, or, once any admin request was claimed,
   `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]` (`[SNAPSHOT_WITH_CLAIMS, map, claims]`, older still, is read
@@ -61,6 +77,12 @@ LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN))
 FEATURE_LEVEL = 2
 SNAPSHOT_V3 = "raftdzmq-kv-v3"
 MAX_TXN_OPS = 128  # at most this many compares, and this many ops in each branch, in one transaction (etcd's)
+# Bounds on one entry's work (the module's rules). Part of the replicated state's rules: every node must count
+# alike, so changing them is a change of feature level. 2,000 keys of a prefix delete took 7 to 15 ms to apply at
+# 100-byte values on the shared 2-core test machine (bench/store_apply.py), under the 300 ms election timeout.
+MAX_DELETE_KEYS_PER_ENTRY = 2000
+MAX_TXN_GET_KEYS = 1000
+MAX_TXN_GET_BYTES = 4 << 20
 COMPARE_TARGETS = ("value", "modify_index", "create_index", "exists", "lease")
 COMPARE_OPS = ("==", "!=", "<", ">")
 SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
@@ -115,6 +137,10 @@ class AdminClaims:
         return "ok"
 
 
+class FeatureLevelTooHigh(Exception):
+    """A SET_FEATURE_LEVEL above this release's FEATURE_LEVEL: this node cannot apply what follows correctly."""
+
+
 class Event(NamedTuple):
     """One change of one key, for watches (the module's rules, "Events"). `value` is None for a delete;
     `create_index` is the key's (exposed) create index, the deleted record's for a delete."""
@@ -128,7 +154,8 @@ class Event(NamedTuple):
 
 class TxnResult(NamedTuple):
     """A TXN's result: whether its compares all held, and one result per op of the branch it ran, in order:
-    ("put", key), ("delete", number of keys deleted), ("get", [(key, value, create_index, modify_index), ...])."""
+    ("put", key), ("delete", number of keys deleted, more), ("get", [(key, value, create_index, modify_index),
+    ...], more); `more`: a bound of the module's rules stopped it before the end of its prefix."""
 
     succeeded: bool
     results: list[tuple]
@@ -206,7 +233,8 @@ class KeyValueStore:
     keeps one int object for both. Only new and deleted keys touch `keys`. `lease_of` maps a key to its lease id
     (issue 14 part 2 fills it; a key not in it has lease 0). `on_event` is called with each Event."""
 
-    def __init__(self, on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(self, on_event: Callable[[Event], None] | None = None,
+                 on_level_raised: Callable[[int], None] | None = None) -> None:
         self.data: dict[str, tuple[bytes, int, int]] = {}
         self.keys = SortedList()
         self.admin_claims = AdminClaims()
@@ -214,6 +242,8 @@ class KeyValueStore:
         self.feature_level = 1
         self.level_index = 0
         self.on_event = on_event
+        self.on_level_raised = on_level_raised  # called with the level when it crosses to 2 (a snapshot is due)
+        self._events: list[Event] = []  # the command's, handed to on_event once it applied whole
 
     def get(self, key: str) -> bytes | None:
         record = self.data.get(key)
@@ -236,6 +266,18 @@ class KeyValueStore:
         return len(self.data)
 
     def apply(self, index: int, command: bytes) -> object:
+        result = self._apply(index, command)
+        if self._events:
+            events, self._events = self._events, []
+            for event in events:
+                try:
+                    self.on_event(event)  # type: ignore[misc]  # events are only collected with an on_event
+                except Exception:
+                    log.exception("on_event failed on a %s of %r at index %d (the state is applied whole)",
+                                  event.type, event.key, index)
+        return result
+
+    def _apply(self, index: int, command: bytes) -> object:
         try:
             op, key, value, expected = cbor2.loads(command)
         except Exception:
@@ -292,9 +334,19 @@ class KeyValueStore:
         if level <= self.feature_level:
             return "unchanged"  # the level never goes down (nor is it raised twice)
         if level > FEATURE_LEVEL:
-            log.error("the cluster's feature level is now %d, above this release's %d: upgrade this node", level,
-                      FEATURE_LEVEL)
-        self.feature_level, self.level_index = level, index
+            raise FeatureLevelTooHigh(
+                f"the cluster's feature level is raised to {level} at index {index}, above this release's "
+                f"{FEATURE_LEVEL}: this node cannot apply what follows; start a newer raftdzmq on its data dir")
+        crossing = self.feature_level < 2
+        self.feature_level = level
+        if crossing:
+            # Once: a later raise must not move the floor (older keys' exposed indices would jump).
+            self.level_index = index
+            # Every stored index is below `index` (written by an earlier entry, or 0 from an old-format snapshot):
+            # bring them to the floor now, one int object for all, so records are stored as exposed from here on.
+            self.data = {key: (record[0], index, index) for key, record in self.data.items()}
+            if self.on_level_raised is not None:
+                self.on_level_raised(level)
         return "ok"
 
     def _put(self, index: int, key: str, value: bytes, record: tuple[bytes, int, int] | None) -> None:
@@ -306,7 +358,7 @@ class KeyValueStore:
             create_index = record[1]
             self.data[key] = (value, create_index, index)
         if self.on_event is not None:
-            self.on_event(Event("put", key, value, index, self.exposed(create_index)))
+            self._events.append(Event("put", key, value, index, self.exposed(create_index)))
 
     def _delete(self, index: int, key: str) -> bool:
         record = self.data.pop(key, None)
@@ -315,20 +367,23 @@ class KeyValueStore:
         self.keys.remove(key)
         self.lease_of.pop(key, None)
         if self.on_event is not None:
-            self.on_event(Event("delete", key, None, index, self.exposed(record[1])))
+            self._events.append(Event("delete", key, None, index, self.exposed(record[1])))
         return True
 
-    def _prefixed(self, prefix: str) -> list[str]:
-        """The keys that start with `prefix`, in order (a copy: the caller may delete them)."""
-        out = []
+    def _prefixed(self, prefix: str, most: int) -> tuple[list[str], bool]:
+        """The first `most` keys that start with `prefix`, in order (a copy: the caller may delete them), and
+        whether more follow."""
+        out: list[str] = []
         for key in self.keys.irange(minimum=prefix):
             if not key.startswith(prefix):
                 break
+            if len(out) == most:
+                return out, True
             out.append(key)
-        return out
+        return out, False
 
-    def _delete_prefix(self, index: int, prefix: str) -> int:
-        keys = self._prefixed(prefix)
+    def _delete_prefix(self, index: int, prefix: str, most: int = MAX_DELETE_KEYS_PER_ENTRY) -> int:
+        keys, _ = self._prefixed(prefix, most)
         for key in keys:
             self._delete(index, key)
         return len(keys)
@@ -349,21 +404,42 @@ class KeyValueStore:
 
     def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult:
         # All compares against the state before the txn (etcd's), then the branch's ops in order.
+        # The bounds (the module's rules) are budgets for the whole txn, spent in op order.
         succeeded = all(self._compare(*c) for c in compares)
         results: list[tuple] = []
+        delete_budget, get_keys_budget, get_bytes_budget = MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES
         for kind, key, third in success if succeeded else failure:
             if kind == "put":
                 self._put(index, key, third, self.data.get(key))
                 results.append(("put", key))
             elif kind == "delete":
-                results.append(("delete", self._delete_prefix(index, key) if third else int(self._delete(index, key))))
+                if not third:
+                    results.append(("delete", int(self._delete(index, key)), False))
+                    continue
+                keys, more = self._prefixed(key, delete_budget)
+                for k in keys:
+                    self._delete(index, k)
+                delete_budget -= len(keys)
+                results.append(("delete", len(keys), more))
             else:
                 found = []
-                for k in self._prefixed(key) if third else [key]:
+                if third:
+                    keys, more = self._prefixed(key, get_keys_budget)
+                else:  # past the key bound a get of one key returns nothing, and says more if it exists
+                    keys, more = ([key], False) if get_keys_budget else ([], key in self.data)
+                for k in keys:
                     record = self.record(k)
-                    if record is not None:
-                        found.append((k, *record))
-                results.append(("get", found))
+                    if record is None:
+                        continue
+                    size = len(k) + len(record[0])
+                    if size > get_bytes_budget:
+                        more = True
+                        get_keys_budget = 0  # the byte bound ends every later get too, whatever its sizes
+                        break
+                    get_bytes_budget -= size
+                    get_keys_budget -= 1
+                    found.append((k, *record))
+                results.append(("get", found, more))
         return TxnResult(succeeded, results)
 
     def page(self, prefix: str, after: str, limit: int) -> tuple[list[str], bool]:
@@ -410,9 +486,8 @@ def encode_state(kv: KeyValueStore) -> bytes:
     """The snapshot of `kv`, in the format its feature level calls for (the module's rules)."""
     claims = kv.admin_claims
     if kv.feature_level >= 2:
-        floor = kv.level_index
-        records = {k: [v, max(c, floor), max(m, floor)] for k, (v, c, m) in kv.data.items()}
-        return cbor2.dumps([SNAPSHOT_V3, records, claims.claims, claims.horizon, kv.feature_level, floor])
+        # Stored as exposed since the raise (the module's rules): the tuples go out as CBOR arrays, unchanged.
+        return cbor2.dumps([SNAPSHOT_V3, kv.data, claims.claims, claims.horizon, kv.feature_level, kv.level_index])
     values = {k: record[0] for k, record in kv.data.items()}
     if claims.claims or claims.horizon:
         return cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, values, claims.claims, claims.horizon])
@@ -436,6 +511,9 @@ def decode_state(data: bytes) -> State:
         if (type(records) is not dict or not _is_index(level_index) or type(feature_level) is not int
                 or feature_level < 2):
             raise ValueError("a key/value snapshot of an unknown format (a damaged V3)")
+        if feature_level > FEATURE_LEVEL:
+            raise ValueError(f"a key/value snapshot of feature level {feature_level}, above this release's "
+                             f"{FEATURE_LEVEL}: start a newer raftdzmq on this data dir")
         state: dict[str, tuple[bytes, int, int]] = {}
         for key, record in records.items():
             if (type(key) is not str or type(record) is not list or len(record) != 3 or type(record[0]) is not bytes
