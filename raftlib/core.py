@@ -164,6 +164,9 @@ class NodeStatus:
     progress: Mapping[str, ProgressStatus]
     removed: tuple[str | None, int] | None  # see RaftNode.removed
     reads_pending: int
+    # A leader is known and was heard from within an election timeout (this node itself while it leads: check-quorum
+    # steps a leader down when a majority was silent that long, thesis §6.2). What GET /readyz calls "a leader".
+    leader_active: bool = False
 
 
 _NO_PROGRESS: Mapping[str, ProgressStatus] = types.MappingProxyType({})
@@ -279,6 +282,11 @@ class RaftNode:
             progress=self._progress.status(self.node_id) if leading else _NO_PROGRESS,
             removed=self.removed,
             reads_pending=self._reads.pending,
+            # A follower's election timer restarts whenever its leader speaks (_become_follower): while it knows a
+            # leader, _election_elapsed counts the ticks since it last heard from it. A learner never campaigns, so
+            # its leader_id alone would stay set for ever after the leader died.
+            leader_active=self.leader_id is not None
+            and (leading or self._election_elapsed < self.config.election_ticks),
         )
 
     def _promotable(self) -> bool:

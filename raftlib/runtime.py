@@ -63,7 +63,12 @@ class EntryLost(Exception):
 
 
 class Stopped(Exception):
-    """The node is stopping or has stopped."""
+    """The node is stopping or has stopped. Raised to a request already queued, its outcome is unknown: a proposal
+    may have been appended, even committed, before the node stopped."""
+
+
+class NotRunning(Stopped):
+    """The node was not running when the request came: nothing was queued, so nothing will come of it."""
 
 
 class _Expired(Exception):
@@ -300,7 +305,7 @@ class Runtime:
         `_expire_loop` to time it out: one timer for all requests rather than a gevent.Timeout each, which would
         arm and cancel a timer on the leader's busiest path for every write."""
         if not self.running:
-            raise Stopped("node is not running")
+            raise NotRunning("node is not running")
         result = gevent.event.AsyncResult()
         pending = self._deadlines.get(timeout_seconds)
         if pending is None:
@@ -326,7 +331,7 @@ class Runtime:
 
     def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
         if not self.running:
-            raise Stopped("node is not running")
+            raise NotRunning("node is not running")
         try:
             return result.get(timeout=timeout_seconds)
         except gevent.Timeout:

@@ -17,6 +17,10 @@ Rules:
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
   environ is built in the same pass.
 - Importing this module patches nothing: the command monkey-patches before it imports it.
+- A refusal here runs nothing, so it says `X-Raft-Outcome: not-applied` (raftlib.server.api's rules): a write
+  refused at the edge may be sent again.
+- No access log unless asked for (-v): then AccessLogHandler writes one line per answered request at INFO on
+  `raftdzmq.access`; without it nothing is formatted per request.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import gevent.pywsgi
 import gevent.socket
 
 log = logging.getLogger("raftdzmq.edge")
+access_log = logging.getLogger("raftdzmq.access")
 
 
 MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
@@ -370,7 +375,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.server.note_refusal(self.client_address, status, reason)
         body = reason.encode("ascii", "backslashreplace") + b"\n"
         answer = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-                  b"Connection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), body))
+                  b"X-Raft-Outcome: not-applied\r\nConnection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), body))
         sock = self.socket
         try:
             sock.sendall(answer)
@@ -400,6 +405,21 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             self.response_headers.append((b"Date", EdgeHandler._date[1]))
             self.provided_date = True
         super().finalize_headers()
+
+
+class AccessLogHandler(EdgeHandler):
+    """EdgeHandler with an access log (-v): one line per answered request, at INFO on `raftdzmq.access`: the
+    method, the target as sent (path and query; bytes outside printable ASCII escaped), the status, the bytes of
+    the answer's body, the time from the whole request to the answer sent in ms, the client's address."""
+
+    def log_request(self):
+        address = self.client_address
+        client = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address or "-")
+        # The target has no control character (refused with 400) but may have any byte from 0x80 up.
+        target = self.path.encode("latin-1", "replace").decode("ascii", "backslashreplace")
+        duration_ms = (self.time_finish - self.time_start) * 1000 if self.time_finish else -1.0
+        access_log.info("%s %s %s %d %.1fms %s", self.command, target, self.code, self.response_length,
+                        duration_ms, client)
 
 
 class TurnGate:
@@ -479,10 +499,13 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
     def __init__(self, listener, application, *, max_connections: int, idle_timeout_seconds: float,
                  receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
                  max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS,
-                 on_eviction: Callable[[str], None] | None = None) -> None:
+                 on_eviction: Callable[[str], None] | None = None, access_log: bool = False) -> None:
         """`on_eviction(reason)` hears of every connection the server closes: "full_idle" or "full_receiving" (the
-        pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count them."""
+        pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count them. `access_log`: a
+        line per request (AccessLogHandler)."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
+        if access_log:
+            self.handler_class = AccessLogHandler
         self.idle_timeout_seconds = idle_timeout_seconds
         self.receive_timeout_seconds = receive_timeout_seconds
         self.busy_timeout_seconds = busy_timeout_seconds
