@@ -418,8 +418,10 @@ class AccessLogHandler(EdgeHandler):
         # The target has no control character (refused with 400) but may have any byte from 0x80 up.
         target = self.path.encode("latin-1", "replace").decode("ascii", "backslashreplace")
         duration_ms = (self.time_finish - self.time_start) * 1000 if self.time_finish else -1.0
-        access_log.info("%s %s %s %d %.1fms %s", self.command, target, self.code, self.response_length,
-                        duration_ms, client)
+        # The body's bytes, as the common log format counts them (pywsgi's response_length counts the head too).
+        length = next((v.decode("latin-1") if isinstance(v, bytes) else v for k, v in self.response_headers or ()
+                       if k.lower() in (b"content-length", "content-length")), "-")
+        access_log.info("%s %s %s %s %.1fms %s", self.command, target, self.code, length, duration_ms, client)
 
 
 class TurnGate:
