@@ -68,7 +68,9 @@ class Stopped(Exception):
 
 
 class NotRunning(Stopped):
-    """The node was not running when the request came: nothing was queued, so nothing will come of it."""
+    """The node was not running when the request came: nothing was queued, so nothing will come of it. Raised
+    only before a request is put in the inbox or registered (`_call`, `read`, `wait_applied`); once it is, the
+    request gets Stopped."""
 
 
 class _Expired(Exception):
@@ -242,6 +244,8 @@ class Runtime:
         Stopped."""
         # Reads that arrive before the loop takes the waiting one share it: its read index is chosen after every
         # one of them arrived, so it is safe for all, and a burst of reads costs the loop one request.
+        if not self.running:  # before queueing: NotRunning says nothing was asked of the node
+            raise NotRunning("node is not running")
         shared = self._read_waiting.get(lease)
         if shared is None:
             shared = self._read_waiting[lease] = gevent.event.AsyncResult()
@@ -257,6 +261,8 @@ class Runtime:
         """Block until the state machine has applied `index`."""
         if self.node.last_applied >= index:
             return self.node.last_applied
+        if not self.running:
+            raise NotRunning("node is not running")
         result = gevent.event.AsyncResult()
         self._index_waiters[result] = index
         try:
@@ -330,8 +336,10 @@ class Runtime:
                 del self._deadlines[timeout_seconds]  # callers may pass any number of distinct timeouts
 
     def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
+        # Stopped, not NotRunning: the request is already queued or registered (NotRunning is raised only before
+        # that, in the callers), so for all its caller knows it was acted on.
         if not self.running:
-            raise NotRunning("node is not running")
+            raise Stopped("node stopped")
         try:
             return result.get(timeout=timeout_seconds)
         except gevent.Timeout:

@@ -535,6 +535,21 @@ def test_a_transfer_answers_200_only_once_the_target_is_confirmed_as_leader():
     assert r.status == 503 and "c was not confirmed as the leader within 0.5s" in r.text, r
 
 
+def test_a_transfer_started_on_a_node_that_then_stops_is_unknown_not_not_applied():
+    """Review S1: the transfer took effect (TimeoutNow went out, the target leads), then the node stopped before
+    the confirming read was queued (NotRunning). That read's NotRunning is not the transfer's: `unknown`."""
+    client = Client(write_timeout_seconds=2.0, read_timeout_seconds=0.2)
+    client.runtime.fail("read", NotRunning("node is not running"))
+    r = client("POST", "/cluster/transfer?to=b")
+    assert client.runtime.node.leader_id == "b"
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "unknown"), (r, r.headers)
+    assert r.text == "transfer not confirmed: node is not running; the transfer was started\n"
+    # Refused before anything was sent: not applied.
+    client.runtime.fail("transfer_leadership", NotRunning("node is not running"))
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "not-applied"), (r, r.headers)
+
+
 # ---- signed admin requests ----------------------------------------------------------------------------------------
 
 

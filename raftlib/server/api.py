@@ -677,6 +677,10 @@ def confirm_leader(api: Api, target: str, deadline: float) -> None:
         except NotLeader:  # between two leaders: ask again, within the bound
             gevent.sleep(0.02)
             continue
+        except NotRunning as e:
+            # The read was never queued, but the transfer was: TimeoutNow went out and the target may lead. Not
+            # `not-applied` (review S1): the transfer's outcome is unknown.
+            raise Stopped(f"{e}; the transfer was started") from None
         leader = api.runtime.node.leader_id
         if leader == target:
             return
