@@ -941,7 +941,10 @@ def test_every_refused_write_says_not_applied_and_no_success_or_read_names_an_ou
     for method, target, status in refusals:
         r = client(method, target, "v" if target.startswith("/db") else "")
         assert (r.status, r.headers.get("x-raft-outcome")) == (status, "not-applied"), (method, target, r)
-    for method, target in (("POST", "/db/k"), ("DELETE", "/db/k"), ("GET", "/db/k"), ("GET", "/db/nope")):
+    r = client("PATCH", "/db/k", "v")  # no such method here: a write all the same
+    assert (r.status, r.headers.get("x-raft-outcome")) == (405, "not-applied"), r
+    for method, target in (("POST", "/db/k"), ("DELETE", "/db/k"), ("GET", "/db/k"), ("GET", "/db/nope"),
+                           ("GET", "/cluster/transfer"), ("HEAD", "/cluster/transfer"), ("GET", "/nowhere")):
         assert "x-raft-outcome" not in client(method, target, "v").headers, (method, target)
     client.be_follower("b")
     assert client("POST", "/db/k", "v").headers["x-raft-outcome"] == "not-applied"  # 307

@@ -43,7 +43,7 @@ from raftlib.storage import DiskFull
 
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
-from .edge import RateLimitedLog
+from .edge import WRITE_METHODS, RateLimitedLog
 from .health import LoopWatch, liveness, readiness, report
 from .metrics import Metrics
 from .store import ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
@@ -744,7 +744,7 @@ def _default_error(res: bottle.HTTPError) -> str:
     """Bottle's own errors (404 no such route, 405, 500) as one line of text, never a page or a traceback; on a
     write, with its X-Raft-Outcome (a 500 is a failure not foreseen, which may come after the proposal)."""
     bottle.response.content_type = "text/plain; charset=utf-8"
-    if bottle.request.method in ("POST", "PUT", "DELETE"):
+    if bottle.request.method in WRITE_METHODS:  # a read's answer names no outcome, even a 405
         with_outcome(bottle.response)
     return f"{res.status_line}: {res.body}\n" if isinstance(res.body, str) and res.body else f"{res.status_line}\n"
 

@@ -17,8 +17,9 @@ Rules:
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
   environ is built in the same pass.
 - Importing this module patches nothing: the command monkey-patches before it imports it.
-- A refusal here runs nothing, so it says `X-Raft-Outcome: not-applied` (raftlib.server.api's rules): a write
-  refused at the edge may be sent again.
+- A refusal here runs nothing, so a write's (WRITE_METHODS) says `X-Raft-Outcome: not-applied`
+  (raftlib.server.api's rules): it may be sent again. A read's says nothing, nor does one refused before its
+  request line was read (its method unknown; a 4xx all the same, which the README counts as not applied).
 - No access log unless asked for (-v): then AccessLogHandler writes one line per answered request at INFO on
   `raftdzmq.access`; without it nothing is formatted per request.
 """
@@ -46,6 +47,7 @@ log = logging.getLogger("raftdzmq.edge")
 access_log = logging.getLogger("raftdzmq.access")
 
 
+WRITE_METHODS = frozenset(("POST", "PUT", "DELETE", "PATCH"))  # whose failed answers carry X-Raft-Outcome
 MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
 MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
@@ -214,6 +216,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
     def _handle_request(self, buffered: bytes):
         server = self.server
         timer = refusal = None
+        self.command = None  # not the previous request's on this connection: a refusal's answer depends on it
         try:
             head_end = buffered.find(b"\r\n\r\n")
             if head_end <= 0 or buffered[0] in b"\r\n":
@@ -280,6 +283,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
     def _parse_head(self, lines: list[bytes]) -> tuple[int, bool, bytes | None]:
         """Check the head and build the WSGI environ; returns (Content-Length or 0, chunked, Expect value)."""
         method, target, version = _request_line(lines[0])
+        self.command = method.decode("latin-1")  # known from here: a refusal of a write says so (_refuse)
         server = self.server
         env = server.get_environ()
         length, te, expect, connection = _fields(env, lines)
@@ -288,7 +292,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.close_connection = b"close" in tokens if version == b"HTTP/1.1" else b"keep-alive" not in tokens
         text_target = target.decode("latin-1")
         path, _, query = text_target.partition("?")
-        self.command = env["REQUEST_METHOD"] = method.decode("latin-1")
+        env["REQUEST_METHOD"] = self.command
         self.path = env["REQUEST_URI"] = text_target
         self.request_version = env["SERVER_PROTOCOL"] = version.decode("latin-1")
         self.requestline = lines[0].decode("latin-1")
@@ -374,8 +378,9 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.close_connection = True
         self.server.note_refusal(self.client_address, status, reason)
         body = reason.encode("ascii", "backslashreplace") + b"\n"
+        outcome = b"X-Raft-Outcome: not-applied\r\n" if self.command in WRITE_METHODS else b""
         answer = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-                  b"X-Raft-Outcome: not-applied\r\nConnection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), body))
+                  b"%sConnection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), outcome, body))
         sock = self.socket
         try:
             sock.sendall(answer)
