@@ -3,6 +3,7 @@ and 15): what a load balancer, a Kubernetes probe or a client deciding whether t
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import signal
 import pytest
 
 from procs import LocalCluster, Node, wait_for
+from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
 
 
 def send(node: Node, sig: int) -> None:
@@ -109,3 +111,36 @@ def test_v_logs_a_line_per_request_and_nothing_without(tmp_path, verbose):
         assert " INFO " in next(line for line in node.log_text(current=True).splitlines() if "raftdzmq.access" in line)
     finally:
         node.kill()
+
+
+def test_a_follower_catching_up_is_not_ready_until_it_has_applied_what_the_leader_committed(cluster, tmp_path):
+    """Review L1: /readyz compared last_applied with the node's OWN commit index, which a catching-up follower
+    sets to at most its last new entry, so it said 200 while far behind. A follower is stopped, the cluster takes
+    more than MAX_APPLY_LAG_ENTRIES writes, the follower restarts with slow fsyncs (each batch of appends costs
+    0.2 s, so the catch-up is seen): it says `applying: ...` until it is within the bound of what the leader had
+    committed, and only then 200."""
+    leader = cluster.leader()
+    follower = next(n for n in cluster.nodes if n is not leader)
+    follower.kill()
+    value = "v" * 8000  # about 130 entries in one 1 MiB AppendEntries: the catch-up takes many rounds
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: leader.request("POST", f"/db/k{i}", value, timeout=30).status,
+                                range(MAX_APPLY_LAG_ENTRIES + 500)))
+    assert answers.count(200) == len(answers), {s: answers.count(s) for s in set(answers)}
+    committed = leader.status()["commit_index"]
+    delay = tmp_path / "fsync-delay"
+    delay.write_text("0.2")
+    follower.start(*cluster.extra, env={"RAFTDZMQ_TEST_FSYNC_DELAY_FILE": str(delay)})
+    seen: list[str] = []
+
+    def ready() -> bool:
+        r = probe(follower, "/readyz", timeout=5)
+        seen.append(r.text)
+        return r.status == 200
+
+    wait_for(ready, 90, "readyz 200 after the catch-up", interval=0.02)
+    applied = follower.status()["applied_index"]
+    assert applied >= committed - MAX_APPLY_LAG_ENTRIES, (applied, committed, seen[-5:])
+    applying = [t for t in seen if t.startswith("applying: applied ")]
+    assert applying, seen
+    assert int(applying[0].split()[-1]) >= committed, applying[0]  # the leader's commit index, not its own

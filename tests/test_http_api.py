@@ -43,6 +43,8 @@ class FakeNode:
     membership: Membership = Membership(("a", "b"), ("c",), MEMBERS)
     commit_index: int | None = None  # None: the same as last_applied (status() only)
     leader_active: bool = True  # status() only
+    leader_commit: int = 0  # status() only
+    receiving_snapshot: bool = False  # status() only
 
 
 class FakeRuntime:
@@ -98,7 +100,8 @@ class FakeRuntime:
                        commit_index=n.last_applied if n.commit_index is None else n.commit_index,
                        last_applied=n.last_applied, last_index=n.last_applied + 2, snapshot_index=0,
                        membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
-                       removed=n.removed, reads_pending=0, leader_active=n.leader_active),
+                       removed=n.removed, reads_pending=0, leader_active=n.leader_active,
+                       leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot),
             self.running, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
                                                           "saves": 5, "snapshots": 0, "out_of_descriptors": 2}))
 
@@ -993,10 +996,18 @@ def test_livez_reports_a_stalled_loop_at_once_and_for_a_while_after():
 def test_readyz_names_what_the_node_lacks(client):
     r = client("GET", "/readyz")
     assert (r.status, r.text) == (200, "ok\n")
-    assert client("GET", "/readyz?verbose").text == "[+]member ok\n[+]leader ok\n[+]disk ok\n[+]applied ok\nreadyz ok\n"
+    assert client("GET", "/readyz?verbose").text == ("[+]member ok\n[+]leader ok\n[+]disk ok\n[+]snapshot ok\n"
+                                                     "[+]applied ok\nreadyz ok\n")
     node = client.runtime.node
     node.last_applied, node.commit_index = 10, 10 + MAX_APPLY_LAG_ENTRIES
     assert client("GET", "/readyz").status == 200  # within the lag
+    # Review L1: a follower catching up has applied all of its own commit index; the leader's is far ahead.
+    node.commit_index, node.leader_commit = 10, 2000
+    assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")
+    node.leader_commit = 0
+    node.receiving_snapshot = True
+    assert client("GET", "/readyz").text == "applying: receiving a snapshot from the leader\n"
+    node.receiving_snapshot = False
     node.commit_index = 2000
     assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")
     client.runtime.disk_full = True
@@ -1004,7 +1015,7 @@ def test_readyz_names_what_the_node_lacks(client):
     node.leader_active = False
     assert client("GET", "/readyz").text == "no leader\n"
     assert client("GET", "/readyz?verbose").text == (
-        "[+]member ok\n[-]leader failed: no leader\n[-]disk failed: disk full\n"
+        "[+]member ok\n[-]leader failed: no leader\n[-]disk failed: disk full\n[+]snapshot ok\n"
         "[-]applied failed: applying: applied 10 of 2000\nreadyz check failed\n")
     node.removed = ("b", 17)
     r = client("GET", "/readyz")

@@ -65,13 +65,17 @@ def readiness(status: RuntimeStatus) -> list[Check]:
     """The checks of GET /readyz, in the order their reasons are given."""
     node = status.node
     member = node.removed is None and node.node_id in node.membership.node_ids
-    lag = node.commit_index - node.last_applied
+    # The leader's commit index, not this node's own: a follower's is at most the last entry it has (§5.3), so
+    # while it catches up it applies all it knows to be committed and would look ready (review L1).
+    committed = max(node.commit_index, node.leader_commit)
+    lag = committed - node.last_applied
     return [
         ("member", None if member else "not a member"),
         ("leader", None if node.leader_active else "no leader"),
         ("disk", "disk full" if status.disk_full else None),
+        ("snapshot", "applying: receiving a snapshot from the leader" if node.receiving_snapshot else None),
         ("applied", None if lag <= MAX_APPLY_LAG_ENTRIES else
-         f"applying: applied {node.last_applied} of {node.commit_index}"),
+         f"applying: applied {node.last_applied} of {committed}"),
     ]
 
 
