@@ -121,7 +121,7 @@ class RuntimeStatus:
     """What the node is and knows (`node`), and how its runtime is doing: a frozen copy (hashicorp/raft's Stats)."""
 
     node: NodeStatus
-    running: bool
+    running: bool  # started, not stopped, and its driving loop alive (Runtime.alive)
     disk_full: bool  # saves are failing for lack of room: writes are refused
     stats: Mapping[str, int]  # every counter of _COUNTERS, since start
 
@@ -181,7 +181,13 @@ class Runtime:
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
 
     def status(self) -> RuntimeStatus:
-        return RuntimeStatus(self.node.status(), self.running, self.disk_full, types.MappingProxyType(dict(self.stats)))
+        return RuntimeStatus(self.node.status(), self.alive, self.disk_full, types.MappingProxyType(dict(self.stats)))
+
+    @property
+    def alive(self) -> bool:
+        """Running, and the loop that drives the node has not died (only a bug ends it while running: `_drive`
+        catches what it raises and stops the node)."""
+        return self.running and bool(self._greenlets) and not self._greenlets[0].dead
 
     # ---- lifecycle ------------------------------------------------------------------------------
 

@@ -46,10 +46,10 @@ def test_livez_and_readyz_through_a_pause_and_the_loss_of_the_peers(cluster):
                 probe(paused, path, timeout=1.0)
     finally:
         send(paused, signal.SIGCONT)
-    # Woken up after over a second: the stall is reported at once (its loop saw its timers that late), then ends.
+    # Woken up after over a second: a node that answers is live (review L2: a stall that has ended is no reason
+    # to restart it; the stall is in /metrics' hub lag).
     r = probe(paused, "/livez")
-    assert r.status == 503 and r.text.startswith("event loop stalled: its timers ran "), r
-    wait_for(lambda: probe(paused, "/livez").status == 200, 15, "livez 200 after SIGCONT")
+    assert (r.status, r.text) == (200, "ok\n"), r
     wait_for(lambda: probe(paused, "/readyz").status == 200, 10, "readyz 200 after SIGCONT")
 
     # The peers killed: the survivor loses its leader (check-quorum, or its leader is gone) within a few election

@@ -126,6 +126,15 @@ def test_not_running_is_raised_only_before_anything_is_queued(one_node):
     assert type(caught.value) is Stopped
 
 
+def test_status_says_not_running_once_the_driving_loop_has_died(one_node):
+    """GET /livez's one check (review L2/L4): a runtime whose loop greenlet died (only a bug does that while it
+    runs) drives nothing; its status must say so, though `running` was never cleared."""
+    runtime, _, _ = one_node
+    assert runtime.status().running
+    runtime._greenlets[0].kill()
+    assert runtime.running and not runtime.status().running
+
+
 class Restorable(Values):
     """Values that keeps the snapshot it was last restored from."""
 

@@ -1,64 +1,35 @@
 """What GET /livez and GET /readyz answer: the checks of a node's health, for a load balancer or a Kubernetes probe
 (etcd's /livez and /readyz, rqlite's /readyz).
 
-- Live: the node's event loop is responsive and its runtime still drives the node. A process that is not live
-  should be restarted. A loop stopped outright (SIGSTOP, a hung fsync that holds the hub) answers nothing at all:
-  the prober's own timeout is the check, and the stall is reported for LOOP_STALL_MEMORY_SECONDS once it ends.
+- Live: the node answers, and its runtime still drives the node. A process that is not live should be restarted.
+  A node that can answer is live: a loop stopped outright (SIGSTOP, a hung fsync that holds the hub) answers
+  nothing at all, and the prober's own timeout is the check. A stall that has ended is no reason to restart a
+  node (review L2: every node of a cluster stalls at once while it serialises its snapshot, and /livez failed
+  them all for seconds after): stalls are in /metrics only (the hub-lag histogram).
 - Ready: the node can serve: it is a member, knows a leader it heard from within an election timeout, has
   applied what it knows to be committed (within MAX_APPLY_LAG_ENTRIES) and its disk is not full. A node that is
   not ready should get no traffic, but is not broken.
 
 Rules:
-- Pure: the caller passes the time (time.monotonic()) and the runtime's status (a frozen RuntimeStatus). No Raft
-  round, no disk, no clock read here: a probe costs the loop nothing it would notice.
+- Pure: the caller passes the runtime's status (a frozen RuntimeStatus). No Raft round, no disk: a probe costs the
+  loop nothing it would notice.
 - A check is (name, None) when it passes, (name, reason) when it fails; a reason is one short line.
 """
 
 from __future__ import annotations
 
-import math
-
 from raftlib.runtime import RuntimeStatus
 
-LOOP_STALL_SECONDS = 1.0  # a timer of the loop late by more than this: the loop was stalled
-LOOP_STALL_MEMORY_SECONDS = 5.0  # /livez reports a stall this long after it ended
 MAX_APPLY_LAG_ENTRIES = 1000  # /readyz: at most this many committed entries not yet applied here
 
 Check = tuple[str, str | None]
 
 
-class LoopWatch:
-    """What the loop-lag probe (metrics.Metrics.watch_hub_lag, a 10 ms timer) saw: when it last woke, and the
-    last time it woke more than LOOP_STALL_SECONDS late."""
-
-    def __init__(self, now: float) -> None:
-        self.woke_at = now
-        self.stall_ended_at = -math.inf
-        self.stall_seconds = 0.0
-
-    def note(self, now: float, lag_seconds: float) -> None:
-        """The probe woke at `now`, `lag_seconds` later than it asked."""
-        self.woke_at = now
-        if lag_seconds > LOOP_STALL_SECONDS:
-            self.stall_ended_at, self.stall_seconds = now, lag_seconds
-
-    def check(self, now: float) -> str | None:
-        """Why the loop is not responsive at `now`, or None. The probe not having woken for over
-        LOOP_STALL_SECONDS counts as a stall now: the request asking may be the first thing the loop runs after
-        one, before the probe's own late wake-up."""
-        silent_seconds = now - self.woke_at
-        if silent_seconds > LOOP_STALL_SECONDS:
-            return f"event loop stalled: its timers ran {silent_seconds:.1f}s late"
-        if now - self.stall_ended_at < LOOP_STALL_MEMORY_SECONDS:
-            return (f"event loop stalled: its timers ran {self.stall_seconds:.1f}s late "
-                    f"{now - self.stall_ended_at:.1f}s ago")
-        return None
-
-
-def liveness(watch: LoopWatch, now: float, running: bool) -> list[Check]:
-    """The checks of GET /livez: the loop (LoopWatch) and the runtime (it stops driving the node when its storage
-    fails: the process is on its way out)."""
-    return [("loop", watch.check(now)), ("raft", None if running else "the raft runtime has stopped")]
+def liveness(running: bool) -> list[Check]:
+    """The checks of GET /livez: the runtime still drives the node (RuntimeStatus.running: false once its loop
+    greenlet has died, which only a bug does; a storage failure exits the process and a graceful stop closes
+    HTTP first, so neither is ever seen here)."""
+    return [("raft", None if running else "the raft runtime has stopped")]
 
 
 def readiness(status: RuntimeStatus) -> list[Check]:

@@ -25,8 +25,6 @@ import prometheus_client.utils as prom_utils
 from raftlib.messages import Role
 from raftlib.runtime import RuntimeStatus
 
-from .health import LoopWatch
-
 
 class Counter:
     """A counter by one label, kept in a dict."""
@@ -120,14 +118,9 @@ class Metrics:
             for name, doc, value in GAUGES:
                 yield prom_core.GaugeMetricFamily(name, doc, value=value(status))
 
-    def watch_hub_lag(self, period_seconds: float = 0.01, watch: LoopWatch | None = None) -> None:
-        """Runs in a greenlet of its own: sleep `period_seconds` and note how late the wake-up came (in `watch`
-        too, for GET /livez)."""
+    def watch_hub_lag(self, period_seconds: float = 0.01) -> None:
+        """Runs in a greenlet of its own: sleep `period_seconds` and note how late the wake-up came."""
         while True:
             t0 = time.monotonic()
             gevent.sleep(period_seconds)
-            now = time.monotonic()
-            lag_seconds = max(0.0, now - t0 - period_seconds)
-            self.hub_lag_seconds.observe(lag_seconds)
-            if watch is not None:
-                watch.note(now, lag_seconds)
+            self.hub_lag_seconds.observe(max(0.0, time.monotonic() - t0 - period_seconds))

@@ -411,7 +411,7 @@ class Server:
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
             on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log)
         self.http.start()
-        gevent.spawn(self.metrics.watch_hub_lag, watch=api.loop_watch)
+        gevent.spawn(self.metrics.watch_hub_lag)
         if self.node_key is not None:
             self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:
