@@ -124,6 +124,12 @@ class RuntimeStatus:
     running: bool  # started, not stopped, and its driving loop alive (Runtime.alive)
     disk_full: bool  # saves are failing for lack of room: writes are refused
     stats: Mapping[str, int]  # every counter of _COUNTERS, since start
+    # time.monotonic() when this node last stepped a message from its leader (a follower), or last drove the node
+    # while leading (its own check-quorum then says whether it still leads); -inf if never. `node.leader_active`
+    # is as of the last drive, by ticks: after a pause (SIGSTOP) it is stale until the next drive, and a request
+    # may be served first. Compared with the clock at the request (GET /readyz, review L3).
+    leader_contact_at: float = float("-inf")
+    election_timeout_seconds: float = 0.0  # the node's election_ticks in seconds
 
 
 _COUNTERS = (
@@ -173,6 +179,8 @@ class Runtime:
         self.disk_full = False
         self.disk_retry_seconds = 0.5
         self.descriptor_retry_seconds = 0.1
+        self._leader_contact_at = float("-inf")  # RuntimeStatus.leader_contact_at
+        self._drive_clock = 0.0  # time.monotonic() at the current drive's start (_advance_clock)
         self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
@@ -181,7 +189,8 @@ class Runtime:
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
 
     def status(self) -> RuntimeStatus:
-        return RuntimeStatus(self.node.status(), self.alive, self.disk_full, types.MappingProxyType(dict(self.stats)))
+        return RuntimeStatus(self.node.status(), self.alive, self.disk_full, types.MappingProxyType(dict(self.stats)),
+                             self._leader_contact_at, self.node.config.election_ticks * self.tick_seconds)
 
     @property
     def alive(self) -> bool:
@@ -216,7 +225,8 @@ class Runtime:
         stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
         time it missed, so its leader lease has run out before it answers a read. Capped at three election
         timeouts, which every timer in the core has expired by."""
-        due = int((time.monotonic() - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
+        now = self._drive_clock = time.monotonic()
+        due = int((now - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
         if due <= 0:
             return
         self._ticks_given += due
@@ -375,6 +385,8 @@ class Runtime:
             replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]] = {}
             for item in items:
                 self._handle(item, replies)
+            if self.node.role is Role.LEADER:
+                self._leader_contact_at = self._drive_clock
             self._process_ready(replies)
             for result, out in replies.values():
                 result.set(out)
@@ -414,6 +426,8 @@ class Runtime:
                 messages = item.messages
                 for m in messages:
                     node.step(m)
+                if messages and messages[0].src == node.leader_id:  # a frame holds one peer's messages
+                    self._leader_contact_at = self._drive_clock
                 if item.result is not None:
                     src = messages[0].src
                     if src in replies:

@@ -7,6 +7,8 @@ import concurrent.futures
 import os
 import re
 import signal
+import socket
+import time
 
 import pytest
 
@@ -144,3 +146,46 @@ def test_a_follower_catching_up_is_not_ready_until_it_has_applied_what_the_leade
     applying = [t for t in seen if t.startswith("applying: applied ")]
     assert applying, seen
     assert int(applying[0].split()[-1]) >= committed, applying[0]  # the leader's commit index, not its own
+
+
+def test_a_follower_resumed_from_a_pause_is_not_ready_until_it_hears_a_leader(cluster):
+    """Review L3: /readyz read the core's leader contact, which only the drive's ticks advance. The leader and a
+    follower are paused for 3 s; a /readyz sent to the follower meanwhile is the first thing it serves once it
+    alone is resumed, before a drive ticks the core past the pause: it said 200 `[+]leader ok`, though no leader
+    could exist. The runtime's clock says no leader was heard for 3 s: 503 `no leader`."""
+    leader = cluster.leader()
+    follower = next(n for n in cluster.nodes if n is not leader)
+    wait_for(lambda: probe(follower, "/readyz").status == 200, 10, "the follower ready")
+    # Connections the follower has accepted and waits on: once resumed, their requests are served in the first
+    # turn of its loop, as a prober's would be, some before the drive's timer (a new connection takes a few turns).
+    conns = [socket.create_connection(("127.0.0.1", follower.http_port), timeout=5) for _ in range(8)]
+    try:
+        for c in conns:
+            c.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = b""
+            while not first.endswith(b"\r\n\r\nok\n") and (chunk := c.recv(4096)):  # head and body may part
+                first += chunk
+            assert first.startswith(b"HTTP/1.1 200 "), first
+        send(leader, signal.SIGSTOP)
+        send(follower, signal.SIGSTOP)
+        try:
+            time.sleep(3)
+            for c in conns:
+                c.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            time.sleep(0.2)  # in the follower's socket buffers before it runs again
+            send(follower, signal.SIGCONT)
+            answers = []
+            for c in conns:
+                answer = b""
+                while chunk := c.recv(4096):
+                    answer += chunk
+                answers.append(answer)
+        finally:
+            send(follower, signal.SIGCONT)
+            send(leader, signal.SIGCONT)
+    finally:
+        for c in conns:
+            c.close()
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"\r\n\r\nno leader\n"), answers
+    wait_for(lambda: probe(follower, "/readyz").status == 200, 15, "readyz 200 once the leader is back")

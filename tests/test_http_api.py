@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import sys
+import time
 import types
 import urllib.parse
 
@@ -44,6 +45,7 @@ class FakeNode:
     commit_index: int | None = None  # None: the same as last_applied (status() only)
     leader_active: bool = True  # status() only
     leader_commit: int = 0  # status() only
+    leader_contact_seconds_ago: float = 0.0  # status() only
     receiving_snapshot: bool = False  # status() only
 
 
@@ -103,7 +105,8 @@ class FakeRuntime:
                        removed=n.removed, reads_pending=0, leader_active=n.leader_active,
                        leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot),
             self.running, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
-                                                          "saves": 5, "snapshots": 0, "out_of_descriptors": 2}))
+                                                          "saves": 5, "snapshots": 0, "out_of_descriptors": 2}),
+            leader_contact_at=time.monotonic() - n.leader_contact_seconds_ago, election_timeout_seconds=1.0)
 
 
 class Answer:
@@ -988,6 +991,11 @@ def test_readyz_names_what_the_node_lacks(client):
     node.commit_index, node.leader_commit = 10, 2000
     assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")
     node.leader_commit = 0
+    # Review L3: the core still says a leader is active (its clock is as of its last drive), but the runtime last
+    # heard from the leader longer than an election timeout ago (a node just resumed from SIGSTOP): no leader.
+    node.leader_contact_seconds_ago = 1.5
+    assert client("GET", "/readyz").text == "no leader\n"
+    node.leader_contact_seconds_ago = 0.0
     node.receiving_snapshot = True
     assert client("GET", "/readyz").text == "applying: receiving a snapshot from the leader\n"
     node.receiving_snapshot = False

@@ -620,7 +620,7 @@ def livez(api: Api) -> bottle.HTTPResponse:
 def readyz(api: Api) -> bottle.HTTPResponse:
     """200 `ok` when this node is a member, knows an active leader, has applied what it knows to be committed and
     has room on its disk; else 503 and why (raftlib.server.health). ?verbose: every check."""
-    return health_answer("readyz", readiness(api.runtime.status()))
+    return health_answer("readyz", readiness(api.runtime.status(), time.monotonic()))
 
 
 def health_answer(what: str, checks: list[tuple[str, str | None]]) -> bottle.HTTPResponse:

@@ -11,8 +11,8 @@
   not ready should get no traffic, but is not broken.
 
 Rules:
-- Pure: the caller passes the runtime's status (a frozen RuntimeStatus). No Raft round, no disk: a probe costs the
-  loop nothing it would notice.
+- Pure: the caller passes the runtime's status (a frozen RuntimeStatus) and the time (time.monotonic()). No Raft
+  round, no disk: a probe costs the loop nothing it would notice.
 - A check is (name, None) when it passes, (name, reason) when it fails; a reason is one short line.
 """
 
@@ -32,9 +32,12 @@ def liveness(running: bool) -> list[Check]:
     return [("raft", None if running else "the raft runtime has stopped")]
 
 
-def readiness(status: RuntimeStatus) -> list[Check]:
-    """The checks of GET /readyz, in the order their reasons are given."""
+def readiness(status: RuntimeStatus, now: float) -> list[Check]:
+    """The checks of GET /readyz at `now` (time.monotonic()), in the order their reasons are given."""
     node = status.node
+    # Both: the core's view as of its last drive, and the runtime's clock now. A node just resumed from SIGSTOP
+    # may serve this before its next drive ticks the core past the pause (review L3).
+    leader = node.leader_active and now - status.leader_contact_at <= status.election_timeout_seconds
     member = node.removed is None and node.node_id in node.membership.node_ids
     # The leader's commit index, not this node's own: a follower's is at most the last entry it has (§5.3), so
     # while it catches up it applies all it knows to be committed and would look ready (review L1).
@@ -42,7 +45,7 @@ def readiness(status: RuntimeStatus) -> list[Check]:
     lag = committed - node.last_applied
     return [
         ("member", None if member else "not a member"),
-        ("leader", None if node.leader_active else "no leader"),
+        ("leader", None if leader else "no leader"),
         ("disk", "disk full" if status.disk_full else None),
         ("snapshot", "applying: receiving a snapshot from the leader" if node.receiving_snapshot else None),
         ("applied", None if lag <= MAX_APPLY_LAG_ENTRIES else
