@@ -91,6 +91,16 @@ def test_a_write_proposed_that_cannot_commit_is_unknown(tmp_path):
         c.stop()
 
 
+def raw(node: Node, data: bytes) -> tuple[bytes, None]:
+    """Send `data` on a new connection and read the answer until the node closes it."""
+    with socket.create_connection(("127.0.0.1", node.http_port), timeout=5) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(4096):
+            out += chunk
+    return out, None
+
+
 ACCESS_LINE = re.compile(r"raftdzmq\.access: (\S+) (\S+) (\d{3}) (\d+) (\d+\.\d)ms 127\.0\.0\.1:\d+$", re.M)
 
 
@@ -101,15 +111,31 @@ def test_v_logs_a_line_per_request_and_nothing_without(tmp_path, verbose):
         wait_for(lambda: node.status()["role"] == "leader", 10, "a leader")
         assert node.request("POST", "/db/k%C3%A9?prev_exist=false", "value").status == 200
         assert node.request("GET", "/db/nope?consistency=stale").status == 404
+        # Review Q2/Q3: a CAS comparand (a lock token, say) is not logged; a backslash is escaped, so the bytes
+        # `\xc3` and the byte 0xC3 log differently.
+        assert node.request("POST", "/db/k%C3%A9?prev_value=hunter2&prev_exist=true", "w").status == 412
+        responses, _ = raw(node, b"GET /db/a\\xc3\xc3\xa9b?consistency=stale HTTP/1.1\r\nHost: x\r\n"
+                                 b"Connection: close\r\n\r\n")
+        assert responses.startswith(b"HTTP/1.1 404 "), responses
+        # Review Q1: the edge's refusals are logged too: one line, their status.
+        responses, _ = raw(node, b"POST /db/refused?prev_value=hunter3 HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n"
+                                 b"Content-Length: 1\r\n\r\nv")
+        assert responses.startswith(b"HTTP/1.1 400 "), responses
+        assert node.request("GET", "/db/nope?consistency=stale").status == 404
         if not verbose:
             node.stop()
             assert "raftdzmq.access" not in node.log_text(current=True)
             return
         lines = wait_for(lambda: (found := ACCESS_LINE.findall(node.log_text(current=True))) and
                          found[-1][1].startswith("/db/nope") and found, 10, "the access log's last line")
-        assert ("POST", "/db/k%C3%A9?prev_exist=false", "200", "0") == lines[-2][:4], lines
-        assert ("GET", "/db/nope?consistency=stale", "404", str(len(b"no such key: nope\n"))) == lines[-1][:4], lines
-        assert all(m == "GET" and p == "/status" for m, p, *_ in lines[:-2])  # the start's polls
+        assert ("POST", "/db/k%C3%A9?prev_exist=false", "200", "0") == lines[-6][:4], lines
+        assert ("GET", "/db/nope?consistency=stale", "404", str(len(b"no such key: nope\n"))) == lines[-5][:4], lines
+        assert lines[-4][:3] == ("POST", "/db/k%C3%A9?prev_value=<redacted>&prev_exist=true", "412"), lines
+        assert lines[-3][:3] == ("GET", "/db/a\\\\xc3\\xc3\\xa9b?consistency=stale", "404"), lines
+        assert lines[-2][:3] == ("POST", "/db/refused?prev_value=<redacted>", "400"), lines
+        assert lines[-1][:3] == ("GET", "/db/nope?consistency=stale", "404"), lines
+        assert "hunter" not in node.log_text(current=True)
+        assert all(m == "GET" and p == "/status" for m, p, *_ in lines[:-6])  # the start's polls
         assert " INFO " in next(line for line in node.log_text(current=True).splitlines() if "raftdzmq.access" in line)
     finally:
         node.kill()

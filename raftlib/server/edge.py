@@ -20,8 +20,9 @@ Rules:
 - A refusal here runs nothing, so a write's (WRITE_METHODS) says `X-Raft-Outcome: not-applied`
   (raftlib.server.api's rules): it may be sent again. A read's says nothing, nor does one refused before its
   request line was read (its method unknown; a 4xx all the same, which the README counts as not applied).
-- No access log unless asked for (-v): then AccessLogHandler writes one line per answered request at INFO on
-  `raftdzmq.access`; without it nothing is formatted per request.
+- No access log unless asked for (-v): then AccessLogHandler writes one line per request answered, refusals
+  included, at INFO on `raftdzmq.access` (its docstring gives the format); without it nothing is formatted per
+  request. No secret is logged: no header, and `prev_value`'s value is redacted.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import re
 import resource
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -216,7 +218,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
     def _handle_request(self, buffered: bytes):
         server = self.server
         timer = refusal = None
-        self.command = None  # not the previous request's on this connection: a refusal's answer depends on it
+        self.command = self.path = None  # not the last request's on this connection: a refusal depends on them
         try:
             head_end = buffered.find(b"\r\n\r\n")
             if head_end <= 0 or buffered[0] in b"\r\n":
@@ -283,7 +285,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
     def _parse_head(self, lines: list[bytes]) -> tuple[int, bool, bytes | None]:
         """Check the head and build the WSGI environ; returns (Content-Length or 0, chunked, Expect value)."""
         method, target, version = _request_line(lines[0])
-        self.command = method.decode("latin-1")  # known from here: a refusal of a write says so (_refuse)
+        # Known from here: a refusal of a write says so, and the access log names them (_refuse).
+        self.command, self.path = method.decode("latin-1"), target.decode("latin-1")
         server = self.server
         env = server.get_environ()
         length, te, expect, connection = _fields(env, lines)
@@ -382,6 +385,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         answer = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
                   b"%sConnection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), outcome, body))
         sock = self.socket
+        self.log_refusal(status, len(body))
         try:
             sock.sendall(answer)
             sock.shutdown(socket.SHUT_WR)
@@ -402,6 +406,9 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
     def log_request(self):  # no access log: formatting a line per request is a cost on every write's path
         pass
 
+    def log_refusal(self, status: int, body_bytes: int) -> None:  # the same for the edge's own refusals
+        pass
+
     def finalize_headers(self):
         if self.provided_date is None:
             now = int(time.time())
@@ -413,20 +420,54 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
 
 
 class AccessLogHandler(EdgeHandler):
-    """EdgeHandler with an access log (-v): one line per answered request, at INFO on `raftdzmq.access`: the
-    method, the target as sent (path and query; bytes outside printable ASCII escaped), the status, the bytes of
-    the answer's body, the time from the whole request to the answer sent in ms, the client's address."""
+    """EdgeHandler with an access log (-v): one line per request answered, the edge's refusals (400, 408, 413,
+    431, 501...) included, at INFO on `raftdzmq.access`:
+
+        METHOD TARGET STATUS BODY_BYTES DURATIONms CLIENT
+
+    - TARGET is the path and query as sent, with the value of `prev_value` (a compare-and-set comparand, which
+      may be a lock token) logged as `<redacted>`; a backslash is logged as `\\\\` and a byte outside printable
+      ASCII as `\\xNN`, so the escaping is unambiguous (control characters never get here: refused with 400).
+    - METHOD and TARGET are `-` for a refusal before the request line was read.
+    - STATUS is the code sent, suffixed `-undelivered` when the answer could not be delivered (the client went
+      away: gevent's pywsgi then negates the code).
+    - DURATION: from the request's first byte (a refusal) or its whole arrival (an answer) to the answer sent."""
 
     def log_request(self):
-        address = self.client_address
-        client = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address or "-")
-        # The target has no control character (refused with 400) but may have any byte from 0x80 up.
-        target = self.path.encode("latin-1", "replace").decode("ascii", "backslashreplace")
         duration_ms = (self.time_finish - self.time_start) * 1000 if self.time_finish else -1.0
         # The body's bytes, as the common log format counts them (pywsgi's response_length counts the head too).
         length = next((v.decode("latin-1") if isinstance(v, bytes) else v for k, v in self.response_headers or ()
                        if k.lower() in (b"content-length", "content-length")), "-")
-        access_log.info("%s %s %s %s %.1fms %s", self.command, target, self.code, length, duration_ms, client)
+        code = self.code
+        status = str(code) if code is None or code >= 0 else f"{-code}-undelivered"
+        self._log_line(status, length, duration_ms)
+
+    def log_refusal(self, status: int, body_bytes: int) -> None:
+        started = self.server.busy.get(self)
+        duration_ms = (time.monotonic() - started) * 1000 if started is not None else -1.0
+        self._log_line(str(status), str(body_bytes), duration_ms)
+
+    def _log_line(self, status: str, length: str, duration_ms: float) -> None:
+        address = self.client_address
+        client = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address or "-")
+        target = "-" if self.path is None else loggable_target(self.path)
+        access_log.info("%s %s %s %s %.1fms %s", self.command or "-", target, status, length, duration_ms, client)
+
+
+def loggable_target(target: str) -> str:
+    """A request target (latin-1 text of the bytes sent) for the access log: `prev_value`'s value redacted (its
+    name compared as Bottle decodes it: `prev%5Fvalue` is the same parameter), a backslash doubled, any byte
+    outside printable ASCII as \\xNN."""
+    path, question, query = target.partition("?")
+    if question and "prev" in query.lower():  # cheap test first: most targets have no such parameter
+        fields = []
+        for field in query.split("&"):
+            name, equals, _ = field.partition("=")
+            if equals and urllib.parse.unquote_plus(name) == "prev_value":
+                field = f"{name}=<redacted>"
+            fields.append(field)
+        target = f"{path}?{'&'.join(fields)}"
+    return target.replace("\\", "\\\\").encode("latin-1", "replace").decode("ascii", "backslashreplace")
 
 
 class TurnGate:
