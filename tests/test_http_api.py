@@ -1023,3 +1023,17 @@ def test_every_route_is_tested_here():
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
         ("GET", "/cluster/keys"), ("GET", "/livez"), ("GET", "/readyz")}
+
+
+def test_the_access_log_names_an_undelivered_answer_and_escapes_unambiguously(caplog):
+    """Review Q3/Q4: gevent negates the status of an answer it could not deliver (logged `-307` before); a
+    literal backslash is doubled, so `\\xc3` as sent and the byte 0xC3 log differently."""
+    from raftlib.server.edge import AccessLogHandler
+
+    handler = AccessLogHandler.__new__(AccessLogHandler)  # the fields log_request reads, without a socket
+    handler.command, handler.path, handler.client_address = "POST", "/db/a\\xc3\xc3?prev_value=s&x=1", ("1.2.3.4", 5)
+    handler.time_start, handler.time_finish, handler.code = 10.0, 10.0125, -307
+    handler.response_headers = [(b"Content-Length", b"12")]
+    with caplog.at_level("INFO", logger="raftdzmq.access"):
+        handler.log_request()
+    assert caplog.messages == ["POST /db/a\\\\xc3\\xc3?prev_value=<redacted>&x=1 307-undelivered 12 12.5ms 1.2.3.4:5"]
