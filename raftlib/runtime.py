@@ -63,7 +63,14 @@ class EntryLost(Exception):
 
 
 class Stopped(Exception):
-    """The node is stopping or has stopped."""
+    """The node is stopping or has stopped. Raised to a request already queued, its outcome is unknown: a proposal
+    may have been appended, even committed, before the node stopped."""
+
+
+class NotRunning(Stopped):
+    """The node was not running when the request came: nothing was queued, so nothing will come of it. Raised
+    only before a request is put in the inbox or registered (`_call`, `read`, `wait_applied`); once it is, the
+    request gets Stopped."""
 
 
 class _Expired(Exception):
@@ -114,9 +121,15 @@ class RuntimeStatus:
     """What the node is and knows (`node`), and how its runtime is doing: a frozen copy (hashicorp/raft's Stats)."""
 
     node: NodeStatus
-    running: bool
+    running: bool  # started, not stopped, and its driving loop alive (Runtime.alive)
     disk_full: bool  # saves are failing for lack of room: writes are refused
     stats: Mapping[str, int]  # every counter of _COUNTERS, since start
+    # time.monotonic() when this node last stepped a message from its leader (a follower), or last drove the node
+    # while leading (its own check-quorum then says whether it still leads); -inf if never. `node.leader_active`
+    # is as of the last drive, by ticks: after a pause (SIGSTOP) it is stale until the next drive, and a request
+    # may be served first. Compared with the clock at the request (GET /readyz, review L3).
+    leader_contact_at: float = float("-inf")
+    election_timeout_seconds: float = 0.0  # the node's election_ticks in seconds
 
 
 _COUNTERS = (
@@ -166,6 +179,8 @@ class Runtime:
         self.disk_full = False
         self.disk_retry_seconds = 0.5
         self.descriptor_retry_seconds = 0.1
+        self._leader_contact_at = float("-inf")  # RuntimeStatus.leader_contact_at
+        self._drive_clock = 0.0  # time.monotonic() at the current drive's start (_advance_clock)
         self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
@@ -174,7 +189,14 @@ class Runtime:
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
 
     def status(self) -> RuntimeStatus:
-        return RuntimeStatus(self.node.status(), self.running, self.disk_full, types.MappingProxyType(dict(self.stats)))
+        return RuntimeStatus(self.node.status(), self.alive, self.disk_full, types.MappingProxyType(dict(self.stats)),
+                             self._leader_contact_at, self.node.config.election_ticks * self.tick_seconds)
+
+    @property
+    def alive(self) -> bool:
+        """Running, and the loop that drives the node has not died (only a bug ends it while running: `_drive`
+        catches what it raises and stops the node)."""
+        return self.running and bool(self._greenlets) and not self._greenlets[0].dead
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -203,7 +225,8 @@ class Runtime:
         stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
         time it missed, so its leader lease has run out before it answers a read. Capped at three election
         timeouts, which every timer in the core has expired by."""
-        due = int((time.monotonic() - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
+        now = self._drive_clock = time.monotonic()
+        due = int((now - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
         if due <= 0:
             return
         self._ticks_given += due
@@ -237,6 +260,8 @@ class Runtime:
         Stopped."""
         # Reads that arrive before the loop takes the waiting one share it: its read index is chosen after every
         # one of them arrived, so it is safe for all, and a burst of reads costs the loop one request.
+        if not self.running:  # before queueing: NotRunning says nothing was asked of the node
+            raise NotRunning("node is not running")
         shared = self._read_waiting.get(lease)
         if shared is None:
             shared = self._read_waiting[lease] = gevent.event.AsyncResult()
@@ -252,6 +277,8 @@ class Runtime:
         """Block until the state machine has applied `index`."""
         if self.node.last_applied >= index:
             return self.node.last_applied
+        if not self.running:
+            raise NotRunning("node is not running")
         result = gevent.event.AsyncResult()
         self._index_waiters[result] = index
         try:
@@ -300,7 +327,7 @@ class Runtime:
         `_expire_loop` to time it out: one timer for all requests rather than a gevent.Timeout each, which would
         arm and cancel a timer on the leader's busiest path for every write."""
         if not self.running:
-            raise Stopped("node is not running")
+            raise NotRunning("node is not running")
         result = gevent.event.AsyncResult()
         pending = self._deadlines.get(timeout_seconds)
         if pending is None:
@@ -325,8 +352,10 @@ class Runtime:
                 del self._deadlines[timeout_seconds]  # callers may pass any number of distinct timeouts
 
     def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
+        # Stopped, not NotRunning: the request is already queued or registered (NotRunning is raised only before
+        # that, in the callers), so for all its caller knows it was acted on.
         if not self.running:
-            raise Stopped("node is not running")
+            raise Stopped("node stopped")
         try:
             return result.get(timeout=timeout_seconds)
         except gevent.Timeout:
@@ -356,6 +385,8 @@ class Runtime:
             replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]] = {}
             for item in items:
                 self._handle(item, replies)
+            if self.node.role is Role.LEADER:
+                self._leader_contact_at = self._drive_clock
             self._process_ready(replies)
             for result, out in replies.values():
                 result.set(out)
@@ -395,6 +426,8 @@ class Runtime:
                 messages = item.messages
                 for m in messages:
                     node.step(m)
+                if messages and messages[0].src == node.leader_id:  # a frame holds one peer's messages
+                    self._leader_contact_at = self._drive_clock
                 if item.result is not None:
                     src = messages[0].src
                     if src in replies:

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import sys
+import time
 import types
 import urllib.parse
 
@@ -15,12 +16,13 @@ import pytest
 
 from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, ProposalDropped, Role
 from raftlib.progress import ProgressState, ProgressStatus
-from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
+from raftlib.runtime import EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
 from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
                                   answer_headers,
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
+from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, SET, KeyValueStore, command
 from raftlib.storage import DiskFull
@@ -40,6 +42,11 @@ class FakeNode:
     last_applied: int = 0
     removed: tuple[str | None, int] | None = None
     membership: Membership = Membership(("a", "b"), ("c",), MEMBERS)
+    commit_index: int | None = None  # None: the same as last_applied (status() only)
+    leader_active: bool = True  # status() only
+    leader_commit: int = 0  # status() only
+    leader_contact_seconds_ago: float = 0.0  # status() only
+    receiving_snapshot: bool = False  # status() only
 
 
 class FakeRuntime:
@@ -52,6 +59,7 @@ class FakeRuntime:
         self.failures: dict[str, list[Exception]] = {}
         self.calls: list[tuple] = []
         self.disk_full = False
+        self.running = True
 
     def fail(self, call: str, *errors: Exception) -> None:
         self.failures.setdefault(call, []).extend(errors)
@@ -90,12 +98,15 @@ class FakeRuntime:
         leading = n.role is Role.LEADER
         progress = {"b": ProgressStatus(n.last_applied - 1, n.last_applied, ProgressState.REPLICATE, True)}
         return RuntimeStatus(
-            NodeStatus(node_id=n.node_id, role=n.role, term=7, leader_id=n.leader_id, commit_index=n.last_applied,
+            NodeStatus(node_id=n.node_id, role=n.role, term=7, leader_id=n.leader_id,
+                       commit_index=n.last_applied if n.commit_index is None else n.commit_index,
                        last_applied=n.last_applied, last_index=n.last_applied + 2, snapshot_index=0,
                        membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
-                       removed=n.removed, reads_pending=0),
-            True, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
-                                                          "saves": 5, "snapshots": 0, "out_of_descriptors": 2}))
+                       removed=n.removed, reads_pending=0, leader_active=n.leader_active,
+                       leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot),
+            self.running, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
+                                                          "saves": 5, "snapshots": 0, "out_of_descriptors": 2}),
+            leader_contact_at=time.monotonic() - n.leader_contact_seconds_ago, election_timeout_seconds=1.0)
 
 
 class Answer:
@@ -225,22 +236,26 @@ def test_a_write_with_no_leader_known_gets_503_and_on_a_removed_node_410(client)
     assert client("POST", "/db/k", "v").text == "this node was removed from the cluster (at or before index 17)\n"
 
 
-@pytest.mark.parametrize("error, status, text, outcome", [
-    (NotLeader("b"), 307, NOT_LEADER, "redirected"),
+@pytest.mark.parametrize("error, status, text, outcome, raft_outcome", [
+    (NotLeader("b"), 307, NOT_LEADER, "redirected", "not-applied"),
     (ProposalDropped("a transfer is under way"), 503, "write refused for now: a transfer is under way; retry",
-     "refused"),
+     "refused", "not-applied"),
     (EntryLost("entry 3 was overwritten"), 503,
-     "write lost: leadership changed before it committed; it was not applied", "lost"),
-    (Timeout("no answer in 2.0s"), 503, "write not confirmed within 2s; its outcome is unknown", "unknown"),
+     "write lost: leadership changed before it committed; it was not applied", "lost", "not-applied"),
+    (Timeout("no answer in 2.0s"), 503, "write not confirmed within 2s; its outcome is unknown", "unknown", "unknown"),
     (DiskFull("the disk of this node is full"), 507, "write refused: the disk of this node is full; it was not applied",
-     "refused"),
-    (Stopped("node is stopping"), 503, "node is stopping", None),
+     "refused", "not-applied"),
+    (Stopped("node is stopping"), 503, "node is stopping", None, "unknown"),
+    (NotRunning("node is not running"), 503, "node is not running", None, "not-applied"),
 ])
-def test_each_failure_of_a_write_has_its_answer_and_outcome(client, error, status, text, outcome):
+def test_each_failure_of_a_write_has_its_answer_and_outcome(client, error, status, text, outcome, raft_outcome):
+    """Issue 15: X-Raft-Outcome says whether a failed write surely took no effect (`not-applied`: it may be sent
+    again) or was proposed and its fate is not known (`unknown`)."""
     client.runtime.node.leader_id = "b"  # when NotLeader comes, the node has just learnt of another leader
     client.runtime.fail("propose", error)
     r = client("POST", "/db/k", "v")
     assert (r.status, r.text) == (status, text + "\n") and one_line(r), r
+    assert r.headers["x-raft-outcome"] == raft_outcome
     assert client.counted("writes") == ({outcome: 1} if outcome else {})
     assert client.metrics.write_seconds.counts == [0] * len(client.metrics.write_seconds.counts)
     assert client.store.get("k") is None
@@ -250,6 +265,7 @@ def test_a_failure_nobody_expected_is_a_500_of_one_line(client, capsys):
     client.runtime.fail("propose", RuntimeError("a bug"))
     r = client("POST", "/db/k", "v")
     assert (r.status, r.text) == (500, "500 Internal Server Error: Internal Server Error\n")
+    assert r.headers["x-raft-outcome"] == "unknown"  # the bug may have struck after the proposal
     client.runtime.fail("propose", ValueError("not a failure a write may have"))
     assert client("POST", "/db/k", "v").status == 500
     assert "RuntimeError: a bug" in capsys.readouterr().err  # the traceback goes to the log, not to the client
@@ -263,7 +279,8 @@ class FakeConnection:
 
     made: list[FakeConnection] = []
     answer = (200, b"", [("X-Raft-Index", "9"), ("Server", "gevent"), ("Content-Type", "text/plain")])
-    error: Exception | None = None
+    error: Exception | None = None  # raised while sending
+    response_error: Exception | None = None  # raised while waiting for the answer
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.address, self.timeout, self.sent, self.closed = (host, port), timeout, None, False
@@ -275,6 +292,8 @@ class FakeConnection:
         self.sent = (method, target, body, headers)
 
     def getresponse(self):
+        if self.response_error is not None:
+            raise self.response_error
         status, body, headers = self.answer
         return types.SimpleNamespace(status=status, read=lambda: body, getheaders=lambda: headers)
 
@@ -303,7 +322,26 @@ def test_a_forward_follower_passes_a_write_on_to_the_leader_once(monkeypatch):
     monkeypatch.setattr(FakeConnection, "error", ConnectionRefusedError(111, "Connection refused"))
     r = client("DELETE", "/db/k")
     assert r.status == 503 and r.text.startswith("could not forward to the leader at 10.0.0.3:8080: ") and \
-        r.text.endswith("; outcome unknown\n") and one_line(r)
+        r.text.endswith("; not applied\n") and one_line(r)
+    assert r.headers["x-raft-outcome"] == "not-applied"  # nothing reached the leader whole
+
+
+def test_a_forward_follower_passes_the_leaders_outcome_on_and_says_unknown_when_the_answer_is_lost(monkeypatch):
+    monkeypatch.setattr(FakeConnection, "made", [])
+    client = Client(forward=True, write_timeout_seconds=2.0, connect=FakeConnection)
+    client.be_follower("c")
+    monkeypatch.setattr(FakeConnection, "answer", (503, b"write not confirmed within 2s; its outcome is unknown\n",
+                                                   [("X-Raft-Outcome", "unknown"), ("Content-Type", "text/plain")]))
+    r = client("POST", "/db/k", "v")
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "unknown")
+    monkeypatch.setattr(FakeConnection, "answer", (503, b"write refused for now\n",
+                                                   [("X-Raft-Outcome", "not-applied")]))
+    assert client("POST", "/db/k", "v").headers["x-raft-outcome"] == "not-applied"
+    # Sent whole, then no answer (the leader's -write-timeout + 1 passed): it may have been applied.
+    monkeypatch.setattr(FakeConnection, "response_error", TimeoutError("timed out"))
+    r = client("PUT", "/db/k", "v")
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "unknown") and one_line(r)
+    assert r.text == "no answer from the leader at 10.0.0.3:8080: timed out; outcome unknown\n"
 
 
 # ---- reads --------------------------------------------------------------------------------------------------------
@@ -438,19 +476,24 @@ def test_a_join_waits_out_another_change_in_flight_within_the_write_timeout():
 ])
 def test_each_failure_of_an_admin_request_has_its_answer(client, operation, method, target, body, call):
     assert client(method, target, body).status == 200
-    cases = [(Timeout("no answer in 2.0s"), 503, f"{operation} not confirmed: no answer in 2.0s"),
-             (Stopped("node is stopping"), 503, f"{operation} not confirmed: node is stopping"),
-             (ValueError("b is not a member"), 400, "b is not a member"),
-             (NotLeader("c"), 307, NOT_LEADER)]
+    cases = [(Timeout("no answer in 2.0s"), 503, f"{operation} not confirmed: no answer in 2.0s", "unknown"),
+             (Stopped("node is stopping"), 503, f"{operation} not confirmed: node is stopping", "unknown"),
+             (NotRunning("node is not running"), 503, f"{operation} not confirmed: node is not running",
+              "not-applied"),
+             (ValueError("b is not a member"), 400, "b is not a member", "not-applied"),
+             (NotLeader("c"), 307, NOT_LEADER, "not-applied")]
     if operation != "transfer":
-        cases.append((EntryLost("entry 5 was overwritten"), 503, f"{operation} not confirmed: entry 5 was overwritten"))
+        cases.append((EntryLost("entry 5 was overwritten"), 503, f"{operation} not confirmed: entry 5 was overwritten",
+                      "not-applied"))
     if operation == "removal":
-        cases.append((ProposalDropped("a change is in flight"), 503, "removal not confirmed: a change is in flight"))
-    for error, status, text in cases:
+        cases.append((ProposalDropped("a change is in flight"), 503, "removal not confirmed: a change is in flight",
+                      "not-applied"))
+    for error, status, text, raft_outcome in cases:
         client.runtime.node.leader_id = "c"
         client.runtime.fail(call, error)
         r = client(method, target, body)
         assert (r.status, r.text) == (status, text + "\n") and one_line(r), (error, r)
+        assert r.headers["x-raft-outcome"] == raft_outcome, (error, r.headers)
         client.runtime.node.leader_id = "a"
     client.be_follower("b")
     r = client(method, target, body)
@@ -496,6 +539,21 @@ def test_a_transfer_answers_200_only_once_the_target_is_confirmed_as_leader():
     runtime.fail("read", *[NotLeader(None)] * 1000)
     r = client("POST", "/cluster/transfer?to=c")
     assert r.status == 503 and "c was not confirmed as the leader within 0.5s" in r.text, r
+
+
+def test_a_transfer_started_on_a_node_that_then_stops_is_unknown_not_not_applied():
+    """Review S1: the transfer took effect (TimeoutNow went out, the target leads), then the node stopped before
+    the confirming read was queued (NotRunning). That read's NotRunning is not the transfer's: `unknown`."""
+    client = Client(write_timeout_seconds=2.0, read_timeout_seconds=0.2)
+    client.runtime.fail("read", NotRunning("node is not running"))
+    r = client("POST", "/cluster/transfer?to=b")
+    assert client.runtime.node.leader_id == "b"
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "unknown"), (r, r.headers)
+    assert r.text == "transfer not confirmed: node is not running; the transfer was started\n"
+    # Refused before anything was sent: not applied.
+    client.runtime.fail("transfer_leadership", NotRunning("node is not running"))
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "not-applied"), (r, r.headers)
 
 
 # ---- signed admin requests ----------------------------------------------------------------------------------------
@@ -550,6 +608,7 @@ def test_a_claim_that_does_not_commit_must_be_signed_again(error):
     client.runtime.fail("propose", error)
     r = client("DELETE", "/cluster/b", headers=admin_headers(SECRET, "DELETE", "/cluster/b"))
     assert (r.status, r.text) == (503, f"removal not confirmed ({error}); sign it again to retry\n")
+    assert r.headers["x-raft-outcome"] == "not-applied"  # the removal itself was never proposed
     assert [c[0] for c in client.runtime.calls] == ["propose"]
 
 
@@ -878,10 +937,103 @@ def test_unknown_paths_and_methods_get_one_line(client):
     assert client.runtime.calls == []
 
 
+def test_every_refused_write_says_not_applied_and_no_success_or_read_names_an_outcome(client):
+    """Issue 15: bad input, a failed precondition, a redirect, no leader, a removed node, a refused signature, a
+    route or method that does not exist: each answer to a write says `not-applied`; successes and reads say
+    nothing."""
+    refusals = [("POST", "/db/" + "k" * 4097, 400), ("POST", "/db/k?prev_exist=false", 412), ("DELETE", "/db/nope", 404),
+                ("POST", "/join", 400), ("DELETE", "/cluster/zz", 404), ("POST", "/status", 405), ("PUT", "/nowhere", 404)]
+    assert client("POST", "/db/k", "v").status == 200
+    for method, target, status in refusals:
+        r = client(method, target, "v" if target.startswith("/db") else "")
+        assert (r.status, r.headers.get("x-raft-outcome")) == (status, "not-applied"), (method, target, r)
+    r = client("PATCH", "/db/k", "v")  # no such method here: a write all the same
+    assert (r.status, r.headers.get("x-raft-outcome")) == (405, "not-applied"), r
+    for method, target in (("POST", "/db/k"), ("DELETE", "/db/k"), ("GET", "/db/k"), ("GET", "/db/nope"),
+                           ("GET", "/cluster/transfer"), ("HEAD", "/cluster/transfer"), ("GET", "/nowhere")):
+        assert "x-raft-outcome" not in client(method, target, "v").headers, (method, target)
+    client.be_follower("b")
+    assert client("POST", "/db/k", "v").headers["x-raft-outcome"] == "not-applied"  # 307
+    client.be_follower(None)
+    r = client("POST", "/db/k", "v")
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "not-applied")
+    client.runtime.node.removed = ("b", 17)
+    r = client("DELETE", "/db/k")
+    assert (r.status, r.headers["x-raft-outcome"]) == (410, "not-applied")
+    signed = signed_client()
+    r = signed("DELETE", "/cluster/b")
+    assert (r.status, r.headers["x-raft-outcome"]) == (403, "not-applied")
+
+
+# ---- health -----------------------------------------------------------------------------------------------------
+
+
+def test_livez_answers_ok_while_the_runtime_drives(client):
+    r = client("GET", "/livez")
+    assert (r.status, r.text, r.headers["cache-control"]) == (200, "ok\n", "no-store")
+    assert client("GET", "/livez?verbose").text == "[+]raft ok\nlivez ok\n"
+    client.runtime.running = False
+    r = client("GET", "/livez")
+    assert (r.status, r.text) == (503, "the raft runtime has stopped\n") and one_line(r)
+    assert client("GET", "/livez?verbose").text == "[-]raft failed: the raft runtime has stopped\nlivez check failed\n"
+    assert client.runtime.calls == []  # no Raft round
+
+
+def test_readyz_names_what_the_node_lacks(client):
+    r = client("GET", "/readyz")
+    assert (r.status, r.text) == (200, "ok\n")
+    assert client("GET", "/readyz?verbose").text == ("[+]member ok\n[+]leader ok\n[+]disk ok\n[+]snapshot ok\n"
+                                                     "[+]applied ok\nreadyz ok\n")
+    node = client.runtime.node
+    node.last_applied, node.commit_index = 10, 10 + MAX_APPLY_LAG_ENTRIES
+    assert client("GET", "/readyz").status == 200  # within the lag
+    # Review L1: a follower catching up has applied all of its own commit index; the leader's is far ahead.
+    node.commit_index, node.leader_commit = 10, 2000
+    assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")
+    node.leader_commit = 0
+    # Review L3: the core still says a leader is active (its clock is as of its last drive), but the runtime last
+    # heard from the leader longer than an election timeout ago (a node just resumed from SIGSTOP): no leader.
+    node.leader_contact_seconds_ago = 1.5
+    assert client("GET", "/readyz").text == "no leader\n"
+    node.leader_contact_seconds_ago = 0.0
+    node.receiving_snapshot = True
+    assert client("GET", "/readyz").text == "applying: receiving a snapshot from the leader\n"
+    node.receiving_snapshot = False
+    node.commit_index = 2000
+    assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")
+    client.runtime.disk_full = True
+    assert client("GET", "/readyz").text == "disk full\n"
+    node.leader_active = False
+    assert client("GET", "/readyz").text == "no leader\n"
+    assert client("GET", "/readyz?verbose").text == (
+        "[+]member ok\n[-]leader failed: no leader\n[-]disk failed: disk full\n[+]snapshot ok\n"
+        "[-]applied failed: applying: applied 10 of 2000\nreadyz check failed\n")
+    node.removed = ("b", 17)
+    r = client("GET", "/readyz")
+    assert (r.status, r.text) == (503, "not a member\n") and one_line(r)
+    node.removed, node.node_id = None, "z"  # still joining: not in the configuration
+    assert client("GET", "/readyz").text == "not a member\n"
+    assert client.runtime.calls == []
+
+
 def test_every_route_is_tested_here():
     """A route added to api.ROUTES without a test here fails this test: add the test, then the route below."""
     assert {(method, path) for method, path, _, _ in api_module.ROUTES} == {
         ("POST", "/db/<key:path>"), ("PUT", "/db/<key:path>"), ("DELETE", "/db/<key:path>"),
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
-        ("GET", "/cluster/keys")}
+        ("GET", "/cluster/keys"), ("GET", "/livez"), ("GET", "/readyz")}
+
+
+def test_the_access_log_names_an_undelivered_answer_and_escapes_unambiguously(caplog):
+    """Review Q3/Q4: gevent negates the status of an answer it could not deliver (logged `-307` before); a
+    literal backslash is doubled, so `\\xc3` as sent and the byte 0xC3 log differently."""
+    from raftlib.server.edge import AccessLogHandler
+
+    handler = AccessLogHandler.__new__(AccessLogHandler)  # the fields log_request reads, without a socket
+    handler.command, handler.path, handler.client_address = "POST", "/db/a\\xc3\xc3?prev_value=s&x=1", ("1.2.3.4", 5)
+    handler.time_start, handler.time_finish, handler.code = 10.0, 10.0125, -307
+    handler.response_headers = [(b"Content-Length", b"12")]
+    with caplog.at_level("INFO", logger="raftdzmq.access"):
+        handler.log_request()
+    assert caplog.messages == ["POST /db/a\\\\xc3\\xc3?prev_value=<redacted>&x=1 307-undelivered 12 12.5ms 1.2.3.4:5"]

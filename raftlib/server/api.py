@@ -12,6 +12,14 @@ Rules:
 - A request's body arrives read whole by the edge (environ["raftdzmq.body"]): no route reads the socket.
 - Every wait is bounded by -write-timeout or -read-timeout (a write or a read waits at most twice its timeout:
   a first try, then a retry or the read after a wait for an index).
+- Every answer to a write (POST/PUT/DELETE on /db, and the admin requests: join, removal, transfer) that is not a
+  success carries X-Raft-Outcome (issue 15): `not-applied` when the write surely took no effect (refused before it
+  was proposed, a proposal the core dropped, an entry overwritten by another leader, bad input, a redirect) and
+  may be retried, `unknown` when it was (or may have been) proposed and its fate is not known: never retry that
+  blindly. The mapping is in _ANSWERS; an answer of 500 or more that names no outcome says `unknown`, one under 500
+  says `not-applied` (`_serving`). A -forward follower passes the leader's on.
+- GET /livez and GET /readyz (raftlib.server.health) need no secret, read only the runtime's status, and are never
+  forwarded.
 """
 
 from __future__ import annotations
@@ -30,12 +38,13 @@ import prometheus_client as prom
 
 from raftlib.core import NodeStatus, NotLeader, ProposalDropped
 from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Role
-from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
+from raftlib.runtime import EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.storage import DiskFull
 
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
-from .edge import RateLimitedLog
+from .edge import WRITE_METHODS, RateLimitedLog
+from .health import liveness, readiness, report
 from .metrics import Metrics
 from .store import ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
 
@@ -44,6 +53,9 @@ log = logging.getLogger("raftdzmq.api")
 NOT_LEADER = "raft.Server: Not current leader"  # the Go original's text for a write sent to a follower
 FORWARDED_HEADER = "X-Raftdzmq-Forwarded"  # set by a -forward follower: the leader answers it, never forwards it
 MAX_KEY_BYTES = 4096
+OUTCOME_HEADER = "X-Raft-Outcome"  # on every failed write's answer (the module's rules)
+NOT_APPLIED, UNKNOWN = "not-applied", "unknown"
+WRITE_OPERATIONS = frozenset(("write", "join", "removal", "transfer"))  # the operations whose answers name an outcome
 
 
 class NodeView(Protocol):
@@ -136,41 +148,52 @@ class NotApplied(Exception):
         self.index = index
 
 
-# By operation, then by exception type: (status, text; {e} is the exception, {write}/{read} the timeouts, and for
-# writes the outcome the metrics count). NotLeader, Forbidden, Unconfirmed and NotApplied are answered alike for
-# every operation, in failure_answer.
+# By operation, then by exception type: (status, text; {e} is the exception, {write}/{read} the timeouts; for
+# writes the outcome the metrics count; the X-Raft-Outcome of the answer, None for what is not a write).
+# NotLeader, Forbidden, Unconfirmed and NotApplied are answered alike for every operation, in failure_answer.
+# NotRunning before Stopped: the node was not running when the request came, so nothing was queued; a Stopped
+# raised to a queued request may come after its entry was appended, or committed. EntryLost is certain: another
+# entry committed at its index (runtime._apply). A Timeout may come while the proposal still waits in the inbox,
+# which proposes it later all the same: unknown.
 _NOT_CONFIRMED = "{operation} not confirmed: {e}"
-_ANSWERS: dict[str, dict[type, tuple[int, str, str | None]]] = {
+_ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
     "write": {
-        ProposalDropped: (503, "write refused for now: {e}; retry", "refused"),
-        EntryLost: (503, "write lost: leadership changed before it committed; it was not applied", "lost"),
-        Timeout: (503, "write not confirmed within {write:g}s; its outcome is unknown", "unknown"),
-        DiskFull: (507, "write refused: {e}; it was not applied", "refused"),
-        Stopped: (503, "{e}", None),
+        ProposalDropped: (503, "write refused for now: {e}; retry", "refused", NOT_APPLIED),
+        EntryLost: (503, "write lost: leadership changed before it committed; it was not applied", "lost",
+                    NOT_APPLIED),
+        Timeout: (503, "write not confirmed within {write:g}s; its outcome is unknown", "unknown", UNKNOWN),
+        DiskFull: (507, "write refused: {e}; it was not applied", "refused", NOT_APPLIED),
+        NotRunning: (503, "{e}", None, NOT_APPLIED),
+        Stopped: (503, "{e}", None, UNKNOWN),
     },
     "read": {
-        Timeout: (503, "could not confirm a linearizable read within {read:g}s", None),
-        Stopped: (503, "{e}", None),
+        Timeout: (503, "could not confirm a linearizable read within {read:g}s", None, None),
+        Stopped: (503, "{e}", None, None),
     },
     "join": {
-        ProposalDropped: (503, "join not possible now: {e}", None),
-        Timeout: (503, _NOT_CONFIRMED, None),
-        EntryLost: (503, _NOT_CONFIRMED, None),
-        Stopped: (503, _NOT_CONFIRMED, None),
-        ValueError: (400, "{e}", None),
+        ProposalDropped: (503, "join not possible now: {e}", None, NOT_APPLIED),
+        Timeout: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        EntryLost: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        NotRunning: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        Stopped: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        ValueError: (400, "{e}", None, NOT_APPLIED),
     },
     "removal": {
-        ProposalDropped: (503, _NOT_CONFIRMED, None),
-        Timeout: (503, _NOT_CONFIRMED, None),
-        EntryLost: (503, _NOT_CONFIRMED, None),
-        Stopped: (503, _NOT_CONFIRMED, None),
-        ValueError: (400, "{e}", None),
+        ProposalDropped: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        Timeout: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        EntryLost: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        NotRunning: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        Stopped: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        ValueError: (400, "{e}", None, NOT_APPLIED),
     },
     "keys": {},
     "transfer": {
-        Timeout: (503, _NOT_CONFIRMED, None),
-        Stopped: (503, _NOT_CONFIRMED, None),
-        ValueError: (400, "{e}", None),
+        # A transfer is no log entry, but its effect (another leader) is the same kind of fact: a timeout after
+        # TimeoutNow went out may still end with the target leading.
+        Timeout: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        NotRunning: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        Stopped: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        ValueError: (400, "{e}", None, NOT_APPLIED),
     },
 }
 _CAUGHT = (NotLeader, Forbidden, Unconfirmed, NotApplied, ProposalDropped, EntryLost, Timeout, DiskFull, Stopped,
@@ -186,7 +209,9 @@ def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPRespons
             api.admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", e.what, request.remote_addr, e.reason)
             return text(403, f"{e.what} refused: {e.reason}")
         case Unconfirmed():
-            return text(503, f"{e.what} not confirmed ({e.cause}); sign it again to retry")
+            # Whatever became of the claim, the request's own change was never proposed: not applied.
+            return text(503, f"{e.what} not confirmed ({e.cause}); sign it again to retry",
+                        **{OUTCOME_HEADER: NOT_APPLIED})
         case NotApplied():
             return text(503, f"index {e.index} not applied here within {api.read_timeout_seconds:g}s")
         case NotLeader() if operation == "read":
@@ -200,11 +225,12 @@ def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPRespons
     for kind in type(e).__mro__:
         answer = _ANSWERS.get(operation, {}).get(kind)
         if answer is not None:
-            status, template, outcome = answer
+            status, template, outcome, raft_outcome = answer
             if outcome is not None:
                 api.metrics.writes.inc(outcome)
+            headers = {OUTCOME_HEADER: raft_outcome} if raft_outcome is not None else {}
             return text(status, template.format(e=e, operation=operation, write=api.write_timeout_seconds,
-                                                read=api.read_timeout_seconds))
+                                                read=api.read_timeout_seconds), **headers)
     raise e
 
 
@@ -238,7 +264,8 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
     leader = leader_http(node.membership, node.leader_id)
     if leader is None:
         removed = removed_text(node.removed)
-        return text(410, removed) if removed else text(503, "no leader is known right now; retry shortly")
+        return text(410, removed) if removed else text(503, "no leader is known right now; retry shortly",
+                                                       **{OUTCOME_HEADER: NOT_APPLIED})
     if api.forward and bottle.request.get_header(FORWARDED_HEADER) is None:
         return forward_to(api, leader)
     return text(307, NOT_LEADER, Location=f"http://{leader}{wire_target(bottle.request.environ['REQUEST_URI'])}")
@@ -246,13 +273,15 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
 
 # The leader's answer headers a forwarding follower hands back: the signature of a signed answer (a join's) too,
 # without which the joining node must refuse the answer.
-_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "location", TIMESTAMP_HEADER.lower(),
-                                       SIGNATURE_HEADER.lower()))
+_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "location", OUTCOME_HEADER.lower(),
+                                       TIMESTAMP_HEADER.lower(), SIGNATURE_HEADER.lower()))
 
 
 def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
-    """-forward: pass this request on to the leader and hand back its answer. The target goes as sent, and with it
-    the admin signature headers, which cover it."""
+    """-forward: pass this request on to the leader and hand back its answer (its X-Raft-Outcome too). The target
+    goes as sent, and with it the admin signature headers, which cover it. A request that could not be sent whole
+    (no connection, a reset while sending) was not applied: the leader's edge runs nothing before a whole request
+    has arrived. One sent whole but not answered may have been."""
     req = bottle.request
     host, port = leader.rsplit(":", 1)
     headers = {FORWARDED_HEADER: api.runtime.node.node_id, "Content-Type": req.content_type or ""}
@@ -261,12 +290,18 @@ def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
             headers[name] = req.get_header(name)
     conn = api.connect(host, int(port), timeout=api.write_timeout_seconds + 1)
     try:
-        conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
-        resp = conn.getresponse()
-        keep = {k: v for k, v in resp.getheaders() if k.lower() in _FORWARDED_ANSWER_HEADERS}
-        return bottle.HTTPResponse(resp.read(), resp.status, keep)
-    except (OSError, http.client.HTTPException) as e:
-        return text(503, f"could not forward to the leader at {leader}: {e}; outcome unknown")
+        try:
+            conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
+        except (OSError, http.client.HTTPException) as e:
+            return text(503, f"could not forward to the leader at {leader}: {e}; not applied",
+                        **{OUTCOME_HEADER: NOT_APPLIED})
+        try:
+            resp = conn.getresponse()
+            keep = {k: v for k, v in resp.getheaders() if k.lower() in _FORWARDED_ANSWER_HEADERS}
+            return bottle.HTTPResponse(resp.read(), resp.status, keep)
+        except (OSError, http.client.HTTPException) as e:
+            return text(503, f"no answer from the leader at {leader}: {e}; outcome unknown",
+                        **{OUTCOME_HEADER: UNKNOWN})
     finally:
         conn.close()
 
@@ -575,6 +610,25 @@ def get_status(api: Api) -> bottle.HTTPResponse:
     })
 
 
+def livez(api: Api) -> bottle.HTTPResponse:
+    """200 `ok` while the runtime drives the node (answering at all shows the loop runs); else 503 and why
+    (raftlib.server.health). ?verbose: every check."""
+    checks = liveness(api.runtime.status().running)
+    return health_answer("livez", checks)
+
+
+def readyz(api: Api) -> bottle.HTTPResponse:
+    """200 `ok` when this node is a member, knows an active leader, has applied what it knows to be committed and
+    has room on its disk; else 503 and why (raftlib.server.health). ?verbose: every check."""
+    return health_answer("readyz", readiness(api.runtime.status(), time.monotonic()))
+
+
+def health_answer(what: str, checks: list[tuple[str, str | None]]) -> bottle.HTTPResponse:
+    ok, message = report(what, checks, "verbose" in bottle.request.query)
+    # No store: a prober must never see an answer of the past.
+    return text(200 if ok else 503, message, **{"Cache-Control": "no-store"})
+
+
 def get_metrics(api: Api) -> bottle.HTTPResponse:
     return bottle.HTTPResponse(prom.generate_latest(api.metrics.registry), 200,
                                {"Content-Type": prom.CONTENT_TYPE_LATEST})
@@ -621,6 +675,10 @@ def confirm_leader(api: Api, target: str, deadline: float) -> None:
         except NotLeader:  # between two leaders: ask again, within the bound
             gevent.sleep(0.02)
             continue
+        except NotRunning as e:
+            # The read was never queued, but the transfer was: TimeoutNow went out and the target may lead. Not
+            # `not-applied` (review S1): the transfer's outcome is unknown.
+            raise Stopped(f"{e}; the transfer was started") from None
         leader = api.runtime.node.leader_id
         if leader == target:
             return
@@ -637,6 +695,8 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("GET", "/db", list_keys, "read"),
     ("POST", "/join", join, "join"),
     ("GET", "/status", get_status, "status"),
+    ("GET", "/livez", livez, "status"),
+    ("GET", "/readyz", readyz, "status"),
     ("GET", "/metrics", get_metrics, "status"),
     ("GET", "/cluster", get_cluster, "status"),
     ("GET", "/cluster/keys", cluster_keys, "keys"),
@@ -648,18 +708,42 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
 def _serving(api: Api, route: Callable[..., object], operation: str) -> Callable[..., object]:
     """The callback Bottle calls for `route`: a closure rather than functools.partial, one layer less per request."""
 
-    def serve(**url_args: str) -> object:
-        try:
-            return route(api, **url_args)
-        except _CAUGHT as e:
-            return failure_answer(api, operation, e)
+    if operation not in WRITE_OPERATIONS:
+        def serve(**url_args: str) -> object:
+            try:
+                return route(api, **url_args)
+            except _CAUGHT as e:
+                return failure_answer(api, operation, e)
 
-    return serve
+        return serve
+
+    def serve_write(**url_args: str) -> object:
+        try:
+            answer = route(api, **url_args)
+        except bottle.HTTPResponse as e:  # a route's refusal of bad input (check_key)
+            answer = e
+        except _CAUGHT as e:
+            answer = failure_answer(api, operation, e)
+        if type(answer) is bottle.HTTPResponse and answer.status_code >= 300:
+            with_outcome(answer)
+        return answer
+
+    return serve_write
+
+
+def with_outcome(answer: bottle.BaseResponse) -> None:
+    """Give a write's failed answer an X-Raft-Outcome when it names none: `unknown` for 500 and more (a failure
+    not foreseen, or a leader's that named none), `not-applied` under 500 (bad input, a refusal, a redirect)."""
+    if OUTCOME_HEADER not in answer.headers:
+        answer.set_header(OUTCOME_HEADER, UNKNOWN if answer.status_code >= 500 else NOT_APPLIED)
 
 
 def _default_error(res: bottle.HTTPError) -> str:
-    """Bottle's own errors (404 no such route, 405, 500) as one line of text, never a page or a traceback."""
+    """Bottle's own errors (404 no such route, 405, 500) as one line of text, never a page or a traceback; on a
+    write, with its X-Raft-Outcome (a 500 is a failure not foreseen, which may come after the proposal)."""
     bottle.response.content_type = "text/plain; charset=utf-8"
+    if bottle.request.method in WRITE_METHODS:  # a read's answer names no outcome, even a 405
+        with_outcome(bottle.response)
     return f"{res.status_line}: {res.body}\n" if isinstance(res.body, str) and res.body else f"{res.status_line}\n"
 
 

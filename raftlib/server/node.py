@@ -125,6 +125,7 @@ class ServerConfig:
     secret: bytes | None = None
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
+    access_log: bool = False  # a line per HTTP request at INFO on raftdzmq.access (-v)
 
     @property
     def bind_host(self) -> str:
@@ -408,7 +409,7 @@ class Server:
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
-            on_eviction=self.metrics.http_evictions.inc)
+            on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
         if self.node_key is not None:
