@@ -405,21 +405,24 @@ def members(node: NodeStatus) -> list[dict]:
 
 
 def require_level_2(api: Api) -> None:
-    """409 unless the cluster's feature level (replicated) is 2 or more (the module's rules)."""
+    """409 unless the cluster's feature level (replicated) is 2 or more (the module's rules). Asked BEFORE
+    require_leader, on followers too (review of coord1, S2): a follower would 307 or -forward the request to a
+    leader that may run an older release, which ignores ?prev_index (an unconditional write) and knows no
+    ?prefix nor /txn. A follower at level 2 has a leader at level 2 (the level is in the log and never goes down;
+    an older binary stops at start on the V3 snapshot the raise takes: store, "Downgrades")."""
     if api.store.feature_level < 2:
         raise text(409, api.upgrade_reason())
 
 
 def prev_index(api: Api) -> int:
     """?prev_index=N (an integer >= 0; 0: the key must be missing), on a leader of a cluster of level 2."""
-    try:
-        n = int(bottle.request.query["prev_index"])
-        if n < 0:
-            raise ValueError
-    except ValueError:
-        raise text(400, "prev_index must be an integer >= 0") from None
+    digits = bottle.request.query["prev_index"]
+    # Digits only: int() would take "+14", "1_4", " 14" and "-0" (review of coord1, Q2).
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
+        raise text(400, "prev_index must be an integer >= 0 (decimal digits only)")
+    n = int(digits)
+    require_level_2(api)  # before the leader: an old leader would take a new request as an old one (S2)
     require_leader(api)
-    require_level_2(api)
     return n
 
 
@@ -432,9 +435,17 @@ _TXN_FIELDS = {"compare": {"key", "target", "op", "value", "value_base64"},
                "get": {"op", "key", "prefix"}}
 
 
+def _utf8(s: str, where: str, name: str) -> bytes:
+    """`s` as UTF-8; BadTxn for a lone surrogate (JSON's "\ud800": no UTF-8 for it, review of coord1, Q1)."""
+    try:
+        return s.encode()
+    except UnicodeEncodeError:
+        raise BadTxn(f"{where}: {name} is not valid Unicode (a lone surrogate)") from None
+
+
 def _txn_key(item: dict, name: str, where: str) -> str:
     key = item[name]
-    if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
+    if not isinstance(key, str) or not key or len(_utf8(key, where, name)) > MAX_KEY_BYTES:
         raise BadTxn(f"{where}: {name} must be a string of 1 to {MAX_KEY_BYTES} bytes")
     return key
 
@@ -452,7 +463,7 @@ def _txn_value(item: dict, where: str) -> bytes:
             raise BadTxn(f"{where}: value_base64 is not base64") from None
     if not isinstance(item.get("value"), str):
         raise BadTxn(f"{where}: needs a value (text) or value_base64")
-    return item["value"].encode()
+    return _utf8(item["value"], where, "value")
 
 
 def _txn_item(item: object, kind: str, where: str) -> list:
@@ -481,8 +492,11 @@ def _txn_item(item: object, kind: str, where: str) -> list:
     if kind == "put":
         if "key" not in item:
             raise BadTxn(f"{where}: missing key")
-        if item.get("lease", 0) != 0:
-            raise BadTxn(f"{where}: lease {item['lease']!r} not found")  # leases: issue 14, part 2
+        lease = item.get("lease", 0)
+        if type(lease) is not int or lease < 0:  # not true, 0.0 or "0" (review of coord1, Q2)
+            raise BadTxn(f"{where}: lease must be an integer >= 0 (0: none)")
+        if lease != 0:
+            raise BadTxn(f"{where}: lease {lease} not found")  # leases: issue 14, part 2
         return ["put", _txn_key(item, "key", where), _txn_value(item, where)]
     if ("key" in item) == ("prefix" in item):
         raise BadTxn(f"{where}: a {kind} names a key or a prefix (one of them)")
@@ -496,6 +510,8 @@ def parse_txn(raw: bytes) -> list:
         body = json.loads(raw)
     except ValueError:
         raise BadTxn("the body is not JSON") from None
+    except RecursionError:  # a body of 1 MiB of "[" (review of coord1, Q1)
+        raise BadTxn("the body nests too deeply") from None
     if not isinstance(body, dict):
         raise BadTxn('want a JSON object {"compare": [...], "success": [...], "failure": [...]}')
     unknown = sorted(set(body) - {"compare", "success", "failure"})
@@ -536,6 +552,16 @@ def _txn_answer(result: tuple) -> dict:
                                  for k, v, c, m in detail], **({"more": True} if more[0] else {})}
 
 
+def precondition_failed(api: Api, key: str, index: int) -> bottle.HTTPResponse:
+    """412, with the key's modify index as this node applied it (0 when missing) from feature level 2 on, so that a
+    compare-and-set loop needs no GET (review of coord1, Q3). It is as of this answer: a later write may change it."""
+    headers = {"X-Raft-Index": str(index)}
+    if api.store.feature_level >= 2:
+        record = api.store.record(key)
+        headers["X-Raft-Modify-Index"] = str(0 if record is None else record[2])
+    return text(412, "precondition failed", **headers)
+
+
 # ---- the routes -----------------------------------------------------------------------------------------------
 
 
@@ -557,7 +583,7 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
         cmd = command(SET, key, value)
     index, result = propose(api, cmd)
     if result == "failed":
-        return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
+        return precondition_failed(api, key, index)
     bottle.response.set_header("X-Raft-Index", str(index))
     return ""
 
@@ -570,7 +596,7 @@ def delete_key(api: Api, key: str) -> bottle.HTTPResponse:
     if result == "missing":
         return text(404, f"no such key: {key}", **{"X-Raft-Index": str(index)})
     if result == "failed":
-        return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
+        return precondition_failed(api, key, index)
     return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})
 
 
@@ -611,8 +637,8 @@ def delete_prefix(api: Api) -> bottle.HTTPResponse:
         raise text(400, "prefix must be UTF-8") from None
     if not prefix or len(prefix.encode()) > MAX_KEY_BYTES:
         raise text(400, f"DELETE /db/ needs ?prefix= of 1 to {MAX_KEY_BYTES} bytes (the keys it deletes start with it)")
+    require_level_2(api)  # before the leader: an old leader would take a new request as an old one (S2)
     require_leader(api)
-    require_level_2(api)
     index, result = propose(api, command(DELETE_PREFIX, prefix))
     return json_answer({"deleted": result, "index": index}, **{"X-Raft-Index": str(index)})
 
@@ -623,8 +649,8 @@ def post_txn(api: Api) -> bottle.HTTPResponse:
         body = parse_txn(read_body())
     except BadTxn as e:
         raise text(400, f"bad transaction: {e}") from None
+    require_level_2(api)  # before the leader: an old leader would take a new request as an old one (S2)
     require_leader(api)
-    require_level_2(api)
     index, result = propose(api, command(TXN, "", b"", body))
     if not isinstance(result, TxnResult):  # "error": checked above, so not expected
         return text(500, f"the transaction applied as nothing ({result}) at index {index}")
@@ -666,6 +692,15 @@ def join_refusal(membership: Membership, member: Member, secret: bool, max_membe
     return None
 
 
+def level_refusal(api: Api, body: dict) -> bottle.HTTPResponse | None:
+    """The 409 for a join whose node says a feature level below the cluster's (an older release says none)."""
+    cluster_level, joining_level = api.store.feature_level, body.get("feature_level", 1)
+    if cluster_level >= 2 and (type(joining_level) is not int or joining_level < cluster_level):
+        return text(409, f"the joining node runs an older raftdzmq (feature level {joining_level}) than the "
+                    f"cluster (feature level {cluster_level}): upgrade it, then join")
+    return None
+
+
 def join(api: Api) -> bottle.HTTPResponse:
     """Add the node the body names as a learner. With a cluster secret the body names its CURVE public key too,
     and the answer lists the members' keys, signed (admin.answer_headers): the joining node admits them."""
@@ -674,9 +709,9 @@ def join(api: Api) -> bottle.HTTPResponse:
     try:
         body = json.loads(raw or b"null")
         fields = [body[k] for k in ("node_id", "raft_address", "http_address")]
-        if not all(isinstance(f, str) and 0 < len(f) < 256 for f in fields):
+        if not all(isinstance(f, str) and 0 < len(f) < 256 and f.isprintable() for f in fields):
             raise ValueError
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return text(400, 'bad join body: want JSON {"node_id": ..., "raft_address": ..., "http_address": ...}')
     public_key = ""
     if api.guard is not None:
@@ -694,13 +729,21 @@ def join(api: Api) -> bottle.HTTPResponse:
     if not api.membership_lock.acquire(timeout=api.write_timeout_seconds):
         return text(503, "join not possible now: the cluster's feature level is being raised; retry")
     try:
-        cluster_level, joining_level = api.store.feature_level, body.get("feature_level", 1)
-        if cluster_level >= 2 and (type(joining_level) is not int or joining_level < cluster_level):
-            return text(409, f"the joining node runs an older raftdzmq (feature level {joining_level}) than the "
-                        f"cluster (feature level {cluster_level}): upgrade it, then join")
+        deadline = time.monotonic() + api.write_timeout_seconds
+        # Review of coord1, S1: the applied level is stale while this leader's log holds a raise not applied yet
+        # (the raiser's proposal timed out and released the lock; or a new leader, whose predecessor's raise
+        # commits only with an entry of its own term, §5.4.2 and its no-op, §8). Every raise is in the log up to
+        # last_index (a later one needs this lock, or another leader, which fails the change): wait for it.
+        last_index = api.runtime.status().node.last_index
+        if last_index > api.runtime.node.last_applied:
+            try:
+                api.runtime.wait_applied(last_index, api.write_timeout_seconds)
+            except Timeout:
+                return text(503, "join not possible now: this leader has not applied its log yet; retry")
+        if (refusal := level_refusal(api, body)) is not None:
+            return refusal
         claim_signature(api, "join")
         change = ConfChange(ConfChangeKind.ADD_LEARNER, member)
-        deadline = time.monotonic() + api.write_timeout_seconds
         while True:
             try:
                 index, _ = api.runtime.change_membership(change, api.write_timeout_seconds)
@@ -709,6 +752,8 @@ def join(api: Api) -> bottle.HTTPResponse:
                 if time.monotonic() > deadline:
                     raise
                 gevent.sleep(0.05)
+                if (refusal := level_refusal(api, body)) is not None:  # a raise may have applied meanwhile
+                    return refusal
     finally:
         api.membership_lock.release()
     log.info("node %s (%s) joined as a learner", fields[0], fields[2])

@@ -284,7 +284,8 @@ class Server:
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
-        self.store = KeyValueStore()
+        # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
+        self.store = KeyValueStore(on_level_raised=lambda level: self.runtime.request_snapshot())
         if stored.snapshot is not None:
             self.store.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
@@ -500,7 +501,7 @@ class Server:
         return self.runtime.deliver(messages, reply_wanted)
 
     def _fatal(self, error: Exception) -> None:
-        log.critical("storage failed (%s); exiting without acknowledging anything more", error)
+        log.critical("stopping (%s); exiting without acknowledging anything more", error)
         os._exit(3)
 
     # ---- lifecycle ----
