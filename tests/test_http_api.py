@@ -1168,3 +1168,16 @@ def test_the_raiser_asks_and_raises_under_the_membership_lock(client, monkeypatc
         held.append(client.api.membership_lock.locked()),
         types.SimpleNamespace(status=200, read=lambda n: b'{"feature_level": 2}'))[1])
     assert raiser.raise_once() is True and held == [True, True]
+
+
+def test_a_prefix_delete_over_the_cap_is_several_entries_and_answers_the_last_index(upgraded):
+    """Review of coord1, L2: one entry deletes at most MAX_DELETE_KEYS_PER_ENTRY keys; the route goes on."""
+    client = upgraded
+    n = api_module.MAX_DELETE_KEYS_PER_ENTRY
+    for i in range(2 * n + 3):
+        client.runtime.propose(command(SET, f"p/{i:05d}", b"v"), 1.0)
+    client.runtime.propose(command(SET, "q", b"v"), 1.0)
+    before = client.runtime.node.last_applied
+    r = client("DELETE", "/db/?prefix=p/")
+    assert (r.status, r.json()) == (200, {"deleted": 2 * n + 3, "index": before + 3})
+    assert sorted(client.store.data) == ["q"]

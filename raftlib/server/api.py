@@ -44,7 +44,7 @@ from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADE
 from .edge import RateLimitedLog
 from .metrics import Metrics
 from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
-                    MAX_TXN_OPS, SET, SET_IF_INDEX, TXN, KeyValueStore, TxnResult, command, txn_problem)
+                    MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_OPS, SET, SET_IF_INDEX, TXN, KeyValueStore, TxnResult, command, txn_problem)
 
 log = logging.getLogger("raftdzmq.api")
 
@@ -629,7 +629,9 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
 
 
 def delete_prefix(api: Api) -> bottle.HTTPResponse:
-    """DELETE /db/?prefix=P: every key that starts with P, in one entry; {"deleted": n, "index": i}."""
+    """DELETE /db/?prefix=P: every key that starts with P; {"deleted": n, "index": i}, i the last entry's. Up to
+    MAX_DELETE_KEYS_PER_ENTRY keys in one entry (atomic), a longer range in several, one after the other; when
+    keys keep coming past the write timeout, the answer says "more": true."""
     q = bottle.request.query
     try:
         prefix = q.get("prefix", "").encode("latin-1").decode("utf-8")
@@ -639,8 +641,17 @@ def delete_prefix(api: Api) -> bottle.HTTPResponse:
         raise text(400, f"DELETE /db/ needs ?prefix= of 1 to {MAX_KEY_BYTES} bytes (the keys it deletes start with it)")
     require_level_2(api)  # before the leader: an old leader would take a new request as an old one (S2)
     require_leader(api)
-    index, result = propose(api, command(DELETE_PREFIX, prefix))
-    return json_answer({"deleted": result, "index": index}, **{"X-Raft-Index": str(index)})
+    # One entry deletes at most MAX_DELETE_KEYS_PER_ENTRY keys (store: each node's loop applies it): propose
+    # again until one deletes fewer, within the write timeout. Each entry is atomic, the range as a whole is not.
+    deadline = time.monotonic() + api.write_timeout_seconds
+    deleted = 0
+    while True:
+        index, result = propose(api, command(DELETE_PREFIX, prefix))
+        deleted += result if type(result) is int else 0
+        if result != MAX_DELETE_KEYS_PER_ENTRY:
+            return json_answer({"deleted": deleted, "index": index}, **{"X-Raft-Index": str(index)})
+        if time.monotonic() > deadline:  # keys keep coming: say how far it got
+            return json_answer({"deleted": deleted, "index": index, "more": True}, **{"X-Raft-Index": str(index)})
 
 
 def post_txn(api: Api) -> bottle.HTTPResponse:
