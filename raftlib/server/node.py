@@ -170,6 +170,9 @@ class FeatureLevelRaiser:
         """Why the new API is refused: the 409's text."""
         if self.level < FEATURE_LEVEL:
             return "the cluster is not upgraded yet: its leader runs an older raftdzmq"
+        if self.runtime.node.role is not Role.LEADER:  # only the leader asks the members
+            return (f"the cluster is not upgraded yet (feature level {self.store.feature_level}): a member may run "
+                    "an older raftdzmq; the leader's answer names it")
         older = sorted(n for n, why in self.laggards.items() if why != "no answer")
         silent = sorted(n for n, why in self.laggards.items() if why == "no answer")
         if older:
