@@ -184,6 +184,7 @@ class Runtime:
         self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
+        self._snapshot_requested = False  # request_snapshot: take one at the end of this drive, whatever the log's size
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
@@ -287,6 +288,12 @@ class Runtime:
             # Forget it now: the next apply may be far off (no leader, a full disk) and waiters would pile up.
             self._index_waiters.pop(result, None)
             raise
+
+    def request_snapshot(self) -> None:
+        """Take a snapshot of the state machine at the end of the current drive (or the next one), however small
+        the log: the state machine asks for it while it applies (raftlib.server.store: the feature level's raise,
+        so that an older binary cannot replay the log). Only from within a drive or the loop's greenlet."""
+        self._snapshot_requested = True
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
         return self._call(timeout_seconds, ChangeMembership, change)
@@ -607,7 +614,10 @@ class Runtime:
 
     def _maybe_snapshot(self) -> None:
         node = self.node
-        if self.storage.log_bytes < self.snapshot_threshold_bytes or node.last_applied <= node.log.snapshot_index:
+        if node.last_applied <= node.log.snapshot_index:
+            self._snapshot_requested = False  # a snapshot at or past the state asked about is there already
+            return
+        if self.storage.log_bytes < self.snapshot_threshold_bytes and not self._snapshot_requested:
             return
         if self._snapshot_not_before > time.monotonic():
             return
@@ -625,6 +635,7 @@ class Runtime:
                                      f"{self.snapshot_retry_seconds:g}s")
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
+        self._snapshot_requested = False
         self.stats["snapshots"] += 1
         logger.info("took a snapshot at index %d (%d bytes)", snap.last_included_index, len(data))
 

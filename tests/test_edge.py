@@ -991,7 +991,7 @@ for i in range(20000):
         model.pop(key, None)
     elif op != CREATE or key not in model:
         model[key] = b"v%d" % i
-assert kv.data == model and list(kv.keys) == sorted(model)
+assert {k: r[0] for k, r in kv.data.items()} == model and list(kv.keys) == sorted(model)
 restored = KeyValueStore()
 restored.restore(kv.snapshot())
 assert list(restored.keys) == sorted(model)

@@ -24,7 +24,8 @@ from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, T
 from raftlib.server.api import NOT_LEADER, Api, make_app
 from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
 from raftlib.server.metrics import Metrics
-from raftlib.server.store import ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, SET, KeyValueStore, command
+from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_TXN_OPS, SET,
+                                  SET_FEATURE_LEVEL, KeyValueStore, command)
 from raftlib.storage import DiskFull
 
 MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
@@ -60,6 +61,9 @@ class FakeRuntime:
         self.calls: list[tuple] = []
         self.disk_full = False
         self.running = True
+        # Commands in this leader's log not applied yet (a predecessor's, before this leader's entry commits):
+        # status() counts them in last_index, and wait_applied applies them in order.
+        self.pending: list[bytes] = []
 
     def fail(self, call: str, *errors: Exception) -> None:
         self.failures.setdefault(call, []).extend(errors)
@@ -80,6 +84,9 @@ class FakeRuntime:
 
     def wait_applied(self, index: int, timeout_seconds: float) -> int:
         self._call("wait_applied", index, timeout_seconds)
+        while self.pending and index > self.node.last_applied:
+            self.node.last_applied += 1
+            self.store.apply(self.node.last_applied, self.pending.pop(0))
         if index > self.node.last_applied:
             raise Timeout(f"no answer in {timeout_seconds}s")
         return self.node.last_applied
@@ -100,7 +107,7 @@ class FakeRuntime:
         return RuntimeStatus(
             NodeStatus(node_id=n.node_id, role=n.role, term=7, leader_id=n.leader_id,
                        commit_index=n.last_applied if n.commit_index is None else n.commit_index,
-                       last_applied=n.last_applied, last_index=n.last_applied + 2, snapshot_index=0,
+                       last_applied=n.last_applied, last_index=n.last_applied + len(self.pending), snapshot_index=0,
                        membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
                        removed=n.removed, reads_pending=0, leader_active=n.leader_active,
                        leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot),
@@ -118,6 +125,9 @@ class Answer:
     @property
     def text(self) -> str:
         return self.body.decode()
+
+    def json(self):
+        return json.loads(self.body)
 
     def __repr__(self) -> str:
         return f"<{self.status} {self.body[:200]!r}>"
@@ -882,13 +892,14 @@ def test_with_a_secret_a_cluster_whose_members_lack_keys_refuses_joins():
 def test_status_is_one_line_of_json_from_the_status_copy(client):
     client("POST", "/db/k", "v")
     client("POST", "/db/k", "w")
+    client.runtime.pending = [command(SET, "p", b"")] * 2
     r = client("GET", "/status")
     assert (r.status, r.headers["content-type"]) == (200, "application/json")
     assert r.body.endswith(b"}\n") and r.body.count(b"\n") == 1  # compact, not indented
     assert json.loads(r.body) == {
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
         "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "disk_full": False,
-        "removed": None, "members": [
+        "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
             {"id": "b", "raft_address": "10.0.0.2:5555", "http_address": "10.0.0.2:8080", "role": "voter",
@@ -905,6 +916,7 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
 
 
 def test_cluster_lists_the_members(client):
+    client.runtime.pending = [command(SET, "p", b"")] * 2
     r = client("GET", "/cluster")
     assert r.body.count(b"\n") == 1
     assert [(m["id"], m["role"], m["match_index"]) for m in json.loads(r.body)] == [
@@ -914,6 +926,7 @@ def test_cluster_lists_the_members(client):
 def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     client("POST", "/db/k", "v")
     client("GET", "/db/k?consistency=stale")
+    client.runtime.pending = [command(SET, "p", b"")] * 2
     r = client("GET", "/metrics")
     assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=")
     samples = dict(line.rsplit(" ", 1) for line in r.text.splitlines() if line and not line.startswith("#"))
@@ -1022,7 +1035,8 @@ def test_every_route_is_tested_here():
         ("POST", "/db/<key:path>"), ("PUT", "/db/<key:path>"), ("DELETE", "/db/<key:path>"),
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
-        ("GET", "/cluster/keys"), ("GET", "/livez"), ("GET", "/readyz")}
+        ("GET", "/cluster/keys"), ("GET", "/livez"), ("GET", "/readyz"), ("DELETE", "/db/"), ("DELETE", "/db"),
+        ("POST", "/txn")}
 
 
 def test_the_access_log_names_an_undelivered_answer_and_escapes_unambiguously(caplog):
@@ -1037,3 +1051,286 @@ def test_the_access_log_names_an_undelivered_answer_and_escapes_unambiguously(ca
     with caplog.at_level("INFO", logger="raftdzmq.access"):
         handler.log_request()
     assert caplog.messages == ["POST /db/a\\\\xc3\\xc3?prev_value=<redacted>&x=1 307-undelivered 12 12.5ms 1.2.3.4:5"]
+
+
+# ---- issue 14: indices, ?prev_index, prefix deletes, transactions, the feature level ---------------------------
+
+
+@pytest.fixture
+def upgraded(client) -> Client:
+    """A client whose cluster's feature level was raised (index 1)."""
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    assert client.store.feature_level == FEATURE_LEVEL
+    return client
+
+
+def test_reads_answer_the_indices_from_level_2_on(client):
+    client("POST", "/db/k", "v")
+    r = client("GET", "/db/k")
+    assert r.status == 200 and "x-raft-create-index" not in r.headers and "x-raft-modify-index" not in r.headers
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)  # index 2
+    client("POST", "/db/k", "w")  # index 3
+    r = client("GET", "/db/k")
+    assert (r.body, r.headers["x-raft-create-index"], r.headers["x-raft-modify-index"]) == (b"w", "2", "3")
+
+
+def test_prev_index_is_compare_and_set_on_the_modify_index(upgraded):
+    client = upgraded
+    assert client("POST", "/db/k?prev_index=0", "1").status == 200  # 0: only when missing (index 2)
+    r = client("POST", "/db/k?prev_index=0", "x")
+    assert (r.status, r.text, r.headers["x-raft-index"]) == (412, "precondition failed\n", "3")
+    assert client("POST", "/db/k?prev_index=2", "2").status == 200 and client.store.get("k") == b"2"  # index 4
+    assert client("DELETE", "/db/k?prev_index=2").status == 412 and client.store.get("k") == b"2"
+    assert client("DELETE", "/db/k?prev_index=4").status == 200 and client.store.get("k") is None
+    # Missing: 412 unless prev_index is 0 (issue 14's "likewise"; review of coord1, Q3), then 404.
+    r = client("DELETE", "/db/k?prev_index=4")
+    assert (r.status, r.headers["x-raft-modify-index"]) == (412, "0")
+    assert client("DELETE", "/db/k?prev_index=0").status == 404
+    for bad in ("prev_index=x", "prev_index=-1", "prev_index=1&prev_value=a", "prev_index=1&prev_exist=false",
+                "prev_index=%2B4", "prev_index=1_4", "prev_index=-0", "prev_index=%204", "prev_index=",
+                "prev_index=%D9%A4"):  # +4, 1_4, -0, " 4", "", an Arabic-Indic 4: int() takes most of them
+        r = client("POST", f"/db/k?{bad}", "v")
+        assert r.status == 400 and "prev_index" in r.text, bad
+    assert client("DELETE", "/db/k?prev_index=x").status == 400
+    assert client.store.get("k") is None
+
+
+def test_a_412_carries_the_keys_modify_index(upgraded):
+    """Review of coord1, Q3: a compare-and-set loop needs no GET after a 412."""
+    client = upgraded
+    client("POST", "/db/k", "1")  # index 2
+    client("POST", "/db/k", "2")  # index 3
+    for method, target in (("POST", "/db/k?prev_index=2"), ("DELETE", "/db/k?prev_index=2"),
+                           ("POST", "/db/k?prev_value=1"), ("POST", "/db/k?prev_exist=false")):
+        r = client(method, target, "x")
+        assert (r.status, r.headers["x-raft-modify-index"]) == (412, "3"), target
+    r = client("POST", "/db/new?prev_index=3", "x")
+    assert (r.status, r.headers["x-raft-modify-index"]) == (412, "0")
+
+
+def test_delete_prefix_answers_what_it_deleted(upgraded):
+    client = upgraded
+    for key in ("p/1", "p/2", "p", "q"):
+        client("POST", f"/db/{key}", "v")
+    r = client("DELETE", "/db/?prefix=p/")
+    assert (r.status, r.json()) == (200, {"deleted": 2, "index": 6}) and sorted(client.store.data) == ["p", "q"]
+    assert client("DELETE", "/db?prefix=zz").json() == {"deleted": 0, "index": 7}
+    for target in ("/db/", "/db/?prefix=", "/db/?prefix=%FF"):
+        r = client("DELETE", target)
+        assert r.status == 400 and "prefix" in r.text, target
+    assert sorted(client.store.data) == ["p", "q"]
+
+
+def test_a_txn_answers_its_branch_and_results(upgraded):
+    client = upgraded
+    client("POST", "/db/a", "1")  # index 2
+    client("POST", "/db/bin", b"\xff\x00")  # index 3
+    body = {"compare": [{"key": "a", "target": "value", "op": "==", "value": "1"},
+                        {"key": "a", "target": "modify_index", "op": "==", "value": 2},
+                        {"key": "nope", "target": "exists", "op": "==", "value": False}],
+            "success": [{"op": "put", "key": "a", "value_base64": "AP8="}, {"op": "get", "prefix": "b"},
+                        {"op": "delete", "key": "bin"}, {"op": "get", "key": "a"}],
+            "failure": [{"op": "put", "key": "failed", "value": "x"}]}
+    r = client("POST", "/txn", json.dumps(body))
+    assert r.status == 200 and r.headers["x-raft-index"] == "4"
+    assert r.json() == {"succeeded": True, "index": 4, "results": [
+        {"op": "put", "key": "a"},
+        {"op": "get", "kvs": [{"key": "bin", "value_base64": "/wA=", "create_index": 3, "modify_index": 3}]},
+        {"op": "delete", "deleted": 1},
+        {"op": "get", "kvs": [{"key": "a", "value_base64": "AP8=", "create_index": 2, "modify_index": 4}]}]}
+    r = client("POST", "/txn", json.dumps(body))  # a's value is no longer "1"
+    assert r.json() == {"succeeded": False, "index": 5, "results": [{"op": "put", "key": "failed"}]}
+    assert client.store.get("failed") == b"x" and client.store.get("a") == b"\x00\xff"
+    assert client("POST", "/txn", "{}").json() == {"succeeded": True, "index": 6, "results": []}
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("not json", "not JSON"), ("[]", "JSON object"), ('{"compares": []}', "unknown field 'compares'"),
+    ('{"success": {}}', "success must be a list"),
+    ('{"compare": [{"key": "k", "target": "size", "op": "==", "value": 1}]}', "unknown target 'size'"),
+    ('{"compare": [{"key": "k", "target": "value", "op": "=~", "value": "x"}]}', "unknown compare op"),
+    ('{"compare": [{"target": "exists", "op": "==", "value": true}]}', "missing key"),
+    ('{"compare": [{"key": "k", "target": "modify_index", "op": "<", "value": "3"}]}', "integer >= 0"),
+    ('{"compare": [{"key": "k", "target": "exists", "op": "==", "value": 1}]}', "true or false"),
+    ('{"success": [{"op": "patch", "key": "k"}]}', "unknown op 'patch'"),
+    ('{"success": [{"op": "put", "value": "v"}]}', "missing key"),
+    ('{"success": [{"op": "put", "key": "k"}]}', "needs a value"),
+    ('{"success": [{"op": "put", "key": "k", "value": "a", "value_base64": "YQ=="}]}', "both given"),
+    ('{"failure": [{"op": "put", "key": "k", "value_base64": "not base64!"}]}', "not base64"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": 7}]}', "lease 7 not found"),
+    ('{"success": [{"op": "delete", "key": "k", "prefix": "k"}]}', "one of them"),
+    ('{"success": [{"op": "get"}]}', "one of them"),
+    ('{"success": [{"op": "get", "key": ""}]}', "1 to 4096 bytes"),
+    ('{"success": [{"op": "get", "key": "k", "limit": 3}]}', "unknown field 'limit'"),
+    (json.dumps({"success": [{"op": "get", "key": "k"}] * (MAX_TXN_OPS + 1)}), f"at most {MAX_TXN_OPS}"),
+    # Review of coord1, Q1 and Q2: a lone surrogate (500 before), nesting past the recursion limit (500 before),
+    # a lease that is not an int, the same key put twice in a branch (as etcd).
+    ('{"success": [{"op": "put", "key": "\\ud800", "value": "x"}]}', "success[0]: key is not valid Unicode"),
+    ('{"success": [{"op": "put", "key": "k", "value": "\\udfff"}]}', "success[0]: value is not valid Unicode"),
+    ('{"compare": [{"key": "k", "target": "value", "op": "==", "value": "\\ud800"}]}', "not valid Unicode"),
+    ('{"success": [{"op": "get", "prefix": "\\ud800"}]}', "prefix is not valid Unicode"),
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": false}]}', "lease must be an integer"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": 0.0}]}', "lease must be an integer"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": "0"}]}', "lease must be an integer"),
+    ('{"success": [{"op": "put", "key": "k", "value": "1"}, {"op": "put", "key": "k", "value": "2"}]}',
+     "success[1]: key 'k' is put twice"),
+])
+def test_a_malformed_txn_is_a_400_naming_the_problem(upgraded, body, problem):
+    r = upgraded("POST", "/txn", body)
+    assert r.status == 400 and r.text.startswith("bad transaction: ") and problem in r.text, r.text
+    assert r.text.count("\n") == 1
+    assert not [c for c in upgraded.runtime.calls if c[0] == "propose" and c[1] != command(
+        SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)]  # nothing proposed
+
+
+def test_the_new_api_is_409_until_the_cluster_is_upgraded(client):
+    client.api.upgrade_reason = lambda: "the cluster is not upgraded yet: members c run an older raftdzmq"
+    client("POST", "/db/k", "v")
+    for method, target, body in (("POST", "/db/k?prev_index=1", "w"), ("DELETE", "/db/k?prev_index=1", ""),
+                                 ("DELETE", "/db/?prefix=k", ""), ("POST", "/txn", "{}")):
+        r = client(method, target, body)
+        assert (r.status, r.text) == (409, "the cluster is not upgraded yet: members c run an older raftdzmq\n")
+    assert client.store.get("k") == b"v" and client.runtime.node.last_applied == 1  # nothing proposed
+    # A follower answers them itself (review of coord1, S2): its leader may run an older release, which would
+    # take ?prev_index=N as an unconditional write. At level 2 it sends them to the leader, as every write.
+    client.be_follower("b")
+    for method, target, body in (("POST", "/db/k?prev_index=1", "w"), ("DELETE", "/db/k?prev_index=1", ""),
+                                 ("DELETE", "/db/?prefix=k", ""), ("POST", "/txn", "{}")):
+        assert client(method, target, body).status == 409, target
+    client.runtime.node.role = Role.LEADER
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    client.be_follower("b")
+    for method, target, body in (("POST", "/db/k?prev_index=1", "w"), ("DELETE", "/db/k?prev_index=1", ""),
+                                 ("DELETE", "/db/?prefix=k", ""), ("POST", "/txn", "{}")):
+        assert client(method, target, body).status == 307, target
+
+
+def test_a_join_without_the_feature_level_is_refused_once_the_cluster_has_it(client):
+    join = {"node_id": "d", "raft_address": "10.0.0.4:5555", "http_address": "10.0.0.4:8080"}
+    assert client("POST", "/join", json.dumps(join)).status == 200  # level 1: an older node may join
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    for level in ({}, {"feature_level": 1}, {"feature_level": "2"}):
+        r = client("POST", "/join", json.dumps({**join, "node_id": "e", **level}))
+        assert r.status == 409 and "upgrade it, then join" in r.text, level
+    r = client("POST", "/join", json.dumps({**join, "node_id": "e", "feature_level": FEATURE_LEVEL}))
+    assert r.status == 200
+
+
+# ---- review of coord1: the join against the raise, the membership lock, the raiser --------------------------------
+
+
+def test_a_join_waits_for_a_raise_in_this_leaders_log_before_it_reads_the_level(client):
+    """Review of coord1, S1: the raiser's SET_FEATURE_LEVEL timed out (or a new leader has its predecessor's raise
+    in its log, not applied until an entry of its own term commits): the applied level is 1, the log's 2. An old
+    node's join (no feature_level) must wait for it and be refused."""
+    client.runtime.pending = [command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)]
+    r = client("POST", "/join", JOIN)
+    assert r.status == 409 and "upgrade it, then join" in r.text, r
+    assert client.store.feature_level == FEATURE_LEVEL
+    assert not [c for c in client.runtime.calls if c[0] == "change_membership"]
+
+
+def test_a_join_that_waits_out_another_change_checks_the_level_again(client, monkeypatch):
+    """Review of coord1, S1: the join's retries (ProposalDropped: a change in flight, or a new leader's entry not
+    yet committed) must each see the level as it is then."""
+    calls = []
+
+    def change_membership(change, timeout_seconds):
+        calls.append(change)
+        # While this join waits, a raise applies (a new leader's predecessor's, committed with its no-op).
+        client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+        raise ProposalDropped("a change is in flight")
+
+    monkeypatch.setattr(client.runtime, "change_membership", change_membership)
+    r = client("POST", "/join", JOIN)
+    assert r.status == 409 and "upgrade it, then join" in r.text, r
+    assert len(calls) == 1
+
+
+def test_a_join_waits_for_the_membership_lock_the_raiser_holds():
+    """Review of coord1, Q4: without the lock in join, an old node could join between the raiser's question and
+    its raise (no test failed when it was removed)."""
+    client = Client(write_timeout_seconds=0.2)
+    assert client.api.membership_lock.acquire(blocking=False)  # the raiser is asking the members
+    r = client("POST", "/join", JOIN)
+    assert (r.status, r.text) == (503, "join not possible now: the cluster's feature level is being raised; retry\n")
+    assert client.runtime.calls == []
+    client.api.membership_lock.release()
+    assert client("POST", "/join", JOIN).status == 200
+
+
+class StatusConnection:
+    """GET /status of a member, for the FeatureLevelRaiser: `levels` maps an http address to the feature_level
+    its status says (None: no such field, an older release), or to an exception (no answer)."""
+
+    levels: dict[str, object] = {}
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.address = f"{host}:{port}"
+
+    def request(self, method, target):
+        assert (method, target) == ("GET", "/status")
+        level = self.levels[self.address]
+        if isinstance(level, Exception):
+            raise level
+
+    def getresponse(self):
+        level = self.levels[self.address]
+        body = json.dumps({} if level is None else {"feature_level": level}).encode()
+        return types.SimpleNamespace(status=200, read=lambda n: body)
+
+    def close(self):
+        pass
+
+
+def raiser_of(client: Client, levels: dict[str, object], monkeypatch):
+    from raftlib.server.node import FeatureLevelRaiser
+    monkeypatch.setattr(StatusConnection, "levels", levels)
+    return FeatureLevelRaiser(client.runtime, client.store, FEATURE_LEVEL, client.api.membership_lock, 0.2,
+                              connect=StatusConnection)
+
+
+def test_the_raiser_raises_only_once_every_member_learners_too_has_the_level(client, monkeypatch):
+    """Review of coord1, Q4: the raiser had no unit test (the learner that lags, no answer, the timeout)."""
+    levels = {"10.0.0.2:8080": 2, "10.0.0.3:8080": None}  # b (voter) upgraded; c (learner) an older release
+    raiser = raiser_of(client, levels, monkeypatch)
+    assert raiser.raise_once() is False and client.store.feature_level == 1 and client.runtime.calls == []
+    assert raiser.reason() == "the cluster is not upgraded yet: members c run an older raftdzmq"
+    levels["10.0.0.3:8080"] = OSError("connection refused")
+    assert raiser.raise_once() is False and client.runtime.calls == []
+    assert raiser.reason() == "the cluster is not upgraded yet: members c did not answer which raftdzmq they run"
+    levels["10.0.0.3:8080"] = 2
+    # The proposal times out: the raise may still be in the log (a join waits for it: S1); the lock is free again.
+    client.runtime.fail("propose", Timeout("no answer in 0.2s"))
+    with pytest.raises(Timeout):
+        raiser.raise_once()
+    assert not client.api.membership_lock.locked() and client.store.feature_level == 1
+    assert raiser.raise_once() is True and client.store.feature_level == FEATURE_LEVEL
+    assert [c[1] for c in client.runtime.calls if c[0] == "propose"] == [
+        command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)] * 2
+
+
+def test_the_raiser_asks_and_raises_under_the_membership_lock(client, monkeypatch):
+    raiser = raiser_of(client, {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}, monkeypatch)
+    assert client.api.membership_lock.acquire(blocking=False)  # a join is being made
+    assert raiser.raise_once() is False and client.runtime.calls == []  # waited 0.2 s for it, then gave up
+    client.api.membership_lock.release()
+    held = []
+    monkeypatch.setattr(StatusConnection, "getresponse", lambda self: (
+        held.append(client.api.membership_lock.locked()),
+        types.SimpleNamespace(status=200, read=lambda n: b'{"feature_level": 2}'))[1])
+    assert raiser.raise_once() is True and held == [True, True]
+
+
+def test_a_prefix_delete_over_the_cap_is_several_entries_and_answers_the_last_index(upgraded):
+    """Review of coord1, L2: one entry deletes at most MAX_DELETE_KEYS_PER_ENTRY keys; the route goes on."""
+    client = upgraded
+    n = api_module.MAX_DELETE_KEYS_PER_ENTRY
+    for i in range(2 * n + 3):
+        client.runtime.propose(command(SET, f"p/{i:05d}", b"v"), 1.0)
+    client.runtime.propose(command(SET, "q", b"v"), 1.0)
+    before = client.runtime.node.last_applied
+    r = client("DELETE", "/db/?prefix=p/")
+    assert (r.status, r.json()) == (200, {"deleted": 2 * n + 3, "index": before + 3})
+    assert sorted(client.store.data) == ["q"]

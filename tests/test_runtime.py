@@ -469,3 +469,34 @@ def test_a_leaders_snapshot_with_no_descriptor_free_is_saved_once_one_is_and_nev
         assert not fatal and runtime.running and not runtime.disk_full
     finally:
         runtime.stop()
+
+
+def test_a_snapshot_the_state_machine_requests_is_taken_whatever_the_logs_size():
+    """Review of coord1, S4: the raise of the feature level asks for a snapshot at once (store: "Downgrades"), so
+    that an older binary stops at start on it rather than replay the new ops as nothing."""
+
+    class Requesting(Restorable):
+        def apply(self, index, command):
+            if command == b"raise":
+                runtime.request_snapshot()
+            return super().apply(index, command)
+
+        def snapshot(self):
+            return b"state after %d" % len(self.applied)
+
+    runtime, storage, _, fatal = on_crashfs(snapshot_threshold_bytes=1 << 30)
+    runtime.state_machine = Requesting()
+    runtime.start()
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+        runtime.propose(b"before", 2.0)
+        assert storage.state.snapshot is None and runtime.stats["snapshots"] == 0
+        index, _ = runtime.propose(b"raise", 2.0)
+        runtime.propose(b"after", 2.0)
+        assert runtime.stats["snapshots"] == 1 and not fatal
+        assert storage.state.snapshot.last_included_index == index
+        assert storage.state.snapshot.data == b"state after 2"
+    finally:
+        runtime.stop()
