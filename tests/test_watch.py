@@ -205,10 +205,140 @@ def test_a_long_poll_answers_the_events_after_from_or_an_empty_list_after_its_ti
     ("/watch?key=a&poll=1&timeout=nan", "timeout must be a number"),
     ("/watch?key=a&timeout=1", "timeout goes with poll=1"),
     ("/watch?key=&poll=1", "key must be 1 to"),
+    ("/watch?key=a&from=%B2&poll=1", "from must be an index"),  # "\xb2".isdigit(): a 500 before (review 5)
 ])
 def test_junk_gets_400_with_a_reason(client, target, reason):
     r = client("GET", target)
     assert r.status == 400 and reason in r.text and r.text.count("\n") == 1
+
+
+def test_a_last_event_id_that_is_not_ascii_digits_is_400(client):
+    r = client("GET", "/watch?key=a&poll=1", headers={"Last-Event-ID": "\xb2"})
+    assert r.status == 400 and "Last-Event-ID must be an index" in r.text
+
+
+def test_a_plus_in_key_or_prefix_is_a_plus_as_in_db_paths(client):
+    """Review 5: `/db/a+b` writes the key "a+b"; Bottle's query decoding made `?key=a+b` watch "a b"."""
+    assert client("POST", "/db/a+b", "1").status == 200
+    assert client("POST", "/db/a b", "2").status == 200
+    r = client("GET", "/watch?key=a+b&from=0&poll=1")
+    assert r.status == 200 and [e["key"] for e in r.json()] == ["a+b"]
+    r = client("GET", "/watch?prefix=a%20&from=0&poll=1")
+    assert r.status == 200 and [e["key"] for e in r.json()] == ["a b"]
+
+
+def test_a_long_poll_answer_carries_the_position_to_go_on_from_and_an_empty_one_too(client):
+    """Review 1: a `[]` said nothing of how far the node had looked, so a quiet watcher's next `from` stayed put
+    and turned into a 410 once other keys' events left the history."""
+    client.api.watch_hub = hub = WatchHub(history_events=2)
+    client.store.on_event = hub.on_event
+    assert client("POST", "/db/mine", "1").status == 200
+    r = client("GET", "/watch?key=mine&from=0&poll=1")
+    assert r.status == 200 and len(r.json()) == 1 and r.headers["x-raft-watch-position"] == "1"
+    for i in range(5):
+        assert client("POST", f"/db/other{i}", "v").status == 200
+    hub.applied(7)  # an entry that changed nothing (a no-op, a configuration): positions move past it too
+    r = client("GET", "/watch?key=mine&from=1&poll=1&timeout=0")
+    assert r.status == 410  # from=1: nobody watched 2..6 for this client, and they left the history
+    r = client("GET", "/watch?key=mine&from=4&poll=1&timeout=0")
+    assert r.status == 200 and r.json() == [] and r.headers["x-raft-watch-position"] == "7"
+    r = client("GET", f"/watch?key=mine&from={r.headers['x-raft-watch-position']}&poll=1&timeout=0")
+    assert r.status == 200 and r.headers["x-raft-watch-position"] == "7"
+
+
+def test_a_registered_quiet_watcher_is_not_behind_when_other_keys_leave_the_history():
+    hub = WatchHub(history_events=3)
+    quiet, loud = hub.watch(0, Filter(key="q")), hub.watch(0, Filter(key="x"))
+    assert hub.next(quiet) == [] and hub.next(loud) == []
+    for i in range(1, 11):
+        hub.on_event(put(i, "x"))
+    hub.applied(12)
+    assert hub.history_start == 7
+    assert hub.next(quiet) == [] and quiet.position == 12  # not Behind: nothing of its own came
+    with pytest.raises(Behind):
+        hub.next(loud)  # its own events 1..7 left unread
+    hub.on_event(put(13, "q"))
+    hub.on_event(put(14, "x"))
+    assert indices(hub.next(quiet)) == [13] and quiet.position == 14
+
+
+# ---- fan-out: who is woken, what is encoded -------------------------------------------------------------------
+
+
+def test_an_event_wakes_only_the_watchers_of_its_key_and_of_its_prefixes_once_each():
+    """Review 3: one event woke every waiter (900 watchers of another key cut writes by 80%)."""
+    hub = WatchHub()
+    on_key = [hub.watch(0, Filter(key="app/x")) for _ in range(3)]
+    on_prefixes = [hub.watch(0, Filter(prefix=p)) for p in ("", "a", "app/", "app/x")]
+    elsewhere = [hub.watch(0, Filter(key="app/y")) for _ in range(100)] + [
+        hub.watch(0, Filter(prefix=p)) for p in ("b", "app/y", "app/xx", "apq")]
+    for watcher in on_key + on_prefixes + elsewhere:
+        assert hub.next(watcher) == []  # read to the end: from here each waits to be told
+    woken_before = hub.wakes
+    hub.on_event(put(1, "app/x"))
+    hub.on_event(put(1, "app/x", b"again"))  # a second event of one read wakes nobody twice
+    gevent.sleep(0.01)
+    assert hub.wakes - woken_before == len(on_key) + len(on_prefixes)
+    assert all(w.woken.is_set() for w in on_key + on_prefixes)
+    assert not any(w.woken.is_set() for w in elsewhere)
+    assert all(len(hub.next(w)) == 2 for w in on_key + on_prefixes)
+    for watcher in on_key + on_prefixes + elsewhere:
+        hub.unwatch(watcher)
+    assert not hub._by_key and not hub._by_prefix and not hub._prefix_lengths
+
+
+def test_watchers_are_woken_a_batch_a_turn_of_the_loop():
+    from raftlib.server.watch import WAKE_BATCH
+
+    hub = WatchHub()
+    watchers = [hub.watch(0, Filter(prefix="")) for _ in range(3 * WAKE_BATCH + 5)]
+    for watcher in watchers:
+        hub.next(watcher)
+    hub.on_event(put(1))
+    assert hub.wakes == 0  # not from inside apply
+    gevent.sleep(0)  # one turn's callbacks
+    assert hub.wakes == WAKE_BATCH
+    gevent.sleep(0.05)
+    assert hub.wakes == len(watchers)
+
+
+def test_an_event_is_encoded_once_for_all_the_watchers_that_read_it(client):
+    hub = client.api.watch_hub
+    assert client("POST", "/db/k", "v").status == 200
+    for _ in range(20):
+        r = client("GET", "/watch?key=k&from=0&poll=1")
+        assert [e["value"] for e in r.json()] == ["v"]
+    chunks = [stream(client, "/watch?prefix=&from=0")[2] for _ in range(20)]
+    frames = [(next(c), next(c))[1] for c in chunks]
+    assert len(set(frames)) == 1 and b'"value": "v"' in frames[0]
+    assert hub.encodings == 1
+
+
+# ---- memory ---------------------------------------------------------------------------------------------------
+
+
+def test_the_history_is_bounded_in_bytes_and_drops_what_it_evicts_at_once():
+    """Review 4: evicted events stayed referenced until the compaction (1,500 puts of 1 MiB: 2.1 GB)."""
+    from raftlib.server.watch import EVENT_OVERHEAD_BYTES
+
+    hub = WatchHub(history_events=10_000, history_bytes=4 << 20)
+    big = b"x" * (1 << 20)
+    for i in range(1, 101):
+        hub.on_event(put(i, f"k{i}", big))
+    assert len(hub) == 3 and hub.history_start == 97
+    assert hub.held_bytes == 3 * (len(big) + 3 + EVENT_OVERHEAD_BYTES) + 1 and hub.held_bytes <= 4 << 20
+    assert sum(e is not None for e in hub._events) == 3  # the evicted slots hold nothing
+    hub.on_event(put(101, "huge", b"y" * (5 << 20)))  # larger than the bound: the newest stays
+    assert len(hub) == 1 and indices(hub.read(100, ALL)[0]) == [101]
+
+
+def test_a_read_is_cut_past_its_byte_budget_between_groups():
+    hub = WatchHub()
+    for i in range(1, 11):
+        hub.on_event(put(i, "k", b"v" * 1000))
+    events, position = hub.read(0, ALL, max_bytes=2500)
+    assert indices(events) == [1, 2, 3] and position == 3
+    assert indices(hub.read(position, ALL, max_bytes=2500)[0]) == [4, 5, 6]
 
 
 def test_from_older_than_the_history_is_410_with_the_oldest_index():
@@ -249,24 +379,36 @@ def stream(client: Client, target: str, headers: dict | None = None):
     return started[0][0], started[0][1], iter(body)
 
 
-def test_a_stream_sends_events_then_an_error_event_when_it_falls_behind():
+def test_a_stream_sends_its_position_stays_on_past_other_keys_and_ends_when_its_own_events_are_evicted(
+        monkeypatch):
+    """Review 1: the position (everything up to it seen, matching or not) goes out as an `id:` with the first
+    chunk and with a keep-alive once it moved; a quiet watcher is not Behind when other keys' events leave the
+    history (it was a 410 on reconnect, and an error event here); it is when its own may have been evicted."""
+    from raftlib.server import api as api_module
+
+    monkeypatch.setattr(api_module, "KEEPALIVE_SECONDS", 0.2)
     c = Client()
     c.api.watch_hub = WatchHub(history_events=3)
     c.store.on_event = c.api.watch_hub.on_event
     status, headers, chunks = stream(c, "/watch?prefix=p/")
     assert status.startswith("200") and headers["Content-Type"].startswith("text/event-stream")
     assert headers["Cache-Control"] == "no-cache"
-    assert next(chunks).startswith(b": watching after index 0")
+    assert next(chunks) == b": watching after index 0\nid: 0\n\n"
     c("POST", "/db/p/a", "1")
     first = gevent.spawn(next, chunks)
     # The fake cluster is at feature level 1: events need no level, and their create_index is 0 there (store).
     assert first.get(timeout=2) == (b'id: 1\nevent: put\ndata: {"type": "put", "key": "p/a", "value": "1", '
                                     b'"index": 1, "create_index": 0}\n\n')
     assert c.metrics.watches_open == 1
-    for i in range(5):  # the reader does not read meanwhile: the history moves past it
+    for i in range(5):  # other keys: the history (3 events) moves past the stream's last event
         c("POST", f"/db/q{i}", "v")
+    assert c.api.watch_hub.history_start == 3
+    assert gevent.spawn(next, chunks).get(timeout=2) == b": keep-alive\nid: 6\n\n"  # its position moved
+    assert gevent.spawn(next, chunks).get(timeout=2) == b": keep-alive\n\n"  # and then did not
+    for i in range(5):  # its own, while it does not read: two of them leave the history unread
+        c("POST", f"/db/p/{i}", "v")
     error = gevent.spawn(next, chunks).get(timeout=2)
-    assert error.startswith(b"event: error\ndata: ") and json.loads(error.split(b"data: ")[1])["oldest_index"] == 4
+    assert error.startswith(b"event: error\ndata: ") and json.loads(error.split(b"data: ")[1])["oldest_index"] == 9
     with pytest.raises(StopIteration):
         next(chunks)
     assert c.metrics.watches_open == 0 and c.counted("watches_behind") == {"stream": 1}

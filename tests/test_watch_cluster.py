@@ -12,13 +12,15 @@ import time
 import pytest
 
 from procs import LocalCluster, Node, wait_for
+from raftlib.server.watch import EVENT_OVERHEAD_BYTES
 
-HISTORY_EVENTS = 40
+HISTORY_EVENTS = 40  # about: -watch-history-bytes for 40 small events (-watch-history is at least 4096)
+HISTORY_BYTES = HISTORY_EVENTS * (EVENT_OVERHEAD_BYTES + 8)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalCluster(str(tmp_path_factory.mktemp("watch")), extra=("-watch-history", str(HISTORY_EVENTS))).start()
+    c = LocalCluster(str(tmp_path_factory.mktemp("watch")), extra=("-watch-history-bytes", str(HISTORY_BYTES))).start()
     wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in c.running()), 10, "feature level 2")
     yield c
     c.stop()
@@ -32,7 +34,8 @@ class SseReader:
         self.conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=10)
         self.conn.request("GET", target, headers=headers or {})
         self.response = self.conn.getresponse()
-        self.last_id: int | None = None  # the id of the last whole group received
+        self.last_id: int | None = None  # the id of the last whole group received, or the last position sent
+        self.position: int | None = None  # the last position sent alone (watch.py's positions)
 
     def groups_until(self, index: int, deadline_seconds: float = 15.0) -> list[tuple[str, str, int]]:
         """(type, key, index) of every event received until a group with an id >= `index` is whole."""
@@ -53,6 +56,10 @@ class SseReader:
                 out.append((event["type"], event["key"], event["index"]))
             if "id" in block:
                 self.last_id = int(block["id"])
+                if "data" not in block:  # a position alone (the first chunk, a keep-alive): no event
+                    self.position = self.last_id
+                    block = {}
+                    continue
                 assert self.last_id == out[-1][2]
                 if self.last_id >= index:
                     return out

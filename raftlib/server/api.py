@@ -38,6 +38,7 @@ import http.client
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -54,12 +55,12 @@ from raftlib.storage import DiskFull
 
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
-from .edge import WRITE_METHODS, RateLimitedLog, Stream, waiting_on_its_own
+from .edge import EOF_PROBE_SECONDS, HALF_CLOSE_PROBES, WRITE_METHODS, RateLimitedLog, Stream, waiting_on_its_own
 from .health import liveness, readiness, report
 from .metrics import Metrics
 from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
                     MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_OPS, SET, SET_IF_INDEX, TXN, KeyValueStore, TxnResult, command, txn_problem)
-from .watch import Behind, Filter, WatchHub, event_json, sse_error, sse_frame
+from .watch import Behind, Filter, WatchHub, sse_error
 
 log = logging.getLogger("raftdzmq.api")
 
@@ -70,6 +71,8 @@ KEEPALIVE_SECONDS = 5.0  # a watch stream with nothing to send writes a comment 
 MAX_WATCHES = 10_000  # watches (streams and long polls) open at once on one node; 503 beyond
 DEFAULT_POLL_TIMEOUT_SECONDS = 30.0
 MAX_POLL_TIMEOUT_SECONDS = 60.0
+MAX_POLL_BYTES = 4 << 20  # keys and values in one long poll's answer (a group goes whole): the client goes on from its position
+WATCH_POSITION_HEADER = "X-Raft-Watch-Position"  # a long poll's next from (watch.py's positions)
 OUTCOME_HEADER = "X-Raft-Outcome"  # on every failed write's answer (the module's rules)
 NOT_APPLIED, UNKNOWN = "not-applied", "unknown"
 WRITE_OPERATIONS = frozenset(("write", "join", "removal", "transfer"))  # the operations whose answers name an outcome
@@ -721,22 +724,35 @@ def _watch_position(api: Api) -> int:
     """Where a watch starts: after Last-Event-ID (a reconnect), else after ?from=N, else after this node's last
     applied index (from now)."""
     req = bottle.request
-    last_event_id = req.get_header("Last-Event-ID")
+    last_event_id = req.environ.get("HTTP_LAST_EVENT_ID")  # as sent (latin-1): Bottle's get_header decodes UTF-8
     name, given = ("Last-Event-ID", last_event_id) if last_event_id else ("from", req.query.get("from"))
     if given is None:
-        return api.runtime.node.last_applied
-    if not given.isdigit() or len(given) > 18:
+        return max(api.runtime.node.last_applied, api.watch_hub.applied_index)
+    if not (given.isascii() and given.isdigit()) or len(given) > 18:  # "\xb2".isdigit() is True: int() fails
         raise text(400, f"{name} must be an index: an integer >= 0")
     return int(given)
+
+
+def _watch_names(query_string: str) -> tuple[str | None, str | None]:
+    """?key= and ?prefix= as /db/KEY names keys: percent-decoded, `+` a literal plus (Bottle's query decoding
+    would make it a space: `/watch?key=a+b` would watch "a b", not the key `/db/a+b` wrote), UTF-8. The last of
+    each wins, as in Bottle."""
+    found: dict[str, str] = {}
+    for pair in query_string.split("&"):
+        name, _, value = pair.partition("=")
+        name = urllib.parse.unquote(name)
+        if name in ("key", "prefix"):
+            try:
+                found[name] = urllib.parse.unquote_to_bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise text(400, "key and prefix must be UTF-8") from None
+    return found.get("key"), found.get("prefix")
 
 
 def get_watch(api: Api) -> bottle.HTTPResponse:
     """GET /watch?key=K or ?prefix=P [&from=N] [&poll=1[&timeout=S]]: the changes after N (the module's rules)."""
     q = bottle.request.query
-    try:  # from UTF-8, as keys are (list_keys says why)
-        key, prefix = (q[name].encode("latin-1").decode("utf-8") if name in q else None for name in ("key", "prefix"))
-    except UnicodeError:
-        raise text(400, "key and prefix must be UTF-8") from None
+    key, prefix = _watch_names(bottle.request.environ.get("QUERY_STRING", ""))
     if (key is None) == (prefix is None):
         raise text(400, "a watch names ?key=K or ?prefix=P, one of them (an empty prefix watches every key)")
     if key is not None:
@@ -774,60 +790,99 @@ def get_watch(api: Api) -> bottle.HTTPResponse:
 
 
 def _long_poll(api: Api, position: int, wanted: Filter, timeout_seconds: float) -> bottle.HTTPResponse:
+    """The answer carries X-Raft-Watch-Position, the next `from` (watch.py's positions), `[]` too. A client that
+    closes (or half-closes: it cannot be told apart before the answer) is answered at once with what there is."""
     hub, metrics = api.watch_hub, api.metrics
     deadline = time.monotonic() + timeout_seconds
+    handler = bottle.request.environ.get("raftdzmq.handler")  # None in process (tests)
     metrics.watches_open += 1
+    watcher = hub.watch(position, wanted)
+    stream = None if handler is None else Stream(handler, last_answer=False)
     try:
         while True:
             try:
-                events, position = hub.read(position, wanted)
+                events = hub.next(watcher, max_bytes=MAX_POLL_BYTES)
             except Behind as e:
                 metrics.watches_behind.inc("poll")
                 return text(410, str(e), **{"X-Raft-Oldest-Index": str(e.oldest_index)})
             remaining = deadline - time.monotonic()
-            if events or remaining <= 0:
+            ended = stream is not None and (stream.gone.is_set() or stream.eof.is_set())
+            if events or remaining <= 0 or ended:
                 metrics.watch_events.inc("poll", len(events))
-                return json_answer([event_json(e) for e in events], **read_headers(api))
+                if stream is not None and stream.ended:
+                    return text(503, stream.ended, **{WATCH_POSITION_HEADER: str(watcher.position)})
+                return bottle.HTTPResponse(hub.poll_body(events), 200, {
+                    "Content-Type": "application/json", WATCH_POSITION_HEADER: str(watcher.position),
+                    **read_headers(api)})
             with waiting_on_its_own(bottle.request.environ):  # bounded by remaining, at most a minute
-                hub.wait(position, remaining)
+                hub.wait_for(watcher, remaining, None if stream is None else stream.gone)
+                if stream is not None and stream.eof.is_set():
+                    continue
     finally:
+        hub.unwatch(watcher)
         metrics.watches_open -= 1
+        if stream is not None:
+            stream.close()
 
 
 def _stream(api: Api, position: int, wanted: Filter, environ: dict) -> Iterator[bytes]:
     """The chunks of a watch stream (Bottle and pywsgi send each as it comes, chunked). Not started, it holds
-    nothing: the count and the connection's Stream begin with the first chunk."""
+    nothing: the count, the registration and the connection's Stream begin with the first chunk. Its position goes
+    out as an `id:` with the first chunk, after each index group, and with a keep-alive when it moved."""
     hub, metrics = api.watch_hub, api.metrics
     handler = environ.get("raftdzmq.handler")  # None in process (tests): no peer to watch
     metrics.watches_open += 1
-    stream = None if handler is None else Stream(handler)
-    gone = None if stream is None else stream.gone
     try:
-        yield f": watching after index {position}\n\n".encode()  # the answer's head goes out with it
+        watcher = hub.watch(position, wanted)
+    except Behind as e:  # the history moved between the check and the first chunk
+        metrics.watches_open -= 1
+        metrics.watches_behind.inc("stream")
+        yield sse_error(str(e), e.oldest_index)
+        return
+    stream = None if handler is None else Stream(handler, user_timeout_seconds=2 * KEEPALIVE_SECONDS)
+    gone = None if stream is None else stream.gone
+    probes = 0
+    try:
+        yield f": watching after index {position}\nid: {position}\n\n".encode()  # the answer's head goes with it
+        sent_position = position
         written_at = time.monotonic()
         while True:
             if stream is not None:
                 stream.wrote()
                 if stream.gone.is_set():
+                    if stream.ended:
+                        yield sse_error(stream.ended, hub.history_start + 1)
                     return
+                if stream.eof.is_set() and probes < HALF_CLOSE_PROBES:
+                    if probes:
+                        gevent.sleep(EOF_PROBE_SECONDS)  # the reset to the first probe comes back meanwhile
+                    probes += 1
+                    yield b": are you there\n\n"  # fails once the client closed both ways: the stream ends
+                    continue
             try:
-                events, position = hub.read(position, wanted)
+                events = hub.next(watcher)
             except Behind as e:
                 metrics.watches_behind.inc("stream")
                 yield sse_error(str(e), e.oldest_index)
                 return
             if events:
                 metrics.watch_events.inc("stream", len(events))
-                yield sse_frame(events)
+                yield hub.sse(events)
+                sent_position = events[-1][3]
                 written_at = time.monotonic()
                 continue
             remaining = KEEPALIVE_SECONDS - (time.monotonic() - written_at)
             if remaining <= 0:
-                yield b": keep-alive\n\n"
+                if watcher.position != sent_position:
+                    sent_position = watcher.position
+                    yield b": keep-alive\nid: %d\n\n" % sent_position
+                else:
+                    yield b": keep-alive\n\n"
                 written_at = time.monotonic()
                 continue
-            hub.wait(position, remaining, gone)
+            hub.wait_for(watcher, remaining, gone if stream is None or not stream.eof.is_set() else None)
     finally:
+        hub.unwatch(watcher)
         metrics.watches_open -= 1
         if stream is not None:
             stream.close()

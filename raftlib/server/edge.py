@@ -427,28 +427,77 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
 
 
 class Stream:
-    """What a streaming answer needs of its connection (the module's rules). `gone` is set once the client's side
-    of the socket turns readable: end of file (it closed or reset), or bytes where none are expected (a stream is
-    the connection's last answer). `wrote()` after each chunk: the sweeper's busy bound then counts from the last
-    chunk written, so it cuts off only a client that stopped taking the stream. `close()` when the stream ends."""
+    """What a watch (a stream, or a long poll while it waits) needs of its connection (the module's rules).
 
-    def __init__(self, handler: EdgeHandler) -> None:
+    - `gone` is set when the client sends bytes where none are expected (a watch is the connection's last
+      answer), when the server evicts the watch (`ended` then says why: the pool is full), or, after its end of
+      file, when writes fail. An end of file alone is not "gone": a client may half-close (SHUT_WR) after its
+      request and still read; `eof` is set instead, and the stream probes (HALF_CLOSE_PROBES comments, written at
+      once, EOF_PROBE_SECONDS apart): a client that closed both ways answers the first with a reset, and the
+      next write fails, which ends the stream.
+    - `wrote()` after each chunk: the sweeper's busy bound then counts from the last chunk written, so it cuts off
+      only a client that stopped taking the stream (a write that cannot complete within the bound: the unread
+      bytes are at most the socket's send buffer and one chunk).
+    - TCP_USER_TIMEOUT (Linux) of `user_timeout_seconds`: a peer that stopped acknowledging (gone silent, no
+      reset) is dropped by the kernel, and the next write fails.
+    - It is in the server's `watching` (oldest first) until `close()`: EdgeServer.handle evicts the oldest watch
+      when the pool is full and no idle or receiving connection is left."""
+
+    def __init__(self, handler: EdgeHandler, user_timeout_seconds: float | None = None,
+                 last_answer: bool = True) -> None:
+        """`last_answer`: a stream; False for a long poll, whose connection may carry on (bytes that come
+        meanwhile are its next request, not a sign of anything)."""
         self.handler = handler
+        self.last_answer = last_answer
         self.gone = gevent.event.Event()
-        handler.close_connection = True  # whatever ends the stream ends the connection
+        self.eof = gevent.event.Event()
+        self.ended: str | None = None  # why the server ended it (eviction), for the client's last event
+        if last_answer:
+            handler.close_connection = True  # whatever ends the stream ends the connection
         self._watcher: Any = None  # a libev io watcher on the socket, for reading
         try:
-            fileno = handler.socket.fileno()
+            sock: Any = handler.socket
+            fileno = sock.fileno()
+            if user_timeout_seconds is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_seconds * 1000))
         except (OSError, AttributeError):
             self.gone.set()
             return
         self._watcher = gevent.get_hub().loop.io(fileno, 1)
         self._watcher.start(self._readable)
+        handler.server.watching[self] = time.monotonic()
 
     def _readable(self) -> None:
-        self.gone.set()
         if self._watcher is not None:
             self._watcher.stop()
+        try:
+            sock: Any = self.handler.socket
+            peeked = getattr(sock, "_sock", sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if self._watcher is not None:
+                self._watcher.start(self._readable)
+            return
+        except OSError:  # a reset
+            self.gone.set()
+            return
+        if peeked:
+            if self.last_answer:
+                self.gone.set()  # bytes where none are expected
+        else:
+            self.eof.set()  # a half-close, or a close: the probes tell
+
+    def end(self, reason: str) -> None:
+        """The server ends this watch (its connection is evicted): the stream writes why and closes."""
+        self.ended = reason
+        self.gone.set()
+        # A stream blocked in a write (its client does not read) cannot say why: its socket closes within a bound.
+        timer = gevent.get_hub().loop.timer(END_WRITE_SECONDS)
+        timer.start(self._end_now, timer)
+
+    def _end_now(self, timer) -> None:
+        timer.close()
+        if self._watcher is not None:  # not closed yet
+            self.handler.server._close(self.handler.server.busy, self.handler)
 
     def wrote(self) -> None:
         busy = self.handler.server.busy
@@ -456,9 +505,15 @@ class Stream:
             busy[self.handler] = time.monotonic()
 
     def close(self) -> None:
+        self.handler.server.watching.pop(self, None)
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
+
+
+HALF_CLOSE_PROBES = 2
+END_WRITE_SECONDS = 1.0  # an evicted watch's last event must be written within this
+EOF_PROBE_SECONDS = 0.2  # a reset comes back within a round trip: localhost or a LAN, well within this
 
 
 @contextlib.contextmanager
@@ -624,6 +679,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.idle: dict[EdgeHandler, float] = {}
         self.busy: dict[EdgeHandler, float] = {}
         self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
+        self.watching: dict[Stream, float] = {}  # open watches (streams, long polls), oldest first: evictable
         self._refusals = RateLimitedLog("refused HTTP requests", log)
         self._accept_failures = RateLimitedLog("failed accepts", log)
         self._evictions = RateLimitedLog("closed connections", log)
@@ -675,6 +731,15 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                 _, handlers = min(victims, key=lambda v: v[0])
                 self._evict(handlers, next(iter(handlers)),
                             "full_idle" if handlers is self.idle else "full_receiving")
+            elif self.watching:  # only watches hold the pool: the oldest ends (it says why, then closes)
+                stream = next(iter(self.watching))
+                self.watching.pop(stream)
+                if self._on_eviction is not None:
+                    self._on_eviction("full_watch")
+                self._evictions.log(logging.WARNING, "ended the oldest watch (%s): the HTTP connections are all used",
+                                    stream.handler.client_address[0] if isinstance(stream.handler.client_address,
+                                                                                   tuple) else "?")
+                stream.end("the server's HTTP connections are all used: this watch, the oldest, ended to make room")
         self.handler_class(sock, address, self).handle()
 
     def _sweep(self) -> None:

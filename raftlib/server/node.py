@@ -58,11 +58,11 @@ from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
-from .api import Api, make_app
+from .api import MAX_WATCHES, Api, make_app
 from .edge import EdgeServer, listen
 from .metrics import Metrics
 from .store import FEATURE_LEVEL, SET_FEATURE_LEVEL, KeyValueStore, command
-from .watch import DEFAULT_HISTORY_EVENTS, WatchHub
+from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
 
 log = logging.getLogger("raftdzmq.node")
 
@@ -138,6 +138,7 @@ class ServerConfig:
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
     watch_history_events: int = DEFAULT_HISTORY_EVENTS  # -watch-history: events kept for watches
+    watch_history_bytes: int = DEFAULT_HISTORY_BYTES  # -watch-history-bytes: and at most about this many bytes
     access_log: bool = False  # a line per HTTP request at INFO on raftdzmq.access (-v)
 
     @property
@@ -259,6 +260,11 @@ class WatchedStore(KeyValueStore):
         super().__init__(on_event=hub.on_event, on_level_raised=on_level_raised)
         self.hub, self.snapshot_of_node = hub, snapshot_of_node
 
+    def apply(self, index: int, command: bytes) -> object:
+        result = super().apply(index, command)
+        self.hub.applied(index)  # its events are in: a quiet watcher's position may move past it
+        return result
+
     def restore(self, data: bytes) -> None:
         super().restore(data)
         snapshot = self.snapshot_of_node()
@@ -307,7 +313,7 @@ class Server:
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
-        self.watch_hub = WatchHub(config.watch_history_events)
+        self.watch_hub = WatchHub(config.watch_history_events, config.watch_history_bytes)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
         self.store = WatchedStore(self.watch_hub, lambda: self.node.snapshot,
                                   on_level_raised=lambda level: self.runtime.request_snapshot())
@@ -540,7 +546,9 @@ class Server:
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
                   guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
                   committed_configuration=self.committed_configuration, feature_level=self.feature_level,
-                  watch_hub=self.watch_hub)
+                  watch_hub=self.watch_hub,
+                  # Watches hold connections: at most half the pool (the oldest is evicted when the pool is full).
+                  max_watches=max(1, min(MAX_WATCHES, config.max_connections // 2)))
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason
