@@ -302,7 +302,12 @@ def test_watchers_are_woken_a_batch_a_turn_of_the_loop():
     assert hub.wakes == len(watchers)
 
 
-def test_an_event_is_encoded_once_for_all_the_watchers_that_read_it(client):
+def test_an_event_is_encoded_once_for_all_the_watchers_that_read_it(client, monkeypatch):
+    from raftlib.server import watch as watch_module
+
+    encoded = []
+    original = watch_module.event_json
+    monkeypatch.setattr(watch_module, "event_json", lambda event: encoded.append(event) or original(event))
     hub = client.api.watch_hub
     assert client("POST", "/db/k", "v").status == 200
     for _ in range(20):
@@ -311,7 +316,7 @@ def test_an_event_is_encoded_once_for_all_the_watchers_that_read_it(client):
     chunks = [stream(client, "/watch?prefix=&from=0")[2] for _ in range(20)]
     frames = [(next(c), next(c))[1] for c in chunks]
     assert len(set(frames)) == 1 and b'"value": "v"' in frames[0]
-    assert hub.encodings == 1
+    assert hub.encodings == 1 and len(encoded) == 1
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------
