@@ -503,3 +503,94 @@ def test_a_stream_through_the_edge_is_chunked_outlives_the_busy_bound_and_ends_w
     assert result["event_seconds"] < 1.0  # written as it came, not buffered
     assert result["opened"] == 2 and result["open_after"] == 1 and result["gone_seconds"] < 0.5
     assert result["poll_answer"].startswith("HTTP/1.1 200") and result["poll_answer"].endswith("\r\n\r\n[]\n")
+
+
+WATCHES_THROUGH_A_FULL_EDGE = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, socket, sys, time, types
+sys.path.insert(0, sys.argv[1])
+import gevent, gevent.socket
+from raftlib import Role
+from raftlib.server.api import Api, make_app
+from raftlib.server.edge import EdgeServer
+from raftlib.server.metrics import Metrics
+from raftlib.server.store import SET, KeyValueStore, command
+from raftlib.server.watch import WatchHub
+
+listener = gevent.socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+hub, metrics = WatchHub(), Metrics()
+kv = KeyValueStore(on_event=hub.on_event)
+node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
+evictions = []
+server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node), kv, metrics, watch_hub=hub)),
+                    max_connections=4, idle_timeout_seconds=30.0, receive_timeout_seconds=5.0,
+                    busy_timeout_seconds=30.0, max_header_bytes=32768, max_body_bytes=1024,
+                    on_eviction=evictions.append)
+server.start()
+port = listener.getsockname()[1]
+
+def connect(target):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    return s
+
+def read_until(s, marker, seconds=5):
+    got, end = b"", time.monotonic() + seconds
+    while marker not in got and time.monotonic() < end:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+streams = []
+for _ in range(4):  # the fourth takes the pool's last place: the oldest watch goes to make room for the next
+    streams.append(connect(b"/watch?prefix=k"))
+    read_until(streams[-1], b"watching")
+# A client that half-closes after its request still gets its events (it is the newest: not evicted below).
+streams[3].shutdown(socket.SHUT_WR)
+gevent.sleep(1.0)
+open_before = metrics.watches_open
+# One more connection: the oldest watch is ended, saying why, and the new request is served.
+status = connect(b"/watch?key=zz&poll=1&timeout=0")
+status_answer = read_until(status, b"\r\n\r\n[]")
+oldest_end = read_until(streams[0], b"never", seconds=5)
+kv.apply(1, command(SET, "k1", b"v"))
+half_closed = read_until(streams[3], b"id: 1\n")
+# A long poll whose client closes ends at once, not at its timeout.
+polling = connect(b"/watch?key=zz&poll=1&timeout=50")
+gevent.sleep(0.5)
+polls_open = metrics.watches_open
+polling.close()
+t0 = time.monotonic()
+while metrics.watches_open == polls_open and time.monotonic() - t0 < 10:
+    gevent.sleep(0.05)
+print(json.dumps({"open_before": open_before, "status_answer": status_answer.decode(), "evictions": evictions,
+                  "oldest_end": oldest_end.decode(), "half_closed": half_closed.decode(), "polls_open": polls_open,
+                  "open_after_poll": metrics.watches_open}))
+"""
+
+
+def test_watches_are_evicted_oldest_first_when_the_pool_is_full_and_a_long_poll_notices_its_client_left():
+    """Review 2: 20 held streams locked a -max-connections 20 node; a long poll never noticed its client left;
+    a half-close (SHUT_WR after the request) is not a client gone."""
+    import subprocess
+    import sys
+
+    from procs import ROOT
+
+    out = subprocess.run([sys.executable, "-c", WATCHES_THROUGH_A_FULL_EDGE, ROOT], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["open_before"] == 3
+    assert result["status_answer"].startswith("HTTP/1.1 200") and "X-Raft-Watch-Position: 0" in result[
+        "status_answer"]
+    assert result["evictions"][:2] == ["full_watch", "full_watch"]
+    assert "event: error" in result["oldest_end"] and "the oldest, ended to make room" in result["oldest_end"]
+    assert 'event: put\ndata: {"type": "put", "key": "k1"' in result["half_closed"]
+    assert result["open_after_poll"] == result["polls_open"] - 1

@@ -484,7 +484,9 @@ class Stream:
             if self.last_answer:
                 self.gone.set()  # bytes where none are expected
         else:
-            self.eof.set()  # a half-close, or a close: the probes tell
+            self.eof.set()  # a half-close, or a close: a stream's probes tell
+            if not self.last_answer:
+                self.gone.set()  # a long poll cannot probe: it answers at once with what it has
 
     def end(self, reason: str) -> None:
         """The server ends this watch (its connection is evicted): the stream writes why and closes."""
