@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -36,6 +38,7 @@ class SseReader:
         self.response = self.conn.getresponse()
         self.last_id: int | None = None  # the id of the last whole group received, or the last position sent
         self.position: int | None = None  # the last position sent alone (watch.py's positions)
+        self.error: dict | None = None  # the stream's last event, when it was ended
 
     def groups_until(self, index: int, deadline_seconds: float = 15.0) -> list[tuple[str, str, int]]:
         """(type, key, index) of every event received until a group with an id >= `index` is whole."""
@@ -50,7 +53,9 @@ class SseReader:
                 name, _, value = line.partition(":")
                 block[name] = value.strip()
                 continue
-            if "data" in block and block.get("event") != "error":
+            if block.get("event") == "error":
+                self.error = json.loads(block["data"])
+            elif "data" in block:
                 event = json.loads(block["data"])
                 assert event["type"] == block["event"]
                 out.append((event["type"], event["key"], event["index"]))
@@ -148,3 +153,41 @@ def test_a_cluster_of_feature_level_1_serves_watches_of_sets_and_deletes(tmp_pat
             ("put", put, 0), ("delete", gone, 0)]  # no indices below level 2 (store: "Indices")
     finally:
         node.kill()
+
+
+def test_a_follower_that_installs_a_snapshot_ends_its_streams_and_a_reconnect_elsewhere_resumes_exactly(
+        tmp_path):
+    """Review 6 (the reviewer's snap.py): a follower paused while the leader snapshots and compacts past it gets
+    the snapshot (no events); its stream ends with an error event, a reconnect to it with the old Last-Event-ID
+    gets 410 and X-Raft-Oldest-Index, a reconnect to another node gets exactly the committed sequence."""
+    c = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", "20000")).start()
+    paused = None
+    try:
+        wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in c.running()), 10, "feature level 2")
+        leader = c.leader()
+        follower, other = [n for n in c.running() if n is not leader]
+        reader = SseReader(follower, "/watch?prefix=s/")
+        committed = [("put", f"s/{k}", index_of(leader.request("POST", f"/db/s/{k}", "x" * 300))) for k in range(5)]
+        assert reader.groups_until(committed[-1][2]) == committed
+        resume_after = reader.last_id
+        os.kill(follower.proc.pid, signal.SIGSTOP)
+        paused = follower
+        for k in range(5, 400):
+            committed.append(("put", f"s/{k}", index_of(leader.request("POST", f"/db/s/{k}", "x" * 300))))
+        wait_for(lambda: leader.status()["snapshot_index"] > resume_after + 10, 20, "the leader's snapshot")
+        os.kill(follower.proc.pid, signal.SIGCONT)
+        paused = None
+        wait_for(lambda: follower.status()["snapshot_index"] > resume_after, 20, "the follower's snapshot")
+        with pytest.raises((EOFError, OSError, http.client.HTTPException)):
+            reader.groups_until(committed[-1][2], deadline_seconds=10)
+        assert reader.error is not None and reader.error["oldest_index"] > resume_after + 1
+        reader.close()
+        r = follower.request("GET", "/watch?prefix=s/&poll=1", headers={"Last-Event-ID": str(resume_after)})
+        assert r.status == 410 and int(r.headers["x-raft-oldest-index"]) > resume_after + 1
+        again = SseReader(other, "/watch?prefix=s/", headers={"Last-Event-ID": str(resume_after)})
+        assert again.groups_until(committed[-1][2]) == committed[5:]  # no gap, no duplicate
+        again.close()
+    finally:
+        if paused is not None:
+            os.kill(paused.proc.pid, signal.SIGCONT)
+        c.stop()

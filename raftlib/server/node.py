@@ -32,6 +32,8 @@ Rules:
 from __future__ import annotations
 
 import binascii
+from collections.abc import Callable
+from typing import Any
 import http.client
 import ipaddress
 import json
@@ -256,7 +258,8 @@ class WatchedStore(KeyValueStore):
     is the one being restored whenever restore is called: at start, and by the runtime for a snapshot the leader
     sent (RaftNode._restore sets it before the Ready that carries it)."""
 
-    def __init__(self, hub: WatchHub, snapshot_of_node, on_level_raised=None) -> None:
+    def __init__(self, hub: WatchHub, snapshot_of_node: Callable[[], Any],
+                 on_level_raised: Callable[[int], None] | None = None) -> None:
         super().__init__(on_event=hub.on_event, on_level_raised=on_level_raised)
         self.hub, self.snapshot_of_node = hub, snapshot_of_node
 

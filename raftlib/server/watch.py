@@ -44,8 +44,9 @@ import base64
 import bisect
 import collections
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import itemgetter
+from typing import Any
 
 import gevent
 import gevent.event
@@ -60,7 +61,7 @@ MAX_EVENTS_PER_READ = 1000  # events handed out by one read (a group of one inde
 MAX_BYTES_PER_READ = 4 << 20  # bytes (key and value) handed out by one read, the same way
 WAKE_BATCH = 64  # watchers woken per turn of the event loop
 _COMPACT_EVENTS = 4096  # the evicted front of the list is dropped once it is this long and half the list
-_index_of = itemgetter(3)  # Event.index, by position: faster than the attribute, and bisect's key
+_index_of: Callable[[Any], int] = itemgetter(3)  # Event.index, by position: faster than the attribute, and bisect's key
 
 
 class Behind(Exception):
