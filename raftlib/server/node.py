@@ -32,8 +32,6 @@ Rules:
 from __future__ import annotations
 
 import binascii
-from collections.abc import Callable
-from typing import Any
 import http.client
 import ipaddress
 import json
@@ -46,7 +44,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gevent
 from gevent import monkey
