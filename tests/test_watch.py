@@ -287,6 +287,26 @@ def test_an_event_wakes_only_the_watchers_of_its_key_and_of_its_prefixes_once_ea
     assert not hub._by_key and not hub._by_prefix and not hub._prefix_lengths
 
 
+def test_a_stale_wake_does_not_end_every_later_wait_at_once():
+    # The watcher reads its event before its queued wake runs: the wake then finds nothing to read. A read that
+    # finds nothing must clear it, else every wait_for returns at once and a stream spins (review 2, item 1).
+    hub = WatchHub()
+    watcher = hub.watch(0, Filter(key="k"))
+    assert hub.next(watcher) == []
+    hub.on_event(put(1, "k"))
+    hub.applied(1)
+    assert [e.index for e in hub.next(watcher)] == [1]  # before _wake_some ran
+    gevent.sleep(0)  # the wake runs now: woken is set, first_match is None
+    assert watcher.woken.is_set()
+    returns = 0
+    for _ in range(20):  # the _stream loop: next, then wait_for
+        assert hub.next(watcher) == []
+        if watcher.woken.is_set():
+            returns += 1  # wait_for would return at once, with nothing to read
+        hub.wait_for(watcher, 0.001)
+    assert returns == 0
+
+
 def test_watchers_are_woken_a_batch_a_turn_of_the_loop():
     from raftlib.server.watch import WAKE_BATCH
 

@@ -259,10 +259,10 @@ class WatchHub:
         """The watcher's next events (whole groups, within the budgets); its position moves past what was looked
         at. Raises Behind when a matching event may have been evicted."""
         first_match = watcher.first_match
+        watcher.woken.clear()  # on both paths: a wake left set from an earlier read would end every wait at once
         if first_match is None:  # nothing that matches came: all up to the applied index was looked at
             watcher.position = max(watcher.position, self.applied_index)
             return []
-        watcher.woken.clear()
         scan_from = max(watcher.position, first_match - 1)
         watcher.first_match = None  # before the read: what arrives from here on marks it again
         try:
