@@ -809,8 +809,6 @@ def _long_poll(api: Api, position: int, wanted: Filter, timeout_seconds: float) 
             ended = stream is not None and (stream.gone.is_set() or stream.eof.is_set())
             if events or remaining <= 0 or ended:
                 metrics.watch_events.inc("poll", len(events))
-                if stream is not None and stream.ended:
-                    return text(503, stream.ended, **{WATCH_POSITION_HEADER: str(watcher.position)})
                 return bottle.HTTPResponse(hub.poll_body(events), 200, {
                     "Content-Type": "application/json", WATCH_POSITION_HEADER: str(watcher.position),
                     **read_headers(api)})
@@ -850,8 +848,6 @@ def _stream(api: Api, position: int, wanted: Filter, environ: dict) -> Iterator[
             if stream is not None:
                 stream.wrote()
                 if stream.gone.is_set():
-                    if stream.ended:
-                        yield sse_error(stream.ended, hub.history_start + 1)
                     return
                 if stream.eof.is_set() and probes < HALF_CLOSE_PROBES:
                     if probes:

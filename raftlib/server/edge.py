@@ -430,7 +430,7 @@ class Stream:
     """What a watch (a stream, or a long poll while it waits) needs of its connection (the module's rules).
 
     - `gone` is set when the client sends bytes where none are expected (a watch is the connection's last
-      answer), when the server evicts the watch (`ended` then says why: the pool is full), or, after its end of
+      answer), or, after its end of
       file, when writes fail. An end of file alone is not "gone": a client may half-close (SHUT_WR) after its
       request and still read; `eof` is set instead, and the stream probes (HALF_CLOSE_PROBES comments, written at
       once, EOF_PROBE_SECONDS apart): a client that closed both ways answers the first with a reset, and the
@@ -440,8 +440,8 @@ class Stream:
       bytes are at most the socket's send buffer and one chunk).
     - TCP_USER_TIMEOUT (Linux) of `user_timeout_seconds`: a peer that stopped acknowledging (gone silent, no
       reset) is dropped by the kernel, and the next write fails.
-    - It is in the server's `watching` (oldest first) until `close()`: EdgeServer.handle evicts the oldest watch
-      when the pool is full and no idle or receiving connection is left."""
+    - It is in the server's `watching` (oldest first) until `close()`. The server never ends a watch to make
+      room in a full pool: watches are capped at half of it (EdgeServer.handle says why)."""
 
     def __init__(self, handler: EdgeHandler, user_timeout_seconds: float | None = None,
                  last_answer: bool = True) -> None:
@@ -451,7 +451,6 @@ class Stream:
         self.last_answer = last_answer
         self.gone = gevent.event.Event()
         self.eof = gevent.event.Event()
-        self.ended: str | None = None  # why the server ended it (eviction), for the client's last event
         if last_answer:
             handler.close_connection = True  # whatever ends the stream ends the connection
         self._watcher: Any = None  # a libev io watcher on the socket, for reading
@@ -488,19 +487,6 @@ class Stream:
             if not self.last_answer:
                 self.gone.set()  # a long poll cannot probe: it answers at once with what it has
 
-    def end(self, reason: str) -> None:
-        """The server ends this watch (its connection is evicted): the stream writes why and closes."""
-        self.ended = reason
-        self.gone.set()
-        # A stream blocked in a write (its client does not read) cannot say why: its socket closes within a bound.
-        timer = gevent.get_hub().loop.timer(END_WRITE_SECONDS)
-        timer.start(self._end_now, timer)
-
-    def _end_now(self, timer) -> None:
-        timer.close()
-        if self._watcher is not None:  # not closed yet
-            self.handler.server._close(self.handler.server.busy, self.handler)
-
     def wrote(self) -> None:
         busy = self.handler.server.busy
         if busy.pop(self.handler, None) is not None:  # to the end: the dict is kept oldest first
@@ -514,7 +500,6 @@ class Stream:
 
 
 HALF_CLOSE_PROBES = 2
-END_WRITE_SECONDS = 1.0  # an evicted watch's last event must be written within this
 EOF_PROBE_SECONDS = 0.2  # a reset comes back within a round trip: localhost or a LAN, well within this
 
 
@@ -733,15 +718,10 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                 _, handlers = min(victims, key=lambda v: v[0])
                 self._evict(handlers, next(iter(handlers)),
                             "full_idle" if handlers is self.idle else "full_receiving")
-            elif self.watching:  # only watches hold the pool: the oldest ends (it says why, then closes)
-                stream = next(iter(self.watching))
-                self.watching.pop(stream)
-                if self._on_eviction is not None:
-                    self._on_eviction("full_watch")
-                self._evictions.log(logging.WARNING, "ended the oldest watch (%s): the HTTP connections are all used",
-                                    stream.handler.client_address[0] if isinstance(stream.handler.client_address,
-                                                                                   tuple) else "?")
-                stream.end("the server's HTTP connections are all used: this watch, the oldest, ended to make room")
+            # Watches are never ended to make room: they hold at most half the pool (api.max_watches, node.py),
+            # so a full pool with none idle or receiving has busy requests, which end within their bounds. Ending
+            # a watch for each connection that took the last place ended every watch in a burst of requests
+            # (review 2 of watch, item 2).
         self.handler_class(sock, address, self).handle()
 
     def _sweep(self) -> None:

@@ -551,7 +551,8 @@ class Server:
                   committed_configuration=self.committed_configuration, feature_level=self.feature_level,
                   watch_hub=self.watch_hub,
                   # Watches hold connections: at most half the pool (the oldest is evicted when the pool is full).
-                  max_watches=max(1, min(MAX_WATCHES, config.max_connections // 2)))
+                  # at most half the pool (edge.EdgeServer.handle relies on it); 0 with one connection
+                  max_watches=min(MAX_WATCHES, config.max_connections // 2))
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason
