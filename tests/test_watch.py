@@ -227,6 +227,18 @@ def test_a_plus_in_key_or_prefix_is_a_plus_as_in_db_paths(client):
     assert r.status == 200 and [e["key"] for e in r.json()] == ["a b"]
 
 
+def test_raw_utf8_in_key_or_prefix_names_the_key_db_paths_write(client):
+    """Review 2 of watch: WSGI hands the query string over as latin-1 text, so raw UTF-8 bytes must be taken back
+    to bytes before decoding: `?key=r\xc3\xa9` watched "rÃ©"."""
+    from raftlib.server.api import _watch_names
+
+    assert _watch_names("key=r\xc3\xa9") == ("r\u00e9", None)
+    assert _watch_names("prefix=r%C3%A9") == (None, "r\u00e9")
+    with pytest.raises(Exception) as raised:  # Bottle's HTTPResponse: a 400
+        _watch_names("key=r\xe9")  # latin-1 é: not UTF-8
+    assert raised.value.status_code == 400
+
+
 def test_a_long_poll_answer_carries_the_position_to_go_on_from_and_an_empty_one_too(client):
     """Review 1: a `[]` said nothing of how far the node had looked, so a quiet watcher's next `from` stayed put
     and turned into a 410 once other keys' events left the history."""

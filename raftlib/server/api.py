@@ -743,8 +743,10 @@ def _watch_names(query_string: str) -> tuple[str | None, str | None]:
         name = urllib.parse.unquote(name)
         if name in ("key", "prefix"):
             try:
-                found[name] = urllib.parse.unquote_to_bytes(value).decode("utf-8")
-            except UnicodeDecodeError:
+                # WSGI gives the query as latin-1 text: back to its bytes first (unquote_to_bytes would encode
+                # raw non-ASCII again as UTF-8: `?key=r\xc3\xa9` watched "rÃ©" while /db wrote "ré").
+                found[name] = urllib.parse.unquote_to_bytes(value.encode("latin-1")).decode("utf-8")
+            except UnicodeError:  # not UTF-8 (or, outside WSGI, not latin-1 text)
                 raise text(400, "key and prefix must be UTF-8") from None
     return found.get("key"), found.get("prefix")
 
