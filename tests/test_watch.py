@@ -124,6 +124,20 @@ def test_a_group_bigger_than_the_history_moves_history_start_to_its_index():
     assert hub.read(2, ALL) == ([], 2)
 
 
+def test_the_byte_bound_never_evicts_within_the_newest_entry():
+    """Review 2 of watch, item 4: a -watch-history-bytes smaller than one entry's events evicted part of it, so
+    the entry was never served (410 for everyone watching it)."""
+    hub = WatchHub(history_bytes=1000)
+    hub.on_event(put(1))
+    for key in "abcdefghij":
+        hub.on_event(Event("put", key, b"x" * 100, 2, 2))
+    assert hub.history_start == 1
+    events, position = hub.read(1, ALL)
+    assert [e.key for e in events] == list("abcdefghij") and position == 2
+    hub.on_event(put(3))  # the next entry: the old one may go now
+    assert hub.history_start == 2 and indices(hub.read(2, ALL)[0]) == [3]
+
+
 def test_a_position_beyond_the_newest_event_waits_for_later_events():
     hub = WatchHub()
     hub.on_event(put(3))

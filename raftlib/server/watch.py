@@ -9,7 +9,7 @@ Rules:
   create_index is 0, as the store exposes it). `applied(index)` after each applied entry (the node's store calls
   it) moves `applied_index`, changes or not.
 - The history holds at most `history_events` events and about `history_bytes` bytes (EVENT_OVERHEAD_BYTES plus
-  key and value each; the newest event is always kept); an evicted event's references are dropped at once.
+  key and value each; the newest entry's events are always kept whole by the byte bound, the newest event by both); an evicted event's references are dropped at once.
   `history_start` is the index such that every event with an index above it is in the history: it moves up to an
   evicted event's index, and to a snapshot's index when one is restored (`restored`: a restore produces no
   events, so nothing at or below it can be handed out). The oldest index available is history_start + 1.
@@ -146,8 +146,11 @@ class WatchHub:
         self.last_index = index
         if index > self.applied_index:
             self.applied_index = index
-        while len(self._events) - self._head > 1 and (len(self._events) - self._head > self.history_events
-                                                      or self.held_bytes > self.history_bytes):
+        # The byte bound never evicts within the newest entry: its events must stay servable whole, however small
+        # -watch-history-bytes is (an entry's events are bounded: its 2 MiB and 2,000 keys of a prefix delete).
+        while len(self._events) - self._head > 1 and (
+                len(self._events) - self._head > self.history_events
+                or (self.held_bytes > self.history_bytes and self._events[self._head][3] != index)):  # type: ignore[index]
             self._evict()
         key = event[1]
         watchers = self._by_key.get(key)
