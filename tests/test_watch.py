@@ -138,6 +138,20 @@ def test_the_byte_bound_never_evicts_within_the_newest_entry():
     assert hub.history_start == 2 and indices(hub.read(2, ALL)[0]) == [3]
 
 
+def test_byte_bounds_count_the_json_which_escapes_control_bytes_six_fold():
+    """Review 2 of watch, item 3: the bounds counted raw bytes, while an event's cached JSON is up to 6x larger
+    (\\x01 goes out as \\u0001)."""
+    hub = WatchHub(history_bytes=1 << 30)
+    for index in range(1, 21):
+        hub.on_event(put(index, "k", b"\x01" * 1000))
+    raw_bytes = hub.held_bytes
+    events, _ = hub.read(0, ALL, max_bytes=20_000)
+    assert 3 <= len(events) <= 4  # 6 KB of JSON each: past 20,000 after the fourth (raw: 1 KB each, all 20)
+    assert hub.held_bytes >= raw_bytes + len(events) * 6000  # their cached JSON counts
+    hub.poll_body(hub.read(0, ALL)[0])
+    assert hub.held_bytes >= raw_bytes + 20 * 6000
+
+
 def test_a_position_beyond_the_newest_event_waits_for_later_events():
     hub = WatchHub()
     hub.on_event(put(3))

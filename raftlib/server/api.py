@@ -60,7 +60,7 @@ from .health import liveness, readiness, report
 from .metrics import Metrics
 from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
                     MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_OPS, SET, SET_IF_INDEX, TXN, KeyValueStore, TxnResult, command, txn_problem)
-from .watch import Behind, Filter, WatchHub, sse_error
+from .watch import MAX_STREAM_BYTES_PER_READ, Behind, Filter, WatchHub, sse_error
 
 log = logging.getLogger("raftdzmq.api")
 
@@ -71,7 +71,7 @@ KEEPALIVE_SECONDS = 5.0  # a watch stream with nothing to send writes a comment 
 MAX_WATCHES = 10_000  # watches (streams and long polls) open at once on one node; 503 beyond
 DEFAULT_POLL_TIMEOUT_SECONDS = 30.0
 MAX_POLL_TIMEOUT_SECONDS = 60.0
-MAX_POLL_BYTES = 4 << 20  # keys and values in one long poll's answer (a group goes whole): the client goes on from its position
+MAX_POLL_BYTES = 4 << 20  # event JSON in one long poll's answer (a group goes whole): the client goes on from its position
 WATCH_POSITION_HEADER = "X-Raft-Watch-Position"  # a long poll's next from (watch.py's positions)
 OUTCOME_HEADER = "X-Raft-Outcome"  # on every failed write's answer (the module's rules)
 NOT_APPLIED, UNKNOWN = "not-applied", "unknown"
@@ -858,7 +858,7 @@ def _stream(api: Api, position: int, wanted: Filter, environ: dict) -> Iterator[
                     yield b": are you there\n\n"  # fails once the client closed both ways: the stream ends
                     continue
             try:
-                events = hub.next(watcher)
+                events = hub.next(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
             except Behind as e:
                 metrics.watches_behind.inc("stream")
                 yield sse_error(str(e), e.oldest_index)

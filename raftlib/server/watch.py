@@ -26,11 +26,13 @@ Rules:
   thus never falls behind; a `from` (a new watch, a reconnect) is checked against history_start itself, as
   nobody watched the stretch for it. A restore marks every watcher (it may hide changes of any key).
 - Whole index groups only (the events of one entry, a txn or a prefix delete, share its index: never split), at
-  most about `max_events` (MAX_EVENTS_PER_READ) and `max_bytes` a read (a group is never cut). A slow watcher
+  most about `max_events` (MAX_EVENTS_PER_READ) and `max_bytes` of event JSON a read (a group is never cut;
+  a stream's batch gets MAX_STREAM_BYTES_PER_READ). A slow watcher
   costs no memory here, only its position.
 - Resuming "after index N" means every event of index N was delivered: on the SSE stream the `id:` line comes
   only with the last event of an index (`sse_frame`), so a client's Last-Event-ID always names a whole group.
-- Each event's JSON is encoded once, when a watcher first needs it, and shared (`encodings` counts them).
+- Each event's JSON is encoded once, when a watcher first needs it, and shared (`encodings` counts them); its
+  length counts in held_bytes (JSON escapes make it up to 6x the raw bytes).
 - Waking: only the watchers whose filter matches an event are woken (by exact key: a dict; by prefix: a dict per
   prefix, looked up for each registered prefix length), once per read, and at most WAKE_BATCH a turn of the
   event loop (the rest in the next turns, after the Raft timers), so a burst for many watchers never holds the
@@ -58,7 +60,8 @@ MIN_HISTORY_EVENTS = 4096  # above the most events one entry makes (2,000 keys o
 DEFAULT_HISTORY_BYTES = 64 << 20  # -watch-history-bytes
 EVENT_OVERHEAD_BYTES = 200  # an event's cost beyond its key and value (the tuple, its cached JSON, the lists)
 MAX_EVENTS_PER_READ = 1000  # events handed out by one read (a group of one index beyond it goes whole)
-MAX_BYTES_PER_READ = 4 << 20  # bytes (key and value) handed out by one read, the same way
+MAX_BYTES_PER_READ = 4 << 20  # bytes of event JSON handed out by one read, the same way
+MAX_STREAM_BYTES_PER_READ = 1 << 20  # a stream's batch: one chunk, held until written
 WAKE_BATCH = 64  # watchers woken per turn of the event loop
 _COMPACT_EVENTS = 4096  # the evicted front of the list is dropped once it is this long and half the list
 _index_of: Callable[[Any], int] = itemgetter(3)  # Event.index, by position: faster than the attribute, and bisect's key
@@ -119,7 +122,7 @@ class WatchHub:
         self.history_start = 0
         self.last_index = 0  # the newest event's index (history_start after a restore past it)
         self.applied_index = 0  # every event at or below it is in (or was evicted from) the history
-        self.held_bytes = 0  # _event_bytes of the events in the history
+        self.held_bytes = 0  # _event_bytes of the events in the history, and their cached JSON's length
         self._events: list[Event | None] = []  # the history is _events[_head:], in index order; None: evicted
         self._data: list[bytes | None] = []  # each event's JSON, encoded once when first needed (same positions)
         self._head = 0
@@ -174,8 +177,9 @@ class WatchHub:
         head = self._head
         evicted = self._events[head]
         assert evicted is not None
+        encoded = self._data[head]
         self._events[head] = self._data[head] = None  # its value may be large: not kept until the compaction
-        self.held_bytes -= _event_bytes(evicted)
+        self.held_bytes -= _event_bytes(evicted) + (0 if encoded is None else len(encoded))
         self.evictions += 1
         self._head = head = head + 1
         if evicted[3] > self.history_start:
@@ -314,7 +318,7 @@ class WatchHub:
                 return out, out[-1][3], False  # cut between two groups: the next read starts at this one
             if matches(event):
                 out.append(event)
-                size += len(event[1]) + (0 if event[2] is None else len(event[2]))
+                size += len(self._encoded(i))  # what goes out: JSON escapes make it up to 6x the raw bytes
         return out, max(position, self.applied_index), True  # every event up to the applied index was looked at
 
     def wait(self, position: int, timeout_seconds: float, also: gevent.event.Event | None = None) -> None:
@@ -328,19 +332,26 @@ class WatchHub:
 
     # ---- encoding, once per event -----------------------------------------------------------------------------
 
+    def _encoded(self, i: int) -> bytes:
+        """The JSON of the held event at list position i, encoded once and counted in held_bytes (an event of
+        control bytes is 6x larger as JSON: \\u0001 for \\x01)."""
+        encoded = self._data[i]
+        if encoded is None:
+            encoded = self._data[i] = json.dumps(event_json(self._events[i])).encode()  # type: ignore[arg-type]
+            self.encodings += 1
+            self.held_bytes += len(encoded)
+        return encoded
+
     def data_of(self, events: list[Event]) -> list[bytes]:
         """Each event's JSON (event_json), encoded once and shared by every watcher that reads it."""
         found = bisect.bisect_left(self._events, events[0][3], lo=self._head, key=_index_of) if events else 0
         out = []
-        data, held = self._data, self._events
+        held = self._events
         for event in events:
             while found < len(held) and held[found] is not event:
                 found += 1
             if found < len(held):
-                encoded = data[found]
-                if encoded is None:
-                    encoded = data[found] = json.dumps(event_json(event)).encode()
-                    self.encodings += 1
+                encoded = self._encoded(found)
             else:  # evicted meanwhile (the caller holds it): encode it for this once
                 encoded = json.dumps(event_json(event)).encode()
                 self.encodings += 1
