@@ -33,8 +33,8 @@ Rules:
   only with the last event of an index (`sse_frame`), so a client's Last-Event-ID always names a whole group.
 - Each event's JSON is encoded once, when a watcher first needs it, and shared (`encodings` counts them); its
   length counts in held_bytes (JSON escapes make it up to 6x the raw bytes).
-- Waking: only the watchers whose filter matches an event are woken (by exact key: a dict; by prefix: a dict per
-  prefix, looked up for each registered prefix length), once per read, and at most WAKE_BATCH a turn of the
+- Waking: only the watchers whose filter matches an event are woken (by exact key: a dict; by prefix: a
+  character trie walked along the key, stopping at its first missing character), once per read, and at most WAKE_BATCH a turn of the
   event loop (the rest in the next turns, after the Raft timers), so a burst for many watchers never holds the
   loop. `wakes` counts them. `wait` (plain position, no Watcher) is the old form: any event wakes it.
 - Pure but for waking the waiters (gevent), kept in `_wake_some` and the two waits.
@@ -129,7 +129,10 @@ class WatchHub:
         self._wake: gevent.event.Event | None = None  # for `wait` (positions): set on the next change
         self._by_key: dict[str, set[Watcher]] = {}
         self._by_prefix: dict[str, set[Watcher]] = {}
-        self._prefix_lengths: dict[int, int] = {}  # registered prefix length -> watchers with one that long
+        # The watched prefixes as a character trie (a dict of dicts; a node's "" holds the watchers of the prefix
+        # that ends there): an event walks it along its key and stops at the first missing character, so its cost
+        # is at most the key's length, however many prefix lengths are watched.
+        self._prefix_trie: dict[str, Any] = {}
         self._to_wake: collections.deque[Watcher] = collections.deque()
         self._waking = False
         self.wakes = 0  # watchers woken, in all (tests count them)
@@ -159,11 +162,17 @@ class WatchHub:
         watchers = self._by_key.get(key)
         if watchers:
             self._matched(watchers, index)
-        for length in self._prefix_lengths:
-            if length <= len(key):
-                watchers = self._by_prefix.get(key[:length])
-                if watchers:
-                    self._matched(watchers, index)
+        node = self._prefix_trie
+        watchers = node.get("")
+        if watchers:
+            self._matched(watchers, index)
+        for character in key:
+            node = node.get(character)  # type: ignore[assignment]
+            if node is None:
+                break
+            watchers = node.get("")
+            if watchers:
+                self._matched(watchers, index)
         if self._wake is not None:
             self._wake.set()  # the waiters run once this apply yields: its whole group is in by then
             self._wake = None
@@ -215,7 +224,10 @@ class WatchHub:
             prefix = wanted.prefix
             assert prefix is not None
             self._by_prefix.setdefault(prefix, set()).add(watcher)
-            self._prefix_lengths[len(prefix)] = self._prefix_lengths.get(len(prefix), 0) + 1
+            node = self._prefix_trie
+            for character in prefix:
+                node = node.setdefault(character, {})
+            node[""] = self._by_prefix[prefix]  # the same set
         return watcher
 
     def unwatch(self, watcher: Watcher) -> None:
@@ -227,11 +239,15 @@ class WatchHub:
         watchers.discard(watcher)
         if not watchers:
             del index[name]  # type: ignore[arg-type]
-        if wanted.prefix is not None:
-            length = len(wanted.prefix)
-            self._prefix_lengths[length] -= 1
-            if not self._prefix_lengths[length]:
-                del self._prefix_lengths[length]
+        if wanted.prefix is not None and not watchers:  # its trie node goes, and the branches left empty
+            path = [self._prefix_trie]
+            for character in wanted.prefix:
+                path.append(path[-1][character])
+            del path[-1][""]
+            for depth in range(len(wanted.prefix), 0, -1):
+                if path[depth]:
+                    break
+                del path[depth - 1][wanted.prefix[depth - 1]]
 
     def _matched(self, watchers: Iterable[Watcher], index: int) -> None:
         for watcher in watchers:
