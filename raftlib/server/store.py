@@ -10,7 +10,9 @@ Rules:
   exists, a SET_IF_INDEX or DELETE_IF_INDEX whose index differs); "used" (an ADMIN_CLAIM of a signature claimed
   before); "expired" (an ADMIN_CLAIM older than the claims' horizon); "unchanged" (a SET_FEATURE_LEVEL not above
   the state's); an int (the keys a DELETE_PREFIX deleted); a TxnResult (a TXN); "error" (a command that does not
-  decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing). An unknown op
+  decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing); "full" (a
+  grant beyond MAX_LEASES); NoLease (a put naming a lease that is not there, alone or in a txn: nothing applied);
+  for LEASE_REVOKE the keys it deleted or "missing", for LEASE_EXPIRE the number of leases that expired. An unknown op
   (a newer version's command) applies as nothing and gives "ok".
 - The feature level (rolling upgrades): an older release applies the ops from SET_IF_INDEX on as nothing, so a
   cluster that mixed releases would diverge if they changed anything. The state's `feature_level` starts at 1
@@ -23,15 +25,24 @@ Rules:
   the V3 snapshot) are max(index, level_index), and 0 below level 2: the same on every node. A txn's compares see the state before the
   txn; its ops apply in order, each seeing the ones before it (as etcd's).
 - Events (`on_event`, for watches): one Event per key changed, after the change, in a fixed order: a prefix
-  delete's in key order, a txn's in op order (a prefix delete inside it in key order), all with the entry's
-  index. None for a delete of a missing key, a failed condition, a restore.
+  delete's in key order, a txn's in op order (a prefix delete inside it in key order), a revoked lease's keys
+  ("delete") and an expired lease's ("expire") in key order, lease after lease in the order the entry names them,
+  all with the entry's index. None for a delete of a missing key, a failed condition, a restore.
+- Leases (etcd v3's model): `leases` maps a lease id (the index of the entry that granted it: unique for the
+  cluster's life, the same on every node) to its Lease (TTL in whole seconds and its keys); `lease_of` maps a
+  key to its lease. A put with a lease attaches the key (a missing lease: NoLease, nothing applied); a put
+  without one detaches it; a deleted key leaves its lease. A revoked or expired lease deletes its keys. The state
+  machine never reads a clock: when a lease expires is the leader's decision (raftlib.server.leases), which
+  reaches every node as a LEASE_EXPIRE entry; an id already gone is skipped. `on_lease(lease_id, ttl_seconds)`
+  is called after a grant applies, `on_lease(lease_id, None)` after a lease goes (for the leader's LeaseKeeper).
 - The formats are part of the data dir (docs/DATA-DIR.md). Below level 2 a snapshot is written as the previous
   releases read it: the map key -> value as a CBOR map, or, once any admin request was claimed,
   `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]` (`[SNAPSHOT_WITH_CLAIMS, map, claims]`, older still, is read
   with a horizon of 0); indices are dropped and restore as 0. From level 2 on:
   `[SNAPSHOT_V3, map key -> [value, create_index, modify_index], claims, horizon, feature_level, level_index]`,
-  the indices as exposed. A later level appends to it (leases: a seventh element) under a new tag or length that
-  this release refuses (ValueError) rather than drop what it does not know. `encode_state` and `decode_state` are
+  the indices as exposed, then a seventh element, the leases: a map lease id -> [ttl_seconds, [keys in order]]
+  (ids in order). A later level appends to it under a new tag or length that this release refuses (ValueError)
+  rather than drop what it does not know. `encode_state` and `decode_state` are
   the only code that knows these formats.
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
   O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes).
@@ -56,10 +67,20 @@ SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
 # ?prev_index=N). DELETE_PREFIX is [op, prefix, b"", None]. TXN is [op, "", b"", [compares, success, failure]]
 # (txn_problem gives the shape). SET_FEATURE_LEVEL is [op, "", b"", level].
 SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, SET_FEATURE_LEVEL = 5, 6, 7, 8, 9
-LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN))
+# Leases (issue 14 part 2), of level 2 too: part 1 was never released alone, so no node applies ops 5-9 and not
+# these. LEASE_GRANT is [op, "", b"", ttl_seconds]: the lease's id is the entry's index. LEASE_REVOKE is
+# [op, "", b"", lease_id] and LEASE_EXPIRE [op, "", b"", [lease_id, ...]] (the leader's, at most MAX_EXPIRE_BATCH
+# ids). PUT_WITH_TTL is [op, key, value, ttl_seconds]: a lease of its own (id: the entry's index) and the key on
+# it. SET_WITH_LEASE is [op, key, value, lease_id].
+LEASE_GRANT, LEASE_REVOKE, LEASE_EXPIRE, PUT_WITH_TTL, SET_WITH_LEASE = 10, 11, 12, 13, 14
+LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, LEASE_GRANT, LEASE_REVOKE, LEASE_EXPIRE,
+                         PUT_WITH_TTL, SET_WITH_LEASE))
 # The feature level of this release: 1 is every release before issue 14.
 FEATURE_LEVEL = 2
 SNAPSHOT_V3 = "raftdzmq-kv-v3"
+MAX_LEASES = 100_000  # a grant beyond this many leases applies as "full" (409 at the edge)
+MAX_TTL_SECONDS = 365 * 24 * 3600  # a lease's TTL: 1 to this many whole seconds (the edge raises the minimum)
+MAX_EXPIRE_BATCH = 128  # at most this many leases expire in one LEASE_EXPIRE entry
 MAX_TXN_OPS = 128  # at most this many compares, and this many ops in each branch, in one transaction (etcd's)
 COMPARE_TARGETS = ("value", "modify_index", "create_index", "exists", "lease")
 COMPARE_OPS = ("==", "!=", "<", ">")
@@ -115,11 +136,37 @@ class AdminClaims:
         return "ok"
 
 
+class Lease:
+    """One lease of the replicated state: its TTL (whole seconds) and its keys."""
+
+    __slots__ = ("ttl_seconds", "keys")
+
+    def __init__(self, ttl_seconds: int, keys: set[str] | None = None) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.keys: set[str] = keys if keys is not None else set()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lease) and (self.ttl_seconds, self.keys) == (other.ttl_seconds, other.keys)
+
+    def __repr__(self) -> str:
+        return f"Lease({self.ttl_seconds}, {sorted(self.keys)!r})"
+
+
+class NoLease(NamedTuple):
+    """The result of a put (alone or in a txn) naming a lease that is not there: nothing was applied."""
+
+    lease_id: int
+
+
+def valid_ttl(ttl_seconds: object) -> bool:
+    return type(ttl_seconds) is int and 1 <= ttl_seconds <= MAX_TTL_SECONDS
+
+
 class Event(NamedTuple):
     """One change of one key, for watches (the module's rules, "Events"). `value` is None for a delete;
     `create_index` is the key's (exposed) create index, the deleted record's for a delete."""
 
-    type: str  # "put" or "delete"
+    type: str  # "put", "delete" or "expire"
     key: str
     value: bytes | None
     index: int  # type: ignore[assignment]  # the brief's name; it hides tuple.index, which nothing here calls
@@ -158,9 +205,12 @@ def _compare_problem(c: object) -> str | None:
 
 
 def _op_problem(o: object) -> str | None:
-    if type(o) is not list or len(o) != 3 or o[0] not in ("put", "delete", "get"):
+    if (type(o) is not list or o[0:1] not in (["put"], ["delete"], ["get"])
+            or len(o) != (4 if o[0] == "put" and len(o) == 4 else 3)):
         return "an op is put, delete or get"
-    kind, key, third = o
+    kind, key, third = o[:3]
+    if len(o) == 4 and (type(o[3]) is not int or o[3] < 0):
+        return "a put's lease is an id >= 0"
     if type(key) is not str or not key:
         return f"a {kind} needs a key (or a prefix) of at least one character"
     if kind == "put" and type(third) is not bytes:
@@ -173,7 +223,7 @@ def _op_problem(o: object) -> str | None:
 def txn_problem(body: object) -> str | None:
     """What is wrong with a TXN's body, or None. The body: [compares, success, failure], where a compare is
     [key, target, op, operand] (operand: bytes for "value", bool for "exists", an int >= 0 for the others) and an
-    op is ["put", key, value], ["delete", key or prefix, is_prefix] or ["get", key or prefix, is_prefix]. The HTTP
+    op is ["put", key, value], ["put", key, value, lease_id] (0: no lease), ["delete", key or prefix, is_prefix] or ["get", key or prefix, is_prefix]. The HTTP
     edge builds the body from JSON and asks this first; `apply` asks again, since the log is the contract."""
     if type(body) is not list or len(body) != 3 or not all(type(part) is list for part in body):
         return "a transaction is [compare, success, failure]: three lists"
@@ -203,17 +253,21 @@ def _holds(current: object, op: str, operand: object) -> bool:
 class KeyValueStore:
     """The replicated state (see the module's rules); a raftlib.interfaces.StateMachine. `data` maps a key to its
     record (value, create_index, modify_index), indices as applied (`record` gives them as exposed); a create
-    keeps one int object for both. Only new and deleted keys touch `keys`. `lease_of` maps a key to its lease id
-    (issue 14 part 2 fills it; a key not in it has lease 0). `on_event` is called with each Event."""
+    keeps one int object for both. Only new and deleted keys touch `keys`. `leases` maps a lease id to its Lease,
+    `lease_of` a key to its lease id (a key not in it has lease 0). `on_event` is called with each Event,
+    `on_lease` as the module's rules say."""
 
-    def __init__(self, on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(self, on_event: Callable[[Event], None] | None = None,
+                 on_lease: Callable[[int, int | None], None] | None = None) -> None:
         self.data: dict[str, tuple[bytes, int, int]] = {}
         self.keys = SortedList()
         self.admin_claims = AdminClaims()
         self.lease_of: dict[str, int] = {}
+        self.leases: dict[int, Lease] = {}
         self.feature_level = 1
         self.level_index = 0
         self.on_event = on_event
+        self.on_lease = on_lease
 
     def get(self, key: str) -> bytes | None:
         record = self.data.get(key)
@@ -269,8 +323,35 @@ class KeyValueStore:
             if txn_problem(expected) is not None:
                 return "error"
             return self._txn(index, *expected)  # type: ignore[misc]
+        if op == LEASE_GRANT:
+            return self._grant(index, expected) if valid_ttl(expected) else "error"
+        if op == LEASE_REVOKE:
+            if type(expected) is not int:
+                return "error"
+            return self._drop_lease(index, expected, "delete") if expected in self.leases else "missing"
+        if op == LEASE_EXPIRE:
+            if type(expected) is not list or len(expected) > MAX_EXPIRE_BATCH or not all(
+                    type(i) is int for i in expected):
+                return "error"
+            # An id already gone (revoked, or expired by an earlier entry of another leader) is skipped.
+            return sum(1 for lease_id in expected
+                       if lease_id in self.leases and self._drop_lease(index, lease_id, "expire") >= 0)
         if not key:
             return "error"
+        if op == PUT_WITH_TTL:
+            if type(value) is not bytes or not valid_ttl(expected):
+                return "error"
+            granted = self._grant(index, expected)
+            if granted == "ok":
+                self._put(index, key, value, self.data.get(key), index)
+            return granted
+        if op == SET_WITH_LEASE:
+            if type(value) is not bytes or type(expected) is not int or expected < 0:
+                return "error"
+            if expected and expected not in self.leases:
+                return NoLease(expected)
+            self._put(index, key, value, self.data.get(key), expected)
+            return "ok"
         if op == DELETE_PREFIX:
             return self._delete_prefix(index, key)
         if type(expected) is not int or (op == SET_IF_INDEX and type(value) is not bytes):
@@ -297,7 +378,44 @@ class KeyValueStore:
         self.feature_level, self.level_index = level, index
         return "ok"
 
-    def _put(self, index: int, key: str, value: bytes, record: tuple[bytes, int, int] | None) -> None:
+    def _grant(self, index: int, ttl_seconds: int) -> str:
+        if len(self.leases) >= MAX_LEASES:
+            return "full"
+        assert index not in self.leases, "a lease id is the index of its grant: used once"
+        self.leases[index] = Lease(ttl_seconds)
+        if self.on_lease is not None:
+            self.on_lease(index, ttl_seconds)
+        return "ok"
+
+    def _drop_lease(self, index: int, lease_id: int, kind: str) -> int:
+        """Revoke ("delete" events) or expire ("expire" events) a lease that is there: its keys go, in key order.
+        The number of keys deleted."""
+        lease = self.leases[lease_id]
+        keys = sorted(lease.keys)
+        for key in keys:
+            self._delete(index, key, kind)  # unlinks it from the lease
+        assert not lease.keys, "every key of a dropped lease was unlinked by its delete"
+        del self.leases[lease_id]
+        if self.on_lease is not None:
+            self.on_lease(lease_id, None)
+        return len(keys)
+
+    def _link(self, key: str, lease_id: int) -> None:
+        """Attach `key` to `lease_id` (0: to none), leaving the lease it had (etcd: a put sets the key's lease)."""
+        old = self.lease_of.get(key, 0)
+        if old == lease_id:
+            return
+        if old:
+            self.leases[old].keys.discard(key)
+            del self.lease_of[key]
+        if lease_id:
+            self.leases[lease_id].keys.add(key)
+            self.lease_of[key] = lease_id
+
+    def _put(self, index: int, key: str, value: bytes, record: tuple[bytes, int, int] | None,
+             lease_id: int = 0) -> None:
+        if self.lease_of or lease_id:  # no dict lookup on the write path of a store without leases
+            self._link(key, lease_id)
         if record is None:
             self.keys.add(key)
             self.data[key] = (value, index, index)
@@ -308,14 +426,15 @@ class KeyValueStore:
         if self.on_event is not None:
             self.on_event(Event("put", key, value, index, self.exposed(create_index)))
 
-    def _delete(self, index: int, key: str) -> bool:
+    def _delete(self, index: int, key: str, kind: str = "delete") -> bool:
         record = self.data.pop(key, None)
         if record is None:
             return False
         self.keys.remove(key)
-        self.lease_of.pop(key, None)
+        if self.lease_of:
+            self._link(key, 0)
         if self.on_event is not None:
-            self.on_event(Event("delete", key, None, index, self.exposed(record[1])))
+            self.on_event(Event(kind, key, None, index, self.exposed(record[1])))
         return True
 
     def _prefixed(self, prefix: str) -> list[str]:
@@ -347,13 +466,19 @@ class KeyValueStore:
             return _holds(0, op, operand)
         return _holds(self.exposed(record[1] if target == "create_index" else record[2]), op, operand)
 
-    def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult:
+    def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult | NoLease:
         # All compares against the state before the txn (etcd's), then the branch's ops in order.
         succeeded = all(self._compare(*c) for c in compares)
+        ops = success if succeeded else failure
+        # A put naming a missing lease fails the whole txn before any op applies (etcd's): no op grants a lease,
+        # so the leases there now are the ones every op would see.
+        for o in ops:
+            if len(o) == 4 and o[3] and o[3] not in self.leases:
+                return NoLease(o[3])  # type: ignore[return-value]
         results: list[tuple] = []
-        for kind, key, third in success if succeeded else failure:
+        for kind, key, third, *lease in ops:
             if kind == "put":
-                self._put(index, key, third, self.data.get(key))
+                self._put(index, key, third, self.data.get(key), lease[0] if lease else 0)
                 results.append(("put", key))
             elif kind == "delete":
                 results.append(("delete", self._delete_prefix(index, key) if third else int(self._delete(index, key))))
@@ -392,7 +517,8 @@ class KeyValueStore:
         self.data = state.data
         self.keys = SortedList(self.data)
         self.admin_claims = AdminClaims(state.claims, state.horizon)
-        self.lease_of = {}
+        self.leases = state.leases
+        self.lease_of = {key: lease_id for lease_id, lease in state.leases.items() for key in lease.keys}
         self.feature_level, self.level_index = state.feature_level, state.level_index
 
 
@@ -404,6 +530,7 @@ class State(NamedTuple):
     horizon: float
     feature_level: int
     level_index: int
+    leases: dict[int, Lease]
 
 
 def encode_state(kv: KeyValueStore) -> bytes:
@@ -412,7 +539,8 @@ def encode_state(kv: KeyValueStore) -> bytes:
     if kv.feature_level >= 2:
         floor = kv.level_index
         records = {k: [v, max(c, floor), max(m, floor)] for k, (v, c, m) in kv.data.items()}
-        return cbor2.dumps([SNAPSHOT_V3, records, claims.claims, claims.horizon, kv.feature_level, floor])
+        leases = {i: [lease.ttl_seconds, sorted(lease.keys)] for i, lease in sorted(kv.leases.items())}
+        return cbor2.dumps([SNAPSHOT_V3, records, claims.claims, claims.horizon, kv.feature_level, floor, leases])
     values = {k: record[0] for k, record in kv.data.items()}
     if claims.claims or claims.horizon:
         return cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, values, claims.claims, claims.horizon])
@@ -431,8 +559,9 @@ def decode_state(data: bytes) -> State:
     except Exception as e:
         raise ValueError(f"a key/value snapshot that does not decode: {e}") from None
     claims, horizon, feature_level, level_index = {}, 0.0, 1, 0
-    if type(v) is list and len(v) == 6 and v[0] == SNAPSHOT_V3:
-        _, records, claims, horizon, feature_level, level_index = v
+    leases: dict[int, Lease] = {}
+    if type(v) is list and len(v) == 7 and v[0] == SNAPSHOT_V3:
+        _, records, claims, horizon, feature_level, level_index, lease_map = v
         if (type(records) is not dict or not _is_index(level_index) or type(feature_level) is not int
                 or feature_level < 2):
             raise ValueError("a key/value snapshot of an unknown format (a damaged V3)")
@@ -444,6 +573,7 @@ def decode_state(data: bytes) -> State:
             value, create_index, modify_index = record
             # One int object for both indices when they are equal, as a create makes them (memory per key).
             state[key] = (value, create_index, create_index if modify_index == create_index else modify_index)
+        leases = _decode_leases(lease_map, state)
     else:
         if type(v) is list:
             if len(v) == 4 and v[0] == SNAPSHOT_WITH_CLAIMS_V2:
@@ -462,4 +592,23 @@ def decode_state(data: bytes) -> State:
             state[key] = (value, 0, 0)
     if type(claims) is not dict or type(horizon) not in (int, float):
         raise ValueError("a key/value snapshot of an unknown format (damaged claims)")
-    return State(state, claims, float(horizon), feature_level, level_index)
+    return State(state, claims, float(horizon), feature_level, level_index, leases)
+
+
+def _decode_leases(lease_map: object, records: dict) -> dict[int, Lease]:
+    """The V3 snapshot's seventh element: ids in order, each key of a lease a record of no other lease."""
+    if type(lease_map) is not dict:
+        raise ValueError("a key/value snapshot of an unknown format (damaged leases)")
+    leases: dict[int, Lease] = {}
+    seen: set[str] = set()
+    for lease_id in sorted(i for i in lease_map if type(i) is int):
+        ttl_keys = lease_map[lease_id]
+        if (lease_id < 1 or type(ttl_keys) is not list or len(ttl_keys) != 2 or not valid_ttl(ttl_keys[0])
+                or type(ttl_keys[1]) is not list or not all(type(k) is str and k in records for k in ttl_keys[1])
+                or seen.intersection(ttl_keys[1]) or len(set(ttl_keys[1])) != len(ttl_keys[1])):
+            raise ValueError(f"a key/value snapshot of an unknown format (a damaged lease {lease_id!r})")
+        seen.update(ttl_keys[1])
+        leases[lease_id] = Lease(ttl_keys[0], set(ttl_keys[1]))
+    if len(leases) != len(lease_map):
+        raise ValueError("a key/value snapshot of an unknown format (a lease id that is not an integer)")
+    return leases
