@@ -15,6 +15,12 @@ Rules:
 - The API of feature level 2 (?prev_index=N, DELETE /db/?prefix=P, POST /txn: issue 14) is answered 409 while
   the cluster's feature level (the store's, replicated) is below 2: an older release would apply its commands as
   nothing and the nodes would diverge. A request is checked whole (400 naming the problem) before it is proposed.
+- Leases (issue 14 part 2; level 2 too): every lease route is the leader's (a follower answers 307, or forwards
+  with -forward, as for writes), since only the leader knows when a lease expires (raftlib.server.leases). A
+  lease id is the decimal text of the grant's log index. A TTL is whole seconds, at most MAX_TTL_SECONDS; one
+  below `min_ttl_seconds` (1.5 election timeouts, at least 1 s, as etcd's minimum) is raised to it and the answer
+  says the TTL granted. A keepalive confirms leadership with a read round (no log entry) after noting when it
+  arrived, then extends the lease (LeaseKeeper.keepalive); 404 once the lease is gone or being expired.
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADE
                     valid_public_key, wire_target)
 from .edge import RateLimitedLog
 from .metrics import Metrics
+from .leases import LeaseKeeper
 from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
-                    MAX_TXN_OPS, SET, SET_IF_INDEX, TXN, KeyValueStore, TxnResult, command, txn_problem)
+                    LEASE_GRANT, LEASE_REVOKE, MAX_LEASES, MAX_TTL_SECONDS, MAX_TXN_OPS, PUT_WITH_TTL, SET,
+                    SET_IF_INDEX, SET_WITH_LEASE, TXN, KeyValueStore, NoLease, TxnResult, command, txn_problem)
 
 log = logging.getLogger("raftdzmq.api")
 
@@ -120,6 +128,9 @@ class Api:
     # Held by a join while its configuration change is made, and by the leader's FeatureLevelRaiser from asking
     # the members' levels until its SET_FEATURE_LEVEL applied: a node of an older release cannot join between.
     membership_lock: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
+    # The leader's LeaseKeeper, in step with the node's role and term; None while this node does not lead.
+    lease_keeper: Callable[[], LeaseKeeper | None] = lambda: None
+    min_ttl_seconds: int = 1
 
 
 # ---- failures and their answers -------------------------------------------------------------------------------
@@ -181,6 +192,10 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None]]] = {
         ValueError: (400, "{e}", None),
     },
     "keys": {},
+    "lease": {
+        Timeout: (503, "lease request not confirmed within {write:g}s; retry", None),
+        Stopped: (503, "{e}", None),
+    },
     "transfer": {
         Timeout: (503, _NOT_CONFIRMED, None),
         Stopped: (503, _NOT_CONFIRMED, None),
@@ -455,6 +470,15 @@ def _txn_value(item: dict, where: str) -> bytes:
     return item["value"].encode()
 
 
+def _txn_lease(value: object, where: str) -> int:
+    """A lease id in a JSON transaction: its text as answers give it ("42"), or the number; 0 for no lease."""
+    if type(value) is str and value.isascii() and value.isdigit() and len(value) < 20:
+        value = int(value)
+    if type(value) is not int or value < 0:
+        raise BadTxn(f"{where}: a lease is a lease id (as POST /lease answers it) or 0")
+    return value
+
+
 def _txn_item(item: object, kind: str, where: str) -> list:
     """One compare or op of a JSON transaction as the store's TXN carries it (store.txn_problem)."""
     if not isinstance(item, dict):
@@ -471,7 +495,9 @@ def _txn_item(item: object, kind: str, where: str) -> list:
         target, operand = item.get("target"), item.get("value")
         if target == "value":
             operand = _txn_value(item, where)
-        elif target in ("modify_index", "create_index", "lease") and (type(operand) is not int or operand < 0):
+        elif target == "lease":
+            operand = _txn_lease(operand, where)
+        elif target in ("modify_index", "create_index") and (type(operand) is not int or operand < 0):
             raise BadTxn(f"{where}: a {target} compare needs an integer >= 0 as value")
         elif target == "exists" and type(operand) is not bool:
             raise BadTxn(f"{where}: an exists compare needs true or false as value")
@@ -481,9 +507,9 @@ def _txn_item(item: object, kind: str, where: str) -> list:
     if kind == "put":
         if "key" not in item:
             raise BadTxn(f"{where}: missing key")
-        if item.get("lease", 0) != 0:
-            raise BadTxn(f"{where}: lease {item['lease']!r} not found")  # leases: issue 14, part 2
-        return ["put", _txn_key(item, "key", where), _txn_value(item, where)]
+        put = ["put", _txn_key(item, "key", where), _txn_value(item, where)]
+        lease_id = _txn_lease(item.get("lease", 0), where)
+        return [*put, lease_id] if lease_id else put
     if ("key" in item) == ("prefix" in item):
         raise BadTxn(f"{where}: a {kind} names a key or a prefix (one of them)")
     name = "key" if "key" in item else "prefix"
@@ -541,7 +567,19 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
     key = check_key(key)
     value = read_body()
     q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
-    if "prev_index" in q:
+    lease_id = None
+    if "lease" in q or "ttl" in q:
+        if sum(name in q for name in ("lease", "ttl", "prev_index", "prev_value", "prev_exist")) > 1:
+            raise text(400, "lease and ttl go alone: not together nor with prev_index, prev_value or prev_exist "
+                       "(POST /txn compares and puts with a lease in one step)")
+        require_leader(api)
+        require_level_2(api)
+        if "ttl" in q:
+            cmd = command(PUT_WITH_TTL, key, value, ttl_seconds(api))
+        else:
+            lease_id = parse_lease_id(q["lease"])
+            cmd = command(SET_WITH_LEASE, key, value, lease_id)
+    elif "prev_index" in q:
         if "prev_value" in q or "prev_exist" in q:
             raise text(400, "prev_index goes alone: not with prev_value or prev_exist")
         cmd = command(SET_IF_INDEX, key, value, prev_index(api))
@@ -556,7 +594,13 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
     index, result = propose(api, cmd)
     if result == "failed":
         return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
+    if isinstance(result, NoLease):
+        return text(404, f"lease {result.lease_id} not found", **{"X-Raft-Index": str(index)})
+    if result == "full":
+        return text(409, f"too many leases: at most {MAX_LEASES}; revoke some", **{"X-Raft-Index": str(index)})
     bottle.response.set_header("X-Raft-Index", str(index))
+    if "ttl" in q:
+        bottle.response.set_header("X-Raft-Lease", str(index))  # the key's own lease: the entry's index
     return ""
 
 
@@ -624,10 +668,122 @@ def post_txn(api: Api) -> bottle.HTTPResponse:
     require_leader(api)
     require_level_2(api)
     index, result = propose(api, command(TXN, "", b"", body))
+    if isinstance(result, NoLease):
+        return text(404, f"lease {result.lease_id} not found: the transaction was not applied",
+                    **{"X-Raft-Index": str(index)})
     if not isinstance(result, TxnResult):  # "error": checked above, so not expected
         return text(500, f"the transaction applied as nothing ({result}) at index {index}")
     return json_answer({"succeeded": result.succeeded, "index": index,
                         "results": [_txn_answer(r) for r in result.results]}, **{"X-Raft-Index": str(index)})
+
+
+# ---- leases ----------------------------------------------------------------------------------------------------
+
+
+def parse_lease_id(raw: str) -> int:
+    """A lease id as the API writes it: decimal digits (400 otherwise)."""
+    if not (raw.isascii() and raw.isdigit() and 0 < len(raw) < 20) or int(raw) == 0:
+        raise text(400, f"a lease id is a positive decimal number (as POST /lease answers it), not {raw!r}")
+    return int(raw)
+
+
+def ttl_seconds(api: Api) -> int:
+    """?ttl=S: whole seconds, 1 to MAX_TTL_SECONDS, raised to `min_ttl_seconds` (the module's rules)."""
+    raw = bottle.request.query.get("ttl", "")
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 12) or not 1 <= int(raw) <= MAX_TTL_SECONDS:
+        raise text(400, f"ttl must be whole seconds from 1 to {MAX_TTL_SECONDS}")
+    return max(int(raw), api.min_ttl_seconds)
+
+
+def leader_keeper(api: Api) -> LeaseKeeper:
+    """The leader's LeaseKeeper; NotLeader (a redirect) on any other node."""
+    require_leader(api)
+    keeper = api.lease_keeper()
+    if keeper is None:
+        raise NotLeader(api.runtime.node.leader_id)
+    return keeper
+
+
+MAX_LEASE_KEYS_LISTED = 1000  # GET /lease/ID lists this many of its keys (in order), and counts them all
+
+
+def grant_lease(api: Api) -> bottle.HTTPResponse:
+    """POST /lease?ttl=S -> {"id", "ttl"}: a lease whose id is its grant's index."""
+    ttl = ttl_seconds(api)
+    require_leader(api)
+    require_level_2(api)
+    index, result = propose(api, command(LEASE_GRANT, "", b"", ttl))
+    if result == "full":
+        return text(409, f"too many leases: at most {MAX_LEASES}; revoke some", **{"X-Raft-Index": str(index)})
+    return json_answer({"id": str(index), "ttl": ttl}, **{"X-Raft-Index": str(index)})
+
+
+def revoke_lease(api: Api, lease_id: str) -> bottle.HTTPResponse:
+    """DELETE /lease/ID: the lease goes, and its keys with it (delete events)."""
+    lid = parse_lease_id(lease_id)
+    require_leader(api)
+    require_level_2(api)
+    index, result = propose(api, command(LEASE_REVOKE, "", b"", lid))
+    if result == "missing":
+        return text(404, f"lease {lid} not found", **{"X-Raft-Index": str(index)})
+    return json_answer({"id": str(lid), "deleted": result, "index": index}, **{"X-Raft-Index": str(index)})
+
+
+def keepalive_lease(api: Api, lease_id: str) -> bottle.HTTPResponse:
+    """POST /lease/ID/keepalive -> {"id", "ttl"}: the lease runs its full TTL again from when this request arrived;
+    404 once it is gone or being expired."""
+    arrived_at = time.monotonic()  # before the read round: the deadline counts from here (leases' rules)
+    lid = parse_lease_id(lease_id)
+    require_leader(api)
+    require_level_2(api)
+    api.runtime.read(api.write_timeout_seconds)  # leadership confirmed after arrived_at; applied up to it
+    keeper = leader_keeper(api)
+    lease = api.store.leases.get(lid)
+    if lease is None or not keeper.keepalive(lid, arrived_at):
+        api.metrics.lease_keepalives.inc("not_found")
+        return text(404, f"lease {lid} not found (expired or revoked)")
+    api.metrics.lease_keepalives.inc("kept")
+    return json_answer({"id": str(lid), "ttl": lease.ttl_seconds})
+
+
+def get_lease(api: Api, lease_id: str) -> bottle.HTTPResponse:
+    """GET /lease/ID -> {"id", "ttl", "remaining", "keys", "key_count"}: remaining seconds by the leader's clock."""
+    lid = parse_lease_id(lease_id)
+    require_leader(api)
+    api.runtime.read(api.read_timeout_seconds)
+    keeper = leader_keeper(api)
+    lease = api.store.leases.get(lid)
+    remaining = keeper.remaining_seconds(lid, time.monotonic())
+    if lease is None or not keeper.alive(lid):
+        return text(404, f"lease {lid} not found (expired or revoked)")
+    keys = sorted(lease.keys)
+    return json_answer({"id": str(lid), "ttl": lease.ttl_seconds, "remaining": round(remaining or 0.0, 3),
+                        "keys": keys[:MAX_LEASE_KEYS_LISTED], "key_count": len(keys)})
+
+
+def list_leases(api: Api) -> bottle.HTTPResponse:
+    """GET /lease[?after=ID&limit=N] -> {"leases": [{"id", "ttl", "remaining"}, ...], "next"}: in id order."""
+    q = bottle.request.query
+    after = parse_lease_id(q["after"]) if q.get("after") else 0
+    try:
+        limit = min(max(int(q.get("limit", "1000")), 1), 10000)
+    except ValueError:
+        raise text(400, "limit must be an integer") from None
+    require_leader(api)
+    api.runtime.read(api.read_timeout_seconds)
+    keeper = leader_keeper(api)
+    now = time.monotonic()
+    page: list[dict] = []
+    more = False
+    for lid, lease in api.store.leases.items():  # in id order: grants apply in index order, snapshots keep it
+        if lid <= after or not keeper.alive(lid):
+            continue
+        if len(page) == limit:
+            more = True
+            break
+        page.append({"id": str(lid), "ttl": lease.ttl_seconds,
+                     "remaining": round(keeper.remaining_seconds(lid, now) or 0.0, 3)})
+    return json_answer({"leases": page, "next": page[-1]["id"] if more else None})
 
 
 def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64) -> str | None:
@@ -837,6 +993,11 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("DELETE", "/db/", delete_prefix, "write"),
     ("DELETE", "/db", delete_prefix, "write"),
     ("POST", "/txn", post_txn, "write"),
+    ("POST", "/lease", grant_lease, "write"),
+    ("GET", "/lease", list_leases, "lease"),
+    ("POST", "/lease/<lease_id>/keepalive", keepalive_lease, "lease"),
+    ("GET", "/lease/<lease_id>", get_lease, "lease"),
+    ("DELETE", "/lease/<lease_id>", revoke_lease, "write"),
     ("POST", "/join", join, "join"),
     ("GET", "/status", get_status, "status"),
     ("GET", "/metrics", get_metrics, "status"),

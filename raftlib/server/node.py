@@ -27,12 +27,17 @@ Rules:
   to KEYS_REFRESH_SECONDS once one does (review of edge5, finding 3: a removed member dialling in kept every
   member asking every 2 s): it asks its configuration's members, then the vouched list's, one at a time, each
   within KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
+- Leases (raftlib.server.leases): the LeaseKeeper is the leader's. LeaderLeases keeps it in step with the node's
+  role and term (a new term of leadership: every lease its full TTL from now), hears the store's grants and
+  removals as they apply, and every LEASE_TICK_SECONDS, while this node leads, proposes one LEASE_EXPIRE for the
+  leases past their deadline (at most MAX_EXPIRE_BATCH, one proposal in flight, bounded by -write-timeout).
 """
 
 from __future__ import annotations
 
 import binascii
 import http.client
+import math
 import ipaddress
 import json
 import logging
@@ -60,8 +65,10 @@ from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_h
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
 from .api import Api, make_app
 from .edge import EdgeServer, listen
+from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
+from .leases import LeaseKeeper
 from .metrics import Metrics
-from .store import FEATURE_LEVEL, SET_FEATURE_LEVEL, KeyValueStore, command
+from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, KeyValueStore, command
 
 log = logging.getLogger("raftdzmq.node")
 
@@ -243,6 +250,69 @@ class FeatureLevelRaiser:
             conn.close()
 
 
+class LeaderLeases:
+    """The leader's side of leases (the module's rules): the LeaseKeeper in step with the node, and its ticks."""
+
+    def __init__(self, runtime: Runtime, store: KeyValueStore, metrics: Metrics, write_timeout_seconds: float,
+                 clock=time.monotonic) -> None:
+        self.runtime, self.store, self.metrics = runtime, store, metrics
+        self.write_timeout_seconds = write_timeout_seconds
+        self.clock = clock
+        self.keeper = LeaseKeeper(MAX_EXPIRE_BATCH)
+        self._stopping = False
+        store.on_lease = self.on_lease
+
+    def on_lease(self, lease_id: int, ttl_seconds: int | None) -> None:
+        """The store's hook, as grants and removals apply (in the runtime's loop: no blocking)."""
+        if ttl_seconds is None:
+            self.keeper.removed(lease_id)
+        else:
+            self.keeper.granted(lease_id, ttl_seconds, self.clock())
+
+    def current(self) -> LeaseKeeper | None:
+        """The keeper, in step with the node's role and term; None unless this node leads."""
+        node = self.runtime.node
+        if node.role is not Role.LEADER:
+            if self.keeper.leading:
+                self.keeper.step_down()
+            return None
+        if self.keeper.term != node.term:
+            # A new term of leadership: another leader may have answered keepalives since this node last led.
+            self.keeper.become_leader(node.term, ((i, lease.ttl_seconds) for i, lease in self.store.leases.items()),
+                                      self.clock())
+        return self.keeper
+
+    def run(self) -> None:
+        while not self._stopping:
+            gevent.sleep(LEASE_TICK_SECONDS)
+            try:
+                self.tick()
+            except Exception:
+                log.exception("the lease tick failed")
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def tick(self) -> None:
+        """Propose the expiry of the leases past their deadline, if this node leads (one entry, then wait)."""
+        keeper = self.current()
+        if keeper is None:
+            return
+        due = keeper.due(self.clock())
+        if not due:
+            return
+        try:
+            self.runtime.propose(command(LEASE_EXPIRE, "", b"", due), self.write_timeout_seconds)
+        except Exception as e:  # NotLeader, EntryLost, Timeout...: a new leader starts over; else retried
+            log.info("the expiry of %d leases did not commit (%s)", len(due), e)
+            keeper.expire_failed(due)
+            for _ in due:
+                self.metrics.lease_expirations.inc("failed")
+            return
+        for _ in due:
+            self.metrics.lease_expirations.inc("committed")
+
+
 class JoinFailed(Exception):
     """This node could not join the cluster: refused, or no answer within -join-timeout."""
 
@@ -304,6 +374,8 @@ class Server:
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
         self.metrics.bind(self.runtime.status)
+        self.metrics.lease_count = lambda: len(self.store.leases)
+        self.leases = LeaderLeases(self.runtime, self.store, self.metrics, config.write_timeout_seconds)
         self.http: EdgeServer | None = None
         self.feature_level = own_feature_level()
         self.level_raiser: FeatureLevelRaiser | None = None
@@ -513,7 +585,10 @@ class Server:
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
                   guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
-                  committed_configuration=self.committed_configuration, feature_level=self.feature_level)
+                  committed_configuration=self.committed_configuration, feature_level=self.feature_level,
+                  lease_keeper=self.leases.current,
+                  # etcd's minimum TTL: 1.5 election timeouts, so an election does not eat a lease's TTL
+                  min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)))
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason
@@ -529,6 +604,7 @@ class Server:
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
         gevent.spawn(self.level_raiser.run)
+        gevent.spawn(self.leases.run)
         if self.node_key is not None:
             self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:
@@ -558,6 +634,7 @@ class Server:
             self._vouched_watch.kill()  # before the data dir closes: it may write node.key
         if self.level_raiser is not None:
             self.level_raiser.stop()
+        self.leases.stop()
         target = best_successor(self.runtime.status().node)
         if target is not None:
             try:

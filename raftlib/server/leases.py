@@ -1,0 +1,115 @@
+"""The leader's clock for leases: when each lease of the replicated state (store.KeyValueStore.leases) expires.
+
+Rules:
+- Pure: no gevent, socket, file or clock; the caller passes the time (`now`, monotonic seconds) into every call,
+  so a test drives it with plain numbers.
+- Only the leader keeps deadlines (issue 14: expiry is decided by the leader alone and goes through the log as a
+  LEASE_EXPIRE entry; the state machine never reads a clock). `become_leader(term, leases, now)` gives every
+  lease the full TTL again from now: a keepalive the previous leader answered at t (before this node's election)
+  is then honoured, since now + ttl > t + ttl. A lease may expire later than its TTL, never earlier.
+- A lease granted while this node leads gets now + ttl when its grant applies here (`granted`).
+- `keepalive(lease_id, arrived_at)`: the caller recorded `arrived_at` when the keepalive arrived and confirmed
+  leadership with a read round (ReadIndex, thesis §6.4) before calling; the deadline becomes
+  max(deadline, arrived_at + ttl). A leader elected after that round resets every lease to its election + ttl,
+  later still. A lease being expired (proposed in a LEASE_EXPIRE) is not kept alive.
+- `due(now)` hands out at most `max_batch` leases whose deadline passed, marks them expiring, and the caller
+  proposes one LEASE_EXPIRE for them; `expire_failed` puts them back (a new leader starts over anyway).
+- The assumption: each node's monotonic clock runs at the rate of real time within a small bounded drift (the
+  clocks need not agree with each other, nor with wall time). A TTL is measured on one node's clock between two
+  of its own readings, never across nodes.
+- Cost: deadlines in a heap with lazy deletion (an extended lease leaves its old entry to be skipped), so `due`
+  is O(log n) per lease handed out or entry skipped, never a scan of every lease.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+TICK_SECONDS = 0.1  # how often the leader looks for leases past their deadline (raftlib.server.node)
+
+
+class LeaseKeeper:
+    """The deadlines of the leases while this node leads (see the module's rules)."""
+
+    def __init__(self, max_batch: int) -> None:
+        assert max_batch >= 1
+        self.max_batch = max_batch
+        self.term: int | None = None  # the term this node leads in; None while it does not
+        self.ttl_seconds: dict[int, int] = {}
+        self.deadlines: dict[int, float] = {}
+        self.expiring: set[int] = set()
+        self._heap: list[tuple[float, int]] = []
+
+    @property
+    def leading(self) -> bool:
+        return self.term is not None
+
+    def become_leader(self, term: int, leases: Iterable[tuple[int, int]], now: float) -> None:
+        """This node leads in `term`: every lease in the state ((id, ttl_seconds) pairs) gets its full TTL from
+        now, whatever an earlier term of this node had (another leader may have answered keepalives since)."""
+        self.term = term
+        self.ttl_seconds = dict(leases)
+        self.deadlines = {i: now + ttl for i, ttl in self.ttl_seconds.items()}
+        self.expiring = set()
+        self._heap = [(deadline, i) for i, deadline in self.deadlines.items()]
+        heapq.heapify(self._heap)
+
+    def step_down(self) -> None:
+        self.term = None
+        self.ttl_seconds, self.deadlines, self.expiring, self._heap = {}, {}, set(), []
+
+    def granted(self, lease_id: int, ttl_seconds: int, now: float) -> None:
+        """A grant applied here: while leading, the lease runs its TTL from now."""
+        if self.leading:
+            self.ttl_seconds[lease_id] = ttl_seconds
+            self._set(lease_id, now + ttl_seconds)
+
+    def removed(self, lease_id: int) -> None:
+        """A lease left the state (revoked or expired)."""
+        self.ttl_seconds.pop(lease_id, None)
+        self.deadlines.pop(lease_id, None)  # its heap entries are skipped as stale
+        self.expiring.discard(lease_id)
+
+    def alive(self, lease_id: int) -> bool:
+        """Whether this leader keeps the lease (known, not being expired)."""
+        return lease_id in self.deadlines and lease_id not in self.expiring
+
+    def keepalive(self, lease_id: int, arrived_at: float) -> bool:
+        """Extend the lease to at least arrived_at + its TTL (the module's rules: leadership confirmed after
+        `arrived_at`). False when this leader does not keep it alive: unknown, or being expired."""
+        if not self.alive(lease_id):
+            return False
+        deadline = arrived_at + self.ttl_seconds[lease_id]
+        if deadline > self.deadlines[lease_id]:
+            self._set(lease_id, deadline)
+        return True
+
+    def remaining_seconds(self, lease_id: int, now: float) -> float | None:
+        """Seconds until the lease's deadline (0 once passed); None when this leader does not keep it."""
+        deadline = self.deadlines.get(lease_id)
+        return None if deadline is None else max(0.0, deadline - now)
+
+    def due(self, now: float) -> list[int]:
+        """Up to max_batch leases whose deadline is at or before `now`, earliest first, marked expiring."""
+        out: list[int] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now and len(out) < self.max_batch:
+            deadline, lease_id = heapq.heappop(heap)
+            if self.deadlines.get(lease_id) != deadline or lease_id in self.expiring:
+                continue  # stale: extended since, removed, or handed out already
+            assert deadline <= now, "never expire a lease before its deadline"
+            self.expiring.add(lease_id)
+            out.append(lease_id)
+        return out
+
+    def expire_failed(self, lease_ids: Iterable[int]) -> None:
+        """The LEASE_EXPIRE for `lease_ids` did not commit in time: those still here are due again at once."""
+        for lease_id in lease_ids:
+            if lease_id in self.expiring:
+                self.expiring.discard(lease_id)
+                self._set(lease_id, self.deadlines[lease_id])  # passed already: due at the next look
+
+    def _set(self, lease_id: int, deadline: float) -> None:
+        self.deadlines[lease_id] = deadline
+        heapq.heappush(self._heap, (deadline, lease_id))

@@ -1,0 +1,184 @@
+"""The leader's lease clock (raftlib.server.leases.LeaseKeeper) with time passed in as numbers, and
+raftlib.server.node.LeaderLeases (the keeper in step with the node's role and term, its ticks proposing
+LEASE_EXPIRE) against a real store and a fake runtime: issue 14's "never expires before its TTL has passed since
+the last keepalive that was answered; a new leader gives every lease its full TTL again"."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import cbor2
+import pytest
+
+from raftlib.core import NotLeader
+from raftlib.messages import Role
+from raftlib.server.leases import LeaseKeeper
+from raftlib.server.metrics import Metrics
+from raftlib.server.node import LeaderLeases
+from raftlib.server.store import (FEATURE_LEVEL, LEASE_EXPIRE, LEASE_GRANT, PUT_WITH_TTL, SET_FEATURE_LEVEL, Event,
+                                  KeyValueStore, command)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_becoming_leader_gives_every_lease_its_full_ttl_from_then():
+    k = LeaseKeeper(max_batch=10)
+    k.become_leader(3, [(7, 10), (9, 4)], now=100.0)
+    assert k.deadlines == {7: 110.0, 9: 104.0}
+    assert k.due(103.9) == [] and k.due(104.0) == [9]
+    k.become_leader(5, [(7, 10), (9, 4)], now=200.0)  # a later term: everything again, the expiring mark too
+    assert k.deadlines == {7: 210.0, 9: 204.0} and k.expiring == set() and k.alive(9)
+    assert k.due(203.99) == []
+
+
+def test_a_keepalive_extends_to_its_arrival_plus_ttl_and_never_shortens():
+    k = LeaseKeeper(max_batch=10)
+    k.become_leader(1, [(7, 10)], now=0.0)
+    assert k.keepalive(7, arrived_at=6.0) and k.deadlines[7] == 16.0
+    assert k.keepalive(7, arrived_at=5.0) and k.deadlines[7] == 16.0  # an older arrival answered late: no change
+    assert k.due(15.99) == [] and k.remaining_seconds(7, 15.0) == 1.0
+    assert k.due(16.0) == [7]
+    assert not k.keepalive(7, arrived_at=16.0) and not k.alive(7)  # being expired: 404 from then on
+    assert not k.keepalive(99, arrived_at=1.0)  # unknown
+
+
+def test_expiry_comes_in_bounded_batches_earliest_first_and_a_failed_one_is_due_again():
+    k = LeaseKeeper(max_batch=2)
+    k.become_leader(1, [(i, i) for i in range(1, 6)], now=0.0)
+    assert k.due(10.0) == [1, 2] and k.due(10.0) == [3, 4] and k.due(10.0) == [5] and k.due(10.0) == []
+    k.expire_failed([3, 4])
+    assert k.alive(3) and k.due(10.0) == [3, 4]
+    k.removed(3)  # the entry did apply after all (or a revoke did)
+    k.expire_failed([3])
+    assert 3 not in k.deadlines and k.due(20.0) == []
+
+
+def test_grants_count_only_while_leading_and_stepping_down_forgets():
+    k = LeaseKeeper(max_batch=10)
+    k.granted(4, 5, now=1.0)
+    assert k.deadlines == {}
+    k.become_leader(2, [], now=1.0)
+    k.granted(4, 5, now=3.0)
+    assert k.deadlines == {4: 8.0}
+    k.step_down()
+    assert not k.leading and k.deadlines == {} and k.due(100.0) == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_no_lease_expires_before_ttl_after_an_answered_keepalive(seed):
+    """A random schedule of keepalives, elections and ticks: whenever `due` hands a lease out, at least its TTL has
+    passed since the last keepalive answered for it (and since the keeper's election)."""
+    import random
+    rng = random.Random(seed)
+    k = LeaseKeeper(max_batch=3)
+    ttl = {i: rng.randint(1, 5) for i in range(1, 8)}
+    now, term = 0.0, 1
+    k.become_leader(term, ttl.items(), now)
+    floor = {i: now + t for i, t in ttl.items()}  # no expiry before this
+    gone: set[int] = set()
+    for _ in range(400):
+        now += rng.random()
+        r = rng.random()
+        if r < 0.5:
+            i = rng.choice(list(ttl))
+            arrived_at = now - rng.random() * 0.2
+            if k.keepalive(i, arrived_at):
+                floor[i] = max(floor[i], arrived_at + ttl[i])
+        elif r < 0.55:
+            term += 1
+            k.become_leader(term, [(i, t) for i, t in ttl.items() if i not in gone], now)
+        else:
+            for i in k.due(now):
+                assert now >= floor[i]
+                if rng.random() < 0.3:
+                    k.expire_failed([i])
+                else:
+                    gone.add(i)
+                    k.removed(i)
+
+
+def test_the_leases_module_is_pure():
+    tree = ast.parse(open(os.path.join(ROOT, "raftlib", "server", "leases.py")).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "heapq", "collections"}, imported
+
+
+# ---- LeaderLeases: the keeper in step with a node ---------------------------------------------------------------
+
+
+class FakeNode:
+    def __init__(self) -> None:
+        self.role, self.term, self.leader_id = Role.FOLLOWER, 1, None
+
+
+class FakeRuntime:
+    """Applies what is proposed to the store at once, at the next index (a leader of one)."""
+
+    def __init__(self, store: KeyValueStore) -> None:
+        self.node, self.store, self.index, self.fail = FakeNode(), store, 1, False
+        self.proposed: list[list] = []
+
+    def propose(self, cmd: bytes, timeout_seconds: float):
+        if self.fail:
+            raise NotLeader(None)
+        self.proposed.append(cbor2.loads(cmd))
+        self.index += 1
+        return self.index, self.store.apply(self.index, cmd)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def leader_leases() -> tuple[LeaderLeases, FakeRuntime, Clock, list[Event]]:
+    events: list[Event] = []
+    store = KeyValueStore(events.append)
+    store.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    runtime, clock = FakeRuntime(store), Clock()
+    return LeaderLeases(runtime, store, Metrics(), 1.0, clock=clock), runtime, clock, events
+
+
+def test_a_follower_proposes_nothing_and_a_new_leader_starts_every_lease_over():
+    leases, runtime, clock, events = leader_leases()
+    runtime.propose(command(PUT_WITH_TTL, "svc/a", b"up", 10), 1.0)  # applied while following: no deadline
+    assert leases.keeper.deadlines == {}
+    clock.now += 60
+    leases.tick()
+    assert runtime.proposed[1:] == [] and leases.current() is None
+    runtime.node.role = Role.LEADER
+    leases.tick()  # full TTL from the election, however old the grant
+    assert leases.keeper.deadlines == {2: clock.now + 10} and runtime.proposed[1:] == []
+    clock.now += 9.9
+    leases.tick()
+    assert "svc/a" in runtime.store.data
+    runtime.node.term = 2  # lost and won again between two ticks: full TTL again
+    leases.tick()
+    clock.now += 9.9
+    leases.tick()
+    assert "svc/a" in runtime.store.data
+    clock.now += 0.2
+    leases.tick()
+    assert runtime.proposed[-1] == [LEASE_EXPIRE, "", b"", [2]] and "svc/a" not in runtime.store.data
+    assert events[-1] == Event("expire", "svc/a", None, 3, 2) and leases.keeper.deadlines == {}
+    assert leases.metrics.lease_expirations.values == {"committed": 1}
+
+
+def test_a_grant_on_the_leader_runs_from_its_apply_and_a_failed_expiry_is_retried():
+    leases, runtime, clock, _ = leader_leases()
+    runtime.node.role = Role.LEADER
+    leases.tick()
+    index, _ = runtime.propose(command(LEASE_GRANT, "", b"", 5), 1.0)
+    assert leases.keeper.deadlines == {index: clock.now + 5}
+    clock.now += 5
+    runtime.fail = True
+    leases.tick()
+    assert runtime.store.leases and leases.keeper.alive(index)  # put back: due again
+    runtime.fail = False
+    leases.tick()
+    assert runtime.store.leases == {} and leases.metrics.lease_expirations.values == {"failed": 1, "committed": 1}
