@@ -110,7 +110,7 @@ def test_the_leases_module_is_pure():
 
 class FakeNode:
     def __init__(self) -> None:
-        self.role, self.term, self.leader_id = Role.FOLLOWER, 1, None
+        self.role, self.current_term, self.leader_id = Role.FOLLOWER, 1, None
 
 
 class FakeRuntime:
@@ -157,7 +157,7 @@ def test_a_follower_proposes_nothing_and_a_new_leader_starts_every_lease_over():
     clock.now += 9.9
     leases.tick()
     assert "svc/a" in runtime.store.data
-    runtime.node.term = 2  # lost and won again between two ticks: full TTL again
+    runtime.node.current_term = 2  # lost and won again between two ticks: full TTL again
     leases.tick()
     clock.now += 9.9
     leases.tick()

@@ -276,9 +276,9 @@ class LeaderLeases:
             if self.keeper.leading:
                 self.keeper.step_down()
             return None
-        if self.keeper.term != node.term:
+        if self.keeper.term != node.current_term:
             # A new term of leadership: another leader may have answered keepalives since this node last led.
-            self.keeper.become_leader(node.term, ((i, lease.ttl_seconds) for i, lease in self.store.leases.items()),
+            self.keeper.become_leader(node.current_term, ((i, lease.ttl_seconds) for i, lease in self.store.leases.items()),
                                       self.clock())
         return self.keeper
 
