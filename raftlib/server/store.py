@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import cbor2
 from sortedcontainers import SortedList
@@ -158,7 +158,7 @@ class NoLease(NamedTuple):
     lease_id: int
 
 
-def valid_ttl(ttl_seconds: object) -> bool:
+def valid_ttl(ttl_seconds: object) -> TypeGuard[int]:
     return type(ttl_seconds) is int and 1 <= ttl_seconds <= MAX_TTL_SECONDS
 
 
@@ -474,7 +474,7 @@ class KeyValueStore:
         # so the leases there now are the ones every op would see.
         for o in ops:
             if len(o) == 4 and o[3] and o[3] not in self.leases:
-                return NoLease(o[3])  # type: ignore[return-value]
+                return NoLease(o[3])
         results: list[tuple] = []
         for kind, key, third, *lease in ops:
             if kind == "put":
