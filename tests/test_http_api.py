@@ -21,6 +21,7 @@ from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, T
                                   answer_headers,
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
+from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_TXN_OPS, SET,
                                   SET_FEATURE_LEVEL, KeyValueStore, command)
@@ -888,7 +889,9 @@ def test_every_route_is_tested_here():
         ("POST", "/db/<key:path>"), ("PUT", "/db/<key:path>"), ("DELETE", "/db/<key:path>"),
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
-        ("GET", "/cluster/keys"), ("DELETE", "/db/"), ("DELETE", "/db"), ("POST", "/txn")}
+        ("GET", "/cluster/keys"), ("DELETE", "/db/"), ("DELETE", "/db"), ("POST", "/txn"), ("POST", "/lease"),
+        ("GET", "/lease"), ("POST", "/lease/<lease_id>/keepalive"), ("GET", "/lease/<lease_id>"),
+        ("DELETE", "/lease/<lease_id>")}
 
 
 # ---- issue 14: indices, ?prev_index, prefix deletes, transactions, the feature level ---------------------------
@@ -976,7 +979,8 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
     ('{"success": [{"op": "put", "key": "k"}]}', "needs a value"),
     ('{"success": [{"op": "put", "key": "k", "value": "a", "value_base64": "YQ=="}]}', "both given"),
     ('{"failure": [{"op": "put", "key": "k", "value_base64": "not base64!"}]}', "not base64"),
-    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": 7}]}', "lease 7 not found"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": -7}]}', "a lease is a lease id"),
+    ('{"compare": [{"key": "k", "target": "lease", "op": "==", "value": "x"}]}', "a lease is a lease id"),
     ('{"success": [{"op": "delete", "key": "k", "prefix": "k"}]}', "one of them"),
     ('{"success": [{"op": "get"}]}', "one of them"),
     ('{"success": [{"op": "get", "key": ""}]}', "1 to 4096 bytes"),
@@ -1012,3 +1016,74 @@ def test_a_join_without_the_feature_level_is_refused_once_the_cluster_has_it(cli
         assert r.status == 409 and "upgrade it, then join" in r.text, level
     r = client("POST", "/join", json.dumps({**join, "node_id": "e", "feature_level": FEATURE_LEVEL}))
     assert r.status == 200
+
+
+# ---- issue 14 part 2: leases ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def leased(monkeypatch) -> tuple[Client, LeaseKeeper, list[float]]:
+    """A client of a level-2 cluster whose leader keeps leases by a clock the test moves (`now[0]`)."""
+    now = [100.0]
+    monkeypatch.setattr(api_module.time, "monotonic", lambda: now[0])
+    keeper = LeaseKeeper(max_batch=8)
+    c = Client(write_timeout_seconds=2.0, read_timeout_seconds=0.2, min_ttl_seconds=2,
+               lease_keeper=lambda: keeper if c.runtime.node.role is Role.LEADER else None)
+    keeper.become_leader(1, [], now[0])
+    c.store.on_lease = lambda i, ttl: keeper.removed(i) if ttl is None else keeper.granted(i, ttl, now[0])
+    c.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    return c, keeper, now
+
+
+def test_lease_routes_grant_keep_alive_list_and_revoke(leased):
+    client, keeper, now = leased
+    r = client("POST", "/lease?ttl=10")
+    assert (r.status, json.loads(r.body), r.headers["x-raft-index"]) == (200, {"id": "2", "ttl": 10}, "2")
+    assert json.loads(client("POST", "/lease?ttl=1").body)["ttl"] == 2  # raised to the minimum
+    assert client("POST", "/db/a?lease=2", "x").status == 200 and client.store.lease_of == {"a": 2}
+    r = client("POST", "/db/t?ttl=5", "y")
+    assert r.headers["x-raft-lease"] == r.headers["x-raft-index"] == "5" and client.store.leases[5].keys == {"t"}
+    now[0] += 4
+    calls = len(client.runtime.calls)
+    r = client("POST", "/lease/2/keepalive")
+    assert (r.status, json.loads(r.body)) == (200, {"id": "2", "ttl": 10}) and keeper.deadlines[2] == 114.0
+    assert client.runtime.calls[calls][0] == "read"  # leadership confirmed by a read round, nothing proposed
+    assert len(client.runtime.calls) == calls + 1 and client.counted("lease_keepalives") == {"kept": 1}
+    assert json.loads(client("GET", "/lease/2").body) == {"id": "2", "ttl": 10, "remaining": 10.0, "keys": ["a"],
+                                                          "key_count": 1}
+    assert json.loads(client("GET", "/lease?limit=2").body) == {"leases": [
+        {"id": "2", "ttl": 10, "remaining": 10.0}, {"id": "3", "ttl": 2, "remaining": 0.0}], "next": "3"}
+    assert json.loads(client("GET", "/lease?after=3").body)["leases"] == [{"id": "5", "ttl": 5, "remaining": 1.0}]
+    assert keeper.due(now[0]) == [3]  # being expired: keepalive and GET answer 404 from then on
+    assert client("POST", "/lease/3/keepalive").status == 404 and client("GET", "/lease/3").status == 404
+    assert client.counted("lease_keepalives") == {"kept": 1, "not_found": 1}
+    r = client("DELETE", "/lease/2")
+    assert (r.status, json.loads(r.body)) == (200, {"id": "2", "deleted": 1, "index": 6}) and "a" not in client.store.data
+    assert client("DELETE", "/lease/2").status == 404 and client("POST", "/lease/2/keepalive").status == 404
+
+
+def test_lease_routes_are_the_leaders_and_check_their_input(leased):
+    client, _, _ = leased
+    for method, target, status, says in (
+            ("POST", "/lease?ttl=x", 400, "ttl must be whole seconds"),
+            ("POST", "/lease?ttl=31536001", 400, "ttl must be whole seconds"),
+            ("GET", "/lease/-1", 400, "a lease id is a positive decimal number"),
+            ("DELETE", "/lease/1e3", 400, "a lease id"),
+            ("GET", "/lease?limit=x", 400, "limit must be an integer"),
+            ("POST", "/db/k?lease=9", 404, "lease 9 not found"),
+            ("POST", "/db/k?lease=0", 400, "a lease id"),
+            ("POST", "/db/k?ttl=3&prev_exist=false", 400, "lease and ttl go alone")):
+        r = client(method, target, "v")
+        assert (r.status, r.text.count("\n")) == (status, 1) and says in r.text, (target, r.text)
+    client.runtime.node.role, client.runtime.node.leader_id = Role.FOLLOWER, "b"
+    for method, target in (("POST", "/lease?ttl=5"), ("POST", "/lease/2/keepalive"), ("GET", "/lease/2"),
+                           ("GET", "/lease"), ("DELETE", "/lease/2"), ("POST", "/db/k?ttl=5")):
+        r = client(method, target)
+        assert r.status == 307 and r.headers["location"] == f"http://10.0.0.2:8080{target}", target
+
+
+def test_lease_routes_answer_409_below_level_2():
+    client = Client(lease_keeper=lambda: LeaseKeeper(1))
+    for method, target in (("POST", "/lease?ttl=5"), ("POST", "/lease/2/keepalive"), ("DELETE", "/lease/2"),
+                           ("POST", "/db/k?ttl=5"), ("POST", "/db/k?lease=2")):
+        assert client(method, target).status == 409, target
