@@ -275,7 +275,7 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
 
 # The leader's answer headers a forwarding follower hands back: the signature of a signed answer (a join's) too,
 # without which the joining node must refuse the answer.
-_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "location", TIMESTAMP_HEADER.lower(),
+_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "x-raft-lease", "location", TIMESTAMP_HEADER.lower(),
                                        SIGNATURE_HEADER.lower()))
 
 
