@@ -182,3 +182,19 @@ def test_a_grant_on_the_leader_runs_from_its_apply_and_a_failed_expiry_is_retrie
     runtime.fail = False
     leases.tick()
     assert runtime.store.leases == {} and leases.metrics.lease_expirations.values == {"failed": 1, "committed": 1}
+
+
+def test_leases_an_expiry_entry_left_for_its_key_bound_are_proposed_again(monkeypatch):
+    from raftlib.server import store as store_module
+    monkeypatch.setattr(store_module, "MAX_DELETE_KEYS_PER_ENTRY", 1)
+    leases, runtime, clock, _ = leader_leases()
+    runtime.node.role = Role.LEADER
+    leases.tick()
+    for key in ("a", "b"):
+        runtime.propose(command(PUT_WITH_TTL, key, b"", 5), 1.0)
+    clock.now += 5
+    leases.tick()
+    assert [p[3] for p in runtime.proposed[-1:]] == [[2, 3]] and list(runtime.store.leases) == [3]
+    leases.tick()
+    assert runtime.proposed[-1][3] == [3] and runtime.store.leases == {} and runtime.store.data == {}
+    assert leases.metrics.lease_expirations.values == {"committed": 2}

@@ -269,16 +269,50 @@ def test_records_carry_the_create_and_the_modify_index():
     assert kv.get("b") == b"y"
 
 
-def test_exposed_indices_are_never_below_the_level_index():
+def test_exposed_indices_are_never_below_the_level_index_and_the_raise_stores_them_so():
     kv = KeyValueStore()
     kv.apply(3, command(SET, "old", b"1"))
-    kv.apply(8, command(SET, "new", b"2"))
+    kv.apply(4, command(SET, "older", b"0"))
     assert kv.record("old") == (b"1", 0, 0)  # below level 2: not exposed
     kv.apply(5, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
-    assert kv.data["old"][1:] == (3, 3) and kv.record("old") == (b"1", 5, 5)
+    # Review of coord1, L3: raised to the floor once, at the raise, so that the V3 snapshot dumps data as stored.
+    assert kv.data["old"] == (b"1", 5, 5) and kv.record("old") == (b"1", 5, 5)
+    kv.apply(8, command(SET, "new", b"2"))
     assert kv.record("new") == (b"2", 8, 8)
     kv.apply(9, command(SET, "old", b"3"))
     assert kv.record("old") == (b"3", 5, 9)
+    assert cbor2.loads(kv.snapshot())[1] == {k: list(r) for k, r in kv.data.items()}
+
+
+def test_a_later_raise_keeps_the_level_index(monkeypatch):
+    """Review of coord1, S3: a raise above 2 (a release to come) must not move older keys' exposed indices."""
+    monkeypatch.setattr(store, "FEATURE_LEVEL", 3)
+    kv, _, _ = upgraded(command(SET, "k", b"v"), at=5)  # k at 6
+    assert kv.apply(20, command(SET_FEATURE_LEVEL, "", b"", 3)) == "ok"
+    assert (kv.feature_level, kv.level_index, kv.record("k")) == (3, 5, (b"v", 6, 6))
+    assert kv.apply(21, command(SET_IF_INDEX, "k", b"w", 6)) == "ok"
+
+
+def test_a_level_above_this_release_stops_the_node_and_changes_nothing():
+    """Review of coord1, S3: it cannot apply what follows as the others do: raise, so the runtime stops it."""
+    kv, _, _ = upgraded(command(SET, "k", b"v"))
+    before = kv.snapshot()
+    with pytest.raises(store.FeatureLevelTooHigh, match="above this release's"):
+        kv.apply(3, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL + 1))
+    assert kv.snapshot() == before
+    newer = cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, FEATURE_LEVEL + 1, 1, {}])
+    with pytest.raises(ValueError, match="start a newer raftdzmq"):
+        KeyValueStore().restore(newer)
+
+
+def test_crossing_to_level_2_asks_for_a_snapshot_once():
+    raised: list[int] = []
+    kv = KeyValueStore(on_level_raised=raised.append)
+    kv.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    kv.apply(2, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    assert raised == [FEATURE_LEVEL]
+    KeyValueStore(on_level_raised=raised.append).restore(kv.snapshot())  # a restore is no raise
+    assert raised == [FEATURE_LEVEL]
 
 
 def test_set_and_delete_if_index_compare_the_modify_index():
@@ -327,10 +361,10 @@ def test_a_txn_runs_the_branch_its_compares_choose():
                                    ("b", "create_index", ">", 2), ("c", "exists", "==", False),
                                    ("a", "lease", "==", 0)],
                          success=[("put", "c", b"3"), ("get", "c", False), ("delete", "a", False),
-                                  ("put", "c", b"4"), ("get", "", True) if False else ("get", "b", False)],
+                                  ("put", "c", b"4"), ("get", "b", False)],
                          failure=[("put", "failed", b"")]))
-    assert ok == TxnResult(True, [("put", "c"), ("get", [("c", b"3", 4, 4)]), ("delete", 1), ("put", "c"),
-                                  ("get", [("b", b"2", 3, 3)])])
+    assert ok == TxnResult(True, [("put", "c"), ("get", [("c", b"3", 4, 4)], False), ("delete", 1, False),
+                                  ("put", "c"), ("get", [("b", b"2", 3, 3)], False)])
     assert [(e.type, e.key, e.index) for e in events] == [("put", "c", 4), ("delete", "a", 4), ("put", "c", 4)]
     assert kv.get("failed") is None and kv.get("a") is None and kv.record("c") == (b"4", 4, 4)
     # A failing compare: the failure branch only; the success branch changed nothing.
@@ -338,7 +372,7 @@ def test_a_txn_runs_the_branch_its_compares_choose():
     failed = kv.apply(5, txn(compares=[("c", "value", "==", b"4"), ("b", "value", "<", b"1")],
                              success=[("put", "c", b"x"), ("delete", "b", False)],
                              failure=[("get", "c", True), ("delete", "nothing", False)]))
-    assert failed == TxnResult(False, [("get", [("c", b"4", 4, 4)]), ("delete", 0)])
+    assert failed == TxnResult(False, [("get", [("c", b"4", 4, 4)], False), ("delete", 0, False)])
     assert kv.get("c") == b"4" and kv.get("b") == b"2" and events == []
 
 
@@ -456,7 +490,7 @@ LEVEL_COMMANDS = st.one_of(
     st.tuples(LEVEL_KEYS, st.integers(0, 40)).map(lambda t: command(DELETE_IF_INDEX, t[0], b"", t[1])),
     st.sampled_from(["a", "a/", "b"]).map(lambda p: command(DELETE_PREFIX, p)),
     st.tuples(TXN_COMPARES, TXN_OPS, TXN_OPS).map(lambda t: txn(*t)),
-    st.integers(1, 3).map(lambda level: command(SET_FEATURE_LEVEL, "", b"", level)),
+    st.integers(0, FEATURE_LEVEL).map(lambda level: command(SET_FEATURE_LEVEL, "", b"", level)),
     st.just("snapshot"),
     # Leases: ids are grant indices, so small ones name grants of these short histories (or nothing).
     st.integers(1, 30).map(lambda ttl: command(LEASE_GRANT, "", b"", ttl)),
@@ -493,6 +527,50 @@ def test_replicas_agree_on_every_exposed_index_whatever_snapshot_they_restored(c
     assert list(kv.keys) == list(replica.keys) == sorted(replica.data)
     if replica.feature_level >= 2:
         assert kv.snapshot() == replica.snapshot()
+
+
+def test_a_prefix_delete_deletes_at_most_its_cap_per_entry_in_key_order():
+    """Review of coord1, L2: one entry's work is bounded; the caller proposes again while it deleted the cap."""
+    n = store.MAX_DELETE_KEYS_PER_ENTRY
+    kv, results, _ = upgraded(*(command(SET, f"p/{i:05d}", b"v") for i in range(n + 5)),
+                              command(DELETE_PREFIX, "p/"), command(DELETE_PREFIX, "p/"))
+    assert results[-2:] == [n, 5] and len(kv) == 0
+    # In a txn the prefix deletes share the cap, and say "more" when it stopped them.
+    kv, _, _ = upgraded(*(command(SET, f"{p}/{i:05d}", b"v") for p in "ab" for i in range(n - 1)))
+    result = kv.apply(10 ** 6, txn(success=[("delete", "a/", True), ("delete", "b/", True), ("delete", "a/0", True)]))
+    assert result.results == [("delete", n - 1, False), ("delete", 1, True), ("delete", 0, False)]
+    assert sorted(kv.data)[0] == "b/00001" and len(kv) == n - 2
+
+
+def test_a_txns_gets_return_at_most_their_caps_and_say_more(monkeypatch):
+    """Review of coord1, L1: 128 prefix gets over every key returned the whole store 128 times, on every node."""
+    n = store.MAX_TXN_GET_KEYS
+    kv, _, _ = upgraded(*(command(SET, f"k/{i:05d}", b"v") for i in range(n + 1)))
+    gets = [("get", "k/", True), ("get", "k/00000", False), ("get", "missing", False)]
+    result = kv.apply(10 ** 6, txn(success=gets))
+    (_, first, more), second, third = result.results
+    assert (len(first), more) == (n, True) and first[-1][0] == f"k/{n - 1:05d}"
+    assert second == ("get", [], True) and third == ("get", [], False)  # the key bound is spent
+    # The byte bound: keys and values counted in op order; the first value past it ends every later get.
+    monkeypatch.setattr(store, "MAX_TXN_GET_BYTES", 2 * len("k/00000v") + 1)
+    result = kv.apply(10 ** 6 + 1, txn(success=[("get", "k/", True), ("get", "k/00000", False)]))
+    assert [(len(r[1]), r[2]) for r in result.results] == [(2, True), (0, True)]
+
+
+def test_an_on_event_that_raises_leaves_no_txn_half_applied(caplog):
+    """Review of coord1, Q4: events go out once the whole command applied; a failing watcher is logged."""
+    seen = []
+
+    def watcher(event):
+        seen.append((event.key, kv.get("a"), kv.get("b")))
+        raise RuntimeError("a watcher's bug")
+
+    kv = KeyValueStore(on_event=watcher)
+    kv.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    result = kv.apply(2, txn(success=[("put", "a", b"1"), ("put", "b", b"2")]))
+    assert result.succeeded and kv.get("a") == b"1" and kv.get("b") == b"2"
+    assert seen == [("a", b"1", b"2"), ("b", b"1", b"2")]  # every event, each after the whole txn
+    assert caplog.text.count("on_event failed") == 2
 
 
 # ---- leases (issue 14 part 2) ----------------------------------------------------------------------------------
@@ -582,3 +660,18 @@ def test_leases_survive_a_snapshot():
     copy.restore(snap)
     assert copy.leases == kv.leases and copy.lease_of == {"j": 2, "k": 2} and copy.snapshot() == snap
     assert copy.apply(5, command(LEASE_REVOKE, "", b"", 2)) == 2 and copy.data == {}
+
+
+def test_a_lease_holds_at_most_its_cap_of_keys_and_an_expiry_deletes_at_most_the_entry_cap(monkeypatch):
+    """Bounded work per entry (the module's rules): a revoke or an expiry deletes at most
+    MAX_DELETE_KEYS_PER_ENTRY keys; an expiry leaves the leases past it for the leader to propose again."""
+    monkeypatch.setattr(store, "MAX_KEYS_PER_LEASE", 2)
+    monkeypatch.setattr(store, "MAX_DELETE_KEYS_PER_ENTRY", 3)
+    kv, results, _ = upgraded(command(LEASE_GRANT, "", b"", 5), command(SET_WITH_LEASE, "a", b"", 2),
+                              command(SET_WITH_LEASE, "b", b"", 2), command(SET_WITH_LEASE, "c", b"", 2),
+                              command(SET_WITH_LEASE, "a", b"again", 2), txn((), [("put", "c", b"", 2)]),
+                              command(PUT_WITH_TTL, "d", b"", 5), command(SET_WITH_LEASE, "e", b"", 8))
+    assert results[1:] == ["ok", "ok", "lease full", "ok", "lease full", "ok", "ok"]
+    assert kv.leases[2].keys == {"a", "b"} and "c" not in kv.data
+    assert kv.apply(10, command(LEASE_EXPIRE, "", b"", [2, 8])) == 1  # 2 + 2 keys: over 3, lease 8 stays
+    assert list(kv.leases) == [8] and kv.apply(11, command(LEASE_EXPIRE, "", b"", [8])) == 1 and kv.data == {}

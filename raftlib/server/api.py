@@ -51,7 +51,7 @@ from .edge import RateLimitedLog
 from .metrics import Metrics
 from .leases import LeaseKeeper
 from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
-                    LEASE_GRANT, LEASE_REVOKE, MAX_LEASES, MAX_TTL_SECONDS, MAX_TXN_OPS, PUT_WITH_TTL, SET,
+                    LEASE_GRANT, LEASE_REVOKE, MAX_KEYS_PER_LEASE, MAX_LEASES, MAX_TTL_SECONDS, MAX_TXN_OPS, PUT_WITH_TTL, SET,
                     SET_IF_INDEX, SET_WITH_LEASE, TXN, KeyValueStore, NoLease, TxnResult, command, txn_problem)
 
 log = logging.getLogger("raftdzmq.api")
@@ -551,13 +551,15 @@ def _json_value(value: bytes) -> dict[str, str]:
 
 
 def _txn_answer(result: tuple) -> dict:
-    kind, detail = result
+    """One op's result as JSON; "more": true when a bound of the store (MAX_DELETE_KEYS_PER_ENTRY,
+    MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES) stopped it before the end of its prefix (absent otherwise)."""
+    kind, detail, *more = result
     if kind == "put":
         return {"op": "put", "key": detail}
     if kind == "delete":
-        return {"op": "delete", "deleted": detail}
+        return {"op": "delete", "deleted": detail, **({"more": True} if more[0] else {})}
     return {"op": "get", "kvs": [{"key": k, **_json_value(v), "create_index": c, "modify_index": m}
-                                 for k, v, c, m in detail]}
+                                 for k, v, c, m in detail], **({"more": True} if more[0] else {})}
 
 
 # ---- the routes -----------------------------------------------------------------------------------------------
@@ -598,6 +600,9 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
         return text(404, f"lease {result.lease_id} not found", **{"X-Raft-Index": str(index)})
     if result == "full":
         return text(409, f"too many leases: at most {MAX_LEASES}; revoke some", **{"X-Raft-Index": str(index)})
+    if result == "lease full":
+        return text(409, f"lease {lease_id} holds {MAX_KEYS_PER_LEASE} keys, the most a lease holds",
+                    **{"X-Raft-Index": str(index)})
     bottle.response.set_header("X-Raft-Index", str(index))
     if "ttl" in q:
         bottle.response.set_header("X-Raft-Lease", str(index))  # the key's own lease: the entry's index
@@ -670,6 +675,9 @@ def post_txn(api: Api) -> bottle.HTTPResponse:
     index, result = propose(api, command(TXN, "", b"", body))
     if isinstance(result, NoLease):
         return text(404, f"lease {result.lease_id} not found: the transaction was not applied",
+                    **{"X-Raft-Index": str(index)})
+    if result == "lease full":
+        return text(409, f"a lease would hold over {MAX_KEYS_PER_LEASE} keys: the transaction was not applied",
                     **{"X-Raft-Index": str(index)})
     if not isinstance(result, TxnResult):  # "error": checked above, so not expected
         return text(500, f"the transaction applied as nothing ({result}) at index {index}")

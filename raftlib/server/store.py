@@ -9,32 +9,52 @@ Rules:
   of a key that is not there); "failed" (a COMPARE_AND_SET whose expected value differs, a CREATE of a key that
   exists, a SET_IF_INDEX or DELETE_IF_INDEX whose index differs); "used" (an ADMIN_CLAIM of a signature claimed
   before); "expired" (an ADMIN_CLAIM older than the claims' horizon); "unchanged" (a SET_FEATURE_LEVEL not above
-  the state's); an int (the keys a DELETE_PREFIX deleted); a TxnResult (a TXN); "error" (a command that does not
-  decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing); "full" (a
-  grant beyond MAX_LEASES); NoLease (a put naming a lease that is not there, alone or in a txn: nothing applied);
-  for LEASE_REVOKE the keys it deleted or "missing", for LEASE_EXPIRE the number of leases that expired. An unknown op
-  (a newer version's command) applies as nothing and gives "ok".
+  the state's); an int (the keys a DELETE_PREFIX deleted: at most MAX_DELETE_KEYS_PER_ENTRY, the first in key
+  order; the caller proposes it again while it deleted that many); a TxnResult (a TXN); "error" (a command that
+  does not decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing); "full"
+  (a grant beyond MAX_LEASES); "lease full" (a put onto a lease of MAX_KEYS_PER_LEASE keys); NoLease (a put naming
+  a lease that is not there, alone or in a txn: nothing applied); for LEASE_REVOKE the keys it deleted or
+  "missing", for LEASE_EXPIRE the number of leases that expired. An
+  unknown op (a newer version's command) applies as nothing and gives "ok".
+- Bounded work per entry (every node applies it on its event loop, and again on a replay): a DELETE_PREFIX, and
+  a TXN's prefix deletes together, delete at most MAX_DELETE_KEYS_PER_ENTRY keys, and so do a LEASE_REVOKE (a
+  lease holds at most MAX_KEYS_PER_LEASE keys: a put onto a full lease is "lease full") and a LEASE_EXPIRE (it
+  expires the leases it names in order while their keys fit in the bound, the first one always, and leaves the
+  rest, which the leader proposes again); a TXN's gets together return
+  at most MAX_TXN_GET_KEYS keys and MAX_TXN_GET_BYTES of keys and values. Past a bound a result says "more"
+  (TxnResult): the same on every node, since the bound is counted in the entry's own order.
 - The feature level (rolling upgrades): an older release applies the ops from SET_IF_INDEX on as nothing, so a
   cluster that mixed releases would diverge if they changed anything. The state's `feature_level` starts at 1
   and only SET_FEATURE_LEVEL raises it (never lowers it), at `level_index`; the leader proposes it once every
   member runs a release of FEATURE_LEVEL (raftlib.server.node). Until then those ops apply as nothing ("error")
-  here too: the level is in the log, so every node decides alike.
+  here too: the level is in the log, so every node decides alike. `level_index` is set once, when the level
+  crosses from below 2 to 2 or more (a later raise keeps it: the exposed indices of older keys never change).
+  A SET_FEATURE_LEVEL above this release's FEATURE_LEVEL raises FeatureLevelTooHigh (nothing changed): this node
+  cannot apply what follows as the others do, so the runtime stops it (a new binary must take over its data dir).
+- Downgrades: once the level is 2 the log holds ops an older release applies as nothing. `on_level_raised` is
+  called when the level crosses to 2 so that the node takes a snapshot at once (raftlib.runtime's
+  request_snapshot): an older binary started on the data dir then stops at start on the V3 snapshot ("unknown
+  format") rather than replay the new ops as nothing. A downgrade below the cluster's level is not supported.
 - Indices: a key's create index is the index of the entry that created it (after a delete, the next put creates
   it again), its modify index that of the entry that last wrote it. A node that restored a snapshot of the old
   format (level 1, written without indices) knows them as 0, so the indices exposed (`record`, events, compares,
-  the V3 snapshot) are max(index, level_index), and 0 below level 2: the same on every node. A txn's compares see the state before the
+  the V3 snapshot) are max(index, level_index), and 0 below level 2: the same on every node. The raise brings
+  every stored index up to level_index once (an O(keys) pass at that one entry), so from then on the records are
+  stored as exposed and the V3 snapshot dumps `data` as it is. A txn's compares see the state before the
   txn; its ops apply in order, each seeing the ones before it (as etcd's).
-- Events (`on_event`, for watches): one Event per key changed, after the change, in a fixed order: a prefix
-  delete's in key order, a txn's in op order (a prefix delete inside it in key order), a revoked lease's keys
-  ("delete") and an expired lease's ("expire") in key order, lease after lease in the order the entry names them,
-  all with the entry's index. None for a delete of a missing key, a failed condition, a restore.
+- Events (`on_event`, for watches): one Event per key changed, in a fixed order: a prefix delete's in key
+  order, a txn's in op order (a prefix delete inside it in key order), a revoked lease's keys ("delete") and an
+  expired lease's ("expire") in key order, lease after lease in the order the entry names them, all with the
+  entry's index. None for a delete of a missing key, a failed condition, a restore. They are handed over once the whole command applied,
+  and an on_event that raises is logged and does not stop the others: the replicated state never depends on a
+  watcher (a txn is never left half applied).
 - Leases (etcd v3's model): `leases` maps a lease id (the index of the entry that granted it: unique for the
   cluster's life, the same on every node) to its Lease (TTL in whole seconds and its keys); `lease_of` maps a
   key to its lease. A put with a lease attaches the key (a missing lease: NoLease, nothing applied); a put
   without one detaches it; a deleted key leaves its lease. A revoked or expired lease deletes its keys. The state
   machine never reads a clock: when a lease expires is the leader's decision (raftlib.server.leases), which
   reaches every node as a LEASE_EXPIRE entry; an id already gone is skipped. `on_lease(lease_id, ttl_seconds)`
-  is called after a grant applies, `on_lease(lease_id, None)` after a lease goes (for the leader's LeaseKeeper).
+  is called as a grant applies, `on_lease(lease_id, None)` as a lease goes (for the leader's LeaseKeeper).
 - The formats are part of the data dir (docs/DATA-DIR.md). Below level 2 a snapshot is written as the previous
   releases read it: the map key -> value as a CBOR map, or, once any admin request was claimed,
   `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]` (`[SNAPSHOT_WITH_CLAIMS, map, claims]`, older still, is read
@@ -82,6 +102,14 @@ MAX_LEASES = 100_000  # a grant beyond this many leases applies as "full" (409 a
 MAX_TTL_SECONDS = 365 * 24 * 3600  # a lease's TTL: 1 to this many whole seconds (the edge raises the minimum)
 MAX_EXPIRE_BATCH = 128  # at most this many leases expire in one LEASE_EXPIRE entry
 MAX_TXN_OPS = 128  # at most this many compares, and this many ops in each branch, in one transaction (etcd's)
+# Bounds on one entry's work (the module's rules). Part of the replicated state's rules: every node must count
+# alike, so changing them is a change of feature level. 2,000 keys of a prefix delete took 7 to 15 ms to apply at
+# 100-byte values on the shared 2-core test machine (bench/store_apply.py), under the 300 ms election timeout.
+MAX_DELETE_KEYS_PER_ENTRY = 2000
+MAX_TXN_GET_KEYS = 1000
+MAX_TXN_GET_BYTES = 4 << 20
+# A lease holds at most this many keys, so that its revoke or expiry deletes at most MAX_DELETE_KEYS_PER_ENTRY.
+MAX_KEYS_PER_LEASE = MAX_DELETE_KEYS_PER_ENTRY
 COMPARE_TARGETS = ("value", "modify_index", "create_index", "exists", "lease")
 COMPARE_OPS = ("==", "!=", "<", ">")
 SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
@@ -136,6 +164,10 @@ class AdminClaims:
         return "ok"
 
 
+class FeatureLevelTooHigh(Exception):
+    """A SET_FEATURE_LEVEL above this release's FEATURE_LEVEL: this node cannot apply what follows correctly."""
+
+
 class Lease:
     """One lease of the replicated state: its TTL (whole seconds) and its keys."""
 
@@ -175,7 +207,8 @@ class Event(NamedTuple):
 
 class TxnResult(NamedTuple):
     """A TXN's result: whether its compares all held, and one result per op of the branch it ran, in order:
-    ("put", key), ("delete", number of keys deleted), ("get", [(key, value, create_index, modify_index), ...])."""
+    ("put", key), ("delete", number of keys deleted, more), ("get", [(key, value, create_index, modify_index),
+    ...], more); `more`: a bound of the module's rules stopped it before the end of its prefix."""
 
     succeeded: bool
     results: list[tuple]
@@ -258,6 +291,7 @@ class KeyValueStore:
     `on_lease` as the module's rules say."""
 
     def __init__(self, on_event: Callable[[Event], None] | None = None,
+                 on_level_raised: Callable[[int], None] | None = None,
                  on_lease: Callable[[int, int | None], None] | None = None) -> None:
         self.data: dict[str, tuple[bytes, int, int]] = {}
         self.keys = SortedList()
@@ -268,6 +302,8 @@ class KeyValueStore:
         self.level_index = 0
         self.on_event = on_event
         self.on_lease = on_lease
+        self.on_level_raised = on_level_raised  # called with the level when it crosses to 2 (a snapshot is due)
+        self._events: list[Event] = []  # the command's, handed to on_event once it applied whole
 
     def get(self, key: str) -> bytes | None:
         record = self.data.get(key)
@@ -290,6 +326,18 @@ class KeyValueStore:
         return len(self.data)
 
     def apply(self, index: int, command: bytes) -> object:
+        result = self._apply(index, command)
+        if self._events:
+            events, self._events = self._events, []
+            for event in events:
+                try:
+                    self.on_event(event)  # type: ignore[misc]  # events are only collected with an on_event
+                except Exception:
+                    log.exception("on_event failed on a %s of %r at index %d (the state is applied whole)",
+                                  event.type, event.key, index)
+        return result
+
+    def _apply(self, index: int, command: bytes) -> object:
         try:
             op, key, value, expected = cbor2.loads(command)
         except Exception:
@@ -333,9 +381,7 @@ class KeyValueStore:
             if type(expected) is not list or len(expected) > MAX_EXPIRE_BATCH or not all(
                     type(i) is int for i in expected):
                 return "error"
-            # An id already gone (revoked, or expired by an earlier entry of another leader) is skipped.
-            return sum(1 for lease_id in expected
-                       if lease_id in self.leases and self._drop_lease(index, lease_id, "expire") >= 0)
+            return self._expire(index, expected)
         if not key:
             return "error"
         if op == PUT_WITH_TTL:
@@ -348,8 +394,9 @@ class KeyValueStore:
         if op == SET_WITH_LEASE:
             if type(value) is not bytes or type(expected) is not int or expected < 0:
                 return "error"
-            if expected and expected not in self.leases:
-                return NoLease(expected)
+            refused = self._lease_refusal(key, expected)
+            if refused is not None:
+                return refused
             self._put(index, key, value, self.data.get(key), expected)
             return "ok"
         if op == DELETE_PREFIX:
@@ -373,9 +420,19 @@ class KeyValueStore:
         if level <= self.feature_level:
             return "unchanged"  # the level never goes down (nor is it raised twice)
         if level > FEATURE_LEVEL:
-            log.error("the cluster's feature level is now %d, above this release's %d: upgrade this node", level,
-                      FEATURE_LEVEL)
-        self.feature_level, self.level_index = level, index
+            raise FeatureLevelTooHigh(
+                f"the cluster's feature level is raised to {level} at index {index}, above this release's "
+                f"{FEATURE_LEVEL}: this node cannot apply what follows; start a newer raftdzmq on its data dir")
+        crossing = self.feature_level < 2
+        self.feature_level = level
+        if crossing:
+            # Once: a later raise must not move the floor (older keys' exposed indices would jump).
+            self.level_index = index
+            # Every stored index is below `index` (written by an earlier entry, or 0 from an old-format snapshot):
+            # bring them to the floor now, one int object for all, so records are stored as exposed from here on.
+            self.data = {key: (record[0], index, index) for key, record in self.data.items()}
+            if self.on_level_raised is not None:
+                self.on_level_raised(level)
         return "ok"
 
     def _grant(self, index: int, ttl_seconds: int) -> str:
@@ -386,6 +443,32 @@ class KeyValueStore:
         if self.on_lease is not None:
             self.on_lease(index, ttl_seconds)
         return "ok"
+
+    def _lease_refusal(self, key: str, lease_id: int) -> NoLease | str | None:
+        """Why `key` cannot be put on `lease_id` (0: no lease), or None."""
+        if not lease_id:
+            return None
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return NoLease(lease_id)
+        if len(lease.keys) >= MAX_KEYS_PER_LEASE and key not in lease.keys:
+            return "lease full"
+        return None
+
+    def _expire(self, index: int, lease_ids: list[int]) -> int:
+        """Expire the leases named that are still here, in order, while their keys fit in
+        MAX_DELETE_KEYS_PER_ENTRY (the first always: a lease holds at most that many); the number expired. An id
+        already gone (revoked, or expired by an earlier entry of another leader) is skipped."""
+        budget, expired = MAX_DELETE_KEYS_PER_ENTRY, 0
+        for lease_id in lease_ids:
+            lease = self.leases.get(lease_id)
+            if lease is None:
+                continue
+            if len(lease.keys) > budget:
+                break  # the leader proposes the rest again
+            budget -= self._drop_lease(index, lease_id, "expire")
+            expired += 1
+        return expired
 
     def _drop_lease(self, index: int, lease_id: int, kind: str) -> int:
         """Revoke ("delete" events) or expire ("expire" events) a lease that is there: its keys go, in key order.
@@ -424,7 +507,7 @@ class KeyValueStore:
             create_index = record[1]
             self.data[key] = (value, create_index, index)
         if self.on_event is not None:
-            self.on_event(Event("put", key, value, index, self.exposed(create_index)))
+            self._events.append(Event("put", key, value, index, self.exposed(create_index)))
 
     def _delete(self, index: int, key: str, kind: str = "delete") -> bool:
         record = self.data.pop(key, None)
@@ -434,20 +517,23 @@ class KeyValueStore:
         if self.lease_of:
             self._link(key, 0)
         if self.on_event is not None:
-            self.on_event(Event(kind, key, None, index, self.exposed(record[1])))
+            self._events.append(Event(kind, key, None, index, self.exposed(record[1])))
         return True
 
-    def _prefixed(self, prefix: str) -> list[str]:
-        """The keys that start with `prefix`, in order (a copy: the caller may delete them)."""
-        out = []
+    def _prefixed(self, prefix: str, most: int) -> tuple[list[str], bool]:
+        """The first `most` keys that start with `prefix`, in order (a copy: the caller may delete them), and
+        whether more follow."""
+        out: list[str] = []
         for key in self.keys.irange(minimum=prefix):
             if not key.startswith(prefix):
                 break
+            if len(out) == most:
+                return out, True
             out.append(key)
-        return out
+        return out, False
 
-    def _delete_prefix(self, index: int, prefix: str) -> int:
-        keys = self._prefixed(prefix)
+    def _delete_prefix(self, index: int, prefix: str, most: int = MAX_DELETE_KEYS_PER_ENTRY) -> int:
+        keys, _ = self._prefixed(prefix, most)
         for key in keys:
             self._delete(index, key)
         return len(keys)
@@ -466,30 +552,63 @@ class KeyValueStore:
             return _holds(0, op, operand)
         return _holds(self.exposed(record[1] if target == "create_index" else record[2]), op, operand)
 
-    def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult | NoLease:
+    def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult | NoLease | str:
         # All compares against the state before the txn (etcd's), then the branch's ops in order.
+        # The bounds (the module's rules) are budgets for the whole txn, spent in op order.
         succeeded = all(self._compare(*c) for c in compares)
         ops = success if succeeded else failure
-        # A put naming a missing lease fails the whole txn before any op applies (etcd's): no op grants a lease,
-        # so the leases there now are the ones every op would see.
+        # A put naming a missing (or full) lease fails the whole txn before any op applies (etcd's): no op grants
+        # a lease, so the leases there now are the ones every op would see. The count of a lease's keys is
+        # checked one put at a time (a txn of many puts onto an almost full lease: see the loop).
         for o in ops:
-            if len(o) == 4 and o[3] and o[3] not in self.leases:
-                return NoLease(o[3])
+            if len(o) == 4 and (refused := self._lease_refusal(o[1], o[3])) is not None:
+                return refused
+        if any(len(o) == 4 and o[3] for o in ops) and not self._fits(ops):
+            return "lease full"
         results: list[tuple] = []
+        delete_budget, get_keys_budget, get_bytes_budget = MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES
         for kind, key, third, *lease in ops:
             if kind == "put":
                 self._put(index, key, third, self.data.get(key), lease[0] if lease else 0)
                 results.append(("put", key))
             elif kind == "delete":
-                results.append(("delete", self._delete_prefix(index, key) if third else int(self._delete(index, key))))
+                if not third:
+                    results.append(("delete", int(self._delete(index, key)), False))
+                    continue
+                keys, more = self._prefixed(key, delete_budget)
+                for k in keys:
+                    self._delete(index, k)
+                delete_budget -= len(keys)
+                results.append(("delete", len(keys), more))
             else:
                 found = []
-                for k in self._prefixed(key) if third else [key]:
+                if third:
+                    keys, more = self._prefixed(key, get_keys_budget)
+                else:  # past the key bound a get of one key returns nothing, and says more if it exists
+                    keys, more = ([key], False) if get_keys_budget else ([], key in self.data)
+                for k in keys:
                     record = self.record(k)
-                    if record is not None:
-                        found.append((k, *record))
-                results.append(("get", found))
+                    if record is None:
+                        continue
+                    size = len(k) + len(record[0])
+                    if size > get_bytes_budget:
+                        more = True
+                        get_keys_budget = 0  # the byte bound ends every later get too, whatever its sizes
+                        break
+                    get_bytes_budget -= size
+                    get_keys_budget -= 1
+                    found.append((k, *record))
+                results.append(("get", found, more))
         return TxnResult(succeeded, results)
+
+    def _fits(self, ops: list) -> bool:
+        """Whether the txn's puts with a lease leave every lease within MAX_KEYS_PER_LEASE keys (an upper bound:
+        a later op of the txn may take a key off again)."""
+        added: dict[int, set[str]] = {}
+        for o in ops:
+            if len(o) == 4 and o[3] and o[1] not in self.leases[o[3]].keys:
+                added.setdefault(o[3], set()).add(o[1])
+        return all(len(self.leases[i].keys) + len(keys) <= MAX_KEYS_PER_LEASE for i, keys in added.items())
 
     def page(self, prefix: str, after: str, limit: int) -> tuple[list[str], bool]:
         """Up to `limit` keys that start with `prefix` and sort after `after`, in order, and whether more follow.
@@ -537,10 +656,10 @@ def encode_state(kv: KeyValueStore) -> bytes:
     """The snapshot of `kv`, in the format its feature level calls for (the module's rules)."""
     claims = kv.admin_claims
     if kv.feature_level >= 2:
-        floor = kv.level_index
-        records = {k: [v, max(c, floor), max(m, floor)] for k, (v, c, m) in kv.data.items()}
+        # Stored as exposed since the raise (the module's rules): the tuples go out as CBOR arrays, unchanged.
         leases = {i: [lease.ttl_seconds, sorted(lease.keys)] for i, lease in sorted(kv.leases.items())}
-        return cbor2.dumps([SNAPSHOT_V3, records, claims.claims, claims.horizon, kv.feature_level, floor, leases])
+        return cbor2.dumps([SNAPSHOT_V3, kv.data, claims.claims, claims.horizon, kv.feature_level, kv.level_index,
+                            leases])
     values = {k: record[0] for k, record in kv.data.items()}
     if claims.claims or claims.horizon:
         return cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, values, claims.claims, claims.horizon])
@@ -565,6 +684,9 @@ def decode_state(data: bytes) -> State:
         if (type(records) is not dict or not _is_index(level_index) or type(feature_level) is not int
                 or feature_level < 2):
             raise ValueError("a key/value snapshot of an unknown format (a damaged V3)")
+        if feature_level > FEATURE_LEVEL:
+            raise ValueError(f"a key/value snapshot of feature level {feature_level}, above this release's "
+                             f"{FEATURE_LEVEL}: start a newer raftdzmq on this data dir")
         state: dict[str, tuple[bytes, int, int]] = {}
         for key, record in records.items():
             if (type(key) is not str or type(record) is not list or len(record) != 3 or type(record[0]) is not bytes
