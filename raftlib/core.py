@@ -164,6 +164,16 @@ class NodeStatus:
     progress: Mapping[str, ProgressStatus]
     removed: tuple[str | None, int] | None  # see RaftNode.removed
     reads_pending: int
+    # The newest commit index this node heard from its current leader in this term (AppendEntries' leader_commit,
+    # an InstallSnapshot's last included index): what it has yet to apply, which its own commit_index (at most
+    # its last new entry, §5.3) does not show while it catches up. A leader's own commit index; 0 when no
+    # leader was heard in this term. GET /readyz compares last_applied with it.
+    leader_commit: int = 0
+    # A snapshot from the leader is being received, or was received and is not yet restored: not ready.
+    receiving_snapshot: bool = False
+    # A leader is known and was heard from within an election timeout (this node itself while it leads: check-quorum
+    # steps a leader down when a majority was silent that long, thesis §6.2). What GET /readyz calls "a leader".
+    leader_active: bool = False
 
 
 _NO_PROGRESS: Mapping[str, ProgressStatus] = types.MappingProxyType({})
@@ -210,6 +220,7 @@ class RaftNode:
         self._append_dirty = False  # as leader: entries or next indices changed; followers may need appends
         self._pending_snapshot: Snapshot | None = None  # a leader's snapshot, to be saved and applied
         self._incoming_snapshot: tuple[int, int, bytearray] | None = None  # (index, term, bytes so far)
+        self._leader_commit = 0  # see NodeStatus.leader_commit: heard from leader_id in current_term
         read_timeout_ticks = config.read_timeout_ticks
         if read_timeout_ticks is None:
             read_timeout_ticks = 2 * config.election_ticks
@@ -279,6 +290,13 @@ class RaftNode:
             progress=self._progress.status(self.node_id) if leading else _NO_PROGRESS,
             removed=self.removed,
             reads_pending=self._reads.pending,
+            leader_commit=self.commit_index if leading else self._leader_commit,
+            receiving_snapshot=self._incoming_snapshot is not None or self._pending_snapshot is not None,
+            # A follower's election timer restarts whenever its leader speaks (_become_follower): while it knows a
+            # leader, _election_elapsed counts the ticks since it last heard from it. A learner never campaigns, so
+            # its leader_id alone would stay set for ever after the leader died.
+            leader_active=self.leader_id is not None
+            and (leading or self._election_elapsed < self.config.election_ticks),
         )
 
     def _promotable(self) -> bool:
@@ -603,6 +621,8 @@ class RaftNode:
             self.current_term = term
             self.voted_for = None
         self.leader_id = None
+        self._leader_commit = 0  # a new term or no leader: what an earlier leader said is no measure
+        self._incoming_snapshot = None  # a new leader sends its own snapshot, if any: never mix two
         self._votes = {}
         self._heartbeat_elapsed = 0
         self._transferee = None
@@ -617,6 +637,7 @@ class RaftNode:
         if self.role is Role.FOLLOWER and term == self.current_term and self.leader_id is None:
             # Learning the leader of our own term does not cost our vote nor pending forwarded reads.
             self.leader_id = leader_id
+            self._leader_commit = 0
             self._election_elapsed = 0
             return
         self._reset(term)
@@ -721,6 +742,8 @@ class RaftNode:
 
     def _handle_append_entries(self, m: AppendEntries) -> None:
         self._become_follower(m.term, m.src)
+        if m.leader_commit > self._leader_commit:  # a reordered, older message must not move it back
+            self._leader_commit = m.leader_commit
         self.removed = None  # a leader sends entries only to the members of its configuration
         self._send(self._append_from_leader(m))
 
@@ -765,6 +788,8 @@ class RaftNode:
 
     def _handle_install_snapshot(self, m: InstallSnapshot) -> None:
         self._become_follower(m.term, m.src)
+        # A leader snapshots only what it has applied, so committed (§7): its commit index is at least this.
+        self._leader_commit = max(self._leader_commit, m.last_included_index)
         self.removed = None
         index, term = m.last_included_index, m.last_included_term
 

@@ -63,7 +63,14 @@ class EntryLost(Exception):
 
 
 class Stopped(Exception):
-    """The node is stopping or has stopped."""
+    """The node is stopping or has stopped. Raised to a request already queued, its outcome is unknown: a proposal
+    may have been appended, even committed, before the node stopped."""
+
+
+class NotRunning(Stopped):
+    """The node was not running when the request came: nothing was queued, so nothing will come of it. Raised
+    only before a request is put in the inbox or registered (`_call`, `read`, `wait_applied`); once it is, the
+    request gets Stopped."""
 
 
 class _Expired(Exception):
@@ -114,9 +121,15 @@ class RuntimeStatus:
     """What the node is and knows (`node`), and how its runtime is doing: a frozen copy (hashicorp/raft's Stats)."""
 
     node: NodeStatus
-    running: bool
+    running: bool  # started, not stopped, and its driving loop alive (Runtime.alive)
     disk_full: bool  # saves are failing for lack of room: writes are refused
     stats: Mapping[str, int]  # every counter of _COUNTERS, since start
+    # time.monotonic() when this node last stepped a message from its leader (a follower), or last drove the node
+    # while leading (its own check-quorum then says whether it still leads); -inf if never. `node.leader_active`
+    # is as of the last drive, by ticks: after a pause (SIGSTOP) it is stale until the next drive, and a request
+    # may be served first. Compared with the clock at the request (GET /readyz, review L3).
+    leader_contact_at: float = float("-inf")
+    election_timeout_seconds: float = 0.0  # the node's election_ticks in seconds
 
 
 _COUNTERS = (
@@ -166,15 +179,25 @@ class Runtime:
         self.disk_full = False
         self.disk_retry_seconds = 0.5
         self.descriptor_retry_seconds = 0.1
+        self._leader_contact_at = float("-inf")  # RuntimeStatus.leader_contact_at
+        self._drive_clock = 0.0  # time.monotonic() at the current drive's start (_advance_clock)
         self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
+        self._snapshot_requested = False  # request_snapshot: take one at the end of this drive, whatever the log's size
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
 
     def status(self) -> RuntimeStatus:
-        return RuntimeStatus(self.node.status(), self.running, self.disk_full, types.MappingProxyType(dict(self.stats)))
+        return RuntimeStatus(self.node.status(), self.alive, self.disk_full, types.MappingProxyType(dict(self.stats)),
+                             self._leader_contact_at, self.node.config.election_ticks * self.tick_seconds)
+
+    @property
+    def alive(self) -> bool:
+        """Running, and the loop that drives the node has not died (only a bug ends it while running: `_drive`
+        catches what it raises and stops the node)."""
+        return self.running and bool(self._greenlets) and not self._greenlets[0].dead
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -203,7 +226,8 @@ class Runtime:
         stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
         time it missed, so its leader lease has run out before it answers a read. Capped at three election
         timeouts, which every timer in the core has expired by."""
-        due = int((time.monotonic() - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
+        now = self._drive_clock = time.monotonic()
+        due = int((now - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
         if due <= 0:
             return
         self._ticks_given += due
@@ -237,6 +261,8 @@ class Runtime:
         Stopped."""
         # Reads that arrive before the loop takes the waiting one share it: its read index is chosen after every
         # one of them arrived, so it is safe for all, and a burst of reads costs the loop one request.
+        if not self.running:  # before queueing: NotRunning says nothing was asked of the node
+            raise NotRunning("node is not running")
         shared = self._read_waiting.get(lease)
         if shared is None:
             shared = self._read_waiting[lease] = gevent.event.AsyncResult()
@@ -252,6 +278,8 @@ class Runtime:
         """Block until the state machine has applied `index`."""
         if self.node.last_applied >= index:
             return self.node.last_applied
+        if not self.running:
+            raise NotRunning("node is not running")
         result = gevent.event.AsyncResult()
         self._index_waiters[result] = index
         try:
@@ -260,6 +288,12 @@ class Runtime:
             # Forget it now: the next apply may be far off (no leader, a full disk) and waiters would pile up.
             self._index_waiters.pop(result, None)
             raise
+
+    def request_snapshot(self) -> None:
+        """Take a snapshot of the state machine at the end of the current drive (or the next one), however small
+        the log: the state machine asks for it while it applies (raftlib.server.store: the feature level's raise,
+        so that an older binary cannot replay the log). Only from within a drive or the loop's greenlet."""
+        self._snapshot_requested = True
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
         return self._call(timeout_seconds, ChangeMembership, change)
@@ -300,7 +334,7 @@ class Runtime:
         `_expire_loop` to time it out: one timer for all requests rather than a gevent.Timeout each, which would
         arm and cancel a timer on the leader's busiest path for every write."""
         if not self.running:
-            raise Stopped("node is not running")
+            raise NotRunning("node is not running")
         result = gevent.event.AsyncResult()
         pending = self._deadlines.get(timeout_seconds)
         if pending is None:
@@ -325,8 +359,10 @@ class Runtime:
                 del self._deadlines[timeout_seconds]  # callers may pass any number of distinct timeouts
 
     def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
+        # Stopped, not NotRunning: the request is already queued or registered (NotRunning is raised only before
+        # that, in the callers), so for all its caller knows it was acted on.
         if not self.running:
-            raise Stopped("node is not running")
+            raise Stopped("node stopped")
         try:
             return result.get(timeout=timeout_seconds)
         except gevent.Timeout:
@@ -356,6 +392,8 @@ class Runtime:
             replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]] = {}
             for item in items:
                 self._handle(item, replies)
+            if self.node.role is Role.LEADER:
+                self._leader_contact_at = self._drive_clock
             self._process_ready(replies)
             for result, out in replies.values():
                 result.set(out)
@@ -395,6 +433,8 @@ class Runtime:
                 messages = item.messages
                 for m in messages:
                     node.step(m)
+                if messages and messages[0].src == node.leader_id:  # a frame holds one peer's messages
+                    self._leader_contact_at = self._drive_clock
                 if item.result is not None:
                     src = messages[0].src
                     if src in replies:
@@ -574,7 +614,10 @@ class Runtime:
 
     def _maybe_snapshot(self) -> None:
         node = self.node
-        if self.storage.log_bytes < self.snapshot_threshold_bytes or node.last_applied <= node.log.snapshot_index:
+        if node.last_applied <= node.log.snapshot_index:
+            self._snapshot_requested = False  # a snapshot at or past the state asked about is there already
+            return
+        if self.storage.log_bytes < self.snapshot_threshold_bytes and not self._snapshot_requested:
             return
         if self._snapshot_not_before > time.monotonic():
             return
@@ -592,6 +635,7 @@ class Runtime:
                                      f"{self.snapshot_retry_seconds:g}s")
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
+        self._snapshot_requested = False
         self.stats["snapshots"] += 1
         logger.info("took a snapshot at index %d (%d bytes)", snap.last_included_index, len(data))
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from procs import LocalCluster, Node, wait_for
+from procs import LocalCluster, Node, old_release, wait_for
 
 OLD = {"RAFTDZMQ_FEATURE_LEVEL": "1"}  # test-only (raftlib.server.node.TEST_FEATURE_LEVEL_ENV)
 
@@ -119,3 +119,50 @@ def test_a_rolling_upgrade_keeps_the_new_api_off_until_every_member_has_it(tmp_p
         assert {n.request("GET", "/db/k").headers["x-raft-modify-index"] for n in c.running()} == {str(level_index)}
     finally:
         c.stop()
+
+
+def test_a_follower_never_sends_the_new_api_to_a_leader_of_an_older_release(tmp_path):
+    """Review of coord1, S2, with the real previous release (git archive) as the leader: it ignores ?prev_index,
+    so a follower that passed the request on turned a compare-and-set into an unconditional write."""
+    old = Node("old", str(tmp_path), server=old_release(str(tmp_path / "old-release")))
+    new = Node("new", str(tmp_path))
+    try:
+        old.start()
+        wait_for(lambda: old.status()["role"] == "leader", 10, "the old release to lead")
+        new.start("-forward", join=old.address)
+        wait_for(lambda: new.status()["leader"] == old.status()["node_id"], 15, "the new node to follow")
+        assert "feature_level" not in old.status() and new.status()["cluster_feature_level"] == 1
+        for key, value in (("lock", "holder1"), ("lock2", "v"), ("lockx", "v")):
+            assert old.request("POST", f"/db/{key}", value).status == 200
+        for method, target, body in (("POST", "/db/lock?prev_index=0", "intruder"),
+                                     ("DELETE", "/db/lock2?prev_index=999", ""), ("DELETE", "/db/?prefix=lock", ""),
+                                     ("POST", "/txn", '{"success": [{"op": "put", "key": "lock", "value": "x"}]}')):
+            r = new.request(method, target, body)
+            assert r.status == 409 and "not upgraded yet" in r.text, (target, r)
+        wait_for(lambda: new.request("GET", "/db/lock?consistency=stale").status == 200, 10, "the keys to arrive")
+        for key, value in (("lock", "holder1"), ("lock2", "v"), ("lockx", "v")):
+            assert old.request("GET", f"/db/{key}").text == value
+    finally:
+        new.kill()
+        old.kill()
+
+
+def test_an_older_release_stops_at_start_on_a_data_dir_of_level_2(tmp_path):
+    """Review of coord1, S4: the raise takes a snapshot at once (V3), so the previous release (git archive),
+    started on the data dir, stops on the snapshot's format instead of replaying the new ops as nothing."""
+    node = Node("n", str(tmp_path))
+    try:
+        node.start()
+        wait_for(lambda: node.status()["cluster_feature_level"] == 2, 10, "level 2")
+        assert node.request("POST", "/db/k?prev_index=0", "v").status == 200
+        wait_for(lambda: node.status()["snapshot_index"] > 0, 10, "the snapshot the raise asks for")
+        assert node.stop() == 0
+        old = Node("n", str(tmp_path), ports=(node.port, node.http_port),
+                   server=old_release(str(tmp_path / "old-release")))
+        old.start()
+        wait_for(old.exited, 15, "the old release to stop")
+        assert old.proc.returncode != 0 and "unknown format" in old.log_text(current=True), old.log_text()
+        node.start()  # this release carries on with it
+        assert node.request("GET", "/db/k").text == "v"
+    finally:
+        node.kill()

@@ -831,3 +831,28 @@ def test_status_is_a_frozen_copy_of_what_the_node_knows():
         st.term = 99  # type: ignore[misc]
     fst = c.nodes[followers[0]].node.status()
     assert fst.role is Role.FOLLOWER and fst.leader_id == leader and len(fst.progress) == 0
+
+
+def test_a_follower_reports_the_leaders_commit_index_not_only_its_own():
+    """Review L1 (GET /readyz): a follower catching up sets its own commit index to at most its last new entry
+    (§5.3), so it looked caught up while far behind. It keeps the newest leader_commit heard from its leader in
+    this term; a message of a new term forgets it; a leader reports its own commit index."""
+    c = Cluster(seed=7)
+    leader = elect(c)
+    follower = next(n for n in c.nodes if n != leader)
+    node = c.nodes[follower].node
+    assert c.nodes[leader].node.status().leader_commit == c.nodes[leader].node.commit_index
+    term, last = node.current_term, node.log.last_index
+    far = last + 5000
+    node.step(AppendEntries(leader, follower, term, last, node.log.term(last),
+                            (Entry(term, last + 1, EntryKind.COMMAND, b"x"),), far))
+    status = node.status()
+    assert (status.commit_index, status.leader_commit) == (last + 1, far)
+    node.advance(node.ready())
+    # An older message, reordered, does not move it back.
+    node.step(AppendEntries(leader, follower, term, last + 1, term, (), last))
+    assert node.status().leader_commit == far
+    # A new term: nothing heard from its leader yet.
+    node.advance(node.ready())
+    node.step(AppendEntries(leader, follower, term + 1, last + 1, term, (), last + 1))
+    assert node.status().leader_commit == last + 1

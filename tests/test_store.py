@@ -322,9 +322,10 @@ def test_set_and_delete_if_index_compare_the_modify_index():
         command(SET_IF_INDEX, "k", b"2", 2),
         command(DELETE_IF_INDEX, "k", b"", 2),
         command(DELETE_IF_INDEX, "k", b"", 4),
-        command(DELETE_IF_INDEX, "k", b"", 4),
+        command(DELETE_IF_INDEX, "k", b"", 4),  # missing: N != 0 fails (review of coord1, Q3: "likewise")
+        command(DELETE_IF_INDEX, "k", b"", 0),  # missing and N is 0: holds, nothing to delete
         command(SET_IF_INDEX, "k", b"x", "2"), command(SET_IF_INDEX, "k", 5, 0))  # malformed: nothing
-    assert results == ["ok", "failed", "ok", "failed", "ok", "missing", "error", "error"]
+    assert results == ["ok", "failed", "ok", "failed", "ok", "failed", "missing", "error", "error"]
     assert kv.record("k") is None and len(kv) == 0
 
 
@@ -361,19 +362,19 @@ def test_a_txn_runs_the_branch_its_compares_choose():
                                    ("b", "create_index", ">", 2), ("c", "exists", "==", False),
                                    ("a", "lease", "==", 0)],
                          success=[("put", "c", b"3"), ("get", "c", False), ("delete", "a", False),
-                                  ("put", "c", b"4"), ("get", "b", False)],
+                                  ("put", "d", b"4"), ("get", "b", False)],
                          failure=[("put", "failed", b"")]))
     assert ok == TxnResult(True, [("put", "c"), ("get", [("c", b"3", 4, 4)], False), ("delete", 1, False),
-                                  ("put", "c"), ("get", [("b", b"2", 3, 3)], False)])
-    assert [(e.type, e.key, e.index) for e in events] == [("put", "c", 4), ("delete", "a", 4), ("put", "c", 4)]
-    assert kv.get("failed") is None and kv.get("a") is None and kv.record("c") == (b"4", 4, 4)
+                                  ("put", "d"), ("get", [("b", b"2", 3, 3)], False)])
+    assert [(e.type, e.key, e.index) for e in events] == [("put", "c", 4), ("delete", "a", 4), ("put", "d", 4)]
+    assert kv.get("failed") is None and kv.get("a") is None and kv.record("c") == (b"3", 4, 4)
     # A failing compare: the failure branch only; the success branch changed nothing.
     del events[:]
-    failed = kv.apply(5, txn(compares=[("c", "value", "==", b"4"), ("b", "value", "<", b"1")],
+    failed = kv.apply(5, txn(compares=[("c", "value", "==", b"3"), ("b", "value", "<", b"1")],
                              success=[("put", "c", b"x"), ("delete", "b", False)],
                              failure=[("get", "c", True), ("delete", "nothing", False)]))
-    assert failed == TxnResult(False, [("get", [("c", b"4", 4, 4)], False), ("delete", 0, False)])
-    assert kv.get("c") == b"4" and kv.get("b") == b"2" and events == []
+    assert failed == TxnResult(False, [("get", [("c", b"3", 4, 4)], False), ("delete", 0, False)])
+    assert kv.get("c") == b"3" and kv.get("b") == b"2" and events == []
 
 
 def test_txn_compares_see_the_state_before_the_txn():
@@ -404,6 +405,7 @@ def test_a_missing_key_compares_as_etcd_does(target, op, operand, want):
     ([[], [["patch", "k", b""]], []], "put, delete or get"), ([[], [], [["put", "k", "text"]]], "needs a value"),
     ([[], [["delete", "", True]], []], "at least one character"), ([[], [["get", "k", 1]], []], "key or a prefix"),
     ([[], [["put", "k", b""]] * (MAX_TXN_OPS + 1), []], f"at most {MAX_TXN_OPS}"),
+    ([[], [], [["put", "k", b""], ["get", "k", False], ["put", "k", b"x"]]], "failure[2]: key 'k' is put twice"),
 ])
 def test_a_malformed_txn_is_an_error_applied_as_nothing(body, problem):
     assert problem in txn_problem(body)

@@ -143,6 +143,7 @@ class ServerConfig:
     secret: bytes | None = None
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
+    access_log: bool = False  # a line per HTTP request at INFO on raftdzmq.access (-v)
 
     @property
     def bind_host(self) -> str:
@@ -177,6 +178,9 @@ class FeatureLevelRaiser:
         """Why the new API is refused: the 409's text."""
         if self.level < FEATURE_LEVEL:
             return "the cluster is not upgraded yet: its leader runs an older raftdzmq"
+        if self.runtime.node.role is not Role.LEADER:  # only the leader asks the members
+            return (f"the cluster is not upgraded yet (feature level {self.store.feature_level}): a member may run "
+                    "an older raftdzmq; the leader's answer names it")
         older = sorted(n for n, why in self.laggards.items() if why != "no answer")
         silent = sorted(n for n, why in self.laggards.items() if why == "no answer")
         if older:
@@ -357,7 +361,8 @@ class Server:
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
-        self.store = KeyValueStore()
+        # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
+        self.store = KeyValueStore(on_level_raised=lambda level: self.runtime.request_snapshot())
         if stored.snapshot is not None:
             self.store.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
@@ -575,7 +580,7 @@ class Server:
         return self.runtime.deliver(messages, reply_wanted)
 
     def _fatal(self, error: Exception) -> None:
-        log.critical("storage failed (%s); exiting without acknowledging anything more", error)
+        log.critical("stopping (%s); exiting without acknowledging anything more", error)
         os._exit(3)
 
     # ---- lifecycle ----
@@ -603,7 +608,7 @@ class Server:
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
-            on_eviction=self.metrics.http_evictions.inc)
+            on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
         gevent.spawn(self.level_raiser.run)

@@ -84,7 +84,7 @@ log = logging.getLogger("raftdzmq.store")
 SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
 # The ops of feature level 2 (new numbers: an op number is never reused). SET_IF_INDEX is [op, key, value,
 # prev_index] and DELETE_IF_INDEX [op, key, b"", prev_index]: on the modify index, 0 for a missing key (issue 14's
-# ?prev_index=N). DELETE_PREFIX is [op, prefix, b"", None]. TXN is [op, "", b"", [compares, success, failure]]
+# ?prev_index=N; a DELETE_IF_INDEX of a missing key is "failed" unless N is 0, then "missing"). DELETE_PREFIX is [op, prefix, b"", None]. TXN is [op, "", b"", [compares, success, failure]]
 # (txn_problem gives the shape). SET_FEATURE_LEVEL is [op, "", b"", level].
 SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, SET_FEATURE_LEVEL = 5, 6, 7, 8, 9
 # Leases (issue 14 part 2), of level 2 too: part 1 was never released alone, so no node applies ops 5-9 and not
@@ -267,9 +267,14 @@ def txn_problem(body: object) -> str | None:
         if (problem := _compare_problem(c)) is not None:
             return f"compare[{i}]: {problem}"
     for name, part in zip(("success", "failure"), body[1:]):
+        put: set[str] = set()
         for i, o in enumerate(part):
             if (problem := _op_problem(o)) is not None:
                 return f"{name}[{i}]: {problem}"
+            if o[0] == "put":
+                if o[1] in put:  # etcd refuses it too ("duplicate key given in txn request")
+                    return f"{name}[{i}]: key {o[1]!r} is put twice in one branch"
+                put.add(o[1])
     return None
 
 
@@ -405,7 +410,8 @@ class KeyValueStore:
             return "error"
         record = self.data.get(key)
         if op == DELETE_IF_INDEX and record is None:
-            return "missing"
+            # prev_index 0 means "missing": it holds, and there is nothing to delete; any other N fails.
+            return "missing" if expected == 0 else "failed"
         if (0 if record is None else self.exposed(record[2])) != expected:
             return "failed"
         if op == SET_IF_INDEX:
