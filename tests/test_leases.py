@@ -11,8 +11,9 @@ import os
 import cbor2
 import pytest
 
-from raftlib.core import NotLeader
+from raftlib.core import NotLeader, ProposalDropped
 from raftlib.messages import Role
+from raftlib.runtime import EntryLost, Timeout
 from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.node import LeaderLeases
@@ -54,6 +55,21 @@ def test_expiry_comes_in_bounded_batches_earliest_first_and_a_failed_one_is_due_
     assert 3 not in k.deadlines and k.due(20.0) == []
 
 
+def test_an_expiry_of_unknown_outcome_stays_expiring_and_is_handed_out_again_first():
+    k = LeaseKeeper(max_batch=2)
+    k.become_leader(1, [(i, 10) for i in range(1, 6)], now=0.0)
+    assert k.due(10.0) == [1, 2]
+    k.expire_unknown([1, 2])
+    assert not k.alive(1) and not k.keepalive(2, arrived_at=10.0)  # 404 for the rest of the term
+    assert k.due(10.0) == [1, 2] and k.due(10.0) == [3, 4]  # again, ahead of the heap
+    k.expire_unknown([1, 2])
+    k.removed(1)  # an entry for it applied
+    assert k.due(10.0) == [2, 5] and k.due(10.0) == []
+    k.expire_unknown([2])
+    k.become_leader(2, [(2, 10)], now=20.0)  # a later term starts over
+    assert k.alive(2) and k.due(29.9) == []
+
+
 def test_grants_count_only_while_leading_and_stepping_down_forgets():
     k = LeaseKeeper(max_batch=10)
     k.granted(4, 5, now=1.0)
@@ -91,8 +107,10 @@ def test_no_lease_expires_before_ttl_after_an_answered_keepalive(seed):
         else:
             for i in k.due(now):
                 assert now >= floor[i]
-                if rng.random() < 0.3:
+                if rng.random() < 0.15:
                     k.expire_failed([i])
+                elif rng.random() < 0.2:
+                    k.expire_unknown([i])  # may still commit: no keepalive for it may count from here on
                 else:
                     gone.add(i)
                     k.removed(i)
@@ -117,12 +135,13 @@ class FakeRuntime:
     """Applies what is proposed to the store at once, at the next index (a leader of one)."""
 
     def __init__(self, store: KeyValueStore) -> None:
-        self.node, self.store, self.index, self.fail = FakeNode(), store, 1, False
+        self.node, self.store, self.index = FakeNode(), store, 1
+        self.fail: bool | Exception = False  # True: NotLeader
         self.proposed: list[list] = []
 
     def propose(self, cmd: bytes, timeout_seconds: float):
         if self.fail:
-            raise NotLeader(None)
+            raise self.fail if isinstance(self.fail, Exception) else NotLeader(None)
         self.proposed.append(cbor2.loads(cmd))
         self.index += 1
         return self.index, self.store.apply(self.index, cmd)
@@ -182,6 +201,73 @@ def test_a_grant_on_the_leader_runs_from_its_apply_and_a_failed_expiry_is_retrie
     runtime.fail = False
     leases.tick()
     assert runtime.store.leases == {} and leases.metrics.lease_expirations.values == {"failed": 1, "committed": 1}
+
+
+class SlowCommitRuntime(FakeRuntime):
+    """With `slow`, a proposal is appended but commits only at commit_pending() (a slow follower disk, say): the
+    propose times out, its outcome unknown (the reviewer's repro of R1, /tmp/review-lease)."""
+
+    def __init__(self, store: KeyValueStore) -> None:
+        super().__init__(store)
+        self.pending: list[tuple[int, bytes]] = []
+        self.slow = False
+
+    def propose(self, cmd: bytes, timeout_seconds: float):
+        if not self.slow:
+            return super().propose(cmd, timeout_seconds)
+        self.proposed.append(cbor2.loads(cmd))
+        self.index += 1
+        self.pending.append((self.index, cmd))
+        raise Timeout("no answer in 1.0s")
+
+    def commit_pending(self) -> None:
+        for index, cmd in self.pending:
+            self.store.apply(index, cmd)
+        self.pending = []
+
+
+def test_an_expiry_whose_outcome_is_unknown_keeps_the_lease_expiring_and_is_proposed_again():
+    """Review of lease, R1: a LEASE_EXPIRE that timed out may still commit. Were its leases open to keepalives
+    again, one answered 200 in between would be followed by the expiry: the key gone at once, not TTL later."""
+    store = KeyValueStore()
+    store.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    runtime, clock = SlowCommitRuntime(store), Clock()
+    leases = LeaderLeases(runtime, store, Metrics(), 1.0, clock=clock)
+    runtime.node.role = Role.LEADER
+    leases.tick()
+    index, _ = runtime.propose(command(PUT_WITH_TTL, "svc/a", b"up", 10), 1.0)
+    clock.now += 10.0  # the client stopped: the deadline passed
+    runtime.slow = True
+    leases.tick()  # LEASE_EXPIRE proposed; it times out
+    assert runtime.proposed[-1] == [LEASE_EXPIRE, "", b"", [index]]
+    # What keepalive_lease does after its read round: refused (404), the lease being expired.
+    assert not leases.keeper.alive(index) and not leases.current().keepalive(index, clock.now)
+    assert leases.metrics.lease_expirations.values == {"unknown": 1}
+    clock.now += 0.05
+    leases.tick()  # proposed again, the first of the batch, though its deadline is not in the heap any more
+    assert runtime.proposed[-2:] == [[LEASE_EXPIRE, "", b"", [index]]] * 2
+    runtime.commit_pending()  # both commit: the second finds the id gone and skips it
+    assert "svc/a" not in store.data and store.leases == {} and leases.keeper.deadlines == {}
+    assert leases.keeper.unsure == {} and leases.keeper.expiring == set()
+    runtime.slow = False
+    leases.tick()
+    assert len(runtime.proposed) == 3  # nothing left to propose
+
+
+@pytest.mark.parametrize("error", [NotLeader(None), ProposalDropped("busy"), EntryLost("overwritten")])
+def test_an_expiry_that_surely_did_not_apply_opens_the_lease_to_keepalives_again(error):
+    leases, runtime, clock, _ = leader_leases()
+    runtime.node.role = Role.LEADER
+    leases.tick()
+    index, _ = runtime.propose(command(PUT_WITH_TTL, "svc/a", b"up", 10), 1.0)
+    clock.now += 10.0
+    runtime.fail = error
+    leases.tick()
+    assert leases.keeper.alive(index) and leases.keeper.keepalive(index, clock.now)  # extended to now + 10
+    runtime.fail = False
+    clock.now += 9.9
+    leases.tick()
+    assert "svc/a" in runtime.store.data and leases.metrics.lease_expirations.values == {"failed": 1}
 
 
 def test_leases_an_expiry_entry_left_for_its_key_bound_are_proposed_again(monkeypatch):

@@ -13,7 +13,15 @@ Rules:
   max(deadline, arrived_at + ttl). A leader elected after that round resets every lease to its election + ttl,
   later still. A lease being expired (proposed in a LEASE_EXPIRE) is not kept alive.
 - `due(now)` hands out at most `max_batch` leases whose deadline passed, marks them expiring, and the caller
-  proposes one LEASE_EXPIRE for them; `expire_failed` puts them back (a new leader starts over anyway).
+  proposes one LEASE_EXPIRE for them. Once expiring, a lease stays expiring (keepalives refused) for the rest of
+  the term unless its entry surely never applies: `expire_failed` puts the leases back only then (the proposal
+  refused: NotLeader, ProposalDropped; or its index taken by another leader's entry: EntryLost). A proposal whose
+  outcome is unknown (Timeout) is still in this leader's log and may commit at any moment: a keepalive answered
+  in between would be followed by the expiry, its keys gone long before its TTL (review of lease, R1). Those go
+  to `expire_unknown`: still expiring, handed out again first by the next `due` (the store skips an id already
+  gone, so proposing one twice is harmless). A later term of this node starts over (`become_leader`): an older
+  term's entry applies before any read round of the new term confirms (its no-op commits it, §5.4.2 and §6.4),
+  so a keepalive never sees the lease before that entry applied.
 - The assumption: each node's monotonic clock runs at the rate of real time within a small bounded drift (the
   clocks need not agree with each other, nor with wall time). A TTL is measured on one node's clock between two
   of its own readings, never across nodes.
@@ -39,6 +47,7 @@ class LeaseKeeper:
         self.ttl_seconds: dict[int, int] = {}
         self.deadlines: dict[int, float] = {}
         self.expiring: set[int] = set()
+        self.unsure: dict[int, None] = {}  # expiring, their entry's outcome unknown: proposed again (in order)
         self._heap: list[tuple[float, int]] = []
 
     @property
@@ -51,13 +60,13 @@ class LeaseKeeper:
         self.term = term
         self.ttl_seconds = dict(leases)
         self.deadlines = {i: now + ttl for i, ttl in self.ttl_seconds.items()}
-        self.expiring = set()
+        self.expiring, self.unsure = set(), {}
         self._heap = [(deadline, i) for i, deadline in self.deadlines.items()]
         heapq.heapify(self._heap)
 
     def step_down(self) -> None:
         self.term = None
-        self.ttl_seconds, self.deadlines, self.expiring, self._heap = {}, {}, set(), []
+        self.ttl_seconds, self.deadlines, self.expiring, self.unsure, self._heap = {}, {}, set(), {}, []
 
     def granted(self, lease_id: int, ttl_seconds: int, now: float) -> None:
         """A grant applied here: while leading, the lease runs its TTL from now."""
@@ -70,6 +79,7 @@ class LeaseKeeper:
         self.ttl_seconds.pop(lease_id, None)
         self.deadlines.pop(lease_id, None)  # its heap entries are skipped as stale
         self.expiring.discard(lease_id)
+        self.unsure.pop(lease_id, None)
 
     def alive(self, lease_id: int) -> bool:
         """Whether this leader keeps the lease (known, not being expired)."""
@@ -91,8 +101,13 @@ class LeaseKeeper:
         return None if deadline is None else max(0.0, deadline - now)
 
     def due(self, now: float) -> list[int]:
-        """Up to max_batch leases whose deadline is at or before `now`, earliest first, marked expiring."""
+        """Up to max_batch leases to expire, marked expiring: first those whose expiry's outcome is unknown
+        (`expire_unknown`), then those whose deadline is at or before `now`, earliest first."""
         out: list[int] = []
+        while self.unsure and len(out) < self.max_batch:
+            lease_id = next(iter(self.unsure))
+            del self.unsure[lease_id]
+            out.append(lease_id)
         heap = self._heap
         while heap and heap[0][0] <= now and len(out) < self.max_batch:
             deadline, lease_id = heapq.heappop(heap)
@@ -103,8 +118,16 @@ class LeaseKeeper:
             out.append(lease_id)
         return out
 
+    def expire_unknown(self, lease_ids: Iterable[int]) -> None:
+        """The LEASE_EXPIRE for `lease_ids` may still commit (Timeout): they stay expiring (keepalives refused) and
+        the next `due` hands them out again (the module's rules)."""
+        for lease_id in lease_ids:
+            if lease_id in self.expiring:  # else removed since: its entry (or a revoke) applied
+                self.unsure[lease_id] = None
+
     def expire_failed(self, lease_ids: Iterable[int]) -> None:
-        """The LEASE_EXPIRE for `lease_ids` did not commit in time: those still here are due again at once."""
+        """The LEASE_EXPIRE for `lease_ids` surely never applies (refused, or its index taken by another entry), or
+        applied and left them (its key bound): those still here are due again at once, open to keepalives."""
         for lease_id in lease_ids:
             if lease_id in self.expiring:
                 self.expiring.discard(lease_id)

@@ -102,7 +102,8 @@ class Metrics:
                                          "delay every timer (ticks, heartbeats, elections) sees",
                                          (.001, .002, .005, .01, .02, .05, .1, .25, .5, 1))
         # Leases (issue 14 part 2): keepalives answered by outcome (kept, not_found), and leases whose expiry this
-        # node proposed as leader, by outcome (committed, failed: retried or left to the next leader).
+        # node proposed as leader, by outcome (committed; failed: not applied, retried or left to the next leader;
+        # unknown: a timeout, proposed again).
         self.lease_keepalives = Counter("raftdzmq_lease_keepalives", "Lease keepalives answered, by outcome",
                                         "outcome")
         self.lease_expirations = Counter("raftdzmq_lease_expirations", "Leases this node expired as leader, by "

@@ -54,11 +54,11 @@ from dataclasses import dataclass
 import gevent
 from gevent import monkey
 
-from raftlib.core import Config, NodeStatus, RaftNode
+from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode
 from raftlib.interfaces import StoredState
 from raftlib.messages import Membership, Message, Role
-from raftlib.runtime import Runtime
-from raftlib.storage import DiskStorage, StorageError, start_node
+from raftlib.runtime import EntryLost, NotRunning, Runtime
+from raftlib.storage import DiskFull, DiskStorage, StorageError, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
@@ -307,11 +307,20 @@ class LeaderLeases:
             return
         try:
             self.runtime.propose(command(LEASE_EXPIRE, "", b"", due), self.write_timeout_seconds)
-        except Exception as e:  # NotLeader, EntryLost, Timeout...: a new leader starts over; else retried
-            log.info("the expiry of %d leases did not commit (%s)", len(due), e)
+        except (NotLeader, ProposalDropped, EntryLost, NotRunning, DiskFull) as e:
+            # Surely not applied (never appended, or another entry took its index): open to keepalives again.
+            log.info("the expiry of %d leases was not applied (%s)", len(due), e)
             keeper.expire_failed(due)
             for _ in due:
                 self.metrics.lease_expirations.inc("failed")
+            return
+        except Exception as e:
+            # Timeout, Stopped...: the entry may still commit. Never answer a keepalive for these in this term
+            # (review of lease, R1: its keys would vanish right after the 200); propose them again.
+            log.info("the expiry of %d leases is not confirmed (%s): proposing it again", len(due), e)
+            keeper.expire_unknown(due)
+            for _ in due:
+                self.metrics.lease_expirations.inc("unknown")
             return
         # The entry stops at the bound of keys per entry (store: "Bounded work"): the leases it left are due again.
         left = [i for i in due if i in self.store.leases]
