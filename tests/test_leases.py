@@ -70,6 +70,21 @@ def test_an_expiry_of_unknown_outcome_stays_expiring_and_is_handed_out_again_fir
     assert k.alive(2) and k.due(29.9) == []
 
 
+def test_the_heap_stays_bounded_under_keepalives_and_grant_revoke_churn():
+    """Review of lease, R2: every keepalive and grant pushes a heap entry; stale ones must not pile up."""
+    from raftlib.server.leases import HEAP_SLACK
+    k = LeaseKeeper(max_batch=10)
+    k.become_leader(1, [(1, 3600), (2, 5)], now=0.0)
+    for n in range(20_000):  # one client's keepalive loop
+        assert k.keepalive(1, arrived_at=n * 0.001)
+    assert len(k._heap) <= 2 * len(k.deadlines) + HEAP_SLACK + 1
+    for i in range(3, 20_003):  # grant and revoke, never more than 3 leases alive
+        k.granted(i, 3600, now=20.0)
+        k.removed(i)
+    assert len(k._heap) <= 2 * len(k.deadlines) + HEAP_SLACK + 1
+    assert k.due(5.0) == [2] and k.due(3619.99) == [] and k.due(3620.0) == [1]  # what is left is right
+
+
 def test_grants_count_only_while_leading_and_stepping_down_forgets():
     k = LeaseKeeper(max_batch=10)
     k.granted(4, 5, now=1.0)

@@ -26,7 +26,8 @@ Rules:
   clocks need not agree with each other, nor with wall time). A TTL is measured on one node's clock between two
   of its own readings, never across nodes.
 - Cost: deadlines in a heap with lazy deletion (an extended lease leaves its old entry to be skipped), so `due`
-  is O(log n) per lease handed out or entry skipped, never a scan of every lease.
+  is O(log n) per lease handed out or entry skipped, never a scan of every lease. Bounded: the heap is rebuilt
+  from `deadlines` once it holds more than 2 * leases + HEAP_SLACK entries.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import heapq
 from collections.abc import Iterable
 
 TICK_SECONDS = 0.1  # how often the leader looks for leases past their deadline (raftlib.server.node)
+HEAP_SLACK = 1024  # the heap is rebuilt when it holds more than 2 * leases + this many entries
 
 
 class LeaseKeeper:
@@ -136,3 +138,12 @@ class LeaseKeeper:
     def _set(self, lease_id: int, deadline: float) -> None:
         self.deadlines[lease_id] = deadline
         heapq.heappush(self._heap, (deadline, lease_id))
+        if len(self._heap) > 2 * len(self.deadlines) + HEAP_SLACK:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """The heap again from `deadlines`, without its stale entries (review of lease, R2: every keepalive pushes
+        one, and a lease kept alive for a year left millions). Amortized O(1) per push: at least half the heap
+        (and HEAP_SLACK entries) was stale, and the rebuild is O(n)."""
+        self._heap = [(deadline, i) for i, deadline in self.deadlines.items() if i not in self.expiring]
+        heapq.heapify(self._heap)
