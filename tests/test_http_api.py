@@ -1245,6 +1245,14 @@ def test_lease_routes_grant_keep_alive_list_and_revoke(leased):
     assert client("POST", "/db/a?lease=2", "x").status == 200 and client.store.lease_of == {"a": 2}
     r = client("POST", "/db/t?ttl=5", "y")
     assert r.headers["x-raft-lease"] == r.headers["x-raft-index"] == "5" and client.store.leases[5].keys == {"t"}
+    assert r.headers["x-raft-lease-ttl"] == "5"
+    r = client("POST", "/db/t1?ttl=1", "y")  # review of lease, R5: the TTL raised to the minimum says so
+    assert (r.headers["x-raft-lease"], r.headers["x-raft-lease-ttl"]) == ("6", "2")
+    assert client("DELETE", "/lease/6").status == 200
+    assert client("POST", "/db/z?lease=2", "x").status == 200 and client.store.lease_of["z"] == 2
+    r = client("POST", "/db/z?lease=0", "x")  # etcd's "no lease": the put detaches the key
+    assert r.status == 200 and "z" not in client.store.lease_of and client.store.leases[2].keys == {"a"}
+    assert client("DELETE", "/db/z").status == 200
     now[0] += 4
     calls = len(client.runtime.calls)
     r = client("POST", "/lease/2/keepalive")
@@ -1257,11 +1265,16 @@ def test_lease_routes_grant_keep_alive_list_and_revoke(leased):
         {"id": "2", "ttl": 10, "remaining": 10.0}, {"id": "3", "ttl": 2, "remaining": 0.0}], "next": "3"}
     assert json.loads(client("GET", "/lease?after=3").body)["leases"] == [{"id": "5", "ttl": 5, "remaining": 1.0}]
     assert keeper.due(now[0]) == [3]  # being expired: keepalive and GET answer 404 from then on
-    assert client("POST", "/lease/3/keepalive").status == 404 and client("GET", "/lease/3").status == 404
-    assert client.counted("lease_keepalives") == {"kept": 1, "not_found": 1}
+    for r in (client("POST", "/lease/3/keepalive"), client("GET", "/lease/3")):
+        assert (r.status, r.text) == (404, "lease 3 is expiring: its deadline passed and its expiry is proposed; "
+                                           "grant a new one\n")
+    assert client("POST", "/lease/3/keepalive").headers["x-raft-outcome"] == "not-applied"
+    assert client.counted("lease_keepalives") == {"kept": 1, "not_found": 2}
     r = client("DELETE", "/lease/2")
-    assert (r.status, json.loads(r.body)) == (200, {"id": "2", "deleted": 1, "index": 6}) and "a" not in client.store.data
-    assert client("DELETE", "/lease/2").status == 404 and client("POST", "/lease/2/keepalive").status == 404
+    assert (r.status, json.loads(r.body)) == (200, {"id": "2", "deleted": 1, "index": 11}) and "a" not in client.store.data
+    assert client("DELETE", "/lease/2").status == 404
+    r = client("POST", "/lease/2/keepalive")
+    assert (r.status, r.text) == (404, "lease 2 not found (expired or revoked)\n")
 
 
 def test_lease_routes_are_the_leaders_and_check_their_input(leased):
@@ -1273,7 +1286,8 @@ def test_lease_routes_are_the_leaders_and_check_their_input(leased):
             ("DELETE", "/lease/1e3", 400, "a lease id"),
             ("GET", "/lease?limit=x", 400, "limit must be an integer"),
             ("POST", "/db/k?lease=9", 404, "lease 9 not found"),
-            ("POST", "/db/k?lease=0", 400, "a lease id"),
+            ("POST", "/db/k?lease=00", 400, "a lease id"),
+            ("POST", "/db/k?lease=", 400, "a lease id"),
             ("POST", "/db/k?ttl=3&prev_exist=false", 400, "lease and ttl go alone")):
         r = client(method, target, "v")
         assert (r.status, r.text.count("\n")) == (status, 1) and says in r.text, (target, r.text)

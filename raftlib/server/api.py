@@ -29,7 +29,8 @@ Rules:
   lease id is the decimal text of the grant's log index. A TTL is whole seconds, at most MAX_TTL_SECONDS; one
   below `min_ttl_seconds` (1.5 election timeouts, at least 1 s, as etcd's minimum) is raised to it and the answer
   says the TTL granted. A keepalive confirms leadership with a read round (no log entry) after noting when it
-  arrived, then extends the lease (LeaseKeeper.keepalive); 404 once the lease is gone or being expired.
+  arrived, then extends the lease (LeaseKeeper.keepalive); 404 once the lease is gone or being expired (the text
+  says which). POST /db/KEY?ttl=S answers the TTL granted in X-Raft-Lease-TTL; ?lease=0 is no lease (etcd).
 """
 
 from __future__ import annotations
@@ -311,7 +312,7 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
 
 # The leader's answer headers a forwarding follower hands back: the signature of a signed answer (a join's) too,
 # without which the joining node must refuse the answer.
-_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "x-raft-lease", "location",
+_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "x-raft-lease", "x-raft-lease-ttl", "location",
                                        OUTCOME_HEADER.lower(), TIMESTAMP_HEADER.lower(), SIGNATURE_HEADER.lower()))
 
 
@@ -636,15 +637,18 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
     key = check_key(key)
     value = read_body()
     q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
-    lease_id = None
-    if "lease" in q or "ttl" in q:
-        if sum(name in q for name in ("lease", "ttl", "prev_index", "prev_value", "prev_exist")) > 1:
+    lease_id = ttl = None
+    # ?lease=0 is no lease, as in etcd and a txn's put: a put without a lease takes the key off its lease.
+    with_lease = "lease" in q and q["lease"] != "0"
+    if with_lease or "ttl" in q:
+        if sum((with_lease, *(name in q for name in ("ttl", "prev_index", "prev_value", "prev_exist")))) > 1:
             raise text(400, "lease and ttl go alone: not together nor with prev_index, prev_value or prev_exist "
                        "(POST /txn compares and puts with a lease in one step)")
         require_leader(api)
         require_level_2(api)
         if "ttl" in q:
-            cmd = command(PUT_WITH_TTL, key, value, ttl_seconds(api))
+            ttl = ttl_seconds(api)
+            cmd = command(PUT_WITH_TTL, key, value, ttl)
         else:
             lease_id = parse_lease_id(q["lease"])
             cmd = command(SET_WITH_LEASE, key, value, lease_id)
@@ -671,8 +675,9 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
         return text(409, f"lease {lease_id} holds {MAX_KEYS_PER_LEASE} keys, the most a lease holds",
                     **{"X-Raft-Index": str(index)})
     bottle.response.set_header("X-Raft-Index", str(index))
-    if "ttl" in q:
+    if ttl is not None:
         bottle.response.set_header("X-Raft-Lease", str(index))  # the key's own lease: the entry's index
+        bottle.response.set_header("X-Raft-Lease-TTL", str(ttl))  # as granted: raised to the minimum, maybe
     return ""
 
 
@@ -790,6 +795,14 @@ def leader_keeper(api: Api) -> LeaseKeeper:
     return keeper
 
 
+def lease_gone(lease_id: int, in_state: bool) -> bottle.HTTPResponse:
+    """The 404 of a lease this leader does not keep alive: still in the state, its expiry is on its way."""
+    if in_state:
+        return text(404, f"lease {lease_id} is expiring: its deadline passed and its expiry is proposed; grant a new "
+                    "one")
+    return text(404, f"lease {lease_id} not found (expired or revoked)")
+
+
 MAX_LEASE_KEYS_LISTED = 1000  # GET /lease/ID lists this many of its keys (in order), and counts them all
 
 
@@ -827,7 +840,7 @@ def keepalive_lease(api: Api, lease_id: str) -> bottle.HTTPResponse:
     lease = api.store.leases.get(lid)
     if lease is None or not keeper.keepalive(lid, arrived_at):
         api.metrics.lease_keepalives.inc("not_found")
-        return text(404, f"lease {lid} not found (expired or revoked)")
+        return lease_gone(lid, lease is not None)
     api.metrics.lease_keepalives.inc("kept")
     return json_answer({"id": str(lid), "ttl": lease.ttl_seconds})
 
@@ -841,7 +854,7 @@ def get_lease(api: Api, lease_id: str) -> bottle.HTTPResponse:
     lease = api.store.leases.get(lid)
     remaining = keeper.remaining_seconds(lid, time.monotonic())
     if lease is None or not keeper.alive(lid):
-        return text(404, f"lease {lid} not found (expired or revoked)")
+        return lease_gone(lid, lease is not None)
     keys = sorted(lease.keys)
     return json_answer({"id": str(lid), "ttl": lease.ttl_seconds, "remaining": round(remaining or 0.0, 3),
                         "keys": keys[:MAX_LEASE_KEYS_LISTED], "key_count": len(keys)})
