@@ -1264,6 +1264,17 @@ def test_lease_routes_grant_keep_alive_list_and_revoke(leased):
     assert json.loads(client("GET", "/lease?limit=2").body) == {"leases": [
         {"id": "2", "ttl": 10, "remaining": 10.0}, {"id": "3", "ttl": 2, "remaining": 0.0}], "next": "3"}
     assert json.loads(client("GET", "/lease?after=3").body)["leases"] == [{"id": "5", "ttl": 5, "remaining": 1.0}]
+
+    class NoScan(dict):  # review of lease, R6: a page bisects the sorted ids, never walks every lease
+        def items(self):
+            raise AssertionError("GET /lease walked every lease")
+
+        __iter__ = keys = values = items
+
+    leases, client.store.leases = client.store.leases, NoScan(client.store.leases)
+    assert json.loads(client("GET", "/lease?after=2").body)["leases"] == [
+        {"id": "3", "ttl": 2, "remaining": 0.0}, {"id": "5", "ttl": 5, "remaining": 1.0}]
+    client.store.leases = leases
     assert keeper.due(now[0]) == [3]  # being expired: keepalive and GET answer 404 from then on
     for r in (client("POST", "/lease/3/keepalive"), client("GET", "/lease/3")):
         assert (r.status, r.text) == (404, "lease 3 is expiring: its deadline passed and its expiry is proposed; "

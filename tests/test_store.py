@@ -525,6 +525,7 @@ def test_replicas_agree_on_every_exposed_index_whatever_snapshot_they_restored(c
         assert (kv.feature_level, kv.level_index) == (replica.feature_level, replica.level_index)
         assert kv.leases == replica.leases and kv.lease_of == replica.lease_of
         assert kv.lease_of == {k: i for i, lease in replica.leases.items() for k in lease.keys}
+        assert list(kv.lease_ids) == list(replica.lease_ids) == sorted(replica.leases)
     assert restored_events == replica_events
     assert list(kv.keys) == list(replica.keys) == sorted(replica.data)
     if replica.feature_level >= 2:
@@ -592,7 +593,10 @@ def test_a_grant_makes_a_lease_whose_id_is_its_index_and_puts_attach_and_detach_
     assert kv.apply(8, command(PUT_WITH_TTL, "t", b"v", 5)) == "ok"  # a lease of its own, id 8
     assert kv.leases[8] == Lease(5, {"t"}) and kv.lease_of == {"t": 8} and leases == [(8, 5)]
     assert kv.apply(9, command(SET_WITH_LEASE, "t", b"w", 2)) == "ok"  # moved to another lease
-    assert kv.leases[8].keys == set() and kv.leases[2].keys == {"t"}
+    assert kv.leases[8].keys == set() and kv.leases[2].keys == {"t"} and list(kv.lease_ids) == [2, 8]
+    restored = KeyValueStore()
+    restored.restore(kv.snapshot())
+    assert list(restored.lease_ids) == [2, 8]
     assert [e.type for e in events] == ["put"] * 2 + ["put", "delete", "put", "put"]
 
 
@@ -604,6 +608,7 @@ def test_revoke_deletes_the_keys_with_delete_events_in_key_order_sharing_the_ind
     kv.on_lease = lambda *a: gone.append(a)
     assert kv.apply(6, command(LEASE_REVOKE, "", b"", 2)) == 2
     assert sorted(kv.data) == ["c"] and kv.leases == {} and kv.lease_of == {} and gone == [(2, None)]
+    assert list(kv.lease_ids) == []  # in step with `leases` (GET /lease?after= bisects it)
     assert events == [Event("delete", "a", None, 6, 4), Event("delete", "b", None, 6, 3)]
     assert kv.apply(7, command(LEASE_REVOKE, "", b"", 2)) == "missing"
 
@@ -613,7 +618,7 @@ def test_expire_deletes_the_keys_of_every_lease_named_with_expire_events_and_ski
                              command(SET_WITH_LEASE, "x", b"3", 3), command(LEASE_GRANT, "", b"", 3))
     events.clear()
     assert kv.apply(6, command(LEASE_EXPIRE, "", b"", [3, 99, 2, 5])) == 3  # 99: never there (or gone): skipped
-    assert kv.data == {} and kv.leases == {} and kv.lease_of == {}
+    assert kv.data == {} and kv.leases == {} and kv.lease_of == {} and list(kv.lease_ids) == []
     assert events == [Event("expire", "x", None, 6, 4), Event("expire", "y", None, 6, 3),
                       Event("expire", "z", None, 6, 2)]  # lease by lease as named, each lease's keys in order
     assert kv.apply(7, command(LEASE_EXPIRE, "", b"", [3])) == 0 and events[3:] == []

@@ -303,6 +303,7 @@ class KeyValueStore:
         self.admin_claims = AdminClaims()
         self.lease_of: dict[str, int] = {}
         self.leases: dict[int, Lease] = {}
+        self.lease_ids = SortedList()  # the ids of `leases`, in step: GET /lease?after= bisects it (review, R6)
         self.feature_level = 1
         self.level_index = 0
         self.on_event = on_event
@@ -446,6 +447,7 @@ class KeyValueStore:
             return "full"
         assert index not in self.leases, "a lease id is the index of its grant: used once"
         self.leases[index] = Lease(ttl_seconds)
+        self.lease_ids.add(index)
         if self.on_lease is not None:
             self.on_lease(index, ttl_seconds)
         return "ok"
@@ -485,6 +487,7 @@ class KeyValueStore:
             self._delete(index, key, kind)  # unlinks it from the lease
         assert not lease.keys, "every key of a dropped lease was unlinked by its delete"
         del self.leases[lease_id]
+        self.lease_ids.remove(lease_id)
         if self.on_lease is not None:
             self.on_lease(lease_id, None)
         return len(keys)
@@ -643,6 +646,7 @@ class KeyValueStore:
         self.keys = SortedList(self.data)
         self.admin_claims = AdminClaims(state.claims, state.horizon)
         self.leases = state.leases
+        self.lease_ids = SortedList(state.leases)
         self.lease_of = {key: lease_id for lease_id, lease in state.leases.items() for key in lease.keys}
         self.feature_level, self.level_index = state.feature_level, state.level_index
 
