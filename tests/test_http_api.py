@@ -1038,6 +1038,7 @@ def test_every_route_is_tested_here():
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
         ("GET", "/cluster/keys"), ("GET", "/livez"), ("GET", "/readyz"), ("DELETE", "/db/"), ("DELETE", "/db"),
         ("POST", "/txn"), ("POST", "/lease"), ("GET", "/lease"), ("POST", "/lease/<lease_id>/keepalive"),
+        ("POST", "/lease/keepalive"),
         ("GET", "/lease/<lease_id>"), ("DELETE", "/lease/<lease_id>")}
 
 
@@ -1288,6 +1289,37 @@ def test_lease_routes_grant_keep_alive_list_and_revoke(leased):
     assert (r.status, r.text) == (404, "lease 2 not found (expired or revoked)\n")
 
 
+def test_a_batched_keepalive_keeps_many_leases_alive_behind_one_read_round(leased):
+    """Review of lease, R3: POST /lease/keepalive with a list of ids: one read round for all, each id answered as
+    its own keepalive would be."""
+    client, keeper, now = leased
+    for ttl in (10, 20, 5):
+        assert client("POST", f"/lease?ttl={ttl}").status == 200  # ids 2, 3, 4
+    now[0] += 5
+    assert keeper.due(now[0]) == [4]  # being expired
+    calls = len(client.runtime.calls)
+    r = client("POST", "/lease/keepalive", json.dumps(["2", 3, "4", "99", "2"]))
+    assert (r.status, json.loads(r.body)) == (200, {"leases": [
+        {"id": "2", "ttl": 10}, {"id": "3", "ttl": 20}, {"id": "4", "error": "expiring"},
+        {"id": "99", "error": "not found"}, {"id": "2", "ttl": 10}]})
+    assert [c[0] for c in client.runtime.calls[calls:]] == ["read"]  # one round, nothing proposed
+    assert (keeper.deadlines[2], keeper.deadlines[3]) == (115.0, 125.0)
+    assert client.counted("lease_keepalives") == {"kept": 3, "not_found": 2}
+    for body, says in (("", "not JSON"), ("[", "not JSON"), ("{}", "want a JSON list"), ("[]", "want a JSON list"),
+                       (json.dumps(list(range(1, 10_002))), "1 to 10000 lease ids"),
+                       ('["2", 0]', "item 1: a lease id"), ('[true]', "item 0"), ('["0x2"]', "item 0"),
+                       ('[2.0]', "item 0")):
+        r = client("POST", "/lease/keepalive", body)
+        assert (r.status, r.text.count("\n")) == (400, 1) and says in r.text, (body, r.text)
+        assert r.headers["x-raft-outcome"] == "not-applied"
+    client.runtime.fail("read", Timeout("no answer"))
+    r = client("POST", "/lease/keepalive", '["2"]')
+    assert r.status == 503 and r.headers["x-raft-outcome"] == "not-applied" and "not extended" in r.text
+    client.runtime.node.role, client.runtime.node.leader_id = Role.FOLLOWER, "b"
+    r = client("POST", "/lease/keepalive", '["2"]')
+    assert r.status == 307 and r.headers["location"] == "http://10.0.0.2:8080/lease/keepalive"
+
+
 def test_lease_routes_are_the_leaders_and_check_their_input(leased):
     client, _, _ = leased
     for method, target, status, says in (
@@ -1314,6 +1346,7 @@ def test_lease_routes_answer_409_below_level_2():
     for method, target in (("POST", "/lease?ttl=5"), ("POST", "/lease/2/keepalive"), ("DELETE", "/lease/2"),
                            ("POST", "/db/k?ttl=5"), ("POST", "/db/k?lease=2")):
         assert client(method, target).status == 409, target
+    assert client("POST", "/lease/keepalive", '["2"]').status == 409
 
 
 # ---- review of coord1: the join against the raise, the membership lock, the raiser --------------------------------

@@ -33,8 +33,8 @@ class Counter:
         self.name, self.doc, self.label = name, doc, label
         self.values: collections.Counter[str] = collections.Counter()
 
-    def inc(self, label_value: str) -> None:
-        self.values[label_value] += 1
+    def inc(self, label_value: str, count: int = 1) -> None:
+        self.values[label_value] += count
 
     def collect(self) -> prom_core.CounterMetricFamily:
         family = prom_core.CounterMetricFamily(self.name, self.doc, labels=[self.label])
