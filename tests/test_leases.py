@@ -17,6 +17,7 @@ from raftlib.runtime import EntryLost, Timeout
 from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.node import LeaderLeases
+from raftlib.storage import DiskFull
 from raftlib.server.store import (FEATURE_LEVEL, LEASE_EXPIRE, LEASE_GRANT, PUT_WITH_TTL, SET_FEATURE_LEVEL, Event,
                                   KeyValueStore, command)
 
@@ -96,10 +97,15 @@ def test_grants_count_only_while_leading_and_stepping_down_forgets():
     assert not k.leading and k.deadlines == {} and k.due(100.0) == []
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", range(40))
 def test_no_lease_expires_before_ttl_after_an_answered_keepalive(seed):
-    """A random schedule of keepalives, elections and ticks: whenever `due` hands a lease out, at least its TTL has
-    passed since the last keepalive answered for it (and since the keeper's election)."""
+    """A random schedule of keepalives, elections, ticks and commits: whenever a lease is handed out by `due`, and
+    whenever an expiry entry holding it commits, at least its TTL has passed since the last keepalive answered for
+    it (and since the keeper's election). Each batch `due` hands out is one entry, refused (`expire_failed`),
+    timed out (`expire_unknown`: pending, it may commit later in the term) or committed (every pending entry of
+    the term before it first, in log order; the key bound may leave some: `expire_failed`). A retry refused after
+    a timeout must not open the lease while the first entry can still commit (review of lease, second round,
+    R1); a new term resolves the old term's pending entries before any keepalive (its no-op, §5.4.2, §6.4)."""
     import random
     rng = random.Random(seed)
     k = LeaseKeeper(max_batch=3)
@@ -108,27 +114,57 @@ def test_no_lease_expires_before_ttl_after_an_answered_keepalive(seed):
     k.become_leader(term, ttl.items(), now)
     floor = {i: now + t for i, t in ttl.items()}  # no expiry before this
     gone: set[int] = set()
-    for _ in range(400):
-        now += rng.random()
+    pending: list[list[int]] = []  # this term's timed-out entries, in log order
+
+    def commit(entry: list[int], left: set[int] = frozenset()) -> None:
+        for i in entry:
+            if i not in gone and i not in left:
+                assert now >= floor[i], f"lease {i} expired {floor[i] - now:.2f}s before its TTL"
+                gone.add(i)
+                k.removed(i)
+
+    def commit_pending(count: int) -> None:
+        for entry in pending[:count]:
+            commit(entry)
+        del pending[:count]
+
+    for _ in range(600):
+        now += rng.random() * 0.5
         r = rng.random()
-        if r < 0.5:
-            i = rng.choice(list(ttl))
+        if r < 0.05:
+            i = max(ttl) + 1  # a grant applied: leases keep coming while others expire
+            ttl[i] = rng.randint(1, 5)
+            floor[i] = now + ttl[i]
+            k.granted(i, ttl[i], now)
+        elif r < 0.45:
+            i = rng.choice([i for i in ttl if i not in gone] or list(ttl))
             arrived_at = now - rng.random() * 0.2
             if k.keepalive(i, arrived_at):
                 floor[i] = max(floor[i], arrived_at + ttl[i])
-        elif r < 0.55:
+        elif r < 0.5:
+            commit_pending(rng.randint(0, len(pending)))  # some of this term's pending entries commit, in order
+            pending.clear()  # the rest lost: the new term's no-op settles them before any read round
             term += 1
             k.become_leader(term, [(i, t) for i, t in ttl.items() if i not in gone], now)
+        elif r < 0.6:
+            commit_pending(rng.randint(1, max(1, len(pending))))
         else:
-            for i in k.due(now):
+            due = k.due(now)
+            for i in due:
                 assert now >= floor[i]
-                if rng.random() < 0.15:
-                    k.expire_failed([i])
-                elif rng.random() < 0.2:
-                    k.expire_unknown([i])  # may still commit: no keepalive for it may count from here on
-                else:
-                    gone.add(i)
-                    k.removed(i)
+            if not due:
+                continue
+            outcome = rng.random()
+            if outcome < 0.3:
+                k.expire_failed(due)  # refused (a transfer, a full disk): this entry never applies
+            elif outcome < 0.6:
+                pending.append(due)
+                k.expire_unknown(due)  # may still commit: no keepalive for them may count from here on
+            else:
+                commit_pending(len(pending))  # committed: every earlier entry of the term before it
+                left = {i for i in due if rng.random() < 0.2}  # the key bound stopped it
+                commit(due, left)
+                k.expire_failed([i for i in due if i in left])
 
 
 def test_the_leases_module_is_pure():
@@ -326,3 +362,53 @@ def test_leases_an_expiry_entry_left_for_its_key_bound_are_proposed_again(monkey
     leases.tick()
     assert runtime.proposed[-1][3] == [3] and runtime.store.leases == {} and runtime.store.data == {}
     assert leases.metrics.lease_expirations.values == {"committed": 2}
+
+
+@pytest.mark.parametrize("error", [ProposalDropped("leadership transfer in progress"), DiskFull("the disk is full")])
+def test_a_retried_expiry_refused_after_a_timeout_keeps_the_lease_expiring(error):
+    """Review of lease, second round, R1 (the reviewer's r1b.py): the first LEASE_EXPIRE timed out and is still in
+    this leader's log; its retry is refused without a change of term (a leadership transfer, whose target is
+    brought up to date, which commits the first; a full disk). Reopened, the lease would take a keepalive (200)
+    and then vanish when the first entry commits, its TTL not run."""
+    store = KeyValueStore()
+    store.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    runtime, clock = SlowCommitRuntime(store), Clock()
+    leases = LeaderLeases(runtime, store, Metrics(), 1.0, clock=clock)
+    runtime.node.role = Role.LEADER
+    leases.tick()
+    index, _ = runtime.propose(command(PUT_WITH_TTL, "svc/a", b"up", 10), 1.0)
+    clock.now += 10.0
+    runtime.slow = True
+    leases.tick()  # appended, timed out: outcome unknown
+    runtime.slow, runtime.fail = False, error
+    clock.now += 0.1
+    leases.tick()  # the retry refused (never appended): says nothing of the first entry
+    assert not leases.keeper.alive(index) and not leases.current().keepalive(index, clock.now)
+    assert leases.keeper.unsure == {index: None}  # proposed again at the next tick
+    assert leases.metrics.lease_expirations.values == {"unknown": 1, "failed": 1}
+    runtime.fail = False
+    runtime.commit_pending()  # the first entry commits after all
+    assert "svc/a" not in store.data and leases.keeper.deadlines == {} and leases.keeper.in_doubt == set()
+    leases.tick()
+    assert runtime.proposed[1:] == [[LEASE_EXPIRE, "", b"", [index]]]  # only the first: nothing left to propose
+
+
+def test_doubt_lasts_the_term_and_is_forgotten_on_removal_and_a_new_term():
+    k = LeaseKeeper(max_batch=10)
+    k.become_leader(1, [(1, 5), (2, 5)], now=0.0)
+    assert k.due(5.0) == [1, 2]
+    k.expire_unknown([1, 2])
+    assert k.due(5.1) == [1, 2]
+    k.expire_failed([1, 2])  # the retry refused: still expiring, proposed again first
+    assert not k.alive(1) and not k.alive(2) and list(k.unsure) == [1, 2]
+    k.removed(1)  # the first entry applied for 1
+    assert k.in_doubt == {2}
+    k.become_leader(2, [(2, 5)], now=6.0)  # a new term: its no-op settled the old entry before any read round
+    assert k.in_doubt == set() and k.alive(2)
+    assert k.due(11.0) == [2]
+    k.expire_failed([2])  # refused in this term, no unknown outcome in it: open again
+    assert k.alive(2) and k.keepalive(2, 11.0)
+    assert k.due(11.5) == [] and k.due(16.0) == [2]
+    k.expire_unknown([2])
+    k.step_down()
+    assert k.in_doubt == set()

@@ -22,6 +22,11 @@ Rules:
   gone, so proposing one twice is harmless). A later term of this node starts over (`become_leader`): an older
   term's entry applies before any read round of the new term confirms (its no-op commits it, §5.4.2 and §6.4),
   so a keepalive never sees the lease before that entry applied.
+- An id once of unknown outcome stays in doubt for the rest of the term (`in_doubt`; cleared when it leaves the
+  state, and by `become_leader` and `step_down`): `expire_failed` on a retry of it puts it back in `unsure`, never
+  open. That retry being refused (ProposalDropped during a leadership transfer, DiskFull) says nothing of the first
+  entry, still in this leader's log in this term: a transfer brings its target up to date, which commits it
+  (review of lease, second round, R1 through the retry path).
 - The assumption: each node's monotonic clock runs at the rate of real time within a small bounded drift (the
   clocks need not agree with each other, nor with wall time). A TTL is measured on one node's clock between two
   of its own readings, never across nodes.
@@ -50,6 +55,7 @@ class LeaseKeeper:
         self.deadlines: dict[int, float] = {}
         self.expiring: set[int] = set()
         self.unsure: dict[int, None] = {}  # expiring, their entry's outcome unknown: proposed again (in order)
+        self.in_doubt: set[int] = set()  # an expiry of theirs had an unknown outcome in this term (never reopened)
         self._heap: list[tuple[float, int]] = []
 
     @property
@@ -62,13 +68,14 @@ class LeaseKeeper:
         self.term = term
         self.ttl_seconds = dict(leases)
         self.deadlines = {i: now + ttl for i, ttl in self.ttl_seconds.items()}
-        self.expiring, self.unsure = set(), {}
+        self.expiring, self.unsure, self.in_doubt = set(), {}, set()
         self._heap = [(deadline, i) for i, deadline in self.deadlines.items()]
         heapq.heapify(self._heap)
 
     def step_down(self) -> None:
         self.term = None
         self.ttl_seconds, self.deadlines, self.expiring, self.unsure, self._heap = {}, {}, set(), {}, []
+        self.in_doubt = set()
 
     def granted(self, lease_id: int, ttl_seconds: int, now: float) -> None:
         """A grant applied here: while leading, the lease runs its TTL from now."""
@@ -82,6 +89,7 @@ class LeaseKeeper:
         self.deadlines.pop(lease_id, None)  # its heap entries are skipped as stale
         self.expiring.discard(lease_id)
         self.unsure.pop(lease_id, None)
+        self.in_doubt.discard(lease_id)
 
     def alive(self, lease_id: int) -> bool:
         """Whether this leader keeps the lease (known, not being expired)."""
@@ -126,12 +134,17 @@ class LeaseKeeper:
         for lease_id in lease_ids:
             if lease_id in self.expiring:  # else removed since: its entry (or a revoke) applied
                 self.unsure[lease_id] = None
+                self.in_doubt.add(lease_id)
 
     def expire_failed(self, lease_ids: Iterable[int]) -> None:
         """The LEASE_EXPIRE for `lease_ids` surely never applies (refused, or its index taken by another entry), or
-        applied and left them (its key bound): those still here are due again at once, open to keepalives."""
+        applied and left them (its key bound): those still here are due again at once, open to keepalives. Those
+        in doubt stay expiring and go back to `unsure`: an earlier entry of this term for them may still commit."""
         for lease_id in lease_ids:
-            if lease_id in self.expiring:
+            if lease_id in self.in_doubt:
+                assert lease_id in self.expiring, "in doubt until it leaves the state or the term ends"
+                self.unsure[lease_id] = None
+            elif lease_id in self.expiring:
                 self.expiring.discard(lease_id)
                 self._set(lease_id, self.deadlines[lease_id])  # passed already: due at the next look
 

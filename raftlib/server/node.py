@@ -316,7 +316,8 @@ class LeaderLeases:
         try:
             self.runtime.propose(command(LEASE_EXPIRE, "", b"", due), self.write_timeout_seconds)
         except (NotLeader, ProposalDropped, EntryLost, NotRunning, DiskFull) as e:
-            # Surely not applied (never appended, or another entry took its index): open to keepalives again.
+            # This entry surely not applied (never appended, or another entry took its index): open to keepalives
+            # again, unless an earlier entry of this term for them timed out (the keeper's doubt: it may commit).
             log.info("the expiry of %d leases was not applied (%s)", len(due), e)
             keeper.expire_failed(due)
             for _ in due:
