@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from load import Raftdzmq, get, wait_until  # noqa: E402
 
+MAX_KEEPALIVE_IDS = 1_000  # raftlib.server.api's: ids in one POST /lease/keepalive
+
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
@@ -202,9 +204,9 @@ def main() -> int:
             elif name == "expiry":
                 # Every lease kept alive by one request (or as few as MAX_KEEPALIVE_IDS allows), so that their
                 # deadlines fall together: then no keepalive, and every lease expires at once (a mass expiry).
-                for i in range(0, len(ids), 10_000):
+                for i in range(0, len(ids), MAX_KEEPALIVE_IDS):
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                    conn.request("POST", "/lease/keepalive", body=json.dumps(ids[i:i + 10_000]).encode())
+                    conn.request("POST", "/lease/keepalive", body=json.dumps(ids[i:i + MAX_KEEPALIVE_IDS]).encode())
                     assert conn.getresponse().status == 200
                     conn.close()
                 cpu0, started, first_gone = cpu_seconds(pid), time.monotonic(), None

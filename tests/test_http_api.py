@@ -41,6 +41,7 @@ class FakeNode:
     node_id: str = "a"
     role: Role = Role.LEADER
     leader_id: str | None = "a"
+    current_term: int = 1
     last_applied: int = 0
     removed: tuple[str | None, int] | None = None
     membership: Membership = Membership(("a", "b"), ("c",), MEMBERS)
@@ -79,9 +80,9 @@ class FakeRuntime:
         self.node.last_applied += 1
         return self.node.last_applied, self.store.apply(self.node.last_applied, cmd)
 
-    def read(self, timeout_seconds: float, lease: bool = False) -> int:
+    def read(self, timeout_seconds: float, lease: bool = False) -> tuple[int, int]:
         self._call("read", timeout_seconds, lease)
-        return self.node.last_applied
+        return self.node.last_applied, self.node.current_term
 
     def wait_applied(self, index: int, timeout_seconds: float) -> int:
         self._call("wait_applied", index, timeout_seconds)
@@ -1306,7 +1307,8 @@ def test_a_batched_keepalive_keeps_many_leases_alive_behind_one_read_round(lease
     assert (keeper.deadlines[2], keeper.deadlines[3]) == (115.0, 125.0)
     assert client.counted("lease_keepalives") == {"kept": 3, "not_found": 2}
     for body, says in (("", "not JSON"), ("[", "not JSON"), ("{}", "want a JSON list"), ("[]", "want a JSON list"),
-                       (json.dumps(list(range(1, 10_002))), "1 to 10000 lease ids"),
+                       (json.dumps(list(range(1, 1_002))), "1 to 1000 lease ids"),
+                       (json.dumps([str(10**18 + i) for i in range(1_500)]), "the body is over 32768 bytes"),
                        ('["2", 0]', "item 1: a lease id"), ('[true]', "item 0"), ('["0x2"]', "item 0"),
                        ('[2.0]', "item 0")):
         r = client("POST", "/lease/keepalive", body)
@@ -1318,6 +1320,33 @@ def test_a_batched_keepalive_keeps_many_leases_alive_behind_one_read_round(lease
     client.runtime.node.role, client.runtime.node.leader_id = Role.FOLLOWER, "b"
     r = client("POST", "/lease/keepalive", '["2"]')
     assert r.status == 307 and r.headers["location"] == "http://10.0.0.2:8080/lease/keepalive"
+
+
+def test_a_keepalive_extends_only_if_the_keeper_leads_in_the_term_its_read_round_confirmed(leased, monkeypatch):
+    """Re-review of lease, finding 3: leadership lost and won back between the read round and the keepalive; an
+    expiry entry of the older term could still be ahead of the new term's no-op. Both routes refuse (503, not
+    extended) unless the keeper's term is the one the round confirmed."""
+    client, keeper, now = leased
+    assert client("POST", "/lease?ttl=10").status == 200  # id 2
+    now[0] += 5
+    real_read = client.runtime.read
+
+    def read_then_new_term(timeout_seconds: float, lease: bool = False) -> tuple[int, int]:
+        answer = real_read(timeout_seconds, lease)  # confirmed in term 1
+        keeper.become_leader(3, [(2, 10)], now[0] - 1)  # lost and won again meanwhile
+        return answer
+
+    monkeypatch.setattr(client.runtime, "read", read_then_new_term)
+    for target, body in (("/lease/2/keepalive", ""), ("/lease/keepalive", '["2"]')):
+        keeper.become_leader(1, [(2, 10)], now[0] - 5)
+        r = client("POST", target, body)
+        assert (r.status, r.headers["x-raft-outcome"]) == (503, "not-applied"), (target, r.status, r.text)
+        assert "term 1, now 3" in r.text and "not extended" in r.text and r.text.count("\n") == 1
+        assert keeper.deadlines[2] == now[0] - 1 + 10  # as term 3's election left it: not now + 10
+    monkeypatch.setattr(client.runtime, "read", real_read)
+    keeper.become_leader(1, [(2, 10)], now[0] - 5)
+    client.runtime.node.current_term = 1
+    assert client("POST", "/lease/2/keepalive").status == 200 and keeper.deadlines[2] == now[0] + 10
 
 
 def test_lease_routes_are_the_leaders_and_check_their_input(leased):
