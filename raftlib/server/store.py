@@ -11,10 +11,16 @@ Rules:
   before); "expired" (an ADMIN_CLAIM older than the claims' horizon); "unchanged" (a SET_FEATURE_LEVEL not above
   the state's); an int (the keys a DELETE_PREFIX deleted: at most MAX_DELETE_KEYS_PER_ENTRY, the first in key
   order; the caller proposes it again while it deleted that many); a TxnResult (a TXN); "error" (a command that
-  does not decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing). An
+  does not decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing); "full"
+  (a grant beyond MAX_LEASES); "lease full" (a put onto a lease of MAX_KEYS_PER_LEASE keys); NoLease (a put naming
+  a lease that is not there, alone or in a txn: nothing applied); for LEASE_REVOKE the keys it deleted or
+  "missing", for LEASE_EXPIRE the number of leases that expired. An
   unknown op (a newer version's command) applies as nothing and gives "ok".
 - Bounded work per entry (every node applies it on its event loop, and again on a replay): a DELETE_PREFIX, and
-  a TXN's prefix deletes together, delete at most MAX_DELETE_KEYS_PER_ENTRY keys; a TXN's gets together return
+  a TXN's prefix deletes together, delete at most MAX_DELETE_KEYS_PER_ENTRY keys, and so do a LEASE_REVOKE (a
+  lease holds at most MAX_KEYS_PER_LEASE keys: a put onto a full lease is "lease full") and a LEASE_EXPIRE (it
+  expires the leases it names in order while their keys fit in the bound, the first one always, and leaves the
+  rest, which the leader proposes again); a TXN's gets together return
   at most MAX_TXN_GET_KEYS keys and MAX_TXN_GET_BYTES of keys and values. Past a bound a result says "more"
   (TxnResult): the same on every node, since the bound is counted in the entry's own order.
 - The feature level (rolling upgrades): an older release applies the ops from SET_IF_INDEX on as nothing, so a
@@ -37,17 +43,26 @@ Rules:
   stored as exposed and the V3 snapshot dumps `data` as it is. A txn's compares see the state before the
   txn; its ops apply in order, each seeing the ones before it (as etcd's).
 - Events (`on_event`, for watches): one Event per key changed, in a fixed order: a prefix delete's in key
-  order, a txn's in op order (a prefix delete inside it in key order), all with the entry's index. None for a
-  delete of a missing key, a failed condition, a restore. They are handed over once the whole command applied,
+  order, a txn's in op order (a prefix delete inside it in key order), a revoked lease's keys ("delete") and an
+  expired lease's ("expire") in key order, lease after lease in the order the entry names them, all with the
+  entry's index. None for a delete of a missing key, a failed condition, a restore. They are handed over once the whole command applied,
   and an on_event that raises is logged and does not stop the others: the replicated state never depends on a
   watcher (a txn is never left half applied).
+- Leases (etcd v3's model): `leases` maps a lease id (the index of the entry that granted it: unique for the
+  cluster's life, the same on every node) to its Lease (TTL in whole seconds and its keys); `lease_of` maps a
+  key to its lease. A put with a lease attaches the key (a missing lease: NoLease, nothing applied); a put
+  without one detaches it; a deleted key leaves its lease. A revoked or expired lease deletes its keys. The state
+  machine never reads a clock: when a lease expires is the leader's decision (raftlib.server.leases), which
+  reaches every node as a LEASE_EXPIRE entry; an id already gone is skipped. `on_lease(lease_id, ttl_seconds)`
+  is called as a grant applies, `on_lease(lease_id, None)` as a lease goes (for the leader's LeaseKeeper).
 - The formats are part of the data dir (docs/DATA-DIR.md). Below level 2 a snapshot is written as the previous
   releases read it: the map key -> value as a CBOR map, or, once any admin request was claimed,
   `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]` (`[SNAPSHOT_WITH_CLAIMS, map, claims]`, older still, is read
   with a horizon of 0); indices are dropped and restore as 0. From level 2 on:
   `[SNAPSHOT_V3, map key -> [value, create_index, modify_index], claims, horizon, feature_level, level_index]`,
-  the indices as exposed. A later level appends to it (leases: a seventh element) under a new tag or length that
-  this release refuses (ValueError) rather than drop what it does not know. `encode_state` and `decode_state` are
+  the indices as exposed, then a seventh element, the leases: a map lease id -> [ttl_seconds, [keys in order]]
+  (ids in order). A later level appends to it under a new tag or length that this release refuses (ValueError)
+  rather than drop what it does not know. `encode_state` and `decode_state` are
   the only code that knows these formats.
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
   O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes).
@@ -57,7 +72,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import cbor2
 from sortedcontainers import SortedList
@@ -72,10 +87,20 @@ SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
 # ?prev_index=N; a DELETE_IF_INDEX of a missing key is "failed" unless N is 0, then "missing"). DELETE_PREFIX is [op, prefix, b"", None]. TXN is [op, "", b"", [compares, success, failure]]
 # (txn_problem gives the shape). SET_FEATURE_LEVEL is [op, "", b"", level].
 SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, SET_FEATURE_LEVEL = 5, 6, 7, 8, 9
-LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN))
+# Leases (issue 14 part 2), of level 2 too: part 1 was never released alone, so no node applies ops 5-9 and not
+# these. LEASE_GRANT is [op, "", b"", ttl_seconds]: the lease's id is the entry's index. LEASE_REVOKE is
+# [op, "", b"", lease_id] and LEASE_EXPIRE [op, "", b"", [lease_id, ...]] (the leader's, at most MAX_EXPIRE_BATCH
+# ids). PUT_WITH_TTL is [op, key, value, ttl_seconds]: a lease of its own (id: the entry's index) and the key on
+# it. SET_WITH_LEASE is [op, key, value, lease_id].
+LEASE_GRANT, LEASE_REVOKE, LEASE_EXPIRE, PUT_WITH_TTL, SET_WITH_LEASE = 10, 11, 12, 13, 14
+LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, LEASE_GRANT, LEASE_REVOKE, LEASE_EXPIRE,
+                         PUT_WITH_TTL, SET_WITH_LEASE))
 # The feature level of this release: 1 is every release before issue 14.
 FEATURE_LEVEL = 2
 SNAPSHOT_V3 = "raftdzmq-kv-v3"
+MAX_LEASES = 100_000  # a grant beyond this many leases applies as "full" (409 at the edge)
+MAX_TTL_SECONDS = 365 * 24 * 3600  # a lease's TTL: 1 to this many whole seconds (the edge raises the minimum)
+MAX_EXPIRE_BATCH = 128  # at most this many leases expire in one LEASE_EXPIRE entry
 MAX_TXN_OPS = 128  # at most this many compares, and this many ops in each branch, in one transaction (etcd's)
 # Bounds on one entry's work (the module's rules). Part of the replicated state's rules: every node must count
 # alike, so changing them is a change of feature level. 2,000 keys of a prefix delete took 7 to 15 ms to apply at
@@ -83,6 +108,8 @@ MAX_TXN_OPS = 128  # at most this many compares, and this many ops in each branc
 MAX_DELETE_KEYS_PER_ENTRY = 2000
 MAX_TXN_GET_KEYS = 1000
 MAX_TXN_GET_BYTES = 4 << 20
+# A lease holds at most this many keys, so that its revoke or expiry deletes at most MAX_DELETE_KEYS_PER_ENTRY.
+MAX_KEYS_PER_LEASE = MAX_DELETE_KEYS_PER_ENTRY
 COMPARE_TARGETS = ("value", "modify_index", "create_index", "exists", "lease")
 COMPARE_OPS = ("==", "!=", "<", ">")
 SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
@@ -141,11 +168,37 @@ class FeatureLevelTooHigh(Exception):
     """A SET_FEATURE_LEVEL above this release's FEATURE_LEVEL: this node cannot apply what follows correctly."""
 
 
+class Lease:
+    """One lease of the replicated state: its TTL (whole seconds) and its keys."""
+
+    __slots__ = ("ttl_seconds", "keys")
+
+    def __init__(self, ttl_seconds: int, keys: set[str] | None = None) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.keys: set[str] = keys if keys is not None else set()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lease) and (self.ttl_seconds, self.keys) == (other.ttl_seconds, other.keys)
+
+    def __repr__(self) -> str:
+        return f"Lease({self.ttl_seconds}, {sorted(self.keys)!r})"
+
+
+class NoLease(NamedTuple):
+    """The result of a put (alone or in a txn) naming a lease that is not there: nothing was applied."""
+
+    lease_id: int
+
+
+def valid_ttl(ttl_seconds: object) -> TypeGuard[int]:
+    return type(ttl_seconds) is int and 1 <= ttl_seconds <= MAX_TTL_SECONDS
+
+
 class Event(NamedTuple):
     """One change of one key, for watches (the module's rules, "Events"). `value` is None for a delete;
     `create_index` is the key's (exposed) create index, the deleted record's for a delete."""
 
-    type: str  # "put" or "delete"
+    type: str  # "put", "delete" or "expire"
     key: str
     value: bytes | None
     index: int  # type: ignore[assignment]  # the brief's name; it hides tuple.index, which nothing here calls
@@ -185,9 +238,12 @@ def _compare_problem(c: object) -> str | None:
 
 
 def _op_problem(o: object) -> str | None:
-    if type(o) is not list or len(o) != 3 or o[0] not in ("put", "delete", "get"):
+    if (type(o) is not list or o[0:1] not in (["put"], ["delete"], ["get"])
+            or len(o) != (4 if o[0] == "put" and len(o) == 4 else 3)):
         return "an op is put, delete or get"
-    kind, key, third = o
+    kind, key, third = o[:3]
+    if len(o) == 4 and (type(o[3]) is not int or o[3] < 0):
+        return "a put's lease is an id >= 0"
     if type(key) is not str or not key:
         return f"a {kind} needs a key (or a prefix) of at least one character"
     if kind == "put" and type(third) is not bytes:
@@ -200,7 +256,7 @@ def _op_problem(o: object) -> str | None:
 def txn_problem(body: object) -> str | None:
     """What is wrong with a TXN's body, or None. The body: [compares, success, failure], where a compare is
     [key, target, op, operand] (operand: bytes for "value", bool for "exists", an int >= 0 for the others) and an
-    op is ["put", key, value], ["delete", key or prefix, is_prefix] or ["get", key or prefix, is_prefix]. The HTTP
+    op is ["put", key, value], ["put", key, value, lease_id] (0: no lease), ["delete", key or prefix, is_prefix] or ["get", key or prefix, is_prefix]. The HTTP
     edge builds the body from JSON and asks this first; `apply` asks again, since the log is the contract."""
     if type(body) is not list or len(body) != 3 or not all(type(part) is list for part in body):
         return "a transaction is [compare, success, failure]: three lists"
@@ -235,18 +291,23 @@ def _holds(current: object, op: str, operand: object) -> bool:
 class KeyValueStore:
     """The replicated state (see the module's rules); a raftlib.interfaces.StateMachine. `data` maps a key to its
     record (value, create_index, modify_index), indices as applied (`record` gives them as exposed); a create
-    keeps one int object for both. Only new and deleted keys touch `keys`. `lease_of` maps a key to its lease id
-    (issue 14 part 2 fills it; a key not in it has lease 0). `on_event` is called with each Event."""
+    keeps one int object for both. Only new and deleted keys touch `keys`. `leases` maps a lease id to its Lease,
+    `lease_of` a key to its lease id (a key not in it has lease 0). `on_event` is called with each Event,
+    `on_lease` as the module's rules say."""
 
     def __init__(self, on_event: Callable[[Event], None] | None = None,
-                 on_level_raised: Callable[[int], None] | None = None) -> None:
+                 on_level_raised: Callable[[int], None] | None = None,
+                 on_lease: Callable[[int, int | None], None] | None = None) -> None:
         self.data: dict[str, tuple[bytes, int, int]] = {}
         self.keys = SortedList()
         self.admin_claims = AdminClaims()
         self.lease_of: dict[str, int] = {}
+        self.leases: dict[int, Lease] = {}
+        self.lease_ids = SortedList()  # the ids of `leases`, in step: GET /lease?after= bisects it (review, R6)
         self.feature_level = 1
         self.level_index = 0
         self.on_event = on_event
+        self.on_lease = on_lease
         self.on_level_raised = on_level_raised  # called with the level when it crosses to 2 (a snapshot is due)
         self._events: list[Event] = []  # the command's, handed to on_event once it applied whole
 
@@ -316,8 +377,34 @@ class KeyValueStore:
             if txn_problem(expected) is not None:
                 return "error"
             return self._txn(index, *expected)  # type: ignore[misc]
+        if op == LEASE_GRANT:
+            return self._grant(index, expected) if valid_ttl(expected) else "error"
+        if op == LEASE_REVOKE:
+            if type(expected) is not int:
+                return "error"
+            return self._drop_lease(index, expected, "delete") if expected in self.leases else "missing"
+        if op == LEASE_EXPIRE:
+            if type(expected) is not list or len(expected) > MAX_EXPIRE_BATCH or not all(
+                    type(i) is int for i in expected):
+                return "error"
+            return self._expire(index, expected)
         if not key:
             return "error"
+        if op == PUT_WITH_TTL:
+            if type(value) is not bytes or not valid_ttl(expected):
+                return "error"
+            granted = self._grant(index, expected)
+            if granted == "ok":
+                self._put(index, key, value, self.data.get(key), index)
+            return granted
+        if op == SET_WITH_LEASE:
+            if type(value) is not bytes or type(expected) is not int or expected < 0:
+                return "error"
+            refused = self._lease_refusal(key, expected)
+            if refused is not None:
+                return refused
+            self._put(index, key, value, self.data.get(key), expected)
+            return "ok"
         if op == DELETE_PREFIX:
             return self._delete_prefix(index, key)
         if type(expected) is not int or (op == SET_IF_INDEX and type(value) is not bytes):
@@ -355,7 +442,72 @@ class KeyValueStore:
                 self.on_level_raised(level)
         return "ok"
 
-    def _put(self, index: int, key: str, value: bytes, record: tuple[bytes, int, int] | None) -> None:
+    def _grant(self, index: int, ttl_seconds: int) -> str:
+        if len(self.leases) >= MAX_LEASES:
+            return "full"
+        assert index not in self.leases, "a lease id is the index of its grant: used once"
+        self.leases[index] = Lease(ttl_seconds)
+        self.lease_ids.add(index)
+        if self.on_lease is not None:
+            self.on_lease(index, ttl_seconds)
+        return "ok"
+
+    def _lease_refusal(self, key: str, lease_id: int) -> NoLease | str | None:
+        """Why `key` cannot be put on `lease_id` (0: no lease), or None."""
+        if not lease_id:
+            return None
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return NoLease(lease_id)
+        if len(lease.keys) >= MAX_KEYS_PER_LEASE and key not in lease.keys:
+            return "lease full"
+        return None
+
+    def _expire(self, index: int, lease_ids: list[int]) -> int:
+        """Expire the leases named that are still here, in order, while their keys fit in
+        MAX_DELETE_KEYS_PER_ENTRY (the first always: a lease holds at most that many); the number expired. An id
+        already gone (revoked, or expired by an earlier entry of another leader) is skipped."""
+        budget, expired = MAX_DELETE_KEYS_PER_ENTRY, 0
+        for lease_id in lease_ids:
+            lease = self.leases.get(lease_id)
+            if lease is None:
+                continue
+            if len(lease.keys) > budget:
+                break  # the leader proposes the rest again
+            budget -= self._drop_lease(index, lease_id, "expire")
+            expired += 1
+        return expired
+
+    def _drop_lease(self, index: int, lease_id: int, kind: str) -> int:
+        """Revoke ("delete" events) or expire ("expire" events) a lease that is there: its keys go, in key order.
+        The number of keys deleted."""
+        lease = self.leases[lease_id]
+        keys = sorted(lease.keys)
+        for key in keys:
+            self._delete(index, key, kind)  # unlinks it from the lease
+        assert not lease.keys, "every key of a dropped lease was unlinked by its delete"
+        del self.leases[lease_id]
+        self.lease_ids.remove(lease_id)
+        if self.on_lease is not None:
+            self.on_lease(lease_id, None)
+        return len(keys)
+
+    def _link(self, key: str, lease_id: int) -> None:
+        """Attach `key` to `lease_id` (0: to none), leaving the lease it had (etcd: a put sets the key's lease)."""
+        old = self.lease_of.get(key, 0)
+        if old == lease_id:
+            return
+        if old:
+            self.leases[old].keys.discard(key)
+            del self.lease_of[key]
+        if lease_id:
+            self.leases[lease_id].keys.add(key)
+            self.lease_of[key] = lease_id
+
+    def _put(self, index: int, key: str, value: bytes, record: tuple[bytes, int, int] | None,
+             lease_id: int = 0) -> None:
+        if self.lease_of or lease_id:  # no dict lookup on the write path of a store without leases
+            self._link(key, lease_id)
         if record is None:
             self.keys.add(key)
             self.data[key] = (value, index, index)
@@ -366,14 +518,15 @@ class KeyValueStore:
         if self.on_event is not None:
             self._events.append(Event("put", key, value, index, self.exposed(create_index)))
 
-    def _delete(self, index: int, key: str) -> bool:
+    def _delete(self, index: int, key: str, kind: str = "delete") -> bool:
         record = self.data.pop(key, None)
         if record is None:
             return False
         self.keys.remove(key)
-        self.lease_of.pop(key, None)
+        if self.lease_of:
+            self._link(key, 0)
         if self.on_event is not None:
-            self._events.append(Event("delete", key, None, index, self.exposed(record[1])))
+            self._events.append(Event(kind, key, None, index, self.exposed(record[1])))
         return True
 
     def _prefixed(self, prefix: str, most: int) -> tuple[list[str], bool]:
@@ -408,15 +561,24 @@ class KeyValueStore:
             return _holds(0, op, operand)
         return _holds(self.exposed(record[1] if target == "create_index" else record[2]), op, operand)
 
-    def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult:
+    def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult | NoLease | str:
         # All compares against the state before the txn (etcd's), then the branch's ops in order.
         # The bounds (the module's rules) are budgets for the whole txn, spent in op order.
         succeeded = all(self._compare(*c) for c in compares)
+        ops = success if succeeded else failure
+        # A put naming a missing (or full) lease fails the whole txn before any op applies (etcd's): no op grants
+        # a lease, so the leases there now are the ones every op would see. The count of a lease's keys is
+        # checked one put at a time (a txn of many puts onto an almost full lease: see the loop).
+        for o in ops:
+            if len(o) == 4 and (refused := self._lease_refusal(o[1], o[3])) is not None:
+                return refused
+        if any(len(o) == 4 and o[3] for o in ops) and not self._fits(ops):
+            return "lease full"
         results: list[tuple] = []
         delete_budget, get_keys_budget, get_bytes_budget = MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES
-        for kind, key, third in success if succeeded else failure:
+        for kind, key, third, *lease in ops:
             if kind == "put":
-                self._put(index, key, third, self.data.get(key))
+                self._put(index, key, third, self.data.get(key), lease[0] if lease else 0)
                 results.append(("put", key))
             elif kind == "delete":
                 if not third:
@@ -448,6 +610,15 @@ class KeyValueStore:
                 results.append(("get", found, more))
         return TxnResult(succeeded, results)
 
+    def _fits(self, ops: list) -> bool:
+        """Whether the txn's puts with a lease leave every lease within MAX_KEYS_PER_LEASE keys (an upper bound:
+        a later op of the txn may take a key off again)."""
+        added: dict[int, set[str]] = {}
+        for o in ops:
+            if len(o) == 4 and o[3] and o[1] not in self.leases[o[3]].keys:
+                added.setdefault(o[3], set()).add(o[1])
+        return all(len(self.leases[i].keys) + len(keys) <= MAX_KEYS_PER_LEASE for i, keys in added.items())
+
     def page(self, prefix: str, after: str, limit: int) -> tuple[list[str], bool]:
         """Up to `limit` keys that start with `prefix` and sort after `after`, in order, and whether more follow.
         Keys with a prefix are contiguous in sorted order, from the first key >= the prefix. By value (irange),
@@ -474,7 +645,9 @@ class KeyValueStore:
         self.data = state.data
         self.keys = SortedList(self.data)
         self.admin_claims = AdminClaims(state.claims, state.horizon)
-        self.lease_of = {}
+        self.leases = state.leases
+        self.lease_ids = SortedList(state.leases)
+        self.lease_of = {key: lease_id for lease_id, lease in state.leases.items() for key in lease.keys}
         self.feature_level, self.level_index = state.feature_level, state.level_index
 
 
@@ -486,6 +659,7 @@ class State(NamedTuple):
     horizon: float
     feature_level: int
     level_index: int
+    leases: dict[int, Lease]
 
 
 def encode_state(kv: KeyValueStore) -> bytes:
@@ -493,7 +667,9 @@ def encode_state(kv: KeyValueStore) -> bytes:
     claims = kv.admin_claims
     if kv.feature_level >= 2:
         # Stored as exposed since the raise (the module's rules): the tuples go out as CBOR arrays, unchanged.
-        return cbor2.dumps([SNAPSHOT_V3, kv.data, claims.claims, claims.horizon, kv.feature_level, kv.level_index])
+        leases = {i: [lease.ttl_seconds, sorted(lease.keys)] for i, lease in sorted(kv.leases.items())}
+        return cbor2.dumps([SNAPSHOT_V3, kv.data, claims.claims, claims.horizon, kv.feature_level, kv.level_index,
+                            leases])
     values = {k: record[0] for k, record in kv.data.items()}
     if claims.claims or claims.horizon:
         return cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, values, claims.claims, claims.horizon])
@@ -512,8 +688,9 @@ def decode_state(data: bytes) -> State:
     except Exception as e:
         raise ValueError(f"a key/value snapshot that does not decode: {e}") from None
     claims, horizon, feature_level, level_index = {}, 0.0, 1, 0
-    if type(v) is list and len(v) == 6 and v[0] == SNAPSHOT_V3:
-        _, records, claims, horizon, feature_level, level_index = v
+    leases: dict[int, Lease] = {}
+    if type(v) is list and len(v) == 7 and v[0] == SNAPSHOT_V3:
+        _, records, claims, horizon, feature_level, level_index, lease_map = v
         if (type(records) is not dict or not _is_index(level_index) or type(feature_level) is not int
                 or feature_level < 2):
             raise ValueError("a key/value snapshot of an unknown format (a damaged V3)")
@@ -528,6 +705,7 @@ def decode_state(data: bytes) -> State:
             value, create_index, modify_index = record
             # One int object for both indices when they are equal, as a create makes them (memory per key).
             state[key] = (value, create_index, create_index if modify_index == create_index else modify_index)
+        leases = _decode_leases(lease_map, state)
     else:
         if type(v) is list:
             if len(v) == 4 and v[0] == SNAPSHOT_WITH_CLAIMS_V2:
@@ -546,4 +724,23 @@ def decode_state(data: bytes) -> State:
             state[key] = (value, 0, 0)
     if type(claims) is not dict or type(horizon) not in (int, float):
         raise ValueError("a key/value snapshot of an unknown format (damaged claims)")
-    return State(state, claims, float(horizon), feature_level, level_index)
+    return State(state, claims, float(horizon), feature_level, level_index, leases)
+
+
+def _decode_leases(lease_map: object, records: dict) -> dict[int, Lease]:
+    """The V3 snapshot's seventh element: ids in order, each key of a lease a record of no other lease."""
+    if type(lease_map) is not dict:
+        raise ValueError("a key/value snapshot of an unknown format (damaged leases)")
+    leases: dict[int, Lease] = {}
+    seen: set[str] = set()
+    for lease_id in sorted(i for i in lease_map if type(i) is int):
+        ttl_keys = lease_map[lease_id]
+        if (lease_id < 1 or type(ttl_keys) is not list or len(ttl_keys) != 2 or not valid_ttl(ttl_keys[0])
+                or type(ttl_keys[1]) is not list or not all(type(k) is str and k in records for k in ttl_keys[1])
+                or seen.intersection(ttl_keys[1]) or len(set(ttl_keys[1])) != len(ttl_keys[1])):
+            raise ValueError(f"a key/value snapshot of an unknown format (a damaged lease {lease_id!r})")
+        seen.update(ttl_keys[1])
+        leases[lease_id] = Lease(ttl_keys[0], set(ttl_keys[1]))
+    if len(leases) != len(lease_map):
+        raise ValueError("a key/value snapshot of an unknown format (a lease id that is not an integer)")
+    return leases
