@@ -27,6 +27,7 @@ import gevent.event  # noqa: E402
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
 from raftlib.server.node import CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
+from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
 from raftlib.server.tuning import freeze_after_start, watch_gc_from_env  # noqa: E402
 from raftlib.storage import StorageError  # noqa: E402
 from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
@@ -87,6 +88,13 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
         "DELETE /cluster/ab12cd34), and exit; no DATA_DIR"))),
     (("-sign-body", "--sign-body"), dict(dest="sign_body", metavar="FILE", help="with -sign: the request's body, "
                                          "from this file ('-': standard input)")),
+    (("-watch-history", "--watch-history"), dict(dest="watch_history", metavar="N", type=int, default=10_000, help=(
+        "events kept for watches (GET /watch); a watch from further back gets 410 Gone (default 10000, at least "
+        "4096: the most events one entry makes)"))),
+    (("-watch-history-bytes", "--watch-history-bytes"), dict(dest="watch_history_bytes", metavar="BYTES", type=int,
+                                                             default=64 << 20, help=(
+        "and at most about this many bytes of keys and values (200 bytes more per event; default 64 MiB): the "
+        "oldest events go first, the newest is always kept"))),
     (("-no-fsync", "--no-fsync"), dict(dest="no_fsync", action="store_true", help="UNSAFE, for experiments only: do "
                                        "not fsync the log")),
     (("data_dir",), dict(metavar="DATA_DIR", nargs="?", help="where this node keeps its log and snapshots")),
@@ -102,9 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sign is None and args.data_dir is None:
         p.error("the following arguments are required: DATA_DIR")
-    for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members"):
+    for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members", "watch_history",
+                 "watch_history_bytes"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
+    if args.watch_history < MIN_HISTORY_EVENTS:  # a group (one entry's events) must fit whole, or it is never served
+        p.error(f"-watch-history must be at least {MIN_HISTORY_EVENTS} (the most events one entry makes)")
     if args.max_body > MAX_BODY_LIMIT:  # an entry must fit a Raft frame (raftlib.codec.MAX_ENTRY_BYTES)
         p.error(f"-max-body must be at most {MAX_BODY_LIMIT} (a write travels in one Raft frame)")
     safe = connection_bound()
@@ -123,7 +134,8 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
-        secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose)
+        secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
+        watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:

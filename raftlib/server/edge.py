@@ -16,6 +16,10 @@ Rules:
   keep their pace however many connections have a request ready.
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
   environ is built in the same pass.
+- A streaming answer (GET /watch: an iterable of chunks, sent with chunked encoding as each is yielded) holds
+  its connection through a Stream: each chunk written restarts its whole-life bound, which then bounds one
+  write the client does not take (-idle-timeout and the routes' bounds); the client closing its end (or sending
+  anything) ends the stream at once; the connection closes after it.
 - Importing this module patches nothing: the command monkey-patches before it imports it.
 - A refusal here runs nothing, so a write's (WRITE_METHODS) says `X-Raft-Outcome: not-applied`
   (raftlib.server.api's rules): it may be sent again. A read's says nothing, nor does one refused before its
@@ -28,6 +32,7 @@ Rules:
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import io
 import logging
@@ -36,10 +41,11 @@ import resource
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.hub
 import gevent.pool
 import gevent.pywsgi
@@ -247,6 +253,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             return self._refuse(*refusal)  # after the timer is closed: it must not fire in the answer
         environ = self.environ
         environ["raftdzmq.body"] = body
+        environ["raftdzmq.handler"] = self  # for a streaming answer (Stream)
         self.wsgi_input = environ["wsgi.input"] = _Body(body)
         self.application = server.application
         self.handle_one_response()
@@ -419,6 +426,101 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         super().finalize_headers()
 
 
+class Stream:
+    """What a watch (a stream, or a long poll while it waits) needs of its connection (the module's rules).
+
+    - `gone` is set when the client sends bytes where none are expected (a watch is the connection's last
+      answer), or, after its end of
+      file, when writes fail. An end of file alone is not "gone": a client may half-close (SHUT_WR) after its
+      request and still read; `eof` is set instead, and the stream probes (HALF_CLOSE_PROBES comments, written at
+      once, EOF_PROBE_SECONDS apart): a client that closed both ways answers the first with a reset, and the
+      next write fails, which ends the stream.
+    - `wrote()` after each chunk: the sweeper's busy bound then counts from the last chunk written, so it cuts off
+      only a client that stopped taking the stream (a write that cannot complete within the bound: the unread
+      bytes are at most the socket's send buffer and one chunk).
+    - TCP_USER_TIMEOUT (Linux) of `user_timeout_seconds`: a peer that stopped acknowledging (gone silent, no
+      reset) is dropped by the kernel, and the next write fails.
+    - It is in the server's `watching` (oldest first) until `close()`. The server never ends a watch to make
+      room in a full pool: watches are capped at half of it (EdgeServer.handle says why)."""
+
+    def __init__(self, handler: EdgeHandler, user_timeout_seconds: float | None = None,
+                 last_answer: bool = True) -> None:
+        """`last_answer`: a stream; False for a long poll, whose connection may carry on (bytes that come
+        meanwhile are its next request, not a sign of anything)."""
+        self.handler = handler
+        self.last_answer = last_answer
+        self.gone = gevent.event.Event()
+        self.eof = gevent.event.Event()
+        if last_answer:
+            handler.close_connection = True  # whatever ends the stream ends the connection
+        self._watcher: Any = None  # a libev io watcher on the socket, for reading
+        try:
+            sock: Any = handler.socket
+            fileno = sock.fileno()
+            if user_timeout_seconds is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_seconds * 1000))
+        except (OSError, AttributeError):
+            self.gone.set()
+            return
+        self._watcher = gevent.get_hub().loop.io(fileno, 1)
+        self._watcher.start(self._readable)
+        handler.server.watching[self] = time.monotonic()
+
+    def _readable(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        try:
+            sock: Any = self.handler.socket
+            peeked = getattr(sock, "_sock", sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if self._watcher is not None:
+                self._watcher.start(self._readable)
+            return
+        except OSError:  # a reset
+            self.gone.set()
+            return
+        if peeked:
+            if self.last_answer:
+                self.gone.set()  # bytes where none are expected
+        else:
+            self.eof.set()  # a half-close, or a close: a stream's probes tell
+            if not self.last_answer:
+                self.gone.set()  # a long poll cannot probe: it answers at once with what it has
+
+    def wrote(self) -> None:
+        busy = self.handler.server.busy
+        if busy.pop(self.handler, None) is not None:  # to the end: the dict is kept oldest first
+            busy[self.handler] = time.monotonic()
+
+    def close(self) -> None:
+        self.handler.server.watching.pop(self, None)
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+
+
+HALF_CLOSE_PROBES = 2
+EOF_PROBE_SECONDS = 0.2  # a reset comes back within a round trip: localhost or a LAN, well within this
+
+
+@contextlib.contextmanager
+def waiting_on_its_own(environ: dict) -> Iterator[None]:
+    """For a route whose wait has a bound of its own, longer than the routes' (a long poll: up to a minute): the
+    sweeper's busy bound is off while it waits and counts again from the end of the wait, so it still cuts off a
+    client that does not take the answer. A no-op outside the edge (tests call the app directly)."""
+    handler = environ.get("raftdzmq.handler")
+    if handler is None:
+        yield
+        return
+    busy = handler.server.busy
+    held = busy.pop(handler, None) is not None
+    try:
+        yield
+    finally:
+        if held:
+            busy[handler] = time.monotonic()
+
+
 class AccessLogHandler(EdgeHandler):
     """EdgeHandler with an access log (-v): one line per request answered, the edge's refusals (400, 408, 413,
     431, 501...) included, at INFO on `raftdzmq.access`:
@@ -564,6 +666,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.idle: dict[EdgeHandler, float] = {}
         self.busy: dict[EdgeHandler, float] = {}
         self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
+        self.watching: dict[Stream, float] = {}  # open watches (streams, long polls), oldest first: evictable
         self._refusals = RateLimitedLog("refused HTTP requests", log)
         self._accept_failures = RateLimitedLog("failed accepts", log)
         self._evictions = RateLimitedLog("closed connections", log)
@@ -615,6 +718,10 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                 _, handlers = min(victims, key=lambda v: v[0])
                 self._evict(handlers, next(iter(handlers)),
                             "full_idle" if handlers is self.idle else "full_receiving")
+            # Watches are never ended to make room: they hold at most half the pool (api.max_watches, node.py),
+            # so a full pool with none idle or receiving has busy requests, which end within their bounds. Ending
+            # a watch for each connection that took the last place ended every watch in a burst of requests
+            # (review 2 of watch, item 2).
         self.handler_class(sock, address, self).handle()
 
     def _sweep(self) -> None:

@@ -101,6 +101,11 @@ class Metrics:
         self.hub_lag_seconds = Histogram("raftdzmq_hub_lag_seconds", "How late a 10 ms gevent timer fires: the "
                                          "delay every timer (ticks, heartbeats, elections) sees",
                                          (.001, .002, .005, .01, .02, .05, .1, .25, .5, 1))
+        self.watch_events = Counter("raftdzmq_watch_events_delivered", "Watch events handed to watchers, by mode "
+                                    "(stream: server-sent events, poll)", "mode")
+        self.watches_behind = Counter("raftdzmq_watches_behind", "Watches ended or refused (410) because the event "
+                                      "history moved past them, by mode", "mode")
+        self.watches_open = 0  # a gauge: the watches (streams and long polls) open now
         # Leases (issue 14 part 2): keepalives answered by outcome (kept, not_found), and leases whose expiry this
         # node proposed as leader, by outcome (committed; failed: not applied, retried or left to the next leader;
         # unknown: a timeout, proposed again).
@@ -119,8 +124,11 @@ class Metrics:
 
     def collect(self) -> Iterator[prom_core.Metric]:
         for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
-                  self.hub_lag_seconds, self.http_evictions, self.lease_keepalives, self.lease_expirations):
+                  self.hub_lag_seconds, self.http_evictions, self.watch_events, self.watches_behind,
+                  self.lease_keepalives, self.lease_expirations):
             yield m.collect()
+        yield prom_core.GaugeMetricFamily("raftdzmq_watches_open", "Watches open now (streams and long polls)",
+                                          value=self.watches_open)
         yield prom_core.GaugeMetricFamily("raftdzmq_leases", "Leases in the replicated state", value=self.lease_count())
         if self._status is not None:
             status = self._status()

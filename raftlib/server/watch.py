@@ -1,0 +1,421 @@
+"""Watches (issue 14): the recent changes of this node's store, kept in a bounded history that watchers read by
+position, and their forms on the wire (the event JSON, server-sent events).
+
+Rules:
+- Events come from the store's `on_event` during apply (store.Event, in apply order: indices never go down,
+  asserted), so a node hands out only what it applied, hence only what was committed; followers serve watches
+  from their own applied state, with no forward and no read round (Raft §8: what a node applied is a prefix of the
+  committed log, the same on every node). Events need no feature level: they are node-local (below level 2 their
+  create_index is 0, as the store exposes it). `applied(index)` after each applied entry (the node's store calls
+  it) moves `applied_index`, changes or not.
+- The history holds at most `history_events` events and about `history_bytes` bytes (EVENT_OVERHEAD_BYTES plus
+  key and value each; the newest entry's events are always kept whole by the byte bound, the newest event by both); an evicted event's references are dropped at once.
+  `history_start` is the index such that every event with an index above it is in the history: it moves up to an
+  evicted event's index, and to a snapshot's index when one is restored (`restored`: a restore produces no
+  events, so nothing at or below it can be handed out). The oldest index available is history_start + 1.
+- A position is an index the watcher has seen everything up to, matching its filter or not: every event with an
+  index at or below it was handed out or did not match. A read moves it to the end of what it looked at: the
+  applied index when it read to the end (so a quiet watcher's position follows the node's applied index, not
+  only its own events), else the last index handed out (a read is cut between two index groups past its event or
+  byte budget). The stream sends it as an SSE `id:` (with its first chunk and with a keep-alive when it moved), a
+  long poll in X-Raft-Watch-Position: the next `from`.
+- 410 (Behind) only when an event that matches the watcher's filter may have been evicted. A registered Watcher
+  (`watch`) is told of every matching event as it arrives (`first_match`, the lowest index of one since it last
+  read to the end), so a read skips the stretch in between, which held nothing for it: its reads scan from
+  max(position, first_match - 1), and only that has to be at or above history_start. A connected quiet watcher
+  thus never falls behind; a `from` (a new watch, a reconnect) is checked against history_start itself, as
+  nobody watched the stretch for it. A restore marks every watcher (it may hide changes of any key).
+- Whole index groups only (the events of one entry, a txn or a prefix delete, share its index: never split), at
+  most about `max_events` (MAX_EVENTS_PER_READ) and `max_bytes` of event JSON a read (a group is never cut;
+  a stream's batch gets MAX_STREAM_BYTES_PER_READ). A slow watcher
+  costs no memory here, only its position.
+- Resuming "after index N" means every event of index N was delivered: on the SSE stream the `id:` line comes
+  only with the last event of an index (`sse_frame`), so a client's Last-Event-ID always names a whole group.
+- Each event's JSON is encoded once, when a watcher first needs it, and shared (`encodings` counts them); its
+  length counts in held_bytes (JSON escapes make it up to 6x the raw bytes).
+- Waking: only the watchers whose filter matches an event are woken (by exact key: a dict; by prefix: a
+  character trie walked along the key, stopping at its first missing character), once per read, and at most WAKE_BATCH a turn of the
+  event loop (the rest in the next turns, after the Raft timers), so a burst for many watchers never holds the
+  loop. `wakes` counts them. `wait` (plain position, no Watcher) is the old form: any event wakes it.
+- Pure but for waking the waiters (gevent), kept in `_wake_some` and the two waits.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import collections
+import json
+from collections.abc import Callable, Iterable
+from operator import itemgetter
+from typing import Any
+
+import gevent
+import gevent.event
+
+from .store import Event
+
+DEFAULT_HISTORY_EVENTS = 10_000  # -watch-history
+MIN_HISTORY_EVENTS = 4096  # above the most events one entry makes (2,000 keys of a prefix delete, 128 txn ops)
+DEFAULT_HISTORY_BYTES = 64 << 20  # -watch-history-bytes
+EVENT_OVERHEAD_BYTES = 200  # an event's cost beyond its key and value (the tuple, its cached JSON, the lists)
+MAX_EVENTS_PER_READ = 1000  # events handed out by one read (a group of one index beyond it goes whole)
+MAX_BYTES_PER_READ = 4 << 20  # bytes of event JSON handed out by one read, the same way
+MAX_STREAM_BYTES_PER_READ = 1 << 20  # a stream's batch: one chunk, held until written
+WAKE_BATCH = 64  # watchers woken per turn of the event loop
+_COMPACT_EVENTS = 4096  # the evicted front of the list is dropped once it is this long and half the list
+_index_of: Callable[[Any], int] = itemgetter(3)  # Event.index, by position: faster than the attribute, and bisect's key
+
+
+class Behind(Exception):
+    """The position asked for is below the history's start: the events after it are no longer all here."""
+
+    def __init__(self, position: int, history_start: int) -> None:
+        super().__init__(f"events after index {position} are no longer kept here: the oldest index available is "
+                         f"{history_start + 1}")
+        self.position, self.history_start = position, history_start
+
+    @property
+    def oldest_index(self) -> int:
+        """X-Raft-Oldest-Index: events of this index and later are all kept (resume with from=oldest_index - 1)."""
+        return self.history_start + 1
+
+
+class Filter:
+    """Which keys a watcher wants: one key, or every key that starts with a prefix (the empty prefix: all)."""
+
+    __slots__ = ("key", "prefix")
+
+    def __init__(self, key: str | None = None, prefix: str | None = None) -> None:
+        assert (key is None) != (prefix is None), "a watch names a key or a prefix"
+        self.key, self.prefix = key, prefix
+
+    def matches(self, event: Event) -> bool:
+        if self.key is not None:
+            return event.key == self.key
+        return event.key.startswith(self.prefix)  # type: ignore[arg-type]
+
+
+class Watcher:
+    """A registered watch (WatchHub.watch): its filter, its position, and `first_match`, the lowest index of an
+    event that may match after its position (None: none came since it last read to the end)."""
+
+    __slots__ = ("wanted", "position", "first_match", "woken")
+
+    def __init__(self, wanted: Filter, position: int) -> None:
+        self.wanted, self.position = wanted, position
+        self.first_match: int | None = position + 1  # nobody watched before: the first read scans
+        self.woken = gevent.event.Event()
+
+
+def _event_bytes(event: Event) -> int:
+    return EVENT_OVERHEAD_BYTES + len(event[1]) + (0 if event[2] is None else len(event[2]))
+
+
+class WatchHub:
+    """The history and its readers (see the module's rules)."""
+
+    def __init__(self, history_events: int = DEFAULT_HISTORY_EVENTS,
+                 history_bytes: int = DEFAULT_HISTORY_BYTES) -> None:
+        assert history_events >= 1 and history_bytes >= 1
+        self.history_events, self.history_bytes = history_events, history_bytes
+        self.history_start = 0
+        self.last_index = 0  # the newest event's index (history_start after a restore past it)
+        self.applied_index = 0  # every event at or below it is in (or was evicted from) the history
+        self.held_bytes = 0  # _event_bytes of the events in the history, and their cached JSON's length
+        self._events: list[Event | None] = []  # the history is _events[_head:], in index order; None: evicted
+        self._data: list[bytes | None] = []  # each event's JSON, encoded once when first needed (same positions)
+        self._head = 0
+        self._wake: gevent.event.Event | None = None  # for `wait` (positions): set on the next change
+        self._by_key: dict[str, set[Watcher]] = {}
+        self._by_prefix: dict[str, set[Watcher]] = {}
+        # The watched prefixes as a character trie (a dict of dicts; a node's "" holds the watchers of the prefix
+        # that ends there): an event walks it along its key and stops at the first missing character, so its cost
+        # is at most the key's length, however many prefix lengths are watched.
+        self._prefix_trie: dict[str, Any] = {}
+        self._to_wake: collections.deque[Watcher] = collections.deque()
+        self._waking = False
+        self.wakes = 0  # watchers woken, in all (tests count them)
+        self.encodings = 0  # events encoded to JSON, in all (tests count them)
+        self.evictions = 0  # events evicted, in all
+
+    def __len__(self) -> int:
+        return len(self._events) - self._head
+
+    def on_event(self, event: Event) -> None:
+        """The store's on_event: called during apply, for each change in order."""
+        index = event[3]
+        assert index >= self.last_index, f"event index {index} after {self.last_index}"
+        self._events.append(event)
+        self._data.append(None)
+        self.held_bytes += _event_bytes(event)
+        self.last_index = index
+        if index > self.applied_index:
+            self.applied_index = index
+        # The byte bound never evicts within the newest entry: its events must stay servable whole, however small
+        # -watch-history-bytes is (an entry's events are bounded: its 2 MiB and 2,000 keys of a prefix delete).
+        while len(self._events) - self._head > 1 and (
+                len(self._events) - self._head > self.history_events
+                or (self.held_bytes > self.history_bytes and self._events[self._head][3] != index)):  # type: ignore[index]
+            self._evict()
+        key = event[1]
+        watchers = self._by_key.get(key)
+        if watchers:
+            self._matched(watchers, index)
+        node = self._prefix_trie
+        watchers = node.get("")
+        if watchers:
+            self._matched(watchers, index)
+        for character in key:
+            node = node.get(character)  # type: ignore[assignment]
+            if node is None:
+                break
+            watchers = node.get("")
+            if watchers:
+                self._matched(watchers, index)
+        if self._wake is not None:
+            self._wake.set()  # the waiters run once this apply yields: its whole group is in by then
+            self._wake = None
+
+    def applied(self, index: int) -> None:
+        """The node applied the entry at `index` (whatever it changed): positions may move up to it."""
+        if index > self.applied_index:
+            self.applied_index = index
+
+    def _evict(self) -> None:
+        head = self._head
+        evicted = self._events[head]
+        assert evicted is not None
+        encoded = self._data[head]
+        self._events[head] = self._data[head] = None  # its value may be large: not kept until the compaction
+        self.held_bytes -= _event_bytes(evicted) + (0 if encoded is None else len(encoded))
+        self.evictions += 1
+        self._head = head = head + 1
+        if evicted[3] > self.history_start:
+            self.history_start = evicted[3]  # what is left of its group is no longer promised
+        if head >= _COMPACT_EVENTS and head * 2 >= len(self._events):
+            del self._events[:head], self._data[:head]
+            self._head = 0
+
+    def restored(self, index: int) -> None:
+        """A snapshot at `index` replaced the state (it produced no events): nothing at or below `index` can be
+        handed out any more. Every waiter wakes, and those behind it are ended at their next read."""
+        if index <= self.history_start:
+            return
+        self._events, self._data, self._head, self.held_bytes = [], [], 0, 0
+        self.history_start = index
+        self.last_index = max(self.last_index, index)
+        self.applied_index = max(self.applied_index, index)
+        for watchers in (*self._by_key.values(), *self._by_prefix.values()):
+            self._matched(watchers, 0)  # any key may have changed: each reads from its own position
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+
+    # ---- registered watchers ----------------------------------------------------------------------------------
+
+    def watch(self, position: int, wanted: Filter) -> Watcher:
+        """Register a watcher at `position` (raises Behind for a position below the history). `unwatch` it."""
+        self.check(position)
+        watcher = Watcher(wanted, position)
+        if wanted.key is not None:
+            self._by_key.setdefault(wanted.key, set()).add(watcher)
+        else:
+            prefix = wanted.prefix
+            assert prefix is not None
+            self._by_prefix.setdefault(prefix, set()).add(watcher)
+            node = self._prefix_trie
+            for character in prefix:
+                node = node.setdefault(character, {})
+            node[""] = self._by_prefix[prefix]  # the same set
+        return watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        wanted = watcher.wanted
+        index, name = (self._by_key, wanted.key) if wanted.key is not None else (self._by_prefix, wanted.prefix)
+        watchers = index.get(name)  # type: ignore[arg-type]
+        if watchers is None or watcher not in watchers:
+            return
+        watchers.discard(watcher)
+        if not watchers:
+            del index[name]  # type: ignore[arg-type]
+        if wanted.prefix is not None and not watchers:  # its trie node goes, and the branches left empty
+            path = [self._prefix_trie]
+            for character in wanted.prefix:
+                path.append(path[-1][character])
+            del path[-1][""]
+            for depth in range(len(wanted.prefix), 0, -1):
+                if path[depth]:
+                    break
+                del path[depth - 1][wanted.prefix[depth - 1]]
+
+    def _matched(self, watchers: Iterable[Watcher], index: int) -> None:
+        for watcher in watchers:
+            if watcher.first_match is None:  # woken once until it reads
+                watcher.first_match = index if index else watcher.position + 1
+                self._to_wake.append(watcher)
+            elif not index:
+                watcher.first_match = min(watcher.first_match, watcher.position + 1)
+        if self._to_wake and not self._waking:
+            self._waking = True
+            gevent.get_hub().loop.run_callback(self._wake_some)
+
+    def _wake_some(self) -> None:
+        """Wake at most WAKE_BATCH watchers; the rest in a later turn, from a timer (which runs with the Raft
+        timers, after this turn's I/O: edge.TurnGate says why)."""
+        to_wake = self._to_wake
+        for _ in range(min(WAKE_BATCH, len(to_wake))):
+            to_wake.popleft().woken.set()
+            self.wakes += 1
+        if to_wake:
+            timer = gevent.get_hub().loop.timer(0.0)
+            timer.start(self._wake_later, timer)
+        else:
+            self._waking = False
+
+    def _wake_later(self, timer) -> None:
+        timer.close()
+        self._wake_some()
+
+    def next(self, watcher: Watcher, max_events: int = MAX_EVENTS_PER_READ,
+             max_bytes: int = MAX_BYTES_PER_READ) -> list[Event]:
+        """The watcher's next events (whole groups, within the budgets); its position moves past what was looked
+        at. Raises Behind when a matching event may have been evicted."""
+        first_match = watcher.first_match
+        watcher.woken.clear()  # on both paths: a wake left set from an earlier read would end every wait at once
+        if first_match is None:  # nothing that matches came: all up to the applied index was looked at
+            watcher.position = max(watcher.position, self.applied_index)
+            return []
+        scan_from = max(watcher.position, first_match - 1)
+        watcher.first_match = None  # before the read: what arrives from here on marks it again
+        try:
+            events, position, whole = self._read(scan_from, watcher.wanted, max_events, max_bytes)
+        except Behind:
+            watcher.first_match = first_match
+            raise
+        watcher.position = position
+        if not whole:
+            watcher.first_match = position + 1  # cut: the next read goes on from here
+        return events
+
+    def wait_for(self, watcher: Watcher, timeout_seconds: float, also: gevent.event.Event | None = None) -> None:
+        """Block until a matching event (or a restore) may be there for `watcher`, `also` is set, or
+        `timeout_seconds` passed."""
+        if watcher.first_match is not None:
+            return
+        woken = watcher.woken
+        gevent.wait([woken] if also is None else [woken, also], timeout=timeout_seconds, count=1)
+
+    # ---- positions --------------------------------------------------------------------------------------------
+
+    def check(self, position: int) -> None:
+        """Raise Behind unless a watch may start (or carry on) after `position`."""
+        if position < self.history_start:
+            raise Behind(position, self.history_start)
+
+    def read(self, position: int, wanted: Filter, limit: int = MAX_EVENTS_PER_READ,
+             max_bytes: int = MAX_BYTES_PER_READ) -> tuple[list[Event], int]:
+        """(the events after `position` that `wanted` matches, whole index groups, about `limit` and `max_bytes`
+        at most; the new position: the last index handed out when cut, else the applied index). Raises Behind."""
+        events, position, _ = self._read(position, wanted, limit, max_bytes)
+        return events, position
+
+    def _read(self, position: int, wanted: Filter, limit: int, max_bytes: int) -> tuple[list[Event], int, bool]:
+        self.check(position)
+        events = self._events
+        start = bisect.bisect_right(events, position, lo=self._head, key=_index_of)
+        out: list[Event] = []
+        size = 0
+        matches = wanted.matches
+        for i in range(start, len(events)):
+            event = events[i]
+            assert event is not None
+            if out and (len(out) >= limit or size >= max_bytes) and event[3] != out[-1][3]:
+                return out, out[-1][3], False  # cut between two groups: the next read starts at this one
+            if matches(event):
+                out.append(event)
+                size += len(self._encoded(i))  # what goes out: JSON escapes make it up to 6x the raw bytes
+        return out, max(position, self.applied_index), True  # every event up to the applied index was looked at
+
+    def wait(self, position: int, timeout_seconds: float, also: gevent.event.Event | None = None) -> None:
+        """Block until an event after `position` may be here (or a restore happened), `also` is set, or
+        `timeout_seconds` passed. The caller reads again either way."""
+        if self.last_index > position or position < self.history_start:
+            return
+        if self._wake is None:
+            self._wake = gevent.event.Event()
+        gevent.wait([self._wake] if also is None else [self._wake, also], timeout=timeout_seconds, count=1)
+
+    # ---- encoding, once per event -----------------------------------------------------------------------------
+
+    def _encoded(self, i: int) -> bytes:
+        """The JSON of the held event at list position i, encoded once and counted in held_bytes (an event of
+        control bytes is 6x larger as JSON: \\u0001 for \\x01)."""
+        encoded = self._data[i]
+        if encoded is None:
+            encoded = self._data[i] = json.dumps(event_json(self._events[i])).encode()  # type: ignore[arg-type]
+            self.encodings += 1
+            self.held_bytes += len(encoded)
+        return encoded
+
+    def data_of(self, events: list[Event]) -> list[bytes]:
+        """Each event's JSON (event_json), encoded once and shared by every watcher that reads it."""
+        found = bisect.bisect_left(self._events, events[0][3], lo=self._head, key=_index_of) if events else 0
+        out = []
+        held = self._events
+        for event in events:
+            while found < len(held) and held[found] is not event:
+                found += 1
+            if found < len(held):
+                encoded = self._encoded(found)
+            else:  # evicted meanwhile (the caller holds it): encode it for this once
+                encoded = json.dumps(event_json(event)).encode()
+                self.encodings += 1
+            out.append(encoded)
+        return out
+
+    def sse(self, events: list[Event]) -> bytes:
+        """sse_frame with the shared encodings."""
+        return sse_frame(events, self.data_of(events))
+
+    def poll_body(self, events: list[Event]) -> bytes:
+        return b"[" + b", ".join(self.data_of(events)) + b"]\n"
+
+
+def event_json(event: Event) -> dict:
+    """The event as the API gives it: {"type", "key", "value" | "value_base64" (puts only), "index",
+    "create_index"}; the value as text when it is UTF-8, else in base64."""
+    out: dict = {"type": event.type, "key": event.key}
+    value = event.value
+    if value is not None:
+        try:
+            out["value"] = value.decode()
+        except UnicodeDecodeError:
+            out["value_base64"] = base64.b64encode(value).decode()
+    out["index"], out["create_index"] = event[3], event.create_index
+    return out
+
+
+def sse_frame(events: list[Event], data: list[bytes] | None = None) -> bytes:
+    """Server-sent events for `events` (whole index groups): `event:` and `data:` lines for each, and `id: <index>`
+    before the last event of each index only (the module's rules: a Last-Event-ID names a whole group). `data`:
+    each event's JSON when already encoded (WatchHub.sse)."""
+    if data is None:
+        data = [json.dumps(event_json(event)).encode() for event in events]
+    parts = []
+    last = len(events) - 1
+    for i, event in enumerate(events):
+        if i == last or events[i + 1][3] != event[3]:
+            parts.append(b"id: %d\n" % event[3])
+        parts.append(b"event: %s\ndata: %s\n\n" % (event[0].encode(), data[i]))
+    return b"".join(parts)
+
+
+def sse_error(error: str, oldest_index: int) -> bytes:
+    """The stream's last event when its watcher fell behind: no id line, so the client resumes where it was and
+    gets the 410 that says what is lost."""
+    return f"event: error\ndata: {json.dumps({'error': error, 'oldest_index': oldest_index})}\n\n".encode()
+
+
+def poll_json(events: Iterable[Event]) -> str:
+    return json.dumps([event_json(e) for e in events])

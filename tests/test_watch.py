@@ -1,0 +1,709 @@
+"""raftlib.server.watch in process (the hub: history, history_start, filters, whole index groups, Behind, waking)
+and GET /watch through the WSGI application on a fake runtime (test_http_api's), no sockets."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import gevent
+import pytest
+
+from raftlib.server.store import DELETE_PREFIX, SET, TXN, Event, KeyValueStore, SET_FEATURE_LEVEL, command
+from raftlib.server.watch import MAX_EVENTS_PER_READ, Behind, Filter, WatchHub, event_json, sse_frame
+from test_http_api import Client
+
+ALL = Filter(prefix="")
+
+
+def put(index: int, key: str = "k", value: bytes = b"v") -> Event:
+    return Event("put", key, value, index, index)
+
+
+def indices(events) -> list[int]:
+    return [e.index for e in events]
+
+
+# ---- the history --------------------------------------------------------------------------------------------------
+
+
+def test_the_history_keeps_the_last_n_events_and_history_start_follows_evictions():
+    hub = WatchHub(history_events=5)
+    for i in range(1, 9):
+        hub.on_event(put(i))
+    assert len(hub) == 5 and hub.history_start == 3
+    with pytest.raises(Behind) as behind:
+        hub.read(2, ALL)
+    assert behind.value.oldest_index == 4
+    events, position = hub.read(3, ALL)
+    assert indices(events) == [4, 5, 6, 7, 8] and position == 8
+
+
+def test_a_slow_reader_is_ended_and_the_history_does_not_grow_for_it():
+    hub = WatchHub(history_events=100)
+    position = 0
+    for i in range(1, 20_001):
+        hub.on_event(put(i))
+    assert len(hub) == 100
+    assert len(hub._events) <= 100 + 4096 + 1  # the evicted front is dropped, not kept for the laggard
+    with pytest.raises(Behind):
+        hub.read(position, ALL)
+
+
+def test_a_restore_moves_history_start_to_the_snapshot_index():
+    hub = WatchHub()
+    for i in (1, 2, 3):
+        hub.on_event(put(i))
+    hub.restored(10)
+    assert hub.history_start == 10 and len(hub) == 0
+    with pytest.raises(Behind) as behind:
+        hub.read(5, ALL)
+    assert behind.value.oldest_index == 11
+    assert hub.read(10, ALL) == ([], 10)
+    hub.on_event(put(11))
+    assert indices(hub.read(10, ALL)[0]) == [11]
+
+
+def test_the_node_store_tells_the_hub_of_a_restore_with_the_snapshot_index():
+    from raftlib.server.node import WatchedStore
+
+    class Snap:
+        last_included_index = 7
+        data = KeyValueStore().snapshot()
+
+    hub = WatchHub()
+    store = WatchedStore(hub, lambda: Snap)
+    store.apply(1, command(SET, "a", b"1"))
+    assert indices(hub.read(0, ALL)[0]) == [1]
+    store.restore(Snap.data)
+    assert hub.history_start == 7
+    with pytest.raises(Behind):
+        hub.read(1, ALL)
+
+
+def test_filters_take_one_key_or_a_prefix():
+    hub = WatchHub()
+    for i, key in enumerate(("a", "ab", "b/1", "b/2", "c"), 1):
+        hub.on_event(put(i, key))
+    assert [e.key for e in hub.read(0, Filter(key="a"))[0]] == ["a"]
+    assert [e.key for e in hub.read(0, Filter(prefix="b/"))[0]] == ["b/1", "b/2"]
+    assert len(hub.read(0, Filter(prefix=""))[0]) == 5
+    # Nothing matched: the position still moves past what was looked at.
+    assert hub.read(0, Filter(key="zz")) == ([], 5)
+
+
+def test_an_index_group_is_never_split_by_a_read_nor_by_the_sse_ids():
+    hub = WatchHub()
+    store = KeyValueStore(on_event=hub.on_event)
+    store.apply(1, command(SET_FEATURE_LEVEL, "", b"", 2))
+    for i, key in enumerate(("d/a", "d/b", "d/c"), 2):
+        store.apply(i, command(SET, key, b"v"))
+    store.apply(5, command(DELETE_PREFIX, "d/"))  # three events at index 5
+    store.apply(6, command(TXN, "", b"", [[], [["put", "x", b"1"], ["put", "y", b"2"]], []]))
+    events, position = hub.read(4, ALL, limit=1)
+    assert indices(events) == [5, 5, 5] and position == 5  # the limit does not cut a group
+    events, position = hub.read(position, ALL, limit=1)
+    assert [(e.index, e.key) for e in events] == [(6, "x"), (6, "y")] and position == 6
+    frame = sse_frame(hub.read(4, ALL)[0]).decode()
+    blocks = frame.strip("\n").split("\n\n")
+    ids = [line for block in blocks for line in block.splitlines() if line.startswith("id:")]
+    assert ids == ["id: 5", "id: 6"]  # one id per group, on its last event
+    assert blocks[2].startswith("id: 5") and blocks[4].startswith("id: 6")
+    # A stream cut after the first event of group 5: the client's last id is 4, and resuming after it gives the
+    # whole group again, then the rest.
+    assert indices(hub.read(4, ALL)[0]) == [5, 5, 5, 6, 6]
+
+
+def test_a_group_bigger_than_the_history_moves_history_start_to_its_index():
+    hub = WatchHub(history_events=3)
+    for key in "abcde":
+        hub.on_event(Event("delete", key, None, 2, 1))
+    assert hub.history_start == 2
+    with pytest.raises(Behind):
+        hub.read(1, ALL)
+    assert hub.read(2, ALL) == ([], 2)
+
+
+def test_the_byte_bound_never_evicts_within_the_newest_entry():
+    """Review 2 of watch, item 4: a -watch-history-bytes smaller than one entry's events evicted part of it, so
+    the entry was never served (410 for everyone watching it)."""
+    hub = WatchHub(history_bytes=1000)
+    hub.on_event(put(1))
+    for key in "abcdefghij":
+        hub.on_event(Event("put", key, b"x" * 100, 2, 2))
+    assert hub.history_start == 1
+    events, position = hub.read(1, ALL)
+    assert [e.key for e in events] == list("abcdefghij") and position == 2
+    hub.on_event(put(3))  # the next entry: the old one may go now
+    assert hub.history_start == 2 and indices(hub.read(2, ALL)[0]) == [3]
+
+
+def test_byte_bounds_count_the_json_which_escapes_control_bytes_six_fold():
+    """Review 2 of watch, item 3: the bounds counted raw bytes, while an event's cached JSON is up to 6x larger
+    (\\x01 goes out as \\u0001)."""
+    hub = WatchHub(history_bytes=1 << 30)
+    for index in range(1, 21):
+        hub.on_event(put(index, "k", b"\x01" * 1000))
+    raw_bytes = hub.held_bytes
+    events, _ = hub.read(0, ALL, max_bytes=20_000)
+    assert 3 <= len(events) <= 4  # 6 KB of JSON each: past 20,000 after the fourth (raw: 1 KB each, all 20)
+    assert hub.held_bytes >= raw_bytes + len(events) * 6000  # their cached JSON counts
+    hub.poll_body(hub.read(0, ALL)[0])
+    assert hub.held_bytes >= raw_bytes + 20 * 6000
+
+
+def test_a_position_beyond_the_newest_event_waits_for_later_events():
+    hub = WatchHub()
+    hub.on_event(put(3))
+    assert hub.read(10, ALL) == ([], 10)
+    hub.on_event(put(11))
+    assert indices(hub.read(10, ALL)[0]) == [11]
+
+
+def test_a_read_hands_out_at_most_about_the_limit():
+    hub = WatchHub()
+    for i in range(1, 3 * MAX_EVENTS_PER_READ + 1):
+        hub.on_event(put(i))
+    events, position = hub.read(0, ALL)
+    assert len(events) == MAX_EVENTS_PER_READ and position == MAX_EVENTS_PER_READ
+
+
+def test_waiters_wake_on_an_event_and_on_a_restore_and_otherwise_at_their_bound():
+    hub = WatchHub()
+    waiter = gevent.spawn(hub.wait, 0, 5.0)
+    gevent.sleep(0.01)
+    t0 = time.monotonic()
+    hub.on_event(put(1))
+    waiter.join(2)
+    assert waiter.dead and time.monotonic() - t0 < 1
+    waiter = gevent.spawn(hub.wait, 1, 5.0)
+    gevent.sleep(0.01)
+    hub.restored(5)
+    waiter.join(2)
+    assert waiter.dead
+    t0 = time.monotonic()
+    hub.wait(5, 0.1)
+    assert 0.09 <= time.monotonic() - t0 < 1
+
+
+def test_the_event_json_gives_text_or_base64_and_no_value_for_a_delete():
+    assert event_json(Event("put", "k", "é".encode(), 3, 2)) == {
+        "type": "put", "key": "k", "value": "é", "index": 3, "create_index": 2}
+    assert event_json(Event("put", "k", b"\xff", 3, 2))["value_base64"] == "/w=="
+    assert event_json(Event("delete", "k", None, 4, 2)) == {"type": "delete", "key": "k", "index": 4,
+                                                             "create_index": 2}
+
+
+# ---- GET /watch in process ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client() -> Client:
+    c = Client(write_timeout_seconds=2.0, read_timeout_seconds=0.2)
+    c.store.on_event = c.api.watch_hub.on_event
+    return c
+
+
+def test_a_long_poll_answers_the_events_after_from_or_an_empty_list_after_its_timeout(client):
+    for key in ("app/a", "app/b", "other"):
+        assert client("POST", f"/db/{key}", "v").status == 200
+    assert client("DELETE", "/db/app/a").status == 200
+    r = client("GET", "/watch?prefix=app/&from=0&poll=1")
+    assert r.status == 200 and [(e["type"], e["key"], e["index"]) for e in r.json()] == [
+        ("put", "app/a", 1), ("put", "app/b", 2), ("delete", "app/a", 4)]
+    t0 = time.monotonic()
+    r = client("GET", "/watch?key=app/b&from=2&poll=1&timeout=0.2")
+    # It waited its timeout; the upper bound only catches a hang (a loaded 2-core machine can be slow).
+    assert r.status == 200 and r.json() == [] and 0.15 < time.monotonic() - t0 < 30
+    # From now (the default): what comes later.
+    later = gevent.spawn(client, "GET", "/watch?key=k&poll=1&timeout=30")
+    for _ in range(10_000):  # until it is registered, not for a guessed time
+        if client.metrics.watches_open == 1:
+            break
+        gevent.sleep(0.001)
+    assert client.metrics.watches_open == 1
+    client("POST", "/db/k", "new")
+    r = later.get(timeout=30)
+    assert [(e["key"], e["value"]) for e in r.json()] == [("k", "new")]
+    assert client.metrics.watches_open == 0 and client.counted("watch_events")["poll"] == 4
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("/watch?poll=1", "names ?key=K or ?prefix=P"),
+    ("/watch?key=a&prefix=b", "names ?key=K or ?prefix=P"),
+    ("/watch?key=a&from=-1", "from must be an index"),
+    ("/watch?key=a&from=x", "from must be an index"),
+    ("/watch?key=a&poll=yes", "poll must be 1"),
+    ("/watch?key=a&poll=1&timeout=61", "timeout must be a number"),
+    ("/watch?key=a&poll=1&timeout=nan", "timeout must be a number"),
+    ("/watch?key=a&timeout=1", "timeout goes with poll=1"),
+    ("/watch?key=&poll=1", "key must be 1 to"),
+    ("/watch?key=a&from=%B2&poll=1", "from must be an index"),  # "\xb2".isdigit(): a 500 before (review 5)
+])
+def test_junk_gets_400_with_a_reason(client, target, reason):
+    r = client("GET", target)
+    assert r.status == 400 and reason in r.text and r.text.count("\n") == 1
+
+
+def test_a_last_event_id_that_is_not_ascii_digits_is_400(client):
+    r = client("GET", "/watch?key=a&poll=1", headers={"Last-Event-ID": "\xb2"})
+    assert r.status == 400 and "Last-Event-ID must be an index" in r.text
+
+
+def test_a_plus_in_key_or_prefix_is_a_plus_as_in_db_paths(client):
+    """Review 5: `/db/a+b` writes the key "a+b"; Bottle's query decoding made `?key=a+b` watch "a b"."""
+    assert client("POST", "/db/a+b", "1").status == 200
+    assert client("POST", "/db/a b", "2").status == 200
+    r = client("GET", "/watch?key=a+b&from=0&poll=1")
+    assert r.status == 200 and [e["key"] for e in r.json()] == ["a+b"]
+    r = client("GET", "/watch?prefix=a%20&from=0&poll=1")
+    assert r.status == 200 and [e["key"] for e in r.json()] == ["a b"]
+
+
+def test_raw_utf8_in_key_or_prefix_names_the_key_db_paths_write(client):
+    """Review 2 of watch: WSGI hands the query string over as latin-1 text, so raw UTF-8 bytes must be taken back
+    to bytes before decoding: `?key=r\xc3\xa9` watched "rÃ©"."""
+    from raftlib.server.api import _watch_names
+
+    assert _watch_names("key=r\xc3\xa9") == ("r\u00e9", None)
+    assert _watch_names("prefix=r%C3%A9") == (None, "r\u00e9")
+    with pytest.raises(Exception) as raised:  # Bottle's HTTPResponse: a 400
+        _watch_names("key=r\xe9")  # latin-1 é: not UTF-8
+    assert raised.value.status_code == 400
+
+
+def test_a_long_poll_answer_carries_the_position_to_go_on_from_and_an_empty_one_too(client):
+    """Review 1: a `[]` said nothing of how far the node had looked, so a quiet watcher's next `from` stayed put
+    and turned into a 410 once other keys' events left the history."""
+    client.api.watch_hub = hub = WatchHub(history_events=2)
+    client.store.on_event = hub.on_event
+    assert client("POST", "/db/mine", "1").status == 200
+    r = client("GET", "/watch?key=mine&from=0&poll=1")
+    assert r.status == 200 and len(r.json()) == 1 and r.headers["x-raft-watch-position"] == "1"
+    for i in range(5):
+        assert client("POST", f"/db/other{i}", "v").status == 200
+    hub.applied(7)  # an entry that changed nothing (a no-op, a configuration): positions move past it too
+    r = client("GET", "/watch?key=mine&from=1&poll=1&timeout=0")
+    assert r.status == 410  # from=1: nobody watched 2..6 for this client, and they left the history
+    r = client("GET", "/watch?key=mine&from=4&poll=1&timeout=0")
+    assert r.status == 200 and r.json() == [] and r.headers["x-raft-watch-position"] == "7"
+    r = client("GET", f"/watch?key=mine&from={r.headers['x-raft-watch-position']}&poll=1&timeout=0")
+    assert r.status == 200 and r.headers["x-raft-watch-position"] == "7"
+
+
+def test_a_registered_quiet_watcher_is_not_behind_when_other_keys_leave_the_history():
+    hub = WatchHub(history_events=3)
+    quiet, loud = hub.watch(0, Filter(key="q")), hub.watch(0, Filter(key="x"))
+    assert hub.next(quiet) == [] and hub.next(loud) == []
+    for i in range(1, 11):
+        hub.on_event(put(i, "x"))
+    hub.applied(12)
+    assert hub.history_start == 7
+    assert hub.next(quiet) == [] and quiet.position == 12  # not Behind: nothing of its own came
+    with pytest.raises(Behind):
+        hub.next(loud)  # its own events 1..7 left unread
+    hub.on_event(put(13, "q"))
+    hub.on_event(put(14, "x"))
+    assert indices(hub.next(quiet)) == [13] and quiet.position == 14
+
+
+# ---- fan-out: who is woken, what is encoded -------------------------------------------------------------------
+
+
+def test_an_event_wakes_only_the_watchers_of_its_key_and_of_its_prefixes_once_each():
+    """Review 3: one event woke every waiter (900 watchers of another key cut writes by 80%)."""
+    hub = WatchHub()
+    on_key = [hub.watch(0, Filter(key="app/x")) for _ in range(3)]
+    on_prefixes = [hub.watch(0, Filter(prefix=p)) for p in ("", "a", "app/", "app/x")]
+    elsewhere = [hub.watch(0, Filter(key="app/y")) for _ in range(100)] + [
+        hub.watch(0, Filter(prefix=p)) for p in ("b", "app/y", "app/xx", "apq")]
+    for watcher in on_key + on_prefixes + elsewhere:
+        assert hub.next(watcher) == []  # read to the end: from here each waits to be told
+    woken_before = hub.wakes
+    hub.on_event(put(1, "app/x"))
+    hub.on_event(put(1, "app/x", b"again"))  # a second event of one read wakes nobody twice
+    gevent.sleep(0.01)
+    assert hub.wakes - woken_before == len(on_key) + len(on_prefixes)
+    assert all(w.woken.is_set() for w in on_key + on_prefixes)
+    assert not any(w.woken.is_set() for w in elsewhere)
+    assert all(len(hub.next(w)) == 2 for w in on_key + on_prefixes)
+    for watcher in on_key + on_prefixes + elsewhere:
+        hub.unwatch(watcher)
+    assert not hub._by_key and not hub._by_prefix and not hub._prefix_trie
+
+
+def test_a_stale_wake_does_not_end_every_later_wait_at_once():
+    # The watcher reads its event before its queued wake runs: the wake then finds nothing to read. A read that
+    # finds nothing must clear it, else every wait_for returns at once and a stream spins (review 2, item 1).
+    hub = WatchHub()
+    watcher = hub.watch(0, Filter(key="k"))
+    assert hub.next(watcher) == []
+    hub.on_event(put(1, "k"))
+    hub.applied(1)
+    assert [e.index for e in hub.next(watcher)] == [1]  # before _wake_some ran
+    gevent.sleep(0)  # the wake runs now: woken is set, first_match is None
+    assert watcher.woken.is_set()
+    returns = 0
+    for _ in range(20):  # the _stream loop: next, then wait_for
+        assert hub.next(watcher) == []
+        if watcher.woken.is_set():
+            returns += 1  # wait_for would return at once, with nothing to read
+        hub.wait_for(watcher, 0.001)
+    assert returns == 0
+
+
+def test_an_event_looks_up_prefixes_along_its_key_not_per_watched_prefix_length():
+    """Review 2 of watch, item 5: each event looked up one prefix per distinct watched prefix length (500
+    lengths: 342 ms for one 2,000-key entry). Counted, not timed: the lookups in the prefix index."""
+    class Counting(dict):
+        lookups = 0
+
+        def get(self, *args):
+            Counting.lookups += 1
+            return super().get(*args)
+
+        def __getitem__(self, name):
+            Counting.lookups += 1
+            return super().__getitem__(name)
+
+    hub = WatchHub()
+    watchers = [hub.watch(0, Filter(prefix="x" * length)) for length in range(1, 501)]
+    for watcher in watchers:
+        hub.next(watcher)  # read to the end: woken by the next match
+    hub._by_prefix = Counting(hub._by_prefix)
+    hub.on_event(put(1, "y" * 600))
+    assert Counting.lookups <= 1  # at most one (old: one per watched prefix length, 500)
+    hub.on_event(put(2, "x" * 3 + "y"))
+    gevent.sleep(0)
+    assert [w for w in watchers if w.woken.is_set()] == watchers[:3]
+    for watcher in watchers:
+        hub.unwatch(watcher)
+    assert not hub._prefix_trie
+
+
+def test_watchers_are_woken_a_batch_a_turn_of_the_loop():
+    from raftlib.server.watch import WAKE_BATCH
+
+    hub = WatchHub()
+    watchers = [hub.watch(0, Filter(prefix="")) for _ in range(3 * WAKE_BATCH + 5)]
+    for watcher in watchers:
+        hub.next(watcher)
+    hub.on_event(put(1))
+    assert hub.wakes == 0  # not from inside apply
+    gevent.sleep(0)  # one turn's callbacks
+    assert hub.wakes == WAKE_BATCH
+    turns = 0
+    while hub.wakes < len(watchers) and turns < 10_000:  # the rest, a batch a later turn: a bound, not a time
+        gevent.sleep(0.001)
+        turns += 1
+    assert hub.wakes == len(watchers)
+
+
+def test_an_event_is_encoded_once_for_all_the_watchers_that_read_it(client, monkeypatch):
+    from raftlib.server import watch as watch_module
+
+    encoded = []
+    original = watch_module.event_json
+    monkeypatch.setattr(watch_module, "event_json", lambda event: encoded.append(event) or original(event))
+    hub = client.api.watch_hub
+    assert client("POST", "/db/k", "v").status == 200
+    for _ in range(20):
+        r = client("GET", "/watch?key=k&from=0&poll=1")
+        assert [e["value"] for e in r.json()] == ["v"]
+    chunks = [stream(client, "/watch?prefix=&from=0")[2] for _ in range(20)]
+    frames = [(next(c), next(c))[1] for c in chunks]
+    assert len(set(frames)) == 1 and b'"value": "v"' in frames[0]
+    assert hub.encodings == 1 and len(encoded) == 1
+
+
+# ---- memory ---------------------------------------------------------------------------------------------------
+
+
+def test_the_history_is_bounded_in_bytes_and_drops_what_it_evicts_at_once():
+    """Review 4: evicted events stayed referenced until the compaction (1,500 puts of 1 MiB: 2.1 GB)."""
+    from raftlib.server.watch import EVENT_OVERHEAD_BYTES
+
+    hub = WatchHub(history_events=10_000, history_bytes=4 << 20)
+    big = b"x" * (1 << 20)
+    for i in range(1, 101):
+        hub.on_event(put(i, f"k{i}", big))
+    assert len(hub) == 3 and hub.history_start == 97
+    assert hub.held_bytes == 3 * (len(big) + 3 + EVENT_OVERHEAD_BYTES) + 1 and hub.held_bytes <= 4 << 20
+    assert sum(e is not None for e in hub._events) == 3  # the evicted slots hold nothing
+    hub.on_event(put(101, "huge", b"y" * (5 << 20)))  # larger than the bound: the newest stays
+    assert len(hub) == 1 and indices(hub.read(100, ALL)[0]) == [101]
+
+
+def test_a_read_is_cut_past_its_byte_budget_between_groups():
+    hub = WatchHub()
+    for i in range(1, 11):
+        hub.on_event(put(i, "k", b"v" * 1000))
+    events, position = hub.read(0, ALL, max_bytes=2500)
+    assert indices(events) == [1, 2, 3] and position == 3
+    assert indices(hub.read(position, ALL, max_bytes=2500)[0]) == [4, 5, 6]
+
+
+def test_from_older_than_the_history_is_410_with_the_oldest_index():
+    c = Client()
+    c.api.watch_hub = WatchHub(history_events=2)
+    c.store.on_event = c.api.watch_hub.on_event
+    for i in range(5):
+        c("POST", f"/db/k{i}", "v")
+    r = c("GET", "/watch?prefix=&from=1&poll=1")
+    assert r.status == 410 and r.headers["x-raft-oldest-index"] == "4" and "oldest index available is 4" in r.text
+    r = c("GET", "/watch?prefix=&poll=1", headers={"Last-Event-ID": "2"})
+    assert r.status == 410  # Last-Event-ID overrides from
+    r = c("GET", "/watch?prefix=&from=0&poll=1", headers={"Last-Event-ID": "3"})
+    assert r.status == 200 and [e["index"] for e in r.json()] == [4, 5]
+    assert c.counted("watches_behind") == {"poll": 2}
+
+
+def test_the_watches_open_at_once_are_bounded():
+    c = Client(max_watches=1)
+    c.store.on_event = c.api.watch_hub.on_event
+    first = gevent.spawn(c, "GET", "/watch?key=a&poll=1&timeout=1")
+    gevent.sleep(0.05)
+    r = c("GET", "/watch?key=a&poll=1&timeout=1")
+    assert r.status == 503 and "watches open" in r.text
+    assert first.get(timeout=3).status == 200
+    assert c("GET", "/watch?key=a&poll=1&timeout=0").status == 200
+
+
+def stream(client: Client, target: str, headers: dict | None = None):
+    """The status, headers and chunk iterator of a stream answer (the WSGI app called as the edge does)."""
+    environ = {"REQUEST_METHOD": "GET", "REQUEST_URI": target, "SCRIPT_NAME": "", "PATH_INFO": "/watch",
+               "QUERY_STRING": target.partition("?")[2], "SERVER_NAME": "localhost", "SERVER_PORT": "8080",
+               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "raftdzmq.body": b""}
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    started = []
+    body = client.app(environ, lambda status, headers, exc_info=None: started.append((status, dict(headers))))
+    return started[0][0], started[0][1], iter(body)
+
+
+def test_a_stream_sends_its_position_stays_on_past_other_keys_and_ends_when_its_own_events_are_evicted(
+        monkeypatch):
+    """Review 1: the position (everything up to it seen, matching or not) goes out as an `id:` with the first
+    chunk and with a keep-alive once it moved; a quiet watcher is not Behind when other keys' events leave the
+    history (it was a 410 on reconnect, and an error event here); it is when its own may have been evicted."""
+    from raftlib.server import api as api_module
+
+    monkeypatch.setattr(api_module, "KEEPALIVE_SECONDS", 0.2)
+    c = Client()
+    c.api.watch_hub = WatchHub(history_events=3)
+    c.store.on_event = c.api.watch_hub.on_event
+    status, headers, chunks = stream(c, "/watch?prefix=p/")
+    assert status.startswith("200") and headers["Content-Type"].startswith("text/event-stream")
+    assert headers["Cache-Control"] == "no-cache"
+    assert next(chunks) == b": watching after index 0\nid: 0\n\n"
+    c("POST", "/db/p/a", "1")
+    first = gevent.spawn(next, chunks)
+    # The fake cluster is at feature level 1: events need no level, and their create_index is 0 there (store).
+    assert first.get(timeout=2) == (b'id: 1\nevent: put\ndata: {"type": "put", "key": "p/a", "value": "1", '
+                                    b'"index": 1, "create_index": 0}\n\n')
+    assert c.metrics.watches_open == 1
+    for i in range(5):  # other keys: the history (3 events) moves past the stream's last event
+        c("POST", f"/db/q{i}", "v")
+    assert c.api.watch_hub.history_start == 3
+    assert gevent.spawn(next, chunks).get(timeout=2) == b": keep-alive\nid: 6\n\n"  # its position moved
+    assert gevent.spawn(next, chunks).get(timeout=2) == b": keep-alive\n\n"  # and then did not
+    for i in range(5):  # its own, while it does not read: two of them leave the history unread
+        c("POST", f"/db/p/{i}", "v")
+    error = gevent.spawn(next, chunks).get(timeout=2)
+    assert error.startswith(b"event: error\ndata: ") and json.loads(error.split(b"data: ")[1])["oldest_index"] == 9
+    with pytest.raises(StopIteration):
+        next(chunks)
+    assert c.metrics.watches_open == 0 and c.counted("watches_behind") == {"stream": 1}
+
+
+# ---- streams through the edge (a process of its own: it monkey-patches) -------------------------------------------
+
+STREAM_THROUGH_THE_EDGE = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, socket, sys, time, types
+sys.path.insert(0, sys.argv[1])
+import gevent, gevent.socket
+from raftlib import Role
+from raftlib.server import api as api_module
+from raftlib.server.api import Api, make_app
+from raftlib.server.edge import EdgeServer
+from raftlib.server.metrics import Metrics
+from raftlib.server.store import SET, KeyValueStore, command
+from raftlib.server.watch import WatchHub
+
+api_module.KEEPALIVE_SECONDS = 1.0
+listener = gevent.socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+hub, metrics = WatchHub(), Metrics()
+kv = KeyValueStore(on_event=hub.on_event)
+node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
+evictions = []
+server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node), kv, metrics, watch_hub=hub)),
+                    max_connections=50, idle_timeout_seconds=1.0, receive_timeout_seconds=1.0,
+                    busy_timeout_seconds=3.0, max_header_bytes=32768, max_body_bytes=1024,
+                    on_eviction=evictions.append)
+server.start()
+port = listener.getsockname()[1]
+
+def watch():
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET /watch?prefix=k HTTP/1.1\r\nHost: x\r\n\r\n")
+    return s
+
+# A stream with nothing to say for longer than the busy bound and the idle timeout: it is not cut off.
+kept = watch()
+received = b""
+end = time.monotonic() + 7
+while time.monotonic() < end:
+    received += kept.recv(65536)
+node.last_applied = 1
+kv.apply(1, command(SET, "k1", b"v"))
+t0 = time.monotonic()
+while b"id: 1" not in received and time.monotonic() - t0 < 5:
+    received += kept.recv(65536)
+event_seconds = time.monotonic() - t0
+# A client that goes away ends its stream at once, not at the next keep-alive.
+gone = watch()
+gevent.sleep(0.3)
+opened = metrics.watches_open
+gone.close()
+t0 = time.monotonic()
+while metrics.watches_open == opened and time.monotonic() - t0 < 5:
+    gevent.sleep(0.01)
+gone_seconds = time.monotonic() - t0
+# A long poll longer than the busy bound is answered, not cut off.
+polling = socket.create_connection(("127.0.0.1", port), timeout=10)
+polling.sendall(b"GET /watch?key=zz&poll=1&timeout=4 HTTP/1.1\r\nHost: x\r\n\r\n")
+poll_answer = polling.recv(65536).decode()
+print(json.dumps({"poll_answer": poll_answer, "head": received.split(b"\r\n\r\n")[0].decode(), "keepalives": received.count(b": keep-alive"),
+                  "event_seconds": event_seconds, "evictions": evictions, "opened": opened,
+                  "gone_seconds": gone_seconds, "open_after": metrics.watches_open}))
+"""
+
+
+def test_a_stream_through_the_edge_is_chunked_outlives_the_busy_bound_and_ends_when_its_client_goes():
+    """And a long poll longer than the busy bound is answered."""
+    import subprocess
+    import sys
+
+    from procs import ROOT
+
+    out = subprocess.run([sys.executable, "-c", STREAM_THROUGH_THE_EDGE, ROOT], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert "Transfer-Encoding: chunked" in result["head"] and "text/event-stream" in result["head"]
+    assert result["evictions"] == [] and result["keepalives"] >= 5  # 7 s, a keep-alive a second, busy bound 3 s
+    assert result["event_seconds"] < 1.0  # written as it came, not buffered
+    assert result["opened"] == 2 and result["open_after"] == 1 and result["gone_seconds"] < 0.5
+    assert result["poll_answer"].startswith("HTTP/1.1 200") and result["poll_answer"].endswith("\r\n\r\n[]\n")
+
+
+WATCHES_THROUGH_A_FULL_EDGE = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, socket, sys, time, types
+sys.path.insert(0, sys.argv[1])
+import gevent, gevent.socket
+from raftlib import Role
+from raftlib.server.api import Api, make_app
+from raftlib.server.edge import EdgeServer
+from raftlib.server.metrics import Metrics
+from raftlib.server.store import SET, KeyValueStore, command
+from raftlib.server.watch import WatchHub
+
+listener = gevent.socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+hub, metrics = WatchHub(), Metrics()
+kv = KeyValueStore(on_event=hub.on_event)
+node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
+evictions = []
+server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node), kv, metrics, watch_hub=hub,
+                                          max_watches=2)),
+                    max_connections=4, idle_timeout_seconds=30.0, receive_timeout_seconds=5.0,
+                    busy_timeout_seconds=30.0, max_header_bytes=32768, max_body_bytes=1024,
+                    on_eviction=evictions.append)
+server.start()
+port = listener.getsockname()[1]
+
+def connect(target):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    return s
+
+def read_until(s, marker, seconds=5):
+    got, end = b"", time.monotonic() + seconds
+    while marker not in got and time.monotonic() < end:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+streams = []
+for _ in range(2):  # the most watches: half the pool
+    streams.append(connect(b"/watch?prefix=k"))
+    read_until(streams[-1], b"watching")
+# A client that half-closes after its request still gets its events.
+streams[1].shutdown(socket.SHUT_WR)
+gevent.sleep(1.0)
+open_before = metrics.watches_open
+third = connect(b"/watch?prefix=k")
+refused = read_until(third, b"\r\n\r\n")  # a third watch: 503, nothing ended
+third.close()
+t0 = time.monotonic()
+while server.pool.free_count() < 2 and time.monotonic() - t0 < 10:  # its place frees once the server sees it close
+    gevent.sleep(0.01)
+# A busy request holds the third place; the next connection takes the last one: no watch is ended for it.
+busy = server.pool.spawn(gevent.sleep, 2.0)
+status = connect(b"/no-such-route")
+status_answer = read_until(status, b"\r\n\r\n")
+status.close()
+busy.join()
+kv.apply(1, command(SET, "k1", b"v"))
+got = [read_until(s, b"id: 1\n") for s in streams]
+streams[0].close()  # room for the long poll below
+t0 = time.monotonic()
+while metrics.watches_open > 1 and time.monotonic() - t0 < 10:
+    gevent.sleep(0.01)
+# A long poll whose client closes ends at once, not at its timeout.
+polling = connect(b"/watch?key=zz&poll=1&timeout=50")
+t0 = time.monotonic()
+while metrics.watches_open == 1 and time.monotonic() - t0 < 10:  # until the poll is open (one more watch)
+    gevent.sleep(0.01)
+polls_open = metrics.watches_open
+polling.close()
+t0 = time.monotonic()
+while metrics.watches_open == polls_open and time.monotonic() - t0 < 10:
+    gevent.sleep(0.05)
+print(json.dumps({"open_before": open_before, "status_answer": status_answer.decode(), "evictions": evictions,
+                  "refused": refused.decode(), "got": [g.decode() for g in got], "polls_open": polls_open,
+                  "open_after_poll": metrics.watches_open}))
+"""
+
+
+def test_watches_are_never_ended_to_make_room_and_a_long_poll_notices_its_client_left():
+    """Watches hold at most half the pool, so none is ended when a request takes its last place (review 2 of watch:
+    12 concurrent GET /status ended all 10 watches); a long poll notices its client left; a half-close (SHUT_WR
+    after the request) is not a client gone."""
+    import subprocess
+    import sys
+
+    from procs import ROOT
+
+    out = subprocess.run([sys.executable, "-c", WATCHES_THROUGH_A_FULL_EDGE, ROOT], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["open_before"] == 2
+    assert result["refused"].startswith("HTTP/1.1 503")
+    assert result["status_answer"].startswith("HTTP/1.1 404")
+    assert result["evictions"] == []
+    for got in result["got"]:  # both watches, the half-closed one too, still get their events
+        assert 'event: put\ndata: {"type": "put", "key": "k1"' in got
+    assert result["polls_open"] == 2 and result["open_after_poll"] == 1
