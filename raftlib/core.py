@@ -36,7 +36,9 @@ from .messages import (
     RequestVoteReply,
     Role,
     Snapshot,
+    SnapshotData,
     TimeoutNow,
+    snapshot_chunk,
 )
 from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker
 from .readonly import ReadAnswer, ReadOnly
@@ -415,17 +417,29 @@ class RaftNode:
         else:
             raise NotLeader(None)
 
-    def create_snapshot(self, index: int, data: bytes) -> Snapshot:
-        """The state machine, serialized as `data`, has applied exactly up to `index`. Drop the log up to
-        there and keep the snapshot to send to followers that are too far behind (§7). The caller persists it."""
+    def snapshot_metadata(self, index: int) -> Snapshot:
+        """What a snapshot at `index` (applied here, still in the log) records besides the state machine: its
+        term and the configuration in force there (§7). Changes nothing: the caller may write the state machine
+        elsewhere (a forked child) and only later call `create_snapshot`, if the log still holds `index`."""
         assert self.log.snapshot_index < index <= self.last_applied, (index, self.last_applied)
         term = self.log.term(index)
         assert term is not None
-        membership = membership_at(self._base_membership, self.log.membership_entries(), index)
-        snap = Snapshot(index, term, membership, data)
+        return Snapshot(index, term, membership_at(self._base_membership, self.log.membership_entries(), index))
+
+    def can_snapshot_at(self, index: int) -> bool:
+        """Whether `create_snapshot(index, ...)` may be called: the log still holds `index` (no snapshot from a
+        leader replaced it meanwhile) and it is applied."""
+        return self.log.snapshot_index < index <= self.last_applied
+
+    def create_snapshot(self, index: int, data: SnapshotData) -> Snapshot:
+        """The state machine, serialized as `data` (bytes or a source to read them from), has applied exactly up
+        to `index`. Drop the log up to there and keep the snapshot to send to followers that are too far behind
+        (§7). The caller persists it (before or after: the log on disk holds everything until it has)."""
+        meta = self.snapshot_metadata(index)
+        snap = Snapshot(index, meta.last_included_term, meta.membership, data)
         self._snapshot = snap
-        self._base_membership = membership
-        self.log.compact(index, term)
+        self._base_membership = meta.membership
+        self.log.compact(index, meta.last_included_term)
         return snap
 
     def step(self, m: Message) -> None:
@@ -934,7 +948,9 @@ class RaftNode:
         # snapshots faster than one transfer takes; once this one is in, the next transfer brings it further.
         snap = pr.snapshot
         assert snap is not None
-        chunk = snap.data[pr.snapshot_offset : pr.snapshot_offset + self.config.snapshot_chunk_bytes]
+        # The chunk is read from the snapshot's source (a file the runtime holds open): the leader never needs
+        # the whole state in memory to send it.
+        chunk = snapshot_chunk(snap.data, pr.snapshot_offset, self.config.snapshot_chunk_bytes)
         done = pr.snapshot_offset + len(chunk) >= len(snap.data)
         self._send(
             InstallSnapshot(

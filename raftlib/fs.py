@@ -12,7 +12,7 @@ Rules:
   file's data can be on the disk while its name is not.
 - Errors are OSError with an errno, exactly as `os.*` raises them (ENOSPC for a full disk, EIO for a failed sync).
 - Out of file descriptors (EMFILE: this process's limit; ENFILE: the system's), an operation that opens one
-  (`create`, `open_append`, `open_dir`, `read_file`, `listdir`, `lock`, and `fsync_dir` given a path) raises
+  (`create`, `open_append`, `open_dir`, `open_read`, `read_file`, `listdir`, `lock`, and `fsync_dir` given a path) raises
   OSError with that errno and has done nothing: the kernel takes the descriptor before it looks up or creates
   the name. No other operation opens one: `fsync_dir` given a handle from `open_dir` needs none, so a caller
   that opened its folders beforehand can always make its renames and unlinks durable.
@@ -51,6 +51,15 @@ class FileSystem(Protocol):
 
     def open_dir(self, path: str) -> Handle:
         """A folder, held open for `fsync_dir` (which then opens nothing) until `close`."""
+
+    def open_read(self, path: str) -> Handle:
+        """An existing file open for `pread` (it stays readable through the handle after a rename or an unlink)."""
+
+    def pread(self, handle: Handle, offset: int, length: int) -> bytes:
+        """Up to `length` bytes of the file from `offset` (fewer only at its end)."""
+
+    def file_size(self, handle: Handle) -> int:
+        """The file's size now."""
 
     def append(self, handle: Handle, data: bytes) -> None:
         """Write all of `data` at the end of the file, or raise OSError (part of it may have been written)."""
@@ -145,6 +154,21 @@ class OsFileSystem:
 
     def open_dir(self, path: str) -> int:
         return _with_spare(lambda: os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+
+    def open_read(self, path: str) -> int:
+        return _with_spare(lambda: os.open(path, os.O_RDONLY))
+
+    def pread(self, fd: int, offset: int, length: int) -> bytes:
+        out = os.pread(fd, length, offset)
+        while len(out) < length:  # a short read before the end of the file (signals); b"" at the end
+            more = os.pread(fd, length - len(out), offset + len(out))
+            if not more:
+                break
+            out += more
+        return out
+
+    def file_size(self, fd: int) -> int:
+        return os.fstat(fd).st_size
 
     def append(self, fd: int, data: bytes) -> None:
         written = os.write(fd, data)

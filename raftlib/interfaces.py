@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .log import RaftLog
-from .messages import Entry, HardState, Message, Snapshot
+from .messages import Entry, HardState, Message, Snapshot, SnapshotData
 
 
 @dataclass
@@ -118,6 +118,6 @@ class StateMachine(Protocol):
         """The whole state, to be given to `restore` on this or another node."""
         ...
 
-    def restore(self, data: bytes) -> None:
-        """Replace the whole state with one `snapshot` made."""
+    def restore(self, data: SnapshotData) -> None:
+        """Replace the whole state with one `snapshot` made: bytes, or a source to read them from in chunks."""
         ...

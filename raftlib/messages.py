@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class Role(enum.Enum):
@@ -80,14 +81,43 @@ class HardState:
     commit_index: int = 0
 
 
+class SnapshotSource(Protocol):
+    """A snapshot's state-machine bytes, read a chunk at a time: the runtime's is a file held open (a leader streams
+    InstallSnapshot from it, never holding the whole state in memory), a test's may be bytes. Its content never
+    changes, so reading it is as deterministic as reading bytes: the core reads chunks from it as etcd-io/raft's
+    core reads entries from its Storage, and the I/O is the source's, not the core's."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset` (fewer only at the end)."""
+        ...
+
+
+SnapshotData = bytes | SnapshotSource  # plain bytes are a source too (`snapshot_chunk`, `snapshot_bytes`)
+
+
+def snapshot_chunk(data: SnapshotData, offset: int, length: int) -> bytes:
+    """`length` bytes of a snapshot's data from `offset` (fewer at its end), whatever holds them."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data[offset : offset + length])
+    return data.read(offset, length)
+
+
+def snapshot_bytes(data: SnapshotData) -> bytes:
+    """All of a snapshot's data in memory: for small states and tests; the runtime streams instead."""
+    return snapshot_chunk(data, 0, len(data))
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The state machine at `last_included_index` (§7), with the configuration in force at that index."""
+    """The state machine at `last_included_index` (§7), with the configuration in force at that index. `data` is
+    bytes or a SnapshotSource; two snapshots are equal when their data reads the same."""
 
     last_included_index: int
     last_included_term: int
     membership: Membership
-    data: bytes = field(default=b"", repr=False)
+    data: SnapshotData = field(default=b"", repr=False)
 
 
 class ConfChangeKind(enum.IntEnum):

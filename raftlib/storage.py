@@ -65,13 +65,14 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Callable
 
 import cbor2
 
 from . import codec, crashpoints
 from .fs import NO_DESCRIPTOR, FileSystem, OsFileSystem
 from .interfaces import StoredState
-from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot
+from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot, snapshot_chunk
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"RDZMQLOG"
@@ -135,33 +136,170 @@ class OutOfDescriptors(StorageError):
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None, folder=None) -> None:
-    """Write to a temporary file, fsync, rename over `path`, fsync the folder (`folder`: a handle of it from
-    `open_dir`, so that the sync opens nothing; by default its path). No room (the writes or the temporary file's
-    fsync): DiskFull, and `path` is as it was; the temporary file is unlinked, but that unlink is not synced, so a
-    power failure may bring it back: no reader looks at a `*.tmp`, and load deletes them. No descriptor for the
-    temporary file: OutOfDescriptors, and nothing was made. A failed rename or folder fsync is fatal (the OSError
-    goes up): which of the folder's operations reached the disk is unknown."""
-    tmp = path + ".tmp"
+def _write_file(fs: FileSystem, tmp: str, write: Callable[[object], None]) -> None:
+    """Create `tmp`, `write(handle)` its content, fsync and close it. No room (the writes or the fsync): DiskFull,
+    and the file is unlinked (not synced: a power failure may bring it back; no reader looks at a `*.tmp`, and
+    load deletes them). No descriptor: OutOfDescriptors, and nothing was made. Any other error goes up (fatal)."""
     try:
         f = fs.create(tmp)
         try:
-            fs.append(f, data)
+            write(f)
             fs.fsync(f)  # a new file: nothing older rides on this sync, so a failure of it loses nothing
         finally:
             fs.close(f)
     except OSError as e:
         if e.errno in NO_DESCRIPTOR:  # only an open raises it: the create, which made nothing
-            raise OutOfDescriptors(f"no file descriptor free to write {path}: {e.strerror}") from None
+            raise OutOfDescriptors(f"no file descriptor free to write {tmp}: {e.strerror}") from None
         with contextlib.suppress(OSError):
             fs.unlink(tmp)
         if e.errno in _NO_ROOM:
-            raise DiskFull(f"no room on the disk for {path}: {e.strerror}") from None
+            raise DiskFull(f"no room on the disk for {tmp}: {e.strerror}") from None
         raise
+
+
+def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None, folder=None) -> None:
+    """Write to a temporary file, fsync, rename over `path`, fsync the folder (`folder`: a handle of it from
+    `open_dir`, so that the sync opens nothing; by default its path). No room, no descriptor: as `_write_file`,
+    and `path` is as it was. A failed rename or folder fsync is fatal (the OSError goes up): which of the
+    folder's operations reached the disk is unknown."""
+    tmp = path + ".tmp"
+    _write_file(fs, tmp, lambda f: fs.append(f, data))
     if crash_point and crashpoints.enabled:
         crashpoints.hit(crash_point)
     fs.rename(tmp, path)
     fs.fsync_dir(folder if folder is not None else os.path.dirname(path))
+
+
+SNAPSHOT_IO_BYTES = 1 << 20  # a snapshot file is written and checked in pieces of this size
+
+
+def _snapshot_head(s: Snapshot) -> bytes:
+    meta = cbor2.dumps(codec.encode_snapshot_meta(s))
+    return _HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION) + struct.pack(">I", len(meta)) + meta
+
+
+def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
+    """A snapshot file's bytes (`encode_snapshot`'s), appended in pieces read from the snapshot's data (bytes or a
+    source): never the whole state in memory twice. A small snapshot is one append."""
+    pending = bytearray(_snapshot_head(s))
+    crc = 0
+    size = len(s.data)
+    for offset in range(0, size, SNAPSHOT_IO_BYTES):
+        pending += snapshot_chunk(s.data, offset, SNAPSHOT_IO_BYTES)
+        if len(pending) >= SNAPSHOT_IO_BYTES:
+            crc = zlib.crc32(pending, crc)
+            fs.append(f, bytes(pending))
+            pending = bytearray()
+    crc = zlib.crc32(pending, crc)
+    fs.append(f, bytes(pending) + struct.pack(">I", crc))
+
+
+class SnapshotFile:
+    """A snapshot file's state-machine bytes (a raftlib.messages.SnapshotSource), read through a handle held open:
+    a leader sends a snapshot from it in chunks, and a rename or an unlink of the file (a newer snapshot made
+    this one garbage while a transfer of it is under way) does not take them away. The handle is closed with
+    `close`, or when the object is collected. Equal to any data that reads the same (tests compare snapshots)."""
+
+    __slots__ = ("fs", "handle", "start", "size", "path", "__weakref__")
+
+    def __init__(self, fs: FileSystem, handle, start: int, size: int, path: str) -> None:
+        self.fs, self.handle, self.start, self.size, self.path = fs, handle, start, size, path
+
+    @classmethod
+    def at(cls, fs: FileSystem, path: str, handle=None) -> SnapshotFile:
+        """The data of a snapshot file written by this storage (its checksum not read: O(1)), through `handle`
+        (held open, then owned by the SnapshotFile) or, when None, opening the file at each use."""
+        source = cls(fs, handle, 0, 0, path)
+        source.size = -1  # found at first use: _locate
+        if handle is not None:
+            source._locate(handle)
+        return source
+
+    def _locate(self, handle) -> None:
+        head = self.fs.pread(handle, 0, _HEADER.size + 4)
+        _check_header(self.path, head, SNAPSHOT_MAGIC, "snapshot")
+        self.start = _HEADER.size + 4 + struct.unpack_from(">I", head, _HEADER.size)[0]
+        self.size = self.fs.file_size(handle) - self.start - 4
+
+    def __len__(self) -> int:
+        if self.size < 0:
+            self.read(0, 0)
+        return self.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.handle is None:  # no descriptor was free to hold it open: open it for this read
+            handle = self.fs.open_read(self.path)
+            try:
+                if self.size < 0:
+                    self._locate(handle)
+                return self._read(handle, offset, length)
+            finally:
+                self.fs.close(handle)
+        return self._read(self.handle, offset, length)
+
+    def _read(self, handle, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        if not length:
+            return b""
+        data = self.fs.pread(handle, self.start + offset, length)
+        if len(data) != length:
+            raise CorruptLogError(f"{self.path}: snapshot file shorter than it was ({self.start + offset + len(data)}"
+                                  f" bytes)")
+        return data
+
+    def close(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                self.fs.close(handle)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except BaseException:  # noqa: S110 - a test's file system that "crashed"; nothing to do at collection
+            pass
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (bytes, bytearray)) or hasattr(other, "read"):
+            return len(other) == len(self) and snapshot_chunk(other, 0, len(self)) == self.read(0, len(self))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SnapshotFile({self.path!r})"
+
+
+def _open_snapshot_file(fs: FileSystem, path: str, name: str | None = None) -> SnapshotFile:
+    """The data of the snapshot file at `path` as a SnapshotFile (`name`: the path it goes by, for messages),
+    its checksum checked, read a piece at a time. Raises CorruptLogError, UnknownFormatError, or OSError."""
+    name = name or path
+    handle = fs.open_read(path)
+    try:
+        head = fs.pread(handle, 0, _HEADER.size + 4)
+        if len(head) < _HEADER.size + 4:
+            raise CorruptLogError(f"{name}: too short to be a snapshot")
+        _check_header(name, head, SNAPSHOT_MAGIC, "snapshot")
+        (meta_len,) = struct.unpack_from(">I", head, _HEADER.size)
+        crc, offset, tail = 0, 0, b""
+        while True:  # the checksum of everything but its last 4 bytes, which hold it
+            piece = fs.pread(handle, offset, SNAPSHOT_IO_BYTES)
+            offset += len(piece)
+            data = tail + piece
+            if len(piece) < SNAPSHOT_IO_BYTES:
+                break
+            crc = zlib.crc32(data[:-4], crc)
+            tail = data[-4:]
+        if offset < _HEADER.size + 8 + meta_len:
+            raise CorruptLogError(f"{name}: too short to be a snapshot")
+        crc = zlib.crc32(data[:-4], crc)
+        if struct.unpack(">I", data[-4:])[0] != crc:
+            raise CorruptLogError(f"{name}: snapshot checksum mismatch")
+        start = _HEADER.size + 4 + meta_len
+        return SnapshotFile(fs, handle, start, offset - 4 - start, name)
+    except BaseException:
+        fs.close(handle)
+        raise
 
 
 def _check_header(path: str, data: bytes, magic: bytes, what: str) -> None:
@@ -489,6 +627,7 @@ class DiskStorage:
         self._loaded = False
         self._lock = None
         self._folders: dict[str, object] = {}  # data_dir and log_dir -> a handle (fsync_dir then opens nothing)
+        self._writing: set[str] = set()  # snapshot files begun (begin_snapshot) and not yet committed or aborted
         self._make_dir(self.log_dir)
         try:
             self._lock = self.fs.lock(os.path.join(self.data_dir, "LOCK"))
@@ -702,7 +841,7 @@ class DiskStorage:
         names = list(segments)
         names += [p for index, p in self._snapshots() if index != keep_snapshot]
         names += [os.path.join(self.data_dir, n) for n in self.fs.listdir(self.data_dir) if n.endswith(".tmp")]
-        return names
+        return [n for n in names if n not in self._writing]
 
     def _unlink(self, names: list[str]) -> None:
         fs = self.fs
@@ -903,13 +1042,85 @@ class DiskStorage:
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """A snapshot this node took of its own state machine: write it, then drop the log it covers. Raises as
-        `save` does."""
-        if snapshot.last_included_index > self.state.base_index:
-            self._install_snapshot(snapshot, None, [])
+        `save` does. The same as `write_snapshot` then `commit_snapshot`, in this process."""
+        if snapshot.last_included_index <= self.state.base_index:
+            return
+        tmp = self.begin_snapshot(snapshot.last_included_index)
+        try:
+            self.write_snapshot(snapshot, tmp)
+        except BaseException:
+            self.abort_snapshot(tmp)
+            raise
+        self.commit_snapshot(snapshot, tmp)
+
+    # ---- a snapshot of this node's own, in two parts: the file (a forked child may write it), then the commit ----
+
+    def begin_snapshot(self, index: int) -> str:
+        """The temporary name a snapshot at `index` is written under (`write_snapshot`): no install deletes it as
+        garbage until `commit_snapshot` or `abort_snapshot` (load does: the writer died with the process)."""
+        tmp = self.snapshot_tmp_path(index)
+        self._writing.add(tmp)
+        return tmp
+
+    def snapshot_tmp_path(self, index: int) -> str:
+        return self._snapshot_path(index) + ".tmp"
+
+    def write_snapshot(self, snapshot: Snapshot, tmp: str) -> None:
+        """The first part of a snapshot of this node's own: its file under `tmp`, written and fsynced (not its
+        folder: the rename that `commit_snapshot` makes durable is what counts). Changes nothing that load or
+        `self.state` uses: a crash anywhere leaves the state as it was (load deletes a `*.tmp`). Touches nothing
+        but that file (and the fs): a forked child runs it on its copy of this object, and must not touch the
+        log. Raises DiskFull or OutOfDescriptors (the file unlinked, nothing changed), or OSError (fatal)."""
+        _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+
+    def abort_snapshot(self, tmp: str) -> None:
+        """A snapshot whose writing failed or was killed: unlink what was written (not synced: a power failure
+        may bring it back, and load deletes it)."""
+        self._writing.discard(tmp)
+        with contextlib.suppress(OSError):
+            self.fs.unlink(tmp)
+
+    def commit_snapshot(self, snapshot: Snapshot, tmp: str) -> Snapshot | None:
+        """The second part: make the file `write_snapshot` wrote the node's snapshot and drop the log it covers
+        (the module's transaction from the rename on: a folder fsync and a new segment whose base record holds
+        the log after the snapshot, the entries saved since it was begun included). Work of the size of that log,
+        not of the state machine's. Returns the snapshot, its data read from the file held open; or None when a
+        snapshot at or past its index was installed meanwhile (from a leader): the file is unlinked and nothing
+        else changes. Raises as `save` does; on DiskFull or OutOfDescriptors the state is as before and the file
+        is unlinked (take the snapshot again later)."""
+        self._writing.discard(tmp)
+        if snapshot.last_included_index <= self.state.base_index:
+            self.abort_snapshot(tmp)
+            return None
+        try:
+            return self._commit_install(snapshot, tmp, None, [])
+        except (DiskFull, OutOfDescriptors):
+            self.abort_snapshot(tmp)
+            raise
 
     def _install_snapshot(self, snapshot: Snapshot, hard_state: HardState | None, entries: list[Entry]) -> None:
-        """The transaction of the module's rules: the new state is computed first, and becomes `self.state` only
-        once the segment that holds it is durable."""
+        """A leader's snapshot with the Ready's hard state and entries: the module's transaction, the snapshot's
+        file written here."""
+        tmp = self.snapshot_tmp_path(snapshot.last_included_index)
+        self._base_record(snapshot, hard_state, entries)  # may be refused (RecordTooBig) before anything is written
+        _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+        self._commit_install(snapshot, tmp, hard_state, entries)
+
+    def _kept_snapshot_data(self, path: str) -> SnapshotFile:
+        """The data of the snapshot file just committed at `path`, held open (O(1): the head is read, not the
+        whole file; load checks the checksum). With no descriptor free, one that opens the file at each read."""
+        try:
+            handle = self.fs.open_read(path)
+        except OSError as e:
+            if e.errno not in NO_DESCRIPTOR:
+                raise
+            logger.warning("no file descriptor free to hold %s open: it is opened at each read (%s)", path,
+                           e.strerror)
+            handle = None
+        return SnapshotFile.at(self.fs, path, handle)
+
+    def _base_record(self, snapshot: Snapshot, hard_state: HardState | None,
+                     entries: list[Entry]) -> tuple[StoredState, bytes]:
         state = StoredState(self.state.hard_state, self.state.snapshot, list(self.state.entries))
         state.install_snapshot(snapshot)
         if entries:
@@ -917,17 +1128,29 @@ class DiskStorage:
             state.put_entries(entries)
         if hard_state is not None:
             state.hard_state = hard_state
+        return state, encode_base_record(snapshot.last_included_index, snapshot.last_included_term,
+                                         state.hard_state, state.entries)
+
+    def _commit_install(self, snapshot: Snapshot, tmp: str, hard_state: HardState | None,
+                        entries: list[Entry]) -> Snapshot:
+        """The transaction of the module's rules from the written file on: the new state is computed first, and
+        becomes `self.state` only once the segment that holds it is durable. The snapshot kept reads its data
+        from the file (`_kept_snapshot_data`), opened after the commit point."""
         index = snapshot.last_included_index
-        base = encode_base_record(index, snapshot.last_included_term, state.hard_state, state.entries)  # first: it
-        # may be refused (RecordTooBig) before anything is written
-        _write_atomically(self.fs, self._snapshot_path(index), encode_snapshot(snapshot),
-                          crash_point="snapshot.after_write", folder=self._folders[self.data_dir])
+        state, base = self._base_record(snapshot, hard_state, entries)
+        path = self._snapshot_path(index)
+        if crashpoints.enabled:
+            crashpoints.hit("snapshot.after_write")
+        self.fs.rename(tmp, path)
+        self.fs.fsync_dir(self._folders[self.data_dir])
         if crashpoints.enabled:
             crashpoints.hit("snapshot.after_rename")
         handle, size = self._create_segment(base)
         if crashpoints.enabled:
             crashpoints.hit("snapshot.after_segment")
         # Committed: the new segment is durable, and it makes everything older garbage.
+        kept = Snapshot(index, snapshot.last_included_term, snapshot.membership, self._kept_snapshot_data(path))
+        state.snapshot = kept
         old, self._segment = self._segment, handle
         self._segment_bytes = self.log_bytes = size
         self.state = state
@@ -942,8 +1165,9 @@ class DiskStorage:
             # next install deletes it (load takes the newest base segment, and deletes any snapshot it does not name).
             logger.warning("installed the snapshot at index %d, but no file descriptor was free to list the old "
                            "files: they go at the next snapshot or start (%s)", index, e.strerror)
-            return
+            return kept
         self._unlink(names)
+        return kept
 
     def close(self) -> None:
         if self._segment is not None:
@@ -1033,23 +1257,19 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
 
 
 def encode_snapshot(s: Snapshot) -> bytes:
-    meta = cbor2.dumps(codec.encode_snapshot_meta(s))
-    body = _HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION) + struct.pack(">I", len(meta)) + meta + s.data
+    """A snapshot file's bytes, in memory (tests; the storage writes them in pieces, `_write_snapshot_file`)."""
+    body = _snapshot_head(s) + snapshot_chunk(s.data, 0, len(s.data))
     return body + struct.pack(">I", zlib.crc32(body))
 
 
 def read_snapshot(path: str, fs: FileSystem | None = None) -> Snapshot:
-    data = (fs or OsFileSystem()).read_file(path)
-    if len(data) < _HEADER.size + 8:
-        raise CorruptLogError(f"{path}: too short to be a snapshot")
-    _check_header(path, data, SNAPSHOT_MAGIC, "snapshot")
-    (crc,) = struct.unpack_from(">I", data, len(data) - 4)
-    if zlib.crc32(data[:-4]) != crc:
-        raise CorruptLogError(f"{path}: snapshot checksum mismatch")
-    (meta_len,) = struct.unpack_from(">I", data, _HEADER.size)
-    start = _HEADER.size + 4
+    """The snapshot in the file at `path`, its data a SnapshotFile (the file held open, its checksum checked)."""
+    fs = fs or OsFileSystem()
+    source = _open_snapshot_file(fs, path)
+    meta_bytes = fs.pread(source.handle, _HEADER.size + 4, source.start - _HEADER.size - 4)
     try:
-        meta = cbor2.loads(data[start : start + meta_len])
-        return codec.decode_snapshot_meta(meta, data[start + meta_len : -4])
+        meta = cbor2.loads(meta_bytes)
+        return codec.decode_snapshot_meta(meta, source)
     except Exception as e:
+        source.close()
         raise CorruptLogError(f"{path}: bad snapshot metadata: {e}") from None

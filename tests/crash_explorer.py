@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crashfs import CrashFS  # noqa: E402
 from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, StoredState  # noqa: E402
+from raftlib.messages import snapshot_bytes  # noqa: E402
 from raftlib import storage as storage_module  # noqa: E402
 from raftlib.storage import DiskFull, DiskStorage, OutOfDescriptors, StorageError  # noqa: E402
 
@@ -124,6 +125,15 @@ def problems(got: StoredState, candidates: list[Model]) -> str | None:
     return "neither the state before nor the state after the save in flight"
 
 
+def in_memory(st: StoredState) -> StoredState:
+    """`st` with its snapshot's data read into bytes: a loaded snapshot reads through a handle of the process that
+    loaded it, which a later (simulated) process crash closes, while the explorer compares states across crashes."""
+    s = st.snapshot
+    if s is not None and not isinstance(s.data, bytes):
+        s = Snapshot(s.last_included_index, s.last_included_term, s.membership, snapshot_bytes(s.data))
+    return StoredState(st.hard_state, s, st.entries)
+
+
 # ---- the explorer ---------------------------------------------------------------------------------------------
 
 
@@ -180,7 +190,7 @@ class Explorer:
 
     def recover(self, fs: CrashFS) -> StoredState | str:
         try:
-            return DiskStorage(DATA_DIR, fs=fs).load()
+            return in_memory(DiskStorage(DATA_DIR, fs=fs).load())
         except StorageError as e:
             return f"recovery failed: {type(e).__name__}: {e}"
 

@@ -74,6 +74,7 @@ from raftlib import (
     TimeoutNow,
 )
 from raftlib import codec, readonly
+from raftlib.messages import snapshot_bytes
 from raftlib.storage import DiskStorage, StorageError
 
 ELECTION_TICKS = 10
@@ -130,6 +131,7 @@ class KV:
 
 DATA_DIR = "/data"
 SAVE_OPS = 2  # the file operations of a plain save: append the record, fdatasync
+WRITE_SNAPSHOT_OPS = 3  # the forked child's part of a snapshot: create, append, fsync its file
 INSTALL_OPS = 14  # a snapshot install takes 12-13 (the snapshot file, the new segment, the unlinks, their syncs)
 LOAD_OPS = 6  # a recovery 3 (its syncs), more when it repairs something (a torn tail, garbage)
 
@@ -173,14 +175,29 @@ class SimDisk:
         self._disarm()
         return True
 
-    def save_snapshot(self, snapshot: Snapshot, crash_at_op: int | None = None) -> bool:
+    def write_snapshot(self, snapshot: Snapshot, crash_at_op: int | None = None) -> str | None:
+        """The part of a snapshot of the node's own that the runtime's forked child runs: its file under a
+        temporary name. Returns that name, or None when the machine died in it (at `crash_at_op`)."""
+        tmp = self.storage.begin_snapshot(snapshot.last_included_index)
         self._arm(crash_at_op)
         try:
-            self.storage.save_snapshot(snapshot)
+            self.storage.write_snapshot(snapshot, tmp)
         except SimulatedCrash:
-            return False
+            return None
         self._disarm()
-        return True
+        return tmp
+
+    def commit_snapshot(self, snapshot: Snapshot, tmp: str,
+                        crash_at_op: int | None = None) -> tuple[bool, Snapshot | None]:
+        """The part the runtime runs once the child has exited: (False, None) when the process died in it, else
+        (True, the snapshot kept, its data read from the file; None when a leader's snapshot overtook it)."""
+        self._arm(crash_at_op)
+        try:
+            kept = self.storage.commit_snapshot(snapshot, tmp)
+        except SimulatedCrash:
+            return False, None
+        self._disarm()
+        return True, kept
 
     def crash(self, rng, power_failure: bool = True) -> None:
         """The process dies: a power failure leaves one crash state CrashFS allows, picked with `rng`; a process
@@ -220,6 +237,9 @@ class SimNode:
     batching: bool = False  # this tick, its inputs are all stepped before its Readies are handled
     incarnation: int = 0  # how many times this node has started
     request_ids: Iterator[int] = field(default_factory=lambda: iter(()))  # this process's read ids
+    # A snapshot whose file the runtime's forked child has written and whose commit the node has not yet made
+    # (the node applies, saves and sends meanwhile): (snapshot, its temporary file, the commit's crash op or None).
+    forked: tuple | None = None
 
 
 @dataclass
@@ -377,7 +397,8 @@ class Cluster:
         sn.request_ids = readonly.request_ids(random.Random(f"{self.seed}/{node_id}/{sn.incarnation}"))
         sn.kv = KV()
         if stored.snapshot is not None:
-            sn.kv.restore(stored.snapshot.data, stored.snapshot.last_included_index)
+            # Through the snapshot's source (a file held open on the node's CrashFS), as the server restores.
+            sn.kv.restore(snapshot_bytes(stored.snapshot.data), stored.snapshot.last_included_index)
         sn.alive = True
         sn.paused = False
         sn.missed_ticks = 0
@@ -413,6 +434,7 @@ class Cluster:
         sn.alive = False
         sn.node = None
         sn.backlog = []
+        sn.forked = None  # a snapshot's child dies with its parent (PR_SET_PDEATHSIG)
         # A power failure: the kernel wrote out some, none or all of what was not synced. Else SIGKILL: all of it.
         power_failure = self.rng.random() < self.power_failure_share
         self.stats["power failures" if power_failure else "process kills"] += 1
@@ -621,7 +643,7 @@ class Cluster:
             for m in outbox:
                 self.send(m)
             if rd.snapshot is not None:
-                sn.kv.restore(rd.snapshot.data, rd.snapshot.last_included_index)
+                sn.kv.restore(snapshot_bytes(rd.snapshot.data), rd.snapshot.last_included_index)
             for e in rd.committed_entries:
                 self._apply(sn, e)
             for request_id, index in rd.read_states:
@@ -633,6 +655,10 @@ class Cluster:
             sn.node.advance(rd)
             self._serve_reads(sn)
             self._check_node(node_id)
+            if sn.forked is not None and self.rng.random() < 0.3:
+                self.finish_snapshot(node_id)  # the child exited a few Readies after the fork
+                if not sn.alive:
+                    return
             if self.snapshot_entries and n.last_applied - n.log.snapshot_index >= self.snapshot_entries:
                 # As the server does when its log has grown past a threshold (here counted in entries).
                 crash = self.rng.random() < self.snapshot_crash_rate
@@ -766,17 +792,57 @@ class Cluster:
         return r
 
     def take_snapshot(self, node_id: str, crash_at_op: int | None = None) -> None:
+        """As the runtime does: a forked child writes the state as it is now to a file (the node does not wait),
+        and the node commits it later (`finish_snapshot`), after more Readies. `crash_at_op` below
+        WRITE_SNAPSHOT_OPS crashes in the child's writing: the machine dies (a power failure or all processes
+        killed) or, half the time, only the child does and the snapshot is dropped; above, in the commit."""
         sn = self.nodes[node_id]
         n = sn.node
-        if not sn.alive or n.last_applied <= n.log.snapshot_index:
+        if not sn.alive or n.last_applied <= n.log.snapshot_index or sn.forked is not None:
             return
-        snap = n.create_snapshot(n.last_applied, sn.kv.snapshot_bytes())
-        if not sn.storage.save_snapshot(snap, crash_at_op=crash_at_op):
-            self.log_event(node_id, f"crash at file operation {crash_at_op} of a snapshot at {snap.last_included_index}")
+        meta = n.snapshot_metadata(n.last_applied)
+        snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership, sn.kv.snapshot_bytes())
+        in_child = crash_at_op is not None and crash_at_op < WRITE_SNAPSHOT_OPS
+        tmp = sn.storage.write_snapshot(snap, crash_at_op=crash_at_op if in_child else None)
+        if tmp is None:
+            if self.rng.random() < 0.5:
+                self.log_event(node_id, f"the snapshot child at {snap.last_included_index} died at file operation "
+                                        f"{crash_at_op}: dropped")
+                self.stats["snapshot child killed"] += 1
+                sn.storage.fs.dead = False  # only the child died; its file is garbage (a *.tmp)
+                sn.storage.fs.fail_at = {}
+                sn.storage.storage.abort_snapshot(sn.storage.storage.snapshot_tmp_path(snap.last_included_index))
+                return
+            self.log_event(node_id, f"crash at file operation {crash_at_op} of a snapshot's file at "
+                                    f"{snap.last_included_index}")
             self.stats["crash inside a snapshot"] += 1
             self.crash(node_id)
             return
-        self.log_event(node_id, f"snapshot at {snap.last_included_index}")
+        commit_crash = crash_at_op - WRITE_SNAPSHOT_OPS if crash_at_op is not None and not in_child else None
+        sn.forked = (snap, tmp, commit_crash)
+        self.log_event(node_id, f"snapshot child at {snap.last_included_index}")
+
+    def finish_snapshot(self, node_id: str) -> None:
+        """The child exited: commit its file (the runtime's `_finish_snapshot`), unless a leader's snapshot
+        overtook it."""
+        sn = self.nodes[node_id]
+        n = sn.node
+        snap, tmp, crash_at_op = sn.forked
+        sn.forked = None
+        index = snap.last_included_index
+        if not n.can_snapshot_at(index):
+            sn.storage.storage.abort_snapshot(tmp)
+            self.log_event(node_id, f"snapshot at {index} overtaken: dropped")
+            return
+        ok, kept = sn.storage.commit_snapshot(snap, tmp, crash_at_op=crash_at_op)
+        if not ok:
+            self.log_event(node_id, f"crash at file operation {crash_at_op} of a snapshot's commit at {index}")
+            self.stats["crash inside a snapshot"] += 1
+            self.crash(node_id)
+            return
+        assert kept is not None
+        n.create_snapshot(index, kept.data)
+        self.log_event(node_id, f"snapshot at {index}")
 
     def change_membership(self, kind: ConfChangeKind, node_id: str) -> bool:
         leader = self.leader()
@@ -1138,6 +1204,8 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
         cluster.resume(node_id)
         if not sn.alive:
             cluster.restart(node_id)
+        if sn.forked is not None:
+            sn.forked = sn.forked[:2] + (None,)  # no more faults: its commit will not crash either
     check_liveness(cluster, heal_ticks * scale)
     cluster.check_history()
     return cluster

@@ -133,9 +133,12 @@ class KeyValueStore:
             return cbor2.dumps([SNAPSHOT_WITH_CLAIMS, self.data, self.admin_claims.claims])
         return cbor2.dumps(self.data)
 
-    def restore(self, data: bytes) -> None:
-        """Replace the whole state with a snapshot's (empty bytes: the empty state). Raises ValueError for a
-        snapshot of an unknown format, changing nothing."""
+    def restore(self, data) -> None:
+        """Replace the whole state with a snapshot's (empty bytes: the empty state): bytes, or a source with
+        `len()` and `read(offset, length)` (raftlib.messages.SnapshotSource). Raises ValueError for a snapshot of
+        an unknown format, changing nothing."""
+        if not isinstance(data, (bytes, bytearray)):
+            data = data.read(0, len(data))
         v = cbor2.loads(data) if data else {}
         claims = {}
         if type(v) is list:
