@@ -88,6 +88,23 @@ class Storage(Protocol):
         """A snapshot the node took of its own state machine: keep it and drop the log entries it covers."""
         ...
 
+    def begin_snapshot(self, index: int) -> str:
+        """A snapshot of the node's own in two parts (see DiskStorage): the name its file is written under."""
+        ...
+
+    def write_snapshot(self, snapshot: Snapshot, tmp: str) -> None:
+        """The first part, which a forked child may run: the snapshot's file, nothing else."""
+        ...
+
+    def commit_snapshot(self, snapshot: Snapshot, tmp: str) -> Snapshot | None:
+        """The second part: make it the snapshot and drop the log it covers; returns the snapshot kept (its data
+        read from where it was written), or None when a newer snapshot is held already."""
+        ...
+
+    def abort_snapshot(self, tmp: str) -> None:
+        """Drop what the first part wrote."""
+        ...
+
     @property
     def log_bytes(self) -> int:
         """How much log there is since the last snapshot: the runtime takes a snapshot past a threshold."""

@@ -28,9 +28,13 @@ queue up).
 from __future__ import annotations
 
 import collections
+import ctypes
+import gc
 import logging
 import os
+import posix
 import random
+import signal
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -39,11 +43,12 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.monkey
 
 from . import crashpoints, readonly
 from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
 from .interfaces import StateMachine, Storage, Transport
-from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role
+from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role, Snapshot
 from .storage import DiskFull, OutOfDescriptors
 
 logger = logging.getLogger("raftlib.runtime")
@@ -52,6 +57,16 @@ logger = logging.getLogger("raftlib.runtime")
 # are derived from run 1.15 times as fast as the monotonic clock (0.87: slower), to test what the lease assumes
 # about clock rates (README, "Lease reads and their clock assumption").
 _CLOCK_RATE = float(os.environ.get("RAFTDZMQ_TEST_CLOCK_RATE") or 1)
+# RAFTDZMQ_SNAPSHOT_FORK=0 takes snapshots in process (the event loop stalls for as long as it takes); the default
+# forks a child for each where os.fork exists.
+_SNAPSHOT_FORK = hasattr(os, "fork") and os.environ.get("RAFTDZMQ_SNAPSHOT_FORK", "1") != "0"
+# Test-only: a snapshot's child sleeps this long before it writes (tests/test_snapshot_fork.py kills the parent
+# meanwhile).
+_TEST_CHILD_DELAY_SECONDS = float(os.environ.get("RAFTDZMQ_TEST_SNAPSHOT_CHILD_DELAY_SECONDS") or 0)
+# The hub-lag probe (bench/snapshot_stall.py sets 0.001): a greenlet sleeps this long and records how late it woke,
+# in stats (loop_lag_max_microseconds, loop_lags_over_10ms). 0: off.
+_LOOP_LAG_PROBE_SECONDS = float(os.environ.get("RAFTDZMQ_LOOP_LAG_PROBE_SECONDS") or 0)
+_PR_SET_PDEATHSIG = 1
 
 
 class Timeout(Exception):
@@ -126,6 +141,9 @@ _COUNTERS = (
     "saves",  # Readies saved (one fsync each when they must sync)
     "snapshots",  # taken of this node's own state machine
     "out_of_descriptors",  # saves and snapshots refused for want of a file descriptor (each try)
+    "snapshot_children_failed",  # forked snapshot children that exited without writing their file
+    "loop_lag_max_microseconds",  # the hub-lag probe, when on: the latest wake-up seen
+    "loop_lags_over_10ms",  # ... and how many wake-ups came more than 10 ms late
 )
 
 
@@ -169,6 +187,10 @@ class Runtime:
         self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
+        self.snapshot_fork = _SNAPSHOT_FORK
+        self.snapshot_child_timeout_seconds = 600.0  # a child that has not finished by then is killed
+        self._snapshot_child: int | None = None  # its pid while one runs (one at a time)
+        self._snapshot_done: tuple[Snapshot, str, bool] | None = None  # (snapshot, file, written?): to finish
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
@@ -184,6 +206,8 @@ class Runtime:
         self._ticks_given = 0
         self._sync_peers()
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._expire_loop)]
+        if _LOOP_LAG_PROBE_SECONDS > 0:
+            self._greenlets.append(gevent.spawn(self._probe_loop_lag, _LOOP_LAG_PROBE_SECONDS))
 
     def stop(self) -> None:
         if not self.running:
@@ -193,6 +217,7 @@ class Runtime:
         deadline = time.monotonic() + 2
         while self._driving and time.monotonic() < deadline:  # a transport greenlet in the middle of a drive
             gevent.sleep(0.01)
+        self._kill_snapshot_child()
         gevent.joinall(self._greenlets, timeout=2)
         for g in self._greenlets:
             g.kill(block=False)
@@ -572,28 +597,159 @@ class Runtime:
             {m.node_id: m.raft_address for m in self._membership.members if m.node_id != self.node.node_id}
         )
 
+    # ---- snapshots: a forked child writes the state (Redis's BGSAVE); the loop only commits it -----------------
+
     def _maybe_snapshot(self) -> None:
+        """Called at the end of each drive. Finishes a snapshot whose child has exited; else, past the log
+        threshold, begins one: in a forked child (the loop goes on serving while the child serializes its
+        copy-on-write image and writes and fsyncs the file), or in process where fork is unavailable or off."""
+        if self._snapshot_done is not None:
+            done, self._snapshot_done = self._snapshot_done, None
+            self._finish_snapshot(*done)
         node = self.node
+        if self._snapshot_child is not None:
+            return
         if self.storage.log_bytes < self.snapshot_threshold_bytes or node.last_applied <= node.log.snapshot_index:
             return
         if self._snapshot_not_before > time.monotonic():
             return
-        data = self.state_machine.snapshot()
-        snap = node.create_snapshot(node.last_applied, data)
-        try:
-            self.storage.save_snapshot(snap)
-        except DiskFull as e:
-            # The log on disk still holds everything: the snapshot is only tried again later.
-            logger.warning("could not write a snapshot: %s; trying again in %gs", e, self.snapshot_retry_seconds)
-            self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
+        meta = node.snapshot_metadata(node.last_applied)
+        if self.snapshot_fork and getattr(self.storage, "snapshot_files", False):  # a child's file only on disk
+            self._fork_snapshot(meta)
             return
-        except OutOfDescriptors as e:
+        snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership,
+                        self.state_machine.snapshot())
+        tmp = self.storage.begin_snapshot(snap.last_included_index)
+        try:
+            self.storage.write_snapshot(snap, tmp)
+        except (DiskFull, OutOfDescriptors) as e:
+            self.storage.abort_snapshot(tmp)
+            self._snapshot_refused(e)
+            return
+        self._finish_snapshot(snap, tmp, True)
+
+    def _snapshot_refused(self, e: Exception) -> None:
+        # The log on disk still holds everything: the snapshot is only tried again later.
+        if isinstance(e, OutOfDescriptors):
             self._note_no_descriptor(f"could not write a snapshot: {e}; trying again in "
                                      f"{self.snapshot_retry_seconds:g}s")
+        else:
+            logger.warning("could not write a snapshot: %s; trying again in %gs", e, self.snapshot_retry_seconds)
+        self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
+
+    def _finish_snapshot(self, snap: Snapshot, tmp: str, written: bool) -> None:
+        """In the drive: make the written file the node's snapshot (storage.commit_snapshot: a rename, a folder
+        fsync, a base segment of the log since the fork) and compact the core's log. Nothing of the state
+        machine's size happens here. A child that failed, or a snapshot from a leader that overtook this one,
+        leaves the log as it was."""
+        index = snap.last_included_index
+        if not written:
+            self.storage.abort_snapshot(tmp)
+            self.stats["snapshot_children_failed"] += 1
+            logger.warning("the snapshot child for index %d failed; trying again in %gs", index,
+                           self.snapshot_retry_seconds)
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
+        if not self.node.can_snapshot_at(index):  # a leader's snapshot replaced the log meanwhile
+            self.storage.abort_snapshot(tmp)
+            return
+        try:
+            kept = self.storage.commit_snapshot(snap, tmp)
+        except (DiskFull, OutOfDescriptors) as e:
+            self._snapshot_refused(e)
+            return
+        if kept is None:
+            return
+        self.node.create_snapshot(index, kept.data)
         self.stats["snapshots"] += 1
-        logger.info("took a snapshot at index %d (%d bytes)", snap.last_included_index, len(data))
+        logger.info("took a snapshot at index %d (%d bytes)", index, len(kept.data))
+
+    def _fork_snapshot(self, meta: Snapshot) -> None:
+        """Fork a child that writes the snapshot's file; a greenlet waits for it (`_wait_snapshot_child`). The
+        child closes every descriptor it inherited but its pipe and stdio (the zmq sockets, the HTTP listener, the
+        data dir's lock and log: a parent killed meanwhile restarts on the same ports and dir), dies with its
+        parent (PR_SET_PDEATHSIG), touches neither zmq nor gevent's hub (a raw fork: gevent's runs its hooks and
+        reinitializes the hub in the child), and leaves with os._exit."""
+        tmp = self.storage.begin_snapshot(meta.last_included_index)
+        try:
+            libc = _libc()
+            r, w = os.pipe()
+        except OSError as e:
+            self.storage.abort_snapshot(tmp)
+            self._snapshot_refused(OutOfDescriptors(f"no descriptor for a snapshot child's pipe: {e.strerror}"))
+            return
+        parent = os.getpid()
+        try:
+            pid = posix.fork()
+        except OSError as e:
+            posix.close(r)
+            posix.close(w)
+            self.storage.abort_snapshot(tmp)
+            logger.warning("could not fork a snapshot child (%s): taking the snapshot in process", e)
+            self.snapshot_fork = False
+            return
+        if pid == 0:  # the child
+            _snapshot_child(self, meta, tmp, w, parent, libc)
+        posix.close(w)
+        self._snapshot_child = pid
+        logger.info("snapshot child %d writing the state at index %d", pid, meta.last_included_index)
+        gevent.spawn(self._wait_snapshot_child, pid, r, meta, tmp)
+
+    def _wait_snapshot_child(self, pid: int, r: int, meta: Snapshot, tmp: str) -> None:
+        """Cooperatively: read the child's pipe until it closes (the child has exited, or been killed), bounded
+        by snapshot_child_timeout_seconds; then reap it without blocking and hand the outcome to the drive."""
+        from gevent.os import make_nonblocking, nb_read  # noqa: PLC0415 - gevent's, only in a running runtime
+
+        got = b""
+        try:
+            make_nonblocking(r)
+            with gevent.Timeout(self.snapshot_child_timeout_seconds, False):
+                while True:
+                    chunk = nb_read(r, 64)
+                    if not chunk:
+                        break
+                    got += chunk
+            if got != b"ok":
+                logger.warning("snapshot child %d: %s", pid,
+                               got.decode(errors="replace") or "exited without writing (killed?)")
+                with _suppress_oserror():
+                    os.kill(pid, signal.SIGKILL)
+        finally:
+            posix.close(r)
+            self._reap(pid)
+            self._snapshot_child = None
+        self._snapshot_done = (meta, tmp, got == b"ok")
+        self._wake.set()
+
+    def _reap(self, pid: int) -> None:
+        """waitpid without blocking the hub: the child has closed its pipe, so it is exiting; poll a bounded time."""
+        for _ in range(2000):
+            try:
+                done, _ = posix.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return  # reaped already (gevent's child watcher, when something else started one)
+            if done:
+                return
+            gevent.sleep(0.005)
+        logger.warning("snapshot child %d did not exit after closing its pipe", pid)
+
+    def _kill_snapshot_child(self) -> None:
+        pid = self._snapshot_child
+        if pid is not None:
+            with _suppress_oserror():
+                os.kill(pid, signal.SIGKILL)
+
+    def _probe_loop_lag(self, period_seconds: float) -> None:
+        """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else."""
+        stats = self.stats
+        while self.running:
+            t0 = time.monotonic()
+            gevent.sleep(period_seconds)
+            late = int((time.monotonic() - t0 - period_seconds) * 1e6)
+            if late > stats["loop_lag_max_microseconds"]:
+                stats["loop_lag_max_microseconds"] = late
+            if late > 10_000:
+                stats["loop_lags_over_10ms"] += 1
 
     def _fail_all(self, error: Exception) -> None:
         for _, result in self._proposals.values():
@@ -610,3 +766,60 @@ class Runtime:
                 if not result.ready():
                     result.set_exception(error)
         self._deadlines = {}
+
+
+class _suppress_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, tb) -> bool:
+        return kind is not None and issubclass(kind, OSError)
+
+
+_libc_handle = None
+
+
+def _libc():
+    """libc for prctl (Linux), loaded in the parent: a child should not load libraries."""
+    global _libc_handle
+    if _libc_handle is None:
+        try:
+            _libc_handle = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc_handle = False
+    return _libc_handle
+
+
+def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: int, libc) -> None:
+    """The forked child: serialize the state machine (its copy-on-write image) and write the snapshot's file
+    through the storage (`write_snapshot`: the temporary file only), then say "ok" on the pipe. Never returns."""
+    code = 1
+    try:
+        try:
+            if libc and hasattr(libc, "prctl"):
+                libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before prctl
+                posix._exit(1)
+            # Every inherited descriptor but stdio and the pipe: the sockets (a restarted parent must find its
+            # ports free), the data dir's lock, log and folders, gevent's and zmq's own.
+            posix.closerange(3, w)
+            posix.closerange(w + 1, 1 << 16)
+            from . import fs as fs_module  # noqa: PLC0415
+
+            fs_module._spare = None  # closed above: never close that number again
+            gc.disable()  # collections would touch (and copy) every page of the image for nothing
+            if _TEST_CHILD_DELAY_SECONDS:
+                gevent.monkey.get_original("time", "sleep")(_TEST_CHILD_DELAY_SECONDS)  # not the hub's sleep
+            snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership,
+                            runtime.state_machine.snapshot())
+            runtime.storage.write_snapshot(snap, tmp)
+            posix.write(w, b"ok")
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - the parent learns of it through the pipe
+            try:
+                posix.write(w, f"{type(e).__name__}: {e}".encode()[:200])
+            except BaseException:  # noqa: BLE001, S110
+                pass
+    finally:
+        posix._exit(code)
+

@@ -610,6 +610,8 @@ def _replay_format1(segments: list[tuple[int, str]], snapshots: dict[int, Snapsh
 class DiskStorage:
     """Durable storage for one node. Use `DiskStorage(data_dir)` then `load()` once, then `save()` per Ready."""
 
+    snapshot_files = True  # write_snapshot writes a file, which a forked child's write reaches too
+
     def __init__(self, data_dir: str, fsync: bool = True, fdatasync=None, fs: FileSystem | None = None) -> None:
         """`fs` is the file system to work through (default: the real one, `OsFileSystem`). `fdatasync(handle,
         nbytes)` makes a batch of `nbytes` durable (default: the file system's fdatasync; with OsFileSystem the

@@ -78,6 +78,10 @@ GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], int]], ...] = (
     ("raftdzmq_elections_won", "Elections this node won", lambda s: s.stats["elections_won"]),
     ("raftdzmq_batches_saved", "Batches made durable (one fsync each)", lambda s: s.stats["saves"]),
     ("raftdzmq_snapshots", "Snapshots taken", lambda s: s.stats["snapshots"]),
+    ("raftdzmq_loop_lag_seconds_max", "The hub-lag probe (RAFTDZMQ_LOOP_LAG_PROBE_SECONDS): the latest a short "
+     "sleep woke since start", lambda s: s.stats["loop_lag_max_microseconds"] / 1e6),
+    ("raftdzmq_loop_lags_over_10ms", "The hub-lag probe: wake-ups more than 10 ms late",
+     lambda s: s.stats["loop_lags_over_10ms"]),
 )
 
 
