@@ -76,9 +76,11 @@ class Model:
                 s.hard_state = hard_state
             if sync or installed:  # an fdatasync covers every earlier record; a base record holds the hard state
                 out.durable_commit_index = s.hard_state.commit_index
-        elif kind == "snapshot":
+        elif kind in ("snapshot", "snapshot_commit"):  # a commit: the second part of a forked snapshot
             if s.install_snapshot(step[1]):
                 out.durable_commit_index = s.hard_state.commit_index
+        elif kind in ("snapshot_write", "snapshot_abort"):
+            pass  # the first part (a forked child's file), or dropping it: nothing a reader uses changes
         elif kind == "reopen":
             out.durable_commit_index = s.hard_state.commit_index  # close() fsyncs; load() fsyncs what it read
         return out
@@ -303,6 +305,7 @@ class Explorer:
         fs.before_op = hook
         storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
         storage.load()
+        writing: dict[int, str] = {}  # forked snapshots written and not yet committed: index -> their file
         for i, step in enumerate(workload):
             if len(self.stats.violations) >= self.limits.max_violations:
                 return
@@ -324,6 +327,14 @@ class Explorer:
                     storage.save(hard_state, entries, snapshot, sync=sync)
                 elif step[0] == "snapshot":
                     storage.save_snapshot(step[1])
+                elif step[0] == "snapshot_write":  # what the runtime's forked child runs
+                    index = step[1].last_included_index
+                    writing[index] = storage.begin_snapshot(index)
+                    storage.write_snapshot(step[1], writing[index])
+                elif step[0] == "snapshot_commit":  # what the runtime runs once the child exited 0
+                    storage.commit_snapshot(step[1], writing.pop(step[1].last_included_index))
+                elif step[0] == "snapshot_abort":  # a child that failed or was killed
+                    storage.abort_snapshot(writing.pop(step[1].last_included_index))
                 else:
                     storage.close()
                     storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
@@ -391,6 +402,8 @@ def describe_step(step: tuple) -> str:
         return "save " + ", ".join(parts) + ("" if sync else " (no sync)")
     if step[0] == "snapshot":
         return f"save_snapshot ({step[1].last_included_index}, {step[1].last_included_term})"
+    if step[0].startswith("snapshot_"):
+        return f"{step[0]} ({step[1].last_included_index}, {step[1].last_included_term})"
     return "reopen"
 
 
@@ -410,6 +423,31 @@ def save(hs, entries=(), snapshot=None, sync=True) -> tuple:
 
 
 HAND_WRITTEN: dict[str, list[tuple]] = {
+    # Issue 13: a forked snapshot's two halves, the node saving (and syncing, and not) between them.
+    "forked-snapshot-committed-after-saves": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        save(HardState(2, "a", 9), es(11, 2, 2)),
+        save(HardState(2, "a", 10), [], sync=False),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "a", 12), es(13, 1, 2)),
+    ],
+    # A leader's snapshot installed while the child writes: the commit finds it overtaken and changes nothing.
+    "forked-snapshot-overtaken-by-a-leaders-snapshot": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        save(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "b", 16), es(17, 1, 2)),
+    ],
+    # A child that failed (or was killed): its file dropped; the next snapshot, in process, goes through.
+    "forked-snapshot-child-failed": [
+        save(HardState(1, "a", 9), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("snapshot_abort", snap(8, 1)),
+        ("snapshot_write", snap(9, 1)),
+        ("snapshot_commit", snap(9, 1)),
+    ],
     # Issue 11: a term-4 leader cut 1..14 (term 3) back to 12, then the node snapshots at 12.
     "issue11-cut-then-snapshot": [
         save(HardState(3, "a", 10), es(1, 14, 3)),
