@@ -49,6 +49,7 @@ from . import crashpoints, readonly
 from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role, Snapshot
+from .fs import NO_DESCRIPTOR
 from .storage import DiskFull, OutOfDescriptors
 
 logger = logging.getLogger("raftlib.runtime")
@@ -616,7 +617,11 @@ class Runtime:
         meta = node.snapshot_metadata(node.last_applied)
         if self.snapshot_fork and getattr(self.storage, "snapshot_files", False):  # a child's file only on disk
             self._fork_snapshot(meta)
-            return
+        else:
+            self._snapshot_in_process(meta)
+
+    def _snapshot_in_process(self, meta: Snapshot) -> None:
+        """The snapshot written in the loop (no fork): it stalls serving for as long as it takes."""
         snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership,
                         self.state_machine.snapshot())
         tmp = self.storage.begin_snapshot(snap.last_included_index)
@@ -671,12 +676,15 @@ class Runtime:
         parent (PR_SET_PDEATHSIG), touches neither zmq nor gevent's hub (a raw fork: gevent's runs its hooks and
         reinitializes the hub in the child), and leaves with os._exit."""
         tmp = self.storage.begin_snapshot(meta.last_included_index)
+        libc = _libc()
         try:
-            libc = _libc()
             r, w = os.pipe()
         except OSError as e:
             self.storage.abort_snapshot(tmp)
-            self._snapshot_refused(OutOfDescriptors(f"no descriptor for a snapshot child's pipe: {e.strerror}"))
+            if e.errno not in NO_DESCRIPTOR:
+                raise
+            # No descriptor for the child's pipe: this one in process, where the storage's reserve helps.
+            self._snapshot_in_process(meta)
             return
         parent = os.getpid()
         try:
@@ -776,17 +784,18 @@ class _suppress_oserror:
         return kind is not None and issubclass(kind, OSError)
 
 
-_libc_handle = None
+_libc_handle: ctypes.CDLL | None = None
+_no_libc = False
 
 
-def _libc():
+def _libc() -> ctypes.CDLL | None:
     """libc for prctl (Linux), loaded in the parent: a child should not load libraries."""
-    global _libc_handle
-    if _libc_handle is None:
+    global _libc_handle, _no_libc
+    if _libc_handle is None and not _no_libc:
         try:
             _libc_handle = ctypes.CDLL(None, use_errno=True)
         except OSError:
-            _libc_handle = False
+            _no_libc = True
     return _libc_handle
 
 

@@ -610,7 +610,11 @@ def _replay_format1(segments: list[tuple[int, str]], snapshots: dict[int, Snapsh
 class DiskStorage:
     """Durable storage for one node. Use `DiskStorage(data_dir)` then `load()` once, then `save()` per Ready."""
 
-    snapshot_files = True  # write_snapshot writes a file, which a forked child's write reaches too
+    @property
+    def snapshot_files(self) -> bool:
+        """Whether `write_snapshot` in a forked child reaches this process's disk: only on the real file system
+        (a test's in-memory one stays in the child)."""
+        return isinstance(self.fs, OsFileSystem)
 
     def __init__(self, data_dir: str, fsync: bool = True, fdatasync=None, fs: FileSystem | None = None) -> None:
         """`fs` is the file system to work through (default: the real one, `OsFileSystem`). `fdatasync(handle,
@@ -1116,8 +1120,7 @@ class DiskStorage:
         except OSError as e:
             if e.errno not in NO_DESCRIPTOR:
                 raise
-            logger.warning("no file descriptor free to hold %s open: it is opened at each read (%s)", path,
-                           e.strerror)
+            logger.warning("%s is committed, but stays closed (%s): it is opened at each read", path, e.strerror)
             handle = None
         return SnapshotFile.at(self.fs, path, handle)
 

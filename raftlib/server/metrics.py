@@ -66,7 +66,7 @@ class Histogram:
 
 
 # The gauges: (name, help, the value in a RuntimeStatus).
-GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], int]], ...] = (
+GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
     ("raftdzmq_term", "Current term", lambda s: s.node.term),
     ("raftdzmq_commit_index", "Commit index", lambda s: s.node.commit_index),
     ("raftdzmq_applied_index", "Last applied index", lambda s: s.node.last_applied),
