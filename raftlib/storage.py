@@ -26,7 +26,12 @@ Rules:
   `load`, a save opens one only to create a file (the snapshot's temporary file, a new segment), refused before
   anything changed (OutOfDescriptors, as DiskFull: the same save may be tried again), and to list the folders for
   the garbage an install leaves, after its commit point (refused: the garbage stays, harmless, for load or the
-  next install to delete). A plain save (append, fdatasync) opens none.
+  next install to delete). A plain save (append, fdatasync) opens none. A snapshot held (loaded or committed)
+  keeps its file open for reading (a leader streams InstallSnapshot from it); with no descriptor free at its
+  commit, it is opened at each read instead.
+- A snapshot of the node's own comes in two parts: `write_snapshot` (a forked child may run it) writes and
+  fsyncs its file under a `*.tmp` name, changing nothing a reader uses; `commit_snapshot` (the serving process)
+  does the rest of the install transaction from the rename on. Installs leave a `*.tmp` being written alone.
 - No record is longer than MAX_RECORD_BYTES, the length a reader trusts: a save or a base record too big for one
   record is written as a GROUP (part records, closed by a batch record) in the same append and fsync, and load
   applies a group only when all of it is there. An entry too big for any record is refused (RecordTooBig)
