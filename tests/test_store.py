@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import random
 import subprocess
 import sys
 
@@ -20,7 +21,10 @@ from raftlib.server.store import (
     COMPARE_AND_SET,
     CREATE,
     DELETE,
+    PIECE_BYTES,
+    PIECE_KEYS,
     SET,
+    SNAPSHOT_PIECES,
     SNAPSHOT_WITH_CLAIMS,
     KeyValueStore,
     command,
@@ -87,22 +91,112 @@ def test_admin_claims_take_a_signature_once_and_forget_it_after_the_window():
     assert kv.apply(11, command(ADMIN_CLAIM, "sig1", b"", [now, later])) == "ok"  # forgotten, so new again
 
 
+def test_snapshots_of_the_formats_from_before_pieces_still_restore():
+    """A data dir from before pieces must start: the plain map, and the map with claims, restore (in one step)."""
+    data = {"b": b"2", "a": b"\x00\xff", "\u00e9": b"3"}
+    copy = KeyValueStore()
+    copy.restore(cbor2.dumps(data))
+    assert copy.data == data and list(copy.keys) == sorted(data) and copy.admin_claims.claims == {}
+    copy.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS, data, {"sig": 5.0}]))
+    assert copy.data == data and copy.admin_claims.claims == {"sig": 5.0}
+    assert copy.apply(5, command(ADMIN_CLAIM, "sig", b"", [5.0, 6.0])) == "used"  # the claim came along
+    copy.keys._check()
+
+
 def test_snapshot_and_restore_round_trip_with_and_without_claims():
     kv, _ = applied(command(SET, "b", b"2"), command(SET, "a", b"\x00\xff"), command(SET, "\u00e9", b"3"))
     plain = kv.snapshot()
-    assert cbor2.loads(plain) == kv.data  # without claims: the map alone, as nodes from before claims wrote it
     copy = KeyValueStore()
     copy.restore(plain)
     assert copy.data == kv.data and list(copy.keys) == sorted(kv.data) and copy.admin_claims.claims == {}
     kv.apply(4, command(ADMIN_CLAIM, "sig", b"", [5.0, 5.0]))
     with_claims = kv.snapshot()
-    assert cbor2.loads(with_claims) == [SNAPSHOT_WITH_CLAIMS, kv.data, {"sig": 5.0}]
     copy.restore(with_claims)
     assert copy.data == kv.data and copy.admin_claims.claims == {"sig": 5.0}
     assert copy.apply(5, command(ADMIN_CLAIM, "sig", b"", [5.0, 6.0])) == "used"  # the claim came along
     assert copy.snapshot() == kv.snapshot()
     copy.restore(b"")  # the empty state
     assert copy.data == {} and list(copy.keys) == [] and copy.admin_claims.claims == {}
+
+
+def big_store(n: int, seed: int = 1) -> KeyValueStore:
+    rng = random.Random(seed)
+    kv = KeyValueStore()
+    for i in range(n):
+        kv.apply(i + 1, command(SET, f"k{rng.random()}", bytes(rng.randrange(0, 300))))
+    return kv
+
+
+def test_a_snapshot_restores_a_piece_per_step_and_replaces_the_state_only_at_its_end():
+    """Issue 13: a follower restores a big snapshot a piece per turn of its loop. Each step decodes at most
+    PIECE_KEYS keys; until the last, the old state is in place whole (reads see it), and the new one, once in,
+    is the snapshot's exactly, its sorted keys a valid SortedList built without a sort."""
+    kv = big_store(3 * PIECE_KEYS + 17)
+    old, _ = applied(command(SET, "old", b"1"))
+    steps = old.restoring(kv.snapshot())
+    n = 0
+    for _ in steps:
+        n += 1
+        assert old.data == {"old": b"1"} and list(old.keys) == ["old"]
+    assert n >= 4  # at least 3 full pieces and a partial one
+    assert old.data == kv.data and list(old.keys) == sorted(kv.data)
+    old.keys._check()
+    for k in list(kv.data)[:50]:  # the SortedList built by layout works as one built by adds
+        old.apply(0, command(DELETE, k))
+        old.apply(0, command(SET, k + "x", b""))
+    old.keys._check()
+    assert list(old.keys) == sorted(old.data)
+
+
+def test_pieces_are_bounded_by_keys_and_by_bytes():
+    kv = big_store(2 * PIECE_KEYS)
+    kv.apply(0, command(SET, "big", bytes(3 * PIECE_BYTES)))
+    snapshot = kv.snapshot()
+    offset, sizes = 0, []
+    while offset < len(snapshot):
+        assert snapshot[offset] == 0x5A
+        length = int.from_bytes(snapshot[offset + 1 : offset + 5], "big")
+        item = cbor2.loads(snapshot[offset + 5 : offset + 5 + length])
+        sizes.append((len(item) // 2, sum(len(x) for x in item)) if offset else None)
+        offset += 5 + length
+    for keys, size in sizes[1:]:
+        assert keys <= PIECE_KEYS
+        assert keys == 1 or size < PIECE_BYTES + 300 + 40  # cut once past PIECE_BYTES: one key's worth over at most
+
+
+def test_a_restore_dropped_part_way_changes_nothing():
+    kv = big_store(2 * PIECE_KEYS)
+    old, _ = applied(command(SET, "old", b"1"))
+    steps = old.restoring(kv.snapshot())
+    next(steps), next(steps)
+    steps.close()
+    assert old.data == {"old": b"1"} and list(old.keys) == ["old"]
+
+
+def damaged_snapshots() -> list[tuple[str, bytes]]:
+    from raftlib.server.store import _framed
+
+    kv = big_store(PIECE_KEYS + 5)
+    good = kv.snapshot()
+    header = _framed(cbor2.dumps([SNAPSHOT_PIECES, {}, 2]))
+    return [
+        ("cut short", good[:-10]),
+        ("keys out of order", header + _framed(cbor2.dumps(["b", b"", "a", b""]))),
+        ("a key twice", header + _framed(cbor2.dumps(["a", b"", "a", b""]))),
+        ("pieces out of order", header + _framed(cbor2.dumps(["b", b""])) + _framed(cbor2.dumps(["a", b""]))),
+        ("a count that differs", header + _framed(cbor2.dumps(["a", b""]))),
+        ("a value not bytes", header + _framed(cbor2.dumps(["a", b"", "b", 7]))),
+        ("a piece that does not decode", header + _framed(b"\xff\xff")),
+        ("a newer header", _framed(cbor2.dumps(["raftdzmq-kv-pieces-v9", {}, 0]))),
+    ]
+
+
+@pytest.mark.parametrize("name, snapshot", damaged_snapshots(), ids=[n for n, _ in damaged_snapshots()])
+def test_a_damaged_snapshot_of_pieces_is_refused_and_changes_nothing(name, snapshot):
+    kv, _ = applied(command(SET, "a", b"1"))
+    with pytest.raises(ValueError):
+        kv.restore(snapshot)
+    assert kv.data == {"a": b"1"} and list(kv.keys) == ["a"]
 
 
 @pytest.mark.parametrize("snapshot", [cbor2.dumps(["another-format", {}, {}]), cbor2.dumps([SNAPSHOT_WITH_CLAIMS, {}]),
@@ -173,7 +267,7 @@ def test_the_same_commands_give_the_same_snapshot_bytes():
 # The store's imports: the standard library's pure modules, cbor2 and sortedcontainers; admin.py's, the store and
 # the standard library (it reads the clock and a file, but loads nothing of the server's runtime).
 ALLOWED_IMPORTS = {
-    "store": {"__future__", "logging", "cbor2", "sortedcontainers"},
+    "store": {"__future__", "logging", "struct", "collections.abc", "cbor2", "sortedcontainers"},
     "admin": {"__future__", "hashlib", "hmac", "os", "re", "time", "collections.abc", "store"},
 }
 
