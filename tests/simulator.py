@@ -662,7 +662,8 @@ class Cluster:
             if self.snapshot_entries and n.last_applied - n.log.snapshot_index >= self.snapshot_entries:
                 # As the server does when its log has grown past a threshold (here counted in entries).
                 crash = self.rng.random() < self.snapshot_crash_rate
-                self.take_snapshot(node_id, crash_at_op=self.rng.randrange(INSTALL_OPS) if crash else None)
+                self.take_snapshot(node_id, crash_at_op=self.rng.randrange(INSTALL_OPS) if crash else None,
+                                   commit_now=False)
 
     def _stamp(self) -> int:
         self.history_clock += 1
@@ -791,7 +792,7 @@ class Cluster:
         self._after_input(sn)
         return r
 
-    def take_snapshot(self, node_id: str, crash_at_op: int | None = None) -> None:
+    def take_snapshot(self, node_id: str, crash_at_op: int | None = None, commit_now: bool = True) -> None:
         """As the runtime does: a forked child writes the state as it is now to a file (the node does not wait),
         and the node commits it later (`finish_snapshot`), after more Readies. `crash_at_op` below
         WRITE_SNAPSHOT_OPS crashes in the child's writing: the machine dies (a power failure or all processes
@@ -821,6 +822,8 @@ class Cluster:
         commit_crash = crash_at_op - WRITE_SNAPSHOT_OPS if crash_at_op is not None and not in_child else None
         sn.forked = (snap, tmp, commit_crash)
         self.log_event(node_id, f"snapshot child at {snap.last_included_index}")
+        if commit_now:  # the child exited before anything else happened (a test that wants the snapshot taken)
+            self.finish_snapshot(node_id)
 
     def finish_snapshot(self, node_id: str) -> None:
         """The child exited: commit its file (the runtime's `_finish_snapshot`), unless a leader's snapshot
@@ -1159,7 +1162,7 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
             cluster.heal()
         elif action == "snapshot":
             crash_at = r.randrange(INSTALL_OPS) if r.random() < nemesis["snapshot_crash"] else None
-            cluster.take_snapshot(r.choice(cluster.ids), crash_at_op=crash_at)
+            cluster.take_snapshot(r.choice(cluster.ids), crash_at_op=crash_at, commit_now=False)
         elif action == "transfer":
             leader = cluster.leader()
             voters = cluster.nodes[leader].node.membership.voters if leader else ()
