@@ -12,7 +12,7 @@ Section numbers cite the Raft paper (§5-§8) and Ongaro's thesis ("thesis §x")
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .log import RaftLog, membership_at
@@ -35,8 +35,10 @@ from .messages import (
     RequestVote,
     RequestVoteReply,
     Role,
+    BytesSink,
     Snapshot,
     SnapshotData,
+    SnapshotSink,
     TimeoutNow,
     snapshot_chunk,
 )
@@ -211,7 +213,15 @@ class RaftNode:
         self._messages: list[Message] = []
         self._append_dirty = False  # as leader: entries or next indices changed; followers may need appends
         self._pending_snapshot: Snapshot | None = None  # a leader's snapshot, to be saved and applied
-        self._incoming_snapshot: tuple[int, int, bytearray] | None = None  # (index, term, bytes so far)
+        # A leader's snapshot being received (§7): (index, term, the sink its chunks go to). The sink comes from
+        # `open_snapshot_sink(meta)`: the runtime's writes to a file through the storage (never the whole state in
+        # memory); by default, bytes.
+        self._incoming_snapshot: tuple[int, int, SnapshotSink] | None = None
+        self.open_snapshot_sink: Callable[[Snapshot], SnapshotSink] = BytesSink
+        # A leader's snapshot saved, whose restore into the state machine the caller has not finished
+        # (`advance(rd, snapshot_applied=False)`, then `snapshot_applied`): no committed entry is handed out
+        # meanwhile, and last_applied stays below it. 0: none.
+        self._snapshot_unapplied = 0
         read_timeout_ticks = config.read_timeout_ticks
         if read_timeout_ticks is None:
             read_timeout_ticks = 2 * config.election_ticks
@@ -524,7 +534,7 @@ class RaftNode:
             or reads.failed_reads
             or self._pending_snapshot is not None
             or self._unstable_from <= self.log.last_index
-            or self.commit_index > self.last_applied
+            or self.commit_index > self.last_applied and not self._snapshot_unapplied
             or self._hard_state() != self._saved_hard_state
         )
 
@@ -546,7 +556,7 @@ class RaftNode:
         if self._unstable_from <= self.log.last_index:
             entries = self.log.slice(self._unstable_from, self.log.last_index + 1)
         committed = []
-        if self.commit_index > self.last_applied:
+        if self.commit_index > self.last_applied and not self._snapshot_unapplied:
             applied = self.last_applied
             if applied < self.log.snapshot_index:  # a snapshot from the leader, applied with this Ready first
                 applied = self.log.snapshot_index
@@ -580,14 +590,23 @@ class RaftNode:
         self._ready_outstanding = True
         return rd
 
-    def advance(self, rd: Ready) -> None:
-        """Everything in `rd` has been persisted, sent and applied."""
+    def advance(self, rd: Ready, snapshot_applied: bool = True) -> None:
+        """Everything in `rd` has been persisted, sent and applied. With `snapshot_applied` False, all but its
+        snapshot, which the caller restores into the state machine over several steps (a big state decoded a
+        piece at a time, the node stepped meanwhile): it calls `snapshot_applied` when the state machine holds it.
+        Until then no committed entry is handed out and last_applied stays (§7: a read that waits for the
+        snapshot's index must not be answered from the old state)."""
         assert self._ready_outstanding
         self._ready_outstanding = False
         if rd.snapshot is not None:
             self._pending_snapshot = None
-            self._persisted_index = max(self._persisted_index, rd.snapshot.last_included_index)
-            self.last_applied = max(self.last_applied, rd.snapshot.last_included_index)
+            index = rd.snapshot.last_included_index
+            self._persisted_index = max(self._persisted_index, index)
+            if snapshot_applied:
+                self._snapshot_unapplied = 0
+                self.last_applied = max(self.last_applied, index)
+            else:
+                self._snapshot_unapplied = index
         if rd.entries:
             self._persisted_index = rd.entries[-1].index
             self._unstable_from = max(self._unstable_from, rd.entries[-1].index + 1)
@@ -772,6 +791,13 @@ class RaftNode:
         self._commit_to(min(m.leader_commit, last_new))
         return AppendEntriesReply(me, m.src, term, True, last_new, read_round=m.read_round)
 
+    def snapshot_applied(self, index: int) -> None:
+        """The state machine now holds the leader's snapshot at `index` (see `advance`). A call for a snapshot that
+        a newer one replaced meanwhile changes nothing."""
+        if index == self._snapshot_unapplied:
+            self._snapshot_unapplied = 0
+            self.last_applied = max(self.last_applied, index)
+
     def _commit_to(self, index: int) -> None:
         if index > self.commit_index:
             assert index <= self.log.last_index
@@ -786,7 +812,7 @@ class RaftNode:
             self._send(InstallSnapshotReply(self.node_id, m.src, self.current_term, index, next_offset, done))
 
         if index <= self.commit_index:
-            self._incoming_snapshot = None
+            self._drop_incoming_snapshot()
             reply(0, True)
             return
         held = self._incoming_snapshot
@@ -794,19 +820,37 @@ class RaftNode:
             if m.offset != 0:
                 reply(0, False)
                 return
-            held = self._incoming_snapshot = (index, term, bytearray())
-        buf = held[2]
-        if m.offset == len(buf):
-            buf += m.data
-        elif m.offset > len(buf):
-            reply(len(buf), False)
+            self._drop_incoming_snapshot()  # a transfer of another snapshot, given up for this one
+            held = self._incoming_snapshot = (index, term, self.open_snapshot_sink(
+                Snapshot(index, term, m.membership)))
+        sink = held[2]
+        if m.offset == len(sink):
+            sink.write(m.data)  # a sink that could not take it holds what it held: the leader sends it again
+        elif m.offset > len(sink):
+            reply(len(sink), False)
             return
-        if not (m.done and m.offset + len(m.data) == len(buf)):
-            reply(len(buf), False)
+        held_bytes = len(sink)
+        if not (m.done and m.offset + len(m.data) == held_bytes):
+            reply(held_bytes, False)
             return
         self._incoming_snapshot = None
-        self._restore(Snapshot(index, term, m.membership, bytes(buf)))
-        reply(len(buf), True)
+        if self.log.match_term(index, term):  # our log caught up meanwhile: nothing to install (_restore)
+            sink.discard()
+            self._commit_to(index)
+            reply(held_bytes, True)
+            return
+        data = sink.finish()
+        if data is None:  # could not be finished (a full disk): start over
+            sink.discard()
+            reply(0, False)
+            return
+        self._restore(Snapshot(index, term, m.membership, data))
+        reply(held_bytes, True)
+
+    def _drop_incoming_snapshot(self) -> None:
+        if self._incoming_snapshot is not None:
+            self._incoming_snapshot[2].discard()
+            self._incoming_snapshot = None
 
     def _restore(self, snap: Snapshot) -> None:
         """§7: replace our state with a snapshot the leader sent, unless our log already has its last entry."""

@@ -120,6 +120,50 @@ class Snapshot:
     data: SnapshotData = field(default=b"", repr=False)
 
 
+class SnapshotSink(Protocol):
+    """Where a follower puts the InstallSnapshot chunks of a leader's snapshot as they come (§7), so that it never
+    holds the whole state in memory: the runtime's appends them to a file through the storage, the default
+    (`BytesSink`) to bytes. The core only appends in order and asks how much it holds; the I/O is the sink's.
+    Nothing in it is durable until the install saves the finished snapshot: a node that restarts starts over."""
+
+    def __len__(self) -> int:
+        """How many bytes of the snapshot's data it holds: what the follower tells the leader to resume from."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Append `data`. When it cannot now (a full disk, no descriptor), it holds what it held: the leader
+        sends the same chunk again."""
+        ...
+
+    def finish(self) -> SnapshotData | None:
+        """All the data is in: the snapshot's data to install, or None when it could not be finished (the
+        transfer starts over)."""
+        ...
+
+    def discard(self) -> None:
+        """The transfer was given up (a newer snapshot, or the log caught up): drop what it holds."""
+        ...
+
+
+class BytesSink:
+    """A SnapshotSink in memory (tests, and storages that have no sink of their own)."""
+
+    def __init__(self, meta: Snapshot | None = None) -> None:
+        self.buffer = bytearray()
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+
+    def finish(self) -> bytes:
+        return bytes(self.buffer)
+
+    def discard(self) -> None:
+        self.buffer = bytearray()
+
+
 class ConfChangeKind(enum.IntEnum):
     ADD_LEARNER = 0
     PROMOTE = 1

@@ -37,7 +37,7 @@ import random
 import signal
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +195,11 @@ class Runtime:
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
+        # A leader's snapshot being restored into the state machine a piece per drive: (its index, the steps).
+        self._restoring: tuple[int, Iterator[None]] | None = None
+        receive = getattr(storage, "receive_snapshot", None)
+        if receive is not None:  # a leader's snapshot's chunks go to its file as they come, not to memory
+            node.open_snapshot_sink = receive
 
     def status(self) -> RuntimeStatus:
         return RuntimeStatus(self.node.status(), self.running, self.disk_full, types.MappingProxyType(dict(self.stats)))
@@ -363,7 +368,7 @@ class Runtime:
     def _loop(self) -> None:
         """Ticks the node when nothing else does, and takes what arrives while another greenlet has the node."""
         while self.running:
-            if not self._inbox or self._driving:
+            if (not self._inbox and self._restoring is None) or self._driving:
                 self._wake.clear()
                 self._wake.wait(self.tick_seconds)  # a tick at the latest: the clock is read in _drive
             if not self._driving and self.running:
@@ -387,6 +392,8 @@ class Runtime:
                 result.set(out)
             if self.node.removed != self._removed:  # a notice may change nothing else: no Ready for it
                 self._note_removed(self.node.removed)
+            if self._restoring is not None:  # after the replies went out: a piece of the restore, then serve
+                self._restore_step(replies)
             self._maybe_snapshot()
         except Exception as e:
             logger.critical("stopping: %s", e, exc_info=not isinstance(e, OSError))
@@ -398,7 +405,7 @@ class Runtime:
             self._driving = False
         if self._inbox:
             self._wake.set()  # it came while we saved or sent: the loop takes it
-        if len(items) > 64:
+        if len(items) > 64 or self._restoring is not None:
             # Let timers and I/O run between big batches: a short sleep yields to the next turn of the loop
             # (timers run, every socket is polled); gevent.idle() would wait until nothing else is runnable, and
             # gevent.sleep(0) lets no timer run.
@@ -467,10 +474,9 @@ class Runtime:
                 if crashpoints.enabled:
                     crashpoints.hit("runtime.after_save")
             self._send(late, replies)
+            restoring = False
             if rd.snapshot is not None:
-                self.state_machine.restore(rd.snapshot.data)
-                self._fail_proposals_up_to(rd.snapshot.last_included_index)
-                logger.info("installed a snapshot at index %d from the leader", rd.snapshot.last_included_index)
+                restoring = self._begin_restore(rd.snapshot)
             for e in rd.committed_entries:
                 self._apply(e)
             for request_id, index in rd.read_states:
@@ -481,11 +487,50 @@ class Runtime:
                 result = self._reads.pop(request_id, None)
                 if result is not None:
                     result.set_exception(NotLeader(rd.leader_id))
-            node.advance(rd)
+            node.advance(rd, snapshot_applied=not restoring)
             self._note_soft_state(rd)
             self._wake_applied()
             if node.membership is not self._membership:
                 self._sync_peers()
+
+    def _begin_restore(self, snap: Snapshot) -> bool:
+        """A leader's snapshot, saved: restore the state machine from it. A state machine with `restoring` (one
+        piece per step) is restored over the next drives, a piece each, while the node goes on answering (its
+        heartbeats, votes, reads wait): returns True, and `_restore_step` tells the node when it is done. Else
+        in one go, now."""
+        index = snap.last_included_index
+        self._fail_proposals_up_to(index)
+        steps = getattr(self.state_machine, "restoring", None)
+        if steps is None:
+            self.state_machine.restore(snap.data)
+            logger.info("installed a snapshot at index %d from the leader", index)
+            return False
+        if self._restoring is not None:
+            logger.info("the restore of the snapshot at index %d is replaced by the one at %d", self._restoring[0],
+                        index)
+        self._restoring = (index, steps(snap.data))
+        self._restore_started = time.monotonic()
+        logger.info("installed a snapshot at index %d from the leader; restoring the state machine", index)
+        return False if self._restore_step(None) else True
+
+    def _restore_step(self, replies: dict | None) -> bool:
+        """One piece of the restore under way; True when it is done (the node is told, and the entries after
+        the snapshot are applied)."""
+        assert self._restoring is not None
+        index, steps = self._restoring
+        try:
+            next(steps)
+            return False
+        except StopIteration:
+            pass
+        self._restoring = None
+        self.node.snapshot_applied(index)
+        logger.info("restored the state machine from the snapshot at index %d in %.2fs", index,
+                    time.monotonic() - self._restore_started)
+        if replies is not None:  # in a drive whose replies went out already: what follows goes by the transport
+            self._process_ready({})
+        self._wake_applied()
+        return True
 
     def _send(self, messages: list[Message], replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         """Messages for a peer whose request we are answering ride back on the reply; the others go out now."""

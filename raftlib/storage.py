@@ -29,6 +29,11 @@ Rules:
   next install to delete). A plain save (append, fdatasync) opens none. A snapshot held (loaded or committed)
   keeps its file open for reading (a leader streams InstallSnapshot from it); with no descriptor free at its
   commit, it is opened at each read instead.
+- A leader's snapshot is received into its file as its chunks come (`receive_snapshot`: a SnapshotSink), under a
+  `*.received.tmp` name, each chunk appended and fdatasynced when it comes (so that the install's fsync has
+  one chunk left to flush, not the whole state); the install that saves it renames that file rather than
+  write it again. Until then nothing a reader uses changes (load deletes a `*.tmp`). A full disk or no
+  descriptor while receiving holds the chunk back (the leader sends it again); other errors are fatal.
 - A snapshot of the node's own comes in two parts: `write_snapshot` (a forked child may run it) writes and
   fsyncs its file under a `*.tmp` name, changing nothing a reader uses; `commit_snapshot` (the serving process)
   does the rest of the install transaction from the rename on. Installs leave a `*.tmp` being written alone.
@@ -305,6 +310,106 @@ def _open_snapshot_file(fs: FileSystem, path: str, name: str | None = None) -> S
     except BaseException:
         fs.close(handle)
         raise
+
+
+class ReceivedSnapshotFile(SnapshotFile):
+    """The data of a leader's snapshot received into a file (SnapshotReceiver.finish): a SnapshotFile that the
+    install renames into place instead of copying (`received_tmp`: its name until then)."""
+
+    __slots__ = ("received_tmp",)
+
+
+class SnapshotReceiver:
+    """A raftlib.messages.SnapshotSink writing a leader's snapshot's chunks to its file (the module's rules): the
+    snapshot file's head, then the data as it comes, then the checksum at `finish`. Opens its two handles (one
+    to append, one to read the data back once finished) at its first write; a write that meets a full disk or
+    no descriptor is cut back and held back (length unchanged)."""
+
+    def __init__(self, storage: DiskStorage, meta: Snapshot) -> None:
+        self.storage = storage
+        self.meta = meta
+        self.path = storage._snapshot_path(meta.last_included_index) + ".received.tmp"
+        self.size = 0  # data bytes held
+        self._head_bytes = 0
+        self._crc = 0
+        self._writer = None
+        self._reader = None
+        self._done = False
+        storage._writing.add(self.path)  # no install's garbage sweep deletes it
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _open(self) -> bool:
+        fs = self.storage.fs
+        try:
+            self._writer = fs.create(self.path)
+            self._reader = fs.open_read(self.path)
+            head = _snapshot_head(self.meta)
+            fs.append(self._writer, head)
+        except OSError as e:
+            self._close()
+            if e.errno not in NO_DESCRIPTOR + _NO_ROOM:
+                raise
+            logger.warning("could not begin receiving the snapshot at index %d (%s): the leader sends it again",
+                           self.meta.last_included_index, e.strerror)
+            return False
+        self._head_bytes = len(head)
+        self._crc = zlib.crc32(head)
+        return True
+
+    def write(self, data: bytes) -> None:
+        assert not self._done
+        if self._writer is None and not self._open():
+            return
+        fs = self.storage.fs
+        end = self._head_bytes + self.size
+        try:
+            fs.append(self._writer, data)
+            fs.fdatasync(self._writer)  # a chunk at a time, so that the install has little left to flush
+        except OSError as e:
+            if e.errno not in _NO_ROOM:
+                raise
+            fs.truncate(self._writer, end)
+            logger.warning("no room to receive the snapshot at index %d (%s): the leader sends the chunk again",
+                           self.meta.last_included_index, e.strerror)
+            return
+        if crashpoints.enabled:
+            crashpoints.hit("snapshot.after_chunk")
+        self._crc = zlib.crc32(data, self._crc)
+        self.size += len(data)
+
+    def finish(self) -> ReceivedSnapshotFile | None:
+        """The checksum appended and the file fsynced; its data, read through the handle held (the rename into
+        place and any later unlink leave it readable). None when the disk had no room: the transfer starts over."""
+        if self._writer is None and not self._open():  # an empty snapshot: its head only
+            return None
+        fs = self.storage.fs
+        try:
+            fs.append(self._writer, struct.pack(">I", self._crc))
+            fs.fsync(self._writer)
+        except OSError as e:
+            if e.errno not in _NO_ROOM:
+                raise
+            return None
+        fs.close(self._writer)
+        self._writer = None
+        self._done = True
+        source = ReceivedSnapshotFile(fs, self._reader, self._head_bytes, self.size, self.path)
+        source.received_tmp = self.path
+        self._reader = None  # the source's now
+        return source
+
+    def _close(self) -> None:
+        for handle in (self._writer, self._reader):
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    self.storage.fs.close(handle)
+        self._writer = self._reader = None
+
+    def discard(self) -> None:
+        self._close()
+        self.storage.abort_snapshot(self.path)
 
 
 def _check_header(path: str, data: bytes, magic: bytes, what: str) -> None:
@@ -1109,13 +1214,25 @@ class DiskStorage:
             self.abort_snapshot(tmp)
             raise
 
+    def receive_snapshot(self, meta: Snapshot) -> SnapshotReceiver:
+        """A sink for a leader's snapshot's chunks (RaftNode.open_snapshot_sink): its file, written as they come
+        (the module's rules). `meta`: the snapshot's index, term and configuration."""
+        return SnapshotReceiver(self, meta)
+
     def _install_snapshot(self, snapshot: Snapshot, hard_state: HardState | None, entries: list[Entry]) -> None:
         """A leader's snapshot with the Ready's hard state and entries: the module's transaction, the snapshot's
-        file written here."""
-        tmp = self.snapshot_tmp_path(snapshot.last_included_index)
-        self._base_record(snapshot, hard_state, entries)  # may be refused (RecordTooBig) before anything is written
-        _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
-        self._commit_install(snapshot, tmp, hard_state, entries)
+        file the one received (`receive_snapshot`) or else written here."""
+        built = self._base_record(snapshot, hard_state, entries)  # may be refused (RecordTooBig) before any write
+        received = getattr(snapshot.data, "received_tmp", None)
+        if received is not None and received in self._writing:
+            # Its file, received and fsynced: renamed into place. Handed over for good: should the install stop
+            # at a full disk after the rename, the retry writes a new file from the data (still readable).
+            self._writing.discard(received)
+            tmp = received
+        else:
+            tmp = self.snapshot_tmp_path(snapshot.last_included_index)
+            _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+        self._commit_install(snapshot, tmp, hard_state, entries, built)
 
     def _kept_snapshot_data(self, path: str) -> SnapshotFile:
         """The data of the snapshot file just committed at `path`, held open (O(1): the head is read, not the
@@ -1142,12 +1259,13 @@ class DiskStorage:
                                          state.hard_state, state.entries)
 
     def _commit_install(self, snapshot: Snapshot, tmp: str, hard_state: HardState | None,
-                        entries: list[Entry]) -> Snapshot:
+                        entries: list[Entry], built: tuple[StoredState, bytes] | None = None) -> Snapshot:
         """The transaction of the module's rules from the written file on: the new state is computed first, and
         becomes `self.state` only once the segment that holds it is durable. The snapshot kept reads its data
         from the file (`_kept_snapshot_data`), opened after the commit point."""
         index = snapshot.last_included_index
-        state, base = self._base_record(snapshot, hard_state, entries)
+        # `built`: the caller's, made from the same state (nothing changed it since): encoded once, not twice.
+        state, base = built if built is not None else self._base_record(snapshot, hard_state, entries)
         path = self._snapshot_path(index)
         if crashpoints.enabled:
             crashpoints.hit("snapshot.after_write")

@@ -67,7 +67,7 @@ class Model:
         out = self.copy()
         s = out.state
         kind = step[0]
-        if kind == "save":
+        if kind in ("save", "receive"):  # receive: a save whose snapshot came in chunks into its file
             _, hard_state, entries, snapshot, sync = step
             installed = snapshot is not None and s.install_snapshot(snapshot)
             if entries:
@@ -325,6 +325,8 @@ class Explorer:
                 if step[0] == "save":
                     _, hard_state, entries, snapshot, sync = step
                     storage.save(hard_state, entries, snapshot, sync=sync)
+                elif step[0] == "receive":
+                    receive(storage, *step[1:])
                 elif step[0] == "snapshot":
                     storage.save_snapshot(step[1])
                 elif step[0] == "snapshot_write":  # what the runtime's forked child runs
@@ -383,6 +385,26 @@ class Explorer:
         storage.close()
 
 
+def receive(storage: DiskStorage, hard_state, entries, snapshot: Snapshot, sync: bool) -> None:
+    """What a follower's runtime does with a leader's snapshot (issue 13): its chunks into the storage's sink as
+    they come (a few bytes each here, for many file operations), then the Ready's save with the finished data,
+    which the install renames into place. A chunk the disk had no room for, or a finish that failed, is the
+    DiskFull of this step: the transfer is dropped (the leader starts it over) and nothing may have changed."""
+    sink = storage.receive_snapshot(snapshot)
+    data = snapshot_bytes(snapshot.data)
+    for offset in range(0, len(data), 4):
+        sink.write(data[offset : offset + 4])
+        if len(sink) != min(len(data), offset + 4):
+            sink.discard()
+            raise DiskFull("a chunk of the snapshot was held back (no room)")
+    finished = sink.finish()
+    if finished is None:
+        sink.discard()
+        raise DiskFull("the received snapshot could not be finished (no room)")
+    storage.save(hard_state, entries, Snapshot(snapshot.last_included_index, snapshot.last_included_term,
+                                               snapshot.membership, finished), sync=sync)
+
+
 def describe_step(step: tuple) -> str:
     if step[0] == "full":
         return f"{describe_step(step[2])} with {step[1]} bytes free"
@@ -390,7 +412,7 @@ def describe_step(step: tuple) -> str:
         return f"{describe_step(step[4])}, its {step[1]} number {step[2]} failing with {errno.errorcode[step[3]]}"
     if step[0] == "nofds":
         return f"{describe_step(step[2])} with {step[1]} file descriptors left"
-    if step[0] == "save":
+    if step[0] in ("save", "receive"):
         _, hs, entries, snap, sync = step
         parts = []
         if snap is not None:
@@ -422,7 +444,33 @@ def save(hs, entries=(), snapshot=None, sync=True) -> tuple:
     return ("save", hs, list(entries), snapshot, sync)
 
 
+def received(hs, entries=(), snapshot=None, sync=True) -> tuple:
+    """A save whose snapshot a follower received in chunks into its file (`receive`)."""
+    return ("receive", hs, list(entries), snapshot, sync)
+
+
 HAND_WRITTEN: dict[str, list[tuple]] = {
+    # Issue 13: a leader's snapshot received into its file chunk by chunk, then installed by a rename.
+    "received-snapshot-installed": [
+        save(HardState(1, "a", 5), es(1, 10, 1)),
+        received(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        save(HardState(2, "b", 17), es(17, 1, 2)),
+        received(HardState(3, "c", 20), [], snap(20, 3)),
+    ],
+    # ... while a forked child of the node's own writes its snapshot, which the received one then overtakes.
+    "received-snapshot-over-a-forked-child": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        received(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "b", 16), es(17, 1, 2)),
+    ],
+    # ... and the disk full part way through the chunks: nothing changes; the next transfer goes through.
+    "received-snapshot-disk-full": [
+        save(HardState(1, "a", 5), es(1, 10, 1)),
+        ("full", 700, received(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2))),
+        received(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+    ],
     # Issue 13: a forked snapshot's two halves, the node saving (and syncing, and not) between them.
     "forked-snapshot-committed-after-saves": [
         save(HardState(1, "a", 8), es(1, 10, 1)),
@@ -797,8 +845,10 @@ def format1_states(workload: list[tuple], root: str):
         for i, step in enumerate(workload):
             while step[0] in ("full", "fail", "nofds"):
                 step = step[-1]
-            if step[0] == "reopen":
-                continue
+            if step[0] in ("reopen", "snapshot_write", "snapshot_abort"):
+                continue  # the old code took its snapshots whole: a forked child's file is its commit's step
+            if step[0] == "receive":  # the old code had the received snapshot in memory: a save
+                step = ("save",) + step[1:]
             after = model.after(step)
             after.durable_commit_index = 0  # the old code's commit index may be lost back to any
             candidates[:] = [model, after]

@@ -392,6 +392,8 @@ class Cluster:
             stored.raft_log(),
             stored.snapshot,
         )
+        # A leader's snapshot's chunks go to its file on this node's disk as they come, as in the runtime.
+        sn.node.open_snapshot_sink = sn.storage.storage.receive_snapshot
         sn.incarnation += 1
         # Read ids as the runtime draws them: a new sequence per process (see readonly.request_ids).
         sn.request_ids = readonly.request_ids(random.Random(f"{self.seed}/{node_id}/{sn.incarnation}"))

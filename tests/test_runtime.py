@@ -18,6 +18,7 @@ from raftlib import (
     EntryKind,
     HardState,
     InstallSnapshot,
+    InstallSnapshotReply,
     Member,
     Membership,
     MemoryStorage,
@@ -416,7 +417,8 @@ def test_a_snapshot_with_no_descriptor_free_is_tried_later_and_the_node_serves_o
 def test_a_leaders_snapshot_with_no_descriptor_free_is_saved_once_one_is_and_never_stops_the_node(caplog):
     """A follower installing a leader's snapshot (§7) needs new files: with no descriptor free the save is tried
     again until it goes through, without declaring the disk full (no 507) and without applying the snapshot
-    before it is saved; one line a second at most says why."""
+    before it is saved; one line a second at most says why. (The chunks go to the snapshot's file as they come,
+    which takes two descriptors, given here: the install's new segment is the one that finds none.)"""
     runtime, storage, fs, fatal = on_crashfs("b", voters=("a", "b"))
     runtime.descriptor_retry_seconds = 0.01
     runtime.start()
@@ -424,7 +426,7 @@ def test_a_leaders_snapshot_with_no_descriptor_free_is_saved_once_one_is_and_nev
         with gevent.Timeout(2):
             while runtime.node.last_applied < 1:
                 gevent.sleep(0.01)
-        fs.opens_left = 0
+        fs.opens_left = 2
         membership = runtime.node.membership
         with caplog.at_level("WARNING", logger="raftlib.runtime"):
             gevent.spawn(runtime.deliver, [InstallSnapshot("a", "b", 2, 50, 2, membership, 0, b"state", True)], False)
@@ -442,5 +444,41 @@ def test_a_leaders_snapshot_with_no_descriptor_free_is_saved_once_one_is_and_nev
         assert all("trying the save again every 0.01s" in line for line in said[:-1]), said
         assert 1 <= len(said) - 1 < runtime.stats["out_of_descriptors"], said  # at most one line a second
         assert not fatal and runtime.running and not runtime.disk_full
+    finally:
+        runtime.stop()
+
+
+class Replies(NullTransport):
+    def __init__(self):
+        self.sent = []
+
+    def send(self, messages):
+        self.sent.extend(messages)
+
+
+def test_a_snapshot_chunk_that_finds_no_descriptor_is_held_back_and_taken_when_sent_again():
+    """Issue 13: a follower writes a leader's snapshot's chunks to a file as they come. With no descriptor free
+    to create it, the chunk is not taken (the reply asks for offset 0 again), nothing is fatal, and the same
+    chunk sent again once descriptors are back is received, saved and restored."""
+    runtime, storage, fs, fatal = on_crashfs("b", voters=("a", "b"))
+    runtime.transport = transport = Replies()
+    runtime.start()
+    try:
+        with gevent.Timeout(2):
+            while runtime.node.last_applied < 1:
+                gevent.sleep(0.01)
+        membership = runtime.node.membership
+        chunks = [InstallSnapshot("a", "b", 2, 50, 2, membership, 0, b"first half ", False),
+                  InstallSnapshot("a", "b", 2, 50, 2, membership, 11, b"second half", True)]
+        fs.opens_left = 0
+        runtime.deliver(chunks[:1], False)
+        reply = [m for m in transport.sent if isinstance(m, InstallSnapshotReply)][-1]
+        assert (reply.next_offset, reply.done) == (0, False) and runtime.running and not fatal
+        fs.opens_left = None
+        runtime.deliver(chunks[:1], False)
+        runtime.deliver(chunks[1:], False)
+        assert runtime.wait_applied(50, 2.0) == 50
+        assert runtime.state_machine.restored == b"first half second half"
+        assert storage.state.snapshot.data == b"first half second half" and not fatal
     finally:
         runtime.stop()

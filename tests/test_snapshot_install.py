@@ -1,0 +1,174 @@
+"""A follower installing a leader's big snapshot without stalling (issue 13, step 3), in this process: the chunks
+go to the snapshot's file as they come (never a growing bytes object), the install renames that file into place,
+and the state machine is restored a piece per drive while the node answers heartbeats and applies nothing."""
+
+from __future__ import annotations
+
+import random
+
+import gevent
+import pytest
+
+from crashfs import CrashFS
+from raftlib import (
+    AppendEntries,
+    AppendEntriesReply,
+    Config,
+    Entry,
+    EntryKind,
+    HardState,
+    InstallSnapshot,
+    InstallSnapshotReply,
+    Member,
+    Membership,
+    RaftNode,
+    Snapshot,
+)
+from raftlib.runtime import Runtime
+from raftlib.server.store import PIECE_KEYS, SET, KeyValueStore, command
+from raftlib.storage import DiskStorage, ReceivedSnapshotFile
+
+MEMBERSHIP = Membership(("a", "b"), (), (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", "")))
+
+
+class Sent:
+    def __init__(self):
+        self.messages = []
+
+    def set_peers(self, addresses):
+        pass
+
+    def send(self, messages):
+        self.messages.extend(messages)
+
+
+def store_of(n: int, prefix: str = "k") -> KeyValueStore:
+    kv = KeyValueStore()
+    for i in range(n):
+        kv.apply(i + 1, command(SET, f"{prefix}{i:07d}", b"v%d" % i))
+    return kv
+
+
+def follower_b(fs: CrashFS):
+    """Node b of {a, b} on a DiskStorage over `fs`, a KeyValueStore holding one key, b's election far off."""
+    storage = DiskStorage("/data", fs=fs)
+    storage.load()
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", MEMBERSHIP)])
+    stored = storage.state
+    node = RaftNode(Config("b", election_ticks=1000, snapshot_chunk_bytes=1 << 16), random.Random(1),
+                    stored.hard_state, stored.raft_log(), stored.snapshot)
+    kv = KeyValueStore()
+    kv.apply(1, command(SET, "old", b"1"))
+    transport = Sent()
+    runtime = Runtime(node, storage, transport, kv, tick_seconds=0.005)
+    return runtime, storage, kv, transport
+
+
+def chunks_of(data: bytes, index: int, term: int, size: int) -> list[InstallSnapshot]:
+    out = []
+    for offset in range(0, len(data), size):
+        piece = data[offset : offset + size]
+        out.append(InstallSnapshot("a", "b", term, index, term, MEMBERSHIP, offset, piece,
+                                   offset + len(piece) == len(data)))
+    return out
+
+
+def test_a_big_snapshot_is_received_into_its_file_and_restored_a_piece_per_drive_while_heartbeats_are_answered():
+    fs = CrashFS()
+    runtime, storage, kv, transport = follower_b(fs)
+    source = store_of(30 * PIECE_KEYS)
+    data = source.snapshot()
+    runtime.start()
+    try:
+        with gevent.Timeout(2):
+            while runtime.node.last_applied < 1:
+                gevent.sleep(0.01)
+        received = []
+        real_open = storage.receive_snapshot
+
+        def spy(meta):
+            sink = real_open(meta)
+            received.append(sink)
+            return sink
+
+        runtime.node.open_snapshot_sink = spy
+        chunks = chunks_of(data, 50, 2, 1 << 16)
+        assert len(chunks) > 10
+        for m in chunks[:-1]:
+            runtime.deliver([m], False)
+        # The chunks so far are in the file, not in memory: the sink holds no buffer, the file holds them.
+        sink = received[0]
+        assert not hasattr(sink, "buffer") and len(sink) == sum(len(m.data) for m in chunks[:-1])
+        on_disk = fs.read_file(sink.path)
+        assert on_disk.endswith(b"".join(m.data for m in chunks[:-1]))
+        runtime.deliver(chunks[-1:], False)
+        assert storage.state.snapshot is not None and storage.state.snapshot.last_included_index == 50
+        assert not fs.listdir("/data") or not any(n.endswith(".tmp") for n in fs.listdir("/data"))  # renamed
+        # The restore is under way: a heartbeat (and an entry after the snapshot, committed) is answered, but
+        # nothing is applied and the old state is still whole.
+        answered = 0
+        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
+        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)
+        while runtime._restoring is not None:
+            before = len(transport.messages)
+            runtime.deliver([AppendEntries("a", "b", 2, 51, 2, (), 51)], False)
+            assert any(isinstance(m, AppendEntriesReply) and m.success for m in transport.messages[before:])
+            if runtime._restoring is not None:
+                answered += 1
+                assert runtime.node.last_applied < 50
+                assert kv.data == {"old": b"1"} and list(kv.keys) == ["old"]
+        assert answered >= 5, answered  # one piece per drive: a one-step restore answers none meanwhile
+        assert runtime.wait_applied(51, 2.0) == 51
+        assert kv.data == {**source.data, "after": b"51"}
+        assert list(kv.keys) == sorted(kv.data)
+        kv.keys._check()
+    finally:
+        runtime.stop()
+
+
+def test_a_transfer_given_up_for_a_newer_snapshot_leaves_no_file():
+    fs = CrashFS()
+    runtime, storage, kv, transport = follower_b(fs)
+    runtime.start()
+    try:
+        runtime.deliver(chunks_of(b"x" * 100, 50, 2, 60)[:1], False)
+        assert any(n.endswith(".received.tmp") for n in fs.listdir("/data"))
+        runtime.deliver(chunks_of(store_of(10).snapshot(), 60, 2, 1 << 16), False)
+        assert runtime.wait_applied(60, 2.0) == 60
+        assert not any(n.endswith(".tmp") for n in fs.listdir("/data")), fs.listdir("/data")
+        assert len(kv.data) == 10
+        reply = [m for m in transport.messages if isinstance(m, InstallSnapshotReply)][-1]
+        assert reply.done and reply.last_included_index == 60
+    finally:
+        runtime.stop()
+
+
+def test_a_received_snapshot_file_is_installed_by_a_rename_and_loads_after_a_restart():
+    """The storage's side: chunks through `receive_snapshot`, the finished data saved as the Ready's snapshot.
+    The install renames the received file (no second copy written) and a reload reads the same snapshot."""
+    fs = CrashFS()
+    storage = DiskStorage("/data", fs=fs)
+    storage.load()
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", MEMBERSHIP)])
+    data = store_of(3 * PIECE_KEYS).snapshot()
+    sink = storage.receive_snapshot(Snapshot(50, 2, MEMBERSHIP))
+    for offset in range(0, len(data), 1 << 16):
+        sink.write(data[offset : offset + (1 << 16)])
+    finished = sink.finish()
+    assert isinstance(finished, ReceivedSnapshotFile) and finished == data
+    creates_before = sum(1 for op in fs.ops if op[1] == "create")
+    storage.save(HardState(2, None, 50), [], Snapshot(50, 2, MEMBERSHIP, finished))
+    created = [op for op in fs.ops if op[1] == "create"][creates_before:]
+    assert len(created) == 1 and created[0][2].endswith(".seg"), created  # the new segment only: a rename
+    storage.close()
+    again = DiskStorage("/data", fs=fs).load()
+    assert again.snapshot.last_included_index == 50 and again.snapshot.data == data
+
+
+@pytest.mark.parametrize("cut", [0, 1, 7])
+def test_a_snapshot_whose_data_is_damaged_in_transit_is_refused_by_the_store(cut):
+    data = store_of(PIECE_KEYS + 3).snapshot()
+    kv = KeyValueStore()
+    with pytest.raises(ValueError):
+        kv.restore(data[: len(data) - 1 - cut])
+    assert kv.data == {}
