@@ -160,19 +160,19 @@ def main() -> int:
     names = {f"node{i + 1}": port for i, port in enumerate(cluster.http_ports)}
     watch = Watch(names).start()
     result: dict = {"keys": args.keys, "build": build}
+    http_port, follower, before = 0, 0, {}
     try:
         t0 = time.monotonic()
         done = 0
         while done < args.keys:
-            r = wrk(cluster.url, FILL_SCRIPT % (done, args.keys, value, 2 * 1), args.concurrency,
+            r = wrk(cluster.url, FILL_SCRIPT % (done, args.keys, value, 2), args.concurrency,
                     min(60.0, max(5.0, (args.keys - done) / 3000)), workdir)
             done += r["requests"] - r["errors"]
             print(f"  loaded {min(done, args.keys):,} keys ({r['errors']} errors, p99 {r['p99'] / 1000:.0f} ms) "
                   f"at {time.monotonic() - t0:.0f}s", flush=True)
         result["load_seconds"] = time.monotonic() - t0
-        r = wrk(cluster.url, FILL_SCRIPT % (0, args.keys, value, 2) .replace("(offset + n * 2 + id)",
-                                                                            "(offset + n * 7919 + id)"),
-                args.concurrency, args.seconds, workdir)
+        overwrites = (FILL_SCRIPT % (0, args.keys, value, 2)).replace("(offset + n * 2 + id)", "(n * 7919 + id)")
+        r = wrk(cluster.url, overwrites, args.concurrency, args.seconds, workdir)
         result["write_phase"] = {"ops": r["requests"] / r["seconds"], "errors": r["errors"], "p99_ms": r["p99"] / 1000}
         print(f"  then {r['requests'] / r['seconds']:.0f} writes/s for {args.seconds:g}s, p99 "
               f"{r['p99'] / 1000:.0f} ms, {r['errors']} errors", flush=True)
@@ -207,26 +207,13 @@ def main() -> int:
                         "the restarted follower")
         result["restart_seconds"] = time.monotonic() - t_start
         time.sleep(3)
+        per_node = report(names, http_port, follower, before, watch)
     finally:
         watch.stop()
-    per_node = {}
-    for name, port in {**names, "node4": http_port}.items():
-        try:
-            m = metrics(port)
-        except Exception:  # noqa: BLE001
-            m = {}
-        if name == f"node{follower + 1}":
-            m = {**before, "after_restart_lag_max": m.get("raftdzmq_loop_lag_seconds_max")}
-        per_node[name] = {"probe_lag_max_ms": (m["raftdzmq_loop_lag_seconds_max"] * 1000
-                                               if "raftdzmq_loop_lag_seconds_max" in m else None),
-                          "probe_lags_over_10ms": m.get("raftdzmq_loop_lags_over_10ms"),
-                          "status_slowest_ms": watch.slowest.get(name, 0) * 1000}
-        if "after_restart_lag_max" in m and m["after_restart_lag_max"] is not None:
-            per_node[name]["after_restart_probe_lag_max_ms"] = m["after_restart_lag_max"] * 1000
+        cluster.stop()
     result["nodes"] = per_node
     result["terms_seen"] = sorted(watch.terms)
     result["leaders_seen"] = sorted(watch.leaders)
-    cluster.stop()
     print(f"  follower node{follower + 1} restarted and served its applied index in {result['restart_seconds']:.1f}s")
     print(f"  terms seen: {result['terms_seen']} (leaders {result['leaders_seen']})")
     print(f"  {'node':<6} {'probe max ms':>12} {'>10ms':>6} {'slowest /status ms':>19}")
@@ -241,6 +228,26 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0
+
+
+def report(names: dict[str, int], http_port: int, follower: int, before: dict, watch: Watch) -> dict:
+    """Each node's figures: its probe's (/metrics; the restarted follower's from before its restart, and its
+    new process's apart) and the slowest /status answer the watch saw."""
+    per_node = {}
+    for name, port in {**names, "node4": http_port}.items():
+        try:
+            m = metrics(port)
+        except Exception:  # noqa: BLE001
+            m = {}
+        if name == f"node{follower + 1}":
+            m = {**before, "after_restart_lag_max": m.get("raftdzmq_loop_lag_seconds_max")}
+        per_node[name] = {"probe_lag_max_ms": (m["raftdzmq_loop_lag_seconds_max"] * 1000
+                                               if "raftdzmq_loop_lag_seconds_max" in m else None),
+                          "probe_lags_over_10ms": m.get("raftdzmq_loop_lags_over_10ms"),
+                          "status_slowest_ms": watch.slowest.get(name, 0) * 1000}
+        if "after_restart_lag_max" in m and m["after_restart_lag_max"] is not None:
+            per_node[name]["after_restart_probe_lag_max_ms"] = m["after_restart_lag_max"] * 1000
+    return per_node
 
 
 if __name__ == "__main__":

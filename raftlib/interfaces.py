@@ -136,5 +136,8 @@ class StateMachine(Protocol):
         ...
 
     def restore(self, data: SnapshotData) -> None:
-        """Replace the whole state with one `snapshot` made: bytes, or a source to read them from in chunks."""
+        """Replace the whole state with one `snapshot` made: bytes, or a source to read them from in chunks.
+        A state machine may also have `restoring(data)`, the same as a generator that does a bounded piece of
+        the work per step and replaces the state at its end: the runtime then restores a leader's snapshot a
+        piece per drive, serving meanwhile (raftlib.server.store.KeyValueStore has it)."""
         ...
