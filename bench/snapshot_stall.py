@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """The snapshot stall bench (issue 13): does taking, writing, sending, installing and restoring a big snapshot
 hold a node's event loop, and does it cost leaders? A local 3-node cluster (default flags but a snapshot
-threshold that makes snapshots happen) is loaded with --keys distinct keys of --value-bytes, keeps taking
-writes for --seconds, then a 4th node joins (it catches up by InstallSnapshot: the leader sends, it receives and
-restores) and a follower is restarted (its start-up restores the snapshot). Reported per node:
+threshold that makes snapshots happen) is formed, stopped, and loaded with --keys distinct keys of --value-bytes
+directly in its data dirs (the same snapshot in each, in the key/value format every build reads: a CBOR map;
+writing a million keys over HTTP would take longer than the rest of the run); it is started again (each node's
+start-up restores that snapshot, timed), takes overwrites of those keys for --seconds (its own snapshots:
+taken, written), then a 4th node joins (it catches up by InstallSnapshot: the leader sends, it receives and
+restores) and a follower is restarted (its start-up restores a snapshot it took). Reported per node:
 
 - loop lag: the hub-lag probe's max (RAFTDZMQ_LOOP_LAG_PROBE_SECONDS=0.001, /metrics
   raftdzmq_loop_lag_seconds_max, and the count of wake-ups > 10 ms late), where the build has it; and, for every
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +40,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import load  # noqa: E402
+
+sys.path.insert(0, load.ROOT)
+import cbor2  # noqa: E402
+
+from raftlib import EntryKind, HardState, Snapshot  # noqa: E402
+from raftlib.storage import DiskStorage  # noqa: E402
 
 # Writes keys key00000000.. in order, each wrk thread and connection taking the next one, from OFFSET; wraps at KEYS.
 FILL_SCRIPT = """
@@ -60,6 +70,38 @@ done = function(summary, latency, requests)
     latency:percentile(99)))
 end
 """
+
+
+def preload(data_dirs: list[str], keys: int, value: bytes) -> int:
+    """Give every (stopped) node the same snapshot holding `keys` keys, just past the log they hold, with the
+    configuration of the most complete one: as if the cluster had committed and compacted it. Returns its index."""
+    stored = []
+    for d in data_dirs:
+        storage = DiskStorage(d)
+        stored.append(storage.load())
+        storage.close()
+    memberships = [e.membership for st in stored for e in st.entries if e.kind is EntryKind.MEMBERSHIP]
+    membership = max(memberships, key=lambda m: len(m.voters))
+    index = max(st.last_index for st in stored) + 1
+    term = max(st.hard_state.current_term for st in stored)
+    data = cbor2.dumps({f"key{k:08d}": value for k in range(keys)})
+    for d in data_dirs:
+        storage = DiskStorage(d)
+        st = storage.load()
+        storage.save(HardState(term, st.hard_state.voted_for, index), [], Snapshot(index, term, membership, data))
+        storage.close()
+    return index
+
+
+def restart(cluster: load.Raftdzmq, i: int, build: str, workdir: str) -> subprocess.Popen:
+    argv = [a for a in cluster.procs[i].args]
+    if "-join" in argv:
+        j = argv.index("-join")
+        del argv[j:j + 2]
+    log = open(os.path.join(workdir, f"restart-{i + 1}.log"), "ab")
+    cluster.procs[i] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=build)
+    log.close()
+    return cluster.procs[i]
 
 
 def get_json(port: int, path: str = "/status", timeout: float = 2.0):
@@ -140,8 +182,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--keys", type=int, default=300_000)
     p.add_argument("--value-bytes", type=int, default=100)
-    p.add_argument("--seconds", type=float, default=30.0, help="writes after the load (overwrites), default 30")
-    p.add_argument("--snapshot-threshold", type=int, default=8 << 20, help="bytes of log per snapshot")
+    p.add_argument("--seconds", type=float, default=60.0, help="overwrites after the load, default 60")
+    p.add_argument("--snapshot-threshold", type=int, default=4 << 20, help="bytes of log per snapshot")
     p.add_argument("-c", "--concurrency", type=int, default=32)
     p.add_argument("--build", default=load.ROOT, help="the checkout whose raftdzmq.py runs (default: this one)")
     p.add_argument("--json", help="write the figures here too")
@@ -158,21 +200,31 @@ def main() -> int:
           f"bytes, build {build}; {os.popen('uptime').read().strip()}")
     cluster = load.Raftdzmq(workdir, 3, ["-snapshot-threshold", str(args.snapshot_threshold)], build=build)
     names = {f"node{i + 1}": port for i, port in enumerate(cluster.http_ports)}
-    watch = Watch(names).start()
+    watch = Watch(names)
     result: dict = {"keys": args.keys, "build": build}
     http_port, follower, before = 0, 0, {}
     try:
+        for proc in cluster.procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
         t0 = time.monotonic()
-        done = 0
-        while done < args.keys:
-            r = wrk(cluster.url, FILL_SCRIPT % (done, args.keys, value, 2), args.concurrency,
-                    min(60.0, max(5.0, (args.keys - done) / 3000)), workdir)
-            done += r["requests"] - r["errors"]
-            print(f"  loaded {min(done, args.keys):,} keys ({r['errors']} errors, p99 {r['p99'] / 1000:.0f} ms) "
-                  f"at {time.monotonic() - t0:.0f}s", flush=True)
-        result["load_seconds"] = time.monotonic() - t0
+        index = preload([proc.args[-1] for proc in cluster.procs], args.keys, value.encode())
+        result["preload_seconds"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        for i in range(3):
+            restart(cluster, i, build, workdir)
+        starts = []
+        for port in cluster.http_ports:
+            load.wait_until(lambda port=port: get_json(port)["applied_index"] >= index, 300, "a preloaded node")
+            starts.append(time.monotonic() - t0)
+        load.wait_until(lambda: any(get_json(p)["role"] == "leader" for p in cluster.http_ports), 60, "a leader")
+        result["preloaded_start_seconds"] = starts
+        print(f"  preloaded {args.keys:,} keys at index {index}; the nodes served them "
+              f"{', '.join(f'{t:.1f}' for t in starts)}s after their start (the 3 at once)", flush=True)
+        watch.start()
         overwrites = (FILL_SCRIPT % (0, args.keys, value, 2)).replace("(offset + n * 2 + id)", "(n * 7919 + id)")
-        r = wrk(cluster.url, overwrites, args.concurrency, args.seconds, workdir)
+        leader_port = next(p for p in cluster.http_ports if get_json(p)["role"] == "leader")
+        r = wrk(f"http://127.0.0.1:{leader_port}", overwrites, args.concurrency, args.seconds, workdir)
         result["write_phase"] = {"ops": r["requests"] / r["seconds"], "errors": r["errors"], "p99_ms": r["p99"] / 1000}
         print(f"  then {r['requests'] / r['seconds']:.0f} writes/s for {args.seconds:g}s, p99 "
               f"{r['p99'] / 1000:.0f} ms, {r['errors']} errors", flush=True)
@@ -195,14 +247,8 @@ def main() -> int:
         commit = get_json(cluster.http_ports[follower])["applied_index"]
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-        argv = [a for a in proc.args]
-        if "-join" in argv:
-            i = argv.index("-join")
-            del argv[i:i + 2]
         t_start = time.monotonic()
-        log = open(os.path.join(workdir, f"restart-{follower + 1}.log"), "ab")
-        cluster.procs[follower] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=build)
-        log.close()
+        restart(cluster, follower, build, workdir)
         load.wait_until(lambda: get_json(cluster.http_ports[follower])["applied_index"] >= commit, 120,
                         "the restarted follower")
         result["restart_seconds"] = time.monotonic() - t_start
@@ -211,6 +257,7 @@ def main() -> int:
     finally:
         watch.stop()
         cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     result["nodes"] = per_node
     result["terms_seen"] = sorted(watch.terms)
     result["leaders_seen"] = sorted(watch.leaders)

@@ -199,7 +199,8 @@ class Runtime:
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
         # A leader's snapshot being restored into the state machine a piece per drive: (its index, the steps).
-        self._restoring: tuple[int, Iterator[None]] | None = None
+        self._restoring: tuple[int, Iterator[bool]] | None = None
+        self._restore_applied = False  # the state machine holds that snapshot: the steps left free the old state
         receive = getattr(storage, "receive_snapshot", None)
         if receive is not None:  # a leader's snapshot's chunks go to its file as they come, not to memory
             node.open_snapshot_sink = receive
@@ -512,28 +513,31 @@ class Runtime:
             logger.info("the restore of the snapshot at index %d is replaced by the one at %d", self._restoring[0],
                         index)
         self._restoring = (index, steps(snap.data))
+        self._restore_applied = False
         self._restore_started = time.monotonic()
         logger.info("installed a snapshot at index %d from the leader; restoring the state machine", index)
-        return False if self._restore_step(None) else True
+        self._restore_step(None)
+        return not self._restore_applied
 
-    def _restore_step(self, replies: dict | None) -> bool:
-        """One piece of the restore under way; True when it is done (the node is told, and the entries after
-        the snapshot are applied)."""
+    def _restore_step(self, replies: dict | None) -> None:
+        """One piece of the restore under way. Once the state machine holds the snapshot the node is told, and
+        the entries after the snapshot are applied; the steps after that free the old state."""
         assert self._restoring is not None
         index, steps = self._restoring
         try:
-            next(steps)
-            return False
+            replaced = next(steps)
         except StopIteration:
-            pass
-        self._restoring = None
+            self._restoring = None
+            replaced = not self._restore_applied  # a state machine that swaps in its last step
+        if not replaced or self._restore_applied:
+            return
+        self._restore_applied = True
         self.node.snapshot_applied(index)
         logger.info("restored the state machine from the snapshot at index %d in %.2fs", index,
                     time.monotonic() - self._restore_started)
         if replies is not None:  # in a drive whose replies went out already: what follows goes by the transport
             self._process_ready({})
         self._wake_applied()
-        return True
 
     def _send(self, messages: list[Message], replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         """Messages for a peer whose request we are answering ride back on the reply; the others go out now."""

@@ -109,11 +109,11 @@ def test_a_big_snapshot_is_received_into_its_file_and_restored_a_piece_per_drive
         answered = 0
         entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
         runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)
-        while runtime._restoring is not None:
+        while not runtime._restore_applied:
             before = len(transport.messages)
             runtime.deliver([AppendEntries("a", "b", 2, 51, 2, (), 51)], False)
             assert any(isinstance(m, AppendEntriesReply) and m.success for m in transport.messages[before:])
-            if runtime._restoring is not None:
+            if not runtime._restore_applied:
                 answered += 1
                 assert runtime.node.last_applied < 50
                 assert kv.data == {"old": b"1"} and list(kv.keys) == ["old"]

@@ -135,11 +135,12 @@ def test_a_snapshot_restores_a_piece_per_step_and_replaces_the_state_only_at_its
     old, _ = applied(command(SET, "old", b"1"))
     steps = old.restoring(kv.snapshot())
     n = 0
-    for _ in steps:
+    while not next(steps):
         n += 1
         assert old.data == {"old": b"1"} and list(old.keys) == ["old"]
     assert n >= 4  # at least 3 full pieces and a partial one
     assert old.data == kv.data and list(old.keys) == sorted(kv.data)
+    assert not any(steps)  # the old state freed in steps that replace nothing more
     old.keys._check()
     for k in list(kv.data)[:50]:  # the SortedList built by layout works as one built by adds
         old.apply(0, command(DELETE, k))
@@ -168,7 +169,7 @@ def test_a_restore_dropped_part_way_changes_nothing():
     kv = big_store(2 * PIECE_KEYS)
     old, _ = applied(command(SET, "old", b"1"))
     steps = old.restoring(kv.snapshot())
-    next(steps), next(steps)
+    assert not next(steps) and not next(steps)
     steps.close()
     assert old.data == {"old": b"1"} and list(old.keys) == ["old"]
 
@@ -288,3 +289,19 @@ def test_the_store_and_admin_modules_import_nothing_of_the_runtime(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert store.__doc__ and "Pure" in store.__doc__
+
+
+def test_the_old_state_is_freed_a_piece_per_step_after_the_new_one_is_in():
+    """Freeing a million keys at once holds the loop as long as decoding them: after the swap, the old state is
+    freed over the following steps, each dropping a bounded number of keys."""
+    old = big_store(10 * PIECE_KEYS)
+    held = old.data
+    steps = old.restoring(big_store(10, seed=2).snapshot())
+    while not next(steps):
+        pass
+    assert len(old.data) == 10 and len(held) == 10 * PIECE_KEYS
+    sizes = []
+    for _ in steps:
+        sizes.append(len(held))
+    assert len(held) == 0 and len(sizes) >= 3
+    assert all(a - b <= 4 * PIECE_KEYS for a, b in zip([10 * PIECE_KEYS] + sizes, sizes))

@@ -170,10 +170,32 @@ class KeyValueStore:
         for _ in self.restoring(data):
             pass
 
-    def restoring(self, data) -> Iterator[None]:
-        """`restore` a piece per step: a generator that decodes one piece each time it is advanced and yields;
-        the state is replaced when it finishes (the module's rules), not before. Dropping it part way changes
-        nothing. A snapshot of an older format is decoded in its first step, whole."""
+    def restoring(self, data) -> Iterator[bool]:
+        """`restore` a piece per step: a generator that decodes one piece each time it is advanced and yields
+        False; once the state is replaced (the module's rules; not before), it yields True, then frees the old
+        state a piece per step (freeing a million keys at once holds the loop too), yielding False, and ends.
+        Dropping it before the True changes nothing. A snapshot of an older format is decoded in one step."""
+        old_data, old_keys = self.data, self.keys
+        for _ in self._decode(data):
+            yield False
+        yield True
+        # Only this generator holds the old state now (readers look up self.data afresh at each request).
+        while old_data:
+            for _ in range(4 * PIECE_KEYS):
+                if not old_data:
+                    break
+                old_data.popitem()
+            yield False
+        old_data = None
+        lists = getattr(old_keys, "_lists", None)
+        if type(lists) is list:
+            while lists:
+                del lists[-4:]  # sublists of SortedList's load (1000) keys
+                yield False
+        old_keys = None
+
+    def _decode(self, data) -> Iterator[None]:
+        """The decoding half of `restoring`: a piece per step; the state replaced when it ends."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             size = len(data)
             read = data.read
