@@ -1013,7 +1013,12 @@ class RaftNode:
         if m.done:
             pr.snapshot_done(m.last_included_index)
             self._append_dirty = True
-        else:
+        elif m.next_offset != pr.snapshot_offset:
+            # The follower moved on (or lost what it held, restarting): the next chunk. A reply that moves
+            # nothing answers a chunk sent twice (each heartbeat sends the current chunk again, in case it was
+            # lost): answered with another chunk, each such reply would start one more chain of chunks in flight,
+            # one more per heartbeat while the follower takes its time to write them, until the leader spends
+            # itself sending (bench/snapshot_stall.py: a leader change every few seconds at 1M keys).
             pr.snapshot_offset = m.next_offset
             self._send_snapshot(m.src)
 

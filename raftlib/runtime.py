@@ -31,6 +31,7 @@ queue up).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import gc
 import logging
@@ -861,6 +862,11 @@ def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: 
                 libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:  # the parent died before prctl
                 posix._exit(1)
+            # The lowest CPU priority: on a small machine the children of all nodes snapshot at about the same
+            # time (same threshold, same log), and at full priority they starve the serving processes of CPU
+            # until leaders miss their quorum checks (bench/snapshot_stall.py: a leader change at 1M keys).
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, 0, 19)
             # Every inherited descriptor but stdio and the pipe: the sockets (a restarted parent must find its
             # ports free), the data dir's lock, log and folders, gevent's and zmq's own.
             posix.closerange(3, w)

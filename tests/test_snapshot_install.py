@@ -172,3 +172,46 @@ def test_a_snapshot_whose_data_is_damaged_in_transit_is_refused_by_the_store(cut
     with pytest.raises(ValueError):
         kv.restore(data[: len(data) - 1 - cut])
     assert kv.data == {}
+
+
+def test_a_reply_to_a_chunk_sent_twice_starts_no_second_chain_of_chunks():
+    """§7 with heartbeats: the leader sends the current chunk again with each heartbeat (it may have been lost).
+    The follower answers the copy with the offset it holds; answering that with the next chunk again would add
+    one more chain of chunks in flight per heartbeat (seen: a leader change every few seconds while a follower
+    took a 114 MB snapshot). A reply that moves nothing sends nothing; one that moves on sends the next chunk."""
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from simulator import Cluster
+    from test_core import elect, write
+
+    from raftlib.progress import ProgressState
+
+    c = Cluster(seed=11, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(30):
+        write(c, f"key{k % 7}", ticks=500)
+    c.take_snapshot(leader)
+    node = c.nodes[leader].node
+    size = node.config.snapshot_chunk_bytes  # the simulator's: small, for many chunks
+    c.restart(lagger)
+    assert c.run_until(lambda: (node.progress(lagger).state is ProgressState.SNAPSHOT
+                                and node.progress(lagger).snapshot_offset > 0), 1000)
+    pr = node.progress(lagger)
+
+    def chunks_sent_after(reply):
+        node.step(reply)
+        rd = node.ready()
+        sent = [m for m in rd.messages if isinstance(m, InstallSnapshot)] if rd else []
+        if rd:
+            c.nodes[leader].node.advance(rd)
+        return sent
+
+    held = pr.snapshot_offset
+    assert chunks_sent_after(InstallSnapshotReply(lagger, leader, node.current_term, pr.snapshot_index, held,
+                                                  False)) == []
+    sent = chunks_sent_after(InstallSnapshotReply(lagger, leader, node.current_term, pr.snapshot_index, held + size,
+                                                  False))
+    assert [m.offset for m in sent] == [held + size]
