@@ -92,7 +92,9 @@ class FakeRuntime:
                        membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
                        removed=n.removed, reads_pending=0),
             True, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
-                                                          "saves": 5, "snapshots": 0}))
+                                                          "saves": 5, "snapshots": 0,
+                                                          "loop_lag_max_microseconds": 2500,
+                                                          "loop_lags_over_10ms": 0}))
 
 
 class Answer:
@@ -567,6 +569,7 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert (samples["raftdzmq_term"], samples["raftdzmq_is_leader"], samples["raftdzmq_last_index"],
             samples["raftdzmq_batches_saved"], samples["raftdzmq_elections_won"]) == ("7.0", "1.0", "3.0", "5.0", "1.0")
     assert "# TYPE raftdzmq_hub_lag_seconds histogram" in r.text
+    assert (samples["raftdzmq_loop_lag_seconds_max"], samples["raftdzmq_loop_lags_over_10ms"]) == ("0.0025", "0.0")
 
 
 # ---- what no route takes ------------------------------------------------------------------------------------------

@@ -186,13 +186,13 @@ class KeyValueStore:
                     break
                 old_data.popitem()
             yield False
-        old_data = None
+        del old_data
         lists = getattr(old_keys, "_lists", None)
         if type(lists) is list:
             while lists:
                 del lists[-4:]  # sublists of SortedList's load (1000) keys
                 yield False
-        old_keys = None
+        del old_keys
 
     def _decode(self, data) -> Iterator[None]:
         """The decoding half of `restoring`: a piece per step; the state replaced when it ends."""
