@@ -26,9 +26,12 @@ import gevent.event  # noqa: E402
 
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
-from raftlib.server.node import JoinFailed, Server, ServerConfig  # noqa: E402
+from raftlib.server.node import CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.storage import StorageError  # noqa: E402
+from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
+
+MAX_BODY_LIMIT = MAX_ENTRY_BYTES - 8192  # room for the key (at most 4 KiB) and the command's encoding
 
 log = logging.getLogger("raftdzmq")
 
@@ -70,10 +73,13 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
         "seconds a client has to send a whole request (head and body) once it has begun; 408 after (default 10)"))),
     (("-snapshot-threshold", "--snapshot-threshold"), dict(dest="snapshot_threshold", type=int, default=16 << 20,
         help="take a snapshot when the log since the last one passes this many bytes (default 16 MiB)")),
+    (("-max-members", "--max-members"), dict(dest="max_members", metavar="N", type=int, default=64, help=(
+        "most members (voters and learners) a join may bring the cluster to; a join beyond gets 409 (default 64; "
+        "the leader that takes the join decides: give every node the same)"))),
     (("-secret-file", "--secret-file"), dict(dest="secret_file", metavar="PATH", help=(
-        f"a file holding the cluster secret (or set ${SECRET_ENV}): raft connections use CURVE keys derived from it, "
-        "and every join and /cluster change is signed with it (HMAC-SHA256); nodes and requests without it are "
-        "refused"))),
+        f"a file holding the cluster secret (or set ${SECRET_ENV}): every join and /cluster change is signed with "
+        "it (HMAC-SHA256), and requests without it are refused; with it each node makes a CURVE key pair of its "
+        "own (random, kept in DATA_DIR/node.key), and raft connections admit only the members' keys"))),
     (("-sign", "--sign"), dict(nargs=2, metavar=("METHOD", "TARGET"), help=(
         "print the headers that sign this admin request with the cluster secret, for curl -H @FILE (e.g. -sign "
         "DELETE /cluster/ab12cd34), and exit; no DATA_DIR"))),
@@ -94,9 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sign is None and args.data_dir is None:
         p.error("the following arguments are required: DATA_DIR")
-    for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout"):
+    for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
+    if args.max_body > MAX_BODY_LIMIT:  # an entry must fit a Raft frame (raftlib.codec.MAX_ENTRY_BYTES)
+        p.error(f"-max-body must be at most {MAX_BODY_LIMIT} (a write travels in one Raft frame)")
     safe = connection_bound()
     if args.max_connections is None:
         args.max_connections = min(1000, safe)
@@ -113,7 +121,7 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
-        secret=secret, fsync=not args.no_fsync)
+        secret=secret, max_members=args.max_members, fsync=not args.no_fsync)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:
@@ -166,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     config = server_config(args, load_secret(args))
     try:
         server = Server(config)
-    except (StorageError, OSError) as e:  # StorageError says where; an OSError (a failed fsync, a path) names it
+    except (StorageError, CannotStart, OSError) as e:  # the first two say where; an OSError (a failed fsync, a
+        # path) names it
         print(f"raftdzmq: cannot start on {config.data_dir}: {e}" if isinstance(e, OSError) else f"raftdzmq: {e}",
               file=sys.stderr)
         return 2

@@ -43,7 +43,13 @@ from .messages import (
 )
 
 FORMAT_VERSION = 1
-MAX_FRAME_BYTES = 64 << 20
+# zmq's MAXMSGSIZE on the Raft port, so also the most a stranger can make a node hold per connection before the
+# handshake ends (libzmq applies it to handshake commands too: review 2 F1, 64 MiB then). Every sender fits its
+# frames under it (raftlib.transport: FRAME_BUDGET_BYTES): the core bounds an AppendEntries by max_batch_bytes
+# plus one entry, and a snapshot chunk by snapshot_chunk_bytes (1 MiB each by default), and an entry by
+# MAX_ENTRY_BYTES.
+MAX_FRAME_BYTES = 4 << 20
+MAX_ENTRY_BYTES = 2 << 20  # the largest entry's data that still fits a frame with a whole batch before it
 
 
 class CodecError(ValueError):
@@ -78,8 +84,16 @@ _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls))[3:] for cls in _S
 # ---- encoding ---------------------------------------------------------------------------------------
 
 
+def _member_out(x: Member) -> list:
+    # The public key only when there is one: without a cluster secret a member is as version 1 wrote it, on the
+    # wire and on disk, and older nodes read it.
+    if x.public_key:
+        return [x.node_id, x.raft_address, x.http_address, x.public_key]
+    return [x.node_id, x.raft_address, x.http_address]
+
+
 def _membership_out(m: Membership) -> list:
-    return [list(m.voters), list(m.learners), [[x.node_id, x.raft_address, x.http_address] for x in m.members]]
+    return [list(m.voters), list(m.learners), [_member_out(x) for x in m.members]]
 
 
 def entry_to_wire(e: Entry) -> list:
@@ -106,6 +120,25 @@ def _message_out(m: Message) -> list:
     return out
 
 
+def estimated_size(m: Message) -> int:
+    """About how many bytes `m` takes in a frame, never much less: for fitting frames under MAX_FRAME_BYTES
+    without encoding twice."""
+    base = 64 + len(m.src) + len(m.dst)
+    if type(m) is AppendEntries:
+        return base + sum(len(e.data) + 32 + (0 if e.membership is None else _membership_size(e.membership))
+                        for e in m.entries)
+    if type(m) is InstallSnapshot:
+        return base + len(m.data) + _membership_size(m.membership)
+    if type(m) is ReadIndexRequest or type(m) is ReadIndexReply:
+        return base + 9 * len(m.request_ids)
+    return base + (len(m.leader_id) if type(m) is Removed else 0)
+
+
+def _membership_size(m: Membership) -> int:
+    return 16 + sum(32 + len(x.node_id) * 2 + len(x.raft_address) + len(x.http_address) + len(x.public_key)
+                    for x in m.members)
+
+
 def encode_batch(messages: list[Message]) -> bytes:
     return cbor2.dumps([FORMAT_VERSION, [_message_out(m) for m in messages]])
 
@@ -128,14 +161,24 @@ def _str(v) -> str:
     return v
 
 
+_Z85_ALPHABET = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+
+
+def _public_key(v) -> str:
+    """A CURVE public key as Z85 text: 40 characters of Z85's alphabet (32 bytes)."""
+    _need(type(v) is str and len(v) == 40 and set(v) <= _Z85_ALPHABET, "bad public key")
+    return v
+
+
 def _membership_in(v) -> Membership:
     _need(type(v) is list and len(v) == 3, "bad membership")
     voters, learners, members = v
     _need(type(voters) is list and type(learners) is list and type(members) is list, "bad membership")
     out = []
     for m in members:
-        _need(type(m) is list and len(m) == 3, "bad member")
-        out.append(Member(_str(m[0]), _str(m[1]), _str(m[2])))
+        _need(type(m) is list and len(m) in (3, 4), "bad member")
+        public_key = _public_key(m[3]) if len(m) == 4 else ""
+        out.append(Member(_str(m[0]), _str(m[1]), _str(m[2]), public_key))
     vs, ls = tuple(_str(x) for x in voters), tuple(_str(x) for x in learners)
     _need(vs == tuple(sorted(set(vs))) and ls == tuple(sorted(set(ls))), "membership not sorted")
     _need(not set(vs) & set(ls), "a node is both voter and learner")

@@ -26,11 +26,14 @@ class EntryKind(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """One server of the cluster. The core only uses `node_id`; the addresses travel with the configuration."""
+    """One server of the cluster. The core only uses `node_id`; the addresses, and with a cluster secret the node's
+    CURVE public key (Z85 text, "" without a secret: raftlib.transport admits on the Raft port only the keys of the
+    configuration's members), travel with the configuration."""
 
     node_id: str
     raft_address: str = ""
     http_address: str = ""
+    public_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

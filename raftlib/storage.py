@@ -55,6 +55,8 @@ The data dir:
 
     LOCK                   held with flock(LOCK_EX) while a process uses the dir
     node.json              {"format": 1, "node_id": ..., "raft_address": ..., "http_address": ...}
+    node.key               with a cluster secret: the node's CURVE key pair and whom it admits before it has a
+                           configuration (raftlib.server.node); mode 0600, never logged
     log/NNNNNNNNNN.seg     log segments: "RDZMQLOG", u32 version 1, then records (docs/DATA-DIR.md)
     snapshot-IIII.snap     the snapshot the newest base record names (IIII = its last included index, 20 digits)
 
@@ -146,13 +148,16 @@ class OutOfDescriptors(StorageError):
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _write_file(fs: FileSystem, tmp: str, write: Callable[[object], None]) -> None:
+def _write_file(fs: FileSystem, tmp: str, write: Callable[[object], None], private: bool = False) -> None:
     """Create `tmp`, `write(handle)` its content, fsync and close it. No room (the writes or the fsync): DiskFull,
     and the file is unlinked (not synced: a power failure may bring it back; no reader looks at a `*.tmp`, and
-    load deletes them). No descriptor: OutOfDescriptors, and nothing was made. Any other error goes up (fatal)."""
+    load deletes them). No descriptor: OutOfDescriptors, and nothing was made. Any other error goes up (fatal).
+    `private`: readable by the owner only, from before its first byte."""
     try:
         f = fs.create(tmp)
         try:
+            if private and isinstance(f, int):  # a real descriptor: readable by the owner only, before any byte
+                os.fchmod(f, 0o600)
             write(f)
             fs.fsync(f)  # a new file: nothing older rides on this sync, so a failure of it loses nothing
         finally:
@@ -167,13 +172,14 @@ def _write_file(fs: FileSystem, tmp: str, write: Callable[[object], None]) -> No
         raise
 
 
-def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None, folder=None) -> None:
+def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None, folder=None,
+                      private: bool = False) -> None:
     """Write to a temporary file, fsync, rename over `path`, fsync the folder (`folder`: a handle of it from
     `open_dir`, so that the sync opens nothing; by default its path). No room, no descriptor: as `_write_file`,
     and `path` is as it was. A failed rename or folder fsync is fatal (the OSError goes up): which of the
     folder's operations reached the disk is unknown."""
     tmp = path + ".tmp"
-    _write_file(fs, tmp, lambda f: fs.append(f, data))
+    _write_file(fs, tmp, lambda f: fs.append(f, data), private)
     if crash_point and crashpoints.enabled:
         crashpoints.hit(crash_point)
     fs.rename(tmp, path)
@@ -809,6 +815,29 @@ class DiskStorage:
         _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
                           folder=self._folders[self.data_dir])
 
+    # ---- the node's key (with a cluster secret) ------------------------------------------------------------
+
+    @property
+    def _node_key_path(self) -> str:
+        return os.path.join(self.data_dir, NODE_KEY)
+
+    def read_node_key(self) -> dict | None:
+        """The JSON object in node.key, None when there is none; StorageError when it is not one."""
+        try:
+            value = json.loads(self.fs.read_file(self._node_key_path))
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise StorageError(f"{self._node_key_path} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise StorageError(f"{self._node_key_path} is not a JSON object")
+        return value
+
+    def write_node_key(self, value: dict) -> None:
+        """Replace node.key, crash-safe (a crash leaves the old file or the new one), readable by the owner only."""
+        _write_atomically(self.fs, self._node_key_path, json.dumps(value, indent=1).encode() + b"\n",
+                          folder=self._folders[self.data_dir], private=True)
+
     # ---- the join marker: what a node's first start is for, until it is done ---------------------------
 
     @property
@@ -1310,6 +1339,7 @@ class DiskStorage:
             self._lock = None
 
 
+NODE_KEY = "node.key"
 JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not done: "bootstrap" or "join"
 
 
@@ -1323,7 +1353,7 @@ class NodeStart:
 
 
 def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft_address: str, http_address: str,
-               join: bool) -> NodeStart:
+               join: bool, public_key: str = "") -> NodeStart:
     """Who this data dir's node is and what it must do, made crash-safe. The states, each durable before the next
     is entered, so that a crash anywhere leaves one of them:
 
@@ -1341,6 +1371,7 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                                            to reach it (or an older raftdzmq wrote the dir): a warning.
         a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed.
 
+    `public_key` (with a cluster secret) goes into the bootstrap's configuration with this node.
     Raises NotJoined, DiskFull (nothing is lost: start again once there is room), or OSError."""
     identity = storage.read_identity()
     pending = storage.read_join_marker()
@@ -1369,7 +1400,7 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                         "start a new cluster")
     elif pending == "bootstrap":
         # The first node of a new cluster: a configuration with itself as the only voter (index 1).
-        me = Member(node_id, raft_address, http_address)
+        me = Member(node_id, raft_address, http_address, public_key)
         first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership((node_id,), (), (me,)))
         storage.save(HardState(1, None, 1), [first])
         out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))

@@ -1,21 +1,44 @@
 """ZmqTransport: Raft messages between nodes over zmq.green REQ/REP, as CBOR frames (raftlib.codec).
 
 Rules: every socket is used by one greenlet only. Each peer has one REQ socket and one request in flight: its
-sender greenlet takes everything queued for that peer, sends it as one frame and waits (bounded) for the reply
-frame, which carries the messages the peer had for us in answer. A reply that does not come in time closes the
+sender greenlet takes what is queued for that peer, as much as fits FRAME_BUDGET_BYTES (at least one message),
+sends it as one frame and waits (bounded) for the reply frame, which carries the messages the peer had for us in
+answer (as many as fit; the rest go as requests of our own). Every frame stays under codec.MAX_FRAME_BYTES, which
+is zmq's MAXMSGSIZE on every socket: a few MiB, since libzmq applies it to handshake commands too (review 2 F1). A reply that does not come in time closes the
 socket with linger 0 and opens a new one (the zguide's "lazy pirate"), so a dead peer never wedges the sender;
 the messages are dropped, as Raft allows. Any other failure of a send, the opening of a socket included (out of
 descriptors: EMFILE), drops the batch too, is logged at most once a second, and is retried after 0.1 s: a sender
 never dies while its peer exists. The REP server decodes each frame, hands the messages to the owner
 and answers with whatever the owner returns. Bad frames are logged and dropped, never raised.
 
-Security. With a cluster secret every connection uses CURVE (RFC 26/CurveZMQ) with one key pair that every member
-derives from the secret (`curve_keypair`): a client must know the server's public key to say hello, and a ZAP
-handler admits only clients that prove they hold the cluster's secret key. So only members complete a handshake,
-and every frame travels encrypted and authenticated under keys of that connection alone, with a nonce that must
-increase: a frame or a whole session recorded and sent again does not open. That is why frames carry no HMAC,
-sequence number or timestamp of their own (they did: a captured heartbeat, sent again, kept followers following
-a dead leader). Without a secret anyone who reaches the port is a peer.
+Security. With a cluster secret every node has a CURVE key pair of its own (RFC 26/CurveZMQ; made at its first
+start and kept in its data dir, raftlib.server.node), and its public key travels in the configuration
+(messages.Member.public_key). Every connection uses CURVE: a client must know the public key of the node it
+calls, and proves in its INITIATE that it holds the secret key of its own; the ZAP handler (RFC 27) admits a
+client only if that key is the key of a member of the current configuration (the latest in the log, committed or
+not: thesis §4.1), and tells zmq which node it is (the ZAP User-Id, which zmq puts on every frame of the
+connection). The REP server takes a frame only if its sender's key is still a member's (a removed member's
+connection is refused from the moment the configuration without it is here, and so are its frames on a
+connection made before) and every message in it has `src` = that member (review 2 F2: a message's `src` was not
+authenticated, and anyone who once held the cluster secret could speak as any member). A key belongs to one
+member only: when a configuration gives two members one key, the one that had it first keeps it and the other is
+neither admitted nor called (review 3 F2; the leader refuses such a join too). A sender checks the
+replies' `src` likewise (the server's key is the peer's own). Every frame travels encrypted and authenticated
+under keys of that connection alone, with a nonce that must increase: a frame or a whole session recorded and
+sent again does not open, which is why frames carry no HMAC, sequence number or timestamp of their own.
+Vouched keys. A node's log can be behind the cluster's configuration: a member restarted after others joined
+(its configuration lacks the leader that must send it the entries that would name that leader), or a joining node
+whose first appends carry a configuration older than its leader. So the node also admits the keys of a "vouched"
+list: the newest configuration (index, members' keys) that a member gave it in an answer signed with the cluster
+secret (the join's answer, or GET /cluster/keys: raftlib.server.node asks), only while the node's own newest
+configuration is older than that list (its index below the list's). Once the node's log reaches that index the
+list is dropped for good (`on_vouched_dropped`: the node forgets it on disk), even when the configuration then
+names this node alone (review 3 F1: a removed member's key must never come back that way). Until then the list
+adds to the configuration's keys and never takes any away: a member removed after the node's configuration is
+still admitted until the node's log catches up (a vouched configuration may not be committed, and one that is
+later cut off must not lock out a member the node still counts). A key refused that neither list names is
+reported (`on_refused`) so that the node can ask for a newer list.
+Without a secret anyone who reaches the port is a peer and may name any `src`.
 
 Descriptors. zmq accepts every TCP connection to the port, and keeps each until it closes: strangers could hold
 all of the process's descriptors (review F1). So a connection must finish its handshake within
@@ -31,10 +54,9 @@ from __future__ import annotations
 import _socket
 import collections
 import errno
-import hashlib
-import hmac
 import logging
 import time
+from collections.abc import Callable, Iterable
 
 import gevent
 import gevent.event
@@ -43,24 +65,44 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from . import codec
+from .messages import Member
 
 logger = logging.getLogger("raftlib.transport")
 TRACE = 5
 CURVE_AVAILABLE = zmq.has("curve")
+FRAME_BUDGET_BYTES = codec.MAX_FRAME_BYTES // 2  # messages batched into one frame, by codec.estimated_size; one
+# message alone may take more, up to codec.MAX_FRAME_BYTES (an AppendEntries: max_batch_bytes and one entry)
 HANDSHAKE_SECONDS = 2.0  # a connection must finish the zmq handshake (and CURVE's) within this
 MAX_INBOUND_CONNECTIONS = 32  # kept at once on the Raft port; members need one each
 NEVER_SPOKE_SECONDS = 1.0  # a connection that never sent a valid frame ranks as if it last did this long before it came
+MONITOR_QUEUE_EVENTS = 10_000  # monitor events queued for the loop at most (each two small frames)
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks who may connect (RFC 27/ZAP)
 _HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "a protocol error", zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                      "refused by authentication"}
 
 
-def curve_keypair(secret: bytes) -> tuple[bytes, bytes]:
-    """The cluster's CURVE key pair (public, secret; Z85 text), derived from the cluster secret: every member holds
-    the same pair, and nobody without the secret can compute either key (the public one is never sent: CURVE
-    sends only keys made for one connection)."""
-    secret_key = z85.encode(hmac.digest(secret, b"raftdzmq-curve-v1", hashlib.sha256))
-    return zmq.curve_public(secret_key), secret_key
+def fit_frame(messages) -> int:
+    """How many of `messages`, from the first, go into one frame: at least one, then as many as fit
+    FRAME_BUDGET_BYTES (review 2 F1: frames must stay under MAXMSGSIZE, which is now small)."""
+    total = 0
+    for n, m in enumerate(messages):
+        total += codec.estimated_size(m)
+        if total > FRAME_BUDGET_BYTES and n > 0:
+            return n
+    return len(messages)
+
+
+def new_node_key() -> str:
+    """A new CURVE secret key for a node (Z85 text, 40 characters), from the system's random source."""
+    return zmq.curve_keypair()[1].decode("ascii")
+
+
+def public_key_of(secret_key: str) -> str:
+    """The CURVE public key (Z85 text) of the secret key `secret_key` (Z85 text). ValueError when it is not one."""
+    try:
+        return zmq.curve_public(secret_key.encode("ascii")).decode("ascii")
+    except (zmq.ZMQError, UnicodeError) as e:
+        raise ValueError(f"not a CURVE secret key in Z85 text: {e}") from None
 
 
 class _RateLimitedWarning:
@@ -89,14 +131,24 @@ class ZmqTransport:
         handler,
         reply_timeout_seconds: float = 0.5,
         max_queued_messages: int = 10_000,
-        secret: bytes | None = None,
+        node_key: str | None = None,
+        members: Callable[[], Iterable[Member]] | None = None,
         max_inbound_connections: int = MAX_INBOUND_CONNECTIONS,
+        configuration_index: Callable[[], int] | None = None,
+        on_vouched_dropped: Callable[[], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         """`handler(messages, reply_wanted) -> list[Message]`: called in the transport's greenlets; when
-        `reply_wanted` it may block (bounded) and returns the messages to answer with. With a `secret`, only
-        members that hold it connect (CURVE, see the module's rules); raises RuntimeError if this libzmq has no
-        CURVE."""
-        if secret is not None and not CURVE_AVAILABLE:
+        `reply_wanted` it may block (bounded) and returns the messages to answer with. With `node_key` (this
+        node's CURVE secret key, Z85 text; a cluster secret), only the members that `members()` (the current
+        configuration's, read on `start` and on every `set_peers`) lists with their public keys connect, each
+        only as itself (CURVE, see the module's rules); raises RuntimeError if this libzmq has no CURVE.
+        `configuration_index()` is the index of the newest configuration `members()` comes from (0: none);
+        `on_vouched_dropped()` is called once when the node's configuration reaches the vouched list's index and
+        the list is dropped (the node forgets it on disk then); `on_refused(public_key)` when the ZAP handler
+        refuses a key that neither the configuration nor the vouched list names (the module's rules). Both are
+        called in the transport's greenlets and must not block."""
+        if node_key is not None and not CURVE_AVAILABLE:
             raise RuntimeError("a cluster secret needs a libzmq with CURVE (zmq.has('curve') is False)")
         self.node_id = node_id
         self.bind_address = bind_address
@@ -109,7 +161,17 @@ class ZmqTransport:
         self._rep = None
         self._zap = None
         self._monitor = None
-        self._curve = curve_keypair(secret) if secret is not None else None
+        self._curve = None if node_key is None else (public_key_of(node_key), node_key)
+        self._members = members or (lambda: ())
+        self._key_owner: dict[str, str] = {}  # public key (Z85) -> node id: whom the ZAP handler admits
+        self._peer_key: dict[str, str] = {}  # node id -> public key (Z85), to call it
+        self._configuration_index = configuration_index or (lambda: 0)
+        self._vouched: dict[str, str] = {}  # node id -> public key: admitted while our configuration is older
+        self._vouched_index = 0  # the index of the configuration the vouched list is; 0: none
+        self._on_vouched_dropped = on_vouched_dropped
+        self._on_refused = on_refused
+        self._keyless_warned: frozenset[str] = frozenset()
+        self._duplicates_logged: list[str] = []
         self.dropped_frames = 0
         self._dropped_warning = _RateLimitedWarning()
         self._handshake_warning = _RateLimitedWarning()
@@ -126,19 +188,87 @@ class ZmqTransport:
         self.dropped_frames += 1
         self._dropped_warning.warn("dropped %s (%d bytes): %s", what, nbytes, error)
 
-    def secure(self, sock, server: bool = False) -> None:
-        """With a secret: CURVE on `sock`, as the server (the REP socket) or as a client (a REQ socket)."""
+    def secure(self, sock, server: bool = False, server_key: str = "") -> None:
+        """With a secret: CURVE on `sock`, as the server (the REP socket) or as a client (a REQ socket) of the
+        node whose public key is `server_key`."""
         if self._curve is None:
             return
         public_key, secret_key = self._curve
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key.encode("ascii"))
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode("ascii"))
         if server:
             sock.setsockopt(zmq.CURVE_SERVER, 1)
         else:
-            sock.setsockopt(zmq.CURVE_SERVERKEY, public_key)
+            assert server_key, "a CURVE client needs the key of the node it calls"
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode("ascii"))
+
+    def _refresh_keys(self) -> None:
+        """Whom to admit and how to call each peer: the keys of the current configuration's members, and those of
+        the vouched list while the configuration is older than it (see the module's rules). A configuration of
+        this node alone is a configuration: once it reaches the list's index it admits nobody (review 3 F1: a sole
+        survivor fell back to the join's list and admitted the removed leader's key as that leader)."""
+        if self._curve is None:
+            return
+        members = [m for m in self._members() if m.node_id != self.node_id]
+        peer_key = {m.node_id: m.public_key for m in members if m.public_key}
+        if self._vouched_index and self._configuration_index() >= self._vouched_index:
+            self._vouched, self._vouched_index = {}, 0
+            if self._on_vouched_dropped is not None:
+                self._on_vouched_dropped()
+        # The vouched list is the newer configuration: its key for a member wins (a member's key never changes
+        # within one cluster's configurations: api.join_refusal; this only orders a conflict).
+        peer_key.update((node_id, key) for node_id, key in self._vouched.items() if node_id != self.node_id)
+        keyless = frozenset(m.node_id for m in members if not m.public_key)
+        if keyless and keyless != self._keyless_warned:
+            logger.warning("members %s have no public key in the configuration: with a cluster secret they cannot "
+                           "connect, nor be called (a configuration made without a secret, or by a raftdzmq "
+                           "before node keys)", ", ".join(sorted(keyless)))
+        self._keyless_warned = keyless
+        self._peer_key, self._key_owner = self._one_member_per_key(peer_key)
+
+    def _one_member_per_key(self, peer_key: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        """`peer_key` without the members whose key another member has (review 3 F2: a join that reused a member's
+        public key, read from GET /cluster, took that member's frames from it everywhere), and the map from key to
+        member. A key stays with whoever had it first: the member it was admitted as before (else, for keys new
+        here, the first in the configuration's order); my own key is mine. The others get neither a sender nor
+        admission, and an error is logged (once per such configuration)."""
+        owner: dict[str, str] = {}
+        if self._curve is not None:
+            owner[self._curve[0]] = self.node_id
+        order = sorted(peer_key, key=lambda node_id: self._key_owner.get(peer_key[node_id]) != node_id)
+        refused = []
+        for node_id in order:
+            key = peer_key[node_id]
+            if key in owner:
+                refused.append(f"{node_id} (the key of {owner[key]})")
+            else:
+                owner[key] = node_id
+        if refused and refused != self._duplicates_logged:
+            logger.error("members with another member's public key in the configuration: %s; neither admitted nor "
+                         "called (remove them)", ", ".join(sorted(refused)))
+        self._duplicates_logged = refused
+        if self._curve is not None:
+            del owner[self._curve[0]]
+        return {node_id: key for key, node_id in owner.items()}, owner
+
+    def vouch(self, index: int, keys: dict[str, str]) -> bool:
+        """Admit the members `keys` names (node id -> public key), the configuration at `index` as a member
+        vouched for it (an answer signed with the cluster secret), while this node's own configuration is older
+        than `index`. Taken, returning True, only when it is newer than both this node's configuration and the
+        vouched list it has; else ignored, returning False."""
+        if index <= self._vouched_index or index <= self._configuration_index():
+            return False
+        self._vouched, self._vouched_index = dict(keys), index
+        self._refresh_keys()
+        return True
+
+    @property
+    def vouched_index(self) -> int:
+        """The index of the vouched list admitted now; 0 when there is none."""
+        return self._vouched_index
 
     def start(self) -> None:
+        self._refresh_keys()
         if self._curve is not None:
             # Before the REP socket exists: libzmq asks the ZAP handler about every CURVE client once one is bound.
             self._zap = self._context.socket(zmq.REP)
@@ -150,15 +280,18 @@ class ZmqTransport:
         self._rep.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
         self._rep.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_SECONDS * 1000))
         self.secure(self._rep, server=True)
-        # The monitor's events go through an inproc pair whose queue drops what does not fit: make room for the
-        # bursts a flood of connections brings while the loop is busy (a missed event skews the count).
+        # The monitor's events go through an inproc pair whose queue drops what does not fit: room for the bursts
+        # a flood of connections brings while the loop is busy (a missed event skews the count), but bounded, and
+        # no ACCEPT_FAILED: out of descriptors, zmq fails its accept over and over, an event each time (review 2
+        # F3: 4.2 million in 44 s, 504 MiB queued, all parsed in the event loop). The runtime and the HTTP edge
+        # report running out of descriptors already.
         endpoint = f"inproc://raft-port-monitor-{id(self)}"
-        self._rep.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
+        self._rep.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
                           | zmq.EVENT_CLOSED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self._monitor = self._context.socket(zmq.PAIR)
         self._monitor.setsockopt(zmq.LINGER, 0)
-        self._monitor.setsockopt(zmq.RCVHWM, 0)
+        self._monitor.setsockopt(zmq.RCVHWM, MONITOR_QUEUE_EVENTS)
         self._monitor.connect(endpoint)
         self._bind(self._rep, f"tcp://{self.bind_address}")
         self._greenlets += [gevent.spawn(self._serve), gevent.spawn(self._watch_connections)]
@@ -180,13 +313,19 @@ class ZmqTransport:
                 gevent.sleep(0.05)
 
     def set_peers(self, addresses: dict[str, str]) -> None:
-        """Which peers exist and where they listen ("host:port"). Senders for others are stopped."""
+        """Which peers exist and where they listen ("host:port"). Senders for others are stopped. With a secret,
+        also whom the ZAP handler admits now (`members()`), and a peer without a public key gets no sender."""
+        self._refresh_keys()
+        curve = self._curve is not None
         for node_id in list(self._peers):
-            if node_id not in addresses or self._peers[node_id].address != addresses[node_id]:
+            peer = self._peers[node_id]
+            if (node_id not in addresses or peer.address != addresses[node_id]
+                    or (curve and peer.server_key != self._peer_key.get(node_id))):
                 self._peers.pop(node_id).stop()
         for node_id, address in addresses.items():
-            if node_id != self.node_id and node_id not in self._peers and address:
-                self._peers[node_id] = _PeerSender(self, node_id, address)
+            server_key = self._peer_key.get(node_id, "")
+            if node_id != self.node_id and node_id not in self._peers and address and (server_key or not curve):
+                self._peers[node_id] = _PeerSender(self, node_id, address, server_key)
         self._inbound.members = len(addresses)
 
     def send(self, messages) -> None:
@@ -199,6 +338,7 @@ class ZmqTransport:
 
     def _serve(self) -> None:
         sock = self._rep
+        curve = self._curve is not None
         while True:
             try:
                 frame = sock.recv(copy=False)
@@ -213,6 +353,13 @@ class ZmqTransport:
                 messages = self._decode(data)
                 if any(m.dst != self.node_id for m in messages):
                     raise codec.CodecError("frame addressed to another node")
+                if curve:
+                    # Who sent it is who its CURVE key says (the ZAP User-Id), and only while a member.
+                    sender = self._key_owner.get(frame.get("User-Id"))
+                    if sender is None:
+                        raise codec.CodecError("a frame from a key that is no member's now (a removed member)")
+                    if any(m.src != sender for m in messages):
+                        raise codec.CodecError(f"a message whose src is not {sender}, the member whose key sent it")
                 self._inbound.spoke(frame.get(zmq.SRCFD))
                 logger.log(TRACE, "recv %s", messages)
                 if messages:
@@ -221,8 +368,16 @@ class ZmqTransport:
                 self._warn_dropped("a bad frame on the raft port", len(data), e)
             except Exception:
                 logger.exception("handler failed on a raft frame")
+            n = fit_frame(replies)
+            if n < len(replies):  # the rest as requests of our own: an answer must fit a frame too
+                self.send(replies[n:])
+                replies = replies[:n]
+            out = self._encode(replies)
+            if len(out) > codec.MAX_FRAME_BYTES:
+                self._warn_dropped("an answer over the frame limit (not sent)", len(out), codec.CodecError("too big"))
+                out = self._encode([])
             try:
-                sock.send(self._encode(replies))
+                sock.send(out)
             except zmq.ZMQError as e:
                 if sock.closed:
                     return
@@ -254,23 +409,33 @@ class ZmqTransport:
 
     def _on_event(self, event: dict) -> None:
         kind, value = event["event"], event["value"]
+        inbound = self._inbound
         if kind == zmq.EVENT_ACCEPTED:
-            self._inbound.accepted(value)
+            inbound.accepted(value)
         elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
-            self._inbound.gone(value)
-        elif kind == zmq.EVENT_ACCEPT_FAILED:
-            self._handshake_warning.warn("raft port: accepting a connection failed: %s", zmq.strerror(value))
-        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a peer that died or stopped mid-handshake, a squatter
-            logger.debug("raft port: a connection ended before its handshake finished (%s)", zmq.strerror(value))
+            if inbound.gone(value):
+                # zmq says no more (its handshake events name no descriptor): the usual cause is a frame over
+                # MAXMSGSIZE (review 2 F1: a stranger declaring a huge handshake command), else bytes that are not
+                # ZMTP, a refused handshake (logged as well), or a peer that hung up.
+                self._handshake_warning.warn(
+                    "raft port: a connection closed before it sent a valid frame: a frame over the %d MiB limit, "
+                    "not ZMTP, refused, or the other side hung up", codec.MAX_FRAME_BYTES >> 20)
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # the value is an errno
+            if value in (errno.EAGAIN, errno.ETIMEDOUT):  # HANDSHAKE_IVL ran out (zmq reports EAGAIN)
+                self._handshake_warning.warn("raft port: closed a connection that did not finish its handshake "
+                                             "within %gs", HANDSHAKE_SECONDS)
+            else:  # a peer that died or stopped mid-handshake
+                logger.debug("raft port: a connection ended before its handshake finished (%s)", zmq.strerror(value))
         elif kind in _HANDSHAKE_FAILED:
             self._handshake_warning.warn(
                 "raft port: a connection failed the handshake (%s): a node with another cluster secret, or none, "
                 "or not a raftdzmq node", _HANDSHAKE_FAILED[kind])
 
     def _authenticate(self) -> None:
-        """The ZAP handler (RFC 27): admit a CURVE client only if its long-term key is the cluster's, which it
-        can use only if it holds the cluster's secret key (CURVE's INITIATE proves that)."""
-        zap, cluster_key = self._zap, z85.decode(self._curve[0])
+        """The ZAP handler (RFC 27): admit a CURVE client only if its long-term key is a member's (it can use
+        that key only if it holds the member's secret key: CURVE's INITIATE proves that), naming the key as the
+        connection's User-Id, which `_serve` maps to the member on every frame."""
+        zap = self._zap
         while True:
             try:
                 frames = zap.recv_multipart()
@@ -278,13 +443,21 @@ class ZmqTransport:
                 if zap.closed:
                     return
                 continue
-            ok = len(frames) >= 7 and frames[5] == b"CURVE" and hmac.compare_digest(frames[6], cluster_key)
+            key = ""
+            if len(frames) >= 7 and frames[5] == b"CURVE" and len(frames[6]) == 32:
+                key = z85.encode(frames[6]).decode("ascii")
+            ok = key in self._key_owner
             if not ok:
-                self._handshake_warning.warn("raft port: refused a connection from %s: not this cluster's key",
+                self._handshake_warning.warn("raft port: refused a connection from %s: not a member's key",
                                              frames[3].decode(errors="replace") if len(frames) > 3 else "?")
+                if key and self._on_refused is not None:
+                    try:
+                        self._on_refused(key)  # perhaps a member newer than our configuration: ask (bounded)
+                    except Exception:
+                        logger.exception("on_refused failed")
             request_id = frames[1] if len(frames) > 1 else b""
             zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
-                                b"OK" if ok else b"not this cluster's key", b"", b""])
+                                b"OK" if ok else b"not a member's key", key.encode("ascii") if ok else b"", b""])
 
     def stop(self) -> None:
         for peer in list(self._peers.values()):
@@ -308,6 +481,7 @@ class _InboundConnections:
         self.members = 0
         self.closed = 0  # by enforce_cap, in all
         self._rank: dict[int, float] = {}  # descriptor -> when it last sent a valid frame (see NEVER_SPOKE_SECONDS)
+        self._silent: set[int] = set()  # descriptors accepted that have not sent a valid frame yet
 
     @property
     def cap(self) -> int:
@@ -318,13 +492,21 @@ class _InboundConnections:
 
     def accepted(self, fd: int) -> None:
         # It may have spoken already: its first frame can be handled before the monitor's event about it.
+        if fd not in self._rank:
+            self._silent.add(fd)
         self._rank[fd] = max(self._rank.get(fd, 0.0), time.monotonic() - NEVER_SPOKE_SECONDS)
 
     def spoke(self, fd: int) -> None:
         self._rank[fd] = time.monotonic()
+        self._silent.discard(fd)
 
-    def gone(self, fd: int) -> None:
+    def gone(self, fd: int) -> bool:
+        """Forget `fd`; True when it was accepted and never sent a valid frame."""
         self._rank.pop(fd, None)
+        if fd in self._silent:
+            self._silent.remove(fd)
+            return True
+        return False
 
     def enforce_cap(self) -> int:
         """Shut down connections, longest without a valid frame first, until at most `cap` are left; returns how
@@ -335,6 +517,7 @@ class _InboundConnections:
         while len(rank) > self.cap:
             fd = min(rank, key=rank.__getitem__)
             del rank[fd]
+            self._silent.discard(fd)
             if _shutdown_accepted(fd, self.port):
                 closed += 1
         self.closed += closed
@@ -361,10 +544,11 @@ def _shutdown_accepted(fd: int, port: int) -> bool:
 
 
 class _PeerSender:
-    def __init__(self, transport: ZmqTransport, node_id: str, address: str) -> None:
+    def __init__(self, transport: ZmqTransport, node_id: str, address: str, server_key: str = "") -> None:
         self.transport = transport
         self.node_id = node_id
         self.address = address
+        self.server_key = server_key  # the peer's public key (Z85), with a secret
         self._queue: collections.deque = collections.deque(maxlen=transport._max_queued)
         self._wake = gevent.event.Event()
         self._sock = None
@@ -381,7 +565,7 @@ class _PeerSender:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
-            self.transport.secure(sock)
+            self.transport.secure(sock, server_key=self.server_key)
             sock.connect(f"tcp://{self.address}")
         except BaseException:
             sock.close(linger=0)
@@ -400,15 +584,21 @@ class _PeerSender:
                 self._wake.clear()
                 self._wake.wait()
                 continue
-            batch = list(self._queue)
-            self._queue.clear()
+            queue = self._queue
+            n = fit_frame(queue) if len(queue) > 1 else 1
+            batch = [queue.popleft() for _ in range(n)]
+            data = t._encode(batch)
+            if len(data) > codec.MAX_FRAME_BYTES:  # cannot happen within the core's bounds: see codec
+                t._warn_dropped(f"a frame for {self.node_id} over the limit (not sent)", len(data),
+                                codec.CodecError(f"{len(batch)} message(s)"))
+                continue
             try:
                 if self._sock is None:
                     # Inside the try: opening can fail too (EMFILE when the process is out of descriptors), and
                     # a sender that died here would never speak to this peer again.
                     self._sock = self._open()
                 logger.log(TRACE, "send to %s: %s", self.node_id, batch)
-                self._sock.send(t._encode(batch))
+                self._sock.send(data)
                 # recv under a gevent.Timeout waits on the socket's own watcher; poll() would build a Poller, a
                 # select and two timers for every request.
                 with gevent.Timeout(t._reply_timeout_ms / 1000.0, False):
@@ -432,6 +622,8 @@ class _PeerSender:
                 continue
             try:
                 replies = t._decode(frame)
+                if self.server_key and any(m.src != self.node_id for m in replies):
+                    raise codec.CodecError(f"a reply whose src is not {self.node_id}, whose key answered")
             except codec.CodecError as e:
                 t._warn_dropped(f"a bad reply from {self.node_id}", len(frame), e)
                 continue

@@ -283,7 +283,7 @@ class FaultRun:
         self.secret: bytes | None = None
         if self.netns:
             # Beyond loopback, as a real deployment: with a cluster secret, so signed frames get the faults too.
-            self.secret = f"fault-run-{seed}".encode()
+            self.secret = f"fault-run-secret-{seed}".encode()
             secret_file = os.path.join(base_dir, "secret")
             with open(secret_file, "wb") as f:
                 f.write(self.secret + b"\n")

@@ -26,6 +26,8 @@ from raftlib import (
 from raftlib import codec
 
 MEMBERSHIP = Membership(("a", "b"), ("c",), (Member("a", "h:1", "h:2"), Member("c", "h:3", "h:4")))
+KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a CURVE public key in Z85 (RFC 32's example)
+KEYED = Membership(("a", "b"), (), (Member("a", "h:1", "h:2", KEY), Member("b", "h:3", "h:4", KEY)))
 SAMPLES = [
     RequestVote("a", "b", 3, 10, 2, pre_vote=True, leadership_transfer=False, pre_vote_round=(1 << 32) + 7),
     RequestVoteReply("b", "a", 3, True, True, (1 << 32) + 7),
@@ -36,6 +38,7 @@ SAMPLES = [
                                        Entry(4, 12, EntryKind.NOOP, b"")), 8, 7),
     AppendEntriesReply("b", "a", 4, False, 0, 9, 5, 2, 7),
     InstallSnapshot("a", "b", 4, 100, 3, MEMBERSHIP, 64, b"chunk", False),
+    InstallSnapshot("a", "b", 4, 100, 3, KEYED, 64, b"chunk", False),
     InstallSnapshotReply("b", "a", 4, 100, 69, False),
     TimeoutNow("a", "b", 5),
     ReadIndexRequest("b", "a", 5, (1, 2, 3)),
@@ -69,6 +72,19 @@ def test_real_votes_go_out_as_version_1_had_them():
     assert cbor2.loads(frame) == [1, [[1, "a", "b", 3, 10, 2, False, True], [2, "b", "a", 3, True, False]]]
     pre_vote = codec.encode_batch([RequestVote("a", "b", 3, 10, 2, pre_vote=True, pre_vote_round=9)])
     assert cbor2.loads(pre_vote) == [1, [[1, "a", "b", 3, 10, 2, True, False, 9]]]
+
+
+def test_members_without_a_key_are_as_version_1_wrote_them_and_bad_keys_are_refused():
+    """A member's public key (a cluster secret) is a fourth field, left off when empty: old data and old nodes'
+    frames decode as before, and a configuration without keys goes out as they know it."""
+    old = [5, "a", "b", 4, 100, 3, [["a"], [], [["a", "h:1", "h:2"]]], 0, b"", True]  # an InstallSnapshot
+    [m] = codec.decode_batch(cbor2.dumps([1, [old]]))
+    assert m.membership.members == (Member("a", "h:1", "h:2", ""),)
+    assert cbor2.loads(codec.encode_batch([m]))[1][0][6] == [["a"], [], [["a", "h:1", "h:2"]]]
+    for bad in ("short", KEY[:-1] + " ", 7):
+        frame = [5, "a", "b", 4, 100, 3, [["a"], [], [["a", "h:1", "h:2", bad]]], 0, b"", True]
+        with pytest.raises(codec.CodecError, match="public key"):
+            codec.decode_batch(cbor2.dumps([1, [frame]]))
 
 
 def test_unknown_version_and_oversized_frames_are_refused():

@@ -45,11 +45,12 @@ def write(c: Cluster, key: str = "k", ticks: int = 200) -> None:
 
 
 def test_import_of_core_pulls_in_no_io():
+    import os
     import subprocess
 
     code = ("import raftlib, raftlib.core, sys; "
             "print(sorted(m for m in ('gevent','zmq','bottle','cbor2','socket','raftdzmq') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=sys.path[0] + "/..")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 

@@ -17,7 +17,8 @@ from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, P
 from raftlib.progress import ProgressState, ProgressStatus
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
-from raftlib.server.admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers
+from raftlib.server.admin import (NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
+                                  keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import ADMIN_CLAIM, SET, KeyValueStore, command
@@ -81,6 +82,7 @@ class FakeRuntime:
 
     def transfer_leadership(self, target: str, timeout_seconds: float) -> None:
         self._call("transfer_leadership", target, timeout_seconds)
+        self.node.leader_id = target  # the runtime returns once this node has heard of the target leading
 
     def status(self) -> RuntimeStatus:
         n = self.node
@@ -94,7 +96,8 @@ class FakeRuntime:
             True, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
                                                           "saves": 5, "snapshots": 0,
                                                           "loop_lag_max_microseconds": 2500,
-                                                          "loop_lags_over_10ms": 0}))
+                                                          "loop_lags_over_10ms": 0,
+                                                          "out_of_descriptors": 2}))
 
 
 class Answer:
@@ -394,6 +397,12 @@ def test_a_page_of_keys_as_json_with_the_next_key(client):
 # ---- membership and leadership ------------------------------------------------------------------------------------
 
 JOIN = json.dumps({"node_id": "d", "raft_address": "10.0.0.4:5555", "http_address": "10.0.0.4:8080"})
+D_KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a CURVE public key (Z85; the one in RFC 32's example)
+A_KEY = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID"  # another (RFC 32's example server key)
+B_KEY, C_KEY = "^R^Q{<giwv)vJU.c*l?4EdeYygWkTt&}[!OkA-2D", "-p]9@i8{bMzPp-Z1fHT^<5Db[Z2aAa7}F22{^&W*"
+KEYED = Membership(("a", "b"), ("c",), tuple(dataclasses.replace(m, public_key=k) for m, k in zip(
+    MEMBERS, (A_KEY, B_KEY, C_KEY))))  # the configuration of a cluster with a secret: every member has its key
+SIGNED_JOIN = json.dumps({**json.loads(JOIN), "public_key": D_KEY})  # with a cluster secret
 
 
 def test_join_adds_a_learner_and_answers_its_index(client):
@@ -457,18 +466,51 @@ def test_remove_and_transfer_answer_what_they_did(client):
     assert (change.kind, change.member.node_id) == (ConfChangeKind.REMOVE, "b")
     r = client("POST", "/cluster/transfer?to=c")
     assert (r.status, r.text) == (200, "leader is now c\n")
-    assert client.runtime.calls[-1] == ("transfer_leadership", "c", 2.0)
+    assert client.runtime.calls[-2] == ("transfer_leadership", "c", 2.0) and client.runtime.calls[-1][0] == "read"
+
+
+def test_a_transfer_answers_200_only_once_the_target_is_confirmed_as_leader():
+    """Review 3 F2: the runtime returns once this node has heard of the target leading; a target that cannot hold
+    leadership (cut off from the others) did that for a moment, and the transfer answered 200. The route now
+    confirms it with a linearizable read, within the write timeout."""
+    client = Client(write_timeout_seconds=0.5)
+    client.runtime.fail("read", Timeout("could not confirm a read in 0.5s"))
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.text) == (503, "transfer not confirmed: could not confirm a read in 0.5s\n") and one_line(r)
+    # The read confirms a leader, but another one: the target lost it meanwhile.
+    runtime = client.runtime
+    read = runtime.read
+
+    def read_then_lost(timeout_seconds: float, lease: bool = False) -> int:
+        runtime.node.leader_id = "a"
+        return read(timeout_seconds, lease)
+
+    runtime.read = read_then_lost
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.text) == (503, "transfer not confirmed: a leads, not c\n"), r
+    # No leader known for a while (NotLeader), then the target confirmed: 200, with the read asked again.
+    runtime.read = read
+    runtime.fail("read", NotLeader(None), NotLeader(None))
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.text) == (200, "leader is now c\n"), r
+    assert [c[0] for c in runtime.calls[-4:]] == ["transfer_leadership", "read", "read", "read"]
+    # Never confirmed within the bound: 503.
+    runtime.fail("read", *[NotLeader(None)] * 1000)
+    r = client("POST", "/cluster/transfer?to=c")
+    assert r.status == 503 and "c was not confirmed as the leader within 0.5s" in r.text, r
 
 
 # ---- signed admin requests ----------------------------------------------------------------------------------------
 
 
 def signed_client() -> Client:
-    return Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET))
+    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET))
+    client.runtime.node.membership = KEYED
+    return client
 
 
 @pytest.mark.parametrize("method, target, body, what", [
-    ("POST", "/join", JOIN, "join"), ("DELETE", "/cluster/b", "", "removal"),
+    ("POST", "/join", SIGNED_JOIN, "join"), ("DELETE", "/cluster/b", "", "removal"),
     ("POST", "/cluster/transfer?to=b", "", "transfer")])
 def test_with_a_secret_admin_requests_must_be_signed_once(method, target, body, what):
     client = signed_client()
@@ -485,10 +527,11 @@ def test_with_a_secret_admin_requests_must_be_signed_once(method, target, body, 
     claim = client.runtime.calls[0]
     assert claim[0] == "propose" and client.store.admin_claims.claims == {
         headers[SIGNATURE_HEADER]: float(headers[TIMESTAMP_HEADER])}
+    calls = len(client.runtime.calls)
     r = client(method, target, body, headers=headers)  # the same request again: a replay
     assert (r.status, r.text) == (403, f"{what} refused: this signed request was already used (a replay); sign it "
                                        "again\n")
-    assert len(client.runtime.calls) == 2  # the replay to this leader cost no log entry
+    assert len(client.runtime.calls) == calls  # the replay to this leader cost no log entry
 
 
 def test_a_signature_claimed_on_another_leader_is_refused():
@@ -515,11 +558,153 @@ def test_a_claim_that_does_not_commit_must_be_signed_again(error):
 def test_a_signed_request_to_a_follower_is_redirected_before_its_claim():
     client = signed_client()
     client.be_follower("b")
-    headers = admin_headers(SECRET, "POST", "/join", JOIN.encode())
-    r = client("POST", "/join", JOIN, headers=headers)
+    headers = admin_headers(SECRET, "POST", "/join", SIGNED_JOIN.encode())
+    r = client("POST", "/join", SIGNED_JOIN, headers=headers)
     assert r.status == 307 and client.runtime.calls == []
     client.runtime.node.role = Role.LEADER
-    assert client("POST", "/join", JOIN, headers=headers).status == 200  # not used up by the redirect
+    assert client("POST", "/join", SIGNED_JOIN, headers=headers).status == 200  # not used up by the redirect
+
+
+def test_removing_a_node_that_is_not_a_member_is_404_and_appends_nothing():
+    """Review 2, minor: a signed DELETE /cluster/nope00 answered 200 and put a claim into the log."""
+    client = signed_client()
+    r = client("DELETE", "/cluster/nope00", headers=admin_headers(SECRET, "DELETE", "/cluster/nope00"))
+    assert (r.status, r.text) == (404, "nope00 is not a member\n")
+    assert client.runtime.calls == []
+
+
+def test_with_a_secret_a_join_names_its_key_and_the_answer_lists_the_members_keys_signed():
+    """Review 2 F2: the joining node's public key goes into the configuration; the answer's keys are what it
+    admits until a configuration reaches it, so the answer is signed for this request; a member's id with another
+    key is refused (a holder of the secret must not take over a member's identity)."""
+    client = signed_client()
+    r = client("POST", "/join", JOIN, headers=admin_headers(SECRET, "POST", "/join", JOIN.encode()))
+    assert r.status == 400 and "public_key" in r.text and one_line(r), r
+    headers = admin_headers(SECRET, "POST", "/join", SIGNED_JOIN.encode())
+    r = client("POST", "/join", SIGNED_JOIN, headers=headers)
+    assert r.status == 200, r
+    change = next(c[1] for c in client.runtime.calls if c[0] == "change_membership")
+    assert change.member == Member("d", "10.0.0.4:5555", "10.0.0.4:8080", D_KEY)
+    answer = {k.lower(): v for k, v in r.headers.items()}
+    canonical = {TIMESTAMP_HEADER: answer[TIMESTAMP_HEADER.lower()], SIGNATURE_HEADER: answer[SIGNATURE_HEADER.lower()]}
+    assert verify_answer(SECRET, headers[SIGNATURE_HEADER], r.body, canonical)
+    assert not verify_answer(SECRET, "another request", r.body, canonical)
+    assert not verify_answer(b"another secret", headers[SIGNATURE_HEADER], r.body, canonical)
+    assert json.loads(r.body) == {"index": 2, "leader": "a", "members": {m.node_id: m.public_key for m in KEYED.members},
+                                  "http_addresses": {m.node_id: m.http_address for m in KEYED.members}}
+    taken = json.dumps({"node_id": "b", "raft_address": "x:1", "http_address": "x:2", "public_key": D_KEY})
+    r = client("POST", "/join", taken, headers=admin_headers(SECRET, "POST", "/join", taken.encode()))
+    assert r.status == 409 and "another key" in r.text, r
+
+
+def answer_headers_of(r: Answer) -> dict:
+    headers = {k.lower(): v for k, v in r.headers.items()}
+    return {TIMESTAMP_HEADER: headers.get(TIMESTAMP_HEADER.lower(), ""),
+            SIGNATURE_HEADER: headers.get(SIGNATURE_HEADER.lower(), "")}
+
+
+def test_the_keys_request_is_answered_by_any_member_signed_for_that_request_only():
+    """GET /cluster/keys (review of edge3, findings 1 and 2: a node whose configuration is behind asks a member for
+    the keys of a newer one): a follower answers from its own newest configuration, with its index, signed for the
+    request; an unsigned, wrongly signed, stale or replayed request is refused (403), one without a fresh nonce is
+    400, and nothing goes through the log. An answer verifies for its own request only, so a recorded answer
+    cannot be handed to another."""
+    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), configuration_index=lambda: 7)
+    client.runtime.node.membership = KEYED
+    client.be_follower("b")
+    headers = keys_request_headers(SECRET)
+    r = client("GET", "/cluster/keys", headers=headers)
+    assert r.status == 200, r
+    assert verify_answer(SECRET, headers[SIGNATURE_HEADER], r.body, answer_headers_of(r))
+    assert parse_vouched(r.body) == (7, {m.node_id: m.public_key for m in KEYED.members},
+                                     {m.node_id: m.http_address for m in KEYED.members})
+    # The asker takes it for its own request only: not for another (a recorded answer replayed), not changed, not
+    # under another secret.
+    assert read_keys_answer(SECRET, headers, r.body, answer_headers_of(r)) == parse_vouched(r.body)
+    other = keys_request_headers(SECRET)
+    tampered = r.body.replace(b'"index": 7', b'"index": 9')
+    for secret, request_headers, body in ((SECRET, other, r.body), (SECRET, headers, tampered),
+                                          (b"another secret", headers, r.body)):
+        with pytest.raises(ValueError, match="not signed for our request"):
+            read_keys_answer(secret, request_headers, body, answer_headers_of(r))
+    nonce = headers[NONCE_HEADER]
+    for request_headers, status, why in (
+            ({NONCE_HEADER: nonce}, 403, "(no signature)"),
+            ({**admin_headers(SECRET, "GET", "/cluster/keys"), NONCE_HEADER: nonce}, 403, "does not match"),
+            (keys_request_headers(b"another secret"), 403, "does not match"),
+            (keys_request_headers(SECRET, now=1.0), 403, "from this node's clock"),
+            (headers, 403, "already used (a replay)"),
+            ({k: v for k, v in headers.items() if k != NONCE_HEADER}, 400, NONCE_HEADER),
+            ({**keys_request_headers(SECRET, nonce="ab" * 4)}, 400, NONCE_HEADER)):
+        r = client("GET", "/cluster/keys", headers=request_headers)
+        assert r.status == status and why in r.text and one_line(r), (request_headers, r)
+        assert SIGNATURE_HEADER.lower() not in {k.lower() for k in r.headers}
+    assert client.runtime.calls == []
+    assert Client()("GET", "/cluster/keys").status == 404  # no secret, no keys
+
+
+def test_a_join_with_another_members_key_is_409():
+    """Review 3 F2: a new node id with a member's public key (GET /cluster lists them) was accepted, and every node
+    then took that member's frames as the newcomer's: the member was cut off."""
+    client = signed_client()
+    client.runtime.node.membership = Membership(("a", "b"), (), (dataclasses.replace(MEMBERS[0], public_key=A_KEY),
+                                                                   dataclasses.replace(MEMBERS[1], public_key=D_KEY)))
+    for key, owner in ((D_KEY, "b"), (A_KEY, "a")):
+        body = json.dumps({"node_id": "zzzzzzzz", "raft_address": "x:1", "http_address": "x:2", "public_key": key})
+        r = client("POST", "/join", body, headers=admin_headers(SECRET, "POST", "/join", body.encode()))
+        assert (r.status, r.text) == (409, f"this public key is member {owner}'s: every node needs a key of its "
+                                           "own\n"), r
+    assert client.runtime.calls == []  # refused before its claim: nothing in the log
+
+
+@pytest.mark.parametrize("secret", [True, False])
+def test_a_join_naming_a_member_with_other_addresses_is_409_and_the_same_join_is_a_retry(secret):
+    """Review 3 F4: a signed join naming the leader's id and key with another HTTP address moved the leader, and
+    a follower's 307 then pointed at attacker.example."""
+    client = signed_client() if secret else Client()
+    b = (KEYED if secret else client.runtime.node.membership).members[1]
+    for raft, http_address in ((b.raft_address, "attacker.example:80"), ("attacker.example:5555", b.http_address)):
+        body = json.dumps({"node_id": "b", "raft_address": raft, "http_address": http_address,
+                           **({"public_key": b.public_key} if secret else {})})
+        r = client("POST", "/join", body, headers=admin_headers(SECRET, "POST", "/join", body.encode()))
+        assert (r.status, r.text) == (409, "node b is a member at 10.0.0.2:5555 (raft) and 10.0.0.2:8080 (http): a "
+                                           "join does not move a member; remove it first\n"), r
+    assert client.runtime.calls == []
+    body = json.dumps({"node_id": "b", "raft_address": b.raft_address, "http_address": b.http_address,
+                       **({"public_key": b.public_key} if secret else {})})
+    r = client("POST", "/join", body, headers=admin_headers(SECRET, "POST", "/join", body.encode()))
+    assert r.status == 200, r  # the same join again (a retry): answered as before
+    assert next(c for c in client.runtime.calls if c[0] == "change_membership")[1].member == b
+
+
+def test_a_join_beyond_max_members_is_409_and_a_retry_or_a_removal_is_not_refused():
+    """Review 3 F5: thousands of signed learner joins grew every membership entry and snapshot, and opened a
+    socket each on every node. The configuration has three members here."""
+    client = Client(max_members=3)
+    r = client("POST", "/join", JOIN)
+    assert (r.status, r.text) == (409, "the cluster has 3 members, the most -max-members allows: remove one first\n")
+    assert client.runtime.calls == []
+    b = MEMBERS[1]
+    again = json.dumps({"node_id": "b", "raft_address": b.raft_address, "http_address": b.http_address})
+    assert client("POST", "/join", again).status == 200  # a retry of a member's join adds nobody
+    assert client("DELETE", "/cluster/c").status == 200
+    client.runtime.node.membership = Membership(("a", "b"), (), MEMBERS[:2])
+    assert client("POST", "/join", JOIN).status == 200
+    assert Client()("POST", "/join", JOIN).status == 200  # the default, 64
+
+
+def test_with_a_secret_a_cluster_whose_members_lack_keys_refuses_joins():
+    """Review 3 F3: a cluster with a secret made before node keys (no key in the configuration) took a join, and
+    the new node admitted nobody: it waited for ever. Now 409 with the reason; without a secret, joins as before."""
+    client = signed_client()
+    client.runtime.node.membership = Membership(("a", "b"), ("c",), (KEYED.members[0], MEMBERS[1], KEYED.members[2]))
+    r = client("POST", "/join", SIGNED_JOIN, headers=admin_headers(SECRET, "POST", "/join", SIGNED_JOIN.encode()))
+    assert r.status == 409 and r.text.startswith("members b have no node key") and one_line(r), r
+    client.runtime.node.membership = Membership(("a",), (), (MEMBERS[0],))  # the leader's own key missing
+    r = client("POST", "/join", SIGNED_JOIN, headers=admin_headers(SECRET, "POST", "/join", SIGNED_JOIN.encode()))
+    assert r.status == 409 and r.text.startswith("members a have no node key"), r
+    assert client.runtime.calls == []
+    assert Client()("POST", "/join", JOIN).status == 200
 
 
 # ---- status pages -------------------------------------------------------------------------------------------------
@@ -570,6 +755,7 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
             samples["raftdzmq_batches_saved"], samples["raftdzmq_elections_won"]) == ("7.0", "1.0", "3.0", "5.0", "1.0")
     assert "# TYPE raftdzmq_hub_lag_seconds histogram" in r.text
     assert (samples["raftdzmq_loop_lag_seconds_max"], samples["raftdzmq_loop_lags_over_10ms"]) == ("0.0025", "0.0")
+    assert samples["raftdzmq_out_of_descriptors"] == "2.0"
 
 
 # ---- what no route takes ------------------------------------------------------------------------------------------
@@ -588,4 +774,5 @@ def test_every_route_is_tested_here():
     assert {(method, path) for method, path, _, _ in api_module.ROUTES} == {
         ("POST", "/db/<key:path>"), ("PUT", "/db/<key:path>"), ("DELETE", "/db/<key:path>"),
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
-        ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer")}
+        ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
+        ("GET", "/cluster/keys")}

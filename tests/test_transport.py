@@ -1,5 +1,5 @@
 """The transport in a subprocess that owns its gevent hub: reconnects (lazy pirate), the cap on inbound
-connections, and who may connect with a cluster secret (CURVE and ZAP)."""
+connections, and who may connect with node keys (CURVE and ZAP), as whom."""
 
 import os
 import subprocess
@@ -14,4 +14,5 @@ def test_reconnects_after_dead_missing_and_returning_peers():
                          env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
     lines = dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
     assert lines == {"never-existed": "ok", "killed-mid-request": "ok", "came-back": "ok", "over-the-cap": "ok",
-                     "only-the-cluster-key": "ok"}, out.stdout + out.stderr
+                     "only-members-as-themselves": "ok",
+                     "frames-within-the-limit": "ok"}, out.stdout + out.stderr

@@ -81,7 +81,8 @@ def main() -> None:
     for p in (a, back):
         p.t.stop()
     over_the_cap()
-    only_the_cluster_key()
+    only_members_as_themselves()
+    frames_within_the_limit()
     sys.stdout.flush()
 
 
@@ -138,46 +139,206 @@ def over_the_cap() -> None:
         p.t.stop()
 
 
-def only_the_cluster_key() -> None:
-    """With a secret: a member gets answers; a client that knows the server's public key but has a key pair of
-    its own is refused by the ZAP handler, and one that speaks NULL does not get through either."""
-    import zmq as plain_zmq
+class RawClient:
+    """A zmq.green REQ socket with a CURVE key pair of our choosing (or none: NULL), to play members and strangers."""
 
-    from raftlib import codec
-    from raftlib.transport import curve_keypair
+    def __init__(self, ctx, port: int, server_key: str, secret_key: str | None) -> None:
+        import zmq.green as gzmq
+
+        from raftlib.transport import public_key_of
+
+        self.sock = ctx.socket(gzmq.REQ)
+        self.sock.setsockopt(gzmq.LINGER, 0)
+        if secret_key is not None:
+            self.sock.setsockopt(gzmq.CURVE_SERVERKEY, server_key.encode())
+            self.sock.setsockopt(gzmq.CURVE_PUBLICKEY, public_key_of(secret_key).encode())
+            self.sock.setsockopt(gzmq.CURVE_SECRETKEY, secret_key.encode())
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+
+    def ask(self, messages) -> bool:
+        """Send one frame; True when an answer came (a REP answers every frame it takes, dropped or not)."""
+        from raftlib import codec
+
+        with gevent.Timeout(1.0, False):  # the send too: a REQ socket waits for a connection that completed
+            self.sock.send(codec.encode_batch(messages))
+            self.sock.recv()
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def only_members_as_themselves() -> None:
+    """With node keys (a cluster secret): the ZAP handler admits only the keys of the configuration's members, and
+    each only as itself (review 2 F2). A member's frames arrive; a stranger with a key of its own, or NULL, does
+    not get through; a member that names another member as `src` is dropped (the forged TimeoutNow); a removed
+    member is refused, on its old connection and on a new one; a node admits the keys a vouched list names while
+    its own configuration is older than the list (a joining node's first appends may carry an older one: review
+    of edge3, finding 2), drops the list once its configuration reaches the list's index, and reports the keys it
+    refuses that no list names."""
+    import zmq.green as gzmq
+
+    from raftlib import Member, TimeoutNow
+    from raftlib.transport import new_node_key, public_key_of
 
     port, member_port = free_port(), free_port()
+    k_server, k_member, k_removed, k_stranger, k_joiner = (new_node_key() for _ in range(5))
+    config = [Member("s", f"127.0.0.1:{port}", "", public_key_of(k_server)),
+              Member("m", f"127.0.0.1:{member_port}", "", public_key_of(k_member)),
+              Member("r", "127.0.0.1:1", "", public_key_of(k_removed))]
     received = []
     server = ZmqTransport("s", f"127.0.0.1:{port}", lambda m, r: received.extend(m) or [], reply_timeout_seconds=0.3,
-                          secret=b"the-secret")
+                          node_key=k_server, members=lambda: config)
     server.start()
-    member = ZmqTransport("m", f"127.0.0.1:{member_port}", lambda m, r: [], secret=b"the-secret")
+    member = ZmqTransport("m", f"127.0.0.1:{member_port}", lambda m, r: [], node_key=k_member, members=lambda: config)
     member.start()
     member.set_peers({"s": f"127.0.0.1:{port}"})
     member.send([RequestVote("m", "s", 1, 0, 0)])
-    member_ok = wait(lambda: received, 3)
-    public_key, _ = curve_keypair(b"the-secret")
-    ctx = plain_zmq.Context()
-    strangers = []
-    for curve in (True, False):
-        req = ctx.socket(plain_zmq.REQ)
-        req.setsockopt(plain_zmq.LINGER, 0)
-        if curve:
-            own_public, own_secret = plain_zmq.curve_keypair()
-            req.setsockopt(plain_zmq.CURVE_SERVERKEY, public_key)
-            req.setsockopt(plain_zmq.CURVE_PUBLICKEY, own_public)
-            req.setsockopt(plain_zmq.CURVE_SECRETKEY, own_secret)
-        req.connect(f"tcp://127.0.0.1:{port}")
-        req.send(codec.encode_batch([RequestVote("x", "s", 9, 0, 0)]), plain_zmq.NOBLOCK)
-        strangers.append(req)
-    gevent.sleep(1.0)
-    refused = not any(m.src == "x" for m in received)
-    for req in strangers:
-        req.close(linger=0)
-    ctx.term()
-    print("only-the-cluster-key", "ok" if member_ok and refused else f"FAIL member {member_ok} refused {refused}")
-    member.stop()
-    server.stop()
+    checks = {"member": wait(lambda: any(m.src == "m" for m in received), 3)}
+    ctx = gzmq.Context()
+    server_key = public_key_of(k_server)
+    stranger, null = RawClient(ctx, port, server_key, k_stranger), RawClient(ctx, port, server_key, None)
+    checks["stranger-no-handshake"] = not stranger.ask([RequestVote("x", "s", 9, 0, 0)])
+    checks["null-no-handshake"] = not null.ask([RequestVote("y", "s", 9, 0, 0)])
+    checks["stranger-refused"] = not any(m.src in ("x", "y") for m in received)
+    removed = RawClient(ctx, port, server_key, k_removed)
+    checks["forged-src-answered"] = removed.ask([TimeoutNow("m", "s", 5)])  # r's key, m's name
+    checks["forged-src-dropped"] = not any(isinstance(m, TimeoutNow) for m in received)
+    checks["own-src"] = removed.ask([TimeoutNow("r", "s", 5)]) and any(m.src == "r" for m in received)
+    config = config[:2]  # r removed: the configuration without it is here
+    server.set_peers({"m": f"127.0.0.1:{member_port}"})
+    received.clear()
+    removed.ask([TimeoutNow("r", "s", 6)])  # on the connection made before
+    again = RawClient(ctx, port, server_key, k_removed)
+    checks["removed-no-handshake"] = not again.ask([TimeoutNow("r", "s", 7)])
+    checks["removed-refused"] = not any(m.src == "r" for m in received)
+    member.send([RequestVote("m", "s", 2, 0, 0)])
+    checks["member-still"] = wait(lambda: any(m.src == "m" for m in received), 3)
+    # Review 3 F2: a newcomer with m's public key (GET /cluster lists it) in the configuration: m keeps its key and
+    # its voice, and the key speaks for no one else; a newcomer with the server's own key is not called either.
+    config = [*config, Member("zz", "127.0.0.1:9", "", public_key_of(k_member)),
+              Member("zzz", "127.0.0.1:9", "", server_key)]
+    server.set_peers({"m": f"127.0.0.1:{member_port}", "zz": "127.0.0.1:9", "zzz": "127.0.0.1:9"})
+    received.clear()
+    member.send([RequestVote("m", "s", 3, 0, 0)])
+    checks["duplicate-key-stays-with-member"] = wait(lambda: any(m.src == "m" and m.term == 3 for m in received), 3)
+    impostor = RawClient(ctx, port, server_key, k_member)
+    impostor.ask([RequestVote("zz", "s", 4, 0, 0)])
+    checks["duplicate-key-not-the-newcomer"] = not any(m.src == "zz" for m in received)
+    checks["duplicates-not-called"] = set(server._peers) == {"m"}
+    impostor.close()
+    # A joining node: no configuration; admits the keys the join's answer named (the configuration at index 5
+    # added it), and no others.
+    joiner_port, joined, joiner_config, joiner_index, dropped, refused = free_port(), [], [], [0], [], []
+    joiner = ZmqTransport("j", f"127.0.0.1:{joiner_port}", lambda m, r: joined.extend(m) or [], node_key=k_joiner,
+                          members=lambda: joiner_config, configuration_index=lambda: joiner_index[0],
+                          on_vouched_dropped=lambda: dropped.append(1), on_refused=refused.append)
+    joiner.start()
+    before = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
+    before.ask([RequestVote("m", "j", 1, 0, 0)])
+    checks["joiner-refuses-before"] = not joined
+    checks["refusal-reported"] = wait(lambda: refused == [public_key_of(k_member)], 2)
+    checks["vouched-taken"] = joiner.vouch(5, {"m": public_key_of(k_member)})
+    after = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
+    checks["joiner-admits-after"] = after.ask([RequestVote("m", "j", 2, 0, 0)]) and any(m.term == 2 for m in joined)
+    # The leader's first append brings the cluster's first configuration (index 1, another member alone): older
+    # than the list, so m is still admitted (it was dropped here, and the joiner refused its leader for good).
+    joiner_config[:] = [Member("x", "127.0.0.1:9", "", public_key_of(k_stranger))]
+    joiner_index[0] = 1
+    joiner.set_peers({"x": "127.0.0.1:9"})
+    older = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
+    checks["older-configuration-keeps-the-list"] = (older.ask([RequestVote("m", "j", 3, 0, 0)])
+                                                    and any(m.term == 3 for m in joined) and not dropped)
+    checks["older-list-ignored"] = not joiner.vouch(4, {"m": public_key_of(k_member)})
+    # Review 3 F1: once the configuration reaches the list's index the list is dropped, even when that
+    # configuration names the joiner alone (m removed): m's key is refused, and a list no newer is ignored.
+    joiner_config[:] = [Member("j", f"127.0.0.1:{joiner_port}", "", public_key_of(k_joiner))]
+    joiner_index[0] = 5
+    joiner.set_peers({})
+    checks["configured-forgets-the-list"] = joiner.vouched_index == 0 and dropped == [1]
+    late = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
+    checks["sole-member-refuses-removed"] = not late.ask([RequestVote("m", "j", 4, 0, 0)])
+    checks["list-ignored-once-configured"] = not joiner.vouch(5, {"m": public_key_of(k_member)})
+    later = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
+    checks["still-refused"] = not later.ask([RequestVote("m", "j", 5, 0, 0)]) and not any(m.term > 3 for m in joined)
+    for c in (stranger, null, removed, again, before, after, older, late, later):
+        c.close()
+    ctx.destroy(linger=0)
+    failed = [name for name, ok in checks.items() if not ok]
+    print("only-members-as-themselves", "ok" if not failed else "FAIL " + ",".join(failed))
+    for t in (member, server, joiner):
+        t.stop()
+
+
+def frames_within_the_limit() -> None:
+    """Review 2 F1. A stranger's handshake command declaring 64,000,000 bytes is cut at once (MAXMSGSIZE is a few
+    MiB: it held ~64 MiB per connection until the 2 s handshake bound) and logged at warning; and frames stay under
+    the limit however much is queued: six AppendEntries of 1 MiB each reach their peer, as do six such answers."""
+    import dataclasses
+    import logging
+    import struct
+
+    from raftlib import AppendEntries, Entry, Member
+    from raftlib.transport import new_node_key, public_key_of
+
+    warnings = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("raftlib.transport").addHandler(Record())
+    a_port, b_port = free_port(), free_port()
+    k_a, k_b = new_node_key(), new_node_key()
+    config = [Member("a", f"127.0.0.1:{a_port}", "", public_key_of(k_a)),
+              Member("b", f"127.0.0.1:{b_port}", "", public_key_of(k_b))]
+    big = [AppendEntries("x", "y", 1, i, 1, (Entry(1, i + 1, data=b"e" * (1 << 20)),), 0) for i in range(6)]
+    at_a, at_b = [], []
+
+    def b_handler(messages, reply_wanted):
+        at_b.extend(messages)
+        if any(m.term == 2 for m in messages):  # answer with six big ones
+            return [dataclasses.replace(m, src="b", dst="a", term=2) for m in big]
+        return []
+
+    a = ZmqTransport("a", f"127.0.0.1:{a_port}", lambda m, r: at_a.extend(m) or [], reply_timeout_seconds=2.0,
+                     node_key=k_a, members=lambda: config)
+    b = ZmqTransport("b", f"127.0.0.1:{b_port}", b_handler, reply_timeout_seconds=2.0, node_key=k_b,
+                     members=lambda: config)
+    a.start()
+    b.start()
+    a.set_peers({"b": f"127.0.0.1:{b_port}"})
+    b.set_peers({"a": f"127.0.0.1:{a_port}"})
+
+    attacker = socket.create_connection(("127.0.0.1", b_port))
+    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([3, 0]) + b"CURVE".ljust(20, b"\x00") + b"\x00" * 32
+    attacker.sendall(greeting + b"\x06" + struct.pack(">Q", 64_000_000) + b"\x05HELLO")
+    t0, cut = time.monotonic(), None
+    attacker.setblocking(False)
+    while cut is None and time.monotonic() - t0 < 3.0:
+        try:
+            attacker.sendall(b"\x00" * 65536)
+            if attacker.recv(65536) == b"":
+                cut = time.monotonic() - t0
+        except BlockingIOError:
+            pass
+        except OSError:
+            cut = time.monotonic() - t0
+        gevent.sleep(0.01)
+    attacker.close()
+    checks = {"cut-at-once": cut is not None and cut < 1.0}
+
+    a.send([dataclasses.replace(m, src="a", dst="b") for m in big])
+    checks["six-big-requests"] = wait(lambda: len(at_b) == 6, 10)
+    a.send([RequestVote("a", "b", 2, 0, 0)])
+    checks["six-big-answers"] = wait(lambda: sum(isinstance(m, AppendEntries) for m in at_a) == 6, 10)
+    checks["over-limit-logged"] = wait(lambda: any("over the 4 MiB limit" in w for w in warnings), 2)
+    failed = [name for name, ok in checks.items() if not ok]
+    print("frames-within-the-limit", "ok" if not failed else f"FAIL {','.join(failed)} (cut after {cut})")
+    for t in (a, b):
+        t.stop()
 
 
 if __name__ == "__main__":

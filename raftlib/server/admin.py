@@ -6,7 +6,15 @@ the hex HMAC-SHA256 under the secret of
 
     "raftdzmq-admin-v1\\n" METHOD "\\n" TARGET "\\n" TIMESTAMP "\\n" BODY
 
-where TARGET is the path and query exactly as sent (`wire_target` form). The leader refuses a timestamp more than
+where TARGET is the path and query exactly as sent (`wire_target` form). With a secret a join's body also names
+the joining node's CURVE public key, and the leader's answer to a join lists the members' public keys, signed
+the same way with METHOD "JOINED" and TARGET the join's signature (`answer_headers`, `verify_answer`): the
+joining node admits those keys on its Raft port until its configuration is as new (raftlib.transport: "vouched
+keys"). GET /cluster/keys asks any member for its newest configuration's keys: the asker sends a fresh random
+nonce in X-Raftdzmq-Nonce and signs the request as above with the nonce as BODY (`keys_request_headers`); the
+member answers JSON {"index", "members": {node_id: public_key}, "http_addresses": {node_id: address}}, signed as
+a join's answer is (`answer_headers`, bound to the request's signature: an answer recorded for another request,
+or made without the secret, does not verify); `parse_vouched` reads either answer. The leader refuses a timestamp more than
 ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
 leader took, and store.AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
 worthless once used, everywhere, and after the window even if never used.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import time
@@ -28,18 +37,31 @@ from .store import ADMIN_CLOCK_SKEW_SECONDS
 
 TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
 SIGNATURE_HEADER = "X-Raftdzmq-Signature"
+NONCE_HEADER = "X-Raftdzmq-Nonce"
 SECRET_ENV = "RAFTDZMQ_SECRET"
+KEYS_PATH = "/cluster/keys"
 _TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 _UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")
+_NONCE = re.compile(r"[0-9a-f]{32,128}")  # hex: at least 128 random bits
+_PUBLIC_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")  # a CURVE key in Z85 text (RFC 32)
+
+
+def valid_public_key(text: object) -> bool:
+    """Whether `text` is a CURVE public key as Z85 text (40 characters of its alphabet: 32 bytes)."""
+    return isinstance(text, str) and _PUBLIC_KEY.fullmatch(text) is not None
+
+
+MIN_SECRET_BYTES = 16  # a signed header is HMAC(secret, known text): open to offline guessing (review 2 F5)
 
 
 class SecretError(Exception):
-    """The cluster secret was asked for and cannot be had (an unreadable or empty file)."""
+    """The cluster secret was asked for and cannot be had (an unreadable or empty file, or one too short)."""
 
 
 def read_secret(secret_file: str | None, environ: Mapping[str, str] = os.environ) -> bytes | None:
     """The cluster secret from `secret_file` (surrounding white space dropped), else from $RAFTDZMQ_SECRET; None
-    when neither is given. Raises SecretError when the file cannot be read or is empty."""
+    when neither is given. Raises SecretError when the file cannot be read or is empty, or the secret is shorter
+    than MIN_SECRET_BYTES."""
     if secret_file:
         try:
             with open(os.path.expanduser(secret_file), "rb") as f:
@@ -48,8 +70,17 @@ def read_secret(secret_file: str | None, environ: Mapping[str, str] = os.environ
             raise SecretError(f"cannot read the secret file: {e}") from None
         if not secret:
             raise SecretError(f"the secret file {secret_file} is empty")
-        return secret
-    return environ.get(SECRET_ENV, "").strip().encode() or None
+        where = f"the secret in {secret_file}"
+    else:
+        secret = environ.get(SECRET_ENV, "").strip().encode()
+        if not secret:
+            return None
+        where = f"${SECRET_ENV}"
+    if len(secret) < MIN_SECRET_BYTES:
+        # No stretching (a KDF) makes a short secret safe here: clients sign with the plain HMAC (curl, openssl).
+        raise SecretError(f"{where} has {len(secret)} bytes: a cluster secret needs at least {MIN_SECRET_BYTES} bytes "
+                          "(make one with: openssl rand -hex 32)")
+    return secret
 
 
 def wire_target(raw: str) -> str:
@@ -74,6 +105,68 @@ def admin_headers(secret: bytes, method: str, target: str, body: bytes = b"", no
     return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: admin_signature(secret, method, target, body, timestamp)}
 
 
+def answer_headers(secret: bytes, request_signature: str, body: bytes, now: float | None = None) -> dict[str, str]:
+    """The headers that sign the leader's answer `body` to the signed admin request `request_signature`: the
+    answer cannot be made without the secret, nor be one given to another request."""
+    timestamp = f"{time.time() if now is None else now:.6f}"
+    return {TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: admin_signature(secret, "JOINED", request_signature, body, timestamp)}
+
+
+def verify_answer(secret: bytes, request_signature: str, body: bytes, headers: Mapping[str, str]) -> bool:
+    """Whether `body` is an answer to `request_signature` signed with `secret` (answer_headers)."""
+    timestamp, signature = headers.get(TIMESTAMP_HEADER), headers.get(SIGNATURE_HEADER)
+    if not timestamp or not signature or not _TIMESTAMP.fullmatch(timestamp):
+        return False
+    expected = admin_signature(secret, "JOINED", request_signature, body, timestamp)
+    return hmac.compare_digest(signature.encode("latin-1", errors="replace"), expected.encode())
+
+
+def valid_nonce(text: object) -> bool:
+    """Whether `text` is a nonce as GET /cluster/keys wants it: 32 to 128 lowercase hex digits."""
+    return isinstance(text, str) and _NONCE.fullmatch(text) is not None
+
+
+def keys_request_headers(secret: bytes, nonce: str | None = None, now: float | None = None) -> dict[str, str]:
+    """The headers of a signed GET /cluster/keys: a fresh nonce (128 random bits, unless given) and the admin
+    signature with the nonce as the body."""
+    nonce = os.urandom(16).hex() if nonce is None else nonce
+    return {NONCE_HEADER: nonce, **admin_headers(secret, "GET", KEYS_PATH, nonce.encode("ascii"), now)}
+
+
+def parse_vouched(body: bytes) -> tuple[int, dict[str, str], dict[str, str]]:
+    """(index, members' public keys, members' HTTP addresses) from a signed answer listing a configuration (a
+    join's or GET /cluster/keys'; verify it first). ValueError when it is not one: an index that is not a positive
+    integer, or a member whose key is not a CURVE public key (review 3 F3: a cluster made before node keys)."""
+    try:
+        parsed = json.loads(body)
+        index, members = parsed["index"], parsed["members"]
+        http_addresses = parsed.get("http_addresses", {})
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"not a list of members' keys ({e})") from None
+    if not isinstance(index, int) or isinstance(index, bool) or index < 1:
+        raise ValueError("not a list of members' keys (no configuration index)")
+    if not isinstance(members, dict) or not isinstance(http_addresses, dict):
+        raise ValueError("not a list of members' keys")
+    keyless = sorted(str(k) for k, v in members.items() if not valid_public_key(v))
+    if keyless:
+        raise ValueError(f"no node key for {', '.join(keyless)}")
+    http_addresses = {k: v for k, v in http_addresses.items()
+                      if k in members and isinstance(v, str) and 0 < len(v) < 256}
+    return index, dict(members), http_addresses
+
+
+def read_keys_answer(secret: bytes, request_headers: Mapping[str, str], body: bytes,
+                     headers: Mapping[str, str]) -> tuple[int, dict[str, str], dict[str, str]]:
+    """The asker's side of GET /cluster/keys: (index, members' keys, HTTP addresses) from the answer `body` to the
+    request made with `request_headers` (keys_request_headers). ValueError when the answer is not signed with
+    `secret` for that very request (made without the secret, or recorded for another request: a replay), or is
+    not a list of keys."""
+    if not verify_answer(secret, request_headers.get(SIGNATURE_HEADER, ""), body, headers):
+        raise ValueError("not signed for our request with this cluster's secret")
+    return parse_vouched(body)
+
+
 class AdminGuard:
     """Checks admin signatures on one node. `verify` is pure apart from the clock; `claim` records a signature the
     leader is about to act on, and refuses one it has seen (memory: one entry per accepted admin request of the
@@ -81,7 +174,7 @@ class AdminGuard:
     this leader costs no log entry; store.AdminClaims is what holds across leaders."""
 
     def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+        self.secret = secret
         self._seen: dict[str, float] = {}  # signature -> time.monotonic() when it may be forgotten
 
     def verify(self, method: str, target: str, body: bytes, timestamp: str | None, signature: str | None,
@@ -91,7 +184,7 @@ class AdminGuard:
             return "not signed with this cluster's secret (no signature)"
         if not _TIMESTAMP.fullmatch(timestamp):
             return "malformed timestamp: want Unix seconds"
-        expected = admin_signature(self._secret, method, target, body, timestamp)
+        expected = admin_signature(self.secret, method, target, body, timestamp)
         if not hmac.compare_digest(signature.encode("latin-1"), expected.encode()):
             return "not signed with this cluster's secret (the signature does not match)"
         skew = float(timestamp) - (time.time() if now is None else now)

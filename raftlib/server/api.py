@@ -33,7 +33,8 @@ from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Rol
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.storage import DiskFull
 
-from .admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, wire_target
+from .admin import (NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, valid_nonce,
+                    valid_public_key, wire_target)
 from .edge import RateLimitedLog
 from .metrics import Metrics
 from .store import ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
@@ -99,6 +100,10 @@ class Api:
     read_timeout_seconds: float = 5.0
     forward: bool = False
     guard: AdminGuard | None = None
+    max_members: int = 64
+    # The index of the newest configuration in this node's log (its snapshot's index when the log has none): GET
+    # /cluster/keys answers with it. Read in the same step as runtime.status(): no yield between the two.
+    configuration_index: Callable[[], int] = lambda: 0
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
 
@@ -161,6 +166,7 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None]]] = {
         Stopped: (503, _NOT_CONFIRMED, None),
         ValueError: (400, "{e}", None),
     },
+    "keys": {},
     "transfer": {
         Timeout: (503, _NOT_CONFIRMED, None),
         Stopped: (503, _NOT_CONFIRMED, None),
@@ -238,6 +244,12 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
     return text(307, NOT_LEADER, Location=f"http://{leader}{wire_target(bottle.request.environ['REQUEST_URI'])}")
 
 
+# The leader's answer headers a forwarding follower hands back: the signature of a signed answer (a join's) too,
+# without which the joining node must refuse the answer.
+_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "location", TIMESTAMP_HEADER.lower(),
+                                       SIGNATURE_HEADER.lower()))
+
+
 def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
     """-forward: pass this request on to the leader and hand back its answer. The target goes as sent, and with it
     the admin signature headers, which cover it."""
@@ -251,7 +263,7 @@ def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
     try:
         conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
         resp = conn.getresponse()
-        keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "x-raft-index", "location")}
+        keep = {k: v for k, v in resp.getheaders() if k.lower() in _FORWARDED_ANSWER_HEADERS}
         return bottle.HTTPResponse(resp.read(), resp.status, keep)
     except (OSError, http.client.HTTPException) as e:
         return text(503, f"could not forward to the leader at {leader}: {e}; outcome unknown")
@@ -305,6 +317,9 @@ def claim_signature(api: Api, what: str) -> None:
             raise Unconfirmed(what, e) from None
         if result == "used":
             reason = "this signed request was already used, on another leader (a replay); sign it again"
+        elif result == "expired":
+            reason = ("this signed request is older than the cluster remembers (a leader's clock ran ahead?); "
+                      "sign it again")
     if reason is not None:
         raise Forbidden(what, reason)
 
@@ -371,7 +386,7 @@ def members(node: NodeStatus) -> list[dict]:
             match_index = node.last_index if m.node_id == node.node_id else progress and progress.match_index
         out.append({"id": m.node_id, "raft_address": m.raft_address, "http_address": m.http_address,
                     "role": "voter" if m.node_id in node.membership.voters else "learner",
-                    "match_index": match_index})
+                    "match_index": match_index, **({"public_key": m.public_key} if m.public_key else {})})
     return out
 
 
@@ -428,7 +443,43 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
     return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
 
 
+def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64) -> str | None:
+    """Why a join of `member` is refused (409) in the configuration `membership`, else None. A join that names a
+    member exactly as the configuration has it is a retry of the same join and not refused. `secret`: the cluster
+    has a secret (node keys); `max_members`: the most members (voters and learners) a join may bring it to."""
+    node_id, public_key = member.node_id, member.public_key
+    keyless = [m for m in membership.node_ids if not getattr(membership.member(m), "public_key", "")]
+    if secret and keyless:
+        # Review 3 F3: the joining node could not admit these members (nor they it): it would wait for ever.
+        return (f"members {', '.join(keyless)} have no node key (a cluster made by a raftdzmq before node keys, or "
+                "without a secret): it cannot take new nodes with a secret; recreate it with this version")
+    known = membership.member(node_id)
+    if known is not None and known.public_key != public_key:
+        # A signed join must not give a member's identity to another key: only its own key speaks as it.
+        return f"node {node_id} is a member with another key: remove it first"
+    if known is not None and known != member:
+        # Review 3 F4: a join naming a member's id and key with other addresses moved the member (a follower's
+        # 307 then sent clients to the join's address). A node's addresses are fixed by its first join.
+        return (f"node {node_id} is a member at {known.raft_address} (raft) and {known.http_address} (http): a join "
+                "does not move a member; remove it first")
+    if public_key:
+        # Review 3 F2: a member's public key (GET /cluster lists them) named by another node id took that member's
+        # frames from it on every node, cutting it off.
+        owner = next((m.node_id for m in membership.members if m.public_key == public_key and m.node_id != node_id),
+                     None)
+        if owner is not None:
+            return f"this public key is member {owner}'s: every node needs a key of its own"
+    if known is None and len(membership.node_ids) >= max_members:
+        # Review 3 F5: every member is in every membership entry and snapshot, and costs each node a socket and a
+        # sender; signed learner joins without end would grow all of them.
+        return (f"the cluster has {len(membership.node_ids)} members, the most -max-members allows: remove one "
+                "first")
+    return None
+
+
 def join(api: Api) -> bottle.HTTPResponse:
+    """Add the node the body names as a learner. With a cluster secret the body names its CURVE public key too,
+    and the answer lists the members' keys, signed (admin.answer_headers): the joining node admits them."""
     raw = read_body()
     check_signature(api, "join")
     try:
@@ -438,9 +489,19 @@ def join(api: Api) -> bottle.HTTPResponse:
             raise ValueError
     except (ValueError, TypeError, KeyError):
         return text(400, 'bad join body: want JSON {"node_id": ..., "raft_address": ..., "http_address": ...}')
+    public_key = ""
+    if api.guard is not None:
+        public_key = body.get("public_key")
+        if not valid_public_key(public_key):
+            return text(400, "bad join body: with a cluster secret, want the node's CURVE public key as "
+                        '"public_key" (40 characters of Z85)')
     require_leader(api)
+    member = Member(fields[0], fields[1], fields[2], public_key)
+    refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None, api.max_members)
+    if refusal is not None:
+        return text(409, refusal)
     claim_signature(api, "join")
-    change = ConfChange(ConfChangeKind.ADD_LEARNER, Member(*fields))
+    change = ConfChange(ConfChangeKind.ADD_LEARNER, member)
     deadline = time.monotonic() + api.write_timeout_seconds
     while True:
         try:
@@ -451,7 +512,43 @@ def join(api: Api) -> bottle.HTTPResponse:
                 raise
             gevent.sleep(0.05)
     log.info("node %s (%s) joined as a learner", fields[0], fields[2])
-    return json_answer({"index": index})
+    if api.guard is None:
+        return json_answer({"index": index})
+    node = api.runtime.status().node
+    # The joining node admits these keys until its log holds the configuration at `index`, the one that added it
+    # (raftlib.transport, "vouched keys"): not before, however old the configurations its first appends carry.
+    answer = json.dumps({"index": index, "leader": node.node_id,
+                         "members": {m.node_id: m.public_key for m in node.membership.members},
+                         "http_addresses": {m.node_id: m.http_address for m in node.membership.members}}).encode()
+    headers = answer_headers(api.guard.secret, bottle.request.get_header(SIGNATURE_HEADER), answer)
+    return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
+
+
+def cluster_keys(api: Api) -> bottle.HTTPResponse:
+    """GET /cluster/keys, with a cluster secret: this node's newest configuration (its index, the members' public
+    keys and HTTP addresses), whether or not it leads, for a node whose own configuration may be older (it admits
+    these keys on its Raft port until its log catches up: raftlib.transport, "vouched keys"). The request carries
+    a fresh nonce and is signed with it as the body (admin.keys_request_headers); a signature is taken once (this
+    node's AdminGuard; nothing goes through the log: any member answers, a lagging one too); the answer is signed
+    for that request (admin.answer_headers)."""
+    if api.guard is None:
+        return text(404, "no cluster secret: nodes have no keys")
+    req = bottle.request
+    nonce = req.get_header(NONCE_HEADER)
+    if not valid_nonce(nonce):
+        return text(400, f"a keys request needs {NONCE_HEADER}: a fresh random nonce of 32 to 128 hex digits")
+    reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], nonce.encode("ascii"),
+                              req.get_header(TIMESTAMP_HEADER), req.get_header(SIGNATURE_HEADER))
+    if reason is None:
+        reason = api.guard.claim(req.get_header(SIGNATURE_HEADER))
+    if reason is not None:
+        raise Forbidden("keys request", reason)
+    membership = api.runtime.status().node.membership
+    index = api.configuration_index()
+    answer = json.dumps({"index": index, "members": {m.node_id: m.public_key for m in membership.members},
+                         "http_addresses": {m.node_id: m.http_address for m in membership.members}}).encode()
+    headers = answer_headers(api.guard.secret, req.get_header(SIGNATURE_HEADER), answer)
+    return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
 
 
 def get_status(api: Api) -> bottle.HTTPResponse:
@@ -478,6 +575,8 @@ def get_cluster(api: Api) -> bottle.HTTPResponse:
 def remove_member(api: Api, node_id: str) -> bottle.HTTPResponse:
     check_signature(api, "removal")
     require_leader(api)
+    if node_id not in api.runtime.node.membership.node_ids:
+        return text(404, f"{node_id} is not a member")  # before the claim: nothing goes into the log
     claim_signature(api, "removal")
     index, _ = api.runtime.change_membership(ConfChange(ConfChangeKind.REMOVE, Member(node_id)),
                                              api.write_timeout_seconds)
@@ -489,8 +588,31 @@ def transfer(api: Api) -> bottle.HTTPResponse:
     check_signature(api, "transfer")
     require_leader(api)
     claim_signature(api, "transfer")
+    deadline = time.monotonic() + api.write_timeout_seconds
     api.runtime.transfer_leadership(target, api.write_timeout_seconds)
+    confirm_leader(api, target, deadline)
     return text(200, f"leader is now {target}")
+
+
+def confirm_leader(api: Api, target: str, deadline: float) -> None:
+    """After a transfer: Timeout unless `target` is confirmed as the leader by `deadline`. The runtime returns
+    once this node has heard of `target` leading, which a target that cannot hold leadership also does for a
+    moment (review 3 F2: a target cut off from the others won an election, lost it to check-quorum, and the
+    transfer answered 200). A linearizable read through this node settles it (thesis §6.4): the leader answers
+    only once an entry of its term has committed and a majority answered its heartbeat round after the read."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"{target} was not confirmed as the leader within {api.write_timeout_seconds:g}s")
+        try:
+            api.runtime.read(remaining)
+        except NotLeader:  # between two leaders: ask again, within the bound
+            gevent.sleep(0.02)
+            continue
+        leader = api.runtime.node.leader_id
+        if leader == target:
+            return
+        raise Timeout(f"{leader or 'no node'} leads, not {target}")
 
 
 # (method, path, route, the operation its failures are answered as)
@@ -505,6 +627,7 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("GET", "/status", get_status, "status"),
     ("GET", "/metrics", get_metrics, "status"),
     ("GET", "/cluster", get_cluster, "status"),
+    ("GET", "/cluster/keys", cluster_keys, "keys"),
     ("DELETE", "/cluster/<node_id>", remove_member, "removal"),
     ("POST", "/cluster/transfer", transfer, "transfer"),
 )

@@ -29,6 +29,7 @@ import re
 import resource
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -477,7 +478,10 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
 
     def __init__(self, listener, application, *, max_connections: int, idle_timeout_seconds: float,
                  receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
-                 max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS) -> None:
+                 max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS,
+                 on_eviction: Callable[[str], None] | None = None) -> None:
+        """`on_eviction(reason)` hears of every connection the server closes: "full_idle" or "full_receiving" (the
+        pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count them."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         self.idle_timeout_seconds = idle_timeout_seconds
         self.receive_timeout_seconds = receive_timeout_seconds
@@ -491,6 +495,8 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
         self._refusals = RateLimitedLog("refused HTTP requests", log)
         self._accept_failures = RateLimitedLog("failed accepts", log)
+        self._evictions = RateLimitedLog("closed connections", log)
+        self._on_eviction = on_eviction
         self._accept_pause_seconds = 0.0
         self.gate = TurnGate(turn_budget_seconds)
         self._sweeper: gevent.Greenlet | None = None
@@ -536,7 +542,8 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                        if handlers]
             if victims:
                 _, handlers = min(victims, key=lambda v: v[0])
-                self._close(handlers, next(iter(handlers)))
+                self._evict(handlers, next(iter(handlers)),
+                            "full_idle" if handlers is self.idle else "full_receiving")
         self.handler_class(sock, address, self).handle()
 
     def _sweep(self) -> None:
@@ -544,14 +551,25 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         while True:
             gevent.sleep(period)
             now = time.monotonic()
-            for handlers, limit in ((self.idle, self.idle_timeout_seconds), (self.busy, self.busy_timeout_seconds)):
+            for handlers, limit, reason in ((self.idle, self.idle_timeout_seconds, "idle_timeout"),
+                                            (self.busy, self.busy_timeout_seconds, "busy_timeout")):
                 expired = []
                 for handler, since in handlers.items():
                     if now - since < limit:
                         break
                     expired.append(handler)
                 for handler in expired:
-                    self._close(handlers, handler)
+                    self._evict(handlers, handler, reason)
+
+    def _evict(self, handlers: dict, handler: EdgeHandler, reason: str) -> None:
+        """Close a connection the server chose to close: counted, and logged at most once a second."""
+        if self._on_eviction is not None:
+            self._on_eviction(reason)
+        client = handler.client_address
+        self._evictions.log(logging.WARNING if reason.startswith("full") else logging.INFO,
+                            "closed the HTTP connection of %s (%s)", client[0] if isinstance(client, tuple) else client,
+                            reason.replace("_", " "))
+        self._close(handlers, handler)
 
     def _close(self, handlers: dict, handler: EdgeHandler) -> None:
         handlers.pop(handler, None)

@@ -82,6 +82,8 @@ GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
      "sleep woke since start", lambda s: s.stats["loop_lag_max_microseconds"] / 1e6),
     ("raftdzmq_loop_lags_over_10ms", "The hub-lag probe: wake-ups more than 10 ms late",
      lambda s: s.stats["loop_lags_over_10ms"]),
+    ("raftdzmq_out_of_descriptors", "Saves and snapshots refused for want of a file descriptor (each try; "
+     "retried)", lambda s: s.stats["out_of_descriptors"]),
 )
 
 
@@ -95,6 +97,9 @@ class Metrics:
         self.fsync_seconds = Histogram("raftdzmq_fsync_seconds", "Log fdatasync time per batch",
                                        (.00005, .0001, .0002, .0005, .001, .002, .005, .01, .05))
         self.reads = Counter("raftdzmq_reads", "Reads answered, by consistency", "consistency")
+        self.http_evictions = Counter("raftdzmq_http_evictions", "HTTP connections the server closed, by reason "
+                                      "(full_idle, full_receiving: the pool was full; idle_timeout, busy_timeout)",
+                                      "reason")
         self.read_index_seconds = Histogram("raftdzmq_read_index_seconds", "Time to confirm a read index",
                                             (.0005, .001, .002, .005, .01, .05, .1, .5))
         self.hub_lag_seconds = Histogram("raftdzmq_hub_lag_seconds", "How late a 10 ms gevent timer fires: the "
@@ -110,7 +115,7 @@ class Metrics:
 
     def collect(self) -> Iterator[prom_core.Metric]:
         for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
-                  self.hub_lag_seconds):
+                  self.hub_lag_seconds, self.http_evictions):
             yield m.collect()
         if self._status is not None:
             status = self._status()

@@ -8,16 +8,29 @@ Rules:
   code 3, acknowledging nothing more.
 - The choice of a successor on shutdown reads only `Runtime.status()`, never the core's fields.
 - Every wait has a bound: joining (-join-timeout), each join request, the hand-over on shutdown.
+- With a cluster secret the node has a CURVE key pair of its own, made at its first start and kept in node.key
+  (DiskStorage.write_node_key: crash-safe, mode 0600); the secret key is never logged. Its public key goes into
+  the bootstrap's configuration, or into the signed join request.
+- Vouched keys (raftlib.transport's rules): the leader's signed answer to the join names the members' keys and
+  the index of the configuration that added this node; a member's signed answer to GET /cluster/keys names its
+  newest configuration's keys and index. The newest such list (by index) is admitted on the Raft port while this
+  node's own configuration is older, and kept in node.key ("vouched", before JOINING goes); once the log reaches
+  its index it is dropped from node.key (review 3 F1). The node asks for a list once at start (when it has a
+  configuration with other members) and when its Raft port refuses a key that no list names, at most once every
+  KEYS_REFRESH_SECONDS: it asks its configuration's members, then the vouched list's, one at a time, each within
+  KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
 """
 
 from __future__ import annotations
 
 import binascii
+import http.client
 import ipaddress
 import json
 import logging
 import os
 import random
+import resource
 import socket
 import time
 import urllib.error
@@ -32,10 +45,11 @@ from raftlib.core import Config, NodeStatus, RaftNode
 from raftlib.interfaces import StoredState
 from raftlib.messages import Message, Role
 from raftlib.runtime import Runtime
-from raftlib.storage import DiskStorage, start_node
-from raftlib.transport import ZmqTransport
+from raftlib.storage import DiskStorage, StorageError, start_node
+from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
-from .admin import SECRET_ENV, AdminGuard, admin_headers
+from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
+                    parse_vouched, read_keys_answer, valid_public_key, verify_answer)
 from .api import Api, make_app
 from .edge import EdgeServer, listen
 from .metrics import Metrics
@@ -48,6 +62,10 @@ log = logging.getLogger("raftdzmq.node")
 TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
 HEARTBEAT_TICKS = 5  # ticks per heartbeat: the election timeout is counted in fifths of a heartbeat
 HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its successor to take over
+MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start
+KEYS_REFRESH_SECONDS = 2.0  # at most one round of GET /cluster/keys this often (a stranger's refusals cause them)
+KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
+MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,7 @@ class ServerConfig:
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
     secret: bytes | None = None
+    max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
 
     @property
@@ -81,6 +100,24 @@ class ServerConfig:
 
 class JoinFailed(Exception):
     """This node could not join the cluster: refused, or no answer within -join-timeout."""
+
+
+class CannotStart(Exception):
+    """This data dir cannot run with the settings given (the command exits with code 2 and this one line)."""
+
+
+def keyless_members(stored: StoredState) -> list[str]:
+    """The members of the newest configuration in `stored` (the log's, else the snapshot's) that have no CURVE
+    public key; [] when there is no configuration yet."""
+    membership = stored.snapshot.membership if stored.snapshot is not None else None
+    for entry in reversed(stored.entries):
+        if entry.membership is not None:
+            membership = entry.membership
+            break
+    if membership is None:
+        return []
+    return [node_id for node_id in membership.node_ids
+            if not getattr(membership.member(node_id), "public_key", "")]
 
 
 class Server:
@@ -107,7 +144,16 @@ class Server:
             self.store.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
                                       reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
-                                      secret=config.secret)
+                                      node_key=None if self.node_key is None else self.node_key["secret_key"],
+                                      members=lambda: self.node.membership.members,
+                                      configuration_index=self.configuration_index,
+                                      on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused)
+        self._keys_asked_at = -KEYS_REFRESH_SECONDS  # time.monotonic() of the last round of keys requests
+        self._keys_asking = False
+        if self.node_key is not None and self.node_key.get("vouched"):
+            vouched = self.node_key["vouched"]
+            if not self.transport.vouch(vouched["index"], vouched["members"]):
+                self._forget_vouched()  # our configuration reached it before a crash: the list is stale
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
         self.metrics.bind(self.runtime.status)
@@ -118,11 +164,152 @@ class Server:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (raftlib.storage.start_node says how)."""
         stored = self.storage.load()
+        if self.config.secret is not None:
+            self._refuse_keyless(stored)
+        self.node_key = None if self.config.secret is None else self._load_node_key()
         start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
-                           self.http_address, join=bool(self.config.join))
+                           self.http_address, join=bool(self.config.join), public_key=self.public_key)
         self.node_id = start.node_id
         self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
         return start.stored
+
+    def _refuse_keyless(self, stored: StoredState) -> None:
+        """With a secret, a configuration whose members lack node keys cannot run: those members can neither be
+        admitted nor called, and the cluster would wedge silently (review 3 F3: pre-candidates forever, or a
+        single leader whose joiners are never admitted). Checked before node.key is made: the data dir is left as
+        it was."""
+        keyless = keyless_members(stored)
+        if keyless:
+            raise CannotStart(
+                f"the configuration in {self.config.data_dir} has members without a node key ({', '.join(keyless)}): "
+                "it was made by a raftdzmq before node keys, or without a secret, and a cluster with a secret cannot "
+                "run on it; recreate the cluster with this version (dump the keys over HTTP and load them into the "
+                "new one), or run this one without a secret")
+
+    @property
+    def public_key(self) -> str:
+        """This node's CURVE public key (Z85 text); "" without a cluster secret."""
+        return "" if self.node_key is None else public_key_of(self.node_key["secret_key"])
+
+    def _load_node_key(self) -> dict:
+        """node.key: this node's CURVE secret key and the vouched list it admits while its configuration is older
+        (an "admit" list of the version before is the join's, read as vouched at index 1); made (with a
+        new key) when the data dir has none. Before node.json at a first start: a crash between leaves a key and
+        no identity, which the next start keeps."""
+        key = self.storage.read_node_key()
+        if key is None:
+            key = {"format": 1, "secret_key": new_node_key()}
+            self.storage.write_node_key(key)
+            log.info("made a CURVE key pair for this node (public key in the configuration; secret key in %s)",
+                     os.path.join(self.config.data_dir, "node.key"))
+            return key
+        try:
+            public_key_of(key.get("secret_key", ""))
+            admit = key.pop("admit", None)
+            if admit:  # the version before vouched lists: the join's keys, kept while there was no configuration
+                key.setdefault("vouched", {"index": 1, "members": admit, "http_addresses": {}})
+            vouched = key.get("vouched")
+            if vouched is not None:
+                index, members = vouched["index"], vouched["members"]
+                if (not isinstance(index, int) or index < 1 or not isinstance(members, dict)
+                        or not all(valid_public_key(v) for v in members.values())
+                        or not isinstance(vouched.get("http_addresses", {}), dict)):
+                    raise ValueError('bad "vouched"')
+        except (ValueError, AttributeError, KeyError, TypeError) as e:
+            raise StorageError(f"{os.path.join(self.config.data_dir, 'node.key')} is not a node key: {e}") from None
+        return key
+
+    def configuration_index(self) -> int:
+        """The index of the newest configuration in the log; the snapshot's index when the log holds none (the
+        snapshot's configuration was made at or before it); 0 when there is none. O(entries in memory): for the
+        rare moments that need it (a change of configuration, a vouched list, a keys request)."""
+        entries = self.node.log.membership_entries()
+        return entries[-1].index if entries else self.node.log.snapshot_index
+
+    def _forget_vouched(self) -> None:
+        """The log reached the vouched list's index (durable: the runtime syncs the peers after the save, and at
+        start it was loaded from disk): drop the list from node.key, crash-safe, so no later start admits it
+        (review 3 F1). No room or no descriptor: the transport has forgotten it already, and the next start, which
+        finds the configuration again, drops it; any other failure of the write is fatal (storage's rules)."""
+        assert self.node_key is not None
+        if "vouched" not in self.node_key:
+            return
+        self.node_key = {k: v for k, v in self.node_key.items() if k != "vouched"}
+        try:
+            self.storage.write_node_key(self.node_key)
+        except StorageError as e:
+            log.warning("could not drop the vouched keys from node.key (%s); they are not admitted, and the next "
+                        "start drops them", e)
+            return
+        log.info("the log reached the configuration of the vouched keys: node.key no longer lists them")
+
+    def _vouch(self, index: int, members: dict[str, str], http_addresses: dict[str, str]) -> bool:
+        """Admit a vouched list (verified) if it is newer than the configuration and the list we have, and keep it
+        in node.key. True when taken."""
+        assert self.node_key is not None
+        members = {k: v for k, v in members.items() if k != self.node_id}
+        if not self.transport.vouch(index, members):
+            return False
+        self.node_key = {**self.node_key, "vouched": {"index": index, "members": members,
+                                                      "http_addresses": http_addresses}}
+        self.storage.write_node_key(self.node_key)
+        return True
+
+    def _key_refused(self, public_key: str) -> None:
+        """The Raft port refused a key no list names: perhaps a member newer than our configuration. Ask for a
+        newer list, at most once every KEYS_REFRESH_SECONDS (the transport's greenlet: never blocks)."""
+        self._ask_keys_soon()
+
+    def _ask_keys_soon(self) -> None:
+        now = time.monotonic()
+        if self._keys_asking or self._stopping or now - self._keys_asked_at < KEYS_REFRESH_SECONDS:
+            return
+        self._keys_asked_at, self._keys_asking = now, True
+        gevent.spawn(self._ask_keys)
+
+    def _ask_keys(self) -> None:
+        """One round of GET /cluster/keys: the members of our configuration, then those of the vouched list, one at
+        a time, until one vouches for a configuration newer than ours (or none is left)."""
+        try:
+            asked = set()
+            vouched = (self.node_key or {}).get("vouched", {})
+            mine = [(m.node_id, m.http_address) for m in self.node.membership.members]
+            theirs = sorted(vouched.get("http_addresses", {}).items())
+            for node_id, address in [*sorted(mine), *theirs]:
+                if node_id == self.node_id or not address or address in asked or self._stopping:
+                    continue
+                asked.add(address)
+                answer = self._keys_of(node_id, address)
+                if answer is not None and self._vouch(*answer):
+                    log.info("%s vouched for the keys of its configuration at index %d (ours is at %d): admitted "
+                             "until our log reaches it", node_id, answer[0], self.configuration_index())
+                    return
+        except Exception:
+            log.exception("asking for the members' keys failed")
+        finally:
+            self._keys_asking = False
+
+    def _keys_of(self, node_id: str, address: str) -> tuple[int, dict[str, str], dict[str, str]] | None:
+        """`node_id`'s signed answer to GET /cluster/keys, verified and parsed; None (logged at debug) when there
+        is none within KEYS_REQUEST_TIMEOUT_SECONDS or it does not verify."""
+        assert self.config.secret is not None
+        headers = keys_request_headers(self.config.secret)
+        request = urllib.request.Request(f"http://{address}{KEYS_PATH}", method="GET", headers=headers)
+        try:
+            # The socket's timeout bounds each step; gevent.Timeout the whole (an answer sent a byte at a time).
+            with gevent.Timeout(2 * KEYS_REQUEST_TIMEOUT_SECONDS, OSError("no whole answer in time")):
+                with _no_redirects.open(request, timeout=KEYS_REQUEST_TIMEOUT_SECONDS) as resp:
+                    body, answer_headers = resp.read(MAX_KEYS_ANSWER_BYTES + 1), resp.headers
+        except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as e:
+            log.debug("no keys from %s at %s: %s", node_id, address, e)
+            return None
+        try:
+            if len(body) > MAX_KEYS_ANSWER_BYTES:
+                raise ValueError(f"over {MAX_KEYS_ANSWER_BYTES} bytes")
+            return read_keys_answer(self.config.secret, headers, body, answer_headers)
+        except ValueError as e:
+            log.warning("the keys %s at %s answered are ignored: %s", node_id, address, e)
+            return None
 
     def _timed_fdatasync(self, fd: int, nbytes: int) -> None:
         t0 = time.perf_counter()
@@ -151,7 +338,8 @@ class Server:
         self.runtime.start()
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
-                  guard=None if config.secret is None else AdminGuard(config.secret))
+                  guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
+                  configuration_index=self.configuration_index)
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
@@ -159,11 +347,21 @@ class Server:
             listen(config.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
-            max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes)
+            max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
+            on_eviction=self.metrics.http_evictions.inc)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
+        if self.node_key is not None and self.node.membership.members:
+            self._ask_keys_soon()  # our configuration may be older than the cluster's (a member that was down)
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
                  self.raft_address, config.data_dir)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < MIN_HARD_DESCRIPTORS:
+            # Review 2 F3: with a small hard limit strangers' connections use up the descriptors at once, and zmq
+            # then fails its accepts in a loop; the HTTP cap shrinks to a handful too.
+            log.warning("the hard limit on open files (ulimit -Hn) is %d, under %d: connections to either port can "
+                        "use up this node's descriptors; raise it (e.g. LimitNOFILE= in systemd)", hard,
+                        MIN_HARD_DESCRIPTORS)
         if config.secret is None and not _is_loopback(config.bind_host):
             log.warning("listening on %s beyond loopback without a cluster secret: anyone who can reach the raft port "
                         "can speak for a member, and anyone who reaches the http port can join; give every node "
@@ -195,16 +393,21 @@ class Server:
     def join(self, target: str) -> None:
         """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded by
         -join-timeout. Raises JoinFailed."""
-        body = json.dumps({"node_id": self.node_id, "raft_address": self.raft_address,
-                           "http_address": self.http_address}).encode()
+        fields = {"node_id": self.node_id, "raft_address": self.raft_address, "http_address": self.http_address}
+        if self.node_key is not None:
+            fields["public_key"] = self.public_key
+        body = json.dumps(fields).encode()
         deadline = time.monotonic() + self.config.join_timeout_seconds
         url = f"http://{target}/join"
         last_error = "no answer"
         while time.monotonic() < deadline:
             try:
-                with _no_redirects.open(self._join_request(url, body),
-                                        timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
-                    resp.read()
+                request = self._join_request(url, body)
+                with _no_redirects.open(request, timeout=max(0.5, min(5.0, deadline - time.monotonic()))) as resp:
+                    answer, answer_headers = resp.read(), resp.headers
+                if self.node_key is not None:
+                    self._admit_from_answer(request.get_header(SIGNATURE_HEADER.capitalize()) or "", answer,
+                                            answer_headers)
                 self.storage.remove_join_marker()  # "joined": a leader accepted the join (issue 11)
                 log.info("joined the cluster through %s", url)
                 return
@@ -221,6 +424,37 @@ class Server:
             gevent.sleep(0.2)
         raise JoinFailed(f"could not join the cluster at {target} within {self.config.join_timeout_seconds:g}s: "
                          f"{last_error}")
+
+    def _admit_from_answer(self, request_signature: str, answer: bytes, headers) -> None:
+        """The leader's answer to our signed join: check its signature (a stranger on the HTTP path must not name
+        keys we admit), keep the members' keys in node.key (before JOINING goes: a restart before any leader
+        reaches us still admits them), and admit them on the Raft port."""
+        assert self.config.secret is not None and self.node_key is not None  # only with a secret
+        if not verify_answer(self.config.secret, request_signature, answer, headers):
+            raise JoinFailed("the answer to the join is not signed with this cluster's secret (a leader of an older "
+                             "raftdzmq, or not the cluster's)")
+        try:
+            parsed = json.loads(answer)
+            members, leader = parsed["members"], parsed.get("leader")
+            admit = {k: v for k, v in members.items() if k != self.node_id}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise JoinFailed("the answer to the join lists no members' keys") from None
+        keyless = sorted(k for k, v in admit.items() if not valid_public_key(v))
+        if keyless or not admit or (leader is not None and leader not in admit):
+            # Review 3 F3: a leader of a cluster made before node keys answered with its own key missing; the
+            # node admitted nobody and waited for ever. No key of a member: nobody could reach this node as it.
+            raise JoinFailed(f"the leader's answer lacks the node keys of {', '.join(keyless) or leader or 'the leader'}"
+                             ": a cluster with a secret made by a raftdzmq before node keys cannot take new nodes; "
+                             "recreate it with this version")
+        try:
+            index, members, http_addresses = parse_vouched(answer)
+        except ValueError as e:
+            raise JoinFailed(f"the answer to the join is not a list of members' keys: {e}") from None
+        # The index of the configuration that added us: its keys count until our log holds it, however old the
+        # configurations the leader's first appends bring (review: a log over one batch before the leader's own
+        # join made the node drop the list at index 1 and refuse its leader for good). A retried join whose
+        # configuration reached us already is not taken (transport.vouch).
+        self._vouch(index, members, http_addresses)
 
     def _join_request(self, url: str, body: bytes) -> urllib.request.Request:
         headers = {"Content-Type": "application/json"}

@@ -7,15 +7,18 @@ Rules:
   restored gives back exactly the state it was taken of.
 - A command is a CBOR array `[op, key, value, expected]` (`command` builds one). Results: "ok"; "missing" (a DELETE
   of a key that is not there); "failed" (a COMPARE_AND_SET whose expected value differs, a CREATE of a key that
-  exists); "used" (an ADMIN_CLAIM of a signature claimed before); "error" (a command that does not decode, applied
+  exists); "used" (an ADMIN_CLAIM of a signature claimed before); "expired" (an ADMIN_CLAIM older than the claims'
+  horizon); "error" (a command that does not decode, applied
   as nothing). An unknown op (a newer version's command) applies as nothing and gives "ok".
 - The formats are part of the data dir (docs/DATA-DIR.md). A snapshot is made of independent PIECES, so that a
   node restores it a piece per turn of its event loop (`restoring`) rather than in one step that holds the loop
   for as long as the whole state takes to decode (~1 s at 1M keys): a CBOR sequence (RFC 8742) of byte strings,
-  each with a 4-byte length (`0x5a`, u32), each holding one CBOR item: first `[SNAPSHOT_PIECES, claims, count]`,
-  then pieces `[key, value, key, value, ...]` of at most PIECE_KEYS keys and about PIECE_BYTES bytes, every key
+  each with a 4-byte length (`0x5a`, u32), each holding one CBOR item: first
+  `[SNAPSHOT_PIECES, claims, horizon, count]` (AdminClaims' whole state, and the number of keys), then pieces
+  `[key, value, key, value, ...]` of at most PIECE_KEYS keys and about PIECE_BYTES bytes, every key
   greater than the one before it, across pieces too. Older formats still restore (a data dir from before must
-  start), in one step: the map as a CBOR map, or `[SNAPSHOT_WITH_CLAIMS, map, claims]`.
+  start), in one step: the map as a CBOR map, `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]`, or
+  `[SNAPSHOT_WITH_CLAIMS, map, claims]` (the version before the horizon was kept: a horizon of 0).
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
   O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes). A
   restore from pieces builds it from the keys in the order they come, checked, without sorting.
@@ -38,7 +41,8 @@ log = logging.getLogger("raftdzmq.store")
 # to take effect (AdminClaims).
 SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
 SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
-SNAPSHOT_PIECES = "raftdzmq-kv-pieces-v1"
+SNAPSHOT_WITH_CLAIMS_V2 = "raftdzmq-kv-claims-v2"
+SNAPSHOT_PIECES = "raftdzmq-kv-pieces-v1"  # its header: [SNAPSHOT_PIECES, claims, horizon, count]
 # A piece: at most this many keys, and cut once its keys and values pass this many bytes. About 2 ms to decode
 # on this machine's cores (STACK-NOTES: a loop step should stay well under 10 ms).
 PIECE_KEYS = 2048
@@ -46,8 +50,9 @@ PIECE_BYTES = 128 << 10
 _FRAME = struct.Struct(">BI")  # a CBOR byte string head with a 4-byte length: 0x5a, then the length
 _BYTES_U32 = 0x5A
 # The clock skew allowed between the signer of an admin request and the leader that checks it (admin.AdminGuard).
-# Part of the replicated state's rules: AdminClaims forgets a claim 2 x this after its timestamp.
 ADMIN_CLOCK_SKEW_SECONDS = 300.0
+# Part of the replicated state's rules: how far behind the newest leader clock a claim is kept (AdminClaims).
+CLAIM_RETENTION_SECONDS = 3 * ADMIN_CLOCK_SKEW_SECONDS
 
 
 def command(op: int, key: str, value: bytes = b"", expected: object = None) -> bytes:
@@ -62,13 +67,20 @@ class AdminClaims:
     "used". Every node applies the same claims in log order, so a leader elected later (or after a restart, or a
     snapshot) refuses what an earlier one took.
 
-    Rules: deterministic (no clock of its own: `now` comes in the command). A claim is forgotten once its timestamp
-    is 2 x ADMIN_CLOCK_SKEW_SECONDS behind the newest `now` seen: every leader whose clock is within the allowed
-    skew of that one refuses its timestamp anyway. Memory: one entry per admin request of that window."""
+    Rules: deterministic (no clock of its own: `now` comes in the command), and the whole state is `claims` and
+    `horizon`, both in the snapshot, so a node that restored a snapshot and one that applied the log agree on every
+    later result. The horizon is the newest `now` seen minus CLAIM_RETENTION_SECONDS; claims with a timestamp before
+    it are forgotten, and a claim with a timestamp before it applies as "expired" (refused), so a forgotten request
+    can never take effect again, whatever the leaders' clocks: safety does not rest on the clocks agreeing. The
+    clocks matter for availability only: a leader whose clock is more than CLAIM_RETENTION_SECONDS -
+    ADMIN_CLOCK_SKEW_SECONDS behind the newest `now` sees its fresh requests refused until it catches up. Memory: one
+    entry per admin request of the last CLAIM_RETENTION_SECONDS."""
 
-    def __init__(self, claims: dict[str, float] | None = None) -> None:
+    __slots__ = ("claims", "horizon")
+
+    def __init__(self, claims: dict[str, float] | None = None, horizon: float = 0.0) -> None:
         self.claims: dict[str, float] = dict(claims or {})  # signature -> its timestamp
-        self._newest_now = max(self.claims.values(), default=0.0)
+        self.horizon = horizon
 
     def apply(self, signature: object, when: object) -> str:
         """`when`: [the request's timestamp, the proposing leader's clock], Unix seconds."""
@@ -76,10 +88,11 @@ class AdminClaims:
                 type(t) in (int, float) for t in when):
             return "error"  # not written by this version: nothing to claim
         timestamp, now = when
-        if now > self._newest_now + 60:  # forget in steps, not a scan of every claim at every claim
-            self._newest_now = now
-            horizon = now - 2 * ADMIN_CLOCK_SKEW_SECONDS
-            self.claims = {s: t for s, t in self.claims.items() if t >= horizon}
+        if now - CLAIM_RETENTION_SECONDS > self.horizon:
+            self.horizon = now - CLAIM_RETENTION_SECONDS
+            self.claims = {s: t for s, t in self.claims.items() if t >= self.horizon}
+        if timestamp < self.horizon:
+            return "expired"  # it may have been claimed and forgotten: refuse it
         if signature in self.claims:
             return "used"
         self.claims[signature] = timestamp
@@ -147,7 +160,8 @@ class KeyValueStore:
     def snapshot(self) -> bytes:
         """The whole state in the format of pieces (the module's rules). Run by a forked child on its copy of the
         state (raftlib.runtime), so its time is not the event loop's."""
-        out = [_framed(cbor2.dumps([SNAPSHOT_PIECES, self.admin_claims.claims, len(self.data)]))]
+        claims = self.admin_claims
+        out = [_framed(cbor2.dumps([SNAPSHOT_PIECES, claims.claims, claims.horizon, len(self.data)]))]
         data = self.data
         piece: list = []
         size = 0
@@ -210,13 +224,13 @@ class KeyValueStore:
             self._restore_whole(read(0, size))
             return
         if not size:
-            self._replace({}, SortedList(), {})
+            self._replace({}, SortedList(), {}, 0.0)
             return
         header, offset = _read_item(read, 0, size)
-        if type(header) is not list or len(header) != 3 or header[0] != SNAPSHOT_PIECES \
-                or type(header[1]) is not dict or type(header[2]) is not int:
+        if type(header) is not list or len(header) != 4 or header[0] != SNAPSHOT_PIECES \
+                or type(header[1]) is not dict or type(header[2]) not in (int, float) or type(header[3]) is not int:
             raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-        _, claims, count = header
+        _, claims, horizon, count = header
         new: dict[str, bytes] = {}
         keys = _SortedKeys()
         while offset < size:
@@ -232,7 +246,7 @@ class KeyValueStore:
             new.update(zip(piece_keys, piece_values))
         if len(new) != count:
             raise ValueError(f"a damaged key/value snapshot ({len(new)} keys, its header says {count})")
-        self._replace(new, keys.sorted_list(), claims)
+        self._replace(new, keys.sorted_list(), claims, float(horizon))
 
     def _restore_whole(self, data: bytes) -> None:
         """The formats from before pieces: decoded in one step."""
@@ -240,20 +254,23 @@ class KeyValueStore:
             v = cbor2.loads(data)
         except Exception as e:
             raise ValueError(f"a damaged key/value snapshot: {e}") from None
-        claims = {}
+        claims, horizon = {}, 0.0
         if type(v) is list:
-            if len(v) != 3 or v[0] != SNAPSHOT_WITH_CLAIMS:
+            if len(v) == 4 and v[0] == SNAPSHOT_WITH_CLAIMS_V2 and type(v[3]) in (int, float):
+                _, v, claims, horizon = v
+            elif len(v) == 3 and v[0] == SNAPSHOT_WITH_CLAIMS:  # before the horizon was kept: it starts at 0
+                _, v, claims = v
+            else:
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-            _, v, claims = v
-        if type(v) is not dict:
+        if type(v) is not dict or type(claims) is not dict:
             raise ValueError("a key/value snapshot of an unknown format (not a map)")
-        self._replace(v, SortedList(v), claims)
+        self._replace(v, SortedList(v), claims, float(horizon))
 
-    def _replace(self, data: dict[str, bytes], keys: SortedList, claims: dict[str, float]) -> None:
+    def _replace(self, data: dict[str, bytes], keys: SortedList, claims: dict[str, float], horizon: float) -> None:
         assert len(keys) == len(data)
         self.data = data
         self.keys = keys
-        self.admin_claims = AdminClaims(claims)
+        self.admin_claims = AdminClaims(claims, horizon)
 
 
 def _framed(item: bytes) -> bytes:
