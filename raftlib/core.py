@@ -40,6 +40,7 @@ from .messages import (
     SnapshotData,
     SnapshotSink,
     TimeoutNow,
+    SnapshotUnreadable,
     snapshot_chunk,
 )
 from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker
@@ -994,7 +995,18 @@ class RaftNode:
         assert snap is not None
         # The chunk is read from the snapshot's source (a file the runtime holds open): the leader never needs
         # the whole state in memory to send it.
-        chunk = snapshot_chunk(snap.data, pr.snapshot_offset, self.config.snapshot_chunk_bytes)
+        try:
+            chunk = snapshot_chunk(snap.data, pr.snapshot_offset, self.config.snapshot_chunk_bytes)
+        except SnapshotUnreadable:
+            # Its source is gone (an I/O error on the file): this transfer is abandoned, never the node, and
+            # starts over from the newest snapshot (§7: the follower drops the chunks of a snapshot it no longer
+            # receives). Nothing is sent now; the next heartbeat sends the newest one's first chunk, or finds it
+            # unreadable too and tries again at the one after.
+            if self._snapshot is not None and snap is not self._snapshot:
+                pr.become_snapshot(self._snapshot)
+            else:
+                pr.snapshot_offset = 0
+            return
         done = pr.snapshot_offset + len(chunk) >= len(snap.data)
         self._send(
             InstallSnapshot(

@@ -93,8 +93,14 @@ class SnapshotSource(Protocol):
     def __len__(self) -> int: ...
 
     def read(self, offset: int, length: int) -> bytes:
-        """Up to `length` bytes from `offset` (fewer only at the end)."""
+        """Up to `length` bytes from `offset` (fewer only at the end). Raises SnapshotUnreadable, and nothing
+        else, when its data can no longer be read (the runtime's file: an I/O error)."""
         ...
+
+
+class SnapshotUnreadable(Exception):
+    """A SnapshotSource's data can no longer be read. The core abandons a transfer that meets it, and starts it
+    again from its newest snapshot (a node must never stop because one transfer's source went away)."""
 
 
 SnapshotData = bytes | SnapshotSource  # plain bytes are a source too (`snapshot_chunk`, `snapshot_bytes`)

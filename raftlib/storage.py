@@ -27,8 +27,9 @@ Rules:
   anything changed (OutOfDescriptors, as DiskFull: the same save may be tried again), and to list the folders for
   the garbage an install leaves, after its commit point (refused: the garbage stays, harmless, for load or the
   next install to delete). A plain save (append, fdatasync) opens none. A snapshot held (loaded or committed)
-  keeps its file open for reading (a leader streams InstallSnapshot from it); with no descriptor free at its
-  commit, it is opened at each read instead.
+  keeps its file open for reading (a leader streams InstallSnapshot from it), opened before its commit point:
+  with no descriptor free for it the snapshot is refused (OutOfDescriptors, nothing changed), never committed
+  unreadable. A read of a held file that fails raises SnapshotUnreadable (the core abandons that transfer).
 - A leader's snapshot is received into its file as its chunks come (`receive_snapshot`: a SnapshotSink), under a
   `*.received.tmp` name, each chunk appended and fdatasynced when it comes (so that the install's fsync has
   one chunk left to flush, not the whole state); the install that saves it renames that file rather than
@@ -84,7 +85,7 @@ import cbor2
 from . import codec, crashpoints
 from .fs import NO_DESCRIPTOR, FileSystem, OsFileSystem
 from .interfaces import StoredState
-from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot, snapshot_chunk
+from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot, SnapshotUnreadable, snapshot_chunk
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"RDZMQLOG"
@@ -213,8 +214,11 @@ def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
 class SnapshotFile:
     """A snapshot file's state-machine bytes (a raftlib.messages.SnapshotSource), read through a handle held open:
     a leader sends a snapshot from it in chunks, and a rename or an unlink of the file (a newer snapshot made
-    this one garbage while a transfer of it is under way) does not take them away. The handle is closed with
-    `close`, or when the object is collected. Equal to any data that reads the same (tests compare snapshots)."""
+    this one garbage while a transfer of it is under way) does not take them away. Always a handle: a snapshot
+    that could not be held open is not committed (`_commit_install`), since reopening by path at each read fails
+    once the file is unlinked or no descriptor is free. A read that fails (an I/O error) raises
+    SnapshotUnreadable, which the core catches (it abandons that transfer). The handle is closed with `close`,
+    or when the object is collected. Equal to any data that reads the same (tests compare snapshots)."""
 
     __slots__ = ("fs", "handle", "start", "size", "path", "__weakref__")
 
@@ -222,13 +226,11 @@ class SnapshotFile:
         self.fs, self.handle, self.start, self.size, self.path = fs, handle, start, size, path
 
     @classmethod
-    def at(cls, fs: FileSystem, path: str, handle=None) -> SnapshotFile:
+    def at(cls, fs: FileSystem, path: str, handle) -> SnapshotFile:
         """The data of a snapshot file written by this storage (its checksum not read: O(1)), through `handle`
-        (held open, then owned by the SnapshotFile) or, when None, opening the file at each use."""
+        (held open, then owned by the SnapshotFile)."""
         source = cls(fs, handle, 0, 0, path)
-        source.size = -1  # found at first use: _locate
-        if handle is not None:
-            source._locate(handle)
+        source._locate(handle)
         return source
 
     def _locate(self, handle) -> None:
@@ -238,29 +240,21 @@ class SnapshotFile:
         self.size = self.fs.file_size(handle) - self.start - 4
 
     def __len__(self) -> int:
-        if self.size < 0:
-            self.read(0, 0)
         return self.size
 
     def read(self, offset: int, length: int) -> bytes:
-        if self.handle is None:  # no descriptor was free to hold it open: open it for this read
-            handle = self.fs.open_read(self.path)
-            try:
-                if self.size < 0:
-                    self._locate(handle)
-                return self._read(handle, offset, length)
-            finally:
-                self.fs.close(handle)
-        return self._read(self.handle, offset, length)
-
-    def _read(self, handle, offset: int, length: int) -> bytes:
         length = max(0, min(length, self.size - offset))
         if not length:
             return b""
-        data = self.fs.pread(handle, self.start + offset, length)
+        if self.handle is None:
+            raise SnapshotUnreadable(f"{self.path}: closed")
+        try:
+            data = self.fs.pread(self.handle, self.start + offset, length)
+        except OSError as e:
+            raise SnapshotUnreadable(f"{self.path}: {e}") from None
         if len(data) != length:
-            raise CorruptLogError(f"{self.path}: snapshot file shorter than it was ({self.start + offset + len(data)}"
-                                  f" bytes)")
+            raise SnapshotUnreadable(f"{self.path}: snapshot file shorter than it was "
+                                     f"({self.start + offset + len(data)} bytes)")
         return data
 
     def close(self) -> None:
@@ -1254,26 +1248,32 @@ class DiskStorage:
         built = self._base_record(snapshot, hard_state, entries)  # may be refused (RecordTooBig) before any write
         received = getattr(snapshot.data, "received_tmp", None)
         if received is not None and received in self._writing:
-            # Its file, received and fsynced: renamed into place. Handed over for good: should the install stop
-            # at a full disk after the rename, the retry writes a new file from the data (still readable).
-            self._writing.discard(received)
-            tmp = received
+            tmp = received  # its file, received and fsynced: renamed into place
         else:
             tmp = self.snapshot_tmp_path(snapshot.last_included_index)
             _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
-        self._commit_install(snapshot, tmp, hard_state, entries, built)
-
-    def _kept_snapshot_data(self, path: str) -> SnapshotFile:
-        """The data of the snapshot file just committed at `path`, held open (O(1): the head is read, not the
-        whole file; load checks the checksum). With no descriptor free, one that opens the file at each read."""
         try:
-            handle = self.fs.open_read(path)
+            handle = self._hold_snapshot_file(tmp)  # OutOfDescriptors: nothing changed, a received file still ours
+        except OutOfDescriptors:
+            if tmp != received:
+                self.abort_snapshot(tmp)
+            raise
+        # Handed over for good: should the install stop at a full disk after the rename, the retry writes a new
+        # file from the data (still readable).
+        self._writing.discard(tmp)
+        self._commit_install(snapshot, tmp, hard_state, entries, built, handle)
+
+    def _hold_snapshot_file(self, tmp: str):
+        """A handle of the written snapshot file `tmp`, opened before the commit point: the committed snapshot
+        reads its data through it (a rename keeps it). No descriptor free: OutOfDescriptors, and nothing changed
+        (the snapshot is not committed: one that cannot be read would be sent and restored from; the old one
+        stays, and the caller tries again later)."""
+        try:
+            return self.fs.open_read(tmp)
         except OSError as e:
-            if e.errno not in NO_DESCRIPTOR:
-                raise
-            logger.warning("%s is committed, but stays closed (%s): it is opened at each read", path, e.strerror)
-            handle = None
-        return SnapshotFile.at(self.fs, path, handle)
+            if e.errno in NO_DESCRIPTOR:
+                raise OutOfDescriptors(f"no file descriptor free to hold the snapshot {tmp}: {e.strerror}") from None
+            raise
 
     def _base_record(self, snapshot: Snapshot, hard_state: HardState | None,
                      entries: list[Entry]) -> tuple[StoredState, bytes]:
@@ -1288,25 +1288,35 @@ class DiskStorage:
                                          state.hard_state, state.entries)
 
     def _commit_install(self, snapshot: Snapshot, tmp: str, hard_state: HardState | None,
-                        entries: list[Entry], built: tuple[StoredState, bytes] | None = None) -> Snapshot:
+                        entries: list[Entry], built: tuple[StoredState, bytes] | None = None,
+                        held=None) -> Snapshot:
         """The transaction of the module's rules from the written file on: the new state is computed first, and
         becomes `self.state` only once the segment that holds it is durable. The snapshot kept reads its data
-        from the file (`_kept_snapshot_data`), opened after the commit point."""
+        through `held` (`_hold_snapshot_file`'s handle of `tmp`, opened here when None), taken before the rename:
+        with no descriptor free, OutOfDescriptors before anything changed."""
         index = snapshot.last_included_index
-        # `built`: the caller's, made from the same state (nothing changed it since): encoded once, not twice.
-        state, base = built if built is not None else self._base_record(snapshot, hard_state, entries)
-        path = self._snapshot_path(index)
-        if crashpoints.enabled:
-            crashpoints.hit("snapshot.after_write")
-        self.fs.rename(tmp, path)
-        self.fs.fsync_dir(self._folders[self.data_dir])
-        if crashpoints.enabled:
-            crashpoints.hit("snapshot.after_rename")
-        handle, size = self._create_segment(base)
-        if crashpoints.enabled:
-            crashpoints.hit("snapshot.after_segment")
+        if held is None:
+            held = self._hold_snapshot_file(tmp)
+        try:
+            # `built`: the caller's, made from the same state (nothing changed it since): encoded once, not twice.
+            state, base = built if built is not None else self._base_record(snapshot, hard_state, entries)
+            path = self._snapshot_path(index)
+            data = SnapshotFile.at(self.fs, path, held)  # its head read now, before anything changes
+            if crashpoints.enabled:
+                crashpoints.hit("snapshot.after_write")
+            self.fs.rename(tmp, path)
+            self.fs.fsync_dir(self._folders[self.data_dir])
+            if crashpoints.enabled:
+                crashpoints.hit("snapshot.after_rename")
+            handle, size = self._create_segment(base)
+            if crashpoints.enabled:
+                crashpoints.hit("snapshot.after_segment")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.fs.close(held)
+            raise
         # Committed: the new segment is durable, and it makes everything older garbage.
-        kept = Snapshot(index, snapshot.last_included_term, snapshot.membership, self._kept_snapshot_data(path))
+        kept = Snapshot(index, snapshot.last_included_term, snapshot.membership, data)
         state.snapshot = kept
         old, self._segment = self._segment, handle
         self._segment_bytes = self.log_bytes = size

@@ -553,11 +553,15 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
     # again, and the garbage one left goes at the next install.
     "out-of-descriptors-at-each-open-of-an-install": [
         save(HardState(1, "a", 8), es(1, 10, 1)),
+        # The opens of an install: its temporary file (0), the handle the snapshot is read through, taken before
+        # the commit point (1), the new segment (2), then the folders' listings for the garbage (3 on).
         ("nofds", 0, ("snapshot", snap(6, 1))),
         ("nofds", 1, ("snapshot", snap(6, 1))),
-        ("nofds", 2, ("snapshot", snap(6, 1))),  # committed; the old segment and no snapshot listed, left
+        ("nofds", 2, ("snapshot", snap(6, 1))),
+        ("nofds", 3, ("snapshot", snap(6, 1))),  # committed; the old segment and no snapshot listed, left
         save(HardState(1, "a", 10), es(11, 2, 1)),
         ("nofds", 1, save(HardState(2, None, 12), es(13, 1, 2), snap(12, 1))),
+        ("nofds", 2, save(HardState(2, None, 12), es(13, 1, 2), snap(12, 1))),
         save(HardState(2, None, 12), es(13, 1, 2), snap(12, 1)),
         ("nofds", 0, save(HardState(2, None, 13), es(14, 2, 2))),  # a plain save opens nothing
         ("snapshot", snap(13, 2)),

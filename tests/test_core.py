@@ -24,6 +24,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
 )
+from raftlib.messages import SnapshotUnreadable, snapshot_chunk
 from raftlib.progress import ProgressState
 from simulator import Cluster, SafetyViolation, figure_8_scenario
 
@@ -831,3 +832,46 @@ def test_status_is_a_frozen_copy_of_what_the_node_knows():
         st.term = 99  # type: ignore[misc]
     fst = c.nodes[followers[0]].node.status()
     assert fst.role is Role.FOLLOWER and fst.leader_id == leader and len(fst.progress) == 0
+
+
+class _GoneSource:
+    """A snapshot's source whose file went away after `reads` reads (an I/O error): every later read raises
+    SnapshotUnreadable, as the runtime's SnapshotFile does."""
+
+    def __init__(self, data: bytes, reads: int) -> None:
+        self.data, self.reads = data, reads
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.reads <= 0:
+            raise SnapshotUnreadable("gone")
+        self.reads -= 1
+        return self.data[offset : offset + length]
+
+
+def test_a_transfer_whose_source_is_gone_is_abandoned_and_restarted_from_the_newest_snapshot():
+    """snapfork review, finding 1: a leader streaming a snapshot whose file could no longer be read raised out of
+    step() (the runtime then stopped the node). The transfer is abandoned instead, and the follower catches up
+    from the leader's newest snapshot; while there is no newer one, the leader keeps trying the same."""
+    c = Cluster(seed=21, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(60):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    n = c.nodes[leader].node
+    snap = n.snapshot
+    assert snap is not None and len(snap.data) > 4 * 64
+    gone = _GoneSource(bytes(snapshot_chunk(snap.data, 0, len(snap.data))), reads=2)
+    n._snapshot = dataclasses.replace(snap, data=gone)
+    c.restart(lagger)
+    c.run(60)  # the transfer starts, then its source is gone: no exception, the follower has not installed it
+    assert gone.reads == 0 and c.nodes[lagger].node.log.snapshot_index == 0
+    for k in range(10):
+        write(c, f"more{k}")
+    c.take_snapshot(leader)  # a newer snapshot: the transfer starts over from it
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 1000)
+    assert c.nodes[lagger].node.log.snapshot_index > snap.last_included_index
