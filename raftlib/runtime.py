@@ -38,6 +38,7 @@ import logging
 import os
 import posix
 import random
+import resource
 import signal
 import time
 import types
@@ -65,6 +66,9 @@ _CLOCK_RATE = float(os.environ.get("RAFTDZMQ_TEST_CLOCK_RATE") or 1)
 # RAFTDZMQ_SNAPSHOT_FORK=0 takes snapshots in process (the event loop stalls for as long as it takes); the default
 # forks a child for each where os.fork exists.
 _SNAPSHOT_FORK = hasattr(os, "fork") and os.environ.get("RAFTDZMQ_SNAPSHOT_FORK", "1") != "0"
+# RAFTDZMQ_SNAPSHOT_CHILD_TIMEOUT_SECONDS: a snapshot child that has not finished by then is killed, and the next
+# snapshot is taken in process (a child that hangs once may hang again: whatever held it is not known).
+_SNAPSHOT_CHILD_TIMEOUT_SECONDS = float(os.environ.get("RAFTDZMQ_SNAPSHOT_CHILD_TIMEOUT_SECONDS") or 600)
 # Test-only: a snapshot's child sleeps this long before it writes (tests/test_snapshot_fork.py kills the parent
 # meanwhile).
 _TEST_CHILD_DELAY_SECONDS = float(os.environ.get("RAFTDZMQ_TEST_SNAPSHOT_CHILD_DELAY_SECONDS") or 0)
@@ -193,7 +197,9 @@ class Runtime:
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
         self.snapshot_fork = _SNAPSHOT_FORK
-        self.snapshot_child_timeout_seconds = 600.0  # a child that has not finished by then is killed
+        self.snapshot_child_timeout_seconds = _SNAPSHOT_CHILD_TIMEOUT_SECONDS  # then the child is killed
+        self._snapshot_in_process_next = False  # set when a child was killed for hanging: the next one in process
+        self._unreaped: list[int] = []  # children that closed their pipe but had not exited: reaped later
         self._snapshot_child: int | None = None  # its pid while one runs (one at a time)
         self._snapshot_done: tuple[Snapshot, str, bool] | None = None  # (snapshot, file, written?): to finish
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
@@ -660,6 +666,8 @@ class Runtime:
         if self._snapshot_done is not None:
             done, self._snapshot_done = self._snapshot_done, None
             self._finish_snapshot(*done)
+        if self._unreaped:
+            self._reap_later()
         node = self.node
         if self._snapshot_child is not None:
             return
@@ -668,7 +676,12 @@ class Runtime:
         if self._snapshot_not_before > time.monotonic():
             return
         meta = node.snapshot_metadata(node.last_applied)
-        if self.snapshot_fork and getattr(self.storage, "snapshot_files", False):  # a child's file only on disk
+        if self._snapshot_in_process_next:
+            self._snapshot_in_process_next = False
+            logger.warning("taking the snapshot at index %d in process (the last child hung): serving stalls "
+                           "meanwhile", meta.last_included_index)
+            self._snapshot_in_process(meta)
+        elif self.snapshot_fork and getattr(self.storage, "snapshot_files", False):  # a child's file only on disk
             self._fork_snapshot(meta)
         else:
             self._snapshot_in_process(meta)
@@ -730,6 +743,7 @@ class Runtime:
         reinitializes the hub in the child), and leaves with os._exit."""
         tmp = self.storage.begin_snapshot(meta.last_included_index)
         libc = _libc()
+        fd_limit = _descriptor_limit()
         try:
             r, w = os.pipe()
         except OSError as e:
@@ -746,11 +760,15 @@ class Runtime:
             posix.close(r)
             posix.close(w)
             self.storage.abort_snapshot(tmp)
-            logger.warning("could not fork a snapshot child (%s): taking the snapshot in process", e)
-            self.snapshot_fork = False
+            # EAGAIN, ENOMEM: a passing shortage (processes, memory). Fork stays on: tried again later. (Where fork
+            # does not exist at all, _SNAPSHOT_FORK is off and snapshots are taken in process from the start.)
+            self.stats["snapshot_children_failed"] += 1
+            logger.warning("could not fork a snapshot child (%s); trying again in %gs", e,
+                           self.snapshot_retry_seconds)
+            self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
         if pid == 0:  # the child
-            _snapshot_child(self, meta, tmp, w, parent, libc)
+            _snapshot_child(self, meta, tmp, w, parent, libc, fd_limit)
         posix.close(w)
         self._snapshot_child = pid
         logger.info("snapshot child %d writing the state at index %d", pid, meta.last_included_index)
@@ -762,14 +780,21 @@ class Runtime:
         from gevent.os import make_nonblocking, nb_read  # noqa: PLC0415 - gevent's, only in a running runtime
 
         got = b""
+        closed = False
         try:
             make_nonblocking(r)
             with gevent.Timeout(self.snapshot_child_timeout_seconds, False):
                 while True:
                     chunk = nb_read(r, 64)
                     if not chunk:
+                        closed = True
                         break
                     got += chunk
+            if not closed:
+                logger.warning("snapshot child %d did not finish in %gs: killed; the next snapshot is taken in "
+                               "process", pid, self.snapshot_child_timeout_seconds)
+                self._snapshot_in_process_next = True
+                got = b"timeout"
             if got != b"ok":
                 logger.warning("snapshot child %d: %s", pid,
                                got.decode(errors="replace") or "exited without writing (killed?)")
@@ -783,16 +808,19 @@ class Runtime:
         self._wake.set()
 
     def _reap(self, pid: int) -> None:
-        """waitpid without blocking the hub: the child has closed its pipe, so it is exiting; poll a bounded time."""
+        """waitpid without blocking the hub: the child has closed its pipe, so it is exiting; poll a bounded time,
+        then leave it to `_reap_later` (a zombie is reaped whenever it exits, never left for good)."""
         for _ in range(2000):
-            try:
-                done, _ = posix.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                return  # reaped already (gevent's child watcher, when something else started one)
-            if done:
+            if _reaped(pid):
                 return
             gevent.sleep(0.005)
-        logger.warning("snapshot child %d did not exit after closing its pipe", pid)
+        logger.warning("snapshot child %d did not exit after closing its pipe: reaped later", pid)
+        with _suppress_oserror():
+            os.kill(pid, signal.SIGKILL)
+        self._unreaped.append(pid)
+
+    def _reap_later(self) -> None:
+        self._unreaped = [pid for pid in self._unreaped if not _reaped(pid)]
 
     def _kill_snapshot_child(self) -> None:
         pid = self._snapshot_child
@@ -852,7 +880,24 @@ def _libc() -> ctypes.CDLL | None:
     return _libc_handle
 
 
-def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: int, libc) -> None:
+def _reaped(pid: int) -> bool:
+    """waitpid(WNOHANG): whether the child `pid` is gone (reaped now, or already)."""
+    try:
+        done, _ = posix.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True  # reaped already (gevent's child watcher, when something else started one)
+    return bool(done)
+
+
+def _descriptor_limit() -> int:
+    """One past the highest descriptor number this process can hold (RLIMIT_NOFILE's soft limit), found in the
+    parent: the child closes every inherited descriptor up to it. Unlimited: the numbers in use are bounded by
+    what the kernel allows a process (fs.nr_open, 1M by default)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: int, libc, fd_limit: int) -> None:
     """The forked child: serialize the state machine (its copy-on-write image) and write the snapshot's file
     through the storage (`write_snapshot`: the temporary file only), then say "ok" on the pipe. Never returns."""
     code = 1
@@ -870,7 +915,7 @@ def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: 
             # Every inherited descriptor but stdio and the pipe: the sockets (a restarted parent must find its
             # ports free), the data dir's lock, log and folders, gevent's and zmq's own.
             posix.closerange(3, w)
-            posix.closerange(w + 1, 1 << 16)
+            posix.closerange(w + 1, max(fd_limit, w + 1))
             from . import fs as fs_module  # noqa: PLC0415
 
             fs_module._spare = None  # closed above: never close that number again
