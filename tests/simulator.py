@@ -122,10 +122,16 @@ class KV:
         self.applied_index = entry.index
 
     def snapshot_bytes(self) -> bytes:
-        return repr(sorted(self.data.items())).encode()
+        """The state with the index of the last entry applied to it: its SETs are idempotent, so a snapshot whose
+        data is the state at another index than its own would restore to a state that looks right; the index
+        inside lets `restore` tell (a snapshot written at commit time but labelled with the fork's index)."""
+        return repr((self.applied_index, sorted(self.data.items()))).encode()
 
     def restore(self, data: bytes, index: int) -> None:
-        self.data = dict(ast.literal_eval(data.decode())) if data else {}
+        applied, items = ast.literal_eval(data.decode()) if data else (0, [])
+        if data and applied != index:
+            raise SafetyViolation(f"a snapshot at index {index} holds the state at index {applied}")
+        self.data = dict(items)
         self.applied_index = index
 
 
@@ -838,6 +844,7 @@ class Cluster:
         if not n.can_snapshot_at(index):
             sn.storage.storage.abort_snapshot(tmp)
             self.log_event(node_id, f"snapshot at {index} overtaken: dropped")
+            self.stats["snapshot overtaken by a leader's"] += 1
             return
         ok, kept = sn.storage.commit_snapshot(snap, tmp, crash_at_op=crash_at_op)
         if not ok:
