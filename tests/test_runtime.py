@@ -4,6 +4,7 @@ and stopping the node fails every waiting request rather than leaving it hanging
 
 from __future__ import annotations
 
+import errno
 import random
 import time
 
@@ -482,3 +483,49 @@ def test_a_snapshot_chunk_that_finds_no_descriptor_is_held_back_and_taken_when_s
         assert storage.state.snapshot.data == b"first half second half" and not fatal
     finally:
         runtime.stop()
+
+
+def test_a_failed_fork_is_tried_again_later_and_leaves_forking_on(tmp_path, monkeypatch, caplog):
+    """snapfork review, finding 2: a fork that failed once (EAGAIN: too many processes for a moment) turned forking
+    off for the life of the process, every later snapshot stalling the loop. It is tried again later instead, and
+    the next snapshot is written by a child."""
+    from raftlib import runtime as runtime_module
+
+    storage = DiskStorage(str(tmp_path))
+    storage.load()
+    me = Member("a", "127.0.0.1:1", "")
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a",), (), (me,)))])
+    stored = storage.state
+    node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1), random.Random(1), stored.hard_state,
+                    stored.raft_log(), stored.snapshot)
+    runtime = Runtime(node, storage, NullTransport(), Restorable(), tick_seconds=0.005, snapshot_threshold_bytes=400)
+    runtime.snapshot_fork = True
+    runtime.snapshot_retry_seconds = 0.05
+    real_fork, forks = runtime_module.posix.fork, []
+
+    def fork_fails_once():
+        forks.append(1)
+        if len(forks) == 1:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_fork()
+
+    monkeypatch.setattr(runtime_module.posix, "fork", fork_fails_once)
+    runtime.start()
+    try:
+        with caplog.at_level("INFO", logger="raftlib.runtime"):
+            with gevent.Timeout(5):
+                while runtime.node.role is not Role.LEADER:
+                    gevent.sleep(0.01)
+            with gevent.Timeout(10):
+                i = 0
+                while runtime.stats["snapshots"] == 0:
+                    runtime.propose(b"value-%d" % i, 2.0)
+                    i += 1
+                    gevent.sleep(0.01)
+        said = [r.getMessage() for r in caplog.records]
+        assert any(line.startswith("could not fork a snapshot child") and "trying again" in line for line in said)
+        assert runtime.snapshot_fork and len(forks) >= 2
+        assert any(line.startswith("snapshot child") and "writing the state" in line for line in said), said
+    finally:
+        runtime.stop()
+    assert storage.state.snapshot is not None
