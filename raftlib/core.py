@@ -557,12 +557,13 @@ class RaftNode:
         if self._unstable_from <= self.log.last_index:
             entries = self.log.slice(self._unstable_from, self.log.last_index + 1)
         committed = []
-        if self.commit_index > self.last_applied and not self._snapshot_unapplied:
-            applied = self.last_applied
-            if applied < self.log.snapshot_index:  # a snapshot from the leader, applied with this Ready first
-                applied = self.log.snapshot_index
-            if self.commit_index > applied:
-                committed = self.log.slice(applied + 1, self.commit_index + 1)
+        # §7: the entries after a leader's snapshot are applied once the state machine holds it: not in the Ready
+        # that carries the snapshot (the caller may restore it over several steps, `advance(rd, False)`, and an
+        # entry applied meanwhile would go to the old state, which the restore then replaces), but in the first
+        # Ready after `advance` (restored at once) or `snapshot_applied` (restored piece by piece).
+        if self.commit_index > self.last_applied and not self._snapshot_unapplied and self._pending_snapshot is None:
+            assert self.last_applied >= self.log.snapshot_index, (self.last_applied, self.log.snapshot_index)
+            committed = self.log.slice(self.last_applied + 1, self.commit_index + 1)
         saved = self._saved_hard_state
         unsafe_lazy_fsync = (self.config.unsafe_count_own_entries_before_fsync if self.role is Role.LEADER
                              else self.config.unsafe_reply_before_fsync)

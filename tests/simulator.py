@@ -246,6 +246,10 @@ class SimNode:
     # A snapshot whose file the runtime's forked child has written and whose commit the node has not yet made
     # (the node applies, saves and sends meanwhile): (snapshot, its temporary file, the commit's crash op or None).
     forked: tuple | None = None
+    # A leader's snapshot saved, whose restore into the KV the node has not finished (the runtime's piece-by-piece
+    # restore: `advance(rd, snapshot_applied=False)`, then `snapshot_applied` some drives later): (its index, its
+    # data, the drives left).
+    restoring: tuple[int, bytes, int] | None = None
 
 
 @dataclass
@@ -308,6 +312,11 @@ class Cluster:
         self.snapshot_entries: int | None = None  # a node snapshots once it applied this many entries since the last
         self.snapshot_crash_rate = 0.0  # of the snapshots, the share that crash (at a random file operation)
         self.batch_rate = 0.0  # of the ticks of a node, the share in which its inputs are batched (_after_input)
+        # A leader's snapshot is restored into the KV over 1..restore_drives_max drives (0: in the Ready that
+        # carries it), as the runtime restores a big state a piece per drive. Drawn from its own rng, so that
+        # the schedules without a leader's snapshot are the same with it or without it.
+        self.restore_drives_max = 0
+        self.restore_rng = random.Random(f"{seed}/restore")
         self.power_failure_share = 0.5  # of the crashes, the share that lose the page cache (the rest: SIGKILL)
         self.config_overrides = dict(config_overrides or {})
         self.election_ticks, self.heartbeat_ticks = election_ticks, heartbeat_ticks
@@ -404,6 +413,7 @@ class Cluster:
         # Read ids as the runtime draws them: a new sequence per process (see readonly.request_ids).
         sn.request_ids = readonly.request_ids(random.Random(f"{self.seed}/{node_id}/{sn.incarnation}"))
         sn.kv = KV()
+        sn.restoring = None
         if stored.snapshot is not None:
             # Through the snapshot's source (a file held open on the node's CrashFS), as the server restores.
             sn.kv.restore(snapshot_bytes(stored.snapshot.data), stored.snapshot.last_included_index)
@@ -582,6 +592,8 @@ class Cluster:
         """Check the node, then handle each of its Readies as the runtime does, checking again after each."""
         sn = self.nodes[node_id]
         self._check_node(node_id)
+        if sn.alive and sn.restoring is not None:
+            self._restore_step(sn)
         while sn.alive and sn.node.has_ready():
             rd = sn.node.ready()
             if rd is None:
@@ -650,8 +662,17 @@ class Cluster:
                 return
             for m in outbox:
                 self.send(m)
+            restoring = False
             if rd.snapshot is not None:
-                sn.kv.restore(snapshot_bytes(rd.snapshot.data), rd.snapshot.last_included_index)
+                index, data = rd.snapshot.last_included_index, snapshot_bytes(rd.snapshot.data)
+                drives = self.restore_rng.randint(0, self.restore_drives_max)
+                if drives:  # over the next drives: the KV keeps the old state meanwhile, and nothing is applied
+                    sn.restoring = (index, data, drives)
+                    restoring = True
+                    self.stats["snapshot restored over several drives"] += 1
+                else:
+                    sn.restoring = None  # a restore under way is replaced by this snapshot's
+                    sn.kv.restore(data, index)
             for e in rd.committed_entries:
                 self._apply(sn, e)
             for request_id, index in rd.read_states:
@@ -660,7 +681,7 @@ class Cluster:
                     r.read_index = index
             for request_id in rd.failed_reads:
                 self.pending_reads[node_id].pop(request_id, None)
-            sn.node.advance(rd)
+            sn.node.advance(rd, snapshot_applied=not restoring)
             self._serve_reads(sn)
             self._check_node(node_id)
             if sn.forked is not None and self.rng.random() < 0.3:
@@ -672,6 +693,18 @@ class Cluster:
                 crash = self.rng.random() < self.snapshot_crash_rate
                 self.take_snapshot(node_id, crash_at_op=self.rng.randrange(INSTALL_OPS) if crash else None,
                                    commit_now=False)
+
+    def _restore_step(self, sn: SimNode) -> None:
+        """One drive of a restore under way; the last one swaps in the snapshot's state and tells the node."""
+        assert sn.restoring is not None
+        index, data, drives = sn.restoring
+        if drives > 1:
+            sn.restoring = (index, data, drives - 1)
+            return
+        sn.restoring = None
+        sn.kv.restore(data, index)
+        sn.node.snapshot_applied(index)
+        self.log_event(sn.node_id, f"restored the snapshot at {index}")
 
     def _stamp(self) -> int:
         self.history_clock += 1
@@ -1102,6 +1135,7 @@ def random_schedule(
         cluster.snapshot_entries = rng.choice([None, 20, 60])
         cluster.batch_rate = rng.choice([0.0, 0.5, 1.0])
         cluster.snapshot_crash_rate = nemesis["snapshot_crash"]
+        cluster.restore_drives_max = random.Random(seed ^ 0x7E57).choice([0, 3, 12])
         crash_rate = rng.choice(nemesis["ready_crash_rates"])
         if mutation:
             cluster.replay_command += f" --mutation {mutation}"

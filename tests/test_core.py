@@ -4,6 +4,7 @@ tests that break the core on purpose to show a check can fire (the whole mutatio
 from __future__ import annotations
 
 import dataclasses
+import random
 import sys
 
 import pytest
@@ -15,12 +16,17 @@ from raftlib import (
     Config,
     Entry,
     EntryKind,
+    HardState,
     InstallSnapshot,
+    Member,
+    Membership,
     NotLeader,
     ProposalDropped,
     ReadIndexReply,
     ReadIndexRequest,
     Removed,
+    RaftLog,
+    RaftNode,
     RequestVoteReply,
     Role,
 )
@@ -875,3 +881,39 @@ def test_a_transfer_whose_source_is_gone_is_abandoned_and_restarted_from_the_new
     c.take_snapshot(leader)  # a newer snapshot: the transfer starts over from it
     assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 1000)
     assert c.nodes[lagger].node.log.snapshot_index > snap.last_included_index
+
+
+def _follower_b() -> RaftNode:
+    membership = Membership(("a", "b"), (), (Member("a", "raft-a", ""), Member("b", "raft-b", "")))
+    log = RaftLog()
+    log.append([Entry(1, 1, EntryKind.MEMBERSHIP, b"", membership)])
+    return RaftNode(Config("b", election_ticks=1000), random.Random(1), HardState(1, None, 1), log)
+
+
+@pytest.mark.parametrize("restore_in_steps", [True, False])
+def test_the_ready_carrying_a_leaders_snapshot_hands_out_no_entry_past_it(restore_in_steps):
+    """§7, second review of snapfork, finding 1: a snapshot's final chunk and an append past it (leader_commit
+    above the snapshot) stepped in one drive. The Ready that carries the snapshot handed out the entry after it
+    too; a runtime restoring the snapshot piece by piece applied that entry to the OLD state, which the restore
+    then replaced: the write was lost on this node and last_applied never came back to it. The entry must come
+    only once the state machine holds the snapshot: after `advance`, or after `snapshot_applied`."""
+    n = _follower_b()
+    membership = n.membership
+    data = b"the state at 50"
+    n.step(InstallSnapshot("a", "b", 2, 50, 2, membership, 0, data, True))
+    after = Entry(2, 51, EntryKind.COMMAND, b"after=51")
+    n.step(AppendEntries("a", "b", 2, 50, 2, (after,), 51))
+    assert n.commit_index == 51
+    rd = n.ready()
+    assert rd is not None and rd.snapshot is not None and rd.snapshot.last_included_index == 50
+    assert [e.index for e in rd.entries] == [51]
+    assert rd.committed_entries == [], "an entry past the snapshot handed out with it"
+    n.advance(rd, snapshot_applied=not restore_in_steps)
+    if restore_in_steps:
+        assert n.last_applied < 50 and n.ready() is None  # nothing is applied while the restore runs
+        n.snapshot_applied(50)
+        assert n.last_applied == 50
+    rd = n.ready()
+    assert rd is not None and [e.index for e in rd.committed_entries] == [51]
+    n.advance(rd)
+    assert n.last_applied == 51

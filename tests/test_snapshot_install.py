@@ -126,6 +126,36 @@ def test_a_big_snapshot_is_received_into_its_file_and_restored_a_piece_per_drive
         runtime.stop()
 
 
+def test_the_final_chunk_and_an_append_past_the_snapshot_in_one_drive_lose_no_entry():
+    """Second review of snapfork, finding 1 (§7): the last chunk and an append past the snapshot with
+    leader_commit above it, stepped in one drive (one frame; the transport may also reorder so). The Ready that
+    carried the snapshot handed out the entry after it; the runtime, restoring piece by piece, applied it to the
+    old state, which the restore then replaced: 'after' was lost and last_applied stayed at 50."""
+    fs = CrashFS()
+    runtime, storage, kv, transport = follower_b(fs)
+    source = store_of(30 * PIECE_KEYS)
+    runtime.start()
+    try:
+        with gevent.Timeout(2):
+            while runtime.node.last_applied < 1:
+                gevent.sleep(0.01)
+        chunks = chunks_of(source.snapshot(), 50, 2, 1 << 16)
+        for m in chunks[:-1]:
+            runtime.deliver([m], False)
+        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
+        runtime.deliver([chunks[-1], AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)
+        assert runtime._restoring is not None and not runtime._restore_applied  # a restore in several steps
+        assert kv.data == {"old": b"1"} and runtime.node.last_applied < 50
+        with gevent.Timeout(10):
+            while not runtime._restore_applied:
+                runtime.deliver([AppendEntries("a", "b", 2, 51, 2, (), 51)], False)
+                gevent.sleep(0.001)
+        assert runtime.wait_applied(51, 2.0) == 51
+        assert kv.data == {**source.data, "after": b"51"}
+    finally:
+        runtime.stop()
+
+
 def test_a_transfer_given_up_for_a_newer_snapshot_leaves_no_file():
     fs = CrashFS()
     runtime, storage, kv, transport = follower_b(fs)
