@@ -668,6 +668,9 @@ class RaftNode:
         else:
             self._reset(self.current_term + 1)
             self.role = Role.CANDIDATE
+            # A candidate (and the leader it may become) gets no InstallSnapshot of this term's: a transfer from
+            # an earlier term's leader is abandoned (a later leader starts it over from offset 0, §7).
+            self._drop_incoming_snapshot()
             self.voted_for = self.node_id
             term = self.current_term
         self._votes = {self.node_id: True}
@@ -804,6 +807,12 @@ class RaftNode:
         if index > self.commit_index:
             assert index <= self.log.last_index
             self.commit_index = index
+            held = self._incoming_snapshot
+            if held is not None and held[0] <= index:
+                # §7: the log caught up past the snapshot being received (a leader that still had the entries):
+                # the transfer is abandoned, and its file and descriptors are let go now, not at the next
+                # InstallSnapshot (which may never come) nor at a restart.
+                self._drop_incoming_snapshot()
 
     def _handle_install_snapshot(self, m: InstallSnapshot) -> None:
         self._become_follower(m.term, m.src)

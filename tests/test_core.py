@@ -30,7 +30,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
 )
-from raftlib.messages import SnapshotUnreadable, snapshot_chunk
+from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_chunk
 from raftlib.progress import ProgressState
 from simulator import Cluster, SafetyViolation, figure_8_scenario
 
@@ -917,3 +917,37 @@ def test_the_ready_carrying_a_leaders_snapshot_hands_out_no_entry_past_it(restor
     assert rd is not None and [e.index for e in rd.committed_entries] == [51]
     n.advance(rd)
     assert n.last_applied == 51
+
+
+class _RecordingSink(BytesSink):
+    discarded = 0
+
+    def discard(self) -> None:
+        self.discarded += 1
+        super().discard()
+
+
+@pytest.mark.parametrize("how", ["log caught up", "candidate"])
+def test_an_abandoned_incoming_transfer_is_let_go_at_once(how):
+    """Second review of snapfork, finding 2: a transfer abandoned mid-way kept its sink (a *.received.tmp file and
+    two descriptors in the runtime) until the next InstallSnapshot or a restart. It is discarded once the commit
+    index reaches the snapshot's index (a leader that still had the entries caught us up by appends), and when we
+    become a candidate (no leader of our new term sends us its chunks: a later one starts over from offset 0)."""
+    n = _follower_b()
+    n.config = dataclasses.replace(n.config, election_ticks=10, pre_vote=False)
+    sinks: list[_RecordingSink] = []
+    n.open_snapshot_sink = lambda meta: sinks.append(_RecordingSink()) or sinks[-1]
+    n.step(InstallSnapshot("a", "b", 2, 50, 2, n.membership, 0, b"first chunk", False))
+    assert len(sinks) == 1 and n._incoming_snapshot is not None
+    if how == "log caught up":
+        entries = tuple(Entry(3, i, EntryKind.COMMAND, b"k=%d" % i) for i in range(2, 61))
+        n.step(AppendEntries("a", "b", 3, 1, 1, entries, 49))
+        assert sinks[0].discarded == 0  # commit 49: the snapshot at 50 may still be wanted
+        n.step(AppendEntries("a", "b", 3, 60, 3, (), 60))
+    else:
+        for _ in range(10 * n.config.election_ticks):
+            n.tick()
+            if n.role in (Role.CANDIDATE, Role.LEADER):
+                break
+        assert n.role in (Role.CANDIDATE, Role.LEADER)
+    assert sinks[0].discarded == 1 and n._incoming_snapshot is None

@@ -156,6 +156,28 @@ def test_the_final_chunk_and_an_append_past_the_snapshot_in_one_drive_lose_no_en
         runtime.stop()
 
 
+def test_a_transfer_abandoned_because_the_log_caught_up_leaves_no_file_nor_descriptor():
+    """Second review of snapfork, finding 2: a new leader that still holds the entries catches b up by appends
+    in the middle of a transfer. Its *.received.tmp and the two descriptors stayed until a restart."""
+    fs = CrashFS()
+    runtime, storage, kv, transport = follower_b(fs)
+    runtime.start()
+    try:
+        with gevent.Timeout(2):
+            while runtime.node.last_applied < 1:
+                gevent.sleep(0.01)
+        for m in chunks_of(store_of(30 * PIECE_KEYS).snapshot(), 50, 2, 1 << 16)[:3]:
+            runtime.deliver([m], False)
+        assert any(n.endswith(".received.tmp") for n in fs.listdir("/data")) and storage._writing
+        entries = tuple(Entry(3, i, EntryKind.COMMAND, command(SET, f"n{i}", b"x")) for i in range(2, 61))
+        runtime.deliver([AppendEntries("a", "b", 3, 1, 1, entries, 60)], False)
+        assert runtime.wait_applied(60, 2.0) == 60
+        assert not any(n.endswith(".tmp") for n in fs.listdir("/data")), fs.listdir("/data")
+        assert not storage._writing and runtime.node._incoming_snapshot is None
+    finally:
+        runtime.stop()
+
+
 def test_a_transfer_given_up_for_a_newer_snapshot_leaves_no_file():
     fs = CrashFS()
     runtime, storage, kv, transport = follower_b(fs)
