@@ -39,6 +39,7 @@ SAMPLES = [
     AppendEntriesReply("b", "a", 4, False, 0, 9, 5, 2, 7),
     InstallSnapshot("a", "b", 4, 100, 3, MEMBERSHIP, 64, b"chunk", False),
     InstallSnapshot("a", "b", 4, 100, 3, KEYED, 64, b"chunk", False),
+    InstallSnapshot("a", "b", 4, 100, 3, MEMBERSHIP, 64, b"chunk", True, (5 << 32) | 0xFFFFFFFF),
     InstallSnapshotReply("b", "a", 4, 100, 69, False),
     TimeoutNow("a", "b", 5),
     ReadIndexRequest("b", "a", 5, (1, 2, 3)),
@@ -62,6 +63,13 @@ def test_vote_messages_from_before_pre_vote_rounds_decode_with_round_0():
     for short in ([1, "a", "b", 3, 10, 2, True], [2, "b", "a", 3, True], [3, "a", "b", 4, 9, 3, [], 8]):
         with pytest.raises(codec.CodecError, match="field count"):
             codec.decode_batch(cbor2.dumps([1, [short]]))
+
+
+def test_snapshot_chunks_from_before_transfer_ids_decode_with_id_0():
+    """transfer_id came after format version 1: a chunk without it (an older leader) decodes with 0."""
+    old = cbor2.dumps([1, [[5, "a", "b", 4, 100, 3, [["a", "b"], [], []], 64, b"chunk", False]]])
+    assert codec.decode_batch(old) == [InstallSnapshot("a", "b", 4, 100, 3, Membership(("a", "b")), 64, b"chunk",
+                                                       False, 0)]
 
 
 def test_real_votes_go_out_as_version_1_had_them():

@@ -30,7 +30,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
 )
-from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_chunk
+from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_bytes, snapshot_chunk, snapshot_identity
 from raftlib.progress import ProgressState
 from simulator import Cluster, SafetyViolation, figure_8_scenario
 
@@ -72,7 +72,7 @@ PURE_IMPORTS = {
     "interfaces": {"log", "messages"},
     "memory_storage": {"interfaces", "messages"},
 }
-PURE_STDLIB = {"__future__", "collections.abc", "dataclasses", "enum", "types", "typing"}
+PURE_STDLIB = {"__future__", "collections.abc", "dataclasses", "enum", "types", "typing", "zlib"}  # zlib: crc32
 
 
 def test_the_pure_modules_import_only_along_the_layouts_arrows():
@@ -951,3 +951,45 @@ def test_an_abandoned_incoming_transfer_is_let_go_at_once(how):
                 break
         assert n.role in (Role.CANDIDATE, Role.LEADER)
     assert sinks[0].discarded == 1 and n._incoming_snapshot is None
+
+
+def test_a_transfer_resumes_only_from_chunks_of_the_same_leader_file():
+    """Second review of snapfork, finding 3 (§7): a transfer resumed across leaders on (index, term) alone. Two
+    leaders' snapshots at the same index and term may differ in their bytes (another format in a rolling upgrade,
+    state outside the log): the follower spliced the first leader's head onto the second's tail and installed
+    that. Each chunk now names its file (transfer_id); another file restarts the transfer from offset 0."""
+    n = _follower_b()
+    membership = n.membership
+    old, new = b"A" * 100, b"B" * 100  # the same index, term and size; other bytes
+    id_old, id_new = snapshot_identity(old), snapshot_identity(new)
+    assert id_old != id_new and snapshot_identity(bytearray(old)) == id_old
+    n.step(InstallSnapshot("a", "b", 3, 50, 2, membership, 0, old[:60], False, id_old))
+    rd = n.ready()
+    n.advance(rd)
+    # The next leader (term 4) was told 60 bytes are held: it resumes at 60, from its own file.
+    n.step(InstallSnapshot("a", "b", 4, 50, 2, membership, 60, new[60:], True, id_new))
+    rd = n.ready()
+    assert rd is not None and rd.snapshot is None, "installed a snapshot spliced from two files"
+    (reply,) = rd.messages
+    assert (reply.next_offset, reply.done) == (0, False)
+    n.advance(rd)
+    n.step(InstallSnapshot("a", "b", 4, 50, 2, membership, 0, new[:60], False, id_new))
+    n.advance(n.ready())
+    n.step(InstallSnapshot("a", "b", 4, 50, 2, membership, 60, new[60:], True, id_new))
+    rd = n.ready()
+    assert rd is not None and rd.snapshot is not None and snapshot_bytes(rd.snapshot.data) == new
+
+
+def test_a_leader_names_its_snapshot_file_in_each_chunk():
+    c = Cluster(seed=15, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(60):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    chunks = []
+    c.deliver_filter = lambda m: (chunks.append(m) or m) if isinstance(m, InstallSnapshot) else m
+    c.restart(lagger)
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 500)
+    assert chunks and {m.transfer_id for m in chunks} == {snapshot_identity(c.nodes[leader].node.snapshot.data)}
