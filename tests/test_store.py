@@ -215,15 +215,33 @@ def damaged_snapshots() -> list[tuple[str, bytes]]:
         ("a newer header", _framed(cbor2.dumps(["raftdzmq-kv-pieces-v9", {}, 0.0, 0]))),
         ("a header without its horizon", _framed(cbor2.dumps([SNAPSHOT_PIECES, {}, 0]))),
         ("a horizon not a number", _framed(cbor2.dumps([SNAPSHOT_PIECES, {}, "x", 0]))),
+        # Second review of snapfork, finding 4: claims and horizon checked before anything is replaced.
+        *[(f"claims {name}", _framed(cbor2.dumps([SNAPSHOT_PIECES, claims, horizon, 1]))
+           + _framed(cbor2.dumps(["b", b"2"])))
+          for name, claims, horizon in (
+              ("with a timestamp not a number", {"sig": "x"}, 0.0),
+              ("with a timestamp true", {"sig": True}, 0.0),
+              ("keyed by a number", {7: 1.0}, 0.0),
+              ("with an infinite timestamp", {"sig": float("inf")}, 0.0),
+              ("and an infinite horizon", {}, float("inf")),
+              ("and a horizon not a number (NaN)", {}, float("nan")),
+              ("and a horizon past float's range", {}, 10**400),
+              ("with a timestamp past float's range", {"sig": 10**400}, 0.0),
+          )],
+        ("old format, claims with a timestamp not a number",
+         cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, {"b": b"2"}, {"sig": "x"}, 0.0])),
+        ("old format, a horizon past float's range", cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, {"b": b"2"}, {}, 10**400])),
+        ("oldest format, claims keyed by a number", cbor2.dumps([SNAPSHOT_WITH_CLAIMS, {"b": b"2"}, {7: 1.0}])),
     ]
 
 
 @pytest.mark.parametrize("name, snapshot", damaged_snapshots(), ids=[n for n, _ in damaged_snapshots()])
 def test_a_damaged_snapshot_of_pieces_is_refused_and_changes_nothing(name, snapshot):
     kv, _ = applied(command(SET, "a", b"1"))
+    claims = kv.admin_claims
     with pytest.raises(ValueError):
         kv.restore(snapshot)
-    assert kv.data == {"a": b"1"} and list(kv.keys) == ["a"]
+    assert kv.data == {"a": b"1"} and list(kv.keys) == ["a"] and kv.admin_claims is claims
 
 
 @pytest.mark.parametrize("snapshot", [cbor2.dumps(["another-format", {}, {}]), cbor2.dumps([SNAPSHOT_WITH_CLAIMS, {}]),

@@ -224,13 +224,14 @@ class KeyValueStore:
             self._restore_whole(read(0, size))
             return
         if not size:
-            self._replace({}, SortedList(), {}, 0.0)
+            self._replace({}, SortedList(), AdminClaims())
             return
         header, offset = _read_item(read, 0, size)
         if type(header) is not list or len(header) != 4 or header[0] != SNAPSHOT_PIECES \
                 or type(header[1]) is not dict or type(header[2]) not in (int, float) or type(header[3]) is not int:
             raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
         _, claims, horizon, count = header
+        admin_claims = _admin_claims(claims, horizon)  # checked before any piece: a bad header changes nothing
         new: dict[str, bytes] = {}
         keys = _SortedKeys()
         while offset < size:
@@ -246,7 +247,7 @@ class KeyValueStore:
             new.update(zip(piece_keys, piece_values))
         if len(new) != count:
             raise ValueError(f"a damaged key/value snapshot ({len(new)} keys, its header says {count})")
-        self._replace(new, keys.sorted_list(), claims, float(horizon))
+        self._replace(new, keys.sorted_list(), admin_claims)
 
     def _restore_whole(self, data: bytes) -> None:
         """The formats from before pieces: decoded in one step."""
@@ -264,13 +265,36 @@ class KeyValueStore:
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
         if type(v) is not dict or type(claims) is not dict:
             raise ValueError("a key/value snapshot of an unknown format (not a map)")
-        self._replace(v, SortedList(v), claims, float(horizon))
+        admin_claims = _admin_claims(claims, horizon)
+        self._replace(v, SortedList(v), admin_claims)
 
-    def _replace(self, data: dict[str, bytes], keys: SortedList, claims: dict[str, float], horizon: float) -> None:
+    def _replace(self, data: dict[str, bytes], keys: SortedList, admin_claims: AdminClaims) -> None:
+        """The one place the state is replaced: everything given was checked (a damaged snapshot raises before
+        it gets here, so it changes nothing)."""
         assert len(keys) == len(data)
         self.data = data
         self.keys = keys
-        self.admin_claims = AdminClaims(claims, horizon)
+        self.admin_claims = admin_claims
+
+
+def _admin_claims(claims: object, horizon: object) -> AdminClaims:
+    """A snapshot's claims and horizon, checked (signature text -> finite timestamp; a finite horizon): raises
+    ValueError for anything else, before the state is touched (second review of snapfork, finding 4)."""
+    if type(claims) is not dict or not all(type(s) is str and _finite(t) for s, t in claims.items()):
+        raise ValueError("a damaged key/value snapshot (its admin claims are not {signature: timestamp})")
+    if not _finite(horizon):
+        raise ValueError(f"a damaged key/value snapshot (an admin claims horizon of {horizon!r})")
+    return AdminClaims({s: float(t) for s, t in claims.items()}, float(horizon))  # type: ignore[arg-type]
+
+
+def _finite(x: object) -> bool:
+    if type(x) is not int and type(x) is not float:
+        return False
+    try:
+        f = float(x)
+    except OverflowError:  # an int past float's range
+        return False
+    return f - f == 0  # neither infinite nor NaN
 
 
 def _framed(item: bytes) -> bytes:
