@@ -42,7 +42,6 @@ from .messages import (
     TimeoutNow,
     SnapshotUnreadable,
     snapshot_chunk,
-    snapshot_identity,
 )
 from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker
 from .readonly import ReadAnswer, ReadOnly
@@ -218,11 +217,11 @@ class RaftNode:
         # A leader's snapshot being received (§7): (index, term, the sink its chunks go to). The sink comes from
         # `open_snapshot_sink(meta)`: the runtime's writes to a file through the storage (never the whole state in
         # memory); by default, bytes.
-        # A transfer resumes only from chunks of the same leader file (index, term and the chunks' transfer_id).
-        self._incoming_snapshot: tuple[int, int, int, SnapshotSink] | None = None
-        # The transfer_id of the snapshot data last sent from (its data, its id): computed once per snapshot,
-        # not per chunk (an in-memory snapshot's id reads it whole).
-        self._sent_identity: tuple[SnapshotData, int] | None = None
+        # A transfer resumes only from chunks of the same leader's file: keyed on (index, term) and the sender
+        # and its term. One leader in one term sends one file per index (a leader's next snapshot is at a higher
+        # index, and a restart is a new term), while two leaders' files at one index may differ in their bytes
+        # (another format in a rolling upgrade). Nothing on the wire names the file: old nodes read every chunk.
+        self._incoming_snapshot: tuple[int, int, str, int, SnapshotSink] | None = None
         self.open_snapshot_sink: Callable[[Snapshot], SnapshotSink] = BytesSink
         # A leader's snapshot saved, whose restore into the state machine the caller has not finished
         # (`advance(rd, snapshot_applied=False)`, then `snapshot_applied`): no committed entry is handed out
@@ -832,16 +831,16 @@ class RaftNode:
             reply(0, True)
             return
         held = self._incoming_snapshot
-        if held is None or held[:3] != (index, term, m.transfer_id):
-            # Another snapshot, or the same index and term from another leader's file (whose bytes may differ:
+        if held is None or held[:4] != (index, term, m.src, m.term):
+            # Another snapshot, or the same index and term from another leader or term (whose file may differ:
             # resuming would splice two files): the transfer starts over from offset 0.
             if m.offset != 0:
                 reply(0, False)
                 return
             self._drop_incoming_snapshot()  # a transfer of another snapshot, given up for this one
-            held = self._incoming_snapshot = (index, term, m.transfer_id, self.open_snapshot_sink(
+            held = self._incoming_snapshot = (index, term, m.src, m.term, self.open_snapshot_sink(
                 Snapshot(index, term, m.membership)))
-        sink = held[3]
+        sink = held[4]
         if m.offset == len(sink):
             sink.write(m.data)  # a sink that could not take it holds what it held: the leader sends it again
         elif m.offset > len(sink):
@@ -867,7 +866,7 @@ class RaftNode:
 
     def _drop_incoming_snapshot(self) -> None:
         if self._incoming_snapshot is not None:
-            self._incoming_snapshot[3].discard()
+            self._incoming_snapshot[4].discard()
             self._incoming_snapshot = None
 
     def _restore(self, snap: Snapshot) -> None:
@@ -1025,13 +1024,10 @@ class RaftNode:
                 pr.snapshot_offset = 0
             return
         done = pr.snapshot_offset + len(chunk) >= len(snap.data)
-        sent = self._sent_identity
-        if sent is None or sent[0] is not snap.data:
-            sent = self._sent_identity = (snap.data, snapshot_identity(snap.data))
         self._send(
             InstallSnapshot(
                 self.node_id, peer, self.current_term, snap.last_included_index, snap.last_included_term,
-                snap.membership, pr.snapshot_offset, chunk, done, sent[1],
+                snap.membership, pr.snapshot_offset, chunk, done,
             )
         )
 

@@ -7,7 +7,6 @@ message carries `src`, `dst` and `term`; only `raftlib.codec` knows how they loo
 from __future__ import annotations
 
 import enum
-import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -112,16 +111,6 @@ def snapshot_chunk(data: SnapshotData, offset: int, length: int) -> bytes:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data[offset : offset + length])
     return data.read(offset, length)
-
-
-def snapshot_identity(data: SnapshotData) -> int:
-    """An identity of a snapshot's data for InstallSnapshot's transfer_id, never 0: a source's own `identity` when
-    it has one (the runtime's file: its size and stored checksum, O(1)), else the size and CRC-32 of the bytes
-    (read whole: for tests and small states)."""
-    identity = getattr(data, "identity", None)
-    if identity is None:
-        identity = (len(data) << 32) | zlib.crc32(snapshot_bytes(data))
-    return identity or 1
 
 
 def snapshot_bytes(data: SnapshotData) -> bytes:
@@ -257,10 +246,6 @@ class InstallSnapshot:
     offset: int
     data: bytes
     done: bool
-    # Which of the leader's snapshot files the chunk is from (`snapshot_identity`): two leaders' snapshots at the
-    # same index and term may differ in their bytes (another format, in a rolling upgrade), and a follower resumes
-    # a transfer only from chunks of the same file. 0 from nodes of before it (codec: an added field).
-    transfer_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)

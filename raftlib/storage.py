@@ -220,17 +220,10 @@ class SnapshotFile:
     SnapshotUnreadable, which the core catches (it abandons that transfer). The handle is closed with `close`,
     or when the object is collected. Equal to any data that reads the same (tests compare snapshots)."""
 
-    __slots__ = ("fs", "handle", "start", "size", "path", "crc", "__weakref__")
+    __slots__ = ("fs", "handle", "start", "size", "path", "__weakref__")
 
-    def __init__(self, fs: FileSystem, handle, start: int, size: int, path: str, crc: int = 0) -> None:
+    def __init__(self, fs: FileSystem, handle, start: int, size: int, path: str) -> None:
         self.fs, self.handle, self.start, self.size, self.path = fs, handle, start, size, path
-        self.crc = crc  # the checksum the file ends with (of its head and data)
-
-    @property
-    def identity(self) -> int:
-        """Which file this is, for InstallSnapshot's transfer_id (raftlib.messages.snapshot_identity): its size and
-        the checksum it ends with, known without reading the data."""
-        return (self.size << 32) | self.crc
 
     @classmethod
     def at(cls, fs: FileSystem, path: str, handle) -> SnapshotFile:
@@ -245,7 +238,6 @@ class SnapshotFile:
         _check_header(self.path, head, SNAPSHOT_MAGIC, "snapshot")
         self.start = _HEADER.size + 4 + struct.unpack_from(">I", head, _HEADER.size)[0]
         self.size = self.fs.file_size(handle) - self.start - 4
-        self.crc = struct.unpack(">I", self.fs.pread(handle, self.start + self.size, 4).rjust(4, b"\0"))[0]
 
     def __len__(self) -> int:
         return self.size
@@ -314,7 +306,7 @@ def _open_snapshot_file(fs: FileSystem, path: str, name: str | None = None) -> S
         if struct.unpack(">I", data[-4:])[0] != crc:
             raise CorruptLogError(f"{name}: snapshot checksum mismatch")
         start = _HEADER.size + 4 + meta_len
-        return SnapshotFile(fs, handle, start, offset - 4 - start, name, crc)
+        return SnapshotFile(fs, handle, start, offset - 4 - start, name)
     except BaseException:
         fs.close(handle)
         raise
@@ -403,7 +395,7 @@ class SnapshotReceiver:
         fs.close(self._writer)
         self._writer = None
         self._done = True
-        source = ReceivedSnapshotFile(fs, self._reader, self._head_bytes, self.size, self.path, self._crc)
+        source = ReceivedSnapshotFile(fs, self._reader, self._head_bytes, self.size, self.path)
         source.received_tmp = self.path
         self._reader = None  # the source's now
         return source

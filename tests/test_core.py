@@ -18,6 +18,7 @@ from raftlib import (
     EntryKind,
     HardState,
     InstallSnapshot,
+    InstallSnapshotReply,
     Member,
     Membership,
     NotLeader,
@@ -30,9 +31,11 @@ from raftlib import (
     RequestVoteReply,
     Role,
 )
-from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_bytes, snapshot_chunk, snapshot_identity
+from raftlib import codec
+from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_bytes, snapshot_chunk
 from raftlib.progress import ProgressState
 from simulator import Cluster, SafetyViolation, figure_8_scenario
+import wire_6ab14f3
 
 
 def elect(c: Cluster, max_ticks: int = 500) -> str:
@@ -72,7 +75,7 @@ PURE_IMPORTS = {
     "interfaces": {"log", "messages"},
     "memory_storage": {"interfaces", "messages"},
 }
-PURE_STDLIB = {"__future__", "collections.abc", "dataclasses", "enum", "types", "typing", "zlib"}  # zlib: crc32
+PURE_STDLIB = {"__future__", "collections.abc", "dataclasses", "enum", "types", "typing"}
 
 
 def test_the_pure_modules_import_only_along_the_layouts_arrows():
@@ -953,43 +956,109 @@ def test_an_abandoned_incoming_transfer_is_let_go_at_once(how):
     assert sinks[0].discarded == 1 and n._incoming_snapshot is None
 
 
-def test_a_transfer_resumes_only_from_chunks_of_the_same_leader_file():
-    """Second review of snapfork, finding 3 (§7): a transfer resumed across leaders on (index, term) alone. Two
-    leaders' snapshots at the same index and term may differ in their bytes (another format in a rolling upgrade,
-    state outside the log): the follower spliced the first leader's head onto the second's tail and installed
-    that. Each chunk now names its file (transfer_id); another file restarts the transfer from offset 0."""
+@pytest.mark.parametrize("other", ["a restarted leader (next term)", "another leader"])
+def test_a_transfer_resumes_only_from_chunks_of_the_same_leader_and_term(other):
+    """Second review of snapfork, finding 3; third review, item B (§7): a transfer resumed across leaders on
+    (index, term) alone, and two leaders' files at one index and term may differ in their bytes (another format in
+    a rolling upgrade, after a leader restarts on a new version): the follower spliced one file's head onto the
+    other's tail. It resumes only from the same sender in the same term (one leader in one term sends one file per
+    index), with nothing added to the wire: another sender or term restarts the transfer from offset 0."""
     n = _follower_b()
     membership = n.membership
     old, new = b"A" * 100, b"B" * 100  # the same index, term and size; other bytes
-    id_old, id_new = snapshot_identity(old), snapshot_identity(new)
-    assert id_old != id_new and snapshot_identity(bytearray(old)) == id_old
-    n.step(InstallSnapshot("a", "b", 3, 50, 2, membership, 0, old[:60], False, id_old))
+    n.step(InstallSnapshot("a", "b", 3, 50, 2, membership, 0, old[:30], False))
+    n.advance(n.ready())
+    n.step(InstallSnapshot("a", "b", 3, 50, 2, membership, 30, old[30:60], False))  # same leader, term: resumed
     rd = n.ready()
+    assert [(r.next_offset, r.done) for r in rd.messages] == [(60, False)]
     n.advance(rd)
-    # The next leader (term 4) was told 60 bytes are held: it resumes at 60, from its own file.
-    n.step(InstallSnapshot("a", "b", 4, 50, 2, membership, 60, new[60:], True, id_new))
+    src, term = ("a", 4) if other.startswith("a restarted") else ("c", 4)
+    # The next leader was told 60 bytes are held: it resumes at 60, from its own file.
+    n.step(InstallSnapshot(src, "b", term, 50, 2, membership, 60, new[60:], True))
     rd = n.ready()
     assert rd is not None and rd.snapshot is None, "installed a snapshot spliced from two files"
-    (reply,) = rd.messages
+    (reply,) = [r for r in rd.messages if isinstance(r, InstallSnapshotReply)]  # ("c" also hears it is no member)
     assert (reply.next_offset, reply.done) == (0, False)
     n.advance(rd)
-    n.step(InstallSnapshot("a", "b", 4, 50, 2, membership, 0, new[:60], False, id_new))
+    n.step(InstallSnapshot(src, "b", term, 50, 2, membership, 0, new[:60], False))
     n.advance(n.ready())
-    n.step(InstallSnapshot("a", "b", 4, 50, 2, membership, 60, new[60:], True, id_new))
+    n.step(InstallSnapshot(src, "b", term, 50, 2, membership, 60, new[60:], True))
     rd = n.ready()
     assert rd is not None and rd.snapshot is not None and snapshot_bytes(rd.snapshot.data) == new
 
 
-def test_a_leader_names_its_snapshot_file_in_each_chunk():
-    c = Cluster(seed=15, n=3)
+class _BigSource:
+    """A snapshot file of `size` bytes as the runtime's SnapshotFile presents it (its size and the checksum it ends
+    with known without reading it), with `head` at its start and zeros after: no 2 GiB in memory."""
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self.head, self.size, self.crc = head, size, 0xFFFFFFFF
+
+    @property
+    def identity(self) -> int:  # what SnapshotFile offered at b1120ea; unused since
+        return (self.size << 32) | self.crc
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        data = self.head[offset:end]
+        return data + bytes(end - offset - len(data))
+
+
+def _leader_chunks(c: Cluster, leader: str, lagger: str, ticks: int) -> list:
+    """The InstallSnapshot chunks `leader` sends `lagger` over `ticks` ticks (not delivered: the transfer stays at
+    its first chunks)."""
+    chunks: list = []
+    c.deliver_filter = lambda m: (chunks.append(m), None)[1] if isinstance(m, InstallSnapshot) else m
+    c.restart(lagger)
+    c.run(ticks)
+    c.deliver_filter = None
+    return chunks
+
+
+def test_a_snapshot_of_2_gib_and_more_goes_on_the_wire():
+    """Third review of snapfork, item A (liveness): at b1120ea each chunk carried transfer_id = size << 32 | crc,
+    which reaches 2**63 from 2 GiB on; the codec refuses such an integer and the receiver drops the whole frame
+    (the heartbeat batched with it too): a snapshot that big could never be sent. The leader's chunks of a 2 GiB
+    and of a 4 GiB snapshot must decode, on this version's codec and on 6ab14f3's."""
+    for size in (2 << 30, (4 << 30) + 12345):
+        c = Cluster(seed=31, n=3)
+        leader = elect(c)
+        lagger = next(i for i in c.ids if i != leader)
+        c.crash(lagger)
+        for k in range(20):
+            write(c, f"key{k}", ticks=500)
+        c.take_snapshot(leader)
+        n = c.nodes[leader].node
+        snap = n.snapshot
+        n._snapshot = dataclasses.replace(snap, data=_BigSource(snapshot_bytes(snap.data), size))
+        chunks = _leader_chunks(c, leader, lagger, 30)
+        assert chunks and all(m.offset == 0 and not m.done for m in chunks)
+        frame = codec.encode_batch(chunks)
+        assert codec.decode_batch(frame) == chunks
+        assert wire_6ab14f3.decode_batch(frame) == chunks
+
+
+def test_an_old_node_decodes_every_frame_a_new_leader_sends_while_it_catches_up():
+    """Third review of snapfork, item B: a rolling upgrade. A follower of 6ab14f3 (its decoder frozen in
+    tests/wire_6ab14f3.py) must decode each frame a new leader sends it (elections, appends, heartbeats and the
+    InstallSnapshot chunks of a catch-up by snapshot): at b1120ea every chunk carried an added field, so the old
+    node dropped each frame with a chunk, and the heartbeat batched with it."""
+    c = Cluster(seed=33, n=3)
     leader = elect(c)
     lagger = next(i for i in c.ids if i != leader)
     c.crash(lagger)
     for k in range(60):
         write(c, f"key{k}", ticks=500)
     c.take_snapshot(leader)
-    chunks = []
-    c.deliver_filter = lambda m: (chunks.append(m) or m) if isinstance(m, InstallSnapshot) else m
+    sent: list = []
+    c.deliver_filter = lambda m: (sent.append(m), m)[1] if m.src == leader and m.dst == lagger else m
     c.restart(lagger)
-    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 500)
-    assert chunks and {m.transfer_id for m in chunks} == {snapshot_identity(c.nodes[leader].node.snapshot.data)}
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 1000)
+    c.deliver_filter = None
+    assert any(isinstance(m, InstallSnapshot) for m in sent) and any(isinstance(m, AppendEntries) for m in sent)
+    for m in sent:
+        assert wire_6ab14f3.decode_batch(codec.encode_batch([m])) == [m], m
+    assert wire_6ab14f3.decode_batch(codec.encode_batch(sent[:50])) == sent[:50]
