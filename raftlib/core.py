@@ -223,6 +223,10 @@ class RaftNode:
         # (another format in a rolling upgrade). Nothing on the wire names the file: old nodes read every chunk.
         self._incoming_snapshot: tuple[int, int, str, int, SnapshotSink] | None = None
         self.open_snapshot_sink: Callable[[Snapshot], SnapshotSink] = BytesSink
+        # Transfers abandoned because their snapshot's source could not be read (SnapshotUnreadable), since
+        # start, and the last one's (peer, snapshot index, reason): the pure core does not log, the runtime does.
+        self.snapshot_reads_failed = 0
+        self.last_snapshot_read_failure: tuple[str, int, str] | None = None
         # A leader's snapshot saved, whose restore into the state machine the caller has not finished
         # (`advance(rd, snapshot_applied=False)`, then `snapshot_applied`): no committed entry is handed out
         # meanwhile, and last_applied stays below it. 0: none.
@@ -1013,7 +1017,9 @@ class RaftNode:
         # the whole state in memory to send it.
         try:
             chunk = snapshot_chunk(snap.data, pr.snapshot_offset, self.config.snapshot_chunk_bytes)
-        except SnapshotUnreadable:
+        except SnapshotUnreadable as e:
+            self.snapshot_reads_failed += 1
+            self.last_snapshot_read_failure = (peer, snap.last_included_index, str(e))
             # Its source is gone (an I/O error on the file): this transfer is abandoned, never the node, and
             # starts over from the newest snapshot (§7: the follower drops the chunks of a snapshot it no longer
             # receives). Nothing is sent now; the next heartbeat sends the newest one's first chunk, or finds it

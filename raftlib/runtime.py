@@ -151,6 +151,7 @@ _COUNTERS = (
     "snapshots",  # taken of this node's own state machine
     "out_of_descriptors",  # saves and snapshots refused for want of a file descriptor (each try)
     "snapshot_children_failed",  # forked snapshot children that exited without writing their file
+    "snapshot_reads_failed",  # snapshot transfers abandoned: the snapshot's file could not be read (logged)
     "loop_lag_max_microseconds",  # the hub-lag probe, when on: the latest wake-up seen
     "loop_lags_over_10ms",  # ... and how many wake-ups came more than 10 ms late
 )
@@ -401,6 +402,8 @@ class Runtime:
             self._process_ready(replies)
             for result, out in replies.values():
                 result.set(out)
+            if self.node.snapshot_reads_failed != self.stats["snapshot_reads_failed"]:
+                self._note_snapshot_read_failure()
             if self.node.removed != self._removed:  # a notice may change nothing else: no Ready for it
                 self._note_removed(self.node.removed)
             if self._restoring is not None:  # after the replies went out: a piece of the restore, then serve
@@ -421,6 +424,16 @@ class Runtime:
             # (timers run, every socket is polled); gevent.idle() would wait until nothing else is runnable, and
             # gevent.sleep(0) lets no timer run.
             gevent.sleep(0.00001)
+
+    def _note_snapshot_read_failure(self) -> None:
+        # The core abandons a transfer whose source it could not read (SnapshotUnreadable) and counts it; it
+        # neither logs nor stops. Said here once per drive, with the count, so that a failing disk shows.
+        node = self.node
+        failed = node.snapshot_reads_failed - self.stats["snapshot_reads_failed"]
+        self.stats["snapshot_reads_failed"] = node.snapshot_reads_failed
+        peer, index, reason = node.last_snapshot_read_failure or ("?", 0, "?")
+        logger.warning("snapshot transfer abandoned %d time(s) (%d since start): the snapshot at %d for %s "
+                       "could not be read: %s", failed, node.snapshot_reads_failed, index, peer, reason)
 
     def _handle(self, item: InboxItem, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         # Class patterns without captures: a positional capture looks up __match_args__ and each attribute again,

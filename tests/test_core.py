@@ -879,6 +879,9 @@ def test_a_transfer_whose_source_is_gone_is_abandoned_and_restarted_from_the_new
     c.restart(lagger)
     c.run(60)  # the transfer starts, then its source is gone: no exception, the follower has not installed it
     assert gone.reads == 0 and c.nodes[lagger].node.log.snapshot_index == 0
+    # Third review, item C: counted, with what failed, for the runtime to log.
+    assert n.snapshot_reads_failed >= 1
+    assert n.last_snapshot_read_failure == (lagger, snap.last_included_index, "gone")
     for k in range(10):
         write(c, f"more{k}")
     c.take_snapshot(leader)  # a newer snapshot: the transfer starts over from it

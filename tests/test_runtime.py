@@ -329,7 +329,8 @@ def test_status_is_a_frozen_copy_of_the_node_and_the_runtime(one_node):
     assert st.running and not st.disk_full and st.node.role is Role.LEADER and st.node.node_id == "a"
     assert st.node.last_applied == runtime.node.last_applied == st.node.commit_index
     assert set(before.stats) == {"proposals", "applied", "elections_won", "saves", "snapshots", "out_of_descriptors",
-                                 "snapshot_children_failed", "loop_lag_max_microseconds", "loop_lags_over_10ms"}
+                                 "snapshot_children_failed", "snapshot_reads_failed", "loop_lag_max_microseconds",
+                                 "loop_lags_over_10ms"}
     assert st.stats["proposals"] - before.stats["proposals"] == 3
     assert st.stats["applied"] - before.stats["applied"] == 3 and st.stats["saves"] >= 3
     runtime.propose(b"more", 2.0)
@@ -529,3 +530,21 @@ def test_a_failed_fork_is_tried_again_later_and_leaves_forking_on(tmp_path, monk
     finally:
         runtime.stop()
     assert storage.state.snapshot is not None
+
+
+def test_a_snapshot_transfer_abandoned_for_an_unreadable_file_is_logged_and_counted(one_node, caplog):
+    """Third review of snapfork, item C: the core abandons a transfer whose snapshot source raised
+    SnapshotUnreadable (tests/test_core.py checks that it counts it) and neither logs nor stops; the runtime says
+    so in its log at the next drive, once per new failure, and counts it in its stats."""
+    runtime, _, _ = one_node
+    node = runtime.node
+    with caplog.at_level("WARNING", logger="raftlib.runtime"):
+        # As the core's _send_snapshot does when a read of the snapshot's file fails:
+        node.snapshot_reads_failed += 2
+        node.last_snapshot_read_failure = ("b", 40, "snapshot-40.snap: [Errno 5] Input/output error")
+        runtime.propose(b"x", 2.0)
+        runtime.propose(b"y", 2.0)
+    said = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert said == ["snapshot transfer abandoned 2 time(s) (2 since start): the snapshot at 40 for b could not "
+                    "be read: snapshot-40.snap: [Errno 5] Input/output error"]
+    assert runtime.status().stats["snapshot_reads_failed"] == 2
