@@ -650,6 +650,13 @@ class RaftNode:
         self._heartbeat_elapsed = 0
         self._transferee = None
         self._append_dirty = False
+        # §7: the snapshots a leader was sending are let go when it steps down (a later leader starts its own
+        # transfers from offset 0): held on, a replaced snapshot's file (unlinked, in the runtime) kept its space
+        # and a descriptor until this node led again and finished a transfer.
+        for pr in self._progress.values():
+            if pr.snapshot is not None:
+                pr.snapshot, pr.snapshot_offset = None, 0
+                pr.become_probe()
         self._reset_election_timer()
         self._reads.reset()
 

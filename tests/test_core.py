@@ -1065,3 +1065,31 @@ def test_an_old_node_decodes_every_frame_a_new_leader_sends_while_it_catches_up(
     for m in sent:
         assert wire_6ab14f3.decode_batch(codec.encode_batch([m])) == [m], m
     assert wire_6ab14f3.decode_batch(codec.encode_batch(sent[:50])) == sent[:50]
+
+
+def test_a_leader_that_steps_down_lets_go_of_the_snapshots_it_was_sending():
+    """Third review of snapfork, item D: the snapshot a leader was sending stayed in its followers' Progress after
+    it stepped down (and, at b1120ea, in _sent_identity too), until it led again and finished a transfer: in the
+    runtime, a replaced snapshot's unlinked file kept its space and a descriptor. Once the transfer is over (done,
+    or abandoned because we no longer lead), the core holds no snapshot but its own newest."""
+    c = Cluster(seed=35, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(60):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    n = c.nodes[leader].node
+    first = n.snapshot
+    chunks = _leader_chunks(c, leader, lagger, 30)  # the transfer starts; nothing reaches the lagger
+    assert chunks and n.progress(lagger).state is ProgressState.SNAPSHOT
+    c.crash(lagger)
+    for k in range(10):
+        write(c, f"more{k}", ticks=500)
+    c.take_snapshot(leader)  # replaces the first: in the runtime its file is unlinked
+    assert n.snapshot is not first and n._progress[lagger].snapshot is first  # §7: the transfer under way goes on
+    other = next(i for i in c.ids if i not in (leader, lagger))
+    n.step(AppendEntries(other, leader, n.current_term + 1, 0, 0, (), 0))
+    assert n.role is Role.FOLLOWER
+    held = [pr.snapshot for pr in n._progress.values() if pr.snapshot is not None]
+    assert held == [], "a follower still holds the snapshots it sent as leader"
