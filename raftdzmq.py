@@ -27,6 +27,7 @@ import gevent.event  # noqa: E402
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
 from raftlib.server.node import CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
+from raftlib.server.tuning import freeze_after_start, watch_gc_from_env  # noqa: E402
 from raftlib.storage import StorageError  # noqa: E402
 from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sign is not None:
         return print_signed_headers(args)
     setup_logging(args)
+    watch_gc_from_env()
     config = server_config(args, load_secret(args))
     try:
         server = Server(config)
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     setup_logging(args, server.node_id)
+    freeze_after_start()  # the state on disk is loaded; nothing serves yet
     try:
         server.start()
     except OSError as e:

@@ -8,9 +8,16 @@ same way on loopback in the same run: a bare Bottle dict server (--vs bare), etc
     python bench/load.py --vs bare --vs etcd --json out.json --plot out.png
     python bench/load.py --url http://localhost:8080 --workloads write -c 64 -d 10
     python bench/load.py --vs-build /tmp/old -c 1 64 -w write --repeat 5   # this build against another, alternating
+    python bench/load.py --vs etcd --open-loop --fractions 0.5 0.8 -w write --plot ol.png   # open loop, see below
 
 The load comes from wrk when it is on the PATH (a C client: it is not the bottleneck), else from a gevent client
 (bench/pyclient.py). The load generator's own CPU use is reported per run.
+
+--open-loop: requests at fixed rates (--rates, or --fractions of a saturation rate measured first with the closed
+loop at --saturation-clients on the --saturation-of system, by default the last reference), latency from each
+request's scheduled time (bench/openloop.py: no coordinated omission); per rate and system p50/p99/p99.9/max, how
+far the generator fell behind its schedule and its CPU, and whether the run is valid (the generator was not the
+bottleneck). On raftdzmq each run also reports the leader's hub lag and fsync times over the run (GET /metrics).
 """
 
 from __future__ import annotations
@@ -114,6 +121,16 @@ class Raftdzmq(System):
             self.http_ports.append(http_port)
             wait_until(lambda: self._voters() == i + 1, 20, f"{self.name} node {i + 1} to join")
         self.url = f"http://127.0.0.1:{self.http_ports[0]}"
+
+    def follow_leader(self) -> None:
+        """Point `url` at the node that leads now (a loaded machine can move the leadership between runs)."""
+        for port in self.http_ports:
+            try:
+                if json.loads(get(f"http://127.0.0.1:{port}/status"))["role"] == "leader":
+                    self.url = f"http://127.0.0.1:{port}"
+                    return
+            except OSError:
+                continue
 
     def _voters(self) -> int:
         st = json.loads(get(f"http://127.0.0.1:{self.http_ports[0]}/status"))
@@ -316,6 +333,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="alternate the systems this many times; report medians")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--raftdzmq-flag", action="append", default=[], help="extra flag for every raftdzmq node")
+    p.add_argument("--open-loop", action="store_true", help="fixed request rates, latency from the schedule (above)")
+    p.add_argument("--rates", type=float, nargs="+", help="--open-loop: requests per second")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.8, 0.95],
+                   help="--open-loop without --rates: fractions of the saturation rate (default 0.25 0.5 0.8 0.95)")
+    p.add_argument("--saturation-of", metavar="NAME", help="--open-loop: the system (a prefix of its name, e.g. "
+                   "etcd) whose closed-loop rate is the saturation rate (default: the last one started)")
+    p.add_argument("--saturation-clients", type=int, default=64, help="closed-loop clients for the saturation rate")
+    p.add_argument("--warmup", type=float, default=1.0, help="--open-loop: seconds at each rate before measuring")
+    p.add_argument("--max-connections", type=int, default=256, help="--open-loop: the generator's connection cap")
+    p.add_argument("--gc-stats", action="store_true", help="time every garbage collection in each raftdzmq node "
+                   "($RAFTDZMQ_GC_STATS) and print the pauses at the end")
     p.add_argument("--json", help="write all results to this file")
     p.add_argument("--plot", help="draw throughput and latency against concurrency to this PNG (needs matplotlib)")
     return p.parse_args()
@@ -363,11 +391,7 @@ def measure(args: argparse.Namespace, systems: list[System], keys: list[str], rn
         for c in args.concurrency:
             for _ in range(args.repeat):
                 for s in systems:
-                    if workload == "write":
-                        reqs = s.write_requests(keys, "v" * rng.randint(*args.value_size))
-                    else:
-                        reqs = s.read_requests(keys, stale=workload == "stale-read", **(
-                            {"lease": True} if workload == "lease-read" and isinstance(s, Raftdzmq) else {}))
+                    reqs = workload_requests(s, workload, keys, rng, args)
                     r = run_load(s.url, reqs, c, args.duration, workdir, f"{s.name} {workload} c={c}", client)
                     results.setdefault((workload, c, s.name), []).append(r)
     return results
@@ -380,11 +404,16 @@ def main() -> int:
     rng = random.Random(1)
     keys = [f"k{rng.randrange(10**9)}" for _ in range(args.keys)]
     systems: list[System] = []
+    if args.gc_stats:
+        os.environ["RAFTDZMQ_GC_STATS"] = os.path.join(workdir, "gc")
+        os.mkdir(os.environ["RAFTDZMQ_GC_STATS"])
     try:
         start_systems(args, workdir, systems)
         print(f"bench: client {client}, {args.duration:g}s per run, {args.keys} keys, values "
               f"{args.value_size[0]}-{args.value_size[1]} bytes, systems: {', '.join(s.name for s in systems)}",
               file=sys.stderr)
+        if args.open_loop:
+            return open_loop(args, systems, keys, rng, workdir, client)
         results = measure(args, systems, keys, rng, workdir, client)
         print_table(results, systems)
         if args.json:
@@ -396,8 +425,211 @@ def main() -> int:
     finally:
         for s in systems:
             s.stop()
+        if args.gc_stats:
+            print_gc_stats(systems, os.environ["RAFTDZMQ_GC_STATS"])
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def print_gc_stats(systems: list[System], folder: str) -> None:
+    """Each raftdzmq node's collections over the whole run, by generation (raftlib/server/tuning.py wrote them)."""
+    for s in systems:
+        for k, pid in enumerate(s.pids()):
+            path = os.path.join(folder, f"gc-{pid}.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                st = json.load(f)
+            gens = "; ".join(f"gen{g} {st['count'][g]}x total {st['total_seconds'][g] * 1000:.0f} ms max "
+                             f"{st['max_seconds'][g] * 1000:.1f} ms, {len(st['long_seconds'][g])} >= 1 ms"
+                             for g in range(3))
+            print(f"gc {s.name} node{k + 1}: {gens}")
+
+
+# ---- the open loop ------------------------------------------------------------------------------------------
+
+
+def prom_histogram(text: str, name: str) -> dict[float, float]:
+    """The cumulative buckets {le: count} of one histogram in Prometheus text."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def histogram_delta(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """How many observations of a run fell above each bucket's bound: {"> 0.01": 3, ...}, and their count."""
+    total = after.get(float("inf"), 0) - before.get(float("inf"), 0)
+    out = {"count": total}
+    for le in sorted(after):
+        if le != float("inf"):
+            out[f">{le:g}"] = total - (after[le] - before.get(le, 0))
+    return out
+
+
+def raftdzmq_metrics(s: System) -> dict | None:
+    if not isinstance(s, Raftdzmq):
+        return None
+    text = get(s.url + "/metrics").decode()
+    out = {h: prom_histogram(text, h) for h in ("raftdzmq_hub_lag_seconds", "raftdzmq_fsync_seconds",
+                                                 "raftdzmq_write_seconds")}
+    for line in text.splitlines():
+        if line.startswith(("raftdzmq_proposals ", "raftdzmq_batches_saved ")):
+            out[line.split()[0]] = {0.0: float(line.split()[1])}
+    return out
+
+
+def run_open_loop(s: System, requests: list, rate: float, args: argparse.Namespace, workdir: str,
+                  label: str) -> dict:
+    if isinstance(s, Raftdzmq):
+        s.follow_leader()
+    reqfile = os.path.join(workdir, "openloop-requests.json")
+    with open(reqfile, "w") as f:
+        json.dump(requests, f)
+    before = raftdzmq_metrics(s)
+    with Progress(label, args.duration + args.warmup):
+        out = subprocess.run([sys.executable, os.path.join(HERE, "openloop.py"), "--url", s.url, "--rate", str(rate),
+                              "--duration", str(args.duration), "--warmup", str(args.warmup), "--requests", reqfile,
+                              "--max-connections", str(args.max_connections)], capture_output=True, text=True,
+                             timeout=args.duration + args.warmup + 60)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"bench: the open-loop generator failed:\n{out.stdout}\n{out.stderr}")
+    result = json.loads(lines[-1])
+    if before is not None:
+        after = raftdzmq_metrics(s)
+        for name in ("raftdzmq_hub_lag_seconds", "raftdzmq_fsync_seconds", "raftdzmq_write_seconds"):
+            result[name.replace("raftdzmq_", "")] = histogram_delta(before[name], after[name])
+        delta = {k: after[k][0.0] - before[k][0.0] for k in ("raftdzmq_proposals", "raftdzmq_batches_saved")}
+        # The leader's entries per fsync over the run (group commit): proposals / batches saved.
+        result["entries_per_batch"] = delta["raftdzmq_proposals"] / max(1.0, delta["raftdzmq_batches_saved"])
+    return result
+
+
+def saturation_rates(args, systems, keys, rng, workdir, client) -> dict[str, float]:
+    """{workload: ops/s} of the --saturation-of system under the closed loop at --saturation-clients."""
+    ref = systems[-1]
+    if args.saturation_of:
+        ref = next((s for s in systems if s.name.startswith(args.saturation_of)), None)
+        if ref is None:
+            raise SystemExit(f"bench: no system named {args.saturation_of}*: {[s.name for s in systems]}")
+    out = {}
+    for workload in args.workloads:
+        r = run_load(ref.url, workload_requests(ref, workload, keys, rng, args), args.saturation_clients,
+                     args.duration, workdir, f"{ref.name} {workload} saturation", client)
+        out[workload] = r["ops"]
+        print(f"bench: {ref.name} {workload} saturates at {r['ops']:.0f}/s ({args.saturation_clients} clients, "
+              f"closed loop)", file=sys.stderr)
+    return {"system": ref.name, **out}
+
+
+def workload_requests(s: System, workload: str, keys: list[str], rng: random.Random, args) -> list:
+    if workload == "write":
+        return s.write_requests(keys, "v" * rng.randint(*args.value_size))
+    return s.read_requests(keys, stale=workload == "stale-read", **(
+        {"lease": True} if workload == "lease-read" and isinstance(s, Raftdzmq) else {}))
+
+
+def open_loop(args, systems, keys, rng, workdir, client) -> int:
+    """Prefill, find the rates, then each workload at each rate on each system, alternating, --repeat times."""
+    value = "v" * rng.randint(*args.value_size)
+    for s in systems:
+        run_load(s.url, s.write_requests(keys, value), 16, 2, workdir, f"{s.name} prefill", client, sequential=True)
+    saturation = {} if args.rates else saturation_rates(args, systems, keys, rng, workdir, client)
+    results: dict = {}
+    for workload in args.workloads:
+        rates = args.rates or [round(f * saturation[workload]) for f in args.fractions]
+        for rate in rates:
+            for _ in range(args.repeat):
+                for s in systems:
+                    reqs = workload_requests(s, workload, keys, rng, args)
+                    reqs = [reqs[rng.randrange(len(reqs))] for _ in range(20000)]
+                    r = run_open_loop(s, reqs, rate, args, workdir, f"{s.name} {workload} {rate:g}/s")
+                    results.setdefault((workload, rate, s.name), []).append(r)
+    print_open_loop(results, systems, saturation)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"saturation": saturation, "results": [
+                {"workload": w, "rate": r, "system": n, "runs": rs, "median": ol_median(rs)}
+                for (w, r, n), rs in results.items()]}, f, indent=1)
+    if args.plot:
+        plot_open_loop(results, systems, args.plot)
+    return 0
+
+
+OL_FIELDS = ("rate", "p50", "p90", "p99", "p999", "max", "errors", "timeouts", "late_p99", "late_max", "client_cpu",
+             "client_busy")
+
+
+def ol_median(runs: list[dict]) -> dict:
+    m = {k: statistics.median(r[k] for r in runs) for k in OL_FIELDS}
+    m["valid"] = all(r["valid"] for r in runs)
+    m["invalid_reasons"] = [r["invalid_reason"] for r in runs if r["invalid_reason"]]
+    lag = [r["hub_lag_seconds"][">0.01"] for r in runs if "hub_lag_seconds" in r]
+    if lag:
+        m["hub_lag_over_10ms"] = statistics.median(lag)
+        m["fsync_over_5ms"] = statistics.median(r["fsync_seconds"][">0.005"] for r in runs)
+        m["entries_per_batch"] = statistics.median(r["entries_per_batch"] for r in runs)
+    return m
+
+
+def print_open_loop(results: dict, systems: list[System], saturation: dict) -> None:
+    ref = saturation.get("system", systems[-1].name)
+    print(f"{'workload':<11}{'rate/s':>8}  {'system':<18}{'done/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'p99.9 ms':>9}"
+          f"{'max ms':>8}{'err':>5}{'t/o':>5}{'late p99':>9}{'gen cpu':>8}{'busy':>5}{'hub>10ms':>9}{'fs>5ms':>7}"
+          f"{'batch':>6}"
+          f"{'p99/ref':>8}{'p99.9/ref':>10}  valid")
+    for (workload, rate, name), runs in results.items():
+        m = ol_median(runs)
+        r = ol_median(results[(workload, rate, ref)]) if (workload, rate, ref) in results else None
+        ratio = lambda k: "" if r is None or name == ref else f"{m[k] / r[k]:.2f}" if r[k] else "-"  # noqa: E731
+        hub = f"{m['hub_lag_over_10ms']:>9.0f}{m['fsync_over_5ms']:>7.0f}{m['entries_per_batch']:>6.1f}" \
+            if "hub_lag_over_10ms" in m else " " * 22
+        print(f"{workload:<11}{rate:>8.0f}  {name:<18}{m['rate']:>8.0f}{m['p50'] / 1000:>8.2f}{m['p99'] / 1000:>8.2f}"
+              f"{m['p999'] / 1000:>9.2f}{m['max'] / 1000:>8.1f}{m['errors']:>5.0f}{m['timeouts']:>5.0f}"
+              f"{m['late_p99'] / 1000:>8.2f}m{m['client_cpu'] * 100:>7.0f}%{m['client_busy'] * 100:>4.0f}%{hub}{ratio('p99'):>8}"
+              f"{ratio('p999'):>10}  {'yes' if m['valid'] else 'NO: ' + '; '.join(m['invalid_reasons'])}")
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display), or None, said once on stderr, without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_open_loop(results: dict, systems: list[System], path: str) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    workloads = sorted({w for w, _, _ in results})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(7 * len(workloads), 5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, w in enumerate(workloads):
+        ax = axes[0][col]
+        for k, s in enumerate(systems):
+            pts = sorted((ol_median(rs)["rate"], ol_median(rs)) for (ww, _, n), rs in results.items()
+                         if ww == w and n == s.name)
+            for key, style, label in (("p50", "-", "p50"), ("p99", "--", "p99"), ("p999", ":", "p99.9")):
+                ax.plot([x for x, _ in pts], [m[key] / 1000 for _, m in pts], linestyle=style, marker="o",
+                        color=colors[k % len(colors)], label=f"{s.name} {label}")
+        ax.set_title(f"{w}: open-loop latency against throughput")
+        ax.set_xlabel("completed requests/s (at a fixed arrival rate)")
+        ax.set_ylabel("latency from the scheduled time, ms")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"bench: plot written to {path}", file=sys.stderr)
 
 
 def median(runs: list[dict]) -> dict:
@@ -419,13 +651,8 @@ def print_table(results: dict, systems: list[System]) -> None:
 
 
 def plot(results: dict, systems: list[System], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return
     workloads = sorted({w for w, _, _ in results})
     fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 8), squeeze=False)

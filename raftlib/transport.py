@@ -31,12 +31,17 @@ Vouched keys. A node's log can be behind the cluster's configuration: a member r
 whose first appends carry a configuration older than its leader. So the node also admits the keys of a "vouched"
 list: the newest configuration (index, members' keys) that a member gave it in an answer signed with the cluster
 secret (the join's answer, or GET /cluster/keys: raftlib.server.node asks), only while the node's own newest
-configuration is older than that list (its index below the list's). Once the node's log reaches that index the
-list is dropped for good (`on_vouched_dropped`: the node forgets it on disk), even when the configuration then
-names this node alone (review 3 F1: a removed member's key must never come back that way). Until then the list
-adds to the configuration's keys and never takes any away: a member removed after the node's configuration is
-still admitted until the node's log catches up (a vouched configuration may not be committed, and one that is
-later cut off must not lock out a member the node still counts). A key refused that neither list names is
+configuration is older than that list (its index below the list's). Once the node's newest configuration, or
+its commit index, reaches that index the list is dropped for good (`on_vouched_dropped`: the node forgets it on
+disk), even when the configuration then names this node alone (review 3 F1: a removed member's key must never
+come back that way). The commit index counts too (review of edge5, finding 2): a list at an index the node has
+committed is either in its log or was cut off (members answer with their newest committed configuration, but a
+list from an older version, or one that moved on, may name an uncommitted one), so it can teach nothing, and
+without that rule a cut-off list pinned the node until a configuration change reached its index. The transport
+sees configuration changes (`set_peers`), not commits: the node calls `recheck_vouched` as its commit index moves.
+Until then the list adds to the configuration's keys and never takes any away: a member removed after the node's
+configuration is still admitted until the node's log catches up (a list may be behind the cluster, and one
+that is replaced must not lock out a member the node still counts). A key refused that neither list names is
 reported (`on_refused`) so that the node can ask for a newer list.
 Without a secret anyone who reaches the port is a peer and may name any `src`.
 
@@ -137,14 +142,16 @@ class ZmqTransport:
         configuration_index: Callable[[], int] | None = None,
         on_vouched_dropped: Callable[[], None] | None = None,
         on_refused: Callable[[str], None] | None = None,
+        commit_index: Callable[[], int] | None = None,
     ) -> None:
         """`handler(messages, reply_wanted) -> list[Message]`: called in the transport's greenlets; when
         `reply_wanted` it may block (bounded) and returns the messages to answer with. With `node_key` (this
         node's CURVE secret key, Z85 text; a cluster secret), only the members that `members()` (the current
         configuration's, read on `start` and on every `set_peers`) lists with their public keys connect, each
         only as itself (CURVE, see the module's rules); raises RuntimeError if this libzmq has no CURVE.
-        `configuration_index()` is the index of the newest configuration `members()` comes from (0: none);
-        `on_vouched_dropped()` is called once when the node's configuration reaches the vouched list's index and
+        `configuration_index()` is the index of the newest configuration `members()` comes from (0: none), and
+        `commit_index()` the node's commit index; `on_vouched_dropped()` is called once when either reaches the
+        vouched list's index and
         the list is dropped (the node forgets it on disk then); `on_refused(public_key)` when the ZAP handler
         refuses a key that neither the configuration nor the vouched list names (the module's rules). Both are
         called in the transport's greenlets and must not block."""
@@ -166,6 +173,7 @@ class ZmqTransport:
         self._key_owner: dict[str, str] = {}  # public key (Z85) -> node id: whom the ZAP handler admits
         self._peer_key: dict[str, str] = {}  # node id -> public key (Z85), to call it
         self._configuration_index = configuration_index or (lambda: 0)
+        self._commit_index = commit_index or (lambda: 0)
         self._vouched: dict[str, str] = {}  # node id -> public key: admitted while our configuration is older
         self._vouched_index = 0  # the index of the configuration the vouched list is; 0: none
         self._on_vouched_dropped = on_vouched_dropped
@@ -211,7 +219,7 @@ class ZmqTransport:
             return
         members = [m for m in self._members() if m.node_id != self.node_id]
         peer_key = {m.node_id: m.public_key for m in members if m.public_key}
-        if self._vouched_index and self._configuration_index() >= self._vouched_index:
+        if self._vouched_index and self._known_index() >= self._vouched_index:
             self._vouched, self._vouched_index = {}, 0
             if self._on_vouched_dropped is not None:
                 self._on_vouched_dropped()
@@ -256,11 +264,21 @@ class ZmqTransport:
         vouched for it (an answer signed with the cluster secret), while this node's own configuration is older
         than `index`. Taken, returning True, only when it is newer than both this node's configuration and the
         vouched list it has; else ignored, returning False."""
-        if index <= self._vouched_index or index <= self._configuration_index():
+        if index <= self._vouched_index or index <= self._known_index():
             return False
         self._vouched, self._vouched_index = dict(keys), index
         self._refresh_keys()
         return True
+
+    def _known_index(self) -> int:
+        """The index up to which this node knows the cluster's configuration: its newest configuration's, or its
+        commit index (committed entries are the cluster's: §5.4.3), whichever is higher."""
+        return max(self._configuration_index(), self._commit_index())
+
+    def recheck_vouched(self) -> None:
+        """Drop the vouched list if the commit index has reached it (the module's rules); cheap when it has not."""
+        if self._vouched_index and self._commit_index() >= self._vouched_index:
+            self._refresh_keys()
 
     @property
     def vouched_index(self) -> int:

@@ -255,14 +255,18 @@ class CrashFS:
 
     # ---- the FileSystem protocol ----------------------------------------------------------------------
 
-    def listdir(self, path: str) -> list[str]:
+    def _directory(self, path: str) -> int:
+        """The inode of the folder `path`, after the descriptor check its opening takes (ENOENT, ENOTDIR)."""
         self._descriptor(path)
         ino = self._lookup(path)
         if ino is None:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
         if not self.inodes[ino].is_dir:
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
-        return sorted(self.inodes[ino].entries)
+        return ino
+
+    def listdir(self, path: str) -> list[str]:
+        return sorted(self.inodes[self._directory(path)].entries)
 
     def read_file(self, path: str) -> bytes:
         self._descriptor(path)
@@ -299,13 +303,7 @@ class CrashFS:
         return self._open(self._lookup(path), path)
 
     def open_dir(self, path: str) -> int:
-        self._descriptor(path)
-        ino = self._lookup(path)
-        if ino is None:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
-        if not self.inodes[ino].is_dir:
-            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
-        return self._open(ino, path)
+        return self._open(self._directory(path), path)
 
     def open_read(self, path: str) -> int:
         self._descriptor(path)

@@ -17,11 +17,12 @@ from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, P
 from raftlib.progress import ProgressState, ProgressStatus
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
-from raftlib.server.admin import (NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
+from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
+                                  answer_headers,
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
 from raftlib.server.metrics import Metrics
-from raftlib.server.store import ADMIN_CLAIM, SET, KeyValueStore, command
+from raftlib.server.store import ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, SET, KeyValueStore, command
 from raftlib.storage import DiskFull
 
 MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
@@ -609,19 +610,20 @@ def test_the_keys_request_is_answered_by_any_member_signed_for_that_request_only
     request; an unsigned, wrongly signed, stale or replayed request is refused (403), one without a fresh nonce is
     400, and nothing goes through the log. An answer verifies for its own request only, so a recorded answer
     cannot be handed to another."""
-    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), configuration_index=lambda: 7)
+    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), committed_configuration=lambda: (7, KEYED))
     client.runtime.node.membership = KEYED
     client.be_follower("b")
-    headers = keys_request_headers(SECRET)
+    headers = keys_request_headers(SECRET, "a")
     r = client("GET", "/cluster/keys", headers=headers)
     assert r.status == 200, r
+    assert json.loads(r.body)["node_id"] == "a"
     assert verify_answer(SECRET, headers[SIGNATURE_HEADER], r.body, answer_headers_of(r))
     assert parse_vouched(r.body) == (7, {m.node_id: m.public_key for m in KEYED.members},
                                      {m.node_id: m.http_address for m in KEYED.members})
     # The asker takes it for its own request only: not for another (a recorded answer replayed), not changed, not
     # under another secret.
     assert read_keys_answer(SECRET, headers, r.body, answer_headers_of(r)) == parse_vouched(r.body)
-    other = keys_request_headers(SECRET)
+    other = keys_request_headers(SECRET, "a")
     tampered = r.body.replace(b'"index": 7', b'"index": 9')
     for secret, request_headers, body in ((SECRET, other, r.body), (SECRET, headers, tampered),
                                           (b"another secret", headers, r.body)):
@@ -629,18 +631,129 @@ def test_the_keys_request_is_answered_by_any_member_signed_for_that_request_only
             read_keys_answer(secret, request_headers, body, answer_headers_of(r))
     nonce = headers[NONCE_HEADER]
     for request_headers, status, why in (
-            ({NONCE_HEADER: nonce}, 403, "(no signature)"),
-            ({**admin_headers(SECRET, "GET", "/cluster/keys"), NONCE_HEADER: nonce}, 403, "does not match"),
-            (keys_request_headers(b"another secret"), 403, "does not match"),
-            (keys_request_headers(SECRET, now=1.0), 403, "from this node's clock"),
-            (headers, 403, "already used (a replay)"),
+            ({NONCE_HEADER: nonce, NODE_HEADER: "a"}, 403, "(no signature)"),
+            ({**admin_headers(SECRET, "GET", "/cluster/keys"), NONCE_HEADER: nonce, NODE_HEADER: "a"}, 403,
+             "does not match"),
+            (keys_request_headers(b"another secret", "a"), 403, "does not match"),
+            (keys_request_headers(SECRET, "a", now=1.0), 403, "from this node's clock"),
+            ({**keys_request_headers(SECRET, "a"), NODE_HEADER: "b"}, 403, "does not match"),
             ({k: v for k, v in headers.items() if k != NONCE_HEADER}, 400, NONCE_HEADER),
-            ({**keys_request_headers(SECRET, nonce="ab" * 4)}, 400, NONCE_HEADER)):
+            ({k: v for k, v in keys_request_headers(SECRET, "a").items() if k != NODE_HEADER}, 400, NODE_HEADER),
+            ({**keys_request_headers(SECRET, "a", nonce="ab" * 4)}, 400, NONCE_HEADER)):
         r = client("GET", "/cluster/keys", headers=request_headers)
         assert r.status == status and why in r.text and one_line(r), (request_headers, r)
         assert SIGNATURE_HEADER.lower() not in {k.lower() for k in r.headers}
     assert client.runtime.calls == []
     assert Client()("GET", "/cluster/keys").status == 404  # no secret, no keys
+
+
+def test_the_keys_answer_is_the_newest_committed_configuration():
+    """Review of edge5, finding 2: GET /cluster/keys answered the newest configuration in the log, committed or
+    not; one later cut off pinned the asker's list. The answer is the newest configuration at or below the commit
+    index (Server.committed_configuration), else the snapshot's; with neither, 503 and no list."""
+    from raftlib import Entry, EntryKind, Snapshot
+    from raftlib.server.node import Server
+
+    old, new = KEYED, Membership(("a", "b", "c"), (), KEYED.members)
+    entries = [Entry(1, 3, EntryKind.MEMBERSHIP, membership=old), Entry(2, 6, EntryKind.MEMBERSHIP, membership=new)]
+    snapshot = Snapshot(2, 1, Membership(("a",), (), KEYED.members[:1]), b"")
+    raft = types.SimpleNamespace(commit_index=5, snapshot=snapshot,
+                                 log=types.SimpleNamespace(membership_entries=lambda: entries))
+    node = types.SimpleNamespace(node=raft)
+    assert Server.committed_configuration(node) == (3, old)  # 6 is not committed
+    raft.commit_index = 6
+    assert Server.committed_configuration(node) == (6, new)
+    entries.clear()
+    assert Server.committed_configuration(node) == (2, snapshot.membership)
+    raft.snapshot = None
+    assert Server.committed_configuration(node) is None
+    client = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), committed_configuration=lambda: (3, old))
+    client.runtime.node.membership = new  # the newest in the log, not committed
+    r = client("GET", "/cluster/keys", headers=keys_request_headers(SECRET, "a"))
+    assert r.status == 200 and json.loads(r.body)["index"] == 3, r
+    client.api.committed_configuration = lambda: None
+    r = client("GET", "/cluster/keys", headers=keys_request_headers(SECRET, "a"))
+    assert r.status == 503 and "no committed configuration" in r.text and one_line(r), r
+
+
+def test_keys_requests_take_no_place_in_the_admin_guards_memory():
+    """Review of edge5, finding 3: every keys request's signature was kept for 600 s, so a removed member dialling
+    in filled the memory that admin requests need (and past 256 entries every claim rebuilt it). The answer is
+    bound to the request's fresh nonce, so the same request again is answered again (signed for that request,
+    which only its asker takes) and nothing is remembered."""
+    guard = AdminGuard(SECRET)
+    client = Client(write_timeout_seconds=2.0, guard=guard, committed_configuration=lambda: (7, KEYED))
+    client.runtime.node.membership = KEYED
+    headers = keys_request_headers(SECRET, "a")
+    bodies = {client("GET", "/cluster/keys", headers=headers).body for _ in range(3)}
+    for _ in range(300):
+        assert client("GET", "/cluster/keys", headers=keys_request_headers(SECRET, "a")).status == 200
+    assert len(bodies) == 1 and guard.remembered == 0
+
+
+class CountingTime(float):
+    """A clock reading that counts the comparisons made with it (and with the times computed from it)."""
+
+    comparisons = 0
+
+    def __add__(self, other):
+        return CountingTime(float(self) + other)
+
+    def _count(op):
+        def compare(self, other):
+            CountingTime.comparisons += 1
+            return op(float(self), float(other))
+        return compare
+
+    __lt__, __le__, __gt__, __ge__ = (_count(float.__lt__), _count(float.__le__), _count(float.__gt__),
+                                      _count(float.__ge__))
+
+
+def test_the_admin_guard_forgets_in_time_order_at_constant_cost_per_claim():
+    """Review of edge5, finding 3: past 256 live signatures every claim rebuilt the whole table (O(n) per claim).
+    Signatures expire in the order they came, 2 x the clock skew after their claim; a claim costs O(1) amortized
+    however many are live, and a signature is refused while remembered and taken again once forgotten."""
+    now = [CountingTime(1000.0)]
+    guard = AdminGuard(SECRET, clock=lambda: now[0])
+    for i in range(2000):
+        assert guard.claim(f"sig{i}") is None
+    CountingTime.comparisons = 0
+    now[0] = CountingTime(1001.0)
+    for i in range(2000, 4000):
+        assert guard.claim(f"sig{i}") is None
+    assert CountingTime.comparisons < 3 * 2000, CountingTime.comparisons  # a table rebuild is 2,000 per claim
+    assert guard.claim("sig0") is not None and guard.remembered == 4000
+    now[0] = CountingTime(1000.0 + 2 * ADMIN_CLOCK_SKEW_SECONDS)  # the first 2,000 expire now, in order
+    assert guard.claim("sig0") is None and guard.claim("sig2000") is not None and guard.remembered == 2001
+    now[0] = CountingTime(1001.0 + 2 * ADMIN_CLOCK_SKEW_SECONDS)
+    assert guard.claim("sig3999") is None and guard.remembered == 2
+
+
+def test_a_keys_request_is_answered_only_by_the_node_it_names_and_taken_only_from_it():
+    """Review of edge5, finding 1: C asked B's address; Z, a node of another cluster with the same secret, listened
+    there and answered with its own list, which C took (and, kept in node.key, it then refused B's genuine lists
+    for good). The request names the node asked, signed: another node refuses it (421). The answer names its
+    node, signed: the asker refuses an answer from another node, or from a node not in the list it sends."""
+    z_membership = Membership(("z",), (), (Member("z", "10.9.0.1:5555", "10.9.0.1:8080", D_KEY),))
+    z = Client(write_timeout_seconds=2.0, guard=AdminGuard(SECRET), committed_configuration=lambda: (35, z_membership))
+    z.runtime.node.node_id = "z"
+    z.runtime.node.membership = z_membership
+    z.be_follower("z")
+    for_b = keys_request_headers(SECRET, "b")
+    r = z("GET", "/cluster/keys", headers=for_b)
+    assert (r.status, r.text) == (421, "this is node z, not b: ask the node at the address it gave\n"), r
+    assert SIGNATURE_HEADER.lower() not in {k.lower() for k in r.headers}
+    # Z answers a request naming Z; a recording of that answer, or a node that answers whatever it is asked,
+    # does not pass for B's answer, nor does one naming B in a list without B.
+    for_z = keys_request_headers(SECRET, "z")
+    r = z("GET", "/cluster/keys", headers=for_z)
+    assert r.status == 200 and json.loads(r.body)["node_id"] == "z", r
+    assert read_keys_answer(SECRET, for_z, r.body, answer_headers_of(r))[0] == 35
+    for claimed, why in (("z", "answered by 'z', not by 'b'"), ("b", "b is not a member")):
+        body = r.body.replace(b'"node_id": "z"', f'"node_id": "{claimed}"'.encode())
+        signed = answer_headers(SECRET, for_b[SIGNATURE_HEADER], body)
+        with pytest.raises(ValueError, match=why):
+            read_keys_answer(SECRET, for_b, body, signed)
 
 
 def test_a_join_with_another_members_key_is_409():

@@ -697,7 +697,7 @@ def test_a_member_whose_configuration_is_behind_admits_the_leader_that_joined_me
             assert send_raw(new_node_key(), c_public, c_.port, [RequestVote("x", c_id, 99, 0, 0)]) == "no answer"
             time.sleep(2.5)
         assert c_.status()["term"] < 99
-        r = c_.request("GET", "/cluster/keys", headers={"X-Raftdzmq-Nonce": "ab" * 16})
+        r = c_.request("GET", "/cluster/keys", headers={"X-Raftdzmq-Nonce": "ab" * 16, "X-Raftdzmq-Node": c_id})
         assert r.status == 403 and "no signature" in r.text, r
     finally:
         cluster.stop()
@@ -730,3 +730,20 @@ def test_a_join_into_a_log_longer_than_one_batch_keeps_admitting_its_leader(tmp_
         wait_for(lambda: "vouched" not in node_key_of(d), 10, "D to drop the join's list")
     finally:
         cluster.stop()
+
+
+def test_keys_rounds_back_off_while_they_find_nothing_newer():
+    """Review of edge5, finding 3: a removed member (or a stranger) dialling in made a node ask every member for
+    keys every 2 s, for ever. The pause between rounds doubles (2, 4, 8, 16 s, then 30 s) while rounds find
+    nothing newer, and is 2 s again after one that does."""
+    from raftlib.server.node import KeysRefresh
+
+    refresh, now, starts = KeysRefresh(), 0.0, []
+    while now < 120.0:
+        if refresh.due(now):
+            starts.append(now)
+            refresh.round_done(found_newer=False)
+        now += 0.5  # a refused key every half second
+    assert [b - a for a, b in zip(starts, starts[1:])][:6] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0], starts
+    refresh.round_done(found_newer=True)
+    assert not refresh.due(starts[-1] + 1.9) and refresh.due(starts[-1] + 2.0)

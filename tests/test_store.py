@@ -326,7 +326,7 @@ def test_the_same_commands_give_the_same_snapshot_bytes():
 # the standard library (it reads the clock and a file, but loads nothing of the server's runtime).
 ALLOWED_IMPORTS = {
     "store": {"__future__", "logging", "struct", "collections.abc", "cbor2", "sortedcontainers"},
-    "admin": {"__future__", "hashlib", "hmac", "json", "os", "re", "time", "collections.abc", "store"},
+    "admin": {"__future__", "collections", "hashlib", "hmac", "json", "os", "re", "time", "collections.abc", "store"},
 }
 
 

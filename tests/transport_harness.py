@@ -231,9 +231,11 @@ def only_members_as_themselves() -> None:
     # A joining node: no configuration; admits the keys the join's answer named (the configuration at index 5
     # added it), and no others.
     joiner_port, joined, joiner_config, joiner_index, dropped, refused = free_port(), [], [], [0], [], []
+    joiner_commit = [0]
     joiner = ZmqTransport("j", f"127.0.0.1:{joiner_port}", lambda m, r: joined.extend(m) or [], node_key=k_joiner,
                           members=lambda: joiner_config, configuration_index=lambda: joiner_index[0],
-                          on_vouched_dropped=lambda: dropped.append(1), on_refused=refused.append)
+                          on_vouched_dropped=lambda: dropped.append(1), on_refused=refused.append,
+                          commit_index=lambda: joiner_commit[0])
     joiner.start()
     before = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
     before.ask([RequestVote("m", "j", 1, 0, 0)])
@@ -262,6 +264,20 @@ def only_members_as_themselves() -> None:
     checks["list-ignored-once-configured"] = not joiner.vouch(5, {"m": public_key_of(k_member)})
     later = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
     checks["still-refused"] = not later.ask([RequestVote("m", "j", 5, 0, 0)]) and not any(m.term > 3 for m in joined)
+    # Review of edge5, finding 2: a list at an index no configuration of ours reaches (an uncommitted
+    # configuration, later cut off) is dropped once the commit index reaches it, and a list at or below the
+    # commit index is not taken.
+    checks["uncommitted-list-taken"] = joiner.vouch(9, {"m": public_key_of(k_member)})
+    joiner_commit[0] = 8
+    joiner.recheck_vouched()
+    checks["commit-below-keeps-the-list"] = joiner.vouched_index == 9 and dropped == [1]
+    joiner_commit[0] = 9
+    joiner.recheck_vouched()
+    checks["commit-drops-the-list"] = joiner.vouched_index == 0 and dropped == [1, 1]
+    cut = RawClient(ctx, joiner_port, public_key_of(k_joiner), k_member)
+    checks["dropped-list-refused"] = not cut.ask([RequestVote("m", "j", 6, 0, 0)])
+    checks["committed-list-ignored"] = not joiner.vouch(9, {"m": public_key_of(k_member)})
+    cut.close()
     for c in (stranger, null, removed, again, before, after, older, late, later):
         c.close()
     ctx.destroy(linger=0)

@@ -10,11 +10,15 @@ where TARGET is the path and query exactly as sent (`wire_target` form). With a 
 the joining node's CURVE public key, and the leader's answer to a join lists the members' public keys, signed
 the same way with METHOD "JOINED" and TARGET the join's signature (`answer_headers`, `verify_answer`): the
 joining node admits those keys on its Raft port until its configuration is as new (raftlib.transport: "vouched
-keys"). GET /cluster/keys asks any member for its newest configuration's keys: the asker sends a fresh random
-nonce in X-Raftdzmq-Nonce and signs the request as above with the nonce as BODY (`keys_request_headers`); the
-member answers JSON {"index", "members": {node_id: public_key}, "http_addresses": {node_id: address}}, signed as
-a join's answer is (`answer_headers`, bound to the request's signature: an answer recorded for another request,
-or made without the secret, does not verify); `parse_vouched` reads either answer. The leader refuses a timestamp more than
+keys"). GET /cluster/keys asks one member for its newest committed configuration's keys: the asker sends a fresh
+random nonce in X-Raftdzmq-Nonce and the id of the node it means to ask in X-Raftdzmq-Node, and signs the request
+as above with "NONCE LF NODE_ID" as BODY (`keys_request_headers`); a node named otherwise refuses it (421). The
+member answers JSON {"node_id", "index", "members": {node_id: public_key}, "http_addresses": {node_id: address}},
+signed as a join's answer is (`answer_headers`, bound to the request's signature: an answer recorded for another
+request, or made without the secret, does not verify), and the asker takes it only from the node it asked, and
+only when that node is in the list (`read_keys_answer`; review of edge5, finding 1: a node of another cluster with
+the same secret listening at a member's address answered with its own list); `parse_vouched` reads either
+answer. The leader refuses a timestamp more than
 ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
 leader took, and store.AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
 worthless once used, everywhere, and after the window even if never used.
@@ -25,19 +29,21 @@ monkey-patching anything. The secret is never logged.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .store import ADMIN_CLOCK_SKEW_SECONDS
 
 TIMESTAMP_HEADER = "X-Raftdzmq-Timestamp"
 SIGNATURE_HEADER = "X-Raftdzmq-Signature"
 NONCE_HEADER = "X-Raftdzmq-Nonce"
+NODE_HEADER = "X-Raftdzmq-Node"  # GET /cluster/keys: the id of the node asked
 SECRET_ENV = "RAFTDZMQ_SECRET"
 KEYS_PATH = "/cluster/keys"
 _TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
@@ -127,11 +133,18 @@ def valid_nonce(text: object) -> bool:
     return isinstance(text, str) and _NONCE.fullmatch(text) is not None
 
 
-def keys_request_headers(secret: bytes, nonce: str | None = None, now: float | None = None) -> dict[str, str]:
-    """The headers of a signed GET /cluster/keys: a fresh nonce (128 random bits, unless given) and the admin
-    signature with the nonce as the body."""
+def keys_request_body(nonce: str, node_id: str) -> bytes:
+    """What a GET /cluster/keys request signs as its body: its nonce and the id of the node it asks."""
+    return f"{nonce}\n{node_id}".encode("utf-8")
+
+
+def keys_request_headers(secret: bytes, node_id: str, nonce: str | None = None, now: float | None = None
+                         ) -> dict[str, str]:
+    """The headers of a signed GET /cluster/keys to the node `node_id`: a fresh nonce (128 random bits, unless
+    given), the id asked, and the admin signature with both as the body (keys_request_body)."""
     nonce = os.urandom(16).hex() if nonce is None else nonce
-    return {NONCE_HEADER: nonce, **admin_headers(secret, "GET", KEYS_PATH, nonce.encode("ascii"), now)}
+    return {NONCE_HEADER: nonce, NODE_HEADER: node_id,
+            **admin_headers(secret, "GET", KEYS_PATH, keys_request_body(nonce, node_id), now)}
 
 
 def parse_vouched(body: bytes) -> tuple[int, dict[str, str], dict[str, str]]:
@@ -160,22 +173,34 @@ def read_keys_answer(secret: bytes, request_headers: Mapping[str, str], body: by
                      headers: Mapping[str, str]) -> tuple[int, dict[str, str], dict[str, str]]:
     """The asker's side of GET /cluster/keys: (index, members' keys, HTTP addresses) from the answer `body` to the
     request made with `request_headers` (keys_request_headers). ValueError when the answer is not signed with
-    `secret` for that very request (made without the secret, or recorded for another request: a replay), or is
-    not a list of keys."""
+    `secret` for that very request (made without the secret, or recorded for another request: a replay), is not
+    a list of keys, or does not come from the node asked, a member of that list (review of edge5, finding 1:
+    another cluster's node with the same secret, at the address asked, answered with its own list)."""
     if not verify_answer(secret, request_headers.get(SIGNATURE_HEADER, ""), body, headers):
         raise ValueError("not signed for our request with this cluster's secret")
-    return parse_vouched(body)
+    index, members, http_addresses = parse_vouched(body)
+    asked, answerer = request_headers.get(NODE_HEADER), json.loads(body).get("node_id")
+    if answerer != asked:
+        raise ValueError(f"answered by {answerer!r}, not by {asked!r}, the node asked")
+    if answerer not in members:
+        raise ValueError(f"{answerer} is not a member of the configuration it lists")
+    return index, members, http_addresses
 
 
 class AdminGuard:
     """Checks admin signatures on one node. `verify` is pure apart from the clock; `claim` records a signature the
     leader is about to act on, and refuses one it has seen (memory: one entry per accepted admin request of the
     last 2 x ADMIN_CLOCK_SKEW_SECONDS; only correctly signed requests get in). Only this node's memory: a replay to
-    this leader costs no log entry; store.AdminClaims is what holds across leaders."""
+    this leader costs no log entry; store.AdminClaims is what holds across leaders. Every entry lives the same
+    time, so entries expire in the order they came: a claim drops the expired ones from the front of that order,
+    O(1) amortized (review of edge5, finding 3: past 256 live entries every claim rebuilt the whole table).
+    GET /cluster/keys claims nothing (its answer is bound to the request's fresh nonce: a replay gains nothing)."""
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, clock: Callable[[], float] = time.monotonic) -> None:
         self.secret = secret
-        self._seen: dict[str, float] = {}  # signature -> time.monotonic() when it may be forgotten
+        self._clock = clock
+        self._seen: dict[str, float] = {}  # signature -> clock() when it may be forgotten
+        self._expiry_order: collections.deque[tuple[float, str]] = collections.deque()  # (that time, signature)
 
     def verify(self, method: str, target: str, body: bytes, timestamp: str | None, signature: str | None,
                now: float | None = None) -> str | None:
@@ -195,10 +220,21 @@ class AdminGuard:
 
     def claim(self, signature: str) -> str | None:
         """Record `signature` as used; None if it was new, else why it is refused."""
-        now = time.monotonic()
-        if len(self._seen) > 256:
-            self._seen = {s: t for s, t in self._seen.items() if t > now}
-        if self._seen.get(signature, 0.0) > now:
+        now = self._clock()
+        order = self._expiry_order
+        while order and order[0][0] <= now:
+            _, expired = order.popleft()
+            del self._seen[expired]
+        if signature in self._seen:
             return "this signed request was already used (a replay); sign it again"
-        self._seen[signature] = now + 2 * ADMIN_CLOCK_SKEW_SECONDS
+        # The clock never goes back and the lifetime is fixed: appending keeps `order` sorted by expiry.
+        expires = now + 2 * ADMIN_CLOCK_SKEW_SECONDS
+        assert not order or order[-1][0] <= expires
+        self._seen[signature] = expires
+        order.append((expires, signature))
         return None
+
+    @property
+    def remembered(self) -> int:
+        """How many signatures are remembered (expired ones go at the next claim)."""
+        return len(self._seen)

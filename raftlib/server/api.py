@@ -33,7 +33,7 @@ from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Rol
 from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
 from raftlib.storage import DiskFull
 
-from .admin import (NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, valid_nonce,
+from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
 from .edge import RateLimitedLog
 from .metrics import Metrics
@@ -101,9 +101,9 @@ class Api:
     forward: bool = False
     guard: AdminGuard | None = None
     max_members: int = 64
-    # The index of the newest configuration in this node's log (its snapshot's index when the log has none): GET
-    # /cluster/keys answers with it. Read in the same step as runtime.status(): no yield between the two.
-    configuration_index: Callable[[], int] = lambda: 0
+    # The newest committed configuration in this node's log and its index (its snapshot's when the log has none
+    # committed; None when there is none): GET /cluster/keys answers with it.
+    committed_configuration: Callable[[], tuple[int, Membership] | None] = lambda: None
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
 
@@ -525,27 +525,39 @@ def join(api: Api) -> bottle.HTTPResponse:
 
 
 def cluster_keys(api: Api) -> bottle.HTTPResponse:
-    """GET /cluster/keys, with a cluster secret: this node's newest configuration (its index, the members' public
-    keys and HTTP addresses), whether or not it leads, for a node whose own configuration may be older (it admits
+    """GET /cluster/keys, with a cluster secret: this node's newest committed configuration (its index, the
+    members' public keys and HTTP addresses), whether or not it leads, for a node whose own configuration may be older (it admits
     these keys on its Raft port until its log catches up: raftlib.transport, "vouched keys"). The request carries
-    a fresh nonce and is signed with it as the body (admin.keys_request_headers); a signature is taken once (this
-    node's AdminGuard; nothing goes through the log: any member answers, a lagging one too); the answer is signed
-    for that request (admin.answer_headers)."""
+    a fresh nonce and the id of the node it asks, and is signed with both as the body (admin.keys_request_headers);
+    a request meant for another node is refused (421: review of edge5, finding 1, another cluster's node at a
+    member's old address answered for it). Its signature is not remembered (review of edge5, finding 3: every
+    keys request took a place in the AdminGuard for 600 s): the answer is signed for this request's own fresh
+    nonce, so a replayed request gets only an answer its asker will not take, and nothing changes. Nothing goes
+    through the log: any member answers, a lagging one too. The answer names this node and is signed for that
+    request (admin.answer_headers)."""
     if api.guard is None:
         return text(404, "no cluster secret: nodes have no keys")
     req = bottle.request
-    nonce = req.get_header(NONCE_HEADER)
+    nonce, asked = req.get_header(NONCE_HEADER), req.get_header(NODE_HEADER)
     if not valid_nonce(nonce):
         return text(400, f"a keys request needs {NONCE_HEADER}: a fresh random nonce of 32 to 128 hex digits")
-    reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], nonce.encode("ascii"),
+    if not asked:
+        return text(400, f"a keys request needs {NODE_HEADER}: the id of the node asked")
+    reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], keys_request_body(nonce, asked),
                               req.get_header(TIMESTAMP_HEADER), req.get_header(SIGNATURE_HEADER))
-    if reason is None:
-        reason = api.guard.claim(req.get_header(SIGNATURE_HEADER))
     if reason is not None:
         raise Forbidden("keys request", reason)
-    membership = api.runtime.status().node.membership
-    index = api.configuration_index()
-    answer = json.dumps({"index": index, "members": {m.node_id: m.public_key for m in membership.members},
+    node_id = api.runtime.status().node.node_id
+    if asked != node_id:
+        return text(421, f"this is node {node_id}, not {asked}: ask the node at the address it gave")
+    # Committed only (review of edge5, finding 2): an uncommitted configuration may be cut off, and a list at its
+    # index would stay with the asker until its log passed that index.
+    committed = api.committed_configuration()
+    if committed is None:
+        return text(503, "this node has no committed configuration yet; ask another member")
+    index, membership = committed
+    answer = json.dumps({"node_id": node_id, "index": index,
+                         "members": {m.node_id: m.public_key for m in membership.members},
                          "http_addresses": {m.node_id: m.http_address for m in membership.members}}).encode()
     headers = answer_headers(api.guard.secret, req.get_header(SIGNATURE_HEADER), answer)
     return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})

@@ -13,12 +13,16 @@ Rules:
   the bootstrap's configuration, or into the signed join request.
 - Vouched keys (raftlib.transport's rules): the leader's signed answer to the join names the members' keys and
   the index of the configuration that added this node; a member's signed answer to GET /cluster/keys names its
-  newest configuration's keys and index. The newest such list (by index) is admitted on the Raft port while this
-  node's own configuration is older, and kept in node.key ("vouched", before JOINING goes); once the log reaches
-  its index it is dropped from node.key (review 3 F1). The node asks for a list once at start (when it has a
+  newest committed configuration's keys and index. The newest such list (by index) is admitted on the Raft port
+  while this node's own configuration and commit index are older, and kept in node.key ("vouched", before
+  JOINING goes); once the log's configuration or the commit index reaches its index (checked every
+  VOUCHED_RECHECK_SECONDS for the commit index: review of edge5, finding 2) it is dropped from node.key (review
+  3 F1). The node asks for a list once at start (when it has a
   configuration with other members) and when its Raft port refuses a key that no list names, at most once every
-  KEYS_REFRESH_SECONDS: it asks its configuration's members, then the vouched list's, one at a time, each within
-  KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
+  KEYS_REFRESH_SECONDS, doubled after each round that found nothing newer up to KEYS_REFRESH_MAX_SECONDS and back
+  to KEYS_REFRESH_SECONDS once one does (review of edge5, finding 3: a removed member dialling in kept every
+  member asking every 2 s): it asks its configuration's members, then the vouched list's, one at a time, each
+  within KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from gevent import monkey
 
 from raftlib.core import Config, NodeStatus, RaftNode
 from raftlib.interfaces import StoredState
-from raftlib.messages import Message, Role
+from raftlib.messages import Membership, Message, Role
 from raftlib.runtime import Runtime
 from raftlib.storage import DiskStorage, StorageError, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
@@ -64,8 +68,37 @@ HEARTBEAT_TICKS = 5  # ticks per heartbeat: the election timeout is counted in f
 HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its successor to take over
 MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start
 KEYS_REFRESH_SECONDS = 2.0  # at most one round of GET /cluster/keys this often (a stranger's refusals cause them)
+KEYS_REFRESH_MAX_SECONDS = 30.0  # the pause between rounds doubles up to this while they find nothing newer
+VOUCHED_RECHECK_SECONDS = 1.0  # how often the vouched list is checked against the commit index
 KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
+
+
+class KeysRefresh:
+    """When the next round of GET /cluster/keys may start: `first_seconds` after the last one began, doubled for
+    each round in a row that found nothing newer after the first (2, 4, 8, 16 s), at most `most_seconds`, and
+    back to `first_seconds` after a round that did (review of edge5, finding 3). Pure: the caller passes the time
+    (time.monotonic())."""
+
+    def __init__(self, first_seconds: float = KEYS_REFRESH_SECONDS, most_seconds: float = KEYS_REFRESH_MAX_SECONDS
+                 ) -> None:
+        assert 0 < first_seconds <= most_seconds
+        self.first_seconds, self.most_seconds = first_seconds, most_seconds
+        self.pause_seconds = first_seconds
+        self._fruitless_rounds = 0
+        self._started_at: float | None = None
+
+    def due(self, now: float) -> bool:
+        """Whether a round may start at `now`; if so, it counts as started."""
+        if self._started_at is not None and now - self._started_at < self.pause_seconds:
+            return False
+        self._started_at = now
+        return True
+
+    def round_done(self, found_newer: bool) -> None:
+        self._fruitless_rounds = 0 if found_newer else self._fruitless_rounds + 1
+        doublings = min(max(self._fruitless_rounds - 1, 0), 32)
+        self.pause_seconds = min(self.first_seconds * 2 ** doublings, self.most_seconds)
 
 
 @dataclass(frozen=True)
@@ -147,9 +180,11 @@ class Server:
                                       node_key=None if self.node_key is None else self.node_key["secret_key"],
                                       members=lambda: self.node.membership.members,
                                       configuration_index=self.configuration_index,
-                                      on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused)
-        self._keys_asked_at = -KEYS_REFRESH_SECONDS  # time.monotonic() of the last round of keys requests
+                                      on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused,
+                                      commit_index=lambda: self.node.commit_index)
+        self._keys_refresh = KeysRefresh()
         self._keys_asking = False
+        self._vouched_watch: gevent.Greenlet | None = None
         if self.node_key is not None and self.node_key.get("vouched"):
             vouched = self.node_key["vouched"]
             if not self.transport.vouch(vouched["index"], vouched["members"]):
@@ -226,6 +261,19 @@ class Server:
         entries = self.node.log.membership_entries()
         return entries[-1].index if entries else self.node.log.snapshot_index
 
+    def committed_configuration(self) -> tuple[int, Membership] | None:
+        """The newest committed configuration and its index: the last configuration entry at or below the commit
+        index, else the snapshot's (made at or before its index, which is committed); None when there is neither
+        (review of edge5, finding 2: GET /cluster/keys answered an uncommitted configuration, which may be cut
+        off). O(entries in memory), as configuration_index."""
+        commit_index = self.node.commit_index
+        committed = [e for e in self.node.log.membership_entries() if e.index <= commit_index]
+        if committed:
+            assert committed[-1].membership is not None
+            return committed[-1].index, committed[-1].membership
+        snapshot = self.node.snapshot
+        return None if snapshot is None else (snapshot.last_included_index, snapshot.membership)
+
     def _forget_vouched(self) -> None:
         """The log reached the vouched list's index (durable: the runtime syncs the peers after the save, and at
         start it was loaded from disk): drop the list from node.key, crash-safe, so no later start admits it
@@ -255,21 +303,31 @@ class Server:
         self.storage.write_node_key(self.node_key)
         return True
 
+    def _watch_vouched(self) -> None:
+        """Every VOUCHED_RECHECK_SECONDS, drop the vouched list once the commit index has reached its index (the
+        transport sees configuration changes, not commits: review of edge5, finding 2)."""
+        while not self._stopping:
+            gevent.sleep(VOUCHED_RECHECK_SECONDS)
+            try:
+                self.transport.recheck_vouched()
+            except Exception:
+                log.exception("checking the vouched list against the commit index failed")
+
     def _key_refused(self, public_key: str) -> None:
         """The Raft port refused a key no list names: perhaps a member newer than our configuration. Ask for a
         newer list, at most once every KEYS_REFRESH_SECONDS (the transport's greenlet: never blocks)."""
         self._ask_keys_soon()
 
     def _ask_keys_soon(self) -> None:
-        now = time.monotonic()
-        if self._keys_asking or self._stopping or now - self._keys_asked_at < KEYS_REFRESH_SECONDS:
+        if self._keys_asking or self._stopping or not self._keys_refresh.due(time.monotonic()):
             return
-        self._keys_asked_at, self._keys_asking = now, True
+        self._keys_asking = True
         gevent.spawn(self._ask_keys)
 
     def _ask_keys(self) -> None:
         """One round of GET /cluster/keys: the members of our configuration, then those of the vouched list, one at
         a time, until one vouches for a configuration newer than ours (or none is left)."""
+        found = False
         try:
             asked = set()
             vouched = (self.node_key or {}).get("vouched", {})
@@ -283,17 +341,19 @@ class Server:
                 if answer is not None and self._vouch(*answer):
                     log.info("%s vouched for the keys of its configuration at index %d (ours is at %d): admitted "
                              "until our log reaches it", node_id, answer[0], self.configuration_index())
+                    found = True
                     return
         except Exception:
             log.exception("asking for the members' keys failed")
         finally:
+            self._keys_refresh.round_done(found)
             self._keys_asking = False
 
     def _keys_of(self, node_id: str, address: str) -> tuple[int, dict[str, str], dict[str, str]] | None:
         """`node_id`'s signed answer to GET /cluster/keys, verified and parsed; None (logged at debug) when there
         is none within KEYS_REQUEST_TIMEOUT_SECONDS or it does not verify."""
         assert self.config.secret is not None
-        headers = keys_request_headers(self.config.secret)
+        headers = keys_request_headers(self.config.secret, node_id)
         request = urllib.request.Request(f"http://{address}{KEYS_PATH}", method="GET", headers=headers)
         try:
             # The socket's timeout bounds each step; gevent.Timeout the whole (an answer sent a byte at a time).
@@ -339,7 +399,7 @@ class Server:
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
                   guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
-                  configuration_index=self.configuration_index)
+                  committed_configuration=self.committed_configuration)
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
@@ -351,6 +411,8 @@ class Server:
             on_eviction=self.metrics.http_evictions.inc)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
+        if self.node_key is not None:
+            self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:
             self._ask_keys_soon()  # our configuration may be older than the cluster's (a member that was down)
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
@@ -374,6 +436,8 @@ class Server:
             return
         self._stopping = True
         log.info("shutting down")
+        if self._vouched_watch is not None:
+            self._vouched_watch.kill()  # before the data dir closes: it may write node.key
         target = best_successor(self.runtime.status().node)
         if target is not None:
             try:
