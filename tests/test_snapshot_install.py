@@ -25,7 +25,7 @@ from raftlib import (
     Snapshot,
 )
 from raftlib.runtime import Runtime
-from raftlib.server.store import PIECE_KEYS, SET, KeyValueStore, command
+from raftlib.server.store import RESTORE_BATCH_KEYS, SET, KeyValueStore, command
 from raftlib.storage import DiskStorage, ReceivedSnapshotFile
 
 MEMBERSHIP = Membership(("a", "b"), (), (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", "")))
@@ -76,7 +76,7 @@ def chunks_of(data: bytes, index: int, term: int, size: int) -> list[InstallSnap
 def test_a_big_snapshot_is_received_into_its_file_and_restored_a_piece_per_drive_while_heartbeats_are_answered():
     fs = CrashFS()
     runtime, storage, kv, transport = follower_b(fs)
-    source = store_of(30 * PIECE_KEYS)
+    source = store_of(30 * RESTORE_BATCH_KEYS)
     data = source.snapshot()
     runtime.start()
     try:
@@ -133,7 +133,7 @@ def test_the_final_chunk_and_an_append_past_the_snapshot_in_one_drive_lose_no_en
     old state, which the restore then replaced: 'after' was lost and last_applied stayed at 50."""
     fs = CrashFS()
     runtime, storage, kv, transport = follower_b(fs)
-    source = store_of(30 * PIECE_KEYS)
+    source = store_of(30 * RESTORE_BATCH_KEYS)
     runtime.start()
     try:
         with gevent.Timeout(2):
@@ -166,7 +166,7 @@ def test_a_transfer_abandoned_because_the_log_caught_up_leaves_no_file_nor_descr
         with gevent.Timeout(2):
             while runtime.node.last_applied < 1:
                 gevent.sleep(0.01)
-        for m in chunks_of(store_of(30 * PIECE_KEYS).snapshot(), 50, 2, 1 << 16)[:3]:
+        for m in chunks_of(store_of(30 * RESTORE_BATCH_KEYS).snapshot(), 50, 2, 1 << 16)[:3]:
             runtime.deliver([m], False)
         assert any(n.endswith(".received.tmp") for n in fs.listdir("/data")) and storage._writing
         entries = tuple(Entry(3, i, EntryKind.COMMAND, command(SET, f"n{i}", b"x")) for i in range(2, 61))
@@ -202,7 +202,7 @@ def test_a_received_snapshot_file_is_installed_by_a_rename_and_loads_after_a_res
     storage = DiskStorage("/data", fs=fs)
     storage.load()
     storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", MEMBERSHIP)])
-    data = store_of(3 * PIECE_KEYS).snapshot()
+    data = store_of(3 * RESTORE_BATCH_KEYS).snapshot()
     sink = storage.receive_snapshot(Snapshot(50, 2, MEMBERSHIP))
     for offset in range(0, len(data), 1 << 16):
         sink.write(data[offset : offset + (1 << 16)])
@@ -219,7 +219,7 @@ def test_a_received_snapshot_file_is_installed_by_a_rename_and_loads_after_a_res
 
 @pytest.mark.parametrize("cut", [0, 1, 7])
 def test_a_snapshot_whose_data_is_damaged_in_transit_is_refused_by_the_store(cut):
-    data = store_of(PIECE_KEYS + 3).snapshot()
+    data = store_of(RESTORE_BATCH_KEYS + 3).snapshot()
     kv = KeyValueStore()
     with pytest.raises(ValueError):
         kv.restore(data[: len(data) - 1 - cut])

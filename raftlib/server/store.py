@@ -10,26 +10,30 @@ Rules:
   exists); "used" (an ADMIN_CLAIM of a signature claimed before); "expired" (an ADMIN_CLAIM older than the claims'
   horizon); "error" (a command that does not decode, applied
   as nothing). An unknown op (a newer version's command) applies as nothing and gives "ok".
-- The formats are part of the data dir (docs/DATA-DIR.md). A snapshot is made of independent PIECES, so that a
-  node restores it a piece per turn of its event loop (`restoring`) rather than in one step that holds the loop
-  for as long as the whole state takes to decode (~1 s at 1M keys): a CBOR sequence (RFC 8742) of byte strings,
-  each with a 4-byte length (`0x5a`, u32), each holding one CBOR item: first
-  `[SNAPSHOT_PIECES, claims, horizon, count]` (AdminClaims' whole state, and the number of keys), then pieces
-  `[key, value, key, value, ...]` of at most PIECE_KEYS keys and about PIECE_BYTES bytes, every key
-  greater than the one before it, across pieces too. Older formats still restore (a data dir from before must
-  start), in one step: the map as a CBOR map, `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]`, or
-  `[SNAPSHOT_WITH_CLAIMS, map, claims]` (the version before the horizon was kept: a horizon of 0).
+- The formats are part of the data dir (docs/DATA-DIR.md). A snapshot is `[SNAPSHOT_WITH_CLAIMS_V2, map, claims,
+  horizon]` (AdminClaims' whole state after the map), the map of definite length with its keys in increasing
+  order: the format of the previous release, which it reads as it always did (a rolling upgrade sends a new
+  leader's snapshot to old followers), in an order it never relied on. A node restores it a batch of keys per
+  turn of its event loop (`restoring`), not in one step that holds the loop for as long as the whole state takes
+  to decode (~1 s at 1M keys): it parses the array's and the map's heads itself, then decodes RESTORE_BATCH_KEYS
+  key/value pairs per step, then the claims and horizon, checked before anything is replaced. Keys out of order
+  (the previous release wrote the map in insertion order) are not damage: they go into the index one by one
+  (O(log n) each, still a bounded batch per step); a key twice, a count that differs from the pairs present,
+  bytes after the end, a key not text or a value not bytes are (ValueError). Older formats still restore (a data
+  dir from before must start): a plain CBOR map (incrementally too), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (the
+  version before the horizon was kept: a horizon of 0; in one step, as is a map of indefinite length, which no
+  version wrote).
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
   O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes). A
-  restore from pieces builds it from the keys in the order they come, checked, without sorting.
+  restore builds it from keys that come in increasing order without sorting, checking the order.
 - A restore builds the new state aside and replaces the old one in one assignment at its end: a snapshot found
   bad (ValueError) part way changes nothing, and readers see the old state or the new, never a mix.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-import struct
 from collections.abc import Iterator
 
 import cbor2
@@ -42,13 +46,10 @@ log = logging.getLogger("raftdzmq.store")
 SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
 SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
 SNAPSHOT_WITH_CLAIMS_V2 = "raftdzmq-kv-claims-v2"
-SNAPSHOT_PIECES = "raftdzmq-kv-pieces-v1"  # its header: [SNAPSHOT_PIECES, claims, horizon, count]
-# A piece: at most this many keys, and cut once its keys and values pass this many bytes. About 2 ms to decode
-# on this machine's cores (STACK-NOTES: a loop step should stay well under 10 ms).
-PIECE_KEYS = 2048
-PIECE_BYTES = 128 << 10
-_FRAME = struct.Struct(">BI")  # a CBOR byte string head with a 4-byte length: 0x5a, then the length
-_BYTES_U32 = 0x5A
+# A restore decodes at most this many key/value pairs per step: ~1 us a pair (cbor2 6.3 from a buffered reader, the
+# order checked, the dict filled), so ~2 ms a step at 1M keys of 100 bytes on this machine's cores (STACK-NOTES: a
+# loop step should stay well under 10 ms); half as many once keys come out of order (~1.4 us more each).
+RESTORE_BATCH_KEYS = 2048
 # The clock skew allowed between the signer of an admin request and the leader that checks it (admin.AdminGuard).
 ADMIN_CLOCK_SKEW_SECONDS = 300.0
 # Part of the replicated state's rules: how far behind the newest leader clock a claim is kept (AdminClaims).
@@ -158,24 +159,13 @@ class KeyValueStore:
         return page[:limit], len(page) > limit
 
     def snapshot(self) -> bytes:
-        """The whole state in the format of pieces (the module's rules). Run by a forked child on its copy of the
-        state (raftlib.runtime), so its time is not the event loop's."""
+        """The whole state as `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]`, the map's keys in increasing order
+        (the module's rules). Run by a forked child on its copy of the state (raftlib.runtime), so its time is not
+        the event loop's: ~0.1 s per 200k keys, the map built in key order then encoded in one cbor2 call."""
         claims = self.admin_claims
-        out = [_framed(cbor2.dumps([SNAPSHOT_PIECES, claims.claims, claims.horizon, len(self.data)]))]
         data = self.data
-        piece: list = []
-        size = 0
-        for key in self.keys:
-            value = data[key]
-            piece.append(key)
-            piece.append(value)
-            size += len(key) + len(value)
-            if len(piece) >= 2 * PIECE_KEYS or size >= PIECE_BYTES:
-                out.append(_framed(cbor2.dumps(piece)))
-                piece, size = [], 0
-        if piece:
-            out.append(_framed(cbor2.dumps(piece)))
-        return b"".join(out)
+        in_order = {key: data[key] for key in self.keys}
+        return cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, in_order, claims.claims, claims.horizon])
 
     def restore(self, data) -> None:
         """Replace the whole state with a snapshot's (empty bytes: the empty state): bytes, or a source with
@@ -185,17 +175,18 @@ class KeyValueStore:
             pass
 
     def restoring(self, data) -> Iterator[bool]:
-        """`restore` a piece per step: a generator that decodes one piece each time it is advanced and yields
-        False; once the state is replaced (the module's rules; not before), it yields True, then frees the old
-        state a piece per step (freeing a million keys at once holds the loop too), yielding False, and ends.
-        Dropping it before the True changes nothing. A snapshot of an older format is decoded in one step."""
+        """`restore` a batch per step: a generator that decodes at most RESTORE_BATCH_KEYS keys each time it is
+        advanced and yields False; once the state is replaced (the module's rules; not before), it yields True,
+        then frees the old state a batch per step (freeing a million keys at once holds the loop too), yielding
+        False, and ends. Dropping it before the True changes nothing. `[SNAPSHOT_WITH_CLAIMS, ...]` and a map of
+        indefinite length (written by no version of raftdzmq) are decoded in one step."""
         old_data, old_keys = self.data, self.keys
         for _ in self._decode(data):
             yield False
         yield True
         # Only this generator holds the old state now (readers look up self.data afresh at each request).
         while old_data:
-            for _ in range(4 * PIECE_KEYS):
+            for _ in range(2 * RESTORE_BATCH_KEYS):
                 if not old_data:
                     break
                 old_data.popitem()
@@ -209,48 +200,70 @@ class KeyValueStore:
         del old_keys
 
     def _decode(self, data) -> Iterator[None]:
-        """The decoding half of `restoring`: a piece per step; the state replaced when it ends."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            size = len(data)
-            read = data.read
-        else:
-            size = len(data)
-            view = memoryview(data)
-
-            def read(offset: int, length: int) -> bytes:
-                return bytes(view[offset : offset + length])
-
-        if size and read(0, 1)[0] != _BYTES_U32:
-            self._restore_whole(read(0, size))
-            return
+        """The decoding half of `restoring`: the heads parsed here, then a batch of key/value pairs per step read
+        by a cbor2 decoder from a buffered reader (it reads exactly each item's bytes, so the heads and the pairs
+        can be read in turn); the claims and horizon after the map checked; the state replaced when it ends."""
+        size = len(data)
         if not size:
             self._replace({}, SortedList(), AdminClaims())
             return
-        header, offset = _read_item(read, 0, size)
-        if type(header) is not list or len(header) != 4 or header[0] != SNAPSHOT_PIECES \
-                or type(header[1]) is not dict or type(header[2]) not in (int, float) or type(header[3]) is not int:
-            raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-        _, claims, horizon, count = header
-        admin_claims = _admin_claims(claims, horizon)  # checked before any piece: a bad header changes nothing
+        fp = _buffered(data)
+        decoder = cbor2.CBORDecoder(fp)
+        first = _read_exact(fp, 1)[0]
+        with_claims = first == 0x84  # an array of 4: [SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]
+        if with_claims:
+            if _decode_item(decoder, "its format's name") != SNAPSHOT_WITH_CLAIMS_V2:
+                raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
+            first = _read_exact(fp, 1)[0]
+        count = _map_count(first, fp)
+        if count is None:  # not a map of definite length: the older formats, a map of indefinite length, junk
+            self._restore_whole(data if isinstance(data, (bytes, bytearray, memoryview)) else data.read(0, size))
+            return
         new: dict[str, bytes] = {}
-        keys = _SortedKeys()
-        while offset < size:
+        in_order: _SortedKeys | None = _SortedKeys()  # while the keys come in increasing order (this version's)
+        unordered: SortedList | None = None  # else (the previous release wrote the map in insertion order)
+        decode = decoder.decode
+        left = count
+        while left:
             yield
-            piece, offset = _read_item(read, offset, size)
-            if type(piece) is not list or not piece or len(piece) % 2:
-                raise ValueError("a damaged key/value snapshot (a piece that is not [key, value, ...])")
-            piece_keys = piece[0::2]
-            piece_values = piece[1::2]
-            if not all(type(k) is str for k in piece_keys) or not all(type(v) is bytes for v in piece_values):
+            # Keys out of order cost ~1.4 us more each (SortedList.add): half a batch then.
+            batch = min(left, RESTORE_BATCH_KEYS if unordered is None else RESTORE_BATCH_KEYS // 2)
+            left -= batch
+            # Two lists, not a tuple per pair: tuples are objects the cyclic collector tracks, and a million of
+            # them made its collections long pauses of their own.
+            batch_keys: list = []
+            batch_values: list = []
+            try:
+                for _ in range(batch):
+                    batch_keys.append(decode())
+                    batch_values.append(decode())
+            except cbor2.CBORError as e:  # an I/O error of the source goes up as it is
+                raise ValueError(f"a damaged key/value snapshot (a key or value does not decode: {e})") from None
+            if not all(type(k) is str for k in batch_keys) or not all(type(v) is bytes for v in batch_values):
                 raise ValueError("a damaged key/value snapshot (a key that is not text or a value not bytes)")
-            keys.extend(piece_keys)  # checks the order
-            new.update(zip(piece_keys, piece_values))
-        if len(new) != count:
-            raise ValueError(f"a damaged key/value snapshot ({len(new)} keys, its header says {count})")
-        self._replace(new, keys.sorted_list(), admin_claims)
+            new.update(zip(batch_keys, batch_values))
+            if len(new) != count - left:
+                raise ValueError("a damaged key/value snapshot (a key twice)")
+            if in_order is not None:
+                taken = in_order.extend(batch_keys)
+                if taken < batch:  # the rest, and every batch after, go in by insertion
+                    unordered, in_order = in_order.sorted_list(), None
+                    batch_keys = batch_keys[taken:]
+            if unordered is not None:
+                for key in batch_keys:  # O(log n) each: ~1.4 us, so a batch stays within the step's budget
+                    unordered.add(key)
+        claims, horizon = {}, 0.0
+        if with_claims:
+            claims = _decode_item(decoder, "its admin claims")
+            horizon = _decode_item(decoder, "its admin claims' horizon")
+        if fp.read(1):
+            raise ValueError("a damaged key/value snapshot (bytes after its end)")
+        admin_claims = _admin_claims(claims, horizon)  # checked before anything is replaced
+        keys = in_order.sorted_list() if in_order is not None else unordered
+        self._replace(new, keys, admin_claims)
 
     def _restore_whole(self, data: bytes) -> None:
-        """The formats from before pieces: decoded in one step."""
+        """The formats decoded in one step (the module's rules)."""
         try:
             v = cbor2.loads(data)
         except Exception as e:
@@ -265,6 +278,8 @@ class KeyValueStore:
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
         if type(v) is not dict or type(claims) is not dict:
             raise ValueError("a key/value snapshot of an unknown format (not a map)")
+        if not all(type(k) is str and type(x) is bytes for k, x in v.items()):
+            raise ValueError("a damaged key/value snapshot (a key that is not text or a value not bytes)")
         admin_claims = _admin_claims(claims, horizon)
         self._replace(v, SortedList(v), admin_claims)
 
@@ -297,23 +312,57 @@ def _finite(x: object) -> bool:
     return f - f == 0  # neither infinite nor NaN
 
 
-def _framed(item: bytes) -> bytes:
-    return _FRAME.pack(_BYTES_U32, len(item)) + item
+def _buffered(data) -> io.BufferedIOBase:
+    """A snapshot's bytes, or a SnapshotSource (`len()`, `read(offset, length)`), as a buffered reader."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return io.BytesIO(data)
+    return io.BufferedReader(_SourceReader(data), 1 << 16)
 
 
-def _read_item(read, offset: int, size: int) -> tuple[object, int]:
-    """The CBOR item framed at `offset` (a byte string with a 4-byte length holding it), and where the next starts."""
-    head = read(offset, _FRAME.size)
-    if len(head) != _FRAME.size:
-        raise ValueError(f"a damaged key/value snapshot (it ends inside a piece's head at {offset})")
-    kind, length = _FRAME.unpack(head)
-    end = offset + _FRAME.size + length
-    if kind != _BYTES_U32 or end > size:
-        raise ValueError(f"a damaged key/value snapshot (a bad piece at {offset})")
+class _SourceReader(io.RawIOBase):
+    """A SnapshotSource read from its start (its errors, e.g. SnapshotUnreadable, go up as they are)."""
+
+    def __init__(self, source) -> None:
+        super().__init__()
+        self.source, self.offset, self.size = source, 0, len(source)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self.source.read(self.offset, min(len(buffer), self.size - self.offset)) if self.offset < self.size \
+            else b""
+        buffer[: len(chunk)] = chunk
+        self.offset += len(chunk)
+        return len(chunk)
+
+
+def _read_exact(fp, length: int) -> bytes:
+    got = fp.read(length)
+    if len(got) != length:
+        raise ValueError("a damaged key/value snapshot (it ends inside a head)")
+    return got
+
+
+def _decode_item(decoder: cbor2.CBORDecoder, what: str) -> object:
     try:
-        return cbor2.loads(read(offset + _FRAME.size, length)), end
-    except Exception as e:
-        raise ValueError(f"a damaged key/value snapshot (a piece at {offset} does not decode: {e})") from None
+        return decoder.decode()
+    except cbor2.CBORError as e:
+        raise ValueError(f"a damaged key/value snapshot ({what} does not decode: {e})") from None
+
+
+def _map_count(first: int, fp) -> int | None:
+    """The number of pairs of a CBOR map of definite length whose initial byte is `first` (RFC 8949 3.1: major type
+    5, the count in the additional information or the 1, 2, 4 or 8 bytes after it), read from `fp`; None when
+    `first` is not the head of such a map."""
+    if first >> 5 != 5:
+        return None
+    info = first & 31
+    if info < 24:
+        return info
+    if info > 27:  # 31: a map of indefinite length; 28-30: reserved
+        return None
+    return int.from_bytes(_read_exact(fp, 1 << (info - 24)), "big")
 
 
 class _SortedKeys:
@@ -329,12 +378,17 @@ class _SortedKeys:
         self.load = getattr(probe, "_load", 0)
         self.laid_out = bool(self.load) and all(hasattr(probe, a) for a in ("_lists", "_maxes", "_len", "_index"))
 
-    def extend(self, keys: list[str]) -> None:
+    def extend(self, keys: list[str]) -> int:
+        """Append the longest prefix of `keys` that keeps them strictly increasing (or the layout, and `page`,
+        would be wrong); returns its length."""
         last = self.last
-        for key in keys:  # strictly increasing, or the layout (and `page`) would be wrong
+        taken = 0
+        for key in keys:
             if last is not None and not key > last:
-                raise ValueError("a damaged key/value snapshot (keys out of order)")
+                keys = keys[:taken]
+                break
             last = key
+            taken += 1
         self.last = last
         self.count += len(keys)
         load = self.load or 1000
@@ -345,6 +399,7 @@ class _SortedKeys:
             keys = keys[room:]
         for i in range(0, len(keys), load):
             self.keys_lists.append(keys[i : i + load])
+        return taken
 
     def sorted_list(self) -> SortedList:
         if not self.laid_out:
