@@ -76,6 +76,8 @@ _TEST_CHILD_DELAY_SECONDS = float(os.environ.get("RAFTDZMQ_TEST_SNAPSHOT_CHILD_D
 # in stats (loop_lag_max_microseconds, loop_lags_over_10ms). 0: off.
 _LOOP_LAG_PROBE_SECONDS = float(os.environ.get("RAFTDZMQ_LOOP_LAG_PROBE_SECONDS") or 0)
 _PR_SET_PDEATHSIG = 1
+# A snapshot transfer abandoned because its file could not be read is logged at most once per peer this often.
+SNAPSHOT_READ_WARNING_SECONDS = 10.0
 
 
 class Timeout(Exception):
@@ -195,6 +197,8 @@ class Runtime:
         self.disk_retry_seconds = 0.5
         self.descriptor_retry_seconds = 0.1
         self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
+        self._snapshot_read_warned_at: dict[str, float] = {}  # peer -> monotonic time of its last line
+        self._snapshot_reads_unsaid = 0  # snapshot reads failed since the last line about them
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
         self.snapshot_fork = _SNAPSHOT_FORK
@@ -427,13 +431,21 @@ class Runtime:
 
     def _note_snapshot_read_failure(self) -> None:
         # The core abandons a transfer whose source it could not read (SnapshotUnreadable) and counts it; it
-        # neither logs nor stops. Said here once per drive, with the count, so that a failing disk shows.
+        # neither logs nor stops. Counted here at each drive; said at most once per peer per
+        # SNAPSHOT_READ_WARNING_SECONDS, with the count since the last line, so that a failing disk shows without a
+        # line per drive (the core retries the transfer at each heartbeat: ~20 lines a second per peer).
         node = self.node
-        failed = node.snapshot_reads_failed - self.stats["snapshot_reads_failed"]
+        self._snapshot_reads_unsaid += node.snapshot_reads_failed - self.stats["snapshot_reads_failed"]
         self.stats["snapshot_reads_failed"] = node.snapshot_reads_failed
         peer, index, reason = node.last_snapshot_read_failure or ("?", 0, "?")
+        now = time.monotonic()
+        if now - self._snapshot_read_warned_at.get(peer, float("-inf")) < SNAPSHOT_READ_WARNING_SECONDS:
+            return
+        self._snapshot_read_warned_at[peer] = now
         logger.warning("snapshot transfer abandoned %d time(s) (%d since start): the snapshot at %d for %s "
-                       "could not be read: %s", failed, node.snapshot_reads_failed, index, peer, reason)
+                       "could not be read: %s", self._snapshot_reads_unsaid, node.snapshot_reads_failed, index,
+                       peer, reason)
+        self._snapshot_reads_unsaid = 0
 
     def _handle(self, item: InboxItem, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         # Class patterns without captures: a positional capture looks up __match_args__ and each attribute again,

@@ -267,3 +267,64 @@ def test_a_reply_to_a_chunk_sent_twice_starts_no_second_chain_of_chunks():
     sent = chunks_sent_after(InstallSnapshotReply(lagger, leader, node.current_term, pr.snapshot_index, held + size,
                                                   False))
     assert [m.offset for m in sent] == [held + size]
+
+
+def test_a_leaders_snapshot_file_cut_under_it_is_abandoned_counted_and_logged_at_a_bounded_rate(
+        tmp_path, monkeypatch, caplog):
+    """Fourth review of snapfork, items 2 and 4: a leader sends a lagging learner its snapshot from the file (a
+    real SnapshotFile on a real disk); the file is cut short under it (a failing disk), every read of a chunk
+    raises SnapshotUnreadable, the core abandons the transfer and counts it, tries again at each heartbeat, and
+    the runtime counts every failure (stats) but says so at most once per peer per SNAPSHOT_READ_WARNING_SECONDS,
+    with the count since its last line. The node goes on leading and serving writes."""
+    import os
+
+    from raftlib import runtime as runtime_module
+    from raftlib.core import Role
+
+    membership = Membership(("a",), ("b",), (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", "")))
+    storage = DiskStorage(str(tmp_path / "a"))
+    storage.load()
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", membership)])
+    stored = storage.state
+    node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1, snapshot_chunk_bytes=1 << 10),
+                    random.Random(1), stored.hard_state, stored.raft_log(), stored.snapshot)
+    transport = Sent()  # b never answers: the leader sends it the current chunk again with each heartbeat
+    runtime = Runtime(node, storage, transport, KeyValueStore(), tick_seconds=0.005, snapshot_threshold_bytes=2000)
+    runtime.snapshot_fork = False  # the file is the same either way; in process, the test does not wait for a child
+    runtime.start()
+    try:
+        with caplog.at_level("WARNING", logger="raftlib.runtime"), gevent.Timeout(20):
+            while node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+            i = 0
+            while runtime.stats["snapshots"] == 0:
+                runtime.propose(command(SET, f"k{i}", bytes(100)), 2.0)
+                i += 1
+            snapshot_file = storage.state.snapshot.data
+            assert type(snapshot_file).__name__ == "SnapshotFile" and node.snapshot.data is snapshot_file
+            while not any(type(m) is InstallSnapshot for m in transport.messages):  # the transfer is under way
+                gevent.sleep(0.01)
+            assert node.snapshot_reads_failed == 0
+            os.truncate(snapshot_file.path, 20)  # its head only: every chunk's read now comes up short
+            while node.snapshot_reads_failed < 5:  # abandoned, tried again, abandoned ... at each heartbeat
+                gevent.sleep(0.01)
+            said = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+            assert len(said) == 1, said  # not one a drive
+            assert said[0].startswith("snapshot transfer abandoned ") and " for b could not be read: " in said[0]
+            assert "snapshot file shorter than it was" in said[0]
+            monkeypatch.setattr(runtime_module, "SNAPSHOT_READ_WARNING_SECONDS", 0.0)
+            failed_before = node.snapshot_reads_failed
+            while node.snapshot_reads_failed < failed_before + 2:
+                gevent.sleep(0.01)
+            runtime.propose(command(SET, "after", b"1"), 2.0)  # a drive after them: it says what it counted
+            said = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+            assert len(said) >= 2
+            counts = [int(line.split()[3]) for line in said]  # "abandoned N time(s) (M since start)"
+            totals = [int(line.split("(")[2].split()[0]) for line in said]
+            assert counts[0] >= 1 and counts[1] >= failed_before - totals[0], said  # the count since the last line
+            assert sum(counts) == totals[-1], said  # every failure said once, in some line's count
+        assert node.role is Role.LEADER
+        assert runtime.status().stats["snapshot_reads_failed"] == node.snapshot_reads_failed >= failed_before + 2
+    finally:
+        runtime.stop()
+        storage.close()
