@@ -98,7 +98,8 @@ class FakeRuntime:
                                                           "saves": 5, "snapshots": 0,
                                                           "loop_lag_max_microseconds": 2500,
                                                           "loop_lags_over_10ms": 0,
-                                                          "out_of_descriptors": 2}))
+                                                          "out_of_descriptors": 2,
+                                                          "snapshot_reads_failed": 3}))
 
 
 class Answer:
@@ -869,6 +870,8 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert "# TYPE raftdzmq_hub_lag_seconds histogram" in r.text
     assert (samples["raftdzmq_loop_lag_seconds_max"], samples["raftdzmq_loop_lags_over_10ms"]) == ("0.0025", "0.0")
     assert samples["raftdzmq_out_of_descriptors"] == "2.0"
+    assert samples["raftdzmq_snapshot_reads_failed_total"] == "3.0"  # fourth review of snapfork
+    assert "# TYPE raftdzmq_snapshot_reads_failed_total counter" in r.text
 
 
 # ---- what no route takes ------------------------------------------------------------------------------------------

@@ -86,6 +86,13 @@ GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
      "retried)", lambda s: s.stats["out_of_descriptors"]),
 )
 
+# Counters kept by the runtime (its status' stats): (name without `_total`, help, the value in a RuntimeStatus).
+STATUS_COUNTERS: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
+    ("raftdzmq_snapshot_reads_failed", "Snapshot transfers abandoned because the snapshot's file could not be "
+     "read (an I/O error, a file cut short; each retry counts; logged at most every 10 s per peer)",
+     lambda s: s.stats["snapshot_reads_failed"]),
+)
+
 
 class Metrics:
     """This node's metrics, in a registry of its own (`registry`, for prometheus_client.generate_latest)."""
@@ -121,6 +128,8 @@ class Metrics:
             status = self._status()
             for name, doc, value in GAUGES:
                 yield prom_core.GaugeMetricFamily(name, doc, value=value(status))
+            for name, doc, value in STATUS_COUNTERS:
+                yield prom_core.CounterMetricFamily(name, doc, value=value(status))
 
     def watch_hub_lag(self, period_seconds: float = 0.01) -> None:
         """Runs in a greenlet of its own: sleep `period_seconds` and note how late the wake-up came."""
