@@ -113,7 +113,8 @@ def metrics(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
     out = {}
-    for name in ("raftdzmq_loop_lag_seconds_max", "raftdzmq_loop_lags_over_10ms", "raftdzmq_snapshot_index"):
+    for name in ("raftdzmq_loop_lag_seconds_max", "raftdzmq_loop_lags_over_10ms", "raftdzmq_snapshot_index",
+                 "raftdzmq_restore_step_seconds_max"):
         m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
         if m:
             out[name] = float(m.group(1))
@@ -263,13 +264,14 @@ def main() -> int:
     result["leaders_seen"] = sorted(watch.leaders)
     print(f"  follower node{follower + 1} restarted and served its applied index in {result['restart_seconds']:.1f}s")
     print(f"  terms seen: {result['terms_seen']} (leaders {result['leaders_seen']})")
-    print(f"  {'node':<6} {'probe max ms':>12} {'>10ms':>6} {'slowest /status ms':>19}")
+    print(f"  {'node':<6} {'probe max ms':>12} {'>10ms':>6} {'slowest /status ms':>19} {'restore step max ms':>20}")
     for name, n in per_node.items():
         lag = "-" if n["probe_lag_max_ms"] is None else f"{n['probe_lag_max_ms']:.0f}"
         over = "-" if n["probe_lags_over_10ms"] is None else f"{n['probe_lags_over_10ms']:.0f}"
         extra = (f"  (after restart: {n['after_restart_probe_lag_max_ms']:.0f} ms)"
                  if "after_restart_probe_lag_max_ms" in n else "")
-        print(f"  {name:<6} {lag:>12} {over:>6} {n['status_slowest_ms']:>19.0f}{extra}")
+        step = "-" if n["restore_step_max_ms"] is None else f"{n['restore_step_max_ms']:.1f}"
+        print(f"  {name:<6} {lag:>12} {over:>6} {n['status_slowest_ms']:>19.0f} {step:>20}{extra}")
     print(f"  {os.popen('uptime').read().strip()}")
     if args.json:
         with open(args.json, "w") as f:
@@ -291,7 +293,10 @@ def report(names: dict[str, int], http_port: int, follower: int, before: dict, w
         per_node[name] = {"probe_lag_max_ms": (m["raftdzmq_loop_lag_seconds_max"] * 1000
                                                if "raftdzmq_loop_lag_seconds_max" in m else None),
                           "probe_lags_over_10ms": m.get("raftdzmq_loop_lags_over_10ms"),
-                          "status_slowest_ms": watch.slowest.get(name, 0) * 1000}
+                          "status_slowest_ms": watch.slowest.get(name, 0) * 1000,
+                          # The longest step of restoring a leader's snapshot (a node that installed one: node4).
+                          "restore_step_max_ms": (m["raftdzmq_restore_step_seconds_max"] * 1000
+                                                  if "raftdzmq_restore_step_seconds_max" in m else None)}
         if "after_restart_lag_max" in m and m["after_restart_lag_max"] is not None:
             per_node[name]["after_restart_probe_lag_max_ms"] = m["after_restart_lag_max"] * 1000
     return per_node

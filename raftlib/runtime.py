@@ -154,6 +154,7 @@ _COUNTERS = (
     "out_of_descriptors",  # saves and snapshots refused for want of a file descriptor (each try)
     "snapshot_children_failed",  # forked snapshot children that exited without writing their file
     "snapshot_reads_failed",  # snapshot transfers abandoned: the snapshot's file could not be read (logged)
+    "restore_step_max_microseconds",  # the longest step of restoring a leader's snapshot (CPU of the loop)
     "loop_lag_max_microseconds",  # the hub-lag probe, when on: the latest wake-up seen
     "loop_lags_over_10ms",  # ... and how many wake-ups came more than 10 ms late
 )
@@ -556,11 +557,15 @@ class Runtime:
         the entries after the snapshot are applied; the steps after that free the old state."""
         assert self._restoring is not None
         index, steps = self._restoring
+        started = time.perf_counter()
         try:
             replaced = next(steps)
         except StopIteration:
             self._restoring = None
             replaced = not self._restore_applied  # a state machine that swaps in its last step
+        took_microseconds = int((time.perf_counter() - started) * 1e6)  # bench/snapshot_stall.py reports it
+        if took_microseconds > self.stats["restore_step_max_microseconds"]:
+            self.stats["restore_step_max_microseconds"] = took_microseconds
         if not replaced or self._restore_applied:
             return
         self._restore_applied = True

@@ -99,7 +99,8 @@ class FakeRuntime:
                                                           "loop_lag_max_microseconds": 2500,
                                                           "loop_lags_over_10ms": 0,
                                                           "out_of_descriptors": 2,
-                                                          "snapshot_reads_failed": 3}))
+                                                          "snapshot_reads_failed": 3,
+                                                          "restore_step_max_microseconds": 4000}))
 
 
 class Answer:
@@ -871,6 +872,7 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert (samples["raftdzmq_loop_lag_seconds_max"], samples["raftdzmq_loop_lags_over_10ms"]) == ("0.0025", "0.0")
     assert samples["raftdzmq_out_of_descriptors"] == "2.0"
     assert samples["raftdzmq_snapshot_reads_failed_total"] == "3.0"  # fourth review of snapfork
+    assert samples["raftdzmq_restore_step_seconds_max"] == "0.004"
     assert "# TYPE raftdzmq_snapshot_reads_failed_total counter" in r.text
 
 
