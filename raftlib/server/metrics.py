@@ -83,7 +83,7 @@ GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
     ("raftdzmq_loop_lags_over_10ms", "The hub-lag probe: wake-ups more than 10 ms late",
      lambda s: s.stats["loop_lags_over_10ms"]),
     ("raftdzmq_restore_step_seconds_max", "The longest step of restoring a leader's snapshot into the state "
-     "machine (the event loop is held that long)", lambda s: s.stats["restore_step_max_microseconds"] / 1e6),
+     "machine, in CPU seconds (the event loop is held at least that long)", lambda s: s.stats["restore_step_max_microseconds"] / 1e6),
     ("raftdzmq_out_of_descriptors", "Saves and snapshots refused for want of a file descriptor (each try; "
      "retried)", lambda s: s.stats["out_of_descriptors"]),
 )
