@@ -45,7 +45,8 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
                             "(default localhost)")),
     (("-join", "--join"), dict(metavar="HOST:HTTPPORT", help="join the cluster through this node (followed to the "
                                "leader); ignored once joined")),
-    (("-v", "--verbose"), dict(action="store_true", help="debug-level raftdzmq logging")),
+    (("-v", "--verbose"), dict(action="store_true", help="debug-level raftdzmq logging, and an access log: a line per "
+                               "HTTP request (method, target, status, bytes, ms, client) at INFO on raftdzmq.access")),
     (("-debug", "--debug"), dict(action="store_true", help="debug-level raft logging")),
     (("-trace", "--trace"), dict(action="store_true", help="trace-level raft logging (every message)")),
     (("-forward", "--forward"), dict(action="store_true", help="followers proxy writes to the leader instead of "
@@ -122,7 +123,7 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
-        secret=secret, max_members=args.max_members, fsync=not args.no_fsync)
+        secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:

@@ -244,7 +244,7 @@ def time_store_snapshot(n: int, workdir: str) -> dict:
     from raftlib.server.store import KeyValueStore
 
     store = KeyValueStore()
-    store.data = {f"k{i:09d}": b"v" * VALUE_BYTES for i in range(n)}
+    store.data = {f"k{i:09d}": (b"v" * VALUE_BYTES, i + 1, i + 1) for i in range(n)}
     t0 = time.perf_counter()
     data = store.snapshot()
     encoded = time.perf_counter()

@@ -169,6 +169,16 @@ class NodeStatus:
     progress: Mapping[str, ProgressStatus]
     removed: tuple[str | None, int] | None  # see RaftNode.removed
     reads_pending: int
+    # The newest commit index this node heard from its current leader in this term (AppendEntries' leader_commit,
+    # an InstallSnapshot's last included index): what it has yet to apply, which its own commit_index (at most
+    # its last new entry, §5.3) does not show while it catches up. A leader's own commit index; 0 when no
+    # leader was heard in this term. GET /readyz compares last_applied with it.
+    leader_commit: int = 0
+    # A snapshot from the leader is being received, or was received and is not yet restored: not ready.
+    receiving_snapshot: bool = False
+    # A leader is known and was heard from within an election timeout (this node itself while it leads: check-quorum
+    # steps a leader down when a majority was silent that long, thesis §6.2). What GET /readyz calls "a leader".
+    leader_active: bool = False
 
 
 _NO_PROGRESS: Mapping[str, ProgressStatus] = types.MappingProxyType({})
@@ -217,10 +227,12 @@ class RaftNode:
         # A leader's snapshot being received (§7): (index, term, the sink its chunks go to). The sink comes from
         # `open_snapshot_sink(meta)`: the runtime's writes to a file through the storage (never the whole state in
         # memory); by default, bytes.
-        # A transfer resumes only from chunks of the same leader's file: keyed on (index, term) and the sender
-        # and its term. One leader in one term sends one file per index (a leader's next snapshot is at a higher
-        # index, and a restart is a new term), while two leaders' files at one index may differ in their bytes
-        # (another format in a rolling upgrade). Nothing on the wire names the file: old nodes read every chunk.
+        # A transfer resumes only from chunks of the same leader's file. One leader in one term sends one file per
+        # index (a leader's next snapshot is at a higher index, and a restart is a new term), while two leaders'
+        # files at one index may differ in their bytes (another format in a rolling upgrade). Nothing on the wire
+        # names the file (old nodes read every chunk), so the rule is: a change of term or leader drops a partial
+        # transfer (_reset, the one place), and within one leader's term it is keyed on (index, term). The
+        # sender and its term are kept to assert that rule.
         self._incoming_snapshot: tuple[int, int, str, int, SnapshotSink] | None = None
         self.open_snapshot_sink: Callable[[Snapshot], SnapshotSink] = BytesSink
         # Transfers abandoned because their snapshot's source could not be read (SnapshotUnreadable), since
@@ -231,6 +243,7 @@ class RaftNode:
         # (`advance(rd, snapshot_applied=False)`, then `snapshot_applied`): no committed entry is handed out
         # meanwhile, and last_applied stays below it. 0: none.
         self._snapshot_unapplied = 0
+        self._leader_commit = 0  # see NodeStatus.leader_commit: heard from leader_id in current_term
         read_timeout_ticks = config.read_timeout_ticks
         if read_timeout_ticks is None:
             read_timeout_ticks = 2 * config.election_ticks
@@ -300,6 +313,15 @@ class RaftNode:
             progress=self._progress.status(self.node_id) if leading else _NO_PROGRESS,
             removed=self.removed,
             reads_pending=self._reads.pending,
+            leader_commit=self.commit_index if leading else self._leader_commit,
+            receiving_snapshot=self._incoming_snapshot is not None
+            or self._pending_snapshot is not None
+            or self._snapshot_unapplied != 0,
+            # A follower's election timer restarts whenever its leader speaks (_become_follower): while it knows a
+            # leader, _election_elapsed counts the ticks since it last heard from it. A learner never campaigns, so
+            # its leader_id alone would stay set for ever after the leader died.
+            leader_active=self.leader_id is not None
+            and (leading or self._election_elapsed < self.config.election_ticks),
         )
 
     def _promotable(self) -> bool:
@@ -646,6 +668,11 @@ class RaftNode:
             self.current_term = term
             self.voted_for = None
         self.leader_id = None
+        self._leader_commit = 0  # a new term or no leader: what an earlier leader said is no measure
+        # §7: a new leader, or a new term, sends its own snapshot, if any (from offset 0): a partial transfer is
+        # dropped here, its file and descriptor let go, and never spliced with another leader's chunks. The one
+        # place of that rule (a candidate resets too).
+        self._drop_incoming_snapshot()
         self._votes = {}
         self._heartbeat_elapsed = 0
         self._transferee = None
@@ -667,6 +694,7 @@ class RaftNode:
         if self.role is Role.FOLLOWER and term == self.current_term and self.leader_id is None:
             # Learning the leader of our own term does not cost our vote nor pending forwarded reads.
             self.leader_id = leader_id
+            self._leader_commit = 0
             self._election_elapsed = 0
             return
         self._reset(term)
@@ -683,9 +711,6 @@ class RaftNode:
         else:
             self._reset(self.current_term + 1)
             self.role = Role.CANDIDATE
-            # A candidate (and the leader it may become) gets no InstallSnapshot of this term's: a transfer from
-            # an earlier term's leader is abandoned (a later leader starts it over from offset 0, §7).
-            self._drop_incoming_snapshot()
             self.voted_for = self.node_id
             term = self.current_term
         self._votes = {self.node_id: True}
@@ -774,6 +799,8 @@ class RaftNode:
 
     def _handle_append_entries(self, m: AppendEntries) -> None:
         self._become_follower(m.term, m.src)
+        if m.leader_commit > self._leader_commit:  # a reordered, older message must not move it back
+            self._leader_commit = m.leader_commit
         self.removed = None  # a leader sends entries only to the members of its configuration
         self._send(self._append_from_leader(m))
 
@@ -831,6 +858,8 @@ class RaftNode:
 
     def _handle_install_snapshot(self, m: InstallSnapshot) -> None:
         self._become_follower(m.term, m.src)
+        # A leader snapshots only what it has applied, so committed (§7): its commit index is at least this.
+        self._leader_commit = max(self._leader_commit, m.last_included_index)
         self.removed = None
         index, term = m.last_included_index, m.last_included_term
 
@@ -842,9 +871,10 @@ class RaftNode:
             reply(0, True)
             return
         held = self._incoming_snapshot
-        if held is None or held[:4] != (index, term, m.src, m.term):
-            # Another snapshot, or the same index and term from another leader or term (whose file may differ:
-            # resuming would splice two files): the transfer starts over from offset 0.
+        # Another leader's or another term's partial transfer was dropped when this node learned of them (_reset).
+        assert held is None or held[2:4] == (m.src, m.term), "a partial snapshot outlived its leader's term"
+        if held is None or held[:2] != (index, term):
+            # Another snapshot: the transfer starts over from offset 0.
             if m.offset != 0:
                 reply(0, False)
                 return

@@ -89,7 +89,14 @@ class EntryLost(Exception):
 
 
 class Stopped(Exception):
-    """The node is stopping or has stopped."""
+    """The node is stopping or has stopped. Raised to a request already queued, its outcome is unknown: a proposal
+    may have been appended, even committed, before the node stopped."""
+
+
+class NotRunning(Stopped):
+    """The node was not running when the request came: nothing was queued, so nothing will come of it. Raised
+    only before a request is put in the inbox or registered (`_call`, `read`, `wait_applied`); once it is, the
+    request gets Stopped."""
 
 
 class _Expired(Exception):
@@ -140,9 +147,15 @@ class RuntimeStatus:
     """What the node is and knows (`node`), and how its runtime is doing: a frozen copy (hashicorp/raft's Stats)."""
 
     node: NodeStatus
-    running: bool
+    running: bool  # started, not stopped, and its driving loop alive (Runtime.alive)
     disk_full: bool  # saves are failing for lack of room: writes are refused
     stats: Mapping[str, int]  # every counter of _COUNTERS, since start
+    # time.monotonic() when this node last stepped a message from its leader (a follower), or last drove the node
+    # while leading (its own check-quorum then says whether it still leads); -inf if never. `node.leader_active`
+    # is as of the last drive, by ticks: after a pause (SIGSTOP) it is stale until the next drive, and a request
+    # may be served first. Compared with the clock at the request (GET /readyz, review L3).
+    leader_contact_at: float = float("-inf")
+    election_timeout_seconds: float = 0.0  # the node's election_ticks in seconds
 
 
 _COUNTERS = (
@@ -197,6 +210,8 @@ class Runtime:
         self.disk_full = False
         self.disk_retry_seconds = 0.5
         self.descriptor_retry_seconds = 0.1
+        self._leader_contact_at = float("-inf")  # RuntimeStatus.leader_contact_at
+        self._drive_clock = 0.0  # time.monotonic() at the current drive's start (_advance_clock)
         self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
         self._snapshot_read_warned_at: dict[str, float] = {}  # peer -> monotonic time of its last line
         self._snapshot_reads_unsaid = 0  # snapshot reads failed since the last line about them
@@ -208,6 +223,9 @@ class Runtime:
         self._unreaped: list[int] = []  # children that closed their pipe but had not exited: reaped later
         self._snapshot_child: int | None = None  # its pid while one runs (one at a time)
         self._snapshot_done: tuple[Snapshot, str, bool] | None = None  # (snapshot, file, written?): to finish
+        # request_snapshot: a snapshot at or past this index is taken at the end of a drive, whatever the log's size
+        # (0: none asked for). The commit index when asked: the entry whose apply asked is at or below it.
+        self._snapshot_requested_index = 0
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
@@ -219,7 +237,14 @@ class Runtime:
             node.open_snapshot_sink = receive
 
     def status(self) -> RuntimeStatus:
-        return RuntimeStatus(self.node.status(), self.running, self.disk_full, types.MappingProxyType(dict(self.stats)))
+        return RuntimeStatus(self.node.status(), self.alive, self.disk_full, types.MappingProxyType(dict(self.stats)),
+                             self._leader_contact_at, self.node.config.election_ticks * self.tick_seconds)
+
+    @property
+    def alive(self) -> bool:
+        """Running, and the loop that drives the node has not died (only a bug ends it while running: `_drive`
+        catches what it raises and stops the node)."""
+        return self.running and bool(self._greenlets) and not self._greenlets[0].dead
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -251,7 +276,8 @@ class Runtime:
         stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
         time it missed, so its leader lease has run out before it answers a read. Capped at three election
         timeouts, which every timer in the core has expired by."""
-        due = int((time.monotonic() - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
+        now = self._drive_clock = time.monotonic()
+        due = int((now - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
         if due <= 0:
             return
         self._ticks_given += due
@@ -285,6 +311,8 @@ class Runtime:
         Stopped."""
         # Reads that arrive before the loop takes the waiting one share it: its read index is chosen after every
         # one of them arrived, so it is safe for all, and a burst of reads costs the loop one request.
+        if not self.running:  # before queueing: NotRunning says nothing was asked of the node
+            raise NotRunning("node is not running")
         shared = self._read_waiting.get(lease)
         if shared is None:
             shared = self._read_waiting[lease] = gevent.event.AsyncResult()
@@ -300,6 +328,8 @@ class Runtime:
         """Block until the state machine has applied `index`."""
         if self.node.last_applied >= index:
             return self.node.last_applied
+        if not self.running:
+            raise NotRunning("node is not running")
         result = gevent.event.AsyncResult()
         self._index_waiters[result] = index
         try:
@@ -308,6 +338,12 @@ class Runtime:
             # Forget it now: the next apply may be far off (no leader, a full disk) and waiters would pile up.
             self._index_waiters.pop(result, None)
             raise
+
+    def request_snapshot(self) -> None:
+        """Take a snapshot of the state machine at the end of the current drive (or the next one), however small
+        the log: the state machine asks for it while it applies (raftlib.server.store: the feature level's raise,
+        so that an older binary cannot replay the log). Only from within a drive or the loop's greenlet."""
+        self._snapshot_requested_index = max(self._snapshot_requested_index, self.node.commit_index)
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
         return self._call(timeout_seconds, ChangeMembership, change)
@@ -348,7 +384,7 @@ class Runtime:
         `_expire_loop` to time it out: one timer for all requests rather than a gevent.Timeout each, which would
         arm and cancel a timer on the leader's busiest path for every write."""
         if not self.running:
-            raise Stopped("node is not running")
+            raise NotRunning("node is not running")
         result = gevent.event.AsyncResult()
         pending = self._deadlines.get(timeout_seconds)
         if pending is None:
@@ -373,8 +409,10 @@ class Runtime:
                 del self._deadlines[timeout_seconds]  # callers may pass any number of distinct timeouts
 
     def _wait(self, result: gevent.event.AsyncResult, timeout_seconds: float):
+        # Stopped, not NotRunning: the request is already queued or registered (NotRunning is raised only before
+        # that, in the callers), so for all its caller knows it was acted on.
         if not self.running:
-            raise Stopped("node is not running")
+            raise Stopped("node stopped")
         try:
             return result.get(timeout=timeout_seconds)
         except gevent.Timeout:
@@ -404,6 +442,8 @@ class Runtime:
             replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]] = {}
             for item in items:
                 self._handle(item, replies)
+            if self.node.role is Role.LEADER:
+                self._leader_contact_at = self._drive_clock
             self._process_ready(replies)
             for result, out in replies.values():
                 result.set(out)
@@ -465,6 +505,8 @@ class Runtime:
                 messages = item.messages
                 for m in messages:
                     node.step(m)
+                if messages and messages[0].src == node.leader_id:  # a frame holds one peer's messages
+                    self._leader_contact_at = self._drive_clock
                 if item.result is not None:
                     src = messages[0].src
                     if src in replies:
@@ -701,7 +743,10 @@ class Runtime:
         node = self.node
         if self._snapshot_child is not None:
             return
-        if self.storage.log_bytes < self.snapshot_threshold_bytes or node.last_applied <= node.log.snapshot_index:
+        if node.last_applied <= node.log.snapshot_index:
+            return
+        requested = self._snapshot_requested_index > node.log.snapshot_index
+        if self.storage.log_bytes < self.snapshot_threshold_bytes and not requested:
             return
         if self._snapshot_not_before > time.monotonic():
             return

@@ -4,6 +4,7 @@ every process stopped by its pid at the end."""
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import shutil
@@ -11,10 +12,24 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "raftdzmq.py")
+# The last commit of main before issue 14: a release of feature level 1, which applies the commands of level 2 as
+# nothing and ignores ?prev_index (tests/test_coord_api.py runs it as the "old" node of a rolling upgrade).
+OLD_RELEASE = "637af7468c6a662943d8a68683cb93ecf9e6478b"
+
+
+def old_release(dest: str) -> str:
+    """The path of raftdzmq.py of OLD_RELEASE, extracted under `dest` with `git archive` from this checkout's
+    repository (CI clones it with its history). Raises when git or the commit is missing: never a skip."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", OLD_RELEASE], capture_output=True,
+                             check=True, timeout=60).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return os.path.join(dest, "raftdzmq.py")
 
 
 def free_port() -> int:
@@ -69,9 +84,11 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 class Node:
     def __init__(self, name: str, base_dir: str, host: str | None = None, ports: tuple[int, int] | None = None,
-                 wrap: tuple[str, ...] = ()) -> None:
+                 wrap: tuple[str, ...] = (), server: str = SERVER) -> None:
         """`host`: the -h address (default: the server's default, localhost); `ports`: (raft, http), default two
-        free ports; `wrap`: a command prefix, such as ("ip", "netns", "exec", NS), that execs the server."""
+        free ports; `wrap`: a command prefix, such as ("ip", "netns", "exec", NS), that execs the server;
+        `server`: the raftdzmq.py to run (this checkout's; `old_release()`'s for an older release)."""
+        self.server = server
         self.name = name
         self.data_dir = os.path.join(base_dir, name)
         self.host = host
@@ -85,7 +102,7 @@ class Node:
     def start(self, *extra: str, join: str | None = None, env: dict[str, str] | None = None) -> "Node":
         """Start the server (`env`: variables added to this process's environment) and wait until it serves HTTP
         or exits."""
-        args = [*self.wrap, sys.executable, SERVER, "-p", str(self.port), "-hp", str(self.http_port)]
+        args = [*self.wrap, sys.executable, self.server, "-p", str(self.port), "-hp", str(self.http_port)]
         if self.host:
             args += ["-h", self.host]
         if join:

@@ -946,10 +946,11 @@ def test_an_abandoned_incoming_transfer_is_let_go_at_once(how):
     n.step(InstallSnapshot("a", "b", 2, 50, 2, n.membership, 0, b"first chunk", False))
     assert len(sinks) == 1 and n._incoming_snapshot is not None
     if how == "log caught up":
-        entries = tuple(Entry(3, i, EntryKind.COMMAND, b"k=%d" % i) for i in range(2, 61))
-        n.step(AppendEntries("a", "b", 3, 1, 1, entries, 49))
+        # The same leader in the same term (a new term or leader drops the transfer anyway: _reset).
+        entries = tuple(Entry(2, i, EntryKind.COMMAND, b"k=%d" % i) for i in range(2, 61))
+        n.step(AppendEntries("a", "b", 2, 1, 1, entries, 49))
         assert sinks[0].discarded == 0  # commit 49: the snapshot at 50 may still be wanted
-        n.step(AppendEntries("a", "b", 3, 60, 3, (), 60))
+        n.step(AppendEntries("a", "b", 2, 60, 2, (), 60))
     else:
         for _ in range(10 * n.config.election_ticks):
             n.tick()
@@ -1093,3 +1094,28 @@ def test_a_leader_that_steps_down_lets_go_of_the_snapshots_it_was_sending():
     assert n.role is Role.FOLLOWER
     held = [pr.snapshot for pr in n._progress.values() if pr.snapshot is not None]
     assert held == [], "a follower still holds the snapshots it sent as leader"
+
+
+def test_a_follower_reports_the_leaders_commit_index_not_only_its_own():
+    """Review L1 (GET /readyz): a follower catching up sets its own commit index to at most its last new entry
+    (§5.3), so it looked caught up while far behind. It keeps the newest leader_commit heard from its leader in
+    this term; a message of a new term forgets it; a leader reports its own commit index."""
+    c = Cluster(seed=7)
+    leader = elect(c)
+    follower = next(n for n in c.nodes if n != leader)
+    node = c.nodes[follower].node
+    assert c.nodes[leader].node.status().leader_commit == c.nodes[leader].node.commit_index
+    term, last = node.current_term, node.log.last_index
+    far = last + 5000
+    node.step(AppendEntries(leader, follower, term, last, node.log.term(last),
+                            (Entry(term, last + 1, EntryKind.COMMAND, b"x"),), far))
+    status = node.status()
+    assert (status.commit_index, status.leader_commit) == (last + 1, far)
+    node.advance(node.ready())
+    # An older message, reordered, does not move it back.
+    node.step(AppendEntries(leader, follower, term, last + 1, term, (), last))
+    assert node.status().leader_commit == far
+    # A new term: nothing heard from its leader yet.
+    node.advance(node.ready())
+    node.step(AppendEntries(leader, follower, term + 1, last + 1, term, (), last + 1))
+    assert node.status().leader_commit == last + 1

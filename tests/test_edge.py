@@ -227,6 +227,29 @@ def test_malformed_request_lines_are_refused(cluster, request_line, status):
     assert absent(leader, first, smuggled)
 
 
+def test_an_edge_refusal_names_an_outcome_for_a_write_only(cluster):
+    """Review (header placement): X-Raft-Outcome is for writes; a refused GET used to carry `not-applied` too. A
+    refused POST/PUT/DELETE/PATCH says `not-applied` (nothing ran), whatever failed in its head; a request line
+    that could not be read names none, even after a write on the same connection (the method is not the last
+    request's)."""
+    leader = leader_of(cluster)
+    bad_header = b"X-Bad: a\x01b\r\n"
+    for method in (b"GET", b"HEAD"):
+        responses, _ = exchange(leader.address, b"%s /db/k HTTP/1.1\r\nHost: x\r\n%s\r\n" % (method, bad_header))
+        assert [r[0] for r in responses] == [400] and "x-raft-outcome" not in responses[0][1], (method, responses)
+    for method in (b"POST", b"PUT", b"DELETE", b"PATCH"):
+        key = fresh("refused")
+        responses, _ = exchange(leader.address, b"%s /db/%s HTTP/1.1\r\nHost: x\r\n%sContent-Length: 1\r\n\r\nv"
+                                % (method, key.encode(), bad_header))
+        assert [(r[0], r[1].get("x-raft-outcome")) for r in responses] == [(400, "not-applied")], (method, responses)
+    # Framing refused after the request line (two Content-Lengths): the method is known, it is a write.
+    responses, _ = exchange(leader.address, b"POST /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                            b"Content-Length: 2\r\n\r\nvv" % fresh("twice").encode())
+    assert [(r[0], r[1].get("x-raft-outcome")) for r in responses] == [(400, "not-applied")], responses
+    responses, _ = exchange(leader.address, post(fresh("good")) + b"PO\x01ST /db/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [r[0] for r in responses] == [200, 400] and "x-raft-outcome" not in responses[1][1], responses
+
+
 def test_a_declared_body_over_the_limit_gets_413_at_once_and_is_not_drained(cluster):
     leader = leader_of(cluster)
     for method in (b"POST", b"GET", b"DELETE"):
@@ -968,7 +991,7 @@ for i in range(20000):
         model.pop(key, None)
     elif op != CREATE or key not in model:
         model[key] = b"v%d" % i
-assert kv.data == model and list(kv.keys) == sorted(model)
+assert {k: r[0] for k, r in kv.data.items()} == model and list(kv.keys) == sorted(model)
 restored = KeyValueStore()
 restored.restore(kv.snapshot())
 assert list(restored.keys) == sorted(model)

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import sys
+import time
 import types
 import urllib.parse
 
@@ -15,14 +16,16 @@ import pytest
 
 from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, ProposalDropped, Role
 from raftlib.progress import ProgressState, ProgressStatus
-from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
+from raftlib.runtime import EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
 from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
                                   answer_headers,
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
+from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
 from raftlib.server.metrics import Metrics
-from raftlib.server.store import ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, SET, KeyValueStore, command
+from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_TXN_OPS, SET,
+                                  SET_FEATURE_LEVEL, KeyValueStore, command)
 from raftlib.storage import DiskFull
 
 MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
@@ -40,6 +43,11 @@ class FakeNode:
     last_applied: int = 0
     removed: tuple[str | None, int] | None = None
     membership: Membership = Membership(("a", "b"), ("c",), MEMBERS)
+    commit_index: int | None = None  # None: the same as last_applied (status() only)
+    leader_active: bool = True  # status() only
+    leader_commit: int = 0  # status() only
+    leader_contact_seconds_ago: float = 0.0  # status() only
+    receiving_snapshot: bool = False  # status() only
 
 
 class FakeRuntime:
@@ -52,6 +60,10 @@ class FakeRuntime:
         self.failures: dict[str, list[Exception]] = {}
         self.calls: list[tuple] = []
         self.disk_full = False
+        self.running = True
+        # Commands in this leader's log not applied yet (a predecessor's, before this leader's entry commits):
+        # status() counts them in last_index, and wait_applied applies them in order.
+        self.pending: list[bytes] = []
 
     def fail(self, call: str, *errors: Exception) -> None:
         self.failures.setdefault(call, []).extend(errors)
@@ -72,6 +84,9 @@ class FakeRuntime:
 
     def wait_applied(self, index: int, timeout_seconds: float) -> int:
         self._call("wait_applied", index, timeout_seconds)
+        while self.pending and index > self.node.last_applied:
+            self.node.last_applied += 1
+            self.store.apply(self.node.last_applied, self.pending.pop(0))
         if index > self.node.last_applied:
             raise Timeout(f"no answer in {timeout_seconds}s")
         return self.node.last_applied
@@ -90,17 +105,20 @@ class FakeRuntime:
         leading = n.role is Role.LEADER
         progress = {"b": ProgressStatus(n.last_applied - 1, n.last_applied, ProgressState.REPLICATE, True)}
         return RuntimeStatus(
-            NodeStatus(node_id=n.node_id, role=n.role, term=7, leader_id=n.leader_id, commit_index=n.last_applied,
-                       last_applied=n.last_applied, last_index=n.last_applied + 2, snapshot_index=0,
+            NodeStatus(node_id=n.node_id, role=n.role, term=7, leader_id=n.leader_id,
+                       commit_index=n.last_applied if n.commit_index is None else n.commit_index,
+                       last_applied=n.last_applied, last_index=n.last_applied + len(self.pending), snapshot_index=0,
                        membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
-                       removed=n.removed, reads_pending=0),
-            True, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
+                       removed=n.removed, reads_pending=0, leader_active=n.leader_active,
+                       leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot),
+            self.running, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
                                                           "saves": 5, "snapshots": 0,
                                                           "loop_lag_max_microseconds": 2500,
                                                           "loop_lags_over_10ms": 0,
                                                           "out_of_descriptors": 2,
                                                           "snapshot_reads_failed": 3,
-                                                          "restore_step_max_microseconds": 4000}))
+                                                          "restore_step_max_microseconds": 4000}),
+            leader_contact_at=time.monotonic() - n.leader_contact_seconds_ago, election_timeout_seconds=1.0)
 
 
 class Answer:
@@ -112,6 +130,9 @@ class Answer:
     @property
     def text(self) -> str:
         return self.body.decode()
+
+    def json(self):
+        return json.loads(self.body)
 
     def __repr__(self) -> str:
         return f"<{self.status} {self.body[:200]!r}>"
@@ -230,22 +251,26 @@ def test_a_write_with_no_leader_known_gets_503_and_on_a_removed_node_410(client)
     assert client("POST", "/db/k", "v").text == "this node was removed from the cluster (at or before index 17)\n"
 
 
-@pytest.mark.parametrize("error, status, text, outcome", [
-    (NotLeader("b"), 307, NOT_LEADER, "redirected"),
+@pytest.mark.parametrize("error, status, text, outcome, raft_outcome", [
+    (NotLeader("b"), 307, NOT_LEADER, "redirected", "not-applied"),
     (ProposalDropped("a transfer is under way"), 503, "write refused for now: a transfer is under way; retry",
-     "refused"),
+     "refused", "not-applied"),
     (EntryLost("entry 3 was overwritten"), 503,
-     "write lost: leadership changed before it committed; it was not applied", "lost"),
-    (Timeout("no answer in 2.0s"), 503, "write not confirmed within 2s; its outcome is unknown", "unknown"),
+     "write lost: leadership changed before it committed; it was not applied", "lost", "not-applied"),
+    (Timeout("no answer in 2.0s"), 503, "write not confirmed within 2s; its outcome is unknown", "unknown", "unknown"),
     (DiskFull("the disk of this node is full"), 507, "write refused: the disk of this node is full; it was not applied",
-     "refused"),
-    (Stopped("node is stopping"), 503, "node is stopping", None),
+     "refused", "not-applied"),
+    (Stopped("node is stopping"), 503, "node is stopping", None, "unknown"),
+    (NotRunning("node is not running"), 503, "node is not running", None, "not-applied"),
 ])
-def test_each_failure_of_a_write_has_its_answer_and_outcome(client, error, status, text, outcome):
+def test_each_failure_of_a_write_has_its_answer_and_outcome(client, error, status, text, outcome, raft_outcome):
+    """Issue 15: X-Raft-Outcome says whether a failed write surely took no effect (`not-applied`: it may be sent
+    again) or was proposed and its fate is not known (`unknown`)."""
     client.runtime.node.leader_id = "b"  # when NotLeader comes, the node has just learnt of another leader
     client.runtime.fail("propose", error)
     r = client("POST", "/db/k", "v")
     assert (r.status, r.text) == (status, text + "\n") and one_line(r), r
+    assert r.headers["x-raft-outcome"] == raft_outcome
     assert client.counted("writes") == ({outcome: 1} if outcome else {})
     assert client.metrics.write_seconds.counts == [0] * len(client.metrics.write_seconds.counts)
     assert client.store.get("k") is None
@@ -255,6 +280,7 @@ def test_a_failure_nobody_expected_is_a_500_of_one_line(client, capsys):
     client.runtime.fail("propose", RuntimeError("a bug"))
     r = client("POST", "/db/k", "v")
     assert (r.status, r.text) == (500, "500 Internal Server Error: Internal Server Error\n")
+    assert r.headers["x-raft-outcome"] == "unknown"  # the bug may have struck after the proposal
     client.runtime.fail("propose", ValueError("not a failure a write may have"))
     assert client("POST", "/db/k", "v").status == 500
     assert "RuntimeError: a bug" in capsys.readouterr().err  # the traceback goes to the log, not to the client
@@ -268,7 +294,8 @@ class FakeConnection:
 
     made: list[FakeConnection] = []
     answer = (200, b"", [("X-Raft-Index", "9"), ("Server", "gevent"), ("Content-Type", "text/plain")])
-    error: Exception | None = None
+    error: Exception | None = None  # raised while sending
+    response_error: Exception | None = None  # raised while waiting for the answer
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.address, self.timeout, self.sent, self.closed = (host, port), timeout, None, False
@@ -280,6 +307,8 @@ class FakeConnection:
         self.sent = (method, target, body, headers)
 
     def getresponse(self):
+        if self.response_error is not None:
+            raise self.response_error
         status, body, headers = self.answer
         return types.SimpleNamespace(status=status, read=lambda: body, getheaders=lambda: headers)
 
@@ -308,7 +337,26 @@ def test_a_forward_follower_passes_a_write_on_to_the_leader_once(monkeypatch):
     monkeypatch.setattr(FakeConnection, "error", ConnectionRefusedError(111, "Connection refused"))
     r = client("DELETE", "/db/k")
     assert r.status == 503 and r.text.startswith("could not forward to the leader at 10.0.0.3:8080: ") and \
-        r.text.endswith("; outcome unknown\n") and one_line(r)
+        r.text.endswith("; not applied\n") and one_line(r)
+    assert r.headers["x-raft-outcome"] == "not-applied"  # nothing reached the leader whole
+
+
+def test_a_forward_follower_passes_the_leaders_outcome_on_and_says_unknown_when_the_answer_is_lost(monkeypatch):
+    monkeypatch.setattr(FakeConnection, "made", [])
+    client = Client(forward=True, write_timeout_seconds=2.0, connect=FakeConnection)
+    client.be_follower("c")
+    monkeypatch.setattr(FakeConnection, "answer", (503, b"write not confirmed within 2s; its outcome is unknown\n",
+                                                   [("X-Raft-Outcome", "unknown"), ("Content-Type", "text/plain")]))
+    r = client("POST", "/db/k", "v")
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "unknown")
+    monkeypatch.setattr(FakeConnection, "answer", (503, b"write refused for now\n",
+                                                   [("X-Raft-Outcome", "not-applied")]))
+    assert client("POST", "/db/k", "v").headers["x-raft-outcome"] == "not-applied"
+    # Sent whole, then no answer (the leader's -write-timeout + 1 passed): it may have been applied.
+    monkeypatch.setattr(FakeConnection, "response_error", TimeoutError("timed out"))
+    r = client("PUT", "/db/k", "v")
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "unknown") and one_line(r)
+    assert r.text == "no answer from the leader at 10.0.0.3:8080: timed out; outcome unknown\n"
 
 
 # ---- reads --------------------------------------------------------------------------------------------------------
@@ -443,19 +491,24 @@ def test_a_join_waits_out_another_change_in_flight_within_the_write_timeout():
 ])
 def test_each_failure_of_an_admin_request_has_its_answer(client, operation, method, target, body, call):
     assert client(method, target, body).status == 200
-    cases = [(Timeout("no answer in 2.0s"), 503, f"{operation} not confirmed: no answer in 2.0s"),
-             (Stopped("node is stopping"), 503, f"{operation} not confirmed: node is stopping"),
-             (ValueError("b is not a member"), 400, "b is not a member"),
-             (NotLeader("c"), 307, NOT_LEADER)]
+    cases = [(Timeout("no answer in 2.0s"), 503, f"{operation} not confirmed: no answer in 2.0s", "unknown"),
+             (Stopped("node is stopping"), 503, f"{operation} not confirmed: node is stopping", "unknown"),
+             (NotRunning("node is not running"), 503, f"{operation} not confirmed: node is not running",
+              "not-applied"),
+             (ValueError("b is not a member"), 400, "b is not a member", "not-applied"),
+             (NotLeader("c"), 307, NOT_LEADER, "not-applied")]
     if operation != "transfer":
-        cases.append((EntryLost("entry 5 was overwritten"), 503, f"{operation} not confirmed: entry 5 was overwritten"))
+        cases.append((EntryLost("entry 5 was overwritten"), 503, f"{operation} not confirmed: entry 5 was overwritten",
+                      "not-applied"))
     if operation == "removal":
-        cases.append((ProposalDropped("a change is in flight"), 503, "removal not confirmed: a change is in flight"))
-    for error, status, text in cases:
+        cases.append((ProposalDropped("a change is in flight"), 503, "removal not confirmed: a change is in flight",
+                      "not-applied"))
+    for error, status, text, raft_outcome in cases:
         client.runtime.node.leader_id = "c"
         client.runtime.fail(call, error)
         r = client(method, target, body)
         assert (r.status, r.text) == (status, text + "\n") and one_line(r), (error, r)
+        assert r.headers["x-raft-outcome"] == raft_outcome, (error, r.headers)
         client.runtime.node.leader_id = "a"
     client.be_follower("b")
     r = client(method, target, body)
@@ -501,6 +554,21 @@ def test_a_transfer_answers_200_only_once_the_target_is_confirmed_as_leader():
     runtime.fail("read", *[NotLeader(None)] * 1000)
     r = client("POST", "/cluster/transfer?to=c")
     assert r.status == 503 and "c was not confirmed as the leader within 0.5s" in r.text, r
+
+
+def test_a_transfer_started_on_a_node_that_then_stops_is_unknown_not_not_applied():
+    """Review S1: the transfer took effect (TimeoutNow went out, the target leads), then the node stopped before
+    the confirming read was queued (NotRunning). That read's NotRunning is not the transfer's: `unknown`."""
+    client = Client(write_timeout_seconds=2.0, read_timeout_seconds=0.2)
+    client.runtime.fail("read", NotRunning("node is not running"))
+    r = client("POST", "/cluster/transfer?to=b")
+    assert client.runtime.node.leader_id == "b"
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "unknown"), (r, r.headers)
+    assert r.text == "transfer not confirmed: node is not running; the transfer was started\n"
+    # Refused before anything was sent: not applied.
+    client.runtime.fail("transfer_leadership", NotRunning("node is not running"))
+    r = client("POST", "/cluster/transfer?to=c")
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "not-applied"), (r, r.headers)
 
 
 # ---- signed admin requests ----------------------------------------------------------------------------------------
@@ -555,6 +623,7 @@ def test_a_claim_that_does_not_commit_must_be_signed_again(error):
     client.runtime.fail("propose", error)
     r = client("DELETE", "/cluster/b", headers=admin_headers(SECRET, "DELETE", "/cluster/b"))
     assert (r.status, r.text) == (503, f"removal not confirmed ({error}); sign it again to retry\n")
+    assert r.headers["x-raft-outcome"] == "not-applied"  # the removal itself was never proposed
     assert [c[0] for c in client.runtime.calls] == ["propose"]
 
 
@@ -828,13 +897,14 @@ def test_with_a_secret_a_cluster_whose_members_lack_keys_refuses_joins():
 def test_status_is_one_line_of_json_from_the_status_copy(client):
     client("POST", "/db/k", "v")
     client("POST", "/db/k", "w")
+    client.runtime.pending = [command(SET, "p", b"")] * 2
     r = client("GET", "/status")
     assert (r.status, r.headers["content-type"]) == (200, "application/json")
     assert r.body.endswith(b"}\n") and r.body.count(b"\n") == 1  # compact, not indented
     assert json.loads(r.body) == {
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
         "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "disk_full": False,
-        "removed": None, "members": [
+        "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
             {"id": "b", "raft_address": "10.0.0.2:5555", "http_address": "10.0.0.2:8080", "role": "voter",
@@ -851,6 +921,7 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
 
 
 def test_cluster_lists_the_members(client):
+    client.runtime.pending = [command(SET, "p", b"")] * 2
     r = client("GET", "/cluster")
     assert r.body.count(b"\n") == 1
     assert [(m["id"], m["role"], m["match_index"]) for m in json.loads(r.body)] == [
@@ -860,6 +931,7 @@ def test_cluster_lists_the_members(client):
 def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     client("POST", "/db/k", "v")
     client("GET", "/db/k?consistency=stale")
+    client.runtime.pending = [command(SET, "p", b"")] * 2
     r = client("GET", "/metrics")
     assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=")
     samples = dict(line.rsplit(" ", 1) for line in r.text.splitlines() if line and not line.startswith("#"))
@@ -887,10 +959,387 @@ def test_unknown_paths_and_methods_get_one_line(client):
     assert client.runtime.calls == []
 
 
+def test_every_refused_write_says_not_applied_and_no_success_or_read_names_an_outcome(client):
+    """Issue 15: bad input, a failed precondition, a redirect, no leader, a removed node, a refused signature, a
+    route or method that does not exist: each answer to a write says `not-applied`; successes and reads say
+    nothing."""
+    refusals = [("POST", "/db/" + "k" * 4097, 400), ("POST", "/db/k?prev_exist=false", 412), ("DELETE", "/db/nope", 404),
+                ("POST", "/join", 400), ("DELETE", "/cluster/zz", 404), ("POST", "/status", 405), ("PUT", "/nowhere", 404)]
+    assert client("POST", "/db/k", "v").status == 200
+    for method, target, status in refusals:
+        r = client(method, target, "v" if target.startswith("/db") else "")
+        assert (r.status, r.headers.get("x-raft-outcome")) == (status, "not-applied"), (method, target, r)
+    r = client("PATCH", "/db/k", "v")  # no such method here: a write all the same
+    assert (r.status, r.headers.get("x-raft-outcome")) == (405, "not-applied"), r
+    for method, target in (("POST", "/db/k"), ("DELETE", "/db/k"), ("GET", "/db/k"), ("GET", "/db/nope"),
+                           ("GET", "/cluster/transfer"), ("HEAD", "/cluster/transfer"), ("GET", "/nowhere")):
+        assert "x-raft-outcome" not in client(method, target, "v").headers, (method, target)
+    client.be_follower("b")
+    assert client("POST", "/db/k", "v").headers["x-raft-outcome"] == "not-applied"  # 307
+    client.be_follower(None)
+    r = client("POST", "/db/k", "v")
+    assert (r.status, r.headers["x-raft-outcome"]) == (503, "not-applied")
+    client.runtime.node.removed = ("b", 17)
+    r = client("DELETE", "/db/k")
+    assert (r.status, r.headers["x-raft-outcome"]) == (410, "not-applied")
+    signed = signed_client()
+    r = signed("DELETE", "/cluster/b")
+    assert (r.status, r.headers["x-raft-outcome"]) == (403, "not-applied")
+
+
+# ---- health -----------------------------------------------------------------------------------------------------
+
+
+def test_livez_answers_ok_while_the_runtime_drives(client):
+    r = client("GET", "/livez")
+    assert (r.status, r.text, r.headers["cache-control"]) == (200, "ok\n", "no-store")
+    assert client("GET", "/livez?verbose").text == "[+]raft ok\nlivez ok\n"
+    client.runtime.running = False
+    r = client("GET", "/livez")
+    assert (r.status, r.text) == (503, "the raft runtime has stopped\n") and one_line(r)
+    assert client("GET", "/livez?verbose").text == "[-]raft failed: the raft runtime has stopped\nlivez check failed\n"
+    assert client.runtime.calls == []  # no Raft round
+
+
+def test_readyz_names_what_the_node_lacks(client):
+    r = client("GET", "/readyz")
+    assert (r.status, r.text) == (200, "ok\n")
+    assert client("GET", "/readyz?verbose").text == ("[+]member ok\n[+]leader ok\n[+]disk ok\n[+]snapshot ok\n"
+                                                     "[+]applied ok\nreadyz ok\n")
+    node = client.runtime.node
+    node.last_applied, node.commit_index = 10, 10 + MAX_APPLY_LAG_ENTRIES
+    assert client("GET", "/readyz").status == 200  # within the lag
+    # Review L1: a follower catching up has applied all of its own commit index; the leader's is far ahead.
+    node.commit_index, node.leader_commit = 10, 2000
+    assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")
+    node.leader_commit = 0
+    # Review L3: the core still says a leader is active (its clock is as of its last drive), but the runtime last
+    # heard from the leader longer than an election timeout ago (a node just resumed from SIGSTOP): no leader.
+    node.leader_contact_seconds_ago = 1.5
+    assert client("GET", "/readyz").text == "no leader\n"
+    node.leader_contact_seconds_ago = 0.0
+    node.receiving_snapshot = True
+    assert client("GET", "/readyz").text == "applying: receiving a snapshot from the leader\n"
+    node.receiving_snapshot = False
+    node.commit_index = 2000
+    assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")
+    client.runtime.disk_full = True
+    assert client("GET", "/readyz").text == "disk full\n"
+    node.leader_active = False
+    assert client("GET", "/readyz").text == "no leader\n"
+    assert client("GET", "/readyz?verbose").text == (
+        "[+]member ok\n[-]leader failed: no leader\n[-]disk failed: disk full\n[+]snapshot ok\n"
+        "[-]applied failed: applying: applied 10 of 2000\nreadyz check failed\n")
+    node.removed = ("b", 17)
+    r = client("GET", "/readyz")
+    assert (r.status, r.text) == (503, "not a member\n") and one_line(r)
+    node.removed, node.node_id = None, "z"  # still joining: not in the configuration
+    assert client("GET", "/readyz").text == "not a member\n"
+    assert client.runtime.calls == []
+
+
 def test_every_route_is_tested_here():
     """A route added to api.ROUTES without a test here fails this test: add the test, then the route below."""
     assert {(method, path) for method, path, _, _ in api_module.ROUTES} == {
         ("POST", "/db/<key:path>"), ("PUT", "/db/<key:path>"), ("DELETE", "/db/<key:path>"),
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
-        ("GET", "/cluster/keys")}
+        ("GET", "/cluster/keys"), ("GET", "/livez"), ("GET", "/readyz"), ("DELETE", "/db/"), ("DELETE", "/db"),
+        ("POST", "/txn")}
+
+
+def test_the_access_log_names_an_undelivered_answer_and_escapes_unambiguously(caplog):
+    """Review Q3/Q4: gevent negates the status of an answer it could not deliver (logged `-307` before); a
+    literal backslash is doubled, so `\\xc3` as sent and the byte 0xC3 log differently."""
+    from raftlib.server.edge import AccessLogHandler
+
+    handler = AccessLogHandler.__new__(AccessLogHandler)  # the fields log_request reads, without a socket
+    handler.command, handler.path, handler.client_address = "POST", "/db/a\\xc3\xc3?prev_value=s&x=1", ("1.2.3.4", 5)
+    handler.time_start, handler.time_finish, handler.code = 10.0, 10.0125, -307
+    handler.response_headers = [(b"Content-Length", b"12")]
+    with caplog.at_level("INFO", logger="raftdzmq.access"):
+        handler.log_request()
+    assert caplog.messages == ["POST /db/a\\\\xc3\\xc3?prev_value=<redacted>&x=1 307-undelivered 12 12.5ms 1.2.3.4:5"]
+
+
+# ---- issue 14: indices, ?prev_index, prefix deletes, transactions, the feature level ---------------------------
+
+
+@pytest.fixture
+def upgraded(client) -> Client:
+    """A client whose cluster's feature level was raised (index 1)."""
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    assert client.store.feature_level == FEATURE_LEVEL
+    return client
+
+
+def test_reads_answer_the_indices_from_level_2_on(client):
+    client("POST", "/db/k", "v")
+    r = client("GET", "/db/k")
+    assert r.status == 200 and "x-raft-create-index" not in r.headers and "x-raft-modify-index" not in r.headers
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)  # index 2
+    client("POST", "/db/k", "w")  # index 3
+    r = client("GET", "/db/k")
+    assert (r.body, r.headers["x-raft-create-index"], r.headers["x-raft-modify-index"]) == (b"w", "2", "3")
+
+
+def test_prev_index_is_compare_and_set_on_the_modify_index(upgraded):
+    client = upgraded
+    assert client("POST", "/db/k?prev_index=0", "1").status == 200  # 0: only when missing (index 2)
+    r = client("POST", "/db/k?prev_index=0", "x")
+    assert (r.status, r.text, r.headers["x-raft-index"]) == (412, "precondition failed\n", "3")
+    assert client("POST", "/db/k?prev_index=2", "2").status == 200 and client.store.get("k") == b"2"  # index 4
+    assert client("DELETE", "/db/k?prev_index=2").status == 412 and client.store.get("k") == b"2"
+    assert client("DELETE", "/db/k?prev_index=4").status == 200 and client.store.get("k") is None
+    # Missing: 412 unless prev_index is 0 (issue 14's "likewise"; review of coord1, Q3), then 404.
+    r = client("DELETE", "/db/k?prev_index=4")
+    assert (r.status, r.headers["x-raft-modify-index"]) == (412, "0")
+    assert client("DELETE", "/db/k?prev_index=0").status == 404
+    for bad in ("prev_index=x", "prev_index=-1", "prev_index=1&prev_value=a", "prev_index=1&prev_exist=false",
+                "prev_index=%2B4", "prev_index=1_4", "prev_index=-0", "prev_index=%204", "prev_index=",
+                "prev_index=%D9%A4"):  # +4, 1_4, -0, " 4", "", an Arabic-Indic 4: int() takes most of them
+        r = client("POST", f"/db/k?{bad}", "v")
+        assert r.status == 400 and "prev_index" in r.text, bad
+    assert client("DELETE", "/db/k?prev_index=x").status == 400
+    assert client.store.get("k") is None
+
+
+def test_a_412_carries_the_keys_modify_index(upgraded):
+    """Review of coord1, Q3: a compare-and-set loop needs no GET after a 412."""
+    client = upgraded
+    client("POST", "/db/k", "1")  # index 2
+    client("POST", "/db/k", "2")  # index 3
+    for method, target in (("POST", "/db/k?prev_index=2"), ("DELETE", "/db/k?prev_index=2"),
+                           ("POST", "/db/k?prev_value=1"), ("POST", "/db/k?prev_exist=false")):
+        r = client(method, target, "x")
+        assert (r.status, r.headers["x-raft-modify-index"]) == (412, "3"), target
+    r = client("POST", "/db/new?prev_index=3", "x")
+    assert (r.status, r.headers["x-raft-modify-index"]) == (412, "0")
+
+
+def test_delete_prefix_answers_what_it_deleted(upgraded):
+    client = upgraded
+    for key in ("p/1", "p/2", "p", "q"):
+        client("POST", f"/db/{key}", "v")
+    r = client("DELETE", "/db/?prefix=p/")
+    assert (r.status, r.json()) == (200, {"deleted": 2, "index": 6}) and sorted(client.store.data) == ["p", "q"]
+    assert client("DELETE", "/db?prefix=zz").json() == {"deleted": 0, "index": 7}
+    for target in ("/db/", "/db/?prefix=", "/db/?prefix=%FF"):
+        r = client("DELETE", target)
+        assert r.status == 400 and "prefix" in r.text, target
+    assert sorted(client.store.data) == ["p", "q"]
+
+
+def test_a_txn_answers_its_branch_and_results(upgraded):
+    client = upgraded
+    client("POST", "/db/a", "1")  # index 2
+    client("POST", "/db/bin", b"\xff\x00")  # index 3
+    body = {"compare": [{"key": "a", "target": "value", "op": "==", "value": "1"},
+                        {"key": "a", "target": "modify_index", "op": "==", "value": 2},
+                        {"key": "nope", "target": "exists", "op": "==", "value": False}],
+            "success": [{"op": "put", "key": "a", "value_base64": "AP8="}, {"op": "get", "prefix": "b"},
+                        {"op": "delete", "key": "bin"}, {"op": "get", "key": "a"}],
+            "failure": [{"op": "put", "key": "failed", "value": "x"}]}
+    r = client("POST", "/txn", json.dumps(body))
+    assert r.status == 200 and r.headers["x-raft-index"] == "4"
+    assert r.json() == {"succeeded": True, "index": 4, "results": [
+        {"op": "put", "key": "a"},
+        {"op": "get", "kvs": [{"key": "bin", "value_base64": "/wA=", "create_index": 3, "modify_index": 3}]},
+        {"op": "delete", "deleted": 1},
+        {"op": "get", "kvs": [{"key": "a", "value_base64": "AP8=", "create_index": 2, "modify_index": 4}]}]}
+    r = client("POST", "/txn", json.dumps(body))  # a's value is no longer "1"
+    assert r.json() == {"succeeded": False, "index": 5, "results": [{"op": "put", "key": "failed"}]}
+    assert client.store.get("failed") == b"x" and client.store.get("a") == b"\x00\xff"
+    assert client("POST", "/txn", "{}").json() == {"succeeded": True, "index": 6, "results": []}
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("not json", "not JSON"), ("[]", "JSON object"), ('{"compares": []}', "unknown field 'compares'"),
+    ('{"success": {}}', "success must be a list"),
+    ('{"compare": [{"key": "k", "target": "size", "op": "==", "value": 1}]}', "unknown target 'size'"),
+    ('{"compare": [{"key": "k", "target": "value", "op": "=~", "value": "x"}]}', "unknown compare op"),
+    ('{"compare": [{"target": "exists", "op": "==", "value": true}]}', "missing key"),
+    ('{"compare": [{"key": "k", "target": "modify_index", "op": "<", "value": "3"}]}', "integer >= 0"),
+    ('{"compare": [{"key": "k", "target": "exists", "op": "==", "value": 1}]}', "true or false"),
+    ('{"success": [{"op": "patch", "key": "k"}]}', "unknown op 'patch'"),
+    ('{"success": [{"op": "put", "value": "v"}]}', "missing key"),
+    ('{"success": [{"op": "put", "key": "k"}]}', "needs a value"),
+    ('{"success": [{"op": "put", "key": "k", "value": "a", "value_base64": "YQ=="}]}', "both given"),
+    ('{"failure": [{"op": "put", "key": "k", "value_base64": "not base64!"}]}', "not base64"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": 7}]}', "lease 7 not found"),
+    ('{"success": [{"op": "delete", "key": "k", "prefix": "k"}]}', "one of them"),
+    ('{"success": [{"op": "get"}]}', "one of them"),
+    ('{"success": [{"op": "get", "key": ""}]}', "1 to 4096 bytes"),
+    ('{"success": [{"op": "get", "key": "k", "limit": 3}]}', "unknown field 'limit'"),
+    (json.dumps({"success": [{"op": "get", "key": "k"}] * (MAX_TXN_OPS + 1)}), f"at most {MAX_TXN_OPS}"),
+    # Review of coord1, Q1 and Q2: a lone surrogate (500 before), nesting past the recursion limit (500 before),
+    # a lease that is not an int, the same key put twice in a branch (as etcd).
+    ('{"success": [{"op": "put", "key": "\\ud800", "value": "x"}]}', "success[0]: key is not valid Unicode"),
+    ('{"success": [{"op": "put", "key": "k", "value": "\\udfff"}]}', "success[0]: value is not valid Unicode"),
+    ('{"compare": [{"key": "k", "target": "value", "op": "==", "value": "\\ud800"}]}', "not valid Unicode"),
+    ('{"success": [{"op": "get", "prefix": "\\ud800"}]}', "prefix is not valid Unicode"),
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": false}]}', "lease must be an integer"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": 0.0}]}', "lease must be an integer"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": "0"}]}', "lease must be an integer"),
+    ('{"success": [{"op": "put", "key": "k", "value": "1"}, {"op": "put", "key": "k", "value": "2"}]}',
+     "success[1]: key 'k' is put twice"),
+])
+def test_a_malformed_txn_is_a_400_naming_the_problem(upgraded, body, problem):
+    r = upgraded("POST", "/txn", body)
+    assert r.status == 400 and r.text.startswith("bad transaction: ") and problem in r.text, r.text
+    assert r.text.count("\n") == 1
+    assert not [c for c in upgraded.runtime.calls if c[0] == "propose" and c[1] != command(
+        SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)]  # nothing proposed
+
+
+def test_the_new_api_is_409_until_the_cluster_is_upgraded(client):
+    client.api.upgrade_reason = lambda: "the cluster is not upgraded yet: members c run an older raftdzmq"
+    client("POST", "/db/k", "v")
+    for method, target, body in (("POST", "/db/k?prev_index=1", "w"), ("DELETE", "/db/k?prev_index=1", ""),
+                                 ("DELETE", "/db/?prefix=k", ""), ("POST", "/txn", "{}")):
+        r = client(method, target, body)
+        assert (r.status, r.text) == (409, "the cluster is not upgraded yet: members c run an older raftdzmq\n")
+    assert client.store.get("k") == b"v" and client.runtime.node.last_applied == 1  # nothing proposed
+    # A follower answers them itself (review of coord1, S2): its leader may run an older release, which would
+    # take ?prev_index=N as an unconditional write. At level 2 it sends them to the leader, as every write.
+    client.be_follower("b")
+    for method, target, body in (("POST", "/db/k?prev_index=1", "w"), ("DELETE", "/db/k?prev_index=1", ""),
+                                 ("DELETE", "/db/?prefix=k", ""), ("POST", "/txn", "{}")):
+        assert client(method, target, body).status == 409, target
+    client.runtime.node.role = Role.LEADER
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    client.be_follower("b")
+    for method, target, body in (("POST", "/db/k?prev_index=1", "w"), ("DELETE", "/db/k?prev_index=1", ""),
+                                 ("DELETE", "/db/?prefix=k", ""), ("POST", "/txn", "{}")):
+        assert client(method, target, body).status == 307, target
+
+
+def test_a_join_without_the_feature_level_is_refused_once_the_cluster_has_it(client):
+    join = {"node_id": "d", "raft_address": "10.0.0.4:5555", "http_address": "10.0.0.4:8080"}
+    assert client("POST", "/join", json.dumps(join)).status == 200  # level 1: an older node may join
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    for level in ({}, {"feature_level": 1}, {"feature_level": "2"}):
+        r = client("POST", "/join", json.dumps({**join, "node_id": "e", **level}))
+        assert r.status == 409 and "upgrade it, then join" in r.text, level
+    r = client("POST", "/join", json.dumps({**join, "node_id": "e", "feature_level": FEATURE_LEVEL}))
+    assert r.status == 200
+
+
+# ---- review of coord1: the join against the raise, the membership lock, the raiser --------------------------------
+
+
+def test_a_join_waits_for_a_raise_in_this_leaders_log_before_it_reads_the_level(client):
+    """Review of coord1, S1: the raiser's SET_FEATURE_LEVEL timed out (or a new leader has its predecessor's raise
+    in its log, not applied until an entry of its own term commits): the applied level is 1, the log's 2. An old
+    node's join (no feature_level) must wait for it and be refused."""
+    client.runtime.pending = [command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)]
+    r = client("POST", "/join", JOIN)
+    assert r.status == 409 and "upgrade it, then join" in r.text, r
+    assert client.store.feature_level == FEATURE_LEVEL
+    assert not [c for c in client.runtime.calls if c[0] == "change_membership"]
+
+
+def test_a_join_that_waits_out_another_change_checks_the_level_again(client, monkeypatch):
+    """Review of coord1, S1: the join's retries (ProposalDropped: a change in flight, or a new leader's entry not
+    yet committed) must each see the level as it is then."""
+    calls = []
+
+    def change_membership(change, timeout_seconds):
+        calls.append(change)
+        # While this join waits, a raise applies (a new leader's predecessor's, committed with its no-op).
+        client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+        raise ProposalDropped("a change is in flight")
+
+    monkeypatch.setattr(client.runtime, "change_membership", change_membership)
+    r = client("POST", "/join", JOIN)
+    assert r.status == 409 and "upgrade it, then join" in r.text, r
+    assert len(calls) == 1
+
+
+def test_a_join_waits_for_the_membership_lock_the_raiser_holds():
+    """Review of coord1, Q4: without the lock in join, an old node could join between the raiser's question and
+    its raise (no test failed when it was removed)."""
+    client = Client(write_timeout_seconds=0.2)
+    assert client.api.membership_lock.acquire(blocking=False)  # the raiser is asking the members
+    r = client("POST", "/join", JOIN)
+    assert (r.status, r.text) == (503, "join not possible now: the cluster's feature level is being raised; retry\n")
+    assert client.runtime.calls == []
+    client.api.membership_lock.release()
+    assert client("POST", "/join", JOIN).status == 200
+
+
+class StatusConnection:
+    """GET /status of a member, for the FeatureLevelRaiser: `levels` maps an http address to the feature_level
+    its status says (None: no such field, an older release), or to an exception (no answer)."""
+
+    levels: dict[str, object] = {}
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.address = f"{host}:{port}"
+
+    def request(self, method, target):
+        assert (method, target) == ("GET", "/status")
+        level = self.levels[self.address]
+        if isinstance(level, Exception):
+            raise level
+
+    def getresponse(self):
+        level = self.levels[self.address]
+        body = json.dumps({} if level is None else {"feature_level": level}).encode()
+        return types.SimpleNamespace(status=200, read=lambda n: body)
+
+    def close(self):
+        pass
+
+
+def raiser_of(client: Client, levels: dict[str, object], monkeypatch):
+    from raftlib.server.node import FeatureLevelRaiser
+    monkeypatch.setattr(StatusConnection, "levels", levels)
+    return FeatureLevelRaiser(client.runtime, client.store, FEATURE_LEVEL, client.api.membership_lock, 0.2,
+                              connect=StatusConnection)
+
+
+def test_the_raiser_raises_only_once_every_member_learners_too_has_the_level(client, monkeypatch):
+    """Review of coord1, Q4: the raiser had no unit test (the learner that lags, no answer, the timeout)."""
+    levels = {"10.0.0.2:8080": 2, "10.0.0.3:8080": None}  # b (voter) upgraded; c (learner) an older release
+    raiser = raiser_of(client, levels, monkeypatch)
+    assert raiser.raise_once() is False and client.store.feature_level == 1 and client.runtime.calls == []
+    assert raiser.reason() == "the cluster is not upgraded yet: members c run an older raftdzmq"
+    levels["10.0.0.3:8080"] = OSError("connection refused")
+    assert raiser.raise_once() is False and client.runtime.calls == []
+    assert raiser.reason() == "the cluster is not upgraded yet: members c did not answer which raftdzmq they run"
+    levels["10.0.0.3:8080"] = 2
+    # The proposal times out: the raise may still be in the log (a join waits for it: S1); the lock is free again.
+    client.runtime.fail("propose", Timeout("no answer in 0.2s"))
+    with pytest.raises(Timeout):
+        raiser.raise_once()
+    assert not client.api.membership_lock.locked() and client.store.feature_level == 1
+    assert raiser.raise_once() is True and client.store.feature_level == FEATURE_LEVEL
+    assert [c[1] for c in client.runtime.calls if c[0] == "propose"] == [
+        command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)] * 2
+
+
+def test_the_raiser_asks_and_raises_under_the_membership_lock(client, monkeypatch):
+    raiser = raiser_of(client, {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}, monkeypatch)
+    assert client.api.membership_lock.acquire(blocking=False)  # a join is being made
+    assert raiser.raise_once() is False and client.runtime.calls == []  # waited 0.2 s for it, then gave up
+    client.api.membership_lock.release()
+    held = []
+    monkeypatch.setattr(StatusConnection, "getresponse", lambda self: (
+        held.append(client.api.membership_lock.locked()),
+        types.SimpleNamespace(status=200, read=lambda n: b'{"feature_level": 2}'))[1])
+    assert raiser.raise_once() is True and held == [True, True]
+
+
+def test_a_prefix_delete_over_the_cap_is_several_entries_and_answers_the_last_index(upgraded):
+    """Review of coord1, L2: one entry deletes at most MAX_DELETE_KEYS_PER_ENTRY keys; the route goes on."""
+    client = upgraded
+    n = api_module.MAX_DELETE_KEYS_PER_ENTRY
+    for i in range(2 * n + 3):
+        client.runtime.propose(command(SET, f"p/{i:05d}", b"v"), 1.0)
+    client.runtime.propose(command(SET, "q", b"v"), 1.0)
+    before = client.runtime.node.last_applied
+    r = client("DELETE", "/db/?prefix=p/")
+    assert (r.status, r.json()) == (200, {"deleted": 2 * n + 3, "index": before + 3})
+    assert sorted(client.store.data) == ["q"]

@@ -29,7 +29,7 @@ from raftlib import (
     Removed,
     Role,
 )
-from raftlib.runtime import Runtime, Stopped, Timeout
+from raftlib.runtime import NotRunning, Runtime, Stopped, Timeout
 from raftlib.storage import DiskStorage
 from crashfs import CrashFS
 from runtime_fakes import NullTransport, Values
@@ -109,6 +109,32 @@ def test_stopping_fails_every_waiting_request(one_node):
         assert w.successful() or isinstance(w.exception, Stopped), w.exception
     with pytest.raises(Stopped):
         runtime.propose(b"late", 1.0)
+
+
+def test_not_running_is_raised_only_before_anything_is_queued(one_node):
+    """Review S1: NotRunning means "nothing was asked of the node" (answered `not-applied`). A read asked of a
+    stopped node used to be put in the inbox first and then fail NotRunning; now it is refused before, and a
+    request already queued or registered gets Stopped (its outcome unknown)."""
+    runtime, _, _ = one_node
+    runtime.stop()
+    for request in (lambda: runtime.read(1.0), lambda: runtime.propose(b"late", 1.0),
+                    lambda: runtime.wait_applied(10**6, 1.0), lambda: runtime.transfer_leadership("x", 1.0)):
+        with pytest.raises(NotRunning):
+            request()
+    assert not runtime._inbox and not runtime._index_waiters
+    # A request registered before the node stopped: Stopped, never NotRunning.
+    with pytest.raises(Stopped) as caught:
+        runtime._wait(gevent.event.AsyncResult(), 1.0)
+    assert type(caught.value) is Stopped
+
+
+def test_status_says_not_running_once_the_driving_loop_has_died(one_node):
+    """GET /livez's one check (review L2/L4): a runtime whose loop greenlet died (only a bug does that while it
+    runs) drives nothing; its status must say so, though `running` was never cleared."""
+    runtime, _, _ = one_node
+    assert runtime.status().running
+    runtime._greenlets[0].kill()
+    assert runtime.running and not runtime.status().running
 
 
 class Restorable(Values):
@@ -549,3 +575,34 @@ def test_a_snapshot_transfer_abandoned_for_an_unreadable_file_is_logged_and_coun
     assert said == ["snapshot transfer abandoned 2 time(s) (2 since start): the snapshot at 40 for b could not "
                     "be read: snapshot-40.snap: [Errno 5] Input/output error"]
     assert runtime.status().stats["snapshot_reads_failed"] == 2
+
+
+def test_a_snapshot_the_state_machine_requests_is_taken_whatever_the_logs_size():
+    """Review of coord1, S4: the raise of the feature level asks for a snapshot at once (store: "Downgrades"), so
+    that an older binary stops at start on it rather than replay the new ops as nothing."""
+
+    class Requesting(Restorable):
+        def apply(self, index, command):
+            if command == b"raise":
+                runtime.request_snapshot()
+            return super().apply(index, command)
+
+        def snapshot(self):
+            return b"state after %d" % len(self.applied)
+
+    runtime, storage, _, fatal = on_crashfs(snapshot_threshold_bytes=1 << 30)
+    runtime.state_machine = Requesting()
+    runtime.start()
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+        runtime.propose(b"before", 2.0)
+        assert storage.state.snapshot is None and runtime.stats["snapshots"] == 0
+        index, _ = runtime.propose(b"raise", 2.0)
+        runtime.propose(b"after", 2.0)
+        assert runtime.stats["snapshots"] == 1 and not fatal
+        assert storage.state.snapshot.last_included_index == index
+        assert storage.state.snapshot.data == b"state after 2"
+    finally:
+        runtime.stop()

@@ -19,19 +19,35 @@ import format_kv_main
 from raftlib.server import store
 from raftlib.server.store import (
     ADMIN_CLAIM,
+    CLAIM_RETENTION_SECONDS,
     COMPARE_AND_SET,
     CREATE,
     DELETE,
+    DELETE_IF_INDEX,
+    DELETE_PREFIX,
+    FEATURE_LEVEL,
+    MAX_TXN_OPS,
     RESTORE_BATCH_KEYS,
     SET,
-    CLAIM_RETENTION_SECONDS,
+    SET_FEATURE_LEVEL,
+    SET_IF_INDEX,
+    SNAPSHOT_V3,
     SNAPSHOT_WITH_CLAIMS,
     SNAPSHOT_WITH_CLAIMS_V2,
+    TXN,
+    Event,
     KeyValueStore,
+    TxnResult,
     command,
+    txn_problem,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def values(kv) -> dict[str, bytes]:
+    """The key -> value map of the store's records (or of the frozen previous release's plain map)."""
+    return {key: record if type(record) is bytes else record[0] for key, record in kv.data.items()}
 
 
 def applied(*commands: bytes) -> tuple[KeyValueStore, list[str]]:
@@ -42,21 +58,21 @@ def applied(*commands: bytes) -> tuple[KeyValueStore, list[str]]:
 def test_set_creates_and_overwrites():
     kv, results = applied(command(SET, "a", b"1"), command(SET, "a", b"2"), command(SET, "b", b""))
     assert results == ["ok", "ok", "ok"]
-    assert kv.data == {"a": b"2", "b": b""} and list(kv.keys) == ["a", "b"] and len(kv) == 2
+    assert values(kv) == {"a": b"2", "b": b""} and list(kv.keys) == ["a", "b"] and len(kv) == 2
     assert kv.get("a") == b"2" and kv.get("b") == b"" and kv.get("c") is None
 
 
 def test_delete_answers_missing_for_a_key_that_is_not_there():
     kv, results = applied(command(SET, "a", b"1"), command(DELETE, "a"), command(DELETE, "a"), command(DELETE, "z"))
     assert results == ["ok", "ok", "missing", "missing"]
-    assert kv.data == {} and list(kv.keys) == []
+    assert values(kv) == {} and list(kv.keys) == []
 
 
 def test_compare_and_set_sets_only_on_the_expected_value():
     kv, results = applied(command(SET, "a", b"1"), command(COMPARE_AND_SET, "a", b"3", b"2"),
                           command(COMPARE_AND_SET, "a", b"3", b"1"), command(COMPARE_AND_SET, "new", b"x", b""))
     assert results == ["ok", "failed", "ok", "failed"]
-    assert kv.data == {"a": b"3"}
+    assert values(kv) == {"a": b"3"}
     # An expected value of None matches a missing key (HTTP always sends bytes: prev_value= is b"").
     assert kv.apply(5, command(COMPARE_AND_SET, "fresh", b"x", None)) == "ok" and kv.get("fresh") == b"x"
     assert list(kv.keys) == ["a", "fresh"]
@@ -64,13 +80,13 @@ def test_compare_and_set_sets_only_on_the_expected_value():
 
 def test_create_only_when_the_key_is_missing():
     kv, results = applied(command(CREATE, "a", b"1"), command(CREATE, "a", b"2"))
-    assert results == ["ok", "failed"] and kv.data == {"a": b"1"}
+    assert results == ["ok", "failed"] and values(kv) == {"a": b"1"}
 
 
 def test_an_unknown_op_applies_as_nothing_and_junk_as_an_error():
     kv, results = applied(command(SET, "a", b"1"), command(99, "a", b"2"), b"\xff\x00junk", cbor2.dumps([SET, "a"]))
     assert results == ["ok", "ok", "error", "error"]
-    assert kv.data == {"a": b"1"}
+    assert values(kv) == {"a": b"1"}
 
 
 def test_admin_claims_take_a_signature_once_and_forget_it_after_the_window():
@@ -78,7 +94,7 @@ def test_admin_claims_take_a_signature_once_and_forget_it_after_the_window():
     kv, results = applied(command(ADMIN_CLAIM, "sig1", b"", [now, now]), command(ADMIN_CLAIM, "sig1", b"", [now, now]),
                           command(ADMIN_CLAIM, "sig2", b"", [now, now + 1]))
     assert results == ["ok", "used", "ok"]
-    assert kv.data == {} and kv.admin_claims.claims == {"sig1": now, "sig2": now}
+    assert values(kv) == {} and kv.admin_claims.claims == {"sig1": now, "sig2": now}
     assert kv.admin_claims.horizon == now + 1 - CLAIM_RETENTION_SECONDS
     # Malformed claims (another version's) claim nothing.
     for bad in ([now], [now, "x"], "when", None):
@@ -101,12 +117,12 @@ def test_snapshots_of_the_older_formats_still_restore():
     data = {"b": b"2", "a": b"\x00\xff", "\u00e9": b"3"}
     copy = KeyValueStore()
     copy.restore(cbor2.dumps(data))
-    assert copy.data == data and list(copy.keys) == sorted(data) and copy.admin_claims.claims == {}
+    assert values(copy) == data and list(copy.keys) == sorted(data) and copy.admin_claims.claims == {}
     copy.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS, data, {"sig": 5.0}]))
-    assert copy.data == data and copy.admin_claims.claims == {"sig": 5.0}
+    assert values(copy) == data and copy.admin_claims.claims == {"sig": 5.0}
     assert copy.apply(5, command(ADMIN_CLAIM, "sig", b"", [5.0, 6.0])) == "used"  # the claim came along
     copy.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, data, {"sig": 2000.0}, 1100.0]))  # main's, with a horizon
-    assert copy.data == data and copy.admin_claims.claims == {"sig": 2000.0} and copy.admin_claims.horizon == 1100.0
+    assert values(copy) == data and copy.admin_claims.claims == {"sig": 2000.0} and copy.admin_claims.horizon == 1100.0
     assert copy.apply(6, command(ADMIN_CLAIM, "other", b"", [1000.0, 1500.0])) == "expired"
     copy.keys._check()
 
@@ -114,28 +130,28 @@ def test_snapshots_of_the_older_formats_still_restore():
 def test_snapshot_and_restore_round_trip_with_and_without_claims():
     kv, _ = applied(command(SET, "b", b"2"), command(SET, "a", b"\x00\xff"), command(SET, "\u00e9", b"3"))
     plain = kv.snapshot()
-    assert cbor2.loads(plain) == [SNAPSHOT_WITH_CLAIMS_V2, kv.data, {}, 0.0]
+    assert cbor2.loads(plain) == [SNAPSHOT_WITH_CLAIMS_V2, values(kv), {}, 0.0]
     assert list(cbor2.loads(plain)[1]) == ["a", "b", "\u00e9"]  # the map's keys in increasing order
     copy = KeyValueStore()
     copy.restore(plain)
-    assert copy.data == kv.data and list(copy.keys) == sorted(kv.data) and copy.admin_claims.claims == {}
+    assert values(copy) == values(kv) and list(copy.keys) == sorted(kv.data) and copy.admin_claims.claims == {}
     kv.apply(4, command(ADMIN_CLAIM, "sig", b"", [1500.0, 1500.0]))
     kv.apply(5, command(ADMIN_CLAIM, "late", b"", [2000.0, 2000.0]))  # a horizon past 0: it must come along
     horizon = 2000.0 - CLAIM_RETENTION_SECONDS
     assert kv.admin_claims.horizon == horizon and kv.admin_claims.claims == {"sig": 1500.0, "late": 2000.0}
     with_claims = kv.snapshot()
-    assert cbor2.loads(with_claims) == [SNAPSHOT_WITH_CLAIMS_V2, kv.data, {"sig": 1500.0, "late": 2000.0}, horizon]
+    assert cbor2.loads(with_claims) == [SNAPSHOT_WITH_CLAIMS_V2, values(kv), {"sig": 1500.0, "late": 2000.0}, horizon]
     copy.restore(with_claims)
-    assert copy.data == kv.data and copy.admin_claims.claims == {"sig": 1500.0, "late": 2000.0}
+    assert values(copy) == values(kv) and copy.admin_claims.claims == {"sig": 1500.0, "late": 2000.0}
     assert copy.admin_claims.horizon == horizon
     assert copy.snapshot() == kv.snapshot()
     assert copy.apply(6, command(ADMIN_CLAIM, "sig", b"", [1500.0, 2001.0])) == "used"  # the claim came along
     assert copy.apply(7, command(ADMIN_CLAIM, "new", b"", [horizon - 1, 2001.0])) == "expired"  # and the horizon
     # The version before the horizon's format is still read, with a horizon of 0.
-    copy.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS, kv.data, {"old": 3.0}]))
+    copy.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS, values(kv), {"old": 3.0}]))
     assert copy.admin_claims.claims == {"old": 3.0} and copy.admin_claims.horizon == 0.0
     copy.restore(b"")  # the empty state
-    assert copy.data == {} and list(copy.keys) == [] and copy.admin_claims.claims == {}
+    assert values(copy) == {} and list(copy.keys) == [] and copy.admin_claims.claims == {}
 
 
 def big_store(n: int, seed: int = 1) -> KeyValueStore:
@@ -148,7 +164,9 @@ def big_store(n: int, seed: int = 1) -> KeyValueStore:
 
 def _same_state(a, b) -> bool:
     """Two stores (today's or the frozen previous release's) hold the same state, claims and horizon included."""
-    return (a.data == b.data and list(a.keys) == sorted(a.data) and list(b.keys) == sorted(b.data)
+    exposed = all(hasattr(kv, "record") for kv in (a, b))
+    return (values(a) == values(b) and list(a.keys) == sorted(a.data) and list(b.keys) == sorted(b.data)
+            and (not exposed or {k: a.record(k) for k in a.data} == {k: b.record(k) for k in b.data})
             and a.admin_claims.claims == b.admin_claims.claims
             and float(a.admin_claims.horizon) == float(b.admin_claims.horizon))
 
@@ -200,8 +218,8 @@ def _steps(kv: KeyValueStore, snapshot) -> tuple[list[float], int]:
     real = cbor2.CBORDecoder
 
     class Counting:  # cbor2 6's CBORDecoder cannot be subclassed: a wrapper
-        def __init__(self, fp) -> None:
-            self.decoder = real(fp)
+        def __init__(self, fp, **options) -> None:
+            self.decoder = real(fp, **options)
 
         def decode(self):
             seen["pairs"] += 0.5
@@ -236,7 +254,7 @@ def test_a_snapshot_restores_a_batch_of_keys_per_step_and_replaces_the_state_onl
         snapshot = kv.snapshot()
     else:
         old = format_kv_main.KeyValueStore()
-        old.data, old.admin_claims.claims, old.admin_claims.horizon = dict(kv.data), dict(kv.admin_claims.claims), \
+        old.data, old.admin_claims.claims, old.admin_claims.horizon = values(kv), dict(kv.admin_claims.claims), \
             kv.admin_claims.horizon
         snapshot = old.snapshot()
         assert list(cbor2.loads(snapshot)[1]) != sorted(kv.data)  # really out of order
@@ -248,7 +266,7 @@ def test_a_snapshot_restores_a_batch_of_keys_per_step_and_replaces_the_state_onl
     n = 0
     while not next(steps):
         n += 1
-        assert target.data == {"old": b"1"} and list(target.keys) == ["old"]
+        assert values(target) == {"old": b"1"} and list(target.keys) == ["old"]
     assert n >= 4  # at least 3 full batches and a partial one
     assert _same_state(target, kv)
     assert not any(steps)  # the old state freed in steps that replace nothing more
@@ -287,7 +305,7 @@ def test_a_restore_dropped_part_way_changes_nothing():
     steps = old.restoring(kv.snapshot())
     assert not next(steps) and not next(steps)
     steps.close()
-    assert old.data == {"old": b"1"} and list(old.keys) == ["old"]
+    assert values(old) == {"old": b"1"} and list(old.keys) == ["old"]
 
 
 def _v2(pairs: bytes, count: int, claims: bytes = b"\xa0", horizon: bytes = cbor2.dumps(0.0)) -> bytes:
@@ -351,7 +369,7 @@ def test_a_damaged_snapshot_is_refused_and_changes_nothing(name, snapshot):
     with pytest.raises(ValueError):
         kv.restore(snapshot)
     assert kv.data is data and kv.keys is keys and kv.admin_claims is claims
-    assert kv.data == {"a": b"1"} and list(kv.keys) == ["a"] and claims.claims == {"mine": 100.0}
+    assert values(kv) == {"a": b"1"} and list(kv.keys) == ["a"] and claims.claims == {"mine": 100.0}
 
 
 def test_keys_out_of_order_are_not_damage_but_a_bounded_step_each():
@@ -359,7 +377,7 @@ def test_keys_out_of_order_are_not_damage_but_a_bounded_step_each():
     index by insertion, checked), with the same bound per step."""
     kv = KeyValueStore()
     kv.restore(_v2(_pairs("m", b"1", "n", b"2", "a", b"3", "z", b"4", "b", b"5"), 5))
-    assert kv.data == {"m": b"1", "n": b"2", "a": b"3", "z": b"4", "b": b"5"}
+    assert values(kv) == {"m": b"1", "n": b"2", "a": b"3", "z": b"4", "b": b"5"}
     assert list(kv.keys) == ["a", "b", "m", "n", "z"]
     kv.keys._check()
 
@@ -372,7 +390,7 @@ def test_a_snapshot_of_an_unknown_format_is_refused_and_changes_nothing(snapshot
     kv, _ = applied(command(SET, "a", b"1"))
     with pytest.raises(ValueError, match="unknown format"):
         kv.restore(snapshot)
-    assert kv.data == {"a": b"1"} and list(kv.keys) == ["a"]
+    assert values(kv) == {"a": b"1"} and list(kv.keys) == ["a"]
 
 
 def test_pages_follow_prefix_after_and_limit():
@@ -384,7 +402,7 @@ def test_pages_follow_prefix_after_and_limit():
     assert kv.page("b", "b/3", 10) == (["ba"], False)
     assert kv.page("", "c", 10) == (["\u00e9"], False)
     assert kv.page("zz", "", 10) == ([], False)
-    assert kv.page("", "", 7) == (sorted(kv.data), False)
+    assert kv.page("", "", 7) == (sorted(values(kv)), False)
 
 
 KEYS = st.text(alphabet="ab/\u00e9", min_size=1, max_size=4)
@@ -428,7 +446,7 @@ def test_a_random_history_matches_a_dict_through_snapshots(ops, prefix, after, l
         assert result == replica.apply(index, command(op, key, value, expected))
         if op != ADMIN_CLAIM:
             assert result == model_apply(model, op, key, value, expected)
-        assert kv.data == model
+        assert values(kv) == model
     assert kv.snapshot() == replica.snapshot()
     assert list(kv.keys) == sorted(model)
     want = sorted(k for k in model if k.startswith(prefix) and k > after)
@@ -445,7 +463,7 @@ def test_the_same_commands_give_the_same_snapshot_bytes():
 # The store's imports: the standard library's pure modules, cbor2 and sortedcontainers; admin.py's, the store and
 # the standard library (it reads the clock and a file, but loads nothing of the server's runtime).
 ALLOWED_IMPORTS = {
-    "store": {"__future__", "io", "logging", "collections.abc", "cbor2", "sortedcontainers"},
+    "store": {"__future__", "io", "logging", "cbor2", "sortedcontainers", "typing", "collections.abc"},
     "admin": {"__future__", "collections", "hashlib", "hmac", "json", "os", "re", "time", "collections.abc", "store"},
 }
 
@@ -482,3 +500,319 @@ def test_the_old_state_is_freed_a_piece_per_step_after_the_new_one_is_in():
         sizes.append(len(held))
     assert len(held) == 0 and len(sizes) >= 3
     assert all(a - b <= 2 * RESTORE_BATCH_KEYS for a, b in zip([10 * RESTORE_BATCH_KEYS] + sizes, sizes))
+
+
+# ---- issue 14: indices, conditional ops, prefix deletes, transactions, events, the feature level ---------------
+
+
+def upgraded(*commands: bytes, at: int = 1) -> tuple[KeyValueStore, list[object], list[Event]]:
+    """A store whose feature level was raised at index `at` (the first command), then fed `commands`; with the
+    events it emitted after the raise."""
+    events: list[Event] = []
+    kv = KeyValueStore(on_event=events.append)
+    assert kv.apply(at, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)) == "ok"
+    return kv, [kv.apply(at + 1 + i, c) for i, c in enumerate(commands)], events
+
+
+def txn(compares=(), success=(), failure=()) -> bytes:
+    return command(TXN, "", b"", [list(map(list, compares)), list(map(list, success)), list(map(list, failure))])
+
+
+def test_records_carry_the_create_and_the_modify_index():
+    kv, _, _ = upgraded(command(SET, "a", b"1"), command(SET, "a", b"2"), command(SET, "b", b"x"),
+                        command(DELETE, "a"), command(SET, "a", b"3"), command(COMPARE_AND_SET, "b", b"y", b"x"))
+    assert kv.record("a") == (b"3", 6, 6)  # created again after the delete
+    assert kv.record("b") == (b"y", 4, 7) and kv.record("zz") is None
+    value, create_index, modify_index = kv.data["a"]
+    assert create_index is modify_index  # a create keeps one int object for both (memory per key)
+    assert kv.get("b") == b"y"
+
+
+def test_exposed_indices_are_never_below_the_level_index_and_the_raise_stores_them_so():
+    kv = KeyValueStore()
+    kv.apply(3, command(SET, "old", b"1"))
+    kv.apply(4, command(SET, "older", b"0"))
+    assert kv.record("old") == (b"1", 0, 0)  # below level 2: not exposed
+    kv.apply(5, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    # Stored as applied (no O(keys) rewrite at the raise), exposed at the floor; V3 writes them as exposed.
+    assert kv.data["old"] == (b"1", 3, 3) and kv.record("old") == (b"1", 5, 5)
+    kv.apply(8, command(SET, "new", b"2"))
+    assert kv.record("new") == (b"2", 8, 8)
+    kv.apply(9, command(SET, "old", b"3"))
+    assert kv.data["old"] == (b"3", 3, 9) and kv.record("old") == (b"3", 5, 9)
+    assert cbor2.loads(kv.snapshot())[1] == {k: list(kv.record(k)) for k in kv.data}
+
+
+def test_a_later_raise_keeps_the_level_index(monkeypatch):
+    """Review of coord1, S3: a raise above 2 (a release to come) must not move older keys' exposed indices."""
+    monkeypatch.setattr(store, "FEATURE_LEVEL", 3)
+    kv, _, _ = upgraded(command(SET, "k", b"v"), at=5)  # k at 6
+    assert kv.apply(20, command(SET_FEATURE_LEVEL, "", b"", 3)) == "ok"
+    assert (kv.feature_level, kv.level_index, kv.record("k")) == (3, 5, (b"v", 6, 6))
+    assert kv.apply(21, command(SET_IF_INDEX, "k", b"w", 6)) == "ok"
+
+
+def test_a_level_above_this_release_stops_the_node_and_changes_nothing():
+    """Review of coord1, S3: it cannot apply what follows as the others do: raise, so the runtime stops it."""
+    kv, _, _ = upgraded(command(SET, "k", b"v"))
+    before = kv.snapshot()
+    with pytest.raises(store.FeatureLevelTooHigh, match="above this release's"):
+        kv.apply(3, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL + 1))
+    assert kv.snapshot() == before
+    newer = cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, FEATURE_LEVEL + 1, 1])
+    with pytest.raises(ValueError, match="start a newer raftdzmq"):
+        KeyValueStore().restore(newer)
+
+
+def test_crossing_to_level_2_asks_for_a_snapshot_once():
+    raised: list[int] = []
+    kv = KeyValueStore(on_level_raised=raised.append)
+    kv.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    kv.apply(2, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    assert raised == [FEATURE_LEVEL]
+    KeyValueStore(on_level_raised=raised.append).restore(kv.snapshot())  # a restore is no raise
+    assert raised == [FEATURE_LEVEL]
+
+
+def test_set_and_delete_if_index_compare_the_modify_index():
+    kv, results, _ = upgraded(
+        command(SET_IF_INDEX, "k", b"1", 0),  # 0: the key must be missing
+        command(SET_IF_INDEX, "k", b"2", 0),
+        command(SET_IF_INDEX, "k", b"2", 2),
+        command(DELETE_IF_INDEX, "k", b"", 2),
+        command(DELETE_IF_INDEX, "k", b"", 4),
+        command(DELETE_IF_INDEX, "k", b"", 4),  # missing: N != 0 fails (review of coord1, Q3: "likewise")
+        command(DELETE_IF_INDEX, "k", b"", 0),  # missing and N is 0: holds, nothing to delete
+        command(SET_IF_INDEX, "k", b"x", "2"), command(SET_IF_INDEX, "k", 5, 0))  # malformed: nothing
+    assert results == ["ok", "failed", "ok", "failed", "ok", "failed", "missing", "error", "error"]
+    assert kv.record("k") is None and len(kv) == 0
+
+
+def test_delete_prefix_deletes_the_range_in_key_order():
+    kv, results, events = upgraded(*(command(SET, k, b"v") for k in ("a/2", "a/1", "a", "ab", "b/1")),
+                                   command(DELETE_PREFIX, "a/"), command(DELETE_PREFIX, "zz"),
+                                   command(DELETE_PREFIX, ""))
+    assert results[5:] == [2, 0, "error"]
+    assert sorted(kv.data) == ["a", "ab", "b/1"] == list(kv.keys)
+    assert [(e.type, e.key, e.index) for e in events[5:]] == [("delete", "a/1", 7), ("delete", "a/2", 7)]
+    assert events[5] == Event("delete", "a/1", None, 7, 3)
+
+
+def test_events_come_one_per_change_after_the_change():
+    seen = []
+    kv = KeyValueStore(on_event=lambda e: seen.append((e, kv.get(e.key))))
+    kv.apply(1, command(SET, "a", b"0"))
+    kv.apply(2, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    kv.apply(3, command(SET, "a", b"2"))
+    kv.apply(4, command(DELETE, "a"))
+    kv.apply(5, command(DELETE, "a"))  # missing: no event
+    kv.apply(6, command(COMPARE_AND_SET, "b", b"x", b"nope"))  # failed: no event
+    kv.apply(7, command(SET_IF_INDEX, "b", b"x", 3))  # failed: no event
+    kv.apply(8, command(CREATE, "b", b"x"))
+    assert seen == [(Event("put", "a", b"0", 1, 0), b"0"),  # below level 2 no index is exposed
+                    (Event("put", "a", b"2", 3, 2), b"2"), (Event("delete", "a", None, 4, 2), None),
+                    (Event("put", "b", b"x", 8, 8), b"x")]
+
+
+def test_a_txn_runs_the_branch_its_compares_choose():
+    kv, _, events = upgraded(command(SET, "a", b"1"), command(SET, "b", b"2"))  # a at 2, b at 3
+    del events[:]
+    ok = kv.apply(4, txn(compares=[("a", "value", "==", b"1"), ("a", "modify_index", "==", 2),
+                                   ("b", "create_index", ">", 2), ("c", "exists", "==", False),
+                                   ("a", "lease", "==", 0)],
+                         success=[("put", "c", b"3"), ("get", "c", False), ("delete", "a", False),
+                                  ("put", "d", b"4"), ("get", "b", False)],
+                         failure=[("put", "failed", b"")]))
+    assert ok == TxnResult(True, [("put", "c"), ("get", [("c", b"3", 4, 4)], False), ("delete", 1, False),
+                                  ("put", "d"), ("get", [("b", b"2", 3, 3)], False)])
+    assert [(e.type, e.key, e.index) for e in events] == [("put", "c", 4), ("delete", "a", 4), ("put", "d", 4)]
+    assert kv.get("failed") is None and kv.get("a") is None and kv.record("c") == (b"3", 4, 4)
+    # A failing compare: the failure branch only; the success branch changed nothing.
+    del events[:]
+    failed = kv.apply(5, txn(compares=[("c", "value", "==", b"3"), ("b", "value", "<", b"1")],
+                             success=[("put", "c", b"x"), ("delete", "b", False)],
+                             failure=[("get", "c", True), ("delete", "nothing", False)]))
+    assert failed == TxnResult(False, [("get", [("c", b"3", 4, 4)], False), ("delete", 0, False)])
+    assert kv.get("c") == b"3" and kv.get("b") == b"2" and events == []
+
+
+def test_txn_compares_see_the_state_before_the_txn():
+    kv, _, _ = upgraded(command(SET, "k", b"0"))
+    result = kv.apply(3, txn(compares=[("k", "value", "==", b"0")], success=[("put", "k", b"1")]))
+    assert result.succeeded
+    # Both compares are on the state before: the first op's write does not make the second compare fail.
+    result = kv.apply(4, txn(compares=[("k", "value", "==", b"1"), ("k", "modify_index", "==", 3)],
+                             success=[("put", "k", b"2"), ("put", "other", b"")]))
+    assert result.succeeded and kv.get("k") == b"2" and kv.get("other") == b""
+
+
+@pytest.mark.parametrize("target, op, operand, want", [
+    ("value", "==", b"", False), ("value", "!=", b"x", False), ("value", ">", b"", False),  # etcd: always false
+    ("exists", "==", False, True), ("exists", "!=", False, False),
+    ("create_index", "==", 0, True), ("modify_index", "<", 1, True), ("modify_index", ">", 0, False),
+    ("lease", "==", 0, True)])
+def test_a_missing_key_compares_as_etcd_does(target, op, operand, want):
+    kv, results, _ = upgraded(txn(compares=[("missing", target, op, operand)]))
+    assert results == [TxnResult(want, [])]
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("nope", "three lists"), ([[], []], "three lists"),
+    ([[["k", "size", "==", 1]], [], []], "unknown target"), ([[["k", "value", "=~", b""]], [], []], "compare op"),
+    ([[["k", "value", "==", "text"]], [], []], "needs a value"), ([[["k", "exists", "<", True]], [], []], "== or !="),
+    ([[["k", "modify_index", "==", -1]], [], []], "integer >= 0"), ([[["", "exists", "==", True]], [], []], "key"),
+    ([[], [["patch", "k", b""]], []], "put, delete or get"), ([[], [], [["put", "k", "text"]]], "needs a value"),
+    ([[], [["delete", "", True]], []], "at least one character"), ([[], [["get", "k", 1]], []], "key or a prefix"),
+    ([[], [["put", "k", b""]] * (MAX_TXN_OPS + 1), []], f"at most {MAX_TXN_OPS}"),
+    ([[], [], [["put", "k", b""], ["get", "k", False], ["put", "k", b"x"]]], "failure[2]: key 'k' is put twice"),
+])
+def test_a_malformed_txn_is_an_error_applied_as_nothing(body, problem):
+    assert problem in txn_problem(body)
+    kv, results, events = upgraded(command(SET, "k", b"v"), command(TXN, "", b"", body))
+    assert results[1] == "error" and kv.record("k") == (b"v", 2, 2) and len(events) == 1
+
+
+def test_below_level_2_the_new_ops_apply_as_nothing_on_every_node():
+    events = []
+    kv = KeyValueStore(on_event=events.append)
+    kv.apply(1, command(SET, "a/1", b"1"))
+    new_ops = [command(SET_IF_INDEX, "a/1", b"x", 1), command(DELETE_IF_INDEX, "a/1", b"", 1),
+               command(DELETE_PREFIX, "a/"), txn(success=[("put", "b", b"")])]
+    assert [kv.apply(2 + i, c) for i, c in enumerate(new_ops)] == ["error"] * 4
+    assert values(kv) == {"a/1": b"1"} and len(events) == 1 and kv.feature_level == 1
+    # The level goes up once, at its index, never down; then the same ops apply.
+    assert kv.apply(10, command(SET_FEATURE_LEVEL, "", b"", 2)) == "ok"
+    assert kv.apply(11, command(SET_FEATURE_LEVEL, "", b"", 2)) == "unchanged"
+    assert kv.apply(12, command(SET_FEATURE_LEVEL, "", b"", 1)) == "unchanged"
+    assert kv.apply(13, command(SET_FEATURE_LEVEL, "", b"", "3")) == "error"
+    assert (kv.feature_level, kv.level_index) == (2, 10)
+    assert kv.apply(14, command(DELETE_PREFIX, "a/")) == 1 and len(kv) == 0
+
+
+def test_snapshots_in_the_old_format_below_level_2_and_v3_from_it():
+    kv, _ = applied(command(SET, "b", b"2"), command(SET, "a", b"1"))
+    old = kv.snapshot()
+    # What the previous release reads (it wrote a plain map without claims; a V2 with empty ones reads alike).
+    assert cbor2.loads(old) == [SNAPSHOT_WITH_CLAIMS_V2, {"a": b"1", "b": b"2"}, {}, 0.0]
+    copy = KeyValueStore()
+    copy.restore(old)
+    assert copy.data == {"b": (b"2", 0, 0), "a": (b"1", 0, 0)} and copy.feature_level == 1
+    # Raised at 5 on both: the indices the old format dropped do not matter, since none is exposed below 5.
+    for store_ in (kv, copy):
+        store_.apply(5, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+        store_.apply(6, command(SET, "a", b"3"))
+    assert kv.record("b") == copy.record("b") == (b"2", 5, 5) and kv.record("a") == copy.record("a") == (b"3", 5, 6)
+    v3 = kv.snapshot()
+    assert v3 == copy.snapshot()  # the indices as exposed: the same bytes on every node
+    assert cbor2.loads(v3) == [SNAPSHOT_V3, {"b": [b"2", 5, 5], "a": [b"3", 5, 6]}, {}, 0.0, FEATURE_LEVEL, 5]
+    third = KeyValueStore()
+    third.restore(v3)
+    assert (third.feature_level, third.level_index) == (FEATURE_LEVEL, 5) and list(third.keys) == ["a", "b"]
+    assert third.record("a") == (b"3", 5, 6) and third.snapshot() == v3
+    assert third.apply(7, command(SET_IF_INDEX, "a", b"4", 6)) == "ok"  # the level came along
+
+
+@pytest.mark.parametrize("snapshot", [
+    cbor2.dumps([SNAPSHOT_V3, {"k": [b"v", 1]}, {}, 0.0, 2, 1]),
+    cbor2.dumps([SNAPSHOT_V3, {"k": ["v", 1, 1]}, {}, 0.0, 2, 1]),
+    cbor2.dumps([SNAPSHOT_V3, {"k": [b"v", -1, 1]}, {}, 0.0, 2, 1]),
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 1, 1]),  # V3 is never written below level 2
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, "1"]),
+    cbor2.dumps([SNAPSHOT_V3, {}, [], 0.0, 2, 1]),
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, 1, {"lease": 1}]),  # a later level's: refused, not half read
+    cbor2.dumps({"k": "not bytes"}), cbor2.dumps({1: b"v"}),
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, 1])[:-1],  # cut short
+])
+def test_a_damaged_or_newer_snapshot_is_refused_and_changes_nothing(snapshot):
+    kv, _, _ = upgraded(command(SET, "a", b"1"))
+    before = kv.snapshot()
+    with pytest.raises(ValueError):
+        kv.restore(snapshot)
+    assert kv.snapshot() == before and list(kv.keys) == ["a"] and kv.feature_level == FEATURE_LEVEL
+
+
+LEVEL_KEYS = st.sampled_from(["a", "a/1", "a/2", "b"])
+TXN_COMPARES = st.lists(st.one_of(
+    st.tuples(LEVEL_KEYS, st.just("value"), st.sampled_from(["==", "!=", "<", ">"]), VALUES),
+    st.tuples(LEVEL_KEYS, st.sampled_from(["modify_index", "create_index"]), st.sampled_from(["==", "<", ">"]),
+              st.integers(0, 40)),
+    st.tuples(LEVEL_KEYS, st.just("exists"), st.sampled_from(["==", "!="]), st.booleans())), max_size=3)
+TXN_OPS = st.lists(st.one_of(st.tuples(st.just("put"), LEVEL_KEYS, VALUES),
+                             st.tuples(st.sampled_from(["delete", "get"]), st.sampled_from(["a", "a/", "b"]),
+                                       st.booleans())), max_size=4)
+LEVEL_COMMANDS = st.one_of(
+    st.tuples(st.sampled_from([SET, DELETE]), LEVEL_KEYS, VALUES).map(lambda t: command(*t)),
+    st.tuples(LEVEL_KEYS, VALUES, st.integers(0, 40)).map(lambda t: command(SET_IF_INDEX, *t)),
+    st.tuples(LEVEL_KEYS, st.integers(0, 40)).map(lambda t: command(DELETE_IF_INDEX, t[0], b"", t[1])),
+    st.sampled_from(["a", "a/", "b"]).map(lambda p: command(DELETE_PREFIX, p)),
+    st.tuples(TXN_COMPARES, TXN_OPS, TXN_OPS).map(lambda t: txn(*t)),
+    st.integers(0, FEATURE_LEVEL).map(lambda level: command(SET_FEATURE_LEVEL, "", b"", level)),
+    st.just("snapshot"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(LEVEL_COMMANDS, max_size=40))
+def test_replicas_agree_on_every_exposed_index_whatever_snapshot_they_restored(commands):
+    """A replica that applied every command and one restored from its own snapshot (of either format, as the
+    level at that moment has it) give the same results and events and expose the same records."""
+    replica_events: list[Event] = []
+    restored_events: list[Event] = []
+    replica, kv = KeyValueStore(replica_events.append), KeyValueStore(restored_events.append)
+    for index, c in enumerate(commands, 1):
+        if c == "snapshot":
+            fresh = KeyValueStore(restored_events.append)
+            fresh.restore(kv.snapshot())
+            kv = fresh
+            continue
+        assert kv.apply(index, c) == replica.apply(index, c)
+        assert {k: kv.record(k) for k in kv.data} == {k: replica.record(k) for k in replica.data}
+        assert (kv.feature_level, kv.level_index) == (replica.feature_level, replica.level_index)
+    assert restored_events == replica_events
+    assert list(kv.keys) == list(replica.keys) == sorted(replica.data)
+    if replica.feature_level >= 2:
+        assert kv.snapshot() == replica.snapshot()
+
+
+def test_a_prefix_delete_deletes_at_most_its_cap_per_entry_in_key_order():
+    """Review of coord1, L2: one entry's work is bounded; the caller proposes again while it deleted the cap."""
+    n = store.MAX_DELETE_KEYS_PER_ENTRY
+    kv, results, _ = upgraded(*(command(SET, f"p/{i:05d}", b"v") for i in range(n + 5)),
+                              command(DELETE_PREFIX, "p/"), command(DELETE_PREFIX, "p/"))
+    assert results[-2:] == [n, 5] and len(kv) == 0
+    # In a txn the prefix deletes share the cap, and say "more" when it stopped them.
+    kv, _, _ = upgraded(*(command(SET, f"{p}/{i:05d}", b"v") for p in "ab" for i in range(n - 1)))
+    result = kv.apply(10 ** 6, txn(success=[("delete", "a/", True), ("delete", "b/", True), ("delete", "a/0", True)]))
+    assert result.results == [("delete", n - 1, False), ("delete", 1, True), ("delete", 0, False)]
+    assert sorted(kv.data)[0] == "b/00001" and len(kv) == n - 2
+
+
+def test_a_txns_gets_return_at_most_their_caps_and_say_more(monkeypatch):
+    """Review of coord1, L1: 128 prefix gets over every key returned the whole store 128 times, on every node."""
+    n = store.MAX_TXN_GET_KEYS
+    kv, _, _ = upgraded(*(command(SET, f"k/{i:05d}", b"v") for i in range(n + 1)))
+    gets = [("get", "k/", True), ("get", "k/00000", False), ("get", "missing", False)]
+    result = kv.apply(10 ** 6, txn(success=gets))
+    (_, first, more), second, third = result.results
+    assert (len(first), more) == (n, True) and first[-1][0] == f"k/{n - 1:05d}"
+    assert second == ("get", [], True) and third == ("get", [], False)  # the key bound is spent
+    # The byte bound: keys and values counted in op order; the first value past it ends every later get.
+    monkeypatch.setattr(store, "MAX_TXN_GET_BYTES", 2 * len("k/00000v") + 1)
+    result = kv.apply(10 ** 6 + 1, txn(success=[("get", "k/", True), ("get", "k/00000", False)]))
+    assert [(len(r[1]), r[2]) for r in result.results] == [(2, True), (0, True)]
+
+
+def test_an_on_event_that_raises_leaves_no_txn_half_applied(caplog):
+    """Review of coord1, Q4: events go out once the whole command applied; a failing watcher is logged."""
+    seen = []
+
+    def watcher(event):
+        seen.append((event.key, kv.get("a"), kv.get("b")))
+        raise RuntimeError("a watcher's bug")
+
+    kv = KeyValueStore(on_event=watcher)
+    kv.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    result = kv.apply(2, txn(success=[("put", "a", b"1"), ("put", "b", b"2")]))
+    assert result.succeeded and kv.get("a") == b"1" and kv.get("b") == b"2"
+    assert seen == [("a", b"1", b"2"), ("b", b"1", b"2")]  # every event, each after the whole txn
+    assert caplog.text.count("on_event failed") == 2

@@ -3,6 +3,7 @@
     store.py     the key/value state machine: pure and deterministic (no gevent, Bottle, zmq or clock)
     admin.py     admin request signatures and the cluster secret: pure, importable without monkey-patching
     metrics.py   the Prometheus metrics of GET /metrics
+    health.py    the checks of GET /livez and GET /readyz: pure (the time and the status passed in)
     edge.py      the HTTP edge on gevent's WSGI server: strict framing, limits, connections, turns of the loop
     api.py       the HTTP routes as module-level functions, and the one mapping from failures to answers
     node.py      the wiring: storage, transport, runtime and store; joining a cluster; a graceful stop

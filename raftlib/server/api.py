@@ -12,10 +12,23 @@ Rules:
 - A request's body arrives read whole by the edge (environ["raftdzmq.body"]): no route reads the socket.
 - Every wait is bounded by -write-timeout or -read-timeout (a write or a read waits at most twice its timeout:
   a first try, then a retry or the read after a wait for an index).
+- Every answer to a write (POST/PUT/DELETE on /db, and the admin requests: join, removal, transfer) that is not a
+  success carries X-Raft-Outcome (issue 15): `not-applied` when the write surely took no effect (refused before it
+  was proposed, a proposal the core dropped, an entry overwritten by another leader, bad input, a redirect) and
+  may be retried, `unknown` when it was (or may have been) proposed and its fate is not known: never retry that
+  blindly. The mapping is in _ANSWERS; an answer of 500 or more that names no outcome says `unknown`, one under 500
+  says `not-applied` (`_serving`). A -forward follower passes the leader's on.
+- GET /livez and GET /readyz (raftlib.server.health) need no secret, read only the runtime's status, and are never
+  forwarded.
+- The API of feature level 2 (?prev_index=N, DELETE /db/?prefix=P, POST /txn: issue 14) is answered 409 while
+  the cluster's feature level (the store's, replicated) is below 2: an older release would apply its commands as
+  nothing and the nodes would diverge. A request is checked whole (400 naming the problem) before it is proposed.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import http.client
 import json
 import logging
@@ -26,24 +39,30 @@ from typing import Protocol
 
 import bottle
 import gevent
+import gevent.lock
 import prometheus_client as prom
 
 from raftlib.core import NodeStatus, NotLeader, ProposalDropped
 from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Role
-from raftlib.runtime import EntryLost, RuntimeStatus, Stopped, Timeout
+from raftlib.runtime import EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.storage import DiskFull
 
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
-from .edge import RateLimitedLog
+from .edge import WRITE_METHODS, RateLimitedLog
+from .health import liveness, readiness, report
 from .metrics import Metrics
-from .store import ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, SET, KeyValueStore, command
+from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
+                    MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_OPS, SET, SET_IF_INDEX, TXN, KeyValueStore, TxnResult, command, txn_problem)
 
 log = logging.getLogger("raftdzmq.api")
 
 NOT_LEADER = "raft.Server: Not current leader"  # the Go original's text for a write sent to a follower
 FORWARDED_HEADER = "X-Raftdzmq-Forwarded"  # set by a -forward follower: the leader answers it, never forwards it
 MAX_KEY_BYTES = 4096
+OUTCOME_HEADER = "X-Raft-Outcome"  # on every failed write's answer (the module's rules)
+NOT_APPLIED, UNKNOWN = "not-applied", "unknown"
+WRITE_OPERATIONS = frozenset(("write", "join", "removal", "transfer"))  # the operations whose answers name an outcome
 
 
 class NodeView(Protocol):
@@ -106,6 +125,13 @@ class Api:
     committed_configuration: Callable[[], tuple[int, Membership] | None] = lambda: None
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
+    # This node's feature level (store.FEATURE_LEVEL; lower only in tests: node.TEST_FEATURE_LEVEL_ENV), and why
+    # the cluster's is not raised yet (the node's FeatureLevelRaiser knows which members lag).
+    feature_level: int = FEATURE_LEVEL
+    upgrade_reason: Callable[[], str] = lambda: "the cluster's feature level is being raised; retry shortly"
+    # Held by a join while its configuration change is made, and by the leader's FeatureLevelRaiser from asking
+    # the members' levels until its SET_FEATURE_LEVEL applied: a node of an older release cannot join between.
+    membership_lock: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
 
 
 # ---- failures and their answers -------------------------------------------------------------------------------
@@ -136,41 +162,52 @@ class NotApplied(Exception):
         self.index = index
 
 
-# By operation, then by exception type: (status, text; {e} is the exception, {write}/{read} the timeouts, and for
-# writes the outcome the metrics count). NotLeader, Forbidden, Unconfirmed and NotApplied are answered alike for
-# every operation, in failure_answer.
+# By operation, then by exception type: (status, text; {e} is the exception, {write}/{read} the timeouts; for
+# writes the outcome the metrics count; the X-Raft-Outcome of the answer, None for what is not a write).
+# NotLeader, Forbidden, Unconfirmed and NotApplied are answered alike for every operation, in failure_answer.
+# NotRunning before Stopped: the node was not running when the request came, so nothing was queued; a Stopped
+# raised to a queued request may come after its entry was appended, or committed. EntryLost is certain: another
+# entry committed at its index (runtime._apply). A Timeout may come while the proposal still waits in the inbox,
+# which proposes it later all the same: unknown.
 _NOT_CONFIRMED = "{operation} not confirmed: {e}"
-_ANSWERS: dict[str, dict[type, tuple[int, str, str | None]]] = {
+_ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
     "write": {
-        ProposalDropped: (503, "write refused for now: {e}; retry", "refused"),
-        EntryLost: (503, "write lost: leadership changed before it committed; it was not applied", "lost"),
-        Timeout: (503, "write not confirmed within {write:g}s; its outcome is unknown", "unknown"),
-        DiskFull: (507, "write refused: {e}; it was not applied", "refused"),
-        Stopped: (503, "{e}", None),
+        ProposalDropped: (503, "write refused for now: {e}; retry", "refused", NOT_APPLIED),
+        EntryLost: (503, "write lost: leadership changed before it committed; it was not applied", "lost",
+                    NOT_APPLIED),
+        Timeout: (503, "write not confirmed within {write:g}s; its outcome is unknown", "unknown", UNKNOWN),
+        DiskFull: (507, "write refused: {e}; it was not applied", "refused", NOT_APPLIED),
+        NotRunning: (503, "{e}", None, NOT_APPLIED),
+        Stopped: (503, "{e}", None, UNKNOWN),
     },
     "read": {
-        Timeout: (503, "could not confirm a linearizable read within {read:g}s", None),
-        Stopped: (503, "{e}", None),
+        Timeout: (503, "could not confirm a linearizable read within {read:g}s", None, None),
+        Stopped: (503, "{e}", None, None),
     },
     "join": {
-        ProposalDropped: (503, "join not possible now: {e}", None),
-        Timeout: (503, _NOT_CONFIRMED, None),
-        EntryLost: (503, _NOT_CONFIRMED, None),
-        Stopped: (503, _NOT_CONFIRMED, None),
-        ValueError: (400, "{e}", None),
+        ProposalDropped: (503, "join not possible now: {e}", None, NOT_APPLIED),
+        Timeout: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        EntryLost: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        NotRunning: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        Stopped: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        ValueError: (400, "{e}", None, NOT_APPLIED),
     },
     "removal": {
-        ProposalDropped: (503, _NOT_CONFIRMED, None),
-        Timeout: (503, _NOT_CONFIRMED, None),
-        EntryLost: (503, _NOT_CONFIRMED, None),
-        Stopped: (503, _NOT_CONFIRMED, None),
-        ValueError: (400, "{e}", None),
+        ProposalDropped: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        Timeout: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        EntryLost: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        NotRunning: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        Stopped: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        ValueError: (400, "{e}", None, NOT_APPLIED),
     },
     "keys": {},
     "transfer": {
-        Timeout: (503, _NOT_CONFIRMED, None),
-        Stopped: (503, _NOT_CONFIRMED, None),
-        ValueError: (400, "{e}", None),
+        # A transfer is no log entry, but its effect (another leader) is the same kind of fact: a timeout after
+        # TimeoutNow went out may still end with the target leading.
+        Timeout: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        NotRunning: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
+        Stopped: (503, _NOT_CONFIRMED, None, UNKNOWN),
+        ValueError: (400, "{e}", None, NOT_APPLIED),
     },
 }
 _CAUGHT = (NotLeader, Forbidden, Unconfirmed, NotApplied, ProposalDropped, EntryLost, Timeout, DiskFull, Stopped,
@@ -186,7 +223,9 @@ def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPRespons
             api.admin_refusals.log(logging.WARNING, "refused a %s from %s: %s", e.what, request.remote_addr, e.reason)
             return text(403, f"{e.what} refused: {e.reason}")
         case Unconfirmed():
-            return text(503, f"{e.what} not confirmed ({e.cause}); sign it again to retry")
+            # Whatever became of the claim, the request's own change was never proposed: not applied.
+            return text(503, f"{e.what} not confirmed ({e.cause}); sign it again to retry",
+                        **{OUTCOME_HEADER: NOT_APPLIED})
         case NotApplied():
             return text(503, f"index {e.index} not applied here within {api.read_timeout_seconds:g}s")
         case NotLeader() if operation == "read":
@@ -200,11 +239,12 @@ def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPRespons
     for kind in type(e).__mro__:
         answer = _ANSWERS.get(operation, {}).get(kind)
         if answer is not None:
-            status, template, outcome = answer
+            status, template, outcome, raft_outcome = answer
             if outcome is not None:
                 api.metrics.writes.inc(outcome)
+            headers = {OUTCOME_HEADER: raft_outcome} if raft_outcome is not None else {}
             return text(status, template.format(e=e, operation=operation, write=api.write_timeout_seconds,
-                                                read=api.read_timeout_seconds))
+                                                read=api.read_timeout_seconds), **headers)
     raise e
 
 
@@ -238,7 +278,8 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
     leader = leader_http(node.membership, node.leader_id)
     if leader is None:
         removed = removed_text(node.removed)
-        return text(410, removed) if removed else text(503, "no leader is known right now; retry shortly")
+        return text(410, removed) if removed else text(503, "no leader is known right now; retry shortly",
+                                                       **{OUTCOME_HEADER: NOT_APPLIED})
     if api.forward and bottle.request.get_header(FORWARDED_HEADER) is None:
         return forward_to(api, leader)
     return text(307, NOT_LEADER, Location=f"http://{leader}{wire_target(bottle.request.environ['REQUEST_URI'])}")
@@ -246,13 +287,15 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
 
 # The leader's answer headers a forwarding follower hands back: the signature of a signed answer (a join's) too,
 # without which the joining node must refuse the answer.
-_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "location", TIMESTAMP_HEADER.lower(),
-                                       SIGNATURE_HEADER.lower()))
+_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "location", OUTCOME_HEADER.lower(),
+                                       TIMESTAMP_HEADER.lower(), SIGNATURE_HEADER.lower()))
 
 
 def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
-    """-forward: pass this request on to the leader and hand back its answer. The target goes as sent, and with it
-    the admin signature headers, which cover it."""
+    """-forward: pass this request on to the leader and hand back its answer (its X-Raft-Outcome too). The target
+    goes as sent, and with it the admin signature headers, which cover it. A request that could not be sent whole
+    (no connection, a reset while sending) was not applied: the leader's edge runs nothing before a whole request
+    has arrived. One sent whole but not answered may have been."""
     req = bottle.request
     host, port = leader.rsplit(":", 1)
     headers = {FORWARDED_HEADER: api.runtime.node.node_id, "Content-Type": req.content_type or ""}
@@ -261,12 +304,18 @@ def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
             headers[name] = req.get_header(name)
     conn = api.connect(host, int(port), timeout=api.write_timeout_seconds + 1)
     try:
-        conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
-        resp = conn.getresponse()
-        keep = {k: v for k, v in resp.getheaders() if k.lower() in _FORWARDED_ANSWER_HEADERS}
-        return bottle.HTTPResponse(resp.read(), resp.status, keep)
-    except (OSError, http.client.HTTPException) as e:
-        return text(503, f"could not forward to the leader at {leader}: {e}; outcome unknown")
+        try:
+            conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
+        except (OSError, http.client.HTTPException) as e:
+            return text(503, f"could not forward to the leader at {leader}: {e}; not applied",
+                        **{OUTCOME_HEADER: NOT_APPLIED})
+        try:
+            resp = conn.getresponse()
+            keep = {k: v for k, v in resp.getheaders() if k.lower() in _FORWARDED_ANSWER_HEADERS}
+            return bottle.HTTPResponse(resp.read(), resp.status, keep)
+        except (OSError, http.client.HTTPException) as e:
+            return text(503, f"no answer from the leader at {leader}: {e}; outcome unknown",
+                        **{OUTCOME_HEADER: UNKNOWN})
     finally:
         conn.close()
 
@@ -390,6 +439,164 @@ def members(node: NodeStatus) -> list[dict]:
     return out
 
 
+def require_level_2(api: Api) -> None:
+    """409 unless the cluster's feature level (replicated) is 2 or more (the module's rules). Asked BEFORE
+    require_leader, on followers too (review of coord1, S2): a follower would 307 or -forward the request to a
+    leader that may run an older release, which ignores ?prev_index (an unconditional write) and knows no
+    ?prefix nor /txn. A follower at level 2 has a leader at level 2 (the level is in the log and never goes down;
+    an older binary stops at start on the V3 snapshot the raise takes: store, "Downgrades")."""
+    if api.store.feature_level < 2:
+        raise text(409, api.upgrade_reason())
+
+
+def prev_index(api: Api) -> int:
+    """?prev_index=N (an integer >= 0; 0: the key must be missing), on a leader of a cluster of level 2."""
+    digits = bottle.request.query["prev_index"]
+    # Digits only: int() would take "+14", "1_4", " 14" and "-0" (review of coord1, Q2).
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
+        raise text(400, "prev_index must be an integer >= 0 (decimal digits only)")
+    n = int(digits)
+    require_level_2(api)  # before the leader: an old leader would take a new request as an old one (S2)
+    require_leader(api)
+    return n
+
+
+class BadTxn(Exception):
+    """A transaction's body that is not one (400 with this text)."""
+
+
+_TXN_FIELDS = {"compare": {"key", "target", "op", "value", "value_base64"},
+               "put": {"op", "key", "value", "value_base64", "lease"}, "delete": {"op", "key", "prefix"},
+               "get": {"op", "key", "prefix"}}
+
+
+def _utf8(s: str, where: str, name: str) -> bytes:
+    """`s` as UTF-8; BadTxn for a lone surrogate (JSON's "\ud800": no UTF-8 for it, review of coord1, Q1)."""
+    try:
+        return s.encode()
+    except UnicodeEncodeError:
+        raise BadTxn(f"{where}: {name} is not valid Unicode (a lone surrogate)") from None
+
+
+def _txn_key(item: dict, name: str, where: str) -> str:
+    key = item[name]
+    if not isinstance(key, str) or not key or len(_utf8(key, where, name)) > MAX_KEY_BYTES:
+        raise BadTxn(f"{where}: {name} must be a string of 1 to {MAX_KEY_BYTES} bytes")
+    return key
+
+
+def _txn_value(item: dict, where: str) -> bytes:
+    """A JSON item's value: "value" (text, sent as UTF-8) or "value_base64"; never both."""
+    if "value" in item and "value_base64" in item:
+        raise BadTxn(f"{where}: value and value_base64 both given; give one")
+    if "value_base64" in item:
+        try:
+            if not isinstance(item["value_base64"], str):
+                raise ValueError
+            return base64.b64decode(item["value_base64"], validate=True)
+        except (ValueError, binascii.Error):
+            raise BadTxn(f"{where}: value_base64 is not base64") from None
+    if not isinstance(item.get("value"), str):
+        raise BadTxn(f"{where}: needs a value (text) or value_base64")
+    return _utf8(item["value"], where, "value")
+
+
+def _txn_item(item: object, kind: str, where: str) -> list:
+    """One compare or op of a JSON transaction as the store's TXN carries it (store.txn_problem)."""
+    if not isinstance(item, dict):
+        raise BadTxn(f"{where}: want a JSON object")
+    if kind != "compare":
+        op = item.get("op")
+        if op not in ("put", "delete", "get"):
+            raise BadTxn(f"{where}: unknown op {op!r} (want put, delete or get)")
+        kind = op
+    unknown = sorted(set(item) - _TXN_FIELDS[kind])
+    if unknown:
+        raise BadTxn(f"{where}: unknown field {unknown[0]!r}")
+    if kind == "compare":
+        target, operand = item.get("target"), item.get("value")
+        if target == "value":
+            operand = _txn_value(item, where)
+        elif target in ("modify_index", "create_index", "lease") and (type(operand) is not int or operand < 0):
+            raise BadTxn(f"{where}: a {target} compare needs an integer >= 0 as value")
+        elif target == "exists" and type(operand) is not bool:
+            raise BadTxn(f"{where}: an exists compare needs true or false as value")
+        if "key" not in item:
+            raise BadTxn(f"{where}: missing key")
+        return [_txn_key(item, "key", where), target, item.get("op"), operand]
+    if kind == "put":
+        if "key" not in item:
+            raise BadTxn(f"{where}: missing key")
+        lease = item.get("lease", 0)
+        if type(lease) is not int or lease < 0:  # not true, 0.0 or "0" (review of coord1, Q2)
+            raise BadTxn(f"{where}: lease must be an integer >= 0 (0: none)")
+        if lease != 0:
+            raise BadTxn(f"{where}: lease {lease} not found")  # leases: issue 14, part 2
+        return ["put", _txn_key(item, "key", where), _txn_value(item, where)]
+    if ("key" in item) == ("prefix" in item):
+        raise BadTxn(f"{where}: a {kind} names a key or a prefix (one of them)")
+    name = "key" if "key" in item else "prefix"
+    return [kind, _txn_key(item, name, where), name == "prefix"]
+
+
+def parse_txn(raw: bytes) -> list:
+    """POST /txn's JSON body as the store's TXN carries it; BadTxn naming the first problem."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadTxn("the body is not JSON") from None
+    except RecursionError:  # a body of 1 MiB of "[" (review of coord1, Q1)
+        raise BadTxn("the body nests too deeply") from None
+    if not isinstance(body, dict):
+        raise BadTxn('want a JSON object {"compare": [...], "success": [...], "failure": [...]}')
+    unknown = sorted(set(body) - {"compare", "success", "failure"})
+    if unknown:
+        raise BadTxn(f"unknown field {unknown[0]!r} (want compare, success, failure)")
+    parts = []
+    for name in ("compare", "success", "failure"):
+        part = body.get(name, [])
+        if not isinstance(part, list):
+            raise BadTxn(f"{name} must be a list")
+        if len(part) > MAX_TXN_OPS:
+            raise BadTxn(f"{name} has {len(part)} items: at most {MAX_TXN_OPS}")
+        parts.append([_txn_item(item, "compare" if name == "compare" else "op", f"{name}[{i}]")
+                      for i, item in enumerate(part)])
+    problem = txn_problem(parts)  # the store's own check: unknown targets and compare ops, and all the rest
+    if problem is not None:
+        raise BadTxn(problem)
+    return parts
+
+
+def _json_value(value: bytes) -> dict[str, str]:
+    """`value` as answers carry it: "value" when it is UTF-8, else "value_base64"."""
+    try:
+        return {"value": value.decode()}
+    except UnicodeDecodeError:
+        return {"value_base64": base64.b64encode(value).decode()}
+
+
+def _txn_answer(result: tuple) -> dict:
+    """One op's result as JSON; "more": true when a bound of the store (MAX_DELETE_KEYS_PER_ENTRY,
+    MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES) stopped it before the end of its prefix (absent otherwise)."""
+    kind, detail, *more = result
+    if kind == "put":
+        return {"op": "put", "key": detail}
+    if kind == "delete":
+        return {"op": "delete", "deleted": detail, **({"more": True} if more[0] else {})}
+    return {"op": "get", "kvs": [{"key": k, **_json_value(v), "create_index": c, "modify_index": m}
+                                 for k, v, c, m in detail], **({"more": True} if more[0] else {})}
+
+
+def precondition_failed(api: Api, key: str, index: int) -> bottle.HTTPResponse:
+    """412, with the key's modify index as this node applied it (0 when missing) from feature level 2 on, so that a
+    compare-and-set loop needs no GET (review of coord1, Q3). It is as of this answer: a later write may change it."""
+    headers = {"X-Raft-Index": str(index)}
+    if api.store.feature_level >= 2:
+        record = api.store.record(key)
+        headers["X-Raft-Modify-Index"] = str(0 if record is None else record[2])
+    return text(412, "precondition failed", **headers)
+
+
 # ---- the routes -----------------------------------------------------------------------------------------------
 
 
@@ -397,7 +604,11 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
     key = check_key(key)
     value = read_body()
     q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
-    if "prev_value" in q:
+    if "prev_index" in q:
+        if "prev_value" in q or "prev_exist" in q:
+            raise text(400, "prev_index goes alone: not with prev_value or prev_exist")
+        cmd = command(SET_IF_INDEX, key, value, prev_index(api))
+    elif "prev_value" in q:
         # The percent-decoded bytes as they are (Bottle's q.prev_value turns bytes that are not UTF-8 into "",
         # which would compare against an empty value).
         cmd = command(COMPARE_AND_SET, key, value, q["prev_value"].encode("latin-1"))
@@ -407,25 +618,34 @@ def set_key(api: Api, key: str) -> bottle.HTTPResponse | str:
         cmd = command(SET, key, value)
     index, result = propose(api, cmd)
     if result == "failed":
-        return text(412, "precondition failed", **{"X-Raft-Index": str(index)})
+        return precondition_failed(api, key, index)
     bottle.response.set_header("X-Raft-Index", str(index))
     return ""
 
 
 def delete_key(api: Api, key: str) -> bottle.HTTPResponse:
-    index, result = propose(api, command(DELETE, check_key(key)))
+    key = check_key(key)
+    q = bottle.request.query if bottle.request.environ.get("QUERY_STRING") else {}
+    cmd = command(DELETE_IF_INDEX, key, b"", prev_index(api)) if "prev_index" in q else command(DELETE, key)
+    index, result = propose(api, cmd)
     if result == "missing":
         return text(404, f"no such key: {key}", **{"X-Raft-Index": str(index)})
+    if result == "failed":
+        return precondition_failed(api, key, index)
     return bottle.HTTPResponse("", 200, {"X-Raft-Index": str(index)})
 
 
 def get_key(api: Api, key: str) -> bottle.HTTPResponse:
     key = check_key(key)
     wait_consistent(api)
-    value = api.store.get(key)
-    if value is None:
+    record = api.store.record(key)
+    if record is None:
         return text(404, f"no such key: {key}", **read_headers(api))
-    return bottle.HTTPResponse(value, 200, {"Content-Type": "application/octet-stream", **read_headers(api)})
+    value, create_index, modify_index = record
+    headers = {"Content-Type": "application/octet-stream", **read_headers(api)}
+    if api.store.feature_level >= 2:  # below it no node exposes indices (store: "Indices")
+        headers["X-Raft-Create-Index"], headers["X-Raft-Modify-Index"] = str(create_index), str(modify_index)
+    return bottle.HTTPResponse(value, 200, headers)
 
 
 def list_keys(api: Api) -> bottle.HTTPResponse:
@@ -441,6 +661,47 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
     wait_consistent(api)
     page, more = api.store.page(prefix, after, limit)
     return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
+
+
+def delete_prefix(api: Api) -> bottle.HTTPResponse:
+    """DELETE /db/?prefix=P: every key that starts with P; {"deleted": n, "index": i}, i the last entry's. Up to
+    MAX_DELETE_KEYS_PER_ENTRY keys in one entry (atomic), a longer range in several, one after the other; when
+    keys keep coming past the write timeout, the answer says "more": true."""
+    q = bottle.request.query
+    try:
+        prefix = q.get("prefix", "").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise text(400, "prefix must be UTF-8") from None
+    if not prefix or len(prefix.encode()) > MAX_KEY_BYTES:
+        raise text(400, f"DELETE /db/ needs ?prefix= of 1 to {MAX_KEY_BYTES} bytes (the keys it deletes start with it)")
+    require_level_2(api)  # before the leader: an old leader would take a new request as an old one (S2)
+    require_leader(api)
+    # One entry deletes at most MAX_DELETE_KEYS_PER_ENTRY keys (store: each node's loop applies it): propose
+    # again until one deletes fewer, within the write timeout. Each entry is atomic, the range as a whole is not.
+    deadline = time.monotonic() + api.write_timeout_seconds
+    deleted = 0
+    while True:
+        index, result = propose(api, command(DELETE_PREFIX, prefix))
+        deleted += result if type(result) is int else 0
+        if result != MAX_DELETE_KEYS_PER_ENTRY:
+            return json_answer({"deleted": deleted, "index": index}, **{"X-Raft-Index": str(index)})
+        if time.monotonic() > deadline:  # keys keep coming: say how far it got
+            return json_answer({"deleted": deleted, "index": index, "more": True}, **{"X-Raft-Index": str(index)})
+
+
+def post_txn(api: Api) -> bottle.HTTPResponse:
+    """POST /txn: compares, then the success or the failure ops, in one entry (store: TXN)."""
+    try:
+        body = parse_txn(read_body())
+    except BadTxn as e:
+        raise text(400, f"bad transaction: {e}") from None
+    require_level_2(api)  # before the leader: an old leader would take a new request as an old one (S2)
+    require_leader(api)
+    index, result = propose(api, command(TXN, "", b"", body))
+    if not isinstance(result, TxnResult):  # "error": checked above, so not expected
+        return text(500, f"the transaction applied as nothing ({result}) at index {index}")
+    return json_answer({"succeeded": result.succeeded, "index": index,
+                        "results": [_txn_answer(r) for r in result.results]}, **{"X-Raft-Index": str(index)})
 
 
 def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64) -> str | None:
@@ -477,6 +738,15 @@ def join_refusal(membership: Membership, member: Member, secret: bool, max_membe
     return None
 
 
+def level_refusal(api: Api, body: dict) -> bottle.HTTPResponse | None:
+    """The 409 for a join whose node says a feature level below the cluster's (an older release says none)."""
+    cluster_level, joining_level = api.store.feature_level, body.get("feature_level", 1)
+    if cluster_level >= 2 and (type(joining_level) is not int or joining_level < cluster_level):
+        return text(409, f"the joining node runs an older raftdzmq (feature level {joining_level}) than the "
+                    f"cluster (feature level {cluster_level}): upgrade it, then join")
+    return None
+
+
 def join(api: Api) -> bottle.HTTPResponse:
     """Add the node the body names as a learner. With a cluster secret the body names its CURVE public key too,
     and the answer lists the members' keys, signed (admin.answer_headers): the joining node admits them."""
@@ -485,9 +755,9 @@ def join(api: Api) -> bottle.HTTPResponse:
     try:
         body = json.loads(raw or b"null")
         fields = [body[k] for k in ("node_id", "raft_address", "http_address")]
-        if not all(isinstance(f, str) and 0 < len(f) < 256 for f in fields):
+        if not all(isinstance(f, str) and 0 < len(f) < 256 and f.isprintable() for f in fields):
             raise ValueError
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return text(400, 'bad join body: want JSON {"node_id": ..., "raft_address": ..., "http_address": ...}')
     public_key = ""
     if api.guard is not None:
@@ -500,17 +770,38 @@ def join(api: Api) -> bottle.HTTPResponse:
     refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None, api.max_members)
     if refusal is not None:
         return text(409, refusal)
-    claim_signature(api, "join")
-    change = ConfChange(ConfChangeKind.ADD_LEARNER, member)
-    deadline = time.monotonic() + api.write_timeout_seconds
-    while True:
-        try:
-            index, _ = api.runtime.change_membership(change, api.write_timeout_seconds)
-            break
-        except ProposalDropped:  # another change in flight: wait for it
-            if time.monotonic() > deadline:
-                raise
-            gevent.sleep(0.05)
+    # Under the membership lock: the leader's FeatureLevelRaiser asks every member's level and raises the cluster's
+    # under it too, so this join comes either before (and is asked) or after (and is checked here).
+    if not api.membership_lock.acquire(timeout=api.write_timeout_seconds):
+        return text(503, "join not possible now: the cluster's feature level is being raised; retry")
+    try:
+        deadline = time.monotonic() + api.write_timeout_seconds
+        # Review of coord1, S1: the applied level is stale while this leader's log holds a raise not applied yet
+        # (the raiser's proposal timed out and released the lock; or a new leader, whose predecessor's raise
+        # commits only with an entry of its own term, §5.4.2 and its no-op, §8). Every raise is in the log up to
+        # last_index (a later one needs this lock, or another leader, which fails the change): wait for it.
+        last_index = api.runtime.status().node.last_index
+        if last_index > api.runtime.node.last_applied:
+            try:
+                api.runtime.wait_applied(last_index, api.write_timeout_seconds)
+            except Timeout:
+                return text(503, "join not possible now: this leader has not applied its log yet; retry")
+        if (refusal := level_refusal(api, body)) is not None:
+            return refusal
+        claim_signature(api, "join")
+        change = ConfChange(ConfChangeKind.ADD_LEARNER, member)
+        while True:
+            try:
+                index, _ = api.runtime.change_membership(change, api.write_timeout_seconds)
+                break
+            except ProposalDropped:  # another change in flight: wait for it
+                if time.monotonic() > deadline:
+                    raise
+                gevent.sleep(0.05)
+                if (refusal := level_refusal(api, body)) is not None:  # a raise may have applied meanwhile
+                    return refusal
+    finally:
+        api.membership_lock.release()
     log.info("node %s (%s) joined as a learner", fields[0], fields[2])
     if api.guard is None:
         return json_answer({"index": index})
@@ -572,7 +863,27 @@ def get_status(api: Api) -> bottle.HTTPResponse:
         "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
         "members": members(node), "keys": len(api.store), "disk_full": status.disk_full,
         "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
+        "feature_level": api.feature_level, "cluster_feature_level": api.store.feature_level,
     })
+
+
+def livez(api: Api) -> bottle.HTTPResponse:
+    """200 `ok` while the runtime drives the node (answering at all shows the loop runs); else 503 and why
+    (raftlib.server.health). ?verbose: every check."""
+    checks = liveness(api.runtime.status().running)
+    return health_answer("livez", checks)
+
+
+def readyz(api: Api) -> bottle.HTTPResponse:
+    """200 `ok` when this node is a member, knows an active leader, has applied what it knows to be committed and
+    has room on its disk; else 503 and why (raftlib.server.health). ?verbose: every check."""
+    return health_answer("readyz", readiness(api.runtime.status(), time.monotonic()))
+
+
+def health_answer(what: str, checks: list[tuple[str, str | None]]) -> bottle.HTTPResponse:
+    ok, message = report(what, checks, "verbose" in bottle.request.query)
+    # No store: a prober must never see an answer of the past.
+    return text(200 if ok else 503, message, **{"Cache-Control": "no-store"})
 
 
 def get_metrics(api: Api) -> bottle.HTTPResponse:
@@ -621,6 +932,10 @@ def confirm_leader(api: Api, target: str, deadline: float) -> None:
         except NotLeader:  # between two leaders: ask again, within the bound
             gevent.sleep(0.02)
             continue
+        except NotRunning as e:
+            # The read was never queued, but the transfer was: TimeoutNow went out and the target may lead. Not
+            # `not-applied` (review S1): the transfer's outcome is unknown.
+            raise Stopped(f"{e}; the transfer was started") from None
         leader = api.runtime.node.leader_id
         if leader == target:
             return
@@ -635,8 +950,13 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("GET", "/db/<key:path>", get_key, "read"),
     ("GET", "/db/", list_keys, "read"),
     ("GET", "/db", list_keys, "read"),
+    ("DELETE", "/db/", delete_prefix, "write"),
+    ("DELETE", "/db", delete_prefix, "write"),
+    ("POST", "/txn", post_txn, "write"),
     ("POST", "/join", join, "join"),
     ("GET", "/status", get_status, "status"),
+    ("GET", "/livez", livez, "status"),
+    ("GET", "/readyz", readyz, "status"),
     ("GET", "/metrics", get_metrics, "status"),
     ("GET", "/cluster", get_cluster, "status"),
     ("GET", "/cluster/keys", cluster_keys, "keys"),
@@ -648,18 +968,42 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
 def _serving(api: Api, route: Callable[..., object], operation: str) -> Callable[..., object]:
     """The callback Bottle calls for `route`: a closure rather than functools.partial, one layer less per request."""
 
-    def serve(**url_args: str) -> object:
-        try:
-            return route(api, **url_args)
-        except _CAUGHT as e:
-            return failure_answer(api, operation, e)
+    if operation not in WRITE_OPERATIONS:
+        def serve(**url_args: str) -> object:
+            try:
+                return route(api, **url_args)
+            except _CAUGHT as e:
+                return failure_answer(api, operation, e)
 
-    return serve
+        return serve
+
+    def serve_write(**url_args: str) -> object:
+        try:
+            answer = route(api, **url_args)
+        except bottle.HTTPResponse as e:  # a route's refusal of bad input (check_key)
+            answer = e
+        except _CAUGHT as e:
+            answer = failure_answer(api, operation, e)
+        if isinstance(answer, bottle.HTTPResponse) and answer.status_code >= 300:
+            with_outcome(answer)
+        return answer
+
+    return serve_write
+
+
+def with_outcome(answer: bottle.BaseResponse) -> None:
+    """Give a write's failed answer an X-Raft-Outcome when it names none: `unknown` for 500 and more (a failure
+    not foreseen, or a leader's that named none), `not-applied` under 500 (bad input, a refusal, a redirect)."""
+    if OUTCOME_HEADER not in answer.headers:
+        answer.set_header(OUTCOME_HEADER, UNKNOWN if answer.status_code >= 500 else NOT_APPLIED)
 
 
 def _default_error(res: bottle.HTTPError) -> str:
-    """Bottle's own errors (404 no such route, 405, 500) as one line of text, never a page or a traceback."""
+    """Bottle's own errors (404 no such route, 405, 500) as one line of text, never a page or a traceback; on a
+    write, with its X-Raft-Outcome (a 500 is a failure not foreseen, which may come after the proposal)."""
     bottle.response.content_type = "text/plain; charset=utf-8"
+    if bottle.request.method in WRITE_METHODS:  # a read's answer names no outcome, even a 405
+        with_outcome(bottle.response)
     return f"{res.status_line}: {res.body}\n" if isinstance(res.body, str) and res.body else f"{res.status_line}\n"
 
 

@@ -17,6 +17,12 @@ Rules:
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
   environ is built in the same pass.
 - Importing this module patches nothing: the command monkey-patches before it imports it.
+- A refusal here runs nothing, so a write's (WRITE_METHODS) says `X-Raft-Outcome: not-applied`
+  (raftlib.server.api's rules): it may be sent again. A read's says nothing, nor does one refused before its
+  request line was read (its method unknown; a 4xx all the same, which the README counts as not applied).
+- No access log unless asked for (-v): then AccessLogHandler writes one line per request answered, refusals
+  included, at INFO on `raftdzmq.access` (its docstring gives the format); without it nothing is formatted per
+  request. No secret is logged: no header, and `prev_value`'s value is redacted.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import re
 import resource
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +46,10 @@ import gevent.pywsgi
 import gevent.socket
 
 log = logging.getLogger("raftdzmq.edge")
+access_log = logging.getLogger("raftdzmq.access")
 
 
+WRITE_METHODS = frozenset(("POST", "PUT", "DELETE", "PATCH"))  # whose failed answers carry X-Raft-Outcome
 MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
 MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
@@ -209,6 +218,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
     def _handle_request(self, buffered: bytes):
         server = self.server
         timer = refusal = None
+        self.command = self.path = None  # not the last request's on this connection: a refusal depends on them
         try:
             head_end = buffered.find(b"\r\n\r\n")
             if head_end <= 0 or buffered[0] in b"\r\n":
@@ -275,6 +285,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
     def _parse_head(self, lines: list[bytes]) -> tuple[int, bool, bytes | None]:
         """Check the head and build the WSGI environ; returns (Content-Length or 0, chunked, Expect value)."""
         method, target, version = _request_line(lines[0])
+        # Known from here: a refusal of a write says so, and the access log names them (_refuse).
+        self.command, self.path = method.decode("latin-1"), target.decode("latin-1")
         server = self.server
         env = server.get_environ()
         length, te, expect, connection = _fields(env, lines)
@@ -283,7 +295,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.close_connection = b"close" in tokens if version == b"HTTP/1.1" else b"keep-alive" not in tokens
         text_target = target.decode("latin-1")
         path, _, query = text_target.partition("?")
-        self.command = env["REQUEST_METHOD"] = method.decode("latin-1")
+        env["REQUEST_METHOD"] = self.command
         self.path = env["REQUEST_URI"] = text_target
         self.request_version = env["SERVER_PROTOCOL"] = version.decode("latin-1")
         self.requestline = lines[0].decode("latin-1")
@@ -369,9 +381,11 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.close_connection = True
         self.server.note_refusal(self.client_address, status, reason)
         body = reason.encode("ascii", "backslashreplace") + b"\n"
+        outcome = b"X-Raft-Outcome: not-applied\r\n" if self.command in WRITE_METHODS else b""
         answer = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-                  b"Connection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), body))
+                  b"%sConnection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), outcome, body))
         sock = self.socket
+        self.log_refusal(status, len(body))
         try:
             sock.sendall(answer)
             sock.shutdown(socket.SHUT_WR)
@@ -392,6 +406,9 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
     def log_request(self):  # no access log: formatting a line per request is a cost on every write's path
         pass
 
+    def log_refusal(self, status: int, body_bytes: int) -> None:  # the same for the edge's own refusals
+        pass
+
     def finalize_headers(self):
         if self.provided_date is None:
             now = int(time.time())
@@ -400,6 +417,57 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             self.response_headers.append((b"Date", EdgeHandler._date[1]))
             self.provided_date = True
         super().finalize_headers()
+
+
+class AccessLogHandler(EdgeHandler):
+    """EdgeHandler with an access log (-v): one line per request answered, the edge's refusals (400, 408, 413,
+    431, 501...) included, at INFO on `raftdzmq.access`:
+
+        METHOD TARGET STATUS BODY_BYTES DURATIONms CLIENT
+
+    - TARGET is the path and query as sent, with the value of `prev_value` (a compare-and-set comparand, which
+      may be a lock token) logged as `<redacted>`; a backslash is logged as `\\\\` and a byte outside printable
+      ASCII as `\\xNN`, so the escaping is unambiguous (control characters never get here: refused with 400).
+    - METHOD and TARGET are `-` for a refusal before the request line was read.
+    - STATUS is the code sent, suffixed `-undelivered` when the answer could not be delivered (the client went
+      away: gevent's pywsgi then negates the code).
+    - DURATION: from the request's first byte (a refusal) or its whole arrival (an answer) to the answer sent."""
+
+    def log_request(self):
+        duration_ms = (self.time_finish - self.time_start) * 1000 if self.time_finish else -1.0
+        # The body's bytes, as the common log format counts them (pywsgi's response_length counts the head too).
+        length = next((v.decode("latin-1") if isinstance(v, bytes) else v for k, v in self.response_headers or ()
+                       if k.lower() in (b"content-length", "content-length")), "-")
+        code = self.code
+        status = str(code) if code is None or code >= 0 else f"{-code}-undelivered"
+        self._log_line(status, length, duration_ms)
+
+    def log_refusal(self, status: int, body_bytes: int) -> None:
+        started = self.server.busy.get(self)
+        duration_ms = (time.monotonic() - started) * 1000 if started is not None else -1.0
+        self._log_line(str(status), str(body_bytes), duration_ms)
+
+    def _log_line(self, status: str, length: str, duration_ms: float) -> None:
+        address = self.client_address
+        client = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address or "-")
+        target = "-" if self.path is None else loggable_target(self.path)
+        access_log.info("%s %s %s %s %.1fms %s", self.command or "-", target, status, length, duration_ms, client)
+
+
+def loggable_target(target: str) -> str:
+    """A request target (latin-1 text of the bytes sent) for the access log: `prev_value`'s value redacted (its
+    name compared as Bottle decodes it: `prev%5Fvalue` is the same parameter), a backslash doubled, any byte
+    outside printable ASCII as \\xNN."""
+    path, question, query = target.partition("?")
+    if question and "prev" in query.lower():  # cheap test first: most targets have no such parameter
+        fields = []
+        for field in query.split("&"):
+            name, equals, _ = field.partition("=")
+            if equals and urllib.parse.unquote_plus(name) == "prev_value":
+                field = f"{name}=<redacted>"
+            fields.append(field)
+        target = f"{path}?{'&'.join(fields)}"
+    return target.replace("\\", "\\\\").encode("latin-1", "replace").decode("ascii", "backslashreplace")
 
 
 class TurnGate:
@@ -479,10 +547,13 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
     def __init__(self, listener, application, *, max_connections: int, idle_timeout_seconds: float,
                  receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
                  max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS,
-                 on_eviction: Callable[[str], None] | None = None) -> None:
+                 on_eviction: Callable[[str], None] | None = None, access_log: bool = False) -> None:
         """`on_eviction(reason)` hears of every connection the server closes: "full_idle" or "full_receiving" (the
-        pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count them."""
+        pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count them. `access_log`: a
+        line per request (AccessLogHandler)."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
+        if access_log:
+            self.handler_class = AccessLogHandler
         self.idle_timeout_seconds = idle_timeout_seconds
         self.receive_timeout_seconds = receive_timeout_seconds
         self.busy_timeout_seconds = busy_timeout_seconds

@@ -7,7 +7,11 @@ Rules:
 - A storage failure the runtime reports (a failed write or fsync: fsyncgate) ends the process at once with exit
   code 3, acknowledging nothing more.
 - The choice of a successor on shutdown reads only `Runtime.status()`, never the core's fields.
-- Every wait has a bound: joining (-join-timeout), each join request, the hand-over on shutdown.
+- Every wait has a bound: joining (-join-timeout), each join request, the hand-over on shutdown, each question of
+  the FeatureLevelRaiser.
+- The cluster's feature level (store's rules) is raised by the leader alone, once every member (voters and
+  learners) answers GET /status with a feature_level of this release's or more (FeatureLevelRaiser); this
+  node's joins say its level, which a cluster of level 2 or more requires.
 - With a cluster secret the node has a CURVE key pair of its own, made at its first start and kept in node.key
   (DiskStorage.write_node_key: crash-safe, mode 0600); the secret key is never logged. Its public key goes into
   the bootstrap's configuration, or into the signed join request.
@@ -57,13 +61,20 @@ from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_h
 from .api import Api, make_app
 from .edge import EdgeServer, listen
 from .metrics import Metrics
-from .store import KeyValueStore
+from .store import FEATURE_LEVEL, SET_FEATURE_LEVEL, KeyValueStore, command
 
 log = logging.getLogger("raftdzmq.node")
 
 # Test-only (tests/faults.py), ignored unless set: RAFTDZMQ_TEST_FSYNC_DELAY_FILE names a file holding a number of
 # seconds; while it exists, every log fdatasync first blocks the whole process that long, as a slow disk does.
 TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
+# Test-only (tests/test_coord_api.py): RAFTDZMQ_FEATURE_LEVEL=1 makes this node report (and join with, and never
+# raise the cluster beyond) feature level 1, as a node of an older release would; it applies commands as this
+# release does. Never set it in production.
+TEST_FEATURE_LEVEL_ENV = "RAFTDZMQ_FEATURE_LEVEL"
+LEVEL_CHECK_SECONDS = 1.0  # how often a leader of a cluster below this release's level asks the members theirs
+LEVEL_ROLE_CHECK_SECONDS = 0.1  # how often the raiser looks whether this node leads (cheap: no I/O)
+LEVEL_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 HEARTBEAT_TICKS = 5  # ticks per heartbeat: the election timeout is counted in fifths of a heartbeat
 HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its successor to take over
 MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start
@@ -125,10 +136,115 @@ class ServerConfig:
     secret: bytes | None = None
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
+    access_log: bool = False  # a line per HTTP request at INFO on raftdzmq.access (-v)
 
     @property
     def bind_host(self) -> str:
         return "127.0.0.1" if self.host == "localhost" else self.host
+
+
+def own_feature_level() -> int:
+    """This node's feature level: FEATURE_LEVEL, unless a test lowered it (TEST_FEATURE_LEVEL_ENV)."""
+    try:
+        return min(max(int(os.environ.get(TEST_FEATURE_LEVEL_ENV, FEATURE_LEVEL)), 1), FEATURE_LEVEL)
+    except ValueError:
+        return FEATURE_LEVEL
+
+
+class FeatureLevelRaiser:
+    """On the leader, raises the cluster's feature level (store's rules) to this node's: while this node leads and
+    the state's level is below, at once on becoming leader and then every LEVEL_CHECK_SECONDS, it asks each other
+    member's GET /status (within LEVEL_REQUEST_TIMEOUT_SECONDS each, all at once) and, when every one reports a
+    feature_level of this node's or more, proposes SET_FEATURE_LEVEL. The whole round runs under the membership
+    lock that joins take too (api.join), so no node of an older release joins between the question and the raise.
+    `laggards` holds the last round's members below the level (or that did not answer), for the 409s."""
+
+    def __init__(self, runtime: Runtime, store: KeyValueStore, level: int, lock, write_timeout_seconds: float,
+                 connect=http.client.HTTPConnection) -> None:
+        self.runtime, self.store, self.level, self.lock = runtime, store, level, lock
+        self.write_timeout_seconds = write_timeout_seconds
+        self.connect = connect
+        self.laggards: dict[str, str] = {}  # node id -> "feature level 1" or "no answer"
+        self._stopping = False
+
+    def reason(self) -> str:
+        """Why the new API is refused: the 409's text."""
+        if self.level < FEATURE_LEVEL:
+            return "the cluster is not upgraded yet: its leader runs an older raftdzmq"
+        if self.runtime.node.role is not Role.LEADER:  # only the leader asks the members
+            return (f"the cluster is not upgraded yet (feature level {self.store.feature_level}): a member may run "
+                    "an older raftdzmq; the leader's answer names it")
+        older = sorted(n for n, why in self.laggards.items() if why != "no answer")
+        silent = sorted(n for n, why in self.laggards.items() if why == "no answer")
+        if older:
+            return (f"the cluster is not upgraded yet: members {', '.join(older)} run an older raftdzmq"
+                    + (f" (and {', '.join(silent)} did not answer)" if silent else ""))
+        if silent:
+            return f"the cluster is not upgraded yet: members {', '.join(silent)} did not answer which raftdzmq they run"
+        return f"the cluster's feature level is being raised to {self.level}; retry shortly"
+
+    def run(self) -> None:
+        while not self._stopping:
+            if self.runtime.node.role is not Role.LEADER or self.store.feature_level >= self.level:
+                gevent.sleep(LEVEL_ROLE_CHECK_SECONDS)
+                continue
+            try:
+                self.raise_once()
+            except Exception as e:  # NotLeader, Timeout, ...: the next round tries again
+                log.info("could not raise the cluster's feature level to %d yet: %s", self.level, e)
+            gevent.sleep(LEVEL_CHECK_SECONDS)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def raise_once(self) -> bool:
+        """One round: ask every other member, propose the raise when all have the level. True once raised."""
+        if not self.lock.acquire(timeout=self.write_timeout_seconds):
+            return False
+        try:
+            node = self.runtime.node
+            others = [m for m in node.membership.members if m.node_id != node.node_id]
+            asked = {m.node_id: gevent.spawn(self._level_of, m.http_address) for m in others}
+            gevent.joinall(list(asked.values()), timeout=2 * LEVEL_REQUEST_TIMEOUT_SECONDS)
+            laggards = {}
+            for node_id, greenlet in asked.items():
+                level = greenlet.value if greenlet.successful() else None
+                if level is None:
+                    greenlet.kill(block=False)
+                    laggards[node_id] = "no answer"
+                elif level < self.level:
+                    laggards[node_id] = f"feature level {level}"
+            self.laggards = laggards
+            if laggards or node.role is not Role.LEADER or self.store.feature_level >= self.level:
+                return False
+            _, result = self.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", self.level),
+                                             self.write_timeout_seconds)
+            log.info("raised the cluster's feature level to %d (%s)", self.level, result)
+            return self.store.feature_level >= self.level
+        finally:
+            self.lock.release()
+
+    def _level_of(self, address: str) -> int | None:
+        """The feature_level a member's GET /status reports (1 when it names none: a release before them); None
+        when it does not answer in time."""
+        if not address:
+            return None
+        host, port = address.rsplit(":", 1)
+        conn = self.connect(host, int(port), timeout=LEVEL_REQUEST_TIMEOUT_SECONDS)
+        try:
+            with gevent.Timeout(LEVEL_REQUEST_TIMEOUT_SECONDS, OSError("no whole answer in time")):
+                conn.request("GET", "/status")
+                resp = conn.getresponse()
+                body = resp.read(1 << 20)
+            if resp.status != 200:
+                return None
+            level = json.loads(body).get("feature_level", 1)
+            return level if type(level) is int else None
+        except (OSError, ValueError, AttributeError, http.client.HTTPException) as e:
+            log.debug("no feature level from %s: %s", address, e)
+            return None
+        finally:
+            conn.close()
 
 
 class JoinFailed(Exception):
@@ -172,7 +288,8 @@ class Server:
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
-        self.store = KeyValueStore()
+        # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
+        self.store = KeyValueStore(on_level_raised=lambda level: self.runtime.request_snapshot())
         if stored.snapshot is not None:
             self.store.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
@@ -193,6 +310,8 @@ class Server:
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
         self.metrics.bind(self.runtime.status)
         self.http: EdgeServer | None = None
+        self.feature_level = own_feature_level()
+        self.level_raiser: FeatureLevelRaiser | None = None
         self._stopping = False
 
     def _start_node(self) -> StoredState:
@@ -386,7 +505,7 @@ class Server:
         return self.runtime.deliver(messages, reply_wanted)
 
     def _fatal(self, error: Exception) -> None:
-        log.critical("storage failed (%s); exiting without acknowledging anything more", error)
+        log.critical("stopping (%s); exiting without acknowledging anything more", error)
         os._exit(3)
 
     # ---- lifecycle ----
@@ -399,7 +518,10 @@ class Server:
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
                   guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
-                  committed_configuration=self.committed_configuration)
+                  committed_configuration=self.committed_configuration, feature_level=self.feature_level)
+        self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
+                                               config.write_timeout_seconds, connect=api.connect)
+        api.upgrade_reason = self.level_raiser.reason
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
@@ -408,9 +530,10 @@ class Server:
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
-            on_eviction=self.metrics.http_evictions.inc)
+            on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
+        gevent.spawn(self.level_raiser.run)
         if self.node_key is not None:
             self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:
@@ -438,6 +561,8 @@ class Server:
         log.info("shutting down")
         if self._vouched_watch is not None:
             self._vouched_watch.kill()  # before the data dir closes: it may write node.key
+        if self.level_raiser is not None:
+            self.level_raiser.stop()
         target = best_successor(self.runtime.status().node)
         if target is not None:
             try:
@@ -457,7 +582,8 @@ class Server:
     def join(self, target: str) -> None:
         """Ask `target` (host:httpport) to add this node; follow redirects to the leader; bounded by
         -join-timeout. Raises JoinFailed."""
-        fields = {"node_id": self.node_id, "raft_address": self.raft_address, "http_address": self.http_address}
+        fields = {"node_id": self.node_id, "raft_address": self.raft_address, "http_address": self.http_address,
+                  "feature_level": self.feature_level}
         if self.node_key is not None:
             fields["public_key"] = self.public_key
         body = json.dumps(fields).encode()

@@ -1,40 +1,80 @@
-"""The key/value state machine every node applies the committed log to: keys (str) to values (bytes), and the
-replicated memory of signed admin requests (AdminClaims).
+"""The key/value state machine every node applies the committed log to: keys (str) to records (value bytes, create
+index, modify index), the replicated memory of signed admin requests (AdminClaims), and the cluster's feature level.
 
 Rules:
 - Pure and deterministic: no gevent, Bottle, zmq, socket, clock or randomness. The same commands in the same order
-  give the same state and the same results on every node (raftlib.interfaces.StateMachine), and a snapshot
-  restored gives back exactly the state it was taken of.
+  give the same state, the same results and the same events on every node (raftlib.interfaces.StateMachine), and
+  a snapshot restored gives back the state it was taken of (as far as it is exposed: see "Indices").
 - A command is a CBOR array `[op, key, value, expected]` (`command` builds one). Results: "ok"; "missing" (a DELETE
   of a key that is not there); "failed" (a COMPARE_AND_SET whose expected value differs, a CREATE of a key that
-  exists); "used" (an ADMIN_CLAIM of a signature claimed before); "expired" (an ADMIN_CLAIM older than the claims'
-  horizon); "error" (a command that does not decode, applied
-  as nothing). An unknown op (a newer version's command) applies as nothing and gives "ok".
-- The formats are part of the data dir (docs/DATA-DIR.md). A snapshot is `[SNAPSHOT_WITH_CLAIMS_V2, map, claims,
-  horizon]` (AdminClaims' whole state after the map), the map of definite length with its keys in increasing
-  order: the format of the previous release, which it reads as it always did (a rolling upgrade sends a new
-  leader's snapshot to old followers), in an order it never relied on. A node restores it a batch of keys per
-  turn of its event loop (`restoring`), not in one step that holds the loop for as long as the whole state takes
-  to decode (~1 s at 1M keys): it parses the array's and the map's heads itself, then decodes RESTORE_BATCH_KEYS
-  key/value pairs per step, then the claims and horizon, checked before anything is replaced. Keys out of order
-  (the previous release wrote the map in insertion order) are not damage: they go into the index one by one
-  (O(log n) each, still a bounded batch per step); a key twice, a count that differs from the pairs present,
-  bytes after the end, a key not text or a value not bytes are (ValueError). Older formats still restore (a data
-  dir from before must start): a plain CBOR map (incrementally too), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (the
-  version before the horizon was kept: a horizon of 0; in one step, as is a map of indefinite length, which no
-  version wrote).
+  exists, a SET_IF_INDEX or DELETE_IF_INDEX whose index differs); "used" (an ADMIN_CLAIM of a signature claimed
+  before); "expired" (an ADMIN_CLAIM older than the claims' horizon); "unchanged" (a SET_FEATURE_LEVEL not above
+  the state's); an int (the keys a DELETE_PREFIX deleted: at most MAX_DELETE_KEYS_PER_ENTRY, the first in key
+  order; the caller proposes it again while it deleted that many); a TxnResult (a TXN); "error" (a command that
+  does not decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing). An
+  unknown op (a newer version's command) applies as nothing and gives "ok".
+- Bounded work per entry (every node applies it on its event loop, and again on a replay): a DELETE_PREFIX, and
+  a TXN's prefix deletes together, delete at most MAX_DELETE_KEYS_PER_ENTRY keys; a TXN's gets together return
+  at most MAX_TXN_GET_KEYS keys and MAX_TXN_GET_BYTES of keys and values. Past a bound a result says "more"
+  (TxnResult): the same on every node, since the bound is counted in the entry's own order.
+- The feature level (rolling upgrades): an older release applies the ops from SET_IF_INDEX on as nothing, so a
+  cluster that mixed releases would diverge if they changed anything. The state's `feature_level` starts at 1
+  and only SET_FEATURE_LEVEL raises it (never lowers it), at `level_index`; the leader proposes it once every
+  member runs a release of FEATURE_LEVEL (raftlib.server.node). Until then those ops apply as nothing ("error")
+  here too: the level is in the log, so every node decides alike. `level_index` is set once, when the level
+  crosses from below 2 to 2 or more (a later raise keeps it: the exposed indices of older keys never change).
+  A SET_FEATURE_LEVEL above this release's FEATURE_LEVEL raises FeatureLevelTooHigh (nothing changed): this node
+  cannot apply what follows as the others do, so the runtime stops it (a new binary must take over its data dir).
+- Downgrades: once the level is 2 the log holds ops an older release applies as nothing. `on_level_raised` is
+  called when the level crosses to 2 so that the node takes a snapshot at once (raftlib.runtime's
+  request_snapshot): an older binary started on the data dir then stops at start on the V3 snapshot ("unknown
+  format") rather than replay the new ops as nothing. A downgrade below the cluster's level is not supported.
+- Indices: a key's create index is the index of the entry that created it (after a delete, the next put creates
+  it again), its modify index that of the entry that last wrote it. A node that restored a snapshot of the old
+  format (level 1, written without indices) knows them as 0, so the indices exposed (`record`, events, compares,
+  the V3 snapshot) are max(index, level_index) (`exposed`), and 0 below level 2: the same on every node. Records
+  are stored as applied, never rewritten at the raise (an O(keys) pass in one apply: ~1.5 s at 1M keys, a leader
+  change); the V3 snapshot writes them as exposed, so its bytes are the same on every node. A txn's compares see
+  the state before the txn; its ops apply in order, each seeing the ones before it (as etcd's).
+- Events (`on_event`, for watches): one Event per key changed, in a fixed order: a prefix delete's in key
+  order, a txn's in op order (a prefix delete inside it in key order), all with the entry's index. None for a
+  delete of a missing key, a failed condition, a restore. They are handed over once the whole command applied,
+  and an on_event that raises is logged and does not stop the others: the replicated state never depends on a
+  watcher (a txn is never left half applied).
+- The formats are part of the data dir (docs/DATA-DIR.md). Below level 2 a snapshot is
+  `[SNAPSHOT_WITH_CLAIMS_V2, map key -> value, claims, horizon]`, the format the previous release reads (a rolling
+  upgrade sends a new leader's snapshot to old followers); indices are dropped and restore as 0. From level 2:
+  `[SNAPSHOT_V3, map key -> [value, create_index, modify_index], claims, horizon, feature_level, level_index]`,
+  the indices as exposed (create <= modify). Both are written by `encode_state` (a forked child runs it,
+  raftlib.runtime) with the map of definite length and its keys in increasing order, a batch of keys per cbor2
+  call (no second copy of the state). A later level appends elements after the map (leases: a seventh) under
+  an array length that this release refuses (ValueError) rather than drop what it does not know; the elements
+  after the map are bounded and decoded in one step (`_tail_state`, the one place that knows them).
+- A node restores V2 and V3 a batch per turn of its event loop (`restoring`), not in one step that holds the loop
+  for as long as the whole state takes to decode (~1 s at 1M keys): it parses the array's and the map's heads
+  itself, then decodes key/value pairs until RESTORE_BATCH_KEYS of them or RESTORE_BATCH_BYTES of values, then
+  the elements after the map, checked before anything is replaced. Keys out of order (older writers) are not
+  damage: they go into the index one by one (O(log n) each, half a batch per step); a key twice, a count that
+  differs from the pairs present, bytes after the end, a key not text, a value not bytes, a V3 record not
+  [bytes, int, int] with create <= modify are (ValueError). Older formats still restore in one step: a plain map
+  (the oldest), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (a horizon of 0), and maps of indefinite length.
+- Every decoder of snapshot bytes refuses CBOR tags (no format of ours has one; cbor2's semantic decoders of some,
+  a bigfloat's, are quadratic in the input's size). An error of the snapshot's source (an I/O error,
+  raftlib.messages.SnapshotUnreadable) goes up as it is; only damage is a ValueError.
+- A restore builds the new state aside and replaces the old one in one assignment at its end (`_replace`): a
+  snapshot found bad part way changes nothing, and readers see the old state or the new, never a mix. The old
+  state is then freed a bounded batch (keys and bytes) per step.
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
   O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes). A
   restore builds it from keys that come in increasing order without sorting, checking the order.
-- A restore builds the new state aside and replaces the old one in one assignment at its end: a snapshot found
-  bad (ValueError) part way changes nothing, and readers see the old state or the new, never a mix.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, NoReturn
 
 import cbor2
 from sortedcontainers import SortedList
@@ -44,12 +84,32 @@ log = logging.getLogger("raftdzmq.store")
 # The ops of a command. ADMIN_CLAIM is [ADMIN_CLAIM, signature, b"", [timestamp, now]]: a signed admin request about
 # to take effect (AdminClaims).
 SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
+# The ops of feature level 2 (new numbers: an op number is never reused). SET_IF_INDEX is [op, key, value,
+# prev_index] and DELETE_IF_INDEX [op, key, b"", prev_index]: on the modify index, 0 for a missing key (issue 14's
+# ?prev_index=N; a DELETE_IF_INDEX of a missing key is "failed" unless N is 0, then "missing"). DELETE_PREFIX is [op, prefix, b"", None]. TXN is [op, "", b"", [compares, success, failure]]
+# (txn_problem gives the shape). SET_FEATURE_LEVEL is [op, "", b"", level].
+SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, SET_FEATURE_LEVEL = 5, 6, 7, 8, 9
+LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN))
+# The feature level of this release: 1 is every release before issue 14.
+FEATURE_LEVEL = 2
+SNAPSHOT_V3 = "raftdzmq-kv-v3"
+# A restore step decodes at most this many key/value pairs, and ends once the values decoded pass this many bytes:
+# ~1 us a pair of 100 bytes (cbor2 6.3 from a buffered reader, the order checked, the dict filled), so ~2 ms a
+# step at 1M keys on this machine's cores (STACK-NOTES: a loop step should stay well under 10 ms); with 256 KiB
+# values a count bound alone let one step copy 512 MiB (206 ms, the fifth review).
+RESTORE_BATCH_KEYS = 2048
+RESTORE_BATCH_BYTES = 128 << 10
+MAX_TXN_OPS = 128  # at most this many compares, and this many ops in each branch, in one transaction (etcd's)
+# Bounds on one entry's work (the module's rules). Part of the replicated state's rules: every node must count
+# alike, so changing them is a change of feature level. 2,000 keys of a prefix delete took 7 to 15 ms to apply at
+# 100-byte values on the shared 2-core test machine (bench/store_apply.py), under the 300 ms election timeout.
+MAX_DELETE_KEYS_PER_ENTRY = 2000
+MAX_TXN_GET_KEYS = 1000
+MAX_TXN_GET_BYTES = 4 << 20
+COMPARE_TARGETS = ("value", "modify_index", "create_index", "exists", "lease")
+COMPARE_OPS = ("==", "!=", "<", ">")
 SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
 SNAPSHOT_WITH_CLAIMS_V2 = "raftdzmq-kv-claims-v2"
-# A restore decodes at most this many key/value pairs per step: ~1 us a pair (cbor2 6.3 from a buffered reader, the
-# order checked, the dict filled), so ~2 ms a step at 1M keys of 100 bytes on this machine's cores (STACK-NOTES: a
-# loop step should stay well under 10 ms); half as many once keys come out of order (~1.4 us more each).
-RESTORE_BATCH_KEYS = 2048
 # The clock skew allowed between the signer of an admin request and the leader that checks it (admin.AdminGuard).
 ADMIN_CLOCK_SKEW_SECONDS = 300.0
 # Part of the replicated state's rules: how far behind the newest leader clock a claim is kept (AdminClaims).
@@ -100,47 +160,315 @@ class AdminClaims:
         return "ok"
 
 
-class KeyValueStore:
-    """The replicated state (see the module's rules); a raftlib.interfaces.StateMachine. Only new and deleted keys
-    touch `keys`: an overwrite costs one dict lookup more than a plain dict would."""
+class FeatureLevelTooHigh(Exception):
+    """A SET_FEATURE_LEVEL above this release's FEATURE_LEVEL: this node cannot apply what follows correctly."""
 
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
+
+class Event(NamedTuple):
+    """One change of one key, for watches (the module's rules, "Events"). `value` is None for a delete;
+    `create_index` is the key's (exposed) create index, the deleted record's for a delete."""
+
+    type: str  # "put" or "delete"
+    key: str
+    value: bytes | None
+    index: int  # type: ignore[assignment]  # the brief's name; it hides tuple.index, which nothing here calls
+    create_index: int
+
+
+class TxnResult(NamedTuple):
+    """A TXN's result: whether its compares all held, and one result per op of the branch it ran, in order:
+    ("put", key), ("delete", number of keys deleted, more), ("get", [(key, value, create_index, modify_index),
+    ...], more); `more`: a bound of the module's rules stopped it before the end of its prefix."""
+
+    succeeded: bool
+    results: list[tuple]
+
+
+def _compare_problem(c: object) -> str | None:
+    if type(c) is not list or len(c) != 4:
+        return "a compare is [key, target, op, operand]"
+    key, target, op, operand = c
+    if type(key) is not str or not key:
+        return "a compare needs a key"
+    if target not in COMPARE_TARGETS:
+        return f"unknown target {target!r} (want one of {', '.join(COMPARE_TARGETS)})"
+    if op not in COMPARE_OPS:
+        return f"unknown compare op {op!r} (want one of {' '.join(COMPARE_OPS)})"
+    if target == "value":
+        if type(operand) is not bytes:
+            return "a value compare needs a value"
+    elif target == "exists":
+        if type(operand) is not bool:
+            return "an exists compare needs true or false"
+        if op not in ("==", "!="):
+            return "an exists compare takes == or != only"
+    elif type(operand) is not int or operand < 0:
+        return f"a {target} compare needs an integer >= 0"
+    return None
+
+
+def _op_problem(o: object) -> str | None:
+    if type(o) is not list or len(o) != 3 or o[0] not in ("put", "delete", "get"):
+        return "an op is put, delete or get"
+    kind, key, third = o
+    if type(key) is not str or not key:
+        return f"a {kind} needs a key (or a prefix) of at least one character"
+    if kind == "put" and type(third) is not bytes:
+        return "a put needs a value"
+    if kind != "put" and type(third) is not bool:
+        return f"a {kind} names a key or a prefix"
+    return None
+
+
+def txn_problem(body: object) -> str | None:
+    """What is wrong with a TXN's body, or None. The body: [compares, success, failure], where a compare is
+    [key, target, op, operand] (operand: bytes for "value", bool for "exists", an int >= 0 for the others) and an
+    op is ["put", key, value], ["delete", key or prefix, is_prefix] or ["get", key or prefix, is_prefix]. The HTTP
+    edge builds the body from JSON and asks this first; `apply` asks again, since the log is the contract."""
+    if type(body) is not list or len(body) != 3 or not all(type(part) is list for part in body):
+        return "a transaction is [compare, success, failure]: three lists"
+    for name, part in zip(("compare", "success", "failure"), body):
+        if len(part) > MAX_TXN_OPS:
+            return f"{name} has {len(part)} items: at most {MAX_TXN_OPS}"
+    for i, c in enumerate(body[0]):
+        if (problem := _compare_problem(c)) is not None:
+            return f"compare[{i}]: {problem}"
+    for name, part in zip(("success", "failure"), body[1:]):
+        put: set[str] = set()
+        for i, o in enumerate(part):
+            if (problem := _op_problem(o)) is not None:
+                return f"{name}[{i}]: {problem}"
+            if o[0] == "put":
+                if o[1] in put:  # etcd refuses it too ("duplicate key given in txn request")
+                    return f"{name}[{i}]: key {o[1]!r} is put twice in one branch"
+                put.add(o[1])
+    return None
+
+
+def _holds(current: object, op: str, operand: object) -> bool:
+    if op == "==":
+        return current == operand
+    if op == "!=":
+        return current != operand
+    if op == "<":
+        return current < operand  # type: ignore[operator]
+    return current > operand  # type: ignore[operator]
+
+
+class KeyValueStore:
+    """The replicated state (see the module's rules); a raftlib.interfaces.StateMachine. `data` maps a key to its
+    record (value, create_index, modify_index), indices as applied (`record` gives them as exposed); a create
+    keeps one int object for both. Only new and deleted keys touch `keys`. `lease_of` maps a key to its lease id
+    (issue 14 part 2 fills it; a key not in it has lease 0). `on_event` is called with each Event."""
+
+    def __init__(self, on_event: Callable[[Event], None] | None = None,
+                 on_level_raised: Callable[[int], None] | None = None) -> None:
+        self.data: dict[str, tuple[bytes, int, int]] = {}
         self.keys = SortedList()
         self.admin_claims = AdminClaims()
+        self.lease_of: dict[str, int] = {}
+        self.feature_level = 1
+        self.level_index = 0
+        self.on_event = on_event
+        self.on_level_raised = on_level_raised  # called with the level when it crosses to 2 (a snapshot is due)
+        self._events: list[Event] = []  # the command's, handed to on_event once it applied whole
 
     def get(self, key: str) -> bytes | None:
-        return self.data.get(key)
+        record = self.data.get(key)
+        return None if record is None else record[0]
+
+    def record(self, key: str) -> tuple[bytes, int, int] | None:
+        """(value, create_index, modify_index) with the indices as exposed, or None (the module's rules)."""
+        record = self.data.get(key)
+        if record is None:
+            return None
+        value, create_index, modify_index = record
+        return value, self.exposed(create_index), self.exposed(modify_index)
+
+    def exposed(self, index: int) -> int:
+        """An index as exposed: max(index, level_index) from level 2 on; 0 below it, where a node that restored an
+        old-format snapshot does not know it (the module's rules)."""
+        return (index if index > self.level_index else self.level_index) if self.feature_level >= 2 else 0
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def apply(self, index: int, command: bytes) -> str:
+    def apply(self, index: int, command: bytes) -> object:
+        result = self._apply(index, command)
+        if self._events:
+            events, self._events = self._events, []
+            for event in events:
+                try:
+                    self.on_event(event)  # type: ignore[misc]  # events are only collected with an on_event
+                except Exception:
+                    log.exception("on_event failed on a %s of %r at index %d (the state is applied whole)",
+                                  event.type, event.key, index)
+        return result
+
+    def _apply(self, index: int, command: bytes) -> object:
         try:
             op, key, value, expected = cbor2.loads(command)
         except Exception:
             log.error("skipping an undecodable command at index %d", index)
             return "error"
-        data = self.data
+        if type(key) is not str:
+            return "error"  # not written by this version (a list would not even hash)
+        if op == SET or op == COMPARE_AND_SET or op == CREATE:
+            record = self.data.get(key)
+            if op == COMPARE_AND_SET:
+                if (None if record is None else record[0]) != expected:
+                    return "failed"
+            elif op == CREATE and record is not None:
+                return "failed"
+            self._put(index, key, value, record)
+            return "ok"
+        if op == DELETE:
+            return "ok" if self._delete(index, key) else "missing"
         if op == ADMIN_CLAIM:
             return self.admin_claims.apply(key, expected)
-        if op == DELETE:
-            if data.pop(key, None) is None:
-                return "missing"
-            self.keys.remove(key)
-            return "ok"
-        if op == COMPARE_AND_SET:
-            if data.get(key) != expected:
-                return "failed"
-        elif op == CREATE:
-            if key in data:
-                return "failed"
-        elif op != SET:
-            return "ok"  # an unknown op (a newer version's command): applied as nothing
-        if key not in data:
-            self.keys.add(key)
-        data[key] = value
+        if op == SET_FEATURE_LEVEL:
+            return self._set_feature_level(index, expected)
+        if type(op) is int and op in LEVEL_2_OPS:
+            if self.feature_level < 2:
+                return "error"  # an older release applies it as nothing: so must this one, until the level is 2
+            return self._apply_level_2(index, op, key, value, expected)
+        return "ok"  # an unknown op (a newer version's command): applied as nothing
+
+    def _apply_level_2(self, index: int, op: int, key: str, value: object, expected: object) -> object:
+        if op == TXN:
+            if txn_problem(expected) is not None:
+                return "error"
+            return self._txn(index, *expected)  # type: ignore[misc]
+        if not key:
+            return "error"
+        if op == DELETE_PREFIX:
+            return self._delete_prefix(index, key)
+        if type(expected) is not int or (op == SET_IF_INDEX and type(value) is not bytes):
+            return "error"
+        record = self.data.get(key)
+        if op == DELETE_IF_INDEX and record is None:
+            # prev_index 0 means "missing": it holds, and there is nothing to delete; any other N fails.
+            return "missing" if expected == 0 else "failed"
+        if (0 if record is None else self.exposed(record[2])) != expected:
+            return "failed"
+        if op == SET_IF_INDEX:
+            self._put(index, key, value, record)  # type: ignore[arg-type]
+        else:
+            self._delete(index, key)
         return "ok"
+
+    def _set_feature_level(self, index: int, level: object) -> str:
+        if type(level) is not int:
+            return "error"
+        if level <= self.feature_level:
+            return "unchanged"  # the level never goes down (nor is it raised twice)
+        if level > FEATURE_LEVEL:
+            raise FeatureLevelTooHigh(
+                f"the cluster's feature level is raised to {level} at index {index}, above this release's "
+                f"{FEATURE_LEVEL}: this node cannot apply what follows; start a newer raftdzmq on its data dir")
+        crossing = self.feature_level < 2
+        self.feature_level = level
+        if crossing:
+            # Once: a later raise must not move the floor (older keys' exposed indices would jump).
+            # Stored indices stay as they are (an O(keys) rewrite here held the loop ~1.5 s at 1M keys): every
+            # reader takes them through `exposed`, and the V3 snapshot is written as exposed (encode_state).
+            self.level_index = index
+            if self.on_level_raised is not None:
+                self.on_level_raised(level)
+        return "ok"
+
+    def _put(self, index: int, key: str, value: bytes, record: tuple[bytes, int, int] | None) -> None:
+        if record is None:
+            self.keys.add(key)
+            self.data[key] = (value, index, index)
+            create_index = index
+        else:
+            create_index = record[1]
+            self.data[key] = (value, create_index, index)
+        if self.on_event is not None:
+            self._events.append(Event("put", key, value, index, self.exposed(create_index)))
+
+    def _delete(self, index: int, key: str) -> bool:
+        record = self.data.pop(key, None)
+        if record is None:
+            return False
+        self.keys.remove(key)
+        self.lease_of.pop(key, None)
+        if self.on_event is not None:
+            self._events.append(Event("delete", key, None, index, self.exposed(record[1])))
+        return True
+
+    def _prefixed(self, prefix: str, most: int) -> tuple[list[str], bool]:
+        """The first `most` keys that start with `prefix`, in order (a copy: the caller may delete them), and
+        whether more follow."""
+        out: list[str] = []
+        for key in self.keys.irange(minimum=prefix):
+            if not key.startswith(prefix):
+                break
+            if len(out) == most:
+                return out, True
+            out.append(key)
+        return out, False
+
+    def _delete_prefix(self, index: int, prefix: str, most: int = MAX_DELETE_KEYS_PER_ENTRY) -> int:
+        keys, _ = self._prefixed(prefix, most)
+        for key in keys:
+            self._delete(index, key)
+        return len(keys)
+
+    def _compare(self, key: str, target: str, op: str, operand: object) -> bool:
+        """etcd's rules for a missing key: a value compare is false, whatever the op; its indices and lease are 0
+        and it does not exist."""
+        record = self.data.get(key)
+        if target == "exists":
+            return _holds(record is not None, op, operand)
+        if target == "value":
+            return record is not None and _holds(record[0], op, operand)
+        if target == "lease":
+            return _holds(self.lease_of.get(key, 0), op, operand)
+        if record is None:
+            return _holds(0, op, operand)
+        return _holds(self.exposed(record[1] if target == "create_index" else record[2]), op, operand)
+
+    def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult:
+        # All compares against the state before the txn (etcd's), then the branch's ops in order.
+        # The bounds (the module's rules) are budgets for the whole txn, spent in op order.
+        succeeded = all(self._compare(*c) for c in compares)
+        results: list[tuple] = []
+        delete_budget, get_keys_budget, get_bytes_budget = MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES
+        for kind, key, third in success if succeeded else failure:
+            if kind == "put":
+                self._put(index, key, third, self.data.get(key))
+                results.append(("put", key))
+            elif kind == "delete":
+                if not third:
+                    results.append(("delete", int(self._delete(index, key)), False))
+                    continue
+                keys, more = self._prefixed(key, delete_budget)
+                for k in keys:
+                    self._delete(index, k)
+                delete_budget -= len(keys)
+                results.append(("delete", len(keys), more))
+            else:
+                found = []
+                if third:
+                    keys, more = self._prefixed(key, get_keys_budget)
+                else:  # past the key bound a get of one key returns nothing, and says more if it exists
+                    keys, more = ([key], False) if get_keys_budget else ([], key in self.data)
+                for k in keys:
+                    record = self.record(k)
+                    if record is None:
+                        continue
+                    size = len(k) + len(record[0])
+                    if size > get_bytes_budget:
+                        more = True
+                        get_keys_budget = 0  # the byte bound ends every later get too, whatever its sizes
+                        break
+                    get_bytes_budget -= size
+                    get_keys_budget -= 1
+                    found.append((k, *record))
+                results.append(("get", found, more))
+        return TxnResult(succeeded, results)
 
     def page(self, prefix: str, after: str, limit: int) -> tuple[list[str], bool]:
         """Up to `limit` keys that start with `prefix` and sort after `after`, in order, and whether more follow.
@@ -159,13 +487,9 @@ class KeyValueStore:
         return page[:limit], len(page) > limit
 
     def snapshot(self) -> bytes:
-        """The whole state as `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]`, the map's keys in increasing order
-        (the module's rules). Run by a forked child on its copy of the state (raftlib.runtime), so its time is not
-        the event loop's: ~0.1 s per 200k keys, the map built in key order then encoded in one cbor2 call."""
-        claims = self.admin_claims
-        data = self.data
-        in_order = {key: data[key] for key in self.keys}
-        return cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, in_order, claims.claims, claims.horizon])
+        """The whole state in the format its feature level calls for (`encode_state`). Run by a forked child on its
+        copy of the state (raftlib.runtime), so its time is not the event loop's."""
+        return encode_state(self)
 
     def restore(self, data) -> None:
         """Replace the whole state with a snapshot's (empty bytes: the empty state): bytes, or a source with
@@ -175,21 +499,20 @@ class KeyValueStore:
             pass
 
     def restoring(self, data) -> Iterator[bool]:
-        """`restore` a batch per step: a generator that decodes at most RESTORE_BATCH_KEYS keys each time it is
-        advanced and yields False; once the state is replaced (the module's rules; not before), it yields True,
-        then frees the old state a batch per step (freeing a million keys at once holds the loop too), yielding
-        False, and ends. Dropping it before the True changes nothing. `[SNAPSHOT_WITH_CLAIMS, ...]` and a map of
-        indefinite length (written by no version of raftdzmq) are decoded in one step."""
+        """`restore` a batch per step: a generator that decodes a batch (RESTORE_BATCH_KEYS pairs, or
+        RESTORE_BATCH_BYTES of values) each time it is advanced and yields False; once the state is replaced (the
+        module's rules; not before), it yields True, then frees the old state a batch per step (freeing a million
+        keys at once holds the loop too), yielding False, and ends. Dropping it before the True changes nothing."""
         old_data, old_keys = self.data, self.keys
         for _ in self._decode(data):
             yield False
         yield True
         # Only this generator holds the old state now (readers look up self.data afresh at each request).
         while old_data:
-            for _ in range(2 * RESTORE_BATCH_KEYS):
-                if not old_data:
-                    break
-                old_data.popitem()
+            freed_keys = freed_bytes = 0
+            while old_data and freed_keys < 2 * RESTORE_BATCH_KEYS and freed_bytes < 2 * RESTORE_BATCH_BYTES:
+                freed_bytes += len(old_data.popitem()[1][0])
+                freed_keys += 1
             yield False
         del old_data
         lists = getattr(old_keys, "_lists", None)
@@ -202,94 +525,198 @@ class KeyValueStore:
     def _decode(self, data) -> Iterator[None]:
         """The decoding half of `restoring`: the heads parsed here, then a batch of key/value pairs per step read
         by a cbor2 decoder from a buffered reader (it reads exactly each item's bytes, so the heads and the pairs
-        can be read in turn); the claims and horizon after the map checked; the state replaced when it ends."""
+        can be read in turn); the elements after the map checked; the state replaced when it ends."""
         size = len(data)
         if not size:
-            self._replace({}, SortedList(), AdminClaims())
+            self._replace({}, SortedList(), _tail_state(None, []))
             return
         fp = _buffered(data)
-        decoder = cbor2.CBORDecoder(fp)
+        decoder = _decoder(fp)
         first = _read_exact(fp, 1)[0]
-        with_claims = first == 0x84  # an array of 4: [SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]
-        if with_claims:
-            if _decode_item(decoder, "its format's name") != SNAPSHOT_WITH_CLAIMS_V2:
+        name = None
+        if first >> 5 == 4 and first & 31 in (4, 6):  # an array of 4 (V2) or 6 (V3); a V1's 3 go in one step
+            name = _decode_item(decoder, "its format's name")
+            if (name, first & 31) not in ((SNAPSHOT_WITH_CLAIMS_V2, 4), (SNAPSHOT_V3, 6)):
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
             first = _read_exact(fp, 1)[0]
         count = _map_count(first, fp)
         if count is None:  # not a map of definite length: the older formats, a map of indefinite length, junk
             self._restore_whole(data if isinstance(data, (bytes, bytearray, memoryview)) else data.read(0, size))
             return
-        new: dict[str, bytes] = {}
+        with_indices = name == SNAPSHOT_V3
+        new: dict[str, tuple[bytes, int, int]] = {}
         in_order: _SortedKeys | None = _SortedKeys()  # while the keys come in increasing order (this version's)
-        unordered: SortedList | None = None  # else (the previous release wrote the map in insertion order)
+        unordered: SortedList | None = None  # else (older writers wrote the map in insertion order)
         decode = decoder.decode
         left = count
         while left:
             yield
             # Keys out of order cost ~1.4 us more each (SortedList.add): half a batch then.
-            batch = min(left, RESTORE_BATCH_KEYS if unordered is None else RESTORE_BATCH_KEYS // 2)
-            left -= batch
-            # Two lists, not a tuple per pair: tuples are objects the cyclic collector tracks, and a million of
-            # them made its collections long pauses of their own.
+            most = min(left, RESTORE_BATCH_KEYS if unordered is None else RESTORE_BATCH_KEYS // 2)
             batch_keys: list = []
-            batch_values: list = []
+            batch_records: list = []
+            value_bytes = 0
             try:
-                for _ in range(batch):
+                while len(batch_keys) < most and value_bytes < RESTORE_BATCH_BYTES:
                     batch_keys.append(decode())
-                    batch_values.append(decode())
-            except cbor2.CBORError as e:  # an I/O error of the source goes up as it is
-                raise ValueError(f"a damaged key/value snapshot (a key or value does not decode: {e})") from None
-            if not all(type(k) is str for k in batch_keys) or not all(type(v) is bytes for v in batch_values):
-                raise ValueError("a damaged key/value snapshot (a key that is not text or a value not bytes)")
-            new.update(zip(batch_keys, batch_values))
+                    record = _record(decode(), with_indices)
+                    batch_records.append(record)
+                    value_bytes += len(record[0])
+            except cbor2.CBORError as e:
+                _damaged(e, "a key or value does not decode")
+            left -= len(batch_keys)
+            if not all(type(k) is str for k in batch_keys):
+                raise ValueError("a damaged key/value snapshot (a key that is not text)")
+            new.update(zip(batch_keys, batch_records))
             if len(new) != count - left:
                 raise ValueError("a damaged key/value snapshot (a key twice)")
             if in_order is not None:
                 taken = in_order.extend(batch_keys)
-                if taken < batch:  # the rest, and every batch after, go in by insertion
+                if taken < len(batch_keys):  # the rest, and every batch after, go in by insertion
                     unordered, in_order = in_order.sorted_list(), None
                     batch_keys = batch_keys[taken:]
             if unordered is not None:
                 for key in batch_keys:  # O(log n) each: ~1.4 us, so a batch stays within the step's budget
                     unordered.add(key)
-        claims, horizon = {}, 0.0
-        if with_claims:
-            claims = _decode_item(decoder, "its admin claims")
-            horizon = _decode_item(decoder, "its admin claims' horizon")
+        # The elements after the map: a few bounded items, in one step (a later level's leases come here too).
+        tail = [_decode_item(decoder, "an element after its map") for _ in range(_TAIL_LENGTHS[name])]
         if fp.read(1):
             raise ValueError("a damaged key/value snapshot (bytes after its end)")
-        admin_claims = _admin_claims(claims, horizon)  # checked before anything is replaced
+        state = _tail_state(name, tail)  # checked before anything is replaced
         keys = in_order.sorted_list() if in_order is not None else unordered
-        self._replace(new, keys, admin_claims)
+        assert keys is not None
+        self._replace(new, keys, state)
 
-    def _restore_whole(self, data: bytes) -> None:
+    def _restore_whole(self, data: bytes | bytearray | memoryview) -> None:
         """The formats decoded in one step (the module's rules)."""
         try:
-            v = cbor2.loads(data)
-        except Exception as e:
-            raise ValueError(f"a damaged key/value snapshot: {e}") from None
-        claims, horizon = {}, 0.0
+            v = _decoder(io.BytesIO(data)).decode()
+        except cbor2.CBORError as e:
+            _damaged(e, "it does not decode")
+        name = None
+        tail: list = []
         if type(v) is list:
-            if len(v) == 4 and v[0] == SNAPSHOT_WITH_CLAIMS_V2 and type(v[3]) in (int, float):
-                _, v, claims, horizon = v
-            elif len(v) == 3 and v[0] == SNAPSHOT_WITH_CLAIMS:  # before the horizon was kept: it starts at 0
-                _, v, claims = v
+            name = v[0] if v else None
+            if name == SNAPSHOT_WITH_CLAIMS and len(v) == 3:  # before the horizon was kept: it starts at 0
+                v, tail = v[1], [v[2], 0]
+                name = SNAPSHOT_WITH_CLAIMS_V2
+            elif name in _TAIL_LENGTHS and name is not None and len(v) == 2 + _TAIL_LENGTHS[name]:
+                v, tail = v[1], v[2:]
             else:
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-        if type(v) is not dict or type(claims) is not dict:
+        if type(v) is not dict:
             raise ValueError("a key/value snapshot of an unknown format (not a map)")
-        if not all(type(k) is str and type(x) is bytes for k, x in v.items()):
-            raise ValueError("a damaged key/value snapshot (a key that is not text or a value not bytes)")
-        admin_claims = _admin_claims(claims, horizon)
-        self._replace(v, SortedList(v), admin_claims)
+        if not all(type(k) is str for k in v):
+            raise ValueError("a damaged key/value snapshot (a key that is not text)")
+        with_indices = name == SNAPSHOT_V3
+        records = {k: _record(x, with_indices) for k, x in v.items()}
+        self._replace(records, SortedList(records), _tail_state(name, tail))
 
-    def _replace(self, data: dict[str, bytes], keys: SortedList, admin_claims: AdminClaims) -> None:
+    def _replace(self, data: dict[str, tuple[bytes, int, int]], keys: SortedList, state: _TailState) -> None:
         """The one place the state is replaced: everything given was checked (a damaged snapshot raises before
         it gets here, so it changes nothing)."""
         assert len(keys) == len(data)
         self.data = data
         self.keys = keys
-        self.admin_claims = admin_claims
+        self.admin_claims = state.admin_claims
+        self.lease_of = {}
+        self.feature_level, self.level_index = state.feature_level, state.level_index
+
+
+# The elements after the map, by format name (None: a plain map). A later level's (leases) adds its own here.
+_TAIL_LENGTHS: dict[str | None, int] = {None: 0, SNAPSHOT_WITH_CLAIMS_V2: 2, SNAPSHOT_V3: 4}
+
+
+class _TailState(NamedTuple):
+    admin_claims: AdminClaims
+    feature_level: int
+    level_index: int
+
+
+def _tail_state(name: object, tail: list) -> _TailState:
+    """The state a snapshot holds after its map, checked: raises ValueError before anything is replaced. The one
+    place that knows those elements (the module's rules)."""
+    if name is None:
+        return _TailState(AdminClaims(), 1, 0)
+    claims = _admin_claims(tail[0], tail[1])
+    if name == SNAPSHOT_WITH_CLAIMS_V2:
+        return _TailState(claims, 1, 0)
+    feature_level, level_index = tail[2], tail[3]
+    if type(feature_level) is not int or feature_level < 2 or not _is_index(level_index):
+        raise ValueError("a key/value snapshot of an unknown format (a damaged V3)")
+    if feature_level > FEATURE_LEVEL:
+        raise ValueError(f"a key/value snapshot of feature level {feature_level}, above this release's "
+                         f"{FEATURE_LEVEL}: start a newer raftdzmq on this data dir")
+    return _TailState(claims, feature_level, level_index)
+
+
+def _record(x: object, with_indices: bool) -> tuple[bytes, int, int]:
+    """A map's value as stored: V3's [value, create_index, modify_index] checked; an older format's value, with
+    indices of 0 (the module's rules)."""
+    if not with_indices:
+        if type(x) is not bytes:
+            raise ValueError("a damaged key/value snapshot (a value that is not bytes)")
+        return x, 0, 0
+    if (type(x) is not list or len(x) != 3 or type(x[0]) is not bytes or not _is_index(x[1])
+            or not _is_index(x[2]) or x[1] > x[2]):
+        raise ValueError("a damaged key/value snapshot (a record that is not [value, create <= modify])")
+    value, create_index, modify_index = x
+    # One int object for both indices when they are equal, as a create makes them (memory per key).
+    return value, create_index, create_index if modify_index == create_index else modify_index
+
+
+def _is_index(x: object) -> bool:
+    return type(x) is int and x >= 0
+
+
+def encode_state(kv: KeyValueStore) -> bytes:
+    """The snapshot of `kv` in the format its feature level calls for (the module's rules): the array's and the
+    map's heads written here, the pairs in key order a batch per cbor2 call, V3's indices as exposed. The same
+    bytes as cbor2.dumps of the whole, on every node whatever the order its keys were inserted in."""
+    claims = kv.admin_claims
+    data = kv.data
+    out = io.BytesIO()
+    if kv.feature_level >= 2:
+        name, tail = SNAPSHOT_V3, [claims.claims, claims.horizon, kv.feature_level, kv.level_index]
+    else:
+        name, tail = SNAPSHOT_WITH_CLAIMS_V2, [claims.claims, claims.horizon]
+    out.write(_head(4, 2 + len(tail)))
+    out.write(cbor2.dumps(name))
+    out.write(_head(5, len(data)))
+    level_index = kv.level_index
+    with_indices = name == SNAPSHOT_V3
+    flat: list = []
+    for key in kv.keys:  # by iteration: a positional slice would make SortedList keep an index (see `page`)
+        value, create_index, modify_index = data[key]
+        flat.append(key)
+        if with_indices:
+            flat.append([value, create_index if create_index > level_index else level_index,
+                         modify_index if modify_index > level_index else level_index])
+        else:
+            flat.append(value)
+        if len(flat) == 2 * RESTORE_BATCH_KEYS:
+            _write_items(out, flat)
+            flat = []
+    _write_items(out, flat)
+    for item in tail:
+        out.write(cbor2.dumps(item))
+    return out.getvalue()
+
+
+def _write_items(out: io.BytesIO, items: list) -> None:
+    """`items` encoded one after another: one cbor2 call (C speed), without the head of the array it encodes."""
+    if items:
+        out.write(memoryview(cbor2.dumps(items))[len(_head(4, len(items))):])
+
+
+def _head(major: int, count: int) -> bytes:
+    """The head of a CBOR item of major type `major` and length `count` (RFC 8949 3.1, its shortest form)."""
+    if count < 24:
+        return bytes([major << 5 | count])
+    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if count < 1 << (8 * width):
+            return bytes([major << 5 | info]) + count.to_bytes(width, "big")
+    raise ValueError(f"a CBOR length of {count}")
 
 
 def _admin_claims(claims: object, horizon: object) -> AdminClaims:
@@ -312,13 +739,54 @@ def _finite(x: object) -> bool:
     return f - f == 0  # neither infinite nor NaN
 
 
+class _EveryTagRefused(dict):
+    """cbor2's semantic_decoders for every tag number: each refuses its tag (the module's rules). Its decoders get
+    the tag's content already decoded (cbor2 6.3), so the innermost tag of a nest is refused before any semantic
+    work, and the work done is linear in the input's size. raftlib/codec.py refuses tags in Raft frames alike."""
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+    def __getitem__(self, tag: object):
+        return _refuse_tag
+
+    def get(self, tag: object, default: object = None):
+        return _refuse_tag
+
+
+def _refuse_tag(*_: object) -> object:
+    raise cbor2.CBORDecodeError("a CBOR tag (no snapshot format has one)")
+
+
+def _refuse_unknown_tag(decoder: object, tag: cbor2.CBORTag) -> object:
+    raise cbor2.CBORDecodeError(f"a CBOR tag {tag.tag} (no snapshot format has one)")
+
+
+_NO_TAGS = _EveryTagRefused()
+
+
+def _decoder(fp: io.BufferedIOBase) -> cbor2.CBORDecoder:
+    """A cbor2 decoder of snapshot bytes that refuses every tag (the module's rules)."""
+    return cbor2.CBORDecoder(fp, semantic_decoders=_NO_TAGS, tag_hook=_refuse_unknown_tag)
+
+
+def _damaged(e: cbor2.CBORError, what: str) -> NoReturn:
+    """Raise what a cbor2 error stands for: the source's own error (cbor2 wraps an error of the reader inside a
+    nested item: an I/O error, SnapshotUnreadable) as it is, or else a damaged snapshot (ValueError)."""
+    cause: BaseException | None = e
+    seen = 0
+    while cause is not None and seen < 16:
+        if not isinstance(cause, cbor2.CBORError):
+            raise cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    raise ValueError(f"a damaged key/value snapshot ({what}: {e})") from None
+
+
 def _buffered(data) -> io.BufferedIOBase:
     """A snapshot's bytes, or a SnapshotSource (`len()`, `read(offset, length)`), as a buffered reader."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return io.BytesIO(data)
     return io.BufferedReader(_SourceReader(data), 1 << 16)
-
-
 class _SourceReader(io.RawIOBase):
     """A SnapshotSource read from its start (its errors, e.g. SnapshotUnreadable, go up as they are)."""
 
@@ -348,7 +816,7 @@ def _decode_item(decoder: cbor2.CBORDecoder, what: str) -> object:
     try:
         return decoder.decode()
     except cbor2.CBORError as e:
-        raise ValueError(f"a damaged key/value snapshot ({what} does not decode: {e})") from None
+        _damaged(e, f"{what} does not decode")
 
 
 def _map_count(first: int, fp) -> int | None:

@@ -1,0 +1,64 @@
+"""What GET /livez and GET /readyz answer: the checks of a node's health, for a load balancer or a Kubernetes probe
+(etcd's /livez and /readyz, rqlite's /readyz).
+
+- Live: the node answers, and its runtime still drives the node. A process that is not live should be restarted.
+  A node that can answer is live: a loop stopped outright (SIGSTOP, a hung fsync that holds the hub) answers
+  nothing at all, and the prober's own timeout is the check. A stall that has ended is no reason to restart a
+  node (review L2: every node of a cluster stalls at once while it serialises its snapshot, and /livez failed
+  them all for seconds after): stalls are in /metrics only (the hub-lag histogram).
+- Ready: the node can serve: it is a member, knows a leader it heard from within an election timeout, has
+  applied what it knows to be committed (within MAX_APPLY_LAG_ENTRIES) and its disk is not full. A node that is
+  not ready should get no traffic, but is not broken.
+
+Rules:
+- Pure: the caller passes the runtime's status (a frozen RuntimeStatus) and the time (time.monotonic()). No Raft
+  round, no disk: a probe costs the loop nothing it would notice.
+- A check is (name, None) when it passes, (name, reason) when it fails; a reason is one short line.
+"""
+
+from __future__ import annotations
+
+from raftlib.runtime import RuntimeStatus
+
+MAX_APPLY_LAG_ENTRIES = 1000  # /readyz: at most this many committed entries not yet applied here
+
+Check = tuple[str, str | None]
+
+
+def liveness(running: bool) -> list[Check]:
+    """The checks of GET /livez: the runtime still drives the node (RuntimeStatus.running: false once its loop
+    greenlet has died, which only a bug does; a storage failure exits the process and a graceful stop closes
+    HTTP first, so neither is ever seen here)."""
+    return [("raft", None if running else "the raft runtime has stopped")]
+
+
+def readiness(status: RuntimeStatus, now: float) -> list[Check]:
+    """The checks of GET /readyz at `now` (time.monotonic()), in the order their reasons are given."""
+    node = status.node
+    # Both: the core's view as of its last drive, and the runtime's clock now. A node just resumed from SIGSTOP
+    # may serve this before its next drive ticks the core past the pause (review L3).
+    leader = node.leader_active and now - status.leader_contact_at <= status.election_timeout_seconds
+    member = node.removed is None and node.node_id in node.membership.node_ids
+    # The leader's commit index, not this node's own: a follower's is at most the last entry it has (§5.3), so
+    # while it catches up it applies all it knows to be committed and would look ready (review L1).
+    committed = max(node.commit_index, node.leader_commit)
+    lag = committed - node.last_applied
+    return [
+        ("member", None if member else "not a member"),
+        ("leader", None if leader else "no leader"),
+        ("disk", "disk full" if status.disk_full else None),
+        ("snapshot", "applying: receiving a snapshot from the leader" if node.receiving_snapshot else None),
+        ("applied", None if lag <= MAX_APPLY_LAG_ENTRIES else
+         f"applying: applied {node.last_applied} of {committed}"),
+    ]
+
+
+def report(what: str, checks: list[Check], verbose: bool) -> tuple[bool, str]:
+    """(all passed, the answer's text). Plain: `ok`, or the first failure's reason. Verbose (etcd's ?verbose): a
+    line per check, `[+]NAME ok` or `[-]NAME failed: REASON`, then `WHAT ok` or `WHAT check failed`."""
+    failures = [reason for _, reason in checks if reason is not None]
+    if not verbose:
+        return not failures, failures[0] if failures else "ok"
+    lines = [f"[+]{name} ok" if reason is None else f"[-]{name} failed: {reason}" for name, reason in checks]
+    lines.append(f"{what} check failed" if failures else f"{what} ok")
+    return not failures, "\n".join(lines)

@@ -1,0 +1,168 @@
+"""Issue 14, part 1, through real processes: per-key indices, ?prev_index, DELETE /db/?prefix=P, POST /txn, and
+the cluster's feature level in a rolling upgrade (a node made to report level 1 with the test-only
+RAFTDZMQ_FEATURE_LEVEL=1, as a node of an older release would)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from procs import LocalCluster, Node, old_release, wait_for
+
+OLD = {"RAFTDZMQ_FEATURE_LEVEL": "1"}  # test-only (raftlib.server.node.TEST_FEATURE_LEVEL_ENV)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(str(tmp_path_factory.mktemp("coord"))).start()
+    yield c
+    c.stop()
+
+
+def level_2(cluster: LocalCluster) -> None:
+    wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in cluster.running()), 10,
+             "the cluster's feature level to reach 2")
+
+
+def test_a_cluster_of_this_release_reaches_level_2(cluster):
+    level_2(cluster)
+    assert {n.status()["feature_level"] for n in cluster.nodes} == {2}
+
+
+def test_prev_index_prefix_delete_and_txn_over_http(cluster):
+    level_2(cluster)
+    leader = cluster.leader()
+    r = leader.request("POST", "/db/cas?prev_index=0", "1")
+    assert r.status == 200
+    created = int(r.headers["x-raft-index"])
+    follower = next(n for n in cluster.running() if n is not leader)
+    r = follower.request("GET", "/db/cas")
+    assert (r.status, r.headers["x-raft-create-index"], r.headers["x-raft-modify-index"]) == (
+        200, str(created), str(created))
+    assert leader.request("POST", "/db/cas?prev_index=0", "2").status == 412
+    r = leader.request("POST", f"/db/cas?prev_index={created}", "2")
+    assert r.status == 200 and leader.request("GET", "/db/cas").text == "2"
+    assert leader.request("DELETE", f"/db/cas?prev_index={created}").status == 412
+    for key in ("dir/a", "dir/b", "dirt"):
+        assert leader.request("POST", f"/db/{key}", "v").status == 200
+    r = leader.request("DELETE", "/db/?prefix=dir/")
+    assert r.status == 200 and r.json()["deleted"] == 2 and r.json()["index"] == int(r.headers["x-raft-index"])
+    assert leader.request("GET", "/db/dir/a").status == 404 and leader.request("GET", "/db/dirt").status == 200
+    body = {"compare": [{"key": "dirt", "target": "value", "op": "==", "value": "v"}],
+            "success": [{"op": "put", "key": "lock", "value": "me"}, {"op": "get", "key": "lock"}],
+            "failure": [{"op": "get", "prefix": "dir"}]}
+    r = leader.request("POST", "/txn", json.dumps(body))
+    index = r.json()["index"]
+    assert r.status == 200 and r.json() == {"succeeded": True, "index": index, "results": [
+        {"op": "put", "key": "lock"},
+        {"op": "get", "kvs": [{"key": "lock", "value": "me", "create_index": index, "modify_index": index}]}]}
+    r = leader.request("POST", "/txn", json.dumps({"success": [{"op": "put", "key": "k"}]}))
+    assert r.status == 400 and "success[0]: needs a value" in r.text
+
+
+def test_a_join_without_the_feature_level_is_refused_on_a_level_2_cluster(cluster, tmp_path):
+    level_2(cluster)
+    leader = cluster.leader()
+    join = {"node_id": "old", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2"}
+    r = leader.request("POST", "/join", json.dumps(join))
+    assert r.status == 409 and "older raftdzmq (feature level 1)" in r.text and "upgrade it" in r.text
+    # A node that reports level 1 cannot join either: it exits with the reason.
+    old = Node("old", str(tmp_path))
+    try:
+        old.start(join=leader.address, env=OLD)
+        wait_for(old.exited, 20, "the old node to give up")
+        assert "upgrade it, then join" in old.log_text()
+    finally:
+        old.kill()
+    assert len(leader.status()["members"]) == 3
+
+
+def test_a_rolling_upgrade_keeps_the_new_api_off_until_every_member_has_it(tmp_path):
+    """node.1 runs "the old release" (level 1) from the start: the level stays 1 and the new API answers 409
+    naming it, however long; once it restarts upgraded, the level is raised."""
+    c = LocalCluster(str(tmp_path), size=3)
+    first = c.nodes[0]
+    try:
+        first.start(env=OLD)
+        wait_for(lambda: first.status()["role"] == "leader", 10, "the first node to lead")
+        for n in c.nodes[1:]:
+            n.start(join=first.address)
+            wait_for(lambda n=n: c._is_voter(n), 15, f"{n.name} to become a voter")
+        old_id = first.status()["node_id"]
+        first.stop()  # hands leadership to an upgraded node, which asks every member's level
+        first.start(env=OLD)
+        leader = c.leader()
+        assert leader is not first
+        assert c.write("k", "v").status == 200  # the old API works throughout
+        # (While node.1 restarts, it does not answer: the 409 says so first.)
+        want = f"the cluster is not upgraded yet: members {old_id} run an older raftdzmq\n"
+        r = wait_for(lambda: (lambda r: r if r.text == want else None)(leader.request("POST", "/txn", "{}")), 10,
+                     "a 409 naming the old member")
+        assert r.status == 409
+        time.sleep(2.5)  # two more rounds of the raiser: still not raised
+        assert {n.status()["cluster_feature_level"] for n in c.running()} == {1}
+        for method, target in (("DELETE", "/db/?prefix=k"), ("POST", "/db/k?prev_index=1"),
+                               ("DELETE", "/db/k?prev_index=1")):
+            assert leader.request(method, target, "").status == 409
+        assert leader.request("GET", "/db/k").headers.get("x-raft-modify-index") is None
+        first.stop()
+        first.start()  # upgraded
+        t0 = time.monotonic()
+        level_2(c)
+        print(f"level raised {time.monotonic() - t0:.2f}s after the old node restarted upgraded")
+        r = c.leader().request("POST", "/txn", json.dumps({"success": [{"op": "get", "key": "k"}]}))
+        assert r.status == 200 and r.json()["results"][0]["kvs"][0]["value"] == "v"
+        # The key written before the raise: its indices are the level's index on every node.
+        level_index = r.json()["results"][0]["kvs"][0]["modify_index"]
+        assert {n.request("GET", "/db/k").headers["x-raft-modify-index"] for n in c.running()} == {str(level_index)}
+    finally:
+        c.stop()
+
+
+def test_a_follower_never_sends_the_new_api_to_a_leader_of_an_older_release(tmp_path):
+    """Review of coord1, S2, with the real previous release (git archive) as the leader: it ignores ?prev_index,
+    so a follower that passed the request on turned a compare-and-set into an unconditional write."""
+    old = Node("old", str(tmp_path), server=old_release(str(tmp_path / "old-release")))
+    new = Node("new", str(tmp_path))
+    try:
+        old.start()
+        wait_for(lambda: old.status()["role"] == "leader", 10, "the old release to lead")
+        new.start("-forward", join=old.address)
+        wait_for(lambda: new.status()["leader"] == old.status()["node_id"], 15, "the new node to follow")
+        assert "feature_level" not in old.status() and new.status()["cluster_feature_level"] == 1
+        for key, value in (("lock", "holder1"), ("lock2", "v"), ("lockx", "v")):
+            assert old.request("POST", f"/db/{key}", value).status == 200
+        for method, target, body in (("POST", "/db/lock?prev_index=0", "intruder"),
+                                     ("DELETE", "/db/lock2?prev_index=999", ""), ("DELETE", "/db/?prefix=lock", ""),
+                                     ("POST", "/txn", '{"success": [{"op": "put", "key": "lock", "value": "x"}]}')):
+            r = new.request(method, target, body)
+            assert r.status == 409 and "not upgraded yet" in r.text, (target, r)
+        wait_for(lambda: new.request("GET", "/db/lock?consistency=stale").status == 200, 10, "the keys to arrive")
+        for key, value in (("lock", "holder1"), ("lock2", "v"), ("lockx", "v")):
+            assert old.request("GET", f"/db/{key}").text == value
+    finally:
+        new.kill()
+        old.kill()
+
+
+def test_an_older_release_stops_at_start_on_a_data_dir_of_level_2(tmp_path):
+    """Review of coord1, S4: the raise takes a snapshot at once (V3), so the previous release (git archive),
+    started on the data dir, stops on the snapshot's format instead of replaying the new ops as nothing."""
+    node = Node("n", str(tmp_path))
+    try:
+        node.start()
+        wait_for(lambda: node.status()["cluster_feature_level"] == 2, 10, "level 2")
+        assert node.request("POST", "/db/k?prev_index=0", "v").status == 200
+        wait_for(lambda: node.status()["snapshot_index"] > 0, 10, "the snapshot the raise asks for")
+        assert node.stop() == 0
+        old = Node("n", str(tmp_path), ports=(node.port, node.http_port),
+                   server=old_release(str(tmp_path / "old-release")))
+        old.start()
+        wait_for(old.exited, 15, "the old release to stop")
+        assert old.proc.returncode != 0 and "unknown format" in old.log_text(current=True), old.log_text()
+        node.start()  # this release carries on with it
+        assert node.request("GET", "/db/k").text == "v"
+    finally:
+        node.kill()
