@@ -256,7 +256,7 @@ def _refuse_tag(*_: object) -> object:
     raise cbor2.CBORDecodeError("a CBOR tag (no frame has one)")
 
 
-def _refuse_unknown_tag(decoder: object, tag: cbor2.CBORTag) -> object:
+def _refuse_unknown_tag(tag: cbor2.CBORTag, immutable: bool) -> object:  # cbor2 6's tag_hook
     raise cbor2.CBORDecodeError(f"a CBOR tag {tag.tag} (no frame has one)")
 
 

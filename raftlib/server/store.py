@@ -533,10 +533,11 @@ class KeyValueStore:
         fp = _buffered(data)
         decoder = _decoder(fp)
         first = _read_exact(fp, 1)[0]
-        name = None
+        name: str | None = None
         if first >> 5 == 4 and first & 31 in (4, 6):  # an array of 4 (V2) or 6 (V3); a V1's 3 go in one step
-            name = _decode_item(decoder, "its format's name")
-            if (name, first & 31) not in ((SNAPSHOT_WITH_CLAIMS_V2, 4), (SNAPSHOT_V3, 6)):
+            decoded = _decode_item(decoder, "its format's name")
+            name = decoded if type(decoded) is str else None
+            if (decoded, first & 31) not in ((SNAPSHOT_WITH_CLAIMS_V2, 4), (SNAPSHOT_V3, 6)):
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
             first = _read_exact(fp, 1)[0]
         count = _map_count(first, fp)
@@ -758,7 +759,7 @@ def _refuse_tag(*_: object) -> object:
     raise cbor2.CBORDecodeError("a CBOR tag (no snapshot format has one)")
 
 
-def _refuse_unknown_tag(decoder: object, tag: cbor2.CBORTag) -> object:
+def _refuse_unknown_tag(tag: cbor2.CBORTag, immutable: bool) -> object:  # cbor2 6's tag_hook
     raise cbor2.CBORDecodeError(f"a CBOR tag {tag.tag} (no snapshot format has one)")
 
 
@@ -767,7 +768,8 @@ _NO_TAGS = _EveryTagRefused()
 
 def _decoder(fp: io.BufferedIOBase) -> cbor2.CBORDecoder:
     """A cbor2 decoder of snapshot bytes that refuses every tag (the module's rules)."""
-    return cbor2.CBORDecoder(fp, semantic_decoders=_NO_TAGS, tag_hook=_refuse_unknown_tag)
+    # A buffered binary reader is an IO[bytes] to cbor2, whose stubs want the typing name.
+    return cbor2.CBORDecoder(fp, semantic_decoders=_NO_TAGS, tag_hook=_refuse_unknown_tag)  # type: ignore[arg-type]
 
 
 def _damaged(e: cbor2.CBORError, what: str) -> NoReturn:
