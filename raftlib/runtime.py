@@ -993,7 +993,7 @@ def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: 
             posix.closerange(w + 1, max(fd_limit, w + 1))
             from . import fs as fs_module  # noqa: PLC0415
 
-            fs_module._spare = None  # closed above: never close that number again
+            fs_module._spares.clear()  # closed above: never close those numbers again
             gc.disable()  # collections would touch (and copy) every page of the image for nothing
             if _TEST_CHILD_DELAY_SECONDS:
                 gevent.monkey.get_original("time", "sleep")(_TEST_CHILD_DELAY_SECONDS)  # not the hub's sleep
