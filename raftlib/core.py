@@ -224,6 +224,10 @@ class RaftNode:
         self._messages: list[Message] = []
         self._append_dirty = False  # as leader: entries or next indices changed; followers may need appends
         self._pending_snapshot: Snapshot | None = None  # a leader's snapshot, to be saved and applied
+        # The sink _pending_snapshot's data was received into (None: not received): discarded if a newer snapshot
+        # supersedes it before a Ready hands it out, so that its file does not outlive the transfer (fifth review
+        # of snapfork, finding 3).
+        self._pending_sink: SnapshotSink | None = None
         # A leader's snapshot being received (§7): (index, term, the sink its chunks go to). The sink comes from
         # `open_snapshot_sink(meta)`: the runtime's writes to a file through the storage (never the whole state in
         # memory); by default, bytes.
@@ -631,7 +635,7 @@ class RaftNode:
         assert self._ready_outstanding
         self._ready_outstanding = False
         if rd.snapshot is not None:
-            self._pending_snapshot = None
+            self._pending_snapshot = self._pending_sink = None
             index = rd.snapshot.last_included_index
             self._persisted_index = max(self._persisted_index, index)
             if snapshot_applied:
@@ -902,7 +906,7 @@ class RaftNode:
             sink.discard()
             reply(0, False)
             return
-        self._restore(Snapshot(index, term, m.membership, data))
+        self._restore(Snapshot(index, term, m.membership, data), sink)
         reply(held_bytes, True)
 
     def _drop_incoming_snapshot(self) -> None:
@@ -910,12 +914,20 @@ class RaftNode:
             self._incoming_snapshot[4].discard()
             self._incoming_snapshot = None
 
-    def _restore(self, snap: Snapshot) -> None:
-        """§7: replace our state with a snapshot the leader sent, unless our log already has its last entry."""
+    def _restore(self, snap: Snapshot, sink: SnapshotSink | None = None) -> None:
+        """§7: replace our state with a snapshot the leader sent, unless our log already has its last entry.
+        `sink`: the one its data was received into, discarded when the snapshot is not (or no longer) to be
+        saved."""
         index, term = snap.last_included_index, snap.last_included_term
         if self.log.match_term(index, term):
+            if sink is not None:
+                sink.discard()
             self._commit_to(index)
             return
+        if self._pending_snapshot is not None and self._pending_sink is not None:
+            # Superseded before any Ready handed it out (no step while one is outstanding): two leaders'
+            # snapshots finished in one drive. Nothing will install the first: its received file goes now.
+            self._pending_sink.discard()
         self.log = RaftLog(index, term)
         self._snapshot = snap
         self._base_membership = snap.membership
@@ -925,6 +937,7 @@ class RaftNode:
         # (after the save, which may wait), and `advance` moves it then. Until then a read waiting for `index`
         # must not be answered from the old state.
         self._pending_snapshot = snap
+        self._pending_sink = sink
         self._unstable_from = index + 1
         self._persisted_index = min(self._persisted_index, index)
 

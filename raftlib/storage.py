@@ -335,6 +335,7 @@ class SnapshotReceiver:
         self._writer = None
         self._reader = None
         self._done = False
+        self._source: ReceivedSnapshotFile | None = None  # what `finish` returned: closed by `discard`
         storage._writing.add(self.path)  # no install's garbage sweep deletes it
 
     def __len__(self) -> int:
@@ -398,6 +399,7 @@ class SnapshotReceiver:
         source = ReceivedSnapshotFile(fs, self._reader, self._head_bytes, self.size, self.path)
         source.received_tmp = self.path
         self._reader = None  # the source's now
+        self._source = source
         return source
 
     def _close(self) -> None:
@@ -408,7 +410,11 @@ class SnapshotReceiver:
         self._writer = self._reader = None
 
     def discard(self) -> None:
+        """Given up, finished or not (a finished one superseded before it was saved): the file and its handles."""
         self._close()
+        if self._source is not None:
+            self._source.close()
+            self._source = None
         self.storage.abort_snapshot(self.path)
 
 

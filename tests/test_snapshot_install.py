@@ -201,6 +201,28 @@ def test_a_transfer_given_up_for_a_newer_snapshot_leaves_no_file():
         runtime.stop()
 
 
+def test_a_received_snapshot_superseded_before_it_was_saved_leaves_no_file_nor_descriptor():
+    """Fifth review of snapfork, finding 3: two leaders' snapshots (term 2 at 50, its successor's at 60 in term 3)
+    finished in one drive. The second replaced the first as the snapshot to save; the first's *.received.tmp (and
+    its name among the files being written) stayed until a restart."""
+    fs = CrashFS()
+    runtime, storage, kv, transport = follower_b(fs)
+    runtime.start()
+    try:
+        first = chunks_of(store_of(5).snapshot(), 50, 2, 1 << 16)
+        second = [InstallSnapshot(m.src, m.dst, 3, 60, 3, m.membership, m.offset, m.data, m.done)
+                  for m in chunks_of(store_of(10).snapshot(), 60, 3, 1 << 16)]
+        runtime.deliver(first + second, False)  # both final chunks in one drive
+        assert runtime.wait_applied(60, 2.0) == 60
+        assert len(kv.data) == 10
+        assert not any(n.endswith(".tmp") for n in fs.listdir("/data")), fs.listdir("/data")
+        assert not storage._writing
+        opened = [fs._name(h) for h in fs._handles]  # by the name they were opened by (the 60's: renamed since)
+        assert not any("0000050.snap" in p for p in opened), opened
+    finally:
+        runtime.stop()
+
+
 def test_a_received_snapshot_file_is_installed_by_a_rename_and_loads_after_a_restart():
     """The storage's side: chunks through `receive_snapshot`, the finished data saved as the Ready's snapshot.
     The install renames the received file (no second copy written) and a reload reads the same snapshot."""
