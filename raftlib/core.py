@@ -240,9 +240,11 @@ class RaftNode:
         self._incoming_snapshot: tuple[int, int, str, int, SnapshotSink] | None = None
         self.open_snapshot_sink: Callable[[Snapshot], SnapshotSink] = BytesSink
         # Transfers abandoned because their snapshot's source could not be read (SnapshotUnreadable), since
-        # start, and the last one's (peer, snapshot index, reason): the pure core does not log, the runtime does.
+        # start, and the last one's (peer, snapshot index, reason); per peer, (how many since start, snapshot
+        # index, reason) of its last: the pure core does not log, the runtime does, per peer.
         self.snapshot_reads_failed = 0
         self.last_snapshot_read_failure: tuple[str, int, str] | None = None
+        self.snapshot_read_failures: dict[str, tuple[int, int, str]] = {}
         # A leader's snapshot saved, whose restore into the state machine the caller has not finished
         # (`advance(rd, snapshot_applied=False)`, then `snapshot_applied`): no committed entry is handed out
         # meanwhile, and last_applied stays below it. 0: none.
@@ -1070,6 +1072,8 @@ class RaftNode:
         except SnapshotUnreadable as e:
             self.snapshot_reads_failed += 1
             self.last_snapshot_read_failure = (peer, snap.last_included_index, str(e))
+            failed_before = self.snapshot_read_failures.get(peer, (0, 0, ""))[0]
+            self.snapshot_read_failures[peer] = (failed_before + 1, snap.last_included_index, str(e))
             # Its source is gone (an I/O error on the file): this transfer is abandoned, never the node, and
             # starts over from the newest snapshot (§7: the follower drops the chunks of a snapshot it no longer
             # receives). Nothing is sent now; the next heartbeat sends the newest one's first chunk, or finds it

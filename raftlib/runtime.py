@@ -214,7 +214,7 @@ class Runtime:
         self._drive_clock = 0.0  # time.monotonic() at the current drive's start (_advance_clock)
         self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
         self._snapshot_read_warned_at: dict[str, float] = {}  # peer -> monotonic time of its last line
-        self._snapshot_reads_unsaid = 0  # snapshot reads failed since the last line about them
+        self._snapshot_reads_said: dict[str, int] = {}  # peer -> its failed snapshot reads counted in a line
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
         self.snapshot_fork = _SNAPSHOT_FORK
@@ -471,22 +471,22 @@ class Runtime:
             gevent.sleep(0.00001)
 
     def _note_snapshot_read_failure(self) -> None:
-        # The core abandons a transfer whose source it could not read (SnapshotUnreadable) and counts it; it
-        # neither logs nor stops. Counted here at each drive; said at most once per peer per
-        # SNAPSHOT_READ_WARNING_SECONDS, with the count since the last line, so that a failing disk shows without a
-        # line per drive (the core retries the transfer at each heartbeat: ~20 lines a second per peer).
+        # The core abandons a transfer whose source it could not read (SnapshotUnreadable) and counts it, per
+        # peer; it neither logs nor stops. Counted here at each drive; said at most once per peer per
+        # SNAPSHOT_READ_WARNING_SECONDS, with that peer's count since its last line, so that a failing disk shows
+        # without a line per drive (the core retries the transfer at each heartbeat: ~20 lines a second per peer)
+        # and one peer's line never counts another's failures (fifth review of snapfork, finding 5).
         node = self.node
-        self._snapshot_reads_unsaid += node.snapshot_reads_failed - self.stats["snapshot_reads_failed"]
         self.stats["snapshot_reads_failed"] = node.snapshot_reads_failed
-        peer, index, reason = node.last_snapshot_read_failure or ("?", 0, "?")
         now = time.monotonic()
-        if now - self._snapshot_read_warned_at.get(peer, float("-inf")) < SNAPSHOT_READ_WARNING_SECONDS:
-            return
-        self._snapshot_read_warned_at[peer] = now
-        logger.warning("snapshot transfer abandoned %d time(s) (%d since start): the snapshot at %d for %s "
-                       "could not be read: %s", self._snapshot_reads_unsaid, node.snapshot_reads_failed, index,
-                       peer, reason)
-        self._snapshot_reads_unsaid = 0
+        for peer, (failed, index, reason) in node.snapshot_read_failures.items():
+            unsaid = failed - self._snapshot_reads_said.get(peer, 0)
+            if not unsaid or now - self._snapshot_read_warned_at.get(peer, float("-inf")) < SNAPSHOT_READ_WARNING_SECONDS:
+                continue
+            self._snapshot_read_warned_at[peer] = now
+            self._snapshot_reads_said[peer] = failed
+            logger.warning("snapshot transfer abandoned %d time(s) (%d since start): the snapshot at %d for %s "
+                           "could not be read: %s", unsaid, failed, index, peer, reason)
 
     def _handle(self, item: InboxItem, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         # Class patterns without captures: a positional capture looks up __match_args__ and each attribute again,

@@ -882,6 +882,7 @@ def test_a_transfer_whose_source_is_gone_is_abandoned_and_restarted_from_the_new
     # Third review, item C: counted, with what failed, for the runtime to log.
     assert n.snapshot_reads_failed >= 1
     assert n.last_snapshot_read_failure == (lagger, snap.last_included_index, "gone")
+    assert n.snapshot_read_failures == {lagger: (n.snapshot_reads_failed, snap.last_included_index, "gone")}
     for k in range(10):
         write(c, f"more{k}")
     c.take_snapshot(leader)  # a newer snapshot: the transfer starts over from it

@@ -562,19 +562,25 @@ def test_a_failed_fork_is_tried_again_later_and_leaves_forking_on(tmp_path, monk
 def test_a_snapshot_transfer_abandoned_for_an_unreadable_file_is_logged_and_counted(one_node, caplog):
     """Third review of snapfork, item C: the core abandons a transfer whose snapshot source raised
     SnapshotUnreadable (tests/test_core.py checks that it counts it) and neither logs nor stops; the runtime says
-    so in its log at the next drive, once per new failure, and counts it in its stats."""
+    so in its log at the next drive, once per new failure, and counts it in its stats. Fifth review, finding 5:
+    per peer (two peers' failures in one drive were said as one line, for the last peer, with both counts)."""
     runtime, _, _ = one_node
     node = runtime.node
     with caplog.at_level("WARNING", logger="raftlib.runtime"):
         # As the core's _send_snapshot does when a read of the snapshot's file fails:
-        node.snapshot_reads_failed += 2
-        node.last_snapshot_read_failure = ("b", 40, "snapshot-40.snap: [Errno 5] Input/output error")
+        node.snapshot_reads_failed += 3
+        node.snapshot_read_failures = {"b": (2, 40, "snapshot-40.snap: [Errno 5] Input/output error"),
+                                       "c": (1, 40, "snapshot-40.snap: shorter than it was")}
+        node.last_snapshot_read_failure = ("c", 40, "snapshot-40.snap: shorter than it was")
         runtime.propose(b"x", 2.0)
         runtime.propose(b"y", 2.0)
     said = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
-    assert said == ["snapshot transfer abandoned 2 time(s) (2 since start): the snapshot at 40 for b could not "
-                    "be read: snapshot-40.snap: [Errno 5] Input/output error"]
-    assert runtime.status().stats["snapshot_reads_failed"] == 2
+    assert sorted(said) == [
+        "snapshot transfer abandoned 1 time(s) (1 since start): the snapshot at 40 for c could not be read: "
+        "snapshot-40.snap: shorter than it was",
+        "snapshot transfer abandoned 2 time(s) (2 since start): the snapshot at 40 for b could not be read: "
+        "snapshot-40.snap: [Errno 5] Input/output error"]
+    assert runtime.status().stats["snapshot_reads_failed"] == 3
 
 
 def test_a_snapshot_the_state_machine_requests_is_taken_whatever_the_logs_size():
