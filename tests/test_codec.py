@@ -26,7 +26,7 @@ from raftlib import (
     TimeoutNow,
 )
 from raftlib import codec
-import wire_6ab14f3
+import wire_637af74
 
 MEMBERSHIP = Membership(("a", "b"), ("c",), (Member("a", "h:1", "h:2"), Member("c", "h:3", "h:4")))
 KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a CURVE public key in Z85 (RFC 32's example)
@@ -146,20 +146,20 @@ def test_hmac_signed_frames_of_older_versions_are_refused_with_the_reason():
 
 
 def test_an_old_node_decodes_every_message_a_new_node_sends():
-    """A rolling upgrade (third review of snapfork, item B): a node of 6ab14f3 (its decoder frozen in
-    tests/wire_6ab14f3.py) drops a whole frame it cannot decode, with the heartbeat batched in it. Every message of
-    a cluster without a secret (members without keys: 6ab14f3 knew none) must decode there as it was sent, the
+    """A rolling upgrade (third review of snapfork, item B): a node of 637af74 (its decoder frozen in
+    tests/wire_637af74.py) drops a whole frame it cannot decode, with the heartbeat batched in it. Every message of
+    a cluster without a secret (members without keys: 637af74 knew none) must decode there as it was sent, the
     InstallSnapshot chunks included, alone and batched."""
     plain = [m for m in SAMPLES if KEYED not in (getattr(m, "membership", None),)
              and not any(e.membership == KEYED for e in getattr(m, "entries", ()))]
     assert any(isinstance(m, InstallSnapshot) for m in plain)
     for m in plain:
-        assert wire_6ab14f3.equivalent(wire_6ab14f3.decode_batch(codec.encode_batch([m])), [m]), m
-    assert wire_6ab14f3.equivalent(wire_6ab14f3.decode_batch(codec.encode_batch(plain)), plain)
-    # The old decoder builds 6ab14f3's classes (frozen with it), compared field by field: not trivially equal.
-    old = wire_6ab14f3.decode_batch(codec.encode_batch(plain))
+        assert wire_637af74.equivalent(wire_637af74.decode_batch(codec.encode_batch([m])), [m]), m
+    assert wire_637af74.equivalent(wire_637af74.decode_batch(codec.encode_batch(plain)), plain)
+    # The old decoder builds 637af74's classes (frozen with it), compared field by field: not trivially equal.
+    old = wire_637af74.decode_batch(codec.encode_batch(plain))
     assert all(type(o) is not type(m) for o, m in zip(old, plain))
-    assert not wire_6ab14f3.equivalent(old, [dataclasses.replace(m, term=m.term + 1) for m in plain])
+    assert not wire_637af74.equivalent(old, [dataclasses.replace(m, term=m.term + 1) for m in plain])
 
 
 @pytest.mark.parametrize("tag", [0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 256, 258, 260, 261, 1004, 55799, 2**32])

@@ -35,7 +35,7 @@ from raftlib import codec
 from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_bytes, snapshot_chunk
 from raftlib.progress import ProgressState
 from simulator import Cluster, SafetyViolation, figure_8_scenario
-import wire_6ab14f3
+import wire_637af74
 
 
 def elect(c: Cluster, max_ticks: int = 500) -> str:
@@ -1027,7 +1027,7 @@ def test_a_snapshot_of_2_gib_and_more_goes_on_the_wire():
     """Third review of snapfork, item A (liveness): at b1120ea each chunk carried transfer_id = size << 32 | crc,
     which reaches 2**63 from 2 GiB on; the codec refuses such an integer and the receiver drops the whole frame
     (the heartbeat batched with it too): a snapshot that big could never be sent. The leader's chunks of a 2 GiB
-    and of a 4 GiB snapshot must decode, on this version's codec and on 6ab14f3's."""
+    and of a 4 GiB snapshot must decode, on this version's codec and on 637af74's."""
     for size in (2 << 30, (4 << 30) + 12345):
         c = Cluster(seed=31, n=3)
         leader = elect(c)
@@ -1043,12 +1043,12 @@ def test_a_snapshot_of_2_gib_and_more_goes_on_the_wire():
         assert chunks and all(m.offset == 0 and not m.done for m in chunks)
         frame = codec.encode_batch(chunks)
         assert codec.decode_batch(frame) == chunks
-        assert wire_6ab14f3.equivalent(wire_6ab14f3.decode_batch(frame), chunks)
+        assert wire_637af74.equivalent(wire_637af74.decode_batch(frame), chunks)
 
 
 def test_an_old_node_decodes_every_frame_a_new_leader_sends_while_it_catches_up():
-    """Third review of snapfork, item B: a rolling upgrade. A follower of 6ab14f3 (its decoder frozen in
-    tests/wire_6ab14f3.py) must decode each frame a new leader sends it (elections, appends, heartbeats and the
+    """Third review of snapfork, item B: a rolling upgrade. A follower of 637af74 (its decoder frozen in
+    tests/wire_637af74.py) must decode each frame a new leader sends it (elections, appends, heartbeats and the
     InstallSnapshot chunks of a catch-up by snapshot): at b1120ea every chunk carried an added field, so the old
     node dropped each frame with a chunk, and the heartbeat batched with it."""
     c = Cluster(seed=33, n=3)
@@ -1065,8 +1065,8 @@ def test_an_old_node_decodes_every_frame_a_new_leader_sends_while_it_catches_up(
     c.deliver_filter = None
     assert any(isinstance(m, InstallSnapshot) for m in sent) and any(isinstance(m, AppendEntries) for m in sent)
     for m in sent:
-        assert wire_6ab14f3.equivalent(wire_6ab14f3.decode_batch(codec.encode_batch([m])), [m]), m
-    assert wire_6ab14f3.equivalent(wire_6ab14f3.decode_batch(codec.encode_batch(sent[:50])), sent[:50])
+        assert wire_637af74.equivalent(wire_637af74.decode_batch(codec.encode_batch([m])), [m]), m
+    assert wire_637af74.equivalent(wire_637af74.decode_batch(codec.encode_batch(sent[:50])), sent[:50])
 
 
 def test_a_leader_that_steps_down_lets_go_of_the_snapshots_it_was_sending():

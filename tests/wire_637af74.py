@@ -1,16 +1,16 @@
 # ruff: noqa: E402
-"""FROZEN: raftlib/codec.py as of commit 6ab14f3, the wire format of nodes from before the snapfork branch's
-snapshot changes. Only tests import it, to check that an old node still decodes every frame a new leader sends
-it during a rolling upgrade (a frame it cannot decode is dropped whole, the heartbeat batched with it included).
-It decodes into the message classes of 6ab14f3 (raftlib/messages.py at that commit, copied below in place of the
-codec's import of them): `equivalent` compares them with today's. Do not edit the frozen parts; the module
-docstring of the original codec follows.
+"""FROZEN: raftlib/codec.py as of commit 637af74, the last release before the snapfork branch: the wire format of
+the nodes a rolling upgrade starts from. Only tests import it, to check that an old node still decodes every frame
+a new leader sends it during the upgrade (a frame it cannot decode is dropped whole, the heartbeat batched with it
+included). It decodes into the message classes of 637af74 (raftlib/messages.py at that commit, copied below in
+place of the codec's import of them): `equivalent` compares them with today's. Do not edit the frozen parts; the
+module docstring of the original codec follows. (Today's codec refuses CBOR semantic tags in a frame; this one
+does not: an old node's leniency, which no frame of ours needs.)
 """
 
 from __future__ import annotations
 
-_ORIGINAL_DOCSTRING = """
-The wire format: Raft messages to bytes and back, with cbor2.
+_ORIGINAL_DOCSTRING = """The wire format: Raft messages to bytes and back, with cbor2.
 
 A frame is the CBOR array [FORMAT_VERSION, [message, ...]]; a message is [tag, src, dst, term, fields...] in the
 order its dataclass declares them; an entry is [term, index, kind, data, membership or null]. Decoding checks
@@ -34,12 +34,11 @@ import dataclasses
 
 import cbor2
 
-# ---- FROZEN: raftlib/messages.py as of 6ab14f3 (its docstring and `from __future__` left out), so that a later
+# ---- FROZEN: raftlib/messages.py as of 637af74 (its docstring and `from __future__` left out), so that a later
 # rename or reorder of today's message classes does not change this "old" decoder (fourth review, item 5).
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
 
 
 class Role(enum.Enum):
@@ -57,11 +56,14 @@ class EntryKind(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """One server of the cluster. The core only uses `node_id`; the addresses travel with the configuration."""
+    """One server of the cluster. The core only uses `node_id`; the addresses, and with a cluster secret the node's
+    CURVE public key (Z85 text, "" without a secret: raftlib.transport admits on the Raft port only the keys of the
+    configuration's members), travel with the configuration."""
 
     node_id: str
     raft_address: str = ""
     http_address: str = ""
+    public_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,87 +114,14 @@ class HardState:
     commit_index: int = 0
 
 
-class SnapshotSource(Protocol):
-    """A snapshot's state-machine bytes, read a chunk at a time: the runtime's is a file held open (a leader streams
-    InstallSnapshot from it, never holding the whole state in memory), a test's may be bytes. Its content never
-    changes, so reading it is as deterministic as reading bytes: the core reads chunks from it as etcd-io/raft's
-    core reads entries from its Storage, and the I/O is the source's, not the core's."""
-
-    def __len__(self) -> int: ...
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Up to `length` bytes from `offset` (fewer only at the end)."""
-        ...
-
-
-SnapshotData = bytes | SnapshotSource  # plain bytes are a source too (`snapshot_chunk`, `snapshot_bytes`)
-
-
-def snapshot_chunk(data: SnapshotData, offset: int, length: int) -> bytes:
-    """`length` bytes of a snapshot's data from `offset` (fewer at its end), whatever holds them."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data[offset : offset + length])
-    return data.read(offset, length)
-
-
-def snapshot_bytes(data: SnapshotData) -> bytes:
-    """All of a snapshot's data in memory: for small states and tests; the runtime streams instead."""
-    return snapshot_chunk(data, 0, len(data))
-
-
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The state machine at `last_included_index` (§7), with the configuration in force at that index. `data` is
-    bytes or a SnapshotSource; two snapshots are equal when their data reads the same."""
+    """The state machine at `last_included_index` (§7), with the configuration in force at that index."""
 
     last_included_index: int
     last_included_term: int
     membership: Membership
-    data: SnapshotData = field(default=b"", repr=False)
-
-
-class SnapshotSink(Protocol):
-    """Where a follower puts the InstallSnapshot chunks of a leader's snapshot as they come (§7), so that it never
-    holds the whole state in memory: the runtime's appends them to a file through the storage, the default
-    (`BytesSink`) to bytes. The core only appends in order and asks how much it holds; the I/O is the sink's.
-    Nothing in it is durable until the install saves the finished snapshot: a node that restarts starts over."""
-
-    def __len__(self) -> int:
-        """How many bytes of the snapshot's data it holds: what the follower tells the leader to resume from."""
-        ...
-
-    def write(self, data: bytes) -> None:
-        """Append `data`. When it cannot now (a full disk, no descriptor), it holds what it held: the leader
-        sends the same chunk again."""
-        ...
-
-    def finish(self) -> SnapshotData | None:
-        """All the data is in: the snapshot's data to install, or None when it could not be finished (the
-        transfer starts over)."""
-        ...
-
-    def discard(self) -> None:
-        """The transfer was given up (a newer snapshot, or the log caught up): drop what it holds."""
-        ...
-
-
-class BytesSink:
-    """A SnapshotSink in memory (tests, and storages that have no sink of their own)."""
-
-    def __init__(self, meta: Snapshot | None = None) -> None:
-        self.buffer = bytearray()
-
-    def __len__(self) -> int:
-        return len(self.buffer)
-
-    def write(self, data: bytes) -> None:
-        self.buffer += data
-
-    def finish(self) -> bytes:
-        return bytes(self.buffer)
-
-    def discard(self) -> None:
-        self.buffer = bytearray()
+    data: bytes = field(default=b"", repr=False)
 
 
 class ConfChangeKind(enum.IntEnum):
@@ -340,10 +269,16 @@ Message = (
 )
 
 
-# ---- FROZEN: raftlib/codec.py as of 6ab14f3, from its imports on.
+# ---- FROZEN: raftlib/codec.py as of 637af74, from its imports on.
 
 FORMAT_VERSION = 1
-MAX_FRAME_BYTES = 64 << 20
+# zmq's MAXMSGSIZE on the Raft port, so also the most a stranger can make a node hold per connection before the
+# handshake ends (libzmq applies it to handshake commands too: review 2 F1, 64 MiB then). Every sender fits its
+# frames under it (raftlib.transport: FRAME_BUDGET_BYTES): the core bounds an AppendEntries by max_batch_bytes
+# plus one entry, and a snapshot chunk by snapshot_chunk_bytes (1 MiB each by default), and an entry by
+# MAX_ENTRY_BYTES.
+MAX_FRAME_BYTES = 4 << 20
+MAX_ENTRY_BYTES = 2 << 20  # the largest entry's data that still fits a frame with a whole batch before it
 
 
 class CodecError(ValueError):
@@ -378,8 +313,16 @@ _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls))[3:] for cls in _S
 # ---- encoding ---------------------------------------------------------------------------------------
 
 
+def _member_out(x: Member) -> list:
+    # The public key only when there is one: without a cluster secret a member is as version 1 wrote it, on the
+    # wire and on disk, and older nodes read it.
+    if x.public_key:
+        return [x.node_id, x.raft_address, x.http_address, x.public_key]
+    return [x.node_id, x.raft_address, x.http_address]
+
+
 def _membership_out(m: Membership) -> list:
-    return [list(m.voters), list(m.learners), [[x.node_id, x.raft_address, x.http_address] for x in m.members]]
+    return [list(m.voters), list(m.learners), [_member_out(x) for x in m.members]]
 
 
 def entry_to_wire(e: Entry) -> list:
@@ -406,6 +349,25 @@ def _message_out(m: Message) -> list:
     return out
 
 
+def estimated_size(m: Message) -> int:
+    """About how many bytes `m` takes in a frame, never much less: for fitting frames under MAX_FRAME_BYTES
+    without encoding twice."""
+    base = 64 + len(m.src) + len(m.dst)
+    if type(m) is AppendEntries:
+        return base + sum(len(e.data) + 32 + (0 if e.membership is None else _membership_size(e.membership))
+                        for e in m.entries)
+    if type(m) is InstallSnapshot:
+        return base + len(m.data) + _membership_size(m.membership)
+    if type(m) is ReadIndexRequest or type(m) is ReadIndexReply:
+        return base + 9 * len(m.request_ids)
+    return base + (len(m.leader_id) if type(m) is Removed else 0)
+
+
+def _membership_size(m: Membership) -> int:
+    return 16 + sum(32 + len(x.node_id) * 2 + len(x.raft_address) + len(x.http_address) + len(x.public_key)
+                    for x in m.members)
+
+
 def encode_batch(messages: list[Message]) -> bytes:
     return cbor2.dumps([FORMAT_VERSION, [_message_out(m) for m in messages]])
 
@@ -428,14 +390,24 @@ def _str(v) -> str:
     return v
 
 
+_Z85_ALPHABET = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+
+
+def _public_key(v) -> str:
+    """A CURVE public key as Z85 text: 40 characters of Z85's alphabet (32 bytes)."""
+    _need(type(v) is str and len(v) == 40 and set(v) <= _Z85_ALPHABET, "bad public key")
+    return v
+
+
 def _membership_in(v) -> Membership:
     _need(type(v) is list and len(v) == 3, "bad membership")
     voters, learners, members = v
     _need(type(voters) is list and type(learners) is list and type(members) is list, "bad membership")
     out = []
     for m in members:
-        _need(type(m) is list and len(m) == 3, "bad member")
-        out.append(Member(_str(m[0]), _str(m[1]), _str(m[2])))
+        _need(type(m) is list and len(m) in (3, 4), "bad member")
+        public_key = _public_key(m[3]) if len(m) == 4 else ""
+        out.append(Member(_str(m[0]), _str(m[1]), _str(m[2]), public_key))
     vs, ls = tuple(_str(x) for x in voters), tuple(_str(x) for x in learners)
     _need(vs == tuple(sorted(set(vs))) and ls == tuple(sorted(set(ls))), "membership not sorted")
     _need(not set(vs) & set(ls), "a node is both voter and learner")
@@ -538,7 +510,7 @@ def decode_snapshot_meta(v, data: bytes) -> Snapshot:
 
 
 def equivalent(old: object, new: object) -> bool:
-    """A value decoded here (6ab14f3's classes) and one of today's carry the same thing: the same class name, the
+    """A value decoded here (637af74's classes) and one of today's carry the same thing: the same class name, the
     same value in each of the old class's fields (recursively), and today's added fields at their defaults."""
     if dataclasses.is_dataclass(old) and not isinstance(old, type):
         if not dataclasses.is_dataclass(new) or type(old).__name__ != type(new).__name__:
