@@ -7,7 +7,9 @@ when a round starts and sends the heartbeats and the ReadIndexReply messages thi
   term, §6.4 step 1), a round (a majority's acknowledgement, step 2), `to_forward` and `_forwarded` (a
   follower's, until its leader answers).
 - Each place is bounded: `expire` fails what waited `read_timeout_ticks`, and `reset` fails everything when the
-  node changes role or leader. Only reads of this node (origin `node_id`) are failed; another node's are dropped,
+  node changes role or leader, the reads answered but not yet taken (`read_states`) too: every read state the
+  node takes was confirmed in the term it is in when it takes them (Ready.term), which the runtime hands back
+  with the read (a lease keepalive requires its keeper to lead in that term). Only reads of this node (origin `node_id`) are failed; another node's are dropped,
   and that node fails them itself in the same bounded time.
 - Rounds are numbered in the order they start (heartbeats take numbers from the same sequence), and released in
   that order: a majority for round r confirms every round up to r.
@@ -227,6 +229,8 @@ class ReadOnly:
         self._fail(self.unstarted)
         self._fail(self.before_commit)
         self._rounds, self.unstarted, self.before_commit = [], [], []
+        self.failed_reads.extend(request_id for request_id, _ in self.read_states)  # of an older term or role
+        self.read_states = []
         self.failed_reads.extend(self.to_forward)
         self.failed_reads.extend(self._forwarded)
         self.to_forward, self._forwarded = [], {}

@@ -196,7 +196,8 @@ class Runtime:
         self._driving = False  # a greenlet is in _drive (it may have yielded: a leader's sends, a full disk)
         self._proposals: dict[int, tuple[int, gevent.event.AsyncResult]] = {}
         self._reads: dict[int, gevent.event.AsyncResult] = {}
-        self._reads_waiting_apply: dict[gevent.event.AsyncResult, int] = {}  # read -> its read index
+        # read -> (its read index, the term its round confirmed)
+        self._reads_waiting_apply: dict[gevent.event.AsyncResult, tuple[int, int]] = {}
         self._index_waiters: dict[gevent.event.AsyncResult, int] = {}  # wait_applied: result -> index
         self._read_waiting: dict[bool, gevent.event.AsyncResult] = {}  # lease? -> the read not yet taken
         self._request_ids = readonly.request_ids(random.SystemRandom())  # unique across restarts
@@ -304,8 +305,10 @@ class Runtime:
             raise DiskFull("the disk of this node is full")
         return self._call(timeout_seconds, Propose, command)
 
-    def read(self, timeout_seconds: float, lease: bool = False) -> int:
-        """Block until a linearizable read of the state machine is safe (thesis §6.4); returns the read index.
+    def read(self, timeout_seconds: float, lease: bool = False) -> tuple[int, int]:
+        """Block until a linearizable read of the state machine is safe (thesis §6.4); returns (read index, the
+        term its round confirmed: this node's term when the core answered it; readonly fails a read the node
+        changed term or role before taking).
         With `lease`, a leader within its lease answers without a round (§6.4.1). Raises NotLeader (no leader
         known, the leader changed, or the node got no answer within its read_timeout_ticks: retry), Timeout or
         Stopped."""
@@ -561,7 +564,7 @@ class Runtime:
             for request_id, index in rd.read_states:
                 result = self._reads.pop(request_id, None)
                 if result is not None and result.linkcount():  # else every caller gave up already
-                    self._reads_waiting_apply[result] = index
+                    self._reads_waiting_apply[result] = (index, rd.term)
             for request_id in rd.failed_reads:
                 result = self._reads.pop(request_id, None)
                 if result is not None:
@@ -690,7 +693,7 @@ class Runtime:
     def _wake_applied(self) -> None:
         applied = self.node.last_applied
         if self._reads_waiting_apply:
-            for result in [r for r, index in self._reads_waiting_apply.items() if index <= applied]:
+            for result in [r for r, (index, _) in self._reads_waiting_apply.items() if index <= applied]:
                 result.set(self._reads_waiting_apply.pop(result))
         if self._index_waiters:
             for result in [r for r, index in self._index_waiters.items() if index <= applied]:

@@ -23,6 +23,7 @@ from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, T
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
 from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
+from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_TXN_OPS, SET,
                                   SET_FEATURE_LEVEL, KeyValueStore, command)
@@ -40,6 +41,7 @@ class FakeNode:
     node_id: str = "a"
     role: Role = Role.LEADER
     leader_id: str | None = "a"
+    current_term: int = 1
     last_applied: int = 0
     removed: tuple[str | None, int] | None = None
     membership: Membership = Membership(("a", "b"), ("c",), MEMBERS)
@@ -78,9 +80,9 @@ class FakeRuntime:
         self.node.last_applied += 1
         return self.node.last_applied, self.store.apply(self.node.last_applied, cmd)
 
-    def read(self, timeout_seconds: float, lease: bool = False) -> int:
+    def read(self, timeout_seconds: float, lease: bool = False) -> tuple[int, int]:
         self._call("read", timeout_seconds, lease)
-        return self.node.last_applied
+        return self.node.last_applied, self.node.current_term
 
     def wait_applied(self, index: int, timeout_seconds: float) -> int:
         self._call("wait_applied", index, timeout_seconds)
@@ -1045,7 +1047,9 @@ def test_every_route_is_tested_here():
         ("GET", "/db/<key:path>"), ("GET", "/db/"), ("GET", "/db"), ("POST", "/join"), ("GET", "/status"),
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
         ("GET", "/cluster/keys"), ("GET", "/livez"), ("GET", "/readyz"), ("DELETE", "/db/"), ("DELETE", "/db"),
-        ("POST", "/txn")}
+        ("POST", "/txn"), ("POST", "/lease"), ("GET", "/lease"), ("POST", "/lease/<lease_id>/keepalive"),
+        ("POST", "/lease/keepalive"),
+        ("GET", "/lease/<lease_id>"), ("DELETE", "/lease/<lease_id>")}
 
 
 def test_the_access_log_names_an_undelivered_answer_and_escapes_unambiguously(caplog):
@@ -1166,7 +1170,8 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
     ('{"success": [{"op": "put", "key": "k"}]}', "needs a value"),
     ('{"success": [{"op": "put", "key": "k", "value": "a", "value_base64": "YQ=="}]}', "both given"),
     ('{"failure": [{"op": "put", "key": "k", "value_base64": "not base64!"}]}', "not base64"),
-    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": 7}]}', "lease 7 not found"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": -7}]}', "a lease is a lease id"),
+    ('{"compare": [{"key": "k", "target": "lease", "op": "==", "value": "x"}]}', "a lease is a lease id"),
     ('{"success": [{"op": "delete", "key": "k", "prefix": "k"}]}', "one of them"),
     ('{"success": [{"op": "get"}]}', "one of them"),
     ('{"success": [{"op": "get", "key": ""}]}', "1 to 4096 bytes"),
@@ -1179,9 +1184,9 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
     ('{"compare": [{"key": "k", "target": "value", "op": "==", "value": "\\ud800"}]}', "not valid Unicode"),
     ('{"success": [{"op": "get", "prefix": "\\ud800"}]}', "prefix is not valid Unicode"),
     ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
-    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": false}]}', "lease must be an integer"),
-    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": 0.0}]}', "lease must be an integer"),
-    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": "0"}]}', "lease must be an integer"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": false}]}', "a lease is a lease id"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": 0.0}]}', "a lease is a lease id"),
+    ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": "0x2a"}]}', "a lease is a lease id"),
     ('{"success": [{"op": "put", "key": "k", "value": "1"}, {"op": "put", "key": "k", "value": "2"}]}',
      "success[1]: key 'k' is put twice"),
 ])
@@ -1224,6 +1229,162 @@ def test_a_join_without_the_feature_level_is_refused_once_the_cluster_has_it(cli
         assert r.status == 409 and "upgrade it, then join" in r.text, level
     r = client("POST", "/join", json.dumps({**join, "node_id": "e", "feature_level": FEATURE_LEVEL}))
     assert r.status == 200
+
+
+# ---- issue 14 part 2: leases ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def leased(monkeypatch) -> tuple[Client, LeaseKeeper, list[float]]:
+    """A client of a level-2 cluster whose leader keeps leases by a clock the test moves (`now[0]`)."""
+    now = [100.0]
+    monkeypatch.setattr(api_module.time, "monotonic", lambda: now[0])
+    keeper = LeaseKeeper(max_batch=8)
+    c = Client(write_timeout_seconds=2.0, read_timeout_seconds=0.2, min_ttl_seconds=2,
+               lease_keeper=lambda: keeper if c.runtime.node.role is Role.LEADER else None)
+    keeper.become_leader(1, [], now[0])
+    c.store.on_lease = lambda i, ttl: keeper.removed(i) if ttl is None else keeper.granted(i, ttl, now[0])
+    c.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    return c, keeper, now
+
+
+def test_lease_routes_grant_keep_alive_list_and_revoke(leased):
+    client, keeper, now = leased
+    r = client("POST", "/lease?ttl=10")
+    assert (r.status, json.loads(r.body), r.headers["x-raft-index"]) == (200, {"id": "2", "ttl": 10}, "2")
+    assert json.loads(client("POST", "/lease?ttl=1").body)["ttl"] == 2  # raised to the minimum
+    assert client("POST", "/db/a?lease=2", "x").status == 200 and client.store.lease_of == {"a": 2}
+    r = client("POST", "/db/t?ttl=5", "y")
+    assert r.headers["x-raft-lease"] == r.headers["x-raft-index"] == "5" and client.store.leases[5].keys == {"t"}
+    assert r.headers["x-raft-lease-ttl"] == "5"
+    r = client("POST", "/db/t1?ttl=1", "y")  # review of lease, R5: the TTL raised to the minimum says so
+    assert (r.headers["x-raft-lease"], r.headers["x-raft-lease-ttl"]) == ("6", "2")
+    assert client("DELETE", "/lease/6").status == 200
+    assert client("POST", "/db/z?lease=2", "x").status == 200 and client.store.lease_of["z"] == 2
+    r = client("POST", "/db/z?lease=0", "x")  # etcd's "no lease": the put detaches the key
+    assert r.status == 200 and "z" not in client.store.lease_of and client.store.leases[2].keys == {"a"}
+    assert client("DELETE", "/db/z").status == 200
+    now[0] += 4
+    calls = len(client.runtime.calls)
+    r = client("POST", "/lease/2/keepalive")
+    assert (r.status, json.loads(r.body)) == (200, {"id": "2", "ttl": 10}) and keeper.deadlines[2] == 114.0
+    assert client.runtime.calls[calls][0] == "read"  # leadership confirmed by a read round, nothing proposed
+    assert len(client.runtime.calls) == calls + 1 and client.counted("lease_keepalives") == {"kept": 1}
+    assert json.loads(client("GET", "/lease/2").body) == {"id": "2", "ttl": 10, "remaining": 10.0, "keys": ["a"],
+                                                          "key_count": 1}
+    assert json.loads(client("GET", "/lease?limit=2").body) == {"leases": [
+        {"id": "2", "ttl": 10, "remaining": 10.0}, {"id": "3", "ttl": 2, "remaining": 0.0}], "next": "3"}
+    assert json.loads(client("GET", "/lease?after=3").body)["leases"] == [{"id": "5", "ttl": 5, "remaining": 1.0}]
+
+    class NoScan(dict):  # review of lease, R6: a page bisects the sorted ids, never walks every lease
+        def items(self):
+            raise AssertionError("GET /lease walked every lease")
+
+        __iter__ = keys = values = items
+
+    leases, client.store.leases = client.store.leases, NoScan(client.store.leases)
+    assert json.loads(client("GET", "/lease?after=2").body)["leases"] == [
+        {"id": "3", "ttl": 2, "remaining": 0.0}, {"id": "5", "ttl": 5, "remaining": 1.0}]
+    client.store.leases = leases
+    assert keeper.due(now[0]) == [3]  # being expired: keepalive and GET answer 404 from then on
+    for r in (client("POST", "/lease/3/keepalive"), client("GET", "/lease/3")):
+        assert (r.status, r.text) == (404, "lease 3 is expiring: its deadline passed and its expiry is proposed; "
+                                           "grant a new one\n")
+    assert client("POST", "/lease/3/keepalive").headers["x-raft-outcome"] == "not-applied"
+    assert client.counted("lease_keepalives") == {"kept": 1, "not_found": 2}
+    r = client("DELETE", "/lease/2")
+    assert (r.status, json.loads(r.body)) == (200, {"id": "2", "deleted": 1, "index": 11}) and "a" not in client.store.data
+    assert client("DELETE", "/lease/2").status == 404
+    r = client("POST", "/lease/2/keepalive")
+    assert (r.status, r.text) == (404, "lease 2 not found (expired or revoked)\n")
+
+
+def test_a_batched_keepalive_keeps_many_leases_alive_behind_one_read_round(leased):
+    """Review of lease, R3: POST /lease/keepalive with a list of ids: one read round for all, each id answered as
+    its own keepalive would be."""
+    client, keeper, now = leased
+    for ttl in (10, 20, 5):
+        assert client("POST", f"/lease?ttl={ttl}").status == 200  # ids 2, 3, 4
+    now[0] += 5
+    assert keeper.due(now[0]) == [4]  # being expired
+    calls = len(client.runtime.calls)
+    r = client("POST", "/lease/keepalive", json.dumps(["2", 3, "4", "99", "2"]))
+    assert (r.status, json.loads(r.body)) == (200, {"leases": [
+        {"id": "2", "ttl": 10}, {"id": "3", "ttl": 20}, {"id": "4", "error": "expiring"},
+        {"id": "99", "error": "not found"}, {"id": "2", "ttl": 10}]})
+    assert [c[0] for c in client.runtime.calls[calls:]] == ["read"]  # one round, nothing proposed
+    assert (keeper.deadlines[2], keeper.deadlines[3]) == (115.0, 125.0)
+    assert client.counted("lease_keepalives") == {"kept": 3, "not_found": 2}
+    for body, says in (("", "not JSON"), ("[", "not JSON"), ("{}", "want a JSON list"), ("[]", "want a JSON list"),
+                       (json.dumps(list(range(1, 1_002))), "1 to 1000 lease ids"),
+                       (json.dumps([str(10**18 + i) for i in range(1_500)]), "the body is over 32768 bytes"),
+                       ('["2", 0]', "item 1: a lease id"), ('[true]', "item 0"), ('["0x2"]', "item 0"),
+                       ('[2.0]', "item 0")):
+        r = client("POST", "/lease/keepalive", body)
+        assert (r.status, r.text.count("\n")) == (400, 1) and says in r.text, (body, r.text)
+        assert r.headers["x-raft-outcome"] == "not-applied"
+    client.runtime.fail("read", Timeout("no answer"))
+    r = client("POST", "/lease/keepalive", '["2"]')
+    assert r.status == 503 and r.headers["x-raft-outcome"] == "not-applied" and "not extended" in r.text
+    client.runtime.node.role, client.runtime.node.leader_id = Role.FOLLOWER, "b"
+    r = client("POST", "/lease/keepalive", '["2"]')
+    assert r.status == 307 and r.headers["location"] == "http://10.0.0.2:8080/lease/keepalive"
+
+
+def test_a_keepalive_extends_only_if_the_keeper_leads_in_the_term_its_read_round_confirmed(leased, monkeypatch):
+    """Re-review of lease, finding 3: leadership lost and won back between the read round and the keepalive; an
+    expiry entry of the older term could still be ahead of the new term's no-op. Both routes refuse (503, not
+    extended) unless the keeper's term is the one the round confirmed."""
+    client, keeper, now = leased
+    assert client("POST", "/lease?ttl=10").status == 200  # id 2
+    now[0] += 5
+    real_read = client.runtime.read
+
+    def read_then_new_term(timeout_seconds: float, lease: bool = False) -> tuple[int, int]:
+        answer = real_read(timeout_seconds, lease)  # confirmed in term 1
+        keeper.become_leader(3, [(2, 10)], now[0] - 1)  # lost and won again meanwhile
+        return answer
+
+    monkeypatch.setattr(client.runtime, "read", read_then_new_term)
+    for target, body in (("/lease/2/keepalive", ""), ("/lease/keepalive", '["2"]')):
+        keeper.become_leader(1, [(2, 10)], now[0] - 5)
+        r = client("POST", target, body)
+        assert (r.status, r.headers["x-raft-outcome"]) == (503, "not-applied"), (target, r.status, r.text)
+        assert "term 1, now 3" in r.text and "not extended" in r.text and r.text.count("\n") == 1
+        assert keeper.deadlines[2] == now[0] - 1 + 10  # as term 3's election left it: not now + 10
+    monkeypatch.setattr(client.runtime, "read", real_read)
+    keeper.become_leader(1, [(2, 10)], now[0] - 5)
+    client.runtime.node.current_term = 1
+    assert client("POST", "/lease/2/keepalive").status == 200 and keeper.deadlines[2] == now[0] + 10
+
+
+def test_lease_routes_are_the_leaders_and_check_their_input(leased):
+    client, _, _ = leased
+    for method, target, status, says in (
+            ("POST", "/lease?ttl=x", 400, "ttl must be whole seconds"),
+            ("POST", "/lease?ttl=31536001", 400, "ttl must be whole seconds"),
+            ("GET", "/lease/-1", 400, "a lease id is a positive decimal number"),
+            ("DELETE", "/lease/1e3", 400, "a lease id"),
+            ("GET", "/lease?limit=x", 400, "limit must be an integer"),
+            ("POST", "/db/k?lease=9", 404, "lease 9 not found"),
+            ("POST", "/db/k?lease=00", 400, "a lease id"),
+            ("POST", "/db/k?lease=", 400, "a lease id"),
+            ("POST", "/db/k?ttl=3&prev_exist=false", 400, "lease and ttl go alone")):
+        r = client(method, target, "v")
+        assert (r.status, r.text.count("\n")) == (status, 1) and says in r.text, (target, r.text)
+    client.runtime.node.role, client.runtime.node.leader_id = Role.FOLLOWER, "b"
+    for method, target in (("POST", "/lease?ttl=5"), ("POST", "/lease/2/keepalive"), ("GET", "/lease/2"),
+                           ("GET", "/lease"), ("DELETE", "/lease/2"), ("POST", "/db/k?ttl=5")):
+        r = client(method, target)
+        assert r.status == 307 and r.headers["location"] == f"http://10.0.0.2:8080{target}", target
+
+
+def test_lease_routes_answer_409_below_level_2():
+    client = Client(lease_keeper=lambda: LeaseKeeper(1))
+    for method, target in (("POST", "/lease?ttl=5"), ("POST", "/lease/2/keepalive"), ("DELETE", "/lease/2"),
+                           ("POST", "/db/k?ttl=5"), ("POST", "/db/k?lease=2")):
+        assert client(method, target).status == 409, target
+    assert client("POST", "/lease/keepalive", '["2"]').status == 409
 
 
 # ---- review of coord1: the join against the raise, the membership lock, the raiser --------------------------------

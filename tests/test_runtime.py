@@ -260,9 +260,9 @@ def test_a_read_whose_index_is_never_applied_is_forgotten_once_its_callers_give_
         runtime.deliver([ReadIndexReply("a", "b", 2, (request_id,), 2)], True)
         with pytest.raises(Timeout):
             short.get()
-        assert list(runtime._reads_waiting_apply.values()) == [2]
+        assert list(runtime._reads_waiting_apply.values()) == [(2, 2)]  # (read index, the term the answer came in)
         runtime.deliver([AppendEntries("a", "b", 2, 1, 1, (Entry(2, 2, EntryKind.NOOP),), 2)], True)
-        assert long.get(timeout=2) == 2 and runtime._reads_waiting_apply == {}
+        assert long.get(timeout=2) == (2, 2) and runtime._reads_waiting_apply == {}
     finally:
         beats.kill()
         runtime.stop()

@@ -26,18 +26,27 @@ from raftlib.server.store import (
     DELETE_IF_INDEX,
     DELETE_PREFIX,
     FEATURE_LEVEL,
+    LEASE_EXPIRE,
+    LEASE_GRANT,
+    LEASE_REVOKE,
+    MAX_EXPIRE_BATCH,
+    MAX_TTL_SECONDS,
     MAX_TXN_OPS,
+    PUT_WITH_TTL,
     RESTORE_BATCH_BYTES,
     RESTORE_BATCH_KEYS,
     SET,
     SET_FEATURE_LEVEL,
     SET_IF_INDEX,
+    SET_WITH_LEASE,
     SNAPSHOT_V3,
     SNAPSHOT_WITH_CLAIMS,
     SNAPSHOT_WITH_CLAIMS_V2,
     TXN,
     Event,
     KeyValueStore,
+    Lease,
+    NoLease,
     TxnResult,
     command,
     txn_problem,
@@ -560,7 +569,7 @@ def test_a_level_above_this_release_stops_the_node_and_changes_nothing():
     with pytest.raises(store.FeatureLevelTooHigh, match="above this release's"):
         kv.apply(3, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL + 1))
     assert kv.snapshot() == before
-    newer = cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, FEATURE_LEVEL + 1, 1])
+    newer = cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, FEATURE_LEVEL + 1, 1, {}])
     with pytest.raises(ValueError, match="start a newer raftdzmq"):
         KeyValueStore().restore(newer)
 
@@ -705,7 +714,8 @@ def test_snapshots_in_the_old_format_below_level_2_and_v3_from_it():
     assert kv.record("b") == copy.record("b") == (b"2", 5, 5) and kv.record("a") == copy.record("a") == (b"3", 5, 6)
     v3 = kv.snapshot()
     assert v3 == copy.snapshot()  # the indices as exposed: the same bytes on every node
-    assert cbor2.loads(v3) == [SNAPSHOT_V3, {"b": [b"2", 5, 5], "a": [b"3", 5, 6]}, {}, 0.0, FEATURE_LEVEL, 5]
+    assert cbor2.loads(v3) == [SNAPSHOT_V3, {"b": [b"2", 5, 5], "a": [b"3", 5, 6]}, {}, 0.0, FEATURE_LEVEL, 5,
+                                {}]
     third = KeyValueStore()
     third.restore(v3)
     assert (third.feature_level, third.level_index) == (FEATURE_LEVEL, 5) and list(third.keys) == ["a", "b"]
@@ -714,15 +724,20 @@ def test_snapshots_in_the_old_format_below_level_2_and_v3_from_it():
 
 
 @pytest.mark.parametrize("snapshot", [
-    cbor2.dumps([SNAPSHOT_V3, {"k": [b"v", 1]}, {}, 0.0, 2, 1]),
-    cbor2.dumps([SNAPSHOT_V3, {"k": ["v", 1, 1]}, {}, 0.0, 2, 1]),
-    cbor2.dumps([SNAPSHOT_V3, {"k": [b"v", -1, 1]}, {}, 0.0, 2, 1]),
-    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 1, 1]),  # V3 is never written below level 2
-    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, "1"]),
-    cbor2.dumps([SNAPSHOT_V3, {}, [], 0.0, 2, 1]),
-    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, 1, {"lease": 1}]),  # a later level's: refused, not half read
+    cbor2.dumps([SNAPSHOT_V3, {"k": [b"v", 1]}, {}, 0.0, 2, 1, {}]),
+    cbor2.dumps([SNAPSHOT_V3, {"k": ["v", 1, 1]}, {}, 0.0, 2, 1, {}]),
+    cbor2.dumps([SNAPSHOT_V3, {"k": [b"v", -1, 1]}, {}, 0.0, 2, 1, {}]),
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 1, 1, {}]),  # V3 is never written below level 2
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, "1", {}]),
+    cbor2.dumps([SNAPSHOT_V3, {}, [], 0.0, 2, 1, {}]),
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, 1]),  # part 1's draft, never released: no leases element
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, 1, {}, {"watch": 1}]),  # a later level's: refused, not half read
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, 1, {"lease": 1}]),
+    cbor2.dumps([SNAPSHOT_V3, {"k": [b"v", 1, 1]}, {}, 0.0, 2, 1, {3: [0, ["k"]]}]),  # a TTL below 1
+    cbor2.dumps([SNAPSHOT_V3, {"k": [b"v", 1, 1]}, {}, 0.0, 2, 1, {3: [5, ["gone"]]}]),  # a key not in the records
+    cbor2.dumps([SNAPSHOT_V3, {"k": [b"v", 1, 1]}, {}, 0.0, 2, 1, {3: [5, ["k"]], 4: [5, ["k"]]}]),  # in two
     cbor2.dumps({"k": "not bytes"}), cbor2.dumps({1: b"v"}),
-    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, 1])[:-1],  # cut short
+    cbor2.dumps([SNAPSHOT_V3, {}, {}, 0.0, 2, 1, {}])[:-1],  # cut short
 ])
 def test_a_damaged_or_newer_snapshot_is_refused_and_changes_nothing(snapshot):
     kv, _, _ = upgraded(command(SET, "a", b"1"))
@@ -749,6 +764,15 @@ LEVEL_COMMANDS = st.one_of(
     st.tuples(TXN_COMPARES, TXN_OPS, TXN_OPS).map(lambda t: txn(*t)),
     st.integers(0, FEATURE_LEVEL).map(lambda level: command(SET_FEATURE_LEVEL, "", b"", level)),
     st.just("snapshot"),
+    # Leases: ids are grant indices, so small ones name grants of these short histories (or nothing).
+    st.integers(1, 30).map(lambda ttl: command(LEASE_GRANT, "", b"", ttl)),
+    st.tuples(LEVEL_KEYS, VALUES, st.integers(1, 30)).map(lambda t: command(PUT_WITH_TTL, *t)),
+    st.tuples(LEVEL_KEYS, VALUES, st.integers(0, 40)).map(lambda t: command(SET_WITH_LEASE, *t)),
+    st.integers(0, 40).map(lambda i: command(LEASE_REVOKE, "", b"", i)),
+    st.lists(st.integers(0, 40), max_size=3).map(lambda ids: command(LEASE_EXPIRE, "", b"", ids)),
+    st.tuples(LEVEL_KEYS, VALUES, st.integers(0, 40)).map(lambda t: txn((), [("put", t[0], t[1], t[2])])),
+    st.tuples(LEVEL_KEYS, st.sampled_from(["==", "!="]), st.integers(0, 40)).map(
+        lambda t: txn([(t[0], "lease", t[1], t[2])], [("put", "b", b"x")], [("delete", "a", True)])),
 )
 
 
@@ -769,6 +793,9 @@ def test_replicas_agree_on_every_exposed_index_whatever_snapshot_they_restored(c
         assert kv.apply(index, c) == replica.apply(index, c)
         assert {k: kv.record(k) for k in kv.data} == {k: replica.record(k) for k in replica.data}
         assert (kv.feature_level, kv.level_index) == (replica.feature_level, replica.level_index)
+        assert kv.leases == replica.leases and kv.lease_of == replica.lease_of
+        assert kv.lease_of == {k: i for i, lease in replica.leases.items() for k in lease.keys}
+        assert list(kv.lease_ids) == list(replica.lease_ids) == sorted(replica.leases)
     assert restored_events == replica_events
     assert list(kv.keys) == list(replica.keys) == sorted(replica.data)
     if replica.feature_level >= 2:
@@ -876,3 +903,136 @@ def test_a_restore_step_is_bounded_in_bytes_of_values_too():
     for _ in steps:
         sizes.append(len(held))
     assert sizes[-1] == 0 and all(a - b <= 4 for a, b in zip(sizes, sizes[1:]))  # 2 * RESTORE_BATCH_BYTES a step
+# ---- leases (issue 14 part 2) ----------------------------------------------------------------------------------
+
+
+def test_a_grant_makes_a_lease_whose_id_is_its_index_and_puts_attach_and_detach_keys():
+    leases: list[tuple[int, int | None]] = []
+    kv, results, events = upgraded(command(LEASE_GRANT, "", b"", 10), command(SET_WITH_LEASE, "a", b"1", 2),
+                                   command(SET_WITH_LEASE, "b", b"2", 2), command(SET_WITH_LEASE, "c", b"3", 99))
+    assert results == ["ok", "ok", "ok", NoLease(99)] and "c" not in kv.data  # nothing applied for a missing one
+    assert kv.leases == {2: Lease(10, {"a", "b"})} and kv.lease_of == {"a": 2, "b": 2}
+    kv.on_lease = lambda *a: leases.append(a)
+    assert kv.apply(6, command(SET, "a", b"x")) == "ok"  # a put without a lease detaches (etcd)
+    assert kv.leases[2].keys == {"b"} and kv.lease_of == {"b": 2}
+    assert kv.apply(7, command(DELETE, "b")) == "ok"  # a deleted key leaves its lease
+    assert kv.leases == {2: Lease(10)} and kv.lease_of == {}
+    assert kv.apply(8, command(PUT_WITH_TTL, "t", b"v", 5)) == "ok"  # a lease of its own, id 8
+    assert kv.leases[8] == Lease(5, {"t"}) and kv.lease_of == {"t": 8} and leases == [(8, 5)]
+    assert kv.apply(9, command(SET_WITH_LEASE, "t", b"w", 2)) == "ok"  # moved to another lease
+    assert kv.leases[8].keys == set() and kv.leases[2].keys == {"t"} and list(kv.lease_ids) == [2, 8]
+    restored = KeyValueStore()
+    restored.restore(kv.snapshot())
+    assert list(restored.lease_ids) == [2, 8]
+    assert [e.type for e in events] == ["put"] * 2 + ["put", "delete", "put", "put"]
+
+
+def test_revoke_deletes_the_keys_with_delete_events_in_key_order_sharing_the_index():
+    kv, results, events = upgraded(command(LEASE_GRANT, "", b"", 10), command(SET_WITH_LEASE, "b", b"1", 2),
+                                   command(SET_WITH_LEASE, "a", b"2", 2), command(SET, "c", b"3"))
+    events.clear()
+    gone: list[tuple[int, int | None]] = []
+    kv.on_lease = lambda *a: gone.append(a)
+    assert kv.apply(6, command(LEASE_REVOKE, "", b"", 2)) == 2
+    assert sorted(kv.data) == ["c"] and kv.leases == {} and kv.lease_of == {} and gone == [(2, None)]
+    assert list(kv.lease_ids) == []  # in step with `leases` (GET /lease?after= bisects it)
+    assert events == [Event("delete", "a", None, 6, 4), Event("delete", "b", None, 6, 3)]
+    assert kv.apply(7, command(LEASE_REVOKE, "", b"", 2)) == "missing"
+
+
+def test_expire_deletes_the_keys_of_every_lease_named_with_expire_events_and_skips_the_gone():
+    kv, _, events = upgraded(command(PUT_WITH_TTL, "z", b"1", 3), command(PUT_WITH_TTL, "y", b"2", 3),
+                             command(SET_WITH_LEASE, "x", b"3", 3), command(LEASE_GRANT, "", b"", 3))
+    events.clear()
+    assert kv.apply(6, command(LEASE_EXPIRE, "", b"", [3, 99, 2, 5])) == 3  # 99: never there (or gone): skipped
+    assert kv.data == {} and kv.leases == {} and kv.lease_of == {} and list(kv.lease_ids) == []
+    assert events == [Event("expire", "x", None, 6, 4), Event("expire", "y", None, 6, 3),
+                      Event("expire", "z", None, 6, 2)]  # lease by lease as named, each lease's keys in order
+    assert kv.apply(7, command(LEASE_EXPIRE, "", b"", [3])) == 0 and events[3:] == []
+    assert kv.apply(8, command(LEASE_EXPIRE, "", b"", list(range(MAX_EXPIRE_BATCH + 1)))) == "error"
+
+
+@pytest.mark.parametrize("cmd", [command(LEASE_GRANT, "", b"", 0), command(LEASE_GRANT, "", b"", MAX_TTL_SECONDS + 1),
+                                 command(LEASE_GRANT, "", b"", 1.5), command(PUT_WITH_TTL, "k", b"v", 0),
+                                 command(LEASE_REVOKE, "", b"", "2"), command(LEASE_EXPIRE, "", b"", 2),
+                                 command(SET_WITH_LEASE, "k", b"v", -1), command(SET_WITH_LEASE, "k", "v", 2)])
+def test_malformed_lease_commands_apply_as_nothing(cmd):
+    kv, _, _ = upgraded(command(LEASE_GRANT, "", b"", 5))
+    before = kv.snapshot()
+    assert kv.apply(3, cmd) == "error" and kv.snapshot() == before
+
+
+def test_lease_ops_below_level_2_apply_as_nothing():
+    kv, results = applied(command(LEASE_GRANT, "", b"", 5), command(PUT_WITH_TTL, "k", b"v", 5),
+                          command(SET_WITH_LEASE, "k", b"v", 1), command(LEASE_REVOKE, "", b"", 1))
+    assert results == ["error"] * 4 and kv.data == {} and kv.leases == {}
+
+
+def test_grants_beyond_max_leases_are_full(monkeypatch):
+    monkeypatch.setattr(store, "MAX_LEASES", 2)
+    kv, results, _ = upgraded(command(LEASE_GRANT, "", b"", 5), command(LEASE_GRANT, "", b"", 5),
+                              command(LEASE_GRANT, "", b"", 5), command(PUT_WITH_TTL, "k", b"v", 5))
+    assert results == ["ok", "ok", "full", "full"] and len(kv.leases) == 2 and "k" not in kv.data
+
+
+def test_a_txn_puts_with_a_lease_compares_it_and_fails_whole_on_a_missing_lease():
+    kv, results, _ = upgraded(command(LEASE_GRANT, "", b"", 5), txn((), [("put", "a", b"1", 2)]),
+                              txn([("a", "lease", "==", 2)], [("put", "b", b"2", 2)]),
+                              txn((), [("put", "c", b"3"), ("put", "d", b"4", 77)]))
+    assert results[1:3] == [TxnResult(True, [("put", "a")]), TxnResult(True, [("put", "b")])]
+    assert results[3] == NoLease(77) and "c" not in kv.data  # the txn applied as nothing
+    assert kv.leases[2].keys == {"a", "b"}
+    assert txn_problem([[], [["put", "k", b"v", -1]], []]) == "success[0]: a put's lease is an id >= 0"
+
+
+def test_leases_survive_a_snapshot():
+    kv, _, _ = upgraded(command(PUT_WITH_TTL, "k", b"v", 7), command(LEASE_GRANT, "", b"", 9),
+                        command(SET_WITH_LEASE, "j", b"w", 2))
+    snap = kv.snapshot()
+    assert cbor2.loads(snap)[6] == {2: [7, ["j", "k"]], 3: [9, []]}
+    copy = KeyValueStore()
+    copy.restore(snap)
+    assert copy.leases == kv.leases and copy.lease_of == {"j": 2, "k": 2} and copy.snapshot() == snap
+    assert copy.apply(5, command(LEASE_REVOKE, "", b"", 2)) == 2 and copy.data == {}
+
+
+def test_a_lease_holds_at_most_its_cap_of_keys_and_an_expiry_deletes_at_most_the_entry_cap(monkeypatch):
+    """Bounded work per entry (the module's rules): a revoke or an expiry deletes at most
+    MAX_DELETE_KEYS_PER_ENTRY keys; an expiry leaves the leases past it for the leader to propose again."""
+    monkeypatch.setattr(store, "MAX_KEYS_PER_LEASE", 2)
+    monkeypatch.setattr(store, "MAX_DELETE_KEYS_PER_ENTRY", 3)
+    kv, results, _ = upgraded(command(LEASE_GRANT, "", b"", 5), command(SET_WITH_LEASE, "a", b"", 2),
+                              command(SET_WITH_LEASE, "b", b"", 2), command(SET_WITH_LEASE, "c", b"", 2),
+                              command(SET_WITH_LEASE, "a", b"again", 2), txn((), [("put", "c", b"", 2)]),
+                              command(PUT_WITH_TTL, "d", b"", 5), command(SET_WITH_LEASE, "e", b"", 8))
+    assert results[1:] == ["ok", "ok", "lease full", "ok", "lease full", "ok", "ok"]
+    assert kv.leases[2].keys == {"a", "b"} and "c" not in kv.data
+    assert kv.apply(10, command(LEASE_EXPIRE, "", b"", [2, 8])) == 1  # 2 + 2 keys: over 3, lease 8 stays
+    assert list(kv.leases) == [8] and kv.apply(11, command(LEASE_EXPIRE, "", b"", [8])) == 1 and kv.data == {}
+
+
+def test_leases_restore_a_batch_per_step_and_the_old_ones_are_freed_by_batches():
+    """The merge of leases into snapfork: V3's seventh element goes in the tail (one step), and lease_of and
+    lease_ids are rebuilt from it as main's restore did; the old state's leases are freed a bounded batch per step
+    like its records, and a snapshot without leases drops them."""
+    n = 3 * RESTORE_BATCH_KEYS
+    grants = [command(LEASE_GRANT, "", b"", 5 + i) for i in range(3)]  # ids 2, 3, 4
+    puts = [command(SET_WITH_LEASE, f"k{i:05d}", b"v", 2 + i % 3) if i % 2 else command(SET, f"k{i:05d}", b"v")
+            for i in range(n)]
+    source, _, _ = upgraded(*grants, *puts)
+    snapshot = source.snapshot()
+    kv, _, _ = upgraded(*[command(PUT_WITH_TTL, f"old{i:05d}", b"o", 9) for i in range(n)])
+    old_lease_of, old_leases = kv.lease_of, kv.leases
+    steps = kv.restoring(snapshot)
+    taken = 0
+    while not next(steps):
+        taken += 1
+    assert taken > 2 and kv.leases == source.leases and kv.lease_of == source.lease_of
+    assert list(kv.lease_ids) == [2, 3, 4] and kv.snapshot() == snapshot
+    sizes = [(len(old_lease_of), len(old_leases))]
+    for _ in steps:
+        sizes.append((len(old_lease_of), len(old_leases)))
+    assert sizes[-1] == (0, 0) and len(sizes) > 3
+    assert all(a[0] - b[0] + 2 * (a[1] - b[1]) <= 2 * 2 * RESTORE_BATCH_KEYS for a, b in zip(sizes, sizes[1:]))
+    kv.restore(upgraded()[0].snapshot())
+    assert kv.leases == {} and kv.lease_of == {} and list(kv.lease_ids) == []

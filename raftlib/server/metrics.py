@@ -33,8 +33,8 @@ class Counter:
         self.name, self.doc, self.label = name, doc, label
         self.values: collections.Counter[str] = collections.Counter()
 
-    def inc(self, label_value: str) -> None:
-        self.values[label_value] += 1
+    def inc(self, label_value: str, count: int = 1) -> None:
+        self.values[label_value] += count
 
     def collect(self) -> prom_core.CounterMetricFamily:
         family = prom_core.CounterMetricFamily(self.name, self.doc, labels=[self.label])
@@ -114,6 +114,14 @@ class Metrics:
         self.hub_lag_seconds = Histogram("raftdzmq_hub_lag_seconds", "How late a 10 ms gevent timer fires: the "
                                          "delay every timer (ticks, heartbeats, elections) sees",
                                          (.001, .002, .005, .01, .02, .05, .1, .25, .5, 1))
+        # Leases (issue 14 part 2): keepalives answered by outcome (kept, not_found), and leases whose expiry this
+        # node proposed as leader, by outcome (committed; failed: not applied, retried or left to the next leader;
+        # unknown: a timeout, proposed again).
+        self.lease_keepalives = Counter("raftdzmq_lease_keepalives", "Lease keepalives answered, by outcome",
+                                        "outcome")
+        self.lease_expirations = Counter("raftdzmq_lease_expirations", "Leases this node expired as leader, by "
+                                         "outcome of the LEASE_EXPIRE entry", "outcome")
+        self.lease_count: Callable[[], int] = lambda: 0
         self._status: Callable[[], RuntimeStatus] | None = None
         self.registry = prom.CollectorRegistry()
         self.registry.register(self)
@@ -124,8 +132,9 @@ class Metrics:
 
     def collect(self) -> Iterator[prom_core.Metric]:
         for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
-                  self.hub_lag_seconds, self.http_evictions):
+                  self.hub_lag_seconds, self.http_evictions, self.lease_keepalives, self.lease_expirations):
             yield m.collect()
+        yield prom_core.GaugeMetricFamily("raftdzmq_leases", "Leases in the replicated state", value=self.lease_count())
         if self._status is not None:
             status = self._status()
             for name, doc, value in GAUGES:

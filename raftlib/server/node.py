@@ -27,12 +27,18 @@ Rules:
   to KEYS_REFRESH_SECONDS once one does (review of edge5, finding 3: a removed member dialling in kept every
   member asking every 2 s): it asks its configuration's members, then the vouched list's, one at a time, each
   within KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
+- Leases (raftlib.server.leases): the LeaseKeeper is the leader's. LeaderLeases keeps it in step with the node's
+  role and term (a new term of leadership: every lease its full TTL from now), hears the store's grants and
+  removals as they apply, and every LEASE_TICK_SECONDS, while this node leads, proposes one LEASE_EXPIRE for the
+  leases past their deadline (at most MAX_EXPIRE_BATCH, one proposal in flight, bounded by -write-timeout); after
+  a full batch it goes on at once (a mass expiry: one entry per commit round, yielding between them).
 """
 
 from __future__ import annotations
 
 import binascii
 import http.client
+import math
 import ipaddress
 import json
 import logging
@@ -49,19 +55,21 @@ from dataclasses import dataclass
 import gevent
 from gevent import monkey
 
-from raftlib.core import Config, NodeStatus, RaftNode
+from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode
 from raftlib.interfaces import StoredState
 from raftlib.messages import Membership, Message, Role
-from raftlib.runtime import Runtime
-from raftlib.storage import DiskStorage, StorageError, start_node
+from raftlib.runtime import EntryLost, NotRunning, Runtime
+from raftlib.storage import DiskFull, DiskStorage, StorageError, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
 from .api import Api, make_app
 from .edge import EdgeServer, listen
+from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
+from .leases import LeaseKeeper
 from .metrics import Metrics
-from .store import FEATURE_LEVEL, SET_FEATURE_LEVEL, KeyValueStore, command
+from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, KeyValueStore, command
 
 log = logging.getLogger("raftdzmq.node")
 
@@ -247,6 +255,90 @@ class FeatureLevelRaiser:
             conn.close()
 
 
+class LeaderLeases:
+    """The leader's side of leases (the module's rules): the LeaseKeeper in step with the node, and its ticks."""
+
+    def __init__(self, runtime: Runtime, store: KeyValueStore, metrics: Metrics, write_timeout_seconds: float,
+                 clock=time.monotonic) -> None:
+        self.runtime, self.store, self.metrics = runtime, store, metrics
+        self.write_timeout_seconds = write_timeout_seconds
+        self.clock = clock
+        self.keeper = LeaseKeeper(MAX_EXPIRE_BATCH)
+        self._stopping = False
+        store.on_lease = self.on_lease
+
+    def on_lease(self, lease_id: int, ttl_seconds: int | None) -> None:
+        """The store's hook, as grants and removals apply (in the runtime's loop: no blocking)."""
+        if ttl_seconds is None:
+            self.keeper.removed(lease_id)
+        else:
+            self.keeper.granted(lease_id, ttl_seconds, self.clock())
+
+    def current(self) -> LeaseKeeper | None:
+        """The keeper, in step with the node's role and term; None unless this node leads."""
+        node = self.runtime.node
+        if node.role is not Role.LEADER:
+            if self.keeper.leading:
+                self.keeper.step_down()
+            return None
+        if self.keeper.term != node.current_term:
+            # A new term of leadership: another leader may have answered keepalives since this node last led.
+            self.keeper.become_leader(node.current_term, ((i, lease.ttl_seconds) for i, lease in self.store.leases.items()),
+                                      self.clock())
+        return self.keeper
+
+    def run(self) -> None:
+        pause_seconds = LEASE_TICK_SECONDS
+        while not self._stopping:
+            gevent.sleep(pause_seconds)
+            try:
+                more = self.tick()
+            except Exception:
+                log.exception("the lease tick failed")
+                more = False
+            # A full batch committed: more leases may be past their deadline (a mass expiry: review of lease, R4).
+            # Go on at once, still one entry in flight at a time (each waits for its commit) and yielding between
+            # them, rather than 128 leases every 100 ms.
+            pause_seconds = 0 if more else LEASE_TICK_SECONDS
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def tick(self) -> bool:
+        """Propose the expiry of the leases past their deadline, if this node leads (one entry, then wait). True
+        when a full batch committed: more may be due at once."""
+        keeper = self.current()
+        if keeper is None:
+            return False
+        due = keeper.due(self.clock())
+        if not due:
+            return False
+        try:
+            self.runtime.propose(command(LEASE_EXPIRE, "", b"", due), self.write_timeout_seconds)
+        except (NotLeader, ProposalDropped, EntryLost, NotRunning, DiskFull) as e:
+            # This entry surely not applied (never appended, or another entry took its index): open to keepalives
+            # again, unless an earlier entry of this term for them timed out (the keeper's doubt: it may commit).
+            log.info("the expiry of %d leases was not applied (%s)", len(due), e)
+            keeper.expire_failed(due)
+            for _ in due:
+                self.metrics.lease_expirations.inc("failed")
+            return False
+        except Exception as e:
+            # Timeout, Stopped...: the entry may still commit. Never answer a keepalive for these in this term
+            # (review of lease, R1: its keys would vanish right after the 200); propose them again.
+            log.info("the expiry of %d leases is not confirmed (%s): proposing it again", len(due), e)
+            keeper.expire_unknown(due)
+            for _ in due:
+                self.metrics.lease_expirations.inc("unknown")
+            return False
+        # The entry stops at the bound of keys per entry (store: "Bounded work"): the leases it left are due again.
+        left = [i for i in due if i in self.store.leases]
+        keeper.expire_failed(left)
+        for _ in range(len(due) - len(left)):
+            self.metrics.lease_expirations.inc("committed")
+        return len(due) == keeper.max_batch
+
+
 class JoinFailed(Exception):
     """This node could not join the cluster: refused, or no answer within -join-timeout."""
 
@@ -309,6 +401,8 @@ class Server:
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
         self.metrics.bind(self.runtime.status)
+        self.metrics.lease_count = lambda: len(self.store.leases)
+        self.leases = LeaderLeases(self.runtime, self.store, self.metrics, config.write_timeout_seconds)
         self.http: EdgeServer | None = None
         self.feature_level = own_feature_level()
         self.level_raiser: FeatureLevelRaiser | None = None
@@ -518,7 +612,10 @@ class Server:
         api = Api(self.runtime, self.store, self.metrics, write_timeout_seconds=config.write_timeout_seconds,
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
                   guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
-                  committed_configuration=self.committed_configuration, feature_level=self.feature_level)
+                  committed_configuration=self.committed_configuration, feature_level=self.feature_level,
+                  lease_keeper=self.leases.current,
+                  # etcd's minimum TTL: 1.5 election timeouts, so an election does not eat a lease's TTL
+                  min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)))
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason
@@ -534,6 +631,7 @@ class Server:
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
         gevent.spawn(self.level_raiser.run)
+        gevent.spawn(self.leases.run)
         if self.node_key is not None:
             self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:
@@ -563,6 +661,7 @@ class Server:
             self._vouched_watch.kill()  # before the data dir closes: it may write node.key
         if self.level_raiser is not None:
             self.level_raiser.stop()
+        self.leases.stop()
         target = best_successor(self.runtime.status().node)
         if target is not None:
             try:

@@ -11,10 +11,16 @@ Rules:
   before); "expired" (an ADMIN_CLAIM older than the claims' horizon); "unchanged" (a SET_FEATURE_LEVEL not above
   the state's); an int (the keys a DELETE_PREFIX deleted: at most MAX_DELETE_KEYS_PER_ENTRY, the first in key
   order; the caller proposes it again while it deleted that many); a TxnResult (a TXN); "error" (a command that
-  does not decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing). An
+  does not decode or is malformed, or an op of the feature level 2 on a state below it: applied as nothing); "full"
+  (a grant beyond MAX_LEASES); "lease full" (a put onto a lease of MAX_KEYS_PER_LEASE keys); NoLease (a put naming
+  a lease that is not there, alone or in a txn: nothing applied); for LEASE_REVOKE the keys it deleted or
+  "missing", for LEASE_EXPIRE the number of leases that expired. An
   unknown op (a newer version's command) applies as nothing and gives "ok".
 - Bounded work per entry (every node applies it on its event loop, and again on a replay): a DELETE_PREFIX, and
-  a TXN's prefix deletes together, delete at most MAX_DELETE_KEYS_PER_ENTRY keys; a TXN's gets together return
+  a TXN's prefix deletes together, delete at most MAX_DELETE_KEYS_PER_ENTRY keys, and so do a LEASE_REVOKE (a
+  lease holds at most MAX_KEYS_PER_LEASE keys: a put onto a full lease is "lease full") and a LEASE_EXPIRE (it
+  expires the leases it names in order while their keys fit in the bound, the first one always, and leaves the
+  rest, which the leader proposes again); a TXN's gets together return
   at most MAX_TXN_GET_KEYS keys and MAX_TXN_GET_BYTES of keys and values. Past a bound a result says "more"
   (TxnResult): the same on every node, since the bound is counted in the entry's own order.
 - The feature level (rolling upgrades): an older release applies the ops from SET_IF_INDEX on as nothing, so a
@@ -37,26 +43,37 @@ Rules:
   change); the V3 snapshot writes them as exposed, so its bytes are the same on every node. A txn's compares see
   the state before the txn; its ops apply in order, each seeing the ones before it (as etcd's).
 - Events (`on_event`, for watches): one Event per key changed, in a fixed order: a prefix delete's in key
-  order, a txn's in op order (a prefix delete inside it in key order), all with the entry's index. None for a
-  delete of a missing key, a failed condition, a restore. They are handed over once the whole command applied,
+  order, a txn's in op order (a prefix delete inside it in key order), a revoked lease's keys ("delete") and an
+  expired lease's ("expire") in key order, lease after lease in the order the entry names them, all with the
+  entry's index. None for a delete of a missing key, a failed condition, a restore. They are handed over once the whole command applied,
   and an on_event that raises is logged and does not stop the others: the replicated state never depends on a
   watcher (a txn is never left half applied).
+- Leases (etcd v3's model): `leases` maps a lease id (the index of the entry that granted it: unique for the
+  cluster's life, the same on every node) to its Lease (TTL in whole seconds and its keys); `lease_of` maps a
+  key to its lease. A put with a lease attaches the key (a missing lease: NoLease, nothing applied); a put
+  without one detaches it; a deleted key leaves its lease. A revoked or expired lease deletes its keys. The state
+  machine never reads a clock: when a lease expires is the leader's decision (raftlib.server.leases), which
+  reaches every node as a LEASE_EXPIRE entry; an id already gone is skipped. `on_lease(lease_id, ttl_seconds)`
+  is called as a grant applies, `on_lease(lease_id, None)` as a lease goes (for the leader's LeaseKeeper).
 - The formats are part of the data dir (docs/DATA-DIR.md). Below level 2 a snapshot is
   `[SNAPSHOT_WITH_CLAIMS_V2, map key -> value, claims, horizon]`, the format the previous release reads (a rolling
   upgrade sends a new leader's snapshot to old followers); indices are dropped and restore as 0. From level 2:
-  `[SNAPSHOT_V3, map key -> [value, create_index, modify_index], claims, horizon, feature_level, level_index]`,
-  the indices as exposed (create <= modify). Both are written by `encode_state` (a forked child runs it,
+  `[SNAPSHOT_V3, map key -> [value, create_index, modify_index], claims, horizon, feature_level, level_index,
+  leases]`, the indices as exposed (create <= modify), `leases` a map lease id -> [ttl_seconds, [its keys in
+  order]] (ids in order). Both are written by `encode_state` (a forked child runs it,
   raftlib.runtime) with the map of definite length and its keys in increasing order, a batch of keys per cbor2
-  call (no second copy of the state). A later level appends elements after the map (leases: a seventh) under
-  an array length that this release refuses (ValueError) rather than drop what it does not know; the elements
-  after the map are bounded and decoded in one step (`_tail_state`, the one place that knows them).
+  call (no second copy of the state). A later level appends elements after the map under an array length that
+  this release refuses (ValueError) rather than drop what it does not know; the elements after the map (the
+  leases among them: at most MAX_LEASES, their keys at most the map's) are decoded in one step (`_tail_state`,
+  the one place that knows them).
 - A node restores V2 and V3 a batch per turn of its event loop (`restoring`), not in one step that holds the loop
   for as long as the whole state takes to decode (~1 s at 1M keys): it parses the array's and the map's heads
   itself, then decodes key/value pairs until RESTORE_BATCH_KEYS of them or RESTORE_BATCH_BYTES of values, then
   the elements after the map, checked before anything is replaced. Keys out of order (older writers) are not
   damage: they go into the index one by one (O(log n) each, half a batch per step); a key twice, a count that
   differs from the pairs present, bytes after the end, a key not text, a value not bytes, a V3 record not
-  [bytes, int, int] with create <= modify are (ValueError). Older formats still restore in one step: a plain map
+  [bytes, int, int] with create <= modify, a lease not [ttl, [keys]] with a valid TTL, an id < 1, a key not in
+  the map or on two leases are (ValueError). Older formats still restore in one step: a plain map
   (the oldest), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (a horizon of 0), and maps of indefinite length.
 - Every decoder of snapshot bytes refuses CBOR tags (no format of ours has one; cbor2's semantic decoders of some,
   a bigfloat's, are quadratic in the input's size). An error of the snapshot's source (an I/O error,
@@ -74,7 +91,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple, NoReturn, TypeGuard
 
 import cbor2
 from sortedcontainers import SortedList
@@ -89,7 +106,14 @@ SET, DELETE, COMPARE_AND_SET, CREATE, ADMIN_CLAIM = 0, 1, 2, 3, 4
 # ?prev_index=N; a DELETE_IF_INDEX of a missing key is "failed" unless N is 0, then "missing"). DELETE_PREFIX is [op, prefix, b"", None]. TXN is [op, "", b"", [compares, success, failure]]
 # (txn_problem gives the shape). SET_FEATURE_LEVEL is [op, "", b"", level].
 SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, SET_FEATURE_LEVEL = 5, 6, 7, 8, 9
-LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN))
+# Leases (issue 14 part 2), of level 2 too: part 1 was never released alone, so no node applies ops 5-9 and not
+# these. LEASE_GRANT is [op, "", b"", ttl_seconds]: the lease's id is the entry's index. LEASE_REVOKE is
+# [op, "", b"", lease_id] and LEASE_EXPIRE [op, "", b"", [lease_id, ...]] (the leader's, at most MAX_EXPIRE_BATCH
+# ids). PUT_WITH_TTL is [op, key, value, ttl_seconds]: a lease of its own (id: the entry's index) and the key on
+# it. SET_WITH_LEASE is [op, key, value, lease_id].
+LEASE_GRANT, LEASE_REVOKE, LEASE_EXPIRE, PUT_WITH_TTL, SET_WITH_LEASE = 10, 11, 12, 13, 14
+LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, LEASE_GRANT, LEASE_REVOKE, LEASE_EXPIRE,
+                         PUT_WITH_TTL, SET_WITH_LEASE))
 # The feature level of this release: 1 is every release before issue 14.
 FEATURE_LEVEL = 2
 SNAPSHOT_V3 = "raftdzmq-kv-v3"
@@ -99,6 +123,9 @@ SNAPSHOT_V3 = "raftdzmq-kv-v3"
 # values a count bound alone let one step copy 512 MiB (206 ms, the fifth review).
 RESTORE_BATCH_KEYS = 2048
 RESTORE_BATCH_BYTES = 128 << 10
+MAX_LEASES = 100_000  # a grant beyond this many leases applies as "full" (409 at the edge)
+MAX_TTL_SECONDS = 365 * 24 * 3600  # a lease's TTL: 1 to this many whole seconds (the edge raises the minimum)
+MAX_EXPIRE_BATCH = 128  # at most this many leases expire in one LEASE_EXPIRE entry
 MAX_TXN_OPS = 128  # at most this many compares, and this many ops in each branch, in one transaction (etcd's)
 # Bounds on one entry's work (the module's rules). Part of the replicated state's rules: every node must count
 # alike, so changing them is a change of feature level. 2,000 keys of a prefix delete took 7 to 15 ms to apply at
@@ -106,6 +133,8 @@ MAX_TXN_OPS = 128  # at most this many compares, and this many ops in each branc
 MAX_DELETE_KEYS_PER_ENTRY = 2000
 MAX_TXN_GET_KEYS = 1000
 MAX_TXN_GET_BYTES = 4 << 20
+# A lease holds at most this many keys, so that its revoke or expiry deletes at most MAX_DELETE_KEYS_PER_ENTRY.
+MAX_KEYS_PER_LEASE = MAX_DELETE_KEYS_PER_ENTRY
 COMPARE_TARGETS = ("value", "modify_index", "create_index", "exists", "lease")
 COMPARE_OPS = ("==", "!=", "<", ">")
 SNAPSHOT_WITH_CLAIMS = "raftdzmq-kv-claims-v1"
@@ -164,11 +193,37 @@ class FeatureLevelTooHigh(Exception):
     """A SET_FEATURE_LEVEL above this release's FEATURE_LEVEL: this node cannot apply what follows correctly."""
 
 
+class Lease:
+    """One lease of the replicated state: its TTL (whole seconds) and its keys."""
+
+    __slots__ = ("ttl_seconds", "keys")
+
+    def __init__(self, ttl_seconds: int, keys: set[str] | None = None) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.keys: set[str] = keys if keys is not None else set()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lease) and (self.ttl_seconds, self.keys) == (other.ttl_seconds, other.keys)
+
+    def __repr__(self) -> str:
+        return f"Lease({self.ttl_seconds}, {sorted(self.keys)!r})"
+
+
+class NoLease(NamedTuple):
+    """The result of a put (alone or in a txn) naming a lease that is not there: nothing was applied."""
+
+    lease_id: int
+
+
+def valid_ttl(ttl_seconds: object) -> TypeGuard[int]:
+    return type(ttl_seconds) is int and 1 <= ttl_seconds <= MAX_TTL_SECONDS
+
+
 class Event(NamedTuple):
     """One change of one key, for watches (the module's rules, "Events"). `value` is None for a delete;
     `create_index` is the key's (exposed) create index, the deleted record's for a delete."""
 
-    type: str  # "put" or "delete"
+    type: str  # "put", "delete" or "expire"
     key: str
     value: bytes | None
     index: int  # type: ignore[assignment]  # the brief's name; it hides tuple.index, which nothing here calls
@@ -208,9 +263,12 @@ def _compare_problem(c: object) -> str | None:
 
 
 def _op_problem(o: object) -> str | None:
-    if type(o) is not list or len(o) != 3 or o[0] not in ("put", "delete", "get"):
+    if (type(o) is not list or o[0:1] not in (["put"], ["delete"], ["get"])
+            or len(o) != (4 if o[0] == "put" and len(o) == 4 else 3)):
         return "an op is put, delete or get"
-    kind, key, third = o
+    kind, key, third = o[:3]
+    if len(o) == 4 and (type(o[3]) is not int or o[3] < 0):
+        return "a put's lease is an id >= 0"
     if type(key) is not str or not key:
         return f"a {kind} needs a key (or a prefix) of at least one character"
     if kind == "put" and type(third) is not bytes:
@@ -223,7 +281,7 @@ def _op_problem(o: object) -> str | None:
 def txn_problem(body: object) -> str | None:
     """What is wrong with a TXN's body, or None. The body: [compares, success, failure], where a compare is
     [key, target, op, operand] (operand: bytes for "value", bool for "exists", an int >= 0 for the others) and an
-    op is ["put", key, value], ["delete", key or prefix, is_prefix] or ["get", key or prefix, is_prefix]. The HTTP
+    op is ["put", key, value], ["put", key, value, lease_id] (0: no lease), ["delete", key or prefix, is_prefix] or ["get", key or prefix, is_prefix]. The HTTP
     edge builds the body from JSON and asks this first; `apply` asks again, since the log is the contract."""
     if type(body) is not list or len(body) != 3 or not all(type(part) is list for part in body):
         return "a transaction is [compare, success, failure]: three lists"
@@ -258,18 +316,23 @@ def _holds(current: object, op: str, operand: object) -> bool:
 class KeyValueStore:
     """The replicated state (see the module's rules); a raftlib.interfaces.StateMachine. `data` maps a key to its
     record (value, create_index, modify_index), indices as applied (`record` gives them as exposed); a create
-    keeps one int object for both. Only new and deleted keys touch `keys`. `lease_of` maps a key to its lease id
-    (issue 14 part 2 fills it; a key not in it has lease 0). `on_event` is called with each Event."""
+    keeps one int object for both. Only new and deleted keys touch `keys`. `leases` maps a lease id to its Lease,
+    `lease_of` a key to its lease id (a key not in it has lease 0). `on_event` is called with each Event,
+    `on_lease` as the module's rules say."""
 
     def __init__(self, on_event: Callable[[Event], None] | None = None,
-                 on_level_raised: Callable[[int], None] | None = None) -> None:
+                 on_level_raised: Callable[[int], None] | None = None,
+                 on_lease: Callable[[int, int | None], None] | None = None) -> None:
         self.data: dict[str, tuple[bytes, int, int]] = {}
         self.keys = SortedList()
         self.admin_claims = AdminClaims()
         self.lease_of: dict[str, int] = {}
+        self.leases: dict[int, Lease] = {}
+        self.lease_ids = SortedList()  # the ids of `leases`, in step: GET /lease?after= bisects it (review, R6)
         self.feature_level = 1
         self.level_index = 0
         self.on_event = on_event
+        self.on_lease = on_lease
         self.on_level_raised = on_level_raised  # called with the level when it crosses to 2 (a snapshot is due)
         self._events: list[Event] = []  # the command's, handed to on_event once it applied whole
 
@@ -339,8 +402,34 @@ class KeyValueStore:
             if txn_problem(expected) is not None:
                 return "error"
             return self._txn(index, *expected)  # type: ignore[misc]
+        if op == LEASE_GRANT:
+            return self._grant(index, expected) if valid_ttl(expected) else "error"
+        if op == LEASE_REVOKE:
+            if type(expected) is not int:
+                return "error"
+            return self._drop_lease(index, expected, "delete") if expected in self.leases else "missing"
+        if op == LEASE_EXPIRE:
+            if type(expected) is not list or len(expected) > MAX_EXPIRE_BATCH or not all(
+                    type(i) is int for i in expected):
+                return "error"
+            return self._expire(index, expected)
         if not key:
             return "error"
+        if op == PUT_WITH_TTL:
+            if type(value) is not bytes or not valid_ttl(expected):
+                return "error"
+            granted = self._grant(index, expected)
+            if granted == "ok":
+                self._put(index, key, value, self.data.get(key), index)
+            return granted
+        if op == SET_WITH_LEASE:
+            if type(value) is not bytes or type(expected) is not int or expected < 0:
+                return "error"
+            refused = self._lease_refusal(key, expected)
+            if refused is not None:
+                return refused
+            self._put(index, key, value, self.data.get(key), expected)
+            return "ok"
         if op == DELETE_PREFIX:
             return self._delete_prefix(index, key)
         if type(expected) is not int or (op == SET_IF_INDEX and type(value) is not bytes):
@@ -377,7 +466,72 @@ class KeyValueStore:
                 self.on_level_raised(level)
         return "ok"
 
-    def _put(self, index: int, key: str, value: bytes, record: tuple[bytes, int, int] | None) -> None:
+    def _grant(self, index: int, ttl_seconds: int) -> str:
+        if len(self.leases) >= MAX_LEASES:
+            return "full"
+        assert index not in self.leases, "a lease id is the index of its grant: used once"
+        self.leases[index] = Lease(ttl_seconds)
+        self.lease_ids.add(index)
+        if self.on_lease is not None:
+            self.on_lease(index, ttl_seconds)
+        return "ok"
+
+    def _lease_refusal(self, key: str, lease_id: int) -> NoLease | str | None:
+        """Why `key` cannot be put on `lease_id` (0: no lease), or None."""
+        if not lease_id:
+            return None
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return NoLease(lease_id)
+        if len(lease.keys) >= MAX_KEYS_PER_LEASE and key not in lease.keys:
+            return "lease full"
+        return None
+
+    def _expire(self, index: int, lease_ids: list[int]) -> int:
+        """Expire the leases named that are still here, in order, while their keys fit in
+        MAX_DELETE_KEYS_PER_ENTRY (the first always: a lease holds at most that many); the number expired. An id
+        already gone (revoked, or expired by an earlier entry of another leader) is skipped."""
+        budget, expired = MAX_DELETE_KEYS_PER_ENTRY, 0
+        for lease_id in lease_ids:
+            lease = self.leases.get(lease_id)
+            if lease is None:
+                continue
+            if len(lease.keys) > budget:
+                break  # the leader proposes the rest again
+            budget -= self._drop_lease(index, lease_id, "expire")
+            expired += 1
+        return expired
+
+    def _drop_lease(self, index: int, lease_id: int, kind: str) -> int:
+        """Revoke ("delete" events) or expire ("expire" events) a lease that is there: its keys go, in key order.
+        The number of keys deleted."""
+        lease = self.leases[lease_id]
+        keys = sorted(lease.keys)
+        for key in keys:
+            self._delete(index, key, kind)  # unlinks it from the lease
+        assert not lease.keys, "every key of a dropped lease was unlinked by its delete"
+        del self.leases[lease_id]
+        self.lease_ids.remove(lease_id)
+        if self.on_lease is not None:
+            self.on_lease(lease_id, None)
+        return len(keys)
+
+    def _link(self, key: str, lease_id: int) -> None:
+        """Attach `key` to `lease_id` (0: to none), leaving the lease it had (etcd: a put sets the key's lease)."""
+        old = self.lease_of.get(key, 0)
+        if old == lease_id:
+            return
+        if old:
+            self.leases[old].keys.discard(key)
+            del self.lease_of[key]
+        if lease_id:
+            self.leases[lease_id].keys.add(key)
+            self.lease_of[key] = lease_id
+
+    def _put(self, index: int, key: str, value: bytes, record: tuple[bytes, int, int] | None,
+             lease_id: int = 0) -> None:
+        if self.lease_of or lease_id:  # no dict lookup on the write path of a store without leases
+            self._link(key, lease_id)
         if record is None:
             self.keys.add(key)
             self.data[key] = (value, index, index)
@@ -388,14 +542,15 @@ class KeyValueStore:
         if self.on_event is not None:
             self._events.append(Event("put", key, value, index, self.exposed(create_index)))
 
-    def _delete(self, index: int, key: str) -> bool:
+    def _delete(self, index: int, key: str, kind: str = "delete") -> bool:
         record = self.data.pop(key, None)
         if record is None:
             return False
         self.keys.remove(key)
-        self.lease_of.pop(key, None)
+        if self.lease_of:
+            self._link(key, 0)
         if self.on_event is not None:
-            self._events.append(Event("delete", key, None, index, self.exposed(record[1])))
+            self._events.append(Event(kind, key, None, index, self.exposed(record[1])))
         return True
 
     def _prefixed(self, prefix: str, most: int) -> tuple[list[str], bool]:
@@ -430,15 +585,24 @@ class KeyValueStore:
             return _holds(0, op, operand)
         return _holds(self.exposed(record[1] if target == "create_index" else record[2]), op, operand)
 
-    def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult:
+    def _txn(self, index: int, compares: list, success: list, failure: list) -> TxnResult | NoLease | str:
         # All compares against the state before the txn (etcd's), then the branch's ops in order.
         # The bounds (the module's rules) are budgets for the whole txn, spent in op order.
         succeeded = all(self._compare(*c) for c in compares)
+        ops = success if succeeded else failure
+        # A put naming a missing (or full) lease fails the whole txn before any op applies (etcd's): no op grants
+        # a lease, so the leases there now are the ones every op would see. The count of a lease's keys is
+        # checked one put at a time (a txn of many puts onto an almost full lease: see the loop).
+        for o in ops:
+            if len(o) == 4 and (refused := self._lease_refusal(o[1], o[3])) is not None:
+                return refused
+        if any(len(o) == 4 and o[3] for o in ops) and not self._fits(ops):
+            return "lease full"
         results: list[tuple] = []
         delete_budget, get_keys_budget, get_bytes_budget = MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES
-        for kind, key, third in success if succeeded else failure:
+        for kind, key, third, *lease in ops:
             if kind == "put":
-                self._put(index, key, third, self.data.get(key))
+                self._put(index, key, third, self.data.get(key), lease[0] if lease else 0)
                 results.append(("put", key))
             elif kind == "delete":
                 if not third:
@@ -469,6 +633,15 @@ class KeyValueStore:
                     found.append((k, *record))
                 results.append(("get", found, more))
         return TxnResult(succeeded, results)
+
+    def _fits(self, ops: list) -> bool:
+        """Whether the txn's puts with a lease leave every lease within MAX_KEYS_PER_LEASE keys (an upper bound:
+        a later op of the txn may take a key off again)."""
+        added: dict[int, set[str]] = {}
+        for o in ops:
+            if len(o) == 4 and o[3] and o[1] not in self.leases[o[3]].keys:
+                added.setdefault(o[3], set()).add(o[1])
+        return all(len(self.leases[i].keys) + len(keys) <= MAX_KEYS_PER_LEASE for i, keys in added.items())
 
     def page(self, prefix: str, after: str, limit: int) -> tuple[list[str], bool]:
         """Up to `limit` keys that start with `prefix` and sort after `after`, in order, and whether more follow.
@@ -503,7 +676,7 @@ class KeyValueStore:
         RESTORE_BATCH_BYTES of values) each time it is advanced and yields False; once the state is replaced (the
         module's rules; not before), it yields True, then frees the old state a batch per step (freeing a million
         keys at once holds the loop too), yielding False, and ends. Dropping it before the True changes nothing."""
-        old_data, old_keys = self.data, self.keys
+        old_data, old_keys, old_lease_of, old_leases = self.data, self.keys, self.lease_of, self.leases
         for _ in self._decode(data):
             yield False
         yield True
@@ -515,6 +688,17 @@ class KeyValueStore:
                 freed_keys += 1
             yield False
         del old_data
+        while old_lease_of:  # a key on a lease each: as many as the keys at most
+            for _ in range(min(len(old_lease_of), 2 * RESTORE_BATCH_KEYS)):
+                old_lease_of.popitem()
+            yield False
+        del old_lease_of
+        while old_leases:
+            freed_keys = 0
+            while old_leases and freed_keys < 2 * RESTORE_BATCH_KEYS:
+                freed_keys += 1 + len(old_leases.popitem()[1].keys)
+            yield False
+        del old_leases
         lists = getattr(old_keys, "_lists", None)
         if type(lists) is list:
             while lists:
@@ -528,16 +712,16 @@ class KeyValueStore:
         can be read in turn); the elements after the map checked; the state replaced when it ends."""
         size = len(data)
         if not size:
-            self._replace({}, SortedList(), _tail_state(None, []))
+            self._replace({}, SortedList(), _tail_state(None, [], {}))
             return
         fp = _buffered(data)
         decoder = _decoder(fp)
         first = _read_exact(fp, 1)[0]
         name: str | None = None
-        if first >> 5 == 4 and first & 31 in (4, 6):  # an array of 4 (V2) or 6 (V3); a V1's 3 go in one step
+        if first >> 5 == 4 and first & 31 in (4, 7):  # an array of 4 (V2) or 7 (V3); a V1's 3 go in one step
             decoded = _decode_item(decoder, "its format's name")
             name = decoded if type(decoded) is str else None
-            if (decoded, first & 31) not in ((SNAPSHOT_WITH_CLAIMS_V2, 4), (SNAPSHOT_V3, 6)):
+            if (decoded, first & 31) not in ((SNAPSHOT_WITH_CLAIMS_V2, 4), (SNAPSHOT_V3, 7)):
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
             first = _read_exact(fp, 1)[0]
         count = _map_count(first, fp)
@@ -579,11 +763,12 @@ class KeyValueStore:
             if unordered is not None:
                 for key in batch_keys:  # O(log n) each: ~1.4 us, so a batch stays within the step's budget
                     unordered.add(key)
-        # The elements after the map: a few bounded items, in one step (a later level's leases come here too).
+        # The elements after the map, in one step: bounded items, and V3's leases (at most MAX_LEASES, their keys
+        # at most the map's: the same order of work as a batch per key, but one step; see the module's rules).
         tail = [_decode_item(decoder, "an element after its map") for _ in range(_TAIL_LENGTHS[name])]
         if fp.read(1):
             raise ValueError("a damaged key/value snapshot (bytes after its end)")
-        state = _tail_state(name, tail)  # checked before anything is replaced
+        state = _tail_state(name, tail, new)  # checked before anything is replaced
         keys = in_order.sorted_list() if in_order is not None else unordered
         assert keys is not None
         self._replace(new, keys, state)
@@ -611,7 +796,7 @@ class KeyValueStore:
             raise ValueError("a damaged key/value snapshot (a key that is not text)")
         with_indices = name == SNAPSHOT_V3
         records = {k: _record(x, with_indices) for k, x in v.items()}
-        self._replace(records, SortedList(records), _tail_state(name, tail))
+        self._replace(records, SortedList(records), _tail_state(name, tail, records))
 
     def _replace(self, data: dict[str, tuple[bytes, int, int]], keys: SortedList, state: _TailState) -> None:
         """The one place the state is replaced: everything given was checked (a damaged snapshot raises before
@@ -620,35 +805,38 @@ class KeyValueStore:
         self.data = data
         self.keys = keys
         self.admin_claims = state.admin_claims
-        self.lease_of = {}
+        self.leases = state.leases
+        self.lease_ids = SortedList(state.leases)  # ids come in order: no sort to speak of
+        self.lease_of = {key: lease_id for lease_id, lease in state.leases.items() for key in lease.keys}
         self.feature_level, self.level_index = state.feature_level, state.level_index
 
 
 # The elements after the map, by format name (None: a plain map). A later level's (leases) adds its own here.
-_TAIL_LENGTHS: dict[str | None, int] = {None: 0, SNAPSHOT_WITH_CLAIMS_V2: 2, SNAPSHOT_V3: 4}
+_TAIL_LENGTHS: dict[str | None, int] = {None: 0, SNAPSHOT_WITH_CLAIMS_V2: 2, SNAPSHOT_V3: 5}
 
 
 class _TailState(NamedTuple):
     admin_claims: AdminClaims
     feature_level: int
     level_index: int
+    leases: dict[int, Lease]
 
 
-def _tail_state(name: object, tail: list) -> _TailState:
-    """The state a snapshot holds after its map, checked: raises ValueError before anything is replaced. The one
-    place that knows those elements (the module's rules)."""
+def _tail_state(name: object, tail: list, records: dict[str, tuple[bytes, int, int]]) -> _TailState:
+    """The state a snapshot holds after its map (`records`, decoded), checked: raises ValueError before anything
+    is replaced. The one place that knows those elements (the module's rules)."""
     if name is None:
-        return _TailState(AdminClaims(), 1, 0)
+        return _TailState(AdminClaims(), 1, 0, {})
     claims = _admin_claims(tail[0], tail[1])
     if name == SNAPSHOT_WITH_CLAIMS_V2:
-        return _TailState(claims, 1, 0)
-    feature_level, level_index = tail[2], tail[3]
+        return _TailState(claims, 1, 0, {})
+    feature_level, level_index, lease_map = tail[2], tail[3], tail[4]
     if type(feature_level) is not int or feature_level < 2 or not _is_index(level_index):
         raise ValueError("a key/value snapshot of an unknown format (a damaged V3)")
     if feature_level > FEATURE_LEVEL:
         raise ValueError(f"a key/value snapshot of feature level {feature_level}, above this release's "
                          f"{FEATURE_LEVEL}: start a newer raftdzmq on this data dir")
-    return _TailState(claims, feature_level, level_index)
+    return _TailState(claims, feature_level, level_index, _decode_leases(lease_map, records))
 
 
 def _record(x: object, with_indices: bool) -> tuple[bytes, int, int]:
@@ -678,7 +866,8 @@ def encode_state(kv: KeyValueStore) -> bytes:
     data = kv.data
     out = io.BytesIO()
     if kv.feature_level >= 2:
-        name, tail = SNAPSHOT_V3, [claims.claims, claims.horizon, kv.feature_level, kv.level_index]
+        leases = {i: [lease.ttl_seconds, sorted(lease.keys)] for i, lease in sorted(kv.leases.items())}
+        name, tail = SNAPSHOT_V3, [claims.claims, claims.horizon, kv.feature_level, kv.level_index, leases]
     else:
         name, tail = SNAPSHOT_WITH_CLAIMS_V2, [claims.claims, claims.horizon]
     out.write(_head(4, 2 + len(tail)))
@@ -880,3 +1069,22 @@ class _SortedKeys:
         out._len = self.count
         out._index = []
         return out
+
+
+def _decode_leases(lease_map: object, records: dict) -> dict[int, Lease]:
+    """The V3 snapshot's seventh element: ids in order, each key of a lease a record of no other lease."""
+    if type(lease_map) is not dict:
+        raise ValueError("a key/value snapshot of an unknown format (damaged leases)")
+    leases: dict[int, Lease] = {}
+    seen: set[str] = set()
+    for lease_id in sorted(i for i in lease_map if type(i) is int):
+        ttl_keys = lease_map[lease_id]
+        if (lease_id < 1 or type(ttl_keys) is not list or len(ttl_keys) != 2 or not valid_ttl(ttl_keys[0])
+                or type(ttl_keys[1]) is not list or not all(type(k) is str and k in records for k in ttl_keys[1])
+                or seen.intersection(ttl_keys[1]) or len(set(ttl_keys[1])) != len(ttl_keys[1])):
+            raise ValueError(f"a key/value snapshot of an unknown format (a damaged lease {lease_id!r})")
+        seen.update(ttl_keys[1])
+        leases[lease_id] = Lease(ttl_keys[0], set(ttl_keys[1]))
+    if len(leases) != len(lease_map):
+        raise ValueError("a key/value snapshot of an unknown format (a lease id that is not an integer)")
+    return leases
