@@ -235,6 +235,34 @@ def _message_in(v) -> Message:
     return cls(*args)
 
 
+class _EveryTagRefused(dict):
+    """cbor2's semantic_decoders for every tag number, each refusing its tag: no frame of ours has one (nor had one
+    in any release), and cbor2's decoders of some are quadratic in the input's size (a 150 KB frame with a
+    bigfloat held the loop 1.9 s, fifth review of snapfork). Its decoders get the tag's content already decoded
+    (cbor2 6.3), so the innermost tag of a nest is refused before any semantic work. The store's snapshot
+    decoders (raftlib.server.store, which imports nothing of raftlib) refuse tags alike."""
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+    def __getitem__(self, tag: object):
+        return _refuse_tag
+
+    def get(self, tag: object, default: object = None):
+        return _refuse_tag
+
+
+def _refuse_tag(*_: object) -> object:
+    raise cbor2.CBORDecodeError("a CBOR tag (no frame has one)")
+
+
+def _refuse_unknown_tag(tag: cbor2.CBORTag, immutable: bool) -> object:  # cbor2 6's tag_hook
+    raise cbor2.CBORDecodeError(f"a CBOR tag {tag.tag} (no frame has one)")
+
+
+_NO_TAGS = _EveryTagRefused()
+
+
 def decode_batch(data: bytes) -> list[Message]:
     """Decode one frame. Raises CodecError, and nothing else, for anything but a valid frame."""
     _need(isinstance(data, (bytes, bytearray, memoryview)), "frame must be bytes")
@@ -242,11 +270,11 @@ def decode_batch(data: bytes) -> list[Message]:
           "an HMAC-signed frame from an older raftdzmq (a cluster secret now means CURVE connections)")
     _need(len(data) <= MAX_FRAME_BYTES, f"frame of {len(data)} bytes is over the {MAX_FRAME_BYTES} limit")
     try:
-        v = cbor2.loads(bytes(data))
+        v = cbor2.loads(bytes(data), semantic_decoders=_NO_TAGS, tag_hook=_refuse_unknown_tag)
     except CodecError:
         raise
     except Exception as e:  # cbor2 raises many types on junk; all mean the same to us
-        raise CodecError(f"not CBOR: {type(e).__name__}") from None
+        raise CodecError(f"not CBOR: {type(e).__name__}: {e}"[:160]) from None
     _need(type(v) is list and len(v) == 2, "a frame is [version, messages]")
     _need(v[0] == FORMAT_VERSION and type(v[0]) is int, f"unknown format version {v[0]!r}"[:80])
     _need(type(v[1]) is list, "messages must be a list")

@@ -12,7 +12,7 @@ Section numbers cite the Raft paper (§5-§8) and Ongaro's thesis ("thesis §x")
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .log import RaftLog, membership_at
@@ -35,8 +35,13 @@ from .messages import (
     RequestVote,
     RequestVoteReply,
     Role,
+    BytesSink,
     Snapshot,
+    SnapshotData,
+    SnapshotSink,
     TimeoutNow,
+    SnapshotUnreadable,
+    snapshot_chunk,
 )
 from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker
 from .readonly import ReadAnswer, ReadOnly
@@ -219,7 +224,31 @@ class RaftNode:
         self._messages: list[Message] = []
         self._append_dirty = False  # as leader: entries or next indices changed; followers may need appends
         self._pending_snapshot: Snapshot | None = None  # a leader's snapshot, to be saved and applied
-        self._incoming_snapshot: tuple[int, int, bytearray] | None = None  # (index, term, bytes so far)
+        # The sink _pending_snapshot's data was received into (None: not received): discarded if a newer snapshot
+        # supersedes it before a Ready hands it out, so that its file does not outlive the transfer (fifth review
+        # of snapfork, finding 3).
+        self._pending_sink: SnapshotSink | None = None
+        # A leader's snapshot being received (§7): (index, term, the sink its chunks go to). The sink comes from
+        # `open_snapshot_sink(meta)`: the runtime's writes to a file through the storage (never the whole state in
+        # memory); by default, bytes.
+        # A transfer resumes only from chunks of the same leader's file. One leader in one term sends one file per
+        # index (a leader's next snapshot is at a higher index, and a restart is a new term), while two leaders'
+        # files at one index may differ in their bytes (another format in a rolling upgrade). Nothing on the wire
+        # names the file (old nodes read every chunk), so the rule is: a change of term or leader drops a partial
+        # transfer (_reset, the one place), and within one leader's term it is keyed on (index, term). The
+        # sender and its term are kept to assert that rule.
+        self._incoming_snapshot: tuple[int, int, str, int, SnapshotSink] | None = None
+        self.open_snapshot_sink: Callable[[Snapshot], SnapshotSink] = BytesSink
+        # Transfers abandoned because their snapshot's source could not be read (SnapshotUnreadable), since
+        # start, and the last one's (peer, snapshot index, reason); per peer, (how many since start, snapshot
+        # index, reason) of its last: the pure core does not log, the runtime does, per peer.
+        self.snapshot_reads_failed = 0
+        self.last_snapshot_read_failure: tuple[str, int, str] | None = None
+        self.snapshot_read_failures: dict[str, tuple[int, int, str]] = {}
+        # A leader's snapshot saved, whose restore into the state machine the caller has not finished
+        # (`advance(rd, snapshot_applied=False)`, then `snapshot_applied`): no committed entry is handed out
+        # meanwhile, and last_applied stays below it. 0: none.
+        self._snapshot_unapplied = 0
         self._leader_commit = 0  # see NodeStatus.leader_commit: heard from leader_id in current_term
         read_timeout_ticks = config.read_timeout_ticks
         if read_timeout_ticks is None:
@@ -291,7 +320,9 @@ class RaftNode:
             removed=self.removed,
             reads_pending=self._reads.pending,
             leader_commit=self.commit_index if leading else self._leader_commit,
-            receiving_snapshot=self._incoming_snapshot is not None or self._pending_snapshot is not None,
+            receiving_snapshot=self._incoming_snapshot is not None
+            or self._pending_snapshot is not None
+            or self._snapshot_unapplied != 0,
             # A follower's election timer restarts whenever its leader speaks (_become_follower): while it knows a
             # leader, _election_elapsed counts the ticks since it last heard from it. A learner never campaigns, so
             # its leader_id alone would stay set for ever after the leader died.
@@ -433,17 +464,29 @@ class RaftNode:
         else:
             raise NotLeader(None)
 
-    def create_snapshot(self, index: int, data: bytes) -> Snapshot:
-        """The state machine, serialized as `data`, has applied exactly up to `index`. Drop the log up to
-        there and keep the snapshot to send to followers that are too far behind (§7). The caller persists it."""
+    def snapshot_metadata(self, index: int) -> Snapshot:
+        """What a snapshot at `index` (applied here, still in the log) records besides the state machine: its
+        term and the configuration in force there (§7). Changes nothing: the caller may write the state machine
+        elsewhere (a forked child) and only later call `create_snapshot`, if the log still holds `index`."""
         assert self.log.snapshot_index < index <= self.last_applied, (index, self.last_applied)
         term = self.log.term(index)
         assert term is not None
-        membership = membership_at(self._base_membership, self.log.membership_entries(), index)
-        snap = Snapshot(index, term, membership, data)
+        return Snapshot(index, term, membership_at(self._base_membership, self.log.membership_entries(), index))
+
+    def can_snapshot_at(self, index: int) -> bool:
+        """Whether `create_snapshot(index, ...)` may be called: the log still holds `index` (no snapshot from a
+        leader replaced it meanwhile) and it is applied."""
+        return self.log.snapshot_index < index <= self.last_applied
+
+    def create_snapshot(self, index: int, data: SnapshotData) -> Snapshot:
+        """The state machine, serialized as `data` (bytes or a source to read them from), has applied exactly up
+        to `index`. Drop the log up to there and keep the snapshot to send to followers that are too far behind
+        (§7). The caller persists it (before or after: the log on disk holds everything until it has)."""
+        meta = self.snapshot_metadata(index)
+        snap = Snapshot(index, meta.last_included_term, meta.membership, data)
         self._snapshot = snap
-        self._base_membership = membership
-        self.log.compact(index, term)
+        self._base_membership = meta.membership
+        self.log.compact(index, meta.last_included_term)
         return snap
 
     def step(self, m: Message) -> None:
@@ -528,7 +571,7 @@ class RaftNode:
             or reads.failed_reads
             or self._pending_snapshot is not None
             or self._unstable_from <= self.log.last_index
-            or self.commit_index > self.last_applied
+            or self.commit_index > self.last_applied and not self._snapshot_unapplied
             or self._hard_state() != self._saved_hard_state
         )
 
@@ -550,12 +593,13 @@ class RaftNode:
         if self._unstable_from <= self.log.last_index:
             entries = self.log.slice(self._unstable_from, self.log.last_index + 1)
         committed = []
-        if self.commit_index > self.last_applied:
-            applied = self.last_applied
-            if applied < self.log.snapshot_index:  # a snapshot from the leader, applied with this Ready first
-                applied = self.log.snapshot_index
-            if self.commit_index > applied:
-                committed = self.log.slice(applied + 1, self.commit_index + 1)
+        # §7: the entries after a leader's snapshot are applied once the state machine holds it: not in the Ready
+        # that carries the snapshot (the caller may restore it over several steps, `advance(rd, False)`, and an
+        # entry applied meanwhile would go to the old state, which the restore then replaces), but in the first
+        # Ready after `advance` (restored at once) or `snapshot_applied` (restored piece by piece).
+        if self.commit_index > self.last_applied and not self._snapshot_unapplied and self._pending_snapshot is None:
+            assert self.last_applied >= self.log.snapshot_index, (self.last_applied, self.log.snapshot_index)
+            committed = self.log.slice(self.last_applied + 1, self.commit_index + 1)
         saved = self._saved_hard_state
         unsafe_lazy_fsync = (self.config.unsafe_count_own_entries_before_fsync if self.role is Role.LEADER
                              else self.config.unsafe_reply_before_fsync)
@@ -584,14 +628,23 @@ class RaftNode:
         self._ready_outstanding = True
         return rd
 
-    def advance(self, rd: Ready) -> None:
-        """Everything in `rd` has been persisted, sent and applied."""
+    def advance(self, rd: Ready, snapshot_applied: bool = True) -> None:
+        """Everything in `rd` has been persisted, sent and applied. With `snapshot_applied` False, all but its
+        snapshot, which the caller restores into the state machine over several steps (a big state decoded a
+        piece at a time, the node stepped meanwhile): it calls `snapshot_applied` when the state machine holds it.
+        Until then no committed entry is handed out and last_applied stays (§7: a read that waits for the
+        snapshot's index must not be answered from the old state)."""
         assert self._ready_outstanding
         self._ready_outstanding = False
         if rd.snapshot is not None:
-            self._pending_snapshot = None
-            self._persisted_index = max(self._persisted_index, rd.snapshot.last_included_index)
-            self.last_applied = max(self.last_applied, rd.snapshot.last_included_index)
+            self._pending_snapshot = self._pending_sink = None
+            index = rd.snapshot.last_included_index
+            self._persisted_index = max(self._persisted_index, index)
+            if snapshot_applied:
+                self._snapshot_unapplied = 0
+                self.last_applied = max(self.last_applied, index)
+            else:
+                self._snapshot_unapplied = index
         if rd.entries:
             self._persisted_index = rd.entries[-1].index
             self._unstable_from = max(self._unstable_from, rd.entries[-1].index + 1)
@@ -622,11 +675,21 @@ class RaftNode:
             self.voted_for = None
         self.leader_id = None
         self._leader_commit = 0  # a new term or no leader: what an earlier leader said is no measure
-        self._incoming_snapshot = None  # a new leader sends its own snapshot, if any: never mix two
+        # §7: a new leader, or a new term, sends its own snapshot, if any (from offset 0): a partial transfer is
+        # dropped here, its file and descriptor let go, and never spliced with another leader's chunks. The one
+        # place of that rule (a candidate resets too).
+        self._drop_incoming_snapshot()
         self._votes = {}
         self._heartbeat_elapsed = 0
         self._transferee = None
         self._append_dirty = False
+        # §7: the snapshots a leader was sending are let go when it steps down (a later leader starts its own
+        # transfers from offset 0): held on, a replaced snapshot's file (unlinked, in the runtime) kept its space
+        # and a descriptor until this node led again and finished a transfer.
+        for pr in self._progress.values():
+            if pr.snapshot is not None:
+                pr.snapshot, pr.snapshot_offset = None, 0
+                pr.become_probe()
         self._reset_election_timer()
         self._reads.reset()
 
@@ -781,10 +844,23 @@ class RaftNode:
         self._commit_to(min(m.leader_commit, last_new))
         return AppendEntriesReply(me, m.src, term, True, last_new, read_round=m.read_round)
 
+    def snapshot_applied(self, index: int) -> None:
+        """The state machine now holds the leader's snapshot at `index` (see `advance`). A call for a snapshot that
+        a newer one replaced meanwhile changes nothing."""
+        if index == self._snapshot_unapplied:
+            self._snapshot_unapplied = 0
+            self.last_applied = max(self.last_applied, index)
+
     def _commit_to(self, index: int) -> None:
         if index > self.commit_index:
             assert index <= self.log.last_index
             self.commit_index = index
+            held = self._incoming_snapshot
+            if held is not None and held[0] <= index:
+                # §7: the log caught up past the snapshot being received (a leader that still had the entries):
+                # the transfer is abandoned, and its file and descriptors are let go now, not at the next
+                # InstallSnapshot (which may never come) nor at a restart.
+                self._drop_incoming_snapshot()
 
     def _handle_install_snapshot(self, m: InstallSnapshot) -> None:
         self._become_follower(m.term, m.src)
@@ -797,34 +873,63 @@ class RaftNode:
             self._send(InstallSnapshotReply(self.node_id, m.src, self.current_term, index, next_offset, done))
 
         if index <= self.commit_index:
-            self._incoming_snapshot = None
+            self._drop_incoming_snapshot()
             reply(0, True)
             return
         held = self._incoming_snapshot
+        # Another leader's or another term's partial transfer was dropped when this node learned of them (_reset).
+        assert held is None or held[2:4] == (m.src, m.term), "a partial snapshot outlived its leader's term"
         if held is None or held[:2] != (index, term):
+            # Another snapshot: the transfer starts over from offset 0.
             if m.offset != 0:
                 reply(0, False)
                 return
-            held = self._incoming_snapshot = (index, term, bytearray())
-        buf = held[2]
-        if m.offset == len(buf):
-            buf += m.data
-        elif m.offset > len(buf):
-            reply(len(buf), False)
+            self._drop_incoming_snapshot()  # a transfer of another snapshot, given up for this one
+            held = self._incoming_snapshot = (index, term, m.src, m.term, self.open_snapshot_sink(
+                Snapshot(index, term, m.membership)))
+        sink = held[4]
+        if m.offset == len(sink):
+            sink.write(m.data)  # a sink that could not take it holds what it held: the leader sends it again
+        elif m.offset > len(sink):
+            reply(len(sink), False)
             return
-        if not (m.done and m.offset + len(m.data) == len(buf)):
-            reply(len(buf), False)
+        held_bytes = len(sink)
+        if not (m.done and m.offset + len(m.data) == held_bytes):
+            reply(held_bytes, False)
             return
         self._incoming_snapshot = None
-        self._restore(Snapshot(index, term, m.membership, bytes(buf)))
-        reply(len(buf), True)
+        if self.log.match_term(index, term):  # our log caught up meanwhile: nothing to install (_restore)
+            sink.discard()
+            self._commit_to(index)
+            reply(held_bytes, True)
+            return
+        data = sink.finish()
+        if data is None:  # could not be finished (a full disk): start over
+            sink.discard()
+            reply(0, False)
+            return
+        self._restore(Snapshot(index, term, m.membership, data), sink)
+        reply(held_bytes, True)
 
-    def _restore(self, snap: Snapshot) -> None:
-        """§7: replace our state with a snapshot the leader sent, unless our log already has its last entry."""
+    def _drop_incoming_snapshot(self) -> None:
+        if self._incoming_snapshot is not None:
+            self._incoming_snapshot[4].discard()
+            self._incoming_snapshot = None
+
+    def _restore(self, snap: Snapshot, sink: SnapshotSink | None = None) -> None:
+        """§7: replace our state with a snapshot the leader sent, unless our log already has its last entry.
+        `sink`: the one its data was received into, discarded when the snapshot is not (or no longer) to be
+        saved."""
         index, term = snap.last_included_index, snap.last_included_term
         if self.log.match_term(index, term):
+            if sink is not None:
+                sink.discard()
             self._commit_to(index)
             return
+        if self._pending_snapshot is not None and self._pending_sink is not None:
+            # Superseded before any Ready handed it out (no step while one is outstanding): two leaders'
+            # snapshots finished in one drive. Nothing will install the first: its received file goes now.
+            self._pending_sink.discard()
         self.log = RaftLog(index, term)
         self._snapshot = snap
         self._base_membership = snap.membership
@@ -834,6 +939,7 @@ class RaftNode:
         # (after the save, which may wait), and `advance` moves it then. Until then a read waiting for `index`
         # must not be answered from the old state.
         self._pending_snapshot = snap
+        self._pending_sink = sink
         self._unstable_from = index + 1
         self._persisted_index = min(self._persisted_index, index)
 
@@ -959,7 +1065,24 @@ class RaftNode:
         # snapshots faster than one transfer takes; once this one is in, the next transfer brings it further.
         snap = pr.snapshot
         assert snap is not None
-        chunk = snap.data[pr.snapshot_offset : pr.snapshot_offset + self.config.snapshot_chunk_bytes]
+        # The chunk is read from the snapshot's source (a file the runtime holds open): the leader never needs
+        # the whole state in memory to send it.
+        try:
+            chunk = snapshot_chunk(snap.data, pr.snapshot_offset, self.config.snapshot_chunk_bytes)
+        except SnapshotUnreadable as e:
+            self.snapshot_reads_failed += 1
+            self.last_snapshot_read_failure = (peer, snap.last_included_index, str(e))
+            failed_before = self.snapshot_read_failures.get(peer, (0, 0, ""))[0]
+            self.snapshot_read_failures[peer] = (failed_before + 1, snap.last_included_index, str(e))
+            # Its source is gone (an I/O error on the file): this transfer is abandoned, never the node, and
+            # starts over from the newest snapshot (§7: the follower drops the chunks of a snapshot it no longer
+            # receives). Nothing is sent now; the next heartbeat sends the newest one's first chunk, or finds it
+            # unreadable too and tries again at the one after.
+            if self._snapshot is not None and snap is not self._snapshot:
+                pr.become_snapshot(self._snapshot)
+            else:
+                pr.snapshot_offset = 0
+            return
         done = pr.snapshot_offset + len(chunk) >= len(snap.data)
         self._send(
             InstallSnapshot(
@@ -978,7 +1101,12 @@ class RaftNode:
         if m.done:
             pr.snapshot_done(m.last_included_index)
             self._append_dirty = True
-        else:
+        elif m.next_offset != pr.snapshot_offset:
+            # The follower moved on (or lost what it held, restarting): the next chunk. A reply that moves
+            # nothing answers a chunk sent twice (each heartbeat sends the current chunk again, in case it was
+            # lost): answered with another chunk, each such reply would start one more chain of chunks in flight,
+            # one more per heartbeat while the follower takes its time to write them, until the leader spends
+            # itself sending (bench/snapshot_stall.py: a leader change every few seconds at 1M keys).
             pr.snapshot_offset = m.next_offset
             self._send_snapshot(m.src)
 

@@ -12,15 +12,18 @@ Rules:
   file's data can be on the disk while its name is not.
 - Errors are OSError with an errno, exactly as `os.*` raises them (ENOSPC for a full disk, EIO for a failed sync).
 - Out of file descriptors (EMFILE: this process's limit; ENFILE: the system's), an operation that opens one
-  (`create`, `open_append`, `open_dir`, `read_file`, `listdir`, `lock`, and `fsync_dir` given a path) raises
+  (`create`, `open_append`, `open_dir`, `open_read`, `read_file`, `listdir`, `lock`, and `fsync_dir` given a path) raises
   OSError with that errno and has done nothing: the kernel takes the descriptor before it looks up or creates
   the name. No other operation opens one: `fsync_dir` given a handle from `open_dir` needs none, so a caller
   that opened its folders beforehand can always make its renames and unlinks durable.
-- OsFileSystem keeps one descriptor in reserve for the whole process (on /dev/null, opened by the first
-  OsFileSystem, never by an import): an open that finds none left closes the reserve, tries once more, and takes
-  the reserve back at its next open that finds one free (libuv's accept does the same with its reserve). A short
-  burst of connections that takes every descriptor then costs the disk nothing. It is a help, not a promise:
-  another thread may take the freed descriptor first, and ENFILE is the whole system's.
+- OsFileSystem keeps RESERVE_DESCRIPTORS descriptors in reserve for the whole process (on /dev/null, opened by the
+  first OsFileSystem, never by an import): an open that finds none left closes one of them, tries once more, and
+  the reserve is topped up again at each open that finds descriptors free (libuv's accept does the same with its
+  one). A short burst of connections that takes every descriptor then costs the disk nothing. Three, because a
+  snapshot's install holds two new descriptors at once before it closes the old ones (the new snapshot file, held
+  open for reading from before its commit point, and the new segment: raftlib.storage), and a node's first
+  snapshot keeps one more open for good (a held snapshot; there was none). It is a help, not a promise: another
+  thread may take a freed descriptor first, and ENFILE is the whole system's.
 """
 
 from __future__ import annotations
@@ -51,6 +54,15 @@ class FileSystem(Protocol):
 
     def open_dir(self, path: str) -> Handle:
         """A folder, held open for `fsync_dir` (which then opens nothing) until `close`."""
+
+    def open_read(self, path: str) -> Handle:
+        """An existing file open for `pread` (it stays readable through the handle after a rename or an unlink)."""
+
+    def pread(self, handle: Handle, offset: int, length: int) -> bytes:
+        """Up to `length` bytes of the file from `offset` (fewer only at its end)."""
+
+    def file_size(self, handle: Handle) -> int:
+        """The file's size now."""
 
     def append(self, handle: Handle, data: bytes) -> None:
         """Write all of `data` at the end of the file, or raise OSError (part of it may have been written)."""
@@ -85,34 +97,34 @@ class FileSystem(Protocol):
     def unlock(self, handle: Handle) -> None: ...
 
 
-_spare: int | None = None  # the descriptor held in reserve (one for the process, opened by the first OsFileSystem)
+# Descriptors in reserve: two for the two an install holds at once (its snapshot file and its new segment), one
+# for the snapshot a node without one holds after its first (see the module's rules).
+RESERVE_DESCRIPTORS = 3
+_spares: list[int] = []  # the descriptors held in reserve (for the process, opened by the first OsFileSystem)
 _T = TypeVar("_T")
 
 
 def _reserve_spare() -> None:
-    global _spare
-    if _spare is None:
+    """Top the reserve up to RESERVE_DESCRIPTORS, as far as descriptors are free."""
+    while len(_spares) < RESERVE_DESCRIPTORS:
         try:
-            _spare = os.open(os.devnull, os.O_RDONLY)
+            _spares.append(os.open(os.devnull, os.O_RDONLY))
         except OSError:
-            pass  # none free either: the next open tries again
+            return  # none free: the next open tries again
 
 
 def _with_spare(opening: Callable[[], _T]) -> _T:
-    """`opening()` (an open, or an open and its use and its close): out of descriptors, once more with the reserve
-    given up for it; then the reserve is taken back if a descriptor is free (else at the next open). A second
-    failure is raised: another thread took the freed descriptor (libzmq's I/O thread opens sockets), or the
+    """`opening()` (an open, or an open and its use and its close): out of descriptors, once more with one of the
+    reserve given up for it; then the reserve is topped up if descriptors are free (else at the next open). A
+    second failure is raised: another thread took the freed descriptor (libzmq's I/O thread opens sockets), or the
     system (ENFILE) has none. Only an open raises EMFILE or ENFILE, so trying again repeats nothing done."""
-    global _spare
-    if _spare is None:
-        _reserve_spare()
+    _reserve_spare()
     try:
         return opening()
     except OSError as e:
-        if e.errno not in NO_DESCRIPTOR or _spare is None:
+        if e.errno not in NO_DESCRIPTOR or not _spares:
             raise
-    posix.close(_spare)  # os.close may be gevent's (25.8.1+), which closes a device's descriptor a loop turn later
-    _spare = None
+    posix.close(_spares.pop())  # os.close may be gevent's (25.8.1+), which closes a device's descriptor a loop turn later
     try:
         return opening()
     finally:
@@ -145,6 +157,21 @@ class OsFileSystem:
 
     def open_dir(self, path: str) -> int:
         return _with_spare(lambda: os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+
+    def open_read(self, path: str) -> int:
+        return _with_spare(lambda: os.open(path, os.O_RDONLY))
+
+    def pread(self, fd: int, offset: int, length: int) -> bytes:
+        out = os.pread(fd, length, offset)
+        while len(out) < length:  # a short read before the end of the file (signals); b"" at the end
+            more = os.pread(fd, length - len(out), offset + len(out))
+            if not more:
+                break
+            out += more
+        return out
+
+    def file_size(self, fd: int) -> int:
+        return os.fstat(fd).st_size
 
     def append(self, fd: int, data: bytes) -> None:
         written = os.write(fd, data)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .log import RaftLog
-from .messages import Entry, HardState, Message, Snapshot
+from .messages import Entry, HardState, Message, Snapshot, SnapshotData
 
 
 @dataclass
@@ -89,6 +89,23 @@ class Storage(Protocol):
         """A snapshot the node took of its own state machine: keep it and drop the log entries it covers."""
         ...
 
+    def begin_snapshot(self, index: int) -> str:
+        """A snapshot of the node's own in two parts (see DiskStorage): the name its file is written under."""
+        ...
+
+    def write_snapshot(self, snapshot: Snapshot, tmp: str) -> None:
+        """The first part, which a forked child may run: the snapshot's file, nothing else."""
+        ...
+
+    def commit_snapshot(self, snapshot: Snapshot, tmp: str) -> Snapshot | None:
+        """The second part: make it the snapshot and drop the log it covers; returns the snapshot kept (its data
+        read from where it was written), or None when a newer snapshot is held already."""
+        ...
+
+    def abort_snapshot(self, tmp: str) -> None:
+        """Drop what the first part wrote."""
+        ...
+
     @property
     def log_bytes(self) -> int:
         """How much log there is since the last snapshot: the runtime takes a snapshot past a threshold."""
@@ -119,6 +136,9 @@ class StateMachine(Protocol):
         """The whole state, to be given to `restore` on this or another node."""
         ...
 
-    def restore(self, data: bytes) -> None:
-        """Replace the whole state with one `snapshot` made."""
+    def restore(self, data: SnapshotData) -> None:
+        """Replace the whole state with one `snapshot` made: bytes, or a source to read them from in chunks.
+        A state machine may also have `restoring(data)`, the same as a generator that does a bounded piece of
+        the work per step and replaces the state at its end: the runtime then restores a leader's snapshot a
+        piece per drive, serving meanwhile (raftlib.server.store.KeyValueStore has it)."""
         ...

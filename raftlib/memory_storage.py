@@ -16,6 +16,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         self.state = StoredState()
         self.log_bytes = 0  # the runtime snapshots by log size: never, here
+        self._written: dict[str, Snapshot] = {}  # snapshots written and not yet committed, by name
 
     def load(self) -> StoredState:
         s = self.state
@@ -38,3 +39,17 @@ class MemoryStorage:
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """A snapshot the node took itself: drop the entries it covers."""
         self.state.install_snapshot(snapshot)
+
+    # A snapshot in two parts, as DiskStorage's (in memory: the runtime never forks for it).
+    def begin_snapshot(self, index: int) -> str:
+        return str(index)
+
+    def write_snapshot(self, snapshot: Snapshot, tmp: str) -> None:
+        self._written[tmp] = snapshot
+
+    def commit_snapshot(self, snapshot: Snapshot, tmp: str) -> Snapshot | None:
+        written = self._written.pop(tmp, snapshot)
+        return written if self.state.install_snapshot(written) else None
+
+    def abort_snapshot(self, tmp: str) -> None:
+        self._written.pop(tmp, None)

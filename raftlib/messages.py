@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class Role(enum.Enum):
@@ -83,14 +84,93 @@ class HardState:
     commit_index: int = 0
 
 
+class SnapshotSource(Protocol):
+    """A snapshot's state-machine bytes, read a chunk at a time: the runtime's is a file held open (a leader streams
+    InstallSnapshot from it, never holding the whole state in memory), a test's may be bytes. Its content never
+    changes, so reading it is as deterministic as reading bytes: the core reads chunks from it as etcd-io/raft's
+    core reads entries from its Storage, and the I/O is the source's, not the core's."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset` (fewer only at the end). Raises SnapshotUnreadable, and nothing
+        else, when its data can no longer be read (the runtime's file: an I/O error)."""
+        ...
+
+
+class SnapshotUnreadable(Exception):
+    """A SnapshotSource's data can no longer be read. The core abandons a transfer that meets it, and starts it
+    again from its newest snapshot (a node must never stop because one transfer's source went away)."""
+
+
+SnapshotData = bytes | SnapshotSource  # plain bytes are a source too (`snapshot_chunk`, `snapshot_bytes`)
+
+
+def snapshot_chunk(data: SnapshotData, offset: int, length: int) -> bytes:
+    """`length` bytes of a snapshot's data from `offset` (fewer at its end), whatever holds them."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data[offset : offset + length])
+    return data.read(offset, length)
+
+
+def snapshot_bytes(data: SnapshotData) -> bytes:
+    """All of a snapshot's data in memory: for small states and tests; the runtime streams instead."""
+    return snapshot_chunk(data, 0, len(data))
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The state machine at `last_included_index` (§7), with the configuration in force at that index."""
+    """The state machine at `last_included_index` (§7), with the configuration in force at that index. `data` is
+    bytes or a SnapshotSource; two snapshots are equal when their data reads the same."""
 
     last_included_index: int
     last_included_term: int
     membership: Membership
-    data: bytes = field(default=b"", repr=False)
+    data: SnapshotData = field(default=b"", repr=False)
+
+
+class SnapshotSink(Protocol):
+    """Where a follower puts the InstallSnapshot chunks of a leader's snapshot as they come (§7), so that it never
+    holds the whole state in memory: the runtime's appends them to a file through the storage, the default
+    (`BytesSink`) to bytes. The core only appends in order and asks how much it holds; the I/O is the sink's.
+    Nothing in it is durable until the install saves the finished snapshot: a node that restarts starts over."""
+
+    def __len__(self) -> int:
+        """How many bytes of the snapshot's data it holds: what the follower tells the leader to resume from."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Append `data`. When it cannot now (a full disk, no descriptor), it holds what it held: the leader
+        sends the same chunk again."""
+        ...
+
+    def finish(self) -> SnapshotData | None:
+        """All the data is in: the snapshot's data to install, or None when it could not be finished (the
+        transfer starts over)."""
+        ...
+
+    def discard(self) -> None:
+        """The transfer was given up (a newer snapshot, or the log caught up): drop what it holds."""
+        ...
+
+
+class BytesSink:
+    """A SnapshotSink in memory (tests, and storages that have no sink of their own)."""
+
+    def __init__(self, meta: Snapshot | None = None) -> None:
+        self.buffer = bytearray()
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+
+    def finish(self) -> bytes:
+        return bytes(self.buffer)
+
+    def discard(self) -> None:
+        self.buffer = bytearray()
 
 
 class ConfChangeKind(enum.IntEnum):

@@ -12,7 +12,10 @@ new proposals are refused at once. A save refused for want of a file descriptor 
 changed on the disk; descriptors come back as connections close) is waited out too, tried again every
 `descriptor_retry_seconds` and logged at most once a second, but proposals are not refused: only a follower's
 install of a leader's snapshot opens files, a leader's saves never do. A snapshot of this node's own that meets
-a full disk or no descriptor is tried again later: the log on disk still holds everything.
+a full disk or no descriptor is tried again later: the log on disk still holds everything. A leader's snapshot
+goes to its file as its chunks come (the storage's sink), and once saved is restored into the state machine a
+piece per drive (`restoring`), after each drive's replies went out: the node answers heartbeats, votes and
+appends meanwhile and applies nothing (the core hands out no committed entry until `snapshot_applied`).
 
 Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`; `_index_waiters`
 and `_reads_waiting_apply`, left by the last caller that gives up: the index may never be applied here, e.g. on
@@ -28,22 +31,30 @@ queue up).
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
+import gc
 import logging
 import os
+import posix
 import random
+import resource
+import signal
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import gevent
 import gevent.event
+import gevent.monkey
 
 from . import crashpoints, readonly
 from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
 from .interfaces import StateMachine, Storage, Transport
-from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role
+from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role, Snapshot
+from .fs import NO_DESCRIPTOR
 from .storage import DiskFull, OutOfDescriptors
 
 logger = logging.getLogger("raftlib.runtime")
@@ -52,6 +63,21 @@ logger = logging.getLogger("raftlib.runtime")
 # are derived from run 1.15 times as fast as the monotonic clock (0.87: slower), to test what the lease assumes
 # about clock rates (README, "Lease reads and their clock assumption").
 _CLOCK_RATE = float(os.environ.get("RAFTDZMQ_TEST_CLOCK_RATE") or 1)
+# RAFTDZMQ_SNAPSHOT_FORK=0 takes snapshots in process (the event loop stalls for as long as it takes); the default
+# forks a child for each where os.fork exists.
+_SNAPSHOT_FORK = hasattr(os, "fork") and os.environ.get("RAFTDZMQ_SNAPSHOT_FORK", "1") != "0"
+# RAFTDZMQ_SNAPSHOT_CHILD_TIMEOUT_SECONDS: a snapshot child that has not finished by then is killed, and the next
+# snapshot is taken in process (a child that hangs once may hang again: whatever held it is not known).
+_SNAPSHOT_CHILD_TIMEOUT_SECONDS = float(os.environ.get("RAFTDZMQ_SNAPSHOT_CHILD_TIMEOUT_SECONDS") or 600)
+# Test-only: a snapshot's child sleeps this long before it writes (tests/test_snapshot_fork.py kills the parent
+# meanwhile).
+_TEST_CHILD_DELAY_SECONDS = float(os.environ.get("RAFTDZMQ_TEST_SNAPSHOT_CHILD_DELAY_SECONDS") or 0)
+# The hub-lag probe (bench/snapshot_stall.py sets 0.001): a greenlet sleeps this long and records how late it woke,
+# in stats (loop_lag_max_microseconds, loop_lags_over_10ms). 0: off.
+_LOOP_LAG_PROBE_SECONDS = float(os.environ.get("RAFTDZMQ_LOOP_LAG_PROBE_SECONDS") or 0)
+_PR_SET_PDEATHSIG = 1
+# A snapshot transfer abandoned because its file could not be read is logged at most once per peer this often.
+SNAPSHOT_READ_WARNING_SECONDS = 10.0
 
 
 class Timeout(Exception):
@@ -139,6 +165,11 @@ _COUNTERS = (
     "saves",  # Readies saved (one fsync each when they must sync)
     "snapshots",  # taken of this node's own state machine
     "out_of_descriptors",  # saves and snapshots refused for want of a file descriptor (each try)
+    "snapshot_children_failed",  # forked snapshot children that exited without writing their file
+    "snapshot_reads_failed",  # snapshot transfers abandoned: the snapshot's file could not be read (logged)
+    "restore_step_max_microseconds",  # the longest step of restoring a leader's snapshot, in CPU time
+    "loop_lag_max_microseconds",  # the hub-lag probe, when on: the latest wake-up seen
+    "loop_lags_over_10ms",  # ... and how many wake-ups came more than 10 ms late
 )
 
 
@@ -183,12 +214,28 @@ class Runtime:
         self._leader_contact_at = float("-inf")  # RuntimeStatus.leader_contact_at
         self._drive_clock = 0.0  # time.monotonic() at the current drive's start (_advance_clock)
         self._descriptors_logged_at = float("-inf")  # monotonic time of the last line about missing descriptors
+        self._snapshot_read_warned_at: dict[str, float] = {}  # peer -> monotonic time of its last line
+        self._snapshot_reads_said: dict[str, int] = {}  # peer -> its failed snapshot reads counted in a line
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
-        self._snapshot_requested = False  # request_snapshot: take one at the end of this drive, whatever the log's size
+        self.snapshot_fork = _SNAPSHOT_FORK
+        self.snapshot_child_timeout_seconds = _SNAPSHOT_CHILD_TIMEOUT_SECONDS  # then the child is killed
+        self._snapshot_in_process_next = False  # set when a child was killed for hanging: the next one in process
+        self._unreaped: list[int] = []  # children that closed their pipe but had not exited: reaped later
+        self._snapshot_child: int | None = None  # its pid while one runs (one at a time)
+        self._snapshot_done: tuple[Snapshot, str, bool] | None = None  # (snapshot, file, written?): to finish
+        # request_snapshot: a snapshot at or past this index is taken at the end of a drive, whatever the log's size
+        # (0: none asked for). The commit index when asked: the entry whose apply asked is at or below it.
+        self._snapshot_requested_index = 0
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
+        # A leader's snapshot being restored into the state machine a piece per drive: (its index, the steps).
+        self._restoring: tuple[int, Iterator[bool]] | None = None
+        self._restore_applied = False  # the state machine holds that snapshot: the steps left free the old state
+        receive = getattr(storage, "receive_snapshot", None)
+        if receive is not None:  # a leader's snapshot's chunks go to its file as they come, not to memory
+            node.open_snapshot_sink = receive
 
     def status(self) -> RuntimeStatus:
         return RuntimeStatus(self.node.status(), self.alive, self.disk_full, types.MappingProxyType(dict(self.stats)),
@@ -208,6 +255,8 @@ class Runtime:
         self._ticks_given = 0
         self._sync_peers()
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._expire_loop)]
+        if _LOOP_LAG_PROBE_SECONDS > 0:
+            self._greenlets.append(gevent.spawn(self._probe_loop_lag, _LOOP_LAG_PROBE_SECONDS))
 
     def stop(self) -> None:
         if not self.running:
@@ -217,6 +266,7 @@ class Runtime:
         deadline = time.monotonic() + 2
         while self._driving and time.monotonic() < deadline:  # a transport greenlet in the middle of a drive
             gevent.sleep(0.01)
+        self._kill_snapshot_child()
         gevent.joinall(self._greenlets, timeout=2)
         for g in self._greenlets:
             g.kill(block=False)
@@ -296,7 +346,7 @@ class Runtime:
         """Take a snapshot of the state machine at the end of the current drive (or the next one), however small
         the log: the state machine asks for it while it applies (raftlib.server.store: the feature level's raise,
         so that an older binary cannot replay the log). Only from within a drive or the loop's greenlet."""
-        self._snapshot_requested = True
+        self._snapshot_requested_index = max(self._snapshot_requested_index, self.node.commit_index)
 
     def change_membership(self, change: ConfChange, timeout_seconds: float):
         return self._call(timeout_seconds, ChangeMembership, change)
@@ -376,7 +426,7 @@ class Runtime:
     def _loop(self) -> None:
         """Ticks the node when nothing else does, and takes what arrives while another greenlet has the node."""
         while self.running:
-            if not self._inbox or self._driving:
+            if (not self._inbox and self._restoring is None) or self._driving:
                 self._wake.clear()
                 self._wake.wait(self.tick_seconds)  # a tick at the latest: the clock is read in _drive
             if not self._driving and self.running:
@@ -400,8 +450,12 @@ class Runtime:
             self._process_ready(replies)
             for result, out in replies.values():
                 result.set(out)
+            if self.node.snapshot_reads_failed != self.stats["snapshot_reads_failed"]:
+                self._note_snapshot_read_failure()
             if self.node.removed != self._removed:  # a notice may change nothing else: no Ready for it
                 self._note_removed(self.node.removed)
+            if self._restoring is not None:  # after the replies went out: a piece of the restore, then serve
+                self._restore_step(replies)
             self._maybe_snapshot()
         except Exception as e:
             logger.critical("stopping: %s", e, exc_info=not isinstance(e, OSError))
@@ -413,11 +467,29 @@ class Runtime:
             self._driving = False
         if self._inbox:
             self._wake.set()  # it came while we saved or sent: the loop takes it
-        if len(items) > 64:
+        if len(items) > 64 or self._restoring is not None:
             # Let timers and I/O run between big batches: a short sleep yields to the next turn of the loop
             # (timers run, every socket is polled); gevent.idle() would wait until nothing else is runnable, and
             # gevent.sleep(0) lets no timer run.
             gevent.sleep(0.00001)
+
+    def _note_snapshot_read_failure(self) -> None:
+        # The core abandons a transfer whose source it could not read (SnapshotUnreadable) and counts it, per
+        # peer; it neither logs nor stops. Counted here at each drive; said at most once per peer per
+        # SNAPSHOT_READ_WARNING_SECONDS, with that peer's count since its last line, so that a failing disk shows
+        # without a line per drive (the core retries the transfer at each heartbeat: ~20 lines a second per peer)
+        # and one peer's line never counts another's failures (fifth review of snapfork, finding 5).
+        node = self.node
+        self.stats["snapshot_reads_failed"] = node.snapshot_reads_failed
+        now = time.monotonic()
+        for peer, (failed, index, reason) in node.snapshot_read_failures.items():
+            unsaid = failed - self._snapshot_reads_said.get(peer, 0)
+            if not unsaid or now - self._snapshot_read_warned_at.get(peer, float("-inf")) < SNAPSHOT_READ_WARNING_SECONDS:
+                continue
+            self._snapshot_read_warned_at[peer] = now
+            self._snapshot_reads_said[peer] = failed
+            logger.warning("snapshot transfer abandoned %d time(s) (%d since start): the snapshot at %d for %s "
+                           "could not be read: %s", unsaid, failed, index, peer, reason)
 
     def _handle(self, item: InboxItem, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         # Class patterns without captures: a positional capture looks up __match_args__ and each attribute again,
@@ -484,10 +556,9 @@ class Runtime:
                 if crashpoints.enabled:
                     crashpoints.hit("runtime.after_save")
             self._send(late, replies)
+            restoring = False
             if rd.snapshot is not None:
-                self.state_machine.restore(rd.snapshot.data)
-                self._fail_proposals_up_to(rd.snapshot.last_included_index)
-                logger.info("installed a snapshot at index %d from the leader", rd.snapshot.last_included_index)
+                restoring = self._begin_restore(rd.snapshot)
             for e in rd.committed_entries:
                 self._apply(e)
             for request_id, index in rd.read_states:
@@ -498,11 +569,57 @@ class Runtime:
                 result = self._reads.pop(request_id, None)
                 if result is not None:
                     result.set_exception(NotLeader(rd.leader_id))
-            node.advance(rd)
+            node.advance(rd, snapshot_applied=not restoring)
             self._note_soft_state(rd)
             self._wake_applied()
             if node.membership is not self._membership:
                 self._sync_peers()
+
+    def _begin_restore(self, snap: Snapshot) -> bool:
+        """A leader's snapshot, saved: restore the state machine from it. A state machine with `restoring` (one
+        piece per step) is restored over the next drives, a piece each, while the node goes on answering (its
+        heartbeats, votes, reads wait): returns True, and `_restore_step` tells the node when it is done. Else
+        in one go, now."""
+        index = snap.last_included_index
+        self._fail_proposals_up_to(index)
+        steps = getattr(self.state_machine, "restoring", None)
+        if steps is None:
+            self.state_machine.restore(snap.data)
+            logger.info("installed a snapshot at index %d from the leader", index)
+            return False
+        if self._restoring is not None:
+            logger.info("the restore of the snapshot at index %d is replaced by the one at %d", self._restoring[0],
+                        index)
+        self._restoring = (index, steps(snap.data))
+        self._restore_applied = False
+        self._restore_started = time.monotonic()
+        logger.info("installed a snapshot at index %d from the leader; restoring the state machine", index)
+        self._restore_step(None)
+        return not self._restore_applied
+
+    def _restore_step(self, replies: dict | None) -> None:
+        """One piece of the restore under way. Once the state machine holds the snapshot the node is told, and
+        the entries after the snapshot are applied; the steps after that free the old state."""
+        assert self._restoring is not None
+        index, steps = self._restoring
+        started = time.thread_time()  # CPU time: the step's own cost, not the machine's other processes'
+        try:
+            replaced = next(steps)
+        except StopIteration:
+            self._restoring = None
+            replaced = not self._restore_applied  # a state machine that swaps in its last step
+        took_microseconds = int((time.thread_time() - started) * 1e6)  # bench/snapshot_stall.py reports it
+        if took_microseconds > self.stats["restore_step_max_microseconds"]:
+            self.stats["restore_step_max_microseconds"] = took_microseconds
+        if not replaced or self._restore_applied:
+            return
+        self._restore_applied = True
+        self.node.snapshot_applied(index)
+        logger.info("restored the state machine from the snapshot at index %d in %.2fs", index,
+                    time.monotonic() - self._restore_started)
+        if replies is not None:  # in a drive whose replies went out already: what follows goes by the transport
+            self._process_ready({})
+        self._wake_applied()
 
     def _send(self, messages: list[Message], replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         """Messages for a peer whose request we are answering ride back on the reply; the others go out now."""
@@ -615,32 +732,191 @@ class Runtime:
             {m.node_id: m.raft_address for m in self._membership.members if m.node_id != self.node.node_id}
         )
 
+    # ---- snapshots: a forked child writes the state (Redis's BGSAVE); the loop only commits it -----------------
+
     def _maybe_snapshot(self) -> None:
+        """Called at the end of each drive. Finishes a snapshot whose child has exited; else, past the log
+        threshold, begins one: in a forked child (the loop goes on serving while the child serializes its
+        copy-on-write image and writes and fsyncs the file), or in process where fork is unavailable or off."""
+        if self._snapshot_done is not None:
+            done, self._snapshot_done = self._snapshot_done, None
+            self._finish_snapshot(*done)
+        if self._unreaped:
+            self._reap_later()
         node = self.node
-        if node.last_applied <= node.log.snapshot_index:
-            self._snapshot_requested = False  # a snapshot at or past the state asked about is there already
+        if self._snapshot_child is not None:
             return
-        if self.storage.log_bytes < self.snapshot_threshold_bytes and not self._snapshot_requested:
+        if node.last_applied <= node.log.snapshot_index:
+            return
+        requested = self._snapshot_requested_index > node.log.snapshot_index
+        if self.storage.log_bytes < self.snapshot_threshold_bytes and not requested:
             return
         if self._snapshot_not_before > time.monotonic():
             return
-        data = self.state_machine.snapshot()
-        snap = node.create_snapshot(node.last_applied, data)
+        meta = node.snapshot_metadata(node.last_applied)
+        if self._snapshot_in_process_next:
+            self._snapshot_in_process_next = False
+            logger.warning("taking the snapshot at index %d in process (the last child hung): serving stalls "
+                           "meanwhile", meta.last_included_index)
+            self._snapshot_in_process(meta)
+        elif self.snapshot_fork and getattr(self.storage, "snapshot_files", False):  # a child's file only on disk
+            self._fork_snapshot(meta)
+        else:
+            self._snapshot_in_process(meta)
+
+    def _snapshot_in_process(self, meta: Snapshot) -> None:
+        """The snapshot written in the loop (no fork): it stalls serving for as long as it takes."""
+        snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership,
+                        self.state_machine.snapshot())
+        tmp = self.storage.begin_snapshot(snap.last_included_index)
         try:
-            self.storage.save_snapshot(snap)
-        except DiskFull as e:
-            # The log on disk still holds everything: the snapshot is only tried again later.
-            logger.warning("could not write a snapshot: %s; trying again in %gs", e, self.snapshot_retry_seconds)
-            self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
+            self.storage.write_snapshot(snap, tmp)
+        except (DiskFull, OutOfDescriptors) as e:
+            self.storage.abort_snapshot(tmp)
+            self._snapshot_refused(e)
             return
-        except OutOfDescriptors as e:
+        self._finish_snapshot(snap, tmp, True)
+
+    def _snapshot_refused(self, e: Exception) -> None:
+        # The log on disk still holds everything: the snapshot is only tried again later.
+        if isinstance(e, OutOfDescriptors):
             self._note_no_descriptor(f"could not write a snapshot: {e}; trying again in "
                                      f"{self.snapshot_retry_seconds:g}s")
+        else:
+            logger.warning("could not write a snapshot: %s; trying again in %gs", e, self.snapshot_retry_seconds)
+        self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
+
+    def _finish_snapshot(self, snap: Snapshot, tmp: str, written: bool) -> None:
+        """In the drive: make the written file the node's snapshot (storage.commit_snapshot: a rename, a folder
+        fsync, a base segment of the log since the fork) and compact the core's log. Nothing of the state
+        machine's size happens here. A child that failed, or a snapshot from a leader that overtook this one,
+        leaves the log as it was."""
+        index = snap.last_included_index
+        if not written:
+            self.storage.abort_snapshot(tmp)
+            self.stats["snapshot_children_failed"] += 1
+            logger.warning("the snapshot child for index %d failed; trying again in %gs", index,
+                           self.snapshot_retry_seconds)
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
-        self._snapshot_requested = False
+        if not self.node.can_snapshot_at(index):  # a leader's snapshot replaced the log meanwhile
+            self.storage.abort_snapshot(tmp)
+            return
+        try:
+            kept = self.storage.commit_snapshot(snap, tmp)
+        except (DiskFull, OutOfDescriptors) as e:
+            self._snapshot_refused(e)
+            return
+        if kept is None:
+            return
+        self.node.create_snapshot(index, kept.data)
         self.stats["snapshots"] += 1
-        logger.info("took a snapshot at index %d (%d bytes)", snap.last_included_index, len(data))
+        logger.info("took a snapshot at index %d (%d bytes)", index, len(kept.data))
+
+    def _fork_snapshot(self, meta: Snapshot) -> None:
+        """Fork a child that writes the snapshot's file; a greenlet waits for it (`_wait_snapshot_child`). The
+        child closes every descriptor it inherited but its pipe and stdio (the zmq sockets, the HTTP listener, the
+        data dir's lock and log: a parent killed meanwhile restarts on the same ports and dir), dies with its
+        parent (PR_SET_PDEATHSIG), touches neither zmq nor gevent's hub (a raw fork: gevent's runs its hooks and
+        reinitializes the hub in the child), and leaves with os._exit."""
+        tmp = self.storage.begin_snapshot(meta.last_included_index)
+        libc = _libc()
+        fd_limit = _descriptor_limit()
+        try:
+            r, w = os.pipe()
+        except OSError as e:
+            self.storage.abort_snapshot(tmp)
+            if e.errno not in NO_DESCRIPTOR:
+                raise
+            # No descriptor for the child's pipe: this one in process, where the storage's reserve helps.
+            self._snapshot_in_process(meta)
+            return
+        parent = os.getpid()
+        try:
+            pid = posix.fork()
+        except OSError as e:
+            posix.close(r)
+            posix.close(w)
+            self.storage.abort_snapshot(tmp)
+            # EAGAIN, ENOMEM: a passing shortage (processes, memory). Fork stays on: tried again later. (Where fork
+            # does not exist at all, _SNAPSHOT_FORK is off and snapshots are taken in process from the start.)
+            self.stats["snapshot_children_failed"] += 1
+            logger.warning("could not fork a snapshot child (%s); trying again in %gs", e,
+                           self.snapshot_retry_seconds)
+            self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
+            return
+        if pid == 0:  # the child
+            _snapshot_child(self, meta, tmp, w, parent, libc, fd_limit)
+        posix.close(w)
+        self._snapshot_child = pid
+        logger.info("snapshot child %d writing the state at index %d", pid, meta.last_included_index)
+        gevent.spawn(self._wait_snapshot_child, pid, r, meta, tmp)
+
+    def _wait_snapshot_child(self, pid: int, r: int, meta: Snapshot, tmp: str) -> None:
+        """Cooperatively: read the child's pipe until it closes (the child has exited, or been killed), bounded
+        by snapshot_child_timeout_seconds; then reap it without blocking and hand the outcome to the drive."""
+        from gevent.os import make_nonblocking, nb_read  # noqa: PLC0415 - gevent's, only in a running runtime
+
+        got = b""
+        closed = False
+        try:
+            make_nonblocking(r)
+            with gevent.Timeout(self.snapshot_child_timeout_seconds, False):
+                while True:
+                    chunk = nb_read(r, 64)
+                    if not chunk:
+                        closed = True
+                        break
+                    got += chunk
+            if not closed:
+                logger.warning("snapshot child %d did not finish in %gs: killed; the next snapshot is taken in "
+                               "process", pid, self.snapshot_child_timeout_seconds)
+                self._snapshot_in_process_next = True
+                got = b"timeout"
+            if got != b"ok":
+                logger.warning("snapshot child %d: %s", pid,
+                               got.decode(errors="replace") or "exited without writing (killed?)")
+                with _suppress_oserror():
+                    os.kill(pid, signal.SIGKILL)
+        finally:
+            posix.close(r)
+            self._reap(pid)
+            self._snapshot_child = None
+        self._snapshot_done = (meta, tmp, got == b"ok")
+        self._wake.set()
+
+    def _reap(self, pid: int) -> None:
+        """waitpid without blocking the hub: the child has closed its pipe, so it is exiting; poll a bounded time,
+        then leave it to `_reap_later` (a zombie is reaped whenever it exits, never left for good)."""
+        for _ in range(2000):
+            if _reaped(pid):
+                return
+            gevent.sleep(0.005)
+        logger.warning("snapshot child %d did not exit after closing its pipe: reaped later", pid)
+        with _suppress_oserror():
+            os.kill(pid, signal.SIGKILL)
+        self._unreaped.append(pid)
+
+    def _reap_later(self) -> None:
+        self._unreaped = [pid for pid in self._unreaped if not _reaped(pid)]
+
+    def _kill_snapshot_child(self) -> None:
+        pid = self._snapshot_child
+        if pid is not None:
+            with _suppress_oserror():
+                os.kill(pid, signal.SIGKILL)
+
+    def _probe_loop_lag(self, period_seconds: float) -> None:
+        """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else."""
+        stats = self.stats
+        while self.running:
+            t0 = time.monotonic()
+            gevent.sleep(period_seconds)
+            late = int((time.monotonic() - t0 - period_seconds) * 1e6)
+            if late > stats["loop_lag_max_microseconds"]:
+                stats["loop_lag_max_microseconds"] = late
+            if late > 10_000:
+                stats["loop_lags_over_10ms"] += 1
 
     def _fail_all(self, error: Exception) -> None:
         for _, result in self._proposals.values():
@@ -657,3 +933,83 @@ class Runtime:
                 if not result.ready():
                     result.set_exception(error)
         self._deadlines = {}
+
+
+class _suppress_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, tb) -> bool:
+        return kind is not None and issubclass(kind, OSError)
+
+
+_libc_handle: ctypes.CDLL | None = None
+_no_libc = False
+
+
+def _libc() -> ctypes.CDLL | None:
+    """libc for prctl (Linux), loaded in the parent: a child should not load libraries."""
+    global _libc_handle, _no_libc
+    if _libc_handle is None and not _no_libc:
+        try:
+            _libc_handle = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _no_libc = True
+    return _libc_handle
+
+
+def _reaped(pid: int) -> bool:
+    """waitpid(WNOHANG): whether the child `pid` is gone (reaped now, or already)."""
+    try:
+        done, _ = posix.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True  # reaped already (gevent's child watcher, when something else started one)
+    return bool(done)
+
+
+def _descriptor_limit() -> int:
+    """One past the highest descriptor number this process can hold (RLIMIT_NOFILE's soft limit), found in the
+    parent: the child closes every inherited descriptor up to it. Unlimited: the numbers in use are bounded by
+    what the kernel allows a process (fs.nr_open, 1M by default)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: int, libc, fd_limit: int) -> None:
+    """The forked child: serialize the state machine (its copy-on-write image) and write the snapshot's file
+    through the storage (`write_snapshot`: the temporary file only), then say "ok" on the pipe. Never returns."""
+    code = 1
+    try:
+        try:
+            if libc and hasattr(libc, "prctl"):
+                libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before prctl
+                posix._exit(1)
+            # The lowest CPU priority: on a small machine the children of all nodes snapshot at about the same
+            # time (same threshold, same log), and at full priority they starve the serving processes of CPU
+            # until leaders miss their quorum checks (bench/snapshot_stall.py: a leader change at 1M keys).
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, 0, 19)
+            # Every inherited descriptor but stdio and the pipe: the sockets (a restarted parent must find its
+            # ports free), the data dir's lock, log and folders, gevent's and zmq's own.
+            posix.closerange(3, w)
+            posix.closerange(w + 1, max(fd_limit, w + 1))
+            from . import fs as fs_module  # noqa: PLC0415
+
+            fs_module._spares.clear()  # closed above: never close those numbers again
+            gc.disable()  # collections would touch (and copy) every page of the image for nothing
+            if _TEST_CHILD_DELAY_SECONDS:
+                gevent.monkey.get_original("time", "sleep")(_TEST_CHILD_DELAY_SECONDS)  # not the hub's sleep
+            snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership,
+                            runtime.state_machine.snapshot())
+            runtime.storage.write_snapshot(snap, tmp)
+            posix.write(w, b"ok")
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - the parent learns of it through the pipe
+            try:
+                posix.write(w, f"{type(e).__name__}: {e}".encode()[:200])
+            except BaseException:  # noqa: BLE001, S110
+                pass
+    finally:
+        posix._exit(code)
+

@@ -26,7 +26,18 @@ Rules:
   `load`, a save opens one only to create a file (the snapshot's temporary file, a new segment), refused before
   anything changed (OutOfDescriptors, as DiskFull: the same save may be tried again), and to list the folders for
   the garbage an install leaves, after its commit point (refused: the garbage stays, harmless, for load or the
-  next install to delete). A plain save (append, fdatasync) opens none.
+  next install to delete). A plain save (append, fdatasync) opens none. A snapshot held (loaded or committed)
+  keeps its file open for reading (a leader streams InstallSnapshot from it), opened before its commit point:
+  with no descriptor free for it the snapshot is refused (OutOfDescriptors, nothing changed), never committed
+  unreadable. A read of a held file that fails raises SnapshotUnreadable (the core abandons that transfer).
+- A leader's snapshot is received into its file as its chunks come (`receive_snapshot`: a SnapshotSink), under a
+  `*.received.tmp` name, each chunk appended and fdatasynced when it comes (so that the install's fsync has
+  one chunk left to flush, not the whole state); the install that saves it renames that file rather than
+  write it again. Until then nothing a reader uses changes (load deletes a `*.tmp`). A full disk or no
+  descriptor while receiving holds the chunk back (the leader sends it again); other errors are fatal.
+- A snapshot of the node's own comes in two parts: `write_snapshot` (a forked child may run it) writes and
+  fsyncs its file under a `*.tmp` name, changing nothing a reader uses; `commit_snapshot` (the serving process)
+  does the rest of the install transaction from the rename on. Installs leave a `*.tmp` being written alone.
 - No record is longer than MAX_RECORD_BYTES, the length a reader trusts: a save or a base record too big for one
   record is written as a GROUP (part records, closed by a batch record) in the same append and fsync, and load
   applies a group only when all of it is there. An entry too big for any record is refused (RecordTooBig)
@@ -67,13 +78,14 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Callable
 
 import cbor2
 
 from . import codec, crashpoints
 from .fs import NO_DESCRIPTOR, FileSystem, OsFileSystem
 from .interfaces import StoredState
-from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot
+from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot, SnapshotUnreadable, snapshot_chunk
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"RDZMQLOG"
@@ -137,36 +149,273 @@ class OutOfDescriptors(StorageError):
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None, folder=None,
-                      private: bool = False) -> None:
-    """Write to a temporary file, fsync, rename over `path`, fsync the folder (`folder`: a handle of it from
-    `open_dir`, so that the sync opens nothing; by default its path). No room (the writes or the temporary file's
-    fsync): DiskFull, and `path` is as it was; the temporary file is unlinked, but that unlink is not synced, so a
-    power failure may bring it back: no reader looks at a `*.tmp`, and load deletes them. No descriptor for the
-    temporary file: OutOfDescriptors, and nothing was made. A failed rename or folder fsync is fatal (the OSError
-    goes up): which of the folder's operations reached the disk is unknown."""
-    tmp = path + ".tmp"
+def _write_file(fs: FileSystem, tmp: str, write: Callable[[object], None], private: bool = False) -> None:
+    """Create `tmp`, `write(handle)` its content, fsync and close it. No room (the writes or the fsync): DiskFull,
+    and the file is unlinked (not synced: a power failure may bring it back; no reader looks at a `*.tmp`, and
+    load deletes them). No descriptor: OutOfDescriptors, and nothing was made. Any other error goes up (fatal).
+    `private`: readable by the owner only, from before its first byte."""
     try:
         f = fs.create(tmp)
         try:
             if private and isinstance(f, int):  # a real descriptor: readable by the owner only, before any byte
                 os.fchmod(f, 0o600)
-            fs.append(f, data)
+            write(f)
             fs.fsync(f)  # a new file: nothing older rides on this sync, so a failure of it loses nothing
         finally:
             fs.close(f)
     except OSError as e:
         if e.errno in NO_DESCRIPTOR:  # only an open raises it: the create, which made nothing
-            raise OutOfDescriptors(f"no file descriptor free to write {path}: {e.strerror}") from None
+            raise OutOfDescriptors(f"no file descriptor free to write {tmp}: {e.strerror}") from None
         with contextlib.suppress(OSError):
             fs.unlink(tmp)
         if e.errno in _NO_ROOM:
-            raise DiskFull(f"no room on the disk for {path}: {e.strerror}") from None
+            raise DiskFull(f"no room on the disk for {tmp}: {e.strerror}") from None
         raise
+
+
+def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str | None = None, folder=None,
+                      private: bool = False) -> None:
+    """Write to a temporary file, fsync, rename over `path`, fsync the folder (`folder`: a handle of it from
+    `open_dir`, so that the sync opens nothing; by default its path). No room, no descriptor: as `_write_file`,
+    and `path` is as it was. A failed rename or folder fsync is fatal (the OSError goes up): which of the
+    folder's operations reached the disk is unknown."""
+    tmp = path + ".tmp"
+    _write_file(fs, tmp, lambda f: fs.append(f, data), private)
     if crash_point and crashpoints.enabled:
         crashpoints.hit(crash_point)
     fs.rename(tmp, path)
     fs.fsync_dir(folder if folder is not None else os.path.dirname(path))
+
+
+SNAPSHOT_IO_BYTES = 1 << 20  # a snapshot file is written and checked in pieces of this size
+
+
+def _snapshot_head(s: Snapshot) -> bytes:
+    meta = cbor2.dumps(codec.encode_snapshot_meta(s))
+    return _HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION) + struct.pack(">I", len(meta)) + meta
+
+
+def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
+    """A snapshot file's bytes (`encode_snapshot`'s), appended in pieces read from the snapshot's data (bytes or a
+    source): never the whole state in memory twice. A small snapshot is one append."""
+    pending = bytearray(_snapshot_head(s))
+    crc = 0
+    size = len(s.data)
+    for offset in range(0, size, SNAPSHOT_IO_BYTES):
+        pending += snapshot_chunk(s.data, offset, SNAPSHOT_IO_BYTES)
+        if len(pending) >= SNAPSHOT_IO_BYTES:
+            crc = zlib.crc32(pending, crc)
+            fs.append(f, bytes(pending))
+            pending = bytearray()
+    crc = zlib.crc32(pending, crc)
+    fs.append(f, bytes(pending) + struct.pack(">I", crc))
+
+
+class SnapshotFile:
+    """A snapshot file's state-machine bytes (a raftlib.messages.SnapshotSource), read through a handle held open:
+    a leader sends a snapshot from it in chunks, and a rename or an unlink of the file (a newer snapshot made
+    this one garbage while a transfer of it is under way) does not take them away. Always a handle: a snapshot
+    that could not be held open is not committed (`_commit_install`), since reopening by path at each read fails
+    once the file is unlinked or no descriptor is free. A read that fails (an I/O error) raises
+    SnapshotUnreadable, which the core catches (it abandons that transfer). The handle is closed with `close`,
+    or when the object is collected. Equal to any data that reads the same (tests compare snapshots)."""
+
+    __slots__ = ("fs", "handle", "start", "size", "path", "__weakref__")
+
+    def __init__(self, fs: FileSystem, handle, start: int, size: int, path: str) -> None:
+        self.fs, self.handle, self.start, self.size, self.path = fs, handle, start, size, path
+
+    @classmethod
+    def at(cls, fs: FileSystem, path: str, handle) -> SnapshotFile:
+        """The data of a snapshot file written by this storage (its checksum not read: O(1)), through `handle`
+        (held open, then owned by the SnapshotFile)."""
+        source = cls(fs, handle, 0, 0, path)
+        source._locate(handle)
+        return source
+
+    def _locate(self, handle) -> None:
+        head = self.fs.pread(handle, 0, _HEADER.size + 4)
+        _check_header(self.path, head, SNAPSHOT_MAGIC, "snapshot")
+        self.start = _HEADER.size + 4 + struct.unpack_from(">I", head, _HEADER.size)[0]
+        self.size = self.fs.file_size(handle) - self.start - 4
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        if not length:
+            return b""
+        if self.handle is None:
+            raise SnapshotUnreadable(f"{self.path}: closed")
+        try:
+            data = self.fs.pread(self.handle, self.start + offset, length)
+        except OSError as e:
+            raise SnapshotUnreadable(f"{self.path}: {e}") from None
+        if len(data) != length:
+            raise SnapshotUnreadable(f"{self.path}: snapshot file shorter than it was "
+                                     f"({self.start + offset + len(data)} bytes)")
+        return data
+
+    def close(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                self.fs.close(handle)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except BaseException:  # noqa: S110 - a test's file system that "crashed"; nothing to do at collection
+            pass
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (bytes, bytearray)) or hasattr(other, "read"):
+            return len(other) == len(self) and snapshot_chunk(other, 0, len(self)) == self.read(0, len(self))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SnapshotFile({self.path!r})"
+
+
+def _open_snapshot_file(fs: FileSystem, path: str, name: str | None = None) -> SnapshotFile:
+    """The data of the snapshot file at `path` as a SnapshotFile (`name`: the path it goes by, for messages),
+    its checksum checked, read a piece at a time. Raises CorruptLogError, UnknownFormatError, or OSError."""
+    name = name or path
+    handle = fs.open_read(path)
+    try:
+        head = fs.pread(handle, 0, _HEADER.size + 4)
+        if len(head) < _HEADER.size + 4:
+            raise CorruptLogError(f"{name}: too short to be a snapshot")
+        _check_header(name, head, SNAPSHOT_MAGIC, "snapshot")
+        (meta_len,) = struct.unpack_from(">I", head, _HEADER.size)
+        crc, offset, tail = 0, 0, b""
+        while True:  # the checksum of everything but its last 4 bytes, which hold it
+            piece = fs.pread(handle, offset, SNAPSHOT_IO_BYTES)
+            offset += len(piece)
+            data = tail + piece
+            if len(piece) < SNAPSHOT_IO_BYTES:
+                break
+            crc = zlib.crc32(data[:-4], crc)
+            tail = data[-4:]
+        if offset < _HEADER.size + 8 + meta_len:
+            raise CorruptLogError(f"{name}: too short to be a snapshot")
+        crc = zlib.crc32(data[:-4], crc)
+        if struct.unpack(">I", data[-4:])[0] != crc:
+            raise CorruptLogError(f"{name}: snapshot checksum mismatch")
+        start = _HEADER.size + 4 + meta_len
+        return SnapshotFile(fs, handle, start, offset - 4 - start, name)
+    except BaseException:
+        fs.close(handle)
+        raise
+
+
+class ReceivedSnapshotFile(SnapshotFile):
+    """The data of a leader's snapshot received into a file (SnapshotReceiver.finish): a SnapshotFile that the
+    install renames into place instead of copying (`received_tmp`: its name until then)."""
+
+    __slots__ = ("received_tmp",)
+
+
+class SnapshotReceiver:
+    """A raftlib.messages.SnapshotSink writing a leader's snapshot's chunks to its file (the module's rules): the
+    snapshot file's head, then the data as it comes, then the checksum at `finish`. Opens its two handles (one
+    to append, one to read the data back once finished) at its first write; a write that meets a full disk or
+    no descriptor is cut back and held back (length unchanged)."""
+
+    def __init__(self, storage: DiskStorage, meta: Snapshot) -> None:
+        self.storage = storage
+        self.meta = meta
+        self.path = storage._snapshot_path(meta.last_included_index) + ".received.tmp"
+        self.size = 0  # data bytes held
+        self._head_bytes = 0
+        self._crc = 0
+        self._writer = None
+        self._reader = None
+        self._done = False
+        self._source: ReceivedSnapshotFile | None = None  # what `finish` returned: closed by `discard`
+        storage._writing.add(self.path)  # no install's garbage sweep deletes it
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _open(self) -> bool:
+        fs = self.storage.fs
+        try:
+            self._writer = fs.create(self.path)
+            self._reader = fs.open_read(self.path)
+            head = _snapshot_head(self.meta)
+            fs.append(self._writer, head)
+        except OSError as e:
+            self._close()
+            if e.errno not in NO_DESCRIPTOR + _NO_ROOM:
+                raise
+            logger.warning("could not begin receiving the snapshot at index %d (%s): the leader sends it again",
+                           self.meta.last_included_index, e.strerror)
+            return False
+        self._head_bytes = len(head)
+        self._crc = zlib.crc32(head)
+        return True
+
+    def write(self, data: bytes) -> None:
+        assert not self._done
+        if self._writer is None and not self._open():
+            return
+        fs = self.storage.fs
+        end = self._head_bytes + self.size
+        try:
+            fs.append(self._writer, data)
+            fs.fdatasync(self._writer)  # a chunk at a time, so that the install has little left to flush
+        except OSError as e:
+            if e.errno not in _NO_ROOM:
+                raise
+            fs.truncate(self._writer, end)
+            logger.warning("no room to receive the snapshot at index %d (%s): the leader sends the chunk again",
+                           self.meta.last_included_index, e.strerror)
+            return
+        if crashpoints.enabled:
+            crashpoints.hit("snapshot.after_chunk")
+        self._crc = zlib.crc32(data, self._crc)
+        self.size += len(data)
+
+    def finish(self) -> ReceivedSnapshotFile | None:
+        """The checksum appended and the file fsynced; its data, read through the handle held (the rename into
+        place and any later unlink leave it readable). None when the disk had no room: the transfer starts over."""
+        if self._writer is None and not self._open():  # an empty snapshot: its head only
+            return None
+        fs = self.storage.fs
+        try:
+            fs.append(self._writer, struct.pack(">I", self._crc))
+            fs.fsync(self._writer)
+        except OSError as e:
+            if e.errno not in _NO_ROOM:
+                raise
+            return None
+        fs.close(self._writer)
+        self._writer = None
+        self._done = True
+        source = ReceivedSnapshotFile(fs, self._reader, self._head_bytes, self.size, self.path)
+        source.received_tmp = self.path
+        self._reader = None  # the source's now
+        self._source = source
+        return source
+
+    def _close(self) -> None:
+        for handle in (self._writer, self._reader):
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    self.storage.fs.close(handle)
+        self._writer = self._reader = None
+
+    def discard(self) -> None:
+        """Given up, finished or not (a finished one superseded before it was saved): the file and its handles."""
+        self._close()
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+        self.storage.abort_snapshot(self.path)
 
 
 def _check_header(path: str, data: bytes, magic: bytes, what: str) -> None:
@@ -477,6 +726,12 @@ def _replay_format1(segments: list[tuple[int, str]], snapshots: dict[int, Snapsh
 class DiskStorage:
     """Durable storage for one node. Use `DiskStorage(data_dir)` then `load()` once, then `save()` per Ready."""
 
+    @property
+    def snapshot_files(self) -> bool:
+        """Whether `write_snapshot` in a forked child reaches this process's disk: only on the real file system
+        (a test's in-memory one stays in the child)."""
+        return isinstance(self.fs, OsFileSystem)
+
     def __init__(self, data_dir: str, fsync: bool = True, fdatasync=None, fs: FileSystem | None = None) -> None:
         """`fs` is the file system to work through (default: the real one, `OsFileSystem`). `fdatasync(handle,
         nbytes)` makes a batch of `nbytes` durable (default: the file system's fdatasync; with OsFileSystem the
@@ -494,6 +749,7 @@ class DiskStorage:
         self._loaded = False
         self._lock = None
         self._folders: dict[str, object] = {}  # data_dir and log_dir -> a handle (fsync_dir then opens nothing)
+        self._writing: set[str] = set()  # snapshot files begun (begin_snapshot) and not yet committed or aborted
         self._make_dir(self.log_dir)
         try:
             self._lock = self.fs.lock(os.path.join(self.data_dir, "LOCK"))
@@ -730,7 +986,7 @@ class DiskStorage:
         names = list(segments)
         names += [p for index, p in self._snapshots() if index != keep_snapshot]
         names += [os.path.join(self.data_dir, n) for n in self.fs.listdir(self.data_dir) if n.endswith(".tmp")]
-        return names
+        return [n for n in names if n not in self._writing]
 
     def _unlink(self, names: list[str]) -> None:
         fs = self.fs
@@ -931,13 +1187,102 @@ class DiskStorage:
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """A snapshot this node took of its own state machine: write it, then drop the log it covers. Raises as
-        `save` does."""
-        if snapshot.last_included_index > self.state.base_index:
-            self._install_snapshot(snapshot, None, [])
+        `save` does. The same as `write_snapshot` then `commit_snapshot`, in this process."""
+        if snapshot.last_included_index <= self.state.base_index:
+            return
+        tmp = self.begin_snapshot(snapshot.last_included_index)
+        try:
+            self.write_snapshot(snapshot, tmp)
+        except BaseException:
+            self.abort_snapshot(tmp)
+            raise
+        self.commit_snapshot(snapshot, tmp)
+
+    # ---- a snapshot of this node's own, in two parts: the file (a forked child may write it), then the commit ----
+
+    def begin_snapshot(self, index: int) -> str:
+        """The temporary name a snapshot at `index` is written under (`write_snapshot`): no install deletes it as
+        garbage until `commit_snapshot` or `abort_snapshot` (load does: the writer died with the process)."""
+        tmp = self.snapshot_tmp_path(index)
+        self._writing.add(tmp)
+        return tmp
+
+    def snapshot_tmp_path(self, index: int) -> str:
+        return self._snapshot_path(index) + ".tmp"
+
+    def write_snapshot(self, snapshot: Snapshot, tmp: str) -> None:
+        """The first part of a snapshot of this node's own: its file under `tmp`, written and fsynced (not its
+        folder: the rename that `commit_snapshot` makes durable is what counts). Changes nothing that load or
+        `self.state` uses: a crash anywhere leaves the state as it was (load deletes a `*.tmp`). Touches nothing
+        but that file (and the fs): a forked child runs it on its copy of this object, and must not touch the
+        log. Raises DiskFull or OutOfDescriptors (the file unlinked, nothing changed), or OSError (fatal)."""
+        _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+
+    def abort_snapshot(self, tmp: str) -> None:
+        """A snapshot whose writing failed or was killed: unlink what was written (not synced: a power failure
+        may bring it back, and load deletes it)."""
+        self._writing.discard(tmp)
+        with contextlib.suppress(OSError):
+            self.fs.unlink(tmp)
+
+    def commit_snapshot(self, snapshot: Snapshot, tmp: str) -> Snapshot | None:
+        """The second part: make the file `write_snapshot` wrote the node's snapshot and drop the log it covers
+        (the module's transaction from the rename on: a folder fsync and a new segment whose base record holds
+        the log after the snapshot, the entries saved since it was begun included). Work of the size of that log,
+        not of the state machine's. Returns the snapshot, its data read from the file held open; or None when a
+        snapshot at or past its index was installed meanwhile (from a leader): the file is unlinked and nothing
+        else changes. Raises as `save` does; on DiskFull or OutOfDescriptors the state is as before and the file
+        is unlinked (take the snapshot again later)."""
+        self._writing.discard(tmp)
+        if snapshot.last_included_index <= self.state.base_index:
+            self.abort_snapshot(tmp)
+            return None
+        try:
+            return self._commit_install(snapshot, tmp, None, [])
+        except (DiskFull, OutOfDescriptors):
+            self.abort_snapshot(tmp)
+            raise
+
+    def receive_snapshot(self, meta: Snapshot) -> SnapshotReceiver:
+        """A sink for a leader's snapshot's chunks (RaftNode.open_snapshot_sink): its file, written as they come
+        (the module's rules). `meta`: the snapshot's index, term and configuration."""
+        return SnapshotReceiver(self, meta)
 
     def _install_snapshot(self, snapshot: Snapshot, hard_state: HardState | None, entries: list[Entry]) -> None:
-        """The transaction of the module's rules: the new state is computed first, and becomes `self.state` only
-        once the segment that holds it is durable."""
+        """A leader's snapshot with the Ready's hard state and entries: the module's transaction, the snapshot's
+        file the one received (`receive_snapshot`) or else written here."""
+        built = self._base_record(snapshot, hard_state, entries)  # may be refused (RecordTooBig) before any write
+        received = getattr(snapshot.data, "received_tmp", None)
+        if received is not None and received in self._writing:
+            tmp = received  # its file, received and fsynced: renamed into place
+        else:
+            tmp = self.snapshot_tmp_path(snapshot.last_included_index)
+            _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+        try:
+            handle = self._hold_snapshot_file(tmp)  # OutOfDescriptors: nothing changed, a received file still ours
+        except OutOfDescriptors:
+            if tmp != received:
+                self.abort_snapshot(tmp)
+            raise
+        # Handed over for good: should the install stop at a full disk after the rename, the retry writes a new
+        # file from the data (still readable).
+        self._writing.discard(tmp)
+        self._commit_install(snapshot, tmp, hard_state, entries, built, handle)
+
+    def _hold_snapshot_file(self, tmp: str):
+        """A handle of the written snapshot file `tmp`, opened before the commit point: the committed snapshot
+        reads its data through it (a rename keeps it). No descriptor free: OutOfDescriptors, and nothing changed
+        (the snapshot is not committed: one that cannot be read would be sent and restored from; the old one
+        stays, and the caller tries again later)."""
+        try:
+            return self.fs.open_read(tmp)
+        except OSError as e:
+            if e.errno in NO_DESCRIPTOR:
+                raise OutOfDescriptors(f"no file descriptor free to hold the snapshot {tmp}: {e.strerror}") from None
+            raise
+
+    def _base_record(self, snapshot: Snapshot, hard_state: HardState | None,
+                     entries: list[Entry]) -> tuple[StoredState, bytes]:
         state = StoredState(self.state.hard_state, self.state.snapshot, list(self.state.entries))
         state.install_snapshot(snapshot)
         if entries:
@@ -945,17 +1290,40 @@ class DiskStorage:
             state.put_entries(entries)
         if hard_state is not None:
             state.hard_state = hard_state
+        return state, encode_base_record(snapshot.last_included_index, snapshot.last_included_term,
+                                         state.hard_state, state.entries)
+
+    def _commit_install(self, snapshot: Snapshot, tmp: str, hard_state: HardState | None,
+                        entries: list[Entry], built: tuple[StoredState, bytes] | None = None,
+                        held=None) -> Snapshot:
+        """The transaction of the module's rules from the written file on: the new state is computed first, and
+        becomes `self.state` only once the segment that holds it is durable. The snapshot kept reads its data
+        through `held` (`_hold_snapshot_file`'s handle of `tmp`, opened here when None), taken before the rename:
+        with no descriptor free, OutOfDescriptors before anything changed."""
         index = snapshot.last_included_index
-        base = encode_base_record(index, snapshot.last_included_term, state.hard_state, state.entries)  # first: it
-        # may be refused (RecordTooBig) before anything is written
-        _write_atomically(self.fs, self._snapshot_path(index), encode_snapshot(snapshot),
-                          crash_point="snapshot.after_write", folder=self._folders[self.data_dir])
-        if crashpoints.enabled:
-            crashpoints.hit("snapshot.after_rename")
-        handle, size = self._create_segment(base)
-        if crashpoints.enabled:
-            crashpoints.hit("snapshot.after_segment")
+        if held is None:
+            held = self._hold_snapshot_file(tmp)
+        try:
+            # `built`: the caller's, made from the same state (nothing changed it since): encoded once, not twice.
+            state, base = built if built is not None else self._base_record(snapshot, hard_state, entries)
+            path = self._snapshot_path(index)
+            data = SnapshotFile.at(self.fs, path, held)  # its head read now, before anything changes
+            if crashpoints.enabled:
+                crashpoints.hit("snapshot.after_write")
+            self.fs.rename(tmp, path)
+            self.fs.fsync_dir(self._folders[self.data_dir])
+            if crashpoints.enabled:
+                crashpoints.hit("snapshot.after_rename")
+            handle, size = self._create_segment(base)
+            if crashpoints.enabled:
+                crashpoints.hit("snapshot.after_segment")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.fs.close(held)
+            raise
         # Committed: the new segment is durable, and it makes everything older garbage.
+        kept = Snapshot(index, snapshot.last_included_term, snapshot.membership, data)
+        state.snapshot = kept
         old, self._segment = self._segment, handle
         self._segment_bytes = self.log_bytes = size
         self.state = state
@@ -970,8 +1338,9 @@ class DiskStorage:
             # next install deletes it (load takes the newest base segment, and deletes any snapshot it does not name).
             logger.warning("installed the snapshot at index %d, but no file descriptor was free to list the old "
                            "files: they go at the next snapshot or start (%s)", index, e.strerror)
-            return
+            return kept
         self._unlink(names)
+        return kept
 
     def close(self) -> None:
         if self._segment is not None:
@@ -1063,23 +1432,19 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
 
 
 def encode_snapshot(s: Snapshot) -> bytes:
-    meta = cbor2.dumps(codec.encode_snapshot_meta(s))
-    body = _HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION) + struct.pack(">I", len(meta)) + meta + s.data
+    """A snapshot file's bytes, in memory (tests; the storage writes them in pieces, `_write_snapshot_file`)."""
+    body = _snapshot_head(s) + snapshot_chunk(s.data, 0, len(s.data))
     return body + struct.pack(">I", zlib.crc32(body))
 
 
 def read_snapshot(path: str, fs: FileSystem | None = None) -> Snapshot:
-    data = (fs or OsFileSystem()).read_file(path)
-    if len(data) < _HEADER.size + 8:
-        raise CorruptLogError(f"{path}: too short to be a snapshot")
-    _check_header(path, data, SNAPSHOT_MAGIC, "snapshot")
-    (crc,) = struct.unpack_from(">I", data, len(data) - 4)
-    if zlib.crc32(data[:-4]) != crc:
-        raise CorruptLogError(f"{path}: snapshot checksum mismatch")
-    (meta_len,) = struct.unpack_from(">I", data, _HEADER.size)
-    start = _HEADER.size + 4
+    """The snapshot in the file at `path`, its data a SnapshotFile (the file held open, its checksum checked)."""
+    fs = fs or OsFileSystem()
+    source = _open_snapshot_file(fs, path)
+    meta_bytes = fs.pread(source.handle, _HEADER.size + 4, source.start - _HEADER.size - 4)
     try:
-        meta = cbor2.loads(data[start : start + meta_len])
-        return codec.decode_snapshot_meta(meta, data[start + meta_len : -4])
+        meta = cbor2.loads(meta_bytes)
+        return codec.decode_snapshot_meta(meta, source)
     except Exception as e:
+        source.close()
         raise CorruptLogError(f"{path}: bad snapshot metadata: {e}") from None

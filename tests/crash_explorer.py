@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crashfs import CrashFS  # noqa: E402
 from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, StoredState  # noqa: E402
+from raftlib.messages import snapshot_bytes  # noqa: E402
 from raftlib import storage as storage_module  # noqa: E402
 from raftlib.storage import DiskFull, DiskStorage, OutOfDescriptors, StorageError  # noqa: E402
 
@@ -66,7 +67,7 @@ class Model:
         out = self.copy()
         s = out.state
         kind = step[0]
-        if kind == "save":
+        if kind in ("save", "receive"):  # receive: a save whose snapshot came in chunks into its file
             _, hard_state, entries, snapshot, sync = step
             installed = snapshot is not None and s.install_snapshot(snapshot)
             if entries:
@@ -75,9 +76,11 @@ class Model:
                 s.hard_state = hard_state
             if sync or installed:  # an fdatasync covers every earlier record; a base record holds the hard state
                 out.durable_commit_index = s.hard_state.commit_index
-        elif kind == "snapshot":
+        elif kind in ("snapshot", "snapshot_commit"):  # a commit: the second part of a forked snapshot
             if s.install_snapshot(step[1]):
                 out.durable_commit_index = s.hard_state.commit_index
+        elif kind in ("snapshot_write", "snapshot_abort"):
+            pass  # the first part (a forked child's file), or dropping it: nothing a reader uses changes
         elif kind == "reopen":
             out.durable_commit_index = s.hard_state.commit_index  # close() fsyncs; load() fsyncs what it read
         return out
@@ -122,6 +125,15 @@ def problems(got: StoredState, candidates: list[Model]) -> str | None:
         if low <= hs.commit_index <= high:
             return None
     return "neither the state before nor the state after the save in flight"
+
+
+def in_memory(st: StoredState) -> StoredState:
+    """`st` with its snapshot's data read into bytes: a loaded snapshot reads through a handle of the process that
+    loaded it, which a later (simulated) process crash closes, while the explorer compares states across crashes."""
+    s = st.snapshot
+    if s is not None and not isinstance(s.data, bytes):
+        s = Snapshot(s.last_included_index, s.last_included_term, s.membership, snapshot_bytes(s.data))
+    return StoredState(st.hard_state, s, st.entries)
 
 
 # ---- the explorer ---------------------------------------------------------------------------------------------
@@ -180,7 +192,7 @@ class Explorer:
 
     def recover(self, fs: CrashFS) -> StoredState | str:
         try:
-            return DiskStorage(DATA_DIR, fs=fs).load()
+            return in_memory(DiskStorage(DATA_DIR, fs=fs).load())
         except StorageError as e:
             return f"recovery failed: {type(e).__name__}: {e}"
 
@@ -293,6 +305,7 @@ class Explorer:
         fs.before_op = hook
         storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
         storage.load()
+        writing: dict[int, str] = {}  # forked snapshots written and not yet committed: index -> their file
         for i, step in enumerate(workload):
             if len(self.stats.violations) >= self.limits.max_violations:
                 return
@@ -312,8 +325,18 @@ class Explorer:
                 if step[0] == "save":
                     _, hard_state, entries, snapshot, sync = step
                     storage.save(hard_state, entries, snapshot, sync=sync)
+                elif step[0] == "receive":
+                    receive(storage, *step[1:])
                 elif step[0] == "snapshot":
                     storage.save_snapshot(step[1])
+                elif step[0] == "snapshot_write":  # what the runtime's forked child runs
+                    index = step[1].last_included_index
+                    writing[index] = storage.begin_snapshot(index)
+                    storage.write_snapshot(step[1], writing[index])
+                elif step[0] == "snapshot_commit":  # what the runtime runs once the child exited 0
+                    storage.commit_snapshot(step[1], writing.pop(step[1].last_included_index))
+                elif step[0] == "snapshot_abort":  # a child that failed or was killed
+                    storage.abort_snapshot(writing.pop(step[1].last_included_index))
                 else:
                     storage.close()
                     storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
@@ -362,6 +385,26 @@ class Explorer:
         storage.close()
 
 
+def receive(storage: DiskStorage, hard_state, entries, snapshot: Snapshot, sync: bool) -> None:
+    """What a follower's runtime does with a leader's snapshot (issue 13): its chunks into the storage's sink as
+    they come (a few bytes each here, for many file operations), then the Ready's save with the finished data,
+    which the install renames into place. A chunk the disk had no room for, or a finish that failed, is the
+    DiskFull of this step: the transfer is dropped (the leader starts it over) and nothing may have changed."""
+    sink = storage.receive_snapshot(snapshot)
+    data = snapshot_bytes(snapshot.data)
+    for offset in range(0, len(data), 4):
+        sink.write(data[offset : offset + 4])
+        if len(sink) != min(len(data), offset + 4):
+            sink.discard()
+            raise DiskFull("a chunk of the snapshot was held back (no room)")
+    finished = sink.finish()
+    if finished is None:
+        sink.discard()
+        raise DiskFull("the received snapshot could not be finished (no room)")
+    storage.save(hard_state, entries, Snapshot(snapshot.last_included_index, snapshot.last_included_term,
+                                               snapshot.membership, finished), sync=sync)
+
+
 def describe_step(step: tuple) -> str:
     if step[0] == "full":
         return f"{describe_step(step[2])} with {step[1]} bytes free"
@@ -369,7 +412,7 @@ def describe_step(step: tuple) -> str:
         return f"{describe_step(step[4])}, its {step[1]} number {step[2]} failing with {errno.errorcode[step[3]]}"
     if step[0] == "nofds":
         return f"{describe_step(step[2])} with {step[1]} file descriptors left"
-    if step[0] == "save":
+    if step[0] in ("save", "receive"):
         _, hs, entries, snap, sync = step
         parts = []
         if snap is not None:
@@ -381,6 +424,8 @@ def describe_step(step: tuple) -> str:
         return "save " + ", ".join(parts) + ("" if sync else " (no sync)")
     if step[0] == "snapshot":
         return f"save_snapshot ({step[1].last_included_index}, {step[1].last_included_term})"
+    if step[0].startswith("snapshot_"):
+        return f"{step[0]} ({step[1].last_included_index}, {step[1].last_included_term})"
     return "reopen"
 
 
@@ -399,7 +444,58 @@ def save(hs, entries=(), snapshot=None, sync=True) -> tuple:
     return ("save", hs, list(entries), snapshot, sync)
 
 
+def received(hs, entries=(), snapshot=None, sync=True) -> tuple:
+    """A save whose snapshot a follower received in chunks into its file (`receive`)."""
+    return ("receive", hs, list(entries), snapshot, sync)
+
+
 HAND_WRITTEN: dict[str, list[tuple]] = {
+    # Issue 13: a leader's snapshot received into its file chunk by chunk, then installed by a rename.
+    "received-snapshot-installed": [
+        save(HardState(1, "a", 5), es(1, 10, 1)),
+        received(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        save(HardState(2, "b", 17), es(17, 1, 2)),
+        received(HardState(3, "c", 20), [], snap(20, 3)),
+    ],
+    # ... while a forked child of the node's own writes its snapshot, which the received one then overtakes.
+    "received-snapshot-over-a-forked-child": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        received(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "b", 16), es(17, 1, 2)),
+    ],
+    # ... and the disk full part way through the chunks: nothing changes; the next transfer goes through.
+    "received-snapshot-disk-full": [
+        save(HardState(1, "a", 5), es(1, 10, 1)),
+        ("full", 700, received(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2))),
+        received(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+    ],
+    # Issue 13: a forked snapshot's two halves, the node saving (and syncing, and not) between them.
+    "forked-snapshot-committed-after-saves": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        save(HardState(2, "a", 9), es(11, 2, 2)),
+        save(HardState(2, "a", 10), [], sync=False),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "a", 12), es(13, 1, 2)),
+    ],
+    # A leader's snapshot installed while the child writes: the commit finds it overtaken and changes nothing.
+    "forked-snapshot-overtaken-by-a-leaders-snapshot": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        save(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "b", 16), es(17, 1, 2)),
+    ],
+    # A child that failed (or was killed): its file dropped; the next snapshot, in process, goes through.
+    "forked-snapshot-child-failed": [
+        save(HardState(1, "a", 9), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("snapshot_abort", snap(8, 1)),
+        ("snapshot_write", snap(9, 1)),
+        ("snapshot_commit", snap(9, 1)),
+    ],
     # Issue 11: a term-4 leader cut 1..14 (term 3) back to 12, then the node snapshots at 12.
     "issue11-cut-then-snapshot": [
         save(HardState(3, "a", 10), es(1, 14, 3)),
@@ -457,11 +553,15 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
     # again, and the garbage one left goes at the next install.
     "out-of-descriptors-at-each-open-of-an-install": [
         save(HardState(1, "a", 8), es(1, 10, 1)),
+        # The opens of an install: its temporary file (0), the handle the snapshot is read through, taken before
+        # the commit point (1), the new segment (2), then the folders' listings for the garbage (3 on).
         ("nofds", 0, ("snapshot", snap(6, 1))),
         ("nofds", 1, ("snapshot", snap(6, 1))),
-        ("nofds", 2, ("snapshot", snap(6, 1))),  # committed; the old segment and no snapshot listed, left
+        ("nofds", 2, ("snapshot", snap(6, 1))),
+        ("nofds", 3, ("snapshot", snap(6, 1))),  # committed; the old segment and no snapshot listed, left
         save(HardState(1, "a", 10), es(11, 2, 1)),
         ("nofds", 1, save(HardState(2, None, 12), es(13, 1, 2), snap(12, 1))),
+        ("nofds", 2, save(HardState(2, None, 12), es(13, 1, 2), snap(12, 1))),
         save(HardState(2, None, 12), es(13, 1, 2), snap(12, 1)),
         ("nofds", 0, save(HardState(2, None, 13), es(14, 2, 2))),  # a plain save opens nothing
         ("snapshot", snap(13, 2)),
@@ -749,8 +849,10 @@ def format1_states(workload: list[tuple], root: str):
         for i, step in enumerate(workload):
             while step[0] in ("full", "fail", "nofds"):
                 step = step[-1]
-            if step[0] == "reopen":
-                continue
+            if step[0] in ("reopen", "snapshot_write", "snapshot_abort"):
+                continue  # the old code took its snapshots whole: a forked child's file is its commit's step
+            if step[0] == "receive":  # the old code had the received snapshot in memory: a save
+                step = ("save",) + step[1:]
             after = model.after(step)
             after.durable_commit_index = 0  # the old code's commit index may be lost back to any
             candidates[:] = [model, after]

@@ -305,6 +305,17 @@ class CrashFS:
     def open_dir(self, path: str) -> int:
         return self._open(self._directory(path), path)
 
+    def open_read(self, path: str) -> int:
+        self._descriptor(path)
+        self._file(path)
+        return self._open(self._lookup(path), path)
+
+    def pread(self, handle: int, offset: int, length: int) -> bytes:
+        return bytes(self._handle(handle).data[offset : offset + length])
+
+    def file_size(self, handle: int) -> int:
+        return len(self._handle(handle).data)
+
     def append(self, handle: int, data: bytes) -> None:
         node = self._handle(handle)
         self._op("append", f"{self._name(handle)} +{len(data)}")

@@ -74,6 +74,7 @@ from raftlib import (
     TimeoutNow,
 )
 from raftlib import codec, readonly
+from raftlib.messages import snapshot_bytes
 from raftlib.storage import DiskStorage, StorageError
 
 ELECTION_TICKS = 10
@@ -121,15 +122,22 @@ class KV:
         self.applied_index = entry.index
 
     def snapshot_bytes(self) -> bytes:
-        return repr(sorted(self.data.items())).encode()
+        """The state with the index of the last entry applied to it: its SETs are idempotent, so a snapshot whose
+        data is the state at another index than its own would restore to a state that looks right; the index
+        inside lets `restore` tell (a snapshot written at commit time but labelled with the fork's index)."""
+        return repr((self.applied_index, sorted(self.data.items()))).encode()
 
     def restore(self, data: bytes, index: int) -> None:
-        self.data = dict(ast.literal_eval(data.decode())) if data else {}
+        applied, items = ast.literal_eval(data.decode()) if data else (0, [])
+        if data and applied != index:
+            raise SafetyViolation(f"a snapshot at index {index} holds the state at index {applied}")
+        self.data = dict(items)
         self.applied_index = index
 
 
 DATA_DIR = "/data"
 SAVE_OPS = 2  # the file operations of a plain save: append the record, fdatasync
+WRITE_SNAPSHOT_OPS = 3  # the forked child's part of a snapshot: create, append, fsync its file
 INSTALL_OPS = 14  # a snapshot install takes 12-13 (the snapshot file, the new segment, the unlinks, their syncs)
 LOAD_OPS = 6  # a recovery 3 (its syncs), more when it repairs something (a torn tail, garbage)
 
@@ -173,14 +181,29 @@ class SimDisk:
         self._disarm()
         return True
 
-    def save_snapshot(self, snapshot: Snapshot, crash_at_op: int | None = None) -> bool:
+    def write_snapshot(self, snapshot: Snapshot, crash_at_op: int | None = None) -> str | None:
+        """The part of a snapshot of the node's own that the runtime's forked child runs: its file under a
+        temporary name. Returns that name, or None when the machine died in it (at `crash_at_op`)."""
+        tmp = self.storage.begin_snapshot(snapshot.last_included_index)
         self._arm(crash_at_op)
         try:
-            self.storage.save_snapshot(snapshot)
+            self.storage.write_snapshot(snapshot, tmp)
         except SimulatedCrash:
-            return False
+            return None
         self._disarm()
-        return True
+        return tmp
+
+    def commit_snapshot(self, snapshot: Snapshot, tmp: str,
+                        crash_at_op: int | None = None) -> tuple[bool, Snapshot | None]:
+        """The part the runtime runs once the child has exited: (False, None) when the process died in it, else
+        (True, the snapshot kept, its data read from the file; None when a leader's snapshot overtook it)."""
+        self._arm(crash_at_op)
+        try:
+            kept = self.storage.commit_snapshot(snapshot, tmp)
+        except SimulatedCrash:
+            return False, None
+        self._disarm()
+        return True, kept
 
     def crash(self, rng, power_failure: bool = True) -> None:
         """The process dies: a power failure leaves one crash state CrashFS allows, picked with `rng`; a process
@@ -220,6 +243,13 @@ class SimNode:
     batching: bool = False  # this tick, its inputs are all stepped before its Readies are handled
     incarnation: int = 0  # how many times this node has started
     request_ids: Iterator[int] = field(default_factory=lambda: iter(()))  # this process's read ids
+    # A snapshot whose file the runtime's forked child has written and whose commit the node has not yet made
+    # (the node applies, saves and sends meanwhile): (snapshot, its temporary file, the commit's crash op or None).
+    forked: tuple | None = None
+    # A leader's snapshot saved, whose restore into the KV the node has not finished (the runtime's piece-by-piece
+    # restore: `advance(rd, snapshot_applied=False)`, then `snapshot_applied` some drives later): (its index, its
+    # data, the drives left).
+    restoring: tuple[int, bytes, int] | None = None
 
 
 @dataclass
@@ -282,6 +312,11 @@ class Cluster:
         self.snapshot_entries: int | None = None  # a node snapshots once it applied this many entries since the last
         self.snapshot_crash_rate = 0.0  # of the snapshots, the share that crash (at a random file operation)
         self.batch_rate = 0.0  # of the ticks of a node, the share in which its inputs are batched (_after_input)
+        # A leader's snapshot is restored into the KV over 1..restore_drives_max drives (0: in the Ready that
+        # carries it), as the runtime restores a big state a piece per drive. Drawn from its own rng, so that
+        # the schedules without a leader's snapshot are the same with it or without it.
+        self.restore_drives_max = 0
+        self.restore_rng = random.Random(f"{seed}/restore")
         self.power_failure_share = 0.5  # of the crashes, the share that lose the page cache (the rest: SIGKILL)
         self.config_overrides = dict(config_overrides or {})
         self.election_ticks, self.heartbeat_ticks = election_ticks, heartbeat_ticks
@@ -372,12 +407,16 @@ class Cluster:
             stored.raft_log(),
             stored.snapshot,
         )
+        # A leader's snapshot's chunks go to its file on this node's disk as they come, as in the runtime.
+        sn.node.open_snapshot_sink = sn.storage.storage.receive_snapshot
         sn.incarnation += 1
         # Read ids as the runtime draws them: a new sequence per process (see readonly.request_ids).
         sn.request_ids = readonly.request_ids(random.Random(f"{self.seed}/{node_id}/{sn.incarnation}"))
         sn.kv = KV()
+        sn.restoring = None
         if stored.snapshot is not None:
-            sn.kv.restore(stored.snapshot.data, stored.snapshot.last_included_index)
+            # Through the snapshot's source (a file held open on the node's CrashFS), as the server restores.
+            sn.kv.restore(snapshot_bytes(stored.snapshot.data), stored.snapshot.last_included_index)
         sn.alive = True
         sn.paused = False
         sn.missed_ticks = 0
@@ -413,6 +452,7 @@ class Cluster:
         sn.alive = False
         sn.node = None
         sn.backlog = []
+        sn.forked = None  # a snapshot's child dies with its parent (PR_SET_PDEATHSIG)
         # A power failure: the kernel wrote out some, none or all of what was not synced. Else SIGKILL: all of it.
         power_failure = self.rng.random() < self.power_failure_share
         self.stats["power failures" if power_failure else "process kills"] += 1
@@ -552,6 +592,8 @@ class Cluster:
         """Check the node, then handle each of its Readies as the runtime does, checking again after each."""
         sn = self.nodes[node_id]
         self._check_node(node_id)
+        if sn.alive and sn.restoring is not None:
+            self._restore_step(sn)
         while sn.alive and sn.node.has_ready():
             rd = sn.node.ready()
             if rd is None:
@@ -620,8 +662,17 @@ class Cluster:
                 return
             for m in outbox:
                 self.send(m)
+            restoring = False
             if rd.snapshot is not None:
-                sn.kv.restore(rd.snapshot.data, rd.snapshot.last_included_index)
+                index, data = rd.snapshot.last_included_index, snapshot_bytes(rd.snapshot.data)
+                drives = self.restore_rng.randint(0, self.restore_drives_max)
+                if drives:  # over the next drives: the KV keeps the old state meanwhile, and nothing is applied
+                    sn.restoring = (index, data, drives)
+                    restoring = True
+                    self.stats["snapshot restored over several drives"] += 1
+                else:
+                    sn.restoring = None  # a restore under way is replaced by this snapshot's
+                    sn.kv.restore(data, index)
             for e in rd.committed_entries:
                 self._apply(sn, e)
             for request_id, index in rd.read_states:
@@ -630,13 +681,30 @@ class Cluster:
                     r.read_index = index
             for request_id in rd.failed_reads:
                 self.pending_reads[node_id].pop(request_id, None)
-            sn.node.advance(rd)
+            sn.node.advance(rd, snapshot_applied=not restoring)
             self._serve_reads(sn)
             self._check_node(node_id)
+            if sn.forked is not None and self.rng.random() < 0.3:
+                self.finish_snapshot(node_id)  # the child exited a few Readies after the fork
+                if not sn.alive:
+                    return
             if self.snapshot_entries and n.last_applied - n.log.snapshot_index >= self.snapshot_entries:
                 # As the server does when its log has grown past a threshold (here counted in entries).
                 crash = self.rng.random() < self.snapshot_crash_rate
-                self.take_snapshot(node_id, crash_at_op=self.rng.randrange(INSTALL_OPS) if crash else None)
+                self.take_snapshot(node_id, crash_at_op=self.rng.randrange(INSTALL_OPS) if crash else None,
+                                   commit_now=False)
+
+    def _restore_step(self, sn: SimNode) -> None:
+        """One drive of a restore under way; the last one swaps in the snapshot's state and tells the node."""
+        assert sn.restoring is not None
+        index, data, drives = sn.restoring
+        if drives > 1:
+            sn.restoring = (index, data, drives - 1)
+            return
+        sn.restoring = None
+        sn.kv.restore(data, index)
+        sn.node.snapshot_applied(index)
+        self.log_event(sn.node_id, f"restored the snapshot at {index}")
 
     def _stamp(self) -> int:
         self.history_clock += 1
@@ -765,18 +833,61 @@ class Cluster:
         self._after_input(sn)
         return r
 
-    def take_snapshot(self, node_id: str, crash_at_op: int | None = None) -> None:
+    def take_snapshot(self, node_id: str, crash_at_op: int | None = None, commit_now: bool = True) -> None:
+        """As the runtime does: a forked child writes the state as it is now to a file (the node does not wait),
+        and the node commits it later (`finish_snapshot`), after more Readies. `crash_at_op` below
+        WRITE_SNAPSHOT_OPS crashes in the child's writing: the machine dies (a power failure or all processes
+        killed) or, half the time, only the child does and the snapshot is dropped; above, in the commit."""
         sn = self.nodes[node_id]
         n = sn.node
-        if not sn.alive or n.last_applied <= n.log.snapshot_index:
+        if not sn.alive or n.last_applied <= n.log.snapshot_index or sn.forked is not None:
             return
-        snap = n.create_snapshot(n.last_applied, sn.kv.snapshot_bytes())
-        if not sn.storage.save_snapshot(snap, crash_at_op=crash_at_op):
-            self.log_event(node_id, f"crash at file operation {crash_at_op} of a snapshot at {snap.last_included_index}")
+        meta = n.snapshot_metadata(n.last_applied)
+        snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership, sn.kv.snapshot_bytes())
+        in_child = crash_at_op is not None and crash_at_op < WRITE_SNAPSHOT_OPS
+        tmp = sn.storage.write_snapshot(snap, crash_at_op=crash_at_op if in_child else None)
+        if tmp is None:
+            if self.rng.random() < 0.5:
+                self.log_event(node_id, f"the snapshot child at {snap.last_included_index} died at file operation "
+                                        f"{crash_at_op}: dropped")
+                self.stats["snapshot child killed"] += 1
+                sn.storage.fs.dead = False  # only the child died; its file is garbage (a *.tmp)
+                sn.storage.fs.fail_at = {}
+                sn.storage.storage.abort_snapshot(sn.storage.storage.snapshot_tmp_path(snap.last_included_index))
+                return
+            self.log_event(node_id, f"crash at file operation {crash_at_op} of a snapshot's file at "
+                                    f"{snap.last_included_index}")
             self.stats["crash inside a snapshot"] += 1
             self.crash(node_id)
             return
-        self.log_event(node_id, f"snapshot at {snap.last_included_index}")
+        commit_crash = crash_at_op - WRITE_SNAPSHOT_OPS if crash_at_op is not None and not in_child else None
+        sn.forked = (snap, tmp, commit_crash)
+        self.log_event(node_id, f"snapshot child at {snap.last_included_index}")
+        if commit_now:  # the child exited before anything else happened (a test that wants the snapshot taken)
+            self.finish_snapshot(node_id)
+
+    def finish_snapshot(self, node_id: str) -> None:
+        """The child exited: commit its file (the runtime's `_finish_snapshot`), unless a leader's snapshot
+        overtook it."""
+        sn = self.nodes[node_id]
+        n = sn.node
+        snap, tmp, crash_at_op = sn.forked
+        sn.forked = None
+        index = snap.last_included_index
+        if not n.can_snapshot_at(index):
+            sn.storage.storage.abort_snapshot(tmp)
+            self.log_event(node_id, f"snapshot at {index} overtaken: dropped")
+            self.stats["snapshot overtaken by a leader's"] += 1
+            return
+        ok, kept = sn.storage.commit_snapshot(snap, tmp, crash_at_op=crash_at_op)
+        if not ok:
+            self.log_event(node_id, f"crash at file operation {crash_at_op} of a snapshot's commit at {index}")
+            self.stats["crash inside a snapshot"] += 1
+            self.crash(node_id)
+            return
+        assert kept is not None
+        n.create_snapshot(index, kept.data)
+        self.log_event(node_id, f"snapshot at {index}")
 
     def change_membership(self, kind: ConfChangeKind, node_id: str) -> bool:
         leader = self.leader()
@@ -1024,6 +1135,7 @@ def random_schedule(
         cluster.snapshot_entries = rng.choice([None, 20, 60])
         cluster.batch_rate = rng.choice([0.0, 0.5, 1.0])
         cluster.snapshot_crash_rate = nemesis["snapshot_crash"]
+        cluster.restore_drives_max = random.Random(seed ^ 0x7E57).choice([0, 3, 12])
         crash_rate = rng.choice(nemesis["ready_crash_rates"])
         if mutation:
             cluster.replay_command += f" --mutation {mutation}"
@@ -1093,7 +1205,7 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
             cluster.heal()
         elif action == "snapshot":
             crash_at = r.randrange(INSTALL_OPS) if r.random() < nemesis["snapshot_crash"] else None
-            cluster.take_snapshot(r.choice(cluster.ids), crash_at_op=crash_at)
+            cluster.take_snapshot(r.choice(cluster.ids), crash_at_op=crash_at, commit_now=False)
         elif action == "transfer":
             leader = cluster.leader()
             voters = cluster.nodes[leader].node.membership.voters if leader else ()
@@ -1138,6 +1250,8 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
         cluster.resume(node_id)
         if not sn.alive:
             cluster.restart(node_id)
+        if sn.forked is not None:
+            sn.forked = sn.forked[:2] + (None,)  # no more faults: its commit will not crash either
     check_liveness(cluster, heal_ticks * scale)
     cluster.check_history()
     return cluster

@@ -4,6 +4,7 @@ tests that break the core on purpose to show a check can fire (the whole mutatio
 from __future__ import annotations
 
 import dataclasses
+import random
 import sys
 
 import pytest
@@ -15,17 +16,26 @@ from raftlib import (
     Config,
     Entry,
     EntryKind,
+    HardState,
     InstallSnapshot,
+    InstallSnapshotReply,
+    Member,
+    Membership,
     NotLeader,
     ProposalDropped,
     ReadIndexReply,
     ReadIndexRequest,
     Removed,
+    RaftLog,
+    RaftNode,
     RequestVoteReply,
     Role,
 )
+from raftlib import codec
+from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_bytes, snapshot_chunk
 from raftlib.progress import ProgressState
 from simulator import Cluster, SafetyViolation, figure_8_scenario
+import wire_637af74
 
 
 def elect(c: Cluster, max_ticks: int = 500) -> str:
@@ -831,6 +841,260 @@ def test_status_is_a_frozen_copy_of_what_the_node_knows():
         st.term = 99  # type: ignore[misc]
     fst = c.nodes[followers[0]].node.status()
     assert fst.role is Role.FOLLOWER and fst.leader_id == leader and len(fst.progress) == 0
+
+
+class _GoneSource:
+    """A snapshot's source whose file went away after `reads` reads (an I/O error): every later read raises
+    SnapshotUnreadable, as the runtime's SnapshotFile does."""
+
+    def __init__(self, data: bytes, reads: int) -> None:
+        self.data, self.reads = data, reads
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.reads <= 0:
+            raise SnapshotUnreadable("gone")
+        self.reads -= 1
+        return self.data[offset : offset + length]
+
+
+def test_a_transfer_whose_source_is_gone_is_abandoned_and_restarted_from_the_newest_snapshot():
+    """snapfork review, finding 1: a leader streaming a snapshot whose file could no longer be read raised out of
+    step() (the runtime then stopped the node). The transfer is abandoned instead, and the follower catches up
+    from the leader's newest snapshot; while there is no newer one, the leader keeps trying the same."""
+    c = Cluster(seed=21, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(60):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    n = c.nodes[leader].node
+    snap = n.snapshot
+    assert snap is not None and len(snap.data) > 4 * 64
+    gone = _GoneSource(bytes(snapshot_chunk(snap.data, 0, len(snap.data))), reads=2)
+    n._snapshot = dataclasses.replace(snap, data=gone)
+    c.restart(lagger)
+    c.run(60)  # the transfer starts, then its source is gone: no exception, the follower has not installed it
+    assert gone.reads == 0 and c.nodes[lagger].node.log.snapshot_index == 0
+    # Third review, item C: counted, with what failed, for the runtime to log.
+    assert n.snapshot_reads_failed >= 1
+    assert n.last_snapshot_read_failure == (lagger, snap.last_included_index, "gone")
+    assert n.snapshot_read_failures == {lagger: (n.snapshot_reads_failed, snap.last_included_index, "gone")}
+    for k in range(10):
+        write(c, f"more{k}")
+    c.take_snapshot(leader)  # a newer snapshot: the transfer starts over from it
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 1000)
+    assert c.nodes[lagger].node.log.snapshot_index > snap.last_included_index
+
+
+def _follower_b() -> RaftNode:
+    membership = Membership(("a", "b"), (), (Member("a", "raft-a", ""), Member("b", "raft-b", "")))
+    log = RaftLog()
+    log.append([Entry(1, 1, EntryKind.MEMBERSHIP, b"", membership)])
+    return RaftNode(Config("b", election_ticks=1000), random.Random(1), HardState(1, None, 1), log)
+
+
+@pytest.mark.parametrize("restore_in_steps", [True, False])
+def test_the_ready_carrying_a_leaders_snapshot_hands_out_no_entry_past_it(restore_in_steps):
+    """§7, second review of snapfork, finding 1: a snapshot's final chunk and an append past it (leader_commit
+    above the snapshot) stepped in one drive. The Ready that carries the snapshot handed out the entry after it
+    too; a runtime restoring the snapshot piece by piece applied that entry to the OLD state, which the restore
+    then replaced: the write was lost on this node and last_applied never came back to it. The entry must come
+    only once the state machine holds the snapshot: after `advance`, or after `snapshot_applied`."""
+    n = _follower_b()
+    membership = n.membership
+    data = b"the state at 50"
+    n.step(InstallSnapshot("a", "b", 2, 50, 2, membership, 0, data, True))
+    after = Entry(2, 51, EntryKind.COMMAND, b"after=51")
+    n.step(AppendEntries("a", "b", 2, 50, 2, (after,), 51))
+    assert n.commit_index == 51
+    rd = n.ready()
+    assert rd is not None and rd.snapshot is not None and rd.snapshot.last_included_index == 50
+    assert [e.index for e in rd.entries] == [51]
+    assert rd.committed_entries == [], "an entry past the snapshot handed out with it"
+    n.advance(rd, snapshot_applied=not restore_in_steps)
+    if restore_in_steps:
+        assert n.last_applied < 50 and n.ready() is None  # nothing is applied while the restore runs
+        n.snapshot_applied(50)
+        assert n.last_applied == 50
+    rd = n.ready()
+    assert rd is not None and [e.index for e in rd.committed_entries] == [51]
+    n.advance(rd)
+    assert n.last_applied == 51
+
+
+class _RecordingSink(BytesSink):
+    discarded = 0
+
+    def discard(self) -> None:
+        self.discarded += 1
+        super().discard()
+
+
+@pytest.mark.parametrize("how", ["log caught up", "candidate"])
+def test_an_abandoned_incoming_transfer_is_let_go_at_once(how):
+    """Second review of snapfork, finding 2: a transfer abandoned mid-way kept its sink (a *.received.tmp file and
+    two descriptors in the runtime) until the next InstallSnapshot or a restart. It is discarded once the commit
+    index reaches the snapshot's index (a leader that still had the entries caught us up by appends), and when we
+    become a candidate (no leader of our new term sends us its chunks: a later one starts over from offset 0)."""
+    n = _follower_b()
+    n.config = dataclasses.replace(n.config, election_ticks=10, pre_vote=False)
+    sinks: list[_RecordingSink] = []
+    n.open_snapshot_sink = lambda meta: sinks.append(_RecordingSink()) or sinks[-1]
+    n.step(InstallSnapshot("a", "b", 2, 50, 2, n.membership, 0, b"first chunk", False))
+    assert len(sinks) == 1 and n._incoming_snapshot is not None
+    if how == "log caught up":
+        # The same leader in the same term (a new term or leader drops the transfer anyway: _reset).
+        entries = tuple(Entry(2, i, EntryKind.COMMAND, b"k=%d" % i) for i in range(2, 61))
+        n.step(AppendEntries("a", "b", 2, 1, 1, entries, 49))
+        assert sinks[0].discarded == 0  # commit 49: the snapshot at 50 may still be wanted
+        n.step(AppendEntries("a", "b", 2, 60, 2, (), 60))
+    else:
+        for _ in range(10 * n.config.election_ticks):
+            n.tick()
+            if n.role in (Role.CANDIDATE, Role.LEADER):
+                break
+        assert n.role in (Role.CANDIDATE, Role.LEADER)
+    assert sinks[0].discarded == 1 and n._incoming_snapshot is None
+
+
+@pytest.mark.parametrize("other", ["a restarted leader (next term)", "another leader"])
+def test_a_transfer_resumes_only_from_chunks_of_the_same_leader_and_term(other):
+    """Second review of snapfork, finding 3; third review, item B (§7): a transfer resumed across leaders on
+    (index, term) alone, and two leaders' files at one index and term may differ in their bytes (another format in
+    a rolling upgrade, after a leader restarts on a new version): the follower spliced one file's head onto the
+    other's tail. It resumes only from the same sender in the same term (one leader in one term sends one file per
+    index), with nothing added to the wire: another sender or term restarts the transfer from offset 0."""
+    n = _follower_b()
+    membership = n.membership
+    old, new = b"A" * 100, b"B" * 100  # the same index, term and size; other bytes
+    n.step(InstallSnapshot("a", "b", 3, 50, 2, membership, 0, old[:30], False))
+    n.advance(n.ready())
+    n.step(InstallSnapshot("a", "b", 3, 50, 2, membership, 30, old[30:60], False))  # same leader, term: resumed
+    rd = n.ready()
+    assert [(r.next_offset, r.done) for r in rd.messages] == [(60, False)]
+    n.advance(rd)
+    src, term = ("a", 4) if other.startswith("a restarted") else ("c", 4)
+    # The next leader was told 60 bytes are held: it resumes at 60, from its own file.
+    n.step(InstallSnapshot(src, "b", term, 50, 2, membership, 60, new[60:], True))
+    rd = n.ready()
+    assert rd is not None and rd.snapshot is None, "installed a snapshot spliced from two files"
+    (reply,) = [r for r in rd.messages if isinstance(r, InstallSnapshotReply)]  # ("c" also hears it is no member)
+    assert (reply.next_offset, reply.done) == (0, False)
+    n.advance(rd)
+    n.step(InstallSnapshot(src, "b", term, 50, 2, membership, 0, new[:60], False))
+    n.advance(n.ready())
+    n.step(InstallSnapshot(src, "b", term, 50, 2, membership, 60, new[60:], True))
+    rd = n.ready()
+    assert rd is not None and rd.snapshot is not None and snapshot_bytes(rd.snapshot.data) == new
+
+
+class _BigSource:
+    """A snapshot file of `size` bytes as the runtime's SnapshotFile presents it (its size and the checksum it ends
+    with known without reading it), with `head` at its start and zeros after: no 2 GiB in memory."""
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self.head, self.size, self.crc = head, size, 0xFFFFFFFF
+
+    @property
+    def identity(self) -> int:  # what SnapshotFile offered at b1120ea; unused since
+        return (self.size << 32) | self.crc
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        data = self.head[offset:end]
+        return data + bytes(end - offset - len(data))
+
+
+def _leader_chunks(c: Cluster, leader: str, lagger: str, ticks: int) -> list:
+    """The InstallSnapshot chunks `leader` sends `lagger` over `ticks` ticks (not delivered: the transfer stays at
+    its first chunks)."""
+    chunks: list = []
+    c.deliver_filter = lambda m: (chunks.append(m), None)[1] if isinstance(m, InstallSnapshot) else m
+    c.restart(lagger)
+    c.run(ticks)
+    c.deliver_filter = None
+    return chunks
+
+
+def test_a_snapshot_of_2_gib_and_more_goes_on_the_wire():
+    """Third review of snapfork, item A (liveness): at b1120ea each chunk carried transfer_id = size << 32 | crc,
+    which reaches 2**63 from 2 GiB on; the codec refuses such an integer and the receiver drops the whole frame
+    (the heartbeat batched with it too): a snapshot that big could never be sent. The leader's chunks of a 2 GiB
+    and of a 4 GiB snapshot must decode, on this version's codec and on 637af74's."""
+    for size in (2 << 30, (4 << 30) + 12345):
+        c = Cluster(seed=31, n=3)
+        leader = elect(c)
+        lagger = next(i for i in c.ids if i != leader)
+        c.crash(lagger)
+        for k in range(20):
+            write(c, f"key{k}", ticks=500)
+        c.take_snapshot(leader)
+        n = c.nodes[leader].node
+        snap = n.snapshot
+        n._snapshot = dataclasses.replace(snap, data=_BigSource(snapshot_bytes(snap.data), size))
+        chunks = _leader_chunks(c, leader, lagger, 30)
+        assert chunks and all(m.offset == 0 and not m.done for m in chunks)
+        frame = codec.encode_batch(chunks)
+        assert codec.decode_batch(frame) == chunks
+        assert wire_637af74.equivalent(wire_637af74.decode_batch(frame), chunks)
+
+
+def test_an_old_node_decodes_every_frame_a_new_leader_sends_while_it_catches_up():
+    """Third review of snapfork, item B: a rolling upgrade. A follower of 637af74 (its decoder frozen in
+    tests/wire_637af74.py) must decode each frame a new leader sends it (elections, appends, heartbeats and the
+    InstallSnapshot chunks of a catch-up by snapshot): at b1120ea every chunk carried an added field, so the old
+    node dropped each frame with a chunk, and the heartbeat batched with it."""
+    c = Cluster(seed=33, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(60):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    sent: list = []
+    c.deliver_filter = lambda m: (sent.append(m), m)[1] if m.src == leader and m.dst == lagger else m
+    c.restart(lagger)
+    assert c.run_until(lambda: c.nodes[lagger].kv.data == c.nodes[leader].kv.data, 1000)
+    c.deliver_filter = None
+    assert any(isinstance(m, InstallSnapshot) for m in sent) and any(isinstance(m, AppendEntries) for m in sent)
+    for m in sent:
+        assert wire_637af74.equivalent(wire_637af74.decode_batch(codec.encode_batch([m])), [m]), m
+    assert wire_637af74.equivalent(wire_637af74.decode_batch(codec.encode_batch(sent[:50])), sent[:50])
+
+
+def test_a_leader_that_steps_down_lets_go_of_the_snapshots_it_was_sending():
+    """Third review of snapfork, item D: the snapshot a leader was sending stayed in its followers' Progress after
+    it stepped down (and, at b1120ea, in _sent_identity too), until it led again and finished a transfer: in the
+    runtime, a replaced snapshot's unlinked file kept its space and a descriptor. Once the transfer is over (done,
+    or abandoned because we no longer lead), the core holds no snapshot but its own newest."""
+    c = Cluster(seed=35, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(60):
+        write(c, f"key{k}", ticks=500)
+    c.take_snapshot(leader)
+    n = c.nodes[leader].node
+    first = n.snapshot
+    chunks = _leader_chunks(c, leader, lagger, 30)  # the transfer starts; nothing reaches the lagger
+    assert chunks and n.progress(lagger).state is ProgressState.SNAPSHOT
+    c.crash(lagger)
+    for k in range(10):
+        write(c, f"more{k}", ticks=500)
+    c.take_snapshot(leader)  # replaces the first: in the runtime its file is unlinked
+    assert n.snapshot is not first and n._progress[lagger].snapshot is first  # §7: the transfer under way goes on
+    other = next(i for i in c.ids if i not in (leader, lagger))
+    n.step(AppendEntries(other, leader, n.current_term + 1, 0, 0, (), 0))
+    assert n.role is Role.FOLLOWER
+    held = [pr.snapshot for pr in n._progress.values() if pr.snapshot is not None]
+    assert held == [], "a follower still holds the snapshots it sent as leader"
 
 
 def test_a_follower_reports_the_leaders_commit_index_not_only_its_own():

@@ -219,3 +219,68 @@ def test_a_full_disk_at_the_bootstrap_save_bootstraps_at_the_next_start():
     fs.crash(random.Random(0))
     _, got = start(fs, "n2", join=False)
     assert got.node_id == "n1" and got.bootstrapped and can_elect_itself(got.stored, "n1")
+
+
+FORKED = [name for name in HAND_WRITTEN if name.startswith("forked-")]
+
+
+def test_both_halves_of_a_forked_snapshot_are_crash_safe():
+    """Issue 13: the child's half (the file under *.tmp) and the parent's (rename, folder fsync, base segment),
+    with saves between them and a leader's snapshot overtaking one: every crash state of every operation."""
+    stats = explore([(n, HAND_WRITTEN[n]) for n in FORKED], Limits())
+    assert stats.crash_points > 50 and not stats.violations, stats.violations
+
+
+def test_the_explorer_finds_a_childs_half_that_does_not_fsync_its_file(monkeypatch):
+    """The child's half made unsafe (its file not fsynced before the parent's rename commits it): found."""
+    from raftlib import storage as storage_module
+
+    def write_without_sync(self, snapshot, tmp):
+        f = self.fs.create(tmp)
+        storage_module._write_snapshot_file(self.fs, f, snapshot)
+        self.fs.close(f)
+
+    monkeypatch.setattr(DiskStorage, "write_snapshot", write_without_sync)
+    stats = explore([(n, HAND_WRITTEN[n]) for n in FORKED], Limits(max_violations=1))
+    assert any("no readable snapshot" in v for v in stats.violations), stats.violations
+
+
+RECEIVED = [name for name in HAND_WRITTEN if name.startswith("received-")]
+
+
+def test_a_snapshot_received_into_its_file_is_crash_safe():
+    """Issue 13: a follower's chunks appended to the snapshot's file as they come, the install renaming it into
+    place, with a forked child's snapshot overtaken and a disk that fills part way: every crash state of every
+    operation recovers to the state before or after."""
+    stats = explore([(n, HAND_WRITTEN[n]) for n in RECEIVED], Limits())
+    assert stats.crash_points > 50 and not stats.violations, stats.violations
+
+
+def test_the_explorer_finds_a_received_file_not_fsynced_before_its_rename(monkeypatch):
+    """The receiver made unsafe (neither its chunks nor its end fsynced before the install renames the file):
+    a power failure after the install's commit point finds no readable snapshot."""
+    from raftlib.storage import SnapshotReceiver
+
+    class FakeSync:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def fsync(self, handle):
+            pass
+
+        def fdatasync(self, handle):
+            pass
+
+    real_init = SnapshotReceiver.__init__
+
+    def unsynced(self, storage, meta):
+        real_init(self, storage, meta)
+        self.storage = type("S", (), {"fs": FakeSync(storage.fs), "_snapshot_path": storage._snapshot_path,
+                                      "abort_snapshot": storage.abort_snapshot})()
+
+    monkeypatch.setattr(SnapshotReceiver, "__init__", unsynced)
+    stats = explore([(n, HAND_WRITTEN[n]) for n in RECEIVED], Limits(max_violations=1))
+    assert any("no readable snapshot" in v for v in stats.violations), stats.violations

@@ -114,7 +114,12 @@ class FakeRuntime:
                        removed=n.removed, reads_pending=0, leader_active=n.leader_active,
                        leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot),
             self.running, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
-                                                          "saves": 5, "snapshots": 0, "out_of_descriptors": 2}),
+                                                          "saves": 5, "snapshots": 0,
+                                                          "loop_lag_max_microseconds": 2500,
+                                                          "loop_lags_over_10ms": 0,
+                                                          "out_of_descriptors": 2,
+                                                          "snapshot_reads_failed": 3,
+                                                          "restore_step_max_microseconds": 4000}),
             leader_contact_at=time.monotonic() - n.leader_contact_seconds_ago, election_timeout_seconds=1.0)
 
 
@@ -938,7 +943,11 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert (samples["raftdzmq_term"], samples["raftdzmq_is_leader"], samples["raftdzmq_last_index"],
             samples["raftdzmq_batches_saved"], samples["raftdzmq_elections_won"]) == ("7.0", "1.0", "3.0", "5.0", "1.0")
     assert "# TYPE raftdzmq_hub_lag_seconds histogram" in r.text
+    assert (samples["raftdzmq_loop_lag_seconds_max"], samples["raftdzmq_loop_lags_over_10ms"]) == ("0.0025", "0.0")
     assert samples["raftdzmq_out_of_descriptors"] == "2.0"
+    assert samples["raftdzmq_snapshot_reads_failed_total"] == "3.0"  # fourth review of snapfork
+    assert samples["raftdzmq_restore_step_seconds_max"] == "0.004"
+    assert "# TYPE raftdzmq_snapshot_reads_failed_total counter" in r.text
 
 
 # ---- what no route takes ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and stopping the node fails every waiting request rather than leaving it hanging
 
 from __future__ import annotations
 
+import errno
 import random
 import time
 
@@ -18,6 +19,7 @@ from raftlib import (
     EntryKind,
     HardState,
     InstallSnapshot,
+    InstallSnapshotReply,
     Member,
     Membership,
     MemoryStorage,
@@ -352,7 +354,10 @@ def test_status_is_a_frozen_copy_of_the_node_and_the_runtime(one_node):
     st = runtime.status()
     assert st.running and not st.disk_full and st.node.role is Role.LEADER and st.node.node_id == "a"
     assert st.node.last_applied == runtime.node.last_applied == st.node.commit_index
-    assert set(before.stats) == {"proposals", "applied", "elections_won", "saves", "snapshots", "out_of_descriptors"}
+    assert set(before.stats) == {"proposals", "applied", "elections_won", "saves", "snapshots", "out_of_descriptors",
+                                 "snapshot_children_failed", "snapshot_reads_failed", "restore_step_max_microseconds",
+                                 "loop_lag_max_microseconds",
+                                 "loop_lags_over_10ms"}
     assert st.stats["proposals"] - before.stats["proposals"] == 3
     assert st.stats["applied"] - before.stats["applied"] == 3 and st.stats["saves"] >= 3
     runtime.propose(b"more", 2.0)
@@ -441,7 +446,8 @@ def test_a_snapshot_with_no_descriptor_free_is_tried_later_and_the_node_serves_o
 def test_a_leaders_snapshot_with_no_descriptor_free_is_saved_once_one_is_and_never_stops_the_node(caplog):
     """A follower installing a leader's snapshot (§7) needs new files: with no descriptor free the save is tried
     again until it goes through, without declaring the disk full (no 507) and without applying the snapshot
-    before it is saved; one line a second at most says why."""
+    before it is saved; one line a second at most says why. (The chunks go to the snapshot's file as they come,
+    which takes two descriptors, given here: the install's new segment is the one that finds none.)"""
     runtime, storage, fs, fatal = on_crashfs("b", voters=("a", "b"))
     runtime.descriptor_retry_seconds = 0.01
     runtime.start()
@@ -449,7 +455,7 @@ def test_a_leaders_snapshot_with_no_descriptor_free_is_saved_once_one_is_and_nev
         with gevent.Timeout(2):
             while runtime.node.last_applied < 1:
                 gevent.sleep(0.01)
-        fs.opens_left = 0
+        fs.opens_left = 2
         membership = runtime.node.membership
         with caplog.at_level("WARNING", logger="raftlib.runtime"):
             gevent.spawn(runtime.deliver, [InstallSnapshot("a", "b", 2, 50, 2, membership, 0, b"state", True)], False)
@@ -469,6 +475,112 @@ def test_a_leaders_snapshot_with_no_descriptor_free_is_saved_once_one_is_and_nev
         assert not fatal and runtime.running and not runtime.disk_full
     finally:
         runtime.stop()
+
+
+class Replies(NullTransport):
+    def __init__(self):
+        self.sent = []
+
+    def send(self, messages):
+        self.sent.extend(messages)
+
+
+def test_a_snapshot_chunk_that_finds_no_descriptor_is_held_back_and_taken_when_sent_again():
+    """Issue 13: a follower writes a leader's snapshot's chunks to a file as they come. With no descriptor free
+    to create it, the chunk is not taken (the reply asks for offset 0 again), nothing is fatal, and the same
+    chunk sent again once descriptors are back is received, saved and restored."""
+    runtime, storage, fs, fatal = on_crashfs("b", voters=("a", "b"))
+    runtime.transport = transport = Replies()
+    runtime.start()
+    try:
+        with gevent.Timeout(2):
+            while runtime.node.last_applied < 1:
+                gevent.sleep(0.01)
+        membership = runtime.node.membership
+        chunks = [InstallSnapshot("a", "b", 2, 50, 2, membership, 0, b"first half ", False),
+                  InstallSnapshot("a", "b", 2, 50, 2, membership, 11, b"second half", True)]
+        fs.opens_left = 0
+        runtime.deliver(chunks[:1], False)
+        reply = [m for m in transport.sent if isinstance(m, InstallSnapshotReply)][-1]
+        assert (reply.next_offset, reply.done) == (0, False) and runtime.running and not fatal
+        fs.opens_left = None
+        runtime.deliver(chunks[:1], False)
+        runtime.deliver(chunks[1:], False)
+        assert runtime.wait_applied(50, 2.0) == 50
+        assert runtime.state_machine.restored == b"first half second half"
+        assert storage.state.snapshot.data == b"first half second half" and not fatal
+    finally:
+        runtime.stop()
+
+
+def test_a_failed_fork_is_tried_again_later_and_leaves_forking_on(tmp_path, monkeypatch, caplog):
+    """snapfork review, finding 2: a fork that failed once (EAGAIN: too many processes for a moment) turned forking
+    off for the life of the process, every later snapshot stalling the loop. It is tried again later instead, and
+    the next snapshot is written by a child."""
+    from raftlib import runtime as runtime_module
+
+    storage = DiskStorage(str(tmp_path))
+    storage.load()
+    me = Member("a", "127.0.0.1:1", "")
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a",), (), (me,)))])
+    stored = storage.state
+    node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1), random.Random(1), stored.hard_state,
+                    stored.raft_log(), stored.snapshot)
+    runtime = Runtime(node, storage, NullTransport(), Restorable(), tick_seconds=0.005, snapshot_threshold_bytes=400)
+    runtime.snapshot_fork = True
+    runtime.snapshot_retry_seconds = 0.05
+    real_fork, forks = runtime_module.posix.fork, []
+
+    def fork_fails_once():
+        forks.append(1)
+        if len(forks) == 1:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_fork()
+
+    monkeypatch.setattr(runtime_module.posix, "fork", fork_fails_once)
+    runtime.start()
+    try:
+        with caplog.at_level("INFO", logger="raftlib.runtime"):
+            with gevent.Timeout(5):
+                while runtime.node.role is not Role.LEADER:
+                    gevent.sleep(0.01)
+            with gevent.Timeout(10):
+                i = 0
+                while runtime.stats["snapshots"] == 0:
+                    runtime.propose(b"value-%d" % i, 2.0)
+                    i += 1
+                    gevent.sleep(0.01)
+        said = [r.getMessage() for r in caplog.records]
+        assert any(line.startswith("could not fork a snapshot child") and "trying again" in line for line in said)
+        assert runtime.snapshot_fork and len(forks) >= 2
+        assert any(line.startswith("snapshot child") and "writing the state" in line for line in said), said
+    finally:
+        runtime.stop()
+    assert storage.state.snapshot is not None
+
+
+def test_a_snapshot_transfer_abandoned_for_an_unreadable_file_is_logged_and_counted(one_node, caplog):
+    """Third review of snapfork, item C: the core abandons a transfer whose snapshot source raised
+    SnapshotUnreadable (tests/test_core.py checks that it counts it) and neither logs nor stops; the runtime says
+    so in its log at the next drive, once per new failure, and counts it in its stats. Fifth review, finding 5:
+    per peer (two peers' failures in one drive were said as one line, for the last peer, with both counts)."""
+    runtime, _, _ = one_node
+    node = runtime.node
+    with caplog.at_level("WARNING", logger="raftlib.runtime"):
+        # As the core's _send_snapshot does when a read of the snapshot's file fails:
+        node.snapshot_reads_failed += 3
+        node.snapshot_read_failures = {"b": (2, 40, "snapshot-40.snap: [Errno 5] Input/output error"),
+                                       "c": (1, 40, "snapshot-40.snap: shorter than it was")}
+        node.last_snapshot_read_failure = ("c", 40, "snapshot-40.snap: shorter than it was")
+        runtime.propose(b"x", 2.0)
+        runtime.propose(b"y", 2.0)
+    said = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert sorted(said) == [
+        "snapshot transfer abandoned 1 time(s) (1 since start): the snapshot at 40 for c could not be read: "
+        "snapshot-40.snap: shorter than it was",
+        "snapshot transfer abandoned 2 time(s) (2 since start): the snapshot at 40 for b could not be read: "
+        "snapshot-40.snap: [Errno 5] Input/output error"]
+    assert runtime.status().stats["snapshot_reads_failed"] == 3
 
 
 def test_a_snapshot_the_state_machine_requests_is_taken_whatever_the_logs_size():

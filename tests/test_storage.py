@@ -760,10 +760,11 @@ def _kinds(fs: CrashFS) -> list[str]:
     return [kind for _, kind, _ in fs.ops]
 
 
-@pytest.mark.parametrize("opens", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("opens", [0, 1, 2, 3, 4, 5])
 def test_out_of_descriptors_at_any_open_of_an_install_changes_nothing_and_the_same_save_works_later(opens):
-    """EMFILE at the n-th descriptor an install opens: the snapshot's temporary file (0), the new segment (1),
-    then the listings for the garbage, after the commit point (2, 3, 4). Before the commit point: OutOfDescriptors,
+    """EMFILE at the n-th descriptor an install opens: the snapshot's temporary file (0), the handle the snapshot
+    is read through (1: a snapshot that cannot be held open is not committed), the new segment (2), then the
+    listings for the garbage, after the commit point (3, 4, 5). Before the commit point: OutOfDescriptors,
     the state and every crash state as before, and the same save works once descriptors are back. After it: the
     install stands, and the garbage left goes at the next install. Folder fsyncs open nothing (the folders are
     held open), so no EMFILE can come between a rename and its fsync."""
@@ -775,7 +776,7 @@ def test_out_of_descriptors_at_any_open_of_an_install_changes_nothing_and_the_sa
     after = ((8, 1), ((9, 1), (10, 1), (11, 2)))
     snap = Snapshot(8, 1, MEMBERSHIP, b"state-at-8")
     fs.opens_left = opens
-    if opens < 2:
+    if opens < 3:
         with pytest.raises(OutOfDescriptors, match="no file descriptor free"):
             s.save(HardState(2, None, 10), entries(11, 1, term=2), snap)
         assert s.state.snapshot is None and s.state.hard_state == HardState(1, "a", 10) and s.state.last_index == 10
@@ -826,11 +827,12 @@ RESERVE_CHILD = textwrap.dedent(
     s = DiskStorage(data_dir)
     s.load()
     s.save(HardState(1, "a", 6), [Entry(1, i, EntryKind.COMMAND, b"e%d" % i) for i in range(1, 7)])
-    assert fs._spare is not None  # the first OsFileSystem took the reserve
+    assert len(fs._spares) == fs.RESERVE_DESCRIPTORS  # the first OsFileSystem took the reserve
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     if mode == "no-reserve":  # its descriptor taken by something else meanwhile (a thread, a socket)
-        os.close(fs._spare)
-        fs._spare = None
+        for fd in fs._spares:
+            os.close(fd)
+        fs._spares.clear()
     held = []
     try:
         while True:
@@ -854,9 +856,12 @@ RESERVE_CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize("mode", ["reserve", "no-reserve"])
 def test_a_process_with_no_descriptor_left_installs_a_snapshot_through_its_reserve(tmp_path, mode):
-    """The real file system in a process whose every descriptor is taken (RLIMIT_NOFILE lowered to 64 in a child):
-    the install goes through on OsFileSystem's reserve. Without one (another thread took the freed descriptor),
-    OutOfDescriptors, nothing changed, and the same install works once descriptors are back."""
+    """The real file system in a process whose every descriptor is taken (RLIMIT_NOFILE lowered to 64 in a child).
+    An install needs two descriptors open at once (the snapshot held open for reading, taken before the commit
+    point, and the new segment): OsFileSystem's reserve (RESERVE_DESCRIPTORS) gives them, and the install goes
+    through at once. Without the reserve (taken by something else meanwhile), OutOfDescriptors, nothing changed
+    (never a snapshot committed that cannot be read: snapfork review, finding 1), and the same install works once
+    descriptors are back."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run([sys.executable, "-c", RESERVE_CHILD, str(tmp_path), mode], capture_output=True, text=True,
                        timeout=60, env=dict(os.environ, PYTHONPATH=root))
@@ -894,3 +899,51 @@ def test_the_explorer_finds_emfile_at_a_folder_fsync_taken_as_nothing_changed(mo
     name = "out-of-descriptors-at-each-open-of-an-install"
     stats = crash_explorer.explore([(name, crash_explorer.HAND_WRITTEN[name])], crash_explorer.Limits())
     assert any("neither the state before nor the state after" in v for v in stats.violations), stats.violations
+
+
+class _NoFileForSnapshots(storage.OsFileSystem):
+    """The real file system, with ENFILE (the system out of descriptors: the reserve does not help) at any open for
+    reading of a snapshot's file while `enfile` is set."""
+
+    enfile = False
+
+    def open_read(self, path):
+        if self.enfile and "snapshot" in os.path.basename(path):
+            raise OSError(errno.ENFILE, "Too many open files in system")
+        return super().open_read(path)
+
+
+def test_a_snapshot_that_cannot_be_held_open_is_not_committed_and_a_committed_one_reads_after_its_unlink(tmp_path):
+    """snapfork review, finding 1 (its repro_nodesc.py): with no descriptor free at the commit, the snapshot was
+    committed with a source that reopened the file by path at each read: the runtime's log line (its len) raised
+    OSError and the node stopped, and a transfer of it under way read an unlinked file once a newer snapshot made
+    it garbage. Now such a commit is refused (OutOfDescriptors, the old snapshot and log kept, the same commit
+    possible later), and a committed snapshot reads through its handle after its file is gone."""
+    from raftlib.messages import snapshot_chunk
+
+    fs = _NoFileForSnapshots()
+    s = DiskStorage(str(tmp_path), fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 20), entries(1, 20))
+
+    def take(index: int) -> Snapshot | None:
+        snap = Snapshot(index, 1, MEMBERSHIP, b"state-at-%d" % index * 1000)
+        tmp = s.begin_snapshot(index)
+        s.write_snapshot(snap, tmp)
+        return s.commit_snapshot(snap, tmp)
+
+    old = take(5)
+    assert old is not None and len(old.data) == 10_000
+    fs.enfile = True
+    with pytest.raises(OutOfDescriptors, match="hold the snapshot"):
+        take(10)
+    assert s.state.snapshot is old and s.state.base_index == 5 and s.state.last_index == 20
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # the refused file is gone
+    fs.enfile = False
+    newer = take(10)  # tried again later: committed
+    assert newer is not None and s.state.snapshot is newer and len(newer.data) == 11_000
+    assert "snapshot-00000000000000000005.snap" not in os.listdir(tmp_path)  # garbage: unlinked ...
+    assert snapshot_chunk(old.data, 100, 10) == (b"state-at-5" * 1000)[100:110]  # ... and still read
+    s.close()
+    got = DiskStorage(str(tmp_path), fs=fs).load()
+    assert got.snapshot.last_included_index == 10 and got.last_index == 20

@@ -66,7 +66,7 @@ class Histogram:
 
 
 # The gauges: (name, help, the value in a RuntimeStatus).
-GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], int]], ...] = (
+GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
     ("raftdzmq_term", "Current term", lambda s: s.node.term),
     ("raftdzmq_commit_index", "Commit index", lambda s: s.node.commit_index),
     ("raftdzmq_applied_index", "Last applied index", lambda s: s.node.last_applied),
@@ -78,8 +78,21 @@ GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], int]], ...] = (
     ("raftdzmq_elections_won", "Elections this node won", lambda s: s.stats["elections_won"]),
     ("raftdzmq_batches_saved", "Batches made durable (one fsync each)", lambda s: s.stats["saves"]),
     ("raftdzmq_snapshots", "Snapshots taken", lambda s: s.stats["snapshots"]),
+    ("raftdzmq_loop_lag_seconds_max", "The hub-lag probe (RAFTDZMQ_LOOP_LAG_PROBE_SECONDS): the latest a short "
+     "sleep woke since start", lambda s: s.stats["loop_lag_max_microseconds"] / 1e6),
+    ("raftdzmq_loop_lags_over_10ms", "The hub-lag probe: wake-ups more than 10 ms late",
+     lambda s: s.stats["loop_lags_over_10ms"]),
+    ("raftdzmq_restore_step_seconds_max", "The longest step of restoring a leader's snapshot into the state "
+     "machine, in CPU seconds (the event loop is held at least that long)", lambda s: s.stats["restore_step_max_microseconds"] / 1e6),
     ("raftdzmq_out_of_descriptors", "Saves and snapshots refused for want of a file descriptor (each try; "
      "retried)", lambda s: s.stats["out_of_descriptors"]),
+)
+
+# Counters kept by the runtime (its status' stats): (name without `_total`, help, the value in a RuntimeStatus).
+STATUS_COUNTERS: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
+    ("raftdzmq_snapshot_reads_failed", "Snapshot transfers abandoned because the snapshot's file could not be "
+     "read (an I/O error, a file cut short; each retry counts; logged at most every 10 s per peer)",
+     lambda s: s.stats["snapshot_reads_failed"]),
 )
 
 
@@ -134,6 +147,8 @@ class Metrics:
             status = self._status()
             for name, doc, value in GAUGES:
                 yield prom_core.GaugeMetricFamily(name, doc, value=value(status))
+            for name, doc, value in STATUS_COUNTERS:
+                yield prom_core.CounterMetricFamily(name, doc, value=value(status))
 
     def watch_hub_lag(self, period_seconds: float = 0.01) -> None:
         """Runs in a greenlet of its own: sleep `period_seconds` and note how late the wake-up came."""

@@ -38,10 +38,10 @@ Rules:
 - Indices: a key's create index is the index of the entry that created it (after a delete, the next put creates
   it again), its modify index that of the entry that last wrote it. A node that restored a snapshot of the old
   format (level 1, written without indices) knows them as 0, so the indices exposed (`record`, events, compares,
-  the V3 snapshot) are max(index, level_index), and 0 below level 2: the same on every node. The raise brings
-  every stored index up to level_index once (an O(keys) pass at that one entry), so from then on the records are
-  stored as exposed and the V3 snapshot dumps `data` as it is. A txn's compares see the state before the
-  txn; its ops apply in order, each seeing the ones before it (as etcd's).
+  the V3 snapshot) are max(index, level_index) (`exposed`), and 0 below level 2: the same on every node. Records
+  are stored as applied, never rewritten at the raise (an O(keys) pass in one apply: ~1.5 s at 1M keys, a leader
+  change); the V3 snapshot writes them as exposed, so its bytes are the same on every node. A txn's compares see
+  the state before the txn; its ops apply in order, each seeing the ones before it (as etcd's).
 - Events (`on_event`, for watches): one Event per key changed, in a fixed order: a prefix delete's in key
   order, a txn's in op order (a prefix delete inside it in key order), a revoked lease's keys ("delete") and an
   expired lease's ("expire") in key order, lease after lease in the order the entry names them, all with the
@@ -55,24 +55,43 @@ Rules:
   machine never reads a clock: when a lease expires is the leader's decision (raftlib.server.leases), which
   reaches every node as a LEASE_EXPIRE entry; an id already gone is skipped. `on_lease(lease_id, ttl_seconds)`
   is called as a grant applies, `on_lease(lease_id, None)` as a lease goes (for the leader's LeaseKeeper).
-- The formats are part of the data dir (docs/DATA-DIR.md). Below level 2 a snapshot is written as the previous
-  releases read it: the map key -> value as a CBOR map, or, once any admin request was claimed,
-  `[SNAPSHOT_WITH_CLAIMS_V2, map, claims, horizon]` (`[SNAPSHOT_WITH_CLAIMS, map, claims]`, older still, is read
-  with a horizon of 0); indices are dropped and restore as 0. From level 2 on:
-  `[SNAPSHOT_V3, map key -> [value, create_index, modify_index], claims, horizon, feature_level, level_index]`,
-  the indices as exposed, then a seventh element, the leases: a map lease id -> [ttl_seconds, [keys in order]]
-  (ids in order). A later level appends to it under a new tag or length that this release refuses (ValueError)
-  rather than drop what it does not know. `encode_state` and `decode_state` are
-  the only code that knows these formats.
+- The formats are part of the data dir (docs/DATA-DIR.md). Below level 2 a snapshot is
+  `[SNAPSHOT_WITH_CLAIMS_V2, map key -> value, claims, horizon]`, the format the previous release reads (a rolling
+  upgrade sends a new leader's snapshot to old followers); indices are dropped and restore as 0. From level 2:
+  `[SNAPSHOT_V3, map key -> [value, create_index, modify_index], claims, horizon, feature_level, level_index,
+  leases]`, the indices as exposed (create <= modify), `leases` a map lease id -> [ttl_seconds, [its keys in
+  order]] (ids in order). Both are written by `encode_state` (a forked child runs it,
+  raftlib.runtime) with the map of definite length and its keys in increasing order, a batch of keys per cbor2
+  call (no second copy of the state). A later level appends elements after the map under an array length that
+  this release refuses (ValueError) rather than drop what it does not know; the elements after the map (the
+  leases among them: at most MAX_LEASES, their keys at most the map's) are decoded in one step (`_tail_state`,
+  the one place that knows them).
+- A node restores V2 and V3 a batch per turn of its event loop (`restoring`), not in one step that holds the loop
+  for as long as the whole state takes to decode (~1 s at 1M keys): it parses the array's and the map's heads
+  itself, then decodes key/value pairs until RESTORE_BATCH_KEYS of them or RESTORE_BATCH_BYTES of values, then
+  the elements after the map, checked before anything is replaced. Keys out of order (older writers) are not
+  damage: they go into the index one by one (O(log n) each, half a batch per step); a key twice, a count that
+  differs from the pairs present, bytes after the end, a key not text, a value not bytes, a V3 record not
+  [bytes, int, int] with create <= modify, a lease not [ttl, [keys]] with a valid TTL, an id < 1, a key not in
+  the map or on two leases are (ValueError). Older formats still restore in one step: a plain map
+  (the oldest), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (a horizon of 0), and maps of indefinite length.
+- Every decoder of snapshot bytes refuses CBOR tags (no format of ours has one; cbor2's semantic decoders of some,
+  a bigfloat's, are quadratic in the input's size). An error of the snapshot's source (an I/O error,
+  raftlib.messages.SnapshotUnreadable) goes up as it is; only damage is a ValueError.
+- A restore builds the new state aside and replaces the old one in one assignment at its end (`_replace`): a
+  snapshot found bad part way changes nothing, and readers see the old state or the new, never a mix. The old
+  state is then freed a bounded batch (keys and bytes) per step.
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
-  O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes).
+  O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes). A
+  restore builds it from keys that come in increasing order without sorting, checking the order.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Callable
-from typing import NamedTuple, TypeGuard
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, NoReturn, TypeGuard
 
 import cbor2
 from sortedcontainers import SortedList
@@ -98,6 +117,12 @@ LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, LEAS
 # The feature level of this release: 1 is every release before issue 14.
 FEATURE_LEVEL = 2
 SNAPSHOT_V3 = "raftdzmq-kv-v3"
+# A restore step decodes at most this many key/value pairs, and ends once the values decoded pass this many bytes:
+# ~1 us a pair of 100 bytes (cbor2 6.3 from a buffered reader, the order checked, the dict filled), so ~2 ms a
+# step at 1M keys on this machine's cores (STACK-NOTES: a loop step should stay well under 10 ms); with 256 KiB
+# values a count bound alone let one step copy 512 MiB (206 ms, the fifth review).
+RESTORE_BATCH_KEYS = 2048
+RESTORE_BATCH_BYTES = 128 << 10
 MAX_LEASES = 100_000  # a grant beyond this many leases applies as "full" (409 at the edge)
 MAX_TTL_SECONDS = 365 * 24 * 3600  # a lease's TTL: 1 to this many whole seconds (the edge raises the minimum)
 MAX_EXPIRE_BATCH = 128  # at most this many leases expire in one LEASE_EXPIRE entry
@@ -434,10 +459,9 @@ class KeyValueStore:
         self.feature_level = level
         if crossing:
             # Once: a later raise must not move the floor (older keys' exposed indices would jump).
+            # Stored indices stay as they are (an O(keys) rewrite here held the loop ~1.5 s at 1M keys): every
+            # reader takes them through `exposed`, and the V3 snapshot is written as exposed (encode_state).
             self.level_index = index
-            # Every stored index is below `index` (written by an earlier entry, or 0 from an old-format snapshot):
-            # bring them to the floor now, one int object for all, so records are stored as exposed from here on.
-            self.data = {key: (record[0], index, index) for key, record in self.data.items()}
             if self.on_level_raised is not None:
                 self.on_level_raised(level)
         return "ok"
@@ -636,95 +660,415 @@ class KeyValueStore:
         return page[:limit], len(page) > limit
 
     def snapshot(self) -> bytes:
+        """The whole state in the format its feature level calls for (`encode_state`). Run by a forked child on its
+        copy of the state (raftlib.runtime), so its time is not the event loop's."""
         return encode_state(self)
 
-    def restore(self, data: bytes) -> None:
-        """Replace the whole state with a snapshot's (empty bytes: the empty state). Raises ValueError for a
-        snapshot of an unknown format or a damaged one, changing nothing."""
-        state = decode_state(data)
-        self.data = state.data
-        self.keys = SortedList(self.data)
-        self.admin_claims = AdminClaims(state.claims, state.horizon)
+    def restore(self, data) -> None:
+        """Replace the whole state with a snapshot's (empty bytes: the empty state): bytes, or a source with
+        `len()` and `read(offset, length)` (raftlib.messages.SnapshotSource), in one go (start-up). Raises
+        ValueError for a snapshot of an unknown format or a damaged one, changing nothing."""
+        for _ in self.restoring(data):
+            pass
+
+    def restoring(self, data) -> Iterator[bool]:
+        """`restore` a batch per step: a generator that decodes a batch (RESTORE_BATCH_KEYS pairs, or
+        RESTORE_BATCH_BYTES of values) each time it is advanced and yields False; once the state is replaced (the
+        module's rules; not before), it yields True, then frees the old state a batch per step (freeing a million
+        keys at once holds the loop too), yielding False, and ends. Dropping it before the True changes nothing."""
+        old_data, old_keys, old_lease_of, old_leases = self.data, self.keys, self.lease_of, self.leases
+        for _ in self._decode(data):
+            yield False
+        yield True
+        # Only this generator holds the old state now (readers look up self.data afresh at each request).
+        while old_data:
+            freed_keys = freed_bytes = 0
+            while old_data and freed_keys < 2 * RESTORE_BATCH_KEYS and freed_bytes < 2 * RESTORE_BATCH_BYTES:
+                freed_bytes += len(old_data.popitem()[1][0])
+                freed_keys += 1
+            yield False
+        del old_data
+        while old_lease_of:  # a key on a lease each: as many as the keys at most
+            for _ in range(min(len(old_lease_of), 2 * RESTORE_BATCH_KEYS)):
+                old_lease_of.popitem()
+            yield False
+        del old_lease_of
+        while old_leases:
+            freed_keys = 0
+            while old_leases and freed_keys < 2 * RESTORE_BATCH_KEYS:
+                freed_keys += 1 + len(old_leases.popitem()[1].keys)
+            yield False
+        del old_leases
+        lists = getattr(old_keys, "_lists", None)
+        if type(lists) is list:
+            while lists:
+                del lists[-4:]  # sublists of SortedList's load (1000) keys
+                yield False
+        del old_keys
+
+    def _decode(self, data) -> Iterator[None]:
+        """The decoding half of `restoring`: the heads parsed here, then a batch of key/value pairs per step read
+        by a cbor2 decoder from a buffered reader (it reads exactly each item's bytes, so the heads and the pairs
+        can be read in turn); the elements after the map checked; the state replaced when it ends."""
+        size = len(data)
+        if not size:
+            self._replace({}, SortedList(), _tail_state(None, [], {}))
+            return
+        fp = _buffered(data)
+        decoder = _decoder(fp)
+        first = _read_exact(fp, 1)[0]
+        name: str | None = None
+        if first >> 5 == 4 and first & 31 in (4, 7):  # an array of 4 (V2) or 7 (V3); a V1's 3 go in one step
+            decoded = _decode_item(decoder, "its format's name")
+            name = decoded if type(decoded) is str else None
+            if (decoded, first & 31) not in ((SNAPSHOT_WITH_CLAIMS_V2, 4), (SNAPSHOT_V3, 7)):
+                raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
+            first = _read_exact(fp, 1)[0]
+        count = _map_count(first, fp)
+        if count is None:  # not a map of definite length: the older formats, a map of indefinite length, junk
+            self._restore_whole(data if isinstance(data, (bytes, bytearray, memoryview)) else data.read(0, size))
+            return
+        with_indices = name == SNAPSHOT_V3
+        new: dict[str, tuple[bytes, int, int]] = {}
+        in_order: _SortedKeys | None = _SortedKeys()  # while the keys come in increasing order (this version's)
+        unordered: SortedList | None = None  # else (older writers wrote the map in insertion order)
+        decode = decoder.decode
+        left = count
+        while left:
+            yield
+            # Keys out of order cost ~1.4 us more each (SortedList.add): half a batch then.
+            most = min(left, RESTORE_BATCH_KEYS if unordered is None else RESTORE_BATCH_KEYS // 2)
+            batch_keys: list = []
+            batch_records: list = []
+            value_bytes = 0
+            try:
+                while len(batch_keys) < most and value_bytes < RESTORE_BATCH_BYTES:
+                    batch_keys.append(decode())
+                    record = _record(decode(), with_indices)
+                    batch_records.append(record)
+                    value_bytes += len(record[0])
+            except cbor2.CBORError as e:
+                _damaged(e, "a key or value does not decode")
+            left -= len(batch_keys)
+            if not all(type(k) is str for k in batch_keys):
+                raise ValueError("a damaged key/value snapshot (a key that is not text)")
+            new.update(zip(batch_keys, batch_records))
+            if len(new) != count - left:
+                raise ValueError("a damaged key/value snapshot (a key twice)")
+            if in_order is not None:
+                taken = in_order.extend(batch_keys)
+                if taken < len(batch_keys):  # the rest, and every batch after, go in by insertion
+                    unordered, in_order = in_order.sorted_list(), None
+                    batch_keys = batch_keys[taken:]
+            if unordered is not None:
+                for key in batch_keys:  # O(log n) each: ~1.4 us, so a batch stays within the step's budget
+                    unordered.add(key)
+        # The elements after the map, in one step: bounded items, and V3's leases (at most MAX_LEASES, their keys
+        # at most the map's: the same order of work as a batch per key, but one step; see the module's rules).
+        tail = [_decode_item(decoder, "an element after its map") for _ in range(_TAIL_LENGTHS[name])]
+        if fp.read(1):
+            raise ValueError("a damaged key/value snapshot (bytes after its end)")
+        state = _tail_state(name, tail, new)  # checked before anything is replaced
+        keys = in_order.sorted_list() if in_order is not None else unordered
+        assert keys is not None
+        self._replace(new, keys, state)
+
+    def _restore_whole(self, data: bytes | bytearray | memoryview) -> None:
+        """The formats decoded in one step (the module's rules)."""
+        try:
+            v = _decoder(io.BytesIO(data)).decode()
+        except cbor2.CBORError as e:
+            _damaged(e, "it does not decode")
+        name = None
+        tail: list = []
+        if type(v) is list:
+            name = v[0] if v else None
+            if name == SNAPSHOT_WITH_CLAIMS and len(v) == 3:  # before the horizon was kept: it starts at 0
+                v, tail = v[1], [v[2], 0]
+                name = SNAPSHOT_WITH_CLAIMS_V2
+            elif name in _TAIL_LENGTHS and name is not None and len(v) == 2 + _TAIL_LENGTHS[name]:
+                v, tail = v[1], v[2:]
+            else:
+                raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
+        if type(v) is not dict:
+            raise ValueError("a key/value snapshot of an unknown format (not a map)")
+        if not all(type(k) is str for k in v):
+            raise ValueError("a damaged key/value snapshot (a key that is not text)")
+        with_indices = name == SNAPSHOT_V3
+        records = {k: _record(x, with_indices) for k, x in v.items()}
+        self._replace(records, SortedList(records), _tail_state(name, tail, records))
+
+    def _replace(self, data: dict[str, tuple[bytes, int, int]], keys: SortedList, state: _TailState) -> None:
+        """The one place the state is replaced: everything given was checked (a damaged snapshot raises before
+        it gets here, so it changes nothing)."""
+        assert len(keys) == len(data)
+        self.data = data
+        self.keys = keys
+        self.admin_claims = state.admin_claims
         self.leases = state.leases
-        self.lease_ids = SortedList(state.leases)
+        self.lease_ids = SortedList(state.leases)  # ids come in order: no sort to speak of
         self.lease_of = {key: lease_id for lease_id, lease in state.leases.items() for key in lease.keys}
         self.feature_level, self.level_index = state.feature_level, state.level_index
 
 
-class State(NamedTuple):
-    """What a snapshot holds (decode_state)."""
+# The elements after the map, by format name (None: a plain map). A later level's (leases) adds its own here.
+_TAIL_LENGTHS: dict[str | None, int] = {None: 0, SNAPSHOT_WITH_CLAIMS_V2: 2, SNAPSHOT_V3: 5}
 
-    data: dict[str, tuple[bytes, int, int]]
-    claims: dict[str, float]
-    horizon: float
+
+class _TailState(NamedTuple):
+    admin_claims: AdminClaims
     feature_level: int
     level_index: int
     leases: dict[int, Lease]
 
 
-def encode_state(kv: KeyValueStore) -> bytes:
-    """The snapshot of `kv`, in the format its feature level calls for (the module's rules)."""
-    claims = kv.admin_claims
-    if kv.feature_level >= 2:
-        # Stored as exposed since the raise (the module's rules): the tuples go out as CBOR arrays, unchanged.
-        leases = {i: [lease.ttl_seconds, sorted(lease.keys)] for i, lease in sorted(kv.leases.items())}
-        return cbor2.dumps([SNAPSHOT_V3, kv.data, claims.claims, claims.horizon, kv.feature_level, kv.level_index,
-                            leases])
-    values = {k: record[0] for k, record in kv.data.items()}
-    if claims.claims or claims.horizon:
-        return cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, values, claims.claims, claims.horizon])
-    return cbor2.dumps(values)
+def _tail_state(name: object, tail: list, records: dict[str, tuple[bytes, int, int]]) -> _TailState:
+    """The state a snapshot holds after its map (`records`, decoded), checked: raises ValueError before anything
+    is replaced. The one place that knows those elements (the module's rules)."""
+    if name is None:
+        return _TailState(AdminClaims(), 1, 0, {})
+    claims = _admin_claims(tail[0], tail[1])
+    if name == SNAPSHOT_WITH_CLAIMS_V2:
+        return _TailState(claims, 1, 0, {})
+    feature_level, level_index, lease_map = tail[2], tail[3], tail[4]
+    if type(feature_level) is not int or feature_level < 2 or not _is_index(level_index):
+        raise ValueError("a key/value snapshot of an unknown format (a damaged V3)")
+    if feature_level > FEATURE_LEVEL:
+        raise ValueError(f"a key/value snapshot of feature level {feature_level}, above this release's "
+                         f"{FEATURE_LEVEL}: start a newer raftdzmq on this data dir")
+    return _TailState(claims, feature_level, level_index, _decode_leases(lease_map, records))
+
+
+def _record(x: object, with_indices: bool) -> tuple[bytes, int, int]:
+    """A map's value as stored: V3's [value, create_index, modify_index] checked; an older format's value, with
+    indices of 0 (the module's rules)."""
+    if not with_indices:
+        if type(x) is not bytes:
+            raise ValueError("a damaged key/value snapshot (a value that is not bytes)")
+        return x, 0, 0
+    if (type(x) is not list or len(x) != 3 or type(x[0]) is not bytes or not _is_index(x[1])
+            or not _is_index(x[2]) or x[1] > x[2]):
+        raise ValueError("a damaged key/value snapshot (a record that is not [value, create <= modify])")
+    value, create_index, modify_index = x
+    # One int object for both indices when they are equal, as a create makes them (memory per key).
+    return value, create_index, create_index if modify_index == create_index else modify_index
 
 
 def _is_index(x: object) -> bool:
     return type(x) is int and x >= 0
 
 
-def decode_state(data: bytes) -> State:
-    """The state a snapshot holds (empty bytes: the empty state). Raises ValueError for an unknown format or a
-    damaged snapshot."""
-    try:
-        v = cbor2.loads(data) if data else {}
-    except Exception as e:
-        raise ValueError(f"a key/value snapshot that does not decode: {e}") from None
-    claims, horizon, feature_level, level_index = {}, 0.0, 1, 0
-    leases: dict[int, Lease] = {}
-    if type(v) is list and len(v) == 7 and v[0] == SNAPSHOT_V3:
-        _, records, claims, horizon, feature_level, level_index, lease_map = v
-        if (type(records) is not dict or not _is_index(level_index) or type(feature_level) is not int
-                or feature_level < 2):
-            raise ValueError("a key/value snapshot of an unknown format (a damaged V3)")
-        if feature_level > FEATURE_LEVEL:
-            raise ValueError(f"a key/value snapshot of feature level {feature_level}, above this release's "
-                             f"{FEATURE_LEVEL}: start a newer raftdzmq on this data dir")
-        state: dict[str, tuple[bytes, int, int]] = {}
-        for key, record in records.items():
-            if (type(key) is not str or type(record) is not list or len(record) != 3 or type(record[0]) is not bytes
-                    or not _is_index(record[1]) or not _is_index(record[2])):
-                raise ValueError(f"a key/value snapshot of an unknown format (a damaged record of {key!r})")
-            value, create_index, modify_index = record
-            # One int object for both indices when they are equal, as a create makes them (memory per key).
-            state[key] = (value, create_index, create_index if modify_index == create_index else modify_index)
-        leases = _decode_leases(lease_map, state)
+def encode_state(kv: KeyValueStore) -> bytes:
+    """The snapshot of `kv` in the format its feature level calls for (the module's rules): the array's and the
+    map's heads written here, the pairs in key order a batch per cbor2 call, V3's indices as exposed. The same
+    bytes as cbor2.dumps of the whole, on every node whatever the order its keys were inserted in."""
+    claims = kv.admin_claims
+    data = kv.data
+    out = io.BytesIO()
+    if kv.feature_level >= 2:
+        leases = {i: [lease.ttl_seconds, sorted(lease.keys)] for i, lease in sorted(kv.leases.items())}
+        name, tail = SNAPSHOT_V3, [claims.claims, claims.horizon, kv.feature_level, kv.level_index, leases]
     else:
-        if type(v) is list:
-            if len(v) == 4 and v[0] == SNAPSHOT_WITH_CLAIMS_V2:
-                _, v, claims, horizon = v
-            elif len(v) == 3 and v[0] == SNAPSHOT_WITH_CLAIMS:  # before the horizon was kept: it starts at 0
-                _, v, claims = v
-            else:
-                raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-        if type(v) is not dict:
-            raise ValueError("a key/value snapshot of an unknown format (not a map)")
-        # Written without indices (level 1): they restore as 0, below any level_index to come (the rules).
-        state = {}
-        for key, value in v.items():
-            if type(key) is not str or type(value) is not bytes:
-                raise ValueError(f"a key/value snapshot of an unknown format (a damaged entry {key!r})")
-            state[key] = (value, 0, 0)
-    if type(claims) is not dict or type(horizon) not in (int, float):
-        raise ValueError("a key/value snapshot of an unknown format (damaged claims)")
-    return State(state, claims, float(horizon), feature_level, level_index, leases)
+        name, tail = SNAPSHOT_WITH_CLAIMS_V2, [claims.claims, claims.horizon]
+    out.write(_head(4, 2 + len(tail)))
+    out.write(cbor2.dumps(name))
+    out.write(_head(5, len(data)))
+    level_index = kv.level_index
+    with_indices = name == SNAPSHOT_V3
+    flat: list = []
+    for key in kv.keys:  # by iteration: a positional slice would make SortedList keep an index (see `page`)
+        value, create_index, modify_index = data[key]
+        flat.append(key)
+        if with_indices:
+            flat.append([value, create_index if create_index > level_index else level_index,
+                         modify_index if modify_index > level_index else level_index])
+        else:
+            flat.append(value)
+        if len(flat) == 2 * RESTORE_BATCH_KEYS:
+            _write_items(out, flat)
+            flat = []
+    _write_items(out, flat)
+    for item in tail:
+        out.write(cbor2.dumps(item))
+    return out.getvalue()
+
+
+def _write_items(out: io.BytesIO, items: list) -> None:
+    """`items` encoded one after another: one cbor2 call (C speed), without the head of the array it encodes."""
+    if items:
+        out.write(memoryview(cbor2.dumps(items))[len(_head(4, len(items))):])
+
+
+def _head(major: int, count: int) -> bytes:
+    """The head of a CBOR item of major type `major` and length `count` (RFC 8949 3.1, its shortest form)."""
+    if count < 24:
+        return bytes([major << 5 | count])
+    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if count < 1 << (8 * width):
+            return bytes([major << 5 | info]) + count.to_bytes(width, "big")
+    raise ValueError(f"a CBOR length of {count}")
+
+
+def _admin_claims(claims: object, horizon: object) -> AdminClaims:
+    """A snapshot's claims and horizon, checked (signature text -> finite timestamp; a finite horizon): raises
+    ValueError for anything else, before the state is touched (second review of snapfork, finding 4)."""
+    if type(claims) is not dict or not all(type(s) is str and _finite(t) for s, t in claims.items()):
+        raise ValueError("a damaged key/value snapshot (its admin claims are not {signature: timestamp})")
+    if not _finite(horizon):
+        raise ValueError(f"a damaged key/value snapshot (an admin claims horizon of {horizon!r})")
+    return AdminClaims({s: float(t) for s, t in claims.items()}, float(horizon))  # type: ignore[arg-type]
+
+
+def _finite(x: object) -> bool:
+    if type(x) is not int and type(x) is not float:
+        return False
+    try:
+        f = float(x)
+    except OverflowError:  # an int past float's range
+        return False
+    return f - f == 0  # neither infinite nor NaN
+
+
+class _EveryTagRefused(dict):
+    """cbor2's semantic_decoders for every tag number: each refuses its tag (the module's rules). Its decoders get
+    the tag's content already decoded (cbor2 6.3), so the innermost tag of a nest is refused before any semantic
+    work, and the work done is linear in the input's size. raftlib/codec.py refuses tags in Raft frames alike."""
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+    def __getitem__(self, tag: object):
+        return _refuse_tag
+
+    def get(self, tag: object, default: object = None):
+        return _refuse_tag
+
+
+def _refuse_tag(*_: object) -> object:
+    raise cbor2.CBORDecodeError("a CBOR tag (no snapshot format has one)")
+
+
+def _refuse_unknown_tag(tag: cbor2.CBORTag, immutable: bool) -> object:  # cbor2 6's tag_hook
+    raise cbor2.CBORDecodeError(f"a CBOR tag {tag.tag} (no snapshot format has one)")
+
+
+_NO_TAGS = _EveryTagRefused()
+
+
+def _decoder(fp: io.BufferedIOBase) -> cbor2.CBORDecoder:
+    """A cbor2 decoder of snapshot bytes that refuses every tag (the module's rules)."""
+    # A buffered binary reader is an IO[bytes] to cbor2, whose stubs want the typing name.
+    return cbor2.CBORDecoder(fp, semantic_decoders=_NO_TAGS, tag_hook=_refuse_unknown_tag)  # type: ignore[arg-type]
+
+
+def _damaged(e: cbor2.CBORError, what: str) -> NoReturn:
+    """Raise what a cbor2 error stands for: the source's own error (cbor2 wraps an error of the reader inside a
+    nested item: an I/O error, SnapshotUnreadable) as it is, or else a damaged snapshot (ValueError)."""
+    cause: BaseException | None = e
+    seen = 0
+    while cause is not None and seen < 16:
+        if not isinstance(cause, cbor2.CBORError):
+            raise cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    raise ValueError(f"a damaged key/value snapshot ({what}: {e})") from None
+
+
+def _buffered(data) -> io.BufferedIOBase:
+    """A snapshot's bytes, or a SnapshotSource (`len()`, `read(offset, length)`), as a buffered reader."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return io.BytesIO(data)
+    return io.BufferedReader(_SourceReader(data), 1 << 16)
+class _SourceReader(io.RawIOBase):
+    """A SnapshotSource read from its start (its errors, e.g. SnapshotUnreadable, go up as they are)."""
+
+    def __init__(self, source) -> None:
+        super().__init__()
+        self.source, self.offset, self.size = source, 0, len(source)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self.source.read(self.offset, min(len(buffer), self.size - self.offset)) if self.offset < self.size \
+            else b""
+        buffer[: len(chunk)] = chunk
+        self.offset += len(chunk)
+        return len(chunk)
+
+
+def _read_exact(fp, length: int) -> bytes:
+    got = fp.read(length)
+    if len(got) != length:
+        raise ValueError("a damaged key/value snapshot (it ends inside a head)")
+    return got
+
+
+def _decode_item(decoder: cbor2.CBORDecoder, what: str) -> object:
+    try:
+        return decoder.decode()
+    except cbor2.CBORError as e:
+        _damaged(e, f"{what} does not decode")
+
+
+def _map_count(first: int, fp) -> int | None:
+    """The number of pairs of a CBOR map of definite length whose initial byte is `first` (RFC 8949 3.1: major type
+    5, the count in the additional information or the 1, 2, 4 or 8 bytes after it), read from `fp`; None when
+    `first` is not the head of such a map."""
+    if first >> 5 != 5:
+        return None
+    info = first & 31
+    if info < 24:
+        return info
+    if info > 27:  # 31: a map of indefinite length; 28-30: reserved
+        return None
+    return int.from_bytes(_read_exact(fp, 1 << (info - 24)), "big")
+
+
+class _SortedKeys:
+    """A SortedList built from keys that come in increasing order, in O(n) with no sort: its sublists are laid
+    out as SortedList lays them (`_lists` of at most its load, `_maxes` their last keys). Relies on
+    sortedcontainers' layout (2.x, unchanged since 2016); a SortedList without it is built by sorting instead."""
+
+    def __init__(self) -> None:
+        self.keys_lists: list[list[str]] = []
+        self.count = 0
+        self.last: str | None = None
+        probe = SortedList()
+        self.load = getattr(probe, "_load", 0)
+        self.laid_out = bool(self.load) and all(hasattr(probe, a) for a in ("_lists", "_maxes", "_len", "_index"))
+
+    def extend(self, keys: list[str]) -> int:
+        """Append the longest prefix of `keys` that keeps them strictly increasing (or the layout, and `page`,
+        would be wrong); returns its length."""
+        last = self.last
+        taken = 0
+        for key in keys:
+            if last is not None and not key > last:
+                keys = keys[:taken]
+                break
+            last = key
+            taken += 1
+        self.last = last
+        self.count += len(keys)
+        load = self.load or 1000
+        if self.keys_lists and len(self.keys_lists[-1]) < load:
+            tail = self.keys_lists[-1]
+            room = load - len(tail)
+            tail.extend(keys[:room])
+            keys = keys[room:]
+        for i in range(0, len(keys), load):
+            self.keys_lists.append(keys[i : i + load])
+        return taken
+
+    def sorted_list(self) -> SortedList:
+        if not self.laid_out:
+            return SortedList(k for sub in self.keys_lists for k in sub)
+        out = SortedList()
+        out._lists = self.keys_lists
+        out._maxes = [sub[-1] for sub in self.keys_lists]
+        out._len = self.count
+        out._index = []
+        return out
 
 
 def _decode_leases(lease_map: object, records: dict) -> dict[int, Lease]:
