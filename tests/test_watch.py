@@ -81,6 +81,37 @@ def test_the_node_store_tells_the_hub_of_a_restore_with_the_snapshot_index():
         hub.read(1, ALL)
 
 
+def test_the_node_store_tells_the_hub_when_an_incremental_restore_replaces_the_state():
+    """The runtime restores a leader's snapshot through `restoring`, a batch per drive (raftlib.runtime), not
+    through `restore`: the hub must hear of it at the step that replaces the state (the merge of snapfork with
+    watch left only `restore` telling it: a follower's watchers then went on across the install, missing the
+    entries the snapshot covered, with no 410)."""
+    from raftlib.server.node import WatchedStore
+
+    source = KeyValueStore()
+    for i in range(5000):  # more than one batch
+        source.apply(i + 1, command(SET, f"k{i:05d}", b"v"))
+
+    class Snap:
+        last_included_index = 5000
+        data = source.snapshot()
+
+    hub = WatchHub()
+    store = WatchedStore(hub, lambda: Snap)
+    store.apply(1, command(SET, "a", b"1"))
+    steps = store.restoring(Snap.data)
+    replaced = False
+    while not replaced:
+        assert hub.history_start == 0  # not before the state is replaced
+        replaced = next(steps)
+    assert hub.history_start == 5000
+    assert store.get("k04999") == b"v"
+    with pytest.raises(Behind):
+        hub.read(1, ALL)
+    for _ in steps:  # the old state freed
+        pass
+
+
 def test_filters_take_one_key_or_a_prefix():
     hub = WatchHub()
     for i, key in enumerate(("a", "ab", "b/1", "b/2", "c"), 1):
