@@ -87,6 +87,8 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
         "DELETE /cluster/ab12cd34), and exit; no DATA_DIR"))),
     (("-sign-body", "--sign-body"), dict(dest="sign_body", metavar="FILE", help="with -sign: the request's body, "
                                          "from this file ('-': standard input)")),
+    (("-watch-history", "--watch-history"), dict(dest="watch_history", metavar="N", type=int, default=10_000, help=(
+        "events kept for watches (GET /watch); a watch from further back gets 410 Gone (default 10000)"))),
     (("-no-fsync", "--no-fsync"), dict(dest="no_fsync", action="store_true", help="UNSAFE, for experiments only: do "
                                        "not fsync the log")),
     (("data_dir",), dict(metavar="DATA_DIR", nargs="?", help="where this node keeps its log and snapshots")),
@@ -102,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sign is None and args.data_dir is None:
         p.error("the following arguments are required: DATA_DIR")
-    for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members"):
+    for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members", "watch_history"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
     if args.max_body > MAX_BODY_LIMIT:  # an entry must fit a Raft frame (raftlib.codec.MAX_ENTRY_BYTES)
@@ -123,7 +125,8 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
-        secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose)
+        secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
+        watch_history_events=args.watch_history)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:

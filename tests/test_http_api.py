@@ -1038,7 +1038,8 @@ def test_every_route_is_tested_here():
         ("GET", "/metrics"), ("GET", "/cluster"), ("DELETE", "/cluster/<node_id>"), ("POST", "/cluster/transfer"),
         ("GET", "/cluster/keys"), ("GET", "/livez"), ("GET", "/readyz"), ("DELETE", "/db/"), ("DELETE", "/db"),
         ("POST", "/txn"), ("POST", "/lease"), ("GET", "/lease"), ("POST", "/lease/<lease_id>/keepalive"),
-        ("GET", "/lease/<lease_id>"), ("DELETE", "/lease/<lease_id>")}
+        ("GET", "/lease/<lease_id>"), ("DELETE", "/lease/<lease_id>"),
+        ("GET", "/watch")}  # GET /watch: tests/test_watch.py
 
 
 def test_the_access_log_names_an_undelivered_answer_and_escapes_unambiguously(caplog):

@@ -21,6 +21,11 @@ Rules:
   says `not-applied` (`_serving`). A -forward follower passes the leader's on.
 - GET /livez and GET /readyz (raftlib.server.health) need no secret, read only the runtime's status, and are never
   forwarded.
+- GET /watch serves watches from this node's own applied state (raftlib.server.watch: the history's rules): no
+  forward, no read round, no feature level, no secret (as GET /db). A stream (server-sent events) writes a
+  comment every KEEPALIVE_SECONDS while it has nothing to send, and ends when its client goes (edge.Stream) or
+  falls behind the history (an `error` event); a long poll (poll=1) waits at most its timeout (MAX_POLL_TIMEOUT_
+  SECONDS). At most `max_watches` of either are open at once (503 beyond).
 - The API of feature level 2 (?prev_index=N, DELETE /db/?prefix=P, POST /txn: issue 14) is answered 409 while
   the cluster's feature level (the store's, replicated) is below 2: an older release would apply its commands as
   nothing and the nodes would diverge. A request is checked whole (400 naming the problem) before it is proposed.
@@ -41,7 +46,7 @@ import http.client
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,7 +62,7 @@ from raftlib.storage import DiskFull
 
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
-from .edge import WRITE_METHODS, RateLimitedLog
+from .edge import WRITE_METHODS, RateLimitedLog, Stream, waiting_on_its_own
 from .health import liveness, readiness, report
 from .metrics import Metrics
 from .leases import LeaseKeeper
@@ -65,6 +70,7 @@ from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDE
                     LEASE_GRANT, LEASE_REVOKE, MAX_DELETE_KEYS_PER_ENTRY, MAX_KEYS_PER_LEASE, MAX_LEASES,
                     MAX_TTL_SECONDS, MAX_TXN_OPS, PUT_WITH_TTL, SET, SET_IF_INDEX, SET_WITH_LEASE, TXN, KeyValueStore,
                     NoLease, TxnResult, command, txn_problem)
+from .watch import Behind, Filter, WatchHub, event_json, sse_error, sse_frame
 
 log = logging.getLogger("raftdzmq.api")
 
@@ -74,6 +80,10 @@ MAX_KEY_BYTES = 4096
 OUTCOME_HEADER = "X-Raft-Outcome"  # on every failed write's answer (the module's rules)
 NOT_APPLIED, UNKNOWN = "not-applied", "unknown"
 WRITE_OPERATIONS = frozenset(("write", "keepalive", "join", "removal", "transfer"))  # the operations whose answers name an outcome
+KEEPALIVE_SECONDS = 5.0  # a watch stream with nothing to send writes a comment this often (and so finds a dead peer)
+MAX_WATCHES = 10_000  # watches (streams and long polls) open at once on one node; 503 beyond
+DEFAULT_POLL_TIMEOUT_SECONDS = 30.0
+MAX_POLL_TIMEOUT_SECONDS = 60.0
 
 
 class NodeView(Protocol):
@@ -146,6 +156,9 @@ class Api:
     # The leader's LeaseKeeper, in step with the node's role and term; None while this node does not lead.
     lease_keeper: Callable[[], LeaseKeeper | None] = lambda: None
     min_ttl_seconds: int = 1
+    # The history GET /watch reads (the node gives the store's on_event to it), and the most watches open at once.
+    watch_hub: WatchHub = field(default_factory=WatchHub)
+    max_watches: int = MAX_WATCHES
 
 
 # ---- failures and their answers -------------------------------------------------------------------------------
@@ -883,6 +896,120 @@ def list_leases(api: Api) -> bottle.HTTPResponse:
         page.append({"id": str(lid), "ttl": lease.ttl_seconds,
                      "remaining": round(keeper.remaining_seconds(lid, now) or 0.0, 3)})
     return json_answer({"leases": page, "next": page[-1]["id"] if more else None})
+def _watch_position(api: Api) -> int:
+    """Where a watch starts: after Last-Event-ID (a reconnect), else after ?from=N, else after this node's last
+    applied index (from now)."""
+    req = bottle.request
+    last_event_id = req.get_header("Last-Event-ID")
+    name, given = ("Last-Event-ID", last_event_id) if last_event_id else ("from", req.query.get("from"))
+    if given is None:
+        return api.runtime.node.last_applied
+    if not given.isdigit() or len(given) > 18:
+        raise text(400, f"{name} must be an index: an integer >= 0")
+    return int(given)
+
+
+def get_watch(api: Api) -> bottle.HTTPResponse:
+    """GET /watch?key=K or ?prefix=P [&from=N] [&poll=1[&timeout=S]]: the changes after N (the module's rules)."""
+    q = bottle.request.query
+    try:  # from UTF-8, as keys are (list_keys says why)
+        key, prefix = (q[name].encode("latin-1").decode("utf-8") if name in q else None for name in ("key", "prefix"))
+    except UnicodeError:
+        raise text(400, "key and prefix must be UTF-8") from None
+    if (key is None) == (prefix is None):
+        raise text(400, "a watch names ?key=K or ?prefix=P, one of them (an empty prefix watches every key)")
+    if key is not None:
+        check_key(key)
+    poll = q.get("poll", "0")
+    if poll not in ("0", "1"):
+        raise text(400, "poll must be 1 (a long poll) or 0 (a stream)")
+    timeout_seconds = DEFAULT_POLL_TIMEOUT_SECONDS
+    if "timeout" in q:
+        if poll != "1":
+            raise text(400, "timeout goes with poll=1 (a stream has none)")
+        try:
+            timeout_seconds = float(q["timeout"])
+            if not 0 <= timeout_seconds <= MAX_POLL_TIMEOUT_SECONDS:  # NaN fails it too
+                raise ValueError
+        except ValueError:
+            raise text(400, f"timeout must be a number of seconds from 0 to {MAX_POLL_TIMEOUT_SECONDS:g}") from None
+    position = _watch_position(api)
+    removed = removed_text(api.runtime.node.removed)
+    if removed:
+        raise text(410, removed)
+    mode = "poll" if poll == "1" else "stream"
+    try:
+        api.watch_hub.check(position)
+    except Behind as e:
+        api.metrics.watches_behind.inc(mode)
+        raise text(410, str(e), **{"X-Raft-Oldest-Index": str(e.oldest_index)}) from None
+    if api.metrics.watches_open >= api.max_watches:
+        raise text(503, f"this node has {api.max_watches} watches open, its most: watch through another node")
+    wanted = Filter(key, prefix)
+    if mode == "poll":
+        return _long_poll(api, position, wanted, timeout_seconds)
+    return bottle.HTTPResponse(_stream(api, position, wanted, bottle.request.environ), 200, {
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **read_headers(api)})
+
+
+def _long_poll(api: Api, position: int, wanted: Filter, timeout_seconds: float) -> bottle.HTTPResponse:
+    hub, metrics = api.watch_hub, api.metrics
+    deadline = time.monotonic() + timeout_seconds
+    metrics.watches_open += 1
+    try:
+        while True:
+            try:
+                events, position = hub.read(position, wanted)
+            except Behind as e:
+                metrics.watches_behind.inc("poll")
+                return text(410, str(e), **{"X-Raft-Oldest-Index": str(e.oldest_index)})
+            remaining = deadline - time.monotonic()
+            if events or remaining <= 0:
+                metrics.watch_events.inc("poll", len(events))
+                return json_answer([event_json(e) for e in events], **read_headers(api))
+            with waiting_on_its_own(bottle.request.environ):  # bounded by remaining, at most a minute
+                hub.wait(position, remaining)
+    finally:
+        metrics.watches_open -= 1
+
+
+def _stream(api: Api, position: int, wanted: Filter, environ: dict) -> Iterator[bytes]:
+    """The chunks of a watch stream (Bottle and pywsgi send each as it comes, chunked). Not started, it holds
+    nothing: the count and the connection's Stream begin with the first chunk."""
+    hub, metrics = api.watch_hub, api.metrics
+    handler = environ.get("raftdzmq.handler")  # None in process (tests): no peer to watch
+    metrics.watches_open += 1
+    stream = None if handler is None else Stream(handler)
+    gone = None if stream is None else stream.gone
+    try:
+        yield f": watching after index {position}\n\n".encode()  # the answer's head goes out with it
+        written_at = time.monotonic()
+        while True:
+            if stream is not None:
+                stream.wrote()
+                if stream.gone.is_set():
+                    return
+            try:
+                events, position = hub.read(position, wanted)
+            except Behind as e:
+                metrics.watches_behind.inc("stream")
+                yield sse_error(str(e), e.oldest_index)
+                return
+            if events:
+                metrics.watch_events.inc("stream", len(events))
+                yield sse_frame(events)
+                written_at = time.monotonic()
+                continue
+            remaining = KEEPALIVE_SECONDS - (time.monotonic() - written_at)
+            if remaining <= 0:
+                yield b": keep-alive\n\n"
+                written_at = time.monotonic()
+                continue
+            hub.wait(position, remaining, gone)
+    finally:
+        metrics.watches_open -= 1
+        if stream is not None:
+            stream.close()
 
 
 def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64) -> str | None:
@@ -1139,6 +1266,7 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("POST", "/lease/<lease_id>/keepalive", keepalive_lease, "keepalive"),
     ("GET", "/lease/<lease_id>", get_lease, "lease"),
     ("DELETE", "/lease/<lease_id>", revoke_lease, "write"),
+    ("GET", "/watch", get_watch, "read"),
     ("POST", "/join", join, "join"),
     ("GET", "/status", get_status, "status"),
     ("GET", "/livez", livez, "status"),

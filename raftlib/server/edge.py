@@ -16,6 +16,10 @@ Rules:
   keep their pace however many connections have a request ready.
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
   environ is built in the same pass.
+- A streaming answer (GET /watch: an iterable of chunks, sent with chunked encoding as each is yielded) holds
+  its connection through a Stream: each chunk written restarts its whole-life bound, which then bounds one
+  write the client does not take (-idle-timeout and the routes' bounds); the client closing its end (or sending
+  anything) ends the stream at once; the connection closes after it.
 - Importing this module patches nothing: the command monkey-patches before it imports it.
 - A refusal here runs nothing, so a write's (WRITE_METHODS) says `X-Raft-Outcome: not-applied`
   (raftlib.server.api's rules): it may be sent again. A read's says nothing, nor does one refused before its
@@ -28,6 +32,7 @@ Rules:
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import io
 import logging
@@ -36,10 +41,11 @@ import resource
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.hub
 import gevent.pool
 import gevent.pywsgi
@@ -247,6 +253,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             return self._refuse(*refusal)  # after the timer is closed: it must not fire in the answer
         environ = self.environ
         environ["raftdzmq.body"] = body
+        environ["raftdzmq.handler"] = self  # for a streaming answer (Stream)
         self.wsgi_input = environ["wsgi.input"] = _Body(body)
         self.application = server.application
         self.handle_one_response()
@@ -468,6 +475,57 @@ def loggable_target(target: str) -> str:
             fields.append(field)
         target = f"{path}?{'&'.join(fields)}"
     return target.replace("\\", "\\\\").encode("latin-1", "replace").decode("ascii", "backslashreplace")
+class Stream:
+    """What a streaming answer needs of its connection (the module's rules). `gone` is set once the client's side
+    of the socket turns readable: end of file (it closed or reset), or bytes where none are expected (a stream is
+    the connection's last answer). `wrote()` after each chunk: the sweeper's busy bound then counts from the last
+    chunk written, so it cuts off only a client that stopped taking the stream. `close()` when the stream ends."""
+
+    def __init__(self, handler: EdgeHandler) -> None:
+        self.handler = handler
+        self.gone = gevent.event.Event()
+        handler.close_connection = True  # whatever ends the stream ends the connection
+        self._watcher: Any = None  # a libev io watcher on the socket, for reading
+        try:
+            fileno = handler.socket.fileno()
+        except (OSError, AttributeError):
+            self.gone.set()
+            return
+        self._watcher = gevent.get_hub().loop.io(fileno, 1)
+        self._watcher.start(self._readable)
+
+    def _readable(self) -> None:
+        self.gone.set()
+        if self._watcher is not None:
+            self._watcher.stop()
+
+    def wrote(self) -> None:
+        busy = self.handler.server.busy
+        if busy.pop(self.handler, None) is not None:  # to the end: the dict is kept oldest first
+            busy[self.handler] = time.monotonic()
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+
+
+@contextlib.contextmanager
+def waiting_on_its_own(environ: dict) -> Iterator[None]:
+    """For a route whose wait has a bound of its own, longer than the routes' (a long poll: up to a minute): the
+    sweeper's busy bound is off while it waits and counts again from the end of the wait, so it still cuts off a
+    client that does not take the answer. A no-op outside the edge (tests call the app directly)."""
+    handler = environ.get("raftdzmq.handler")
+    if handler is None:
+        yield
+        return
+    busy = handler.server.busy
+    held = busy.pop(handler, None) is not None
+    try:
+        yield
+    finally:
+        if held:
+            busy[handler] = time.monotonic()
 
 
 class TurnGate:

@@ -33,8 +33,8 @@ class Counter:
         self.name, self.doc, self.label = name, doc, label
         self.values: collections.Counter[str] = collections.Counter()
 
-    def inc(self, label_value: str) -> None:
-        self.values[label_value] += 1
+    def inc(self, label_value: str, amount: int = 1) -> None:
+        self.values[label_value] += amount
 
     def collect(self) -> prom_core.CounterMetricFamily:
         family = prom_core.CounterMetricFamily(self.name, self.doc, labels=[self.label])
@@ -109,6 +109,11 @@ class Metrics:
         self.lease_expirations = Counter("raftdzmq_lease_expirations", "Leases this node expired as leader, by "
                                          "outcome of the LEASE_EXPIRE entry", "outcome")
         self.lease_count: Callable[[], int] = lambda: 0
+        self.watch_events = Counter("raftdzmq_watch_events_delivered", "Watch events handed to watchers, by mode "
+                                    "(stream: server-sent events, poll)", "mode")
+        self.watches_behind = Counter("raftdzmq_watches_behind", "Watches ended or refused (410) because the event "
+                                      "history moved past them, by mode", "mode")
+        self.watches_open = 0  # a gauge: the watches (streams and long polls) open now
         self._status: Callable[[], RuntimeStatus] | None = None
         self.registry = prom.CollectorRegistry()
         self.registry.register(self)
@@ -119,9 +124,12 @@ class Metrics:
 
     def collect(self) -> Iterator[prom_core.Metric]:
         for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
-                  self.hub_lag_seconds, self.http_evictions, self.lease_keepalives, self.lease_expirations):
+                  self.hub_lag_seconds, self.http_evictions, self.lease_keepalives, self.lease_expirations,
+                  self.watch_events, self.watches_behind):
             yield m.collect()
         yield prom_core.GaugeMetricFamily("raftdzmq_leases", "Leases in the replicated state", value=self.lease_count())
+        yield prom_core.GaugeMetricFamily("raftdzmq_watches_open", "Watches open now (streams and long polls)",
+                                          value=self.watches_open)
         if self._status is not None:
             status = self._status()
             for name, doc, value in GAUGES:

@@ -70,6 +70,7 @@ from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
 from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, KeyValueStore, command
+from .watch import DEFAULT_HISTORY_EVENTS, WatchHub
 
 log = logging.getLogger("raftdzmq.node")
 
@@ -145,6 +146,7 @@ class ServerConfig:
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
     access_log: bool = False  # a line per HTTP request at INFO on raftdzmq.access (-v)
+    watch_history_events: int = DEFAULT_HISTORY_EVENTS  # -watch-history: events kept for watches
 
     @property
     def bind_host(self) -> str:
@@ -338,6 +340,23 @@ class LeaderLeases:
         return len(due) == keeper.max_batch
 
 
+class WatchedStore(KeyValueStore):
+    """The node's store: its events go to the watch hub, and so does each restore of a snapshot (which produces
+    no events: watch.py's rules), with the snapshot's index. `snapshot_of_node` gives the core's snapshot, which
+    is the one being restored whenever restore is called: at start, and by the runtime for a snapshot the leader
+    sent (RaftNode._restore sets it before the Ready that carries it)."""
+
+    def __init__(self, hub: WatchHub, snapshot_of_node, **hooks) -> None:
+        super().__init__(on_event=hub.on_event, **hooks)
+        self.hub, self.snapshot_of_node = hub, snapshot_of_node
+
+    def restore(self, data: bytes) -> None:
+        super().restore(data)
+        snapshot = self.snapshot_of_node()
+        assert snapshot is not None and snapshot.data == data, "a restore of a snapshot the core does not hold"
+        self.hub.restored(snapshot.last_included_index)
+
+
 class JoinFailed(Exception):
     """This node could not join the cluster: refused, or no answer within -join-timeout."""
 
@@ -379,8 +398,10 @@ class Server:
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
+        self.watch_hub = WatchHub(config.watch_history_events)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
-        self.store = KeyValueStore(on_level_raised=lambda level: self.runtime.request_snapshot())
+        self.store = WatchedStore(self.watch_hub, lambda: self.node.snapshot,
+                                  on_level_raised=lambda level: self.runtime.request_snapshot())
         if stored.snapshot is not None:
             self.store.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
@@ -614,12 +635,14 @@ class Server:
                   committed_configuration=self.committed_configuration, feature_level=self.feature_level,
                   lease_keeper=self.leases.current,
                   # etcd's minimum TTL: 1.5 election timeouts, so an election does not eat a lease's TTL
-                  min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)))
+                  min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)),
+                  watch_hub=self.watch_hub)
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason
         # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
+        # A long poll's wait and a watch stream are bounded on their own (edge.waiting_on_its_own, edge.Stream).
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
         self.http = EdgeServer(
             listen(config.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,

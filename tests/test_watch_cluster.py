@@ -1,0 +1,143 @@
+"""GET /watch through real processes (issue 14, watches): a stream on a follower sees exactly the committed changes
+of its prefix written through the leader, a txn's and a prefix delete's events together under one index; after
+that follower is killed, a reconnect to another node with Last-Event-ID misses nothing and repeats nothing; long
+polls; 410 past a small -watch-history; a cluster of feature level 1 serves watches too."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import pytest
+
+from procs import LocalCluster, Node, wait_for
+
+HISTORY_EVENTS = 40
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(str(tmp_path_factory.mktemp("watch")), extra=("-watch-history", str(HISTORY_EVENTS))).start()
+    wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in c.running()), 10, "feature level 2")
+    yield c
+    c.stop()
+
+
+class SseReader:
+    """A watch stream read over http.client (chunked decoding), parsed into events; every read bounded by the
+    socket's timeout."""
+
+    def __init__(self, node: Node, target: str, headers: dict | None = None) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=10)
+        self.conn.request("GET", target, headers=headers or {})
+        self.response = self.conn.getresponse()
+        self.last_id: int | None = None  # the id of the last whole group received
+
+    def groups_until(self, index: int, deadline_seconds: float = 15.0) -> list[tuple[str, str, int]]:
+        """(type, key, index) of every event received until a group with an id >= `index` is whole."""
+        out, block = [], {}
+        deadline = time.monotonic() + deadline_seconds
+        while time.monotonic() < deadline:
+            line = self.response.readline().decode()
+            if not line:
+                raise EOFError("the stream ended")
+            line = line.rstrip("\n")
+            if line:
+                name, _, value = line.partition(":")
+                block[name] = value.strip()
+                continue
+            if "data" in block and block.get("event") != "error":
+                event = json.loads(block["data"])
+                assert event["type"] == block["event"]
+                out.append((event["type"], event["key"], event["index"]))
+            if "id" in block:
+                self.last_id = int(block["id"])
+                assert self.last_id == out[-1][2]
+                if self.last_id >= index:
+                    return out
+            block = {}
+        raise AssertionError(f"no event of index {index} within {deadline_seconds}s; got {out}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def index_of(r) -> int:
+    assert r.status == 200, r
+    return int(r.headers["x-raft-index"])
+
+
+def test_a_follower_streams_exactly_the_committed_changes_and_a_reconnect_elsewhere_resumes_them(cluster):
+    leader = cluster.leader()
+    follower, other = [n for n in cluster.running() if n is not leader]
+    reader = SseReader(follower, "/watch?prefix=w/")
+    assert reader.response.status == 200 and reader.response.getheader("Content-Type").startswith(
+        "text/event-stream")
+    expected = []
+    i = index_of(leader.request("POST", "/db/w/a", "1"))
+    expected.append(("put", "w/a", i))
+    i = index_of(leader.request("POST", "/db/w/b", "2"))
+    expected.append(("put", "w/b", i))
+    index_of(leader.request("POST", "/db/x", "not watched"))
+    i = index_of(leader.request("DELETE", "/db/w/a"))
+    expected.append(("delete", "w/a", i))
+    txn = {"success": [{"op": "put", "key": "w/c", "value": "3"}, {"op": "put", "key": "x2", "value": "-"},
+                       {"op": "put", "key": "w/d", "value": "4"}]}
+    i = index_of(leader.request("POST", "/txn", json.dumps(txn)))
+    expected += [("put", "w/c", i), ("put", "w/d", i)]
+    i = index_of(leader.request("DELETE", "/db/?prefix=w/"))
+    expected += [("delete", "w/b", i), ("delete", "w/c", i), ("delete", "w/d", i)]
+    assert reader.groups_until(i) == expected
+    resume_after = reader.last_id
+    follower.kill()
+    later = []
+    for key in ("w/e", "w/f"):
+        later.append(("put", key, index_of(cluster.write(key, "5"))))
+    later.append(("delete", "w/e", index_of(cluster.leader().request("DELETE", "/db/w/e"))))
+    with pytest.raises((EOFError, OSError, http.client.HTTPException)):
+        reader.groups_until(later[-1][2], deadline_seconds=5)
+    reader.close()
+    again = SseReader(other, "/watch?prefix=w/", headers={"Last-Event-ID": str(resume_after)})
+    assert again.groups_until(later[-1][2]) == later  # no gap, no duplicate
+    again.close()
+    follower.start()
+
+
+def test_a_long_poll_answers_events_after_from_or_an_empty_list_after_its_timeout(cluster):
+    leader = cluster.leader()
+    follower = next(n for n in cluster.running() if n is not leader)
+    i = index_of(leader.request("POST", "/db/p/one", "1"))
+    r = follower.request("GET", f"/watch?key=p/one&from={i - 1}&poll=1")
+    assert r.status == 200 and r.json() == [{"type": "put", "key": "p/one", "value": "1", "index": i,
+                                             "create_index": i}]
+    t0 = time.monotonic()
+    r = follower.request("GET", f"/watch?key=p/one&from={i}&poll=1&timeout=1")
+    assert r.status == 200 and r.json() == [] and time.monotonic() - t0 >= 0.9
+
+
+def test_from_older_than_the_history_is_410_with_the_oldest_index(cluster):
+    leader = cluster.leader()
+    first = index_of(leader.request("POST", "/db/h/0", "v"))
+    for n in range(1, HISTORY_EVENTS + 5):
+        index_of(leader.request("POST", f"/db/h/{n}", "v"))
+    r = leader.request("GET", f"/watch?prefix=h/&from={first - 1}&poll=1")
+    assert r.status == 410 and int(r.headers["x-raft-oldest-index"]) > first
+    assert r.text.count("\n") == 1 and "oldest index available" in r.text
+    oldest = int(r.headers["x-raft-oldest-index"])
+    r = leader.request("GET", f"/watch?prefix=h/&from={oldest - 1}&poll=1")
+    assert r.status == 200 and r.json()[0]["index"] == oldest
+
+
+def test_a_cluster_of_feature_level_1_serves_watches_of_sets_and_deletes(tmp_path):
+    node = Node("old", str(tmp_path)).start(env={"RAFTDZMQ_FEATURE_LEVEL": "1"})
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        assert node.status()["cluster_feature_level"] == 1
+        put = index_of(node.request("POST", "/db/k", "v"))
+        gone = index_of(node.request("DELETE", "/db/k"))
+        r = node.request("GET", f"/watch?key=k&from={put - 1}&poll=1")
+        assert r.status == 200 and [(e["type"], e["index"], e["create_index"]) for e in r.json()] == [
+            ("put", put, 0), ("delete", gone, 0)]  # no indices below level 2 (store: "Indices")
+    finally:
+        node.kill()
