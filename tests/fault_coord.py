@@ -385,6 +385,7 @@ class Coordination:
             if w.error is not None:
                 raise AssertionError(f"{w.name} failed: {w.error!r}")
         run = self.run
+        started = time.monotonic()
         # Every lease gone (the holder's revoked, the lapsed ones expired): from here the state no longer changes.
         run._wait(lambda: not run._leader().request("GET", "/lease", timeout=3).json()["leases"],
                   TTL_SECONDS + LAPSE_SLACK_SECONDS + 20, "every lease to be revoked or to expire")
@@ -406,7 +407,7 @@ class Coordination:
         for key, values in client_written.items():
             written[key] |= values
         acks = self.acks + client_acks
-        summary = {"watchers": len(self.watchers)}
+        summary = {"watchers": len(self.watchers), "check_seconds": round(time.monotonic() - started, 1)}
         if self.watchers:
             summary.update(self._check_watchers(final, acks, written, end_index))
         if self.holder is not None:
@@ -502,6 +503,7 @@ class Coordination:
                 if when < last + lease["ttl"] - EARLY_TOLERANCE_SECONDS:
                     problems.append(f"lease {lease['id']} vanished {when - last:.2f}s after the last keepalive "
                                     f"answered before it (TTL {lease['ttl']}s): {how}")
+                    break  # one line a lease
         lateness = []
         for lease in self.lapser.leases:
             seen = [when for when, _ in self._vanishings(lease)]
