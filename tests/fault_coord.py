@@ -47,6 +47,7 @@ import json
 import random
 import threading
 import time
+import urllib.parse
 
 from procs import Node
 
@@ -425,10 +426,17 @@ class Coordination:
                 break
             after = body["next"]
         state = {}
-        for key in keys:
-            r = node.request("GET", f"/db/{key}?consistency=stale", timeout=5)
-            assert r.status == 200, f"{key} listed but answered {r.status}"
-            state[key] = (r.text, int(r.headers["x-raft-modify-index"]))
+        host, port = node.address.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)  # one connection for them all: thousands
+        try:
+            for key in keys:
+                conn.request("GET", f"/db/{urllib.parse.quote(key)}?consistency=stale")
+                r = conn.getresponse()
+                value = r.read().decode()
+                assert r.status == 200, f"{key} listed but answered {r.status}"
+                state[key] = (value, int(r.getheader("X-Raft-Modify-Index")))
+        finally:
+            conn.close()
         return state
 
     def _check_watchers(self, final, acks, written, end_index) -> dict:
