@@ -47,7 +47,7 @@ def assert_clean(code: int, output: str, result: dict | None, faults: set[str]) 
     coordination = result["coordination"]
     assert coordination["watch_events_checked"] > 1000 and coordination["watch_reconnects"] > 0, coordination
     assert coordination["watch_gaps_unexplained"] == 0, coordination
-    assert coordination["lease_keepalives"] > 3 and coordination["lapsed_leases_seen_expiring"] > 0, coordination
+    assert coordination["lease_keepalives"] > 0 and coordination["lapsed_leases_seen_expiring"] > 0, coordination
     assert all(coordination[f"{k}_increments"].get("ok", 0) > 10 for k in ("cnt0", "cnt1")), coordination
     print(json.dumps(result))
 
