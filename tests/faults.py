@@ -785,6 +785,7 @@ class FaultRun:
         self.probes += 1
         for key in REGISTER_KEYS:
             value = f"probe-{self.probes}-{key}"
+            self.coord.wrote(key, value)  # the watchers' "nothing invented" check
             call = time.monotonic()
             try:
                 r = leader.request("POST", f"/db/{key}", value, timeout=3)
