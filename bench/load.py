@@ -188,7 +188,8 @@ class Etcd(System):
             if api == "v2":
                 args.append("--enable-v2")
             self.spawn(args, f"{self.name}-{name}.log")
-        self.url = f"http://127.0.0.1:{peers[0][1]}"
+        self.urls = [f"http://127.0.0.1:{cp}" for _, cp, _ in peers]
+        self.url = self.urls[0]
         wait_until(lambda: b"true" in get(self.url + "/health"), 30, "etcd to be healthy")
 
     @staticmethod
