@@ -9,6 +9,7 @@ same way on loopback in the same run: a bare Bottle dict server (--vs bare), etc
     python bench/load.py --url http://localhost:8080 --workloads write -c 64 -d 10
     python bench/load.py --vs-build /tmp/old -c 1 64 -w write --repeat 5   # this build against another, alternating
     python bench/load.py --vs etcd --open-loop --fractions 0.5 0.8 -w write --plot ol.png   # open loop, see below
+    python bench/load.py --vs etcd -c 64 -w write txn --repeat 3   # 10-put transactions against single writes
 
 The load comes from wrk when it is on the PATH (a C client: it is not the bottleneck), else from a gevent client
 (bench/pyclient.py). The load generator's own CPU use is reported per run.
@@ -18,6 +19,11 @@ loop at --saturation-clients on the --saturation-of system, by default the last 
 request's scheduled time (bench/openloop.py: no coordinated omission); per rate and system p50/p99/p99.9/max, how
 far the generator fell behind its schedule and its CPU, and whether the run is valid (the generator was not the
 bottleneck). On raftdzmq each run also reports the leader's hub lag and fsync times over the run (GET /metrics).
+
+-w txn: transactions of --txn-ops puts of distinct random keys each (raftdzmq's POST /txn, etcd's POST
+/v3/kv/txn through its gateway; systems without transactions are left out of it). With -w write txn the table is
+followed by each system's transaction rate over its single-write rate at each concurrency, and its key writes/s.
+The watch fan-out is bench/watch_fanout.py.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import random
 import resource
@@ -104,6 +111,10 @@ class System:
         q = "?consistency=stale" if stale else "?consistency=lease" if lease else ""
         return [("GET", f"/db/{k}{q}", None, {}) for k in keys]
 
+    def txn_requests(self, key_sets: list[list[str]], value: str) -> list | None:
+        """One request per key set: a transaction that puts `value` at each key of the set; None without them."""
+        return None
+
 
 class Raftdzmq(System):
     def __init__(self, workdir: str, nodes: int, extra: list[str], build: str = ROOT) -> None:
@@ -131,6 +142,10 @@ class Raftdzmq(System):
                     return
             except OSError:
                 continue
+
+    def txn_requests(self, key_sets, value):
+        return [("POST", "/txn", json.dumps({"compare": [], "success": [{"op": "put", "key": k, "value": value}
+                                                                         for k in ks]}), {}) for ks in key_sets]
 
     def _voters(self) -> int:
         st = json.loads(get(f"http://127.0.0.1:{self.http_ports[0]}/status"))
@@ -173,7 +188,8 @@ class Etcd(System):
             if api == "v2":
                 args.append("--enable-v2")
             self.spawn(args, f"{self.name}-{name}.log")
-        self.url = f"http://127.0.0.1:{peers[0][1]}"
+        self.urls = [f"http://127.0.0.1:{cp}" for _, cp, _ in peers]
+        self.url = self.urls[0]
         wait_until(lambda: b"true" in get(self.url + "/health"), 30, "etcd to be healthy")
 
     @staticmethod
@@ -186,6 +202,12 @@ class Etcd(System):
                     for k in keys]
         return [("POST", "/v3/kv/put", json.dumps({"key": self._b64(k), "value": self._b64(value)}), {})
                 for k in keys]
+
+    def txn_requests(self, key_sets, value):
+        if self.api == "v2":
+            return None
+        return [("POST", "/v3/kv/txn", json.dumps({"success": [
+            {"request_put": {"key": self._b64(k), "value": self._b64(value)}} for k in ks]}), {}) for ks in key_sets]
 
     def read_requests(self, keys, stale=False):
         if self.api == "v2":
@@ -318,9 +340,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("-d", "--duration", type=float, default=10.0, help="seconds per run (default 10)")
     p.add_argument("-w", "--workloads", nargs="+", default=["write", "read"],
-                   choices=["write", "read", "lease-read", "stale-read"],
+                   choices=["write", "read", "lease-read", "stale-read", "txn"],
                    help="read: the default (linearizable); lease-read: ?consistency=lease on raftdzmq, the default "
-                        "read elsewhere")
+                        "read elsewhere; txn: transactions of --txn-ops puts")
+    p.add_argument("--txn-ops", type=int, default=10, help="puts in each transaction of -w txn (default 10)")
     p.add_argument("--keys", type=int, default=1000, help="distinct random keys (default 1000)")
     p.add_argument("--value-size", type=int, nargs=2, default=[100, 100], metavar=("MIN", "MAX"),
                    help="value sizes in bytes, drawn uniformly (default 100 100)")
@@ -392,6 +415,8 @@ def measure(args: argparse.Namespace, systems: list[System], keys: list[str], rn
             for _ in range(args.repeat):
                 for s in systems:
                     reqs = workload_requests(s, workload, keys, rng, args)
+                    if reqs is None:
+                        continue
                     r = run_load(s.url, reqs, c, args.duration, workdir, f"{s.name} {workload} c={c}", client)
                     results.setdefault((workload, c, s.name), []).append(r)
     return results
@@ -416,6 +441,7 @@ def main() -> int:
             return open_loop(args, systems, keys, rng, workdir, client)
         results = measure(args, systems, keys, rng, workdir, client)
         print_table(results, systems)
+        print_txn_ratios(results, systems, args.txn_ops)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([{"workload": w, "concurrency": c, "system": n, "runs": rs, "median": median(rs)}
@@ -525,7 +551,17 @@ def saturation_rates(args, systems, keys, rng, workdir, client) -> dict[str, flo
     return {"system": ref.name, **out}
 
 
-def workload_requests(s: System, workload: str, keys: list[str], rng: random.Random, args) -> list:
+def txn_key_sets(keys: list[str], ops: int, count: int, rng: random.Random) -> list[list[str]]:
+    """`count` sets of `ops` distinct keys drawn from `keys` (a transaction puts a key at most once: raftdzmq and
+    etcd both refuse a key put twice)."""
+    assert 0 < ops <= len(keys)
+    return [rng.sample(keys, ops) for _ in range(count)]
+
+
+def workload_requests(s: System, workload: str, keys: list[str], rng: random.Random, args) -> list | None:
+    """The requests of one workload on `s`, or None when `s` has no such operation (txn on bare, etcd2...)."""
+    if workload == "txn":
+        return s.txn_requests(txn_key_sets(keys, args.txn_ops, 2000, rng), "v" * rng.randint(*args.value_size))
     if workload == "write":
         return s.write_requests(keys, "v" * rng.randint(*args.value_size))
     return s.read_requests(keys, stale=workload == "stale-read", **(
@@ -545,6 +581,8 @@ def open_loop(args, systems, keys, rng, workdir, client) -> int:
             for _ in range(args.repeat):
                 for s in systems:
                     reqs = workload_requests(s, workload, keys, rng, args)
+                    if reqs is None:
+                        continue
                     reqs = [reqs[rng.randrange(len(reqs))] for _ in range(20000)]
                     r = run_open_loop(s, reqs, rate, args, workdir, f"{s.name} {workload} {rate:g}/s")
                     results.setdefault((workload, rate, s.name), []).append(r)
@@ -648,6 +686,26 @@ def print_table(results: dict, systems: list[System]) -> None:
         print(f"{workload:<11}{c:>8}  {name:<18}{m['ops']:>9.0f}{m['p50'] / 1000:>9.2f}{m['p90'] / 1000:>9.2f}"
               f"{m['p99'] / 1000:>9.2f}{m['p999'] / 1000:>10.2f}{m['errors']:>8.0f}{m['client_cpu'] * 100:>10.0f}%"
               f"{ratio:>11}")
+
+
+def txn_ratios(results: dict, txn_ops: int) -> list[dict]:
+    """Per system and concurrency measured with both: transactions/s over single writes/s (medians of the runs),
+    and the key writes/s the transactions made (each puts `txn_ops` keys)."""
+    out = []
+    for (workload, c, name), runs in results.items():
+        if workload != "txn" or ("write", c, name) not in results:
+            continue
+        txn, write = median(runs)["ops"], median(results[("write", c, name)])["ops"]
+        out.append({"system": name, "concurrency": c, "txn_per_second": txn, "write_per_second": write,
+                    "ratio": txn / write if write else math.nan, "key_writes_per_second": txn * txn_ops})
+    return out
+
+
+def print_txn_ratios(results: dict, systems: list[System], txn_ops: int) -> None:
+    for r in txn_ratios(results, txn_ops):
+        print(f"txn/write {r['system']:<18} c={r['concurrency']:<4} {r['txn_per_second']:>7.0f} txn/s over "
+              f"{r['write_per_second']:>6.0f} writes/s = {r['ratio']:.2f}x; {r['key_writes_per_second']:>7.0f} key "
+              f"writes/s ({txn_ops} puts each)")
 
 
 def plot(results: dict, systems: list[System], path: str) -> None:

@@ -163,9 +163,12 @@ PROBE_PERIOD_SECONDS = 0.005
 
 
 def run(host: str, port: int, requests: list[bytes], rate_per_second: float, duration_seconds: float,
-        warmup_seconds: float, max_connections: int, timeout_seconds: float, burn_us: float = 0.0) -> dict:
+        warmup_seconds: float, max_connections: int, timeout_seconds: float, burn_us: float = 0.0,
+        answered_at: list | None = None) -> dict:
     """Send requests[i % len] at start + i / rate for `warmup_seconds + duration_seconds`; return the summary of
-    those scheduled after the warm-up. `burn_us`: CPU to waste per answer (tests: a generator that cannot keep up)."""
+    those scheduled after the warm-up. `burn_us`: CPU to waste per answer (tests: a generator that cannot keep up).
+    `answered_at`, when given, is extended with each request's time.monotonic() when its 2xx answer arrived (None for
+    an error or no answer): bench/watch_fanout.py times each write's events from it."""
     import gevent
     import gevent.queue
     import gevent.socket
@@ -175,6 +178,7 @@ def run(host: str, port: int, requests: list[bytes], rate_per_second: float, dur
     latency: list[float | None] = [None] * n
     lateness: list[float] = [0.0] * n
     errors, done = [0], [0]
+    ok = [False] * n
     queue: gevent.queue.Queue = gevent.queue.Queue()
     state = {"idle": 0, "workers": 0, "opened": 0, "max_waiting": 0}
     start = time.monotonic() + 0.05
@@ -204,6 +208,8 @@ def run(host: str, port: int, requests: list[bytes], rate_per_second: float, dur
                 status = conn.exchange(requests[i % len(requests)])
                 if not 200 <= status < 300:  # a 307 from a node that no longer leads is not an answer
                     errors[0] += 1
+                else:
+                    ok[i] = True
             except (OSError, ValueError, IndexError):
                 errors[0] += 1
                 if conn is not None:
@@ -249,6 +255,9 @@ def run(host: str, port: int, requests: list[bytes], rate_per_second: float, dur
     for _ in workers:
         queue.put(None)
     gevent.killall(workers, timeout=1)
+    if answered_at is not None:
+        answered_at.extend(start + offsets[k] + latency[k] if ok[k] and latency[k] is not None else None
+                           for k in range(n))
     first = next((k for k, off in enumerate(offsets) if off >= warmup_seconds), n)
     measured = latency[first:]
     timeouts = sum(1 for x in measured if x is None)

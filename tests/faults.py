@@ -37,6 +37,10 @@ in a hub namespace, where this runner and its clients live; cuts are iptables ru
 (this kernel has no tc netem). After the run every fault is healed and the run fails unless: the history is
 linearizable, every acknowledged insert is on every member at the end and nothing was invented, all members
 converge to the same state, and no node exited (other than at a crash point) or logged a traceback.
+Beside the clients, by default (tests/fault_coord.py has their rules and checks): --watchers N streams of
+GET /watch that reconnect to other nodes with Last-Event-ID and must see exactly the committed changes; a lease
+kept alive whose keys must never vanish early and leases let lapse whose keys must go (--no-leases to leave them
+out); --counters N clients incrementing counters with compare-and-set transactions that must lose no increment.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from fault_coord import Coordination  # noqa: E402
 from linearizability import READ, WRITE, Op, check  # noqa: E402
 from procs import Node, http_request, wait_for  # noqa: E402
 
@@ -178,6 +183,8 @@ class Client(threading.Thread):
         self.history: list[Op] = []
         self.inserts: dict[str, str] = {}  # key -> "ok" | "unknown" | "failed"
         self.acknowledged: list[tuple[float, float, Node]] = []  # (returned, seconds taken, node) of each ok write
+        self.puts: list[tuple[int, str, str]] = []  # (X-Raft-Index, key, value) of each write answered 200
+        self.written: dict[str, set[str]] = collections.defaultdict(set)  # key -> values written, any outcome
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -212,6 +219,12 @@ class Client(threading.Thread):
             time.sleep(0.05)  # a down node answers at once: do not spin on it
         return r
 
+    def _note_put(self, key: str, value: str, r) -> None:
+        """For the watchers' checks (fault_coord.py): what was written, and where each acknowledged put went."""
+        self.written[key].add(value)
+        if r is not None and r is not REFUSED and r.status == 200 and "x-raft-index" in r.headers:
+            self.puts.append((int(r.headers["x-raft-index"]), key, value))
+
     def _write_outcome(self, r) -> str:
         if r is REFUSED:
             return "failed"
@@ -225,6 +238,7 @@ class Client(threading.Thread):
         call = time.monotonic()
         r = self._request("POST", node, f"/db/{key}", value)
         ret = time.monotonic()
+        self._note_put(key, value, r)
         outcome = self._write_outcome(r)
         self.run_.stats.ops[f"write {outcome}"] += 1
         if outcome == "ok":
@@ -244,7 +258,9 @@ class Client(threading.Thread):
 
     def insert(self, node: Node, key: str) -> None:
         call = time.monotonic()
-        outcome = self._write_outcome(self._request("POST", node, f"/db/{key}", key))
+        r = self._request("POST", node, f"/db/{key}", key)
+        self._note_put(key, key, r)
+        outcome = self._write_outcome(r)
         self.inserts[key] = outcome
         self.run_.stats.ops[f"insert {outcome}"] += 1
         if outcome == "ok":
@@ -256,7 +272,8 @@ class FaultRun:
     def __init__(self, size: int, seconds: float, seed: int, faults: list[str], base_dir: str, clients: int = 6,
                  log=print, read_consistency: str = "linearizable", snapshot_threshold_bytes: int | None = 4096,
                  crash_points: str | None = None, clock_rate: float | None = None,
-                 request_timeout_seconds: float = 3.0) -> None:
+                 request_timeout_seconds: float = 3.0, watchers: int = 3, leases: bool = True, counters: int = 2,
+                 allow_watch_gaps: bool = False, unsafe_lease_no_reset: bool = False) -> None:
         faults = [f for name in faults for f in (MEMBERSHIP_FAULTS if name == "membership" else (name,))]
         unknown = set(faults) - set(FAULTS)
         if unknown:
@@ -305,6 +322,10 @@ class FaultRun:
         self._reaping = False
         self.probes = 0
         self.probe_history: list[Op] = []  # the skewed-pause probe's operations (list.append: thread-safe)
+        self.restart_all_times: list[float] = []  # when each restart-all began (a watcher's gap may follow one)
+        self.healed_at = math.inf
+        self.unsafe_lease_no_reset = unsafe_lease_no_reset
+        self.coord = Coordination(self, watchers, leases, counters, allow_watch_gaps)
 
     # -- the run ----------------------------------------------------------------------------------------------------
 
@@ -316,6 +337,7 @@ class FaultRun:
             if self.skewed is not None:
                 self._say(f"{self.skewed.name}'s clock runs at {self.clock_rate}x")
             self._start_cluster()
+            self.coord.start()
             started = time.monotonic()
             clients = [Client(self, i) for i in range(self.n_clients)]
             self.clients = clients
@@ -328,8 +350,10 @@ class FaultRun:
                 self.stopping.set()
                 for c in clients:
                     c.join(self.request_timeout_seconds * 3)
+                self.coord.stop()
             return self._verify(clients, time.monotonic() - started)
         finally:
+            self.coord.close()
             for node in list(self.paused):
                 self._signal(node, signal.SIGCONT)
             for node in self.slots:
@@ -369,6 +393,8 @@ class FaultRun:
             env["RAFTDZMQ_CRASH_SEED"] = f"{self.seed}-{node.name}-{self.starts[node]}"
         if node is self.skewed:
             env["RAFTDZMQ_TEST_CLOCK_RATE"] = str(self.clock_rate)
+        if self.unsafe_lease_no_reset:
+            env["RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET"] = "1"
         if "slow-disk" in self.faults:
             env["RAFTDZMQ_TEST_FSYNC_DELAY_FILE"] = self._delay_file(node)
         return env
@@ -581,6 +607,7 @@ class FaultRun:
 
     def _fault_restart_all(self) -> None:
         self._say("SIGKILL every node, then restart them all")
+        self.restart_all_times.append(time.monotonic())
         for node in self.members:
             self._kill(node)
         time.sleep(self.rng.uniform(0.1, 1.0))
@@ -758,6 +785,7 @@ class FaultRun:
         self.probes += 1
         for key in REGISTER_KEYS:
             value = f"probe-{self.probes}-{key}"
+            self.coord.wrote(key, value)  # the watchers' "nothing invented" check
             call = time.monotonic()
             try:
                 r = leader.request("POST", f"/db/{key}", value, timeout=3)
@@ -833,6 +861,7 @@ class FaultRun:
         for node in self.members:
             self._restart(node)
         self._wait(lambda: not self.crashed, 60, "the nodes that died at crash points to be back")
+        self.healed_at = time.monotonic()
 
     # -- the checks -------------------------------------------------------------------------------------------------
 
@@ -874,6 +903,11 @@ class FaultRun:
         for name, state in states.items():
             if state != first:
                 raise AssertionError(f"{name} did not converge to the same state as {first_name}")
+        written: dict[str, set[str]] = collections.defaultdict(set)
+        for c in clients:
+            for key, values in c.written.items():
+                written[key] |= values
+        coordination = self.coord.verify([p for c in clients for p in c.puts], written, self.healed_at)
         self._reap()
         for n in self.slots:
             self._ensure_ran_well(n)
@@ -887,6 +921,7 @@ class FaultRun:
             "members_at_end": len(self.members), "snapshots_taken": logs.count("took a snapshot at index"),
             "snapshots_installed": logs.count("installed a snapshot at index"), "notes": dict(self.stats.notes),
             **({"slow_disk_windows": self.stats.slow_disk_windows} if self.stats.slow_disk_windows else {}),
+            "coordination": coordination,
         }
 
     def _members_are_voters(self) -> bool:
@@ -954,6 +989,14 @@ def main() -> None:
                    help="one node's clock runs this many times as fast (RAFTDZMQ_TEST_CLOCK_RATE)")
     p.add_argument("--request-timeout", type=float, default=3.0, help="seconds a client waits for an answer")
     p.add_argument("--keep", action="store_true", help="keep the data dirs and node logs of a failed run")
+    p.add_argument("--watchers", type=int, default=3, help="GET /watch streams checked (fault_coord.py; 0: none)")
+    p.add_argument("--no-leases", action="store_true", help="no lease holder nor lapser (fault_coord.py)")
+    p.add_argument("--counters", type=int, default=2, help="compare-and-set counter clients (fault_coord.py)")
+    p.add_argument("--allow-watch-gaps", action="store_true",
+                   help="a watcher's 410 from every member with no restart-all before it is counted, not a failure")
+    p.add_argument("--unsafe-lease-no-reset", action="store_true",
+                   help="a broken build for the lease check to catch: RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET=1 on every "
+                   "node (a new leader does not give leases their full TTL)")
     args = p.parse_args()
     faults = [f for f in args.faults.split(",") if f]
     if any(f in NETWORK_FAULTS for f in faults) and os.geteuid() != 0:
@@ -967,7 +1010,10 @@ def main() -> None:
             result = FaultRun(args.nodes, args.seconds, seed, faults, base, args.clients,
                               read_consistency=args.read_consistency, snapshot_threshold_bytes=args.snapshot_threshold,
                               crash_points=args.crash_points, clock_rate=args.clock_rate,
-                              request_timeout_seconds=args.request_timeout).execute()
+                              request_timeout_seconds=args.request_timeout, watchers=args.watchers,
+                              leases=not args.no_leases, counters=args.counters,
+                              allow_watch_gaps=args.allow_watch_gaps,
+                              unsafe_lease_no_reset=args.unsafe_lease_no_reset).execute()
             ok = True
             print(json.dumps(result), flush=True)
             totals.update({"runs": 1, "seconds": result["seconds"], "history_checked": result["history_checked"],
@@ -975,6 +1021,10 @@ def main() -> None:
                            "snapshots_taken": result["snapshots_taken"],
                            "snapshots_installed": result["snapshots_installed"]})
             totals.update({f"fault {k}": v for k, v in result["faults"].items()})
+            totals.update({k: v for k, v in result["coordination"].items() if type(v) is int})
+            for key, counts in result["coordination"].items():
+                if key.endswith("_increments"):
+                    totals.update({f"{key} {k}": v for k, v in counts.items()})
             totals.update({f"crash point {k}": v for k, v in result["crash_points"].items()})
         except Exception:  # the next seeds still run; the exit code says that one failed
             traceback.print_exc()

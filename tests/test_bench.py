@@ -230,3 +230,213 @@ def test_the_scale_load_stops_waiting_when_the_count_stalls(monkeypatch):
     clock[0] = 26
     assert stalled()
     assert scale.Stalled(FakeCluster({f"k{i}" for i in range(10)}), 10)()
+
+
+# ---- bench/watch_fanout.py and the txn workload of bench/load.py ------------------------------------------------
+
+
+def chunked(*payloads: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads)
+
+
+def test_dechunk_takes_whole_chunks_only_and_keeps_the_rest():
+    import watch_fanout
+
+    data = chunked(b"hello ", b"world") + b"5\r\nabc"
+    assert watch_fanout.dechunk(data) == (b"hello world", b"5\r\nabc", False)
+    assert watch_fanout.dechunk(b"5\r") == (b"", b"5\r", False)
+    assert watch_fanout.dechunk(chunked(b"x") + b"0\r\n\r\n") == (b"x", b"", True)
+    assert watch_fanout.dechunk(b"a;ext=1\r\n0123456789\r\n") == (b"0123456789", b"", False)
+
+
+def test_complete_messages_split_at_the_last_delimiter():
+    import watch_fanout
+
+    assert watch_fanout.complete_messages(b"a\n\nb\n\nc", b"\n\n") == (b"a\n\nb\n\n", b"c")
+    assert watch_fanout.complete_messages(b"partial", b"\n") == (b"", b"partial")
+
+
+def raftdzmq_frame(key: str, index: int) -> bytes:
+    return (f"id: {index}\nevent: put\ndata: " + json.dumps({"type": "put", "key": key, "value": "v", "index": index,
+                                                             "create_index": index}) + "\n\n").encode()
+
+
+def etcd_message(key: str, revision: int) -> bytes:
+    import base64
+
+    b64 = base64.b64encode(key.encode()).decode()
+    return (json.dumps({"result": {"header": {"revision": str(revision)}, "events": [
+        {"kv": {"key": b64, "mod_revision": str(revision), "value": "dg=="}}]}}, separators=(",", ":")) + "\n"
+            ).encode()
+
+
+@pytest.mark.parametrize("system", ["raftdzmq", "etcd"])
+def test_a_watcher_times_each_event_when_its_message_is_whole(system):
+    import watch_fanout
+
+    keys = watch_fanout.key_table("fan1/", 4, base64_keys=system == "etcd")
+    if system == "raftdzmq":
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        first = b": watching after index 7\n\n"
+        frames = [raftdzmq_frame(f"fan1/{i}", 8 + i) for i in range(4)] + [raftdzmq_frame("other", 12)]
+    else:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        first = b'{"result":{"header":{"revision":"7"},"created":true}}\n'
+        frames = [etcd_message(f"fan1/{i}", 8 + i) for i in range(4)] + [etcd_message("other", 12)]
+    stream = head + chunked(first) + chunked(frames[0] + frames[1]) + chunked(frames[2]) + chunked(frames[3]) \
+        + chunked(frames[4]) + chunked(frames[1])
+    w = watch_fanout.Watcher(None, 4)
+    # Fed in pieces that cut the head, a chunk's size line and a key: each event is timed by the piece that made
+    # its chunk whole.
+    cut = [len(head) - 3, len(head) + 5, len(head) + len(chunked(first)) + 20, len(stream) - 40]
+    pieces = [stream[a:b] for a, b in zip([0] + cut, cut + [len(stream)])]
+    for t, piece in enumerate(pieces):
+        watch_fanout.feed(w, piece, float(t), system, keys)
+    assert w.ready and w.ended is None
+    assert w.received == 4 and w.duplicates == 1  # frames[1] came twice; "other" is not one of the run's keys
+    whole_at = [next(t for t, end in enumerate(cut + [len(stream)]) if end >= stream.find(f) + len(f) + 2)
+                for f in frames[:4]]
+    assert list(w.arrivals) == [float(t) for t in whole_at]
+    assert whole_at[0] >= 2  # not timed at the piece that carried only its beginning
+
+
+def test_a_watcher_notes_why_its_stream_ended():
+    import watch_fanout
+
+    w = watch_fanout.Watcher(None, 1)
+    watch_fanout.feed(w, b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 3\r\n\r\nno\n", 0.0, "raftdzmq", {})
+    assert w.ended == "status 503"
+    w = watch_fanout.Watcher(None, 1)
+    watch_fanout.feed(w, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + chunked(b'event: error\ndata: {"error": "gone", "oldest_index": 9}\n\n'), 0.0, "raftdzmq", {})
+    assert "error" in w.ended
+    w = watch_fanout.Watcher(None, 1)
+    watch_fanout.feed(w, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b'{"result":{}}\n')
+                      + b"0\r\n\r\n", 0.0, "etcd", {})
+    assert w.ended == "stream closed by the server"
+
+
+def test_percentile_of_a_histogram_is_nearest_rank():
+    import watch_fanout
+
+    counts = {v: 1 for v in range(1, 1001)}
+    assert watch_fanout.percentile_of_histogram(counts, 1000, 50) == 500
+    assert watch_fanout.percentile_of_histogram(counts, 1000, 99.9) == 999
+    assert watch_fanout.percentile_of_histogram({1: 999, 500: 1}, 1000, 99.9) == 1
+    assert watch_fanout.percentile_of_histogram({1: 998, 500: 2}, 1000, 99.9) == 500
+    assert watch_fanout.percentile_of_histogram({-3: 1, 4: 1}, 2, 50) == -3
+
+
+def test_delivery_summary_counts_missed_events_and_ended_streams_as_behind():
+    from array import array
+
+    import watch_fanout
+
+    nan = math.nan
+    answered_at = [10.0, 11.0, None, 13.0]  # write 2 failed: not expected, its event not counted
+    arrivals = [array("d", [10.002, 11.004, 12.5, 13.010]),  # every acknowledged event
+                array("d", [10.003, nan, nan, 13.001]),  # missed write 1
+                array("d", [10.001, 11.001, nan, 13.001])]  # all, but its stream ended
+    s = watch_fanout.delivery_summary(arrivals, [0, 2, 0], [None, None, "connection closed"], answered_at)
+    assert s["writes_acknowledged"] == 3 and s["writes_failed"] == 1
+    assert s["events_expected"] == 9 and s["events_received"] == 8 and s["events_missed"] == 1
+    assert s["duplicates"] == 2
+    assert s["watchers_complete"] == 1 and s["watchers_behind"] == 2
+    assert s["behind"] == [{"watcher": 1, "missed": 1, "ended": None},
+                           {"watcher": 2, "missed": 0, "ended": "connection closed"}]
+    assert s["p50_ms"] == pytest.approx(1.0) and s["p90_ms"] == pytest.approx(10.0)  # 1,1,1,1,2,3,4,10 ms
+    assert s["max_ms"] == pytest.approx(10.0)
+    assert s["worst_watcher_p99_ms"] == pytest.approx(10.0)
+
+
+def test_delivery_summary_of_a_watcher_that_got_nothing():
+    from array import array
+
+    import watch_fanout
+
+    s = watch_fanout.delivery_summary([array("d", [math.nan])], [0], [None], [1.0])
+    assert s["events_received"] == 0 and s["watchers_behind"] == 1 and math.isnan(s["p99_ms"])
+
+
+def test_the_writer_puts_one_key_per_slot_in_order():
+    import base64
+
+    import watch_fanout
+
+    r = watch_fanout.write_requests("raftdzmq", "fan3/", 3, "vv")
+    assert [path for _, path, _, _ in r] == ["/db/fan3/0", "/db/fan3/1", "/db/fan3/2"]
+    e = watch_fanout.write_requests("etcd", "fan3/", 2, "vv")
+    assert [base64.b64decode(json.loads(body)["key"]) for _, _, body, _ in e] == [b"fan3/0", b"fan3/1"]
+    assert watch_fanout.key_table("fan3/", 2, base64_keys=True) == {base64.b64encode(b"fan3/0"): 0,
+                                                                    base64.b64encode(b"fan3/1"): 1}
+
+
+def test_etcd_watch_request_names_the_prefix_as_a_range():
+    import base64
+
+    import watch_fanout
+
+    raw = watch_fanout.watch_request("etcd", "127.0.0.1", 2379, "fan1/")
+    body = json.loads(raw.split(b"\r\n\r\n", 1)[1])["create_request"]
+    assert base64.b64decode(body["key"]) == b"fan1/" and base64.b64decode(body["range_end"]) == b"fan10"
+
+
+def test_answered_at_gives_each_answers_time_and_none_for_an_error():
+    # In process: the generator's gevent sockets against the threaded server; the 3rd request is answered 0.2 s
+    # late, and a server answering 500 gives no acknowledgement times at all.
+    server = StallingServer(stall_at=3, stall_seconds=0.2)
+    try:
+        answered_at: list = []
+        before = time.monotonic()
+        r = openloop.run("127.0.0.1", server.port, [b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"], 50, 0.2, 0.0, 1, 5.0,
+                         answered_at=answered_at)
+    finally:
+        server.close()
+    assert r["errors"] == 0 and len(answered_at) == 10
+    assert all(before < t < time.monotonic() for t in answered_at)
+    assert answered_at == sorted(answered_at)
+    assert answered_at[2] - answered_at[1] >= 0.19
+    server = StallingServer(status=b"500 Internal Server Error")
+    try:
+        answered_at = []
+        openloop.run("127.0.0.1", server.port, [b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"], 50, 0.1, 0.0, 2, 5.0,
+                     answered_at=answered_at)
+    finally:
+        server.close()
+    assert answered_at == [None] * 5
+
+
+def test_txn_key_sets_hold_distinct_keys():
+    import random
+
+    sets = load.txn_key_sets([f"k{i}" for i in range(20)], 10, 50, random.Random(1))
+    assert len(sets) == 50 and all(len(set(s)) == 10 for s in sets)
+
+
+def test_txn_requests_put_every_key_of_a_set_once():
+    import base64
+
+    ours = load.Raftdzmq.txn_requests(None, [["a", "b"]], "v")
+    assert ours == [("POST", "/txn", json.dumps({"compare": [], "success": [
+        {"op": "put", "key": "a", "value": "v"}, {"op": "put", "key": "b", "value": "v"}]}), {})]
+    etcd = load.Etcd.__new__(load.Etcd)
+    etcd.api = "v3"
+    (method, path, body, _), = etcd.txn_requests([["a", "b"]], "v")
+    puts = [op["request_put"] for op in json.loads(body)["success"]]
+    assert (method, path) == ("POST", "/v3/kv/txn")
+    assert [base64.b64decode(p["key"]) for p in puts] == [b"a", b"b"]
+    etcd.api = "v2"
+    assert etcd.txn_requests([["a"]], "v") is None
+    assert load.Bare.txn_requests(None, [["a"]], "v") is None
+
+
+def test_txn_ratios_divide_the_medians_at_each_concurrency():
+    def run(ops):
+        return {"ops": ops, "p50": 0, "p90": 0, "p99": 0, "p999": 0, "errors": 0, "client_cpu": 0}
+
+    results = {("write", 64, "raftdzmq-3"): [run(1000), run(900), run(1100)],
+               ("txn", 64, "raftdzmq-3"): [run(800), run(850), run(700)],
+               ("txn", 16, "raftdzmq-3"): [run(500)]}  # no single-write run at 16: no ratio
+    (r,) = load.txn_ratios(results, 10)
+    assert r["concurrency"] == 64 and r["ratio"] == pytest.approx(0.8)
+    assert r["key_writes_per_second"] == pytest.approx(8000)

@@ -1,5 +1,7 @@
 """The short CI version of the fault runs (tests/faults.py): real processes, a seeded nemesis, checked histories.
-Each run is its own process, because the network-fault runs move themselves into the namespaces they make."""
+Each run is its own process, because the network-fault runs move themselves into the namespaces they make.
+Every run has faults.py's default watchers, leases and counters (tests/fault_coord.py, issue 14's proof): the runs
+below fail when one of their checks does, and assert_clean checks that each was exercised."""
 
 from __future__ import annotations
 
@@ -39,6 +41,14 @@ def assert_clean(code: int, output: str, result: dict | None, faults: set[str]) 
     assert result["operations"].get("read ok", 0) > 200, result
     # Tiny snapshots (faults.py's default, 4 KB): taken all the time, and sent to nodes that fell behind.
     assert result["snapshots_taken"] > 10 and result["snapshots_installed"] > 0, result
+    # Issue 14 (fault_coord.py): watchers streamed through the faults and reconnected, with no 410 from every
+    # member (none is expected in a short run, restart-all aside); leases were kept alive and lapsed ones were
+    # seen expiring; counters were incremented.
+    coordination = result["coordination"]
+    assert coordination["watch_events_checked"] > 1000 and coordination["watch_reconnects"] > 0, coordination
+    assert coordination["watch_gaps_unexplained"] == 0, coordination
+    assert coordination["lease_keepalives"] > 0 and coordination["lapsed_leases_seen_expiring"] > 0, coordination
+    assert all(coordination[f"{k}_increments"].get("ok", 0) > 10 for k in ("cnt0", "cnt1")), coordination
     print(json.dumps(result))
 
 
@@ -106,3 +116,14 @@ def test_the_checker_catches_the_stale_reads_of_a_weaker_store():
                                      "--read-consistency", "stale")
     assert code != 0 and result is None, output[-3000:]
     assert "is not linearizable" in output, output[-3000:]
+
+
+def test_the_lease_check_catches_a_new_leader_that_does_not_give_leases_their_full_ttl():
+    """RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET=1 on the nodes (raftlib/server/leases.py): a new leader counts each
+    lease's TTL from when its grant applied on that node, as if no keepalive had been answered since. After a
+    leader is killed or paused, leases kept alive a moment before expire at once: fault_coord.py's lease check
+    must see keys vanish less than TTL after the last keepalive answered (proof that the runs above could fail)."""
+    code, output, result = fault_run("--nodes", "3", "--seconds", "20", "--seed", "1", "--faults", "kill,pause",
+                                     "--unsafe-lease-no-reset")
+    assert code != 0 and result is None, output[-3000:]
+    assert "AssertionError: leases: lease" in output and "after the last keepalive answered" in output, output[-3000:]

@@ -30,6 +30,9 @@ Rules:
 - The assumption: each node's monotonic clock runs at the rate of real time within a small bounded drift (the
   clocks need not agree with each other, nor with wall time). A TTL is measured on one node's clock between two
   of its own readings, never across nodes.
+- Test-only, never in production: `unsafe_no_reset_on_election=True` breaks the reset on purpose (a new leader
+  counts each lease's TTL from when its grant applied on this node, so keepalives other leaders answered count for
+  nothing). tests/fault_coord.py's lease check must catch it (RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET=1 on the nodes).
 - Cost: deadlines in a heap with lazy deletion (an extended lease leaves its old entry to be skipped), so `due`
   is O(log n) per lease handed out or entry skipped, never a scan of every lease. Bounded: the heap is rebuilt
   from `deadlines` once it holds more than 2 * leases + HEAP_SLACK entries.
@@ -47,9 +50,11 @@ HEAP_SLACK = 1024  # the heap is rebuilt when it holds more than 2 * leases + th
 class LeaseKeeper:
     """The deadlines of the leases while this node leads (see the module's rules)."""
 
-    def __init__(self, max_batch: int) -> None:
+    def __init__(self, max_batch: int, unsafe_no_reset_on_election: bool = False) -> None:
         assert max_batch >= 1
         self.max_batch = max_batch
+        self.unsafe_no_reset_on_election = unsafe_no_reset_on_election  # the module's rules: tests only
+        self._applied_at: dict[int, float] = {}  # only with the unsafe variant: when each grant applied here
         self.term: int | None = None  # the term this node leads in; None while it does not
         self.ttl_seconds: dict[int, int] = {}
         self.deadlines: dict[int, float] = {}
@@ -68,6 +73,8 @@ class LeaseKeeper:
         self.term = term
         self.ttl_seconds = dict(leases)
         self.deadlines = {i: now + ttl for i, ttl in self.ttl_seconds.items()}
+        if self.unsafe_no_reset_on_election:
+            self.deadlines = {i: self._applied_at.get(i, now) + ttl for i, ttl in self.ttl_seconds.items()}
         self.expiring, self.unsure, self.in_doubt = set(), {}, set()
         self._heap = [(deadline, i) for i, deadline in self.deadlines.items()]
         heapq.heapify(self._heap)
@@ -79,6 +86,8 @@ class LeaseKeeper:
 
     def granted(self, lease_id: int, ttl_seconds: int, now: float) -> None:
         """A grant applied here: while leading, the lease runs its TTL from now."""
+        if self.unsafe_no_reset_on_election:
+            self._applied_at[lease_id] = now
         if self.leading:
             self.ttl_seconds[lease_id] = ttl_seconds
             self._set(lease_id, now + ttl_seconds)
@@ -86,6 +95,7 @@ class LeaseKeeper:
     def removed(self, lease_id: int) -> None:
         """A lease left the state (revoked or expired)."""
         self.ttl_seconds.pop(lease_id, None)
+        self._applied_at.pop(lease_id, None)
         self.deadlines.pop(lease_id, None)  # its heap entries are skipped as stale
         self.expiring.discard(lease_id)
         self.unsure.pop(lease_id, None)

@@ -83,6 +83,9 @@ TEST_FSYNC_DELAY_FILE = os.environ.get("RAFTDZMQ_TEST_FSYNC_DELAY_FILE")
 # raise the cluster beyond) feature level 1, as a node of an older release would; it applies commands as this
 # release does. Never set it in production.
 TEST_FEATURE_LEVEL_ENV = "RAFTDZMQ_FEATURE_LEVEL"
+# Test-only (tests/fault_coord.py): RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET=1 removes the full-TTL reset a new leader
+# gives every lease (leases.py's rules), so that the fault runs show their lease check catches it. Never set it.
+TEST_UNSAFE_LEASE_NO_RESET = os.environ.get("RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET") == "1"
 LEVEL_CHECK_SECONDS = 1.0  # how often a leader of a cluster below this release's level asks the members theirs
 LEVEL_ROLE_CHECK_SECONDS = 0.1  # how often the raiser looks whether this node leads (cheap: no I/O)
 LEVEL_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
@@ -298,7 +301,9 @@ class LeaderLeases:
         self.runtime, self.store, self.metrics = runtime, store, metrics
         self.write_timeout_seconds = write_timeout_seconds
         self.clock = clock
-        self.keeper = LeaseKeeper(MAX_EXPIRE_BATCH)
+        self.keeper = LeaseKeeper(MAX_EXPIRE_BATCH, unsafe_no_reset_on_election=TEST_UNSAFE_LEASE_NO_RESET)
+        if TEST_UNSAFE_LEASE_NO_RESET:
+            log.warning("RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET: a new leader does not give leases their full TTL (tests)")
         self._stopping = False
         store.on_lease = self.on_lease
 
