@@ -305,6 +305,14 @@ class Runtime:
             raise DiskFull("the disk of this node is full")
         return self._call(timeout_seconds, Propose, command)
 
+    @property
+    def restoring_snapshot(self) -> bool:
+        """A leader's snapshot is saved and the state machine does not hold it yet (restored a batch per drive).
+        Whoever reads the state machine outside the apply path must wait meanwhile: it holds the OLD state, and
+        is replaced by the snapshot's without an event per change (the lease keeper, the feature-level gate:
+        final review of this stop, F1 and F2). The node may lead meanwhile (its log holds the snapshot)."""
+        return self._restoring is not None and not self._restore_applied
+
     def read(self, timeout_seconds: float, lease: bool = False) -> tuple[int, int]:
         """Block until a linearizable read of the state machine is safe (thesis §6.4); returns (read index, the
         term its round confirmed: this node's term when the core answered it; readonly fails a read the node

@@ -63,6 +63,7 @@ class FakeRuntime:
         self.calls: list[tuple] = []
         self.disk_full = False
         self.running = True
+        self.restoring_snapshot = False  # a leader's snapshot saved, not restored yet (Runtime.restoring_snapshot)
         # Commands in this leader's log not applied yet (a predecessor's, before this leader's entry commits):
         # status() counts them in last_index, and wait_applied applies them in order.
         self.pending: list[bytes] = []
@@ -1505,3 +1506,18 @@ def test_a_prefix_delete_over_the_cap_is_several_entries_and_answers_the_last_in
     r = client("DELETE", "/db/?prefix=p/")
     assert (r.status, r.json()) == (200, {"deleted": 2 * n + 3, "index": before + 3})
     assert sorted(client.store.data) == ["q"]
+
+
+def test_the_new_api_waits_while_a_snapshot_is_restored_rather_than_saying_not_upgraded(client):
+    """Final review of this stop, F2: a node restoring a leader's snapshot (a batch per drive) still holds the old
+    state, its feature level too: a level-2 request got 409 "not upgraded" from a node of an upgraded cluster. It
+    is told to retry (503, not-applied) until the snapshot is in."""
+    client.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 1.0)
+    client.store.feature_level = 1  # the old state a node holds while it restores the snapshot of a level-2 cluster
+    client.runtime.restoring_snapshot = True
+    r = client("POST", "/txn", b'{"compare": [], "success": [], "failure": []}')
+    assert (r.status, r.headers.get("x-raft-outcome")) == (503, "not-applied"), r.text
+    assert "restoring a snapshot" in r.text
+    client.runtime.restoring_snapshot = False
+    client.store.feature_level = FEATURE_LEVEL
+    assert client("POST", "/txn", b'{"compare": [], "success": [], "failure": []}').status == 200

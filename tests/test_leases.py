@@ -18,8 +18,8 @@ from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.node import LeaderLeases
 from raftlib.storage import DiskFull
-from raftlib.server.store import (FEATURE_LEVEL, LEASE_EXPIRE, LEASE_GRANT, PUT_WITH_TTL, SET_FEATURE_LEVEL, Event,
-                                  KeyValueStore, command)
+from raftlib.server.store import (FEATURE_LEVEL, LEASE_EXPIRE, LEASE_GRANT, PUT_WITH_TTL, SET_FEATURE_LEVEL,
+                                  SET_WITH_LEASE, Event, KeyValueStore, command)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,6 +189,7 @@ class FakeRuntime:
         self.node, self.store, self.index = FakeNode(), store, 1
         self.fail: bool | Exception = False  # True: NotLeader
         self.proposed: list[list] = []
+        self.restoring_snapshot = False
 
     def propose(self, cmd: bytes, timeout_seconds: float):
         if self.fail:
@@ -412,3 +413,34 @@ def test_doubt_lasts_the_term_and_is_forgotten_on_removal_and_a_new_term():
     k.expire_unknown([2])
     k.step_down()
     assert k.in_doubt == set()
+
+
+def test_a_node_elected_while_it_restores_a_snapshot_builds_its_keeper_from_the_snapshots_leases():
+    """Final review of this stop, F1: a follower elected while it restored a leader's snapshot a batch per drive
+    built its keeper from the OLD lease table at its first tick; after the swap a lease of the snapshot was not in
+    the keeper (every keepalive 404, its keys never expired) and a vanished one stayed. The keeper now waits for the
+    swap (Runtime.restoring_snapshot)."""
+    leases, runtime, clock, _ = leader_leases()
+    old = leases.store
+    runtime.proposed.clear()
+    # The snapshot's state: lease 40 holding lock/a (granted after the old state).
+    source = KeyValueStore()
+    source.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    source.apply(40, command(LEASE_GRANT, "", b"", 5))
+    source.apply(41, command(SET_WITH_LEASE, "lock/a", b"me", 40))
+    assert 40 in source.leases
+    steps = old.restoring(source.snapshot())
+    runtime.restoring_snapshot = True
+    runtime.node.role, runtime.node.current_term = Role.LEADER, 9
+    assert leases.current() is None  # not built from the old table
+    for replaced in steps:
+        if replaced:
+            break
+    runtime.restoring_snapshot = False
+    keeper = leases.current()
+    assert keeper is not None and 40 in keeper.deadlines
+    assert keeper.keepalive(40, clock())  # a keepalive of the snapshot's lease is answered
+    clock.now += 6
+    leases.tick()
+    assert any(p[0] == LEASE_EXPIRE and 40 in p[3] for p in runtime.proposed), runtime.proposed
+    assert old.get("lock/a") is None  # expired after its TTL, not held for ever

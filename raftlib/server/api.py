@@ -118,6 +118,9 @@ class Raft(Protocol):
     @property
     def node(self) -> NodeView: ...
 
+    @property
+    def restoring_snapshot(self) -> bool: ...
+
     def status(self) -> RuntimeStatus: ...
 
     def propose(self, command: bytes, timeout_seconds: float): ...
@@ -487,6 +490,10 @@ def require_level_2(api: Api) -> None:
     leader that may run an older release, which ignores ?prev_index (an unconditional write) and knows no
     ?prefix nor /txn. A follower at level 2 has a leader at level 2 (the level is in the log and never goes down;
     an older binary stops at start on the V3 snapshot the raise takes: store, "Downgrades")."""
+    if api.runtime.restoring_snapshot:
+        # The store holds the old state until the snapshot is in, its level too (final review, F2): not a 409.
+        raise text(503, "this node is restoring a snapshot from the leader; retry",
+                   **{"X-Raft-Outcome": "not-applied"})
     if api.store.feature_level < 2:
         raise text(409, api.upgrade_reason())
 

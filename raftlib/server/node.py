@@ -321,6 +321,11 @@ class LeaderLeases:
             if self.keeper.leading:
                 self.keeper.step_down()
             return None
+        if self.runtime.restoring_snapshot:
+            # Elected while restoring a leader's snapshot (final review, F1): the store still holds the old lease
+            # table, and the swap tells nobody which leases appeared or vanished. The keeper is built from the
+            # snapshot's table once it is in; keepalives meanwhile are refused (their read waits for it anyway).
+            return None
         if self.keeper.term != node.current_term:
             # A new term of leadership: another leader may have answered keepalives since this node last led.
             self.keeper.become_leader(node.current_term, ((i, lease.ttl_seconds) for i, lease in self.store.leases.items()),
