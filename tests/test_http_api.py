@@ -1008,7 +1008,12 @@ def test_readyz_names_what_the_node_lacks(client):
     r = client("GET", "/readyz")
     assert (r.status, r.text) == (200, "ok\n")
     assert client("GET", "/readyz?verbose").text == ("[+]member ok\n[+]leader ok\n[+]disk ok\n[+]snapshot ok\n"
-                                                     "[+]applied ok\nreadyz ok\n")
+                                                     "[+]applied ok\n[+]read ok\nreadyz ok\n")
+    # The checks passed: a linearizable read round confirms the leader's commit index NOW (a follower's
+    # leader_commit may come from an old queued frame: CI, test_health); one that fails is a 503.
+    client.runtime.fail("read", Timeout("no answer"))
+    r = client("GET", "/readyz")
+    assert r.status == 503 and r.text.startswith("applying: a linearizable read did not complete"), r.text
     node = client.runtime.node
     node.last_applied, node.commit_index = 10, 10 + MAX_APPLY_LAG_ENTRIES
     assert client("GET", "/readyz").status == 200  # within the lag
@@ -1038,7 +1043,8 @@ def test_readyz_names_what_the_node_lacks(client):
     assert (r.status, r.text) == (503, "not a member\n") and one_line(r)
     node.removed, node.node_id = None, "z"  # still joining: not in the configuration
     assert client("GET", "/readyz").text == "not a member\n"
-    assert client.runtime.calls == []
+    # A read round only once every other check passed (the two 200s and the failed read above): four.
+    assert [c[0] for c in client.runtime.calls] == ["read"] * 4
 
 
 def test_every_route_is_tested_here():

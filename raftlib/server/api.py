@@ -65,7 +65,7 @@ from raftlib.storage import DiskFull
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
 from .edge import EOF_PROBE_SECONDS, HALF_CLOSE_PROBES, WRITE_METHODS, RateLimitedLog, Stream, waiting_on_its_own
-from .health import liveness, readiness, report
+from .health import READY_READ_SECONDS, liveness, readiness, report
 from .metrics import Metrics
 from .leases import LeaseKeeper
 from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
@@ -1317,7 +1317,15 @@ def livez(api: Api) -> bottle.HTTPResponse:
 def readyz(api: Api) -> bottle.HTTPResponse:
     """200 `ok` when this node is a member, knows an active leader, has applied what it knows to be committed and
     has room on its disk; else 503 and why (raftlib.server.health). ?verbose: every check."""
-    return health_answer("readyz", readiness(api.runtime.status(), time.monotonic()))
+    checks = readiness(api.runtime.status(), time.monotonic())
+    if all(reason is None for _, reason in checks):
+        try:
+            api.runtime.read(READY_READ_SECONDS)
+            checks.append(("read", None))
+        except (NotLeader, Timeout, Stopped):
+            checks.append(("read", f"applying: a linearizable read did not complete within {READY_READ_SECONDS:g}s "
+                                   "(behind the leader's commit index, or no quorum)"))
+    return health_answer("readyz", checks)
 
 
 def health_answer(what: str, checks: list[tuple[str, str | None]]) -> bottle.HTTPResponse:

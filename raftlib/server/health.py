@@ -21,6 +21,11 @@ from __future__ import annotations
 from raftlib.runtime import RuntimeStatus
 
 MAX_APPLY_LAG_ENTRIES = 1000  # /readyz: at most this many committed entries not yet applied here
+# /readyz, once the checks above pass: a linearizable read (a ReadIndex round through the leader, thesis §6.4) must
+# complete within this. The leader_commit a follower knows may be old: frames the leader queued while the follower
+# was down (same term, older commit indexes) are the first it reads after a restart, and the node looked ready
+# 1,500 entries behind (CI, test_health). The read's index is the leader's commit index NOW.
+READY_READ_SECONDS = 0.5
 
 Check = tuple[str, str | None]
 
