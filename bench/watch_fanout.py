@@ -26,8 +26,8 @@ How one run goes (one system):
 
 Rules: nothing is asserted here (speed is measured, never asserted: tests/test_bench.py tests the pure parts);
 nodes listen on 127.0.0.1 on free ports; every process is stopped by pid; data dirs are in a temporary folder,
-removed at the end. raftdzmq's nodes get -max-connections W + 200 (the default 1,000 would close the oldest
-streams to admit new ones).
+removed at the end. raftdzmq's nodes get -max-connections 2W + 200 (watches may hold at most half the connection
+pool; beyond that a watch is refused with 503).
 """
 
 from __future__ import annotations
@@ -464,7 +464,7 @@ def main_bench(args: argparse.Namespace) -> int:
     results = []
     try:
         if "raftdzmq" in args.systems:
-            systems.append(("raftdzmq", Raftdzmq(workdir, 3, ["-max-connections", str(args.watchers + 200)])))
+            systems.append(("raftdzmq", Raftdzmq(workdir, 3, ["-max-connections", str(2 * args.watchers + 200)])))
         if "etcd" in args.systems:
             if not shutil.which("etcd"):
                 raise SystemExit("bench: etcd is not on the PATH (apt-get install etcd-server)")
