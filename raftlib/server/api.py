@@ -24,8 +24,8 @@ Rules:
   retried, `unknown` when it was (or may have been) proposed and its fate is not known: never retry that
   blindly. The mapping is in _ANSWERS; an answer of 500 or more that names no outcome says `unknown`, one under 500
   says `not-applied` (`_serving`). A -forward follower passes the leader's on.
-- GET /livez and GET /readyz (raftlib.server.health) need no secret, read only the runtime's status, and are never
-  forwarded.
+- GET /livez and GET /readyz (raftlib.server.health) need no secret and are never forwarded; /livez reads only the
+  runtime's status, /readyz too and then, once its checks pass, asks one linearizable read (READY_READ_SECONDS).
 - The API of feature level 2 (?prev_index=N, DELETE /db/?prefix=P, POST /txn: issue 14) is answered 409 while
   the cluster's feature level (the store's, replicated) is below 2: an older release would apply its commands as
   nothing and the nodes would diverge. A request is checked whole (400 naming the problem) before it is proposed.
@@ -1315,8 +1315,10 @@ def livez(api: Api) -> bottle.HTTPResponse:
 
 
 def readyz(api: Api) -> bottle.HTTPResponse:
-    """200 `ok` when this node is a member, knows an active leader, has applied what it knows to be committed and
-    has room on its disk; else 503 and why (raftlib.server.health). ?verbose: every check."""
+    """200 `ok` when this node is a member, knows an active leader, has applied what it knows to be committed, has
+    room on its disk, and then a linearizable read (a ReadIndex round, shared with the reads waiting) completes
+    within READY_READ_SECONDS; else 503 and why (raftlib.server.health). ?verbose: every check (the read only
+    when the others passed)."""
     checks = readiness(api.runtime.status(), time.monotonic())
     if all(reason is None for _, reason in checks):
         try:
