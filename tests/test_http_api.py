@@ -1014,6 +1014,8 @@ def test_readyz_names_what_the_node_lacks(client):
     client.runtime.fail("read", Timeout("no answer"))
     r = client("GET", "/readyz")
     assert r.status == 503 and r.text.startswith("applying: a linearizable read did not complete"), r.text
+    # Its budget: at least an election timeout (the fake's is 1 s, over READY_READ_SECONDS).
+    assert [c[1] for c in client.runtime.calls if c[0] == "read"][-1] == 1.0
     node = client.runtime.node
     node.last_applied, node.commit_index = 10, 10 + MAX_APPLY_LAG_ENTRIES
     assert client("GET", "/readyz").status == 200  # within the lag
