@@ -174,7 +174,11 @@ def test_a_follower_that_installs_a_snapshot_ends_its_streams_and_a_reconnect_el
         paused = follower
         for k in range(5, 400):
             committed.append(("put", f"s/{k}", index_of(leader.request("POST", f"/db/s/{k}", "x" * 300))))
-        wait_for(lambda: leader.status()["snapshot_index"] > resume_after + 10, 20, "the leader's snapshot")
+        # Both others compacted past the paused follower: whichever of them leads when it wakes must send it a
+        # snapshot (CI once saw the leadership move to a node whose log still held the entries, and the follower
+        # caught up by appends and then snapshotted on its own).
+        wait_for(lambda: all(n.status()["snapshot_index"] > resume_after + 10 for n in (leader, other)), 20,
+                 "the others' snapshots")
         os.kill(follower.proc.pid, signal.SIGCONT)
         paused = None
         wait_for(lambda: follower.status()["snapshot_index"] > resume_after, 20, "the follower's snapshot")
