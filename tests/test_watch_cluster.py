@@ -181,7 +181,8 @@ def test_a_follower_that_installs_a_snapshot_ends_its_streams_and_a_reconnect_el
                  "the others' snapshots")
         os.kill(follower.proc.pid, signal.SIGCONT)
         paused = None
-        wait_for(lambda: follower.status()["snapshot_index"] > resume_after, 20, "the follower's snapshot")
+        wait_for(lambda: "installed a snapshot" in follower.log_text(current=True), 20,
+                 "the follower to install the leader's snapshot")
         with pytest.raises((EOFError, OSError, http.client.HTTPException)):
             reader.groups_until(committed[-1][2], deadline_seconds=10)
         assert reader.error is not None and reader.error["oldest_index"] > resume_after + 1
