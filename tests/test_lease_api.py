@@ -107,6 +107,8 @@ def test_a_lease_kept_alive_keeps_its_keys_through_a_leader_kill(tmp_path):
         r = leader.request("POST", "/db/svc/db?ttl=3", "primary")
         assert r.status == 200
         lease_id = r.headers["x-raft-lease"]
+        for n in c.running():  # the loop below reads each node's own state (stale): first every node holds the key
+            wait_for(lambda n=n: n.request("GET", "/db/svc/db?consistency=stale").status == 200, 5, "the put applied")
         t0, killed = time.monotonic(), False
 
         def keepalive():
