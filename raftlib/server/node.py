@@ -171,8 +171,10 @@ class FeatureLevelRaiser:
     """On the leader, raises the cluster's feature level (store's rules) to this node's: while this node leads and
     the state's level is below, at once on becoming leader and then every LEVEL_CHECK_SECONDS, it asks each other
     member's GET /status (within LEVEL_REQUEST_TIMEOUT_SECONDS each, all at once) and, when every one reports a
-    feature_level of this node's or more, proposes SET_FEATURE_LEVEL. The whole round runs under the membership
-    lock that joins take too (api.join), so no node of an older release joins between the question and the raise.
+    feature_level of this node's or more, proposes SET_FEATURE_LEVEL. The questions are asked without the
+    membership lock that joins take (api.join): a member slow to answer never holds up a join. The raise is
+    proposed under that lock, and only if the configuration then has no member that was not asked, so no node of
+    an older release joins between the question and the raise (one that joined meanwhile is asked next round).
     `laggards` holds the last round's members below the level (or that did not answer), for the 409s."""
 
     def __init__(self, runtime: Runtime, store: KeyValueStore, level: int, lock, write_timeout_seconds: float,
@@ -214,24 +216,36 @@ class FeatureLevelRaiser:
         self._stopping = True
 
     def raise_once(self) -> bool:
-        """One round: ask every other member, propose the raise when all have the level. True once raised."""
+        """One round: ask every other member, without the membership lock (a join never waits for a member's
+        answer: a member that does not answer held every join for the round's bound); then, under the lock, look
+        again at the configuration and propose the raise only if every member in it now was asked at the address
+        it has now and has the level (a node that joined meanwhile, under the lock, was not asked: the next round
+        asks it). True once raised."""
+        node = self.runtime.node
+        others = [m for m in node.membership.members if m.node_id != node.node_id]
+        asked = {(m.node_id, m.http_address): gevent.spawn(self._level_of, m.http_address) for m in others}
+        gevent.joinall(list(asked.values()), timeout=2 * LEVEL_REQUEST_TIMEOUT_SECONDS)
+        laggards = {}
+        for (node_id, _), greenlet in asked.items():
+            level = greenlet.value if greenlet.successful() else None
+            if level is None:
+                greenlet.kill(block=False)
+                laggards[node_id] = "no answer"
+            elif level < self.level:
+                laggards[node_id] = f"feature level {level}"
+        self.laggards = laggards
+        if laggards or not self._may_raise():
+            return False
         if not self.lock.acquire(timeout=self.write_timeout_seconds):
             return False
         try:
             node = self.runtime.node
-            others = [m for m in node.membership.members if m.node_id != node.node_id]
-            asked = {m.node_id: gevent.spawn(self._level_of, m.http_address) for m in others}
-            gevent.joinall(list(asked.values()), timeout=2 * LEVEL_REQUEST_TIMEOUT_SECONDS)
-            laggards = {}
-            for node_id, greenlet in asked.items():
-                level = greenlet.value if greenlet.successful() else None
-                if level is None:
-                    greenlet.kill(block=False)
-                    laggards[node_id] = "no answer"
-                elif level < self.level:
-                    laggards[node_id] = f"feature level {level}"
-            self.laggards = laggards
-            if laggards or node.role is not Role.LEADER or self.store.feature_level >= self.level:
+            unasked = sorted(m.node_id for m in node.membership.members
+                             if m.node_id != node.node_id and (m.node_id, m.http_address) not in asked)
+            if unasked:  # joined since the question (or moved): asked in the next round
+                log.info("not raising the feature level yet: members %s joined since the question", ", ".join(unasked))
+                return False
+            if not self._may_raise():
                 return False
             _, result = self.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", self.level),
                                              self.write_timeout_seconds)
@@ -239,6 +253,9 @@ class FeatureLevelRaiser:
             return self.store.feature_level >= self.level
         finally:
             self.lock.release()
+
+    def _may_raise(self) -> bool:
+        return self.runtime.node.role is Role.LEADER and self.store.feature_level < self.level
 
     def _level_of(self, address: str) -> int | None:
         """The feature_level a member's GET /status reports (1 when it names none: a release before them); None
