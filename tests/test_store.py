@@ -1078,7 +1078,9 @@ def test_lease_ids_out_of_order_restore_and_a_lease_twice_is_refused():
                     _v3_with_leases(_pairs(4, [5, ["a"]], 5, [6, ["a"]]), 2, records),  # a key on two leases
                     _v3_with_leases(_pairs(4, [5, ["a"]]), 2, records),  # a count past the leases present
                     _v3_with_leases(_pairs(4, [5, ["a"]], 5, [6, []]), 1, records),  # bytes after the end
-                    _v3_with_leases(_pairs("4", [5, ["a"]]), 1, records)):
+                    _v3_with_leases(_pairs("4", [5, ["a"]]), 1, records),
+                    _v3_with_leases(_pairs(4, [5, [["a"]]]), 1, records),  # a key that is a list (unhashable)
+                    _v3_with_leases(_pairs(4, [5, ["a", "a"]]), 1, records)):
         with pytest.raises(ValueError):
             kv.restore(damaged)
         assert kv.snapshot() == before

@@ -1135,10 +1135,9 @@ class _LeaseTable:
         if (lease_id < 1 or lease_id in self.leases or type(ttl_keys) is not list or len(ttl_keys) != 2
                 or not valid_ttl(ttl_keys[0]) or type(ttl_keys[1]) is not list):
             raise ValueError(f"a key/value snapshot of an unknown format (a damaged lease {lease_id!r})")
-        keys = set(ttl_keys[1])
         records, lease_of = self.records, self.lease_of
-        if len(keys) != len(ttl_keys[1]) or not all(type(k) is str and k in records and k not in lease_of
-                                                    for k in keys):
+        if not all(type(k) is str and k in records and k not in lease_of for k in ttl_keys[1]) or len(
+                keys := set(ttl_keys[1])) != len(ttl_keys[1]):  # text first: a set of lists would raise TypeError
             raise ValueError(f"a key/value snapshot of an unknown format (a damaged lease {lease_id!r})")
         self.leases[lease_id] = Lease(ttl_keys[0], keys)
         for key in keys:
