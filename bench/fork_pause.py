@@ -177,7 +177,8 @@ def node_forks(keys: int, seconds: float, threshold: int) -> int:
                       f"{max(clones or [0]):.1f} ms ({', '.join(f'{c:.1f}' for c in clones)})")
             else:
                 over = after["raftdzmq_loop_lags_over_10ms"] - before["raftdzmq_loop_lags_over_10ms"]
-                print(f"  without strace{'' if snapshots else ', restarted with no snapshot threshold'}: {writes} writes in {seconds:g}s, {forks} snapshots; the probe's lags over "
+                how = "" if snapshots else ", restarted with no snapshot threshold"
+                print(f"  without strace{how}: {writes} writes in {seconds:g}s, {forks} snapshots; the probe's lags over "
                       f"10 ms meanwhile: {over:.0f}; the slowest GET /status: {slowest * 1000:.0f} ms; the probe's max "
                       f"since the start {after['raftdzmq_loop_lag_seconds_max'] * 1000:.0f} ms (its restore included)")
     finally:
