@@ -9,7 +9,8 @@ store step by step, timing every step (wall and CPU time), then frees it. Measur
     python bench/restore_steps.py --keys 1000000 --leases 0 --repeat 3
 
 The collector runs as in a node (a collection may fall in a step: it is in that step's time); `--freeze` first
-freezes what exists (a node's gc.freeze after start-up, raftlib.server.tuning). Note `uptime` next to the
+freezes what exists (a node's gc.freeze after start-up, raftlib.server.tuning); `--collector-off` disables it
+during each restore (what the steps cost without it). Note `uptime` next to the
 figures: the machine is shared.
 """
 
@@ -83,6 +84,7 @@ def main() -> int:
     p.add_argument("--value-bytes", type=int, default=100)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--freeze", action="store_true", help="gc.freeze() the built state before restoring")
+    p.add_argument("--collector-off", action="store_true", help="gc.disable() while restoring (what is left)")
     args = p.parse_args()
     print(f"restore_steps: {args.keys:,} keys of {args.value_bytes} bytes, {min(args.leases, args.keys):,} leases; "
           f"{os.popen('uptime').read().strip()}")
@@ -94,7 +96,10 @@ def main() -> int:
         gc.collect()
         gc.freeze()
     for run in range(args.repeat):
+        if args.collector_off:
+            gc.disable()
         r = restore_steps(snapshot)
+        gc.enable()
         wall, cpu = r["wall"], r["cpu"]
         longest = max(range(len(wall)), key=wall.__getitem__)
         own = [w - sum(g) for w, g in zip(wall, r["gc"])]  # less the collector's time in the step
