@@ -52,6 +52,12 @@ class FakeNode:
     leader_commit: int = 0  # status() only
     leader_contact_seconds_ago: float = 0.0  # status() only
     receiving_snapshot: bool = False  # status() only
+    membership_index: int = 0  # the FeatureLevelRaiser's; a new one with each new configuration, as the core's
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "membership" and value != getattr(self, "membership", value):  # a new configuration's entry
+            object.__setattr__(self, "membership_index", self.membership_index + 1)
+        object.__setattr__(self, name, value)
 
 
 class FakeRuntime:
@@ -1555,6 +1561,42 @@ def test_the_raiser_raises_only_when_every_member_it_asked_is_still_every_member
     assert raiser.raise_once() is False and raiser.laggards == {"d": "feature level 1"}  # the next round asks d
     levels["10.0.0.4:8080"] = 2
     assert raiser.raise_once() is True and client.store.feature_level == FEATURE_LEVEL
+
+
+def test_the_raiser_does_not_raise_after_a_member_was_removed_and_joined_again_during_the_question(client, monkeypatch):
+    """Review of scale, finding 1: under the lock the raiser checked only that every member then was asked at the
+    same (id, http address). An operator rolled c back to an older release while the question was out (DELETE
+    /cluster/c, which takes no lock; then c, wiped, joined again with the same id and addresses: the join found the
+    lock free and the level still 1) and the raise went through with c, now of feature level 1, in the
+    configuration. Now any change of configuration since the question stops the raise; the next round asks c."""
+    levels = {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}  # b and c run this release when asked
+    raiser = raiser_of(client, levels, monkeypatch)
+    real = StatusConnection.getresponse
+    events: list[tuple[str, int]] = []
+    replacing: list[gevent.Greenlet] = []
+
+    def replace_c() -> None:
+        events.append(("remove", client("DELETE", "/cluster/c").status))
+        client.runtime.node.membership = Membership(("a", "b"), (), MEMBERS[:2])  # as the runtime would
+        r = client("POST", "/join", json.dumps({"node_id": "c", "raft_address": "10.0.0.3:5555",
+                                                "http_address": "10.0.0.3:8080"}))  # names no level: older
+        events.append(("join", r.status))
+        client.runtime.node.membership = Membership(("a", "b"), ("c",), MEMBERS)
+        levels["10.0.0.3:8080"] = None
+
+    def c_replaced_meanwhile(self):
+        answer = real(self)  # c answers level 2: the new release still runs there
+        if self.address == "10.0.0.3:8080" and not replacing:
+            replacing.append(gevent.spawn(replace_c))
+            gevent.sleep(0.3)  # c's answer takes 0.3 s, well within LEVEL_REQUEST_TIMEOUT_SECONDS
+        return answer
+
+    monkeypatch.setattr(StatusConnection, "getresponse", c_replaced_meanwhile)
+    assert raiser.raise_once() is False and client.store.feature_level == 1
+    replacing[0].join(5)
+    assert events == [("remove", 200), ("join", 200)]
+    assert raiser.raise_once() is False and raiser.laggards == {"c": "feature level 1"}  # the next round asks c
+    assert not [c for c in client.runtime.calls if c[0] == "propose"]
 
 
 def test_a_prefix_delete_over_the_cap_is_several_entries_and_answers_the_last_index(upgraded):

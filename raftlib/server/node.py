@@ -173,8 +173,10 @@ class FeatureLevelRaiser:
     member's GET /status (within LEVEL_REQUEST_TIMEOUT_SECONDS each, all at once) and, when every one reports a
     feature_level of this node's or more, proposes SET_FEATURE_LEVEL. The questions are asked without the
     membership lock that joins take (api.join): a member slow to answer never holds up a join. The raise is
-    proposed under that lock, and only if the configuration then has no member that was not asked, so no node of
-    an older release joins between the question and the raise (one that joined meanwhile is asked next round).
+    proposed under that lock, and only if the configuration then is the one the members were asked in (the same
+    term and configuration index: any change since, a removal and a join again of the same id and addresses
+    included, means no raise this round), so no node of an older release joins between the question and the
+    raise (one that joined meanwhile is asked next round).
     `laggards` holds the last round's members below the level (or that did not answer), for the 409s."""
 
     def __init__(self, runtime: Runtime, store: KeyValueStore, level: int, lock, write_timeout_seconds: float,
@@ -217,16 +219,18 @@ class FeatureLevelRaiser:
 
     def raise_once(self) -> bool:
         """One round: ask every other member, without the membership lock (a join never waits for a member's
-        answer: a member that does not answer held every join for the round's bound); then, under the lock, look
-        again at the configuration and propose the raise only if every member in it now was asked at the address
-        it has now and has the level (a node that joined meanwhile, under the lock, was not asked: the next round
-        asks it). True once raised."""
+        answer: a member that does not answer held every join for the round's bound); then, under the lock,
+        propose the raise only if this node still leads in the term it asked in and its configuration is still
+        the one it asked (the same configuration index: a node that joined meanwhile, under the lock, was not
+        asked, and one removed and joined again under the same id and addresses may run another release now:
+        the next round asks them). True once raised."""
         node = self.runtime.node
+        asked_in = (node.current_term, node.membership_index)  # a leader's log only grows within its term
         others = [m for m in node.membership.members if m.node_id != node.node_id]
-        asked = {(m.node_id, m.http_address): gevent.spawn(self._level_of, m.http_address) for m in others}
+        asked = {m.node_id: gevent.spawn(self._level_of, m.http_address) for m in others}
         gevent.joinall(list(asked.values()), timeout=2 * LEVEL_REQUEST_TIMEOUT_SECONDS)
         laggards = {}
-        for (node_id, _), greenlet in asked.items():
+        for node_id, greenlet in asked.items():
             level = greenlet.value if greenlet.successful() else None
             if level is None:
                 greenlet.kill(block=False)
@@ -240,10 +244,9 @@ class FeatureLevelRaiser:
             return False
         try:
             node = self.runtime.node
-            unasked = sorted(m.node_id for m in node.membership.members
-                             if m.node_id != node.node_id and (m.node_id, m.http_address) not in asked)
-            if unasked:  # joined since the question (or moved): asked in the next round
-                log.info("not raising the feature level yet: members %s joined since the question", ", ".join(unasked))
+            if (node.current_term, node.membership_index) != asked_in:  # asked again in the next round
+                log.info("not raising the feature level yet: the configuration changed since the question "
+                         "(term, configuration index %s, now %s)", asked_in, (node.current_term, node.membership_index))
                 return False
             if not self._may_raise():
                 return False
