@@ -1086,6 +1086,52 @@ def test_lease_ids_out_of_order_restore_and_a_lease_twice_is_refused():
         assert kv.snapshot() == before
 
 
+def _v3_indefinite(records: dict, leases: list[tuple[int, list]], lease_map_indefinite: bool = True) -> bytes:
+    """A V3 snapshot written by hand with, by default, its lease map (pairs of id and [ttl, keys]) of indefinite
+    length; else its key map of indefinite length (a node restores that one in one step) and its lease map not."""
+    pairs = _pairs(*[x for pair in leases for x in pair])
+    if lease_map_indefinite:
+        return cbor2.dumps([SNAPSHOT_V3, records, {}, 0.0, FEATURE_LEVEL, 1, {}])[:-1] + b"\xbf" + pairs + b"\xff"
+    key_map = b"\xbf" + _pairs(*[x for pair in records.items() for x in pair]) + b"\xff"
+    return (b"\x87" + cbor2.dumps(SNAPSHOT_V3) + key_map + _pairs({}, 0.0, FEATURE_LEVEL, 1)
+            + bytes([0xa0 | len(leases)]) + pairs)
+
+
+def test_a_lease_id_twice_is_refused_whatever_the_encoding_of_the_maps():
+    """Review of scale, finding 2: an id twice was refused in a lease map of definite length (restored a batch per
+    step) and accepted, the last one kept, in one of indefinite length (the whole snapshot went to the one-step
+    restore, where cbor2 decodes the map whole). Now every lease table is taken by the same checks, a batch per
+    step however its map is encoded (and in one step, with its key map of indefinite length)."""
+    records = {"a": [b"1", 1, 1], "b": [b"2", 1, 1]}
+    good, twice = [(4, [5, ["a"]]), (7, [6, ["b"]])], [(4, [5, ["a"]]), (4, [6, []])]
+    expected = KeyValueStore()
+    expected.restore(_v3_with_leases(_pairs(4, [5, ["a"]], 7, [6, ["b"]]), 2, records))
+    for lease_map_indefinite in (True, False):
+        kv = KeyValueStore()
+        kv.restore(_v3_indefinite(records, good, lease_map_indefinite))
+        assert (kv.leases, kv.lease_of, list(kv.lease_ids)) == (expected.leases, expected.lease_of, [4, 7])
+        before = kv.snapshot()
+        with pytest.raises(ValueError, match="a damaged lease 4"):
+            kv.restore(_v3_indefinite(records, twice, lease_map_indefinite))
+        assert kv.snapshot() == before
+    with pytest.raises(ValueError, match="a damaged lease 4"):
+        KeyValueStore().restore(_v3_with_leases(_pairs(4, [5, ["a"]], 4, [6, []]), 2, records))
+    for damaged in (_v3_indefinite(records, good)[:-1],  # no break
+                    _v3_indefinite(records, good) + b"\x00"):  # bytes after the end
+        with pytest.raises(ValueError):
+            KeyValueStore().restore(damaged)
+
+
+def test_an_indefinite_lease_map_restores_a_bounded_batch_per_step(monkeypatch):
+    """No writer of ours writes a lease map of indefinite length; one is taken a batch per step like the others
+    (it sent the whole snapshot to the one-step restore)."""
+    n = 3 * RESTORE_BATCH_LEASES + 5
+    records = {f"k{i:05d}": [b"v", 1, 1] for i in range(n)}
+    leases = [(2 + i, [5, [f"k{i:05d}"]]) for i in range(n)]
+    per_step, _ = _leases_per_step(KeyValueStore(), _v3_indefinite(records, leases), monkeypatch)
+    assert sum(leases for leases, _ in per_step) == n and max(leases for leases, _ in per_step) <= RESTORE_BATCH_LEASES
+
+
 def test_a_lease_holds_at_most_its_cap_of_keys_and_an_expiry_deletes_at_most_the_entry_cap(monkeypatch):
     """Bounded work per entry (the module's rules): a revoke or an expiry deletes at most
     MAX_DELETE_KEYS_PER_ENTRY keys; an expiry leaves the leases past it for the leader to propose again."""

@@ -78,8 +78,10 @@ Rules:
   the end, a key not text, a value not bytes, a V3 record not [bytes, int, int] with create <= modify, a lease
   not [ttl, [keys]] with a valid TTL, an id < 1 or twice, a key not in the map or on two leases are
   (ValueError). Older formats still restore in one step: a plain map (the oldest), `[SNAPSHOT_WITH_CLAIMS, map,
-  claims]` (a horizon of 0), and maps of indefinite length (a lease map of indefinite length too: the whole
-  snapshot then goes in one step).
+  claims]` (a horizon of 0), and maps of indefinite length; a lease map of indefinite length (none of ours writes one)
+  is taken a batch per step like the others, and a V3 whose key map is of indefinite length has its lease table taken
+  by the same code in its one step (`_restore_whole_v3`): an id twice is refused however the maps are encoded (cbor2,
+  decoding a map whole, keeps the last).
 - Every decoder of snapshot bytes refuses CBOR tags (no format of ours has one; cbor2's semantic decoders of some,
   a bigfloat's, are quadratic in the input's size). An error of the snapshot's source (an I/O error,
   raftlib.messages.SnapshotUnreadable) goes up as it is; only damage is a ValueError.
@@ -771,19 +773,20 @@ class KeyValueStore:
         state = _tail_state(name, [_decode_item(decoder, "an element after its map") for _ in range(tail_length)])
         leases = _LeaseTable(new)
         if with_indices:
-            lease_count = _map_count(_read_exact(fp, 1)[0], fp)
-            if lease_count is None:  # a lease map of indefinite length (never written) or junk: in one step
-                self._restore_whole(_whole(data))
-                return
-            while lease_count:
-                yield
-                lease_count -= leases.decode_batch(decode, lease_count)
+            yield from leases.decoding(fp, decode)
         if fp.read(1):
             raise ValueError("a damaged key/value snapshot (bytes after its end)")
         self._replace(new, keys.sorted_list(), state, leases)
 
     def _restore_whole(self, data: bytes | bytearray | memoryview) -> None:
         """The formats decoded in one step (the module's rules)."""
+        fp = io.BytesIO(data)
+        first = fp.read(1)
+        if first and first[0] >> 5 == 4:  # an array: V3's lease table is decoded as a restore by steps does
+            length = None if first[0] == 0x9F else _head_count(first[0], fp, 4)
+            if length in (None, 7) and _decode_item(_decoder(fp), "its format's name") == SNAPSHOT_V3:
+                self._restore_whole_v3(fp, indefinite=length is None)
+                return
         try:
             v = _decoder(io.BytesIO(data)).decode()
         except cbor2.CBORError as e:
@@ -795,20 +798,26 @@ class KeyValueStore:
             if name == SNAPSHOT_WITH_CLAIMS and len(v) == 3:  # before the horizon was kept: it starts at 0
                 v, tail = v[1], [v[2], 0]
                 name = SNAPSHOT_WITH_CLAIMS_V2
-            elif name in _TAIL_LENGTHS and name is not None and len(v) == 2 + _TAIL_LENGTHS[name]:
+            elif name in _TAIL_LENGTHS and name not in (None, SNAPSHOT_V3) and len(v) == 2 + _TAIL_LENGTHS[name]:
                 v, tail = v[1], v[2:]
             else:
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-        if type(v) is not dict:
-            raise ValueError("a key/value snapshot of an unknown format (not a map)")
-        if not all(type(k) is str for k in v):
-            raise ValueError("a damaged key/value snapshot (a key that is not text)")
-        with_indices = name == SNAPSHOT_V3
-        records = {k: _record(x, with_indices) for k, x in v.items()}
-        lease_map = tail.pop() if with_indices else {}
-        state = _tail_state(name, tail)  # checked first: a newer level's snapshot says so
+        records = _records_of(v, False)
+        self._replace(records, SortedList(records), _tail_state(name, tail), _LeaseTable(records))
+
+    def _restore_whole_v3(self, fp: io.BytesIO, indefinite: bool) -> None:
+        """A V3 snapshot with a map of indefinite length (none of ours writes one), after its name, in one step:
+        the map and the elements after it decoded whole, but the lease table by `_LeaseTable.decoding`, as a
+        restore a batch per step takes it (cbor2, decoding a map whole, keeps the last of an id twice)."""
+        decoder = _decoder(fp)
+        v, *tail = [_decode_item(decoder, "an element of the snapshot") for _ in range(_TAIL_LENGTHS[SNAPSHOT_V3])]
+        records = _records_of(v, True)
+        state = _tail_state(SNAPSHOT_V3, tail)  # checked first: a newer level's snapshot says so
         leases = _LeaseTable(records)
-        leases.decode_map(lease_map)
+        for _ in leases.decoding(fp, decoder.decode):
+            pass
+        if fp.read(1) != (b"\xff" if indefinite else b"") or fp.read(1):
+            raise ValueError("a key/value snapshot of an unknown format (elements after its leases, or none)")
         self._replace(records, SortedList(records), state, leases)
 
     def _replace(self, data: dict[str, tuple[bytes, int, int]], keys: SortedList, state: _TailState,
@@ -1028,7 +1037,12 @@ def _map_count(first: int, fp) -> int | None:
     """The number of pairs of a CBOR map of definite length whose initial byte is `first` (RFC 8949 3.1: major type
     5, the count in the additional information or the 1, 2, 4 or 8 bytes after it), read from `fp`; None when
     `first` is not the head of such a map."""
-    if first >> 5 != 5:
+    return _head_count(first, fp, 5)
+
+
+def _head_count(first: int, fp, major_type: int) -> int | None:
+    """`_map_count` for an item of `major_type` (4: an array, 5: a map)."""
+    if first >> 5 != major_type:
         return None
     info = first & 31
     if info < 24:
@@ -1144,33 +1158,61 @@ class _LeaseTable:
             lease_of[key] = lease_id
         return len(keys)
 
-    def decode_batch(self, decode: Callable[[], object], left: int) -> int:
-        """Decode (with `decode`, the snapshot's decoder's) and take the next leases of the map, at most `left`:
-        until RESTORE_BATCH_LEASES leases or RESTORE_BATCH_LEASES of their keys (half while the ids come out of
-        order), so a step's work is bounded (a lease holds at most MAX_KEYS_PER_LEASE keys). Returns how many."""
-        batch_most = RESTORE_BATCH_LEASES if self.ids.in_order else RESTORE_BATCH_LEASES // 2
-        most = min(left, batch_most)
-        batch: list[int] = []
-        keys = 0
-        try:
-            while len(batch) < most and keys < batch_most:
-                lease_id = decode()
-                keys += self.add(lease_id, decode())
-                batch.append(lease_id)  # type: ignore[arg-type]  # add checked that it is an int
-        except cbor2.CBORError as e:
-            _damaged(e, "a lease does not decode")
-        self.ids.extend(batch)
-        return len(batch)
-
-    def decode_map(self, lease_map: object) -> None:
-        """The whole map at once, already decoded (the formats restored in one step), in id order."""
-        if type(lease_map) is not dict:
+    def decoding(self, fp, decode: Callable[[], object]) -> Iterator[None]:
+        """Decode the lease map at `fp` (its head read here; its leases with `decode`, the snapshot's decoder's)
+        and take its leases, yielding before each batch: until RESTORE_BATCH_LEASES leases or RESTORE_BATCH_LEASES
+        of their keys (half while the ids come out of order), so a step's work is bounded (a lease holds at most
+        MAX_KEYS_PER_LEASE keys). A map of indefinite length (none of ours writes one) is taken alike, up to its
+        break."""
+        first = _read_exact(fp, 1)[0]
+        left = None if first == 0xBF else _map_count(first, fp)  # None: of indefinite length
+        if left is None and first != 0xBF:
             raise ValueError("a key/value snapshot of an unknown format (damaged leases)")
-        if not all(type(i) is int for i in lease_map):
-            raise ValueError("a key/value snapshot of an unknown format (a lease id that is not an integer)")
-        for lease_id in sorted(lease_map):
-            self.add(lease_id, lease_map[lease_id])
-        self.ids.extend(sorted(lease_map))
+        while left is None or left:
+            yield
+            batch_most = RESTORE_BATCH_LEASES if self.ids.in_order else RESTORE_BATCH_LEASES // 2
+            most = batch_most if left is None else min(left, batch_most)
+            batch: list[int] = []
+            keys = 0
+            ended = False
+            try:
+                while len(batch) < most and keys < batch_most:
+                    if left is None and (ended := _at_break(fp)):
+                        break
+                    lease_id = decode()
+                    keys += self.add(lease_id, decode())
+                    batch.append(lease_id)  # type: ignore[arg-type]  # add checked that it is an int
+            except cbor2.CBORError as e:
+                _damaged(e, "a lease does not decode")
+            self.ids.extend(batch)
+            if left is not None:
+                left -= len(batch)
+            elif ended:
+                return
+
+
+def _at_break(fp) -> bool:
+    """Whether the next byte of `fp` is the break that ends an item of indefinite length (read if so, else left)."""
+    peek = getattr(fp, "peek", None)  # a BufferedReader's; a BytesIO is read and set back
+    head = peek(1)[:1] if peek is not None else fp.read(1)
+    if not head:
+        raise ValueError("a damaged key/value snapshot (it ends inside its leases)")
+    if head == b"\xff":
+        if peek is not None:
+            fp.read(1)
+        return True
+    if peek is None:
+        fp.seek(-1, io.SEEK_CUR)
+    return False
+
+
+def _records_of(v: object, with_indices: bool) -> dict[str, tuple[bytes, int, int]]:
+    """The records of a key/value map decoded whole (the formats restored in one step), checked."""
+    if type(v) is not dict:
+        raise ValueError("a key/value snapshot of an unknown format (not a map)")
+    if not all(type(k) is str for k in v):
+        raise ValueError("a damaged key/value snapshot (a key that is not text)")
+    return {k: _record(x, with_indices) for k, x in v.items()}
 
 
 def _whole(data) -> bytes | bytearray | memoryview:
