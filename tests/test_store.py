@@ -1132,6 +1132,27 @@ def test_an_indefinite_lease_map_restores_a_bounded_batch_per_step(monkeypatch):
     assert sum(leases for leases, _ in per_step) == n and max(leases for leases, _ in per_step) <= RESTORE_BATCH_LEASES
 
 
+def test_a_lease_table_over_the_caps_is_refused_however_it_is_restored(monkeypatch):
+    """Review of scale, finding 3: a restore took a lease of more than MAX_KEYS_PER_LEASE keys (which then never
+    expired: an expiry stops at a lease over the entry's delete budget) and more than MAX_LEASES leases, which no
+    applied state holds (a put onto a full lease, a grant beyond them apply as "lease full", "full")."""
+    monkeypatch.setattr(store, "MAX_KEYS_PER_LEASE", 2)
+    monkeypatch.setattr(store, "MAX_LEASES", 2)
+    records = {k: [b"v", 1, 1] for k in "abc"}
+    at_caps = [(4, [5, ["a", "b"]]), (5, [5, ["c"]])]
+    for lease_map_indefinite in (True, False):
+        kv = KeyValueStore()
+        kv.restore(_v3_indefinite(records, at_caps, lease_map_indefinite))
+        assert kv.lease_of == {"a": 4, "b": 4, "c": 5}
+        for over, refusal in (([(4, [5, ["a", "b", "c"]])], "a damaged lease 4"),
+                              (at_caps + [(6, [5, []])], "more than 2 leases")):
+            with pytest.raises(ValueError, match=refusal):
+                kv.restore(_v3_indefinite(records, over, lease_map_indefinite))
+            assert kv.lease_of == {"a": 4, "b": 4, "c": 5}
+    with pytest.raises(ValueError, match="a damaged lease 4"):  # and a map of definite length, a batch per step
+        KeyValueStore().restore(_v3_with_leases(_pairs(4, [5, ["a", "b", "c"]]), 1, records))
+
+
 def test_a_lease_holds_at_most_its_cap_of_keys_and_an_expiry_deletes_at_most_the_entry_cap(monkeypatch):
     """Bounded work per entry (the module's rules): a revoke or an expiry deletes at most
     MAX_DELETE_KEYS_PER_ENTRY keys; an expiry leaves the leases past it for the leader to propose again."""

@@ -76,12 +76,13 @@ Rules:
   order (older writers wrote the map in insertion order) are not damage: they go into their index one by one
   (O(log n) each, half a batch per step); a key twice, a count that differs from the pairs present, bytes after
   the end, a key not text, a value not bytes, a V3 record not [bytes, int, int] with create <= modify, a lease
-  not [ttl, [keys]] with a valid TTL, an id < 1 or twice, a key not in the map or on two leases are
-  (ValueError). Older formats still restore in one step: a plain map (the oldest), `[SNAPSHOT_WITH_CLAIMS, map,
-  claims]` (a horizon of 0), and maps of indefinite length; a lease map of indefinite length (none of ours writes one)
-  is taken a batch per step like the others, and a V3 whose key map is of indefinite length has its lease table taken
-  by the same code in its one step (`_restore_whole_v3`): an id twice is refused however the maps are encoded (cbor2,
-  decoding a map whole, keeps the last).
+  not [ttl, [keys]] with a valid TTL and at most MAX_KEYS_PER_LEASE keys, more than MAX_LEASES leases, an id < 1
+  or twice, a key not in the map or on two leases are (ValueError). Older formats still restore in one step: a
+  plain map (the oldest), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (a horizon of 0), and maps of indefinite length;
+  a lease map of indefinite length (none of ours writes one) is taken a batch per step like the others, and a V3
+  whose key map is of indefinite length has its lease table taken by the same code in its one step
+  (`_restore_whole_v3`): an id twice is refused however the maps are encoded (cbor2, decoding a map whole, keeps
+  the last).
 - Every decoder of snapshot bytes refuses CBOR tags (no format of ours has one; cbor2's semantic decoders of some,
   a bigfloat's, are quadratic in the input's size). An error of the snapshot's source (an I/O error,
   raftlib.messages.SnapshotUnreadable) goes up as it is; only damage is a ValueError.
@@ -1133,8 +1134,9 @@ class _SortedBuild:
 class _LeaseTable:
     """A V3 snapshot's seventh element (a map lease id -> [ttl_seconds, [its keys]]) as it is decoded, lease by
     lease, each checked as it comes: an id >= 1 (an int) and once, a valid TTL, keys that are text, records of
-    `records` and on no other lease. `leases`, `lease_of` and the ordered ids are built as they come, so the
-    restore's last step has no pass over the table to make (the module's rules)."""
+    `records` and on no other lease, at most MAX_KEYS_PER_LEASE of them, and at most MAX_LEASES leases. `leases`,
+    `lease_of` and the ordered ids are built as they come, so the restore's last step has no pass over the table to
+    make (the module's rules)."""
 
     def __init__(self, records: dict[str, tuple[bytes, int, int]]) -> None:
         self.records = records
@@ -1146,8 +1148,11 @@ class _LeaseTable:
         """One lease, checked and taken (its id still to be given to `ids`): returns its number of keys."""
         if type(lease_id) is not int:
             raise ValueError("a key/value snapshot of an unknown format (a lease id that is not an integer)")
+        if len(self.leases) >= MAX_LEASES:  # a grant beyond them applies as "full": no state holds more
+            raise ValueError(f"a damaged key/value snapshot (more than {MAX_LEASES} leases)")
         if (lease_id < 1 or lease_id in self.leases or type(ttl_keys) is not list or len(ttl_keys) != 2
-                or not valid_ttl(ttl_keys[0]) or type(ttl_keys[1]) is not list):
+                or not valid_ttl(ttl_keys[0]) or type(ttl_keys[1]) is not list
+                or len(ttl_keys[1]) > MAX_KEYS_PER_LEASE):  # a put onto a full lease applies as "lease full"
             raise ValueError(f"a key/value snapshot of an unknown format (a damaged lease {lease_id!r})")
         records, lease_of = self.records, self.lease_of
         if not all(type(k) is str and k in records and k not in lease_of for k in ttl_keys[1]) or len(
