@@ -84,8 +84,10 @@ class FakeRuntime:
         if self.failures.get(name):
             raise self.failures[name].pop(0)
 
-    def propose(self, cmd: bytes, timeout_seconds: float):
+    def propose(self, cmd: bytes, timeout_seconds: float, configuration: tuple[int, int] | None = None):
         self._call("propose", cmd, timeout_seconds)
+        if configuration is not None and configuration != (self.node.current_term, self.node.membership_index):
+            raise ProposalDropped("the configuration changed")
         self.node.last_applied += 1
         return self.node.last_applied, self.store.apply(self.node.last_applied, cmd)
 
@@ -1509,8 +1511,8 @@ def test_the_raiser_asks_without_the_membership_lock_and_raises_under_it(client,
         held.append(client.api.membership_lock.locked()),
         types.SimpleNamespace(status=200, read=lambda n: b'{"feature_level": 2}'))[1])
     propose = client.runtime.propose
-    monkeypatch.setattr(client.runtime, "propose", lambda *args: (held.append(client.api.membership_lock.locked()),
-                                                                  propose(*args))[1])
+    monkeypatch.setattr(client.runtime, "propose", lambda *args, **kwargs: (
+        held.append(client.api.membership_lock.locked()), propose(*args, **kwargs))[1])
     assert raiser.raise_once() is True and held == [False, False, True]  # asked without it, raised under it
 
 
@@ -1597,6 +1599,24 @@ def test_the_raiser_does_not_raise_after_a_member_was_removed_and_joined_again_d
     assert events == [("remove", 200), ("join", 200)]
     assert raiser.raise_once() is False and raiser.laggards == {"c": "feature level 1"}  # the next round asks c
     assert not [c for c in client.runtime.calls if c[0] == "propose"]
+
+
+def test_the_raise_is_bound_to_the_configuration_the_raiser_asked(client, monkeypatch):
+    """Review of scale, item 3: a join whose change timed out released the lock while its change still waited in
+    the runtime's inbox, ahead of the raise. The raiser's proposal names the configuration it asked in, and the
+    runtime drops it when another reached the log first (as the fake does here)."""
+    raiser = raiser_of(client, {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}, monkeypatch)
+    propose = client.runtime.propose
+
+    def change_appended_first(*args, **kwargs):
+        client.runtime.node.membership = Membership(("a", "b"), ("c", "d"), MEMBERS + (
+            Member("d", "10.0.0.4:5555", "10.0.0.4:8080"),))  # the timed-out join's change, taken first
+        return propose(*args, **kwargs)
+
+    monkeypatch.setattr(client.runtime, "propose", change_appended_first)
+    with pytest.raises(ProposalDropped):
+        raiser.raise_once()
+    assert client.store.feature_level == 1 and not client.api.membership_lock.locked()
 
 
 def test_a_prefix_delete_over_the_cap_is_several_entries_and_answers_the_last_index(upgraded):

@@ -176,7 +176,9 @@ class FeatureLevelRaiser:
     proposed under that lock, and only if the configuration then is the one the members were asked in (the same
     term and configuration index: any change since, a removal and a join again of the same id and addresses
     included, means no raise this round), so no node of an older release joins between the question and the
-    raise (one that joined meanwhile is asked next round).
+    raise (one that joined meanwhile is asked next round). The proposal carries that term and configuration index
+    (Runtime.propose's `configuration`): the runtime drops it if another configuration reached the log first (a
+    join whose change timed out, releasing the lock, while its change still waited in the runtime's inbox).
     `laggards` holds the last round's members below the level (or that did not answer), for the 409s."""
 
     def __init__(self, runtime: Runtime, store: KeyValueStore, level: int, lock, write_timeout_seconds: float,
@@ -223,7 +225,8 @@ class FeatureLevelRaiser:
         propose the raise only if this node still leads in the term it asked in and its configuration is still
         the one it asked (the same configuration index: a node that joined meanwhile, under the lock, was not
         asked, and one removed and joined again under the same id and addresses may run another release now:
-        the next round asks them). True once raised."""
+        the next round asks them; the proposal carries that configuration, checked again as it is appended).
+        True once raised."""
         node = self.runtime.node
         asked_in = (node.current_term, node.membership_index)  # a leader's log only grows within its term
         others = [m for m in node.membership.members if m.node_id != node.node_id]
@@ -251,7 +254,7 @@ class FeatureLevelRaiser:
             if not self._may_raise():
                 return False
             _, result = self.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", self.level),
-                                             self.write_timeout_seconds)
+                                             self.write_timeout_seconds, configuration=asked_in)
             log.info("raised the cluster's feature level to %d (%s)", self.level, result)
             return self.store.feature_level >= self.level
         finally:
