@@ -1037,7 +1037,7 @@ def test_the_lease_table_restores_a_bounded_batch_per_step_and_gives_the_one_sho
     assert sum(1 for leases, _ in per_step if leases) >= 5  # many steps, not one
     assert per_step[replaced_at][0] < RESTORE_BATCH_LEASES  # the last batch's rest, then only assignments
     one_shot = KeyValueStore()
-    one_shot._restore_whole(snapshot)  # the formats restored in one step: cbor2 decodes the whole
+    one_shot._restore_whole(snapshot)  # the one-step restore: cbor2 decodes the key map whole
     for kv in (target, one_shot):
         assert kv.leases == source.leases and kv.lease_of == source.lease_of and kv.data == source.data
         assert list(kv.lease_ids) == sorted(source.leases) and kv.snapshot() == snapshot
