@@ -297,6 +297,13 @@ class RaftNode:
         return self._progress.get(node_id)
 
     @property
+    def membership_index(self) -> int:
+        """The index of the entry of the configuration in force (`membership`: the latest in the log, committed or
+        not; the snapshot's index when the log holds none). In one term of one leader it changes with every new
+        configuration, also one equal to an older (a member removed and added again)."""
+        return self._membership_index
+
+    @property
     def reads_pending(self) -> int:
         """How many reads this node holds: its callers' (waiting for a round, a commit or the leader's answer)
         and, as leader, its followers'. Each is answered or failed within read_timeout_ticks."""

@@ -119,6 +119,8 @@ class Deliver:
 class Propose:
     command: bytes
     result: gevent.event.AsyncResult
+    # Runtime.propose's `configuration`: (term, configuration index) the entry must be appended in, or None.
+    configuration: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -297,13 +299,18 @@ class Runtime:
 
     # ---- requests (called from other greenlets) -------------------------------------------------
 
-    def propose(self, command: bytes, timeout_seconds: float):
+    def propose(self, command: bytes, timeout_seconds: float, configuration: tuple[int, int] | None = None):
         """Replicate `command`; return (index, result of applying it) once it is committed and applied here.
         Raises NotLeader, ProposalDropped, EntryLost, Timeout (outcome unknown), Stopped, or DiskFull (refused:
-        this node's disk has no room)."""
+        this node's disk has no room). With `configuration` (a term and a configuration index: the node's
+        `current_term` and `membership_index`), the entry is appended only if the node still leads in that term
+        and has that configuration when the loop takes the proposal (ProposalDropped otherwise, nothing
+        appended): a configuration change queued before it, or made meanwhile, comes first in the log."""
         if self.disk_full:
             raise DiskFull("the disk of this node is full")
-        return self._call(timeout_seconds, Propose, command)
+        if configuration is None:
+            return self._call(timeout_seconds, Propose, command)
+        return self._call(timeout_seconds, lambda c, result: Propose(c, result, configuration), command)
 
     @property
     def restoring_snapshot(self) -> bool:
@@ -505,6 +512,11 @@ class Runtime:
         node = self.node
         match item:
             case Propose():
+                if item.configuration is not None and item.configuration != (node.current_term, node.membership_index):
+                    item.result.set_exception(ProposalDropped(
+                        f"the configuration changed: (term, configuration index) {item.configuration}, now "
+                        f"{(node.current_term, node.membership_index)}"))
+                    return
                 try:
                     index = node.propose(item.command)
                 except (NotLeader, ProposalDropped) as e:

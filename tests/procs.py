@@ -192,9 +192,9 @@ class LocalCluster:
         wait_for(lambda: first.status()["role"] == "leader", 10, "the first node to lead")
         for n in self.nodes[1:]:
             n.start(*self.extra, join=first.address)
-            # A bound, not a speed: a join waits for the leader to have applied its log and for the membership lock,
-            # which the feature-level raiser holds while it asks every member's /status (up to 1 s each round) right
-            # after the first election; CI once took over 15 s here on a loaded machine.
+            # A bound, not a speed: a join waits for the leader to have applied its log and for the membership lock
+            # (the feature-level raiser holds it only to propose the raise, no longer while it asks every member's
+            # /status); CI once took over 15 s here on a loaded machine, before that change.
             wait_for(lambda n=n: self._is_voter(n), 30, f"{n.name} to become a voter")
         return self
 

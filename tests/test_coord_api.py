@@ -5,11 +5,13 @@ RAFTDZMQ_FEATURE_LEVEL=1, as a node of an older release would)."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 
 import pytest
 
-from procs import LocalCluster, Node, old_release, wait_for
+from procs import LocalCluster, Node, free_port, old_release, wait_for
 
 OLD = {"RAFTDZMQ_FEATURE_LEVEL": "1"}  # test-only (raftlib.server.node.TEST_FEATURE_LEVEL_ENV)
 
@@ -166,3 +168,76 @@ def test_an_older_release_stops_at_start_on_a_data_dir_of_level_2(tmp_path):
         assert node.request("GET", "/db/k").text == "v"
     finally:
         node.kill()
+
+
+class SilentMember:
+    """The HTTP port of a member that does not answer, as a stopped (SIGSTOP) process's: the kernel accepts each
+    connection and nothing reads it. Notes when a GET /status arrives on a connection and when the asker closes
+    it (it gives up), each by time.monotonic()."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.asked: list[float] = []
+        self.given_up: list[float] = []
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self._open.append(conn)
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        try:
+            if conn.recv(4096).startswith(b"GET /status"):
+                self.asked.append(time.monotonic())
+                if conn.recv(4096) == b"":  # never answered: the asker's close
+                    self.given_up.append(time.monotonic())
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self._open:
+            conn.close()
+
+
+def test_a_join_is_not_held_up_while_the_raiser_waits_for_a_member_that_does_not_answer(tmp_path):
+    """CI flaked once: a join took over 15 s at cluster formation. The leader's feature-level raiser asked every
+    member's /status under the membership lock that joins take, so a member that does not answer (stopped, or
+    busy) held every join until the raiser gave it up (LEVEL_REQUEST_TIMEOUT_SECONDS). Here a learner whose HTTP
+    port accepts and never answers is a member of a cluster of level 1 whose leader runs level 2: while the
+    raiser waits for that member's answer, a join goes through, before the raiser gives the member up."""
+    node = Node("node.1", str(tmp_path))
+    silent = SilentMember()
+    try:
+        node.start(env=OLD)  # a cluster of level 1 (its raiser never asks: its own level is 1)
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        body = json.dumps({"node_id": "silent", "raft_address": f"127.0.0.1:{free_port()}",
+                           "http_address": silent.address})
+        assert node.request("POST", "/join", body).status == 200  # a learner: the single voter commits alone
+        node.stop()
+        node.start()  # this release: it leads a cluster of level 1 and asks every member's level each second
+        wait_for(lambda: silent.asked, 10, "the raiser to ask the silent member")
+        t0 = time.monotonic()
+        body = json.dumps({"node_id": "joiner", "raft_address": f"127.0.0.1:{free_port()}",
+                           "http_address": f"127.0.0.1:{free_port()}"})
+        r = node.request("POST", "/join", body, timeout=10)
+        answered = time.monotonic()
+        assert r.status == 200, r
+        wait_for(lambda: len(silent.given_up) >= 1, 10, "the raiser to give the silent member up")
+        print(f"join answered in {answered - t0:.3f}s; the raiser gave the silent member up "
+              f"{silent.given_up[0] - silent.asked[0]:.2f}s after asking")
+        # The join did not wait for the round: it was answered before the raiser gave up on the member it was
+        # asking (under the lock, the join could only be answered after that).
+        assert answered < silent.given_up[0], (answered - t0, silent.given_up[0] - t0)
+        assert node.status()["cluster_feature_level"] == 1
+    finally:
+        node.stop()
+        silent.close()

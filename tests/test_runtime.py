@@ -385,6 +385,28 @@ def test_two_equal_requests_in_the_inbox_are_two_requests(one_node):
     assert index_b == index_a + 1 and values.applied[-2:] == [b"same", b"same"]
 
 
+def test_a_proposal_bound_to_a_configuration_is_dropped_once_another_is_in_the_log(one_node):
+    """Review of scale, item 3: the FeatureLevelRaiser looks at the configuration under the membership lock, then
+    proposes; a join whose configuration change timed out (its lock released) may still have the change waiting
+    in the inbox, to be appended before the raise. The raise carries (term, configuration index): taken in that
+    configuration, dropped once another one came first, nothing appended."""
+    from raftlib import ConfChange, ConfChangeKind, ProposalDropped
+    from raftlib.runtime import ChangeMembership
+
+    runtime, _, values = one_node
+    node = runtime.node
+    asked_in = (node.current_term, node.membership_index)
+    assert runtime.propose(b"in it", 2.0, configuration=asked_in)[1] == 1
+    timed_out = gevent.event.AsyncResult()  # its caller gave up: the change still waits in the inbox
+    runtime._put(ChangeMembership(ConfChange(ConfChangeKind.ADD_LEARNER, Member("b", "127.0.0.1:3", "127.0.0.1:4")),
+                                  timed_out))
+    last = node.log.last_index
+    with pytest.raises(ProposalDropped, match="the configuration changed"):
+        runtime.propose(b"raise", 2.0, configuration=asked_in)
+    assert node.membership_index == last + 1 and node.log.last_index == last + 1 and values.applied == [b"in it"]
+    assert runtime.propose(b"next round", 2.0, configuration=(node.current_term, node.membership_index))[0] == last + 2
+
+
 # ---- out of file descriptors: never a reason to stop (the attacker review) --------------------------------------
 
 

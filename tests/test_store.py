@@ -35,6 +35,7 @@ from raftlib.server.store import (
     PUT_WITH_TTL,
     RESTORE_BATCH_BYTES,
     RESTORE_BATCH_KEYS,
+    RESTORE_BATCH_LEASES,
     SET,
     SET_FEATURE_LEVEL,
     SET_IF_INDEX,
@@ -994,6 +995,162 @@ def test_leases_survive_a_snapshot():
     copy.restore(snap)
     assert copy.leases == kv.leases and copy.lease_of == {"j": 2, "k": 2} and copy.snapshot() == snap
     assert copy.apply(5, command(LEASE_REVOKE, "", b"", 2)) == 2 and copy.data == {}
+
+
+def _leases_per_step(kv: KeyValueStore, snapshot, monkeypatch) -> tuple[list[tuple[int, int]], int]:
+    """Run a restore step by step: the leases (and their keys) each step built, and the step that replaced the
+    state."""
+    built = {"leases": 0, "keys": 0}
+
+    class CountedLease(store.Lease):
+        __slots__ = ()
+
+        def __init__(self, ttl_seconds: int, keys: set[str] | None = None) -> None:
+            super().__init__(ttl_seconds, keys)
+            built["leases"] += 1
+            built["keys"] += len(self.keys)
+
+    monkeypatch.setattr(store, "Lease", CountedLease)
+    per_step: list[tuple[int, int]] = []
+    replaced_at = -1
+    for replaced in kv.restoring(snapshot):
+        per_step.append((built["leases"], built["keys"]))
+        built["leases"] = built["keys"] = 0
+        if replaced:
+            replaced_at = len(per_step) - 1
+    monkeypatch.undo()
+    return per_step, replaced_at
+
+
+def test_the_lease_table_restores_a_bounded_batch_per_step_and_gives_the_one_shot_state(monkeypatch):
+    """Issue 13: V3's lease table was decoded in the one step that replaced the state (661 ms at 100,000 leases:
+    the loop stalled, heartbeats late). Each step now builds at most RESTORE_BATCH_LEASES leases (the one that
+    replaces the state too), and the state is the one a one-shot decode of the same bytes gives."""
+    n = 5 * RESTORE_BATCH_LEASES + 7
+    source, _, _ = upgraded(*[command(PUT_WITH_TTL, f"k{i:06d}", b"v", 5 + i % 7) for i in range(n)],
+                            command(LEASE_GRANT, "", b"", 9), command(SET, "free", b"f"))
+    snapshot = source.snapshot()
+    target, _, _ = upgraded(command(PUT_WITH_TTL, "old", b"o", 9))
+    per_step, replaced_at = _leases_per_step(target, snapshot, monkeypatch)
+    assert sum(leases for leases, _ in per_step) == n + 1
+    assert max(leases for leases, _ in per_step) <= RESTORE_BATCH_LEASES
+    assert sum(1 for leases, _ in per_step if leases) >= 5  # many steps, not one
+    assert per_step[replaced_at][0] < RESTORE_BATCH_LEASES  # the last batch's rest, then only assignments
+    one_shot = KeyValueStore()
+    one_shot._restore_whole(snapshot)  # the one-step restore: cbor2 decodes the key map whole
+    for kv in (target, one_shot):
+        assert kv.leases == source.leases and kv.lease_of == source.lease_of and kv.data == source.data
+        assert list(kv.lease_ids) == sorted(source.leases) and kv.snapshot() == snapshot
+    target.lease_ids._check()
+    assert target.apply(10 ** 6, command(LEASE_REVOKE, "", b"", 2)) == 1 and "k000000" not in target.data
+
+
+def test_a_step_of_the_lease_table_is_bounded_by_keys_too(monkeypatch):
+    """Leases of many keys: a step ends once the keys of its leases pass RESTORE_BATCH_LEASES (one lease holds at
+    most MAX_KEYS_PER_LEASE)."""
+    per_lease = RESTORE_BATCH_LEASES // 3 + 1
+    grants = [command(LEASE_GRANT, "", b"", 5) for _ in range(12)]  # ids 2 to 13
+    puts = [command(SET_WITH_LEASE, f"k{i:06d}", b"v", 2 + i // per_lease) for i in range(12 * per_lease)]
+    source, results, _ = upgraded(*grants, *puts)
+    assert set(results) == {"ok"}
+    per_step, _ = _leases_per_step(KeyValueStore(), source.snapshot(), monkeypatch)
+    assert sum(keys for _, keys in per_step) == 12 * per_lease
+    assert max(keys for _, keys in per_step) <= RESTORE_BATCH_LEASES + per_lease
+    assert max(leases for leases, _ in per_step) == 3  # the third lease's keys pass the bound
+
+
+def _v3_with_leases(lease_pairs: bytes, count: int, records: dict | None = None) -> bytes:
+    """A V3 snapshot written by hand, its lease map's pairs as given under a head saying `count`."""
+    head = cbor2.dumps([SNAPSHOT_V3, records or {}, {}, 0.0, FEATURE_LEVEL, 1, {}])[:-1]  # all but the empty map
+    return head + bytes([0xa0 | count]) + lease_pairs
+
+
+def test_lease_ids_out_of_order_restore_and_a_lease_twice_is_refused():
+    """No writer of ours puts the ids out of order, but a table that does still restores (its ids by insertion);
+    an id twice (cbor2 kept the last of them when it decoded the whole) is damage, and changes nothing."""
+    records = {"a": [b"1", 1, 1], "b": [b"2", 1, 1]}
+    kv = KeyValueStore()
+    kv.restore(_v3_with_leases(_pairs(9, [5, ["a"]], 4, [6, ["b"]], 7, [8, []]), 3, records))
+    assert list(kv.lease_ids) == [4, 7, 9] and kv.lease_of == {"a": 9, "b": 4}
+    assert kv.leases == {4: store.Lease(6, {"b"}), 7: store.Lease(8), 9: store.Lease(5, {"a"})}
+    before = kv.snapshot()
+    for damaged in (_v3_with_leases(_pairs(4, [5, ["a"]], 4, [6, []]), 2, records),
+                    _v3_with_leases(_pairs(4, [5, ["a"]], 5, [6, ["a"]]), 2, records),  # a key on two leases
+                    _v3_with_leases(_pairs(4, [5, ["a"]]), 2, records),  # a count past the leases present
+                    _v3_with_leases(_pairs(4, [5, ["a"]], 5, [6, []]), 1, records),  # bytes after the end
+                    _v3_with_leases(_pairs("4", [5, ["a"]]), 1, records),
+                    _v3_with_leases(_pairs(4, [5, [["a"]]]), 1, records),  # a key that is a list (unhashable)
+                    _v3_with_leases(_pairs(4, [5, ["a", "a"]]), 1, records)):
+        with pytest.raises(ValueError):
+            kv.restore(damaged)
+        assert kv.snapshot() == before
+
+
+def _v3_indefinite(records: dict, leases: list[tuple[int, list]], lease_map_indefinite: bool = True) -> bytes:
+    """A V3 snapshot written by hand with, by default, its lease map (pairs of id and [ttl, keys]) of indefinite
+    length; else its key map of indefinite length (a node restores that one in one step) and its lease map not."""
+    pairs = _pairs(*[x for pair in leases for x in pair])
+    if lease_map_indefinite:
+        return cbor2.dumps([SNAPSHOT_V3, records, {}, 0.0, FEATURE_LEVEL, 1, {}])[:-1] + b"\xbf" + pairs + b"\xff"
+    key_map = b"\xbf" + _pairs(*[x for pair in records.items() for x in pair]) + b"\xff"
+    return (b"\x87" + cbor2.dumps(SNAPSHOT_V3) + key_map + _pairs({}, 0.0, FEATURE_LEVEL, 1)
+            + bytes([0xa0 | len(leases)]) + pairs)
+
+
+def test_a_lease_id_twice_is_refused_whatever_the_encoding_of_the_maps():
+    """Review of scale, finding 2: an id twice was refused in a lease map of definite length (restored a batch per
+    step) and accepted, the last one kept, in one of indefinite length (the whole snapshot went to the one-step
+    restore, where cbor2 decodes the map whole). Now every lease table is taken by the same checks, a batch per
+    step however its map is encoded (and in one step, with its key map of indefinite length)."""
+    records = {"a": [b"1", 1, 1], "b": [b"2", 1, 1]}
+    good, twice = [(4, [5, ["a"]]), (7, [6, ["b"]])], [(4, [5, ["a"]]), (4, [6, []])]
+    expected = KeyValueStore()
+    expected.restore(_v3_with_leases(_pairs(4, [5, ["a"]], 7, [6, ["b"]]), 2, records))
+    for lease_map_indefinite in (True, False):
+        kv = KeyValueStore()
+        kv.restore(_v3_indefinite(records, good, lease_map_indefinite))
+        assert (kv.leases, kv.lease_of, list(kv.lease_ids)) == (expected.leases, expected.lease_of, [4, 7])
+        before = kv.snapshot()
+        with pytest.raises(ValueError, match="a damaged lease 4"):
+            kv.restore(_v3_indefinite(records, twice, lease_map_indefinite))
+        assert kv.snapshot() == before
+    with pytest.raises(ValueError, match="a damaged lease 4"):
+        KeyValueStore().restore(_v3_with_leases(_pairs(4, [5, ["a"]], 4, [6, []]), 2, records))
+    for damaged in (_v3_indefinite(records, good)[:-1],  # no break
+                    _v3_indefinite(records, good) + b"\x00"):  # bytes after the end
+        with pytest.raises(ValueError):
+            KeyValueStore().restore(damaged)
+
+
+def test_an_indefinite_lease_map_restores_a_bounded_batch_per_step(monkeypatch):
+    """No writer of ours writes a lease map of indefinite length; one is taken a batch per step like the others
+    (it sent the whole snapshot to the one-step restore)."""
+    n = 3 * RESTORE_BATCH_LEASES + 5
+    records = {f"k{i:05d}": [b"v", 1, 1] for i in range(n)}
+    leases = [(2 + i, [5, [f"k{i:05d}"]]) for i in range(n)]
+    per_step, _ = _leases_per_step(KeyValueStore(), _v3_indefinite(records, leases), monkeypatch)
+    assert sum(leases for leases, _ in per_step) == n and max(leases for leases, _ in per_step) <= RESTORE_BATCH_LEASES
+
+
+def test_a_lease_table_over_the_caps_is_refused_however_it_is_restored(monkeypatch):
+    """Review of scale, finding 3: a restore took a lease of more than MAX_KEYS_PER_LEASE keys (which then never
+    expired: an expiry stops at a lease over the entry's delete budget) and more than MAX_LEASES leases, which no
+    applied state holds (a put onto a full lease, a grant beyond them apply as "lease full", "full")."""
+    monkeypatch.setattr(store, "MAX_KEYS_PER_LEASE", 2)
+    monkeypatch.setattr(store, "MAX_LEASES", 2)
+    records = {k: [b"v", 1, 1] for k in "abc"}
+    at_caps = [(4, [5, ["a", "b"]]), (5, [5, ["c"]])]
+    for lease_map_indefinite in (True, False):
+        kv = KeyValueStore()
+        kv.restore(_v3_indefinite(records, at_caps, lease_map_indefinite))
+        assert kv.lease_of == {"a": 4, "b": 4, "c": 5}
+        for over, refusal in (([(4, [5, ["a", "b", "c"]])], "a damaged lease 4"),
+                              (at_caps + [(6, [5, []])], "more than 2 leases")):
+            with pytest.raises(ValueError, match=refusal):
+                kv.restore(_v3_indefinite(records, over, lease_map_indefinite))
+            assert kv.lease_of == {"a": 4, "b": 4, "c": 5}
+    with pytest.raises(ValueError, match="a damaged lease 4"):  # and a map of definite length, a batch per step
+        KeyValueStore().restore(_v3_with_leases(_pairs(4, [5, ["a", "b", "c"]]), 1, records))
 
 
 def test_a_lease_holds_at_most_its_cap_of_keys_and_an_expiry_deletes_at_most_the_entry_cap(monkeypatch):

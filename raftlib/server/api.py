@@ -157,8 +157,9 @@ class Api:
     # the cluster's is not raised yet (the node's FeatureLevelRaiser knows which members lag).
     feature_level: int = FEATURE_LEVEL
     upgrade_reason: Callable[[], str] = lambda: "the cluster's feature level is being raised; retry shortly"
-    # Held by a join while its configuration change is made, and by the leader's FeatureLevelRaiser from asking
-    # the members' levels until its SET_FEATURE_LEVEL applied: a node of an older release cannot join between.
+    # Held by a join while its configuration change is made, and by the leader's FeatureLevelRaiser from its look
+    # at the configuration (which must still be the one, by term and configuration index, whose members it asked
+    # without the lock) until its SET_FEATURE_LEVEL applied: a node of an older release cannot join between.
     membership_lock: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
     # The history GET /watch reads (the node gives the store's on_event to it), and the most watches open at once.
     watch_hub: WatchHub = field(default_factory=WatchHub)
@@ -1210,8 +1211,9 @@ def join(api: Api) -> bottle.HTTPResponse:
     refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None, api.max_members)
     if refusal is not None:
         return text(409, refusal)
-    # Under the membership lock: the leader's FeatureLevelRaiser asks every member's level and raises the cluster's
-    # under it too, so this join comes either before (and is asked) or after (and is checked here).
+    # Under the membership lock: the leader's FeatureLevelRaiser raises the cluster's level under it too, only if
+    # the configuration then is the one whose members it asked (no change since: a removal of this id included),
+    # so this join comes either before (and is asked) or after (and is checked here).
     if not api.membership_lock.acquire(timeout=api.write_timeout_seconds):
         return text(503, "join not possible now: the cluster's feature level is being raised; retry")
     try:

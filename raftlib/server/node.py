@@ -171,8 +171,14 @@ class FeatureLevelRaiser:
     """On the leader, raises the cluster's feature level (store's rules) to this node's: while this node leads and
     the state's level is below, at once on becoming leader and then every LEVEL_CHECK_SECONDS, it asks each other
     member's GET /status (within LEVEL_REQUEST_TIMEOUT_SECONDS each, all at once) and, when every one reports a
-    feature_level of this node's or more, proposes SET_FEATURE_LEVEL. The whole round runs under the membership
-    lock that joins take too (api.join), so no node of an older release joins between the question and the raise.
+    feature_level of this node's or more, proposes SET_FEATURE_LEVEL. The questions are asked without the
+    membership lock that joins take (api.join): a member slow to answer never holds up a join. The raise is
+    proposed under that lock, and only if the configuration then is the one the members were asked in (the same
+    term and configuration index: any change since, a removal and a join again of the same id and addresses
+    included, means no raise this round), so no node of an older release joins between the question and the
+    raise (one that joined meanwhile is asked next round). The proposal carries that term and configuration index
+    (Runtime.propose's `configuration`): the runtime drops it if another configuration reached the log first (a
+    join whose change timed out, releasing the lock, while its change still waited in the runtime's inbox).
     `laggards` holds the last round's members below the level (or that did not answer), for the 409s."""
 
     def __init__(self, runtime: Runtime, store: KeyValueStore, level: int, lock, write_timeout_seconds: float,
@@ -214,31 +220,48 @@ class FeatureLevelRaiser:
         self._stopping = True
 
     def raise_once(self) -> bool:
-        """One round: ask every other member, propose the raise when all have the level. True once raised."""
+        """One round: ask every other member, without the membership lock (a join never waits for a member's
+        answer: a member that does not answer held every join for the round's bound); then, under the lock,
+        propose the raise only if this node still leads in the term it asked in and its configuration is still
+        the one it asked (the same configuration index: a node that joined meanwhile, under the lock, was not
+        asked, and one removed and joined again under the same id and addresses may run another release now:
+        the next round asks them; the proposal carries that configuration, checked again as it is appended).
+        True once raised."""
+        node = self.runtime.node
+        asked_in = (node.current_term, node.membership_index)  # a leader's log only grows within its term
+        others = [m for m in node.membership.members if m.node_id != node.node_id]
+        asked = {m.node_id: gevent.spawn(self._level_of, m.http_address) for m in others}
+        gevent.joinall(list(asked.values()), timeout=2 * LEVEL_REQUEST_TIMEOUT_SECONDS)
+        laggards = {}
+        for node_id, greenlet in asked.items():
+            level = greenlet.value if greenlet.successful() else None
+            if level is None:
+                greenlet.kill(block=False)
+                laggards[node_id] = "no answer"
+            elif level < self.level:
+                laggards[node_id] = f"feature level {level}"
+        self.laggards = laggards
+        if laggards or not self._may_raise():
+            return False
         if not self.lock.acquire(timeout=self.write_timeout_seconds):
             return False
         try:
             node = self.runtime.node
-            others = [m for m in node.membership.members if m.node_id != node.node_id]
-            asked = {m.node_id: gevent.spawn(self._level_of, m.http_address) for m in others}
-            gevent.joinall(list(asked.values()), timeout=2 * LEVEL_REQUEST_TIMEOUT_SECONDS)
-            laggards = {}
-            for node_id, greenlet in asked.items():
-                level = greenlet.value if greenlet.successful() else None
-                if level is None:
-                    greenlet.kill(block=False)
-                    laggards[node_id] = "no answer"
-                elif level < self.level:
-                    laggards[node_id] = f"feature level {level}"
-            self.laggards = laggards
-            if laggards or node.role is not Role.LEADER or self.store.feature_level >= self.level:
+            if (node.current_term, node.membership_index) != asked_in:  # asked again in the next round
+                log.info("not raising the feature level yet: the configuration changed since the question "
+                         "(term, configuration index %s, now %s)", asked_in, (node.current_term, node.membership_index))
+                return False
+            if not self._may_raise():
                 return False
             _, result = self.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", self.level),
-                                             self.write_timeout_seconds)
+                                             self.write_timeout_seconds, configuration=asked_in)
             log.info("raised the cluster's feature level to %d (%s)", self.level, result)
             return self.store.feature_level >= self.level
         finally:
             self.lock.release()
+
+    def _may_raise(self) -> bool:
+        return self.runtime.node.role is Role.LEADER and self.store.feature_level < self.level
 
     def _level_of(self, address: str) -> int | None:
         """The feature_level a member's GET /status reports (1 when it names none: a release before them); None

@@ -63,18 +63,26 @@ Rules:
   order]] (ids in order). Both are written by `encode_state` (a forked child runs it,
   raftlib.runtime) with the map of definite length and its keys in increasing order, a batch of keys per cbor2
   call (no second copy of the state). A later level appends elements after the map under an array length that
-  this release refuses (ValueError) rather than drop what it does not know; the elements after the map (the
-  leases among them: at most MAX_LEASES, their keys at most the map's) are decoded in one step (`_tail_state`,
-  the one place that knows them).
+  this release refuses (ValueError) rather than drop what it does not know; the elements after the map but V3's
+  leases (claims, horizon, level, level index: bounded) are decoded in one step (`_tail_state`, the one place
+  that knows them), the leases (at most MAX_LEASES, their keys at most the map's) a batch per step
+  (`_LeaseTable`).
 - A node restores V2 and V3 a batch per turn of its event loop (`restoring`), not in one step that holds the loop
-  for as long as the whole state takes to decode (~1 s at 1M keys): it parses the array's and the map's heads
-  itself, then decodes key/value pairs until RESTORE_BATCH_KEYS of them or RESTORE_BATCH_BYTES of values, then
-  the elements after the map, checked before anything is replaced. Keys out of order (older writers) are not
-  damage: they go into the index one by one (O(log n) each, half a batch per step); a key twice, a count that
-  differs from the pairs present, bytes after the end, a key not text, a value not bytes, a V3 record not
-  [bytes, int, int] with create <= modify, a lease not [ttl, [keys]] with a valid TTL, an id < 1, a key not in
-  the map or on two leases are (ValueError). Older formats still restore in one step: a plain map
-  (the oldest), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (a horizon of 0), and maps of indefinite length.
+  for as long as the whole state takes to decode (~1 s at 1M keys; V3's lease table ~0.6 s at 100,000 leases):
+  it parses the array's and the map's heads itself, then decodes key/value pairs until RESTORE_BATCH_KEYS of
+  them or RESTORE_BATCH_BYTES of values, then the elements after the map, and V3's lease table (its map's head
+  parsed here too) until RESTORE_BATCH_LEASES leases or as many of their keys a step, building `leases`,
+  `lease_of` and the ordered ids as they come, all checked before anything is replaced. Keys or lease ids out of
+  order (older writers wrote the map in insertion order) are not damage: they go into their index one by one
+  (O(log n) each, half a batch per step); a key twice, a count that differs from the pairs present, bytes after
+  the end, a key not text, a value not bytes, a V3 record not [bytes, int, int] with create <= modify, a lease
+  not [ttl, [keys]] with a valid TTL and at most MAX_KEYS_PER_LEASE keys, more than MAX_LEASES leases, an id < 1
+  or twice, a key not in the map or on two leases are (ValueError). Older formats still restore in one step: a
+  plain map (the oldest), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (a horizon of 0), and maps of indefinite length;
+  a lease map of indefinite length (none of ours writes one) is taken a batch per step like the others, and a V3
+  whose key map is of indefinite length has its lease table taken by the same code in its one step
+  (`_restore_whole_v3`): an id twice is refused however the maps are encoded (cbor2, decoding a map whole, keeps
+  the last).
 - Every decoder of snapshot bytes refuses CBOR tags (no format of ours has one; cbor2's semantic decoders of some,
   a bigfloat's, are quadratic in the input's size). An error of the snapshot's source (an I/O error,
   raftlib.messages.SnapshotUnreadable) goes up as it is; only damage is a ValueError.
@@ -91,7 +99,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, NoReturn, TypeGuard
+from typing import Any, NamedTuple, NoReturn, TypeGuard
 
 import cbor2
 from sortedcontainers import SortedList
@@ -123,6 +131,10 @@ SNAPSHOT_V3 = "raftdzmq-kv-v3"
 # values a count bound alone let one step copy 512 MiB (206 ms, the fifth review).
 RESTORE_BATCH_KEYS = 2048
 RESTORE_BATCH_BYTES = 128 << 10
+# A restore step of V3's lease table decodes at most this many leases, and ends once their keys pass this many: ~2.3 us
+# a lease of one key (two items decoded, a set, a Lease, the checks, lease_of), so ~2.5 ms a step; at 2,048 a step
+# took 4-5 ms here, 10 ms when a dict grew (bench/restore_steps.py). One lease has at most MAX_KEYS_PER_LEASE keys.
+RESTORE_BATCH_LEASES = 1024
 MAX_LEASES = 100_000  # a grant beyond this many leases applies as "full" (409 at the edge)
 MAX_TTL_SECONDS = 365 * 24 * 3600  # a lease's TTL: 1 to this many whole seconds (the edge raises the minimum)
 MAX_EXPIRE_BATCH = 128  # at most this many leases expire in one LEASE_EXPIRE entry
@@ -709,10 +721,11 @@ class KeyValueStore:
     def _decode(self, data) -> Iterator[None]:
         """The decoding half of `restoring`: the heads parsed here, then a batch of key/value pairs per step read
         by a cbor2 decoder from a buffered reader (it reads exactly each item's bytes, so the heads and the pairs
-        can be read in turn); the elements after the map checked; the state replaced when it ends."""
+        can be read in turn); the elements after the map checked, V3's leases a batch per step; the state replaced
+        when it ends."""
         size = len(data)
         if not size:
-            self._replace({}, SortedList(), _tail_state(None, [], {}))
+            self._replace({}, SortedList(), _tail_state(None, []), _LeaseTable({}))
             return
         fp = _buffered(data)
         decoder = _decoder(fp)
@@ -726,18 +739,17 @@ class KeyValueStore:
             first = _read_exact(fp, 1)[0]
         count = _map_count(first, fp)
         if count is None:  # not a map of definite length: the older formats, a map of indefinite length, junk
-            self._restore_whole(data if isinstance(data, (bytes, bytearray, memoryview)) else data.read(0, size))
+            self._restore_whole(_whole(data))
             return
         with_indices = name == SNAPSHOT_V3
         new: dict[str, tuple[bytes, int, int]] = {}
-        in_order: _SortedKeys | None = _SortedKeys()  # while the keys come in increasing order (this version's)
-        unordered: SortedList | None = None  # else (older writers wrote the map in insertion order)
+        keys = _SortedBuild()  # without a sort while the keys come in increasing order (this version's)
         decode = decoder.decode
         left = count
         while left:
             yield
             # Keys out of order cost ~1.4 us more each (SortedList.add): half a batch then.
-            most = min(left, RESTORE_BATCH_KEYS if unordered is None else RESTORE_BATCH_KEYS // 2)
+            most = min(left, RESTORE_BATCH_KEYS if keys.in_order else RESTORE_BATCH_KEYS // 2)
             batch_keys: list = []
             batch_records: list = []
             value_bytes = 0
@@ -755,26 +767,27 @@ class KeyValueStore:
             new.update(zip(batch_keys, batch_records))
             if len(new) != count - left:
                 raise ValueError("a damaged key/value snapshot (a key twice)")
-            if in_order is not None:
-                taken = in_order.extend(batch_keys)
-                if taken < len(batch_keys):  # the rest, and every batch after, go in by insertion
-                    unordered, in_order = in_order.sorted_list(), None
-                    batch_keys = batch_keys[taken:]
-            if unordered is not None:
-                for key in batch_keys:  # O(log n) each: ~1.4 us, so a batch stays within the step's budget
-                    unordered.add(key)
-        # The elements after the map, in one step: bounded items, and V3's leases (at most MAX_LEASES, their keys
-        # at most the map's: the same order of work as a batch per key, but one step; see the module's rules).
-        tail = [_decode_item(decoder, "an element after its map") for _ in range(_TAIL_LENGTHS[name])]
+            keys.extend(batch_keys)
+        # The elements after the map: all but V3's leases in this step (bounded: the claims of CLAIM_RETENTION_SECONDS,
+        # three numbers), checked before the leases; then the leases a batch per step (see the module's rules).
+        tail_length = _TAIL_LENGTHS[name] - (1 if with_indices else 0)
+        state = _tail_state(name, [_decode_item(decoder, "an element after its map") for _ in range(tail_length)])
+        leases = _LeaseTable(new)
+        if with_indices:
+            yield from leases.decoding(fp, decode)
         if fp.read(1):
             raise ValueError("a damaged key/value snapshot (bytes after its end)")
-        state = _tail_state(name, tail, new)  # checked before anything is replaced
-        keys = in_order.sorted_list() if in_order is not None else unordered
-        assert keys is not None
-        self._replace(new, keys, state)
+        self._replace(new, keys.sorted_list(), state, leases)
 
     def _restore_whole(self, data: bytes | bytearray | memoryview) -> None:
         """The formats decoded in one step (the module's rules)."""
+        fp = io.BytesIO(data)
+        first = fp.read(1)
+        if first and first[0] >> 5 == 4:  # an array: V3's lease table is decoded as a restore by steps does
+            length = None if first[0] == 0x9F else _head_count(first[0], fp, 4)
+            if length in (None, 7) and _decode_item(_decoder(fp), "its format's name") == SNAPSHOT_V3:
+                self._restore_whole_v3(fp, indefinite=length is None)
+                return
         try:
             v = _decoder(io.BytesIO(data)).decode()
         except cbor2.CBORError as e:
@@ -786,28 +799,39 @@ class KeyValueStore:
             if name == SNAPSHOT_WITH_CLAIMS and len(v) == 3:  # before the horizon was kept: it starts at 0
                 v, tail = v[1], [v[2], 0]
                 name = SNAPSHOT_WITH_CLAIMS_V2
-            elif name in _TAIL_LENGTHS and name is not None and len(v) == 2 + _TAIL_LENGTHS[name]:
+            elif name in _TAIL_LENGTHS and name not in (None, SNAPSHOT_V3) and len(v) == 2 + _TAIL_LENGTHS[name]:
                 v, tail = v[1], v[2:]
             else:
                 raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
-        if type(v) is not dict:
-            raise ValueError("a key/value snapshot of an unknown format (not a map)")
-        if not all(type(k) is str for k in v):
-            raise ValueError("a damaged key/value snapshot (a key that is not text)")
-        with_indices = name == SNAPSHOT_V3
-        records = {k: _record(x, with_indices) for k, x in v.items()}
-        self._replace(records, SortedList(records), _tail_state(name, tail, records))
+        records = _records_of(v, False)
+        self._replace(records, SortedList(records), _tail_state(name, tail), _LeaseTable(records))
 
-    def _replace(self, data: dict[str, tuple[bytes, int, int]], keys: SortedList, state: _TailState) -> None:
+    def _restore_whole_v3(self, fp: io.BytesIO, indefinite: bool) -> None:
+        """A V3 snapshot with a map of indefinite length (none of ours writes one), after its name, in one step:
+        the map and the elements after it decoded whole, but the lease table by `_LeaseTable.decoding`, as a
+        restore a batch per step takes it (cbor2, decoding a map whole, keeps the last of an id twice)."""
+        decoder = _decoder(fp)
+        v, *tail = [_decode_item(decoder, "an element of the snapshot") for _ in range(_TAIL_LENGTHS[SNAPSHOT_V3])]
+        records = _records_of(v, True)
+        state = _tail_state(SNAPSHOT_V3, tail)  # checked first: a newer level's snapshot says so
+        leases = _LeaseTable(records)
+        for _ in leases.decoding(fp, decoder.decode):
+            pass
+        if fp.read(1) != (b"\xff" if indefinite else b"") or fp.read(1):
+            raise ValueError("a key/value snapshot of an unknown format (elements after its leases, or none)")
+        self._replace(records, SortedList(records), state, leases)
+
+    def _replace(self, data: dict[str, tuple[bytes, int, int]], keys: SortedList, state: _TailState,
+                 leases: _LeaseTable) -> None:
         """The one place the state is replaced: everything given was checked (a damaged snapshot raises before
         it gets here, so it changes nothing)."""
         assert len(keys) == len(data)
         self.data = data
         self.keys = keys
         self.admin_claims = state.admin_claims
-        self.leases = state.leases
-        self.lease_ids = SortedList(state.leases)  # ids come in order: no sort to speak of
-        self.lease_of = {key: lease_id for lease_id, lease in state.leases.items() for key in lease.keys}
+        self.leases = leases.leases
+        self.lease_ids = leases.ids.sorted_list()
+        self.lease_of = leases.lease_of
         self.feature_level, self.level_index = state.feature_level, state.level_index
 
 
@@ -819,24 +843,24 @@ class _TailState(NamedTuple):
     admin_claims: AdminClaims
     feature_level: int
     level_index: int
-    leases: dict[int, Lease]
 
 
-def _tail_state(name: object, tail: list, records: dict[str, tuple[bytes, int, int]]) -> _TailState:
-    """The state a snapshot holds after its map (`records`, decoded), checked: raises ValueError before anything
-    is replaced. The one place that knows those elements (the module's rules)."""
+def _tail_state(name: object, tail: list) -> _TailState:
+    """The state a snapshot holds after its map but for V3's leases (its last element: `_LeaseTable`), checked:
+    raises ValueError before anything is replaced. The one place that knows those elements (the module's
+    rules)."""
     if name is None:
-        return _TailState(AdminClaims(), 1, 0, {})
+        return _TailState(AdminClaims(), 1, 0)
     claims = _admin_claims(tail[0], tail[1])
     if name == SNAPSHOT_WITH_CLAIMS_V2:
-        return _TailState(claims, 1, 0, {})
-    feature_level, level_index, lease_map = tail[2], tail[3], tail[4]
+        return _TailState(claims, 1, 0)
+    feature_level, level_index = tail[2], tail[3]
     if type(feature_level) is not int or feature_level < 2 or not _is_index(level_index):
         raise ValueError("a key/value snapshot of an unknown format (a damaged V3)")
     if feature_level > FEATURE_LEVEL:
         raise ValueError(f"a key/value snapshot of feature level {feature_level}, above this release's "
                          f"{FEATURE_LEVEL}: start a newer raftdzmq on this data dir")
-    return _TailState(claims, feature_level, level_index, _decode_leases(lease_map, records))
+    return _TailState(claims, feature_level, level_index)
 
 
 def _record(x: object, with_indices: bool) -> tuple[bytes, int, int]:
@@ -1014,7 +1038,12 @@ def _map_count(first: int, fp) -> int | None:
     """The number of pairs of a CBOR map of definite length whose initial byte is `first` (RFC 8949 3.1: major type
     5, the count in the additional information or the 1, 2, 4 or 8 bytes after it), read from `fp`; None when
     `first` is not the head of such a map."""
-    if first >> 5 != 5:
+    return _head_count(first, fp, 5)
+
+
+def _head_count(first: int, fp, major_type: int) -> int | None:
+    """`_map_count` for an item of `major_type` (4: an array, 5: a map)."""
+    if first >> 5 != major_type:
         return None
     info = first & 31
     if info < 24:
@@ -1024,67 +1053,173 @@ def _map_count(first: int, fp) -> int | None:
     return int.from_bytes(_read_exact(fp, 1 << (info - 24)), "big")
 
 
-class _SortedKeys:
-    """A SortedList built from keys that come in increasing order, in O(n) with no sort: its sublists are laid
-    out as SortedList lays them (`_lists` of at most its load, `_maxes` their last keys). Relies on
+class _SortedRun:
+    """A SortedList built from items that come in increasing order, in O(n) with no sort: its sublists are laid
+    out as SortedList lays them (`_lists` of at most its load, `_maxes` their last items). Relies on
     sortedcontainers' layout (2.x, unchanged since 2016); a SortedList without it is built by sorting instead."""
 
     def __init__(self) -> None:
-        self.keys_lists: list[list[str]] = []
+        self.lists: list[list[Any]] = []
         self.count = 0
-        self.last: str | None = None
+        self.last: Any = None
         probe = SortedList()
         self.load = getattr(probe, "_load", 0)
         self.laid_out = bool(self.load) and all(hasattr(probe, a) for a in ("_lists", "_maxes", "_len", "_index"))
 
-    def extend(self, keys: list[str]) -> int:
-        """Append the longest prefix of `keys` that keeps them strictly increasing (or the layout, and `page`,
+    def extend(self, items: list[Any]) -> int:
+        """Append the longest prefix of `items` that keeps them strictly increasing (or the layout, and `page`,
         would be wrong); returns its length."""
         last = self.last
         taken = 0
-        for key in keys:
-            if last is not None and not key > last:
-                keys = keys[:taken]
+        for item in items:
+            if taken + self.count and not item > last:
+                items = items[:taken]
                 break
-            last = key
+            last = item
             taken += 1
         self.last = last
-        self.count += len(keys)
+        self.count += len(items)
         load = self.load or 1000
-        if self.keys_lists and len(self.keys_lists[-1]) < load:
-            tail = self.keys_lists[-1]
+        if self.lists and len(self.lists[-1]) < load:
+            tail = self.lists[-1]
             room = load - len(tail)
-            tail.extend(keys[:room])
-            keys = keys[room:]
-        for i in range(0, len(keys), load):
-            self.keys_lists.append(keys[i : i + load])
+            tail.extend(items[:room])
+            items = items[room:]
+        for i in range(0, len(items), load):
+            self.lists.append(items[i : i + load])
         return taken
 
     def sorted_list(self) -> SortedList:
         if not self.laid_out:
-            return SortedList(k for sub in self.keys_lists for k in sub)
+            return SortedList(item for sub in self.lists for item in sub)
         out = SortedList()
-        out._lists = self.keys_lists
-        out._maxes = [sub[-1] for sub in self.keys_lists]
+        out._lists = self.lists
+        out._maxes = [sub[-1] for sub in self.lists]
         out._len = self.count
         out._index = []
         return out
 
 
-def _decode_leases(lease_map: object, records: dict) -> dict[int, Lease]:
-    """The V3 snapshot's seventh element: ids in order, each key of a lease a record of no other lease."""
-    if type(lease_map) is not dict:
-        raise ValueError("a key/value snapshot of an unknown format (damaged leases)")
-    leases: dict[int, Lease] = {}
-    seen: set[str] = set()
-    for lease_id in sorted(i for i in lease_map if type(i) is int):
-        ttl_keys = lease_map[lease_id]
-        if (lease_id < 1 or type(ttl_keys) is not list or len(ttl_keys) != 2 or not valid_ttl(ttl_keys[0])
-                or type(ttl_keys[1]) is not list or not all(type(k) is str and k in records for k in ttl_keys[1])
-                or seen.intersection(ttl_keys[1]) or len(set(ttl_keys[1])) != len(ttl_keys[1])):
+class _SortedBuild:
+    """The keys (or lease ids) of a snapshot as a SortedList, built as they are decoded: by layout while they come
+    in increasing order (`_SortedRun`, this version's writers), from the first one out of order (older writers
+    wrote the map in insertion order) by insertion, O(log n) each (the caller then takes half a batch a step)."""
+
+    def __init__(self) -> None:
+        self.run: _SortedRun | None = _SortedRun()
+        self.unordered: SortedList | None = None
+
+    @property
+    def in_order(self) -> bool:
+        return self.run is not None
+
+    def extend(self, items: list[Any]) -> None:
+        if self.run is not None:
+            taken = self.run.extend(items)
+            if taken == len(items):
+                return
+            self.unordered, self.run = self.run.sorted_list(), None
+            items = items[taken:]
+        assert self.unordered is not None
+        for item in items:  # O(log n) each: ~1.4 us
+            self.unordered.add(item)
+
+    def sorted_list(self) -> SortedList:
+        if self.run is not None:
+            return self.run.sorted_list()
+        assert self.unordered is not None
+        return self.unordered
+
+
+class _LeaseTable:
+    """A V3 snapshot's seventh element (a map lease id -> [ttl_seconds, [its keys]]) as it is decoded, lease by
+    lease, each checked as it comes: an id >= 1 (an int) and once, a valid TTL, keys that are text, records of
+    `records` and on no other lease, at most MAX_KEYS_PER_LEASE of them, and at most MAX_LEASES leases. `leases`,
+    `lease_of` and the ordered ids are built as they come, so the restore's last step has no pass over the table to
+    make (the module's rules)."""
+
+    def __init__(self, records: dict[str, tuple[bytes, int, int]]) -> None:
+        self.records = records
+        self.leases: dict[int, Lease] = {}
+        self.lease_of: dict[str, int] = {}
+        self.ids = _SortedBuild()
+
+    def add(self, lease_id: object, ttl_keys: object) -> int:
+        """One lease, checked and taken (its id still to be given to `ids`): returns its number of keys."""
+        if type(lease_id) is not int:
+            raise ValueError("a key/value snapshot of an unknown format (a lease id that is not an integer)")
+        if len(self.leases) >= MAX_LEASES:  # a grant beyond them applies as "full": no state holds more
+            raise ValueError(f"a damaged key/value snapshot (more than {MAX_LEASES} leases)")
+        if (lease_id < 1 or lease_id in self.leases or type(ttl_keys) is not list or len(ttl_keys) != 2
+                or not valid_ttl(ttl_keys[0]) or type(ttl_keys[1]) is not list
+                or len(ttl_keys[1]) > MAX_KEYS_PER_LEASE):  # a put onto a full lease applies as "lease full"
             raise ValueError(f"a key/value snapshot of an unknown format (a damaged lease {lease_id!r})")
-        seen.update(ttl_keys[1])
-        leases[lease_id] = Lease(ttl_keys[0], set(ttl_keys[1]))
-    if len(leases) != len(lease_map):
-        raise ValueError("a key/value snapshot of an unknown format (a lease id that is not an integer)")
-    return leases
+        records, lease_of = self.records, self.lease_of
+        if not all(type(k) is str and k in records and k not in lease_of for k in ttl_keys[1]) or len(
+                keys := set(ttl_keys[1])) != len(ttl_keys[1]):  # text first: a set of lists would raise TypeError
+            raise ValueError(f"a key/value snapshot of an unknown format (a damaged lease {lease_id!r})")
+        self.leases[lease_id] = Lease(ttl_keys[0], keys)
+        for key in keys:
+            lease_of[key] = lease_id
+        return len(keys)
+
+    def decoding(self, fp, decode: Callable[[], object]) -> Iterator[None]:
+        """Decode the lease map at `fp` (its head read here; its leases with `decode`, the snapshot's decoder's)
+        and take its leases, yielding before each batch: until RESTORE_BATCH_LEASES leases or RESTORE_BATCH_LEASES
+        of their keys (half while the ids come out of order), so a step's work is bounded (a lease holds at most
+        MAX_KEYS_PER_LEASE keys). A map of indefinite length (none of ours writes one) is taken alike, up to its
+        break."""
+        first = _read_exact(fp, 1)[0]
+        left = None if first == 0xBF else _map_count(first, fp)  # None: of indefinite length
+        if left is None and first != 0xBF:
+            raise ValueError("a key/value snapshot of an unknown format (damaged leases)")
+        while left is None or left:
+            yield
+            batch_most = RESTORE_BATCH_LEASES if self.ids.in_order else RESTORE_BATCH_LEASES // 2
+            most = batch_most if left is None else min(left, batch_most)
+            batch: list[int] = []
+            keys = 0
+            ended = False
+            try:
+                while len(batch) < most and keys < batch_most:
+                    if left is None and (ended := _at_break(fp)):
+                        break
+                    lease_id = decode()
+                    keys += self.add(lease_id, decode())
+                    batch.append(lease_id)  # type: ignore[arg-type]  # add checked that it is an int
+            except cbor2.CBORError as e:
+                _damaged(e, "a lease does not decode")
+            self.ids.extend(batch)
+            if left is not None:
+                left -= len(batch)
+            elif ended:
+                return
+
+
+def _at_break(fp) -> bool:
+    """Whether the next byte of `fp` is the break that ends an item of indefinite length (read if so, else left)."""
+    peek = getattr(fp, "peek", None)  # a BufferedReader's; a BytesIO is read and set back
+    head = peek(1)[:1] if peek is not None else fp.read(1)
+    if not head:
+        raise ValueError("a damaged key/value snapshot (it ends inside its leases)")
+    if head == b"\xff":
+        if peek is not None:
+            fp.read(1)
+        return True
+    if peek is None:
+        fp.seek(-1, io.SEEK_CUR)
+    return False
+
+
+def _records_of(v: object, with_indices: bool) -> dict[str, tuple[bytes, int, int]]:
+    """The records of a key/value map decoded whole (the formats restored in one step), checked."""
+    if type(v) is not dict:
+        raise ValueError("a key/value snapshot of an unknown format (not a map)")
+    if not all(type(k) is str for k in v):
+        raise ValueError("a damaged key/value snapshot (a key that is not text)")
+    return {k: _record(x, with_indices) for k, x in v.items()}
+
+
+def _whole(data) -> bytes | bytearray | memoryview:
+    """A snapshot's bytes, or a SnapshotSource's read whole (the formats restored in one step)."""
+    return data if isinstance(data, (bytes, bytearray, memoryview)) else data.read(0, len(data))

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""The longest step of restoring a snapshot (issue 13): a follower restores a leader's snapshot a step per turn of
+its event loop (KeyValueStore.restoring), so the longest step is the longest its heartbeats and votes wait. This
+builds a feature-level-2 state in this process (--keys keys of --value-bytes, the first --leases of them each on a
+lease of its own, as `POST /db/KEY?ttl=S` makes them), encodes its snapshot (V3) and restores it into an empty
+store step by step, timing every step (wall and CPU time), then frees it. Measures; asserts nothing.
+
+    python bench/restore_steps.py --keys 100000 --leases 100000
+    python bench/restore_steps.py --keys 1000000 --leases 0 --repeat 3
+
+The collector runs as in a node (a collection may fall in a step: it is in that step's time); `--freeze` first
+freezes what exists (a node's gc.freeze after start-up, raftlib.server.tuning); `--collector-off` disables it
+during each restore (what the steps cost without it). Note `uptime` next to the
+figures: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from raftlib.server.store import (  # noqa: E402
+    FEATURE_LEVEL, PUT_WITH_TTL, SET, SET_FEATURE_LEVEL, KeyValueStore, command)
+
+
+def build_state(keys: int, leases: int, value_bytes: int) -> KeyValueStore:
+    """A store of level 2 holding `keys` keys k000000000.., the first `leases` each on a lease of its own."""
+    kv = KeyValueStore()
+    kv.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    value = b"v" * value_bytes
+    for i in range(keys):
+        key = f"k{i:09d}"
+        kv.apply(i + 2, command(PUT_WITH_TTL, key, value, 60) if i < leases else command(SET, key, value))
+    return kv
+
+
+def restore_steps(snapshot: bytes) -> dict:
+    """Restore `snapshot` into an empty store a step at a time: each step's wall and CPU milliseconds, the
+    collector's milliseconds in it (by generation), the step that replaced the state, and the restored store."""
+    target = KeyValueStore()
+    steps = target.restoring(snapshot)
+    wall: list[float] = []
+    cpu: list[float] = []
+    collected: list[list[float]] = []
+    in_gc = [0.0, 0.0, 0.0]
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            in_gc[info["generation"]] += (time.perf_counter() - started[0]) * 1000
+
+    replaced_at = -1
+    gc.callbacks.append(on_gc)
+    try:
+        while True:
+            in_gc[:] = [0.0, 0.0, 0.0]
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                replaced = next(steps)
+            except StopIteration:
+                break
+            wall.append((time.perf_counter() - t0) * 1000)
+            cpu.append((time.thread_time() - c0) * 1000)
+            collected.append(list(in_gc))
+            if replaced:
+                replaced_at = len(wall) - 1
+    finally:
+        gc.callbacks.remove(on_gc)
+    return {"wall": wall, "cpu": cpu, "gc": collected, "replaced_at": replaced_at, "store": target}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--keys", type=int, default=100_000)
+    p.add_argument("--leases", type=int, default=100_000, help="keys each on a lease of its own (at most --keys)")
+    p.add_argument("--value-bytes", type=int, default=100)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--freeze", action="store_true", help="gc.freeze() the built state before restoring")
+    p.add_argument("--collector-off", action="store_true", help="gc.disable() while restoring (what is left)")
+    args = p.parse_args()
+    print(f"restore_steps: {args.keys:,} keys of {args.value_bytes} bytes, {min(args.leases, args.keys):,} leases; "
+          f"{os.popen('uptime').read().strip()}")
+    t0 = time.perf_counter()
+    kv = build_state(args.keys, min(args.leases, args.keys), args.value_bytes)
+    snapshot = kv.snapshot()
+    print(f"  built and encoded in {time.perf_counter() - t0:.1f}s: a snapshot of {len(snapshot):,} bytes")
+    if args.freeze:
+        gc.collect()
+        gc.freeze()
+    for run in range(args.repeat):
+        if args.collector_off:
+            gc.disable()
+        r = restore_steps(snapshot)
+        gc.enable()
+        wall, cpu = r["wall"], r["cpu"]
+        longest = max(range(len(wall)), key=wall.__getitem__)
+        own = [w - sum(g) for w, g in zip(wall, r["gc"])]  # less the collector's time in the step
+        print(f"  run {run + 1}: {len(wall)} steps, {sum(wall):.0f} ms in all; longest {wall[longest]:.1f} ms wall "
+              f"({cpu[longest]:.1f} ms CPU; collector {'/'.join(f'{g:.0f}' for g in r['gc'][longest])} ms by "
+              f"generation) at step {longest} (the state replaced at step {r['replaced_at']}); longest CPU "
+              f"{max(cpu):.1f} ms; longest less the collector {max(own):.1f} ms; median {statistics.median(wall):.2f}"
+              f" ms; the same state: {r['store'].snapshot() == snapshot}")
+        del r
+    print(f"  {os.popen('uptime').read().strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
