@@ -49,8 +49,7 @@ if TYPE_CHECKING:  # only for the annotations: raftlib.concurrency imports this 
 
 OUTCOME_HEADER = "x-raft-outcome"
 DEFAULT_PORT = 8080
-_BACKOFF_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.5)  # between retries of what did not apply, then 0.5 s each
-_MAX_ATTEMPTS = 64  # a bound on redirects and retries besides the time bound (a redirect loop ends)
+_BACKOFF_SECONDS = (0.05, 0.1, 0.2, 0.3)  # once every node failed since the last wait, then 0.3 s each
 
 
 # ---- errors -----------------------------------------------------------------------------------------------------
@@ -371,16 +370,22 @@ class Client:
         deadline = time.monotonic() + budget
         ok = frozenset(ok)
         last_reason = "no endpoint answered"
-        attempt = 0
+        failed: set[str] = set()  # nodes that failed since the last backoff
+        backoffs = 0
         target = None
         for node in self._candidates():
             if target is not None:
                 node = target  # a redirect's leader goes first
             target = None
+            if node in failed:  # every way round once: wait a little (an election, a redirect to a dead leader)
+                time.sleep(min(_BACKOFF_SECONDS[min(backoffs, len(_BACKOFF_SECONDS) - 1)],
+                               max(0.0, deadline - time.monotonic())))
+                backoffs += 1
+                failed.clear()
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or attempt >= _MAX_ATTEMPTS:
+            if remaining <= 0:
                 raise Unavailable(f"{method} {path}: {last_reason} (gave up after {budget:g}s)")
-            attempt += 1
+            failed.add(node)
             try:
                 answer = self._send(node, method, path, body, headers, remaining)
             except urllib3.exceptions.ConnectTimeoutError as e:  # nothing was sent: any request may go elsewhere
@@ -395,6 +400,8 @@ class Client:
                 last_reason = f"{node}: no answer ({_short(e)})"
                 continue
             if answer.status in ok:
+                if not idempotent and self._leader != node:
+                    self._follow(f"http://{node}/")  # only a leader (or a -forward follower) carries out a write
                 return answer
             outcome = answer.headers.get(OUTCOME_HEADER)
             if answer.status in (301, 302, 307, 308) and "location" in answer.headers:
@@ -409,8 +416,6 @@ class Client:
                 raise _error(answer, method, path)
             last_reason = f"{node}: {answer.status} {answer.reason}"
             self._passed_over(node)
-            time.sleep(min(_BACKOFF_SECONDS[min(attempt, len(_BACKOFF_SECONDS)) - 1],
-                           max(0.0, deadline - time.monotonic())))
         raise AssertionError("unreachable")  # _candidates never ends
 
     def _send(self, node: str, method: str, path: str, body: bytes | None, headers: dict[str, str] | None,
@@ -550,13 +555,13 @@ class Client:
     def leases(self) -> list[dict[str, Any]]:
         """Every lease: {"id", "ttl", "remaining"}."""
         out: list[dict[str, Any]] = []
-        after = "0"
+        after = ""
         while True:
-            page = self.request("GET", f"/lease?after={after}&limit=1000", idempotent=True).json()
+            page = self.request("GET", f"/lease?limit=1000{after}", idempotent=True).json()
             out.extend(page["leases"])
             if page["next"] is None:
                 return out
-            after = page["next"]
+            after = f"&after={int(page['next'])}"
 
     # ---- the cluster ----
 
