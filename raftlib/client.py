@@ -33,8 +33,12 @@ Its rules:
 from __future__ import annotations
 
 import base64
+import builtins
 import dataclasses
+import hashlib
 import json
+import os
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -182,16 +186,17 @@ def _event_of(item: dict[str, Any]) -> Event:
 
 
 def normalize_endpoint(endpoint: str) -> str:
-    """"host:port", "host" (port 8080) or "http://host:port/" as "host:port"."""
+    """"host:port", "host" (port 8080) or "http://host:port/" as "host:port"; ValueError for anything else."""
     endpoint = endpoint.strip()
     if "://" in endpoint:
         endpoint = urllib.parse.urlsplit(endpoint).netloc
     endpoint = endpoint.rstrip("/")
-    if not endpoint:
-        raise ValueError("an endpoint is host:port")
-    if endpoint.rpartition(":")[2].isdigit() and ":" in endpoint:
-        return endpoint
-    return f"{endpoint}:{DEFAULT_PORT}"
+    host, colon, port = endpoint.rpartition(":")
+    if not colon:
+        host, port = endpoint, str(DEFAULT_PORT)
+    if not host or "/" in host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"an endpoint is host:port, not {endpoint!r}")
+    return f"{host}:{int(port)}"
 
 
 def key_path(key: str) -> str:
@@ -276,8 +281,12 @@ class Txn:
 
 
 class _Answer:
-    def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.status, self.body, self.headers = status, body, headers
+    """An answer: its status, body and headers (names in lower case); `raw`: the response still to be read, when
+    the request asked for a stream and got a success."""
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str],
+                 raw: urllib3.BaseHTTPResponse | None = None) -> None:
+        self.status, self.body, self.headers, self.raw = status, body, headers, raw
 
     @property
     def reason(self) -> str:
@@ -362,10 +371,12 @@ class Client:
 
     def request(self, method: str, path: str, body: bytes | None = None, *, idempotent: bool,
                 headers: dict[str, str] | None = None, timeout: float | None = None,
-                ok: Iterable[int] = (200,)) -> _Answer:
+                ok: Iterable[int] = (200,), stream: bool = False) -> _Answer:
         """Send a request to the cluster (module rules: leader first, failover, retries of what did not apply)
         and return the first answer whose status is in `ok`; raise the typed error of any other. `idempotent`:
-        the request may be sent again after a failure that left its fate open (a read, a keepalive)."""
+        the request may be sent again after a failure that left its fate open (a read, a keepalive). `stream`:
+        the successful answer's body is left to read from its `raw` (each read bounded by what was left of the
+        timeout), and released by the caller."""
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         ok = frozenset(ok)
@@ -387,7 +398,7 @@ class Client:
                 raise Unavailable(f"{method} {path}: {last_reason} (gave up after {budget:g}s)")
             failed.add(node)
             try:
-                answer = self._send(node, method, path, body, headers, remaining)
+                answer = self._send(node, method, path, body, headers, remaining, ok if stream else ())
             except urllib3.exceptions.ConnectTimeoutError as e:  # nothing was sent: any request may go elsewhere
                 last_reason = f"{node}: could not connect ({_short(e)})"
                 self._passed_over(node)
@@ -419,11 +430,19 @@ class Client:
         raise AssertionError("unreachable")  # _candidates never ends
 
     def _send(self, node: str, method: str, path: str, body: bytes | None, headers: dict[str, str] | None,
-              remaining: float) -> _Answer:
+              remaining: float, stream_ok: Iterable[int] = ()) -> _Answer:
+        """One attempt; an answer whose status is in `stream_ok` is returned unread (its `raw`)."""
         r = self._pool.request(method, f"http://{node}{path}", body=body, headers=headers, redirect=False,
-                               retries=False, preload_content=True,
+                               retries=False, preload_content=not stream_ok,
                                timeout=urllib3.Timeout(connect=min(self.connect_timeout, remaining), read=remaining))
-        return _Answer(r.status, r.data, {k.lower(): v for k, v in r.headers.items()})
+        names = {k.lower(): v for k, v in r.headers.items()}
+        if r.status in stream_ok:
+            return _Answer(r.status, b"", names, raw=r)
+        if stream_ok:
+            data = r.read()
+            r.release_conn()
+            return _Answer(r.status, data, names)
+        return _Answer(r.status, r.data, names)
 
     def _open_stream(self, node: str, path: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
         return self._pool.request("GET", f"http://{node}{path}", headers=headers, redirect=False, retries=False,
@@ -490,7 +509,7 @@ class Client:
             after = page["next"]
         return keys
 
-    def range(self, prefix: str) -> list[KeyValue]:
+    def range(self, prefix: str) -> builtins.list[KeyValue]:
         """The keys under `prefix` with values and indices, from one state (one transaction). The server returns
         at most 1,000 keys or 4 MiB; BadRequest when there are more (page with list() and get())."""
         result = self.txn().success(get_op(prefix=prefix)).commit()
@@ -520,7 +539,7 @@ class Client:
         return Watch(self, key, prefix, from_index)
 
     def poll_events(self, key: str | None = None, prefix: str | None = None, from_index: int = 0,
-                    timeout: float = 5.0) -> tuple[list[Event], int]:
+                    timeout: float = 5.0) -> tuple[builtins.list[Event], int]:
         """One long poll: the events after `from_index` as soon as there are some, else [] after `timeout`
         seconds; with the position to poll from next. Compacted when `from_index` is too old."""
         query = urllib.parse.urlencode({**_one_of(key, prefix), "from": from_index, "poll": 1,
@@ -552,7 +571,7 @@ class Client:
     def lease_info(self, lease_id: int) -> dict[str, Any]:
         return self.request("GET", f"/lease/{int(lease_id)}", idempotent=True).json()
 
-    def leases(self) -> list[dict[str, Any]]:
+    def leases(self) -> builtins.list[dict[str, Any]]:
         """Every lease: {"id", "ttl", "remaining"}."""
         out: list[dict[str, Any]] = []
         after = ""
@@ -563,6 +582,56 @@ class Client:
                 return out
             after = f"&after={int(page['next'])}"
 
+    # ---- backups ----
+
+    def save_snapshot(self, path: str) -> tuple[int, str, int]:
+        """Save the cluster's snapshot (GET /snapshot: the body, X-Raft-Snapshot-Index and X-Raft-Snapshot-Sha256)
+        to `path` atomically: written to a temporary file beside it, its SHA-256 checked against the header,
+        fsynced, renamed into place and the folder fsynced. A file is never left half written: on any failure
+        the temporary file is removed and `path` is as it was. Returns (index, sha256 hex, bytes)."""
+        try:
+            answer = self.request("GET", "/snapshot", idempotent=True, stream=True)
+        except NotFound as e:
+            raise RaftdzmqError(f"this cluster does not serve GET /snapshot (a raftdzmq without backups?): {e}",
+                                404) from None
+        assert answer.raw is not None
+        digest = hashlib.sha256()
+        size = 0
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    for chunk in answer.raw.stream(1 << 16):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        f.write(chunk)
+                except (urllib3.exceptions.HTTPError, OSError) as e:
+                    raise Unavailable(f"GET /snapshot: the transfer broke after {size} bytes ({_short(e)})") from None
+                f.flush()
+                os.fsync(f.fileno())
+            expected = answer.headers.get("x-raft-snapshot-sha256", "").lower()
+            if not expected:
+                raise RaftdzmqError("GET /snapshot: the answer has no X-Raft-Snapshot-Sha256 to check it against")
+            if digest.hexdigest() != expected:
+                raise RaftdzmqError(f"GET /snapshot: the body's SHA-256 {digest.hexdigest()} is not the header's "
+                                    f"{expected} ({size} bytes received): not saved")
+            os.replace(tmp, path)
+        except BaseException:
+            answer.raw.release_conn()
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        answer.raw.release_conn()
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return answer.header_int("X-Raft-Snapshot-Index"), digest.hexdigest(), size
+
     # ---- the cluster ----
 
     def status(self, endpoint: str | None = None) -> dict[str, Any]:
@@ -571,7 +640,7 @@ class Client:
             return self.ask(endpoint, "GET", "/status").json()
         return self.request("GET", "/status", idempotent=True).json()
 
-    def members(self) -> list[Member]:
+    def members(self) -> builtins.list[Member]:
         return [Member(m["id"], m["raft_address"], m["http_address"], m["role"], m.get("match_index"))
                 for m in self.request("GET", "/cluster", idempotent=True).json()]
 
