@@ -316,3 +316,49 @@ def test_a_holder_paused_past_its_lease_loses_the_lock_to_the_next_and_its_fence
     report = json.loads(open(out).read())
     assert report == {"token": paused_token, "fenced": False, "lost": True}
     assert waited < 15
+
+
+def test_importing_the_client_loads_no_gevent_nor_zmq_and_patches_nothing():
+    code = ("import sys, socket; s = socket.socket; import raftlib.client, raftlib.concurrency, raftlib.ctl; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'zmq', 'bottle')), "
+            "socket.socket is s)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         cwd=os.path.dirname(WORKER) + "/..")
+    assert out.stdout.strip() == "[] True", out.stdout + out.stderr
+
+
+GEVENT_PROGRAM = """
+from gevent import monkey
+monkey.patch_all()
+import sys, threading, time
+import gevent
+from raftlib.client import Client
+client = Client(sys.argv[1].split(","), timeout=10)
+start = client.put("g/start", b"0")
+events = []
+watch = client.watch(prefix="g/", from_index=start)
+reader = gevent.spawn(lambda: [events.append(e) for e in watch])  # one greenlet reads, others write
+with client.lease(1) as lease:
+    client.put("g/leased", b"v", lease=lease)
+    for i in range(10):
+        gevent.spawn(client.put, f"g/{i}", str(i)).join()
+    gevent.sleep(lease.ttl * 2 + 0.5)  # only the keepalive greenlet keeps it
+    assert client.get("g/leased").value == b"v" and not lease.lost.is_set()
+deadline = time.monotonic() + 10
+while len(events) < 12 and time.monotonic() < deadline:
+    gevent.sleep(0.05)
+watch.close()
+reader.join(5)
+assert [e.key for e in events] == ["g/leased"] + [f"g/{i}" for i in range(10)] + ["g/leased"], events
+assert threading._start_new_thread.__module__ == "gevent.thread"  # the keepalive "thread" was a greenlet
+print("ok")
+"""
+
+
+def test_the_client_works_in_a_monkey_patched_gevent_program(cluster, tmp_path):
+    program = tmp_path / "gevent_client.py"
+    program.write_text(GEVENT_PROGRAM)
+    out = subprocess.run([sys.executable, str(program), ",".join(n.address for n in cluster.running())],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(WORKER))})
+    assert out.stdout.strip() == "ok", out.stdout + out.stderr
