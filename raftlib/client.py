@@ -9,8 +9,9 @@ Its rules:
 - Importable anywhere: it loads no gevent and no zmq and patches nothing. Under plain threads it is thread-safe (one
   Client may be shared); in a gevent program that monkey-patched, its sockets and its keepalive threads are
   gevent's, so it cooperates without knowing. Its only background work is a Lease's keepalive thread.
-- Every call is bounded: `timeout` seconds in all, retries and failover included (each attempt gets what is left);
-  a watch's stream read waits at most `stream_timeout` (the server sends a keep-alive every 5 s).
+- Every call is bounded: `timeout` seconds in all, retries and failover included (a write's attempt gets what is
+  left, a read's at most half the bound, so that a node that does not answer leaves time for the next); a watch's
+  stream read waits at most `stream_timeout` (the server sends a keep-alive every 5 s).
 - Finding the leader: writes and lease calls go to the leader it remembers, else to the endpoints in turn. A
   follower's `307` names the leader (remembered, even when it is not among the endpoints); a node that refuses the
   connection is passed over and the leader forgotten. Reads (`get`, `list`, `range`, `status`) are linearizable on
@@ -379,6 +380,9 @@ class Client:
         timeout), and released by the caller."""
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
+        # A read may go to the next node when one does not answer (a paused one): half the bound per attempt. A
+        # write waits for its answer as long as the bound lets it (another attempt would not be allowed anyway).
+        attempt_bound = budget / 2 if idempotent and timeout is None else budget
         ok = frozenset(ok)
         last_reason = "no endpoint answered"
         failed: set[str] = set()  # nodes that failed since the last backoff
@@ -398,7 +402,8 @@ class Client:
                 raise Unavailable(f"{method} {path}: {last_reason} (gave up after {budget:g}s)")
             failed.add(node)
             try:
-                answer = self._send(node, method, path, body, headers, remaining, ok if stream else ())
+                answer = self._send(node, method, path, body, headers, min(remaining, attempt_bound),
+                                    ok if stream else ())
             except urllib3.exceptions.ConnectTimeoutError as e:  # nothing was sent: any request may go elsewhere
                 last_reason = f"{node}: could not connect ({_short(e)})"
                 self._passed_over(node)
@@ -701,7 +706,8 @@ def _error(answer: _Answer, method: str, path: str) -> RaftdzmqError:
 class Watch:
     """The iterator `Client.watch` returns (module rules: no event skipped or repeated, across reconnects).
     `position`: every change up to this index was handed out. `close()` ends it (from another thread too); it is
-    a context manager."""
+    a context manager. Without `from_index` the watch starts "from now" at the position the first node sends
+    first; a stream that breaks before that (no event handed out yet) starts from a later now."""
 
     def __init__(self, client: Client, key: str | None, prefix: str | None, from_index: int | None) -> None:
         self._client = client

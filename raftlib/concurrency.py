@@ -30,8 +30,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from raftlib.client import (Client, KeyValue, Lease, OutcomeUnknown, RaftdzmqError, TxnResult, Value, get_op,
-                            put_op)
+from raftlib.client import (Client, Compacted, KeyValue, Lease, OutcomeUnknown, RaftdzmqError, TxnResult, Value,
+                            get_op, put_op)
 
 _POLL_SECONDS = 1.0  # the longest a contender waits before checking its own lease again
 _UNKNOWN_RETRIES = 5  # how often an idempotent step whose outcome is unknown is sent again
@@ -109,14 +109,24 @@ class _Queue:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise LockTimeout(f"{self.name}: not acquired in time")
-            events, position = self.client.poll_events(key=key, from_index=position, timeout=wait)
+            try:
+                events, position = self.client.poll_events(key=key, from_index=position, timeout=wait)
+            except Compacted:  # the node's history moved past the position: read the queue again
+                return
             if any(e.type != "put" for e in events):
                 return
 
-    def _leave(self) -> None:
+    def _leave(self, quiet: bool = False) -> None:
+        """Revoke the lease (the key goes with it). `quiet`: a failure to revoke is not raised (the lease then
+        expires after its TTL), for when another error is on its way out."""
         lease, self.lease = self.lease, None
         if lease is not None:
-            lease.revoke()
+            try:
+                lease.revoke()
+            except RaftdzmqError:
+                lease.close()
+                if not quiet:
+                    raise
 
 
 class Lock(_Queue):
@@ -135,7 +145,7 @@ class Lock(_Queue):
         try:
             self.token = self._wait_turn(kvs, index, deadline)
         except BaseException:
-            self._leave()
+            self._leave(quiet=True)
             raise
         return self.token
 
@@ -166,7 +176,7 @@ class Election(_Queue):
         try:
             return self._wait_turn(kvs, index, deadline)
         except BaseException:
-            self._leave()
+            self._leave(quiet=True)
             raise
 
     def proclaim(self, value: Value) -> None:
