@@ -425,7 +425,7 @@ class Client:
                 last_reason = f"{node}: redirected to {target}"
                 continue
             if outcome == "unknown":
-                raise OutcomeUnknown(f"{method} {path}: {answer.reason} (outcome unknown: read before retrying)",
+                raise OutcomeUnknown(f"{method} {path}: {answer.reason} (it may have applied: read before retrying)",
                                      answer.status)
             retryable = answer.status in (503, 410) and (idempotent or outcome == "not-applied")
             if not retryable:
@@ -589,13 +589,16 @@ class Client:
 
     # ---- backups ----
 
-    def save_snapshot(self, path: str) -> tuple[int, str, int]:
+    def save_snapshot(self, path: str, timeout: float = 600.0, headers: dict[str, str] | None = None
+                      ) -> tuple[int, str, int]:
         """Save the cluster's snapshot (GET /snapshot: the body, X-Raft-Snapshot-Index and X-Raft-Snapshot-Sha256)
         to `path` atomically: written to a temporary file beside it, its SHA-256 checked against the header,
         fsynced, renamed into place and the folder fsynced. A file is never left half written: on any failure
-        the temporary file is removed and `path` is as it was. Returns (index, sha256 hex, bytes)."""
+        the temporary file is removed and `path` is as it was. Returns (index, sha256 hex, bytes). `timeout`: the
+        node writes the snapshot before it sends the first byte (large states take a while); `headers`: the admin
+        signature of `GET /snapshot` on a cluster with a secret."""
         try:
-            answer = self.request("GET", "/snapshot", idempotent=True, stream=True)
+            answer = self.request("GET", "/snapshot", idempotent=True, stream=True, timeout=timeout, headers=headers)
         except NotFound as e:
             raise RaftdzmqError(f"this cluster does not serve GET /snapshot (a raftdzmq without backups?): {e}",
                                 404) from None

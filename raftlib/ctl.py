@@ -14,8 +14,8 @@ Its rules:
   stderr, `raftdzmqctl: ...`.
 - Values travel as bytes: `get` writes the value's bytes exactly (no newline added), `put` without VALUE reads
   stdin whole.
-- Signed admin requests (member remove, member transfer) sign with the cluster secret from --secret-file or
-  $RAFTDZMQ_SECRET when one is given (raftlib.server.admin, which loads no gevent).
+- Signed admin requests (member remove, member transfer, snapshot save) sign with the cluster secret from
+  --secret-file or $RAFTDZMQ_SECRET when one is given (raftlib.server.admin, which loads no gevent).
 - `lock NAME -- COMMAND` passes the command's exit code on (it is the command's to say what 1-3 mean then); a
   signal to raftdzmqctl (SIGINT, SIGTERM) is passed to the command, and the lock is released when it ends.
 """
@@ -250,7 +250,9 @@ class Ctl:
         return 0 if all(item["health"] for item in out) else EXIT_FAILED
 
     def snapshot(self) -> int:
-        index, digest, size = self.client.save_snapshot(self.args.file)
+        index, digest, size = self.client.save_snapshot(
+            self.args.file, timeout=self.args.snapshot_timeout,
+            headers=signed_headers(self.args.secret_file, "GET", "/snapshot"))
         self.out(f"snapshot saved at index {index} to {self.args.file} ({size} bytes, sha256 {digest})",
                  {"file": self.args.file, "index": index, "sha256": digest, "bytes": size})
         return 0
@@ -315,6 +317,8 @@ def parser() -> argparse.ArgumentParser:
                         "localhost:8080)")
     p.add_argument("-w", "--write-out", choices=("table", "json"), default="table", help="output format")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds each request may take, failover included")
+    p.add_argument("--secret-file", help="the cluster secret (or $RAFTDZMQ_SECRET): signs member remove and "
+                   "transfer, and snapshot save")
     sub = p.add_subparsers(dest="command_name", required=True, parser_class=_Parser)
 
     def add(name: str, run: Callable[[Ctl], int], help: str) -> argparse.ArgumentParser:
@@ -357,7 +361,6 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--wait", type=float, help="seconds to wait for the lock (default: no bound)")
     q.set_defaults(command=[])  # what follows `--` (main() takes it off before parsing)
     q = add("member", Ctl.member, "list, remove ID, transfer ID")
-    q.add_argument("--secret-file", help="sign with the cluster secret (or $RAFTDZMQ_SECRET)")
     member = q.add_subparsers(dest="member_command", required=True, parser_class=_Parser)
     member.add_parser("list")
     member.add_parser("remove").add_argument("id")
@@ -367,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
     q = add("snapshot", Ctl.snapshot, "save FILE: a backup of the state, written atomically")
     q.add_argument("snapshot_command", choices=("save",))
     q.add_argument("file")
+    q.add_argument("--snapshot-timeout", type=float, default=600.0,
+                   help="seconds the node may take to write and send it (default 600)")
     return p
 
 

@@ -128,9 +128,23 @@ def test_lock_runs_the_command_holding_the_lock_with_its_token_and_passes_its_ex
 def test_a_write_whose_fate_is_open_exits_3(cluster):
     leader = cluster.leader()
     followers = [n for n in cluster.running() if n is not leader]
-    with paused(followers):
-        r = ctl(cluster, "--timeout", "0.5", "put", "u/k", "v", endpoints=leader.address)
-    assert r.returncode == 3 and "may have applied" in one_line_error(r)
+    # The value comes on stdin once the process waits for it (started and loaded): the put then reaches the leader
+    # at once after the pause, before check-quorum makes it step down (which would be a not-applied 503, exit 1).
+    put = subprocess.Popen([sys.executable, "-m", "raftlib.ctl", "--timeout", "0.5", "--endpoints", leader.address,
+                            "put", "u/k"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        wait_for(lambda: "pipe_read" in open(f"/proc/{put.pid}/wchan").read(), 30, "raftdzmqctl to read stdin")
+        with paused(followers):
+            put.stdin.write(b"v")
+            put.stdin.close()
+            put.wait(timeout=30)
+    finally:
+        if put.poll() is None:
+            put.kill()
+            put.wait()
+    stderr = put.stderr.read().decode()
+    assert put.returncode == 3 and stderr.count("\n") == 1 and "may have applied" in stderr, stderr
 
 
 class SnapshotStandIn(http.server.BaseHTTPRequestHandler):
