@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import collections
 import dataclasses
 import hashlib
 import json
@@ -562,8 +563,9 @@ class Client:
     def lease(self, ttl: int, keepalive: bool = True) -> "Lease":
         """Grant a lease of `ttl` seconds kept alive in the background until revoked or closed (a context
         manager: leaving it revokes the lease)."""
+        sent = time.monotonic()
         lease_id, granted = self.grant(ttl)
-        return Lease(self, lease_id, granted, keepalive)
+        return Lease(self, lease_id, granted, keepalive, granted_after=sent)
 
     def keepalive(self, lease_id: int) -> int:
         """One keepalive: the TTL it runs again from now; NotFound once the lease expired or was revoked."""
@@ -716,11 +718,12 @@ class Watch:
         self._client = client
         self._names = _one_of(key, prefix)
         self.position: int | None = from_index
-        self._ready: list[Event] = []  # whole groups, to hand out
+        self._ready: collections.deque[Event] = collections.deque()  # whole groups, to hand out
         self._response: urllib3.BaseHTTPResponse | None = None
         self._lines: Iterator[bytes] | None = None
         self._closed = False
         self._ever_connected = False
+        self._reading = False  # a thread is in _read_group
         self.reconnects = 0  # how many times the stream broke and was opened again
 
     def __iter__(self) -> "Watch":
@@ -733,24 +736,39 @@ class Watch:
         self.close()
 
     def close(self) -> None:
+        """End the watch. From another thread while one reads it, only the socket is shut down (its buffered
+        reader is the reading thread's): the reader wakes up and lets the connection go itself."""
         self._closed = True
-        self._drop()
+        response = self._response
+        if response is not None and self._reading:
+            try:
+                response.shutdown()  # urllib3 2.3 and later; before, the reader wakes at the next keep-alive
+            except Exception:
+                pass
+        elif response is not None:
+            self._drop()
 
     def _drop(self) -> None:
         response, self._response, self._lines = self._response, None, None
         if response is not None:
             try:
-                response.shutdown()  # wakes a reader blocked on the socket
+                response.shutdown()
+                response.close()  # the connection is not reused: the stream's rest is unread
+                response.release_conn()
             except Exception:
                 pass
-            response.release_conn()
 
     def __next__(self) -> Event:
         while not self._ready:
             if self._closed:
+                self._drop()
                 raise StopIteration
-            self._read_group()
-        return self._ready.pop(0)
+            self._reading = True
+            try:
+                self._read_group()
+            finally:
+                self._reading = False
+        return self._ready.popleft()
 
     def _connect(self) -> None:
         """Open a stream at the position, on the next node that answers, within the client's timeout."""
@@ -825,6 +843,9 @@ class Watch:
             # the stream ended or broke: what is pending comes again whole after the reconnect
         except (urllib3.exceptions.HTTPError, OSError, ValueError):
             pass
+        except Exception:
+            if not self._closed:  # close() from another thread pulls the response from under the reader
+                raise
         self._drop()
 
 
@@ -852,11 +873,14 @@ class Lease:
     succeeded for a TTL since the last one that did was sent): its keys are gone or going. `revoke()` (or leaving
     the `with` block) revokes it; `close()` only stops the keepalives. Both wait for the thread to end."""
 
-    def __init__(self, client: Client, lease_id: int, ttl: int, keepalive: bool = True) -> None:
+    def __init__(self, client: Client, lease_id: int, ttl: int, keepalive: bool = True,
+                 granted_after: float | None = None) -> None:
+        """`granted_after`: a time.monotonic() from before the grant was sent (the lease surely lasts its TTL from
+        then); default: now."""
         self.client, self.id, self.ttl = client, lease_id, ttl
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._valid_until = time.monotonic() + ttl  # the safe side: counted from before the grant's answer
+        self._valid_until = (time.monotonic() if granted_after is None else granted_after) + ttl
         self._thread: threading.Thread | None = None
         if keepalive:
             self._thread = threading.Thread(target=self._keep_alive, name=f"lease-{lease_id}", daemon=True)

@@ -170,6 +170,20 @@ def test_a_watch_resumes_on_another_node_after_the_one_it_streams_from_dies_with
     restart_stopped(cluster)
 
 
+def test_closing_a_watch_from_another_thread_ends_its_iteration_at_once(client):
+    watch = client.watch(key="cw/k")
+    seen: list[Event] = []
+    reader = threading.Thread(target=lambda: seen.extend(watch))
+    reader.start()
+    wait_for(lambda: watch.position is not None, 10, "the stream to start")
+    client.put("cw/k", b"1")
+    wait_for(lambda: seen, 10, "the event")
+    started = time.monotonic()
+    watch.close()  # the reader waits in a socket read (the next keep-alive is 5 s away)
+    reader.join(10)
+    assert not reader.is_alive() and time.monotonic() - started < 2 and [e.value for e in seen] == [b"1"]
+
+
 def test_a_watch_older_than_the_history_raises_compacted_with_the_oldest_index(client):
     start = client.put("c/start", b"0")
     for batch in range(HISTORY_EVENTS // 100 + 2):
