@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
-from raftlib.client import (Client, Compacted, KeyValue, Lease, OutcomeUnknown, RaftdzmqError, TxnResult, Value,
-                            get_op, put_op)
+from raftlib.client import (Client, Compacted, KeyValue, Lease, OutcomeUnknown, RaftdzmqError, Value, get_op,
+                            put_op)
 
+T = TypeVar("T")
 _POLL_SECONDS = 1.0  # the longest a contender waits before checking its own lease again
 _UNKNOWN_RETRIES = 5  # how often an idempotent step whose outcome is unknown is sent again
 
@@ -57,7 +59,9 @@ class _Queue:
         self.key: str | None = None
         self.create_index = 0
 
-    def _txn(self, build: Callable[[], TxnResult]) -> TxnResult:
+    def _again(self, build: Callable[[], T]) -> T:
+        """`build()`, sent again when its outcome is unknown: every step here is idempotent, or (a lease's grant)
+        leaves nothing behind that lasts (a lease granted twice expires unused)."""
         for attempt in range(_UNKNOWN_RETRIES):
             try:
                 return build()
@@ -69,16 +73,16 @@ class _Queue:
     def _enqueue(self, value: Value) -> tuple[list[KeyValue], int]:
         """Grant the lease and create this contender's key (if absent: a retry finds it); the queue as of the
         transaction's index, and that index."""
-        self.lease = self.client.lease(self.ttl)
+        self.lease = self._again(lambda: self.client.lease(self.ttl))
         self.key = key = f"{self.prefix}{self.lease.id:x}"
         lease_id = self.lease.id
-        result = self._txn(lambda: self.client.txn().compare(key, "create_index", "==", 0)
+        result = self._again(lambda: self.client.txn().compare(key, "create_index", "==", 0)
                            .success(put_op(key, value, lease=lease_id), get_op(prefix=self.prefix))
                            .failure(get_op(prefix=self.prefix)).commit())
         return result.kvs(len(result.results) - 1), result.index
 
     def _read_queue(self) -> tuple[list[KeyValue], int]:
-        result = self._txn(lambda: self.client.txn().success(get_op(prefix=self.prefix)).commit())
+        result = self._again(lambda: self.client.txn().success(get_op(prefix=self.prefix)).commit())
         return result.kvs(0), result.index
 
     def _wait_turn(self, kvs: list[KeyValue], index: int, deadline: float | None) -> int:
@@ -184,7 +188,7 @@ class Election(_Queue):
         if self.lease is None or self.key is None:
             raise LockLost(f"{self.name}: not campaigning")
         key, lease_id = self.key, self.lease.id
-        result = self._txn(lambda: self.client.txn().compare(key, "create_index", "==", self.create_index)
+        result = self._again(lambda: self.client.txn().compare(key, "create_index", "==", self.create_index)
                            .success(put_op(key, value, lease=lease_id)).commit())
         if not result.succeeded:
             raise LockLost(f"{self.name}: this candidate's key is gone")
