@@ -3,6 +3,7 @@ every process stopped by its pid at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -171,6 +172,18 @@ class Node:
         """Delete the data dir (the process must be stopped): the next start is a new node."""
         assert not self.proc or self.proc.poll() is not None, f"{self.name} is running"
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def paused(nodes: list[Node]):
+    """SIGSTOP `nodes` for the block (a pause: a long GC, a stopped VM), SIGCONT them after it whatever happens."""
+    for n in nodes:
+        os.kill(n.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for n in nodes:
+            os.kill(n.proc.pid, signal.SIGCONT)
 
 
 class LocalCluster:
