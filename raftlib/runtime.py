@@ -512,6 +512,8 @@ class Runtime:
         node = self.node
         match item:
             case Propose():
+                if item.result.ready():  # its caller gave up (Timeout: outcome unknown) before the loop took it
+                    return  # never appended: nothing waits on it, and a bound raise is not outlived by its lock
                 if item.configuration is not None and item.configuration != (node.current_term, node.membership_index):
                     item.result.set_exception(ProposalDropped(
                         f"the configuration changed: (term, configuration index) {item.configuration}, now "
@@ -545,6 +547,8 @@ class Runtime:
                     return
                 self._reads[request_id] = item.result
             case ChangeMembership():
+                if item.result.ready():  # as for Propose: a join that timed out has released its lock
+                    return
                 try:
                     membership_index = node.change_membership(item.change)
                 except (NotLeader, ProposalDropped, ValueError) as e:

@@ -13,6 +13,8 @@ import gevent.event
 import pytest
 
 from raftlib import (
+    ConfChange,
+    ConfChangeKind,
     AppendEntries,
     Config,
     Entry,
@@ -90,10 +92,36 @@ def test_a_write_the_disk_cannot_take_times_out_within_its_own_bound(one_node):
         runtime.propose(b"short", 0.1)
     assert time.monotonic() - t0 < 0.4
     storage.hang = False
-    # The disk is back: the stuck writes (outcome unknown to their callers) and new ones all commit.
+    # The disk is back: the stuck writes and new ones commit. "stuck" was in the log when its caller gave up (its
+    # outcome was unknown, and it commits); "short" was still in the inbox, and is never appended.
     assert waiter.get(timeout=5)[0] > 0
     runtime.propose(b"after", 2.0)
-    assert values.applied == [b"stuck", b"also stuck", b"short", b"after"]
+    assert values.applied == [b"stuck", b"also stuck", b"after"]
+
+
+def test_a_request_whose_caller_gave_up_before_the_loop_took_it_is_never_carried_out(one_node):
+    """Second review of the raiser (scale branch, F1): the raise's bound proposal timed out in the inbox (the drive
+    held up by a save), the raiser released the membership lock, a join took it, saw neither the raise in the log
+    nor its level applied, and queued its change behind the raise: the log got the raise, then the older node.
+    A request whose caller gave up is dropped when the loop takes it, whatever it is (the outcome a caller was
+    told, unknown, allows both). Fails without the check in Runtime._handle: checked."""
+    from raftlib.runtime import ChangeMembership
+
+    runtime, storage, values = one_node
+    node = runtime.node
+    storage.hang = True  # the drive holds up in a save
+    held = gevent.spawn(runtime.propose, b"held", 5.0)
+    gevent.sleep(0.05)
+    last = node.log.last_index
+    with pytest.raises(Timeout):
+        runtime.propose(b"raise", 0.1, configuration=(node.current_term, node.membership_index))
+    with pytest.raises(Timeout):
+        runtime.change_membership(ConfChange(ConfChangeKind.ADD_LEARNER, Member("b", "127.0.0.1:3", "127.0.0.1:4")),
+                                  0.1)
+    storage.hang = False
+    assert held.get(timeout=5)[0] == last
+    assert runtime.propose(b"after", 2.0)[0] == last + 1  # nothing between: neither the raise nor the change
+    assert values.applied[-2:] == [b"held", b"after"] and node.membership.learners == ()
 
 
 def test_stopping_fails_every_waiting_request(one_node):
