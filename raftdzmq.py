@@ -27,6 +27,7 @@ import gevent.event  # noqa: E402
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
 from raftlib.server.node import CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
+from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
 from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
 from raftlib.server.tuning import freeze_after_start, watch_gc_from_env  # noqa: E402
 from raftlib.storage import StorageError  # noqa: E402
@@ -95,6 +96,16 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
                                                              default=64 << 20, help=(
         "and at most about this many bytes of keys and values (200 bytes more per event; default 64 MiB): the "
         "oldest events go first, the newest is always kept"))),
+    (("-restore", "--restore"), dict(metavar="FILE", help=(
+        "make DATA_DIR (new or empty) from a backup (GET /snapshot) and exit: the file is checked whole (its "
+        "SHA-256 against -restore-checksum or FILE.sha256 when given, its checksum, its state); a node started on "
+        "DATA_DIR is then a new one-node cluster holding that state, with a new node id, that others -join"))),
+    (("-restore-checksum", "--restore-checksum"), dict(dest="restore_checksum", metavar="HEX", help=(
+        "with -restore: the backup's SHA-256 (X-Raft-Snapshot-Sha256 of its answer)"))),
+    (("-force-new-cluster", "--force-new-cluster"), dict(dest="force_new_cluster", action="store_true", help=(
+        "lost-quorum recovery: restart this surviving member as a one-node cluster with its data (its "
+        "configuration becomes itself alone, the entries it did not know as committed are dropped); start it "
+        "once with the flag, then without; never start the other members on their old data dirs again"))),
     (("-no-fsync", "--no-fsync"), dict(dest="no_fsync", action="store_true", help="UNSAFE, for experiments only: do "
                                        "not fsync the log")),
     (("data_dir",), dict(metavar="DATA_DIR", nargs="?", help="where this node keeps its log and snapshots")),
@@ -110,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sign is None and args.data_dir is None:
         p.error("the following arguments are required: DATA_DIR")
+    if args.restore_checksum is not None and args.restore is None:
+        p.error("-restore-checksum goes with -restore FILE")
+    if args.restore is not None and (args.join or args.force_new_cluster):
+        p.error("-restore FILE DATA_DIR makes the data dir and exits: start the node on it afterwards")
+    if args.force_new_cluster and args.join:
+        p.error("-force-new-cluster restarts a surviving member as a new cluster: not with -join")
     for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members", "watch_history",
                  "watch_history_bytes"):
         if getattr(args, name) <= 0:
@@ -135,7 +152,8 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
-        watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes)
+        watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
+        force_new_cluster=args.force_new_cluster)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:
@@ -168,6 +186,18 @@ def print_signed_headers(args: argparse.Namespace) -> int:
     return 0
 
 
+def restore(path: str, data_dir: str, sha256: str | None) -> int:
+    """-restore FILE DATA_DIR: make the data dir (raftlib.server.restore), say what it holds, and exit."""
+    try:
+        index, term, keys = restore_backup(path, data_dir, sha256)
+    except (RestoreError, OSError) as e:
+        print(f"raftdzmq: cannot restore: {e}", file=sys.stderr)
+        return 1
+    print(f"restored the backup at index {index} (term {term}, {keys} keys) into {data_dir}: start a node on it "
+          "(a new one-node cluster), then -join others to it")
+    return 0
+
+
 def setup_logging(args: argparse.Namespace, node_label: str = "-") -> None:
     logging.addLevelName(TRACE, "TRACE")
     handler = logging.StreamHandler(sys.stderr)
@@ -184,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.sign is not None:
         return print_signed_headers(args)
+    if args.restore is not None:
+        return restore(args.restore, os.path.expanduser(args.data_dir), args.restore_checksum)
     setup_logging(args)
     watch_gc_from_env()
     config = server_config(args, load_secret(args))

@@ -60,6 +60,7 @@ The data dir:
                            configuration (raftlib.server.node); mode 0600, never logged
     log/NNNNNNNNNN.seg     log segments: "RDZMQLOG", u32 version 1, then records (docs/DATA-DIR.md)
     snapshot-IIII.snap     the snapshot the newest base record names (IIII = its last included index, 20 digits)
+    RESTORE                a backup's snapshot file (raftdzmq -restore) until the first start installs it
 
 A record is `u32 length | u32 crc32(payload) | payload`; the payload is a type byte and CBOR: type 1 (batch)
 `[hard_state or null, [entry, ...]]`, type 2 (base) `[snapshot_index, snapshot_term, hard_state, [entry, ...]]`;
@@ -73,12 +74,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import cbor2
 
@@ -123,6 +125,10 @@ class DataDirLocked(StorageError):
 
 class NotJoined(StorageError):
     """This data dir's node never joined a cluster, and no -join was given."""
+
+
+class RestoreNotJoin(StorageError):
+    """A data dir holding a restored backup was started with -join."""
 
 
 class RecordTooBig(StorageError):
@@ -195,9 +201,9 @@ def _snapshot_head(s: Snapshot) -> bytes:
     return _HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION) + struct.pack(">I", len(meta)) + meta
 
 
-def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
-    """A snapshot file's bytes (`encode_snapshot`'s), appended in pieces read from the snapshot's data (bytes or a
-    source): never the whole state in memory twice. A small snapshot is one append."""
+def _snapshot_file_pieces(s: Snapshot) -> Iterator[bytes]:
+    """A snapshot file's bytes (`encode_snapshot`'s) in pieces of about SNAPSHOT_IO_BYTES read from the snapshot's
+    data (bytes or a source): never the whole state in memory twice. A small snapshot is one piece."""
     pending = bytearray(_snapshot_head(s))
     crc = 0
     size = len(s.data)
@@ -205,10 +211,33 @@ def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
         pending += snapshot_chunk(s.data, offset, SNAPSHOT_IO_BYTES)
         if len(pending) >= SNAPSHOT_IO_BYTES:
             crc = zlib.crc32(pending, crc)
-            fs.append(f, bytes(pending))
+            yield bytes(pending)
             pending = bytearray()
     crc = zlib.crc32(pending, crc)
-    fs.append(f, bytes(pending) + struct.pack(">I", crc))
+    yield bytes(pending) + struct.pack(">I", crc)
+
+
+def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
+    """A snapshot file's bytes, appended a piece at a time (`_snapshot_file_pieces`)."""
+    for piece in _snapshot_file_pieces(s):
+        fs.append(f, piece)
+
+
+def export_snapshot(s: Snapshot, path: str) -> str:
+    """A backup (GET /snapshot): the snapshot file of `s` written to a new file at `path` (created, never
+    overwritten: FileExistsError; readable by the owner only) through the real file system, not fsynced (it is
+    streamed, then deleted). Returns the SHA-256 of its bytes, in hex."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        for piece in _snapshot_file_pieces(s):
+            digest.update(piece)
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 class SnapshotFile:
@@ -852,7 +881,7 @@ class DiskStorage:
             return None
 
     def write_join_marker(self, intent: str) -> None:
-        assert intent in ("bootstrap", "join")
+        assert intent in ("bootstrap", "join", "restore")
         _write_atomically(self.fs, self._join_marker_path, intent.encode() + b"\n",
                           folder=self._folders[self.data_dir])
 
@@ -863,6 +892,29 @@ class DiskStorage:
             return
         if self._fsync:
             self._fsync_dir(self.data_dir)
+
+    # ---- a restored backup, until the node's first start installs it (raftdzmq -restore) ---------------------
+
+    @property
+    def restore_path(self) -> str:
+        return os.path.join(self.data_dir, RESTORE_FILE)
+
+    def has_restore_file(self) -> bool:
+        return RESTORE_FILE in self.fs.listdir(self.data_dir)
+
+    def write_restore_file(self, snapshot: Snapshot) -> None:
+        """RESTORE: the backup's snapshot file (`snapshot`'s bytes, written again: its checksum is computed anew
+        from what was read and checked), crash-safe (a temporary file fsynced, renamed, the folder fsynced)."""
+        tmp = self.restore_path + ".tmp"
+        _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+        self.fs.rename(tmp, self.restore_path)
+        self.fs.fsync_dir(self._folders[self.data_dir])
+
+    def remove_restore_file(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.unlink(self.restore_path)
+            if self._fsync:
+                self._fsync_dir(self.data_dir)
 
     # ---- recovery -------------------------------------------------------------------------------
 
@@ -1356,7 +1408,8 @@ class DiskStorage:
 
 
 NODE_KEY = "node.key"
-JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not done: "bootstrap" or "join"
+JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not done: "bootstrap", "join" or "restore"
+RESTORE_FILE = "RESTORE"  # a backup's snapshot file (raftdzmq -restore), installed by the node's first start
 
 
 @dataclasses.dataclass
@@ -1366,6 +1419,7 @@ class NodeStart:
     bootstrapped: bool = False  # this start made a new one-node cluster
     must_join: bool = False  # a -join was given and no leader has reached this node yet: join, then run
     joined_before: bool = False  # a leader reached this node (a term, entries or a snapshot), or it bootstrapped
+    restored: int = 0  # this start made a new one-node cluster from a backup (RESTORE): the backup's index
 
 
 def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft_address: str, http_address: str,
@@ -1385,16 +1439,27 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
         node.json, no JOINING              a leader accepted the join (the server removed JOINING then), or the node
                                            bootstrapped: it runs. When it has no log yet either, a leader has yet
                                            to reach it (or an older raftdzmq wrote the dir): a warning.
-        a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed.
+        a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed,
+                                           and so is a RESTORE.
+        RESTORE (+ JOINING "restore")      a data dir made by `raftdzmq -restore` (no node.json, no log): the first
+                                           start installs the backup's snapshot as a new one-node cluster (its
+                                           index and term kept, the configuration this node alone, the commit
+                                           index the snapshot's: one install transaction), then RESTORE goes,
+                                           then JOINING. A crash before the install's commit point: done again,
+                                           with the same id. Not with -join (RestoreNotJoin).
 
     `public_key` (with a cluster secret) goes into the bootstrap's configuration with this node.
-    Raises NotJoined, DiskFull (nothing is lost: start again once there is room), or OSError."""
+    Raises NotJoined, RestoreNotJoin, DiskFull (nothing is lost: start again once there is room), or OSError."""
     identity = storage.read_identity()
     pending = storage.read_join_marker()
     joined_before = stored.hard_state.current_term > 0 or stored.last_index > 0
+    restoring = not joined_before and storage.has_restore_file()
+    if restoring and join:
+        raise RestoreNotJoin(f"{storage.data_dir} holds a restored backup: it starts a new cluster of its own, "
+                             "which other nodes then join (-join to it); start it without -join")
     if identity is None:
         node_id = new_node_id
-        pending = "join" if join else "bootstrap"
+        pending = "restore" if restoring else "join" if join else "bootstrap"
         storage.write_join_marker(pending)  # before the identity: no identity without its intent
         storage.write_identity(node_id, raft_address, http_address)
     else:
@@ -1404,8 +1469,24 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                            identity.get("raft_address"), identity.get("http_address"))
     out = NodeStart(node_id, stored, joined_before=joined_before)
     if joined_before:
+        if storage.has_restore_file():
+            storage.remove_restore_file()  # installed before a crash: the log holds it
         if pending is not None:
             storage.remove_join_marker()  # a leader reached it: the join was accepted (or the bootstrap done)
+    elif restoring:
+        backup = read_snapshot(storage.restore_path, storage.fs)
+        me = Member(node_id, raft_address, http_address, public_key)
+        alone = Membership((node_id,), (), (me,))
+        index, term = backup.last_included_index, backup.last_included_term
+        try:
+            storage.save(HardState(term, None, index), [], Snapshot(index, term, alone, backup.data))
+        finally:
+            backup.data.close()
+        out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))
+        storage.remove_restore_file()
+        storage.remove_join_marker()
+        out.restored = index
+        out.joined_before = True
     elif join:
         out.must_join = True  # a first join, or one that never succeeded: again, with the same node id
         if pending != "join":
@@ -1429,6 +1510,45 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                        "restart it with -join HOST:HTTPPORT; if it was the first node of a new cluster, give it an "
                        "empty data dir", node_id)
     return out
+
+
+def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member) -> tuple[int, tuple[str, ...]] | None:
+    """Lost-quorum recovery (`raftdzmq -force-new-cluster`, etcd's flag): make this surviving node a one-node
+    cluster with its data. One save, one record and one fdatasync, so a crash leaves the log before it or after
+    it, never between: the entries after the commit index are cut off (they may never have committed, and some may
+    have been answered as not applied: etcd drops them too), and an entry is appended at the commit index + 1,
+    of a new term (the highest this node has seen + 1), holding the configuration `me` alone; the hard state's
+    commit index covers it (as the bootstrap's does) and its vote is this node's. Before any message leaves.
+
+    An old member that comes back cannot count (the configuration names this node alone) and cannot win this
+    node's vote or pre-vote (this log ends in a newer term than any of theirs); it is told it was removed (a
+    committed configuration without it). Two old members back together are a majority of the old configuration:
+    they can elect a leader of their own, whose appends of a higher term this node would follow. Their data
+    dirs must be wiped (README, "Disaster recovery"); with a cluster secret their connections are refused (their
+    keys are not in this configuration).
+
+    Returns (the new entry's index, the members removed), or None when the newest configuration is this node
+    alone already (a second start with the flag: nothing to do). Raises StorageError when this node has no
+    configuration or is not in it, and as `save` does."""
+    membership = stored.snapshot.membership if stored.snapshot is not None else None
+    for entry in reversed(stored.entries):
+        if entry.membership is not None:
+            membership = entry.membership
+            break
+    if membership is None or me.node_id not in membership.node_ids:
+        raise StorageError(f"{storage.data_dir}: node {me.node_id} is not in its newest configuration "
+                           f"({'none' if membership is None else ', '.join(membership.node_ids)}): "
+                           "-force-new-cluster needs a surviving member's data dir")
+    if membership.voters == (me.node_id,) and not membership.learners:
+        return None
+    base = stored.snapshot.last_included_index if stored.snapshot is not None else 0
+    commit = min(max(stored.hard_state.commit_index, base), stored.last_index)
+    last_term = stored.entries[-1].term if stored.entries else (
+        stored.snapshot.last_included_term if stored.snapshot is not None else 0)
+    term = max(stored.hard_state.current_term, last_term) + 1
+    forced = Entry(term, commit + 1, EntryKind.MEMBERSHIP, b"", Membership((me.node_id,), (), (me,)))
+    storage.save(HardState(term, me.node_id, commit + 1), [forced])
+    return commit + 1, tuple(n for n in membership.node_ids if n != me.node_id)
 
 
 def encode_snapshot(s: Snapshot) -> bytes:

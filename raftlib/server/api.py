@@ -59,7 +59,7 @@ import prometheus_client as prom
 
 from raftlib.core import NodeStatus, NotLeader, ProposalDropped
 from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Role
-from raftlib.runtime import EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
+from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.storage import DiskFull
 
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
@@ -133,6 +133,8 @@ class Raft(Protocol):
 
     def transfer_leadership(self, target: str, timeout_seconds: float) -> None: ...
 
+    def backup(self, folder: str, timeout_seconds: float) -> Backup: ...
+
 
 @dataclass(slots=True)
 class Api:
@@ -166,6 +168,10 @@ class Api:
     # The leader's LeaseKeeper, in step with the node's role and term; None while this node does not lead.
     lease_keeper: Callable[[], LeaseKeeper | None] = lambda: None
     min_ttl_seconds: int = 1
+    # GET /snapshot: the folder its file is written in (the data dir: start-up deletes a *.tmp left by a crash),
+    # and how long the whole backup may take to write (the runtime's bound on a snapshot child).
+    backup_folder: str = "."
+    backup_timeout_seconds: float = 600.0
 
 
 # ---- failures and their answers -------------------------------------------------------------------------------
@@ -246,6 +252,12 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
                   NOT_APPLIED),
         Stopped: (503, "{e}; the lease was not extended", None, NOT_APPLIED),
     },
+    "backup": {
+        Timeout: (503, "{e}", None, None),
+        Stopped: (503, "{e}", None, None),
+        BackupBusy: (503, "{e}", None, None),
+        BackupFailed: (503, "{e}", None, None),
+    },
     "transfer": {
         # A transfer is no log entry, but its effect (another leader) is the same kind of fact: a timeout after
         # TimeoutNow went out may still end with the target leading.
@@ -256,7 +268,7 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
     },
 }
 _CAUGHT = (NotLeader, Forbidden, Unconfirmed, NotApplied, ProposalDropped, EntryLost, Timeout, DiskFull, Stopped,
-           ValueError)
+           ValueError, BackupBusy, BackupFailed)
 
 
 def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPResponse:
@@ -273,7 +285,7 @@ def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPRespons
                         **{OUTCOME_HEADER: NOT_APPLIED})
         case NotApplied():
             return text(503, f"index {e.index} not applied here within {api.read_timeout_seconds:g}s")
-        case NotLeader() if operation == "read":
+        case NotLeader() if operation in ("read", "backup"):
             removed = removed_text(api.runtime.node.removed)
             return text(410, removed) if removed else text(
                 503, "no leader is known right now; the read cannot be confirmed")
@@ -1396,6 +1408,42 @@ def confirm_leader(api: Api, target: str, deadline: float) -> None:
         raise Timeout(f"{leader or 'no node'} leads, not {target}")
 
 
+# ---- backups ----------------------------------------------------------------------------------------------------
+
+SNAPSHOT_INDEX_HEADER = "X-Raft-Snapshot-Index"
+SNAPSHOT_SHA256_HEADER = "X-Raft-Snapshot-Sha256"
+BACKUP_PIECE_BYTES = 1 << 20
+
+
+def get_snapshot(api: Api) -> bottle.HTTPResponse:
+    """GET /snapshot: a backup, on any node: the snapshot file (docs/DATA-DIR.md) of this node's state at an
+    index N it applied, N at least the read index of a linearizable read made first (?consistency= and
+    ?min_index= as for GET /db/KEY): every write acknowledged before the request is in it. Headers
+    X-Raft-Snapshot-Index (N) and X-Raft-Snapshot-Sha256 (of the body). Written by a forked child
+    (Runtime.backup: one at a time, else 503), then streamed. Signed, with a cluster secret (the whole state)."""
+    check_signature(api, "backup")
+    wait_consistent(api)
+    with waiting_on_its_own(bottle.request.environ):  # bounded by backup_timeout_seconds
+        backup = api.runtime.backup(api.backup_folder, api.backup_timeout_seconds)
+    log.info("backup at index %d (%d bytes, sha256 %s) for %s", backup.index, backup.size, backup.sha256,
+             bottle.request.remote_addr)
+    return bottle.HTTPResponse(_backup_pieces(backup, bottle.request.environ), 200, {
+        "Content-Type": "application/octet-stream", "Content-Length": str(backup.size),
+        SNAPSHOT_INDEX_HEADER: str(backup.index), SNAPSHOT_SHA256_HEADER: backup.sha256})
+
+
+def _backup_pieces(backup: Backup, environ: dict) -> Iterator[bytes]:
+    """The backup's bytes a piece at a time; the sweeper's busy bound counts from each piece (a slow reader of a
+    large backup is cut off only when it stops reading). Closes the file at the end or when the client goes."""
+    try:
+        while piece := backup.file.read(BACKUP_PIECE_BYTES):
+            yield piece
+            with waiting_on_its_own(environ):
+                pass
+    finally:
+        backup.file.close()
+
+
 # (method, path, route, the operation its failures are answered as)
 ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("POST", "/db/<key:path>", set_key, "write"),
@@ -1423,6 +1471,7 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("GET", "/cluster/keys", cluster_keys, "keys"),
     ("DELETE", "/cluster/<node_id>", remove_member, "removal"),
     ("POST", "/cluster/transfer", transfer, "transfer"),
+    ("GET", "/snapshot", get_snapshot, "backup"),
 )
 
 

@@ -59,9 +59,9 @@ from gevent import monkey
 
 from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode
 from raftlib.interfaces import StoredState
-from raftlib.messages import Membership, Message, Role
+from raftlib.messages import Member, Membership, Message, Role
 from raftlib.runtime import EntryLost, NotRunning, Runtime
-from raftlib.storage import DiskFull, DiskStorage, StorageError, start_node
+from raftlib.storage import DiskFull, DiskStorage, StorageError, force_new_cluster, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
@@ -153,6 +153,7 @@ class ServerConfig:
     watch_history_events: int = DEFAULT_HISTORY_EVENTS  # -watch-history: events kept for watches
     watch_history_bytes: int = DEFAULT_HISTORY_BYTES  # -watch-history-bytes: and at most about this many bytes
     access_log: bool = False  # a line per HTTP request at INFO on raftdzmq.access (-v)
+    force_new_cluster: bool = False  # lost-quorum recovery: this member alone becomes the cluster (storage's rules)
 
     @property
     def bind_host(self) -> str:
@@ -459,6 +460,9 @@ class Server:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (raftlib.storage.start_node says how)."""
         stored = self.storage.load()
+        if self.config.force_new_cluster and stored.hard_state.current_term == 0 and stored.last_index == 0:
+            raise CannotStart(f"-force-new-cluster needs the data dir of a member of a cluster; {self.config.data_dir} "
+                              "has never been in one")
         if self.config.secret is not None:
             self._refuse_keyless(stored)
         self.node_key = None if self.config.secret is None else self._load_node_key()
@@ -466,7 +470,24 @@ class Server:
                            self.http_address, join=bool(self.config.join), public_key=self.public_key)
         self.node_id = start.node_id
         self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
-        return start.stored
+        self.restored = start.restored
+        if start.restored:
+            log.warning("installed the restored backup at index %d: a new one-node cluster of node %s (other nodes "
+                        "join it with -join)", start.restored, self.node_id)
+        if not self.config.force_new_cluster:
+            return start.stored
+        me = Member(self.node_id, self.raft_address, self.http_address, self.public_key)
+        forced = force_new_cluster(self.storage, start.stored, me)
+        if forced is None:
+            log.warning("-force-new-cluster: this node is its cluster's only member already; starting normally "
+                        "(remove the flag)")
+            return start.stored
+        index, removed = forced
+        log.warning("-force-new-cluster: node %s is now a one-node cluster (its configuration at index %d, term %d); "
+                    "removed members %s: never start them again on their old data dirs; add fresh nodes with -join",
+                    self.node_id, index, self.storage.state.hard_state.current_term, ", ".join(removed))
+        return StoredState(self.storage.state.hard_state, self.storage.state.snapshot,
+                           list(self.storage.state.entries))
 
     def _refuse_keyless(self, stored: StoredState) -> None:
         """With a secret, a configuration whose members lack node keys cannot run: those members can neither be
@@ -666,7 +687,9 @@ class Server:
                   max_watches=min(MAX_WATCHES, config.max_connections // 2),
                   lease_keeper=self.leases.current,
                   # etcd's minimum TTL: 1.5 election timeouts, so an election does not eat a lease's TTL
-                  min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)))
+                  min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)),
+                  backup_folder=self.storage.data_dir,
+                  backup_timeout_seconds=self.runtime.snapshot_child_timeout_seconds)
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason

@@ -1,0 +1,230 @@
+"""Operations, with real processes (issue 15): backups (GET /snapshot), -restore, -force-new-cluster.
+
+Each test drives the feature as an operator would: curl-like requests, the command's flags, real data dirs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from procs import SERVER, LocalCluster, Node, wait_for
+
+WRITERS = 3
+
+
+def run_command(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SERVER, *args], capture_output=True, text=True, timeout=timeout)
+
+
+class Writers:
+    """Clients writing unique keys through the leader; `acknowledged` maps each key answered 200 to its value
+    and the X-Raft-Index of its answer."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.acknowledged: dict[str, tuple[str, int]] = {}
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(WRITERS)]
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _run(self, writer: int) -> None:
+        n = 0
+        while not self.stopping.is_set():
+            key, value = f"w{writer}/{n:06d}", f"value {writer} {n} \n\x00 end"
+            try:
+                r = self.cluster.leader(timeout=5).request("POST", f"/db/{key}", value, timeout=5)
+            except (OSError, AssertionError):
+                continue
+            if r.status == 200:
+                self.acknowledged[key] = (value, int(r.headers["x-raft-index"]))
+                n += 1
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def backup(node: Node, path: str) -> int:
+    """GET /snapshot into `path` (and `path`.sha256, as sha256sum writes it); returns the backup's index."""
+    r = node.request("GET", "/snapshot", timeout=60)
+    assert r.status == 200, r
+    assert hashlib.sha256(r.body).hexdigest() == r.headers["x-raft-snapshot-sha256"]
+    with open(path, "wb") as f:
+        f.write(r.body)
+    return int(r.headers["x-raft-snapshot-index"])
+
+
+def test_backup_restore_under_writes(tmp_path):
+    """A backup of a loaded 3-node cluster taken from a follower under writes, restored into a new data dir: the
+    node started on it is a one-node cluster with a new id, holding every key acknowledged before the backup's
+    index with its value (and none from after it), which grows with -join."""
+    cluster = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", "20000")).start()
+    restored = Node("restored", str(tmp_path))
+    joiner = Node("joiner", str(tmp_path))
+    try:
+        follower = next(n for n in cluster.nodes if n is not cluster.leader())
+        with Writers(cluster) as writers:
+            wait_for(lambda: len(writers.acknowledged) >= 300, 60, "300 acknowledged writes")
+            before = dict(writers.acknowledged)  # acknowledged before the backup was asked for
+            index = backup(follower, str(tmp_path / "backup.snap"))
+            wait_for(lambda: len(writers.acknowledged) >= len(before) + 100, 60, "100 more writes")
+        assert all(i <= index for _, i in before.values()), "a write acknowledged before the request is missing"
+        assert any(i > index for _, i in writers.acknowledged.values())
+        old_ids = {m["id"] for m in cluster.leader().status()["members"]}
+        cluster.stop()  # the old cluster is gone: the restored node must stand alone
+
+        done = run_command("-restore", str(tmp_path / "backup.snap"), restored.data_dir)
+        assert done.returncode == 0, done.stderr
+        assert f"index {index}" in done.stdout
+        restored.start()
+        wait_for(lambda: restored.status()["role"] == "leader", 15, "the restored node to lead")
+        status = restored.status()
+        assert status["node_id"] not in old_ids and [m["id"] for m in status["members"]] == [status["node_id"]]
+        assert status["snapshot_index"] == index and status["applied_index"] >= index
+        for key, (value, i) in writers.acknowledged.items():
+            r = restored.request("GET", f"/db/{key}")
+            if i <= index:
+                assert (r.status, r.body) == (200, value.encode()), (key, r)
+            else:
+                assert r.status == 404, (key, r)
+        r = restored.request("POST", "/db/after-restore", "new")
+        assert r.status == 200 and int(r.headers["x-raft-index"]) > index
+        joiner.start(join=restored.address)
+        wait_for(lambda: joiner.request("GET", "/db/after-restore?consistency=stale").body == b"new", 30,
+                 "the joined node to hold the state")
+        some_key = min(k for k, (_, i) in before.items())
+        assert joiner.request("GET", f"/db/{some_key}").body == before[some_key][0].encode()
+    finally:
+        cluster.stop()
+        restored.kill()
+        joiner.kill()
+
+
+def test_restore_refuses_bad_input(tmp_path):
+    """-restore checks before it writes: a damaged file, a digest that differs, a non-empty DATA_DIR; each is one
+    line on stderr, exit code 1, and DATA_DIR untouched."""
+    node = Node("node", str(tmp_path)).start()
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        assert node.request("POST", "/db/k", "v").status == 200
+        good = str(tmp_path / "good.snap")
+        backup(node, good)
+    finally:
+        node.kill()
+    data = open(good, "rb").read()
+    damaged = str(tmp_path / "damaged.snap")
+    with open(damaged, "wb") as f:
+        f.write(data[:-30] + bytes([data[-30] ^ 1]) + data[-29:])
+    target = str(tmp_path / "target")
+    for args, reason in (([damaged, target], "checksum"),
+                         ([good, target, "-restore-checksum", "00" * 32], "SHA-256"),
+                         ([good, node.data_dir], "not empty"),
+                         ([str(tmp_path / "missing.snap"), target], "no such file")):
+        out = run_command("-restore", *args)
+        assert out.returncode == 1 and reason in out.stderr and out.stderr.count("\n") == 1, (args, out)
+    assert not os.path.exists(target) or os.listdir(target) in ([], ["log", "LOCK"], ["LOCK", "log"])
+    with open(good + ".sha256", "w") as f:
+        f.write(hashlib.sha256(data).hexdigest() + "  good.snap\n")
+    assert run_command("-restore", good, target).returncode == 0
+    with open(good + ".sha256", "w") as f:
+        f.write("ab" * 32 + "  good.snap\n")
+    out = run_command("-restore", good, str(tmp_path / "other"))
+    assert out.returncode == 1 and "SHA-256" in out.stderr
+
+
+def test_backup_signed_with_a_secret(tmp_path):
+    """With a cluster secret, GET /snapshot is an admin request: 403 unsigned, 200 signed (-sign)."""
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-s3cret-s3cret-s3cret")
+    node = Node("node", str(tmp_path)).start("-secret-file", str(secret))
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        r = node.request("GET", "/snapshot")
+        assert r.status == 403, r
+        signed = run_command("-secret-file", str(secret), "-sign", "GET", "/snapshot")
+        headers = dict(line.split(": ", 1) for line in signed.stdout.splitlines())
+        r = node.request("GET", "/snapshot", headers=headers)
+        assert r.status == 200 and hashlib.sha256(r.body).hexdigest() == r.headers["x-raft-snapshot-sha256"]
+    finally:
+        node.kill()
+
+
+def test_force_new_cluster_after_losing_two_of_three(tmp_path):
+    """Two of three killed for good; the third restarted with -force-new-cluster is a one-node cluster holding
+    every write acknowledged before the loss that it had applied; two fresh nodes join it. An old member that
+    comes back on its old data dir is told it was removed and disturbs nothing."""
+    cluster = LocalCluster(str(tmp_path)).start()
+    fresh = [Node(f"fresh.{i}", str(tmp_path)) for i in (1, 2)]
+    try:
+        with Writers(cluster) as writers:
+            wait_for(lambda: len(writers.acknowledged) >= 200, 60, "200 acknowledged writes")
+            survivor = next(n for n in cluster.nodes if n is not cluster.leader())
+            dead = [n for n in cluster.nodes if n is not survivor]
+            for n in dead:
+                n.kill()
+            acknowledged = dict(writers.acknowledged)
+        applied = survivor.status()["applied_index"]
+        survivor_id = survivor.status()["node_id"]
+        survivor.kill()
+
+        survivor.start("-force-new-cluster")
+        wait_for(lambda: survivor.status()["role"] == "leader", 15, "the survivor to lead alone")
+        status = survivor.status()
+        assert status["node_id"] == survivor_id and [m["id"] for m in status["members"]] == [survivor_id]
+        for key, (value, i) in acknowledged.items():
+            if i <= applied:
+                r = survivor.request("GET", f"/db/{key}")
+                assert (r.status, r.body) == (200, value.encode()), (key, r)
+        assert survivor.request("POST", "/db/after", "x").status == 200
+
+        # A crash and a restart without the flag: still a one-node cluster, serving.
+        survivor.kill()
+        survivor.start()
+        wait_for(lambda: survivor.status()["role"] == "leader", 15, "the survivor to lead after a restart")
+        term = survivor.status()["term"]
+
+        # An old member comes back on its old data dir: it is told it was removed; the survivor keeps leading.
+        ghost = dead[0]
+        ghost.start()
+        wait_for(lambda: ghost.status()["removed"] is not None, 15, "the old member to learn it was removed")
+        time.sleep(1.0)
+        status = survivor.status()
+        assert status["role"] == "leader" and status["term"] == term
+        assert [m["id"] for m in status["members"]] == [survivor_id]
+        ghost.kill()
+        ghost.wipe()
+
+        for node in fresh:
+            node.start(join=survivor.address)
+            wait_for(lambda node=node: any(m["http_address"].endswith(f":{node.http_port}") and m["role"] == "voter"
+                                           for m in survivor.status()["members"]), 30, f"{node.name} to be a voter")
+        assert len(survivor.status()["members"]) == 3
+        some_key = min(k for k, (_, i) in acknowledged.items() if i <= applied)
+        for node in fresh:
+            r = node.request("GET", f"/db/{some_key}")
+            assert (r.status, r.body) == (200, acknowledged[some_key][0].encode())
+            assert node.request("GET", "/db/after").body == b"x"
+        # The grown cluster survives the loss of the old survivor: a quorum of two out of three.
+        survivor.kill()
+        wait_for(lambda: any(n.status()["role"] == "leader" for n in fresh), 15, "a fresh node to lead")
+    finally:
+        cluster.stop()
+        for node in fresh:
+            node.kill()
+
+
+def test_force_new_cluster_refuses_a_fresh_data_dir(tmp_path):
+    """-force-new-cluster on a data dir that was never in a cluster exits with one line, code 2."""
+    out = run_command("-force-new-cluster", "-p", "1", "-hp", "1", str(tmp_path / "empty"), timeout=30)
+    assert out.returncode == 2 and "never been in one" in out.stderr, out
