@@ -16,6 +16,8 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -23,10 +25,11 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import zmq.green as zmq  # noqa: E402
 
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
-from raftlib.server.node import CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
+from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
 from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
 from raftlib.server.tuning import freeze_after_start, watch_gc_from_env  # noqa: E402
@@ -43,12 +46,20 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("--help",), dict(action="help", help="show this help and exit")),
     (("-p", "--port"), dict(type=int, default=5555, help="the Raft (ZeroMQ) port (default 5555)")),
     (("-hp", "--http-port"), dict(dest="http_port", type=int, default=8080, help="the HTTP port (default 8080)")),
-    (("-h", "--host"), dict(default="localhost", help="the host this node binds and advertises to its peers "
-                            "(default localhost)")),
+    (("-h", "--host"), dict(default="localhost", help="the host (a name or an address) this node binds both ports "
+                            "to; 0.0.0.0 binds every address and needs -advertise (default localhost)")),
+    (("-advertise", "--advertise"), dict(metavar="HOST", help="the host peers and clients reach this node at (the "
+                                         "members list, redirects to the leader); default: -h")),
+    (("-name", "--name"), dict(metavar="NAME", help="this node's id, given at its first start and the same at every "
+                               "start after (letters, digits, . _ -; at most 63); default: a random id kept in "
+                               "DATA_DIR")),
     (("-join", "--join"), dict(metavar="HOST:HTTPPORT", help="join the cluster through this node (followed to the "
                                "leader); ignored once joined")),
     (("-v", "--verbose"), dict(action="store_true", help="debug-level raftdzmq logging, and an access log: a line per "
                                "HTTP request (method, target, status, bytes, ms, client) at INFO on raftdzmq.access")),
+    (("-log-format", "--log-format"), dict(dest="log_format", choices=("text", "json"), default="text", help=(
+        "text (default), or json: one object a line with time, level, logger, message and node, for log "
+        "shippers"))),
     (("-debug", "--debug"), dict(action="store_true", help="debug-level raft logging")),
     (("-trace", "--trace"), dict(action="store_true", help="trace-level raft logging (every message)")),
     (("-forward", "--forward"), dict(action="store_true", help="followers proxy writes to the leader instead of "
@@ -112,13 +123,62 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+ENV_PREFIX = "RAFTDZMQ_"  # every flag also from the environment: RAFTDZMQ_HTTP_PORT for --http-port
+NOT_FROM_ENV = ("help", "sign", "sign_body")  # a mode of their own, not a setting
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+HOST_HINT = ("raftdzmq: -h is the host to bind (-h HOST, e.g. -h 0.0.0.0 -advertise node1.example); --help lists "
+             "every flag")
+
+
+def env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+def env_defaults(p: argparse.ArgumentParser, environ: dict[str, str]) -> dict[str, object]:
+    """The flags set in the environment (RAFTDZMQ_<FLAG>), converted as the command line would be; the command
+    line wins (these are only defaults). A value that does not convert is a usage error naming the variable."""
+    out: dict[str, object] = {}
+    for action in p._actions:
+        name = env_name(action.dest)
+        if action.dest in NOT_FROM_ENV or name not in environ:
+            continue
+        raw = environ[name]
+        if isinstance(action, argparse._StoreTrueAction):
+            if raw.lower() not in TRUE_WORDS + FALSE_WORDS:
+                p.error(f"${name} must be one of {', '.join(TRUE_WORDS + FALSE_WORDS[:-1])}, not {raw!r}")
+            out[action.dest] = raw.lower() in TRUE_WORDS
+            continue
+        try:
+            value = action.type(raw) if callable(action.type) else raw
+        except ValueError:
+            p.error(f"${name}: not a valid value: {raw!r}")
+        if action.choices is not None and value not in action.choices:
+            p.error(f"${name} must be one of {', '.join(map(str, action.choices))}, not {raw!r}")
+        out[action.dest] = value
+    return out
+
+
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raftdzmq", add_help=False, epilog="Example: python raftdzmq.py -p 5555 -hp "
-                                "8080 ~/node.1", description="A Raft-replicated key/value server: Raft over ZeroMQ, "
-                                "the data over HTTP.")
+                                "8080 ~/node.1. Every flag can also be set in the environment as "
+                                f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}HTTP_PORT=8080, {ENV_PREFIX}SECRET_FILE=PATH); "
+                                "the command line wins.", description="A Raft-replicated key/value server: Raft over "
+                                "ZeroMQ, the data over HTTP.")
     for names, options in FLAGS:
         p.add_argument(*names, **options)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[-1] in ("-h", "--host"):  # -h alone: a user asking for help, not argparse's "expected one"
+        if len(argv) == 1:
+            p.print_help()
+            print(f"\n{HOST_HINT}")
+            raise SystemExit(0)
+        p.print_usage(sys.stderr)
+        print(HOST_HINT, file=sys.stderr)
+        raise SystemExit(2)
+    p.set_defaults(**env_defaults(p, os.environ if environ is None else environ))
     args = p.parse_args(argv)
+    if args.name is not None and not NAME_PATTERN.fullmatch(args.name):
+        p.error("-name must be 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if args.sign is None and args.data_dir is None:
         p.error("the following arguments are required: DATA_DIR")
     if args.restore_checksum is not None and args.restore is None:
@@ -153,7 +213,7 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
         watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
-        force_new_cluster=args.force_new_cluster)
+        force_new_cluster=args.force_new_cluster, name=args.name, advertise=args.advertise)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:
@@ -198,10 +258,28 @@ def restore(path: str, data_dir: str, sha256: str | None) -> int:
     return 0
 
 
+class JsonLogFormatter(logging.Formatter):
+    """-log-format json: one JSON object a line: time (UTC, ISO 8601 with milliseconds), level, logger, message,
+    node (this node's id; "-" before it is known), and exception (the traceback) when there is one."""
+
+    def __init__(self, node_label: str) -> None:
+        super().__init__()
+        self.node_label = node_label
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line = {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage(), "node": self.node_label}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
 def setup_logging(args: argparse.Namespace, node_label: str = "-") -> None:
     logging.addLevelName(TRACE, "TRACE")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{node_label}] %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter(node_label) if args.log_format == "json" else
+                         logging.Formatter(f"%(asctime)s %(levelname)s [{node_label}] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -230,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     freeze_after_start()  # the state on disk is loaded; nothing serves yet
     try:
         server.start()
-    except OSError as e:
-        print(f"raftdzmq: cannot listen: {e}", file=sys.stderr)
+    except (OSError, zmq.ZMQError) as e:  # the Raft port (zmq), or the HTTP port
+        print(f"raftdzmq: cannot listen on {server.bind_host} (-h {args.host}), ports {args.port} and "
+              f"{args.http_port}: {e}", file=sys.stderr)
         return 2
     return serve(server, args.join)
 

@@ -1457,6 +1457,14 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
     if restoring and join:
         raise RestoreNotJoin(f"{storage.data_dir} holds a restored backup: it starts a new cluster of its own, "
                              "which other nodes then join (-join to it); start it without -join")
+    if restoring:
+        old = read_snapshot(storage.restore_path, storage.fs)
+        old.data.close()  # type: ignore[union-attr]
+        new_id = new_node_id if identity is None else identity["node_id"]
+        if new_id in old.membership.node_ids:
+            raise RestoreNotJoin(f"{new_id} was a member of the cluster the backup was taken of: a restored node "
+                                 "starts a new cluster, under a new name (-name), so that the old members' "
+                                 "messages never reach it as theirs")
     if identity is None:
         node_id = new_node_id
         pending = "restore" if restoring else "join" if join else "bootstrap"

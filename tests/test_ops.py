@@ -5,6 +5,7 @@ Each test drives the feature as an operator would: curl-like requests, the comma
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -228,3 +229,123 @@ def test_force_new_cluster_refuses_a_fresh_data_dir(tmp_path):
     """-force-new-cluster on a data dir that was never in a cluster exits with one line, code 2."""
     out = run_command("-force-new-cluster", "-p", "1", "-hp", "1", str(tmp_path / "empty"), timeout=30)
     assert out.returncode == 2 and "never been in one" in out.stderr, out
+
+
+# ---- names, addresses, flags from the environment, logs -------------------------------------------------------------
+
+
+def test_name_is_the_node_id_and_a_restart_keeps_it(tmp_path):
+    """-name gives the id at the first start; a restart without -name keeps it; another -name is refused with one
+    line (exit code 2) and the data dir left as it was; a removal names the node by it."""
+    node = Node("n", str(tmp_path))
+    try:
+        node.start("-name", "alpha")
+        assert node.status()["node_id"] == "alpha"
+        node.stop()
+        node.start()
+        assert node.status()["node_id"] == "alpha"
+        node.stop()
+        out = run_command("-name", "beta", "-p", str(node.port), "-hp", str(node.http_port), node.data_dir)
+        assert out.returncode == 2 and "is node alpha, not -name beta" in out.stderr, out
+        assert out.stderr.count("\n") == 1
+        out = run_command("-name", "no/slash", node.data_dir)
+        assert out.returncode == 2 and "-name must be" in out.stderr
+        other = Node("other", str(tmp_path))
+        other_name = "b-2.x_y"
+        node.start()
+        other.start("-name", other_name, join=node.address)
+        wait_for(lambda: other_name in [m["id"] for m in node.status()["members"]], 30, "the named node to join")
+        assert node.request("DELETE", f"/cluster/{other_name}").status == 200
+        other.kill()
+    finally:
+        node.kill()
+
+
+def test_a_restored_node_cannot_take_an_old_members_name(tmp_path):
+    """A restored node starts a new cluster: given -name of a member of the backed-up cluster, it refuses."""
+    node = Node("old", str(tmp_path))
+    try:
+        node.start("-name", "old1")
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        backup(node, str(tmp_path / "b.snap"))
+    finally:
+        node.kill()
+    target = str(tmp_path / "new")
+    assert run_command("-restore", str(tmp_path / "b.snap"), target).returncode == 0
+    out = run_command("-name", "old1", "-p", "1", "-hp", "1", target)
+    assert out.returncode == 2 and "was a member of the cluster the backup was taken of" in out.stderr, out
+
+
+def test_advertise_is_what_peers_and_redirects_use_apart_from_the_bind_host(tmp_path):
+    """-h 0.0.0.0 binds every address; -advertise names the one in the configuration and in redirects. Without
+    -advertise, 0.0.0.0 is refused; an address not of this host is one line and exit code 2, before any file."""
+    first = Node("first", str(tmp_path), host="0.0.0.0")
+    first.address = f"127.0.0.1:{first.http_port}"
+    second = Node("second", str(tmp_path))
+    try:
+        first.start("-advertise", "127.0.0.1")
+        wait_for(lambda: first.status()["role"] == "leader", 10, "the first node to lead")
+        [me] = first.status()["members"]
+        assert (me["http_address"], me["raft_address"]) == (f"127.0.0.1:{first.http_port}", f"127.0.0.1:{first.port}")
+        second.start("-advertise", "localhost", join=first.address)  # a host name: resolved to bind, kept as is
+        wait_for(lambda: len(first.status()["members"]) == 2, 30, "the second node to join")
+        wait_for(lambda: first.request("POST", "/db/k", "v").status == 200, 10, "a write")
+        wait_for(lambda: second.status()["leader"] == first.status()["node_id"], 10, "the second node to know the leader")
+        r = second.request("POST", "/db/k", "v2")
+        assert r.status == 307 and r.headers["location"] == f"http://127.0.0.1:{first.http_port}/db/k", r
+        first.kill()
+        second.kill()
+        out = run_command("-h", "0.0.0.0", str(tmp_path / "x"))
+        assert out.returncode == 2 and "-advertise" in out.stderr and out.stderr.count("\n") == 1
+        for host, why in (("192.0.2.1", "not an address of this host"), ("no-such-host.invalid", "cannot resolve")):
+            out = run_command("-h", host, str(tmp_path / "y"))
+            assert out.returncode == 2 and why in out.stderr and out.stderr.count("\n") == 1, out
+        assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+    finally:
+        first.kill()
+        second.kill()
+
+
+def test_every_flag_from_the_environment_the_command_line_wins(tmp_path):
+    """RAFTDZMQ_<FLAG> sets any flag (the data dir too); a flag on the command line overrides its variable; a
+    variable that does not convert is a usage error naming it."""
+    node = Node("env", str(tmp_path))
+    env = {"RAFTDZMQ_HTTP_PORT": str(node.http_port), "RAFTDZMQ_PORT": str(node.port), "RAFTDZMQ_NAME": "from-env",
+           "RAFTDZMQ_DATA_DIR": node.data_dir, "RAFTDZMQ_LOG_FORMAT": "json", "RAFTDZMQ_VERBOSE": "true"}
+    proc = subprocess.Popen([sys.executable, SERVER], env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: node.status()["node_id"] == "from-env", 15, "the node configured from the environment")
+        assert node.request("GET", "/db/none").status == 404
+    finally:
+        proc.kill()
+        err = proc.communicate(timeout=15)[1]
+    assert '"logger": "raftdzmq.access"' in err  # RAFTDZMQ_VERBOSE: the access log, in JSON
+    other = Node("env2", str(tmp_path))
+    try:
+        other.start(env={"RAFTDZMQ_HTTP_PORT": "1", "RAFTDZMQ_NAME": "from-env"})  # -hp on the command line wins
+        assert other.status()["node_id"] == "from-env"
+    finally:
+        other.kill()
+    out = subprocess.run([sys.executable, SERVER, str(tmp_path / "z")], env={**os.environ, "RAFTDZMQ_PORT": "x"},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "$RAFTDZMQ_PORT" in out.stderr
+
+
+def test_h_alone_prints_the_usage_with_a_hint(tmp_path):
+    out = run_command("-h")
+    assert out.returncode == 0 and "usage: raftdzmq" in out.stdout and "-h is the host to bind" in out.stdout
+    assert "expected one argument" not in out.stdout + out.stderr
+    out = run_command("-p", "1", "-h")
+    assert out.returncode == 2 and "-h is the host to bind" in out.stderr
+
+
+def test_json_logs_are_one_object_a_line(tmp_path):
+    node = Node("j", str(tmp_path)).start("-log-format", "json", "-name", "jay")
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+    finally:
+        node.stop()
+    lines = [json.loads(line) for line in node.log_text().splitlines()]
+    assert lines and all({"time", "level", "logger", "message", "node"} <= set(line) for line in lines)
+    assert any(line["node"] == "jay" and line["logger"] == "raftdzmq.node" for line in lines)
+    assert all(line["time"].endswith("Z") for line in lines)

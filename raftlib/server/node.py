@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import random
+import re
 import resource
 import socket
 import time
@@ -154,10 +155,33 @@ class ServerConfig:
     watch_history_bytes: int = DEFAULT_HISTORY_BYTES  # -watch-history-bytes: and at most about this many bytes
     access_log: bool = False  # a line per HTTP request at INFO on raftdzmq.access (-v)
     force_new_cluster: bool = False  # lost-quorum recovery: this member alone becomes the cluster (storage's rules)
+    name: str | None = None  # -name: this node's id at its first start (random when None), checked at every start
+    advertise: str | None = None  # -advertise: the host peers and clients reach this node at (default: `host`)
 
     @property
-    def bind_host(self) -> str:
-        return "127.0.0.1" if self.host == "localhost" else self.host
+    def advertised_host(self) -> str:
+        return self.advertise or self.host
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a node id: safe in a URL path, a log line, JSON
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def resolve_host(host: str) -> str:
+    """The IPv4 address `host` (a name or an address) binds to: zmq binds only addresses and interface names, so a
+    host name is resolved before either port is bound. Raises CannotStart with one line when it cannot be."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise CannotStart(f"cannot resolve the host {host!r} to bind (-h): {e}") from None
+    address = str(infos[0][4][0])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # before the data dir is touched
+        try:
+            probe.bind((address, 0))
+        except OSError as e:
+            raise CannotStart(f"cannot bind to {host} ({address}, -h): {e.strerror}: not an address of this "
+                              "host") from None
+    return address
 
 
 def own_feature_level() -> int:
@@ -413,8 +437,12 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.raft_address = f"{config.host}:{config.port}"
-        self.http_address = f"{config.host}:{config.http_port}"
+        if config.advertise is None and config.host in WILDCARD_HOSTS:
+            raise CannotStart(f"-h {config.host} binds every address; say which one peers and clients reach this node "
+                              "at with -advertise HOST")
+        self.bind_host = resolve_host(config.host)
+        self.raft_address = f"{config.advertised_host}:{config.port}"
+        self.http_address = f"{config.advertised_host}:{config.http_port}"
         self.metrics = Metrics()
         self.storage = DiskStorage(config.data_dir, fsync=config.fsync, fdatasync=self._timed_fdatasync)
         try:
@@ -432,7 +460,7 @@ class Server:
                                   on_level_raised=lambda level: self.runtime.request_snapshot())
         if stored.snapshot is not None:
             self.store.restore(stored.snapshot.data)
-        self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
+        self.transport = ZmqTransport(self.node_id, f"{self.bind_host}:{config.port}", self._deliver,
                                       reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
                                       node_key=None if self.node_key is None else self.node_key["secret_key"],
                                       members=lambda: self.node.membership.members,
@@ -460,13 +488,18 @@ class Server:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (raftlib.storage.start_node says how)."""
         stored = self.storage.load()
+        identity = self.storage.read_identity()
+        name = self.config.name
+        if name is not None and identity is not None and identity.get("node_id") != name:
+            raise CannotStart(f"{self.config.data_dir} is node {identity.get('node_id')}, not -name {name}: a node's "
+                              "id never changes (start it with its own name, or without -name)")
         if self.config.force_new_cluster and stored.hard_state.current_term == 0 and stored.last_index == 0:
             raise CannotStart(f"-force-new-cluster needs the data dir of a member of a cluster; {self.config.data_dir} "
                               "has never been in one")
         if self.config.secret is not None:
             self._refuse_keyless(stored)
         self.node_key = None if self.config.secret is None else self._load_node_key()
-        start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
+        start = start_node(self.storage, stored, name or binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
                            self.http_address, join=bool(self.config.join), public_key=self.public_key)
         self.node_id = start.node_id
         self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
@@ -698,7 +731,7 @@ class Server:
         # A long poll's wait and a watch stream are bounded on their own (edge.waiting_on_its_own, edge.Stream).
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
         self.http = EdgeServer(
-            listen(config.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
+            listen(self.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
@@ -720,10 +753,10 @@ class Server:
             log.warning("the hard limit on open files (ulimit -Hn) is %d, under %d: connections to either port can "
                         "use up this node's descriptors; raise it (e.g. LimitNOFILE= in systemd)", hard,
                         MIN_HARD_DESCRIPTORS)
-        if config.secret is None and not _is_loopback(config.bind_host):
+        if config.secret is None and not _is_loopback(self.bind_host):
             log.warning("listening on %s beyond loopback without a cluster secret: anyone who can reach the raft port "
                         "can speak for a member, and anyone who reaches the http port can join; give every node "
-                        "-secret-file (or %s)", config.bind_host, SECRET_ENV)
+                        "-secret-file (or %s)", self.bind_host, SECRET_ENV)
 
     def stop(self) -> None:
         """Stop serving and close the data dir. A leader first hands leadership to its most up-to-date voter
