@@ -844,6 +844,15 @@ class DiskStorage:
         _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
                           folder=self._folders[self.data_dir])
 
+    def fence(self, node_ids: tuple[str, ...]) -> None:
+        """Add `node_ids` to node.json's "fenced" list (force_new_cluster's rules), crash-safe (the old file or
+        the new one)."""
+        ident = self.read_identity()
+        assert ident is not None, "fence a node that has an identity"
+        ident["fenced"] = sorted(set(ident.get("fenced", [])) | set(node_ids))
+        _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
+                          folder=self._folders[self.data_dir])
+
     # ---- the node's key (with a cluster secret) ------------------------------------------------------------
 
     @property
@@ -1528,12 +1537,16 @@ def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member) -> 
     of a new term (the highest this node has seen + 1), holding the configuration `me` alone; the hard state's
     commit index covers it (as the bootstrap's does) and its vote is this node's. Before any message leaves.
 
-    An old member that comes back cannot count (the configuration names this node alone) and cannot win this
-    node's vote or pre-vote (this log ends in a newer term than any of theirs); it is told it was removed (a
-    committed configuration without it). Two old members back together are a majority of the old configuration:
-    they can elect a leader of their own, whose appends of a higher term this node would follow. Their data
-    dirs must be wiped (README, "Disaster recovery"); with a cluster secret their connections are refused (their
-    keys are not in this configuration).
+    The members removed are FENCED first (node.json's "fenced", before the record): the server drops every
+    message from a fenced node while it is not in this node's configuration, answering a Removed notice instead
+    (raftlib.server.node). Without that, two old members back together (a majority of the old configuration)
+    could elect a leader of their own whose appends, of a higher term, this node would follow. An old member that
+    comes back alone could not disturb it anyway: it cannot count (the configuration names this node alone), nor
+    win this node's vote or pre-vote (this log ends in a newer term than any of theirs). A fence without the
+    record (a crash between) changes nothing: the old members are still in the configuration then. A fresh node
+    that joins later under a fenced name is a member, so it is heard. Only this node holds the fence: the old
+    members' data dirs must be wiped all the same (README, "Disaster recovery"). With a cluster secret their
+    connections are refused anyway (their keys are not in this configuration).
 
     Returns (the new entry's index, the members removed), or None when the newest configuration is this node
     alone already (a second start with the flag: nothing to do). Raises StorageError when this node has no
@@ -1555,8 +1568,10 @@ def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member) -> 
         stored.snapshot.last_included_term if stored.snapshot is not None else 0)
     term = max(stored.hard_state.current_term, last_term) + 1
     forced = Entry(term, commit + 1, EntryKind.MEMBERSHIP, b"", Membership((me.node_id,), (), (me,)))
+    removed = tuple(n for n in membership.node_ids if n != me.node_id)
+    storage.fence(removed)
     storage.save(HardState(term, me.node_id, commit + 1), [forced])
-    return commit + 1, tuple(n for n in membership.node_ids if n != me.node_id)
+    return commit + 1, removed
 
 
 def encode_snapshot(s: Snapshot) -> bytes:

@@ -99,8 +99,9 @@ def test_backup_restore_under_writes(tmp_path):
                 assert (r.status, r.body) == (200, value.encode()), (key, r)
             else:
                 assert r.status == 404, (key, r)
-        r = restored.request("POST", "/db/after-restore", "new")
-        assert r.status == 200 and int(r.headers["x-raft-index"]) > index
+        r = wait_for(lambda: (r := restored.request("POST", "/db/after-restore", "new")).status == 200 and r, 10,
+                     "a write")
+        assert int(r.headers["x-raft-index"]) > index
         joiner.start(join=restored.address)
         wait_for(lambda: joiner.request("GET", "/db/after-restore?consistency=stale").body == b"new", 30,
                  "the joined node to hold the state")
@@ -118,7 +119,7 @@ def test_restore_refuses_bad_input(tmp_path):
     node = Node("node", str(tmp_path)).start()
     try:
         wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
-        assert node.request("POST", "/db/k", "v").status == 200
+        wait_for(lambda: node.request("POST", "/db/k", "v").status == 200, 10, "a write")
         good = str(tmp_path / "good.snap")
         backup(node, good)
     finally:
@@ -163,8 +164,8 @@ def test_backup_signed_with_a_secret(tmp_path):
 
 def test_force_new_cluster_after_losing_two_of_three(tmp_path):
     """Two of three killed for good; the third restarted with -force-new-cluster is a one-node cluster holding
-    every write acknowledged before the loss that it had applied; two fresh nodes join it. An old member that
-    comes back on its old data dir is told it was removed and disturbs nothing."""
+    every write acknowledged before the loss that it had applied; two fresh nodes join it. The old members that
+    come back on their old data dirs are told they were removed and disturb nothing (the fence)."""
     cluster = LocalCluster(str(tmp_path)).start()
     fresh = [Node(f"fresh.{i}", str(tmp_path)) for i in (1, 2)]
     try:
@@ -187,7 +188,7 @@ def test_force_new_cluster_after_losing_two_of_three(tmp_path):
             if i <= applied:
                 r = survivor.request("GET", f"/db/{key}")
                 assert (r.status, r.body) == (200, value.encode()), (key, r)
-        assert survivor.request("POST", "/db/after", "x").status == 200
+        wait_for(lambda: survivor.request("POST", "/db/after", "x").status == 200, 10, "a write")
 
         # A crash and a restart without the flag: still a one-node cluster, serving.
         survivor.kill()
@@ -195,16 +196,22 @@ def test_force_new_cluster_after_losing_two_of_three(tmp_path):
         wait_for(lambda: survivor.status()["role"] == "leader", 15, "the survivor to lead after a restart")
         term = survivor.status()["term"]
 
-        # An old member comes back on its old data dir: it is told it was removed; the survivor keeps leading.
-        ghost = dead[0]
-        ghost.start()
-        wait_for(lambda: ghost.status()["removed"] is not None, 15, "the old member to learn it was removed")
-        time.sleep(1.0)
+        # Both old members come back on their old data dirs, a majority of the old configuration: they may elect
+        # a leader of their own, but the survivor (which fenced them) hears none of it, and tells them they were
+        # removed; it keeps leading in its term.
+        for ghost in dead:
+            ghost.start()
+        for ghost in dead:
+            wait_for(lambda ghost=ghost: ghost.status()["removed"] is not None, 15, "an old member to learn it was removed")
+        time.sleep(3.0)  # several election timeouts of theirs
         status = survivor.status()
-        assert status["role"] == "leader" and status["term"] == term
+        assert status["role"] == "leader" and status["term"] == term, status
         assert [m["id"] for m in status["members"]] == [survivor_id]
-        ghost.kill()
-        ghost.wipe()
+        wait_for(lambda: survivor.request("POST", "/db/after-ghosts", "y").status == 200, 10, "a write")
+        assert "a member removed by -force-new-cluster" in survivor.log_text(current=True)
+        for ghost in dead:
+            ghost.kill()
+            ghost.wipe()
 
         for node in fresh:
             node.start(join=survivor.address)

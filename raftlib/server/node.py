@@ -60,7 +60,7 @@ from gevent import monkey
 
 from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode
 from raftlib.interfaces import StoredState
-from raftlib.messages import Member, Membership, Message, Role
+from raftlib.messages import Member, Membership, Message, Removed, Role
 from raftlib.runtime import EntryLost, NotRunning, Runtime
 from raftlib.storage import DiskFull, DiskStorage, StorageError, force_new_cluster, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
@@ -468,6 +468,8 @@ class Server:
                                       on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused,
                                       commit_index=lambda: self.node.commit_index)
         self._keys_refresh = KeysRefresh()
+        self._fence_checked_at = self._fence_logged_at = float("-inf")
+        self._fence_index = 0
         self._keys_asking = False
         self._vouched_watch: gevent.Greenlet | None = None
         if self.node_key is not None and self.node_key.get("vouched"):
@@ -502,6 +504,8 @@ class Server:
         start = start_node(self.storage, stored, name or binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
                            self.http_address, join=bool(self.config.join), public_key=self.public_key)
         self.node_id = start.node_id
+        # Members removed by -force-new-cluster: their messages are dropped while they are not members (_deliver).
+        self.fenced = frozenset((self.storage.read_identity() or {}).get("fenced", ()))
         self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
         self.restored = start.restored
         if start.restored:
@@ -516,6 +520,7 @@ class Server:
                         "(remove the flag)")
             return start.stored
         index, removed = forced
+        self.fenced = frozenset((self.storage.read_identity() or {}).get("fenced", ()))
         log.warning("-force-new-cluster: node %s is now a one-node cluster (its configuration at index %d, term %d); "
                     "removed members %s: never start them again on their old data dirs; add fresh nodes with -join",
                     self.node_id, index, self.storage.state.hard_state.current_term, ", ".join(removed))
@@ -697,7 +702,26 @@ class Server:
 
     def _deliver(self, messages: list[Message], reply_wanted: bool) -> list[Message] | None:
         # The transport is made before the runtime it delivers to.
+        if self.fenced and messages:
+            src = messages[0].src  # a frame holds one peer's messages
+            if src in self.fenced and src not in self.node.membership.node_ids:
+                return self._fenced_answer(src) if reply_wanted else None
         return self.runtime.deliver(messages, reply_wanted)
+
+    def _fenced_answer(self, src: str) -> list[Message]:
+        """A member removed by -force-new-cluster spoke (raftlib.storage.force_new_cluster: fenced): nothing of it
+        reaches the node; it is told it was removed (a notice the core would send, at most the configuration's
+        index of a second ago: O(entries) to find). Logged at most once a minute."""
+        now = time.monotonic()
+        if now - self._fence_checked_at >= 1.0:
+            self._fence_checked_at = now
+            self._fence_index = self.configuration_index()
+        if now - self._fence_logged_at >= 60.0:
+            self._fence_logged_at = now
+            log.warning("dropped messages from %s, a member removed by -force-new-cluster: wipe its data dir",
+                        src)
+        node = self.node
+        return [Removed(self.node_id, src, node.current_term, self._fence_index, node.leader_id or "")]
 
     def _fatal(self, error: Exception) -> None:
         log.critical("stopping (%s); exiting without acknowledging anything more", error)
