@@ -7,8 +7,11 @@ API on gevent's WSGI server, and an append-only log in the data dir.
 
 The command only: flags, logging and main(); the server is raftlib.server (ARCHITECTURE.md). This file is the only
 one that monkey-patches gevent, in its first lines, before anything else is imported. Exit codes: 0 after a clean
-stop, 1 when the join or the cluster secret fails, 2 when the node cannot start (flags, data dir, ports), 3 when its
-storage fails while it runs.
+stop (or a -restore done, or the help), 1 when the join, the cluster secret or a -restore fails, 2 when the node
+cannot start (flags, data dir, host, ports), 3 when its storage fails while it runs.
+
+Every flag may also come from the environment as RAFTDZMQ_<DEST> (RAFTDZMQ_HTTP_PORT, RAFTDZMQ_SECRET_FILE),
+converted and checked as on the command line, which wins. `-h` alone (it takes a HOST) prints the help and a hint.
 """
 
 from gevent import monkey

@@ -27,6 +27,12 @@ Rules:
   to KEYS_REFRESH_SECONDS once one does (review of edge5, finding 3: a removed member dialling in kept every
   member asking every 2 s): it asks its configuration's members, then the vouched list's, one at a time, each
   within KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
+- Addresses: -h is resolved (getaddrinfo, IPv4) and probed with a bind before the data dir is opened; -advertise
+  (default -h) is what the configuration holds and redirects name. -name is the node id at the first start;
+  another -name later is refused before anything is written.
+- -force-new-cluster (raftlib.storage.force_new_cluster): the members it removed are fenced (node.json's
+  "fenced"): while such a node is not in this node's configuration, its frames never reach the runtime and are
+  answered with a Removed notice (`_deliver`).
 - Leases (raftlib.server.leases): the LeaseKeeper is the leader's. LeaderLeases keeps it in step with the node's
   role and term (a new term of leadership: every lease its full TTL from now), hears the store's grants and
   removals as they apply, and every LEASE_TICK_SECONDS, while this node leads, proposes one LEASE_EXPIRE for the
