@@ -30,7 +30,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import zmq.green as zmq  # noqa: E402
 
-from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_secret  # noqa: E402
+from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, node_request_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
 from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
@@ -101,6 +101,8 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("-sign", "--sign"), dict(nargs=2, metavar=("METHOD", "TARGET"), help=(
         "print the headers that sign this admin request with the cluster secret, for curl -H @FILE (e.g. -sign "
         "DELETE /cluster/ab12cd34), and exit; no DATA_DIR"))),
+    (("-sign-node", "--sign-node"), dict(dest="sign_node", metavar="ID", help=(
+        "with -sign: the request is for the node ID alone, with a fresh nonce (GET /snapshot, GET /cluster/keys)"))),
     (("-sign-body", "--sign-body"), dict(dest="sign_body", metavar="FILE", help="with -sign: the request's body, "
                                          "from this file ('-': standard input)")),
     (("-watch-history", "--watch-history"), dict(dest="watch_history", metavar="N", type=int, default=10_000, help=(
@@ -119,7 +121,12 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("-force-new-cluster", "--force-new-cluster"), dict(dest="force_new_cluster", action="store_true", help=(
         "lost-quorum recovery: restart this surviving member as a one-node cluster with its data (its "
         "configuration becomes itself alone, the entries it did not know as committed are dropped); start it "
-        "once with the flag, then without; never start the other members on their old data dirs again"))),
+        "once with the flag, then without; never start the other members on their old data dirs again. Refused "
+        "on a node it was given before whose cluster has grown since; command line only"))),
+    (("-force-new-cluster-again", "--force-new-cluster-again"), dict(dest="force_new_cluster_again",
+                                                                     action="store_true", help=(
+        "-force-new-cluster on a node forced before whose cluster has grown since (every member that joined "
+        "since is lost for good); command line only"))),
     (("-no-fsync", "--no-fsync"), dict(dest="no_fsync", action="store_true", help="UNSAFE, for experiments only: do "
                                        "not fsync the log")),
     (("data_dir",), dict(metavar="DATA_DIR", nargs="?", help="where this node keeps its log and snapshots")),
@@ -127,7 +134,10 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
 
 
 ENV_PREFIX = "RAFTDZMQ_"  # every flag also from the environment: RAFTDZMQ_HTTP_PORT for --http-port
-NOT_FROM_ENV = ("help", "sign", "sign_body")  # a mode of their own, not a setting
+# A mode of their own, not a setting; or a one-off action that must not stay set for every restart (review of ops,
+# finding 2: a -force-new-cluster left in the environment of a unit restarted on failure split the cluster).
+NOT_FROM_ENV = ("help", "sign", "sign_body", "sign_node", "restore", "restore_checksum", "force_new_cluster",
+                "force_new_cluster_again")
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 HOST_HINT = ("raftdzmq: -h is the host to bind (-h HOST, e.g. -h 0.0.0.0 -advertise node1.example); --help lists "
              "every flag")
@@ -184,8 +194,11 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         p.error("-name must be 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if args.sign is None and args.data_dir is None:
         p.error("the following arguments are required: DATA_DIR")
+    if args.sign_node is not None and (args.sign is None or args.sign_body):
+        p.error("-sign-node goes with -sign METHOD TARGET, without -sign-body (it signs a nonce and the node id)")
     if args.restore_checksum is not None and args.restore is None:
         p.error("-restore-checksum goes with -restore FILE")
+    args.force_new_cluster = args.force_new_cluster or args.force_new_cluster_again
     if args.restore is not None and (args.join or args.force_new_cluster):
         p.error("-restore FILE DATA_DIR makes the data dir and exits: start the node on it afterwards")
     if args.force_new_cluster and args.join:
@@ -216,7 +229,7 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
         watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
-        force_new_cluster=args.force_new_cluster, name=args.name, advertise=args.advertise)
+        force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:
@@ -244,7 +257,9 @@ def print_signed_headers(args: argparse.Namespace) -> int:
         with open(args.sign_body, "rb") as f:
             body = f.read()
     method, target = args.sign
-    for name, value in admin_headers(secret, method.upper(), target, body).items():
+    headers = admin_headers(secret, method.upper(), target, body) if args.sign_node is None else \
+        node_request_headers(secret, args.sign_node, method.upper(), target)
+    for name, value in headers.items():
         print(f"{name}: {value}")
     return 0
 

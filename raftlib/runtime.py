@@ -112,12 +112,20 @@ class BackupFailed(Exception):
 @dataclass(frozen=True, slots=True)
 class Backup:
     """A backup (Runtime.backup): the snapshot file of the state machine at `index`, `size` bytes whose SHA-256 is
-    `sha256` (hex), open for reading in `file`, whose name is already unlinked (closing it frees the space)."""
+    `sha256` (hex), open for reading in `file`, whose name is already unlinked. `close()` closes it (freeing the
+    space) and ends its count against MAX_BACKUPS: a backup counts until then, while it is streamed too (review of
+    ops, finding 3: N slow readers held N copies of the state on the disk the log needs)."""
 
     index: int
     sha256: str
     size: int
     file: Any
+    release: Callable[[], None] = lambda: None  # called once, by close()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+            self.release()
 
 
 MAX_BACKUPS = 1  # backups written at once: each child may grow to the size of the state (copy on write)
@@ -389,9 +397,10 @@ class Runtime:
         what it had: the state any read then sees), at least the index applied when asked: the snapshot file
         (storage.export_snapshot) written by a forked child, as the node's own snapshots are (in process where
         fork is off: serving stalls meanwhile), into a new file in `folder` that is opened and unlinked before
-        this returns. Not while a leader's snapshot is being restored (it waits). At most MAX_BACKUPS at once.
-        Raises NotRunning, BackupBusy (nothing started), BackupFailed, or Timeout after `timeout_seconds` (the
-        child is killed); whatever happens, the file is gone from `folder` when this returns."""
+        this returns. Not while a leader's snapshot is being restored (it waits). At most MAX_BACKUPS at once,
+        each counted until the caller closes the Backup (Backup.close).
+        Raises NotRunning, Stopped, BackupBusy (nothing started), BackupFailed, or Timeout after `timeout_seconds`
+        (the child is killed); whatever happens, the file is gone from `folder` when this returns."""
         if not self.running:
             raise NotRunning("node is not running")
         if self._backups >= MAX_BACKUPS:
@@ -400,6 +409,7 @@ class Runtime:
         path = os.path.join(folder, f"backup-{os.getpid()}-{next(self._backup_numbers)}.tmp")
         started = gevent.event.AsyncResult()
         deadline = time.monotonic() + timeout_seconds
+        handed = False
         try:
             self._backups_asked.append((path, started))
             self._wake.set()
@@ -407,6 +417,10 @@ class Runtime:
                 index, pid, r, sha256 = started.get(timeout=timeout_seconds)
             except gevent.Timeout:
                 self._backups_asked = [(p, result) for p, result in self._backups_asked if result is not started]
+                if started.successful() and started.value[1] is not None:
+                    # Review of ops, finding 8: started in the same turn as the timeout fired: its child is
+                    # killed and reaped before the file is unlinked (else it wrote it after, until a restart).
+                    self._read_child(started.value[1], started.value[2], 0)
                 raise Timeout(f"the backup did not start within {timeout_seconds:g}s") from None
             if pid is not None:
                 answer = self._read_child(pid, r, max(0.0, deadline - time.monotonic()))
@@ -416,11 +430,17 @@ class Runtime:
                     raise BackupFailed(f"the backup's child failed: {answer.decode(errors='replace') or 'killed?'}")
                 sha256 = answer[3:].decode()
             f = open(path, "rb")  # noqa: SIM115 - handed to the caller, who closes it
-            return Backup(index, sha256, os.fstat(f.fileno()).st_size, f)
+            backup = Backup(index, sha256, os.fstat(f.fileno()).st_size, f, self._backup_closed)
+            handed = True
+            return backup
         finally:
-            self._backups -= 1
+            if not handed:
+                self._backup_closed()
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+    def _backup_closed(self) -> None:
+        self._backups -= 1
 
     def _start_backups(self) -> None:
         """At the end of a drive: begin every backup asked for, at the state applied now (Runtime.backup)."""
@@ -1065,6 +1085,9 @@ class Runtime:
             result.set_exception(error)
         for result in self._index_waiters:
             result.set_exception(error)
+        for _, result in self._backups_asked:  # review of ops, finding 8: they waited up to their timeout
+            result.set_exception(error)
+        self._backups_asked = []
         self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, {}, {}
         for pending in self._deadlines.values():  # requests still in the inbox, or answered already
             for _, result in pending:

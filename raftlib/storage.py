@@ -78,6 +78,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -844,12 +845,13 @@ class DiskStorage:
         _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
                           folder=self._folders[self.data_dir])
 
-    def fence(self, node_ids: tuple[str, ...]) -> None:
-        """Add `node_ids` to node.json's "fenced" list (force_new_cluster's rules), crash-safe (the old file or
-        the new one)."""
+    def fence(self, node_ids: tuple[str, ...], forced: tuple[int, int]) -> None:
+        """Add `node_ids` to node.json's "fenced" list and set "forced" to [index, term] of the forced entry
+        (force_new_cluster's rules), crash-safe (the old file or the new one)."""
         ident = self.read_identity()
         assert ident is not None, "fence a node that has an identity"
         ident["fenced"] = sorted(set(ident.get("fenced", [])) | set(node_ids))
+        ident["forced"] = list(forced)
         _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
                           folder=self._folders[self.data_dir])
 
@@ -1046,7 +1048,11 @@ class DiskStorage:
     def _garbage(self, segments: list[str], keep_snapshot: int | None) -> list[str]:
         names = list(segments)
         names += [p for index, p in self._snapshots() if index != keep_snapshot]
-        names += [os.path.join(self.data_dir, n) for n in self.fs.listdir(self.data_dir) if n.endswith(".tmp")]
+        # A backup this process is writing (Runtime.backup: backup-PID-N.tmp) is not garbage: unlinked under its
+        # child, the serving process found no file to open (a 500 when a backup met the node's own snapshot).
+        ours = f"backup-{os.getpid()}-"
+        names += [os.path.join(self.data_dir, n) for n in self.fs.listdir(self.data_dir)
+                  if n.endswith(".tmp") and not n.startswith(ours)]
         return [n for n in names if n not in self._writing]
 
     def _unlink(self, names: list[str]) -> None:
@@ -1421,6 +1427,10 @@ JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not don
 RESTORE_FILE = "RESTORE"  # a backup's snapshot file (raftdzmq -restore), installed by the node's first start
 
 
+class ForcedAgain(StorageError):
+    """-force-new-cluster on a node it was given before, whose cluster has grown since (force_new_cluster)."""
+
+
 @dataclasses.dataclass
 class NodeStart:
     node_id: str
@@ -1429,6 +1439,25 @@ class NodeStart:
     must_join: bool = False  # a -join was given and no leader has reached this node yet: join, then run
     joined_before: bool = False  # a leader reached this node (a term, entries or a snapshot), or it bootstrapped
     restored: int = 0  # this start made a new one-node cluster from a backup (RESTORE): the backup's index
+
+
+NAMED_ID = re.compile(r"(.+)-[0-9a-f]{8}")  # NAME-<8 random hex>: a node started with -name NAME
+
+
+def new_node_id(name: str | None) -> str:
+    """A new data dir's node id: 8 random hex digits, or NAME-<8 random hex> given -name NAME. Random in either
+    case (review of ops, finding 1): a node whose data dir was lost and which starts again under the same name on
+    an empty one has no log and no vote record, and under the old id it would grant votes and answer appends as
+    the old member (an acknowledged write lost). Under a new id the old members' messages do not reach it (they
+    name the old id), and its join is refused while a member has its name (api.join_refusal)."""
+    suffix = os.urandom(4).hex()
+    return suffix if name is None else f"{name}-{suffix}"
+
+
+def name_of(node_id: str) -> str:
+    """The -name a node id was made from (`new_node_id`), or the id itself for a node started without -name."""
+    named = NAMED_ID.fullmatch(node_id)
+    return node_id if named is None else named.group(1)
 
 
 def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft_address: str, http_address: str,
@@ -1449,7 +1478,8 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                                            bootstrapped: it runs. When it has no log yet either, a leader has yet
                                            to reach it (or an older raftdzmq wrote the dir): a warning.
         a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed,
-                                           and so is a RESTORE.
+                                           and so is a RESTORE the install left (its snapshot is the log's);
+                                           another RESTORE next to a log is refused (StorageError).
         RESTORE (+ JOINING "restore")      a data dir made by `raftdzmq -restore` (no node.json, no log): the first
                                            start installs the backup's snapshot as a new one-node cluster (its
                                            index and term kept, the configuration this node alone, the commit
@@ -1463,6 +1493,8 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
     pending = storage.read_join_marker()
     joined_before = stored.hard_state.current_term > 0 or stored.last_index > 0
     restoring = not joined_before and storage.has_restore_file()
+    if joined_before and storage.has_restore_file():
+        _check_restore_installed(storage, stored, identity)
     if restoring and join:
         raise RestoreNotJoin(f"{storage.data_dir} holds a restored backup: it starts a new cluster of its own, "
                              "which other nodes then join (-join to it); start it without -join")
@@ -1529,47 +1561,86 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
     return out
 
 
-def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member) -> tuple[int, tuple[str, ...]] | None:
+def _check_restore_installed(storage: DiskStorage, stored: StoredState, identity: dict | None) -> None:
+    """A RESTORE next to a log: the install's, left by a crash before RESTORE went (the log's snapshot is the
+    backup's, index and term, in a configuration of this node alone), else a StorageError (review of ops, finding
+    6: a data dir cleared but for log/ ran the old log and dropped the backup, silently)."""
+    backup = read_snapshot(storage.restore_path, storage.fs)
+    backup.data.close()  # type: ignore[union-attr]
+    held = stored.snapshot
+    if identity is None or held is None or held.membership.node_ids != (identity.get("node_id"),) or \
+            (held.last_included_index, held.last_included_term) != (backup.last_included_index,
+                                                                    backup.last_included_term):
+        raise StorageError(f"{storage.data_dir} holds a restored backup (RESTORE) and a log the restore did not "
+                           "make: restore into an empty data dir")
+
+
+def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member,
+                      again: bool = False) -> tuple[int, tuple[str, ...]] | None:
     """Lost-quorum recovery (`raftdzmq -force-new-cluster`, etcd's flag): make this surviving node a one-node
     cluster with its data. One save, one record and one fdatasync, so a crash leaves the log before it or after
     it, never between: the entries after the commit index are cut off (they may never have committed, and some may
     have been answered as not applied: etcd drops them too), and an entry is appended at the commit index + 1,
     of a new term (the highest this node has seen + 1), holding the configuration `me` alone; the hard state's
     commit index covers it (as the bootstrap's does) and its vote is this node's. Before any message leaves.
+    The configuration it starts from is the newest at or below the commit index (review of ops, finding 4: the
+    newest in the log may be in the tail that is cut off): this node must be in it.
 
-    The members removed are FENCED first (node.json's "fenced", before the record): the server drops every
+    The members removed are FENCED first (node.json's "fenced", before the record): those of that configuration
+    and of every configuration in the tail cut off (one may have reached a node it adds). The server drops every
     message from a fenced node while it is not in this node's configuration, answering a Removed notice instead
-    (raftlib.server.node). Without that, two old members back together (a majority of the old configuration)
-    could elect a leader of their own whose appends, of a higher term, this node would follow. An old member that
-    comes back alone could not disturb it anyway: it cannot count (the configuration names this node alone), nor
-    win this node's vote or pre-vote (this log ends in a newer term than any of theirs). A fence without the
-    record (a crash between) changes nothing: the old members are still in the configuration then. A fresh node
-    that joins later under a fenced name is a member, so it is heard. Only this node holds the fence: the old
-    members' data dirs must be wiped all the same (README, "Disaster recovery"). With a cluster secret their
-    connections are refused anyway (their keys are not in this configuration).
+    (raftlib.server.node), and refuses a join under a fenced name (api.join_refusal). Without that, two old
+    members back together (a majority of the old configuration) could elect a leader of their own whose appends,
+    of a higher term, this node would follow. An old member that comes back alone could not disturb it anyway: it
+    cannot count (the configuration names this node alone), nor win this node's vote or pre-vote (this log ends
+    in a newer term than any of theirs). A fence without the record (a crash between) changes nothing: the old
+    members are still in the configuration then. Only this node holds the fence: the old members' data dirs must
+    be wiped all the same (README, "Disaster recovery"). With a cluster secret their connections are refused
+    anyway (their keys are not in this configuration).
+
+    The forced entry's index and term go into node.json ("forced", with the fence, before the record). Forcing
+    again once the log holds a configuration after it (fresh nodes joined) is refused (ForcedAgain) unless
+    `again` (review of ops, finding 2: a flag left set cut {a, d, e} back to {a} while d and e, a majority of
+    it, went on as a cluster of their own). Entries of a lower term after that index are the tail a crash
+    between the node.json write and the record left: they do not count.
 
     Returns (the new entry's index, the members removed), or None when the newest configuration is this node
     alone already (a second start with the flag: nothing to do). Raises StorageError when this node has no
-    configuration or is not in it, and as `save` does."""
-    membership = stored.snapshot.membership if stored.snapshot is not None else None
-    for entry in reversed(stored.entries):
-        if entry.membership is not None:
-            membership = entry.membership
-            break
-    if membership is None or me.node_id not in membership.node_ids:
-        raise StorageError(f"{storage.data_dir}: node {me.node_id} is not in its newest configuration "
-                           f"({'none' if membership is None else ', '.join(membership.node_ids)}): "
-                           "-force-new-cluster needs a surviving member's data dir")
-    if membership.voters == (me.node_id,) and not membership.learners:
-        return None
+    configuration or is not in it, ForcedAgain, and as `save` does."""
     base = stored.snapshot.last_included_index if stored.snapshot is not None else 0
     commit = min(max(stored.hard_state.commit_index, base), stored.last_index)
+    snapshot_membership = stored.snapshot.membership if stored.snapshot is not None else None
+    committed = next((e.membership for e in reversed(stored.entries)
+                      if e.membership is not None and e.index <= commit), snapshot_membership)
+    tail = [e.membership for e in stored.entries if e.membership is not None and e.index > commit]
+    newest = tail[-1] if tail else committed
+    forced_before = (storage.read_identity() or {}).get("forced")
+    if forced_before is not None and not again:
+        forced_index, forced_term = forced_before
+        later = [e.index for e in stored.entries
+                 if e.membership is not None and e.index > forced_index and e.term >= forced_term]
+        if stored.snapshot is not None and base > forced_index and stored.snapshot.last_included_term >= forced_term \
+                and stored.snapshot.membership != Membership((me.node_id,), (), (me,)):
+            later.append(base)
+        if later:
+            raise ForcedAgain(f"{storage.data_dir}: node {me.node_id} was made a one-node cluster by "
+                              f"-force-new-cluster at index {forced_index}, and its cluster has changed since "
+                              f"(a configuration at index {later[-1]}): forcing again would cut the members that "
+                              "joined since, a majority of their own, into a second cluster. Start it without "
+                              "-force-new-cluster; if every other member is lost for good, -force-new-cluster-again")
+    if committed is None or me.node_id not in committed.node_ids:
+        raise StorageError(f"{storage.data_dir}: node {me.node_id} is not in its newest committed configuration "
+                           f"({'none' if committed is None else ', '.join(committed.node_ids)}): "
+                           "-force-new-cluster needs a surviving member's data dir")
+    assert newest is not None
+    if newest.voters == (me.node_id,) and not newest.learners:
+        return None
     last_term = stored.entries[-1].term if stored.entries else (
         stored.snapshot.last_included_term if stored.snapshot is not None else 0)
     term = max(stored.hard_state.current_term, last_term) + 1
     forced = Entry(term, commit + 1, EntryKind.MEMBERSHIP, b"", Membership((me.node_id,), (), (me,)))
-    removed = tuple(n for n in membership.node_ids if n != me.node_id)
-    storage.fence(removed)
+    removed = tuple(sorted({n for m in (committed, *tail) for n in m.node_ids} - {me.node_id}))
+    storage.fence(removed, forced=(commit + 1, term))
     storage.save(HardState(term, me.node_id, commit + 1), [forced])
     return commit + 1, removed
 

@@ -20,6 +20,7 @@ from raftlib.progress import ProgressState, ProgressStatus
 from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
 from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
+                                  node_request_headers,
                                   answer_headers,
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
@@ -1108,12 +1109,23 @@ def test_a_backup_without_a_confirmed_read_is_not_taken(client):
     assert client("GET", "/snapshot").status == 410
 
 
-def test_with_a_secret_a_backup_must_be_signed():
+def test_with_a_secret_a_backup_must_be_signed_for_this_node_and_once():
+    """Review of ops, finding 5: a signed GET /snapshot seen once downloaded the whole state again, on any node.
+    Now it is signed with a fresh nonce for one node, and claimed there: a replay is refused."""
     client = signed_client()
-    r = client("GET", "/snapshot")
+    signed = node_request_headers(SECRET, "a", "GET", "/snapshot")
+    unsigned = {k: v for k, v in signed.items() if k not in (SIGNATURE_HEADER, TIMESTAMP_HEADER)}
+    r = client("GET", "/snapshot", headers=unsigned)
     assert r.status == 403 and r.text.startswith("backup refused: ") and one_line(r)
+    r = client("GET", "/snapshot", headers=admin_headers(SECRET, "GET", "/snapshot"))  # no nonce, no node
+    assert r.status == 400 and NONCE_HEADER in r.text
+    r = client("GET", "/snapshot", headers=node_request_headers(SECRET, "b", "GET", "/snapshot"))
+    assert r.status == 421 and "this is node a, not b" in r.text
     assert client.runtime.calls == []
-    assert client("GET", "/snapshot", headers=admin_headers(SECRET, "GET", "/snapshot")).status == 200
+    assert client("GET", "/snapshot", headers=signed).status == 200
+    r = client("GET", "/snapshot", headers=signed)
+    assert r.status == 403 and "already used" in r.text
+    assert client("GET", "/snapshot", headers=node_request_headers(SECRET, "a", "GET", "/snapshot")).status == 200
 
 
 def test_the_access_log_names_an_undelivered_answer_and_escapes_unambiguously(caplog):

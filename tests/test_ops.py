@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +18,7 @@ import time
 import pytest
 
 from procs import SERVER, LocalCluster, Node, wait_for
+from raftlib.storage import name_of
 
 WRITERS = 3
 
@@ -143,21 +147,64 @@ def test_restore_refuses_bad_input(tmp_path):
         f.write("ab" * 32 + "  good.snap\n")
     out = run_command("-restore", good, str(tmp_path / "other"))
     assert out.returncode == 1 and "SHA-256" in out.stderr
+    # Review of ops, finding 6: a data dir cleared but for its log/ is not empty; a RESTORE put next to a log by
+    # hand is refused at the start (it ran the old log and dropped the backup, silently).
+    leftover = tmp_path / "leftover"
+    shutil.copytree(os.path.join(node.data_dir, "log"), leftover / "log")
+    out = run_command("-restore", good, str(leftover), "-restore-checksum", hashlib.sha256(data).hexdigest())
+    assert out.returncode == 1 and "not empty" in out.stderr, out
+    for name in os.listdir(node.data_dir):  # the snapshot the log starts from
+        if name.endswith(".snap"):
+            shutil.copy(os.path.join(node.data_dir, name), leftover / name)
+    shutil.copy(os.path.join(target, "RESTORE"), leftover / "RESTORE")
+    out = run_command("-p", "1", "-hp", "1", str(leftover))
+    assert out.returncode == 2 and "a log the restore did not make" in out.stderr, out
+
+
+def test_a_backup_counts_until_its_answer_is_read_whole(tmp_path):
+    """Review of ops, finding 3: "one backup at a time" covered writing the file, not streaming it: N clients
+    reading slowly held N copies of the state open on the disk the log needs. A second backup is refused (503)
+    while the first is being read; once its reader goes, the next is taken."""
+    node = Node("node", str(tmp_path)).start()
+    slow = None
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        for i in range(40):  # 8 MB: more than the socket buffers hold
+            assert node.request("POST", f"/db/k{i}", "v" * 200_000).status == 200
+        host, port = node.address.split(":")
+        slow = socket.create_connection((host, int(port)))
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(b"GET /snapshot HTTP/1.1\r\nHost: x\r\n\r\n")
+        slow.settimeout(10)
+        assert slow.recv(12) == b"HTTP/1.1 200"  # then never read again
+        r = node.request("GET", "/snapshot")
+        assert r.status == 503 and b"backup(s) are being taken" in r.body, r
+        slow.close()
+        slow = None
+        wait_for(lambda: node.request("GET", "/snapshot", timeout=30).status == 200, 15, "the next backup")
+    finally:
+        if slow is not None:
+            slow.close()
+        node.kill()
 
 
 def test_backup_signed_with_a_secret(tmp_path):
-    """With a cluster secret, GET /snapshot is an admin request: 403 unsigned, 200 signed (-sign)."""
+    """With a cluster secret, GET /snapshot is an admin request: 403 unsigned, 200 signed for this node (-sign
+    -sign-node ID), and 403 when the same signed request comes again (review of ops, finding 5)."""
     secret = tmp_path / "secret"
     secret.write_text("s3cret-s3cret-s3cret-s3cret")
     node = Node("node", str(tmp_path)).start("-secret-file", str(secret))
     try:
         wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
         r = node.request("GET", "/snapshot")
-        assert r.status == 403, r
-        signed = run_command("-secret-file", str(secret), "-sign", "GET", "/snapshot")
+        assert r.status == 400 and "X-Raftdzmq-Nonce" in r.body.decode(), r
+        signed = run_command("-secret-file", str(secret), "-sign", "GET", "/snapshot", "-sign-node",
+                             node.status()["node_id"])
         headers = dict(line.split(": ", 1) for line in signed.stdout.splitlines())
         r = node.request("GET", "/snapshot", headers=headers)
         assert r.status == 200 and hashlib.sha256(r.body).hexdigest() == r.headers["x-raft-snapshot-sha256"]
+        r = node.request("GET", "/snapshot", headers=headers)
+        assert r.status == 403 and "already used" in r.body.decode(), r
     finally:
         node.kill()
 
@@ -173,6 +220,7 @@ def test_force_new_cluster_after_losing_two_of_three(tmp_path):
             wait_for(lambda: len(writers.acknowledged) >= 200, 60, "200 acknowledged writes")
             survivor = next(n for n in cluster.nodes if n is not cluster.leader())
             dead = [n for n in cluster.nodes if n is not survivor]
+            dead_ids = [n.status()["node_id"] for n in dead]
             for n in dead:
                 n.kill()
             acknowledged = dict(writers.acknowledged)
@@ -214,6 +262,12 @@ def test_force_new_cluster_after_losing_two_of_three(tmp_path):
         for ghost in dead:
             ghost.kill()
             ghost.wipe()
+        # Review of ops, finding 7: a join under a fenced name is refused (the fence drops a fenced id's messages
+        # only while it is not a member): fresh nodes take new names.
+        namesake = Node("namesake", str(tmp_path)).start("-name", dead_ids[0], join=survivor.address)
+        wait_for(namesake.exited, 15, "the join under a fenced name to be refused")
+        assert namesake.proc.returncode == 1
+        assert "a member that -force-new-cluster removed" in namesake.log_text(current=True)
 
         for node in fresh:
             node.start(join=survivor.address)
@@ -225,6 +279,15 @@ def test_force_new_cluster_after_losing_two_of_three(tmp_path):
             r = node.request("GET", f"/db/{some_key}")
             assert (r.status, r.body) == (200, acknowledged[some_key][0].encode())
             assert node.request("GET", "/db/after").body == b"x"
+        # Review of ops, finding 2: the flag given again once the cluster grew is refused (the fresh nodes, a
+        # majority of the grown configuration, would go on as a second cluster); without it the node rejoins.
+        survivor.kill()
+        survivor.start("-force-new-cluster")
+        assert survivor.exited() and survivor.proc.returncode == 2, survivor.log_text(current=True)
+        assert "its cluster has changed since" in survivor.log_text(current=True)
+        survivor.start()
+        wait_for(lambda: survivor.status()["leader"] is not None, 15, "the old survivor to hear a leader")
+        assert len(survivor.status()["members"]) == 3
         # The grown cluster survives the loss of the old survivor: a quorum of two out of three.
         survivor.kill()
         wait_for(lambda: any(n.status()["role"] == "leader" for n in fresh), 15, "a fresh node to lead")
@@ -243,48 +306,82 @@ def test_force_new_cluster_refuses_a_fresh_data_dir(tmp_path):
 # ---- names, addresses, flags from the environment, logs -------------------------------------------------------------
 
 
-def test_name_is_the_node_id_and_a_restart_keeps_it(tmp_path):
-    """-name gives the id at the first start; a restart without -name keeps it; another -name is refused with one
-    line (exit code 2) and the data dir left as it was; a removal names the node by it."""
+def test_name_makes_the_node_id_and_a_restart_keeps_it(tmp_path):
+    """-name NAME gives the id NAME-<8 hex> at the first start; a restart without -name keeps it; another -name is
+    refused with one line (exit code 2) and the data dir left as it was; a removal names the node by its name."""
     node = Node("n", str(tmp_path))
     try:
         node.start("-name", "alpha")
-        assert node.status()["node_id"] == "alpha"
+        alpha = node.status()["node_id"]
+        assert re.fullmatch(r"alpha-[0-9a-f]{8}", alpha), alpha
         node.stop()
         node.start()
-        assert node.status()["node_id"] == "alpha"
+        assert node.status()["node_id"] == alpha
         node.stop()
         out = run_command("-name", "beta", "-p", str(node.port), "-hp", str(node.http_port), node.data_dir)
-        assert out.returncode == 2 and "is node alpha, not -name beta" in out.stderr, out
+        assert out.returncode == 2 and f"is node {alpha}, not -name beta" in out.stderr, out
         assert out.stderr.count("\n") == 1
         out = run_command("-name", "no/slash", node.data_dir)
         assert out.returncode == 2 and "-name must be" in out.stderr
-        other = Node("other", str(tmp_path))
-        other_name = "b-2.x_y"
-        node.start()
-        other.start("-name", other_name, join=node.address)
-        wait_for(lambda: other_name in [m["id"] for m in node.status()["members"]], 30, "the named node to join")
-        # 503 while its promotion to voter is under way (one change at a time): again, within a bound.
-        wait_for(lambda: node.request("DELETE", f"/cluster/{other_name}").status in (200, 404), 30, "its removal by name")
-        assert other_name not in [m["id"] for m in node.status()["members"]]
-        other.kill()
     finally:
         node.kill()
 
 
-def test_a_restored_node_cannot_take_an_old_members_name(tmp_path):
-    """A restored node starts a new cluster: given -name of a member of the backed-up cluster, it refuses."""
+def test_a_named_node_on_a_new_data_dir_is_a_new_node(tmp_path):
+    """Review of ops, finding 1: a member whose data dir was lost, started again under its name on an empty one
+    (with the same -join), rejoined as the same voter with no log and no vote record, and its votes lost an
+    acknowledged write. A new data dir is a new node (a new id): its join is refused while the old member is in
+    the configuration ("remove it first"); removed by its name, the new node joins under the same name."""
+    node, other, third = Node("n", str(tmp_path)), Node("other", str(tmp_path)), Node("third", str(tmp_path))
+    other_name = "b-2.x_y"
+    try:
+        node.start("-name", "alpha")
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        other.start("-name", other_name, join=node.address)
+        third.start(join=node.address)  # a majority without `other`
+        wait_for(lambda: [m["role"] for m in node.status()["members"]] == ["voter"] * 3, 30, "three voters")
+        old_id = other.status()["node_id"]
+        assert node.request("POST", "/db/x", "acknowledged").status == 200
+        other.kill()
+        other.wipe()
+        other.start("-name", other_name, join=node.address)  # the disk replaced, the same unit restarts it
+        wait_for(other.exited, 15, "the join to be refused")
+        assert other.proc.returncode == 1, other.log_text(current=True)
+        assert f"member {old_id} has the name {other_name}" in other.log_text(current=True)
+        assert old_id in [m["id"] for m in node.status()["members"]]
+        # 503 while a change is under way (one at a time): again, within a bound.
+        wait_for(lambda: node.request("DELETE", f"/cluster/{other_name}").status in (200, 404), 30, "its removal by name")
+        assert old_id not in [m["id"] for m in node.status()["members"]]
+        other.wipe()
+        other.start("-name", other_name, join=node.address)
+        wait_for(lambda: other.request("GET", "/db/x").body == b"acknowledged", 30, "the new node to catch up")
+        new_id = other.status()["node_id"]
+        assert new_id != old_id and name_of(new_id) == other_name
+    finally:
+        for n in (other, third, node):
+            n.kill()
+
+
+def test_a_restored_node_is_a_new_node_under_an_old_members_name(tmp_path):
+    """A restored node starts a new cluster: given -name of a member of the backed-up cluster, it has a new id
+    all the same (the old members' messages name the old one)."""
     node = Node("old", str(tmp_path))
     try:
         node.start("-name", "old1")
+        old_id = node.status()["node_id"]
         wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
         backup(node, str(tmp_path / "b.snap"))
     finally:
         node.kill()
-    target = str(tmp_path / "new")
-    assert run_command("-restore", str(tmp_path / "b.snap"), target).returncode == 0
-    out = run_command("-name", "old1", "-p", "1", "-hp", "1", target)
-    assert out.returncode == 2 and "was a member of the cluster the backup was taken of" in out.stderr, out
+    restored = Node("new", str(tmp_path))
+    assert run_command("-restore", str(tmp_path / "b.snap"), restored.data_dir).returncode == 0
+    try:
+        restored.start("-name", "old1")
+        status = restored.status()
+        assert status["node_id"] != old_id and name_of(status["node_id"]) == "old1"
+        assert [m["id"] for m in status["members"]] == [status["node_id"]]
+    finally:
+        restored.kill()
 
 
 def test_advertise_is_what_peers_and_redirects_use_apart_from_the_bind_host(tmp_path):
@@ -325,7 +422,7 @@ def test_every_flag_from_the_environment_the_command_line_wins(tmp_path):
            "RAFTDZMQ_DATA_DIR": node.data_dir, "RAFTDZMQ_LOG_FORMAT": "json", "RAFTDZMQ_VERBOSE": "true"}
     proc = subprocess.Popen([sys.executable, SERVER], env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: node.status()["node_id"] == "from-env", 15, "the node configured from the environment")
+        wait_for(lambda: name_of(node.status()["node_id"]) == "from-env", 15, "the node configured from the environment")
         assert node.request("GET", "/db/none").status == 404
     finally:
         proc.kill()
@@ -334,7 +431,7 @@ def test_every_flag_from_the_environment_the_command_line_wins(tmp_path):
     other = Node("env2", str(tmp_path))
     try:
         other.start(env={"RAFTDZMQ_HTTP_PORT": "1", "RAFTDZMQ_NAME": "from-env"})  # -hp on the command line wins
-        assert other.status()["node_id"] == "from-env"
+        assert name_of(other.status()["node_id"]) == "from-env"
     finally:
         other.kill()
     out = subprocess.run([sys.executable, SERVER, str(tmp_path / "z")], env={**os.environ, "RAFTDZMQ_PORT": "x"},
@@ -358,5 +455,5 @@ def test_json_logs_are_one_object_a_line(tmp_path):
         node.stop()
     lines = [json.loads(line) for line in node.log_text().splitlines()]
     assert lines and all({"time", "level", "logger", "message", "node"} <= set(line) for line in lines)
-    assert any(line["node"] == "jay" and line["logger"] == "raftdzmq.node" for line in lines)
+    assert any(name_of(line["node"]) == "jay" and line["logger"] == "raftdzmq.node" for line in lines)
     assert all(line["time"].endswith("Z") for line in lines)

@@ -989,6 +989,9 @@ def test_force_new_cluster_is_one_record_the_crash_states_are_before_or_after():
         if shape == after:
             assert got.entries[-1].membership == Membership(("a",), (), (ALONE,))
             assert sorted(loaded.read_identity()["fenced"]) == ["b", "c"]  # fenced before the record
+            assert loaded.read_identity()["forced"] == [8, 4]
+        else:  # forced recorded or not, the uncut tail does not count as a change after it: forced again
+            assert storage.force_new_cluster(loaded, got, ALONE) == (8, ("b", "c"))
         seen.add(shape == after)
         loaded.close()
     assert seen == {False, True}
@@ -1000,8 +1003,45 @@ def test_force_new_cluster_is_one_record_the_crash_states_are_before_or_after():
 def test_force_new_cluster_refuses_a_node_outside_its_configuration():
     fs = CrashFS()
     s = _member_of_three(fs)
-    with pytest.raises(storage.StorageError, match="not in its newest configuration"):
+    with pytest.raises(storage.StorageError, match="not in its newest committed configuration"):
         storage.force_new_cluster(s, s.state, Member("z", "z:1", "z:2"))
+
+
+def _with_tail_configuration(voters: str) -> DiskStorage:
+    """Node a of {a, b, c} (_member_of_three) whose uncommitted tail holds a configuration of `voters` at 9."""
+    s = _member_of_three(CrashFS())
+    change = Membership(tuple(voters), (), tuple(Member(n, f"{n}:1", f"{n}:2") for n in voters))
+    s.save(HardState(3, "b", 7), [Entry(3, 9, EntryKind.MEMBERSHIP, b"", change)])
+    return s
+
+
+def test_force_new_cluster_starts_from_the_newest_committed_configuration():
+    """Review of ops, finding 4: the configuration was read from the tail the recovery cuts. An uncommitted
+    removal of this node made recovery impossible; an uncommitted removal of c left c unfenced."""
+    s = _with_tail_configuration("bc")  # a removed, uncommitted
+    assert storage.force_new_cluster(s, s.state, ALONE) == (8, ("b", "c"))
+    s = _with_tail_configuration("ab")  # c removed, uncommitted: c may still hold the committed {a, b, c}
+    assert storage.force_new_cluster(s, s.state, ALONE) == (8, ("b", "c"))
+    assert s.read_identity()["fenced"] == ["b", "c"]
+    s = _with_tail_configuration("abcd")  # d added, uncommitted: it may have the entry, so it is fenced too
+    assert storage.force_new_cluster(s, s.state, ALONE) == (8, ("b", "c", "d"))
+
+
+def test_force_new_cluster_again_after_the_cluster_grew_is_refused():
+    """Review of ops, finding 2: a forced at 8, then d and e joined ({a, d, e} committed at 9); a start with the
+    flag left set cut it back to {a} while d and e, a majority, went on alone. Refused now, unless `again`; a
+    start with the flag before anything joined is still nothing to do."""
+    fs = CrashFS()
+    s = _member_of_three(fs)
+    assert storage.force_new_cluster(s, s.state, ALONE) == (8, ("b", "c"))
+    assert s.read_identity()["forced"] == [8, 4]
+    assert storage.force_new_cluster(s, s.state, ALONE) is None
+    grown = Membership(("a", "d", "e"), (), (ALONE, Member("d", "d:1", "d:2"), Member("e", "e:1", "e:2")))
+    s.save(HardState(4, "a", 9), [Entry(4, 9, EntryKind.MEMBERSHIP, b"", grown)])
+    with pytest.raises(storage.ForcedAgain, match="at index 8, and its cluster has changed since"):
+        storage.force_new_cluster(s, s.state, ALONE)
+    assert storage.force_new_cluster(s, s.state, ALONE, again=True) == (10, ("d", "e"))
+    assert s.read_identity()["forced"] == [10, 5]
 
 
 def test_a_restored_backup_is_installed_at_the_first_start_and_a_crash_before_its_commit_does_it_again():

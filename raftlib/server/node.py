@@ -28,8 +28,9 @@ Rules:
   member asking every 2 s): it asks its configuration's members, then the vouched list's, one at a time, each
   within KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
 - Addresses: -h is resolved (getaddrinfo, IPv4) and probed with a bind before the data dir is opened; -advertise
-  (default -h) is what the configuration holds and redirects name. -name is the node id at the first start;
-  another -name later is refused before anything is written.
+  (default -h) is what the configuration holds and redirects name. -name NAME makes the node id NAME-<8 random
+  hex> at the first start (raftlib.storage.new_node_id: a new data dir is always a new node, review of ops,
+  finding 1); another -name later is refused before anything is written.
 - -force-new-cluster (raftlib.storage.force_new_cluster): the members it removed are fenced (node.json's
   "fenced"): while such a node is not in this node's configuration, its frames never reach the runtime and are
   answered with a Removed notice (`_deliver`).
@@ -42,7 +43,6 @@ Rules:
 
 from __future__ import annotations
 
-import binascii
 import http.client
 import math
 import ipaddress
@@ -68,7 +68,7 @@ from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNod
 from raftlib.interfaces import StoredState
 from raftlib.messages import Member, Membership, Message, Removed, Role
 from raftlib.runtime import EntryLost, NotRunning, Runtime
-from raftlib.storage import DiskFull, DiskStorage, StorageError, force_new_cluster, start_node
+from raftlib.storage import DiskFull, DiskStorage, StorageError, force_new_cluster, name_of, new_node_id, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
@@ -161,6 +161,7 @@ class ServerConfig:
     watch_history_bytes: int = DEFAULT_HISTORY_BYTES  # -watch-history-bytes: and at most about this many bytes
     access_log: bool = False  # a line per HTTP request at INFO on raftdzmq.access (-v)
     force_new_cluster: bool = False  # lost-quorum recovery: this member alone becomes the cluster (storage's rules)
+    force_again: bool = False  # -force-new-cluster-again: even though this node was forced before (storage's rules)
     name: str | None = None  # -name: this node's id at its first start (random when None), checked at every start
     advertise: str | None = None  # -advertise: the host peers and clients reach this node at (default: `host`)
 
@@ -498,7 +499,7 @@ class Server:
         stored = self.storage.load()
         identity = self.storage.read_identity()
         name = self.config.name
-        if name is not None and identity is not None and identity.get("node_id") != name:
+        if name is not None and identity is not None and name_of(str(identity.get("node_id"))) != name:
             raise CannotStart(f"{self.config.data_dir} is node {identity.get('node_id')}, not -name {name}: a node's "
                               "id never changes (start it with its own name, or without -name)")
         if self.config.force_new_cluster and stored.hard_state.current_term == 0 and stored.last_index == 0:
@@ -507,7 +508,7 @@ class Server:
         if self.config.secret is not None:
             self._refuse_keyless(stored)
         self.node_key = None if self.config.secret is None else self._load_node_key()
-        start = start_node(self.storage, stored, name or binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
+        start = start_node(self.storage, stored, new_node_id(name), self.raft_address,
                            self.http_address, join=bool(self.config.join), public_key=self.public_key)
         self.node_id = start.node_id
         # Members removed by -force-new-cluster: their messages are dropped while they are not members (_deliver).
@@ -520,7 +521,7 @@ class Server:
         if not self.config.force_new_cluster:
             return start.stored
         me = Member(self.node_id, self.raft_address, self.http_address, self.public_key)
-        forced = force_new_cluster(self.storage, start.stored, me)
+        forced = force_new_cluster(self.storage, start.stored, me, again=self.config.force_again)
         if forced is None:
             log.warning("-force-new-cluster: this node is its cluster's only member already; starting normally "
                         "(remove the flag)")
@@ -752,7 +753,8 @@ class Server:
                   # etcd's minimum TTL: 1.5 election timeouts, so an election does not eat a lease's TTL
                   min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)),
                   backup_folder=self.storage.data_dir,
-                  backup_timeout_seconds=self.runtime.snapshot_child_timeout_seconds)
+                  backup_timeout_seconds=self.runtime.snapshot_child_timeout_seconds,
+                  fenced=lambda: self.fenced)
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason

@@ -7,7 +7,8 @@ Rules:
   X-Raft-Snapshot-Sha256) or against FILE.sha256 when that exists (`sha256sum`'s format), its head, version and
   crc32 (storage.read_snapshot), its metadata, and the whole state machine's bytes decoded as a node would
   (KeyValueStore.restore: every rule of docs/DATA-DIR.md's "Snapshots").
-- DATA_DIR must not exist or be empty: a restore never mixes with a node's data. It is made with the backup's
+- DATA_DIR must not exist or be empty (an empty log/ and a LOCK allowed, as a failed try leaves them): a restore
+  never mixes with a node's data. It is made with the backup's
   snapshot file as RESTORE (written crash-safe: a temporary file fsynced, then renamed, then its folder fsynced);
   a crash before the rename leaves an empty-looking dir whose RESTORE.tmp is deleted by the next try's check.
 - The node id, its addresses and its configuration are the first start's (-name, -advertise, -p, -hp): the
@@ -52,6 +53,11 @@ def expected_sha256(path: str, given: str | None) -> str | None:
     return words[0].lower()
 
 
+def _holds_files(folder: str) -> bool:
+    """Whether `folder` exists and is not empty (a data dir's log/ with segments: review of ops, finding 6)."""
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
 def restore_backup(path: str, data_dir: str, sha256: str | None = None) -> tuple[int, int, int]:
     """Check the backup at `path` and make `data_dir` from it (the module's rules). Returns (the backup's index,
     its term, its number of keys). Raises RestoreError, changing nothing."""
@@ -59,7 +65,8 @@ def restore_backup(path: str, data_dir: str, sha256: str | None = None) -> tuple
         raise RestoreError(f"{path}: no such file")
     data_dir = os.path.abspath(data_dir)
     if os.path.exists(data_dir) and (not os.path.isdir(data_dir) or
-                                     [n for n in os.listdir(data_dir) if n not in ("RESTORE.tmp", "LOCK", "log")]):
+                                     [n for n in os.listdir(data_dir) if n not in ("RESTORE.tmp", "LOCK", "log")]
+                                     or _holds_files(os.path.join(data_dir, "log"))):
         raise RestoreError(f"{data_dir} is not empty: a restore makes a new data dir (give an empty or new one)")
     want = expected_sha256(path, sha256)
     if want is not None:
