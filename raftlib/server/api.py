@@ -1490,10 +1490,13 @@ class BackupBody:
         self.backup, self.environ = backup, environ
 
     def __iter__(self) -> Iterator[bytes]:
-        while piece := self.backup.file.read(BACKUP_PIECE_BYTES):
-            yield piece
-            with waiting_on_its_own(self.environ):
-                pass
+        try:
+            while piece := self.backup.file.read(BACKUP_PIECE_BYTES):
+                yield piece
+                with waiting_on_its_own(self.environ):
+                    pass
+        finally:  # read whole, or failed: Bottle peeks at the first piece and may not call close() then
+            self.close()
 
     def close(self) -> None:
         self.backup.close()
