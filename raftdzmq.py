@@ -7,8 +7,11 @@ API on gevent's WSGI server, and an append-only log in the data dir.
 
 The command only: flags, logging and main(); the server is raftlib.server (ARCHITECTURE.md). This file is the only
 one that monkey-patches gevent, in its first lines, before anything else is imported. Exit codes: 0 after a clean
-stop, 1 when the join or the cluster secret fails, 2 when the node cannot start (flags, data dir, ports), 3 when its
-storage fails while it runs.
+stop (or a -restore done, or the help), 1 when the join, the cluster secret or a -restore fails, 2 when the node
+cannot start (flags, data dir, host, ports), 3 when its storage fails while it runs.
+
+Every flag may also come from the environment as RAFTDZMQ_<DEST> (RAFTDZMQ_HTTP_PORT, RAFTDZMQ_SECRET_FILE),
+converted and checked as on the command line, which wins. `-h` alone (it takes a HOST) prints the help and a hint.
 """
 
 from gevent import monkey
@@ -16,6 +19,8 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -23,10 +28,12 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import zmq.green as zmq  # noqa: E402
 
-from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, read_secret  # noqa: E402
+from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, node_request_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
-from raftlib.server.node import CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
+from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
+from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
 from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
 from raftlib.server.tuning import freeze_after_start, watch_gc_from_env  # noqa: E402
 from raftlib.storage import StorageError  # noqa: E402
@@ -42,12 +49,20 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("--help",), dict(action="help", help="show this help and exit")),
     (("-p", "--port"), dict(type=int, default=5555, help="the Raft (ZeroMQ) port (default 5555)")),
     (("-hp", "--http-port"), dict(dest="http_port", type=int, default=8080, help="the HTTP port (default 8080)")),
-    (("-h", "--host"), dict(default="localhost", help="the host this node binds and advertises to its peers "
-                            "(default localhost)")),
+    (("-h", "--host"), dict(default="localhost", help="the host (a name or an address) this node binds both ports "
+                            "to; 0.0.0.0 binds every address and needs -advertise (default localhost)")),
+    (("-advertise", "--advertise"), dict(metavar="HOST", help="the host peers and clients reach this node at (the "
+                                         "members list, redirects to the leader); default: -h")),
+    (("-name", "--name"), dict(metavar="NAME", help="this node's id, given at its first start and the same at every "
+                               "start after (letters, digits, . _ -; at most 63); default: a random id kept in "
+                               "DATA_DIR")),
     (("-join", "--join"), dict(metavar="HOST:HTTPPORT", help="join the cluster through this node (followed to the "
                                "leader); ignored once joined")),
     (("-v", "--verbose"), dict(action="store_true", help="debug-level raftdzmq logging, and an access log: a line per "
                                "HTTP request (method, target, status, bytes, ms, client) at INFO on raftdzmq.access")),
+    (("-log-format", "--log-format"), dict(dest="log_format", choices=("text", "json"), default="text", help=(
+        "text (default), or json: one object a line with time, level, logger, message and node, for log "
+        "shippers"))),
     (("-debug", "--debug"), dict(action="store_true", help="debug-level raft logging")),
     (("-trace", "--trace"), dict(action="store_true", help="trace-level raft logging (every message)")),
     (("-forward", "--forward"), dict(action="store_true", help="followers proxy writes to the leader instead of "
@@ -86,6 +101,8 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("-sign", "--sign"), dict(nargs=2, metavar=("METHOD", "TARGET"), help=(
         "print the headers that sign this admin request with the cluster secret, for curl -H @FILE (e.g. -sign "
         "DELETE /cluster/ab12cd34), and exit; no DATA_DIR"))),
+    (("-sign-node", "--sign-node"), dict(dest="sign_node", metavar="ID", help=(
+        "with -sign: the request is for the node ID alone, with a fresh nonce (GET /snapshot, GET /cluster/keys)"))),
     (("-sign-body", "--sign-body"), dict(dest="sign_body", metavar="FILE", help="with -sign: the request's body, "
                                          "from this file ('-': standard input)")),
     (("-watch-history", "--watch-history"), dict(dest="watch_history", metavar="N", type=int, default=10_000, help=(
@@ -95,21 +112,97 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
                                                              default=64 << 20, help=(
         "and at most about this many bytes of keys and values (200 bytes more per event; default 64 MiB): the "
         "oldest events go first, the newest is always kept"))),
+    (("-restore", "--restore"), dict(metavar="FILE", help=(
+        "make DATA_DIR (new or empty) from a backup (GET /snapshot) and exit: the file is checked whole (its "
+        "SHA-256 against -restore-checksum or FILE.sha256 when given, its checksum, its state); a node started on "
+        "DATA_DIR is then a new one-node cluster holding that state, with a new node id, that others -join"))),
+    (("-restore-checksum", "--restore-checksum"), dict(dest="restore_checksum", metavar="HEX", help=(
+        "with -restore: the backup's SHA-256 (X-Raft-Snapshot-Sha256 of its answer)"))),
+    (("-force-new-cluster", "--force-new-cluster"), dict(dest="force_new_cluster", action="store_true", help=(
+        "lost-quorum recovery: restart this surviving member as a one-node cluster with its data (its "
+        "configuration becomes itself alone, the entries it did not know as committed are dropped); start it "
+        "once with the flag, then without; never start the other members on their old data dirs again. Refused "
+        "on a node it was given before whose cluster has grown since; command line only"))),
+    (("-force-new-cluster-again", "--force-new-cluster-again"), dict(dest="force_new_cluster_again",
+                                                                     action="store_true", help=(
+        "-force-new-cluster on a node forced before whose cluster has grown since (every member that joined "
+        "since is lost for good); command line only"))),
     (("-no-fsync", "--no-fsync"), dict(dest="no_fsync", action="store_true", help="UNSAFE, for experiments only: do "
                                        "not fsync the log")),
     (("data_dir",), dict(metavar="DATA_DIR", nargs="?", help="where this node keeps its log and snapshots")),
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+ENV_PREFIX = "RAFTDZMQ_"  # every flag also from the environment: RAFTDZMQ_HTTP_PORT for --http-port
+# A mode of their own, not a setting; or a one-off action that must not stay set for every restart (review of ops,
+# finding 2: a -force-new-cluster left in the environment of a unit restarted on failure split the cluster).
+NOT_FROM_ENV = ("help", "sign", "sign_body", "sign_node", "restore", "restore_checksum", "force_new_cluster",
+                "force_new_cluster_again")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+HOST_HINT = ("raftdzmq: -h is the host to bind (-h HOST, e.g. -h 0.0.0.0 -advertise node1.example); --help lists "
+             "every flag")
+
+
+def env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+def env_defaults(p: argparse.ArgumentParser, environ: dict[str, str]) -> dict[str, object]:
+    """The flags set in the environment (RAFTDZMQ_<FLAG>), converted as the command line would be; the command
+    line wins (these are only defaults). A value that does not convert is a usage error naming the variable."""
+    out: dict[str, object] = {}
+    for action in p._actions:
+        name = env_name(action.dest)
+        if action.dest in NOT_FROM_ENV or name not in environ:
+            continue
+        raw = environ[name]
+        if isinstance(action, argparse._StoreTrueAction):
+            if raw.lower() not in TRUE_WORDS + FALSE_WORDS:
+                p.error(f"${name} must be one of {', '.join(TRUE_WORDS + FALSE_WORDS[:-1])}, not {raw!r}")
+            out[action.dest] = raw.lower() in TRUE_WORDS
+            continue
+        try:
+            value = action.type(raw) if callable(action.type) else raw
+        except ValueError:
+            p.error(f"${name}: not a valid value: {raw!r}")
+        if action.choices is not None and value not in action.choices:
+            p.error(f"${name} must be one of {', '.join(map(str, action.choices))}, not {raw!r}")
+        out[action.dest] = value
+    return out
+
+
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raftdzmq", add_help=False, epilog="Example: python raftdzmq.py -p 5555 -hp "
-                                "8080 ~/node.1", description="A Raft-replicated key/value server: Raft over ZeroMQ, "
-                                "the data over HTTP.")
+                                "8080 ~/node.1. Every flag can also be set in the environment as "
+                                f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}HTTP_PORT=8080, {ENV_PREFIX}SECRET_FILE=PATH); "
+                                "the command line wins.", description="A Raft-replicated key/value server: Raft over "
+                                "ZeroMQ, the data over HTTP.")
     for names, options in FLAGS:
         p.add_argument(*names, **options)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[-1] in ("-h", "--host"):  # -h alone: a user asking for help, not argparse's "expected one"
+        if len(argv) == 1:
+            p.print_help()
+            print(f"\n{HOST_HINT}")
+            raise SystemExit(0)
+        p.print_usage(sys.stderr)
+        print(HOST_HINT, file=sys.stderr)
+        raise SystemExit(2)
+    p.set_defaults(**env_defaults(p, os.environ if environ is None else environ))
     args = p.parse_args(argv)
+    if args.name is not None and not NAME_PATTERN.fullmatch(args.name):
+        p.error("-name must be 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if args.sign is None and args.data_dir is None:
         p.error("the following arguments are required: DATA_DIR")
+    if args.sign_node is not None and (args.sign is None or args.sign_body):
+        p.error("-sign-node goes with -sign METHOD TARGET, without -sign-body (it signs a nonce and the node id)")
+    if args.restore_checksum is not None and args.restore is None:
+        p.error("-restore-checksum goes with -restore FILE")
+    args.force_new_cluster = args.force_new_cluster or args.force_new_cluster_again
+    if args.restore is not None and (args.join or args.force_new_cluster):
+        p.error("-restore FILE DATA_DIR makes the data dir and exits: start the node on it afterwards")
+    if args.force_new_cluster and args.join:
+        p.error("-force-new-cluster restarts a surviving member as a new cluster: not with -join")
     for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members", "watch_history",
                  "watch_history_bytes"):
         if getattr(args, name) <= 0:
@@ -135,7 +228,8 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
-        watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes)
+        watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
+        force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:
@@ -163,15 +257,47 @@ def print_signed_headers(args: argparse.Namespace) -> int:
         with open(args.sign_body, "rb") as f:
             body = f.read()
     method, target = args.sign
-    for name, value in admin_headers(secret, method.upper(), target, body).items():
+    headers = admin_headers(secret, method.upper(), target, body) if args.sign_node is None else \
+        node_request_headers(secret, args.sign_node, method.upper(), target)
+    for name, value in headers.items():
         print(f"{name}: {value}")
     return 0
+
+
+def restore(path: str, data_dir: str, sha256: str | None) -> int:
+    """-restore FILE DATA_DIR: make the data dir (raftlib.server.restore), say what it holds, and exit."""
+    try:
+        index, term, keys = restore_backup(path, data_dir, sha256)
+    except (RestoreError, OSError) as e:
+        print(f"raftdzmq: cannot restore: {e}", file=sys.stderr)
+        return 1
+    print(f"restored the backup at index {index} (term {term}, {keys} keys) into {data_dir}: start a node on it "
+          "(a new one-node cluster), then -join others to it")
+    return 0
+
+
+class JsonLogFormatter(logging.Formatter):
+    """-log-format json: one JSON object a line: time (UTC, ISO 8601 with milliseconds), level, logger, message,
+    node (this node's id; "-" before it is known), and exception (the traceback) when there is one."""
+
+    def __init__(self, node_label: str) -> None:
+        super().__init__()
+        self.node_label = node_label
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line = {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage(), "node": self.node_label}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
 
 
 def setup_logging(args: argparse.Namespace, node_label: str = "-") -> None:
     logging.addLevelName(TRACE, "TRACE")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{node_label}] %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter(node_label) if args.log_format == "json" else
+                         logging.Formatter(f"%(asctime)s %(levelname)s [{node_label}] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -184,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.sign is not None:
         return print_signed_headers(args)
+    if args.restore is not None:
+        return restore(args.restore, os.path.expanduser(args.data_dir), args.restore_checksum)
     setup_logging(args)
     watch_gc_from_env()
     config = server_config(args, load_secret(args))
@@ -198,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     freeze_after_start()  # the state on disk is loaded; nothing serves yet
     try:
         server.start()
-    except OSError as e:
-        print(f"raftdzmq: cannot listen: {e}", file=sys.stderr)
+    except (OSError, zmq.ZMQError) as e:  # the Raft port (zmq), or the HTTP port
+        print(f"raftdzmq: cannot listen on {server.bind_host} (-h {args.host}), ports {args.port} and "
+              f"{args.http_port}: {e}", file=sys.stderr)
         return 2
     return serve(server, args.join)
 

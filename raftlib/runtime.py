@@ -34,6 +34,7 @@ import collections
 import contextlib
 import ctypes
 import gc
+import itertools
 import logging
 import os
 import posix
@@ -55,7 +56,7 @@ from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role, Snapshot
 from .fs import NO_DESCRIPTOR
-from .storage import DiskFull, OutOfDescriptors
+from .storage import DiskFull, OutOfDescriptors, export_snapshot
 
 logger = logging.getLogger("raftlib.runtime")
 
@@ -97,6 +98,37 @@ class NotRunning(Stopped):
     """The node was not running when the request came: nothing was queued, so nothing will come of it. Raised
     only before a request is put in the inbox or registered (`_call`, `read`, `wait_applied`); once it is, the
     request gets Stopped."""
+
+
+class BackupBusy(Exception):
+    """As many backups as may run at once (MAX_BACKUPS) are being taken: nothing was started; ask again later."""
+
+
+class BackupFailed(Exception):
+    """The backup could not be written (its child failed, the disk is full, nothing applied yet): nothing is
+    left behind."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backup:
+    """A backup (Runtime.backup): the snapshot file of the state machine at `index`, `size` bytes whose SHA-256 is
+    `sha256` (hex), open for reading in `file`, whose name is already unlinked. `close()` closes it (freeing the
+    space) and ends its count against MAX_BACKUPS: a backup counts until then, while it is streamed too (review of
+    ops, finding 3: N slow readers held N copies of the state on the disk the log needs)."""
+
+    index: int
+    sha256: str
+    size: int
+    file: Any
+    release: Callable[[], None] = lambda: None  # called once, by close()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+            self.release()
+
+
+MAX_BACKUPS = 1  # backups written at once: each child may grow to the size of the state (copy on write)
 
 
 class _Expired(Exception):
@@ -229,6 +261,10 @@ class Runtime:
         # request_snapshot: a snapshot at or past this index is taken at the end of a drive, whatever the log's size
         # (0: none asked for). The commit index when asked: the entry whose apply asked is at or below it.
         self._snapshot_requested_index = 0
+        # Backups asked for (Runtime.backup), started at the end of the next drive: (file path, its result).
+        self._backups_asked: list[tuple[str, gevent.event.AsyncResult]] = []
+        self._backups = 0  # being taken: at most MAX_BACKUPS
+        self._backup_numbers = itertools.count(1)
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
@@ -363,6 +399,92 @@ class Runtime:
         so that an older binary cannot replay the log). Only from within a drive or the loop's greenlet."""
         self._snapshot_requested_index = max(self._snapshot_requested_index, self.node.commit_index)
 
+    def backup(self, folder: str, timeout_seconds: float) -> Backup:
+        """A backup of the state machine at this node's applied index when the next drive ends (after it applied
+        what it had: the state any read then sees), at least the index applied when asked: the snapshot file
+        (storage.export_snapshot) written by a forked child, as the node's own snapshots are (in process where
+        fork is off: serving stalls meanwhile), into a new file in `folder` that is opened and unlinked before
+        this returns. Not while a leader's snapshot is being restored (it waits). At most MAX_BACKUPS at once,
+        each counted until the caller closes the Backup (Backup.close).
+        Raises NotRunning, Stopped, BackupBusy (nothing started), BackupFailed, or Timeout after `timeout_seconds`
+        (the child is killed); whatever happens, the file is gone from `folder` when this returns."""
+        if not self.running:
+            raise NotRunning("node is not running")
+        if self._backups >= MAX_BACKUPS:
+            raise BackupBusy(f"{self._backups} backup(s) are being taken on this node, its most at once; retry later")
+        self._backups += 1
+        path = os.path.join(folder, f"backup-{os.getpid()}-{next(self._backup_numbers)}.tmp")
+        started = gevent.event.AsyncResult()
+        deadline = time.monotonic() + timeout_seconds
+        handed = False
+        try:
+            self._backups_asked.append((path, started))
+            self._wake.set()
+            try:
+                index, pid, r, sha256 = started.get(timeout=timeout_seconds)
+            except gevent.Timeout:
+                self._backups_asked = [(p, result) for p, result in self._backups_asked if result is not started]
+                if started.successful() and started.value[1] is not None:
+                    # Review of ops, finding 8: started in the same turn as the timeout fired: its child is
+                    # killed and reaped before the file is unlinked (else it wrote it after, until a restart).
+                    self._read_child(started.value[1], started.value[2], 0)
+                raise Timeout(f"the backup did not start within {timeout_seconds:g}s") from None
+            if pid is not None:
+                answer = self._read_child(pid, r, max(0.0, deadline - time.monotonic()))
+                if answer is None:
+                    raise Timeout(f"the backup was not written within {timeout_seconds:g}s (its child is killed)")
+                if not answer.startswith(b"ok "):
+                    raise BackupFailed(f"the backup's child failed: {answer.decode(errors='replace') or 'killed?'}")
+                sha256 = answer[3:].decode()
+            f = open(path, "rb")  # noqa: SIM115 - handed to the caller, who closes it
+            backup = Backup(index, sha256, os.fstat(f.fileno()).st_size, f, self._backup_closed)
+            handed = True
+            return backup
+        finally:
+            if not handed:
+                self._backup_closed()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _backup_closed(self) -> None:
+        self._backups -= 1
+
+    def _start_backups(self) -> None:
+        """At the end of a drive: begin every backup asked for, at the state applied now (Runtime.backup)."""
+        asked, self._backups_asked = self._backups_asked, []
+        node = self.node
+        for path, result in asked:
+            if node.last_applied == 0:
+                result.set_exception(BackupFailed("this node has applied nothing yet"))
+                continue
+            if node.last_applied > node.log.snapshot_index:
+                meta = node.snapshot_metadata(node.last_applied)
+            else:  # nothing applied since the node's own snapshot: it is the state
+                held = node.snapshot
+                assert held is not None and held.last_included_index == node.last_applied
+                meta = Snapshot(held.last_included_index, held.last_included_term, held.membership)
+            index = meta.last_included_index
+
+            def write(meta: Snapshot = meta, path: str = path) -> bytes:
+                snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership,
+                                self.state_machine.snapshot())
+                return b"ok " + export_snapshot(snap, path).encode()
+
+            if self.snapshot_fork and getattr(self.storage, "snapshot_files", False):
+                try:
+                    pid, r = self._fork_child(write)
+                except OSError as e:
+                    result.set_exception(BackupFailed(f"could not fork the backup's child: {e}"))
+                    continue
+                result.set((index, pid, r, ""))
+                continue
+            try:
+                sha256 = write()[3:].decode()
+            except OSError as e:
+                result.set_exception(BackupFailed(f"could not write the backup: {e}"))
+                continue
+            result.set((index, None, None, sha256))
+
     def change_membership(self, change: ConfChange, timeout_seconds: float):
         return self._call(timeout_seconds, ChangeMembership, change)
 
@@ -472,6 +594,8 @@ class Runtime:
             if self._restoring is not None:  # after the replies went out: a piece of the restore, then serve
                 self._restore_step(replies)
             self._maybe_snapshot()
+            if self._backups_asked and not self.restoring_snapshot:
+                self._start_backups()
         except Exception as e:
             logger.critical("stopping: %s", e, exc_info=not isinstance(e, OSError))
             self.running = False
@@ -838,30 +962,26 @@ class Runtime:
         logger.info("took a snapshot at index %d (%d bytes)", index, len(kept.data))
 
     def _fork_snapshot(self, meta: Snapshot) -> None:
-        """Fork a child that writes the snapshot's file; a greenlet waits for it (`_wait_snapshot_child`). The
-        child closes every descriptor it inherited but its pipe and stdio (the zmq sockets, the HTTP listener, the
-        data dir's lock and log: a parent killed meanwhile restarts on the same ports and dir), dies with its
-        parent (PR_SET_PDEATHSIG), touches neither zmq nor gevent's hub (a raw fork: gevent's runs its hooks and
-        reinitializes the hub in the child), and leaves with os._exit."""
+        """Fork a child that writes the snapshot's file (`_fork_child`); a greenlet waits for it
+        (`_wait_snapshot_child`)."""
         tmp = self.storage.begin_snapshot(meta.last_included_index)
-        libc = _libc()
-        fd_limit = _descriptor_limit()
+
+        def write() -> bytes:
+            if _TEST_CHILD_DELAY_SECONDS:
+                gevent.monkey.get_original("time", "sleep")(_TEST_CHILD_DELAY_SECONDS)  # not the hub's sleep
+            snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership,
+                            self.state_machine.snapshot())
+            self.storage.write_snapshot(snap, tmp)
+            return b"ok"
+
         try:
-            r, w = os.pipe()
+            pid, r = self._fork_child(write)
         except OSError as e:
             self.storage.abort_snapshot(tmp)
-            if e.errno not in NO_DESCRIPTOR:
-                raise
-            # No descriptor for the child's pipe: this one in process, where the storage's reserve helps.
-            self._snapshot_in_process(meta)
-            return
-        parent = os.getpid()
-        try:
-            pid = posix.fork()
-        except OSError as e:
-            posix.close(r)
-            posix.close(w)
-            self.storage.abort_snapshot(tmp)
+            if e.errno in NO_DESCRIPTOR:
+                # No descriptor for the child's pipe: this one in process, where the storage's reserve helps.
+                self._snapshot_in_process(meta)
+                return
             # EAGAIN, ENOMEM: a passing shortage (processes, memory). Fork stays on: tried again later. (Where fork
             # does not exist at all, _SNAPSHOT_FORK is off and snapshots are taken in process from the start.)
             self.stats["snapshot_children_failed"] += 1
@@ -869,42 +989,72 @@ class Runtime:
                            self.snapshot_retry_seconds)
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
-        if pid == 0:  # the child
-            _snapshot_child(self, meta, tmp, w, parent, libc, fd_limit)
-        posix.close(w)
         self._snapshot_child = pid
         logger.info("snapshot child %d writing the state at index %d", pid, meta.last_included_index)
         gevent.spawn(self._wait_snapshot_child, pid, r, meta, tmp)
 
-    def _wait_snapshot_child(self, pid: int, r: int, meta: Snapshot, tmp: str) -> None:
-        """Cooperatively: read the child's pipe until it closes (the child has exited, or been killed), bounded
-        by snapshot_child_timeout_seconds; then reap it without blocking and hand the outcome to the drive."""
+    def _fork_child(self, work: Callable[[], bytes]) -> tuple[int, int]:
+        """Fork a child that runs `work` and sends back what it returns on a pipe (`_child_main`: it closes every
+        descriptor it inherited but its pipe and stdio (the zmq sockets, the HTTP listener, the data dir's lock
+        and log: a parent killed meanwhile restarts on the same ports and dir), dies with its parent
+        (PR_SET_PDEATHSIG), touches neither zmq nor gevent's hub (a raw fork: gevent's runs its hooks and
+        reinitializes the hub in the child), and leaves with os._exit). Returns (its pid, the pipe's read end).
+        Raises OSError: no descriptor for the pipe (errno in NO_DESCRIPTOR), or the fork failed (EAGAIN, ENOMEM);
+        nothing is left open then."""
+        libc = _libc()
+        fd_limit = _descriptor_limit()
+        r, w = os.pipe()
+        parent = os.getpid()
+        try:
+            pid = posix.fork()
+        except OSError:
+            posix.close(r)
+            posix.close(w)
+            raise
+        if pid == 0:  # the child
+            _child_main(work, w, parent, libc, fd_limit)
+        posix.close(w)
+        return pid, r
+
+    def _read_child(self, pid: int, r: int, timeout_seconds: float) -> bytes | None:
+        """Cooperatively: what the child `_fork_child` started sent, read from its pipe until it closes (the child
+        has exited, or was killed), bounded by `timeout_seconds`: None when it did not close in time. A child
+        that did not answer "ok..." is killed; every child is reaped without blocking the hub, the pipe closed."""
         from gevent.os import make_nonblocking, nb_read  # noqa: PLC0415 - gevent's, only in a running runtime
 
         got = b""
         closed = False
         try:
             make_nonblocking(r)
-            with gevent.Timeout(self.snapshot_child_timeout_seconds, False):
+            with gevent.Timeout(timeout_seconds, False):
                 while True:
                     chunk = nb_read(r, 64)
                     if not chunk:
                         closed = True
                         break
                     got += chunk
-            if not closed:
-                logger.warning("snapshot child %d did not finish in %gs: killed; the next snapshot is taken in "
-                               "process", pid, self.snapshot_child_timeout_seconds)
-                self._snapshot_in_process_next = True
-                got = b"timeout"
-            if got != b"ok":
-                logger.warning("snapshot child %d: %s", pid,
-                               got.decode(errors="replace") or "exited without writing (killed?)")
+            if not closed or not got.startswith(b"ok"):
                 with _suppress_oserror():
                     os.kill(pid, signal.SIGKILL)
         finally:
             posix.close(r)
             self._reap(pid)
+        return got if closed else None
+
+    def _wait_snapshot_child(self, pid: int, r: int, meta: Snapshot, tmp: str) -> None:
+        """Read the snapshot child's answer (`_read_child`), bounded by snapshot_child_timeout_seconds, and hand
+        the outcome to the drive."""
+        got: bytes | None = None
+        try:
+            got = self._read_child(pid, r, self.snapshot_child_timeout_seconds)
+            if got is None:
+                logger.warning("snapshot child %d did not finish in %gs: killed; the next snapshot is taken in "
+                               "process", pid, self.snapshot_child_timeout_seconds)
+                self._snapshot_in_process_next = True
+            elif got != b"ok":
+                logger.warning("snapshot child %d: %s", pid,
+                               got.decode(errors="replace") or "exited without writing (killed?)")
+        finally:
             self._snapshot_child = None
         self._snapshot_done = (meta, tmp, got == b"ok")
         self._wake.set()
@@ -951,6 +1101,9 @@ class Runtime:
             result.set_exception(error)
         for result in self._index_waiters:
             result.set_exception(error)
+        for _, result in self._backups_asked:  # review of ops, finding 8: they waited up to their timeout
+            result.set_exception(error)
+        self._backups_asked = []
         self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, {}, {}
         for pending in self._deadlines.values():  # requests still in the inbox, or answered already
             for _, result in pending:
@@ -999,9 +1152,9 @@ def _descriptor_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: int, libc, fd_limit: int) -> None:
-    """The forked child: serialize the state machine (its copy-on-write image) and write the snapshot's file
-    through the storage (`write_snapshot`: the temporary file only), then say "ok" on the pipe. Never returns."""
+def _child_main(work: Callable[[], bytes], w: int, parent: int, libc, fd_limit: int) -> None:
+    """A forked child (Runtime._fork_child): run `work` on the copy-on-write image and write what it returns on
+    the pipe `w` (an exception's name and text when it raises). Never returns."""
     code = 1
     try:
         try:
@@ -1022,12 +1175,7 @@ def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: 
 
             fs_module._spares.clear()  # closed above: never close those numbers again
             gc.disable()  # collections would touch (and copy) every page of the image for nothing
-            if _TEST_CHILD_DELAY_SECONDS:
-                gevent.monkey.get_original("time", "sleep")(_TEST_CHILD_DELAY_SECONDS)  # not the hub's sleep
-            snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership,
-                            runtime.state_machine.snapshot())
-            runtime.storage.write_snapshot(snap, tmp)
-            posix.write(w, b"ok")
+            posix.write(w, work())
             code = 0
         except BaseException as e:  # noqa: BLE001 - the parent learns of it through the pipe
             try:
@@ -1036,4 +1184,3 @@ def _snapshot_child(runtime: Runtime, meta: Snapshot, tmp: str, w: int, parent: 
                 pass
     finally:
         posix._exit(code)
-

@@ -60,6 +60,7 @@ The data dir:
                            configuration (raftlib.server.node); mode 0600, never logged
     log/NNNNNNNNNN.seg     log segments: "RDZMQLOG", u32 version 1, then records (docs/DATA-DIR.md)
     snapshot-IIII.snap     the snapshot the newest base record names (IIII = its last included index, 20 digits)
+    RESTORE                a backup's snapshot file (raftdzmq -restore) until the first start installs it
 
 A record is `u32 length | u32 crc32(payload) | payload`; the payload is a type byte and CBOR: type 1 (batch)
 `[hard_state or null, [entry, ...]]`, type 2 (base) `[snapshot_index, snapshot_term, hard_state, [entry, ...]]`;
@@ -73,12 +74,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import cbor2
 
@@ -123,6 +126,10 @@ class DataDirLocked(StorageError):
 
 class NotJoined(StorageError):
     """This data dir's node never joined a cluster, and no -join was given."""
+
+
+class RestoreNotJoin(StorageError):
+    """A data dir holding a restored backup was started with -join."""
 
 
 class RecordTooBig(StorageError):
@@ -195,9 +202,9 @@ def _snapshot_head(s: Snapshot) -> bytes:
     return _HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION) + struct.pack(">I", len(meta)) + meta
 
 
-def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
-    """A snapshot file's bytes (`encode_snapshot`'s), appended in pieces read from the snapshot's data (bytes or a
-    source): never the whole state in memory twice. A small snapshot is one append."""
+def _snapshot_file_pieces(s: Snapshot) -> Iterator[bytes]:
+    """A snapshot file's bytes (`encode_snapshot`'s) in pieces of about SNAPSHOT_IO_BYTES read from the snapshot's
+    data (bytes or a source): never the whole state in memory twice. A small snapshot is one piece."""
     pending = bytearray(_snapshot_head(s))
     crc = 0
     size = len(s.data)
@@ -205,10 +212,33 @@ def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
         pending += snapshot_chunk(s.data, offset, SNAPSHOT_IO_BYTES)
         if len(pending) >= SNAPSHOT_IO_BYTES:
             crc = zlib.crc32(pending, crc)
-            fs.append(f, bytes(pending))
+            yield bytes(pending)
             pending = bytearray()
     crc = zlib.crc32(pending, crc)
-    fs.append(f, bytes(pending) + struct.pack(">I", crc))
+    yield bytes(pending) + struct.pack(">I", crc)
+
+
+def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
+    """A snapshot file's bytes, appended a piece at a time (`_snapshot_file_pieces`)."""
+    for piece in _snapshot_file_pieces(s):
+        fs.append(f, piece)
+
+
+def export_snapshot(s: Snapshot, path: str) -> str:
+    """A backup (GET /snapshot): the snapshot file of `s` written to a new file at `path` (created, never
+    overwritten: FileExistsError; readable by the owner only) through the real file system, not fsynced (it is
+    streamed, then deleted). Returns the SHA-256 of its bytes, in hex."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        for piece in _snapshot_file_pieces(s):
+            digest.update(piece)
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 class SnapshotFile:
@@ -815,6 +845,16 @@ class DiskStorage:
         _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
                           folder=self._folders[self.data_dir])
 
+    def fence(self, node_ids: tuple[str, ...], forced: tuple[int, int]) -> None:
+        """Add `node_ids` to node.json's "fenced" list and set "forced" to [index, term] of the forced entry
+        (force_new_cluster's rules), crash-safe (the old file or the new one)."""
+        ident = self.read_identity()
+        assert ident is not None, "fence a node that has an identity"
+        ident["fenced"] = sorted(set(ident.get("fenced", [])) | set(node_ids))
+        ident["forced"] = list(forced)
+        _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
+                          folder=self._folders[self.data_dir])
+
     # ---- the node's key (with a cluster secret) ------------------------------------------------------------
 
     @property
@@ -852,7 +892,7 @@ class DiskStorage:
             return None
 
     def write_join_marker(self, intent: str) -> None:
-        assert intent in ("bootstrap", "join")
+        assert intent in ("bootstrap", "join", "restore")
         _write_atomically(self.fs, self._join_marker_path, intent.encode() + b"\n",
                           folder=self._folders[self.data_dir])
 
@@ -863,6 +903,29 @@ class DiskStorage:
             return
         if self._fsync:
             self._fsync_dir(self.data_dir)
+
+    # ---- a restored backup, until the node's first start installs it (raftdzmq -restore) ---------------------
+
+    @property
+    def restore_path(self) -> str:
+        return os.path.join(self.data_dir, RESTORE_FILE)
+
+    def has_restore_file(self) -> bool:
+        return RESTORE_FILE in self.fs.listdir(self.data_dir)
+
+    def write_restore_file(self, snapshot: Snapshot) -> None:
+        """RESTORE: the backup's snapshot file (`snapshot`'s bytes, written again: its checksum is computed anew
+        from what was read and checked), crash-safe (a temporary file fsynced, renamed, the folder fsynced)."""
+        tmp = self.restore_path + ".tmp"
+        _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+        self.fs.rename(tmp, self.restore_path)
+        self.fs.fsync_dir(self._folders[self.data_dir])
+
+    def remove_restore_file(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.unlink(self.restore_path)
+            if self._fsync:
+                self._fsync_dir(self.data_dir)
 
     # ---- recovery -------------------------------------------------------------------------------
 
@@ -985,7 +1048,11 @@ class DiskStorage:
     def _garbage(self, segments: list[str], keep_snapshot: int | None) -> list[str]:
         names = list(segments)
         names += [p for index, p in self._snapshots() if index != keep_snapshot]
-        names += [os.path.join(self.data_dir, n) for n in self.fs.listdir(self.data_dir) if n.endswith(".tmp")]
+        # A backup this process is writing (Runtime.backup: backup-PID-N.tmp) is not garbage: unlinked under its
+        # child, the serving process found no file to open (a 500 when a backup met the node's own snapshot).
+        ours = f"backup-{os.getpid()}-"
+        names += [os.path.join(self.data_dir, n) for n in self.fs.listdir(self.data_dir)
+                  if n.endswith(".tmp") and not n.startswith(ours)]
         return [n for n in names if n not in self._writing]
 
     def _unlink(self, names: list[str]) -> None:
@@ -1356,7 +1423,12 @@ class DiskStorage:
 
 
 NODE_KEY = "node.key"
-JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not done: "bootstrap" or "join"
+JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not done: "bootstrap", "join" or "restore"
+RESTORE_FILE = "RESTORE"  # a backup's snapshot file (raftdzmq -restore), installed by the node's first start
+
+
+class ForcedAgain(StorageError):
+    """-force-new-cluster on a node it was given before, whose cluster has grown since (force_new_cluster)."""
 
 
 @dataclasses.dataclass
@@ -1366,6 +1438,26 @@ class NodeStart:
     bootstrapped: bool = False  # this start made a new one-node cluster
     must_join: bool = False  # a -join was given and no leader has reached this node yet: join, then run
     joined_before: bool = False  # a leader reached this node (a term, entries or a snapshot), or it bootstrapped
+    restored: int = 0  # this start made a new one-node cluster from a backup (RESTORE): the backup's index
+
+
+NAMED_ID = re.compile(r"(.+)-[0-9a-f]{8}")  # NAME-<8 random hex>: a node started with -name NAME
+
+
+def new_node_id(name: str | None) -> str:
+    """A new data dir's node id: 8 random hex digits, or NAME-<8 random hex> given -name NAME. Random in either
+    case (review of ops, finding 1): a node whose data dir was lost and which starts again under the same name on
+    an empty one has no log and no vote record, and under the old id it would grant votes and answer appends as
+    the old member (an acknowledged write lost). Under a new id the old members' messages do not reach it (they
+    name the old id), and its join is refused while a member has its name (api.join_refusal)."""
+    suffix = os.urandom(4).hex()
+    return suffix if name is None else f"{name}-{suffix}"
+
+
+def name_of(node_id: str) -> str:
+    """The -name a node id was made from (`new_node_id`), or the id itself for a node started without -name."""
+    named = NAMED_ID.fullmatch(node_id)
+    return node_id if named is None else named.group(1)
 
 
 def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft_address: str, http_address: str,
@@ -1385,16 +1477,38 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
         node.json, no JOINING              a leader accepted the join (the server removed JOINING then), or the node
                                            bootstrapped: it runs. When it has no log yet either, a leader has yet
                                            to reach it (or an older raftdzmq wrote the dir): a warning.
-        a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed.
+        a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed,
+                                           and so is a RESTORE the install left (its snapshot is the log's);
+                                           another RESTORE next to a log is refused (StorageError).
+        RESTORE (+ JOINING "restore")      a data dir made by `raftdzmq -restore` (no node.json, no log): the first
+                                           start installs the backup's snapshot as a new one-node cluster (its
+                                           index and term kept, the configuration this node alone, the commit
+                                           index the snapshot's: one install transaction), then RESTORE goes,
+                                           then JOINING. A crash before the install's commit point: done again,
+                                           with the same id. Not with -join (RestoreNotJoin).
 
     `public_key` (with a cluster secret) goes into the bootstrap's configuration with this node.
-    Raises NotJoined, DiskFull (nothing is lost: start again once there is room), or OSError."""
+    Raises NotJoined, RestoreNotJoin, DiskFull (nothing is lost: start again once there is room), or OSError."""
     identity = storage.read_identity()
     pending = storage.read_join_marker()
     joined_before = stored.hard_state.current_term > 0 or stored.last_index > 0
+    restoring = not joined_before and storage.has_restore_file()
+    if joined_before and storage.has_restore_file():
+        _check_restore_installed(storage, stored, identity)
+    if restoring and join:
+        raise RestoreNotJoin(f"{storage.data_dir} holds a restored backup: it starts a new cluster of its own, "
+                             "which other nodes then join (-join to it); start it without -join")
+    if restoring:
+        old = read_snapshot(storage.restore_path, storage.fs)
+        old.data.close()  # type: ignore[union-attr]
+        new_id = new_node_id if identity is None else identity["node_id"]
+        if new_id in old.membership.node_ids:
+            raise RestoreNotJoin(f"{new_id} was a member of the cluster the backup was taken of: a restored node "
+                                 "starts a new cluster, under a new name (-name), so that the old members' "
+                                 "messages never reach it as theirs")
     if identity is None:
         node_id = new_node_id
-        pending = "join" if join else "bootstrap"
+        pending = "restore" if restoring else "join" if join else "bootstrap"
         storage.write_join_marker(pending)  # before the identity: no identity without its intent
         storage.write_identity(node_id, raft_address, http_address)
     else:
@@ -1404,8 +1518,24 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                            identity.get("raft_address"), identity.get("http_address"))
     out = NodeStart(node_id, stored, joined_before=joined_before)
     if joined_before:
+        if storage.has_restore_file():
+            storage.remove_restore_file()  # installed before a crash: the log holds it
         if pending is not None:
             storage.remove_join_marker()  # a leader reached it: the join was accepted (or the bootstrap done)
+    elif restoring:
+        backup = read_snapshot(storage.restore_path, storage.fs)
+        me = Member(node_id, raft_address, http_address, public_key)
+        alone = Membership((node_id,), (), (me,))
+        index, term = backup.last_included_index, backup.last_included_term
+        try:
+            storage.save(HardState(term, None, index), [], Snapshot(index, term, alone, backup.data))
+        finally:
+            backup.data.close()
+        out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))
+        storage.remove_restore_file()
+        storage.remove_join_marker()
+        out.restored = index
+        out.joined_before = True
     elif join:
         out.must_join = True  # a first join, or one that never succeeded: again, with the same node id
         if pending != "join":
@@ -1429,6 +1559,90 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                        "restart it with -join HOST:HTTPPORT; if it was the first node of a new cluster, give it an "
                        "empty data dir", node_id)
     return out
+
+
+def _check_restore_installed(storage: DiskStorage, stored: StoredState, identity: dict | None) -> None:
+    """A RESTORE next to a log: the install's, left by a crash before RESTORE went (the log's snapshot is the
+    backup's, index and term, in a configuration of this node alone), else a StorageError (review of ops, finding
+    6: a data dir cleared but for log/ ran the old log and dropped the backup, silently)."""
+    backup = read_snapshot(storage.restore_path, storage.fs)
+    backup.data.close()  # type: ignore[union-attr]
+    held = stored.snapshot
+    if identity is None or held is None or held.membership.node_ids != (identity.get("node_id"),) or \
+            (held.last_included_index, held.last_included_term) != (backup.last_included_index,
+                                                                    backup.last_included_term):
+        raise StorageError(f"{storage.data_dir} holds a restored backup (RESTORE) and a log the restore did not "
+                           "make: restore into an empty data dir")
+
+
+def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member,
+                      again: bool = False) -> tuple[int, tuple[str, ...]] | None:
+    """Lost-quorum recovery (`raftdzmq -force-new-cluster`, etcd's flag): make this surviving node a one-node
+    cluster with its data. One save, one record and one fdatasync, so a crash leaves the log before it or after
+    it, never between: the entries after the commit index are cut off (they may never have committed, and some may
+    have been answered as not applied: etcd drops them too), and an entry is appended at the commit index + 1,
+    of a new term (the highest this node has seen + 1), holding the configuration `me` alone; the hard state's
+    commit index covers it (as the bootstrap's does) and its vote is this node's. Before any message leaves.
+    The configuration it starts from is the newest at or below the commit index (review of ops, finding 4: the
+    newest in the log may be in the tail that is cut off): this node must be in it.
+
+    The members removed are FENCED first (node.json's "fenced", before the record): those of that configuration
+    and of every configuration in the tail cut off (one may have reached a node it adds). The server drops every
+    message from a fenced node while it is not in this node's configuration, answering a Removed notice instead
+    (raftlib.server.node), and refuses a join under a fenced name (api.join_refusal). Without that, two old
+    members back together (a majority of the old configuration) could elect a leader of their own whose appends,
+    of a higher term, this node would follow. An old member that comes back alone could not disturb it anyway: it
+    cannot count (the configuration names this node alone), nor win this node's vote or pre-vote (this log ends
+    in a newer term than any of theirs). A fence without the record (a crash between) changes nothing: the old
+    members are still in the configuration then. Only this node holds the fence: the old members' data dirs must
+    be wiped all the same (README, "Disaster recovery"). With a cluster secret their connections are refused
+    anyway (their keys are not in this configuration).
+
+    The forced entry's index and term go into node.json ("forced", with the fence, before the record). Forcing
+    again once the log holds a configuration after it (fresh nodes joined) is refused (ForcedAgain) unless
+    `again` (review of ops, finding 2: a flag left set cut {a, d, e} back to {a} while d and e, a majority of
+    it, went on as a cluster of their own). Entries of a lower term after that index are the tail a crash
+    between the node.json write and the record left: they do not count.
+
+    Returns (the new entry's index, the members removed), or None when the newest configuration is this node
+    alone already (a second start with the flag: nothing to do). Raises StorageError when this node has no
+    configuration or is not in it, ForcedAgain, and as `save` does."""
+    base = stored.snapshot.last_included_index if stored.snapshot is not None else 0
+    commit = min(max(stored.hard_state.commit_index, base), stored.last_index)
+    snapshot_membership = stored.snapshot.membership if stored.snapshot is not None else None
+    committed = next((e.membership for e in reversed(stored.entries)
+                      if e.membership is not None and e.index <= commit), snapshot_membership)
+    tail = [e.membership for e in stored.entries if e.membership is not None and e.index > commit]
+    newest = tail[-1] if tail else committed
+    forced_before = (storage.read_identity() or {}).get("forced")
+    if forced_before is not None and not again:
+        forced_index, forced_term = forced_before
+        later = [e.index for e in stored.entries
+                 if e.membership is not None and e.index > forced_index and e.term >= forced_term]
+        if stored.snapshot is not None and base > forced_index and stored.snapshot.last_included_term >= forced_term \
+                and stored.snapshot.membership != Membership((me.node_id,), (), (me,)):
+            later.append(base)
+        if later:
+            raise ForcedAgain(f"{storage.data_dir}: node {me.node_id} was made a one-node cluster by "
+                              f"-force-new-cluster at index {forced_index}, and its cluster has changed since "
+                              f"(a configuration at index {later[-1]}): forcing again would cut the members that "
+                              "joined since, a majority of their own, into a second cluster. Start it without "
+                              "-force-new-cluster; if every other member is lost for good, -force-new-cluster-again")
+    if committed is None or me.node_id not in committed.node_ids:
+        raise StorageError(f"{storage.data_dir}: node {me.node_id} is not in its newest committed configuration "
+                           f"({'none' if committed is None else ', '.join(committed.node_ids)}): "
+                           "-force-new-cluster needs a surviving member's data dir")
+    assert newest is not None
+    if newest.voters == (me.node_id,) and not newest.learners:
+        return None
+    last_term = stored.entries[-1].term if stored.entries else (
+        stored.snapshot.last_included_term if stored.snapshot is not None else 0)
+    term = max(stored.hard_state.current_term, last_term) + 1
+    forced = Entry(term, commit + 1, EntryKind.MEMBERSHIP, b"", Membership((me.node_id,), (), (me,)))
+    removed = tuple(sorted({n for m in (committed, *tail) for n in m.node_ids} - {me.node_id}))
+    storage.fence(removed, forced=(commit + 1, term))
+    storage.save(HardState(term, me.node_id, commit + 1), [forced])
+    return commit + 1, removed
 
 
 def encode_snapshot(s: Snapshot) -> bytes:

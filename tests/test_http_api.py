@@ -5,6 +5,7 @@ to the application: the body read whole in environ["raftdzmq.body"], REQUEST_URI
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import sys
@@ -18,9 +19,10 @@ import pytest
 
 from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, ProposalDropped, Role
 from raftlib.progress import ProgressState, ProgressStatus
-from raftlib.runtime import EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
+from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
 from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
+                                  node_request_headers,
                                   answer_headers,
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
 from raftlib.server.api import NOT_LEADER, Api, make_app
@@ -103,6 +105,11 @@ class FakeRuntime:
         if index > self.node.last_applied:
             raise Timeout(f"no answer in {timeout_seconds}s")
         return self.node.last_applied
+
+    def backup(self, folder: str, timeout_seconds: float) -> Backup:
+        self._call("backup", folder, timeout_seconds)
+        data = b"RDZMQSNP a snapshot file of the state at %d" % self.node.last_applied
+        return Backup(self.node.last_applied, hashlib.sha256(data).hexdigest(), len(data), io.BytesIO(data))
 
     def change_membership(self, change, timeout_seconds: float):
         self._call("change_membership", change, timeout_seconds)
@@ -1069,7 +1076,66 @@ def test_every_route_is_tested_here():
         ("POST", "/txn"), ("POST", "/lease"), ("GET", "/lease"), ("POST", "/lease/<lease_id>/keepalive"),
         ("POST", "/lease/keepalive"),
         ("GET", "/lease/<lease_id>"), ("DELETE", "/lease/<lease_id>"),
-        ("GET", "/watch")}  # GET /watch: tests/test_watch.py
+        ("GET", "/watch"), ("GET", "/snapshot")}  # GET /watch: tests/test_watch.py
+
+
+# ---- backups ------------------------------------------------------------------------------------------------------
+
+
+def test_a_backup_follows_a_linearizable_read_and_names_its_index_and_digest(client):
+    """GET /snapshot: the body is the backup's file, with its index and SHA-256; a read round comes first (every
+    write acknowledged before the request is in the backup), on any node, followers too."""
+    client.be_follower()
+    client.runtime.node.last_applied = 41
+    r = client("GET", "/snapshot")
+    assert r.status == 200 and r.body == b"RDZMQSNP a snapshot file of the state at 41", r
+    assert r.headers["x-raft-snapshot-index"] == "41"
+    assert r.headers["x-raft-snapshot-sha256"] == hashlib.sha256(r.body).hexdigest()
+    assert r.headers["content-length"] == str(len(r.body))
+    assert [c[0] for c in client.runtime.calls] == ["read", "backup"]
+    assert client.runtime.calls[1][1:] == (".", 600.0)  # the folder and the bound the node gives
+
+
+@pytest.mark.parametrize("error, status, text", [
+    (BackupBusy("1 backup(s) are being taken on this node, its most at once; retry later"), 503,
+     "1 backup(s) are being taken on this node, its most at once; retry later\n"),
+    (BackupFailed("the backup's child failed: OSError: disk"), 503, "the backup's child failed: OSError: disk\n"),
+    (Timeout("the backup was not written within 600s (its child is killed)"), 503,
+     "the backup was not written within 600s (its child is killed)\n"),
+])
+def test_each_failure_of_a_backup_has_its_answer(client, error, status, text):
+    client.runtime.fail("backup", error)
+    r = client("GET", "/snapshot")
+    assert (r.status, r.text) == (status, text) and one_line(r) and "x-raft-outcome" not in r.headers
+
+
+def test_a_backup_without_a_confirmed_read_is_not_taken(client):
+    """No leader: 503 after the read's bound, and no backup; a removed node: 410."""
+    client.be_follower(None)
+    client.runtime.fail("read", *[NotLeader(None)] * 1000)
+    r = client("GET", "/snapshot")
+    assert r.status == 503 and one_line(r) and not any(c[0] == "backup" for c in client.runtime.calls)
+    client.runtime.node.removed = ("a", 9)
+    assert client("GET", "/snapshot").status == 410
+
+
+def test_with_a_secret_a_backup_must_be_signed_for_this_node_and_once():
+    """Review of ops, finding 5: a signed GET /snapshot seen once downloaded the whole state again, on any node.
+    Now it is signed with a fresh nonce for one node, and claimed there: a replay is refused."""
+    client = signed_client()
+    signed = node_request_headers(SECRET, "a", "GET", "/snapshot")
+    unsigned = {k: v for k, v in signed.items() if k not in (SIGNATURE_HEADER, TIMESTAMP_HEADER)}
+    r = client("GET", "/snapshot", headers=unsigned)
+    assert r.status == 403 and r.text.startswith("backup refused: ") and one_line(r)
+    r = client("GET", "/snapshot", headers=admin_headers(SECRET, "GET", "/snapshot"))  # no nonce, no node
+    assert r.status == 400 and NONCE_HEADER in r.text
+    r = client("GET", "/snapshot", headers=node_request_headers(SECRET, "b", "GET", "/snapshot"))
+    assert r.status == 421 and "this is node a, not b" in r.text
+    assert client.runtime.calls == []
+    assert client("GET", "/snapshot", headers=signed).status == 200
+    r = client("GET", "/snapshot", headers=signed)
+    assert r.status == 403 and "already used" in r.text
+    assert client("GET", "/snapshot", headers=node_request_headers(SECRET, "a", "GET", "/snapshot")).status == 200
 
 
 def test_the_access_log_names_an_undelivered_answer_and_escapes_unambiguously(caplog):

@@ -5,6 +5,7 @@ and stopping the node fails every waiting request rather than leaving it hanging
 from __future__ import annotations
 
 import errno
+import os
 import random
 import time
 
@@ -662,3 +663,69 @@ def test_a_snapshot_the_state_machine_requests_is_taken_whatever_the_logs_size()
         assert storage.state.snapshot.data == b"state after 2"
     finally:
         runtime.stop()
+
+
+def _forking_leader(tmp_path) -> Runtime:
+    """A one-node runtime on a DiskStorage whose snapshots and backups are written by forked children, leading,
+    with one command applied."""
+    storage = DiskStorage(str(tmp_path))
+    storage.load()
+    me = Member("a", "127.0.0.1:1", "")
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a",), (), (me,)))])
+    stored = storage.state
+    node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1), random.Random(1), stored.hard_state,
+                    stored.raft_log(), stored.snapshot)
+    runtime = Runtime(node, storage, NullTransport(), Restorable(), tick_seconds=0.005)
+    runtime.snapshot_fork = True
+    runtime.start()
+    with gevent.Timeout(5):
+        while runtime.node.role is not Role.LEADER:
+            gevent.sleep(0.01)
+    runtime.propose(b"value", 2.0)
+    return runtime
+
+
+def test_a_backup_whose_wait_times_out_as_it_starts_leaves_no_child_and_no_file(tmp_path, monkeypatch):
+    """Review of ops, finding 8: the waiter's timeout fired in the same turn as its backup's child was forked; the
+    child was never reaped and wrote its file after the waiter had unlinked the name (there until a restart)."""
+    from raftlib import runtime as runtime_module
+
+    runtime = _forking_leader(tmp_path)
+    monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 0.3)  # the child writes after the timeout
+    children: list[int] = []
+    fork_child = runtime._fork_child
+
+    def recorded(write):
+        pid, r = fork_child(write)
+        children.append(pid)
+        return pid, r
+
+    class StartedAsTheTimeoutFired(gevent.event.AsyncResult):
+        def get(self, block=True, timeout=None):
+            super().get(timeout=5)  # the child is forked ...
+            raise gevent.Timeout()  # ... and the waiter's timer fired in that turn
+
+    monkeypatch.setattr(runtime, "_fork_child", recorded)
+    try:
+        monkeypatch.setattr(runtime_module.gevent.event, "AsyncResult", StartedAsTheTimeoutFired)
+        with pytest.raises(Timeout):
+            runtime.backup(str(tmp_path), 5.0)
+        monkeypatch.undo()
+        assert len(children) == 1
+        gevent.sleep(0.6)  # longer than the child's delay
+        assert not os.path.exists(f"/proc/{children[0]}"), "the backup's child was not reaped"
+        assert [n for n in os.listdir(tmp_path) if n.startswith("backup-")] == []
+    finally:
+        runtime.stop()
+
+
+def test_stopping_fails_a_backup_still_queued(one_node, monkeypatch):
+    """Review of ops, finding 8: a backup asked for but not started yet (here: while a leader's snapshot is being
+    restored) waited out its whole timeout (600 s on a server) when the node stopped."""
+    runtime, _, _ = one_node
+    monkeypatch.setattr(Runtime, "restoring_snapshot", property(lambda self: True))
+    waiter = gevent.spawn(runtime.backup, ".", 30.0)
+    gevent.sleep(0.05)
+    runtime.stop()
+    waiter.join(timeout=3)
+    assert waiter.ready() and isinstance(waiter.exception, Stopped), waiter.exception

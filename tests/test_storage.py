@@ -947,3 +947,143 @@ def test_a_snapshot_that_cannot_be_held_open_is_not_committed_and_a_committed_on
     s.close()
     got = DiskStorage(str(tmp_path), fs=fs).load()
     assert got.snapshot.last_included_index == 10 and got.last_index == 20
+
+
+# ---- lost-quorum recovery and restored backups (issue 15) ---------------------------------------------------------
+
+THREE = Membership(voters=("a", "b", "c"), members=tuple(Member(n, f"{n}:1", f"{n}:2") for n in "abc"))
+ALONE = Member("a", "a:1", "a:2")
+
+
+def _member_of_three(fs: CrashFS) -> DiskStorage:
+    """Node a of {a, b, c}: entries 1-10 of term 3 (1 the configuration), 7 known committed."""
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.write_identity("a", "a:1", "a:2")
+    first = Entry(3, 1, EntryKind.MEMBERSHIP, b"", THREE)
+    s.save(HardState(3, "b", 7), [first] + entries(2, 9, term=3))
+    return s
+
+
+def test_force_new_cluster_is_one_record_the_crash_states_are_before_or_after():
+    """-force-new-cluster: the entries after the commit index cut, a configuration of a alone at commit + 1 in a
+    new term, committed by the hard state, b and c fenced in node.json first. Every state a power failure at any
+    file operation of it can leave loads as the state before or the state after; never a log without the
+    configuration but with the cut, nor the new configuration uncommitted."""
+    fs = CrashFS()
+    s = _member_of_three(fs)
+    stored = s.state  # the loaded state, as the server passes it
+    states: list[CrashFS] = []
+    fs.before_op = lambda fs, number, kind, what: states.extend(fs.crash_states(limit=200))
+    assert storage.force_new_cluster(s, stored, ALONE) == (8, ("b", "c"))
+    fs.before_op = None
+    states.extend(fs.crash_states(limit=200))
+    before = (None, [(1, 3)] + [(i, 3) for i in range(2, 11)], HardState(3, "b", 7))
+    after = (None, [(i, 3) for i in range(1, 8)] + [(8, 4)], HardState(4, "a", 8))
+    seen = set()
+    for state in states:
+        loaded = DiskStorage("/data", fs=state)
+        got = loaded.load()
+        shape = state_of(got)
+        assert shape in (before, after), shape
+        if shape == after:
+            assert got.entries[-1].membership == Membership(("a",), (), (ALONE,))
+            assert sorted(loaded.read_identity()["fenced"]) == ["b", "c"]  # fenced before the record
+            assert loaded.read_identity()["forced"] == [8, 4]
+        else:  # forced recorded or not, the uncut tail does not count as a change after it: forced again
+            assert storage.force_new_cluster(loaded, got, ALONE) == (8, ("b", "c"))
+        seen.add(shape == after)
+        loaded.close()
+    assert seen == {False, True}
+    s.close()
+    again = DiskStorage("/data", fs=fs)
+    assert storage.force_new_cluster(again, again.load(), ALONE) is None  # alone already: nothing to do
+
+
+def test_force_new_cluster_refuses_a_node_outside_its_configuration():
+    fs = CrashFS()
+    s = _member_of_three(fs)
+    with pytest.raises(storage.StorageError, match="not in its newest committed configuration"):
+        storage.force_new_cluster(s, s.state, Member("z", "z:1", "z:2"))
+
+
+def _with_tail_configuration(voters: str) -> DiskStorage:
+    """Node a of {a, b, c} (_member_of_three) whose uncommitted tail holds a configuration of `voters` at 9."""
+    s = _member_of_three(CrashFS())
+    change = Membership(tuple(voters), (), tuple(Member(n, f"{n}:1", f"{n}:2") for n in voters))
+    s.save(HardState(3, "b", 7), [Entry(3, 9, EntryKind.MEMBERSHIP, b"", change)])
+    return s
+
+
+def test_force_new_cluster_starts_from_the_newest_committed_configuration():
+    """Review of ops, finding 4: the configuration was read from the tail the recovery cuts. An uncommitted
+    removal of this node made recovery impossible; an uncommitted removal of c left c unfenced."""
+    s = _with_tail_configuration("bc")  # a removed, uncommitted
+    assert storage.force_new_cluster(s, s.state, ALONE) == (8, ("b", "c"))
+    s = _with_tail_configuration("ab")  # c removed, uncommitted: c may still hold the committed {a, b, c}
+    assert storage.force_new_cluster(s, s.state, ALONE) == (8, ("b", "c"))
+    assert s.read_identity()["fenced"] == ["b", "c"]
+    s = _with_tail_configuration("abcd")  # d added, uncommitted: it may have the entry, so it is fenced too
+    assert storage.force_new_cluster(s, s.state, ALONE) == (8, ("b", "c", "d"))
+
+
+def test_force_new_cluster_again_after_the_cluster_grew_is_refused():
+    """Review of ops, finding 2: a forced at 8, then d and e joined ({a, d, e} committed at 9); a start with the
+    flag left set cut it back to {a} while d and e, a majority, went on alone. Refused now, unless `again`; a
+    start with the flag before anything joined is still nothing to do."""
+    fs = CrashFS()
+    s = _member_of_three(fs)
+    assert storage.force_new_cluster(s, s.state, ALONE) == (8, ("b", "c"))
+    assert s.read_identity()["forced"] == [8, 4]
+    assert storage.force_new_cluster(s, s.state, ALONE) is None
+    grown = Membership(("a", "d", "e"), (), (ALONE, Member("d", "d:1", "d:2"), Member("e", "e:1", "e:2")))
+    s.save(HardState(4, "a", 9), [Entry(4, 9, EntryKind.MEMBERSHIP, b"", grown)])
+    with pytest.raises(storage.ForcedAgain, match="at index 8, and its cluster has changed since"):
+        storage.force_new_cluster(s, s.state, ALONE)
+    assert storage.force_new_cluster(s, s.state, ALONE, again=True) == (10, ("d", "e"))
+    assert s.read_identity()["forced"] == [10, 5]
+
+
+def test_a_restored_backup_is_installed_at_the_first_start_and_a_crash_before_its_commit_does_it_again():
+    """RESTORE + JOINING 'restore': the first start installs the backup as a one-node cluster (its index and term
+    kept, the configuration the new node alone, committed); at every file operation of it, a power failure
+    leaves either a dir that installs it again (with the same id) or the installed state."""
+    backup = Snapshot(40, 6, THREE, b"the state at 40")
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.write_restore_file(backup)
+    s.close()
+    states: list[CrashFS] = []
+    s = DiskStorage("/data", fs=fs)
+    stored = s.load()
+    fs.before_op = lambda fs, number, kind, what: states.extend(fs.crash_states(limit=50))
+    start = storage.start_node(s, stored, "n1", "n1:1", "n1:2", join=False)
+    fs.before_op = None
+    assert start.restored == 40 and start.node_id == "n1"
+    assert state_of(start.stored) == ((40, 6), [], HardState(6, None, 40))
+    assert start.stored.snapshot.membership == Membership(("n1",), (), (Member("n1", "n1:1", "n1:2"),))
+    assert not s.has_restore_file() and s.read_join_marker() is None
+    s.close()
+    for state in states + fs.crash_states(limit=50):
+        again = DiskStorage("/data", fs=state)
+        got = storage.start_node(again, again.load(), "n2", "n2:1", "n2:2", join=False)
+        if got.node_id == "n2":  # the crash came before the identity: a new id, and the install
+            assert got.restored == 40
+        assert state_of(got.stored) == ((40, 6), [], HardState(6, None, 40)), state_of(got.stored)
+        assert got.stored.snapshot.data == b"the state at 40"
+        assert got.stored.snapshot.membership.voters == (got.node_id,)
+        assert not again.has_restore_file()
+        again.close()
+
+
+def test_a_restored_backup_refuses_join_and_an_old_members_name():
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.write_restore_file(Snapshot(40, 6, THREE, b"x"))
+    with pytest.raises(storage.RestoreNotJoin, match="without -join"):
+        storage.start_node(s, s.state, "n1", "n1:1", "n1:2", join=True)
+    with pytest.raises(storage.RestoreNotJoin, match="was a member of the cluster the backup was taken of"):
+        storage.start_node(s, s.state, "b", "b:1", "b:2", join=False)
+    assert s.read_identity() is None and s.has_restore_file()

@@ -18,7 +18,9 @@ signed as a join's answer is (`answer_headers`, bound to the request's signature
 request, or made without the secret, does not verify), and the asker takes it only from the node it asked, and
 only when that node is in the list (`read_keys_answer`; review of edge5, finding 1: a node of another cluster with
 the same secret listening at a member's address answered with its own list); `parse_vouched` reads either
-answer. The leader refuses a timestamp more than
+answer. GET /snapshot (a backup: the whole state) is signed as a keys request is, with a fresh nonce and the id of
+the node asked (`node_request_headers`), refused by another node (421), and claimed by the node asked (its
+AdminGuard): a recorded request downloads nothing again (review of ops, finding 5). The leader refuses a timestamp more than
 ADMIN_CLOCK_SKEW_SECONDS from its own clock, and a signature already acted on: AdminGuard remembers what this
 leader took, and store.AdminClaims, through the Raft log, what any leader took. A recorded request is therefore
 worthless once used, everywhere, and after the window even if never used.
@@ -134,17 +136,25 @@ def valid_nonce(text: object) -> bool:
 
 
 def keys_request_body(nonce: str, node_id: str) -> bytes:
-    """What a GET /cluster/keys request signs as its body: its nonce and the id of the node it asks."""
+    """What a request to one node (GET /cluster/keys, GET /snapshot) signs as its body: its nonce and the id of
+    the node it asks."""
     return f"{nonce}\n{node_id}".encode("utf-8")
+
+
+def node_request_headers(secret: bytes, node_id: str, method: str, target: str, nonce: str | None = None,
+                         now: float | None = None) -> dict[str, str]:
+    """The headers of a signed request to the node `node_id` alone (GET /cluster/keys, GET /snapshot): a fresh
+    nonce (128 random bits, unless given), the id asked, and the admin signature with both as the body
+    (keys_request_body)."""
+    nonce = os.urandom(16).hex() if nonce is None else nonce
+    return {NONCE_HEADER: nonce, NODE_HEADER: node_id,
+            **admin_headers(secret, method, target, keys_request_body(nonce, node_id), now)}
 
 
 def keys_request_headers(secret: bytes, node_id: str, nonce: str | None = None, now: float | None = None
                          ) -> dict[str, str]:
-    """The headers of a signed GET /cluster/keys to the node `node_id`: a fresh nonce (128 random bits, unless
-    given), the id asked, and the admin signature with both as the body (keys_request_body)."""
-    nonce = os.urandom(16).hex() if nonce is None else nonce
-    return {NONCE_HEADER: nonce, NODE_HEADER: node_id,
-            **admin_headers(secret, "GET", KEYS_PATH, keys_request_body(nonce, node_id), now)}
+    """The headers of a signed GET /cluster/keys to the node `node_id` (node_request_headers)."""
+    return node_request_headers(secret, node_id, "GET", KEYS_PATH, nonce, now)
 
 
 def parse_vouched(body: bytes) -> tuple[int, dict[str, str], dict[str, str]]:

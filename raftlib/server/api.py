@@ -59,8 +59,8 @@ import prometheus_client as prom
 
 from raftlib.core import NodeStatus, NotLeader, ProposalDropped
 from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Role
-from raftlib.runtime import EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
-from raftlib.storage import DiskFull
+from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
+from raftlib.storage import DiskFull, name_of
 
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
@@ -133,6 +133,8 @@ class Raft(Protocol):
 
     def transfer_leadership(self, target: str, timeout_seconds: float) -> None: ...
 
+    def backup(self, folder: str, timeout_seconds: float) -> Backup: ...
+
 
 @dataclass(slots=True)
 class Api:
@@ -167,6 +169,13 @@ class Api:
     # The leader's LeaseKeeper, in step with the node's role and term; None while this node does not lead.
     lease_keeper: Callable[[], LeaseKeeper | None] = lambda: None
     min_ttl_seconds: int = 1
+    # GET /snapshot: the folder its file is written in (the data dir: start-up deletes a *.tmp left by a crash),
+    # and how long the whole backup may take to write (the runtime's bound on a snapshot child).
+    backup_folder: str = "."
+    backup_timeout_seconds: float = 600.0
+    # The members this node removed by -force-new-cluster (node.json's "fenced"): a join under their names is
+    # refused (review of ops, finding 7).
+    fenced: Callable[[], frozenset[str]] = frozenset
 
 
 # ---- failures and their answers -------------------------------------------------------------------------------
@@ -247,6 +256,12 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
                   NOT_APPLIED),
         Stopped: (503, "{e}; the lease was not extended", None, NOT_APPLIED),
     },
+    "backup": {
+        Timeout: (503, "{e}", None, None),
+        Stopped: (503, "{e}", None, None),
+        BackupBusy: (503, "{e}", None, None),
+        BackupFailed: (503, "{e}", None, None),
+    },
     "transfer": {
         # A transfer is no log entry, but its effect (another leader) is the same kind of fact: a timeout after
         # TimeoutNow went out may still end with the target leading.
@@ -257,7 +272,7 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
     },
 }
 _CAUGHT = (NotLeader, Forbidden, Unconfirmed, NotApplied, ProposalDropped, EntryLost, Timeout, DiskFull, Stopped,
-           ValueError)
+           ValueError, BackupBusy, BackupFailed)
 
 
 def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPResponse:
@@ -274,7 +289,7 @@ def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPRespons
                         **{OUTCOME_HEADER: NOT_APPLIED})
         case NotApplied():
             return text(503, f"index {e.index} not applied here within {api.read_timeout_seconds:g}s")
-        case NotLeader() if operation == "read":
+        case NotLeader() if operation in ("read", "backup"):
             removed = removed_text(api.runtime.node.removed)
             return text(410, removed) if removed else text(
                 503, "no leader is known right now; the read cannot be confirmed")
@@ -1145,11 +1160,25 @@ def list_leases(api: Api) -> bottle.HTTPResponse:
     return json_answer({"leases": page, "next": page[-1]["id"] if more else None})
 
 
-def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64) -> str | None:
+def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64,
+                 fenced: frozenset[str] = frozenset()) -> str | None:
     """Why a join of `member` is refused (409) in the configuration `membership`, else None. A join that names a
     member exactly as the configuration has it is a retry of the same join and not refused. `secret`: the cluster
-    has a secret (node keys); `max_members`: the most members (voters and learners) a join may bring it to."""
+    has a secret (node keys); `max_members`: the most members (voters and learners) a join may bring it to;
+    `fenced`: the members this node removed by -force-new-cluster."""
     node_id, public_key = member.node_id, member.public_key
+    name = name_of(node_id)
+    if name in {name_of(f) for f in fenced}:
+        # Review of ops, finding 7: the fence drops a removed member's messages only while its id is not a member;
+        # a node of that name joining again would let it be heard.
+        return (f"{name} is a member that -force-new-cluster removed: a fresh node takes a new name (and the old "
+                "one's data dir is wiped)")
+    namesake = next((m for m in membership.node_ids if m != node_id and name_of(m) == name), None)
+    if namesake is not None:
+        # Review of ops, finding 1: a node on a new data dir under a member's name is not that member (it has none
+        # of its log nor its votes): the member must go first.
+        return (f"member {namesake} has the name {name}: a node on a new data dir is a new node; remove it first "
+                f"(DELETE /cluster/{name}), then join")
     keyless = [m for m in membership.node_ids if not getattr(membership.member(m), "public_key", "")]
     if secret and keyless:
         # Review 3 F3: the joining node could not admit these members (nor they it): it would wait for ever.
@@ -1208,7 +1237,8 @@ def join(api: Api) -> bottle.HTTPResponse:
                         '"public_key" (40 characters of Z85)')
     require_leader(api)
     member = Member(fields[0], fields[1], fields[2], public_key)
-    refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None, api.max_members)
+    refusal = join_refusal(api.runtime.node.membership, member, api.guard is not None, api.max_members,
+                           api.fenced())
     if refusal is not None:
         return text(409, refusal)
     # Under the membership lock: the leader's FeatureLevelRaiser raises the cluster's level under it too, only if
@@ -1257,6 +1287,27 @@ def join(api: Api) -> bottle.HTTPResponse:
     return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
 
 
+def node_request_refusal(api: Api, what: str) -> bottle.HTTPResponse | None:
+    """With a secret, a request to this node alone (GET /cluster/keys, GET /snapshot: admin.node_request_headers):
+    its answer (400, 421) when it lacks its nonce or names another node; Forbidden when it is not signed; else
+    None."""
+    assert api.guard is not None
+    req = bottle.request
+    nonce, asked = req.get_header(NONCE_HEADER), req.get_header(NODE_HEADER)
+    if not valid_nonce(nonce):
+        return text(400, f"a {what} needs {NONCE_HEADER}: a fresh random nonce of 32 to 128 hex digits")
+    if not asked:
+        return text(400, f"a {what} needs {NODE_HEADER}: the id of the node asked")
+    reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], keys_request_body(nonce, asked),
+                              req.get_header(TIMESTAMP_HEADER), req.get_header(SIGNATURE_HEADER))
+    if reason is not None:
+        raise Forbidden(what, reason)
+    node_id = api.runtime.status().node.node_id
+    if asked != node_id:
+        return text(421, f"this is node {node_id}, not {asked}: ask the node at the address it gave")
+    return None
+
+
 def cluster_keys(api: Api) -> bottle.HTTPResponse:
     """GET /cluster/keys, with a cluster secret: this node's newest committed configuration (its index, the
     members' public keys and HTTP addresses), whether or not it leads, for a node whose own configuration may be older (it admits
@@ -1270,19 +1321,10 @@ def cluster_keys(api: Api) -> bottle.HTTPResponse:
     request (admin.answer_headers)."""
     if api.guard is None:
         return text(404, "no cluster secret: nodes have no keys")
-    req = bottle.request
-    nonce, asked = req.get_header(NONCE_HEADER), req.get_header(NODE_HEADER)
-    if not valid_nonce(nonce):
-        return text(400, f"a keys request needs {NONCE_HEADER}: a fresh random nonce of 32 to 128 hex digits")
-    if not asked:
-        return text(400, f"a keys request needs {NODE_HEADER}: the id of the node asked")
-    reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], keys_request_body(nonce, asked),
-                              req.get_header(TIMESTAMP_HEADER), req.get_header(SIGNATURE_HEADER))
-    if reason is not None:
-        raise Forbidden("keys request", reason)
+    refusal = node_request_refusal(api, "keys request")
+    if refusal is not None:
+        return refusal
     node_id = api.runtime.status().node.node_id
-    if asked != node_id:
-        return text(421, f"this is node {node_id}, not {asked}: ask the node at the address it gave")
     # Committed only (review of edge5, finding 2): an uncommitted configuration may be cut off, and a list at its
     # index would stay with the asker until its log passed that index.
     committed = api.committed_configuration()
@@ -1292,7 +1334,7 @@ def cluster_keys(api: Api) -> bottle.HTTPResponse:
     answer = json.dumps({"node_id": node_id, "index": index,
                          "members": {m.node_id: m.public_key for m in membership.members},
                          "http_addresses": {m.node_id: m.http_address for m in membership.members}}).encode()
-    headers = answer_headers(api.guard.secret, req.get_header(SIGNATURE_HEADER), answer)
+    headers = answer_headers(api.guard.secret, bottle.request.get_header(SIGNATURE_HEADER), answer)
     return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
 
 
@@ -1351,9 +1393,19 @@ def get_cluster(api: Api) -> bottle.HTTPResponse:
     return json_answer(members(api.runtime.status().node))
 
 
+def member_named(membership: Membership, node_id_or_name: str) -> str:
+    """The member whose id is `node_id_or_name`, else the one whose -name it is (storage.name_of: a node started
+    with -name NAME has the id NAME-<8 hex>), else `node_id_or_name` itself."""
+    if node_id_or_name in membership.node_ids:
+        return node_id_or_name
+    named = [m for m in membership.node_ids if name_of(m) == node_id_or_name]
+    return named[0] if len(named) == 1 else node_id_or_name
+
+
 def remove_member(api: Api, node_id: str) -> bottle.HTTPResponse:
     check_signature(api, "removal")
     require_leader(api)
+    node_id = member_named(api.runtime.node.membership, node_id)
     if node_id not in api.runtime.node.membership.node_ids:
         return text(404, f"{node_id} is not a member")  # before the claim: nothing goes into the log
     claim_signature(api, "removal")
@@ -1398,6 +1450,60 @@ def confirm_leader(api: Api, target: str, deadline: float) -> None:
         raise Timeout(f"{leader or 'no node'} leads, not {target}")
 
 
+# ---- backups ----------------------------------------------------------------------------------------------------
+
+SNAPSHOT_INDEX_HEADER = "X-Raft-Snapshot-Index"
+SNAPSHOT_SHA256_HEADER = "X-Raft-Snapshot-Sha256"
+BACKUP_PIECE_BYTES = 1 << 20
+
+
+def get_snapshot(api: Api) -> bottle.HTTPResponse:
+    """GET /snapshot: a backup, on any node: the snapshot file (docs/DATA-DIR.md) of this node's state at an
+    index N it applied, N at least the read index of a linearizable read made first (?consistency= and
+    ?min_index= as for GET /db/KEY): every write acknowledged before the request is in it. Headers
+    X-Raft-Snapshot-Index (N) and X-Raft-Snapshot-Sha256 (of the body). Written by a forked child
+    (Runtime.backup: one at a time, else 503), then streamed. With a cluster secret, signed for this node with a
+    fresh nonce (node_request_refusal) and claimed here: a replay is refused (review of ops, finding 5: a signed
+    request seen once downloaded the whole state again, on any node, for 300 s)."""
+    if api.guard is not None:
+        refusal = node_request_refusal(api, "backup")
+        if refusal is not None:
+            return refusal
+        reason = api.guard.claim(bottle.request.get_header(SIGNATURE_HEADER))
+        if reason is not None:
+            raise Forbidden("backup", reason)
+    wait_consistent(api)
+    with waiting_on_its_own(bottle.request.environ):  # bounded by backup_timeout_seconds
+        backup = api.runtime.backup(api.backup_folder, api.backup_timeout_seconds)
+    log.info("backup at index %d (%d bytes, sha256 %s) for %s", backup.index, backup.size, backup.sha256,
+             bottle.request.remote_addr)
+    return bottle.HTTPResponse(BackupBody(backup, bottle.request.environ), 200, {
+        "Content-Type": "application/octet-stream", "Content-Length": str(backup.size),
+        SNAPSHOT_INDEX_HEADER: str(backup.index), SNAPSHOT_SHA256_HEADER: backup.sha256})
+
+
+class BackupBody:
+    """The backup's bytes a piece at a time; the sweeper's busy bound counts from each piece (a slow reader of a
+    large backup is cut off only when it stops reading). An iterable with close(), which the WSGI server calls at
+    the end or when the client goes, even before the first piece (a generator's `finally` would not run then):
+    it closes the Backup, ending its count (Runtime.backup, one at a time)."""
+
+    def __init__(self, backup: Backup, environ: dict) -> None:
+        self.backup, self.environ = backup, environ
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            while piece := self.backup.file.read(BACKUP_PIECE_BYTES):
+                yield piece
+                with waiting_on_its_own(self.environ):
+                    pass
+        finally:  # read whole, or failed: Bottle peeks at the first piece and may not call close() then
+            self.close()
+
+    def close(self) -> None:
+        self.backup.close()
+
+
 # (method, path, route, the operation its failures are answered as)
 ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("POST", "/db/<key:path>", set_key, "write"),
@@ -1425,6 +1531,7 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
     ("GET", "/cluster/keys", cluster_keys, "keys"),
     ("DELETE", "/cluster/<node_id>", remove_member, "removal"),
     ("POST", "/cluster/transfer", transfer, "transfer"),
+    ("GET", "/snapshot", get_snapshot, "backup"),
 )
 
 

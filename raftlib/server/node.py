@@ -27,6 +27,13 @@ Rules:
   to KEYS_REFRESH_SECONDS once one does (review of edge5, finding 3: a removed member dialling in kept every
   member asking every 2 s): it asks its configuration's members, then the vouched list's, one at a time, each
   within KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
+- Addresses: -h is resolved (getaddrinfo, IPv4) and probed with a bind before the data dir is opened; -advertise
+  (default -h) is what the configuration holds and redirects name. -name NAME makes the node id NAME-<8 random
+  hex> at the first start (raftlib.storage.new_node_id: a new data dir is always a new node, review of ops,
+  finding 1); another -name later is refused before anything is written.
+- -force-new-cluster (raftlib.storage.force_new_cluster): the members it removed are fenced (node.json's
+  "fenced"): while such a node is not in this node's configuration, its frames never reach the runtime and are
+  answered with a Removed notice (`_deliver`).
 - Leases (raftlib.server.leases): the LeaseKeeper is the leader's. LeaderLeases keeps it in step with the node's
   role and term (a new term of leadership: every lease its full TTL from now), hears the store's grants and
   removals as they apply, and every LEASE_TICK_SECONDS, while this node leads, proposes one LEASE_EXPIRE for the
@@ -36,7 +43,6 @@ Rules:
 
 from __future__ import annotations
 
-import binascii
 import http.client
 import math
 import ipaddress
@@ -44,6 +50,7 @@ import json
 import logging
 import os
 import random
+import re
 import resource
 import socket
 import time
@@ -59,9 +66,9 @@ from gevent import monkey
 
 from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode
 from raftlib.interfaces import StoredState
-from raftlib.messages import Membership, Message, Role
+from raftlib.messages import Member, Membership, Message, Removed, Role
 from raftlib.runtime import EntryLost, NotRunning, Runtime
-from raftlib.storage import DiskFull, DiskStorage, StorageError, start_node
+from raftlib.storage import DiskFull, DiskStorage, StorageError, force_new_cluster, name_of, new_node_id, start_node
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
@@ -153,10 +160,35 @@ class ServerConfig:
     watch_history_events: int = DEFAULT_HISTORY_EVENTS  # -watch-history: events kept for watches
     watch_history_bytes: int = DEFAULT_HISTORY_BYTES  # -watch-history-bytes: and at most about this many bytes
     access_log: bool = False  # a line per HTTP request at INFO on raftdzmq.access (-v)
+    force_new_cluster: bool = False  # lost-quorum recovery: this member alone becomes the cluster (storage's rules)
+    force_again: bool = False  # -force-new-cluster-again: even though this node was forced before (storage's rules)
+    name: str | None = None  # -name: this node's id at its first start (random when None), checked at every start
+    advertise: str | None = None  # -advertise: the host peers and clients reach this node at (default: `host`)
 
     @property
-    def bind_host(self) -> str:
-        return "127.0.0.1" if self.host == "localhost" else self.host
+    def advertised_host(self) -> str:
+        return self.advertise or self.host
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a node id: safe in a URL path, a log line, JSON
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def resolve_host(host: str) -> str:
+    """The IPv4 address `host` (a name or an address) binds to: zmq binds only addresses and interface names, so a
+    host name is resolved before either port is bound. Raises CannotStart with one line when it cannot be."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise CannotStart(f"cannot resolve the host {host!r} to bind (-h): {e}") from None
+    address = str(infos[0][4][0])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # before the data dir is touched
+        try:
+            probe.bind((address, 0))
+        except OSError as e:
+            raise CannotStart(f"cannot bind to {host} ({address}, -h): {e.strerror}: not an address of this "
+                              "host") from None
+    return address
 
 
 def own_feature_level() -> int:
@@ -435,8 +467,12 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.raft_address = f"{config.host}:{config.port}"
-        self.http_address = f"{config.host}:{config.http_port}"
+        if config.advertise is None and config.host in WILDCARD_HOSTS:
+            raise CannotStart(f"-h {config.host} binds every address; say which one peers and clients reach this node "
+                              "at with -advertise HOST")
+        self.bind_host = resolve_host(config.host)
+        self.raft_address = f"{config.advertised_host}:{config.port}"
+        self.http_address = f"{config.advertised_host}:{config.http_port}"
         self.metrics = Metrics()
         self.storage = DiskStorage(config.data_dir, fsync=config.fsync, fdatasync=self._timed_fdatasync)
         try:
@@ -454,7 +490,7 @@ class Server:
                                   on_level_raised=lambda level: self.runtime.request_snapshot())
         if stored.snapshot is not None:
             self.store.restore(stored.snapshot.data)
-        self.transport = ZmqTransport(self.node_id, f"{config.bind_host}:{config.port}", self._deliver,
+        self.transport = ZmqTransport(self.node_id, f"{self.bind_host}:{config.port}", self._deliver,
                                       reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
                                       node_key=None if self.node_key is None else self.node_key["secret_key"],
                                       members=lambda: self.node.membership.members,
@@ -462,6 +498,8 @@ class Server:
                                       on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused,
                                       commit_index=lambda: self.node.commit_index)
         self._keys_refresh = KeysRefresh()
+        self._fence_checked_at = self._fence_logged_at = float("-inf")
+        self._fence_index = 0
         self._keys_asking = False
         self._vouched_watch: gevent.Greenlet | None = None
         if self.node_key is not None and self.node_key.get("vouched"):
@@ -482,14 +520,42 @@ class Server:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (raftlib.storage.start_node says how)."""
         stored = self.storage.load()
+        identity = self.storage.read_identity()
+        name = self.config.name
+        if name is not None and identity is not None and name_of(str(identity.get("node_id"))) != name:
+            raise CannotStart(f"{self.config.data_dir} is node {identity.get('node_id')}, not -name {name}: a node's "
+                              "id never changes (start it with its own name, or without -name)")
+        if self.config.force_new_cluster and stored.hard_state.current_term == 0 and stored.last_index == 0:
+            raise CannotStart(f"-force-new-cluster needs the data dir of a member of a cluster; {self.config.data_dir} "
+                              "has never been in one")
         if self.config.secret is not None:
             self._refuse_keyless(stored)
         self.node_key = None if self.config.secret is None else self._load_node_key()
-        start = start_node(self.storage, stored, binascii.hexlify(os.urandom(4)).decode(), self.raft_address,
+        start = start_node(self.storage, stored, new_node_id(name), self.raft_address,
                            self.http_address, join=bool(self.config.join), public_key=self.public_key)
         self.node_id = start.node_id
+        # Members removed by -force-new-cluster: their messages are dropped while they are not members (_deliver).
+        self.fenced = frozenset((self.storage.read_identity() or {}).get("fenced", ()))
         self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
-        return start.stored
+        self.restored = start.restored
+        if start.restored:
+            log.warning("installed the restored backup at index %d: a new one-node cluster of node %s (other nodes "
+                        "join it with -join)", start.restored, self.node_id)
+        if not self.config.force_new_cluster:
+            return start.stored
+        me = Member(self.node_id, self.raft_address, self.http_address, self.public_key)
+        forced = force_new_cluster(self.storage, start.stored, me, again=self.config.force_again)
+        if forced is None:
+            log.warning("-force-new-cluster: this node is its cluster's only member already; starting normally "
+                        "(remove the flag)")
+            return start.stored
+        index, removed = forced
+        self.fenced = frozenset((self.storage.read_identity() or {}).get("fenced", ()))
+        log.warning("-force-new-cluster: node %s is now a one-node cluster (its configuration at index %d, term %d); "
+                    "removed members %s: never start them again on their old data dirs; add fresh nodes with -join",
+                    self.node_id, index, self.storage.state.hard_state.current_term, ", ".join(removed))
+        return StoredState(self.storage.state.hard_state, self.storage.state.snapshot,
+                           list(self.storage.state.entries))
 
     def _refuse_keyless(self, stored: StoredState) -> None:
         """With a secret, a configuration whose members lack node keys cannot run: those members can neither be
@@ -666,7 +732,26 @@ class Server:
 
     def _deliver(self, messages: list[Message], reply_wanted: bool) -> list[Message] | None:
         # The transport is made before the runtime it delivers to.
+        if self.fenced and messages:
+            src = messages[0].src  # a frame holds one peer's messages
+            if src in self.fenced and src not in self.node.membership.node_ids:
+                return self._fenced_answer(src) if reply_wanted else None
         return self.runtime.deliver(messages, reply_wanted)
+
+    def _fenced_answer(self, src: str) -> list[Message]:
+        """A member removed by -force-new-cluster spoke (raftlib.storage.force_new_cluster: fenced): nothing of it
+        reaches the node; it is told it was removed (a notice the core would send, at most the configuration's
+        index of a second ago: O(entries) to find). Logged at most once a minute."""
+        now = time.monotonic()
+        if now - self._fence_checked_at >= 1.0:
+            self._fence_checked_at = now
+            self._fence_index = self.configuration_index()
+        if now - self._fence_logged_at >= 60.0:
+            self._fence_logged_at = now
+            log.warning("dropped messages from %s, a member removed by -force-new-cluster: wipe its data dir",
+                        src)
+        node = self.node
+        return [Removed(self.node_id, src, node.current_term, self._fence_index, node.leader_id or "")]
 
     def _fatal(self, error: Exception) -> None:
         log.critical("stopping (%s); exiting without acknowledging anything more", error)
@@ -689,7 +774,10 @@ class Server:
                   max_watches=min(MAX_WATCHES, config.max_connections // 2),
                   lease_keeper=self.leases.current,
                   # etcd's minimum TTL: 1.5 election timeouts, so an election does not eat a lease's TTL
-                  min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)))
+                  min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)),
+                  backup_folder=self.storage.data_dir,
+                  backup_timeout_seconds=self.runtime.snapshot_child_timeout_seconds,
+                  fenced=lambda: self.fenced)
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason
@@ -698,7 +786,7 @@ class Server:
         # A long poll's wait and a watch stream are bounded on their own (edge.waiting_on_its_own, edge.Stream).
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
         self.http = EdgeServer(
-            listen(config.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
+            listen(self.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
@@ -720,10 +808,10 @@ class Server:
             log.warning("the hard limit on open files (ulimit -Hn) is %d, under %d: connections to either port can "
                         "use up this node's descriptors; raise it (e.g. LimitNOFILE= in systemd)", hard,
                         MIN_HARD_DESCRIPTORS)
-        if config.secret is None and not _is_loopback(config.bind_host):
+        if config.secret is None and not _is_loopback(self.bind_host):
             log.warning("listening on %s beyond loopback without a cluster secret: anyone who can reach the raft port "
                         "can speak for a member, and anyone who reaches the http port can join; give every node "
-                        "-secret-file (or %s)", config.bind_host, SECRET_ENV)
+                        "-secret-file (or %s)", self.bind_host, SECRET_ENV)
 
     def stop(self) -> None:
         """Stop serving and close the data dir. A leader first hands leadership to its most up-to-date voter
