@@ -142,13 +142,15 @@ def ask_member(connect: Callable[..., http.client.HTTPConnection], address: str,
         conn.close()
 
 
+# A member's fields as its GET /stats names them: null for a member that did not answer.
+MEMBER_FIELDS = ("role", "term", "leader", "commit_index", "applied_index", "last_index", "snapshot_index",
+                 "disk_full", "keys", "time", "writes", "reads", "histograms", "removed")
+
+
 def _member_row(member: dict, stats: dict | None, error: str | None) -> dict:
     row = {"id": member["id"], "raft_address": member["raft_address"], "http_address": member["http_address"],
            "voter": member["role"] == "voter", "up": stats is not None, "error": error}
-    if stats is not None:
-        row.update({k: stats.get(k) for k in ("role", "term", "leader", "commit_index", "applied_index",
-                                              "last_index", "snapshot_index", "disk_full", "keys", "time",
-                                              "writes", "reads", "histograms", "removed")})
+    row.update({k: None if stats is None else stats.get(k) for k in MEMBER_FIELDS})
     return row
 
 
