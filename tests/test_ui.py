@@ -2,7 +2,7 @@
 package data in a built wheel, and the page itself in headless Chromium (tests/browser.py) against three real
 nodes: members and one leader, writes moving the counter and the chart, a SIGKILLed leader replaced on the page
 within 3 s with an election in the timeline, a leadership transfer through the page (by keyboard), the key
-browser with its live changes, and no error in the browser's console during the whole run.
+browser with its live changes, a phone's width, the dark scheme, and no error in the browser's console during the whole run.
 
 The browser test skips only when Chromium cannot start (tests/browser.py says why). RAFTDZMQ_UI_SCREENSHOT=PATH
 copies its screenshot of the page under load there (docs/ui.png is made so); otherwise it stays in tmp_path."""
@@ -114,6 +114,19 @@ def test_a_member_that_does_not_answer_is_unreachable(cluster, tmp_path):
         assert sum(m["up"] for m in st["members"]) == 2
     finally:
         os.kill(paused.proc.pid, signal.SIGCONT)
+
+
+def test_the_page_actions_sent_to_a_follower_reach_the_leader(cluster):
+    """The page sends its actions to its own node; a follower passes them to the leader (a 307 to another port
+    would be a cross-origin request the page cannot follow)."""
+    leader = cluster.leader()
+    follower = next(n for n in cluster.running() if n is not leader)
+    follower_id = follower.status()["node_id"]
+    r = follower.request("DELETE", "/ui/actions/members/nosuchnode")
+    assert r.status == 404 and "is not a member" in r.text and r.headers["x-raft-outcome"] == "not-applied", r
+    r = follower.request("POST", f"/ui/actions/transfer?to={follower_id}")
+    assert r.status == 200 and r.text == f"leader is now {follower_id}\n", r
+    assert follower.status()["role"] == "leader"
 
 
 def test_the_actions_are_refused_with_a_secret(tmp_path):
@@ -297,6 +310,19 @@ def test_the_dashboard_in_chromium(cluster, tmp_path):
         until(driver, "return document.getElementById('key-changes')?.textContent.includes(arguments[0])", 5,
               "the change live", f"put at index {index}: green")
         assert driver.find_element(By.ID, "key-value").text == "green"
+
+        # A phone's width: nothing wider than the screen but inside its own scroller (the members table).
+        driver.set_window_size(390, 844)
+        time.sleep(0.3)
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1"), \
+            "the page is wider than a phone's screen"
+        # Dark: the scheme follows prefers-color-scheme.
+        light = driver.execute_script("return getComputedStyle(document.body).backgroundColor")
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                               {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        dark = driver.execute_script("return getComputedStyle(document.body).backgroundColor")
+        assert (light, dark) == ("rgb(251, 251, 250)", "rgb(21, 23, 26)")
+        time.sleep(1.1)  # a poll, and the charts made again in the dark colours
 
         errors = console_errors(driver)
     finally:

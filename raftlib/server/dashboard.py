@@ -182,7 +182,8 @@ def cluster_status(api: Api) -> bottle.HTTPResponse:
     rows = []
     for member in configuration:
         stats = answers.get(member["id"])
-        row = _member_row(member, stats, errors.get(member["id"], None if stats is not None else "not asked"))
+        row = _member_row(member, stats, errors.get(member["id"], None if stats is not None else
+                                                    "not asked: not in this node's configuration yet"))
         match_index = member.get("match_index") if leader is not None else None
         row["match_index"] = match_index
         row["lag"] = None if match_index is None or leader is None else max(0, leader["last_index"] - match_index)

@@ -192,6 +192,9 @@
 
   function renderActionChoices(status) {
     const fill = (select, members) => {
+      const choices = members.map((m) => `${m.id} ${m.http_address}`).join(",");
+      if (select.dataset.choices === choices) return; // unchanged: leave it alone (it may be open, or focused)
+      select.dataset.choices = choices;
       const chosen = select.value;
       select.replaceChildren(...members.map((m) => el("option", { value: m.id }, `${m.id} (${m.http_address})`)));
       if (members.some((m) => m.id === chosen)) select.value = chosen;
@@ -242,6 +245,7 @@
   // ---- polling ---------------------------------------------------------------------------------------------
 
   async function poll() {
+    const started = Date.now();
     const since = Object.entries(state.eventsSince).map(([id, seq]) => `${encodeURIComponent(id)}:${seq}`).join(",");
     try {
       const r = await fetch(`/cluster/status?events_since=${since}`, { cache: "no-store" });
@@ -265,7 +269,7 @@
       conn.textContent = `no answer from this node: ${err.message}`;
       conn.classList.add("stale");
     } finally {
-      setTimeout(poll, POLL_MS);
+      setTimeout(poll, Math.max(100, POLL_MS - (Date.now() - started))); // one poll a second, start to start
     }
   }
 
