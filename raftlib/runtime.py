@@ -26,6 +26,10 @@ taken, shared by every caller meanwhile), or by the drive (`_inbox`: it takes ev
 waits for a full disk, a peer's frame not taken within `deliver_timeout_seconds` is dropped, as the network may
 drop it, proposals are refused at once and reads share one item; only the rare membership changes and transfers
 queue up).
+
+The runtime keeps the node's recent events for people watching (`events`, raftlib.events: GET /events and the
+dashboard): it records them where it already notes them, from what it sees (a Ready's role, term and leader, a
+configuration applied, a snapshot taken, sent or installed, a full disk), never inside the core and never per write.
 """
 
 from __future__ import annotations
@@ -234,6 +238,7 @@ class Runtime:
         # runtime already notes them (roles and leaders from each Ready, configurations applied, snapshots, a full
         # disk), never per write.
         self.events = events.EventRing()
+        self._leader_noted: tuple[str, int] | None = None  # (leader, term) of the last leader event
         self._snapshots_sent: dict[str, int] = {}  # peer -> the index of the snapshot last noted as sent to it
         # A leader's snapshot being restored into the state machine a piece per drive: (its index, the steps).
         self._restoring: tuple[int, Iterator[bool]] | None = None
@@ -733,7 +738,7 @@ class Runtime:
             return
         old_role, old_term, old_leader = self._soft
         self._soft = soft
-        self._record_soft_state(rd, old_role, old_term, old_leader)
+        self._record_soft_state(rd, old_role, old_term)
         if rd.role is Role.LEADER and old_role is not Role.LEADER:
             self.stats["elections_won"] += 1
             logger.info("became leader in term %d", rd.term)
@@ -744,18 +749,24 @@ class Runtime:
         elif old_role is Role.LEADER and rd.role is not Role.LEADER:
             logger.info("stepped down in term %d", rd.term)
 
-    def _record_soft_state(self, rd: Ready, old_role: Role | None, old_term: int, old_leader: str | None) -> None:
+    def _record_soft_state(self, rd: Ready, old_role: Role | None, old_term: int) -> None:
         """The events of a change of role, term or leader (each its own: a leader that steps down for a new
         leader is both)."""
         record = self.events.record
         if old_role is Role.LEADER and rd.role is not Role.LEADER:
             record(events.STEPPED_DOWN, term=rd.term)
-        if rd.role is Role.CANDIDATE and (old_role is not Role.CANDIDATE or rd.term != old_term):
+        became_candidate = rd.role is Role.CANDIDATE and (old_role is not Role.CANDIDATE or rd.term != old_term)
+        # A lone voter stands and wins inside one Ready: its candidacy shows only as the win.
+        won_unseen = rd.role is Role.LEADER and not (old_role is Role.CANDIDATE and old_term == rd.term)
+        if became_candidate or (won_unseen and old_role is not Role.LEADER):
             record(events.ELECTION_STARTED, term=rd.term)
         if rd.role is Role.LEADER and old_role is not Role.LEADER:
             record(events.ELECTION_WON, term=rd.term, leader=rd.leader_id)
-        elif rd.leader_id is not None and (rd.leader_id, rd.term) != (old_leader, old_term):
+        elif rd.leader_id is not None and (rd.leader_id, rd.term) != self._leader_noted:
             record(events.LEADER_CHANGED, leader=rd.leader_id, term=rd.term)
+        if rd.leader_id is not None:
+            # Once per leader and term: a leader lost from sight and found again in its term is no change.
+            self._leader_noted = (rd.leader_id, rd.term)
 
     def _note_removed(self, removed) -> None:
         self._removed = removed

@@ -10,6 +10,7 @@ copies its screenshot of the page under load there (docs/ui.png is made so); oth
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,56 @@ def test_the_event_ring_keeps_the_newest_and_answers_what_is_new():
     assert ring.first_seq == 3
     with pytest.raises(ValueError):
         events.EventRing(capacity=0)
+
+
+def _runtime(node_id: str, voters: tuple[str, ...], election_ticks: int):
+    from raftlib import Config, Entry, EntryKind, HardState, Member, Membership, MemoryStorage, RaftNode
+    from raftlib.runtime import Runtime
+    from runtime_fakes import NullTransport, Values
+
+    storage = MemoryStorage()
+    members = tuple(Member(n, f"127.0.0.1:{i}", "") for i, n in enumerate(voters, 1))
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(voters, (), members))])
+    stored = storage.load()
+    node = RaftNode(Config(node_id, election_ticks=election_ticks), random.Random(1), stored.hard_state,
+                    stored.raft_log(), stored.snapshot)
+    return Runtime(node, storage, NullTransport(), Values(), tick_seconds=0.005)
+
+
+def test_the_runtime_records_elections_leaders_and_configurations_once_each():
+    """Derived from the Readies, in the runtime: a lone voter's election; a follower's leader, noted once per leader
+    and term even when it loses sight of it (a pre-vote) and hears from it again in the same term."""
+    import gevent
+
+    from raftlib import AppendEntries, Role
+
+    lone = _runtime("a", ("a",), election_ticks=4)
+    lone.start()
+    try:
+        with gevent.Timeout(5):
+            while lone.node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+        kinds = [(e["kind"], e.get("term")) for e in lone.events.since(0)]
+        assert ("membership_changed", None) in kinds
+        assert kinds[-2:] == [("election_started", 2), ("election_won", 2)], kinds
+    finally:
+        lone.stop()
+    follower = _runtime("b", ("a", "b"), election_ticks=20)
+    follower.start()
+    try:
+        heartbeat = AppendEntries("a", "b", 2, 1, 1, (), 1)
+        follower.deliver([heartbeat], True)
+        with gevent.Timeout(5):
+            while follower.node.role is not Role.PRE_CANDIDATE:  # no word from the leader for a while
+                gevent.sleep(0.01)
+        follower.deliver([heartbeat], True)
+        assert (follower.node.leader_id, follower.node.current_term) == ("a", 2)
+        follower.deliver([AppendEntries("a", "b", 3, 1, 1, (), 1)], True)
+        leaders = [(e["leader"], e["term"]) for e in follower.events.since(0) if e["kind"] == "leader_changed"]
+        assert leaders == [("a", 2), ("a", 3)]
+        assert [e["seq"] for e in follower.events.since(0)] == list(range(1, follower.events.last_seq + 1))
+    finally:
+        follower.stop()
 
 
 # ---- the routes on real nodes ------------------------------------------------------------------------------------

@@ -176,9 +176,9 @@
       rows.push(el("tr", {
         class: [isLeader ? "leader" : "", m.up ? "" : "down"].join(" ").trim(),
         "data-id": m.id, "data-role": m.up ? m.role : "unreachable", "data-up": String(m.up),
-      }, name, el("td", { class: "addr" }, m.http_address, el("br"), m.raft_address),
-      el("td", {}, m.voter ? "voter" : "learner"), el("td", {}, m.up ? m.role : "—"), num(m.term),
-      num(m.commit_index), num(m.applied_index), num(m.match_index), lag, stateCell));
+      }, name, el("td", {}, m.up ? m.role : "—"), stateCell, lag, num(m.term), num(m.commit_index),
+      num(m.applied_index), num(m.match_index), el("td", {}, m.voter ? "voter" : "learner"),
+      el("td", { class: "addr" }, m.http_address, el("br"), m.raft_address)));
     }
     tbody.replaceChildren(...rows);
     const leader = status.members.find((m) => m.id === status.leader);
