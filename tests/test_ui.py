@@ -1,8 +1,9 @@
 """The dashboard (issue 16): the event ring, GET /events, /stats and /cluster/status on real nodes, the page's
 package data in a built wheel, and the page itself in headless Chromium (tests/browser.py) against three real
 nodes: members and one leader, writes moving the counter and the chart, a SIGKILLed leader replaced on the page
-within 3 s with an election in the timeline, a leadership transfer through the page (by keyboard), the key
-browser with its live changes, a phone's width, the dark scheme, and no error in the browser's console during the whole run.
+within 3 s with an election in the timeline, a leadership transfer through the page (by keyboard), the removal of
+the dead member (by mouse), the key browser with its live changes, a phone's width, the dark scheme, and no error
+in the browser's console during the whole run.
 
 The browser test skips only when Chromium cannot start (tests/browser.py says why). RAFTDZMQ_UI_SCREENSHOT=PATH
 copies its screenshot of the page under load there (docs/ui.png is made so); otherwise it stays in tmp_path."""
@@ -361,6 +362,21 @@ def test_the_dashboard_in_chromium(cluster, tmp_path):
         until(driver, "return document.getElementById('key-changes')?.textContent.includes(arguments[0])", 5,
               "the change live", f"put at index {index}: green")
         assert driver.find_element(By.ID, "key-value").text == "green"
+
+        # Remove the dead old leader through the page (by mouse this time): the configuration has two members.
+        Select(driver.find_element(By.ID, "remove-id")).select_by_value(old)
+        driver.find_element(By.ID, "remove-button").click()
+        until(driver, "return document.getElementById('confirm').open", 5, "the confirmation")
+        assert old in driver.find_element(By.ID, "confirm-text").text
+        driver.find_element(By.ID, "confirm-ok").click()
+        until(driver, "return document.getElementById('action-result').textContent.includes('done')", 10,
+              "the removal done")
+        until(driver, "return document.querySelectorAll('#members tbody tr').length === 2 && "
+              "!document.querySelector(`#members tr[data-id='${arguments[0]}']`)", 5, "two members left", old)
+        until(driver, "return !!document.querySelector('#timeline li[data-kind=\"membership_changed\"]')"
+              " && [...document.querySelectorAll('#timeline li[data-kind=\"membership_changed\"]')]"
+              ".some(li => !li.textContent.includes(arguments[0]))", 5, "the new configuration in the timeline", old)
+        assert len(ids[target].status()["members"]) == 2
 
         # A phone's width: nothing wider than the screen but inside its own scroller (the members table).
         driver.set_window_size(390, 844)
