@@ -709,6 +709,8 @@ class Runtime:
                         ",".join(e.membership.voters), ",".join(e.membership.learners) or "-")
             self.events.record(events.MEMBERSHIP_CHANGED, index=e.index, voters=list(e.membership.voters),
                                learners=list(e.membership.learners))
+            current = {m.node_id for m in e.membership.members}
+            self._snapshots_sent = {peer: i for peer, i in self._snapshots_sent.items() if peer in current}
         self.stats["applied"] += 1
         if waiter is not None:
             term, async_result = waiter

@@ -59,12 +59,11 @@ def _runtime(node_id: str, voters: tuple[str, ...], election_ticks: int):
     return Runtime(node, storage, NullTransport(), Values(), tick_seconds=0.005)
 
 
-def test_the_runtime_records_elections_leaders_and_configurations_once_each():
-    """Derived from the Readies, in the runtime: a lone voter's election; a follower's leader, noted once per leader
-    and term even when it loses sight of it (a pre-vote) and hears from it again in the same term."""
+def _lone_leader():
+    """A started runtime of a lone voter "a", once it leads (its caller stops it)."""
     import gevent
 
-    from raftlib import AppendEntries, Role
+    from raftlib import Role
 
     lone = _runtime("a", ("a",), election_ticks=4)
     lone.start()
@@ -72,6 +71,21 @@ def test_the_runtime_records_elections_leaders_and_configurations_once_each():
         with gevent.Timeout(5):
             while lone.node.role is not Role.LEADER:
                 gevent.sleep(0.01)
+    except BaseException:
+        lone.stop()
+        raise
+    return lone
+
+
+def test_the_runtime_records_elections_leaders_and_configurations_once_each():
+    """Derived from the Readies, in the runtime: a lone voter's election; a follower's leader, noted once per leader
+    and term even when it loses sight of it (a pre-vote) and hears from it again in the same term."""
+    import gevent
+
+    from raftlib import AppendEntries, Role
+
+    lone = _lone_leader()
+    try:
         kinds = [(e["kind"], e.get("term")) for e in lone.events.since(0)]
         assert ("membership_changed", None) in kinds
         assert kinds[-2:] == [("election_started", 2), ("election_won", 2)], kinds
@@ -93,6 +107,28 @@ def test_the_runtime_records_elections_leaders_and_configurations_once_each():
         assert [e["seq"] for e in follower.events.since(0)] == list(range(1, follower.events.last_seq + 1))
     finally:
         follower.stop()
+
+
+def test_the_runtime_forgets_the_snapshots_sent_to_members_no_longer_in_the_configuration():
+    """Its note of the snapshot last sent to each peer (one event per peer and snapshot) keeps only the current
+    members: with members coming and going it would grow for ever."""
+    import gevent
+
+    from raftlib import ConfChange, ConfChangeKind, InstallSnapshot, Member
+
+    lone = _lone_leader()
+    try:
+        configuration = lone.node.membership
+        lone._note_snapshot_sent(InstallSnapshot("a", "gone", 2, 5, 1, configuration, 0, b"", False))
+        assert "gone" in lone._snapshots_sent
+        lone.change_membership(ConfChange(ConfChangeKind.ADD_LEARNER, Member("c", "127.0.0.1:9", "")), 5)
+        with gevent.Timeout(5):
+            while "c" not in lone.node.membership.learners:
+                gevent.sleep(0.01)
+        gevent.sleep(0.05)
+        assert "gone" not in lone._snapshots_sent, lone._snapshots_sent
+    finally:
+        lone.stop()
 
 
 # ---- the routes on real nodes ------------------------------------------------------------------------------------
