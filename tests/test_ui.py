@@ -10,6 +10,7 @@ copies its screenshot of the page under load there (docs/ui.png is made so); oth
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -24,6 +25,7 @@ import pytest
 
 from procs import ROOT, LocalCluster, Node, http_request, wait_for
 from raftlib import events
+from raftlib.server.store import FEATURE_LEVEL
 
 # ---- the ring, pure --------------------------------------------------------------------------------------------
 
@@ -157,7 +159,7 @@ def test_cluster_status_gathers_every_member_and_events_merge(cluster):
     assert set(rows) == set(ids)
     assert [m["id"] for m in st["members"] if m["role"] == "leader"] == [leader_id]
     for m in rows.values():
-        assert m["up"] and m["voter"] and m["error"] is None
+        assert m["up"] and m["voter"] and m["error"] is None and m["malformed"] == []
         assert m["match_index"] is not None and m["lag"] is not None and m["lag"] >= 0
         assert m["writes"] is not None and "write_seconds" in m["histograms"]
     assert rows[leader_id]["writes"].get("committed", 0) >= 1
@@ -202,6 +204,118 @@ def test_a_member_that_does_not_answer_is_unreachable(cluster, tmp_path):
         assert sum(m["up"] for m in st["members"]) == 2
     finally:
         os.kill(paused.proc.pid, signal.SIGCONT)
+
+
+class FakeMember:
+    """An HTTP server in this process at a learner's http_address: counts GET /stats and answers `body` (bytes of
+    a JSON document) after `delay` seconds."""
+
+    def __init__(self, body: bytes, delay: float = 0.0) -> None:
+        import http.server
+
+        fake = self
+        self.body, self.delay, self.asked = body, delay, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.asked += 1
+                time.sleep(fake.delay)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(fake.body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(fake.body)
+                except OSError:
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cluster_status_trusts_no_member_and_gathers_once_for_many_callers(tmp_path):
+    """Learners whose http_address is anything (a /join without a secret is open): one answering as a leader of
+    another configuration with malformed fields, one answering 512 KB, one claiming to lead with members of its
+    own, one refusing connections, one counting its
+    asks. GET /cluster/status answers 200 within its bound with this node's configuration and leader, the junk
+    marked, the others "unreachable" (no error of the connection: not a port scanner); many callers at once cost
+    one gather; and the node logs no traceback."""
+    import socket
+
+    node = Node("n1", str(tmp_path)).start()
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))  # bound, not listening: connections to it are refused
+    counted = FakeMember(b"{}", delay=0.3)
+    junk = FakeMember(json.dumps({
+        "node_id": "junk", "role": ["leader"], "term": "z", "leader": "junk", "commit_index": -1, "keys": 1.5,
+        "disk_full": "no", "writes": {"committed": "many"}, "histograms": [0] * 10, "time": "x",
+        "members": [{"id": "FAKE", "http_address": "attacker.example:80", "role": "voter", "match_index": 0}, {}],
+        "events": {"last_seq": 2, "events": [{"seq": 1, "time": "x"}, {"seq": 2, "time": 1.0, "kind": "evil"}]},
+    }).encode())
+    huge = FakeMember(json.dumps({"node_id": "huge", "role": "follower", "pad": "x" * (512 << 10)}).encode())
+    liar = FakeMember(json.dumps({
+        "node_id": "liar", "role": "leader", "term": 10**12, "last_index": 5,
+        "members": [{"id": "FAKE", "raft_address": "x:1", "http_address": "attacker.example:80", "role": "voter",
+                     "match_index": 0}]}).encode())
+    fakes = {"counted": counted, "junk": junk, "huge": huge, "liar": liar}
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "a leader")
+        me = node.status()["node_id"]
+        learners = {**{name: f.address for name, f in fakes.items()}, "closedport": f"127.0.0.1:{refused.getsockname()[1]}"}
+        for name, address in learners.items():
+            r = node.request("POST", "/join", json.dumps({"node_id": name, "raft_address": "127.0.0.1:1",
+                                                          "http_address": address, "feature_level": FEATURE_LEVEL}))
+            assert r.status == 200, r
+        time.sleep(0.6)  # past the cache of a gather made while joining, if any
+        t0 = time.monotonic()
+        r = node.request("GET", "/cluster/status", timeout=10)
+        took = time.monotonic() - t0
+        assert r.status == 200, r
+        assert took < 2.0 and len(r.body) < 64 * 1024, (took, len(r.body))
+        st = r.json()
+        rows = {m["id"]: m for m in st["members"]}
+        assert set(rows) == {me, *learners} and st["leader"] == me
+        assert rows[me]["role"] == "leader" and st["term"] == node.status()["term"]
+        # A member's word is its own numbers only: the members and the leader are this node's view.
+        assert rows["liar"]["up"] is True and rows["liar"]["role"] == "leader" and rows["liar"]["term"] == 10**12
+        assert [m["id"] for m in st["members"] if m["role"] == "leader" and m["id"] == st["leader"]] == [me]
+        assert rows["junk"]["up"] is True and {"role", "term", "commit_index", "keys", "disk_full", "writes",
+                                                "histograms", "time"} <= set(rows["junk"]["malformed"]), rows["junk"]
+        assert rows["junk"]["role"] is None and rows["junk"]["term"] is None
+        assert rows["junk"]["leader"] == "junk"  # a well-formed field is copied
+        assert [e["kind"] for e in st["events"] if e["node"] == "junk"] == ["evil"]  # the malformed event dropped
+        for name in ("huge", "closedport", "counted"):  # counted answers {} : not as the member it is joined as
+            assert rows[name]["up"] is False and rows[name]["error"] == "unreachable", rows[name]
+        assert not any(w in r.text for w in ("Errno", "refused", "answered", "time out", "timed out")), r.text
+
+        # Many callers at once: one gather's worth of asks at a member (two, if the cache expired mid-burst).
+        time.sleep(0.6)
+        before = counted.asked
+        answers: list[int] = []
+        callers = [threading.Thread(target=lambda: answers.append(
+            node.request("GET", "/cluster/status", timeout=10).status)) for _ in range(30)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(timeout=20)
+        assert answers == [200] * 30
+        assert counted.asked - before <= 2, f"{counted.asked - before} asks of one member for 30 callers"
+        log_text = node.log_text(current=True)
+        assert "Traceback" not in log_text, log_text[-3000:]
+    finally:
+        node.kill()
+        refused.close()
+        for f in fakes.values():
+            f.close()
 
 
 def test_the_page_actions_sent_to_a_follower_reach_the_leader(cluster):

@@ -170,6 +170,8 @@ class Api:
     # The leader's LeaseKeeper, in step with the node's role and term; None while this node does not lead.
     lease_keeper: Callable[[], LeaseKeeper | None] = lambda: None
     min_ttl_seconds: int = 1
+    # What the dashboard (raftlib.server.dashboard) keeps between requests: its gather of the members' numbers.
+    dashboard_state: dict[str, object] = field(default_factory=dict)
 
 
 # ---- failures and their answers -------------------------------------------------------------------------------

@@ -165,8 +165,9 @@
     for (const m of status.members) {
       const isLeader = m.up && m.role === "leader" && m.id === status.leader;
       const name = el("td", {}, isLeader ? "★ " : "", m.id, m.id === status.node_id ? " (this node)" : "");
+      const why = m.error || (m.malformed && m.malformed.length ? `malformed fields: ${m.malformed.join(", ")}` : "");
       const stateCell = el("td", {},
-        el("span", { class: `badge ${m.up ? "up" : "unreachable"}`, title: m.error || "" }, m.up ? "up" : "unreachable"));
+        el("span", { class: `badge ${m.up ? "up" : "unreachable"}`, title: why }, m.up ? "up" : "unreachable"));
       if (m.disk_full) stateCell.append(" ", el("span", { class: "badge disk-full" }, "disk full"));
       const lag = m.lag === null || m.lag === undefined ? el("td", {}, "—")
         : el("td", {}, el("span", { class: "lag" },
