@@ -186,6 +186,13 @@ def test_cluster_status_gathers_every_member_and_events_merge(cluster):
         assert r.status == 200 and r.headers["content-type"].startswith(kind) and r.body, name
     for path in ("/ui/nope.js", "/ui/..%2Fapi.py", "/ui/%2E%2E/dashboard.py"):
         assert follower.request("GET", path).status == 404, path
+    # No other site may frame the page (clickjacking), and a 404 holds nothing the request chose.
+    for path in ("/ui", "/ui/app.js", "/ui/%3Cscript%3Ealert(1)"):
+        r = follower.request("GET", path)
+        assert r.headers["x-frame-options"] == "DENY", path
+        assert r.headers["content-security-policy"] == "frame-ancestors 'none'", path
+        assert r.headers["x-content-type-options"] == "nosniff", path
+    assert "script" not in r.text and r.status == 404, r
 
 
 def test_a_member_that_does_not_answer_is_unreachable(cluster, tmp_path):
@@ -324,9 +331,16 @@ def test_the_page_actions_sent_to_a_follower_reach_the_leader(cluster):
     leader = cluster.leader()
     follower = next(n for n in cluster.running() if n is not leader)
     follower_id = follower.status()["node_id"]
-    r = follower.request("DELETE", "/ui/actions/members/nosuchnode")
+    page = {"X-Raft-Dashboard": "1"}
+    r = follower.request("DELETE", "/ui/actions/members/nosuchnode", headers=page)
     assert r.status == 404 and "is not a member" in r.text and r.headers["x-raft-outcome"] == "not-applied", r
-    r = follower.request("POST", f"/ui/actions/transfer?to={follower_id}")
+    # Another site's page can make a browser POST here (a form, a no-cors fetch) but not with a header of ours.
+    for method, path in (("POST", f"/ui/actions/transfer?to={follower_id}"), ("DELETE", "/ui/actions/members/x")):
+        for node in (follower, leader):
+            r = node.request(method, path, headers={"Origin": "http://elsewhere.example"})
+            assert r.status == 403 and "X-Raft-Dashboard" in r.text and r.headers["x-raft-outcome"] == "not-applied", r
+    assert follower.status()["role"] != "leader"
+    r = follower.request("POST", f"/ui/actions/transfer?to={follower_id}", headers=page)
     assert r.status == 200 and r.text == f"leader is now {follower_id}\n", r
     assert follower.status()["role"] == "leader"
 
@@ -339,10 +353,11 @@ def test_the_actions_are_refused_with_a_secret(tmp_path):
     try:
         wait_for(lambda: node.status()["role"] == "leader", 10, "a leader")
         assert node.request("GET", "/cluster/status").json()["admin_guarded"] is True
-        r = node.request("POST", f"/ui/actions/transfer?to={node.status()['node_id']}")
+        page = {"X-Raft-Dashboard": "1"}
+        r = node.request("POST", f"/ui/actions/transfer?to={node.status()['node_id']}", headers=page)
         assert r.status == 403 and "read-only" in r.text and r.headers["x-raft-outcome"] == "not-applied", r
-        r = node.request("DELETE", f"/ui/actions/members/{node.status()['node_id']}")
-        assert r.status == 403, r
+        r = node.request("DELETE", f"/ui/actions/members/{node.status()['node_id']}", headers=page)
+        assert r.status == 403 and "read-only" in r.text, r
         assert node.status()["role"] == "leader"
     finally:
         node.kill()

@@ -24,9 +24,13 @@ Rules:
   node's id, oldest first by wall-clock time (the nodes' clocks are not synchronised: the order across nodes is
   as good as their clocks). The gather keeps a copy of each member's ring, asking it only for what is newer, so
   that one gather serves callers that each hold different events.
-- The page's actions use the ordinary admin routes (POST /cluster/transfer, DELETE /cluster/ID). With a cluster
-  secret they must be signed, which a browser cannot do without the secret: GET /cluster/status says
-  `"admin_guarded": true` and the page then shows the actions as unavailable, read-only.
+- The page's actions (POST /ui/actions/transfer, DELETE /ui/actions/members/ID) are the admin routes' (POST
+  /cluster/transfer, DELETE /cluster/ID) run on the leader, and need the ACTION_HEADER header (the page sends it;
+  a page of another site cannot without a CORS preflight, which nothing here answers): a cross-site form or
+  no-cors fetch is refused 403. With a cluster secret they must be signed, which a browser cannot do without the
+  secret: GET /cluster/status says `"admin_guarded": true` and the page then shows the actions as unavailable,
+  read-only. The page and its assets are sent with X-Frame-Options: DENY and CSP frame-ancestors 'none' (no
+  framing by another site: clickjacking).
 - GET /ui serves index.html; GET /ui/NAME serves only the files named in ASSETS (no path from the request reaches
   the file system). The files are read once, on first request, and kept in memory.
 """
@@ -59,6 +63,12 @@ MAX_MEMBER_ANSWER_BYTES = 64 * 1024  # a member's answer (its /stats with its ne
 MAX_COUNTERS = 32  # a member's writes and reads counters
 MAX_BUCKETS = 64  # a member's histogram's buckets
 MAX_EVENT_LIST = 64  # the ids an event lists (a configuration's voters or learners)
+# The header the page sends with its actions. A page elsewhere cannot send it without a CORS preflight (which this
+# node does not answer): a cross-site form or a no-cors fetch arrives without it and is refused.
+ACTION_HEADER = "X-Raft-Dashboard"
+# Sent with the page and its assets: no other site may frame them (clickjacking of the actions).
+UI_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+              "Content-Security-Policy": "frame-ancestors 'none'"}
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui")
 # name -> content type. uPlot (https://github.com/leeoniya/uPlot, MIT): vendored from npm, see ui/uPlot.LICENSE.
 ASSETS: dict[str, str] = {
@@ -389,17 +399,21 @@ def asset(name: str) -> bytes:
 def get_ui(api: Api, name: str = "index.html") -> bottle.HTTPResponse:
     """GET /ui and GET /ui/NAME: the page and its assets (404 for any other name)."""
     content_type = ASSETS.get(name)
-    if content_type is None:
-        return text(404, f"no such file of the dashboard: {name}")
+    if content_type is None:  # the name is not echoed: the answer holds nothing the request chose
+        return text(404, "no such file of the dashboard", **UI_HEADERS)
     # The page may change with the node's version: asked again each time (cheap: a few KB from memory).
-    return bottle.HTTPResponse(asset(name), 200, {"Content-Type": content_type, "Cache-Control": "no-cache",
-                                                  "X-Content-Type-Options": "nosniff"})
+    return bottle.HTTPResponse(asset(name), 200, {"Content-Type": content_type, **UI_HEADERS})
 
 
 def _on_the_leader(api: Api, action: Callable[[], bottle.HTTPResponse]) -> bottle.HTTPResponse:
     """A page's action: run it here when this node leads, else pass it to the leader (one hop: a forwarded
     request that finds no leader here is answered 503). Refused (403) with a cluster secret: it would have to be
-    signed, and the page has no secret."""
+    signed, and the page has no secret. Refused (403) too without ACTION_HEADER (or the header of a request a
+    follower passed on): a request another site's page made the browser send."""
+    req = bottle.request
+    if req.get_header(ACTION_HEADER) is None and req.get_header(FORWARDED_HEADER) is None:
+        return text(403, f"the dashboard's actions need the {ACTION_HEADER} header (the page sends it); "
+                    "a request from another site's page is refused", **{OUTCOME_HEADER: NOT_APPLIED})
     if api.guard is not None:
         return text(403, "this cluster has a secret: admin actions must be signed with it; the dashboard is read-only",
                     **{OUTCOME_HEADER: NOT_APPLIED})

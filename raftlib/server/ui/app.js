@@ -291,7 +291,8 @@
     out.textContent = `${what}…`;
     try {
       // redirect: manual: a 307 to another node would be a cross-origin request; say it instead.
-      const r = await fetch(url, { method, redirect: "manual" });
+      // The header tells the node the page itself asks (a page of another site cannot send it: CSRF).
+      const r = await fetch(url, { method, redirect: "manual", headers: { "X-Raft-Dashboard": "1" } });
       const body = r.type === "opaqueredirect" ? "the node redirected: the leader changed, try again" : (await r.text()).trim();
       out.textContent = `${what}: ${r.ok ? "done" : "failed"}: ${body}`;
     } catch (err) {
