@@ -26,6 +26,10 @@ taken, shared by every caller meanwhile), or by the drive (`_inbox`: it takes ev
 waits for a full disk, a peer's frame not taken within `deliver_timeout_seconds` is dropped, as the network may
 drop it, proposals are refused at once and reads share one item; only the rare membership changes and transfers
 queue up).
+
+The runtime keeps the node's recent events for people watching (`events`, raftlib.events: GET /events and the
+dashboard): it records them where it already notes them, from what it sees (a Ready's role, term and leader, a
+configuration applied, a snapshot taken, sent or installed, a full disk), never inside the core and never per write.
 """
 
 from __future__ import annotations
@@ -51,10 +55,10 @@ import gevent
 import gevent.event
 import gevent.monkey
 
-from . import crashpoints, readonly
+from . import crashpoints, events, readonly
 from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
 from .interfaces import StateMachine, Storage, Transport
-from .messages import ConfChange, Entry, EntryKind, Membership, Message, Role, Snapshot
+from .messages import ConfChange, Entry, EntryKind, InstallSnapshot, Membership, Message, Role, Snapshot
 from .fs import NO_DESCRIPTOR
 from .storage import DiskFull, OutOfDescriptors, export_snapshot
 
@@ -268,6 +272,12 @@ class Runtime:
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
         self.deliver_timeout_seconds = 2.0  # how long a peer's frame waits for its answer (the REP server waits)
         self.stats: collections.Counter[str] = collections.Counter(dict.fromkeys(_COUNTERS, 0))
+        # Recent events for people watching (raftlib.events: GET /events, the dashboard): recorded where this
+        # runtime already notes them (roles and leaders from each Ready, configurations applied, snapshots, a full
+        # disk), never per write.
+        self.events = events.EventRing()
+        self._leader_noted: tuple[str, int] | None = None  # (leader, term) of the last leader event
+        self._snapshots_sent: dict[str, int] = {}  # peer -> the index of the snapshot last noted as sent to it
         # A leader's snapshot being restored into the state machine a piece per drive: (its index, the steps).
         self._restoring: tuple[int, Iterator[bool]] | None = None
         self._restore_applied = False  # the state machine holds that snapshot: the steps left free the old state
@@ -730,6 +740,7 @@ class Runtime:
         in one go, now."""
         index = snap.last_included_index
         self._fail_proposals_up_to(index)
+        self.events.record(events.SNAPSHOT_INSTALLED, index=index)
         steps = getattr(self.state_machine, "restoring", None)
         if steps is None:
             self.state_machine.restore(snap.data)
@@ -773,6 +784,8 @@ class Runtime:
         """Messages for a peer whose request we are answering ride back on the reply; the others go out now."""
         outgoing = []
         for m in messages:
+            if isinstance(m, InstallSnapshot) and m.offset == 0:
+                self._note_snapshot_sent(m)
             route = replies.get(m.dst)
             if route is not None:
                 route[1].append(m)
@@ -780,6 +793,13 @@ class Runtime:
                 outgoing.append(m)
         if outgoing:
             self.transport.send(outgoing)
+
+    def _note_snapshot_sent(self, m: InstallSnapshot) -> None:
+        """A leader's first chunk of its snapshot to a follower: an event once per (follower, snapshot), however
+        often the transfer starts over."""
+        if self._snapshots_sent.get(m.dst) != m.last_included_index:
+            self._snapshots_sent[m.dst] = m.last_included_index
+            self.events.record(events.SNAPSHOT_SENT, to=m.dst, index=m.last_included_index)
 
     def _save(self, rd: Ready) -> None:
         while True:
@@ -790,6 +810,7 @@ class Runtime:
                 if not self.disk_full:
                     logger.error("%s: refusing writes, and trying again every %gs", e, self.disk_retry_seconds)
                     self.disk_full = True
+                    self.events.record(events.DISK_FULL)
                 if not self.running:
                     raise
                 gevent.sleep(self.disk_retry_seconds)
@@ -803,6 +824,7 @@ class Runtime:
         if self.disk_full:
             logger.warning("the disk has room again: carrying on")
             self.disk_full = False
+            self.events.record(events.DISK_OK)
         if self._waiting_for_descriptors:
             logger.warning("a file descriptor was free again: saved")
             self._waiting_for_descriptors = False
@@ -825,6 +847,10 @@ class Runtime:
         elif e.kind is EntryKind.MEMBERSHIP and e.membership is not None:
             logger.info("membership at index %d: voters %s, learners %s", e.index,
                         ",".join(e.membership.voters), ",".join(e.membership.learners) or "-")
+            self.events.record(events.MEMBERSHIP_CHANGED, index=e.index, voters=list(e.membership.voters),
+                               learners=list(e.membership.learners))
+            current = {m.node_id for m in e.membership.members}
+            self._snapshots_sent = {peer: i for peer, i in self._snapshots_sent.items() if peer in current}
         self.stats["applied"] += 1
         if waiter is not None:
             term, async_result = waiter
@@ -854,6 +880,7 @@ class Runtime:
             return
         old_role, old_term, old_leader = self._soft
         self._soft = soft
+        self._record_soft_state(rd, old_role, old_term)
         if rd.role is Role.LEADER and old_role is not Role.LEADER:
             self.stats["elections_won"] += 1
             logger.info("became leader in term %d", rd.term)
@@ -864,12 +891,32 @@ class Runtime:
         elif old_role is Role.LEADER and rd.role is not Role.LEADER:
             logger.info("stepped down in term %d", rd.term)
 
+    def _record_soft_state(self, rd: Ready, old_role: Role | None, old_term: int) -> None:
+        """The events of a change of role, term or leader (each its own: a leader that steps down for a new
+        leader is both)."""
+        record = self.events.record
+        if old_role is Role.LEADER and rd.role is not Role.LEADER:
+            record(events.STEPPED_DOWN, term=rd.term)
+        became_candidate = rd.role is Role.CANDIDATE and (old_role is not Role.CANDIDATE or rd.term != old_term)
+        # A lone voter stands and wins inside one Ready: its candidacy shows only as the win.
+        won_unseen = rd.role is Role.LEADER and not (old_role is Role.CANDIDATE and old_term == rd.term)
+        if became_candidate or (won_unseen and old_role is not Role.LEADER):
+            record(events.ELECTION_STARTED, term=rd.term)
+        if rd.role is Role.LEADER and old_role is not Role.LEADER:
+            record(events.ELECTION_WON, term=rd.term, leader=rd.leader_id)
+        elif rd.leader_id is not None and (rd.leader_id, rd.term) != self._leader_noted:
+            record(events.LEADER_CHANGED, leader=rd.leader_id, term=rd.term)
+        if rd.leader_id is not None:
+            # Once per leader and term: a leader lost from sight and found again in its term is no change.
+            self._leader_noted = (rd.leader_id, rd.term)
+
     def _note_removed(self, removed) -> None:
         self._removed = removed
         if removed is None:
             logger.info("a leader counts this node as a member (again)")
             return
         leader_id, index = removed
+        self.events.record(events.REMOVED, by=leader_id, index=index)
         # At or before: a member that compacted the configuration's entry into a snapshot names the snapshot's index.
         logger.warning("this node was removed from the cluster (%sat or before index %d); it keeps out of the way: "
                        "add it again, or stop it", f"by {leader_id}, " if leader_id else "", index)
@@ -959,6 +1006,7 @@ class Runtime:
             return
         self.node.create_snapshot(index, kept.data)
         self.stats["snapshots"] += 1
+        self.events.record(events.SNAPSHOT_TAKEN, index=index, bytes=len(kept.data))
         logger.info("took a snapshot at index %d (%d bytes)", index, len(kept.data))
 
     def _fork_snapshot(self, meta: Snapshot) -> None:

@@ -58,6 +58,7 @@ import gevent.lock
 import prometheus_client as prom
 
 from raftlib.core import NodeStatus, NotLeader, ProposalDropped
+from raftlib.events import EventRing
 from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Role
 from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.storage import DiskFull, name_of
@@ -121,6 +122,9 @@ class Raft(Protocol):
     @property
     def restoring_snapshot(self) -> bool: ...
 
+    @property
+    def events(self) -> EventRing: ...
+
     def status(self) -> RuntimeStatus: ...
 
     def propose(self, command: bytes, timeout_seconds: float): ...
@@ -176,6 +180,8 @@ class Api:
     # The members this node removed by -force-new-cluster (node.json's "fenced"): a join under their names is
     # refused (review of ops, finding 7).
     fenced: Callable[[], frozenset[str]] = frozenset
+    # What the dashboard (raftlib.server.dashboard) keeps between requests: its gather of the members' numbers.
+    dashboard_state: dict[str, object] = field(default_factory=dict)
 
 
 # ---- failures and their answers -------------------------------------------------------------------------------
@@ -1578,9 +1584,11 @@ def _default_error(res: bottle.HTTPError) -> str:
 
 
 def make_app(api: Api) -> bottle.Bottle:
-    """The WSGI application of `api`: every route of ROUTES."""
+    """The WSGI application of `api`: every route of ROUTES and of the dashboard (raftlib.server.dashboard)."""
+    from .dashboard import ROUTES as DASHBOARD_ROUTES  # here: the dashboard's module imports this one
+
     app = bottle.Bottle(catchall=True)
     app.default_error_handler = _default_error
-    for method, path, route, operation in ROUTES:
+    for method, path, route, operation in ROUTES + DASHBOARD_ROUTES:
         app.route(path, method, _serving(api, route, operation))
     return app
