@@ -117,14 +117,18 @@ class System:
 
 
 class Raftdzmq(System):
-    def __init__(self, workdir: str, nodes: int, extra: list[str], build: str = ROOT) -> None:
-        """`build`: the checkout whose raftdzmq.py runs (another one: named after its folder)."""
+    def __init__(self, workdir: str, nodes: int, extra: list[str], build: str = ROOT,
+                 profile_to: str | None = None) -> None:
+        """`build`: the checkout whose raftdzmq.py runs (another one: named after its folder). `profile_to`: run
+        each node under bench/profile_node.py, its profile written to PROFILE_TO.<pid>.prof when it stops."""
         super().__init__(workdir)
         self.name = f"raftdzmq-{nodes}" + ("" if build == ROOT else f"-{os.path.basename(build.rstrip('/'))}")
         self.http_ports = []
         for i in range(nodes):
             port, http_port = free_port(), free_port()
-            args = [sys.executable, os.path.join(build, "raftdzmq.py"), "-p", str(port), "-hp", str(http_port)]
+            wrapper = [] if profile_to is None else [os.path.join(HERE, "profile_node.py"), profile_to]
+            args = [sys.executable, *wrapper, os.path.join(build, "raftdzmq.py"), "-p", str(port), "-hp",
+                    str(http_port)]
             if i > 0:
                 args += ["-join", f"127.0.0.1:{self.http_ports[0]}"]
             self.spawn(args + extra + [os.path.join(workdir, f"{self.name}-node{i + 1}")], f"{self.name}-{i + 1}.log",

@@ -43,6 +43,7 @@ import resource
 import selectors
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -371,8 +372,11 @@ def leader_and_follower(system) -> tuple[tuple[str, int], tuple[str, int]]:
     return leaders[0], followers[0]
 
 
-def run_one(system, kind: str, args: argparse.Namespace, workdir: str, run_number: int) -> dict:
+def run_one(system, name: str, args: argparse.Namespace, workdir: str, run_number: int) -> dict:
+    kind = "etcd" if name == "etcd" else "raftdzmq"  # the protocol; `name` tells builds apart
     (leader, leader_pid), (follower, follower_pid) = leader_and_follower(system)
+    if args.profile:
+        print(f"  {name}: the follower is pid {follower_pid}, the leader pid {leader_pid}", file=sys.stderr)
     prefix = f"fan{run_number}/"
     count = len(openloop.schedule_seconds(args.rate, args.duration))
     shares = [args.watchers // args.watcher_processes + (i < args.watchers % args.watcher_processes)
@@ -413,7 +417,7 @@ def run_one(system, kind: str, args: argparse.Namespace, workdir: str, run_numbe
                 p.wait()
     with open(ackfile) as f:
         writer = json.load(f)["summary"]
-    result = merge_parts(parts, writer, kind, follower, leader)
+    result = merge_parts(parts, writer, name, follower, leader)
     # Each node's CPU (cores) from the writer's start to the last watcher's end (the drain included).
     result["leader_cpu"], result["follower_cpu"] = cpu
     return result
@@ -456,6 +460,20 @@ def print_results(results: list[dict]) -> None:
             print(f"    behind: watcher {b['watcher']} missed {b['missed']}, ended: {b['ended']}")
 
 
+def print_medians(results: list[dict]) -> None:
+    """Each system's medians over its runs (--repeat): the figures to compare when the systems alternated."""
+    print("medians over the runs:")
+    for name in dict.fromkeys(r["system"] for r in results):
+        runs = [r for r in results if r["system"] == name]
+        figures = {k: statistics.median(r[k] for r in runs)
+                   for k in ("p50_ms", "p99_ms", "max_ms", "watchers_complete", "events_received", "follower_cpu",
+                             "watcher_cpu")}
+        print(f"  {name:<24} runs {len(runs)}  p50 {figures['p50_ms']:.1f} ms  p99 {figures['p99_ms']:.1f} ms  "
+              f"max {figures['max_ms']:.0f} ms  complete {figures['watchers_complete']:g}  received "
+              f"{figures['events_received']:g}  follower cpu {figures['follower_cpu']:.2f}  watchers cpu "
+              f"{figures['watcher_cpu']:.2f}")
+
+
 def main_bench(args: argparse.Namespace) -> int:
     from load import Etcd, Raftdzmq
 
@@ -463,8 +481,14 @@ def main_bench(args: argparse.Namespace) -> int:
     systems = []
     results = []
     try:
+        flags = ["-max-connections", str(2 * args.watchers + 200)]
+        profile_to = None if args.profile is None else os.path.abspath(args.profile)
         if "raftdzmq" in args.systems:
-            systems.append(("raftdzmq", Raftdzmq(workdir, 3, ["-max-connections", str(2 * args.watchers + 200)])))
+            systems.append(("raftdzmq", Raftdzmq(workdir, 3, flags, profile_to=profile_to)))
+        for build in args.vs_build:  # another checkout's raftdzmq.py: its results are named after its folder
+            system = Raftdzmq(workdir, 3, flags, build=os.path.abspath(build),
+                              profile_to=None if profile_to is None else f"{profile_to}-{os.path.basename(build)}")
+            systems.append((f"raftdzmq-{os.path.basename(os.path.abspath(build))}", system))
         if "etcd" in args.systems:
             if not shutil.which("etcd"):
                 raise SystemExit("bench: etcd is not on the PATH (apt-get install etcd-server)")
@@ -474,6 +498,8 @@ def main_bench(args: argparse.Namespace) -> int:
             for kind, system in systems:
                 run_number += 1
                 results.append(run_one(system, kind, args, workdir, run_number))
+        if len(results) > len(systems):
+            print_medians(results)
         print_results(results)
         if args.json:
             with open(args.json, "w") as f:
@@ -500,6 +526,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--watcher-processes", type=int, default=1,
                    help="split the watchers over this many processes (default 1)")
     p.add_argument("--json", help="write every run's figures to this file")
+    p.add_argument("--vs-build", action="append", default=[], metavar="DIR",
+                   help="also measure the raftdzmq.py of this checkout (e.g. from git archive), alternating")
+    p.add_argument("--profile", metavar="PREFIX", help="run raftdzmq's nodes under cProfile (bench/profile_node.py): "
+                   "each node's profile goes to PREFIX.<pid>.prof when it stops; the follower's pid is printed")
     # The subprocesses' own flags.
     p.add_argument("--system", choices=["raftdzmq", "etcd"], help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)

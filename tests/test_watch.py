@@ -363,6 +363,38 @@ def test_an_event_wakes_only_the_watchers_of_its_key_and_of_its_prefixes_once_ea
     assert not hub._by_key and not hub._by_prefix and not hub._prefix_trie
 
 
+def test_watchers_of_one_filter_at_one_place_share_one_read_and_one_frame_until_the_history_changes():
+    """The fan-out's cost (docs/BENCHMARKS.md): 1,000 watchers of one prefix each scanned, encoded and framed the
+    same events. Now the first read is computed and the rest share it, the frame the same bytes object."""
+    hub = WatchHub()
+    same = [hub.watch(0, Filter(prefix="app/")) for _ in range(50)]
+    other = hub.watch(0, Filter(prefix="app/x"))
+    for watcher in [*same, other]:
+        assert hub.next(watcher) == []
+    for i in range(1, 4):
+        hub.on_event(put(i, f"app/{'x' if i == 2 else 'y'}{i}"))
+        hub.applied(i)
+    shared_before = hub.shared_reads
+    answers = [hub.next_sse(watcher) for watcher in same]
+    assert all(indices(events) == [1, 2, 3] for events, _ in answers)
+    assert answers[0][1] == sse_frame(answers[0][0]) and all(frame is answers[0][1] for _, frame in answers)
+    assert hub.shared_reads - shared_before == len(same) - 1 and all(w.position == 3 for w in same)
+    assert hub.encodings == 3  # each event once
+    events, frame = hub.next_sse(other)  # another filter: its own read
+    assert indices(events) == [2] and frame == sse_frame(events)
+    assert hub.shared_reads - shared_before == len(same) - 1
+    # A change between two reads from the same place: the later reader sees it, not the earlier answer.
+    behind = [hub.watch(3, Filter(prefix="app/")) for _ in range(2)]
+    hub.on_event(put(4, "app/y4"))
+    assert indices(hub.next(behind[0])) == [4]
+    hub.on_event(put(5, "app/y5"))
+    hub.applied(5)
+    assert indices(hub.next(behind[1])) == [4, 5] and behind[1].position == 5
+    events, frame = hub.next_sse(same[0])
+    assert indices(events) == [4, 5] and frame == sse_frame(events)
+    assert hub.next_sse(same[0]) == ([], b"")  # read to the end: nothing until the next match
+
+
 def test_a_stale_wake_does_not_end_every_later_wait_at_once():
     # The watcher reads its event before its queued wake runs: the wake then finds nothing to read. A read that
     # finds nothing must clear it, else every wait_for returns at once and a stream spins (review 2, item 1).

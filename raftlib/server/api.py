@@ -930,14 +930,14 @@ def _stream(api: Api, position: int, wanted: Filter, environ: dict) -> Iterator[
                     yield b": are you there\n\n"  # fails once the client closed both ways: the stream ends
                     continue
             try:
-                events = hub.next(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
+                events, frame = hub.next_sse(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
             except Behind as e:
                 metrics.watches_behind.inc("stream")
                 yield sse_error(str(e), e.oldest_index)
                 return
             if events:
                 metrics.watch_events.inc("stream", len(events))
-                yield hub.sse(events)
+                yield frame
                 sent_position = events[-1][3]
                 written_at = time.monotonic()
                 continue

@@ -33,6 +33,12 @@ Rules:
   only with the last event of an index (`sse_frame`), so a client's Last-Event-ID always names a whole group.
 - Each event's JSON is encoded once, when a watcher first needs it, and shared (`encodings` counts them); its
   length counts in held_bytes (JSON escapes make it up to 6x the raw bytes).
+- Reads are shared: watchers of the same filter that read from the same index with the same budgets while the
+  history is unchanged get the same answer, so it is computed once, with its SSE frame (`next_sse`), and handed to
+  each of them (`shared_reads` counts the reads answered so). Any change (an event, an applied index, an eviction, a
+  restore) drops the shared answers. The cost of a wake is then one lookup and one write per watcher, not a scan
+  and an encoding of its events: at 1,000 watchers of one prefix that is what a follower spends (bench:
+  docs/BENCHMARKS.md). The lists handed out are shared: callers never change them.
 - Waking: only the watchers whose filter matches an event are woken (by exact key: a dict; by prefix: a
   character trie walked along the key, stopping at its first missing character), once per read, and at most WAKE_BATCH a turn of the
   event loop (the rest in the next turns, after the Raft timers), so a burst for many watchers never holds the
@@ -138,6 +144,10 @@ class WatchHub:
         self.wakes = 0  # watchers woken, in all (tests count them)
         self.encodings = 0  # events encoded to JSON, in all (tests count them)
         self.evictions = 0  # events evicted, in all
+        self.shared_reads = 0  # reads answered from another watcher's identical read (tests count them)
+        # (key, prefix, scan from, max events, max bytes) -> [events, position, whole, SSE frame or None], while the
+        # history is unchanged (the rules: cleared on every change).
+        self._shared: dict[tuple, list] = {}
 
     def __len__(self) -> int:
         return len(self._events) - self._head
@@ -150,6 +160,7 @@ class WatchHub:
         self._data.append(None)
         self.held_bytes += _event_bytes(event)
         self.last_index = index
+        self._shared.clear()
         if index > self.applied_index:
             self.applied_index = index
         # The byte bound never evicts within the newest entry: its events must stay servable whole, however small
@@ -181,6 +192,7 @@ class WatchHub:
         """The node applied the entry at `index` (whatever it changed): positions may move up to it."""
         if index > self.applied_index:
             self.applied_index = index
+            self._shared.clear()
 
     def _evict(self) -> None:
         head = self._head
@@ -190,6 +202,7 @@ class WatchHub:
         self._events[head] = self._data[head] = None  # its value may be large: not kept until the compaction
         self.held_bytes -= _event_bytes(evicted) + (0 if encoded is None else len(encoded))
         self.evictions += 1
+        self._shared.clear()
         self._head = head = head + 1
         if evicted[3] > self.history_start:
             self.history_start = evicted[3]  # what is left of its group is no longer promised
@@ -203,6 +216,7 @@ class WatchHub:
         if index <= self.history_start:
             return
         self._events, self._data, self._head, self.held_bytes = [], [], 0, 0
+        self._shared.clear()
         self.history_start = index
         self.last_index = max(self.last_index, index)
         self.applied_index = max(self.applied_index, index)
@@ -279,24 +293,50 @@ class WatchHub:
 
     def next(self, watcher: Watcher, max_events: int = MAX_EVENTS_PER_READ,
              max_bytes: int = MAX_BYTES_PER_READ) -> list[Event]:
-        """The watcher's next events (whole groups, within the budgets); its position moves past what was looked
-        at. Raises Behind when a matching event may have been evicted."""
+        """The watcher's next events (whole groups, within the budgets; a shared list: not to be changed); its
+        position moves past what was looked at. Raises Behind when a matching event may have been evicted."""
+        answer = self._next(watcher, max_events, max_bytes)
+        return [] if answer is None else answer[0]
+
+    def next_sse(self, watcher: Watcher, max_events: int = MAX_EVENTS_PER_READ,
+                 max_bytes: int = MAX_STREAM_BYTES_PER_READ) -> tuple[list[Event], bytes]:
+        """`next` and the SSE frame of its events (b"" for none), both shared with every watcher that made the
+        same read while the history stayed the same (the module's rules)."""
+        answer = self._next(watcher, max_events, max_bytes)
+        if answer is None or not answer[0]:
+            return [], b""
+        frame = answer[3]
+        if frame is None:
+            frame = answer[3] = self.sse(answer[0])
+        return answer[0], frame
+
+    def _next(self, watcher: Watcher, max_events: int, max_bytes: int) -> list | None:
+        """The shared answer [events, position, whole, frame or None] of the watcher's next read (None: nothing
+        matching came since it last read to the end); its position and first_match move."""
         first_match = watcher.first_match
         watcher.woken.clear()  # on both paths: a wake left set from an earlier read would end every wait at once
         if first_match is None:  # nothing that matches came: all up to the applied index was looked at
             watcher.position = max(watcher.position, self.applied_index)
-            return []
+            return None
         scan_from = max(watcher.position, first_match - 1)
         watcher.first_match = None  # before the read: what arrives from here on marks it again
+        wanted = watcher.wanted
         try:
-            events, position, whole = self._read(scan_from, watcher.wanted, max_events, max_bytes)
+            self.check(scan_from)
         except Behind:
             watcher.first_match = first_match
             raise
+        key = (wanted.key, wanted.prefix, scan_from, max_events, max_bytes)
+        answer = self._shared.get(key)
+        if answer is None:
+            answer = self._shared[key] = [*self._read(scan_from, wanted, max_events, max_bytes), None]
+        else:
+            self.shared_reads += 1
+        position, whole = answer[1], answer[2]
         watcher.position = position
         if not whole:
             watcher.first_match = position + 1  # cut: the next read goes on from here
-        return events
+        return answer
 
     def wait_for(self, watcher: Watcher, timeout_seconds: float, also: gevent.event.Event | None = None) -> None:
         """Block until a matching event (or a restore) may be there for `watcher`, `also` is set, or
