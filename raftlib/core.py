@@ -993,14 +993,21 @@ class RaftNode:
         self._progress.set_members(membership, self.log.last_index, self.node_id)
 
     def _flush_appends(self) -> None:
-        # A commit index that moved without new entries is not sent on its own: the next AppendEntries or
-        # heartbeat carries it. An extra round trip per commit would hold up the next batch behind it (one
-        # request in flight per peer), and reads do not need it: a read round's heartbeats carry the commit.
-        if not self._append_dirty:
-            return
-        self._append_dirty = False
+        # New entries go at once. A commit index that moved goes too, to each follower that holds everything it
+        # was sent (`Progress.idle`: nothing in flight to it) and was not sent it yet, as an empty AppendEntries
+        # (etcd's bcastAppend after maybeCommit): else a follower learns it with the next append or heartbeat,
+        # so a lone write's entry reached a follower's state machine, and its watchers, up to a heartbeat
+        # (-heartbeat-ms) late. Under load the next batch carries the commit (it is sent first, in the same
+        # Ready) and no empty append goes; and never while entries are in flight to that follower: its answer
+        # moves the commit, and the empty append goes after it. At most one per follower per answer that moves
+        # the commit, so it costs a message per commit only when writes are sparse.
+        dirty, self._append_dirty = self._append_dirty, False
         for peer in self.peers:
-            self._send_append(peer, allow_empty=False)
+            if dirty:
+                self._send_append(peer, allow_empty=False)
+            pr = self._progress[peer]
+            if pr.commit_sent < self.commit_index and pr.idle:
+                self._send_append(peer, allow_empty=True)
 
     def _broadcast_heartbeat(self, read_round: int = 0) -> None:
         """Every heartbeat is a read round (thesis §6.4, §6.4.1): its answers confirm the reads of every round up
@@ -1048,6 +1055,7 @@ class RaftNode:
         if not entries and not allow_empty:
             return
         pr.sent_entries(entries[-1].index if entries else prev_index)
+        pr.commit_sent = self.commit_index
         self._send(
             AppendEntries(
                 self.node_id, peer, self.current_term, prev_index, prev_term, tuple(entries),

@@ -41,7 +41,9 @@ def random_schedules(profile: str | None = None) -> Callable[[int, str | None], 
 
 CASES = [
     Case("vote_twice", "simulator, random schedules", random_schedules(), 40),
-    Case("read_without_quorum", "simulator, random schedules, isolation profile", random_schedules("isolation"), 40),
+    # 60: caught at seed 46 since the leader sends a moved commit index at once (core._flush_appends); over 240
+    # schedules it catches as often as before (16 against 17), only the first catch moved.
+    Case("read_without_quorum", "simulator, random schedules, isolation profile", random_schedules("isolation"), 60),
     Case("commit_previous_term", "simulator, Figure 8 scripted", lambda k, m: figure_8_scenario(m), 1),
     Case("lease_without_margin", "simulator, lease scenario (clocks 10% apart)", lease_scenario, 40),
     Case("lease_longer_than_election_timeout", "simulator, lease scenario (clocks 10% apart)", lease_scenario, 40),
