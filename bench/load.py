@@ -372,6 +372,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gc-stats", action="store_true", help="time every garbage collection in each raftdzmq node "
                    "($RAFTDZMQ_GC_STATS) and print the pauses at the end")
     p.add_argument("--json", help="write all results to this file")
+    p.add_argument("--profile", metavar="PREFIX", help="run this build's nodes under cProfile (bench/profile_node.py): "
+                   "each node's profile goes to PREFIX.<pid>.prof when it stops (the leader: the first node)")
     p.add_argument("--plot", help="draw throughput and latency against concurrency to this PNG (needs matplotlib)")
     return p.parse_args()
 
@@ -384,7 +386,8 @@ def start_systems(args: argparse.Namespace, workdir: str, systems: list[System])
         s.name, s.url = "raftdzmq", args.url.rstrip("/")
         systems.append(s)
     else:
-        systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag))
+        systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag,
+                                profile_to=None if args.profile is None else os.path.abspath(args.profile)))
     for build in args.vs_build:
         systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag, build=os.path.abspath(build)))
     for ref in args.vs:

@@ -563,6 +563,13 @@ def _txn_item(item: object, kind: str, where: str) -> list:
     """One compare or op of a JSON transaction as the store's TXN carries it (store.txn_problem)."""
     if not isinstance(item, dict):
         raise BadTxn(f"{where}: want a JSON object")
+    if len(item) == 3 and item.get("op") == "put" and kind != "compare":  # the common case first: {op, key, value}
+        key, value = item.get("key"), item.get("value")
+        if type(key) is str and type(value) is str and key and key.isascii() and len(key) <= MAX_KEY_BYTES:
+            try:
+                return ["put", key, value.encode()]
+            except UnicodeEncodeError:
+                pass  # a lone surrogate: the general path names it
     if kind != "compare":
         op = item.get("op")
         if op not in ("put", "delete", "get"):

@@ -156,34 +156,41 @@ class WatchHub:
         """The store's on_event: called during apply, for each change in order."""
         index = event[3]
         assert index >= self.last_index, f"event index {index} after {self.last_index}"
-        self._events.append(event)
+        events = self._events
+        events.append(event)
         self._data.append(None)
-        self.held_bytes += _event_bytes(event)
+        value = event[2]
+        self.held_bytes += EVENT_OVERHEAD_BYTES + len(event[1]) + (0 if value is None else len(value))  # _event_bytes
         self.last_index = index
-        self._shared.clear()
+        if self._shared:
+            self._shared.clear()
         if index > self.applied_index:
             self.applied_index = index
         # The byte bound never evicts within the newest entry: its events must stay servable whole, however small
         # -watch-history-bytes is (an entry's events are bounded: its 2 MiB and 2,000 keys of a prefix delete).
-        while len(self._events) - self._head > 1 and (
-                len(self._events) - self._head > self.history_events
-                or (self.held_bytes > self.history_bytes and self._events[self._head][3] != index)):  # type: ignore[index]
-            self._evict()
+        if len(events) - self._head > self.history_events or self.held_bytes > self.history_bytes:
+            while len(events) - self._head > 1 and (
+                    len(events) - self._head > self.history_events
+                    or (self.held_bytes > self.history_bytes and events[self._head][3] != index)):  # type: ignore[index]
+                self._evict()
+                events = self._events  # a compaction replaces nothing but may shorten it
         key = event[1]
-        watchers = self._by_key.get(key)
-        if watchers:
-            self._matched(watchers, index)
-        node = self._prefix_trie
-        watchers = node.get("")
-        if watchers:
-            self._matched(watchers, index)
-        for character in key:
-            node = node.get(character)  # type: ignore[assignment]
-            if node is None:
-                break
+        if self._by_key:
+            watchers = self._by_key.get(key)
+            if watchers:
+                self._matched(watchers, index)
+        if self._prefix_trie:
+            node = self._prefix_trie
             watchers = node.get("")
             if watchers:
                 self._matched(watchers, index)
+            for character in key:
+                node = node.get(character)  # type: ignore[assignment]
+                if node is None:
+                    break
+                watchers = node.get("")
+                if watchers:
+                    self._matched(watchers, index)
         if self._wake is not None:
             self._wake.set()  # the waiters run once this apply yields: its whole group is in by then
             self._wake = None
