@@ -50,6 +50,8 @@ class Progress:
     snapshot: Snapshot | None = None  # SNAPSHOT: the one being sent, kept until done even if a newer one is taken
     snapshot_offset: int = 0  # SNAPSHOT: how many of its bytes the follower holds
     commit_sent: int = 0  # the highest leader_commit sent to it in an AppendEntries (this leadership's)
+    batch_tick: int = -1  # the leader's tick count when it last sent it entries
+    previous_batch_tick: int = -1  # ... and the time before
 
     @property
     def snapshot_index(self) -> int:

@@ -1154,3 +1154,33 @@ def test_a_follower_learns_a_lone_writes_commit_without_waiting_for_a_heartbeat(
     sent = len(commit_only)
     c.run_until(lambda: False, 200)  # quiet: heartbeats only
     assert len(commit_only) == sent
+
+
+def test_under_steady_writes_the_commit_index_rides_with_the_next_batch_and_goes_alone_once_they_stop():
+    """The other half of the rule above: writes a tick apart (each batch within a tick of the last) send no empty
+    append (one in flight would hold the next batch behind its round trip), and once they stop each follower gets
+    the last commit index within two ticks, still before the heartbeat (every 40 ticks)."""
+    c = Cluster(seed=5, heartbeat_ticks=40, election_ticks=200, max_delay=0)
+    leader = elect(c, max_ticks=2000)
+    followers = [c.nodes[n].node for n in c.nodes if n != leader]
+    commit_only = []
+    send = c.send
+
+    def counting_send(m) -> None:
+        if isinstance(m, AppendEntries) and m.src == leader and not m.entries and not m.read_round:
+            commit_only.append(m)
+        send(m)
+
+    c.send = counting_send  # type: ignore[method-assign]
+    c.run_until(lambda: False, 45)  # past the no-op's commit and a heartbeat
+    commit_only.clear()
+    writes = []
+    for i in range(30):
+        c.tick(clients=lambda: writes.append(c.client_write(leader, f"k{i}")))
+    assert all(w is not None and w in c.acked_writes for w in writes)
+    # The first write came after a quiet stretch: its commit went alone; the next 29 rode with the next batch.
+    assert len(commit_only) <= len(followers), commit_only
+    index = c.nodes[leader].node.commit_index
+    assert index >= writes[-1].index
+    assert c.run_until(lambda: all(f.commit_index >= index for f in followers), 3)
+    assert sorted(m.dst for m in commit_only[-len(followers):]) == sorted(f.node_id for f in followers)
