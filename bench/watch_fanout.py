@@ -352,6 +352,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_SECOND
 
 
+def cluster_term(system) -> int | None:
+    """raftdzmq's highest term among its nodes (None for etcd)."""
+    from load import Raftdzmq, get
+
+    if not isinstance(system, Raftdzmq):
+        return None
+    terms = []
+    for port in system.http_ports:
+        try:
+            terms.append(json.loads(get(f"http://127.0.0.1:{port}/status"))["term"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(terms) if terms else None
+
+
 def leader_and_follower(system) -> tuple[tuple[str, int], tuple[str, int]]:
     """((the leader's URL, pid), (a follower's URL, pid)) as the cluster stands now."""
     from load import Raftdzmq, get
@@ -394,6 +409,7 @@ def run_one(system, name: str, args: argparse.Namespace, workdir: str, run_numbe
             if "error" in ready:
                 raise SystemExit(f"bench: {kind} watchers: {ready}")
         ackfile = os.path.join(workdir, f"acks-{run_number}.json")
+        term_before = cluster_term(system)
         cpu_before = cpu_seconds(leader_pid), cpu_seconds(follower_pid), time.monotonic()
         print(f"  {kind}: {args.watchers} watchers on {follower}, writing {args.rate:g}/s for {args.duration:g} s to "
               f"{leader}", file=sys.stderr)
@@ -418,6 +434,10 @@ def run_one(system, name: str, args: argparse.Namespace, workdir: str, run_numbe
     with open(ackfile) as f:
         writer = json.load(f)["summary"]
     result = merge_parts(parts, writer, name, follower, leader)
+    term_after = cluster_term(system)
+    # Elections during the run (raftdzmq: the highest term moved; a write to a deposed leader fails): what a
+    # loaded machine does to a run, told apart from the watch path's own figures.
+    result["terms_moved"] = None if term_before is None or term_after is None else term_after - term_before
     # Each node's CPU (cores) from the writer's start to the last watcher's end (the drain included).
     result["leader_cpu"], result["follower_cpu"] = cpu
     return result
@@ -456,6 +476,9 @@ def print_results(results: list[dict]) -> None:
               f"{r['worst_watcher_p99_ms']:>10.1f}{r['watcher_cpu'] * 100:>9.0f}%{r['watcher_busy'] * 100:>5.0f}%"
               f"{r['write_p99_ms']:>10.1f}{r['leader_cpu'] * 100:>8.0f}%{r['follower_cpu'] * 100:>7.0f}%  {'yes' if r['valid'] else 'NO: the watchers process was the bottleneck'}; "
               f"{'yes' if r['writer_valid'] else 'writer: ' + r['writer_invalid_reason']}")
+        if r.get("terms_moved"):
+            print(f"    the cluster's term moved by {r['terms_moved']} during the run (an election: writes to the "
+                  f"deposed leader failed)")
         for b in r["behind"][:5]:
             print(f"    behind: watcher {b['watcher']} missed {b['missed']}, ended: {b['ended']}")
 
