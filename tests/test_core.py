@@ -1122,6 +1122,21 @@ def test_a_follower_reports_the_leaders_commit_index_not_only_its_own():
     assert node.status().leader_commit == last + 1
 
 
+def _record_commit_only_appends(c: Cluster, leader: str) -> list:
+    """From now on, the list of the AppendEntries `leader` sends without entries that are not heartbeats (no read
+    round): those that carry only a commit index."""
+    commit_only: list = []
+    send = c.send
+
+    def recording_send(m) -> None:
+        if isinstance(m, AppendEntries) and m.src == leader and not m.entries and not m.read_round:
+            commit_only.append(m)
+        send(m)
+
+    c.send = recording_send  # type: ignore[method-assign]
+    return commit_only
+
+
 def test_a_follower_learns_a_lone_writes_commit_without_waiting_for_a_heartbeat():
     """Watch fan-out (issue 14, bench/watch_fanout.py): the leader sent a commit index that moved without new
     entries only with the next append or heartbeat, so a lone write reached a follower's state machine, and its
@@ -1131,15 +1146,7 @@ def test_a_follower_learns_a_lone_writes_commit_without_waiting_for_a_heartbeat(
     c = Cluster(seed=11, heartbeat_ticks=40, election_ticks=200, max_delay=1)
     leader = elect(c, max_ticks=2000)
     followers = [c.nodes[n].node for n in c.nodes if n != leader]
-    commit_only = []  # the leader's AppendEntries without entries that are not heartbeats (no read round)
-    send = c.send
-
-    def counting_send(m) -> None:
-        if isinstance(m, AppendEntries) and m.src == leader and not m.entries and not m.read_round:
-            commit_only.append(m)
-        send(m)
-
-    c.send = counting_send  # type: ignore[method-assign]
+    commit_only = _record_commit_only_appends(c, leader)
     written = []
     for i in range(5):
         c.run_until(lambda: False, 7 + 3 * i)  # writes at different phases of the heartbeat
@@ -1163,15 +1170,7 @@ def test_under_steady_writes_the_commit_index_rides_with_the_next_batch_and_goes
     c = Cluster(seed=5, heartbeat_ticks=40, election_ticks=200, max_delay=0)
     leader = elect(c, max_ticks=2000)
     followers = [c.nodes[n].node for n in c.nodes if n != leader]
-    commit_only = []
-    send = c.send
-
-    def counting_send(m) -> None:
-        if isinstance(m, AppendEntries) and m.src == leader and not m.entries and not m.read_round:
-            commit_only.append(m)
-        send(m)
-
-    c.send = counting_send  # type: ignore[method-assign]
+    commit_only = _record_commit_only_appends(c, leader)
     c.run_until(lambda: False, 45)  # past the no-op's commit and a heartbeat
     commit_only.clear()
     writes = []
