@@ -36,7 +36,10 @@ Rules:
 - Reads are shared: watchers of the same filter that read from the same index with the same budgets while the
   history is unchanged get the same answer, so it is computed once, with its SSE frame (`next_sse`), and handed to
   each of them (`shared_reads` counts the reads answered so). Any change (an event, an applied index, an eviction, a
-  restore) drops the shared answers. The cost of a wake is then one lookup and one write per watcher, not a scan
+  restore) drops the shared answers. Only the most recent are kept: at most MAX_SHARED_ANSWERS, and their frames
+  about MAX_SHARED_BYTES (the newest answer's frame is kept whatever its size; the frames count in held_bytes, as
+  `shared_bytes`), so readers at many different places of a quiet history (a reconnect storm with different
+  Last-Event-IDs, catch-ups a cut read at a time) leave at most that much, not a frame each. The cost of a wake is then one lookup and one write per watcher, not a scan
   and an encoding of its events: at 1,000 watchers of one prefix that is what a follower spends (bench:
   docs/BENCHMARKS.md). The lists handed out are shared: callers never change them.
 - Waking: only the watchers whose filter matches an event are woken (by exact key: a dict; by prefix: a
@@ -68,6 +71,8 @@ EVENT_OVERHEAD_BYTES = 200  # an event's cost beyond its key and value (the tupl
 MAX_EVENTS_PER_READ = 1000  # events handed out by one read (a group of one index beyond it goes whole)
 MAX_BYTES_PER_READ = 4 << 20  # bytes of event JSON handed out by one read, the same way
 MAX_STREAM_BYTES_PER_READ = 1 << 20  # a stream's batch: one chunk, held until written
+MAX_SHARED_ANSWERS = 16  # shared reads kept at once, the most recently used (a wake's readers share a few)
+MAX_SHARED_BYTES = 4 << 20  # their SSE frames, about (the newest is kept whatever its size)
 WAKE_BATCH = 64  # watchers woken per turn of the event loop
 _COMPACT_EVENTS = 4096  # the evicted front of the list is dropped once it is this long and half the list
 _index_of: Callable[[Any], int] = itemgetter(3)  # Event.index, by position: faster than the attribute, and bisect's key
@@ -128,7 +133,7 @@ class WatchHub:
         self.history_start = 0
         self.last_index = 0  # the newest event's index (history_start after a restore past it)
         self.applied_index = 0  # every event at or below it is in (or was evicted from) the history
-        self.held_bytes = 0  # _event_bytes of the events in the history, and their cached JSON's length
+        self.held_bytes = 0  # _event_bytes of the events in the history, their cached JSON's length, shared_bytes
         self._events: list[Event | None] = []  # the history is _events[_head:], in index order; None: evicted
         self._data: list[bytes | None] = []  # each event's JSON, encoded once when first needed (same positions)
         self._head = 0
@@ -146,8 +151,9 @@ class WatchHub:
         self.evictions = 0  # events evicted, in all
         self.shared_reads = 0  # reads answered from another watcher's identical read (tests count them)
         # (key, prefix, scan from, max events, max bytes) -> [events, position, whole, SSE frame or None], while the
-        # history is unchanged (the rules: cleared on every change).
+        # history is unchanged (the rules: cleared on every change), least recently used first, bounded.
         self._shared: dict[tuple, list] = {}
+        self.shared_bytes = 0  # the length of the SSE frames in _shared (part of held_bytes)
 
     def __len__(self) -> int:
         return len(self._events) - self._head
@@ -163,7 +169,7 @@ class WatchHub:
         self.held_bytes += EVENT_OVERHEAD_BYTES + len(event[1]) + (0 if value is None else len(value))  # _event_bytes
         self.last_index = index
         if self._shared:
-            self._shared.clear()
+            self._drop_shared()
         if index > self.applied_index:
             self.applied_index = index
         # The byte bound never evicts within the newest entry: its events must stay servable whole, however small
@@ -199,7 +205,8 @@ class WatchHub:
         """The node applied the entry at `index` (whatever it changed): positions may move up to it."""
         if index > self.applied_index:
             self.applied_index = index
-            self._shared.clear()
+            if self._shared:
+                self._drop_shared()
 
     def _evict(self) -> None:
         head = self._head
@@ -209,7 +216,8 @@ class WatchHub:
         self._events[head] = self._data[head] = None  # its value may be large: not kept until the compaction
         self.held_bytes -= _event_bytes(evicted) + (0 if encoded is None else len(encoded))
         self.evictions += 1
-        self._shared.clear()
+        if self._shared:
+            self._drop_shared()
         self._head = head = head + 1
         if evicted[3] > self.history_start:
             self.history_start = evicted[3]  # what is left of its group is no longer promised
@@ -222,8 +230,8 @@ class WatchHub:
         handed out any more. Every waiter wakes, and those behind it are ended at their next read."""
         if index <= self.history_start:
             return
+        self._drop_shared()
         self._events, self._data, self._head, self.held_bytes = [], [], 0, 0
-        self._shared.clear()
         self.history_start = index
         self.last_index = max(self.last_index, index)
         self.applied_index = max(self.applied_index, index)
@@ -313,8 +321,12 @@ class WatchHub:
         if answer is None or not answer[0]:
             return [], b""
         frame = answer[3]
-        if frame is None:
+        if frame is None:  # the answer is the newest in _shared (_next put it there): its frame counts from here
             frame = answer[3] = self.sse(answer[0])
+            self.shared_bytes += len(frame)
+            self.held_bytes += len(frame)
+            while self.shared_bytes > MAX_SHARED_BYTES and len(self._shared) > 1:
+                self._forget_oldest_shared()
         return answer[0], frame
 
     def _next(self, watcher: Watcher, max_events: int, max_bytes: int) -> list | None:
@@ -334,16 +346,32 @@ class WatchHub:
             watcher.first_match = first_match
             raise
         key = (wanted.key, wanted.prefix, scan_from, max_events, max_bytes)
-        answer = self._shared.get(key)
+        shared = self._shared
+        answer = shared.pop(key, None)
         if answer is None:
-            answer = self._shared[key] = [*self._read(scan_from, wanted, max_events, max_bytes), None]
+            answer = [*self._read(scan_from, wanted, max_events, max_bytes), None]
+            if len(shared) >= MAX_SHARED_ANSWERS:
+                self._forget_oldest_shared()
         else:
             self.shared_reads += 1
+        shared[key] = answer  # the most recently used goes last: the oldest is forgotten first
         position, whole = answer[1], answer[2]
         watcher.position = position
         if not whole:
             watcher.first_match = position + 1  # cut: the next read goes on from here
         return answer
+
+    def _forget_oldest_shared(self) -> None:
+        frame = self._shared.pop(next(iter(self._shared)))[3]
+        if frame is not None:
+            self.shared_bytes -= len(frame)
+            self.held_bytes -= len(frame)
+
+    def _drop_shared(self) -> None:
+        """The history changed: no shared answer holds any more."""
+        self._shared.clear()
+        self.held_bytes -= self.shared_bytes
+        self.shared_bytes = 0
 
     def wait_for(self, watcher: Watcher, timeout_seconds: float, also: gevent.event.Event | None = None) -> None:
         """Block until a matching event (or a restore) may be there for `watcher`, `also` is set, or
