@@ -41,8 +41,8 @@ def random_schedules(profile: str | None = None) -> Callable[[int, str | None], 
 
 # Each budget is set from a measured catch rate so that a change to the schedules (which reshuffles which seeds
 # catch) misses with a probability below 1%: budget >= ln(100) / p, with p the share of seeds that catch taken at
-# about the low end of a 90% interval around what was measured. Random schedules count by seed (the three sizes of one seed catch or miss together
-# often: p is per seed, the budget in schedules three times that). Measured on perf and main (review of perf):
+# about the low end of a 90% interval around what was measured. Random schedules count by seed (the three sizes of
+# one seed often catch or miss together: p is per seed, the budget in schedules three times that). Measured on perf and main (review of perf):
 # read_without_quorum 34 of 240 seeds (14%), reply_before_fsync 25 of 160 (16%), count_own_entries_before_fsync
 # 16 of 80 (20%), forget_vote_on_restart 22 of 80 (28%), replay_filter 18 of 300 (6%), vote_twice and
 # keep_conflicting_suffix over half; lease scenario: lease_without_margin 63 of 600 (10.5%),

@@ -39,9 +39,9 @@ Rules:
   restore) drops the shared answers. Only the most recent are kept: at most MAX_SHARED_ANSWERS, and their frames
   about MAX_SHARED_BYTES (the newest answer's frame is kept whatever its size; the frames count in held_bytes, as
   `shared_bytes`), so readers at many different places of a quiet history (a reconnect storm with different
-  Last-Event-IDs, catch-ups a cut read at a time) leave at most that much, not a frame each. The cost of a wake is then one lookup and one write per watcher, not a scan
-  and an encoding of its events: at 1,000 watchers of one prefix that is what a follower spends (bench:
-  docs/BENCHMARKS.md). The lists handed out are shared: callers never change them.
+  Last-Event-IDs, catch-ups a cut read at a time) leave at most that much, not a frame each. The cost of a wake
+  is then one lookup and one write per watcher, not a scan and an encoding of its events: at 1,000 watchers of
+  one prefix that is what a follower spends (bench: docs/BENCHMARKS.md). The lists handed out are shared: callers never change them.
 - Waking: only the watchers whose filter matches an event are woken (by exact key: a dict; by prefix: a
   character trie walked along the key, stopping at its first missing character), once per read, and at most WAKE_BATCH a turn of the
   event loop (the rest in the next turns, after the Raft timers), so a burst for many watchers never holds the
