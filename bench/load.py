@@ -117,14 +117,18 @@ class System:
 
 
 class Raftdzmq(System):
-    def __init__(self, workdir: str, nodes: int, extra: list[str], build: str = ROOT) -> None:
-        """`build`: the checkout whose raftdzmq.py runs (another one: named after its folder)."""
+    def __init__(self, workdir: str, nodes: int, extra: list[str], build: str = ROOT,
+                 profile_to: str | None = None) -> None:
+        """`build`: the checkout whose raftdzmq.py runs (another one: named after its folder). `profile_to`: run
+        each node under bench/profile_node.py, its profile written to PROFILE_TO.<pid>.prof when it stops."""
         super().__init__(workdir)
         self.name = f"raftdzmq-{nodes}" + ("" if build == ROOT else f"-{os.path.basename(build.rstrip('/'))}")
         self.http_ports = []
         for i in range(nodes):
             port, http_port = free_port(), free_port()
-            args = [sys.executable, os.path.join(build, "raftdzmq.py"), "-p", str(port), "-hp", str(http_port)]
+            wrapper = [] if profile_to is None else [os.path.join(HERE, "profile_node.py"), profile_to]
+            args = [sys.executable, *wrapper, os.path.join(build, "raftdzmq.py"), "-p", str(port), "-hp",
+                    str(http_port)]
             if i > 0:
                 args += ["-join", f"127.0.0.1:{self.http_ports[0]}"]
             self.spawn(args + extra + [os.path.join(workdir, f"{self.name}-node{i + 1}")], f"{self.name}-{i + 1}.log",
@@ -368,6 +372,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gc-stats", action="store_true", help="time every garbage collection in each raftdzmq node "
                    "($RAFTDZMQ_GC_STATS) and print the pauses at the end")
     p.add_argument("--json", help="write all results to this file")
+    p.add_argument("--profile", metavar="PREFIX", help="run this build's nodes under cProfile (bench/profile_node.py): "
+                   "each node's profile goes to PREFIX.<pid>.prof when it stops (the leader: the first node)")
     p.add_argument("--plot", help="draw throughput and latency against concurrency to this PNG (needs matplotlib)")
     return p.parse_args()
 
@@ -380,7 +386,8 @@ def start_systems(args: argparse.Namespace, workdir: str, systems: list[System])
         s.name, s.url = "raftdzmq", args.url.rstrip("/")
         systems.append(s)
     else:
-        systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag))
+        systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag,
+                                profile_to=None if args.profile is None else os.path.abspath(args.profile)))
     for build in args.vs_build:
         systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag, build=os.path.abspath(build)))
     for ref in args.vs:

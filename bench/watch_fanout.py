@@ -43,6 +43,7 @@ import resource
 import selectors
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -351,6 +352,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_SECOND
 
 
+def cluster_term(system) -> int | None:
+    """raftdzmq's highest term among its nodes (None for etcd)."""
+    from load import Raftdzmq, get
+
+    if not isinstance(system, Raftdzmq):
+        return None
+    terms = []
+    for port in system.http_ports:
+        try:
+            terms.append(json.loads(get(f"http://127.0.0.1:{port}/status"))["term"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(terms) if terms else None
+
+
 def leader_and_follower(system) -> tuple[tuple[str, int], tuple[str, int]]:
     """((the leader's URL, pid), (a follower's URL, pid)) as the cluster stands now."""
     from load import Raftdzmq, get
@@ -371,8 +387,11 @@ def leader_and_follower(system) -> tuple[tuple[str, int], tuple[str, int]]:
     return leaders[0], followers[0]
 
 
-def run_one(system, kind: str, args: argparse.Namespace, workdir: str, run_number: int) -> dict:
+def run_one(system, name: str, args: argparse.Namespace, workdir: str, run_number: int) -> dict:
+    kind = "etcd" if name == "etcd" else "raftdzmq"  # the protocol; `name` tells builds apart
     (leader, leader_pid), (follower, follower_pid) = leader_and_follower(system)
+    if args.profile:
+        print(f"  {name}: the follower is pid {follower_pid}, the leader pid {leader_pid}", file=sys.stderr)
     prefix = f"fan{run_number}/"
     count = len(openloop.schedule_seconds(args.rate, args.duration))
     shares = [args.watchers // args.watcher_processes + (i < args.watchers % args.watcher_processes)
@@ -390,6 +409,7 @@ def run_one(system, kind: str, args: argparse.Namespace, workdir: str, run_numbe
             if "error" in ready:
                 raise SystemExit(f"bench: {kind} watchers: {ready}")
         ackfile = os.path.join(workdir, f"acks-{run_number}.json")
+        term_before = cluster_term(system)
         cpu_before = cpu_seconds(leader_pid), cpu_seconds(follower_pid), time.monotonic()
         print(f"  {kind}: {args.watchers} watchers on {follower}, writing {args.rate:g}/s for {args.duration:g} s to "
               f"{leader}", file=sys.stderr)
@@ -413,7 +433,11 @@ def run_one(system, kind: str, args: argparse.Namespace, workdir: str, run_numbe
                 p.wait()
     with open(ackfile) as f:
         writer = json.load(f)["summary"]
-    result = merge_parts(parts, writer, kind, follower, leader)
+    result = merge_parts(parts, writer, name, follower, leader)
+    term_after = cluster_term(system)
+    # Elections during the run (raftdzmq: the highest term moved; a write to a deposed leader fails): what a
+    # loaded machine does to a run, told apart from the watch path's own figures.
+    result["terms_moved"] = None if term_before is None or term_after is None else term_after - term_before
     # Each node's CPU (cores) from the writer's start to the last watcher's end (the drain included).
     result["leader_cpu"], result["follower_cpu"] = cpu
     return result
@@ -452,8 +476,25 @@ def print_results(results: list[dict]) -> None:
               f"{r['worst_watcher_p99_ms']:>10.1f}{r['watcher_cpu'] * 100:>9.0f}%{r['watcher_busy'] * 100:>5.0f}%"
               f"{r['write_p99_ms']:>10.1f}{r['leader_cpu'] * 100:>8.0f}%{r['follower_cpu'] * 100:>7.0f}%  {'yes' if r['valid'] else 'NO: the watchers process was the bottleneck'}; "
               f"{'yes' if r['writer_valid'] else 'writer: ' + r['writer_invalid_reason']}")
+        if r.get("terms_moved"):
+            print(f"    the cluster's term moved by {r['terms_moved']} during the run (an election: writes to the "
+                  f"deposed leader failed)")
         for b in r["behind"][:5]:
             print(f"    behind: watcher {b['watcher']} missed {b['missed']}, ended: {b['ended']}")
+
+
+def print_medians(results: list[dict]) -> None:
+    """Each system's medians over its runs (--repeat): the figures to compare when the systems alternated."""
+    print("medians over the runs:")
+    for name in dict.fromkeys(r["system"] for r in results):
+        runs = [r for r in results if r["system"] == name]
+        figures = {k: statistics.median(r[k] for r in runs)
+                   for k in ("p50_ms", "p99_ms", "max_ms", "watchers_complete", "events_received", "follower_cpu",
+                             "watcher_cpu")}
+        print(f"  {name:<24} runs {len(runs)}  p50 {figures['p50_ms']:.1f} ms  p99 {figures['p99_ms']:.1f} ms  "
+              f"max {figures['max_ms']:.0f} ms  complete {figures['watchers_complete']:g}  received "
+              f"{figures['events_received']:g}  follower cpu {figures['follower_cpu']:.2f}  watchers cpu "
+              f"{figures['watcher_cpu']:.2f}")
 
 
 def main_bench(args: argparse.Namespace) -> int:
@@ -463,8 +504,14 @@ def main_bench(args: argparse.Namespace) -> int:
     systems = []
     results = []
     try:
+        flags = ["-max-connections", str(2 * args.watchers + 200)]
+        profile_to = None if args.profile is None else os.path.abspath(args.profile)
         if "raftdzmq" in args.systems:
-            systems.append(("raftdzmq", Raftdzmq(workdir, 3, ["-max-connections", str(2 * args.watchers + 200)])))
+            systems.append(("raftdzmq", Raftdzmq(workdir, 3, flags, profile_to=profile_to)))
+        for build in args.vs_build:  # another checkout's raftdzmq.py: its results are named after its folder
+            system = Raftdzmq(workdir, 3, flags, build=os.path.abspath(build),
+                              profile_to=None if profile_to is None else f"{profile_to}-{os.path.basename(build)}")
+            systems.append((f"raftdzmq-{os.path.basename(os.path.abspath(build))}", system))
         if "etcd" in args.systems:
             if not shutil.which("etcd"):
                 raise SystemExit("bench: etcd is not on the PATH (apt-get install etcd-server)")
@@ -474,6 +521,8 @@ def main_bench(args: argparse.Namespace) -> int:
             for kind, system in systems:
                 run_number += 1
                 results.append(run_one(system, kind, args, workdir, run_number))
+        if len(results) > len(systems):
+            print_medians(results)
         print_results(results)
         if args.json:
             with open(args.json, "w") as f:
@@ -500,6 +549,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--watcher-processes", type=int, default=1,
                    help="split the watchers over this many processes (default 1)")
     p.add_argument("--json", help="write every run's figures to this file")
+    p.add_argument("--vs-build", action="append", default=[], metavar="DIR",
+                   help="also measure the raftdzmq.py of this checkout (e.g. from git archive), alternating")
+    p.add_argument("--profile", metavar="PREFIX", help="run raftdzmq's nodes under cProfile (bench/profile_node.py): "
+                   "each node's profile goes to PREFIX.<pid>.prof when it stops; the follower's pid is printed")
     # The subprocesses' own flags.
     p.add_argument("--system", choices=["raftdzmq", "etcd"], help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)

@@ -49,10 +49,18 @@ class Progress:
     recent_active: bool = False  # heard from within this election timeout (check-quorum, thesis §6.2)
     snapshot: Snapshot | None = None  # SNAPSHOT: the one being sent, kept until done even if a newer one is taken
     snapshot_offset: int = 0  # SNAPSHOT: how many of its bytes the follower holds
+    commit_sent: int = 0  # the highest leader_commit sent to it in an AppendEntries (this leadership's)
+    batch_tick: int = -1  # the leader's tick count when it last sent it entries
+    previous_batch_tick: int = -1  # ... and the time before
 
     @property
     def snapshot_index(self) -> int:
         return self.snapshot.last_included_index if self.snapshot is not None else 0
+
+    @property
+    def idle(self) -> bool:
+        """REPLICATE and nothing in flight: the follower acknowledged every entry sent to it."""
+        return self.state is ProgressState.REPLICATE and self.next_index <= self.match_index + 1
 
     @property
     def paused(self) -> bool:

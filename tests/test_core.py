@@ -1120,3 +1120,66 @@ def test_a_follower_reports_the_leaders_commit_index_not_only_its_own():
     node.advance(node.ready())
     node.step(AppendEntries(leader, follower, term + 1, last + 1, term, (), last + 1))
     assert node.status().leader_commit == last + 1
+
+
+def _record_commit_only_appends(c: Cluster, leader: str) -> list:
+    """From now on, the list of the AppendEntries `leader` sends without entries that are not heartbeats (no read
+    round): those that carry only a commit index."""
+    commit_only: list = []
+    send = c.send
+
+    def recording_send(m) -> None:
+        if isinstance(m, AppendEntries) and m.src == leader and not m.entries and not m.read_round:
+            commit_only.append(m)
+        send(m)
+
+    c.send = recording_send  # type: ignore[method-assign]
+    return commit_only
+
+
+def test_a_follower_learns_a_lone_writes_commit_without_waiting_for_a_heartbeat():
+    """Watch fan-out (issue 14, bench/watch_fanout.py): the leader sent a commit index that moved without new
+    entries only with the next append or heartbeat, so a lone write reached a follower's state machine, and its
+    watchers, up to a heartbeat late. Now an idle follower gets it at once in an empty AppendEntries: here within
+    the message delays after the write's acknowledgement (heartbeats every 40 ticks), for each of 5 writes, with
+    one such append per follower per write and none once the commit stands."""
+    c = Cluster(seed=11, heartbeat_ticks=40, election_ticks=200, max_delay=1)
+    leader = elect(c, max_ticks=2000)
+    followers = [c.nodes[n].node for n in c.nodes if n != leader]
+    commit_only = _record_commit_only_appends(c, leader)
+    written = []
+    for i in range(5):
+        c.run_until(lambda: False, 7 + 3 * i)  # writes at different phases of the heartbeat
+        write(c, f"k{i}")
+        index = c.nodes[leader].node.commit_index
+        written.append(index)
+        assert c.run_until(lambda: all(f.commit_index >= index for f in followers), 3), (
+            f"write {i}: followers at {[f.commit_index for f in followers]}, the leader's commit {index}")
+    sent_to = [(m.dst, m.leader_commit) for m in commit_only]
+    assert len(set(sent_to)) == len(sent_to), f"a commit sent twice to a follower: {sent_to}"
+    assert all((f.node_id, index) in sent_to for f in followers for index in written), sent_to
+    sent = len(commit_only)
+    c.run_until(lambda: False, 200)  # quiet: heartbeats only
+    assert len(commit_only) == sent
+
+
+def test_under_steady_writes_the_commit_index_rides_with_the_next_batch_and_goes_alone_once_they_stop():
+    """The other half of the rule above: writes a tick apart (each batch within a tick of the last) send no empty
+    append (one in flight would hold the next batch behind its round trip), and once they stop each follower gets
+    the last commit index within two ticks, still before the heartbeat (every 40 ticks)."""
+    c = Cluster(seed=5, heartbeat_ticks=40, election_ticks=200, max_delay=0)
+    leader = elect(c, max_ticks=2000)
+    followers = [c.nodes[n].node for n in c.nodes if n != leader]
+    commit_only = _record_commit_only_appends(c, leader)
+    c.run_until(lambda: False, 45)  # past the no-op's commit and a heartbeat
+    commit_only.clear()
+    writes = []
+    for i in range(30):
+        c.tick(clients=lambda: writes.append(c.client_write(leader, f"k{i}")))
+    assert all(w is not None and w in c.acked_writes for w in writes)
+    # The first write came after a quiet stretch: its commit went alone; the next 29 rode with the next batch.
+    assert len(commit_only) <= len(followers), commit_only
+    index = c.nodes[leader].node.commit_index
+    assert index >= writes[-1].index
+    assert c.run_until(lambda: all(f.commit_index >= index for f in followers), 3)
+    assert sorted(m.dst for m in commit_only[-len(followers):]) == sorted(f.node_id for f in followers)

@@ -1275,6 +1275,10 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
     ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": "0x2a"}]}', "a lease is a lease id"),
     ('{"success": [{"op": "put", "key": "k", "value": "1"}, {"op": "put", "key": "k", "value": "2"}]}',
      "success[1]: key 'k' is put twice"),
+    # The plain put's fast path (api._txn_item) leaves every problem to the general one.
+    (json.dumps({"success": [{"op": "put", "key": "k" * 4097, "value": "v"}]}), "1 to 4096 bytes"),
+    ('{"success": [{"op": "put", "key": "k", "value": 5}]}', "needs a value"),
+    ('{"success": [{"op": "put", "key": 5, "value": "v"}]}', "1 to 4096 bytes"),
 ])
 def test_a_malformed_txn_is_a_400_naming_the_problem(upgraded, body, problem):
     r = upgraded("POST", "/txn", body)

@@ -39,17 +39,26 @@ def random_schedules(profile: str | None = None) -> Callable[[int, str | None], 
     return lambda k, mutation: random_schedule(k // 3, SIZES[k % 3], mutation=mutation, profile=profile)
 
 
+# Each budget is set from a measured catch rate so that a change to the schedules (which reshuffles which seeds
+# catch) misses with a probability below 1%: budget >= ln(100) / p, with p the share of seeds that catch taken at
+# about the low end of a 90% interval around what was measured. Random schedules count by seed (the three sizes of
+# one seed often catch or miss together: p is per seed, the budget in schedules three times that). Measured on perf and main (review of perf):
+# read_without_quorum 34 of 240 seeds (14%), reply_before_fsync 25 of 160 (16%), count_own_entries_before_fsync
+# 16 of 80 (20%), forget_vote_on_restart 22 of 80 (28%), replay_filter 18 of 300 (6%), vote_twice and
+# keep_conflicting_suffix over half; lease scenario: lease_without_margin 63 of 600 (10.5%),
+# lease_longer_than_election_timeout 157 of 200. A budget costs time only when nothing catches the variant: the
+# run stops at the first catch.
 CASES = [
     Case("vote_twice", "simulator, random schedules", random_schedules(), 40),
-    Case("read_without_quorum", "simulator, random schedules, isolation profile", random_schedules("isolation"), 40),
+    Case("read_without_quorum", "simulator, random schedules, isolation profile", random_schedules("isolation"), 135),
     Case("commit_previous_term", "simulator, Figure 8 scripted", lambda k, m: figure_8_scenario(m), 1),
-    Case("lease_without_margin", "simulator, lease scenario (clocks 10% apart)", lease_scenario, 40),
+    Case("lease_without_margin", "simulator, lease scenario (clocks 10% apart)", lease_scenario, 80),
     Case("lease_longer_than_election_timeout", "simulator, lease scenario (clocks 10% apart)", lease_scenario, 40),
-    Case("reply_before_fsync", "simulator, random schedules", random_schedules(), 40),
-    Case("count_own_entries_before_fsync", "simulator, random schedules", random_schedules(), 60),
-    Case("forget_vote_on_restart", "simulator, random schedules, crashy profile", random_schedules("crashy"), 60),
+    Case("reply_before_fsync", "simulator, random schedules", random_schedules(), 135),
+    Case("count_own_entries_before_fsync", "simulator, random schedules", random_schedules(), 120),
+    Case("forget_vote_on_restart", "simulator, random schedules, crashy profile", random_schedules("crashy"), 90),
     Case("keep_conflicting_suffix", "simulator, random schedules", random_schedules(), 40),
-    Case("replay_filter", "simulator, random schedules", random_schedules(), 250),
+    Case("replay_filter", "simulator, random schedules", random_schedules(), 360),
 ]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import pytest
+
 import simulator
 from simulator import SafetyViolation, random_schedule
 
@@ -32,16 +34,30 @@ FAULTS = (
     "crash before save", "crash mid save", "crash after save", "crash after send", "crash inside a save",
     "crash inside a snapshot", "crash inside a recovery", "power failures", "process kills",
     "messages lost in a crash", "long delays", "messages read after a pause", "batched drives",
-    # A forked snapshot's child killed: in every chunk of 60 (20 chunks counted). A commit overtaken by a leader's
-    # snapshot ("snapshot overtaken by a leader's" in the stats) is reached in only 11 of those 20: not required.
-    "snapshot child killed",
+    # A commit overtaken by a leader's snapshot ("snapshot overtaken by a leader's" in the stats) is reached in only
+    # 11 of 20 chunks: not required.
     # A leader's snapshot restored over several drives (advance(rd, snapshot_applied=False), then
     # snapshot_applied), as the runtime restores a big state: 11 to 64 in each of the first 20 chunks.
     "snapshot restored over several drives",
 )
+# The faults required over the whole run only (the full chunks of one session, at least two of them): a forked
+# snapshot's child killed comes ~4 times a chunk of 60, as few as once, so a change to the schedules could leave a
+# chunk without one (review of perf, finding 3); over the 33 chunks of CI ~135. Its handling has a directed test
+# (test_a_snapshot_child_killed_in_its_file_is_dropped_and_the_node_snapshots_again).
+RUN_FAULTS = ("snapshot child killed",)
 
 
-def test_random_schedules(schedule_range, request):
+@pytest.fixture(scope="module")
+def run_faults():
+    """The faults of the module's full chunks, checked against RUN_FAULTS once they have all run."""
+    counted = {"chunks": 0, "faults": collections.Counter()}
+    yield counted
+    if counted["chunks"] >= 2:
+        missing = [f for f in RUN_FAULTS if not counted["faults"][f]]
+        assert not missing, f"{missing} never made in {counted['chunks']} chunks of {CHUNK} schedules"
+
+
+def test_random_schedules(schedule_range, run_faults):
     """Schedule k runs seed k // 3 on a cluster of SIZES[k % 3] nodes."""
     start, stop = schedule_range
     reads = writes = 0
@@ -54,6 +70,49 @@ def test_random_schedules(schedule_range, request):
     assert writes > 0 and reads > 0, "the schedules exercised no client traffic"
     if stop - start == CHUNK:
         assert not [f for f in FAULTS if not faults[f]], f"faults never made: {faults}"
+        run_faults["chunks"] += 1
+        run_faults["faults"].update(faults)
+
+
+def test_a_snapshot_child_killed_in_its_file_is_dropped_and_the_node_snapshots_again():
+    """The runtime's forked child killed at each of its file operations (take_snapshot: half the time only the
+    child dies, else the machine): the node goes on without that snapshot and without its *.tmp, takes the next
+    one, and recovers from its disk after a crash with the same state as the others."""
+    c = simulator.Cluster(seed=21, n=3)
+    assert c.run_until(lambda: c.leader() is not None, 1000)
+    node_id = next(i for i in c.ids if i != c.leader())
+    sn = c.nodes[node_id]
+
+    def applied_past_its_snapshot() -> bool:  # a write the node applied: something for take_snapshot to take
+        assert c.run_until(lambda: c.leader() is not None, 1000) and sn.alive
+        leader = c.nodes[c.leader()].node
+        c.client_write(leader.node_id)
+        written = leader.log.last_index
+        return c.run_until(lambda: sn.node.last_applied >= written > sn.node.log.snapshot_index, 300)
+
+    for op in range(simulator.WRITE_SNAPSHOT_OPS):
+        for _ in range(30):  # the coin of take_snapshot: 2**-30 that it never kills the child alone
+            assert applied_past_its_snapshot()
+            kills, snapshot_index = c.stats["snapshot child killed"], sn.node.log.snapshot_index
+            c.take_snapshot(node_id, crash_at_op=op, commit_now=False)
+            if c.stats["snapshot child killed"] > kills:
+                break
+            assert not sn.alive  # the machine died in it instead: again, after a restart
+            c.restart(node_id)
+        else:
+            raise AssertionError(f"no child killed alone at file operation {op} in 30 tries")
+        assert sn.alive and sn.forked is None and sn.node.log.snapshot_index == snapshot_index
+        assert not [f for f in sn.storage.fs.listdir(simulator.DATA_DIR) if f.endswith(".tmp")]
+        c.check_safety()
+    assert applied_past_its_snapshot()
+    c.take_snapshot(node_id)  # the next one, not killed
+    taken = sn.node.log.snapshot_index
+    assert taken == sn.node.last_applied > 0
+    c.crash(node_id)
+    c.restart(node_id)
+    assert sn.node.log.snapshot_index >= taken
+    simulator.check_liveness(c, 1000)
+    assert all(c.nodes[i].kv.data == sn.kv.data for i in c.ids)
 
 
 def test_the_history_checker_alone_catches_stale_reads(monkeypatch):
@@ -61,14 +120,14 @@ def test_the_history_checker_alone_catches_stale_reads(monkeypatch):
     answers reads without a quorum (the seed test_mutations finds first), and passes the same schedule without it."""
     monkeypatch.setattr(simulator.Cluster, "check_reads_at_once", False)
     caught = None
-    for k in range(40):
+    for k in range(135):  # read_without_quorum's budget in test_mutations (the first catch is at 46)
         try:
             random_schedule(k // 3, SIZES[k % 3], mutation="read_without_quorum", profile="isolation")
         except SafetyViolation as e:
             caught = k
             assert "linearizability (history checker)" in str(e).splitlines()[0], str(e).splitlines()[0]
             break
-    assert caught is not None, "the history checker caught no stale read in 40 schedules"
+    assert caught is not None, "the history checker caught no stale read in 135 schedules"
     random_schedule(caught // 3, SIZES[caught % 3], profile="isolation")
 
 

@@ -10,7 +10,8 @@ import gevent
 import pytest
 
 from raftlib.server.store import DELETE_PREFIX, SET, TXN, Event, KeyValueStore, SET_FEATURE_LEVEL, command
-from raftlib.server.watch import MAX_EVENTS_PER_READ, Behind, Filter, WatchHub, event_json, sse_frame
+from raftlib.server.watch import (EVENT_OVERHEAD_BYTES, MAX_EVENTS_PER_READ, MAX_SHARED_ANSWERS, MAX_SHARED_BYTES,
+                                   Behind, Filter, WatchHub, event_json, sse_frame)
 from test_http_api import Client
 
 ALL = Filter(prefix="")
@@ -363,6 +364,66 @@ def test_an_event_wakes_only_the_watchers_of_its_key_and_of_its_prefixes_once_ea
     assert not hub._by_key and not hub._by_prefix and not hub._prefix_trie
 
 
+def test_watchers_of_one_filter_at_one_place_share_one_read_and_one_frame_until_the_history_changes():
+    """The fan-out's cost (docs/BENCHMARKS.md): 1,000 watchers of one prefix each scanned, encoded and framed the
+    same events. Now the first read is computed and the rest share it, the frame the same bytes object."""
+    hub = WatchHub()
+    same = [hub.watch(0, Filter(prefix="app/")) for _ in range(50)]
+    other = hub.watch(0, Filter(prefix="app/x"))
+    for watcher in [*same, other]:
+        assert hub.next(watcher) == []
+    for i in range(1, 4):
+        hub.on_event(put(i, f"app/{'x' if i == 2 else 'y'}{i}"))
+        hub.applied(i)
+    shared_before = hub.shared_reads
+    answers = [hub.next_sse(watcher) for watcher in same]
+    assert all(indices(events) == [1, 2, 3] for events, _ in answers)
+    assert answers[0][1] == sse_frame(answers[0][0]) and all(frame is answers[0][1] for _, frame in answers)
+    assert hub.shared_reads - shared_before == len(same) - 1 and all(w.position == 3 for w in same)
+    assert hub.encodings == 3  # each event once
+    events, frame = hub.next_sse(other)  # another filter: its own read
+    assert indices(events) == [2] and frame == sse_frame(events)
+    assert hub.shared_reads - shared_before == len(same) - 1
+    # A change between two reads from the same place: the later reader sees it, not the earlier answer.
+    behind = [hub.watch(3, Filter(prefix="app/")) for _ in range(2)]
+    hub.on_event(put(4, "app/y4"))
+    assert indices(hub.next(behind[0])) == [4]
+    hub.on_event(put(5, "app/y5"))
+    hub.applied(5)
+    assert indices(hub.next(behind[1])) == [4, 5] and behind[1].position == 5
+    events, frame = hub.next_sse(same[0])
+    assert indices(events) == [4, 5] and frame == sse_frame(events)
+    assert hub.next_sse(same[0]) == ([], b"")  # read to the end: nothing until the next match
+
+
+def test_readers_at_many_places_of_a_quiet_history_leave_a_bounded_few_shared_frames_counted_in_held_bytes():
+    """Review of perf, finding 1: every shared answer kept its SSE frame (up to 1 MiB) until the history next
+    changed, outside held_bytes: 1,000 reconnects with different Last-Event-IDs on a quiet cluster left ~1 GB. Now
+    only the most recent few are kept, their frames counted in held_bytes, and a wake's readers still share."""
+    hub = WatchHub(history_bytes=1 << 30)
+    for index in range(1, 65):
+        hub.on_event(put(index, f"app/{index}", b"x" * (64 << 10)))
+        hub.applied(index)
+    hub.read(0, ALL)  # every event's JSON encoded and counted: what is added from here is the frames'
+    history_bytes = hub.held_bytes
+    written = 0
+    for position in range(64):  # each reads once from its own place (cut past 1 MiB below 48), as a stream does
+        events, frame = hub.next_sse(hub.watch(position, Filter(prefix="app/")))
+        assert events and events[0].index == position + 1
+        written += len(frame)
+    kept = sum(len(answer[3] or b"") for answer in hub._shared.values())
+    assert written > 40 << 20  # unbounded, the cache kept all of it
+    assert len(hub._shared) <= MAX_SHARED_ANSWERS and kept <= MAX_SHARED_BYTES + (2 << 20)
+    assert hub.held_bytes == history_bytes + kept == history_bytes + hub.shared_bytes
+    same = [hub.watch(10, Filter(prefix="app/")) for _ in range(20)]
+    shared_before = hub.shared_reads
+    frames = [hub.next_sse(watcher)[1] for watcher in same]
+    assert all(frame is frames[0] for frame in frames) and hub.shared_reads - shared_before == len(same) - 1
+    hub.on_event(put(65, "other"))  # a change drops them all, and their bytes
+    assert not hub._shared and hub.shared_bytes == 0
+    assert hub.held_bytes == history_bytes + EVENT_OVERHEAD_BYTES + len("other") + 1
+
+
 def test_a_stale_wake_does_not_end_every_later_wait_at_once():
     # The watcher reads its event before its queued wake runs: the wake then finds nothing to read. A read that
     # finds nothing must clear it, else every wait_for returns at once and a stream spins (review 2, item 1).
@@ -452,7 +513,6 @@ def test_an_event_is_encoded_once_for_all_the_watchers_that_read_it(client, monk
 
 def test_the_history_is_bounded_in_bytes_and_drops_what_it_evicts_at_once():
     """Review 4: evicted events stayed referenced until the compaction (1,500 puts of 1 MiB: 2.1 GB)."""
-    from raftlib.server.watch import EVENT_OVERHEAD_BYTES
 
     hub = WatchHub(history_events=10_000, history_bytes=4 << 20)
     big = b"x" * (1 << 20)

@@ -585,6 +585,13 @@ def _txn_item(item: object, kind: str, where: str) -> list:
     """One compare or op of a JSON transaction as the store's TXN carries it (store.txn_problem)."""
     if not isinstance(item, dict):
         raise BadTxn(f"{where}: want a JSON object")
+    if len(item) == 3 and item.get("op") == "put" and kind != "compare":  # the common case first: {op, key, value}
+        key, value = item.get("key"), item.get("value")
+        if type(key) is str and type(value) is str and key and key.isascii() and len(key) <= MAX_KEY_BYTES:
+            try:
+                return ["put", key, value.encode()]
+            except UnicodeEncodeError:
+                pass  # a lone surrogate: the general path names it
     if kind != "compare":
         op = item.get("op")
         if op not in ("put", "delete", "get"):
@@ -952,14 +959,14 @@ def _stream(api: Api, position: int, wanted: Filter, environ: dict) -> Iterator[
                     yield b": are you there\n\n"  # fails once the client closed both ways: the stream ends
                     continue
             try:
-                events = hub.next(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
+                events, frame = hub.next_sse(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
             except Behind as e:
                 metrics.watches_behind.inc("stream")
                 yield sse_error(str(e), e.oldest_index)
                 return
             if events:
                 metrics.watch_events.inc("stream", len(events))
-                yield hub.sse(events)
+                yield frame
                 sent_position = events[-1][3]
                 written_at = time.monotonic()
                 continue

@@ -33,6 +33,15 @@ Rules:
   only with the last event of an index (`sse_frame`), so a client's Last-Event-ID always names a whole group.
 - Each event's JSON is encoded once, when a watcher first needs it, and shared (`encodings` counts them); its
   length counts in held_bytes (JSON escapes make it up to 6x the raw bytes).
+- Reads are shared: watchers of the same filter that read from the same index with the same budgets while the
+  history is unchanged get the same answer, so it is computed once, with its SSE frame (`next_sse`), and handed to
+  each of them (`shared_reads` counts the reads answered so). Any change (an event, an applied index, an eviction, a
+  restore) drops the shared answers. Only the most recent are kept: at most MAX_SHARED_ANSWERS, and their frames
+  about MAX_SHARED_BYTES (the newest answer's frame is kept whatever its size; the frames count in held_bytes, as
+  `shared_bytes`), so readers at many different places of a quiet history (a reconnect storm with different
+  Last-Event-IDs, catch-ups a cut read at a time) leave at most that much, not a frame each. The cost of a wake
+  is then one lookup and one write per watcher, not a scan and an encoding of its events: at 1,000 watchers of
+  one prefix that is what a follower spends (bench: docs/BENCHMARKS.md). The lists handed out are shared: callers never change them.
 - Waking: only the watchers whose filter matches an event are woken (by exact key: a dict; by prefix: a
   character trie walked along the key, stopping at its first missing character), once per read, and at most WAKE_BATCH a turn of the
   event loop (the rest in the next turns, after the Raft timers), so a burst for many watchers never holds the
@@ -62,6 +71,8 @@ EVENT_OVERHEAD_BYTES = 200  # an event's cost beyond its key and value (the tupl
 MAX_EVENTS_PER_READ = 1000  # events handed out by one read (a group of one index beyond it goes whole)
 MAX_BYTES_PER_READ = 4 << 20  # bytes of event JSON handed out by one read, the same way
 MAX_STREAM_BYTES_PER_READ = 1 << 20  # a stream's batch: one chunk, held until written
+MAX_SHARED_ANSWERS = 16  # shared reads kept at once, the most recently used (a wake's readers share a few)
+MAX_SHARED_BYTES = 4 << 20  # their SSE frames, about (the newest is kept whatever its size)
 WAKE_BATCH = 64  # watchers woken per turn of the event loop
 _COMPACT_EVENTS = 4096  # the evicted front of the list is dropped once it is this long and half the list
 _index_of: Callable[[Any], int] = itemgetter(3)  # Event.index, by position: faster than the attribute, and bisect's key
@@ -122,7 +133,7 @@ class WatchHub:
         self.history_start = 0
         self.last_index = 0  # the newest event's index (history_start after a restore past it)
         self.applied_index = 0  # every event at or below it is in (or was evicted from) the history
-        self.held_bytes = 0  # _event_bytes of the events in the history, and their cached JSON's length
+        self.held_bytes = 0  # _event_bytes of the events in the history, their cached JSON's length, shared_bytes
         self._events: list[Event | None] = []  # the history is _events[_head:], in index order; None: evicted
         self._data: list[bytes | None] = []  # each event's JSON, encoded once when first needed (same positions)
         self._head = 0
@@ -138,6 +149,11 @@ class WatchHub:
         self.wakes = 0  # watchers woken, in all (tests count them)
         self.encodings = 0  # events encoded to JSON, in all (tests count them)
         self.evictions = 0  # events evicted, in all
+        self.shared_reads = 0  # reads answered from another watcher's identical read (tests count them)
+        # (key, prefix, scan from, max events, max bytes) -> [events, position, whole, SSE frame or None], while the
+        # history is unchanged (the rules: cleared on every change), least recently used first, bounded.
+        self._shared: dict[tuple, list] = {}
+        self.shared_bytes = 0  # the length of the SSE frames in _shared (part of held_bytes)
 
     def __len__(self) -> int:
         return len(self._events) - self._head
@@ -146,33 +162,41 @@ class WatchHub:
         """The store's on_event: called during apply, for each change in order."""
         index = event[3]
         assert index >= self.last_index, f"event index {index} after {self.last_index}"
-        self._events.append(event)
+        events = self._events
+        events.append(event)
         self._data.append(None)
-        self.held_bytes += _event_bytes(event)
+        value = event[2]
+        self.held_bytes += EVENT_OVERHEAD_BYTES + len(event[1]) + (0 if value is None else len(value))  # _event_bytes
         self.last_index = index
+        if self._shared:
+            self._drop_shared()
         if index > self.applied_index:
             self.applied_index = index
         # The byte bound never evicts within the newest entry: its events must stay servable whole, however small
         # -watch-history-bytes is (an entry's events are bounded: its 2 MiB and 2,000 keys of a prefix delete).
-        while len(self._events) - self._head > 1 and (
-                len(self._events) - self._head > self.history_events
-                or (self.held_bytes > self.history_bytes and self._events[self._head][3] != index)):  # type: ignore[index]
-            self._evict()
+        if len(events) - self._head > self.history_events or self.held_bytes > self.history_bytes:
+            while len(events) - self._head > 1 and (
+                    len(events) - self._head > self.history_events
+                    or (self.held_bytes > self.history_bytes and events[self._head][3] != index)):  # type: ignore[index]
+                self._evict()
+                events = self._events  # a compaction replaces nothing but may shorten it
         key = event[1]
-        watchers = self._by_key.get(key)
-        if watchers:
-            self._matched(watchers, index)
-        node = self._prefix_trie
-        watchers = node.get("")
-        if watchers:
-            self._matched(watchers, index)
-        for character in key:
-            node = node.get(character)  # type: ignore[assignment]
-            if node is None:
-                break
+        if self._by_key:
+            watchers = self._by_key.get(key)
+            if watchers:
+                self._matched(watchers, index)
+        if self._prefix_trie:
+            node = self._prefix_trie
             watchers = node.get("")
             if watchers:
                 self._matched(watchers, index)
+            for character in key:
+                node = node.get(character)  # type: ignore[assignment]
+                if node is None:
+                    break
+                watchers = node.get("")
+                if watchers:
+                    self._matched(watchers, index)
         if self._wake is not None:
             self._wake.set()  # the waiters run once this apply yields: its whole group is in by then
             self._wake = None
@@ -181,6 +205,8 @@ class WatchHub:
         """The node applied the entry at `index` (whatever it changed): positions may move up to it."""
         if index > self.applied_index:
             self.applied_index = index
+            if self._shared:
+                self._drop_shared()
 
     def _evict(self) -> None:
         head = self._head
@@ -190,6 +216,8 @@ class WatchHub:
         self._events[head] = self._data[head] = None  # its value may be large: not kept until the compaction
         self.held_bytes -= _event_bytes(evicted) + (0 if encoded is None else len(encoded))
         self.evictions += 1
+        if self._shared:
+            self._drop_shared()
         self._head = head = head + 1
         if evicted[3] > self.history_start:
             self.history_start = evicted[3]  # what is left of its group is no longer promised
@@ -202,6 +230,7 @@ class WatchHub:
         handed out any more. Every waiter wakes, and those behind it are ended at their next read."""
         if index <= self.history_start:
             return
+        self._drop_shared()
         self._events, self._data, self._head, self.held_bytes = [], [], 0, 0
         self.history_start = index
         self.last_index = max(self.last_index, index)
@@ -279,24 +308,70 @@ class WatchHub:
 
     def next(self, watcher: Watcher, max_events: int = MAX_EVENTS_PER_READ,
              max_bytes: int = MAX_BYTES_PER_READ) -> list[Event]:
-        """The watcher's next events (whole groups, within the budgets); its position moves past what was looked
-        at. Raises Behind when a matching event may have been evicted."""
+        """The watcher's next events (whole groups, within the budgets; a shared list: not to be changed); its
+        position moves past what was looked at. Raises Behind when a matching event may have been evicted."""
+        answer = self._next(watcher, max_events, max_bytes)
+        return [] if answer is None else answer[0]
+
+    def next_sse(self, watcher: Watcher, max_events: int = MAX_EVENTS_PER_READ,
+                 max_bytes: int = MAX_STREAM_BYTES_PER_READ) -> tuple[list[Event], bytes]:
+        """`next` and the SSE frame of its events (b"" for none), both shared with every watcher that made the
+        same read while the history stayed the same (the module's rules)."""
+        answer = self._next(watcher, max_events, max_bytes)
+        if answer is None or not answer[0]:
+            return [], b""
+        frame = answer[3]
+        if frame is None:  # the answer is the newest in _shared (_next put it there): its frame counts from here
+            frame = answer[3] = self.sse(answer[0])
+            self.shared_bytes += len(frame)
+            self.held_bytes += len(frame)
+            while self.shared_bytes > MAX_SHARED_BYTES and len(self._shared) > 1:
+                self._forget_oldest_shared()
+        return answer[0], frame
+
+    def _next(self, watcher: Watcher, max_events: int, max_bytes: int) -> list | None:
+        """The shared answer [events, position, whole, frame or None] of the watcher's next read (None: nothing
+        matching came since it last read to the end); its position and first_match move."""
         first_match = watcher.first_match
         watcher.woken.clear()  # on both paths: a wake left set from an earlier read would end every wait at once
         if first_match is None:  # nothing that matches came: all up to the applied index was looked at
             watcher.position = max(watcher.position, self.applied_index)
-            return []
+            return None
         scan_from = max(watcher.position, first_match - 1)
         watcher.first_match = None  # before the read: what arrives from here on marks it again
+        wanted = watcher.wanted
         try:
-            events, position, whole = self._read(scan_from, watcher.wanted, max_events, max_bytes)
+            self.check(scan_from)
         except Behind:
             watcher.first_match = first_match
             raise
+        key = (wanted.key, wanted.prefix, scan_from, max_events, max_bytes)
+        shared = self._shared
+        answer = shared.pop(key, None)
+        if answer is None:
+            answer = [*self._read(scan_from, wanted, max_events, max_bytes), None]
+            if len(shared) >= MAX_SHARED_ANSWERS:
+                self._forget_oldest_shared()
+        else:
+            self.shared_reads += 1
+        shared[key] = answer  # the most recently used goes last: the oldest is forgotten first
+        position, whole = answer[1], answer[2]
         watcher.position = position
         if not whole:
             watcher.first_match = position + 1  # cut: the next read goes on from here
-        return events
+        return answer
+
+    def _forget_oldest_shared(self) -> None:
+        frame = self._shared.pop(next(iter(self._shared)))[3]
+        if frame is not None:
+            self.shared_bytes -= len(frame)
+            self.held_bytes -= len(frame)
+
+    def _drop_shared(self) -> None:
+        """The history changed: no shared answer holds any more."""
+        self._shared.clear()
+        self.held_bytes -= self.shared_bytes
+        self.shared_bytes = 0
 
     def wait_for(self, watcher: Watcher, timeout_seconds: float, also: gevent.event.Event | None = None) -> None:
         """Block until a matching event (or a restore) may be there for `watcher`, `also` is set, or
