@@ -362,6 +362,35 @@ def test_a_named_node_on_a_new_data_dir_is_a_new_node(tmp_path):
             n.kill()
 
 
+def test_a_member_whose_log_is_lost_is_refused_and_a_log_without_node_json_too(tmp_path):
+    """Review of ops 2, A: a member that lost log/ but kept node.json came back under its old id with term 0,
+    voted, and an acknowledged write was lost (with -join too: taken as a retry). Once a leader accepted it,
+    node.json says "joined", and a start without its log exits with one line (code 2) saying how to go on.
+    F: a log without node.json ran under a new id outside its configuration: refused too."""
+    node, other = Node("n", str(tmp_path)), Node("other", str(tmp_path))
+    try:
+        node.start("-name", "alpha")
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        other.start("-name", "beta", join=node.address)
+        wait_for(lambda: other.request("GET", "/db/none").status == 404, 30, "the joined node to answer")
+        identity = json.loads(open(os.path.join(other.data_dir, "node.json")).read())
+        assert identity["joined"] is True and identity["name"] == "beta", identity
+        other.kill()
+        os.rename(os.path.join(other.data_dir, "log"), str(tmp_path / "log"))  # its volume did not mount
+        flags = ("-p", str(other.port), "-hp", str(other.http_port), other.data_dir)
+        out = run_command("-join", node.address, *flags, timeout=20)
+        assert out.returncode == 2 and "its log is missing" in out.stderr and out.stderr.count("\n") == 1, out
+        shutil.rmtree(os.path.join(other.data_dir, "log"))
+        os.rename(str(tmp_path / "log"), os.path.join(other.data_dir, "log"))
+        os.remove(os.path.join(other.data_dir, "node.json"))
+        out = run_command(*flags)
+        assert out.returncode == 2 and "holds a log but no node.json" in out.stderr and \
+            out.stderr.count("\n") == 1, out
+    finally:
+        for n in (other, node):
+            n.kill()
+
+
 def test_a_restored_node_is_a_new_node_under_an_old_members_name(tmp_path):
     """A restored node starts a new cluster: given -name of a member of the backed-up cluster, it has a new id
     all the same (the old members' messages name the old one)."""
