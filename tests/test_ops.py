@@ -323,6 +323,8 @@ def test_name_makes_the_node_id_and_a_restart_keeps_it(tmp_path):
         assert out.stderr.count("\n") == 1
         out = run_command("-name", "no/slash", node.data_dir)
         assert out.returncode == 2 and "-name must be" in out.stderr
+        out = run_command("-name", "db-0a1b2c3d", node.data_dir)  # review of ops 2, D: it would read as an id
+        assert out.returncode == 2 and "-name must not end in -<8 hex digits>" in out.stderr
     finally:
         node.kill()
 
@@ -466,6 +468,10 @@ def test_every_flag_from_the_environment_the_command_line_wins(tmp_path):
     out = subprocess.run([sys.executable, SERVER, str(tmp_path / "z")], env={**os.environ, "RAFTDZMQ_PORT": "x"},
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "$RAFTDZMQ_PORT" in out.stderr
+    for one_off, value in (("FORCE_NEW_CLUSTER", "true"), ("RESTORE", "backup.snap")):  # review of ops 2, E
+        out = subprocess.run([sys.executable, SERVER, str(tmp_path / "z")], capture_output=True, text=True,
+                             env={**os.environ, f"RAFTDZMQ_{one_off}": value}, timeout=30)
+        assert out.returncode == 2 and f"$RAFTDZMQ_{one_off} is not read from the environment" in out.stderr, out
 
 
 def test_h_alone_prints_the_usage_with_a_hint(tmp_path):
