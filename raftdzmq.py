@@ -36,7 +36,7 @@ from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, S
 from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
 from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
 from raftlib.server.tuning import freeze_after_start, watch_gc_from_env  # noqa: E402
-from raftlib.storage import StorageError  # noqa: E402
+from raftlib.storage import NAMED_ID, StorageError  # noqa: E402
 from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
 
@@ -153,8 +153,10 @@ def env_defaults(p: argparse.ArgumentParser, environ: dict[str, str]) -> dict[st
     out: dict[str, object] = {}
     for action in p._actions:
         name = env_name(action.dest)
-        if action.dest in NOT_FROM_ENV or name not in environ:
+        if name not in environ:
             continue
+        if action.dest in NOT_FROM_ENV:  # a one-off: set for good, it would act at every start (review of ops 2, E)
+            p.error(f"${name} is not read from the environment: give {action.option_strings[0]} on the command line")
         raw = environ[name]
         if isinstance(action, argparse._StoreTrueAction):
             if raw.lower() not in TRUE_WORDS + FALSE_WORDS:
@@ -192,6 +194,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     args = p.parse_args(argv)
     if args.name is not None and not NAME_PATTERN.fullmatch(args.name):
         p.error("-name must be 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if args.name is not None and NAMED_ID.fullmatch(args.name):
+        p.error("-name must not end in -<8 hex digits>: node ids are NAME-<8 random hex>, and the name would read "
+                "as one")
     if args.sign is None and args.data_dir is None:
         p.error("the following arguments are required: DATA_DIR")
     if args.sign_node is not None and (args.sign is None or args.sign_body):

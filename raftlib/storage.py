@@ -132,6 +132,11 @@ class RestoreNotJoin(StorageError):
     """A data dir holding a restored backup was started with -join."""
 
 
+class LogMissing(StorageError):
+    """A data dir whose node.json says a cluster had it ("joined") holds no term, no log and no snapshot, or one
+    that holds a log but no node.json: its log and its identity no longer go together (start_node)."""
+
+
 class RecordTooBig(StorageError):
     """A log entry too big for any record (over MAX_RECORD_BYTES): refused before anything is written."""
 
@@ -839,21 +844,55 @@ class DiskStorage:
             raise StorageError(f"{self._identity_path} is not a JSON object")
         return ident
 
-    def write_identity(self, node_id: str, raft_address: str, http_address: str) -> None:
-        ident = {"format": FORMAT_VERSION, "node_id": node_id, "raft_address": raft_address,
-                 "http_address": http_address}
+    def write_identity(self, node_id: str, raft_address: str, http_address: str, name: str | None = None) -> None:
+        ident: dict = {"format": FORMAT_VERSION, "node_id": node_id, "raft_address": raft_address,
+                       "http_address": http_address}
+        if name is not None:
+            ident["name"] = name  # the -name it was made with (name_of): never parsed back from the id
+        self._write_identity(ident)
+
+    def _write_identity(self, ident: dict) -> None:
         _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
                           folder=self._folders[self.data_dir])
 
-    def fence(self, node_ids: tuple[str, ...], forced: tuple[int, int]) -> None:
-        """Add `node_ids` to node.json's "fenced" list and set "forced" to [index, term] of the forced entry
-        (force_new_cluster's rules), crash-safe (the old file or the new one)."""
+    def update_identity(self, **fields: object) -> None:
+        """Set `fields` in node.json (None removes one), crash-safe (the old file or the new one)."""
         ident = self.read_identity()
-        assert ident is not None, "fence a node that has an identity"
-        ident["fenced"] = sorted(set(ident.get("fenced", [])) | set(node_ids))
-        ident["forced"] = list(forced)
-        _write_atomically(self.fs, self._identity_path, json.dumps(ident, indent=1).encode() + b"\n",
-                          folder=self._folders[self.data_dir])
+        assert ident is not None, "update the identity of a node that has one"
+        for key, value in fields.items():
+            if value is None:
+                ident.pop(key, None)
+            else:
+                ident[key] = value
+        self._write_identity(ident)
+
+    def mark_joined(self) -> None:
+        """node.json's "joined": a leader accepted this node, or it bootstrapped (or was restored). From then on a
+        start without its log is refused (start_node, LogMissing): its votes would be those of a node that forgot
+        what it promised."""
+        if not (self.read_identity() or {}).get("joined"):
+            self.update_identity(joined=True)
+
+    def fence(self, node_ids: tuple[str, ...], forced: tuple[int, int]) -> None:
+        """Record, before the forced entry is written, node.json's "forcing": the members `node_ids` to fence and
+        [index, term] of the forced entry (force_new_cluster's rules); `confirm_force` folds it into "fenced"
+        and "forced" once the entry is in the log, and so does the next start (settle_forcing) when a crash came
+        between. Crash-safe (the old file or the new one)."""
+        self.update_identity(forcing={"fenced": sorted(node_ids), "forced": list(forced)})
+
+    def fenced(self) -> frozenset[str]:
+        """The members this node removed by -force-new-cluster (node.json's "fenced", and "forcing"'s while a
+        force is being recorded): the server drops their messages while they are not members."""
+        ident = self.read_identity() or {}
+        return frozenset(ident.get("fenced", ())) | frozenset((ident.get("forcing") or {}).get("fenced", ()))
+
+    def confirm_force(self) -> None:
+        """The forced entry is in the log: "forcing" becomes "forced", and its members join "fenced"."""
+        ident = self.read_identity() or {}
+        forcing = ident.get("forcing")
+        if forcing is not None:
+            self.update_identity(fenced=sorted(set(ident.get("fenced", [])) | set(forcing["fenced"])),
+                                 forced=forcing["forced"], forcing=None)
 
     # ---- the node's key (with a cluster secret) ------------------------------------------------------------
 
@@ -1461,7 +1500,7 @@ def name_of(node_id: str) -> str:
 
 
 def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft_address: str, http_address: str,
-               join: bool, public_key: str = "") -> NodeStart:
+               join: bool, public_key: str = "", name: str | None = None) -> NodeStart:
     """Who this data dir's node is and what it must do, made crash-safe. The states, each durable before the next
     is entered, so that a crash anywhere leaves one of them:
 
@@ -1474,10 +1513,16 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                                            next start bootstraps again, with the same id.
         node.json + JOINING "join"         a joining node no leader has accepted yet: joins again with the same id
                                            (with -join; without, NotJoined, saying how to go on).
-        node.json, no JOINING              a leader accepted the join (the server removed JOINING then), or the node
-                                           bootstrapped: it runs. When it has no log yet either, a leader has yet
-                                           to reach it (or an older raftdzmq wrote the dir): a warning.
-        a term, entries or a snapshot      in a cluster: runs (-join ignored); a JOINING left over is removed,
+        node.json, no JOINING              a leader accepted the join (the server wrote "joined" in node.json,
+                                           then removed JOINING), or the node bootstrapped ("joined" too): it
+                                           runs. With "joined" but no term, no log and no snapshot, its log is
+                                           lost: LogMissing (review of ops 2, A: under its old id it would vote
+                                           as a node that forgot its votes and entries). Without "joined" (a dir
+                                           of an older raftdzmq that never started with its log since): a warning.
+        a log but no node.json             LogMissing (review of ops 2, F: it ran the old log under a new id,
+                                           outside its configuration, serving stale data).
+        a term, entries or a snapshot      in a cluster: runs (-join ignored), "joined" set; a JOINING left over
+                                           is removed,
                                            and so is a RESTORE the install left (its snapshot is the log's);
                                            another RESTORE next to a log is refused (StorageError).
         RESTORE (+ JOINING "restore")      a data dir made by `raftdzmq -restore` (no node.json, no log): the first
@@ -1487,14 +1532,26 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                                            then JOINING. A crash before the install's commit point: done again,
                                            with the same id. Not with -join (RestoreNotJoin).
 
-    `public_key` (with a cluster secret) goes into the bootstrap's configuration with this node.
-    Raises NotJoined, RestoreNotJoin, DiskFull (nothing is lost: start again once there is room), or OSError."""
+    A "forcing" a crash left in node.json is settled first (settle_forcing). `public_key` (with a cluster secret)
+    goes into the bootstrap's configuration with this node; `name` (-name) into a new node.json.
+    Raises LogMissing, NotJoined, RestoreNotJoin, DiskFull (nothing is lost: start again once there is room), or
+    OSError."""
     identity = storage.read_identity()
     pending = storage.read_join_marker()
     joined_before = stored.hard_state.current_term > 0 or stored.last_index > 0
     restoring = not joined_before and storage.has_restore_file()
     if joined_before and storage.has_restore_file():
         _check_restore_installed(storage, stored, identity)
+    if identity is None and joined_before:
+        raise LogMissing(f"{storage.data_dir} holds a log but no node.json: the node it belonged to is unknown "
+                         "(restore node.json, or start from an empty data dir: a new node)")
+    if identity is not None and identity.get("joined") and stored.hard_state.current_term == 0 and not restoring:
+        # (a snapshot file next to an empty log/ does not make up for it: the votes and the entries after it
+        # are gone all the same)
+        raise LogMissing(f"{storage.data_dir}: node {identity.get('node_id')} was in a cluster but its log is "
+                         "missing (no term in log/): mount or restore log/; else remove the member "
+                         "(DELETE /cluster/ID) and start a new node on an empty data dir")
+    settle_forcing(storage, stored)
     if restoring and join:
         raise RestoreNotJoin(f"{storage.data_dir} holds a restored backup: it starts a new cluster of its own, "
                              "which other nodes then join (-join to it); start it without -join")
@@ -1510,7 +1567,7 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
         node_id = new_node_id
         pending = "restore" if restoring else "join" if join else "bootstrap"
         storage.write_join_marker(pending)  # before the identity: no identity without its intent
-        storage.write_identity(node_id, raft_address, http_address)
+        storage.write_identity(node_id, raft_address, http_address, name)
     else:
         node_id = identity["node_id"]
         if (identity.get("raft_address"), identity.get("http_address")) != (raft_address, http_address):
@@ -1518,6 +1575,8 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                            identity.get("raft_address"), identity.get("http_address"))
     out = NodeStart(node_id, stored, joined_before=joined_before)
     if joined_before:
+        if stored.hard_state.current_term > 0:  # done already, a crash came before it, or an older raftdzmq
+            storage.mark_joined()
         if storage.has_restore_file():
             storage.remove_restore_file()  # installed before a crash: the log holds it
         if pending is not None:
@@ -1532,6 +1591,7 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
         finally:
             backup.data.close()
         out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))
+        storage.mark_joined()
         storage.remove_restore_file()
         storage.remove_join_marker()
         out.restored = index
@@ -1550,11 +1610,12 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
         first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership((node_id,), (), (me,)))
         storage.save(HardState(1, None, 1), [first])
         out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))
+        storage.mark_joined()
         storage.remove_join_marker()
         out.bootstrapped = True
     else:
-        # An identity, no log and no marker: a joined node no leader has reached yet, or a dir written by an older
-        # raftdzmq (whose failed joins, and lost bootstraps, looked like this).
+        # An identity without "joined", no log and no marker: a dir written by an older raftdzmq (whose failed
+        # joins, lost bootstraps and lost logs looked like this; a start with its log marks it "joined").
         logger.warning("node %s has no log and no term yet: no leader has reached it. If its join never succeeded, "
                        "restart it with -join HOST:HTTPPORT; if it was the first node of a new cluster, give it an "
                        "empty data dir", node_id)
@@ -1586,7 +1647,8 @@ def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member,
     The configuration it starts from is the newest at or below the commit index (review of ops, finding 4: the
     newest in the log may be in the tail that is cut off): this node must be in it.
 
-    The members removed are FENCED first (node.json's "fenced", before the record): those of that configuration
+    The members removed are FENCED first (node.json's "forcing", before the record, made "fenced" after it, or at the
+    next start if a crash came between; dropped there if the record was never written): those of that configuration
     and of every configuration in the tail cut off (one may have reached a node it adds). The server drops every
     message from a fenced node while it is not in this node's configuration, answering a Removed notice instead
     (raftlib.server.node), and refuses a join under a fenced name (api.join_refusal). Without that, two old
@@ -1598,11 +1660,10 @@ def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member,
     be wiped all the same (README, "Disaster recovery"). With a cluster secret their connections are refused
     anyway (their keys are not in this configuration).
 
-    The forced entry's index and term go into node.json ("forced", with the fence, before the record). Forcing
+    The forced entry's index and term go into node.json ("forcing"'s, then "forced", as the fence does). Forcing
     again once the log holds a configuration after it (fresh nodes joined) is refused (ForcedAgain) unless
     `again` (review of ops, finding 2: a flag left set cut {a, d, e} back to {a} while d and e, a majority of
-    it, went on as a cluster of their own). Entries of a lower term after that index are the tail a crash
-    between the node.json write and the record left: they do not count.
+    it, went on as a cluster of their own). Entries of a lower term after that index do not count.
 
     Returns (the new entry's index, the members removed), or None when the newest configuration is this node
     alone already (a second start with the flag: nothing to do). Raises StorageError when this node has no
@@ -1642,7 +1703,29 @@ def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member,
     removed = tuple(sorted({n for m in (committed, *tail) for n in m.node_ids} - {me.node_id}))
     storage.fence(removed, forced=(commit + 1, term))
     storage.save(HardState(term, me.node_id, commit + 1), [forced])
+    storage.confirm_force()
     return commit + 1, removed
+
+
+def settle_forcing(storage: DiskStorage, stored: StoredState) -> None:
+    """A "forcing" left in node.json by a crash during -force-new-cluster (between its fence and its record, or
+    between the record and `confirm_force`): confirmed when the log holds the forced entry (its index and term),
+    else dropped (review of ops 2, B: the forced entry never written, a "forced" and a fence left behind refused a
+    later genuine force as ForcedAgain and joins under the old members' names). Nothing ran between the crash
+    and this start, so the entry, when written, is still the log's last."""
+    forcing = (storage.read_identity() or {}).get("forcing")
+    if forcing is None:
+        return
+    index, term = forcing["forced"]
+    held = next((e.term for e in stored.entries if e.index == index), None)
+    if held is None and stored.snapshot is not None and stored.snapshot.last_included_index == index:
+        held = stored.snapshot.last_included_term
+    if held == term:
+        storage.confirm_force()
+    else:
+        logger.warning("-force-new-cluster did not finish (no forced entry at index %d, term %d): its fence is "
+                       "dropped", index, term)
+        storage.update_identity(forcing=None)
 
 
 def encode_snapshot(s: Snapshot) -> bytes:

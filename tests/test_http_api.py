@@ -881,6 +881,42 @@ def test_a_join_naming_a_member_with_other_addresses_is_409_and_the_same_join_is
     assert next(c for c in client.runtime.calls if c[0] == "change_membership")[1].member == b
 
 
+def test_a_join_checks_its_refusals_again_under_the_membership_lock_and_at_each_retry(monkeypatch):
+    """Review of ops 2, C: join_refusal ran only before the membership lock; two joins under one name (zz-1111...,
+    zz-2222...), one waiting for the lock while the other's change applied, both became members, and so past
+    max_members. Here a namesake of d joins while d's join waits for the leader's log, then while its change
+    waits out another; a name two members share is then a 409 on removal, not a 404."""
+    namesake = Member("d-0a1b2c3d", "10.0.0.9:5555", "10.0.0.9:8080")
+
+    def another_join_meanwhile(*args):
+        client.runtime.node.membership = Membership(("a", "b", "c"), ("d-0a1b2c3d",), (*MEMBERS, namesake))
+
+    client = Client()
+    client.runtime.pending = [b"an entry this leader has not applied yet"]
+    waited = client.runtime.wait_applied
+    monkeypatch.setattr(client.runtime, "wait_applied", lambda *args: (another_join_meanwhile(), waited(*args))[1])
+    r = client("POST", "/join", JOIN)
+    assert r.status == 409 and "member d-0a1b2c3d has the name d" in r.text, r
+    assert not [c for c in client.runtime.calls if c[0] == "change_membership"]
+
+    client = Client()
+
+    def change_in_flight(change, timeout_seconds):
+        another_join_meanwhile()
+        raise ProposalDropped("a change is in flight")
+
+    monkeypatch.setattr(client.runtime, "change_membership", change_in_flight)
+    r = client("POST", "/join", JOIN)
+    assert r.status == 409 and "member d-0a1b2c3d has the name d" in r.text, r
+
+    client = Client()
+    client.runtime.node.membership = Membership(("a", "b", "c"), ("d-0a1b2c3d", "d-11111111"),
+                                                (*MEMBERS, namesake, Member("d-11111111", "x:1", "x:2")))
+    r = client("DELETE", "/cluster/d")
+    assert (r.status, r.text) == (409, "d is the name of several members (d-0a1b2c3d, d-11111111): give the id\n")
+    assert client("DELETE", "/cluster/d-11111111").status == 200
+
+
 def test_a_join_beyond_max_members_is_409_and_a_retry_or_a_removal_is_not_refused():
     """Review 3 F5: thousands of signed learner joins grew every membership entry and snapshot, and opened a
     socket each on every node. The configuration has three members here."""

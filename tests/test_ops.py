@@ -323,6 +323,8 @@ def test_name_makes_the_node_id_and_a_restart_keeps_it(tmp_path):
         assert out.stderr.count("\n") == 1
         out = run_command("-name", "no/slash", node.data_dir)
         assert out.returncode == 2 and "-name must be" in out.stderr
+        out = run_command("-name", "db-0a1b2c3d", node.data_dir)  # review of ops 2, D: it would read as an id
+        assert out.returncode == 2 and "-name must not end in -<8 hex digits>" in out.stderr
     finally:
         node.kill()
 
@@ -359,6 +361,35 @@ def test_a_named_node_on_a_new_data_dir_is_a_new_node(tmp_path):
         assert new_id != old_id and name_of(new_id) == other_name
     finally:
         for n in (other, third, node):
+            n.kill()
+
+
+def test_a_member_whose_log_is_lost_is_refused_and_a_log_without_node_json_too(tmp_path):
+    """Review of ops 2, A: a member that lost log/ but kept node.json came back under its old id with term 0,
+    voted, and an acknowledged write was lost (with -join too: taken as a retry). Once a leader accepted it,
+    node.json says "joined", and a start without its log exits with one line (code 2) saying how to go on.
+    F: a log without node.json ran under a new id outside its configuration: refused too."""
+    node, other = Node("n", str(tmp_path)), Node("other", str(tmp_path))
+    try:
+        node.start("-name", "alpha")
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        other.start("-name", "beta", join=node.address)
+        wait_for(lambda: other.request("GET", "/db/none").status == 404, 30, "the joined node to answer")
+        identity = json.loads(open(os.path.join(other.data_dir, "node.json")).read())
+        assert identity["joined"] is True and identity["name"] == "beta", identity
+        other.kill()
+        os.rename(os.path.join(other.data_dir, "log"), str(tmp_path / "log"))  # its volume did not mount
+        flags = ("-p", str(other.port), "-hp", str(other.http_port), other.data_dir)
+        out = run_command("-join", node.address, *flags, timeout=20)
+        assert out.returncode == 2 and "its log is missing" in out.stderr and out.stderr.count("\n") == 1, out
+        shutil.rmtree(os.path.join(other.data_dir, "log"))
+        os.rename(str(tmp_path / "log"), os.path.join(other.data_dir, "log"))
+        os.remove(os.path.join(other.data_dir, "node.json"))
+        out = run_command(*flags)
+        assert out.returncode == 2 and "holds a log but no node.json" in out.stderr and \
+            out.stderr.count("\n") == 1, out
+    finally:
+        for n in (other, node):
             n.kill()
 
 
@@ -437,6 +468,10 @@ def test_every_flag_from_the_environment_the_command_line_wins(tmp_path):
     out = subprocess.run([sys.executable, SERVER, str(tmp_path / "z")], env={**os.environ, "RAFTDZMQ_PORT": "x"},
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "$RAFTDZMQ_PORT" in out.stderr
+    for one_off, value in (("FORCE_NEW_CLUSTER", "true"), ("RESTORE", "backup.snap")):  # review of ops 2, E
+        out = subprocess.run([sys.executable, SERVER, str(tmp_path / "z")], capture_output=True, text=True,
+                             env={**os.environ, f"RAFTDZMQ_{one_off}": value}, timeout=30)
+        assert out.returncode == 2 and f"$RAFTDZMQ_{one_off} is not read from the environment" in out.stderr, out
 
 
 def test_h_alone_prints_the_usage_with_a_hint(tmp_path):

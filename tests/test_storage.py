@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -988,9 +989,12 @@ def test_force_new_cluster_is_one_record_the_crash_states_are_before_or_after():
         assert shape in (before, after), shape
         if shape == after:
             assert got.entries[-1].membership == Membership(("a",), (), (ALONE,))
-            assert sorted(loaded.read_identity()["fenced"]) == ["b", "c"]  # fenced before the record
-            assert loaded.read_identity()["forced"] == [8, 4]
-        else:  # forced recorded or not, the uncut tail does not count as a change after it: forced again
+            assert loaded.fenced() == {"b", "c"}  # fenced before the record
+            storage.settle_forcing(loaded, got)  # the next start's: confirmed if a crash came before
+            assert loaded.read_identity()["fenced"] == ["b", "c"] and loaded.read_identity()["forced"] == [8, 4]
+        else:  # a fence recorded or not, the next start drops it: forced again as the first time
+            storage.settle_forcing(loaded, got)
+            assert loaded.fenced() == frozenset() and "forced" not in loaded.read_identity()
             assert storage.force_new_cluster(loaded, got, ALONE) == (8, ("b", "c"))
         seen.add(shape == after)
         loaded.close()
@@ -1042,6 +1046,54 @@ def test_force_new_cluster_again_after_the_cluster_grew_is_refused():
         storage.force_new_cluster(s, s.state, ALONE)
     assert storage.force_new_cluster(s, s.state, ALONE, again=True) == (10, ("d", "e"))
     assert s.read_identity()["forced"] == [10, 5]
+
+
+def test_a_force_a_crash_cut_before_its_record_leaves_no_fence_and_no_forced():
+    """Review of ops 2, B: the fence and "forced" were written before the record; a crash between, a start
+    without the flag (quorum back), the old cluster growing in the next term (the forced term), and a genuine
+    first -force-new-cluster later was refused as ForcedAgain, the fence still refusing b's and c's names."""
+    fs = CrashFS()
+    s = _member_of_three(fs)
+    s.fence(("b", "c"), forced=(8, 4))  # force_new_cluster's first step; the crash comes before its record
+    s.close()
+    s = DiskStorage("/data", fs=fs)
+    start = storage.start_node(s, s.load(), "new", "new:1", "new:2", join=False)  # without the flag
+    assert start.node_id == "a" and s.fenced() == frozenset()
+    s.save(HardState(4, "c", 11), [Entry(4, 11, EntryKind.MEMBERSHIP, b"", Membership(
+        ("a", "b", "c", "d"), (), (*THREE.members, Member("d", "d:1", "d:2"))))])
+    assert storage.force_new_cluster(s, s.state, ALONE) == (12, ("b", "c", "d"))  # b, c and d lost for good
+    assert s.read_identity()["forced"] == [12, 5] and s.read_identity()["fenced"] == ["b", "c", "d"]
+
+
+def test_a_start_whose_log_does_not_go_with_its_node_json_is_refused(tmp_path):
+    """Review of ops 2, A: a member that lost log/ (rm -rf, a volume that did not mount) but kept node.json came
+    back under its old id with term 0 and granted votes that lost an acknowledged write. node.json says
+    "joined" once a leader accepted the node or it bootstrapped; without its log such a dir is refused. F: a
+    log without node.json ran under a new id outside its configuration, serving stale data: refused too."""
+    data = str(tmp_path / "n")
+    s = DiskStorage(data)
+    assert storage.start_node(s, s.load(), "n1", "n1:1", "n1:2", join=False).bootstrapped
+    assert s.read_identity()["joined"] is True
+    s.close()
+    os.rename(os.path.join(data, "log"), str(tmp_path / "log"))  # the log volume did not mount
+    s = DiskStorage(data)
+    with pytest.raises(storage.LogMissing, match="was in a cluster but its log is missing"):
+        storage.start_node(s, s.load(), "n2", "n2:1", "n2:2", join=True)  # with -join too: not a retry
+    s.close()
+    shutil.rmtree(os.path.join(data, "log"))  # the empty one the load made
+    os.rename(str(tmp_path / "log"), os.path.join(data, "log"))
+    os.rename(os.path.join(data, "node.json"), str(tmp_path / "node.json"))
+    s = DiskStorage(data)
+    with pytest.raises(storage.LogMissing, match="holds a log but no node.json"):
+        storage.start_node(s, s.load(), "n2", "n2:1", "n2:2", join=False)
+    s.close()
+    # A dir of an older raftdzmq (no "joined"): its start with its log marks it.
+    os.rename(str(tmp_path / "node.json"), os.path.join(data, "node.json"))
+    s = DiskStorage(data)
+    s.update_identity(joined=None)
+    assert storage.start_node(s, s.load(), "n2", "n2:1", "n2:2", join=False).node_id == "n1"
+    assert s.read_identity()["joined"] is True
+    s.close()
 
 
 def test_a_restored_backup_is_installed_at_the_first_start_and_a_crash_before_its_commit_does_it_again():

@@ -1271,7 +1271,7 @@ def join(api: Api) -> bottle.HTTPResponse:
                 api.runtime.wait_applied(last_index, api.write_timeout_seconds)
             except Timeout:
                 return text(503, "join not possible now: this leader has not applied its log yet; retry")
-        if (refusal := level_refusal(api, body)) is not None:
+        if (refusal := join_refusal_now(api, body, member)) is not None:
             return refusal
         claim_signature(api, "join")
         change = ConfChange(ConfChangeKind.ADD_LEARNER, member)
@@ -1283,7 +1283,7 @@ def join(api: Api) -> bottle.HTTPResponse:
                 if time.monotonic() > deadline:
                     raise
                 gevent.sleep(0.05)
-                if (refusal := level_refusal(api, body)) is not None:  # a raise may have applied meanwhile
+                if (refusal := join_refusal_now(api, body, member)) is not None:  # it may have applied meanwhile
                     return refusal
     finally:
         api.membership_lock.release()
@@ -1402,17 +1402,29 @@ def get_metrics(api: Api) -> bottle.HTTPResponse:
                                {"Content-Type": prom.CONTENT_TYPE_LATEST})
 
 
+def join_refusal_now(api: Api, body: dict, member: Member) -> bottle.HTTPResponse | None:
+    """Under the membership lock, in the configuration of now: the level's refusal, and join_refusal's again
+    (review of ops 2, C: checked only before the lock, two joins under one name, or past max_members, that
+    waited for it both became members)."""
+    if (refusal := level_refusal(api, body)) is not None:
+        return refusal
+    reason = join_refusal(api.runtime.node.membership, member, api.guard is not None, api.max_members, api.fenced())
+    return None if reason is None else text(409, reason)
+
+
 def get_cluster(api: Api) -> bottle.HTTPResponse:
     return json_answer(members(api.runtime.status().node))
 
 
 def member_named(membership: Membership, node_id_or_name: str) -> str:
     """The member whose id is `node_id_or_name`, else the one whose -name it is (storage.name_of: a node started
-    with -name NAME has the id NAME-<8 hex>), else `node_id_or_name` itself."""
+    with -name NAME has the id NAME-<8 hex>), else `node_id_or_name` itself; 409 (raised) when several have it."""
     if node_id_or_name in membership.node_ids:
         return node_id_or_name
     named = [m for m in membership.node_ids if name_of(m) == node_id_or_name]
-    return named[0] if len(named) == 1 else node_id_or_name
+    if len(named) > 1:  # (an older raftdzmq let two joins under one name both in: review of ops 2, C)
+        raise text(409, f"{node_id_or_name} is the name of several members ({', '.join(named)}): give the id")
+    return named[0] if named else node_id_or_name
 
 
 def remove_member(api: Api, node_id: str) -> bottle.HTTPResponse:

@@ -522,7 +522,8 @@ class Server:
         stored = self.storage.load()
         identity = self.storage.read_identity()
         name = self.config.name
-        if name is not None and identity is not None and name_of(str(identity.get("node_id"))) != name:
+        if name is not None and identity is not None and \
+                name not in (identity.get("name"), identity.get("node_id"), name_of(str(identity.get("node_id")))):
             raise CannotStart(f"{self.config.data_dir} is node {identity.get('node_id')}, not -name {name}: a node's "
                               "id never changes (start it with its own name, or without -name)")
         if self.config.force_new_cluster and stored.hard_state.current_term == 0 and stored.last_index == 0:
@@ -532,10 +533,10 @@ class Server:
             self._refuse_keyless(stored)
         self.node_key = None if self.config.secret is None else self._load_node_key()
         start = start_node(self.storage, stored, new_node_id(name), self.raft_address,
-                           self.http_address, join=bool(self.config.join), public_key=self.public_key)
+                           self.http_address, join=bool(self.config.join), public_key=self.public_key, name=name)
         self.node_id = start.node_id
         # Members removed by -force-new-cluster: their messages are dropped while they are not members (_deliver).
-        self.fenced = frozenset((self.storage.read_identity() or {}).get("fenced", ()))
+        self.fenced = self.storage.fenced()
         self.bootstrapped, self.must_join, self.joined_before = start.bootstrapped, start.must_join, start.joined_before
         self.restored = start.restored
         if start.restored:
@@ -550,7 +551,7 @@ class Server:
                         "(remove the flag)")
             return start.stored
         index, removed = forced
-        self.fenced = frozenset((self.storage.read_identity() or {}).get("fenced", ()))
+        self.fenced = self.storage.fenced()
         log.warning("-force-new-cluster: node %s is now a one-node cluster (its configuration at index %d, term %d); "
                     "removed members %s: never start them again on their old data dirs; add fresh nodes with -join",
                     self.node_id, index, self.storage.state.hard_state.current_term, ", ".join(removed))
@@ -860,7 +861,8 @@ class Server:
                 if self.node_key is not None:
                     self._admit_from_answer(request.get_header(SIGNATURE_HEADER.capitalize()) or "", answer,
                                             answer_headers)
-                self.storage.remove_join_marker()  # "joined": a leader accepted the join (issue 11)
+                self.storage.mark_joined()  # a leader accepted the join: from now on its log must be there
+                self.storage.remove_join_marker()  # (issue 11)
                 log.info("joined the cluster through %s", url)
                 return
             except urllib.error.HTTPError as e:
