@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import urllib3
@@ -372,13 +372,15 @@ class Client:
     # ---- one call ----
 
     def request(self, method: str, path: str, body: bytes | None = None, *, idempotent: bool,
-                headers: dict[str, str] | None = None, timeout: float | None = None,
-                ok: Iterable[int] = (200,), stream: bool = False) -> _Answer:
+                headers: dict[str, str] | Callable[[str, float], dict[str, str]] | None = None,
+                timeout: float | None = None, ok: Iterable[int] = (200,), stream: bool = False) -> _Answer:
         """Send a request to the cluster (module rules: leader first, failover, retries of what did not apply)
         and return the first answer whose status is in `ok`; raise the typed error of any other. `idempotent`:
         the request may be sent again after a failure that left its fate open (a read, a keepalive). `stream`:
         the successful answer's body is left to read from its `raw` (each read bounded by what was left of the
-        timeout), and released by the caller."""
+        timeout), and released by the caller. `headers` may be a function of (the node about to be asked, the
+        seconds left): a request signed for one node (GET /snapshot with a secret) is signed anew for each; an
+        Unavailable it raises passes that node over."""
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         # A read may go to the next node when one does not answer (a paused one): half the bound per attempt. A
@@ -403,7 +405,13 @@ class Client:
                 raise Unavailable(f"{method} {path}: {last_reason} (gave up after {budget:g}s)")
             failed.add(node)
             try:
-                answer = self._send(node, method, path, body, headers, min(remaining, attempt_bound),
+                node_headers = headers(node, min(remaining, attempt_bound)) if callable(headers) else headers
+            except Unavailable as e:
+                last_reason = str(e)
+                self._passed_over(node)
+                continue
+            try:
+                answer = self._send(node, method, path, body, node_headers, min(remaining, attempt_bound),
                                     ok if stream else ())
             except urllib3.exceptions.ConnectTimeoutError as e:  # nothing was sent: any request may go elsewhere
                 last_reason = f"{node}: could not connect ({_short(e)})"
@@ -591,14 +599,16 @@ class Client:
 
     # ---- backups ----
 
-    def save_snapshot(self, path: str, timeout: float = 600.0, headers: dict[str, str] | None = None
-                      ) -> tuple[int, str, int]:
+    def save_snapshot(self, path: str, timeout: float = 600.0, secret: bytes | None = None) -> tuple[int, str, int]:
         """Save the cluster's snapshot (GET /snapshot: the body, X-Raft-Snapshot-Index and X-Raft-Snapshot-Sha256)
         to `path` atomically: written to a temporary file beside it, its SHA-256 checked against the header,
         fsynced, renamed into place and the folder fsynced. A file is never left half written: on any failure
         the temporary file is removed and `path` is as it was. Returns (index, sha256 hex, bytes). `timeout`: the
-        node writes the snapshot before it sends the first byte (large states take a while); `headers`: the admin
-        signature of `GET /snapshot` on a cluster with a secret."""
+        node writes the snapshot before it sends the first byte (large states take a while). `secret`: the
+        cluster secret, when it has one: each node asked is asked its id (GET /status) and the request is signed
+        for that node with a fresh nonce (raftlib.server.admin.node_request_headers; another node answers 421, a
+        second use 403)."""
+        headers = None if secret is None else self._node_signer(secret, "GET", "/snapshot")
         try:
             answer = self.request("GET", "/snapshot", idempotent=True, stream=True, timeout=timeout, headers=headers)
         except NotFound as e:
@@ -654,12 +664,37 @@ class Client:
         return [Member(m["id"], m["raft_address"], m["http_address"], m["role"], m.get("match_index"))
                 for m in self.request("GET", "/cluster", idempotent=True).json()]
 
-    def remove_member(self, node_id: str) -> None:
-        """Remove a node (unsigned: a cluster without a secret; with one, sign with `raftdzmq -sign`)."""
-        self.request("DELETE", f"/cluster/{urllib.parse.quote(node_id, safe='')}", idempotent=False)
+    def remove_member(self, node_id: str, secret: bytes | None = None) -> None:
+        """Remove a node; `secret`: the cluster secret, when it has one (the request is signed with it)."""
+        self._admin("DELETE", f"/cluster/{urllib.parse.quote(node_id, safe='')}", secret)
 
-    def transfer_leadership(self, node_id: str) -> None:
-        self.request("POST", f"/cluster/transfer?to={urllib.parse.quote(node_id, safe='')}", idempotent=False)
+    def transfer_leadership(self, node_id: str, secret: bytes | None = None) -> None:
+        """Make `node_id` the leader; `secret`: the cluster secret, when it has one."""
+        self._admin("POST", f"/cluster/transfer?to={urllib.parse.quote(node_id, safe='')}", secret)
+
+    def _admin(self, method: str, target: str, secret: bytes | None) -> None:
+        """An admin request (a write: its fate may be unknown), signed with `secret` when given. The signature
+        is not bound to a node: a follower verifies it and redirects to the leader, which claims it (a second use
+        is refused, 403)."""
+        from raftlib.server.admin import admin_headers  # loads no gevent (its rules)
+        headers = None if secret is None else admin_headers(secret, method, target)
+        self.request(method, target, idempotent=False, headers=headers)
+
+    def _node_signer(self, secret: bytes, method: str, target: str) -> Callable[[str, float], dict[str, str]]:
+        """The headers of `method target` signed for the node about to be asked (its id from its GET /status)
+        with a fresh nonce: request()'s per-node `headers`."""
+        from raftlib.server.admin import node_request_headers  # loads no gevent (its rules)
+
+        def sign(node: str, remaining: float) -> dict[str, str]:
+            answer = self.ask(node, "GET", "/status", timeout=max(0.001, min(remaining, self.timeout)))
+            if answer.status != 200:
+                raise Unavailable(f"{node}: GET /status answered {answer.status} {answer.reason}")
+            node_id = answer.json().get("node_id")
+            if not isinstance(node_id, str) or not node_id:
+                raise Unavailable(f"{node}: GET /status names no node_id")
+            return node_request_headers(secret, node_id, method, target)
+
+        return sign
 
     def ask(self, endpoint: str, method: str, path: str, timeout: float | None = None) -> _Answer:
         """One request to one node, no failover and no retry: its answer whatever the status; Unavailable when

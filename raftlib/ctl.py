@@ -15,7 +15,8 @@ Its rules:
 - Values travel as bytes: `get` writes the value's bytes exactly (no newline added), `put` without VALUE reads
   stdin whole.
 - Signed admin requests (member remove, member transfer, snapshot save) sign with the cluster secret from
-  --secret-file or $RAFTDZMQ_SECRET when one is given (raftlib.server.admin, which loads no gevent).
+  --secret-file or $RAFTDZMQ_SECRET when one is given (raftlib.server.admin, which loads no gevent); a snapshot
+  save is signed for the node it asks (its id from that node's GET /status) with a fresh nonce (Client.save_snapshot).
 - `lock NAME -- COMMAND` passes the command's exit code on (it is the command's to say what 1-3 mean then); a
   signal to raftdzmqctl (SIGINT, SIGTERM) is passed to the command, and the lock is released when it ends.
 """
@@ -194,11 +195,12 @@ class Ctl:
                            ["ID", "ROLE", "HTTP ADDRESS", "RAFT ADDRESS"]),
                      [m.__dict__ for m in members])
             return 0
-        target = f"/cluster/{a.id}" if a.member_command == "remove" else f"/cluster/transfer?to={a.id}"
-        method = "DELETE" if a.member_command == "remove" else "POST"
-        headers = signed_headers(a.secret_file, method, target)
-        self.client.request(method, target, idempotent=False, headers=headers)
-        self.out(f"member {a.id} removed" if method == "DELETE" else f"leadership transferred to {a.id}",
+        secret = cluster_secret(a.secret_file)
+        if a.member_command == "remove":
+            self.client.remove_member(a.id, secret=secret)
+        else:
+            self.client.transfer_leadership(a.id, secret=secret)
+        self.out(f"member {a.id} removed" if a.member_command == "remove" else f"leadership transferred to {a.id}",
                  {"id": a.id, "done": a.member_command})
         return 0
 
@@ -252,7 +254,7 @@ class Ctl:
     def snapshot(self) -> int:
         index, digest, size = self.client.save_snapshot(
             self.args.file, timeout=self.args.snapshot_timeout,
-            headers=signed_headers(self.args.secret_file, "GET", "/snapshot"))
+            secret=cluster_secret(self.args.secret_file))
         self.out(f"snapshot saved at index {index} to {self.args.file} ({size} bytes, sha256 {digest})",
                  {"file": self.args.file, "index": index, "sha256": digest, "bytes": size})
         return 0
@@ -269,14 +271,14 @@ def _size(n: object) -> str:
     return str(n)
 
 
-def signed_headers(secret_file: str | None, method: str, target: str) -> dict[str, str] | None:
-    """The admin signature headers when a cluster secret is given (--secret-file or $RAFTDZMQ_SECRET), else None."""
-    from raftlib.server.admin import SecretError, admin_headers, read_secret
+def cluster_secret(secret_file: str | None) -> bytes | None:
+    """The cluster secret when one is given (--secret-file or $RAFTDZMQ_SECRET), else None: the client signs with
+    it (admin requests; a snapshot save for the node it asks, with a fresh nonce)."""
+    from raftlib.server.admin import SecretError, read_secret
     try:
-        secret = read_secret(secret_file)
+        return read_secret(secret_file)
     except SecretError as e:
         raise Usage(str(e)) from None
-    return None if secret is None else admin_headers(secret, method, target)
 
 
 def run_holding(command: list[str], env: dict[str, str]) -> int:

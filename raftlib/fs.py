@@ -64,6 +64,9 @@ class FileSystem(Protocol):
     def file_size(self, handle: Handle) -> int:
         """The file's size now."""
 
+    def size_of(self, path: str) -> int:
+        """The size of the file at `path` now, opening nothing (FileNotFoundError when it does not exist)."""
+
     def append(self, handle: Handle, data: bytes) -> None:
         """Write all of `data` at the end of the file, or raise OSError (part of it may have been written)."""
 
@@ -172,6 +175,9 @@ class OsFileSystem:
 
     def file_size(self, fd: int) -> int:
         return os.fstat(fd).st_size
+
+    def size_of(self, path: str) -> int:
+        return os.stat(path).st_size
 
     def append(self, fd: int, data: bytes) -> None:
         written = os.write(fd, data)

@@ -316,6 +316,9 @@ class CrashFS:
     def file_size(self, handle: int) -> int:
         return len(self._handle(handle).data)
 
+    def size_of(self, path: str) -> int:
+        return len(self._file(path).data)
+
     def append(self, handle: int, data: bytes) -> None:
         node = self._handle(handle)
         self._op("append", f"{self._name(handle)} +{len(data)}")

@@ -1,8 +1,9 @@
 """raftdzmqctl (raftlib/ctl.py) run as a subprocess against a real 3-node cluster (issue 15): bytes intact through
 put and get, exit codes 0/1/2/3 with a one-line error, ls/del/txn/watch, leases, `lock -- COMMAND` (its exit
-code and $RAFTDZMQ_LOCK_TOKEN), member list/transfer/remove, endpoint status/health; `snapshot save` against a
-stand-in HTTP server that speaks the GET /snapshot contract (the route lands on another branch), and against a
-node without it."""
+code and $RAFTDZMQ_LOCK_TOKEN), member list/transfer/remove, endpoint status/health (DATA SIZE from /status's
+data_size); `snapshot save` from the real cluster (digest checked, the file restored with `raftdzmq -restore` and served by a node started on it),
+signed for the node asked on a cluster with a secret (and refused unsigned), and against a stand-in server that
+lies about the digest (nothing written)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import threading
 
 import pytest
 
-from procs import ROOT, LocalCluster, paused, wait_for
+from procs import ROOT, SERVER, LocalCluster, Node, paused, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +185,66 @@ def test_snapshot_save_checks_the_digest_and_writes_the_file_atomically(cluster,
     finally:
         server.shutdown()
         server.server_close()
-    r = ctl(cluster, "snapshot", "save", str(tmp_path / "x.snap"))
-    if r.returncode != 0:  # a node without the route (until the ops branch lands): said so
-        assert r.returncode == 1 and "does not serve GET /snapshot" in one_line_error(r)
-        assert sorted(os.listdir(tmp_path)) == ["backup.snap"]
+
+
+def test_snapshot_save_from_the_cluster_restores_into_a_node_that_serves_the_keys(cluster, tmp_path):
+    written = {f"snap/{i}": f"value {i} \x00\n".encode() for i in range(5)}
+    indices = []
+    for key, value in written.items():
+        r = ctl(cluster, "-w", "json", "put", key, stdin=value)
+        assert r.returncode == 0, r.stderr
+        indices.append(json.loads(r.stdout)["index"])
+    target = str(tmp_path / "backup.snap")
+    r = ctl(cluster, "-w", "json", "snapshot", "save", target)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads(r.stdout)
+    data = open(target, "rb").read()
+    assert saved["sha256"] == hashlib.sha256(data).hexdigest() and saved["bytes"] == len(data)
+    assert saved["index"] >= max(indices)  # every acknowledged write is in it
+    assert sorted(os.listdir(tmp_path)) == ["backup.snap"]  # no temporary file left
+    (tmp_path / "nodes").mkdir()
+    restored = Node("restored", str(tmp_path / "nodes"))
+    try:
+        done = subprocess.run([sys.executable, SERVER, "-restore", target, restored.data_dir], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and f"index {saved['index']}" in done.stdout, done
+        restored.start()
+        wait_for(lambda: restored.status()["role"] == "leader", 15, "the restored node to lead")
+        for key, value in written.items():
+            r = ctl(None, "get", key, endpoints=restored.address)
+            assert (r.returncode, r.stdout) == (0, value), (key, r)
+    finally:
+        restored.kill()
+
+
+def test_snapshot_save_signs_for_the_node_it_asks_on_a_cluster_with_a_secret(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-of-the-ctl-cluster")
+    (tmp_path / "nodes").mkdir()
+    c = LocalCluster(str(tmp_path / "nodes"), extra=("-secret-file", str(secret))).start()
+    try:
+        assert ctl(c, "put", "signed/k", "v").returncode == 0
+        follower = next(n for n in c.nodes if n is not c.leader())
+        endpoints = ",".join([follower.address] + [n.address for n in c.nodes if n is not follower])
+        for attempt in ("a.snap", "b.snap"):  # a fresh nonce each time: the second save is no replay
+            r = ctl(None, "-w", "json", "--secret-file", str(secret), "snapshot", "save", str(tmp_path / attempt),
+                    endpoints=endpoints)
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["sha256"] == hashlib.sha256(open(tmp_path / attempt, "rb").read()).hexdigest()
+        r = ctl(None, "snapshot", "save", str(tmp_path / "unsigned.snap"), endpoints=endpoints)
+        assert r.returncode == 1 and "X-Raftdzmq-Nonce" in one_line_error(r), r
+        r = ctl(None, "snapshot", "save", str(tmp_path / "wrong.snap"), endpoints=endpoints,
+                env={"RAFTDZMQ_SECRET": "not-the-secret-of-this-cluster"})
+        assert r.returncode == 1 and "403" in one_line_error(r), r
+        assert not os.path.exists(tmp_path / "unsigned.snap") and not os.path.exists(tmp_path / "wrong.snap")
+        r = ctl(c, "member", "transfer", c.nodes[0].status()["node_id"])  # unsigned: refused
+        assert r.returncode == 1 and "403" in one_line_error(r), r
+        target = follower.status()["node_id"]
+        r = ctl(c, "--secret-file", str(secret), "member", "transfer", target)
+        assert r.returncode == 0, r.stderr
+        assert c.leader().status()["node_id"] == target
+    finally:
+        c.stop()
 
 
 def test_member_list_endpoint_status_and_health_transfer_and_remove(cluster):
@@ -198,6 +255,9 @@ def test_member_list_endpoint_status_and_health_transfer_and_remove(cluster):
     statuses = json.loads(ctl(cluster, "-w", "json", "endpoint", "status").stdout)
     assert sorted(s["node_id"] for s in statuses) == sorted(m["id"] for m in members)
     assert all(s["lag"] is not None and s["lag"] >= 0 for s in statuses)
+    assert all(isinstance(s["data_size"], int) and s["data_size"] > 0 for s in statuses), statuses
+    table_rows = [line for line in r.stdout.decode().splitlines() if line.startswith("| ") and "DATA SIZE" not in line]
+    assert len(table_rows) == 3 and all(not line.rstrip(" |").endswith("-") for line in table_rows), r.stdout
     health = json.loads(ctl(cluster, "-w", "json", "endpoint", "health").stdout)
     assert [h["health"] for h in health] == [True, True, True]
     leader = cluster.leader()

@@ -959,7 +959,8 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
     assert r.body.endswith(b"}\n") and r.body.count(b"\n") == 1  # compact, not indented
     assert json.loads(r.body) == {
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
-        "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "disk_full": False,
+        "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "data_size": None,
+        "disk_full": False,
         "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
@@ -974,6 +975,8 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
     assert (status["role"], status["leader"], status["leader_http"], status["removed"], status["disk_full"]) == (
         "follower", None, None, {"by": "b", "index": 3}, True)
     assert [m["match_index"] for m in status["members"]] == [None, None, None]
+    client.api.data_size = lambda: 123456  # the node gives DiskStorage.disk_bytes
+    assert json.loads(client("GET", "/status").body)["data_size"] == 123456
 
 
 def test_cluster_lists_the_members(client):

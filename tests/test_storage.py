@@ -147,6 +147,28 @@ def test_snapshot_drops_old_segments_and_restart_replays_only_the_rest(tmp_path)
     s.close()
 
 
+def test_disk_bytes_is_the_newest_snapshot_file_and_the_log_segments(tmp_path):
+    """GET /status's data_size: stat of the files, nothing read; the snapshot file counts once it is written."""
+    def on_disk() -> int:
+        snaps = sorted(n for n in os.listdir(tmp_path) if n.startswith("snapshot-") and n.endswith(".snap"))
+        segs = [os.path.join(tmp_path, "log", n) for n in os.listdir(tmp_path / "log")]
+        return sum(os.path.getsize(p) for p in segs + [os.path.join(tmp_path, n) for n in snaps[-1:]])
+
+    s, _ = reopen(tmp_path)
+    s.save(HardState(1, "a", 10), entries(1, 10, size=1000))
+    assert s.disk_bytes() == on_disk() > 10_000
+    s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"s" * 50_000))
+    s.save(HardState(1, "a", 12), entries(11, 2))
+    assert s.disk_bytes() == on_disk() > 50_000
+    s.close()
+    fs = CrashFS()
+    s = DiskStorage("/d", fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 3), entries(1, 3, size=500))
+    assert s.disk_bytes() > 1500  # through the FileSystem it was given
+    s.close()
+
+
 def test_damaged_snapshot_is_reported(tmp_path):
     s, _ = reopen(tmp_path)
     s.save(HardState(1, "a", 3), entries(1, 3))

@@ -182,6 +182,8 @@ class Api:
     fenced: Callable[[], frozenset[str]] = frozenset
     # What the dashboard (raftlib.server.dashboard) keeps between requests: its gather of the members' numbers.
     dashboard_state: dict[str, object] = field(default_factory=dict)
+    # GET /status's data_size: the bytes the node's state takes on disk (DiskStorage.disk_bytes); None: unknown.
+    data_size: Callable[[], int | None] = lambda: None
 
 
 # ---- failures and their answers -------------------------------------------------------------------------------
@@ -1358,7 +1360,8 @@ def get_status(api: Api) -> bottle.HTTPResponse:
         "node_id": node.node_id, "role": node.role.value, "term": node.term, "leader": node.leader_id,
         "leader_http": leader_http(node.membership, node.leader_id), "commit_index": node.commit_index,
         "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
-        "members": members(node), "keys": len(api.store), "disk_full": status.disk_full,
+        "members": members(node), "keys": len(api.store), "data_size": api.data_size(),
+        "disk_full": status.disk_full,
         "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
         "feature_level": api.feature_level, "cluster_feature_level": api.store.feature_level,
     })

@@ -778,7 +778,7 @@ class Server:
                   min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)),
                   backup_folder=self.storage.data_dir,
                   backup_timeout_seconds=self.runtime.snapshot_child_timeout_seconds,
-                  fenced=lambda: self.fenced)
+                  fenced=lambda: self.fenced, data_size=self.storage.disk_bytes)
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason
