@@ -678,6 +678,13 @@ def test_a_member_whose_configuration_is_behind_admits_the_leader_that_joined_me
         r = a.request("POST", f"/cluster/transfer?to={d_id}", headers=sign(secret, "POST", f"/cluster/transfer?to={d_id}"))
         assert r.status == 200, r
         assert d.request("POST", "/db/after", "v").status == 200
+        # A and B follow D in D's term, and A's last request to the stopped C has been given up (the transport's
+        # 0.5 s reply bound resets the socket) before C comes back: CI once saw C take A's queued term-2 append,
+        # whose configuration names D, at its restart, and admit D without asking for keys.
+        term = d.status()["term"]
+        wait_for(lambda: all(n.status()["term"] == term and n.status()["leader"] == d_id for n in (a, b)), 10,
+                 "A and B to follow D")
+        time.sleep(1.5)
         c_.start("-secret-file", path)
         wait_for(lambda: c_.request("GET", "/db/after?consistency=stale").body == b"v", 20, "C to catch up")
         assert "vouched for the keys" in c_.log_text(current=True)
