@@ -325,6 +325,38 @@ def test_cluster_status_trusts_no_member_and_gathers_once_for_many_callers(tmp_p
             f.close()
 
 
+def _lone_node_with_learners(tmp_path, learners: dict[str, str]) -> Node:
+    """A started lone node "n1", once it leads, with each learner {id: http_address} joined (its caller kills it)."""
+    node = Node("n1", str(tmp_path)).start()
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "a leader")
+        for name, address in learners.items():
+            r = node.request("POST", "/join", json.dumps({"node_id": name, "raft_address": "127.0.0.1:1",
+                                                          "http_address": address, "feature_level": FEATURE_LEVEL}))
+            assert r.status == 200, r
+    except BaseException:
+        node.kill()
+        raise
+    return node
+
+
+def test_a_gather_that_waited_out_a_member_is_cached_from_its_end(tmp_path):
+    """A member that answers too late makes a gather last MEMBER_TIMEOUT_SECONDS: its result still serves the
+    callers of the next CACHE_SECONDS (counted as the asks the slow member gets: one for two calls in a row)."""
+    slow = FakeMember(json.dumps({"node_id": "slow"}).encode(), delay=3.0)
+    node = _lone_node_with_learners(tmp_path, {"slow": slow.address})
+    try:
+        time.sleep(0.6)  # past the cache of a gather made while joining, if any
+        before = slow.asked
+        for _ in range(2):
+            st = node.request("GET", "/cluster/status", timeout=10).json()
+            assert next(m for m in st["members"] if m["id"] == "slow")["up"] is False
+        assert slow.asked - before == 1, f"{slow.asked - before} asks of the slow member for two calls in a row"
+    finally:
+        node.kill()
+        slow.close()
+
+
 def test_the_page_actions_sent_to_a_follower_reach_the_leader(cluster):
     """The page sends its actions to its own node; a follower passes them to the leader (a 307 to another port
     would be a cross-origin request the page cannot follow)."""

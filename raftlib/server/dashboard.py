@@ -9,7 +9,7 @@ Rules:
   configuration for GET /stats, each in a greenlet of its own (at most MAX_ASKS_IN_FLIGHT open at once), within
   MEMBER_TIMEOUT_SECONDS each (connect, send and read together) and GATHER_SECONDS in all. One gather runs at a
   time: the callers that come while it runs wait for it, and its result serves every caller for CACHE_SECONDS
-  (100 pages, or 100 scripts, cost the members one ask each per CACHE_SECONDS, not 100). This node's own numbers
+  from its end (100 pages, or 100 scripts, cost the members one ask each per CACHE_SECONDS, not 100). This node's own numbers
   come from memory, never over HTTP.
 - A member's answer is another process's word, and a learner's address is whatever its unsigned /join said: the
   members listed, the leader and the term are this node's own view (its configuration, its leader); the match
@@ -301,7 +301,7 @@ class StatusGatherer:
         node = api.runtime.status().node
         me = node.node_id
         configuration = members(node)
-        result = Gathered(time.monotonic())
+        result = Gathered(0.0)  # stamped when it ends: a gather that waited out a member is fresh then
         self.rings = {k: v for k, v in self.rings.items() if any(m["id"] == k for m in configuration)}
         asked = {m["id"]: gevent.spawn(self._ask, api, m) for m in configuration if m["id"] != me and m["http_address"]}
         gevent.joinall(list(asked.values()), timeout=GATHER_SECONDS)
@@ -322,6 +322,7 @@ class StatusGatherer:
                 known = {m["id"] for m in configuration}
                 result.match_index = {m["id"]: m["match_index"] for m in answer["members"] if isinstance(m, dict)
                                       and m.get("id") in known and _count(m.get("match_index"))}
+        result.at = time.monotonic()
         return result
 
     def _keep_events(self, node_id: str, ring: object) -> None:
