@@ -47,6 +47,17 @@ def test_the_event_ring_keeps_the_newest_and_answers_what_is_new():
         events.EventRing(capacity=0)
 
 
+def test_the_match_indices_of_a_leaders_answer_are_type_checked():
+    """A leader's answer is another process's word: an id that is not a string (a list: unhashable) or a match
+    index that is not a count leaves its entry out, and nothing raises (a raise would fail every waiting caller)."""
+    from raftlib.server.dashboard import match_indices
+
+    listed = [{"id": ["a"], "match_index": 1}, {"id": {"b": 1}, "match_index": 2}, {"id": "a", "match_index": 3},
+              {"id": "b", "match_index": -1}, {"id": "z", "match_index": 4}, "junk", {"id": "c"}]
+    assert match_indices(listed, {"a", "b", "c"}) == {"a": 3}
+    assert match_indices({"a": 1}, {"a"}) == {} and match_indices(None, {"a"}) == {}
+
+
 def _runtime(node_id: str, voters: tuple[str, ...], election_ticks: int):
     from raftlib import Config, Entry, EntryKind, HardState, Member, Membership, MemoryStorage, RaftNode
     from raftlib.runtime import Runtime

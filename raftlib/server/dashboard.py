@@ -241,6 +241,15 @@ def _event(v: object) -> dict | None:
     return v
 
 
+def match_indices(listed: object, known: set[str]) -> dict[str, int]:
+    """The match indices of the members the leader's answer lists (`listed`), for the ids in `known` only; an
+    entry of another shape (an id that is not a string, a match index that is not a count) is left out."""
+    if not isinstance(listed, list):
+        return {}
+    return {m["id"]: m["match_index"] for m in listed if isinstance(m, dict) and isinstance(m.get("id"), str)
+            and m["id"] in known and _count(m.get("match_index"))}
+
+
 class Gathered:
     """One gather's result: each other member that answered as itself, its checked numbers and the names of the
     malformed fields it sent (by id); and the match indices of the leader's answer. A member missing here is
@@ -318,10 +327,8 @@ class StatusGatherer:
             result.malformed[node_id] = [k for k, v in fields.items() if not MEMBER_FIELDS[k](v)]
             result.stats[node_id] = {k: None if k in result.malformed[node_id] else v for k, v in fields.items()}
             self._keep_events(node_id, answer.get("events"))
-            if node_id == node.leader_id and isinstance(answer.get("members"), list):
-                known = {m["id"] for m in configuration}
-                result.match_index = {m["id"]: m["match_index"] for m in answer["members"] if isinstance(m, dict)
-                                      and m.get("id") in known and _count(m.get("match_index"))}
+            if node_id == node.leader_id:
+                result.match_index = match_indices(answer.get("members"), {m["id"] for m in configuration})
         result.at = time.monotonic()
         return result
 
