@@ -368,6 +368,35 @@ def test_a_gather_that_waited_out_a_member_is_cached_from_its_end(tmp_path):
         slow.close()
 
 
+def test_a_members_events_are_bounded_in_bytes_and_an_answer_in_events(tmp_path):
+    """A learner whose every answer carries a 60 KB event has it kept as its seq, time and kind only (a member's
+    held ring is bounded in bytes, not only in count); two learners of 300 events each fill one answer with the
+    newest MAX_ANSWER_EVENTS of all, not 600."""
+    from raftlib.server.dashboard import MAX_ANSWER_EVENTS, MAX_EVENT_BYTES
+
+    big_event = {"seq": 7, "time": time.time(), "kind": "leader_changed", "leader": "x" * (60 << 10), "term": 1}
+    many = [{"seq": s, "time": time.time() - 1000 + s, "kind": "election_started", "term": s} for s in range(1, 301)]
+    fakes = {"big": FakeMember(json.dumps({"node_id": "big", "events": {"last_seq": 7, "events": [big_event]}}).encode()),
+             **{name: FakeMember(json.dumps({"node_id": name, "events": {"last_seq": 300, "events": many}}).encode())
+                for name in ("many1", "many2")}}
+    node = _lone_node_with_learners(tmp_path, {name: f.address for name, f in fakes.items()})
+    try:
+        time.sleep(0.6)  # past the cache of a gather made while joining, if any
+        r = node.request("GET", "/cluster/status", timeout=10)
+        st = r.json()
+        assert all(m["up"] for m in st["members"]), st["members"]
+        assert [e for e in st["events"] if e["node"] == "big"] == [
+            {"seq": 7, "time": big_event["time"], "kind": "leader_changed", "truncated": True, "node": "big"}]
+        assert len(st["events"]) == MAX_ANSWER_EVENTS, len(st["events"])
+        oldest = st["events"][0]
+        assert oldest["node"].startswith("many") and oldest["seq"] > 150, oldest  # the newest kept, of both
+        assert len(r.body) < MAX_ANSWER_EVENTS * MAX_EVENT_BYTES, len(r.body)
+    finally:
+        node.kill()
+        for f in fakes.values():
+            f.close()
+
+
 def test_the_page_actions_sent_to_a_follower_reach_the_leader(cluster):
     """The page sends its actions to its own node; a follower passes them to the leader (a 307 to another port
     would be a cross-origin request the page cannot follow)."""
