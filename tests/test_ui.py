@@ -409,12 +409,44 @@ def test_the_page_actions_sent_to_a_follower_reach_the_leader(cluster):
     # Another site's page can make a browser POST here (a form, a no-cors fetch) but not with a header of ours.
     for method, path in (("POST", f"/ui/actions/transfer?to={follower_id}"), ("DELETE", "/ui/actions/members/x")):
         for node in (follower, leader):
-            r = node.request(method, path, headers={"Origin": "http://elsewhere.example"})
+            r = node.request(method, path)
             assert r.status == 403 and "X-Raft-Dashboard" in r.text and r.headers["x-raft-outcome"] == "not-applied", r
+            r = node.request(method, path, headers={"Origin": "http://elsewhere.example"})  # refused at the edge
+            assert r.status == 403 and r.headers["x-raft-outcome"] == "not-applied", r
     assert follower.status()["role"] != "leader"
     r = follower.request("POST", f"/ui/actions/transfer?to={follower_id}", headers=page)
     assert r.status == 200 and r.text == f"leader is now {follower_id}\n", r
     assert follower.status()["role"] == "leader"
+
+
+def test_a_write_a_page_of_another_site_sends_is_refused(cluster):
+    """Without a secret, a page an operator opens elsewhere can make the browser POST to a node on localhost (a
+    form, a no-cors fetch): any method but GET, HEAD and OPTIONS whose Origin is not the node's own host:port, or
+    whose Sec-Fetch-Site is cross-site or same-site, is refused 403 and not applied. Same-origin requests and
+    requests without those headers (curl, the client, a follower's forward) go through."""
+    leader = cluster.leader()
+    leader_id = leader.status()["node_id"]
+    follower_id = next(n for n in cluster.running() if n is not leader).status()["node_id"]
+    own = f"http://{leader.address}"
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": f"http://{leader.address}.evil"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site", "Origin": own},
+                    {"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-origin"}):
+        r = leader.request("POST", "/db/csrf", "evil", headers={"Content-Type": "text/plain", **headers})
+        assert r.status == 403 and r.text.count("\n") == 1 and r.headers["x-raft-outcome"] == "not-applied", (headers, r)
+        assert leader.request("GET", "/db/csrf", headers=headers).status == 404, headers  # not applied; reads pass
+        r = leader.request("POST", f"/cluster/transfer?to={follower_id}", headers=headers)
+        assert r.status == 403 and r.headers["x-raft-outcome"] == "not-applied", (headers, r)
+        r = leader.request("POST", "/join", json.dumps({"node_id": "csrf", "raft_address": "127.0.0.1:1",
+                                                       "http_address": "127.0.0.1:1", "feature_level": FEATURE_LEVEL}),
+                           headers=headers)
+        assert r.status == 403, (headers, r)
+    members = leader.request("GET", "/cluster").json()
+    assert leader.status()["role"] == "leader" and "csrf" not in {m["id"] for m in members}
+    for value, headers in (("same-origin", {"Origin": own, "Sec-Fetch-Site": "same-origin"}), ("no-origin", {})):
+        r = leader.request("POST", "/db/csrf", value, headers=headers)
+        assert r.status == 200, (headers, r)
+        assert leader.request("GET", "/db/csrf").body == value.encode()
+    assert leader.status()["node_id"] == leader_id
 
 
 def test_the_actions_are_refused_with_a_secret(tmp_path):
