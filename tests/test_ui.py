@@ -47,6 +47,17 @@ def test_the_event_ring_keeps_the_newest_and_answers_what_is_new():
         events.EventRing(capacity=0)
 
 
+def test_the_match_indices_of_a_leaders_answer_are_type_checked():
+    """A leader's answer is another process's word: an id that is not a string (a list: unhashable) or a match
+    index that is not a count leaves its entry out, and nothing raises (a raise would fail every waiting caller)."""
+    from raftlib.server.dashboard import match_indices
+
+    listed = [{"id": ["a"], "match_index": 1}, {"id": {"b": 1}, "match_index": 2}, {"id": "a", "match_index": 3},
+              {"id": "b", "match_index": -1}, {"id": "z", "match_index": 4}, "junk", {"id": "c"}]
+    assert match_indices(listed, {"a", "b", "c"}) == {"a": 3}
+    assert match_indices({"a": 1}, {"a"}) == {} and match_indices(None, {"a"}) == {}
+
+
 def _runtime(node_id: str, voters: tuple[str, ...], election_ticks: int):
     from raftlib import Config, Entry, EntryKind, HardState, Member, Membership, MemoryStorage, RaftNode
     from raftlib.runtime import Runtime
@@ -325,6 +336,67 @@ def test_cluster_status_trusts_no_member_and_gathers_once_for_many_callers(tmp_p
             f.close()
 
 
+def _lone_node_with_learners(tmp_path, learners: dict[str, str]) -> Node:
+    """A started lone node "n1", once it leads, with each learner {id: http_address} joined (its caller kills it)."""
+    node = Node("n1", str(tmp_path)).start()
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "a leader")
+        for name, address in learners.items():
+            r = node.request("POST", "/join", json.dumps({"node_id": name, "raft_address": "127.0.0.1:1",
+                                                          "http_address": address, "feature_level": FEATURE_LEVEL}))
+            assert r.status == 200, r
+    except BaseException:
+        node.kill()
+        raise
+    return node
+
+
+def test_a_gather_that_waited_out_a_member_is_cached_from_its_end(tmp_path):
+    """A member that answers too late makes a gather last MEMBER_TIMEOUT_SECONDS: its result still serves the
+    callers of the next CACHE_SECONDS (counted as the asks the slow member gets: one for two calls in a row)."""
+    slow = FakeMember(json.dumps({"node_id": "slow"}).encode(), delay=3.0)
+    node = _lone_node_with_learners(tmp_path, {"slow": slow.address})
+    try:
+        time.sleep(0.6)  # past the cache of a gather made while joining, if any
+        before = slow.asked
+        for _ in range(2):
+            st = node.request("GET", "/cluster/status", timeout=10).json()
+            assert next(m for m in st["members"] if m["id"] == "slow")["up"] is False
+        assert slow.asked - before == 1, f"{slow.asked - before} asks of the slow member for two calls in a row"
+    finally:
+        node.kill()
+        slow.close()
+
+
+def test_a_members_events_are_bounded_in_bytes_and_an_answer_in_events(tmp_path):
+    """A learner whose every answer carries a 60 KB event has it kept as its seq, time and kind only (a member's
+    held ring is bounded in bytes, not only in count); two learners of 300 events each fill one answer with the
+    newest MAX_ANSWER_EVENTS of all, not 600."""
+    from raftlib.server.dashboard import MAX_ANSWER_EVENTS, MAX_EVENT_BYTES
+
+    big_event = {"seq": 7, "time": time.time(), "kind": "leader_changed", "leader": "x" * (60 << 10), "term": 1}
+    many = [{"seq": s, "time": time.time() - 1000 + s, "kind": "election_started", "term": s} for s in range(1, 301)]
+    fakes = {"big": FakeMember(json.dumps({"node_id": "big", "events": {"last_seq": 7, "events": [big_event]}}).encode()),
+             **{name: FakeMember(json.dumps({"node_id": name, "events": {"last_seq": 300, "events": many}}).encode())
+                for name in ("many1", "many2")}}
+    node = _lone_node_with_learners(tmp_path, {name: f.address for name, f in fakes.items()})
+    try:
+        time.sleep(0.6)  # past the cache of a gather made while joining, if any
+        r = node.request("GET", "/cluster/status", timeout=10)
+        st = r.json()
+        assert all(m["up"] for m in st["members"]), st["members"]
+        assert [e for e in st["events"] if e["node"] == "big"] == [
+            {"seq": 7, "time": big_event["time"], "kind": "leader_changed", "truncated": True, "node": "big"}]
+        assert len(st["events"]) == MAX_ANSWER_EVENTS, len(st["events"])
+        oldest = st["events"][0]
+        assert oldest["node"].startswith("many") and oldest["seq"] > 150, oldest  # the newest kept, of both
+        assert len(r.body) < MAX_ANSWER_EVENTS * MAX_EVENT_BYTES, len(r.body)
+    finally:
+        node.kill()
+        for f in fakes.values():
+            f.close()
+
+
 def test_the_page_actions_sent_to_a_follower_reach_the_leader(cluster):
     """The page sends its actions to its own node; a follower passes them to the leader (a 307 to another port
     would be a cross-origin request the page cannot follow)."""
@@ -337,12 +409,44 @@ def test_the_page_actions_sent_to_a_follower_reach_the_leader(cluster):
     # Another site's page can make a browser POST here (a form, a no-cors fetch) but not with a header of ours.
     for method, path in (("POST", f"/ui/actions/transfer?to={follower_id}"), ("DELETE", "/ui/actions/members/x")):
         for node in (follower, leader):
-            r = node.request(method, path, headers={"Origin": "http://elsewhere.example"})
+            r = node.request(method, path)
             assert r.status == 403 and "X-Raft-Dashboard" in r.text and r.headers["x-raft-outcome"] == "not-applied", r
+            r = node.request(method, path, headers={"Origin": "http://elsewhere.example"})  # refused at the edge
+            assert r.status == 403 and r.headers["x-raft-outcome"] == "not-applied", r
     assert follower.status()["role"] != "leader"
     r = follower.request("POST", f"/ui/actions/transfer?to={follower_id}", headers=page)
     assert r.status == 200 and r.text == f"leader is now {follower_id}\n", r
     assert follower.status()["role"] == "leader"
+
+
+def test_a_write_a_page_of_another_site_sends_is_refused(cluster):
+    """Without a secret, a page an operator opens elsewhere can make the browser POST to a node on localhost (a
+    form, a no-cors fetch): any method but GET, HEAD and OPTIONS whose Origin is not the node's own host:port, or
+    whose Sec-Fetch-Site is cross-site or same-site, is refused 403 and not applied. Same-origin requests and
+    requests without those headers (curl, the client, a follower's forward) go through."""
+    leader = cluster.leader()
+    leader_id = leader.status()["node_id"]
+    follower_id = next(n for n in cluster.running() if n is not leader).status()["node_id"]
+    own = f"http://{leader.address}"
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": f"http://{leader.address}.evil"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site", "Origin": own},
+                    {"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-origin"}):
+        r = leader.request("POST", "/db/csrf", "evil", headers={"Content-Type": "text/plain", **headers})
+        assert r.status == 403 and r.text.count("\n") == 1 and r.headers["x-raft-outcome"] == "not-applied", (headers, r)
+        assert leader.request("GET", "/db/csrf", headers=headers).status == 404, headers  # not applied; reads pass
+        r = leader.request("POST", f"/cluster/transfer?to={follower_id}", headers=headers)
+        assert r.status == 403 and r.headers["x-raft-outcome"] == "not-applied", (headers, r)
+        r = leader.request("POST", "/join", json.dumps({"node_id": "csrf", "raft_address": "127.0.0.1:1",
+                                                       "http_address": "127.0.0.1:1", "feature_level": FEATURE_LEVEL}),
+                           headers=headers)
+        assert r.status == 403, (headers, r)
+    members = leader.request("GET", "/cluster").json()
+    assert leader.status()["role"] == "leader" and "csrf" not in {m["id"] for m in members}
+    for value, headers in (("same-origin", {"Origin": own, "Sec-Fetch-Site": "same-origin"}), ("no-origin", {})):
+        r = leader.request("POST", "/db/csrf", value, headers=headers)
+        assert r.status == 200, (headers, r)
+        assert leader.request("GET", "/db/csrf").body == value.encode()
+    assert leader.status()["node_id"] == leader_id
 
 
 def test_the_actions_are_refused_with_a_secret(tmp_path):

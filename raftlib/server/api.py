@@ -24,6 +24,10 @@ Rules:
   retried, `unknown` when it was (or may have been) proposed and its fate is not known: never retry that
   blindly. The mapping is in _ANSWERS; an answer of 500 or more that names no outcome says `unknown`, one under 500
   says `not-applied` (`_serving`). A -forward follower passes the leader's on.
+- A request of another method than GET, HEAD or OPTIONS that a page of another site made a browser send is
+  refused 403 (`_serving`: Sec-Fetch-Site cross-site or same-site, or an Origin whose host:port is not the
+  request's Host), with or without a secret: a page an operator opens cannot write to a node on localhost (CSRF).
+  curl, the Python client, raftdzmqctl and a follower's forward send no Origin; the dashboard is same-origin.
 - GET /livez and GET /readyz (raftlib.server.health) need no secret and are never forwarded; /livez reads only the
   runtime's status, /readyz too and then, once its checks pass, asks one linearizable read (READY_READ_SECONDS).
 - The API of feature level 2 (?prev_index=N, DELETE /db/?prefix=P, POST /txn: issue 14) is answered 409 while
@@ -1563,12 +1567,31 @@ ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
 )
 
 
+SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))  # the methods a cross-site request may use (the module's rules)
+
+
+def cross_site_refusal(req: bottle.BaseRequest) -> bottle.HTTPResponse | None:
+    """403 for a request of another method than SAFE_METHODS that a page of another site made a browser send
+    (Sec-Fetch-Site cross-site or same-site, or an Origin whose host:port is not the request's Host); else None."""
+    if req.method in SAFE_METHODS:
+        return None
+    origin = req.get_header("Origin")
+    if (req.get_header("Sec-Fetch-Site") not in ("cross-site", "same-site")
+            and (origin is None or urllib.parse.urlsplit(origin).netloc.lower() == req.get_header("Host", "").lower())):
+        return None
+    return text(403, "refused: sent by a page of another site (Origin or Sec-Fetch-Site); "
+                "send it without those headers or from this node's own page")
+
+
 def _serving(api: Api, route: Callable[..., object], operation: str) -> Callable[..., object]:
     """The callback Bottle calls for `route`: a closure rather than functools.partial, one layer less per request."""
 
     if operation not in WRITE_OPERATIONS:
         def serve(**url_args: str) -> object:
             try:
+                refusal = cross_site_refusal(bottle.request)
+                if refusal is not None:
+                    return refusal
                 return route(api, **url_args)
             except _CAUGHT as e:
                 return failure_answer(api, operation, e)
@@ -1577,7 +1600,8 @@ def _serving(api: Api, route: Callable[..., object], operation: str) -> Callable
 
     def serve_write(**url_args: str) -> object:
         try:
-            answer = route(api, **url_args)
+            refusal = cross_site_refusal(bottle.request)
+            answer = refusal if refusal is not None else route(api, **url_args)
         except bottle.HTTPResponse as e:  # a route's refusal of bad input (check_key)
             answer = e
         except _CAUGHT as e:

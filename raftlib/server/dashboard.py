@@ -9,14 +9,16 @@ Rules:
   configuration for GET /stats, each in a greenlet of its own (at most MAX_ASKS_IN_FLIGHT open at once), within
   MEMBER_TIMEOUT_SECONDS each (connect, send and read together) and GATHER_SECONDS in all. One gather runs at a
   time: the callers that come while it runs wait for it, and its result serves every caller for CACHE_SECONDS
-  (100 pages, or 100 scripts, cost the members one ask each per CACHE_SECONDS, not 100). This node's own numbers
+  from its end (100 pages, or 100 scripts, cost the members one ask each per CACHE_SECONDS, not 100). This node's own numbers
   come from memory, never over HTTP.
 - A member's answer is another process's word, and a learner's address is whatever its unsigned /join said: the
   members listed, the leader and the term are this node's own view (its configuration, its leader); the match
   indices of a node that does not lead come from the answer of the leader it knows, checked by node_id. An answer
   counts only when it is a JSON object of at most MAX_MEMBER_ANSWER_BYTES naming the member's own node_id; each
   field is copied only when it has the type this node's GET /stats gives it (else null, and named in the row's
-  "malformed"); events only when flat and well-typed. A member without such an answer is `"up": false` with the
+  "malformed"); events only when flat and well-typed, an event of more than MAX_EVENT_BYTES as JSON shortened to
+  its seq, time and kind with "truncated": true (so a member's held ring is bounded in bytes, not only in count),
+  and an answer holds the newest MAX_ANSWER_EVENTS events of all members. A member without such an answer is `"up": false` with the
   error "unreachable" and nothing more: the reason (refused, timed out, answered 404) would make the route a port
   scanner of this node's network. The reason goes to this node's log at debug level, never a traceback.
 - The event ring's sequence numbers are per process (raftlib.events): GET /cluster/status?events_since=ID:SEQ,...
@@ -63,6 +65,11 @@ MAX_MEMBER_ANSWER_BYTES = 64 * 1024  # a member's answer (its /stats with its ne
 MAX_COUNTERS = 32  # a member's writes and reads counters
 MAX_BUCKETS = 64  # a member's histogram's buckets
 MAX_EVENT_LIST = 64  # the ids an event lists (a configuration's voters or learners)
+# A member's event as JSON: a larger one is kept as its seq, time and kind with "truncated": true (this node's own
+# are ~100 bytes). So a member's held ring is at most events.DEFAULT_CAPACITY * MAX_EVENT_BYTES (256 KB).
+MAX_EVENT_BYTES = 1024
+MAX_EVENT_KIND = 32  # characters of an event's kind
+MAX_ANSWER_EVENTS = 256  # the newest events of all members in one GET /cluster/status answer
 # The header the page sends with its actions. A page elsewhere cannot send it without a CORS preflight (which this
 # node does not answer): a cross-site form or a no-cors fetch arrives without it and is refused.
 ACTION_HEADER = "X-Raft-Dashboard"
@@ -228,7 +235,7 @@ EVENT_FIELD = re.compile(r"[a-z_]{1,32}")
 def _event(v: object) -> dict | None:
     """An event of a member's ring as the page may show it (seq, time, kind and flat fields), else None."""
     if not (isinstance(v, dict) and _count(v.get("seq")) and _number(v.get("time")) and isinstance(v.get("kind"), str)
-            and len(v) <= 16):
+            and len(v["kind"]) <= MAX_EVENT_KIND and len(v) <= 16):
         return None
     for k, field_value in v.items():
         if not (isinstance(k, str) and EVENT_FIELD.fullmatch(k)):
@@ -238,7 +245,18 @@ def _event(v: object) -> dict | None:
                 return None
         elif not (field_value is None or isinstance(field_value, (str, bool)) or _number(field_value)):
             return None
+    if len(json.dumps(v)) > MAX_EVENT_BYTES:
+        return {"seq": v["seq"], "time": v["time"], "kind": v["kind"], "truncated": True}
     return v
+
+
+def match_indices(listed: object, known: set[str]) -> dict[str, int]:
+    """The match indices of the members the leader's answer lists (`listed`), for the ids in `known` only; an
+    entry of another shape (an id that is not a string, a match index that is not a count) is left out."""
+    if not isinstance(listed, list):
+        return {}
+    return {m["id"]: m["match_index"] for m in listed if isinstance(m, dict) and isinstance(m.get("id"), str)
+            and m["id"] in known and _count(m.get("match_index"))}
 
 
 class Gathered:
@@ -301,7 +319,7 @@ class StatusGatherer:
         node = api.runtime.status().node
         me = node.node_id
         configuration = members(node)
-        result = Gathered(time.monotonic())
+        result = Gathered(0.0)  # stamped when it ends: a gather that waited out a member is fresh then
         self.rings = {k: v for k, v in self.rings.items() if any(m["id"] == k for m in configuration)}
         asked = {m["id"]: gevent.spawn(self._ask, api, m) for m in configuration if m["id"] != me and m["http_address"]}
         gevent.joinall(list(asked.values()), timeout=GATHER_SECONDS)
@@ -318,10 +336,9 @@ class StatusGatherer:
             result.malformed[node_id] = [k for k, v in fields.items() if not MEMBER_FIELDS[k](v)]
             result.stats[node_id] = {k: None if k in result.malformed[node_id] else v for k, v in fields.items()}
             self._keep_events(node_id, answer.get("events"))
-            if node_id == node.leader_id and isinstance(answer.get("members"), list):
-                known = {m["id"] for m in configuration}
-                result.match_index = {m["id"]: m["match_index"] for m in answer["members"] if isinstance(m, dict)
-                                      and m.get("id") in known and _count(m.get("match_index"))}
+            if node_id == node.leader_id:
+                result.match_index = match_indices(answer.get("members"), {m["id"] for m in configuration})
+        result.at = time.monotonic()
         return result
 
     def _keep_events(self, node_id: str, ring: object) -> None:
@@ -381,6 +398,7 @@ def cluster_status(api: Api) -> bottle.HTTPResponse:
     for node_id, ring in rings.items():
         merged.extend({**e, "node": node_id} for e in _events_after(ring, events_since.get(node_id, 0)))
     merged.sort(key=lambda e: (e["time"], e["node"], e["seq"]))
+    del merged[:-MAX_ANSWER_EVENTS]
     last_seq = {me: own["events"]["last_seq"], **{node_id: ring[0] for node_id, ring in rings.items()}}
     return json_answer({"node_id": me, "time": time.time(), "leader": leader_id,
                         "term": own["term"] if leader_id is not None else None, "admin_guarded": api.guard is not None,

@@ -211,6 +211,7 @@
   // ---- timeline --------------------------------------------------------------------------------------------
 
   function describe(e) {
+    if (e.truncated) return `${e.kind} (too large to show)`;
     switch (e.kind) {
       case "election_started": return `started an election for term ${e.term}`;
       case "election_won": return `won the election: leader of term ${e.term}`;
