@@ -985,18 +985,23 @@ class DiskStorage:
     def _snapshot_path(self, index: int) -> str:
         return os.path.join(self.data_dir, f"snapshot-{index:020d}.snap")
 
-    def disk_bytes(self) -> int:
+    def disk_bytes(self) -> int | None:
         """The bytes this node's state takes on disk: its newest snapshot file and its log segments (GET /status's
         data_size). Cheap: two listings and a stat per file, no descriptor opened, nothing read; a file removed
-        meanwhile (a compaction) counts as gone."""
-        paths = [path for _, path in self._segments()] + [path for _, path in self._snapshots()[:1]]
-        total = 0
-        for path in paths:
-            try:
-                total += self.fs.size_of(path)
-            except FileNotFoundError:
-                pass
-        return total
+        meanwhile (a compaction) counts as gone. None when the folders cannot be listed or a file stat'ed (no
+        descriptor left, an I/O error): GET /status answers without the figure rather than 500 (final review, F2)."""
+        try:
+            paths = [path for _, path in self._segments()] + [path for _, path in self._snapshots()[:1]]
+            total = 0
+            for path in paths:
+                try:
+                    total += self.fs.size_of(path)
+                except FileNotFoundError:
+                    pass
+            return total
+        except OSError as e:
+            logger.debug("could not measure the data dir for GET /status: %s", e)
+            return None
 
     def load(self) -> StoredState:
         """Recover the state of the last save (or of the one before, when a crash cut the last one short).

@@ -169,6 +169,22 @@ def test_disk_bytes_is_the_newest_snapshot_file_and_the_log_segments(tmp_path):
     s.close()
 
 
+def test_disk_bytes_is_none_when_the_data_dir_cannot_be_listed(tmp_path, monkeypatch):
+    """Final review, F2: out of descriptors (or an I/O error) while listing, disk_bytes raised and GET /status
+    answered 500 (a feature-level raise then counted the node as not answering). Now it says "unknown"."""
+    s, _ = reopen(tmp_path)
+    s.save(HardState(1, "a", 3), entries(1, 3))
+
+    def no_descriptor(path):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(s.fs, "listdir", no_descriptor)
+    assert s.disk_bytes() is None
+    monkeypatch.undo()
+    assert s.disk_bytes() > 0
+    s.close()
+
+
 def test_damaged_snapshot_is_reported(tmp_path):
     s, _ = reopen(tmp_path)
     s.save(HardState(1, "a", 3), entries(1, 3))
