@@ -867,7 +867,8 @@ class DiskStorage:
         self._write_identity(ident)
 
     def mark_joined(self) -> None:
-        """node.json's "joined": a leader accepted this node, or it bootstrapped (or was restored). From then on a
+        """node.json's "joined": a leader's term reached this node's log after its join was accepted (the server
+        waits for it), or it bootstrapped (or was restored). From then on a
         start without its log is refused (start_node, LogMissing): its votes would be those of a node that forgot
         what it promised."""
         if not (self.read_identity() or {}).get("joined"):
@@ -1531,9 +1532,9 @@ def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft
                                            next start bootstraps again, with the same id.
         node.json + JOINING "join"         a joining node no leader has accepted yet: joins again with the same id
                                            (with -join; without, NotJoined, saying how to go on).
-        node.json, no JOINING              a leader accepted the join (the server wrote "joined" in node.json,
-                                           then removed JOINING), or the node bootstrapped ("joined" too): it
-                                           runs. With "joined" but no term, no log and no snapshot, its log is
+        node.json, no JOINING              a leader accepted the join (the server removed JOINING, and writes
+                                           "joined" in node.json once a leader's term is saved in the log), or
+                                           the node bootstrapped ("joined" too): it runs. With "joined" but no term, no log and no snapshot, its log is
                                            lost: LogMissing (review of ops 2, A: under its old id it would vote
                                            as a node that forgot its votes and entries). Without "joined" (a dir
                                            of an older raftdzmq that never started with its log since): a warning.

@@ -102,6 +102,7 @@ MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at st
 KEYS_REFRESH_SECONDS = 2.0  # at most one round of GET /cluster/keys this often (a stranger's refusals cause them)
 KEYS_REFRESH_MAX_SECONDS = 30.0  # the pause between rounds doubles up to this while they find nothing newer
 VOUCHED_RECHECK_SECONDS = 1.0  # how often the vouched list is checked against the commit index
+JOINED_POLL_SECONDS = 0.1  # how often a node whose join was accepted looks for a leader's term saved in its log
 KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
 
@@ -502,6 +503,7 @@ class Server:
         self._fence_index = 0
         self._keys_asking = False
         self._vouched_watch: gevent.Greenlet | None = None
+        self._joined_watch: gevent.Greenlet | None = None
         if self.node_key is not None and self.node_key.get("vouched"):
             vouched = self.node_key["vouched"]
             if not self.transport.vouch(vouched["index"], vouched["members"]):
@@ -663,6 +665,22 @@ class Server:
             except Exception:
                 log.exception("checking the vouched list against the commit index failed")
 
+    def _mark_joined_once_reached(self) -> None:
+        """Write node.json's "joined" once this node's log holds a term (a leader reached it and the save was
+        fsynced): from then on a start that finds no term in log/ is refused (storage.LogMissing), since the node
+        may have voted or acknowledged entries. A start that finds a term writes it too (storage.start_node),
+        so a crash between the save and this write loses nothing."""
+        while not self._stopping:
+            if self.storage.state.hard_state.current_term > 0:
+                try:
+                    self.storage.mark_joined()
+                    return
+                except OSError as e:  # a full disk: the next start writes it (it finds the term)
+                    log.warning("could not note in node.json that this node joined: %s; trying again", e)
+                    gevent.sleep(1.0)
+                    continue
+            gevent.sleep(JOINED_POLL_SECONDS)
+
     def _key_refused(self, public_key: str) -> None:
         """The Raft port refused a key no list names: perhaps a member newer than our configuration. Ask for a
         newer list, at most once every KEYS_REFRESH_SECONDS (the transport's greenlet: never blocks)."""
@@ -823,6 +841,8 @@ class Server:
         log.info("shutting down")
         if self._vouched_watch is not None:
             self._vouched_watch.kill()  # before the data dir closes: it may write node.key
+        if self._joined_watch is not None:
+            self._joined_watch.kill()  # likewise: it may write node.json
         if self.level_raiser is not None:
             self.level_raiser.stop()
         self.leases.stop()
@@ -861,7 +881,10 @@ class Server:
                 if self.node_key is not None:
                     self._admit_from_answer(request.get_header(SIGNATURE_HEADER.capitalize()) or "", answer,
                                             answer_headers)
-                self.storage.mark_joined()  # a leader accepted the join: from now on its log must be there
+                # A leader accepted the join. node.json's "joined" (a start without a log is refused from then
+                # on) waits until a leader's term is saved in the log: a node killed before the leader's first
+                # append lost nothing and must start again (final review, F1).
+                self._joined_watch = gevent.spawn(self._mark_joined_once_reached)
                 self.storage.remove_join_marker()  # (issue 11)
                 log.info("joined the cluster through %s", url)
                 return
