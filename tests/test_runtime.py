@@ -564,12 +564,9 @@ def test_a_snapshot_chunk_that_finds_no_descriptor_is_held_back_and_taken_when_s
         runtime.stop()
 
 
-def test_a_failed_fork_is_tried_again_later_and_leaves_forking_on(tmp_path, monkeypatch, caplog):
-    """snapfork review, finding 2: a fork that failed once (EAGAIN: too many processes for a moment) turned forking
-    off for the life of the process, every later snapshot stalling the loop. It is tried again later instead, and
-    the next snapshot is written by a child."""
-    from raftlib import runtime as runtime_module
-
+def _forking_runtime(tmp_path, **runtime_args) -> Runtime:
+    """A one-node runtime (not started) on a DiskStorage in `tmp_path`, bootstrapped alone, whose snapshots and
+    backups are written by forked children."""
     storage = DiskStorage(str(tmp_path))
     storage.load()
     me = Member("a", "127.0.0.1:1", "")
@@ -577,8 +574,19 @@ def test_a_failed_fork_is_tried_again_later_and_leaves_forking_on(tmp_path, monk
     stored = storage.state
     node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1), random.Random(1), stored.hard_state,
                     stored.raft_log(), stored.snapshot)
-    runtime = Runtime(node, storage, NullTransport(), Restorable(), tick_seconds=0.005, snapshot_threshold_bytes=400)
+    runtime = Runtime(node, storage, NullTransport(), Restorable(), tick_seconds=0.005, **runtime_args)
     runtime.snapshot_fork = True
+    return runtime
+
+
+def test_a_failed_fork_is_tried_again_later_and_leaves_forking_on(tmp_path, monkeypatch, caplog):
+    """snapfork review, finding 2: a fork that failed once (EAGAIN: too many processes for a moment) turned forking
+    off for the life of the process, every later snapshot stalling the loop. It is tried again later instead, and
+    the next snapshot is written by a child."""
+    from raftlib import runtime as runtime_module
+
+    runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=400)
+    storage = runtime.storage
     runtime.snapshot_retry_seconds = 0.05
     real_fork, forks = runtime_module.posix.fork, []
 
@@ -668,15 +676,7 @@ def test_a_snapshot_the_state_machine_requests_is_taken_whatever_the_logs_size()
 def _forking_leader(tmp_path) -> Runtime:
     """A one-node runtime on a DiskStorage whose snapshots and backups are written by forked children, leading,
     with one command applied."""
-    storage = DiskStorage(str(tmp_path))
-    storage.load()
-    me = Member("a", "127.0.0.1:1", "")
-    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a",), (), (me,)))])
-    stored = storage.state
-    node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1), random.Random(1), stored.hard_state,
-                    stored.raft_log(), stored.snapshot)
-    runtime = Runtime(node, storage, NullTransport(), Restorable(), tick_seconds=0.005)
-    runtime.snapshot_fork = True
+    runtime = _forking_runtime(tmp_path)
     runtime.start()
     with gevent.Timeout(5):
         while runtime.node.role is not Role.LEADER:
