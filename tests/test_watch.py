@@ -4,6 +4,7 @@ and GET /watch through the WSGI application on a fake runtime (test_http_api's),
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import gevent
@@ -38,6 +39,58 @@ def test_the_history_keeps_the_last_n_events_and_history_start_follows_evictions
     assert behind.value.oldest_index == 4
     events, position = hub.read(3, ALL)
     assert indices(events) == [4, 5, 6, 7, 8] and position == 8
+
+
+@pytest.mark.parametrize("history_events, history_bytes", [(5, 1 << 30), (4096, 1 << 30), (10_000, 3_000),
+                                                            (7, 2_500)])
+def test_on_events_leaves_the_history_as_on_event_does_one_event_at_a_time(history_events, history_bytes):
+    """WatchHub.on_events (an entry's events at once, node.WatchedStore) is on_event for each, done in bulk: the
+    same events kept, the same history start, bytes, evictions, and the same watchers told at the same indices."""
+    rng = random.Random(history_events)
+    entries, index = [], 0
+    for _ in range(1500):
+        index += 1
+        keys = rng.sample([f"k{i}" for i in range(40)] + [f"p/{i}" for i in range(40)], rng.choice((1, 1, 10, 30)))
+        entries.append([Event("put", k, b"x" * rng.randrange(300), index, index) if rng.random() < 0.8
+                        else Event("delete", k, None, index, 1) for k in keys])
+    one, bulk = (WatchHub(history_events, history_bytes) for _ in range(2))
+    watchers = {}
+    for name, hub in (("one", one), ("bulk", bulk)):
+        watchers[name] = [hub.watch(0, Filter(key="k3")), hub.watch(0, Filter(prefix="p/")), hub.watch(0, ALL)]
+    for i, events in enumerate(entries):
+        for event in events:
+            one.on_event(event)
+        bulk.on_events(events)
+        if i % 97 == 0:  # watchers that read now and then: first_match is set again from the next event
+            for name, hub in (("one", one), ("bulk", bulk)):
+                for w in watchers[name]:
+                    w.first_match, w.position = None, hub.applied_index
+        state = [(len(hub), hub.history_start, hub.held_bytes, hub.evictions, hub.last_index, hub.applied_index,
+                  [w.first_match for w in watchers[name]]) for name, hub in (("one", one), ("bulk", bulk))]
+        assert state[0] == state[1], i
+        if i % 50 == 0:
+            assert one._events[one._head:] == bulk._events[bulk._head:], i
+    assert one.evictions > 0
+
+
+def test_a_watched_store_gives_the_hub_an_entrys_events_in_one_call_and_logs_its_failure(caplog):
+    from raftlib.server.node import WatchedStore
+
+    class FailingHub(WatchHub):
+        calls: list = []
+
+        def on_events(self, events):
+            self.calls.append(list(events))
+            raise RuntimeError("a bug in the history")
+
+    hub = FailingHub()
+    store = WatchedStore(hub, lambda: None)
+    store.apply(1, command(SET_FEATURE_LEVEL, "", b"", 2))
+    body = [[], [["put", "a", b"1"], ["put", "b", b"2"]], []]
+    assert store.apply(2, command(TXN, "", b"", body)).succeeded
+    assert [[(e.key, e.index) for e in events] for events in hub.calls] == [[("a", 2), ("b", 2)]]
+    assert store.get("a") == b"1" and store.get("b") == b"2" and hub.applied_index == 2  # applied whole
+    assert "the watch history failed on the 2 events of index 2" in caplog.text
 
 
 def test_a_slow_reader_is_ended_and_the_history_does_not_grow_for_it():

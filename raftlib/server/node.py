@@ -78,7 +78,7 @@ from .edge import EdgeServer, listen
 from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
-from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, KeyValueStore, command
+from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, command
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
 
 log = logging.getLogger("raftdzmq.node")
@@ -334,6 +334,15 @@ class WatchedStore(KeyValueStore):
         result = super().apply(index, command)
         self.hub.applied(index)  # its events are in: a quiet watcher's position may move past it
         return result
+
+    def _hand_over(self, index: int, events: list[Event]) -> None:
+        """An entry's events to the hub in one call (WatchHub.on_events: its bookkeeping once per entry, not per
+        key); a failure is logged, as the store's per-event hand-over does: the state is applied whole."""
+        try:
+            self.hub.on_events(events)
+        except Exception:
+            log.exception("the watch history failed on the %d events of index %d (the state is applied whole)",
+                          len(events), index)
 
     def restoring(self, data) -> Iterator[bool]:
         """KeyValueStore.restoring (which `restore` runs too), telling the hub at the step that replaces the state:
