@@ -670,7 +670,7 @@ def parse_txn(raw: bytes) -> list:
 
 
 # A str as json.dumps writes it (ensure_ascii): json's own C function, without a dumps call around it.
-_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 def _json_value(value: bytes) -> dict[str, str]:

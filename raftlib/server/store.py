@@ -243,7 +243,7 @@ class Event(NamedTuple):
 
 
 # Event(...) without the Python frame of a NamedTuple's __new__ (half the cost: one Event per key a txn writes).
-_new_event: Callable[[type[Event], tuple], Event] = tuple.__new__  # type: ignore[assignment]
+_new_event: Callable[[type[Event], tuple], Event] = tuple.__new__
 
 
 class TxnResult(NamedTuple):

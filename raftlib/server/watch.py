@@ -228,7 +228,8 @@ class WatchHub:
             assert evicted is not None
             freed += _event_bytes(evicted) + (0 if encoded is None else len(encoded))
         newest = events[end - 1][3]  # type: ignore[index]
-        events[head:end] = data[head:end] = [None] * count  # values may be large: not kept until the compaction
+        events[head:end] = [None] * count  # values may be large: not kept until the compaction
+        data[head:end] = [None] * count
         self.held_bytes -= freed
         self.evictions += count
         if self._shared:
