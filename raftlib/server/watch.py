@@ -2,10 +2,10 @@
 position, and their forms on the wire (the event JSON, server-sent events).
 
 Rules:
-- Events come from the store's `on_event` during apply (store.Event, in apply order: indices never go down,
-  asserted), so a node hands out only what it applied, hence only what was committed; followers serve watches
-  from their own applied state, with no forward and no read round (Raft §8: what a node applied is a prefix of the
-  committed log, the same on every node). Events need no feature level: they are node-local (below level 2 their
+- Events come from the store during apply, an entry's at once (`on_events`; `on_event` is one of them: store.Event,
+  in apply order: indices never go down, asserted), so a node hands out only what it applied, hence only what was
+  committed; followers serve watches from their own applied state, with no forward and no read round (Raft §8:
+  what a node applied is a prefix of the committed log, the same on every node). Events need no feature level: they are node-local (below level 2 their
   create_index is 0, as the store exposes it). `applied(index)` after each applied entry (the node's store calls
   it) moves `applied_index`, changes or not.
 - The history holds at most `history_events` events and about `history_bytes` bytes (EVENT_OVERHEAD_BYTES plus
