@@ -660,6 +660,55 @@ def test_a_stream_sends_its_position_stays_on_past_other_keys_and_ends_when_its_
     assert c.metrics.watches_open == 0 and c.counted("watches_behind") == {"stream": 1}
 
 
+def test_a_watcher_of_a_key_whose_events_the_history_failed_on_gets_410_not_an_empty_read(monkeypatch, caplog):
+    """Review of txn, 1: when the history fails on an entry's events (node.WatchedStore._hand_over), the entry still
+    applies and the applied index moves past it. A watcher that was not told of its event (here the matching of
+    the txn's key `b` raises) then read on past it with nothing: a change skipped without a word. The hub is told
+    as of a restore at that index instead, so the stream ends with its error event, the long poll answers 410
+    with X-Raft-Oldest-Index, and a watch from there sees what comes next."""
+    from raftlib.server import api as api_module
+    from raftlib.server.node import WatchedStore
+
+    monkeypatch.setattr(api_module, "KEEPALIVE_SECONDS", 0.2)  # without the fix the stream says this, at most
+    c = Client()
+    hub = c.api.watch_hub
+    c.store = c.runtime.store = c.api.store = WatchedStore(hub, lambda: None)
+    c.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", 2), 1.0)  # index 1: a txn needs level 2
+    status, _, chunks = stream(c, "/watch?key=b")
+    assert status.startswith("200") and next(chunks) == b": watching after index 1\nid: 1\n\n"
+    poll = gevent.spawn(c, "GET", "/watch?key=b&poll=1&timeout=1")  # without the fix: 200 [] after a second
+    for _ in range(10_000):  # until it is registered, not for a guessed time
+        if c.metrics.watches_open == 2:
+            break
+        gevent.sleep(0.001)
+    assert c.metrics.watches_open == 2
+    real_matched, failed = hub._matched, []
+
+    def matched_failing_once(watchers, index):
+        if not failed:
+            failed.append(index)
+            raise RuntimeError("a bug in the history's matching")
+        real_matched(watchers, index)
+
+    monkeypatch.setattr(hub, "_matched", matched_failing_once)
+    body = {"success": [{"op": "put", "key": k, "value": v} for k, v in (("a", "1"), ("b", "2"), ("c", "3"))]}
+    r = c("POST", "/txn", json.dumps(body))
+    assert r.status == 200 and r.headers["x-raft-index"] == "2" and failed == [2]
+    assert [c.store.get(k) for k in "abc"] == [b"1", b"2", b"3"]  # applied whole
+    assert "the watch history failed on the 3 events of index 2" in caplog.text
+    answer = poll.get(timeout=10)
+    assert answer.status == 410 and answer.headers["x-raft-oldest-index"] == "3", (answer.status, answer.body)
+    error = gevent.spawn(next, chunks).get(timeout=10)
+    assert error.startswith(b"event: error\ndata: "), error
+    assert json.loads(error.split(b"data: ")[1])["oldest_index"] == 3
+    with pytest.raises(StopIteration):
+        next(chunks)
+    assert c.counted("watches_behind") == {"poll": 1, "stream": 1} and c.metrics.watches_open == 0
+    c("POST", "/db/b", "4")
+    r = c("GET", "/watch?key=b&from=2&poll=1&timeout=1")
+    assert r.status == 200 and [(e["key"], e["value"], e["index"]) for e in r.json()] == [("b", "4", 3)]
+
+
 # ---- streams through the edge (a process of its own: it monkey-patches) -------------------------------------------
 
 STREAM_THROUGH_THE_EDGE = r"""

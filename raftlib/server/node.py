@@ -337,12 +337,17 @@ class WatchedStore(KeyValueStore):
 
     def _hand_over(self, index: int, events: list[Event]) -> None:
         """An entry's events to the hub in one call (WatchHub.on_events: its bookkeeping once per entry, not per
-        key); a failure is logged, as the store's per-event hand-over does: the state is applied whole."""
+        key). A failure is logged and the state stays applied whole; the history may then lack some of the
+        entry's events, or some watchers may not have been told of them, while `applied` moves every quiet
+        watcher past the entry: a watcher would skip them with no error. So the hub is told as of a restore at
+        `index` (WatchHub.restored: the history starts after the entry and every watcher is marked), and each
+        watcher behind it gets a 410 Behind at its next read, never an empty one."""
         try:
             self.hub.on_events(events)
         except Exception:
-            log.exception("the watch history failed on the %d events of index %d (the state is applied whole)",
-                          len(events), index)
+            log.exception("the watch history failed on the %d events of index %d (the state is applied whole; "
+                          "every watch behind it is ended with 410)", len(events), index)
+            self.hub.restored(index)
 
     def restoring(self, data) -> Iterator[bool]:
         """KeyValueStore.restoring (which `restore` runs too), telling the hub at the step that replaces the state:

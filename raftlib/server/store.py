@@ -48,7 +48,8 @@ Rules:
   entry's index. None for a delete of a missing key, a failed condition, a restore. They are handed over once the whole command applied,
   and an on_event that raises is logged and does not stop the others: the replicated state never depends on a
   watcher (a txn is never left half applied). A subclass may hand an entry's events over in one call
-  (`_hand_over`: node.WatchedStore gives them to the watch history at once, its failure logged alike).
+  (`_hand_over`: node.WatchedStore gives them to the watch history at once; a failure there is logged too, and
+  the history then restarts after the entry, so its watchers get 410 rather than skip the entry's events).
 - Leases (etcd v3's model): `leases` maps a lease id (the index of the entry that granted it: unique for the
   cluster's life, the same on every node) to its Lease (TTL in whole seconds and its keys); `lease_of` maps a
   key to its lease. A put with a lease attaches the key (a missing lease: NoLease, nothing applied); a put

@@ -12,7 +12,8 @@ Rules:
   key and value each; the newest entry's events are always kept whole by the byte bound, the newest event by both); an evicted event's references are dropped at once.
   `history_start` is the index such that every event with an index above it is in the history: it moves up to an
   evicted event's index, and to a snapshot's index when one is restored (`restored`: a restore produces no
-  events, so nothing at or below it can be handed out). The oldest index available is history_start + 1.
+  events, so nothing at or below it can be handed out; node.WatchedStore calls it too, at an entry whose events
+  the history failed on). The oldest index available is history_start + 1.
 - A position is an index the watcher has seen everything up to, matching its filter or not: every event with an
   index at or below it was handed out or did not match. A read moves it to the end of what it looked at: the
   applied index when it read to the end (so a quiet watcher's position follows the node's applied index, not
