@@ -142,7 +142,9 @@ def test_a_watched_store_gives_the_hub_an_entrys_events_in_one_call_and_logs_its
     from raftlib.server.node import WatchedStore
 
     class FailingHub(WatchHub):
-        calls: list = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[list[Event]] = []
 
         def on_events(self, events):
             self.calls.append(list(events))

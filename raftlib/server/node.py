@@ -341,7 +341,11 @@ class WatchedStore(KeyValueStore):
         entry's events, or some watchers may not have been told of them, while `applied` moves every quiet
         watcher past the entry: a watcher would skip them with no error. So the hub is told as of a restore at
         `index` (WatchHub.restored: the history starts after the entry and every watcher is marked), and each
-        watcher behind it gets a 410 Behind at its next read, never an empty one."""
+        watcher behind it gets a 410 Behind at its next read, never an empty one.
+
+        It calls the hub, not `self.on_event`: the on_event given to KeyValueStore (hub.on_event, one event) is what
+        makes the store collect events at all, and the per-event form of this same call (WatchHub.on_event is
+        on_events of one); nothing replaces it on a node's store."""
         try:
             self.hub.on_events(events)
         except Exception:

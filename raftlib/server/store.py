@@ -244,7 +244,9 @@ class Event(NamedTuple):
     create_index: int
 
 
-# Event(...) without the Python frame of a NamedTuple's __new__ (half the cost: one Event per key a txn writes).
+# Event(...) without the Python frame of a NamedTuple's __new__ (half the cost: one Event per key a txn writes). It
+# skips what that __new__ does besides: no defaults are filled in and the count is not checked, so every field
+# must be given, in order (a short tuple would make an Event without its last fields). Event has no defaults.
 _new_event: Callable[[type[Event], tuple], Event] = tuple.__new__
 
 
