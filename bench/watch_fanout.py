@@ -19,10 +19,19 @@ How one run goes (one system):
   every event. Each event's delivery latency is the time its message was complete on the watcher's socket minus
   its write's acknowledgement: it can be negative (a follower may apply before the leader's answer arrives).
 - A watcher "fell behind" when, at the end, it missed an acknowledged write's event, or its stream ended (closed,
-  raftdzmq's `event: error` when it fell out of the history, etcd's `canceled`). Duplicates are counted (a
-  watcher must see each change once). Writes that failed are not expected (they may or may not have been applied).
-- The watchers' own CPU and loop busy share are reported: one Python process parsing W x rate events a second
+  raftdzmq's `event: error` when it fell out of the history, etcd's `canceled`), or got an event of an index below
+  one it had already seen (`out_of_order`). Duplicates are counted (a watcher must see each change once). Writes
+  that failed are not expected (they may or may not have been applied).
+- Once ready, the watchers only read: each read's bytes are kept with the time they were read at (and event marks
+  counted, to stop once every event came), and parsed after the run, each event timed by the read that completed
+  its message, as if parsed at once. Parsing a million events a second as they came cost the readers most of the
+  two cores (0.7-1 us an event in Python), and the tail measured was theirs; now a reader costs one recv per
+  wake. Memory: ~210 bytes a (watcher, event), ~2 GB at 1,000 x 1,000 for 10 s.
+- The watchers' own CPU and loop busy share are reported: one Python process reading W x rate events a second
   can itself be the bottleneck, and then the tail is partly its own (`valid` says so, as in bench/openloop.py).
+- The follower's own share (raftdzmq): its raftdzmq_watch_delivery_seconds between two scrapes of GET /metrics,
+  the time from applying a change to the write of the frame that carries it, per frame written (bucket bounds),
+  and the events per frame: a tail the server has and the readers do not see is there.
 
 Rules: nothing is asserted here (speed is measured, never asserted: tests/test_bench.py tests the pure parts);
 nodes listen on 127.0.0.1 on free ports; every process is stopped by pid; data dirs are in a temporary folder,
@@ -57,7 +66,12 @@ import openloop  # noqa: E402
 
 # ---- the pure parts (tests/test_bench.py) ----------------------------------------------------------------------
 
-KEY_PATTERN = re.compile(rb'"key":\s?"([^"]*)"')  # raftdzmq's event JSON ("key": "k") and etcd's kv ("key":"a2V5")
+# An event's key and index, spelt out field by field (a lazy [^}]*? between them cost 7 us an event): raftdzmq's
+# event JSON ("key": "k", "value": "v", "index": 9), etcd's kv ("key":"a2V5","create_revision":"9","mod_revision":"9").
+EVENT_PATTERNS = {"raftdzmq": re.compile(rb'"key": "([^"]*)", (?:"value(?:_base64)?": "[^"]*", )?"index": (\d+)'),
+                  "etcd": re.compile(rb'"key":"([^"]*)",(?:"create_revision":"\d+",)?"mod_revision":"(\d+)"')}
+# A mark counted once per event while the run goes (to stop reading once every event came; the check is feed's).
+EVENT_MARKS = {"raftdzmq": b"event: put", "etcd": b'"mod_revision"'}
 
 
 def dechunk(buffer: bytes) -> tuple[bytes, bytes, bool]:
@@ -114,10 +128,11 @@ RESOLUTION_SECONDS = 0.0001  # latencies are counted to the nearest 0.1 ms
 
 
 def delivery_summary(arrivals: list[array], duplicates: list[int], ended: list[str | None],
-                     answered_at: list[float | None]) -> dict:
+                     answered_at: list[float | None], out_of_order: list[int] | None = None) -> dict:
     """Per watcher (its arrival time per seq, NaN for none; duplicates seen; why its stream ended, if it did) and
-    per write (its acknowledgement time, None if it failed): how many watchers got every acknowledged event, which
-    fell behind (missed one, or their stream ended), and the delivery latency's percentiles in ms over every
+    per write (its acknowledgement time, None if it failed), and the events each got below an index it had seen
+    (`out_of_order`): how many watchers got every acknowledged event, which fell behind (missed one, or their
+    stream ended) or got events out of index order (counted as not complete), and the delivery latency's percentiles in ms over every
     (watcher, acknowledged event) pair received, with the worst watcher's own p99."""
     acked = [(seq, t) for seq, t in enumerate(answered_at) if t is not None]
     histogram: dict[int, int] = {}
@@ -139,18 +154,52 @@ def delivery_summary(arrivals: list[array], duplicates: list[int], ended: list[s
         total += got
         missed = len(acked) - got
         missed_events += missed
-        if missed or ended[w]:
-            behind.append({"watcher": w, "missed": missed, "ended": ended[w]})
+        disordered = out_of_order[w] if out_of_order else 0
+        if missed or ended[w] or disordered:
+            behind.append({"watcher": w, "missed": missed, "ended": ended[w],
+                           **({"out_of_order": disordered} if disordered else {})})
         if got:
             worst_p99_ms = max(worst_p99_ms, percentile_of_histogram(mine, got, 99) * RESOLUTION_SECONDS * 1000)
     out: dict = {"watchers": len(arrivals), "writes_acknowledged": len(acked),
                  "writes_failed": len(answered_at) - len(acked), "events_expected": len(acked) * len(arrivals),
                  "events_received": total, "events_missed": missed_events, "duplicates": sum(duplicates),
+                 "out_of_order": sum(out_of_order) if out_of_order else 0,
                  "watchers_complete": len(arrivals) - len(behind), "watchers_behind": len(behind),
                  "behind": behind[:20], "worst_watcher_p99_ms": worst_p99_ms if total else math.nan}
     for p, name in openloop.PERCENTILES:
         out[f"{name}_ms"] = (percentile_of_histogram(histogram, total, p) * RESOLUTION_SECONDS * 1000
                              if total else math.nan)
+    return out
+
+
+DELIVERY_METRIC = "raftdzmq_watch_delivery_seconds"
+
+
+def delivery_counts(metrics_text: str) -> dict[str, float]:
+    """From a raftdzmq node's GET /metrics: the cumulative bucket counts of DELIVERY_METRIC by upper bound ("le"),
+    and the stream events delivered ("events")."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(DELIVERY_METRIC + "_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            out[bound] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith('raftdzmq_watch_events_delivered_total{mode="stream"}'):
+            out["events"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def server_delivery(before: dict[str, float], after: dict[str, float]) -> dict:
+    """The server's share of the run (the follower's DELIVERY_METRIC between two scrapes): frames written, events
+    per frame, and the p50/p99 of apply-to-write as the upper bound of the bucket holding it (ms)."""
+    bounds = sorted((float(b), b) for b in after if b != "events")
+    counts = [(bound, after[name] - before.get(name, 0.0)) for bound, name in bounds]
+    frames = counts[-1][1] if counts else 0.0
+    out: dict = {"server_frames": frames,
+                 "server_events_per_frame": (after.get("events", 0) - before.get("events", 0)) / frames if frames
+                 else math.nan}
+    for p in (50, 99):
+        out[f"server_p{p}_ms"] = next((bound * 1000 for bound, n in counts if n >= frames * p / 100), math.nan) \
+            if frames else math.nan
     return out
 
 
@@ -161,7 +210,7 @@ class Watcher:
     """One stream: its socket, what is buffered, and when each seq's event arrived."""
 
     __slots__ = ("sock", "head_done", "chunked", "raw", "pending", "ready", "ended", "arrivals", "duplicates",
-                 "received")
+                 "received", "last_index", "out_of_order", "recorded", "marks", "tail")
 
     def __init__(self, sock: socket.socket, max_events: int) -> None:
         self.sock = sock
@@ -170,6 +219,17 @@ class Watcher:
         self.ended: str | None = None
         self.arrivals = array("d", [math.nan]) * max_events
         self.duplicates = self.received = 0
+        self.last_index = self.out_of_order = 0  # the highest event index seen; events that came below it
+        self.recorded: list[tuple[float, bytes]] = []  # (when, bytes read): fed after the run (run_watchers)
+        self.marks = 0  # EVENT_MARKS counted in what was recorded
+        self.tail = b""  # the recorded bytes' last few (a mark cut between two reads counts once)
+
+    def record(self, data: bytes, now: float, mark: bytes) -> None:
+        """Keep what was read at `now` for `feed` after the run, counting the event marks in it (none missed or
+        counted twice where a read cuts one)."""
+        self.recorded.append((now, data))
+        self.marks += data.count(mark) + (self.tail + data[:len(mark) - 1]).count(mark)
+        self.tail = (self.tail + data)[-(len(mark) - 1):]
 
 
 def watch_request(system: str, host: str, port: int, prefix: str) -> bytes:
@@ -215,10 +275,14 @@ def feed(w: Watcher, data: bytes, now: float, system: str, keys: dict[bytes, int
     elif system == "etcd" and b'"canceled":true' in messages:
         w.ended = "canceled"
     arrivals = w.arrivals
-    for key in KEY_PATTERN.findall(messages):
+    for key, index in EVENT_PATTERNS[system].findall(messages):
         seq = keys.get(key)
         if seq is None:
             continue
+        index = int(index)
+        if index < w.last_index:
+            w.out_of_order += 1
+        w.last_index = max(w.last_index, index)
         if arrivals[seq] == arrivals[seq]:  # not NaN: seen before
             w.duplicates += 1
         else:
@@ -232,6 +296,7 @@ def run_watchers(args: argparse.Namespace) -> int:
     host, port = args.url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
     keys = key_table(args.prefix, args.max_events, base64_keys=args.system == "etcd")
     request = watch_request(args.system, host, int(port), args.prefix)
+    mark = EVENT_MARKS[args.system]
     sel = selectors.DefaultSelector()
     watchers = []
     for _ in range(args.watchers):
@@ -265,7 +330,7 @@ def run_watchers(args: argparse.Namespace) -> int:
                 return 1
         if answered_at is not None:
             total = len(answered_at)
-            if now > drain_deadline or all(w.received >= total or w.ended for w in watchers):
+            if now > drain_deadline or all(w.marks >= total or w.ended for w in watchers):
                 break
         for key, _ in sel.select(timeout=0.05):
             w = key.data
@@ -288,15 +353,22 @@ def run_watchers(args: argparse.Namespace) -> int:
                 w.ended = w.ended or "connection closed"
                 sel.unregister(w.sock)
                 continue
-            feed(w, data, started, args.system, keys)
+            if said_ready:
+                w.record(data, started, mark)
+            else:
+                feed(w, data, started, args.system, keys)
             busy_seconds += time.monotonic() - started
     wall = time.monotonic() - measured_from
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"read": True}), flush=True)  # the orchestrator takes the nodes' CPU now, before the parse
     for w in watchers:
         w.sock.close()
+        for at, data in w.recorded:  # parsed now, each piece with the time it was read at
+            feed(w, data, at, args.system, keys)
+        w.recorded = []
     assert answered_at is not None
     summary = delivery_summary([w.arrivals for w in watchers], [w.duplicates for w in watchers],
-                               [w.ended for w in watchers], answered_at)
+                               [w.ended for w in watchers], answered_at, [w.out_of_order for w in watchers])
     summary["watcher_cpu"] = ((cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
                               ) / wall
     summary["watcher_busy"] = busy_seconds / wall
@@ -367,6 +439,16 @@ def cluster_term(system) -> int | None:
     return max(terms) if terms else None
 
 
+def follower_delivery(system, follower: str) -> dict[str, float] | None:
+    """delivery_counts of the follower now (None for etcd, or a build without the metric)."""
+    from load import Raftdzmq, get
+
+    if not isinstance(system, Raftdzmq):
+        return None
+    counts = delivery_counts(get(follower + "/metrics", timeout=10).decode())
+    return counts if len(counts) > 1 else None
+
+
 def leader_and_follower(system) -> tuple[tuple[str, int], tuple[str, int]]:
     """((the leader's URL, pid), (a follower's URL, pid)) as the cluster stands now."""
     from load import Raftdzmq, get
@@ -410,6 +492,7 @@ def run_one(system, name: str, args: argparse.Namespace, workdir: str, run_numbe
                 raise SystemExit(f"bench: {kind} watchers: {ready}")
         ackfile = os.path.join(workdir, f"acks-{run_number}.json")
         term_before = cluster_term(system)
+        delivery_before = follower_delivery(system, follower)
         cpu_before = cpu_seconds(leader_pid), cpu_seconds(follower_pid), time.monotonic()
         print(f"  {kind}: {args.watchers} watchers on {follower}, writing {args.rate:g}/s for {args.duration:g} s to "
               f"{leader}", file=sys.stderr)
@@ -422,10 +505,12 @@ def run_one(system, name: str, args: argparse.Namespace, workdir: str, run_numbe
             p.stdin.write(f"done {ackfile}\n")
             p.stdin.flush()
         for p in procs:
-            out, _ = p.communicate(timeout=args.drain + 120)
-            parts.append(json.loads(out.strip().splitlines()[-1]))
+            p.stdout.readline()  # {"read": true}: bounded by the drain (or the process's end)
         wall = time.monotonic() - cpu_before[2]
         cpu = (cpu_seconds(leader_pid) - cpu_before[0]) / wall, (cpu_seconds(follower_pid) - cpu_before[1]) / wall
+        for p, share in zip(procs, shares):  # each parses what it read: ~1-5 us an event, more on a loaded machine
+            out, _ = p.communicate(timeout=120 + 20e-6 * share * count)
+            parts.append(json.loads(out.strip().splitlines()[-1]))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -438,6 +523,9 @@ def run_one(system, name: str, args: argparse.Namespace, workdir: str, run_numbe
     # Elections during the run (raftdzmq: the highest term moved; a write to a deposed leader fails): what a
     # loaded machine does to a run, told apart from the watch path's own figures.
     result["terms_moved"] = None if term_before is None or term_after is None else term_after - term_before
+    delivery_after = follower_delivery(system, follower)
+    if delivery_before is not None and delivery_after is not None:
+        result.update(server_delivery(delivery_before, delivery_after))
     # Each node's CPU (cores) from the writer's start to the last watcher's end (the drain included).
     result["leader_cpu"], result["follower_cpu"] = cpu
     return result
@@ -450,7 +538,7 @@ def merge_parts(parts: list[dict], writer: dict, kind: str, follower: str, leade
         "watchers": sum(p["watchers"] for p in parts), "writes_acknowledged": parts[0]["writes_acknowledged"],
         "writes_failed": parts[0]["writes_failed"],
         **{k: sum(p[k] for p in parts) for k in ("events_expected", "events_received", "events_missed", "duplicates",
-                                                 "watchers_complete", "watchers_behind")},
+                                                 "out_of_order", "watchers_complete", "watchers_behind")},
         "behind": [b for p in parts for b in p["behind"]][:20],
         **{k: max(p[k] for p in parts) for k in ("worst_watcher_p99_ms", "p50_ms", "p90_ms", "p99_ms", "p999_ms",
                                                  "max_ms", "watcher_cpu", "watcher_busy")},
@@ -467,15 +555,19 @@ def merge_parts(parts: list[dict], writer: dict, kind: str, follower: str, leade
 
 def print_results(results: list[dict]) -> None:
     print(f"{'system':<10}{'watchers':>9}{'writes/s':>9}{'acked':>7}{'complete':>9}{'behind':>7}{'missed':>8}"
-          f"{'dups':>6}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'p99.9 ms':>9}{'max ms':>8}{'worst p99':>10}"
+          f"{'dups':>6}{'disord':>7}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'p99.9 ms':>9}{'max ms':>8}{'worst p99':>10}"
           f"{'watch cpu':>10}{'busy':>6}{'write p99':>10}{'lead cpu':>9}{'fol cpu':>8}  valid (watchers; writer)")
     for r in results:
         print(f"{r['system']:<10}{r['watchers']:>9}{r['write_rate']:>9.0f}{r['writes_acknowledged']:>7}"
-              f"{r['watchers_complete']:>9}{r['watchers_behind']:>7}{r['events_missed']:>8}{r['duplicates']:>6}"
+              f"{r['watchers_complete']:>9}{r['watchers_behind']:>7}{r['events_missed']:>8}{r['duplicates']:>6}{r['out_of_order']:>7}"
               f"{r['p50_ms']:>8.1f}{r['p90_ms']:>8.1f}{r['p99_ms']:>8.1f}{r['p999_ms']:>9.1f}{r['max_ms']:>8.0f}"
               f"{r['worst_watcher_p99_ms']:>10.1f}{r['watcher_cpu'] * 100:>9.0f}%{r['watcher_busy'] * 100:>5.0f}%"
               f"{r['write_p99_ms']:>10.1f}{r['leader_cpu'] * 100:>8.0f}%{r['follower_cpu'] * 100:>7.0f}%  {'yes' if r['valid'] else 'NO: the watchers process was the bottleneck'}; "
               f"{'yes' if r['writer_valid'] else 'writer: ' + r['writer_invalid_reason']}")
+        if r.get("server_frames"):
+            print(f"    server (the follower, apply to the frame's write): p50 <= {r['server_p50_ms']:g} ms, p99 <= "
+                  f"{r['server_p99_ms']:g} ms over {r['server_frames']:.0f} frames, "
+                  f"{r['server_events_per_frame']:.1f} events a frame")
         if r.get("terms_moved"):
             print(f"    the cluster's term moved by {r['terms_moved']} during the run (an election: writes to the "
                   f"deposed leader failed)")

@@ -300,6 +300,51 @@ def test_a_watcher_times_each_event_when_its_message_is_whole(system):
     assert whole_at[0] >= 2  # not timed at the piece that carried only its beginning
 
 
+@pytest.mark.parametrize("system", ["raftdzmq", "etcd"])
+def test_a_watcher_counts_events_that_come_below_an_index_it_saw(system):
+    import watch_fanout
+
+    keys = watch_fanout.key_table("fan1/", 3, base64_keys=system == "etcd")
+    message = raftdzmq_frame if system == "raftdzmq" else etcd_message
+    w = watch_fanout.Watcher(None, 3)
+    watch_fanout.feed(w, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + chunked(message("fan1/0", 8) + message("fan1/2", 10) + message("fan1/1", 9)),
+                      1.0, system, keys)
+    assert w.received == 3 and w.out_of_order == 1
+    s = watch_fanout.delivery_summary([w.arrivals], [w.duplicates], [w.ended], [0.5, 0.5, 0.5], [w.out_of_order])
+    assert s["out_of_order"] == 1 and s["watchers_complete"] == 0
+    assert s["behind"] == [{"watcher": 0, "missed": 0, "ended": None, "out_of_order": 1}]
+
+
+def test_a_watcher_records_what_it_read_and_counts_each_event_mark_once_however_reads_cut_it():
+    import watch_fanout
+
+    mark = watch_fanout.EVENT_MARKS["raftdzmq"]
+    stream = b"".join(raftdzmq_frame(f"fan1/{i}", 8 + i) for i in range(5))
+    for cut_size in (1, 3, 7, 9, 10, 11, len(stream)):
+        w = watch_fanout.Watcher(None, 5)
+        for at in range(0, len(stream), cut_size):
+            w.record(stream[at:at + cut_size], float(at), mark)
+        assert w.marks == 5, cut_size
+        assert b"".join(data for _, data in w.recorded) == stream
+
+
+def test_the_servers_share_is_read_from_two_scrapes_of_its_delivery_histogram():
+    import watch_fanout
+
+    def scrape(counts, events):
+        return "\n".join([f'raftdzmq_watch_delivery_seconds_bucket{{le="{le}"}} {n}'
+                          for le, n in zip(("0.01", "0.1", "1.0", "+Inf"), counts)]
+                         + [f'raftdzmq_watch_events_delivered_total{{mode="stream"}} {events}',
+                            'raftdzmq_watch_events_delivered_total{mode="poll"} 7.0'])
+
+    before = watch_fanout.delivery_counts(scrape((5, 5, 5, 5), 50))
+    after = watch_fanout.delivery_counts(scrape((55, 104, 105, 105), 1050))
+    s = watch_fanout.server_delivery(before, after)
+    assert s["server_frames"] == 100 and s["server_events_per_frame"] == 10
+    assert s["server_p50_ms"] == 10 and s["server_p99_ms"] == 100
+
+
 def test_a_watcher_notes_why_its_stream_ended():
     import watch_fanout
 

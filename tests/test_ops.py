@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 from procs import SERVER, LocalCluster, Node, wait_for
 from raftlib.storage import name_of

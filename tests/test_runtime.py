@@ -106,7 +106,6 @@ def test_a_request_whose_caller_gave_up_before_the_loop_took_it_is_never_carried
     nor its level applied, and queued its change behind the raise: the log got the raise, then the older node.
     A request whose caller gave up is dropped when the loop takes it, whatever it is (the outcome a caller was
     told, unknown, allows both). Fails without the check in Runtime._handle: checked."""
-    from raftlib.runtime import ChangeMembership
 
     runtime, storage, values = one_node
     node = runtime.node

@@ -824,6 +824,24 @@ t0 = time.monotonic()
 while b"id: 1" not in received and time.monotonic() - t0 < 5:
     received += kept.recv(65536)
 event_seconds = time.monotonic() - t0
+# The entries one drive applies (no yield between them) go out in one frame: one chunk, its events in order, one
+# write counted by the delivery histogram.
+frames_before, events_before = sum(metrics.watch_delivery_seconds.counts), metrics.watch_events.values["stream"]
+node.last_applied = 4
+for i in (2, 3, 4):
+    kv.apply(i, command(SET, f"k{i}", b"v"))
+drive = b""
+t0 = time.monotonic()
+while not (b'"k4"' in drive and drive.endswith(b"\n\n\r\n")) and time.monotonic() - t0 < 5:  # its chunk whole
+    drive += kept.recv(65536)
+while sum(metrics.watch_delivery_seconds.counts) == frames_before and time.monotonic() - t0 < 5:
+    gevent.sleep(0.01)
+drive_chunks = []
+while drive:  # the chunked coding: "<size hex>\r\n<data>\r\n"
+    size_line, drive = drive.split(b"\r\n", 1)
+    size = int(size_line, 16)
+    drive_chunks.append(drive[:size].decode())
+    drive = drive[size + 2:]
 # A client that goes away ends its stream at once, not at the next keep-alive.
 gone = watch()
 gevent.sleep(0.3)
@@ -839,7 +857,10 @@ polling.sendall(b"GET /watch?key=zz&poll=1&timeout=4 HTTP/1.1\r\nHost: x\r\n\r\n
 poll_answer = polling.recv(65536).decode()
 print(json.dumps({"poll_answer": poll_answer, "head": received.split(b"\r\n\r\n")[0].decode(), "keepalives": received.count(b": keep-alive"),
                   "event_seconds": event_seconds, "evictions": evictions, "opened": opened,
-                  "gone_seconds": gone_seconds, "open_after": metrics.watches_open}))
+                  "gone_seconds": gone_seconds, "open_after": metrics.watches_open,
+                  "drive_chunks": [c for c in drive_chunks if "event: put" in c],
+                  "drive_frames": sum(metrics.watch_delivery_seconds.counts) - frames_before,
+                  "drive_events": metrics.watch_events.values["stream"] - events_before}))
 """
 
 
@@ -860,6 +881,11 @@ def test_a_stream_through_the_edge_is_chunked_outlives_the_busy_bound_and_ends_w
     assert result["event_seconds"] < 1.0  # written as it came, not buffered
     assert result["opened"] == 2 and result["open_after"] == 1 and result["gone_seconds"] < 0.5
     assert result["poll_answer"].startswith("HTTP/1.1 200") and result["poll_answer"].endswith("\r\n\r\n[]\n")
+    # Three entries applied in one drive: one chunk with the three events in order, one write.
+    [chunk] = result["drive_chunks"]
+    assert [json.loads(line[6:])["key"] for line in chunk.splitlines() if line.startswith("data: ")] == \
+        ["k2", "k3", "k4"]
+    assert result["drive_frames"] == 1 and result["drive_events"] == 3
 
 
 WATCHES_THROUGH_A_FULL_EDGE = r"""

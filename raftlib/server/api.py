@@ -989,6 +989,7 @@ def _stream(api: Api, position: int, wanted: Filter, environ: dict) -> Iterator[
                     probes += 1
                     yield b": are you there\n\n"  # fails once the client closed both ways: the stream ends
                     continue
+            marked_at = watcher.marked_at  # the oldest event's apply, for this read's frame
             try:
                 events, frame = hub.next_sse(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
             except Behind as e:
@@ -997,7 +998,8 @@ def _stream(api: Api, position: int, wanted: Filter, environ: dict) -> Iterator[
                 return
             if events:
                 metrics.watch_events.inc("stream", len(events))
-                yield frame
+                yield frame  # returns once the server wrote it to the socket
+                metrics.watch_delivery_seconds.observe(time.monotonic() - marked_at)
                 sent_position = events[-1][3]
                 written_at = time.monotonic()
                 continue

@@ -118,6 +118,10 @@ class Metrics:
                                     "(stream: server-sent events, poll)", "mode")
         self.watches_behind = Counter("raftdzmq_watches_behind", "Watches ended or refused (410) because the event "
                                       "history moved past them, by mode", "mode")
+        self.watch_delivery_seconds = Histogram(
+            "raftdzmq_watch_delivery_seconds", "Time from applying a change to writing the stream frame that "
+            "carries it to a watcher's socket, per frame written (its oldest event's): the server's share of a "
+            "watch's latency; its count is the frames written", (.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
         self.watches_open = 0  # a gauge: the watches (streams and long polls) open now
         # Leases (issue 14 part 2): keepalives answered by outcome (kept, not_found), and leases whose expiry this
         # node proposed as leader, by outcome (committed; failed: not applied, retried or left to the next leader;
@@ -137,8 +141,8 @@ class Metrics:
 
     def collect(self) -> Iterator[prom_core.Metric]:
         for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
-                  self.hub_lag_seconds, self.http_evictions, self.watch_events, self.watches_behind,
-                  self.lease_keepalives, self.lease_expirations):
+                  self.hub_lag_seconds, self.http_evictions, self.watch_events, self.watch_delivery_seconds,
+                  self.watches_behind, self.lease_keepalives, self.lease_expirations):
             yield m.collect()
         yield prom_core.GaugeMetricFamily("raftdzmq_watches_open", "Watches open now (streams and long polls)",
                                           value=self.watches_open)
