@@ -30,7 +30,7 @@ from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
 from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_TXN_OPS, SET,
-                                  SET_FEATURE_LEVEL, KeyValueStore, command)
+                                  SET_FEATURE_LEVEL, KeyValueStore, TxnResult, command)
 from raftlib.storage import DiskFull
 
 MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
@@ -1270,7 +1270,7 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
                         {"op": "delete", "key": "bin"}, {"op": "get", "key": "a"}],
             "failure": [{"op": "put", "key": "failed", "value": "x"}]}
     r = client("POST", "/txn", json.dumps(body))
-    assert r.status == 200 and r.headers["x-raft-index"] == "4"
+    assert r.status == 200 and r.headers["x-raft-index"] == "4" and r.headers["content-type"] == "application/json"
     assert r.json() == {"succeeded": True, "index": 4, "results": [
         {"op": "put", "key": "a"},
         {"op": "get", "kvs": [{"key": "bin", "value_base64": "/wA=", "create_index": 3, "modify_index": 3}]},
@@ -1280,6 +1280,17 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
     assert r.json() == {"succeeded": False, "index": 5, "results": [{"op": "put", "key": "failed"}]}
     assert client.store.get("failed") == b"x" and client.store.get("a") == b"\x00\xff"
     assert client("POST", "/txn", "{}").json() == {"succeeded": True, "index": 6, "results": []}
+
+
+def test_a_txn_answer_is_the_json_of_its_results():
+    """api.txn_answer_json writes a put's result as text: the answer must be what json_answer of the results'
+    dicts gives, byte for byte (escapes, non-ASCII keys, every kind of result)."""
+    result = TxnResult(True, [("put", "k"), ("put", 'k\u00e9"\\/\n\U0001f600'), ("delete", 2, True), ("delete", 0, False),
+                              ("get", [("a", b"\xff\x00", 1, 2), ("b\u00e9", "\u00e9".encode(), 3, 4)], False),
+                              ("get", [], True), ("put", "z")])
+    for r in (result, TxnResult(False, []), TxnResult(False, [("put", "x")])):
+        expected = {"succeeded": r.succeeded, "index": 41, "results": [api_module._txn_answer(x) for x in r.results]}
+        assert api_module.txn_answer_json(r, 41) == json.dumps(expected) + "\n"
 
 
 @pytest.mark.parametrize("body, problem", [
@@ -1316,6 +1327,10 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
      "success[1]: key 'k' is put twice"),
     # The plain put's fast path (api._txn_item) leaves every problem to the general one.
     (json.dumps({"success": [{"op": "put", "key": "k" * 4097, "value": "v"}]}), "1 to 4096 bytes"),
+    (json.dumps({"success": [{"op": "put", "key": "a", "value": "v"}, {"op": "put", "key": "b", "value": "v"},
+                             {"op": "put", "key": "c", "value": 5}]}), "success[2]: needs a value"),
+    (json.dumps({"failure": [{"op": "put", "key": "a", "value": "v"}, ["put", "b", "v"]]}),
+     "failure[1]: want a JSON object"),
     ('{"success": [{"op": "put", "key": "k", "value": 5}]}', "needs a value"),
     ('{"success": [{"op": "put", "key": 5, "value": "v"}]}', "1 to 4096 bytes"),
 ])

@@ -676,11 +676,30 @@ def test_a_missing_key_compares_as_etcd_does(target, op, operand, want):
     ([[], [["delete", "", True]], []], "at least one character"), ([[], [["get", "k", 1]], []], "key or a prefix"),
     ([[], [["put", "k", b""]] * (MAX_TXN_OPS + 1), []], f"at most {MAX_TXN_OPS}"),
     ([[], [], [["put", "k", b""], ["get", "k", False], ["put", "k", b"x"]]], "failure[2]: key 'k' is put twice"),
+    # Branches of puts only (the fast path's shape, store._plain_puts) with one wrong op: the general check names it.
+    ([[], [["put", "a", b""], ["put", "b", b""], ["put", "a", b"x"]], []], "success[2]: key 'a' is put twice"),
+    ([[], [["put", "a", b""], ["put", "", b""]], []], "success[1]: a put needs a key"),
+    ([[], [["put", "a", b""], ["put", "b", "text"]], []], "success[1]: a put needs a value"),
+    ([[], [["put", "a", b""], ["put", "b", b"", -1]], []], "success[1]: a put's lease is an id >= 0"),
 ])
 def test_a_malformed_txn_is_an_error_applied_as_nothing(body, problem):
     assert problem in txn_problem(body)
     kv, results, events = upgraded(command(SET, "k", b"v"), command(TXN, "", b"", body))
     assert results[1] == "error" and kv.record("k") == (b"v", 2, 2) and len(events) == 1
+
+
+@pytest.mark.parametrize("part", [
+    [], [["put", "a", b"1"]], [["put", "a", b"1"], ["put", "b", b""]], [["put", "a", b"1"], ["put", "a", b"2"]],
+    [["put", "", b"1"]], [["put", "a", "1"]], [["put", "a", b"1", 0]], [["put", "a", b"1", 7]], [["put", 5, b"1"]],
+    [["put", "a"]], [["put", "a", b"1", 1, 2]], [("put", "a", b"1")], [["get", "a", False]], ["put"],
+    [["put", "a", b"1"], ["delete", "a", False]], [["put", "a", b"1"]] * (MAX_TXN_OPS + 1)])
+def test_the_plain_puts_fast_path_accepts_exactly_what_the_general_check_does(part, monkeypatch):
+    """store._plain_puts lets a branch of plain puts skip the check of each op: it must refuse nothing the general
+    check accepts and accept nothing it refuses, or nodes of this release and the previous would decide apart."""
+    bodies = [[[], part, []], [[], [], part], [[["k", "exists", "==", True]], part, [["put", "z", b""]]]]
+    fast = [txn_problem(body) for body in bodies]
+    monkeypatch.setattr(store, "_plain_puts", lambda ops: False)
+    assert fast == [txn_problem(body) for body in bodies]
 
 
 def test_below_level_2_the_new_ops_apply_as_nothing_on_every_node():

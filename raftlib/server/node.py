@@ -78,7 +78,7 @@ from .edge import EdgeServer, listen
 from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
-from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, KeyValueStore, command
+from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, command
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
 
 log = logging.getLogger("raftdzmq.node")
@@ -334,6 +334,24 @@ class WatchedStore(KeyValueStore):
         result = super().apply(index, command)
         self.hub.applied(index)  # its events are in: a quiet watcher's position may move past it
         return result
+
+    def _hand_over(self, index: int, events: list[Event]) -> None:
+        """An entry's events to the hub in one call (WatchHub.on_events: its bookkeeping once per entry, not per
+        key). A failure is logged and the state stays applied whole; the history may then lack some of the
+        entry's events, or some watchers may not have been told of them, while `applied` moves every quiet
+        watcher past the entry: a watcher would skip them with no error. So the hub is told as of a restore at
+        `index` (WatchHub.restored: the history starts after the entry and every watcher is marked), and each
+        watcher behind it gets a 410 Behind at its next read, never an empty one.
+
+        It calls the hub, not `self.on_event`: the on_event given to KeyValueStore (hub.on_event, one event) is what
+        makes the store collect events at all, and the per-event form of this same call (WatchHub.on_event is
+        on_events of one); nothing replaces it on a node's store."""
+        try:
+            self.hub.on_events(events)
+        except Exception:
+            log.exception("the watch history failed on the %d events of index %d (the state is applied whole; "
+                          "every watch behind it is ended with 410)", len(events), index)
+            self.hub.restored(index)
 
     def restoring(self, data) -> Iterator[bool]:
         """KeyValueStore.restoring (which `restore` runs too), telling the hub at the step that replaces the state:
