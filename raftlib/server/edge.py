@@ -16,6 +16,8 @@ Rules:
   keep their pace however many connections have a request ready.
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
   environ is built in the same pass.
+- A request whose Host names no host this node answers to (EdgeServer's `host_refusal`: raftlib.server.hosts,
+  against DNS rebinding) is refused 403 with its reason, before its body is read and before any route.
 - A streaming answer (GET /watch: an iterable of chunks, sent with chunked encoding as each is yielded) holds
   its connection through a Stream: each chunk written restarts its whole-life bound, which then bounds one
   write the client does not take (-idle-timeout and the routes' bounds); the client closing its end (or sending
@@ -68,8 +70,9 @@ _TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopq
 _FIELD_VALUE_CHARS = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))  # HTAB, SP, VCHAR, obs-text
 _TARGET_CHARS = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))  # no space, no control character
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-            431: "Request Header Fields Too Large", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
+_REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 413: "Content Too Large",
+            414: "URI Too Long", 431: "Request Header Fields Too Large", 501: "Not Implemented",
+            505: "HTTP Version Not Supported"}
 
 
 def _field_line(line: bytes) -> tuple[bytes, bytes]:
@@ -322,6 +325,10 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             env["REMOTE_ADDR"], env["REMOTE_PORT"] = str(address[0]), str(address[1])
         env["wsgi.input_terminated"] = True
         self.environ = env
+        if server.host_refusal is not None:
+            reason = server.host_refusal(env.get("HTTP_HOST"))
+            if reason is not None:
+                raise HttpError(403, reason)
         return length or 0, chunked, expect
 
     def _read_body(self, length: int, chunked: bool, expect: bytes | None) -> bytes:
@@ -649,10 +656,12 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
     def __init__(self, listener, application, *, max_connections: int, idle_timeout_seconds: float,
                  receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
                  max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS,
-                 on_eviction: Callable[[str], None] | None = None, access_log: bool = False) -> None:
+                 on_eviction: Callable[[str], None] | None = None, access_log: bool = False,
+                 host_refusal: Callable[[str | None], str | None] | None = None) -> None:
         """`on_eviction(reason)` hears of every connection the server closes: "full_idle" or "full_receiving" (the
         pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count them. `access_log`: a
-        line per request (AccessLogHandler)."""
+        line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
+        refused (403), or None to serve it (raftlib.server.hosts.AllowedHosts.refusal); None: every Host."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         if access_log:
             self.handler_class = AccessLogHandler
@@ -661,6 +670,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.busy_timeout_seconds = busy_timeout_seconds
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        self.host_refusal = host_refusal
         # Handlers waiting for a request, and handlers in one, each with the time.monotonic() it began: oldest
         # first, since a handler is removed and added again each time.
         self.idle: dict[EdgeHandler, float] = {}
