@@ -36,14 +36,16 @@ def test_allowed_hosts_parse_names_and_refuse_what_is_no_name():
 
 def test_the_names_a_node_answers_to_without_configuration_and_with_it():
     current = [membership_of("alpha.example:8080", "127.0.0.1:8081", "")]
-    hosts = AllowedHosts(parse_allowed_hosts("kv.example"), ("localhost", "node1.example", "vm"), lambda: current[0])
+    hosts = AllowedHosts(parse_allowed_hosts("kv.example,dash.localhost"), ("localhost", "node1.example", "vm"),
+                         lambda: current[0])
     for host in (None, "", "127.0.0.1", "127.0.0.1:8080", "10.1.2.3:1", "[::1]:8080", "[fe80::1]", "localhost",
                  "LOCALHOST.:8080", "dash.localhost:8080", "node1.example:8080", "vm", "kv.example:9999",
                  "KV.example.", "alpha.example:1234"):
         assert hosts.refusal(host) is None, host
+    # *.localhost only when listed (review of rebind, F1): Safari and glibc's `files dns` ask DNS for those names.
     for host in ("evil.example:8080", "evil.example", "localhost.evil.example", "kv.example.evil", "evillocalhost",
-                 "[::1", "[127.0.0.1]", "::1", "kv.example,evil.example", "kv.example evil", "127.0.0.1.evil",
-                 "node1", "1.2.3"):
+                 "rebind.localhost:8080", "dash.dash.localhost", "[::1", "[127.0.0.1]", "::1",
+                 "kv.example,evil.example", "kv.example evil", "127.0.0.1.evil", "node1", "1.2.3"):
         reason = hosts.refusal(host)
         assert reason is not None and "-allowed-hosts" in reason and "\n" not in reason, host
     # The members' names follow the configuration: a new one's member is allowed, a removed one's no longer.
@@ -102,14 +104,15 @@ def assert_refused(answer: tuple[int, dict[str, str], bytes], write: bool) -> No
 def test_a_rebound_name_is_refused_and_the_nodes_own_and_members_names_are_served(tmp_path):
     """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 is same-origin with the node, so
     Origin and Sec-Fetch-Site pass. Its Host gives it away: a read, a write and a dashboard action are refused 403
-    by both nodes, and nothing is written. The node's own names (-h, -advertise, this machine's), IP addresses,
-    localhost and -allowed-hosts are served; a member's advertised name is served by the other member too.
+    by both nodes, and nothing is written; so is one from a rebound name under .localhost (b does not list
+    dash.localhost). The node's own names (-h, -advertise, this machine's), IP addresses, localhost and
+    -allowed-hosts (a lists dash.localhost) are served; a member's advertised name is served by the other member too.
     `a` advertises alpha.test, which does not resolve: the requests go to 127.0.0.1 with that Host, and `a` leads
     throughout, so `b` never has to reach it (b's reads are stale ones: a linearizable read would ask a)."""
     a = Node("a", str(tmp_path))
     b = Node("b", str(tmp_path))
     cluster = LocalCluster(str(tmp_path), nodes=[a, b])
-    a_extra = ("-advertise", "alpha.test", "-allowed-hosts", "KV.example")
+    a_extra = ("-advertise", "alpha.test", "-allowed-hosts", "KV.example,dash.localhost")
     try:
         a.start(*a_extra)
         wait_for(lambda: a.status()["role"] == "leader", 10, "a to lead")
@@ -117,8 +120,8 @@ def test_a_rebound_name_is_refused_and_the_nodes_own_and_members_names_are_serve
         wait_for(lambda: cluster._is_voter(b), 30, "b to become a voter")
         b_id = b.status()["node_id"]
         assert ask(a, "POST", "/db/k", f"localhost:{a.http_port}", body=b"before")[0] == 200
-        for node in (a, b):
-            host, page = rebound(node)
+        for node, name in ((a, "evil.example"), (b, "evil.example"), (a, "rebind.localhost"), (b, "dash.localhost")):
+            host, page = rebound(node, name)
             assert_refused(ask(node, "GET", "/db/k", host, page), write=False)
             assert_refused(ask(node, "GET", "/ui", host, page), write=False)
             assert_refused(ask(node, "POST", "/db/k", host, page, b"evil"), write=True)

@@ -11,11 +11,14 @@ Rules:
 - The edge asks `AllowedHosts.refusal` for every request, before its body is read (raftlib.server.edge); a Host
   not allowed gets 403 with one line naming -allowed-hosts (and X-Raft-Outcome: not-applied on a write).
 - Allowed without configuration: IP literals (an IPv4 address, an IPv6 one in brackets: there is no name to
-  rebind), `localhost` and names under `.localhost` (browsers resolve them to loopback themselves: RFC 6761 §6.3),
-  this node's -h and -advertise, this machine's names (socket.gethostname() and its FQDN: the node passes them),
-  and the host of every member's advertised HTTP address in this node's configuration, since the nodes reach one
-  another by those names (-forward, a join's redirect to the leader, GET /cluster/status, the feature level's
-  questions, GET /cluster/keys). -allowed-hosts adds names; `*` allows every Host.
+  rebind), exactly `localhost` (/etc/hosts gives it before any DNS server is asked), this node's -h and
+  -advertise, this machine's names (socket.gethostname() and its FQDN: the node passes them), and the host of
+  every member's advertised HTTP address in this node's configuration, since the nodes reach one another by
+  those names (-forward, a join's redirect to the leader, GET /cluster/status, the feature level's questions,
+  GET /cluster/keys). -allowed-hosts adds names; `*` allows every Host.
+- Names under `.localhost` are not allowed unless listed (review of rebind, F1): only Chrome and Firefox resolve
+  them to loopback themselves (RFC 6761 §6.3); Safari on macOS, and glibc with `hosts: files dns`, ask DNS, so
+  whoever controls the resolver (a rogue Wi-Fi's DHCP) can rebind `rebind.localhost`.
 - Names compare without case and without a trailing dot; the port is not compared (a rebound page uses the
   node's own port). A request without Host (HTTP/1.0) or with an empty one is allowed: a browser always sends
   one. A Host that is no host (two values, a space) is refused unless `*` is given.
@@ -114,5 +117,4 @@ class AllowedHosts:
 
     def allows(self, host: str) -> bool:
         """Whether `host` (as host_of gives it) is allowed, the members' names as of the last refusal()."""
-        return (host in self.names or host in self._member_hosts or host == "localhost"
-                or host.endswith(".localhost") or is_ip_literal(host))
+        return host in self.names or host in self._member_hosts or host == "localhost" or is_ip_literal(host)

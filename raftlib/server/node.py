@@ -841,7 +841,7 @@ class Server:
         if allowed_hosts.any_host:
             log.info("HTTP serves any Host (-allowed-hosts '*'): open to DNS rebinding")
         else:
-            log.info("HTTP serves the Host names %s, any IP address, *.localhost and the members' advertised hosts "
+            log.info("HTTP serves the Host names %s, any IP address, localhost and the members' advertised hosts "
                      "(-allowed-hosts adds names)", ", ".join(sorted(allowed_hosts.names)))
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard != resource.RLIM_INFINITY and hard < MIN_HARD_DESCRIPTORS:
