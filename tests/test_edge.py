@@ -180,6 +180,7 @@ def _vectors():
         ("bare LF", b"X-A: a\nContent-Length: 3\r\n", b"abc", 400),
         ("bare CR", b"X-A: a\rContent-Length: 3\r\n", b"abc", 400),
         ("NUL in a value", b"X-A: a\x00b\r\n", b"", 400),
+        ("a second Host line", b"Host: localhost\r\nContent-Length: 1\r\n", b"x", 400),  # RFC 9112 §3.2
         ("chunk size +3", b"Transfer-Encoding: chunked\r\n", b"+3\r\nabc\r\n0\r\n\r\n", 400),
         ("chunk size 0x3", b"Transfer-Encoding: chunked\r\n", b"0x3\r\nabc\r\n0\r\n\r\n", 400),
         ("chunk longer than its size", b"Transfer-Encoding: chunked\r\n", b"2\r\nabc\r\n0\r\n\r\n", 400),

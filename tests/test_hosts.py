@@ -13,7 +13,7 @@ import pytest
 
 from procs import SERVER, LocalCluster, Node, free_port, wait_for
 from raftlib.messages import Member, Membership
-from raftlib.server.hosts import MAX_VERDICTS, AllowedHosts, parse_allowed_hosts
+from raftlib.server.hosts import MAX_VERDICTS, AllowedHosts, host_of, malformed_host, parse_allowed_hosts
 
 # ---- the rules, in process ----------------------------------------------------------------------------------------
 
@@ -38,14 +38,15 @@ def test_the_names_a_node_answers_to_without_configuration_and_with_it():
     current = [membership_of("alpha.example:8080", "127.0.0.1:8081", "")]
     hosts = AllowedHosts(parse_allowed_hosts("kv.example,dash.localhost"), ("localhost", "node1.example", "vm"),
                          lambda: current[0])
-    for host in (None, "", "127.0.0.1", "127.0.0.1:8080", "10.1.2.3:1", "[::1]:8080", "[fe80::1]", "localhost",
+    for host in (None, "127.0.0.1", "127.0.0.1:8080", "10.1.2.3:1", "[::1]:8080", "[fe80::1]", "localhost",
                  "LOCALHOST.:8080", "dash.localhost:8080", "node1.example:8080", "vm", "kv.example:9999",
                  "KV.example.", "alpha.example:1234"):
         assert hosts.refusal(host) is None, host
     # *.localhost only when listed (review of rebind, F1): Safari and glibc's `files dns` ask DNS for those names.
     for host in ("evil.example:8080", "evil.example", "localhost.evil.example", "kv.example.evil", "evillocalhost",
                  "rebind.localhost:8080", "dash.dash.localhost", "[::1", "[127.0.0.1]", "::1",
-                 "kv.example,evil.example", "kv.example evil", "127.0.0.1.evil", "node1", "1.2.3"):
+                 "kv.example,evil.example", "kv.example evil", "127.0.0.1.evil", "node1", "1.2.3", "",
+                 "localhost:evil.example", "[::1]evil.example", "localhost\xe9"):
         reason = hosts.refusal(host)
         assert reason is not None and "-allowed-hosts" in reason and "\n" not in reason, host
     # The members' names follow the configuration: a new one's member is allowed, a removed one's no longer.
@@ -55,6 +56,25 @@ def test_the_names_a_node_answers_to_without_configuration_and_with_it():
     # A long Host is cut in the reason.
     reason = hosts.refusal("e" * 5000)
     assert reason is not None and len(reason) < 300
+
+
+# Host values that are not a host and an optional port (review of rebind, F2): a browser never sends them, and read
+# loosely each could pass for an allowed name.
+MALFORMED_HOSTS = ("localhost,evil.example", "evil.example, localhost", "localhost evil.example", "localhost:1 evil",
+                   "localhost:evil.example", "[::1]evil.example", "[::1]:80x", "evil\xe9.localhost", "", ":8080",
+                   "localhost:1:2", "[::1", "local\x00host", "localhost@evil.example", "localhost/x")
+
+
+def test_host_of_takes_a_host_and_an_optional_port_and_nothing_else():
+    for value, host in (("localhost", "localhost"), ("LocalHost.:8080", "localhost"), ("localhost:", "localhost"),
+                        ("[::1]:8080", "[::1]"), ("[FE80::1]", "[fe80::1]"),
+                        ("[::ffff:127.0.0.1]:1", "[::ffff:127.0.0.1]"), ("10.0.0.5:80", "10.0.0.5"),
+                        ("node_2.lan", "node_2.lan")):
+        assert host_of(value) == host and malformed_host(value) is None, value
+    for value in MALFORMED_HOSTS:
+        reason = malformed_host(value)
+        assert host_of(value) is None and reason is not None and "\n" not in reason, value
+        assert reason.startswith("malformed Host ") and repr(value) in reason, reason
 
 
 def test_a_star_allows_any_host_and_the_verdicts_kept_are_bounded():
@@ -76,9 +96,15 @@ def ask(node: Node, method: str, path: str, host: str, headers: dict[str, str] |
     lowercase names, body)."""
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    return exchange(node, head.encode() + b"\r\n" + body)
+
+
+def exchange(node: Node, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send these bytes on a raw connection to `node` and read until it closes; (status, headers with lowercase
+    names, body) of the answer."""
     address, port = node.address.rsplit(":", 1)
     with socket.create_connection((address, int(port)), timeout=10) as s:
-        s.sendall(head.encode() + b"\r\n" + body)
+        s.sendall(request)
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk
@@ -154,6 +180,39 @@ def test_a_rebound_name_is_refused_and_the_nodes_own_and_members_names_are_serve
             assert "Traceback" not in node.log_text()
     finally:
         cluster.stop()
+
+
+def test_a_malformed_host_two_host_lines_and_http_1_1_without_host_are_refused_400_http_1_0_without_host_served(
+        tmp_path):
+    """RFC 9112 §3.2 (review of rebind, F2): each malformed Host value, two Host lines (even of an allowed name) and
+    an HTTP/1.1 request without Host are answered 400 with one line, before any route: a write among them says
+    not-applied and writes nothing, with or without -allowed-hosts '*'. HTTP/1.0 may leave Host out."""
+    heads = {f"Host {value!r}": b"Host: " + value.encode("latin-1") + b"\r\n" for value in MALFORMED_HOSTS
+             if "\x00" not in value}  # a control character is refused before the Host is looked at
+    heads["two Host lines"] = b"Host: localhost\r\nHost: localhost\r\n"
+    heads["two Host lines, another name second"] = b"Host: localhost\r\nHost: evil.example\r\n"
+    heads["two Host lines, around another field"] = b"Host: 127.0.0.1\r\nX-A: b\r\nhost: 127.0.0.1\r\n"
+    heads["no Host"] = b""
+    for allowed in ("", "*"):
+        node = Node("star" if allowed else "strict", str(tmp_path))
+        try:
+            node.start(env={"RAFTDZMQ_ALLOWED_HOSTS": allowed})
+            wait_for(lambda: node.status()["role"] == "leader", 10, "a leader")
+            for i, (name, head) in enumerate(heads.items()):
+                for method, body in ((b"GET", b""), (b"POST", b"evil")):
+                    status, fields, answer = exchange(node, b"%s /db/k%d HTTP/1.1\r\n%sContent-Length: %d\r\n"
+                                                            b"Connection: close\r\n\r\n%s"
+                                                      % (method, i, head, len(body), body))
+                    assert status == 400 and answer.count(b"\n") == 1, (allowed, name, method, status, answer)
+                    assert (b"Host" in answer) and fields.get("x-raft-outcome") == (
+                        "not-applied" if method == b"POST" else None), (allowed, name, method, fields, answer)
+                assert node.request("GET", f"/db/k{i}").status == 404, (allowed, name)
+            status, _, answer = exchange(node, b"POST /db/old HTTP/1.0\r\nContent-Length: 3\r\n\r\nv10")
+            assert status == 200, answer
+            assert exchange(node, b"GET /db/old HTTP/1.0\r\n\r\n")[::2] == (200, b"v10")
+            assert "Traceback" not in node.log_text()
+        finally:
+            node.kill()
 
 
 def test_a_star_from_the_environment_allows_any_host_and_a_bad_list_is_a_usage_error(tmp_path):

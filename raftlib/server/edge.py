@@ -17,7 +17,9 @@ Rules:
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
   environ is built in the same pass.
 - A request whose Host names no host this node answers to (EdgeServer's `host_refusal`: raftlib.server.hosts,
-  against DNS rebinding) is refused 403 with its reason, before its body is read and before any route.
+  against DNS rebinding) is refused 403 with its reason, before its body is read and before any route. Two Host
+  lines, a Host that is not a host and an optional port (hosts.malformed_host), and an HTTP/1.1 request without
+  Host are refused 400 (RFC 9112 §3.2), with or without `host_refusal`; an HTTP/1.0 request may leave Host out.
 - A streaming answer (GET /watch: an iterable of chunks, sent with chunked encoding as each is yielded) holds
   its connection through a Stream: each chunk written restarts its whole-life bound, which then bounds one
   write the client does not take (-idle-timeout and the routes' bounds); the client closing its end (or sending
@@ -52,6 +54,8 @@ import gevent.hub
 import gevent.pool
 import gevent.pywsgi
 import gevent.socket
+
+from .hosts import malformed_host
 
 log = logging.getLogger("raftdzmq.edge")
 access_log = logging.getLogger("raftdzmq.access")
@@ -155,7 +159,12 @@ def _fields(env: dict, lines: list[bytes]) -> tuple[int | None, bytes | None, by
             continue  # X_A and X-A both read as HTTP_X_A: one could pass for the other (pywsgi drops them too)
         key = "HTTP_" + name.replace(b"-", b"_").decode("latin-1")
         text_value = value.decode("latin-1")
-        env[key] = env[key] + "," + text_value if key in env else text_value
+        if key in env:
+            if key == "HTTP_HOST":  # joined, "a,b" would be judged as one value (RFC 9112 §3.2: 400)
+                raise HttpError(400, "two Host header fields")
+            env[key] = env[key] + "," + text_value
+        else:
+            env[key] = text_value
     return length, te, expect, connection
 
 
@@ -187,7 +196,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       colon and no obs-fold (400), no control characters in values; a field line at most 8 KiB, at most 100
       fields, and the whole head at most -max-header-bytes (431). Empty lines before a request line are skipped
       (RFC 9112 §2.2), within the same budget. The path, percent-decoded, must be UTF-8 (400): Bottle would drop the
-      bytes that are not, and name another key.
+      bytes that are not, and name another key. Host (RFC 9112 §3.2): at most one line, a host and an optional
+      port (400 otherwise), required in HTTP/1.1 (400); then EdgeServer's `host_refusal` judges it (403).
     - A body is framed by Content-Length (plain digits; duplicates must agree) or by Transfer-Encoding that is
       exactly `chunked`, never both (400); any other coding gets 501. A declared length over -max-body gets 413
       before a byte of the body is read; a chunked body is cut off at the limit the same way.
@@ -325,8 +335,14 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             env["REMOTE_ADDR"], env["REMOTE_PORT"] = str(address[0]), str(address[1])
         env["wsgi.input_terminated"] = True
         self.environ = env
+        host = env.get("HTTP_HOST")
+        if host is None:
+            if version == b"HTTP/1.1":
+                raise HttpError(400, "an HTTP/1.1 request must give Host (RFC 9112 section 3.2)")
+        elif (malformed := malformed_host(host)) is not None:
+            raise HttpError(400, malformed)
         if server.host_refusal is not None:
-            reason = server.host_refusal(env.get("HTTP_HOST"))
+            reason = server.host_refusal(host)
             if reason is not None:
                 raise HttpError(403, reason)
         return length or 0, chunked, expect

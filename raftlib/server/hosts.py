@@ -20,8 +20,11 @@ Rules:
   them to loopback themselves (RFC 6761 §6.3); Safari on macOS, and glibc with `hosts: files dns`, ask DNS, so
   whoever controls the resolver (a rogue Wi-Fi's DHCP) can rebind `rebind.localhost`.
 - Names compare without case and without a trailing dot; the port is not compared (a rebound page uses the
-  node's own port). A request without Host (HTTP/1.0) or with an empty one is allowed: a browser always sends
-  one. A Host that is no host (two values, a space) is refused unless `*` is given.
+  node's own port). A request without Host (HTTP/1.0) is allowed: a browser always sends one.
+- A Host value is a host and an optional port, nothing else (`host_of`: a name of letters, digits, `_ . -`, or an
+  IPv6 literal in brackets): the edge answers 400 to any other value (`malformed_host`: a comma list, spaces,
+  `localhost:evil`, `[::1]evil`, non-ASCII, empty; review of rebind, F2), to two Host lines and to an HTTP/1.1
+  request without Host (RFC 9112 §3.2), whatever -allowed-hosts says.
 - Pure: no gevent and no I/O. A verdict is kept per Host value (a node hears a handful), at most MAX_VERDICTS of
   them, all forgotten when the configuration changes, so the check costs a dict lookup on the busy path.
 """
@@ -37,6 +40,9 @@ ANY_HOST = "*"
 MAX_VERDICTS = 256  # Host values whose verdict is kept; past it the cache starts over (a client may send many)
 MAX_SHOWN_HOST_CHARS = 100  # of a refused Host, in the refusal's line
 _NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")  # a DNS name as hosts are named (underscores seen too)
+# A Host value (RFC 9110 §7.2: uri-host [":" port]) as this node's clients send it: a name or an IPv4 address, or an
+# IPv6 literal in brackets; then an optional port. ASCII only: a \xe9 is no letter here.
+_HOST_VALUE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]*)?")
 
 
 def normal_name(name: str) -> str:
@@ -45,13 +51,25 @@ def normal_name(name: str) -> str:
     return name[:-1] if name.endswith(".") else name
 
 
-def host_of(value: str) -> str:
+def host_of(value: str) -> str | None:
     """The host of a Host value (RFC 9110 §7.2: uri-host [":" port]) as names are compared; an IPv6 literal keeps its
-    brackets. A value that is no host comes back as something no allowed name equals."""
-    if value.startswith("["):
-        return value[:value.find("]") + 1].lower()  # "" when unclosed
-    host, colon, _ = value.rpartition(":")
-    return normal_name(host if colon else value)
+    brackets. None when the value, as a whole, is not a host and an optional port (`_HOST_VALUE`)."""
+    match = _HOST_VALUE.fullmatch(value)
+    return None if match is None else normal_name(match.group(1))
+
+
+def shown_host(value: str) -> str:
+    """A Host value as a one-line reason quotes it: repr (control and non-ASCII characters escaped), cut short."""
+    cut = value[:MAX_SHOWN_HOST_CHARS] + ("..." if len(value) > MAX_SHOWN_HOST_CHARS else "")
+    return repr(cut)
+
+
+def malformed_host(value: str) -> str | None:
+    """The 400's one line when the Host value `value` is not a host and an optional port (host_of), else None.
+    The edge asks it for every request: one regex match."""
+    if _HOST_VALUE.fullmatch(value) is not None:
+        return None
+    return f"malformed Host {shown_host(value)}: want a host name or IP address and an optional port"
 
 
 def is_ip_literal(host: str) -> bool:
@@ -95,14 +113,15 @@ class AllowedHosts:
         self._verdicts: dict[str, bool] = {}
 
     def refusal(self, host_value: str | None) -> str | None:
-        """None when a request with this Host (None: none sent) may be served, else the 403's one line."""
-        if self.any_host or not host_value:
+        """None when a request with this Host (None: none sent) may be served, else the 403's one line. A
+        malformed value is refused here too, though the edge answers it 400 first (malformed_host)."""
+        if self.any_host or host_value is None:
             return None
         membership = self._membership()
         if membership is not self._seen_membership:
             self._seen_membership = membership
-            self._member_hosts = frozenset(host_of(m.http_address) for m in getattr(membership, "members", ())
-                                           if m.http_address)
+            self._member_hosts = frozenset(host for m in getattr(membership, "members", ())
+                                           if m.http_address and (host := host_of(m.http_address)) is not None)
             self._verdicts = {}
         verdict = self._verdicts.get(host_value)
         if verdict is None:
@@ -111,10 +130,11 @@ class AllowedHosts:
             verdict = self._verdicts[host_value] = self.allows(host_of(host_value))
         if verdict:
             return None
-        shown = host_value[:MAX_SHOWN_HOST_CHARS] + ("..." if len(host_value) > MAX_SHOWN_HOST_CHARS else "")
-        return (f"Host {shown!r} is not a name of this node (refused against DNS rebinding); "
+        return (f"Host {shown_host(host_value)} is not a name of this node (refused against DNS rebinding); "
                 "if it is one, give it in -allowed-hosts")
 
-    def allows(self, host: str) -> bool:
-        """Whether `host` (as host_of gives it) is allowed, the members' names as of the last refusal()."""
-        return host in self.names or host in self._member_hosts or host == "localhost" or is_ip_literal(host)
+    def allows(self, host: str | None) -> bool:
+        """Whether `host` (as host_of gives it; None: no host) is allowed, the members' names as of the last
+        refusal()."""
+        return host is not None and (host in self.names or host in self._member_hosts or host == "localhost"
+                                     or is_ip_literal(host))
