@@ -279,8 +279,9 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
     "transfer": {
         # A transfer is no log entry, but its effect (another leader) is the same kind of fact: a timeout after
         # TimeoutNow went out may still end with the target leading. One that timed out before the runtime took
-        # it is never started (Runtime.transfer_leadership: ProposalDropped).
-        ProposalDropped: (503, "{e}; retry it", None, NOT_APPLIED),
+        # it is never started (Runtime.transfer_leadership: ProposalDropped). Its signature, if any, was claimed
+        # before the transfer was queued: a retry must be signed again (review of rebind, F3).
+        ProposalDropped: (503, "{e}; sign it again to retry", None, NOT_APPLIED),
         Timeout: (503, _NOT_CONFIRMED, None, UNKNOWN),
         NotRunning: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
         Stopped: (503, _NOT_CONFIRMED, None, UNKNOWN),
