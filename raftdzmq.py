@@ -32,6 +32,7 @@ import zmq.green as zmq  # noqa: E402
 
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, node_request_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
+from raftlib.server.hosts import parse_allowed_hosts  # noqa: E402
 from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
 from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
@@ -53,6 +54,10 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
                             "to; 0.0.0.0 binds every address and needs -advertise (default localhost)")),
     (("-advertise", "--advertise"), dict(metavar="HOST", help="the host peers and clients reach this node at (the "
                                          "members list, redirects to the leader); default: -h")),
+    (("-allowed-hosts", "--allowed-hosts"), dict(dest="allowed_hosts", metavar="LIST", default="", help=(
+        "more host names HTTP requests may give in Host, comma-separated; * allows any. Other names are refused "
+        "403 (DNS rebinding). Always allowed: IP addresses, localhost (not *.localhost), -h, -advertise, this "
+        "machine's names, the members' advertised hosts"))),
     (("-name", "--name"), dict(metavar="NAME", help="this node's id, given at its first start and the same at every "
                                "start after (letters, digits, . _ -; at most 63); default: a random id kept in "
                                "DATA_DIR")),
@@ -201,6 +206,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         p.error("the following arguments are required: DATA_DIR")
     if args.sign_node is not None and (args.sign is None or args.sign_body):
         p.error("-sign-node goes with -sign METHOD TARGET, without -sign-body (it signs a nonce and the node id)")
+    try:
+        args.allowed_hosts = parse_allowed_hosts(args.allowed_hosts)
+    except ValueError as e:
+        p.error(f"-allowed-hosts: {e}")
     if args.restore_checksum is not None and args.restore is None:
         p.error("-restore-checksum goes with -restore FILE")
     args.force_new_cluster = args.force_new_cluster or args.force_new_cluster_again
@@ -234,7 +243,8 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
         watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
-        force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise)
+        force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise,
+        allowed_hosts=args.allowed_hosts)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:

@@ -54,14 +54,14 @@ def test_bad_request_headers_get_400_and_good_ones_work(cluster):
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
     for head, status in ((b"NoColonHere\r\n", 400), (b"X-Folded: a\r\n  b\r\n", 400), (b"Bad Name : x\r\n", 400),
                          (many, 431), (b"X-Long: " + b"x" * 70000 + b"\r\n", 431)):
-        out = raw_http(leader.address, b"GET /db/k HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+        out = raw_http(leader.address, b"GET /db/k HTTP/1.1\r\nHost: localhost\r\n" + head + b"\r\n")
         assert out.startswith(b"HTTP/1.1 %d" % status), (head[:30], out[:100])
     # Case-insensitive names, a body by Content-Length, keep-alive: two requests on one connection.
-    out = raw_http(leader.address, b"POST /db/hdr HTTP/1.1\r\nHost: x\r\ncontent-LENGTH: 5\r\n\r\nhello"
-                                   b"GET /db/hdr HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = raw_http(leader.address, b"POST /db/hdr HTTP/1.1\r\nHost: localhost\r\ncontent-LENGTH: 5\r\n\r\nhello"
+                                   b"GET /db/hdr HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1 200") == 2 and out.endswith(b"hello"), out
     # A body cut short (the client died, or a forwarding node was killed in the middle of its request).
-    out = raw_http(leader.address, b"POST /db/cut HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    out = raw_http(leader.address, b"POST /db/cut HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nabc")
     assert out.startswith(b"HTTP/1.1 400") and b"cut short" in out, out
     assert not leader.exited() and "Traceback" not in leader.log_text()
 

@@ -523,6 +523,9 @@ def test_each_failure_of_an_admin_request_has_its_answer(client, operation, meth
     if operation == "removal":
         cases.append((ProposalDropped("a change is in flight"), 503, "removal not confirmed: a change is in flight",
                       "not-applied"))
+    if operation == "transfer":  # timed out before the runtime took it: never started (Runtime.transfer_leadership)
+        cases.append((ProposalDropped("the transfer to b was not started within 2s"), 503,
+                      "the transfer to b was not started within 2s; sign it again to retry", "not-applied"))
     for error, status, text, raft_outcome in cases:
         client.runtime.node.leader_id = "c"
         client.runtime.fail(call, error)

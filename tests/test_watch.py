@@ -809,7 +809,7 @@ port = listener.getsockname()[1]
 
 def watch():
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(b"GET /watch?prefix=k HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"GET /watch?prefix=k HTTP/1.1\r\nHost: localhost\r\n\r\n")
     return s
 
 # A stream with nothing to say for longer than the busy bound and the idle timeout: it is not cut off.
@@ -853,7 +853,7 @@ while metrics.watches_open == opened and time.monotonic() - t0 < 5:
 gone_seconds = time.monotonic() - t0
 # A long poll longer than the busy bound is answered, not cut off.
 polling = socket.create_connection(("127.0.0.1", port), timeout=10)
-polling.sendall(b"GET /watch?key=zz&poll=1&timeout=4 HTTP/1.1\r\nHost: x\r\n\r\n")
+polling.sendall(b"GET /watch?key=zz&poll=1&timeout=4 HTTP/1.1\r\nHost: localhost\r\n\r\n")
 poll_answer = polling.recv(65536).decode()
 print(json.dumps({"poll_answer": poll_answer, "head": received.split(b"\r\n\r\n")[0].decode(), "keepalives": received.count(b": keep-alive"),
                   "event_seconds": event_seconds, "evictions": evictions, "opened": opened,
@@ -918,7 +918,7 @@ port = listener.getsockname()[1]
 
 def connect(target):
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
     return s
 
 def read_until(s, marker, seconds=5):

@@ -28,6 +28,8 @@ Rules:
   refused 403 (`_serving`: Sec-Fetch-Site cross-site or same-site, or an Origin whose host:port is not the
   request's Host), with or without a secret: a page an operator opens cannot write to a node on localhost (CSRF).
   curl, the Python client, raftdzmqctl and a follower's forward send no Origin; the dashboard is same-origin.
+  A page whose own name was rebound to the node's address is same-origin too: the edge refuses its requests
+  before any route, by their Host (raftlib.server.hosts).
 - GET /livez and GET /readyz (raftlib.server.health) need no secret and are never forwarded; /livez reads only the
   runtime's status, /readyz too and then, once its checks pass, asks one linearizable read (READY_READ_SECONDS).
 - The API of feature level 2 (?prev_index=N, DELETE /db/?prefix=P, POST /txn: issue 14) is answered 409 while
@@ -276,7 +278,10 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
     },
     "transfer": {
         # A transfer is no log entry, but its effect (another leader) is the same kind of fact: a timeout after
-        # TimeoutNow went out may still end with the target leading.
+        # TimeoutNow went out may still end with the target leading. One that timed out before the runtime took
+        # it is never started (Runtime.transfer_leadership: ProposalDropped). Its signature, if any, was claimed
+        # before the transfer was queued: a retry must be signed again (review of rebind, F3).
+        ProposalDropped: (503, "{e}; sign it again to retry", None, NOT_APPLIED),
         Timeout: (503, _NOT_CONFIRMED, None, UNKNOWN),
         NotRunning: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
         Stopped: (503, _NOT_CONFIRMED, None, UNKNOWN),
