@@ -4,6 +4,7 @@ random history against a dict (hypothesis), and the module's purity (no gevent, 
 from __future__ import annotations
 
 import ast
+import gc
 import os
 import random
 import subprocess
@@ -1212,3 +1213,24 @@ def test_leases_restore_a_batch_per_step_and_the_old_ones_are_freed_by_batches()
     assert all(a[0] - b[0] + 2 * (a[1] - b[1]) <= 2 * 2 * RESTORE_BATCH_KEYS for a, b in zip(sizes, sizes[1:]))
     kv.restore(upgraded()[0].snapshot())
     assert kv.leases == {} and kv.lease_of == {} and list(kv.lease_ids) == []
+
+
+@pytest.mark.parametrize("how", ["applied", "V3 by steps", "older format by steps", "oldest format whole", "empty"])
+def test_the_key_table_stays_tracked_by_the_garbage_collector(how):
+    """A full collection untracks an exact dict whose records are all untracked, and the next write tracked it again
+    into generation 0, where the young collections walked every record (store.KeyTable): after gc.collect() the
+    table is still tracked, however the state was made, and before and after a write."""
+    kv, _ = applied(*[command(SET, f"k{i}", b"v") for i in range(3)])
+    if how == "V3 by steps":
+        kv.restore(upgraded(command(SET, "a", b"1"), command(SET, "b", b"2"))[0].snapshot())
+    elif how == "older format by steps":
+        kv.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, {"a": b"1", "b": b"2"}, {}, 0.0]))
+    elif how == "oldest format whole":
+        kv.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS, {"a": b"1", "b": b"2"}, {}]))
+    elif how == "empty":
+        kv.restore(b"")
+    for index in (100, 101):
+        gc.collect()
+        assert type(kv.data) is store.KeyTable and gc.is_tracked(kv.data), how
+        kv.apply(index, command(SET, "a", bytes([index])))
+    assert kv.get("a") == bytes([101])
