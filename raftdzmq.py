@@ -91,6 +91,11 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
         "seconds a client has to send a whole request (head and body) once it has begun; 408 after (default 10)"))),
     (("-snapshot-threshold", "--snapshot-threshold"), dict(dest="snapshot_threshold", type=int, default=16 << 20,
         help="take a snapshot when the log since the last one passes this many bytes (default 16 MiB)")),
+    (("-max-uncommitted-bytes", "--max-uncommitted-bytes"), dict(dest="max_uncommitted_bytes", metavar="BYTES",
+                                                                 type=int, default=64 << 20, help=(
+        "most bytes of writes a leader holds appended but not yet committed; beyond, a write gets 503 (not "
+        "applied: retry) until a majority catches up. One write is always taken when none is pending "
+        "(default 64 MiB)"))),
     (("-max-members", "--max-members"), dict(dest="max_members", metavar="N", type=int, default=64, help=(
         "most members (voters and learners) a join may bring the cluster to; a join beyond gets 409 (default 64; "
         "the leader that takes the join decides: give every node the same)"))),
@@ -209,7 +214,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     if args.force_new_cluster and args.join:
         p.error("-force-new-cluster restarts a surviving member as a new cluster: not with -join")
     for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members", "watch_history",
-                 "watch_history_bytes"):
+                 "watch_history_bytes", "max_uncommitted_bytes"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
     if args.watch_history < MIN_HISTORY_EVENTS:  # a group (one entry's events) must fit whole, or it is never served
@@ -232,6 +237,7 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
+        max_uncommitted_bytes=args.max_uncommitted_bytes,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
         watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
         force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from procs import LocalCluster, Node, wait_for
+from procs import LocalCluster, Node, paused, wait_for
 from raftlib.codec import MAX_FRAME_BYTES
 
 
@@ -268,6 +268,28 @@ def test_paused_old_leader_never_serves_a_stale_read(tmp_path, consistency):
         # The stale level may answer from memory: it is allowed to be old, and says what it knows.
         r = old.request("GET", "/db/k?consistency=stale")
         assert r.status == 200 and "x-raft-applied-index" in r.headers
+    finally:
+        c.stop()
+
+
+def test_a_leader_that_cannot_commit_refuses_writes_beyond_max_uncommitted_bytes(tmp_path):
+    """-max-uncommitted-bytes (raftlib.core.Config.max_uncommitted_bytes): with its followers SIGSTOPped the leader
+    appends writes (they wait, their outcome unknown) until it holds the bound, then answers the next 503
+    not-applied at once, so that a client may retry it. -election-ms 3000 keeps it leading for at least 3 s
+    (check-quorum). Once the followers resume, writes are taken again."""
+    c = LocalCluster(str(tmp_path), extra=("-election-ms", "3000", "-max-uncommitted-bytes", "3000")).start()
+    try:
+        leader = c.leader()
+        value = b"v" * 1000
+        with paused([n for n in c.nodes if n is not leader]):
+            for i in range(2):  # 2 KiB and a little held: below the bound, so appended, and never committed
+                with pytest.raises(OSError):  # no answer within our bound: the write waits for a majority
+                    leader.request("POST", f"/db/u{i}", value, timeout=0.3)
+            refused = leader.request("POST", "/db/u2", value, timeout=2)
+        assert refused.status == 503 and refused.headers.get("x-raft-outcome") == "not-applied", refused
+        assert "bytes of entries not yet committed" in refused.text, refused
+        assert c.write("u3", "after", timeout=20).status == 200
+        assert c.leader().request("GET", "/db/u2").status == 404  # refused: never applied
     finally:
         c.stop()
 

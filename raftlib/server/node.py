@@ -155,6 +155,7 @@ class ServerConfig:
     idle_timeout_seconds: float = 60.0
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
+    max_uncommitted_bytes: int = 64 << 20  # -max-uncommitted-bytes: raftlib.core.Config.max_uncommitted_bytes
     secret: bytes | None = None
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
@@ -483,7 +484,8 @@ class Server:
             raise
         tick_seconds = config.heartbeat_ms / 1000.0 / HEARTBEAT_TICKS
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
-                             election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
+                             election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)),
+                             max_uncommitted_bytes=config.max_uncommitted_bytes)
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
         self.watch_hub = WatchHub(config.watch_history_events, config.watch_history_bytes)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
