@@ -74,7 +74,7 @@ from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
 from .api import MAX_WATCHES, Api, make_app
-from .edge import EdgeServer, listen
+from .edge import EdgeServer, RateLimitedLog, listen
 from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
@@ -105,6 +105,7 @@ VOUCHED_RECHECK_SECONDS = 1.0  # how often the vouched list is checked against t
 JOINED_POLL_SECONDS = 0.1  # how often a node whose join was accepted looks for a leader's term saved in its log
 KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
+EXPIRY_REFUSAL_LOG_SECONDS = 5.0  # a lease expiry refused (never appended) is logged at most this often
 
 
 class KeysRefresh:
@@ -362,6 +363,9 @@ class LeaderLeases:
         if TEST_UNSAFE_LEASE_NO_RESET:
             log.warning("RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET: a new leader does not give leases their full TTL (tests)")
         self._stopping = False
+        # A refusal lasts (the leader holds -max-uncommitted-bytes, a transfer, a full disk) and the tick retries
+        # every LEASE_TICK_SECONDS: said once every few seconds, with a count of the expiries left unsaid.
+        self._not_applied_log = RateLimitedLog("expiries not applied", log, EXPIRY_REFUSAL_LOG_SECONDS, clock)
         store.on_lease = self.on_lease
 
     def on_lease(self, lease_id: int, ttl_seconds: int | None) -> None:
@@ -420,7 +424,7 @@ class LeaderLeases:
         except (NotLeader, ProposalDropped, EntryLost, NotRunning, DiskFull) as e:
             # This entry surely not applied (never appended, or another entry took its index): open to keepalives
             # again, unless an earlier entry of this term for them timed out (the keeper's doubt: it may commit).
-            log.info("the expiry of %d leases was not applied (%s)", len(due), e)
+            self._not_applied_log.log(logging.INFO, "the expiry of %d leases was not applied (%s)", len(due), e)
             keeper.expire_failed(due)
             for _ in due:
                 self.metrics.lease_expirations.inc("failed")
