@@ -60,6 +60,11 @@ class ProposalDropped(Exception):
     `Config.max_uncommitted_bytes` not yet committed); nothing was appended: retry later."""
 
 
+class UncommittedBoundExceeded(ProposalDropped):
+    """The ProposalDropped of `Config.max_uncommitted_bytes`: a distinct type, so that callers (the server's
+    metrics, the simulator) tell it from the other refusals without working out why again."""
+
+
 @dataclass(frozen=True)
 class Config:
     node_id: str
@@ -404,8 +409,8 @@ class RaftNode:
         if held and size and held + size > self.config.max_uncommitted_bytes:
             # etcd-io/raft's increaseUncommittedSize: with nothing uncommitted any size goes (else an entry above
             # the bound could never be proposed); an entry without payload always goes.
-            raise ProposalDropped(f"the leader holds {held} bytes of entries not yet committed (at most "
-                                  f"{self.config.max_uncommitted_bytes}): a majority is slow or unreachable")
+            raise UncommittedBoundExceeded(f"the leader holds {held} bytes of entries not yet committed (at most "
+                                           f"{self.config.max_uncommitted_bytes}): a majority is slow or unreachable")
         return self._append(EntryKind.COMMAND, command)
 
     def change_membership(self, change: ConfChange) -> int | None:

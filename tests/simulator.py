@@ -72,6 +72,7 @@ from raftlib import (
     Snapshot,
     StoredState,
     TimeoutNow,
+    UncommittedBoundExceeded,
 )
 from raftlib import codec, readonly
 from raftlib.messages import snapshot_bytes
@@ -801,18 +802,17 @@ class Cluster:
             self.next_value += 1
         call = self._stamp()
         try:
-            command = f"{key}={value}".encode()
-            index = sn.node.propose(command)
+            index = sn.node.propose(f"{key}={value}".encode())
         except NotLeader as e:
             # The client follows the redirect to the leader the node names, once (`curl -L`, or `-forward`).
             hint = self.nodes.get(e.leader_id) if redirect else None
             if hint is None or not hint.alive or hint.paused:
                 return None
             return self.client_write(hint.node_id, key, redirect=False, value=value)
+        except UncommittedBoundExceeded:
+            self.stats["proposals refused at max_uncommitted_bytes"] += 1
+            return None
         except ProposalDropped:
-            n = sn.node
-            if n.uncommitted_bytes and n.uncommitted_bytes + len(command) > n.config.max_uncommitted_bytes:
-                self.stats["proposals refused at max_uncommitted_bytes"] += 1
             return None
         w = PendingWrite(key, value, node_id, index, sn.node.current_term, self.now, call)
         self.writes.append(w)

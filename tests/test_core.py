@@ -31,6 +31,7 @@ from raftlib import (
     RaftNode,
     RequestVoteReply,
     Role,
+    UncommittedBoundExceeded,
 )
 from raftlib import codec
 from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_bytes, snapshot_chunk
@@ -1210,11 +1211,11 @@ def test_a_leader_that_cannot_commit_refuses_proposals_beyond_max_uncommitted_by
     n.propose(_command(40))
     n.propose(_command(40))
     last = n.log.last_index
-    with pytest.raises(ProposalDropped, match="80 bytes of entries not yet committed"):
+    with pytest.raises(UncommittedBoundExceeded, match="80 bytes of entries not yet committed"):
         n.propose(_command(40))
     assert n.log.last_index == last and n.uncommitted_bytes == 80  # nothing appended
     n.propose(_command(20))  # up to the bound itself
-    with pytest.raises(ProposalDropped):
+    with pytest.raises(UncommittedBoundExceeded):
         n.propose(_command(2))
     assert n.uncommitted_bytes == 100
     assert n.change_membership(ConfChange(ConfChangeKind.ADD_LEARNER, Member("n4"))) == last + 2
@@ -1232,7 +1233,7 @@ def test_a_proposal_when_nothing_is_uncommitted_is_taken_whatever_its_size():
     n = c.nodes[leader].node
     n.propose(_command(1000))
     assert n.uncommitted_bytes == 1000
-    with pytest.raises(ProposalDropped):
+    with pytest.raises(UncommittedBoundExceeded):
         n.propose(_command(2))
     assert _committed_all(c, leader)
     assert n.uncommitted_bytes == 0
@@ -1250,7 +1251,7 @@ def test_a_leader_elected_again_counts_only_the_entries_of_its_new_term():
     for node_id in c.ids:
         c.isolate(node_id)
     n.propose(_command(10))
-    with pytest.raises(ProposalDropped):
+    with pytest.raises(UncommittedBoundExceeded):
         n.propose(_command(2))
     assert c.run_until(lambda: n.role is not Role.LEADER, 100)  # check-quorum
     c.heal()
