@@ -196,6 +196,9 @@ class NodeStatus:
     # A leader is known and was heard from within an election timeout (this node itself while it leads: check-quorum
     # steps a leader down when a majority was silent that long, thesis §6.2). What GET /readyz calls "a leader".
     leader_active: bool = False
+    # The payload bytes this leader holds in entries of its term not yet committed (RaftNode.uncommitted_bytes,
+    # bounded by Config.max_uncommitted_bytes); 0 unless it leads.
+    uncommitted_bytes: int = 0
 
 
 _NO_PROGRESS: Mapping[str, ProgressStatus] = types.MappingProxyType({})
@@ -360,6 +363,7 @@ class RaftNode:
             # its leader_id alone would stay set for ever after the leader died.
             leader_active=self.leader_id is not None
             and (leading or self._election_elapsed < self.config.election_ticks),
+            uncommitted_bytes=self._uncommitted_bytes if leading else 0,
         )
 
     def _promotable(self) -> bool:

@@ -277,7 +277,8 @@ def test_paused_old_leader_never_serves_a_stale_read(tmp_path, consistency):
 def test_a_leader_that_cannot_commit_refuses_writes_beyond_max_uncommitted_bytes(tmp_path):
     """-max-uncommitted-bytes (raftlib.core.Config.max_uncommitted_bytes): with its followers SIGSTOPped the leader
     appends writes (they wait, their outcome unknown) until it holds the bound, then answers the next 503
-    not-applied at once, so that a client may retry it. The bound is the least -max-body 4096 allows (2 x 4096 +
+    not-applied at once, so that a client may retry it; GET /status and /metrics show the bytes held and count the
+    refusal apart from the others. The bound is the least -max-body 4096 allows (2 x 4096 +
     8192): four writes of 4,000 bytes fit, a fifth does not. -election-ms 3000 keeps it leading for at least 3 s
     (check-quorum). Once the followers resume, writes are taken again."""
     c = LocalCluster(str(tmp_path), extra=("-election-ms", "3000", "-max-body", "4096",
@@ -290,10 +291,20 @@ def test_a_leader_that_cannot_commit_refuses_writes_beyond_max_uncommitted_bytes
                 with pytest.raises(OSError):  # no answer within our bound: the write waits for a majority
                     leader.request("POST", f"/db/u{i}", value, timeout=0.3)
             refused = leader.request("POST", "/db/u4", value, timeout=2)
+            held = leader.status()["uncommitted_bytes"]
+            samples = metric_samples(leader.request("GET", "/metrics", timeout=2).text)
         assert refused.status == 503 and refused.headers.get("x-raft-outcome") == "not-applied", refused
         assert "bytes of entries not yet committed" in refused.text, refused
+        # What operators see: the bytes held (the four writes' entries, under the bound), the refusal counted apart.
+        assert 4 * 4000 < held <= 16384 and f"holds {held} bytes" in refused.text, (held, refused)
+        assert samples["raftdzmq_uncommitted_bytes"] == held
+        assert samples['raftdzmq_writes_total{outcome="refused_uncommitted"}'] == 1
+        assert samples["raftdzmq_proposals_refused_uncommitted_total"] == 1
+        assert 'raftdzmq_writes_total{outcome="refused"}' not in samples
         assert c.write("u5", "after", timeout=20).status == 200
         assert c.leader().request("GET", "/db/u4").status == 404  # refused: never applied
+        wait_for(lambda: c.leader().status()["uncommitted_bytes"] == 0, 10, "the leader to commit all it holds")
+        assert all(n.status()["uncommitted_bytes"] == 0 for n in c.nodes if n is not c.leader())
     finally:
         c.stop()
 
@@ -315,6 +326,12 @@ def test_a_max_uncommitted_bytes_that_would_starve_the_largest_write_is_refused_
     assert not data_dir.exists()
 
 
+def metric_samples(text: str) -> dict[str, float]:
+    """GET /metrics' samples: {'name{labels}': value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def test_status_and_prometheus_metrics(cluster):
     leader = cluster.leader()
     assert leader.request("POST", "/db/m", "1").status == 200
@@ -327,8 +344,7 @@ def test_status_and_prometheus_metrics(cluster):
                  "raftdzmq_write_seconds_count", "raftdzmq_read_index_seconds_count", "raftdzmq_is_leader 1.0",
                  "raftdzmq_elections_won", "raftdzmq_hub_lag_seconds_count"):
         assert name in text, name
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in text.splitlines() if line and not line.startswith("#")}
+    samples = metric_samples(text)
     assert samples['raftdzmq_writes_total{outcome="committed"}'] >= 1
     # The histograms add up: every committed write observed once, the +Inf bucket holds them all.
     assert samples["raftdzmq_write_seconds_count"] == samples['raftdzmq_writes_total{outcome="committed"}']

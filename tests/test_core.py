@@ -1217,7 +1217,8 @@ def test_a_leader_that_cannot_commit_refuses_proposals_beyond_max_uncommitted_by
     n.propose(_command(20))  # up to the bound itself
     with pytest.raises(UncommittedBoundExceeded):
         n.propose(_command(2))
-    assert n.uncommitted_bytes == 100
+    assert n.uncommitted_bytes == 100 and n.status().uncommitted_bytes == 100  # GET /status, /metrics
+    assert all(c.nodes[i].node.status().uncommitted_bytes == 0 for i in c.ids if i != leader)
     assert n.change_membership(ConfChange(ConfChangeKind.ADD_LEARNER, Member("n4"))) == last + 2
     c.heal()
     assert _committed_all(c, leader)
