@@ -57,7 +57,7 @@ import gevent.event
 import gevent.monkey
 
 from . import crashpoints, events, readonly
-from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
+from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, UncommittedBoundExceeded
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, InstallSnapshot, Membership, Message, Role, Snapshot
 from .fs import NO_DESCRIPTOR
@@ -199,6 +199,7 @@ class RuntimeStatus:
 
 _COUNTERS = (
     "proposals",  # taken as leader
+    "proposals_refused_uncommitted",  # refused as leader at Config.max_uncommitted_bytes (the server's own too)
     "applied",  # entries applied
     "elections_won",
     "saves",  # Readies saved (one fsync each when they must sync)
@@ -663,6 +664,8 @@ class Runtime:
                 try:
                     index = node.propose(item.command)
                 except (NotLeader, ProposalDropped) as e:
+                    if isinstance(e, UncommittedBoundExceeded):
+                        self.stats["proposals_refused_uncommitted"] += 1
                     item.result.set_exception(e)
                     return
                 self._proposals[index] = (node.current_term, item.result)

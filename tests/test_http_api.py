@@ -130,13 +130,15 @@ class FakeRuntime:
                        last_applied=n.last_applied, last_index=n.last_applied + len(self.pending), snapshot_index=0,
                        membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
                        removed=n.removed, reads_pending=0, leader_active=n.leader_active,
-                       leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot),
+                       leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot,
+                       uncommitted_bytes=sum(map(len, self.pending)) if leading else 0),
             self.running, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
                                                           "saves": 5, "snapshots": 0,
                                                           "loop_lag_max_microseconds": 2500,
                                                           "loop_lags_over_10ms": 0,
                                                           "out_of_descriptors": 2,
                                                           "snapshot_reads_failed": 3,
+                                                          "proposals_refused_uncommitted": 6,
                                                           "restore_step_max_microseconds": 4000}),
             leader_contact_at=time.monotonic() - n.leader_contact_seconds_ago, election_timeout_seconds=1.0)
 
@@ -963,7 +965,7 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
     assert json.loads(r.body) == {
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
         "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "data_size": None,
-        "disk_full": False,
+        "disk_full": False, "uncommitted_bytes": 2 * len(command(SET, "p", b"")),
         "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
@@ -975,8 +977,8 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
     client.runtime.node.removed = ("b", 3)
     client.runtime.disk_full = True
     status = json.loads(client("GET", "/status").body)
-    assert (status["role"], status["leader"], status["leader_http"], status["removed"], status["disk_full"]) == (
-        "follower", None, None, {"by": "b", "index": 3}, True)
+    assert (status["role"], status["leader"], status["leader_http"], status["removed"], status["disk_full"],
+            status["uncommitted_bytes"]) == ("follower", None, None, {"by": "b", "index": 3}, True, 0)
     assert [m["match_index"] for m in status["members"]] == [None, None, None]
     client.api.data_size = lambda: 123456  # the node gives DiskStorage.disk_bytes
     assert json.loads(client("GET", "/status").body)["data_size"] == 123456
@@ -1006,6 +1008,8 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert (samples["raftdzmq_loop_lag_seconds_max"], samples["raftdzmq_loop_lags_over_10ms"]) == ("0.0025", "0.0")
     assert samples["raftdzmq_out_of_descriptors"] == "2.0"
     assert samples["raftdzmq_snapshot_reads_failed_total"] == "3.0"  # fourth review of snapfork
+    assert samples["raftdzmq_proposals_refused_uncommitted_total"] == "6.0"  # review of uncommitted, 4
+    assert float(samples["raftdzmq_uncommitted_bytes"]) == 2 * len(command(SET, "p", b""))
     assert samples["raftdzmq_restore_step_seconds_max"] == "0.004"
     assert "# TYPE raftdzmq_snapshot_reads_failed_total counter" in r.text
 

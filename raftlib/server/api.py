@@ -63,7 +63,7 @@ import gevent
 import gevent.lock
 import prometheus_client as prom
 
-from raftlib.core import NodeStatus, NotLeader, ProposalDropped
+from raftlib.core import NodeStatus, NotLeader, ProposalDropped, UncommittedBoundExceeded
 from raftlib.events import EventRing
 from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Role
 from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
@@ -230,6 +230,7 @@ class NotApplied(Exception):
 _NOT_CONFIRMED = "{operation} not confirmed: {e}"
 _ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
     "write": {
+        UncommittedBoundExceeded: (503, "write refused for now: {e}; retry", "refused_uncommitted", NOT_APPLIED),
         ProposalDropped: (503, "write refused for now: {e}; retry", "refused", NOT_APPLIED),
         EntryLost: (503, "write lost: leadership changed before it committed; it was not applied", "lost",
                     NOT_APPLIED),
@@ -1397,7 +1398,7 @@ def get_status(api: Api) -> bottle.HTTPResponse:
         "leader_http": leader_http(node.membership, node.leader_id), "commit_index": node.commit_index,
         "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
         "members": members(node), "keys": len(api.store), "data_size": api.data_size(),
-        "disk_full": status.disk_full,
+        "disk_full": status.disk_full, "uncommitted_bytes": node.uncommitted_bytes,
         "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
         "feature_level": api.feature_level, "cluster_feature_level": api.store.feature_level,
     })

@@ -40,6 +40,7 @@ import contextlib
 import errno
 import io
 import logging
+import math
 import re
 import resource
 import socket
@@ -791,18 +792,20 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
 
 
 class RateLimitedLog:
-    """Log lines a remote party can cause, at most once a second, counting the ones left out (a client could
-    otherwise fill the log)."""
+    """Log lines a remote party (or a condition that lasts, retried every tick) can cause, at most once every
+    `interval_seconds`, counting the ones left out (a client could otherwise fill the log)."""
 
-    def __init__(self, what: str, logger: logging.Logger) -> None:
+    def __init__(self, what: str, logger: logging.Logger, interval_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
         self._logger = logger
-        self._logged_at = 0.0
+        self._interval_seconds, self._clock = interval_seconds, clock
+        self._logged_at = -math.inf
         self._left_out = 0
 
     def log(self, level: int, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._logged_at < 1.0:
+        now = self._clock()
+        if now - self._logged_at < self._interval_seconds:
             self._left_out += 1
             return
         if self._left_out:

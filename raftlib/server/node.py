@@ -77,7 +77,7 @@ from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
 from .api import MAX_WATCHES, Api, make_app
-from .edge import EdgeServer, listen
+from .edge import EdgeServer, RateLimitedLog, listen
 from .hosts import AllowedHosts
 from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
@@ -110,6 +110,7 @@ JOINED_POLL_SECONDS = 0.1  # how often a node whose join was accepted looks for 
 KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
 MACHINE_NAMES_TIMEOUT_SECONDS = 2.0  # for this machine's FQDN (a reverse lookup) at start
+EXPIRY_REFUSAL_LOG_SECONDS = 5.0  # a lease expiry refused (never appended) is logged at most this often
 
 
 class KeysRefresh:
@@ -160,6 +161,7 @@ class ServerConfig:
     idle_timeout_seconds: float = 60.0
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
+    max_uncommitted_bytes: int = 64 << 20  # -max-uncommitted-bytes: raftlib.core.Config.max_uncommitted_bytes
     secret: bytes | None = None
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
@@ -394,6 +396,9 @@ class LeaderLeases:
         if TEST_UNSAFE_LEASE_NO_RESET:
             log.warning("RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET: a new leader does not give leases their full TTL (tests)")
         self._stopping = False
+        # A refusal lasts (the leader holds -max-uncommitted-bytes, a transfer, a full disk) and the tick retries
+        # every LEASE_TICK_SECONDS: said once every few seconds, with a count of the expiries left unsaid.
+        self._not_applied_log = RateLimitedLog("expiries not applied", log, EXPIRY_REFUSAL_LOG_SECONDS, clock)
         store.on_lease = self.on_lease
 
     def on_lease(self, lease_id: int, ttl_seconds: int | None) -> None:
@@ -452,7 +457,7 @@ class LeaderLeases:
         except (NotLeader, ProposalDropped, EntryLost, NotRunning, DiskFull) as e:
             # This entry surely not applied (never appended, or another entry took its index): open to keepalives
             # again, unless an earlier entry of this term for them timed out (the keeper's doubt: it may commit).
-            log.info("the expiry of %d leases was not applied (%s)", len(due), e)
+            self._not_applied_log.log(logging.INFO, "the expiry of %d leases was not applied (%s)", len(due), e)
             keeper.expire_failed(due)
             for _ in due:
                 self.metrics.lease_expirations.inc("failed")
@@ -516,7 +521,8 @@ class Server:
             raise
         tick_seconds = config.heartbeat_ms / 1000.0 / HEARTBEAT_TICKS
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
-                             election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
+                             election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)),
+                             max_uncommitted_bytes=config.max_uncommitted_bytes)
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
         self.watch_hub = WatchHub(config.watch_history_events, config.watch_history_bytes)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
