@@ -132,6 +132,57 @@ class Backup:
             self.release()
 
 
+class CollectorHold:
+    """The cyclic garbage collector held off while a leader's snapshot is restored a step per drive (issue 13).
+
+    With the collector on, a restore of 1M keys had steps of 32-78 ms (bench/restore_steps.py): a collection of
+    the oldest generation walked the growing state (69 ms), then untracked the new map, which the next record
+    tracked again into the youngest generation, so the next young collections walked all of it too (~20 ms each).
+    Held, the collector runs only as `after_step`'s collection of the youngest generation (what that step made:
+    ~0.1 ms, and the records of atomic values leave its sight there), and once the restore ends the restored
+    state is frozen (gc.freeze, as raftlib.server.tuning does after start-up): unfrozen, every later collection
+    of the oldest generation walked its 1M records again (51 ms). Frozen objects are still freed by their
+    reference count, so the next restore frees this state as before.
+
+    The price: a cycle of garbage made during the restore that outlives the step it was made in (and one in the
+    older generations not collected yet when it ends) is frozen with the state and never collected: what a few
+    seconds of serving leave, once per restore. The hold is counted (several runtimes in one process, as tests
+    run them): the collector comes back on when the last hold is released, on every way out (the restore done,
+    replaced by a newer one: still held, the node stopping, a step that raised), and only if it was on before."""
+
+    _holders = 0
+    _was_enabled = False
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def hold(self) -> None:
+        if self.held:
+            return
+        self.held = True
+        if CollectorHold._holders == 0:
+            CollectorHold._was_enabled = gc.isenabled()
+            gc.disable()
+        CollectorHold._holders += 1
+
+    def after_step(self) -> None:
+        """A collection of the youngest generation only: what the step made, unless the collector was off anyway."""
+        if self.held and CollectorHold._was_enabled:
+            gc.collect(0)
+
+    def release(self, freeze: bool) -> None:
+        """Back on once no runtime holds it (if it was on); with `freeze`, the restored state out of its sight."""
+        if not self.held:
+            return
+        self.held = False
+        CollectorHold._holders -= 1
+        if freeze and CollectorHold._was_enabled:
+            gc.collect(0)
+            gc.freeze()
+        if CollectorHold._holders == 0 and CollectorHold._was_enabled:
+            gc.enable()
+
+
 MAX_BACKUPS = 1  # backups written at once: each child may grow to the size of the state (copy on write)
 
 
@@ -281,6 +332,7 @@ class Runtime:
         # A leader's snapshot being restored into the state machine a piece per drive: (its index, the steps).
         self._restoring: tuple[int, Iterator[bool]] | None = None
         self._restore_applied = False  # the state machine holds that snapshot: the steps left free the old state
+        self._collector = CollectorHold()  # held while a restore is under way
         receive = getattr(storage, "receive_snapshot", None)
         if receive is not None:  # a leader's snapshot's chunks go to its file as they come, not to memory
             node.open_snapshot_sink = receive
@@ -319,6 +371,7 @@ class Runtime:
         for g in self._greenlets:
             g.kill(block=False)
         self._fail_all(Stopped("node is stopping"))
+        self._collector.release(freeze=False)  # a restore under way stops with the node
 
     def _advance_clock(self) -> None:
         """Tick the node once for every tick of monotonic time since the last call, before anything else is
@@ -609,6 +662,7 @@ class Runtime:
         except Exception as e:
             logger.critical("stopping: %s", e, exc_info=not isinstance(e, OSError))
             self.running = False
+            self._collector.release(freeze=False)
             self._fail_all(Stopped(f"node stopped: {e}"))
             if self._on_fatal is not None:
                 self._on_fatal(e)
@@ -749,6 +803,7 @@ class Runtime:
         if self._restoring is not None:
             logger.info("the restore of the snapshot at index %d is replaced by the one at %d", self._restoring[0],
                         index)
+        self._collector.hold()  # once: a restore that replaces another keeps the hold
         self._restoring = (index, steps(snap.data))
         self._restore_applied = False
         self._restore_started = time.monotonic()
@@ -766,7 +821,10 @@ class Runtime:
             replaced = next(steps)
         except StopIteration:
             self._restoring = None
+            self._collector.release(freeze=True)
             replaced = not self._restore_applied  # a state machine that swaps in its last step
+        else:
+            self._collector.after_step()
         took_microseconds = int((time.thread_time() - started) * 1e6)  # bench/snapshot_stall.py reports it
         if took_microseconds > self.stats["restore_step_max_microseconds"]:
             self.stats["restore_step_max_microseconds"] = took_microseconds
