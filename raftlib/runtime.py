@@ -148,7 +148,9 @@ class CollectorHold:
     older generations not collected yet when it ends) is frozen with the state and never collected: what a few
     seconds of serving leave, once per restore. The hold is counted (several runtimes in one process, as tests
     run them): the collector comes back on when the last hold is released, on every way out (the restore done,
-    replaced by a newer one: still held, the node stopping, a step that raised), and only if it was on before."""
+    replaced by a newer one: still held, the node stopping, a step that raised), and only if it was on before.
+    It is also let go while a save waits for room or a descriptor (Runtime._wait_to_save_again: no step runs
+    then, however long it lasts) and taken again once saved."""
 
     _holders = 0
     _was_enabled = False
@@ -860,6 +862,7 @@ class Runtime:
             self.events.record(events.SNAPSHOT_SENT, to=m.dst, index=m.last_included_index)
 
     def _save(self, rd: Ready) -> None:
+        collector_held = self._collector.held  # a restore under way: its hold is let go while a save waits
         while True:
             try:
                 self.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
@@ -871,14 +874,16 @@ class Runtime:
                     self.events.record(events.DISK_FULL)
                 if not self.running:
                     raise
-                gevent.sleep(self.disk_retry_seconds)
+                self._wait_to_save_again(self.disk_retry_seconds)
             except OutOfDescriptors as e:
                 # Nothing changed on the disk (storage's rules): not fatal, and not a full disk (no 507).
                 self._note_no_descriptor(f"{e}: trying the save again every {self.descriptor_retry_seconds:g}s")
                 self._waiting_for_descriptors = True
                 if not self.running:
                     raise
-                gevent.sleep(self.descriptor_retry_seconds)
+                self._wait_to_save_again(self.descriptor_retry_seconds)
+        if collector_held and self.running:  # stop() let it go for good meanwhile
+            self._collector.hold()
         if self.disk_full:
             logger.warning("the disk has room again: carrying on")
             self.disk_full = False
@@ -887,6 +892,14 @@ class Runtime:
             logger.warning("a file descriptor was free again: saved")
             self._waiting_for_descriptors = False
         self.stats["saves"] += 1
+
+    def _wait_to_save_again(self, seconds: float) -> None:
+        """Sleep before a save's next try, the collector's hold (a restore under way) let go meanwhile: the drive
+        waits here as long as the disk stays full, no restore step runs, so neither does the young collection
+        after each step, while HTTP goes on serving. Held through the wait, the collector stayed fully off and
+        the garbage cycles of every request served grew without bound. `_save` takes the hold again once saved."""
+        self._collector.release(freeze=False)
+        gevent.sleep(seconds)
 
     def _note_no_descriptor(self, message: str) -> None:
         """Count a save or snapshot refused for want of a descriptor; log it at most once a second (a burst of

@@ -28,7 +28,7 @@ from raftlib import (
 )
 from raftlib.runtime import CollectorHold, Runtime
 from raftlib.server.store import RESTORE_BATCH_KEYS, SET, KeyValueStore, command
-from raftlib.storage import DiskStorage, ReceivedSnapshotFile
+from raftlib.storage import DiskStorage, OutOfDescriptors, ReceivedSnapshotFile
 
 MEMBERSHIP = Membership(("a", "b"), (), (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", "")))
 
@@ -238,6 +238,62 @@ def test_the_collector_is_back_on_whichever_way_a_restore_ends(way_out):
         runtime.stop()
         gc.unfreeze()
         gc.enable()
+
+
+@pytest.fixture
+def collector_reset():
+    """The collector as it was after a test of CollectorHold, whatever the test left: its class-wide count of
+    holders (a failed test must not leave the next one's collector held), nothing frozen, on."""
+    yield
+    CollectorHold._holders = 0
+    gc.unfreeze()
+    gc.enable()
+
+
+@pytest.mark.parametrize("fault", ["a full disk", "no file descriptor", "a full disk until the node stops"])
+def test_a_save_that_waits_in_the_middle_of_a_restore_lets_the_collector_run_meanwhile(fault, monkeypatch, collector_reset):
+    """Review of scale, finding 1: an append meeting a full disk (or no descriptor) in the middle of a restore
+    retries the save for as long as it lasts, in the drive: no restore step ran, so no young collection either,
+    and the collector stayed fully off while HTTP kept serving (its garbage cycles grew without bound). The hold
+    is let go while the save waits, and taken again for the steps left once saved (not after the node stopped)."""
+    fs = CrashFS()
+    runtime, storage, kv, transport = follower_b(fs)
+    runtime.disk_retry_seconds = runtime.descriptor_retry_seconds = 0.01
+    runtime.start()
+    try:
+        restore_under_way(runtime, transport)
+        assert not gc.isenabled()
+        if fault == "no file descriptor":  # an append to the open segment takes none: refuse the save itself
+
+            def refused(*args, **kwargs):
+                raise OutOfDescriptors("no file descriptor free (EMFILE)")
+
+            monkeypatch.setattr(storage, "save", refused)
+        else:
+            fs.free_bytes = 0
+        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
+        gevent.spawn(runtime.deliver, [AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)  # it drives
+        with gevent.Timeout(10):
+            while not runtime.disk_full and not runtime.stats["out_of_descriptors"]:
+                gevent.sleep(0.005)
+        gevent.sleep(0.05)  # several tries
+        assert runtime._driving and runtime._restoring is not None
+        assert gc.isenabled() and CollectorHold._holders == 0  # the wait: the collector as in any node
+        if fault == "a full disk until the node stops":
+            runtime.stop()
+            assert gc.isenabled() and CollectorHold._holders == 0 and not runtime._driving
+            return
+        fs.free_bytes = None
+        monkeypatch.undo()
+        with gevent.Timeout(10):
+            while runtime._driving:
+                gevent.sleep(0.005)
+        assert runtime.stats["saves"] > 0 and runtime._restoring is not None
+        assert not gc.isenabled() and CollectorHold._holders == 1  # held again for the steps left
+        heartbeat_until_restored(runtime, 51)
+        assert gc.isenabled() and CollectorHold._holders == 0 and values(kv)["after"] == b"51"
+    finally:
+        runtime.stop()
 
 
 def test_a_collector_that_was_off_stays_off_after_a_restore():
