@@ -145,15 +145,28 @@ class CollectorHold:
     reference count, so the next restore frees this state as before.
 
     The price: a cycle of garbage made during the restore that outlives the step it was made in (and one in the
-    older generations not collected yet when it ends) is frozen with the state and never collected: what a few
-    seconds of serving leave, once per restore. The hold is counted (several runtimes in one process, as tests
-    run them): the collector comes back on when the last hold is released, on every way out (the restore done,
-    replaced by a newer one: still held, the node stopping, a step that raised), and only if it was on before.
-    It is also let go while a save waits for room or a descriptor (Runtime._wait_to_save_again: no step runs
-    then, however long it lasts) and taken again once saved."""
+    older generations not collected yet when it ends) is frozen with the state: what a few seconds of serving
+    leave, once per restore, and restores repeat (a follower that keeps falling behind). Bounded by a sweep
+    (`sweep`: everything unfrozen, collected in full, frozen again) at the end of a restore that left more than
+    SWEEP_AFTER_FROZEN_GROWTH objects frozen beyond the count after the last sweep (or at the first hold): one
+    pause of a full collection, in that restore's last step, 59 ms CPU (69 ms wall) at 1M keys and 24 ms at 100k
+    (medians of bench/restore_steps.py --compare). Not at every restore's end, which would add that pause to
+    each; not never, which let the frozen garbage grow with every restore. Frozen garbage stays under that many
+    objects, plus the tracked objects of a bigger state frozen at the last sweep (a state that shrank since); a
+    state that grows by that many tracked objects between two restores (leases: a few objects each; records of
+    atomic values are untracked) sweeps at each.
+
+    The hold is counted (several runtimes in one process, as tests run them): the collector comes back on when
+    the last hold is released, on every way out (the restore done, replaced by a newer one: still held, the node
+    stopping, a step that raised), and only if it was on before. It is also let go while a save waits for room
+    or a descriptor (Runtime._wait_to_save_again: no step runs then, however long it lasts), taken again once
+    saved."""
+
+    SWEEP_AFTER_FROZEN_GROWTH = 10_000  # objects frozen since the last sweep, garbage perhaps, before the next
 
     _holders = 0
     _was_enabled = False
+    _frozen_after_sweep: int | None = None  # gc.get_freeze_count() after the last sweep, or at the first hold
 
     def __init__(self) -> None:
         self.held = False
@@ -165,6 +178,8 @@ class CollectorHold:
         if CollectorHold._holders == 0:
             CollectorHold._was_enabled = gc.isenabled()
             gc.disable()
+            if CollectorHold._frozen_after_sweep is None:
+                CollectorHold._frozen_after_sweep = gc.get_freeze_count()
         CollectorHold._holders += 1
 
     def after_step(self) -> None:
@@ -181,8 +196,25 @@ class CollectorHold:
         if freeze and CollectorHold._was_enabled:
             gc.collect(0)
             gc.freeze()
+            self._sweep_if_frozen_grew()
         if CollectorHold._holders == 0 and CollectorHold._was_enabled:
             gc.enable()
+
+    @staticmethod
+    def _sweep_if_frozen_grew() -> None:
+        """The garbage frozen by the restores since the last sweep collected, once it may be many objects."""
+        grown = gc.get_freeze_count() - (CollectorHold._frozen_after_sweep or 0)
+        if grown > CollectorHold.SWEEP_AFTER_FROZEN_GROWTH:
+            CollectorHold.sweep()
+
+    @staticmethod
+    def sweep() -> None:
+        """Everything unfrozen, collected in full, frozen again: the frozen garbage freed, in one full collection
+        of the whole heap (bench/restore_steps.py --compare times it)."""
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        CollectorHold._frozen_after_sweep = gc.get_freeze_count()
 
 
 MAX_BACKUPS = 1  # backups written at once: each child may grow to the size of the state (copy on write)

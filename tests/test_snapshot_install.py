@@ -246,12 +246,40 @@ def collector_reset():
     holders (a failed test must not leave the next one's collector held), nothing frozen, on."""
     yield
     CollectorHold._holders = 0
+    CollectorHold._frozen_after_sweep = None
     gc.unfreeze()
     gc.enable()
 
 
+def test_repeated_restores_do_not_grow_the_garbage_they_freeze_without_bound(collector_reset):
+    """Review of scale, finding 2: a garbage cycle that outlived a step of a restore was frozen with the restored
+    state for good, and each restore added more (a follower that keeps falling behind). Each restore here leaves
+    2,500 such cycles; once the frozen count grew by CollectorHold.SWEEP_AFTER_FROZEN_GROWTH since the last
+    sweep, a restore's end collects everything once (unfreeze, collect, freeze): they never add up past it."""
+    runtime, storage, kv, transport = follower_b(CrashFS())
+    runtime.start()
+    made: list[weakref.ref] = []
+    alive_after: list[int] = []
+    try:
+        for round_ in range(8):
+            index = 50 + 10 * round_
+            restore_under_way(runtime, transport, index=index, prefix=f"r{round_}")
+            outliving_a_step = [_Cycle() for _ in range(2_500)]
+            made.extend(weakref.ref(c) for c in outliving_a_step)
+            runtime.deliver([AppendEntries("a", "b", 2, index, 2, (), index)], False)  # a step: they survive it
+            del outliving_a_step  # garbage now, out of the youngest generation's sight
+            heartbeat_until_restored(runtime, index)
+            assert gc.isenabled() and len(kv.data) == 30 * RESTORE_BATCH_KEYS
+            alive_after.append(sum(ref() is not None for ref in made))
+        assert max(alive_after) <= CollectorHold.SWEEP_AFTER_FROZEN_GROWTH, alive_after
+        assert alive_after[-1] < len(made)
+    finally:
+        runtime.stop()
+
+
 @pytest.mark.parametrize("fault", ["a full disk", "no file descriptor", "a full disk until the node stops"])
-def test_a_save_that_waits_in_the_middle_of_a_restore_lets_the_collector_run_meanwhile(fault, monkeypatch, collector_reset):
+def test_a_save_that_waits_in_the_middle_of_a_restore_lets_the_collector_run_meanwhile(fault, monkeypatch,
+                                                                                        collector_reset):
     """Review of scale, finding 1: an append meeting a full disk (or no descriptor) in the middle of a restore
     retries the save for as long as it lasts, in the drive: no restore step ran, so no young collection either,
     and the collector stayed fully off while HTTP kept serving (its garbage cycles grew without bound). The hold
