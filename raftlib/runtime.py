@@ -157,8 +157,9 @@ class CollectorHold:
     atomic values are untracked) sweeps at each.
 
     The hold is counted (several runtimes in one process, as tests run them): the collector comes back on when
-    the last hold is released, on every way out (the restore done, replaced by a newer one: still held, the node
-    stopping, a step that raised), and only if it was on before. It is also let go while a save waits for room
+    the last hold is released, on every way out (the restore done, the node stopping, a step that raised), and
+    only if it was on before; a restore replaced by a newer one keeps it, once, and its replacement collects the
+    two younger generations (`collect_replaced`). It is also let go while a save waits for room
     or a descriptor (Runtime._wait_to_save_again: no step runs then, however long it lasts), taken again once
     saved."""
 
@@ -186,6 +187,14 @@ class CollectorHold:
         """A collection of the youngest generation only: what the step made, unless the collector was off anyway."""
         if self.held and CollectorHold._was_enabled:
             gc.collect(0)
+
+    def collect_replaced(self) -> None:
+        """A restore replaced by a newer one, the hold kept: the two younger generations collected once, what the
+        replaced restore left that outlived its steps (its partial state went with its steps, by reference count;
+        the oldest generation is not walked: the state being served). Without it the collector left a chain of
+        replacing restores' garbage to the last one's freeze (and the sweep)."""
+        if self.held and CollectorHold._was_enabled:
+            gc.collect(1)
 
     def release(self, freeze: bool) -> None:
         """Back on once no runtime holds it (if it was on); with `freeze`, the restored state out of its sight."""
@@ -834,11 +843,14 @@ class Runtime:
             self.state_machine.restore(snap.data)
             logger.info("installed a snapshot at index %d from the leader", index)
             return False
-        if self._restoring is not None:
+        replacing = self._restoring is not None
+        if replacing:
             logger.info("the restore of the snapshot at index %d is replaced by the one at %d", self._restoring[0],
                         index)
+        self._restoring = (index, steps(snap.data))  # the replaced restore's steps dropped, its partial state freed
+        if replacing:
+            self._collector.collect_replaced()
         self._collector.hold()  # once: a restore that replaces another keeps the hold
-        self._restoring = (index, steps(snap.data))
         self._restore_applied = False
         self._restore_started = time.monotonic()
         logger.info("installed a snapshot at index %d from the leader; restoring the state machine", index)
