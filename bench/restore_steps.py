@@ -72,9 +72,11 @@ def restore_steps(snapshot: bytes, hold: CollectorHold | None = None) -> dict:
             try:
                 replaced = next(steps)
             except StopIteration:
-                if hold is not None:
+                if hold is not None:  # the release (a young collection, the freeze, a sweep) in the last step
                     hold.release(freeze=True)
-                    wall[-1] += (time.perf_counter() - t0) * 1000  # the release (a young collection, the freeze)
+                    wall[-1] += (time.perf_counter() - t0) * 1000
+                    cpu[-1] += (time.thread_time() - c0) * 1000
+                    collected[-1] = [before + now for before, now in zip(collected[-1], in_gc)]
                 break
             if hold is not None:
                 hold.after_step()

@@ -159,9 +159,8 @@ class CollectorHold:
     The hold is counted (several runtimes in one process, as tests run them): the collector comes back on when
     the last hold is released, on every way out (the restore done, the node stopping, a step that raised), and
     only if it was on before; a restore replaced by a newer one keeps it, once, and its replacement collects the
-    two younger generations (`collect_replaced`). It is also let go while a save waits for room
-    or a descriptor (Runtime._wait_to_save_again: no step runs then, however long it lasts), taken again once
-    saved."""
+    two younger generations (`collect_replaced`). It is also let go while a save waits for room or a descriptor
+    (Runtime._wait_to_save_again: no step runs then, however long it lasts), taken again once saved."""
 
     SWEEP_AFTER_FROZEN_GROWTH = 10_000  # objects frozen since the last sweep, garbage perhaps, before the next
 
@@ -850,7 +849,8 @@ class Runtime:
         self._restoring = (index, steps(snap.data))  # the replaced restore's steps dropped, its partial state freed
         if replacing:
             self._collector.collect_replaced()
-        self._collector.hold()  # once: a restore that replaces another keeps the hold
+        if self.running:  # a drive that outlived stop() (a save that waited): stop let the hold go for good
+            self._collector.hold()  # once: a restore that replaces another keeps the hold
         self._restore_applied = False
         self._restore_started = time.monotonic()
         logger.info("installed a snapshot at index %d from the leader; restoring the state machine", index)

@@ -194,7 +194,19 @@ def heartbeat_until_restored(runtime, index: int) -> None:
             gevent.sleep(0.001)
 
 
-def test_the_collector_is_held_while_a_snapshot_is_restored_collects_each_step_and_is_back_on_after():
+@pytest.fixture
+def collector_reset():
+    """The collector as it was after a test of CollectorHold, whatever the test left: its class-wide count of
+    holders (a failed test must not leave the next one's collector held), nothing frozen, on."""
+    yield
+    CollectorHold._holders = 0
+    CollectorHold._frozen_after_sweep = None
+    gc.unfreeze()
+    gc.enable()
+
+
+def test_the_collector_is_held_while_a_snapshot_is_restored_collects_each_step_and_is_back_on_after(
+        collector_reset):
     """Issue 13: a collection of the growing state took up to 69 ms of a restore step at 1M keys. The collector
     is off while the restore is under way, but a step still collects the youngest generation (a cycle dropped
     between two steps is freed), and once the restore ends it is on again with the restored state frozen."""
@@ -216,12 +228,10 @@ def test_the_collector_is_held_while_a_snapshot_is_restored_collects_each_step_a
         assert len(kv.data) == 30 * RESTORE_BATCH_KEYS
     finally:
         runtime.stop()
-        gc.unfreeze()
-        gc.enable()
 
 
 @pytest.mark.parametrize("way_out", ["replaced by a newer snapshot", "the node stopping", "a damaged snapshot"])
-def test_the_collector_is_back_on_whichever_way_a_restore_ends(way_out):
+def test_the_collector_is_back_on_whichever_way_a_restore_ends(way_out, collector_reset):
     runtime, storage, kv, transport = follower_b(CrashFS())
     runtime.start()
     try:
@@ -245,19 +255,6 @@ def test_the_collector_is_back_on_whichever_way_a_restore_ends(way_out):
         assert gc.isenabled() and CollectorHold._holders == 0
     finally:
         runtime.stop()
-        gc.unfreeze()
-        gc.enable()
-
-
-@pytest.fixture
-def collector_reset():
-    """The collector as it was after a test of CollectorHold, whatever the test left: its class-wide count of
-    holders (a failed test must not leave the next one's collector held), nothing frozen, on."""
-    yield
-    CollectorHold._holders = 0
-    CollectorHold._frozen_after_sweep = None
-    gc.unfreeze()
-    gc.enable()
 
 
 def test_repeated_restores_do_not_grow_the_garbage_they_freeze_without_bound(collector_reset):
@@ -356,7 +353,7 @@ def test_a_restore_replaced_by_a_newer_one_collects_what_the_replaced_one_left(c
         runtime.stop()
 
 
-def test_a_collector_that_was_off_stays_off_after_a_restore():
+def test_a_collector_that_was_off_stays_off_after_a_restore(collector_reset):
     runtime, storage, kv, transport = follower_b(CrashFS())
     runtime.start()
     gc.disable()
@@ -366,7 +363,6 @@ def test_a_collector_that_was_off_stays_off_after_a_restore():
         assert not gc.isenabled() and len(kv.data) == 30 * RESTORE_BATCH_KEYS
     finally:
         runtime.stop()
-        gc.enable()
 
 
 def test_a_transfer_abandoned_because_the_log_caught_up_leaves_no_file_nor_descriptor():
