@@ -842,12 +842,11 @@ class Runtime:
             self.state_machine.restore(snap.data)
             logger.info("installed a snapshot at index %d from the leader", index)
             return False
-        replacing = self._restoring is not None
-        if replacing:
-            logger.info("the restore of the snapshot at index %d is replaced by the one at %d", self._restoring[0],
-                        index)
+        replaced_index = self._restoring[0] if self._restoring is not None else None  # not its steps: freed below
+        if replaced_index is not None:
+            logger.info("the restore of the snapshot at index %d is replaced by the one at %d", replaced_index, index)
         self._restoring = (index, steps(snap.data))  # the replaced restore's steps dropped, its partial state freed
-        if replacing:
+        if replaced_index is not None:
             self._collector.collect_replaced()
         if self.running:  # a drive that outlived stop() (a save that waited): stop let the hold go for good
             self._collector.hold()  # once: a restore that replaces another keeps the hold
