@@ -10,8 +10,10 @@ store step by step, timing every step (wall and CPU time), then frees it. Measur
 
 The collector runs as in a node (a collection may fall in a step: it is in that step's time); `--freeze` first
 freezes what exists (a node's gc.freeze after start-up, raftlib.server.tuning); `--collector-off` disables it
-during each restore (what the steps cost without it). Note `uptime` next to the
-figures: the machine is shared.
+during each restore (what the steps cost without it); `--compare` runs each restore twice, alternating, with the
+collector as in a node before issue 13's hold and with raftlib.runtime.CollectorHold as the runtime holds it now
+(off, a young collection after each step, in the step's time; the state frozen at the end), after a
+gc.freeze of what exists as a node has. Note `uptime` next to the figures: the machine is shared.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from raftlib.runtime import CollectorHold  # noqa: E402
 from raftlib.server.store import (  # noqa: E402
     FEATURE_LEVEL, PUT_WITH_TTL, SET, SET_FEATURE_LEVEL, KeyValueStore, command)
 
@@ -40,10 +43,13 @@ def build_state(keys: int, leases: int, value_bytes: int) -> KeyValueStore:
     return kv
 
 
-def restore_steps(snapshot: bytes) -> dict:
+def restore_steps(snapshot: bytes, hold: CollectorHold | None = None) -> dict:
     """Restore `snapshot` into an empty store a step at a time: each step's wall and CPU milliseconds, the
-    collector's milliseconds in it (by generation), the step that replaced the state, and the restored store."""
+    collector's milliseconds in it (by generation), the step that replaced the state, and the restored store.
+    With `hold`, the collector is held as the runtime holds it (its young collection in each step's time)."""
     target = KeyValueStore()
+    if hold is not None:
+        hold.hold()
     steps = target.restoring(snapshot)
     wall: list[float] = []
     cpu: list[float] = []
@@ -66,7 +72,14 @@ def restore_steps(snapshot: bytes) -> dict:
             try:
                 replaced = next(steps)
             except StopIteration:
+                if hold is not None:  # the release (a young collection, the freeze, a sweep) in the last step
+                    hold.release(freeze=True)
+                    wall[-1] += (time.perf_counter() - t0) * 1000
+                    cpu[-1] += (time.thread_time() - c0) * 1000
+                    collected[-1] = [before + now for before, now in zip(collected[-1], in_gc)]
                 break
+            if hold is not None:
+                hold.after_step()
             wall.append((time.perf_counter() - t0) * 1000)
             cpu.append((time.thread_time() - c0) * 1000)
             collected.append(list(in_gc))
@@ -74,6 +87,8 @@ def restore_steps(snapshot: bytes) -> dict:
                 replaced_at = len(wall) - 1
     finally:
         gc.callbacks.remove(on_gc)
+        if hold is not None:
+            hold.release(freeze=False)
     return {"wall": wall, "cpu": cpu, "gc": collected, "replaced_at": replaced_at, "store": target}
 
 
@@ -85,6 +100,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--freeze", action="store_true", help="gc.freeze() the built state before restoring")
     p.add_argument("--collector-off", action="store_true", help="gc.disable() while restoring (what is left)")
+    p.add_argument("--compare", action="store_true", help="the collector as before vs CollectorHold, alternating")
     args = p.parse_args()
     print(f"restore_steps: {args.keys:,} keys of {args.value_bytes} bytes, {min(args.leases, args.keys):,} leases; "
           f"{os.popen('uptime').read().strip()}")
@@ -92,14 +108,21 @@ def main() -> int:
     kv = build_state(args.keys, min(args.leases, args.keys), args.value_bytes)
     snapshot = kv.snapshot()
     print(f"  built and encoded in {time.perf_counter() - t0:.1f}s: a snapshot of {len(snapshot):,} bytes")
-    if args.freeze:
+    if args.freeze or args.compare:
         gc.collect()
         gc.freeze()
-    for run in range(args.repeat):
+    longest_of: dict[str, list[float]] = {"as before": [], "held": []}  # wall ms, then CPU ms (`cpu` + mode)
+    sweeps: list[tuple[float, float]] = []  # CollectorHold.sweep() after each run: wall, CPU ms
+    for run in range(args.repeat * (2 if args.compare else 1)):
         if args.collector_off:
             gc.disable()
-        r = restore_steps(snapshot)
+        mode = ("as before", "held")[run % 2] if args.compare else ""
+        r = restore_steps(snapshot, CollectorHold() if mode == "held" else None)
         gc.enable()
+        if mode:
+            print(f"  {mode}:", end="")
+            longest_of[mode].append(max(r["wall"]))
+            longest_of.setdefault("cpu " + mode, []).append(max(r["cpu"]))
         wall, cpu = r["wall"], r["cpu"]
         longest = max(range(len(wall)), key=wall.__getitem__)
         own = [w - sum(g) for w, g in zip(wall, r["gc"])]  # less the collector's time in the step
@@ -109,6 +132,16 @@ def main() -> int:
               f"{max(cpu):.1f} ms; longest less the collector {max(own):.1f} ms; median {statistics.median(wall):.2f}"
               f" ms; the same state: {r['store'].snapshot() == snapshot}")
         del r
+        if mode:  # the held run froze its restored state: the next run starts from the same frozen set
+            t0, c0 = time.perf_counter(), time.thread_time()
+            CollectorHold.sweep()  # what a node's restore ends with once its frozen garbage may be many objects
+            sweeps.append(((time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000))
+    if args.compare:
+        print("  medians of the longest step (wall; CPU, what the machine's other processes do not add): " + ", ".join(
+            f"{mode} {statistics.median(v):.1f} ms" for mode, v in longest_of.items()))
+        print(f"  CollectorHold.sweep() of this process (the built state, {gc.get_freeze_count():,} objects frozen): "
+              f"median {statistics.median(w for w, _ in sweeps):.1f} ms wall, "
+              f"{statistics.median(c for _, c in sweeps):.1f} ms CPU, of {len(sweeps)}")
     print(f"  {os.popen('uptime').read().strip()}")
     return 0
 

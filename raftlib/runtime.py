@@ -133,6 +133,99 @@ class Backup:
             self.release()
 
 
+class CollectorHold:
+    """The cyclic garbage collector held off while a leader's snapshot is restored a step per drive (issue 13).
+
+    With the collector on, a restore of 1M keys had steps of 32-78 ms (bench/restore_steps.py): a collection of
+    the oldest generation walked the growing state (69 ms), then untracked the new map, which the next record
+    tracked again into the youngest generation, so the next young collections walked all of it too (~20 ms each).
+    Held, the collector runs only as `after_step`'s collection of the youngest generation (what that step made:
+    ~0.1 ms, and the records of atomic values leave its sight there), and once the restore ends the restored
+    state is frozen (gc.freeze, as raftlib.server.tuning does after start-up): unfrozen, every later collection
+    of the oldest generation walked its 1M records again (51 ms). Frozen objects are still freed by their
+    reference count, so the next restore frees this state as before.
+
+    The price: a cycle of garbage made during the restore that outlives the step it was made in (and one in the
+    older generations not collected yet when it ends) is frozen with the state: what a few seconds of serving
+    leave, once per restore, and restores repeat (a follower that keeps falling behind). Bounded by a sweep
+    (`sweep`: everything unfrozen, collected in full, frozen again) at the end of a restore that left more than
+    SWEEP_AFTER_FROZEN_GROWTH objects frozen beyond the count after the last sweep (or at the first hold): one
+    pause of a full collection, in that restore's last step, 59 ms CPU (69 ms wall) at 1M keys and 24 ms at 100k
+    (medians of bench/restore_steps.py --compare). Not at every restore's end, which would add that pause to
+    each; not never, which let the frozen garbage grow with every restore. Frozen garbage stays under that many
+    objects, plus the tracked objects of a bigger state frozen at the last sweep (a state that shrank since); a
+    state that grows by that many tracked objects between two restores (leases: a few objects each; records of
+    atomic values are untracked) sweeps at each.
+
+    The hold is counted (several runtimes in one process, as tests run them): the collector comes back on when
+    the last hold is released, on every way out (the restore done, the node stopping, a step that raised), and
+    only if it was on before; a restore replaced by a newer one keeps it, once, and its replacement collects the
+    two younger generations (`collect_replaced`). It is also let go while a save waits for room or a descriptor
+    (Runtime._wait_to_save_again: no step runs then, however long it lasts), taken again once saved."""
+
+    SWEEP_AFTER_FROZEN_GROWTH = 10_000  # objects frozen since the last sweep, garbage perhaps, before the next
+
+    _holders = 0
+    _was_enabled = False
+    _frozen_after_sweep: int | None = None  # gc.get_freeze_count() after the last sweep, or at the first hold
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def hold(self) -> None:
+        if self.held:
+            return
+        self.held = True
+        if CollectorHold._holders == 0:
+            CollectorHold._was_enabled = gc.isenabled()
+            gc.disable()
+            if CollectorHold._frozen_after_sweep is None:
+                CollectorHold._frozen_after_sweep = gc.get_freeze_count()
+        CollectorHold._holders += 1
+
+    def after_step(self) -> None:
+        """A collection of the youngest generation only: what the step made, unless the collector was off anyway."""
+        if self.held and CollectorHold._was_enabled:
+            gc.collect(0)
+
+    def collect_replaced(self) -> None:
+        """A restore replaced by a newer one, the hold kept: the two younger generations collected once, what the
+        replaced restore left that outlived its steps (its partial state went with its steps, by reference count;
+        the oldest generation is not walked: the state being served). Without it the collector left a chain of
+        replacing restores' garbage to the last one's freeze (and the sweep)."""
+        if self.held and CollectorHold._was_enabled:
+            gc.collect(1)
+
+    def release(self, freeze: bool) -> None:
+        """Back on once no runtime holds it (if it was on); with `freeze`, the restored state out of its sight."""
+        if not self.held:
+            return
+        self.held = False
+        CollectorHold._holders -= 1
+        if freeze and CollectorHold._was_enabled:
+            gc.collect(0)
+            gc.freeze()
+            self._sweep_if_frozen_grew()
+        if CollectorHold._holders == 0 and CollectorHold._was_enabled:
+            gc.enable()
+
+    @staticmethod
+    def _sweep_if_frozen_grew() -> None:
+        """The garbage frozen by the restores since the last sweep collected, once it may be many objects."""
+        grown = gc.get_freeze_count() - (CollectorHold._frozen_after_sweep or 0)
+        if grown > CollectorHold.SWEEP_AFTER_FROZEN_GROWTH:
+            CollectorHold.sweep()
+
+    @staticmethod
+    def sweep() -> None:
+        """Everything unfrozen, collected in full, frozen again: the frozen garbage freed, in one full collection
+        of the whole heap (bench/restore_steps.py --compare times it)."""
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        CollectorHold._frozen_after_sweep = gc.get_freeze_count()
+
+
 MAX_BACKUPS = 1  # backups written at once: each child may grow to the size of the state (copy on write)
 
 
@@ -283,6 +376,7 @@ class Runtime:
         # A leader's snapshot being restored into the state machine a piece per drive: (its index, the steps).
         self._restoring: tuple[int, Iterator[bool]] | None = None
         self._restore_applied = False  # the state machine holds that snapshot: the steps left free the old state
+        self._collector = CollectorHold()  # held while a restore is under way
         receive = getattr(storage, "receive_snapshot", None)
         if receive is not None:  # a leader's snapshot's chunks go to its file as they come, not to memory
             node.open_snapshot_sink = receive
@@ -321,6 +415,7 @@ class Runtime:
         for g in self._greenlets:
             g.kill(block=False)
         self._fail_all(Stopped("node is stopping"))
+        self._collector.release(freeze=False)  # a restore under way stops with the node
 
     def _advance_clock(self) -> None:
         """Tick the node once for every tick of monotonic time since the last call, before anything else is
@@ -617,6 +712,7 @@ class Runtime:
         except Exception as e:
             logger.critical("stopping: %s", e, exc_info=not isinstance(e, OSError))
             self.running = False
+            self._collector.release(freeze=False)
             self._fail_all(Stopped(f"node stopped: {e}"))
             if self._on_fatal is not None:
                 self._on_fatal(e)
@@ -758,10 +854,14 @@ class Runtime:
             self.state_machine.restore(snap.data)
             logger.info("installed a snapshot at index %d from the leader", index)
             return False
-        if self._restoring is not None:
-            logger.info("the restore of the snapshot at index %d is replaced by the one at %d", self._restoring[0],
-                        index)
-        self._restoring = (index, steps(snap.data))
+        replaced_index = self._restoring[0] if self._restoring is not None else None  # not its steps: freed below
+        if replaced_index is not None:
+            logger.info("the restore of the snapshot at index %d is replaced by the one at %d", replaced_index, index)
+        self._restoring = (index, steps(snap.data))  # the replaced restore's steps dropped, its partial state freed
+        if replaced_index is not None:
+            self._collector.collect_replaced()
+        if self.running:  # a drive that outlived stop() (a save that waited): stop let the hold go for good
+            self._collector.hold()  # once: a restore that replaces another keeps the hold
         self._restore_applied = False
         self._restore_started = time.monotonic()
         logger.info("installed a snapshot at index %d from the leader; restoring the state machine", index)
@@ -778,7 +878,10 @@ class Runtime:
             replaced = next(steps)
         except StopIteration:
             self._restoring = None
+            self._collector.release(freeze=True)
             replaced = not self._restore_applied  # a state machine that swaps in its last step
+        else:
+            self._collector.after_step()
         took_microseconds = int((time.thread_time() - started) * 1e6)  # bench/snapshot_stall.py reports it
         if took_microseconds > self.stats["restore_step_max_microseconds"]:
             self.stats["restore_step_max_microseconds"] = took_microseconds
@@ -814,6 +917,7 @@ class Runtime:
             self.events.record(events.SNAPSHOT_SENT, to=m.dst, index=m.last_included_index)
 
     def _save(self, rd: Ready) -> None:
+        collector_held = self._collector.held  # a restore under way: its hold is let go while a save waits
         while True:
             try:
                 self.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
@@ -825,14 +929,16 @@ class Runtime:
                     self.events.record(events.DISK_FULL)
                 if not self.running:
                     raise
-                gevent.sleep(self.disk_retry_seconds)
+                self._wait_to_save_again(self.disk_retry_seconds)
             except OutOfDescriptors as e:
                 # Nothing changed on the disk (storage's rules): not fatal, and not a full disk (no 507).
                 self._note_no_descriptor(f"{e}: trying the save again every {self.descriptor_retry_seconds:g}s")
                 self._waiting_for_descriptors = True
                 if not self.running:
                     raise
-                gevent.sleep(self.descriptor_retry_seconds)
+                self._wait_to_save_again(self.descriptor_retry_seconds)
+        if collector_held and self.running:  # stop() let it go for good meanwhile
+            self._collector.hold()
         if self.disk_full:
             logger.warning("the disk has room again: carrying on")
             self.disk_full = False
@@ -841,6 +947,14 @@ class Runtime:
             logger.warning("a file descriptor was free again: saved")
             self._waiting_for_descriptors = False
         self.stats["saves"] += 1
+
+    def _wait_to_save_again(self, seconds: float) -> None:
+        """Sleep before a save's next try, the collector's hold (a restore under way) let go meanwhile: the drive
+        waits here as long as the disk stays full, no restore step runs, so neither does the young collection
+        after each step, while HTTP goes on serving. Held through the wait, the collector stayed fully off and
+        the garbage cycles of every request served grew without bound. `_save` takes the hold again once saved."""
+        self._collector.release(freeze=False)
+        gevent.sleep(seconds)
 
     def _note_no_descriptor(self, message: str) -> None:
         """Count a save or snapshot refused for want of a descriptor; log it at most once a second (a burst of

@@ -4,7 +4,9 @@ and the state machine is restored a piece per drive while the node answers heart
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import gevent
 import pytest
@@ -24,9 +26,9 @@ from raftlib import (
     RaftNode,
     Snapshot,
 )
-from raftlib.runtime import Runtime
+from raftlib.runtime import CollectorHold, Runtime
 from raftlib.server.store import RESTORE_BATCH_KEYS, SET, KeyValueStore, command
-from raftlib.storage import DiskStorage, ReceivedSnapshotFile
+from raftlib.storage import DiskStorage, OutOfDescriptors, ReceivedSnapshotFile
 
 MEMBERSHIP = Membership(("a", "b"), (), (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", "")))
 
@@ -158,6 +160,207 @@ def test_the_final_chunk_and_an_append_past_the_snapshot_in_one_drive_lose_no_en
                 gevent.sleep(0.001)
         assert runtime.wait_applied(51, 2.0) == 51
         assert values(kv) == {**values(source), "after": b"51"}
+    finally:
+        runtime.stop()
+
+
+class _Cycle:
+    """An object in a reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def restore_under_way(runtime, transport, index: int = 50, prefix: str = "k") -> None:
+    """Deliver a leader's snapshot of 30 batches at `index`: its restore is under way once this returns."""
+    for m in chunks_of(store_of(30 * RESTORE_BATCH_KEYS, prefix).snapshot(), index, 2, 1 << 16):
+        runtime.deliver([m], False)
+    assert runtime._restoring is not None and not runtime._restore_applied
+
+
+def replace_the_restore(runtime, index: int = 60, prefix: str = "n") -> None:
+    """Deliver a newer snapshot, of one chunk, while the restore under way still decodes: it replaces it. (One
+    of many chunks would let the restore under way take a step per chunk, and end before its last.)"""
+    assert runtime._restoring is not None and not runtime._restore_applied
+    (chunk,) = chunks_of(store_of(RESTORE_BATCH_KEYS, prefix).snapshot(), index, 2, 1 << 20)
+    runtime.deliver([chunk], False)
+    assert runtime._restoring is not None and runtime._restoring[0] == index
+
+
+def heartbeat_until_restored(runtime, index: int) -> None:
+    with gevent.Timeout(10):
+        while runtime._restoring is not None:
+            runtime.deliver([AppendEntries("a", "b", 2, index, 2, (), index)], False)
+            gevent.sleep(0.001)
+
+
+@pytest.fixture
+def collector_reset():
+    """The collector as it was after a test of CollectorHold, whatever the test left: its class-wide count of
+    holders (a failed test must not leave the next one's collector held), nothing frozen, on."""
+    yield
+    CollectorHold._holders = 0
+    CollectorHold._frozen_after_sweep = None
+    gc.unfreeze()
+    gc.enable()
+
+
+def test_the_collector_is_held_while_a_snapshot_is_restored_collects_each_step_and_is_back_on_after(
+        collector_reset):
+    """Issue 13: a collection of the growing state took up to 69 ms of a restore step at 1M keys. The collector
+    is off while the restore is under way, but a step still collects the youngest generation (a cycle dropped
+    between two steps is freed), and once the restore ends it is on again with the restored state frozen."""
+    runtime, storage, kv, transport = follower_b(CrashFS())
+    frozen_before = gc.get_freeze_count()
+    runtime.start()
+    try:
+        assert gc.isenabled()
+        restore_under_way(runtime, transport)
+        assert not gc.isenabled()
+        dropped = weakref.ref(_Cycle())
+        assert dropped() is not None  # nothing collected it yet
+        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (), 50)], False)  # a drive: a step of the restore
+        assert dropped() is None
+        assert not gc.isenabled() and runtime._restoring is not None
+        heartbeat_until_restored(runtime, 50)
+        assert gc.isenabled() and CollectorHold._holders == 0
+        assert gc.get_freeze_count() > frozen_before  # the restored state (its map, its key lists) frozen
+        assert len(kv.data) == 30 * RESTORE_BATCH_KEYS
+    finally:
+        runtime.stop()
+
+
+@pytest.mark.parametrize("way_out", ["replaced by a newer snapshot", "the node stopping", "a damaged snapshot"])
+def test_the_collector_is_back_on_whichever_way_a_restore_ends(way_out, collector_reset):
+    runtime, storage, kv, transport = follower_b(CrashFS())
+    runtime.start()
+    try:
+        restore_under_way(runtime, transport)
+        assert not gc.isenabled()
+        if way_out == "replaced by a newer snapshot":
+            replace_the_restore(runtime)
+            assert not gc.isenabled() and CollectorHold._holders == 1  # held once, not twice
+            heartbeat_until_restored(runtime, 60)
+            assert sorted(kv.data)[0].startswith("n")
+        elif way_out == "the node stopping":
+            runtime.stop()
+        else:
+            damaged = store_of(30 * RESTORE_BATCH_KEYS, "d").snapshot()[:-3]  # found short at the end of its map
+            for m in chunks_of(damaged, 70, 2, 1 << 16):
+                runtime.deliver([m], False)
+            with gevent.Timeout(10):
+                while runtime.running:
+                    runtime.deliver([AppendEntries("a", "b", 2, 70, 2, (), 70)], False)
+                    gevent.sleep(0.001)
+        assert gc.isenabled() and CollectorHold._holders == 0
+    finally:
+        runtime.stop()
+
+
+def test_repeated_restores_do_not_grow_the_garbage_they_freeze_without_bound(collector_reset):
+    """Review of scale, finding 2: a garbage cycle that outlived a step of a restore was frozen with the restored
+    state for good, and each restore added more (a follower that keeps falling behind). Each restore here leaves
+    2,500 such cycles; once the frozen count grew by CollectorHold.SWEEP_AFTER_FROZEN_GROWTH since the last
+    sweep, a restore's end collects everything once (unfreeze, collect, freeze): they never add up past it."""
+    runtime, storage, kv, transport = follower_b(CrashFS())
+    runtime.start()
+    made: list[weakref.ref] = []
+    alive_after: list[int] = []
+    try:
+        for round_ in range(8):
+            index = 50 + 10 * round_
+            restore_under_way(runtime, transport, index=index, prefix=f"r{round_}")
+            outliving_a_step = [_Cycle() for _ in range(2_500)]
+            made.extend(weakref.ref(c) for c in outliving_a_step)
+            runtime.deliver([AppendEntries("a", "b", 2, index, 2, (), index)], False)  # a step: they survive it
+            del outliving_a_step  # garbage now, out of the youngest generation's sight
+            heartbeat_until_restored(runtime, index)
+            assert gc.isenabled() and len(kv.data) == 30 * RESTORE_BATCH_KEYS
+            alive_after.append(sum(ref() is not None for ref in made))
+        assert max(alive_after) <= CollectorHold.SWEEP_AFTER_FROZEN_GROWTH, alive_after
+        assert alive_after[-1] < len(made)
+    finally:
+        runtime.stop()
+
+
+@pytest.mark.parametrize("fault", ["a full disk", "no file descriptor", "a full disk until the node stops"])
+def test_a_save_that_waits_in_the_middle_of_a_restore_lets_the_collector_run_meanwhile(fault, monkeypatch,
+                                                                                        collector_reset):
+    """Review of scale, finding 1: an append meeting a full disk (or no descriptor) in the middle of a restore
+    retries the save for as long as it lasts, in the drive: no restore step ran, so no young collection either,
+    and the collector stayed fully off while HTTP kept serving (its garbage cycles grew without bound). The hold
+    is let go while the save waits, and taken again for the steps left once saved (not after the node stopped)."""
+    fs = CrashFS()
+    runtime, storage, kv, transport = follower_b(fs)
+    runtime.disk_retry_seconds = runtime.descriptor_retry_seconds = 0.01
+    runtime.start()
+    try:
+        restore_under_way(runtime, transport)
+        assert not gc.isenabled()
+        if fault == "no file descriptor":  # an append to the open segment takes none: refuse the save itself
+
+            def refused(*args, **kwargs):
+                raise OutOfDescriptors("no file descriptor free (EMFILE)")
+
+            monkeypatch.setattr(storage, "save", refused)
+        else:
+            fs.free_bytes = 0
+        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
+        gevent.spawn(runtime.deliver, [AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)  # it drives
+        with gevent.Timeout(10):
+            while not runtime.disk_full and not runtime.stats["out_of_descriptors"]:
+                gevent.sleep(0.005)
+        gevent.sleep(0.05)  # several tries
+        assert runtime._driving and runtime._restoring is not None
+        assert gc.isenabled() and CollectorHold._holders == 0  # the wait: the collector as in any node
+        if fault == "a full disk until the node stops":
+            runtime.stop()
+            assert gc.isenabled() and CollectorHold._holders == 0 and not runtime._driving
+            return
+        fs.free_bytes = None
+        monkeypatch.undo()
+        with gevent.Timeout(10):
+            while runtime._driving:
+                gevent.sleep(0.005)
+        assert runtime.stats["saves"] > 0 and runtime._restoring is not None
+        assert not gc.isenabled() and CollectorHold._holders == 1  # held again for the steps left
+        heartbeat_until_restored(runtime, 51)
+        assert gc.isenabled() and CollectorHold._holders == 0 and values(kv)["after"] == b"51"
+    finally:
+        runtime.stop()
+
+
+def test_a_restore_replaced_by_a_newer_one_collects_what_the_replaced_one_left(collector_reset):
+    """Review of scale, finding 3: the hold is kept across a chain of restores, each replacing the last, and only
+    the youngest generation was collected meanwhile: a garbage cycle that outlived a step of a replaced restore
+    waited for the chain's end, then was frozen. A replacement collects the two younger generations once."""
+    runtime, storage, kv, transport = follower_b(CrashFS())
+    runtime.start()
+    try:
+        restore_under_way(runtime, transport)
+        outliving_a_step = _Cycle()
+        left = weakref.ref(outliving_a_step)
+        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (), 50)], False)  # a step: it survives it
+        del outliving_a_step
+        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (), 50)], False)  # the next step's collection misses it
+        assert left() is not None and runtime._restoring is not None
+        replace_the_restore(runtime)
+        assert left() is None
+        assert not gc.isenabled() and CollectorHold._holders == 1  # still held, once
+        heartbeat_until_restored(runtime, 60)
+        assert gc.isenabled() and CollectorHold._holders == 0 and sorted(kv.data)[0].startswith("n")
+    finally:
+        runtime.stop()
+
+
+def test_a_collector_that_was_off_stays_off_after_a_restore(collector_reset):
+    runtime, storage, kv, transport = follower_b(CrashFS())
+    runtime.start()
+    gc.disable()
+    try:
+        restore_under_way(runtime, transport)
+        heartbeat_until_restored(runtime, 50)
+        assert not gc.isenabled() and len(kv.data) == 30 * RESTORE_BATCH_KEYS
     finally:
         runtime.stop()
 
