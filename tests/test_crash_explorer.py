@@ -11,7 +11,7 @@ import pytest
 import crash_explorer
 from crash_explorer import HAND_WRITTEN, Limits, explore, workloads
 from crashfs import CrashFS
-from raftlib import HardState, Snapshot
+from raftlib import HardState, Snapshot, logformat
 from raftlib.storage import DiskFull, DiskStorage, NotJoined, encode_record, encode_snapshot
 
 MEMBERSHIP = crash_explorer.MEMBERSHIP
@@ -120,18 +120,18 @@ def test_no_crash_state_breaks_the_rules_when_records_are_split_into_groups():
     """Review S2: with the record limit scaled down to 120 bytes, most saves and every base record of these
     workloads are groups of several records: a crash must keep a group whole or not at all."""
     sizes = []
-    real = crash_explorer.storage_module._framed
-    crash_explorer.storage_module._framed = lambda payload: sizes.append((len(payload), payload[0])) or real(payload)
+    real = logformat._framed
+    logformat._framed = lambda payload: sizes.append((len(payload), payload[0])) or real(payload)
     try:
         stats = explore(workloads(30, seed=2), Limits(states=16), record_bytes=120)
     finally:
-        crash_explorer.storage_module._framed = real
+        logformat._framed = real
     assert not stats.violations, "\n".join(stats.violations)
     assert max(n for n, _ in sizes) <= 120 and stats.crash_points > 500, stats
     parts = sum(1 for _, kind in sizes if kind in (3, 4))
     assert parts > 30, parts  # groups were written, base groups among them
     assert any(kind == 4 for _, kind in sizes)
-    assert crash_explorer.storage_module.MAX_RECORD_BYTES == 256 << 20  # set back
+    assert logformat.MAX_RECORD_BYTES == 256 << 20  # set back
 
 
 # ---- identity, JOINING and the bootstrap, crashed at every file operation (review L2) ----------------------------

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raftlib import Entry, EntryKind, HardState, MemoryStorage, Member, Membership, Snapshot, storage
+from raftlib import logformat
 from crashfs import CrashFS
 from raftlib.storage import (CorruptLogError, DataDirLocked, DiskFull, DiskStorage, OutOfDescriptors, UnknownFormatError,
                              encode_record, encode_snapshot)
@@ -607,7 +608,7 @@ def test_a_failed_folder_fsync_at_a_new_segment_is_fatal_and_the_disk_recovers_t
 @pytest.fixture
 def small_records(monkeypatch):
     """The record limit scaled down from 256 MiB to 4 KiB: the same code paths, with small data."""
-    monkeypatch.setattr(storage, "MAX_RECORD_BYTES", 4096)
+    monkeypatch.setattr(logformat, "MAX_RECORD_BYTES", 4096)
     return 4096
 
 
@@ -677,9 +678,9 @@ def test_a_first_record_longer_than_the_limit_is_damage_not_an_interrupted_creat
     s.load()
     s.save(HardState(3, "a", 0), entries(1, 2))
     s.close()
-    payload = bytes([storage.RECORD_BASE]) + storage.cbor2.dumps([0, 0, [3, "a", 0], [["x" * 5000]]])
+    payload = bytes([storage.RECORD_BASE]) + logformat.cbor2.dumps([0, 0, [3, "a", 0], [["x" * 5000]]])
     f = fs.create("/data/log/0000000002.seg")
-    fs.append(f, b"RDZMQLOG\x00\x00\x00\x01" + storage._framed(payload))
+    fs.append(f, b"RDZMQLOG\x00\x00\x00\x01" + logformat._framed(payload))
     fs.fsync(f)
     fs.fsync_dir("/data/log")
     with pytest.raises(CorruptLogError, match=r"0000000002.seg: record length \d+ is over the limit .* at offset 12"):
