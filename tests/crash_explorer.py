@@ -44,7 +44,8 @@ from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, S
 from raftlib.messages import snapshot_bytes  # noqa: E402
 from raftlib import logformat  # noqa: E402
 from raftlib import storage as storage_module  # noqa: E402
-from raftlib.storage import DiskFull, DiskStorage, OutOfDescriptors, StorageError  # noqa: E402
+from raftlib.storage import DiskStorage  # noqa: E402
+from raftlib.storage_errors import DiskFull, OutOfDescriptors, StorageError  # noqa: E402
 
 DATA_DIR = "/data"
 MEMBERSHIP = Membership(voters=("a",), members=(Member("a", "a:1", "a:2"),))

@@ -26,7 +26,8 @@ from raftlib import (
 )
 from raftlib.runtime import Runtime
 from raftlib.server.store import RESTORE_BATCH_KEYS, SET, KeyValueStore, command
-from raftlib.storage import DiskStorage, ReceivedSnapshotFile
+from raftlib.snapshotfile import ReceivedSnapshotFile
+from raftlib.storage import DiskStorage
 
 MEMBERSHIP = Membership(("a", "b"), (), (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", "")))
 
