@@ -32,6 +32,7 @@ import zmq.green as zmq  # noqa: E402
 
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, node_request_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
+from raftlib.server.hosts import parse_allowed_hosts  # noqa: E402
 from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
 from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
@@ -41,7 +42,8 @@ from raftlib.storage_errors import StorageError  # noqa: E402
 from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
 
-MAX_BODY_LIMIT = MAX_ENTRY_BYTES - 8192  # room for the key (at most 4 KiB) and the command's encoding
+COMMAND_OVERHEAD_BYTES = 8192  # a write's entry beyond its body: the key (at most 4 KiB) and the command's encoding
+MAX_BODY_LIMIT = MAX_ENTRY_BYTES - COMMAND_OVERHEAD_BYTES
 
 log = logging.getLogger("raftdzmq")
 
@@ -54,6 +56,10 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
                             "to; 0.0.0.0 binds every address and needs -advertise (default localhost)")),
     (("-advertise", "--advertise"), dict(metavar="HOST", help="the host peers and clients reach this node at (the "
                                          "members list, redirects to the leader); default: -h")),
+    (("-allowed-hosts", "--allowed-hosts"), dict(dest="allowed_hosts", metavar="LIST", default="", help=(
+        "more host names HTTP requests may give in Host, comma-separated; * allows any. Other names are refused "
+        "403 (DNS rebinding). Always allowed: IP addresses, localhost (not *.localhost), -h, -advertise, this "
+        "machine's names, the members' advertised hosts"))),
     (("-name", "--name"), dict(metavar="NAME", help="this node's id, given at its first start and the same at every "
                                "start after (letters, digits, . _ -; at most 63); default: a random id kept in "
                                "DATA_DIR")),
@@ -92,6 +98,11 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
         "seconds a client has to send a whole request (head and body) once it has begun; 408 after (default 10)"))),
     (("-snapshot-threshold", "--snapshot-threshold"), dict(dest="snapshot_threshold", type=int, default=16 << 20,
         help="take a snapshot when the log since the last one passes this many bytes (default 16 MiB)")),
+    (("-max-uncommitted-bytes", "--max-uncommitted-bytes"), dict(dest="max_uncommitted_bytes", metavar="BYTES",
+                                                                 type=int, default=64 << 20, help=(
+        "most bytes of writes a leader holds appended but not yet committed; beyond, a write gets 503 (not "
+        "applied: retry) until a majority catches up. At least twice -max-body plus 8 KiB, so that the largest "
+        "write goes in while others are pending (default 64 MiB)"))),
     (("-max-members", "--max-members"), dict(dest="max_members", metavar="N", type=int, default=64, help=(
         "most members (voters and learners) a join may bring the cluster to; a join beyond gets 409 (default 64; "
         "the leader that takes the join decides: give every node the same)"))),
@@ -174,6 +185,16 @@ def env_defaults(p: argparse.ArgumentParser, environ: dict[str, str]) -> dict[st
     return out
 
 
+def min_uncommitted_bytes(max_body: int) -> int:
+    """The least -max-uncommitted-bytes for `max_body`. The leader refuses a write when what it holds uncommitted
+    plus the write's entry would pass the bound (raftlib.core.Config.max_uncommitted_bytes), and takes any write
+    only when it holds nothing. At -max-body plus the overhead, a write of the largest body would wait for that
+    empty moment, which pipelined writes from other clients never leave it (the review's starved write). At twice
+    -max-body plus the overhead, it goes in whenever the others' uncommitted writes come to at most one
+    -max-body: it competes like any other write."""
+    return 2 * max_body + COMMAND_OVERHEAD_BYTES
+
+
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raftdzmq", add_help=False, epilog="Example: python raftdzmq.py -p 5555 -hp "
                                 "8080 ~/node.1. Every flag can also be set in the environment as "
@@ -202,6 +223,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         p.error("the following arguments are required: DATA_DIR")
     if args.sign_node is not None and (args.sign is None or args.sign_body):
         p.error("-sign-node goes with -sign METHOD TARGET, without -sign-body (it signs a nonce and the node id)")
+    try:
+        args.allowed_hosts = parse_allowed_hosts(args.allowed_hosts)
+    except ValueError as e:
+        p.error(f"-allowed-hosts: {e}")
     if args.restore_checksum is not None and args.restore is None:
         p.error("-restore-checksum goes with -restore FILE")
     args.force_new_cluster = args.force_new_cluster or args.force_new_cluster_again
@@ -210,13 +235,18 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     if args.force_new_cluster and args.join:
         p.error("-force-new-cluster restarts a surviving member as a new cluster: not with -join")
     for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members", "watch_history",
-                 "watch_history_bytes"):
+                 "watch_history_bytes", "max_uncommitted_bytes"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
     if args.watch_history < MIN_HISTORY_EVENTS:  # a group (one entry's events) must fit whole, or it is never served
         p.error(f"-watch-history must be at least {MIN_HISTORY_EVENTS} (the most events one entry makes)")
     if args.max_body > MAX_BODY_LIMIT:  # an entry must fit a Raft frame (raftlib.codec.MAX_ENTRY_BYTES)
         p.error(f"-max-body must be at most {MAX_BODY_LIMIT} (a write travels in one Raft frame)")
+    least_uncommitted = min_uncommitted_bytes(args.max_body)
+    if args.max_uncommitted_bytes < least_uncommitted:
+        p.error(f"-max-uncommitted-bytes must be at least {least_uncommitted} (twice -max-body {args.max_body}, "
+                f"plus {COMMAND_OVERHEAD_BYTES} for a key and the encoding): below, the largest write is taken "
+                "only when no other is pending, which steady writes never allow")
     safe = connection_bound()
     if args.max_connections is None:
         args.max_connections = min(1000, safe)
@@ -233,9 +263,11 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
+        max_uncommitted_bytes=args.max_uncommitted_bytes,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
         watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
-        force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise)
+        force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise,
+        allowed_hosts=args.allowed_hosts)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:

@@ -53,15 +53,19 @@ def main() -> int:
         keys = [f"k{i}" for i in range(1000)]
         rng = random.Random(1)
         run_load(system.url, system.write_requests(keys, "v" * 100), 16, 2, workdir, "prefill", "wrk", sequential=True)
-        leader_pid = system.pids()[system.http_ports.index(int(system.url.rsplit(":", 1)[1]))]
         for _ in range(args.repeat):
             for workload in args.workloads:
+                system.follow_leader()  # a loaded machine may move the leadership between runs
+                leader_pid = system.pids()[system.http_ports.index(int(system.url.rsplit(":", 1)[1]))]
                 requests = workload_requests(system, workload, keys, rng, args)
                 before = get(system.url + "/metrics", timeout=5).decode(), [cpu_seconds(p) for p in system.pids()]
                 result = run_load(system.url, requests, args.concurrency, args.duration, workdir, workload, "wrk")
                 after = get(system.url + "/metrics", timeout=5).decode(), [cpu_seconds(p) for p in system.pids()]
                 proposals = counter(after[0], "raftdzmq_proposals") - counter(before[0], "raftdzmq_proposals")
                 saves = counter(after[0], "raftdzmq_batches_saved") - counter(before[0], "raftdzmq_batches_saved")
+                if not proposals or not saves:  # the node asked lost the leadership: it proposed nothing
+                    print(f"{workload:<6} left out: the leader changed during the run", flush=True)
+                    continue
                 per_node = [(b - a) / proposals * 1e6 for a, b in zip(before[1], after[1])]
                 roles = ["leader" if pid == leader_pid else "follower" for pid in system.pids()]
                 print(f"{workload:<6} {result['ops']:>7.0f}/s  entries per leader fsync {proposals / saves:5.1f}  CPU per "

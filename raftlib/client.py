@@ -675,10 +675,19 @@ class Client:
     def _admin(self, method: str, target: str, secret: bytes | None) -> None:
         """An admin request (a write: its fate may be unknown), signed with `secret` when given. The signature
         is not bound to a node: a follower verifies it and redirects to the leader, which claims it (a second use
-        is refused, 403)."""
-        from raftlib.server.admin import admin_headers  # loads no gevent (its rules)
-        headers = None if secret is None else admin_headers(secret, method, target)
+        is refused, 403). So each attempt is signed afresh (`_admin_signer`)."""
+        headers = None if secret is None else self._admin_signer(secret, method, target)
         self.request(method, target, idempotent=False, headers=headers)
+
+    @staticmethod
+    def _admin_signer(secret: bytes, method: str, target: str) -> Callable[[str, float], dict[str, str]]:
+        """request()'s per-attempt `headers` for an admin request: signed anew for each attempt (a new timestamp,
+        which the signature covers: its nonce). A retry after a not-applied answer (a dropped transfer, an
+        unconfirmed claim) sent with the first attempt's headers would be refused as a replay, since the leader
+        claimed that signature before it dropped the request (review of rebind, F3)."""
+        from raftlib.server.admin import admin_headers  # loads no gevent (its rules)
+
+        return lambda node, remaining: admin_headers(secret, method, target)
 
     def _node_signer(self, secret: bytes, method: str, target: str) -> Callable[[str, float], dict[str, str]]:
         """The headers of `method target` signed for the node about to be asked (its id from its GET /status)

@@ -25,7 +25,8 @@ when that index is applied or a snapshot replaces it), by one (`_read_waiting`: 
 taken, shared by every caller meanwhile), or by the drive (`_inbox`: it takes everything at once; while a drive
 waits for a full disk, a peer's frame not taken within `deliver_timeout_seconds` is dropped, as the network may
 drop it, proposals are refused at once and reads share one item; only the rare membership changes and transfers
-queue up).
+queue up). A proposal, a membership change or a transfer whose caller gave up (its deadline passed) before a drive
+took it is dropped there, never carried out: its caller, told it timed out, never sees it happen later.
 
 The runtime keeps the node's recent events for people watching (`events`, raftlib.events: GET /events and the
 dashboard): it records them where it already notes them, from what it sees (a Ready's role, term and leader, a
@@ -56,7 +57,7 @@ import gevent.event
 import gevent.monkey
 
 from . import crashpoints, events, readonly
-from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready
+from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, UncommittedBoundExceeded
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, InstallSnapshot, Membership, Message, Role, Snapshot
 from .fs import NO_DESCRIPTOR
@@ -199,6 +200,7 @@ class RuntimeStatus:
 
 _COUNTERS = (
     "proposals",  # taken as leader
+    "proposals_refused_uncommitted",  # refused as leader at Config.max_uncommitted_bytes (the server's own too)
     "applied",  # entries applied
     "elections_won",
     "saves",  # Readies saved (one fsync each when they must sync)
@@ -500,8 +502,14 @@ class Runtime:
         return self._call(timeout_seconds, ChangeMembership, change)
 
     def transfer_leadership(self, target: str, timeout_seconds: float) -> None:
-        """Start a transfer and wait until `target` leads (or the time is up: Timeout)."""
-        self._call(timeout_seconds, Transfer, target)
+        """Start a transfer and wait until `target` leads (or the time is up: Timeout). ProposalDropped when the
+        time was up before the loop took the transfer: it is then never started (`_handle`), as a proposal whose
+        caller gave up is never appended, so a caller told it timed out does not see leadership move later."""
+        try:
+            self._call(timeout_seconds, Transfer, target)
+        except Timeout:
+            raise ProposalDropped(f"the transfer to {target} was not started within {timeout_seconds:g}s (the node "
+                                  "was busy); it never will be") from None
         deadline = gevent.get_hub().loop.now() + timeout_seconds
         while self.node.leader_id != target:
             if gevent.get_hub().loop.now() > deadline:
@@ -657,6 +665,8 @@ class Runtime:
                 try:
                     index = node.propose(item.command)
                 except (NotLeader, ProposalDropped) as e:
+                    if isinstance(e, UncommittedBoundExceeded):
+                        self.stats["proposals_refused_uncommitted"] += 1
                     item.result.set_exception(e)
                     return
                 self._proposals[index] = (node.current_term, item.result)
@@ -694,6 +704,8 @@ class Runtime:
                 else:
                     self._proposals[membership_index] = (node.current_term, item.result)
             case Transfer():
+                if item.result.ready():  # as for Propose: its caller gave up, and was told it never started
+                    return
                 try:
                     node.transfer_leadership(item.target)
                     item.result.set(None)

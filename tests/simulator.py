@@ -72,6 +72,7 @@ from raftlib import (
     Snapshot,
     StoredState,
     TimeoutNow,
+    UncommittedBoundExceeded,
 )
 from raftlib import codec, readonly
 from raftlib.messages import snapshot_bytes
@@ -809,6 +810,9 @@ class Cluster:
             if hint is None or not hint.alive or hint.paused:
                 return None
             return self.client_write(hint.node_id, key, redirect=False, value=value)
+        except UncommittedBoundExceeded:
+            self.stats["proposals refused at max_uncommitted_bytes"] += 1
+            return None
         except ProposalDropped:
             return None
         w = PendingWrite(key, value, node_id, index, sn.node.current_term, self.now, call)
@@ -951,11 +955,24 @@ class Cluster:
                 for index in range(max(before, n.log.snapshot_index) + 1, n.commit_index + 1):
                     self.commit_term.setdefault(index, n.current_term)
             self._leader_commit[node_id] = n.commit_index
+            self._check_uncommitted_bytes(node_id)
         if n.commit_index > n.log.last_index:
             self.fail(f"{node_id} commit {n.commit_index} beyond its log {n.log.last_index}")
         if n.commit_index < sn.max_commit_index:
             self.fail(f"{node_id} commit index went back from {sn.max_commit_index} to {n.commit_index}")
         sn.max_commit_index = n.commit_index
+
+    def _check_uncommitted_bytes(self, node_id: str) -> None:
+        """Config.max_uncommitted_bytes: a leader counts exactly the payload of its term's entries after its commit
+        index, and holds no more than the bound, or one entry above it (proposed when nothing was uncommitted)."""
+        n = self.nodes[node_id].node
+        tail = [len(e.data) for e in n.log.slice(n.commit_index + 1, n.log.last_index + 1)
+                if e.term == n.current_term]
+        if sum(tail) != n.uncommitted_bytes:
+            self.fail(f"{node_id} counts {n.uncommitted_bytes} bytes uncommitted, its log holds {sum(tail)}")
+        if sum(tail) > max([n.config.max_uncommitted_bytes, *tail]):
+            self.fail(f"{node_id} holds {sum(tail)} bytes uncommitted, beyond max_uncommitted_bytes "
+                      f"({n.config.max_uncommitted_bytes})")
 
     def check_safety(self) -> None:
         for node_id in self.ids:
@@ -1106,6 +1123,12 @@ def random_schedule(
     # The protocol's options are part of the contract too: a share of the schedules runs without each.
     overrides["check_quorum"] = rng.random() >= 0.2
     overrides["pre_vote"] = rng.random() >= 0.2
+    # A third of the schedules bound a leader's uncommitted entries (Config.max_uncommitted_bytes) to one or two
+    # writes (a write is `key=vN`, 4 to 8 bytes), a third to about four: proposals are then refused under load and
+    # at a leader cut off. From an rng of its own, so that the rest of each schedule draws as it did before.
+    bound = random.Random(seed ^ 0xB0D).choice([None, 8, 20])
+    if bound is not None:
+        overrides["max_uncommitted_bytes"] = bound
     storage_switches = {}
     for name, value in (MUTATIONS[mutation] if mutation else {}).items():
         if name.startswith("storage."):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from procs import LocalCluster, Node, wait_for
+from procs import SERVER, LocalCluster, Node, free_port, paused, wait_for
 from raftlib.codec import MAX_FRAME_BYTES
 
 
@@ -54,14 +56,14 @@ def test_bad_request_headers_get_400_and_good_ones_work(cluster):
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
     for head, status in ((b"NoColonHere\r\n", 400), (b"X-Folded: a\r\n  b\r\n", 400), (b"Bad Name : x\r\n", 400),
                          (many, 431), (b"X-Long: " + b"x" * 70000 + b"\r\n", 431)):
-        out = raw_http(leader.address, b"GET /db/k HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+        out = raw_http(leader.address, b"GET /db/k HTTP/1.1\r\nHost: localhost\r\n" + head + b"\r\n")
         assert out.startswith(b"HTTP/1.1 %d" % status), (head[:30], out[:100])
     # Case-insensitive names, a body by Content-Length, keep-alive: two requests on one connection.
-    out = raw_http(leader.address, b"POST /db/hdr HTTP/1.1\r\nHost: x\r\ncontent-LENGTH: 5\r\n\r\nhello"
-                                   b"GET /db/hdr HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = raw_http(leader.address, b"POST /db/hdr HTTP/1.1\r\nHost: localhost\r\ncontent-LENGTH: 5\r\n\r\nhello"
+                                   b"GET /db/hdr HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1 200") == 2 and out.endswith(b"hello"), out
     # A body cut short (the client died, or a forwarding node was killed in the middle of its request).
-    out = raw_http(leader.address, b"POST /db/cut HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    out = raw_http(leader.address, b"POST /db/cut HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nabc")
     assert out.startswith(b"HTTP/1.1 400") and b"cut short" in out, out
     assert not leader.exited() and "Traceback" not in leader.log_text()
 
@@ -272,6 +274,64 @@ def test_paused_old_leader_never_serves_a_stale_read(tmp_path, consistency):
         c.stop()
 
 
+def test_a_leader_that_cannot_commit_refuses_writes_beyond_max_uncommitted_bytes(tmp_path):
+    """-max-uncommitted-bytes (raftlib.core.Config.max_uncommitted_bytes): with its followers SIGSTOPped the leader
+    appends writes (they wait, their outcome unknown) until it holds the bound, then answers the next 503
+    not-applied at once, so that a client may retry it; GET /status and /metrics show the bytes held and count the
+    refusal apart from the others. The bound is the least -max-body 4096 allows (2 x 4096 +
+    8192): four writes of 4,000 bytes fit, a fifth does not. -election-ms 3000 keeps it leading for at least 3 s
+    (check-quorum). Once the followers resume, writes are taken again."""
+    c = LocalCluster(str(tmp_path), extra=("-election-ms", "3000", "-max-body", "4096",
+                                           "-max-uncommitted-bytes", "16384")).start()
+    try:
+        leader = c.leader()
+        value = b"v" * 4000
+        with paused([n for n in c.nodes if n is not leader]):
+            for i in range(4):  # ~16 KB held: below the bound, so appended, and never committed
+                with pytest.raises(OSError):  # no answer within our bound: the write waits for a majority
+                    leader.request("POST", f"/db/u{i}", value, timeout=0.3)
+            refused = leader.request("POST", "/db/u4", value, timeout=2)
+            held = leader.status()["uncommitted_bytes"]
+            samples = metric_samples(leader.request("GET", "/metrics", timeout=2).text)
+        assert refused.status == 503 and refused.headers.get("x-raft-outcome") == "not-applied", refused
+        assert "bytes of entries not yet committed" in refused.text, refused
+        # What operators see: the bytes held (the four writes' entries, under the bound), the refusal counted apart.
+        assert 4 * 4000 < held <= 16384 and f"holds {held} bytes" in refused.text, (held, refused)
+        assert samples["raftdzmq_uncommitted_bytes"] == held
+        assert samples['raftdzmq_writes_total{outcome="refused_uncommitted"}'] == 1
+        assert samples["raftdzmq_proposals_refused_uncommitted_total"] == 1
+        assert 'raftdzmq_writes_total{outcome="refused"}' not in samples
+        assert c.write("u5", "after", timeout=20).status == 200
+        assert c.leader().request("GET", "/db/u4").status == 404  # refused: never applied
+        wait_for(lambda: c.leader().status()["uncommitted_bytes"] == 0, 10, "the leader to commit all it holds")
+        assert all(n.status()["uncommitted_bytes"] == 0 for n in c.nodes if n is not c.leader())
+    finally:
+        c.stop()
+
+
+def test_a_max_uncommitted_bytes_that_would_starve_the_largest_write_is_refused_at_start(tmp_path):
+    """Review of uncommitted, 1: the leader takes a write above what the bound leaves only when it holds nothing
+    uncommitted, which steady writes from other clients never allow; a bound below twice -max-body plus 8 KiB would
+    refuse the largest writes for good. Refused as a usage error (exit 2, one line of error), before any file."""
+    data_dir = tmp_path / "d"
+    for max_body, bound in (("4096", "16383"), ("1048576", "1048576")):
+        ports = ("-p", str(free_port()), "-hp", str(free_port()))  # were it to start: never the default ports
+        out = subprocess.run([sys.executable, SERVER, *ports, "-max-body", max_body, "-max-uncommitted-bytes", bound,
+                              str(data_dir)], capture_output=True, text=True, timeout=30)
+        [error] = [line for line in out.stderr.splitlines() if "error:" in line]
+        assert out.returncode == 2 and error.endswith(
+            f"-max-uncommitted-bytes must be at least {2 * int(max_body) + 8192} (twice -max-body {max_body}, plus "
+            "8192 for a key and the encoding): below, the largest write is taken only when no other is pending, "
+            "which steady writes never allow"), out
+    assert not data_dir.exists()
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """GET /metrics' samples: {'name{labels}': value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def test_status_and_prometheus_metrics(cluster):
     leader = cluster.leader()
     assert leader.request("POST", "/db/m", "1").status == 200
@@ -284,8 +344,7 @@ def test_status_and_prometheus_metrics(cluster):
                  "raftdzmq_write_seconds_count", "raftdzmq_read_index_seconds_count", "raftdzmq_is_leader 1.0",
                  "raftdzmq_elections_won", "raftdzmq_hub_lag_seconds_count"):
         assert name in text, name
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in text.splitlines() if line and not line.startswith("#")}
+    samples = metric_samples(text)
     assert samples['raftdzmq_writes_total{outcome="committed"}'] >= 1
     # The histograms add up: every committed write observed once, the +Inf bucket holds them all.
     assert samples["raftdzmq_write_seconds_count"] == samples['raftdzmq_writes_total{outcome="committed"}']

@@ -3,10 +3,12 @@ through a follower's 307 and failed over when it is SIGKILLed; OutcomeUnknown (n
 fate is open, Unavailable for one that surely did not apply; a watch across the death of the node it streams
 from, compared with the writes' own indices (no gap, no repeat); Compacted; leases kept alive and stopped;
 processes contending for a lock while the leader is killed (fencing tokens used in order, no two holds at once);
-a holder paused past its lease (the next one takes the lock, the paused one's fenced write is refused)."""
+a holder paused past its lease (the next one takes the lock, the paused one's fenced write is refused); a signed
+admin request retried after a not-applied answer is signed again, not refused as a replay (a stand-in leader)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
@@ -21,6 +23,7 @@ from procs import LocalCluster, paused, wait_for
 from raftlib.client import (BadRequest, Client, Compacted, Event, NotFound, OutcomeUnknown, PreconditionFailed,
                             Unavailable, delete_op, get_op, put_op)
 from raftlib.concurrency import LockTimeout
+from raftlib.server.admin import SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard
 from raftlib.server.watch import EVENT_OVERHEAD_BYTES
 
 HISTORY_EVENTS = 600  # about: -watch-history-bytes for 600 small events (-watch-history is at least 4096)
@@ -376,3 +379,51 @@ def test_the_client_works_in_a_monkey_patched_gevent_program(cluster, tmp_path):
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(WORKER))})
     assert out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+class DroppingLeader(http.server.BaseHTTPRequestHandler):
+    """A leader with a cluster secret whose first transfer is dropped (never started: 503 not-applied), as
+    Runtime.transfer_leadership does when the loop was busy, after the signature was claimed (AdminGuard, as
+    api._admin_guarded does); later ones succeed. Each answer's status goes to the server's `answers`."""
+
+    def do_POST(self) -> None:
+        server = self.server
+        guard: AdminGuard = server.guard  # type: ignore[attr-defined]
+        reason = guard.verify("POST", self.path, b"", self.headers.get(TIMESTAMP_HEADER),
+                              self.headers.get(SIGNATURE_HEADER))
+        reason = reason or guard.claim(self.headers[SIGNATURE_HEADER])
+        if reason is not None:
+            status, body, outcome = 403, f"transfer refused: {reason}", "not-applied"
+        elif not server.answers:  # type: ignore[attr-defined]
+            status, outcome = 503, "not-applied"
+            body = "the transfer to b was not started within 2s; sign it again to retry"
+        else:
+            status, body, outcome = 200, "", None
+        server.answers.append(status)  # type: ignore[attr-defined]
+        data = (body + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        if outcome is not None:
+            self.send_header("X-Raft-Outcome", outcome)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_signed_admin_request_is_signed_again_for_a_retry_after_a_not_applied_answer():
+    """Review of rebind, F3: the leader claims an admin request's signature before it queues the request, so a
+    dropped transfer's retry with the same headers was refused 403 as a replay. The client signs each attempt."""
+    secret = os.urandom(32)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DroppingLeader)
+    server.guard, server.answers = AdminGuard(secret), []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Client([f"127.0.0.1:{server.server_address[1]}"], timeout=10) as c:
+            c.transfer_leadership("b", secret=secret)
+        assert server.answers == [503, 200], server.answers  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()

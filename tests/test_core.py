@@ -12,6 +12,7 @@ import pytest
 from raftlib import (
     AppendEntries,
     AppendEntriesReply,
+    ConfChange,
     ConfChangeKind,
     Config,
     Entry,
@@ -30,6 +31,7 @@ from raftlib import (
     RaftNode,
     RequestVoteReply,
     Role,
+    UncommittedBoundExceeded,
 )
 from raftlib import codec
 from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_bytes, snapshot_chunk
@@ -765,6 +767,7 @@ def test_a_removed_node_is_not_given_a_read_index_it_can_never_apply():
         ({"lease_ticks": 10}, r"lease_ticks \(10\) must be below election_ticks \(10\)"),
         ({"election_ticks": 0}, "election_ticks must be an integer of at least 1, not 0"),
         ({"heartbeat_ticks": 1.5}, "heartbeat_ticks must be an integer of at least 1, not 1.5"),
+        ({"max_uncommitted_bytes": 0}, "max_uncommitted_bytes must be an integer of at least 1, not 0"),
     ],
 )
 def test_a_config_the_protocol_cannot_run_on_is_refused(fields, why):
@@ -1183,3 +1186,79 @@ def test_under_steady_writes_the_commit_index_rides_with_the_next_batch_and_goes
     assert index >= writes[-1].index
     assert c.run_until(lambda: all(f.commit_index >= index for f in followers), 3)
     assert sorted(m.dst for m in commit_only[-len(followers):]) == sorted(f.node_id for f in followers)
+
+
+def _command(size: int) -> bytes:
+    """A command of `size` bytes (at least 2) that the simulator's KV applies."""
+    return b"k=" + b"v" * (size - 2)
+
+
+def _committed_all(c: Cluster, node_id: str, ticks: int = 200) -> bool:
+    n = c.nodes[node_id].node
+    return c.run_until(lambda: n.role is Role.LEADER and n.commit_index == n.log.last_index, ticks)
+
+
+def test_a_leader_that_cannot_commit_refuses_proposals_beyond_max_uncommitted_bytes():
+    """etcd-io/raft's MaxUncommittedEntriesSize: a leader cut off from its followers (before check-quorum steps it
+    down, thesis §6.2) takes proposals up to the bound of payload bytes not yet committed, refuses the next
+    without appending it, and takes them again as entries commit. A configuration change is never refused: it
+    has no payload."""
+    c = Cluster(seed=31, n=3, spares=1, config_overrides={"max_uncommitted_bytes": 100})
+    leader = elect(c)
+    n = c.nodes[leader].node
+    assert n.uncommitted_bytes == 0  # the no-op of its term has no payload, and it committed
+    c.isolate(leader)
+    n.propose(_command(40))
+    n.propose(_command(40))
+    last = n.log.last_index
+    with pytest.raises(UncommittedBoundExceeded, match="80 bytes of entries not yet committed"):
+        n.propose(_command(40))
+    assert n.log.last_index == last and n.uncommitted_bytes == 80  # nothing appended
+    n.propose(_command(20))  # up to the bound itself
+    with pytest.raises(UncommittedBoundExceeded):
+        n.propose(_command(2))
+    assert n.uncommitted_bytes == 100 and n.status().uncommitted_bytes == 100  # GET /status, /metrics
+    assert all(c.nodes[i].node.status().uncommitted_bytes == 0 for i in c.ids if i != leader)
+    assert n.change_membership(ConfChange(ConfChangeKind.ADD_LEARNER, Member("n4"))) == last + 2
+    c.heal()
+    assert _committed_all(c, leader)
+    assert n.uncommitted_bytes == 0
+    n.propose(_command(100))
+
+
+def test_a_proposal_when_nothing_is_uncommitted_is_taken_whatever_its_size():
+    """An entry bigger than the bound could never be proposed if it were counted against an empty tail: it is
+    taken when nothing is uncommitted, and holds off every other proposal until it commits."""
+    c = Cluster(seed=32, n=3, config_overrides={"max_uncommitted_bytes": 10})
+    leader = elect(c)
+    n = c.nodes[leader].node
+    n.propose(_command(1000))
+    assert n.uncommitted_bytes == 1000
+    with pytest.raises(UncommittedBoundExceeded):
+        n.propose(_command(2))
+    assert _committed_all(c, leader)
+    assert n.uncommitted_bytes == 0
+    n.propose(_command(2))
+
+
+def test_a_leader_elected_again_counts_only_the_entries_of_its_new_term():
+    """A leader that lost its leadership with entries uncommitted and wins again (its log the most up to date)
+    counts from zero: those entries are of an earlier term and commit with its new no-op (§5.4.2), which is never
+    refused. Counted on, they would hold the bound full for good: every proposal refused, nothing to commit."""
+    c = Cluster(seed=33, n=3, config_overrides={"max_uncommitted_bytes": 10})
+    leader = elect(c)
+    n = c.nodes[leader].node
+    term = n.current_term
+    for node_id in c.ids:
+        c.isolate(node_id)
+    n.propose(_command(10))
+    with pytest.raises(UncommittedBoundExceeded):
+        n.propose(_command(2))
+    assert c.run_until(lambda: n.role is not Role.LEADER, 100)  # check-quorum
+    c.heal()
+    c.isolate(next(i for i in c.ids if i != leader))  # only the old leader can win: its log is ahead
+    assert c.run_until(lambda: n.role is Role.LEADER, 500)
+    assert n.current_term > term and n.uncommitted_bytes == 0
+    n.propose(_command(2))
+    assert _committed_all(c, leader)
+    assert n.uncommitted_bytes == 0 and n.log.term(n.commit_index) == n.current_term

@@ -102,7 +102,7 @@ def exchange(address: str, data: bytes, half_close: bool = False, timeout: float
 
 
 def post(key: str, body: bytes = b"v", extra: bytes = b"") -> bytes:
-    return b"POST /db/%s HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s" % (key.encode(), extra, len(body), body)
+    return b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\n%sContent-Length: %d\r\n\r\n%s" % (key.encode(), extra, len(body), body)
 
 
 def absent(node: Node, *keys: str) -> bool:
@@ -121,8 +121,8 @@ def test_end_of_file_before_the_blank_line_runs_nothing(cluster):
     leader = leader_of(cluster)
     victim = fresh("victim")
     assert leader.request("POST", f"/db/{victim}", "alive").status == 200
-    for cut in (b"DELETE /db/%s HTTP/1.1\r\nHost: x\r\nX-Still-Typing: " % victim.encode(),
-                b"DELETE /db/%s HTTP/1.1\r\nHost: x\r\n" % victim.encode(),
+    for cut in (b"DELETE /db/%s HTTP/1.1\r\nHost: localhost\r\nX-Still-Typing: " % victim.encode(),
+                b"DELETE /db/%s HTTP/1.1\r\nHost: localhost\r\n" % victim.encode(),
                 b"DELETE /db/%s HTTP/1.1" % victim.encode()):
         responses, closed = exchange(leader.address, cut, half_close=True)
         assert responses == [] and closed, cut
@@ -131,7 +131,7 @@ def test_end_of_file_before_the_blank_line_runs_nothing(cluster):
     socks = []
     for k in keys:
         s = socket.create_connection(("127.0.0.1", leader.http_port), timeout=5)
-        s.sendall(b"POST /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nX-Still-Typing: " % k.encode())
+        s.sendall(b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nX-Still-Typing: " % k.encode())
         socks.append(s)
     time.sleep(0.2)
     for s in socks:
@@ -144,8 +144,8 @@ def test_a_body_shorter_than_its_length_runs_nothing(cluster):
     leader = leader_of(cluster)
     victim, short = fresh("victim"), fresh("short")
     assert leader.request("POST", f"/db/{victim}", "alive").status == 200
-    for request in (b"POST /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc" % short.encode(),
-                    b"DELETE /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc" % victim.encode()):
+    for request in (b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nabc" % short.encode(),
+                    b"DELETE /db/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\nabc" % victim.encode()):
         responses, closed = exchange(leader.address, request, half_close=True)
         assert [r[0] for r in responses] == [400] and b"cut short" in responses[0][2] and closed, responses
     assert absent(leader, short)
@@ -180,6 +180,7 @@ def _vectors():
         ("bare LF", b"X-A: a\nContent-Length: 3\r\n", b"abc", 400),
         ("bare CR", b"X-A: a\rContent-Length: 3\r\n", b"abc", 400),
         ("NUL in a value", b"X-A: a\x00b\r\n", b"", 400),
+        ("a second Host line", b"Host: localhost\r\nContent-Length: 1\r\n", b"x", 400),  # RFC 9112 §3.2
         ("chunk size +3", b"Transfer-Encoding: chunked\r\n", b"+3\r\nabc\r\n0\r\n\r\n", 400),
         ("chunk size 0x3", b"Transfer-Encoding: chunked\r\n", b"0x3\r\nabc\r\n0\r\n\r\n", 400),
         ("chunk longer than its size", b"Transfer-Encoding: chunked\r\n", b"2\r\nabc\r\n0\r\n\r\n", 400),
@@ -201,7 +202,7 @@ def _vectors():
 def test_smuggling_vectors_are_refused_and_close_the_connection(cluster, name, head, body, status):
     leader = leader_of(cluster)
     first, smuggled = fresh("first"), fresh("smuggled")
-    request = b"POST /db/%s HTTP/1.1\r\nHost: x\r\n%s\r\n%s" % (first.encode(), head, body)
+    request = b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\n%s\r\n%s" % (first.encode(), head, body)
     responses, closed = exchange(leader.address, request + post(smuggled))
     assert [r[0] for r in responses] == [status], (name, responses)
     assert closed, name
@@ -221,7 +222,7 @@ def test_smuggling_vectors_are_refused_and_close_the_connection(cluster, name, h
 def test_malformed_request_lines_are_refused(cluster, request_line, status):
     leader = leader_of(cluster)
     first, smuggled = fresh("first"), fresh("smuggled")
-    request = (request_line % first.encode()) + b"Host: x\r\nContent-Length: 1\r\n\r\nx"
+    request = (request_line % first.encode()) + b"Host: localhost\r\nContent-Length: 1\r\n\r\nx"
     responses, closed = exchange(leader.address, request + post(smuggled))
     assert [r[0] for r in responses] == [status] and closed, (request_line, responses)
     assert absent(leader, first, smuggled)
@@ -235,18 +236,18 @@ def test_an_edge_refusal_names_an_outcome_for_a_write_only(cluster):
     leader = leader_of(cluster)
     bad_header = b"X-Bad: a\x01b\r\n"
     for method in (b"GET", b"HEAD"):
-        responses, _ = exchange(leader.address, b"%s /db/k HTTP/1.1\r\nHost: x\r\n%s\r\n" % (method, bad_header))
+        responses, _ = exchange(leader.address, b"%s /db/k HTTP/1.1\r\nHost: localhost\r\n%s\r\n" % (method, bad_header))
         assert [r[0] for r in responses] == [400] and "x-raft-outcome" not in responses[0][1], (method, responses)
     for method in (b"POST", b"PUT", b"DELETE", b"PATCH"):
         key = fresh("refused")
-        responses, _ = exchange(leader.address, b"%s /db/%s HTTP/1.1\r\nHost: x\r\n%sContent-Length: 1\r\n\r\nv"
+        responses, _ = exchange(leader.address, b"%s /db/%s HTTP/1.1\r\nHost: localhost\r\n%sContent-Length: 1\r\n\r\nv"
                                 % (method, key.encode(), bad_header))
         assert [(r[0], r[1].get("x-raft-outcome")) for r in responses] == [(400, "not-applied")], (method, responses)
     # Framing refused after the request line (two Content-Lengths): the method is known, it is a write.
-    responses, _ = exchange(leader.address, b"POST /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+    responses, _ = exchange(leader.address, b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n"
                             b"Content-Length: 2\r\n\r\nvv" % fresh("twice").encode())
     assert [(r[0], r[1].get("x-raft-outcome")) for r in responses] == [(400, "not-applied")], responses
-    responses, _ = exchange(leader.address, post(fresh("good")) + b"PO\x01ST /db/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    responses, _ = exchange(leader.address, post(fresh("good")) + b"PO\x01ST /db/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert [r[0] for r in responses] == [200, 400] and "x-raft-outcome" not in responses[1][1], responses
 
 
@@ -258,7 +259,7 @@ def test_a_declared_body_over_the_limit_gets_413_at_once_and_is_not_drained(clus
         host, port = leader.address.rsplit(":", 1)
         s = socket.create_connection((host, int(port)), timeout=10)
         # The head only: the claimed gigabyte never comes. A server that drains it waits for ever.
-        responses, closed = exchange(leader.address, b"%s /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000"
+        responses, closed = exchange(leader.address, b"%s /db/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000"
                                      b"\r\n\r\n" % (method, key.encode()), sock=s, timeout=10)
         assert [r[0] for r in responses] == [413] and closed, (method, responses)
         assert time.monotonic() - t0 < 5
@@ -272,13 +273,13 @@ def test_a_path_that_is_not_utf8_gets_400_not_another_key(cluster):
     for raw in (b"k%E9latin", b"k\xe9raw", b"k%C3latin"):
         target = b"/db/%s/%s" % (tag.encode(), raw)
         for method in (b"POST", b"GET", b"DELETE"):
-            responses, closed = exchange(leader.address, b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+            responses, closed = exchange(leader.address, b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n"
                                          b"Connection: close\r\n\r\nx" % (method, target))
             assert [r[0] for r in responses] == [400] and b"UTF-8" in responses[0][2], (method, raw, responses)
     assert listed(leader, tag) == []
     # Valid UTF-8, raw or percent-encoded, still names the key.
     for raw in (b"ok%C3%A9", "ok\u00e9".encode()):
-        responses, _ = exchange(leader.address, b"POST /db/%s/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+        responses, _ = exchange(leader.address, b"POST /db/%s/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n"
                                 b"Connection: close\r\n\r\nx" % (tag.encode(), raw))
         assert [r[0] for r in responses] == [200], responses
     assert listed(leader, tag) == [f"{tag}/ok\u00e9"]
@@ -303,9 +304,9 @@ def test_prev_value_is_compared_as_the_bytes_sent(cluster):
 def test_good_requests_pipelined_keep_the_connection(cluster):
     leader = leader_of(cluster)
     a, b = fresh("pipe"), fresh("pipe")
-    chunked = b"POST /db/%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" % b.encode()
+    chunked = b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" % b.encode()
     responses, closed = exchange(leader.address, b"\r\n" + post(a, b"one") + chunked + b"GET /db/%s HTTP/1.1\r\n"
-                                 b"Host: x\r\nContent-Length: 0\r\n\r\n" % a.encode(), timeout=1.0)
+                                 b"Host: localhost\r\nContent-Length: 0\r\n\r\n" % a.encode(), timeout=1.0)
     assert [r[0] for r in responses] == [200, 200, 200] and responses[2][2] == b"one" and not closed, responses
     assert leader.request("GET", f"/db/{b}").body == b"abc"
 
@@ -319,7 +320,7 @@ def test_chunked_bodies_from_raw_sockets_curl_and_requests(cluster, tmp_path):
     k1, k2, k3, k4 = (fresh("chunked") for _ in range(4))
     # Extensions and a trailer field, split over several chunks.
     body = b"4;ext=1\r\nabcd\r\n2 ; x\r\nef\r\n0\r\nX-Trailer: t\r\n\r\n"
-    responses, _ = exchange(leader.address, b"POST /db/%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n"
+    responses, _ = exchange(leader.address, b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: Chunked\r\n"
                             b"Connection: close\r\n\r\n%s" % (k1.encode(), body))
     assert [r[0] for r in responses] == [200], responses
     assert leader.request("GET", f"/db/{k1}").body == b"abcdef"
@@ -335,7 +336,7 @@ def test_chunked_bodies_from_raw_sockets_curl_and_requests(cluster, tmp_path):
     assert leader.request("GET", f"/db/{k3}").body == b"generator"
     # Over the body limit, chunk by chunk: 413, nothing applied.
     big = b"".join(b"400\r\n" + b"x" * 1024 + b"\r\n" for _ in range(MAX_BODY // 1024 + 1)) + b"0\r\n\r\n"
-    responses, closed = exchange(leader.address, b"POST /db/%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+    responses, closed = exchange(leader.address, b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked"
                                  b"\r\n\r\n%s" % (k4.encode(), big))
     assert [r[0] for r in responses] == [413] and closed, responses
     assert absent(leader, k4)
@@ -369,23 +370,23 @@ def test_forwarding_and_redirects_carry_the_key_as_sent(cluster, raw, key):
     target = b"/db/" + tag + raw
     expect = tag.decode() + key
     # Through -forward: the follower proxies to the leader.
-    responses, _ = exchange(follower.address, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+    responses, _ = exchange(follower.address, b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n"
                             b"Connection: close\r\n\r\nfwd" % target)
     assert [r[0] for r in responses] == [200], responses
     assert listed(leader, tag.decode()) == [expect]
     # A redirect (a request already forwarded once gets the 307): the Location names the same key.
-    responses, _ = exchange(follower.address, b"POST %s HTTP/1.1\r\nHost: x\r\nX-Raftdzmq-Forwarded: test\r\n"
+    responses, _ = exchange(follower.address, b"POST %s HTTP/1.1\r\nHost: localhost\r\nX-Raftdzmq-Forwarded: test\r\n"
                             b"Content-Length: 3\r\nConnection: close\r\n\r\nred" % target)
     assert [r[0] for r in responses] == [307], responses
     location = responses[0][1]["location"]
     assert location.isascii() and " " not in location
     assert location.startswith(f"http://{cluster.leader().status()['leader_http']}/db/")
     path = re.sub(r"^http://[^/]+", "", location).encode()
-    responses, _ = exchange(leader.address, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+    responses, _ = exchange(leader.address, b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n"
                             b"Connection: close\r\n\r\nred" % path)
     assert [r[0] for r in responses] == [200], responses
     assert listed(leader, tag.decode()) == [expect]
-    responses, _ = exchange(leader.address, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+    responses, _ = exchange(leader.address, b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % target)
     assert responses[0][2] == b"red"
 
 
@@ -404,11 +405,11 @@ def test_oversized_heads_get_431_or_414(cluster):
         if extra.startswith(b"\r\n"):
             request = extra + post(key)
         else:
-            request = b"POST /db/%s HTTP/1.1\r\nHost: x\r\n%sContent-Length: 1\r\n\r\nx" % (key.encode(), extra)
+            request = b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\n%sContent-Length: 1\r\n\r\nx" % (key.encode(), extra)
         responses, closed = exchange(leader.address, request)
         assert [r[0] for r in responses] == [status] and closed, (extra[:20], responses)
         assert absent(leader, key)
-    responses, closed = exchange(leader.address, b"GET /db/" + b"a" * 17000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    responses, closed = exchange(leader.address, b"GET /db/" + b"a" * 17000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert [r[0] for r in responses] == [414] and closed
 
 
@@ -430,7 +431,7 @@ def test_a_slow_head_or_body_gets_408_and_runs_nothing(cluster):
         results[name] = (exchange(leader.address, b"", sock=s, timeout=10), time.monotonic() - t0)
 
     head = [b"POST /db/%s HTTP/1.1\r\n" % k1.encode()] + [b"X-%d: v\r\n" % i for i in range(20)]
-    body = [b"POST /db/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n" % k2.encode()] + [b"x"] * 19
+    body = [b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 20\r\n\r\n" % k2.encode()] + [b"x"] * 19
     threads = [threading.Thread(target=drip, args=a) for a in (("head", head), ("body", body))]
     for t in threads:
         t.start()
@@ -454,7 +455,7 @@ def test_many_huge_heads_at_once_neither_depose_the_leader_nor_bloat_it(cluster)
     rss0 = _rss_kb(leader.proc.pid)
     host, port = leader.address.rsplit(":", 1)
     line = b"X-Big: " + b"x" * 60000 + b"\r\n"
-    head = b"GET /db/k HTTP/1.1\r\nHost: x\r\n" + line * 100  # ~6 MB, never finished
+    head = b"GET /db/k HTTP/1.1\r\nHost: localhost\r\n" + line * 100  # ~6 MB, never finished
     statuses = []
 
     def flood():
@@ -492,7 +493,7 @@ async def worker():
     r, w = await asyncio.open_connection("127.0.0.1", port)
     end = time.time() + seconds
     while time.time() < end:
-        w.write(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        w.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
         head = await r.readuntil(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         await r.readexactly(length)
@@ -531,7 +532,7 @@ def test_idle_connections_are_closed_after_the_idle_timeout(cluster):
     s.close()
     # A kept-alive connection too, after its request.
     s = socket.create_connection(("127.0.0.1", leader.http_port), timeout=IDLE_TIMEOUT + 5)
-    responses, closed = exchange(leader.address, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", sock=s,
+    responses, closed = exchange(leader.address, b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n", sock=s,
                                  timeout=IDLE_TIMEOUT + 5)
     assert [r[0] for r in responses] == [200] and closed
     # Counted and logged (review 2, minor): evictions were neither.
@@ -554,7 +555,7 @@ def test_a_client_that_never_reads_its_answers_is_cut_off(tmp_path):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.settimeout(10)
         s.connect(("127.0.0.1", n.http_port))
-        s.sendall(b"GET /db/big?consistency=stale HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+        s.sendall(b"GET /db/big?consistency=stale HTTP/1.1\r\nHost: localhost\r\n\r\n" * 40)
         time.sleep(7)
         received, closed = 0, False
         try:
@@ -749,7 +750,7 @@ async def worker():
     r, w = await asyncio.open_connection("127.0.0.1", port)
     end = time.time() + seconds
     while time.time() < end:
-        w.write(b"GET /db/?consistency=stale&limit=200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        w.write(b"GET /db/?consistency=stale&limit=200 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         await r.readuntil(b"}\n")
 
 
@@ -899,7 +900,7 @@ def test_out_of_descriptors_accept_pauses_and_says_so_once_a_second():
         port = int(p.stdout.readline())
         clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
         for c in clients:
-            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         time.sleep(3.5)
         p.stdin.write(b"go\n")
         p.stdin.flush()

@@ -118,11 +118,11 @@ def test_v_logs_a_line_per_request_and_nothing_without(tmp_path, verbose):
         # Review Q2/Q3: a CAS comparand (a lock token, say) is not logged; a backslash is escaped, so the bytes
         # `\xc3` and the byte 0xC3 log differently.
         assert node.request("POST", "/db/k%C3%A9?prev_value=hunter2&prev_exist=true", "w").status == 412
-        responses, _ = raw(node, b"GET /db/a\\xc3\xc3\xa9b?consistency=stale HTTP/1.1\r\nHost: x\r\n"
+        responses, _ = raw(node, b"GET /db/a\\xc3\xc3\xa9b?consistency=stale HTTP/1.1\r\nHost: localhost\r\n"
                                  b"Connection: close\r\n\r\n")
         assert responses.startswith(b"HTTP/1.1 404 "), responses
         # Review Q1: the edge's refusals are logged too: one line, their status.
-        responses, _ = raw(node, b"POST /db/refused?prev_value=hunter3 HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n"
+        responses, _ = raw(node, b"POST /db/refused?prev_value=hunter3 HTTP/1.1\r\nHost: localhost\r\nX-Bad: a\x01b\r\n"
                                  b"Content-Length: 1\r\n\r\nv")
         assert responses.startswith(b"HTTP/1.1 400 "), responses
         assert node.request("GET", "/db/nope?consistency=stale").status == 404
@@ -224,7 +224,7 @@ def test_a_follower_resumed_from_a_pause_is_not_ready_until_it_hears_a_leader(cl
     conns = [socket.create_connection(("127.0.0.1", follower.http_port), timeout=5) for _ in range(8)]
     try:
         for c in conns:
-            c.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.sendall(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             first = b""
             while not first.endswith(b"\r\n\r\nok\n") and (chunk := c.recv(4096)):  # head and body may part
                 first += chunk
@@ -234,7 +234,7 @@ def test_a_follower_resumed_from_a_pause_is_not_ready_until_it_hears_a_leader(cl
         try:
             time.sleep(3)
             for c in conns:
-                c.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                c.sendall(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             time.sleep(0.2)  # in the follower's socket buffers before it runs again
             send(follower, signal.SIGCONT)
             answers = []

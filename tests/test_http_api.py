@@ -30,7 +30,7 @@ from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
 from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_TXN_OPS, SET,
-                                  SET_FEATURE_LEVEL, KeyValueStore, command)
+                                  SET_FEATURE_LEVEL, KeyValueStore, TxnResult, command)
 from raftlib.storage_errors import DiskFull
 
 MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
@@ -130,13 +130,15 @@ class FakeRuntime:
                        last_applied=n.last_applied, last_index=n.last_applied + len(self.pending), snapshot_index=0,
                        membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
                        removed=n.removed, reads_pending=0, leader_active=n.leader_active,
-                       leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot),
+                       leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot,
+                       uncommitted_bytes=sum(map(len, self.pending)) if leading else 0),
             self.running, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
                                                           "saves": 5, "snapshots": 0,
                                                           "loop_lag_max_microseconds": 2500,
                                                           "loop_lags_over_10ms": 0,
                                                           "out_of_descriptors": 2,
                                                           "snapshot_reads_failed": 3,
+                                                          "proposals_refused_uncommitted": 6,
                                                           "restore_step_max_microseconds": 4000}),
             leader_contact_at=time.monotonic() - n.leader_contact_seconds_ago, election_timeout_seconds=1.0)
 
@@ -523,6 +525,9 @@ def test_each_failure_of_an_admin_request_has_its_answer(client, operation, meth
     if operation == "removal":
         cases.append((ProposalDropped("a change is in flight"), 503, "removal not confirmed: a change is in flight",
                       "not-applied"))
+    if operation == "transfer":  # timed out before the runtime took it: never started (Runtime.transfer_leadership)
+        cases.append((ProposalDropped("the transfer to b was not started within 2s"), 503,
+                      "the transfer to b was not started within 2s; sign it again to retry", "not-applied"))
     for error, status, text, raft_outcome in cases:
         client.runtime.node.leader_id = "c"
         client.runtime.fail(call, error)
@@ -960,7 +965,7 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
     assert json.loads(r.body) == {
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
         "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "data_size": None,
-        "disk_full": False,
+        "disk_full": False, "uncommitted_bytes": 2 * len(command(SET, "p", b"")),
         "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
@@ -972,8 +977,8 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
     client.runtime.node.removed = ("b", 3)
     client.runtime.disk_full = True
     status = json.loads(client("GET", "/status").body)
-    assert (status["role"], status["leader"], status["leader_http"], status["removed"], status["disk_full"]) == (
-        "follower", None, None, {"by": "b", "index": 3}, True)
+    assert (status["role"], status["leader"], status["leader_http"], status["removed"], status["disk_full"],
+            status["uncommitted_bytes"]) == ("follower", None, None, {"by": "b", "index": 3}, True, 0)
     assert [m["match_index"] for m in status["members"]] == [None, None, None]
     client.api.data_size = lambda: 123456  # the node gives DiskStorage.disk_bytes
     assert json.loads(client("GET", "/status").body)["data_size"] == 123456
@@ -1003,6 +1008,8 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert (samples["raftdzmq_loop_lag_seconds_max"], samples["raftdzmq_loop_lags_over_10ms"]) == ("0.0025", "0.0")
     assert samples["raftdzmq_out_of_descriptors"] == "2.0"
     assert samples["raftdzmq_snapshot_reads_failed_total"] == "3.0"  # fourth review of snapfork
+    assert samples["raftdzmq_proposals_refused_uncommitted_total"] == "6.0"  # review of uncommitted, 4
+    assert float(samples["raftdzmq_uncommitted_bytes"]) == 2 * len(command(SET, "p", b""))
     assert samples["raftdzmq_restore_step_seconds_max"] == "0.004"
     assert "# TYPE raftdzmq_snapshot_reads_failed_total counter" in r.text
 
@@ -1270,7 +1277,7 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
                         {"op": "delete", "key": "bin"}, {"op": "get", "key": "a"}],
             "failure": [{"op": "put", "key": "failed", "value": "x"}]}
     r = client("POST", "/txn", json.dumps(body))
-    assert r.status == 200 and r.headers["x-raft-index"] == "4"
+    assert r.status == 200 and r.headers["x-raft-index"] == "4" and r.headers["content-type"] == "application/json"
     assert r.json() == {"succeeded": True, "index": 4, "results": [
         {"op": "put", "key": "a"},
         {"op": "get", "kvs": [{"key": "bin", "value_base64": "/wA=", "create_index": 3, "modify_index": 3}]},
@@ -1280,6 +1287,17 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
     assert r.json() == {"succeeded": False, "index": 5, "results": [{"op": "put", "key": "failed"}]}
     assert client.store.get("failed") == b"x" and client.store.get("a") == b"\x00\xff"
     assert client("POST", "/txn", "{}").json() == {"succeeded": True, "index": 6, "results": []}
+
+
+def test_a_txn_answer_is_the_json_of_its_results():
+    """api.txn_answer_json writes a put's result as text: the answer must be what json_answer of the results'
+    dicts gives, byte for byte (escapes, non-ASCII keys, every kind of result)."""
+    result = TxnResult(True, [("put", "k"), ("put", 'k\u00e9"\\/\n\U0001f600'), ("delete", 2, True), ("delete", 0, False),
+                              ("get", [("a", b"\xff\x00", 1, 2), ("b\u00e9", "\u00e9".encode(), 3, 4)], False),
+                              ("get", [], True), ("put", "z")])
+    for r in (result, TxnResult(False, []), TxnResult(False, [("put", "x")])):
+        expected = {"succeeded": r.succeeded, "index": 41, "results": [api_module._txn_answer(x) for x in r.results]}
+        assert api_module.txn_answer_json(r, 41) == json.dumps(expected) + "\n"
 
 
 @pytest.mark.parametrize("body, problem", [
@@ -1316,6 +1334,10 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
      "success[1]: key 'k' is put twice"),
     # The plain put's fast path (api._txn_item) leaves every problem to the general one.
     (json.dumps({"success": [{"op": "put", "key": "k" * 4097, "value": "v"}]}), "1 to 4096 bytes"),
+    (json.dumps({"success": [{"op": "put", "key": "a", "value": "v"}, {"op": "put", "key": "b", "value": "v"},
+                             {"op": "put", "key": "c", "value": 5}]}), "success[2]: needs a value"),
+    (json.dumps({"failure": [{"op": "put", "key": "a", "value": "v"}, ["put", "b", "v"]]}),
+     "failure[1]: want a JSON object"),
     ('{"success": [{"op": "put", "key": "k", "value": 5}]}', "needs a value"),
     ('{"success": [{"op": "put", "key": 5, "value": "v"}]}', "1 to 4096 bytes"),
 ])

@@ -6,6 +6,7 @@ the last keepalive that was answered; a new leader gives every lease its full TT
 from __future__ import annotations
 
 import ast
+import logging
 import os
 
 import cbor2
@@ -444,3 +445,33 @@ def test_a_node_elected_while_it_restores_a_snapshot_builds_its_keeper_from_the_
     leases.tick()
     assert any(p[0] == LEASE_EXPIRE and 40 in p[3] for p in runtime.proposed), runtime.proposed
     assert old.get("lock/a") is None  # expired after its TTL, not held for ever
+
+
+def test_an_expiry_refused_tick_after_tick_is_logged_once_every_few_seconds_with_a_count(caplog):
+    """Review of uncommitted, 2: a leader that holds -max-uncommitted-bytes (or is transferring) refuses the
+    LEASE_EXPIRE of every 0.1 s tick; each refusal is counted in the metrics, and said at most once every
+    EXPIRY_REFUSAL_LOG_SECONDS with how many were left unsaid."""
+    from raftlib.server.node import EXPIRY_REFUSAL_LOG_SECONDS
+
+    leases, runtime, clock, _ = leader_leases()
+    runtime.node.role = Role.LEADER
+    leases.tick()
+    runtime.propose(command(LEASE_GRANT, "", b"", 1), 1.0)
+    clock.now += 1
+    runtime.fail = ProposalDropped("the leader holds 70 bytes of entries not yet committed (at most 64)")
+    start = clock.now
+    with caplog.at_level(logging.INFO, logger="raftdzmq.node"):
+        for tick in range(50):  # 5 s of ticks, the first at `start`
+            clock.now = start + tick * EXPIRY_REFUSAL_LOG_SECONDS / 50
+            leases.tick()
+        clock.now = start + EXPIRY_REFUSAL_LOG_SECONDS
+        leases.tick()
+    said = [r.getMessage() for r in caplog.records if "was not applied" in r.getMessage()]
+    assert said == ["the expiry of 1 leases was not applied (the leader holds 70 bytes of entries not yet committed "
+                    "(at most 64))",
+                    "the expiry of 1 leases was not applied (the leader holds 70 bytes of entries not yet committed "
+                    "(at most 64)) (and 49 more expiries not applied since the last such line)"], said
+    assert leases.metrics.lease_expirations.values == {"failed": 51}
+    runtime.fail = False
+    leases.tick()
+    assert runtime.store.leases == {}

@@ -173,7 +173,7 @@ def test_a_backup_counts_until_its_answer_is_read_whole(tmp_path):
         host, port = node.address.split(":")
         slow = socket.create_connection((host, int(port)))
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.sendall(b"GET /snapshot HTTP/1.1\r\nHost: x\r\n\r\n")
+        slow.sendall(b"GET /snapshot HTTP/1.1\r\nHost: localhost\r\n\r\n")
         slow.settimeout(10)
         assert slow.recv(12) == b"HTTP/1.1 200"  # then never read again
         r = node.request("GET", "/snapshot")

@@ -124,6 +124,32 @@ def test_a_request_whose_caller_gave_up_before_the_loop_took_it_is_never_carried
     assert values.applied[-2:] == [b"held", b"after"] and node.membership.learners == ()
 
 
+def test_a_transfer_whose_caller_gave_up_before_the_loop_took_it_is_never_started(one_node):
+    """An earlier review: POST /cluster/transfer answered 503 (timed out) while its transfer still waited in the
+    inbox, and the transfer was carried out later all the same. Dropped as a proposal is (the test above), and its
+    caller is told it never started (ProposalDropped: `not-applied`). The core's transfer_leadership is watched
+    rather than leadership: a one-node runtime has no voter to hand it to."""
+    from raftlib import ProposalDropped
+
+    runtime, storage, _ = one_node
+    node = runtime.node
+    started: list[str] = []
+    core_transfer = node.transfer_leadership
+    node.transfer_leadership = lambda target: (started.append(target), core_transfer(target))
+    storage.hang = True  # the drive holds up in a save
+    held = gevent.spawn(runtime.propose, b"held", 5.0)
+    gevent.sleep(0.05)
+    with pytest.raises(ProposalDropped, match="the transfer to b was not started within 0.1s"):
+        runtime.transfer_leadership("b", 0.1)
+    storage.hang = False
+    held.get(timeout=5)
+    runtime.propose(b"after", 2.0)  # queued behind the transfer: the drive that answers it took the transfer
+    assert started == []
+    with pytest.raises(ValueError, match="not a voter"):  # one the loop takes in time reaches the core
+        runtime.transfer_leadership("b", 2.0)
+    assert started == ["b"]
+
+
 def test_stopping_fails_every_waiting_request(one_node):
     runtime, storage, _ = one_node
     storage.hang = True
@@ -382,7 +408,8 @@ def test_status_is_a_frozen_copy_of_the_node_and_the_runtime(one_node):
     st = runtime.status()
     assert st.running and not st.disk_full and st.node.role is Role.LEADER and st.node.node_id == "a"
     assert st.node.last_applied == runtime.node.last_applied == st.node.commit_index
-    assert set(before.stats) == {"proposals", "applied", "elections_won", "saves", "snapshots", "out_of_descriptors",
+    assert set(before.stats) == {"proposals", "proposals_refused_uncommitted", "applied", "elections_won", "saves",
+                                 "snapshots", "out_of_descriptors",
                                  "snapshot_children_failed", "snapshot_reads_failed", "restore_step_max_microseconds",
                                  "loop_lag_max_microseconds",
                                  "loop_lags_over_10ms"}

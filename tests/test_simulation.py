@@ -39,6 +39,9 @@ FAULTS = (
     # A leader's snapshot restored over several drives (advance(rd, snapshot_applied=False), then
     # snapshot_applied), as the runtime restores a big state: 11 to 64 in each of the first 20 chunks.
     "snapshot restored over several drives",
+    # A leader's proposals refused at Config.max_uncommitted_bytes: in 20 to 26 of the 60 schedules of each of the
+    # first 4 chunks.
+    "proposals refused at max_uncommitted_bytes",
 )
 # The faults required over the whole run only (the full chunks of one session, at least two of them): a forked
 # snapshot's child killed comes ~4 times a chunk of 60, as few as once, so a change to the schedules could leave a

@@ -4,6 +4,7 @@ random history against a dict (hypothesis), and the module's purity (no gevent, 
 from __future__ import annotations
 
 import ast
+import gc
 import os
 import random
 import subprocess
@@ -676,11 +677,30 @@ def test_a_missing_key_compares_as_etcd_does(target, op, operand, want):
     ([[], [["delete", "", True]], []], "at least one character"), ([[], [["get", "k", 1]], []], "key or a prefix"),
     ([[], [["put", "k", b""]] * (MAX_TXN_OPS + 1), []], f"at most {MAX_TXN_OPS}"),
     ([[], [], [["put", "k", b""], ["get", "k", False], ["put", "k", b"x"]]], "failure[2]: key 'k' is put twice"),
+    # Branches of puts only (the fast path's shape, store._plain_puts) with one wrong op: the general check names it.
+    ([[], [["put", "a", b""], ["put", "b", b""], ["put", "a", b"x"]], []], "success[2]: key 'a' is put twice"),
+    ([[], [["put", "a", b""], ["put", "", b""]], []], "success[1]: a put needs a key"),
+    ([[], [["put", "a", b""], ["put", "b", "text"]], []], "success[1]: a put needs a value"),
+    ([[], [["put", "a", b""], ["put", "b", b"", -1]], []], "success[1]: a put's lease is an id >= 0"),
 ])
 def test_a_malformed_txn_is_an_error_applied_as_nothing(body, problem):
     assert problem in txn_problem(body)
     kv, results, events = upgraded(command(SET, "k", b"v"), command(TXN, "", b"", body))
     assert results[1] == "error" and kv.record("k") == (b"v", 2, 2) and len(events) == 1
+
+
+@pytest.mark.parametrize("part", [
+    [], [["put", "a", b"1"]], [["put", "a", b"1"], ["put", "b", b""]], [["put", "a", b"1"], ["put", "a", b"2"]],
+    [["put", "", b"1"]], [["put", "a", "1"]], [["put", "a", b"1", 0]], [["put", "a", b"1", 7]], [["put", 5, b"1"]],
+    [["put", "a"]], [["put", "a", b"1", 1, 2]], [("put", "a", b"1")], [["get", "a", False]], ["put"],
+    [["put", "a", b"1"], ["delete", "a", False]], [["put", "a", b"1"]] * (MAX_TXN_OPS + 1)])
+def test_the_plain_puts_fast_path_accepts_exactly_what_the_general_check_does(part, monkeypatch):
+    """store._plain_puts lets a branch of plain puts skip the check of each op: it must refuse nothing the general
+    check accepts and accept nothing it refuses, or nodes of this release and the previous would decide apart."""
+    bodies = [[[], part, []], [[], [], part], [[["k", "exists", "==", True]], part, [["put", "z", b""]]]]
+    fast = [txn_problem(body) for body in bodies]
+    monkeypatch.setattr(store, "_plain_puts", lambda ops: False)
+    assert fast == [txn_problem(body) for body in bodies]
 
 
 def test_below_level_2_the_new_ops_apply_as_nothing_on_every_node():
@@ -1193,3 +1213,24 @@ def test_leases_restore_a_batch_per_step_and_the_old_ones_are_freed_by_batches()
     assert all(a[0] - b[0] + 2 * (a[1] - b[1]) <= 2 * 2 * RESTORE_BATCH_KEYS for a, b in zip(sizes, sizes[1:]))
     kv.restore(upgraded()[0].snapshot())
     assert kv.leases == {} and kv.lease_of == {} and list(kv.lease_ids) == []
+
+
+@pytest.mark.parametrize("how", ["applied", "V3 by steps", "older format by steps", "oldest format whole", "empty"])
+def test_the_key_table_stays_tracked_by_the_garbage_collector(how):
+    """A full collection untracks an exact dict whose records are all untracked, and the next write tracked it again
+    into generation 0, where the young collections walked every record (store.KeyTable): after gc.collect() the
+    table is still tracked, however the state was made, and before and after a write."""
+    kv, _ = applied(*[command(SET, f"k{i}", b"v") for i in range(3)])
+    if how == "V3 by steps":
+        kv.restore(upgraded(command(SET, "a", b"1"), command(SET, "b", b"2"))[0].snapshot())
+    elif how == "older format by steps":
+        kv.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, {"a": b"1", "b": b"2"}, {}, 0.0]))
+    elif how == "oldest format whole":
+        kv.restore(cbor2.dumps([SNAPSHOT_WITH_CLAIMS, {"a": b"1", "b": b"2"}, {}]))
+    elif how == "empty":
+        kv.restore(b"")
+    for index in (100, 101):
+        gc.collect()
+        assert type(kv.data) is store.KeyTable and gc.is_tracked(kv.data), how
+        kv.apply(index, command(SET, "a", bytes([index])))
+    assert kv.get("a") == bytes([101])

@@ -4,14 +4,15 @@ and GET /watch through the WSGI application on a fake runtime (test_http_api's),
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import gevent
 import pytest
 
 from raftlib.server.store import DELETE_PREFIX, SET, TXN, Event, KeyValueStore, SET_FEATURE_LEVEL, command
-from raftlib.server.watch import (EVENT_OVERHEAD_BYTES, MAX_EVENTS_PER_READ, MAX_SHARED_ANSWERS, MAX_SHARED_BYTES,
-                                   Behind, Filter, WatchHub, event_json, sse_frame)
+from raftlib.server.watch import (_COMPACT_EVENTS, EVENT_OVERHEAD_BYTES, MAX_EVENTS_PER_READ, MAX_SHARED_ANSWERS,
+                                   MAX_SHARED_BYTES, Behind, Filter, WatchHub, _event_bytes, event_json, sse_frame)
 from test_http_api import Client
 
 ALL = Filter(prefix="")
@@ -38,6 +39,125 @@ def test_the_history_keeps_the_last_n_events_and_history_start_follows_evictions
     assert behind.value.oldest_index == 4
     events, position = hub.read(3, ALL)
     assert indices(events) == [4, 5, 6, 7, 8] and position == 8
+
+
+class PerEventHub(WatchHub):
+    """main's WatchHub before on_events (kept here as it was at 206bb2c, this branch's base): each event on its
+    own, with its own eviction loop and matching. The reference the bulk path is compared with: comparing
+    on_events with the new on_event (on_events of one) could not catch a change both share."""
+
+    def on_event(self, event: Event) -> None:
+        index = event[3]
+        assert index >= self.last_index, f"event index {index} after {self.last_index}"
+        events = self._events
+        events.append(event)
+        self._data.append(None)
+        value = event[2]
+        self.held_bytes += EVENT_OVERHEAD_BYTES + len(event[1]) + (0 if value is None else len(value))
+        self.last_index = index
+        if self._shared:
+            self._drop_shared()
+        if index > self.applied_index:
+            self.applied_index = index
+        if len(events) - self._head > self.history_events or self.held_bytes > self.history_bytes:
+            while len(events) - self._head > 1 and (
+                    len(events) - self._head > self.history_events
+                    or (self.held_bytes > self.history_bytes and events[self._head][3] != index)):
+                self._evict_oldest()
+                events = self._events
+        key = event[1]
+        if self._by_key:
+            watchers = self._by_key.get(key)
+            if watchers:
+                self._matched(watchers, index)
+        if self._prefix_trie:
+            node = self._prefix_trie
+            watchers = node.get("")
+            if watchers:
+                self._matched(watchers, index)
+            for character in key:
+                node = node.get(character)
+                if node is None:
+                    break
+                watchers = node.get("")
+                if watchers:
+                    self._matched(watchers, index)
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+
+    def _evict_oldest(self) -> None:
+        head = self._head
+        evicted = self._events[head]
+        assert evicted is not None
+        encoded = self._data[head]
+        self._events[head] = self._data[head] = None
+        self.held_bytes -= _event_bytes(evicted) + (0 if encoded is None else len(encoded))
+        self.evictions += 1
+        if self._shared:
+            self._drop_shared()
+        self._head = head = head + 1
+        if evicted[3] > self.history_start:
+            self.history_start = evicted[3]
+        if head >= _COMPACT_EVENTS and head * 2 >= len(self._events):
+            del self._events[:head], self._data[:head]
+            self._head = 0
+
+
+@pytest.mark.parametrize("history_events, history_bytes", [(5, 1 << 30), (4096, 1 << 30), (10_000, 3_000),
+                                                            (7, 2_500)])
+def test_on_events_leaves_the_history_as_mains_on_event_did_one_event_at_a_time(history_events, history_bytes):
+    """WatchHub.on_events (an entry's events at once, node.WatchedStore) does what main's on_event did for each
+    (PerEventHub), in bulk: the same events kept, the same history start, bytes, evictions, and the same
+    watchers told at the same indices."""
+    rng = random.Random(history_events)
+    entries, index = [], 0
+    for _ in range(1500):
+        index += 1
+        keys = rng.sample([f"k{i}" for i in range(40)] + [f"p/{i}" for i in range(40)], rng.choice((1, 1, 10, 30)))
+        entries.append([Event("put", k, b"x" * rng.randrange(300), index, index) if rng.random() < 0.8
+                        else Event("delete", k, None, index, 1) for k in keys])
+    one, bulk = PerEventHub(history_events, history_bytes), WatchHub(history_events, history_bytes)
+    watchers = {}
+    for name, hub in (("one", one), ("bulk", bulk)):
+        watchers[name] = [hub.watch(0, Filter(key="k3")), hub.watch(0, Filter(prefix="p/")), hub.watch(0, ALL)]
+    for i, events in enumerate(entries):
+        for event in events:
+            one.on_event(event)
+        bulk.on_events(events)
+        if i % 97 == 0:  # watchers that read now and then: first_match is set again from the next event
+            for name, hub in (("one", one), ("bulk", bulk)):
+                for w in watchers[name]:
+                    w.first_match, w.position = None, hub.applied_index
+        state = [(len(hub), hub.history_start, hub.held_bytes, hub.evictions, hub.last_index, hub.applied_index,
+                  [w.first_match for w in watchers[name]], sorted(watchers[name].index(w) for w in hub._to_wake))
+                 for name, hub in (("one", one), ("bulk", bulk))]
+        assert state[0] == state[1], i
+        if i % 50 == 0:
+            assert one._events[one._head:] == bulk._events[bulk._head:], i
+    assert one.evictions > 0
+
+
+def test_a_watched_store_gives_the_hub_an_entrys_events_in_one_call_and_logs_its_failure(caplog):
+    from raftlib.server.node import WatchedStore
+
+    class FailingHub(WatchHub):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[list[Event]] = []
+
+        def on_events(self, events):
+            self.calls.append(list(events))
+            raise RuntimeError("a bug in the history")
+
+    hub = FailingHub()
+    store = WatchedStore(hub, lambda: None)
+    store.apply(1, command(SET_FEATURE_LEVEL, "", b"", 2))
+    body = [[], [["put", "a", b"1"], ["put", "b", b"2"]], []]
+    assert store.apply(2, command(TXN, "", b"", body)).succeeded
+    assert [[(e.key, e.index) for e in events] for events in hub.calls] == [[("a", 2), ("b", 2)]]
+    assert store.get("a") == b"1" and store.get("b") == b"2" and hub.applied_index == 2  # applied whole
+    assert "the watch history failed on the 2 events of index 2" in caplog.text
 
 
 def test_a_slow_reader_is_ended_and_the_history_does_not_grow_for_it():
@@ -607,6 +727,55 @@ def test_a_stream_sends_its_position_stays_on_past_other_keys_and_ends_when_its_
     assert c.metrics.watches_open == 0 and c.counted("watches_behind") == {"stream": 1}
 
 
+def test_a_watcher_of_a_key_whose_events_the_history_failed_on_gets_410_not_an_empty_read(monkeypatch, caplog):
+    """Review of txn, 1: when the history fails on an entry's events (node.WatchedStore._hand_over), the entry still
+    applies and the applied index moves past it. A watcher that was not told of its event (here the matching of
+    the txn's key `b` raises) then read on past it with nothing: a change skipped without a word. The hub is told
+    as of a restore at that index instead, so the stream ends with its error event, the long poll answers 410
+    with X-Raft-Oldest-Index, and a watch from there sees what comes next."""
+    from raftlib.server import api as api_module
+    from raftlib.server.node import WatchedStore
+
+    monkeypatch.setattr(api_module, "KEEPALIVE_SECONDS", 0.2)  # without the fix the stream says this, at most
+    c = Client()
+    hub = c.api.watch_hub
+    c.store = c.runtime.store = c.api.store = WatchedStore(hub, lambda: None)
+    c.runtime.propose(command(SET_FEATURE_LEVEL, "", b"", 2), 1.0)  # index 1: a txn needs level 2
+    status, _, chunks = stream(c, "/watch?key=b")
+    assert status.startswith("200") and next(chunks) == b": watching after index 1\nid: 1\n\n"
+    poll = gevent.spawn(c, "GET", "/watch?key=b&poll=1&timeout=1")  # without the fix: 200 [] after a second
+    for _ in range(10_000):  # until it is registered, not for a guessed time
+        if c.metrics.watches_open == 2:
+            break
+        gevent.sleep(0.001)
+    assert c.metrics.watches_open == 2
+    real_matched, failed = hub._matched, []
+
+    def matched_failing_once(watchers, index):
+        if not failed:
+            failed.append(index)
+            raise RuntimeError("a bug in the history's matching")
+        real_matched(watchers, index)
+
+    monkeypatch.setattr(hub, "_matched", matched_failing_once)
+    body = {"success": [{"op": "put", "key": k, "value": v} for k, v in (("a", "1"), ("b", "2"), ("c", "3"))]}
+    r = c("POST", "/txn", json.dumps(body))
+    assert r.status == 200 and r.headers["x-raft-index"] == "2" and failed == [2]
+    assert [c.store.get(k) for k in "abc"] == [b"1", b"2", b"3"]  # applied whole
+    assert "the watch history failed on the 3 events of index 2" in caplog.text
+    answer = poll.get(timeout=10)
+    assert answer.status == 410 and answer.headers["x-raft-oldest-index"] == "3", (answer.status, answer.body)
+    error = gevent.spawn(next, chunks).get(timeout=10)
+    assert error.startswith(b"event: error\ndata: "), error
+    assert json.loads(error.split(b"data: ")[1])["oldest_index"] == 3
+    with pytest.raises(StopIteration):
+        next(chunks)
+    assert c.counted("watches_behind") == {"poll": 1, "stream": 1} and c.metrics.watches_open == 0
+    c("POST", "/db/b", "4")
+    r = c("GET", "/watch?key=b&from=2&poll=1&timeout=1")
+    assert r.status == 200 and [(e["key"], e["value"], e["index"]) for e in r.json()] == [("b", "4", 3)]
+
+
 # ---- streams through the edge (a process of its own: it monkey-patches) -------------------------------------------
 
 STREAM_THROUGH_THE_EDGE = r"""
@@ -640,7 +809,7 @@ port = listener.getsockname()[1]
 
 def watch():
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(b"GET /watch?prefix=k HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"GET /watch?prefix=k HTTP/1.1\r\nHost: localhost\r\n\r\n")
     return s
 
 # A stream with nothing to say for longer than the busy bound and the idle timeout: it is not cut off.
@@ -684,7 +853,7 @@ while metrics.watches_open == opened and time.monotonic() - t0 < 5:
 gone_seconds = time.monotonic() - t0
 # A long poll longer than the busy bound is answered, not cut off.
 polling = socket.create_connection(("127.0.0.1", port), timeout=10)
-polling.sendall(b"GET /watch?key=zz&poll=1&timeout=4 HTTP/1.1\r\nHost: x\r\n\r\n")
+polling.sendall(b"GET /watch?key=zz&poll=1&timeout=4 HTTP/1.1\r\nHost: localhost\r\n\r\n")
 poll_answer = polling.recv(65536).decode()
 print(json.dumps({"poll_answer": poll_answer, "head": received.split(b"\r\n\r\n")[0].decode(), "keepalives": received.count(b": keep-alive"),
                   "event_seconds": event_seconds, "evictions": evictions, "opened": opened,
@@ -749,7 +918,7 @@ port = listener.getsockname()[1]
 
 def connect(target):
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
     return s
 
 def read_until(s, marker, seconds=5):

@@ -16,6 +16,10 @@ Rules:
   keep their pace however many connections have a request ready.
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
   environ is built in the same pass.
+- A request whose Host names no host this node answers to (EdgeServer's `host_refusal`: raftlib.server.hosts,
+  against DNS rebinding) is refused 403 with its reason, before its body is read and before any route. Two Host
+  lines, a Host that is not a host and an optional port (hosts.malformed_host), and an HTTP/1.1 request without
+  Host are refused 400 (RFC 9112 §3.2), with or without `host_refusal`; an HTTP/1.0 request may leave Host out.
 - A streaming answer (GET /watch: an iterable of chunks, sent with chunked encoding as each is yielded) holds
   its connection through a Stream: each chunk written restarts its whole-life bound, which then bounds one
   write the client does not take (-idle-timeout and the routes' bounds); the client closing its end (or sending
@@ -36,6 +40,7 @@ import contextlib
 import errno
 import io
 import logging
+import math
 import re
 import resource
 import socket
@@ -50,6 +55,8 @@ import gevent.hub
 import gevent.pool
 import gevent.pywsgi
 import gevent.socket
+
+from .hosts import malformed_host
 
 log = logging.getLogger("raftdzmq.edge")
 access_log = logging.getLogger("raftdzmq.access")
@@ -68,8 +75,9 @@ _TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopq
 _FIELD_VALUE_CHARS = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))  # HTAB, SP, VCHAR, obs-text
 _TARGET_CHARS = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))  # no space, no control character
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-            431: "Request Header Fields Too Large", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
+_REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 413: "Content Too Large",
+            414: "URI Too Long", 431: "Request Header Fields Too Large", 501: "Not Implemented",
+            505: "HTTP Version Not Supported"}
 
 
 def _field_line(line: bytes) -> tuple[bytes, bytes]:
@@ -152,7 +160,12 @@ def _fields(env: dict, lines: list[bytes]) -> tuple[int | None, bytes | None, by
             continue  # X_A and X-A both read as HTTP_X_A: one could pass for the other (pywsgi drops them too)
         key = "HTTP_" + name.replace(b"-", b"_").decode("latin-1")
         text_value = value.decode("latin-1")
-        env[key] = env[key] + "," + text_value if key in env else text_value
+        if key in env:
+            if key == "HTTP_HOST":  # joined, "a,b" would be judged as one value (RFC 9112 §3.2: 400)
+                raise HttpError(400, "two Host header fields")
+            env[key] = env[key] + "," + text_value
+        else:
+            env[key] = text_value
     return length, te, expect, connection
 
 
@@ -184,7 +197,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       colon and no obs-fold (400), no control characters in values; a field line at most 8 KiB, at most 100
       fields, and the whole head at most -max-header-bytes (431). Empty lines before a request line are skipped
       (RFC 9112 §2.2), within the same budget. The path, percent-decoded, must be UTF-8 (400): Bottle would drop the
-      bytes that are not, and name another key.
+      bytes that are not, and name another key. Host (RFC 9112 §3.2): at most one line, a host and an optional
+      port (400 otherwise), required in HTTP/1.1 (400); then EdgeServer's `host_refusal` judges it (403).
     - A body is framed by Content-Length (plain digits; duplicates must agree) or by Transfer-Encoding that is
       exactly `chunked`, never both (400); any other coding gets 501. A declared length over -max-body gets 413
       before a byte of the body is read; a chunked body is cut off at the limit the same way.
@@ -322,6 +336,16 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             env["REMOTE_ADDR"], env["REMOTE_PORT"] = str(address[0]), str(address[1])
         env["wsgi.input_terminated"] = True
         self.environ = env
+        host = env.get("HTTP_HOST")
+        if host is None:
+            if version == b"HTTP/1.1":
+                raise HttpError(400, "an HTTP/1.1 request must give Host (RFC 9112 section 3.2)")
+        elif (malformed := malformed_host(host)) is not None:
+            raise HttpError(400, malformed)
+        if server.host_refusal is not None:
+            reason = server.host_refusal(host)
+            if reason is not None:
+                raise HttpError(403, reason)
         return length or 0, chunked, expect
 
     def _read_body(self, length: int, chunked: bool, expect: bytes | None) -> bytes:
@@ -649,10 +673,12 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
     def __init__(self, listener, application, *, max_connections: int, idle_timeout_seconds: float,
                  receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
                  max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS,
-                 on_eviction: Callable[[str], None] | None = None, access_log: bool = False) -> None:
+                 on_eviction: Callable[[str], None] | None = None, access_log: bool = False,
+                 host_refusal: Callable[[str | None], str | None] | None = None) -> None:
         """`on_eviction(reason)` hears of every connection the server closes: "full_idle" or "full_receiving" (the
         pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count them. `access_log`: a
-        line per request (AccessLogHandler)."""
+        line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
+        refused (403), or None to serve it (raftlib.server.hosts.AllowedHosts.refusal); None: every Host."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         if access_log:
             self.handler_class = AccessLogHandler
@@ -661,6 +687,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.busy_timeout_seconds = busy_timeout_seconds
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        self.host_refusal = host_refusal
         # Handlers waiting for a request, and handlers in one, each with the time.monotonic() it began: oldest
         # first, since a handler is removed and added again each time.
         self.idle: dict[EdgeHandler, float] = {}
@@ -765,18 +792,20 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
 
 
 class RateLimitedLog:
-    """Log lines a remote party can cause, at most once a second, counting the ones left out (a client could
-    otherwise fill the log)."""
+    """Log lines a remote party (or a condition that lasts, retried every tick) can cause, at most once every
+    `interval_seconds`, counting the ones left out (a client could otherwise fill the log)."""
 
-    def __init__(self, what: str, logger: logging.Logger) -> None:
+    def __init__(self, what: str, logger: logging.Logger, interval_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
         self._logger = logger
-        self._logged_at = 0.0
+        self._interval_seconds, self._clock = interval_seconds, clock
+        self._logged_at = -math.inf
         self._left_out = 0
 
     def log(self, level: int, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._logged_at < 1.0:
+        now = self._clock()
+        if now - self._logged_at < self._interval_seconds:
             self._left_out += 1
             return
         if self._left_out:

@@ -74,6 +74,8 @@ GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
     ("raftdzmq_snapshot_index", "Index of the newest snapshot", lambda s: s.node.snapshot_index),
     ("raftdzmq_is_leader", "1 on the leader", lambda s: int(s.node.role is Role.LEADER)),
     ("raftdzmq_proposals", "Proposals taken by this node as leader", lambda s: s.stats["proposals"]),
+    ("raftdzmq_uncommitted_bytes", "Bytes of entries this leader appended in its term and has not committed yet "
+     "(-max-uncommitted-bytes bounds them); 0 unless it leads", lambda s: s.node.uncommitted_bytes),
     ("raftdzmq_applied_entries", "Entries applied", lambda s: s.stats["applied"]),
     ("raftdzmq_elections_won", "Elections this node won", lambda s: s.stats["elections_won"]),
     ("raftdzmq_batches_saved", "Batches made durable (one fsync each)", lambda s: s.stats["saves"]),
@@ -93,6 +95,10 @@ STATUS_COUNTERS: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] =
     ("raftdzmq_snapshot_reads_failed", "Snapshot transfers abandoned because the snapshot's file could not be "
      "read (an I/O error, a file cut short; each retry counts; logged at most every 10 s per peer)",
      lambda s: s.stats["snapshot_reads_failed"]),
+    ("raftdzmq_proposals_refused_uncommitted", "Proposals this node refused as leader because it held "
+     "-max-uncommitted-bytes not yet committed: clients' writes (writes{outcome=\"refused_uncommitted\"}) and its "
+     "own entries (lease expiries, the feature-level raise, signed admin claims)",
+     lambda s: s.stats["proposals_refused_uncommitted"]),
 )
 
 

@@ -31,6 +31,9 @@ Rules:
   (default -h) is what the configuration holds and redirects name. -name NAME makes the node id NAME-<8 random
   hex> at the first start (nodestart.new_node_id: a new data dir is always a new node, review of ops,
   finding 1); another -name later is refused before anything is written.
+- HTTP answers only requests whose Host is one of this node's names (raftlib.server.hosts: -allowed-hosts, against
+  DNS rebinding): -h, -advertise, this machine's names (MACHINE_NAMES_TIMEOUT_SECONDS bounds asking the resolver
+  for its FQDN at start), its configuration's members' advertised HTTP hosts, IP literals and localhost.
 - -force-new-cluster (nodestart.force_new_cluster): the members it removed are fenced (node.json's
   "fenced"): while such a node is not in this node's configuration, its frames never reach the runtime and are
   answered with a Removed notice (`_deliver`).
@@ -75,12 +78,13 @@ from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
 from .api import MAX_WATCHES, Api, make_app
-from .edge import EdgeServer, listen
+from .edge import EdgeServer, RateLimitedLog, listen
+from .hosts import AllowedHosts
 from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
 from .nodestart import force_new_cluster, name_of, new_node_id, start_node
-from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, KeyValueStore, command
+from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, command
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
 
 log = logging.getLogger("raftdzmq.node")
@@ -107,6 +111,8 @@ VOUCHED_RECHECK_SECONDS = 1.0  # how often the vouched list is checked against t
 JOINED_POLL_SECONDS = 0.1  # how often a node whose join was accepted looks for a leader's term saved in its log
 KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
+MACHINE_NAMES_TIMEOUT_SECONDS = 2.0  # for this machine's FQDN (a reverse lookup) at start
+EXPIRY_REFUSAL_LOG_SECONDS = 5.0  # a lease expiry refused (never appended) is logged at most this often
 
 
 class KeysRefresh:
@@ -157,6 +163,7 @@ class ServerConfig:
     idle_timeout_seconds: float = 60.0
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
+    max_uncommitted_bytes: int = 64 << 20  # -max-uncommitted-bytes: raftlib.core.Config.max_uncommitted_bytes
     secret: bytes | None = None
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
@@ -167,6 +174,7 @@ class ServerConfig:
     force_again: bool = False  # -force-new-cluster-again: even though this node was forced before (storage's rules)
     name: str | None = None  # -name: this node's id at its first start (random when None), checked at every start
     advertise: str | None = None  # -advertise: the host peers and clients reach this node at (default: `host`)
+    allowed_hosts: tuple[str, ...] = ()  # -allowed-hosts: more names a request's Host may give ("*": any)
 
     @property
     def advertised_host(self) -> str:
@@ -192,6 +200,15 @@ def resolve_host(host: str) -> str:
             raise CannotStart(f"cannot bind to {host} ({address}, -h): {e.strerror}: not an address of this "
                               "host") from None
     return address
+
+
+def machine_names() -> tuple[str, ...]:
+    """This machine's host name and its fully qualified form (raftlib.server.hosts allows both). socket.getfqdn asks
+    the resolver: a resolver that does not answer within MACHINE_NAMES_TIMEOUT_SECONDS leaves the FQDN out."""
+    names = [socket.gethostname()]
+    with gevent.Timeout(MACHINE_NAMES_TIMEOUT_SECONDS, False):
+        names.append(socket.getfqdn())
+    return tuple(names)
 
 
 def own_feature_level() -> int:
@@ -337,6 +354,24 @@ class WatchedStore(KeyValueStore):
         self.hub.applied(index)  # its events are in: a quiet watcher's position may move past it
         return result
 
+    def _hand_over(self, index: int, events: list[Event]) -> None:
+        """An entry's events to the hub in one call (WatchHub.on_events: its bookkeeping once per entry, not per
+        key). A failure is logged and the state stays applied whole; the history may then lack some of the
+        entry's events, or some watchers may not have been told of them, while `applied` moves every quiet
+        watcher past the entry: a watcher would skip them with no error. So the hub is told as of a restore at
+        `index` (WatchHub.restored: the history starts after the entry and every watcher is marked), and each
+        watcher behind it gets a 410 Behind at its next read, never an empty one.
+
+        It calls the hub, not `self.on_event`: the on_event given to KeyValueStore (hub.on_event, one event) is what
+        makes the store collect events at all, and the per-event form of this same call (WatchHub.on_event is
+        on_events of one); nothing replaces it on a node's store."""
+        try:
+            self.hub.on_events(events)
+        except Exception:
+            log.exception("the watch history failed on the %d events of index %d (the state is applied whole; "
+                          "every watch behind it is ended with 410)", len(events), index)
+            self.hub.restored(index)
+
     def restoring(self, data) -> Iterator[bool]:
         """KeyValueStore.restoring (which `restore` runs too), telling the hub at the step that replaces the state:
         a follower restores a leader's snapshot a batch per drive (raftlib.runtime), and its watchers must hear of
@@ -363,6 +398,9 @@ class LeaderLeases:
         if TEST_UNSAFE_LEASE_NO_RESET:
             log.warning("RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET: a new leader does not give leases their full TTL (tests)")
         self._stopping = False
+        # A refusal lasts (the leader holds -max-uncommitted-bytes, a transfer, a full disk) and the tick retries
+        # every LEASE_TICK_SECONDS: said once every few seconds, with a count of the expiries left unsaid.
+        self._not_applied_log = RateLimitedLog("expiries not applied", log, EXPIRY_REFUSAL_LOG_SECONDS, clock)
         store.on_lease = self.on_lease
 
     def on_lease(self, lease_id: int, ttl_seconds: int | None) -> None:
@@ -421,7 +459,7 @@ class LeaderLeases:
         except (NotLeader, ProposalDropped, EntryLost, NotRunning, DiskFull) as e:
             # This entry surely not applied (never appended, or another entry took its index): open to keepalives
             # again, unless an earlier entry of this term for them timed out (the keeper's doubt: it may commit).
-            log.info("the expiry of %d leases was not applied (%s)", len(due), e)
+            self._not_applied_log.log(logging.INFO, "the expiry of %d leases was not applied (%s)", len(due), e)
             keeper.expire_failed(due)
             for _ in due:
                 self.metrics.lease_expirations.inc("failed")
@@ -485,7 +523,8 @@ class Server:
             raise
         tick_seconds = config.heartbeat_ms / 1000.0 / HEARTBEAT_TICKS
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
-                             election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)))
+                             election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)),
+                             max_uncommitted_bytes=config.max_uncommitted_bytes)
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
         self.watch_hub = WatchHub(config.watch_history_events, config.watch_history_bytes)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
@@ -806,12 +845,15 @@ class Server:
         # -idle-timeout more for a client slow to take its answer.
         # A long poll's wait and a watch stream are bounded on their own (edge.waiting_on_its_own, edge.Stream).
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
+        own_names = (config.host, config.advertised_host, *machine_names())
+        allowed_hosts = AllowedHosts(config.allowed_hosts, own_names, lambda: self.node.membership)
         self.http = EdgeServer(
             listen(self.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
-            on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log)
+            on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log,
+            host_refusal=allowed_hosts.refusal)
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
         gevent.spawn(self.level_raiser.run)
@@ -822,6 +864,11 @@ class Server:
             self._ask_keys_soon()  # our configuration may be older than the cluster's (a member that was down)
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
                  self.raft_address, config.data_dir)
+        if allowed_hosts.any_host:
+            log.info("HTTP serves any Host (-allowed-hosts '*'): open to DNS rebinding")
+        else:
+            log.info("HTTP serves the Host names %s, any IP address, localhost and the members' advertised hosts "
+                     "(-allowed-hosts adds names)", ", ".join(sorted(allowed_hosts.names)))
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard != resource.RLIM_INFINITY and hard < MIN_HARD_DESCRIPTORS:
             # Review 2 F3: with a small hard limit strangers' connections use up the descriptors at once, and zmq

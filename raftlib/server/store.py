@@ -47,7 +47,9 @@ Rules:
   expired lease's ("expire") in key order, lease after lease in the order the entry names them, all with the
   entry's index. None for a delete of a missing key, a failed condition, a restore. They are handed over once the whole command applied,
   and an on_event that raises is logged and does not stop the others: the replicated state never depends on a
-  watcher (a txn is never left half applied).
+  watcher (a txn is never left half applied). A subclass may hand an entry's events over in one call
+  (`_hand_over`: node.WatchedStore gives them to the watch history at once; a failure there is logged too, and
+  the history then restarts after the entry, so its watchers get 410 rather than skip the entry's events).
 - Leases (etcd v3's model): `leases` maps a lease id (the index of the entry that granted it: unique for the
   cluster's life, the same on every node) to its Lease (TTL in whole seconds and its keys); `lease_of` maps a
   key to its lease. A put with a lease attaches the key (a missing lease: NoLease, nothing applied); a put
@@ -242,6 +244,12 @@ class Event(NamedTuple):
     create_index: int
 
 
+# Event(...) without the Python frame of a NamedTuple's __new__ (half the cost: one Event per key a txn writes). It
+# skips what that __new__ does besides: no defaults are filled in and the count is not checked, so every field
+# must be given, in order (a short tuple would make an Event without its last fields). Event has no defaults.
+_new_event: Callable[[type[Event], tuple], Event] = tuple.__new__
+
+
 class TxnResult(NamedTuple):
     """A TXN's result: whether its compares all held, and one result per op of the branch it ran, in order:
     ("put", key), ("delete", number of keys deleted, more), ("get", [(key, value, create_index, modify_index),
@@ -304,6 +312,8 @@ def txn_problem(body: object) -> str | None:
         if (problem := _compare_problem(c)) is not None:
             return f"compare[{i}]: {problem}"
     for name, part in zip(("success", "failure"), body[1:]):
+        if _plain_puts(part):
+            continue
         put: set[str] = set()
         for i, o in enumerate(part):
             if (problem := _op_problem(o)) is not None:
@@ -313,6 +323,17 @@ def txn_problem(body: object) -> str | None:
                     return f"{name}[{i}]: key {o[1]!r} is put twice in one branch"
                 put.add(o[1])
     return None
+
+
+def _plain_puts(ops: list) -> bool:
+    """Whether every op is a valid put without a lease, of distinct keys (what _op_problem and txn_problem would
+    accept): the common branch checked in one pass, without a call per op (every node checks every TXN it
+    applies)."""
+    for o in ops:
+        if type(o) is not list or len(o) != 3 or o[0] != "put" or type(o[1]) is not str or not o[1] \
+                or type(o[2]) is not bytes:
+            return False
+    return len({o[1] for o in ops}) == len(ops)
 
 
 def _holds(current: object, op: str, operand: object) -> bool:
@@ -325,6 +346,21 @@ def _holds(current: object, op: str, operand: object) -> bool:
     return current > operand  # type: ignore[operator]
 
 
+class KeyTable(dict):
+    """The key table (`KeyValueStore.data`): a dict subclass only so that the garbage collector never untracks it.
+    CPython (3.11; _PyDict_MaybeUntrack) untracks an exact dict whose keys and values are all untracked when a full
+    collection sees it, and a (value, index, index) tuple of atomics is untracked by the first collection it
+    survives; the next write stores a fresh (tracked) tuple, which tracks the dict again (MAINTAIN_TRACKING) into
+    generation 0: one young collection then walked every record (30-150 ms at a million keys here), one of
+    generation 1 again, and the next full collection, which untracked it again; and gc.freeze after start-up
+    (server/tuning.py) missed it, untracked by the collection just before. A subclass is tracked from birth to
+    death: frozen with the rest after start-up, or aged once into the oldest generation, where each full
+    collection walks it (a restore while serving leaves it unfrozen). docs/BENCHMARKS.md, "The key table and the
+    collector", has the figures; an operation on it costs 0-70 ns more (no specialized dict opcode for a subclass)."""
+
+    __slots__ = ()
+
+
 class KeyValueStore:
     """The replicated state (see the module's rules); a raftlib.interfaces.StateMachine. `data` maps a key to its
     record (value, create_index, modify_index), indices as applied (`record` gives them as exposed); a create
@@ -335,7 +371,7 @@ class KeyValueStore:
     def __init__(self, on_event: Callable[[Event], None] | None = None,
                  on_level_raised: Callable[[int], None] | None = None,
                  on_lease: Callable[[int, int | None], None] | None = None) -> None:
-        self.data: dict[str, tuple[bytes, int, int]] = {}
+        self.data = KeyTable()
         self.keys = SortedList()
         self.admin_claims = AdminClaims()
         self.lease_of: dict[str, int] = {}
@@ -372,13 +408,19 @@ class KeyValueStore:
         result = self._apply(index, command)
         if self._events:
             events, self._events = self._events, []
-            for event in events:
-                try:
-                    self.on_event(event)  # type: ignore[misc]  # events are only collected with an on_event
-                except Exception:
-                    log.exception("on_event failed on a %s of %r at index %d (the state is applied whole)",
-                                  event.type, event.key, index)
+            self._hand_over(index, events)
         return result
+
+    def _hand_over(self, index: int, events: list[Event]) -> None:
+        """Give the events of the entry at `index` (in order, all applied) to on_event, one call each; a subclass
+        may hand them over in one call instead (raftlib.server.node.WatchedStore: the watch history's bulk
+        work)."""
+        for event in events:
+            try:
+                self.on_event(event)  # type: ignore[misc]  # events are only collected with an on_event
+            except Exception:
+                log.exception("on_event failed on a %s of %r at index %d (the state is applied whole)",
+                              event.type, event.key, index)
 
     def _apply(self, index: int, command: bytes) -> object:
         try:
@@ -552,7 +594,7 @@ class KeyValueStore:
             create_index = record[1]
             self.data[key] = (value, create_index, index)
         if self.on_event is not None:
-            self._events.append(Event("put", key, value, index, self.exposed(create_index)))
+            self._events.append(_new_event(Event, ("put", key, value, index, self.exposed(create_index))))
 
     def _delete(self, index: int, key: str, kind: str = "delete") -> bool:
         record = self.data.pop(key, None)
@@ -605,16 +647,19 @@ class KeyValueStore:
         # A put naming a missing (or full) lease fails the whole txn before any op applies (etcd's): no op grants
         # a lease, so the leases there now are the ones every op would see. The count of a lease's keys is
         # checked one put at a time (a txn of many puts onto an almost full lease: see the loop).
-        for o in ops:
-            if len(o) == 4 and (refused := self._lease_refusal(o[1], o[3])) is not None:
+        leased = [o for o in ops if len(o) == 4]  # puts naming a lease (0: none)
+        for o in leased:
+            if (refused := self._lease_refusal(o[1], o[3])) is not None:
                 return refused
-        if any(len(o) == 4 and o[3] for o in ops) and not self._fits(ops):
+        if any(o[3] for o in leased) and not self._fits(leased):
             return "lease full"
         results: list[tuple] = []
         delete_budget, get_keys_budget, get_bytes_budget = MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES
-        for kind, key, third, *lease in ops:
+        data = self.data
+        for o in ops:
+            kind, key, third = o[0], o[1], o[2]
             if kind == "put":
-                self._put(index, key, third, self.data.get(key), lease[0] if lease else 0)
+                self._put(index, key, third, data.get(key), o[3] if len(o) == 4 else 0)
                 results.append(("put", key))
             elif kind == "delete":
                 if not third:
@@ -646,12 +691,12 @@ class KeyValueStore:
                 results.append(("get", found, more))
         return TxnResult(succeeded, results)
 
-    def _fits(self, ops: list) -> bool:
-        """Whether the txn's puts with a lease leave every lease within MAX_KEYS_PER_LEASE keys (an upper bound:
-        a later op of the txn may take a key off again)."""
+    def _fits(self, leased: list) -> bool:
+        """Whether the txn's puts with a lease (`leased`, each [put, key, value, lease_id]) leave every lease within
+        MAX_KEYS_PER_LEASE keys (an upper bound: a later op of the txn may take a key off again)."""
         added: dict[int, set[str]] = {}
-        for o in ops:
-            if len(o) == 4 and o[3] and o[1] not in self.leases[o[3]].keys:
+        for o in leased:
+            if o[3] and o[1] not in self.leases[o[3]].keys:
                 added.setdefault(o[3], set()).add(o[1])
         return all(len(self.leases[i].keys) + len(keys) <= MAX_KEYS_PER_LEASE for i, keys in added.items())
 
@@ -725,7 +770,7 @@ class KeyValueStore:
         when it ends."""
         size = len(data)
         if not size:
-            self._replace({}, SortedList(), _tail_state(None, []), _LeaseTable({}))
+            self._replace(KeyTable(), SortedList(), _tail_state(None, []), _LeaseTable({}))
             return
         fp = _buffered(data)
         decoder = _decoder(fp)
@@ -742,7 +787,7 @@ class KeyValueStore:
             self._restore_whole(_whole(data))
             return
         with_indices = name == SNAPSHOT_V3
-        new: dict[str, tuple[bytes, int, int]] = {}
+        new = KeyTable()
         keys = _SortedBuild()  # without a sort while the keys come in increasing order (this version's)
         decode = decoder.decode
         left = count
@@ -821,11 +866,10 @@ class KeyValueStore:
             raise ValueError("a key/value snapshot of an unknown format (elements after its leases, or none)")
         self._replace(records, SortedList(records), state, leases)
 
-    def _replace(self, data: dict[str, tuple[bytes, int, int]], keys: SortedList, state: _TailState,
-                 leases: _LeaseTable) -> None:
+    def _replace(self, data: KeyTable, keys: SortedList, state: _TailState, leases: _LeaseTable) -> None:
         """The one place the state is replaced: everything given was checked (a damaged snapshot raises before
         it gets here, so it changes nothing)."""
-        assert len(keys) == len(data)
+        assert len(keys) == len(data) and type(data) is KeyTable
         self.data = data
         self.keys = keys
         self.admin_claims = state.admin_claims
@@ -1211,13 +1255,13 @@ def _at_break(fp) -> bool:
     return False
 
 
-def _records_of(v: object, with_indices: bool) -> dict[str, tuple[bytes, int, int]]:
+def _records_of(v: object, with_indices: bool) -> KeyTable:
     """The records of a key/value map decoded whole (the formats restored in one step), checked."""
     if type(v) is not dict:
         raise ValueError("a key/value snapshot of an unknown format (not a map)")
     if not all(type(k) is str for k in v):
         raise ValueError("a damaged key/value snapshot (a key that is not text)")
-    return {k: _record(x, with_indices) for k, x in v.items()}
+    return KeyTable((k, _record(x, with_indices)) for k, x in v.items())
 
 
 def _whole(data) -> bytes | bytearray | memoryview:

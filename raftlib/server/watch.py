@@ -2,17 +2,18 @@
 position, and their forms on the wire (the event JSON, server-sent events).
 
 Rules:
-- Events come from the store's `on_event` during apply (store.Event, in apply order: indices never go down,
-  asserted), so a node hands out only what it applied, hence only what was committed; followers serve watches
-  from their own applied state, with no forward and no read round (Raft §8: what a node applied is a prefix of the
-  committed log, the same on every node). Events need no feature level: they are node-local (below level 2 their
+- Events come from the store during apply, an entry's at once (`on_events`; `on_event` is one of them: store.Event,
+  in apply order: indices never go down, asserted), so a node hands out only what it applied, hence only what was
+  committed; followers serve watches from their own applied state, with no forward and no read round (Raft §8:
+  what a node applied is a prefix of the committed log, the same on every node). Events need no feature level: they are node-local (below level 2 their
   create_index is 0, as the store exposes it). `applied(index)` after each applied entry (the node's store calls
   it) moves `applied_index`, changes or not.
 - The history holds at most `history_events` events and about `history_bytes` bytes (EVENT_OVERHEAD_BYTES plus
   key and value each; the newest entry's events are always kept whole by the byte bound, the newest event by both); an evicted event's references are dropped at once.
   `history_start` is the index such that every event with an index above it is in the history: it moves up to an
   evicted event's index, and to a snapshot's index when one is restored (`restored`: a restore produces no
-  events, so nothing at or below it can be handed out). The oldest index available is history_start + 1.
+  events, so nothing at or below it can be handed out; node.WatchedStore calls it too, at an entry whose events
+  the history failed on). The oldest index available is history_start + 1.
 - A position is an index the watcher has seen everything up to, matching its filter or not: every event with an
   index at or below it was handed out or did not match. A read moves it to the end of what it looked at: the
   applied index when it read to the end (so a quiet watcher's position follows the node's applied index, not
@@ -165,46 +166,56 @@ class WatchHub:
 
     def on_event(self, event: Event) -> None:
         """The store's on_event: called during apply, for each change in order."""
-        index = event[3]
-        assert index >= self.last_index, f"event index {index} after {self.last_index}"
-        events = self._events
-        events.append(event)
-        self._data.append(None)
-        value = event[2]
-        self.held_bytes += EVENT_OVERHEAD_BYTES + len(event[1]) + (0 if value is None else len(value))  # _event_bytes
+        self.on_events((event,))
+
+    def on_events(self, events: list[Event] | tuple[Event, ...]) -> None:
+        """The changes of one applied entry (or more), in order: the same as `on_event` for each, with the history's
+        bookkeeping and evictions done once for all of them (a 10-put txn makes 10; node.WatchedStore)."""
+        index = events[-1][3]
+        assert events[0][3] >= self.last_index, f"event index {events[0][3]} after {self.last_index}"
+        history = self._events
+        history += events
+        self._data += [None] * len(events)
+        self.held_bytes += sum(EVENT_OVERHEAD_BYTES + len(event[1]) + (0 if event[2] is None else len(event[2]))
+                               for event in events)  # _event_bytes
         self.last_index = index
         if self._shared:
             self._drop_shared()
         if index > self.applied_index:
             self.applied_index = index
+        over = len(history) - self._head - self.history_events
+        if over > 0:
+            self._evict(over)
         # The byte bound never evicts within the newest entry: its events must stay servable whole, however small
         # -watch-history-bytes is (an entry's events are bounded: its 2 MiB and 2,000 keys of a prefix delete).
-        if len(events) - self._head > self.history_events or self.held_bytes > self.history_bytes:
-            while len(events) - self._head > 1 and (
-                    len(events) - self._head > self.history_events
-                    or (self.held_bytes > self.history_bytes and events[self._head][3] != index)):  # type: ignore[index]
-                self._evict()
-                events = self._events  # a compaction replaces nothing but may shorten it
-        key = event[1]
+        while self.held_bytes > self.history_bytes and len(self._events) - self._head > 1 and (
+                self._events[self._head][3] != index):  # type: ignore[index]
+            self._evict(1)  # a compaction replaces nothing but may shorten the list: read it afresh
         if self._by_key:
-            watchers = self._by_key.get(key)
-            if watchers:
-                self._matched(watchers, index)
-        if self._prefix_trie:
-            node = self._prefix_trie
-            watchers = node.get("")
-            if watchers:
-                self._matched(watchers, index)
-            for character in key:
-                node = node.get(character)  # type: ignore[assignment]
-                if node is None:
-                    break
-                watchers = node.get("")
+            for event in events:
+                watchers = self._by_key.get(event[1])
                 if watchers:
-                    self._matched(watchers, index)
+                    self._matched(watchers, event[3])
+        if self._prefix_trie:
+            for event in events:
+                self._match_prefixes(event[1], event[3])
         if self._wake is not None:
             self._wake.set()  # the waiters run once this apply yields: its whole group is in by then
             self._wake = None
+
+    def _match_prefixes(self, key: str, index: int) -> None:
+        """Tell the watchers of every watched prefix of `key` (the trie walked along it) of its event at `index`."""
+        node = self._prefix_trie
+        watchers = node.get("")
+        if watchers:
+            self._matched(watchers, index)
+        for character in key:
+            node = node.get(character)  # type: ignore[assignment]
+            if node is None:
+                break
+            watchers = node.get("")
+            if watchers:
+                self._matched(watchers, index)
 
     def applied(self, index: int) -> None:
         """The node applied the entry at `index` (whatever it changed): positions may move up to it."""
@@ -213,21 +224,27 @@ class WatchHub:
             if self._shared:
                 self._drop_shared()
 
-    def _evict(self) -> None:
+    def _evict(self, count: int) -> None:
+        """Evict the `count` oldest events of the history (at least one is left: the callers' bounds)."""
         head = self._head
-        evicted = self._events[head]
-        assert evicted is not None
-        encoded = self._data[head]
-        self._events[head] = self._data[head] = None  # its value may be large: not kept until the compaction
-        self.held_bytes -= _event_bytes(evicted) + (0 if encoded is None else len(encoded))
-        self.evictions += 1
+        end = head + count
+        events, data = self._events, self._data
+        freed = 0
+        for evicted, encoded in zip(events[head:end], data[head:end]):
+            assert evicted is not None
+            freed += _event_bytes(evicted) + (0 if encoded is None else len(encoded))
+        newest = events[end - 1][3]  # type: ignore[index]
+        events[head:end] = [None] * count  # values may be large: not kept until the compaction
+        data[head:end] = [None] * count
+        self.held_bytes -= freed
+        self.evictions += count
         if self._shared:
             self._drop_shared()
-        self._head = head = head + 1
-        if evicted[3] > self.history_start:
-            self.history_start = evicted[3]  # what is left of its group is no longer promised
-        if head >= _COMPACT_EVENTS and head * 2 >= len(self._events):
-            del self._events[:head], self._data[:head]
+        self._head = head = end
+        if newest > self.history_start:
+            self.history_start = newest  # what is left of its group is no longer promised
+        if head >= _COMPACT_EVENTS and head * 2 >= len(events):
+            del events[:head], data[:head]
             self._head = 0
 
     def restored(self, index: int) -> None:
