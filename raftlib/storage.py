@@ -55,9 +55,12 @@ The data dir:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -868,3 +871,23 @@ def __getattr__(name: str) -> Any:
         from .server import nodestart
         return getattr(nodestart, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _MOVED_TO_THE_SERVER)
+
+
+# The knobs re-exported above are copies, read only in their homes: setting one here (an old script's
+# `storage.MAX_RECORD_BYTES = ...`) is forwarded there, never silently lost (review of the split, Q1).
+_KNOB_HOMES = {"MAX_RECORD_BYTES": "logformat", "SECTOR_BYTES": "logformat", "SNAPSHOT_IO_BYTES": "snapshotfile"}
+
+
+class _StorageModule(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        home = _KNOB_HOMES.get(name)
+        if home is not None:
+            setattr(importlib.import_module(f"{__package__}.{home}"), name, value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _StorageModule

@@ -1211,3 +1211,14 @@ def test_every_name_moved_out_of_raftlib_storage_is_still_importable_from_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_knob_set_through_raftlib_storage_reaches_the_module_that_reads_it(monkeypatch):
+    """Review of the split, Q1: MAX_RECORD_BYTES, SECTOR_BYTES and SNAPSHOT_IO_BYTES are read only in their homes
+    (logformat, snapshotfile); an old script's `storage.MAX_RECORD_BYTES = n` must not be silently lost. The names
+    moved to the server are listed by dir() too."""
+    for name, home in (("MAX_RECORD_BYTES", logformat), ("SECTOR_BYTES", logformat),
+                       ("SNAPSHOT_IO_BYTES", snapshotfile)):
+        monkeypatch.setattr(storage, name, getattr(home, name) + 1)  # undone at the end: the home's too
+        assert getattr(home, name) == getattr(storage, name), name
+    assert {"start_node", "force_new_cluster", "name_of"} <= set(dir(storage))
