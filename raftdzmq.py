@@ -37,7 +37,8 @@ from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, S
 from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
 from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
 from raftlib.server.tuning import freeze_after_start, watch_gc_from_env  # noqa: E402
-from raftlib.storage import NAMED_ID, StorageError  # noqa: E402
+from raftlib.server.nodestart import NAMED_ID  # noqa: E402
+from raftlib.storage_errors import StorageError  # noqa: E402
 from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
 

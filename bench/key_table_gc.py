@@ -91,7 +91,7 @@ def write_backup(keys: int, path: str) -> None:
     sys.path.insert(0, ROOT)
     from raftlib.messages import Membership, Snapshot
     from raftlib.server.store import SNAPSHOT_WITH_CLAIMS_V2
-    from raftlib.storage import export_snapshot
+    from raftlib.snapshotfile import export_snapshot
 
     value = b"v" * VALUE_BYTES
     data = cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, {f"k{i:09d}": value for i in range(keys)}, {}, 0.0])

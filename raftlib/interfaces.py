@@ -80,7 +80,7 @@ class Storage(Protocol):
         """Make a Ready durable: `snapshot` (when newer than the one held), then `entries` (replacing any entries
         at or after entries[0].index), then `hard_state`. Durable means on the disk (fsynced) when `sync`; without
         it the write may be lost in a crash, which only the commit index may be (see `Ready.must_sync`). Raises
-        `raftlib.storage.DiskFull` when nothing was written for lack of room, `raftlib.storage.OutOfDescriptors`
+        `raftlib.storage_errors.DiskFull` when nothing was written for lack of room, `raftlib.storage_errors.OutOfDescriptors`
         when no file descriptor was free to create a file the save needed (either way the same save may be tried
         again), any other exception when the disk failed: the caller must then stop, not acknowledge."""
         ...

@@ -61,7 +61,8 @@ from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, Uncom
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, InstallSnapshot, Membership, Message, Role, Snapshot
 from .fs import NO_DESCRIPTOR
-from .storage import DiskFull, OutOfDescriptors, export_snapshot
+from .snapshotfile import export_snapshot
+from .storage_errors import DiskFull, OutOfDescriptors
 
 logger = logging.getLogger("raftlib.runtime")
 
@@ -509,7 +510,7 @@ class Runtime:
     def backup(self, folder: str, timeout_seconds: float) -> Backup:
         """A backup of the state machine at this node's applied index when the next drive ends (after it applied
         what it had: the state any read then sees), at least the index applied when asked: the snapshot file
-        (storage.export_snapshot) written by a forked child, as the node's own snapshots are (in process where
+        (snapshotfile.export_snapshot) written by a forked child, as the node's own snapshots are (in process where
         fork is off: serving stalls meanwhile), into a new file in `folder` that is opened and unlinked before
         this returns. Not while a leader's snapshot is being restored (it waits). At most MAX_BACKUPS at once,
         each counted until the caller closes the Backup (Backup.close).

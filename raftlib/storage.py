@@ -1,11 +1,14 @@
 """DiskStorage: a node's durable state in its data dir: log segments, snapshots, identity, and a lock.
 
+What it stands on, each in its own module: the record format (framing, checksums, groups, the scan that finds a
+torn tail, replay) is raftlib.logformat; snapshot files (their format, reading one back, receiving a leader's)
+are raftlib.snapshotfile; the errors are raftlib.storage_errors (re-exported here). What a node's first start
+makes of the data dir (its id, JOINING, RESTORE, -force-new-cluster) is the server's: raftlib.server.nodestart.
+
 Rules:
 - A Ready's entries and hard state become durable with one record and one fdatasync (`save`). Files are only
   ever appended to, cut back to a good record, renamed into place or unlinked; never rewritten in place. Every
   file operation goes through a `raftlib.fs.FileSystem` (the real one unless a test passes another).
-- Records are replayed with their full meaning, always: a record's entries replace every entry at or after their
-  first index (that is how a conflicting suffix is cut, §5.3), whatever snapshot came later.
 - Every segment starts with a BASE record, `[snapshot_index, snapshot_term, hard_state, entries]`: the whole log
   after the snapshot at `snapshot_index`. Everything written before it is forgotten, so the newest segment that
   starts with a complete base record IS the log (with the records after its base), and older segments are
@@ -20,7 +23,8 @@ Rules:
 - Load keeps all of that true and is itself safe to crash in: it fsyncs what it is going to rely on (a killed
   process leaves writes in the page cache that a power failure can still drop), cuts a torn tail off the newest
   segment, deletes garbage only once the segment that makes it garbage is durable, and for a data dir written
-  before base records existed writes one (see `_load_format1`).
+  before base records existed writes one (see `_load_format1`). A segment newer than the newest base that holds
+  no complete group is a segment creation a crash interrupted: deleted with a warning.
 - Running out of file descriptors (EMFILE, ENFILE) never stops a node: it changes nothing on the disk. The data
   dir's two folders are held open from the constructor to `close`, so their fsyncs need no descriptor; after
   `load`, a save opens one only to create a file (the snapshot's temporary file, a new segment), refused before
@@ -29,28 +33,13 @@ Rules:
   next install to delete). A plain save (append, fdatasync) opens none. A snapshot held (loaded or committed)
   keeps its file open for reading (a leader streams InstallSnapshot from it), opened before its commit point:
   with no descriptor free for it the snapshot is refused (OutOfDescriptors, nothing changed), never committed
-  unreadable. A read of a held file that fails raises SnapshotUnreadable (the core abandons that transfer).
-- A leader's snapshot is received into its file as its chunks come (`receive_snapshot`: a SnapshotSink), under a
-  `*.received.tmp` name, each chunk appended and fdatasynced when it comes (so that the install's fsync has
-  one chunk left to flush, not the whole state); the install that saves it renames that file rather than
-  write it again. Until then nothing a reader uses changes (load deletes a `*.tmp`). A full disk or no
-  descriptor while receiving holds the chunk back (the leader sends it again); other errors are fatal.
+  unreadable.
+- A leader's snapshot is received into its file as its chunks come (`receive_snapshot`: a SnapshotSink, with
+  raftlib.snapshotfile's rules), under a `*.received.tmp` name; the install that saves it renames that file
+  rather than write it again. Until then nothing a reader uses changes (load deletes a `*.tmp`).
 - A snapshot of the node's own comes in two parts: `write_snapshot` (a forked child may run it) writes and
   fsyncs its file under a `*.tmp` name, changing nothing a reader uses; `commit_snapshot` (the serving process)
   does the rest of the install transaction from the rename on. Installs leave a `*.tmp` being written alone.
-- No record is longer than MAX_RECORD_BYTES, the length a reader trusts: a save or a base record too big for one
-  record is written as a GROUP (part records, closed by a batch record) in the same append and fsync, and load
-  applies a group only when all of it is there. An entry too big for any record is refused (RecordTooBig)
-  before anything is written.
-- A torn record (group) at the end of the newest segment is cut off with a warning. Torn means what a crash
-  during unsynced appends can leave: the file ends inside it, or only its checksum fails and nothing but zeros
-  follows, or a sector of it (from where it starts; to the file's end when its length reads as 0) is all zeros,
-  a page whose data never reached the disk though a later one or the size did. Records after a torn one were
-  appended after it, so were never synced either: they go too. (A synced record that the disk itself zeroes
-  reads the same way: etcd's WAL draws the same line.) Any other damage (a checksum that fails with data after
-  it, a length over the limit, a record that does not decode, a base record anywhere but first) stops the node
-  with the file and offset named. A segment newer than the newest base that holds no complete group is a
-  segment creation a crash interrupted: deleted with a warning.
 
 The data dir:
 
@@ -58,107 +47,48 @@ The data dir:
     node.json              {"format": 1, "node_id": ..., "raft_address": ..., "http_address": ...}
     node.key               with a cluster secret: the node's CURVE key pair and whom it admits before it has a
                            configuration (raftlib.server.node); mode 0600, never logged
-    log/NNNNNNNNNN.seg     log segments: "RDZMQLOG", u32 version 1, then records (docs/DATA-DIR.md)
+    log/NNNNNNNNNN.seg     log segments: "RDZMQLOG", u32 version 1, then records (raftlib.logformat, docs/DATA-DIR.md)
     snapshot-IIII.snap     the snapshot the newest base record names (IIII = its last included index, 20 digits)
     RESTORE                a backup's snapshot file (raftdzmq -restore) until the first start installs it
-
-A record is `u32 length | u32 crc32(payload) | payload`; the payload is a type byte and CBOR: type 1 (batch)
-`[hard_state or null, [entry, ...]]`, type 2 (base) `[snapshot_index, snapshot_term, hard_state, [entry, ...]]`;
-types 3 and 4 are batch and base records that more records of their group follow (a group: 3* 1, or 4 3* 1; the
-hard state rides in a base group's first record and a batch group's last). Readers from before types 2-4 stop on
-them with "unknown record type", naming the file and offset.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
-import hashlib
+import importlib
 import json
 import logging
 import os
-import re
-import struct
-import zlib
-from collections.abc import Callable, Iterator
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
 
-import cbor2
-
-from . import codec, crashpoints
+from . import crashpoints
 from .fs import NO_DESCRIPTOR, FileSystem, OsFileSystem
 from .interfaces import StoredState
-from .messages import Entry, EntryKind, HardState, Member, Membership, Snapshot, SnapshotUnreadable, snapshot_chunk
+from .logformat import (_HEADER, FORMAT_VERSION, RECORD_BASE, SEGMENT_MAGIC, _Replay, _replay_base, _replay_format1,
+                        _scan, encode_base_record, encode_record)
+from .messages import Entry, HardState, Snapshot
+from .snapshotfile import SnapshotFile, SnapshotReceiver, _write_snapshot_file, read_snapshot
+from .storage_errors import (_NO_ROOM, CorruptLogError, DataDirLocked, DiskFull, OutOfDescriptors, StorageError,
+                             UnknownFormatError)
 
-FORMAT_VERSION = 1
-SEGMENT_MAGIC = b"RDZMQLOG"
-SNAPSHOT_MAGIC = b"RDZMQSNP"
-_HEADER = struct.Struct(">8sI")  # magic, format version
-_RECORD = struct.Struct(">II")  # payload length, crc32(payload)
-MAX_RECORD_BYTES = 256 << 20
-RECORD_BATCH = 1  # payload: 1 type byte, then CBOR [hard_state or null, [entry, ...]]
-RECORD_BASE = 2  # payload: 1 type byte, then CBOR [snapshot_index, snapshot_term, hard_state, [entry, ...]]
-RECORD_BATCH_PART = 3  # a batch record that more records of its group follow (payload as type 1)
-RECORD_BASE_PART = 4  # a base record that more records of its group follow (payload as type 2)
+# What moved out of this module to raftlib.logformat, raftlib.snapshotfile and raftlib.storage_errors, importable
+# from here for one more release (embedders and old scripts import them from raftlib.storage; the project imports
+# them from their homes). A constant re-exported is a copy: to change MAX_RECORD_BYTES, set it in logformat.
+from .logformat import (MAX_RECORD_BYTES, RECORD_BASE_PART, RECORD_BATCH, RECORD_BATCH_PART,  # noqa: F401
+                        SECTOR_BYTES)
+from .snapshotfile import (SNAPSHOT_IO_BYTES, SNAPSHOT_MAGIC, ReceivedSnapshotFile, encode_snapshot,  # noqa: F401
+                           export_snapshot)
+from .storage_errors import RecordTooBig  # noqa: F401
+
 
 # Test-only (the crash explorer's mutation table): replay every segment as the code before base records did,
 # dropping each record's entries at or below the snapshot index, and with them the cut that record stood for.
 UNSAFE_REPLAY_FILTER = False
 
 logger = logging.getLogger("raftlib.storage")
-
-
-class StorageError(Exception):
-    """The data dir cannot be used; the message says why and where."""
-
-
-class CorruptLogError(StorageError):
-    pass
-
-
-class UnknownFormatError(StorageError):
-    pass
-
-
-class DataDirLocked(StorageError):
-    pass
-
-
-class NotJoined(StorageError):
-    """This data dir's node never joined a cluster, and no -join was given."""
-
-
-class RestoreNotJoin(StorageError):
-    """A data dir holding a restored backup was started with -join."""
-
-
-class LogMissing(StorageError):
-    """A data dir whose node.json says a cluster had it ("joined") holds no term, no log and no snapshot, or one
-    that holds a log but no node.json: its log and its identity no longer go together (start_node)."""
-
-
-class RecordTooBig(StorageError):
-    """A log entry too big for any record (over MAX_RECORD_BYTES): refused before anything is written."""
-
-
-class DiskFull(StorageError):
-    """The disk had no room (ENOSPC, EDQUOT) for a write, or for the fsync of a file this write created. The
-    storage's state is as it was, and so is the data dir as every reader sees it, now and after any crash: it
-    loads to the state before the write. What may be left is harmless: a `*.tmp` file whose unlink a power failure
-    undid (no reader uses it, load deletes it), a snapshot file no base record names (an install that did not
-    commit: load deletes it), or the part of a record that reached the log before ENOSPC, cut off and never
-    synced (a torn tail at worst, which load cuts). The same save may be tried again once there is room. Every
-    other error of a write or a sync is an OSError: the caller must stop (fsyncgate)."""
-
-
-class OutOfDescriptors(StorageError):
-    """The process had no file descriptor free (EMFILE; ENFILE: the system had none) to create a file a save
-    needed. Nothing was changed: the kernel takes the descriptor before it makes the name. As with DiskFull, the
-    storage's state and what any crash recovers are as before the save, which may be tried again (descriptors
-    come back as connections close). Not a disk failure: the caller must not stop for it."""
-
-
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _write_file(fs: FileSystem, tmp: str, write: Callable[[object], None], private: bool = False) -> None:
@@ -197,565 +127,6 @@ def _write_atomically(fs: FileSystem, path: str, data: bytes, crash_point: str |
         crashpoints.hit(crash_point)
     fs.rename(tmp, path)
     fs.fsync_dir(folder if folder is not None else os.path.dirname(path))
-
-
-SNAPSHOT_IO_BYTES = 1 << 20  # a snapshot file is written and checked in pieces of this size
-
-
-def _snapshot_head(s: Snapshot) -> bytes:
-    meta = cbor2.dumps(codec.encode_snapshot_meta(s))
-    return _HEADER.pack(SNAPSHOT_MAGIC, FORMAT_VERSION) + struct.pack(">I", len(meta)) + meta
-
-
-def _snapshot_file_pieces(s: Snapshot) -> Iterator[bytes]:
-    """A snapshot file's bytes (`encode_snapshot`'s) in pieces of about SNAPSHOT_IO_BYTES read from the snapshot's
-    data (bytes or a source): never the whole state in memory twice. A small snapshot is one piece."""
-    pending = bytearray(_snapshot_head(s))
-    crc = 0
-    size = len(s.data)
-    for offset in range(0, size, SNAPSHOT_IO_BYTES):
-        pending += snapshot_chunk(s.data, offset, SNAPSHOT_IO_BYTES)
-        if len(pending) >= SNAPSHOT_IO_BYTES:
-            crc = zlib.crc32(pending, crc)
-            yield bytes(pending)
-            pending = bytearray()
-    crc = zlib.crc32(pending, crc)
-    yield bytes(pending) + struct.pack(">I", crc)
-
-
-def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
-    """A snapshot file's bytes, appended a piece at a time (`_snapshot_file_pieces`)."""
-    for piece in _snapshot_file_pieces(s):
-        fs.append(f, piece)
-
-
-def export_snapshot(s: Snapshot, path: str) -> str:
-    """A backup (GET /snapshot): the snapshot file of `s` written to a new file at `path` (created, never
-    overwritten: FileExistsError; readable by the owner only) through the real file system, not fsynced (it is
-    streamed, then deleted). Returns the SHA-256 of its bytes, in hex."""
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        for piece in _snapshot_file_pieces(s):
-            digest.update(piece)
-            view = memoryview(piece)
-            while view:
-                view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
-
-
-class SnapshotFile:
-    """A snapshot file's state-machine bytes (a raftlib.messages.SnapshotSource), read through a handle held open:
-    a leader sends a snapshot from it in chunks, and a rename or an unlink of the file (a newer snapshot made
-    this one garbage while a transfer of it is under way) does not take them away. Always a handle: a snapshot
-    that could not be held open is not committed (`_commit_install`), since reopening by path at each read fails
-    once the file is unlinked or no descriptor is free. A read that fails (an I/O error) raises
-    SnapshotUnreadable, which the core catches (it abandons that transfer). The handle is closed with `close`,
-    or when the object is collected. Equal to any data that reads the same (tests compare snapshots)."""
-
-    __slots__ = ("fs", "handle", "start", "size", "path", "__weakref__")
-
-    def __init__(self, fs: FileSystem, handle, start: int, size: int, path: str) -> None:
-        self.fs, self.handle, self.start, self.size, self.path = fs, handle, start, size, path
-
-    @classmethod
-    def at(cls, fs: FileSystem, path: str, handle) -> SnapshotFile:
-        """The data of a snapshot file written by this storage (its checksum not read: O(1)), through `handle`
-        (held open, then owned by the SnapshotFile)."""
-        source = cls(fs, handle, 0, 0, path)
-        source._locate(handle)
-        return source
-
-    def _locate(self, handle) -> None:
-        head = self.fs.pread(handle, 0, _HEADER.size + 4)
-        _check_header(self.path, head, SNAPSHOT_MAGIC, "snapshot")
-        self.start = _HEADER.size + 4 + struct.unpack_from(">I", head, _HEADER.size)[0]
-        self.size = self.fs.file_size(handle) - self.start - 4
-
-    def __len__(self) -> int:
-        return self.size
-
-    def read(self, offset: int, length: int) -> bytes:
-        length = max(0, min(length, self.size - offset))
-        if not length:
-            return b""
-        if self.handle is None:
-            raise SnapshotUnreadable(f"{self.path}: closed")
-        try:
-            data = self.fs.pread(self.handle, self.start + offset, length)
-        except OSError as e:
-            raise SnapshotUnreadable(f"{self.path}: {e}") from None
-        if len(data) != length:
-            raise SnapshotUnreadable(f"{self.path}: snapshot file shorter than it was "
-                                     f"({self.start + offset + len(data)} bytes)")
-        return data
-
-    def close(self) -> None:
-        handle, self.handle = self.handle, None
-        if handle is not None:
-            with contextlib.suppress(Exception):
-                self.fs.close(handle)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except BaseException:  # noqa: S110 - a test's file system that "crashed"; nothing to do at collection
-            pass
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (bytes, bytearray)) or hasattr(other, "read"):
-            return len(other) == len(self) and snapshot_chunk(other, 0, len(self)) == self.read(0, len(self))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"SnapshotFile({self.path!r})"
-
-
-def _open_snapshot_file(fs: FileSystem, path: str, name: str | None = None) -> SnapshotFile:
-    """The data of the snapshot file at `path` as a SnapshotFile (`name`: the path it goes by, for messages),
-    its checksum checked, read a piece at a time. Raises CorruptLogError, UnknownFormatError, or OSError."""
-    name = name or path
-    handle = fs.open_read(path)
-    try:
-        head = fs.pread(handle, 0, _HEADER.size + 4)
-        if len(head) < _HEADER.size + 4:
-            raise CorruptLogError(f"{name}: too short to be a snapshot")
-        _check_header(name, head, SNAPSHOT_MAGIC, "snapshot")
-        (meta_len,) = struct.unpack_from(">I", head, _HEADER.size)
-        crc, offset, tail = 0, 0, b""
-        while True:  # the checksum of everything but its last 4 bytes, which hold it
-            piece = fs.pread(handle, offset, SNAPSHOT_IO_BYTES)
-            offset += len(piece)
-            data = tail + piece
-            if len(piece) < SNAPSHOT_IO_BYTES:
-                break
-            crc = zlib.crc32(data[:-4], crc)
-            tail = data[-4:]
-        if offset < _HEADER.size + 8 + meta_len:
-            raise CorruptLogError(f"{name}: too short to be a snapshot")
-        crc = zlib.crc32(data[:-4], crc)
-        if struct.unpack(">I", data[-4:])[0] != crc:
-            raise CorruptLogError(f"{name}: snapshot checksum mismatch")
-        start = _HEADER.size + 4 + meta_len
-        return SnapshotFile(fs, handle, start, offset - 4 - start, name)
-    except BaseException:
-        fs.close(handle)
-        raise
-
-
-class ReceivedSnapshotFile(SnapshotFile):
-    """The data of a leader's snapshot received into a file (SnapshotReceiver.finish): a SnapshotFile that the
-    install renames into place instead of copying (`received_tmp`: its name until then)."""
-
-    __slots__ = ("received_tmp",)
-
-
-class SnapshotReceiver:
-    """A raftlib.messages.SnapshotSink writing a leader's snapshot's chunks to its file (the module's rules): the
-    snapshot file's head, then the data as it comes, then the checksum at `finish`. Opens its two handles (one
-    to append, one to read the data back once finished) at its first write; a write that meets a full disk or
-    no descriptor is cut back and held back (length unchanged)."""
-
-    def __init__(self, storage: DiskStorage, meta: Snapshot) -> None:
-        self.storage = storage
-        self.meta = meta
-        self.path = storage._snapshot_path(meta.last_included_index) + ".received.tmp"
-        self.size = 0  # data bytes held
-        self._head_bytes = 0
-        self._crc = 0
-        self._writer = None
-        self._reader = None
-        self._done = False
-        self._source: ReceivedSnapshotFile | None = None  # what `finish` returned: closed by `discard`
-        storage._writing.add(self.path)  # no install's garbage sweep deletes it
-
-    def __len__(self) -> int:
-        return self.size
-
-    def _open(self) -> bool:
-        fs = self.storage.fs
-        try:
-            self._writer = fs.create(self.path)
-            self._reader = fs.open_read(self.path)
-            head = _snapshot_head(self.meta)
-            fs.append(self._writer, head)
-        except OSError as e:
-            self._close()
-            if e.errno not in NO_DESCRIPTOR + _NO_ROOM:
-                raise
-            logger.warning("could not begin receiving the snapshot at index %d (%s): the leader sends it again",
-                           self.meta.last_included_index, e.strerror)
-            return False
-        self._head_bytes = len(head)
-        self._crc = zlib.crc32(head)
-        return True
-
-    def write(self, data: bytes) -> None:
-        assert not self._done
-        if self._writer is None and not self._open():
-            return
-        fs = self.storage.fs
-        end = self._head_bytes + self.size
-        try:
-            fs.append(self._writer, data)
-            fs.fdatasync(self._writer)  # a chunk at a time, so that the install has little left to flush
-        except OSError as e:
-            if e.errno not in _NO_ROOM:
-                raise
-            fs.truncate(self._writer, end)
-            logger.warning("no room to receive the snapshot at index %d (%s): the leader sends the chunk again",
-                           self.meta.last_included_index, e.strerror)
-            return
-        if crashpoints.enabled:
-            crashpoints.hit("snapshot.after_chunk")
-        self._crc = zlib.crc32(data, self._crc)
-        self.size += len(data)
-
-    def finish(self) -> ReceivedSnapshotFile | None:
-        """The checksum appended and the file fsynced; its data, read through the handle held (the rename into
-        place and any later unlink leave it readable). None when the disk had no room: the transfer starts over."""
-        if self._writer is None and not self._open():  # an empty snapshot: its head only
-            return None
-        fs = self.storage.fs
-        try:
-            fs.append(self._writer, struct.pack(">I", self._crc))
-            fs.fsync(self._writer)
-        except OSError as e:
-            if e.errno not in _NO_ROOM:
-                raise
-            return None
-        fs.close(self._writer)
-        self._writer = None
-        self._done = True
-        source = ReceivedSnapshotFile(fs, self._reader, self._head_bytes, self.size, self.path)
-        source.received_tmp = self.path
-        self._reader = None  # the source's now
-        self._source = source
-        return source
-
-    def _close(self) -> None:
-        for handle in (self._writer, self._reader):
-            if handle is not None:
-                with contextlib.suppress(OSError):
-                    self.storage.fs.close(handle)
-        self._writer = self._reader = None
-
-    def discard(self) -> None:
-        """Given up, finished or not (a finished one superseded before it was saved): the file and its handles."""
-        self._close()
-        if self._source is not None:
-            self._source.close()
-            self._source = None
-        self.storage.abort_snapshot(self.path)
-
-
-def _check_header(path: str, data: bytes, magic: bytes, what: str) -> None:
-    found, version = _HEADER.unpack_from(data, 0)
-    if found != magic:
-        raise CorruptLogError(f"{path}: not a raftdzmq {what} (bad magic at offset 0)")
-    if version != FORMAT_VERSION:
-        raise UnknownFormatError(f"{path}: {what} format {version}; this raftdzmq reads format {FORMAT_VERSION}")
-
-
-def _hard_state_out(hs: HardState | None) -> list | None:
-    return None if hs is None else [hs.current_term, hs.voted_for, hs.commit_index]
-
-
-def _framed(payload: bytes) -> bytes:
-    return _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def _chunks(head: list, wire: list, limit: int) -> list[list]:
-    """`wire` (encoded entries) cut into runs whose record, CBOR `head + [run]` after one type byte, fits in
-    `limit` bytes. An entry that no record can hold is refused before anything is written."""
-    overhead = 1 + len(cbor2.dumps(head + [[]])) + 8  # the type byte, the head, a list header of up to 9 bytes
-    out: list[list] = [[]]
-    size = overhead
-    for w in wire:
-        n = len(cbor2.dumps(w))
-        if n + overhead > limit:
-            raise RecordTooBig(f"a log entry of {n} bytes (index {w[1]}) is over the {limit}-byte record limit")
-        if size + n > limit and out[-1]:
-            out.append([])
-            size = overhead
-        out[-1].append(w)
-        size += n
-    return out
-
-
-def _encode_group(first_kind: int, head: list, hard_state: HardState | None, entries: list[Entry]) -> bytes:
-    """One record (`first_kind`'s final type) or, when that would be over MAX_RECORD_BYTES, a group: records of
-    the part types, closed by a batch record. The hard state rides in the first record of a base group and in
-    the last of a batch group; load applies a group only when all of it is there."""
-    limit = MAX_RECORD_BYTES
-    wire = [codec.entry_to_wire(e) for e in entries]
-    hs = _hard_state_out(hard_state)
-    if first_kind == RECORD_BASE:
-        one = bytes([RECORD_BASE]) + cbor2.dumps(head + [hs, wire])
-    else:
-        one = bytes([RECORD_BATCH]) + cbor2.dumps([hs, wire])
-    if len(one) <= limit:  # the common case costs one encoding, as before groups
-        return _framed(one)
-    runs = _chunks(head + [hs] if first_kind == RECORD_BASE else [hs], wire, limit)
-    out = []
-    for n, run in enumerate(runs):
-        last = n == len(runs) - 1
-        if n == 0 and first_kind == RECORD_BASE:
-            payload = bytes([RECORD_BASE if last else RECORD_BASE_PART]) + cbor2.dumps(head + [hs, run])
-        else:
-            body = [hs if last and first_kind == RECORD_BATCH else None, run]
-            payload = bytes([RECORD_BATCH if last else RECORD_BATCH_PART]) + cbor2.dumps(body)
-        assert len(payload) <= limit, (len(payload), limit)
-        out.append(_framed(payload))
-    return b"".join(out)
-
-
-def encode_record(hard_state: HardState | None, entries: list[Entry]) -> bytes:
-    """A Ready's hard state (or None) and entries as one batch record, or as a group when over the record limit."""
-    return _encode_group(RECORD_BATCH, [], hard_state, entries)
-
-
-def encode_base_record(snapshot_index: int, snapshot_term: int, hard_state: HardState, entries: list[Entry]) -> bytes:
-    """A base record: the whole log after the snapshot at `snapshot_index`; what came before is forgotten. Over the
-    record limit: a base part record, then batch records holding the rest of the entries (one group)."""
-    return _encode_group(RECORD_BASE, [snapshot_index, snapshot_term], hard_state, entries)
-
-
-class _Record:
-    """A record, or a whole group merged: `kind` RECORD_BATCH or RECORD_BASE for a group."""
-
-    __slots__ = ("offset", "kind", "hard_state", "entries", "snapshot_index", "snapshot_term")
-
-    def __init__(self, offset, kind, hard_state, entries, snapshot_index=None, snapshot_term=None) -> None:
-        self.offset, self.kind, self.hard_state, self.entries = offset, kind, hard_state, entries
-        self.snapshot_index, self.snapshot_term = snapshot_index, snapshot_term
-
-
-def _decode_record(path: str, offset: int, payload: bytes) -> _Record:
-    try:
-        kind = payload[0]
-        body = cbor2.loads(payload[1:])
-        if kind in (RECORD_BATCH, RECORD_BATCH_PART):
-            hs, entries = body
-            base = None
-        elif kind in (RECORD_BASE, RECORD_BASE_PART):
-            index, term, hs, entries = body
-            if type(index) is not int or type(term) is not int or index < 0 or term < 0 or hs is None:
-                raise ValueError("bad base record")
-            base = (index, term)
-        else:
-            raise ValueError(f"unknown record type {payload[:1]!r}")
-        entries = [codec.entry_from_wire(e) for e in entries]
-        hard_state = None if hs is None else codec.decode_hard_state(cbor2.dumps(hs))
-    except Exception as e:
-        raise CorruptLogError(f"{path}: undecodable record at offset {offset}: {e}") from None
-    for n, e in enumerate(entries):
-        if e.index != entries[0].index + n or e.index < 1:
-            raise CorruptLogError(f"{path}: record at offset {offset} holds entries out of order")
-    if base is None:
-        return _Record(offset, kind, hard_state, entries)
-    return _Record(offset, kind, hard_state, entries, *base)
-
-
-def _merge(path: str, parts: list[_Record]) -> _Record:
-    """A group's records as one: the first one's kind and offset, the entries in order, the last hard state."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    entries = list(first.entries)
-    hard_state = first.hard_state
-    for r in parts[1:]:
-        if r.entries:
-            if entries and r.entries[0].index != entries[-1].index + 1:
-                raise CorruptLogError(f"{path}: record at offset {r.offset} does not follow the entries of the "
-                                      f"group at offset {first.offset}")
-            entries += r.entries
-        if r.hard_state is not None:
-            hard_state = r.hard_state
-    kind = RECORD_BASE if first.kind in (RECORD_BASE, RECORD_BASE_PART) else RECORD_BATCH
-    return _Record(first.offset, kind, hard_state, entries, first.snapshot_index, first.snapshot_term)
-
-
-def _check_record(data: bytes, offset: int) -> tuple[str | None, int]:
-    """What is wrong with the record at `offset` (None: nothing), and where it ends (the file's end when its
-    length cannot be trusted)."""
-    if offset + _RECORD.size > len(data):
-        return "incomplete record header", len(data)
-    length, crc = _RECORD.unpack_from(data, offset)
-    if length == 0:
-        return "empty record", len(data)
-    if length > MAX_RECORD_BYTES:
-        return f"record length {length} is over the limit of {MAX_RECORD_BYTES}", len(data)
-    end = offset + _RECORD.size + length
-    if end > len(data):
-        return f"record length {length} runs past the end of the file", len(data)
-    if zlib.crc32(data[offset + _RECORD.size : end]) != crc:
-        return "checksum mismatch", end
-    return None, end
-
-
-SECTOR_BYTES = 512  # the unit a disk writes whole or not at all; a lost page is 8 of them (etcd: isTornEntry)
-
-
-def _torn(data: bytes, offset: int, problem: str, end: int) -> bool:
-    """Whether a bad record at `offset` of the newest segment's tail is what a crash during unsynced appends can
-    leave (it was never acknowledged), rather than damage. A crash keeps any prefix of the appended bytes (the
-    file ends inside the record), and of what it keeps, each sector may hold its data or zeros (the size reached
-    the disk before the data: ext4's delayed allocation; pages flushed out of order). So: torn when the file ends
-    inside the record, or when the record is the file's last one and only its checksum fails (a sector torn), or
-    when a sector from `offset` on within the record, or anywhere after it when its length cannot be trusted,
-    reads as zeros."""
-    if problem.startswith(("incomplete record header", "record length")) and "over the limit" not in problem:
-        return True
-    if problem == "checksum mismatch" and not any(data[end:]):
-        return True
-    first = offset - offset % SECTOR_BYTES
-    for sector in range(first, end, SECTOR_BYTES):
-        lo, hi = max(sector, offset), min(sector + SECTOR_BYTES, len(data))
-        if lo < hi and not any(data[lo:hi]):
-            return True
-    return False
-
-
-def _scan(path: str, data: bytes, tail_may_tear: bool) -> tuple[list[_Record], int]:
-    """The record groups of a segment (each merged into one _Record), and the offset where the complete ones end
-    (less than len(data) when a torn tail follows them, or a group the file ends inside). A torn tail is allowed
-    only when `tail_may_tear`; any other damage raises CorruptLogError naming the file and offset."""
-    if len(data) < _HEADER.size or not any(data[:SECTOR_BYTES]):
-        if tail_may_tear:
-            return [], 0  # the file's size reached the disk, its first sector did not: a creation cut short
-        raise CorruptLogError(f"{path}: truncated segment header")
-    _check_header(path, data, SEGMENT_MAGIC, "log segment")
-    groups: list[_Record] = []
-    parts: list[_Record] = []  # the records of the group being read
-    offset = group_start = _HEADER.size
-    while offset < len(data):
-        problem, end = _check_record(data, offset)
-        if problem is not None:
-            if tail_may_tear and _torn(data, offset, problem, end):
-                return groups, group_start
-            raise CorruptLogError(f"{path}: {problem} at offset {offset}; the log is damaged")
-        r = _decode_record(path, offset, data[offset + _RECORD.size : end])
-        if r.kind in (RECORD_BASE, RECORD_BASE_PART) and (parts or groups):
-            raise CorruptLogError(f"{path}: a base record at offset {offset}, after the first record of a segment")
-        parts.append(r)
-        offset = end
-        if r.kind in (RECORD_BATCH, RECORD_BASE):
-            groups.append(_merge(path, parts))
-            parts = []
-            group_start = offset
-    if parts:  # the file ends inside a group: the rest of its records never reached it
-        if not tail_may_tear:
-            raise CorruptLogError(f"{path}: the record group at offset {group_start} is incomplete")
-        return groups, group_start
-    return groups, offset
-
-
-class _Replay:
-    """The log as replay rebuilds it: the entries after (start_index, start_term), and the last hard state.
-    `start_index` None: not known yet; `start_term` None: not known (format-1 segments do not say)."""
-
-    def __init__(self, start_index=None, start_term=None, entries=None, hard_state=HardState()) -> None:
-        self.start_index, self.start_term = start_index, start_term
-        self.entries: list[Entry] = entries or []
-        self.hard_state = hard_state
-
-    @property
-    def last_index(self) -> int:
-        return self.start_index + len(self.entries)
-
-    def put(self, entries: list[Entry], where: str) -> None:
-        """What a record's entries mean: they replace everything at or after their first index."""
-        first = entries[0].index
-        if self.start_index is None:
-            self.start_index, self.start_term = first - 1, None
-        if not self.start_index < first <= self.last_index + 1:
-            raise CorruptLogError(f"{where}: entries from index {first} do not follow the log, which holds "
-                                  f"{self.start_index + 1}..{self.last_index}")
-        del self.entries[first - self.start_index - 1 :]
-        self.entries.extend(entries)
-
-    def cut(self, snapshot: Snapshot, where: str) -> None:
-        """Drop what the snapshot covers, exactly as StoredState.install_snapshot does (everything, when the log
-        disagrees with the snapshot at its last index)."""
-        index, term = snapshot.last_included_index, snapshot.last_included_term
-        if self.start_index is None:
-            self.start_index, self.start_term = index, term
-            return
-        if index < self.start_index:
-            raise CorruptLogError(f"{where}: the log starts after index {self.start_index}, past the snapshot at "
-                                  f"{index}: what lies between is lost")
-        if index == self.start_index:
-            agrees = self.start_term is None or self.start_term == term
-        else:
-            agrees = index <= self.last_index and self.entries[index - self.start_index - 1].term == term
-        self.entries = self.entries[index - self.start_index :] if agrees else []
-        self.start_index, self.start_term = index, term
-
-
-def _replay_base(path: str, groups: list[_Record]) -> _Replay:
-    """The log a segment that starts with a base record holds: the base, then every record after it."""
-    first = groups[0]
-    where = f"{path} at offset {first.offset}"
-    if first.entries and first.entries[0].index != first.snapshot_index + 1:
-        raise CorruptLogError(f"{where}: the base record's entries start at index {first.entries[0].index}, "
-                              f"not after its snapshot at {first.snapshot_index}")
-    terms = [first.snapshot_term] + [e.term for e in first.entries]
-    if any(a > b for a, b in zip(terms, terms[1:])):
-        raise CorruptLogError(f"{where}: the base record's terms go down along its log (from the snapshot's "
-                              f"term {first.snapshot_term})")
-    replay = _Replay(first.snapshot_index, first.snapshot_term, list(first.entries), first.hard_state)
-    for r in groups[1:]:
-        where = f"{path} at offset {r.offset}"
-        if r.entries:
-            replay.put(r.entries, where)
-        if r.hard_state is not None:
-            replay.hard_state = r.hard_state
-    return replay
-
-
-def _replay_format1(segments: list[tuple[int, str]], snapshots: dict[int, Snapshot], newest: int,
-                    fs: FileSystem) -> _Replay | None:
-    """The log of a data dir before base records (DiskStorage._load_format1 says how it is found), or None when
-    there is no segment with a complete record."""
-    replay = None
-    for _, path in segments:
-        data = fs.read_file(path)
-        # Any of them may end torn: the old code began a segment after records it had not synced (a commit
-        # index alone), and never fsynced a segment it left behind.
-        groups, good_end = _scan(path, data, tail_may_tear=True)
-        if good_end < len(data):
-            logger.warning("%s: torn record at offset %d: dropping %d bytes", path, good_end, len(data) - good_end)
-        if not groups:
-            continue
-        for g in groups:
-            if g.kind != RECORD_BATCH:
-                raise CorruptLogError(f"{path} at offset {g.offset}: a base record after a segment that has none")
-        first_index = next((g.entries[0].index for g in groups if g.entries), None)
-        if groups[0].hard_state is not None and (first_index is None or first_index == 1
-                                                 or first_index - 1 in snapshots):
-            # Begun by an install (or the first segment ever): the whole log after its snapshot.
-            index = newest if first_index is None else first_index - 1
-            term = snapshots[index].last_included_term if index else 0
-            replay = _Replay(index, term)
-        else:
-            # Appended to by a restarted old process: its log, cut as that process's load cut it.
-            below = first_index - 1 if first_index is not None else newest
-            cut = max((i for i in snapshots if i <= below), default=0)
-            if replay is None:
-                replay = _Replay()
-            if cut and (replay.start_index is None or cut > replay.start_index):
-                replay.cut(snapshots[cut], path)
-        for g in groups:
-            if g.entries:
-                replay.put(g.entries, f"{path} at offset {g.offset}")
-            if g.hard_state is not None:
-                replay.hard_state = g.hard_state
-    return replay
 
 
 class DiskStorage:
@@ -1485,282 +856,38 @@ JOIN_MARKER = "JOINING"  # in the data dir while a node's first start is not don
 RESTORE_FILE = "RESTORE"  # a backup's snapshot file (raftdzmq -restore), installed by the node's first start
 
 
-class ForcedAgain(StorageError):
-    """-force-new-cluster on a node it was given before, whose cluster has grown since (force_new_cluster)."""
+# Moved to raftlib.server.nodestart (a node's identity and first start are the server's concern, and the library
+# does not depend on the server): importable from here for one more release (embedders and old scripts), looked up
+# only when asked for (PEP 562), so that importing raftlib.storage imports nothing of raftlib.server. The project
+# imports them from raftlib.server.nodestart.
+_MOVED_TO_THE_SERVER = frozenset({
+    "ForcedAgain", "LogMissing", "NAMED_ID", "NodeStart", "NotJoined", "RestoreNotJoin", "force_new_cluster",
+    "name_of", "new_node_id", "settle_forcing", "start_node",
+})
 
 
-@dataclasses.dataclass
-class NodeStart:
-    node_id: str
-    stored: StoredState  # the state to start the node with (the bootstrap's included)
-    bootstrapped: bool = False  # this start made a new one-node cluster
-    must_join: bool = False  # a -join was given and no leader has reached this node yet: join, then run
-    joined_before: bool = False  # a leader reached this node (a term, entries or a snapshot), or it bootstrapped
-    restored: int = 0  # this start made a new one-node cluster from a backup (RESTORE): the backup's index
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_THE_SERVER:
+        from .server import nodestart
+        return getattr(nodestart, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-NAMED_ID = re.compile(r"(.+)-[0-9a-f]{8}")  # NAME-<8 random hex>: a node started with -name NAME
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _MOVED_TO_THE_SERVER)
 
 
-def new_node_id(name: str | None) -> str:
-    """A new data dir's node id: 8 random hex digits, or NAME-<8 random hex> given -name NAME. Random in either
-    case (review of ops, finding 1): a node whose data dir was lost and which starts again under the same name on
-    an empty one has no log and no vote record, and under the old id it would grant votes and answer appends as
-    the old member (an acknowledged write lost). Under a new id the old members' messages do not reach it (they
-    name the old id), and its join is refused while a member has its name (api.join_refusal)."""
-    suffix = os.urandom(4).hex()
-    return suffix if name is None else f"{name}-{suffix}"
+# The knobs re-exported above are copies, read only in their homes: setting one here (an old script's
+# `storage.MAX_RECORD_BYTES = ...`) is forwarded there, never silently lost (review of the split, Q1).
+_KNOB_HOMES = {"MAX_RECORD_BYTES": "logformat", "SECTOR_BYTES": "logformat", "SNAPSHOT_IO_BYTES": "snapshotfile"}
 
 
-def name_of(node_id: str) -> str:
-    """The -name a node id was made from (`new_node_id`), or the id itself for a node started without -name."""
-    named = NAMED_ID.fullmatch(node_id)
-    return node_id if named is None else named.group(1)
+class _StorageModule(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        home = _KNOB_HOMES.get(name)
+        if home is not None:
+            setattr(importlib.import_module(f"{__package__}.{home}"), name, value)
+        super().__setattr__(name, value)
 
 
-def start_node(storage: DiskStorage, stored: StoredState, new_node_id: str, raft_address: str, http_address: str,
-               join: bool, public_key: str = "", name: str | None = None) -> NodeStart:
-    """Who this data dir's node is and what it must do, made crash-safe. The states, each durable before the next
-    is entered, so that a crash anywhere leaves one of them:
-
-        no node.json                       a new node: `new_node_id`; with `join`, a joining node, else the first
-                                           node of a new cluster. The intent (JOINING) is written first, then
-                                           node.json: never an identity without its intent.
-        node.json + JOINING "bootstrap"    the first node, not bootstrapped yet: the bootstrap save (term 1 and a
-                                           configuration with this node as the only voter, at index 1), then
-                                           JOINING removed. A crash or a full disk before the save's fsync: the
-                                           next start bootstraps again, with the same id.
-        node.json + JOINING "join"         a joining node no leader has accepted yet: joins again with the same id
-                                           (with -join; without, NotJoined, saying how to go on).
-        node.json, no JOINING              a leader accepted the join (the server removed JOINING, and writes
-                                           "joined" in node.json once a leader's term is saved in the log), or
-                                           the node bootstrapped ("joined" too): it runs. With "joined" but no term, no log and no snapshot, its log is
-                                           lost: LogMissing (review of ops 2, A: under its old id it would vote
-                                           as a node that forgot its votes and entries). Without "joined" (a dir
-                                           of an older raftdzmq that never started with its log since): a warning.
-        a log but no node.json             LogMissing (review of ops 2, F: it ran the old log under a new id,
-                                           outside its configuration, serving stale data).
-        a term, entries or a snapshot      in a cluster: runs (-join ignored), "joined" set; a JOINING left over
-                                           is removed,
-                                           and so is a RESTORE the install left (its snapshot is the log's);
-                                           another RESTORE next to a log is refused (StorageError).
-        RESTORE (+ JOINING "restore")      a data dir made by `raftdzmq -restore` (no node.json, no log): the first
-                                           start installs the backup's snapshot as a new one-node cluster (its
-                                           index and term kept, the configuration this node alone, the commit
-                                           index the snapshot's: one install transaction), then RESTORE goes,
-                                           then JOINING. A crash before the install's commit point: done again,
-                                           with the same id. Not with -join (RestoreNotJoin).
-
-    A "forcing" a crash left in node.json is settled first (settle_forcing). `public_key` (with a cluster secret)
-    goes into the bootstrap's configuration with this node; `name` (-name) into a new node.json.
-    Raises LogMissing, NotJoined, RestoreNotJoin, DiskFull (nothing is lost: start again once there is room), or
-    OSError."""
-    identity = storage.read_identity()
-    pending = storage.read_join_marker()
-    joined_before = stored.hard_state.current_term > 0 or stored.last_index > 0
-    restoring = not joined_before and storage.has_restore_file()
-    if joined_before and storage.has_restore_file():
-        _check_restore_installed(storage, stored, identity)
-    if identity is None and joined_before:
-        raise LogMissing(f"{storage.data_dir} holds a log but no node.json: the node it belonged to is unknown "
-                         "(restore node.json, or start from an empty data dir: a new node)")
-    if identity is not None and identity.get("joined") and stored.hard_state.current_term == 0 and not restoring:
-        # (a snapshot file next to an empty log/ does not make up for it: the votes and the entries after it
-        # are gone all the same)
-        raise LogMissing(f"{storage.data_dir}: node {identity.get('node_id')} was in a cluster but its log is "
-                         "missing (no term in log/): mount or restore log/; else remove the member "
-                         "(DELETE /cluster/ID) and start a new node on an empty data dir")
-    settle_forcing(storage, stored)
-    if restoring and join:
-        raise RestoreNotJoin(f"{storage.data_dir} holds a restored backup: it starts a new cluster of its own, "
-                             "which other nodes then join (-join to it); start it without -join")
-    if restoring:
-        old = read_snapshot(storage.restore_path, storage.fs)
-        old.data.close()  # type: ignore[union-attr]
-        new_id = new_node_id if identity is None else identity["node_id"]
-        if new_id in old.membership.node_ids:
-            raise RestoreNotJoin(f"{new_id} was a member of the cluster the backup was taken of: a restored node "
-                                 "starts a new cluster, under a new name (-name), so that the old members' "
-                                 "messages never reach it as theirs")
-    if identity is None:
-        node_id = new_node_id
-        pending = "restore" if restoring else "join" if join else "bootstrap"
-        storage.write_join_marker(pending)  # before the identity: no identity without its intent
-        storage.write_identity(node_id, raft_address, http_address, name)
-    else:
-        node_id = identity["node_id"]
-        if (identity.get("raft_address"), identity.get("http_address")) != (raft_address, http_address):
-            logger.warning("this node was created with addresses %s / %s; the cluster still knows it by those",
-                           identity.get("raft_address"), identity.get("http_address"))
-    out = NodeStart(node_id, stored, joined_before=joined_before)
-    if joined_before:
-        if stored.hard_state.current_term > 0:  # done already, a crash came before it, or an older raftdzmq
-            storage.mark_joined()
-        if storage.has_restore_file():
-            storage.remove_restore_file()  # installed before a crash: the log holds it
-        if pending is not None:
-            storage.remove_join_marker()  # a leader reached it: the join was accepted (or the bootstrap done)
-    elif restoring:
-        backup = read_snapshot(storage.restore_path, storage.fs)
-        me = Member(node_id, raft_address, http_address, public_key)
-        alone = Membership((node_id,), (), (me,))
-        index, term = backup.last_included_index, backup.last_included_term
-        try:
-            storage.save(HardState(term, None, index), [], Snapshot(index, term, alone, backup.data))
-        finally:
-            backup.data.close()
-        out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))
-        storage.mark_joined()
-        storage.remove_restore_file()
-        storage.remove_join_marker()
-        out.restored = index
-        out.joined_before = True
-    elif join:
-        out.must_join = True  # a first join, or one that never succeeded: again, with the same node id
-        if pending != "join":
-            storage.write_join_marker("join")
-    elif pending == "join":
-        raise NotJoined(f"node {node_id} ({storage.data_dir}) never joined a cluster: its -join did not succeed. "
-                        "Start it again with -join HOST:HTTPPORT (it keeps its id), or give it an empty data dir to "
-                        "start a new cluster")
-    elif pending == "bootstrap":
-        # The first node of a new cluster: a configuration with itself as the only voter (index 1).
-        me = Member(node_id, raft_address, http_address, public_key)
-        first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership((node_id,), (), (me,)))
-        storage.save(HardState(1, None, 1), [first])
-        out.stored = StoredState(storage.state.hard_state, storage.state.snapshot, list(storage.state.entries))
-        storage.mark_joined()
-        storage.remove_join_marker()
-        out.bootstrapped = True
-    else:
-        # An identity without "joined", no log and no marker: a dir written by an older raftdzmq (whose failed
-        # joins, lost bootstraps and lost logs looked like this; a start with its log marks it "joined").
-        logger.warning("node %s has no log and no term yet: no leader has reached it. If its join never succeeded, "
-                       "restart it with -join HOST:HTTPPORT; if it was the first node of a new cluster, give it an "
-                       "empty data dir", node_id)
-    return out
-
-
-def _check_restore_installed(storage: DiskStorage, stored: StoredState, identity: dict | None) -> None:
-    """A RESTORE next to a log: the install's, left by a crash before RESTORE went (the log's snapshot is the
-    backup's, index and term, in a configuration of this node alone), else a StorageError (review of ops, finding
-    6: a data dir cleared but for log/ ran the old log and dropped the backup, silently)."""
-    backup = read_snapshot(storage.restore_path, storage.fs)
-    backup.data.close()  # type: ignore[union-attr]
-    held = stored.snapshot
-    if identity is None or held is None or held.membership.node_ids != (identity.get("node_id"),) or \
-            (held.last_included_index, held.last_included_term) != (backup.last_included_index,
-                                                                    backup.last_included_term):
-        raise StorageError(f"{storage.data_dir} holds a restored backup (RESTORE) and a log the restore did not "
-                           "make: restore into an empty data dir")
-
-
-def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member,
-                      again: bool = False) -> tuple[int, tuple[str, ...]] | None:
-    """Lost-quorum recovery (`raftdzmq -force-new-cluster`, etcd's flag): make this surviving node a one-node
-    cluster with its data. One save, one record and one fdatasync, so a crash leaves the log before it or after
-    it, never between: the entries after the commit index are cut off (they may never have committed, and some may
-    have been answered as not applied: etcd drops them too), and an entry is appended at the commit index + 1,
-    of a new term (the highest this node has seen + 1), holding the configuration `me` alone; the hard state's
-    commit index covers it (as the bootstrap's does) and its vote is this node's. Before any message leaves.
-    The configuration it starts from is the newest at or below the commit index (review of ops, finding 4: the
-    newest in the log may be in the tail that is cut off): this node must be in it.
-
-    The members removed are FENCED first (node.json's "forcing", before the record, made "fenced" after it, or at the
-    next start if a crash came between; dropped there if the record was never written): those of that configuration
-    and of every configuration in the tail cut off (one may have reached a node it adds). The server drops every
-    message from a fenced node while it is not in this node's configuration, answering a Removed notice instead
-    (raftlib.server.node), and refuses a join under a fenced name (api.join_refusal). Without that, two old
-    members back together (a majority of the old configuration) could elect a leader of their own whose appends,
-    of a higher term, this node would follow. An old member that comes back alone could not disturb it anyway: it
-    cannot count (the configuration names this node alone), nor win this node's vote or pre-vote (this log ends
-    in a newer term than any of theirs). A fence without the record (a crash between) changes nothing: the old
-    members are still in the configuration then. Only this node holds the fence: the old members' data dirs must
-    be wiped all the same (README, "Disaster recovery"). With a cluster secret their connections are refused
-    anyway (their keys are not in this configuration).
-
-    The forced entry's index and term go into node.json ("forcing"'s, then "forced", as the fence does). Forcing
-    again once the log holds a configuration after it (fresh nodes joined) is refused (ForcedAgain) unless
-    `again` (review of ops, finding 2: a flag left set cut {a, d, e} back to {a} while d and e, a majority of
-    it, went on as a cluster of their own). Entries of a lower term after that index do not count.
-
-    Returns (the new entry's index, the members removed), or None when the newest configuration is this node
-    alone already (a second start with the flag: nothing to do). Raises StorageError when this node has no
-    configuration or is not in it, ForcedAgain, and as `save` does."""
-    base = stored.snapshot.last_included_index if stored.snapshot is not None else 0
-    commit = min(max(stored.hard_state.commit_index, base), stored.last_index)
-    snapshot_membership = stored.snapshot.membership if stored.snapshot is not None else None
-    committed = next((e.membership for e in reversed(stored.entries)
-                      if e.membership is not None and e.index <= commit), snapshot_membership)
-    tail = [e.membership for e in stored.entries if e.membership is not None and e.index > commit]
-    newest = tail[-1] if tail else committed
-    forced_before = (storage.read_identity() or {}).get("forced")
-    if forced_before is not None and not again:
-        forced_index, forced_term = forced_before
-        later = [e.index for e in stored.entries
-                 if e.membership is not None and e.index > forced_index and e.term >= forced_term]
-        if stored.snapshot is not None and base > forced_index and stored.snapshot.last_included_term >= forced_term \
-                and stored.snapshot.membership != Membership((me.node_id,), (), (me,)):
-            later.append(base)
-        if later:
-            raise ForcedAgain(f"{storage.data_dir}: node {me.node_id} was made a one-node cluster by "
-                              f"-force-new-cluster at index {forced_index}, and its cluster has changed since "
-                              f"(a configuration at index {later[-1]}): forcing again would cut the members that "
-                              "joined since, a majority of their own, into a second cluster. Start it without "
-                              "-force-new-cluster; if every other member is lost for good, -force-new-cluster-again")
-    if committed is None or me.node_id not in committed.node_ids:
-        raise StorageError(f"{storage.data_dir}: node {me.node_id} is not in its newest committed configuration "
-                           f"({'none' if committed is None else ', '.join(committed.node_ids)}): "
-                           "-force-new-cluster needs a surviving member's data dir")
-    assert newest is not None
-    if newest.voters == (me.node_id,) and not newest.learners:
-        return None
-    last_term = stored.entries[-1].term if stored.entries else (
-        stored.snapshot.last_included_term if stored.snapshot is not None else 0)
-    term = max(stored.hard_state.current_term, last_term) + 1
-    forced = Entry(term, commit + 1, EntryKind.MEMBERSHIP, b"", Membership((me.node_id,), (), (me,)))
-    removed = tuple(sorted({n for m in (committed, *tail) for n in m.node_ids} - {me.node_id}))
-    storage.fence(removed, forced=(commit + 1, term))
-    storage.save(HardState(term, me.node_id, commit + 1), [forced])
-    storage.confirm_force()
-    return commit + 1, removed
-
-
-def settle_forcing(storage: DiskStorage, stored: StoredState) -> None:
-    """A "forcing" left in node.json by a crash during -force-new-cluster (between its fence and its record, or
-    between the record and `confirm_force`): confirmed when the log holds the forced entry (its index and term),
-    else dropped (review of ops 2, B: the forced entry never written, a "forced" and a fence left behind refused a
-    later genuine force as ForcedAgain and joins under the old members' names). Nothing ran between the crash
-    and this start, so the entry, when written, is still the log's last."""
-    forcing = (storage.read_identity() or {}).get("forcing")
-    if forcing is None:
-        return
-    index, term = forcing["forced"]
-    held = next((e.term for e in stored.entries if e.index == index), None)
-    if held is None and stored.snapshot is not None and stored.snapshot.last_included_index == index:
-        held = stored.snapshot.last_included_term
-    if held == term:
-        storage.confirm_force()
-    else:
-        logger.warning("-force-new-cluster did not finish (no forced entry at index %d, term %d): its fence is "
-                       "dropped", index, term)
-        storage.update_identity(forcing=None)
-
-
-def encode_snapshot(s: Snapshot) -> bytes:
-    """A snapshot file's bytes, in memory (tests; the storage writes them in pieces, `_write_snapshot_file`)."""
-    body = _snapshot_head(s) + snapshot_chunk(s.data, 0, len(s.data))
-    return body + struct.pack(">I", zlib.crc32(body))
-
-
-def read_snapshot(path: str, fs: FileSystem | None = None) -> Snapshot:
-    """The snapshot in the file at `path`, its data a SnapshotFile (the file held open, its checksum checked)."""
-    fs = fs or OsFileSystem()
-    source = _open_snapshot_file(fs, path)
-    meta_bytes = fs.pread(source.handle, _HEADER.size + 4, source.start - _HEADER.size - 4)
-    try:
-        meta = cbor2.loads(meta_bytes)
-        return codec.decode_snapshot_meta(meta, source)
-    except Exception as e:
-        source.close()
-        raise CorruptLogError(f"{path}: bad snapshot metadata: {e}") from None
+sys.modules[__name__].__class__ = _StorageModule

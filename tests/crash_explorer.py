@@ -42,8 +42,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from crashfs import CrashFS  # noqa: E402
 from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, StoredState  # noqa: E402
 from raftlib.messages import snapshot_bytes  # noqa: E402
+from raftlib import logformat  # noqa: E402
 from raftlib import storage as storage_module  # noqa: E402
-from raftlib.storage import DiskFull, DiskStorage, OutOfDescriptors, StorageError  # noqa: E402
+from raftlib.storage import DiskStorage  # noqa: E402
+from raftlib.storage_errors import DiskFull, OutOfDescriptors, StorageError  # noqa: E402
 
 DATA_DIR = "/data"
 MEMBERSHIP = Membership(voters=("a",), members=(Member("a", "a:1", "a:2"),))
@@ -667,9 +669,9 @@ def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None,
     """`record_bytes`: MAX_RECORD_BYTES for the run (scaled down, saves and base records become groups)."""
     total = Stats()
     storage_module.UNSAFE_REPLAY_FILTER = unsafe_replay_filter
-    saved_limit = storage_module.MAX_RECORD_BYTES
+    saved_limit = logformat.MAX_RECORD_BYTES
     if record_bytes is not None:
-        storage_module.MAX_RECORD_BYTES = record_bytes
+        logformat.MAX_RECORD_BYTES = record_bytes
     try:
         for name, workload in items:
             stats = Explorer(name, limits, storage_fs).run(workload)
@@ -678,7 +680,7 @@ def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None,
                 print("\n".join(stats.violations), file=out)
     finally:
         storage_module.UNSAFE_REPLAY_FILTER = False
-        storage_module.MAX_RECORD_BYTES = saved_limit
+        logformat.MAX_RECORD_BYTES = saved_limit
     return total
 
 

@@ -76,7 +76,8 @@ from raftlib import (
 )
 from raftlib import codec, readonly
 from raftlib.messages import snapshot_bytes
-from raftlib.storage import DiskStorage, StorageError
+from raftlib.storage import DiskStorage
+from raftlib.storage_errors import StorageError
 
 ELECTION_TICKS = 10
 HEARTBEAT_TICKS = 2

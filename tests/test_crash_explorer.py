@@ -11,8 +11,12 @@ import pytest
 import crash_explorer
 from crash_explorer import HAND_WRITTEN, Limits, explore, workloads
 from crashfs import CrashFS
-from raftlib import HardState, Snapshot
-from raftlib.storage import DiskFull, DiskStorage, NotJoined, encode_record, encode_snapshot
+from raftlib import HardState, Snapshot, logformat
+from raftlib.logformat import encode_record
+from raftlib.server.nodestart import NotJoined
+from raftlib.snapshotfile import encode_snapshot
+from raftlib.storage import DiskStorage
+from raftlib.storage_errors import DiskFull
 
 MEMBERSHIP = crash_explorer.MEMBERSHIP
 
@@ -120,25 +124,25 @@ def test_no_crash_state_breaks_the_rules_when_records_are_split_into_groups():
     """Review S2: with the record limit scaled down to 120 bytes, most saves and every base record of these
     workloads are groups of several records: a crash must keep a group whole or not at all."""
     sizes = []
-    real = crash_explorer.storage_module._framed
-    crash_explorer.storage_module._framed = lambda payload: sizes.append((len(payload), payload[0])) or real(payload)
+    real = logformat._framed
+    logformat._framed = lambda payload: sizes.append((len(payload), payload[0])) or real(payload)
     try:
         stats = explore(workloads(30, seed=2), Limits(states=16), record_bytes=120)
     finally:
-        crash_explorer.storage_module._framed = real
+        logformat._framed = real
     assert not stats.violations, "\n".join(stats.violations)
     assert max(n for n, _ in sizes) <= 120 and stats.crash_points > 500, stats
     parts = sum(1 for _, kind in sizes if kind in (3, 4))
     assert parts > 30, parts  # groups were written, base groups among them
     assert any(kind == 4 for _, kind in sizes)
-    assert crash_explorer.storage_module.MAX_RECORD_BYTES == 256 << 20  # set back
+    assert logformat.MAX_RECORD_BYTES == 256 << 20  # set back
 
 
 # ---- identity, JOINING and the bootstrap, crashed at every file operation (review L2) ----------------------------
 
 
 def start(fs, node_id: str, join: bool):
-    from raftlib.storage import start_node
+    from raftlib.server.nodestart import start_node
 
     storage = DiskStorage("/data", fs=fs)
     try:
@@ -233,11 +237,11 @@ def test_both_halves_of_a_forked_snapshot_are_crash_safe():
 
 def test_the_explorer_finds_a_childs_half_that_does_not_fsync_its_file(monkeypatch):
     """The child's half made unsafe (its file not fsynced before the parent's rename commits it): found."""
-    from raftlib import storage as storage_module
+    from raftlib import snapshotfile
 
     def write_without_sync(self, snapshot, tmp):
         f = self.fs.create(tmp)
-        storage_module._write_snapshot_file(self.fs, f, snapshot)
+        snapshotfile._write_snapshot_file(self.fs, f, snapshot)
         self.fs.close(f)
 
     monkeypatch.setattr(DiskStorage, "write_snapshot", write_without_sync)
@@ -259,7 +263,7 @@ def test_a_snapshot_received_into_its_file_is_crash_safe():
 def test_the_explorer_finds_a_received_file_not_fsynced_before_its_rename(monkeypatch):
     """The receiver made unsafe (neither its chunks nor its end fsynced before the install renames the file):
     a power failure after the install's commit point finds no readable snapshot."""
-    from raftlib.storage import SnapshotReceiver
+    from raftlib.snapshotfile import SnapshotReceiver
 
     class FakeSync:
         def __init__(self, fs):

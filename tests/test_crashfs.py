@@ -10,7 +10,8 @@ import pytest
 
 from crashfs import CrashFS, SimulatedCrash
 from raftlib import Entry, EntryKind, HardState
-from raftlib.storage import DataDirLocked, DiskFull, DiskStorage
+from raftlib.storage import DiskStorage
+from raftlib.storage_errors import DataDirLocked, DiskFull
 
 
 def contents(states, path):

@@ -31,7 +31,7 @@ from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_TXN_OPS, SET,
                                   SET_FEATURE_LEVEL, KeyValueStore, TxnResult, command)
-from raftlib.storage import DiskFull
+from raftlib.storage_errors import DiskFull
 
 MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
            Member("c", "10.0.0.3:5555", "10.0.0.3:8080"))

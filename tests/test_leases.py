@@ -18,7 +18,7 @@ from raftlib.runtime import EntryLost, Timeout
 from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.node import LeaderLeases
-from raftlib.storage import DiskFull
+from raftlib.storage_errors import DiskFull
 from raftlib.server.store import (FEATURE_LEVEL, LEASE_EXPIRE, LEASE_GRANT, PUT_WITH_TTL, SET_FEATURE_LEVEL,
                                   SET_WITH_LEASE, Event, KeyValueStore, command)
 

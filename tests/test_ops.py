@@ -17,7 +17,7 @@ import time
 
 
 from procs import SERVER, LocalCluster, Node, wait_for
-from raftlib.storage import name_of
+from raftlib.server.nodestart import name_of
 
 WRITERS = 3
 

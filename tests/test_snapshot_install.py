@@ -28,7 +28,9 @@ from raftlib import (
 )
 from raftlib.runtime import CollectorHold, Runtime
 from raftlib.server.store import RESTORE_BATCH_KEYS, SET, KeyValueStore, command
-from raftlib.storage import DiskStorage, OutOfDescriptors, ReceivedSnapshotFile
+from raftlib.snapshotfile import ReceivedSnapshotFile
+from raftlib.storage import DiskStorage
+from raftlib.storage_errors import OutOfDescriptors
 
 MEMBERSHIP = Membership(("a", "b"), (), (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", "")))
 

@@ -7,6 +7,7 @@
     edge.py      the HTTP edge on gevent's WSGI server: strict framing, limits, connections, turns of the loop
     api.py       the HTTP routes as module-level functions, and the one mapping from failures to answers
     node.py      the wiring: storage, transport, runtime and store; joining a cluster; a graceful stop
+    nodestart.py a node's identity and first start, -force-new-cluster: over DiskStorage, no gevent
 
 Rules: no module here monkey-patches (the command does, before it imports any of them); importing this package
 imports none of its modules.

@@ -67,13 +67,14 @@ from raftlib.core import NodeStatus, NotLeader, ProposalDropped, UncommittedBoun
 from raftlib.events import EventRing
 from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership, Role
 from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
-from raftlib.storage import DiskFull, name_of
+from raftlib.storage_errors import DiskFull
 
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, answer_headers, keys_request_body, valid_nonce,
                     valid_public_key, wire_target)
 from .edge import EOF_PROBE_SECONDS, HALF_CLOSE_PROBES, WRITE_METHODS, RateLimitedLog, Stream, waiting_on_its_own
 from .health import READY_READ_SECONDS, liveness, readiness, report
 from .metrics import Metrics
+from .nodestart import name_of
 from .leases import LeaseKeeper
 from .store import (ADMIN_CLAIM, COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, FEATURE_LEVEL,
                     LEASE_GRANT, LEASE_REVOKE, MAX_DELETE_KEYS_PER_ENTRY, MAX_KEYS_PER_LEASE, MAX_LEASES,
@@ -1457,7 +1458,7 @@ def get_cluster(api: Api) -> bottle.HTTPResponse:
 
 
 def member_named(membership: Membership, node_id_or_name: str) -> str:
-    """The member whose id is `node_id_or_name`, else the one whose -name it is (storage.name_of: a node started
+    """The member whose id is `node_id_or_name`, else the one whose -name it is (nodestart.name_of: a node started
     with -name NAME has the id NAME-<8 hex>), else `node_id_or_name` itself; 409 (raised) when several have it."""
     if node_id_or_name in membership.node_ids:
         return node_id_or_name

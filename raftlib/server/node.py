@@ -29,12 +29,12 @@ Rules:
   within KEYS_REQUEST_TIMEOUT_SECONDS, in a greenlet of its own (never in the loop's).
 - Addresses: -h is resolved (getaddrinfo, IPv4) and probed with a bind before the data dir is opened; -advertise
   (default -h) is what the configuration holds and redirects name. -name NAME makes the node id NAME-<8 random
-  hex> at the first start (raftlib.storage.new_node_id: a new data dir is always a new node, review of ops,
+  hex> at the first start (nodestart.new_node_id: a new data dir is always a new node, review of ops,
   finding 1); another -name later is refused before anything is written.
 - HTTP answers only requests whose Host is one of this node's names (raftlib.server.hosts: -allowed-hosts, against
   DNS rebinding): -h, -advertise, this machine's names (MACHINE_NAMES_TIMEOUT_SECONDS bounds asking the resolver
   for its FQDN at start), its configuration's members' advertised HTTP hosts, IP literals and localhost.
-- -force-new-cluster (raftlib.storage.force_new_cluster): the members it removed are fenced (node.json's
+- -force-new-cluster (nodestart.force_new_cluster): the members it removed are fenced (node.json's
   "fenced"): while such a node is not in this node's configuration, its frames never reach the runtime and are
   answered with a Removed notice (`_deliver`).
 - Leases (raftlib.server.leases): the LeaseKeeper is the leader's. LeaderLeases keeps it in step with the node's
@@ -71,7 +71,8 @@ from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNod
 from raftlib.interfaces import StoredState
 from raftlib.messages import Member, Membership, Message, Removed, Role
 from raftlib.runtime import EntryLost, NotRunning, Runtime
-from raftlib.storage import DiskFull, DiskStorage, StorageError, force_new_cluster, name_of, new_node_id, start_node
+from raftlib.storage import DiskStorage
+from raftlib.storage_errors import DiskFull, StorageError
 from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
@@ -82,6 +83,7 @@ from .hosts import AllowedHosts
 from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
+from .nodestart import force_new_cluster, name_of, new_node_id, start_node
 from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, command
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
 
@@ -502,7 +504,7 @@ def keyless_members(stored: StoredState) -> list[str]:
 
 class Server:
     """One node (see the module's rules). `bootstrapped`, `must_join` and `joined_before` say what its data dir held
-    at start (raftlib.storage.start_node)."""
+    at start (nodestart.start_node)."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -559,7 +561,7 @@ class Server:
 
     def _start_node(self) -> StoredState:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
-        (raftlib.storage.start_node says how)."""
+        (nodestart.start_node says how)."""
         stored = self.storage.load()
         identity = self.storage.read_identity()
         name = self.config.name
@@ -706,8 +708,8 @@ class Server:
 
     def _mark_joined_once_reached(self) -> None:
         """Write node.json's "joined" once this node's log holds a term (a leader reached it and the save was
-        fsynced): from then on a start that finds no term in log/ is refused (storage.LogMissing), since the node
-        may have voted or acknowledged entries. A start that finds a term writes it too (storage.start_node),
+        fsynced): from then on a start that finds no term in log/ is refused (nodestart.LogMissing), since the node
+        may have voted or acknowledged entries. A start that finds a term writes it too (nodestart.start_node),
         so a crash between the save and this write loses nothing."""
         while not self._stopping:
             if self.storage.state.hard_state.current_term > 0:
@@ -797,7 +799,7 @@ class Server:
         return self.runtime.deliver(messages, reply_wanted)
 
     def _fenced_answer(self, src: str) -> list[Message]:
-        """A member removed by -force-new-cluster spoke (raftlib.storage.force_new_cluster: fenced): nothing of it
+        """A member removed by -force-new-cluster spoke (nodestart.force_new_cluster: fenced): nothing of it
         reaches the node; it is told it was removed (a notice the core would send, at most the configuration's
         index of a second ago: O(entries) to find). Logged at most once a minute."""
         now = time.monotonic()

@@ -1,11 +1,11 @@
 """`raftdzmq -restore FILE DATA_DIR`: a new data dir from a backup (GET /snapshot), whose node's first start makes
-it a new one-node cluster holding the backup's state (raftlib.storage.start_node, "RESTORE").
+it a new one-node cluster holding the backup's state (nodestart.start_node, "RESTORE").
 
 Rules:
 - Offline and pure of gevent: it runs before any server exists, and changes nothing but DATA_DIR.
 - Everything is checked before anything is written: the file's SHA-256 against the one given (the answer's
   X-Raft-Snapshot-Sha256) or against FILE.sha256 when that exists (`sha256sum`'s format), its head, version and
-  crc32 (storage.read_snapshot), its metadata, and the whole state machine's bytes decoded as a node would
+  crc32 (snapshotfile.read_snapshot), its metadata, and the whole state machine's bytes decoded as a node would
   (KeyValueStore.restore: every rule of docs/DATA-DIR.md's "Snapshots").
 - DATA_DIR must not exist or be empty (an empty log/ and a LOCK allowed, as a failed try leaves them): a restore
   never mixes with a node's data. It is made with the backup's
@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import os
 
-from raftlib.storage import SNAPSHOT_IO_BYTES, DiskStorage, StorageError, read_snapshot
+from raftlib.snapshotfile import SNAPSHOT_IO_BYTES, read_snapshot
+from raftlib.storage import DiskStorage
+from raftlib.storage_errors import StorageError
 
 from .store import KeyValueStore
 
