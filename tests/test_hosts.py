@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from procs import SERVER, LocalCluster, Node, free_port, wait_for
+from procs import ROOT, SERVER, LocalCluster, Node, free_port, wait_for
 from raftlib.messages import Member, Membership
 from raftlib.server.hosts import MAX_VERDICTS, AllowedHosts, host_of, malformed_host, parse_allowed_hosts
 
@@ -85,6 +85,10 @@ def test_a_star_allows_any_host_and_the_verdicts_kept_are_bounded():
         assert hosts.refusal(f"127.0.0.1:{i}") is None and hosts.refusal(f"evil{i}.example") is not None
         assert len(hosts._verdicts) <= MAX_VERDICTS
     assert hosts.refusal("localhost:1") is None and hosts.refusal("evil0.example") is not None
+    # The start-up line names localhost once, and no IP address (any is allowed).
+    assert anything.served_names().startswith("any Host")
+    listed = AllowedHosts(("kv.example",), ("LOCALHOST.", "127.0.0.1", "node1"), lambda: membership_of())
+    assert listed.served_names().startswith("the Host names localhost, kv.example, node1, any IP address ")
 
 
 # ---- real nodes, raw sockets --------------------------------------------------------------------------------------
@@ -131,14 +135,15 @@ def test_a_rebound_name_is_refused_and_the_nodes_own_and_members_names_are_serve
     """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 is same-origin with the node, so
     Origin and Sec-Fetch-Site pass. Its Host gives it away: a read, a write and a dashboard action are refused 403
     by both nodes, and nothing is written; so is one from a rebound name under .localhost (b does not list
-    dash.localhost). The node's own names (-h, -advertise, this machine's), IP addresses, localhost and
-    -allowed-hosts (a lists dash.localhost) are served; a member's advertised name is served by the other member too.
+    dash.localhost), and one naming this machine, which b does not list (second review of rebind, F1). The node's own
+    names (-h, -advertise), IP addresses, localhost and -allowed-hosts (a lists dash.localhost and this machine's
+    name) are served; a member's advertised name is served by the other member too.
     `a` advertises alpha.test, which does not resolve: the requests go to 127.0.0.1 with that Host, and `a` leads
     throughout, so `b` never has to reach it (b's reads are stale ones: a linearizable read would ask a)."""
     a = Node("a", str(tmp_path))
     b = Node("b", str(tmp_path))
     cluster = LocalCluster(str(tmp_path), nodes=[a, b])
-    a_extra = ("-advertise", "alpha.test", "-allowed-hosts", "KV.example,dash.localhost")
+    a_extra = ("-advertise", "alpha.test", "-allowed-hosts", f"KV.example,dash.localhost,{socket.gethostname()}")
     try:
         a.start(*a_extra)
         wait_for(lambda: a.status()["role"] == "leader", 10, "a to lead")
@@ -146,7 +151,8 @@ def test_a_rebound_name_is_refused_and_the_nodes_own_and_members_names_are_serve
         wait_for(lambda: cluster._is_voter(b), 30, "b to become a voter")
         b_id = b.status()["node_id"]
         assert ask(a, "POST", "/db/k", f"localhost:{a.http_port}", body=b"before")[0] == 200
-        for node, name in ((a, "evil.example"), (b, "evil.example"), (a, "rebind.localhost"), (b, "dash.localhost")):
+        for node, name in ((a, "evil.example"), (b, "evil.example"), (a, "rebind.localhost"), (b, "dash.localhost"),
+                           (b, socket.gethostname())):
             host, page = rebound(node, name)
             assert_refused(ask(node, "GET", "/db/k", host, page), write=False)
             assert_refused(ask(node, "GET", "/ui", host, page), write=False)
@@ -180,6 +186,43 @@ def test_a_rebound_name_is_refused_and_the_nodes_own_and_members_names_are_serve
             assert "Traceback" not in node.log_text()
     finally:
         cluster.stop()
+
+
+HOSTILE_RESOLVER = """
+import socket, sys
+sys.path.insert(0, {root!r})
+import raftdzmq  # monkey-patches with gevent on import
+import gevent._socketcommon
+real_gethostbyaddr = socket.gethostbyaddr
+def hostile_gethostbyaddr(address):
+    host, aliases, addresses = real_gethostbyaddr(address)
+    return "evil.example", [host, *aliases], addresses  # what a rogue resolver answers to the PTR query
+socket.gethostbyaddr = gevent._socketcommon.gethostbyaddr = hostile_gethostbyaddr
+sys.exit(raftdzmq.main(sys.argv[1:]))
+"""
+
+
+def test_this_machines_names_are_not_allowed_by_default_so_a_hostile_reverse_lookup_names_nothing(tmp_path):
+    """Second review of rebind, F1: socket.getfqdn() is a reverse lookup, so a rogue network's resolver answering the
+    machine's address with evil.example made that name allowed. A node whose resolver does so (the launcher stands in
+    for it) refuses evil.example, and this machine's host name too (a browser may resolve it through DNS), while it
+    serves localhost; its start-up line names localhost once and neither of those names."""
+    launcher = tmp_path / "hostile_resolver.py"
+    launcher.write_text(HOSTILE_RESOLVER.format(root=ROOT))
+    assert socket.getfqdn(socket.gethostname()) != "evil.example"  # only the launcher's process is fooled
+    node = Node("n1", str(tmp_path), server=str(launcher))
+    try:
+        node.start()
+        wait_for(lambda: node.status()["role"] == "leader", 10, "a leader")
+        for name in ("evil.example", socket.gethostname()):
+            host, page = rebound(node, name)
+            assert_refused(ask(node, "POST", "/db/owned", host, page, b"owned"), write=True)
+        assert ask(node, "GET", "/db/owned", f"localhost:{node.http_port}")[0] == 404
+        served = [line for line in node.log_text().splitlines() if "HTTP serves" in line]
+        assert len(served) == 1 and served[0].count("localhost") == 1, served
+        assert "evil.example" not in served[0] and f" {socket.gethostname()}," not in served[0], served
+    finally:
+        node.kill()
 
 
 def test_a_malformed_host_two_host_lines_and_http_1_1_without_host_are_refused_400_http_1_0_without_host_served(

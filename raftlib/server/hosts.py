@@ -12,10 +12,12 @@ Rules:
   not allowed gets 403 with one line naming -allowed-hosts (and X-Raft-Outcome: not-applied on a write).
 - Allowed without configuration: IP literals (an IPv4 address, an IPv6 one in brackets: there is no name to
   rebind), exactly `localhost` (/etc/hosts gives it before any DNS server is asked), this node's -h and
-  -advertise, this machine's names (socket.gethostname() and its FQDN: the node passes them), and the host of
-  every member's advertised HTTP address in this node's configuration, since the nodes reach one another by
-  those names (-forward, a join's redirect to the leader, GET /cluster/status, the feature level's questions,
-  GET /cluster/keys). -allowed-hosts adds names; `*` allows every Host.
+  -advertise, and the host of every member's advertised HTTP address in this node's configuration, since the
+  nodes reach one another by those names (-forward, a join's redirect to the leader, GET /cluster/status, the
+  feature level's questions, GET /cluster/keys). -allowed-hosts adds names; `*` allows every Host.
+- This machine's names are not allowed unless listed (second review of rebind, F1): socket.getfqdn() is a reverse
+  lookup, so a hostile resolver's PTR answer (`evil.example`) would become an allowed name, and a browser resolves
+  the short socket.gethostname() through DNS when /etc/hosts does not give it. Whoever uses them lists them.
 - Names under `.localhost` are not allowed unless listed (review of rebind, F1): only Chrome and Firefox resolve
   them to loopback themselves (RFC 6761 §6.3); Safari on macOS, and glibc with `hosts: files dns`, ask DNS, so
   whoever controls the resolver (a rogue Wi-Fi's DHCP) can rebind `rebind.localhost`.
@@ -132,6 +134,14 @@ class AllowedHosts:
             return None
         return (f"Host {shown_host(host_value)} is not a name of this node (refused against DNS rebinding); "
                 "if it is one, give it in -allowed-hosts")
+
+    def served_names(self) -> str:
+        """The start-up log's list of the Host names served (with `*`: say the check is off)."""
+        if self.any_host:
+            return "any Host (-allowed-hosts '*'): open to DNS rebinding"
+        names = sorted(n for n in self.names if n != "localhost" and not is_ip_literal(n))
+        return (f"the Host names {', '.join(['localhost', *names])}, any IP address and the members' advertised "
+                "hosts (-allowed-hosts adds names: this machine's, if clients use them)")
 
     def allows(self, host: str | None) -> bool:
         """Whether `host` (as host_of gives it; None: no host) is allowed, the members' names as of the last
