@@ -258,6 +258,42 @@ def test_a_malformed_host_two_host_lines_and_http_1_1_without_host_are_refused_4
             node.kill()
 
 
+def test_a_health_check_without_host_is_served_and_nothing_else_is(tmp_path):
+    """Second review of rebind, F2: HAProxy's old `option httpchk GET /readyz HTTP/1.1` sends no Host. GET and HEAD of
+    exactly /livez and /readyz without a body are served without it, on a connection kept open as HTTP/1.1's are;
+    any other HTTP/1.1 request without Host, those paths with a query, a body or another method included, is 400."""
+    node = Node("n1", str(tmp_path))
+    try:
+        node.start()
+        wait_for(lambda: node.status()["role"] == "leader", 10, "a leader")
+        with socket.create_connection(("127.0.0.1", node.http_port), timeout=10) as s:
+            for request, body in ((b"GET /readyz HTTP/1.1\r\n\r\n", b"ok\n"), (b"GET /livez HTTP/1.1\r\n\r\n", b"ok\n"),
+                                  (b"HEAD /readyz HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b""),
+                                  (b"HEAD /livez HTTP/1.1\r\n\r\n", b"")):
+                s.sendall(request)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(65536)
+                    assert chunk, (request, head)
+                    head += chunk
+                head, _, rest = head.partition(b"\r\n\r\n")
+                length = 0 if request.startswith(b"HEAD") else int(head.split(b"Content-Length: ")[1].split(b"\r")[0])
+                while len(rest) < length:
+                    rest += s.recv(65536)
+                assert head.startswith(b"HTTP/1.1 200 ") and rest == body, (request, head, rest)
+        for head, body in ((b"GET /db/k HTTP/1.1\r\n", b""), (b"GET /readyz?verbose HTTP/1.1\r\n", b""),
+                           (b"GET /readyz/ HTTP/1.1\r\n", b""), (b"GET /ui HTTP/1.1\r\n", b""),
+                           (b"OPTIONS /livez HTTP/1.1\r\n", b""), (b"GET /LIVEZ HTTP/1.1\r\n", b""),
+                           (b"GET /livez HTTP/1.1\r\nContent-Length: 1\r\n", b"x"),
+                           (b"GET /livez HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"),
+                           (b"POST /readyz HTTP/1.1\r\nContent-Length: 0\r\n", b"")):
+            status, _, answer = exchange(node, head + b"Connection: close\r\n\r\n" + body)
+            assert status == 400 and b"must give Host" in answer, (head, status, answer)
+        assert "Traceback" not in node.log_text()
+    finally:
+        node.kill()
+
+
 def test_a_star_from_the_environment_allows_any_host_and_a_bad_list_is_a_usage_error(tmp_path):
     node = Node("n1", str(tmp_path))
     try:
