@@ -38,13 +38,15 @@ def test_the_names_a_node_answers_to_without_configuration_and_with_it():
     current = [membership_of("alpha.example:8080", "127.0.0.1:8081", "")]
     hosts = AllowedHosts(parse_allowed_hosts("kv.example,dash.localhost"), ("localhost", "node1.example", "vm"),
                          lambda: current[0])
-    for host in (None, "127.0.0.1", "127.0.0.1:8080", "10.1.2.3:1", "[::1]:8080", "[fe80::1]", "localhost",
+    for host in (None, "127.0.0.1", "127.0.0.1:8080", "10.1.2.3:1", "[::1]:8080", "[fe80::1]", "[fe80::1%25eth0]:80",
+                 "[fe80::1%eth0]", "localhost",
                  "LOCALHOST.:8080", "dash.localhost:8080", "node1.example:8080", "vm", "kv.example:9999",
                  "KV.example.", "alpha.example:1234"):
         assert hosts.refusal(host) is None, host
     # *.localhost only when listed (review of rebind, F1): Safari and glibc's `files dns` ask DNS for those names.
     for host in ("evil.example:8080", "evil.example", "localhost.evil.example", "kv.example.evil", "evillocalhost",
-                 "rebind.localhost:8080", "dash.dash.localhost", "[::1", "[127.0.0.1]", "::1",
+                 "rebind.localhost:8080", "dash.dash.localhost", "[::1", "[127.0.0.1]", "::1", "[127.0.0.1%eth0]",
+                 "[evil%eth0]",
                  "kv.example,evil.example", "kv.example evil", "127.0.0.1.evil", "node1", "1.2.3", "",
                  "localhost:evil.example", "[::1]evil.example", "localhost\xe9"):
         reason = hosts.refusal(host)
@@ -62,14 +64,16 @@ def test_the_names_a_node_answers_to_without_configuration_and_with_it():
 # loosely each could pass for an allowed name.
 MALFORMED_HOSTS = ("localhost,evil.example", "evil.example, localhost", "localhost evil.example", "localhost:1 evil",
                    "localhost:evil.example", "[::1]evil.example", "[::1]:80x", "evil\xe9.localhost", "", ":8080",
-                   "localhost:1:2", "[::1", "local\x00host", "localhost@evil.example", "localhost/x")
+                   "localhost:1:2", "[::1", "local\x00host", "localhost@evil.example", "localhost/x", "[fe80::1%]",
+                   "[fe80::1%eth0/x]", "[fe80::1%eth0]evil", "fe80::1%eth0", "localhost%eth0", "[fe80::1%%eth0]")
 
 
 def test_host_of_takes_a_host_and_an_optional_port_and_nothing_else():
     for value, host in (("localhost", "localhost"), ("LocalHost.:8080", "localhost"), ("localhost:", "localhost"),
                         ("[::1]:8080", "[::1]"), ("[FE80::1]", "[fe80::1]"),
                         ("[::ffff:127.0.0.1]:1", "[::ffff:127.0.0.1]"), ("10.0.0.5:80", "10.0.0.5"),
-                        ("node_2.lan", "node_2.lan")):
+                        ("node_2.lan", "node_2.lan"), ("[fe80::1%25eth0]:8080", "[fe80::1%25eth0]"),
+                        ("[FE80::1%eth0]", "[fe80::1%eth0]"), ("[fe80::1%25en0.1_a~b-c]", "[fe80::1%25en0.1_a~b-c]")):
         assert host_of(value) == host and malformed_host(value) is None, value
     for value in MALFORMED_HOSTS:
         reason = malformed_host(value)
@@ -165,7 +169,8 @@ def test_a_rebound_name_is_refused_and_the_nodes_own_and_members_names_are_serve
 
         served_by_a = ("localhost", "127.0.0.1", "[::1]", "dash.localhost", socket.gethostname(), "kv.example",
                        "KV.EXAMPLE.", "alpha.test")
-        served_by_b = ("localhost", "127.0.0.1", "alpha.test")  # b's own -h, an address, a's advertised name
+        # b's own -h, addresses (an IPv6 one with a zone id, as a browser sends it), a's advertised name
+        served_by_b = ("localhost", "127.0.0.1", "[fe80::1%25eth0]", "[fe80::1%eth0]", "alpha.test")
         for node, names in ((a, served_by_a), (b, served_by_b)):
             for name in names:
                 host, page = rebound(node, name)

@@ -10,11 +10,12 @@ refuse such requests the same way.
 Rules:
 - The edge asks `AllowedHosts.refusal` for every request, before its body is read (raftlib.server.edge); a Host
   not allowed gets 403 with one line naming -allowed-hosts (and X-Raft-Outcome: not-applied on a write).
-- Allowed without configuration: IP literals (an IPv4 address, an IPv6 one in brackets: there is no name to
-  rebind), exactly `localhost` (/etc/hosts gives it before any DNS server is asked), this node's -h and
-  -advertise, and the host of every member's advertised HTTP address in this node's configuration, since the
-  nodes reach one another by those names (-forward, a join's redirect to the leader, GET /cluster/status, the
-  feature level's questions, GET /cluster/keys). -allowed-hosts adds names; `*` allows every Host.
+- Allowed without configuration: IP literals (an IPv4 address, an IPv6 one in brackets, with or without a zone
+  id, `[fe80::1%25eth0]`: there is no name to rebind), exactly `localhost` (/etc/hosts gives it before any DNS
+  server is asked), this node's -h and -advertise, and the host of every member's advertised HTTP address in this
+  node's configuration, since the nodes reach one another by those names (-forward, a join's redirect to the
+  leader, GET /cluster/status, the feature level's questions, GET /cluster/keys). -allowed-hosts adds names; `*`
+  allows every Host.
 - This machine's names are not allowed unless listed (second review of rebind, F1): socket.getfqdn() is a reverse
   lookup, so a hostile resolver's PTR answer (`evil.example`) would become an allowed name, and a browser resolves
   the short socket.gethostname() through DNS when /etc/hosts does not give it. Whoever uses them lists them.
@@ -43,8 +44,9 @@ MAX_VERDICTS = 256  # Host values whose verdict is kept; past it the cache start
 MAX_SHOWN_HOST_CHARS = 100  # of a refused Host, in the refusal's line
 _NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")  # a DNS name as hosts are named (underscores seen too)
 # A Host value (RFC 9110 §7.2: uri-host [":" port]) as this node's clients send it: a name or an IPv4 address, or an
-# IPv6 literal in brackets; then an optional port. ASCII only: a \xe9 is no letter here.
-_HOST_VALUE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]*)?")
+# IPv6 literal in brackets, with an optional zone id (RFC 6874's `%25eth0`, or the bare `%eth0` some clients send:
+# second review of rebind, F3); then an optional port. ASCII only: a \xe9 is no letter here.
+_HOST_VALUE = re.compile(r"(\[[0-9A-Fa-f:.]+(?:%(?:25)?[A-Za-z0-9._~-]+)?\]|[A-Za-z0-9_.-]+)(:[0-9]*)?")
 
 
 def normal_name(name: str) -> str:
@@ -75,10 +77,12 @@ def malformed_host(value: str) -> str | None:
 
 
 def is_ip_literal(host: str) -> bool:
-    """Whether `host` (as host_of gives it) is an IPv4 address or a bracketed IPv6 one."""
+    """Whether `host` (as host_of gives it) is an IPv4 address or a bracketed IPv6 one (its zone id, if any, left
+    out: `[fe80::1%25eth0]` is fe80::1 on eth0)."""
     try:
         if host.startswith("["):
-            return host.endswith("]") and ipaddress.ip_address(host[1:-1]).version == 6
+            address = host[1:-1].partition("%")[0]
+            return host.endswith("]") and ipaddress.ip_address(address).version == 6
         return ipaddress.ip_address(host).version == 4
     except ValueError:
         return False
