@@ -28,16 +28,22 @@ def test_allowed_hosts_parse_names_and_refuse_what_is_no_name():
     assert parse_allowed_hosts(" KV.Example. , ,node_2.lan,10.0.0.5,[::1]") == ("kv.example", "node_2.lan", "10.0.0.5",
                                                                                "[::1]")
     assert parse_allowed_hosts("*") == ("*",)
-    for entry in ("node1:8080", "http://kv.example", "*.example.com", ".example.com", "a b", "kv.example/"):
+    # Each refusal says why (second review of rebind, F4): an IPv6 address needs no listing, a non-ASCII name is
+    # given in punycode, anything else has a scheme, a port or a pattern.
+    for entry, why in (("node1:8080", "without a scheme or a port"), ("http://kv.example", "without a scheme"),
+                       ("*.example.com", "exact names"), (".example.com", "exact names"), ("a b", "exact names"),
+                       ("kv.example/", "exact names"), ("::1", "always allowed"), ("fe80::1%eth0", "always allowed"),
+                       ("bücher.example", "in punycode, as clients send it in Host (xn--bcher-kva.example)")):
         with pytest.raises(ValueError) as refused:
             parse_allowed_hosts(f"ok.example,{entry}")
-        assert repr(entry) in str(refused.value) and "\n" not in str(refused.value), entry
+        reason = str(refused.value)
+        assert reason.startswith(f"{entry!r} is not a host name: ") and why in reason and "\n" not in reason, reason
 
 
 def test_the_names_a_node_answers_to_without_configuration_and_with_it():
     current = [membership_of("alpha.example:8080", "127.0.0.1:8081", "")]
     hosts = AllowedHosts(parse_allowed_hosts("kv.example,dash.localhost"), ("localhost", "node1.example", "vm"),
-                         lambda: current[0])
+                         lambda: current[0], node_address="node1.example:8080")
     for host in (None, "127.0.0.1", "127.0.0.1:8080", "10.1.2.3:1", "[::1]:8080", "[fe80::1]", "[fe80::1%25eth0]:80",
                  "[fe80::1%eth0]", "localhost",
                  "LOCALHOST.:8080", "dash.localhost:8080", "node1.example:8080", "vm", "kv.example:9999",
@@ -50,7 +56,8 @@ def test_the_names_a_node_answers_to_without_configuration_and_with_it():
                  "kv.example,evil.example", "kv.example evil", "127.0.0.1.evil", "node1", "1.2.3", "",
                  "localhost:evil.example", "[::1]evil.example", "localhost\xe9"):
         reason = hosts.refusal(host)
-        assert reason is not None and "-allowed-hosts" in reason and "\n" not in reason, host
+        assert reason is not None and "\n" not in reason, host
+        assert reason.endswith("give it in -allowed-hosts on the node at node1.example:8080"), reason
     # The members' names follow the configuration: a new one's member is allowed, a removed one's no longer.
     assert hosts.refusal("bravo.example:8080") is not None
     current[0] = membership_of("127.0.0.1:8081", "bravo.example:8080")
@@ -82,16 +89,17 @@ def test_host_of_takes_a_host_and_an_optional_port_and_nothing_else():
 
 
 def test_a_star_allows_any_host_and_the_verdicts_kept_are_bounded():
-    anything = AllowedHosts(("*", "kv.example"), (), lambda: membership_of())
+    anything = AllowedHosts(("*", "kv.example"), (), lambda: membership_of(), node_address="localhost:8080")
     assert all(anything.refusal(h) is None for h in ("evil.example:8080", "a,b", "[::1"))
-    hosts = AllowedHosts((), ("localhost",), lambda: membership_of())
+    hosts = AllowedHosts((), ("localhost",), lambda: membership_of(), node_address="localhost:8080")
     for i in range(3 * MAX_VERDICTS):
         assert hosts.refusal(f"127.0.0.1:{i}") is None and hosts.refusal(f"evil{i}.example") is not None
         assert len(hosts._verdicts) <= MAX_VERDICTS
     assert hosts.refusal("localhost:1") is None and hosts.refusal("evil0.example") is not None
     # The start-up line names localhost once, and no IP address (any is allowed).
     assert anything.served_names().startswith("any Host")
-    listed = AllowedHosts(("kv.example",), ("LOCALHOST.", "127.0.0.1", "node1"), lambda: membership_of())
+    listed = AllowedHosts(("kv.example",), ("LOCALHOST.", "127.0.0.1", "node1"), lambda: membership_of(),
+                          node_address="node1:8080")
     assert listed.served_names().startswith("the Host names localhost, kv.example, node1, any IP address ")
 
 
@@ -263,6 +271,27 @@ def test_a_malformed_host_two_host_lines_and_http_1_1_without_host_are_refused_4
             node.kill()
 
 
+def test_a_join_through_a_name_its_target_does_not_allow_says_whose_flag_to_set(tmp_path):
+    """Second review of rebind, F4: the joining node shows the target's 403 as its own error, so the line names the
+    node whose -allowed-hosts would take the name. b joins a through this machine's name, which a does not list."""
+    machine = socket.gethostname()
+    assert socket.gethostbyname(machine) == "127.0.0.1", f"{machine} must resolve to 127.0.0.1 for this test"
+    a, b = Node("a", str(tmp_path)), Node("b", str(tmp_path))
+    try:
+        a.start()
+        wait_for(lambda: a.status()["role"] == "leader", 10, "a to lead")
+        b.start(join=f"{machine}:{a.http_port}")
+        wait_for(b.exited, 15, "b to give up")
+        assert b.proc is not None and b.proc.returncode != 0
+        assert (f"join refused by http://{machine}:{a.http_port}/join: 403 Host '{machine}:{a.http_port}' is not a "
+                f"name of this node (refused against DNS rebinding); if it is one, give it in -allowed-hosts on the "
+                f"node at localhost:{a.http_port}") in b.log_text(), b.log_text()
+        assert len(a.request("GET", "/cluster").json()) == 1
+    finally:
+        b.kill()
+        a.kill()
+
+
 def test_a_health_check_without_host_is_served_and_nothing_else_is(tmp_path):
     """Second review of rebind, F2: HAProxy's old `option httpchk GET /readyz HTTP/1.1` sends no Host. GET and HEAD of
     exactly /livez and /readyz without a body are served without it, on a connection kept open as HTTP/1.1's are;
@@ -316,5 +345,5 @@ def test_a_star_from_the_environment_allows_any_host_and_a_bad_list_is_a_usage_e
         out = subprocess.run([sys.executable, SERVER, "-p", str(free_port()), "-hp", str(free_port()), *args,
                               str(tmp_path / "never")], env={**os.environ, **env}, capture_output=True, text=True,
                              timeout=30)
-        assert out.returncode == 2 and "-allowed-hosts: " in out.stderr and "is not a host name" in out.stderr, out
+        assert out.returncode == 2 and "-allowed-hosts: " in out.stderr and "not a host name: give" in out.stderr, out
         assert not (tmp_path / "never").exists()

@@ -9,7 +9,9 @@ refuse such requests the same way.
 
 Rules:
 - The edge asks `AllowedHosts.refusal` for every request, before its body is read (raftlib.server.edge); a Host
-  not allowed gets 403 with one line naming -allowed-hosts (and X-Raft-Outcome: not-applied on a write).
+  not allowed gets 403 with one line naming -allowed-hosts and the node's advertised address, whose flag it is (a
+  joining node shows the line as its own error: second review of rebind, F4), and X-Raft-Outcome: not-applied on
+  a write.
 - Allowed without configuration: IP literals (an IPv4 address, an IPv6 one in brackets, with or without a zone
   id, `[fe80::1%25eth0]`: there is no name to rebind), exactly `localhost` (/etc/hosts gives it before any DNS
   server is asked), this node's -h and -advertise, and the host of every member's advertised HTTP address in this
@@ -90,7 +92,7 @@ def is_ip_literal(host: str) -> bool:
 
 def parse_allowed_hosts(text: str) -> tuple[str, ...]:
     """-allowed-hosts LIST: comma-separated host names (spaces around them ignored), or `*`. Raises ValueError with
-    one line naming the entry that is not a host name (a port, a scheme, a pattern)."""
+    one line naming the entry that is not a host name and why (not_a_name_because)."""
     names = []
     for entry in text.split(","):
         entry = entry.strip()
@@ -98,19 +100,39 @@ def parse_allowed_hosts(text: str) -> tuple[str, ...]:
             continue
         name = normal_name(entry)
         if name != ANY_HOST and not _NAME.fullmatch(name) and not is_ip_literal(name):
-            raise ValueError(f"{entry!r} is not a host name: give names without a scheme or a port (exact names; "
-                             f"{ANY_HOST} alone allows every host)")
+            raise ValueError(f"{entry!r} is not a host name: {not_a_name_because(entry)}")
         names.append(name)
     return tuple(names)
+
+
+def not_a_name_because(entry: str) -> str:
+    """Why an -allowed-hosts entry is not a host name, for its usage error: an IPv6 address (allowed without being
+    listed), a non-ASCII name (the Host a client sends is its punycode form), or anything else (a port, a scheme, a
+    pattern)."""
+    try:
+        is_ipv6 = ipaddress.ip_address(entry.partition("%")[0]).version == 6
+    except ValueError:
+        is_ipv6 = False
+    if is_ipv6:
+        return "IP addresses, IPv6 ones included, are always allowed: leave it out"
+    if not entry.isascii():
+        try:
+            punycode = entry.encode("idna").decode("ascii")
+        except UnicodeError:
+            punycode = "xn--..."
+        return f"give a non-ASCII name in punycode, as clients send it in Host ({punycode})"
+    return f"give names without a scheme or a port (exact names; {ANY_HOST} alone allows every host)"
 
 
 class AllowedHosts:
     """The names this node answers to (the module's rules). `membership()` gives the node's configuration (an
     object with `members`, each with an `http_address` "host:port"), read on each check: a new object means a new
-    configuration."""
+    configuration. `node_address`: this node's advertised HTTP address, which a refusal names."""
 
-    def __init__(self, configured: Iterable[str], own_names: Iterable[str], membership: Callable[[], Any]) -> None:
+    def __init__(self, configured: Iterable[str], own_names: Iterable[str], membership: Callable[[], Any], *,
+                 node_address: str) -> None:
         configured = tuple(configured)
+        self.node_address = node_address
         self.any_host = ANY_HOST in configured
         self.names = frozenset(normal_name(n) for n in (*configured, *own_names) if n and n != ANY_HOST)
         self._membership = membership
@@ -137,7 +159,7 @@ class AllowedHosts:
         if verdict:
             return None
         return (f"Host {shown_host(host_value)} is not a name of this node (refused against DNS rebinding); "
-                "if it is one, give it in -allowed-hosts")
+                f"if it is one, give it in -allowed-hosts on the node at {self.node_address}")
 
     def served_names(self) -> str:
         """The start-up log's list of the Host names served (with `*`: say the check is off)."""

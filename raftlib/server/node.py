@@ -836,7 +836,7 @@ class Server:
         # A long poll's wait and a watch stream are bounded on their own (edge.waiting_on_its_own, edge.Stream).
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
         allowed_hosts = AllowedHosts(config.allowed_hosts, (config.host, config.advertised_host),
-                                     lambda: self.node.membership)
+                                     lambda: self.node.membership, node_address=self.http_address)
         self.http = EdgeServer(
             listen(self.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
