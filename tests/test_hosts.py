@@ -271,19 +271,40 @@ def test_a_malformed_host_two_host_lines_and_http_1_1_without_host_are_refused_4
             node.kill()
 
 
+JOIN_NAME = "joined-through.test"
+RESOLVING_LAUNCHER = """
+import socket, sys
+sys.path.insert(0, {root!r})
+import raftdzmq  # monkey-patches with gevent on import
+import gevent._socketcommon, gevent.socket
+NAME = {name!r}
+real_getaddrinfo, real_gethostbyname = socket.getaddrinfo, socket.gethostbyname
+def getaddrinfo(host, *rest, **kw):
+    return real_getaddrinfo("127.0.0.1" if host == NAME else host, *rest, **kw)
+def gethostbyname(host):
+    return "127.0.0.1" if host == NAME else real_gethostbyname(host)
+# This process alone resolves NAME, to loopback (gevent.socket.create_connection looks getaddrinfo up in its module).
+socket.getaddrinfo = gevent.socket.getaddrinfo = gevent._socketcommon.getaddrinfo = getaddrinfo
+socket.gethostbyname = gevent.socket.gethostbyname = gevent._socketcommon.gethostbyname = gethostbyname
+sys.exit(raftdzmq.main(sys.argv[1:]))
+"""
+
+
 def test_a_join_through_a_name_its_target_does_not_allow_says_whose_flag_to_set(tmp_path):
     """Second review of rebind, F4: the joining node shows the target's 403 as its own error, so the line names the
-    node whose -allowed-hosts would take the name. b joins a through this machine's name, which a does not list."""
-    machine = socket.gethostname()
-    assert socket.gethostbyname(machine) == "127.0.0.1", f"{machine} must resolve to 127.0.0.1 for this test"
-    a, b = Node("a", str(tmp_path)), Node("b", str(tmp_path))
+    node whose -allowed-hosts would take the name. b joins a through a name a does not list, which b's process
+    alone resolves, to 127.0.0.1 (the launcher: no name of this machine or of DNS is relied on)."""
+    launcher = tmp_path / "resolving_launcher.py"
+    launcher.write_text(RESOLVING_LAUNCHER.format(root=ROOT, name=JOIN_NAME))
+    name = JOIN_NAME
+    a, b = Node("a", str(tmp_path)), Node("b", str(tmp_path), server=str(launcher))
     try:
         a.start()
         wait_for(lambda: a.status()["role"] == "leader", 10, "a to lead")
-        b.start(join=f"{machine}:{a.http_port}")
+        b.start(join=f"{name}:{a.http_port}")
         wait_for(b.exited, 15, "b to give up")
         assert b.proc is not None and b.proc.returncode != 0
-        assert (f"join refused by http://{machine}:{a.http_port}/join: 403 Host '{machine}:{a.http_port}' is not a "
+        assert (f"join refused by http://{name}:{a.http_port}/join: 403 Host '{name}:{a.http_port}' is not a "
                 f"name of this node (refused against DNS rebinding); if it is one, give it in -allowed-hosts on the "
                 f"node at localhost:{a.http_port}") in b.log_text(), b.log_text()
         assert len(a.request("GET", "/cluster").json()) == 1
