@@ -58,8 +58,8 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
                                          "members list, redirects to the leader); default: -h")),
     (("-allowed-hosts", "--allowed-hosts"), dict(dest="allowed_hosts", metavar="LIST", default="", help=(
         "more host names HTTP requests may give in Host, comma-separated; * allows any. Other names are refused "
-        "403 (DNS rebinding). Always allowed: IP addresses, localhost (not *.localhost), -h, -advertise, this "
-        "machine's names, the members' advertised hosts"))),
+        "403 (DNS rebinding). Always allowed: IP addresses, localhost (not *.localhost), -h, -advertise, the "
+        "members' advertised hosts; list this machine's names here if clients use them"))),
     (("-name", "--name"), dict(metavar="NAME", help="this node's id, given at its first start and the same at every "
                                "start after (letters, digits, . _ -; at most 63); default: a random id kept in "
                                "DATA_DIR")),

@@ -19,7 +19,10 @@ Rules:
 - A request whose Host names no host this node answers to (EdgeServer's `host_refusal`: raftlib.server.hosts,
   against DNS rebinding) is refused 403 with its reason, before its body is read and before any route. Two Host
   lines, a Host that is not a host and an optional port (hosts.malformed_host), and an HTTP/1.1 request without
-  Host are refused 400 (RFC 9112 §3.2), with or without `host_refusal`; an HTTP/1.0 request may leave Host out.
+  Host are refused 400 (RFC 9112 §3.2), with or without `host_refusal`; an HTTP/1.0 request may leave Host out, and
+  so may a health check (HOSTLESS_PROBES: GET or HEAD of exactly /livez or /readyz, no body): HAProxy's old
+  `option httpchk GET /readyz HTTP/1.1` sends none (second review of rebind, F2). A browser always sends Host, so
+  a rebound page gains nothing from it.
 - A streaming answer (GET /watch: an iterable of chunks, sent with chunked encoding as each is yielded) holds
   its connection through a Stream: each chunk written restarts its whole-life bound, which then bounds one
   write the client does not take (-idle-timeout and the routes' bounds); the client closing its end (or sending
@@ -63,6 +66,8 @@ access_log = logging.getLogger("raftdzmq.access")
 
 
 WRITE_METHODS = frozenset(("POST", "PUT", "DELETE", "PATCH"))  # whose failed answers carry X-Raft-Outcome
+# HTTP/1.1 requests served without Host: health checks as load balancers send them (method, exact target; no body)
+HOSTLESS_PROBES = frozenset((method, target) for method in (b"GET", b"HEAD") for target in (b"/livez", b"/readyz"))
 MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
 MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
@@ -198,7 +203,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       fields, and the whole head at most -max-header-bytes (431). Empty lines before a request line are skipped
       (RFC 9112 §2.2), within the same budget. The path, percent-decoded, must be UTF-8 (400): Bottle would drop the
       bytes that are not, and name another key. Host (RFC 9112 §3.2): at most one line, a host and an optional
-      port (400 otherwise), required in HTTP/1.1 (400); then EdgeServer's `host_refusal` judges it (403).
+      port (400 otherwise), required in HTTP/1.1 (400) but by a health check (HOSTLESS_PROBES); then EdgeServer's
+      `host_refusal` judges it (403).
     - A body is framed by Content-Length (plain digits; duplicates must agree) or by Transfer-Encoding that is
       exactly `chunked`, never both (400); any other coding gets 501. A declared length over -max-body gets 413
       before a byte of the body is read; a chunked body is cut off at the limit the same way.
@@ -338,7 +344,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.environ = env
         host = env.get("HTTP_HOST")
         if host is None:
-            if version == b"HTTP/1.1":
+            if version == b"HTTP/1.1" and ((method, target) not in HOSTLESS_PROBES or length or chunked):
                 raise HttpError(400, "an HTTP/1.1 request must give Host (RFC 9112 section 3.2)")
         elif (malformed := malformed_host(host)) is not None:
             raise HttpError(400, malformed)

@@ -9,13 +9,18 @@ refuse such requests the same way.
 
 Rules:
 - The edge asks `AllowedHosts.refusal` for every request, before its body is read (raftlib.server.edge); a Host
-  not allowed gets 403 with one line naming -allowed-hosts (and X-Raft-Outcome: not-applied on a write).
-- Allowed without configuration: IP literals (an IPv4 address, an IPv6 one in brackets: there is no name to
-  rebind), exactly `localhost` (/etc/hosts gives it before any DNS server is asked), this node's -h and
-  -advertise, this machine's names (socket.gethostname() and its FQDN: the node passes them), and the host of
-  every member's advertised HTTP address in this node's configuration, since the nodes reach one another by
-  those names (-forward, a join's redirect to the leader, GET /cluster/status, the feature level's questions,
-  GET /cluster/keys). -allowed-hosts adds names; `*` allows every Host.
+  not allowed gets 403 with one line naming -allowed-hosts and the node's advertised address, whose flag it is (a
+  joining node shows the line as its own error: second review of rebind, F4), and X-Raft-Outcome: not-applied on
+  a write.
+- Allowed without configuration: IP literals (an IPv4 address, an IPv6 one in brackets, with or without a zone
+  id, `[fe80::1%25eth0]`: there is no name to rebind), exactly `localhost` (/etc/hosts gives it before any DNS
+  server is asked), this node's -h and -advertise, and the host of every member's advertised HTTP address in this
+  node's configuration, since the nodes reach one another by those names (-forward, a join's redirect to the
+  leader, GET /cluster/status, the feature level's questions, GET /cluster/keys). -allowed-hosts adds names; `*`
+  allows every Host.
+- This machine's names are not allowed unless listed (second review of rebind, F1): socket.getfqdn() is a reverse
+  lookup, so a hostile resolver's PTR answer (`evil.example`) would become an allowed name, and a browser resolves
+  the short socket.gethostname() through DNS when /etc/hosts does not give it. Whoever uses them lists them.
 - Names under `.localhost` are not allowed unless listed (review of rebind, F1): only Chrome and Firefox resolve
   them to loopback themselves (RFC 6761 §6.3); Safari on macOS, and glibc with `hosts: files dns`, ask DNS, so
   whoever controls the resolver (a rogue Wi-Fi's DHCP) can rebind `rebind.localhost`.
@@ -41,8 +46,9 @@ MAX_VERDICTS = 256  # Host values whose verdict is kept; past it the cache start
 MAX_SHOWN_HOST_CHARS = 100  # of a refused Host, in the refusal's line
 _NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")  # a DNS name as hosts are named (underscores seen too)
 # A Host value (RFC 9110 §7.2: uri-host [":" port]) as this node's clients send it: a name or an IPv4 address, or an
-# IPv6 literal in brackets; then an optional port. ASCII only: a \xe9 is no letter here.
-_HOST_VALUE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]*)?")
+# IPv6 literal in brackets, with an optional zone id (RFC 6874's `%25eth0`, or the bare `%eth0` some clients send:
+# second review of rebind, F3); then an optional port. ASCII only: a \xe9 is no letter here.
+_HOST_VALUE = re.compile(r"(\[[0-9A-Fa-f:.]+(?:%(?:25)?[A-Za-z0-9._~-]+)?\]|[A-Za-z0-9_.-]+)(:[0-9]*)?")
 
 
 def normal_name(name: str) -> str:
@@ -73,10 +79,12 @@ def malformed_host(value: str) -> str | None:
 
 
 def is_ip_literal(host: str) -> bool:
-    """Whether `host` (as host_of gives it) is an IPv4 address or a bracketed IPv6 one."""
+    """Whether `host` (as host_of gives it) is an IPv4 address or a bracketed IPv6 one (its zone id, if any, left
+    out: `[fe80::1%25eth0]` is fe80::1 on eth0)."""
     try:
         if host.startswith("["):
-            return host.endswith("]") and ipaddress.ip_address(host[1:-1]).version == 6
+            address = host[1:-1].partition("%")[0]
+            return host.endswith("]") and ipaddress.ip_address(address).version == 6
         return ipaddress.ip_address(host).version == 4
     except ValueError:
         return False
@@ -84,7 +92,7 @@ def is_ip_literal(host: str) -> bool:
 
 def parse_allowed_hosts(text: str) -> tuple[str, ...]:
     """-allowed-hosts LIST: comma-separated host names (spaces around them ignored), or `*`. Raises ValueError with
-    one line naming the entry that is not a host name (a port, a scheme, a pattern)."""
+    one line naming the entry that is not a host name and why (not_a_name_because)."""
     names = []
     for entry in text.split(","):
         entry = entry.strip()
@@ -92,19 +100,39 @@ def parse_allowed_hosts(text: str) -> tuple[str, ...]:
             continue
         name = normal_name(entry)
         if name != ANY_HOST and not _NAME.fullmatch(name) and not is_ip_literal(name):
-            raise ValueError(f"{entry!r} is not a host name: give names without a scheme or a port (exact names; "
-                             f"{ANY_HOST} alone allows every host)")
+            raise ValueError(f"{entry!r} is not a host name: {not_a_name_because(entry)}")
         names.append(name)
     return tuple(names)
+
+
+def not_a_name_because(entry: str) -> str:
+    """Why an -allowed-hosts entry is not a host name, for its usage error: an IPv6 address (allowed without being
+    listed), a non-ASCII name (the Host a client sends is its punycode form), or anything else (a port, a scheme, a
+    pattern)."""
+    try:
+        is_ipv6 = ipaddress.ip_address(entry.partition("%")[0]).version == 6
+    except ValueError:
+        is_ipv6 = False
+    if is_ipv6:
+        return "IP addresses, IPv6 ones included, are always allowed: leave it out"
+    if not entry.isascii():
+        try:
+            punycode = entry.encode("idna").decode("ascii")
+        except UnicodeError:
+            punycode = "xn--..."
+        return f"give a non-ASCII name in punycode, as clients send it in Host ({punycode})"
+    return f"give names without a scheme or a port (exact names; {ANY_HOST} alone allows every host)"
 
 
 class AllowedHosts:
     """The names this node answers to (the module's rules). `membership()` gives the node's configuration (an
     object with `members`, each with an `http_address` "host:port"), read on each check: a new object means a new
-    configuration."""
+    configuration. `node_address`: this node's advertised HTTP address, which a refusal names."""
 
-    def __init__(self, configured: Iterable[str], own_names: Iterable[str], membership: Callable[[], Any]) -> None:
+    def __init__(self, configured: Iterable[str], own_names: Iterable[str], membership: Callable[[], Any], *,
+                 node_address: str) -> None:
         configured = tuple(configured)
+        self.node_address = node_address
         self.any_host = ANY_HOST in configured
         self.names = frozenset(normal_name(n) for n in (*configured, *own_names) if n and n != ANY_HOST)
         self._membership = membership
@@ -131,7 +159,15 @@ class AllowedHosts:
         if verdict:
             return None
         return (f"Host {shown_host(host_value)} is not a name of this node (refused against DNS rebinding); "
-                "if it is one, give it in -allowed-hosts")
+                f"if it is one, give it in -allowed-hosts on the node at {self.node_address}")
+
+    def served_names(self) -> str:
+        """The start-up log's list of the Host names served (with `*`: say the check is off)."""
+        if self.any_host:
+            return "any Host (-allowed-hosts '*'): open to DNS rebinding"
+        names = sorted(n for n in self.names if n != "localhost" and not is_ip_literal(n))
+        return (f"the Host names {', '.join(['localhost', *names])}, any IP address and the members' advertised "
+                "hosts (-allowed-hosts adds names: this machine's, if clients use them)")
 
     def allows(self, host: str | None) -> bool:
         """Whether `host` (as host_of gives it; None: no host) is allowed, the members' names as of the last

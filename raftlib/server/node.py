@@ -32,8 +32,8 @@ Rules:
   hex> at the first start (nodestart.new_node_id: a new data dir is always a new node, review of ops,
   finding 1); another -name later is refused before anything is written.
 - HTTP answers only requests whose Host is one of this node's names (raftlib.server.hosts: -allowed-hosts, against
-  DNS rebinding): -h, -advertise, this machine's names (MACHINE_NAMES_TIMEOUT_SECONDS bounds asking the resolver
-  for its FQDN at start), its configuration's members' advertised HTTP hosts, IP literals and localhost.
+  DNS rebinding): -h, -advertise, its configuration's members' advertised HTTP hosts, IP literals and localhost.
+  This machine's names only when -allowed-hosts lists them: its FQDN is a reverse lookup a hostile resolver answers.
 - -force-new-cluster (nodestart.force_new_cluster): the members it removed are fenced (node.json's
   "fenced"): while such a node is not in this node's configuration, its frames never reach the runtime and are
   answered with a Removed notice (`_deliver`).
@@ -111,7 +111,6 @@ VOUCHED_RECHECK_SECONDS = 1.0  # how often the vouched list is checked against t
 JOINED_POLL_SECONDS = 0.1  # how often a node whose join was accepted looks for a leader's term saved in its log
 KEYS_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 MAX_KEYS_ANSWER_BYTES = 1 << 20  # -max-members 64 members take about 10 KiB
-MACHINE_NAMES_TIMEOUT_SECONDS = 2.0  # for this machine's FQDN (a reverse lookup) at start
 EXPIRY_REFUSAL_LOG_SECONDS = 5.0  # a lease expiry refused (never appended) is logged at most this often
 
 
@@ -200,15 +199,6 @@ def resolve_host(host: str) -> str:
             raise CannotStart(f"cannot bind to {host} ({address}, -h): {e.strerror}: not an address of this "
                               "host") from None
     return address
-
-
-def machine_names() -> tuple[str, ...]:
-    """This machine's host name and its fully qualified form (raftlib.server.hosts allows both). socket.getfqdn asks
-    the resolver: a resolver that does not answer within MACHINE_NAMES_TIMEOUT_SECONDS leaves the FQDN out."""
-    names = [socket.gethostname()]
-    with gevent.Timeout(MACHINE_NAMES_TIMEOUT_SECONDS, False):
-        names.append(socket.getfqdn())
-    return tuple(names)
 
 
 def own_feature_level() -> int:
@@ -845,8 +835,8 @@ class Server:
         # -idle-timeout more for a client slow to take its answer.
         # A long poll's wait and a watch stream are bounded on their own (edge.waiting_on_its_own, edge.Stream).
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1
-        own_names = (config.host, config.advertised_host, *machine_names())
-        allowed_hosts = AllowedHosts(config.allowed_hosts, own_names, lambda: self.node.membership)
+        allowed_hosts = AllowedHosts(config.allowed_hosts, (config.host, config.advertised_host),
+                                     lambda: self.node.membership, node_address=self.http_address)
         self.http = EdgeServer(
             listen(self.bind_host, config.http_port), make_app(api), max_connections=config.max_connections,
             idle_timeout_seconds=config.idle_timeout_seconds, receive_timeout_seconds=config.receive_timeout_seconds,
@@ -864,11 +854,7 @@ class Server:
             self._ask_keys_soon()  # our configuration may be older than the cluster's (a member that was down)
         log.info("node %s serving http://%s (raft tcp://%s), data in %s", self.node_id, self.http_address,
                  self.raft_address, config.data_dir)
-        if allowed_hosts.any_host:
-            log.info("HTTP serves any Host (-allowed-hosts '*'): open to DNS rebinding")
-        else:
-            log.info("HTTP serves the Host names %s, any IP address, localhost and the members' advertised hosts "
-                     "(-allowed-hosts adds names)", ", ".join(sorted(allowed_hosts.names)))
+        log.info("HTTP serves %s", allowed_hosts.served_names())
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard != resource.RLIM_INFINITY and hard < MIN_HARD_DESCRIPTORS:
             # Review 2 F3: with a small hard limit strangers' connections use up the descriptors at once, and zmq
