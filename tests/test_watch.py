@@ -727,12 +727,16 @@ def test_a_stream_sends_its_position_stays_on_past_other_keys_and_ends_when_its_
     assert c.metrics.watches_open == 0 and c.counted("watches_behind") == {"stream": 1}
 
 
-def test_a_watcher_of_a_key_whose_events_the_history_failed_on_gets_410_not_an_empty_read(monkeypatch, caplog):
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_watcher_of_a_key_whose_events_the_history_failed_on_gets_410_not_an_empty_read(monkeypatch, caplog,
+                                                                                          failures):
     """Review of txn, 1: when the history fails on an entry's events (node.WatchedStore._hand_over), the entry still
     applies and the applied index moves past it. A watcher that was not told of its event (here the matching of
     the txn's key `b` raises) then read on past it with nothing: a change skipped without a word. The hub is told
     as of a restore at that index instead, so the stream ends with its error event, the long poll answers 410
-    with X-Raft-Oldest-Index, and a watch from there sees what comes next."""
+    with X-Raft-Oldest-Index, and a watch from there sees what comes next. With two failures the hub's restored()
+    fails too (the same matching code; final review, finding 1): every watch is ended without it, and the node
+    goes on (the error never leaves the store's apply)."""
     from raftlib.server import api as api_module
     from raftlib.server.node import WatchedStore
 
@@ -752,7 +756,7 @@ def test_a_watcher_of_a_key_whose_events_the_history_failed_on_gets_410_not_an_e
     real_matched, failed = hub._matched, []
 
     def matched_failing_once(watchers, index):
-        if not failed:
+        if len(failed) < failures:
             failed.append(index)
             raise RuntimeError("a bug in the history's matching")
         real_matched(watchers, index)
@@ -760,7 +764,7 @@ def test_a_watcher_of_a_key_whose_events_the_history_failed_on_gets_410_not_an_e
     monkeypatch.setattr(hub, "_matched", matched_failing_once)
     body = {"success": [{"op": "put", "key": k, "value": v} for k, v in (("a", "1"), ("b", "2"), ("c", "3"))]}
     r = c("POST", "/txn", json.dumps(body))
-    assert r.status == 200 and r.headers["x-raft-index"] == "2" and failed == [2]
+    assert r.status == 200 and r.headers["x-raft-index"] == "2" and failed == [2, 0][:failures]
     assert [c.store.get(k) for k in "abc"] == [b"1", b"2", b"3"]  # applied whole
     assert "the watch history failed on the 3 events of index 2" in caplog.text
     answer = poll.get(timeout=10)
@@ -993,3 +997,21 @@ def test_watches_are_never_ended_to_make_room_and_a_long_poll_notices_its_client
     for got in result["got"]:  # both watches, the half-closed one too, still get their events
         assert 'event: put\ndata: {"type": "put", "key": "k1"' in got
     assert result["polls_open"] == 2 and result["open_after_poll"] == 1
+
+
+def test_a_forced_restore_marks_every_watcher_even_when_the_history_already_starts_at_the_index():
+    """Final review, finding 2: WatchHub.restored returned early when the history already started at the failed
+    entry's index (its count bound evicted up to it before the failure): no watcher was marked, and one that had
+    read to the end moved past the entry with nothing. Forced (WatchedStore._hand_over), every watcher is marked and
+    the one behind the entry ends with 410 Behind."""
+    hub = WatchHub()
+    hub.applied(1)
+    watcher = hub.watch(1, Filter(key="b"))
+    assert hub.next(watcher) == [] and watcher.first_match is None  # read to the end
+    hub.history_start = hub.last_index = hub.applied_index = 2  # as the count bound leaves it at the failed entry
+    hub.restored(2)
+    assert watcher.first_match is None  # unforced: a restore of what the history is already past changes nothing
+    hub.restored(2, force=True)
+    assert watcher.first_match is not None
+    with pytest.raises(Behind):
+        hub.next(watcher)

@@ -360,7 +360,11 @@ class WatchedStore(KeyValueStore):
         except Exception:
             log.exception("the watch history failed on the %d events of index %d (the state is applied whole; "
                           "every watch behind it is ended with 410)", len(events), index)
-            self.hub.restored(index)
+            try:
+                self.hub.restored(index, force=True)
+            except Exception:  # the same code failing again: the replicated state never depends on a watcher
+                log.exception("the watch history failed again at index %d: every watch is ended", index)
+                self.hub.end_every_watch(index)
 
     def restoring(self, data) -> Iterator[bool]:
         """KeyValueStore.restoring (which `restore` runs too), telling the hub at the step that replaces the state:

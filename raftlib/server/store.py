@@ -354,8 +354,9 @@ class KeyTable(dict):
     generation 0: one young collection then walked every record (30-150 ms at a million keys here), one of
     generation 1 again, and the next full collection, which untracked it again; and gc.freeze after start-up
     (server/tuning.py) missed it, untracked by the collection just before. A subclass is tracked from birth to
-    death: frozen with the rest after start-up, or aged once into the oldest generation, where each full
-    collection walks it (a restore while serving leaves it unfrozen). docs/BENCHMARKS.md, "The key table and the
+    death: frozen with the rest after start-up or at the end of a restore while serving (the runtime's
+    CollectorHold freezes the restored state when the collector was on), else aged once into the oldest
+    generation, where each full collection walks it. docs/BENCHMARKS.md, "The key table and the
     collector", has the figures; an operation on it costs 0-70 ns more (no specialized dict opcode for a subclass)."""
 
     __slots__ = ()

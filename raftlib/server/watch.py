@@ -247,18 +247,41 @@ class WatchHub:
             del events[:head], data[:head]
             self._head = 0
 
-    def restored(self, index: int) -> None:
+    def restored(self, index: int, force: bool = False) -> None:
         """A snapshot at `index` replaced the state (it produced no events): nothing at or below `index` can be
-        handed out any more. Every waiter wakes, and those behind it are ended at their next read."""
-        if index <= self.history_start:
+        handed out any more. Every waiter wakes, and those behind it are ended at their next read. `force` (the
+        events of the entry at `index` were not handed over whole: WatchedStore._hand_over): every watcher is
+        marked even when the history already starts at or after `index` (its count bound evicted up to the entry
+        before the failure), so that none moves past the entry without a 410 (final review, finding 2)."""
+        if index > self.history_start:
+            self._drop_shared()
+            self._events, self._data, self._head, self.held_bytes = [], [], 0, 0
+            self.history_start = index
+            self.last_index = max(self.last_index, index)
+            self.applied_index = max(self.applied_index, index)
+        elif not force:
             return
-        self._drop_shared()
+        for watchers in (*self._by_key.values(), *self._by_prefix.values()):
+            self._matched(watchers, 0)  # any key may have changed: each reads from its own position
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+
+    def end_every_watch(self, index: int) -> None:
+        """The last resort when even `restored` failed (final review, finding 1): with none of the matching and
+        sharing code, the history is made to start at `index` at least and every registered watcher is woken to
+        read from its position, so each one behind `index` ends with 410 Behind; nothing is handed out that
+        the history may have half taken."""
         self._events, self._data, self._head, self.held_bytes = [], [], 0, 0
-        self.history_start = index
+        self._shared = {}
+        self.shared_bytes = 0
+        self.history_start = max(self.history_start, index)
         self.last_index = max(self.last_index, index)
         self.applied_index = max(self.applied_index, index)
         for watchers in (*self._by_key.values(), *self._by_prefix.values()):
-            self._matched(watchers, 0)  # any key may have changed: each reads from its own position
+            for watcher in watchers:
+                watcher.first_match = watcher.position + 1
+                watcher.woken.set()
         if self._wake is not None:
             self._wake.set()
             self._wake = None
