@@ -72,8 +72,9 @@ Rules:
 - A node restores V2 and V3 a batch per turn of its event loop (`restoring`), not in one step that holds the loop
   for as long as the whole state takes to decode (~1 s at 1M keys; V3's lease table ~0.6 s at 100,000 leases):
   it parses the array's and the map's heads itself, then decodes key/value pairs until RESTORE_BATCH_KEYS of
-  them or RESTORE_BATCH_BYTES of values, then the elements after the map, and V3's lease table (its map's head
-  parsed here too) until RESTORE_BATCH_LEASES leases or as many of their keys a step, building `leases`,
+  them or RESTORE_BATCH_BYTES of values, then fills the key table's shards from the pairs decoded, one shard after
+  another (`_KeyTableBuild`: no step grows more than one), then the elements after the map, and V3's lease table
+  (its map's head parsed here too) until RESTORE_BATCH_LEASES leases or as many of their keys a step, building `leases`,
   `lease_of` and the ordered ids as they come, all checked before anything is replaced. Keys or lease ids out of
   order (older writers wrote the map in insertion order) are not damage: they go into their index one by one
   (O(log n) each, half a batch per step); a key twice, a count that differs from the pairs present, bytes after
@@ -100,7 +101,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, NamedTuple, NoReturn, TypeGuard
 
 import cbor2
@@ -128,8 +129,9 @@ LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, LEAS
 FEATURE_LEVEL = 2
 SNAPSHOT_V3 = "raftdzmq-kv-v3"
 # A restore step decodes at most this many key/value pairs, and ends once the values decoded pass this many bytes:
-# ~1 us a pair of 100 bytes (cbor2 6.3 from a buffered reader, the order checked, the dict filled), so ~2 ms a
-# step at 1M keys on this machine's cores (STACK-NOTES: a loop step should stay well under 10 ms); with 256 KiB
+# ~1 us a pair of 100 bytes (cbor2 6.3 from a buffered reader, the order checked, the pair put aside for its
+# shard: `_KeyTableBuild`), so ~2 ms a step at 1M keys on this machine's cores (STACK-NOTES: a loop step should
+# stay well under 10 ms); with 256 KiB
 # values a count bound alone let one step copy 512 MiB (206 ms, the fifth review).
 RESTORE_BATCH_KEYS = 2048
 RESTORE_BATCH_BYTES = 128 << 10
@@ -346,9 +348,14 @@ def _holds(current: object, op: str, operand: object) -> bool:
     return current > operand  # type: ignore[operator]
 
 
-class KeyTable(dict):
-    """The key table (`KeyValueStore.data`): a dict subclass only so that the garbage collector never untracks it.
-    CPython (3.11; _PyDict_MaybeUntrack) untracks an exact dict whose keys and values are all untracked when a full
+KEY_TABLE_SHARDS = 64  # a power of two: a key's shard is hash(key) & (KEY_TABLE_SHARDS - 1)
+_SHARD_MASK = KEY_TABLE_SHARDS - 1
+Record = tuple[bytes, int, int]
+
+
+class _Shard(dict):
+    """One of a KeyTable's dicts: a dict subclass only so that the garbage collector never untracks it. CPython
+    (3.11; _PyDict_MaybeUntrack) untracks an exact dict whose keys and values are all untracked when a full
     collection sees it, and a (value, index, index) tuple of atomics is untracked by the first collection it
     survives; the next write stores a fresh (tracked) tuple, which tracks the dict again (MAINTAIN_TRACKING) into
     generation 0: one young collection then walked every record (30-150 ms at a million keys here), one of
@@ -356,10 +363,91 @@ class KeyTable(dict):
     (server/tuning.py) missed it, untracked by the collection just before. A subclass is tracked from birth to
     death: frozen with the rest after start-up or at the end of a restore while serving (the runtime's
     CollectorHold freezes the restored state when the collector was on), else aged once into the oldest
-    generation, where each full collection walks it. docs/BENCHMARKS.md, "The key table and the
-    collector", has the figures; an operation on it costs 0-70 ns more (no specialized dict opcode for a subclass)."""
+    generation, where each full collection walks it. docs/BENCHMARKS.md, "The key table and the collector", has
+    the figures."""
 
     __slots__ = ()
+
+
+class KeyTable(MutableMapping[str, Record]):
+    """The key table (`KeyValueStore.data`): a mapping key -> record held in KEY_TABLE_SHARDS dicts (`_Shard`, for
+    the collector), a key in the one its hash picks. Why not one dict: a dict grows by copying itself whole into a
+    table twice the size in one insert, and a restore fills a new table while the old one serves (`restoring`):
+    at a million keys the copy past 699,050 keys held a step 41-60 ms (issue 13). CPython offers no way to size a
+    dict ahead from Python without copying one as big (dict.fromkeys and update presize only from a dict or set
+    of that many keys), so the table is cut instead: a shard's growth copies 1/64th of the table. A restore fills
+    the shards one after another (`_KeyTableBuild`): filled together they would grow in the same few steps
+    (their counts keep pace), as costly as one dict's. The price: each operation is a Python call, ~0.1 us more
+    than a dict's (docs/BENCHMARKS.md). Iterates shard by shard (no order: the store's order is `keys`)."""
+
+    __slots__ = ("shards",)
+
+    def __init__(self, items: Mapping[str, Record] | Iterable[tuple[str, Record]] = ()) -> None:
+        self.shards: list[_Shard] = [_Shard() for _ in range(KEY_TABLE_SHARDS)]
+        for key, record in items.items() if isinstance(items, Mapping) else items:
+            self.shards[hash(key) & _SHARD_MASK][key] = record
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.shards[hash(key) & _SHARD_MASK].get(key, default)
+
+    def __getitem__(self, key: str) -> Record:
+        return self.shards[hash(key) & _SHARD_MASK][key]
+
+    def __setitem__(self, key: str, record: Record) -> None:
+        self.shards[hash(key) & _SHARD_MASK][key] = record
+
+    def __delitem__(self, key: str) -> None:
+        del self.shards[hash(key) & _SHARD_MASK][key]
+
+    def pop(self, key: str, *default: Any) -> Any:
+        return self.shards[hash(key) & _SHARD_MASK].pop(key, *default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.shards[hash(key) & _SHARD_MASK]
+
+    def __len__(self) -> int:
+        return sum(map(len, self.shards))
+
+    def __iter__(self) -> Iterator[str]:
+        for shard in self.shards:
+            yield from shard
+
+    def __repr__(self) -> str:
+        return f"KeyTable({dict(self.items())!r})"
+
+
+class _KeyTableBuild:
+    """A KeyTable filled by a restore without a step that grows many shards (see KeyTable): `add` puts each
+    decoded pair in its shard's list, `filling` then fills the shards from their lists one after another, at most
+    FILL_BATCH_KEYS pairs of one shard a step, so a step grows one shard at most. A key twice (damage) shows as a
+    shard shorter than its list (ValueError)."""
+
+    # ~0.2-1 us a pair at 1M keys (the keys' objects are read in hash order, scattered in memory: cache misses),
+    # so ~0.5-2 ms a step, and ~8 steps a shard at 1M keys; 4x as many pairs took 5-9 ms (load 11).
+    FILL_BATCH_KEYS = RESTORE_BATCH_KEYS
+
+    def __init__(self) -> None:
+        self.table = KeyTable()
+        self.pending: list[tuple[list[str], list[Record]]] = [([], []) for _ in range(KEY_TABLE_SHARDS)]
+
+    def add(self, keys: list[str], records: list[Record]) -> None:
+        pending = self.pending
+        for key, record in zip(keys, records):
+            shard_keys, shard_records = pending[hash(key) & _SHARD_MASK]
+            shard_keys.append(key)
+            shard_records.append(record)
+
+    def filling(self) -> Iterator[None]:
+        """Fill the table, yielding before each batch."""
+        for shard, (keys, records) in zip(self.table.shards, self.pending):
+            most = self.FILL_BATCH_KEYS
+            for start in range(0, len(keys), most):
+                yield
+                shard.update(zip(keys[start : start + most], records[start : start + most]))
+            if len(shard) != len(keys):
+                raise ValueError("a damaged key/value snapshot (a key twice)")
+            keys.clear()  # freed as the table fills: a list holds a reference a pair
+            records.clear()
 
 
 class KeyValueStore:
@@ -403,7 +491,7 @@ class KeyValueStore:
         return (index if index > self.level_index else self.level_index) if self.feature_level >= 2 else 0
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.keys)  # in step with `data`, and one attribute read (KeyTable's sums its shards)
 
     def apply(self, index: int, command: bytes) -> object:
         result = self._apply(index, command)
@@ -739,12 +827,13 @@ class KeyValueStore:
             yield False
         yield True
         # Only this generator holds the old state now (readers look up self.data afresh at each request).
-        while old_data:
-            freed_keys = freed_bytes = 0
-            while old_data and freed_keys < 2 * RESTORE_BATCH_KEYS and freed_bytes < 2 * RESTORE_BATCH_BYTES:
-                freed_bytes += len(old_data.popitem()[1][0])
-                freed_keys += 1
-            yield False
+        for shard in old_data.shards:
+            while shard:
+                freed_keys = freed_bytes = 0
+                while shard and freed_keys < 2 * RESTORE_BATCH_KEYS and freed_bytes < 2 * RESTORE_BATCH_BYTES:
+                    freed_bytes += len(shard.popitem()[1][0])
+                    freed_keys += 1
+                yield False
         del old_data
         while old_lease_of:  # a key on a lease each: as many as the keys at most
             for _ in range(min(len(old_lease_of), 2 * RESTORE_BATCH_KEYS)):
@@ -771,7 +860,8 @@ class KeyValueStore:
         when it ends."""
         size = len(data)
         if not size:
-            self._replace(KeyTable(), SortedList(), _tail_state(None, []), _LeaseTable({}))
+            empty = KeyTable()
+            self._replace(empty, SortedList(), _tail_state(None, []), _LeaseTable(empty))
             return
         fp = _buffered(data)
         decoder = _decoder(fp)
@@ -788,7 +878,7 @@ class KeyValueStore:
             self._restore_whole(_whole(data))
             return
         with_indices = name == SNAPSHOT_V3
-        new = KeyTable()
+        new = _KeyTableBuild()
         keys = _SortedBuild()  # without a sort while the keys come in increasing order (this version's)
         decode = decoder.decode
         left = count
@@ -810,20 +900,19 @@ class KeyValueStore:
             left -= len(batch_keys)
             if not all(type(k) is str for k in batch_keys):
                 raise ValueError("a damaged key/value snapshot (a key that is not text)")
-            new.update(zip(batch_keys, batch_records))
-            if len(new) != count - left:
-                raise ValueError("a damaged key/value snapshot (a key twice)")
+            new.add(batch_keys, batch_records)
             keys.extend(batch_keys)
+        yield from new.filling()  # a key twice found here, before the elements after the map are read
         # The elements after the map: all but V3's leases in this step (bounded: the claims of CLAIM_RETENTION_SECONDS,
         # three numbers), checked before the leases; then the leases a batch per step (see the module's rules).
         tail_length = _TAIL_LENGTHS[name] - (1 if with_indices else 0)
         state = _tail_state(name, [_decode_item(decoder, "an element after its map") for _ in range(tail_length)])
-        leases = _LeaseTable(new)
+        leases = _LeaseTable(new.table)
         if with_indices:
             yield from leases.decoding(fp, decode)
         if fp.read(1):
             raise ValueError("a damaged key/value snapshot (bytes after its end)")
-        self._replace(new, keys.sorted_list(), state, leases)
+        self._replace(new.table, keys.sorted_list(), state, leases)
 
     def _restore_whole(self, data: bytes | bytearray | memoryview) -> None:
         """The formats decoded in one step (the module's rules)."""
@@ -1183,7 +1272,7 @@ class _LeaseTable:
     `lease_of` and the ordered ids are built as they come, so the restore's last step has no pass over the table to
     make (the module's rules)."""
 
-    def __init__(self, records: dict[str, tuple[bytes, int, int]]) -> None:
+    def __init__(self, records: KeyTable) -> None:
         self.records = records
         self.leases: dict[int, Lease] = {}
         self.lease_of: dict[str, int] = {}
