@@ -229,14 +229,23 @@ class RaftCluster(Cluster):
         st = self.status(0)
         return sum(1 for m in st["members"] if m["role"] == "voter") if st["role"] == "leader" else 0
 
-    def leader(self) -> int:
-        for i in self.urls:
-            try:
-                if self.status(i)["role"] == "leader":
-                    return i
-            except OSError:
-                continue
-        raise OSError("no leader")
+    def leader(self, timeout_seconds: float = 60.0) -> int:
+        """The node that leads, waiting out an election (a loaded machine has them); OSError after the bound."""
+        found: list[int] = []
+
+        def find() -> bool:
+            for i in list(self.urls):
+                try:
+                    if self.status(i)["role"] == "leader":
+                        found.append(i)
+                        return True
+                except (OSError, ValueError):
+                    continue
+            return False
+
+        if poll(find, timeout_seconds, 0.1) is None:
+            raise OSError(f"no leader for {timeout_seconds:.0f} s")
+        return found[-1]
 
     def count(self) -> int:
         return self.status(self.leader())["keys"]
