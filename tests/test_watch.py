@@ -415,7 +415,7 @@ def test_a_plus_in_key_or_prefix_is_a_plus_as_in_db_paths(client):
 def test_raw_utf8_in_key_or_prefix_names_the_key_db_paths_write(client):
     """Review 2 of watch: WSGI hands the query string over as latin-1 text, so raw UTF-8 bytes must be taken back
     to bytes before decoding: `?key=r\xc3\xa9` watched "rÃ©"."""
-    from raftlib.server.api import _watch_names
+    from raftlib.server.routes_watch import _watch_names
 
     assert _watch_names("key=r\xc3\xa9") == ("r\u00e9", None)
     assert _watch_names("prefix=r%C3%A9") == (None, "r\u00e9")
@@ -697,9 +697,9 @@ def test_a_stream_sends_its_position_stays_on_past_other_keys_and_ends_when_its_
     """Review 1: the position (everything up to it seen, matching or not) goes out as an `id:` with the first
     chunk and with a keep-alive once it moved; a quiet watcher is not Behind when other keys' events leave the
     history (it was a 410 on reconnect, and an error event here); it is when its own may have been evicted."""
-    from raftlib.server import api as api_module
+    from raftlib.server import routes_watch
 
-    monkeypatch.setattr(api_module, "KEEPALIVE_SECONDS", 0.2)
+    monkeypatch.setattr(routes_watch, "KEEPALIVE_SECONDS", 0.2)
     c = Client()
     c.api.watch_hub = WatchHub(history_events=3)
     c.store.on_event = c.api.watch_hub.on_event
@@ -737,10 +737,10 @@ def test_a_watcher_of_a_key_whose_events_the_history_failed_on_gets_410_not_an_e
     with X-Raft-Oldest-Index, and a watch from there sees what comes next. With two failures the hub's restored()
     fails too (the same matching code; final review, finding 1): every watch is ended without it, and the node
     goes on (the error never leaves the store's apply)."""
-    from raftlib.server import api as api_module
+    from raftlib.server import routes_watch
     from raftlib.server.node import WatchedStore
 
-    monkeypatch.setattr(api_module, "KEEPALIVE_SECONDS", 0.2)  # without the fix the stream says this, at most
+    monkeypatch.setattr(routes_watch, "KEEPALIVE_SECONDS", 0.2)  # without the fix the stream says this, at most
     c = Client()
     hub = c.api.watch_hub
     c.store = c.runtime.store = c.api.store = WatchedStore(hub, lambda: None)
@@ -789,14 +789,14 @@ import json, socket, sys, time, types
 sys.path.insert(0, sys.argv[1])
 import gevent, gevent.socket
 from raftlib import Role
-from raftlib.server import api as api_module
+from raftlib.server import routes_watch
 from raftlib.server.api import Api, make_app
 from raftlib.server.edge import EdgeServer
 from raftlib.server.metrics import Metrics
 from raftlib.server.store import SET, KeyValueStore, command
 from raftlib.server.watch import WatchHub
 
-api_module.KEEPALIVE_SECONDS = 1.0
+routes_watch.KEEPALIVE_SECONDS = 1.0
 listener = gevent.socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(64)
