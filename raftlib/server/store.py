@@ -1034,9 +1034,11 @@ def encode_state(kv: KeyValueStore) -> bytes:
     out.write(_head(5, len(data)))
     level_index = kv.level_index
     with_indices = name == SNAPSHOT_V3
+    # Each key looked up in its shard here: KeyTable's [] is a Python call a key (review of keyshard, L2).
+    shards, mask = data.shards, _SHARD_MASK
     flat: list = []
     for key in kv.keys:  # by iteration: a positional slice would make SortedList keep an index (see `page`)
-        value, create_index, modify_index = data[key]
+        value, create_index, modify_index = shards[hash(key) & mask][key]
         flat.append(key)
         if with_indices:
             flat.append([value, create_index if create_index > level_index else level_index,
