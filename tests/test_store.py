@@ -596,6 +596,38 @@ def test_a_restore_by_steps_gives_the_state_a_whole_restore_gives(monkeypatch):
     assert values(oldest) == values(by_steps) and list(oldest.keys) == list(by_steps.keys)
 
 
+def test_a_restore_step_fills_one_shard_at_most_and_a_filled_shard_keeps_no_list(monkeypatch):
+    """What the shards are for (review of keyshard, T1 and T2): a step that grows many shards grows them all
+    together, as costly as one dict's growth, so the steps of a restore change one shard of the table being built
+    at most, by FILL_BATCH_KEYS pairs at most; and a shard once filled keeps no list of its pairs (a second
+    reference to each until the restore ends). Recorded after each step, on the build's own table and lists."""
+    monkeypatch.setattr(store._KeyTableBuild, "FILL_BATCH_KEYS", 7)
+    builds: list[store._KeyTableBuild] = []
+    made = store._KeyTableBuild.__init__
+
+    def noted(build: store._KeyTableBuild) -> None:
+        made(build)
+        builds.append(build)
+
+    monkeypatch.setattr(store._KeyTableBuild, "__init__", noted)
+    snapshot = big_store(3000, seed=6).snapshot()
+    steps = KeyValueStore().restoring(snapshot)
+    lengths = [0] * store.KEY_TABLE_SHARDS
+    changed_by_step: list[dict[int, int]] = []
+    replaced = False
+    while not replaced:
+        replaced = next(steps)
+        (build,) = builds
+        now = [len(shard) for shard in build.table.shards]
+        changed_by_step.append({i: b - a for i, (a, b) in enumerate(zip(lengths, now)) if a != b})
+        lengths = now
+        for shard, (keys, records) in zip(build.table.shards, build.pending):
+            assert len(keys) == len(records) and (not keys or len(shard) < len(keys))  # filled: its lists emptied
+    assert sum(lengths) == 3000 and min(lengths) > 7  # every shard filled, each over several steps
+    assert all(len(changed) <= 1 and sum(changed.values()) <= 7 for changed in changed_by_step)
+    assert sum(1 for changed in changed_by_step if changed) >= 3000 / 7
+
+
 @pytest.mark.parametrize("dropped", ["before its swap", "while it frees the old state"])
 def test_a_restore_dropped_midway_leaves_what_it_holds_to_the_next_one_to_free_a_batch_per_step(dropped):
     """Review of keyshard, L1: the runtime drops the steps of a restore replaced by a newer snapshot's. Dropped
