@@ -192,8 +192,8 @@ class CollectorHold:
     def collect_replaced(self) -> None:
         """A restore replaced by a newer one, the hold kept: the two younger generations collected once, what the
         replaced restore left that outlived its steps (its partial state is left to the new restore's first steps
-        to free, by reference count; the oldest generation is not walked: the state being served). Without it the collector left a chain of
-        replacing restores' garbage to the last one's freeze (and the sweep)."""
+        to free, by reference count; the oldest generation is not walked: the state being served). Without it the
+        collector left a chain of replacing restores' garbage to the last one's freeze (and the sweep)."""
         if self.held and CollectorHold._was_enabled:
             gc.collect(1)
 

@@ -640,7 +640,9 @@ def test_a_restore_dropped_midway_leaves_what_it_holds_to_the_next_one_to_free_a
         source.apply(12 * RESTORE_BATCH_KEYS + 2 + i, command(PUT_WITH_TTL, key, b"leased", 60))
     snapshot, small = source.snapshot(), big_store(10, seed=4)
     del source
-    before_swap = sum(1 for _ in itertools.takewhile(lambda replaced: not replaced, KeyValueStore().restoring(snapshot)))
+    steps_of_a_whole_run = KeyValueStore().restoring(snapshot)
+    before_swap = sum(1 for _ in itertools.takewhile(lambda replaced: not replaced, steps_of_a_whole_run))
+    del steps_of_a_whole_run
     kv = KeyValueStore()
     tracemalloc.start()
     try:

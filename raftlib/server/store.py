@@ -80,8 +80,9 @@ Rules:
   (O(log n) each, half a batch per step); a key twice, a count that differs from the pairs present, bytes after
   the end, a key not text, a value not bytes, a V3 record not [bytes, int, int] with create <= modify, a lease
   not [ttl, [keys]] with a valid TTL and at most MAX_KEYS_PER_LEASE keys, more than MAX_LEASES leases, an id < 1
-  or twice, a key not in the map or on two leases are (ValueError). Older formats still restore in one step: a
-  plain map (the oldest), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (a horizon of 0), and maps of indefinite length;
+  or twice, a key not in the map or on two leases are (ValueError). A plain map (the oldest format) of definite
+  length is taken by the same steps; older formats still restore in one step: `[SNAPSHOT_WITH_CLAIMS, map,
+  claims]` (a horizon of 0), and maps of indefinite length;
   a lease map of indefinite length (none of ours writes one) is taken a batch per step like the others, and a V3
   whose key map is of indefinite length has its lease table taken by the same code in its one step
   (`_restore_whole_v3`): an id twice is refused however the maps are encoded (cbor2, decoding a map whole, keeps
@@ -91,7 +92,9 @@ Rules:
   raftlib.messages.SnapshotUnreadable) goes up as it is; only damage is a ValueError.
 - A restore builds the new state aside and replaces the old one in one assignment at its end (`_replace`): a
   snapshot found bad part way changes nothing, and readers see the old state or the new, never a mix. The old
-  state is then freed a bounded batch (keys and bytes) per step.
+  state is then freed a bounded batch (keys and bytes) per step. A restore dropped before its end (a newer
+  snapshot's replaced it, its node stopped) leaves what it built, or the old state it was freeing, to the next
+  restore, whose first steps free it the same way (`_garbage`, `_freeing`).
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
   O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes). A
   restore builds it from keys that come in increasing order without sorting, checking the order.
