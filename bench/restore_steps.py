@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import os
 import statistics
 import sys
+from typing import Any
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,9 +45,28 @@ def build_state(keys: int, leases: int, value_bytes: int) -> KeyValueStore:
     return kv
 
 
+def table_being_built(steps: Any) -> Any:
+    """The key table `steps` (KeyValueStore.restoring) is filling, found through the generators' frames (the
+    bench's business only: the store does not show it), or None before it exists."""
+    for inner in gc.get_referents(steps):  # the generator `restoring` runs (_decode), on its frame's stack
+        if inspect.isgenerator(inner) and inner.gi_frame is not None:
+            new = inner.gi_frame.f_locals.get("new")
+            return getattr(new, "table", new)  # a builder's table, or the table itself
+    return None
+
+
+def table_bytes(table: Any) -> int:
+    """The bytes of a key table's hash tables: a change between two steps is a dict's resize in that step."""
+    if table is None:
+        return 0
+    shards = getattr(table, "shards", None)
+    return sum(map(sys.getsizeof, shards)) if shards is not None else sys.getsizeof(table)
+
+
 def restore_steps(snapshot: bytes, hold: CollectorHold | None = None) -> dict:
     """Restore `snapshot` into an empty store a step at a time: each step's wall and CPU milliseconds, the
-    collector's milliseconds in it (by generation), the step that replaced the state, and the restored store.
+    collector's milliseconds in it (by generation), whether the table being filled grew its hash table in it (a
+    dict's resize: it copies the dict whole), the step that replaced the state, and the restored store.
     With `hold`, the collector is held as the runtime holds it (its young collection in each step's time)."""
     target = KeyValueStore()
     if hold is not None:
@@ -54,6 +75,7 @@ def restore_steps(snapshot: bytes, hold: CollectorHold | None = None) -> dict:
     wall: list[float] = []
     cpu: list[float] = []
     collected: list[list[float]] = []
+    resized: list[bool] = []
     in_gc = [0.0, 0.0, 0.0]
     started = [0.0]
 
@@ -68,6 +90,7 @@ def restore_steps(snapshot: bytes, hold: CollectorHold | None = None) -> dict:
     try:
         while True:
             in_gc[:] = [0.0, 0.0, 0.0]
+            table_before = table_bytes(table_being_built(steps))
             t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 replaced = next(steps)
@@ -83,13 +106,29 @@ def restore_steps(snapshot: bytes, hold: CollectorHold | None = None) -> dict:
             wall.append((time.perf_counter() - t0) * 1000)
             cpu.append((time.thread_time() - c0) * 1000)
             collected.append(list(in_gc))
+            resized.append(not replaced and table_bytes(table_being_built(steps)) > max(table_before, 4096))
             if replaced:
                 replaced_at = len(wall) - 1
     finally:
         gc.callbacks.remove(on_gc)
         if hold is not None:
             hold.release(freeze=False)
-    return {"wall": wall, "cpu": cpu, "gc": collected, "replaced_at": replaced_at, "store": target}
+    return {"wall": wall, "cpu": cpu, "gc": collected, "resized": resized, "replaced_at": replaced_at, "store": target}
+
+
+def describe_steps(run: dict) -> str:
+    """Longest, p99 and median of the steps' CPU and wall times, and the steps in which a dict grew (resized)."""
+    def figures(ms: list[float]) -> str:
+        ordered = sorted(ms)
+        return (f"longest {ordered[-1]:.1f} p99 {ordered[int(0.99 * (len(ordered) - 1))]:.1f} median "
+                f"{statistics.median(ordered):.2f} ms" if ordered else "none")
+
+    grew = [i for i, r in enumerate(run["resized"]) if r]
+    others = [c for c, r in zip(run["cpu"], run["resized"]) if not r]
+    return (f"{len(run['cpu'])} steps; CPU {figures(run['cpu'])}; wall {figures(run['wall'])}; {len(grew)} steps "
+            f"grew the table (a dict resize): CPU {figures([run['cpu'][i] for i in grew])}; the other steps' CPU "
+            f"{figures(others)}; over 10 ms CPU: {sum(c > 10 for c in run['cpu'])} steps, at "
+            f"{[i for i, c in enumerate(run['cpu']) if c > 10][:8]}")
 
 
 def main() -> int:
@@ -131,6 +170,7 @@ def main() -> int:
               f"generation) at step {longest} (the state replaced at step {r['replaced_at']}); longest CPU "
               f"{max(cpu):.1f} ms; longest less the collector {max(own):.1f} ms; median {statistics.median(wall):.2f}"
               f" ms; the same state: {r['store'].snapshot() == snapshot}")
+        print("    " + describe_steps(r))
         del r
         if mode:  # the held run froze its restored state: the next run starts from the same frozen set
             t0, c0 = time.perf_counter(), time.thread_time()

@@ -293,10 +293,12 @@ def time_store_snapshot(n: int, workdir: str) -> dict:
     sys.path.insert(0, ROOT)
     from sortedcontainers import SortedList
 
-    from raftlib.server.store import FEATURE_LEVEL, KeyValueStore
+    from raftlib.server.store import FEATURE_LEVEL, KeyTable, KeyValueStore
 
     store = KeyValueStore()
-    store.data = {f"k{i:09d}": (b"v" * VALUE_BYTES, i + 1, i + 1) for i in range(n)}
+    # The store's own table (64 shards, store.KeyTable), as a node holds it: a plain dict was neither what a node
+    # encodes from nor what encode_state reads (it looks keys up in their shards).
+    store.data = KeyTable((f"k{i:09d}", (b"v" * VALUE_BYTES, i + 1, i + 1)) for i in range(n))
     # The snapshot walks the ordered keys (store.py), not the dict: without them it encoded an empty map (38 bytes).
     store.keys = SortedList(store.data)
     store.feature_level = FEATURE_LEVEL  # a cluster's level once raised: the format a node writes (V3)

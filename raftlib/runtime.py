@@ -191,9 +191,9 @@ class CollectorHold:
 
     def collect_replaced(self) -> None:
         """A restore replaced by a newer one, the hold kept: the two younger generations collected once, what the
-        replaced restore left that outlived its steps (its partial state went with its steps, by reference count;
-        the oldest generation is not walked: the state being served). Without it the collector left a chain of
-        replacing restores' garbage to the last one's freeze (and the sweep)."""
+        replaced restore left that outlived its steps (its partial state is left to the new restore's first steps
+        to free, by reference count; the oldest generation is not walked: the state being served). Without it the
+        collector left a chain of replacing restores' garbage to the last one's freeze (and the sweep)."""
         if self.held and CollectorHold._was_enabled:
             gc.collect(1)
 
@@ -855,12 +855,16 @@ class Runtime:
             self.state_machine.restore(snap.data)
             logger.info("installed a snapshot at index %d from the leader", index)
             return False
-        replaced_index = self._restoring[0] if self._restoring is not None else None  # not its steps: freed below
+        replaced_index = self._restoring[0] if self._restoring is not None else None  # not its steps: dropped below
         if replaced_index is not None:
             logger.info("the restore of the snapshot at index %d is replaced by the one at %d", replaced_index, index)
-        self._restoring = (index, steps(snap.data))  # the replaced restore's steps dropped, its partial state freed
+        started = time.thread_time()
+        # The replaced restore's steps dropped: what it built is left for the new one's first steps to free, a
+        # batch each (the state machine's `restoring`); timed as a step, with the collection that follows.
+        self._restoring = (index, steps(snap.data))
         if replaced_index is not None:
             self._collector.collect_replaced()
+            self._note_restore_step_time(started)
         if self.running:  # a drive that outlived stop() (a save that waited): stop let the hold go for good
             self._collector.hold()  # once: a restore that replaces another keeps the hold
         self._restore_applied = False
@@ -874,7 +878,7 @@ class Runtime:
         the entries after the snapshot are applied; the steps after that free the old state."""
         assert self._restoring is not None
         index, steps = self._restoring
-        started = time.thread_time()  # CPU time: the step's own cost, not the machine's other processes'
+        started = time.thread_time()
         try:
             replaced = next(steps)
         except StopIteration:
@@ -883,9 +887,7 @@ class Runtime:
             replaced = not self._restore_applied  # a state machine that swaps in its last step
         else:
             self._collector.after_step()
-        took_microseconds = int((time.thread_time() - started) * 1e6)  # bench/snapshot_stall.py reports it
-        if took_microseconds > self.stats["restore_step_max_microseconds"]:
-            self.stats["restore_step_max_microseconds"] = took_microseconds
+        self._note_restore_step_time(started)
         if not replaced or self._restore_applied:
             return
         self._restore_applied = True
@@ -895,6 +897,13 @@ class Runtime:
         if replies is not None:  # in a drive whose replies went out already: what follows goes by the transport
             self._process_ready({})
         self._wake_applied()
+
+    def _note_restore_step_time(self, started: float) -> None:
+        """The CPU time since `started` (time.thread_time: the step's own cost, not the machine's other
+        processes'), kept if it is the longest restore step so far: bench/snapshot_stall.py reports it."""
+        took_microseconds = int((time.thread_time() - started) * 1e6)
+        if took_microseconds > self.stats["restore_step_max_microseconds"]:
+            self.stats["restore_step_max_microseconds"] = took_microseconds
 
     def _send(self, messages: list[Message], replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         """Messages for a peer whose request we are answering ride back on the reply; the others go out now."""

@@ -72,15 +72,17 @@ Rules:
 - A node restores V2 and V3 a batch per turn of its event loop (`restoring`), not in one step that holds the loop
   for as long as the whole state takes to decode (~1 s at 1M keys; V3's lease table ~0.6 s at 100,000 leases):
   it parses the array's and the map's heads itself, then decodes key/value pairs until RESTORE_BATCH_KEYS of
-  them or RESTORE_BATCH_BYTES of values, then the elements after the map, and V3's lease table (its map's head
-  parsed here too) until RESTORE_BATCH_LEASES leases or as many of their keys a step, building `leases`,
+  them or RESTORE_BATCH_BYTES of values, then fills the key table's shards from the pairs decoded, one shard after
+  another (`_KeyTableBuild`: no step grows more than one), then the elements after the map, and V3's lease table
+  (its map's head parsed here too) until RESTORE_BATCH_LEASES leases or as many of their keys a step, building `leases`,
   `lease_of` and the ordered ids as they come, all checked before anything is replaced. Keys or lease ids out of
   order (older writers wrote the map in insertion order) are not damage: they go into their index one by one
   (O(log n) each, half a batch per step); a key twice, a count that differs from the pairs present, bytes after
   the end, a key not text, a value not bytes, a V3 record not [bytes, int, int] with create <= modify, a lease
   not [ttl, [keys]] with a valid TTL and at most MAX_KEYS_PER_LEASE keys, more than MAX_LEASES leases, an id < 1
-  or twice, a key not in the map or on two leases are (ValueError). Older formats still restore in one step: a
-  plain map (the oldest), `[SNAPSHOT_WITH_CLAIMS, map, claims]` (a horizon of 0), and maps of indefinite length;
+  or twice, a key not in the map or on two leases are (ValueError). A plain map (the oldest format) of definite
+  length is taken by the same steps; older formats still restore in one step: `[SNAPSHOT_WITH_CLAIMS, map,
+  claims]` (a horizon of 0), and maps of indefinite length;
   a lease map of indefinite length (none of ours writes one) is taken a batch per step like the others, and a V3
   whose key map is of indefinite length has its lease table taken by the same code in its one step
   (`_restore_whole_v3`): an id twice is refused however the maps are encoded (cbor2, decoding a map whole, keeps
@@ -90,7 +92,9 @@ Rules:
   raftlib.messages.SnapshotUnreadable) goes up as it is; only damage is a ValueError.
 - A restore builds the new state aside and replaces the old one in one assignment at its end (`_replace`): a
   snapshot found bad part way changes nothing, and readers see the old state or the new, never a mix. The old
-  state is then freed a bounded batch (keys and bytes) per step.
+  state is then freed a bounded batch (keys and bytes) per step. A restore dropped before its end (a newer
+  snapshot's replaced it, its node stopped) leaves what it built, or the old state it was freeing, to the next
+  restore, whose first steps free it the same way (`_garbage`, `_freeing`).
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
   O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes). A
   restore builds it from keys that come in increasing order without sorting, checking the order.
@@ -100,7 +104,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, NamedTuple, NoReturn, TypeGuard
 
 import cbor2
@@ -128,8 +132,9 @@ LEVEL_2_OPS = frozenset((SET_IF_INDEX, DELETE_IF_INDEX, DELETE_PREFIX, TXN, LEAS
 FEATURE_LEVEL = 2
 SNAPSHOT_V3 = "raftdzmq-kv-v3"
 # A restore step decodes at most this many key/value pairs, and ends once the values decoded pass this many bytes:
-# ~1 us a pair of 100 bytes (cbor2 6.3 from a buffered reader, the order checked, the dict filled), so ~2 ms a
-# step at 1M keys on this machine's cores (STACK-NOTES: a loop step should stay well under 10 ms); with 256 KiB
+# ~1 us a pair of 100 bytes (cbor2 6.3 from a buffered reader, the order checked, the pair put aside for its
+# shard: `_KeyTableBuild`), so ~2 ms a step at 1M keys on this machine's cores (STACK-NOTES: a loop step should
+# stay well under 10 ms); with 256 KiB
 # values a count bound alone let one step copy 512 MiB (206 ms, the fifth review).
 RESTORE_BATCH_KEYS = 2048
 RESTORE_BATCH_BYTES = 128 << 10
@@ -346,9 +351,14 @@ def _holds(current: object, op: str, operand: object) -> bool:
     return current > operand  # type: ignore[operator]
 
 
-class KeyTable(dict):
-    """The key table (`KeyValueStore.data`): a dict subclass only so that the garbage collector never untracks it.
-    CPython (3.11; _PyDict_MaybeUntrack) untracks an exact dict whose keys and values are all untracked when a full
+KEY_TABLE_SHARDS = 64  # a power of two: a key's shard is hash(key) & (KEY_TABLE_SHARDS - 1)
+_SHARD_MASK = KEY_TABLE_SHARDS - 1
+Record = tuple[bytes, int, int]
+
+
+class _Shard(dict):
+    """One of a KeyTable's dicts: a dict subclass only so that the garbage collector never untracks it. CPython
+    (3.11; _PyDict_MaybeUntrack) untracks an exact dict whose keys and values are all untracked when a full
     collection sees it, and a (value, index, index) tuple of atomics is untracked by the first collection it
     survives; the next write stores a fresh (tracked) tuple, which tracks the dict again (MAINTAIN_TRACKING) into
     generation 0: one young collection then walked every record (30-150 ms at a million keys here), one of
@@ -356,10 +366,95 @@ class KeyTable(dict):
     (server/tuning.py) missed it, untracked by the collection just before. A subclass is tracked from birth to
     death: frozen with the rest after start-up or at the end of a restore while serving (the runtime's
     CollectorHold freezes the restored state when the collector was on), else aged once into the oldest
-    generation, where each full collection walks it. docs/BENCHMARKS.md, "The key table and the
-    collector", has the figures; an operation on it costs 0-70 ns more (no specialized dict opcode for a subclass)."""
+    generation, where each full collection walks it. docs/BENCHMARKS.md, "The key table and the collector", has
+    the figures."""
 
     __slots__ = ()
+
+
+class KeyTable(MutableMapping[str, Record]):
+    """The key table (`KeyValueStore.data`): a mapping key -> record held in KEY_TABLE_SHARDS dicts (`_Shard`, for
+    the collector), a key in the one its hash picks. Why not one dict: a dict grows by copying itself whole into a
+    table twice the size in one insert, and a restore fills a new table while the old one serves (`restoring`):
+    at a million keys the copy past 699,050 keys held a step 41-60 ms (issue 13). CPython offers no way to size a
+    dict ahead from Python without copying one as big (dict.fromkeys and update presize only from a dict or set
+    of that many keys), so the table is cut instead: a shard's growth copies 1/64th of the table. A restore fills
+    the shards one after another (`_KeyTableBuild`): filled together they would grow in the same few steps
+    (their counts keep pace), as costly as one dict's. The price: each operation is a Python call, ~0.1 us more
+    than a dict's (docs/BENCHMARKS.md). Iterates shard by shard (no order: the store's order is `keys`)."""
+
+    __slots__ = ("shards",)
+
+    def __init__(self, items: Mapping[str, Record] | Iterable[tuple[str, Record]] = ()) -> None:
+        self.shards: list[_Shard] = [_Shard() for _ in range(KEY_TABLE_SHARDS)]
+        for key, record in items.items() if isinstance(items, Mapping) else items:
+            self.shards[hash(key) & _SHARD_MASK][key] = record
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.shards[hash(key) & _SHARD_MASK].get(key, default)
+
+    def __getitem__(self, key: str) -> Record:
+        return self.shards[hash(key) & _SHARD_MASK][key]
+
+    def __setitem__(self, key: str, record: Record) -> None:
+        self.shards[hash(key) & _SHARD_MASK][key] = record
+
+    def __delitem__(self, key: str) -> None:
+        del self.shards[hash(key) & _SHARD_MASK][key]
+
+    def pop(self, key: str, *default: Any) -> Any:
+        return self.shards[hash(key) & _SHARD_MASK].pop(key, *default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.shards[hash(key) & _SHARD_MASK]
+
+    def __len__(self) -> int:
+        return sum(map(len, self.shards))
+
+    def __iter__(self) -> Iterator[str]:
+        for shard in self.shards:
+            yield from shard
+
+    def __repr__(self) -> str:
+        return f"KeyTable({dict(self.items())!r})"
+
+
+class _KeyTableBuild:
+    """A KeyTable filled by a restore without a step that grows many shards (see KeyTable): `add` puts each
+    decoded pair in its shard's list, `filling` then fills the shards from their lists one after another, at most
+    FILL_BATCH_KEYS pairs of one shard a step, so a step grows one shard at most. A key twice (damage) shows as a
+    shard shorter than its list (ValueError)."""
+
+    # ~0.2-1 us a pair at 1M keys (the keys' objects are read in hash order, scattered in memory: cache misses),
+    # so ~0.5-2 ms a step, and ~8 steps a shard at 1M keys; 4x as many pairs took 5-9 ms (load 11).
+    FILL_BATCH_KEYS = RESTORE_BATCH_KEYS
+
+    def __init__(self) -> None:
+        self.table = KeyTable()
+        self.pending: list[tuple[list[str], list[Record]]] = [([], []) for _ in range(KEY_TABLE_SHARDS)]
+
+    def add(self, keys: list[str], records: list[Record]) -> None:
+        pending = self.pending
+        for key, record in zip(keys, records):
+            shard_keys, shard_records = pending[hash(key) & _SHARD_MASK]
+            shard_keys.append(key)
+            shard_records.append(record)
+
+    def containers(self) -> list[Any]:
+        """The dicts and lists holding what it built (`_freeing`)."""
+        return [held for lists in self.pending for held in lists] + list(self.table.shards)
+
+    def filling(self) -> Iterator[None]:
+        """Fill the table, yielding before each batch."""
+        for shard, (keys, records) in zip(self.table.shards, self.pending):
+            most = self.FILL_BATCH_KEYS
+            for start in range(0, len(keys), most):
+                yield
+                shard.update(zip(keys[start : start + most], records[start : start + most]))
+            if len(shard) != len(keys):
+                raise ValueError("a damaged key/value snapshot (a key twice)")
+            keys.clear()  # freed as the table fills: a list holds a reference a pair
+            records.clear()
 
 
 class KeyValueStore:
@@ -384,6 +479,9 @@ class KeyValueStore:
         self.on_lease = on_lease
         self.on_level_raised = on_level_raised  # called with the level when it crosses to 2 (a snapshot is due)
         self._events: list[Event] = []  # the command's, handed to on_event once it applied whole
+        # What a restore dropped before its end left (its half-built state, or the old state it was freeing): the
+        # dicts and lists holding it, freed a batch per step by the next restore's first steps (`restoring`).
+        self._garbage: list[Any] = []
 
     def get(self, key: str) -> bytes | None:
         record = self.data.get(key)
@@ -403,7 +501,7 @@ class KeyValueStore:
         return (index if index > self.level_index else self.level_index) if self.feature_level >= 2 else 0
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.keys)  # in step with `data`, and one attribute read (KeyTable's sums its shards)
 
     def apply(self, index: int, command: bytes) -> object:
         result = self._apply(index, command)
@@ -733,45 +831,39 @@ class KeyValueStore:
         """`restore` a batch per step: a generator that decodes a batch (RESTORE_BATCH_KEYS pairs, or
         RESTORE_BATCH_BYTES of values) each time it is advanced and yields False; once the state is replaced (the
         module's rules; not before), it yields True, then frees the old state a batch per step (freeing a million
-        keys at once holds the loop too), yielding False, and ends. Dropping it before the True changes nothing."""
-        old_data, old_keys, old_lease_of, old_leases = self.data, self.keys, self.lease_of, self.leases
-        for _ in self._decode(data):
-            yield False
-        yield True
-        # Only this generator holds the old state now (readers look up self.data afresh at each request).
-        while old_data:
-            freed_keys = freed_bytes = 0
-            while old_data and freed_keys < 2 * RESTORE_BATCH_KEYS and freed_bytes < 2 * RESTORE_BATCH_BYTES:
-                freed_bytes += len(old_data.popitem()[1][0])
-                freed_keys += 1
-            yield False
-        del old_data
-        while old_lease_of:  # a key on a lease each: as many as the keys at most
-            for _ in range(min(len(old_lease_of), 2 * RESTORE_BATCH_KEYS)):
-                old_lease_of.popitem()
-            yield False
-        del old_lease_of
-        while old_leases:
-            freed_keys = 0
-            while old_leases and freed_keys < 2 * RESTORE_BATCH_KEYS:
-                freed_keys += 1 + len(old_leases.popitem()[1].keys)
-            yield False
-        del old_leases
-        lists = getattr(old_keys, "_lists", None)
-        if type(lists) is list:
-            while lists:
-                del lists[-4:]  # sublists of SortedList's load (1000) keys
-                yield False
-        del old_keys
+        keys at once holds the loop too), yielding False, and ends. Dropping it before the True changes nothing.
 
-    def _decode(self, data) -> Iterator[None]:
+        Dropped before its end (the runtime's restore replaced by a newer snapshot's, or its node stopped), it
+        leaves what it built, or the old state it was freeing, in `_garbage`, and the next restore frees that
+        first, a batch per step: dropped with its frames, a half-built table of a million keys was freed in one
+        step of ~0.9 s (review of keyshard, L1)."""
+        for _ in _freeing(self._garbage):  # what a restore dropped before its end left
+            yield False
+        old_data, old_keys, old_lease_of, old_leases = self.data, self.keys, self.lease_of, self.leases
+        building: list[Any] = []  # what `_decode` builds, in the order it builds it
+        try:
+            for _ in self._decode(data, building):
+                yield False
+        except GeneratorExit:  # dropped: its frames go, what they built stays, for the next restore to free
+            self._garbage += [container for built in building for container in built.containers()]
+            raise
+        # Only this generator holds the old state now (readers look up self.data afresh at each request). Handed
+        # to `_garbage` before this step ends: a drop from here on leaves the rest of it there too.
+        self._garbage += [*old_data.shards, old_lease_of, old_leases, *_sublists_of(old_keys)]
+        del old_data, old_keys, old_lease_of, old_leases, building
+        yield True
+        for _ in _freeing(self._garbage):
+            yield False
+
+    def _decode(self, data, building: list[Any]) -> Iterator[None]:
         """The decoding half of `restoring`: the heads parsed here, then a batch of key/value pairs per step read
         by a cbor2 decoder from a buffered reader (it reads exactly each item's bytes, so the heads and the pairs
         can be read in turn); the elements after the map checked, V3's leases a batch per step; the state replaced
-        when it ends."""
+        when it ends. What it builds goes in `building` as it is made (`restoring` frees it if dropped)."""
         size = len(data)
         if not size:
-            self._replace(KeyTable(), SortedList(), _tail_state(None, []), _LeaseTable({}))
+            empty = KeyTable()
+            self._replace(empty, SortedList(), _tail_state(None, []), _LeaseTable(empty))
             return
         fp = _buffered(data)
         decoder = _decoder(fp)
@@ -788,8 +880,9 @@ class KeyValueStore:
             self._restore_whole(_whole(data))
             return
         with_indices = name == SNAPSHOT_V3
-        new = KeyTable()
+        new = _KeyTableBuild()
         keys = _SortedBuild()  # without a sort while the keys come in increasing order (this version's)
+        building += (new, keys)
         decode = decoder.decode
         left = count
         while left:
@@ -810,20 +903,20 @@ class KeyValueStore:
             left -= len(batch_keys)
             if not all(type(k) is str for k in batch_keys):
                 raise ValueError("a damaged key/value snapshot (a key that is not text)")
-            new.update(zip(batch_keys, batch_records))
-            if len(new) != count - left:
-                raise ValueError("a damaged key/value snapshot (a key twice)")
+            new.add(batch_keys, batch_records)
             keys.extend(batch_keys)
+        yield from new.filling()  # a key twice found here, before the elements after the map are read
         # The elements after the map: all but V3's leases in this step (bounded: the claims of CLAIM_RETENTION_SECONDS,
         # three numbers), checked before the leases; then the leases a batch per step (see the module's rules).
         tail_length = _TAIL_LENGTHS[name] - (1 if with_indices else 0)
         state = _tail_state(name, [_decode_item(decoder, "an element after its map") for _ in range(tail_length)])
-        leases = _LeaseTable(new)
+        leases = _LeaseTable(new.table)
+        building.append(leases)
         if with_indices:
             yield from leases.decoding(fp, decode)
         if fp.read(1):
             raise ValueError("a damaged key/value snapshot (bytes after its end)")
-        self._replace(new, keys.sorted_list(), state, leases)
+        self._replace(new.table, keys.sorted_list(), state, leases)
 
     def _restore_whole(self, data: bytes | bytearray | memoryview) -> None:
         """The formats decoded in one step (the module's rules)."""
@@ -944,9 +1037,11 @@ def encode_state(kv: KeyValueStore) -> bytes:
     out.write(_head(5, len(data)))
     level_index = kv.level_index
     with_indices = name == SNAPSHOT_V3
+    # Each key looked up in its shard here: KeyTable's [] is a Python call a key (review of keyshard, L2).
+    shards, mask = data.shards, _SHARD_MASK
     flat: list = []
     for key in kv.keys:  # by iteration: a positional slice would make SortedList keep an index (see `page`)
-        value, create_index, modify_index = data[key]
+        value, create_index, modify_index = shards[hash(key) & mask][key]
         flat.append(key)
         if with_indices:
             flat.append([value, create_index if create_index > level_index else level_index,
@@ -1145,6 +1240,35 @@ class _SortedRun:
         return out
 
 
+def _sublists_of(keys: SortedList | None) -> list[Any]:
+    """A SortedList's list of sublists (for `_freeing`), or none if sortedcontainers lays it out otherwise."""
+    lists = getattr(keys, "_lists", None)
+    return [lists] if type(lists) is list else []
+
+
+def _freeing(garbage: list[Any]) -> Iterator[None]:
+    """Empty the dicts and lists in `garbage`, the first first, yielding after each batch: at most 2 *
+    RESTORE_BATCH_KEYS items (a lease counting its keys, a sublist its items) and 2 * RESTORE_BATCH_BYTES of
+    records' values. Freeing a million keys at once holds the loop as long as decoding them. Emptied in place, and
+    each leaves `garbage` once empty: a generator dropped midway leaves the rest there (`restoring`)."""
+    while garbage:
+        container = garbage[0]
+        freed_items = freed_bytes = 0
+        while container and freed_items < 2 * RESTORE_BATCH_KEYS and freed_bytes < 2 * RESTORE_BATCH_BYTES:
+            item = container.popitem()[1] if isinstance(container, dict) else container.pop()
+            if type(item) is tuple:  # a record: (value, create_index, modify_index)
+                freed_bytes += len(item[0])
+            elif type(item) is list:  # a sorted list's sublist
+                freed_items += len(item)
+            elif type(item) is Lease:
+                freed_items += len(item.keys)
+            freed_items += 1
+        if not container:
+            del garbage[0]
+        if freed_items:
+            yield
+
+
 class _SortedBuild:
     """The keys (or lease ids) of a snapshot as a SortedList, built as they are decoded: by layout while they come
     in increasing order (`_SortedRun`, this version's writers), from the first one out of order (older writers
@@ -1169,6 +1293,10 @@ class _SortedBuild:
         for item in items:  # O(log n) each: ~1.4 us
             self.unordered.add(item)
 
+    def containers(self) -> list[Any]:
+        """The lists holding what it built (`_freeing`)."""
+        return [self.run.lists] if self.run is not None else _sublists_of(self.unordered)
+
     def sorted_list(self) -> SortedList:
         if self.run is not None:
             return self.run.sorted_list()
@@ -1183,11 +1311,15 @@ class _LeaseTable:
     `lease_of` and the ordered ids are built as they come, so the restore's last step has no pass over the table to
     make (the module's rules)."""
 
-    def __init__(self, records: dict[str, tuple[bytes, int, int]]) -> None:
+    def __init__(self, records: KeyTable) -> None:
         self.records = records
         self.leases: dict[int, Lease] = {}
         self.lease_of: dict[str, int] = {}
         self.ids = _SortedBuild()
+
+    def containers(self) -> list[Any]:
+        """The dicts and lists holding what it built (`_freeing`; `records` is the key table's build's)."""
+        return [self.lease_of, self.leases, *self.ids.containers()]
 
     def add(self, lease_id: object, ttl_keys: object) -> int:
         """One lease, checked and taken (its id still to be given to `ids`): returns its number of keys."""
