@@ -224,7 +224,7 @@ class ZmqTransport:
             if self._on_vouched_dropped is not None:
                 self._on_vouched_dropped()
         # The vouched list is the newer configuration: its key for a member wins (a member's key never changes
-        # within one cluster's configurations: api.join_refusal; this only orders a conflict).
+        # within one cluster's configurations: routes_cluster.join_refusal; this only orders a conflict).
         peer_key.update((node_id, key) for node_id, key in self._vouched.items() if node_id != self.node_id)
         keyless = frozenset(m.node_id for m in members if not m.public_key)
         if keyless and keyless != self._keyless_warned:

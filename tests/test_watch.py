@@ -415,7 +415,7 @@ def test_a_plus_in_key_or_prefix_is_a_plus_as_in_db_paths(client):
 def test_raw_utf8_in_key_or_prefix_names_the_key_db_paths_write(client):
     """Review 2 of watch: WSGI hands the query string over as latin-1 text, so raw UTF-8 bytes must be taken back
     to bytes before decoding: `?key=r\xc3\xa9` watched "rÃ©"."""
-    from raftlib.server.api import _watch_names
+    from raftlib.server.routes_watch import _watch_names
 
     assert _watch_names("key=r\xc3\xa9") == ("r\u00e9", None)
     assert _watch_names("prefix=r%C3%A9") == (None, "r\u00e9")

@@ -29,7 +29,7 @@ Rules:
   anything) ends the stream at once; the connection closes after it.
 - Importing this module patches nothing: the command monkey-patches before it imports it.
 - A refusal here runs nothing, so a write's (WRITE_METHODS) says `X-Raft-Outcome: not-applied`
-  (raftlib.server.api's rules): it may be sent again. A read's says nothing, nor does one refused before its
+  (raftlib.server.routes_shared's rules): it may be sent again. A read's says nothing, nor does one refused before its
   request line was read (its method unknown; a 4xx all the same, which the README counts as not applied).
 - No access log unless asked for (-v): then AccessLogHandler writes one line per request answered, refusals
   included, at INFO on `raftdzmq.access` (its docstring gives the format); without it nothing is formatted per
