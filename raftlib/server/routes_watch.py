@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import urllib.parse
+from collections.abc import Callable
 
 import bottle
 
@@ -132,3 +133,7 @@ def _long_poll(api: Api, position: int, wanted: Filter, timeout_seconds: float) 
             stream.close()
 
 
+# (method, path, route, the operation its failures are answered as): api.make_app installs them.
+ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
+    ("GET", "/watch", get_watch, "read"),
+)
