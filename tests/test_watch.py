@@ -1242,3 +1242,101 @@ def test_a_batch_goes_out_from_the_wake_to_every_watcher_whole_and_slow_or_gone_
     assert result["stuck_opened"] == 1 and result["stuck_ended"] and not result["stuck_registered"]
     assert result["stuck_evictions"] == ["busy_timeout"]
     assert result["leaving_freed"]
+
+
+# ---- a stream's socket in process: watchstream on a loopback connection, a stand-in for pywsgi's handler ----------
+
+@pytest.fixture
+def loopback_streams():
+    """open(hub, prefix) -> (client socket, watcher): watchstream.watch_stream on a loopback TCP connection with a
+    stand-in for pywsgi's handler (its socket, chunked answers, the server's watching and busy tables); its first
+    chunk taken as pywsgi would, every later one written by the stream itself (its greenlet, or the wake). Returns
+    once the stream's greenlet waits armed. Everything closed at the end."""
+    import types
+
+    import gevent.socket
+
+    from raftlib.server import watchstream
+    from raftlib.server.metrics import Metrics
+
+    opened: list = []
+
+    def open_stream(hub: WatchHub, prefix: str, send_buffer: int | None = None, receive_buffer: int | None = None):
+        listener = gevent.socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = gevent.socket.socket()
+        if receive_buffer:
+            client.setsockopt(gevent.socket.SOL_SOCKET, gevent.socket.SO_RCVBUF, receive_buffer)
+        client.settimeout(10)
+        client.connect(listener.getsockname())
+        server_side, _ = listener.accept()
+        listener.close()
+        if send_buffer:
+            server_side.setsockopt(gevent.socket.SOL_SOCKET, gevent.socket.SO_SNDBUF, send_buffer)
+        handler = types.SimpleNamespace(socket=server_side, response_use_chunked=True, close_connection=False,
+                                        server=types.SimpleNamespace(watching={}, busy={}))
+        chunks = watchstream.watch_stream(hub, Metrics(), hub.applied_index, Filter(prefix=prefix),
+                                          {"raftdzmq.handler": handler})
+        assert b"watching after" in next(chunks)  # pywsgi's to write, with the head
+        greenlet = gevent.spawn(next, chunks, None)  # from here the generator writes every chunk itself
+        opened.append((client, server_side, greenlet, chunks))
+        watcher = next(w for w in hub._by_prefix[prefix] if w.deliver is not None) if until_armed(hub, prefix) \
+            else None
+        assert watcher is not None, "the stream's greenlet never waited"
+        return client, watcher
+
+    def until_armed(hub: WatchHub, prefix: str) -> bool:
+        for _ in range(1000):  # a bound in turns of the loop, not a time
+            watchers = hub._by_prefix.get(prefix, ())
+            if any(w.deliver is not None and w.deliver.__self__.armed for w in watchers):  # type: ignore[union-attr]
+                return True
+            gevent.sleep(0.001)
+        return False
+
+    yield open_stream
+    for client, server_side, greenlet, chunks in opened:
+        greenlet.kill()
+        chunks.close()
+        client.close()
+        server_side.close()
+
+
+def read_stream_events(client, count: int, seconds: float) -> list[int]:
+    """The indices of the events a stream's client receives (the chunked coding undone), until `count` of them or
+    `seconds` (a bound: the test fails with fewer)."""
+    body, indices_seen = b"", []
+    end = time.monotonic() + seconds
+    while len(indices_seen) < count and time.monotonic() < end:
+        try:
+            body += client.recv(1 << 20)
+        except OSError:
+            break
+        while True:  # whole chunks only: "<size hex>\r\n<data>\r\n"
+            size_end = body.find(b"\r\n")
+            if size_end < 0:
+                break
+            size = int(body[:size_end], 16)
+            if len(body) < size_end + 2 + size + 2:
+                break
+            chunk, body = body[size_end + 2:size_end + 2 + size], body[size_end + 2 + size + 2:]
+            indices_seen += [json.loads(line[6:])["index"] for line in chunk.split(b"\n") if line.startswith(b"data: ")]
+    return indices_seen
+
+
+def test_a_drive_of_more_events_than_a_read_takes_reaches_a_waiting_stream_at_once_not_at_its_keep_alive(
+        loopback_streams, monkeypatch):
+    """Review of fanout2, finding 1: the wake wrote the first read of a waiting stream, cut at MAX_EVENTS_PER_READ,
+    and said it was done though more events waited (first_match still set): nothing woke the stream's greenlet nor
+    queued it again, and the rest waited for the keep-alive (up to 5 s). With the keep-alive an hour away, every
+    event of a 1,500-event drive must still arrive, in order and once each."""
+    from raftlib.server import watchstream
+
+    monkeypatch.setattr(watchstream, "KEEPALIVE_SECONDS", 3600.0)  # only a wake can bring the rest
+    hub = WatchHub()
+    client, watcher = loopback_streams(hub, "k")
+    count = MAX_EVENTS_PER_READ + MAX_EVENTS_PER_READ // 2
+    for index in range(1, count + 1):  # one drive: no yield between the applies
+        hub.on_events((put(index, f"k{index}"),))
+        hub.applied(index)
+    assert read_stream_events(client, count, seconds=10) == list(range(1, count + 1))

@@ -22,11 +22,13 @@ Rules:
   (`armed`, true only inside SocketWriter.wait) with nothing left of an earlier frame; the greenlet writes only
   while disarmed.
 - The wake's send never blocks. A frame the socket takes whole is done: counted in the metrics, and the edge's
-  busy bound restarted (Stream.wrote; at most once a BUSY_NOTE_SECONDS). What is left of a frame taken in part (or not at all: a full buffer, or an
-  error) is kept (`pending`: at most one frame, as the greenlet held one while pywsgi wrote it before) and the
-  greenlet woken, which writes it with a blocking sendall before anything else. A client that does not read is
-  then cut off by the edge's busy bound as before (the sweeper shuts the socket, the write fails, the stream
-  ends); a client gone ends the stream at that write.
+  busy bound restarted (Stream.wrote; at most once a BUSY_NOTE_SECONDS); if its read was cut at the budget (more
+  than MAX_STREAM_BYTES_PER_READ or MAX_EVENTS_PER_READ waiting), the greenlet is woken to write the rest. What
+  is left of a frame taken in part (or not at all: a full buffer, or an error) is kept (`pending`: at most one
+  frame, as the greenlet held one while pywsgi wrote it before) and the greenlet woken, which writes it with a
+  blocking sendall before anything else. A client that does not read is then cut off by the edge's busy bound as
+  before (the sweeper shuts the socket, the write fails, the stream ends); a client gone ends the stream at that
+  write.
 - A watcher behind the history (Behind) is woken too: its greenlet reads again, writes the `error` event and ends.
 - Positions, ids, keep-alives, half-close probes: api's rules, as before; a keep-alive carries an `id:` when the
   position moved past the last index written by either writer (`sent_position`).
@@ -181,8 +183,9 @@ class SocketWriter(_Progress):
 
     def deliver(self, watcher: Watcher) -> bool:
         """Write the watcher's next frame from the wake, without blocking (WatchHub._wake_some calls it in place of
-        waking the greenlet): True when nothing is left to do, False to wake the greenlet (not armed, Behind, or a
-        frame the socket did not take whole)."""
+        waking the greenlet): True when nothing is left to do, False to wake the greenlet (not armed, Behind, a
+        frame the socket did not take whole, or a read cut at its budget: more events wait, and no later event
+        would queue the watcher again while its first_match stays set -- review of fanout2, finding 1)."""
         if not self.armed:
             return False
         marked_at = watcher.marked_at
@@ -206,7 +209,7 @@ class SocketWriter(_Progress):
             if now - self.busy_noted_at >= BUSY_NOTE_SECONDS:
                 self.busy_noted_at = now
                 self.stream.wrote()
-            return True
+            return watcher.first_match is None  # a read cut at its budget: the greenlet writes the rest at once
         self.pending = b"".join(parts)[sent:]
         self.pending_marked_at = marked_at
         self.armed = False
