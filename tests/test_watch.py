@@ -1274,7 +1274,8 @@ def loopback_streams():
         listener.close()
         if send_buffer:
             server_side.setsockopt(gevent.socket.SOL_SOCKET, gevent.socket.SO_SNDBUF, send_buffer)
-        handler = types.SimpleNamespace(socket=server_side, response_use_chunked=True, close_connection=False,
+        handler = types.SimpleNamespace(socket=server_side, rfile=server_side.makefile("rb", -1),
+                                        response_use_chunked=True, close_connection=False,
                                         server=types.SimpleNamespace(watching={}, busy={}))
         watchers_before = set(hub._by_prefix.get(prefix, ()))
         chunks = watchstream.watch_stream(hub, Metrics(), hub.applied_index, Filter(prefix=prefix),
