@@ -68,7 +68,7 @@ TTL_SECONDS = 3  # 10 election timeouts of the runs' nodes (-election-ms 300): s
 EARLY_TOLERANCE_SECONDS = 0.05
 LAPSE_SLACK_SECONDS = 10.0  # a leader elected after the heal (crash points may kill one more) and its expiry entry
 KEEPALIVE_TIMEOUT_SECONDS = 1.0
-WATCH_READ_TIMEOUT_SECONDS = 7.0  # the server writes a comment every 5 s (routes_watch.KEEPALIVE_SECONDS)
+WATCH_READ_TIMEOUT_SECONDS = 7.0  # the server writes a comment every 5 s (watchstream.KEEPALIVE_SECONDS)
 COUNTER_KEYS = ("cnt0", "cnt1")
 SENTINEL_KEY = "zz-watch-end"
 

@@ -5,23 +5,22 @@ Rules:
   forward, no read round, no feature level, no secret (as GET /db). A stream (server-sent events) writes a
   comment every KEEPALIVE_SECONDS while it has nothing to send, and ends when its client goes (edge.Stream) or
   falls behind the history (an `error` event); a long poll (poll=1) waits at most its timeout (MAX_POLL_TIMEOUT_
-  SECONDS). At most `max_watches` of either are open at once (503 beyond).
+  SECONDS). At most `max_watches` of either are open at once (503 beyond). The stream is raftlib.server.watchstream.
 """
 
 from __future__ import annotations
 
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import bottle
-import gevent
 
-from .edge import EOF_PROBE_SECONDS, HALF_CLOSE_PROBES, Stream, waiting_on_its_own
+from .edge import Stream, waiting_on_its_own
 from .routes_shared import Api, check_key, read_headers, removed_text, text
-from .watch import MAX_STREAM_BYTES_PER_READ, Behind, Filter, sse_error
+from .watch import Behind, Filter
+from .watchstream import watch_stream
 
-KEEPALIVE_SECONDS = 5.0  # a watch stream with nothing to send writes a comment this often (and so finds a dead peer)
 DEFAULT_POLL_TIMEOUT_SECONDS = 30.0
 MAX_POLL_TIMEOUT_SECONDS = 60.0
 MAX_POLL_BYTES = 4 << 20  # event JSON in one long poll's answer (a group goes whole): the client goes on from its position
@@ -95,7 +94,8 @@ def get_watch(api: Api) -> bottle.HTTPResponse:
     wanted = Filter(key, prefix)
     if mode == "poll":
         return _long_poll(api, position, wanted, timeout_seconds)
-    return bottle.HTTPResponse(_stream(api, position, wanted, bottle.request.environ), 200, {
+    chunks = watch_stream(api.watch_hub, api.metrics, position, wanted, bottle.request.environ)
+    return bottle.HTTPResponse(chunks, 200, {
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **read_headers(api)})
 
 
@@ -126,69 +126,6 @@ def _long_poll(api: Api, position: int, wanted: Filter, timeout_seconds: float) 
                 hub.wait_for(watcher, remaining, None if stream is None else stream.gone)
                 if stream is not None and stream.eof.is_set():
                     continue
-    finally:
-        hub.unwatch(watcher)
-        metrics.watches_open -= 1
-        if stream is not None:
-            stream.close()
-
-
-def _stream(api: Api, position: int, wanted: Filter, environ: dict) -> Iterator[bytes]:
-    """The chunks of a watch stream (Bottle and pywsgi send each as it comes, chunked). Not started, it holds
-    nothing: the count, the registration and the connection's Stream begin with the first chunk. Its position goes
-    out as an `id:` with the first chunk, after each index group, and with a keep-alive when it moved."""
-    hub, metrics = api.watch_hub, api.metrics
-    handler = environ.get("raftdzmq.handler")  # None in process (tests): no peer to watch
-    metrics.watches_open += 1
-    try:
-        watcher = hub.watch(position, wanted)
-    except Behind as e:  # the history moved between the check and the first chunk
-        metrics.watches_open -= 1
-        metrics.watches_behind.inc("stream")
-        yield sse_error(str(e), e.oldest_index)
-        return
-    stream = None if handler is None else Stream(handler, user_timeout_seconds=2 * KEEPALIVE_SECONDS)
-    gone = None if stream is None else stream.gone
-    probes = 0
-    try:
-        yield f": watching after index {position}\nid: {position}\n\n".encode()  # the answer's head goes with it
-        sent_position = position
-        written_at = time.monotonic()
-        while True:
-            if stream is not None:
-                stream.wrote()
-                if stream.gone.is_set():
-                    return
-                if stream.eof.is_set() and probes < HALF_CLOSE_PROBES:
-                    if probes:
-                        gevent.sleep(EOF_PROBE_SECONDS)  # the reset to the first probe comes back meanwhile
-                    probes += 1
-                    yield b": are you there\n\n"  # fails once the client closed both ways: the stream ends
-                    continue
-            marked_at = watcher.marked_at  # the oldest event's apply, for this read's frame
-            try:
-                events, frame = hub.next_sse(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
-            except Behind as e:
-                metrics.watches_behind.inc("stream")
-                yield sse_error(str(e), e.oldest_index)
-                return
-            if events:
-                metrics.watch_events.inc("stream", len(events))
-                yield frame  # returns once the server wrote it to the socket
-                metrics.watch_delivery_seconds.observe(time.monotonic() - marked_at)
-                sent_position = events[-1][3]
-                written_at = time.monotonic()
-                continue
-            remaining = KEEPALIVE_SECONDS - (time.monotonic() - written_at)
-            if remaining <= 0:
-                if watcher.position != sent_position:
-                    sent_position = watcher.position
-                    yield b": keep-alive\nid: %d\n\n" % sent_position
-                else:
-                    yield b": keep-alive\n\n"
-                written_at = time.monotonic()
-                continue
-            hub.wait_for(watcher, remaining, gone if stream is None or not stream.eof.is_set() else None)
     finally:
         hub.unwatch(watcher)
         metrics.watches_open -= 1
