@@ -3,15 +3,18 @@
 Most of the suite is clusters of processes that mostly wait (sockets, elections, fsync); a few tests are long pure
 computations (the simulator's seeded schedules, the crash explorer). Such a test is marked
 `@pytest.mark.background(function, *args)`: `function(*args)` is its job, which must return something JSON can
-hold and must live in a module that does not monkey-patch gevent at import (the worker imports it by name). Once
-pytest has collected the session, tests/conftest.py starts `BackgroundJobs` over the jobs of the tests collected:
-worker processes (plain subprocesses running this file, never forks of the patched pytest process), at most
-max(1, cpu_count - 1), at nice 19, each taking the next job nobody has taken yet, in the order the tests will
-ask for them. The test asks for its job's result (the `background_job` fixture), which is either there, or
-being computed by a worker (waited for, bounded; the worker is put back to nice 0 then, as it is on the critical
-path), or taken by nobody yet: then the pytest process runs it itself, as before, so running one file alone is no
-slower than before (its jobs are shared between the pytest process and the workers). While it waits, the pytest
-process runs the last job nobody has taken yet.
+hold and must live in a module that does not monkey-patch gevent at import (the worker imports it by name; a lone
+function needs `pytest.mark.background.with_args(function)`, or pytest takes it for the test it decorates).
+
+tests/conftest.py moves the background tests to the end of the session (in their order) and, once pytest has
+collected it, starts `BackgroundJobs` over their jobs: worker processes (plain subprocesses running this file,
+never forks of the gevent-patched pytest process), at most max(1, cpu_count - 1), at nice 19, each taking the
+next job nobody has taken yet, in the order the tests will ask for them. While the pytest process runs the tests
+that mostly wait, the workers get the CPU those leave idle. When the first background test asks for its result
+the workers go back to nice 0 (the session now waits for them), and each test's job is either done, or being
+computed by a worker (waited for, bounded), or taken by nobody yet: then the pytest process runs it itself, as
+before, so running one file alone is no slower than before. While it waits, the pytest process runs the last job
+nobody has taken yet.
 
 Protocol, in a temporary folder: `jobs.json` lists the jobs; a job is taken by linking a file holding the taker's
 pid to `<n>.taken` (atomic: one taker wins); its outcome is written to `<n>.tmp` and renamed to `<n>.json`:
@@ -24,6 +27,7 @@ not done after the timeout.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import json
@@ -121,6 +125,7 @@ class BackgroundJobs:
         self.jobs = list(dict.fromkeys(jobs))
         self.numbers = {job: n for n, job in enumerate(self.jobs)}
         self.timeout, self.run_here = timeout, run_here
+        self.reniced = False
         self.folder = tempfile.mkdtemp(prefix="raftdzmq-background-")
         with open(os.path.join(self.folder, "jobs.json"), "w") as f:
             json.dump([[j.module, j.function, list(j.args)] for j in self.jobs], f)
@@ -131,12 +136,16 @@ class BackgroundJobs:
             with open(log, "wb") as out:
                 p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--dir", self.folder],
                                      stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            # Set here, not by the worker: so that _on_the_critical_path, later in this process, always wins.
+            with contextlib.suppress(ProcessLookupError):  # it died already: _check_workers says so
+                os.setpriority(os.PRIO_PROCESS, p.pid, WORKER_NICE)
             self.workers[p.pid], self.logs[p.pid] = p, log
 
     def result(self, job: Job):
         """The job's value; raises BackgroundJobFailed if it raised, its worker died, or it is not done within
         the timeout of waiting for it."""
         number = self.numbers[job]
+        self._on_the_critical_path()
         waited_since = None
         while (done := outcome(self.folder, number)) is None:
             self._check_workers(job)
@@ -154,8 +163,6 @@ class BackgroundJobs:
                 continue
             if waited_since is None:
                 waited_since = time.monotonic()
-                if worker is not None:
-                    self._on_the_critical_path(worker)
             if time.monotonic() - waited_since > self.timeout:
                 raise BackgroundJobFailed(f"{job}: not done after {self.timeout:.0f}s of waiting for it "
                                           f"(taken by pid {pid})")
@@ -183,13 +190,19 @@ class BackgroundJobs:
                 return True
         return False
 
-    @staticmethod
-    def _on_the_critical_path(worker: subprocess.Popen) -> None:
-        """The test waits for this worker: its job is no longer background work (back to nice 0 where allowed)."""
-        try:
-            os.setpriority(os.PRIO_PROCESS, worker.pid, 0)
-        except OSError:  # not permitted (not root), or it has just exited
-            pass
+    def _on_the_critical_path(self) -> None:
+        """A test asks for a result: the session now waits for the jobs (the background tests run last), which
+        are no longer background work. The workers go back to nice 0 (where allowed): at nice 19 they would get
+        next to no CPU while this process runs a job itself, or while others' processes load the machine."""
+        if self.reniced:
+            return
+        self.reniced = True
+        for pid, p in self.workers.items():
+            try:
+                if p.poll() is None:
+                    os.setpriority(os.PRIO_PROCESS, pid, 0)
+            except OSError:  # not permitted (not root), or it has just exited
+                pass
 
     def _tail(self, pid: int, lines: int = 30) -> str:
         with open(self.logs[pid], errors="replace") as f:
@@ -221,7 +234,6 @@ def work(folder: str) -> None:
     """The worker: take every job nobody has taken yet, first to last, and record each outcome."""
     parent = os.getppid()
     _die_with_parent()
-    os.nice(WORKER_NICE)
     import logging
 
     logging.disable(logging.WARNING)  # e.g. torn tails cut after simulated crashes: expected by the thousand

@@ -23,6 +23,12 @@ def pytest_configure(config):
                                        "runs in a background worker from the session's start (tests/background.py)")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The background tests last (in their order): the pytest process runs the tests that mostly wait first, while
+    the workers compute the jobs, and by the time it asks for their results most are there."""
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)  # a stable sort
+
+
 def pytest_collection_finish(session):
     """Start the background jobs of the tests collected (after -k and the like): workers at nice 19 compute them
     while the rest of the suite, mostly waiting on clusters of processes, runs."""
