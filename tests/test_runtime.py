@@ -35,7 +35,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
 )
-from raftlib.runtime import NotRunning, Runtime, Stopped, Timeout
+from raftlib.runtime import NotRunning, Read, Runtime, Stopped, Timeout
 from raftlib.storage import DiskStorage
 from crashfs import CrashFS
 from runtime_fakes import NullTransport, Values
@@ -847,6 +847,28 @@ def test_a_leader_that_stalled_with_no_answer_waiting_steps_down_at_once():
         _stall(runtime, 2.5)
         runtime._drive()
         assert runtime.node.role is Role.FOLLOWER
+    finally:
+        runtime.stop()
+
+
+def test_a_lease_read_stepped_in_the_drive_that_catches_up_a_stall_is_not_answered_from_the_lease():
+    """A lease read that waited in the inbox through a stall of 0.9 election timeouts (past the lease, short of
+    check-quorum) is stepped in the drive that catches the clock up: the clock must be advanced before it is
+    stepped, so the lease has run out in the node's time as it has in real time, and the read waits for a round
+    the silent followers never answer (thesis §6.4.1; review stallstep Q1: advancing the clock after the items
+    answered it from memory)."""
+    runtime, followers = leader_of_three()
+    try:
+        gevent.sleep(0.05)
+        assert runtime.node._lease_valid(), "setup: the leader holds a lease"
+        followers.silent = True
+        result = gevent.event.AsyncResult()
+        result.rawlink(lambda _: None)  # a caller waits on it (a read nobody waits for is not answered)
+        runtime._inbox.append(Read(True, result))  # it waited in the inbox through the stall
+        _stall(runtime, 0.9)
+        runtime._drive()
+        assert runtime.node.role is Role.LEADER, "0.9 election timeouts are short of check-quorum"
+        assert not result.ready(), f"answered from a lease that had run out: {result.value!r}"
     finally:
         runtime.stop()
 
