@@ -5,7 +5,9 @@ greenlets) puts an item in the inbox and waits on a result with a bound; `_loop`
 the inbox or once a tick at the latest. A transport greenlet that finds the node free drives it itself (a
 peer's message, a reply), saving two greenlet switches a hop. A drive advances the node's clock by the monotonic
 clock, takes everything waiting at once, steps the node with all of it, and only then lets its timers fire (after
-a stall, once each, on what the peers sent meanwhile: issue 13), then handles each Ready in order: save (one
+a stall, once each, on what the peers sent meanwhile: issue 13; so the answers to rounds sent before the stall
+count, and a leader cut off during a stall steps down within one election timeout of running time after it
+resumes, not at once), then handles each Ready in order: save (one
 fsync for the whole batch: group commit), send, apply, wake the waiting requests, advance. A disk failure stops
 the node rather than acknowledge anything (fsyncgate). A full disk is waited out instead: the save is tried
 again until there is room, nothing is sent or acknowledged meanwhile (to the others the node looks paused), and
@@ -86,9 +88,11 @@ _LOOP_LAG_PROBE_SECONDS = float(os.environ.get("RAFTDZMQ_LOOP_LAG_PROBE_SECONDS"
 _PR_SET_PDEATHSIG = 1
 # A snapshot transfer abandoned because its file could not be read is logged at most once per peer this often.
 SNAPSHOT_READ_WARNING_SECONDS = 10.0
-# After a stall (a drive that finds more than a heartbeat of ticks due), the drive first yields this long: the
-# frames that came meanwhile are taken from zmq into the inbox (zmq's I/O thread may have to read them off TCP
-# first, after a SIGSTOP), so the timers that ran out judge on them. A stall has already cost over a heartbeat.
+# After a stall (a drive that finds at least an election timeout of ticks due), the drive first yields this long:
+# the frames that came meanwhile are taken from zmq into the inbox (zmq's I/O thread may have to read them off TCP
+# first, after a SIGSTOP), so the timers that ran out judge on them. A stall has already cost an election timeout.
+# Shorter catch-ups do not yield (review stallstep L3): a drive a few heartbeats late is common under load, and
+# a shorter stall leaves part of the check-quorum window (or election timeout) before it, when answers were stepped.
 STALL_YIELD_SECONDS = 0.001
 
 
@@ -699,7 +703,7 @@ class Runtime:
         the inbox; the drive wakes the loop for them on its way out."""
         self._driving = True
         try:
-            if self._ticks_due() > self.node.config.heartbeat_ticks:
+            if self._ticks_due() >= self.node.config.election_ticks:
                 # The process could not run for a while: what the peers sent meanwhile waits in the sockets. A
                 # turn of the loop lets their greenlets put it in the inbox, so that the timers that ran out in
                 # the stall judge on it (a leader's check-quorum on its followers' replies; a follower's election
