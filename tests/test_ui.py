@@ -1,9 +1,10 @@
 """The dashboard (issue 16): the event ring, GET /events, /stats and /cluster/status on real nodes, the page's
-package data in a built wheel (and that wheel installed puts both console scripts on the PATH, issue 15), and the
-page itself in headless Chromium (tests/browser.py) against three real nodes: members and one leader, writes moving
-the counter and the chart, a SIGKILLed leader replaced on the page within 3 s with an election in the timeline, a
-leadership transfer through the page (by keyboard), the removal of the dead member (by mouse), the key browser with
-its live changes, a phone's width, the dark scheme, and no error in the browser's console during the whole run.
+package data in a built wheel (and that wheel installed puts both console scripts on the PATH, issue 15), no member
+asked for its numbers while no page is open, and the page itself in headless Chromium (tests/browser.py) against
+three real nodes: members and one leader, writes moving the counter and the chart, a SIGKILLed leader replaced on
+the page within 3 s with an election in the timeline, a leadership transfer through the page (by keyboard), the
+removal of the dead member (by mouse), the key browser with its live changes, a phone's width, the dark scheme, and
+no error in the browser's console during the whole run.
 
 The browser test skips only when Chromium cannot start (tests/browser.py says why). RAFTDZMQ_UI_SCREENSHOT=PATH
 copies its screenshot of the page under load there (docs/ui.png is made so); otherwise it stays in tmp_path."""
@@ -204,6 +205,31 @@ def test_cluster_status_gathers_every_member_and_events_merge(cluster):
         assert r.headers["content-security-policy"] == "frame-ancestors 'none'", path
         assert r.headers["x-content-type-options"] == "nosniff", path
     assert "script" not in r.text and r.status == 404, r
+
+
+def test_the_dashboard_costs_nothing_while_no_one_asks(tmp_path):
+    """Issue 16: /ui costs the node nothing when no one has it open. Nodes with -v log every HTTP request they serve:
+    with no page open, writing and idling, no member asks another for its /stats, and writes add nothing to the
+    event ring; one GET /cluster/status then makes the node asked gather every other member once."""
+    c = LocalCluster(str(tmp_path), extra=("-v",)).start()
+    try:
+        leader = c.leader()
+        follower = next(n for n in c.running() if n is not leader)
+        seq_before = leader.request("GET", "/events").json()["last_seq"]
+        for i in range(20):
+            c.write(f"quiet/{i}", "v")
+        time.sleep(2.0)  # two of the page's poll periods with no page: nothing may happen meanwhile
+        assert leader.request("GET", "/events").json()["last_seq"] == seq_before  # no event per write
+
+        def stats_asked(node: Node) -> int:
+            return node.log_text(current=True).count("raftdzmq.access: GET /stats")
+
+        assert [stats_asked(n) for n in c.nodes] == [0, 0, 0]
+        assert follower.request("GET", "/cluster/status").status == 200
+        wait_for(lambda: all(stats_asked(n) == (0 if n is follower else 1) for n in c.nodes), 5,
+                 "each other member asked once, in the access log")
+    finally:
+        c.stop()
 
 
 def test_a_member_that_does_not_answer_is_unreachable(cluster, tmp_path):
