@@ -60,9 +60,10 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
         "more host names HTTP requests may give in Host, comma-separated; * allows any. Other names are refused "
         "403 (DNS rebinding). Always allowed: IP addresses, localhost (not *.localhost), -h, -advertise, the "
         "members' advertised hosts; list this machine's names here if clients use them"))),
-    (("-name", "--name"), dict(metavar="NAME", help="this node's id, given at its first start and the same at every "
-                               "start after (letters, digits, . _ -; at most 63); default: a random id kept in "
-                               "DATA_DIR")),
+    (("-name", "--name"), dict(metavar="NAME", help="this node's name (letters, digits, . _ -; at most 63): its id is "
+                               "NAME-<8 random hex digits>, made at its first start and kept by every start after "
+                               "(another name is refused); DELETE /cluster/NAME removes it. Default: a random id "
+                               "kept in DATA_DIR")),
     (("-join", "--join"), dict(metavar="HOST:HTTPPORT", help="join the cluster through this node (followed to the "
                                "leader); ignored once joined")),
     (("-v", "--verbose"), dict(action="store_true", help="debug-level raftdzmq logging, and an access log: a line per "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -194,3 +195,33 @@ def test_a_data_dir_the_node_cannot_use_is_one_line_and_exit_code_2(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith(f"raftdzmq: cannot start on {data_dir}: [Errno ") and \
             proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_busy_port_at_the_first_start_is_one_line_and_leaves_no_identity_behind(tmp_path):
+    """A port another process holds (the HTTP one, then the Raft one) is found before the data dir is given an
+    identity: one line, exit code 2, no node.json. Before, the node wrote its id and addresses (and bootstrapped a
+    configuration naming them) and only then failed to bind, so a start on other ports afterwards was a node the
+    cluster knew under the busy ports' addresses."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = holder.getsockname()[1]
+    data_dir = tmp_path / "node"
+    try:
+        for ports in ((free_port(), busy), (busy, free_port())):
+            proc = subprocess.run([sys.executable, SERVER, "-h", "127.0.0.1", "-p", str(ports[0]), "-hp",
+                                   str(ports[1]), str(data_dir)], capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert not (data_dir / "node.json").exists(), proc.stderr
+            assert proc.stderr.startswith(f"raftdzmq: cannot listen on 127.0.0.1 (-h 127.0.0.1), port {busy}: "), \
+                proc.stderr
+    finally:
+        holder.close()
+    node = Node("node", str(tmp_path), host="127.0.0.1").start()
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        [me] = node.status()["members"]
+        assert (me["raft_address"], me["http_address"]) == (f"127.0.0.1:{node.port}", f"127.0.0.1:{node.http_port}")
+        assert "was created with addresses" not in node.log_text()
+    finally:
+        node.kill()

@@ -1,9 +1,10 @@
 """The dashboard (issue 16): the event ring, GET /events, /stats and /cluster/status on real nodes, the page's
-package data in a built wheel, and the page itself in headless Chromium (tests/browser.py) against three real
-nodes: members and one leader, writes moving the counter and the chart, a SIGKILLed leader replaced on the page
-within 3 s with an election in the timeline, a leadership transfer through the page (by keyboard), the removal of
-the dead member (by mouse), the key browser with its live changes, a phone's width, the dark scheme, and no error
-in the browser's console during the whole run.
+package data in a built wheel (and that wheel installed puts both console scripts on the PATH, issue 15), no member
+asked for its numbers while no page is open, and the page itself in headless Chromium (tests/browser.py) against
+three real nodes: members and one leader, writes moving the counter and the chart, a SIGKILLed leader replaced on
+the page within 3 s with an election in the timeline, a leadership transfer through the page (by keyboard), the
+removal of the dead member (by mouse), the key browser with its live changes, a phone's width, the dark scheme, and
+no error in the browser's console during the whole run.
 
 The browser test skips only when Chromium cannot start (tests/browser.py says why). RAFTDZMQ_UI_SCREENSHOT=PATH
 copies its screenshot of the page under load there (docs/ui.png is made so); otherwise it stays in tmp_path."""
@@ -204,6 +205,31 @@ def test_cluster_status_gathers_every_member_and_events_merge(cluster):
         assert r.headers["content-security-policy"] == "frame-ancestors 'none'", path
         assert r.headers["x-content-type-options"] == "nosniff", path
     assert "script" not in r.text and r.status == 404, r
+
+
+def test_the_dashboard_costs_nothing_while_no_one_asks(tmp_path):
+    """Issue 16: /ui costs the node nothing when no one has it open. Nodes with -v log every HTTP request they serve:
+    with no page open, writing and idling, no member asks another for its /stats, and writes add nothing to the
+    event ring; one GET /cluster/status then makes the node asked gather every other member once."""
+    c = LocalCluster(str(tmp_path), extra=("-v",)).start()
+    try:
+        leader = c.leader()
+        follower = next(n for n in c.running() if n is not leader)
+        seq_before = leader.request("GET", "/events").json()["last_seq"]
+        for i in range(20):
+            c.write(f"quiet/{i}", "v")
+        time.sleep(2.0)  # two of the page's poll periods with no page: nothing may happen meanwhile
+        assert leader.request("GET", "/events").json()["last_seq"] == seq_before  # no event per write
+
+        def stats_asked(node: Node) -> int:
+            return node.log_text(current=True).count("raftdzmq.access: GET /stats")
+
+        assert [stats_asked(n) for n in c.nodes] == [0, 0, 0]
+        assert follower.request("GET", "/cluster/status").status == 200
+        wait_for(lambda: all(stats_asked(n) == (0 if n is follower else 1) for n in c.nodes), 5,
+                 "each other member asked once, in the access log")
+    finally:
+        c.stop()
 
 
 def test_a_member_that_does_not_answer_is_unreachable(cluster, tmp_path):
@@ -467,8 +493,10 @@ def test_the_actions_are_refused_with_a_secret(tmp_path):
         node.kill()
 
 
-def test_a_built_wheel_ships_the_page(tmp_path):
-    """`pip install .` must carry the page: build a wheel from the tracked files and look inside."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> str:
+    """A wheel built from the tracked files, as `pip install .` builds it."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     source = tmp_path / "src"
     files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True, check=True).stdout.split(b"\0")
     for name in filter(None, (f.decode() for f in files)):
@@ -478,10 +506,35 @@ def test_a_built_wheel_ships_the_page(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                           "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    (wheel,) = (tmp_path / "dist").glob("raftdzmq-*.whl")
+    (built,) = (tmp_path / "dist").glob("raftdzmq-*.whl")
+    return str(built)
+
+
+def test_a_built_wheel_ships_the_page(wheel):
+    """`pip install .` must carry the page: look inside the wheel."""
     names = set(zipfile.ZipFile(wheel).namelist())
     for asset in ("index.html", "app.js", "app.css", "uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE"):
         assert f"raftlib/server/ui/{asset}" in names, asset
+
+
+def test_installing_the_wheel_puts_both_commands_on_the_path(wheel, tmp_path):
+    """Issue 15's "Done when": `pip install .` puts `raftdzmq` and `raftdzmqctl` on the PATH. The wheel installed
+    into a folder of its own (its dependencies are this interpreter's), each command is run from its bin/ by name,
+    and must be the installed copy's (not this checkout's, nor another installed one)."""
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                          str(target), wheel], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    env = {**os.environ, "PATH": f"{target / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(target)}
+    for command in ("raftdzmq", "raftdzmqctl"):
+        assert shutil.which(command, path=env["PATH"]) == str(target / "bin" / command), command
+        r = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: {command} "), (command, r)
+    where = subprocess.run([sys.executable, "-c", "import raftdzmq, raftlib.ctl; print(raftdzmq.__file__); "
+                            "print(raftlib.ctl.__file__)"], capture_output=True, text=True, timeout=60, env=env,
+                           cwd=tmp_path).stdout.split()
+    assert len(where) == 2 and all(path.startswith(str(target)) for path in where), where
 
 
 # ---- the page in a real browser ------------------------------------------------------------------------------

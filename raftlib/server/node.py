@@ -202,6 +202,20 @@ def resolve_host(host: str) -> str:
     return address
 
 
+def check_ports_free(address: str, host: str, ports: tuple[int, ...]) -> None:
+    """Raise CannotStart with one line when another process holds one of `ports` on `address`. Called before the
+    data dir is given an identity: a node that wrote its id and addresses (and bootstrapped a configuration naming
+    them) and only then failed to bind would be known by the busy ports' addresses when started again on others.
+    The probe binds as both listeners do (SO_REUSEADDR: a port left in TIME_WAIT by a stopped node is free)."""
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError as e:
+                raise CannotStart(f"cannot listen on {address} (-h {host}), port {port}: {e.strerror}") from None
+
+
 def own_feature_level() -> int:
     """This node's feature level: FEATURE_LEVEL, unless a test lowered it (TEST_FEATURE_LEVEL_ENV)."""
     try:
@@ -567,6 +581,7 @@ class Server:
         if self.config.force_new_cluster and stored.hard_state.current_term == 0 and stored.last_index == 0:
             raise CannotStart(f"-force-new-cluster needs the data dir of a member of a cluster; {self.config.data_dir} "
                               "has never been in one")
+        check_ports_free(self.bind_host, self.config.host, (self.config.port, self.config.http_port))
         if self.config.secret is not None:
             self._refuse_keyless(stored)
         self.node_key = None if self.config.secret is None else self._load_node_key()
