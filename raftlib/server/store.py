@@ -889,9 +889,9 @@ class KeyValueStore:
                 raise ValueError("a key/value snapshot of an unknown format (V4's records not in chunks)")
             while not _at_break(fp):
                 yield
-                batch_keys, batch_records = _chunk_records(_decode_item(decoder, "a chunk of records"))
-                new.add(batch_keys, batch_records)
-                keys.extend(batch_keys)
+                chunk_keys, chunk_records = _chunk_records(_decode_item(decoder, "a chunk of records"))
+                new.add(chunk_keys, chunk_records)
+                keys.extend(chunk_keys)
             left = 0
         else:
             count = _map_count(first, fp)
