@@ -191,7 +191,8 @@ class NodeStatus:
     # its last new entry, §5.3) does not show while it catches up. A leader's own commit index; 0 when no
     # leader was heard in this term. GET /readyz compares last_applied with it.
     leader_commit: int = 0
-    # A snapshot from the leader is being received, or was received and is not yet restored: not ready.
+    # A snapshot from the leader is being received, or one (the leader's, or this node's own at a restart) is not yet
+    # restored: not ready.
     receiving_snapshot: bool = False
     # A leader is known and was heard from within an election timeout (this node itself while it leads: check-quorum
     # steps a leader down when a majority was silent that long, thesis §6.2). What GET /readyz calls "a leader".
@@ -379,7 +380,11 @@ class RaftNode:
             self._tick_leader()
         else:
             self._election_elapsed += 1
-            if self._promotable() and self._election_elapsed >= self._randomized_election_ticks:
+            # Not while the state machine lacks a snapshot this node holds (`advance`, `snapshot_not_applied_yet`):
+            # elected, it could serve no read or write until the restore ends (30 s at 1M keys on a loaded 2-core
+            # machine, bench/restart.py), while the others, whose state is whole, could lead. It still votes.
+            if self._promotable() and not self._snapshot_unapplied \
+                    and self._election_elapsed >= self._randomized_election_ticks:
                 self._election_elapsed = 0
                 self._campaign(pre_vote=self.config.pre_vote)
 
@@ -888,6 +893,18 @@ class RaftNode:
         last_new = m.prev_log_index + len(m.entries)
         self._commit_to(min(m.leader_commit, last_new))
         return AppendEntriesReply(me, m.src, term, True, last_new, read_round=m.read_round)
+
+    def snapshot_not_applied_yet(self) -> None:
+        """The state machine does not hold this node's own snapshot yet: a restart restores it over several steps
+        with the node stepped meanwhile (answering heartbeats, appends and votes), as a leader's snapshot is (see
+        `advance`). Until `snapshot_applied` of its index no committed entry is handed out, and last_applied stays
+        at 0 (a read waits for the restore; no snapshot or backup is taken of a state that is not there yet).
+        Called once, before the first step."""
+        index = self.log.snapshot_index
+        assert self.last_applied == index and not self._ready_outstanding and not self._snapshot_unapplied
+        if index:
+            self._snapshot_unapplied = index
+            self.last_applied = 0
 
     def snapshot_applied(self, index: int) -> None:
         """The state machine now holds the leader's snapshot at `index` (see `advance`). A call for a snapshot that

@@ -399,6 +399,8 @@ class Runtime:
         self._clock_start = time.monotonic()
         self._ticks_given = 0
         self._sync_peers()
+        if self._restoring is not None:  # restore_at_start's
+            self._collector.hold()
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._expire_loop)]
         if _LOOP_LAG_PROBE_SECONDS > 0:
             self._greenlets.append(gevent.spawn(self._probe_loop_lag, _LOOP_LAG_PROBE_SECONDS))
@@ -858,16 +860,35 @@ class Runtime:
         replaced_index = self._restoring[0] if self._restoring is not None else None  # not its steps: freed below
         if replaced_index is not None:
             logger.info("the restore of the snapshot at index %d is replaced by the one at %d", replaced_index, index)
-        self._restoring = (index, steps(snap.data))  # the replaced restore's steps dropped, its partial state freed
+        self._restore_by_steps(index, steps(snap.data))  # the replaced restore's steps dropped, its state freed
         if replaced_index is not None:
             self._collector.collect_replaced()
-        if self.running:  # a drive that outlived stop() (a save that waited): stop let the hold go for good
-            self._collector.hold()  # once: a restore that replaces another keeps the hold
-        self._restore_applied = False
-        self._restore_started = time.monotonic()
         logger.info("installed a snapshot at index %d from the leader; restoring the state machine", index)
         self._restore_step(None)
         return not self._restore_applied
+
+    def restore_at_start(self, snap: Snapshot) -> None:
+        """This node's own snapshot, found on disk at start (before `start`): restored into the state machine a
+        piece per drive once the loop runs, as a leader's is, so a restart on a big state answers heartbeats,
+        appends and votes from its first drive; reads wait, and /readyz says it restores, until it is in
+        (RaftNode.snapshot_not_applied_yet: the entries after it are applied only then, once). Nothing of it is
+        on disk: a crash meanwhile restarts it from the start. A state machine without `restoring`: in one go,
+        now."""
+        steps = getattr(self.state_machine, "restoring", None)
+        if steps is None:
+            self.state_machine.restore(snap.data)
+            return
+        self.node.snapshot_not_applied_yet()
+        self._restore_by_steps(snap.last_included_index, steps(snap.data))
+        logger.info("restoring the state machine from this node's snapshot at index %d", snap.last_included_index)
+
+    def _restore_by_steps(self, index: int, steps: Iterator[bool]) -> None:
+        """The restore that `_restore_step` advances from now on (a drive each), the collector held meanwhile."""
+        self._restoring = (index, steps)
+        if self.running:  # not a drive that outlived stop() (stop let the hold go for good), nor before start
+            self._collector.hold()  # once: a restore that replaces another keeps the hold
+        self._restore_applied = False
+        self._restore_started = time.monotonic()
 
     def _restore_step(self, replies: dict | None) -> None:
         """One piece of the restore under way. Once the state machine holds the snapshot the node is told, and

@@ -29,8 +29,10 @@ from raftlib import (
     Removed,
     RaftLog,
     RaftNode,
+    RequestVote,
     RequestVoteReply,
     Role,
+    Snapshot,
     UncommittedBoundExceeded,
 )
 from raftlib import codec
@@ -1262,3 +1264,30 @@ def test_a_leader_elected_again_counts_only_the_entries_of_its_new_term():
     n.propose(_command(2))
     assert _committed_all(c, leader)
     assert n.uncommitted_bytes == 0 and n.log.term(n.commit_index) == n.current_term
+
+
+def test_a_node_restoring_its_snapshot_at_start_does_not_campaign_until_it_is_in_but_votes():
+    """Issue 13: a node restarted on a big snapshot restores it over many drives (Runtime.restore_at_start). It
+    campaigned meanwhile and won (its log is up to date), and the cluster then served nothing until its restore
+    ended (30 s, bench/restart.py). It waits for the restore; it still grants votes, and campaigns once it is in."""
+    membership = Membership(("a", "b", "c"))
+    snap = Snapshot(10, 2, membership, b"state")
+    node = RaftNode(Config("a", election_ticks=10), random.Random(1), HardState(2, None, 10), RaftLog(10, 2), snap)
+    node.snapshot_not_applied_yet()
+    assert node.last_applied == 0
+    for _ in range(100):
+        node.tick()
+    assert node.role is Role.FOLLOWER and node.current_term == 2
+    rd = node.ready()
+    assert rd is None or not rd.messages
+    if rd is not None:
+        node.advance(rd)
+    node.step(RequestVote("b", "a", 3, 10, 2))
+    rd = node.ready()
+    assert any(isinstance(m, RequestVoteReply) and m.vote_granted for m in rd.messages)
+    node.advance(rd)
+    node.snapshot_applied(10)
+    assert node.last_applied == 10
+    for _ in range(100):
+        node.tick()
+    assert any(isinstance(m, RequestVote) and m.src == "a" for m in node.ready().messages)  # it campaigns now

@@ -1092,7 +1092,7 @@ def test_readyz_names_what_the_node_lacks(client):
     assert client("GET", "/readyz").text == "no leader\n"
     node.leader_contact_seconds_ago = 0.0
     node.receiving_snapshot = True
-    assert client("GET", "/readyz").text == "applying: receiving a snapshot from the leader\n"
+    assert client("GET", "/readyz").text == "applying: receiving or restoring a snapshot\n"
     node.receiving_snapshot = False
     node.commit_index = 2000
     assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")

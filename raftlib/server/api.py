@@ -527,7 +527,7 @@ def require_level_2(api: Api) -> None:
     an older binary stops at start on the V3 snapshot the raise takes: store, "Downgrades")."""
     if api.runtime.restoring_snapshot:
         # The store holds the old state until the snapshot is in, its level too (final review, F2): not a 409.
-        raise text(503, "this node is restoring a snapshot from the leader; retry",
+        raise text(503, "this node is restoring a snapshot; retry",
                    **{"X-Raft-Outcome": "not-applied"})
     if api.store.feature_level < 2:
         raise text(409, api.upgrade_reason())

@@ -524,8 +524,6 @@ class Server:
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
         self.store = WatchedStore(self.watch_hub, lambda: self.node.snapshot,
                                   on_level_raised=lambda level: self.runtime.request_snapshot())
-        if stored.snapshot is not None:
-            self.store.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{self.bind_host}:{config.port}", self._deliver,
                                       reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
                                       node_key=None if self.node_key is None else self.node_key["secret_key"],
@@ -545,6 +543,8 @@ class Server:
                 self._forget_vouched()  # our configuration reached it before a crash: the list is stale
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
+        if stored.snapshot is not None:  # a piece per drive once the runtime runs: heartbeats answered meanwhile
+            self.runtime.restore_at_start(stored.snapshot)
         self.metrics.bind(self.runtime.status)
         self.metrics.lease_count = lambda: len(self.store.leases)
         self.leases = LeaderLeases(self.runtime, self.store, self.metrics, config.write_timeout_seconds)
