@@ -1614,14 +1614,14 @@ def raiser_of(client: Client, levels: dict[str, object], monkeypatch):
 
 def test_the_raiser_raises_only_once_every_member_learners_too_has_the_level(client, monkeypatch):
     """Review of coord1, Q4: the raiser had no unit test (the learner that lags, no answer, the timeout)."""
-    levels = {"10.0.0.2:8080": 2, "10.0.0.3:8080": None}  # b (voter) upgraded; c (learner) an older release
+    levels = {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": None}  # b (voter) upgraded; c (learner) an older release
     raiser = raiser_of(client, levels, monkeypatch)
     assert raiser.raise_once() is False and client.store.feature_level == 1 and client.runtime.calls == []
     assert raiser.reason() == "the cluster is not upgraded yet: members c run an older raftdzmq"
     levels["10.0.0.3:8080"] = OSError("connection refused")
     assert raiser.raise_once() is False and client.runtime.calls == []
     assert raiser.reason() == "the cluster is not upgraded yet: members c did not answer which raftdzmq they run"
-    levels["10.0.0.3:8080"] = 2
+    levels["10.0.0.3:8080"] = FEATURE_LEVEL
     # The proposal times out: the raise may still be in the log (a join waits for it: S1); the lock is free again.
     client.runtime.fail("propose", Timeout("no answer in 0.2s"))
     with pytest.raises(Timeout):
@@ -1633,14 +1633,14 @@ def test_the_raiser_raises_only_once_every_member_learners_too_has_the_level(cli
 
 
 def test_the_raiser_asks_without_the_membership_lock_and_raises_under_it(client, monkeypatch):
-    raiser = raiser_of(client, {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}, monkeypatch)
+    raiser = raiser_of(client, {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL}, monkeypatch)
     assert client.api.membership_lock.acquire(blocking=False)  # a join is being made
     assert raiser.raise_once() is False and client.runtime.calls == []  # waited 0.2 s for it, then gave up
     client.api.membership_lock.release()
     held = []
     monkeypatch.setattr(StatusConnection, "getresponse", lambda self: (
         held.append(client.api.membership_lock.locked()),
-        types.SimpleNamespace(status=200, read=lambda n: b'{"feature_level": 2}'))[1])
+        types.SimpleNamespace(status=200, read=lambda n: json.dumps({"feature_level": FEATURE_LEVEL}).encode()))[1])
     propose = client.runtime.propose
     monkeypatch.setattr(client.runtime, "propose", lambda *args, **kwargs: (
         held.append(client.api.membership_lock.locked()), propose(*args, **kwargs))[1])
@@ -1651,7 +1651,7 @@ def test_a_join_is_not_held_up_by_a_member_slow_to_answer_the_raiser(client, mon
     """CI flaked once: a join took over 15 s at cluster formation. The raiser held the membership lock while it
     asked every member's /status, so a member slow to answer held every join up to the round's bound; the join
     gives up after -write-timeout (503). Now the question is asked without the lock."""
-    raiser = raiser_of(client, {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}, monkeypatch)
+    raiser = raiser_of(client, {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL}, monkeypatch)
     asked, answer = gevent.event.Event(), gevent.event.Event()
     real = StatusConnection.getresponse
 
@@ -1680,7 +1680,7 @@ def test_the_raiser_raises_only_when_every_member_it_asked_is_still_every_member
     """Asked without the lock, a round may miss a node that joined meanwhile (a join takes the lock, not the
     question): under the lock the raiser looks at the configuration again, and a member it did not ask, or asked
     at another address, stops the raise until the next round has asked it."""
-    levels = {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2, "10.0.0.4:8080": 1}
+    levels = {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL, "10.0.0.4:8080": 1}
     raiser = raiser_of(client, levels, monkeypatch)
     joined = Membership(("a", "b"), ("c", "d"), MEMBERS + (Member("d", "10.0.0.4:5555", "10.0.0.4:8080"),))
     real = StatusConnection.getresponse
@@ -1692,7 +1692,7 @@ def test_the_raiser_raises_only_when_every_member_it_asked_is_still_every_member
     monkeypatch.setattr(StatusConnection, "getresponse", joins_meanwhile)
     assert raiser.raise_once() is False and client.runtime.calls == [] and client.store.feature_level == 1
     assert raiser.raise_once() is False and raiser.laggards == {"d": "feature level 1"}  # the next round asks d
-    levels["10.0.0.4:8080"] = 2
+    levels["10.0.0.4:8080"] = FEATURE_LEVEL
     assert raiser.raise_once() is True and client.store.feature_level == FEATURE_LEVEL
 
 
@@ -1702,7 +1702,7 @@ def test_the_raiser_does_not_raise_after_a_member_was_removed_and_joined_again_d
     /cluster/c, which takes no lock; then c, wiped, joined again with the same id and addresses: the join found the
     lock free and the level still 1) and the raise went through with c, now of feature level 1, in the
     configuration. Now any change of configuration since the question stops the raise; the next round asks c."""
-    levels = {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}  # b and c run this release when asked
+    levels = {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL}  # b and c run this release when asked
     raiser = raiser_of(client, levels, monkeypatch)
     real = StatusConnection.getresponse
     events: list[tuple[str, int]] = []
@@ -1736,7 +1736,7 @@ def test_the_raise_is_bound_to_the_configuration_the_raiser_asked(client, monkey
     """Review of scale, item 3: a join whose change timed out released the lock while its change still waited in
     the runtime's inbox, ahead of the raise. The raiser's proposal names the configuration it asked in, and the
     runtime drops it when another reached the log first (as the fake does here)."""
-    raiser = raiser_of(client, {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}, monkeypatch)
+    raiser = raiser_of(client, {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL}, monkeypatch)
     propose = client.runtime.propose
 
     def change_appended_first(*args, **kwargs):
