@@ -12,6 +12,7 @@ import time
 import pytest
 
 from procs import LocalCluster, Node, free_port, old_release, wait_for
+from raftlib.server.store import FEATURE_LEVEL
 
 OLD = {"RAFTDZMQ_FEATURE_LEVEL": "1"}  # test-only (raftlib.server.node.TEST_FEATURE_LEVEL_ENV)
 
@@ -28,9 +29,9 @@ def level_2(cluster: LocalCluster) -> None:
              "the cluster's feature level to reach 2")
 
 
-def test_a_cluster_of_this_release_reaches_level_2(cluster):
+def test_a_cluster_of_this_release_reaches_its_level(cluster):
     level_2(cluster)
-    assert {n.status()["feature_level"] for n in cluster.nodes} == {2}
+    assert {n.status()["feature_level"] for n in cluster.nodes} == {FEATURE_LEVEL}
 
 
 def test_prev_index_prefix_delete_and_txn_over_http(cluster):
