@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from load import Raftdzmq, get, wait_until  # noqa: E402
 
-MAX_KEEPALIVE_IDS = 1_000  # raftlib.server.api's: ids in one POST /lease/keepalive
+MAX_KEEPALIVE_IDS = 1_000  # raftlib.server.routes_leases': ids in one POST /lease/keepalive
 
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 

@@ -3,22 +3,26 @@
 
     python bench/scale.py 100000 1000000 --json scale.json        # raftdzmq and etcd (3 nodes each)
     python bench/scale.py 100000 --no-etcd
+    python bench/scale.py 1000000 --batch 100 --logs scale-logs   # transactions of 100 puts; keep the nodes' logs
 
 For each N (keys k000000000 .. of 100-byte values), a fresh 3-node cluster of each system is loaded by wrk (64
-connections, each key written once; when the count stops growing, the keys whose write failed, e.g. during an
-election, are listed and written again: the load's rate is N over the whole), and then:
+connections, each key written once: one put a request, or with --batch K one transaction of K puts of consecutive
+keys; when the count stops growing, the keys whose write failed, e.g. during an election, are listed and written
+again, K a request, until none is missing (at most 3 passes): the load's rate is N over the whole), and then:
 - RSS per node (VmRSS) before and after (the table: the largest node's), and memory per key (the leader's growth
   / N);
 - the snapshot: raftdzmq's newest snapshot file in the leader's data dir (none yet below -snapshot-threshold of
   log: then the size of the encoding below), and the time to take one of N keys (KeyValueStore.snapshot() of the
   same data, written and fsynced, in this process); etcd's `etcdctl snapshot save` size and time;
-- the longest serving pause during the load, seen by probing each node's status every 20 ms, and leader changes;
+- the longest serving pause during the load, seen by probing each node's status every 20 ms, and leader changes
+  (each new term a node reports is printed with the time, to be found in the nodes' logs: --logs keeps them);
 - write and read (linearizable) throughput at that size: wrk, 64 connections, random keys, --seconds each;
 - restart: SIGKILL a follower, start it again, until it answers a linearizable read;
 - join: a fresh fourth node joins, until it has applied the leader's commit index (etcd: its revision).
 
 Rules: every wait has a bound (a step that passes it is reported as "timeout", and the run goes on); every process
-is stopped by its pid; everything lives in one temporary folder, removed at the end. wrk is required.
+is stopped by its pid; everything lives in one temporary folder, removed at the end (but for the logs --logs
+copies). wrk is required.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import base64
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -46,7 +51,7 @@ from load import free_port  # noqa: E402
 VALUE_BYTES = 100
 
 WRK_LUA = r"""
-local N, T, MODE, SYSTEM = %d, %d, "%s", "%s"
+local N, T, MODE, SYSTEM, K = %d, %d, "%s", "%s", %d
 local value = string.rep("v", %d)
 local chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 local function b64(s)
@@ -66,9 +71,28 @@ local made = 0
 function setup(thread) thread:set("tid", made); made = made + 1 end
 local counter, me = 0, 0
 function init(args) me = tonumber(tid); math.randomseed(1000 + me) end
+-- The load with K > 1: one transaction of the K plain puts of keys first .. first + K - 1 (those below N).
+local function batch_request(first)
+  local ops = {}
+  for i = first, math.min(first + K, N) - 1 do
+    local key = string.format("k%%09d", i)
+    if SYSTEM == "raftdzmq" then
+      ops[#ops + 1] = '{"op":"put","key":"' .. key .. '","value":"' .. value .. '"}'
+    else
+      ops[#ops + 1] = '{"request_put":{"key":"' .. b64(key) .. '","value":"' .. vb64 .. '"}}'
+    end
+  end
+  local path = SYSTEM == "raftdzmq" and "/txn" or "/v3/kv/txn"
+  return wrk.format("POST", path, nil, '{"success":[' .. table.concat(ops, ",") .. ']}')
+end
+local batches = math.ceil(N / K)
 request = function()
   local i
-  if MODE == "load" then
+  if MODE == "load" and K > 1 then
+    local b = (counter * T + me) %% batches
+    counter = counter + 1
+    return batch_request(b * K)
+  elseif MODE == "load" then
     i = (counter * T + me) %% N
     counter = counter + 1
   else
@@ -153,6 +177,17 @@ class Cluster:
     def restart(self, i: int) -> None:
         self.spawn(i, self.commands[i])
 
+    def put_request(self, keys: list[str]) -> tuple[str, bytes]:
+        """The URL and body that write VALUE_BYTES at each of `keys`: one put, or one transaction of them."""
+        raise NotImplementedError
+
+    def put_keys(self, keys: list[str]) -> int:
+        """Write `keys` in one request: its status, 0 when no answer came (no leader, a timeout)."""
+        try:
+            return http("POST", *self.put_request(keys), timeout=30)[0]
+        except OSError:
+            return 0
+
     def stop(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:
@@ -175,6 +210,9 @@ class RaftCluster(Cluster):
             self.start_node(i, join=0 if i else None)
             if poll(lambda: self.voters() == i + 1, 30) is None:
                 raise SystemExit(f"scale: raftdzmq node {i} did not join")
+        # POST /txn (the load with --batch) is answered 409 until the leader raised the cluster's feature level.
+        if poll(lambda: self.status(self.leader())["cluster_feature_level"] >= 2, 30) is None:
+            raise SystemExit("scale: raftdzmq's cluster feature level stayed below 2")
 
     def start_node(self, i: int, join: int | None) -> None:
         port, http_port = free_port(), free_port()
@@ -191,14 +229,23 @@ class RaftCluster(Cluster):
         st = self.status(0)
         return sum(1 for m in st["members"] if m["role"] == "voter") if st["role"] == "leader" else 0
 
-    def leader(self) -> int:
-        for i in self.urls:
-            try:
-                if self.status(i)["role"] == "leader":
-                    return i
-            except OSError:
-                continue
-        raise OSError("no leader")
+    def leader(self, timeout_seconds: float = 60.0) -> int:
+        """The node that leads, waiting out an election (a loaded machine has them); OSError after the bound."""
+        found: list[int] = []
+
+        def find() -> bool:
+            for i in list(self.urls):
+                try:
+                    if self.status(i)["role"] == "leader":
+                        found.append(i)
+                        return True
+                except (OSError, ValueError):
+                    continue
+            return False
+
+        if poll(find, timeout_seconds, 0.1) is None:
+            raise OSError(f"no leader for {timeout_seconds:.0f} s")
+        return found[-1]
 
     def count(self) -> int:
         return self.status(self.leader())["keys"]
@@ -214,8 +261,11 @@ class RaftCluster(Cluster):
                 return have
             after = page["next"]
 
-    def put(self, key: str) -> int:
-        return http("POST", self.urls[self.leader()] + "/db/" + key, b"v" * VALUE_BYTES, timeout=30)[0]
+    def put_request(self, keys: list[str]) -> tuple[str, bytes]:
+        if len(keys) == 1:
+            return self.urls[self.leader()] + "/db/" + keys[0], b"v" * VALUE_BYTES
+        ops = [{"op": "put", "key": k, "value": "v" * VALUE_BYTES} for k in keys]
+        return self.urls[self.leader()] + "/txn", json.dumps({"success": ops}).encode()
 
     def term(self, i: int) -> int:
         return self.status(i)["term"]
@@ -243,10 +293,12 @@ def time_store_snapshot(n: int, workdir: str) -> dict:
     sys.path.insert(0, ROOT)
     from sortedcontainers import SortedList
 
-    from raftlib.server.store import FEATURE_LEVEL, KeyValueStore
+    from raftlib.server.store import FEATURE_LEVEL, KeyTable, KeyValueStore
 
     store = KeyValueStore()
-    store.data = {f"k{i:09d}": (b"v" * VALUE_BYTES, i + 1, i + 1) for i in range(n)}
+    # The store's own table (64 shards, store.KeyTable), as a node holds it: a plain dict was neither what a node
+    # encodes from nor what encode_state reads (it looks keys up in their shards).
+    store.data = KeyTable((f"k{i:09d}", (b"v" * VALUE_BYTES, i + 1, i + 1)) for i in range(n))
     # The snapshot walks the ordered keys (store.py), not the dict: without them it encoded an empty map (38 bytes).
     store.keys = SortedList(store.data)
     store.feature_level = FEATURE_LEVEL  # a cluster's level once raised: the format a node writes (V3)
@@ -307,9 +359,11 @@ class EtcdCluster(Cluster):
                 return have
             start = b64(keys[-1] + "\0")
 
-    def put(self, key: str) -> int:
-        body = json.dumps({"key": b64(key), "value": b64("v" * VALUE_BYTES)}).encode()
-        return http("POST", self.urls[0] + "/v3/kv/put", body, timeout=30)[0]
+    def put_request(self, keys: list[str]) -> tuple[str, bytes]:
+        puts = [{"key": b64(k), "value": b64("v" * VALUE_BYTES)} for k in keys]
+        if len(keys) == 1:
+            return self.urls[0] + "/v3/kv/put", json.dumps(puts[0]).encode()
+        return self.urls[0] + "/v3/kv/txn", json.dumps({"success": [{"request_put": p} for p in puts]}).encode()
 
     def revision(self, i: int, serializable: bool = False) -> int:
         return int(self._range(i, {"key": b64("k000000000"), "serializable": serializable})["header"]["revision"])
@@ -368,9 +422,14 @@ class Prober:
         while not self.stop_event.wait(0.02):
             t0 = time.monotonic()
             try:
-                self.terms[i].add(self.cluster.term(i))
+                term = self.cluster.term(i)
             except (OSError, ValueError, KeyError):
-                pass
+                term = None
+            if term is not None and term not in self.terms[i]:
+                if self.terms[i]:  # a new term: an election; the time, to find it in the nodes' logs (--logs)
+                    print(f"scale: {time.strftime('%H:%M:%S')} {self.cluster.name} node {i} in term {term}",
+                          file=sys.stderr)
+                self.terms[i].add(term)
             self.longest_seconds[i] = max(self.longest_seconds[i], time.monotonic() - t0)
 
     def stop(self) -> dict:
@@ -381,12 +440,17 @@ class Prober:
         return {"longest_status_seconds": max(self.longest_seconds.values()), "terms_seen": sorted(terms)}
 
 
-def wrk(cluster: Cluster, n: int, mode: str, seconds: float, workdir: str, until=None, bound: float = 0) -> dict:
-    """wrk against the leader, 64 connections; `until` (load): run until it holds, at most `bound` seconds."""
+def wrk(cluster: Cluster, n: int, mode: str, seconds: float, workdir: str, until=None, bound: float = 0,
+        batch: int = 1) -> dict:
+    """wrk against the leader, 64 connections; `until` (load): run until it holds, at most `bound` seconds; `batch`
+    (load): keys a request writes (over 1: a transaction of that many puts)."""
     script = os.path.join(workdir, f"scale-{mode}.lua")
     with open(script, "w") as f:
-        f.write(WRK_LUA % (n, 2, mode, cluster.name, VALUE_BYTES))
+        f.write(WRK_LUA % (n, 2, mode, cluster.name, batch, VALUE_BYTES))
     duration = int(bound if until else seconds)
+    # wrk's own CPU (user + sys): the children's usage grows by it when it is waited for, and by no one else's
+    # meanwhile (the nodes are waited for at the end), so a load bound by wrk's Lua would show here.
+    children_cpu = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
     p = subprocess.Popen(["wrk", "-t", "2", "-c", "64", "-d", f"{duration}s", "--timeout", "10s", "-s", script,
                           cluster.urls[cluster.leader()]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()
@@ -398,6 +462,7 @@ def wrk(cluster: Cluster, n: int, mode: str, seconds: float, workdir: str, until
     result = json.loads(line[7:]) if line else {"requests": 0, "errors": -1, "seconds": 1, "p50": 0, "p99": 0}
     result["ops"] = result["requests"] / max(result["seconds"], 1e-9)
     result["wall_seconds"] = time.monotonic() - t0
+    result["wrk_cpu_seconds"] = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]) - children_cpu
     if until:
         result["complete"] = waited is not None
     return result
@@ -417,15 +482,22 @@ class Stalled:
         return count >= self.n or time.monotonic() - self.since > self.seconds
 
 
-def repair(cluster: Cluster, n: int) -> int:
-    """Write every key of the n the cluster does not hold, 32 at a time; how many there were."""
+def repair(cluster: Cluster, n: int, batch: int, passes: int = 3) -> int:
+    """Write every key of the n the cluster does not hold, `batch` keys a request, 32 requests at a time; list the
+    keys again after each pass and write what is still missing (a repair write can fail too, in an election), at
+    most `passes` times. How many keys the first listing missed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    have = cluster.keys()
-    missing = [f"k{i:09d}" for i in range(n) if f"k{i:09d}" not in have]
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(cluster.put, missing))
-    return len(missing)
+    first_missing = None
+    for _ in range(passes):
+        have = cluster.keys()
+        missing = [f"k{i:09d}" for i in range(n) if f"k{i:09d}" not in have]
+        first_missing = len(missing) if first_missing is None else first_missing
+        if not missing:
+            break
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(cluster.put_keys, [missing[i:i + batch] for i in range(0, len(missing), batch)]))
+    return first_missing or 0
 
 
 def measure(cluster: Cluster, n: int, args: argparse.Namespace, workdir: str) -> dict:
@@ -434,14 +506,17 @@ def measure(cluster: Cluster, n: int, args: argparse.Namespace, workdir: str) ->
     out["rss_empty_bytes"] = {i: rss_bytes(pid) for i, pid in pids.items()}
     prober = Prober(cluster)
     t0 = time.monotonic()
-    out["load"] = wrk(cluster, n, "load", 0, workdir, until=Stalled(cluster, n), bound=args.load_bound)
-    out["load"]["repaired_keys"] = repair(cluster, n) if cluster.count() < n else 0
+    out["load"] = wrk(cluster, n, "load", 0, workdir, until=Stalled(cluster, n), bound=args.load_bound,
+                      batch=args.batch)
+    out["load"]["batch"] = args.batch
+    out["load"]["repaired_keys"] = repair(cluster, n, args.batch) if cluster.count() < n else 0
     out["load"]["complete"] = cluster.count() >= n
     out["load"]["wall_seconds"] = time.monotonic() - t0
     out["load"]["ops"] = n / out["load"]["wall_seconds"]
     out["during_load"] = prober.stop()
     print(f"scale: {cluster.name} {n} keys loaded in {out['load']['wall_seconds']:.0f} s "
-          f"({out['load']['ops']:.0f}/s, complete: {out['load']['complete']})", file=sys.stderr)
+          f"({out['load']['ops']:.0f}/s, complete: {out['load']['complete']}; wrk's CPU "
+          f"{out['load']['wrk_cpu_seconds']:.1f} s)", file=sys.stderr)
     time.sleep(2)
     out["rss_bytes"] = {i: rss_bytes(pid) for i, pid in pids.items()}
     lead = cluster.leader()
@@ -482,8 +557,10 @@ def print_table(rows: list[dict]) -> None:
         snap = r["snapshot"]
         take = snap.get("save_seconds", snap.get("encode_seconds", 0) + snap.get("write_fsync_seconds", 0))
         lead = max(r["rss_bytes"].values())
+        # A file under half the encoding's size is an early snapshot (the feature level's raise takes one at once).
+        size = snap["file_bytes"] if snap["file_bytes"] >= snap.get("encoded_bytes", 0) / 2 else snap["encoded_bytes"]
         print(f"{r['system']:<9}{r['keys']:>10,}{r['load']['ops']:>8.0f}{fmt(lead, 'MB'):>12}"
-              f"{r['bytes_per_key']:>7.0f}{fmt(snap['file_bytes'] or snap.get('encoded_bytes'), 'MB'):>11}{fmt(take, 's'):>10}"
+              f"{r['bytes_per_key']:>7.0f}{fmt(size, 'MB'):>11}{fmt(take, 's'):>10}"
               f"{fmt(r['during_load']['longest_status_seconds'], 's'):>8}{len(r['during_load']['terms_seen']):>6}"
               f"{r['write']['ops']:>9.0f}{r['read']['ops']:>8.0f}{fmt(r['restart_seconds'], 's'):>9}"
               f"{fmt(r['join_seconds'], 's'):>10}")
@@ -493,12 +570,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("keys", type=int, nargs="+", help="key counts, e.g. 100000 1000000")
     p.add_argument("--no-etcd", action="store_true", help="raftdzmq only")
+    p.add_argument("--batch", type=int, default=1, metavar="K", help=(
+        "load K keys a request: a transaction of K puts (raftdzmq POST /txn, etcd /v3/kv/txn), at most 128 (both "
+        "systems' limit of ops a transaction); the repair pass too. Default 1: one put a key, the way most "
+        "clients write"))
     p.add_argument("--seconds", type=float, default=5.0, help="seconds of each throughput run (default 5)")
     p.add_argument("--load-bound", type=float, default=1800.0, help="seconds the load may take (default 1800)")
     p.add_argument("--step-bound", type=float, default=300.0, help="seconds a restart may take (default 300)")
     p.add_argument("--raftdzmq-flag", action="append", default=[], help="extra flag for every raftdzmq node")
     p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--logs", metavar="DIR", help="keep every node's log in DIR (named KEYS-SYSTEM-NODE.log)")
     args = p.parse_args()
+    if not 1 <= args.batch <= 128:
+        p.error("--batch: 1 to 128 (the most ops a transaction may have)")
     if not shutil.which("wrk"):
         raise SystemExit("scale: needs wrk (apt-get install wrk)")
     rows = []
@@ -512,6 +596,11 @@ def main() -> int:
             finally:
                 if cluster is not None:
                     cluster.stop()
+                if args.logs:
+                    os.makedirs(args.logs, exist_ok=True)
+                    for name in os.listdir(workdir):
+                        if name.endswith(".log"):
+                            shutil.copy(os.path.join(workdir, name), os.path.join(args.logs, f"{n}-{name}"))
                 shutil.rmtree(workdir, ignore_errors=True)
             if args.json:
                 with open(args.json, "w") as f:

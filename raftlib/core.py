@@ -374,27 +374,49 @@ class RaftNode:
 
     def tick(self) -> None:
         """One unit of logical time has passed."""
-        self._ticks += 1
-        self._reads.expire(self._ticks)
-        if self.role is Role.LEADER:
-            self._tick_leader()
-        else:
-            self._election_elapsed += 1
-            # Not while the state machine lacks a snapshot this node holds (`advance`, `snapshot_not_applied_yet`):
-            # elected, it could serve no read or write until the restore ends (30 s at 1M keys on a loaded 2-core
-            # machine, bench/restart.py), while the others, whose state is whole, could lead. It still votes.
-            if self._promotable() and not self._snapshot_unapplied \
-                    and self._election_elapsed >= self._randomized_election_ticks:
-                self._election_elapsed = 0
-                self._campaign(pre_vote=self.config.pre_vote)
+        self.advance_clock(1)
+        self.fire_timers()
 
-    def _tick_leader(self) -> None:
-        self._heartbeat_elapsed += 1
-        self._election_elapsed += 1
-        if self._transferee is not None:
-            self._transfer_elapsed += 1
-            if self._transfer_elapsed >= self.config.election_ticks:
-                self._transferee = None  # thesis §3.10: abort a transfer that does not finish in time
+    def advance_clock(self, ticks: int) -> None:
+        """`ticks` units of logical time have passed, and no timer fires for them until `fire_timers`.
+
+        The runtime catches its clock up this way after the process could not run (SIGSTOP, CPU starvation, a
+        long GC or fork): the clock moves first, so a lease that ran out in real time has run out before any
+        read is answered, and the reads that waited too long fail. The timers (election, check-quorum, heartbeat,
+        transfer) fire after the messages that waited meanwhile were stepped, and each at most once: they judge on
+        what the peers said until now, not on what was still in the socket. Otherwise a leader whose loop stalled
+        longer than an election timeout stepped down although a majority had answered it (its replies not yet
+        stepped, or a second check-quorum boundary crossed in the same catch-up found the activity reset by the
+        first: issue 13), and a follower campaigned with its leader's heartbeat waiting in its inbox. etcd loses
+        the missed ticks instead (Go's ticker drops them), leases included."""
+        self._ticks += ticks
+        self._reads.expire(self._ticks)
+        self._election_elapsed += ticks
+        if self.role is Role.LEADER:
+            self._heartbeat_elapsed += ticks
+            if self._transferee is not None:
+                self._transfer_elapsed += ticks
+            if self._election_elapsed >= 2 * self.config.election_ticks:
+                # A whole check-quorum window passed while the node could not run: what it heard before is older
+                # than an election timeout and counts no more. What waited for it, stepped before fire_timers,
+                # does: with none, the leader steps down at once (thesis §6.2), as it would have in time.
+                self._progress.reset_recent_active(self.node_id)
+
+    def fire_timers(self) -> None:
+        """Act on every timer that has run out (`advance_clock`), once."""
+        if self.role is Role.LEADER:
+            self._fire_leader_timers()
+        # Not while the state machine lacks a snapshot this node holds (`advance`, `snapshot_not_applied_yet`):
+        # elected, it could serve no read or write until the restore ends (30 s at 1M keys on a loaded 2-core
+        # machine, bench/restart.py), while the others, whose state is whole, could lead. It still votes.
+        elif self._promotable() and not self._snapshot_unapplied \
+                and self._election_elapsed >= self._randomized_election_ticks:
+            self._election_elapsed = 0
+            self._campaign(pre_vote=self.config.pre_vote)
+
+    def _fire_leader_timers(self) -> None:
+        if self._transferee is not None and self._transfer_elapsed >= self.config.election_ticks:
+            self._transferee = None  # thesis §3.10: abort a transfer that does not finish in time
         if self._election_elapsed >= self.config.election_ticks:
             self._election_elapsed = 0
             if self.config.check_quorum and not self._progress.quorum_active(self.membership, self.node_id):

@@ -3,8 +3,11 @@
 Rules: one greenlet at a time touches the node, in `_drive`. Everything else (HTTP handlers, the transport's
 greenlets) puts an item in the inbox and waits on a result with a bound; `_loop` drives for them, waking for
 the inbox or once a tick at the latest. A transport greenlet that finds the node free drives it itself (a
-peer's message, a reply), saving two greenlet switches a hop. A drive ticks the node by the monotonic clock,
-takes everything waiting at once, steps the node with all of it, then handles each Ready in order: save (one
+peer's message, a reply), saving two greenlet switches a hop. A drive advances the node's clock by the monotonic
+clock, takes everything waiting at once, steps the node with all of it, and only then lets its timers fire (after
+a stall, once each, on what the peers sent meanwhile: issue 13; so the answers to rounds sent before the stall
+count, and a leader cut off during a stall steps down within one election timeout of running time after it
+resumes, not at once), then handles each Ready in order: save (one
 fsync for the whole batch: group commit), send, apply, wake the waiting requests, advance. A disk failure stops
 the node rather than acknowledge anything (fsyncgate). A full disk is waited out instead: the save is tried
 again until there is room, nothing is sent or acknowledged meanwhile (to the others the node looks paused), and
@@ -85,6 +88,12 @@ _LOOP_LAG_PROBE_SECONDS = float(os.environ.get("RAFTDZMQ_LOOP_LAG_PROBE_SECONDS"
 _PR_SET_PDEATHSIG = 1
 # A snapshot transfer abandoned because its file could not be read is logged at most once per peer this often.
 SNAPSHOT_READ_WARNING_SECONDS = 10.0
+# After a stall (a drive that finds at least an election timeout of ticks due), the drive first yields this long:
+# the frames that came meanwhile are taken from zmq into the inbox (zmq's I/O thread may have to read them off TCP
+# first, after a SIGSTOP), so the timers that ran out judge on them. A stall has already cost an election timeout.
+# Shorter catch-ups do not yield (review stallstep L3): a drive a few heartbeats late is common under load, and
+# a shorter stall leaves part of the check-quorum window (or election timeout) before it, when answers were stepped.
+STALL_YIELD_SECONDS = 0.001
 
 
 class Timeout(Exception):
@@ -191,9 +200,9 @@ class CollectorHold:
 
     def collect_replaced(self) -> None:
         """A restore replaced by a newer one, the hold kept: the two younger generations collected once, what the
-        replaced restore left that outlived its steps (its partial state went with its steps, by reference count;
-        the oldest generation is not walked: the state being served). Without it the collector left a chain of
-        replacing restores' garbage to the last one's freeze (and the sweep)."""
+        replaced restore left that outlived its steps (its partial state is left to the new restore's first steps
+        to free, by reference count; the oldest generation is not walked: the state being served). Without it the
+        collector left a chain of replacing restores' garbage to the last one's freeze (and the sweep)."""
         if self.held and CollectorHold._was_enabled:
             gc.collect(1)
 
@@ -420,18 +429,22 @@ class Runtime:
         self._fail_all(Stopped("node is stopping"))
         self._collector.release(freeze=False)  # a restore under way stops with the node
 
-    def _advance_clock(self) -> None:
-        """Tick the node once for every tick of monotonic time since the last call, before anything else is
-        stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
-        time it missed, so its leader lease has run out before it answers a read. Capped at three election
-        timeouts, which every timer in the core has expired by."""
+    def _ticks_due(self) -> int:
+        """The ticks of monotonic time since the node's clock was last advanced."""
         now = self._drive_clock = time.monotonic()
-        due = int((now - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
+        return int((now - self._clock_start) * _CLOCK_RATE / self.tick_seconds) - self._ticks_given
+
+    def _advance_clock(self) -> None:
+        """Advance the node's clock by every tick of monotonic time since the last call, before anything else is
+        stepped: after the process was stopped (SIGSTOP, a long GC, a full disk), the node's clock jumps over the
+        time it missed, so its leader lease has run out before it answers a read. Its timers fire only once the
+        drive's items are stepped (`RaftNode.advance_clock`). Capped at three election timeouts, which every
+        timer in the core has expired by."""
+        due = self._ticks_due()
         if due <= 0:
             return
         self._ticks_given += due
-        for _ in range(min(due, 3 * self.node.config.election_ticks)):
-            self.node.tick()
+        self.node.advance_clock(min(due, 3 * self.node.config.election_ticks))
 
     def _put(self, item: InboxItem, drive: bool = False) -> None:
         """Queue an item for the node. With `drive` (the transport's greenlets), a caller that finds the node free
@@ -692,12 +705,19 @@ class Runtime:
         the inbox; the drive wakes the loop for them on its way out."""
         self._driving = True
         try:
+            if self._ticks_due() >= self.node.config.election_ticks:
+                # The process could not run for a while: what the peers sent meanwhile waits in the sockets. A
+                # turn of the loop lets their greenlets put it in the inbox, so that the timers that ran out in
+                # the stall judge on it (a leader's check-quorum on its followers' replies; a follower's election
+                # timer on its leader's heartbeat) rather than on an inbox the loop's own wake-up found empty.
+                gevent.sleep(STALL_YIELD_SECONDS)
             items = list(self._inbox)
             self._inbox.clear()
             self._advance_clock()
             replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]] = {}
             for item in items:
                 self._handle(item, replies)
+            self.node.fire_timers()  # after the items: what arrived while the clock ran counts (advance_clock)
             if self.node.role is Role.LEADER:
                 self._leader_contact_at = self._drive_clock
             self._process_ready(replies)
@@ -857,12 +877,16 @@ class Runtime:
             self.state_machine.restore(snap.data)
             logger.info("installed a snapshot at index %d from the leader", index)
             return False
-        replaced_index = self._restoring[0] if self._restoring is not None else None  # not its steps: freed below
+        replaced_index = self._restoring[0] if self._restoring is not None else None  # not its steps: dropped below
         if replaced_index is not None:
             logger.info("the restore of the snapshot at index %d is replaced by the one at %d", replaced_index, index)
-        self._restore_by_steps(index, steps(snap.data))  # the replaced restore's steps dropped, its state freed
+        started = time.thread_time()
+        # The replaced restore's steps dropped: what it built is left for the new one's first steps to free, a
+        # batch each (the state machine's `restoring`); timed as a step, with the collection that follows.
+        self._restore_by_steps(index, steps(snap.data))
         if replaced_index is not None:
             self._collector.collect_replaced()
+            self._note_restore_step_time(started)
         logger.info("installed a snapshot at index %d from the leader; restoring the state machine", index)
         self._restore_step(None)
         return not self._restore_applied
@@ -895,7 +919,7 @@ class Runtime:
         the entries after the snapshot are applied; the steps after that free the old state."""
         assert self._restoring is not None
         index, steps = self._restoring
-        started = time.thread_time()  # CPU time: the step's own cost, not the machine's other processes'
+        started = time.thread_time()
         try:
             replaced = next(steps)
         except StopIteration:
@@ -904,9 +928,7 @@ class Runtime:
             replaced = not self._restore_applied  # a state machine that swaps in its last step
         else:
             self._collector.after_step()
-        took_microseconds = int((time.thread_time() - started) * 1e6)  # bench/snapshot_stall.py reports it
-        if took_microseconds > self.stats["restore_step_max_microseconds"]:
-            self.stats["restore_step_max_microseconds"] = took_microseconds
+        self._note_restore_step_time(started)
         if not replaced or self._restore_applied:
             return
         self._restore_applied = True
@@ -916,6 +938,13 @@ class Runtime:
         if replies is not None:  # in a drive whose replies went out already: what follows goes by the transport
             self._process_ready({})
         self._wake_applied()
+
+    def _note_restore_step_time(self, started: float) -> None:
+        """The CPU time since `started` (time.thread_time: the step's own cost, not the machine's other
+        processes'), kept if it is the longest restore step so far: bench/snapshot_stall.py reports it."""
+        took_microseconds = int((time.thread_time() - started) * 1e6)
+        if took_microseconds > self.stats["restore_step_max_microseconds"]:
+            self.stats["restore_step_max_microseconds"] = took_microseconds
 
     def _send(self, messages: list[Message], replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         """Messages for a peer whose request we are answering ride back on the reply; the others go out now."""

@@ -41,7 +41,7 @@ succeeded), lost for sure (succeeded false, X-Raft-Outcome: not-applied, a 4xx, 
 
 Each check was seen to fail on a broken build (`python tests/faults.py --nodes 3 --seconds 12 --seed 1 --faults
 kill,pause`, the change made by hand, then reverted):
-  - api._watch_position resuming after Last-Event-ID + 1 (a reconnect skips a group): the agreement, the
+  - routes_watch._watch_position resuming after Last-Event-ID + 1 (a reconnect skips a group): the agreement, the
     acknowledged-put, the counter-step and the replay checks all fail;
   - store._compare taking every modify_index compare as true (run with --watchers 0, so the watchers' counter
     step does not fail first): "cnt0 is 224 after 275 acknowledged and 1 unknown increments";
@@ -68,7 +68,7 @@ TTL_SECONDS = 3  # 10 election timeouts of the runs' nodes (-election-ms 300): s
 EARLY_TOLERANCE_SECONDS = 0.05
 LAPSE_SLACK_SECONDS = 10.0  # a leader elected after the heal (crash points may kill one more) and its expiry entry
 KEEPALIVE_TIMEOUT_SECONDS = 1.0
-WATCH_READ_TIMEOUT_SECONDS = 7.0  # the server writes a comment every 5 s (api.KEEPALIVE_SECONDS)
+WATCH_READ_TIMEOUT_SECONDS = 7.0  # the server writes a comment every 5 s (watchstream.KEEPALIVE_SECONDS)
 COUNTER_KEYS = ("cnt0", "cnt1")
 SENTINEL_KEY = "zz-watch-end"
 

@@ -770,20 +770,21 @@ class Cluster:
     def resume(self, node_id: str, catch_up: bool = True, backlog: bool = True) -> None:
         """Like SIGCONT for the real runtime: the node's clock jumps over the time it was stopped, then it reads
         the messages that waited for it (at once, or with `backlog` False at the next tick: a client's request
-        may come first). Without `catch_up`, a runtime whose clock stopped with the process: what leases must
-        not run on."""
+        may come first), and only then do the timers that ran out meanwhile fire, once (RaftNode.advance_clock).
+        Without `catch_up`, a runtime whose clock stopped with the process: what leases must not run on."""
         sn = self.nodes[node_id]
         if not sn.paused:
             return
         sn.paused = False
         if sn.alive and catch_up:
-            for _ in range(sn.missed_ticks):
-                sn.node.tick()
+            sn.node.advance_clock(sn.missed_ticks)
+        if backlog:
+            self._deliver_backlog(sn)
+        if sn.alive and catch_up:
+            sn.node.fire_timers()
             self.log_event(node_id, f"resumed after {sn.missed_ticks} ticks -> {sn.node.role.value}")
             self.process(node_id)
         sn.missed_ticks = 0
-        if backlog:
-            self._deliver_backlog(sn)
 
     def _deliver_backlog(self, sn: SimNode, crash_rate: float = 0.0) -> None:
         messages, sn.backlog = sn.backlog, []

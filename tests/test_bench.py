@@ -190,28 +190,55 @@ def test_a_redirect_is_an_error_not_an_answer(requests_file):
 
 
 class FakeCluster:
-    def __init__(self, held: set[str]) -> None:
-        self.held, self.written = held, []
+    """The cluster as scale.repair and scale.Stalled see it; `failing`: how many write requests fail (503, nothing
+    written) before they succeed."""
+
+    def __init__(self, held: set[str], failing: int = 0) -> None:
+        self.held, self.requests, self.failing = held, [], failing
 
     def keys(self) -> set[str]:
         return set(self.held)
 
-    def put(self, key: str) -> int:
-        self.written.append(key)
-        self.held.add(key)
+    def put_keys(self, keys: list[str]) -> int:
+        self.requests.append(list(keys))
+        if self.failing:
+            self.failing -= 1
+            return 503
+        self.held.update(keys)
         return 200
 
     def count(self) -> int:
         return len(self.held)
 
 
-def test_the_scale_load_writes_again_exactly_the_keys_whose_write_failed():
+@pytest.mark.parametrize("batch", [1, 4, 100])
+def test_the_scale_load_writes_again_exactly_the_keys_whose_write_failed(batch):
     import scale
 
     cluster = FakeCluster({f"k{i:09d}" for i in range(100) if i % 7})
-    assert scale.repair(cluster, 100) == 15
-    assert sorted(cluster.written) == [f"k{i:09d}" for i in range(0, 100, 7)]
+    assert scale.repair(cluster, 100, batch) == 15
+    assert sorted(k for r in cluster.requests for k in r) == [f"k{i:09d}" for i in range(0, 100, 7)]
+    assert max(len(r) for r in cluster.requests) == min(batch, 15)  # `batch` keys a request (the last: the rest)
+    assert len(cluster.requests) == -(-15 // batch)
     assert cluster.count() == 100
+
+
+def test_the_scale_repair_writes_again_what_its_own_write_lost():
+    """A repair write that fails (an election) is found missing by the next listing and written again."""
+    import scale
+
+    cluster = FakeCluster({f"k{i:09d}" for i in range(100) if i % 7}, failing=1)
+    assert scale.repair(cluster, 100, 10) == 15  # what the first listing missed
+    assert cluster.count() == 100
+    assert len(cluster.requests) == 3  # 10 + 5 keys, the failed request's 10 or 5 again
+
+
+def test_the_scale_repair_gives_up_after_its_passes():
+    import scale
+
+    cluster = FakeCluster({"k000000000"}, failing=10**6)
+    assert scale.repair(cluster, 3, 1, passes=3) == 2
+    assert len(cluster.requests) == 6 and cluster.count() == 1  # 2 keys a pass, 3 passes, then it stops
 
 
 def test_the_scale_load_stops_waiting_when_the_count_stalls(monkeypatch):

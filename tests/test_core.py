@@ -315,7 +315,7 @@ def _lease_read_on_a_leader_paused_through_an_election(catch_up: bool):
 
 def test_lease_read_on_a_resumed_old_leader_is_never_stale():
     c, old, r = _lease_read_on_a_leader_paused_through_an_election(catch_up=True)
-    # The lease has expired (and check-quorum stepped it down): no answer from the old leader's memory.
+    # The lease has expired (the leader has stepped down, or will at its next round): no answer from its memory.
     assert r is None or r.read_index is None
     c.run(200)
     assert c.reads_checked >= 1
@@ -326,6 +326,41 @@ def test_lease_read_with_a_stopped_clock_is_caught():
     the old value, and the simulator's linearizability check catches it."""
     with pytest.raises(SafetyViolation, match="linearizability"):
         _lease_read_on_a_leader_paused_through_an_election(catch_up=False)
+
+
+def test_a_cluster_stalled_longer_than_two_election_timeouts_keeps_its_leader_and_its_leases_run_out():
+    """Issue 13, CPU starvation: every process of the cluster stalls at once for 2.5 election timeouts, the
+    followers' answers to the last heartbeat waiting for the leader and the leader's next heartbeat for them. Each
+    resumes with its clock caught up (the runtime's monotonic clock), steps what waited, and only then do its timers
+    judge, once: the leader keeps its majority (ticking first crossed two check-quorum boundaries, the second
+    finding nothing stepped since the first), the followers keep their leader (no pre-vote). The lease has run out
+    all the same (§6.4.1: it counts from when the acknowledged heartbeat was sent): no lease read from memory."""
+    c = Cluster(seed=5, n=3)
+    leader = elect(c)
+    write(c, "k")
+    c.run(3)
+    n = c.nodes[leader].node
+    term = n.current_term
+    followers = [f for f in c.ids if f != leader]
+    c.pause(leader)
+    assert c.run_until(lambda: len(c.nodes[leader].backlog) >= 2, 10)  # both answered a heartbeat
+    for f in followers:
+        c.pause(f)
+    c.run(5 * c.election_ticks // 2)
+    c.resume(leader)
+    assert (n.role, n.current_term) == (Role.LEADER, term)
+    r = c.client_read(leader, "k", lease=True)
+    assert r is not None and r.read_index is None, "a lease read served on a lease that ran out in the stall"
+    assert c.run_until(lambda: all(c.nodes[f].backlog for f in followers), 10)  # its heartbeat waits for them
+    resumed_at = c.now
+    for f in followers:
+        c.resume(f)
+    c.run(c.election_ticks)
+    assert c.leader() == leader and n.current_term == term
+    campaigns = [e for e in c.trace if "candidate" in e and int(e.split()[0][2:]) >= resumed_at]
+    assert not campaigns, campaigns
+    c.run(200)
+    assert c.reads_checked >= 1
 
 
 def test_ready_must_sync_only_for_entries_snapshots_terms_and_votes():

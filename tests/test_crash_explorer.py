@@ -3,13 +3,14 @@ rules, and the explorer does find the defects it is there to find (the mutation 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
 import pytest
 
 import crash_explorer
-from crash_explorer import HAND_WRITTEN, Limits, explore, workloads
+from crash_explorer import HAND_WRITTEN, Limits, Stats, explore, workloads
 from crashfs import CrashFS
 from raftlib import HardState, Snapshot, logformat
 from raftlib.logformat import encode_record
@@ -28,10 +29,22 @@ def state_of(st) -> tuple:
 RANDOM_WORKLOADS = 120  # ~27 s of CPU here (~243,000 crash states); the soak: python tests/crash_explorer.py --workloads 5000 --seed N
 
 
-def test_no_crash_state_breaks_the_rules():
+def explored(kind: str, count: int, seed: int) -> dict:
+    """A background job (tests/background.py): `count` random workloads of `seed` (and the hand-written ones)
+    explored by `explore` (kind "rules") or `explore_format1` (kind "format1"): Stats' fields and the CPU time."""
     t0 = time.process_time()
-    stats = explore(workloads(RANDOM_WORKLOADS, seed=0), Limits())
-    seconds = time.process_time() - t0
+    explorer = crash_explorer.explore_format1 if kind == "format1" else explore
+    stats = explorer(workloads(count, seed=seed), Limits())
+    return {"stats": dataclasses.asdict(stats), "cpu_seconds": time.process_time() - t0}
+
+
+def stats_of(job_result: dict) -> tuple[Stats, float]:
+    return Stats(**job_result["stats"]), job_result["cpu_seconds"]
+
+
+@pytest.mark.background(explored, "rules", RANDOM_WORKLOADS, 0)
+def test_no_crash_state_breaks_the_rules(background_result):
+    stats, seconds = stats_of(background_result())
     print(f"crash explorer: {stats.total} crash states explored at {stats.crash_points} crash points "
           f"({stats.crash_states} after workload operations, {stats.recovery_crash_states} in or after a recovery, "
           f"{stats.process_crashes} process crashes) in {seconds:.1f}s of CPU")
@@ -60,11 +73,16 @@ class SkipsSyncs:
         return getattr(self._fs, name)
 
 
-@pytest.mark.parametrize("kinds", [{"fsync_dir"}, {"fsync"}, {"fdatasync"}])
-def test_the_explorer_notices_missing_syncs(kinds):
+def violations_without(sync: str) -> list[str]:
+    """A background job (tests/background.py): the hand-written workloads explored over SkipsSyncs({sync})."""
     items = [(n, w) for n, w in HAND_WRITTEN.items()]
-    stats = explore(items, Limits(), storage_fs=lambda fs: SkipsSyncs(fs, kinds))
-    assert stats.violations, f"nobody noticed that {kinds} did nothing"
+    return explore(items, Limits(), storage_fs=lambda fs: SkipsSyncs(fs, {sync})).violations
+
+
+@pytest.mark.parametrize("sync", [pytest.param(k, id=k, marks=pytest.mark.background(violations_without, k))
+                                  for k in ("fsync_dir", "fsync", "fdatasync")])
+def test_the_explorer_notices_missing_syncs(sync, background_result):
+    assert background_result(), f"nobody noticed that {sync} did nothing"
 
 
 def test_a_format1_dir_rewritten_at_load_is_crash_safe_when_its_snapshot_rename_was_not_synced():
@@ -107,22 +125,22 @@ def test_a_format1_dir_rewritten_at_load_is_crash_safe_when_its_snapshot_rename_
 FORMAT1_RANDOM_WORKLOADS = 40
 
 
-def test_every_format1_dir_the_old_code_leaves_upgrades_to_the_state_it_had():
+@pytest.mark.background(explored, "format1", FORMAT1_RANDOM_WORKLOADS, 1)
+def test_every_format1_dir_the_old_code_leaves_upgrades_to_the_state_it_had(background_result):
     """Review L1: the data dirs that the code before base records (tests/format1_storage.py, frozen) leaves when
     killed, or cut by a power failure, at any file operation of the hand-written workloads and of random ones,
     each loaded by today's code (crashed in at every operation of that upgrade, too): each must come back as the
     state the old code had in memory before or after the step in flight."""
-    t0 = time.process_time()
-    stats = crash_explorer.explore_format1(workloads(FORMAT1_RANDOM_WORKLOADS, seed=1), Limits())
+    stats, seconds = stats_of(background_result())
     print(f"format-1 explorer: {stats.crash_points} old-code crash points, {stats.total} states recovered in "
-          f"{time.process_time() - t0:.1f}s of CPU")
+          f"{seconds:.1f}s of CPU")
     assert not stats.violations, "\n".join(stats.violations)
     assert stats.crash_points > 1000, stats
 
 
-def test_no_crash_state_breaks_the_rules_when_records_are_split_into_groups():
-    """Review S2: with the record limit scaled down to 120 bytes, most saves and every base record of these
-    workloads are groups of several records: a crash must keep a group whole or not at all."""
+def explored_in_groups() -> dict:
+    """A background job (tests/background.py): 30 workloads explored with the record limit scaled down to 120
+    bytes; Stats' fields, the (size, kind) of every record framed, and the limit once it was over."""
     sizes = []
     real = logformat._framed
     logformat._framed = lambda payload: sizes.append((len(payload), payload[0])) or real(payload)
@@ -130,12 +148,21 @@ def test_no_crash_state_breaks_the_rules_when_records_are_split_into_groups():
         stats = explore(workloads(30, seed=2), Limits(states=16), record_bytes=120)
     finally:
         logformat._framed = real
+    return {"stats": dataclasses.asdict(stats), "records": sizes, "record_limit_after": logformat.MAX_RECORD_BYTES}
+
+
+@pytest.mark.background.with_args(explored_in_groups)  # with_args: a lone function would be the decorated one
+def test_no_crash_state_breaks_the_rules_when_records_are_split_into_groups(background_result):
+    """Review S2: with the record limit scaled down to 120 bytes, most saves and every base record of these
+    workloads are groups of several records: a crash must keep a group whole or not at all."""
+    run = background_result()
+    stats, sizes = Stats(**run["stats"]), run["records"]
     assert not stats.violations, "\n".join(stats.violations)
     assert max(n for n, _ in sizes) <= 120 and stats.crash_points > 500, stats
     parts = sum(1 for _, kind in sizes if kind in (3, 4))
     assert parts > 30, parts  # groups were written, base groups among them
     assert any(kind == 4 for _, kind in sizes)
-    assert logformat.MAX_RECORD_BYTES == 256 << 20  # set back
+    assert run["record_limit_after"] == 256 << 20  # set back
 
 
 # ---- identity, JOINING and the bootstrap, crashed at every file operation (review L2) ----------------------------

@@ -77,6 +77,12 @@ def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
 def exchange(address: str, data: bytes, half_close: bool = False, timeout: float = 5.0, sock=None):
     """Send `data` on a new connection (or `sock`) and read until the server closes it or `timeout` passes with
     nothing new. Returns (responses, closed): closed is True when the server ended the connection."""
+    received, closed = receive(address, data, half_close, timeout, sock)
+    return parse_responses(received), closed
+
+
+def receive(address: str, data: bytes, half_close: bool = False, timeout: float = 5.0, sock=None):
+    """exchange's, but the bytes received as they came (an answer's chunks not undone): (bytes, closed)."""
     host, port = address.rsplit(":", 1)
     s = sock or socket.create_connection((host, int(port)), timeout=timeout)
     s.settimeout(timeout)
@@ -98,7 +104,7 @@ def exchange(address: str, data: bytes, half_close: bool = False, timeout: float
         closed = True
     finally:
         s.close()
-    return parse_responses(out), closed
+    return out, closed
 
 
 def post(key: str, body: bytes = b"v", extra: bytes = b"") -> bytes:
@@ -309,6 +315,22 @@ def test_good_requests_pipelined_keep_the_connection(cluster):
                                  b"Host: localhost\r\nContent-Length: 0\r\n\r\n" % a.encode(), timeout=1.0)
     assert [r[0] for r in responses] == [200, 200, 200] and responses[2][2] == b"one" and not closed, responses
     assert leader.request("GET", f"/db/{b}").body == b"abc"
+
+
+def test_a_request_pipelined_behind_a_watch_ends_the_stream_and_runs_nothing(cluster):
+    """Review of fanout2, finding 3: a request sent in the same segment as a GET /watch was read into pywsgi's
+    buffer with it, where the stream's watch on the socket never looked: it was never answered, and the stream went
+    on. A watch is the connection's last answer: anything sent behind it ends the stream at once and runs nothing."""
+    leader = leader_of(cluster)
+    watched, pipelined = fresh("piped-watch"), fresh("piped")
+    watch = b"GET /watch?key=%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % watched.encode()
+    # Silence for 3 s (less than a keep-alive, 5 s) ends the read: a stream that went on would not be closed.
+    received, closed = receive(leader.address, watch + post(pipelined), timeout=3.0)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, received
+    assert b"watching after" in body and body.endswith(b"\r\n0\r\n\r\n") and closed, received  # its last chunk
+    assert b"HTTP/1.1" not in body  # the pipelined request is not answered
+    assert absent(leader, pipelined)
 
 
 # ---- issue 11 item 8: chunked request bodies ------------------------------------------------------------------

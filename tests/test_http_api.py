@@ -21,16 +21,18 @@ from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, P
 from raftlib.progress import ProgressState, ProgressStatus
 from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
+from raftlib.server import routes_txn
 from raftlib.server.admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, admin_headers,
                                   node_request_headers,
                                   answer_headers,
                                   keys_request_headers, parse_vouched, read_keys_answer, verify_answer)
-from raftlib.server.api import NOT_LEADER, Api, make_app
+from raftlib.server.api import Api, make_app
 from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
 from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
-from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_TXN_OPS, SET,
-                                  SET_FEATURE_LEVEL, KeyValueStore, TxnResult, command)
+from raftlib.server.routes_shared import NOT_LEADER
+from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_DELETE_KEYS_PER_ENTRY,
+                                  MAX_TXN_OPS, SET, SET_FEATURE_LEVEL, KeyValueStore, TxnResult, command)
 from raftlib.storage_errors import DiskFull
 
 MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
@@ -1290,14 +1292,14 @@ def test_a_txn_answers_its_branch_and_results(upgraded):
 
 
 def test_a_txn_answer_is_the_json_of_its_results():
-    """api.txn_answer_json writes a put's result as text: the answer must be what json_answer of the results'
+    """routes_txn.txn_answer_json writes a put's result as text: the answer must be what json_answer of the results'
     dicts gives, byte for byte (escapes, non-ASCII keys, every kind of result)."""
     result = TxnResult(True, [("put", "k"), ("put", 'k\u00e9"\\/\n\U0001f600'), ("delete", 2, True), ("delete", 0, False),
                               ("get", [("a", b"\xff\x00", 1, 2), ("b\u00e9", "\u00e9".encode(), 3, 4)], False),
                               ("get", [], True), ("put", "z")])
     for r in (result, TxnResult(False, []), TxnResult(False, [("put", "x")])):
-        expected = {"succeeded": r.succeeded, "index": 41, "results": [api_module._txn_answer(x) for x in r.results]}
-        assert api_module.txn_answer_json(r, 41) == json.dumps(expected) + "\n"
+        expected = {"succeeded": r.succeeded, "index": 41, "results": [routes_txn._txn_answer(x) for x in r.results]}
+        assert routes_txn.txn_answer_json(r, 41) == json.dumps(expected) + "\n"
 
 
 @pytest.mark.parametrize("body, problem", [
@@ -1332,7 +1334,7 @@ def test_a_txn_answer_is_the_json_of_its_results():
     ('{"success": [{"op": "put", "key": "k", "value": "v", "lease": "0x2a"}]}', "a lease is a lease id"),
     ('{"success": [{"op": "put", "key": "k", "value": "1"}, {"op": "put", "key": "k", "value": "2"}]}',
      "success[1]: key 'k' is put twice"),
-    # The plain put's fast path (api._txn_item) leaves every problem to the general one.
+    # The plain put's fast path (routes_txn._txn_item) leaves every problem to the general one.
     (json.dumps({"success": [{"op": "put", "key": "k" * 4097, "value": "v"}]}), "1 to 4096 bytes"),
     (json.dumps({"success": [{"op": "put", "key": "a", "value": "v"}, {"op": "put", "key": "b", "value": "v"},
                              {"op": "put", "key": "c", "value": 5}]}), "success[2]: needs a value"),
@@ -1389,7 +1391,7 @@ def test_a_join_without_the_feature_level_is_refused_once_the_cluster_has_it(cli
 def leased(monkeypatch) -> tuple[Client, LeaseKeeper, list[float]]:
     """A client of a level-2 cluster whose leader keeps leases by a clock the test moves (`now[0]`)."""
     now = [100.0]
-    monkeypatch.setattr(api_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])  # the lease routes' clock (routes_leases)
     keeper = LeaseKeeper(max_batch=8)
     c = Client(write_timeout_seconds=2.0, read_timeout_seconds=0.2, min_ttl_seconds=2,
                lease_keeper=lambda: keeper if c.runtime.node.role is Role.LEADER else None)
@@ -1753,7 +1755,7 @@ def test_the_raise_is_bound_to_the_configuration_the_raiser_asked(client, monkey
 def test_a_prefix_delete_over_the_cap_is_several_entries_and_answers_the_last_index(upgraded):
     """Review of coord1, L2: one entry deletes at most MAX_DELETE_KEYS_PER_ENTRY keys; the route goes on."""
     client = upgraded
-    n = api_module.MAX_DELETE_KEYS_PER_ENTRY
+    n = MAX_DELETE_KEYS_PER_ENTRY
     for i in range(2 * n + 3):
         client.runtime.propose(command(SET, f"p/{i:05d}", b"v"), 1.0)
     client.runtime.propose(command(SET, "q", b"v"), 1.0)

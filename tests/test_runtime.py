@@ -17,6 +17,7 @@ from raftlib import (
     ConfChange,
     ConfChangeKind,
     AppendEntries,
+    AppendEntriesReply,
     Config,
     Entry,
     EntryKind,
@@ -30,9 +31,11 @@ from raftlib import (
     RaftNode,
     ReadIndexReply,
     Removed,
+    RequestVote,
+    RequestVoteReply,
     Role,
 )
-from raftlib.runtime import NotRunning, Runtime, Stopped, Timeout
+from raftlib.runtime import NotRunning, Read, Runtime, Stopped, Timeout
 from raftlib.storage import DiskStorage
 from crashfs import CrashFS
 from runtime_fakes import NullTransport, Values
@@ -755,3 +758,135 @@ def test_stopping_fails_a_backup_still_queued(one_node, monkeypatch):
     runtime.stop()
     waiter.join(timeout=3)
     assert waiter.ready() and isinstance(waiter.exception, Stopped), waiter.exception
+
+
+class Followers(NullTransport):
+    """Plays `b` and `c`, the followers of a leader `a`: each AppendEntries is answered with a success, delivered
+    by a greenlet of its own as the transport's senders do; while `holding`, the answers are kept back instead (in
+    `held`: they wait in the socket of a leader that cannot run), and while `silent` none comes (a partition)."""
+
+    def __init__(self):
+        self.runtime: Runtime | None = None
+        self.holding = self.silent = False
+        self.held: list = []
+
+    def send(self, messages):
+        for m in messages:
+            if not isinstance(m, AppendEntries):
+                continue
+            reply = AppendEntriesReply(m.dst, m.src, m.term, True, m.prev_log_index + len(m.entries),
+                                       read_round=m.read_round)
+            if self.holding:
+                self.held.append(reply)
+            elif not self.silent:
+                gevent.spawn(self.runtime.deliver, [reply], False)
+
+
+def leader_of_three(election_ticks=20):
+    """A started runtime whose node `a` leads `a`, `b` and `c` in term 2 (elected by stepping the votes before the
+    start), with an entry of its term committed, and the Followers that answer it."""
+    storage = MemoryStorage()
+    members = tuple(Member(n, f"127.0.0.1:{i}", "") for i, n in enumerate("abc", 1))
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a", "b", "c"), (),
+                                                                                             members))])
+    stored = storage.load()
+    node = RaftNode(Config("a", election_ticks=election_ticks, heartbeat_ticks=1), random.Random(1),
+                    stored.hard_state, stored.raft_log(), stored.snapshot)
+    while node.role is not Role.PRE_CANDIDATE:
+        node.tick()
+    node.step(RequestVoteReply("b", "a", 2, True, pre_vote=True, pre_vote_round=node._pre_vote_round))
+    node.step(RequestVoteReply("b", "a", 2, True))
+    assert node.role is Role.LEADER
+    followers = Followers()
+    runtime = Runtime(node, storage, followers, Values(), tick_seconds=0.005)
+    followers.runtime = runtime
+    runtime.start()
+    with gevent.Timeout(5):
+        while node.log.term(node.commit_index) != node.current_term:
+            gevent.sleep(0.01)
+    return runtime, followers
+
+
+def _stall(runtime, election_timeouts):
+    """The process could not run for this many election timeouts (CPU starvation, SIGSTOP): its monotonic clock
+    moved on without it. Nothing yields here: the next drive is the first after the stall."""
+    runtime._clock_start -= election_timeouts * runtime.node.config.election_ticks * runtime.tick_seconds
+
+
+def test_a_leader_whose_loop_stalled_judges_check_quorum_on_the_replies_that_waited_in_its_sockets():
+    """Issue 13: a leader's loop stalled for 2.5 election timeouts while its followers' answers waited in the
+    sockets. Its clock catches up at the next drive; check-quorum must count those answers (thesis §6.2: a
+    majority did answer) rather than step down, at most once for the whole stall, and even when that drive is the
+    loop's own wake-up, which finds the inbox empty: the answers come in as the transport's greenlets get a turn.
+    (Ticking the node once per missed tick before stepping anything crossed two check-quorum boundaries, the
+    second finding the activity reset by the first: a leader change for nothing, ~3 a minute under CPU load.)"""
+    runtime, followers = leader_of_three()
+    try:
+        followers.holding = True
+        with gevent.Timeout(2):
+            while not followers.held:
+                gevent.sleep(0.001)
+        term = runtime.node.current_term
+        _stall(runtime, 2.5)
+        waiting, followers.held = followers.held, []
+        gevent.spawn(runtime.deliver, waiting, False)
+        runtime._drive()  # the loop's wake-up after the stall
+        assert (runtime.node.role, runtime.node.current_term) == (Role.LEADER, term)
+        assert not runtime.node._lease_valid(), "the lease must have run out with the stall (thesis §6.4.1)"
+    finally:
+        runtime.stop()
+
+
+def test_a_leader_that_stalled_with_no_answer_waiting_steps_down_at_once():
+    """The other side of the test above: nobody answered during the stall (a partition), so the catch-up's
+    check-quorum steps the leader down in that same drive (thesis §6.2)."""
+    runtime, followers = leader_of_three()
+    try:
+        followers.silent = True
+        gevent.sleep(0.02)  # the answers already on their way are taken
+        _stall(runtime, 2.5)
+        runtime._drive()
+        assert runtime.node.role is Role.FOLLOWER
+    finally:
+        runtime.stop()
+
+
+def test_a_lease_read_stepped_in_the_drive_that_catches_up_a_stall_is_not_answered_from_the_lease():
+    """A lease read that waited in the inbox through a stall of 0.9 election timeouts (past the lease, short of
+    check-quorum) is stepped in the drive that catches the clock up: the clock must be advanced before it is
+    stepped, so the lease has run out in the node's time as it has in real time, and the read waits for a round
+    the silent followers never answer (thesis §6.4.1; review stallstep Q1: advancing the clock after the items
+    answered it from memory)."""
+    runtime, followers = leader_of_three()
+    try:
+        gevent.sleep(0.05)
+        assert runtime.node._lease_valid(), "setup: the leader holds a lease"
+        followers.silent = True
+        result = gevent.event.AsyncResult()
+        result.rawlink(lambda _: None)  # a caller waits on it (a read nobody waits for is not answered)
+        runtime._inbox.append(Read(True, result))  # it waited in the inbox through the stall
+        _stall(runtime, 0.9)
+        runtime._drive()
+        assert runtime.node.role is Role.LEADER, "0.9 election timeouts are short of check-quorum"
+        assert not result.ready(), f"answered from a lease that had run out: {result.value!r}"
+    finally:
+        runtime.stop()
+
+
+def test_a_follower_whose_loop_stalled_does_not_campaign_with_its_leaders_heartbeat_waiting():
+    """Issue 13: after a stall longer than its election timeout, a follower's clock catches up; the heartbeat its
+    leader sent meanwhile is stepped before its election timer fires, so it stays with its leader (no pre-vote
+    campaign, which would drop its leader, its forwarded reads and a snapshot transfer under way)."""
+    runtime, _, _ = follower(election_ticks=20)
+    runtime.transport = sent = Replies()
+    runtime.start()
+    try:
+        runtime.deliver([AppendEntries("a", "b", 2, 1, 1, (), 1)], False)
+        assert runtime.node.leader_id == "a"
+        _stall(runtime, 2.5)
+        gevent.spawn(runtime.deliver, [AppendEntries("a", "b", 2, 1, 1, (), 1)], False)
+        runtime._drive()
+        assert (runtime.node.role, runtime.node.leader_id) == (Role.FOLLOWER, "a")
+        assert not [m for m in sent.sent if isinstance(m, RequestVote)]
+    finally:
+        runtime.stop()

@@ -22,10 +22,27 @@ def _chunks(total: int) -> list[tuple[int, int]]:
     return [(start, min(start + CHUNK, total)) for start in range(0, total, CHUNK)]
 
 
+def schedules_run(start: int, stop: int, mutation: str | None = None) -> dict:
+    """Schedules start .. stop-1 (schedule k runs seed k // 3 on a cluster of SIZES[k % 3] nodes): what they
+    exercised. A background job (tests/background.py): a failing schedule raises SafetyViolation with its replay
+    command. `mutation`: a deliberately broken core from simulator.MUTATIONS (tests of the mechanism)."""
+    reads = writes = 0
+    faults: collections.Counter = collections.Counter()
+    for k in range(start, stop):
+        cluster = random_schedule(k // 3, SIZES[k % 3], mutation=mutation)
+        reads += cluster.reads_checked
+        writes += len(cluster.acked_writes)
+        faults.update(cluster.stats)
+    return {"schedules": [start, stop], "reads": reads, "writes": writes, "faults": dict(faults)}
+
+
 def pytest_generate_tests(metafunc):
     if "schedule_range" in metafunc.fixturenames:
         total = metafunc.config.getoption("--sim-seeds")
-        metafunc.parametrize("schedule_range", _chunks(total), ids=lambda r: f"{r[0]}-{r[1]}")
+        metafunc.parametrize("schedule_range", [
+            pytest.param(r, id=f"{r[0]}-{r[1]}", marks=pytest.mark.background(schedules_run, *r))
+            for r in _chunks(total)
+        ])
 
 
 # The faults every full chunk of schedules must have made happen (Cluster.stats), so that a change that quietly
@@ -60,16 +77,12 @@ def run_faults():
         assert not missing, f"{missing} never made in {counted['chunks']} chunks of {CHUNK} schedules"
 
 
-def test_random_schedules(schedule_range, run_faults):
-    """Schedule k runs seed k // 3 on a cluster of SIZES[k % 3] nodes."""
+def test_random_schedules(schedule_range, run_faults, background_result):
+    """The chunk's schedules (schedules_run), run in a background worker while the rest of the suite runs."""
     start, stop = schedule_range
-    reads = writes = 0
-    faults = collections.Counter()
-    for k in range(start, stop):
-        cluster = random_schedule(k // 3, SIZES[k % 3])
-        reads += cluster.reads_checked
-        writes += len(cluster.acked_writes)
-        faults.update(cluster.stats)
+    run = background_result()
+    assert run["schedules"] == [start, stop]
+    reads, writes, faults = run["reads"], run["writes"], collections.Counter(run["faults"])
     assert writes > 0 and reads > 0, "the schedules exercised no client traffic"
     if stop - start == CHUNK:
         assert not [f for f in FAULTS if not faults[f]], f"faults never made: {faults}"

@@ -132,7 +132,10 @@ def test_from_older_than_the_history_is_410_with_the_oldest_index(cluster):
     leader = cluster.leader()
     first = index_of(leader.request("POST", "/db/h/0", "v"))
     for n in range(1, HISTORY_EVENTS + 5):
-        index_of(leader.request("POST", f"/db/h/{n}", "v"))
+        last = index_of(leader.request("POST", f"/db/h/{n}", "v"))
+    # A node serves watches from its own applied state: should it have lost the leadership meanwhile (a loaded
+    # machine), the writes went to the new leader and this node may not have applied the last ones yet.
+    wait_for(lambda: leader.status()["applied_index"] >= last, 10, "the node to apply the last write")
     r = leader.request("GET", f"/watch?prefix=h/&from={first - 1}&poll=1")
     assert r.status == 410 and int(r.headers["x-raft-oldest-index"]) > first
     assert r.text.count("\n") == 1 and "oldest index available" in r.text

@@ -83,6 +83,7 @@ def main() -> None:
     over_the_cap()
     only_members_as_themselves()
     frames_within_the_limit()
+    replies_that_came_in_a_stall()
     sys.stdout.flush()
 
 
@@ -355,6 +356,57 @@ def frames_within_the_limit() -> None:
     print("frames-within-the-limit", "ok" if not failed else f"FAIL {','.join(failed)} (cut after {cut})")
     for t in (a, b):
         t.stop()
+
+
+def replies_that_came_in_a_stall() -> None:
+    """A sender whose hub was blocked past the reply timeout while its peer answered (a stalled loop) still takes
+    the reply that waits in its socket (review stallstep L1: the overdue timeout used to win, the reply was
+    dropped and the socket reset). The peer is plain zmq in an OS thread, so it answers while the hub is blocked;
+    it answers 20 ms after each request, once the sender is surely waiting in recv and the hub stalled."""
+    import zmq as blocking_zmq
+
+    from raftlib import codec
+
+    real_sleep = monkey.get_original("time", "sleep")
+    start_thread = monkey.get_original("_thread", "start_new_thread")
+    requests = []
+    context = blocking_zmq.Context()
+    rep = context.socket(blocking_zmq.REP)
+    rep.setsockopt(blocking_zmq.LINGER, 0)
+    rep.setsockopt(blocking_zmq.RCVTIMEO, 100)
+    port = rep.bind_to_random_port("tcp://127.0.0.1")
+    stop = []
+
+    def answer() -> None:
+        while not stop:
+            try:
+                frame = rep.recv()
+            except blocking_zmq.Again:
+                continue
+            (m,) = codec.decode_batch(frame)
+            requests.append(m.term)
+            real_sleep(0.02)
+            rep.send(codec.encode_batch([RequestVoteReply("b", "a", m.term, True)]))
+
+    start_thread(answer, ())
+    received = []
+    a = ZmqTransport("a", f"127.0.0.1:{free_port()}", lambda m, r: received.extend(m) or [],
+                     reply_timeout_seconds=0.2)
+    a.start()
+    a.set_peers({"b": f"127.0.0.1:{port}"})
+    trials, lost = 8, 0
+    for term in range(1, trials + 1):
+        a.send([RequestVote("a", "b", term, 0, 0)])
+        wait(lambda: term in requests, 2)  # the sender sent it and waits in recv; the peer answers in 20 ms
+        real_sleep(0.5)  # the hub is blocked past the 0.2 s reply timeout
+        if not wait(lambda: any(m.term == term for m in received), 1):
+            lost += 1
+    print("reply-after-stall", "ok" if lost == 0 else f"FAIL {lost} of {trials} replies lost")
+    a.stop()
+    stop.append(True)
+    real_sleep(0.2)
+    rep.close(0)
+    context.term()
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ import gevent.lock
 from raftlib import events
 from raftlib.messages import Role
 
-from .api import (FORWARDED_HEADER, NOT_APPLIED, OUTCOME_HEADER, Api, forward_to, json_answer, leader_http, log,
-                  members, remove_member, text, transfer)
+from .routes_cluster import remove_member, transfer
+from .routes_shared import (FORWARDED_HEADER, NOT_APPLIED, OUTCOME_HEADER, Api, forward_to, json_answer, leader_http,
+                            log, members, text)
 
 MEMBER_TIMEOUT_SECONDS = 0.5  # each member gets this long to answer GET /stats (connect, send, read)
 GATHER_SECONDS = 0.6  # a whole gather: the members not answered by then are unreachable

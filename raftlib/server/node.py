@@ -77,13 +77,14 @@ from raftlib.transport import ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
-from .api import MAX_WATCHES, Api, make_app
+from .api import make_app
 from .edge import EdgeServer, RateLimitedLog, listen
 from .hosts import AllowedHosts
 from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
 from .nodestart import force_new_cluster, name_of, new_node_id, start_node
+from .routes_shared import MAX_WATCHES, Api
 from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, command
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
 
@@ -214,7 +215,7 @@ class FeatureLevelRaiser:
     the state's level is below, at once on becoming leader and then every LEVEL_CHECK_SECONDS, it asks each other
     member's GET /status (within LEVEL_REQUEST_TIMEOUT_SECONDS each, all at once) and, when every one reports a
     feature_level of this node's or more, proposes SET_FEATURE_LEVEL. The questions are asked without the
-    membership lock that joins take (api.join): a member slow to answer never holds up a join. The raise is
+    membership lock that joins take (routes_cluster.join): a member slow to answer never holds up a join. The raise is
     proposed under that lock, and only if the configuration then is the one the members were asked in (the same
     term and configuration index: any change since, a removal and a join again of the same id and addresses
     included, means no raise this round), so no node of an older release joins between the question and the
@@ -835,7 +836,7 @@ class Server:
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)
         api.upgrade_reason = self.level_raiser.reason
-        # A request may take receiving, then its route's own bounds (api.py: at most twice its timeout), then
+        # A request may take receiving, then its route's own bounds (routes_shared: at most twice its timeout), then
         # -idle-timeout more for a client slow to take its answer.
         # A long poll's wait and a watch stream are bounded on their own (edge.waiting_on_its_own, edge.Stream).
         longest_route_seconds = 2 * max(config.write_timeout_seconds, config.read_timeout_seconds) + 1

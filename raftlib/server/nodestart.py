@@ -2,7 +2,7 @@
 a new id: new_node_id, and the -name in it: name_of), what its first start must do (JOINING: bootstrap, join or
 restore; RESTORE: a backup to install), and -force-new-cluster's lost-quorum recovery with its fence
 (force_new_cluster, settle_forcing). The server's concern, not the library's: raftlib.server.node runs it at
-start, raftlib.server.api and raftdzmq.py read names with it.
+start, raftlib.server.routes_cluster and raftdzmq.py read names with it.
 
 Rules:
 - Each state of a first start is durable before the next is entered, so that a crash anywhere leaves one of them
@@ -69,7 +69,7 @@ def new_node_id(name: str | None) -> str:
     case (review of ops, finding 1): a node whose data dir was lost and which starts again under the same name on
     an empty one has no log and no vote record, and under the old id it would grant votes and answer appends as
     the old member (an acknowledged write lost). Under a new id the old members' messages do not reach it (they
-    name the old id), and its join is refused while a member has its name (api.join_refusal)."""
+    name the old id), and its join is refused while a member has its name (routes_cluster.join_refusal)."""
     suffix = os.urandom(4).hex()
     return suffix if name is None else f"{name}-{suffix}"
 
@@ -232,7 +232,7 @@ def force_new_cluster(storage: DiskStorage, stored: StoredState, me: Member,
     next start if a crash came between; dropped there if the record was never written): those of that configuration
     and of every configuration in the tail cut off (one may have reached a node it adds). The server drops every
     message from a fenced node while it is not in this node's configuration, answering a Removed notice instead
-    (raftlib.server.node), and refuses a join under a fenced name (api.join_refusal). Without that, two old
+    (raftlib.server.node), and refuses a join under a fenced name (routes_cluster.join_refusal). Without that, two old
     members back together (a majority of the old configuration) could elect a leader of their own whose appends,
     of a higher term, this node would follow. An old member that comes back alone could not disturb it anyway: it
     cannot count (the configuration names this node alone), nor win this node's vote or pre-vote (this log ends

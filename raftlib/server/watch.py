@@ -44,9 +44,14 @@ Rules:
   is then one lookup and one write per watcher, not a scan and an encoding of its events: at 1,000 watchers of
   one prefix that is what a follower spends (bench: docs/BENCHMARKS.md). The lists handed out are shared: callers never change them.
 - Waking: only the watchers whose filter matches an event are woken (by exact key: a dict; by prefix: a
-  character trie walked along the key, stopping at its first missing character), once per read, and at most WAKE_BATCH a turn of the
-  event loop (the rest in the next turns, after the Raft timers), so a burst for many watchers never holds the
-  loop. `wakes` counts them. `wait` (plain position, no Watcher) is the old form: any event wakes it.
+  character trie walked along the key, stopping at its first missing character), once per read. The watchers of
+  one key or prefix that are all marked already are skipped as a whole (`_Watchers.all_marked`), so the events
+  after a drive's first cost one check each. A watcher with a `deliver` (a stream behind the edge:
+  raftlib.server.watchstream) is offered its wake first: its frame is read and written there and then, with no
+  switch to its greenlet, which is woken only when that could not be done whole. At most WAKE_BATCH greenlets
+  and about WAKE_TURN_SECONDS of deliveries a turn of the event loop (the rest in the next turns, after the Raft
+  timers), so a burst for many watchers never holds the loop. `wakes` counts the watchers taken off the queue.
+  `wait` (plain position, no Watcher) is the old form: any event wakes it.
 - Pure but for waking the waiters (gevent), kept in `_wake_some` and the two waits, and the clock read when a
   watcher is marked (`marked_at`: the GET /metrics histogram of apply to write, raftdzmq_watch_delivery_seconds).
 - The events one drive applies (no yield between them) wake each of their watchers once, after the drive: its read
@@ -59,6 +64,7 @@ import base64
 import bisect
 import collections
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from operator import itemgetter
@@ -69,6 +75,8 @@ import gevent.event
 
 from .store import Event
 
+log = logging.getLogger("raftdzmq.watch")
+
 DEFAULT_HISTORY_EVENTS = 10_000  # -watch-history
 MIN_HISTORY_EVENTS = 4096  # above the most events one entry makes (2,000 keys of a prefix delete, 128 txn ops)
 DEFAULT_HISTORY_BYTES = 64 << 20  # -watch-history-bytes
@@ -78,7 +86,8 @@ MAX_BYTES_PER_READ = 4 << 20  # bytes of event JSON handed out by one read, the 
 MAX_STREAM_BYTES_PER_READ = 1 << 20  # a stream's batch: one chunk, held until written
 MAX_SHARED_ANSWERS = 16  # shared reads kept at once, the most recently used (a wake's readers share a few)
 MAX_SHARED_BYTES = 4 << 20  # their SSE frames, about (the newest is kept whatever its size)
-WAKE_BATCH = 64  # watchers woken per turn of the event loop
+WAKE_BATCH = 64  # watchers' greenlets woken per turn of the event loop
+WAKE_TURN_SECONDS = 0.005  # deliveries from the wake per turn of the event loop, about (edge's TurnGate's budget)
 _COMPACT_EVENTS = 4096  # the evicted front of the list is dropped once it is this long and half the list
 _index_of: Callable[[Any], int] = itemgetter(3)  # Event.index, by position: faster than the attribute, and bisect's key
 
@@ -114,15 +123,32 @@ class Filter:
 
 class Watcher:
     """A registered watch (WatchHub.watch): its filter, its position, and `first_match`, the lowest index of an
-    event that may match after its position (None: none came since it last read to the end)."""
+    event that may match after its position (None: none came since it last read to the end). `deliver`, when
+    set, is tried before `woken` (the module's rules: waking)."""
 
-    __slots__ = ("wanted", "position", "first_match", "marked_at", "woken")
+    __slots__ = ("wanted", "position", "first_match", "marked_at", "woken", "deliver", "group")
 
     def __init__(self, wanted: Filter, position: int) -> None:
         self.wanted, self.position = wanted, position
         self.first_match: int | None = position + 1  # nobody watched before: the first read scans
         self.marked_at = time.monotonic()  # when first_match was last set from None: its event's apply (metrics)
         self.woken = gevent.event.Event()
+        # The stream's write from the wake itself (watchstream.SocketWriter.deliver): True when it wrote what there
+        # was, False to wake the watcher's greenlet after all. None: always woken.
+        self.deliver: Callable[[Watcher], bool] | None = None
+        self.group: _Watchers | None = None  # the watchers of its key or prefix (WatchHub.watch)
+
+
+class _Watchers(set):
+    """The watchers of one key or one prefix. `all_marked`: every one of them has a first_match (set by a full
+    pass of _matched, cleared when one reads to the end), so the next event for them marks nobody and its pass is
+    skipped: at 1,000 watchers of one prefix, the events after a drive's first cost one check, not 1,000."""
+
+    __slots__ = ("all_marked",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all_marked = False
 
 
 def _event_bytes(event: Event) -> int:
@@ -144,8 +170,8 @@ class WatchHub:
         self._data: list[bytes | None] = []  # each event's JSON, encoded once when first needed (same positions)
         self._head = 0
         self._wake: gevent.event.Event | None = None  # for `wait` (positions): set on the next change
-        self._by_key: dict[str, set[Watcher]] = {}
-        self._by_prefix: dict[str, set[Watcher]] = {}
+        self._by_key: dict[str, _Watchers] = {}
+        self._by_prefix: dict[str, _Watchers] = {}
         # The watched prefixes as a character trie (a dict of dicts; a node's "" holds the watchers of the prefix
         # that ends there): an event walks it along its key and stops at the first missing character, so its cost
         # is at most the key's length, however many prefix lengths are watched.
@@ -293,15 +319,21 @@ class WatchHub:
         self.check(position)
         watcher = Watcher(wanted, position)
         if wanted.key is not None:
-            self._by_key.setdefault(wanted.key, set()).add(watcher)
+            group = self._by_key.get(wanted.key)
+            if group is None:
+                group = self._by_key[wanted.key] = _Watchers()
         else:
             prefix = wanted.prefix
             assert prefix is not None
-            self._by_prefix.setdefault(prefix, set()).add(watcher)
+            group = self._by_prefix.get(prefix)
+            if group is None:
+                group = self._by_prefix[prefix] = _Watchers()
             node = self._prefix_trie
             for character in prefix:
                 node = node.setdefault(character, {})
-            node[""] = self._by_prefix[prefix]  # the same set
+            node[""] = group  # the same set
+        group.add(watcher)  # marked (first_match): all_marked stays true
+        watcher.group = group
         return watcher
 
     def unwatch(self, watcher: Watcher) -> None:
@@ -323,7 +355,12 @@ class WatchHub:
                     break
                 del path[depth - 1][wanted.prefix[depth - 1]]
 
-    def _matched(self, watchers: Iterable[Watcher], index: int) -> None:
+    def _matched(self, watchers: _Watchers, index: int) -> None:
+        """Mark (and queue to wake) the watchers of `watchers` not marked yet, of an event at `index`; index 0:
+        a restore, which moves every first_match down to its watcher's position."""
+        if index and watchers.all_marked:
+            return
+        watchers.all_marked = True
         now = time.monotonic()
         for watcher in watchers:
             if watcher.first_match is None:  # woken once until it reads
@@ -337,17 +374,36 @@ class WatchHub:
             gevent.get_hub().loop.run_callback(self._wake_some)
 
     def _wake_some(self) -> None:
-        """Wake at most WAKE_BATCH watchers; the rest in a later turn, from a timer (which runs with the Raft
-        timers, after this turn's I/O: edge.TurnGate says why)."""
+        """Offer each queued watcher's `deliver` its wake, and wake the greenlets of the others: in one turn of the
+        event loop at most WAKE_BATCH greenlets and about WAKE_TURN_SECONDS of deliveries; the rest in a later
+        turn, from a timer (which runs with the Raft timers, after this turn's I/O: edge.TurnGate says why)."""
         to_wake = self._to_wake
-        for _ in range(min(WAKE_BATCH, len(to_wake))):
-            to_wake.popleft().woken.set()
+        greenlets = 0
+        deadline = time.perf_counter() + WAKE_TURN_SECONDS
+        while to_wake and greenlets < WAKE_BATCH:
+            watcher = to_wake.popleft()
             self.wakes += 1
+            if watcher.deliver is not None and self._delivered(watcher):
+                if time.perf_counter() >= deadline:
+                    break
+            else:
+                watcher.woken.set()
+                greenlets += 1
         if to_wake:
             timer = gevent.get_hub().loop.timer(0.0)
             timer.start(self._wake_later, timer)
         else:
             self._waking = False
+
+    def _delivered(self, watcher: Watcher) -> bool:
+        """watcher.deliver(watcher), and False should it raise: a bug, logged (what it read may not reach that
+        watcher), which must not stop the wakes of the others for good, as an exception out of this loop callback
+        would (_waking would stay set)."""
+        try:
+            return watcher.deliver(watcher)  # type: ignore[misc]
+        except Exception:
+            log.exception("writing a watch's events from the wake failed: its own greenlet writes them")
+            return False
 
     def _wake_later(self, timer) -> None:
         timer.close()
@@ -386,6 +442,8 @@ class WatchHub:
             return None
         scan_from = max(watcher.position, first_match - 1)
         watcher.first_match = None  # before the read: what arrives from here on marks it again
+        if watcher.group is not None:
+            watcher.group.all_marked = False
         wanted = watcher.wanted
         try:
             self.check(scan_from)
@@ -420,13 +478,16 @@ class WatchHub:
         self.held_bytes -= self.shared_bytes
         self.shared_bytes = 0
 
-    def wait_for(self, watcher: Watcher, timeout_seconds: float, also: gevent.event.Event | None = None) -> None:
-        """Block until a matching event (or a restore) may be there for `watcher`, `also` is set, or
-        `timeout_seconds` passed."""
+    def wait_for(self, watcher: Watcher, timeout_seconds: float,
+                 also: gevent.event.Event | tuple[gevent.event.Event, ...] | None = None) -> None:
+        """Block until a matching event (or a restore) may be there for `watcher`, `also` (or one of them) is set,
+        or `timeout_seconds` passed."""
         if watcher.first_match is not None:
             return
-        woken = watcher.woken
-        gevent.wait([woken] if also is None else [woken, also], timeout=timeout_seconds, count=1)
+        events = [watcher.woken]
+        if also is not None:
+            events += also if isinstance(also, tuple) else (also,)
+        gevent.wait(events, timeout=timeout_seconds, count=1)
 
     # ---- positions --------------------------------------------------------------------------------------------
 

@@ -1,0 +1,139 @@
+"""The operator's routes: GET /status (this node's view, read from runtime.status() only), GET /livez and GET
+/readyz, GET /metrics (Prometheus's text) and GET /snapshot (a backup: ARCHITECTURE.md, "The life of a backup").
+
+Rules:
+- GET /livez and GET /readyz (raftlib.server.health) need no secret and are never forwarded; /livez reads only the
+  runtime's status, /readyz too and then, once its checks pass, asks one linearizable read (READY_READ_SECONDS).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import bottle
+import prometheus_client as prom
+
+from raftlib.core import NotLeader
+from raftlib.runtime import Backup, Stopped, Timeout
+
+from .admin import SIGNATURE_HEADER
+from .edge import waiting_on_its_own
+from .health import READY_READ_SECONDS, liveness, readiness, report
+from .routes_shared import (Api, Forbidden, json_answer, leader_http, log, members, node_request_refusal, text,
+                            wait_consistent)
+
+
+def get_status(api: Api) -> bottle.HTTPResponse:
+    status = api.runtime.status()
+    node = status.node
+    return json_answer({
+        "node_id": node.node_id, "role": node.role.value, "term": node.term, "leader": node.leader_id,
+        "leader_http": leader_http(node.membership, node.leader_id), "commit_index": node.commit_index,
+        "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
+        "members": members(node), "keys": len(api.store), "data_size": api.data_size(),
+        "disk_full": status.disk_full, "uncommitted_bytes": node.uncommitted_bytes,
+        "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
+        "feature_level": api.feature_level, "cluster_feature_level": api.store.feature_level,
+    })
+
+
+def livez(api: Api) -> bottle.HTTPResponse:
+    """200 `ok` while the runtime drives the node (answering at all shows the loop runs); else 503 and why
+    (raftlib.server.health). ?verbose: every check."""
+    checks = liveness(api.runtime.status().running)
+    return health_answer("livez", checks)
+
+
+def readyz(api: Api) -> bottle.HTTPResponse:
+    """200 `ok` when this node is a member, knows an active leader, has applied what it knows to be committed, has
+    room on its disk, and then a linearizable read (a ReadIndex round, shared with the reads waiting) completes
+    within READY_READ_SECONDS or an election timeout, the longer; else 503 and why (raftlib.server.health). ?verbose: every check (the read only
+    when the others passed)."""
+    status = api.runtime.status()
+    checks = readiness(status, time.monotonic())
+    if all(reason is None for _, reason in checks):
+        # At least an election timeout: a cluster whose -election-ms is set for long round trips is not unready
+        # for them (last review, item 1).
+        budget_seconds = max(READY_READ_SECONDS, status.election_timeout_seconds)
+        try:
+            api.runtime.read(budget_seconds)
+            checks.append(("read", None))
+        except (NotLeader, Timeout, Stopped):
+            checks.append(("read", f"applying: a linearizable read did not complete within {budget_seconds:g}s "
+                                   "(behind the leader's commit index, or no quorum)"))
+    return health_answer("readyz", checks)
+
+
+def health_answer(what: str, checks: list[tuple[str, str | None]]) -> bottle.HTTPResponse:
+    ok, message = report(what, checks, "verbose" in bottle.request.query)
+    # No store: a prober must never see an answer of the past.
+    return text(200 if ok else 503, message, **{"Cache-Control": "no-store"})
+
+
+def get_metrics(api: Api) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(prom.generate_latest(api.metrics.registry), 200,
+                               {"Content-Type": prom.CONTENT_TYPE_LATEST})
+
+
+
+SNAPSHOT_INDEX_HEADER = "X-Raft-Snapshot-Index"
+SNAPSHOT_SHA256_HEADER = "X-Raft-Snapshot-Sha256"
+BACKUP_PIECE_BYTES = 1 << 20
+
+
+def get_snapshot(api: Api) -> bottle.HTTPResponse:
+    """GET /snapshot: a backup, on any node: the snapshot file (docs/DATA-DIR.md) of this node's state at an
+    index N it applied, N at least the read index of a linearizable read made first (?consistency= and
+    ?min_index= as for GET /db/KEY): every write acknowledged before the request is in it. Headers
+    X-Raft-Snapshot-Index (N) and X-Raft-Snapshot-Sha256 (of the body). Written by a forked child
+    (Runtime.backup: one at a time, else 503), then streamed. With a cluster secret, signed for this node with a
+    fresh nonce (node_request_refusal) and claimed here: a replay is refused (review of ops, finding 5: a signed
+    request seen once downloaded the whole state again, on any node, for 300 s)."""
+    if api.guard is not None:
+        refusal = node_request_refusal(api, "backup")
+        if refusal is not None:
+            return refusal
+        reason = api.guard.claim(bottle.request.get_header(SIGNATURE_HEADER))
+        if reason is not None:
+            raise Forbidden("backup", reason)
+    wait_consistent(api)
+    with waiting_on_its_own(bottle.request.environ):  # bounded by backup_timeout_seconds
+        backup = api.runtime.backup(api.backup_folder, api.backup_timeout_seconds)
+    log.info("backup at index %d (%d bytes, sha256 %s) for %s", backup.index, backup.size, backup.sha256,
+             bottle.request.remote_addr)
+    return bottle.HTTPResponse(BackupBody(backup, bottle.request.environ), 200, {
+        "Content-Type": "application/octet-stream", "Content-Length": str(backup.size),
+        SNAPSHOT_INDEX_HEADER: str(backup.index), SNAPSHOT_SHA256_HEADER: backup.sha256})
+
+
+class BackupBody:
+    """The backup's bytes a piece at a time; the sweeper's busy bound counts from each piece (a slow reader of a
+    large backup is cut off only when it stops reading). An iterable with close(), which the WSGI server calls at
+    the end or when the client goes, even before the first piece (a generator's `finally` would not run then):
+    it closes the Backup, ending its count (Runtime.backup, one at a time)."""
+
+    def __init__(self, backup: Backup, environ: dict) -> None:
+        self.backup, self.environ = backup, environ
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            while piece := self.backup.file.read(BACKUP_PIECE_BYTES):
+                yield piece
+                with waiting_on_its_own(self.environ):
+                    pass
+        finally:  # read whole, or failed: Bottle peeks at the first piece and may not call close() then
+            self.close()
+
+    def close(self) -> None:
+        self.backup.close()
+
+
+# (method, path, route, the operation its failures are answered as): api.make_app installs them.
+ROUTES: tuple[tuple[str, str, Callable[..., object], str], ...] = (
+    ("GET", "/status", get_status, "status"),
+    ("GET", "/livez", livez, "status"),
+    ("GET", "/readyz", readyz, "status"),
+    ("GET", "/metrics", get_metrics, "status"),
+    ("GET", "/snapshot", get_snapshot, "backup"),
+)
