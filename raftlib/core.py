@@ -870,7 +870,11 @@ class RaftNode:
             self._become_follower(self.current_term, None)
 
     def _handle_timeout_now(self, m: TimeoutNow) -> None:
-        if self._promotable() and self.role is not Role.LEADER:
+        """A transfer's target, or the voter a removed leader hands over to, campaigns at once. Not while its state
+        machine lacks a snapshot it holds (`tick`'s guard, review of fastrestore L1): its log is whole, so a
+        hand-over picks it, and elected it could apply nothing until its restore ends. The transfer then times out
+        and is aborted; a removed leader's hand-over falls back to an ordinary election."""
+        if self._promotable() and self.role is not Role.LEADER and not self._snapshot_unapplied:
             self._campaign(pre_vote=False, leadership_transfer=True)
 
     # ---- replication: follower side ---------------------------------------------------------------

@@ -33,6 +33,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
     Snapshot,
+    TimeoutNow,
     UncommittedBoundExceeded,
 )
 from raftlib import codec
@@ -152,8 +153,6 @@ def test_figure_7_divergent_follower_logs_are_repaired():
 
 
 def _timeout_now(dst: str, term: int = 7):
-    from raftlib import TimeoutNow
-
     return TimeoutNow("n2", dst, term)
 
 
@@ -1299,6 +1298,28 @@ def test_a_leader_elected_again_counts_only_the_entries_of_its_new_term():
     n.propose(_command(2))
     assert _committed_all(c, leader)
     assert n.uncommitted_bytes == 0 and n.log.term(n.commit_index) == n.current_term
+
+
+def test_a_node_restoring_its_snapshot_ignores_timeout_now_until_it_is_in():
+    """Review of fastrestore, L1: TimeoutNow (a transfer, or a removed leader's hand-over, which picks the voter
+    with the longest log: a restoring node's is whole) made a node whose state machine lacks its snapshot campaign
+    without pre-vote and win, and the cluster then applied nothing until its restore ended. It ignores TimeoutNow
+    while it restores, and obeys it once the snapshot is in."""
+    membership = Membership(("a", "b", "c"))
+    snap = Snapshot(10, 2, membership, b"state")
+    node = RaftNode(Config("a", election_ticks=10, pre_vote=True), random.Random(1), HardState(2, None, 10),
+                    RaftLog(10, 2), snap)
+    node.snapshot_not_applied_yet()
+    node.step(TimeoutNow("b", "a", 2))
+    assert node.role is Role.FOLLOWER and node.current_term == 2
+    rd = node.ready()
+    assert rd is None or not any(isinstance(m, RequestVote) for m in rd.messages)
+    if rd is not None:
+        node.advance(rd)
+    node.snapshot_applied(10)
+    node.step(TimeoutNow("b", "a", 2))
+    assert node.role is Role.CANDIDATE and node.current_term == 3
+    assert {m.dst for m in node.ready().messages if isinstance(m, RequestVote)} == {"b", "c"}
 
 
 def test_a_node_restoring_its_snapshot_at_start_does_not_campaign_until_it_is_in_but_votes():
