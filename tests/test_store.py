@@ -1465,3 +1465,54 @@ def test_a_damaged_v4_is_refused_and_changes_nothing(damaged):
         kv.restore(damaged)
     assert values(kv) == {"old": b"1"}
 
+
+
+def _v4_of_level(level: int, keys: int = 3 * RESTORE_BATCH_KEYS) -> bytes:
+    """A V4 snapshot as a release of feature `level` would write it: this release's V4, its level element set."""
+    source, _, _ = upgraded(*[command(SET, f"k{i:06d}", bytes(200)) for i in range(keys)])
+    data = source.snapshot()
+    items = cbor2.loads(data)
+    assert items[0] == SNAPSHOT_V4 and items[4] == FEATURE_LEVEL
+    tail = b"".join(cbor2.dumps(t) for t in items[2:])
+    return data[: -len(tail)] + b"".join(cbor2.dumps(t) for t in [*items[2:4], level, *items[5:]])
+
+
+def test_check_snapshot_refuses_what_the_restore_would_refuse_at_its_end_without_restoring():
+    """Review of fastrestore, Q1: a node restores its own snapshot by steps while it runs, and V4's level is after
+    its records: a V4 of a newer release (or a damaged one) was refused after the whole restore, the node having
+    voted and appended meanwhile. check_snapshot (start-up's, before a port is bound) refuses it first, reading
+    V4's chunk heads only, and lets through what this release restores."""
+    newer = _v4_of_level(FEATURE_LEVEL + 1)
+    reads: list[int] = []
+
+    class Source:
+        def __len__(self) -> int:
+            return len(newer)
+
+        def read(self, offset: int, length: int) -> bytes:
+            reads.append(length)
+            return newer[offset : offset + length]
+
+    with pytest.raises(ValueError, match="above this release's"):
+        KeyValueStore().restore(newer)  # what the restore says, at its end
+    for data in (newer, Source()):
+        with pytest.raises(ValueError, match="above this release's"):
+            store.check_snapshot(data)
+    assert sum(reads) < len(newer) * 3 // 4  # the chunks skipped, not read (each read a 64 KiB buffer)
+    v5 = cbor2.dumps(["raftdzmq-kv-v5", [], {}, 0.0, 4, 1, {}, "more"])
+    refused = [(v5, "unknown format"),
+               (_v4(cbor2.dumps(["k", b"v", 1, 1]), tail=({}, 0.0, 2, 1, {})), "damaged V4"),
+               (_v4(["k", b"v", 1, 1]), "chunk of records"),
+               (_v4(raw=b"\x9f" + cbor2.dumps(cbor2.dumps(["k", b"v", 1, 1]))[:-3]), "damaged"),
+               (_v4(raw=cbor2.dumps({"k": [b"v", 1, 1]})), "not in chunks")]
+    for data, reason in refused:
+        with pytest.raises(ValueError):
+            KeyValueStore().restore(data)
+        with pytest.raises(ValueError, match=reason):
+            store.check_snapshot(data)
+    fine = [b"", _v4_of_level(FEATURE_LEVEL, keys=10), upgraded(command(SET, "a", b"1"), level=2)[0].snapshot(),
+            KeyValueStore().snapshot(), cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, {"a": b"1"}, {}, 0.0]),
+            cbor2.dumps([SNAPSHOT_WITH_CLAIMS, {"a": b"1"}, {}]), cbor2.dumps({"a": b"1"})]
+    for data in fine:
+        store.check_snapshot(data)
+        KeyValueStore().restore(data)

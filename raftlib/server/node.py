@@ -85,7 +85,8 @@ from .leases import LeaseKeeper
 from .metrics import Metrics
 from .nodestart import force_new_cluster, name_of, new_node_id, start_node
 from .routes_shared import MAX_WATCHES, Api
-from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, command
+from .store import (FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, check_snapshot,
+                    command)
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
 
 log = logging.getLogger("raftdzmq.node")
@@ -558,6 +559,12 @@ class Server:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (nodestart.start_node says how)."""
         stored = self.storage.load()
+        if stored.snapshot is not None:
+            try:  # restored by steps once the node runs (Runtime.restore_at_start): what it would refuse, now
+                check_snapshot(stored.snapshot.data)
+            except ValueError as e:
+                raise CannotStart(f"{self.config.data_dir}: its snapshot at index "
+                                  f"{stored.snapshot.last_included_index}: {e}") from None
         identity = self.storage.read_identity()
         name = self.config.name
         if name is not None and identity is not None and \
