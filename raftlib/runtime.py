@@ -383,7 +383,8 @@ class Runtime:
         self.events = events.EventRing()
         self._leader_noted: tuple[str, int] | None = None  # (leader, term) of the last leader event
         self._snapshots_sent: dict[str, int] = {}  # peer -> the index of the snapshot last noted as sent to it
-        # A leader's snapshot being restored into the state machine a piece per drive: (its index, the steps).
+        # A snapshot being restored into the state machine a piece per drive (a leader's, or this node's own at a
+        # restart: restore_at_start): (its index, the steps).
         self._restoring: tuple[int, Iterator[bool]] | None = None
         self._restore_applied = False  # the state machine holds that snapshot: the steps left free the old state
         self._collector = CollectorHold()  # held while a restore is under way
@@ -473,7 +474,9 @@ class Runtime:
 
     @property
     def restoring_snapshot(self) -> bool:
-        """A leader's snapshot is saved and the state machine does not hold it yet (restored a batch per drive).
+        """A snapshot is saved and the state machine does not hold it yet (restored a batch per drive): a leader's,
+        or this node's own at a restart (`restore_at_start`, the state machine empty until then: the HTTP routes
+        refuse what would answer from it, routes_shared.refuse_from_the_empty_state).
         Whoever reads the state machine outside the apply path must wait meanwhile: it holds the OLD state, and
         is replaced by the snapshot's without an event per change (the lease keeper, the feature-level gate:
         final review of this stop, F1 and F2). The node may lead meanwhile (its log holds the snapshot)."""

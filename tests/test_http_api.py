@@ -1778,3 +1778,29 @@ def test_the_new_api_waits_while_a_snapshot_is_restored_rather_than_saying_not_u
     client.runtime.restoring_snapshot = False
     client.store.feature_level = FEATURE_LEVEL
     assert client("POST", "/txn", b'{"compare": [], "success": [], "failure": []}').status == 200
+
+
+def test_a_node_restoring_its_own_snapshot_at_start_does_not_answer_from_the_empty_state(client):
+    """Review of fastrestore, Q2: a restarted node restores its snapshot by steps while it serves, its store a
+    fresh, empty one meanwhile (last_applied 0: RaftNode.snapshot_not_applied_yet). What answers without waiting
+    for an index came from that empty state: stale reads and lists (keys gone), a watch from now (starting at 0,
+    then 410 at the swap), /status's cluster_feature_level (1) and keys (0). They answer 503 now, /status without
+    those two; a leader's snapshot restored over a whole state changes none of it."""
+    client.runtime.propose(command(SET, "k", b"v"), 1.0)
+    node = client.runtime.node
+    applied = node.last_applied
+    client.runtime.restoring_snapshot = True
+    node.last_applied = 0
+    for path in ("/db/k?consistency=stale", "/db/?consistency=stale", "/watch?key=k&poll=1&timeout=0",
+                 "/watch?prefix=&poll=1&timeout=0", "/watch?prefix="):
+        r = client("GET", path)
+        assert (r.status, r.text) == (503, "this node is restoring a snapshot; retry\n"), path
+    status = client("GET", "/status").json()
+    assert status["restoring"] is True and "cluster_feature_level" not in status and "keys" not in status
+    node.last_applied = applied  # a leader's snapshot, restored over this node's whole state: served as before
+    assert client("GET", "/db/k?consistency=stale").text == "v"
+    assert client("GET", "/db/?consistency=stale").json()["keys"] == ["k"]
+    assert client("GET", "/watch?key=k&poll=1&timeout=0").status == 200
+    status = client("GET", "/status").json()
+    assert (status["keys"], status["cluster_feature_level"]) == (1, client.store.feature_level)
+    assert "restoring" not in status
