@@ -8,6 +8,7 @@ import gc
 import random
 import weakref
 
+import cbor2
 import gevent
 import pytest
 
@@ -26,8 +27,10 @@ from raftlib import (
     RaftNode,
     Snapshot,
 )
+from raftlib.messages import snapshot_bytes
 from raftlib.runtime import CollectorHold, Runtime
-from raftlib.server.store import RESTORE_BATCH_KEYS, SET, KeyValueStore, command
+from raftlib.server.store import (FEATURE_LEVEL, RESTORE_BATCH_KEYS, SET, SET_FEATURE_LEVEL, SNAPSHOT_V4, KeyValueStore,
+                                  command)
 from raftlib.snapshotfile import ReceivedSnapshotFile
 from raftlib.storage import DiskStorage
 from raftlib.storage_errors import OutOfDescriptors
@@ -153,10 +156,12 @@ def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_ap
     bound: it answered nothing until then (13 s at 1M keys). Now its runtime restores it a piece per drive
     (Runtime.restore_at_start): heartbeats and appends are answered meanwhile, nothing is applied and
     last_applied stays below the snapshot (reads wait for it), and the entries after the snapshot are applied
-    once, after it, to the restored state."""
+    once, after it, to the restored state. The snapshot is this release's format, V4 (review of fastrestore, Q4:
+    store_of's level-1 store gave the oldest one), and the applies are counted (a SET applied twice looks once)."""
     fs = CrashFS()
     runtime, storage, _, _ = follower_b(fs)
     source = store_of(30 * RESTORE_BATCH_KEYS)
+    assert source.apply(30 * RESTORE_BATCH_KEYS + 1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)) == "ok"
     runtime.start()
     try:  # the snapshot at 50 and the entry 51 reach the data dir as a leader sends them
         assert runtime.wait_applied(1, 2.0) >= 1
@@ -172,9 +177,17 @@ def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_ap
     storage = DiskStorage("/data", fs=fs)
     stored = storage.load()
     assert stored.snapshot is not None and stored.snapshot.last_included_index == 50
+    assert cbor2.loads(snapshot_bytes(stored.snapshot.data))[0] == SNAPSHOT_V4
     node = RaftNode(Config("b", election_ticks=1000), random.Random(2), stored.hard_state, stored.raft_log(),
                     stored.snapshot)
-    kv = KeyValueStore()
+    applied: list[int] = []
+
+    class CountingStore(KeyValueStore):
+        def apply(self, index, cmd):
+            applied.append(index)
+            return super().apply(index, cmd)
+
+    kv = CountingStore()
     transport = Sent()
     runtime = Runtime(node, storage, transport, kv, tick_seconds=0.005)
     runtime.restore_at_start(stored.snapshot)
@@ -190,6 +203,7 @@ def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_ap
         assert answered >= 5, answered  # one piece per drive: a restore whole before start answers none
         assert runtime.wait_applied(51, 2.0) == 51
         assert values(kv) == {**values(source), "after": b"51"} and list(kv.keys) == sorted(kv.data)
+        assert applied == [51] and kv.feature_level == FEATURE_LEVEL
         assert not runtime.restoring_snapshot
     finally:
         runtime.stop()
