@@ -293,25 +293,30 @@ def test_a_snapshot_restores_a_batch_of_keys_per_step_and_replaces_the_state_onl
     assert list(target.keys) == sorted(target.data)
 
 
+class CountedSource:
+    """A SnapshotSource over bytes (as the runtime's SnapshotFile is read) that records each read's length."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.reads = data, []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads.append(length)
+        return self.data[offset : offset + length]
+
+
 def test_a_restore_from_a_source_reads_it_a_buffer_at_a_time():
     """A SnapshotSource (the runtime's SnapshotFile) is read through a buffered reader: in reads of 64 KiB, not a
     read per item and not the whole at once."""
     kv = big_store(3 * RESTORE_BATCH_KEYS)
     data = kv.snapshot()
-    reads: list[int] = []
-
-    class Source:
-        def __len__(self) -> int:
-            return len(data)
-
-        def read(self, offset: int, length: int) -> bytes:
-            reads.append(length)
-            return data[offset : offset + length]
-
+    source = CountedSource(data)
     copy = KeyValueStore()
-    copy.restore(Source())
+    copy.restore(source)
     assert _same_state(copy, kv)
-    assert len(reads) >= len(data) // (1 << 16) and max(reads) <= 1 << 16
+    assert len(source.reads) >= len(data) // (1 << 16) and max(source.reads) <= 1 << 16
 
 
 def test_a_restore_dropped_part_way_changes_nothing():
@@ -1483,22 +1488,13 @@ def test_check_snapshot_refuses_what_the_restore_would_refuse_at_its_end_without
     voted and appended meanwhile. check_snapshot (start-up's, before a port is bound) refuses it first, reading
     V4's chunk heads only, and lets through what this release restores."""
     newer = _v4_of_level(FEATURE_LEVEL + 1)
-    reads: list[int] = []
-
-    class Source:
-        def __len__(self) -> int:
-            return len(newer)
-
-        def read(self, offset: int, length: int) -> bytes:
-            reads.append(length)
-            return newer[offset : offset + length]
-
+    source = CountedSource(newer)
     with pytest.raises(ValueError, match="above this release's"):
         KeyValueStore().restore(newer)  # what the restore says, at its end
-    for data in (newer, Source()):
+    for data in (newer, source):
         with pytest.raises(ValueError, match="above this release's"):
             store.check_snapshot(data)
-    assert sum(reads) < len(newer) * 3 // 4  # the chunks skipped, not read (each read a 64 KiB buffer)
+    assert sum(source.reads) < len(newer) * 3 // 4  # the chunks skipped, not read (each read a 64 KiB buffer)
     v5 = cbor2.dumps(["raftdzmq-kv-v5", [], {}, 0.0, 4, 1, {}, "more"])
     refused = [(v5, "unknown format"),
                (_v4(cbor2.dumps(["k", b"v", 1, 1]), tail=({}, 0.0, 2, 1, {})), "damaged V4"),
