@@ -384,7 +384,7 @@ def test_the_client_works_in_a_monkey_patched_gevent_program(cluster, tmp_path):
 class DroppingLeader(http.server.BaseHTTPRequestHandler):
     """A leader with a cluster secret whose first transfer is dropped (never started: 503 not-applied), as
     Runtime.transfer_leadership does when the loop was busy, after the signature was claimed (AdminGuard, as
-    api._admin_guarded does); later ones succeed. Each answer's status goes to the server's `answers`."""
+    routes_shared.check_signature does); later ones succeed. Each answer's status goes to the server's `answers`."""
 
     def do_POST(self) -> None:
         server = self.server

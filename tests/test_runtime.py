@@ -214,7 +214,7 @@ def follower(node_id="b", leader="a", election_ticks=1000, state_machine=None):
     stored = storage.load()
     node = RaftNode(Config(node_id, election_ticks=election_ticks), random.Random(1), stored.hard_state,
                     stored.raft_log(), stored.snapshot)
-    runtime = Runtime(node, storage, NullTransport(), state_machine or Values(), tick_seconds=0.005)
+    runtime = Runtime(node, storage, NullTransport(), state_machine if state_machine is not None else Values(), tick_seconds=0.005)
     return runtime, storage, membership
 
 
