@@ -11,6 +11,7 @@ Section numbers cite the Raft paper (§5-§8) and Ongaro's thesis ("thesis §x")
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -94,6 +95,11 @@ class Config:
     # take two round trips (forwarded, then confirmed) and a new leader's first commit, and the protocol only
     # assumes that a round trip fits well inside an election timeout (§5.6); less would fail healthy reads.
     read_timeout_ticks: int | None = None
+    # Whether every member reads AppendEntriesReply.restoring (a field added after version 1: a node that does not
+    # know it drops the whole frame, raftlib.codec), asked before each reply while this node restores a snapshot.
+    # With it a restoring follower says so, and a leader's hand-over passes it by: it ignores TimeoutNow
+    # (review of fastrestore2, L1'). None: never said (a mixed cluster, or a caller that does not know).
+    restoring_in_replies: Callable[[], bool] | None = None
     # Deliberate faults, only for showing that the simulator's checks can fire. Never set them otherwise.
     unsafe_commit_previous_term: bool = False
     unsafe_read_without_quorum: bool = False
@@ -884,7 +890,11 @@ class RaftNode:
         if m.leader_commit > self._leader_commit:  # a reordered, older message must not move it back
             self._leader_commit = m.leader_commit
         self.removed = None  # a leader sends entries only to the members of its configuration
-        self._send(self._append_from_leader(m))
+        reply = self._append_from_leader(m)
+        if self._snapshot_unapplied and self.config.restoring_in_replies is not None \
+                and self.config.restoring_in_replies():
+            reply = dataclasses.replace(reply, restoring=True)
+        self._send(reply)
 
     def _append_from_leader(self, m: AppendEntries) -> AppendEntriesReply:
         me, term = self.node_id, self.current_term
@@ -1222,6 +1232,7 @@ class RaftNode:
         if self.role is not Role.LEADER or pr is None:
             return
         pr.recent_active = True
+        pr.restoring = m.restoring
         if m.read_round:
             self._send_read_answers(self._reads.acknowledged(m.src, m.read_round, self.membership))
         if m.success:
@@ -1280,10 +1291,11 @@ class RaftNode:
 
     def _step_down_after_removal(self) -> None:
         """Thesis §4.2.2: a leader removed from the configuration steps down once the removal is committed.
-        It hands over to the most up-to-date voter first so the cluster need not wait for an election timeout."""
+        It hands over to the most up-to-date voter first so the cluster need not wait for an election timeout; not
+        to one that said it restores a snapshot (it would ignore the TimeoutNow)."""
         self._flush_appends()
-        best = self._progress.most_up_to_date(self.membership.voters)
-        if self._progress[best].match_index == self.log.last_index:
+        best = self._progress.best_successor(self.membership.voters)
+        if best is not None and self._progress[best].match_index == self.log.last_index:
             self._send(TimeoutNow(self.node_id, best, self.current_term))
         self._become_follower(self.current_term, None)
         self.removed = (self.node_id, self._membership_index)

@@ -363,12 +363,14 @@ class Cluster:
     # ---- node lifecycle ---------------------------------------------------------------------------
 
     def _config(self, node_id: str) -> Config:
+        # Every node is of this release: a restoring one says so in its append replies.
+        overrides = {"restoring_in_replies": lambda: True, **self.config_overrides}
         return Config(
             node_id=node_id,
             election_ticks=self.election_ticks,
             heartbeat_ticks=self.heartbeat_ticks,
             snapshot_chunk_bytes=64,
-            **self.config_overrides,
+            **overrides,
         )
 
     def new_storage(self) -> SimDisk:

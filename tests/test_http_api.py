@@ -31,6 +31,7 @@ from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
 from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.routes_shared import NOT_LEADER
+from raftlib.server.node import RESTORING_IN_REPLIES_LEVEL, Server
 from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_DELETE_KEYS_PER_ENTRY,
                                   MAX_TXN_OPS, SET, SET_FEATURE_LEVEL, KeyValueStore, TxnResult, command)
 from raftlib.storage_errors import DiskFull
@@ -750,7 +751,6 @@ def test_the_keys_answer_is_the_newest_committed_configuration():
     not; one later cut off pinned the asker's list. The answer is the newest configuration at or below the commit
     index (Server.committed_configuration), else the snapshot's; with neither, 503 and no list."""
     from raftlib import Entry, EntryKind, Snapshot
-    from raftlib.server.node import Server
 
     old, new = KEYED, Membership(("a", "b", "c"), (), KEYED.members)
     entries = [Entry(1, 3, EntryKind.MEMBERSHIP, membership=old), Entry(2, 6, EntryKind.MEMBERSHIP, membership=new)]
@@ -1804,3 +1804,17 @@ def test_a_node_restoring_its_own_snapshot_at_start_does_not_answer_from_the_emp
     status = client("GET", "/status").json()
     assert (status["keys"], status["cluster_feature_level"]) == (1, client.store.feature_level)
     assert "restoring" not in status
+
+
+def test_a_node_says_it_restores_in_its_append_replies_only_in_a_cluster_of_this_release():
+    """Review of fastrestore2, L1': AppendEntriesReply.restoring makes an older node drop the frame, so a node says
+    it only at the feature level that came with the field: its store's, or while that store is still empty (the
+    restore at start), its own snapshot's (check_snapshot: a V4's level; 0 for an older format)."""
+    def members_read_restoring(store_level: int, own_snapshot_level: int) -> bool:
+        server = types.SimpleNamespace(store=types.SimpleNamespace(feature_level=store_level),
+                                       _own_snapshot_level=own_snapshot_level)
+        return Server._members_read_restoring(server)  # type: ignore[arg-type]
+
+    assert RESTORING_IN_REPLIES_LEVEL == 3
+    assert not members_read_restoring(1, 0) and not members_read_restoring(2, 0)
+    assert members_read_restoring(3, 0) and members_read_restoring(1, 3)

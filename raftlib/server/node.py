@@ -101,6 +101,9 @@ TEST_FEATURE_LEVEL_ENV = "RAFTDZMQ_FEATURE_LEVEL"
 # Test-only (tests/fault_coord.py): RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET=1 removes the full-TTL reset a new leader
 # gives every lease (leases.py's rules), so that the fault runs show their lease check catches it. Never set it.
 TEST_UNSAFE_LEASE_NO_RESET = os.environ.get("RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET") == "1"
+# The feature level from which every member reads AppendEntriesReply.restoring (this release's: the field came
+# with it), so a restoring node says it in its append replies (core.Config.restoring_in_replies).
+RESTORING_IN_REPLIES_LEVEL = 3
 LEVEL_CHECK_SECONDS = 1.0  # how often a leader of a cluster below this release's level asks the members theirs
 LEVEL_ROLE_CHECK_SECONDS = 0.1  # how often the raiser looks whether this node leads (cheap: no I/O)
 LEVEL_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
@@ -512,6 +515,7 @@ class Server:
         self.http_address = f"{config.advertised_host}:{config.http_port}"
         self.metrics = Metrics()
         self.storage = DiskStorage(config.data_dir, fsync=config.fsync, fdatasync=self._timed_fdatasync)
+        self._own_snapshot_level = 0  # the feature level of the snapshot found at start when a V4 (check_snapshot)
         try:
             stored = self._start_node()
         except BaseException:
@@ -520,7 +524,8 @@ class Server:
         tick_seconds = config.heartbeat_ms / 1000.0 / HEARTBEAT_TICKS
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)),
-                             max_uncommitted_bytes=config.max_uncommitted_bytes)
+                             max_uncommitted_bytes=config.max_uncommitted_bytes,
+                             restoring_in_replies=self._members_read_restoring)
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
         self.watch_hub = WatchHub(config.watch_history_events, config.watch_history_bytes)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
@@ -555,13 +560,19 @@ class Server:
         self.level_raiser: FeatureLevelRaiser | None = None
         self._stopping = False
 
+    def _members_read_restoring(self) -> bool:
+        """Whether the cluster's feature level says every member reads AppendEntriesReply.restoring. While this
+        node restores its own snapshot at start its store is empty (level 1): that snapshot's level stands in (the
+        cluster's when it was taken; a level never goes down)."""
+        return max(self.store.feature_level, self._own_snapshot_level) >= RESTORING_IN_REPLIES_LEVEL
+
     def _start_node(self) -> StoredState:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (nodestart.start_node says how)."""
         stored = self.storage.load()
         if stored.snapshot is not None:
             try:  # restored by steps once the node runs (Runtime.restore_at_start): what it would refuse, now
-                check_snapshot(stored.snapshot.data)
+                self._own_snapshot_level = check_snapshot(stored.snapshot.data)
             except ValueError as e:
                 raise CannotStart(f"{self.config.data_dir}: its snapshot at index "
                                   f"{stored.snapshot.last_included_index}: {e}") from None
@@ -990,13 +1001,15 @@ class Server:
 
 
 def best_successor(node: NodeStatus) -> str | None:
-    """The voter other than this leader with the highest match index, when this node leads others; else None."""
+    """The voter other than this leader with the highest match index, when this node leads others; else None.
+    Not one that said it restores a snapshot: it ignores TimeoutNow (review of fastrestore2, L1')."""
     if node.role is not Role.LEADER:
         return None
     best, best_match = None, -1
     for voter in node.membership.voters:
         progress = node.progress.get(voter)
-        if voter != node.node_id and progress is not None and progress.match_index > best_match:
+        if voter != node.node_id and progress is not None and not progress.restoring \
+                and progress.match_index > best_match:
             best, best_match = voter, progress.match_index
     return best
 

@@ -1043,7 +1043,7 @@ def _is_index(x: object) -> bool:
 _KNOWN_NAMES = frozenset((SNAPSHOT_WITH_CLAIMS, SNAPSHOT_WITH_CLAIMS_V2, SNAPSHOT_V3, SNAPSHOT_V4))
 
 
-def check_snapshot(data) -> None:
+def check_snapshot(data) -> int:
     """What a restore of `data` (bytes or a SnapshotSource) would refuse for its format, checked without restoring:
     a format's name this release does not know (a newer raftdzmq's), and a V4's structure and the elements after
     its records (`_tail_state`: a damaged V4, or one of a feature level above FEATURE_LEVEL), its chunks skipped by
@@ -1051,18 +1051,21 @@ def check_snapshot(data) -> None:
     own snapshot so before it binds a port (raftlib.server.node): it restores it by steps while it runs, and the
     restore found the level only after its last chunk, the node having voted and appended into a newer release's
     data dir meanwhile (review of fastrestore, Q1). What this leaves to the restore (a damaged record or V3
-    map, V3's elements after its map) a release that wrote the file would not write either."""
+    map, V3's elements after its map) a release that wrote the file would not write either.
+
+    Returns a V4's feature level (3 or more: the cluster's when it was taken, so every member's since), else 0
+    (an older format: written below level 3; its level is not read)."""
     if not len(data):
-        return
+        return 0
     fp = _buffered(data)
     first = _read_exact(fp, 1)[0]
     if first >> 5 != 4 or first == 0x80:  # not an array, or an empty one: the restore decides
-        return
+        return 0
     name = _decode_item(_decoder(fp), "its format's name")
     if type(name) is str and name not in _KNOWN_NAMES:
         raise ValueError("a key/value snapshot of an unknown format (from a newer raftdzmq?)")
     if name != SNAPSHOT_V4:
-        return
+        return 0
     if first != 0x87 or _read_exact(fp, 1) != b"\x9f":
         raise ValueError("a key/value snapshot of an unknown format (V4's records not in chunks)")
     while not _at_break(fp):
@@ -1071,8 +1074,8 @@ def check_snapshot(data) -> None:
         if length is None or not _skip(fp, length):
             raise ValueError("a damaged key/value snapshot (a chunk of records cut or not a byte string)")
     decoder = _decoder(fp)
-    _tail_state(SNAPSHOT_V4, [_decode_item(decoder, "an element after its records")
-                              for _ in range(_TAIL_LENGTHS[SNAPSHOT_V4] - 1)])
+    return _tail_state(SNAPSHOT_V4, [_decode_item(decoder, "an element after its records")
+                                     for _ in range(_TAIL_LENGTHS[SNAPSHOT_V4] - 1)]).feature_level
 
 
 def _skip(fp, length: int) -> bool:
