@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import sys
 import time
 import types
@@ -968,7 +969,7 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
         "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "data_size": None,
         "disk_full": False, "uncommitted_bytes": 2 * len(command(SET, "p", b"")),
-        "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "members": [
+        "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "restoring": False, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
             {"id": "b", "raft_address": "10.0.0.2:5555", "http_address": "10.0.0.2:8080", "role": "voter",
@@ -1014,6 +1015,22 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert float(samples["raftdzmq_uncommitted_bytes"]) == 2 * len(command(SET, "p", b""))
     assert samples["raftdzmq_restore_step_seconds_max"] == "0.004"
     assert "# TYPE raftdzmq_snapshot_reads_failed_total counter" in r.text
+    assert samples["raftdzmq_leases"] == "0.0"
+
+
+def test_the_lease_gauge_has_no_sample_while_a_restart_restores_into_the_empty_state(client):
+    """Review of fastrestore2, Q-b: while a node restores its snapshot into its empty store (a restart's), the
+    raftdzmq_leases gauge said 0, as if every lease were gone; it has no sample then (Server.lease_count), and
+    counts the store's leases otherwise, a leader's snapshot restored over a whole state included."""
+    client.runtime.propose(command(SET, "k", b"v"), 1.0)
+    node = client.runtime.node
+    server = types.SimpleNamespace(runtime=client.runtime, store=types.SimpleNamespace(leases={1: "a", 2: "b"}))
+    client.metrics.lease_count = lambda: Server.lease_count(server)  # type: ignore[arg-type]
+    client.runtime.restoring_snapshot, applied, node.last_applied = True, node.last_applied, 0
+    text = client("GET", "/metrics").text
+    assert "# TYPE raftdzmq_leases gauge" in text and not re.search(r"^raftdzmq_leases ", text, re.M)
+    node.last_applied = applied
+    assert re.search(r"^raftdzmq_leases 2\.0$", client("GET", "/metrics").text, re.M)
 
 
 # ---- what no route takes ------------------------------------------------------------------------------------------
@@ -1784,8 +1801,9 @@ def test_a_node_restoring_its_own_snapshot_at_start_does_not_answer_from_the_emp
     """Review of fastrestore, Q2: a restarted node restores its snapshot by steps while it serves, its store a
     fresh, empty one meanwhile (last_applied 0: RaftNode.snapshot_not_applied_yet). What answers without waiting
     for an index came from that empty state: stale reads and lists (keys gone), a watch from now (starting at 0,
-    then 410 at the swap), /status's cluster_feature_level (1) and keys (0). They answer 503 now, /status without
-    those two; a leader's snapshot restored over a whole state changes none of it."""
+    then 410 at the swap), /status's cluster_feature_level (1) and keys (0). They answer 503 now, /status and the
+    dashboard's /stats with those null (review of fastrestore2, Q-b: /stats said 0 keys; and left out, they broke
+    clients that index them); a leader's snapshot restored over a whole state changes none of it."""
     client.runtime.propose(command(SET, "k", b"v"), 1.0)
     node = client.runtime.node
     applied = node.last_applied
@@ -1796,14 +1814,15 @@ def test_a_node_restoring_its_own_snapshot_at_start_does_not_answer_from_the_emp
         r = client("GET", path)
         assert (r.status, r.text) == (503, "this node is restoring a snapshot; retry\n"), path
     status = client("GET", "/status").json()
-    assert status["restoring"] is True and "cluster_feature_level" not in status and "keys" not in status
+    assert status["restoring"] is True and status["cluster_feature_level"] is None and status["keys"] is None
+    assert client("GET", "/stats").json()["keys"] is None
     node.last_applied = applied  # a leader's snapshot, restored over this node's whole state: served as before
     assert client("GET", "/db/k?consistency=stale").text == "v"
     assert client("GET", "/db/?consistency=stale").json()["keys"] == ["k"]
     assert client("GET", "/watch?key=k&poll=1&timeout=0").status == 200
     status = client("GET", "/status").json()
     assert (status["keys"], status["cluster_feature_level"]) == (1, client.store.feature_level)
-    assert "restoring" not in status
+    assert status["restoring"] is False and client("GET", "/stats").json()["keys"] == 1
 
 
 def test_a_node_says_it_restores_in_its_append_replies_only_in_a_cluster_of_this_release():

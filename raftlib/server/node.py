@@ -84,7 +84,7 @@ from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
 from .nodestart import force_new_cluster, name_of, new_node_id, start_node
-from .routes_shared import MAX_WATCHES, Api
+from .routes_shared import MAX_WATCHES, Api, restoring_into_the_empty_state
 from .store import (FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, check_snapshot,
                     command)
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
@@ -553,12 +553,17 @@ class Server:
         if stored.snapshot is not None:  # a piece per drive once the runtime runs: heartbeats answered meanwhile
             self.runtime.restore_at_start(stored.snapshot)
         self.metrics.bind(self.runtime.status)
-        self.metrics.lease_count = lambda: len(self.store.leases)
+        self.metrics.lease_count = self.lease_count
         self.leases = LeaderLeases(self.runtime, self.store, self.metrics, config.write_timeout_seconds)
         self.http: EdgeServer | None = None
         self.feature_level = own_feature_level()
         self.level_raiser: FeatureLevelRaiser | None = None
         self._stopping = False
+
+    def lease_count(self) -> int | None:
+        """The raftdzmq_leases gauge: the store's leases; None (no sample) while the store is the empty one a restart
+        restores into, whose 0 is not this node's (review of fastrestore2, Q-b)."""
+        return None if restoring_into_the_empty_state(self.runtime) else len(self.store.leases)
 
     def _members_read_restoring(self) -> bool:
         """Whether the cluster's feature level says every member reads AppendEntriesReply.restoring. While this

@@ -493,12 +493,13 @@ def wait_consistent(api: Api) -> None:
 RESTORING = "this node is restoring a snapshot; retry"
 
 
-def restoring_into_the_empty_state(api: Api) -> bool:
+def restoring_into_the_empty_state(runtime: Raft) -> bool:
     """Whether this node restores a snapshot into a state machine that holds nothing applied yet: its own snapshot
     at a restart (Runtime.restore_at_start: the store is a fresh one until the restore swaps the snapshot's state
     in), or a first one from the leader. A leader's snapshot restored over an older state is not: that state is
-    whole, at its applied index."""
-    return api.runtime.restoring_snapshot and api.runtime.node.last_applied == 0
+    whole, at its applied index. What counts the state (keys, leases, its feature level) says nothing meanwhile:
+    the empty state's 0 and 1 are not this node's (review of fastrestore2, Q-b)."""
+    return runtime.restoring_snapshot and runtime.node.last_applied == 0
 
 
 def refuse_from_the_empty_state(api: Api) -> None:
@@ -506,7 +507,7 @@ def refuse_from_the_empty_state(api: Api) -> None:
     read or list, a watch from now): it would answer from the empty state, a restarted node's keys seeming gone
     for the whole restore, and a watch from now would start at 0 and get 410 at the swap (review of
     fastrestore, Q2). A read that waits for an index (linearizable, lease, ?min_index) waits for the restore."""
-    if restoring_into_the_empty_state(api):
+    if restoring_into_the_empty_state(api.runtime):
         raise text(503, RESTORING)
 
 
