@@ -182,7 +182,7 @@ def main() -> int:
     cluster = None
     try:
         cluster = Raftdzmq(workdir, 3, [])
-        wait_until(lambda: json.loads(get(cluster.url + "/status")).get("cluster_feature_level", 1) >= 2, 20,
+        wait_until(lambda: (json.loads(get(cluster.url + "/status")).get("cluster_feature_level") or 1) >= 2, 20,
                    "the cluster's feature level 2")
         port, pid = leader_of(cluster)
         t0 = time.monotonic()

@@ -8,7 +8,9 @@ every field's type and the frame's size: anything that is not a well-formed fram
 Fields added to a message after version 1 went out come last, and the decoder takes frames without them (the
 dataclass default stands in): new nodes read what old ones send. The encoder leaves such a field off when it
 holds its default (0), so a message that does not use it is as old nodes know it: RequestVote and its reply carry
-`pre_vote_round` only for pre-votes, and real votes still reach old nodes during a rolling upgrade. Old nodes
+`pre_vote_round` only for pre-votes, and real votes still reach old nodes during a rolling upgrade; an
+AppendEntriesReply carries `restoring` only while its follower restores a snapshot, and only once every member
+reads it (core.Config.restoring_in_replies). Old nodes
 cannot read a message that carries one, nor a message type they do not know, and drop the whole frame.
 
 Frames are not signed here: with a cluster secret the transport's CURVE connections authenticate and encrypt
@@ -66,7 +68,7 @@ _SCHEMAS: dict[type, tuple[int, tuple[int, ...]]] = {
     RequestVote: (1, (_INT, _INT, _BOOL, _BOOL, _INT)),
     RequestVoteReply: (2, (_BOOL, _BOOL, _INT)),
     AppendEntries: (3, (_INT, _INT, _ENTRIES, _INT, _INT)),
-    AppendEntriesReply: (4, (_BOOL, _INT, _INT, _INT, _INT, _INT)),
+    AppendEntriesReply: (4, (_BOOL, _INT, _INT, _INT, _INT, _INT, _BOOL)),
     InstallSnapshot: (5, (_INT, _INT, _MEMBERSHIP, _INT, _BYTES, _BOOL)),
     InstallSnapshotReply: (6, (_INT, _INT, _BOOL)),
     TimeoutNow: (7, ()),
@@ -75,8 +77,9 @@ _SCHEMAS: dict[type, tuple[int, tuple[int, ...]]] = {
     Removed: (10, (_INT, _STR)),
 }
 # How many of a message's last fields came after version 1 (see the module docstring): a frame may lack them.
-# Each is an integer whose default is 0.
-_ADDED_FIELDS: dict[type, int] = {RequestVote: 1, RequestVoteReply: 1}  # pre_vote_round
+# Each is an integer whose default is 0, or a boolean whose default is False.
+_ADDED_FIELDS: dict[type, int] = {RequestVote: 1, RequestVoteReply: 1,  # pre_vote_round
+                                  AppendEntriesReply: 1}  # restoring
 _BY_TAG = {tag: (cls, kinds) for cls, (tag, kinds) in _SCHEMAS.items()}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls))[3:] for cls in _SCHEMAS}
 

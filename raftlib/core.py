@@ -11,6 +11,7 @@ Section numbers cite the Raft paper (§5-§8) and Ongaro's thesis ("thesis §x")
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -94,6 +95,11 @@ class Config:
     # take two round trips (forwarded, then confirmed) and a new leader's first commit, and the protocol only
     # assumes that a round trip fits well inside an election timeout (§5.6); less would fail healthy reads.
     read_timeout_ticks: int | None = None
+    # Whether every member reads AppendEntriesReply.restoring (a field added after version 1: a node that does not
+    # know it drops the whole frame, raftlib.codec), asked before each reply while this node restores a snapshot.
+    # With it a restoring follower says so, and a leader's hand-over passes it by: it ignores TimeoutNow
+    # (review of fastrestore2, L1'). None: never said (a mixed cluster, or a caller that does not know).
+    restoring_in_replies: Callable[[], bool] | None = None
     # Deliberate faults, only for showing that the simulator's checks can fire. Never set them otherwise.
     unsafe_commit_previous_term: bool = False
     unsafe_read_without_quorum: bool = False
@@ -191,7 +197,8 @@ class NodeStatus:
     # its last new entry, §5.3) does not show while it catches up. A leader's own commit index; 0 when no
     # leader was heard in this term. GET /readyz compares last_applied with it.
     leader_commit: int = 0
-    # A snapshot from the leader is being received, or was received and is not yet restored: not ready.
+    # A snapshot from the leader is being received, or one (the leader's, or this node's own at a restart) is not yet
+    # restored: not ready.
     receiving_snapshot: bool = False
     # A leader is known and was heard from within an election timeout (this node itself while it leads: check-quorum
     # steps a leader down when a majority was silent that long, thesis §6.2). What GET /readyz calls "a leader".
@@ -405,7 +412,11 @@ class RaftNode:
         """Act on every timer that has run out (`advance_clock`), once."""
         if self.role is Role.LEADER:
             self._fire_leader_timers()
-        elif self._promotable() and self._election_elapsed >= self._randomized_election_ticks:
+        # Not while the state machine lacks a snapshot this node holds (`advance`, `snapshot_not_applied_yet`):
+        # elected, it could serve no read or write until the restore ends (30 s at 1M keys on a loaded 2-core
+        # machine, bench/restart.py), while the others, whose state is whole, could lead. It still votes.
+        elif self._promotable() and not self._snapshot_unapplied \
+                and self._election_elapsed >= self._randomized_election_ticks:
             self._election_elapsed = 0
             self._campaign(pre_vote=self.config.pre_vote)
 
@@ -865,7 +876,11 @@ class RaftNode:
             self._become_follower(self.current_term, None)
 
     def _handle_timeout_now(self, m: TimeoutNow) -> None:
-        if self._promotable() and self.role is not Role.LEADER:
+        """A transfer's target, or the voter a removed leader hands over to, campaigns at once. Not while its state
+        machine lacks a snapshot it holds (`tick`'s guard, review of fastrestore L1): its log is whole, so a
+        hand-over picks it, and elected it could apply nothing until its restore ends. The transfer then times out
+        and is aborted; a removed leader's hand-over falls back to an ordinary election."""
+        if self._promotable() and self.role is not Role.LEADER and not self._snapshot_unapplied:
             self._campaign(pre_vote=False, leadership_transfer=True)
 
     # ---- replication: follower side ---------------------------------------------------------------
@@ -875,7 +890,11 @@ class RaftNode:
         if m.leader_commit > self._leader_commit:  # a reordered, older message must not move it back
             self._leader_commit = m.leader_commit
         self.removed = None  # a leader sends entries only to the members of its configuration
-        self._send(self._append_from_leader(m))
+        reply = self._append_from_leader(m)
+        if self._snapshot_unapplied and self.config.restoring_in_replies is not None \
+                and self.config.restoring_in_replies():
+            reply = dataclasses.replace(reply, restoring=True)
+        self._send(reply)
 
     def _append_from_leader(self, m: AppendEntries) -> AppendEntriesReply:
         me, term = self.node_id, self.current_term
@@ -910,6 +929,18 @@ class RaftNode:
         last_new = m.prev_log_index + len(m.entries)
         self._commit_to(min(m.leader_commit, last_new))
         return AppendEntriesReply(me, m.src, term, True, last_new, read_round=m.read_round)
+
+    def snapshot_not_applied_yet(self) -> None:
+        """The state machine does not hold this node's own snapshot yet: a restart restores it over several steps
+        with the node stepped meanwhile (answering heartbeats, appends and votes), as a leader's snapshot is (see
+        `advance`). Until `snapshot_applied` of its index no committed entry is handed out, and last_applied stays
+        at 0 (a read waits for the restore; no snapshot or backup is taken of a state that is not there yet).
+        Called once, before the first step."""
+        index = self.log.snapshot_index
+        assert self.last_applied == index and not self._ready_outstanding and not self._snapshot_unapplied
+        if index:
+            self._snapshot_unapplied = index
+            self.last_applied = 0
 
     def snapshot_applied(self, index: int) -> None:
         """The state machine now holds the leader's snapshot at `index` (see `advance`). A call for a snapshot that
@@ -1201,6 +1232,7 @@ class RaftNode:
         if self.role is not Role.LEADER or pr is None:
             return
         pr.recent_active = True
+        pr.restoring = m.restoring
         if m.read_round:
             self._send_read_answers(self._reads.acknowledged(m.src, m.read_round, self.membership))
         if m.success:
@@ -1259,10 +1291,11 @@ class RaftNode:
 
     def _step_down_after_removal(self) -> None:
         """Thesis §4.2.2: a leader removed from the configuration steps down once the removal is committed.
-        It hands over to the most up-to-date voter first so the cluster need not wait for an election timeout."""
+        It hands over to the most up-to-date voter first so the cluster need not wait for an election timeout; not
+        to one that said it restores a snapshot (it would ignore the TimeoutNow)."""
         self._flush_appends()
-        best = self._progress.most_up_to_date(self.membership.voters)
-        if self._progress[best].match_index == self.log.last_index:
+        best = self._progress.best_successor(self.membership.voters)
+        if best is not None and self._progress[best].match_index == self.log.last_index:
             self._send(TimeoutNow(self.node_id, best, self.current_term))
         self._become_follower(self.current_term, None)
         self.removed = (self.node_id, self._membership_index)

@@ -233,6 +233,10 @@ class AppendEntriesReply:
     conflict_index: int = 0  # on failure: where the leader should retry (fast backtracking)
     conflict_term: int = 0  # on failure: the follower's term at prev_log_index, 0 if it has no such entry
     read_round: int = 0
+    # The follower's state machine lacks a snapshot it holds (it restores it by steps, and ignores TimeoutNow
+    # meanwhile): a leader's hand-over passes it by. Added after version 1 (raftlib.codec); sent only where
+    # Config.restoring_in_replies says every member reads it.
+    restoring: bool = False
 
 
 @dataclass(frozen=True, slots=True)

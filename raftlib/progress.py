@@ -36,6 +36,7 @@ class ProgressStatus:
     next_index: int
     state: ProgressState
     recent_active: bool
+    restoring: bool = False  # its last append reply said its state machine lacks a snapshot it holds
 
 
 @dataclass(slots=True)
@@ -52,6 +53,7 @@ class Progress:
     commit_sent: int = 0  # the highest leader_commit sent to it in an AppendEntries (this leadership's)
     batch_tick: int = -1  # the leader's tick count when it last sent it entries
     previous_batch_tick: int = -1  # ... and the time before
+    restoring: bool = False  # its last append reply said it restores a snapshot (AppendEntriesReply.restoring)
 
     @property
     def snapshot_index(self) -> int:
@@ -68,7 +70,7 @@ class Progress:
         return self.state is ProgressState.PROBE and self.probe_sent
 
     def status(self) -> ProgressStatus:
-        return ProgressStatus(self.match_index, self.next_index, self.state, self.recent_active)
+        return ProgressStatus(self.match_index, self.next_index, self.state, self.recent_active, self.restoring)
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
@@ -161,9 +163,11 @@ class ProgressTracker(dict[str, Progress]):
         for node_id, pr in self.items():
             pr.recent_active = node_id == self_id
 
-    def most_up_to_date(self, voters: Iterable[str]) -> str:
-        """The voter with the highest match_index (ties: the greatest id); untracked voters count least."""
-        return max(voters, key=lambda n: (self[n].match_index, n) if n in self else (-1, n))
+    def best_successor(self, voters: Iterable[str]) -> str | None:
+        """The voter with the highest match_index (ties: the greatest id), of those tracked that did not say they
+        restore a snapshot (they ignore TimeoutNow); None when there is none."""
+        candidates = [n for n in voters if n in self and not self[n].restoring]
+        return max(candidates, key=lambda n: (self[n].match_index, n), default=None)
 
     def status(self, self_id: str) -> Mapping[str, ProgressStatus]:
         """Every follower's progress, frozen."""

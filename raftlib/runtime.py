@@ -383,7 +383,8 @@ class Runtime:
         self.events = events.EventRing()
         self._leader_noted: tuple[str, int] | None = None  # (leader, term) of the last leader event
         self._snapshots_sent: dict[str, int] = {}  # peer -> the index of the snapshot last noted as sent to it
-        # A leader's snapshot being restored into the state machine a piece per drive: (its index, the steps).
+        # A snapshot being restored into the state machine a piece per drive (a leader's, or this node's own at a
+        # restart: restore_at_start): (its index, the steps).
         self._restoring: tuple[int, Iterator[bool]] | None = None
         self._restore_applied = False  # the state machine holds that snapshot: the steps left free the old state
         self._collector = CollectorHold()  # held while a restore is under way
@@ -408,6 +409,8 @@ class Runtime:
         self._clock_start = time.monotonic()
         self._ticks_given = 0
         self._sync_peers()
+        if self._restoring is not None:  # restore_at_start's
+            self._collector.hold()
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._expire_loop)]
         if _LOOP_LAG_PROBE_SECONDS > 0:
             self._greenlets.append(gevent.spawn(self._probe_loop_lag, _LOOP_LAG_PROBE_SECONDS))
@@ -471,7 +474,9 @@ class Runtime:
 
     @property
     def restoring_snapshot(self) -> bool:
-        """A leader's snapshot is saved and the state machine does not hold it yet (restored a batch per drive).
+        """A snapshot is saved and the state machine does not hold it yet (restored a batch per drive): a leader's,
+        or this node's own at a restart (`restore_at_start`, the state machine empty until then: the HTTP routes
+        refuse what would answer from it, routes_shared.refuse_from_the_empty_state).
         Whoever reads the state machine outside the apply path must wait meanwhile: it holds the OLD state, and
         is replaced by the snapshot's without an event per change (the lease keeper, the feature-level gate:
         final review of this stop, F1 and F2). The node may lead meanwhile (its log holds the snapshot)."""
@@ -881,17 +886,36 @@ class Runtime:
         started = time.thread_time()
         # The replaced restore's steps dropped: what it built is left for the new one's first steps to free, a
         # batch each (the state machine's `restoring`); timed as a step, with the collection that follows.
-        self._restoring = (index, steps(snap.data))
+        self._restore_by_steps(index, steps(snap.data))
         if replaced_index is not None:
             self._collector.collect_replaced()
             self._note_restore_step_time(started)
-        if self.running:  # a drive that outlived stop() (a save that waited): stop let the hold go for good
-            self._collector.hold()  # once: a restore that replaces another keeps the hold
-        self._restore_applied = False
-        self._restore_started = time.monotonic()
         logger.info("installed a snapshot at index %d from the leader; restoring the state machine", index)
         self._restore_step(None)
         return not self._restore_applied
+
+    def restore_at_start(self, snap: Snapshot) -> None:
+        """This node's own snapshot, found on disk at start (before `start`): restored into the state machine a
+        piece per drive once the loop runs, as a leader's is, so a restart on a big state answers heartbeats,
+        appends and votes from its first drive; reads wait, and /readyz says it restores, until it is in
+        (RaftNode.snapshot_not_applied_yet: the entries after it are applied only then, once). Nothing of it is
+        on disk: a crash meanwhile restarts it from the start. A state machine without `restoring`: in one go,
+        now."""
+        steps = getattr(self.state_machine, "restoring", None)
+        if steps is None:
+            self.state_machine.restore(snap.data)
+            return
+        self.node.snapshot_not_applied_yet()
+        self._restore_by_steps(snap.last_included_index, steps(snap.data))
+        logger.info("restoring the state machine from this node's snapshot at index %d", snap.last_included_index)
+
+    def _restore_by_steps(self, index: int, steps: Iterator[bool]) -> None:
+        """The restore that `_restore_step` advances from now on (a drive each), the collector held meanwhile."""
+        self._restoring = (index, steps)
+        if self.running:  # not a drive that outlived stop() (stop let the hold go for good), nor before start
+            self._collector.hold()  # once: a restore that replaces another keeps the hold
+        self._restore_applied = False
+        self._restore_started = time.monotonic()
 
     def _restore_step(self, replies: dict | None) -> None:
         """One piece of the restore under way. Once the state machine holds the snapshot the node is told, and

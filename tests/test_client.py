@@ -34,7 +34,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lock_worker.p
 def cluster(tmp_path_factory):
     c = LocalCluster(str(tmp_path_factory.mktemp("client")), extra=(
         "-write-timeout", "2", "-watch-history-bytes", str(HISTORY_EVENTS * (EVENT_OVERHEAD_BYTES + 12)))).start()
-    wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in c.running()), 10, "feature level 2")
+    wait_for(lambda: all(n.status()["cluster_feature_level"] >= 2 for n in c.running()), 10, "feature level 2")
     yield c
     c.stop()
 

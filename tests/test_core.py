@@ -29,8 +29,11 @@ from raftlib import (
     Removed,
     RaftLog,
     RaftNode,
+    RequestVote,
     RequestVoteReply,
     Role,
+    Snapshot,
+    TimeoutNow,
     UncommittedBoundExceeded,
 )
 from raftlib import codec
@@ -150,8 +153,6 @@ def test_figure_7_divergent_follower_logs_are_repaired():
 
 
 def _timeout_now(dst: str, term: int = 7):
-    from raftlib import TimeoutNow
-
     return TimeoutNow("n2", dst, term)
 
 
@@ -1297,3 +1298,119 @@ def test_a_leader_elected_again_counts_only_the_entries_of_its_new_term():
     n.propose(_command(2))
     assert _committed_all(c, leader)
     assert n.uncommitted_bytes == 0 and n.log.term(n.commit_index) == n.current_term
+
+
+def test_a_node_restoring_its_snapshot_ignores_timeout_now_until_it_is_in():
+    """Review of fastrestore, L1: TimeoutNow (a transfer, or a removed leader's hand-over, which picks the voter
+    with the longest log: a restoring node's is whole) made a node whose state machine lacks its snapshot campaign
+    without pre-vote and win, and the cluster then applied nothing until its restore ended. It ignores TimeoutNow
+    while it restores, and obeys it once the snapshot is in."""
+    membership = Membership(("a", "b", "c"))
+    snap = Snapshot(10, 2, membership, b"state")
+    node = RaftNode(Config("a", election_ticks=10, pre_vote=True), random.Random(1), HardState(2, None, 10),
+                    RaftLog(10, 2), snap)
+    node.snapshot_not_applied_yet()
+    node.step(TimeoutNow("b", "a", 2))
+    assert node.role is Role.FOLLOWER and node.current_term == 2
+    rd = node.ready()
+    assert rd is None or not any(isinstance(m, RequestVote) for m in rd.messages)
+    if rd is not None:
+        node.advance(rd)
+    node.snapshot_applied(10)
+    node.step(TimeoutNow("b", "a", 2))
+    assert node.role is Role.CANDIDATE and node.current_term == 3
+    assert {m.dst for m in node.ready().messages if isinstance(m, RequestVote)} == {"b", "c"}
+
+
+def test_a_node_restoring_its_snapshot_at_start_does_not_campaign_until_it_is_in_but_votes():
+    """Issue 13: a node restarted on a big snapshot restores it over many drives (Runtime.restore_at_start). It
+    campaigned meanwhile and won (its log is up to date), and the cluster then served nothing until its restore
+    ended (30 s, bench/restart.py). It waits for the restore; it still grants votes, and campaigns once it is in."""
+    membership = Membership(("a", "b", "c"))
+    snap = Snapshot(10, 2, membership, b"state")
+    node = RaftNode(Config("a", election_ticks=10), random.Random(1), HardState(2, None, 10), RaftLog(10, 2), snap)
+    node.snapshot_not_applied_yet()
+    assert node.last_applied == 0
+    for _ in range(100):
+        node.tick()
+    assert node.role is Role.FOLLOWER and node.current_term == 2
+    rd = node.ready()
+    assert rd is None or not rd.messages
+    if rd is not None:
+        node.advance(rd)
+    node.step(RequestVote("b", "a", 3, 10, 2))
+    rd = node.ready()
+    assert any(isinstance(m, RequestVoteReply) and m.vote_granted for m in rd.messages)
+    node.advance(rd)
+    node.snapshot_applied(10)
+    assert node.last_applied == 10
+    for _ in range(100):
+        node.tick()
+    assert any(isinstance(m, RequestVote) and m.src == "a" for m in node.ready().messages)  # it campaigns now
+
+
+class _DrivesOf:
+    """A restore_rng whose every draw is `drives`: a restart's restore of its own snapshot takes that many drives."""
+
+    def __init__(self, drives: int) -> None:
+        self.drives = drives
+
+    def randint(self, low: int, high: int) -> int:
+        return self.drives
+
+
+@pytest.mark.parametrize("members_read_it", [None, False, True])
+def test_a_restoring_follower_says_so_in_its_append_replies_only_where_every_member_reads_it(members_read_it):
+    """Review of fastrestore2, L1': a follower whose state machine lacks its snapshot says `restoring` in its
+    append replies, once Config.restoring_in_replies says every member reads the field (an old node drops a frame
+    that carries it); and no more once the snapshot is in."""
+    membership = Membership(("a", "b", "c"))
+    read_it = None if members_read_it is None else (lambda: members_read_it)
+    node = RaftNode(Config("a", election_ticks=10, restoring_in_replies=read_it), random.Random(1),
+                    HardState(2, None, 10), RaftLog(10, 2), Snapshot(10, 2, membership, b"state"))
+    node.snapshot_not_applied_yet()
+
+    def reply_to_a_heartbeat() -> AppendEntriesReply:
+        node.step(AppendEntries("b", "a", 2, 10, 2, (), 10, 0))
+        rd = node.ready()
+        node.advance(rd, snapshot_applied=True)
+        [reply] = [m for m in rd.messages if isinstance(m, AppendEntriesReply)]
+        return reply
+
+    assert reply_to_a_heartbeat().restoring is bool(members_read_it)
+    node.snapshot_applied(10)
+    assert reply_to_a_heartbeat().restoring is False
+
+
+@pytest.mark.parametrize("hand_over", ["removal", "best_successor"])
+def test_a_leaders_hand_over_passes_by_a_follower_restoring_its_snapshot(hand_over):
+    """Review of fastrestore2, L1': a follower restarted on its snapshot restores it by steps with its log whole, so
+    a leader's hand-over (its removal's, or Server.stop's best_successor: the highest match, which ties) picked it;
+    it ignores TimeoutNow while it restores, and the cluster waited the transfer and an election timeout. It says
+    it restores in its append replies, and the hand-over picks the other voter, leader at once."""
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    c.run(20)
+    followers = sorted(i for i in c.ids if i != leader)
+    # The restarted one ties, and wins the tie by its id: the removal's picks the greatest, best_successor the least.
+    other, restarted = followers if hand_over == "removal" else reversed(followers)
+    c.take_snapshot(restarted)
+    c.crash(restarted)
+    c.restore_rng = _DrivesOf(10_000)  # restores far longer than this test runs
+    c.restart(restarted)
+    c.run(30)  # it catches up its log while it restores
+    assert c.nodes[restarted].node.status().receiving_snapshot and c.nodes[restarted].node.last_applied == 0
+    old = c.nodes[leader].node
+    progress = old.status().progress
+    assert progress[restarted].match_index == progress[other].match_index == old.log.last_index
+    assert progress[restarted].restoring and not progress[other].restoring
+    if hand_over == "removal":
+        assert c.change_membership(ConfChangeKind.REMOVE, leader)
+    else:
+        from raftlib.server.node import best_successor  # here: the rest of this module needs no server
+        target = best_successor(old.status())
+        assert target == other
+        old.transfer_leadership(target)
+        c.process(leader)
+    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # less than an election timeout
+    assert c.leader() == other

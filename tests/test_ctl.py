@@ -24,7 +24,7 @@ from procs import ROOT, SERVER, LocalCluster, Node, paused, wait_for
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = LocalCluster(str(tmp_path_factory.mktemp("ctl"))).start()
-    wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in c.running()), 10, "feature level 2")
+    wait_for(lambda: all(n.status()["cluster_feature_level"] >= 2 for n in c.running()), 10, "feature level 2")
     yield c
     c.stop()
 

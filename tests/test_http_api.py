@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import sys
 import time
 import types
@@ -31,6 +32,7 @@ from raftlib.server.health import MAX_APPLY_LAG_ENTRIES
 from raftlib.server.leases import LeaseKeeper
 from raftlib.server.metrics import Metrics
 from raftlib.server.routes_shared import NOT_LEADER
+from raftlib.server.node import RESTORING_IN_REPLIES_LEVEL, Server
 from raftlib.server.store import (ADMIN_CLAIM, ADMIN_CLOCK_SKEW_SECONDS, FEATURE_LEVEL, MAX_DELETE_KEYS_PER_ENTRY,
                                   MAX_TXN_OPS, SET, SET_FEATURE_LEVEL, KeyValueStore, TxnResult, command)
 from raftlib.storage_errors import DiskFull
@@ -750,7 +752,6 @@ def test_the_keys_answer_is_the_newest_committed_configuration():
     not; one later cut off pinned the asker's list. The answer is the newest configuration at or below the commit
     index (Server.committed_configuration), else the snapshot's; with neither, 503 and no list."""
     from raftlib import Entry, EntryKind, Snapshot
-    from raftlib.server.node import Server
 
     old, new = KEYED, Membership(("a", "b", "c"), (), KEYED.members)
     entries = [Entry(1, 3, EntryKind.MEMBERSHIP, membership=old), Entry(2, 6, EntryKind.MEMBERSHIP, membership=new)]
@@ -968,7 +969,7 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
         "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "data_size": None,
         "disk_full": False, "uncommitted_bytes": 2 * len(command(SET, "p", b"")),
-        "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "members": [
+        "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "restoring": False, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
             {"id": "b", "raft_address": "10.0.0.2:5555", "http_address": "10.0.0.2:8080", "role": "voter",
@@ -1014,6 +1015,22 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert float(samples["raftdzmq_uncommitted_bytes"]) == 2 * len(command(SET, "p", b""))
     assert samples["raftdzmq_restore_step_seconds_max"] == "0.004"
     assert "# TYPE raftdzmq_snapshot_reads_failed_total counter" in r.text
+    assert samples["raftdzmq_leases"] == "0.0"
+
+
+def test_the_lease_gauge_has_no_sample_while_a_restart_restores_into_the_empty_state(client):
+    """Review of fastrestore2, Q-b: while a node restores its snapshot into its empty store (a restart's), the
+    raftdzmq_leases gauge said 0, as if every lease were gone; it has no sample then (Server.lease_count), and
+    counts the store's leases otherwise, a leader's snapshot restored over a whole state included."""
+    client.runtime.propose(command(SET, "k", b"v"), 1.0)
+    node = client.runtime.node
+    server = types.SimpleNamespace(runtime=client.runtime, store=types.SimpleNamespace(leases={1: "a", 2: "b"}))
+    client.metrics.lease_count = lambda: Server.lease_count(server)  # type: ignore[arg-type]
+    client.runtime.restoring_snapshot, applied, node.last_applied = True, node.last_applied, 0
+    text = client("GET", "/metrics").text
+    assert "# TYPE raftdzmq_leases gauge" in text and not re.search(r"^raftdzmq_leases ", text, re.M)
+    node.last_applied = applied
+    assert re.search(r"^raftdzmq_leases 2\.0$", client("GET", "/metrics").text, re.M)
 
 
 # ---- what no route takes ------------------------------------------------------------------------------------------
@@ -1094,7 +1111,7 @@ def test_readyz_names_what_the_node_lacks(client):
     assert client("GET", "/readyz").text == "no leader\n"
     node.leader_contact_seconds_ago = 0.0
     node.receiving_snapshot = True
-    assert client("GET", "/readyz").text == "applying: receiving a snapshot from the leader\n"
+    assert client("GET", "/readyz").text == "applying: receiving or restoring a snapshot\n"
     node.receiving_snapshot = False
     node.commit_index = 2000
     assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")
@@ -1616,14 +1633,14 @@ def raiser_of(client: Client, levels: dict[str, object], monkeypatch):
 
 def test_the_raiser_raises_only_once_every_member_learners_too_has_the_level(client, monkeypatch):
     """Review of coord1, Q4: the raiser had no unit test (the learner that lags, no answer, the timeout)."""
-    levels = {"10.0.0.2:8080": 2, "10.0.0.3:8080": None}  # b (voter) upgraded; c (learner) an older release
+    levels = {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": None}  # b (voter) upgraded; c (learner) an older release
     raiser = raiser_of(client, levels, monkeypatch)
     assert raiser.raise_once() is False and client.store.feature_level == 1 and client.runtime.calls == []
     assert raiser.reason() == "the cluster is not upgraded yet: members c run an older raftdzmq"
     levels["10.0.0.3:8080"] = OSError("connection refused")
     assert raiser.raise_once() is False and client.runtime.calls == []
     assert raiser.reason() == "the cluster is not upgraded yet: members c did not answer which raftdzmq they run"
-    levels["10.0.0.3:8080"] = 2
+    levels["10.0.0.3:8080"] = FEATURE_LEVEL
     # The proposal times out: the raise may still be in the log (a join waits for it: S1); the lock is free again.
     client.runtime.fail("propose", Timeout("no answer in 0.2s"))
     with pytest.raises(Timeout):
@@ -1635,14 +1652,14 @@ def test_the_raiser_raises_only_once_every_member_learners_too_has_the_level(cli
 
 
 def test_the_raiser_asks_without_the_membership_lock_and_raises_under_it(client, monkeypatch):
-    raiser = raiser_of(client, {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}, monkeypatch)
+    raiser = raiser_of(client, {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL}, monkeypatch)
     assert client.api.membership_lock.acquire(blocking=False)  # a join is being made
     assert raiser.raise_once() is False and client.runtime.calls == []  # waited 0.2 s for it, then gave up
     client.api.membership_lock.release()
     held = []
     monkeypatch.setattr(StatusConnection, "getresponse", lambda self: (
         held.append(client.api.membership_lock.locked()),
-        types.SimpleNamespace(status=200, read=lambda n: b'{"feature_level": 2}'))[1])
+        types.SimpleNamespace(status=200, read=lambda n: json.dumps({"feature_level": FEATURE_LEVEL}).encode()))[1])
     propose = client.runtime.propose
     monkeypatch.setattr(client.runtime, "propose", lambda *args, **kwargs: (
         held.append(client.api.membership_lock.locked()), propose(*args, **kwargs))[1])
@@ -1653,7 +1670,7 @@ def test_a_join_is_not_held_up_by_a_member_slow_to_answer_the_raiser(client, mon
     """CI flaked once: a join took over 15 s at cluster formation. The raiser held the membership lock while it
     asked every member's /status, so a member slow to answer held every join up to the round's bound; the join
     gives up after -write-timeout (503). Now the question is asked without the lock."""
-    raiser = raiser_of(client, {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}, monkeypatch)
+    raiser = raiser_of(client, {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL}, monkeypatch)
     asked, answer = gevent.event.Event(), gevent.event.Event()
     real = StatusConnection.getresponse
 
@@ -1682,7 +1699,7 @@ def test_the_raiser_raises_only_when_every_member_it_asked_is_still_every_member
     """Asked without the lock, a round may miss a node that joined meanwhile (a join takes the lock, not the
     question): under the lock the raiser looks at the configuration again, and a member it did not ask, or asked
     at another address, stops the raise until the next round has asked it."""
-    levels = {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2, "10.0.0.4:8080": 1}
+    levels = {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL, "10.0.0.4:8080": 1}
     raiser = raiser_of(client, levels, monkeypatch)
     joined = Membership(("a", "b"), ("c", "d"), MEMBERS + (Member("d", "10.0.0.4:5555", "10.0.0.4:8080"),))
     real = StatusConnection.getresponse
@@ -1694,7 +1711,7 @@ def test_the_raiser_raises_only_when_every_member_it_asked_is_still_every_member
     monkeypatch.setattr(StatusConnection, "getresponse", joins_meanwhile)
     assert raiser.raise_once() is False and client.runtime.calls == [] and client.store.feature_level == 1
     assert raiser.raise_once() is False and raiser.laggards == {"d": "feature level 1"}  # the next round asks d
-    levels["10.0.0.4:8080"] = 2
+    levels["10.0.0.4:8080"] = FEATURE_LEVEL
     assert raiser.raise_once() is True and client.store.feature_level == FEATURE_LEVEL
 
 
@@ -1704,7 +1721,7 @@ def test_the_raiser_does_not_raise_after_a_member_was_removed_and_joined_again_d
     /cluster/c, which takes no lock; then c, wiped, joined again with the same id and addresses: the join found the
     lock free and the level still 1) and the raise went through with c, now of feature level 1, in the
     configuration. Now any change of configuration since the question stops the raise; the next round asks c."""
-    levels = {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}  # b and c run this release when asked
+    levels = {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL}  # b and c run this release when asked
     raiser = raiser_of(client, levels, monkeypatch)
     real = StatusConnection.getresponse
     events: list[tuple[str, int]] = []
@@ -1738,7 +1755,7 @@ def test_the_raise_is_bound_to_the_configuration_the_raiser_asked(client, monkey
     """Review of scale, item 3: a join whose change timed out released the lock while its change still waited in
     the runtime's inbox, ahead of the raise. The raiser's proposal names the configuration it asked in, and the
     runtime drops it when another reached the log first (as the fake does here)."""
-    raiser = raiser_of(client, {"10.0.0.2:8080": 2, "10.0.0.3:8080": 2}, monkeypatch)
+    raiser = raiser_of(client, {"10.0.0.2:8080": FEATURE_LEVEL, "10.0.0.3:8080": FEATURE_LEVEL}, monkeypatch)
     propose = client.runtime.propose
 
     def change_appended_first(*args, **kwargs):
@@ -1778,3 +1795,45 @@ def test_the_new_api_waits_while_a_snapshot_is_restored_rather_than_saying_not_u
     client.runtime.restoring_snapshot = False
     client.store.feature_level = FEATURE_LEVEL
     assert client("POST", "/txn", b'{"compare": [], "success": [], "failure": []}').status == 200
+
+
+def test_a_node_restoring_its_own_snapshot_at_start_does_not_answer_from_the_empty_state(client):
+    """Review of fastrestore, Q2: a restarted node restores its snapshot by steps while it serves, its store a
+    fresh, empty one meanwhile (last_applied 0: RaftNode.snapshot_not_applied_yet). What answers without waiting
+    for an index came from that empty state: stale reads and lists (keys gone), a watch from now (starting at 0,
+    then 410 at the swap), /status's cluster_feature_level (1) and keys (0). They answer 503 now, /status and the
+    dashboard's /stats with those null (review of fastrestore2, Q-b: /stats said 0 keys; and left out, they broke
+    clients that index them); a leader's snapshot restored over a whole state changes none of it."""
+    client.runtime.propose(command(SET, "k", b"v"), 1.0)
+    node = client.runtime.node
+    applied = node.last_applied
+    client.runtime.restoring_snapshot = True
+    node.last_applied = 0
+    for path in ("/db/k?consistency=stale", "/db/?consistency=stale", "/watch?key=k&poll=1&timeout=0",
+                 "/watch?prefix=&poll=1&timeout=0", "/watch?prefix="):
+        r = client("GET", path)
+        assert (r.status, r.text) == (503, "this node is restoring a snapshot; retry\n"), path
+    status = client("GET", "/status").json()
+    assert status["restoring"] is True and status["cluster_feature_level"] is None and status["keys"] is None
+    assert client("GET", "/stats").json()["keys"] is None
+    node.last_applied = applied  # a leader's snapshot, restored over this node's whole state: served as before
+    assert client("GET", "/db/k?consistency=stale").text == "v"
+    assert client("GET", "/db/?consistency=stale").json()["keys"] == ["k"]
+    assert client("GET", "/watch?key=k&poll=1&timeout=0").status == 200
+    status = client("GET", "/status").json()
+    assert (status["keys"], status["cluster_feature_level"]) == (1, client.store.feature_level)
+    assert status["restoring"] is False and client("GET", "/stats").json()["keys"] == 1
+
+
+def test_a_node_says_it_restores_in_its_append_replies_only_in_a_cluster_of_this_release():
+    """Review of fastrestore2, L1': AppendEntriesReply.restoring makes an older node drop the frame, so a node says
+    it only at the feature level that came with the field: its store's, or while that store is still empty (the
+    restore at start), its own snapshot's (check_snapshot: a V4's level; 0 for an older format)."""
+    def members_read_restoring(store_level: int, own_snapshot_level: int) -> bool:
+        server = types.SimpleNamespace(store=types.SimpleNamespace(feature_level=store_level),
+                                       _own_snapshot_level=own_snapshot_level)
+        return Server._members_read_restoring(server)  # type: ignore[arg-type]
+
+    assert RESTORING_IN_REPLIES_LEVEL == 3
+    assert not members_read_restoring(1, 0) and not members_read_restoring(2, 0)
+    assert members_read_restoring(3, 0) and members_read_restoring(1, 3)

@@ -16,7 +16,7 @@ from procs import LocalCluster, Node, wait_for
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = LocalCluster(str(tmp_path_factory.mktemp("lease"))).start()
-    wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in c.running()), 10, "level 2")
+    wait_for(lambda: all(n.status()["cluster_feature_level"] >= 2 for n in c.running()), 10, "level 2")
     yield c
     c.stop()
 
@@ -102,7 +102,7 @@ def test_a_lease_kept_alive_keeps_its_keys_through_a_leader_kill(tmp_path):
     key stays. (Fails when the reset is removed: checked.)"""
     c = LocalCluster(str(tmp_path)).start()
     try:
-        wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in c.running()), 10, "level 2")
+        wait_for(lambda: all(n.status()["cluster_feature_level"] >= 2 for n in c.running()), 10, "level 2")
         leader = c.leader()
         r = leader.request("POST", "/db/svc/db?ttl=3", "primary")
         assert r.status == 200

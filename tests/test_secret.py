@@ -21,6 +21,7 @@ import pytest
 import zmq
 
 from procs import ROOT, SERVER, LocalCluster, Node, free_port, netns_unavailable, wait_for
+from raftlib.server.store import FEATURE_LEVEL
 
 
 GHOST_KEY = zmq.curve_keypair()[0].decode()  # the public key a made-up joining node names
@@ -185,7 +186,7 @@ def test_admin_requests_need_a_fresh_signature_forwarded_or_redirected(tmp_path)
         voters = members(leader)
         assert sorted(voters.values()) == ["voter"] * 3
         ghost = json.dumps({"node_id": "ghost", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2",
-                            "feature_level": 2, "public_key": GHOST_KEY})
+                            "feature_level": FEATURE_LEVEL, "public_key": GHOST_KEY})
         now = time.time()
         refusals = [
             ("DELETE", f"/cluster/{leader_id}", b"", {}, "not signed"),
@@ -323,7 +324,7 @@ def test_a_used_admin_request_is_refused_by_every_later_leader(tmp_path):
     try:
         leader = c.leader()
         ghost = json.dumps({"node_id": "ghost", "raft_address": "127.0.0.1:1", "http_address": "127.0.0.1:2",
-                            "feature_level": 2, "public_key": GHOST_KEY})
+                            "feature_level": FEATURE_LEVEL, "public_key": GHOST_KEY})
         join = sign(secret, "POST", "/join", ghost.encode())
         assert leader.request("POST", "/join", ghost, headers=join).status == 200
         assert members(leader).get("ghost") == "learner"
@@ -544,7 +545,7 @@ def test_a_signed_join_cannot_take_a_members_key_nor_move_it_nor_pass_the_cap(tm
         b_id = b.status()["node_id"]
         keys = {m["id"]: m["public_key"] for m in a.request("GET", "/cluster").json()}
         body = json.dumps({"node_id": "zzzzzzzz", "raft_address": "127.0.0.1:9", "http_address": "127.0.0.1:9",
-                           "feature_level": 2, "public_key": keys[b_id]})
+                           "feature_level": FEATURE_LEVEL, "public_key": keys[b_id]})
         r = a.request("POST", "/join", body, headers=sign(secret, "POST", "/join", body.encode()))
         assert r.status == 409 and f"member {b_id}'s" in r.text, r
         assert set(members(a)) == set(keys)
@@ -557,14 +558,14 @@ def test_a_signed_join_cannot_take_a_members_key_nor_move_it_nor_pass_the_cap(tm
 
         me = next(m for m in b.request("GET", "/cluster").json() if m["id"] == b_id)
         body = json.dumps({"node_id": b_id, "raft_address": me["raft_address"], "http_address": "attacker.example:80",
-                           "feature_level": 2, "public_key": me["public_key"]})
+                           "feature_level": FEATURE_LEVEL, "public_key": me["public_key"]})
         r = b.request("POST", "/join", body, headers=sign(secret, "POST", "/join", body.encode()))
         assert r.status == 409 and "does not move a member" in r.text, r
         r = a.request("POST", "/db/secret", "v")
         assert r.status == 307 and r.headers["location"] == f"http://{me['http_address']}/db/secret", r
         # F5: -max-members 2, and two members: a new node's join is refused.
         body = json.dumps({"node_id": "c0ffee00", "raft_address": "127.0.0.1:9", "http_address": "127.0.0.1:9",
-                           "feature_level": 2, "public_key": GHOST_KEY})
+                           "feature_level": FEATURE_LEVEL, "public_key": GHOST_KEY})
         r = b.request("POST", "/join", body, headers=sign(secret, "POST", "/join", body.encode()))
         assert r.status == 409 and "the most -max-members allows" in r.text, r
         assert set(members(b)) == set(keys)

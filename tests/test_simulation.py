@@ -56,6 +56,9 @@ FAULTS = (
     # A leader's snapshot restored over several drives (advance(rd, snapshot_applied=False), then
     # snapshot_applied), as the runtime restores a big state: 11 to 64 in each of the first 20 chunks.
     "snapshot restored over several drives",
+    # A restart's own snapshot restored over several drives (snapshot_not_applied_yet, the KV empty until the swap),
+    # as Runtime.restore_at_start does (review of fastrestore2, Q-a).
+    "own snapshot restored at start over several drives",
     # A leader's proposals refused at Config.max_uncommitted_bytes: in 20 to 26 of the 60 schedules of each of the
     # first 4 chunks.
     "proposals refused at max_uncommitted_bytes",

@@ -44,6 +44,7 @@ from raftlib.server.store import (
     SET_IF_INDEX,
     SET_WITH_LEASE,
     SNAPSHOT_V3,
+    SNAPSHOT_V4,
     SNAPSHOT_WITH_CLAIMS,
     SNAPSHOT_WITH_CLAIMS_V2,
     TXN,
@@ -292,25 +293,30 @@ def test_a_snapshot_restores_a_batch_of_keys_per_step_and_replaces_the_state_onl
     assert list(target.keys) == sorted(target.data)
 
 
+class CountedSource:
+    """A SnapshotSource over bytes (as the runtime's SnapshotFile is read) that records each read's length."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.reads = data, []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads.append(length)
+        return self.data[offset : offset + length]
+
+
 def test_a_restore_from_a_source_reads_it_a_buffer_at_a_time():
     """A SnapshotSource (the runtime's SnapshotFile) is read through a buffered reader: in reads of 64 KiB, not a
     read per item and not the whole at once."""
     kv = big_store(3 * RESTORE_BATCH_KEYS)
     data = kv.snapshot()
-    reads: list[int] = []
-
-    class Source:
-        def __len__(self) -> int:
-            return len(data)
-
-        def read(self, offset: int, length: int) -> bytes:
-            reads.append(length)
-            return data[offset : offset + length]
-
+    source = CountedSource(data)
     copy = KeyValueStore()
-    copy.restore(Source())
+    copy.restore(source)
     assert _same_state(copy, kv)
-    assert len(reads) >= len(data) // (1 << 16) and max(reads) <= 1 << 16
+    assert len(source.reads) >= len(data) // (1 << 16) and max(source.reads) <= 1 << 16
 
 
 def test_a_restore_dropped_part_way_changes_nothing():
@@ -477,7 +483,7 @@ def test_the_same_commands_give_the_same_snapshot_bytes():
 # The store's imports: the standard library's pure modules, cbor2 and sortedcontainers; admin.py's, the store and
 # the standard library (it reads the clock and a file, but loads nothing of the server's runtime).
 ALLOWED_IMPORTS = {
-    "store": {"__future__", "io", "logging", "cbor2", "sortedcontainers", "typing", "collections.abc"},
+    "store": {"__future__", "io", "logging", "operator", "cbor2", "sortedcontainers", "typing", "collections.abc"},
     "admin": {"__future__", "collections", "hashlib", "hmac", "json", "os", "re", "time", "collections.abc", "store"},
 }
 
@@ -688,12 +694,13 @@ def test_a_key_twice_in_distant_batches_is_refused_and_changes_nothing():
 # ---- issue 14: indices, conditional ops, prefix deletes, transactions, events, the feature level ---------------
 
 
-def upgraded(*commands: bytes, at: int = 1) -> tuple[KeyValueStore, list[object], list[Event]]:
-    """A store whose feature level was raised at index `at` (the first command), then fed `commands`; with the
-    events it emitted after the raise."""
+def upgraded(*commands: bytes, at: int = 1, level: int = FEATURE_LEVEL
+             ) -> tuple[KeyValueStore, list[object], list[Event]]:
+    """A store whose feature level was raised (to `level`) at index `at` (the first command), then fed `commands`;
+    with the events it emitted after the raise."""
     events: list[Event] = []
     kv = KeyValueStore(on_event=events.append)
-    assert kv.apply(at, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)) == "ok"
+    assert kv.apply(at, command(SET_FEATURE_LEVEL, "", b"", level)) == "ok"
     return kv, [kv.apply(at + 1 + i, c) for i, c in enumerate(commands)], events
 
 
@@ -716,7 +723,7 @@ def test_exposed_indices_are_never_below_the_level_index_and_the_raise_stores_th
     kv.apply(3, command(SET, "old", b"1"))
     kv.apply(4, command(SET, "older", b"0"))
     assert kv.record("old") == (b"1", 0, 0)  # below level 2: not exposed
-    kv.apply(5, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    kv.apply(5, command(SET_FEATURE_LEVEL, "", b"", 2))
     # Stored as applied (no O(keys) rewrite at the raise), exposed at the floor; V3 writes them as exposed.
     assert kv.data["old"] == (b"1", 3, 3) and kv.record("old") == (b"1", 5, 5)
     kv.apply(8, command(SET, "new", b"2"))
@@ -728,8 +735,7 @@ def test_exposed_indices_are_never_below_the_level_index_and_the_raise_stores_th
 
 def test_a_later_raise_keeps_the_level_index(monkeypatch):
     """Review of coord1, S3: a raise above 2 (a release to come) must not move older keys' exposed indices."""
-    monkeypatch.setattr(store, "FEATURE_LEVEL", 3)
-    kv, _, _ = upgraded(command(SET, "k", b"v"), at=5)  # k at 6
+    kv, _, _ = upgraded(command(SET, "k", b"v"), at=5, level=2)  # k at 6
     assert kv.apply(20, command(SET_FEATURE_LEVEL, "", b"", 3)) == "ok"
     assert (kv.feature_level, kv.level_index, kv.record("k")) == (3, 5, (b"v", 6, 6))
     assert kv.apply(21, command(SET_IF_INDEX, "k", b"w", 6)) == "ok"
@@ -901,16 +907,15 @@ def test_snapshots_in_the_old_format_below_level_2_and_v3_from_it():
     assert copy.data == {"b": (b"2", 0, 0), "a": (b"1", 0, 0)} and copy.feature_level == 1
     # Raised at 5 on both: the indices the old format dropped do not matter, since none is exposed below 5.
     for store_ in (kv, copy):
-        store_.apply(5, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+        store_.apply(5, command(SET_FEATURE_LEVEL, "", b"", 2))  # V3's level
         store_.apply(6, command(SET, "a", b"3"))
     assert kv.record("b") == copy.record("b") == (b"2", 5, 5) and kv.record("a") == copy.record("a") == (b"3", 5, 6)
     v3 = kv.snapshot()
     assert v3 == copy.snapshot()  # the indices as exposed: the same bytes on every node
-    assert cbor2.loads(v3) == [SNAPSHOT_V3, {"b": [b"2", 5, 5], "a": [b"3", 5, 6]}, {}, 0.0, FEATURE_LEVEL, 5,
-                                {}]
+    assert cbor2.loads(v3) == [SNAPSHOT_V3, {"b": [b"2", 5, 5], "a": [b"3", 5, 6]}, {}, 0.0, 2, 5, {}]
     third = KeyValueStore()
     third.restore(v3)
-    assert (third.feature_level, third.level_index) == (FEATURE_LEVEL, 5) and list(third.keys) == ["a", "b"]
+    assert (third.feature_level, third.level_index) == (2, 5) and list(third.keys) == ["a", "b"]
     assert third.record("a") == (b"3", 5, 6) and third.snapshot() == v3
     assert third.apply(7, command(SET_IF_INDEX, "a", b"4", 6)) == "ok"  # the level came along
 
@@ -1219,7 +1224,7 @@ def test_the_lease_table_restores_a_bounded_batch_per_step_and_gives_the_one_sho
     replaces the state too), and the state is the one a one-shot decode of the same bytes gives."""
     n = 5 * RESTORE_BATCH_LEASES + 7
     source, _, _ = upgraded(*[command(PUT_WITH_TTL, f"k{i:06d}", b"v", 5 + i % 7) for i in range(n)],
-                            command(LEASE_GRANT, "", b"", 9), command(SET, "free", b"f"))
+                            command(LEASE_GRANT, "", b"", 9), command(SET, "free", b"f"), level=2)  # V3
     snapshot = source.snapshot()
     target, _, _ = upgraded(command(PUT_WITH_TTL, "old", b"o", 9))
     per_step, replaced_at = _leases_per_step(target, snapshot, monkeypatch)
@@ -1406,3 +1411,104 @@ def test_the_key_table_stays_tracked_by_the_garbage_collector(how):
         assert all(type(shard) is store._Shard and gc.is_tracked(shard) for shard in kv.data.shards), how
         kv.apply(index, command(SET, "a", bytes([index])))
     assert kv.get("a") == bytes([101])
+
+
+def _v4(*chunks: object, tail: tuple = ({}, 0.0, 3, 1, {}), raw: bytes | None = None) -> bytes:
+    """A V4 snapshot written by hand: its chunks (each CBOR-encoded as given: a byte string is a chunk), or `raw`
+    bytes for the chunk array, and the elements after it."""
+    records = raw if raw is not None else b"\x9f" + b"".join(cbor2.dumps(c) for c in chunks) + b"\xff"
+    return b"\x87" + cbor2.dumps(SNAPSHOT_V4) + records + b"".join(cbor2.dumps(t) for t in tail)
+
+
+def test_v4_is_written_from_level_3_and_restores_a_chunk_per_step_to_the_same_state():
+    """Issue 13: V3's pairs were decoded one cbor2 call each plus a Python check per record (~3.3 us a record:
+    8.4 s of a 1M-key restart). V4 (level 3) holds the records in chunks of at most RESTORE_BATCH_KEYS, each one
+    cbor2 call and C-level checks; a step decodes one chunk, and the state restored is the one V3 gives."""
+    n = 3 * RESTORE_BATCH_KEYS + 5
+    source, _, _ = upgraded(*[command(SET, f"k{i:06d}", b"v%d" % i) for i in range(n)],
+                            command(PUT_WITH_TTL, "leased", b"l", 30), command(SET, "k000001", b"again"), level=2)
+    v3 = source.snapshot()
+    assert source.apply(10 ** 6, command(SET_FEATURE_LEVEL, "", b"", 3)) == "ok"
+    v4 = source.snapshot()
+    assert cbor2.loads(v3)[0] == SNAPSHOT_V3 and cbor2.loads(v4)[0] == SNAPSHOT_V4
+    from_v4, from_v3 = KeyValueStore(), KeyValueStore()
+    steps = from_v4.restoring(v4)
+    decoding = 0
+    while not next(steps):
+        decoding += 1
+    for _ in steps:
+        pass
+    assert decoding >= 4  # a chunk a step (then the key table's fill): not one step
+    from_v3.restore(v3)
+    for kv in (from_v4, from_v3):
+        assert {k: kv.record(k) for k in kv.keys} == {k: source.record(k) for k in source.keys}
+        assert kv.leases == source.leases and kv.lease_of == source.lease_of and list(kv.keys) == list(source.keys)
+    assert (from_v4.feature_level, from_v4.level_index) == (3, source.level_index) and from_v4.snapshot() == v4
+    value, create_index, modify_index = from_v4.data["k000002"]
+    assert create_index is modify_index  # one int object for both, as a create makes them (memory per key)
+
+
+@pytest.mark.parametrize("damaged", [
+    _v4(cbor2.dumps(["k", b"v", 1])),  # not four to a record
+    _v4(["k", b"v", 1, 1]),  # a chunk that is not a byte string
+    _v4(cbor2.dumps(["k", b"v", 1, 1]) + b"\x00"),  # bytes after a chunk's array
+    _v4(cbor2.dumps({"k": [b"v", 1, 1]})),  # V3's map inside a chunk
+    _v4(cbor2.dumps([]),),  # an empty chunk (none is written)
+    _v4(cbor2.dumps([1, b"v", 1, 1])),  # a key not text
+    _v4(cbor2.dumps(["k", "v", 1, 1])),  # a value not bytes
+    _v4(cbor2.dumps(["k", b"v", 2, 1])),  # create above modify
+    _v4(cbor2.dumps(["k", b"v", -1, 1])),  # a negative index
+    _v4(cbor2.dumps(["k", b"v", True, 1])),  # a bool is no index
+    _v4(cbor2.dumps(["k", b"v", 1, 1]), cbor2.dumps(["k", b"w", 1, 1])),  # a key twice
+    _v4(cbor2.dumps(["k", b"v", 1, 1]), tail=({}, 0.0, 2, 1, {})),  # V4 is never written below level 3
+    _v4(raw=cbor2.dumps({"k": [b"v", 1, 1]})),  # V3's map under V4's name
+    _v4(raw=b"\x9f" + cbor2.dumps(cbor2.dumps(["k", b"v", 1, 1]))),  # cut short
+])
+def test_a_damaged_v4_is_refused_and_changes_nothing(damaged):
+    kv, _ = applied(command(SET, "old", b"1"))
+    with pytest.raises(ValueError):
+        kv.restore(damaged)
+    assert values(kv) == {"old": b"1"}
+
+
+
+def _v4_of_level(level: int, keys: int = 3 * RESTORE_BATCH_KEYS) -> bytes:
+    """A V4 snapshot as a release of feature `level` would write it: this release's V4, its level element set."""
+    source, _, _ = upgraded(*[command(SET, f"k{i:06d}", bytes(200)) for i in range(keys)])
+    data = source.snapshot()
+    items = cbor2.loads(data)
+    assert items[0] == SNAPSHOT_V4 and items[4] == FEATURE_LEVEL
+    tail = b"".join(cbor2.dumps(t) for t in items[2:])
+    return data[: -len(tail)] + b"".join(cbor2.dumps(t) for t in [*items[2:4], level, *items[5:]])
+
+
+def test_check_snapshot_refuses_what_the_restore_would_refuse_at_its_end_without_restoring():
+    """Review of fastrestore, Q1: a node restores its own snapshot by steps while it runs, and V4's level is after
+    its records: a V4 of a newer release (or a damaged one) was refused after the whole restore, the node having
+    voted and appended meanwhile. check_snapshot (start-up's, before a port is bound) refuses it first, reading
+    V4's chunk heads only, and lets through what this release restores."""
+    newer = _v4_of_level(FEATURE_LEVEL + 1)
+    source = CountedSource(newer)
+    with pytest.raises(ValueError, match="above this release's"):
+        KeyValueStore().restore(newer)  # what the restore says, at its end
+    for data in (newer, source):
+        with pytest.raises(ValueError, match="above this release's"):
+            store.check_snapshot(data)
+    assert sum(source.reads) < len(newer) * 3 // 4  # the chunks skipped, not read (each read a 64 KiB buffer)
+    v5 = cbor2.dumps(["raftdzmq-kv-v5", [], {}, 0.0, 4, 1, {}, "more"])
+    refused = [(v5, "unknown format"),
+               (_v4(cbor2.dumps(["k", b"v", 1, 1]), tail=({}, 0.0, 2, 1, {})), "damaged V4"),
+               (_v4(["k", b"v", 1, 1]), "chunk of records"),
+               (_v4(raw=b"\x9f" + cbor2.dumps(cbor2.dumps(["k", b"v", 1, 1]))[:-3]), "damaged"),
+               (_v4(raw=cbor2.dumps({"k": [b"v", 1, 1]})), "not in chunks")]
+    for data, reason in refused:
+        with pytest.raises(ValueError):
+            KeyValueStore().restore(data)
+        with pytest.raises(ValueError, match=reason):
+            store.check_snapshot(data)
+    fine = [b"", _v4_of_level(FEATURE_LEVEL, keys=10), upgraded(command(SET, "a", b"1"), level=2)[0].snapshot(),
+            KeyValueStore().snapshot(), cbor2.dumps([SNAPSHOT_WITH_CLAIMS_V2, {"a": b"1"}, {}, 0.0]),
+            cbor2.dumps([SNAPSHOT_WITH_CLAIMS, {"a": b"1"}, {}]), cbor2.dumps({"a": b"1"})]
+    for data in fine:
+        assert store.check_snapshot(data) == (FEATURE_LEVEL if data is fine[1] else 0)  # V4's level; 0 for older
+        KeyValueStore().restore(data)

@@ -23,7 +23,7 @@ HISTORY_BYTES = HISTORY_EVENTS * (EVENT_OVERHEAD_BYTES + 8)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = LocalCluster(str(tmp_path_factory.mktemp("watch")), extra=("-watch-history-bytes", str(HISTORY_BYTES))).start()
-    wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in c.running()), 10, "feature level 2")
+    wait_for(lambda: all(n.status()["cluster_feature_level"] >= 2 for n in c.running()), 10, "feature level 2")
     yield c
     c.stop()
 
@@ -166,7 +166,7 @@ def test_a_follower_that_installs_a_snapshot_ends_its_streams_and_a_reconnect_el
     c = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", "20000")).start()
     paused = None
     try:
-        wait_for(lambda: all(n.status()["cluster_feature_level"] == 2 for n in c.running()), 10, "feature level 2")
+        wait_for(lambda: all(n.status()["cluster_feature_level"] >= 2 for n in c.running()), 10, "feature level 2")
         leader = c.leader()
         follower, other = [n for n in c.running() if n is not leader]
         reader = SseReader(follower, "/watch?prefix=s/")

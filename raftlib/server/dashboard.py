@@ -56,7 +56,7 @@ from raftlib.messages import Role
 
 from .routes_cluster import remove_member, transfer
 from .routes_shared import (FORWARDED_HEADER, NOT_APPLIED, OUTCOME_HEADER, Api, forward_to, json_answer, leader_http,
-                            log, members, text)
+                            log, members, restoring_into_the_empty_state, text)
 
 MEMBER_TIMEOUT_SECONDS = 0.5  # each member gets this long to answer GET /stats (connect, send, read)
 GATHER_SECONDS = 0.6  # a whole gather: the members not answered by then are unreachable
@@ -128,7 +128,7 @@ def stats_of(api: Api, events_since: int | None) -> dict:
         "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
         "disk_full": status.disk_full, "running": status.running, "members": members(node),
         "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
-        "keys": len(api.store), "time": time.time(), "elections_won": status.stats["elections_won"],
+        "keys": None if restoring_into_the_empty_state(api.runtime) else len(api.store), "time": time.time(), "elections_won": status.stats["elections_won"],
         "writes": dict(metrics.writes.values), "reads": dict(metrics.reads.values),
         "histograms": {name: {"bounds": list(getattr(metrics, attr).buckets), "counts": list(getattr(metrics, attr).counts)}
                        for name, attr in HISTOGRAMS},
@@ -222,12 +222,13 @@ def _removed(v: object) -> bool:
 
 
 ROLES = frozenset(r.value for r in Role)
-# A member's fields as its GET /stats names them, each with its check: null for a member that did not answer.
+# A member's fields as its GET /stats names them, each with its check: null for a member that did not answer
+# (and `keys` null from one that restores a snapshot into its empty state: stats_of).
 MEMBER_FIELDS: dict[str, Callable[[object], bool]] = {
     "role": lambda v: isinstance(v, str) and v in ROLES, "term": _count,
     "leader": lambda v: v is None or isinstance(v, str),
     "commit_index": _count, "applied_index": _count, "last_index": _count, "snapshot_index": _count,
-    "disk_full": lambda v: type(v) is bool, "keys": _count, "time": _number, "writes": _counters,
+    "disk_full": lambda v: type(v) is bool, "keys": lambda v: v is None or _count(v), "time": _number, "writes": _counters,
     "reads": _counters, "histograms": _histograms, "removed": _removed,
 }
 EVENT_FIELD = re.compile(r"[a-z_]{1,32}")

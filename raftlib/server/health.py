@@ -52,7 +52,7 @@ def readiness(status: RuntimeStatus, now: float) -> list[Check]:
         ("member", None if member else "not a member"),
         ("leader", None if leader else "no leader"),
         ("disk", "disk full" if status.disk_full else None),
-        ("snapshot", "applying: receiving a snapshot from the leader" if node.receiving_snapshot else None),
+        ("snapshot", "applying: receiving or restoring a snapshot" if node.receiving_snapshot else None),
         ("applied", None if lag <= MAX_APPLY_LAG_ENTRIES else
          f"applying: applied {node.last_applied} of {committed}"),
     ]

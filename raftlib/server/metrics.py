@@ -136,7 +136,7 @@ class Metrics:
                                         "outcome")
         self.lease_expirations = Counter("raftdzmq_lease_expirations", "Leases this node expired as leader, by "
                                          "outcome of the LEASE_EXPIRE entry", "outcome")
-        self.lease_count: Callable[[], int] = lambda: 0
+        self.lease_count: Callable[[], int | None] = lambda: 0  # None: no sample (the state is not there yet)
         self._status: Callable[[], RuntimeStatus] | None = None
         self.registry = prom.CollectorRegistry()
         self.registry.register(self)
@@ -152,7 +152,8 @@ class Metrics:
             yield m.collect()
         yield prom_core.GaugeMetricFamily("raftdzmq_watches_open", "Watches open now (streams and long polls)",
                                           value=self.watches_open)
-        yield prom_core.GaugeMetricFamily("raftdzmq_leases", "Leases in the replicated state", value=self.lease_count())
+        leases = self.lease_count()
+        yield prom_core.GaugeMetricFamily("raftdzmq_leases", "Leases in the replicated state", value=leases)
         if self._status is not None:
             status = self._status()
             for name, doc, value in GAUGES:

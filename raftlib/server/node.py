@@ -84,8 +84,9 @@ from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
 from .nodestart import force_new_cluster, name_of, new_node_id, start_node
-from .routes_shared import MAX_WATCHES, Api
-from .store import FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, command
+from .routes_shared import MAX_WATCHES, Api, restoring_into_the_empty_state
+from .store import (FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, check_snapshot,
+                    command)
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
 
 log = logging.getLogger("raftdzmq.node")
@@ -100,6 +101,9 @@ TEST_FEATURE_LEVEL_ENV = "RAFTDZMQ_FEATURE_LEVEL"
 # Test-only (tests/fault_coord.py): RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET=1 removes the full-TTL reset a new leader
 # gives every lease (leases.py's rules), so that the fault runs show their lease check catches it. Never set it.
 TEST_UNSAFE_LEASE_NO_RESET = os.environ.get("RAFTDZMQ_TEST_UNSAFE_LEASE_NO_RESET") == "1"
+# The feature level from which every member reads AppendEntriesReply.restoring (this release's: the field came
+# with it), so a restoring node says it in its append replies (core.Config.restoring_in_replies).
+RESTORING_IN_REPLIES_LEVEL = 3
 LEVEL_CHECK_SECONDS = 1.0  # how often a leader of a cluster below this release's level asks the members theirs
 LEVEL_ROLE_CHECK_SECONDS = 0.1  # how often the raiser looks whether this node leads (cheap: no I/O)
 LEVEL_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
@@ -525,6 +529,7 @@ class Server:
         self.http_address = f"{config.advertised_host}:{config.http_port}"
         self.metrics = Metrics()
         self.storage = DiskStorage(config.data_dir, fsync=config.fsync, fdatasync=self._timed_fdatasync)
+        self._own_snapshot_level = 0  # the feature level of the snapshot found at start when a V4 (check_snapshot)
         try:
             stored = self._start_node()
         except BaseException:
@@ -533,14 +538,13 @@ class Server:
         tick_seconds = config.heartbeat_ms / 1000.0 / HEARTBEAT_TICKS
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)),
-                             max_uncommitted_bytes=config.max_uncommitted_bytes)
+                             max_uncommitted_bytes=config.max_uncommitted_bytes,
+                             restoring_in_replies=self._members_read_restoring)
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
         self.watch_hub = WatchHub(config.watch_history_events, config.watch_history_bytes)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
         self.store = WatchedStore(self.watch_hub, lambda: self.node.snapshot,
                                   on_level_raised=lambda level: self.runtime.request_snapshot())
-        if stored.snapshot is not None:
-            self.store.restore(stored.snapshot.data)
         self.transport = ZmqTransport(self.node_id, f"{self.bind_host}:{config.port}", self._deliver,
                                       reply_timeout_seconds=max(0.2, config.election_ms / 1000.0),
                                       node_key=None if self.node_key is None else self.node_key["secret_key"],
@@ -560,18 +564,37 @@ class Server:
                 self._forget_vouched()  # our configuration reached it before a crash: the list is stale
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
+        if stored.snapshot is not None:  # a piece per drive once the runtime runs: heartbeats answered meanwhile
+            self.runtime.restore_at_start(stored.snapshot)
         self.metrics.bind(self.runtime.status)
-        self.metrics.lease_count = lambda: len(self.store.leases)
+        self.metrics.lease_count = self.lease_count
         self.leases = LeaderLeases(self.runtime, self.store, self.metrics, config.write_timeout_seconds)
         self.http: EdgeServer | None = None
         self.feature_level = own_feature_level()
         self.level_raiser: FeatureLevelRaiser | None = None
         self._stopping = False
 
+    def lease_count(self) -> int | None:
+        """The raftdzmq_leases gauge: the store's leases; None (no sample) while the store is the empty one a restart
+        restores into, whose 0 is not this node's (review of fastrestore2, Q-b)."""
+        return None if restoring_into_the_empty_state(self.runtime) else len(self.store.leases)
+
+    def _members_read_restoring(self) -> bool:
+        """Whether the cluster's feature level says every member reads AppendEntriesReply.restoring. While this
+        node restores its own snapshot at start its store is empty (level 1): that snapshot's level stands in (the
+        cluster's when it was taken; a level never goes down)."""
+        return max(self.store.feature_level, self._own_snapshot_level) >= RESTORING_IN_REPLIES_LEVEL
+
     def _start_node(self) -> StoredState:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
         (nodestart.start_node says how)."""
         stored = self.storage.load()
+        if stored.snapshot is not None:
+            try:  # restored by steps once the node runs (Runtime.restore_at_start): what it would refuse, now
+                self._own_snapshot_level = check_snapshot(stored.snapshot.data)
+            except ValueError as e:
+                raise CannotStart(f"{self.config.data_dir}: its snapshot at index "
+                                  f"{stored.snapshot.last_included_index}: {e}") from None
         identity = self.storage.read_identity()
         name = self.config.name
         if name is not None and identity is not None and \
@@ -998,13 +1021,15 @@ class Server:
 
 
 def best_successor(node: NodeStatus) -> str | None:
-    """The voter other than this leader with the highest match index, when this node leads others; else None."""
+    """The voter other than this leader with the highest match index, when this node leads others; else None.
+    Not one that said it restores a snapshot: it ignores TimeoutNow (review of fastrestore2, L1')."""
     if node.role is not Role.LEADER:
         return None
     best, best_match = None, -1
     for voter in node.membership.voters:
         progress = node.progress.get(voter)
-        if voter != node.node_id and progress is not None and progress.match_index > best_match:
+        if voter != node.node_id and progress is not None and not progress.restoring \
+                and progress.match_index > best_match:
             best, best_match = voter, progress.match_index
     return best
 

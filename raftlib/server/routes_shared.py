@@ -470,6 +470,7 @@ def wait_consistent(api: Api) -> None:
         except Timeout:
             raise NotApplied(min_index) from None
     if consistency == "stale":
+        refuse_from_the_empty_state(api)
         api.metrics.reads.inc("stale")
         return
     if consistency not in ("linearizable", "lease"):
@@ -487,6 +488,27 @@ def wait_consistent(api: Api) -> None:
                 raise
             gevent.sleep(0.02)
     api.metrics.read_index_seconds.observe(time.perf_counter() - t0)
+
+
+RESTORING = "this node is restoring a snapshot; retry"
+
+
+def restoring_into_the_empty_state(runtime: Raft) -> bool:
+    """Whether this node restores a snapshot into a state machine that holds nothing applied yet: its own snapshot
+    at a restart (Runtime.restore_at_start: the store is a fresh one until the restore swaps the snapshot's state
+    in), or a first one from the leader. A leader's snapshot restored over an older state is not: that state is
+    whole, at its applied index. What counts the state (keys, leases, its feature level) says nothing meanwhile:
+    the empty state's 0 and 1 are not this node's (review of fastrestore2, Q-b)."""
+    return runtime.restoring_snapshot and runtime.node.last_applied == 0
+
+
+def refuse_from_the_empty_state(api: Api) -> None:
+    """503 (raised) while `restoring_into_the_empty_state`, for what answers without waiting for an index (a stale
+    read or list, a watch from now): it would answer from the empty state, a restarted node's keys seeming gone
+    for the whole restore, and a watch from now would start at 0 and get 410 at the swap (review of
+    fastrestore, Q2). A read that waits for an index (linearizable, lease, ?min_index) waits for the restore."""
+    if restoring_into_the_empty_state(api.runtime):
+        raise text(503, RESTORING)
 
 
 def read_headers(api: Api) -> dict[str, str]:
@@ -517,8 +539,7 @@ def require_level_2(api: Api) -> None:
     an older binary stops at start on the V3 snapshot the raise takes: store, "Downgrades")."""
     if api.runtime.restoring_snapshot:
         # The store holds the old state until the snapshot is in, its level too (final review, F2): not a 409.
-        raise text(503, "this node is restoring a snapshot from the leader; retry",
-                   **{"X-Raft-Outcome": "not-applied"})
+        raise text(503, RESTORING, **{"X-Raft-Outcome": "not-applied"})
     if api.store.feature_level < 2:
         raise text(409, api.upgrade_reason())
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import bottle
 
 from .edge import Stream, waiting_on_its_own
-from .routes_shared import Api, check_key, read_headers, removed_text, text
+from .routes_shared import Api, check_key, read_headers, refuse_from_the_empty_state, removed_text, text
 from .watch import Behind, Filter
 from .watchstream import watch_stream
 
@@ -34,6 +34,7 @@ def _watch_position(api: Api) -> int:
     last_event_id = req.environ.get("HTTP_LAST_EVENT_ID")  # as sent (latin-1): Bottle's get_header decodes UTF-8
     name, given = ("Last-Event-ID", last_event_id) if last_event_id else ("from", req.query.get("from"))
     if given is None:
+        refuse_from_the_empty_state(api)
         return max(api.runtime.node.last_applied, api.watch_hub.applied_index)
     if not (given.isascii() and given.isdigit()) or len(given) > 18:  # "\xb2".isdigit() is True: int() fails
         raise text(400, f"{name} must be an index: an integer >= 0")
