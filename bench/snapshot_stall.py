@@ -81,6 +81,7 @@ def preload(data_dirs: list[str], keys: int, value: bytes) -> int:
         stored.append(storage.load())
         storage.close()
     memberships = [e.membership for st in stored for e in st.entries if e.kind is EntryKind.MEMBERSHIP]
+    memberships += [st.snapshot.membership for st in stored if st.snapshot is not None]  # a log compacted already
     membership = max(memberships, key=lambda m: len(m.voters))
     index = max(st.last_index for st in stored) + 1
     term = max(st.hard_state.current_term for st in stored)

@@ -158,14 +158,19 @@ class CollectorHold:
     The price: a cycle of garbage made during the restore that outlives the step it was made in (and one in the
     older generations not collected yet when it ends) is frozen with the state: what a few seconds of serving
     leave, once per restore, and restores repeat (a follower that keeps falling behind). Bounded by a sweep
-    (`sweep`: everything unfrozen, collected in full, frozen again) at the end of a restore that left more than
-    SWEEP_AFTER_FROZEN_GROWTH objects frozen beyond the count after the last sweep (or at the first hold): one
-    pause of a full collection, in that restore's last step, 59 ms CPU (69 ms wall) at 1M keys and 24 ms at 100k
-    (medians of bench/restore_steps.py --compare). Not at every restore's end, which would add that pause to
-    each; not never, which let the frozen garbage grow with every restore. Frozen garbage stays under that many
-    objects, plus the tracked objects of a bigger state frozen at the last sweep (a state that shrank since); a
-    state that grows by that many tracked objects between two restores (leases: a few objects each; records of
-    atomic values are untracked) sweeps at each.
+    (`sweep`: everything unfrozen, collected in full, frozen again), a pause of a full collection of the whole heap
+    (59 ms CPU at 1M keys on a quiet machine, 109-205 ms under load), so only once earlier restores left more than
+    SWEEP_AFTER_FROZEN_GROWTH objects frozen that are still there. Counted at a restore's end before its own freeze
+    (`_freeze_or_sweep`), against the lowest count seen at such a point since the last sweep: the state this restore
+    replaced was freed by its steps (frozen objects leave the count when their reference count frees them), and
+    what earlier restores froze alive has left too (the log's entries, compacted or replaced by the install; the
+    watch history's events, evicted or cleared by the restore), while frozen garbage stays. Counted after the
+    freeze, as it was, the growth held the state just restored and what the serving made live meanwhile: at 300k
+    keys under writes a restore froze 19,609 objects (9,085 log entries, 9,085 watch events, ~1,100 of the state's
+    own), so it swept, and the sweep then found 5-15 objects of garbage, for 63-68 ms of CPU. Frozen garbage
+    stays under that many objects plus what the last restore froze (not counted until the next restore's end),
+    plus what lived frozen at the lowest count and died since (between two sweeps the floor only goes down). A state
+    kept alive frozen by earlier restores counts like garbage (a sweep comes earlier, never later).
 
     The hold is counted (several runtimes in one process, as tests run them): the collector comes back on when
     the last hold is released, on every way out (the restore done, the node stopping, a step that raised), and
@@ -173,11 +178,13 @@ class CollectorHold:
     two younger generations (`collect_replaced`). It is also let go while a save waits for room or a descriptor
     (Runtime._wait_to_save_again: no step runs then, however long it lasts), taken again once saved."""
 
-    SWEEP_AFTER_FROZEN_GROWTH = 10_000  # objects frozen since the last sweep, garbage perhaps, before the next
+    SWEEP_AFTER_FROZEN_GROWTH = 10_000  # objects left frozen by earlier restores, garbage perhaps, before a sweep
 
     _holders = 0
     _was_enabled = False
-    _frozen_after_sweep: int | None = None  # gc.get_freeze_count() after the last sweep, or at the first hold
+    # gc.get_freeze_count() after the last sweep (or at the first hold), lowered to the count at a restore's end
+    # before its freeze whenever that is lower (`_freeze_or_sweep`).
+    _frozen_floor: int | None = None
 
     def __init__(self) -> None:
         self.held = False
@@ -189,8 +196,8 @@ class CollectorHold:
         if CollectorHold._holders == 0:
             CollectorHold._was_enabled = gc.isenabled()
             gc.disable()
-            if CollectorHold._frozen_after_sweep is None:
-                CollectorHold._frozen_after_sweep = gc.get_freeze_count()
+            if CollectorHold._frozen_floor is None:
+                CollectorHold._frozen_floor = gc.get_freeze_count()
         CollectorHold._holders += 1
 
     def after_step(self) -> None:
@@ -214,26 +221,33 @@ class CollectorHold:
         CollectorHold._holders -= 1
         if freeze and CollectorHold._was_enabled:
             gc.collect(0)
-            gc.freeze()
-            self._sweep_if_frozen_grew()
+            self._freeze_or_sweep()
         if CollectorHold._holders == 0 and CollectorHold._was_enabled:
             gc.enable()
 
     @staticmethod
-    def _sweep_if_frozen_grew() -> None:
-        """The garbage frozen by the restores since the last sweep collected, once it may be many objects."""
-        grown = gc.get_freeze_count() - (CollectorHold._frozen_after_sweep or 0)
-        if grown > CollectorHold.SWEEP_AFTER_FROZEN_GROWTH:
+    def _freeze_or_sweep() -> None:
+        """The restored state frozen, or, once earlier restores left more than SWEEP_AFTER_FROZEN_GROWTH objects
+        frozen (counted before this freeze: the class's rules), everything swept instead (the sweep freezes too)."""
+        frozen = gc.get_freeze_count()
+        floor = min(frozen, CollectorHold._frozen_floor if CollectorHold._frozen_floor is not None else frozen)
+        CollectorHold._frozen_floor = floor
+        if frozen - floor > CollectorHold.SWEEP_AFTER_FROZEN_GROWTH:
             CollectorHold.sweep()
+        else:
+            gc.freeze()
 
     @staticmethod
     def sweep() -> None:
         """Everything unfrozen, collected in full, frozen again: the frozen garbage freed, in one full collection
-        of the whole heap (bench/restore_steps.py --compare times it)."""
+        of the whole heap (bench/restore_steps.py --compare times it). Logged: it holds the event loop."""
+        started, frozen = time.thread_time(), gc.get_freeze_count()
         gc.unfreeze()
-        gc.collect()
+        found = gc.collect()
         gc.freeze()
-        CollectorHold._frozen_after_sweep = gc.get_freeze_count()
+        CollectorHold._frozen_floor = gc.get_freeze_count()
+        logger.info("swept the garbage frozen by restores: %d unreachable objects collected (%d were frozen) in %.0f ms"
+                    " of CPU", found, frozen, (time.thread_time() - started) * 1000)
 
 
 MAX_BACKUPS = 1  # backups written at once: each child may grow to the size of the state (copy on write)
