@@ -4,6 +4,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import os  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -84,6 +85,8 @@ def main() -> None:
     only_members_as_themselves()
     frames_within_the_limit()
     replies_that_came_in_a_stall()
+    late_replies_of_a_live_peer()
+    stopped_peer_given_up()
     sys.stdout.flush()
 
 
@@ -407,6 +410,68 @@ def replies_that_came_in_a_stall() -> None:
     real_sleep(0.2)
     rep.close(0)
     context.term()
+
+
+
+def late_replies_of_a_live_peer() -> None:
+    """A live peer that answers after 1.5 times the reply timeout (a follower starved of CPU, issue 13): its reply
+    is taken on the socket it was asked on, which is not reset; the next request goes on the same connection.
+    A peer whose loop is wedged (it took the request and never answers, its connection up) is given up on at
+    the cap."""
+    a_port, b_port, c_port = free_port(), free_port(), free_port()
+    slow, wedged = Peer("b", b_port, delay=0.45), Peer("c", c_port, delay=30.0)
+    received = []
+    a = ZmqTransport("a", f"127.0.0.1:{a_port}", lambda m, r: received.extend(m) or [], reply_timeout_seconds=0.3,
+                     reply_wait_cap_seconds=1.0)
+    a.start()
+    a.set_peers({"b": f"127.0.0.1:{b_port}", "c": f"127.0.0.1:{c_port}"})
+    checks = {}
+    for term in (1, 2):
+        a.send([RequestVote("a", "b", term, 0, 0)])
+        checks[f"reply-{term}"] = wait(lambda: any(m.src == "b" and m.term == term for m in received), 3)
+    checks["late-counted"] = a.late_replies == 2
+    checks["one-connection"] = len(slow.t._inbound._rank) == 1
+    a.send([RequestVote("a", "c", 1, 0, 0)])
+    checks["wedged-given-up"] = wait(lambda: a.replies_given_up == 1, 5)
+    checks["only-the-wedged"] = a.replies_given_up == 1 and not any(m.src == "c" for m in received)
+    failed = [name for name, ok in checks.items() if not ok]
+    print("late-reply-taken", "ok" if not failed else "FAIL " + ",".join(failed))
+    for t in (a, slow.t, wedged.t):
+        t.stop()
+
+
+STOPPED_PEER = """
+import os, signal, sys, zmq
+ctx = zmq.Context()
+rep = ctx.socket(zmq.REP)
+port = rep.bind_to_random_port("tcp://127.0.0.1")
+print(port, flush=True)
+rep.recv()
+os.kill(os.getpid(), signal.SIGSTOP)  # took the request; stopped before answering, its connection open
+"""
+
+
+def stopped_peer_given_up() -> None:
+    """A peer stopped (SIGSTOP) after it took a request keeps its TCP connection open but answers no zmq
+    heartbeat: the sender gives up on it long before its cap (30 s here), and its next message is not held up."""
+    import signal
+    import subprocess
+
+
+    peer = subprocess.Popen([sys.executable, "-c", STOPPED_PEER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(peer.stdout.readline())
+        a = ZmqTransport("a", f"127.0.0.1:{free_port()}", lambda m, r: [], reply_timeout_seconds=0.2,
+                         reply_wait_cap_seconds=30.0)
+        a.start()
+        a.set_peers({"s": f"127.0.0.1:{port}"})
+        a.send([RequestVote("a", "s", 1, 0, 0)])
+        given_up = wait(lambda: a.replies_given_up == 1, 10)
+        print("stopped-peer-given-up", "ok" if given_up else "FAIL still waiting after 10 s (cap 30 s)")
+        a.stop()
+    finally:
+        os.kill(peer.pid, signal.SIGKILL)
+        peer.wait(timeout=10)
 
 
 if __name__ == "__main__":
