@@ -720,6 +720,8 @@ class _PeerSender:
             frame = self._recv_within(min(LIVE_CHECK_SECONDS, left))
             if frame is not None:
                 self.transport.late_replies += 1
+                logger.debug("a late reply from %s, %d ms after its request", self.node_id,
+                             (time.monotonic() - deadline + cap) * 1000)
         return frame
 
     def _recv_within(self, timeout: float):
