@@ -7,7 +7,8 @@ machine's cores for --seconds; counts the leader changes from the nodes' logs an
   within --window seconds before (a reply the sender gave up on, and closed the socket it would have come on);
 - election: the leader was deposed by a higher term (a follower's election after its pre-vote won; a leadership
   transfer would show the same way, and this bench asks for none);
-- dropped replies: the transport's "no reply from PEER ... reconnecting" lines (the nodes run with -debug).
+- dropped replies: the transport's "no reply from PEER ... reconnecting" lines (the nodes run with -debug), and
+  late replies: its "a late reply from PEER" lines (a reply taken past the reply timeout, where the build has it).
 
     python bench/hog_elections.py --hogs 4 6                                   # this checkout
     python bench/hog_elections.py --hogs 4 6 --repeat 3 --vs-build /tmp/main   # and another, alternating
@@ -42,6 +43,7 @@ LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \[[^\]]*\] raftl
 BECAME = re.compile(r"became leader in term (\d+)")
 STEPPED = re.compile(r"stepped down in term (\d+)")
 NO_REPLY = re.compile(r"no reply from (\S+) at ")
+LATE_REPLY = re.compile(r"a late reply from (\S+), (\d+) ms after")
 
 
 class Cluster:
@@ -124,7 +126,7 @@ def parse_log(path: str) -> list[tuple[float, str]]:
 def causes(logs: list[str], start: float, end: float, window: float) -> dict:
     """Leader changes in [start, end] and their causes (the module's docstring), from the nodes' logs."""
     out = {"leader_changes": 0, "check_quorum": 0, "check_quorum_after_no_reply": 0, "deposed": 0,
-           "deposed_after_no_reply": 0, "no_reply": 0}
+           "deposed_after_no_reply": 0, "no_reply": 0, "late_reply": 0}
     for path in logs:
         led_term, no_replies = 0, []
         for stamp, text in parse_log(path):
@@ -135,6 +137,9 @@ def causes(logs: list[str], start: float, end: float, window: float) -> dict:
             if m := NO_REPLY.search(text):
                 no_replies.append(stamp)
                 out["no_reply"] += start <= stamp <= end
+                continue
+            if LATE_REPLY.search(text):
+                out["late_reply"] += start <= stamp <= end
                 continue
             m = STEPPED.search(text)
             if not m or not start <= stamp <= end:
@@ -204,7 +209,8 @@ def main() -> int:
         print(f"{label:>8} hogs={hogs}: leader changes/min {med['leader_changes'] / med['minutes']:.1f}, "
               f"check-quorum {med['check_quorum']:g} (after a dropped reply {med['check_quorum_after_no_reply']:g}), "
               f"deposed {med['deposed']:g} (after a dropped reply {med['deposed_after_no_reply']:g}), "
-              f"dropped replies {med['no_reply']:g}, writes {med['writes']:g}, load {med['load']:.1f} "
+              f"dropped replies {med['no_reply']:g}, late replies taken {med['late_reply']:g}, "
+              f"writes {med['writes']:g}, load {med['load']:.1f} "
               f"({len(rs)} runs)")
     return 0
 
