@@ -10,15 +10,15 @@ pirate"), so a dead peer never wedges the sender; the messages are dropped, as R
 `reply_timeout_seconds`, and past it as long as the peer is alive, up to `reply_wait_cap_seconds`: a live peer
 starved of CPU may answer later than an election timeout, and a reply given up on came on a socket already
 closed, so the leader never heard from a follower that had heard from it and check-quorum ended the term with
-every node alive (issue 13: under 6 CPU hogs most step-downs followed such a reset). Alive means the socket's
-connection is up (its monitor saw the handshake and no disconnection since) and answers zmq's heartbeats (ZMTP
-PING/PONG, answered by the peer's I/O thread, which a busy event loop does not hold up): a peer that died or
-restarted is given up on at once (the TCP connection closes), one stopped or cut off within HEARTBEAT_TIMEOUT, one
-whose loop is wedged at the cap. Meanwhile what is queued for that peer waits and goes as one batch after the
-reply; heartbeats to it wait too, but it is still busy with the request before them. Any other failure of a send, the opening of a socket included (out of
-descriptors: EMFILE), drops the batch too, is logged at most once a second, and is retried after 0.1 s: a sender
-never dies while its peer exists. The REP server decodes each frame, hands the messages to the owner
-and answers with whatever the owner returns. Bad frames are logged and dropped, never raised.
+every node alive (issue 13, bench/hog_elections.py). Alive means the socket's connection is up (its monitor saw
+the handshake and no disconnection since the request went out) and answers zmq's heartbeats (ZMTP PING/PONG,
+answered by the peer's I/O thread, which a busy event loop does not hold up): a peer that died or restarted is
+given up on at once (the TCP connection closes), one stopped or cut off within HEARTBEAT_TIMEOUT_SECONDS, one whose
+loop is wedged at the cap. Meanwhile what is queued for that peer waits and goes as one batch after the reply;
+heartbeats to it wait too, but it is still busy with the request before them. Any other failure of a send, the
+opening of a socket included (out of descriptors: EMFILE), drops the batch too, is logged at most once a second,
+and is retried after 0.1 s: a sender never dies while its peer exists. The REP server decodes each frame, hands
+the messages to the owner and answers with whatever the owner returns. Bad frames are logged and dropped, never raised.
 
 Security. With a cluster secret every node has a CURVE key pair of its own (RFC 26/CurveZMQ; made at its first
 start and kept in its data dir, raftlib.server.node), and its public key travels in the configuration
@@ -675,7 +675,7 @@ class _PeerSender:
                 self._take_events()  # a disconnection before this request does not count against its reply
                 self._sock.send(data)
                 sent_at = time.monotonic()
-                frame = self._await_reply(t._reply_timeout_ms / 1000.0, t._reply_wait_cap)
+                frame = self._await_reply(sent_at, t._reply_timeout_ms / 1000.0, t._reply_wait_cap)
                 if frame is None:
                     t.replies_given_up += 1
                     logger.debug("no reply from %s at %s in %d ms: reconnecting", self.node_id, self.address,
@@ -707,11 +707,11 @@ class _PeerSender:
                 except Exception:
                     logger.exception("handler failed on a reply from %s", self.node_id)
 
-    def _await_reply(self, timeout: float, cap: float):
-        """The reply to the request just sent, or None if none came within `timeout` seconds while the connection
-        was down, or within `cap` seconds while it was up (the module's rules: a live peer starved of CPU answers
-        late, and its late reply must count)."""
-        deadline = time.monotonic() + cap
+    def _await_reply(self, sent_at: float, timeout: float, cap: float):
+        """The reply to the request sent at `sent_at` (monotonic), or None if none came within `timeout` seconds
+        while the connection was down, or within `cap` seconds while it was up (the module's rules: a live peer
+        starved of CPU answers late, and its late reply must count)."""
+        deadline = sent_at + cap
         frame = self._recv_within(timeout)
         while frame is None and self._peer_alive():
             left = deadline - time.monotonic()
@@ -721,18 +721,18 @@ class _PeerSender:
             if frame is not None:
                 self.transport.late_replies += 1
                 logger.debug("a late reply from %s, %d ms after its request", self.node_id,
-                             (time.monotonic() - deadline + cap) * 1000)
+                             (time.monotonic() - sent_at) * 1000)
         return frame
 
     def _recv_within(self, timeout: float):
-        """The reply, or None if none came within `timeout` seconds. recv under a
-        gevent.Timeout waits on the socket's own watcher (poll() would build a Poller, a select and two timers for
-        every request). When the hub was blocked past the timeout (a stalled loop: a long step, a starved CPU),
-        the overdue timer often fires before the socket's watcher is looked at, though the reply arrived in the
-        stall: so one non-blocking recv is tried before the reply is declared lost (review stallstep L1: 12 of
-        20 replies were dropped after a 0.5 s stall, each resetting the socket, and check-quorum stepped a leader
-        down whose followers had all answered). REQ/REP keeps this sound: the socket has one request out, so
-        what it holds is that request's reply; after a real timeout nothing is there and the caller resets it."""
+        """The reply, or None if none came within `timeout` seconds. recv under a gevent.Timeout waits on the socket's
+        own watcher (poll() would build a Poller, a select and two timers for every request). When the hub was blocked
+        past the timeout (a stalled loop: a long step, a starved CPU), the overdue timer often fires before the socket's
+        watcher is looked at, though the reply arrived in the stall: so one non-blocking recv is tried before the reply
+        is declared lost (review stallstep L1: 12 of 20 replies were dropped after a 0.5 s stall, each resetting the
+        socket, and check-quorum stepped a leader down whose followers had all answered). REQ/REP keeps this sound: the
+        socket has one request out, so what it holds is that request's reply; after a real timeout nothing is there and
+        the caller resets it."""
         frame = None
         with gevent.Timeout(timeout, False):
             frame = self._sock.recv()
