@@ -66,7 +66,7 @@ class Cluster:
                                                        stderr=subprocess.STDOUT, cwd=build))
                 self.logs.append(log_path)
                 self.http_ports.append(http_port)
-                load.wait_until(lambda: self._voters() == i + 1, 30, f"{name} to join")
+                load.wait_until(lambda: self._voters() == i + 1, 90, f"{name} to join")  # a shared, loaded machine
         except BaseException:
             self.stop()
             raise
