@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import http.client
+import json
 import os
 import re
 import shutil
@@ -46,11 +47,11 @@ NO_REPLY = re.compile(r"no reply from (\S+) at ")
 LATE_REPLY = re.compile(r"a late reply from (\S+), (\d+) ms after")
 
 
-class Cluster:
+class Cluster(load.System):
     """3 named nodes of `build` with -debug (the transport's reconnects are debug lines), started one by one."""
 
     def __init__(self, build: str, workdir: str) -> None:
-        self.procs: list[subprocess.Popen] = []
+        super().__init__(workdir)
         self.logs: list[str] = []
         self.http_ports: list[int] = []
         try:
@@ -60,11 +61,8 @@ class Cluster:
                         "-h", "127.0.0.1", "-name", name, "-debug"]
                 if i:
                     args += ["-join", f"127.0.0.1:{self.http_ports[0]}"]
-                log_path = os.path.join(workdir, f"{name}.log")
-                with open(log_path, "ab") as log:
-                    self.procs.append(subprocess.Popen(args + [os.path.join(workdir, name)], stdout=log,
-                                                       stderr=subprocess.STDOUT, cwd=build))
-                self.logs.append(log_path)
+                self.spawn(args + [os.path.join(workdir, name)], f"{name}.log", cwd=build)
+                self.logs.append(os.path.join(workdir, f"{name}.log"))
                 self.http_ports.append(http_port)
                 load.wait_until(lambda: self._voters() == i + 1, 90, f"{name} to join")  # a shared, loaded machine
         except BaseException:
@@ -72,20 +70,8 @@ class Cluster:
             raise
 
     def _voters(self) -> int:
-        import json
         st = json.loads(load.get(f"http://127.0.0.1:{self.http_ports[0]}/status"))
         return sum(1 for m in st["members"] if m["role"] == "voter") if st["role"] == "leader" else 0
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
 
 
 def writer(ports: list[int], stop: threading.Event, counts: list[int], index: int) -> None:
