@@ -70,8 +70,16 @@ class Cluster(load.System):
             raise
 
     def _voters(self) -> int:
-        st = json.loads(load.get(f"http://127.0.0.1:{self.http_ports[0]}/status"))
-        return sum(1 for m in st["members"] if m["role"] == "voter") if st["role"] == "leader" else 0
+        """The voters the leader counts, whichever node leads (a loaded machine moves the leadership while the
+        cluster forms); 0 while none does."""
+        for port in self.http_ports:
+            try:
+                st = json.loads(load.get(f"http://127.0.0.1:{port}/status"))
+            except OSError:
+                continue
+            if st["role"] == "leader":
+                return sum(1 for m in st["members"] if m["role"] == "voter")
+        return 0
 
 
 def writer(ports: list[int], stop: threading.Event, counts: list[int], index: int) -> None:
