@@ -87,6 +87,7 @@ def main() -> None:
     replies_that_came_in_a_stall()
     late_replies_of_a_live_peer()
     stopped_peer_given_up()
+    restarted_peer_given_up()
     sys.stdout.flush()
 
 
@@ -477,6 +478,34 @@ def stopped_peer_given_up() -> None:
     finally:
         os.kill(peer.pid, signal.SIGKILL)
         peer.wait(timeout=10)
+
+
+def restarted_peer_given_up() -> None:
+    """A peer restarted at once on the same port while the sender waits past its reply timeout, and the sender's
+    hub then blocked longer than zmq's reconnect interval (0.1 s): when the sender looks again its connection is
+    up once more (the monitor queued a disconnection, then a new handshake), but the new process never saw the
+    request. The sender gives up at once on the disconnection, not at its cap (30 s here), and takes no reply for
+    that request (review replytimeout F3)."""
+    real_sleep = monkey.get_original("time", "sleep")
+    port = free_port()
+    old = Peer("b", port, delay=30.0)  # takes the request and answers only after the restart
+    received = []
+    a = ZmqTransport("a", f"127.0.0.1:{free_port()}", lambda m, r: received.extend(m) or [],
+                     reply_timeout_seconds=0.2, reply_wait_cap_seconds=30.0)
+    a.start()
+    a.set_peers({"b": f"127.0.0.1:{port}"})
+    a.send([RequestVote("a", "b", 1, 0, 0)])
+    checks = {"request-taken": wait(lambda: old.received, 5)}
+    gevent.sleep(0.4)  # the sender waits past its reply timeout on a live peer
+    old.t.stop()
+    new = Peer("b", port)
+    real_sleep(0.4)  # the sender's hub blocked: zmq reconnects to the new process meanwhile
+    checks["given-up"] = wait(lambda: a.replies_given_up == 1, 10)
+    checks["no-reply-to-the-lost-request"] = not any(m.term == 1 for m in received)
+    failed = [name for name, ok in checks.items() if not ok]
+    print("restarted-peer-given-up", "ok" if not failed else "FAIL " + ",".join(failed))
+    for t in (a, new.t):
+        t.stop()
 
 
 if __name__ == "__main__":
