@@ -88,7 +88,13 @@ FRAME_BUDGET_BYTES = codec.MAX_FRAME_BYTES // 2  # messages batched into one fra
 # message alone may take more, up to codec.MAX_FRAME_BYTES (an AppendEntries: max_batch_bytes and one entry)
 HANDSHAKE_SECONDS = 2.0  # a connection must finish the zmq handshake (and CURVE's) within this
 # A sender's connection is probed this often (a ZMTP PING) and closed when nothing came back for the timeout: a
-# stopped or cut-off peer is told from a slow one while the sender waits past its reply timeout.
+# stopped or cut-off peer is told from a slow one while the sender waits past its reply timeout. The PING queues
+# behind the request still in the socket buffers (one frame: REQ has one request out), and only data from the peer
+# stops the timeout, so the timeout must exceed the largest frame's transfer time (codec.MAX_FRAME_BYTES, 4 MiB):
+# microseconds on 127.0.0.1 or a LAN, but a link slower than about 4 MiB/s (32 Mbit/s, a WAN member) would have a
+# big append or snapshot chunk cut off and retried forever. For such links raise it to at least MAX_FRAME_BYTES over
+# the link's bytes per second, with margin (review replytimeout F2). It is a socket option set before the connect,
+# so it cannot follow each frame's size.
 HEARTBEAT_IVL_SECONDS = 0.25
 HEARTBEAT_TIMEOUT_SECONDS = 1.0
 LIVE_CHECK_SECONDS = 0.05  # how often a sender waiting past its reply timeout looks whether the connection is up
