@@ -758,8 +758,9 @@ class _PeerSender:
             self._warned_at, self._failures = time.monotonic(), 0
         try:
             self._close()
-        except Exception:  # a socket half made: zmq frees it with the context
+        except Exception:  # a socket half made: zmq frees it and its monitor with the context
             self._sock = None
+            self._monitor = None  # else the next _open would replace it unclosed (review replytimeout N2)
         gevent.sleep(0.1)
 
     def stop(self) -> None:
