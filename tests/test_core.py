@@ -1417,6 +1417,32 @@ def test_a_leaders_hand_over_passes_by_a_follower_restoring_its_snapshot(hand_ov
     assert c.leader() == other
 
 
+def test_the_leader_forgets_a_followers_restoring_once_its_restore_ends():
+    """Review of fix2snap, Q1: the leader's Progress.restoring follows each append reply, so it clears once the
+    follower's restore ends; a flag that stuck would keep a hand-over off that node for good (and, with one other
+    voter down, off every node)."""
+    from raftlib.server.node import best_successor  # here: the rest of this module needs no server
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    c.run(20)
+    restarted = max(i for i in c.ids if i != leader)
+    c.take_snapshot(restarted)
+    c.crash(restarted)
+    c.restore_rng = _DrivesOf(30)
+    c.restart(restarted)
+    c.run(10)
+    assert c.nodes[leader].node.status().progress[restarted].restoring
+    assert c.run_until(lambda: c.nodes[restarted].restoring is None, 100)
+    c.run(2 * c.heartbeat_ticks)  # a heartbeat's reply after the restore
+    assert c.nodes[restarted].node.last_applied > 0
+    assert not c.nodes[leader].node.status().progress[restarted].restoring
+    other = next(i for i in c.ids if i not in (leader, restarted))
+    c.cut |= {(leader, other), (other, leader)}  # the restarted one gets the newest write: the hand-over's pick
+    c.client_write(leader)
+    c.run(6)
+    assert best_successor(c.nodes[leader].node.status()) == restarted
+
+
 def test_a_hand_over_passes_by_a_joiner_restoring_its_first_snapshot():
     """Review of fix2snap, L1: a joiner restores the leader's snapshot into its empty store (level 1) with no
     snapshot of its own, and is promoted meanwhile. The server's gate (Server._members_read_restoring) counted
