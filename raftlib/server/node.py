@@ -70,6 +70,7 @@ from gevent import monkey
 from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode
 from raftlib.interfaces import StoredState
 from raftlib.messages import Member, Membership, Message, Removed, Role
+from raftlib.progress import best_successor as progress_best_successor
 from raftlib.runtime import EntryLost, NotRunning, Runtime
 from raftlib.storage import DiskStorage
 from raftlib.storage_errors import DiskFull, StorageError
@@ -1021,17 +1022,11 @@ class Server:
 
 
 def best_successor(node: NodeStatus) -> str | None:
-    """The voter other than this leader with the highest match index, when this node leads others; else None.
-    Not one that said it restores a snapshot: it ignores TimeoutNow (review of fastrestore2, L1')."""
+    """The voter other than this leader that a hand-over picks (progress.best_successor: the highest match, not
+    one that said it restores a snapshot), when this node leads others; else None."""
     if node.role is not Role.LEADER:
         return None
-    best, best_match = None, -1
-    for voter in node.membership.voters:
-        progress = node.progress.get(voter)
-        if voter != node.node_id and progress is not None and not progress.restoring \
-                and progress.match_index > best_match:
-            best, best_match = voter, progress.match_index
-    return best
+    return progress_best_successor(node.progress, [v for v in node.membership.voters if v != node.node_id])
 
 
 def _test_fsync_delay(path: str) -> None:
