@@ -133,7 +133,8 @@ def node_forks(keys: int, seconds: float, threshold: int) -> int:
         index = snapshot_stall.preload([proc.args[-1]], keys, b"v" * 100)
         proc = snapshot_stall.restart(cluster, 0, load.ROOT, workdir)
         load.wait_until(lambda: snapshot_stall.get_json(port)["applied_index"] >= index, 300, "the preloaded node")
-        load.wait_until(lambda: (snapshot_stall.get_json(port).get("cluster_feature_level") or 1) >= 2, 60, "the level raise")
+        load.wait_until(lambda: (snapshot_stall.get_json(port).get("cluster_feature_level") or 1) >= 2, 60,
+                        "the level raise")
         time.sleep(5)  # the raise's snapshot
         status = proc_status_of(proc.pid, "VmRSS", "VmPTE", "AnonHugePages")
         print(f"  the node serves {keys:,} keys: " + ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in status.items()))
@@ -178,9 +179,10 @@ def node_forks(keys: int, seconds: float, threshold: int) -> int:
             else:
                 over = after["raftdzmq_loop_lags_over_10ms"] - before["raftdzmq_loop_lags_over_10ms"]
                 how = "" if snapshots else ", restarted with no snapshot threshold"
-                print(f"  without strace{how}: {writes} writes in {seconds:g}s, {forks} snapshots; the probe's lags over "
-                      f"10 ms meanwhile: {over:.0f}; the slowest GET /status: {slowest * 1000:.0f} ms; the probe's max "
-                      f"since the start {after['raftdzmq_loop_lag_seconds_max'] * 1000:.0f} ms (its restore included)")
+                print(f"  without strace{how}: {writes} writes in {seconds:g}s, {forks} snapshots; the probe's lags "
+                      f"over 10 ms meanwhile: {over:.0f}; the slowest GET /status: {slowest * 1000:.0f} ms; the "
+                      f"probe's max since the start {after['raftdzmq_loop_lag_seconds_max'] * 1000:.0f} ms (its "
+                      "restore included)")
     finally:
         cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -44,7 +44,7 @@ from .messages import (
     SnapshotUnreadable,
     snapshot_chunk,
 )
-from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker
+from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker, best_successor
 from .readonly import ReadAnswer, ReadOnly
 
 
@@ -1294,7 +1294,7 @@ class RaftNode:
         It hands over to the most up-to-date voter first so the cluster need not wait for an election timeout; not
         to one that said it restores a snapshot (it would ignore the TimeoutNow)."""
         self._flush_appends()
-        best = self._progress.best_successor(self.membership.voters)
+        best = best_successor(self._progress, self.membership.voters)
         if best is not None and self._progress[best].match_index == self.log.last_index:
             self._send(TimeoutNow(self.node_id, best, self.current_term))
         self._become_follower(self.current_term, None)

@@ -230,7 +230,8 @@ class Ctl:
             lag = "" if leader_commit is None else str(max(0, leader_commit - s["applied_index"]))
             s["lag"] = None if leader_commit is None else int(lag)
             rows.append([s["node_id"], s["address"], s["role"], str(s["term"]), str(s["commit_index"]),
-                         str(s["applied_index"]), lag, "" if s.get("keys") is None else str(s["keys"]), _size(s.get("data_size"))])
+                         str(s["applied_index"]), lag, "" if s.get("keys") is None else str(s["keys"]),
+                         _size(s.get("data_size"))])
         self.out(table(rows, ["ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "LAG", "KEYS", "DATA SIZE"]),
                  statuses)
         return 0 if all("error" not in s for s in statuses) else EXIT_FAILED

@@ -163,12 +163,15 @@ class ProgressTracker(dict[str, Progress]):
         for node_id, pr in self.items():
             pr.recent_active = node_id == self_id
 
-    def best_successor(self, voters: Iterable[str]) -> str | None:
-        """The voter with the highest match_index (ties: the greatest id), of those tracked that did not say they
-        restore a snapshot (they ignore TimeoutNow); None when there is none."""
-        candidates = [n for n in voters if n in self and not self[n].restoring]
-        return max(candidates, key=lambda n: (self[n].match_index, n), default=None)
-
     def status(self, self_id: str) -> Mapping[str, ProgressStatus]:
         """Every follower's progress, frozen."""
         return types.MappingProxyType({n: pr.status() for n, pr in sorted(self.items()) if n != self_id})
+
+
+def best_successor(progress: Mapping[str, Progress | ProgressStatus], voters: Iterable[str]) -> str | None:
+    """The voter a leader hands over to (a removal's, core; a stop's, raftlib.server.node): of `voters` tracked in
+    `progress` (the tracker's, or a status's copy), not one that said it restores a snapshot (it ignores
+    TimeoutNow), the one with the highest match_index; ties: the greatest id, as a deterministic choice. None when
+    there is none. The one place for this choice (review of fix2snap, Q2: two had opposite tie-breaks)."""
+    candidates = [n for n in voters if n in progress and not progress[n].restoring]
+    return max(candidates, key=lambda n: (progress[n].match_index, n), default=None)

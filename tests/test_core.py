@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import sys
+import types
 
 import pytest
 
@@ -1392,8 +1393,7 @@ def test_a_leaders_hand_over_passes_by_a_follower_restoring_its_snapshot(hand_ov
     leader = elect(c)
     c.run(20)
     followers = sorted(i for i in c.ids if i != leader)
-    # The restarted one ties, and wins the tie by its id: the removal's picks the greatest, best_successor the least.
-    other, restarted = followers if hand_over == "removal" else reversed(followers)
+    other, restarted = followers  # the restarted one ties, and wins the tie by its id (the greatest)
     c.take_snapshot(restarted)
     c.crash(restarted)
     c.restore_rng = _DrivesOf(10_000)  # restores far longer than this test runs
@@ -1414,3 +1414,79 @@ def test_a_leaders_hand_over_passes_by_a_follower_restoring_its_snapshot(hand_ov
         c.process(leader)
     assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # less than an election timeout
     assert c.leader() == other
+
+
+def test_the_leader_forgets_a_followers_restoring_once_its_restore_ends():
+    """Review of fix2snap, Q1: the leader's Progress.restoring follows each append reply, so it clears once the
+    follower's restore ends; a flag that stuck would keep a hand-over off that node for good (and, with one other
+    voter down, off every node)."""
+    from raftlib.server.node import best_successor  # here: the rest of this module needs no server
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    c.run(20)
+    restarted = max(i for i in c.ids if i != leader)
+    c.take_snapshot(restarted)
+    c.crash(restarted)
+    c.restore_rng = _DrivesOf(30)
+    c.restart(restarted)
+    c.run(10)
+    assert c.nodes[leader].node.status().progress[restarted].restoring
+    assert c.run_until(lambda: c.nodes[restarted].restoring is None, 100)
+    c.run(2 * c.heartbeat_ticks)  # a heartbeat's reply after the restore
+    assert c.nodes[restarted].node.last_applied > 0
+    assert not c.nodes[leader].node.status().progress[restarted].restoring
+    other = next(i for i in c.ids if i not in (leader, restarted))
+    c.cut |= {(leader, other), (other, leader)}  # the restarted one gets the newest write: the hand-over's pick
+    c.client_write(leader)
+    c.run(6)
+    assert best_successor(c.nodes[leader].node.status()) == restarted
+
+
+def test_a_hand_over_passes_by_a_joiner_restoring_its_first_snapshot():
+    """Review of fix2snap, L1: a joiner restores the leader's snapshot into its empty store (level 1) with no
+    snapshot of its own, and is promoted meanwhile. The server's gate (Server._members_read_restoring) counted
+    only a snapshot found at start, so the joiner never said `restoring`: Server.stop's best_successor picked it
+    whenever its match was the highest, it ignored TimeoutNow, and the cluster waited the transfer's bound and an
+    election timeout. The level of the snapshot being restored (store.restoring_level) now stands in."""
+    from raftlib.server.node import Server, best_successor  # here: the rest of this module needs no server
+    from raftlib.server.store import FEATURE_LEVEL, SET_FEATURE_LEVEL, KeyValueStore, command
+
+    leaders_state = KeyValueStore()
+    assert leaders_state.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)) == "ok"
+    joiners_store = KeyValueStore()
+    joiners_store.restoring(leaders_state.snapshot())  # what the runtime calls as it begins the leader's snapshot
+    joiner = types.SimpleNamespace(store=joiners_store)
+    c = Cluster(seed=3, n=3, spares=1)
+    leader = elect(c)
+    for _ in range(10):
+        c.client_write(leader)
+    c.run(30)
+    for node_id in c.ids[:3]:
+        c.take_snapshot(node_id)
+    c.run(10)
+    c.config_overrides = {"restoring_in_replies": lambda: Server._members_read_restoring(joiner)}  # type: ignore
+    c.crash("n4")
+    c.restart("n4")
+    c.restore_rng = _DrivesOf(10_000)  # restores far longer than this test runs
+    assert c.change_membership(ConfChangeKind.ADD_LEARNER, "n4")
+    assert c.run_until(lambda: "n4" in c.nodes[c.leader()].node.membership.voters
+                       and c.nodes[c.leader()].node.commit_index >= c.nodes[c.leader()].node.membership_index, 300)
+    c.run(10)
+    leader = c.leader()
+    others = [v for v in c.nodes[leader].node.membership.voters if v not in (leader, "n4")]
+    for lagging in others:  # the joiner gets the newest write first (as under load: any follower may be ahead)
+        c.cut |= {(leader, lagging), (lagging, leader)}
+    c.client_write(leader)
+    c.run(6)
+    c.cut.clear()
+    old = c.nodes[leader].node
+    progress = old.status().progress
+    assert c.nodes["n4"].restoring is not None and c.nodes["n4"].node.last_applied == 0
+    assert all(progress["n4"].match_index > progress[other].match_index for other in others)
+    assert progress["n4"].restoring
+    target = best_successor(old.status())
+    assert target in others
+    old.transfer_leadership(target)
+    c.process(leader)
+    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # less than an election timeout
+    assert c.leader() == target

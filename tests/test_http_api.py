@@ -1828,11 +1828,10 @@ def test_a_node_restoring_its_own_snapshot_at_start_does_not_answer_from_the_emp
 def test_a_node_says_it_restores_in_its_append_replies_only_in_a_cluster_of_this_release():
     """Review of fastrestore2, L1': AppendEntriesReply.restoring makes an older node drop the frame, so a node says
     it only at the feature level that came with the field: its store's, or while that store is still empty (the
-    restore at start), its own snapshot's (check_snapshot: a V4's level; 0 for an older format)."""
-    def members_read_restoring(store_level: int, own_snapshot_level: int) -> bool:
-        server = types.SimpleNamespace(store=types.SimpleNamespace(feature_level=store_level),
-                                       _own_snapshot_level=own_snapshot_level)
-        return Server._members_read_restoring(server)  # type: ignore[arg-type]
+    restore into it), the snapshot's it restores (store.restoring_level: a V4's level; 0 for an older format)."""
+    def members_read_restoring(store_level: int, restoring_level: int) -> bool:
+        store = types.SimpleNamespace(feature_level=store_level, restoring_level=restoring_level)
+        return Server._members_read_restoring(types.SimpleNamespace(store=store))  # type: ignore[arg-type]
 
     assert RESTORING_IN_REPLIES_LEVEL == 3
     assert not members_read_restoring(1, 0) and not members_read_restoring(2, 0)

@@ -280,6 +280,7 @@ def collector_reset():
     yield
     CollectorHold._holders = 0
     CollectorHold._frozen_floor = None
+    CollectorHold._restores_since_sweep = 0
     gc.unfreeze()
     gc.enable()
 
@@ -362,6 +363,31 @@ def test_repeated_restores_do_not_grow_the_garbage_they_freeze_without_bound(col
         assert alive_after[-1] < len(made)
     finally:
         runtime.stop()
+
+
+def test_garbage_frozen_by_restores_is_swept_after_so_many_restores_while_live_frozen_objects_die(collector_reset):
+    """Review of fix2snap, L2: the sweep is decided by the frozen count's growth over its lowest point since the
+    last sweep, and live objects frozen by that sweep that die meanwhile (the log compacted, watch events evicted)
+    hide as much garbage: dying as fast as restores leave garbage, the count stayed flat and nothing was swept.
+    Every SWEEP_AFTER_RESTORES restores sweep whatever the count says."""
+    per_restore, restores = 500, 2 * CollectorHold.SWEEP_AFTER_RESTORES
+    gc.collect()
+    gc.freeze()  # start-up's
+    live = [[] for _ in range(2 * per_restore * restores)]  # what the serving holds (tracked), as many as will die
+    CollectorHold.sweep()  # a sweep with them alive: frozen
+    made: list[weakref.ref] = []
+    alive_after: list[int] = []
+    for _ in range(restores):
+        del live[:2 * per_restore]  # as many tracked objects die as the restore leaves garbage (a _Cycle is two)
+        hold = CollectorHold()
+        hold.hold()
+        outliving_a_step = [_Cycle() for _ in range(per_restore)]
+        made.extend(weakref.ref(c) for c in outliving_a_step)
+        hold.after_step()  # they survive it
+        del outliving_a_step
+        hold.release(freeze=True)
+        alive_after.append(sum(ref() is not None for ref in made))
+    assert max(alive_after) <= CollectorHold.SWEEP_AFTER_RESTORES * per_restore, alive_after
 
 
 def leased_store(leases: int, prefix: str) -> KeyValueStore:

@@ -128,7 +128,8 @@ def stats_of(api: Api, events_since: int | None) -> dict:
         "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
         "disk_full": status.disk_full, "running": status.running, "members": members(node),
         "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
-        "keys": None if restoring_into_the_empty_state(api.runtime) else len(api.store), "time": time.time(), "elections_won": status.stats["elections_won"],
+        "keys": None if restoring_into_the_empty_state(api.runtime) else len(api.store), "time": time.time(),
+        "elections_won": status.stats["elections_won"],
         "writes": dict(metrics.writes.values), "reads": dict(metrics.reads.values),
         "histograms": {name: {"bounds": list(getattr(metrics, attr).buckets), "counts": list(getattr(metrics, attr).counts)}
                        for name, attr in HISTOGRAMS},
@@ -228,8 +229,8 @@ MEMBER_FIELDS: dict[str, Callable[[object], bool]] = {
     "role": lambda v: isinstance(v, str) and v in ROLES, "term": _count,
     "leader": lambda v: v is None or isinstance(v, str),
     "commit_index": _count, "applied_index": _count, "last_index": _count, "snapshot_index": _count,
-    "disk_full": lambda v: type(v) is bool, "keys": lambda v: v is None or _count(v), "time": _number, "writes": _counters,
-    "reads": _counters, "histograms": _histograms, "removed": _removed,
+    "disk_full": lambda v: type(v) is bool, "keys": lambda v: v is None or _count(v), "time": _number,
+    "writes": _counters, "reads": _counters, "histograms": _histograms, "removed": _removed,
 }
 EVENT_FIELD = re.compile(r"[a-z_]{1,32}")
 

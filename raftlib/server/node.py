@@ -70,6 +70,7 @@ from gevent import monkey
 from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode
 from raftlib.interfaces import StoredState
 from raftlib.messages import Member, Membership, Message, Removed, Role
+from raftlib.progress import best_successor as progress_best_successor
 from raftlib.runtime import EntryLost, NotRunning, Runtime
 from raftlib.storage import DiskStorage
 from raftlib.storage_errors import DiskFull, StorageError
@@ -529,7 +530,6 @@ class Server:
         self.http_address = f"{config.advertised_host}:{config.http_port}"
         self.metrics = Metrics()
         self.storage = DiskStorage(config.data_dir, fsync=config.fsync, fdatasync=self._timed_fdatasync)
-        self._own_snapshot_level = 0  # the feature level of the snapshot found at start when a V4 (check_snapshot)
         try:
             stored = self._start_node()
         except BaseException:
@@ -581,9 +581,10 @@ class Server:
 
     def _members_read_restoring(self) -> bool:
         """Whether the cluster's feature level says every member reads AppendEntriesReply.restoring. While this
-        node restores its own snapshot at start its store is empty (level 1): that snapshot's level stands in (the
-        cluster's when it was taken; a level never goes down)."""
-        return max(self.store.feature_level, self._own_snapshot_level) >= RESTORING_IN_REPLIES_LEVEL
+        node restores a snapshot into its empty store (level 1: its own at a restart, or a joiner's first from the
+        leader) that snapshot's level stands in (store.restoring_level: the cluster's when it was taken; a level
+        never goes down). Review of fix2snap, L1: a joiner counted only its own snapshot's, so it never said it."""
+        return max(self.store.feature_level, self.store.restoring_level) >= RESTORING_IN_REPLIES_LEVEL
 
     def _start_node(self) -> StoredState:
         """Load the data dir, then settle its identity, the JOINING marker and the bootstrap, crash-safe
@@ -591,7 +592,7 @@ class Server:
         stored = self.storage.load()
         if stored.snapshot is not None:
             try:  # restored by steps once the node runs (Runtime.restore_at_start): what it would refuse, now
-                self._own_snapshot_level = check_snapshot(stored.snapshot.data)
+                check_snapshot(stored.snapshot.data)
             except ValueError as e:
                 raise CannotStart(f"{self.config.data_dir}: its snapshot at index "
                                   f"{stored.snapshot.last_included_index}: {e}") from None
@@ -1021,17 +1022,11 @@ class Server:
 
 
 def best_successor(node: NodeStatus) -> str | None:
-    """The voter other than this leader with the highest match index, when this node leads others; else None.
-    Not one that said it restores a snapshot: it ignores TimeoutNow (review of fastrestore2, L1')."""
+    """The voter other than this leader that a hand-over picks (progress.best_successor: the highest match, not
+    one that said it restores a snapshot), when this node leads others; else None."""
     if node.role is not Role.LEADER:
         return None
-    best, best_match = None, -1
-    for voter in node.membership.voters:
-        progress = node.progress.get(voter)
-        if voter != node.node_id and progress is not None and not progress.restoring \
-                and progress.match_index > best_match:
-            best, best_match = voter, progress.match_index
-    return best
+    return progress_best_successor(node.progress, [v for v in node.membership.voters if v != node.node_id])
 
 
 def _test_fsync_delay(path: str) -> None:

@@ -491,6 +491,10 @@ class KeyValueStore:
         # What a restore dropped before its end left (its half-built state, or the old state it was freeing): the
         # dicts and lists holding it, freed a batch per step by the next restore's first steps (`restoring`).
         self._garbage: list[Any] = []
+        # The feature level of the snapshot whose restore began last (check_snapshot: a V4's, else 0): the cluster's
+        # when it was taken, so every member's since. A node whose state is still the empty one it restores into
+        # (a restart's own snapshot, or a joiner's first from the leader) counts it (raftlib.server.node).
+        self.restoring_level = 0
 
     def get(self, key: str) -> bytes | None:
         record = self.data.get(key)
@@ -837,7 +841,8 @@ class KeyValueStore:
             pass
 
     def restoring(self, data) -> Iterator[bool]:
-        """`restore` a batch per step: a generator that decodes a batch (RESTORE_BATCH_KEYS pairs, or
+        """`restore` a batch per step: notes the snapshot's level first (`restoring_level`; a damaged snapshot's
+        refusal is left to the steps), then returns a generator that decodes a batch (RESTORE_BATCH_KEYS pairs, or
         RESTORE_BATCH_BYTES of values) each time it is advanced and yields False; once the state is replaced (the
         module's rules; not before), it yields True, then frees the old state a batch per step (freeing a million
         keys at once holds the loop too), yielding False, and ends. Dropping it before the True changes nothing.
@@ -846,6 +851,14 @@ class KeyValueStore:
         leaves what it built, or the old state it was freeing, in `_garbage`, and the next restore frees that
         first, a batch per step: dropped with its frames, a half-built table of a million keys was freed in one
         step of ~0.9 s (review of keyshard, L1)."""
+        try:
+            self.restoring_level = check_snapshot(data)
+        except ValueError:
+            pass
+        return self._restoring_steps(data)
+
+    def _restoring_steps(self, data) -> Iterator[bool]:
+        """`restoring`'s generator."""
         for _ in _freeing(self._garbage):  # what a restore dropped before its end left
             yield False
         old_data, old_keys, old_lease_of, old_leases = self.data, self.keys, self.lease_of, self.leases
