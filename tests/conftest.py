@@ -46,7 +46,7 @@ def pytest_collection_finish(session):
     for waits, workers, nice in ((False, max(1, (os.cpu_count() or 1) - 1), WORKER_NICE),
                                  (True, WAITING_WORKERS, None)):
         if jobs[waits]:
-            pools[waits] = BackgroundJobs(jobs[waits], workers=workers, timeout=timeout, nice=nice)
+            pools[waits] = BackgroundJobs(jobs[waits], workers=workers, timeout=timeout, nice=nice, overlap=not waits)
             session.config.add_cleanup(pools[waits].close)  # also after a failure or Ctrl-C
 
 

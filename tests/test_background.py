@@ -101,6 +101,25 @@ def test_a_job_that_waits_runs_at_this_process_priority_not_at_nice_19(pools):
     assert pool.result(PRIORITY_OF_ITS_PROCESS) == os.getpriority(os.PRIO_PROCESS, 0) != background.WORKER_NICE
 
 
+SLEEP = Job("time", "sleep", (1.0,))  # a job that waits, as a fault run does
+PID_OF_ITS_PROCESS = Job("os", "getpid", ())
+
+
+def test_jobs_that_wait_never_run_here_beside_a_worker(pools):
+    """overlap=False (the fault runs' pool): asked for a job nobody has taken while the worker still runs another,
+    this process waits for the worker instead of running it beside (two fault runs at once starved each other's
+    nodes). With overlap (the CPU-bound pool) it runs it here, as before."""
+    for overlap, runs_here in ((False, False), (True, True)):
+        pool = pools([SLEEP, PID_OF_ITS_PROCESS], workers=1, timeout=600, nice=None, overlap=overlap)
+        (pid,) = pool.workers
+        deadline = time.monotonic() + 120
+        while background.taker(pool.folder, 0) != pid:  # the worker is in the first job
+            assert time.monotonic() < deadline and pool.workers[pid].poll() is None, "the worker never took its job"
+            time.sleep(0.01)
+        ran_in = pool.result(PID_OF_ITS_PROCESS)
+        assert (ran_in == os.getpid()) is runs_here and (ran_in == pid) is not runs_here, (overlap, ran_in, pid)
+
+
 @pytest.mark.background(os.getpriority, os.PRIO_PROCESS, 0, waits=True)
 def test_a_mark_with_waits_goes_to_the_pool_at_this_process_priority(request, background_result):
     """tests/conftest.py gives a `waits=True` job to the pool of WAITING_WORKERS at this process's priority."""
