@@ -7,9 +7,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
-from background import BackgroundJobs, Job  # noqa: E402  (tests/ is importable from here on)
+from background import WAITING_WORKERS, WORKER_NICE, BackgroundJobs, Job  # noqa: E402  (tests/ importable now)
 
-BACKGROUND_JOBS = pytest.StashKey[BackgroundJobs]()
+BACKGROUND_JOBS = pytest.StashKey[dict[bool, BackgroundJobs]]()  # by `waits`: the CPU-bound pool, the waiting pool
 
 
 def pytest_addoption(parser):
@@ -19,8 +19,10 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "background(function, *args): the test's CPU-bound part, function(*args), "
-                                       "runs in a background worker from the session's start (tests/background.py)")
+    config.addinivalue_line("markers", "background(function, *args, waits=False): the test's long part, "
+                                       "function(*args), runs in a background worker from the session's start; "
+                                       "waits=True: a job that mostly waits, run at normal priority "
+                                       "(tests/background.py)")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -30,22 +32,40 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_collection_finish(session):
-    """Start the background jobs of the tests collected (after -k and the like): workers at nice 19 compute them
-    while the rest of the suite, mostly waiting on clusters of processes, runs."""
+    """Start the background jobs of the tests collected (after -k and the like) that will run: CPU-bound ones in
+    workers at nice 19, ones that mostly wait in WAITING_WORKERS workers at normal priority, both while the rest
+    of the suite, mostly waiting on clusters of processes, runs."""
     if session.config.option.collectonly:
         return
-    jobs = [Job.of_marker(m) for item in session.items if (m := item.get_closest_marker("background"))]
-    if jobs:
-        pool = BackgroundJobs(jobs, workers=max(1, (os.cpu_count() or 1) - 1),
-                              timeout=session.config.getoption("--background-timeout"))
-        session.config.stash[BACKGROUND_JOBS] = pool
-        session.config.add_cleanup(pool.close)  # also after a failure or Ctrl-C
+    jobs: dict[bool, list[Job]] = {False: [], True: []}
+    for item in session.items:
+        if (marker := item.get_closest_marker("background")) and not _skipped(item):
+            jobs[_waits(marker)].append(Job.of_marker(marker))
+    timeout = session.config.getoption("--background-timeout")
+    pools = session.config.stash[BACKGROUND_JOBS] = {}
+    for waits, workers, nice in ((False, max(1, (os.cpu_count() or 1) - 1), WORKER_NICE),
+                                 (True, WAITING_WORKERS, None)):
+        if jobs[waits]:
+            pools[waits] = BackgroundJobs(jobs[waits], workers=workers, timeout=timeout, nice=nice, overlap=not waits)
+            session.config.add_cleanup(pools[waits].close)  # also after a failure or Ctrl-C
+
+
+def _waits(marker) -> bool:
+    return bool(marker.kwargs.get("waits", False))
+
+
+def _skipped(item) -> bool:
+    """Whether a skip or skipif mark with a plain true condition skips the test: its job would be work for nobody
+    (a fault run without network namespaces would take a waiting worker for nothing)."""
+    return any(m.name == "skip" or (m.name == "skipif" and any(c is True for c in m.args))
+               for m in item.iter_markers())
 
 
 @pytest.fixture
 def background_result(request):
     """`background_result()`: the value of the test's `background` job (waited for; it raises if the job raised,
     its worker died or it was not done in time). Without a pool of workers, the job runs here."""
-    job = Job.of_marker(request.node.get_closest_marker("background"))
-    pool = request.config.stash.get(BACKGROUND_JOBS, None)
+    marker = request.node.get_closest_marker("background")
+    job = Job.of_marker(marker)
+    pool = request.config.stash.get(BACKGROUND_JOBS, {}).get(_waits(marker))
     return (lambda: pool.result(job)) if pool is not None else job.run

@@ -89,3 +89,63 @@ def test_a_job_nobody_took_runs_here_with_the_same_value(pools):
     pool = pools([ONE_SCHEDULE], workers=0, timeout=600)
     assert pool.result(ONE_SCHEDULE) == ONE_SCHEDULE.run()
     assert background.taker(pool.folder, 0) == os.getpid()
+
+
+PRIORITY_OF_ITS_PROCESS = Job("posix", "getpriority", (os.PRIO_PROCESS, 0))  # what the job's processes inherit
+
+
+def test_a_job_that_waits_runs_at_this_process_priority_not_at_nice_19(pools):
+    """A fault run starts its nodes from its worker: they inherit the worker's priority, which must be the suite's
+    own (at nice 19 they would be starved by the suite's clusters, and their liveness checks would fail)."""
+    pool = pools([PRIORITY_OF_ITS_PROCESS], workers=1, timeout=600, run_here=False, nice=None)
+    assert pool.result(PRIORITY_OF_ITS_PROCESS) == os.getpriority(os.PRIO_PROCESS, 0) != background.WORKER_NICE
+
+
+SLEEP = Job("time", "sleep", (1.0,))  # a job that waits, as a fault run does
+PID_OF_ITS_PROCESS = Job("os", "getpid", ())
+
+
+def test_jobs_that_wait_never_run_here_beside_a_worker(pools):
+    """overlap=False (the fault runs' pool): asked for a job nobody has taken while the worker still runs another,
+    this process waits for the worker instead of running it beside (two fault runs at once starved each other's
+    nodes). With overlap (the CPU-bound pool) it runs it here, as before."""
+    for overlap, runs_here in ((False, False), (True, True)):
+        pool = pools([SLEEP, PID_OF_ITS_PROCESS], workers=1, timeout=600, nice=None, overlap=overlap)
+        (pid,) = pool.workers
+        deadline = time.monotonic() + 120
+        while background.taker(pool.folder, 0) != pid:  # the worker is in the first job
+            assert time.monotonic() < deadline and pool.workers[pid].poll() is None, "the worker never took its job"
+            time.sleep(0.01)
+        ran_in = pool.result(PID_OF_ITS_PROCESS)
+        assert (ran_in == os.getpid()) is runs_here and (ran_in == pid) is not runs_here, (overlap, ran_in, pid)
+
+
+@pytest.mark.background(os.getpriority, os.PRIO_PROCESS, 0, waits=True)
+def test_a_mark_with_waits_goes_to_the_pool_at_this_process_priority(request, background_result):
+    """tests/conftest.py gives a `waits=True` job to the pool of WAITING_WORKERS at this process's priority."""
+    from conftest import BACKGROUND_JOBS
+
+    waiting = request.config.stash[BACKGROUND_JOBS][True]
+    assert PRIORITY_OF_ITS_PROCESS in waiting.jobs
+    assert len(waiting.workers) <= background.WAITING_WORKERS
+    assert background_result() == os.getpriority(os.PRIO_PROCESS, 0)
+
+
+class MarkedItem:
+    """A stand-in for a collected test: only its marks (what conftest._skipped reads)."""
+
+    def __init__(self, *marks) -> None:
+        self.marks = [m.mark for m in marks]
+
+    def iter_markers(self):
+        return iter(self.marks)
+
+
+def test_the_job_of_a_test_that_will_be_skipped_is_not_started():
+    """A fault run whose test is skipped (no network namespaces) would take the waiting worker for nothing."""
+    from conftest import _skipped
+
+    job = pytest.mark.background.with_args(print)
+    assert _skipped(MarkedItem(pytest.mark.skipif(True, reason="no netns"), job))
+    assert _skipped(MarkedItem(pytest.mark.skip(reason="never")))
+    assert not _skipped(MarkedItem(pytest.mark.skipif(False, reason="has netns"), job))

@@ -76,12 +76,23 @@ def test_every_mutation_has_a_case():
     assert sorted(c.mutation for c in CASES) == sorted(MUTATIONS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.mutation for c in CASES])
-def test_mutation_is_caught(case: Case):
+def caught(mutation: str) -> tuple[int, str]:
+    """A background job (tests/background.py): first_catch of the variant's case, then the seed that caught it
+    run again without the variant, which must pass (it raises SafetyViolation otherwise)."""
+    (case,) = [c for c in CASES if c.mutation == mutation]
     seeds, why = first_catch(case)
+    if seeds:
+        case.run(seeds - 1, None)  # the same seed without the variant passes
+    return seeds, why
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.mutation, marks=pytest.mark.background(caught, c.mutation))
+                                  for c in CASES])
+def test_mutation_is_caught(case: Case, background_result):
+    """Each variant's seeds run in a background worker (CPU-bound, like the simulator's chunks)."""
+    seeds, why = background_result()
     assert seeds, f"{case.mutation}: not caught by {case.layer} in {case.max_seeds} seeds"
     print(f"{case.mutation}: caught by {case.layer} after {seeds} seed(s): {why}")
-    case.run(seeds - 1, None)  # the same seed without the variant passes
 
 
 def main() -> None:
