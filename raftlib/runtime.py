@@ -709,7 +709,7 @@ class Runtime:
     def _loop(self) -> None:
         """Ticks the node when nothing else does, and takes what arrives while another greenlet has the node."""
         while self.running:
-            if (not self._inbox and self._restoring is None) or self._driving:
+            if (not self._inbox and self._restoring is None and not self.node.apply_pending) or self._driving:
                 self._wake.clear()
                 self._wake.wait(self.tick_seconds)  # a tick at the latest: the clock is read in _drive
             if not self._driving and self.running:
@@ -758,12 +758,17 @@ class Runtime:
                 self._on_fatal(e)
         finally:
             self._driving = False
-        if self._inbox:
+        # Committed entries left to apply (`_process_ready` applies one capped piece per drive): the loop drives
+        # again at once, after the yield below, until the backlog is applied. Set here, after `_driving` went
+        # false, so that a loop waiting while a transport greenlet drove wakes for it; the loop tests the
+        # backlog itself before it waits, so no wake is lost.
+        apply_pending = self.node.apply_pending
+        if self._inbox or apply_pending:
             self._wake.set()  # it came while we saved or sent: the loop takes it
-        if len(items) > 64 or self._restoring is not None:
-            # Let timers and I/O run between big batches: a short sleep yields to the next turn of the loop
-            # (timers run, every socket is polled); gevent.idle() would wait until nothing else is runnable, and
-            # gevent.sleep(0) lets no timer run.
+        if len(items) > 64 or self._restoring is not None or apply_pending:
+            # Let timers and I/O run between big batches and between the pieces of a backlog: a short sleep yields
+            # to the next turn of the loop (timers run, every socket is polled); gevent.idle() would wait until
+            # nothing else is runnable, and gevent.sleep(0) lets no timer run.
             gevent.sleep(0.00001)
 
     def _note_snapshot_read_failure(self) -> None:
@@ -880,6 +885,11 @@ class Runtime:
             self._wake_applied()
             if node.membership is not self._membership:
                 self._sync_peers()
+            if rd.committed_entries and node.apply_pending:
+                # A piece of a backlog (Config.max_committed_entries_per_ready): the rest in the next drives,
+                # the hub let run between them (`_drive`), so that a node that restored a snapshot or fell behind
+                # answers its peers and clients meanwhile instead of applying thousands of entries in one go.
+                return
 
     def _begin_restore(self, snap: Snapshot) -> bool:
         """A leader's snapshot, saved: restore the state machine from it. A state machine with `restoring` (one
