@@ -89,7 +89,7 @@ class Config:
     # at once, and applying them in one go holds the event loop (5,386 entries took 44-66 ms at 1M keys, issue
     # 13). The runtime lets other work run between pieces. Applying a 100-byte write costs 6-12 us here (the
     # store's apply, a watch event, the runtime's bookkeeping), so 256 entries cost ~2-3 ms; the bytes bound
-    # (Entry.size) caps the pieces of big values (1 MiB: one -max-body write, a copy of about 0.1 ms).
+    # (Entry.size) caps the pieces of big values (1 MiB: one write of the largest body, -max-body).
     max_committed_entries_per_ready: int = 256
     max_committed_bytes_per_ready: int = 1 << 20
     pre_vote: bool = True  # thesis §9.6
