@@ -93,6 +93,10 @@ SNAPSHOT_READ_WARNING_SECONDS = 10.0
 # first, after a SIGSTOP), so the timers that ran out judge on them. A stall has already cost an election timeout.
 # Shorter catch-ups do not yield (review stallstep L3): a drive a few heartbeats late is common under load, and
 # a shorter stall leaves part of the check-quorum window (or election timeout) before it, when answers were stepped.
+# If the inbox is still empty then, the drive waits for its first item up to one heartbeat interval: a peer's
+# transport holds what it has for this node until this node answered its last request (raftlib.transport: a live
+# peer's late reply is waited for), and those answers went out only after the stalled drive, so the leader's next
+# frame comes a round trip after them (review replytimeout F1). An empty inbox after a stall costs that wait once.
 STALL_YIELD_SECONDS = 0.001
 
 
@@ -728,6 +732,9 @@ class Runtime:
                 # the stall judge on it (a leader's check-quorum on its followers' replies; a follower's election
                 # timer on its leader's heartbeat) rather than on an inbox the loop's own wake-up found empty.
                 gevent.sleep(STALL_YIELD_SECONDS)
+                if not self._inbox:
+                    self._wake.clear()  # _put sets it; the drive wakes the loop for what is left on its way out
+                    self._wake.wait(self.node.config.heartbeat_ticks * self.tick_seconds)
             items = list(self._inbox)
             self._inbox.clear()
             self._advance_clock()

@@ -4,12 +4,21 @@ Rules: every socket is used by one greenlet only. Each peer has one REQ socket a
 sender greenlet takes what is queued for that peer, as much as fits FRAME_BUDGET_BYTES (at least one message),
 sends it as one frame and waits (bounded) for the reply frame, which carries the messages the peer had for us in
 answer (as many as fit; the rest go as requests of our own). Every frame stays under codec.MAX_FRAME_BYTES, which
-is zmq's MAXMSGSIZE on every socket: a few MiB, since libzmq applies it to handshake commands too (review 2 F1). A reply that does not come in time closes the
-socket with linger 0 and opens a new one (the zguide's "lazy pirate"), so a dead peer never wedges the sender;
-the messages are dropped, as Raft allows. Any other failure of a send, the opening of a socket included (out of
-descriptors: EMFILE), drops the batch too, is logged at most once a second, and is retried after 0.1 s: a sender
-never dies while its peer exists. The REP server decodes each frame, hands the messages to the owner
-and answers with whatever the owner returns. Bad frames are logged and dropped, never raised.
+is zmq's MAXMSGSIZE on every socket: a few MiB, since libzmq applies it to handshake commands too (review 2 F1).
+A reply that does not come in time closes the socket with linger 0 and opens a new one (the zguide's "lazy
+pirate"), so a dead peer never wedges the sender; the messages are dropped, as Raft allows. "In time" is
+`reply_timeout_seconds`, and past it as long as the peer is alive, up to `reply_wait_cap_seconds`: a live peer
+starved of CPU may answer later than an election timeout, and a reply given up on came on a socket already
+closed, so the leader never heard from a follower that had heard from it and check-quorum ended the term with
+every node alive (issue 13, bench/hog_elections.py). Alive means the socket's connection is up (its monitor saw
+the handshake and no disconnection since the request went out) and answers zmq's heartbeats (ZMTP PING/PONG,
+answered by the peer's I/O thread, which a busy event loop does not hold up): a peer that died or restarted is
+given up on at once (the TCP connection closes), one stopped or cut off within HEARTBEAT_TIMEOUT_SECONDS, one whose
+loop is wedged at the cap. Meanwhile what is queued for that peer waits and goes as one batch after the reply;
+heartbeats to it wait too, but it is still busy with the request before them. Any other failure of a send, the
+opening of a socket included (out of descriptors: EMFILE), drops the batch too, is logged at most once a second,
+and is retried after 0.1 s: a sender never dies while its peer exists. The REP server decodes each frame, hands
+the messages to the owner and answers with whatever the owner returns. Bad frames are logged and dropped, never raised.
 
 Security. With a cluster secret every node has a CURVE key pair of its own (RFC 26/CurveZMQ; made at its first
 start and kept in its data dir, raftlib.server.node), and its public key travels in the configuration
@@ -78,6 +87,17 @@ CURVE_AVAILABLE = zmq.has("curve")
 FRAME_BUDGET_BYTES = codec.MAX_FRAME_BYTES // 2  # messages batched into one frame, by codec.estimated_size; one
 # message alone may take more, up to codec.MAX_FRAME_BYTES (an AppendEntries: max_batch_bytes and one entry)
 HANDSHAKE_SECONDS = 2.0  # a connection must finish the zmq handshake (and CURVE's) within this
+# A sender's connection is probed this often (a ZMTP PING) and closed when nothing came back for the timeout: a
+# stopped or cut-off peer is told from a slow one while the sender waits past its reply timeout. The PING queues
+# behind the request still in the socket buffers (one frame: REQ has one request out), and only data from the peer
+# stops the timeout, so the timeout must exceed the largest frame's transfer time (codec.MAX_FRAME_BYTES, 4 MiB):
+# microseconds on 127.0.0.1 or a LAN, but a link slower than about 4 MiB/s (32 Mbit/s, a WAN member) would have a
+# big append or snapshot chunk cut off and retried forever. For such links raise it to at least MAX_FRAME_BYTES over
+# the link's bytes per second, with margin (review replytimeout F2). It is a socket option set before the connect,
+# so it cannot follow each frame's size.
+HEARTBEAT_IVL_SECONDS = 0.25
+HEARTBEAT_TIMEOUT_SECONDS = 1.0
+LIVE_CHECK_SECONDS = 0.05  # how often a sender waiting past its reply timeout looks whether the connection is up
 MAX_INBOUND_CONNECTIONS = 32  # kept at once on the Raft port; members need one each
 NEVER_SPOKE_SECONDS = 1.0  # a connection that never sent a valid frame ranks as if it last did this long before it came
 MONITOR_QUEUE_EVENTS = 10_000  # monitor events queued for the loop at most (each two small frames)
@@ -135,6 +155,7 @@ class ZmqTransport:
         bind_address: str,
         handler,
         reply_timeout_seconds: float = 0.5,
+        reply_wait_cap_seconds: float | None = None,
         max_queued_messages: int = 10_000,
         node_key: str | None = None,
         members: Callable[[], Iterable[Member]] | None = None,
@@ -145,7 +166,9 @@ class ZmqTransport:
         commit_index: Callable[[], int] | None = None,
     ) -> None:
         """`handler(messages, reply_wanted) -> list[Message]`: called in the transport's greenlets; when
-        `reply_wanted` it may block (bounded) and returns the messages to answer with. With `node_key` (this
+        `reply_wanted` it may block (bounded) and returns the messages to answer with. A sender waits
+        `reply_timeout_seconds` for a reply, and while the peer's connection is alive up to
+        `reply_wait_cap_seconds` (default 10 times the reply timeout: the module's rules). With `node_key` (this
         node's CURVE secret key, Z85 text; a cluster secret), only the members that `members()` (the current
         configuration's, read on `start` and on every `set_peers`) lists with their public keys connect, each
         only as itself (CURVE, see the module's rules); raises RuntimeError if this libzmq has no CURVE.
@@ -161,6 +184,10 @@ class ZmqTransport:
         self.bind_address = bind_address
         self._handler = handler
         self._reply_timeout_ms = int(reply_timeout_seconds * 1000)
+        self._reply_wait_cap = (10 * reply_timeout_seconds if reply_wait_cap_seconds is None
+                                else max(reply_timeout_seconds, reply_wait_cap_seconds))
+        self.late_replies = 0  # replies taken past the reply timeout, from a peer whose connection was alive
+        self.replies_given_up = 0  # requests whose reply never came: the socket was reset
         self._max_queued = max_queued_messages
         self._context = zmq.Context()  # its own: the ZAP handler is one per context
         self._peers: dict[str, _PeerSender] = {}
@@ -570,6 +597,8 @@ class _PeerSender:
         self._queue: collections.deque = collections.deque(maxlen=transport._max_queued)
         self._wake = gevent.event.Event()
         self._sock = None
+        self._monitor = None  # the socket's monitor: whether its connection is up (_take_events)
+        self._connected = False
         self._failures = 0
         self._warned_at = 0.0
         self._greenlet = gevent.spawn(self._run)
@@ -583,17 +612,49 @@ class _PeerSender:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_SECONDS * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_SECONDS * 1000))
             self.transport.secure(sock, server_key=self.server_key)
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            self._connected = False
             sock.connect(f"tcp://{self.address}")
         except BaseException:
+            self._close_monitor(sock)
             sock.close(linger=0)
             raise
         return sock
 
+    def _close_monitor(self, sock) -> None:
+        if self._monitor is not None:
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = None
+
     def _close(self) -> None:
         if self._sock is not None:
+            self._close_monitor(self._sock)
             self._sock.close(linger=0)
             self._sock = None
+
+    def _take_events(self) -> bool:
+        """Read what the socket's monitor saw since the last call: `_connected` is whether the newest event is a
+        handshake that succeeded. True when the connection went down meanwhile (a peer that died, restarted, or
+        missed zmq's heartbeats): a request it took is lost even if zmq has connected again since (the REQ state
+        machine: STACK-NOTES). It runs before every send, so it looks at the monitor's EVENTS first: a read of an
+        empty monitor raises zmq.Again, which costs a few times as much (review replytimeout F4)."""
+        went_down = False
+        while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            self._connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            went_down = went_down or not self._connected
+        return went_down
+
+    def _peer_alive(self) -> bool:
+        """Whether the connection the request went out on is up and has not gone down since it was sent."""
+        return not self._take_events() and self._connected
 
     def _run(self) -> None:
         t = self.transport
@@ -616,11 +677,14 @@ class _PeerSender:
                     # a sender that died here would never speak to this peer again.
                     self._sock = self._open()
                 logger.log(TRACE, "send to %s: %s", self.node_id, batch)
+                self._take_events()  # a disconnection before this request does not count against its reply
                 self._sock.send(data)
-                frame = self._await_reply(t._reply_timeout_ms / 1000.0)
+                sent_at = time.monotonic()
+                frame = self._await_reply(sent_at, t._reply_timeout_ms / 1000.0, t._reply_wait_cap)
                 if frame is None:
+                    t.replies_given_up += 1
                     logger.debug("no reply from %s at %s in %d ms: reconnecting", self.node_id, self.address,
-                                 t._reply_timeout_ms)
+                                 (time.monotonic() - sent_at) * 1000)
                     self._close()
                     continue
             except zmq.ZMQError as e:
@@ -648,15 +712,32 @@ class _PeerSender:
                 except Exception:
                     logger.exception("handler failed on a reply from %s", self.node_id)
 
-    def _await_reply(self, timeout: float):
-        """The reply to the request just sent, or None if none came within `timeout` seconds. recv under a
-        gevent.Timeout waits on the socket's own watcher (poll() would build a Poller, a select and two timers for
-        every request). When the hub was blocked past the timeout (a stalled loop: a long step, a starved CPU),
-        the overdue timer often fires before the socket's watcher is looked at, though the reply arrived in the
-        stall: so one non-blocking recv is tried before the reply is declared lost (review stallstep L1: 12 of
-        20 replies were dropped after a 0.5 s stall, each resetting the socket, and check-quorum stepped a leader
-        down whose followers had all answered). REQ/REP keeps this sound: the socket has one request out, so
-        what it holds is that request's reply; after a real timeout nothing is there and the caller resets it."""
+    def _await_reply(self, sent_at: float, timeout: float, cap: float):
+        """The reply to the request sent at `sent_at` (monotonic), or None if none came within `timeout` seconds
+        while the connection was down, or within `cap` seconds while it was up (the module's rules: a live peer
+        starved of CPU answers late, and its late reply must count)."""
+        deadline = sent_at + cap
+        frame = self._recv_within(timeout)
+        while frame is None and self._peer_alive():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            frame = self._recv_within(min(LIVE_CHECK_SECONDS, left))
+            if frame is not None:
+                self.transport.late_replies += 1
+                logger.debug("a late reply from %s, %d ms after its request", self.node_id,
+                             (time.monotonic() - sent_at) * 1000)
+        return frame
+
+    def _recv_within(self, timeout: float):
+        """The reply, or None if none came within `timeout` seconds. recv under a gevent.Timeout waits on the socket's
+        own watcher (poll() would build a Poller, a select and two timers for every request). When the hub was blocked
+        past the timeout (a stalled loop: a long step, a starved CPU), the overdue timer often fires before the socket's
+        watcher is looked at, though the reply arrived in the stall: so one non-blocking recv is tried before the reply
+        is declared lost (review stallstep L1: 12 of 20 replies were dropped after a 0.5 s stall, each resetting the
+        socket, and check-quorum stepped a leader down whose followers had all answered). REQ/REP keeps this sound: the
+        socket has one request out, so what it holds is that request's reply; after a real timeout nothing is there and
+        the caller resets it."""
         frame = None
         with gevent.Timeout(timeout, False):
             frame = self._sock.recv()
@@ -677,8 +758,9 @@ class _PeerSender:
             self._warned_at, self._failures = time.monotonic(), 0
         try:
             self._close()
-        except Exception:  # a socket half made: zmq frees it with the context
+        except Exception:  # a socket half made: zmq frees it and its monitor with the context
             self._sock = None
+            self._monitor = None  # else the next _open would replace it unclosed (review replytimeout N2)
         gevent.sleep(0.1)
 
     def stop(self) -> None:

@@ -906,10 +906,15 @@ def test_a_lease_read_stepped_in_the_drive_that_catches_up_a_stall_is_not_answer
         runtime.stop()
 
 
-def test_a_follower_whose_loop_stalled_does_not_campaign_with_its_leaders_heartbeat_waiting():
+@pytest.mark.parametrize("frame_after_heartbeats", [0.0, 0.5])
+def test_a_follower_whose_loop_stalled_does_not_campaign_with_its_leaders_heartbeat_waiting(frame_after_heartbeats):
     """Issue 13: after a stall longer than its election timeout, a follower's clock catches up; the heartbeat its
     leader sent meanwhile is stepped before its election timer fires, so it stays with its leader (no pre-vote
-    campaign, which would drop its leader, its forwarded reads and a snapshot transfer under way)."""
+    campaign, which would drop its leader, its forwarded reads and a snapshot transfer under way). The heartbeat
+    either waits in the sockets (0) or comes half a heartbeat after the catch-up drive began: the leader waited
+    for the answer of the stalled drive (the transport waits for a live peer's late reply), so its next frame
+    comes a round trip after that answer went out, when the 1 ms stall yield found the inbox empty (review
+    replytimeout F1)."""
     runtime, _, _ = follower(election_ticks=20)
     runtime.transport = sent = Replies()
     runtime.start()
@@ -917,7 +922,8 @@ def test_a_follower_whose_loop_stalled_does_not_campaign_with_its_leaders_heartb
         runtime.deliver([AppendEntries("a", "b", 2, 1, 1, (), 1)], False)
         assert runtime.node.leader_id == "a"
         _stall(runtime, 2.5)
-        gevent.spawn(runtime.deliver, [AppendEntries("a", "b", 2, 1, 1, (), 1)], False)
+        delay = frame_after_heartbeats * runtime.node.config.heartbeat_ticks * runtime.tick_seconds
+        gevent.spawn_later(delay, runtime.deliver, [AppendEntries("a", "b", 2, 1, 1, (), 1)], False)
         runtime._drive()
         assert (runtime.node.role, runtime.node.leader_id) == (Role.FOLLOWER, "a")
         assert not [m for m in sent.sent if isinstance(m, RequestVote)]

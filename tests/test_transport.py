@@ -15,4 +15,6 @@ def test_reconnects_after_dead_missing_and_returning_peers():
     lines = dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
     assert lines == {"never-existed": "ok", "killed-mid-request": "ok", "came-back": "ok", "over-the-cap": "ok",
                      "only-members-as-themselves": "ok",
-                     "frames-within-the-limit": "ok", "reply-after-stall": "ok"}, out.stdout + out.stderr
+                     "frames-within-the-limit": "ok", "reply-after-stall": "ok",
+                     "late-reply-taken": "ok", "stopped-peer-given-up": "ok",
+                     "restarted-peer-given-up": "ok"}, out.stdout + out.stderr

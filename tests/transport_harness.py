@@ -4,6 +4,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import os  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -84,6 +85,9 @@ def main() -> None:
     only_members_as_themselves()
     frames_within_the_limit()
     replies_that_came_in_a_stall()
+    late_replies_of_a_live_peer()
+    stopped_peer_given_up()
+    restarted_peer_given_up()
     sys.stdout.flush()
 
 
@@ -407,6 +411,101 @@ def replies_that_came_in_a_stall() -> None:
     real_sleep(0.2)
     rep.close(0)
     context.term()
+
+
+
+def late_replies_of_a_live_peer() -> None:
+    """A live peer that answers after 1.5 times the reply timeout (a follower starved of CPU, issue 13): its reply
+    is taken on the socket it was asked on, which is not reset; the next request goes on the same connection.
+    A peer whose loop is wedged (it took the request and never answers, its connection up) is given up on at
+    the cap."""
+    b_port, c_port = free_port(), free_port()
+    slow, wedged = Peer("b", b_port, delay=0.45), Peer("c", c_port, delay=30.0)
+    received = []
+    a = ZmqTransport("a", f"127.0.0.1:{free_port()}", lambda m, r: received.extend(m) or [],
+                     reply_timeout_seconds=0.3, reply_wait_cap_seconds=10.0)  # a generous cap: a loaded machine
+    a.start()
+    a.set_peers({"b": f"127.0.0.1:{b_port}"})
+    checks = {}
+    for term in (1, 2):
+        a.send([RequestVote("a", "b", term, 0, 0)])
+        checks[f"reply-{term}"] = wait(lambda: any(m.src == "b" and m.term == term for m in received), 10)
+    checks["late-counted"] = a.late_replies == 2
+    checks["none-given-up"] = a.replies_given_up == 0
+    checks["one-connection"] = len(slow.t._inbound._rank) == 1
+    capped = ZmqTransport("a", f"127.0.0.1:{free_port()}", lambda m, r: received.extend(m) or [],
+                          reply_timeout_seconds=0.3, reply_wait_cap_seconds=1.0)
+    capped.start()
+    capped.set_peers({"c": f"127.0.0.1:{c_port}"})
+    capped.send([RequestVote("a", "c", 1, 0, 0)])
+    checks["wedged-given-up"] = wait(lambda: capped.replies_given_up == 1, 5)
+    checks["wedged-no-reply"] = not any(m.src == "c" for m in received)
+    failed = [name for name, ok in checks.items() if not ok]
+    print("late-reply-taken", "ok" if not failed else "FAIL " + ",".join(failed))
+    for t in (a, capped, slow.t, wedged.t):
+        t.stop()
+
+
+STOPPED_PEER = """
+import os, signal, sys, zmq
+ctx = zmq.Context()
+rep = ctx.socket(zmq.REP)
+port = rep.bind_to_random_port("tcp://127.0.0.1")
+print(port, flush=True)
+rep.recv()
+os.kill(os.getpid(), signal.SIGSTOP)  # took the request; stopped before answering, its connection open
+"""
+
+
+def stopped_peer_given_up() -> None:
+    """A peer stopped (SIGSTOP) after it took a request keeps its TCP connection open but answers no zmq
+    heartbeat: the sender gives up on it long before its cap (30 s here), and its next message is not held up."""
+    import signal
+    import subprocess
+
+
+    peer = subprocess.Popen([sys.executable, "-c", STOPPED_PEER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(peer.stdout.readline())
+        a = ZmqTransport("a", f"127.0.0.1:{free_port()}", lambda m, r: [], reply_timeout_seconds=0.2,
+                         reply_wait_cap_seconds=30.0)
+        a.start()
+        a.set_peers({"s": f"127.0.0.1:{port}"})
+        a.send([RequestVote("a", "s", 1, 0, 0)])
+        given_up = wait(lambda: a.replies_given_up == 1, 10)
+        print("stopped-peer-given-up", "ok" if given_up else "FAIL still waiting after 10 s (cap 30 s)")
+        a.stop()
+    finally:
+        os.kill(peer.pid, signal.SIGKILL)
+        peer.wait(timeout=10)
+
+
+def restarted_peer_given_up() -> None:
+    """A peer restarted at once on the same port while the sender waits past its reply timeout, and the sender's
+    hub then blocked longer than zmq's reconnect interval (0.1 s): when the sender looks again its connection is
+    up once more (the monitor queued a disconnection, then a new handshake), but the new process never saw the
+    request. The sender gives up at once on the disconnection, not at its cap (30 s here), and takes no reply for
+    that request (review replytimeout F3)."""
+    real_sleep = monkey.get_original("time", "sleep")
+    port = free_port()
+    old = Peer("b", port, delay=30.0)  # takes the request and answers only after the restart
+    received = []
+    a = ZmqTransport("a", f"127.0.0.1:{free_port()}", lambda m, r: received.extend(m) or [],
+                     reply_timeout_seconds=0.2, reply_wait_cap_seconds=30.0)
+    a.start()
+    a.set_peers({"b": f"127.0.0.1:{port}"})
+    a.send([RequestVote("a", "b", 1, 0, 0)])
+    checks = {"request-taken": wait(lambda: old.received, 5)}
+    gevent.sleep(0.4)  # the sender waits past its reply timeout on a live peer
+    old.t.stop()
+    new = Peer("b", port)
+    real_sleep(0.4)  # the sender's hub blocked: zmq reconnects to the new process meanwhile
+    checks["given-up"] = wait(lambda: a.replies_given_up == 1, 10)
+    checks["no-reply-to-the-lost-request"] = not any(m.term == 1 for m in received)
+    failed = [name for name, ok in checks.items() if not ok]
+    print("restarted-peer-given-up", "ok" if not failed else "FAIL " + ",".join(failed))
+    for t in (a, new.t):
+        t.stop()
 
 
 if __name__ == "__main__":
