@@ -538,9 +538,11 @@ class Runtime:
             raise
 
     def request_snapshot(self) -> None:
-        """Take a snapshot of the state machine at the end of the current drive (or the next one), however small
-        the log: the state machine asks for it while it applies (raftlib.server.store: the feature level's raise,
-        so that an older binary cannot replay the log). Only from within a drive or the loop's greenlet."""
+        """Take a snapshot of the state machine at the end of the current drive (or the next one; while a committed
+        backlog is applied a piece per drive, at the end of the drive that applies its last piece: the snapshot
+        then covers the commit index of now), however small the log: the state machine asks for it while it applies
+        (raftlib.server.store: the feature level's raise, so that an older binary cannot replay the log). Only from
+        within a drive or the loop's greenlet."""
         self._snapshot_requested_index = max(self._snapshot_requested_index, self.node.commit_index)
 
     def backup(self, folder: str, timeout_seconds: float) -> Backup:
@@ -1151,6 +1153,12 @@ class Runtime:
             self._reap_later()
         node = self.node
         if self._snapshot_child is not None:
+            return
+        if node.apply_pending:
+            # A committed backlog is being applied a piece per drive: the snapshot waits for its end, which covers
+            # it all. `storage.log_bytes` counts the committed entries not applied yet, so a log over the threshold
+            # stays over it after a snapshot of a piece, and one was taken after every piece (review applycap L1);
+            # a request (`request_snapshot`: the level raise) stays asked for meanwhile, its index reached then.
             return
         if node.last_applied <= node.log.snapshot_index:
             return

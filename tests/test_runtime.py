@@ -275,6 +275,61 @@ def test_a_big_committed_backlog_is_applied_in_pieces_and_a_heartbeat_is_answere
         runtime.stop()
 
 
+
+class AsksForASnapshot(Values):
+    """Asks its runtime for a snapshot when it applies entry `at` (as the store does at a feature-level raise)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+        self.runtime = None
+
+    def apply(self, index, command):
+        if index == self.at:
+            self.runtime.request_snapshot()
+        return super().apply(index, command)
+
+
+@pytest.mark.parametrize("why", ["threshold", "requested"])
+def test_a_committed_backlog_applied_in_pieces_is_snapshotted_once_at_its_end(tmp_path, why):
+    """Review applycap L1, L2: a backlog applied a piece per drive was snapshotted after every piece, in process
+    (here) each a stall of the whole state's serialization: DiskStorage's log_bytes counts the committed entries
+    not applied yet, so a log over the threshold stayed over it after each piece's snapshot; and a snapshot asked
+    for while applying the backlog's first piece (the level raise) targets the commit index, reached only at the
+    last piece. Now one snapshot, at the backlog's end; the one asked for is taken then, not lost."""
+    backlog, cap = 2000, 50
+    state_machine = AsksForASnapshot(3 if why == "requested" else None)
+    storage = DiskStorage(str(tmp_path))
+    storage.load()
+    members = (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", ""))
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a", "b"), (), members))])
+    stored = storage.state
+    node = RaftNode(Config("b", election_ticks=1000, max_committed_entries_per_ready=cap), random.Random(1),
+                    stored.hard_state, stored.raft_log(), stored.snapshot)
+    entries = tuple(Entry(2, i, EntryKind.COMMAND, b"v" * 100) for i in range(2, backlog + 2))  # ~200 KiB of log
+    runtime = Runtime(node, storage, NullTransport(), state_machine, tick_seconds=0.005,
+                      snapshot_threshold_bytes=(20 << 10) if why == "threshold" else (1 << 30))
+    runtime.snapshot_fork = False
+    state_machine.runtime = runtime
+    runtime.start()
+    try:
+        assert runtime.deliver([AppendEntries("a", "b", 2, 1, 1, entries, 1)], True)[0].success  # logged only
+        with gevent.Timeout(5):  # over the threshold: the applied part (entry 1) is snapshotted first
+            while why == "threshold" and node.log.snapshot_index < 1:
+                gevent.sleep(0.01)
+        before = runtime.stats["snapshots"]
+        runtime.deliver([AppendEntries("a", "b", 2, backlog + 1, 2, (), backlog + 1)], True)  # all committed
+        assert runtime.wait_applied(backlog + 1, 10.0) == backlog + 1
+        with gevent.Timeout(5):
+            while runtime.stats["snapshots"] == before:
+                gevent.sleep(0.01)
+        gevent.sleep(0.05)  # a few drives more: none snapshots again
+        assert (runtime.stats["snapshots"] - before, node.log.snapshot_index) == (1, backlog + 1)
+        assert len(state_machine.applied) == backlog
+    finally:
+        runtime.stop()
+        storage.close()
+
 def heartbeats_from_a(runtime, period_seconds=0.02):
     """A greenlet that plays the leader `a` in term 2: a heartbeat every period (its answers are dropped)."""
 
