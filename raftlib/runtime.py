@@ -546,8 +546,9 @@ class Runtime:
         self._snapshot_requested_index = max(self._snapshot_requested_index, self.node.commit_index)
 
     def backup(self, folder: str, timeout_seconds: float) -> Backup:
-        """A backup of the state machine at this node's applied index when the next drive ends (after it applied
-        what it had: the state any read then sees), at least the index applied when asked: the snapshot file
+        """A backup of the state machine at this node's applied index when the next drive ends (the state any read
+        then sees; while a committed backlog is applied a piece per drive, an index inside it: entries committed
+        may not be applied yet), at least the index applied when asked: the snapshot file
         (snapshotfile.export_snapshot) written by a forked child, as the node's own snapshots are (in process where
         fork is off: serving stalls meanwhile), into a new file in `folder` that is opened and unlinked before
         this returns. Not while a leader's snapshot is being restored (it waits). At most MAX_BACKUPS at once,
@@ -1074,7 +1075,9 @@ class Runtime:
 
     def _fail_proposals_up_to(self, index: int) -> None:
         for i in [i for i in self._proposals if i <= index]:
-            # A snapshot replaced these entries: we cannot tell whether ours committed.
+            # A snapshot replaced these entries: we cannot tell whether ours committed. (Also one known committed
+            # but not applied yet: a deposed leader's own, in a backlog the snapshot skipped. Unknown is honest,
+            # only less precise; and rare: review applycap Q3.)
             self._proposals.pop(i)[1].set_exception(Timeout("outcome unknown: replaced by a snapshot"))
 
     def _wake_applied(self) -> None:
