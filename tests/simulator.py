@@ -708,6 +708,10 @@ class Cluster:
                 crash = self.rng.random() < self.snapshot_crash_rate
                 self.take_snapshot(node_id, crash_at_op=self.rng.randrange(INSTALL_OPS) if crash else None,
                                    commit_now=False)
+            if rd.committed_entries and n.apply_pending:
+                # One capped piece of a backlog per drive, as the runtime: the rest at the node's next input.
+                self.stats["apply backlog left for the next drive"] += 1
+                return
 
     def _restore_step(self, sn: SimNode) -> None:
         """One drive of a restore under way; the last one swaps in the snapshot's state and tells the node."""
@@ -1143,6 +1147,13 @@ def random_schedule(
     bound = random.Random(seed ^ 0xB0D).choice([None, 8, 20])
     if bound is not None:
         overrides["max_uncommitted_bytes"] = bound
+    # A third of the schedules apply a backlog of committed entries a few at a time (Config.max_committed_*):
+    # one or three entries per Ready, or about two by their bytes (an entry of a write is ~30 bytes by Entry.size).
+    # From an rng of its own, as above.
+    apply_cap = random.Random(seed ^ 0xA991).choice([None, None, None, None, ("entries", 1), ("entries", 3),
+                                                      ("bytes", 64)])
+    if apply_cap is not None:
+        overrides[f"max_committed_{apply_cap[0]}_per_ready"] = apply_cap[1]
     storage_switches = {}
     for name, value in (MUTATIONS[mutation] if mutation else {}).items():
         if name.startswith("storage."):

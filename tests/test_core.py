@@ -930,11 +930,46 @@ def test_a_transfer_whose_source_is_gone_is_abandoned_and_restarted_from_the_new
     assert c.nodes[lagger].node.log.snapshot_index > snap.last_included_index
 
 
-def _follower_b() -> RaftNode:
+def _follower_b(**config) -> RaftNode:
     membership = Membership(("a", "b"), (), (Member("a", "raft-a", ""), Member("b", "raft-b", "")))
     log = RaftLog()
     log.append([Entry(1, 1, EntryKind.MEMBERSHIP, b"", membership)])
-    return RaftNode(Config("b", election_ticks=1000), random.Random(1), HardState(1, None, 1), log)
+    return RaftNode(Config("b", election_ticks=1000, **config), random.Random(1), HardState(1, None, 1), log)
+
+
+@pytest.mark.parametrize("cap, pieces", [
+    ({"max_committed_entries_per_ready": 3}, [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11]]),
+    # Entry.size is len(data) + 24: 24 for the configuration at 1, 30 for the small ones, so two fit in 64 bytes;
+    # entry 6 (124) exceeds the bound alone and still comes, alone: at least one entry per Ready.
+    ({"max_committed_bytes_per_ready": 64}, [[1, 2], [3, 4], [5], [6], [7, 8], [9, 10], [11]]),
+    ({}, [list(range(1, 12))]),
+])
+def test_a_committed_backlog_over_the_cap_is_handed_out_in_order_over_several_readys(cap, pieces):
+    """Issue 13: a follower that restored a snapshot or fell behind found thousands of entries committed at once
+    and applied them in one Ready, holding the event loop for 44-66 ms. Config.max_committed_entries_per_ready and
+    max_committed_bytes_per_ready bound each Ready's committed_entries (at least one entry): the backlog comes in
+    order, none skipped or repeated, last_applied moves a piece at a time, has_ready stays true until it is all
+    applied, and a read waiting for the last index is given that index, not an earlier one."""
+    n = _follower_b(**cap)
+    entries = tuple(Entry(1, i, EntryKind.COMMAND, (b"x" * 100) if i == 6 else b"k=v%03d" % i) for i in range(2, 12))
+    n.step(AppendEntries("a", "b", 1, 1, 1, entries, 11))
+    n.read_index(7)  # forwarded to the leader in the first Ready
+    assert n.commit_index == 11 and n.last_applied == 0
+    handed_out: list[list[int]] = []
+    read_states: list[tuple[int, int]] = []
+    while (rd := n.ready()) is not None:
+        read_states += rd.read_states
+        if rd.committed_entries:
+            handed_out.append([e.index for e in rd.committed_entries])
+        n.advance(rd)
+        if any(isinstance(m, ReadIndexRequest) for m in rd.messages):
+            n.step(ReadIndexReply("a", "b", 1, (7,), 11))  # the leader's answer arrives while we apply
+        assert n.last_applied == (handed_out[-1][-1] if handed_out else 0)
+        assert n.apply_pending == (n.last_applied < 11)
+        assert n.has_ready() or not n.apply_pending
+    assert handed_out == pieces
+    assert n.last_applied == 11 and not n.has_ready()
+    assert read_states == [(7, 11)]
 
 
 @pytest.mark.parametrize("restore_in_steps", [True, False])

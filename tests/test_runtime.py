@@ -205,16 +205,18 @@ class Restorable(Values):
         self.restored = data
 
 
-def follower(node_id="b", leader="a", election_ticks=1000, state_machine=None):
-    """A runtime for `node_id`, one of two voters, that hears from nobody (its election timeout is far off)."""
+def follower(node_id="b", leader="a", election_ticks=1000, state_machine=None, tick_seconds=0.005, **config):
+    """A runtime for `node_id`, one of two voters, that hears from nobody (its election timeout is far off);
+    `config`: more Config fields."""
     storage = HangingStorage()
     members = tuple(Member(n, f"127.0.0.1:{i}", "") for i, n in enumerate(sorted((node_id, leader)), 1))
     membership = Membership(tuple(sorted((node_id, leader))), (), members)
     storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", membership)])
     stored = storage.load()
-    node = RaftNode(Config(node_id, election_ticks=election_ticks), random.Random(1), stored.hard_state,
+    node = RaftNode(Config(node_id, election_ticks=election_ticks, **config), random.Random(1), stored.hard_state,
                     stored.raft_log(), stored.snapshot)
-    runtime = Runtime(node, storage, NullTransport(), state_machine if state_machine is not None else Values(), tick_seconds=0.005)
+    runtime = Runtime(node, storage, NullTransport(), state_machine if state_machine is not None else Values(),
+                      tick_seconds=tick_seconds)
     return runtime, storage, membership
 
 
@@ -241,6 +243,92 @@ def test_last_applied_moves_only_once_the_state_machine_holds_the_snapshot():
         storage.hang = False
         runtime.stop()
 
+
+def test_a_big_committed_backlog_is_applied_in_pieces_and_a_heartbeat_is_answered_between_them():
+    """Issue 13: a follower that fell behind (or restored a snapshot) got thousands of committed entries at once
+    and applied them all in one drive (44-66 ms at 1M keys), its heartbeat replies waiting behind. Measured in
+    steps, not time: a heartbeat delivered once the first piece is applied is answered after at most two more
+    pieces (the drive under way, and its own) (Config.max_committed_entries_per_ready), long before the backlog is applied. Then the backlog drains
+    with nothing else arriving, in order and whole, though the loop's timer is 10 s: the drive that applies a
+    piece wakes the loop for the next, and no wake is lost."""
+    backlog, cap = 2000, 50
+    runtime, storage, membership = follower(tick_seconds=10.0, max_committed_entries_per_ready=cap)
+    state_machine = runtime.state_machine
+    runtime.start()
+    try:
+        entries = tuple(Entry(2, i, EntryKind.COMMAND, b"%d" % i) for i in range(2, backlog + 2))
+        appended = gevent.spawn(runtime.deliver, [AppendEntries("a", "b", 2, 1, 1, entries, backlog + 1)], True)
+        with gevent.Timeout(5):
+            while not state_machine.applied:
+                gevent.sleep(0.0001)
+        heartbeat = AppendEntries("a", "b", 2, backlog + 1, 2, (), backlog + 1)
+        applied_when_sent = len(state_machine.applied)
+        replies = runtime.deliver([heartbeat], True)
+        applied_while_it_waited = len(state_machine.applied) - applied_when_sent
+        assert replies and replies[0].success, replies
+        assert applied_while_it_waited <= 2 * cap, applied_while_it_waited
+        assert len(state_machine.applied) < backlog
+        assert runtime.wait_applied(backlog + 1, 5.0) == backlog + 1
+        assert state_machine.applied == [e.data for e in entries]
+        assert appended.get(timeout=5)[0].success
+    finally:
+        runtime.stop()
+
+
+
+class AsksForASnapshot(Values):
+    """Asks its runtime for a snapshot when it applies entry `at` (as the store does at a feature-level raise)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+        self.runtime = None
+
+    def apply(self, index, command):
+        if index == self.at:
+            self.runtime.request_snapshot()
+        return super().apply(index, command)
+
+
+@pytest.mark.parametrize("why", ["threshold", "requested"])
+def test_a_committed_backlog_applied_in_pieces_is_snapshotted_once_at_its_end(tmp_path, why):
+    """Review applycap L1, L2: a backlog applied a piece per drive was snapshotted after every piece, in process
+    (here) each a stall of the whole state's serialization: DiskStorage's log_bytes counts the committed entries
+    not applied yet, so a log over the threshold stayed over it after each piece's snapshot; and a snapshot asked
+    for while applying the backlog's first piece (the level raise) targets the commit index, reached only at the
+    last piece. Now one snapshot, at the backlog's end; the one asked for is taken then, not lost."""
+    backlog, cap = 2000, 50
+    state_machine = AsksForASnapshot(3 if why == "requested" else None)
+    storage = DiskStorage(str(tmp_path))
+    storage.load()
+    members = (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", ""))
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a", "b"), (), members))])
+    stored = storage.state
+    node = RaftNode(Config("b", election_ticks=1000, max_committed_entries_per_ready=cap), random.Random(1),
+                    stored.hard_state, stored.raft_log(), stored.snapshot)
+    entries = tuple(Entry(2, i, EntryKind.COMMAND, b"v" * 100) for i in range(2, backlog + 2))  # ~200 KiB of log
+    runtime = Runtime(node, storage, NullTransport(), state_machine, tick_seconds=0.005,
+                      snapshot_threshold_bytes=(20 << 10) if why == "threshold" else (1 << 30))
+    runtime.snapshot_fork = False
+    state_machine.runtime = runtime
+    runtime.start()
+    try:
+        assert runtime.deliver([AppendEntries("a", "b", 2, 1, 1, entries, 1)], True)[0].success  # logged only
+        with gevent.Timeout(5):  # over the threshold: the applied part (entry 1) is snapshotted first
+            while why == "threshold" and node.log.snapshot_index < 1:
+                gevent.sleep(0.01)
+        before = runtime.stats["snapshots"]
+        runtime.deliver([AppendEntries("a", "b", 2, backlog + 1, 2, (), backlog + 1)], True)  # all committed
+        assert runtime.wait_applied(backlog + 1, 10.0) == backlog + 1
+        with gevent.Timeout(5):
+            while runtime.stats["snapshots"] == before:
+                gevent.sleep(0.01)
+        gevent.sleep(0.05)  # a few drives more: none snapshots again
+        assert (runtime.stats["snapshots"] - before, node.log.snapshot_index) == (1, backlog + 1)
+        assert len(state_machine.applied) == backlog
+    finally:
+        runtime.stop()
+        storage.close()
 
 def heartbeats_from_a(runtime, period_seconds=0.02):
     """A greenlet that plays the leader `a` in term 2: a heartbeat every period (its answers are dropped)."""

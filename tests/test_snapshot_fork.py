@@ -25,7 +25,7 @@ def _write_many(cluster: LocalCluster, prefix: str, count: int) -> dict[str, str
 def _check_every_key(node: Node, written: dict[str, str]) -> None:
     """Every key written, read stale from `node` once it is not restoring its snapshot (a restarted node answers
     stale reads 503 until then: review of fastrestore, Q2)."""
-    wait_for(lambda: "restoring" not in node.status(), 30, f"{node.name} to restore its snapshot")
+    wait_for(lambda: not node.status()["restoring"], 30, f"{node.name} to restore its snapshot")
     for key, value in written.items():
         r = node.request("GET", f"/db/{key}?consistency=stale")
         assert (r.status, r.text) == (200, value), (node.name, key, r)
