@@ -803,7 +803,7 @@ for i in range(1000):
     kv.apply(i + 1, command(SET, "key%04d" % i, b"v"))
 # The real routes on a stand-in runtime; the client lists a page of keys, a stale read (no Raft): ~0.3 ms each.
 node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
-app = make_app(Api(types.SimpleNamespace(node=node), kv, Metrics()))
+app = make_app(Api(types.SimpleNamespace(node=node, restoring_snapshot=False), kv, Metrics()))
 served = [0]
 
 
@@ -1022,7 +1022,7 @@ kv.data = NoWalk(kv.data)
 
 # The listing route itself, on a stand-in runtime (stale reads need no Raft).
 node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
-app = make_app(Api(types.SimpleNamespace(node=node), kv, Metrics()))
+app = make_app(Api(types.SimpleNamespace(node=node, restoring_snapshot=False), kv, Metrics()))
 
 
 def get(query):

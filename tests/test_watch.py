@@ -848,7 +848,7 @@ hub, metrics = WatchHub(), Metrics()
 kv = KeyValueStore(on_event=hub.on_event)
 node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
 evictions = []
-server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node), kv, metrics, watch_hub=hub)),
+server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node, restoring_snapshot=False), kv, metrics, watch_hub=hub)),
                     max_connections=50, idle_timeout_seconds=1.0, receive_timeout_seconds=1.0,
                     busy_timeout_seconds=3.0, max_header_bytes=32768, max_body_bytes=1024,
                     on_eviction=evictions.append)
@@ -956,7 +956,7 @@ hub, metrics = WatchHub(), Metrics()
 kv = KeyValueStore(on_event=hub.on_event)
 node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
 evictions = []
-server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node), kv, metrics, watch_hub=hub,
+server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node, restoring_snapshot=False), kv, metrics, watch_hub=hub,
                                           max_watches=2)),
                     max_connections=4, idle_timeout_seconds=30.0, receive_timeout_seconds=5.0,
                     busy_timeout_seconds=30.0, max_header_bytes=32768, max_body_bytes=1024,
@@ -1101,7 +1101,7 @@ for name, busy in (("patient", 60.0), ("strict", 1.5)):  # busy bounds: generous
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     metrics, evictions = Metrics(), []
-    server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node), kv, metrics, watch_hub=hub)),
+    server = EdgeServer(listener, make_app(Api(types.SimpleNamespace(node=node, restoring_snapshot=False), kv, metrics, watch_hub=hub)),
                         max_connections=50, idle_timeout_seconds=30.0, receive_timeout_seconds=5.0,
                         busy_timeout_seconds=busy, max_header_bytes=32768, max_body_bytes=1024,
                         on_eviction=evictions.append)
