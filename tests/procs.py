@@ -99,7 +99,6 @@ class Node:
         self.wrap = wrap
         self.proc: subprocess.Popen | None = None
         self.log_offset = 0  # where the current process's lines start in the log file
-        self.started_at = float("-inf")  # time.monotonic() when its current process was started
 
     def start(self, *extra: str, join: str | None = None, env: dict[str, str] | None = None) -> "Node":
         """Start the server (`env`: variables added to this process's environment) and wait until it serves HTTP
@@ -113,7 +112,6 @@ class Node:
         self._close_log()  # the last process's, when it died by itself
         self._log = open(self.log_path, "ab")
         self.log_offset = self._log.tell()
-        self.started_at = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **env} if env else None)
         try:
