@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -19,10 +21,21 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    _cache_bytecode_of_started_processes(config)
     config.addinivalue_line("markers", "background(function, *args, waits=False): the test's long part, "
                                        "function(*args), runs in a background worker from the session's start; "
                                        "waits=True: a job that mostly waits, run at normal priority "
                                        "(tests/background.py)")
+
+
+def _cache_bytecode_of_started_processes(config) -> None:
+    """Let the processes the tests start (nodes, clients, background workers: several hundred a run) keep their
+    bytecode, in a temporary folder removed at the end. With PYTHONDONTWRITEBYTECODE set, as on the machines this
+    suite runs on, every one of them compiled raftlib and raftdzmq.py from source: ~0.2 s of CPU a start here."""
+    if not os.environ.pop("PYTHONDONTWRITEBYTECODE", None) or os.environ.get("PYTHONPYCACHEPREFIX"):
+        return
+    prefix = os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="raftdzmq-test-pycache-")
+    config.add_cleanup(lambda: shutil.rmtree(prefix, ignore_errors=True))
 
 
 def pytest_collection_modifyitems(session, config, items):
