@@ -27,7 +27,9 @@ Its rules:
   BadRequest, Conflict. Every one carries the server's one-line reason when there was one.
 - Watches never skip nor repeat an event: events are handed out only when their index group is whole (the
   server's `id:` line closes a group), the position is the last whole group's index, and a reconnect (to the next
-  endpoint, after a node died or ended the stream) resumes with `Last-Event-ID` at that position. A position the
+  endpoint, after a node died or ended the stream: it ends one when its watcher fell behind its history, and
+  every one when it was removed or has heard from no leader for a while) resumes with `Last-Event-ID` at that
+  position. A position the
   node no longer has raises `Compacted(oldest_index)`: read the keys again and watch from the read's index.
 """
 
@@ -765,6 +767,7 @@ class Watch:
         self._ready: collections.deque[Event] = collections.deque()  # whole groups, to hand out
         self._response: urllib3.BaseHTTPResponse | None = None
         self._lines: Iterator[bytes] | None = None
+        self._node: str | None = None  # the node the stream is open on
         self._closed = False
         self._ever_connected = False
         self._reading = False  # a thread is in _read_group
@@ -839,6 +842,7 @@ class Watch:
             if response.status == 200:
                 self._response = response
                 self._lines = _lines(response)
+                self._node = node
                 return
             answer = _Answer(response.status, response.read(), {k.lower(): v for k, v in response.headers.items()})
             response.release_conn()
@@ -875,7 +879,11 @@ class Watch:
                     continue
                 # a blank line: dispatch the message
                 kind = fields.get("event")
-                if kind == "error":  # the node ended the stream: reconnect at the position (the 410 says why)
+                if kind == "error":
+                    # The node ended the stream: it fell behind its history, or the node stops serving watches
+                    # (removed, or no leader for too long). Reconnect at the position, to another node first.
+                    if self._node is not None:
+                        self._client._passed_over(self._node)
                     break
                 if data:
                     pending.append(_event_of(json.loads("\n".join(data))))

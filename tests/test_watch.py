@@ -10,9 +10,13 @@ import time
 import gevent
 import pytest
 
+from raftlib.core import NodeStatus
+from raftlib.messages import Membership, Role
+from raftlib.runtime import RuntimeStatus
 from raftlib.server.store import DELETE_PREFIX, SET, TXN, Event, KeyValueStore, SET_FEATURE_LEVEL, command
 from raftlib.server.watch import (_COMPACT_EVENTS, EVENT_OVERHEAD_BYTES, MAX_EVENTS_PER_READ, MAX_SHARED_ANSWERS,
                                    MAX_SHARED_BYTES, Behind, Filter, WatchHub, _event_bytes, event_json, sse_frame)
+from raftlib.server.watchguard import watch_refusal
 from test_http_api import Client
 
 ALL = Filter(prefix="")
@@ -1367,3 +1371,68 @@ def test_streams_that_stopped_reading_hold_one_shared_frame_between_them_not_a_c
     assert held < 4 * value_bytes
     for client, _ in streams:
         assert read_stream_events(client, 1, seconds=10) == [1]
+
+
+# ---- refusal: a removed or leaderless node (watchguard) ------------------------------------------------------------
+
+
+def guard_status(membership=("a", "b", "c"), membership_index=1, last_applied=10, removed=None,
+                 leader_contact_at=100.0) -> RuntimeStatus:
+    """Node b of a cluster, as RuntimeStatus says it (election timeout 0.3 s)."""
+    node = NodeStatus(node_id="b", role=Role.FOLLOWER, term=2, leader_id="a", commit_index=10,
+                      last_applied=last_applied, last_index=10, snapshot_index=0,
+                      membership=Membership(membership), progress={}, removed=removed, reads_pending=0,
+                      membership_index=membership_index)
+    return RuntimeStatus(node, running=True, disk_full=False, stats={}, leader_contact_at=leader_contact_at,
+                         election_timeout_seconds=0.3)
+
+
+def test_watches_are_refused_on_a_removed_node_and_after_three_election_timeouts_without_a_leader():
+    assert watch_refusal(guard_status(), now=100.1, contact_floor=0.0) is None
+    # Told by a member: the text every route answers on a removed node.
+    status, reason = watch_refusal(guard_status(removed=("a", 7)), now=100.1, contact_floor=0.0)  # type: ignore[misc]
+    assert (status, reason) == (410, "this node was removed from the cluster (by a at or before index 7)")
+    # Its own configuration leaves it out: once applied (an appended one may still be overwritten).
+    assert watch_refusal(guard_status(("a", "c"), membership_index=11), now=100.1, contact_floor=0.0) is None
+    refusal = watch_refusal(guard_status(("a", "c"), membership_index=9), now=100.1, contact_floor=0.0)
+    assert refusal is not None and refusal[0] == 410 and "removed" in refusal[1]
+    # A node whose configuration is not known yet (joining: no members) is not refused for it.
+    assert watch_refusal(guard_status(()), now=100.1, contact_floor=0.0) is None
+    # No leader heard: within 3 election timeouts it serves; past them it refuses (503, one line).
+    assert watch_refusal(guard_status(), now=100.0 + 3 * 0.3 - 0.01, contact_floor=0.0) is None
+    refusal = watch_refusal(guard_status(), now=100.0 + 3 * 0.3 + 0.01, contact_floor=0.0)
+    assert refusal is not None and refusal[0] == 503 and "no leader" in refusal[1] and "\n" not in refusal[1]
+    # Never heard of a leader (-inf), or resumed from a stall: the guard's floor counts as contact.
+    assert watch_refusal(guard_status(leader_contact_at=float("-inf")), now=100.5, contact_floor=100.0) is None
+    assert watch_refusal(guard_status(leader_contact_at=float("-inf")), now=101.0, contact_floor=100.0) is not None
+
+
+def test_a_refusing_hub_ends_streams_and_long_polls_with_the_reason_and_refuses_new_watches():
+    c = Client()
+    c.store.on_event = c.api.watch_hub.on_event
+    hub = c.api.watch_hub
+    status, _, chunks = stream(c, "/watch?prefix=p/")
+    assert status.startswith("200") and next(chunks) == b": watching after index 0\nid: 0\n\n"
+    waiting = gevent.spawn(next, chunks)
+    poll = gevent.spawn(c, "GET", "/watch?prefix=p/&poll=1&timeout=30")
+    for _ in range(10_000):  # until both are registered and waiting, not for a guessed time
+        if c.metrics.watches_open == 2:
+            break
+        gevent.sleep(0.001)
+    gevent.sleep(0.01)
+    assert c.metrics.watches_open == 2 and not waiting.ready() and not poll.ready()
+    reason = "this node has heard from no leader for over 0.9s (3 election timeouts): watch elsewhere"
+    hub.refuse(503, reason)
+    error = waiting.get(timeout=2)
+    assert error == b"event: error\ndata: " + json.dumps({"error": reason, "status": 503}).encode() + b"\n\n"
+    with pytest.raises(StopIteration):
+        next(chunks)
+    r = poll.get(timeout=2)
+    assert (r.status, r.text) == (503, reason + "\n")
+    assert c.metrics.watches_open == 0 and not hub._by_prefix  # unregistered
+    for target in ("/watch?prefix=p/", "/watch?key=k&poll=1&timeout=5"):
+        r = c("GET", target)
+        assert (r.status, r.text) == (503, reason + "\n"), target
+    assert c.counted("watches_refused") == {"stream": 2, "poll": 2}
+    hub.admit()
+    assert c("GET", "/watch?key=k&poll=1&timeout=0").status == 200
