@@ -43,7 +43,7 @@ Rules:
   leases past their deadline (at most MAX_EXPIRE_BATCH, one proposal in flight, bounded by -write-timeout); after
   a full batch it goes on at once (a mass expiry: one entry per commit round, yielding between them).
 - Watches (raftlib.server.watchguard): the WatchGuard ends them, and refuses new ones, while this node is removed or
-  has heard from no leader for 3 election timeouts; it runs from `start` to `stop`.
+  has heard from no leader for 3 election timeouts (at least 3 s); it runs from `start` to `stop`.
 """
 
 from __future__ import annotations
