@@ -1524,3 +1524,22 @@ def test_a_refusing_hub_ends_streams_and_long_polls_with_the_reason_and_refuses_
     assert c.counted("watches_refused") == {"stream": 2, "poll": 2}
     hub.admit()
     assert c("GET", "/watch?key=k&poll=1&timeout=0").status == 200
+
+
+def test_a_long_poll_answers_the_events_waiting_when_watches_are_refused():
+    """A refusal ends a long poll that has nothing to answer; one whose events arrived with the refusal answers
+    them (200), not the refusal: they were applied here, and its next `from` moves past them."""
+    c = Client()
+    c.store.on_event = c.api.watch_hub.on_event
+    hub = c.api.watch_hub
+    poll = gevent.spawn(c, "GET", "/watch?prefix=p/&poll=1&timeout=30")
+    wait_until_open(c, 1)
+    assert not poll.ready()
+    assert c("POST", "/db/p/1", "v").status == 200  # applied, the poll woken: it runs once this greenlet yields
+    hub.refuse(503, "this node has heard from no leader for over 3s: watch elsewhere")
+    r = poll.get(timeout=2)
+    assert r.status == 200 and [(e["key"], e["index"]) for e in r.json()] == [("p/1", 1)], r
+    assert r.headers["x-raft-watch-position"] == "1"
+    assert c.counted("watches_refused") == {}
+    r = c("GET", "/watch?prefix=p/&from=1&poll=1&timeout=30")  # the next one, with nothing to answer
+    assert r.status == 503 and "no leader" in r.text
