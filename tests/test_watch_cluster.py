@@ -292,8 +292,9 @@ def test_a_follower_cut_from_its_leader_ends_its_watches_within_three_election_t
             with pytest.raises(EOFError):
                 reader.groups_until(10**9, deadline_seconds=END_BOUND_SECONDS + 5)
             ended_after = time.monotonic() - cut_at
-            # not before the bound, 3 s (less a heartbeat: the last contact came before the pause)
-            assert MIN_LEADERLESS_SECONDS - 0.1 <= ended_after < END_BOUND_SECONDS, ended_after
+            # not before the bound, 3 s, less a margin: the last contact came before the pause (a heartbeat, later
+            # than its 50 ms on a loaded machine)
+            assert MIN_LEADERLESS_SECONDS - 0.5 <= ended_after < END_BOUND_SECONDS, ended_after
             assert reader.error is not None and reader.error["status"] == 503, reader.error
             assert "heard from no leader" in reader.error["error"], reader.error
             reader.close()
