@@ -27,8 +27,12 @@ Its rules:
   BadRequest, Conflict. Every one carries the server's one-line reason when there was one.
 - Watches never skip nor repeat an event: events are handed out only when their index group is whole (the
   server's `id:` line closes a group), the position is the last whole group's index, and a reconnect (to the next
-  endpoint, after a node died or ended the stream) resumes with `Last-Event-ID` at that position. A position the
-  node no longer has raises `Compacted(oldest_index)`: read the keys again and watch from the read's index.
+  endpoint, after a node died or ended the stream: it ends one when its watcher fell behind its history, and
+  every one when it was removed or has heard from no leader for a while) resumes with `Last-Event-ID` at that
+  position. A position no node has any more raises `Compacted(oldest_index)`: read the keys again and watch from
+  the read's index. Another member may hold more history than the node that answered 410 (one restored from a
+  snapshot, or one that fell behind): a watch, and a long poll, raise it only once every endpoint said so, or at
+  the client's timeout when one did and none served it (the smallest oldest index they gave).
 """
 
 from __future__ import annotations
@@ -92,7 +96,8 @@ class Unavailable(RaftdzmqError):
 
 
 class Compacted(RaftdzmqError):
-    """410 on a watch: its position is older than the node's history; `oldest_index` is the oldest kept."""
+    """410 on a watch: its position is older than the history of every endpoint (module rules); `oldest_index` is
+    the oldest they keep."""
 
     def __init__(self, message: str, oldest_index: int) -> None:
         super().__init__(message, 410)
@@ -388,6 +393,7 @@ class Client:
         attempt_bound = budget / 2 if idempotent and timeout is None else budget
         ok = frozenset(ok)
         last_reason = "no endpoint answered"
+        compacted = _CompactedAnswers(self.endpoints)
         failed: set[str] = set()  # nodes that failed since the last backoff
         backoffs = 0
         target = None
@@ -402,7 +408,7 @@ class Client:
                 failed.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Unavailable(f"{method} {path}: {last_reason} (gave up after {budget:g}s)")
+                raise compacted.error() or Unavailable(f"{method} {path}: {last_reason} (gave up after {budget:g}s)")
             failed.add(node)
             try:
                 node_headers = headers(node, min(remaining, attempt_bound)) if callable(headers) else headers
@@ -437,8 +443,11 @@ class Client:
                 raise OutcomeUnknown(f"{method} {path}: {answer.reason} (it may have applied: read before retrying)",
                                      answer.status)
             retryable = answer.status in (503, 410) and (idempotent or outcome == "not-applied")
+            error = _error(answer, method, path)
             if not retryable:
-                raise _error(answer, method, path)
+                raise error
+            if isinstance(error, Compacted) and compacted.add(node, error):
+                raise compacted.error() or error  # every endpoint said so
             last_reason = f"{node}: {answer.status} {answer.reason}"
             self._passed_over(node)
         raise AssertionError("unreachable")  # _candidates never ends
@@ -555,7 +564,8 @@ class Client:
     def poll_events(self, key: str | None = None, prefix: str | None = None, from_index: int = 0,
                     timeout: float = 5.0) -> tuple[builtins.list[Event], int]:
         """One long poll: the events after `from_index` as soon as there are some, else [] after `timeout`
-        seconds; with the position to poll from next. Compacted when `from_index` is too old."""
+        seconds; with the position to poll from next. Compacted when `from_index` is older than every endpoint's
+        history (module rules); a node that answers 410 for it is passed over, as one that refuses watches."""
         query = urllib.parse.urlencode({**_one_of(key, prefix), "from": from_index, "poll": 1,
                                         "timeout": f"{max(0.0, min(timeout, 60.0)):.3f}"})
         answer = self.request("GET", f"/watch?{query}", idempotent=True, timeout=timeout + self.timeout)
@@ -752,6 +762,23 @@ def _error(answer: _Answer, method: str, path: str) -> RaftdzmqError:
 # ---- watch ----------------------------------------------------------------------------------------------------
 
 
+class _CompactedAnswers:
+    """The Compacted answers (410 with X-Raft-Oldest-Index) of one call's attempts, by node (module rules)."""
+
+    def __init__(self, endpoints: Iterable[str]) -> None:
+        self._endpoints = frozenset(endpoints)
+        self._errors: dict[str, Compacted] = {}
+
+    def add(self, node: str, error: Compacted) -> bool:
+        """Count `node`'s answer; True once every endpoint has said so."""
+        self._errors[node] = error
+        return self._endpoints <= self._errors.keys()
+
+    def error(self) -> Compacted | None:
+        """The answer with the most history (the smallest oldest index), or None when no node said so."""
+        return min(self._errors.values(), key=lambda e: e.oldest_index, default=None)
+
+
 class Watch:
     """The iterator `Client.watch` returns (module rules: no event skipped or repeated, across reconnects).
     `position`: every change up to this index was handed out. `close()` ends it (from another thread too); it is
@@ -765,6 +792,7 @@ class Watch:
         self._ready: collections.deque[Event] = collections.deque()  # whole groups, to hand out
         self._response: urllib3.BaseHTTPResponse | None = None
         self._lines: Iterator[bytes] | None = None
+        self._node: str | None = None  # the node the stream is open on
         self._closed = False
         self._ever_connected = False
         self._reading = False  # a thread is in _read_group
@@ -823,12 +851,14 @@ class Watch:
         if self.position is not None:
             headers["Last-Event-ID"] = str(self.position)
         last_reason = "no endpoint answered"
+        compacted = _CompactedAnswers(client.endpoints)
         attempt = 0
         for node in client._candidates():
             if self._closed:
                 raise StopIteration
             if time.monotonic() >= deadline:
-                raise Unavailable(f"watch {query}: {last_reason} (gave up after {client.timeout:g}s)")
+                raise compacted.error() or Unavailable(f"watch {query}: {last_reason} "
+                                                       f"(gave up after {client.timeout:g}s)")
             attempt += 1
             try:
                 response = client._open_stream(node, f"/watch?{query}", headers)
@@ -839,13 +869,18 @@ class Watch:
             if response.status == 200:
                 self._response = response
                 self._lines = _lines(response)
+                self._node = node
                 return
             answer = _Answer(response.status, response.read(), {k.lower(): v for k, v in response.headers.items()})
             response.release_conn()
             error = _error(answer, "GET", f"/watch?{query}")
-            if isinstance(error, Compacted) or (isinstance(error, BadRequest) and answer.status != 410):
+            if isinstance(error, Compacted) and compacted.add(node, error):
+                raise compacted.error() or error  # every endpoint said so
+            if isinstance(error, BadRequest) and answer.status != 410:
                 raise error
-            client._passed_over(node)  # 503 (too many watches, stopping), a removed node's 410: the next one
+            # 503 (too many watches, stopping, no leader), a removed node's 410, a position older than this node's
+            # history (another may hold it): the next one
+            client._passed_over(node)
             last_reason = f"{node}: {answer.status} {answer.reason}"
             time.sleep(_BACKOFF_SECONDS[min(attempt, len(_BACKOFF_SECONDS)) - 1])
 
@@ -875,7 +910,11 @@ class Watch:
                     continue
                 # a blank line: dispatch the message
                 kind = fields.get("event")
-                if kind == "error":  # the node ended the stream: reconnect at the position (the 410 says why)
+                if kind == "error":
+                    # The node ended the stream: it fell behind its history, or the node stops serving watches
+                    # (removed, or no leader for too long). Reconnect at the position, to another node first.
+                    if self._node is not None:
+                        self._client._passed_over(self._node)
                     break
                 if data:
                     pending.append(_event_of(json.loads("\n".join(data))))

@@ -217,6 +217,9 @@ class NodeStatus:
     # The payload bytes this leader holds in entries of its term not yet committed (RaftNode.uncommitted_bytes,
     # bounded by Config.max_uncommitted_bytes); 0 unless it leads.
     uncommitted_bytes: int = 0
+    # The index of the entry of `membership` (RaftNode.membership_index): the configuration is applied here once
+    # last_applied reaches it (a node that applied one that leaves it out was removed: server.watchguard).
+    membership_index: int = 0
 
 
 _NO_PROGRESS: Mapping[str, ProgressStatus] = types.MappingProxyType({})
@@ -369,6 +372,7 @@ class RaftNode:
             last_index=self.log.last_index,
             snapshot_index=self.log.snapshot_index,
             membership=self.membership,
+            membership_index=self._membership_index,
             progress=self._progress.status(self.node_id) if leading else _NO_PROGRESS,
             removed=self.removed,
             reads_pending=self._reads.pending,

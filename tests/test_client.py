@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -195,6 +196,10 @@ def test_a_watch_older_than_the_history_raises_compacted_with_the_oldest_index(c
     with pytest.raises(Compacted) as e:
         next(iter(client.watch(prefix="c/", from_index=start)))
     assert e.value.oldest_index > start
+    began = time.monotonic()  # every node answers 410 at once: Compacted, not Unavailable at the timeout
+    with pytest.raises(Compacted) as polled:
+        client.poll_events(prefix="c/", from_index=start, timeout=1)
+    assert polled.value.oldest_index > start and time.monotonic() - began < 5
     events, position = client.poll_events(prefix="c/", from_index=e.value.oldest_index - 1, timeout=1)
     assert events and events[0].index == e.value.oldest_index and position >= events[-1].index
 
@@ -427,3 +432,119 @@ def test_a_signed_admin_request_is_signed_again_for_a_retry_after_a_not_applied_
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- a watch's choice of node: stand-in nodes that answer GET /watch as each test scripts them ----------------------
+
+
+def sse_put(key: str, value: str, index: int) -> str:
+    return f"event: put\ndata: {json.dumps({'type': 'put', 'key': key, 'value': value, 'index': index})}\nid: {index}\n\n"
+
+
+def compacted_answer(oldest_index: int) -> tuple[int, dict[str, str], str]:
+    return 410, {"X-Raft-Oldest-Index": str(oldest_index)}, f"events after index 1 are no longer kept here: the " \
+        f"oldest index available is {oldest_index}\n"
+
+
+class ScriptedWatchNode(http.server.BaseHTTPRequestHandler):
+    """GET /watch answered with the server's `answers` in turn (the last one again once they run out): (status,
+    headers, body); a 200 is a whole stream (text/event-stream), then the connection closes. Each request's
+    (poll or stream, Last-Event-ID or from) goes to the server's `asked`."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        server = self.server
+        answers: list = server.answers  # type: ignore[attr-defined]
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        poll = query.get("poll") == ["1"]
+        server.asked.append(("poll" if poll else "stream",  # type: ignore[attr-defined]
+                             self.headers.get("Last-Event-ID") or query.get("from", [None])[0]))
+        status, headers, body = answers.pop(0) if len(answers) > 1 else answers[0]
+        data = body.encode()
+        self.send_response(status)
+        content_type = "application/json" if poll else "text/event-stream" if status == 200 else "text/plain"
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted_nodes():
+    """Start stand-in nodes, each with its answers; every one is shut down at the end."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(*scripts: list) -> list[http.server.ThreadingHTTPServer]:
+        for answers in scripts:
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedWatchNode)
+            server.answers, server.asked = list(answers), []  # type: ignore[attr-defined]
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            servers.append(server)
+        return list(servers)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def address(server: http.server.ThreadingHTTPServer) -> str:
+    return f"127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_watch_ended_by_a_node_reconnects_to_another_node_first_even_if_that_one_would_accept_it(scripted_nodes):
+    """Review watchend L2: a node that ends the stream (an `error` event: it refuses watches, or the watcher fell
+    behind its history) is passed over; the reconnect goes to the next node with Last-Event-ID, though the ending
+    node would answer it 200 (a refusal lifted meanwhile: it flaps)."""
+    ending, other = scripted_nodes(
+        [(200, {}, ": watching after index 0\nid: 0\n\n" + sse_put("w/1", "a", 1)
+          + 'event: error\ndata: {"error": "this node has heard from no leader for over 3s", "status": 503}\n\n'),
+         (200, {}, sse_put("w/2", "from the node that ended the stream", 2))],
+        [(200, {}, sse_put("w/2", "b", 2))])
+    with Client([address(ending), address(other)], timeout=10) as c, c.watch(prefix="w/", from_index=0) as watch:
+        seen = [next(watch), next(watch)]
+    assert [(e.key, e.value, e.index) for e in seen] == [("w/1", b"a", 1), ("w/2", b"b", 2)]
+    assert ending.asked == [("stream", "0")] and other.asked == [("stream", "1")]  # type: ignore[attr-defined]
+
+
+def test_a_watch_older_than_one_nodes_history_resumes_on_a_node_that_holds_it(scripted_nodes):
+    """A 410 for a position older than one node's history is that node's (restored from a snapshot, or behind):
+    the watch asks the next node, which serves it. Compacted only when every endpoint says so, with the smallest
+    oldest index they gave, each asked once."""
+    short, holding = scripted_nodes([compacted_answer(9)], [(200, {}, sse_put("w/3", "v", 3))])
+    with Client([address(short), address(holding)], timeout=10) as c, c.watch(prefix="w/", from_index=1) as watch:
+        event = next(watch)
+    assert (event.key, event.index) == ("w/3", 3) and watch.position == 3
+    assert short.asked == [("stream", "1")] and holding.asked == [("stream", "1")]  # type: ignore[attr-defined]
+
+    nodes = scripted_nodes([compacted_answer(9)], [compacted_answer(7)], [compacted_answer(8)])[2:]
+    began = time.monotonic()
+    with Client([address(n) for n in nodes], timeout=10) as c, pytest.raises(Compacted) as e:
+        next(iter(c.watch(prefix="w/", from_index=1)))
+    assert e.value.oldest_index == 7 and time.monotonic() - began < 5
+    assert [n.asked for n in nodes] == [[("stream", "1")]] * 3  # type: ignore[attr-defined]
+
+
+def test_a_long_poll_older_than_every_nodes_history_raises_compacted_and_one_that_a_node_holds_is_served(
+        scripted_nodes):
+    """Client.poll_events: a 410 with X-Raft-Oldest-Index from every endpoint is Compacted at once (it was retried
+    until the timeout, then Unavailable: review watchend, pre-existing); from one, the next node serves it."""
+    nodes = scripted_nodes([compacted_answer(9)], [compacted_answer(7)], [compacted_answer(8)])
+    began = time.monotonic()
+    with Client([address(n) for n in nodes], timeout=10) as c, pytest.raises(Compacted) as e:
+        c.poll_events(prefix="w/", from_index=1, timeout=1)
+    assert e.value.oldest_index == 7 and time.monotonic() - began < 5
+    assert [n.asked for n in nodes] == [[("poll", "1")]] * 3  # type: ignore[attr-defined]
+
+    short, holding = scripted_nodes(
+        [compacted_answer(9)],
+        [(200, {"X-Raft-Watch-Position": "3"}, json.dumps([{"type": "put", "key": "w/3", "value": "v", "index": 3}]))])[3:]
+    with Client([address(short), address(holding)], timeout=10) as c:
+        events, position = c.poll_events(prefix="w/", from_index=1, timeout=1)
+    assert [(e.key, e.index) for e in events] == [("w/3", 3)] and position == 3

@@ -10,9 +10,14 @@ import time
 import gevent
 import pytest
 
+from raftlib.core import NodeStatus
+from raftlib.messages import Membership, Role
+from raftlib.runtime import RuntimeStatus
 from raftlib.server.store import DELETE_PREFIX, SET, TXN, Event, KeyValueStore, SET_FEATURE_LEVEL, command
 from raftlib.server.watch import (_COMPACT_EVENTS, EVENT_OVERHEAD_BYTES, MAX_EVENTS_PER_READ, MAX_SHARED_ANSWERS,
                                    MAX_SHARED_BYTES, Behind, Filter, WatchHub, _event_bytes, event_json, sse_frame)
+from raftlib.server.watchguard import (ERROR_LOG_SECONDS, MIN_LEADERLESS_SECONDS, GuardMemory, WatchGuard, remember,
+                                       watch_refusal)
 from test_http_api import Client
 
 ALL = Filter(prefix="")
@@ -1367,3 +1372,174 @@ def test_streams_that_stopped_reading_hold_one_shared_frame_between_them_not_a_c
     assert held < 4 * value_bytes
     for client, _ in streams:
         assert read_stream_events(client, 1, seconds=10) == [1]
+
+
+# ---- refusal: a removed or leaderless node (watchguard) ------------------------------------------------------------
+
+
+def guard_status(membership=("a", "b", "c"), membership_index=1, last_applied=10, removed=None,
+                 leader_contact_at=100.0, election_timeout_seconds=0.3, snapshot_index=0) -> RuntimeStatus:
+    """Node b of a cluster, as RuntimeStatus says it (election timeout 0.3 s)."""
+    node = NodeStatus(node_id="b", role=Role.FOLLOWER, term=2, leader_id="a", commit_index=10,
+                      last_applied=last_applied, last_index=10, snapshot_index=snapshot_index,
+                      membership=Membership(membership), progress={}, removed=removed, reads_pending=0,
+                      membership_index=membership_index)
+    return RuntimeStatus(node, running=True, disk_full=False, stats={}, leader_contact_at=leader_contact_at,
+                         election_timeout_seconds=election_timeout_seconds)
+
+
+MEMBER = GuardMemory(last_check=100.0, contact_floor=0.0, was_member=True)
+
+
+def test_watches_are_refused_on_a_removed_node_and_after_three_election_timeouts_without_a_leader():
+    assert watch_refusal(guard_status(), now=100.1, memory=MEMBER) is None
+    # Told by a member: the text every route answers on a removed node.
+    status, reason = watch_refusal(guard_status(removed=("a", 7)), now=100.1, memory=MEMBER)  # type: ignore[misc]
+    assert (status, reason) == (410, "this node was removed from the cluster (by a at or before index 7)")
+    # Its own configuration leaves it out: once applied (an appended one may still be overwritten).
+    assert watch_refusal(guard_status(("a", "c"), membership_index=11), now=100.1, memory=MEMBER) is None
+    refusal = watch_refusal(guard_status(("a", "c"), membership_index=9), now=100.1, memory=MEMBER)
+    assert refusal is not None and refusal[0] == 410 and "removed" in refusal[1]
+    # A node whose configuration is not known yet (joining: no members) is not refused for it.
+    assert watch_refusal(guard_status(()), now=100.1, memory=MEMBER) is None
+    # No leader heard: within max(3 election timeouts, 3 s) it serves; past them it refuses (503, one line).
+    assert MIN_LEADERLESS_SECONDS == 3.0
+    assert watch_refusal(guard_status(), now=100.0 + 3.0 - 0.01, memory=MEMBER) is None
+    refusal = watch_refusal(guard_status(), now=100.0 + 3.0 + 0.01, memory=MEMBER)
+    assert refusal is not None and refusal[0] == 503 and "no leader" in refusal[1] and "\n" not in refusal[1]
+    assert "3s" in refusal[1]
+    slow = {"election_timeout_seconds": 2.0}  # 3 election timeouts when they are longer than 3 s
+    assert watch_refusal(guard_status(**slow), now=100.0 + 6.0 - 0.01, memory=MEMBER) is None
+    assert watch_refusal(guard_status(**slow), now=100.0 + 6.0 + 0.01, memory=MEMBER) is not None
+    # Never heard of a leader (-inf), or resumed from a stall: the guard's floor counts as contact.
+    never = guard_status(leader_contact_at=float("-inf"))
+    assert watch_refusal(never, now=102.5, memory=GuardMemory(100.0, contact_floor=100.0)) is None
+    assert watch_refusal(never, now=103.5, memory=GuardMemory(100.0, contact_floor=100.0)) is not None
+
+
+def test_only_a_certain_removal_refuses_watches_not_a_joiners_snapshot_configuration():
+    """Review watchend L5: a node that joins and installs a snapshot taken before its addition applies a
+    configuration that leaves it out until the entry adding it arrives; so may one that applies an older
+    configuration change from its log after the snapshot. It was never a member: it must not answer 410."""
+    joined = guard_status(("a", "c"), membership_index=50, last_applied=50, snapshot_index=50)
+    start = GuardMemory(last_check=100.0, contact_floor=100.0)
+    memory = remember(start, joined, now=100.1)
+    assert not memory.was_member and watch_refusal(joined, now=100.1, memory=memory) is None
+    older_change = guard_status(("a", "c", "d"), membership_index=55, last_applied=60, snapshot_index=50)
+    memory = remember(memory, older_change, now=100.2)
+    assert not memory.was_member and watch_refusal(older_change, now=100.2, memory=memory) is None
+    added = guard_status(("a", "b", "c", "d"), membership_index=61, last_applied=60, snapshot_index=50)
+    memory = remember(memory, added, now=100.3)
+    assert not memory.was_member, "appended, not applied: it may still be overwritten"
+    member = guard_status(("a", "b", "c", "d"), membership_index=61, last_applied=61, snapshot_index=50)
+    memory = remember(memory, member, now=100.4)
+    assert memory.was_member and watch_refusal(member, now=100.4, memory=memory) is None
+    removed = guard_status(("a", "c", "d"), membership_index=70, last_applied=70, snapshot_index=50)
+    memory = remember(memory, removed, now=100.5)
+    assert memory.was_member
+    refusal = watch_refusal(removed, now=100.5, memory=memory)
+    assert refusal is not None and refusal[0] == 410 and "applied a configuration that leaves it out" in refusal[1]
+
+
+def test_a_check_that_comes_more_than_an_election_timeout_late_counts_as_contact():
+    """Review watchend L1: after a stall (SIGSTOP, a blocked loop) what the node knew of its leader says nothing
+    of now, and the runtime hears from it within a heartbeat: the stall's end counts as contact."""
+    status = guard_status(leader_contact_at=100.0)  # election timeout 0.3 s: a check every 0.1 s
+    memory = GuardMemory(last_check=100.0, contact_floor=100.0)
+    on_time = remember(memory, status, now=100.39)  # just within an election timeout and a check period
+    assert on_time.contact_floor == 100.0 and on_time.last_check == 100.39
+    stalled = remember(memory, status, now=105.0)  # stopped 5 s: its last contact is 5 s old
+    assert stalled.contact_floor == 105.0 and stalled.last_check == 105.0
+    assert watch_refusal(status, now=105.0, memory=stalled) is None
+    assert watch_refusal(status, now=105.0, memory=on_time) is not None  # the floor is what keeps it serving
+    # Checks on time after the stall keep the floor: with no leader heard, the bound runs from the stall's end.
+    later = remember(stalled, status, now=105.1)
+    assert later.contact_floor == 105.0
+    assert watch_refusal(status, now=105.0 + 3.0 - 0.01, memory=later) is None
+    assert watch_refusal(status, now=105.0 + 3.0 + 0.01, memory=later) is not None
+
+
+def test_the_watch_guard_logs_a_failing_check_and_goes_on(caplog):
+    """Review watchend L4: an exception in a check must not end the guard's greenlet (it would leave a refusal
+    set, or never set one, until restart, and nothing would show it): logged with its traceback, at most once
+    every ERROR_LOG_SECONDS, and the guard goes on at its period."""
+    hub = WatchHub()
+    failures = [3]
+
+    def status() -> RuntimeStatus:
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("a status that could not be taken")
+        return guard_status(removed=("a", 7), election_timeout_seconds=0.03)
+
+    guard = WatchGuard(status, hub)
+    with caplog.at_level("ERROR", logger="raftdzmq.watch"):
+        guard.start()
+        try:
+            for _ in range(500):  # bounded: each a check period of 20 ms at most
+                if hub.refusal is not None:
+                    break
+                gevent.sleep(0.01)
+        finally:
+            guard.stop()
+    assert hub.refusal is not None and hub.refusal[0] == 410, "the guard went on after its failing checks"
+    assert failures == [0] and ERROR_LOG_SECONDS >= 60
+    failed = [r for r in caplog.records if "watch guard's check failed" in r.getMessage()]
+    assert len(failed) == 1, "three failures within ERROR_LOG_SECONDS: logged once"
+    assert failed[0].exc_info is not None and "a status that could not be taken" in caplog.text
+
+
+def wait_until_open(c: Client, count: int) -> None:
+    """Until `count` watches are registered and waiting (at most 10 s), not for a guessed time."""
+    for _ in range(10_000):
+        if c.metrics.watches_open == count:
+            break
+        gevent.sleep(0.001)
+    gevent.sleep(0.01)
+    assert c.metrics.watches_open == count
+
+
+def test_a_refusing_hub_ends_streams_and_long_polls_with_the_reason_and_refuses_new_watches():
+    c = Client()
+    c.store.on_event = c.api.watch_hub.on_event
+    hub = c.api.watch_hub
+    status, _, chunks = stream(c, "/watch?prefix=p/")
+    assert status.startswith("200") and next(chunks) == b": watching after index 0\nid: 0\n\n"
+    waiting = gevent.spawn(next, chunks)
+    poll = gevent.spawn(c, "GET", "/watch?prefix=p/&poll=1&timeout=30")
+    wait_until_open(c, 2)
+    assert not waiting.ready() and not poll.ready()
+    reason = "this node has heard from no leader for over 3s: watch elsewhere"
+    hub.refuse(503, reason)
+    error = waiting.get(timeout=2)
+    assert error == b"event: error\ndata: " + json.dumps({"error": reason, "status": 503}).encode() + b"\n\n"
+    with pytest.raises(StopIteration):
+        next(chunks)
+    r = poll.get(timeout=2)
+    assert (r.status, r.text) == (503, reason + "\n")
+    assert c.metrics.watches_open == 0 and not hub._by_prefix  # unregistered
+    for target in ("/watch?prefix=p/", "/watch?key=k&poll=1&timeout=5"):
+        r = c("GET", target)
+        assert (r.status, r.text) == (503, reason + "\n"), target
+    assert c.counted("watches_refused") == {"stream": 2, "poll": 2}
+    hub.admit()
+    assert c("GET", "/watch?key=k&poll=1&timeout=0").status == 200
+
+
+def test_a_long_poll_answers_the_events_waiting_when_watches_are_refused():
+    """A refusal ends a long poll that has nothing to answer; one whose events arrived with the refusal answers
+    them (200), not the refusal: they were applied here, and its next `from` moves past them."""
+    c = Client()
+    c.store.on_event = c.api.watch_hub.on_event
+    hub = c.api.watch_hub
+    poll = gevent.spawn(c, "GET", "/watch?prefix=p/&poll=1&timeout=30")
+    wait_until_open(c, 1)
+    assert not poll.ready()
+    assert c("POST", "/db/p/1", "v").status == 200  # applied, the poll woken: it runs once this greenlet yields
+    hub.refuse(503, "this node has heard from no leader for over 3s: watch elsewhere")
+    r = poll.get(timeout=2)
+    assert r.status == 200 and [(e["key"], e["index"]) for e in r.json()] == [("p/1", 1)], r
+    assert r.headers["x-raft-watch-position"] == "1"
+    assert c.counted("watches_refused") == {}
+    r = c("GET", "/watch?prefix=p/&from=1&poll=1&timeout=30")  # the next one, with nothing to answer
+    assert r.status == 503 and "no leader" in r.text

@@ -124,6 +124,9 @@ class Metrics:
                                     "(stream: server-sent events, poll)", "mode")
         self.watches_behind = Counter("raftdzmq_watches_behind", "Watches ended or refused (410) because the event "
                                       "history moved past them, by mode", "mode")
+        self.watches_refused = Counter("raftdzmq_watches_refused", "Watches ended or refused because this node was "
+                                       "removed or has heard from no leader for too long (watchguard), by mode",
+                                       "mode")
         self.watch_delivery_seconds = Histogram(
             "raftdzmq_watch_delivery_seconds", "Time from applying a change to writing the stream frame that "
             "carries it to a watcher's socket, per frame written (its oldest event's): the server's share of a "
@@ -148,7 +151,7 @@ class Metrics:
     def collect(self) -> Iterator[prom_core.Metric]:
         for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
                   self.hub_lag_seconds, self.http_evictions, self.watch_events, self.watch_delivery_seconds,
-                  self.watches_behind, self.lease_keepalives, self.lease_expirations):
+                  self.watches_behind, self.watches_refused, self.lease_keepalives, self.lease_expirations):
             yield m.collect()
         yield prom_core.GaugeMetricFamily("raftdzmq_watches_open", "Watches open now (streams and long polls)",
                                           value=self.watches_open)

@@ -42,6 +42,8 @@ Rules:
   removals as they apply, and every LEASE_TICK_SECONDS, while this node leads, proposes one LEASE_EXPIRE for the
   leases past their deadline (at most MAX_EXPIRE_BATCH, one proposal in flight, bounded by -write-timeout); after
   a full batch it goes on at once (a mass expiry: one entry per commit round, yielding between them).
+- Watches (raftlib.server.watchguard): the WatchGuard ends them, and refuses new ones, while this node is removed or
+  has heard from no leader for 3 election timeouts (at least 3 s); it runs from `start` to `stop`.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ from .routes_shared import MAX_WATCHES, Api, restoring_into_the_empty_state
 from .store import (FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, check_snapshot,
                     command)
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
+from .watchguard import WatchGuard
 
 log = logging.getLogger("raftdzmq.node")
 
@@ -569,6 +572,7 @@ class Server:
         self.metrics.bind(self.runtime.status)
         self.metrics.lease_count = self.lease_count
         self.leases = LeaderLeases(self.runtime, self.store, self.metrics, config.write_timeout_seconds)
+        self.watch_guard = WatchGuard(self.runtime.status, self.watch_hub)
         self.http: EdgeServer | None = None
         self.feature_level = own_feature_level()
         self.level_raiser: FeatureLevelRaiser | None = None
@@ -892,6 +896,7 @@ class Server:
         gevent.spawn(self.metrics.watch_hub_lag)
         gevent.spawn(self.level_raiser.run)
         gevent.spawn(self.leases.run)
+        self.watch_guard.start()
         if self.node_key is not None:
             self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:
@@ -925,6 +930,7 @@ class Server:
         if self.level_raiser is not None:
             self.level_raiser.stop()
         self.leases.stop()
+        self.watch_guard.stop()
         target = best_successor(self.runtime.status().node)
         if target is not None:
             try:

@@ -3,9 +3,12 @@
 Rules:
 - GET /watch serves watches from this node's own applied state (raftlib.server.watch: the history's rules): no
   forward, no read round, no feature level, no secret (as GET /db). A stream (server-sent events) writes a
-  comment every KEEPALIVE_SECONDS while it has nothing to send, and ends when its client goes (edge.Stream) or
-  falls behind the history (an `error` event); a long poll (poll=1) waits at most its timeout (MAX_POLL_TIMEOUT_
-  SECONDS). At most `max_watches` of either are open at once (503 beyond). The stream is raftlib.server.watchstream.
+  comment every KEEPALIVE_SECONDS while it has nothing to send, and ends when its client goes (edge.Stream),
+  falls behind the history, or this node stops serving watches (both with an `error` event); a long poll
+  (poll=1) waits at most its timeout (MAX_POLL_TIMEOUT_SECONDS).
+- While the hub refuses watches (the node was removed, or has heard from no leader for too long: watch.py's
+  rules, raftlib.server.watchguard), a new watch, and a long poll that has no event to answer, gets the
+  refusal's status (410 removed, 503 no leader) and one-line reason. At most `max_watches` of either are open at once (503 beyond). The stream is raftlib.server.watchstream.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def get_watch(api: Api) -> bottle.HTTPResponse:
     if removed:
         raise text(410, removed)
     mode = "poll" if poll == "1" else "stream"
+    if api.watch_hub.refusal is not None:  # removed, or no leader for too long (watch.py's rules)
+        api.metrics.watches_refused.inc(mode)
+        raise text(*api.watch_hub.refusal)
     try:
         api.watch_hub.check(position)
     except Behind as e:
@@ -116,6 +122,9 @@ def _long_poll(api: Api, position: int, wanted: Filter, timeout_seconds: float) 
             except Behind as e:
                 metrics.watches_behind.inc("poll")
                 return text(410, str(e), **{"X-Raft-Oldest-Index": str(e.oldest_index)})
+            if not events and hub.refusal is not None:  # no event will come here: the client asks elsewhere
+                metrics.watches_refused.inc("poll")
+                return text(*hub.refusal)
             remaining = deadline - time.monotonic()
             ended = stream is not None and (stream.gone.is_set() or stream.eof.is_set())
             if events or remaining <= 0 or ended:

@@ -56,6 +56,12 @@ Rules:
   watcher is marked (`marked_at`: the GET /metrics histogram of apply to write, raftdzmq_watch_delivery_seconds).
 - The events one drive applies (no yield between them) wake each of their watchers once, after the drive: its read
   takes them all, and a stream writes them as one frame (one chunk, one send).
+- Refusal (review L1 of issue 14; etcd's WithRequireLeader): while `refusal` is set (status, reason) -- the node
+  was removed, or has heard from no leader for too long (raftlib.server.watchguard decides) -- this node will see
+  no new event, so a watch that stayed here would wait in vain and its position could fall behind every member's
+  history. `refuse` sets it and wakes every registered watcher, whose stream ends with an `error` event giving
+  the reason and whose long poll answers it (routes_watch); new watches are answered the same way. `admit` ends
+  it (a leader heard again).
 """
 
 from __future__ import annotations
@@ -186,6 +192,7 @@ class WatchHub:
         # history is unchanged (the rules: cleared on every change), least recently used first, bounded.
         self._shared: dict[tuple, list] = {}
         self.shared_bytes = 0  # the length of the SSE frames in _shared (part of held_bytes)
+        self.refusal: tuple[int, str] | None = None  # (HTTP status, reason) while watches are refused (the rules)
 
     def __len__(self) -> int:
         return len(self._events) - self._head
@@ -311,6 +318,17 @@ class WatchHub:
         if self._wake is not None:
             self._wake.set()
             self._wake = None
+
+    def refuse(self, status: int, reason: str) -> None:
+        """Refuse watches (the module's rules): every registered watcher wakes to end with `reason`."""
+        self.refusal = (status, reason)
+        for watchers in (*self._by_key.values(), *self._by_prefix.values()):
+            for watcher in watchers:
+                watcher.woken.set()
+
+    def admit(self) -> None:
+        """Serve watches again."""
+        self.refusal = None
 
     # ---- registered watchers ----------------------------------------------------------------------------------
 
@@ -594,10 +612,14 @@ def sse_frame(events: list[Event], data: list[bytes] | None = None) -> bytes:
     return b"".join(parts)
 
 
-def sse_error(error: str, oldest_index: int) -> bytes:
-    """The stream's last event when its watcher fell behind: no id line, so the client resumes where it was and
-    gets the 410 that says what is lost."""
-    return f"event: error\ndata: {json.dumps({'error': error, 'oldest_index': oldest_index})}\n\n".encode()
+def sse_error(error: str, status: int, oldest_index: int | None = None) -> bytes:
+    """The stream's last event when it is ended: `status` is what a new watch here would be answered (410 when
+    the watcher fell behind, with `oldest_index`; 410 or 503 when watches are refused: WatchHub.refusal). No id
+    line, so the client resumes where it was: here it gets the answer that says why, elsewhere the events."""
+    body: dict = {"error": error, "status": status}
+    if oldest_index is not None:
+        body["oldest_index"] = oldest_index
+    return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
 
 
 def poll_json(events: Iterable[Event]) -> str:

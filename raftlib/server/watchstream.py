@@ -30,7 +30,9 @@ Rules:
   (the sweeper shuts the socket, the write fails, the stream ends); a client gone ends the stream at that write.
 - The greenlet's own writes never join a chunk's parts either (SocketWriter._send): a slow reader's stream holds
   no copy of a frame while it waits for room.
-- A watcher behind the history (Behind) is woken too: its greenlet reads again, writes the `error` event and ends.
+- A watcher behind the history (Behind) is woken too: its greenlet reads again, writes the `error` event and ends;
+  so is every watcher when the hub refuses watches (WatchHub.refuse: removed, or no leader for too long), whose
+  greenlet writes the `error` event with the refusal's reason and ends.
 - Positions, ids, keep-alives, half-close probes: api's rules, as before; a keep-alive carries an `id:` when the
   position moved past the last index written by either writer (`sent_position`).
 - In process (tests call the application directly: no handler), the generator yields every chunk.
@@ -66,7 +68,7 @@ def watch_stream(hub: WatchHub, metrics: Metrics, position: int, wanted: Filter,
     except Behind as e:  # the history moved between the route's check and the first chunk
         metrics.watches_open -= 1
         metrics.watches_behind.inc("stream")
-        yield sse_error(str(e), e.oldest_index)
+        yield sse_error(str(e), 410, e.oldest_index)
         return
     stream = None if handler is None else Stream(handler, user_timeout_seconds=2 * KEEPALIVE_SECONDS)
     try:
@@ -104,12 +106,16 @@ def _chunks(hub: WatchHub, metrics: Metrics, watcher: Watcher, stream: Stream | 
                 probes += 1
                 yield b": are you there\n\n"  # fails once the client closed both ways: the stream ends
                 continue
+        if hub.refusal is not None:  # removed, or no leader for too long (watch.py's rules): go elsewhere
+            metrics.watches_refused.inc("stream")
+            yield sse_error(hub.refusal[1], hub.refusal[0])
+            return
         marked_at = watcher.marked_at  # the oldest event's apply, for this read's frame
         try:
             events, frame = hub.next_sse(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
         except Behind as e:
             metrics.watches_behind.inc("stream")
-            yield sse_error(str(e), e.oldest_index)
+            yield sse_error(str(e), 410, e.oldest_index)
             return
         if events:
             metrics.watch_events.inc("stream", len(events))
