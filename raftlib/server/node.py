@@ -390,13 +390,21 @@ class WatchedStore(KeyValueStore):
         """KeyValueStore.restoring (which `restore` runs too), telling the hub at the step that replaces the state:
         a follower restores a leader's snapshot a batch per drive (raftlib.runtime), and its watchers must hear of
         it then, before the entries after the snapshot are applied, or they would go on from a state they never
-        saw (a gap)."""
+        saw (a gap). Not a generator itself: KeyValueStore.restoring notes the snapshot's level now, at the call
+        (review restoreedges L2: as a generator this deferred it to the first step, which a restart's
+        Runtime.restore_at_start takes only after its first drive's replies went out, so they did not say
+        `restoring`, `_members_read_restoring`, and a hand-over in that window could pick this node)."""
         snapshot = self.snapshot_of_node()
         assert snapshot is not None and (snapshot.data is data or snapshot.data == data), \
             "a restore of a snapshot the core does not hold"
-        for replaced in super().restoring(data):
+        return self._telling_the_hub(super().restoring(data), snapshot.last_included_index)
+
+    def _telling_the_hub(self, steps: Iterator[bool], index: int) -> Iterator[bool]:
+        """`restoring`'s generator: `steps`, the hub told of the snapshot at `index` at the step that replaces the
+        state."""
+        for replaced in steps:
             if replaced:
-                self.hub.restored(snapshot.last_included_index)
+                self.hub.restored(index)
             yield replaced
 
 
