@@ -78,6 +78,7 @@ class FakeRuntime:
         self.disk_full = False
         self.running = True
         self.restoring_snapshot = False  # a leader's snapshot saved, not restored yet (Runtime.restoring_snapshot)
+        self.follower_restoring = False  # b's last append reply said it restores a snapshot (Progress.restoring)
         # Commands in this leader's log not applied yet (a predecessor's, before this leader's entry commits):
         # status() counts them in last_index, and wait_applied applies them in order.
         self.pending: list[bytes] = []
@@ -127,7 +128,8 @@ class FakeRuntime:
     def status(self) -> RuntimeStatus:
         n = self.node
         leading = n.role is Role.LEADER
-        progress = {"b": ProgressStatus(n.last_applied - 1, n.last_applied, ProgressState.REPLICATE, True)}
+        progress = {"b": ProgressStatus(n.last_applied - 1, n.last_applied, ProgressState.REPLICATE, True,
+                                        self.follower_restoring)}
         return RuntimeStatus(
             NodeStatus(node_id=n.node_id, role=n.role, term=7, leader_id=n.leader_id,
                        commit_index=n.last_applied if n.commit_index is None else n.commit_index,
@@ -552,6 +554,23 @@ def test_remove_and_transfer_answer_what_they_did(client):
     r = client("POST", "/cluster/transfer?to=c")
     assert (r.status, r.text) == (200, "leader is now c\n")
     assert client.runtime.calls[-2] == ("transfer_leadership", "c", 2.0) and client.runtime.calls[-1][0] == "read"
+
+
+def test_a_transfer_to_a_member_restoring_a_snapshot_is_refused_409_before_anything_is_started(client):
+    """Review restoreedges: a member restoring a snapshot ignores TimeoutNow until its restore ends, so a transfer to
+    it was accepted, held the leader's writes for its bound, and timed out. The leader knows it restores (its
+    append replies say so: Progress.restoring) and refuses the transfer at once, 409 with one line, not applied.
+    Once b's replies no longer say it, the transfer goes ahead."""
+    client.runtime.follower_restoring = True
+    r = client("POST", "/cluster/transfer?to=b")
+    assert (r.status, r.text) == (409, "b is restoring a snapshot and would ignore the transfer; retry once its "
+                                       "restore ends\n") and one_line(r)
+    assert r.headers["x-raft-outcome"] == "not-applied"
+    assert not [c for c in client.runtime.calls if c[0] == "transfer_leadership"]
+    client.runtime.follower_restoring = False
+    r = client("POST", "/cluster/transfer?to=b")
+    assert (r.status, r.text) == (200, "leader is now b\n")
+    assert ("transfer_leadership", "b", 2.0) in client.runtime.calls
 
 
 def test_a_transfer_answers_200_only_once_the_target_is_confirmed_as_leader():

@@ -1,9 +1,9 @@
 """The membership and admin routes: POST /join (a node joins as a learner), GET /cluster (the members), GET
 /cluster/keys (with a cluster secret: the members' keys of the newest committed configuration), DELETE
-/cluster/ID (a removal) and POST /cluster/transfer (leadership handed to a member, then confirmed). With a cluster
-secret the admin requests (join, removal, transfer) are signed with it, and claimed on the leader just before it
-acts (routes_shared.check_signature, claim_signature): a replay is refused. join_refusal says which joins the
-configuration refuses (409)."""
+/cluster/ID (a removal) and POST /cluster/transfer (leadership handed to a member, then confirmed; refused 409 to
+a member that the leader knows restores a snapshot). With a cluster secret the admin requests (join, removal,
+transfer) are signed with it, and claimed on the leader just before it acts (routes_shared.check_signature,
+claim_signature): a replay is refused. join_refusal says which joins the configuration refuses (409)."""
 
 from __future__ import annotations
 
@@ -222,6 +222,12 @@ def transfer(api: Api) -> bottle.HTTPResponse:
     target = bottle.request.query.get("to", "")
     check_signature(api, "transfer")
     require_leader(api)
+    target_progress = api.runtime.status().node.progress.get(target)
+    if target_progress is not None and target_progress.restoring:
+        # Its last append reply said it restores a snapshot: it ignores TimeoutNow until its restore ends (RaftNode
+        # _handle_timeout_now), so the transfer would only hold this leader's writes for its bound (review
+        # restoreedges). Before the claim: nothing was started, the same signature may be sent again.
+        return text(409, f"{target} is restoring a snapshot and would ignore the transfer; retry once its restore ends")
     claim_signature(api, "transfer")
     deadline = time.monotonic() + api.write_timeout_seconds
     api.runtime.transfer_leadership(target, api.write_timeout_seconds)
