@@ -369,7 +369,7 @@ class RaftNode:
             last_index=self.log.last_index,
             snapshot_index=self.log.snapshot_index,
             membership=self.membership,
-            progress=self._progress.status(self.node_id) if leading else _NO_PROGRESS,
+            progress=self._progress.status(self.node_id, self._ticks) if leading else _NO_PROGRESS,
             removed=self.removed,
             reads_pending=self._reads.pending,
             leader_commit=self.commit_index if leading else self._leader_commit,
@@ -1234,7 +1234,7 @@ class RaftNode:
         pr = self._progress.get(m.src)
         if self.role is not Role.LEADER or pr is None:
             return
-        pr.recent_active = True
+        pr.heard(self._ticks)
         if pr.state is not ProgressState.SNAPSHOT or m.last_included_index != pr.snapshot_index:
             return
         if m.done:
@@ -1253,7 +1253,7 @@ class RaftNode:
         pr = self._progress.get(m.src)
         if self.role is not Role.LEADER or pr is None:
             return
-        pr.recent_active = True
+        pr.heard(self._ticks)
         pr.restoring = m.restoring
         if m.read_round:
             self._send_read_answers(self._reads.acknowledged(m.src, m.read_round, self.membership))
@@ -1314,9 +1314,11 @@ class RaftNode:
     def _step_down_after_removal(self) -> None:
         """Thesis §4.2.2: a leader removed from the configuration steps down once the removal is committed.
         It hands over to the most up-to-date voter first so the cluster need not wait for an election timeout; not
-        to one that said it restores a snapshot (it would ignore the TimeoutNow)."""
+        to one that said it restores a snapshot (it would ignore the TimeoutNow); of those that tie, to one heard
+        from within an election timeout (progress.best_successor)."""
         self._flush_appends()
-        best = best_successor(self._progress, self.membership.voters)
+        responsive = [n for n, pr in self._progress.items() if pr.heard_within(self.config.election_ticks, self._ticks)]
+        best = best_successor(self._progress, self.membership.voters, responsive)
         if best is not None and self._progress[best].match_index == self.log.last_index:
             self._send(TimeoutNow(self.node_id, best, self.current_term))
         self._become_follower(self.current_term, None)

@@ -1443,10 +1443,36 @@ def test_a_leaders_hand_over_passes_by_a_follower_restoring_its_snapshot(hand_ov
         assert c.change_membership(ConfChangeKind.REMOVE, leader)
     else:
         from raftlib.server.node import best_successor  # here: the rest of this module needs no server
-        target = best_successor(old.status())
+        target = best_successor(old.status(), c.election_ticks)
         assert target == other
         old.transfer_leadership(target)
         c.process(leader)
+    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # less than an election timeout
+    assert c.leader() == other
+
+
+def test_a_stopping_leaders_hand_over_passes_by_a_caught_up_follower_it_has_not_heard_from_lately():
+    """Review restoreedges L3: Server.stop's hand-over picked, of the followers that tie on the highest match, the
+    greatest id, even one whose messages the transport holds (it waits for a live but slow peer's late reply, up to
+    ten reply timeouts): the TimeoutNow waited with them, and the cluster waited the transfer's bound and an
+    election timeout. Here the leader's link with that follower drops everything for two election timeouts, with
+    nothing written meanwhile: both followers stay caught up, and the hand-over picks the one it hears from."""
+    from raftlib.server.node import best_successor  # here: the rest of this module needs no server
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    c.run(20)
+    other, held = sorted(i for i in c.ids if i != leader)  # the held one ties, and wins the tie by its id
+    c.cut |= {(leader, held), (held, leader)}
+    c.run(2 * c.election_ticks)
+    old = c.nodes[leader].node
+    progress = old.status().progress
+    assert c.leader() == leader
+    assert progress[held].match_index == progress[other].match_index == old.log.last_index
+    assert progress[other].heard_within(c.election_ticks) and not progress[held].heard_within(c.election_ticks)
+    target = best_successor(old.status(), c.election_ticks)
+    assert target == other
+    old.transfer_leadership(target)
+    c.process(leader)
     assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # less than an election timeout
     assert c.leader() == other
 
@@ -1474,7 +1500,7 @@ def test_the_leader_forgets_a_followers_restoring_once_its_restore_ends():
     c.cut |= {(leader, other), (other, leader)}  # the restarted one gets the newest write: the hand-over's pick
     c.client_write(leader)
     c.run(6)
-    assert best_successor(c.nodes[leader].node.status()) == restarted
+    assert best_successor(c.nodes[leader].node.status(), c.election_ticks) == restarted
 
 
 def test_a_hand_over_passes_by_a_joiner_restoring_its_first_snapshot():
@@ -1519,7 +1545,7 @@ def test_a_hand_over_passes_by_a_joiner_restoring_its_first_snapshot():
     assert c.nodes["n4"].restoring is not None and c.nodes["n4"].node.last_applied == 0
     assert all(progress["n4"].match_index > progress[other].match_index for other in others)
     assert progress["n4"].restoring
-    target = best_successor(old.status())
+    target = best_successor(old.status(), c.election_ticks)
     assert target in others
     old.transfer_leadership(target)
     c.process(leader)

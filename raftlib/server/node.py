@@ -933,7 +933,7 @@ class Server:
         if self.level_raiser is not None:
             self.level_raiser.stop()
         self.leases.stop()
-        target = best_successor(self.runtime.status().node)
+        target = best_successor(self.runtime.status().node, self.node.config.election_ticks)
         if target is not None:
             try:
                 self.runtime.transfer_leadership(target, timeout_seconds=HANDOVER_TIMEOUT_SECONDS)
@@ -1029,12 +1029,16 @@ class Server:
         return urllib.request.Request(url, data=body, method="POST", headers=headers)
 
 
-def best_successor(node: NodeStatus) -> str | None:
+def best_successor(node: NodeStatus, responsive_within_ticks: int) -> str | None:
     """The voter other than this leader that a hand-over picks (progress.best_successor: the highest match, not
-    one that said it restores a snapshot), when this node leads others; else None."""
+    one that said it restores a snapshot; of those that tie, one heard from within `responsive_within_ticks`: an
+    election timeout, past which the transport holds what it sends a peer for its late reply), when this node
+    leads others; else None."""
     if node.role is not Role.LEADER:
         return None
-    return progress_best_successor(node.progress, [v for v in node.membership.voters if v != node.node_id])
+    responsive = [n for n, pr in node.progress.items() if pr.heard_within(responsive_within_ticks)]
+    return progress_best_successor(node.progress, [v for v in node.membership.voters if v != node.node_id],
+                                   responsive)
 
 
 def _test_fsync_delay(path: str) -> None:
