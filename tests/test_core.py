@@ -1441,14 +1441,23 @@ def test_a_leaders_hand_over_passes_by_a_follower_restoring_its_snapshot(hand_ov
     assert progress[restarted].restoring and not progress[other].restoring
     if hand_over == "removal":
         assert c.change_membership(ConfChangeKind.REMOVE, leader)
+        assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # within an election timeout
+        assert c.leader() == other
     else:
-        from raftlib.server.node import best_successor  # here: the rest of this module needs no server
-        target = best_successor(old.status(), c.election_ticks)
-        assert target == other
-        old.transfer_leadership(target)
-        c.process(leader)
-    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # less than an election timeout
-    assert c.leader() == other
+        _stop_hands_over_to(c, leader, other)
+
+
+def _stop_hands_over_to(c: Cluster, leader: str, expected: str) -> None:
+    """Server.stop's hand-over from `leader` (raftlib.server.node.best_successor) picks `expected`, which leads
+    in less than an election timeout."""
+    from raftlib.server.node import best_successor  # here: the rest of this module needs no server
+    old = c.nodes[leader].node
+    target = best_successor(old.status(), c.election_ticks)
+    assert target == expected
+    old.transfer_leadership(target)
+    c.process(leader)
+    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)
+    assert c.leader() == expected
 
 
 def test_a_stopping_leaders_hand_over_passes_by_a_caught_up_follower_it_has_not_heard_from_lately():
@@ -1457,7 +1466,6 @@ def test_a_stopping_leaders_hand_over_passes_by_a_caught_up_follower_it_has_not_
     ten reply timeouts): the TimeoutNow waited with them, and the cluster waited the transfer's bound and an
     election timeout. Here the leader's link with that follower drops everything for two election timeouts, with
     nothing written meanwhile: both followers stay caught up, and the hand-over picks the one it hears from."""
-    from raftlib.server.node import best_successor  # here: the rest of this module needs no server
     c = Cluster(seed=7, n=3)
     leader = elect(c)
     c.run(20)
@@ -1469,12 +1477,7 @@ def test_a_stopping_leaders_hand_over_passes_by_a_caught_up_follower_it_has_not_
     assert c.leader() == leader
     assert progress[held].match_index == progress[other].match_index == old.log.last_index
     assert progress[other].heard_within(c.election_ticks) and not progress[held].heard_within(c.election_ticks)
-    target = best_successor(old.status(), c.election_ticks)
-    assert target == other
-    old.transfer_leadership(target)
-    c.process(leader)
-    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # less than an election timeout
-    assert c.leader() == other
+    _stop_hands_over_to(c, leader, other)
 
 
 def test_the_leader_forgets_a_followers_restoring_once_its_restore_ends():
