@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from .log import RaftLog, membership_at
@@ -59,6 +59,28 @@ class NotLeader(Exception):
 class ProposalDropped(Exception):
     """The leader cannot take this request now (a transfer or membership change is under way, or its log holds
     `Config.max_uncommitted_bytes` not yet committed); nothing was appended: retry later."""
+
+
+class TargetRestoring(Exception):
+    """Raised by transfer_leadership: the target's last append reply said it restores a snapshot
+    (Progress.restoring). It ignores TimeoutNow until its restore ends, so the transfer would only hold this
+    leader's proposals until it is aborted after an election timeout. Nothing was started: retry once the restore
+    ends (the HTTP API answers 409)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(f"{target} is restoring a snapshot and would ignore the transfer; retry once its restore ends")
+        self.target = target
+
+
+def check_transfer_target(target: str, voters: Collection[str], target_restoring: bool) -> None:
+    """Why a leader refuses a transfer to `target` (another node than itself), in this order: ValueError when it is
+    not a voter (a learner that restores is told that first: restoring ends, not being a voter does not), then
+    TargetRestoring when its last append reply said it restores a snapshot. The core and the HTTP route (before it
+    claims the request's signature) both ask it."""
+    if target not in voters:
+        raise ValueError(f"{target} is not a voter")
+    if target_restoring:
+        raise TargetRestoring(target)
 
 
 class UncommittedBoundExceeded(ProposalDropped):
@@ -337,6 +359,12 @@ class RaftNode:
         return self._progress.get(node_id)
 
     @property
+    def transferee(self) -> str | None:
+        """As leader, the target of the leadership transfer under way (transfer_leadership), else None: None again
+        once the transfer is aborted (an election timeout without the target taking over) or this node steps down."""
+        return self._transferee
+
+    @property
     def membership_index(self) -> int:
         """The index of the entry of the configuration in force (`membership`: the latest in the log, committed or
         not; the snapshot's index when the log holds none). In one term of one leader it changes with every new
@@ -516,14 +544,15 @@ class RaftNode:
         )
 
     def transfer_leadership(self, target: str) -> None:
-        """Thesis §3.10: bring `target` up to date, then tell it to start an election. Raises NotLeader or
-        ValueError. Proposals are refused until the transfer ends or is aborted after an election timeout."""
+        """Thesis §3.10: bring `target` up to date, then tell it to start an election. Raises NotLeader, or
+        (check_transfer_target) ValueError or TargetRestoring, with nothing started. Proposals are refused until
+        the transfer ends or is aborted after an election timeout (`transferee` is then None again)."""
         if self.role is not Role.LEADER:
             raise NotLeader(self.leader_id)
         if target == self.node_id:
             return
-        if target not in self.membership.voters:
-            raise ValueError(f"{target} is not a voter")
+        target_progress = self._progress.get(target)
+        check_transfer_target(target, self.membership.voters, target_progress is not None and target_progress.restoring)
         self._transferee = target
         self._transfer_elapsed = 0
         pr = self._progress[target]

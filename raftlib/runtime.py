@@ -60,7 +60,7 @@ import gevent.event
 import gevent.monkey
 
 from . import crashpoints, events, readonly
-from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, UncommittedBoundExceeded
+from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, TargetRestoring, UncommittedBoundExceeded
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, InstallSnapshot, Membership, Message, Role, Snapshot
 from .fs import NO_DESCRIPTOR
@@ -869,7 +869,7 @@ class Runtime:
                 try:
                     node.transfer_leadership(item.target)
                     item.result.set(None)
-                except (NotLeader, ValueError) as e:
+                except (NotLeader, ValueError, TargetRestoring) as e:
                     item.result.set_exception(e)
 
     def _process_ready(self, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:

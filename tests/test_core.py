@@ -34,6 +34,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
     Snapshot,
+    TargetRestoring,
     TimeoutNow,
     UncommittedBoundExceeded,
 )
@@ -1445,6 +1446,36 @@ def test_a_leaders_hand_over_passes_by_a_follower_restoring_its_snapshot(hand_ov
         assert c.leader() == other
     else:
         _stop_hands_over_to(c, leader, other)
+
+
+def test_a_transfer_to_a_follower_restoring_its_snapshot_is_refused_by_the_core_with_nothing_started():
+    """Review restoreedges-fix V1: the HTTP route refuses a target that restores (409), but a gevent switch sits
+    between its check and the core's transfer_leadership, and a target that began restoring meanwhile ignored the
+    TimeoutNow: the leader refused proposals until the core aborted the transfer after an election timeout. The
+    core refuses it too (TargetRestoring), before anything is started: proposals go on. A target that is not a
+    voter is told that first (ValueError), and once the restore ended the transfer goes ahead."""
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    c.run(20)
+    restarted = max(i for i in c.ids if i != leader)
+    c.take_snapshot(restarted)
+    c.crash(restarted)
+    c.restore_rng = _DrivesOf(40)
+    c.restart(restarted)
+    c.run(10)
+    old = c.nodes[leader].node
+    assert old.status().progress[restarted].restoring
+    with pytest.raises(TargetRestoring, match=f"{restarted} is restoring a snapshot"):
+        old.transfer_leadership(restarted)
+    assert old.transferee is None
+    old.propose(b"k=after-the-refusal")  # no ProposalDropped: no transfer is under way
+    with pytest.raises(ValueError, match="n9 is not a voter"):
+        old.transfer_leadership("n9")
+    assert c.run_until(lambda: not old.status().progress[restarted].restoring, 200)
+    old.transfer_leadership(restarted)
+    assert old.transferee == restarted
+    c.process(leader)
+    assert c.run_until(lambda: c.leader() == restarted, c.election_ticks)
 
 
 def _stop_hands_over_to(c: Cluster, leader: str, expected: str) -> None:

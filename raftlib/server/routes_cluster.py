@@ -14,7 +14,7 @@ from collections.abc import Callable
 import bottle
 import gevent
 
-from raftlib.core import NotLeader, ProposalDropped
+from raftlib.core import NotLeader, ProposalDropped, check_transfer_target
 from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership
 from raftlib.runtime import NotRunning, Stopped, Timeout
 
@@ -222,12 +222,14 @@ def transfer(api: Api) -> bottle.HTTPResponse:
     target = bottle.request.query.get("to", "")
     check_signature(api, "transfer")
     require_leader(api)
+    # Not a voter: 400. Its last append reply said it restores a snapshot: 409, as it ignores TimeoutNow until its
+    # restore ends (RaftNode._handle_timeout_now), so the transfer would only hold this leader's writes for its
+    # bound (review restoreedges). Asked here before the claim, so the same signature may be sent again (nothing
+    # was started); the core asks again as it takes the transfer, for a target that began restoring meanwhile
+    # (review restoreedges-fix V1). The leader itself is a voter with no progress: a transfer to it is a no-op.
     target_progress = api.runtime.status().node.progress.get(target)
-    if target_progress is not None and target_progress.restoring:
-        # Its last append reply said it restores a snapshot: it ignores TimeoutNow until its restore ends (RaftNode
-        # _handle_timeout_now), so the transfer would only hold this leader's writes for its bound (review
-        # restoreedges). Before the claim: nothing was started, the same signature may be sent again.
-        return text(409, f"{target} is restoring a snapshot and would ignore the transfer; retry once its restore ends")
+    check_transfer_target(target, api.runtime.node.membership.voters,
+                          target_progress is not None and target_progress.restoring)
     claim_signature(api, "transfer")
     deadline = time.monotonic() + api.write_timeout_seconds
     api.runtime.transfer_leadership(target, api.write_timeout_seconds)
