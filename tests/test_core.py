@@ -1478,6 +1478,43 @@ def test_a_transfer_to_a_follower_restoring_its_snapshot_is_refused_by_the_core_
     assert c.run_until(lambda: c.leader() == restarted, c.election_ticks)
 
 
+def test_a_removed_leaders_hand_over_passes_by_a_caught_up_voter_silent_since_its_ack_when_the_removal_commits_slowly():
+    """Review restoreedges-fix Q1: the removal's hand-over (core._step_down_after_removal) prefers, of the voters
+    that tie on the highest match, one heard from within an election timeout. It matters only when the removal
+    commits more than an election timeout after a voter acknowledged it: here the greatest id (which wins a tie)
+    acknowledges it at once and is then cut off from the leader, and the others get the entry only after 1.5
+    election timeouts (the appends to them go without it, and they answer them). The hand-over
+    picks one of those, which leads within an election timeout; TimeoutNow to the silent one would be lost."""
+    c = Cluster(seed=7, n=5)
+    leader = elect(c)
+    c.run(20)
+    followers = sorted(i for i in c.ids if i != leader)
+    *others, silent = followers
+    old = c.nodes[leader].node
+    removal_index = old.log.last_index + 1
+    holding = [True]
+
+    def carry_the_removal_to_the_silent_one_only(m):  # the others get the appends, without it: they answer
+        if holding[0] and isinstance(m, AppendEntries) and m.dst in others:
+            return dataclasses.replace(m, entries=tuple(e for e in m.entries if e.index < removal_index))
+        return m
+
+    c.deliver_filter = carry_the_removal_to_the_silent_one_only
+    assert c.change_membership(ConfChangeKind.REMOVE, leader)
+    assert old.log.last_index == removal_index
+    assert c.run_until(lambda: old.status().progress[silent].match_index == removal_index, 10)
+    c.cut |= {(leader, silent), (silent, leader)}
+    c.run(c.election_ticks + c.election_ticks // 2)
+    progress = old.status().progress
+    assert old.role is Role.LEADER and old.commit_index < removal_index
+    assert all(progress[n].match_index < removal_index and progress[n].heard_within(c.election_ticks)
+               for n in others)
+    assert not progress[silent].heard_within(c.election_ticks)
+    holding[0] = False
+    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # within an election timeout
+    assert c.leader() in others
+
+
 def _stop_hands_over_to(c: Cluster, leader: str, expected: str) -> None:
     """Server.stop's hand-over from `leader` (raftlib.server.node.best_successor) picks `expected`, which leads
     in less than an election timeout."""
