@@ -898,6 +898,23 @@ def leader_of_three(election_ticks=20):
     return runtime, followers
 
 
+def test_a_transfer_the_core_aborts_answers_within_about_an_election_timeout_not_the_callers_bound():
+    """Review restoreedges: Runtime.transfer_leadership polled for the target to lead until the caller's bound
+    (POST /cluster/transfer's write timeout) even after the core had aborted the transfer (an election timeout
+    without the target taking over): the request was held for all of it. It fails (Timeout) once the core let go
+    of the transfer, and the leader takes proposals again. The followers here ignore TimeoutNow."""
+    runtime, _ = leader_of_three(election_ticks=20)  # an election timeout: 20 ticks of 5 ms
+    try:
+        started = time.monotonic()
+        with pytest.raises(Timeout, match="b did not take over within an election timeout: the transfer was aborted"):
+            runtime.transfer_leadership("b", 30.0)
+        assert time.monotonic() - started < 15.0  # not the 30 s bound (the election timeout is 0.1 s)
+        assert runtime.node.role is Role.LEADER and runtime.node.transferee is None
+        runtime.propose(b"after the aborted transfer", 5.0)
+    finally:
+        runtime.stop()
+
+
 def _stall(runtime, election_timeouts):
     """The process could not run for this many election timeouts (CPU starvation, SIGSTOP): its monotonic clock
     moved on without it. Nothing yields here: the next drive is the first after the stall."""
