@@ -1448,21 +1448,28 @@ def test_a_leaders_hand_over_passes_by_a_follower_restoring_its_snapshot(hand_ov
         _stop_hands_over_to(c, leader, other)
 
 
-def test_a_transfer_to_a_follower_restoring_its_snapshot_is_refused_by_the_core_with_nothing_started():
-    """Review restoreedges-fix V1: the HTTP route refuses a target that restores (409), but a gevent switch sits
-    between its check and the core's transfer_leadership, and a target that began restoring meanwhile ignored the
-    TimeoutNow: the leader refused proposals until the core aborted the transfer after an election timeout. The
-    core refuses it too (TargetRestoring), before anything is started: proposals go on. A target that is not a
-    voter is told that first (ValueError), and once the restore ended the transfer goes ahead."""
+def _leader_with_a_follower_restoring(restore_drives: int) -> tuple[Cluster, str, str]:
+    """Three nodes; the follower with the greatest id restarted on its snapshot, which it restores in
+    `restore_drives` drives, then 10 ticks run. Returns the cluster, its leader and that follower."""
     c = Cluster(seed=7, n=3)
     leader = elect(c)
     c.run(20)
     restarted = max(i for i in c.ids if i != leader)
     c.take_snapshot(restarted)
     c.crash(restarted)
-    c.restore_rng = _DrivesOf(40)
+    c.restore_rng = _DrivesOf(restore_drives)
     c.restart(restarted)
     c.run(10)
+    return c, leader, restarted
+
+
+def test_a_transfer_to_a_follower_restoring_its_snapshot_is_refused_by_the_core_with_nothing_started():
+    """Review restoreedges-fix V1: the HTTP route refuses a target that restores (409), but a gevent switch sits
+    between its check and the core's transfer_leadership, and a target that began restoring meanwhile ignored the
+    TimeoutNow: the leader refused proposals until the core aborted the transfer after an election timeout. The
+    core refuses it too (TargetRestoring), before anything is started: proposals go on. A target that is not a
+    voter is told that first (ValueError), and once the restore ended the transfer goes ahead."""
+    c, leader, restarted = _leader_with_a_follower_restoring(restore_drives=40)
     old = c.nodes[leader].node
     assert old.status().progress[restarted].restoring
     with pytest.raises(TargetRestoring, match=f"{restarted} is restoring a snapshot"):
@@ -1553,15 +1560,7 @@ def test_the_leader_forgets_a_followers_restoring_once_its_restore_ends():
     follower's restore ends; a flag that stuck would keep a hand-over off that node for good (and, with one other
     voter down, off every node)."""
     from raftlib.server.node import best_successor  # here: the rest of this module needs no server
-    c = Cluster(seed=7, n=3)
-    leader = elect(c)
-    c.run(20)
-    restarted = max(i for i in c.ids if i != leader)
-    c.take_snapshot(restarted)
-    c.crash(restarted)
-    c.restore_rng = _DrivesOf(30)
-    c.restart(restarted)
-    c.run(10)
+    c, leader, restarted = _leader_with_a_follower_restoring(restore_drives=30)
     assert c.nodes[leader].node.status().progress[restarted].restoring
     assert c.run_until(lambda: c.nodes[restarted].restoring is None, 100)
     c.run(2 * c.heartbeat_ticks)  # a heartbeat's reply after the restore
