@@ -1518,6 +1518,7 @@ def test_a_removed_leaders_hand_over_passes_by_a_caught_up_voter_silent_since_it
                for n in others)
     assert not progress[silent].heard_within(c.election_ticks)
     holding[0] = False
+    assert c.run_until(lambda: old.role is not Role.LEADER, c.election_ticks)  # the removal committed
     assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # within an election timeout
     assert c.leader() in others
 
