@@ -5,7 +5,8 @@ Importing `raftlib` gives the pure API only: it opens no file and imports neithe
 (`raftlib.storage`) and the key/value server (`raftlib.server`) are imported by name when needed.
 """
 
-from .core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, UncommittedBoundExceeded
+from .core import (Config, NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, TargetRestoring,
+                   UncommittedBoundExceeded)
 from .interfaces import StateMachine, Storage, StoredState, Transport
 from .log import RaftLog
 from .memory_storage import MemoryStorage
@@ -38,5 +39,6 @@ __all__ = [
     "HardState", "InstallSnapshot", "InstallSnapshotReply", "MemoryStorage", "Member", "Membership", "Message",
     "NodeStatus", "NotLeader", "Progress", "ProgressState", "ProgressStatus", "ProposalDropped", "RaftLog",
     "RaftNode", "ReadIndexReply", "ReadIndexRequest", "Ready", "Removed", "RequestVote", "RequestVoteReply", "Role",
-    "Snapshot", "StateMachine", "Storage", "StoredState", "TimeoutNow", "Transport", "UncommittedBoundExceeded",
+    "Snapshot", "StateMachine", "Storage", "StoredState", "TargetRestoring", "TimeoutNow", "Transport",
+    "UncommittedBoundExceeded",
 ]

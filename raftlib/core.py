@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from .log import RaftLog, membership_at
@@ -59,6 +59,28 @@ class NotLeader(Exception):
 class ProposalDropped(Exception):
     """The leader cannot take this request now (a transfer or membership change is under way, or its log holds
     `Config.max_uncommitted_bytes` not yet committed); nothing was appended: retry later."""
+
+
+class TargetRestoring(Exception):
+    """Raised by transfer_leadership: the target's last append reply said it restores a snapshot
+    (Progress.restoring). It ignores TimeoutNow until its restore ends, so the transfer would only hold this
+    leader's proposals until it is aborted after an election timeout. Nothing was started: retry once the restore
+    ends (the HTTP API answers 409)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(f"{target} is restoring a snapshot and would ignore the transfer; retry once its restore ends")
+        self.target = target
+
+
+def check_transfer_target(target: str, voters: Collection[str], target_restoring: bool) -> None:
+    """Why a leader refuses a transfer to `target` (another node than itself), in this order: ValueError when it is
+    not a voter (a learner that restores is told that first: restoring ends, not being a voter does not), then
+    TargetRestoring when its last append reply said it restores a snapshot. The core and the HTTP route (before it
+    claims the request's signature) both ask it."""
+    if target not in voters:
+        raise ValueError(f"{target} is not a voter")
+    if target_restoring:
+        raise TargetRestoring(target)
 
 
 class UncommittedBoundExceeded(ProposalDropped):
@@ -340,6 +362,12 @@ class RaftNode:
         return self._progress.get(node_id)
 
     @property
+    def transferee(self) -> str | None:
+        """As leader, the target of the leadership transfer under way (transfer_leadership), else None: None again
+        once the transfer is aborted (an election timeout without the target taking over) or this node steps down."""
+        return self._transferee
+
+    @property
     def membership_index(self) -> int:
         """The index of the entry of the configuration in force (`membership`: the latest in the log, committed or
         not; the snapshot's index when the log holds none). In one term of one leader it changes with every new
@@ -373,7 +401,7 @@ class RaftNode:
             snapshot_index=self.log.snapshot_index,
             membership=self.membership,
             membership_index=self._membership_index,
-            progress=self._progress.status(self.node_id) if leading else _NO_PROGRESS,
+            progress=self._progress.status(self.node_id, self._ticks) if leading else _NO_PROGRESS,
             removed=self.removed,
             reads_pending=self._reads.pending,
             leader_commit=self.commit_index if leading else self._leader_commit,
@@ -520,14 +548,15 @@ class RaftNode:
         )
 
     def transfer_leadership(self, target: str) -> None:
-        """Thesis §3.10: bring `target` up to date, then tell it to start an election. Raises NotLeader or
-        ValueError. Proposals are refused until the transfer ends or is aborted after an election timeout."""
+        """Thesis §3.10: bring `target` up to date, then tell it to start an election. Raises NotLeader, or
+        (check_transfer_target) ValueError or TargetRestoring, with nothing started. Proposals are refused until
+        the transfer ends or is aborted after an election timeout (`transferee` is then None again)."""
         if self.role is not Role.LEADER:
             raise NotLeader(self.leader_id)
         if target == self.node_id:
             return
-        if target not in self.membership.voters:
-            raise ValueError(f"{target} is not a voter")
+        target_progress = self._progress.get(target)
+        check_transfer_target(target, self.membership.voters, target_progress is not None and target_progress.restoring)
         self._transferee = target
         self._transfer_elapsed = 0
         pr = self._progress[target]
@@ -1238,7 +1267,7 @@ class RaftNode:
         pr = self._progress.get(m.src)
         if self.role is not Role.LEADER or pr is None:
             return
-        pr.recent_active = True
+        pr.heard(self._ticks)
         if pr.state is not ProgressState.SNAPSHOT or m.last_included_index != pr.snapshot_index:
             return
         if m.done:
@@ -1257,7 +1286,7 @@ class RaftNode:
         pr = self._progress.get(m.src)
         if self.role is not Role.LEADER or pr is None:
             return
-        pr.recent_active = True
+        pr.heard(self._ticks)
         pr.restoring = m.restoring
         if m.read_round:
             self._send_read_answers(self._reads.acknowledged(m.src, m.read_round, self.membership))
@@ -1318,9 +1347,11 @@ class RaftNode:
     def _step_down_after_removal(self) -> None:
         """Thesis §4.2.2: a leader removed from the configuration steps down once the removal is committed.
         It hands over to the most up-to-date voter first so the cluster need not wait for an election timeout; not
-        to one that said it restores a snapshot (it would ignore the TimeoutNow)."""
+        to one that said it restores a snapshot (it would ignore the TimeoutNow); of those that tie, to one heard
+        from within an election timeout (progress.best_successor)."""
         self._flush_appends()
-        best = best_successor(self._progress, self.membership.voters)
+        responsive = [n for n, pr in self._progress.items() if pr.heard_within(self.config.election_ticks, self._ticks)]
+        best = best_successor(self._progress, self.membership.voters, responsive)
         if best is not None and self._progress[best].match_index == self.log.last_index:
             self._send(TimeoutNow(self.node_id, best, self.current_term))
         self._become_follower(self.current_term, None)

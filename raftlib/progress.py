@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from .messages import Membership, Snapshot
@@ -37,6 +37,11 @@ class ProgressStatus:
     state: ProgressState
     recent_active: bool
     restoring: bool = False  # its last append reply said its state machine lacks a snapshot it holds
+    heard_ticks_ago: int | None = None  # the leader's ticks since its last reply; None: none this leadership
+
+    def heard_within(self, ticks: int) -> bool:
+        """A reply came from it in the `ticks` ticks before this copy was made (Progress.heard_within)."""
+        return self.heard_ticks_ago is not None and self.heard_ticks_ago <= ticks
 
 
 @dataclass(slots=True)
@@ -54,6 +59,7 @@ class Progress:
     batch_tick: int = -1  # the leader's tick count when it last sent it entries
     previous_batch_tick: int = -1  # ... and the time before
     restoring: bool = False  # its last append reply said it restores a snapshot (AppendEntriesReply.restoring)
+    heard_tick: int = -1  # the leader's tick count at its last reply (`heard`); -1: none in this leadership
 
     @property
     def snapshot_index(self) -> int:
@@ -69,8 +75,22 @@ class Progress:
         """A probe is in flight: nothing more goes until it is answered or the next heartbeat."""
         return self.state is ProgressState.PROBE and self.probe_sent
 
-    def status(self) -> ProgressStatus:
-        return ProgressStatus(self.match_index, self.next_index, self.state, self.recent_active, self.restoring)
+    def status(self, tick: int) -> ProgressStatus:
+        """A copy, at the leader's tick count `tick`."""
+        return ProgressStatus(self.match_index, self.next_index, self.state, self.recent_active, self.restoring,
+                              None if self.heard_tick < 0 else tick - self.heard_tick)
+
+    def heard(self, tick: int) -> None:
+        """A reply came from the follower at the leader's tick count `tick` (check-quorum's `recent_active`, and the
+        sliding window `heard_within` reads)."""
+        self.recent_active = True
+        self.heard_tick = tick
+
+    def heard_within(self, ticks: int, tick: int) -> bool:
+        """A reply came from it in the last `ticks` ticks before the leader's tick count `tick`. Unlike
+        `recent_active`, which check-quorum resets every election timeout (so for a moment after each reset it is
+        false for every follower), a window that slides."""
+        return self.heard_tick >= 0 and tick - self.heard_tick <= ticks
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
@@ -163,15 +183,22 @@ class ProgressTracker(dict[str, Progress]):
         for node_id, pr in self.items():
             pr.recent_active = node_id == self_id
 
-    def status(self, self_id: str) -> Mapping[str, ProgressStatus]:
-        """Every follower's progress, frozen."""
-        return types.MappingProxyType({n: pr.status() for n, pr in sorted(self.items()) if n != self_id})
+    def status(self, self_id: str, tick: int) -> Mapping[str, ProgressStatus]:
+        """Every follower's progress, frozen, at the leader's tick count `tick`."""
+        return types.MappingProxyType({n: pr.status(tick) for n, pr in sorted(self.items()) if n != self_id})
 
 
-def best_successor(progress: Mapping[str, Progress | ProgressStatus], voters: Iterable[str]) -> str | None:
+def best_successor(progress: Mapping[str, Progress | ProgressStatus], voters: Iterable[str],
+                   responsive: Collection[str] = ()) -> str | None:
     """The voter a leader hands over to (a removal's, core; a stop's, raftlib.server.node): of `voters` tracked in
     `progress` (the tracker's, or a status's copy), not one that said it restores a snapshot (it ignores
-    TimeoutNow), the one with the highest match_index; ties: the greatest id, as a deterministic choice. None when
-    there is none. The one place for this choice (review of fix2snap, Q2: two had opposite tie-breaks)."""
+    TimeoutNow), the one with the highest match_index; of those that tie, one in `responsive` (the caller's: heard
+    from lately) if any, then the greatest id, as a deterministic choice. None when there is none. The one place
+    for this choice (review of fix2snap, Q2: two had opposite tie-breaks).
+
+    Why `responsive` (review restoreedges L3): the transport waits for a live but slow peer's late reply (up to
+    ten reply timeouts) and holds what it has for that peer meanwhile, the TimeoutNow of a hand-over included; a
+    caught-up peer heard from lately takes over at once. A responsive peer that is behind is not preferred: the
+    caller sends TimeoutNow only to a caught-up one (a removal), or the transfer first waits for it to catch up."""
     candidates = [n for n in voters if n in progress and not progress[n].restoring]
-    return max(candidates, key=lambda n: (progress[n].match_index, n), default=None)
+    return max(candidates, key=lambda n: (progress[n].match_index, n in responsive, n), default=None)

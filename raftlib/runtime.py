@@ -60,7 +60,7 @@ import gevent.event
 import gevent.monkey
 
 from . import crashpoints, events, readonly
-from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, UncommittedBoundExceeded
+from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, TargetRestoring, UncommittedBoundExceeded
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, InstallSnapshot, Membership, Message, Role, Snapshot
 from .fs import NO_DESCRIPTOR
@@ -648,7 +648,11 @@ class Runtime:
     def transfer_leadership(self, target: str, timeout_seconds: float) -> None:
         """Start a transfer and wait until `target` leads (or the time is up: Timeout). ProposalDropped when the
         time was up before the loop took the transfer: it is then never started (`_handle`), as a proposal whose
-        caller gave up is never appended, so a caller told it timed out does not see leadership move later."""
+        caller gave up is never appended, so a caller told it timed out does not see leadership move later. The
+        core's refusals (NotLeader, ValueError, TargetRestoring) are raised as they are. Timeout as soon as this node
+        still leads with the transfer no longer under way: the core aborted it after an election timeout (or
+        another transfer replaced it); waiting longer would only hold the caller (a TimeoutNow sent may still be on
+        its way: the outcome is unknown, as for a timeout)."""
         try:
             self._call(timeout_seconds, Transfer, target)
         except Timeout:
@@ -656,6 +660,8 @@ class Runtime:
                                   "was busy); it never will be") from None
         deadline = gevent.get_hub().loop.now() + timeout_seconds
         while self.node.leader_id != target:
+            if self.node.role is Role.LEADER and self.node.transferee != target:
+                raise Timeout(f"{target} did not take over within an election timeout: the transfer was aborted")
             if gevent.get_hub().loop.now() > deadline:
                 raise Timeout(f"{target} did not take over in {timeout_seconds}s")
             gevent.sleep(self.tick_seconds)
@@ -869,7 +875,7 @@ class Runtime:
                 try:
                     node.transfer_leadership(item.target)
                     item.result.set(None)
-                except (NotLeader, ValueError) as e:
+                except (NotLeader, ValueError, TargetRestoring) as e:
                     item.result.set_exception(e)
 
     def _process_ready(self, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:

@@ -34,6 +34,7 @@ from raftlib import (
     RequestVoteReply,
     Role,
     Snapshot,
+    TargetRestoring,
     TimeoutNow,
     UncommittedBoundExceeded,
 )
@@ -1441,14 +1442,118 @@ def test_a_leaders_hand_over_passes_by_a_follower_restoring_its_snapshot(hand_ov
     assert progress[restarted].restoring and not progress[other].restoring
     if hand_over == "removal":
         assert c.change_membership(ConfChangeKind.REMOVE, leader)
+        assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # within an election timeout
+        assert c.leader() == other
     else:
-        from raftlib.server.node import best_successor  # here: the rest of this module needs no server
-        target = best_successor(old.status())
-        assert target == other
-        old.transfer_leadership(target)
-        c.process(leader)
-    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # less than an election timeout
-    assert c.leader() == other
+        _stop_hands_over_to(c, leader, other)
+
+
+def _leader_with_a_follower_restoring(restore_drives: int) -> tuple[Cluster, str, str]:
+    """Three nodes; the follower with the greatest id restarted on its snapshot, which it restores in
+    `restore_drives` drives, then 10 ticks run. Returns the cluster, its leader and that follower."""
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    c.run(20)
+    restarted = max(i for i in c.ids if i != leader)
+    c.take_snapshot(restarted)
+    c.crash(restarted)
+    c.restore_rng = _DrivesOf(restore_drives)
+    c.restart(restarted)
+    c.run(10)
+    return c, leader, restarted
+
+
+def test_a_transfer_to_a_follower_restoring_its_snapshot_is_refused_by_the_core_with_nothing_started():
+    """Review restoreedges-fix V1: the HTTP route refuses a target that restores (409), but a gevent switch sits
+    between its check and the core's transfer_leadership, and a target that began restoring meanwhile ignored the
+    TimeoutNow: the leader refused proposals until the core aborted the transfer after an election timeout. The
+    core refuses it too (TargetRestoring), before anything is started: proposals go on. A target that is not a
+    voter is told that first (ValueError), and once the restore ended the transfer goes ahead."""
+    c, leader, restarted = _leader_with_a_follower_restoring(restore_drives=40)
+    old = c.nodes[leader].node
+    assert old.status().progress[restarted].restoring
+    with pytest.raises(TargetRestoring, match=f"{restarted} is restoring a snapshot"):
+        old.transfer_leadership(restarted)
+    assert old.transferee is None
+    old.propose(b"k=after-the-refusal")  # no ProposalDropped: no transfer is under way
+    with pytest.raises(ValueError, match="n9 is not a voter"):
+        old.transfer_leadership("n9")
+    assert c.run_until(lambda: not old.status().progress[restarted].restoring, 200)
+    old.transfer_leadership(restarted)
+    assert old.transferee == restarted
+    c.process(leader)
+    assert c.run_until(lambda: c.leader() == restarted, c.election_ticks)
+
+
+def test_a_removed_leaders_hand_over_passes_by_a_caught_up_voter_silent_since_its_ack_when_the_removal_commits_slowly():
+    """Review restoreedges-fix Q1: the removal's hand-over (core._step_down_after_removal) prefers, of the voters
+    that tie on the highest match, one heard from within an election timeout. It matters only when the removal
+    commits more than an election timeout after a voter acknowledged it: here the greatest id (which wins a tie)
+    acknowledges it at once and is then cut off from the leader, and the others get the entry only after 1.5
+    election timeouts (the appends to them go without it, and they answer them). The hand-over
+    picks one of those, which leads within an election timeout; TimeoutNow to the silent one would be lost."""
+    c = Cluster(seed=7, n=5)
+    leader = elect(c)
+    c.run(20)
+    followers = sorted(i for i in c.ids if i != leader)
+    *others, silent = followers
+    old = c.nodes[leader].node
+    removal_index = old.log.last_index + 1
+    holding = [True]
+
+    def carry_the_removal_to_the_silent_one_only(m):  # the others get the appends, without it: they answer
+        if holding[0] and isinstance(m, AppendEntries) and m.dst in others:
+            return dataclasses.replace(m, entries=tuple(e for e in m.entries if e.index < removal_index))
+        return m
+
+    c.deliver_filter = carry_the_removal_to_the_silent_one_only
+    assert c.change_membership(ConfChangeKind.REMOVE, leader)
+    assert old.log.last_index == removal_index
+    assert c.run_until(lambda: old.status().progress[silent].match_index == removal_index, 10)
+    c.cut |= {(leader, silent), (silent, leader)}
+    c.run(c.election_ticks + c.election_ticks // 2)
+    progress = old.status().progress
+    assert old.role is Role.LEADER and old.commit_index < removal_index
+    assert all(progress[n].match_index < removal_index and progress[n].heard_within(c.election_ticks)
+               for n in others)
+    assert not progress[silent].heard_within(c.election_ticks)
+    holding[0] = False
+    assert c.run_until(lambda: old.role is not Role.LEADER, c.election_ticks)  # the removal committed
+    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # within an election timeout
+    assert c.leader() in others
+
+
+def _stop_hands_over_to(c: Cluster, leader: str, expected: str) -> None:
+    """Server.stop's hand-over from `leader` (raftlib.server.node.best_successor) picks `expected`, which leads
+    in less than an election timeout."""
+    from raftlib.server.node import best_successor  # here: the rest of this module needs no server
+    old = c.nodes[leader].node
+    target = best_successor(old.status(), c.election_ticks)
+    assert target == expected
+    old.transfer_leadership(target)
+    c.process(leader)
+    assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)
+    assert c.leader() == expected
+
+
+def test_a_stopping_leaders_hand_over_passes_by_a_caught_up_follower_it_has_not_heard_from_lately():
+    """Review restoreedges L3: Server.stop's hand-over picked, of the followers that tie on the highest match, the
+    greatest id, even one whose messages the transport holds (it waits for a live but slow peer's late reply, up to
+    ten reply timeouts): the TimeoutNow waited with them, and the cluster waited the transfer's bound and an
+    election timeout. Here the leader's link with that follower drops everything for two election timeouts, with
+    nothing written meanwhile: both followers stay caught up, and the hand-over picks the one it hears from."""
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    c.run(20)
+    other, held = sorted(i for i in c.ids if i != leader)  # the held one ties, and wins the tie by its id
+    c.cut |= {(leader, held), (held, leader)}
+    c.run(2 * c.election_ticks)
+    old = c.nodes[leader].node
+    progress = old.status().progress
+    assert c.leader() == leader
+    assert progress[held].match_index == progress[other].match_index == old.log.last_index
+    assert progress[other].heard_within(c.election_ticks) and not progress[held].heard_within(c.election_ticks)
+    _stop_hands_over_to(c, leader, other)
 
 
 def test_the_leader_forgets_a_followers_restoring_once_its_restore_ends():
@@ -1456,15 +1561,7 @@ def test_the_leader_forgets_a_followers_restoring_once_its_restore_ends():
     follower's restore ends; a flag that stuck would keep a hand-over off that node for good (and, with one other
     voter down, off every node)."""
     from raftlib.server.node import best_successor  # here: the rest of this module needs no server
-    c = Cluster(seed=7, n=3)
-    leader = elect(c)
-    c.run(20)
-    restarted = max(i for i in c.ids if i != leader)
-    c.take_snapshot(restarted)
-    c.crash(restarted)
-    c.restore_rng = _DrivesOf(30)
-    c.restart(restarted)
-    c.run(10)
+    c, leader, restarted = _leader_with_a_follower_restoring(restore_drives=30)
     assert c.nodes[leader].node.status().progress[restarted].restoring
     assert c.run_until(lambda: c.nodes[restarted].restoring is None, 100)
     c.run(2 * c.heartbeat_ticks)  # a heartbeat's reply after the restore
@@ -1474,7 +1571,7 @@ def test_the_leader_forgets_a_followers_restoring_once_its_restore_ends():
     c.cut |= {(leader, other), (other, leader)}  # the restarted one gets the newest write: the hand-over's pick
     c.client_write(leader)
     c.run(6)
-    assert best_successor(c.nodes[leader].node.status()) == restarted
+    assert best_successor(c.nodes[leader].node.status(), c.election_ticks) == restarted
 
 
 def test_a_hand_over_passes_by_a_joiner_restoring_its_first_snapshot():
@@ -1519,7 +1616,7 @@ def test_a_hand_over_passes_by_a_joiner_restoring_its_first_snapshot():
     assert c.nodes["n4"].restoring is not None and c.nodes["n4"].node.last_applied == 0
     assert all(progress["n4"].match_index > progress[other].match_index for other in others)
     assert progress["n4"].restoring
-    target = best_successor(old.status())
+    target = best_successor(old.status(), c.election_ticks)
     assert target in others
     old.transfer_leadership(target)
     c.process(leader)

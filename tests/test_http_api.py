@@ -18,7 +18,7 @@ import gevent
 import gevent.event
 import pytest
 
-from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, ProposalDropped, Role
+from raftlib import ConfChangeKind, Member, Membership, NodeStatus, NotLeader, ProposalDropped, Role, TargetRestoring
 from raftlib.progress import ProgressState, ProgressStatus
 from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
 from raftlib.server import api as api_module
@@ -40,6 +40,7 @@ from raftlib.storage_errors import DiskFull
 MEMBERS = (Member("a", "10.0.0.1:5555", "10.0.0.1:8080"), Member("b", "10.0.0.2:5555", "10.0.0.2:8080"),
            Member("c", "10.0.0.3:5555", "10.0.0.3:8080"))
 SECRET = b"the cluster secret"
+ALL_VOTERS = Membership(("a", "b", "c"), (), MEMBERS)
 
 
 @dataclasses.dataclass
@@ -78,6 +79,7 @@ class FakeRuntime:
         self.disk_full = False
         self.running = True
         self.restoring_snapshot = False  # a leader's snapshot saved, not restored yet (Runtime.restoring_snapshot)
+        self.follower_restoring = False  # b's last append reply said it restores a snapshot (Progress.restoring)
         # Commands in this leader's log not applied yet (a predecessor's, before this leader's entry commits):
         # status() counts them in last_index, and wait_applied applies them in order.
         self.pending: list[bytes] = []
@@ -127,7 +129,8 @@ class FakeRuntime:
     def status(self) -> RuntimeStatus:
         n = self.node
         leading = n.role is Role.LEADER
-        progress = {"b": ProgressStatus(n.last_applied - 1, n.last_applied, ProgressState.REPLICATE, True)}
+        progress = {"b": ProgressStatus(n.last_applied - 1, n.last_applied, ProgressState.REPLICATE, True,
+                                        self.follower_restoring)}
         return RuntimeStatus(
             NodeStatus(node_id=n.node_id, role=n.role, term=7, leader_id=n.leader_id,
                        commit_index=n.last_applied if n.commit_index is None else n.commit_index,
@@ -545,6 +548,7 @@ def test_each_failure_of_an_admin_request_has_its_answer(client, operation, meth
 
 
 def test_remove_and_transfer_answer_what_they_did(client):
+    client.runtime.node.membership = ALL_VOTERS  # a transfer's target is a voter (check_transfer_target)
     r = client("DELETE", "/cluster/b")
     assert (r.status, r.text, r.headers["x-raft-index"]) == (200, "removed b\n", "1")
     change = client.runtime.calls[-1][1]
@@ -554,11 +558,69 @@ def test_remove_and_transfer_answer_what_they_did(client):
     assert client.runtime.calls[-2] == ("transfer_leadership", "c", 2.0) and client.runtime.calls[-1][0] == "read"
 
 
+def test_a_transfer_to_a_member_restoring_a_snapshot_is_refused_409_before_anything_is_started(client):
+    """Review restoreedges: a member restoring a snapshot ignores TimeoutNow until its restore ends, so a transfer to
+    it was accepted, held the leader's writes for its bound, and timed out. The leader knows it restores (its
+    append replies say so: Progress.restoring) and refuses the transfer at once, 409 with one line, not applied.
+    Once b's replies no longer say it, the transfer goes ahead."""
+    client.runtime.follower_restoring = True
+    r = client("POST", "/cluster/transfer?to=b")
+    assert (r.status, r.text) == (409, "b is restoring a snapshot and would ignore the transfer; retry once its "
+                                       "restore ends\n") and one_line(r)
+    assert r.headers["x-raft-outcome"] == "not-applied"
+    assert not [c for c in client.runtime.calls if c[0] == "transfer_leadership"]
+    client.runtime.follower_restoring = False
+    r = client("POST", "/cluster/transfer?to=b")
+    assert (r.status, r.text) == (200, "leader is now b\n")
+    assert ("transfer_leadership", "b", 2.0) in client.runtime.calls
+
+
+def test_a_transfer_to_a_learner_restoring_a_snapshot_is_refused_400_as_not_a_voter(client):
+    """Review restoreedges-fix Q3: the voter check comes first (check_transfer_target), as a learner's restore
+    ending would not make the transfer possible: 400 "not a voter", not 409 "retry once its restore ends"."""
+    client.runtime.node.membership = Membership(("a", "c"), ("b",), MEMBERS)
+    client.runtime.follower_restoring = True
+    r = client("POST", "/cluster/transfer?to=b")
+    assert (r.status, r.text) == (400, "b is not a voter\n") and one_line(r)
+    assert r.headers["x-raft-outcome"] == "not-applied"
+    assert not [c for c in client.runtime.calls if c[0] == "transfer_leadership"]
+
+
+def test_a_signed_transfer_refused_409_for_a_restoring_target_may_be_sent_again_once_the_restore_ended():
+    """Review restoreedges-fix Q2: the route refuses a target it knows restores before it claims the signature,
+    so the same signed request goes through once the restore ended. When the core refuses it (the target began
+    restoring after the route's check, V1: TargetRestoring), the claim is made: the same request is a replay."""
+    client = signed_client()
+    runtime = client.runtime
+    headers = admin_headers(SECRET, "POST", "/cluster/transfer?to=b")
+    runtime.follower_restoring = True
+    r = client("POST", "/cluster/transfer?to=b", headers=headers)
+    assert (r.status, r.text) == (409, "b is restoring a snapshot and would ignore the transfer; retry once its "
+                                       "restore ends\n") and one_line(r)
+    assert r.headers["x-raft-outcome"] == "not-applied"
+    assert runtime.calls == [] and client.store.admin_claims.claims == {}  # nothing claimed, nothing started
+    runtime.follower_restoring = False
+    r = client("POST", "/cluster/transfer?to=b", headers=headers)
+    assert (r.status, r.text) == (200, "leader is now b\n"), r
+    assert [c[0] for c in runtime.calls[:2]] == ["propose", "transfer_leadership"]  # the claim, then the transfer
+
+    runtime.node.leader_id = "a"
+    headers = admin_headers(SECRET, "POST", "/cluster/transfer?to=b")
+    runtime.fail("transfer_leadership", TargetRestoring("b"))
+    r = client("POST", "/cluster/transfer?to=b", headers=headers)
+    assert (r.status, r.text) == (409, "b is restoring a snapshot and would ignore the transfer; retry once its "
+                                       "restore ends\n") and one_line(r)
+    assert r.headers["x-raft-outcome"] == "not-applied"
+    r = client("POST", "/cluster/transfer?to=b", headers=headers)
+    assert r.status == 403 and "already used (a replay)" in r.text, r
+
+
 def test_a_transfer_answers_200_only_once_the_target_is_confirmed_as_leader():
     """Review 3 F2: the runtime returns once this node has heard of the target leading; a target that cannot hold
     leadership (cut off from the others) did that for a moment, and the transfer answered 200. The route now
     confirms it with a linearizable read, within the write timeout."""
     client = Client(write_timeout_seconds=0.5)
+    client.runtime.node.membership = ALL_VOTERS
     client.runtime.fail("read", Timeout("could not confirm a read in 0.5s"))
     r = client("POST", "/cluster/transfer?to=c")
     assert (r.status, r.text) == (503, "transfer not confirmed: could not confirm a read in 0.5s\n") and one_line(r)
@@ -589,6 +651,7 @@ def test_a_transfer_started_on_a_node_that_then_stops_is_unknown_not_not_applied
     """Review S1: the transfer took effect (TimeoutNow went out, the target leads), then the node stopped before
     the confirming read was queued (NotRunning). That read's NotRunning is not the transfer's: `unknown`."""
     client = Client(write_timeout_seconds=2.0, read_timeout_seconds=0.2)
+    client.runtime.node.membership = ALL_VOTERS
     client.runtime.fail("read", NotRunning("node is not running"))
     r = client("POST", "/cluster/transfer?to=b")
     assert client.runtime.node.leader_id == "b"

@@ -137,13 +137,40 @@ def test_the_most_up_to_date_voter_is_the_one_with_the_highest_match():
     t["c"].restoring = True  # it said it restores a snapshot: it would ignore TimeoutNow
     assert best_successor(t, ("b", "c")) == "b"
     t["b"].restoring = True
-    assert best_successor(t, ("b", "c")) is None and t.status("a")["b"].restoring
+    assert best_successor(t, ("b", "c")) is None and t.status("a", 0)["b"].restoring
+
+
+def test_of_the_most_up_to_date_voters_a_hand_over_prefers_one_heard_from_lately():
+    """Review restoreedges L3: the transport holds what it sends a live but slow peer while it waits for that peer's
+    late reply (up to ten reply timeouts), TimeoutNow included: a hand-over that picked it by the tie-break (the
+    greater id) waited out its bound. Of the voters that tie on the highest match, one heard from within the
+    window is preferred; one that is behind is not (it must catch up first); with none heard from, as before."""
+    t = ProgressTracker.for_new_leader(("a", "b", "c", "d"), next_index=1)
+    for n in "bcd":
+        t[n].match_index = 7
+    t["b"].heard(tick=100)
+    t["c"].heard(tick=95)
+    t["d"].heard(tick=40)  # the greatest id, silent for 60 ticks: its sender waits for a late reply
+    heard = [n for n, pr in t.items() if pr.heard_within(10, tick=100)]
+    assert heard == ["b", "c"]
+    assert best_successor(t, ("b", "c", "d"), heard) == "c"  # of those heard from: the greater id
+    assert best_successor(t, ("b", "c", "d")) == "d"  # nobody preferred: the greatest id, as before
+    assert best_successor(t, ("b", "d"), ["b"]) == "b"
+    t["d"].match_index = 8  # ahead of all: a responsive voter that is behind does not pass it
+    assert best_successor(t, ("b", "c", "d"), heard) == "d"
+    t["c"].restoring = True  # a restoring voter is never picked, heard from or not
+    t["d"].match_index = 7
+    assert best_successor(t, ("b", "c", "d"), heard) == "b"
+    status = t.status("a", 100)  # the copy a stopping server reads (raftlib.server.node.best_successor)
+    assert (status["b"].heard_ticks_ago, status["d"].heard_ticks_ago) == (0, 60)
+    assert [n for n, pr in status.items() if pr.heard_within(10)] == ["b", "c"]
+    assert ProgressTracker.for_new_leader(("a", "b"), next_index=1).status("a", 5)["b"].heard_ticks_ago is None
 
 
 def test_the_status_is_a_frozen_copy_of_the_followers_only():
     t = ProgressTracker.for_new_leader(("a", "b", "c"), next_index=3)
     t["c"].update_match(2)
-    status = t.status("a")
+    status = t.status("a", 0)
     assert list(status) == ["b", "c"] and status["c"].match_index == 2 and status["c"].next_index == 3
     t["c"].update_match(3)
     assert status["c"].match_index == 2

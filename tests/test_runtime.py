@@ -8,6 +8,7 @@ import errno
 import os
 import random
 import time
+import types
 
 import gevent
 import gevent.event
@@ -28,12 +29,14 @@ from raftlib import (
     Membership,
     MemoryStorage,
     NotLeader,
+    RaftLog,
     RaftNode,
     ReadIndexReply,
     Removed,
     RequestVote,
     RequestVoteReply,
     Role,
+    Snapshot,
 )
 from raftlib.runtime import NotRunning, Read, Runtime, Stopped, Timeout
 from raftlib.storage import DiskStorage
@@ -895,6 +898,23 @@ def leader_of_three(election_ticks=20):
     return runtime, followers
 
 
+def test_a_transfer_the_core_aborts_answers_within_about_an_election_timeout_not_the_callers_bound():
+    """Review restoreedges: Runtime.transfer_leadership polled for the target to lead until the caller's bound
+    (POST /cluster/transfer's write timeout) even after the core had aborted the transfer (an election timeout
+    without the target taking over): the request was held for all of it. It fails (Timeout) once the core let go
+    of the transfer, and the leader takes proposals again. The followers here ignore TimeoutNow."""
+    runtime, _ = leader_of_three(election_ticks=20)  # an election timeout: 20 ticks of 5 ms
+    try:
+        started = time.monotonic()
+        with pytest.raises(Timeout, match="b did not take over within an election timeout: the transfer was aborted"):
+            runtime.transfer_leadership("b", 30.0)
+        assert time.monotonic() - started < 15.0  # not the 30 s bound (the election timeout is 0.1 s)
+        assert runtime.node.role is Role.LEADER and runtime.node.transferee is None
+        runtime.propose(b"after the aborted transfer", 5.0)
+    finally:
+        runtime.stop()
+
+
 def _stall(runtime, election_timeouts):
     """The process could not run for this many election timeouts (CPU starvation, SIGSTOP): its monotonic clock
     moved on without it. Nothing yields here: the next drive is the first after the stall."""
@@ -982,5 +1002,37 @@ def test_a_follower_whose_loop_stalled_does_not_campaign_with_its_leaders_heartb
         runtime._drive()
         assert (runtime.node.role, runtime.node.leader_id) == (Role.FOLLOWER, "a")
         assert not [m for m in sent.sent if isinstance(m, RequestVote)]
+    finally:
+        runtime.stop()
+
+
+def test_a_node_restarted_on_its_snapshot_says_restoring_from_its_first_reply():
+    """Review restoreedges L2: a node restarted on its snapshot restores it by steps (Runtime.restore_at_start),
+    the first step in its first drive, after that drive's replies went out. The server's gate
+    (Server._members_read_restoring) reads the level of the snapshot being restored, which the node's store noted
+    only at that first step (WatchedStore.restoring was a generator, so nothing of it ran at the call): the first
+    drive's append reply did not say `restoring`, and a hand-over then could pick the node, which ignores TimeoutNow.
+    The level is noted at the call now, before the node runs."""
+    from raftlib.server.node import Server, WatchedStore
+    from raftlib.server.store import FEATURE_LEVEL, SET_FEATURE_LEVEL, KeyValueStore, command
+    from raftlib.server.watch import WatchHub
+
+    leaders_state = KeyValueStore()  # the state the node snapshotted, of this release's level
+    assert leaders_state.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)) == "ok"
+    snap = Snapshot(10, 2, Membership(("a", "b", "c")), leaders_state.snapshot())
+    server = types.SimpleNamespace(store=None)
+    config = Config("a", election_ticks=10, restoring_in_replies=lambda: Server._members_read_restoring(server))
+    node = RaftNode(config, random.Random(1), HardState(2, None, 10), RaftLog(10, 2), snap)
+    server.store = store = WatchedStore(WatchHub(), lambda: node.snapshot)
+    runtime = Runtime(node, MemoryStorage(), NullTransport(), store, tick_seconds=0.005)
+    runtime.restore_at_start(snap)  # as Server.__init__ does, before the runtime starts
+    runtime.start()
+    try:
+        assert runtime.restoring_snapshot
+        # The first drive: the loop's greenlet has not run yet, so this heartbeat's drive is the node's first.
+        replies = runtime.deliver([AppendEntries("b", "a", 2, 10, 2, (), 10, 0)], True)
+        [reply] = [m for m in replies or [] if isinstance(m, AppendEntriesReply)]
+        assert reply.success and reply.restoring, reply
+        assert runtime.stats["restore_step_max_microseconds"] > 0  # the drive went on to the restore's first step
     finally:
         runtime.stop()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from procs import ROOT, SERVER, LocalCluster, Node, free_port, wait_for
+from procs import ROOT, SERVER, LocalCluster, Node, free_port, paused, wait_for
 
 
 @pytest.fixture
@@ -225,3 +225,30 @@ def test_a_busy_port_at_the_first_start_is_one_line_and_leaves_no_identity_behin
         assert "was created with addresses" not in node.log_text()
     finally:
         node.kill()
+
+
+def test_a_stopping_leader_hands_over_to_the_follower_that_answers_not_to_a_paused_one(tmp_path):
+    """Review restoreedges L3: a stopping leader hands leadership over (Server.stop, thesis §3.10). Of the followers
+    that tie on the highest match it took the greatest id, even one that had not answered for a while (paused here:
+    SIGSTOP; a live but starved peer's messages wait in the transport for its late reply alike): its TimeoutNow
+    went nowhere, the hand-over failed after its 2 s bound, and the cluster waited an election timeout more. It
+    now prefers a follower heard from within an election timeout."""
+    c = LocalCluster(str(tmp_path), extra=("-election-ms", "1000")).start()
+    try:
+        leader = c.leader()
+        assert c.write("k", "v").status == 200
+        followers = sorted((n for n in c.nodes if n is not leader), key=lambda n: n.status()["node_id"])
+        answering, paused_one = followers  # the paused one has the greater id: the old tie-break's pick
+        answering_id = answering.status()["node_id"]
+        wait_for(lambda: all(n.status()["commit_index"] == leader.status()["commit_index"] for n in followers), 10,
+                 "both followers to catch up")
+        with paused([paused_one]):
+            time.sleep(2.5)  # past an election timeout with no answer from it
+            assert leader.status()["role"] == "leader"
+            assert leader.stop() == 0
+            # Logged once the stopping leader has heard of its successor leading (Runtime.transfer_leadership).
+            log = leader.log_text(current=True)
+            assert f"handed leadership to {answering_id}" in log, log[-2000:]
+            assert "leadership transfer before shutdown failed" not in log
+    finally:
+        c.stop()

@@ -393,13 +393,21 @@ class WatchedStore(KeyValueStore):
         """KeyValueStore.restoring (which `restore` runs too), telling the hub at the step that replaces the state:
         a follower restores a leader's snapshot a batch per drive (raftlib.runtime), and its watchers must hear of
         it then, before the entries after the snapshot are applied, or they would go on from a state they never
-        saw (a gap)."""
+        saw (a gap). Not a generator itself: KeyValueStore.restoring notes the snapshot's level now, at the call
+        (review restoreedges L2: as a generator this deferred it to the first step, which a restart's
+        Runtime.restore_at_start takes only after its first drive's replies went out, so they did not say
+        `restoring`, `_members_read_restoring`, and a hand-over in that window could pick this node)."""
         snapshot = self.snapshot_of_node()
         assert snapshot is not None and (snapshot.data is data or snapshot.data == data), \
             "a restore of a snapshot the core does not hold"
-        for replaced in super().restoring(data):
+        return self._telling_the_hub(super().restoring(data), snapshot.last_included_index)
+
+    def _telling_the_hub(self, steps: Iterator[bool], index: int) -> Iterator[bool]:
+        """`restoring`'s generator: `steps`, the hub told of the snapshot at `index` at the step that replaces the
+        state."""
+        for replaced in steps:
             if replaced:
-                self.hub.restored(snapshot.last_included_index)
+                self.hub.restored(index)
             yield replaced
 
 
@@ -931,7 +939,7 @@ class Server:
             self.level_raiser.stop()
         self.leases.stop()
         self.watch_guard.stop()
-        target = best_successor(self.runtime.status().node)
+        target = best_successor(self.runtime.status().node, self.node.config.election_ticks)
         if target is not None:
             try:
                 self.runtime.transfer_leadership(target, timeout_seconds=HANDOVER_TIMEOUT_SECONDS)
@@ -1027,12 +1035,16 @@ class Server:
         return urllib.request.Request(url, data=body, method="POST", headers=headers)
 
 
-def best_successor(node: NodeStatus) -> str | None:
+def best_successor(node: NodeStatus, responsive_within_ticks: int) -> str | None:
     """The voter other than this leader that a hand-over picks (progress.best_successor: the highest match, not
-    one that said it restores a snapshot), when this node leads others; else None."""
+    one that said it restores a snapshot; of those that tie, one heard from within `responsive_within_ticks`: an
+    election timeout, past which the transport holds what it sends a peer for its late reply), when this node
+    leads others; else None."""
     if node.role is not Role.LEADER:
         return None
-    return progress_best_successor(node.progress, [v for v in node.membership.voters if v != node.node_id])
+    responsive = [n for n, pr in node.progress.items() if pr.heard_within(responsive_within_ticks)]
+    return progress_best_successor(node.progress, [v for v in node.membership.voters if v != node.node_id],
+                                   responsive)
 
 
 def _test_fsync_delay(path: str) -> None:

@@ -1,9 +1,9 @@
 """The membership and admin routes: POST /join (a node joins as a learner), GET /cluster (the members), GET
 /cluster/keys (with a cluster secret: the members' keys of the newest committed configuration), DELETE
-/cluster/ID (a removal) and POST /cluster/transfer (leadership handed to a member, then confirmed). With a cluster
-secret the admin requests (join, removal, transfer) are signed with it, and claimed on the leader just before it
-acts (routes_shared.check_signature, claim_signature): a replay is refused. join_refusal says which joins the
-configuration refuses (409)."""
+/cluster/ID (a removal) and POST /cluster/transfer (leadership handed to a member, then confirmed; refused 409 to
+a member that the leader knows restores a snapshot). With a cluster secret the admin requests (join, removal,
+transfer) are signed with it, and claimed on the leader just before it acts (routes_shared.check_signature,
+claim_signature): a replay is refused. join_refusal says which joins the configuration refuses (409)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import bottle
 import gevent
 
-from raftlib.core import NotLeader, ProposalDropped
+from raftlib.core import NotLeader, ProposalDropped, check_transfer_target
 from raftlib.messages import ConfChange, ConfChangeKind, Member, Membership
 from raftlib.runtime import NotRunning, Stopped, Timeout
 
@@ -222,6 +222,14 @@ def transfer(api: Api) -> bottle.HTTPResponse:
     target = bottle.request.query.get("to", "")
     check_signature(api, "transfer")
     require_leader(api)
+    # Not a voter: 400. Its last append reply said it restores a snapshot: 409, as it ignores TimeoutNow until its
+    # restore ends (RaftNode._handle_timeout_now), so the transfer would only hold this leader's writes for its
+    # bound (review restoreedges). Asked here before the claim, so the same signature may be sent again (nothing
+    # was started); the core asks again as it takes the transfer, for a target that began restoring meanwhile
+    # (review restoreedges-fix V1). The leader itself is a voter with no progress: a transfer to it is a no-op.
+    target_progress = api.runtime.status().node.progress.get(target)
+    check_transfer_target(target, api.runtime.node.membership.voters,
+                          target_progress is not None and target_progress.restoring)
     claim_signature(api, "transfer")
     deadline = time.monotonic() + api.write_timeout_seconds
     api.runtime.transfer_leadership(target, api.write_timeout_seconds)

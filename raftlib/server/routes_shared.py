@@ -42,7 +42,7 @@ import bottle
 import gevent
 import gevent.lock
 
-from raftlib.core import NodeStatus, NotLeader, ProposalDropped, UncommittedBoundExceeded
+from raftlib.core import NodeStatus, NotLeader, ProposalDropped, TargetRestoring, UncommittedBoundExceeded
 from raftlib.events import EventRing
 from raftlib.messages import ConfChange, Membership, Role
 from raftlib.runtime import Backup, BackupBusy, BackupFailed, EntryLost, NotRunning, RuntimeStatus, Stopped, Timeout
@@ -256,11 +256,14 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
         NotRunning: (503, _NOT_CONFIRMED, None, NOT_APPLIED),
         Stopped: (503, _NOT_CONFIRMED, None, UNKNOWN),
         ValueError: (400, "{e}", None, NOT_APPLIED),
+        # Nothing was started. Refused by the route's check, before the claim: the same signature may be sent
+        # again; by the core's (the target began restoring after that check), after it: sign it again.
+        TargetRestoring: (409, "{e}", None, NOT_APPLIED),
     },
 }
 # What failure_answer answers: api._serving catches these (and only these) around every route.
 ANSWERED_FAILURES = (NotLeader, Forbidden, Unconfirmed, NotApplied, ProposalDropped, EntryLost, Timeout, DiskFull,
-                     Stopped, ValueError, BackupBusy, BackupFailed)
+                     Stopped, ValueError, TargetRestoring, BackupBusy, BackupFailed)
 
 
 def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPResponse:
