@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import random
+import time
 import weakref
 
 import cbor2
@@ -28,7 +29,7 @@ from raftlib import (
     Snapshot,
 )
 from raftlib.messages import snapshot_bytes
-from raftlib.runtime import CollectorHold, Runtime
+from raftlib.runtime import RESTORE_DRIVE_SECONDS, CollectorHold, Runtime
 from raftlib.server.store import (FEATURE_LEVEL, PUT_WITH_TTL, RESTORE_BATCH_KEYS, SET, SET_FEATURE_LEVEL, SNAPSHOT_V4,
                                   KeyValueStore, command)
 from raftlib.server.tuning import freeze_after_start
@@ -206,6 +207,105 @@ def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_ap
         assert values(kv) == {**values(source), "after": b"51"} and list(kv.keys) == sorted(kv.data)
         assert applied == [51] and kv.feature_level == FEATURE_LEVEL
         assert not runtime.restoring_snapshot
+    finally:
+        runtime.stop()
+        storage.close()
+
+
+class PacedStore(KeyValueStore):
+    """A KeyValueStore whose restore steps each take at least `step_seconds` of wall time (a busy wait) and are
+    counted in `steps_per_drive`, a count per drive of the runtime (`count_steps_per_drive`)."""
+
+    def __init__(self, step_seconds: float) -> None:
+        super().__init__()
+        self.step_seconds = step_seconds
+        self.steps_per_drive: list[int] = [0]
+
+    def restoring(self, data):
+        steps = super().restoring(data)
+
+        def paced():
+            for replaced in steps:
+                end = time.monotonic() + self.step_seconds
+                while time.monotonic() < end:
+                    pass
+                self.steps_per_drive[-1] += 1
+                yield replaced
+
+        return paced()
+
+
+def count_steps_per_drive(runtime, kv: PacedStore) -> None:
+    drive = runtime._drive
+
+    def counted():
+        kv.steps_per_drive.append(0)
+        drive()
+
+    runtime._drive = counted
+
+
+def restart_restoring(fs: CrashFS, kv: PacedStore):
+    """Follower b restarted on a data dir holding a snapshot of 30 batches at 50 and an entry at 51 (what its leader
+    sent it before), with `kv` as its store, its restore by steps under way (Runtime.restore_at_start) and its
+    steps counted."""
+    runtime, storage, _, transport = follower_b(fs)
+    runtime.start()
+    try:
+        assert runtime.wait_applied(1, 2.0) >= 1
+        restore_under_way(runtime, transport)
+        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
+        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)
+        heartbeat_until_restored(runtime, 51)
+        assert runtime.wait_applied(51, 2.0) == 51
+    finally:
+        runtime.stop()
+        storage.close()
+    storage = DiskStorage("/data", fs=fs)
+    stored = storage.load()
+    node = RaftNode(Config("b", election_ticks=1000), random.Random(2), stored.hard_state, stored.raft_log(),
+                    stored.snapshot)
+    transport = Sent()
+    runtime = Runtime(node, storage, transport, kv, tick_seconds=0.005)
+    runtime.restore_at_start(stored.snapshot)
+    count_steps_per_drive(runtime, kv)
+    return runtime, storage, transport
+
+
+def test_a_restore_takes_steps_back_to_back_in_a_drive_while_they_fit_in_its_time_budget():
+    """restart1m: a restart restored a step per drive and yielded to the loop after each (libev's poll waits at
+    least 1 ms: ~1.4 ms a yield, ~1,000 steps at 1,000,000 keys), so most of its restore was spent waiting. Now a
+    drive takes steps back to back while the next fits in RESTORE_DRIVE_SECONDS: short steps go several a drive.
+    Heartbeats are still answered meanwhile."""
+    kv = PacedStore(0.0)
+    runtime, storage, transport = restart_restoring(CrashFS(), kv)
+    runtime.start()
+    try:
+        answered = heartbeats_answered_while_restoring(runtime, transport, lambda: None)
+        assert runtime.wait_applied(51, 2.0) == 51
+        assert len(kv) == 30 * RESTORE_BATCH_KEYS + 1 and kv.get("after") == b"51"
+        assert answered >= 1
+        # ~100 steps of 0.1-2 ms: one a drive without the budget
+        assert max(kv.steps_per_drive) >= 3, kv.steps_per_drive
+    finally:
+        runtime.stop()
+        storage.close()
+
+
+def test_a_drive_takes_no_step_that_would_end_past_its_time_budget():
+    """The other side of the budget: steps of 2 ms go at most two a drive under RESTORE_DRIVE_SECONDS of 5 ms (a
+    third would end past it, judged by the longest step so far), so a heartbeat waits for a drive at most the
+    budget and one step's overrun; answered meanwhile."""
+    assert RESTORE_DRIVE_SECONDS == 0.005
+    kv = PacedStore(0.002)
+    runtime, storage, transport = restart_restoring(CrashFS(), kv)
+    runtime.start()
+    try:
+        answered = heartbeats_answered_while_restoring(runtime, transport, lambda: None)
+        assert runtime.wait_applied(51, 2.0) == 51
+        assert answered >= 5, answered
+        assert max(kv.steps_per_drive) <= 2, kv.steps_per_drive
+        assert sum(kv.steps_per_drive) > 60  # the restore's ~100 steps, every one counted in a drive
     finally:
         runtime.stop()
         storage.close()
