@@ -17,8 +17,8 @@ changed on the disk; descriptors come back as connections close) is waited out t
 install of a leader's snapshot opens files, a leader's saves never do. A snapshot of this node's own that meets
 a full disk or no descriptor is tried again later: the log on disk still holds everything. A leader's snapshot
 goes to its file as its chunks come (the storage's sink), and once saved is restored into the state machine a
-piece per drive (`restoring`), after each drive's replies went out: the node answers heartbeats, votes and
-appends meanwhile and applies nothing (the core hands out no committed entry until `snapshot_applied`).
+few pieces per drive (`restoring`, RESTORE_DRIVE_SECONDS), after each drive's replies went out: the node answers
+heartbeats, votes and appends meanwhile and applies nothing (the core hands out no committed entry until `snapshot_applied`).
 
 Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`; `_index_waiters`
 and `_reads_waiting_apply`, left by the last caller that gives up: the index may never be applied here, e.g. on

@@ -153,6 +153,25 @@ def test_a_big_snapshot_is_received_into_its_file_and_restored_a_piece_per_drive
         runtime.stop()
 
 
+def snapshot_and_entry_after_it_on_disk(fs: CrashFS, source: KeyValueStore | None = None):
+    """Follower b's data dir as its leader leaves it: a snapshot at 50 (of `source`, else of 30 batches) and an
+    entry at 51, committed; then (storage, stored) of that data dir loaded again, as at a restart."""
+    runtime, storage, _, transport = follower_b(fs)
+    runtime.start()
+    try:  # the snapshot at 50 and the entry 51 reach the data dir as a leader sends them
+        assert runtime.wait_applied(1, 2.0) >= 1
+        restore_under_way(runtime, transport, source=source)
+        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
+        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)
+        heartbeat_until_restored(runtime, 51)
+        assert runtime.wait_applied(51, 2.0) == 51
+    finally:
+        runtime.stop()
+        storage.close()
+    storage = DiskStorage("/data", fs=fs)
+    return storage, storage.load()
+
+
 def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_applies_the_entries_after_once():
     """Issue 13: a node restarted on a big snapshot restored it whole in Server.__init__, before its transport
     bound: it answered nothing until then (13 s at 1M keys). Now its runtime restores it a piece per drive
@@ -161,23 +180,9 @@ def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_ap
     once, after it, to the restored state. The snapshot is this release's format, V4 (review of fastrestore, Q4:
     store_of's level-1 store gave the oldest one), and the applies are counted (a SET applied twice looks once)."""
     fs = CrashFS()
-    runtime, storage, _, _ = follower_b(fs)
     source = store_of(30 * RESTORE_BATCH_KEYS)
     assert source.apply(30 * RESTORE_BATCH_KEYS + 1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)) == "ok"
-    runtime.start()
-    try:  # the snapshot at 50 and the entry 51 reach the data dir as a leader sends them
-        assert runtime.wait_applied(1, 2.0) >= 1
-        restore_under_way(runtime, Sent(), source=source)
-        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
-        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)
-        heartbeat_until_restored(runtime, 51)
-        assert runtime.wait_applied(51, 2.0) == 51
-    finally:
-        runtime.stop()
-        storage.close()
-    # The restart: the data dir holds the snapshot at 50 and the entry 51, committed.
-    storage = DiskStorage("/data", fs=fs)
-    stored = storage.load()
+    storage, stored = snapshot_and_entry_after_it_on_disk(fs, source)
     assert stored.snapshot is not None and stored.snapshot.last_included_index == 50
     assert cbor2.loads(snapshot_bytes(stored.snapshot.data))[0] == SNAPSHOT_V4
     node = RaftNode(Config("b", election_ticks=1000), random.Random(2), stored.hard_state, stored.raft_log(),
@@ -245,31 +250,27 @@ def count_steps_per_drive(runtime, kv: PacedStore) -> None:
     runtime._drive = counted
 
 
-def restart_restoring(fs: CrashFS, kv: PacedStore):
+def restarted_and_restored(step_seconds: float) -> tuple[PacedStore, int]:
     """Follower b restarted on a data dir holding a snapshot of 30 batches at 50 and an entry at 51 (what its leader
-    sent it before), with `kv` as its store, its restore by steps under way (Runtime.restore_at_start) and its
-    steps counted."""
-    runtime, storage, _, transport = follower_b(fs)
-    runtime.start()
-    try:
-        assert runtime.wait_applied(1, 2.0) >= 1
-        restore_under_way(runtime, transport)
-        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
-        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)
-        heartbeat_until_restored(runtime, 51)
-        assert runtime.wait_applied(51, 2.0) == 51
-    finally:
-        runtime.stop()
-        storage.close()
-    storage = DiskStorage("/data", fs=fs)
-    stored = storage.load()
+    sent it before), its store a PacedStore of `step_seconds`, heartbeated until its restore by steps
+    (Runtime.restore_at_start) is done and the entry applied: (the store, the heartbeats answered meanwhile)."""
+    storage, stored = snapshot_and_entry_after_it_on_disk(CrashFS())
     node = RaftNode(Config("b", election_ticks=1000), random.Random(2), stored.hard_state, stored.raft_log(),
                     stored.snapshot)
     transport = Sent()
+    kv = PacedStore(step_seconds)
     runtime = Runtime(node, storage, transport, kv, tick_seconds=0.005)
     runtime.restore_at_start(stored.snapshot)
     count_steps_per_drive(runtime, kv)
-    return runtime, storage, transport
+    runtime.start()
+    try:
+        answered = heartbeats_answered_while_restoring(runtime, transport, lambda: None)
+        assert runtime.wait_applied(51, 2.0) == 51
+        assert len(kv) == 30 * RESTORE_BATCH_KEYS + 1 and kv.get("after") == b"51"
+    finally:
+        runtime.stop()
+        storage.close()
+    return kv, answered
 
 
 def test_a_restore_takes_steps_back_to_back_in_a_drive_while_they_fit_in_its_time_budget():
@@ -277,19 +278,10 @@ def test_a_restore_takes_steps_back_to_back_in_a_drive_while_they_fit_in_its_tim
     least 1 ms: ~1.4 ms a yield, ~1,000 steps at 1,000,000 keys), so most of its restore was spent waiting. Now a
     drive takes steps back to back while the next fits in RESTORE_DRIVE_SECONDS: short steps go several a drive.
     Heartbeats are still answered meanwhile."""
-    kv = PacedStore(0.0)
-    runtime, storage, transport = restart_restoring(CrashFS(), kv)
-    runtime.start()
-    try:
-        answered = heartbeats_answered_while_restoring(runtime, transport, lambda: None)
-        assert runtime.wait_applied(51, 2.0) == 51
-        assert len(kv) == 30 * RESTORE_BATCH_KEYS + 1 and kv.get("after") == b"51"
-        assert answered >= 1
-        # ~100 steps of 0.1-2 ms: one a drive without the budget
-        assert max(kv.steps_per_drive) >= 3, kv.steps_per_drive
-    finally:
-        runtime.stop()
-        storage.close()
+    kv, answered = restarted_and_restored(0.0)
+    assert answered >= 1
+    # ~100 steps of 0.1-2 ms: one a drive without the budget
+    assert max(kv.steps_per_drive) >= 3, kv.steps_per_drive
 
 
 def test_a_drive_takes_no_step_that_would_end_past_its_time_budget():
@@ -297,18 +289,10 @@ def test_a_drive_takes_no_step_that_would_end_past_its_time_budget():
     third would end past it, judged by the longest step so far), so a heartbeat waits for a drive at most the
     budget and one step's overrun; answered meanwhile."""
     assert RESTORE_DRIVE_SECONDS == 0.005
-    kv = PacedStore(0.002)
-    runtime, storage, transport = restart_restoring(CrashFS(), kv)
-    runtime.start()
-    try:
-        answered = heartbeats_answered_while_restoring(runtime, transport, lambda: None)
-        assert runtime.wait_applied(51, 2.0) == 51
-        assert answered >= 5, answered
-        assert max(kv.steps_per_drive) <= 2, kv.steps_per_drive
-        assert sum(kv.steps_per_drive) > 60  # the restore's ~100 steps, every one counted in a drive
-    finally:
-        runtime.stop()
-        storage.close()
+    kv, answered = restarted_and_restored(0.002)
+    assert answered >= 5, answered
+    assert max(kv.steps_per_drive) <= 2, kv.steps_per_drive
+    assert sum(kv.steps_per_drive) > 60  # the restore's ~100 steps, every one counted in a drive
 
 
 def test_the_final_chunk_and_an_append_past_the_snapshot_in_one_drive_lose_no_entry():
