@@ -17,8 +17,9 @@ changed on the disk; descriptors come back as connections close) is waited out t
 install of a leader's snapshot opens files, a leader's saves never do. A snapshot of this node's own that meets
 a full disk or no descriptor is tried again later: the log on disk still holds everything. A leader's snapshot
 goes to its file as its chunks come (the storage's sink), and once saved is restored into the state machine a
-piece per drive (`restoring`), after each drive's replies went out: the node answers heartbeats, votes and
-appends meanwhile and applies nothing (the core hands out no committed entry until `snapshot_applied`).
+few pieces per drive of the loop's own (`restoring`, RESTORE_DRIVE_SECONDS; a transport greenlet that drives takes
+none, so its reply leaves first): the node answers heartbeats, votes and appends meanwhile and applies nothing
+(the core hands out no committed entry until `snapshot_applied`).
 
 Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`; `_index_waiters`
 and `_reads_waiting_apply`, left by the last caller that gives up: the index may never be applied here, e.g. on
@@ -98,6 +99,16 @@ SNAPSHOT_READ_WARNING_SECONDS = 10.0
 # peer's late reply is waited for), and those answers went out only after the stalled drive, so the leader's next
 # frame comes a round trip after them (review replytimeout F1). An empty inbox after a stall costs that wait once.
 STALL_YIELD_SECONDS = 0.001
+# A drive advances a restore under way by steps back to back while the next one (as long as the longest this drive
+# has taken) still fits in this much wall time, then yields (issue 13, restart1m). One step a drive, as before,
+# spent most of a restart's restore waiting: each yield is a turn of the loop (gevent.sleep(0.00001): libev's
+# poll waits at least 1 ms, ~1.4 ms measured) and ~1,000 steps at 1,000,000 keys. Kept well under the stall target
+# (10 ms). Only the loop's drives take steps (a transport greenlet's reply does not wait for them: review of
+# restart1m, L1), and from the hand-over on (the step that replaces the state, then applies up to 256 entries) one a
+# drive, not within the budget: the last one lets the collector go (a collection, 50+ ms at 1M keys). The loop's
+# longest pause is this budget plus the heaviest single step (a step being 1-8 ms CPU; the hand-over or the last
+# more), and a frame that arrives meanwhile waits that long in its socket.
+RESTORE_DRIVE_SECONDS = 0.005
 
 
 class Timeout(Exception):
@@ -770,8 +781,8 @@ class Runtime:
                 self._note_snapshot_read_failure()
             if self.node.removed != self._removed:  # a notice may change nothing else: no Ready for it
                 self._note_removed(self.node.removed)
-            if self._restoring is not None:  # after the replies went out: a piece of the restore, then serve
-                self._restore_step(replies)
+            if self._restoring is not None and self._in_loop():  # the replies went out: pieces of the restore
+                self._restore_steps(replies)
             self._maybe_snapshot()
             if self._backups_asked and not self.restoring_snapshot:
                 self._start_backups()
@@ -789,13 +800,19 @@ class Runtime:
         # false, so that a loop waiting while a transport greenlet drove wakes for it; the loop tests the
         # backlog itself before it waits, so no wake is lost.
         apply_pending = self.node.apply_pending
-        if self._inbox or apply_pending:
-            self._wake.set()  # it came while we saved or sent: the loop takes it
-        if len(items) > 64 or self._restoring is not None or apply_pending:
+        in_loop = self._in_loop()
+        if self._inbox or apply_pending or (self._restoring is not None and not in_loop):
+            self._wake.set()  # it came while we saved or sent, or a restore's steps are left: the loop takes it
+        if len(items) > 64 or apply_pending or (self._restoring is not None and in_loop):
             # Let timers and I/O run between big batches and between the pieces of a backlog: a short sleep yields
             # to the next turn of the loop (timers run, every socket is polled); gevent.idle() would wait until
             # nothing else is runnable, and gevent.sleep(0) lets no timer run.
             gevent.sleep(0.00001)
+
+    def _in_loop(self) -> bool:
+        """This greenlet is the loop's (`_loop`), not a transport greenlet driving for its frame, whose reply
+        leaves only once its drive returns (zmq's REP greenlet sends what the handler returns)."""
+        return bool(self._greenlets) and gevent.getcurrent() is self._greenlets[0]
 
     def _note_snapshot_read_failure(self) -> None:
         # The core abandons a transfer whose source it could not read (SnapshotUnreadable) and counts it, per
@@ -967,9 +984,29 @@ class Runtime:
         self._restore_applied = False
         self._restore_started = time.monotonic()
 
-    def _restore_step(self, replies: dict | None) -> None:
+    def _restore_steps(self, replies: dict) -> None:
+        """Steps of the restore under way, back to back while the next would end within RESTORE_DRIVE_SECONDS of
+        the first's start (judged by the longest so far: a step is about as long as the one before), at least
+        one, up to the step that hands the node the snapshot. From then on one a drive, not within the budget: the
+        steps that free the old state, then the last, which lets the collector go (`CollectorHold.release`: a
+        collection, 50+ ms at 1M keys), each starts a drive of its own (review of restart1m, L2)."""
+        if self._restore_applied:
+            self._restore_step(replies)
+            return
+        started = time.monotonic()
+        longest = 0.0
+        while True:
+            step_started = time.monotonic()
+            handed_over = self._restore_step(replies)
+            now = time.monotonic()
+            longest = max(longest, now - step_started)
+            if handed_over or self._restoring is None or now - started + longest > RESTORE_DRIVE_SECONDS:
+                return
+
+    def _restore_step(self, replies: dict | None) -> bool:
         """One piece of the restore under way. Once the state machine holds the snapshot the node is told, and
-        the entries after the snapshot are applied; the steps after that free the old state."""
+        the entries after the snapshot are applied; the steps after that free the old state. True if this step
+        handed the node the snapshot."""
         assert self._restoring is not None
         index, steps = self._restoring
         started = time.thread_time()
@@ -983,7 +1020,7 @@ class Runtime:
             self._collector.after_step()
         self._note_restore_step_time(started)
         if not replaced or self._restore_applied:
-            return
+            return False
         self._restore_applied = True
         self.node.snapshot_applied(index)
         logger.info("restored the state machine from the snapshot at index %d in %.2fs", index,
@@ -991,6 +1028,7 @@ class Runtime:
         if replies is not None:  # in a drive whose replies went out already: what follows goes by the transport
             self._process_ready({})
         self._wake_applied()
+        return True
 
     def _note_restore_step_time(self, started: float) -> None:
         """The CPU time since `started` (time.thread_time: the step's own cost, not the machine's other

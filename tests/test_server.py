@@ -22,6 +22,32 @@ def cluster(tmp_path):
     c.stop()
 
 
+def test_importing_raftdzmq_patches_with_gevents_plugins_and_puts_importlib_metadatas_entry_points_back():
+    """restart1m: raftdzmq.py serves patch_all's 25 plugin lookups from one scan of the installed distributions by
+    replacing importlib.metadata.entry_points during the patch. Checked in a fresh interpreter, as a node starts:
+    the original function is back afterwards, the socket module is patched, gevent's own plugin (an entry point of
+    the group patch_all asks for) was loaded and called once, and the scan's answer is not kept."""
+    probe = """
+import importlib.metadata, json
+import gevent.monkey
+called = []
+subscriber = gevent.monkey._subscribe_signal_os  # gevent.plugins.monkey.will_patch_all, loaded by its entry point
+gevent.monkey._subscribe_signal_os = lambda event: called.append(type(event).__name__) or subscriber(event)
+original = importlib.metadata.entry_points
+import raftdzmq
+import socket, gevent.socket
+print(json.dumps({"restored": importlib.metadata.entry_points is original,
+                  "socket_patched": gevent.monkey.is_module_patched("socket") and socket.socket is gevent.socket.socket,
+                  "plugin_called": called,
+                  "scan_kept": any(type(v) is type(original()) for v in vars(raftdzmq).values())}))
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"restored": True, "socket_patched": True,
+                                                         "plugin_called": ["GeventWillPatchAllEvent"], "scan_kept": False}
+
+
 def test_readme_walkthrough(cluster):
     n1, n2, n3 = cluster.nodes
     leader = cluster.leader()

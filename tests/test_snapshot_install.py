@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import random
+import time
 import weakref
 
 import cbor2
@@ -28,7 +29,7 @@ from raftlib import (
     Snapshot,
 )
 from raftlib.messages import snapshot_bytes
-from raftlib.runtime import CollectorHold, Runtime
+from raftlib.runtime import RESTORE_DRIVE_SECONDS, CollectorHold, Runtime
 from raftlib.server.store import (FEATURE_LEVEL, PUT_WITH_TTL, RESTORE_BATCH_KEYS, SET, SET_FEATURE_LEVEL, SNAPSHOT_V4,
                                   KeyValueStore, command)
 from raftlib.server.tuning import freeze_after_start
@@ -89,15 +90,17 @@ def chunks_of(data: bytes, index: int, term: int, size: int) -> list[InstallSnap
 def heartbeats_answered_while_restoring(runtime, transport, meanwhile) -> int:
     """Deliver heartbeats of a at 51 one at a time until the restore under way has replaced the state, checking
     that each is answered with success and calling `meanwhile` after each one answered before that step; returns
-    how many were."""
+    how many were. Between two the loop runs (only its drives take the restore's steps)."""
     answered = 0
-    while not runtime._restore_applied:
-        before = len(transport.messages)
-        runtime.deliver([AppendEntries("a", "b", 2, 51, 2, (), 51)], False)
-        assert any(isinstance(m, AppendEntriesReply) and m.success for m in transport.messages[before:])
-        if not runtime._restore_applied:
-            answered += 1
-            meanwhile()
+    with gevent.Timeout(10):
+        while not runtime._restore_applied:
+            before = len(transport.messages)
+            runtime.deliver([AppendEntries("a", "b", 2, 51, 2, (), 51)], False)
+            assert any(isinstance(m, AppendEntriesReply) and m.success for m in transport.messages[before:])
+            if not runtime._restore_applied:
+                answered += 1
+                meanwhile()
+            gevent.sleep(0.001)
     return answered
 
 
@@ -152,6 +155,25 @@ def test_a_big_snapshot_is_received_into_its_file_and_restored_a_piece_per_drive
         runtime.stop()
 
 
+def snapshot_and_entry_after_it_on_disk(fs: CrashFS, source: KeyValueStore | None = None):
+    """Follower b's data dir as its leader leaves it: a snapshot at 50 (of `source`, else of 30 batches) and an
+    entry at 51, committed; then (storage, stored) of that data dir loaded again, as at a restart."""
+    runtime, storage, _, transport = follower_b(fs)
+    runtime.start()
+    try:  # the snapshot at 50 and the entry 51 reach the data dir as a leader sends them
+        assert runtime.wait_applied(1, 2.0) >= 1
+        restore_under_way(runtime, transport, source=source)
+        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
+        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)
+        heartbeat_until_restored(runtime, 51)
+        assert runtime.wait_applied(51, 2.0) == 51
+    finally:
+        runtime.stop()
+        storage.close()
+    storage = DiskStorage("/data", fs=fs)
+    return storage, storage.load()
+
+
 def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_applies_the_entries_after_once():
     """Issue 13: a node restarted on a big snapshot restored it whole in Server.__init__, before its transport
     bound: it answered nothing until then (13 s at 1M keys). Now its runtime restores it a piece per drive
@@ -160,23 +182,9 @@ def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_ap
     once, after it, to the restored state. The snapshot is this release's format, V4 (review of fastrestore, Q4:
     store_of's level-1 store gave the oldest one), and the applies are counted (a SET applied twice looks once)."""
     fs = CrashFS()
-    runtime, storage, _, _ = follower_b(fs)
     source = store_of(30 * RESTORE_BATCH_KEYS)
     assert source.apply(30 * RESTORE_BATCH_KEYS + 1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)) == "ok"
-    runtime.start()
-    try:  # the snapshot at 50 and the entry 51 reach the data dir as a leader sends them
-        assert runtime.wait_applied(1, 2.0) >= 1
-        restore_under_way(runtime, Sent(), source=source)
-        entry = Entry(2, 51, EntryKind.COMMAND, command(SET, "after", b"51"))
-        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (entry,), 51)], False)
-        heartbeat_until_restored(runtime, 51)
-        assert runtime.wait_applied(51, 2.0) == 51
-    finally:
-        runtime.stop()
-        storage.close()
-    # The restart: the data dir holds the snapshot at 50 and the entry 51, committed.
-    storage = DiskStorage("/data", fs=fs)
-    stored = storage.load()
+    storage, stored = snapshot_and_entry_after_it_on_disk(fs, source)
     assert stored.snapshot is not None and stored.snapshot.last_included_index == 50
     assert cbor2.loads(snapshot_bytes(stored.snapshot.data))[0] == SNAPSHOT_V4
     node = RaftNode(Config("b", election_ticks=1000), random.Random(2), stored.hard_state, stored.raft_log(),
@@ -209,6 +217,139 @@ def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_ap
     finally:
         runtime.stop()
         storage.close()
+
+
+class PacedStore(KeyValueStore):
+    """A KeyValueStore whose restore steps each take at least `step_seconds` of wall time (a busy wait) and are
+    recorded in `steps`: (the drive of the runtime it ran in, counted by `count_steps_per_drive`; its kind:
+    "decode", "hand-over" (the state replaced), "free" (the old state freed) or "end" (the generator exhausted:
+    the runtime's last step, which lets the collector go))."""
+
+    def __init__(self, step_seconds: float) -> None:
+        super().__init__()
+        self.step_seconds = step_seconds
+        self.drives = 0
+        self.steps: list[tuple[int, str]] = []
+
+    @property
+    def steps_per_drive(self) -> list[int]:
+        counts = [0] * (self.drives + 1)
+        for drive, _ in self.steps:
+            counts[drive] += 1
+        return counts
+
+    def restoring(self, data):
+        steps = super().restoring(data)
+
+        def paced():
+            handed_over = False
+            for replaced in steps:
+                end = time.monotonic() + self.step_seconds
+                while time.monotonic() < end:
+                    pass
+                self.steps.append((self.drives, "hand-over" if replaced else "free" if handed_over else "decode"))
+                handed_over = handed_over or replaced
+                yield replaced
+            self.steps.append((self.drives, "end"))
+
+        return paced()
+
+
+def count_steps_per_drive(runtime, kv: PacedStore) -> None:
+    drive = runtime._drive
+
+    def counted():
+        kv.drives += 1
+        drive()
+
+    runtime._drive = counted
+
+
+def restarted_and_restored(step_seconds: float, meanwhile=lambda runtime, kv: None,
+                           old_keys: int = 0) -> tuple[PacedStore, int]:
+    """Follower b restarted on a data dir holding a snapshot of 30 batches at 50 and an entry at 51 (what its leader
+    sent it before), its store a PacedStore of `step_seconds` (holding `old_keys` keys, for the restore to free), heartbeated until its restore by steps
+    (Runtime.restore_at_start) is done and the entry applied, `meanwhile(runtime, store)` called after each
+    heartbeat answered before the hand-over: (the store, the heartbeats answered meanwhile)."""
+    storage, stored = snapshot_and_entry_after_it_on_disk(CrashFS())
+    node = RaftNode(Config("b", election_ticks=1000), random.Random(2), stored.hard_state, stored.raft_log(),
+                    stored.snapshot)
+    transport = Sent()
+    kv = PacedStore(step_seconds)
+    for i in range(old_keys):
+        kv.apply(i + 1, command(SET, f"old{i}", b"x"))
+    runtime = Runtime(node, storage, transport, kv, tick_seconds=0.005)
+    runtime.restore_at_start(stored.snapshot)
+    count_steps_per_drive(runtime, kv)
+    runtime.start()
+    try:
+        answered = heartbeats_answered_while_restoring(runtime, transport, lambda: meanwhile(runtime, kv))
+        assert runtime.wait_applied(51, 2.0) == 51
+        assert len(kv) == 30 * RESTORE_BATCH_KEYS + 1 and kv.get("after") == b"51"
+        with gevent.Timeout(2):
+            while runtime._restoring is not None:  # the steps after the hand-over
+                gevent.sleep(0.001)
+    finally:
+        runtime.stop()
+        storage.close()
+    return kv, answered
+
+
+def test_a_restore_takes_steps_back_to_back_in_a_drive_while_they_fit_in_its_time_budget():
+    """restart1m: a restart restored a step per drive and yielded to the loop after each (libev's poll waits at
+    least 1 ms: ~1.4 ms a yield, ~1,000 steps at 1,000,000 keys), so most of its restore was spent waiting. Now a
+    drive takes steps back to back while the next fits in RESTORE_DRIVE_SECONDS: short steps go several a drive.
+    Heartbeats are still answered meanwhile."""
+    kv, answered = restarted_and_restored(0.0)
+    assert answered >= 1
+    # ~100 steps of 0.1-2 ms: one a drive without the budget
+    assert max(kv.steps_per_drive) >= 3, kv.steps_per_drive
+
+
+def test_a_drive_takes_no_step_that_would_end_past_its_time_budget():
+    """The other side of the budget: steps of 2 ms go at most two a drive under RESTORE_DRIVE_SECONDS of 5 ms (a
+    third would end past it, judged by the longest step so far), so a heartbeat waits for a drive at most the
+    budget and one step's overrun; answered meanwhile."""
+    assert RESTORE_DRIVE_SECONDS == 0.005
+    kv, answered = restarted_and_restored(0.002)
+    assert answered >= 5, answered
+    assert max(kv.steps_per_drive) <= 2, kv.steps_per_drive
+    assert sum(kv.steps_per_drive) > 60  # the restore's ~100 steps, every one counted in a drive
+
+
+def test_a_heartbeat_is_answered_before_any_restore_step_runs():
+    """Review of restart1m, L1: a transport greenlet that found the node free drove it itself, restore steps
+    included (up to RESTORE_DRIVE_SECONDS and one more), and its reply left only once that drive returned: the
+    answer to a heartbeat waited for them. Now only the loop's drives take steps: a heartbeat asking for a reply
+    (as the REP greenlet delivers one) gets it with no step run between its delivery and its answer, and the
+    restore goes on between heartbeats."""
+    taken_while_answering: list[int] = []
+
+    def answer_one_heartbeat(runtime, kv) -> None:
+        steps_before = len(kv.steps)
+        (reply,) = runtime.deliver([AppendEntries("a", "b", 2, 51, 2, (), 51)], True)
+        assert isinstance(reply, AppendEntriesReply) and reply.success
+        taken_while_answering.append(len(kv.steps) - steps_before)
+
+    kv, answered = restarted_and_restored(0.002, answer_one_heartbeat)
+    assert answered >= 5 and len(taken_while_answering) == answered
+    assert taken_while_answering == [0] * answered
+    assert sum(1 for _, kind in kv.steps if kind == "decode") > 60  # the restore went on, in the loop's drives
+
+
+def test_from_the_hand_over_on_a_restore_takes_one_step_a_drive():
+    """Review of restart1m, L2: the steps after the hand-over (the old state freed, then the end, which lets the
+    collector go: a collection of 50+ ms at 1M keys) went back to back within the budget, after whatever it had
+    spent, so a drive could last the budget and then that collection. Now the hand-over ends its drive and each
+    step after it begins a drive of its own: the worst drive is the budget and the heaviest single step."""
+    kv, _ = restarted_and_restored(0.0, old_keys=4 * RESTORE_BATCH_KEYS)
+    kinds = [kind for _, kind in kv.steps]
+    assert kinds.count("hand-over") == 1 and kinds[-1] == "end" and kinds.count("free") >= 3, kinds
+    hand_over_drive = next(drive for drive, kind in kv.steps if kind == "hand-over")
+    after = [drive for drive, kind in kv.steps if kind in ("free", "end")]
+    assert all(drive > hand_over_drive for drive in after), kv.steps  # nothing after it in the hand-over's drive
+    assert len(set(after)) == len(after), kv.steps  # one a drive
+    assert max(kv.steps_per_drive[:hand_over_drive]) >= 3  # while the steps before it went back to back
 
 
 def test_the_final_chunk_and_an_append_past_the_snapshot_in_one_drive_lose_no_entry():
@@ -299,7 +440,7 @@ def test_the_collector_is_held_while_a_snapshot_is_restored_collects_each_step_a
         assert not gc.isenabled()
         dropped = weakref.ref(_Cycle())
         assert dropped() is not None  # nothing collected it yet
-        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (), 50)], False)  # a drive: a step of the restore
+        gevent.sleep(0.001)  # a turn of the loop: its drive takes steps of the restore
         assert dropped() is None
         assert not gc.isenabled() and runtime._restoring is not None
         heartbeat_until_restored(runtime, 50)
@@ -488,9 +629,9 @@ def test_a_restore_replaced_by_a_newer_one_collects_what_the_replaced_one_left(c
         restore_under_way(runtime, transport)
         outliving_a_step = _Cycle()
         left = weakref.ref(outliving_a_step)
-        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (), 50)], False)  # a step: it survives it
+        gevent.sleep(0.001)  # the loop's steps: it survives them
         del outliving_a_step
-        runtime.deliver([AppendEntries("a", "b", 2, 50, 2, (), 50)], False)  # the next step's collection misses it
+        gevent.sleep(0.001)  # the next steps' collections miss it
         assert left() is not None and runtime._restoring is not None
         replace_the_restore(runtime)
         assert left() is None
