@@ -765,6 +765,8 @@ class KeyValueStore:
                 return refused
         if any(o[3] for o in leased) and not self._fits(leased):
             return "lease full"
+        if not leased and not self.lease_of and all(o[0] == "put" for o in ops):
+            return TxnResult(succeeded, self._plain_puts_applied(index, ops))
         results: list[tuple] = []
         delete_budget, get_keys_budget, get_bytes_budget = MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES
         data = self.data
@@ -802,6 +804,30 @@ class KeyValueStore:
                     found.append((k, *record))
                 results.append(("get", found, more))
         return TxnResult(succeeded, results)
+
+    def _plain_puts_applied(self, index: int, puts: list) -> list[tuple]:
+        """A txn branch of puts without a lease ([put, key, value] each, checked), in a store where no key has a lease:
+        the same as `_put` for each, in order, and their results, in one loop without a call per put (a 10-put txn's
+        apply on every node: KeyTable's get and set, `_put` and `exposed` were four Python calls a key). Only applied
+        from level 2 on (a TXN), where `exposed` is max(index, level_index)."""
+        shards, keys, level_index = self.data.shards, self.keys, self.level_index
+        events = self._events if self.on_event is not None else None
+        results: list[tuple] = []
+        for _, key, value in puts:
+            shard = shards[hash(key) & _SHARD_MASK]
+            record = shard.get(key)
+            if record is None:
+                keys.add(key)
+                shard[key] = (value, index, index)
+                create_index = index
+            else:
+                create_index = record[1]
+                shard[key] = (value, create_index, index)
+            if events is not None:
+                events.append(_new_event(Event, ("put", key, value, index,
+                                                 create_index if create_index > level_index else level_index)))
+            results.append(("put", key))
+        return results
 
     def _fits(self, leased: list) -> bool:
         """Whether the txn's puts with a lease (`leased`, each [put, key, value, lease_id]) leave every lease within
