@@ -826,9 +826,9 @@ def test_a_txn_runs_the_branch_its_compares_choose():
 
 
 def test_a_branch_of_plain_puts_applies_as_the_same_puts_one_at_a_time(monkeypatch):
-    """A txn branch of puts without a lease, in a store where no key has one, applies in one loop
-    (KeyValueStore._plain_puts_applied): the same records (a create keeping one int for both indices), ordered
-    keys, events (create indices exposed at the level index) and results as the general path's `_put` per op."""
+    """A txn branch of puts without a lease applies in one call of KeyValueStore._puts (one loop, the one every put
+    takes): the same records (a create keeping one int for both indices), ordered keys, events (create indices
+    exposed at the level index) and results as the same puts as SETs, one entry each."""
     def history(kv: KeyValueStore) -> None:
         kv.apply(3, command(SET, "old", b"0"))  # created below level 2: exposed at the level index, 5
         kv.apply(5, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
@@ -838,13 +838,14 @@ def test_a_branch_of_plain_puts_applies_as_the_same_puts_one_at_a_time(monkeypat
     fast_events: list[Event] = []
     fast = KeyValueStore(on_event=fast_events.append)
     history(fast)
-    taken = []
-    real = KeyValueStore._plain_puts_applied
-    monkeypatch.setattr(KeyValueStore, "_plain_puts_applied",
-                        lambda self, index, ops: taken.append(index) or real(self, index, ops))
+    calls = []
+    real = KeyValueStore._puts
+    monkeypatch.setattr(KeyValueStore, "_puts",
+                        lambda self, index, ops, lease_id=0: calls.append((index, len(ops))) or real(self, index, ops,
+                                                                                                    lease_id))
     del fast_events[:]
     result = fast.apply(9, txn(compares=[("k2", "exists", "==", True)], success=puts))
-    assert taken == [9]
+    assert calls == [(9, 4)]
     one_by_one_events: list[Event] = []
     one_by_one = KeyValueStore(on_event=one_by_one_events.append)
     history(one_by_one)
@@ -857,10 +858,13 @@ def test_a_branch_of_plain_puts_applies_as_the_same_puts_one_at_a_time(monkeypat
     assert fast_events == one_by_one_events
     assert [e.create_index for e in fast_events] == [9, 5, 6, 9]
     assert fast.snapshot() == one_by_one.snapshot()
-    # A key with a lease in the store: the general path (a put may take a key off its lease).
-    leased, _, _ = upgraded(command(LEASE_GRANT, "", b"", 10), command(SET_WITH_LEASE, "a", b"1", 2))
-    assert leased.apply(4, txn(success=[("put", "a", b"2")])) == TxnResult(True, [("put", "a")])
-    assert taken == [9] and leased.lease_of == {} and leased.record("a") == (b"2", 3, 4)
+    # A key with a lease in the store: the put takes it off its lease (etcd's), as a SET does, in the same call.
+    leased, _, _ = upgraded(command(LEASE_GRANT, "", b"", 10), command(SET_WITH_LEASE, "a", b"1", 2),
+                            command(SET_WITH_LEASE, "b", b"1", 2))
+    assert leased.apply(5, txn(success=[("put", "a", b"2"), ("put", "c", b"3")])) == TxnResult(
+        True, [("put", "a"), ("put", "c")])
+    assert calls[-1] == (5, 2) and leased.lease_of == {"b": 2} and leased.leases[2].keys == {"b"}
+    assert leased.record("a") == (b"2", 3, 5) and leased.record("c") == (b"3", 5, 5)
 
 
 def test_txn_compares_see_the_state_before_the_txn():
