@@ -21,6 +21,7 @@ import time
 import pytest
 
 from procs import ROOT, SERVER, LocalCluster, Node, free_port, wait_for
+from raftlib.server.edge import ONE_SEND_BODY_BYTES
 
 MAX_BODY = 4096
 RECEIVE_TIMEOUT = 1.0
@@ -921,6 +922,50 @@ def test_a_small_answer_goes_out_in_one_send_with_its_head():
     assert "Transfer-Encoding: chunked\r\n" in stream
     assert stream.endswith("\r\n\r\n5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"), stream
     assert len(result["/stream"]["sends"]) >= 2  # the first chunk with the head, then each further piece
+
+
+def test_one_send_answers_on_a_node_head_pipelined_and_past_the_bound(cluster):
+    """EdgeHandler._write_with_headers copies pywsgi's (gevent 26.9): on a real node, pipelined keep-alive requests
+    in one send get their answers whole and in order on the one connection: HEAD (a Content-Length, no body bytes),
+    small bodies (one send with the head) and a transaction's answer past ONE_SEND_BODY_BYTES (pywsgi's two sends),
+    each with the Content-Length of its body, nothing left over, the connection kept."""
+    leader = leader_of(cluster)
+    prefix, small = fresh("onesend") + "/", fresh("onesend-small")
+    values = {f"{prefix}{i}": (chr(ord("a") + i) * (MAX_BODY - 200)).encode() for i in range(6)}
+    for key, value in [*values.items(), (small, b"tiny")]:
+        assert leader.request("POST", f"/db/{key}", value).status == 200
+    get_all = json.dumps({"success": [{"op": "get", "prefix": prefix}]}).encode()
+    put_one = json.dumps({"success": [{"op": "put", "key": small, "value": "again"}]}).encode()
+
+    def request(method: str, path: str, body: bytes = b"") -> bytes:
+        return b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (
+            method.encode(), path.encode(), len(body), body)
+
+    sent = [("HEAD", f"/db/{small}", b""), ("GET", f"/db/{small}", b""), ("POST", "/txn", get_all),
+            ("HEAD", f"/db/{fresh('onesend-missing')}", b""), ("HEAD", "/status", b""), ("POST", "/txn", put_one),
+            ("GET", f"/db/{small}", b"")]
+    received, closed = receive(leader.address, b"".join(request(*r) for r in sent), timeout=2.0)
+    assert not closed, received[-300:]
+    answers = []
+    for method, _, _ in sent:
+        end = received.index(b"\r\n\r\n")
+        head, received = received[:end].decode("latin-1"), received[end + 4:]
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head.split("\r\n")[1:])}
+        assert "transfer-encoding" not in headers, head
+        length = int(headers["content-length"])
+        taken = 0 if method == "HEAD" else length  # a HEAD answer's Content-Length is its GET's, with no body
+        assert len(received) >= taken, (head, len(received))
+        answers.append((int(head.split(" ", 2)[1]), length, received[:taken]))
+        received = received[taken:]
+    assert received == b""  # no body bytes of a HEAD, nothing twice
+    assert [a[0] for a in answers] == [200, 200, 200, 404, 200, 200, 200], answers
+    assert answers[0][1] == 4 and answers[1][2] == b"tiny"  # HEAD: the GET's length
+    status, length, body = answers[2]
+    assert length == len(body) > ONE_SEND_BODY_BYTES, length
+    got = json.loads(body)["results"][0]["kvs"]
+    assert {kv["key"]: kv["value"].encode() for kv in got} == values
+    assert answers[3][1] > 0 and answers[4][1] > 0  # HEAD's lengths: a 404's reason, the status JSON
+    assert json.loads(answers[5][2])["succeeded"] is True and answers[6][2] == b"again"
 
 
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
