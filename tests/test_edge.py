@@ -21,6 +21,7 @@ import time
 import pytest
 
 from procs import ROOT, SERVER, LocalCluster, Node, free_port, wait_for
+from raftlib.server.edge import ONE_SEND_BODY_BYTES
 
 MAX_BODY = 4096
 RECEIVE_TIMEOUT = 1.0
@@ -849,6 +850,122 @@ def test_many_ready_connections_do_not_stall_the_loops_timers():
     print(result)
     assert result["served"] > 1000 and result["waited"], result
     assert result["p50"] < 0.025 and result["p90"] < 0.040, result
+
+
+ONE_SEND_SERVER = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, socket, sys
+sys.path.insert(0, sys.argv[1])
+import gevent, gevent.socket
+from raftlib.server import edge
+
+sends = []  # every send of every answer, as the handler made it
+real_sendall = edge.EdgeHandler._sendall
+edge.EdgeHandler._sendall = lambda self, data: (sends.append(bytes(data)), real_sendall(self, data))[1]
+BIG = b"b" * (edge.ONE_SEND_BODY_BYTES + 1)
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/stream":  # no Content-Length: chunked, one chunk a piece
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iter([b"first", b"second"])  # an iterator: pywsgi cannot sum a Content-Length
+    body = {"/small": b'{"succeeded": true}\n', "/big": BIG, "/empty": b""}[path]
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+listener = gevent.socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(16)
+server = edge.EdgeServer(listener, app, max_connections=10, idle_timeout_seconds=10, receive_timeout_seconds=10,
+                         busy_timeout_seconds=10, max_header_bytes=8192, max_body_bytes=1024)
+server.start()
+out = {}
+for path in ("/small", "/empty", "/big", "/stream"):
+    del sends[:]
+    client = gevent.socket.create_connection(listener.getsockname(), timeout=10)
+    client.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    received = b""
+    while chunk := client.recv(65536):
+        received += chunk
+    client.close()
+    out[path] = {"sends": [s.decode("latin-1") for s in sends], "received": received.decode("latin-1")}
+server.stop(timeout=5)
+print(json.dumps(out))
+"""
+
+
+def test_a_small_answer_goes_out_in_one_send_with_its_head():
+    """pywsgi sends an answer's head and its body apart: two syscalls and two segments (TCP_NODELAY), each waking
+    the client; a 10-put transaction's answer cost the leader ~35 us more than a write's empty one
+    (docs/BENCHMARKS.md). EdgeHandler sends a body of up to ONE_SEND_BODY_BYTES with its head; a bigger one, an
+    empty one and a chunked stream go as before, and every answer arrives whole."""
+    out = subprocess.run([sys.executable, "-c", ONE_SEND_SERVER, ROOT], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    small = result["/small"]
+    assert len(small["sends"]) == 1, small["sends"]
+    assert small["sends"][0] == small["received"]
+    assert small["received"].startswith("HTTP/1.1 200 OK\r\n")
+    assert small["received"].endswith('\r\n\r\n{"succeeded": true}\n')
+    assert "Content-Length: 20\r\n" in small["received"]
+    for path in ("/empty", "/big"):  # pywsgi's own way: the head alone first
+        sends = result[path]["sends"]
+        assert sends[0].endswith("\r\n\r\n") and "".join(sends) == result[path]["received"], path
+    big = result["/big"]["received"]
+    assert big.endswith("\r\n\r\n" + "b" * (len(big) - big.index("\r\n\r\n") - 4))
+    assert len(big) - big.index("\r\n\r\n") - 4 > 16384
+    stream = result["/stream"]["received"]
+    assert "Transfer-Encoding: chunked\r\n" in stream
+    assert stream.endswith("\r\n\r\n5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"), stream
+    assert len(result["/stream"]["sends"]) >= 2  # the first chunk with the head, then each further piece
+
+
+def test_one_send_answers_on_a_node_head_pipelined_and_past_the_bound(cluster):
+    """EdgeHandler._write_with_headers copies pywsgi's (gevent 26.9): on a real node, pipelined keep-alive requests
+    in one send get their answers whole and in order on the one connection: HEAD (a Content-Length, no body bytes),
+    small bodies (one send with the head) and a transaction's answer past ONE_SEND_BODY_BYTES (pywsgi's two sends),
+    each with the Content-Length of its body, nothing left over, the connection kept."""
+    leader = leader_of(cluster)
+    prefix, small = fresh("onesend") + "/", fresh("onesend-small")
+    values = {f"{prefix}{i}": (chr(ord("a") + i) * (MAX_BODY - 200)).encode() for i in range(6)}
+    for key, value in [*values.items(), (small, b"tiny")]:
+        assert leader.request("POST", f"/db/{key}", value).status == 200
+    get_all = json.dumps({"success": [{"op": "get", "prefix": prefix}]}).encode()
+    put_one = json.dumps({"success": [{"op": "put", "key": small, "value": "again"}]}).encode()
+
+    def request(method: str, path: str, body: bytes = b"") -> bytes:
+        return b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (
+            method.encode(), path.encode(), len(body), body)
+
+    sent = [("HEAD", f"/db/{small}", b""), ("GET", f"/db/{small}", b""), ("POST", "/txn", get_all),
+            ("HEAD", f"/db/{fresh('onesend-missing')}", b""), ("HEAD", "/status", b""), ("POST", "/txn", put_one),
+            ("GET", f"/db/{small}", b"")]
+    received, closed = receive(leader.address, b"".join(request(*r) for r in sent), timeout=2.0)
+    assert not closed, received[-300:]
+    answers = []
+    for method, _, _ in sent:
+        end = received.index(b"\r\n\r\n")
+        head, received = received[:end].decode("latin-1"), received[end + 4:]
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head.split("\r\n")[1:])}
+        assert "transfer-encoding" not in headers, head
+        length = int(headers["content-length"])
+        taken = 0 if method == "HEAD" else length  # a HEAD answer's Content-Length is its GET's, with no body
+        assert len(received) >= taken, (head, len(received))
+        answers.append((int(head.split(" ", 2)[1]), length, received[:taken]))
+        received = received[taken:]
+    assert received == b""  # no body bytes of a HEAD, nothing twice
+    assert [a[0] for a in answers] == [200, 200, 200, 404, 200, 200, 200], answers
+    assert answers[0][1] == 4 and answers[1][2] == b"tiny"  # HEAD: the GET's length
+    status, length, body = answers[2]
+    assert length == len(body) > ONE_SEND_BODY_BYTES, length
+    got = json.loads(body)["results"][0]["kvs"]
+    assert {kv["key"]: kv["value"].encode() for kv in got} == values
+    assert answers[3][1] > 0 and answers[4][1] > 0  # HEAD's lengths: a 404's reason, the status JSON
+    assert json.loads(answers[5][2])["succeeded"] is True and answers[6][2] == b"again"
 
 
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):

@@ -825,6 +825,48 @@ def test_a_txn_runs_the_branch_its_compares_choose():
     assert kv.get("c") == b"3" and kv.get("b") == b"2" and events == []
 
 
+def test_a_branch_of_plain_puts_applies_as_the_same_puts_one_at_a_time(monkeypatch):
+    """A txn branch of puts without a lease applies in one call of KeyValueStore._puts (one loop, the one every put
+    takes): the same records (a create keeping one int for both indices), ordered keys, events (create indices
+    exposed at the level index) and results as the same puts as SETs, one entry each."""
+    def history(kv: KeyValueStore) -> None:
+        kv.apply(3, command(SET, "old", b"0"))  # created below level 2: exposed at the level index, 5
+        kv.apply(5, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+        kv.apply(6, command(SET, "k2", b"x"))
+
+    puts = [("put", "k9", b"a"), ("put", "old", b"b"), ("put", "k2", b""), ("put", "k0", b"\xff" * 300)]
+    fast_events: list[Event] = []
+    fast = KeyValueStore(on_event=fast_events.append)
+    history(fast)
+    calls = []
+    real = KeyValueStore._puts
+    monkeypatch.setattr(KeyValueStore, "_puts",
+                        lambda self, index, ops, lease_id=0: calls.append((index, len(ops))) or real(self, index, ops,
+                                                                                                    lease_id))
+    del fast_events[:]
+    result = fast.apply(9, txn(compares=[("k2", "exists", "==", True)], success=puts))
+    assert calls == [(9, 4)]
+    one_by_one_events: list[Event] = []
+    one_by_one = KeyValueStore(on_event=one_by_one_events.append)
+    history(one_by_one)
+    del one_by_one_events[:]
+    for _, key, value in puts:
+        assert one_by_one.apply(9, command(SET, key, value)) == "ok"
+    assert result == TxnResult(True, [("put", key) for _, key, _ in puts])
+    assert dict(fast.data.items()) == dict(one_by_one.data.items()) and list(fast.keys) == list(one_by_one.keys)
+    assert fast.data["k9"][1] is fast.data["k9"][2]
+    assert fast_events == one_by_one_events
+    assert [e.create_index for e in fast_events] == [9, 5, 6, 9]
+    assert fast.snapshot() == one_by_one.snapshot()
+    # A key with a lease in the store: the put takes it off its lease (etcd's), as a SET does, in the same call.
+    leased, _, _ = upgraded(command(LEASE_GRANT, "", b"", 10), command(SET_WITH_LEASE, "a", b"1", 2),
+                            command(SET_WITH_LEASE, "b", b"1", 2))
+    assert leased.apply(5, txn(success=[("put", "a", b"2"), ("put", "c", b"3")])) == TxnResult(
+        True, [("put", "a"), ("put", "c")])
+    assert calls[-1] == (5, 2) and leased.lease_of == {"b": 2} and leased.leases[2].keys == {"b"}
+    assert leased.record("a") == (b"2", 3, 5) and leased.record("c") == (b"3", 5, 5)
+
+
 def test_txn_compares_see_the_state_before_the_txn():
     kv, _, _ = upgraded(command(SET, "k", b"0"))
     result = kv.apply(3, txn(compares=[("k", "value", "==", b"0")], success=[("put", "k", b"1")]))

@@ -73,6 +73,7 @@ MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
 MAX_CHUNK_LINE_BYTES = 1024
 TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
+ONE_SEND_BODY_BYTES = 16384  # an answer's first piece (its body, a stream's first chunk) up to this size goes with the head (EdgeHandler)
 # Descriptors kept for all but HTTP: a few dozen for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
 # two per peer (its REQ socket); and the Raft port's inbound connections (at most 32 kept: transport.py).
 FD_RESERVE = 100
@@ -454,6 +455,38 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             self.response_headers.append((b"Date", EdgeHandler._date[1]))
             self.provided_date = True
         super().finalize_headers()
+
+    def _write_with_headers(self, data):
+        """pywsgi's, but with a body of up to ONE_SEND_BODY_BYTES in the same send as the head: pywsgi sends the
+        head, then the body, two syscalls and (TCP_NODELAY) two segments, each waking the client. A write's empty
+        200 was one send; a transaction's or a read's answer was two: at 64 clients the second send was ~35 us of
+        the leader's time a txn (docs/BENCHMARKS.md). This is called with the answer's first piece, so a chunked
+        answer (a watch stream: its first frame) has its first chunk, if up to ONE_SEND_BODY_BYTES, framed and sent
+        with the head too (the same bytes as pywsgi's, in one segment); its later chunks go as pywsgi sends them. An
+        empty first piece, or a larger one, goes as pywsgi sends it: the head alone, then the piece.
+
+        A copy of gevent 26.9.0's pywsgi.WSGIHandler._write_with_headers and _write (chunk framing), relying on
+        its `headers_sent`, `response_use_chunked`, `status`, `response_headers` and `_sendall` (gevent is pinned
+        >=26.9,<27 in pyproject.toml): check it against a new gevent's. tests/test_edge.py has it on a real node
+        (HEAD, pipelined keep-alive requests, a body past the bound, a watch stream)."""
+        if not data or len(data) > ONE_SEND_BODY_BYTES:
+            super()._write_with_headers(data)
+            return
+        self.headers_sent = True
+        self.finalize_headers()  # decides response_use_chunked
+        if self.response_use_chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        towrite = bytearray(b"HTTP/1.1 ")
+        towrite += self.status
+        towrite += b"\r\n"
+        for header, value in self.response_headers:
+            towrite += header
+            towrite += b": "
+            towrite += value
+            towrite += b"\r\n"
+        towrite += b"\r\n"
+        towrite += data
+        self._sendall(towrite)
 
 
 class Stream:

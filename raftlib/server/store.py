@@ -111,7 +111,7 @@ from __future__ import annotations
 import io
 import logging
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, NamedTuple, NoReturn, TypeGuard
 
 import cbor2
@@ -361,6 +361,8 @@ def _holds(current: object, op: str, operand: object) -> bool:
 
 
 KEY_TABLE_SHARDS = 64  # a power of two: a key's shard is hash(key) & (KEY_TABLE_SHARDS - 1)
+# (KeyTable's methods; the loops that save its Python call a key take it the same way: _KeyTableBuild.add,
+# KeyValueStore._puts, encode_state. A layout only, the same on every node: a key put elsewhere is not found.)
 _SHARD_MASK = KEY_TABLE_SHARDS - 1
 Record = tuple[bytes, int, int]
 
@@ -543,13 +545,13 @@ class KeyValueStore:
         if type(key) is not str:
             return "error"  # not written by this version (a list would not even hash)
         if op == SET or op == COMPARE_AND_SET or op == CREATE:
-            record = self.data.get(key)
             if op == COMPARE_AND_SET:
+                record = self.data.get(key)
                 if (None if record is None else record[0]) != expected:
                     return "failed"
-            elif op == CREATE and record is not None:
+            elif op == CREATE and key in self.data:
                 return "failed"
-            self._put(index, key, value, record)
+            self._puts(index, (("put", key, value),))
             return "ok"
         if op == DELETE:
             return "ok" if self._delete(index, key) else "missing"
@@ -586,7 +588,7 @@ class KeyValueStore:
                 return "error"
             granted = self._grant(index, expected)
             if granted == "ok":
-                self._put(index, key, value, self.data.get(key), index)
+                self._puts(index, (("put", key, value),), index)
             return granted
         if op == SET_WITH_LEASE:
             if type(value) is not bytes or type(expected) is not int or expected < 0:
@@ -594,7 +596,7 @@ class KeyValueStore:
             refused = self._lease_refusal(key, expected)
             if refused is not None:
                 return refused
-            self._put(index, key, value, self.data.get(key), expected)
+            self._puts(index, (("put", key, value),), expected)
             return "ok"
         if op == DELETE_PREFIX:
             return self._delete_prefix(index, key)
@@ -607,7 +609,7 @@ class KeyValueStore:
         if (0 if record is None else self.exposed(record[2])) != expected:
             return "failed"
         if op == SET_IF_INDEX:
-            self._put(index, key, value, record)  # type: ignore[arg-type]
+            self._puts(index, (("put", key, value),))
         else:
             self._delete(index, key)
         return "ok"
@@ -694,19 +696,31 @@ class KeyValueStore:
             self.leases[lease_id].keys.add(key)
             self.lease_of[key] = lease_id
 
-    def _put(self, index: int, key: str, value: bytes, record: tuple[bytes, int, int] | None,
-             lease_id: int = 0) -> None:
+    def _puts(self, index: int, puts: Sequence[Sequence], lease_id: int = 0) -> None:
+        """Put each of `puts` (a txn's put op: [put, key, value, ...], checked) at `index`, in order, on `lease_id`
+        (0: none; a key leaves the lease it had, etcd's): a new key's record is (value, index, index), one int for
+        both indices; a key there keeps its create index. Every put of the store comes here, one or a txn's branch
+        of them, so that no kind of put can apply differently on some path (review of txnperf, Q2). A branch's puts
+        in one loop, without a Python call a key but `exposed`: KeyTable's get and set (its shard looked up here, as
+        KeyTable does) and a call a put were three more (docs/BENCHMARKS.md)."""
         if self.lease_of or lease_id:  # no dict lookup on the write path of a store without leases
-            self._link(key, lease_id)
-        if record is None:
-            self.keys.add(key)
-            self.data[key] = (value, index, index)
-            create_index = index
-        else:
-            create_index = record[1]
-            self.data[key] = (value, create_index, index)
-        if self.on_event is not None:
-            self._events.append(_new_event(Event, ("put", key, value, index, self.exposed(create_index))))
+            for o in puts:
+                self._link(o[1], lease_id)
+        shards, keys, exposed = self.data.shards, self.keys, self.exposed
+        events = self._events if self.on_event is not None else None
+        for o in puts:
+            key, value = o[1], o[2]
+            shard = shards[hash(key) & _SHARD_MASK]
+            record = shard.get(key)
+            if record is None:
+                keys.add(key)
+                shard[key] = (value, index, index)
+                create_index = index
+            else:
+                create_index = record[1]
+                shard[key] = (value, create_index, index)
+            if events is not None:
+                events.append(_new_event(Event, ("put", key, value, index, exposed(create_index))))
 
     def _delete(self, index: int, key: str, kind: str = "delete") -> bool:
         record = self.data.pop(key, None)
@@ -765,13 +779,15 @@ class KeyValueStore:
                 return refused
         if any(o[3] for o in leased) and not self._fits(leased):
             return "lease full"
+        if not leased and all(o[0] == "put" for o in ops):  # the common branch: its puts in one call
+            self._puts(index, ops)
+            return TxnResult(succeeded, [("put", o[1]) for o in ops])
         results: list[tuple] = []
         delete_budget, get_keys_budget, get_bytes_budget = MAX_DELETE_KEYS_PER_ENTRY, MAX_TXN_GET_KEYS, MAX_TXN_GET_BYTES
-        data = self.data
         for o in ops:
             kind, key, third = o[0], o[1], o[2]
             if kind == "put":
-                self._put(index, key, third, data.get(key), o[3] if len(o) == 4 else 0)
+                self._puts(index, (o,), o[3] if len(o) == 4 else 0)
                 results.append(("put", key))
             elif kind == "delete":
                 if not third:
