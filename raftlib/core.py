@@ -62,10 +62,10 @@ class ProposalDropped(Exception):
 
 
 class TargetRestoring(Exception):
-    """Raised by transfer_leadership: the target's last append reply said it restores a snapshot
-    (Progress.restoring). It ignores TimeoutNow until its restore ends, so the transfer would only hold this
-    leader's proposals until it is aborted after an election timeout. Nothing was started: retry once the restore
-    ends (the HTTP API answers 409)."""
+    """Raised by transfer_leadership: the target's last append reply said it restores a snapshot, or it has just
+    installed the leader's (Progress.restoring). It ignores TimeoutNow until its restore ends, so the transfer
+    would only hold this leader's proposals until it is aborted after an election timeout. Nothing was started:
+    retry once the restore ends (the HTTP API answers 409)."""
 
     def __init__(self, target: str) -> None:
         super().__init__(f"{target} is restoring a snapshot and would ignore the transfer; retry once its restore ends")
@@ -75,8 +75,8 @@ class TargetRestoring(Exception):
 def check_transfer_target(target: str, voters: Collection[str], target_restoring: bool) -> None:
     """Why a leader refuses a transfer to `target` (another node than itself), in this order: ValueError when it is
     not a voter (a learner that restores is told that first: restoring ends, not being a voter does not), then
-    TargetRestoring when its last append reply said it restores a snapshot. The core and the HTTP route (before it
-    claims the request's signature) both ask it."""
+    TargetRestoring when the leader takes it as restoring a snapshot (Progress.restoring). The core and the HTTP
+    route (before it claims the request's signature) both ask it."""
     if target not in voters:
         raise ValueError(f"{target} is not a voter")
     if target_restoring:
@@ -946,8 +946,7 @@ class RaftNode:
             self._leader_commit = m.leader_commit
         self.removed = None  # a leader sends entries only to the members of its configuration
         reply = self._append_from_leader(m)
-        if self._snapshot_unapplied and self.config.restoring_in_replies is not None \
-                and self.config.restoring_in_replies():
+        if self._snapshot_unapplied and self._members_read_restoring():
             reply = dataclasses.replace(reply, restoring=True)
         self._send(reply)
 
@@ -1271,7 +1270,11 @@ class RaftNode:
         if pr.state is not ProgressState.SNAPSHOT or m.last_included_index != pr.snapshot_index:
             return
         if m.done:
-            pr.snapshot_done(m.last_included_index)
+            # The follower now restores the snapshot by steps (`advance`), ignoring TimeoutNow, before its next
+            # append reply says so: taken as restoring at once, where append replies carry it, so that no transfer
+            # or hand-over picks it in that window (review final24, L1). The next append reply corrects it (one
+            # round trip: appends go at once) if it restored in one go, or had nothing to install.
+            pr.snapshot_done(m.last_included_index, restoring=self._members_read_restoring())
             self._append_dirty = True
         elif m.next_offset != pr.snapshot_offset:
             # The follower moved on (or lost what it held, restarting): the next chunk. A reply that moves
@@ -1281,6 +1284,10 @@ class RaftNode:
             # itself sending (bench/snapshot_stall.py: a leader change every few seconds at 1M keys).
             pr.snapshot_offset = m.next_offset
             self._send_snapshot(m.src)
+
+    def _members_read_restoring(self) -> bool:
+        """Whether Config.restoring_in_replies says every member reads AppendEntriesReply.restoring."""
+        return self.config.restoring_in_replies is not None and self.config.restoring_in_replies()
 
     def _handle_append_entries_reply(self, m: AppendEntriesReply) -> None:
         pr = self._progress.get(m.src)

@@ -36,7 +36,7 @@ class ProgressStatus:
     next_index: int
     state: ProgressState
     recent_active: bool
-    restoring: bool = False  # its last append reply said its state machine lacks a snapshot it holds
+    restoring: bool = False  # Progress.restoring: its state machine lacks a snapshot it holds, as last heard
     heard_ticks_ago: int | None = None  # the leader's ticks since its last reply; None: none this leadership
 
     def heard_within(self, ticks: int) -> bool:
@@ -58,7 +58,9 @@ class Progress:
     commit_sent: int = 0  # the highest leader_commit sent to it in an AppendEntries (this leadership's)
     batch_tick: int = -1  # the leader's tick count when it last sent it entries
     previous_batch_tick: int = -1  # ... and the time before
-    restoring: bool = False  # its last append reply said it restores a snapshot (AppendEntriesReply.restoring)
+    # Its last append reply said it restores a snapshot (AppendEntriesReply.restoring), or it just installed ours
+    # (`snapshot_done`: the leader's guess until its next append reply).
+    restoring: bool = False
     heard_tick: int = -1  # the leader's tick count at its last reply (`heard`); -1: none in this leadership
 
     @property
@@ -140,9 +142,11 @@ class Progress:
         self.next_index = max(self.match_index + 1, min(hint, reject_index))
         self.become_probe()
 
-    def snapshot_done(self, index: int) -> None:
-        """The follower holds the snapshot at `index`: probe from just after it."""
+    def snapshot_done(self, index: int, restoring: bool) -> None:
+        """The follower holds the snapshot at `index`: probe from just after it. `restoring`: taken as restoring it
+        (the leader's guess, until its next append reply says)."""
         self.match_index = max(self.match_index, index)
+        self.restoring = restoring
         self.next_index = self.match_index + 1
         self.become_probe()
         self.snapshot, self.snapshot_offset = None, 0

@@ -1485,6 +1485,53 @@ def test_a_transfer_to_a_follower_restoring_its_snapshot_is_refused_by_the_core_
     assert c.run_until(lambda: c.leader() == restarted, c.election_ticks)
 
 
+@pytest.mark.parametrize("restore_drives", [10_000, 0])
+def test_a_follower_that_installed_the_leaders_snapshot_is_taken_as_restoring_until_its_next_append_reply(
+        restore_drives):
+    """Review final24, L1: once a follower has installed the leader's snapshot it restores it by steps and ignores
+    TimeoutNow, but the leader's Progress.restoring kept what the last append reply had said (False) until the next
+    one: a transfer (the route's check and the core's) or Server.stop's hand-over (best_successor: the highest
+    match, here a tie the follower wins by its id) picked it, and the cluster waited the transfer's bound and an
+    election timeout. The leader takes it as restoring as soon as the install is done (here the follower's append
+    replies are dropped from then on, to hold that window open); the next append reply says what is so: still
+    restoring, or not (`restore_drives` 0: a restore in one go)."""
+    from raftlib.server.node import best_successor  # here: the rest of this module needs no server
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    c.run(20)
+    other, installer = sorted(i for i in c.ids if i != leader)
+    c.crash(installer)
+    for _ in range(10):
+        c.client_write(leader)
+    c.run(10)
+    c.take_snapshot(leader)  # past the installer's log: the leader sends it the snapshot
+    c.run(5)
+    c.restore_rng = _DrivesOf(restore_drives)
+    installed = []
+
+    def drop_its_append_replies_once_installed(m):
+        if m.src == installer and isinstance(m, InstallSnapshotReply) and m.done:
+            installed.append(m)
+        return None if installed and m.src == installer and isinstance(m, AppendEntriesReply) else m
+
+    c.deliver_filter = drop_its_append_replies_once_installed
+    c.restart(installer)
+    old = c.nodes[leader].node
+    assert c.run_until(
+        lambda: bool(installed) and old.status().progress[installer].state is not ProgressState.SNAPSHOT, 100)
+    assert (c.nodes[installer].restoring is not None) is bool(restore_drives)
+    progress = old.status().progress
+    assert progress[installer].match_index == progress[other].match_index == old.log.last_index
+    assert progress[installer].restoring and not progress[other].restoring
+    with pytest.raises(TargetRestoring, match=f"{installer} is restoring a snapshot"):
+        old.transfer_leadership(installer)
+    assert old.transferee is None
+    assert best_successor(old.status(), c.election_ticks) == other
+    c.deliver_filter = None
+    c.run(2 * c.heartbeat_ticks)  # a heartbeat's reply
+    assert old.role is Role.LEADER and old.status().progress[installer].restoring is bool(restore_drives)
+
+
 def test_a_removed_leaders_hand_over_passes_by_a_caught_up_voter_silent_since_its_ack_when_the_removal_commits_slowly():
     """Review restoreedges-fix Q1: the removal's hand-over (core._step_down_after_removal) prefers, of the voters
     that tie on the highest match, one heard from within an election timeout. It matters only when the removal

@@ -92,9 +92,13 @@ def test_a_finished_snapshot_probes_from_just_after_it():
     pr = Progress(match_index=3, next_index=4)
     pr.become_snapshot(Snapshot(40, 2, Membership(("a",)), b"x" * 10))
     pr.snapshot_offset = 10
-    pr.snapshot_done(40)
-    assert (pr.state, pr.match_index, pr.next_index, pr.snapshot, pr.snapshot_offset) == (
-        ProgressState.PROBE, 40, 41, None, 0)
+    pr.snapshot_done(40, restoring=True)
+    assert (pr.state, pr.match_index, pr.next_index, pr.snapshot, pr.snapshot_offset, pr.restoring) == (
+        ProgressState.PROBE, 40, 41, None, 0, True)
+    pr.restoring = True  # as an append reply set it; then an install where append replies do not carry it
+    pr.become_snapshot(Snapshot(50, 2, Membership(("a",)), b"x"))
+    pr.snapshot_done(50, restoring=False)
+    assert (pr.match_index, pr.restoring) == (50, False)
 
 
 def test_the_committed_index_is_what_a_majority_of_the_voters_holds():

@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 
 import simulator
+from raftlib import RaftNode, TargetRestoring
 from simulator import SafetyViolation, random_schedule
 
 SIZES = (3, 5, 7)
@@ -180,3 +181,21 @@ def test_a_snapshot_written_at_commit_time_but_labelled_with_the_forks_index_is_
             caught = str(e)
             break
     assert caught is not None and "holds the state at index" in caught, caught
+
+
+def test_a_schedules_transfer_takes_only_target_restoring_as_a_refusal_and_counts_it(monkeypatch):
+    """Review final24, Q1: the schedules' `transfer` action swallowed every exception transfer_leadership raised, so
+    a bug raised there passed unseen. It takes TargetRestoring (the one refusal a leader's transfer to one of its
+    voters can meet) and counts it; anything else fails the schedule. Schedule 5 at 3 nodes tries transfers."""
+    def refused(self: RaftNode, target: str) -> None:
+        raise TargetRestoring(target)
+
+    monkeypatch.setattr(RaftNode, "transfer_leadership", refused)
+    assert random_schedule(5, 3).stats["transfers refused: the target restores"] >= 1
+
+    def broken(self: RaftNode, target: str) -> None:
+        raise KeyError(target)
+
+    monkeypatch.setattr(RaftNode, "transfer_leadership", broken)
+    with pytest.raises(KeyError):
+        random_schedule(5, 3)

@@ -8,7 +8,8 @@ Rules:
   (poll=1) waits at most its timeout (MAX_POLL_TIMEOUT_SECONDS).
 - While the hub refuses watches (the node was removed, or has heard from no leader for too long: watch.py's
   rules, raftlib.server.watchguard), a new watch, and a long poll that has no event to answer, gets the
-  refusal's status (410 removed, 503 no leader) and one-line reason. At most `max_watches` of either are open at once (503 beyond). The stream is raftlib.server.watchstream.
+  refusal's status (410 removed, 503 no leader) and one-line reason. At most `max_watches` of either are open at
+  once (503 beyond). The stream is raftlib.server.watchstream.
 """
 
 from __future__ import annotations
