@@ -18,7 +18,7 @@ install of a leader's snapshot opens files, a leader's saves never do. A snapsho
 a full disk or no descriptor is tried again later: the log on disk still holds everything. A leader's snapshot
 goes to its file as its chunks come (the storage's sink), and once saved is restored into the state machine a
 few pieces per drive of the loop's own (`restoring`, RESTORE_DRIVE_SECONDS; a transport greenlet that drives takes
-none, so its reply leaves first): the node answers heartbeats, votes and appends meanwhile and applies nothing
+none, so its reply leaves first, but for a leader's snapshot the first step, in the greenlet that saved it): the node answers heartbeats, votes and appends meanwhile and applies nothing
 (the core hands out no committed entry until `snapshot_applied`).
 
 Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`; `_index_waiters`
@@ -781,7 +781,7 @@ class Runtime:
                 self._note_snapshot_read_failure()
             if self.node.removed != self._removed:  # a notice may change nothing else: no Ready for it
                 self._note_removed(self.node.removed)
-            if self._restoring is not None and self._in_loop():  # the replies went out: pieces of the restore
+            if self._restoring is not None and self._in_loop():  # the replies set: pieces of the restore
                 self._restore_steps(replies)
             self._maybe_snapshot()
             if self._backups_asked and not self.restoring_snapshot:
