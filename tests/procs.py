@@ -33,6 +33,10 @@ def old_release(dest: str) -> str:
     return os.path.join(dest, "raftdzmq.py")
 
 
+PORT_RACE_RETRIES = 3
+PORT_TAKEN = "Address already in use"  # what the server says when its -p or -hp port is taken (CannotStart)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,6 +97,7 @@ class Node:
         self.name = name
         self.data_dir = os.path.join(base_dir, name)
         self.host = host
+        self.ports_picked = ports is None  # free ports picked here: another may be picked again (start)
         self.port, self.http_port = ports or (free_port(), free_port())
         self.address = f"{host or '127.0.0.1'}:{self.http_port}"
         self.log_path = os.path.join(base_dir, f"{name}.log")
@@ -102,7 +107,19 @@ class Node:
 
     def start(self, *extra: str, join: str | None = None, env: dict[str, str] | None = None) -> "Node":
         """Start the server (`env`: variables added to this process's environment) and wait until it serves HTTP
-        or exits."""
+        or exits. A new node whose free ports were taken by another process between their pick and its bind (the
+        suite runs processes side by side; the node says so and exits before its data dir gets an identity) is
+        started again on other free ports, at most PORT_RACE_RETRIES times: its address is not known to anyone yet."""
+        new_node = self.proc is None and self.ports_picked and not os.path.exists(self.data_dir)
+        for _ in range(PORT_RACE_RETRIES):
+            self._start(extra, join, env)
+            if not (new_node and self.exited() and PORT_TAKEN in self.log_text(current=True)):
+                break
+            self.port, self.http_port = free_port(), free_port()
+            self.address = f"{self.address.rsplit(':', 1)[0]}:{self.http_port}"
+        return self
+
+    def _start(self, extra: tuple[str, ...], join: str | None, env: dict[str, str] | None) -> None:
         args = [*self.wrap, sys.executable, self.server, "-p", str(self.port), "-hp", str(self.http_port)]
         if self.host:
             args += ["-h", self.host]
@@ -119,7 +136,6 @@ class Node:
         except BaseException:
             self.kill()
             raise
-        return self
 
     def _wait_serving(self) -> None:
         # exited() first: a refused connection raises, and a process that died while starting never serves.

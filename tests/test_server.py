@@ -223,6 +223,25 @@ def test_a_data_dir_the_node_cannot_use_is_one_line_and_exit_code_2(tmp_path):
             proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_the_suites_new_node_moves_to_other_free_ports_when_another_process_took_its_own(tmp_path):
+    """tests/procs.py: free ports are picked before the node binds them, and the suite runs processes side by side,
+    so another may take one in between (a CI run failed so: "cannot listen on 127.0.0.1 (-h localhost), port 58085:
+    Address already in use"). A new node, whose address nobody knows yet, is started again on other free ports."""
+    node = Node("node", str(tmp_path))
+    taken = node.http_port
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", taken))
+    holder.listen()
+    try:
+        node.start()
+        assert node.http_port != taken and not node.exited()
+        assert node.status()["role"] in ("leader", "candidate", "pre-candidate", "follower")
+        assert "Address already in use" in node.log_text()
+    finally:
+        holder.close()
+        node.kill()
+
+
 def test_a_busy_port_at_the_first_start_is_one_line_and_leaves_no_identity_behind(tmp_path):
     """A port another process holds (the HTTP one, then the Raft one) is found before the data dir is given an
     identity: one line, exit code 2, no node.json. Before, the node wrote its id and addresses (and bootstrapped a
