@@ -18,8 +18,9 @@ install of a leader's snapshot opens files, a leader's saves never do. A snapsho
 a full disk or no descriptor is tried again later: the log on disk still holds everything. A leader's snapshot
 goes to its file as its chunks come (the storage's sink), and once saved is restored into the state machine a
 few pieces per drive of the loop's own (`restoring`, RESTORE_DRIVE_SECONDS; a transport greenlet that drives takes
-none, so its reply leaves first, but for a leader's snapshot the first step, in the greenlet that saved it): the node answers heartbeats, votes and appends meanwhile and applies nothing
-(the core hands out no committed entry until `snapshot_applied`).
+none, so its reply leaves first, but for a leader's snapshot the first step, in the greenlet that saved it): the
+node answers heartbeats, votes and appends meanwhile and applies nothing (the core hands out no committed entry
+until `snapshot_applied`).
 
 Every map and list a request waits in is bounded: by the request's own deadline (`_deadlines`; `_index_waiters`
 and `_reads_waiting_apply`, left by the last caller that gives up: the index may never be applied here, e.g. on
