@@ -946,7 +946,10 @@ class RaftNode:
             self._leader_commit = m.leader_commit
         self.removed = None  # a leader sends entries only to the members of its configuration
         reply = self._append_from_leader(m)
-        if self._snapshot_unapplied and self._members_read_restoring():
+        # A snapshot received but not yet saved counts too: the leader's last chunk and a heartbeat's append
+        # stepped in one drive answer before `advance` marks the snapshot unapplied, and this reply, following the
+        # install's, would undo the leader's guess (Progress.snapshot_done) at once (review of snapdone, L1).
+        if (self._snapshot_unapplied or self._pending_snapshot is not None) and self._members_read_restoring():
             reply = dataclasses.replace(reply, restoring=True)
         self._send(reply)
 

@@ -1532,6 +1532,57 @@ def test_a_follower_that_installed_the_leaders_snapshot_is_taken_as_restoring_un
     assert old.role is Role.LEADER and old.status().progress[installer].restoring is bool(restore_drives)
 
 
+def test_a_heartbeats_append_stepped_with_the_last_chunk_in_one_drive_still_says_restoring():
+    """Review of snapdone, L1: a heartbeat to a follower in SNAPSHOT state sends the current chunk and an empty
+    append together, and the runtime steps all its inbox before one Ready. With the last chunk and that append in
+    one drive, the append's reply was made while the snapshot was only received (not yet marked unapplied, which
+    `advance` does), so it said restoring=False and, following the install's reply, undid the leader's guess at
+    once: a transfer to the restoring follower was accepted."""
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    c.run(20)
+    other, installer = sorted(i for i in c.ids if i != leader)
+    c.crash(installer)
+    for _ in range(10):
+        c.client_write(leader)
+    c.run(10)
+    c.take_snapshot(leader)
+    c.run(5)
+    c.restore_rng = _DrivesOf(10_000)
+    held: list = []
+
+    def hold_the_last_chunk_and_the_append_after_it(m):
+        if m.dst == installer and isinstance(m, InstallSnapshot) and m.done:
+            held.append(m)
+            return None
+        if m.dst == installer and isinstance(m, AppendEntries) and held \
+                and not any(isinstance(h, AppendEntries) for h in held):
+            held.append(m)
+            return None
+        return m
+
+    c.deliver_filter = hold_the_last_chunk_and_the_append_after_it
+    c.restart(installer)
+    assert c.run_until(lambda: any(isinstance(h, AppendEntries) for h in held), 200), held
+    chunk = next(h for h in held if isinstance(h, InstallSnapshot))
+    append = next(h for h in held if isinstance(h, AppendEntries))
+    sent: list = []
+    c.deliver_filter = lambda m: sent.append(m) if m.src == installer else m  # its replies, kept in order
+    follower = c.nodes[installer]
+    follower.node.step(chunk)  # one drive: both stepped, then one Ready, as runtime._drive does
+    follower.node.step(append)
+    c.process(installer)
+    c.deliver_filter = None
+    assert [type(m) for m in sent] == [InstallSnapshotReply, AppendEntriesReply], sent
+    old = c.nodes[leader].node
+    for m in sent:  # in the order the follower sent them (one REQ socket a peer keeps its order)
+        old.step(m)
+    assert follower.restoring is not None
+    assert old.status().progress[installer].restoring
+    with pytest.raises(TargetRestoring):
+        old.transfer_leadership(installer)
+
+
 def test_a_removed_leaders_hand_over_passes_by_a_caught_up_voter_silent_since_its_ack_when_the_removal_commits_slowly():
     """Review restoreedges-fix Q1: the removal's hand-over (core._step_down_after_removal) prefers, of the voters
     that tie on the highest match, one heard from within an election timeout. It matters only when the removal
