@@ -1485,17 +1485,10 @@ def test_a_transfer_to_a_follower_restoring_its_snapshot_is_refused_by_the_core_
     assert c.run_until(lambda: c.leader() == restarted, c.election_ticks)
 
 
-@pytest.mark.parametrize("restore_drives", [10_000, 0])
-def test_a_follower_that_installed_the_leaders_snapshot_is_taken_as_restoring_until_its_next_append_reply(
-        restore_drives):
-    """Review final24, L1: once a follower has installed the leader's snapshot it restores it by steps and ignores
-    TimeoutNow, but the leader's Progress.restoring kept what the last append reply had said (False) until the next
-    one: a transfer (the route's check and the core's) or Server.stop's hand-over (best_successor: the highest
-    match, here a tie the follower wins by its id) picked it, and the cluster waited the transfer's bound and an
-    election timeout. The leader takes it as restoring as soon as the install is done (here the follower's append
-    replies are dropped from then on, to hold that window open); the next append reply says what is so: still
-    restoring, or not (`restore_drives` 0: a restore in one go)."""
-    from raftlib.server.node import best_successor  # here: the rest of this module needs no server
+def _leader_with_a_snapshot_for(restore_drives: int) -> tuple[Cluster, str, str, str]:
+    """3 nodes: the leader took a snapshot past the log of a follower (the installer) that was down meanwhile and
+    is now to restart (the caller's filters first) and restore the snapshot over `restore_drives` drives:
+    (the cluster, the leader, the other follower, the installer)."""
     c = Cluster(seed=7, n=3)
     leader = elect(c)
     c.run(20)
@@ -1507,6 +1500,21 @@ def test_a_follower_that_installed_the_leaders_snapshot_is_taken_as_restoring_un
     c.take_snapshot(leader)  # past the installer's log: the leader sends it the snapshot
     c.run(5)
     c.restore_rng = _DrivesOf(restore_drives)
+    return c, leader, other, installer
+
+
+@pytest.mark.parametrize("restore_drives", [10_000, 0])
+def test_a_follower_that_installed_the_leaders_snapshot_is_taken_as_restoring_until_its_next_append_reply(
+        restore_drives):
+    """Review final24, L1: once a follower has installed the leader's snapshot it restores it by steps and ignores
+    TimeoutNow, but the leader's Progress.restoring kept what the last append reply had said (False) until the next
+    one: a transfer (the route's check and the core's) or Server.stop's hand-over (best_successor: the highest
+    match, here a tie the follower wins by its id) picked it, and the cluster waited the transfer's bound and an
+    election timeout. The leader takes it as restoring as soon as the install is done (here the follower's append
+    replies are dropped from then on, to hold that window open); the next append reply says what is so: still
+    restoring, or not (`restore_drives` 0: a restore in one go)."""
+    from raftlib.server.node import best_successor  # here: the rest of this module needs no server
+    c, leader, other, installer = _leader_with_a_snapshot_for(restore_drives)
     installed = []
 
     def drop_its_append_replies_once_installed(m):
@@ -1538,17 +1546,7 @@ def test_a_heartbeats_append_stepped_with_the_last_chunk_in_one_drive_still_says
     one drive, the append's reply was made while the snapshot was only received (not yet marked unapplied, which
     `advance` does), so it said restoring=False and, following the install's reply, undid the leader's guess at
     once: a transfer to the restoring follower was accepted."""
-    c = Cluster(seed=7, n=3)
-    leader = elect(c)
-    c.run(20)
-    other, installer = sorted(i for i in c.ids if i != leader)
-    c.crash(installer)
-    for _ in range(10):
-        c.client_write(leader)
-    c.run(10)
-    c.take_snapshot(leader)
-    c.run(5)
-    c.restore_rng = _DrivesOf(10_000)
+    c, leader, other, installer = _leader_with_a_snapshot_for(10_000)
     held: list = []
 
     def hold_the_last_chunk_and_the_append_after_it(m):
