@@ -156,13 +156,13 @@ def test_the_history_checker_alone_catches_stale_reads(monkeypatch):
     caught = None
     for k in range(135):  # read_without_quorum's budget in test_mutations (the first catch is at 46)
         try:
-            random_schedule(k // 3, SIZES[k % 3], mutation="read_without_quorum", profile="isolation")
+            random_schedule(k // 3, SIZES[k % 3], mutation="read_without_quorum", profile="isolation", holds=False)
         except SafetyViolation as e:
             caught = k
             assert "linearizability (history checker)" in str(e).splitlines()[0], str(e).splitlines()[0]
             break
     assert caught is not None, "the history checker caught no stale read in 135 schedules"
-    random_schedule(caught // 3, SIZES[caught % 3], profile="isolation")
+    random_schedule(caught // 3, SIZES[caught % 3], profile="isolation", holds=False)
 
 
 def test_a_snapshot_written_at_commit_time_but_labelled_with_the_forks_index_is_caught(monkeypatch):
@@ -197,19 +197,20 @@ def test_a_snapshot_written_at_commit_time_but_labelled_with_the_forks_index_is_
 def test_a_schedules_transfer_takes_only_target_restoring_as_a_refusal_and_counts_it(monkeypatch):
     """Review final24, Q1: the schedules' `transfer` action swallowed every exception transfer_leadership raised, so
     a bug raised there passed unseen. It takes TargetRestoring (the one refusal a leader's transfer to one of its
-    voters can meet) and counts it; anything else fails the schedule. Schedule 5 at 3 nodes tries transfers."""
+    voters can meet) and counts it; anything else fails the schedule. Schedule 5 at 3 nodes without holds (the
+    schedule it gave before holds came) tries transfers."""
     def refused(self: RaftNode, target: str) -> None:
         raise TargetRestoring(target)
 
     monkeypatch.setattr(RaftNode, "transfer_leadership", refused)
-    assert random_schedule(5, 3).stats["transfers refused: the target restores"] >= 1
+    assert random_schedule(5, 3, holds=False).stats["transfers refused: the target restores"] >= 1
 
     def broken(self: RaftNode, target: str) -> None:
         raise KeyError(target)
 
     monkeypatch.setattr(RaftNode, "transfer_leadership", broken)
     with pytest.raises(KeyError):
-        random_schedule(5, 3)
+        random_schedule(5, 3, holds=False)
 
 
 def test_held_bursts_reach_nodes_whose_term_snapshot_and_configuration_moved():
