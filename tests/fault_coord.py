@@ -8,7 +8,8 @@ server-sent events from index 0 (the cluster is fresh), keeps an event only once
 came (watch.py's rules: a Last-Event-ID names a whole group), takes an `id:` without events (the stream's first
 chunk, a keep-alive: watch.py's positions) as its position moving past a stretch with no event, and when its node
 dies, stops answering (a read timeout past the 5 s keep-alive comments), ends the stream or is removed, reconnects
-to ANOTHER member with `Last-Event-ID: <its position>`. A 410 with X-Raft-Oldest-Index makes it try every other
+to ANOTHER member with `Last-Event-ID: <its position>` (after a wait that backs off while streams move nothing:
+WATCH_RECONNECT_SECONDS). A 410 with X-Raft-Oldest-Index makes it try every other
 member; only when every member answers 410 does it resume after the oldest index offered, and that gap is excluded
 from its checks and counted. The checks, over each watcher's span (index 0 to the sentinel written after the run,
 minus its gaps):
@@ -69,6 +70,9 @@ EARLY_TOLERANCE_SECONDS = 0.05
 LAPSE_SLACK_SECONDS = 10.0  # a leader elected after the heal (crash points may kill one more) and its expiry entry
 KEEPALIVE_TIMEOUT_SECONDS = 1.0
 WATCH_READ_TIMEOUT_SECONDS = 7.0  # the server writes a comment every 5 s (watchstream.KEEPALIVE_SECONDS)
+# A watcher waits this long before it reconnects, doubled after each stream that moved nothing (a node down, a
+# 410, a refusal), up to the bound, and back to the first wait once a stream moved its position.
+WATCH_RECONNECT_SECONDS = (0.05, 1.0)
 COUNTER_KEYS = ("cnt0", "cnt1")
 SENTINEL_KEY = "zz-watch-end"
 
@@ -107,6 +111,13 @@ def _outcome(r, refused: bool) -> str:
     if said == "not-applied" or (said is None and r.status < 500):
         return "failed"
     return "unknown"
+
+
+def reconnect_delay(previous: float, moved: bool) -> float:
+    """A watcher's wait before its next reconnect (WATCH_RECONNECT_SECONDS): the first wait again after a stream
+    that moved its position, else twice the previous wait, bounded."""
+    first, bound = WATCH_RECONNECT_SECONDS
+    return first if moved else min(2 * previous, bound)
 
 
 class Worker(threading.Thread):
@@ -151,8 +162,11 @@ class Watcher(Worker):
         node = members[self.number % len(members)]
         refused_410: dict[Node, int] = {}  # this episode: member -> the oldest index it offered
         episode_started = time.monotonic()
+        delay = WATCH_RECONNECT_SECONDS[0]
         while not self.done.is_set():
+            position = self.position
             answer = self._stream(node)
+            delay = reconnect_delay(delay, moved=self.position != position)
             if answer is not None:  # a 410 with the oldest index
                 refused_410[node] = answer
                 self.answers_410 += 1
@@ -170,8 +184,7 @@ class Watcher(Worker):
             others = [n for n in members if n is not node and n not in refused_410] or members
             node = self.rng.choice(others)
             self.reconnects += 1
-            if not self.done.is_set():
-                time.sleep(0.05)
+            self.done.wait(delay)
 
     def _stream(self, node: Node) -> int | None:
         """Read events from `node` until the stream ends or fails; the oldest index of a 410, else None."""

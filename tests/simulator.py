@@ -14,6 +14,11 @@ Rules of the model:
   after its save, after its sends; a suffix of what it had handed to the transport in that Ready is lost. It may
   also crash at a random file operation of a snapshot it takes, and of its own recovery. Crashes are 20 times as
   likely around a new term or vote or a leader's snapshot, five times in a new leader's first tick.
+- A link may be held (`Cluster.hold`): every message sent on it waits for 1 to 10 election timeouts, as in a
+  transport's queue or the socket buffer of a process that stopped reading, then the whole backlog arrives in one
+  burst (in order or shuffled, some of it twice), long after terms, configurations and snapshots moved on. Half the
+  schedules hold links (from an rng of their own); `stats` counts the held messages that reached a node whose term,
+  snapshot or configuration had moved since they were sent.
 - A paused node (SIGSTOP) misses its ticks and catches up on them when resumed, as the runtime's monotonic clock
   does; messages sent to it wait, as in its socket buffers, and are read after the catch-up (or after a client's
   request). Each node's clock runs at its own rate, within `clock_drift_percent` of the true one; leases (thesis
@@ -85,6 +90,7 @@ HEARTBEAT_TICKS = 2
 CLIENTS = 4
 CLIENT_OP_CHANCE = 0.25  # per idle client per tick: a write (55%) or a read
 CLIENT_TIMEOUT_ELECTIONS = 3  # a client gives up on a request after this many election timeouts
+HOLD_RATE = 0.015  # per round of a schedule that holds links: the chance that a hold begins (_hold_links)
 START_RESTORE_DRIVES_MAX = 40  # a restart restores its own snapshot over 0..this (or restore_drives_max) drives
 
 # Where in the handling of a Ready a node may crash (see the module docstring).
@@ -281,6 +287,22 @@ class PendingRead:
     served: bool = False
 
 
+@dataclass
+class Hold:
+    """A held link: what was sent on it since the hold began (each message with the receiver's state then, see
+    Cluster.receiver_state), released as one burst at `release_at`."""
+
+    release_at: int
+    shuffle: bool  # the burst arrives in any order (else in the order sent)
+    duplicate: bool  # some of its messages arrive twice
+    messages: list = field(default_factory=list)
+
+
+# What a held message's receiver was when it was sent: (incarnation, current term, snapshot index, configuration
+# index), or None while it was down.
+ReceiverState = tuple[int, int, int, int] | None
+
+
 class Cluster:
     # Each answered read is compared at once with the newest write acknowledged before it began (a quick check that
     # names the read); the whole history goes through the linearizability checker at the end either way.
@@ -349,6 +371,11 @@ class Cluster:
         self.network: list = []
         self._seq = 0
         self.cut: set[tuple[str, str]] = set()  # directed links that drop everything
+        self.holds: dict[tuple[str, str], Hold] = {}  # directed links whose messages wait for a burst (hold)
+        self._held: dict[int, ReceiverState] = {}  # network sequence number of a released message -> its receiver's
+        # state when it was sent. Holds are drawn from an rng of their own: schedules that hold nothing are the same.
+        self.hold_rate = 0.0  # per round of a random schedule: the chance that a hold begins
+        self.hold_rng = random.Random(f"{seed}/hold")
         self.deliver_filter = None  # optional callable(message) -> message or None, for scripted scenarios
         self.writes: list[PendingWrite] = []  # every write a leader accepted, whatever became of it
         self.acked_writes: list[PendingWrite] = []
@@ -493,9 +520,14 @@ class Cluster:
         if self.rng.random() < self.drop_rate:
             return
         copies = 2 if self.rng.random() < self.dup_rate else 1
+        hold = self.holds.get((m.src, m.dst))
         for _ in range(copies):
             if self.codec_roundtrip:
                 m = codec.decode_batch(codec.encode_batch([m]))[0]
+            if hold is not None:
+                hold.messages.append((m, self.receiver_state(m.dst)))
+                self.stats["messages held"] += 1
+                continue
             if self.long_delay_rate and self.rng.random() < self.long_delay_rate:
                 delay = self.rng.randint(self.election_ticks, 3 * self.election_ticks)
                 self.stats["long delays"] += 1
@@ -519,6 +551,64 @@ class Cluster:
 
     def heal(self) -> None:
         self.cut.clear()
+
+    def hold(self, links: list[tuple[str, str]], ticks: int, shuffle: bool = False, duplicate: bool = False) -> None:
+        """Hold these directed links (those not held already) for `ticks`: what is sent on them meanwhile arrives
+        in one burst at the end (release_holds)."""
+        for link in links:
+            if link not in self.holds:
+                self.holds[link] = Hold(self.now + ticks, shuffle, duplicate)
+                self.log_event(link[0], f"link to {link[1]} held for {ticks} ticks"
+                                        f"{' (shuffled)' if shuffle else ''}{' (duplicated)' if duplicate else ''}")
+
+    def receiver_state(self, node_id: str) -> ReceiverState:
+        sn = self.nodes[node_id]
+        if not sn.alive:
+            return None
+        n = sn.node
+        return sn.incarnation, n.current_term, n.log.snapshot_index, n.membership_index
+
+    def release_holds(self, every: bool = False) -> None:
+        """The holds whose time is up (`every`: all of them) release their backlog: delivered in this tick, one
+        after the other (shuffled, or with some messages twice, as the hold was drawn)."""
+        for link in sorted(self.holds):
+            hold = self.holds[link]
+            if not every and hold.release_at > self.now:
+                continue
+            del self.holds[link]
+            burst = []
+            for held in hold.messages:
+                burst.append(held)
+                if hold.duplicate and self.hold_rng.random() < 0.5:
+                    burst.append(held)
+            if hold.shuffle:
+                self.hold_rng.shuffle(burst)
+            self.stats["held bursts"] += 1
+            self.log_event(link[0], f"link to {link[1]} released: a burst of {len(burst)}")
+            for m, state in burst:
+                self._seq += 1
+                self._held[self._seq] = state
+                heapq.heappush(self.network, (self.now, self._seq, m))
+
+    def _count_held_delivery(self, sn: SimNode, m, sent_to: ReceiverState) -> None:
+        """Count what a held message meets at its receiver (test_simulation requires each, so that the fault is
+        not vacuous): a term, snapshot or configuration that moved since it was sent, a restart."""
+        n = sn.node
+        self.stats["held messages delivered"] += 1
+        if m.term < n.current_term:
+            self.stats["held messages of an older term delivered"] += 1
+        if isinstance(m, AppendEntries) and m.prev_log_index < n.log.snapshot_index:
+            self.stats["held appends below the receiver's snapshot delivered"] += 1
+        if sent_to is None or sent_to[0] != sn.incarnation:
+            self.stats["held messages delivered after a restart"] += 1
+            return
+        _, term, snapshot_index, membership_index = sent_to
+        if n.current_term != term:
+            self.stats["held messages delivered after a term change"] += 1
+        if n.log.snapshot_index != snapshot_index:
+            self.stats["held messages delivered after a snapshot"] += 1
+        if n.membership_index != membership_index:
+            self.stats["held messages delivered after a configuration change"] += 1
 
     # ---- running ----------------------------------------------------------------------------------
 
@@ -564,14 +654,20 @@ class Cluster:
                 self._deliver_backlog(sn, crash_rate)
         if clients is not None:
             clients()
+        if self.holds:
+            self.release_holds()
         while self.network and self.network[0][0] <= self.now:
-            _, _, m = heapq.heappop(self.network)
+            _, seq, m = heapq.heappop(self.network)
+            held = seq in self._held
+            sent_to = self._held.pop(seq, None)
             sn = self.nodes[m.dst]
             if not sn.alive:
                 continue
             if sn.paused:
                 sn.backlog.append(m)  # waits in the socket for the process to run again
                 continue
+            if held:
+                self._count_held_delivery(sn, m, sent_to)
             self._step(m, crash_rate)
         for node_id in self.ids:
             sn = self.nodes[node_id]
@@ -1120,11 +1216,12 @@ PROFILE_MIX = ("mixed", "mixed", "churn", "crashy")  # a schedule's profile, dra
 
 def random_schedule(
     seed: int, n: int, fault_ticks: int = 300, heal_ticks: int = 600, config_overrides: dict | None = None,
-    lease_share: float = 0.5, mutation: str | None = None, profile: str | None = None,
+    lease_share: float = 0.5, mutation: str | None = None, profile: str | None = None, holds: bool | None = None,
 ) -> Cluster:
     """One seeded run: faults and clients for `fault_ticks` (times the time scale), then heal everything and check
     liveness and the clients' history. `mutation` names a deliberately broken core from MUTATIONS; `profile` a
-    nemesis from PROFILES (default: drawn from the seed)."""
+    nemesis from PROFILES (default: drawn from the seed); `holds` whether links are held (Cluster.hold; default:
+    drawn from the seed, in half the schedules)."""
     rng = random.Random(seed ^ 0x5EED)
     drawn = rng.choice(PROFILE_MIX)
     nemesis = PROFILES[profile or drawn]
@@ -1186,6 +1283,9 @@ def random_schedule(
         cluster.batch_rate = rng.choice([0.0, 0.5, 1.0])
         cluster.snapshot_crash_rate = nemesis["snapshot_crash"]
         cluster.restore_drives_max = random.Random(seed ^ 0x7E57).choice([0, 3, 12])
+        # Half the schedules hold links (from an rng of their own, as above): a hold begins in ~1 round of 65.
+        drawn_holds = random.Random(seed ^ 0x401D).random() < 0.5
+        cluster.hold_rate = HOLD_RATE if (drawn_holds if holds is None else holds) else 0.0
         crash_rate = rng.choice(nemesis["ready_crash_rates"])
         if mutation:
             cluster.replay_command += f" --mutation {mutation}"
@@ -1193,6 +1293,8 @@ def random_schedule(
             cluster.replay_command += f" --profile {profile}"
         if lease_share != 0.5:
             cluster.replay_command += f" --lease-share {lease_share}"
+        if holds is not None and holds != drawn_holds:
+            cluster.replay_command += f" --holds {'on' if holds else 'off'}"
         if config_overrides:
             cluster.replay_command += " " + _config_arg(config_overrides)
         _drive(cluster, nemesis, n, scale, crash_rate, fault_ticks, heal_ticks)
@@ -1221,6 +1323,8 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
                                                   "snapshot", "transfer", "add_learner", "remove", "pause",
                                                   "crash_leader")]
     for _ in range(fault_ticks):
+        if cluster.hold_rate and cluster.hold_rng.random() < cluster.hold_rate:
+            _hold_links(cluster)
         x = r.random()
         action = None
         for name, chance in actions:
@@ -1300,9 +1404,12 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
 
         for _ in range(scale):
             cluster.tick(crash_rate=crash_rate, clients=act)
-    # Heal: every link back, every node up, no more faults; a leader must appear and everything converge.
+    # Heal: every link back (a held one's burst delivered in the next tick), every node up, no more faults; a
+    # leader must appear and everything converge.
     cluster.heal()
+    cluster.release_holds(every=True)
     cluster.drop_rate = cluster.dup_rate = cluster.long_delay_rate = cluster.snapshot_crash_rate = 0.0
+    cluster.hold_rate = 0.0
     for node_id in cluster.ids:
         sn = cluster.nodes[node_id]
         cluster.resume(node_id)
@@ -1313,6 +1420,23 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
     check_liveness(cluster, heal_ticks * scale)
     cluster.check_history()
     return cluster
+
+
+def _hold_links(cluster: Cluster) -> None:
+    """A hold begins (Cluster.hold), for 1 to 10 election timeouts: on a link to or from the leader half the time,
+    and on every link out of a node (its transport's queues, or a stopped process's socket buffers) a third of the
+    time. The burst comes shuffled half the time, with some messages twice a third of the time."""
+    h = cluster.hold_rng
+    leader = cluster.leader()
+    node = leader if leader is not None and h.random() < 0.5 else h.choice(cluster.ids)
+    others = [i for i in cluster.ids if i != node]
+    if h.random() < 1 / 3:
+        links = [(node, other) for other in others]
+    else:
+        other = h.choice(others)
+        links = [(node, other) if h.random() < 0.5 else (other, node)]
+    ticks = h.randint(cluster.election_ticks, 10 * cluster.election_ticks)
+    cluster.hold(links, ticks, shuffle=h.random() < 0.5, duplicate=h.random() < 1 / 3)
 
 
 LEASE_SCENARIO_DRIFT_PERCENT = 10  # rates up to 1.1 / 0.9 = 1.22 apart: inside the lease margin's 5/4
@@ -1457,10 +1581,12 @@ def main() -> None:
                    help="random schedules (default), the directed lease-against-drift one, or Figure 8 scripted")
     p.add_argument("--profile", choices=sorted(PROFILES), help="the nemesis (default: drawn from the seed)")
     p.add_argument("--lease-share", type=float, default=0.5, help="of the client reads, the share with a lease")
+    p.add_argument("--holds", choices=("on", "off"), help="hold links, then release bursts (default: drawn)")
     p.add_argument("--config", action="append", default=[], metavar="NAME=VALUE", help="a Config override")
     args = p.parse_args()
     logging.getLogger("raftlib.storage").setLevel(logging.ERROR)  # torn tails cut after crashes: expected here
     started, runs, writes, reads = time.monotonic(), 0, 0, 0
+    held: collections.Counter = collections.Counter()
     for seed in range(args.seed, args.seed + args.count):
         if args.scenario != "random":
             c = lease_scenario(seed, args.mutation) if args.scenario == "lease" else figure_8_scenario(args.mutation)
@@ -1468,12 +1594,16 @@ def main() -> None:
             continue
         for n in (args.size,) if args.size else (3, 5, 7):
             c = random_schedule(seed, n, config_overrides=_parse_config(args.config), lease_share=args.lease_share,
-                                mutation=args.mutation, profile=args.profile)
+                                mutation=args.mutation, profile=args.profile,
+                                holds=None if args.holds is None else args.holds == "on")
             runs, writes, reads = runs + 1, writes + len(c.acked_writes), reads + c.reads_checked
+            held.update({k: v for k, v in c.stats.items() if "held" in k})
             if args.trace:
                 print("\n".join(c.trace))
     print(f"{runs} schedules ok in {time.monotonic() - started:.1f}s: {writes} acknowledged writes, "
           f"{reads} linearizable reads checked")
+    if held:
+        print("holds: " + ", ".join(f"{k} {v}" for k, v in sorted(held.items())))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from fault_coord import WATCH_RECONNECT_SECONDS, reconnect_delay
 from procs import netns_unavailable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -172,3 +173,16 @@ def test_the_lease_check_catches_a_new_leader_that_does_not_give_leases_their_fu
     code, output, result = background_result()
     assert code != 0 and result is None, output[-3000:]
     assert "AssertionError: leases: lease" in output and "after the last keepalive answered" in output, output[-3000:]
+
+
+def test_a_watchers_reconnects_back_off_to_a_bound_and_start_over_once_it_moves():
+    """fault_coord's watchers reconnected every 0.05 s however long every member refused them: the wait doubles
+    after each stream that moved nothing, up to WATCH_RECONNECT_SECONDS's bound, and is the first again once a
+    stream moved the watcher's position."""
+    first, bound = WATCH_RECONNECT_SECONDS
+    delays = [first]
+    for _ in range(12):
+        delays.append(reconnect_delay(delays[-1], moved=False))
+    assert delays[1] == 2 * first and delays == sorted(delays) and delays[-1] == bound == max(delays)
+    assert delays.index(bound) <= 6  # the bound is reached, after a few doublings
+    assert reconnect_delay(bound, moved=True) == first

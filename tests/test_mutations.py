@@ -35,8 +35,11 @@ class Case:
 
 
 def random_schedules(profile: str | None = None) -> Callable[[int, str | None], object]:
-    """The CI simulator's schedules, in its order (seed k // 3 on SIZES[k % 3] nodes), or only one nemesis."""
-    return lambda k, mutation: random_schedule(k // 3, SIZES[k % 3], mutation=mutation, profile=profile)
+    """The CI simulator's schedules, in its order (seed k // 3 on SIZES[k % 3] nodes), or only one nemesis; without
+    held links (Cluster.hold), which draw from rngs of their own: every seed then gives the schedule the budgets
+    below were measured on. (With holds as drawn, replay_filter went uncaught in its 360.)"""
+    return lambda k, mutation: random_schedule(k // 3, SIZES[k % 3], mutation=mutation, profile=profile,
+                                               holds=False)
 
 
 # Each budget is set from a measured catch rate so that a change to the schedules (which reshuffles which seeds
