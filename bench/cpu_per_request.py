@@ -4,6 +4,7 @@ at one concurrency (wrk), the workloads alternating on one cluster: where a work
 followers) when the machine's cores are the limit. Bench only; asserts nothing.
 
     python bench/cpu_per_request.py -w write txn -c 64 -d 4 --repeat 2
+    python bench/cpu_per_request.py --build /tmp/before   # another checkout's raftdzmq.py (alternate the two)
 
 CPU is each node's utime + stime from /proc over the run, divided by the proposals its leader took
 (`raftdzmq_proposals`); entries per fsync is that over `raftdzmq_batches_saved` (GET /metrics of the leader).
@@ -44,10 +45,12 @@ def main() -> int:
     p.add_argument("-d", "--duration", type=float, default=4.0)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--txn-ops", type=int, default=10)
+    p.add_argument("--build", metavar="DIR", default=None, help="run this checkout's raftdzmq.py (default: this one)")
     args = p.parse_args()
     args.value_size = [100, 100]
     workdir = tempfile.mkdtemp(prefix="raftdzmq-cpu-")
-    system = Raftdzmq(workdir, 3, [])
+    system = Raftdzmq(workdir, 3, []) if args.build is None else Raftdzmq(workdir, 3, [], build=args.build)
+    print(f"{system.name}, load average {os.getloadavg()[0]:.1f}", flush=True)
     try:
         system.follow_leader()
         keys = [f"k{i}" for i in range(1000)]
