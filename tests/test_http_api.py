@@ -1152,7 +1152,7 @@ def test_livez_answers_ok_while_the_runtime_drives(client):
 def test_readyz_names_what_the_node_lacks(client):
     r = client("GET", "/readyz")
     assert (r.status, r.text) == (200, "ok\n")
-    assert client("GET", "/readyz?verbose").text == ("[+]member ok\n[+]leader ok\n[+]disk ok\n[+]snapshot ok\n"
+    assert client("GET", "/readyz?verbose").text == ("[+]member ok\n[+]leader ok\n[+]disk ok\n[+]watches ok\n[+]snapshot ok\n"
                                                      "[+]applied ok\n[+]read ok\nreadyz ok\n")
     # The checks passed: a linearizable read round confirms the leader's commit index NOW (a follower's
     # leader_commit may come from an old queued frame: CI, test_health); one that fails is a 503.
@@ -1183,7 +1183,7 @@ def test_readyz_names_what_the_node_lacks(client):
     node.leader_active = False
     assert client("GET", "/readyz").text == "no leader\n"
     assert client("GET", "/readyz?verbose").text == (
-        "[+]member ok\n[-]leader failed: no leader\n[-]disk failed: disk full\n[+]snapshot ok\n"
+        "[+]member ok\n[-]leader failed: no leader\n[-]disk failed: disk full\n[+]watches ok\n[+]snapshot ok\n"
         "[-]applied failed: applying: applied 10 of 2000\nreadyz check failed\n")
     node.removed = ("b", 17)
     r = client("GET", "/readyz")

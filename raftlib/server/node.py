@@ -874,7 +874,7 @@ class Server:
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
                   guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
                   committed_configuration=self.committed_configuration, feature_level=self.feature_level,
-                  watch_hub=self.watch_hub,
+                  watch_hub=self.watch_hub, watch_guard_alive=self.watch_guard.alive,
                   # Watches hold connections: at most half the pool (edge.EdgeServer.handle relies on it,
                   # and never ends one to make room); 0 with one connection.
                   max_watches=min(MAX_WATCHES, config.max_connections // 2),
@@ -900,11 +900,11 @@ class Server:
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
             on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log,
             host_refusal=allowed_hosts.refusal)
+        self.watch_guard.start()  # before HTTP: /readyz asks whether it runs
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
         gevent.spawn(self.level_raiser.run)
         gevent.spawn(self.leases.run)
-        self.watch_guard.start()
         if self.node_key is not None:
             self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:

@@ -54,12 +54,13 @@ def livez(api: Api) -> bottle.HTTPResponse:
 
 
 def readyz(api: Api) -> bottle.HTTPResponse:
-    """200 `ok` when this node is a member, knows an active leader, has applied what it knows to be committed, has
-    room on its disk, and then a linearizable read (a ReadIndex round, shared with the reads waiting) completes
-    within READY_READ_SECONDS or an election timeout, the longer; else 503 and why (raftlib.server.health). ?verbose: every check (the read only
+    """200 `ok` when this node is a member, knows an active leader, has room on its disk, runs its watch guard (if
+    it serves watches), receives or restores no snapshot, has applied what it knows to be committed, and then a
+    linearizable read (a ReadIndex round, shared with the reads waiting) completes within READY_READ_SECONDS or an
+    election timeout, the longer; else 503 and why (raftlib.server.health). ?verbose: every check (the read only
     when the others passed)."""
     status = api.runtime.status()
-    checks = readiness(status, time.monotonic())
+    checks = readiness(status, time.monotonic(), api.max_watches == 0 or api.watch_guard_alive())
     if all(reason is None for _, reason in checks):
         # At least an election timeout: a cluster whose -election-ms is set for long round trips is not unready
         # for them (last review, item 1).

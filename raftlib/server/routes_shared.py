@@ -145,6 +145,8 @@ class Api:
     # The history GET /watch reads (the node gives the store's on_event to it), and the most watches open at once.
     watch_hub: WatchHub = field(default_factory=WatchHub)
     max_watches: int = MAX_WATCHES
+    # Whether the node's WatchGuard (raftlib.server.watchguard) runs: GET /readyz fails while it does not.
+    watch_guard_alive: Callable[[], bool] = lambda: True
     # The leader's LeaseKeeper, in step with the node's role and term; None while this node does not lead.
     lease_keeper: Callable[[], LeaseKeeper | None] = lambda: None
     min_ttl_seconds: int = 1
