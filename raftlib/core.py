@@ -233,6 +233,9 @@ class NodeStatus:
     # A snapshot from the leader is being received, or one (the leader's, or this node's own at a restart) is not yet
     # restored: not ready.
     receiving_snapshot: bool = False
+    # The part of `receiving_snapshot` past the transfer: a snapshot received whole and not yet saved (the leader's),
+    # or saved and not yet held by the state machine (the leader's, or this node's own at a restart): restoring.
+    restoring_snapshot: bool = False
     # A leader is known and was heard from within an election timeout (this node itself while it leads: check-quorum
     # steps a leader down when a majority was silent that long, thesis §6.2). What GET /readyz calls "a leader".
     leader_active: bool = False
@@ -408,6 +411,7 @@ class RaftNode:
             receiving_snapshot=self._incoming_snapshot is not None
             or self._pending_snapshot is not None
             or self._snapshot_unapplied != 0,
+            restoring_snapshot=self._pending_snapshot is not None or self._snapshot_unapplied != 0,
             # A follower's election timer restarts whenever its leader speaks (_become_follower): while it knows a
             # leader, _election_elapsed counts the ticks since it last heard from it. A learner never campaigns, so
             # its leader_id alone would stay set for ever after the leader died.

@@ -252,3 +252,58 @@ def test_a_follower_resumed_from_a_pause_is_not_ready_until_it_hears_a_leader(cl
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"\r\n\r\nno leader\n"), answers
     wait_for(lambda: probe(follower, "/readyz").status == 200, 15, "readyz 200 once the leader is back")
+
+
+def test_a_follower_installing_the_leaders_snapshot_over_its_state_says_restoring_and_is_not_ready(tmp_path):
+    """Review of the health leftovers, item 2: /status's `restoring` was true only for a restore into the empty
+    state (a restart's), so a follower installing the leader's snapshot over the state it holds said nothing of it,
+    and /readyz's reason did not tell receiving from restoring. A follower is paused while the cluster takes about
+    20 MB of writes and the leader compacts its log past it; resumed, it is sent the leader's snapshot (20 chunks)
+    and restores it over its own state. Polled meanwhile, its /status says `restoring` with its old keys counted
+    (not null: its state is whole), /readyz 503 with `applying: receiving a snapshot from the leader` or
+    `applying: restoring a snapshot`; once it holds the snapshot, `restoring` is false and it is ready."""
+    writes, value = 2400, "v" * 8000
+    c = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", str(4 << 20))).start()
+    try:
+        leader = c.leader()
+        follower = next(n for n in c.nodes if n is not leader)
+        assert c.write("before", "1").status == 200
+        wait_for(lambda: follower.status()["applied_index"] >= leader.status()["commit_index"], 10,
+                 "the follower applied the first write")
+        before = follower.status()
+        assert before["restoring"] is False and before["keys"] == 1, before
+        send(follower, signal.SIGSTOP)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                answers = list(pool.map(lambda i: leader.request("POST", f"/db/k{i}", value, timeout=30).status,
+                                        range(writes)))
+            assert answers.count(200) == writes, {s: answers.count(s) for s in set(answers)}
+            # Compacted past what the follower holds: it can only be sent the snapshot.
+            wait_for(lambda: leader.status()["snapshot_index"] > before["last_index"] + 1, 30,
+                     "the leader's snapshot past the follower's log")
+        finally:
+            send(follower, signal.SIGCONT)
+        committed = leader.status()["commit_index"]
+        statuses: list[dict] = []
+        readyz: list[tuple[int, str]] = []
+
+        def caught_up() -> bool:
+            st = follower.request("GET", "/status", timeout=5).json()
+            statuses.append(st)
+            r = probe(follower, "/readyz", timeout=5)
+            readyz.append((r.status, r.text))
+            return st["applied_index"] >= committed and not st["restoring"] and r.status == 200
+
+        wait_for(caught_up, 90, "the follower restored the leader's snapshot and is ready", interval=0.005)
+        restoring = [st for st in statuses if st["restoring"]]
+        assert restoring, [(st["applied_index"], st["snapshot_index"]) for st in statuses]
+        # Over its whole state: its keys and level stand (not the empty state's nulls).
+        assert all(st["keys"] is not None and st["applied_index"] > 0 for st in restoring), restoring[:3]
+        reasons = {text for status, text in readyz if status == 503}
+        snapshot_reasons = {"applying: receiving a snapshot from the leader\n", "applying: restoring a snapshot\n"}
+        assert reasons & snapshot_reasons, reasons
+        assert "applying: receiving or restoring a snapshot\n" not in reasons
+        final = follower.status()
+        assert final["keys"] == writes + 1 and final["snapshot_index"] > before["last_index"], final
+    finally:
+        c.stop()

@@ -20,6 +20,7 @@ Rules:
 
 from __future__ import annotations
 
+from raftlib.core import NodeStatus
 from raftlib.runtime import RuntimeStatus
 
 MAX_APPLY_LAG_ENTRIES = 1000  # /readyz: at most this many committed entries not yet applied here
@@ -58,10 +59,17 @@ def readiness(status: RuntimeStatus, now: float, watch_guard_running: bool = Tru
         ("leader", None if leader else "no leader"),
         ("disk", "disk full" if status.disk_full else None),
         ("watches", None if watch_guard_running else WATCH_GUARD_NOT_RUNNING),
-        ("snapshot", "applying: receiving or restoring a snapshot" if node.receiving_snapshot else None),
+        ("snapshot", snapshot_reason(node)),
         ("applied", None if lag <= MAX_APPLY_LAG_ENTRIES else
          f"applying: applied {node.last_applied} of {committed}"),
     ]
+
+
+def snapshot_reason(node: NodeStatus) -> str | None:
+    """Why a node that receives or restores a snapshot is not ready (None: it does neither)."""
+    if node.restoring_snapshot:
+        return "applying: restoring a snapshot"
+    return "applying: receiving a snapshot from the leader" if node.receiving_snapshot else None
 
 
 def report(what: str, checks: list[Check], verbose: bool) -> tuple[bool, str]:
