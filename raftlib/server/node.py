@@ -595,7 +595,22 @@ class Server:
         """Whether the cluster's feature level says every member reads AppendEntriesReply.restoring. While this
         node restores a snapshot into its empty store (level 1: its own at a restart, or a joiner's first from the
         leader) that snapshot's level stands in (store.restoring_level: the cluster's when it was taken; a level
-        never goes down). Review of fix2snap, L1: a joiner counted only its own snapshot's, so it never said it."""
+        never goes down). Review of fix2snap, L1: a joiner counted only its own snapshot's, so it never said it.
+
+        A node restoring a snapshot that predates level 3 in a cluster already raised to it does not say it (review
+        of the health leftovers, item 3): the raise is in entries it has not applied (if it holds them at all), so
+        it cannot know that its leader reads the field, and its leader cannot tell its replies from a restored
+        node's (they undo the guess of Progress.snapshot_done too). Left so, as bounded and harmless:
+        - Once per cluster: it lasts until the node's first snapshot at level 3, which each node takes as it
+          applies the raise (on_level_raised: request_snapshot). Only a node that restarts, or is sent its leader's
+          snapshot, between the raise and that snapshot restores one of an older level.
+        - What it costs is a successor chosen during that restore (a graceful stop's hand-over, POST
+          /cluster/transfer): it ignores TimeoutNow, so the leader aborts the transfer after an election timeout
+          (writes refused, not applied, until then; the route answers 503), and a stopping leader stops after
+          HANDOVER_TIMEOUT_SECONDS, its followers electing one an election timeout later, as after a crash.
+        - Safety does not rest on it: the field only steers the choice of a successor.
+        Saying it anyway would make a leader of an older release drop the whole frame (raftlib.codec), and the
+        node's replication would stall for as long as it restores: worse than the gap."""
         return max(self.store.feature_level, self.store.restoring_level) >= RESTORING_IN_REPLIES_LEVEL
 
     def _start_node(self) -> StoredState:
