@@ -4,15 +4,18 @@ and 15): what a load balancer, a Kubernetes probe or a client deciding whether t
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
-from procs import LocalCluster, Node, wait_for
+from procs import ROOT, LocalCluster, Node, free_port, wait_for
 from raftlib.core import NodeStatus, Role
 from raftlib.messages import Membership
 from raftlib.runtime import RuntimeStatus
@@ -307,3 +310,65 @@ def test_a_follower_installing_the_leaders_snapshot_over_its_state_says_restorin
         assert final["keys"] == writes + 1 and final["snapshot_index"] > before["last_index"], final
     finally:
         c.stop()
+
+
+SERVER_GUARD_SCRIPT = r"""
+import json, sys, time, urllib.error, urllib.request
+import raftdzmq  # monkey-patches first, as the server's process does
+from raftlib.server.node import Server
+
+http_port = sys.argv[2]
+server = Server(raftdzmq.server_config(raftdzmq.parse_args(["-p", sys.argv[1], "-hp", http_port, sys.argv[3]]), None))
+server.start()
+
+
+def readyz():
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5) as r:
+            return [r.status, r.read().decode()]
+    except urllib.error.HTTPError as e:
+        return [e.code, e.read().decode()]
+
+
+seen = {}
+deadline = time.monotonic() + 20
+while readyz()[0] != 200 and time.monotonic() < deadline:
+    time.sleep(0.05)
+seen["started"] = readyz()
+greenlet = server.watch_guard._greenlet
+greenlet.kill(timeout=1)  # as a bug elsewhere might; bounded
+seen["guard killed"] = readyz()
+server.watch_guard.start()
+seen["guard started again"] = readyz()
+http_stop = server.http.stop
+
+
+def stop_http(timeout):
+    seen["as HTTP stops"] = readyz()  # the last moment a probe can be answered
+    http_stop(timeout=timeout)
+
+
+server.http.stop = stop_http
+greenlet = server.watch_guard._greenlet
+server.stop()
+greenlet.join(1)
+seen["guard dead after stop"] = greenlet.dead
+print(json.dumps(seen))
+"""
+
+
+def test_a_servers_dead_watch_guard_fails_readyz_and_a_graceful_stop_does_not_say_so(tmp_path):
+    """Review of health, Q3 and Q5, on a real Server (its own process, real sockets, a real data dir): the Api is
+    wired to the Server's own WatchGuard (every other /readyz test builds an Api whose guard is always alive), and a
+    graceful stop stops the guard only after HTTP, so /readyz never answers `watch guard not running` (a bug's
+    reason: "restart the node") while the node stops; the guard's greenlet is dead once stopped."""
+    proc = subprocess.run([sys.executable, "-c", SERVER_GUARD_SCRIPT, str(free_port()), str(free_port()),
+                           str(tmp_path / "n1")], capture_output=True, text=True, timeout=90, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["started"] == [200, "ok\n"], proc.stderr[-3000:]
+    assert seen["guard killed"] == [503, "watch guard not running\n"]
+    assert seen["guard started again"] == [200, "ok\n"]
+    assert seen["as HTTP stops"] == [200, "ok\n"]
+    assert seen["guard dead after stop"] is True

@@ -953,7 +953,6 @@ class Server:
         if self.level_raiser is not None:
             self.level_raiser.stop()
         self.leases.stop()
-        self.watch_guard.stop()
         target = best_successor(self.runtime.status().node, self.node.config.election_ticks)
         if target is not None:
             try:
@@ -963,6 +962,9 @@ class Server:
                 log.warning("leadership transfer before shutdown failed: %s", e)
         if self.http is not None:
             self.http.stop(timeout=1)
+        # After HTTP: while it serves (the hand-over, up to HANDOVER_TIMEOUT_SECONDS), /readyz must not answer
+        # `watch guard not running`, a bug's reason (review of health, Q5).
+        self.watch_guard.stop()
         self.runtime.stop()
         self.transport.stop()
         self.storage.close()
