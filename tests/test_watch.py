@@ -1481,8 +1481,12 @@ def guard_through_failing_checks(caplog, failure: BaseException, count: int) -> 
                 gevent.sleep(0.01)
             alive = guard.alive()
         finally:
+            greenlet = guard._greenlet
             guard.stop()
     assert not guard.alive()  # stopped
+    assert greenlet is not None
+    greenlet.join(1)  # bounded: a guard that swallowed its kill must fail here, not hang (review of health, Q4)
+    assert greenlet.dead, "the guard's greenlet outlived its stop"
     return hub, alive, failures[0]
 
 
@@ -1525,7 +1529,7 @@ def test_readyz_fails_while_the_watch_guard_is_not_running_on_a_node_that_serves
         r = c("GET", "/readyz")
         assert (r.status, r.text) == (200, "ok\n"), r
         with caplog.at_level("ERROR", logger="raftdzmq.watch"):
-            guard._greenlet.kill()  # type: ignore[union-attr]  # as a bug elsewhere might
+            guard._greenlet.kill(timeout=1)  # type: ignore[union-attr]  # as a bug elsewhere might; bounded
             gevent.sleep(0.01)  # the hub calls the greenlet's links
         r = c("GET", "/readyz")
         assert (r.status, r.text) == (503, "watch guard not running\n"), r
