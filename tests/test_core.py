@@ -1002,6 +1002,34 @@ def test_the_ready_carrying_a_leaders_snapshot_hands_out_no_entry_past_it(restor
     assert n.last_applied == 51
 
 
+@pytest.mark.parametrize("restore_in_steps", [True, False])
+def test_status_says_restoring_only_once_the_leaders_snapshot_is_held_whole(restore_in_steps):
+    """Review of health, Q2: NodeStatus.restoring_snapshot (/readyz's `applying: restoring a snapshot`) is false
+    while chunks come (only receiving_snapshot), true from the last chunk until the state machine holds the
+    snapshot (advance with snapshot_applied, or snapshot_applied after a restore by steps), then both are false."""
+    n = _follower_b()
+    membership = n.membership
+    data = b"the state at 50" * 4
+
+    def says() -> tuple[bool, bool]:
+        status = n.status()
+        return status.receiving_snapshot, status.restoring_snapshot
+
+    n.step(InstallSnapshot("a", "b", 2, 50, 2, membership, 0, data[:20], False))
+    assert says() == (True, False)
+    n.advance(n.ready())
+    assert says() == (True, False), "a transfer under way is no restore"
+    n.step(InstallSnapshot("a", "b", 2, 50, 2, membership, 20, data[20:], True))
+    assert says() == (True, True)  # held whole, not yet saved nor restored
+    rd = n.ready()
+    assert rd is not None and rd.snapshot is not None
+    n.advance(rd, snapshot_applied=not restore_in_steps)
+    if restore_in_steps:
+        assert says() == (True, True) and n.last_applied < 50
+        n.snapshot_applied(50)
+    assert says() == (False, False) and n.last_applied == 50
+
+
 class _RecordingSink(BytesSink):
     discarded = 0
 

@@ -305,6 +305,8 @@ def test_a_follower_installing_the_leaders_snapshot_over_its_state_says_restorin
         reasons = {text for status, text in readyz if status == 503}
         snapshot_reasons = {"applying: receiving a snapshot from the leader\n", "applying: restoring a snapshot\n"}
         assert reasons & snapshot_reasons, reasons
+        # The restore's own reason (NodeStatus.restoring_snapshot), not only the transfer's (review of health, Q2).
+        assert "applying: restoring a snapshot\n" in reasons, reasons
         assert "applying: receiving or restoring a snapshot\n" not in reasons
         final = follower.status()
         assert final["keys"] == writes + 1 and final["snapshot_index"] > before["last_index"], final
