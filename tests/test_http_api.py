@@ -1899,6 +1899,22 @@ def test_a_node_restoring_its_own_snapshot_at_start_does_not_answer_from_the_emp
     assert client("GET", "/status").json()["restoring"] is False
 
 
+def test_a_joiner_receiving_its_first_snapshot_counts_nothing_yet(client):
+    """Review of health, Q7: a joiner (nothing applied) receiving the leader's snapshot in chunks showed the empty
+    state's keys 0 and cluster_feature_level 1 in /status (and keys 0 in /stats) until the restore began (then null,
+    then its values). Counted as the empty state from the first chunk: null throughout."""
+    node = client.runtime.node
+    node.last_applied = 0
+    node.receiving_snapshot = True  # chunks come; the restore has not begun (runtime.restoring_snapshot False)
+    assert not client.runtime.restoring_snapshot
+    status = client("GET", "/status").json()
+    assert status["restoring"] is True and status["keys"] is None and status["cluster_feature_level"] is None, status
+    assert client("GET", "/stats").json()["keys"] is None
+    node.receiving_snapshot = False  # a node that applied nothing and receives nothing counts its (empty) state
+    status = client("GET", "/status").json()
+    assert (status["restoring"], status["keys"], status["cluster_feature_level"]) == (False, 0, 1), status
+
+
 def test_a_node_says_it_restores_in_its_append_replies_only_in_a_cluster_of_this_release():
     """Review of fastrestore2, L1': AppendEntriesReply.restoring makes an older node drop the frame, so a node says
     it only at the feature level that came with the field: its store's, or while that store is still empty (the

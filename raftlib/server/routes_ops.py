@@ -20,8 +20,8 @@ from raftlib.runtime import Backup, Stopped, Timeout
 from .admin import SIGNATURE_HEADER
 from .edge import waiting_on_its_own
 from .health import READY_READ_SECONDS, liveness, readiness, report
-from .routes_shared import (Api, Forbidden, json_answer, leader_http, log, members, node_request_refusal,
-                            restoring_into_the_empty_state, text, wait_consistent)
+from .routes_shared import (Api, Forbidden, counts_nothing_yet, json_answer, leader_http, log, members,
+                            node_request_refusal, text, wait_consistent)
 
 
 def get_status(api: Api) -> bottle.HTTPResponse:
@@ -29,13 +29,13 @@ def get_status(api: Api) -> bottle.HTTPResponse:
     its own at a restart): NodeStatus.receiving_snapshot, what GET /readyz's snapshot check fails on. It was true
     only for a restore into the empty state, so a follower installing the leader's snapshot over its own state
     said nothing of it (review of the health leftovers, item 2). While this node restores into its empty state (a
-    restart's, or a joiner's first snapshot: `routes_shared.restoring_into_the_empty_state`) it still answers
+    restart's, or a joiner's first snapshot, its transfer too: `routes_shared.counts_nothing_yet`) it still answers
     (roles, indices, health), but `keys` and `cluster_feature_level` are null, which the empty state would give
     as 0 and 1 (review of fastrestore, Q2; null rather than left out, so clients that index them do not break:
     review of fastrestore2, Q-b); a leader's snapshot restored over a whole state leaves them as that state says."""
     status = api.runtime.status()
     node = status.node
-    empty = restoring_into_the_empty_state(api.runtime)
+    empty = counts_nothing_yet(api.runtime, node)
     return json_answer({
         "node_id": node.node_id, "role": node.role.value, "term": node.term, "leader": node.leader_id,
         "leader_http": leader_http(node.membership, node.leader_id), "commit_index": node.commit_index,

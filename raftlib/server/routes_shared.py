@@ -507,6 +507,14 @@ def restoring_into_the_empty_state(runtime: Raft) -> bool:
     return runtime.restoring_snapshot and runtime.node.last_applied == 0
 
 
+def counts_nothing_yet(runtime: Raft, node: NodeStatus) -> bool:
+    """Whether what counts the state (/status's keys and cluster_feature_level, /stats' keys) says null: while
+    `restoring_into_the_empty_state`, and while a node that applied nothing yet (a joiner) receives its first
+    snapshot from the leader, whose chunks come before the restore (review of health, Q7: it showed the empty
+    state's 0 and 1, then null, then its values). `node`: the runtime's NodeStatus, taken once by the route."""
+    return restoring_into_the_empty_state(runtime) or (node.receiving_snapshot and node.last_applied == 0)
+
+
 def refuse_from_the_empty_state(api: Api) -> None:
     """503 (raised) while `restoring_into_the_empty_state`, for what answers without waiting for an index (a stale
     read or list, a watch from now): it would answer from the empty state, a restarted node's keys seeming gone
