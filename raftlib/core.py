@@ -466,6 +466,13 @@ class RaftNode:
                 and self._election_elapsed >= self._randomized_election_ticks:
             self._election_elapsed = 0
             self._campaign(pre_vote=self.config.pre_vote)
+        elif not self._promotable() and self._incoming_snapshot is not None \
+                and self._election_elapsed >= self.config.election_ticks:
+            # A learner (or a removed node) never campaigns, so no _reset lets go of a transfer whose leader went
+            # silent (removed mid-transfer, or deposed): after an election timeout with no leader heard, it is
+            # dropped (its sink discarded) as a voter's pre-vote drops it. A later leader starts over from offset 0
+            # (review of health, Q6).
+            self._drop_incoming_snapshot()
 
     def _fire_leader_timers(self) -> None:
         if self._transferee is not None and self._transfer_elapsed >= self.config.election_ticks:

@@ -1065,6 +1065,37 @@ def test_an_abandoned_incoming_transfer_is_let_go_at_once(how):
     assert sinks[0].discarded == 1 and n._incoming_snapshot is None
 
 
+def test_a_learner_lets_go_of_a_transfer_after_an_election_timeout_with_no_leader_heard():
+    """Review of health, Q6: a learner removed (or whose leader went silent) mid-transfer never campaigns, so no
+    _reset dropped its partial snapshot: /status said `restoring` for ever and the runtime kept its file and
+    descriptor. It is dropped after an election timeout with no leader heard; a leader's heartbeat keeps it."""
+    m = Membership(("a", "b", "c"), ("d",))
+    node = RaftNode(Config("d", election_ticks=10, pre_vote=True), random.Random(1), HardState(0, None, 0),
+                    membership=m)
+    sinks: list[_RecordingSink] = []
+    node.open_snapshot_sink = lambda meta: sinks.append(_RecordingSink()) or sinks[-1]
+
+    def run(ticks: int) -> None:
+        for _ in range(ticks):
+            node.tick()
+            rd = node.ready()
+            if rd:
+                node.advance(rd)
+
+    node.step(InstallSnapshot("a", "d", 2, 100, 2, m, 0, b"x" * 64, False))  # the first chunk of several
+    node.advance(node.ready())
+    run(9)
+    node.step(AppendEntries("a", "d", 2, 0, 0, (), 0))  # the leader's heartbeat: it is still there
+    run(9)
+    assert node.status().receiving_snapshot and sinks[0].discarded == 0, "dropped while its leader spoke"
+    run(1)  # an election timeout since the leader was last heard
+    status = node.status()
+    assert not status.receiving_snapshot and not status.leader_active, status
+    assert sinks[0].discarded == 1 and node.role is Role.FOLLOWER
+    run(100)
+    assert sinks[0].discarded == 1
+
+
 @pytest.mark.parametrize("other", ["a restarted leader (next term)", "another leader"])
 def test_a_transfer_resumes_only_from_chunks_of_the_same_leader_and_term(other):
     """Second review of snapfork, finding 3; third review, item B (§7): a transfer resumed across leaders on
