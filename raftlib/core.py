@@ -48,6 +48,10 @@ from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker, 
 from .readonly import ReadAnswer, ReadOnly
 
 
+# Election timeouts with no leader heard after which a node that never campaigns (a learner, a removed node) drops a
+# partial snapshot transfer (fire_timers). Long enough that a live leader on a lossy link is heard within it.
+LEARNER_TRANSFER_SILENCE_TIMEOUTS = 10
+
 class NotLeader(Exception):
     """Raised by a request only a leader can serve. `leader_id` is the leader this node knows, or None."""
 
@@ -467,11 +471,12 @@ class RaftNode:
             self._election_elapsed = 0
             self._campaign(pre_vote=self.config.pre_vote)
         elif not self._promotable() and self._incoming_snapshot is not None \
-                and self._election_elapsed >= self.config.election_ticks:
+                and self._election_elapsed >= LEARNER_TRANSFER_SILENCE_TIMEOUTS * self.config.election_ticks:
             # A learner (or a removed node) never campaigns, so no _reset lets go of a transfer whose leader went
-            # silent (removed mid-transfer, or deposed): after an election timeout with no leader heard, it is
-            # dropped (its sink discarded) as a voter's pre-vote drops it. A later leader starts over from offset 0
-            # (review of health, Q6).
+            # silent (removed mid-transfer, or deposed): after LEARNER_TRANSFER_SILENCE_TIMEOUTS election timeouts
+            # with no leader heard, it is dropped (its sink discarded). A later leader starts over from offset 0
+            # (review of health, Q6). Not after one timeout: on a lossy link a live leader's transfer would start
+            # over again and again (review health2, L1: at 80% loss a learner never caught up).
             self._drop_incoming_snapshot()
 
     def _fire_leader_timers(self) -> None:

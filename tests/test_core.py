@@ -1065,10 +1065,12 @@ def test_an_abandoned_incoming_transfer_is_let_go_at_once(how):
     assert sinks[0].discarded == 1 and n._incoming_snapshot is None
 
 
-def test_a_learner_lets_go_of_a_transfer_after_an_election_timeout_with_no_leader_heard():
+def test_a_learner_lets_go_of_a_transfer_after_ten_election_timeouts_with_no_leader_heard():
     """Review of health, Q6: a learner removed (or whose leader went silent) mid-transfer never campaigns, so no
     _reset dropped its partial snapshot: /status said `restoring` for ever and the runtime kept its file and
-    descriptor. It is dropped after an election timeout with no leader heard; a leader's heartbeat keeps it."""
+    descriptor. It is dropped after LEARNER_TRANSFER_SILENCE_TIMEOUTS election timeouts with no leader heard; a leader
+    heard in between keeps it (review health2, L1: after one timeout a lossy link's transfer started over and over)."""
+    from raftlib.core import LEARNER_TRANSFER_SILENCE_TIMEOUTS as SILENCE
     m = Membership(("a", "b", "c"), ("d",))
     node = RaftNode(Config("d", election_ticks=10, pre_vote=True), random.Random(1), HardState(0, None, 0),
                     membership=m)
@@ -1084,11 +1086,13 @@ def test_a_learner_lets_go_of_a_transfer_after_an_election_timeout_with_no_leade
 
     node.step(InstallSnapshot("a", "d", 2, 100, 2, m, 0, b"x" * 64, False))  # the first chunk of several
     node.advance(node.ready())
-    run(9)
+    run(10 * SILENCE - 1)
     node.step(AppendEntries("a", "d", 2, 0, 0, (), 0))  # the leader's heartbeat: it is still there
-    run(9)
+    run(50)  # five election timeouts of silence (a lossy link) keep it, whatever the constant says
+    assert node.status().receiving_snapshot and sinks[0].discarded == 0, "dropped after five timeouts"
+    run(10 * SILENCE - 51)
     assert node.status().receiving_snapshot and sinks[0].discarded == 0, "dropped while its leader spoke"
-    run(1)  # an election timeout since the leader was last heard
+    run(1)  # SILENCE election timeouts since the leader was last heard
     status = node.status()
     assert not status.receiving_snapshot and not status.leader_active, status
     assert sinks[0].discarded == 1 and node.role is Role.FOLLOWER
