@@ -48,6 +48,10 @@ from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker, 
 from .readonly import ReadAnswer, ReadOnly
 
 
+# Election timeouts with no leader heard after which a node that never campaigns (a learner, a removed node) drops a
+# partial snapshot transfer (fire_timers). Long enough that a live leader on a lossy link is heard within it.
+LEARNER_TRANSFER_SILENCE_TIMEOUTS = 10
+
 class NotLeader(Exception):
     """Raised by a request only a leader can serve. `leader_id` is the leader this node knows, or None."""
 
@@ -233,6 +237,9 @@ class NodeStatus:
     # A snapshot from the leader is being received, or one (the leader's, or this node's own at a restart) is not yet
     # restored: not ready.
     receiving_snapshot: bool = False
+    # The part of `receiving_snapshot` past the transfer: a snapshot received whole and not yet saved (the leader's),
+    # or saved and not yet held by the state machine (the leader's, or this node's own at a restart): restoring.
+    restoring_snapshot: bool = False
     # A leader is known and was heard from within an election timeout (this node itself while it leads: check-quorum
     # steps a leader down when a majority was silent that long, thesis §6.2). What GET /readyz calls "a leader".
     leader_active: bool = False
@@ -408,6 +415,7 @@ class RaftNode:
             receiving_snapshot=self._incoming_snapshot is not None
             or self._pending_snapshot is not None
             or self._snapshot_unapplied != 0,
+            restoring_snapshot=self._pending_snapshot is not None or self._snapshot_unapplied != 0,
             # A follower's election timer restarts whenever its leader speaks (_become_follower): while it knows a
             # leader, _election_elapsed counts the ticks since it last heard from it. A learner never campaigns, so
             # its leader_id alone would stay set for ever after the leader died.
@@ -462,6 +470,14 @@ class RaftNode:
                 and self._election_elapsed >= self._randomized_election_ticks:
             self._election_elapsed = 0
             self._campaign(pre_vote=self.config.pre_vote)
+        elif not self._promotable() and self._incoming_snapshot is not None \
+                and self._election_elapsed >= LEARNER_TRANSFER_SILENCE_TIMEOUTS * self.config.election_ticks:
+            # A learner (or a removed node) never campaigns, so no _reset lets go of a transfer whose leader went
+            # silent (removed mid-transfer, or deposed): after LEARNER_TRANSFER_SILENCE_TIMEOUTS election timeouts
+            # with no leader heard, it is dropped (its sink discarded). A later leader starts over from offset 0
+            # (review of health, Q6). Not after one timeout: on a lossy link a live leader's transfer would start
+            # over again and again (review health2, L1: at 80% loss a learner never caught up).
+            self._drop_incoming_snapshot()
 
     def _fire_leader_timers(self) -> None:
         if self._transferee is not None and self._transfer_elapsed >= self.config.election_ticks:

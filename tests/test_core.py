@@ -1002,6 +1002,34 @@ def test_the_ready_carrying_a_leaders_snapshot_hands_out_no_entry_past_it(restor
     assert n.last_applied == 51
 
 
+@pytest.mark.parametrize("restore_in_steps", [True, False])
+def test_status_says_restoring_only_once_the_leaders_snapshot_is_held_whole(restore_in_steps):
+    """Review of health, Q2: NodeStatus.restoring_snapshot (/readyz's `applying: restoring a snapshot`) is false
+    while chunks come (only receiving_snapshot), true from the last chunk until the state machine holds the
+    snapshot (advance with snapshot_applied, or snapshot_applied after a restore by steps), then both are false."""
+    n = _follower_b()
+    membership = n.membership
+    data = b"the state at 50" * 4
+
+    def says() -> tuple[bool, bool]:
+        status = n.status()
+        return status.receiving_snapshot, status.restoring_snapshot
+
+    n.step(InstallSnapshot("a", "b", 2, 50, 2, membership, 0, data[:20], False))
+    assert says() == (True, False)
+    n.advance(n.ready())
+    assert says() == (True, False), "a transfer under way is no restore"
+    n.step(InstallSnapshot("a", "b", 2, 50, 2, membership, 20, data[20:], True))
+    assert says() == (True, True)  # held whole, not yet saved nor restored
+    rd = n.ready()
+    assert rd is not None and rd.snapshot is not None
+    n.advance(rd, snapshot_applied=not restore_in_steps)
+    if restore_in_steps:
+        assert says() == (True, True) and n.last_applied < 50
+        n.snapshot_applied(50)
+    assert says() == (False, False) and n.last_applied == 50
+
+
 class _RecordingSink(BytesSink):
     discarded = 0
 
@@ -1035,6 +1063,41 @@ def test_an_abandoned_incoming_transfer_is_let_go_at_once(how):
                 break
         assert n.role in (Role.CANDIDATE, Role.LEADER)
     assert sinks[0].discarded == 1 and n._incoming_snapshot is None
+
+
+def test_a_learner_lets_go_of_a_transfer_after_ten_election_timeouts_with_no_leader_heard():
+    """Review of health, Q6: a learner removed (or whose leader went silent) mid-transfer never campaigns, so no
+    _reset dropped its partial snapshot: /status said `restoring` for ever and the runtime kept its file and
+    descriptor. It is dropped after LEARNER_TRANSFER_SILENCE_TIMEOUTS election timeouts with no leader heard; a leader
+    heard in between keeps it (review health2, L1: after one timeout a lossy link's transfer started over and over)."""
+    from raftlib.core import LEARNER_TRANSFER_SILENCE_TIMEOUTS as SILENCE
+    m = Membership(("a", "b", "c"), ("d",))
+    node = RaftNode(Config("d", election_ticks=10, pre_vote=True), random.Random(1), HardState(0, None, 0),
+                    membership=m)
+    sinks: list[_RecordingSink] = []
+    node.open_snapshot_sink = lambda meta: sinks.append(_RecordingSink()) or sinks[-1]
+
+    def run(ticks: int) -> None:
+        for _ in range(ticks):
+            node.tick()
+            rd = node.ready()
+            if rd:
+                node.advance(rd)
+
+    node.step(InstallSnapshot("a", "d", 2, 100, 2, m, 0, b"x" * 64, False))  # the first chunk of several
+    node.advance(node.ready())
+    run(10 * SILENCE - 1)
+    node.step(AppendEntries("a", "d", 2, 0, 0, (), 0))  # the leader's heartbeat: it is still there
+    run(50)  # five election timeouts of silence (a lossy link) keep it, whatever the constant says
+    assert node.status().receiving_snapshot and sinks[0].discarded == 0, "dropped after five timeouts"
+    run(10 * SILENCE - 51)
+    assert node.status().receiving_snapshot and sinks[0].discarded == 0, "dropped while its leader spoke"
+    run(1)  # SILENCE election timeouts since the leader was last heard
+    status = node.status()
+    assert not status.receiving_snapshot and not status.leader_active, status
+    assert sinks[0].discarded == 1 and node.role is Role.FOLLOWER
+    run(100)
+    assert sinks[0].discarded == 1
 
 
 @pytest.mark.parametrize("other", ["a restarted leader (next term)", "another leader"])

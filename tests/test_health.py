@@ -4,15 +4,18 @@ and 15): what a load balancer, a Kubernetes probe or a client deciding whether t
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
-from procs import LocalCluster, Node, wait_for
+from procs import ROOT, LocalCluster, Node, free_port, wait_for
 from raftlib.core import NodeStatus, Role
 from raftlib.messages import Membership
 from raftlib.runtime import RuntimeStatus
@@ -252,3 +255,122 @@ def test_a_follower_resumed_from_a_pause_is_not_ready_until_it_hears_a_leader(cl
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"\r\n\r\nno leader\n"), answers
     wait_for(lambda: probe(follower, "/readyz").status == 200, 15, "readyz 200 once the leader is back")
+
+
+def test_a_follower_installing_the_leaders_snapshot_over_its_state_says_restoring_and_is_not_ready(tmp_path):
+    """Review of the health leftovers, item 2: /status's `restoring` was true only for a restore into the empty
+    state (a restart's), so a follower installing the leader's snapshot over the state it holds said nothing of it,
+    and /readyz's reason did not tell receiving from restoring. A follower is paused while the cluster takes about
+    20 MB of writes and the leader compacts its log past it; resumed, it is sent the leader's snapshot (20 chunks)
+    and restores it over its own state. Polled meanwhile, its /status says `restoring` with its old keys counted
+    (not null: its state is whole), /readyz 503 with `applying: receiving a snapshot from the leader` or
+    `applying: restoring a snapshot`; once it holds the snapshot, `restoring` is false and it is ready."""
+    writes, value = 2400, "v" * 8000
+    c = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", str(4 << 20))).start()
+    try:
+        leader = c.leader()
+        follower = next(n for n in c.nodes if n is not leader)
+        assert c.write("before", "1").status == 200
+        wait_for(lambda: follower.status()["applied_index"] >= leader.status()["commit_index"], 10,
+                 "the follower applied the first write")
+        before = follower.status()
+        assert before["restoring"] is False and before["keys"] == 1, before
+        send(follower, signal.SIGSTOP)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                answers = list(pool.map(lambda i: leader.request("POST", f"/db/k{i}", value, timeout=30).status,
+                                        range(writes)))
+            assert answers.count(200) == writes, {s: answers.count(s) for s in set(answers)}
+            # Compacted past what the follower holds: it can only be sent the snapshot.
+            wait_for(lambda: leader.status()["snapshot_index"] > before["last_index"] + 1, 30,
+                     "the leader's snapshot past the follower's log")
+        finally:
+            send(follower, signal.SIGCONT)
+        committed = leader.status()["commit_index"]
+        statuses: list[dict] = []
+        readyz: list[tuple[int, str]] = []
+
+        def caught_up() -> bool:
+            st = follower.request("GET", "/status", timeout=5).json()
+            statuses.append(st)
+            r = probe(follower, "/readyz", timeout=5)
+            readyz.append((r.status, r.text))
+            return st["applied_index"] >= committed and not st["restoring"] and r.status == 200
+
+        wait_for(caught_up, 90, "the follower restored the leader's snapshot and is ready", interval=0.005)
+        restoring = [st for st in statuses if st["restoring"]]
+        assert restoring, [(st["applied_index"], st["snapshot_index"]) for st in statuses]
+        # Over its whole state: its keys and level stand (not the empty state's nulls).
+        assert all(st["keys"] is not None and st["applied_index"] > 0 for st in restoring), restoring[:3]
+        reasons = {text for status, text in readyz if status == 503}
+        snapshot_reasons = {"applying: receiving a snapshot from the leader\n", "applying: restoring a snapshot\n"}
+        assert reasons & snapshot_reasons, reasons
+        # The restore's own reason (NodeStatus.restoring_snapshot), not only the transfer's (review of health, Q2).
+        assert "applying: restoring a snapshot\n" in reasons, reasons
+        assert "applying: receiving or restoring a snapshot\n" not in reasons
+        final = follower.status()
+        assert final["keys"] == writes + 1 and final["snapshot_index"] > before["last_index"], final
+    finally:
+        c.stop()
+
+
+SERVER_GUARD_SCRIPT = r"""
+import json, sys, time, urllib.error, urllib.request
+import raftdzmq  # monkey-patches first, as the server's process does
+from raftlib.server.node import Server
+
+http_port = sys.argv[2]
+server = Server(raftdzmq.server_config(raftdzmq.parse_args(["-p", sys.argv[1], "-hp", http_port, sys.argv[3]]), None))
+server.start()
+
+
+def readyz():
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5) as r:
+            return [r.status, r.read().decode()]
+    except urllib.error.HTTPError as e:
+        return [e.code, e.read().decode()]
+
+
+seen = {}
+deadline = time.monotonic() + 20
+while readyz()[0] != 200 and time.monotonic() < deadline:
+    time.sleep(0.05)
+seen["started"] = readyz()
+greenlet = server.watch_guard._greenlet
+greenlet.kill(timeout=1)  # as a bug elsewhere might; bounded
+seen["guard killed"] = readyz()
+server.watch_guard.start()
+seen["guard started again"] = readyz()
+http_stop = server.http.stop
+
+
+def stop_http(timeout):
+    seen["as HTTP stops"] = readyz()  # the last moment a probe can be answered
+    http_stop(timeout=timeout)
+
+
+server.http.stop = stop_http
+greenlet = server.watch_guard._greenlet
+server.stop()
+greenlet.join(1)
+seen["guard dead after stop"] = greenlet.dead
+print(json.dumps(seen))
+"""
+
+
+def test_a_servers_dead_watch_guard_fails_readyz_and_a_graceful_stop_does_not_say_so(tmp_path):
+    """Review of health, Q3 and Q5, on a real Server (its own process, real sockets, a real data dir): the Api is
+    wired to the Server's own WatchGuard (every other /readyz test builds an Api whose guard is always alive), and a
+    graceful stop stops the guard only after HTTP, so /readyz never answers `watch guard not running` (a bug's
+    reason: "restart the node") while the node stops; the guard's greenlet is dead once stopped."""
+    proc = subprocess.run([sys.executable, "-c", SERVER_GUARD_SCRIPT, str(free_port()), str(free_port()),
+                           str(tmp_path / "n1")], capture_output=True, text=True, timeout=90, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["started"] == [200, "ok\n"], proc.stderr[-3000:]
+    assert seen["guard killed"] == [503, "watch guard not running\n"]
+    assert seen["guard started again"] == [200, "ok\n"]
+    assert seen["as HTTP stops"] == [200, "ok\n"]
+    assert seen["guard dead after stop"] is True

@@ -59,6 +59,7 @@ class FakeNode:
     leader_commit: int = 0  # status() only
     leader_contact_seconds_ago: float = 0.0  # status() only
     receiving_snapshot: bool = False  # status() only
+    restoring_snapshot: bool = False  # status() only (the core says receiving_snapshot then too)
     membership_index: int = 0  # the FeatureLevelRaiser's; a new one with each new configuration, as the core's
 
     def __setattr__(self, name: str, value) -> None:
@@ -138,6 +139,7 @@ class FakeRuntime:
                        membership=n.membership, progress=types.MappingProxyType(progress if leading else {}),
                        removed=n.removed, reads_pending=0, leader_active=n.leader_active,
                        leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot,
+                       restoring_snapshot=n.restoring_snapshot,
                        uncommitted_bytes=sum(map(len, self.pending)) if leading else 0),
             self.running, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
                                                           "saves": 5, "snapshots": 0,
@@ -1152,7 +1154,7 @@ def test_livez_answers_ok_while_the_runtime_drives(client):
 def test_readyz_names_what_the_node_lacks(client):
     r = client("GET", "/readyz")
     assert (r.status, r.text) == (200, "ok\n")
-    assert client("GET", "/readyz?verbose").text == ("[+]member ok\n[+]leader ok\n[+]disk ok\n[+]snapshot ok\n"
+    assert client("GET", "/readyz?verbose").text == ("[+]member ok\n[+]leader ok\n[+]disk ok\n[+]watches ok\n[+]snapshot ok\n"
                                                      "[+]applied ok\n[+]read ok\nreadyz ok\n")
     # The checks passed: a linearizable read round confirms the leader's commit index NOW (a follower's
     # leader_commit may come from an old queued frame: CI, test_health); one that fails is a 503.
@@ -1173,9 +1175,13 @@ def test_readyz_names_what_the_node_lacks(client):
     node.leader_contact_seconds_ago = 1.5
     assert client("GET", "/readyz").text == "no leader\n"
     node.leader_contact_seconds_ago = 0.0
-    node.receiving_snapshot = True
-    assert client("GET", "/readyz").text == "applying: receiving or restoring a snapshot\n"
-    node.receiving_snapshot = False
+    node.receiving_snapshot = True  # the leader's chunks are coming
+    assert client("GET", "/readyz").text == "applying: receiving a snapshot from the leader\n"
+    assert client("GET", "/status").json()["restoring"] is True
+    node.restoring_snapshot = True  # received whole, or saved and restored a batch per drive
+    assert client("GET", "/readyz").text == "applying: restoring a snapshot\n"
+    node.receiving_snapshot = node.restoring_snapshot = False
+    assert client("GET", "/status").json()["restoring"] is False
     node.commit_index = 2000
     assert (client("GET", "/readyz").status, client("GET", "/readyz").text) == (503, "applying: applied 10 of 2000\n")
     client.runtime.disk_full = True
@@ -1183,7 +1189,7 @@ def test_readyz_names_what_the_node_lacks(client):
     node.leader_active = False
     assert client("GET", "/readyz").text == "no leader\n"
     assert client("GET", "/readyz?verbose").text == (
-        "[+]member ok\n[-]leader failed: no leader\n[-]disk failed: disk full\n[+]snapshot ok\n"
+        "[+]member ok\n[-]leader failed: no leader\n[-]disk failed: disk full\n[+]watches ok\n[+]snapshot ok\n"
         "[-]applied failed: applying: applied 10 of 2000\nreadyz check failed\n")
     node.removed = ("b", 17)
     r = client("GET", "/readyz")
@@ -1880,12 +1886,33 @@ def test_a_node_restoring_its_own_snapshot_at_start_does_not_answer_from_the_emp
     assert status["restoring"] is True and status["cluster_feature_level"] is None and status["keys"] is None
     assert client("GET", "/stats").json()["keys"] is None
     node.last_applied = applied  # a leader's snapshot, restored over this node's whole state: served as before
+    node.receiving_snapshot = node.restoring_snapshot = True  # as the core says it then
     assert client("GET", "/db/k?consistency=stale").text == "v"
     assert client("GET", "/db/?consistency=stale").json()["keys"] == ["k"]
     assert client("GET", "/watch?key=k&poll=1&timeout=0").status == 200
     status = client("GET", "/status").json()
     assert (status["keys"], status["cluster_feature_level"]) == (1, client.store.feature_level)
-    assert status["restoring"] is False and client("GET", "/stats").json()["keys"] == 1
+    assert client("GET", "/stats").json()["keys"] == 1
+    # It says it restores (review of the health leftovers, item 2: it said so only into the empty state).
+    assert status["restoring"] is True
+    client.runtime.restoring_snapshot = node.receiving_snapshot = node.restoring_snapshot = False
+    assert client("GET", "/status").json()["restoring"] is False
+
+
+def test_a_joiner_receiving_its_first_snapshot_counts_nothing_yet(client):
+    """Review of health, Q7: a joiner (nothing applied) receiving the leader's snapshot in chunks showed the empty
+    state's keys 0 and cluster_feature_level 1 in /status (and keys 0 in /stats) until the restore began (then null,
+    then its values). Counted as the empty state from the first chunk: null throughout."""
+    node = client.runtime.node
+    node.last_applied = 0
+    node.receiving_snapshot = True  # chunks come; the restore has not begun (runtime.restoring_snapshot False)
+    assert not client.runtime.restoring_snapshot
+    status = client("GET", "/status").json()
+    assert status["restoring"] is True and status["keys"] is None and status["cluster_feature_level"] is None, status
+    assert client("GET", "/stats").json()["keys"] is None
+    node.receiving_snapshot = False  # a node that applied nothing and receives nothing counts its (empty) state
+    status = client("GET", "/status").json()
+    assert (status["restoring"], status["keys"], status["cluster_feature_level"]) == (False, 0, 1), status
 
 
 def test_a_node_says_it_restores_in_its_append_replies_only_in_a_cluster_of_this_release():

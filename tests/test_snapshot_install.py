@@ -207,7 +207,8 @@ def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_ap
         def meanwhile():
             assert runtime.node.last_applied == 0 and runtime.restoring_snapshot
             assert not kv.data and "after" not in kv.data
-            assert runtime.node.status().receiving_snapshot  # /readyz: "applying: ... restoring a snapshot"
+            status = runtime.node.status()
+            assert status.receiving_snapshot and status.restoring_snapshot  # /readyz: "applying: restoring a snapshot"
 
         answered = heartbeats_answered_while_restoring(runtime, transport, meanwhile)
         assert answered >= 5, answered  # one piece per drive: a restore whole before start answers none
@@ -215,6 +216,7 @@ def test_a_restart_on_a_big_snapshot_answers_heartbeats_while_it_restores_and_ap
         assert values(kv) == {**values(source), "after": b"51"} and list(kv.keys) == sorted(kv.data)
         assert applied == [51] and kv.feature_level == FEATURE_LEVEL
         assert not runtime.restoring_snapshot
+        assert not runtime.node.status().restoring_snapshot
     finally:
         runtime.stop()
         storage.close()

@@ -763,6 +763,19 @@ def test_crossing_to_level_2_asks_for_a_snapshot_once():
     assert raised == [FEATURE_LEVEL]
 
 
+def test_every_raise_asks_for_a_snapshot_of_its_level():
+    """Review of health, Q1: a cluster raised 2 -> 3 takes a V4 snapshot at once, so that a restart then restores
+    one whose level says the members read AppendEntriesReply.restoring (check_snapshot: 3), not the V3 it held."""
+    raised: list[int] = []
+    kv = KeyValueStore(on_level_raised=raised.append)
+    kv.apply(1, command(SET_FEATURE_LEVEL, "", b"", 2))
+    kv.apply(2, command(SET_FEATURE_LEVEL, "", b"", 3))
+    kv.apply(3, command(SET_FEATURE_LEVEL, "", b"", 3))  # unchanged: no request
+    assert raised == [2, 3]
+    assert kv.level_index == 1  # the floor stays where the level crossed to 2
+    assert store.check_snapshot(kv.snapshot()) == 3
+
+
 def test_set_and_delete_if_index_compare_the_modify_index():
     kv, results, _ = upgraded(
         command(SET_IF_INDEX, "k", b"1", 0),  # 0: the key must be missing

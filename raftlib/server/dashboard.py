@@ -55,8 +55,8 @@ from raftlib import events
 from raftlib.messages import Role
 
 from .routes_cluster import remove_member, transfer
-from .routes_shared import (FORWARDED_HEADER, NOT_APPLIED, OUTCOME_HEADER, Api, forward_to, json_answer, leader_http,
-                            log, members, restoring_into_the_empty_state, text)
+from .routes_shared import (FORWARDED_HEADER, NOT_APPLIED, OUTCOME_HEADER, Api, counts_nothing_yet, forward_to,
+                            json_answer, leader_http, log, members, text)
 
 MEMBER_TIMEOUT_SECONDS = 0.5  # each member gets this long to answer GET /stats (connect, send, read)
 GATHER_SECONDS = 0.6  # a whole gather: the members not answered by then are unreachable
@@ -128,7 +128,7 @@ def stats_of(api: Api, events_since: int | None) -> dict:
         "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
         "disk_full": status.disk_full, "running": status.running, "members": members(node),
         "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
-        "keys": None if restoring_into_the_empty_state(api.runtime) else len(api.store), "time": time.time(),
+        "keys": None if counts_nothing_yet(api.runtime, node) else len(api.store), "time": time.time(),
         "elections_won": status.stats["elections_won"],
         "writes": dict(metrics.writes.values), "reads": dict(metrics.reads.values),
         "histograms": {name: {"bounds": list(getattr(metrics, attr).buckets), "counts": list(getattr(metrics, attr).counts)}

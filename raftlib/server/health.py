@@ -6,9 +6,11 @@
   nothing at all, and the prober's own timeout is the check. A stall that has ended is no reason to restart a
   node (review L2: every node of a cluster stalls at once while it serialises its snapshot, and /livez failed
   them all for seconds after): stalls are in /metrics only (the hub-lag histogram).
-- Ready: the node can serve: it is a member, knows a leader it heard from within an election timeout, has
-  applied what it knows to be committed (within MAX_APPLY_LAG_ENTRIES) and its disk is not full. A node that is
-  not ready should get no traffic, but is not broken.
+- Ready: the node can serve: it is a member, knows a leader it heard from within an election timeout, its disk
+  is not full, its watch guard runs (raftlib.server.watchguard: without it a removed or leaderless node's watchers
+  wait for ever; not asked of a node that serves no watches), it receives or restores no snapshot, and it has
+  applied what it knows to be committed (within MAX_APPLY_LAG_ENTRIES). A node that is not ready should get no
+  traffic, but is not broken (a dead watch guard is a bug: restart the node once the traffic has moved).
 
 Rules:
 - Pure: the caller passes the runtime's status (a frozen RuntimeStatus) and the time (time.monotonic()). No Raft
@@ -18,6 +20,7 @@ Rules:
 
 from __future__ import annotations
 
+from raftlib.core import NodeStatus
 from raftlib.runtime import RuntimeStatus
 
 MAX_APPLY_LAG_ENTRIES = 1000  # /readyz: at most this many committed entries not yet applied here
@@ -26,6 +29,8 @@ MAX_APPLY_LAG_ENTRIES = 1000  # /readyz: at most this many committed entries not
 # was down (same term, older commit indexes) are the first it reads after a restart, and the node looked ready
 # 1,500 entries behind (CI, test_health). The read's index is the leader's commit index NOW.
 READY_READ_SECONDS = 0.5
+
+WATCH_GUARD_NOT_RUNNING = "watch guard not running"
 
 Check = tuple[str, str | None]
 
@@ -37,8 +42,9 @@ def liveness(running: bool) -> list[Check]:
     return [("raft", None if running else "the raft runtime has stopped")]
 
 
-def readiness(status: RuntimeStatus, now: float) -> list[Check]:
-    """The checks of GET /readyz at `now` (time.monotonic()), in the order their reasons are given."""
+def readiness(status: RuntimeStatus, now: float, watch_guard_running: bool = True) -> list[Check]:
+    """The checks of GET /readyz at `now` (time.monotonic()), in the order their reasons are given.
+    `watch_guard_running`: the node's WatchGuard runs, or the node serves no watches."""
     node = status.node
     # Both: the core's view as of its last drive, and the runtime's clock now. A node just resumed from SIGSTOP
     # may serve this before its next drive ticks the core past the pause (review L3).
@@ -52,10 +58,18 @@ def readiness(status: RuntimeStatus, now: float) -> list[Check]:
         ("member", None if member else "not a member"),
         ("leader", None if leader else "no leader"),
         ("disk", "disk full" if status.disk_full else None),
-        ("snapshot", "applying: receiving or restoring a snapshot" if node.receiving_snapshot else None),
+        ("watches", None if watch_guard_running else WATCH_GUARD_NOT_RUNNING),
+        ("snapshot", snapshot_reason(node)),
         ("applied", None if lag <= MAX_APPLY_LAG_ENTRIES else
          f"applying: applied {node.last_applied} of {committed}"),
     ]
+
+
+def snapshot_reason(node: NodeStatus) -> str | None:
+    """Why a node that receives or restores a snapshot is not ready (None: it does neither)."""
+    if node.restoring_snapshot:
+        return "applying: restoring a snapshot"
+    return "applying: receiving a snapshot from the leader" if node.receiving_snapshot else None
 
 
 def report(what: str, checks: list[Check], verbose: bool) -> tuple[bool, str]:

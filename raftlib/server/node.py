@@ -595,7 +595,22 @@ class Server:
         """Whether the cluster's feature level says every member reads AppendEntriesReply.restoring. While this
         node restores a snapshot into its empty store (level 1: its own at a restart, or a joiner's first from the
         leader) that snapshot's level stands in (store.restoring_level: the cluster's when it was taken; a level
-        never goes down). Review of fix2snap, L1: a joiner counted only its own snapshot's, so it never said it."""
+        never goes down). Review of fix2snap, L1: a joiner counted only its own snapshot's, so it never said it.
+
+        A node restoring a snapshot that predates level 3 in a cluster already raised to it does not say it (review
+        of the health leftovers, item 3): the raise is in entries it has not applied (if it holds them at all), so
+        it cannot know that its leader reads the field, and its leader cannot tell its replies from a restored
+        node's (they undo the guess of Progress.snapshot_done too). Left so, as bounded and harmless:
+        - Once per cluster: it lasts until the node's first snapshot at level 3, which each node takes as it
+          applies the raise (on_level_raised: request_snapshot). Only a node that restarts, or is sent its leader's
+          snapshot, between the raise and that snapshot restores one of an older level.
+        - What it costs is a successor chosen during that restore (a graceful stop's hand-over, POST
+          /cluster/transfer): it ignores TimeoutNow, so the leader aborts the transfer after an election timeout
+          (writes refused, not applied, until then; the route answers 503), and a stopping leader stops after
+          HANDOVER_TIMEOUT_SECONDS, its followers electing one an election timeout later, as after a crash.
+        - Safety does not rest on it: the field only steers the choice of a successor.
+        Saying it anyway would make a leader of an older release drop the whole frame (raftlib.codec), and the
+        node's replication would stall for as long as it restores: worse than the gap."""
         return max(self.store.feature_level, self.store.restoring_level) >= RESTORING_IN_REPLIES_LEVEL
 
     def _start_node(self) -> StoredState:
@@ -874,7 +889,7 @@ class Server:
                   read_timeout_seconds=config.read_timeout_seconds, forward=config.forward,
                   guard=None if config.secret is None else AdminGuard(config.secret), max_members=config.max_members,
                   committed_configuration=self.committed_configuration, feature_level=self.feature_level,
-                  watch_hub=self.watch_hub,
+                  watch_hub=self.watch_hub, watch_guard_alive=self.watch_guard.alive,
                   # Watches hold connections: at most half the pool (edge.EdgeServer.handle relies on it,
                   # and never ends one to make room); 0 with one connection.
                   max_watches=min(MAX_WATCHES, config.max_connections // 2),
@@ -900,11 +915,11 @@ class Server:
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
             on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log,
             host_refusal=allowed_hosts.refusal)
+        self.watch_guard.start()  # before HTTP: /readyz asks whether it runs
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)
         gevent.spawn(self.level_raiser.run)
         gevent.spawn(self.leases.run)
-        self.watch_guard.start()
         if self.node_key is not None:
             self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:
@@ -938,7 +953,6 @@ class Server:
         if self.level_raiser is not None:
             self.level_raiser.stop()
         self.leases.stop()
-        self.watch_guard.stop()
         target = best_successor(self.runtime.status().node, self.node.config.election_ticks)
         if target is not None:
             try:
@@ -948,6 +962,9 @@ class Server:
                 log.warning("leadership transfer before shutdown failed: %s", e)
         if self.http is not None:
             self.http.stop(timeout=1)
+        # After HTTP: while it serves (the hand-over, up to HANDOVER_TIMEOUT_SECONDS), /readyz must not answer
+        # `watch guard not running`, a bug's reason (review of health, Q5).
+        self.watch_guard.stop()
         self.runtime.stop()
         self.transport.stop()
         self.storage.close()

@@ -20,19 +20,22 @@ from raftlib.runtime import Backup, Stopped, Timeout
 from .admin import SIGNATURE_HEADER
 from .edge import waiting_on_its_own
 from .health import READY_READ_SECONDS, liveness, readiness, report
-from .routes_shared import (Api, Forbidden, json_answer, leader_http, log, members, node_request_refusal,
-                            restoring_into_the_empty_state, text, wait_consistent)
+from .routes_shared import (Api, Forbidden, counts_nothing_yet, json_answer, leader_http, log, members,
+                            node_request_refusal, text, wait_consistent)
 
 
 def get_status(api: Api) -> bottle.HTTPResponse:
-    """GET /status. While this node restores a snapshot into its empty state (a restart's, `routes_shared.
-    restoring_into_the_empty_state`) it still answers (roles, indices, health), but `keys` and
-    `cluster_feature_level` are null, which the empty state would give as 0 and 1 (review of fastrestore, Q2; null
-    rather than left out, so clients that index them do not break: review of fastrestore2, Q-b); `restoring` says
-    so."""
+    """GET /status. `restoring`: this node receives a snapshot from the leader, or restores one (the leader's, or
+    its own at a restart): NodeStatus.receiving_snapshot, what GET /readyz's snapshot check fails on. It was true
+    only for a restore into the empty state, so a follower installing the leader's snapshot over its own state
+    said nothing of it (review of the health leftovers, item 2). While this node restores into its empty state (a
+    restart's, or a joiner's first snapshot, its transfer too: `routes_shared.counts_nothing_yet`) it still answers
+    (roles, indices, health), but `keys` and `cluster_feature_level` are null, which the empty state would give
+    as 0 and 1 (review of fastrestore, Q2; null rather than left out, so clients that index them do not break:
+    review of fastrestore2, Q-b); a leader's snapshot restored over a whole state leaves them as that state says."""
     status = api.runtime.status()
     node = status.node
-    restoring = restoring_into_the_empty_state(api.runtime)
+    empty = counts_nothing_yet(api.runtime, node)
     return json_answer({
         "node_id": node.node_id, "role": node.role.value, "term": node.term, "leader": node.leader_id,
         "leader_http": leader_http(node.membership, node.leader_id), "commit_index": node.commit_index,
@@ -40,9 +43,9 @@ def get_status(api: Api) -> bottle.HTTPResponse:
         "members": members(node), "data_size": api.data_size(),
         "disk_full": status.disk_full, "uncommitted_bytes": node.uncommitted_bytes,
         "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
-        "feature_level": api.feature_level, "restoring": restoring,
-        "keys": None if restoring else len(api.store),
-        "cluster_feature_level": None if restoring else api.store.feature_level,
+        "feature_level": api.feature_level, "restoring": node.receiving_snapshot or empty,
+        "keys": None if empty else len(api.store),
+        "cluster_feature_level": None if empty else api.store.feature_level,
     })
 
 
@@ -54,12 +57,13 @@ def livez(api: Api) -> bottle.HTTPResponse:
 
 
 def readyz(api: Api) -> bottle.HTTPResponse:
-    """200 `ok` when this node is a member, knows an active leader, has applied what it knows to be committed, has
-    room on its disk, and then a linearizable read (a ReadIndex round, shared with the reads waiting) completes
-    within READY_READ_SECONDS or an election timeout, the longer; else 503 and why (raftlib.server.health). ?verbose: every check (the read only
+    """200 `ok` when this node is a member, knows an active leader, has room on its disk, runs its watch guard (if
+    it serves watches), receives or restores no snapshot, has applied what it knows to be committed, and then a
+    linearizable read (a ReadIndex round, shared with the reads waiting) completes within READY_READ_SECONDS or an
+    election timeout, the longer; else 503 and why (raftlib.server.health). ?verbose: every check (the read only
     when the others passed)."""
     status = api.runtime.status()
-    checks = readiness(status, time.monotonic())
+    checks = readiness(status, time.monotonic(), api.max_watches == 0 or api.watch_guard_alive())
     if all(reason is None for _, reason in checks):
         # At least an election timeout: a cluster whose -election-ms is set for long round trips is not unready
         # for them (last review, item 1).

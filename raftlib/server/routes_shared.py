@@ -145,6 +145,8 @@ class Api:
     # The history GET /watch reads (the node gives the store's on_event to it), and the most watches open at once.
     watch_hub: WatchHub = field(default_factory=WatchHub)
     max_watches: int = MAX_WATCHES
+    # Whether the node's WatchGuard (raftlib.server.watchguard) runs: GET /readyz fails while it does not.
+    watch_guard_alive: Callable[[], bool] = lambda: True
     # The leader's LeaseKeeper, in step with the node's role and term; None while this node does not lead.
     lease_keeper: Callable[[], LeaseKeeper | None] = lambda: None
     min_ttl_seconds: int = 1
@@ -503,6 +505,14 @@ def restoring_into_the_empty_state(runtime: Raft) -> bool:
     whole, at its applied index. What counts the state (keys, leases, its feature level) says nothing meanwhile:
     the empty state's 0 and 1 are not this node's (review of fastrestore2, Q-b)."""
     return runtime.restoring_snapshot and runtime.node.last_applied == 0
+
+
+def counts_nothing_yet(runtime: Raft, node: NodeStatus) -> bool:
+    """Whether what counts the state (/status's keys and cluster_feature_level, /stats' keys) says null: while
+    `restoring_into_the_empty_state`, and while a node that applied nothing yet (a joiner) receives its first
+    snapshot from the leader, whose chunks come before the restore (review of health, Q7: it showed the empty
+    state's 0 and 1, then null, then its values). `node`: the runtime's NodeStatus, taken once by the route."""
+    return restoring_into_the_empty_state(runtime) or (node.receiving_snapshot and node.last_applied == 0)
 
 
 def refuse_from_the_empty_state(api: Api) -> None:

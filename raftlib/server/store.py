@@ -32,9 +32,10 @@ Rules:
   A SET_FEATURE_LEVEL above this release's FEATURE_LEVEL raises FeatureLevelTooHigh (nothing changed): this node
   cannot apply what follows as the others do, so the runtime stops it (a new binary must take over its data dir).
 - Downgrades: once the level is 2 the log holds ops an older release applies as nothing. `on_level_raised` is
-  called when the level crosses to 2 so that the node takes a snapshot at once (raftlib.runtime's
-  request_snapshot): an older binary started on the data dir then stops at start on the V3 snapshot ("unknown
-  format") rather than replay the new ops as nothing. A downgrade below the cluster's level is not supported.
+  called at every raise (to 2, and from 2 to 3) so that the node takes a snapshot at once (raftlib.runtime's
+  request_snapshot): an older binary started on the data dir then stops at start on the V3 (V4) snapshot
+  ("unknown format") rather than replay the new ops as nothing, and a restart restores a snapshot of the raised
+  level, which says it (a V4's level: raftlib.server.node's _members_read_restoring; review of health, Q1). A downgrade below the cluster's level is not supported.
   Since a node restores its own snapshot by steps while it runs (raftlib.runtime's restore_at_start), it checks
   the snapshot's format name and V4's level first (`check_snapshot`), so that such a binary still stops at start.
 - Indices: a key's create index is the index of the entry that created it (after a delete, the next put creates
@@ -488,7 +489,7 @@ class KeyValueStore:
         self.level_index = 0
         self.on_event = on_event
         self.on_lease = on_lease
-        self.on_level_raised = on_level_raised  # called with the level when it crosses to 2 (a snapshot is due)
+        self.on_level_raised = on_level_raised  # called with the level at every raise (a snapshot is due)
         self._events: list[Event] = []  # the command's, handed to on_event once it applied whole
         # What a restore dropped before its end left (its half-built state, or the old state it was freeing): the
         # dicts and lists holding it, freed a batch per step by the next restore's first steps (`restoring`).
@@ -630,8 +631,8 @@ class KeyValueStore:
             # Stored indices stay as they are (an O(keys) rewrite here held the loop ~1.5 s at 1M keys): every
             # reader takes them through `exposed`, and the V3 snapshot is written as exposed (encode_state).
             self.level_index = index
-            if self.on_level_raised is not None:
-                self.on_level_raised(level)
+        if self.on_level_raised is not None:
+            self.on_level_raised(level)  # every raise: a snapshot of the new level is due (the module's rules)
         return "ok"
 
     def _grant(self, index: int, ttl_seconds: int) -> str:

@@ -34,6 +34,12 @@ Rules:
   from check to check.
 - A check that raises (a bug) is logged with its traceback, at most once every ERROR_LOG_SECONDS (the rest are
   counted in the next line), and the guard goes on at its period: it never dies silently with a refusal left set.
+  That covers whatever a check or the sleep between raises, a gevent.Timeout (a BaseException) too: everything
+  but the GreenletExit of a kill, and the process-wide exits gevent passes to the main greenlet (SystemExit,
+  KeyboardInterrupt), which end the process anyway.
+- If its greenlet ends all the same (killed by anything but `stop`), that is logged as an error once, and `alive`
+  says so: GET /readyz answers 503 `watch guard not running` (raftlib.server.health), so a load balancer takes
+  the node's watchers elsewhere. It is not restarted: what ended it is a bug to be seen, not hidden.
 - Every wait is bounded (a sleep of one check period); the guard holds nothing but the hub it drives; `stop`
   kills its greenlet.
 """
@@ -119,11 +125,22 @@ class WatchGuard:
 
     def start(self) -> None:
         self._greenlet = gevent.spawn(self.run)
+        self._greenlet.link(self._ended)
 
     def stop(self) -> None:
         if self._greenlet is not None:
-            self._greenlet.kill(block=False)
-            self._greenlet = None
+            greenlet, self._greenlet = self._greenlet, None
+            greenlet.kill(block=False)
+
+    def alive(self) -> bool:
+        """Started, not stopped, and its greenlet has not ended (the module's rules): GET /readyz asks."""
+        return self._greenlet is not None and not self._greenlet.dead
+
+    def _ended(self, greenlet: gevent.Greenlet) -> None:
+        why = greenlet.exception or "killed"
+        if greenlet is self._greenlet:  # not `stop`'s kill
+            log.error("the watch guard has stopped (%r): watches are no longer ended on a removed or leaderless "
+                      "node; /readyz says `watch guard not running`", why)
 
     def run(self) -> None:
         now = time.monotonic()
@@ -132,14 +149,14 @@ class WatchGuard:
         errors = 0  # checks that raised since the last one logged
         logged_at = float("-inf")
         while True:
-            gevent.sleep(period)
             try:
+                gevent.sleep(period)
                 status = self.status()
                 period = check_period_seconds(status.election_timeout_seconds)
                 now = time.monotonic()
                 memory = remember(memory, status, now)
                 self.check(status, now, memory)
-            except Exception:
+            except (Exception, gevent.Timeout):  # all but a kill's GreenletExit (the module's rules)
                 errors += 1
                 if time.monotonic() - logged_at >= ERROR_LOG_SECONDS:
                     logged_at = time.monotonic()
