@@ -748,11 +748,7 @@ class Runtime:
                 self._wake.clear()
                 self._wake.wait(self.tick_seconds)  # a tick at the latest: the clock is read in _drive
             if not self._driving and self.running:
-                self._drive(by_loop=True)
-                if self._restoring is not None:
-                    # A turn of the loop between a restore's drives, whatever the drive did: the loop does not
-                    # wait while a restore is under way, so this yield is what lets timers and sockets run.
-                    gevent.sleep(0.00001)
+                self._drive(by_loop=True)  # it yields a turn on its way out while a restore is under way
 
     def _drive(self, by_loop: bool = False) -> None:
         """Take everything in the inbox, step the node with it and carry out what it asks. Only one greenlet at a
@@ -808,10 +804,11 @@ class Runtime:
         apply_pending = self.node.apply_pending
         if self._inbox or apply_pending or (self._restoring is not None and not by_loop):
             self._wake.set()  # it came while we saved or sent, or a restore's steps are left: the loop takes it
-        if len(items) > 64 or apply_pending:
-            # Let timers and I/O run between big batches and between the pieces of a backlog: a short sleep yields
-            # to the next turn of the loop (timers run, every socket is polled); gevent.idle() would wait until
-            # nothing else is runnable, and gevent.sleep(0) lets no timer run.
+        if len(items) > 64 or apply_pending or (self._restoring is not None and by_loop):
+            # Let timers and I/O run between big batches and between the pieces of a backlog or of a restore (the
+            # loop does not wait while one is under way: this is its turn): a short sleep yields to the next turn
+            # of the loop (timers run, every socket is polled); gevent.idle() would wait until nothing else is
+            # runnable, and gevent.sleep(0) lets no timer run. One yield per drive, whichever of these holds.
             gevent.sleep(0.00001)
 
     def _note_snapshot_read_failure(self) -> None:
