@@ -6,6 +6,7 @@ answers writes throughout, and the junk is dropped and logged."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +15,9 @@ import pytest
 
 from procs import ROOT, LocalCluster, wait_for
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from raft_port_flood import FLOODER  # noqa: E402  (the bench's flooder: bench/raft_port_flood.py)
+
 # Connections, each keeping PIPELINE frames queued on the port (DEALER sockets: a REQ socket has one out, and 64 of
 # them kept the queue full only now and then). Fewer than the port's cap (transport.MAX_INBOUND_CONNECTIONS, 32):
 # past it the connections that never sent a valid frame are shut down, and the junk flood dies with them.
@@ -21,40 +25,6 @@ SENDERS = 24
 PIPELINE = 50
 FLOOD_SECONDS = 4.0  # 7-13 election timeouts (300-600 ms by default)
 WRITE_BOUND_SECONDS = 3.0  # each write during the flood: a bound, not a speed
-
-FLOODER = r"""
-import sys, time, zmq
-sys.path.insert(0, sys.argv[1])
-from raftlib import codec
-from raftlib.messages import RequestVoteReply
-port, dst, kind = int(sys.argv[2]), sys.argv[3], sys.argv[4]
-senders, pipeline, seconds = int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7])
-# junk: CBOR that is no batch; ghost: a well-formed, stale-term message from a node that is no member.
-frame = (b"\x82\x63junk" * 8 if kind == "junk"
-         else codec.encode_batch([RequestVoteReply("ghost", dst, 0, False)]))
-ctx = zmq.Context()
-poller = zmq.Poller()
-sockets = []
-for _ in range(senders):
-    s = ctx.socket(zmq.DEALER)  # a REP socket takes a DEALER's frames after an empty delimiter, as a REQ's
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://127.0.0.1:{port}")
-    poller.register(s, zmq.POLLIN)
-    sockets.append(s)
-    for _ in range(pipeline):
-        s.send_multipart([b"", frame])
-answered = 0
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    for s, _ in poller.poll(100):
-        s.recv_multipart()
-        answered += 1
-        s.send_multipart([b"", frame])  # the next, so that each connection keeps `pipeline` queued
-for s in sockets:
-    s.close(linger=0)
-ctx.term()
-print(answered)
-"""
 
 
 @pytest.fixture(scope="module")
