@@ -748,11 +748,12 @@ class Runtime:
                 self._wake.clear()
                 self._wake.wait(self.tick_seconds)  # a tick at the latest: the clock is read in _drive
             if not self._driving and self.running:
-                self._drive()
+                self._drive(by_loop=True)  # it yields a turn on its way out while a restore is under way
 
-    def _drive(self) -> None:
+    def _drive(self, by_loop: bool = False) -> None:
         """Take everything in the inbox, step the node with it and carry out what it asks. Only one greenlet at a
-        time is in here (`_driving`): the loop, or a transport greenlet whose message found the node free. Items
+        time is in here (`_driving`): the loop (`by_loop`), or a transport greenlet whose message found the node
+        free, whose reply leaves only once its drive returns (zmq's REP greenlet sends what the handler returns). Items
         that come while a drive has yielded (to let a leader's appends go out, or while the disk is full) wait in
         the inbox; the drive wakes the loop for them on its way out."""
         self._driving = True
@@ -782,7 +783,7 @@ class Runtime:
                 self._note_snapshot_read_failure()
             if self.node.removed != self._removed:  # a notice may change nothing else: no Ready for it
                 self._note_removed(self.node.removed)
-            if self._restoring is not None and self._in_loop():  # the replies set: pieces of the restore
+            if self._restoring is not None and by_loop:  # the replies set: pieces of the restore
                 self._restore_steps(replies)
             self._maybe_snapshot()
             if self._backups_asked and not self.restoring_snapshot:
@@ -801,19 +802,14 @@ class Runtime:
         # false, so that a loop waiting while a transport greenlet drove wakes for it; the loop tests the
         # backlog itself before it waits, so no wake is lost.
         apply_pending = self.node.apply_pending
-        in_loop = self._in_loop()
-        if self._inbox or apply_pending or (self._restoring is not None and not in_loop):
+        if self._inbox or apply_pending or (self._restoring is not None and not by_loop):
             self._wake.set()  # it came while we saved or sent, or a restore's steps are left: the loop takes it
-        if len(items) > 64 or apply_pending or (self._restoring is not None and in_loop):
-            # Let timers and I/O run between big batches and between the pieces of a backlog: a short sleep yields
-            # to the next turn of the loop (timers run, every socket is polled); gevent.idle() would wait until
-            # nothing else is runnable, and gevent.sleep(0) lets no timer run.
+        if len(items) > 64 or apply_pending or (self._restoring is not None and by_loop):
+            # Let timers and I/O run between big batches and between the pieces of a backlog or of a restore (the
+            # loop does not wait while one is under way: this is its turn): a short sleep yields to the next turn
+            # of the loop (timers run, every socket is polled); gevent.idle() would wait until nothing else is
+            # runnable, and gevent.sleep(0) lets no timer run. One yield per drive, whichever of these holds.
             gevent.sleep(0.00001)
-
-    def _in_loop(self) -> bool:
-        """This greenlet is the loop's (`_loop`), not a transport greenlet driving for its frame, whose reply
-        leaves only once its drive returns (zmq's REP greenlet sends what the handler returns)."""
-        return bool(self._greenlets) and gevent.getcurrent() is self._greenlets[0]
 
     def _note_snapshot_read_failure(self) -> None:
         # The core abandons a transfer whose source it could not read (SnapshotUnreadable) and counts it, per

@@ -101,6 +101,14 @@ LIVE_CHECK_SECONDS = 0.05  # how often a sender waiting past its reply timeout l
 MAX_INBOUND_CONNECTIONS = 32  # kept at once on the Raft port; members need one each
 NEVER_SPOKE_SECONDS = 1.0  # a connection that never sent a valid frame ranks as if it last did this long before it came
 MONITOR_QUEUE_EVENTS = 10_000  # monitor events queued for the loop at most (each two small frames)
+# The REP greenlet serves frames back to back while more are queued (zmq.green's recv returns at once then, without
+# a turn of the loop), for at most this long; then it yields a turn of the loop (timers run, every socket is
+# polled). Under a flood of frames (junk, a stranger's, or just many) a node's timers and other greenlets were
+# held until the socket emptied: a timer 583 ms late, a restore 2-3 s instead of 0.6 s, and a leader whose
+# heartbeats did not go out deposed (review of restart1m). A socket that empties lets the loop turn anyway: at
+# the usual one or two senders the queue never holds frames that long, and nothing is spent on yields. The monitor's
+# greenlet drains its events by the same rule (_ServeTurns): a flood of connections queues up to MONITOR_QUEUE_EVENTS.
+SERVE_TURN_SECONDS = 0.002
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks who may connect (RFC 27/ZAP)
 _HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "a protocol error", zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                      "refused by authentication"}
@@ -146,6 +154,31 @@ class _RateLimitedWarning:
             message += f" (and {self._left_out} more since the last such line)"
         logger.log(level, message, *args)
         self._warned_at, self._left_out = now, 0
+
+
+class _ServeTurns:
+    """The SERVE_TURN_SECONDS rule for a greenlet that takes what is queued on a socket: zmq.green's recv returns
+    at once while something is queued, without a turn of the loop, so a greenlet draining a full socket held the
+    node's timers and other greenlets until it emptied. Ask `queued()` before each recv and tell `received()` after
+    it: a turn of the loop is taken once the greenlet has served back to back for SERVE_TURN_SECONDS."""
+
+    def __init__(self, sock) -> None:
+        self._sock = sock
+        self._turn_at = time.monotonic()  # when the loop last had a turn: a recv waited, or we yielded
+
+    def queued(self) -> bool:
+        """Whether something is queued (else the recv waits: the loop turns meanwhile); first a turn of the loop
+        if it is, and the greenlet has served back to back for SERVE_TURN_SECONDS."""
+        queued = bool(self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        if queued and time.monotonic() - self._turn_at >= SERVE_TURN_SECONDS:
+            gevent.sleep(0.00001)  # a turn of the loop (gevent.sleep(0) lets no timer run: STACK-NOTES)
+            self._turn_at = time.monotonic()
+        return queued
+
+    def received(self, queued: bool) -> None:
+        """A recv returned; `queued` is what `queued()` said before it."""
+        if not queued:
+            self._turn_at = time.monotonic()
 
 
 class ZmqTransport:
@@ -210,6 +243,7 @@ class ZmqTransport:
         self.dropped_frames = 0
         self._dropped_warning = _RateLimitedWarning()
         self._handshake_warning = _RateLimitedWarning()
+        self._receive_warning = _RateLimitedWarning()
         self._inbound = _InboundConnections(int(bind_address.rsplit(":", 1)[1]), max_inbound_connections)
 
     def _encode(self, messages) -> bytes:
@@ -384,13 +418,17 @@ class ZmqTransport:
     def _serve(self) -> None:
         sock = self._rep
         curve = self._curve is not None
+        turns = _ServeTurns(sock)
         while True:
             try:
+                queued = turns.queued()
                 frame = sock.recv(copy=False)
+                turns.received(queued)
             except zmq.ZMQError as e:
                 if e.errno == zmq.ETERM or sock.closed:
                     return
-                logger.warning("raft port receive error: %s", e)
+                self._receive_warning.warn("raft port receive error: %s", e)
+                gevent.sleep(0.1)  # a spin otherwise (EVENTS may say nothing is queued: no yield), as the senders
                 continue
             data = frame.bytes
             replies = []
@@ -432,11 +470,16 @@ class ZmqTransport:
         """Follow the REP socket's monitor: count the connections zmq accepted, shut down the surplus, and log
         handshakes that failed (another secret, none, or not zmq at all) at most once a second."""
         monitor, inbound = self._monitor, self._inbound
+        turns = _ServeTurns(monitor)  # a flood of connections can queue MONITOR_QUEUE_EVENTS: ~40-100 ms to drain
         while True:
             try:
+                queued = turns.queued()
                 frames = monitor.recv_multipart()
+                turns.received(queued)
                 while True:  # everything that has happened, before any eviction: descriptors are reused
                     self._on_event(parse_monitor_message(frames))
+                    if not turns.queued():
+                        break
                     frames = monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 pass
@@ -484,9 +527,11 @@ class ZmqTransport:
         while True:
             try:
                 frames = zap.recv_multipart()
-            except zmq.ZMQError:
+            except zmq.ZMQError as e:
                 if zap.closed:
                     return
+                self._handshake_warning.warn("raft port: could not take an authentication request: %s", e)
+                gevent.sleep(0.1)
                 continue
             key = ""
             if len(frames) >= 7 and frames[5] == b"CURVE" and len(frames[6]) == 32:
@@ -501,8 +546,13 @@ class ZmqTransport:
                     except Exception:
                         logger.exception("on_refused failed")
             request_id = frames[1] if len(frames) > 1 else b""
-            zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
-                                b"OK" if ok else b"not a member's key", key.encode("ascii") if ok else b"", b""])
+            try:
+                zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
+                                    b"OK" if ok else b"not a member's key", key.encode("ascii") if ok else b"", b""])
+            except zmq.ZMQError as e:  # else the handler would die, and every CURVE handshake wait out its time
+                if zap.closed:
+                    return
+                self._handshake_warning.warn("raft port: could not answer an authentication request: %s", e)
 
     def stop(self) -> None:
         for peer in list(self._peers.values()):

@@ -261,9 +261,9 @@ class PacedStore(KeyValueStore):
 def count_steps_per_drive(runtime, kv: PacedStore) -> None:
     drive = runtime._drive
 
-    def counted():
+    def counted(by_loop: bool = False):
         kv.drives += 1
-        drive()
+        drive(by_loop)
 
     runtime._drive = counted
 

@@ -1,9 +1,19 @@
 """The transport in a subprocess that owns its gevent hub: reconnects (lazy pirate), the cap on inbound
-connections, and who may connect with node keys (CURVE and ZAP), as whom."""
+connections, and who may connect with node keys (CURVE and ZAP), as whom. In this process: the Raft port's REP
+greenlet lets the loop turn while it serves a full queue."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
+from typing import Callable
+
+import gevent
+import zmq
+
+from raftlib import RequestVote, codec
+from raftlib.transport import SERVE_TURN_SECONDS, ZmqTransport
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,3 +28,97 @@ def test_reconnects_after_dead_missing_and_returning_peers():
                      "frames-within-the-limit": "ok", "reply-after-stall": "ok",
                      "late-reply-taken": "ok", "stopped-peer-given-up": "ok",
                      "restarted-peer-given-up": "ok"}, out.stdout + out.stderr
+
+
+def spin(seconds: float) -> None:
+    """Take `seconds` of CPU without a yield, as a drive that takes its time."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        pass
+
+
+def served_when_a_timer_ran(transport: ZmqTransport, port: int, queue: Callable[[zmq.Context, str], None],
+                            served: list, total: int) -> int:
+    """Start `transport`, let `queue` queue work for it on its Raft port (plain zmq: its sockets never yield) while
+    the hub is held, so that all of it is queued before the transport's greenlets first run (they start from a
+    callback, and serve what is queued without waiting); then a timer due at once: how much of `served` it saw."""
+    timer_saw: list[int] = []
+    context = zmq.Context()
+    try:
+        transport.start()  # bound; its greenlets start at our first yield
+        queue(context, f"tcp://127.0.0.1:{port}")
+        time.sleep(0.5)  # the hub held (no monkey patching here): zmq's I/O thread queues the work meanwhile
+        gevent.spawn_later(0.001, lambda: timer_saw.append(len(served)))
+        deadline = time.monotonic() + 30
+        while len(served) < total and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+    finally:
+        context.destroy(linger=0)
+        transport.stop()
+    assert len(served) >= total, served  # and the monitor may report the closing of its connections
+    assert timer_saw, "the timer never ran"
+    return timer_saw[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Work items queued at once, each taking at least SERVE_TURN_SECONDS / 4: at most 15 yields of the greenlet serving
+# them. gevent.sleep(0) yields through the hub's callbacks, which let the loop turn (and a timer run) only after 50
+# of them (gevent's CALLBACK_CHECK_COUNT): so a timer runs before they are all served only with the timed yield.
+QUEUED = 60
+
+
+def test_a_timer_runs_before_a_full_raft_port_is_drained():
+    """The REP greenlet serves queued frames back to back (zmq.green's recv returns at once while frames are
+    queued); after SERVE_TURN_SECONDS of that it must yield a turn of the loop, so that a timer due meanwhile runs
+    before the queue is empty (review of flood, Q1). Without a yield, or with gevent.sleep(0) (QUEUED), the timer
+    runs only once all the frames are served."""
+    served: list[int] = []
+
+    def handle(messages, reply_wanted):
+        spin(SERVE_TURN_SECONDS / 4)
+        served.append(len(messages))
+        return []
+
+    def queue(context: zmq.Context, endpoint: str) -> None:
+        dealer = context.socket(zmq.DEALER)  # a REP takes a DEALER's frames after an empty delimiter, as a REQ's
+        dealer.connect(endpoint)
+        frame = codec.encode_batch([RequestVote("b", "a", 1, 0, 0)])
+        for _ in range(QUEUED):
+            dealer.send_multipart([b"", frame])
+
+    port = free_port()
+    saw = served_when_a_timer_ran(ZmqTransport("a", f"127.0.0.1:{port}", handle), port, queue, served, QUEUED)
+    assert saw < QUEUED, f"the timer ran only after all {saw} frames"
+
+
+def test_a_timer_runs_before_a_full_monitor_queue_is_drained(monkeypatch):
+    """The monitor's greenlet drains the REP socket's events (a flood of connections queues up to
+    MONITOR_QUEUE_EVENTS) by the same rule (review of flood, L1): a timer due meanwhile runs before they are all
+    taken. Each event here costs SERVE_TURN_SECONDS / 4 (it is ~4 us: a real flood queues thousands)."""
+    port = free_port()
+    transport = ZmqTransport("a", f"127.0.0.1:{port}", lambda messages, reply_wanted: [],
+                             max_inbound_connections=QUEUED)  # no eviction: QUEUED events, one per connection
+    taken: list[dict] = []
+    on_event = transport._on_event
+
+    def slow_on_event(event: dict) -> None:
+        spin(SERVE_TURN_SECONDS / 4)
+        taken.append(event)
+        on_event(event)
+
+    monkeypatch.setattr(transport, "_on_event", slow_on_event)
+
+    dealers: list[zmq.Socket] = []  # kept open until the context goes
+
+    def queue(context: zmq.Context, endpoint: str) -> None:
+        for _ in range(QUEUED):  # each accepted: one event
+            dealers.append(context.socket(zmq.DEALER))
+            dealers[-1].connect(endpoint)
+
+    saw = served_when_a_timer_ran(transport, port, queue, taken, QUEUED)
+    assert saw < QUEUED, f"the timer ran only after all {saw} events"
