@@ -506,18 +506,28 @@ def test_watchers_of_one_filter_at_one_place_share_one_read_and_one_frame_until_
     assert answers[0][1] == sse_frame(answers[0][0]) and all(frame is answers[0][1] for _, frame in answers)
     assert hub.shared_reads - shared_before == len(same) - 1 and all(w.position == 3 for w in same)
     assert hub.encodings == 3  # each event once
+    # The same read as a chunk (a stream behind the edge sends it from the wake): made once, shared as well.
+    hub.on_event(put(4, "app/y4"))
+    hub.applied(4)
+    chunks = [hub.next_chunk(watcher) for watcher in same]
+    events, parts, length = chunks[0]
+    frame = sse_frame(events)
+    assert indices(events) == [4] and parts == (b"%x\r\n" % len(frame), frame, b"\r\n")
+    assert length == len(b"".join(parts)) and all(chunk[1] is parts for chunk in chunks)
+    assert hub.next_chunk(same[0]) == ([], (), 0)
+    shared_before = hub.shared_reads
     events, frame = hub.next_sse(other)  # another filter: its own read
     assert indices(events) == [2] and frame == sse_frame(events)
-    assert hub.shared_reads - shared_before == len(same) - 1
+    assert hub.shared_reads == shared_before
     # A change between two reads from the same place: the later reader sees it, not the earlier answer.
-    behind = [hub.watch(3, Filter(prefix="app/")) for _ in range(2)]
-    hub.on_event(put(4, "app/y4"))
-    assert indices(hub.next(behind[0])) == [4]
+    behind = [hub.watch(4, Filter(prefix="app/")) for _ in range(2)]
     hub.on_event(put(5, "app/y5"))
-    hub.applied(5)
-    assert indices(hub.next(behind[1])) == [4, 5] and behind[1].position == 5
+    assert indices(hub.next(behind[0])) == [5]
+    hub.on_event(put(6, "app/y6"))
+    hub.applied(6)
+    assert indices(hub.next(behind[1])) == [5, 6] and behind[1].position == 6
     events, frame = hub.next_sse(same[0])
-    assert indices(events) == [4, 5] and frame == sse_frame(events)
+    assert indices(events) == [5, 6] and frame == sse_frame(events)
     assert hub.next_sse(same[0]) == ([], b"")  # read to the end: nothing until the next match
 
 
@@ -598,6 +608,39 @@ def test_an_event_looks_up_prefixes_along_its_key_not_per_watched_prefix_length(
     assert not hub._prefix_trie
 
 
+def test_the_wakes_deliveries_stop_at_the_turns_budget_though_it_reads_the_clock_every_few():
+    """The wake reads the clock once every CLOCK_EVERY deliveries: a turn of deliveries that each take 1 ms still
+    stops within CLOCK_EVERY deliveries past WAKE_TURN_SECONDS (the rest in later turns), and every watcher is
+    offered its wake once, the clock it is given never older than CLOCK_EVERY deliveries."""
+    from raftlib.server.watch import CLOCK_EVERY, WAKE_TURN_SECONDS
+
+    hub = WatchHub()
+    watchers = [hub.watch(0, Filter(prefix="")) for _ in range(100)]
+    offered: list[tuple[float, float]] = []
+
+    def deliver(watcher, now):
+        offered.append((now, time.monotonic()))
+        hub.next(watcher)
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:  # 1 ms of work, without yielding
+            pass
+        return True
+
+    for watcher in watchers:
+        hub.next(watcher)
+        watcher.deliver = deliver
+    hub.on_event(put(1))
+    gevent.sleep(0)  # one turn's callbacks
+    first_turn = len(offered)
+    assert WAKE_TURN_SECONDS * 1000 <= first_turn <= WAKE_TURN_SECONDS * 1000 + CLOCK_EVERY
+    for _ in range(1000):  # the rest, in later turns: a bound in turns, not a time
+        if len(offered) == len(watchers):
+            break
+        gevent.sleep(0.001)
+    assert len(offered) == len(watchers) == hub.wakes
+    assert all(called - now < (CLOCK_EVERY + 1) * 0.001 + 0.05 for now, called in offered)
+
+
 def test_watchers_are_woken_a_batch_a_turn_of_the_loop():
     from raftlib.server.watch import WAKE_BATCH
 
@@ -638,7 +681,7 @@ def test_the_wake_offers_a_watcher_its_deliver_first_and_wakes_its_greenlet_only
     watchers = {name: hub.watch(0, Filter(key=name)) for name in (*answers, "raises", "plain")}
     offered = []
 
-    def deliver(watcher):
+    def deliver(watcher, now):
         offered.append(watcher.wanted.key)
         if watcher.wanted.key == "raises":
             raise RuntimeError("a bug")
@@ -1084,9 +1127,9 @@ from raftlib.server.watch import WatchHub
 counts = {"whole": 0, "partial": 0, "greenlet_frames": 0}
 deliver, write = watchstream.SocketWriter.deliver, watchstream.SocketWriter.write
 
-def counting_deliver(self, watcher):
+def counting_deliver(self, watcher, now):
     armed = self.armed
-    done = deliver(self, watcher)
+    done = deliver(self, watcher, now)
     if armed:
         kind = "partial" if self.pending else "whole" if done else "other"
         counts[kind] = counts.get(kind, 0) + 1
@@ -1341,6 +1384,30 @@ def test_a_drive_of_more_events_than_a_read_takes_reaches_a_waiting_stream_at_on
         hub.on_events((put(index, f"k{index}"),))
         hub.applied(index)
     assert read_stream_events(client, count, seconds=10) == list(range(1, count + 1))
+
+
+def test_the_wakes_writes_are_in_the_metrics_when_its_turn_ends(loopback_streams):
+    """The wake tallies what it writes (Metrics.stream_writes) and adds it to the metrics once a turn, not once a
+    frame: by the end of the turn that wrote a drive's frame to three streams, each stream's metrics count its frame
+    (raftdzmq_watch_delivery_seconds) and its events (raftdzmq_watch_events_delivered), with nobody scraping."""
+    hub = WatchHub()
+    streams = [loopback_streams(hub, "m/") for _ in range(3)]
+    writers = [watcher.deliver.__self__ for _, watcher in streams]
+    for index in range(1, 6):  # one drive: one frame of five events for each stream
+        hub.on_events((put(index, f"m/{index}"),))
+        hub.applied(index)
+    assert hub._waking
+    for _ in range(1000):  # until the wake's turns are done: a bound in turns of the loop
+        if not hub._waking:
+            break
+        gevent.sleep(0)
+    assert all(writer.armed for writer in writers)  # written from the wake, whole: no greenlet wrote
+    for writer in writers:
+        assert sum(writer.metrics.watch_delivery_seconds.counts) == 1
+        assert writer.metrics.watch_events.values["stream"] == 5
+        assert writer.metrics.stream_writes.frames == writer.metrics.stream_writes.events == 0
+    for client, _ in streams:
+        assert read_stream_events(client, 5, seconds=10) == [1, 2, 3, 4, 5]
 
 
 def test_streams_that_stopped_reading_hold_one_shared_frame_between_them_not_a_copy_each(loopback_streams):
