@@ -559,6 +559,124 @@ def test_readers_at_many_places_of_a_quiet_history_leave_a_bounded_few_shared_fr
     assert hub.held_bytes == history_bytes + EVENT_OVERHEAD_BYTES + len("other") + 1
 
 
+def test_a_read_after_end_every_watch_and_a_new_event_gets_the_event_not_the_answer_from_before():
+    """Review of fanout3, Q1: the newest shared answer is taken by its key alone (_newest_key), and the history's
+    changes drop it only while something is shared. After end_every_watch emptied the history, a new event must
+    still reach a watcher that reads from the place of that answer: not the old empty answer, skipping the event."""
+    hub = WatchHub()
+    hub.on_event(put(1, "a"))
+    hub.applied(1)
+    watcher = hub.watch(1, ALL)
+    assert hub.next(watcher) == [] and watcher.position == 1  # the newest shared answer: from 1, nothing
+    hub.end_every_watch(1)  # the history starts at 1: the watcher is not behind, and reads from 1 again
+    hub.on_event(put(2, "b"))
+    hub.applied(2)
+    assert indices(hub.next(watcher)) == [2] and watcher.position == 2
+
+
+def test_the_answers_of_a_replaced_history_are_not_held_after_it():
+    """Review of fanout3, Q2: after a restore (or any drop of the shared answers) the newest one stayed
+    referenced by the shortcut: its events and its frame, 4 MiB for one 2 MiB value, outside held_bytes."""
+    import tracemalloc
+
+    hub = WatchHub()
+    watcher = hub.watch(0, ALL)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        hub.on_event(put(1, "big", b"x" * (2 << 20)))
+        hub.applied(1)
+        events, frame = hub.next_sse(watcher)
+        assert len(frame) > 2 << 20
+        del events, frame
+        hub.restored(5)  # a snapshot replaced the state: the history and the shared answers go
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert hub.held_bytes == 0 and held < 1 << 20
+
+
+class _Unshared(WatchHub):
+    """A hub without the newest-key shortcut: every shared read through the dict (the reference for the fuzz)."""
+
+    _newest_key = property(lambda self: None, lambda self, value: None)  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_newest_key_shortcut_answers_as_the_dict_and_every_watcher_gets_its_events_once_in_order(seed):
+    """A differential fuzz (review of fanout3): random events, applied indices, evictions (count and byte
+    bounds), restores (forced or not), end_every_watch, groups of watchers of one filter at one place, and
+    next / next_sse / next_chunk with mixed budgets, on the hub and on the same hub without the newest-key
+    shortcut: every read gives the same answer (events, frame, position, first_match, or Behind), and each
+    watcher not ended by Behind got every matching event after its start up to its position, in order, once."""
+    keys = ["a", "ab", "abc", "b", "ba", "c"]
+    filters = [Filter(key=key) for key in keys[:3]] + [Filter(prefix=prefix) for prefix in ("", "a", "ab", "b")]
+    rng = random.Random(seed)
+    history_events, history_bytes = rng.choice([(5, 1 << 30), (50, 1 << 30), (1000, 3000)])
+    hubs = (WatchHub(history_events, history_bytes), _Unshared(history_events, history_bytes))
+    index = 0
+    pairs: list[tuple] = []  # (the hub's watcher, the reference's)
+    seen: list[list] = []  # per pair: [start, indices got, ended by Behind]
+    applied_events: list[Event] = []
+    for _ in range(400):
+        r = rng.random()
+        if r < 0.35:
+            index += 1
+            events = [put(index, rng.choice(keys), b"x" * rng.randint(0, 300)) for _ in range(rng.randint(1, 4))]
+            applied_events += events
+            for hub in hubs:
+                hub.on_events(events)
+                hub.applied(index)
+        elif r < 0.40:
+            index += 1
+            for hub in hubs:
+                hub.applied(index)
+        elif r < 0.43:
+            index += rng.randint(0, 3)
+            force = rng.random() < 0.3
+            for hub in hubs:
+                hub.restored(index, force=force)
+        elif r < 0.45:
+            for hub in hubs:
+                hub.end_every_watch(index)
+        elif r < 0.55 or not pairs:
+            wanted = rng.choice(filters)
+            start = rng.randint(hubs[0].history_start, index)
+            for _ in range(rng.randint(1, 4)):
+                pairs.append((hubs[0].watch(start, wanted), hubs[1].watch(start, wanted)))
+                seen.append([start, [], False])
+        else:
+            how = rng.choice(["next", "sse", "chunk"])
+            max_events, max_bytes = rng.choice([1, 2, 1000]), rng.choice([100, 1 << 20])
+            wanted = rng.choice(pairs)[0].wanted
+            order = [k for k, (watcher, _) in enumerate(pairs) if watcher.wanted is wanted and not seen[k][2]]
+            rng.shuffle(order)
+            for k in order:
+                answers = []
+                for hub, watcher in zip(hubs, pairs[k]):
+                    try:
+                        if how == "next":
+                            got: tuple = (hub.next(watcher, max_events, max_bytes),)
+                        elif how == "sse":
+                            got = hub.next_sse(watcher, max_events, max_bytes)
+                        else:
+                            events, parts, length = hub.next_chunk(watcher, max_events, max_bytes)
+                            assert length == len(b"".join(parts))
+                            got = (events, b"".join(parts))
+                        answers.append((indices(got[0]), got[1:], watcher.position, watcher.first_match))
+                    except Behind:
+                        answers.append(("behind", watcher.position, watcher.first_match))
+                assert answers[0] == answers[1]
+                if answers[0][0] == "behind":
+                    seen[k][2] = True
+                else:
+                    seen[k][1] += answers[0][0]
+    for (start, got_indices, ended), (watcher, _) in zip(seen, pairs):
+        if not ended:
+            assert got_indices == [e.index for e in applied_events
+                                   if start < e.index <= watcher.position and watcher.wanted.matches(e)]
+
+
 def test_a_stale_wake_does_not_end_every_later_wait_at_once():
     # The watcher reads its event before its queued wake runs: the wake then finds nothing to read. A read that
     # finds nothing must clear it, else every wait_for returns at once and a stream spins (review 2, item 1).
