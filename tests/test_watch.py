@@ -726,31 +726,45 @@ def test_an_event_looks_up_prefixes_along_its_key_not_per_watched_prefix_length(
     assert not hub._prefix_trie
 
 
-def test_the_wakes_deliveries_stop_at_the_turns_budget_though_it_reads_the_clock_every_few():
-    """The wake reads the clock once every CLOCK_EVERY deliveries: a turn of deliveries that each take 1 ms still
-    stops within CLOCK_EVERY deliveries past WAKE_TURN_SECONDS (the rest in later turns), and every watcher is
-    offered its wake once, the clock it is given never older than CLOCK_EVERY deliveries."""
+@pytest.mark.parametrize("kind", ["delivered", "not delivered", "a new answer each"])
+def test_the_wakes_deliveries_stop_at_the_turns_budget_though_it_reads_the_clock_every_few(kind):
+    """The wake reads the clock once every CLOCK_EVERY offered deliveries: a turn of deliveries that each take 1 ms
+    still stops within CLOCK_EVERY deliveries past WAKE_TURN_SECONDS (the rest in later turns), and every watcher is
+    offered its wake once, the clock it is given never older than CLOCK_EVERY deliveries. Review of fanout3, L1:
+    offers that did not deliver (a partial send, Behind) never looked at the clock (a turn took all WAKE_BATCH of
+    them), and a delivery that makes a new shared answer (a scan, encodings, a frame: ~1 ms for 1 MiB) can cost 50
+    shared ones, so the clock is read after each of those (a turn of them overran its 5 ms budget 3x)."""
     from raftlib.server.watch import CLOCK_EVERY, WAKE_TURN_SECONDS
 
     hub = WatchHub()
-    watchers = [hub.watch(0, Filter(prefix="")) for _ in range(100)]
+    new_answers = kind == "a new answer each"
+    watchers = [hub.watch(0, Filter(prefix="k" * (i if new_answers else 0))) for i in range(100)]
     offered: list[tuple[float, float]] = []
 
-    def deliver(watcher, now):
-        offered.append((now, time.monotonic()))
-        hub.next(watcher)
+    def busy_1ms() -> None:
         end = time.perf_counter() + 0.001
         while time.perf_counter() < end:  # 1 ms of work, without yielding
             pass
-        return True
+
+    def deliver(watcher, now):
+        offered.append((now, time.monotonic()))
+        if new_answers:
+            hub.next_chunk(watcher)  # its frame is made here: hub.sse, 1 ms below
+        else:
+            hub.next(watcher)
+            busy_1ms()
+        return kind != "not delivered"
 
     for watcher in watchers:
         hub.next(watcher)
         watcher.deliver = deliver
-    hub.on_event(put(1))
+    sse = hub.sse
+    hub.sse = lambda events: busy_1ms() or sse(events)  # type: ignore[method-assign]
+    hub.on_event(put(1, "k" * 100))
     gevent.sleep(0)  # one turn's callbacks
     first_turn = len(offered)
-    assert WAKE_TURN_SECONDS * 1000 <= first_turn <= WAKE_TURN_SECONDS * 1000 + CLOCK_EVERY
+    overrun = 1 if new_answers else CLOCK_EVERY
+    assert WAKE_TURN_SECONDS * 1000 <= first_turn <= WAKE_TURN_SECONDS * 1000 + overrun
     for _ in range(1000):  # the rest, in later turns: a bound in turns, not a time
         if len(offered) == len(watchers):
             break
@@ -819,6 +833,26 @@ def test_the_wake_offers_a_watcher_its_deliver_first_and_wakes_its_greenlet_only
     hub.on_event(put(5, "done"))  # the wakes carry on after the exception
     gevent.sleep(0)
     assert offered.count("done") == 2 and hub.wakes == 5
+
+
+def test_a_failing_end_of_turn_callback_is_logged_and_the_wakes_go_on(caplog):
+    """Review of fanout3, Q3: an after_wake callback (a stream's metrics flush) that raised left _waking set, and
+    no watcher was woken again, for good."""
+    hub = WatchHub()
+    watcher = hub.watch(0, Filter(key="k"))
+    hub.next(watcher)
+    calls = []
+
+    def failing_flush() -> None:
+        calls.append(1)
+        raise RuntimeError("a bug")
+
+    hub.after_wake.add(failing_flush)
+    for index in (1, 2):
+        hub.on_event(put(index))
+        gevent.sleep(0)
+        assert watcher.woken.is_set() and indices(hub.next(watcher)) == [index]
+    assert len(calls) == 2 and "end-of-turn callback failed" in caplog.text
 
 
 def test_an_event_is_encoded_once_for_all_the_watchers_that_read_it(client, monkeypatch):
@@ -1560,6 +1594,40 @@ def test_the_wakes_writes_are_in_the_metrics_when_its_turn_ends(loopback_streams
     assert metrics.stream_writes.frames == metrics.stream_writes.events == 0
     for client, _ in streams:
         assert read_stream_events(client, 5, seconds=10) == [1, 2, 3, 4, 5]
+
+
+def test_a_stream_whose_write_from_the_wake_raised_ends_with_an_error_event_not_a_gap(loopback_streams, caplog):
+    """Review of fanout3, Q4: a deliver that raised after its read moved the watcher's position lost that read's
+    events for the stream (logged), and the stream went on with the next ones: a gap the client never knew of.
+    Now the stream ends with an error event (no id: the client resumes after the last id it got, elsewhere
+    first), and nothing after the lost read is written."""
+    hub = WatchHub()
+    client, watcher = loopback_streams(hub, "k")
+    next_chunk = hub.next_chunk
+
+    def failing_once(*args, **kwargs):
+        hub.next_chunk = next_chunk  # type: ignore[method-assign]
+        next_chunk(*args, **kwargs)  # the read moves the position
+        raise RuntimeError("a bug")
+
+    hub.next_chunk = failing_once  # type: ignore[method-assign]
+    hub.on_events((put(1, "k1"),))
+    hub.applied(1)
+    gevent.sleep(0.1)
+    hub.on_events((put(2, "k2"),))  # another drive
+    hub.applied(2)
+    body = b""
+    end = time.monotonic() + 3
+    while b"event: error" not in body and time.monotonic() < end:
+        try:
+            client.settimeout(max(0.01, end - time.monotonic()))
+            body += client.recv(65536)
+        except OSError:
+            break
+    assert b"event: error" in body and b'"status": 503' in body, body
+    assert b'"index"' not in body and b"id:" not in body
+    assert "writing a watch's events from the wake failed" in caplog.text
+    assert watcher not in hub._by_prefix.get("k", ())
 
 
 def test_streams_that_stopped_reading_hold_one_shared_frame_between_them_not_a_copy_each(loopback_streams):

@@ -52,10 +52,12 @@ Rules:
   and about WAKE_TURN_SECONDS of deliveries a turn of the event loop (the rest in the next turns, after the Raft
   timers), so a burst for many watchers never holds the loop. `wakes` counts the watchers taken off the queue.
   A delivery costs a follower ~20 us of CPU, two thirds of it the kernel's send (bench/watch_deliver_cost.py),
-  so what the wake adds per delivery is kept to a few steps: the clock is read once every CLOCK_EVERY deliveries
-  (the turn's budget, and the write time the deliver is given), a read that equals the newest shared one takes
-  it without a dict lookup (`_newest_key`), its chunk (`next_chunk`) is made once per shared read, and the
-  metrics are tallied and added up at the end of the turn (`after_wake`).
+  so what the wake adds per delivery is kept to a few steps: the clock is read once every CLOCK_EVERY offers
+  (the turn's budget, and the write time the deliver is given) and after a delivery that made a new shared answer,
+  a read that equals the newest shared one takes it without a dict lookup (`_newest_key`, forgotten with its
+  answer whenever that leaves the shared answers), its chunk (`next_chunk`) is made once per shared read, and the
+  metrics are tallied and added up at the end of the turn (`after_wake`; a callback's failure is logged). A
+  deliver that raises (a bug, logged) marks its watcher `failed`: its stream ends with an error event.
   `wait` (plain position, no Watcher) is the old form: any event wakes it.
 - Pure but for waking the waiters (gevent), kept in `_wake_some` and the two waits, and the clock read when a
   watcher is marked (`marked_at`: the GET /metrics histogram of apply to write, raftdzmq_watch_delivery_seconds).
@@ -99,9 +101,11 @@ MAX_SHARED_ANSWERS = 16  # shared reads kept at once, the most recently used (a 
 MAX_SHARED_BYTES = 4 << 20  # their SSE frames, about (the newest is kept whatever its size)
 WAKE_BATCH = 64  # watchers' greenlets woken per turn of the event loop
 WAKE_TURN_SECONDS = 0.005  # deliveries from the wake per turn of the event loop, about (edge's TurnGate's budget)
-# The wake reads the clock once every this many deliveries (for its turn's budget and the deliveries' write time,
-# raftdzmq_watch_delivery_seconds): a delivery costs a follower ~20 us, mostly the kernel's send, so the budget is
-# overrun by a fraction of a millisecond at most, and a frame's write time is off by as little.
+# The wake reads the clock once every this many offered deliveries (for its turn's budget and the deliveries' write
+# time, raftdzmq_watch_delivery_seconds), and after any delivery that made a new shared answer (a scan, encodings,
+# a frame: about a millisecond for a 1 MiB read): a delivery that shares an answer costs a follower ~20 us, mostly
+# the kernel's send, so the budget is overrun by a fraction of a millisecond plus one new answer at most, and a
+# frame's write time is off by as little. Offers that did not deliver (a partial send, Behind) count the same.
 CLOCK_EVERY = 8
 _COMPACT_EVENTS = 4096  # the evicted front of the list is dropped once it is this long and half the list
 _NO_CHUNK: tuple[bytes, ...] = ()
@@ -142,7 +146,7 @@ class Watcher:
     event that may match after its position (None: none came since it last read to the end). `deliver`, when
     set, is tried before `woken` (the module's rules: waking)."""
 
-    __slots__ = ("wanted", "position", "first_match", "marked_at", "woken", "deliver", "group")
+    __slots__ = ("wanted", "position", "first_match", "marked_at", "woken", "deliver", "group", "failed")
 
     def __init__(self, wanted: Filter, position: int) -> None:
         self.wanted, self.position = wanted, position
@@ -154,6 +158,7 @@ class Watcher:
         # greenlet after all. None: always woken.
         self.deliver: Callable[[Watcher, float], bool] | None = None
         self.group: _Watchers | None = None  # the watchers of its key or prefix (WatchHub.watch)
+        self.failed = False  # its deliver raised: its stream ends with an error event (WatchHub._wake_some)
 
 
 class _Watchers(set):
@@ -207,6 +212,7 @@ class WatchHub:
         self._shared: dict[tuple, list] = {}
         self._newest_key: tuple | None = None
         self._newest_answer: list = []
+        self._answer_made = False  # a read made a new shared answer since the wake last read the clock
         self.shared_bytes = 0  # the length of the SSE frames in _shared (part of held_bytes)
         self.refusal: tuple[int, str] | None = None  # (HTTP status, reason) while watches are refused (the rules)
 
@@ -416,29 +422,42 @@ class WatchHub:
         greenlets = delivered = 0
         now = time.monotonic()
         deadline = now + WAKE_TURN_SECONDS
+        offered = 0
+        self._answer_made = False
         while to_wake and greenlets < WAKE_BATCH:
             watcher = to_wake.popleft()
             deliver = watcher.deliver
-            if deliver is not None:
-                # A deliver that raises is a bug, logged (what it read may not reach that watcher): it must not stop
-                # the wakes of the others for good, as an exception out of this loop callback would (_waking stays set).
-                try:
-                    done = deliver(watcher, now)
-                except Exception:
-                    log.exception("writing a watch's events from the wake failed: its own greenlet writes them")
-                    done = False
-                if done:
-                    delivered += 1
-                    if not delivered % CLOCK_EVERY:
-                        now = time.monotonic()
-                        if now >= deadline:
-                            break
-                    continue
-            watcher.woken.set()
-            greenlets += 1
+            if deliver is None:
+                watcher.woken.set()
+                greenlets += 1
+                continue
+            # A deliver that raises is a bug, logged: it must not stop the wakes of the others for good, as an
+            # exception out of this loop callback would (_waking stays set). Its read may have moved the watcher's
+            # position past events it never wrote, so the watcher is marked `failed`: its greenlet ends the stream
+            # with an error event, and the client resumes after the last id it received, without a gap.
+            try:
+                done = deliver(watcher, now)
+            except Exception:
+                log.exception("writing a watch's events from the wake failed: its stream is ended")
+                watcher.failed = True
+                done = False
+            if done:
+                delivered += 1
+            else:
+                watcher.woken.set()
+                greenlets += 1
+            offered += 1
+            if self._answer_made or not offered % CLOCK_EVERY:
+                self._answer_made = False
+                now = time.monotonic()
+                if now >= deadline:
+                    break
         self.wakes += delivered + greenlets
-        for after in self.after_wake:
-            after()
+        for after in self.after_wake:  # a failure is logged and the wakes go on (review of fanout3, Q3)
+            try:
+                after()
+            except Exception:
+                log.exception("a watch wake's end-of-turn callback failed")
         if to_wake:
             timer = gevent.get_hub().loop.timer(0.0)
             timer.start(self._wake_later, timer)
@@ -485,6 +504,7 @@ class WatchHub:
         frame = answer[3]
         if frame is None:  # the answer is the newest in _shared (_next put it there): its frame counts from here
             frame = answer[3] = self.sse(answer[0])
+            self._answer_made = True
             self.shared_bytes += len(frame)
             self.held_bytes += len(frame)
             while self.shared_bytes > MAX_SHARED_BYTES and len(self._shared) > 1:
@@ -517,6 +537,7 @@ class WatchHub:
             answer = shared.pop(key, None)
             if answer is None:
                 answer = [*self._read(scan_from, wanted, max_events, max_bytes), None, None]
+                self._answer_made = True  # the wake reads the clock after this delivery (CLOCK_EVERY)
                 if len(shared) >= MAX_SHARED_ANSWERS:
                     self._forget_oldest_shared()
             else:

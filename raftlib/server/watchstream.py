@@ -32,6 +32,8 @@ Rules:
 - The greenlet's own writes never join a chunk's parts either (SocketWriter._send): a slow reader's stream holds
   no copy of a frame while it waits for room.
 - A watcher behind the history (Behind) is woken too: its greenlet reads again, writes the `error` event and ends;
+  so is one whose deliver raised (a bug, logged: its read may have moved the position past events it did not
+  write), with status 503, so that the client resumes after the last id it received, elsewhere first, with no gap;
   so is every watcher when the hub refuses watches (WatchHub.refuse: removed, or no leader for too long), whose
   greenlet writes the `error` event with the refusal's reason and ends.
 - Positions, ids, keep-alives, half-close probes: api's rules, as before; a keep-alive carries an `id:` when the
@@ -111,6 +113,9 @@ def _chunks(hub: WatchHub, metrics: Metrics, watcher: Watcher, stream: Stream | 
         if hub.refusal is not None:  # removed, or no leader for too long (watch.py's rules): go elsewhere
             metrics.watches_refused.inc("stream")
             yield sse_error(hub.refusal[1], hub.refusal[0])
+            return
+        if watcher.failed:  # the wake's write raised (a bug, logged): what its read took may not have gone out
+            yield sse_error("writing this watch's events failed on this node: resume after the last id received", 503)
             return
         marked_at = watcher.marked_at  # the oldest event's apply, for this read's frame
         try:
