@@ -51,6 +51,13 @@ Rules:
   switch to its greenlet, which is woken only when that could not be done whole. At most WAKE_BATCH greenlets
   and about WAKE_TURN_SECONDS of deliveries a turn of the event loop (the rest in the next turns, after the Raft
   timers), so a burst for many watchers never holds the loop. `wakes` counts the watchers taken off the queue.
+  A delivery costs a follower ~20 us of CPU, two thirds of it the kernel's send (bench/watch_deliver_cost.py),
+  so what the wake adds per delivery is kept to a few steps: the clock is read once every CLOCK_EVERY offers
+  (the turn's budget, and the write time the deliver is given) and after a delivery that made a new shared answer,
+  a read that equals the newest shared one takes it without a dict lookup (`_newest_key`, forgotten with its
+  answer whenever that leaves the shared answers), its chunk (`next_chunk`) is made once per shared read, and the
+  metrics are tallied and added up at the end of the turn (`after_wake`; a callback's failure is logged). A
+  deliver that raises (a bug, logged) marks its watcher `failed`: its stream ends with an error event.
   `wait` (plain position, no Watcher) is the old form: any event wakes it.
 - Pure but for waking the waiters (gevent), kept in `_wake_some` and the two waits, and the clock read when a
   watcher is marked (`marked_at`: the GET /metrics histogram of apply to write, raftdzmq_watch_delivery_seconds).
@@ -94,7 +101,14 @@ MAX_SHARED_ANSWERS = 16  # shared reads kept at once, the most recently used (a 
 MAX_SHARED_BYTES = 4 << 20  # their SSE frames, about (the newest is kept whatever its size)
 WAKE_BATCH = 64  # watchers' greenlets woken per turn of the event loop
 WAKE_TURN_SECONDS = 0.005  # deliveries from the wake per turn of the event loop, about (edge's TurnGate's budget)
+# The wake reads the clock once every this many offered deliveries (for its turn's budget and the deliveries' write
+# time, raftdzmq_watch_delivery_seconds), and after any delivery that made a new shared answer (a scan, encodings,
+# a frame: about a millisecond for a 1 MiB read): a delivery that shares an answer costs a follower ~20 us, mostly
+# the kernel's send, so the budget is overrun by a fraction of a millisecond plus one new answer at most, and a
+# frame's write time is off by as little. Offers that did not deliver (a partial send, Behind) count the same.
+CLOCK_EVERY = 8
 _COMPACT_EVENTS = 4096  # the evicted front of the list is dropped once it is this long and half the list
+_NO_CHUNK: tuple[bytes, ...] = ()
 _index_of: Callable[[Any], int] = itemgetter(3)  # Event.index, by position: faster than the attribute, and bisect's key
 
 
@@ -132,17 +146,19 @@ class Watcher:
     event that may match after its position (None: none came since it last read to the end). `deliver`, when
     set, is tried before `woken` (the module's rules: waking)."""
 
-    __slots__ = ("wanted", "position", "first_match", "marked_at", "woken", "deliver", "group")
+    __slots__ = ("wanted", "position", "first_match", "marked_at", "woken", "deliver", "group", "failed")
 
     def __init__(self, wanted: Filter, position: int) -> None:
         self.wanted, self.position = wanted, position
         self.first_match: int | None = position + 1  # nobody watched before: the first read scans
         self.marked_at = time.monotonic()  # when first_match was last set from None: its event's apply (metrics)
         self.woken = gevent.event.Event()
-        # The stream's write from the wake itself (watchstream.SocketWriter.deliver): True when it wrote what there
-        # was, False to wake the watcher's greenlet after all. None: always woken.
-        self.deliver: Callable[[Watcher], bool] | None = None
+        # The stream's write from the wake itself (watchstream.SocketWriter.deliver), given the wake's clock read
+        # (at most CLOCK_EVERY deliveries old): True when it wrote what there was, False to wake the watcher's
+        # greenlet after all. None: always woken.
+        self.deliver: Callable[[Watcher, float], bool] | None = None
         self.group: _Watchers | None = None  # the watchers of its key or prefix (WatchHub.watch)
+        self.failed = False  # its deliver raised: its stream ends with an error event (WatchHub._wake_some)
 
 
 class _Watchers(set):
@@ -184,13 +200,19 @@ class WatchHub:
         self._prefix_trie: dict[str, Any] = {}
         self._to_wake: collections.deque[Watcher] = collections.deque()
         self._waking = False
+        # Called at the end of each turn of the wake (watchstream adds its metrics' flush of the turn's tally).
+        self.after_wake: set[Callable[[], None]] = set()
         self.wakes = 0  # watchers woken, in all (tests count them)
         self.encodings = 0  # events encoded to JSON, in all (tests count them)
         self.evictions = 0  # events evicted, in all
         self.shared_reads = 0  # reads answered from another watcher's identical read (tests count them)
-        # (key, prefix, scan from, max events, max bytes) -> [events, position, whole, SSE frame or None], while the
-        # history is unchanged (the rules: cleared on every change), least recently used first, bounded.
+        # (key, prefix, scan from, max events, max bytes) -> [events, position, whole, SSE frame or None, its chunk
+        # or None], while the history is unchanged (the rules: cleared on every change), least recently used first,
+        # bounded. _newest_key: the key of its last entry (None: unknown), whose readers need not move it.
         self._shared: dict[tuple, list] = {}
+        self._newest_key: tuple | None = None
+        self._newest_answer: list = []
+        self._answer_made = False  # a read made a new shared answer since the wake last read the clock
         self.shared_bytes = 0  # the length of the SSE frames in _shared (part of held_bytes)
         self.refusal: tuple[int, str] | None = None  # (HTTP status, reason) while watches are refused (the rules)
 
@@ -212,7 +234,7 @@ class WatchHub:
         self.held_bytes += sum(EVENT_OVERHEAD_BYTES + len(event[1]) + (0 if event[2] is None else len(event[2]))
                                for event in events)  # _event_bytes
         self.last_index = index
-        if self._shared:
+        if self._shared or self._newest_key is not None:
             self._drop_shared()
         if index > self.applied_index:
             self.applied_index = index
@@ -254,7 +276,7 @@ class WatchHub:
         """The node applied the entry at `index` (whatever it changed): positions may move up to it."""
         if index > self.applied_index:
             self.applied_index = index
-            if self._shared:
+            if self._shared or self._newest_key is not None:
                 self._drop_shared()
 
     def _evict(self, count: int) -> None:
@@ -271,7 +293,7 @@ class WatchHub:
         data[head:end] = [None] * count
         self.held_bytes -= freed
         self.evictions += count
-        if self._shared:
+        if self._shared or self._newest_key is not None:
             self._drop_shared()
         self._head = head = end
         if newest > self.history_start:
@@ -307,6 +329,7 @@ class WatchHub:
         the history may have half taken."""
         self._events, self._data, self._head, self.held_bytes = [], [], 0, 0
         self._shared = {}
+        self._forget_newest()
         self.shared_bytes = 0
         self.history_start = max(self.history_start, index)
         self.last_index = max(self.last_index, index)
@@ -396,32 +419,50 @@ class WatchHub:
         event loop at most WAKE_BATCH greenlets and about WAKE_TURN_SECONDS of deliveries; the rest in a later
         turn, from a timer (which runs with the Raft timers, after this turn's I/O: edge.TurnGate says why)."""
         to_wake = self._to_wake
-        greenlets = 0
-        deadline = time.perf_counter() + WAKE_TURN_SECONDS
+        greenlets = delivered = 0
+        now = time.monotonic()
+        deadline = now + WAKE_TURN_SECONDS
+        offered = 0
+        self._answer_made = False
         while to_wake and greenlets < WAKE_BATCH:
             watcher = to_wake.popleft()
-            self.wakes += 1
-            if watcher.deliver is not None and self._delivered(watcher):
-                if time.perf_counter() >= deadline:
-                    break
+            deliver = watcher.deliver
+            if deliver is None:
+                watcher.woken.set()
+                greenlets += 1
+                continue
+            # A deliver that raises is a bug, logged: it must not stop the wakes of the others for good, as an
+            # exception out of this loop callback would (_waking stays set). Its read may have moved the watcher's
+            # position past events it never wrote, so the watcher is marked `failed`: its greenlet ends the stream
+            # with an error event, and the client resumes after the last id it received, without a gap.
+            try:
+                done = deliver(watcher, now)
+            except Exception:
+                log.exception("writing a watch's events from the wake failed: its stream is ended")
+                watcher.failed = True
+                done = False
+            if done:
+                delivered += 1
             else:
                 watcher.woken.set()
                 greenlets += 1
+            offered += 1
+            if self._answer_made or not offered % CLOCK_EVERY:
+                self._answer_made = False
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+        self.wakes += delivered + greenlets
+        for after in self.after_wake:  # a failure is logged and the wakes go on (review of fanout3, Q3)
+            try:
+                after()
+            except Exception:
+                log.exception("a watch wake's end-of-turn callback failed")
         if to_wake:
             timer = gevent.get_hub().loop.timer(0.0)
             timer.start(self._wake_later, timer)
         else:
             self._waking = False
-
-    def _delivered(self, watcher: Watcher) -> bool:
-        """watcher.deliver(watcher), and False should it raise: a bug, logged (what it read may not reach that
-        watcher), which must not stop the wakes of the others for good, as an exception out of this loop callback
-        would (_waking would stay set)."""
-        try:
-            return watcher.deliver(watcher)  # type: ignore[misc]
-        except Exception:
-            log.exception("writing a watch's events from the wake failed: its own greenlet writes them")
-            return False
 
     def _wake_later(self, timer) -> None:
         timer.close()
@@ -441,18 +482,38 @@ class WatchHub:
         answer = self._next(watcher, max_events, max_bytes)
         if answer is None or not answer[0]:
             return [], b""
+        return answer[0], self._frame_of(answer)
+
+    def next_chunk(self, watcher: Watcher, max_events: int = MAX_EVENTS_PER_READ,
+                   max_bytes: int = MAX_STREAM_BYTES_PER_READ) -> tuple[list[Event], tuple[bytes, ...], int]:
+        """`next_sse` with the frame as an HTTP/1.1 chunk: (events, (size line, frame, CRLF), their length), the
+        three shared too, made once per shared read (a stream behind the edge sends them with one sendmsg, no
+        join: watchstream.SocketWriter.deliver). No events: ([], (), 0)."""
+        answer = self._next(watcher, max_events, max_bytes)
+        if answer is None or not answer[0]:
+            return [], _NO_CHUNK, 0
+        chunk = answer[4]
+        if chunk is None:
+            frame = self._frame_of(answer)
+            size_line = b"%x\r\n" % len(frame)
+            chunk = answer[4] = ((size_line, frame, b"\r\n"), len(size_line) + len(frame) + 2)
+        return answer[0], chunk[0], chunk[1]
+
+    def _frame_of(self, answer: list) -> bytes:
+        """The SSE frame of a shared answer, made when first asked for."""
         frame = answer[3]
         if frame is None:  # the answer is the newest in _shared (_next put it there): its frame counts from here
             frame = answer[3] = self.sse(answer[0])
+            self._answer_made = True
             self.shared_bytes += len(frame)
             self.held_bytes += len(frame)
             while self.shared_bytes > MAX_SHARED_BYTES and len(self._shared) > 1:
                 self._forget_oldest_shared()
-        return answer[0], frame
+        return frame
 
     def _next(self, watcher: Watcher, max_events: int, max_bytes: int) -> list | None:
-        """The shared answer [events, position, whole, frame or None] of the watcher's next read (None: nothing
-        matching came since it last read to the end); its position and first_match move."""
+        """The shared answer [events, position, whole, frame or None, chunk or None] of the watcher's next read
+        (None: nothing matching came since it last read to the end); its position and first_match move."""
         first_match = watcher.first_match
         watcher.woken.clear()  # on both paths: a wake left set from an earlier read would end every wait at once
         if first_match is None:  # nothing that matches came: all up to the applied index was looked at
@@ -463,21 +524,26 @@ class WatchHub:
         if watcher.group is not None:
             watcher.group.all_marked = False
         wanted = watcher.wanted
-        try:
-            self.check(scan_from)
-        except Behind:
+        if scan_from < self.history_start:
             watcher.first_match = first_match
-            raise
+            raise Behind(scan_from, self.history_start)
         key = (wanted.key, wanted.prefix, scan_from, max_events, max_bytes)
         shared = self._shared
-        answer = shared.pop(key, None)
-        if answer is None:
-            answer = [*self._read(scan_from, wanted, max_events, max_bytes), None]
-            if len(shared) >= MAX_SHARED_ANSWERS:
-                self._forget_oldest_shared()
-        else:
+        answer: list | None
+        if key == self._newest_key:  # a wake's watchers read alike: the most recently used stays where it is
+            answer = self._newest_answer
             self.shared_reads += 1
-        shared[key] = answer  # the most recently used goes last: the oldest is forgotten first
+        else:
+            answer = shared.pop(key, None)
+            if answer is None:
+                answer = [*self._read(scan_from, wanted, max_events, max_bytes), None, None]
+                self._answer_made = True  # the wake reads the clock after this delivery (CLOCK_EVERY)
+                if len(shared) >= MAX_SHARED_ANSWERS:
+                    self._forget_oldest_shared()
+            else:
+                self.shared_reads += 1
+            shared[key] = answer  # the most recently used goes last: the oldest is forgotten first
+            self._newest_key, self._newest_answer = key, answer
         position, whole = answer[1], answer[2]
         watcher.position = position
         if not whole:
@@ -485,7 +551,10 @@ class WatchHub:
         return answer
 
     def _forget_oldest_shared(self) -> None:
-        frame = self._shared.pop(next(iter(self._shared)))[3]
+        oldest = next(iter(self._shared))
+        if oldest == self._newest_key:
+            self._forget_newest()
+        frame = self._shared.pop(oldest)[3]
         if frame is not None:
             self.shared_bytes -= len(frame)
             self.held_bytes -= len(frame)
@@ -493,8 +562,15 @@ class WatchHub:
     def _drop_shared(self) -> None:
         """The history changed: no shared answer holds any more."""
         self._shared.clear()
+        self._forget_newest()
         self.held_bytes -= self.shared_bytes
         self.shared_bytes = 0
+
+    def _forget_newest(self) -> None:
+        """The newest shared answer left _shared: no read takes it by the shortcut, and it is not held (its events
+        and frame would stay referenced, outside held_bytes: review of fanout3, Q2)."""
+        self._newest_key = None
+        self._newest_answer = []
 
     def wait_for(self, watcher: Watcher, timeout_seconds: float,
                  also: gevent.event.Event | tuple[gevent.event.Event, ...] | None = None) -> None:

@@ -21,7 +21,8 @@ Rules:
 - One writer at a time, so frames never interleave: the wake writes only to a watcher whose greenlet waits
   (`armed`, true only inside SocketWriter.wait) with nothing left of an earlier frame; the greenlet writes only
   while disarmed.
-- The wake's send never blocks. A frame the socket takes whole is done: counted in the metrics, and the edge's
+- The wake's send never blocks. A frame the socket takes whole is done: tallied for the metrics (Metrics.stream_writes,
+  added up when the wake's turn ends: WatchHub.after_wake), and the edge's
   busy bound restarted (Stream.wrote; at most once a BUSY_NOTE_SECONDS); if its read was cut at the budget (more
   than MAX_STREAM_BYTES_PER_READ or MAX_EVENTS_PER_READ waiting), the greenlet is woken to write the rest. What
   is left of a frame taken in part (or not at all: a full buffer, or an error) is kept (`pending`: at most one
@@ -31,6 +32,8 @@ Rules:
 - The greenlet's own writes never join a chunk's parts either (SocketWriter._send): a slow reader's stream holds
   no copy of a frame while it waits for room.
 - A watcher behind the history (Behind) is woken too: its greenlet reads again, writes the `error` event and ends;
+  so is one whose deliver raised (a bug, logged: its read may have moved the position past events it did not
+  write), with status 503, so that the client resumes after the last id it received, elsewhere first, with no gap;
   so is every watcher when the hub refuses watches (WatchHub.refuse: removed, or no leader for too long), whose
   greenlet writes the `error` event with the refusal's reason and ends.
 - Positions, ids, keep-alives, half-close probes: api's rules, as before; a keep-alive carries an `id:` when the
@@ -77,6 +80,7 @@ def watch_stream(hub: WatchHub, metrics: Metrics, position: int, wanted: Filter,
             yield from _chunks(hub, metrics, watcher, None, _Progress(hub, position))
             return
         writer = SocketWriter(hub, metrics, stream, position)  # pywsgi wrote the head: the socket is this stream's
+        hub.after_wake.add(metrics.stream_writes.flush)  # one per Metrics: a set of bound methods
         watcher.deliver = writer.deliver
         try:
             for chunk in _chunks(hub, metrics, watcher, stream, writer):
@@ -109,6 +113,9 @@ def _chunks(hub: WatchHub, metrics: Metrics, watcher: Watcher, stream: Stream | 
         if hub.refusal is not None:  # removed, or no leader for too long (watch.py's rules): go elsewhere
             metrics.watches_refused.inc("stream")
             yield sse_error(hub.refusal[1], hub.refusal[0])
+            return
+        if watcher.failed:  # the wake's write raised (a bug, logged): what its read took may not have gone out
+            yield sse_error("writing this watch's events failed on this node: resume after the last id received", 503)
             return
         marked_at = watcher.marked_at  # the oldest event's apply, for this read's frame
         try:
@@ -162,6 +169,7 @@ class SocketWriter(_Progress):
         self._sendmsg = getattr(sock, "_sock", sock).sendmsg  # the OS socket's, non-blocking under gevent (the wake's)
         self.chunked = handler.response_use_chunked
         self.metrics, self.stream = metrics, stream
+        self.stream_writes = metrics.stream_writes
         self.armed = False  # the greenlet waits: the wake may write
         self.pending: list[memoryview] = []  # the rest of a frame the wake could not write whole: the greenlet's
         self.pending_marked_at = 0.0
@@ -194,35 +202,39 @@ class SocketWriter(_Progress):
             self.written_at = time.monotonic()
             self.metrics.watch_delivery_seconds.observe(self.written_at - self.pending_marked_at)
 
-    def deliver(self, watcher: Watcher) -> bool:
+    def deliver(self, watcher: Watcher, now: float) -> bool:
         """Write the watcher's next frame from the wake, without blocking (WatchHub._wake_some calls it in place of
-        waking the greenlet): True when nothing is left to do, False to wake the greenlet (not armed, Behind, a
-        frame the socket did not take whole, or a read cut at its budget: more events wait, and no later event
-        would queue the watcher again while its first_match stays set -- review of fanout2, finding 1)."""
+        waking the greenlet; `now`: its clock read): True when nothing is left to do, False to wake the greenlet
+        (not armed, Behind, a frame the socket did not take whole, or a read cut at its budget: more events wait,
+        and no later event would queue the watcher again while its first_match stays set -- review of fanout2,
+        finding 1). The frame's parts and their length come made with the shared read (WatchHub.next_chunk); the
+        metrics are tallied (Metrics.stream_writes, added up at the end of the wake's turn)."""
         if not self.armed:
             return False
         marked_at = watcher.marked_at
         try:
-            events, frame = self.hub.next_sse(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
+            if self.chunked:
+                events, parts, length = self.hub.next_chunk(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
+            else:
+                events, frame = self.hub.next_sse(watcher, max_bytes=MAX_STREAM_BYTES_PER_READ)
+                parts, length = (frame,), len(frame)
         except Behind:
             return False  # its greenlet reads again and ends the stream with the error event
         if not events:
             return True  # nothing matched after all (its position moved: the next keep-alive gives it)
-        parts = self.framed(frame)
         try:
             sent = self._sendmsg(parts)
         except OSError:  # a full buffer (EAGAIN), or the client went: the greenlet's blocking write tells which
             sent = 0
         self.sent_position = events[-1][3]
-        self.metrics.watch_events.inc("stream", len(events))
-        if sent == len(frame) + (len(parts[0]) + 2 if self.chunked else 0):
-            now = time.monotonic()
-            self.metrics.watch_delivery_seconds.observe(now - marked_at)
+        if sent == length:
+            self.stream_writes.add(len(events), now - marked_at)
             self.written_at = now
             if now - self.busy_noted_at >= BUSY_NOTE_SECONDS:
                 self.busy_noted_at = now
                 self.stream.wrote()
             return watcher.first_match is None  # a read cut at its budget: the greenlet writes the rest at once
+        self.metrics.watch_events.inc("stream", len(events))
         self.pending = _unsent(parts, sent)
         self.pending_marked_at = marked_at
         self.armed = False
