@@ -110,6 +110,18 @@ STALL_YIELD_SECONDS = 0.001
 # longest pause is this budget plus the heaviest single step (a step being 1-8 ms CPU; the hand-over or the last
 # more), and a frame that arrives meanwhile waits that long in its socket.
 RESTORE_DRIVE_SECONDS = 0.005
+# A snapshot of this node's own commits with a base segment pre-built while its child writes (issue 13, basestep:
+# DiskStorage.begin_base): each drive of the loop writes the log since the snapshot into it by steps of
+# BASE_STEP_BYTES of entries while they fit in BASE_DRIVE_SECONDS, and its bulk is fdatasynced in gevent's
+# threadpool (a file no reader uses yet) once BASE_SYNC_BYTES are unsynced, and once more when the child is done.
+# The commit waits, drives going on, until the segment holds the whole log and at most BASE_COMMIT_UNSYNCED_BYTES
+# of it are unsynced (its own fsync then small): at most BASE_WAIT_SECONDS after the child is done, then it
+# commits anyway (the entries the segment lacks written in the loop, as before basestep).
+BASE_STEP_BYTES = 256 << 10
+BASE_DRIVE_SECONDS = 0.003
+BASE_SYNC_BYTES = 8 << 20
+BASE_COMMIT_UNSYNCED_BYTES = 1 << 20
+BASE_WAIT_SECONDS = 5.0
 
 
 class Timeout(Exception):
@@ -351,6 +363,7 @@ _COUNTERS = (
     "snapshot_children_failed",  # forked snapshot children that exited without writing their file
     "snapshot_reads_failed",  # snapshot transfers abandoned: the snapshot's file could not be read (logged)
     "restore_step_max_microseconds",  # the longest step of restoring a leader's snapshot, in CPU time
+    "snapshot_commit_max_microseconds",  # the longest commit of a snapshot of this node's own, in wall time
     "loop_lag_max_microseconds",  # the hub-lag probe, when on: the latest wake-up seen
     "loop_lags_over_10ms",  # ... and how many wake-ups came more than 10 ms late
 )
@@ -407,6 +420,8 @@ class Runtime:
         self._unreaped: list[int] = []  # children that closed their pipe but had not exited: reaped later
         self._snapshot_child: int | None = None  # its pid while one runs (one at a time)
         self._snapshot_done: tuple[Snapshot, str, bool] | None = None  # (snapshot, file, written?): to finish
+        self._snapshot_done_at = 0.0  # time.monotonic() when it was handed over (the commit waits for its base)
+        self._base_syncing = False  # a greenlet waits for the threadpool's fdatasync of the pre-built base
         # request_snapshot: a snapshot at or past this index is taken at the end of a drive, whatever the log's size
         # (0: none asked for). The commit index when asked: the entry whose apply asked is at or below it.
         self._snapshot_requested_index = 0
@@ -1204,14 +1219,16 @@ class Runtime:
         """Called at the end of each drive. Finishes a snapshot whose child has exited; else, past the log
         threshold, begins one: in a forked child (the loop goes on serving while the child serializes its
         copy-on-write image and writes and fsyncs the file), or in process where fork is unavailable or off."""
-        if self._snapshot_done is not None:
+        if self._snapshot_child is not None or self._snapshot_done is not None:
+            self._base_steps()
+        if self._snapshot_done is not None and not self._base_wait():
             done, self._snapshot_done = self._snapshot_done, None
             self._finish_snapshot(*done)
         if self._unreaped:
             self._reap_later()
         node = self.node
-        if self._snapshot_child is not None:
-            return
+        if self._snapshot_child is not None or self._snapshot_done is not None:
+            return  # one at a time: a child writes, or its snapshot waits for its base segment (`_base_wait`)
         if node.apply_pending:
             # A committed backlog is being applied a piece per drive: the snapshot waits for its end, which covers
             # it all. `storage.log_bytes` counts the committed entries not applied yet, so a log over the threshold
@@ -1235,6 +1252,63 @@ class Runtime:
             self._fork_snapshot(meta)
         else:
             self._snapshot_in_process(meta)
+
+    def _base_steps(self) -> None:
+        """Pre-build the snapshot's base segment (DiskStorage.base_step) while BASE_DRIVE_SECONDS last, and start
+        an fdatasync of its bulk in the threadpool when due."""
+        storage: Any = self.storage  # a DiskStorage (the steps are its own; other storages have none)
+        step = getattr(storage, "base_step", None)
+        if step is None:
+            return
+        started = time.monotonic()
+        longest = 0.0
+        while True:
+            step_started = time.monotonic()
+            left = step(BASE_STEP_BYTES)
+            now = time.monotonic()
+            longest = max(longest, now - step_started)
+            if not left or now - started + longest > BASE_DRIVE_SECONDS:
+                break
+        pending = storage.base_pending()
+        if pending is None or self._base_syncing:
+            return
+        _, unsynced, _ = pending
+        due = BASE_SYNC_BYTES if self._snapshot_done is None else BASE_COMMIT_UNSYNCED_BYTES + 1
+        if unsynced >= due:
+            job = storage.base_sync_job()
+            if job is not None:
+                self._base_syncing = True
+                gevent.spawn(self._sync_base, *job)
+
+    def _sync_base(self, sync: Callable[[], OSError | None], done: Callable[[OSError | None], None]) -> None:
+        """The pre-built base segment's fdatasync in gevent's threadpool (the loop goes on), its outcome handed
+        back here, in the hub's thread (a failure is raised by the storage's next step or commit)."""
+        try:
+            error = gevent.get_hub().threadpool.apply(sync)
+        finally:
+            self._base_syncing = False
+        done(error)
+        self._wake.set()
+
+    def _base_wait(self) -> bool:
+        """Whether the finished snapshot's commit waits (a drive more) for its pre-built base segment: it lacks
+        entries, or more than BASE_COMMIT_UNSYNCED_BYTES of it are not known synced (a sync of them runs, or is
+        started by `_base_steps`); never past BASE_WAIT_SECONDS."""
+        assert self._snapshot_done is not None
+        pending = getattr(self.storage, "base_pending", lambda: None)()
+        if pending is None or not self._snapshot_done[2]:
+            return False
+        now = time.monotonic()
+        if not self._snapshot_done_at:
+            self._snapshot_done_at = now
+        lacking, unsynced, _ = pending
+        if not lacking and unsynced <= BASE_COMMIT_UNSYNCED_BYTES:
+            return False
+        if now - self._snapshot_done_at < BASE_WAIT_SECONDS:
+            return True
+        logger.warning("the snapshot's log segment is not ready %gs after its child finished (%d entries to "
+                       "write, %d bytes to sync): committing it in the loop", BASE_WAIT_SECONDS, lacking, unsynced)
+        return False
 
     def _snapshot_in_process(self, meta: Snapshot) -> None:
         """The snapshot written in the loop (no fork): it stalls serving for as long as it takes."""
@@ -1264,6 +1338,7 @@ class Runtime:
         machine's size happens here. A child that failed, or a snapshot from a leader that overtook this one,
         leaves the log as it was."""
         index = snap.last_included_index
+        self._snapshot_done_at = 0.0
         if not written:
             self.storage.abort_snapshot(tmp)
             self.stats["snapshot_children_failed"] += 1
@@ -1274,6 +1349,7 @@ class Runtime:
         if not self.node.can_snapshot_at(index):  # a leader's snapshot replaced the log meanwhile
             self.storage.abort_snapshot(tmp)
             return
+        started = time.monotonic()
         try:
             kept = self.storage.commit_snapshot(snap, tmp)
         except (DiskFull, OutOfDescriptors) as e:
@@ -1282,6 +1358,9 @@ class Runtime:
         if kept is None:
             return
         self.node.create_snapshot(index, kept.data)
+        took_microseconds = int((time.monotonic() - started) * 1e6)
+        self.stats["snapshot_commit_max_microseconds"] = max(self.stats["snapshot_commit_max_microseconds"],
+                                                             took_microseconds)
         self.stats["snapshots"] += 1
         self.events.record(events.SNAPSHOT_TAKEN, index=index, bytes=len(kept.data))
         logger.info("took a snapshot at index %d (%d bytes)", index, len(kept.data))
@@ -1315,6 +1394,9 @@ class Runtime:
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
         self._snapshot_child = pid
+        begin_base = getattr(self.storage, "begin_base", None)
+        if begin_base is not None:  # its base segment pre-built meanwhile, a step a drive (`_base_steps`)
+            begin_base(meta)
         logger.info("snapshot child %d writing the state at index %d", pid, meta.last_included_index)
         gevent.spawn(self._wait_snapshot_child, pid, r, meta, tmp)
 

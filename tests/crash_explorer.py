@@ -81,8 +81,9 @@ class Model:
         elif kind in ("snapshot", "snapshot_commit"):  # a commit: the second part of a forked snapshot
             if s.install_snapshot(step[1]):
                 out.durable_commit_index = s.hard_state.commit_index
-        elif kind in ("snapshot_write", "snapshot_abort"):
-            pass  # the first part (a forked child's file), or dropping it: nothing a reader uses changes
+        elif kind in ("snapshot_write", "snapshot_abort") or kind.startswith("base_"):
+            pass  # the first part (a forked child's file), or dropping it, or pre-building the base segment of
+            # its commit (DiskStorage.begin_base, base_step, base_sync_job): nothing a reader uses changes
         elif kind == "reopen":
             out.durable_commit_index = s.hard_state.commit_index  # close() fsyncs; load() fsyncs what it read
         return out
@@ -308,6 +309,7 @@ class Explorer:
         storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
         storage.load()
         writing: dict[int, str] = {}  # forked snapshots written and not yet committed: index -> their file
+        syncing = None  # a pre-built base segment's sync begun ("base_sync_begin") and not yet ended
         for i, step in enumerate(workload):
             if len(self.stats.violations) >= self.limits.max_violations:
                 return
@@ -339,6 +341,19 @@ class Explorer:
                     storage.commit_snapshot(step[1], writing.pop(step[1].last_included_index))
                 elif step[0] == "snapshot_abort":  # a child that failed or was killed
                     storage.abort_snapshot(writing.pop(step[1].last_included_index))
+                elif step[0] == "base_begin":  # the runtime, once the child is forked
+                    storage.begin_base(step[1])
+                elif step[0] == "base_step":  # the runtime's drives meanwhile
+                    storage.base_step(step[1])
+                elif step[0] in ("base_sync", "base_sync_begin"):  # the threadpool's fdatasync (begun only:
+                    syncing = storage.base_sync_job()  # its end comes with "base_sync_end", steps between)
+                    if syncing is not None and step[0] == "base_sync":
+                        syncing[1](syncing[0]())
+                        syncing = None
+                elif step[0] == "base_sync_end":
+                    if syncing is not None:
+                        syncing[1](syncing[0]())
+                        syncing = None
                 else:
                     storage.close()
                     storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
@@ -426,8 +441,12 @@ def describe_step(step: tuple) -> str:
         return "save " + ", ".join(parts) + ("" if sync else " (no sync)")
     if step[0] == "snapshot":
         return f"save_snapshot ({step[1].last_included_index}, {step[1].last_included_term})"
-    if step[0].startswith("snapshot_"):
+    if step[0].startswith("snapshot_") or step[0] == "base_begin":
         return f"{step[0]} ({step[1].last_included_index}, {step[1].last_included_term})"
+    if step[0] == "base_step":
+        return f"base_step ({step[1]} bytes)"
+    if step[0].startswith("base_"):
+        return step[0]
     return "reopen"
 
 
@@ -481,6 +500,115 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
         save(HardState(2, "a", 10), [], sync=False),
         ("snapshot_commit", snap(8, 1)),
         save(HardState(2, "a", 12), es(13, 1, 2)),
+    ],
+    # Issue 13 (basestep): the commit's base segment pre-built while the child writes, a step at a time (one
+    # entry a step here), its bulk synced (off the loop in the runtime), saves between; the commit appends only
+    # the entries since the last step and the hard state, then renames it into place.
+    "forked-base-prebuilt": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1),
+        save(HardState(2, "a", 9), es(11, 2, 2)),
+        ("base_step", 1 << 20),
+        ("base_sync",),
+        save(HardState(2, "a", 10), es(13, 1, 2)),
+        ("base_step", 1),
+        save(HardState(2, "a", 12), [], sync=False),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "a", 13), es(14, 1, 2)),
+    ],
+    # ... a new leader cuts entries the segment holds (a follower's log): it is begun again, from the new log.
+    "forked-base-cut-below-what-it-holds": [
+        save(HardState(1, "a", 8), es(1, 14, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        ("base_sync",),
+        save(HardState(2, "b", 8), es(11, 2, 2)),
+        ("base_step", 1),
+        save(HardState(2, "b", 9), es(13, 1, 2)),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "b", 10), es(14, 1, 2)),
+    ],
+    # ... cut right after it was begun again (no step since: the commit writes the whole log), and a sync of the
+    # dropped file ending after the cut.
+    "forked-base-cut-then-commit-at-once": [
+        save(HardState(1, "a", 9), es(1, 14, 1)),
+        ("snapshot_write", snap(9, 1)),
+        ("base_begin", snap(9, 1)),
+        ("base_step", 1 << 20),
+        ("base_sync_begin",),
+        save(HardState(2, "b", 9), es(14, 1, 2)),
+        ("base_sync_end",),
+        ("snapshot_commit", snap(9, 1)),
+    ],
+    # ... a full disk at a step, at its sync, at the commit's tail: the commit refuses (DiskFull), nothing changed;
+    # the snapshot taken again goes through. (Each commit refused is run as a "full" step: DiskFull allowed.)
+    "forked-base-disk-full-at-a-step": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("full", 40, ("base_step", 1 << 20)),
+        save(HardState(1, "a", 9), es(11, 1, 1)),
+        ("base_step", 1 << 20),
+        ("full", 1 << 30, ("snapshot_commit", snap(8, 1))),
+        ("snapshot_write", snap(9, 1)),
+        ("base_begin", snap(9, 1)),
+        ("base_step", 1 << 20),
+        ("fail", "fdatasync", 0, errno.ENOSPC, ("base_sync",)),
+        ("full", 1 << 30, ("snapshot_commit", snap(9, 1))),
+        ("snapshot_write", snap(9, 1)),
+        ("base_begin", snap(9, 1)),
+        ("base_step", 1 << 20),
+        ("fail", "fsync", 0, errno.ENOSPC, ("snapshot_commit", snap(9, 1))),
+        ("snapshot_write", snap(9, 1)),
+        ("base_begin", snap(9, 1)),
+        ("base_step", 4),
+        save(HardState(1, "a", 10), es(12, 1, 1)),
+        ("snapshot_commit", snap(9, 1)),
+    ],
+    # ... no descriptor for the segment at its first step: the commit refuses (OutOfDescriptors), nothing changed.
+    "forked-base-no-descriptor-at-a-step": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("nofds", 0, ("base_step", 1 << 20)),
+        ("nofds", 9, ("snapshot_commit", snap(8, 1))),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        ("snapshot_commit", snap(8, 1)),
+    ],
+    # ... a disk failing at the commit's tail or its rename (fatal: the node stops, starts again on what it finds).
+    "forked-base-disk-fails-at-the-commit": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        ("fail", "fsync", 0, errno.EIO, ("snapshot_commit", snap(8, 1))),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        ("fail", "rename", 1, errno.EIO, ("snapshot_commit", snap(8, 1))),
+        save(HardState(1, "a", 10), es(11, 1, 1)),
+    ],
+    # ... a leader's snapshot installed meanwhile, past the node's (the commit changes nothing) and below it (the
+    # commit writes the whole log, the pre-built segment dropped with the install).
+    "forked-base-overtaken-by-leaders-snapshots": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        save(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        ("base_step", 1 << 20),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "b", 20), es(17, 5, 2)),
+        ("snapshot_write", snap(20, 2)),
+        ("base_begin", snap(20, 2)),
+        ("base_step", 1 << 20),
+        received(HardState(2, "b", 18), [], snap(18, 2)),
+        ("snapshot_commit", snap(20, 2)),
     ],
     # A leader's snapshot installed while the child writes: the commit finds it overtaken and changes nothing.
     "forked-snapshot-overtaken-by-a-leaders-snapshot": [

@@ -1038,3 +1038,103 @@ def test_a_node_restarted_on_its_snapshot_says_restoring_from_its_first_reply():
         assert runtime.stats["restore_step_max_microseconds"] == 0
     finally:
         runtime.stop()
+
+
+def _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds: float):
+    """A forking one-node runtime (`_forking_runtime`) whose snapshot child takes 0.2 s, the pre-built base
+    segment's syncs `sync_seconds` each (a slow disk), each counted with its thread; the pre-built segments renamed
+    into place and the forks counted."""
+    import threading
+
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 0.2)
+    runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
+    storage = runtime.storage
+    seen = {"sync_threads": [], "renamed": [], "forks": [], "loop_thread": threading.get_ident()}
+    real_job, real_rename = storage.base_sync_job, storage._rename_prebuilt
+
+    def slow_job():
+        job = real_job()
+        if job is None:
+            return None
+        sync, done = job
+
+        def slow_sync():
+            seen["sync_threads"].append(threading.get_ident())
+            time.sleep(sync_seconds)
+            return sync()
+
+        return slow_sync, done
+
+    monkeypatch.setattr(storage, "base_sync_job", slow_job)
+    monkeypatch.setattr(storage, "_rename_prebuilt", lambda: seen["renamed"].append(1) or real_rename())
+    real_fork = runtime_module.posix.fork
+    monkeypatch.setattr(runtime_module.posix, "fork", lambda: seen["forks"].append(1) or real_fork())
+    return runtime, seen
+
+
+def _one_snapshot_of_a_burst(runtime: Runtime, timeout_seconds: float) -> None:
+    """Lead, write a burst over the snapshot threshold (one child forked), then nothing more until the snapshot
+    is taken, and a little longer (no other child is forked)."""
+    with gevent.Timeout(5):
+        while runtime.node.role is not Role.LEADER:
+            gevent.sleep(0.01)
+    for i in range(18):  # ~2,200 bytes: one snapshot at ~16 entries, and too little after it for another
+        runtime.propose(b"value-%03d" % i + b"x" * 100, 2.0)
+    with gevent.Timeout(timeout_seconds):
+        while runtime.stats["snapshots"] < 1:
+            gevent.sleep(0.01)
+    gevent.sleep(0.1)
+
+
+def test_a_forked_snapshot_commits_with_its_base_segment_prebuilt_and_synced_off_the_loop(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """Issue 13 (basestep): while the child writes, the drives pre-build the commit's base segment; once the child
+    is done its bulk is fdatasynced in gevent's threadpool (not the loop's thread) and the commit waits for that,
+    drives going on, without forking another child meanwhile (one was: it wrote the same *.tmp under the waiting
+    commit, and the node stopped on "unpack_from requires a buffer of at least 12 bytes")."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)  # every byte synced before the commit
+    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=0.2)
+    storage = runtime.storage
+    runtime.start()
+    try:
+        with caplog.at_level("INFO", logger="raftlib.runtime"):
+            _one_snapshot_of_a_burst(runtime, timeout_seconds=4)  # under BASE_WAIT_SECONDS: not committed by it
+        assert runtime.running
+        assert seen["renamed"] == [1] and seen["sync_threads"], seen
+        assert seen["loop_thread"] not in seen["sync_threads"]
+        assert seen["forks"] == [1], seen
+        assert not [r for r in caplog.records if "is not ready" in r.getMessage()]
+        assert runtime.stats["snapshot_commit_max_microseconds"] > 0
+    finally:
+        runtime.stop()
+        storage.close()
+    s = DiskStorage(str(tmp_path))
+    got = s.load()
+    s.close()
+    assert got.snapshot is not None and got.snapshot.last_included_index >= 2
+
+
+def test_a_snapshot_whose_base_segment_sync_does_not_end_commits_after_the_bound(tmp_path, monkeypatch, caplog):
+    """Every wait has a bound: a sync of the pre-built segment that takes longer than BASE_WAIT_SECONDS does not
+    hold the snapshot back: it commits then (its fsync in the loop), saying so."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)
+    monkeypatch.setattr(runtime_module, "BASE_WAIT_SECONDS", 0.3)
+    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=1.5)
+    storage = runtime.storage
+    runtime.start()
+    try:
+        with caplog.at_level("INFO", logger="raftlib.runtime"):
+            _one_snapshot_of_a_burst(runtime, timeout_seconds=1.2)  # before the sync's end
+        assert runtime.running and seen["renamed"] == [1]
+        assert [r for r in caplog.records if "is not ready 0.3s after its child finished" in r.getMessage()]
+        gevent.sleep(1.5)  # the sync ends after the commit: nothing fails
+        assert runtime.running
+    finally:
+        runtime.stop()
+        storage.close()
