@@ -8,7 +8,8 @@ while its child writes (--batch entries a save, fdatasynced).
 A build that pre-builds the new segment (DiskStorage.begin_base/base_step: the base group written in bounded
 steps while the child writes, its bulk fdatasynced off the loop) is driven as the runtime drives it: a step after
 every save (--step-bytes a call), the bulk synced before the commit (as the runtime's threadpool does, not timed:
-it is off the loop); the longest step is reported too. A build without it commits the old way.
+it is off the loop), and the old segment's unlink after the commit too (DiskStorage.garbage_job, the threadpool's
+in the runtime); the longest step is reported too. A build without them commits the old way.
 
     python bench/snapshot_commit.py                                  # this checkout
     python bench/snapshot_commit.py --vs-build /work/main --rounds 5 # alternating this and another checkout
@@ -64,9 +65,14 @@ def one_round(entries: int, entry_bytes: int, batch: int, step_bytes: int, folde
             job = s.base_sync_job()
             if job is not None:
                 job[1](job[0]())  # the runtime runs the first off the loop, the second in it: not timed
+        if hasattr(s, "garbage_job"):
+            s.unlink_garbage_later = True  # as the runtime sets it: the old files unlinked in a thread
         t0 = time.perf_counter()
         s.commit_snapshot(snap, tmp)
         took = time.perf_counter() - t0
+        unlink = s.garbage_job() if hasattr(s, "garbage_job") else None
+        if unlink is not None:
+            unlink()  # the runtime's threadpool: not timed
         assert s.state.base_index == 10 and s.state.last_index == 10 + entries
         s.close()
         return {"commit_ms": took * 1e3, "step_ms": longest_step * 1e3, "log_mb": s.log_bytes / 1e6}

@@ -443,6 +443,8 @@ class Runtime:
         self._restoring: tuple[int, Iterator[bool]] | None = None
         self._restore_applied = False  # the state machine holds that snapshot: the steps left free the old state
         self._collector = CollectorHold()  # held while a restore is under way
+        if hasattr(storage, "garbage_job"):  # a DiskStorage: old segments and snapshots unlinked off the loop
+            storage.unlink_garbage_later = True  # type: ignore[attr-defined]
         receive = getattr(storage, "receive_snapshot", None)
         if receive is not None:  # a leader's snapshot's chunks go to its file as they come, not to memory
             node.open_snapshot_sink = receive
@@ -1224,6 +1226,9 @@ class Runtime:
         if self._snapshot_done is not None and not self._base_wait():
             done, self._snapshot_done = self._snapshot_done, None
             self._finish_snapshot(*done)
+        unlink = getattr(self.storage, "garbage_job", lambda: None)()
+        if unlink is not None:  # what an install (this node's snapshot or a leader's) made garbage
+            gevent.spawn(gevent.get_hub().threadpool.apply, unlink)
         if self._unreaped:
             self._reap_later()
         node = self.node
