@@ -7,7 +7,7 @@ while its child writes (--batch entries a save, fdatasynced).
 
 A build that pre-builds the new segment (DiskStorage.begin_base/base_step: the base group written in bounded
 steps while the child writes, its bulk fdatasynced off the loop) is driven as the runtime drives it: a step after
-every save (--step-bytes a call), the bulk synced before the commit (as the runtime's threadpool does, not timed:
+every save (--step-bytes of entries a call, as the runtime's BASE_STEP_BYTES), the bulk synced before the commit (as the runtime's threadpool does, not timed:
 it is off the loop), and the old segment's unlink after the commit too (DiskStorage.garbage_job, the threadpool's
 in the runtime); the longest step is reported too. A build without them commits the old way.
 
@@ -85,7 +85,8 @@ def main() -> None:
     p.add_argument("--entries", type=int, default=3000)
     p.add_argument("--entry-bytes", type=int, default=15000)
     p.add_argument("--batch", type=int, default=5, help="entries a save")
-    p.add_argument("--step-bytes", type=int, default=1 << 20, help="a pre-build step's bound (its build's unit)")
+    p.add_argument("--step-bytes", type=int, default=256 << 10,
+                   help="a pre-build step's bound, in bytes of entries (the runtime's BASE_STEP_BYTES)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--vs-build", default=None, help="another checkout, run alternately with this one")
     p.add_argument("--dir", default=None, help="where the temporary data dirs go (default: the system's tmp)")

@@ -1368,7 +1368,8 @@ class Runtime:
                                                              took_microseconds)
         self.stats["snapshots"] += 1
         self.events.record(events.SNAPSHOT_TAKEN, index=index, bytes=len(kept.data))
-        logger.info("took a snapshot at index %d (%d bytes)", index, len(kept.data))
+        logger.info("took a snapshot at index %d (%d bytes; its commit held the loop %.1f ms)", index, len(kept.data),
+                    took_microseconds / 1e3)
 
     def _fork_snapshot(self, meta: Snapshot) -> None:
         """Fork a child that writes the snapshot's file (`_fork_child`); a greenlet waits for it

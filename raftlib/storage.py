@@ -40,6 +40,17 @@ Rules:
 - A snapshot of the node's own comes in two parts: `write_snapshot` (a forked child may run it) writes and
   fsyncs its file under a `*.tmp` name, changing nothing a reader uses; `commit_snapshot` (the serving process)
   does the rest of the install transaction from the rename on. Installs leave a `*.tmp` being written alone.
+- Meanwhile the commit's new segment may be pre-built (`begin_base`, `base_step`, `base_sync_job`: issue 13, so
+  that the commit's work in the loop does not grow with the log since the snapshot): `log/base-IIII.seg.tmp`,
+  the header and a base group left open (a base part record, batch part records), written a bounded step at a
+  time; load never takes a `*.tmp` for the log (and deletes it), nor would it a segment whose group is open. A
+  save whose entries replace some it holds begins it again; a leader's install, or another snapshot's commit,
+  drops it; a full disk or no descriptor at a step or at its sync drops it, and the commit of its snapshot then
+  refuses (DiskFull, OutOfDescriptors: nothing changed). The commit appends the entries it lacks and the hard
+  state in the record that closes the group, fsyncs it BEFORE the snapshot's rename, and after that rename (and
+  its folder's fsync) renames it to the next segment's name and fsyncs the log folder: the commit point.
+- With `unlink_garbage_later` (the runtime's), what an install makes garbage is unlinked by `garbage_job` in a
+  thread, after the commit point (load would delete it too).
 
 The data dir:
 
