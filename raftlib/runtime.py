@@ -114,6 +114,7 @@ RESTORE_DRIVE_SECONDS = 0.005
 # DiskStorage.begin_base): each drive of the loop writes the log since the snapshot into it by steps of
 # BASE_STEP_BYTES of entries while they fit in BASE_DRIVE_SECONDS, and its bulk is fdatasynced in gevent's
 # threadpool (a file no reader uses yet) once BASE_SYNC_BYTES are unsynced, and once more when the child is done.
+# Only the loop's drives take steps (as a restore's: a transport greenlet that drives answers its frame first).
 # The commit waits, drives going on, until the segment holds the whole log and at most BASE_COMMIT_UNSYNCED_BYTES
 # of it are unsynced (its own fsync then small): at most BASE_WAIT_SECONDS after the child is done, then it
 # commits anyway (the entries the segment lacks written in the loop, as before basestep).
@@ -1221,8 +1222,8 @@ class Runtime:
         """Called at the end of each drive. Finishes a snapshot whose child has exited; else, past the log
         threshold, begins one: in a forked child (the loop goes on serving while the child serializes its
         copy-on-write image and writes and fsyncs the file), or in process where fork is unavailable or off."""
-        if self._snapshot_child is not None or self._snapshot_done is not None:
-            self._base_steps()
+        if (self._snapshot_child is not None or self._snapshot_done is not None) and self._in_loop():
+            self._base_steps()  # the loop's drives only: a transport greenlet's reply does not wait for them
         if self._snapshot_done is not None and not self._base_wait():
             done, self._snapshot_done = self._snapshot_done, None
             self._finish_snapshot(*done)

@@ -1048,7 +1048,11 @@ class DiskStorage:
         try:
             make_segment: Callable[[], tuple[object, int]]
             if prebuilt is not None and prebuilt.handle is not None:
-                state = self._state_after(snapshot, hard_state, entries)
+                # The node's own snapshot, the log agreeing with it at its index (commit_snapshot checked): the
+                # log after it is a slice (install_snapshot's pass over every entry in Python: ~5 ms at 100,000).
+                assert hard_state is None and not entries
+                base_index = self.state.base_index
+                state = StoredState(self.state.hard_state, snapshot, self.state.entries[index - base_index :])
                 self._close_prebuilt(prebuilt, state)  # DiskFull: nothing a reader uses changed
                 make_segment = self._rename_prebuilt
             else:

@@ -1128,15 +1128,16 @@ def test_a_snapshot_whose_base_segment_sync_does_not_end_commits_after_the_bound
 
     monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)
     monkeypatch.setattr(runtime_module, "BASE_WAIT_SECONDS", 0.3)
-    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=1.5)
+    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=4.0)
     storage = runtime.storage
     runtime.start()
     try:
         with caplog.at_level("INFO", logger="raftlib.runtime"):
-            _one_snapshot_of_a_burst(runtime, timeout_seconds=1.2)  # before the sync's end
+            started = time.monotonic()
+            _one_snapshot_of_a_burst(runtime, timeout_seconds=3.0)  # before the sync's end
         assert runtime.running and seen["renamed"] == [1]
         assert [r for r in caplog.records if "is not ready 0.3s after its child finished" in r.getMessage()]
-        gevent.sleep(1.5)  # the sync ends after the commit: nothing fails
+        gevent.sleep(max(0.0, started + 4.5 - time.monotonic()))  # the sync ends after the commit: nothing fails
         assert runtime.running
     finally:
         runtime.stop()

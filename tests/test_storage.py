@@ -1358,3 +1358,23 @@ def test_a_failed_sync_of_a_prebuilt_base_off_the_loop_stops_the_node_at_its_nex
     done(OSError(errno.EIO, "Input/output error"))
     with pytest.raises(OSError, match="Input/output"):
         s.save(HardState(1, "a", 10), entries(15, 1))
+
+
+def test_a_snapshot_committed_with_another_snapshots_prebuilt_base_writes_its_own_log(tmp_path):
+    """The pre-built segment is of one snapshot (index and term): another's commit (a child begun later, the
+    first one killed) drops it and writes the log after its own index whole, as before basestep."""
+    s, snap8, tmp8 = _forked_snapshot_prebuilt(tmp_path)
+    s.abort_snapshot(tmp8)  # the child of the snapshot at 8 was killed: its segment goes with it
+    assert s.base_pending() is None
+    s.begin_base(snap8)  # begun again for 8, and stepped; then the snapshot at 10 commits instead
+    s.base_step(1 << 20)
+    snap10 = Snapshot(10, 1, MEMBERSHIP, b"state-at-10")
+    tmp10 = s.begin_snapshot(10)
+    s.write_snapshot(snap10, tmp10)
+    assert s.commit_snapshot(snap10, tmp10) is not None
+    assert s.base_pending() is None
+    s.close()
+    assert sorted(os.listdir(os.path.join(tmp_path, "log"))) == ["0000000002.seg"]
+    s, got = reopen(tmp_path)
+    s.close()
+    assert state_of(got) == ((10, 1), [(i, 1) for i in range(11, 15)], HardState(1, "a", 10))
