@@ -116,8 +116,10 @@ RESTORE_DRIVE_SECONDS = 0.005
 # threadpool (a file no reader uses yet) once BASE_SYNC_BYTES are unsynced, and once more when the child is done.
 # Only the loop's drives take steps (as a restore's: a transport greenlet that drives answers its frame first).
 # The commit waits, drives going on, until the segment holds the whole log and at most BASE_COMMIT_UNSYNCED_BYTES
-# of it are unsynced (its own fsync then small): at most BASE_WAIT_SECONDS after the child is done, then it
-# commits anyway (the entries the segment lacks written in the loop, as before basestep).
+# of it are unsynced (its own fsync then small) and no sync of it runs: at most BASE_WAIT_SECONDS after the child
+# is done, then it commits anyway (the entries the segment lacks written in the loop; a segment whose sync still
+# runs is dropped and the log written whole, as before basestep: never a commit through a threadpool fdatasync that
+# has not ended, whose EIO the commit's fsync on the same descriptor might not see, fsyncgate).
 BASE_STEP_BYTES = 256 << 10
 BASE_DRIVE_SECONDS = 0.003
 BASE_SYNC_BYTES = 8 << 20
@@ -1307,13 +1309,17 @@ class Runtime:
         now = time.monotonic()
         if not self._snapshot_done_at:
             self._snapshot_done_at = now
-        lacking, unsynced, _ = pending
-        if not lacking and unsynced <= BASE_COMMIT_UNSYNCED_BYTES:
+        lacking, unsynced, syncing = pending
+        if not lacking and unsynced <= BASE_COMMIT_UNSYNCED_BYTES and not syncing:
             return False
         if now - self._snapshot_done_at < BASE_WAIT_SECONDS:
             return True
+        # At the bound: a segment whose sync still runs is dropped by the commit (never committed through a
+        # threadpool fdatasync not ended: fsyncgate), which writes the log whole in the loop as before issue 13.
         logger.warning("the snapshot's log segment is not ready %gs after its child finished (%d entries to "
-                       "write, %d bytes to sync): committing it in the loop", BASE_WAIT_SECONDS, lacking, unsynced)
+                       "write, %d bytes to sync%s): committing it in the loop%s", BASE_WAIT_SECONDS, lacking,
+                       unsynced, ", a sync running" if syncing else "",
+                       ", the segment dropped and the log written whole" if syncing else "")
         return False
 
     def _snapshot_in_process(self, meta: Snapshot) -> None:

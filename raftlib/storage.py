@@ -788,8 +788,12 @@ class DiskStorage:
             raise refused[1]
         base = self._base
         if base is not None and ((base.index, base.term) != (index, snapshot.last_included_term)
-                                 or not self._agrees_at(index, base.term)):
-            self._drop_base()  # begun for another snapshot, or no longer this log's: the whole log is written here
+                                 or not self._agrees_at(index, base.term) or base.syncing):
+            # Begun for another snapshot, or no longer this log's, or a sync of it still runs (or its outcome is
+            # not handed back yet): the whole log is written here. Never through a running sync (fsyncgate:
+            # Linux reports a writeback error once per open file description, so if that thread consumed an EIO
+            # the commit's fsync on the same descriptor would return 0 and lost pages would become the log).
+            self._drop_base()
             base = None
         try:
             return self._commit_install(snapshot, tmp, None, [], prebuilt=base)
@@ -875,9 +879,11 @@ class DiskStorage:
     def base_sync_job(self) -> tuple[Callable[[], OSError | None], Callable[[OSError | None], None]] | None:
         """The fdatasync of what the pre-built base segment holds so far, for a thread (a file no reader uses
         yet: it may run off the loop while steps append to it): (`sync`, run it anywhere, it returns its error;
-        `done(error)`, call it back in the loop). None when nothing is to sync or a sync runs. A full disk at it
-        drops the segment (the snapshot's commit refuses, DiskFull); any other error is fatal (fsyncgate), raised
-        by the next step or commit."""
+        `done(error)`, call it back in the loop). None when nothing is to sync or a sync runs. From the job's
+        making until `done` the segment counts as syncing, and a commit meanwhile drops it (fsyncgate: an EIO
+        that thread consumed is not reported again to the commit's fsync on the same descriptor). A full disk at
+        it drops the segment (the snapshot's commit refuses, DiskFull); any other error is fatal (fsyncgate),
+        raised by the next step or commit."""
         base = self._base
         if base is None or base.handle is None or base.syncing or base.synced >= base.size or not self._fsync:
             return None
@@ -906,8 +912,8 @@ class DiskStorage:
                 self._base_refused = (base.index, DiskFull(f"no room on the disk for the snapshot's log segment: "
                                                            f"{error.strerror}"))
             else:
-                # Any other failure, or one of a segment committed meanwhile (the log now; a later fsync of it may
-                # not say that pages were lost): fatal, at the next save, step or commit.
+                # Any other failure: fatal, at the next save, step or commit (a commit never takes a segment
+                # whose sync runs, so this one is not the log; but the disk is failing).
                 self._base_failed = error
 
         return sync, done

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from raftlib import Entry, EntryKind, HardState, MemoryStorage, Member, Membership, Snapshot, storage
 from raftlib import logformat, snapshotfile, storage_errors
 from crashfs import CrashFS
+from raftlib.fs import OsFileSystem
 from raftlib.logformat import encode_record
 from raftlib.server import nodestart
 from raftlib.snapshotfile import encode_snapshot
@@ -1378,3 +1379,82 @@ def test_a_snapshot_committed_with_another_snapshots_prebuilt_base_writes_its_ow
     s, got = reopen(tmp_path)
     s.close()
     assert state_of(got) == ((10, 1), [(i, 1) for i in range(11, 15)], HardState(1, "a", 10))
+
+
+class _ErrseqFS(OsFileSystem):
+    """Real files with Linux's writeback-error semantics (fsyncgate, errseq): a failed fdatasync loses the range it
+    did not write (its pages marked clean, so a later fsync on the descriptor writes nothing and returns 0: the
+    error is reported once per open file description), and a power loss reads that range back as zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.synced: dict[int, int] = {}  # inode -> bytes known on disk
+        self.lost: dict[int, tuple[int, int]] = {}  # inode -> range a failed writeback lost
+        self.fail_next_fdatasync = False
+
+    def fdatasync(self, fd: int) -> None:
+        st = os.fstat(fd)
+        if self.fail_next_fdatasync:
+            self.fail_next_fdatasync = False
+            self.lost[st.st_ino] = (self.synced.get(st.st_ino, 0), st.st_size)
+            self.synced[st.st_ino] = st.st_size  # clean: nothing left for a later fsync to write or report
+            raise OSError(errno.EIO, "Input/output error")
+        super().fdatasync(fd)
+        self.synced[st.st_ino] = st.st_size
+
+    def fsync(self, fd: int) -> None:
+        st = os.fstat(fd)
+        super().fsync(fd)  # the error went to the thread's call already: 0 here
+        self.synced[st.st_ino] = st.st_size
+
+    def power_loss(self, root: str) -> list[str]:
+        """Zero every lost range of a file still linked under `root`; returns the paths so damaged."""
+        damaged = []
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                lost = self.lost.get(os.stat(path).st_ino)
+                if lost is not None:
+                    with open(path, "r+b") as f:
+                        f.seek(lost[0])
+                        f.write(b"\0" * (lost[1] - lost[0]))
+                    damaged.append(path)
+        return damaged
+
+
+@pytest.mark.parametrize("unlink_later", [False, True])
+def test_a_commit_never_goes_through_a_prebuilt_base_whose_threadpool_sync_has_not_ended(tmp_path, unlink_later):
+    """Review basestep S1 (fsyncgate): the runtime commits at BASE_WAIT_SECONDS while the base's fdatasync still
+    runs in the threadpool; the disk fails it (EIO) and Linux reports that once per open file description, so the
+    commit's fsync on the same descriptor returned 0, the segment holding lost pages became the log, the old one
+    was unlinked, and after a power loss the committed entries 9..20 and the term and vote were gone. The commit
+    must drop a base whose sync has not handed back its outcome and write the log whole."""
+    fs = _ErrseqFS()
+    s = DiskStorage(str(tmp_path), fs=fs)
+    s.load()
+    s.unlink_garbage_later = unlink_later
+    s.save(HardState(1, "a", 20), entries(1, 20, size=2000))  # acknowledged: fsynced in segment 1
+    snap = Snapshot(8, 1, MEMBERSHIP, b"state-at-8")
+    tmp = s.begin_snapshot(8)
+    s.write_snapshot(snap, tmp)
+    s.begin_base(snap)
+    while s.base_step(4096):
+        pass
+    job = s.base_sync_job()
+    assert job is not None
+    sync, done = job
+    fs.fail_next_fdatasync = True
+    error = sync()  # in the threadpool: EIO, not handed back to the loop yet
+    assert isinstance(error, OSError) and error.errno == errno.EIO
+    committed = s.commit_snapshot(snap, tmp)  # at the bound: the loop commits before `done`
+    assert committed is not None and committed.last_included_index == 8
+    garbage = s.garbage_job()
+    if garbage is not None:
+        garbage()
+    done(error)  # the greenlet hands the outcome back: a dropped base's, closed and forgotten
+    s.save(HardState(1, "a", 21), entries(21, 1, size=2000))
+    s.close()
+    assert fs.power_loss(str(tmp_path)) == []  # no file that is the state holds a lost range
+    s2, got = reopen(tmp_path)
+    s2.close()
+    assert state_of(got) == ((8, 1), [(i, 1) for i in range(9, 22)], HardState(1, "a", 21))
