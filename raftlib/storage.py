@@ -831,17 +831,18 @@ class DiskStorage:
         if base.index <= start or not self._agrees_at(base.index, base.term):
             self._drop_base()  # overtaken (the commit finds it so too) or no longer this log
             return 0
-        first = base.written_to + 1
-        entries = state.entries[first - start - 1 :]
-        if base.handle is not None and not entries:
+        # By index, only the step sliced: the work is the step's, not the log's since the snapshot (review
+        # basestep L1: a copy of the rest of the list at every step was 7.9 ms a step at 400,000 entries).
+        entries = state.entries
+        lo = base.written_to - start  # the list's position of the first entry the segment lacks
+        if base.handle is not None and lo >= len(entries):
             return 0
         size = 0
-        n = 0
-        for n, e in enumerate(entries, 1):  # noqa: B007 - n is the count taken
-            size += len(e.data)
-            if size >= max_bytes:
-                break
-        step = entries[:n]
+        hi = lo
+        while hi < len(entries) and (hi == lo or size < max_bytes):  # at least one
+            size += len(entries[hi].data)
+            hi += 1
+        step = entries[lo:hi]
         try:
             if base.handle is None:
                 data = _HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION) + encode_base_group_head(
@@ -866,7 +867,7 @@ class DiskStorage:
         base.written_to += len(step)
         if crashpoints.enabled:
             crashpoints.hit("snapshot.base_step")
-        return len(entries) - len(step)
+        return len(entries) - hi
 
     def base_pending(self) -> tuple[int, int, bool] | None:
         """The pre-built base segment's progress: (entries it lacks, bytes not known durable, a sync running), or
