@@ -1051,7 +1051,7 @@ def _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds: float):
     monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 0.2)
     runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
     storage = runtime.storage
-    seen = {"sync_threads": [], "renamed": [], "forks": [], "loop_thread": threading.get_ident()}
+    seen = {"sync_threads": [], "syncs_ended": [], "renamed": [], "forks": [], "loop_thread": threading.get_ident()}
     real_job, real_rename = storage.base_sync_job, storage._rename_prebuilt
 
     def slow_job():
@@ -1063,7 +1063,10 @@ def _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds: float):
         def slow_sync():
             seen["sync_threads"].append(threading.get_ident())
             time.sleep(sync_seconds)
-            return sync()
+            try:
+                return sync()
+            finally:
+                seen["syncs_ended"].append(time.monotonic())
 
         return slow_sync, done
 
@@ -1147,3 +1150,53 @@ def test_a_snapshot_whose_base_segment_sync_does_not_end_commits_after_the_bound
     finally:
         runtime.stop()
         storage.close()
+
+
+@pytest.mark.parametrize("job", ["the base segment's sync", "the unlink of the garbage"])
+def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_is_closed(tmp_path, monkeypatch,
+                                                                                         job):
+    """Review basestep L2/L3: `stop` returned while the pre-built segment's fdatasync or a snapshot's garbage
+    unlink still ran in the threadpool, and the caller's `storage.close()` then closed the folder handles and
+    released LOCK under it (a thread unlinking and fsyncing folders of a data dir another process may hold)."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)
+    slow_sync = job == "the base segment's sync"
+    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=1.0 if slow_sync else 0.01)
+    storage = runtime.storage
+    garbage = {"begun": 0, "ended": []}
+    real_garbage_job = storage.garbage_job
+
+    def slow_garbage_job():
+        unlink = real_garbage_job()
+        if unlink is None:
+            return None
+
+        def slow_unlink():
+            garbage["begun"] += 1
+            time.sleep(1.0)
+            try:
+                unlink()
+            finally:
+                garbage["ended"].append(time.monotonic())
+
+        return slow_unlink
+
+    if not slow_sync:
+        monkeypatch.setattr(storage, "garbage_job", slow_garbage_job)
+    runtime.start()
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+        for i in range(18):
+            runtime.propose(b"value-%03d" % i + b"x" * 100, 2.0)
+        with gevent.Timeout(4):
+            while not (seen["sync_threads"] if slow_sync else garbage["begun"]):
+                gevent.sleep(0.01)
+    finally:
+        runtime.stop()
+        stopped = time.monotonic()
+        storage.close()
+    ended = seen["syncs_ended"] if slow_sync else garbage["ended"]
+    assert ended and max(ended) <= stopped, (ended, stopped)
