@@ -784,12 +784,79 @@ def random_workload(rng: random.Random, steps: int) -> list[tuple]:
     return out
 
 
-def workloads(count: int, seed: int, hand_written: bool = True):
+def with_forked_base(rng: random.Random, workload: list[tuple]) -> list[tuple]:
+    """`workload` with forked snapshots whose base segment is pre-built interleaved (review basestep T2): once the
+    commit index is past the snapshot's, now and then a child writes a snapshot at a committed index and its base
+    is begun; the next few steps are followed by base steps of varied sizes and syncs (whole, or begun and ended
+    across later saves and the commit: the threadpool's), then the commit. Inside such a window no reopen or
+    node's own snapshot (the runtime takes one at a time, and a restart kills the child), and a fatal failure is
+    left out (it restarts the node and its child)."""
+    model = StoredState()
+    out: list[tuple] = []
+    window = None
+    left = 0
+    syncing = False
+    for step in workload:
+        inner = step
+        while inner[0] in ("full", "fail", "nofds"):
+            inner = inner[-1]
+        if window is not None and inner[0] in ("reopen", "snapshot"):
+            continue
+        if window is not None and step[0] == "fail":
+            step = inner
+        out.append(step)
+        if inner[0] == "save":
+            _, hs, entries, s, _ = inner
+            if s is not None:
+                model.install_snapshot(s)
+            if entries:
+                model.put_entries(entries)
+            if hs is not None:
+                model.hard_state = hs
+        elif inner[0] == "snapshot":
+            model.install_snapshot(inner[1])
+        if window is None:
+            if model.hard_state.commit_index > model.base_index and rng.random() < 0.5:
+                index = rng.randint(model.base_index + 1, min(model.hard_state.commit_index, model.last_index))
+                window = snap(index, model.entries[index - model.base_index - 1].term)
+                out += [("snapshot_write", window), ("base_begin", window)]
+                left, syncing = rng.randint(1, 5), False
+            continue
+        for _ in range(rng.randint(0, 2)):
+            r = rng.random()
+            if r < 0.6:
+                out.append(("base_step", rng.choice((1, 30, 200, 1 << 20))))
+            elif r < 0.8 and not syncing:
+                out.append(("base_sync_begin",))
+                syncing = True
+            elif syncing:
+                out.append(("base_sync_end",))
+                syncing = False
+            else:
+                out.append(("base_sync",))
+        left -= 1
+        if left == 0:
+            out.append(("snapshot_commit", window))  # a sync begun may still run: the commit must not use it
+            if syncing and rng.random() < 0.5:
+                out.append(("base_sync_end",))
+            window = None
+    if window is not None:
+        out.append(("snapshot_commit", window))
+    return out
+
+
+def workloads(count: int, seed: int, hand_written: bool = True, forked_base: bool = False):
+    """The hand-written workloads and `count` random ones of `seed`; with `forked_base`, each random one with
+    forked snapshots whose base segment is pre-built interleaved (`with_forked_base`)."""
     if hand_written:
         yield from HAND_WRITTEN.items()
     for i in range(count):
         rng = random.Random(f"{seed}:{i}")
-        yield f"random seed {seed} workload {i}", random_workload(rng, rng.randint(4, 12))
+        if forked_base:
+            yield (f"random seed {seed} forked-base workload {i}",
+                   with_forked_base(rng, random_workload(rng, rng.randint(6, 14))))
+        else:
+            yield f"random seed {seed} workload {i}", random_workload(rng, rng.randint(4, 12))
 
 
 def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None, storage_fs=None,
@@ -1061,12 +1128,15 @@ def main() -> int:
     p.add_argument("--unsafe-replay-filter", action="store_true", help="the replay before issue 11's fix")
     p.add_argument("--record-bytes", type=int, default=None, help="MAX_RECORD_BYTES scaled down (groups)")
     p.add_argument("--print-workload", action="store_true")
+    p.add_argument("--forked-base", action="store_true",
+                   help="random workloads with forked snapshots whose base segment is pre-built interleaved")
     args = p.parse_args()
     limits = Limits(args.states, args.nested_states, args.nested_every)
     if args.only is not None:
-        items = [w for n, w in enumerate(workloads(args.only + 1, args.seed, False)) if n == args.only]
+        items = [w for n, w in enumerate(workloads(args.only + 1, args.seed, False, args.forked_base))
+                 if n == args.only]
     else:
-        items = workloads(args.workloads, args.seed)
+        items = workloads(args.workloads, args.seed, forked_base=args.forked_base)
     started = time.monotonic()
     total = Stats()
     runs = 0
