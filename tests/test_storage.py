@@ -1492,3 +1492,55 @@ def test_a_prebuild_step_copies_only_its_own_entries_not_the_log_since_the_snaps
     s, got = reopen(tmp_path)
     s.close()
     assert state_of(got)[1] == [(i, 1) for i in range(1, 401)]
+
+
+def test_a_leaders_snapshot_installed_meanwhile_drops_the_prebuilt_base_and_the_commit_is_overtaken(tmp_path):
+    """Review basestep M3: an install changes the log the pre-built segment was built from: it is dropped (its file
+    unlinked), and the commit of the node's own older snapshot changes nothing."""
+    s, snap, tmp = _forked_snapshot_prebuilt(tmp_path)
+    leaders = Snapshot(12, 2, MEMBERSHIP, b"leader-state")
+    s.save(HardState(2, None, 12), entries(13, 1, term=2), leaders)
+    assert s.base_pending() is None
+    assert not [p for p in os.listdir(os.path.join(tmp_path, "log")) if p.startswith("base-")]
+    assert s.commit_snapshot(snap, tmp) is None
+    s.close()
+    s, got = reopen(tmp_path)
+    s.close()
+    assert state_of(got) == ((12, 2), [(13, 2)], HardState(2, None, 12))
+
+
+def _prebuilt_base_whose_cut_goes_unnoticed(tmp_path, monkeypatch):
+    """A pre-built base up to 14 (term 1), then a new leader's entries 8..14 (term 2) saved with the save's
+    restart of the base switched off (the defence the log-agreement checks stand behind, unreachable otherwise)."""
+    s, snap, tmp = _forked_snapshot_prebuilt(tmp_path)
+    monkeypatch.setattr(DiskStorage, "_restart_base", lambda self: None)
+    s.save(HardState(2, "b", 10), entries(8, 7, term=2))
+    return s, snap, tmp
+
+
+def test_a_step_drops_a_prebuilt_base_that_no_longer_agrees_with_the_log(tmp_path, monkeypatch):
+    """Review basestep M7: the step's log-agreement check: the entry at the segment's snapshot index is no longer
+    of its term, so it is dropped, not stepped on."""
+    s, _, _ = _prebuilt_base_whose_cut_goes_unnoticed(tmp_path, monkeypatch)
+    assert s.base_pending() is not None
+    assert s.base_step(1 << 20) == 0
+    assert s.base_pending() is None
+    assert not [p for p in os.listdir(os.path.join(tmp_path, "log")) if p.startswith("base-")]
+    s.close()
+
+
+def test_a_commit_drops_a_prebuilt_base_that_no_longer_agrees_with_the_log(tmp_path, monkeypatch):
+    """Review basestep M4: the commit's log-agreement check: a segment holding entries the log no longer has is not
+    renamed into place (a restart would find the cut term-1 entries back); the log is written whole (here: none of
+    it, since it disagrees with the snapshot at its index)."""
+    s, _, tmp = _prebuilt_base_whose_cut_goes_unnoticed(tmp_path, monkeypatch)
+    renamed = []
+    real = DiskStorage._rename_prebuilt
+    monkeypatch.setattr(DiskStorage, "_rename_prebuilt", lambda self: renamed.append(1) or real(self))
+    snap8 = Snapshot(8, 1, MEMBERSHIP, b"state")
+    assert s.commit_snapshot(snap8, tmp) is not None
+    assert renamed == []
+    s.close()
+    s, got = reopen(tmp_path)
+    s.close()
+    assert state_of(got)[:2] == ((8, 1), [])  # the log disagrees at 8 with the snapshot: none of it is kept
