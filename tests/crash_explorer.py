@@ -771,17 +771,22 @@ def random_workload(rng: random.Random, steps: int) -> list[tuple]:
             # through (a plain save opens nothing; an install's garbage listing may be refused after its commit).
             out.append(("nofds", rng.randint(0, 4), step))
         out.append(step)
-        if step[0] == "save":
-            _, hs, entries, s, _ = step
-            if s is not None:
-                model.install_snapshot(s)
-            if entries:
-                model.put_entries(entries)
-            if hs is not None:
-                model.hard_state = hs
-        elif step[0] == "snapshot":
-            model.install_snapshot(step[1])
+        _apply_to_model(model, step)
     return out
+
+
+def _apply_to_model(model: StoredState, step: tuple) -> None:
+    """What a save or a node's snapshot of the workload makes of the state (when it goes through)."""
+    if step[0] == "save":
+        _, hs, entries, s, _ = step
+        if s is not None:
+            model.install_snapshot(s)
+        if entries:
+            model.put_entries(entries)
+        if hs is not None:
+            model.hard_state = hs
+    elif step[0] == "snapshot":
+        model.install_snapshot(step[1])
 
 
 def with_forked_base(rng: random.Random, workload: list[tuple]) -> list[tuple]:
@@ -805,16 +810,7 @@ def with_forked_base(rng: random.Random, workload: list[tuple]) -> list[tuple]:
         if window is not None and step[0] == "fail":
             step = inner
         out.append(step)
-        if inner[0] == "save":
-            _, hs, entries, s, _ = inner
-            if s is not None:
-                model.install_snapshot(s)
-            if entries:
-                model.put_entries(entries)
-            if hs is not None:
-                model.hard_state = hs
-        elif inner[0] == "snapshot":
-            model.install_snapshot(inner[1])
+        _apply_to_model(model, inner)
         if window is None:
             if model.hard_state.commit_index > model.base_index and rng.random() < 0.5:
                 index = rng.randint(model.base_index + 1, min(model.hard_state.commit_index, model.last_index))
