@@ -12,6 +12,8 @@ The points, in the order a write meets them:
     log.after_write            a log record is written, not yet fsynced
     log.after_fsync            the record is durable; nothing sent or acknowledged yet
     runtime.after_save         a Ready is saved; its messages not yet sent, its entries not yet applied
+    snapshot.base_step         a step wrote entries into a snapshot's pre-built base segment (a *.tmp, its group open)
+    snapshot.after_base_tail   the commit closed that segment's group and fsynced it; still a *.tmp
     snapshot.after_write       the snapshot's temporary file is written and fsynced, not yet renamed
     snapshot.after_rename      the snapshot file is in place; the new log segment not yet written
     snapshot.after_segment     the new log segment is durable; the old files not yet unlinked

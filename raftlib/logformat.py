@@ -127,6 +127,51 @@ def encode_base_record(snapshot_index: int, snapshot_term: int, hard_state: Hard
     return _encode_group(RECORD_BASE, [snapshot_index, snapshot_term], hard_state, entries)
 
 
+def _open_group_records(head: list | None, hard_state: HardState | None, entries: list[Entry], close: bool) -> bytes:
+    """Records of a group written in several appends (a base segment pre-built in steps, DiskStorage.base_step):
+    with `head` ([snapshot_index, snapshot_term]) its first, a base part record (type 4, never 2) holding the
+    hard state; else batch part records (type 3); with `close`, the last record a batch record (type 1) holding
+    `hard_state`, which closes the group. Until then load takes the group for one a crash cut short."""
+    wire = [codec.entry_to_wire(e) for e in entries]
+    hs = _hard_state_out(hard_state)
+
+    def payload(first: bool, last: bool, run: list) -> bytes:
+        if first and head is not None:
+            return bytes([RECORD_BASE_PART]) + cbor2.dumps(head + [hs, run])
+        if last and close:
+            return bytes([RECORD_BATCH]) + cbor2.dumps([hs, run])
+        return bytes([RECORD_BATCH_PART]) + cbor2.dumps([None, run])
+
+    assert head is None or not close, "a base head opens a group: another record closes it"
+    one = payload(True, True, wire)
+    if len(one) <= MAX_RECORD_BYTES:
+        return _framed(one)  # the common case: one encoding
+    runs = _chunks((head or []) + [hs], wire, MAX_RECORD_BYTES)
+    out = []
+    for n, run in enumerate(runs):
+        data = payload(n == 0, n == len(runs) - 1, run)
+        assert len(data) <= MAX_RECORD_BYTES, (len(data), MAX_RECORD_BYTES)
+        out.append(_framed(data))
+    return b"".join(out)
+
+
+def encode_base_group_head(snapshot_index: int, snapshot_term: int, hard_state: HardState,
+                           entries: list[Entry]) -> bytes:
+    """The first records of a base group left open (the log after the snapshot at `snapshot_index`, from its
+    first entry): closed later by `encode_group_tail`, after any `encode_group_parts`."""
+    return _open_group_records([snapshot_index, snapshot_term], hard_state, entries, close=False)
+
+
+def encode_group_parts(entries: list[Entry]) -> bytes:
+    """More entries of a group left open: batch part records."""
+    return _open_group_records(None, None, entries, close=False)
+
+
+def encode_group_tail(hard_state: HardState, entries: list[Entry]) -> bytes:
+    """The last entries of a group left open and the hard state, in the record that closes it."""
+    return _open_group_records(None, hard_state, entries, close=True)
+
+
 class _Record:
     """A record, or a whole group merged: `kind` RECORD_BATCH or RECORD_BASE for a group."""
 

@@ -110,6 +110,25 @@ STALL_YIELD_SECONDS = 0.001
 # longest pause is this budget plus the heaviest single step (a step being 1-8 ms CPU; the hand-over or the last
 # more), and a frame that arrives meanwhile waits that long in its socket.
 RESTORE_DRIVE_SECONDS = 0.005
+# A snapshot of this node's own commits with a base segment pre-built while its child writes (issue 13, basestep:
+# DiskStorage.begin_base): each drive of the loop writes the log since the snapshot into it by steps of
+# BASE_STEP_BYTES of entries while they fit in BASE_DRIVE_SECONDS, and its bulk is fdatasynced in gevent's
+# threadpool (a file no reader uses yet) once BASE_SYNC_BYTES are unsynced, and once more when the child is done.
+# Only the loop's drives take steps (as a restore's: a transport greenlet that drives answers its frame first).
+# The commit waits, drives going on, until the segment holds the whole log and at most BASE_COMMIT_UNSYNCED_BYTES
+# of it are unsynced (its own fsync then small) and no sync of it runs: at most BASE_WAIT_SECONDS after the child
+# is done, then it commits anyway (the entries the segment lacks written in the loop; a segment whose sync still
+# runs is dropped and the log written whole, as before basestep: never a commit through a threadpool fdatasync that
+# has not ended, whose EIO the commit's fsync on the same descriptor might not see, fsyncgate).
+BASE_STEP_BYTES = 256 << 10
+BASE_DRIVE_SECONDS = 0.003
+BASE_SYNC_BYTES = 8 << 20
+BASE_COMMIT_UNSYNCED_BYTES = 1 << 20
+BASE_WAIT_SECONDS = 5.0
+# How long `stop` waits for the threadpool's jobs on the data dir (the pre-built base's fdatasync, the unlink of a
+# snapshot's garbage) before it returns and the caller closes the storage (its folder handles, LOCK): review
+# basestep L2/L3. Past it, a warning: a job still running may touch the folder after that.
+STOP_DISK_JOBS_SECONDS = 10.0
 
 
 class Timeout(Exception):
@@ -351,6 +370,7 @@ _COUNTERS = (
     "snapshot_children_failed",  # forked snapshot children that exited without writing their file
     "snapshot_reads_failed",  # snapshot transfers abandoned: the snapshot's file could not be read (logged)
     "restore_step_max_microseconds",  # the longest step of restoring a leader's snapshot, in CPU time
+    "snapshot_commit_max_microseconds",  # the longest commit of a snapshot of this node's own, in wall time
     "loop_lag_max_microseconds",  # the hub-lag probe, when on: the latest wake-up seen
     "loop_lags_over_10ms",  # ... and how many wake-ups came more than 10 ms late
 )
@@ -407,6 +427,11 @@ class Runtime:
         self._unreaped: list[int] = []  # children that closed their pipe but had not exited: reaped later
         self._snapshot_child: int | None = None  # its pid while one runs (one at a time)
         self._snapshot_done: tuple[Snapshot, str, bool] | None = None  # (snapshot, file, written?): to finish
+        self._snapshot_done_at = 0.0  # time.monotonic() when it was handed over (the commit waits for its base)
+        self._base_syncing = False  # a greenlet waits for the threadpool's fdatasync of the pre-built base
+        # The greenlets that wait for a threadpool job on the data dir (that fdatasync; an unlink of garbage):
+        # `stop` waits for them (bounded) so that none touches the folder after the storage is closed.
+        self._disk_jobs: list[gevent.Greenlet] = []
         # request_snapshot: a snapshot at or past this index is taken at the end of a drive, whatever the log's size
         # (0: none asked for). The commit index when asked: the entry whose apply asked is at or below it.
         self._snapshot_requested_index = 0
@@ -428,6 +453,8 @@ class Runtime:
         self._restoring: tuple[int, Iterator[bool]] | None = None
         self._restore_applied = False  # the state machine holds that snapshot: the steps left free the old state
         self._collector = CollectorHold()  # held while a restore is under way
+        if hasattr(storage, "garbage_job"):  # a DiskStorage: old segments and snapshots unlinked off the loop
+            storage.unlink_garbage_later = True  # type: ignore[attr-defined]
         receive = getattr(storage, "receive_snapshot", None)
         if receive is not None:  # a leader's snapshot's chunks go to its file as they come, not to memory
             node.open_snapshot_sink = receive
@@ -469,6 +496,24 @@ class Runtime:
             g.kill(block=False)
         self._fail_all(Stopped("node is stopping"))
         self._collector.release(freeze=False)  # a restore under way stops with the node
+        self._wait_disk_jobs(STOP_DISK_JOBS_SECONDS)
+
+    def _spawn_disk_job(self, run: Callable[..., Any], *args: Any) -> None:
+        """`run(*args)` in a greenlet that `stop` waits for (it waits for a threadpool job on the data dir)."""
+        self._disk_jobs = [g for g in self._disk_jobs if not g.dead]
+        self._disk_jobs.append(gevent.spawn(run, *args))
+
+    def _wait_disk_jobs(self, timeout_seconds: float) -> None:
+        """Wait, at most `timeout_seconds`, for the threadpool's jobs on the data dir (a thread cannot be killed:
+        the storage must not be closed under one)."""
+        jobs = [g for g in self._disk_jobs if not g.dead and g is not gevent.getcurrent()]
+        if jobs:
+            gevent.joinall(jobs, timeout=timeout_seconds)
+        left = [g for g in jobs if not g.dead]
+        self._disk_jobs = left
+        if left:
+            logger.warning("stopping with %d job(s) on the data dir still running in the threadpool after %gs (a "
+                           "slow disk): they may touch it after the storage is closed", len(left), timeout_seconds)
 
     def _ticks_due(self) -> int:
         """The ticks of monotonic time since the node's clock was last advanced."""
@@ -1200,14 +1245,19 @@ class Runtime:
         """Called at the end of each drive. Finishes a snapshot whose child has exited; else, past the log
         threshold, begins one: in a forked child (the loop goes on serving while the child serializes its
         copy-on-write image and writes and fsyncs the file), or in process where fork is unavailable or off."""
-        if self._snapshot_done is not None:
+        if (self._snapshot_child is not None or self._snapshot_done is not None) and self._in_loop():
+            self._base_steps()  # the loop's drives only: a transport greenlet's reply does not wait for them
+        if self._snapshot_done is not None and not self._base_wait():
             done, self._snapshot_done = self._snapshot_done, None
             self._finish_snapshot(*done)
+        unlink = getattr(self.storage, "garbage_job", lambda: None)()
+        if unlink is not None:  # what an install (this node's snapshot or a leader's) made garbage
+            self._spawn_disk_job(gevent.get_hub().threadpool.apply, unlink)
         if self._unreaped:
             self._reap_later()
         node = self.node
-        if self._snapshot_child is not None:
-            return
+        if self._snapshot_child is not None or self._snapshot_done is not None:
+            return  # one at a time: a child writes, or its snapshot waits for its base segment (`_base_wait`)
         if node.apply_pending:
             # A committed backlog is being applied a piece per drive: the snapshot waits for its end, which covers
             # it all. `storage.log_bytes` counts the committed entries not applied yet, so a log over the threshold
@@ -1231,6 +1281,67 @@ class Runtime:
             self._fork_snapshot(meta)
         else:
             self._snapshot_in_process(meta)
+
+    def _base_steps(self) -> None:
+        """Pre-build the snapshot's base segment (DiskStorage.base_step) while BASE_DRIVE_SECONDS last, and start
+        an fdatasync of its bulk in the threadpool when due."""
+        storage: Any = self.storage  # a DiskStorage (the steps are its own; other storages have none)
+        step = getattr(storage, "base_step", None)
+        if step is None:
+            return
+        started = time.monotonic()
+        longest = 0.0
+        while True:
+            step_started = time.monotonic()
+            left = step(BASE_STEP_BYTES)
+            now = time.monotonic()
+            longest = max(longest, now - step_started)
+            if not left or now - started + longest > BASE_DRIVE_SECONDS:
+                break
+        pending = storage.base_pending()
+        if pending is None or self._base_syncing:
+            return
+        _, unsynced, _ = pending
+        due = BASE_SYNC_BYTES if self._snapshot_done is None else BASE_COMMIT_UNSYNCED_BYTES + 1
+        if unsynced >= due:
+            job = storage.base_sync_job()
+            if job is not None:
+                self._base_syncing = True
+                self._spawn_disk_job(self._sync_base, *job)
+
+    def _sync_base(self, sync: Callable[[], OSError | None], done: Callable[[OSError | None], None]) -> None:
+        """The pre-built base segment's fdatasync in gevent's threadpool (the loop goes on), its outcome handed
+        back here, in the hub's thread (a failure is raised by the storage's next step or commit)."""
+        try:
+            error = gevent.get_hub().threadpool.apply(sync)
+        finally:
+            self._base_syncing = False
+        done(error)
+        self._wake.set()
+
+    def _base_wait(self) -> bool:
+        """Whether the finished snapshot's commit waits (a drive more) for its pre-built base segment: it lacks
+        entries, or more than BASE_COMMIT_UNSYNCED_BYTES of it are not known synced (a sync of them runs, or is
+        started by `_base_steps`); never past BASE_WAIT_SECONDS."""
+        assert self._snapshot_done is not None
+        pending = getattr(self.storage, "base_pending", lambda: None)()
+        if pending is None or not self._snapshot_done[2]:
+            return False
+        now = time.monotonic()
+        if not self._snapshot_done_at:
+            self._snapshot_done_at = now
+        lacking, unsynced, syncing = pending
+        if not lacking and unsynced <= BASE_COMMIT_UNSYNCED_BYTES and not syncing:
+            return False
+        if now - self._snapshot_done_at < BASE_WAIT_SECONDS:
+            return True
+        # At the bound: a segment whose sync still runs is dropped by the commit (never committed through a
+        # threadpool fdatasync not ended: fsyncgate), which writes the log whole in the loop as before issue 13.
+        logger.warning("the snapshot's log segment is not ready %gs after its child finished (%d entries to "
+                       "write, %d bytes to sync%s): committing it in the loop%s", BASE_WAIT_SECONDS, lacking,
+                       unsynced, ", a sync running" if syncing else "",
+                       ", the segment dropped and the log written whole" if syncing else "")
+        return False
 
     def _snapshot_in_process(self, meta: Snapshot) -> None:
         """The snapshot written in the loop (no fork): it stalls serving for as long as it takes."""
@@ -1260,6 +1371,7 @@ class Runtime:
         machine's size happens here. A child that failed, or a snapshot from a leader that overtook this one,
         leaves the log as it was."""
         index = snap.last_included_index
+        self._snapshot_done_at = 0.0
         if not written:
             self.storage.abort_snapshot(tmp)
             self.stats["snapshot_children_failed"] += 1
@@ -1270,6 +1382,7 @@ class Runtime:
         if not self.node.can_snapshot_at(index):  # a leader's snapshot replaced the log meanwhile
             self.storage.abort_snapshot(tmp)
             return
+        started = time.monotonic()
         try:
             kept = self.storage.commit_snapshot(snap, tmp)
         except (DiskFull, OutOfDescriptors) as e:
@@ -1278,9 +1391,13 @@ class Runtime:
         if kept is None:
             return
         self.node.create_snapshot(index, kept.data)
+        took_microseconds = int((time.monotonic() - started) * 1e6)
+        self.stats["snapshot_commit_max_microseconds"] = max(self.stats["snapshot_commit_max_microseconds"],
+                                                             took_microseconds)
         self.stats["snapshots"] += 1
         self.events.record(events.SNAPSHOT_TAKEN, index=index, bytes=len(kept.data))
-        logger.info("took a snapshot at index %d (%d bytes)", index, len(kept.data))
+        logger.info("took a snapshot at index %d (%d bytes; its commit held the loop %.1f ms)", index, len(kept.data),
+                    took_microseconds / 1e3)
 
     def _fork_snapshot(self, meta: Snapshot) -> None:
         """Fork a child that writes the snapshot's file (`_fork_child`); a greenlet waits for it
@@ -1311,6 +1428,9 @@ class Runtime:
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
             return
         self._snapshot_child = pid
+        begin_base = getattr(self.storage, "begin_base", None)
+        if begin_base is not None:  # its base segment pre-built meanwhile, a step a drive (`_base_steps`)
+            begin_base(meta)
         logger.info("snapshot child %d writing the state at index %d", pid, meta.last_included_index)
         gevent.spawn(self._wait_snapshot_child, pid, r, meta, tmp)
 

@@ -81,8 +81,9 @@ class Model:
         elif kind in ("snapshot", "snapshot_commit"):  # a commit: the second part of a forked snapshot
             if s.install_snapshot(step[1]):
                 out.durable_commit_index = s.hard_state.commit_index
-        elif kind in ("snapshot_write", "snapshot_abort"):
-            pass  # the first part (a forked child's file), or dropping it: nothing a reader uses changes
+        elif kind in ("snapshot_write", "snapshot_abort") or kind.startswith("base_"):
+            pass  # the first part (a forked child's file), or dropping it, or pre-building the base segment of
+            # its commit (DiskStorage.begin_base, base_step, base_sync_job): nothing a reader uses changes
         elif kind == "reopen":
             out.durable_commit_index = s.hard_state.commit_index  # close() fsyncs; load() fsyncs what it read
         return out
@@ -308,6 +309,7 @@ class Explorer:
         storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
         storage.load()
         writing: dict[int, str] = {}  # forked snapshots written and not yet committed: index -> their file
+        syncing = None  # a pre-built base segment's sync begun ("base_sync_begin") and not yet ended
         for i, step in enumerate(workload):
             if len(self.stats.violations) >= self.limits.max_violations:
                 return
@@ -339,6 +341,19 @@ class Explorer:
                     storage.commit_snapshot(step[1], writing.pop(step[1].last_included_index))
                 elif step[0] == "snapshot_abort":  # a child that failed or was killed
                     storage.abort_snapshot(writing.pop(step[1].last_included_index))
+                elif step[0] == "base_begin":  # the runtime, once the child is forked
+                    storage.begin_base(step[1])
+                elif step[0] == "base_step":  # the runtime's drives meanwhile
+                    storage.base_step(step[1])
+                elif step[0] in ("base_sync", "base_sync_begin"):  # the threadpool's fdatasync (begun only:
+                    syncing = storage.base_sync_job()  # its end comes with "base_sync_end", steps between)
+                    if syncing is not None and step[0] == "base_sync":
+                        syncing[1](syncing[0]())
+                        syncing = None
+                elif step[0] == "base_sync_end":
+                    if syncing is not None:
+                        syncing[1](syncing[0]())
+                        syncing = None
                 else:
                     storage.close()
                     storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
@@ -426,8 +441,12 @@ def describe_step(step: tuple) -> str:
         return "save " + ", ".join(parts) + ("" if sync else " (no sync)")
     if step[0] == "snapshot":
         return f"save_snapshot ({step[1].last_included_index}, {step[1].last_included_term})"
-    if step[0].startswith("snapshot_"):
+    if step[0].startswith("snapshot_") or step[0] == "base_begin":
         return f"{step[0]} ({step[1].last_included_index}, {step[1].last_included_term})"
+    if step[0] == "base_step":
+        return f"base_step ({step[1]} bytes)"
+    if step[0].startswith("base_"):
+        return step[0]
     return "reopen"
 
 
@@ -481,6 +500,115 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
         save(HardState(2, "a", 10), [], sync=False),
         ("snapshot_commit", snap(8, 1)),
         save(HardState(2, "a", 12), es(13, 1, 2)),
+    ],
+    # Issue 13 (basestep): the commit's base segment pre-built while the child writes, a step at a time (one
+    # entry a step here), its bulk synced (off the loop in the runtime), saves between; the commit appends only
+    # the entries since the last step and the hard state, then renames it into place.
+    "forked-base-prebuilt": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1),
+        save(HardState(2, "a", 9), es(11, 2, 2)),
+        ("base_step", 1 << 20),
+        ("base_sync",),
+        save(HardState(2, "a", 10), es(13, 1, 2)),
+        ("base_step", 1),
+        save(HardState(2, "a", 12), [], sync=False),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "a", 13), es(14, 1, 2)),
+    ],
+    # ... a new leader cuts entries the segment holds (a follower's log): it is begun again, from the new log.
+    "forked-base-cut-below-what-it-holds": [
+        save(HardState(1, "a", 8), es(1, 14, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        ("base_sync",),
+        save(HardState(2, "b", 8), es(11, 2, 2)),
+        ("base_step", 1),
+        save(HardState(2, "b", 9), es(13, 1, 2)),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "b", 10), es(14, 1, 2)),
+    ],
+    # ... cut right after it was begun again (no step since: the commit writes the whole log), and a sync of the
+    # dropped file ending after the cut.
+    "forked-base-cut-then-commit-at-once": [
+        save(HardState(1, "a", 9), es(1, 14, 1)),
+        ("snapshot_write", snap(9, 1)),
+        ("base_begin", snap(9, 1)),
+        ("base_step", 1 << 20),
+        ("base_sync_begin",),
+        save(HardState(2, "b", 9), es(14, 1, 2)),
+        ("base_sync_end",),
+        ("snapshot_commit", snap(9, 1)),
+    ],
+    # ... a full disk at a step, at its sync, at the commit's tail: the commit refuses (DiskFull), nothing changed;
+    # the snapshot taken again goes through. (Each commit refused is run as a "full" step: DiskFull allowed.)
+    "forked-base-disk-full-at-a-step": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("full", 40, ("base_step", 1 << 20)),
+        save(HardState(1, "a", 9), es(11, 1, 1)),
+        ("base_step", 1 << 20),
+        ("full", 1 << 30, ("snapshot_commit", snap(8, 1))),
+        ("snapshot_write", snap(9, 1)),
+        ("base_begin", snap(9, 1)),
+        ("base_step", 1 << 20),
+        ("fail", "fdatasync", 0, errno.ENOSPC, ("base_sync",)),
+        ("full", 1 << 30, ("snapshot_commit", snap(9, 1))),
+        ("snapshot_write", snap(9, 1)),
+        ("base_begin", snap(9, 1)),
+        ("base_step", 1 << 20),
+        ("fail", "fsync", 0, errno.ENOSPC, ("snapshot_commit", snap(9, 1))),
+        ("snapshot_write", snap(9, 1)),
+        ("base_begin", snap(9, 1)),
+        ("base_step", 4),
+        save(HardState(1, "a", 10), es(12, 1, 1)),
+        ("snapshot_commit", snap(9, 1)),
+    ],
+    # ... no descriptor for the segment at its first step: the commit refuses (OutOfDescriptors), nothing changed.
+    "forked-base-no-descriptor-at-a-step": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("nofds", 0, ("base_step", 1 << 20)),
+        ("nofds", 9, ("snapshot_commit", snap(8, 1))),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        ("snapshot_commit", snap(8, 1)),
+    ],
+    # ... a disk failing at the commit's tail or its rename (fatal: the node stops, starts again on what it finds).
+    "forked-base-disk-fails-at-the-commit": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        ("fail", "fsync", 0, errno.EIO, ("snapshot_commit", snap(8, 1))),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        ("fail", "rename", 1, errno.EIO, ("snapshot_commit", snap(8, 1))),
+        save(HardState(1, "a", 10), es(11, 1, 1)),
+    ],
+    # ... a leader's snapshot installed meanwhile, past the node's (the commit changes nothing) and below it (the
+    # commit writes the whole log, the pre-built segment dropped with the install).
+    "forked-base-overtaken-by-leaders-snapshots": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot_write", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("base_step", 1 << 20),
+        save(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        ("base_step", 1 << 20),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "b", 20), es(17, 5, 2)),
+        ("snapshot_write", snap(20, 2)),
+        ("base_begin", snap(20, 2)),
+        ("base_step", 1 << 20),
+        received(HardState(2, "b", 18), [], snap(18, 2)),
+        ("snapshot_commit", snap(20, 2)),
     ],
     # A leader's snapshot installed while the child writes: the commit finds it overtaken and changes nothing.
     "forked-snapshot-overtaken-by-a-leaders-snapshot": [
@@ -643,25 +771,88 @@ def random_workload(rng: random.Random, steps: int) -> list[tuple]:
             # through (a plain save opens nothing; an install's garbage listing may be refused after its commit).
             out.append(("nofds", rng.randint(0, 4), step))
         out.append(step)
-        if step[0] == "save":
-            _, hs, entries, s, _ = step
-            if s is not None:
-                model.install_snapshot(s)
-            if entries:
-                model.put_entries(entries)
-            if hs is not None:
-                model.hard_state = hs
-        elif step[0] == "snapshot":
-            model.install_snapshot(step[1])
+        _apply_to_model(model, step)
     return out
 
 
-def workloads(count: int, seed: int, hand_written: bool = True):
+def _apply_to_model(model: StoredState, step: tuple) -> None:
+    """What a save or a node's snapshot of the workload makes of the state (when it goes through)."""
+    if step[0] == "save":
+        _, hs, entries, s, _ = step
+        if s is not None:
+            model.install_snapshot(s)
+        if entries:
+            model.put_entries(entries)
+        if hs is not None:
+            model.hard_state = hs
+    elif step[0] == "snapshot":
+        model.install_snapshot(step[1])
+
+
+def with_forked_base(rng: random.Random, workload: list[tuple]) -> list[tuple]:
+    """`workload` with forked snapshots whose base segment is pre-built interleaved (review basestep T2): once the
+    commit index is past the snapshot's, now and then a child writes a snapshot at a committed index and its base
+    is begun; the next few steps are followed by base steps of varied sizes and syncs (whole, or begun and ended
+    across later saves and the commit: the threadpool's), then the commit. Inside such a window no reopen or
+    node's own snapshot (the runtime takes one at a time, and a restart kills the child), and a fatal failure is
+    left out (it restarts the node and its child)."""
+    model = StoredState()
+    out: list[tuple] = []
+    window = None
+    left = 0
+    syncing = False
+    for step in workload:
+        inner = step
+        while inner[0] in ("full", "fail", "nofds"):
+            inner = inner[-1]
+        if window is not None and inner[0] in ("reopen", "snapshot"):
+            continue
+        if window is not None and step[0] == "fail":
+            step = inner
+        out.append(step)
+        _apply_to_model(model, inner)
+        if window is None:
+            if model.hard_state.commit_index > model.base_index and rng.random() < 0.5:
+                index = rng.randint(model.base_index + 1, min(model.hard_state.commit_index, model.last_index))
+                window = snap(index, model.entries[index - model.base_index - 1].term)
+                out += [("snapshot_write", window), ("base_begin", window)]
+                left, syncing = rng.randint(1, 5), False
+            continue
+        for _ in range(rng.randint(0, 2)):
+            r = rng.random()
+            if r < 0.6:
+                out.append(("base_step", rng.choice((1, 30, 200, 1 << 20))))
+            elif r < 0.8 and not syncing:
+                out.append(("base_sync_begin",))
+                syncing = True
+            elif syncing:
+                out.append(("base_sync_end",))
+                syncing = False
+            else:
+                out.append(("base_sync",))
+        left -= 1
+        if left == 0:
+            out.append(("snapshot_commit", window))  # a sync begun may still run: the commit must not use it
+            if syncing and rng.random() < 0.5:
+                out.append(("base_sync_end",))
+            window = None
+    if window is not None:
+        out.append(("snapshot_commit", window))
+    return out
+
+
+def workloads(count: int, seed: int, hand_written: bool = True, forked_base: bool = False):
+    """The hand-written workloads and `count` random ones of `seed`; with `forked_base`, each random one with
+    forked snapshots whose base segment is pre-built interleaved (`with_forked_base`)."""
     if hand_written:
         yield from HAND_WRITTEN.items()
     for i in range(count):
         rng = random.Random(f"{seed}:{i}")
-        yield f"random seed {seed} workload {i}", random_workload(rng, rng.randint(4, 12))
+        if forked_base:
+            yield (f"random seed {seed} forked-base workload {i}",
+                   with_forked_base(rng, random_workload(rng, rng.randint(6, 14))))
+        else:
+            yield f"random seed {seed} workload {i}", random_workload(rng, rng.randint(4, 12))
 
 
 def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None, storage_fs=None,
@@ -851,8 +1042,9 @@ def format1_states(workload: list[tuple], root: str):
         for i, step in enumerate(workload):
             while step[0] in ("full", "fail", "nofds"):
                 step = step[-1]
-            if step[0] in ("reopen", "snapshot_write", "snapshot_abort"):
-                continue  # the old code took its snapshots whole: a forked child's file is its commit's step
+            if step[0] in ("reopen", "snapshot_write", "snapshot_abort") or step[0].startswith("base_"):
+                continue  # the old code took its snapshots whole: a forked child's file (or the pre-built base
+                # segment of its commit) is its commit's step
             if step[0] == "receive":  # the old code had the received snapshot in memory: a save
                 step = ("save",) + step[1:]
             after = model.after(step)
@@ -932,12 +1124,15 @@ def main() -> int:
     p.add_argument("--unsafe-replay-filter", action="store_true", help="the replay before issue 11's fix")
     p.add_argument("--record-bytes", type=int, default=None, help="MAX_RECORD_BYTES scaled down (groups)")
     p.add_argument("--print-workload", action="store_true")
+    p.add_argument("--forked-base", action="store_true",
+                   help="random workloads with forked snapshots whose base segment is pre-built interleaved")
     args = p.parse_args()
     limits = Limits(args.states, args.nested_states, args.nested_every)
     if args.only is not None:
-        items = [w for n, w in enumerate(workloads(args.only + 1, args.seed, False)) if n == args.only]
+        items = [w for n, w in enumerate(workloads(args.only + 1, args.seed, False, args.forked_base))
+                 if n == args.only]
     else:
-        items = workloads(args.workloads, args.seed)
+        items = workloads(args.workloads, args.seed, forked_base=args.forked_base)
     started = time.monotonic()
     total = Stats()
     runs = 0

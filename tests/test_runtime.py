@@ -505,7 +505,7 @@ def test_status_is_a_frozen_copy_of_the_node_and_the_runtime(one_node):
     assert set(before.stats) == {"proposals", "proposals_refused_uncommitted", "applied", "elections_won", "saves",
                                  "snapshots", "out_of_descriptors",
                                  "snapshot_children_failed", "snapshot_reads_failed", "restore_step_max_microseconds",
-                                 "loop_lag_max_microseconds",
+                                 "snapshot_commit_max_microseconds", "loop_lag_max_microseconds",
                                  "loop_lags_over_10ms"}
     assert st.stats["proposals"] - before.stats["proposals"] == 3
     assert st.stats["applied"] - before.stats["applied"] == 3 and st.stats["saves"] >= 3
@@ -1038,3 +1038,165 @@ def test_a_node_restarted_on_its_snapshot_says_restoring_from_its_first_reply():
         assert runtime.stats["restore_step_max_microseconds"] == 0
     finally:
         runtime.stop()
+
+
+def _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds: float):
+    """A forking one-node runtime (`_forking_runtime`) whose snapshot child takes 0.2 s, the pre-built base
+    segment's syncs `sync_seconds` each (a slow disk), each counted with its thread; the pre-built segments renamed
+    into place and the forks counted."""
+    import threading
+
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 0.2)
+    runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
+    storage = runtime.storage
+    seen = {"sync_threads": [], "syncs_ended": [], "renamed": [], "forks": [], "loop_thread": threading.get_ident()}
+    real_job, real_rename = storage.base_sync_job, storage._rename_prebuilt
+
+    def slow_job():
+        job = real_job()
+        if job is None:
+            return None
+        sync, done = job
+
+        def slow_sync():
+            seen["sync_threads"].append(threading.get_ident())
+            time.sleep(sync_seconds)
+            try:
+                return sync()
+            finally:
+                seen["syncs_ended"].append(time.monotonic())
+
+        return slow_sync, done
+
+    monkeypatch.setattr(storage, "base_sync_job", slow_job)
+    monkeypatch.setattr(storage, "_rename_prebuilt", lambda: seen["renamed"].append(1) or real_rename())
+    real_fork = runtime_module.posix.fork
+    monkeypatch.setattr(runtime_module.posix, "fork", lambda: seen["forks"].append(1) or real_fork())
+    return runtime, seen
+
+
+def _one_snapshot_of_a_burst(runtime: Runtime, timeout_seconds: float) -> None:
+    """Lead, write a burst over the snapshot threshold (one child forked), then nothing more until the snapshot
+    is taken, and a little longer (no other child is forked)."""
+    with gevent.Timeout(5):
+        while runtime.node.role is not Role.LEADER:
+            gevent.sleep(0.01)
+    for i in range(18):  # ~2,200 bytes: one snapshot at ~16 entries, and too little after it for another
+        runtime.propose(b"value-%03d" % i + b"x" * 100, 2.0)
+    with gevent.Timeout(timeout_seconds):
+        while runtime.stats["snapshots"] < 1:
+            gevent.sleep(0.01)
+    gevent.sleep(0.1)
+
+
+def test_a_forked_snapshot_commits_with_its_base_segment_prebuilt_and_synced_off_the_loop(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """Issue 13 (basestep): while the child writes, the drives pre-build the commit's base segment; once the child
+    is done its bulk is fdatasynced in gevent's threadpool (not the loop's thread) and the commit waits for that,
+    drives going on, without forking another child meanwhile (one was: it wrote the same *.tmp under the waiting
+    commit, and the node stopped on "unpack_from requires a buffer of at least 12 bytes")."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)  # every byte synced before the commit
+    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=0.2)
+    storage = runtime.storage
+    runtime.start()
+    try:
+        with caplog.at_level("INFO", logger="raftlib.runtime"):
+            _one_snapshot_of_a_burst(runtime, timeout_seconds=4)  # under BASE_WAIT_SECONDS: not committed by it
+        assert runtime.running
+        assert seen["renamed"] == [1] and seen["sync_threads"], seen
+        assert seen["loop_thread"] not in seen["sync_threads"]
+        assert seen["forks"] == [1], seen
+        assert not [r for r in caplog.records if "is not ready" in r.getMessage()]
+        assert runtime.stats["snapshot_commit_max_microseconds"] > 0
+        with gevent.Timeout(2):  # the segment the snapshot made garbage, unlinked in the threadpool
+            while len(os.listdir(os.path.join(str(tmp_path), "log"))) > 1:
+                gevent.sleep(0.01)
+    finally:
+        runtime.stop()
+        storage.close()
+    s = DiskStorage(str(tmp_path))
+    got = s.load()
+    s.close()
+    assert got.snapshot is not None and got.snapshot.last_included_index >= 2
+
+
+def test_a_snapshot_whose_base_segment_sync_does_not_end_commits_after_the_bound(tmp_path, monkeypatch, caplog):
+    """Every wait has a bound: a sync of the pre-built segment that takes longer than BASE_WAIT_SECONDS does not
+    hold the snapshot back: it commits then, saying so; but never through that segment (review basestep S1,
+    fsyncgate: an EIO the thread's fdatasync consumed would not be reported to the commit's fsync on the same
+    descriptor): the segment is dropped and the log written whole in the loop, as before basestep."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)
+    monkeypatch.setattr(runtime_module, "BASE_WAIT_SECONDS", 0.3)
+    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=4.0)
+    storage = runtime.storage
+    runtime.start()
+    try:
+        with caplog.at_level("INFO", logger="raftlib.runtime"):
+            started = time.monotonic()
+            _one_snapshot_of_a_burst(runtime, timeout_seconds=3.0)  # before the sync's end
+        assert runtime.running and runtime.stats["snapshots"] == 1 and seen["renamed"] == []
+        assert [r for r in caplog.records if "is not ready 0.3s after its child finished" in r.getMessage()
+                and "a sync running): committing it in the loop, the segment dropped" in r.getMessage()]
+        assert not [p for p in os.listdir(os.path.join(tmp_path, "log")) if p.endswith(".tmp")]
+        gevent.sleep(max(0.0, started + 4.5 - time.monotonic()))  # the sync ends after the commit: nothing fails
+        assert runtime.running
+        runtime.propose(b"after", 2.0)  # the log written whole is the log: saves go on
+    finally:
+        runtime.stop()
+        storage.close()
+
+
+@pytest.mark.parametrize("job", ["the base segment's sync", "the unlink of the garbage"])
+def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_is_closed(tmp_path, monkeypatch,
+                                                                                         job):
+    """Review basestep L2/L3: `stop` returned while the pre-built segment's fdatasync or a snapshot's garbage
+    unlink still ran in the threadpool, and the caller's `storage.close()` then closed the folder handles and
+    released LOCK under it (a thread unlinking and fsyncing folders of a data dir another process may hold)."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)
+    slow_sync = job == "the base segment's sync"
+    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=1.0 if slow_sync else 0.01)
+    storage = runtime.storage
+    garbage = {"begun": 0, "ended": []}
+    real_garbage_job = storage.garbage_job
+
+    def slow_garbage_job():
+        unlink = real_garbage_job()
+        if unlink is None:
+            return None
+
+        def slow_unlink():
+            garbage["begun"] += 1
+            time.sleep(1.0)
+            try:
+                unlink()
+            finally:
+                garbage["ended"].append(time.monotonic())
+
+        return slow_unlink
+
+    if not slow_sync:
+        monkeypatch.setattr(storage, "garbage_job", slow_garbage_job)
+    runtime.start()
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+        for i in range(18):
+            runtime.propose(b"value-%03d" % i + b"x" * 100, 2.0)
+        with gevent.Timeout(4):
+            while not (seen["sync_threads"] if slow_sync else garbage["begun"]):
+                gevent.sleep(0.01)
+    finally:
+        runtime.stop()
+        stopped = time.monotonic()
+        storage.close()
+    ended = seen["syncs_ended"] if slow_sync else garbage["ended"]
+    assert ended and max(ended) <= stopped, (ended, stopped)

@@ -121,6 +121,9 @@ GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
      lambda s: s.stats["loop_lags_over_10ms"]),
     ("raftdzmq_restore_step_seconds_max", "The longest step of restoring a leader's snapshot into the state "
      "machine, in CPU seconds (the event loop is held at least that long)", lambda s: s.stats["restore_step_max_microseconds"] / 1e6),
+    ("raftdzmq_snapshot_commit_seconds_max", "The longest commit of a snapshot of this node's own (the event "
+     "loop held that long: a rename, a pre-built log segment's last records, fsyncs), in seconds",
+     lambda s: s.stats["snapshot_commit_max_microseconds"] / 1e6),
     ("raftdzmq_out_of_descriptors", "Saves and snapshots refused for want of a file descriptor (each try; "
      "retried)", lambda s: s.stats["out_of_descriptors"]),
 )
