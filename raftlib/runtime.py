@@ -830,7 +830,7 @@ class Runtime:
                 self._note_removed(self.node.removed)
             if self._restoring is not None and by_loop:  # the replies set: pieces of the restore
                 self._restore_steps(replies)
-            self._maybe_snapshot()
+            self._maybe_snapshot(by_loop)
             if self._backups_asked and not self.restoring_snapshot:
                 self._start_backups()
         except Exception as e:
@@ -1241,11 +1241,12 @@ class Runtime:
 
     # ---- snapshots: a forked child writes the state (Redis's BGSAVE); the loop only commits it -----------------
 
-    def _maybe_snapshot(self) -> None:
+    def _maybe_snapshot(self, by_loop: bool = False) -> None:
         """Called at the end of each drive. Finishes a snapshot whose child has exited; else, past the log
         threshold, begins one: in a forked child (the loop goes on serving while the child serializes its
-        copy-on-write image and writes and fsyncs the file), or in process where fork is unavailable or off."""
-        if (self._snapshot_child is not None or self._snapshot_done is not None) and self._in_loop():
+        copy-on-write image and writes and fsyncs the file), or in process where fork is unavailable or off.
+        `by_loop`: the loop's own drive (`_drive`), the only one that takes the base segment's steps."""
+        if (self._snapshot_child is not None or self._snapshot_done is not None) and by_loop:
             self._base_steps()  # the loop's drives only: a transport greenlet's reply does not wait for them
         if self._snapshot_done is not None and not self._base_wait():
             done, self._snapshot_done = self._snapshot_done, None
