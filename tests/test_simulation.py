@@ -73,16 +73,19 @@ FAULTS = (
     # A committed backlog applied a capped piece per drive (Config.max_committed_*_per_ready, small in 3 of 7
     # schedules): in 31 of the 60 schedules of the first chunk.
     "apply backlog left for the next drive",
-    # Held links (Cluster.hold, half the schedules): see HELD (the last of them over the whole run only).
-    "held bursts", *HELD[:-1],
+    # Held links (Cluster.hold, half the schedules): bursts, and held messages delivered after a term change, in
+    # every chunk; the rest of HELD over the whole run only (RUN_FAULTS).
+    "held bursts", HELD[0],
 )
 # The faults required over the whole run only (the full chunks of one session, at least two of them): a forked
 # snapshot's child killed comes ~4 times a chunk of 60, as few as once, so a change to the schedules could leave a
 # chunk without one (review of perf, finding 3); over the 33 chunks of CI ~135. Its handling has a directed test
 # (test_a_snapshot_child_killed_in_its_file_is_dropped_and_the_node_snapshots_again).
 # An append arriving below its receiver's snapshot, in a held burst, comes in ~5 of 60 schedules that hold links (a
-# quarter of them in a chunk; test_held_bursts_... requires it over the schedules it runs).
-RUN_FAULTS = ("snapshot child killed", HELD[-1])
+# quarter of them in a chunk; test_held_bursts_... requires it over the schedules it runs); held messages delivered
+# after a configuration change or after a snapshot are missing from 1 chunk of 60 in 5 (configuration changes are
+# rare outside the churn profile; review final25, T1: 7 of 33 chunks failed when every chunk required them).
+RUN_FAULTS = ("snapshot child killed", *HELD[1:])
 
 
 @pytest.fixture(scope="module")
