@@ -52,6 +52,7 @@ from .readonly import ReadAnswer, ReadOnly
 # partial snapshot transfer (fire_timers). Long enough that a live leader on a lossy link is heard within it.
 LEARNER_TRANSFER_SILENCE_TIMEOUTS = 10
 
+
 class NotLeader(Exception):
     """Raised by a request only a leader can serve. `leader_id` is the leader this node knows, or None."""
 
