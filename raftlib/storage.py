@@ -855,8 +855,7 @@ class DiskStorage:
         except OSError as e:
             self._drop_base()
             if e.errno in _NO_ROOM:
-                self._base_refused = (base.index, DiskFull(f"no room on the disk for the snapshot's log segment: "
-                                                           f"{e.strerror}"))
+                self._refuse_base(base.index, e)
                 return 0
             raise
         except OutOfDescriptors as e:
@@ -910,14 +909,17 @@ class DiskStorage:
             if building:
                 self._drop_base()
             if building and error.errno in _NO_ROOM:
-                self._base_refused = (base.index, DiskFull(f"no room on the disk for the snapshot's log segment: "
-                                                           f"{error.strerror}"))
+                self._refuse_base(base.index, error)
             else:
                 # Any other failure: fatal, at the next save, step or commit (a commit never takes a segment
                 # whose sync runs, so this one is not the log; but the disk is failing).
                 self._base_failed = error
 
         return sync, done
+
+    def _refuse_base(self, index: int, error: OSError) -> None:
+        """The commit of the snapshot at `index` refuses (DiskFull): its pre-built segment found no room."""
+        self._base_refused = (index, DiskFull(f"no room on the disk for the snapshot's log segment: {error.strerror}"))
 
     def _agrees_at(self, index: int, term: int) -> bool:
         """The log holds an entry at `index` (after the snapshot held) of `term`."""
