@@ -4,6 +4,7 @@ and 15): what a load balancer, a Kubernetes probe or a client deciding whether t
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -260,12 +262,17 @@ def test_a_follower_resumed_from_a_pause_is_not_ready_until_it_hears_a_leader(cl
 def test_a_follower_installing_the_leaders_snapshot_over_its_state_says_restoring_and_is_not_ready(tmp_path):
     """Review of the health leftovers, item 2: /status's `restoring` was true only for a restore into the empty
     state (a restart's), so a follower installing the leader's snapshot over the state it holds said nothing of it,
-    and /readyz's reason did not tell receiving from restoring. A follower is paused while the cluster takes about
-    20 MB of writes and the leader compacts its log past it; resumed, it is sent the leader's snapshot (20 chunks)
-    and restores it over its own state. Polled meanwhile, its /status says `restoring` with its old keys counted
-    (not null: its state is whole), /readyz 503 with `applying: receiving a snapshot from the leader` or
-    `applying: restoring a snapshot`; once it holds the snapshot, `restoring` is false and it is ready."""
-    writes, value = 2400, "v" * 8000
+    and /readyz's reason did not tell receiving from restoring. A follower is stopped while the cluster takes 204,800
+    keys (1,600 transactions: a restore of a few hundred ms, so that the polls see it) and the leader compacts its
+    log past it; started again, it replays its own log (one key), is sent the leader's snapshot and restores it over
+    that state.
+    Polled meanwhile from a thread, its /status says `restoring` with its old keys counted (not null: its state is
+    whole), /readyz 503 with `applying: receiving a snapshot from the leader` or `applying: restoring a snapshot`;
+    once it holds the snapshot, `restoring` is false and it is ready.
+
+    The follower is killed, not paused (CI at 4f133a2): a paused follower's appends waited in the leader's queue
+    for it, and on SIGCONT it took every entry from there and never needed the snapshot."""
+    per_txn, txns, value = 128, 1600, "v" * 8
     c = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", str(4 << 20))).start()
     try:
         leader = c.leader()
@@ -275,41 +282,62 @@ def test_a_follower_installing_the_leaders_snapshot_over_its_state_says_restorin
                  "the follower applied the first write")
         before = follower.status()
         assert before["restoring"] is False and before["keys"] == 1, before
-        send(follower, signal.SIGSTOP)
-        try:
-            with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                answers = list(pool.map(lambda i: leader.request("POST", f"/db/k{i}", value, timeout=30).status,
-                                        range(writes)))
-            assert answers.count(200) == writes, {s: answers.count(s) for s in set(answers)}
-            # Compacted past what the follower holds: it can only be sent the snapshot.
-            wait_for(lambda: leader.status()["snapshot_index"] > before["last_index"] + 1, 30,
-                     "the leader's snapshot past the follower's log")
-        finally:
-            send(follower, signal.SIGCONT)
+        follower.kill()
+
+        def txn(t: int) -> int:
+            ops = [{"op": "put", "key": f"k{t}-{i}", "value": value} for i in range(per_txn)]
+            return leader.request("POST", "/txn", json.dumps({"compare": [], "success": ops}), timeout=30).status
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(txn, range(txns)))
+        assert answers.count(200) == txns, {s: answers.count(s) for s in set(answers)}
+        # Compacted past what the follower holds: it can only be sent the snapshot.
+        wait_for(lambda: leader.status()["snapshot_index"] > before["last_index"] + 1, 30,
+                 "the leader's snapshot past the follower's log")
         committed = leader.status()["commit_index"]
-        statuses: list[dict] = []
-        readyz: list[tuple[int, str]] = []
+        polls: list[tuple[dict, int, str]] = []  # (/status, /readyz's status and text), in the order taken
+        polling = threading.Event()
 
-        def caught_up() -> bool:
-            st = follower.request("GET", "/status", timeout=5).json()
-            statuses.append(st)
-            r = probe(follower, "/readyz", timeout=5)
-            readyz.append((r.status, r.text))
-            return st["applied_index"] >= committed and not st["restoring"] and r.status == 200
+        def poll() -> None:
+            while not polling.is_set():
+                try:
+                    st = follower.request("GET", "/status", timeout=5).json()
+                    r = probe(follower, "/readyz", timeout=5)
+                except (OSError, ValueError, http.client.HTTPException):
+                    time.sleep(0.005)  # not serving yet
+                    continue
+                polls.append((st, r.status, r.text))
+                time.sleep(0.002)
 
-        wait_for(caught_up, 90, "the follower restored the leader's snapshot and is ready", interval=0.005)
-        restoring = [st for st in statuses if st["restoring"]]
-        assert restoring, [(st["applied_index"], st["snapshot_index"]) for st in statuses]
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            follower.start(*c.extra)
+
+            def caught_up() -> bool:
+                if not polls:
+                    return False
+                st, status, _ = polls[-1]
+                return st["applied_index"] >= committed and not st["restoring"] and status == 200
+
+            wait_for(caught_up, 90, "the follower restored the leader's snapshot and is ready", interval=0.01)
+        finally:
+            polling.set()
+            poller.join(15)
+        # The install's restore: over a state it holds (its restart's replay of its own log, one key, came first).
+        restoring = [(st, status, text) for st, status, text in polls if st["restoring"] and st["applied_index"] > 0]
+        assert restoring, [(st["applied_index"], st["snapshot_index"], st["restoring"]) for st, _, _ in polls]
         # Over its whole state: its keys and level stand (not the empty state's nulls).
-        assert all(st["keys"] is not None and st["applied_index"] > 0 for st in restoring), restoring[:3]
-        reasons = {text for status, text in readyz if status == 503}
+        assert all(st["keys"] is not None for st, _, _ in restoring), restoring[:3]
+        reasons = {text for st, status, text in polls if status == 503 and st["applied_index"] > 0}
         snapshot_reasons = {"applying: receiving a snapshot from the leader\n", "applying: restoring a snapshot\n"}
         assert reasons & snapshot_reasons, reasons
         # The restore's own reason (NodeStatus.restoring_snapshot), not only the transfer's (review of health, Q2).
         assert "applying: restoring a snapshot\n" in reasons, reasons
         assert "applying: receiving or restoring a snapshot\n" not in reasons
         final = follower.status()
-        assert final["keys"] == writes + 1 and final["snapshot_index"] > before["last_index"], final
+        assert final["keys"] == per_txn * txns + 1 and final["snapshot_index"] > before["last_index"], final
+        assert "installed a snapshot at index" in follower.log_text(current=True)
     finally:
         c.stop()
 
