@@ -2,6 +2,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -10,8 +11,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
 from background import WAITING_WORKERS, WORKER_NICE, BackgroundJobs, Job  # noqa: E402  (tests/ importable now)
+from procs import log_tails  # noqa: E402
 
 BACKGROUND_JOBS = pytest.StashKey[dict[bool, BackgroundJobs]]()  # by `waits`: the CPU-bound pool, the waiting pool
+TEST_STARTED = pytest.StashKey[float]()  # time.time() as the test's setup began
 
 
 def pytest_addoption(parser):
@@ -61,6 +64,23 @@ def pytest_collection_finish(session):
         if jobs[waits]:
             pools[waits] = BackgroundJobs(jobs[waits], workers=workers, timeout=timeout, nice=nice, overlap=not waits)
             session.config.add_cleanup(pools[waits].close)  # also after a failure or Ctrl-C
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[TEST_STARTED] = time.time()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the last lines of the logs its nodes wrote (procs.log_tails): CI keeps no
+    files, and a node that died or never served says why only there."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and report.when in ("setup", "call"):
+        tails = log_tails(item.stash.get(TEST_STARTED, 0.0) - 1.0)
+        if tails:
+            report.sections.append(("the logs of the nodes it ran (their last lines)", tails))
 
 
 def _waits(marker) -> bool:

@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,10 +38,40 @@ PORT_RACE_RETRIES = 3
 PORT_TAKEN = "Address already in use"  # what the server says when its -p or -hp port is taken (CannotStart)
 
 
+LISTEN_PORTS_FROM = 10_000  # listening ports are picked from here to just below the kernel's ephemeral range
+_picked: set[int] = set()  # the ports this process has handed out: never twice
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (net.ipv4.ip_local_port_range; Linux's default 32768)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, for a server to listen on, picked at random below the ephemeral range and
+    never handed out twice by this process. Not from the ephemeral range (bind to port 0), where the kernel also
+    picks the local port of every outgoing connection: a node killed and restarted on its ports found one taken
+    by some client's connection made meanwhile (EADDRINUSE: the node exits; CI at 4f133a2, the full-disk test's
+    restart), and the suite makes thousands of connections a run."""
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(LISTEN_PORTS_FROM, low) if low - LISTEN_PORTS_FROM >= 1000 else 0
+        if port in _picked:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _picked:
+            _picked.add(port)
+            return port
+    raise RuntimeError("no free port found below the ephemeral range")
 
 
 class Response:
@@ -87,6 +118,30 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
 
 
+_started_nodes: list["Node"] = []  # every Node this process started, for `log_tails`
+LOG_TAIL_LINES = 20
+
+
+def log_tails(since: float) -> str:
+    """The last LOG_TAIL_LINES lines of the log of each node started by this process whose log was written at or
+    after `since` (time.time()): what a failed test's report shows (tests/conftest.py), so that a failure in CI
+    says why a node died or did not serve."""
+    parts = []
+    for node in _started_nodes:
+        try:
+            if os.path.getmtime(node.log_path) < since:
+                continue
+            with open(node.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(node.log_path) - 64 * 1024))
+                lines = f.read().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            continue
+        state = "running" if node.proc is not None and node.proc.poll() is None else (
+            f"exited {node.proc.returncode}" if node.proc is not None else "not started")
+        parts.append(f"== {node.name} ({node.log_path}, {state})\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
 class Node:
     def __init__(self, name: str, base_dir: str, host: str | None = None, ports: tuple[int, int] | None = None,
                  wrap: tuple[str, ...] = (), server: str = SERVER) -> None:
@@ -128,6 +183,8 @@ class Node:
         args += list(extra) + [self.data_dir]
         self._close_log()  # the last process's, when it died by itself
         self._log = open(self.log_path, "ab")
+        if self not in _started_nodes:
+            _started_nodes.append(self)
         self.log_offset = self._log.tell()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **env} if env else None)

@@ -1234,6 +1234,7 @@ def test_a_small_hard_descriptor_limit_is_warned_about_and_a_flood_does_not_pile
             except OSError:
                 break
         time.sleep(1.0)
+        assert not n.exited(), "the node died under the flood (its log's last lines follow the report)"
         before = rss_bytes(n.proc.pid)
         time.sleep(6.0)
         grown = rss_bytes(n.proc.pid) - before

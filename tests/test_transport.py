@@ -3,7 +3,6 @@ connections, and who may connect with node keys (CURVE and ZAP), as whom. In thi
 greenlet lets the loop turn while it serves a full queue."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from typing import Callable
 import gevent
 import zmq
 
+from procs import free_port
 from raftlib import RequestVote, codec
 from raftlib.transport import SERVE_TURN_SECONDS, ZmqTransport
 
@@ -58,12 +58,6 @@ def served_when_a_timer_ran(transport: ZmqTransport, port: int, queue: Callable[
     assert len(served) >= total, served  # and the monitor may report the closing of its connections
     assert timer_saw, "the timer never ran"
     return timer_saw[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Work items queued at once, each taking at least SERVE_TURN_SECONDS / 4: at most 15 yields of the greenlet serving

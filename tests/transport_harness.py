@@ -12,14 +12,9 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
+from procs import free_port  # noqa: E402
 from raftlib import RequestVote, RequestVoteReply  # noqa: E402
 from raftlib.transport import ZmqTransport  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Peer:
