@@ -123,21 +123,21 @@ LOG_TAIL_LINES = 20
 
 
 def log_tails(since: float) -> str:
-    """The last LOG_TAIL_LINES lines of the log of each node started by this process whose log was written at or
-    after `since` (time.time()): what a failed test's report shows (tests/conftest.py), so that a failure in CI
-    says why a node died or did not serve."""
+    """The last LOG_TAIL_LINES lines of the log of each node started by this process that still runs (a module's
+    cluster too) or whose log was written at or after `since` (time.time()): what a failed test's report shows
+    (tests/conftest.py), so that a failure in CI says why a node died, did not serve or lost its leadership."""
     parts = []
     for node in _started_nodes:
+        running = node.proc is not None and node.proc.poll() is None
         try:
-            if os.path.getmtime(node.log_path) < since:
+            if not running and os.path.getmtime(node.log_path) < since:
                 continue
             with open(node.log_path, "rb") as f:
                 f.seek(max(0, os.path.getsize(node.log_path) - 64 * 1024))
                 lines = f.read().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         except OSError:
             continue
-        state = "running" if node.proc is not None and node.proc.poll() is None else (
-            f"exited {node.proc.returncode}" if node.proc is not None else "not started")
+        state = "running" if running else f"exited {node.proc.returncode}" if node.proc is not None else "not started"
         parts.append(f"== {node.name} ({node.log_path}, {state})\n" + "\n".join(lines))
     return "\n".join(parts)
 
