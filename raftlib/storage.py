@@ -933,8 +933,8 @@ class DiskStorage:
         self._base = _PrebuiltBase(base.index, base.term, base.path)
 
     def _drop_base(self) -> None:
-        """Stop pre-building: its file unlinked (not synced: load deletes a `*.tmp`), closed unless a sync of it
-        runs (whose end closes it)."""
+        """Stop pre-building: its file unlinked (not synced: load deletes a `*.tmp`; an unlink that fails is
+        logged, never raised), closed unless a sync of it runs (whose end closes it)."""
         base, self._base = self._base, None
         if base is None or base.handle is None:
             return
@@ -942,8 +942,11 @@ class DiskStorage:
         self._writing.discard(base.path)
         if not base.syncing:
             self.fs.close(base.handle)
-        with contextlib.suppress(OSError):
+        try:
             self.fs.unlink(base.path)
+        except OSError as e:  # harmless: a *.tmp that load deletes; but the disk may be failing
+            logger.warning("could not unlink the dropped pre-built log segment %s: %s (load deletes it)",
+                           base.path, e)
 
     def _create_file(self, path: str):
         """A new file's handle; no descriptor: OutOfDescriptors, nothing made; no room: OSError(ENOSPC) up."""

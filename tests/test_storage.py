@@ -1361,6 +1361,31 @@ def test_a_failed_sync_of_a_prebuilt_base_off_the_loop_stops_the_node_at_its_nex
         s.save(HardState(1, "a", 10), entries(15, 1))
 
 
+def test_an_io_error_unlinking_a_dropped_prebuilt_base_is_logged_once_and_never_raised(tmp_path, monkeypatch,
+                                                                                      caplog):
+    """Review baseleft Q3: the unlink of a dropped segment's *.tmp failed in silence. Harmless (load deletes a
+    *.tmp), but the disk may be failing: one line says so, and the drop goes on."""
+    s, snap, tmp = _forked_snapshot_prebuilt(tmp_path)
+    real_unlink = s.fs.unlink
+
+    def unlink(path):
+        if "/base-" in path:
+            raise OSError(errno.EIO, "Input/output error")
+        real_unlink(path)
+
+    monkeypatch.setattr(s.fs, "unlink", unlink)
+    with caplog.at_level("WARNING", logger="raftlib.storage"):
+        s.abort_snapshot(tmp)  # the child was killed: its segment is dropped
+    said = [r.getMessage() for r in caplog.records if "base-00000000000000000008.seg.tmp" in r.getMessage()]
+    assert len(said) == 1 and "Input/output error" in said[0], said
+    assert s.base_pending() is None
+    s.close()
+    s, got = reopen(tmp_path)  # load deletes the *.tmp left behind
+    s.close()
+    assert state_of(got) == (None, [(i, 1) for i in range(1, 15)], HardState(1, "a", 10))
+    assert sorted(os.listdir(os.path.join(tmp_path, "log"))) == ["0000000001.seg"]
+
+
 def test_a_snapshot_committed_with_another_snapshots_prebuilt_base_writes_its_own_log(tmp_path):
     """The pre-built segment is of one snapshot (index and term): another's commit (a child begun later, the
     first one killed) drops it and writes the log after its own index whole, as before basestep."""
