@@ -483,19 +483,21 @@ class Runtime:
             self._greenlets.append(gevent.spawn(self._probe_loop_lag, _LOOP_LAG_PROBE_SECONDS))
 
     def stop(self) -> None:
-        if not self.running:
-            return
-        self.running = False
-        self._wake.set()
-        deadline = time.monotonic() + 2
-        while self._driving and time.monotonic() < deadline:  # a transport greenlet in the middle of a drive
-            gevent.sleep(0.01)
-        self._kill_snapshot_child()
-        gevent.joinall(self._greenlets, timeout=2)
-        for g in self._greenlets:
-            g.kill(block=False)
-        self._fail_all(Stopped("node is stopping"))
-        self._collector.release(freeze=False)  # a restore under way stops with the node
+        """Stop the node and fail every waiting request. On every path (a second call, and after a fatal error,
+        when the drive stopped the node itself, included) it waits, at most STOP_DISK_JOBS_SECONDS, for the
+        threadpool's jobs on the data dir: once it returns the caller may close the storage."""
+        if self.running:
+            self.running = False
+            self._wake.set()
+            deadline = time.monotonic() + 2
+            while self._driving and time.monotonic() < deadline:  # a transport greenlet in the middle of a drive
+                gevent.sleep(0.01)
+            self._kill_snapshot_child()
+            gevent.joinall(self._greenlets, timeout=2)
+            for g in self._greenlets:
+                g.kill(block=False)
+            self._fail_all(Stopped("node is stopping"))
+            self._collector.release(freeze=False)  # a restore under way stops with the node
         self._wait_disk_jobs(STOP_DISK_JOBS_SECONDS)
 
     def _spawn_disk_job(self, run: Callable[..., Any], *args: Any) -> None:

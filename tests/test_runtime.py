@@ -1152,12 +1152,14 @@ def test_a_snapshot_whose_base_segment_sync_does_not_end_commits_after_the_bound
         storage.close()
 
 
+@pytest.mark.parametrize("fatal", [False, True], ids=["running", "after a fatal error"])
 @pytest.mark.parametrize("job", ["the base segment's sync", "the unlink of the garbage"])
 def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_is_closed(tmp_path, monkeypatch,
-                                                                                         job):
+                                                                                         job, fatal):
     """Review basestep L2/L3: `stop` returned while the pre-built segment's fdatasync or a snapshot's garbage
     unlink still ran in the threadpool, and the caller's `storage.close()` then closed the folder handles and
-    released LOCK under it (a thread unlinking and fsyncing folders of a data dir another process may hold)."""
+    released LOCK under it (a thread unlinking and fsyncing folders of a data dir another process may hold). On
+    every path: after a fatal error (the drive stopped the node itself) it returned at once (review baseleft Q2)."""
     from raftlib import runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)
@@ -1194,6 +1196,14 @@ def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_
         with gevent.Timeout(4):
             while not (seen["sync_threads"] if slow_sync else garbage["begun"]):
                 gevent.sleep(0.01)
+        if fatal:
+            def failing_save(*args, **kwargs):
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(storage, "save", failing_save)
+            with pytest.raises(Stopped):
+                runtime.propose(b"lost", 2.0)
+            assert not runtime.running
     finally:
         runtime.stop()
         stopped = time.monotonic()
