@@ -428,7 +428,6 @@ class Runtime:
         self._snapshot_child: int | None = None  # its pid while one runs (one at a time)
         self._snapshot_done: tuple[Snapshot, str, bool] | None = None  # (snapshot, file, written?): to finish
         self._snapshot_done_at = 0.0  # time.monotonic() when it was handed over (the commit waits for its base)
-        self._base_syncing = False  # a greenlet waits for the threadpool's fdatasync of the pre-built base
         # The greenlets that wait for a threadpool job on the data dir (that fdatasync; an unlink of garbage):
         # `stop` waits for them (bounded) so that none touches the folder after the storage is closed.
         self._disk_jobs: list[gevent.Greenlet] = []
@@ -1302,24 +1301,25 @@ class Runtime:
             if not left or now - started + longest > BASE_DRIVE_SECONDS:
                 break
         pending = storage.base_pending()
-        if pending is None or self._base_syncing:
+        if pending is None:
             return
-        _, unsynced, _ = pending
+        _, unsynced, syncing = pending
         due = BASE_SYNC_BYTES if self._snapshot_done is None else BASE_COMMIT_UNSYNCED_BYTES + 1
-        if unsynced >= due:
+        if unsynced >= due and not syncing:
             job = storage.base_sync_job()
             if job is not None:
-                self._base_syncing = True
                 self._spawn_disk_job(self._sync_base, *job)
 
-    def _sync_base(self, sync: Callable[[], OSError | None], done: Callable[[OSError | None], None]) -> None:
+    def _sync_base(self, sync: Callable[[], OSError | None], done: Callable[..., None]) -> None:
         """The pre-built base segment's fdatasync in gevent's threadpool (the loop goes on), its outcome handed
-        back here, in the hub's thread (a failure is raised by the storage's next step or commit)."""
+        back here, in the hub's thread, however the call ends (DiskStorage.base_sync_job: an error it returns is
+        raised by the storage's next step or commit; an exception the call raises drops the segment)."""
         try:
             error = gevent.get_hub().threadpool.apply(sync)
-        finally:
-            self._base_syncing = False
-        done(error)
+        except Exception as e:  # the threadpool's, or the sync's own: the storage's record of the sync ends too
+            done(None, raised=e)
+        else:
+            done(error)
         self._wake.set()
 
     def _base_wait(self) -> bool:

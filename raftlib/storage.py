@@ -46,9 +46,11 @@ Rules:
   time; load never takes a `*.tmp` for the log (and deletes it), nor would it a segment whose group is open. A
   save whose entries replace some it holds begins it again; a leader's install, or another snapshot's commit,
   drops it; a full disk or no descriptor at a step or at its sync drops it, and the commit of its snapshot then
-  refuses (DiskFull, OutOfDescriptors: nothing changed). The commit appends the entries it lacks and the hard
-  state in the record that closes the group, fsyncs it BEFORE the snapshot's rename, and after that rename (and
-  its folder's fsync) renames it to the next segment's name and fsyncs the log folder: the commit point.
+  refuses (DiskFull, OutOfDescriptors: nothing changed); a call of its sync that raises (rather than return the
+  disk's error) drops it too, and that commit writes the log whole. The commit appends the entries it lacks and
+  the hard state in the record that closes the group, fsyncs it BEFORE the snapshot's rename, and after that
+  rename (and its folder's fsync) renames it to the next segment's name and fsyncs the log folder: the commit
+  point.
 - With `unlink_garbage_later` (the runtime's), what an install makes garbage is unlinked by `garbage_job` in a
   thread, after the commit point (load would delete it too).
 
@@ -876,14 +878,18 @@ class DiskStorage:
             return None
         return self.state.last_index - base.written_to, base.size - base.synced, base.syncing
 
-    def base_sync_job(self) -> tuple[Callable[[], OSError | None], Callable[[OSError | None], None]] | None:
+    def base_sync_job(self) -> tuple[Callable[[], OSError | None], Callable[..., None]] | None:
         """The fdatasync of what the pre-built base segment holds so far, for a thread (a file no reader uses
         yet: it may run off the loop while steps append to it): (`sync`, run it anywhere, it returns its error;
-        `done(error)`, call it back in the loop). None when nothing is to sync or a sync runs. From the job's
-        making until `done` the segment counts as syncing, and a commit meanwhile drops it (fsyncgate: an EIO
+        `done(error, raised=None)`, call it back in the loop, once, however the call of `sync` ended). None when
+        nothing is to sync or a sync runs. From the job's making until `done` the segment counts as syncing
+        (`base_pending`'s third item: the one record of it), and a commit meanwhile drops it (fsyncgate: an EIO
         that thread consumed is not reported again to the commit's fsync on the same descriptor). A full disk at
-        it drops the segment (the snapshot's commit refuses, DiskFull); any other error is fatal (fsyncgate),
-        raised by the next step or commit."""
+        it drops the segment (the snapshot's commit refuses, DiskFull); any other error it returns is fatal
+        (fsyncgate), raised by the next step or commit. `raised`: the exception the call raised instead of
+        returning (the threadpool's, or the sync's own): its outcome unknown, the segment is dropped (logged) and
+        the snapshot's commit writes the log whole, as before basestep (not fatal: the segment was never the
+        log)."""
         base = self._base
         if base is None or base.handle is None or base.syncing or base.synced >= base.size or not self._fsync:
             return None
@@ -897,7 +903,12 @@ class DiskStorage:
                 return e
             return None
 
-        def done(error: OSError | None) -> None:
+        def done(error: OSError | None, raised: Exception | None = None) -> None:
+            if raised is not None:
+                logger.error("the sync of the snapshot's pre-built log segment %s raised %r: the segment dropped "
+                             "(the snapshot's commit writes the log whole)", base.path, raised)
+                if self._base is base:
+                    self._drop_base()  # still syncing: its handle is closed below, not by the drop
             base.syncing = False
             if base.dropped:
                 fs.close(handle)

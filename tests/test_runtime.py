@@ -1152,6 +1152,46 @@ def test_a_snapshot_whose_base_segment_sync_does_not_end_commits_after_the_bound
         storage.close()
 
 
+def test_a_base_segment_sync_whose_call_raises_ends_as_a_failure_and_the_snapshot_commits_at_once(tmp_path,
+                                                                                                   monkeypatch,
+                                                                                                   caplog):
+    """Review baseleft Q1: an exception out of the threadpool call (the sync raised, or the threadpool did) rather
+    than an error the sync returned left the pre-built segment `syncing` for good: the commit waited for it until
+    BASE_WAIT_SECONDS, then dropped it. The call's end, however it ends, ends the sync: a failure, the segment
+    dropped (logged), the snapshot committed at once the old way (the log written whole), the node running."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)  # the commit waits for a sync
+    monkeypatch.setattr(runtime_module, "BASE_WAIT_SECONDS", 30.0)  # past the test's bound
+    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=0.0)
+    storage = runtime.storage
+    counted_job = storage.base_sync_job
+
+    def raising_job():
+        job = counted_job()
+        if job is None:
+            return None
+
+        def raising_sync():
+            raise RuntimeError("the sync broke")
+
+        return raising_sync, job[1]
+
+    monkeypatch.setattr(storage, "base_sync_job", raising_job)
+    runtime.start()
+    try:
+        with caplog.at_level("INFO"):
+            _one_snapshot_of_a_burst(runtime, timeout_seconds=4.0)
+        assert runtime.running and runtime.stats["snapshots"] == 1 and seen["renamed"] == [], seen
+        assert [r for r in caplog.records if "raised RuntimeError('the sync broke')" in r.getMessage()]
+        assert not [r for r in caplog.records if "is not ready" in r.getMessage()]
+        assert not [p for p in os.listdir(os.path.join(tmp_path, "log")) if p.endswith(".tmp")]
+        runtime.propose(b"after", 2.0)  # the log written whole is the log: saves go on
+    finally:
+        runtime.stop()
+        storage.close()
+
+
 @pytest.mark.parametrize("fatal", [False, True], ids=["running", "after a fatal error"])
 @pytest.mark.parametrize("job", ["the base segment's sync", "the unlink of the garbage"])
 def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_is_closed(tmp_path, monkeypatch,

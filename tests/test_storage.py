@@ -1361,6 +1361,22 @@ def test_a_failed_sync_of_a_prebuilt_base_off_the_loop_stops_the_node_at_its_nex
         s.save(HardState(1, "a", 10), entries(15, 1))
 
 
+def test_a_sync_of_a_prebuilt_base_whose_call_raised_drops_it_and_the_commit_writes_the_log_whole(caplog):
+    """Review baseleft Q1: when the call of the sync raises (the threadpool, or the sync itself) rather than
+    returning the disk's error, its outcome is unknown: `done(None, raised=...)` ends the sync as a failure, the
+    segment dropped and closed (logged), not fatal (it was never the log); the commit writes the log whole."""
+    fs, s, snap, tmp = _crashfs_snapshot_written()
+    s.base_step(1 << 20)
+    sync, done = s.base_sync_job()
+    with caplog.at_level("ERROR", logger="raftlib.storage"):
+        done(None, raised=RuntimeError("cannot start new thread"))
+    assert [r for r in caplog.records if "raised RuntimeError" in r.getMessage()]
+    assert s.base_pending() is None and not [p for p in fs.tree() if p.startswith("/data/log/base-")]
+    assert s.commit_snapshot(snap, tmp) is not None
+    s.save(HardState(1, "a", 10), entries(15, 1))  # not fatal
+    assert state_of(DiskStorage("/data", fs=fs.copy()).load())[:2] == ((8, 1), [(i, 1) for i in range(9, 16)])
+
+
 def test_an_io_error_unlinking_a_dropped_prebuilt_base_is_logged_once_and_never_raised(tmp_path, monkeypatch,
                                                                                       caplog):
     """Review baseleft Q3: the unlink of a dropped segment's *.tmp failed in silence. Harmless (load deletes a
