@@ -886,10 +886,16 @@ class DiskStorage:
         (`base_pending`'s third item: the one record of it), and a commit meanwhile drops it (fsyncgate: an EIO
         that thread consumed is not reported again to the commit's fsync on the same descriptor). A full disk at
         it drops the segment (the snapshot's commit refuses, DiskFull); any other error it returns is fatal
-        (fsyncgate), raised by the next step or commit. `raised`: the exception the call raised instead of
-        returning (the threadpool's, or the sync's own): its outcome unknown, the segment is dropped (logged) and
-        the snapshot's commit writes the log whole, as before basestep (not fatal: the segment was never the
-        log)."""
+        (fsyncgate), raised by the next step or commit; one it returns for a segment dropped meanwhile is logged
+        (not the log, but the disk may be failing). `raised`: the exception the call raised instead of returning
+        (the threadpool's, or the sync's own): its outcome unknown, the segment is dropped (logged) and the
+        snapshot's commit writes the log whole, as before basestep (not fatal: the segment was never the log).
+        Its descriptor is then never closed (one leaked, logged): the call may have raised with `sync` still
+        queued (gevent's ThreadPool queues a task before it starts a thread for it, and that start can fail), to
+        run later on a busy worker; closed, its number would be reused by the next file opened (the commit's),
+        whose writeback error the stray fdatasync would consume (fsyncgate). A leak asks nothing of the thread; a
+        "cancelled" flag `sync` checked would have to be held under a lock across its fdatasync, blocking the
+        loop at `done` for as long as a slow disk takes."""
         base = self._base
         if base is None or base.handle is None or base.syncing or base.synced >= base.size or not self._fsync:
             return None
@@ -903,15 +909,22 @@ class DiskStorage:
                 return e
             return None
 
-        def done(error: OSError | None, raised: Exception | None = None) -> None:
+        def done(error: OSError | None, raised: BaseException | None = None) -> None:
             if raised is not None:
                 logger.error("the sync of the snapshot's pre-built log segment %s raised %r: the segment dropped "
-                             "(the snapshot's commit writes the log whole)", base.path, raised)
+                             "(the snapshot's commit writes the log whole), its descriptor %r left open for good "
+                             "(the sync may still run later: it must never find that number reused)", base.path,
+                             raised, handle)
                 if self._base is base:
-                    self._drop_base()  # still syncing: its handle is closed below, not by the drop
+                    self._drop_base()  # still syncing: the drop leaves its handle open
+                base.syncing = False
+                return
             base.syncing = False
             if base.dropped:
-                fs.close(handle)
+                if error is not None:
+                    logger.error("the sync of the dropped pre-built log segment %s failed: %s (not the log; but the "
+                                 "disk may be failing)", base.path, error)
+                self._close_dropped_base(base.path, handle)
                 return
             if error is None:
                 base.synced = max(base.synced, size)
@@ -944,20 +957,28 @@ class DiskStorage:
         self._base = _PrebuiltBase(base.index, base.term, base.path)
 
     def _drop_base(self) -> None:
-        """Stop pre-building: its file unlinked (not synced: load deletes a `*.tmp`; an unlink that fails is
-        logged, never raised), closed unless a sync of it runs (whose end closes it)."""
+        """Stop pre-building: its file closed unless a sync of it runs (whose end closes it), and unlinked (not
+        synced: load deletes a `*.tmp`). Never raises: a close or an unlink that fails is logged."""
         base, self._base = self._base, None
         if base is None or base.handle is None:
             return
         base.dropped = True
         self._writing.discard(base.path)
         if not base.syncing:
-            self.fs.close(base.handle)
+            self._close_dropped_base(base.path, base.handle)
         try:
             self.fs.unlink(base.path)
         except OSError as e:  # harmless: a *.tmp that load deletes; but the disk may be failing
             logger.warning("could not unlink the dropped pre-built log segment %s: %s (load deletes it)",
                            base.path, e)
+
+    def _close_dropped_base(self, path: str, handle: object) -> None:
+        """Close a dropped pre-built segment's handle; an error is logged, never raised (it was never the log:
+        nothing durable depends on it; but the disk may be failing)."""
+        try:
+            self.fs.close(handle)
+        except OSError as e:
+            logger.warning("could not close the dropped pre-built log segment %s: %s", path, e)
 
     def _create_file(self, path: str):
         """A new file's handle; no descriptor: OutOfDescriptors, nothing made; no room: OSError(ENOSPC) up."""

@@ -1364,7 +1364,8 @@ def test_a_failed_sync_of_a_prebuilt_base_off_the_loop_stops_the_node_at_its_nex
 def test_a_sync_of_a_prebuilt_base_whose_call_raised_drops_it_and_the_commit_writes_the_log_whole(caplog):
     """Review baseleft Q1: when the call of the sync raises (the threadpool, or the sync itself) rather than
     returning the disk's error, its outcome is unknown: `done(None, raised=...)` ends the sync as a failure, the
-    segment dropped and closed (logged), not fatal (it was never the log); the commit writes the log whole."""
+    segment dropped (logged; its handle left open: review baseleft S1), not fatal (it was never the log); the
+    commit writes the log whole."""
     fs, s, snap, tmp = _crashfs_snapshot_written()
     s.base_step(1 << 20)
     sync, done = s.base_sync_job()
@@ -1375,6 +1376,54 @@ def test_a_sync_of_a_prebuilt_base_whose_call_raised_drops_it_and_the_commit_wri
     assert s.commit_snapshot(snap, tmp) is not None
     s.save(HardState(1, "a", 10), entries(15, 1))  # not fatal
     assert state_of(DiskStorage("/data", fs=fs.copy()).load())[:2] == ((8, 1), [(i, 1) for i in range(9, 16)])
+
+
+def test_a_prebuilt_base_sync_whose_call_raised_never_runs_on_a_reused_descriptor(tmp_path, caplog):
+    """Review baseleft S1 (fsyncgate through a reused descriptor): gevent's ThreadPool queues a task before it
+    starts a thread for it; when that start fails the call raises with the sync still queued, and a busy worker
+    runs it later. `done(raised=...)` closed the base's descriptor, the commit's new files took its number, and the
+    stray fdatasync then ran on one of them (consuming its writeback EIO). The descriptor must stay the base's."""
+    s, snap, tmp = _forked_snapshot_prebuilt(tmp_path)
+    sync, done = s.base_sync_job()
+    handle = s._base.handle
+    base_file = os.fstat(handle).st_ino
+    try:
+        with caplog.at_level("ERROR", logger="raftlib.storage"):
+            done(None, raised=RuntimeError("can't start new thread"))  # the sync still queued
+        assert s.base_pending() is None
+        assert s.commit_snapshot(snap, tmp) is not None  # opens files: one would take a closed descriptor's number
+        assert os.fstat(handle).st_ino == base_file  # what the queued sync, run now, would fdatasync
+        assert sync() is None
+        assert [r for r in caplog.records if "left open" in r.getMessage()]
+        s.save(HardState(1, "a", 10), entries(15, 1))
+        s.close()
+    finally:
+        if os.path.exists(f"/proc/self/fd/{handle}") and os.fstat(handle).st_ino == base_file:
+            os.close(handle)  # the descriptor the storage leaks on purpose (never another file's)
+    s, got = reopen(tmp_path)
+    s.close()
+    assert state_of(got)[:2] == ((8, 1), [(i, 1) for i in range(9, 16)])
+
+
+def test_an_io_error_closing_a_dropped_prebuilt_base_is_logged_and_never_raised(tmp_path, monkeypatch, caplog):
+    """Review baseleft Q-b: a drop closed the segment's handle unguarded, so an EIO from close() raised out of
+    begin_base, _restart_base (inside save: fatal) or close() (skipping the log segment and LOCK). A drop never
+    raises: one line says so, and the drop goes on (the file unlinked)."""
+    s, snap, tmp = _forked_snapshot_prebuilt(tmp_path)
+    base_handle, real_close = s._base.handle, s.fs.close
+
+    def close(handle):
+        real_close(handle)
+        if handle == base_handle:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(s.fs, "close", close)
+    with caplog.at_level("WARNING", logger="raftlib.storage"):
+        s.abort_snapshot(tmp)  # the child was killed: its segment is dropped
+    said = [r.getMessage() for r in caplog.records if "could not close" in r.getMessage()]
+    assert len(said) == 1 and "Input/output error" in said[0], said
+    assert s.base_pending() is None and not [p for p in os.listdir(os.path.join(tmp_path, "log")) if "base-" in p]
+    s.close()
 
 
 def test_an_io_error_unlinking_a_dropped_prebuilt_base_is_logged_once_and_never_raised(tmp_path, monkeypatch,
@@ -1464,7 +1513,8 @@ class _ErrseqFS(OsFileSystem):
 
 
 @pytest.mark.parametrize("unlink_later", [False, True])
-def test_a_commit_never_goes_through_a_prebuilt_base_whose_threadpool_sync_has_not_ended(tmp_path, unlink_later):
+def test_a_commit_never_goes_through_a_prebuilt_base_whose_threadpool_sync_has_not_ended(tmp_path, unlink_later,
+                                                                                          caplog):
     """Review basestep S1 (fsyncgate): the runtime commits at BASE_WAIT_SECONDS while the base's fdatasync still
     runs in the threadpool; the disk fails it (EIO) and Linux reports that once per open file description, so the
     commit's fsync on the same descriptor returned 0, the segment holding lost pages became the log, the old one
@@ -1492,7 +1542,10 @@ def test_a_commit_never_goes_through_a_prebuilt_base_whose_threadpool_sync_has_n
     garbage = s.garbage_job()
     if garbage is not None:
         garbage()
-    done(error)  # the greenlet hands the outcome back: a dropped base's, closed and forgotten
+    with caplog.at_level("ERROR", logger="raftlib.storage"):
+        done(error)  # the greenlet hands the outcome back: a dropped base's, closed, its error logged (Q-a)
+    assert [r for r in caplog.records if "dropped pre-built log segment" in r.getMessage()
+            and "Input/output error" in r.getMessage()]
     s.save(HardState(1, "a", 21), entries(21, 1, size=2000))
     s.close()
     assert fs.power_loss(str(tmp_path)) == []  # no file that is the state holds a lost range
