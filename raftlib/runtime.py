@@ -484,23 +484,25 @@ class Runtime:
     def stop(self) -> None:
         """Stop the node and fail every waiting request. On every path (a second call, and after a fatal error,
         when the drive stopped the node itself, included) it waits, at most STOP_DISK_JOBS_SECONDS, for the
-        threadpool's jobs on the data dir: once it returns the caller may close the storage."""
+        threadpool's jobs on the data dir, and kills a snapshot child still writing: once it returns the caller may
+        close the storage."""
         if self.running:
             self.running = False
             self._wake.set()
             deadline = time.monotonic() + 2
             while self._driving and time.monotonic() < deadline:  # a transport greenlet in the middle of a drive
                 gevent.sleep(0.01)
-            self._kill_snapshot_child()
             gevent.joinall(self._greenlets, timeout=2)
             for g in self._greenlets:
                 g.kill(block=False)
             self._fail_all(Stopped("node is stopping"))
             self._collector.release(freeze=False)  # a restore under way stops with the node
+        self._kill_snapshot_child()  # after a fatal error too: it would write into the data dir once closed
         self._wait_disk_jobs(STOP_DISK_JOBS_SECONDS)
 
     def _spawn_disk_job(self, run: Callable[..., Any], *args: Any) -> None:
-        """`run(*args)` in a greenlet that `stop` waits for (it waits for a threadpool job on the data dir)."""
+        """`run(*args)` in a greenlet that `stop` waits for (it waits for a threadpool job on the data dir). Such a
+        greenlet is never killed: the thread would run on, unwaited for, and its outcome be lost."""
         self._disk_jobs = [g for g in self._disk_jobs if not g.dead]
         self._disk_jobs.append(gevent.spawn(run, *args))
 
@@ -1313,11 +1315,15 @@ class Runtime:
     def _sync_base(self, sync: Callable[[], OSError | None], done: Callable[..., None]) -> None:
         """The pre-built base segment's fdatasync in gevent's threadpool (the loop goes on), its outcome handed
         back here, in the hub's thread, however the call ends (DiskStorage.base_sync_job: an error it returns is
-        raised by the storage's next step or commit; an exception the call raises drops the segment)."""
+        raised by the storage's next step or commit; an exception the call raises drops the segment). Even a
+        GreenletExit or Timeout (nothing should kill a disk job: `_spawn_disk_job`) ends the storage's record of
+        the sync before it goes on up."""
         try:
             error = gevent.get_hub().threadpool.apply(sync)
-        except Exception as e:  # the threadpool's, or the sync's own: the storage's record of the sync ends too
+        except BaseException as e:  # the threadpool's, the sync's own, or the greenlet's: the sync's record ends
             done(None, raised=e)
+            if not isinstance(e, Exception):
+                raise
         else:
             done(error)
         self._wake.set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
 import time
 import types
 
@@ -1189,6 +1190,59 @@ def test_a_base_segment_sync_whose_call_raises_ends_as_a_failure_and_the_snapsho
         runtime.propose(b"after", 2.0)  # the log written whole is the log: saves go on
     finally:
         runtime.stop()
+        storage.close()
+
+
+def _exited(pid: int) -> bool:
+    """Whether the process `pid` has exited (reaped, or a zombie waiting for it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_stop_after_a_fatal_error_kills_the_snapshot_child_still_writing(tmp_path, monkeypatch):
+    """Review baseleft L1: stop killed a running snapshot child only while the node ran; after a fatal error (the
+    drive stopped the node itself) the child lived on, writing snapshot-I.snap.tmp into the data dir after the
+    caller closed the storage and released LOCK."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 30.0)  # still at work when stop is called
+    runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
+    storage = runtime.storage
+    child = None
+    runtime.start()
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+        for i in range(18):
+            runtime.propose(b"value-%03d" % i + b"x" * 100, 2.0)
+        with gevent.Timeout(4):
+            while runtime._snapshot_child is None:
+                gevent.sleep(0.01)
+        child = runtime._snapshot_child
+
+        def failing_save(*args, **kwargs):
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(storage, "save", failing_save)
+        with pytest.raises(Stopped):
+            runtime.propose(b"lost", 2.0)
+        assert not runtime.running
+        runtime.stop()
+        deadline = time.monotonic() + 2.0  # SIGKILL's delivery
+        while not _exited(child) and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        assert _exited(child)
+    finally:
+        runtime.stop()
+        if child is not None and not _exited(child):  # the test's own cleanup, fix or not
+            os.kill(child, signal.SIGKILL)
+        with gevent.Timeout(4, False):  # until the runtime's waiter has reaped it
+            while runtime._snapshot_child is not None:
+                gevent.sleep(0.01)
         storage.close()
 
 
