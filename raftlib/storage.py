@@ -73,6 +73,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -158,6 +159,39 @@ class _PrebuiltBase:
         self.synced = 0  # bytes known durable (an fdatasync off the loop: `base_sync_job`)
         self.syncing = False  # such a sync runs: the handle is closed by its end, not by a drop
         self.dropped = False
+
+
+class _BaseSyncClaim:
+    """Who closes a pre-built base's descriptor when the call of its sync raised (`base_sync_job`): the loop's
+    `done(raised)` abandons the base while the thread's `sync` may be queued, running or finished (review baseleft2
+    R1). Rules: `sync` calls `start` before it touches the descriptor and skips it if that says no; once started
+    it calls `finish` after its fdatasync, and closes the descriptor if that says so; `abandon` says whether the
+    loop closes it. Exactly one side closes, never during the fdatasync. The lock is held only to flip the flags
+    (never across a disk call), so the loop never waits on the disk."""
+
+    __slots__ = ("_lock", "_started", "_finished", "_abandoned")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = self._finished = self._abandoned = False
+
+    def start(self) -> bool:
+        """In the thread, first: whether the sync may run (False: abandoned while queued, the loop has closed)."""
+        with self._lock:
+            self._started = not self._abandoned
+            return self._started
+
+    def finish(self) -> bool:
+        """In the thread, after its fdatasync: whether it closes (the base was abandoned while it ran)."""
+        with self._lock:
+            self._finished = True
+            return self._abandoned
+
+    def abandon(self) -> bool:
+        """In the loop, at `done(raised)`: whether it closes (the sync never started, or has finished)."""
+        with self._lock:
+            self._abandoned = True
+            return not self._started or self._finished
 
 
 class DiskStorage:
@@ -888,36 +922,50 @@ class DiskStorage:
         it drops the segment (the snapshot's commit refuses, DiskFull); any other error it returns is fatal
         (fsyncgate), raised by the next step or commit; one it returns for a segment dropped meanwhile is logged
         (not the log, but the disk may be failing). `raised`: the exception the call raised instead of returning
-        (the threadpool's, or the sync's own): its outcome unknown, the segment is dropped (logged) and the
-        snapshot's commit writes the log whole, as before basestep (not fatal: the segment was never the log).
-        Its descriptor is then never closed (one leaked, logged): the call may have raised with `sync` still
-        queued (gevent's ThreadPool queues a task before it starts a thread for it, and that start can fail), to
-        run later on a busy worker; closed, its number would be reused by the next file opened (the commit's),
-        whose writeback error the stray fdatasync would consume (fsyncgate). A leak asks nothing of the thread; a
-        "cancelled" flag `sync` checked would have to be held under a lock across its fdatasync, blocking the
-        loop at `done` for as long as a slow disk takes."""
+        (the threadpool's, the sync's own, or the greenlet's: GreenletExit): its outcome unknown, the segment is
+        dropped (logged) and the snapshot's commit writes the log whole, as before basestep (not fatal: the
+        segment was never the log). The call may have raised with `sync` still queued (gevent's ThreadPool queues
+        a task before it starts a thread for it, and that start can fail) or running, so who closes the
+        descriptor is settled by `_BaseSyncClaim` (review baseleft2 R1): exactly one side, never during the
+        fdatasync, and never a number the next opened file (the commit's) may have taken (fsyncgate: the stray
+        fdatasync would consume that file's writeback error). `sync` takes the claim before it touches the
+        descriptor and skips when the base was abandoned; `done(raised)` closes it at once unless the fdatasync
+        runs (then `sync` closes it at its end). A `sync` never run after all leaks nothing: its descriptor was
+        closed by `done`. The lock is held only to flip flags: the loop never waits on the disk."""
         base = self._base
         if base is None or base.handle is None or base.syncing or base.synced >= base.size or not self._fsync:
             return None
         base.syncing = True
         handle, size, fs = base.handle, base.size, self.fs
+        claim = _BaseSyncClaim()
 
         def sync() -> OSError | None:
+            if not claim.start():
+                return None  # abandoned while queued: `done` closed the descriptor; its number may be reused
+            error = None
             try:
                 fs.fdatasync(handle)
             except OSError as e:
-                return e
-            return None
+                error = e
+            finally:
+                if claim.finish():  # abandoned while it ran: its close is this side's, and its error no one's else
+                    if error is not None:
+                        logger.error("the sync of the abandoned pre-built log segment %s failed: %s (not the log; "
+                                     "but the disk may be failing)", base.path, error)
+                    self._close_dropped_base(base.path, handle)
+            return error
 
         def done(error: OSError | None, raised: BaseException | None = None) -> None:
             if raised is not None:
+                closes_here = claim.abandon()
                 logger.error("the sync of the snapshot's pre-built log segment %s raised %r: the segment dropped "
-                             "(the snapshot's commit writes the log whole), its descriptor %r left open for good "
-                             "(the sync may still run later: it must never find that number reused)", base.path,
-                             raised, handle)
+                             "(the snapshot's commit writes the log whole), its descriptor %r %s", base.path,
+                             raised, handle, "closed" if closes_here else "closed by the sync, at its end")
                 if self._base is base:
-                    self._drop_base()  # still syncing: the drop leaves its handle open
+                    self._drop_base()  # still syncing: the drop leaves its handle to the claim
                 base.syncing = False
+                if closes_here:
+                    self._close_dropped_base(base.path, handle)
                 return
             base.syncing = False
             if base.dropped:

@@ -1304,3 +1304,54 @@ def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_
         storage.close()
     ended = seen["syncs_ended"] if slow_sync else garbage["ended"]
     assert ended and max(ended) <= stopped, (ended, stopped)
+
+
+def test_a_base_segment_sync_whose_greenlet_is_killed_drops_the_segment_and_never_closes_under_the_thread(tmp_path):
+    """Review baseleft2 Q1: `_sync_base` hands any BaseException out of the threadpool call (a GreenletExit when
+    its greenlet is killed while the fdatasync runs) to `done(raised=...)`: the segment is dropped at once, its
+    descriptor left to the thread (never closed under its fdatasync), which closes it at its end; the kill goes on
+    up."""
+    import threading
+
+    runtime = _forking_runtime(tmp_path)  # not started: only its `_sync_base` runs here
+    storage = runtime.storage
+    storage.save(HardState(1, "a", 1), [Entry(1, i, EntryKind.COMMAND, b"x" * 100) for i in range(2, 15)])
+    snap = Snapshot(8, 1, Membership(("a",), (), (Member("a", "127.0.0.1:1", ""),)), b"state")
+    storage.begin_base(snap)
+    while storage.base_step(1 << 20):
+        pass
+    sync, done = storage.base_sync_job()
+    handle = storage._base.handle
+    base_file = os.fstat(handle).st_ino
+    in_fdatasync, release, closed = threading.Event(), threading.Event(), []
+    real_fdatasync, real_close = storage.fs.fdatasync, storage.fs.close
+
+    def blocked_fdatasync(h):
+        in_fdatasync.set()
+        release.wait(10)
+        real_fdatasync(h)
+
+    def close(h):
+        if h == handle:
+            closed.append((os.fstat(h).st_ino, in_fdatasync.is_set() and not release.is_set()))
+        real_close(h)
+
+    storage.fs.fdatasync, storage.fs.close = blocked_fdatasync, close
+    try:
+        job = gevent.spawn(runtime._sync_base, sync, done)
+        with gevent.Timeout(5):
+            while not in_fdatasync.is_set():
+                gevent.sleep(0.005)
+        job.kill(block=True, timeout=2)
+        assert job.dead and isinstance(job.value, gevent.GreenletExit)
+        assert storage.base_pending() is None  # dropped: the commit writes the log whole
+        assert closed == [] and os.fstat(handle).st_ino == base_file  # not closed under the running fdatasync
+        release.set()
+        with gevent.Timeout(5):
+            while not closed:
+                gevent.sleep(0.005)
+        gevent.sleep(0.05)
+        assert closed == [(base_file, False)]  # once, by the thread, after its fdatasync
+    finally:
+        release.set()
+        storage.close()

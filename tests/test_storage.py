@@ -1378,28 +1378,56 @@ def test_a_sync_of_a_prebuilt_base_whose_call_raised_drops_it_and_the_commit_wri
     assert state_of(DiskStorage("/data", fs=fs.copy()).load())[:2] == ((8, 1), [(i, 1) for i in range(9, 16)])
 
 
-def test_a_prebuilt_base_sync_whose_call_raised_never_runs_on_a_reused_descriptor(tmp_path, caplog):
-    """Review baseleft S1 (fsyncgate through a reused descriptor): gevent's ThreadPool queues a task before it
-    starts a thread for it; when that start fails the call raises with the sync still queued, and a busy worker
-    runs it later. `done(raised=...)` closed the base's descriptor, the commit's new files took its number, and the
-    stray fdatasync then ran on one of them (consuming its writeback EIO). The descriptor must stay the base's."""
+@pytest.mark.parametrize("sync_when", ["queued", "running", "finished"])
+def test_a_prebuilt_base_sync_whose_call_raised_closes_its_descriptor_once_never_under_or_after_the_sync(
+        tmp_path, monkeypatch, caplog, sync_when):
+    """Review baseleft S1 and baseleft2 R1 (fsyncgate through a reused descriptor): gevent's ThreadPool queues a
+    task before it starts a thread for it; when that start fails the call raises with the sync still queued, and a
+    busy worker runs it later. `done(raised=...)` closed the base's descriptor, the commit's new files took its
+    number, and the stray fdatasync then ran on one of them (consuming its writeback EIO); then the descriptor was
+    left open for good (one fd and the unlinked segment's blocks leaked per snapshot). Whenever the sync runs
+    (still queued, running or finished at the raise): the base's descriptor is closed exactly once, never during its
+    fdatasync, and no fdatasync ever reaches another file through its number."""
     s, snap, tmp = _forked_snapshot_prebuilt(tmp_path)
     sync, done = s.base_sync_job()
     handle = s._base.handle
     base_file = os.fstat(handle).st_ino
-    try:
-        with caplog.at_level("ERROR", logger="raftlib.storage"):
-            done(None, raised=RuntimeError("can't start new thread"))  # the sync still queued
-        assert s.base_pending() is None
-        assert s.commit_snapshot(snap, tmp) is not None  # opens files: one would take a closed descriptor's number
-        assert os.fstat(handle).st_ino == base_file  # what the queued sync, run now, would fdatasync
-        assert sync() is None
-        assert [r for r in caplog.records if "left open" in r.getMessage()]
-        s.save(HardState(1, "a", 10), entries(15, 1))
-        s.close()
-    finally:
-        if os.path.exists(f"/proc/self/fd/{handle}") and os.fstat(handle).st_ino == base_file:
-            os.close(handle)  # the descriptor the storage leaks on purpose (never another file's)
+    closed, synced = [], []  # the inode behind the base's number at each close, at each fdatasync
+    real_close, real_fdatasync = s.fs.close, s.fs.fdatasync
+
+    def close(h):
+        if h == handle:
+            closed.append(os.fstat(h).st_ino)
+        real_close(h)
+
+    def fdatasync(h):
+        if h == handle:
+            synced.append(os.fstat(h).st_ino)
+            if sync_when == "running":  # the loop's raise arrives while the fdatasync runs
+                done(None, raised=RuntimeError("can't start new thread"))
+                assert closed == [] and os.fstat(h).st_ino == base_file  # not closed under the fdatasync
+        real_fdatasync(h)
+
+    monkeypatch.setattr(s.fs, "close", close)
+    monkeypatch.setattr(s.fs, "fdatasync", fdatasync)
+    with caplog.at_level("ERROR", logger="raftlib.storage"):
+        if sync_when == "queued":
+            done(None, raised=RuntimeError("can't start new thread"))
+            assert s.commit_snapshot(snap, tmp) is not None  # opens files: one may take the closed number
+            assert sync() is None  # the queued task runs now, on a worker: it must skip the descriptor
+        else:
+            if sync_when == "finished":
+                assert sync() is None
+                done(None, raised=RuntimeError("can't start new thread"))
+            else:
+                assert sync() is None
+            assert s.commit_snapshot(snap, tmp) is not None
+    assert s.base_pending() is None
+    assert closed == [base_file], closed  # exactly once, and the base's own file
+    assert set(synced) <= {base_file} and len(synced) == (0 if sync_when == "queued" else 1), synced
+    assert [r for r in caplog.records if "raised RuntimeError" in r.getMessage()]
+    s.save(HardState(1, "a", 10), entries(15, 1))
+    s.close()
     s, got = reopen(tmp_path)
     s.close()
     assert state_of(got)[:2] == ((8, 1), [(i, 1) for i in range(9, 16)])
