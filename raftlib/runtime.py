@@ -129,6 +129,7 @@ BASE_WAIT_SECONDS = 5.0
 # snapshot's garbage) before it returns and the caller closes the storage (its folder handles, LOCK): review
 # basestep L2/L3. Past it, a warning: a job still running may touch the folder after that.
 STOP_DISK_JOBS_SECONDS = 10.0
+STOP_CHILD_EXIT_SECONDS = 2.0  # stop's bound on a killed snapshot child's exit
 
 
 class Timeout(Exception):
@@ -1525,10 +1526,22 @@ class Runtime:
         self._unreaped = [pid for pid in self._unreaped if not _reaped(pid)]
 
     def _kill_snapshot_child(self) -> None:
+        """SIGKILL a snapshot child still writing, then wait for its exit (reaped; polled, never past
+        STOP_CHILD_EXIT_SECONDS): a write() it was in the middle of completes before `stop` returns, never after
+        the caller closed the storage and released LOCK (review baseleft2 R2). Not gone by then: reaped later."""
         pid = self._snapshot_child
-        if pid is not None:
-            with _suppress_oserror():
-                os.kill(pid, signal.SIGKILL)
+        if pid is None:
+            return
+        with _suppress_oserror():
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_CHILD_EXIT_SECONDS
+        while not _reaped(pid):
+            if time.monotonic() >= deadline:
+                logger.warning("snapshot child %d did not exit %gs after SIGKILL: reaped later", pid,
+                               STOP_CHILD_EXIT_SECONDS)
+                self._unreaped.append(pid)
+                return
+            gevent.sleep(0.005)
 
     def _probe_loop_lag(self, period_seconds: float) -> None:
         """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else."""
