@@ -1364,8 +1364,8 @@ def test_a_failed_sync_of_a_prebuilt_base_off_the_loop_stops_the_node_at_its_nex
 def test_a_sync_of_a_prebuilt_base_whose_call_raised_drops_it_and_the_commit_writes_the_log_whole(caplog):
     """Review baseleft Q1: when the call of the sync raises (the threadpool, or the sync itself) rather than
     returning the disk's error, its outcome is unknown: `done(None, raised=...)` ends the sync as a failure, the
-    segment dropped (logged; its handle left open: review baseleft S1), not fatal (it was never the log); the
-    commit writes the log whole."""
+    segment dropped (logged; its handle closed by whichever side ends last: review baseleft2 R1), not fatal (it
+    was never the log); the commit writes the log whole."""
     fs, s, snap, tmp = _crashfs_snapshot_written()
     s.base_step(1 << 20)
     sync, done = s.base_sync_job()
