@@ -73,7 +73,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -166,32 +165,35 @@ class _BaseSyncClaim:
     `done(raised)` abandons the base while the thread's `sync` may be queued, running or finished (review baseleft2
     R1). Rules: `sync` calls `start` before it touches the descriptor and skips it if that says no; once started
     it calls `finish` after its fdatasync, and closes the descriptor if that says so; `abandon` says whether the
-    loop closes it. Exactly one side closes, never during the fdatasync. The lock is held only to flip the flags
-    (never across a disk call), so the loop never waits on the disk."""
+    loop closes it. Exactly one side closes, never during the fdatasync.
 
-    __slots__ = ("_lock", "_started", "_finished", "_abandoned")
+    No lock: each side appends its mark to one list (list.append is atomic under the GIL, from any thread) and
+    decides from the marks before its own, so both read the same order. The loop never waits, and nothing depends
+    on what monkey-patching made of threading.Lock (a gevent lock taken from a threadpool thread)."""
+
+    __slots__ = ("_marks",)
+    _START, _FINISH, _ABANDON = "start", "finish", "abandon"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._started = self._finished = self._abandoned = False
+        self._marks: list[str] = []
+
+    def _before(self, mark: str) -> list[str]:
+        """Appends `mark`; returns the marks that came before it."""
+        self._marks.append(mark)
+        return self._marks[:self._marks.index(mark)]
 
     def start(self) -> bool:
         """In the thread, first: whether the sync may run (False: abandoned while queued, the loop has closed)."""
-        with self._lock:
-            self._started = not self._abandoned
-            return self._started
+        return self._ABANDON not in self._before(self._START)
 
     def finish(self) -> bool:
         """In the thread, after its fdatasync: whether it closes (the base was abandoned while it ran)."""
-        with self._lock:
-            self._finished = True
-            return self._abandoned
+        return self._ABANDON in self._before(self._FINISH)
 
     def abandon(self) -> bool:
         """In the loop, at `done(raised)`: whether it closes (the sync never started, or has finished)."""
-        with self._lock:
-            self._abandoned = True
-            return not self._started or self._finished
+        before = self._before(self._ABANDON)
+        return self._START not in before or self._FINISH in before
 
 
 class DiskStorage:
