@@ -129,6 +129,7 @@ BASE_WAIT_SECONDS = 5.0
 # snapshot's garbage) before it returns and the caller closes the storage (its folder handles, LOCK): review
 # basestep L2/L3. Past it, a warning: a job still running may touch the folder after that.
 STOP_DISK_JOBS_SECONDS = 10.0
+STOP_CHILD_EXIT_SECONDS = 2.0  # stop's bound on a killed snapshot child's exit
 
 
 class Timeout(Exception):
@@ -428,7 +429,6 @@ class Runtime:
         self._snapshot_child: int | None = None  # its pid while one runs (one at a time)
         self._snapshot_done: tuple[Snapshot, str, bool] | None = None  # (snapshot, file, written?): to finish
         self._snapshot_done_at = 0.0  # time.monotonic() when it was handed over (the commit waits for its base)
-        self._base_syncing = False  # a greenlet waits for the threadpool's fdatasync of the pre-built base
         # The greenlets that wait for a threadpool job on the data dir (that fdatasync; an unlink of garbage):
         # `stop` waits for them (bounded) so that none touches the folder after the storage is closed.
         self._disk_jobs: list[gevent.Greenlet] = []
@@ -483,23 +483,27 @@ class Runtime:
             self._greenlets.append(gevent.spawn(self._probe_loop_lag, _LOOP_LAG_PROBE_SECONDS))
 
     def stop(self) -> None:
-        if not self.running:
-            return
-        self.running = False
-        self._wake.set()
-        deadline = time.monotonic() + 2
-        while self._driving and time.monotonic() < deadline:  # a transport greenlet in the middle of a drive
-            gevent.sleep(0.01)
-        self._kill_snapshot_child()
-        gevent.joinall(self._greenlets, timeout=2)
-        for g in self._greenlets:
-            g.kill(block=False)
-        self._fail_all(Stopped("node is stopping"))
-        self._collector.release(freeze=False)  # a restore under way stops with the node
+        """Stop the node and fail every waiting request. On every path (a second call, and after a fatal error,
+        when the drive stopped the node itself, included) it waits, at most STOP_DISK_JOBS_SECONDS, for the
+        threadpool's jobs on the data dir, and kills a snapshot child still writing: once it returns the caller may
+        close the storage."""
+        if self.running:
+            self.running = False
+            self._wake.set()
+            deadline = time.monotonic() + 2
+            while self._driving and time.monotonic() < deadline:  # a transport greenlet in the middle of a drive
+                gevent.sleep(0.01)
+            gevent.joinall(self._greenlets, timeout=2)
+            for g in self._greenlets:
+                g.kill(block=False)
+            self._fail_all(Stopped("node is stopping"))
+            self._collector.release(freeze=False)  # a restore under way stops with the node
+        self._kill_snapshot_child()  # after a fatal error too: it would write into the data dir once closed
         self._wait_disk_jobs(STOP_DISK_JOBS_SECONDS)
 
     def _spawn_disk_job(self, run: Callable[..., Any], *args: Any) -> None:
-        """`run(*args)` in a greenlet that `stop` waits for (it waits for a threadpool job on the data dir)."""
+        """`run(*args)` in a greenlet that `stop` waits for (it waits for a threadpool job on the data dir). Such a
+        greenlet is never killed: the thread would run on, unwaited for, and its outcome be lost."""
         self._disk_jobs = [g for g in self._disk_jobs if not g.dead]
         self._disk_jobs.append(gevent.spawn(run, *args))
 
@@ -1300,24 +1304,29 @@ class Runtime:
             if not left or now - started + longest > BASE_DRIVE_SECONDS:
                 break
         pending = storage.base_pending()
-        if pending is None or self._base_syncing:
+        if pending is None:
             return
-        _, unsynced, _ = pending
+        _, unsynced, syncing = pending
         due = BASE_SYNC_BYTES if self._snapshot_done is None else BASE_COMMIT_UNSYNCED_BYTES + 1
-        if unsynced >= due:
+        if unsynced >= due and not syncing:
             job = storage.base_sync_job()
             if job is not None:
-                self._base_syncing = True
                 self._spawn_disk_job(self._sync_base, *job)
 
-    def _sync_base(self, sync: Callable[[], OSError | None], done: Callable[[OSError | None], None]) -> None:
+    def _sync_base(self, sync: Callable[[], OSError | None], done: Callable[..., None]) -> None:
         """The pre-built base segment's fdatasync in gevent's threadpool (the loop goes on), its outcome handed
-        back here, in the hub's thread (a failure is raised by the storage's next step or commit)."""
+        back here, in the hub's thread, however the call ends (DiskStorage.base_sync_job: an error it returns is
+        raised by the storage's next step or commit; an exception the call raises drops the segment). Even a
+        GreenletExit or Timeout (nothing should kill a disk job: `_spawn_disk_job`) ends the storage's record of
+        the sync before it goes on up."""
         try:
             error = gevent.get_hub().threadpool.apply(sync)
-        finally:
-            self._base_syncing = False
-        done(error)
+        except BaseException as e:  # the threadpool's, the sync's own, or the greenlet's: the sync's record ends
+            done(None, raised=e)
+            if not isinstance(e, Exception):
+                raise
+        else:
+            done(error)
         self._wake.set()
 
     def _base_wait(self) -> bool:
@@ -1517,10 +1526,22 @@ class Runtime:
         self._unreaped = [pid for pid in self._unreaped if not _reaped(pid)]
 
     def _kill_snapshot_child(self) -> None:
+        """SIGKILL a snapshot child still writing, then wait for its exit (reaped; polled, never past
+        STOP_CHILD_EXIT_SECONDS): a write() it was in the middle of completes before `stop` returns, never after
+        the caller closed the storage and released LOCK (review baseleft2 R2). Not gone by then: reaped later."""
         pid = self._snapshot_child
-        if pid is not None:
-            with _suppress_oserror():
-                os.kill(pid, signal.SIGKILL)
+        if pid is None:
+            return
+        with _suppress_oserror():
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_CHILD_EXIT_SECONDS
+        while not _reaped(pid):
+            if time.monotonic() >= deadline:
+                logger.warning("snapshot child %d did not exit %gs after SIGKILL: reaped later", pid,
+                               STOP_CHILD_EXIT_SECONDS)
+                self._unreaped.append(pid)
+                return
+            gevent.sleep(0.005)
 
     def _probe_loop_lag(self, period_seconds: float) -> None:
         """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else."""

@@ -46,9 +46,11 @@ Rules:
   time; load never takes a `*.tmp` for the log (and deletes it), nor would it a segment whose group is open. A
   save whose entries replace some it holds begins it again; a leader's install, or another snapshot's commit,
   drops it; a full disk or no descriptor at a step or at its sync drops it, and the commit of its snapshot then
-  refuses (DiskFull, OutOfDescriptors: nothing changed). The commit appends the entries it lacks and the hard
-  state in the record that closes the group, fsyncs it BEFORE the snapshot's rename, and after that rename (and
-  its folder's fsync) renames it to the next segment's name and fsyncs the log folder: the commit point.
+  refuses (DiskFull, OutOfDescriptors: nothing changed); a call of its sync that raises (rather than return the
+  disk's error) drops it too, and that commit writes the log whole. The commit appends the entries it lacks and
+  the hard state in the record that closes the group, fsyncs it BEFORE the snapshot's rename, and after that
+  rename (and its folder's fsync) renames it to the next segment's name and fsyncs the log folder: the commit
+  point.
 - With `unlink_garbage_later` (the runtime's), what an install makes garbage is unlinked by `garbage_job` in a
   thread, after the commit point (load would delete it too).
 
@@ -156,6 +158,42 @@ class _PrebuiltBase:
         self.synced = 0  # bytes known durable (an fdatasync off the loop: `base_sync_job`)
         self.syncing = False  # such a sync runs: the handle is closed by its end, not by a drop
         self.dropped = False
+
+
+class _BaseSyncClaim:
+    """Who closes a pre-built base's descriptor when the call of its sync raised (`base_sync_job`): the loop's
+    `done(raised)` abandons the base while the thread's `sync` may be queued, running or finished (review baseleft2
+    R1). Rules: `sync` calls `start` before it touches the descriptor and skips it if that says no; once started
+    it calls `finish` after its fdatasync, and closes the descriptor if that says so; `abandon` says whether the
+    loop closes it. Exactly one side closes, never during the fdatasync.
+
+    No lock: each side appends its mark to one list (list.append is atomic under the GIL, from any thread) and
+    decides from the marks before its own, so both read the same order. The loop never waits, and nothing depends
+    on what monkey-patching made of threading.Lock (a gevent lock taken from a threadpool thread)."""
+
+    __slots__ = ("_marks",)
+    _START, _FINISH, _ABANDON = "start", "finish", "abandon"
+
+    def __init__(self) -> None:
+        self._marks: list[str] = []
+
+    def _before(self, mark: str) -> list[str]:
+        """Appends `mark`; returns the marks that came before it."""
+        self._marks.append(mark)
+        return self._marks[:self._marks.index(mark)]
+
+    def start(self) -> bool:
+        """In the thread, first: whether the sync may run (False: abandoned while queued, the loop has closed)."""
+        return self._ABANDON not in self._before(self._START)
+
+    def finish(self) -> bool:
+        """In the thread, after its fdatasync: whether it closes (the base was abandoned while it ran)."""
+        return self._ABANDON in self._before(self._FINISH)
+
+    def abandon(self) -> bool:
+        """In the loop, at `done(raised)`: whether it closes (the sync never started, or has finished)."""
+        before = self._before(self._ABANDON)
+        return self._START not in before or self._FINISH in before
 
 
 class DiskStorage:
@@ -876,31 +914,67 @@ class DiskStorage:
             return None
         return self.state.last_index - base.written_to, base.size - base.synced, base.syncing
 
-    def base_sync_job(self) -> tuple[Callable[[], OSError | None], Callable[[OSError | None], None]] | None:
+    def base_sync_job(self) -> tuple[Callable[[], OSError | None], Callable[..., None]] | None:
         """The fdatasync of what the pre-built base segment holds so far, for a thread (a file no reader uses
         yet: it may run off the loop while steps append to it): (`sync`, run it anywhere, it returns its error;
-        `done(error)`, call it back in the loop). None when nothing is to sync or a sync runs. From the job's
-        making until `done` the segment counts as syncing, and a commit meanwhile drops it (fsyncgate: an EIO
+        `done(error, raised=None)`, call it back in the loop, once, however the call of `sync` ended). None when
+        nothing is to sync or a sync runs. From the job's making until `done` the segment counts as syncing
+        (`base_pending`'s third item: the one record of it), and a commit meanwhile drops it (fsyncgate: an EIO
         that thread consumed is not reported again to the commit's fsync on the same descriptor). A full disk at
-        it drops the segment (the snapshot's commit refuses, DiskFull); any other error is fatal (fsyncgate),
-        raised by the next step or commit."""
+        it drops the segment (the snapshot's commit refuses, DiskFull); any other error it returns is fatal
+        (fsyncgate), raised by the next step or commit; one it returns for a segment dropped meanwhile is logged
+        (not the log, but the disk may be failing). `raised`: the exception the call raised instead of returning
+        (the threadpool's, the sync's own, or the greenlet's: GreenletExit): its outcome unknown, the segment is
+        dropped (logged) and the snapshot's commit writes the log whole, as before basestep (not fatal: the
+        segment was never the log). The call may have raised with `sync` still queued (gevent's ThreadPool queues
+        a task before it starts a thread for it, and that start can fail) or running, so who closes the
+        descriptor is settled by `_BaseSyncClaim` (review baseleft2 R1): exactly one side, never during the
+        fdatasync, and never a number the next opened file (the commit's) may have taken (fsyncgate: the stray
+        fdatasync would consume that file's writeback error). `sync` takes the claim before it touches the
+        descriptor and skips when the base was abandoned; `done(raised)` closes it at once unless the fdatasync
+        runs (then `sync` closes it at its end). A `sync` never run after all leaks nothing: its descriptor was
+        closed by `done`. The lock is held only to flip flags: the loop never waits on the disk."""
         base = self._base
         if base is None or base.handle is None or base.syncing or base.synced >= base.size or not self._fsync:
             return None
         base.syncing = True
         handle, size, fs = base.handle, base.size, self.fs
+        claim = _BaseSyncClaim()
 
         def sync() -> OSError | None:
+            if not claim.start():
+                return None  # abandoned while queued: `done` closed the descriptor; its number may be reused
+            error = None
             try:
                 fs.fdatasync(handle)
             except OSError as e:
-                return e
-            return None
+                error = e
+            finally:
+                if claim.finish():  # abandoned while it ran: its close is this side's, and its error no one's else
+                    if error is not None:
+                        logger.error("the sync of the abandoned pre-built log segment %s failed: %s (not the log; "
+                                     "but the disk may be failing)", base.path, error)
+                    self._close_dropped_base(base.path, handle)
+            return error
 
-        def done(error: OSError | None) -> None:
+        def done(error: OSError | None, raised: BaseException | None = None) -> None:
+            if raised is not None:
+                closes_here = claim.abandon()
+                logger.error("the sync of the snapshot's pre-built log segment %s raised %r: the segment dropped "
+                             "(the snapshot's commit writes the log whole), its descriptor %r %s", base.path,
+                             raised, handle, "closed" if closes_here else "closed by the sync, at its end")
+                if self._base is base:
+                    self._drop_base()  # still syncing: the drop leaves its handle to the claim
+                base.syncing = False
+                if closes_here:
+                    self._close_dropped_base(base.path, handle)
+                return
             base.syncing = False
             if base.dropped:
-                fs.close(handle)
+                if error is not None:
+                    logger.error("the sync of the dropped pre-built log segment %s failed: %s (not the log; but the "
+                                 "disk may be failing)", base.path, error)
+                self._close_dropped_base(base.path, handle)
                 return
             if error is None:
                 base.synced = max(base.synced, size)
@@ -933,17 +1007,28 @@ class DiskStorage:
         self._base = _PrebuiltBase(base.index, base.term, base.path)
 
     def _drop_base(self) -> None:
-        """Stop pre-building: its file unlinked (not synced: load deletes a `*.tmp`), closed unless a sync of it
-        runs (whose end closes it)."""
+        """Stop pre-building: its file closed unless a sync of it runs (whose end closes it), and unlinked (not
+        synced: load deletes a `*.tmp`). Never raises: a close or an unlink that fails is logged."""
         base, self._base = self._base, None
         if base is None or base.handle is None:
             return
         base.dropped = True
         self._writing.discard(base.path)
         if not base.syncing:
-            self.fs.close(base.handle)
-        with contextlib.suppress(OSError):
+            self._close_dropped_base(base.path, base.handle)
+        try:
             self.fs.unlink(base.path)
+        except OSError as e:  # harmless: a *.tmp that load deletes; but the disk may be failing
+            logger.warning("could not unlink the dropped pre-built log segment %s: %s (load deletes it)",
+                           base.path, e)
+
+    def _close_dropped_base(self, path: str, handle: object) -> None:
+        """Close a dropped pre-built segment's handle; an error is logged, never raised (it was never the log:
+        nothing durable depends on it; but the disk may be failing)."""
+        try:
+            self.fs.close(handle)
+        except OSError as e:
+            logger.warning("could not close the dropped pre-built log segment %s: %s", path, e)
 
     def _create_file(self, path: str):
         """A new file's handle; no descriptor: OutOfDescriptors, nothing made; no room: OSError(ENOSPC) up."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
 import time
 import types
 
@@ -1152,12 +1153,106 @@ def test_a_snapshot_whose_base_segment_sync_does_not_end_commits_after_the_bound
         storage.close()
 
 
+def test_a_base_segment_sync_whose_call_raises_ends_as_a_failure_and_the_snapshot_commits_at_once(tmp_path,
+                                                                                                   monkeypatch,
+                                                                                                   caplog):
+    """Review baseleft Q1: an exception out of the threadpool call (the sync raised, or the threadpool did) rather
+    than an error the sync returned left the pre-built segment `syncing` for good: the commit waited for it until
+    BASE_WAIT_SECONDS, then dropped it. The call's end, however it ends, ends the sync: a failure, the segment
+    dropped (logged), the snapshot committed at once the old way (the log written whole), the node running."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)  # the commit waits for a sync
+    monkeypatch.setattr(runtime_module, "BASE_WAIT_SECONDS", 30.0)  # past the test's bound
+    runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=0.0)
+    storage = runtime.storage
+    counted_job = storage.base_sync_job
+
+    def raising_job():
+        job = counted_job()
+        if job is None:
+            return None
+
+        def raising_sync():
+            raise RuntimeError("the sync broke")
+
+        return raising_sync, job[1]
+
+    monkeypatch.setattr(storage, "base_sync_job", raising_job)
+    runtime.start()
+    try:
+        with caplog.at_level("INFO"):
+            _one_snapshot_of_a_burst(runtime, timeout_seconds=4.0)
+        assert runtime.running and runtime.stats["snapshots"] == 1 and seen["renamed"] == [], seen
+        assert [r for r in caplog.records if "raised RuntimeError('the sync broke')" in r.getMessage()]
+        assert not [r for r in caplog.records if "is not ready" in r.getMessage()]
+        assert not [p for p in os.listdir(os.path.join(tmp_path, "log")) if p.endswith(".tmp")]
+        runtime.propose(b"after", 2.0)  # the log written whole is the log: saves go on
+    finally:
+        runtime.stop()
+        storage.close()
+
+
+def _exited(pid: int) -> bool:
+    """Whether the process `pid` has exited (reaped, or a zombie waiting for it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_stop_after_a_fatal_error_kills_the_snapshot_child_still_writing(tmp_path, monkeypatch):
+    """Review baseleft L1: stop killed a running snapshot child only while the node ran; after a fatal error (the
+    drive stopped the node itself) the child lived on, writing snapshot-I.snap.tmp into the data dir after the
+    caller closed the storage and released LOCK. And stop returned before the killed child had exited (review
+    baseleft2 R2): a write() it was in the middle of completed after that."""
+    from raftlib import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 30.0)  # still at work when stop is called
+    runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
+    storage = runtime.storage
+    child = None
+    runtime.start()
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+        for i in range(18):
+            runtime.propose(b"value-%03d" % i + b"x" * 100, 2.0)
+        with gevent.Timeout(4):
+            while runtime._snapshot_child is None:
+                gevent.sleep(0.01)
+        child = runtime._snapshot_child
+
+        def failing_save(*args, **kwargs):
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(storage, "save", failing_save)
+        with pytest.raises(Stopped):
+            runtime.propose(b"lost", 2.0)
+        assert not runtime.running
+        runtime.stop()
+        with pytest.raises(ChildProcessError):  # exited and reaped by stop (review baseleft2 R2): nothing waited
+            os.waitpid(child, os.WNOHANG)       # for after it returns, no write() of it completing after
+    finally:
+        runtime.stop()
+        if child is not None and not _exited(child):  # the test's own cleanup, fix or not
+            os.kill(child, signal.SIGKILL)
+        with gevent.Timeout(4, False):  # until the runtime's waiter has reaped it
+            while runtime._snapshot_child is not None:
+                gevent.sleep(0.01)
+        storage.close()
+
+
+@pytest.mark.parametrize("fatal", [False, True], ids=["running", "after a fatal error"])
 @pytest.mark.parametrize("job", ["the base segment's sync", "the unlink of the garbage"])
 def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_is_closed(tmp_path, monkeypatch,
-                                                                                         job):
+                                                                                         job, fatal):
     """Review basestep L2/L3: `stop` returned while the pre-built segment's fdatasync or a snapshot's garbage
     unlink still ran in the threadpool, and the caller's `storage.close()` then closed the folder handles and
-    released LOCK under it (a thread unlinking and fsyncing folders of a data dir another process may hold)."""
+    released LOCK under it (a thread unlinking and fsyncing folders of a data dir another process may hold). On
+    every path: after a fatal error (the drive stopped the node itself) it returned at once (review baseleft Q2)."""
     from raftlib import runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)
@@ -1194,9 +1289,68 @@ def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_
         with gevent.Timeout(4):
             while not (seen["sync_threads"] if slow_sync else garbage["begun"]):
                 gevent.sleep(0.01)
+        if fatal:
+            def failing_save(*args, **kwargs):
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(storage, "save", failing_save)
+            with pytest.raises(Stopped):
+                runtime.propose(b"lost", 2.0)
+            assert not runtime.running
     finally:
         runtime.stop()
         stopped = time.monotonic()
         storage.close()
     ended = seen["syncs_ended"] if slow_sync else garbage["ended"]
     assert ended and max(ended) <= stopped, (ended, stopped)
+
+
+def test_a_base_segment_sync_whose_greenlet_is_killed_drops_the_segment_and_never_closes_under_the_thread(tmp_path):
+    """Review baseleft2 Q1: `_sync_base` hands any BaseException out of the threadpool call (a GreenletExit when
+    its greenlet is killed while the fdatasync runs) to `done(raised=...)`: the segment is dropped at once, its
+    descriptor left to the thread (never closed under its fdatasync), which closes it at its end; the kill goes on
+    up."""
+    import threading
+
+    runtime = _forking_runtime(tmp_path)  # not started: only its `_sync_base` runs here
+    storage = runtime.storage
+    storage.save(HardState(1, "a", 1), [Entry(1, i, EntryKind.COMMAND, b"x" * 100) for i in range(2, 15)])
+    snap = Snapshot(8, 1, Membership(("a",), (), (Member("a", "127.0.0.1:1", ""),)), b"state")
+    storage.begin_base(snap)
+    while storage.base_step(1 << 20):
+        pass
+    sync, done = storage.base_sync_job()
+    handle = storage._base.handle
+    base_file = os.fstat(handle).st_ino
+    in_fdatasync, release, closed = threading.Event(), threading.Event(), []
+    real_fdatasync, real_close = storage.fs.fdatasync, storage.fs.close
+
+    def blocked_fdatasync(h):
+        in_fdatasync.set()
+        release.wait(10)
+        real_fdatasync(h)
+
+    def close(h):
+        if h == handle:
+            closed.append((os.fstat(h).st_ino, in_fdatasync.is_set() and not release.is_set()))
+        real_close(h)
+
+    storage.fs.fdatasync, storage.fs.close = blocked_fdatasync, close
+    try:
+        job = gevent.spawn(runtime._sync_base, sync, done)
+        with gevent.Timeout(5):
+            while not in_fdatasync.is_set():
+                gevent.sleep(0.005)
+        job.kill(block=True, timeout=2)
+        assert job.dead and isinstance(job.value, gevent.GreenletExit)
+        assert storage.base_pending() is None  # dropped: the commit writes the log whole
+        assert closed == [] and os.fstat(handle).st_ino == base_file  # not closed under the running fdatasync
+        release.set()
+        with gevent.Timeout(5):
+            while not closed:
+                gevent.sleep(0.005)
+        gevent.sleep(0.05)
+        assert closed == [(base_file, False)]  # once, by the thread, after its fdatasync
+    finally:
+        release.set()
+        storage.close()

@@ -1361,6 +1361,124 @@ def test_a_failed_sync_of_a_prebuilt_base_off_the_loop_stops_the_node_at_its_nex
         s.save(HardState(1, "a", 10), entries(15, 1))
 
 
+def test_a_sync_of_a_prebuilt_base_whose_call_raised_drops_it_and_the_commit_writes_the_log_whole(caplog):
+    """Review baseleft Q1: when the call of the sync raises (the threadpool, or the sync itself) rather than
+    returning the disk's error, its outcome is unknown: `done(None, raised=...)` ends the sync as a failure, the
+    segment dropped (logged; its handle closed by whichever side ends last: review baseleft2 R1), not fatal (it
+    was never the log); the commit writes the log whole."""
+    fs, s, snap, tmp = _crashfs_snapshot_written()
+    s.base_step(1 << 20)
+    sync, done = s.base_sync_job()
+    with caplog.at_level("ERROR", logger="raftlib.storage"):
+        done(None, raised=RuntimeError("cannot start new thread"))
+    assert [r for r in caplog.records if "raised RuntimeError" in r.getMessage()]
+    assert s.base_pending() is None and not [p for p in fs.tree() if p.startswith("/data/log/base-")]
+    assert s.commit_snapshot(snap, tmp) is not None
+    s.save(HardState(1, "a", 10), entries(15, 1))  # not fatal
+    assert state_of(DiskStorage("/data", fs=fs.copy()).load())[:2] == ((8, 1), [(i, 1) for i in range(9, 16)])
+
+
+@pytest.mark.parametrize("sync_when", ["queued", "running", "finished"])
+def test_a_prebuilt_base_sync_whose_call_raised_closes_its_descriptor_once_never_under_or_after_the_sync(
+        tmp_path, monkeypatch, caplog, sync_when):
+    """Review baseleft S1 and baseleft2 R1 (fsyncgate through a reused descriptor): gevent's ThreadPool queues a
+    task before it starts a thread for it; when that start fails the call raises with the sync still queued, and a
+    busy worker runs it later. `done(raised=...)` closed the base's descriptor, the commit's new files took its
+    number, and the stray fdatasync then ran on one of them (consuming its writeback EIO); then the descriptor was
+    left open for good (one fd and the unlinked segment's blocks leaked per snapshot). Whenever the sync runs
+    (still queued, running or finished at the raise): the base's descriptor is closed exactly once, never during its
+    fdatasync, and no fdatasync ever reaches another file through its number."""
+    s, snap, tmp = _forked_snapshot_prebuilt(tmp_path)
+    sync, done = s.base_sync_job()
+    handle = s._base.handle
+    base_file = os.fstat(handle).st_ino
+    closed, synced = [], []  # the inode behind the base's number at each close, at each fdatasync
+    real_close, real_fdatasync = s.fs.close, s.fs.fdatasync
+
+    def close(h):
+        if h == handle:
+            closed.append(os.fstat(h).st_ino)
+        real_close(h)
+
+    def fdatasync(h):
+        if h == handle:
+            synced.append(os.fstat(h).st_ino)
+            if sync_when == "running":  # the loop's raise arrives while the fdatasync runs
+                done(None, raised=RuntimeError("can't start new thread"))
+                assert closed == [] and os.fstat(h).st_ino == base_file  # not closed under the fdatasync
+        real_fdatasync(h)
+
+    monkeypatch.setattr(s.fs, "close", close)
+    monkeypatch.setattr(s.fs, "fdatasync", fdatasync)
+    with caplog.at_level("ERROR", logger="raftlib.storage"):
+        if sync_when == "queued":
+            done(None, raised=RuntimeError("can't start new thread"))
+            assert s.commit_snapshot(snap, tmp) is not None  # opens files: one may take the closed number
+            assert sync() is None  # the queued task runs now, on a worker: it must skip the descriptor
+        else:
+            if sync_when == "finished":
+                assert sync() is None
+                done(None, raised=RuntimeError("can't start new thread"))
+            else:
+                assert sync() is None
+            assert s.commit_snapshot(snap, tmp) is not None
+    assert s.base_pending() is None
+    assert closed == [base_file], closed  # exactly once, and the base's own file
+    assert set(synced) <= {base_file} and len(synced) == (0 if sync_when == "queued" else 1), synced
+    assert [r for r in caplog.records if "raised RuntimeError" in r.getMessage()]
+    s.save(HardState(1, "a", 10), entries(15, 1))
+    s.close()
+    s, got = reopen(tmp_path)
+    s.close()
+    assert state_of(got)[:2] == ((8, 1), [(i, 1) for i in range(9, 16)])
+
+
+def test_an_io_error_closing_a_dropped_prebuilt_base_is_logged_and_never_raised(tmp_path, monkeypatch, caplog):
+    """Review baseleft Q-b: a drop closed the segment's handle unguarded, so an EIO from close() raised out of
+    begin_base, _restart_base (inside save: fatal) or close() (skipping the log segment and LOCK). A drop never
+    raises: one line says so, and the drop goes on (the file unlinked)."""
+    s, snap, tmp = _forked_snapshot_prebuilt(tmp_path)
+    base_handle, real_close = s._base.handle, s.fs.close
+
+    def close(handle):
+        real_close(handle)
+        if handle == base_handle:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(s.fs, "close", close)
+    with caplog.at_level("WARNING", logger="raftlib.storage"):
+        s.abort_snapshot(tmp)  # the child was killed: its segment is dropped
+    said = [r.getMessage() for r in caplog.records if "could not close" in r.getMessage()]
+    assert len(said) == 1 and "Input/output error" in said[0], said
+    assert s.base_pending() is None and not [p for p in os.listdir(os.path.join(tmp_path, "log")) if "base-" in p]
+    s.close()
+
+
+def test_an_io_error_unlinking_a_dropped_prebuilt_base_is_logged_once_and_never_raised(tmp_path, monkeypatch,
+                                                                                      caplog):
+    """Review baseleft Q3: the unlink of a dropped segment's *.tmp failed in silence. Harmless (load deletes a
+    *.tmp), but the disk may be failing: one line says so, and the drop goes on."""
+    s, snap, tmp = _forked_snapshot_prebuilt(tmp_path)
+    real_unlink = s.fs.unlink
+
+    def unlink(path):
+        if "/base-" in path:
+            raise OSError(errno.EIO, "Input/output error")
+        real_unlink(path)
+
+    monkeypatch.setattr(s.fs, "unlink", unlink)
+    with caplog.at_level("WARNING", logger="raftlib.storage"):
+        s.abort_snapshot(tmp)  # the child was killed: its segment is dropped
+    said = [r.getMessage() for r in caplog.records if "base-00000000000000000008.seg.tmp" in r.getMessage()]
+    assert len(said) == 1 and "Input/output error" in said[0], said
+    assert s.base_pending() is None
+    s.close()
+    s, got = reopen(tmp_path)  # load deletes the *.tmp left behind
+    s.close()
+    assert state_of(got) == (None, [(i, 1) for i in range(1, 15)], HardState(1, "a", 10))
+    assert sorted(os.listdir(os.path.join(tmp_path, "log"))) == ["0000000001.seg"]
+
+
 def test_a_snapshot_committed_with_another_snapshots_prebuilt_base_writes_its_own_log(tmp_path):
     """The pre-built segment is of one snapshot (index and term): another's commit (a child begun later, the
     first one killed) drops it and writes the log after its own index whole, as before basestep."""
@@ -1423,7 +1541,8 @@ class _ErrseqFS(OsFileSystem):
 
 
 @pytest.mark.parametrize("unlink_later", [False, True])
-def test_a_commit_never_goes_through_a_prebuilt_base_whose_threadpool_sync_has_not_ended(tmp_path, unlink_later):
+def test_a_commit_never_goes_through_a_prebuilt_base_whose_threadpool_sync_has_not_ended(tmp_path, unlink_later,
+                                                                                          caplog):
     """Review basestep S1 (fsyncgate): the runtime commits at BASE_WAIT_SECONDS while the base's fdatasync still
     runs in the threadpool; the disk fails it (EIO) and Linux reports that once per open file description, so the
     commit's fsync on the same descriptor returned 0, the segment holding lost pages became the log, the old one
@@ -1451,7 +1570,10 @@ def test_a_commit_never_goes_through_a_prebuilt_base_whose_threadpool_sync_has_n
     garbage = s.garbage_job()
     if garbage is not None:
         garbage()
-    done(error)  # the greenlet hands the outcome back: a dropped base's, closed and forgotten
+    with caplog.at_level("ERROR", logger="raftlib.storage"):
+        done(error)  # the greenlet hands the outcome back: a dropped base's, closed, its error logged (Q-a)
+    assert [r for r in caplog.records if "dropped pre-built log segment" in r.getMessage()
+            and "Input/output error" in r.getMessage()]
     s.save(HardState(1, "a", 21), entries(21, 1, size=2000))
     s.close()
     assert fs.power_loss(str(tmp_path)) == []  # no file that is the state holds a lost range
