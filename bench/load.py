@@ -156,6 +156,13 @@ class Raftdzmq(System):
         return sum(1 for m in st["members"] if m["role"] == "voter") if st["role"] == "leader" else 0
 
 
+class RunningRaftdzmq(System):
+    """A raftdzmq node started elsewhere (--url): raftdzmq's requests, transactions included (a plain System has
+    none, so `--url ... -w txn` ran no transactions: review of stall1m, Q3)."""
+    name = "raftdzmq"
+    txn_requests = Raftdzmq.txn_requests
+
+
 class Bare(System):
     name = "bare-bottle"
 
@@ -392,8 +399,8 @@ def start_systems(args: argparse.Namespace, workdir: str, systems: list[System])
     """Start raftdzmq (or name --url) and every reference asked for, appending each to `systems` as it starts (the
     caller stops them however this ends)."""
     if args.url:
-        s = System(workdir)
-        s.name, s.url = "raftdzmq", args.url.rstrip("/")
+        s = RunningRaftdzmq(workdir)
+        s.url = args.url.rstrip("/")
         systems.append(s)
     else:
         systems.append(Raftdzmq(workdir, args.nodes, args.raftdzmq_flag,
