@@ -85,8 +85,11 @@ _SNAPSHOT_CHILD_TIMEOUT_SECONDS = float(os.environ.get("RAFTDZMQ_SNAPSHOT_CHILD_
 # meanwhile).
 _TEST_CHILD_DELAY_SECONDS = float(os.environ.get("RAFTDZMQ_TEST_SNAPSHOT_CHILD_DELAY_SECONDS") or 0)
 # The hub-lag probe (bench/snapshot_stall.py sets 0.001): a greenlet sleeps this long and records how late it woke,
-# in stats (loop_lag_max_microseconds, loop_lags_over_10ms). 0: off.
+# in stats (loop_lag_max_microseconds, loop_lags_over_10ms), and logs each wake-up later than
+# LOOP_LAG_LOGGED_SECONDS with the CPU the loop's thread used meanwhile (when, to match with the other lines of the
+# log; whether the process worked or waited). 0: off.
 _LOOP_LAG_PROBE_SECONDS = float(os.environ.get("RAFTDZMQ_LOOP_LAG_PROBE_SECONDS") or 0)
+LOOP_LAG_LOGGED_SECONDS = 0.05
 _PR_SET_PDEATHSIG = 1
 # A snapshot transfer abandoned because its file could not be read is logged at most once per peer this often.
 SNAPSHOT_READ_WARNING_SECONDS = 10.0
@@ -1526,13 +1529,18 @@ class Runtime:
         """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else."""
         stats = self.stats
         while self.running:
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.thread_time()
             gevent.sleep(period_seconds)
             late = int((time.monotonic() - t0 - period_seconds) * 1e6)
             if late > stats["loop_lag_max_microseconds"]:
                 stats["loop_lag_max_microseconds"] = late
             if late > 10_000:
                 stats["loop_lags_over_10ms"] += 1
+            if late > LOOP_LAG_LOGGED_SECONDS * 1e6:
+                # The hub's thread's CPU meanwhile: near the lag, this process's own work held the loop; far
+                # below it, the process waited for a core (the machine) or for the disk (an fsync in the loop).
+                logger.info("the hub-lag probe woke %.1f ms late (%.1f ms of CPU in the loop's thread meanwhile)",
+                            late / 1e3, (time.thread_time() - cpu0) * 1e3)
 
     def _fail_all(self, error: Exception) -> None:
         for _, result in self._proposals.values():
