@@ -86,8 +86,7 @@ _SNAPSHOT_CHILD_TIMEOUT_SECONDS = float(os.environ.get("RAFTDZMQ_SNAPSHOT_CHILD_
 _TEST_CHILD_DELAY_SECONDS = float(os.environ.get("RAFTDZMQ_TEST_SNAPSHOT_CHILD_DELAY_SECONDS") or 0)
 # The hub-lag probe (bench/snapshot_stall.py sets 0.001): a greenlet sleeps this long and records how late it woke,
 # in stats (loop_lag_max_microseconds, loop_lags_over_10ms), and logs each wake-up later than
-# LOOP_LAG_LOGGED_SECONDS with the CPU the loop's thread used meanwhile (when, to match with the other lines of the
-# log; whether the process worked or waited). 0: off.
+# LOOP_LAG_LOGGED_SECONDS with what the loop's thread did meanwhile (`_probe_loop_lag`). 0: off.
 _LOOP_LAG_PROBE_SECONDS = float(os.environ.get("RAFTDZMQ_LOOP_LAG_PROBE_SECONDS") or 0)
 LOOP_LAG_LOGGED_SECONDS = 0.05
 _PR_SET_PDEATHSIG = 1
@@ -1526,10 +1525,13 @@ class Runtime:
                 os.kill(pid, signal.SIGKILL)
 
     def _probe_loop_lag(self, period_seconds: float) -> None:
-        """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else."""
+        """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else. A
+        wake-up later than LOOP_LAG_LOGGED_SECONDS is logged with what the hub's thread did meanwhile: its CPU
+        (this process's own work held the loop), its wait for a core (Linux's schedstat: the machine), and the
+        rest (blocked in a system call: an fsync in the loop, a page fault that read the disk)."""
         stats = self.stats
         while self.running:
-            t0, cpu0 = time.monotonic(), time.thread_time()
+            t0, cpu0, queued0 = time.monotonic(), time.thread_time(), _run_queue_seconds()
             gevent.sleep(period_seconds)
             late = int((time.monotonic() - t0 - period_seconds) * 1e6)
             if late > stats["loop_lag_max_microseconds"]:
@@ -1537,10 +1539,10 @@ class Runtime:
             if late > 10_000:
                 stats["loop_lags_over_10ms"] += 1
             if late > LOOP_LAG_LOGGED_SECONDS * 1e6:
-                # The hub's thread's CPU meanwhile: near the lag, this process's own work held the loop; far
-                # below it, the process waited for a core (the machine) or for the disk (an fsync in the loop).
-                logger.info("the hub-lag probe woke %.1f ms late (%.1f ms of CPU in the loop's thread meanwhile)",
-                            late / 1e3, (time.thread_time() - cpu0) * 1e3)
+                cpu_ms, queued_ms = (time.thread_time() - cpu0) * 1e3, (_run_queue_seconds() - queued0) * 1e3
+                logger.info("the hub-lag probe woke %.1f ms late: the loop's thread ran %.1f ms, waited %.1f ms for "
+                            "a core, %.1f ms blocked", late / 1e3, cpu_ms, queued_ms,
+                            max(0.0, late / 1e3 - cpu_ms - queued_ms))
 
     def _fail_all(self, error: Exception) -> None:
         for _, result in self._proposals.values():
@@ -1583,6 +1585,16 @@ def _libc() -> ctypes.CDLL | None:
         except OSError:
             _no_libc = True
     return _libc_handle
+
+
+def _run_queue_seconds() -> float:
+    """How long the calling thread has waited on a run queue for a core (Linux's /proc/thread-self/schedstat, its
+    second field, in ns); 0.0 where it cannot be read."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _reaped(pid: int) -> bool:
