@@ -135,6 +135,12 @@ BASE_WAIT_SECONDS = 5.0
 # and an unbounded wait postponed its snapshots for seconds while the log grew (review stall1m L1: 7.2 s, 86.7 MB
 # at a 1 MB threshold). Mid-backlog, a snapshot is taken at most once per this bound (plus its own duration).
 SNAPSHOT_BACKLOG_WAIT_SECONDS = 1.0
+# A drive applies committed pieces (Config.max_committed_entries_per_ready / _bytes_) one after the other while the
+# loop's thread has spent less than this much CPU in the drive's Readys, then yields a turn of the loop (`_drive`)
+# and leaves the rest to the next drives. The pieces bound each step; this lets a drive apply more than one, so
+# that the leader's apply keeps up with its commits (review stall1m L2: one 64 KiB piece a drive, and the loaded leader's
+# commit-applied lag had a median of 23-28 entries).
+APPLY_DRIVE_SECONDS = 0.003
 # How long `stop` waits for the threadpool's jobs on the data dir (the pre-built base's fdatasync, the unlink of a
 # snapshot's garbage) before it returns and the caller closes the storage (its folder handles, LOCK): review
 # basestep L2/L3. Past it, a warning: a job still running may touch the folder after that.
@@ -854,8 +860,8 @@ class Runtime:
                 self._on_fatal(e)
         finally:
             self._driving = False
-        # Committed entries left to apply (`_process_ready` applies one capped piece per drive): the loop drives
-        # again at once, after the yield below, until the backlog is applied. Set here, after `_driving` went
+        # Committed entries left to apply (`_process_ready` applies pieces for APPLY_DRIVE_SECONDS of CPU a drive):
+        # the loop drives again at once, after the yield below, until the backlog is applied. Set here, after `_driving` went
         # false, so that a loop waiting while a transport greenlet drove wakes for it; the loop tests the
         # backlog itself before it waits, so no wake is lost.
         apply_pending = self.node.apply_pending
@@ -951,6 +957,7 @@ class Runtime:
 
     def _process_ready(self, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         node = self.node
+        started = time.thread_time()
         while True:
             rd = node.ready()
             if rd is None:
@@ -982,8 +989,8 @@ class Runtime:
             self._wake_applied()
             if node.membership is not self._membership:
                 self._sync_peers()
-            if rd.committed_entries and node.apply_pending:
-                # A piece of a backlog (Config.max_committed_entries_per_ready): the rest in the next drives,
+            if rd.committed_entries and node.apply_pending and time.thread_time() - started >= APPLY_DRIVE_SECONDS:
+                # A backlog's pieces past the drive's budget (APPLY_DRIVE_SECONDS): the rest in the next drives,
                 # the hub let run between them (`_drive`), so that a node that restored a snapshot or fell behind
                 # answers its peers and clients meanwhile instead of applying thousands of entries in one go.
                 return

@@ -248,13 +248,15 @@ def test_last_applied_moves_only_once_the_state_machine_holds_the_snapshot():
         runtime.stop()
 
 
-def test_a_big_committed_backlog_is_applied_in_pieces_and_a_heartbeat_is_answered_between_them():
+def test_a_big_committed_backlog_is_applied_in_pieces_and_a_heartbeat_is_answered_between_them(monkeypatch):
     """Issue 13: a follower that fell behind (or restored a snapshot) got thousands of committed entries at once
     and applied them all in one drive (44-66 ms at 1M keys), its heartbeat replies waiting behind. Measured in
-    steps, not time: a heartbeat delivered once the first piece is applied is answered after at most two more
-    pieces (the drive under way, and its own) (Config.max_committed_entries_per_ready), long before the backlog is applied. Then the backlog drains
+    steps, not time (a drive's CPU budget at 0: one piece a drive): a heartbeat delivered once the first piece is
+    applied is answered after at most two more pieces (the drive under way, and its own)
+    (Config.max_committed_entries_per_ready), long before the backlog is applied. Then the backlog drains
     with nothing else arriving, in order and whole, though the loop's timer is 10 s: the drive that applies a
     piece wakes the loop for the next, and no wake is lost."""
+    monkeypatch.setattr(runtime_module, "APPLY_DRIVE_SECONDS", 0.0)
     backlog, cap = 2000, 50
     runtime, storage, membership = follower(tick_seconds=10.0, max_committed_entries_per_ready=cap)
     state_machine = runtime.state_machine
@@ -280,14 +282,42 @@ def test_a_big_committed_backlog_is_applied_in_pieces_and_a_heartbeat_is_answere
 
 
 
+def test_a_drive_applies_committed_pieces_for_its_cpu_budget_not_one():
+    """Review stall1m L2: a drive applied one piece of a backlog and yielded, so that the leader's apply (one 64 KiB
+    piece a drive) fell behind its commits. A drive applies pieces while its CPU stays under APPLY_DRIVE_SECONDS:
+    300 one-entry pieces of a few bytes take a few drives, not 300."""
+    backlog = 300
+    runtime, storage, membership = follower(max_committed_entries_per_ready=1)
+    drives = 0
+    maybe_snapshot = runtime._maybe_snapshot
+
+    def counting(by_loop=False):  # called once at the end of every drive
+        nonlocal drives
+        drives += 1
+        maybe_snapshot(by_loop)
+
+    runtime._maybe_snapshot = counting
+    runtime.start()
+    try:
+        entries = tuple(Entry(2, i, EntryKind.COMMAND, b"%d" % i) for i in range(2, backlog + 2))
+        assert runtime.deliver([AppendEntries("a", "b", 2, 1, 1, entries, backlog + 1)], True)[0].success
+        drives_before = drives
+        assert runtime.wait_applied(backlog + 1, 5.0) == backlog + 1
+        assert drives - drives_before < backlog // 10, drives - drives_before
+        assert len(runtime.state_machine.applied) == backlog
+    finally:
+        runtime.stop()
+
+
 def test_a_snapshot_due_is_taken_within_its_bound_while_commits_keep_a_backlog(tmp_path, monkeypatch):
     """Review stall1m L1: a snapshot due waited for a committed backlog to be applied whole, and under a steady
     load (the leader's, commits coming faster than a drive applies) the backlog seldom emptied: the snapshot was
     postponed for seconds while the log grew. Here entries come committed faster than the follower applies them
-    (one one-entry piece a drive), so the backlog never empties: a snapshot is
+    (one one-entry piece a drive, the drive's CPU budget at 0), so the backlog never empties: a snapshot is
     still taken, at the applied index, within SNAPSHOT_BACKLOG_WAIT_SECONDS; and not after every piece (review
     applycap L1): at most one per bound."""
     wait = 0.2
+    monkeypatch.setattr(runtime_module, "APPLY_DRIVE_SECONDS", 0.0)
     monkeypatch.setattr(runtime_module, "SNAPSHOT_BACKLOG_WAIT_SECONDS", wait)
     storage = DiskStorage(str(tmp_path))
     storage.load()
