@@ -1546,23 +1546,31 @@ class Runtime:
 
     def _probe_loop_lag(self, period_seconds: float) -> None:
         """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else. A
-        wake-up later than LOOP_LAG_LOGGED_SECONDS is logged with what the hub's thread did meanwhile: its CPU
-        (this process's own work held the loop), its wait for a core (Linux's schedstat: the machine), and the
-        rest (blocked in a system call: an fsync in the loop, a page fault that read the disk)."""
+        wake-up later than LOOP_LAG_LOGGED_SECONDS is logged with what the hub's thread did over the whole sleep
+        (its period and the delay; the three parts add up to it): its CPU (this process's own work held the loop),
+        its wait for a core (Linux's schedstat: the machine; "unknown" where it cannot be read), and the rest (idle
+        in the hub's poll, or blocked in a system call: an fsync in the loop, a page fault that read the disk).
+        Each wake-up's readings are the next sleep's start: one schedstat read a wake-up."""
         stats = self.stats
+        t0, cpu0, queued0 = time.monotonic(), time.thread_time(), _run_queue_seconds()
         while self.running:
-            t0, cpu0, queued0 = time.monotonic(), time.thread_time(), _run_queue_seconds()
             gevent.sleep(period_seconds)
-            late = int((time.monotonic() - t0 - period_seconds) * 1e6)
+            t1, cpu1, queued1 = time.monotonic(), time.thread_time(), _run_queue_seconds()
+            late = int((t1 - t0 - period_seconds) * 1e6)
             if late > stats["loop_lag_max_microseconds"]:
                 stats["loop_lag_max_microseconds"] = late
             if late > 10_000:
                 stats["loop_lags_over_10ms"] += 1
             if late > LOOP_LAG_LOGGED_SECONDS * 1e6:
-                cpu_ms, queued_ms = (time.thread_time() - cpu0) * 1e3, (_run_queue_seconds() - queued0) * 1e3
-                logger.info("the hub-lag probe woke %.1f ms late: the loop's thread ran %.1f ms, waited %.1f ms for "
-                            "a core, %.1f ms blocked", late / 1e3, cpu_ms, queued_ms,
-                            max(0.0, late / 1e3 - cpu_ms - queued_ms))
+                slept_ms, cpu_ms = (t1 - t0) * 1e3, (cpu1 - cpu0) * 1e3
+                if queued0 is None or queued1 is None:
+                    parts = f"waited for a core (unknown: no schedstat) or was idle or blocked {slept_ms - cpu_ms:.1f} ms"
+                else:
+                    queued_ms = (queued1 - queued0) * 1e3
+                    parts = f"waited {queued_ms:.1f} ms for a core, was idle or blocked {slept_ms - cpu_ms - queued_ms:.1f} ms"
+                logger.info("the hub-lag probe woke %.1f ms late; over its %.1f ms of sleep the loop's thread ran "
+                            "%.1f ms, %s", late / 1e3, slept_ms, cpu_ms, parts)
+            t0, cpu0, queued0 = t1, cpu1, queued1
 
     def _fail_all(self, error: Exception) -> None:
         for _, result in self._proposals.values():
@@ -1607,14 +1615,14 @@ def _libc() -> ctypes.CDLL | None:
     return _libc_handle
 
 
-def _run_queue_seconds() -> float:
+def _run_queue_seconds() -> float | None:
     """How long the calling thread has waited on a run queue for a core (Linux's /proc/thread-self/schedstat, its
-    second field, in ns); 0.0 where it cannot be read."""
+    second field, in ns); None where it cannot be read (another OS, a kernel without CONFIG_SCHED_INFO, hidepid)."""
     try:
         with open("/proc/thread-self/schedstat", "rb") as f:
             return int(f.read().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return None
 
 
 def _reaped(pid: int) -> bool:
