@@ -1278,10 +1278,10 @@ class Runtime:
         node = self.node
         if self._snapshot_child is not None or self._snapshot_done is not None:
             return  # one at a time: a child writes, or its snapshot waits for its base segment (`_base_wait`)
-        if node.last_applied <= node.log.snapshot_index:
-            return
         requested = self._snapshot_requested_index > node.log.snapshot_index
-        if self.storage.log_bytes < self.snapshot_threshold_bytes and not requested:
+        if node.last_applied <= node.log.snapshot_index or (
+                self.storage.log_bytes < self.snapshot_threshold_bytes and not requested):
+            self._snapshot_postponed_since = None  # not due: a later backlog's wait starts afresh
             return
         now = time.monotonic()
         if self._snapshot_not_before > now:
