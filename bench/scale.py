@@ -407,12 +407,16 @@ class EtcdCluster(Cluster):
 
 
 class Prober:
-    """Polls every node's status every 20 ms in a thread each: the longest answer (a pause in serving) and the
-    terms seen (a change is an election)."""
+    """Polls every node's status every 20 ms in a thread each: the longest answer (a pause in serving), each
+    answer over SLOW_SECONDS (the wall-clock time it was asked, the node and how long: to find it in the nodes'
+    logs, --logs), and the terms seen (a change is an election)."""
+
+    SLOW_SECONDS = 0.1
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster, self.stop_event = cluster, threading.Event()
         self.longest_seconds = {i: 0.0 for i in cluster.urls}
+        self.slow: list[tuple[str, int, float]] = []
         self.terms: dict[int, set] = {i: set() for i in cluster.urls}
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in cluster.urls]
         for t in self.threads:
@@ -430,14 +434,20 @@ class Prober:
                     print(f"scale: {time.strftime('%H:%M:%S')} {self.cluster.name} node {i} in term {term}",
                           file=sys.stderr)
                 self.terms[i].add(term)
-            self.longest_seconds[i] = max(self.longest_seconds[i], time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self.longest_seconds[i] = max(self.longest_seconds[i], took)
+            if took > self.SLOW_SECONDS:
+                asked = time.strftime("%H:%M:%S", time.localtime(time.time() - took))
+                self.slow.append((asked, i, round(took, 3)))
+                print(f"scale: {asked} {self.cluster.name} node {i}'s status took {took:.3f} s", file=sys.stderr)
 
     def stop(self) -> dict:
         self.stop_event.set()
         for t in self.threads:
             t.join(timeout=10)
         terms = set().union(*self.terms.values())
-        return {"longest_status_seconds": max(self.longest_seconds.values()), "terms_seen": sorted(terms)}
+        return {"longest_status_seconds": max(self.longest_seconds.values()), "terms_seen": sorted(terms),
+                "slow_status": self.slow}
 
 
 def wrk(cluster: Cluster, n: int, mode: str, seconds: float, workdir: str, until=None, bound: float = 0,

@@ -14,7 +14,8 @@ in the runtime); the longest step is reported too. A build without them commits 
     python bench/snapshot_commit.py                                  # this checkout
     python bench/snapshot_commit.py --vs-build /work/main --rounds 5 # alternating this and another checkout
 
-Prints per round and build: the commit's wall time (ms), the longest pre-build step (ms) and the steps' total time
+Prints per round and build: the commit's wall time (ms) and where it went (each file-system call the commit made,
+timed by kind: fdatasync, fsync_dir, rename, append, ...; "other": the rest, Python), the longest pre-build step (ms) and the steps' total time
 over the saves' (fdatasynced: the pre-build's cost on the write path); then the medians and the ratio. Speed is measured here, never asserted in a test; note `uptime` next to the figures.
 """
 
@@ -31,6 +32,33 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+TIMED_CALLS = ("fdatasync", "fsync", "fsync_dir", "rename", "append", "create", "close", "open_read", "pread",
+               "truncate", "listdir", "unlink")
+
+
+def timed_calls(fs) -> tuple[dict[str, float], dict[str, int]]:
+    """Wrap `fs`'s file-system calls (on the instance): each kind's total wall time and number of calls accrue in
+    the two dicts returned. `untimed(fs)` puts the class's methods back."""
+    spent = {name: 0.0 for name in TIMED_CALLS if hasattr(fs, name)}
+    counts = dict.fromkeys(spent, 0)
+    for name in spent:
+        def timed(*args, _call=getattr(fs, name), _name=name):
+            t0 = time.perf_counter()
+            try:
+                return _call(*args)
+            finally:
+                spent[_name] += time.perf_counter() - t0
+                counts[_name] += 1
+        setattr(fs, name, timed)
+    return spent, counts
+
+
+def untimed(fs) -> None:
+    for name in TIMED_CALLS:
+        if name in vars(fs):
+            delattr(fs, name)
 
 
 def one_round(entries: int, entry_bytes: int, batch: int, step_bytes: int, folder: str) -> dict:
@@ -71,15 +99,19 @@ def one_round(entries: int, entry_bytes: int, batch: int, step_bytes: int, folde
                 job[1](job[0]())  # the runtime runs the first off the loop, the second in it: not timed
         if hasattr(s, "garbage_job"):
             s.unlink_garbage_later = True  # as the runtime sets it: the old files unlinked in a thread
+        spent, counts = timed_calls(s.fs)
         t0 = time.perf_counter()
         s.commit_snapshot(snap, tmp)
         took = time.perf_counter() - t0
+        untimed(s.fs)
+        calls_ms = {f"{name} x{counts[name]}": round(seconds * 1e3, 2) for name, seconds in spent.items() if counts[name]}
+        calls_ms["other"] = round(took * 1e3 - sum(spent.values()) * 1e3, 2)
         unlink = s.garbage_job() if hasattr(s, "garbage_job") else None
         if unlink is not None:
             unlink()  # the runtime's threadpool: not timed
         assert s.state.base_index == 10 and s.state.last_index == 10 + entries
         s.close()
-        return {"commit_ms": took * 1e3, "step_ms": longest_step * 1e3, "log_mb": s.log_bytes / 1e6,
+        return {"commit_ms": took * 1e3, "commit_calls_ms": calls_ms, "step_ms": longest_step * 1e3, "log_mb": s.log_bytes / 1e6,
                 "steps_per_saves": steps_total / saves_total}
     finally:
         shutil.rmtree(data_dir)
@@ -119,7 +151,7 @@ def main() -> None:
             results[name].append(got)
             print(f"round {r} {name:5} ({root}): commit {got['commit_ms']:8.2f} ms  longest step "
                   f"{got['step_ms']:6.2f} ms (all steps {got['steps_per_saves']:.2f}x the saves' time)  log since "
-                  f"the snapshot {got['log_mb']:.1f} MB", flush=True)
+                  f"the snapshot {got['log_mb']:.1f} MB; the commit's calls {got.get('commit_calls_ms')}", flush=True)
     for name, root in builds:
         rs = results[name]
         print(f"{name:5} median commit {statistics.median(x['commit_ms'] for x in rs):8.2f} ms, longest step "

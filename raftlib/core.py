@@ -115,10 +115,14 @@ class Config:
     # node that restored a snapshot, or fell behind (paused, partitioned), finds thousands of entries committed
     # at once, and applying them in one go holds the event loop (5,386 entries took 44-66 ms at 1M keys, issue
     # 13). The runtime lets other work run between pieces. Applying a 100-byte write costs 6-12 us here (the
-    # store's apply, a watch event, the runtime's bookkeeping), so 256 entries cost ~2-3 ms; the bytes bound
-    # (Entry.size) caps the pieces of big values (1 MiB: one write of the largest body, -max-body).
+    # store's apply, a watch event, the runtime's bookkeeping), so 256 entries (~40 KB) cost ~2-3 ms. The bytes
+    # bound (Entry.size) caps entries that each carry many writes: a transaction of 100 puts is ~12 KB and ~100
+    # writes' work, so 1 MiB of them (85 entries, 8,500 puts) held the loop 13 ms of CPU here, 100-300 ms on a
+    # busy machine (bench/apply_backlog.py --ops 100; the loop stalls of a 1M-key load in 100-put transactions,
+    # bench/scale.py --batch 100); 64 KiB (5 of them) costs about what 256 plain writes do. A bigger entry (up to
+    # -max-body) is a piece of its own.
     max_committed_entries_per_ready: int = 256
-    max_committed_bytes_per_ready: int = 1 << 20
+    max_committed_bytes_per_ready: int = 64 << 10
     pre_vote: bool = True  # thesis §9.6
     check_quorum: bool = True  # thesis §6.2 / §9.6: leader steps down without a majority; voters keep a lease
     auto_promote: bool = True  # promote a learner to voter once it has caught up (thesis §4.2.1)

@@ -85,8 +85,10 @@ _SNAPSHOT_CHILD_TIMEOUT_SECONDS = float(os.environ.get("RAFTDZMQ_SNAPSHOT_CHILD_
 # meanwhile).
 _TEST_CHILD_DELAY_SECONDS = float(os.environ.get("RAFTDZMQ_TEST_SNAPSHOT_CHILD_DELAY_SECONDS") or 0)
 # The hub-lag probe (bench/snapshot_stall.py sets 0.001): a greenlet sleeps this long and records how late it woke,
-# in stats (loop_lag_max_microseconds, loop_lags_over_10ms). 0: off.
+# in stats (loop_lag_max_microseconds, loop_lags_over_10ms), and logs each wake-up later than
+# LOOP_LAG_LOGGED_SECONDS with what the loop's thread did meanwhile (`_probe_loop_lag`). 0: off.
 _LOOP_LAG_PROBE_SECONDS = float(os.environ.get("RAFTDZMQ_LOOP_LAG_PROBE_SECONDS") or 0)
+LOOP_LAG_LOGGED_SECONDS = 0.05
 _PR_SET_PDEATHSIG = 1
 # A snapshot transfer abandoned because its file could not be read is logged at most once per peer this often.
 SNAPSHOT_READ_WARNING_SECONDS = 10.0
@@ -125,6 +127,20 @@ BASE_DRIVE_SECONDS = 0.003
 BASE_SYNC_BYTES = 8 << 20
 BASE_COMMIT_UNSYNCED_BYTES = 1 << 20
 BASE_WAIT_SECONDS = 5.0
+# A snapshot that is due (the log over its threshold, or one requested) while a committed backlog is being applied
+# waits for the backlog's end, which it then covers whole, but at most this long from when it first waited; then it
+# is taken at the applied index, mid-backlog. The wait: DiskStorage.log_bytes counts the committed entries not
+# applied yet, so a log over the threshold stays over it after a snapshot of a piece, and one was taken after every
+# piece (review applycap L1). The bound: under a steady load the leader's backlog seldom empties at a drive's end,
+# and an unbounded wait postponed its snapshots for seconds while the log grew (review stall1m L1: 7.2 s, 86.7 MB
+# at a 1 MB threshold). Mid-backlog, a snapshot is taken at most once per this bound (plus its own duration).
+SNAPSHOT_BACKLOG_WAIT_SECONDS = 1.0
+# A drive applies committed pieces (Config.max_committed_entries_per_ready / _bytes_) one after the other while the
+# loop's thread has spent less than this much CPU in the drive's Readys, then yields a turn of the loop (`_drive`)
+# and leaves the rest to the next drives. The pieces bound each step; this lets a drive apply more than one, so
+# that the leader's apply keeps up with its commits (review stall1m L2: one 64 KiB piece a drive, and the loaded leader's
+# commit-applied lag had a median of 23-28 entries).
+APPLY_DRIVE_SECONDS = 0.003
 # How long `stop` waits for the threadpool's jobs on the data dir (the pre-built base's fdatasync, the unlink of a
 # snapshot's garbage) before it returns and the caller closes the storage (its folder handles, LOCK): review
 # basestep L2/L3. Past it, a warning: a job still running may touch the folder after that.
@@ -422,6 +438,7 @@ class Runtime:
         self._snapshot_reads_said: dict[str, int] = {}  # peer -> its failed snapshot reads counted in a line
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
+        self._snapshot_postponed_since: float | None = None  # monotonic time a due snapshot first met a backlog
         self.snapshot_fork = _SNAPSHOT_FORK
         self.snapshot_child_timeout_seconds = _SNAPSHOT_CHILD_TIMEOUT_SECONDS  # then the child is killed
         self._snapshot_in_process_next = False  # set when a child was killed for hanging: the next one in process
@@ -609,16 +626,17 @@ class Runtime:
             raise
 
     def request_snapshot(self) -> None:
-        """Take a snapshot of the state machine at the end of the current drive (or the next one; while a committed
-        backlog is applied a piece per drive, at the end of the drive that applies its last piece: the snapshot
-        then covers the commit index of now), however small the log: the state machine asks for it while it applies
-        (raftlib.server.store: the feature level's raise, so that an older binary cannot replay the log). Only from
-        within a drive or the loop's greenlet."""
+        """Take a snapshot of the state machine at the end of the current drive (or the next one), however small the
+        log: the state machine asks for it while it applies (raftlib.server.store: the feature level's raise, so
+        that an older binary cannot replay the log). While a committed backlog is applied over several drives, at
+        the end of the drive that applies its last piece (the snapshot then covers the commit index of now), or
+        after SNAPSHOT_BACKLOG_WAIT_SECONDS at the applied index, and again after each such wait until one covers
+        that index. Only from within a drive or the loop's greenlet."""
         self._snapshot_requested_index = max(self._snapshot_requested_index, self.node.commit_index)
 
     def backup(self, folder: str, timeout_seconds: float) -> Backup:
         """A backup of the state machine at this node's applied index when the next drive ends (the state any read
-        then sees; while a committed backlog is applied a piece per drive, an index inside it: entries committed
+        then sees; while a committed backlog is applied over several drives, an index inside it: entries committed
         may not be applied yet), at least the index applied when asked: the snapshot file
         (snapshotfile.export_snapshot) written by a forked child, as the node's own snapshots are (in process where
         fork is off: serving stalls meanwhile), into a new file in `folder` that is opened and unlinked before
@@ -846,8 +864,8 @@ class Runtime:
                 self._on_fatal(e)
         finally:
             self._driving = False
-        # Committed entries left to apply (`_process_ready` applies one capped piece per drive): the loop drives
-        # again at once, after the yield below, until the backlog is applied. Set here, after `_driving` went
+        # Committed entries left to apply (`_process_ready` applies pieces for APPLY_DRIVE_SECONDS of CPU a drive):
+        # the loop drives again at once, after the yield below, until the backlog is applied. Set here, after `_driving` went
         # false, so that a loop waiting while a transport greenlet drove wakes for it; the loop tests the
         # backlog itself before it waits, so no wake is lost.
         apply_pending = self.node.apply_pending
@@ -943,6 +961,7 @@ class Runtime:
 
     def _process_ready(self, replies: dict[str, tuple[gevent.event.AsyncResult, list[Message]]]) -> None:
         node = self.node
+        started = time.thread_time()
         while True:
             rd = node.ready()
             if rd is None:
@@ -974,8 +993,8 @@ class Runtime:
             self._wake_applied()
             if node.membership is not self._membership:
                 self._sync_peers()
-            if rd.committed_entries and node.apply_pending:
-                # A piece of a backlog (Config.max_committed_entries_per_ready): the rest in the next drives,
+            if rd.committed_entries and node.apply_pending and time.thread_time() - started >= APPLY_DRIVE_SECONDS:
+                # A backlog's pieces past the drive's budget (APPLY_DRIVE_SECONDS): the rest in the next drives,
                 # the hub let run between them (`_drive`), so that a node that restored a snapshot or fell behind
                 # answers its peers and clients meanwhile instead of applying thousands of entries in one go.
                 return
@@ -1263,19 +1282,22 @@ class Runtime:
         node = self.node
         if self._snapshot_child is not None or self._snapshot_done is not None:
             return  # one at a time: a child writes, or its snapshot waits for its base segment (`_base_wait`)
-        if node.apply_pending:
-            # A committed backlog is being applied a piece per drive: the snapshot waits for its end, which covers
-            # it all. `storage.log_bytes` counts the committed entries not applied yet, so a log over the threshold
-            # stays over it after a snapshot of a piece, and one was taken after every piece (review applycap L1);
-            # a request (`request_snapshot`: the level raise) stays asked for meanwhile, its index reached then.
-            return
-        if node.last_applied <= node.log.snapshot_index:
-            return
         requested = self._snapshot_requested_index > node.log.snapshot_index
-        if self.storage.log_bytes < self.snapshot_threshold_bytes and not requested:
+        if node.last_applied <= node.log.snapshot_index or (
+                self.storage.log_bytes < self.snapshot_threshold_bytes and not requested):
+            self._snapshot_postponed_since = None  # not due: a later backlog's wait starts afresh
             return
-        if self._snapshot_not_before > time.monotonic():
+        now = time.monotonic()
+        if self._snapshot_not_before > now:
             return
+        if node.apply_pending:
+            # A committed backlog is being applied piece by piece: the snapshot waits for its end, which covers it
+            # all, but at most SNAPSHOT_BACKLOG_WAIT_SECONDS (see there).
+            if self._snapshot_postponed_since is None:
+                self._snapshot_postponed_since = now
+            if now - self._snapshot_postponed_since < SNAPSHOT_BACKLOG_WAIT_SECONDS:
+                return
+        self._snapshot_postponed_since = None
         meta = node.snapshot_metadata(node.last_applied)
         if self._snapshot_in_process_next:
             self._snapshot_in_process_next = False
@@ -1544,16 +1566,32 @@ class Runtime:
             gevent.sleep(0.005)
 
     def _probe_loop_lag(self, period_seconds: float) -> None:
-        """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else."""
+        """The hub-lag probe: how late a short sleep wakes is how long the loop was held by something else. A
+        wake-up later than LOOP_LAG_LOGGED_SECONDS is logged with what the hub's thread did over the whole sleep
+        (its period and the delay; the three parts add up to it): its CPU (this process's own work held the loop),
+        its wait for a core (Linux's schedstat: the machine; "unknown" where it cannot be read), and the rest (idle
+        in the hub's poll, or blocked in a system call: an fsync in the loop, a page fault that read the disk).
+        Each wake-up's readings are the next sleep's start: one schedstat read a wake-up."""
         stats = self.stats
+        t0, cpu0, queued0 = time.monotonic(), time.thread_time(), _run_queue_seconds()
         while self.running:
-            t0 = time.monotonic()
             gevent.sleep(period_seconds)
-            late = int((time.monotonic() - t0 - period_seconds) * 1e6)
+            t1, cpu1, queued1 = time.monotonic(), time.thread_time(), _run_queue_seconds()
+            late = int((t1 - t0 - period_seconds) * 1e6)
             if late > stats["loop_lag_max_microseconds"]:
                 stats["loop_lag_max_microseconds"] = late
             if late > 10_000:
                 stats["loop_lags_over_10ms"] += 1
+            if late > LOOP_LAG_LOGGED_SECONDS * 1e6:
+                slept_ms, cpu_ms = (t1 - t0) * 1e3, (cpu1 - cpu0) * 1e3
+                if queued0 is None or queued1 is None:
+                    parts = f"waited for a core (unknown: no schedstat) or was idle or blocked {slept_ms - cpu_ms:.1f} ms"
+                else:
+                    queued_ms = (queued1 - queued0) * 1e3
+                    parts = f"waited {queued_ms:.1f} ms for a core, was idle or blocked {slept_ms - cpu_ms - queued_ms:.1f} ms"
+                logger.info("the hub-lag probe woke %.1f ms late; over its %.1f ms of sleep the loop's thread ran "
+                            "%.1f ms, %s", late / 1e3, slept_ms, cpu_ms, parts)
+            t0, cpu0, queued0 = t1, cpu1, queued1
 
     def _fail_all(self, error: Exception) -> None:
         for _, result in self._proposals.values():
@@ -1596,6 +1634,16 @@ def _libc() -> ctypes.CDLL | None:
         except OSError:
             _no_libc = True
     return _libc_handle
+
+
+def _run_queue_seconds() -> float | None:
+    """How long the calling thread has waited on a run queue for a core (Linux's /proc/thread-self/schedstat, its
+    second field, in ns); None where it cannot be read (another OS, a kernel without CONFIG_SCHED_INFO, hidepid)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _reaped(pid: int) -> bool:

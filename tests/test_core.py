@@ -973,6 +973,23 @@ def test_a_committed_backlog_over_the_cap_is_handed_out_in_order_over_several_re
     assert read_states == [(7, 11)]
 
 
+def test_by_default_a_backlog_of_big_transactions_is_handed_out_a_few_entries_a_ready():
+    """Issue 13 (stall1m): loading 1,000,000 keys in transactions of 100 puts (bench/scale.py --batch 100), each
+    entry ~12 KB and ~100 writes' work, the default bytes bound (then 1 MiB: 85 such entries, 8,500 puts) let one
+    Ready hold the loop 13 ms of CPU, 100-800 ms on a busy machine, and leaders stepped down. By default a Ready
+    now carries about as much work as 256 plain writes: a handful of such entries."""
+    n = _follower_b()
+    transaction = b"p" * 12_000  # the size of a TXN of 100 puts of 100-byte values (store.command)
+    entries = tuple(Entry(1, i, EntryKind.COMMAND, transaction) for i in range(2, 42))
+    n.step(AppendEntries("a", "b", 1, 1, 1, entries, 41))
+    largest = 0
+    while (rd := n.ready()) is not None:
+        largest = max(largest, sum(1 for e in rd.committed_entries if e.data == transaction))
+        n.advance(rd)
+    assert n.last_applied == 41
+    assert 1 <= largest <= 8, f"{largest} transactions of 100 puts applied in one Ready"
+
+
 @pytest.mark.parametrize("restore_in_steps", [True, False])
 def test_the_ready_carrying_a_leaders_snapshot_hands_out_no_entry_past_it(restore_in_steps):
     """§7, second review of snapfork, finding 1: a snapshot's final chunk and an append past it (leader_commit

@@ -39,6 +39,7 @@ from raftlib import (
     Role,
     Snapshot,
 )
+from raftlib import runtime as runtime_module
 from raftlib.runtime import NotRunning, Read, Runtime, Stopped, Timeout
 from raftlib.storage import DiskStorage
 from crashfs import CrashFS
@@ -248,13 +249,15 @@ def test_last_applied_moves_only_once_the_state_machine_holds_the_snapshot():
         runtime.stop()
 
 
-def test_a_big_committed_backlog_is_applied_in_pieces_and_a_heartbeat_is_answered_between_them():
+def test_a_big_committed_backlog_is_applied_in_pieces_and_a_heartbeat_is_answered_between_them(monkeypatch):
     """Issue 13: a follower that fell behind (or restored a snapshot) got thousands of committed entries at once
     and applied them all in one drive (44-66 ms at 1M keys), its heartbeat replies waiting behind. Measured in
-    steps, not time: a heartbeat delivered once the first piece is applied is answered after at most two more
-    pieces (the drive under way, and its own) (Config.max_committed_entries_per_ready), long before the backlog is applied. Then the backlog drains
+    steps, not time (a drive's CPU budget at 0: one piece a drive): a heartbeat delivered once the first piece is
+    applied is answered after at most two more pieces (the drive under way, and its own)
+    (Config.max_committed_entries_per_ready), long before the backlog is applied. Then the backlog drains
     with nothing else arriving, in order and whole, though the loop's timer is 10 s: the drive that applies a
     piece wakes the loop for the next, and no wake is lost."""
+    monkeypatch.setattr(runtime_module, "APPLY_DRIVE_SECONDS", 0.0)
     backlog, cap = 2000, 50
     runtime, storage, membership = follower(tick_seconds=10.0, max_committed_entries_per_ready=cap)
     state_machine = runtime.state_machine
@@ -278,6 +281,73 @@ def test_a_big_committed_backlog_is_applied_in_pieces_and_a_heartbeat_is_answere
     finally:
         runtime.stop()
 
+
+
+def test_a_drive_applies_committed_pieces_for_its_cpu_budget_not_one():
+    """Review stall1m L2: a drive applied one piece of a backlog and yielded, so that the leader's apply (one 64 KiB
+    piece a drive) fell behind its commits. A drive applies pieces while its CPU stays under APPLY_DRIVE_SECONDS:
+    300 one-entry pieces of a few bytes take a few drives, not 300."""
+    backlog = 300
+    runtime, storage, membership = follower(max_committed_entries_per_ready=1)
+    drives = 0
+    maybe_snapshot = runtime._maybe_snapshot
+
+    def counting(by_loop=False):  # called once at the end of every drive
+        nonlocal drives
+        drives += 1
+        maybe_snapshot(by_loop)
+
+    runtime._maybe_snapshot = counting
+    runtime.start()
+    try:
+        entries = tuple(Entry(2, i, EntryKind.COMMAND, b"%d" % i) for i in range(2, backlog + 2))
+        assert runtime.deliver([AppendEntries("a", "b", 2, 1, 1, entries, backlog + 1)], True)[0].success
+        drives_before = drives
+        assert runtime.wait_applied(backlog + 1, 5.0) == backlog + 1
+        assert drives - drives_before < backlog // 10, drives - drives_before
+        assert len(runtime.state_machine.applied) == backlog
+    finally:
+        runtime.stop()
+
+
+def test_a_snapshot_due_is_taken_within_its_bound_while_commits_keep_a_backlog(tmp_path, monkeypatch):
+    """Review stall1m L1: a snapshot due waited for a committed backlog to be applied whole, and under a steady
+    load (the leader's, commits coming faster than a drive applies) the backlog seldom emptied: the snapshot was
+    postponed for seconds while the log grew. Here entries come committed faster than the follower applies them
+    (one one-entry piece a drive, the drive's CPU budget at 0), so the backlog never empties: a snapshot is
+    still taken, at the applied index, within SNAPSHOT_BACKLOG_WAIT_SECONDS; and not after every piece (review
+    applycap L1): at most one per bound."""
+    wait = 0.2
+    monkeypatch.setattr(runtime_module, "APPLY_DRIVE_SECONDS", 0.0)
+    monkeypatch.setattr(runtime_module, "SNAPSHOT_BACKLOG_WAIT_SECONDS", wait)
+    storage = DiskStorage(str(tmp_path))
+    storage.load()
+    members = (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", ""))
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a", "b"), (), members))])
+    stored = storage.state
+    node = RaftNode(Config("b", election_ticks=1000, max_committed_entries_per_ready=1), random.Random(1),
+                    stored.hard_state, stored.raft_log(), stored.snapshot)
+    runtime = Runtime(node, storage, NullTransport(), Values(), tick_seconds=0.005, snapshot_threshold_bytes=4 << 10)
+    runtime.snapshot_fork = False
+    runtime.start()
+    try:
+        last, batch, feed_seconds = 1, 50, 1.0
+        backlog_emptied = False
+        started = time.monotonic()
+        while time.monotonic() - started < feed_seconds:  # ~50 entries of 100 bytes every 10 ms, all committed
+            entries = tuple(Entry(2, i, EntryKind.COMMAND, b"v" * 100) for i in range(last + 1, last + batch + 1))
+            prev_term = 1 if last == 1 else 2
+            assert runtime.deliver([AppendEntries("a", "b", 2, last, prev_term, entries, last + batch)], True)[0].success
+            last += batch
+            backlog_emptied |= not node.apply_pending
+            gevent.sleep(0.01)
+        snapshots, applied = runtime.stats["snapshots"], node.last_applied
+        assert not backlog_emptied and applied < last  # the backlog lasted the whole feed
+        assert 1 <= snapshots <= feed_seconds / wait + 1, (snapshots, applied)
+        assert 0 < node.log.snapshot_index <= applied
+    finally:
+        runtime.stop()
+        storage.close()
 
 
 class AsksForASnapshot(Values):
@@ -704,7 +774,6 @@ def test_a_failed_fork_is_tried_again_later_and_leaves_forking_on(tmp_path, monk
     """snapfork review, finding 2: a fork that failed once (EAGAIN: too many processes for a moment) turned forking
     off for the life of the process, every later snapshot stalling the loop. It is tried again later instead, and
     the next snapshot is written by a child."""
-    from raftlib import runtime as runtime_module
 
     runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=400)
     storage = runtime.storage
@@ -809,7 +878,6 @@ def _forking_leader(tmp_path) -> Runtime:
 def test_a_backup_whose_wait_times_out_as_it_starts_leaves_no_child_and_no_file(tmp_path, monkeypatch):
     """Review of ops, finding 8: the waiter's timeout fired in the same turn as its backup's child was forked; the
     child was never reaped and wrote its file after the waiter had unlinked the name (there until a restart)."""
-    from raftlib import runtime as runtime_module
 
     runtime = _forking_leader(tmp_path)
     monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 0.3)  # the child writes after the timeout
@@ -1047,7 +1115,6 @@ def _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds: float):
     into place and the forks counted."""
     import threading
 
-    from raftlib import runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 0.2)
     runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
@@ -1098,7 +1165,6 @@ def test_a_forked_snapshot_commits_with_its_base_segment_prebuilt_and_synced_off
     is done its bulk is fdatasynced in gevent's threadpool (not the loop's thread) and the commit waits for that,
     drives going on, without forking another child meanwhile (one was: it wrote the same *.tmp under the waiting
     commit, and the node stopped on "unpack_from requires a buffer of at least 12 bytes")."""
-    from raftlib import runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)  # every byte synced before the commit
     runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=0.2)
@@ -1130,7 +1196,6 @@ def test_a_snapshot_whose_base_segment_sync_does_not_end_commits_after_the_bound
     hold the snapshot back: it commits then, saying so; but never through that segment (review basestep S1,
     fsyncgate: an EIO the thread's fdatasync consumed would not be reported to the commit's fsync on the same
     descriptor): the segment is dropped and the log written whole in the loop, as before basestep."""
-    from raftlib import runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)
     monkeypatch.setattr(runtime_module, "BASE_WAIT_SECONDS", 0.3)
@@ -1160,7 +1225,6 @@ def test_a_base_segment_sync_whose_call_raises_ends_as_a_failure_and_the_snapsho
     than an error the sync returned left the pre-built segment `syncing` for good: the commit waited for it until
     BASE_WAIT_SECONDS, then dropped it. The call's end, however it ends, ends the sync: a failure, the segment
     dropped (logged), the snapshot committed at once the old way (the log written whole), the node running."""
-    from raftlib import runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)  # the commit waits for a sync
     monkeypatch.setattr(runtime_module, "BASE_WAIT_SECONDS", 30.0)  # past the test's bound
@@ -1207,7 +1271,6 @@ def test_stop_after_a_fatal_error_kills_the_snapshot_child_still_writing(tmp_pat
     drive stopped the node itself) the child lived on, writing snapshot-I.snap.tmp into the data dir after the
     caller closed the storage and released LOCK. And stop returned before the killed child had exited (review
     baseleft2 R2): a write() it was in the middle of completed after that."""
-    from raftlib import runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 30.0)  # still at work when stop is called
     runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
@@ -1253,7 +1316,6 @@ def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_
     unlink still ran in the threadpool, and the caller's `storage.close()` then closed the folder handles and
     released LOCK under it (a thread unlinking and fsyncing folders of a data dir another process may hold). On
     every path: after a fatal error (the drive stopped the node itself) it returned at once (review baseleft Q2)."""
-    from raftlib import runtime as runtime_module
 
     monkeypatch.setattr(runtime_module, "BASE_COMMIT_UNSYNCED_BYTES", 0)
     slow_sync = job == "the base segment's sync"
