@@ -99,6 +99,15 @@ class Config:
     election_ticks: int = 10  # a follower waits election_ticks + rng.randrange(election_ticks) ticks
     heartbeat_ticks: int = 1
     max_batch_bytes: int = 1 << 20  # bound on the entries of one AppendEntries
+    # Bounds on the appends with entries in flight to one follower in REPLICATE, not yet acknowledged (etcd-io/raft's
+    # MaxInflightMsgs and MaxInflightBytes; Progress.window_full): while either is reached, no new entries go to it,
+    # heartbeats still do. Without them a follower that stopped (SIGSTOP, a long pause) or is slow was sent every
+    # new batch, and the transport queued them all for it: up to its 10,000 messages of max_batch_bytes each held in
+    # the leader's memory. 256 is etcd's usual MaxInflightMsgs (raftexample); 8 MiB is eight full batches, far more
+    # than a healthy follower has in flight (the transport sends what is queued for a peer as one frame per round
+    # trip of ~1 ms here: bytes in flight over round trip is a bound on the rate, Little's law).
+    max_inflight_messages: int = 256
+    max_inflight_bytes: int = 8 << 20
     # Bound on the payload bytes (Entry.data) of the entries a leader appended in its term that are not committed
     # yet (etcd-io/raft's MaxUncommittedEntriesSize): a leader that cannot commit (its followers cut off while
     # check-quorum has not yet stepped it down, or too slow) refuses proposals beyond it with ProposalDropped,
@@ -156,6 +165,8 @@ class Config:
         ticks("election_ticks", self.election_ticks, 1)
         ticks("heartbeat_ticks", self.heartbeat_ticks, 1)
         ticks("max_batch_bytes", self.max_batch_bytes, 1)
+        ticks("max_inflight_messages", self.max_inflight_messages, 1)
+        ticks("max_inflight_bytes", self.max_inflight_bytes, 1)
         ticks("max_uncommitted_bytes", self.max_uncommitted_bytes, 1)
         ticks("snapshot_chunk_bytes", self.snapshot_chunk_bytes, 1)
         ticks("max_committed_entries_per_ready", self.max_committed_entries_per_ready, 1)
@@ -1231,11 +1242,12 @@ class RaftNode:
             self._send_snapshot(peer)
             return
         entries: list[Entry] = []
-        if pr.next_index <= self.log.last_index and not paused:
+        if (pr.next_index <= self.log.last_index and not paused
+                and not pr.window_full(self.config.max_inflight_messages, self.config.max_inflight_bytes)):
             entries = self.log.slice(pr.next_index, self.log.last_index + 1, self.config.max_batch_bytes)
         if not entries and not allow_empty:
             return
-        pr.sent_entries(entries[-1].index if entries else prev_index)
+        pr.sent_entries(entries[-1].index if entries else prev_index, sum(e.size() for e in entries))
         pr.commit_sent = self.commit_index
         if entries:
             pr.previous_batch_tick, pr.batch_tick = pr.batch_tick, self._ticks
