@@ -8,7 +8,8 @@ holds, whether a majority was heard from). Rules:
   an entry it acknowledged (it saved it first). `next_index` stays above it: match_index < next_index.
 - A follower is in one state: PROBE (one AppendEntries per heartbeat until the follower's log matches ours; §5.3's
   "decrement nextIndex and retry"), REPLICATE (entries go as soon as they exist, next_index moves ahead
-  optimistically: several batches in flight), or SNAPSHOT (a snapshot is being sent, §7; appends wait).
+  optimistically: several batches in flight), or SNAPSHOT (a snapshot is being sent, §7; appends wait; a chunk
+  is sent again only once the follower was heard from since the last went: `chunk_unanswered`).
 - In REPLICATE the appends with entries in flight form a window (etcd-io/raft's tracker/inflights.go): each one's
   last index and entry bytes (Entry.size), oldest first, bounded by the leader's Config.max_inflight_messages and
   max_inflight_bytes (`window_full`; the bytes bound is soft: one append may take the window past it, as etcd's).
@@ -59,6 +60,7 @@ class Progress:
     recent_active: bool = False  # heard from within this election timeout (check-quorum, thesis §6.2)
     snapshot: Snapshot | None = None  # SNAPSHOT: the one being sent, kept until done even if a newer one is taken
     snapshot_offset: int = 0  # SNAPSHOT: how many of its bytes the follower holds
+    chunk_unanswered: bool = False  # SNAPSHOT: a chunk went and nothing was heard from the follower since
     commit_sent: int = 0  # the highest leader_commit sent to it in an AppendEntries (this leadership's)
     batch_tick: int = -1  # the leader's tick count when it last sent it entries
     previous_batch_tick: int = -1  # ... and the time before
@@ -107,6 +109,7 @@ class Progress:
         sliding window `heard_within` reads)."""
         self.recent_active = True
         self.heard_tick = tick
+        self.chunk_unanswered = False
 
     def heard_within(self, ticks: int, tick: int) -> bool:
         """A reply came from it in the last `ticks` ticks before the leader's tick count `tick`. Unlike
@@ -123,6 +126,7 @@ class Progress:
         self.state = ProgressState.SNAPSHOT
         self.snapshot = snapshot
         self.snapshot_offset = 0
+        self.chunk_unanswered = False
         self._empty_window()
 
     def _empty_window(self) -> None:

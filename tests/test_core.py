@@ -1842,3 +1842,30 @@ def test_a_full_window_whose_appends_were_all_lost_recovers_at_the_next_heartbea
     assert c.run_until(lambda: (states.append(pr.state), c.nodes[follower].node.log.last_index == n.log.last_index)[1],
                        3 * c.heartbeat_ticks + 10)
     assert ProgressState.PROBE in states and pr.state is ProgressState.REPLICATE and not pr.inflight
+
+
+def test_a_stopped_follower_is_sent_the_snapshots_current_chunk_once_not_at_every_heartbeat():
+    """Each heartbeat sent a follower in SNAPSHOT the current chunk again, in case it was lost: a stopped follower
+    (SIGSTOP) answers nothing, and a chunk per heartbeat (1 MiB each, 20 a second) was queued for it in the leader's
+    memory for as long as it was stopped. The chunk goes again only once the follower was heard from since the last
+    (Progress.chunk_unanswered); heartbeats still go; resumed, it answers and the transfer completes."""
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    pr = c.nodes[leader].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for _ in range(5):
+        write(c)
+    c.take_snapshot(leader)
+    appends = _record_appends_to(c, follower)
+    chunks: list = []
+    send = c.send
+    c.send = lambda m: (chunks.append(m) if isinstance(m, InstallSnapshot) else None, send(m))[1]  # type: ignore
+    c.run(10 * c.heartbeat_ticks)
+    assert pr.state is ProgressState.SNAPSHOT and pr.chunk_unanswered
+    assert len(chunks) == 1 and len([m for m in appends if m.read_round]) >= 9
+    c.resume(follower)
+    n = c.nodes[leader].node
+    assert c.run_until(lambda: c.nodes[follower].node.commit_index == n.commit_index
+                       and pr.state is ProgressState.REPLICATE, 200)
