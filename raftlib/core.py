@@ -1202,8 +1202,11 @@ class RaftNode:
             pr.batch_tick - pr.previous_batch_tick > 1 or self._ticks > pr.batch_tick + 1)
 
     def _broadcast_heartbeat(self, read_round: int = 0) -> None:
-        """Every heartbeat is a read round (thesis §6.4, §6.4.1): its answers confirm the reads of every round up
-        to it and renew the lease."""
+        """Every heartbeat (the heartbeat timer's call, without read_round) is a read round (thesis §6.4, §6.4.1):
+        its answers confirm the reads of every round up to it and renew the lease. A read round started for the
+        reads queued (_start_read_round, with its read_round) goes the same way, except that it sends no snapshot
+        chunk again: those go once a heartbeat, not once an answered read round (one per round trip under reads)."""
+        from_heartbeat_timer = not read_round
         if not read_round:
             read_round = self._reads.new_round_id()
         self._reads.sent_round(read_round, self._ticks)
@@ -1211,19 +1214,23 @@ class RaftNode:
             pr = self._progress[peer]
             if pr.state is ProgressState.PROBE:
                 pr.probe_sent = False  # a probe lost on the way is sent again with each heartbeat
-            self._send_append(peer, allow_empty=True, read_round=read_round, heartbeat=True)
+            self._send_append(peer, allow_empty=True, read_round=read_round, resend_chunk=from_heartbeat_timer)
 
-    def _send_append(self, peer: str, allow_empty: bool, read_round: int = 0, heartbeat: bool = False) -> None:
+    def _send_append(self, peer: str, allow_empty: bool, read_round: int = 0, resend_chunk: bool = False) -> None:
+        """An append to `peer`: a batch of the entries it is due while its window has room, else an empty one if
+        `allow_empty`; the snapshot instead once those entries are compacted. In SNAPSHOT only the current chunk
+        again if `resend_chunk` (the heartbeat timer's), and the read round's empty append if `read_round`."""
         pr = self._progress[peer]
         if pr.state is ProgressState.SNAPSHOT:
-            if heartbeat:
+            if resend_chunk and not pr.chunk_unanswered:
                 # The current chunk goes again, in case it or its answer was lost, but only once the follower was
                 # heard from since a chunk last went (Progress.chunk_unanswered): a stopped follower answers
                 # nothing, and a chunk (snapshot_chunk_bytes) per heartbeat queued for it grew the leader by ~16
-                # MiB/s for as long as it was stopped. Once it answers anything (this heartbeat's append, below)
-                # the chunk goes at the next heartbeat.
-                if not pr.chunk_unanswered:
-                    self._send_snapshot(peer)
+                # MiB/s for as long as it was stopped. Once it answers anything (the read round's append, below)
+                # the chunk goes at the next heartbeat: never at a read round, or a follower answering reads
+                # would be sent it once a round trip.
+                self._send_snapshot(peer)
+            if read_round:
                 # A chunk's reply carries no read round. An empty append at the snapshot's last entry carries
                 # it, so that this follower still confirms read rounds and renews the lease (thesis §6.4, §6.4.1)
                 # for as long as the transfer takes: it may be needed for a majority. Whatever it answers

@@ -1869,3 +1869,34 @@ def test_a_stopped_follower_is_sent_the_snapshots_current_chunk_once_not_at_ever
     n = c.nodes[leader].node
     assert c.run_until(lambda: c.nodes[follower].node.commit_index == n.commit_index
                        and pr.state is ProgressState.REPLICATE, 200)
+
+
+def test_a_follower_receiving_a_snapshot_is_sent_its_chunk_again_once_a_heartbeat_not_at_every_read_round():
+    """A read round goes out as a heartbeat does, but it is not one: a live follower in SNAPSHOT, answering every
+    round's empty append, was sent the current chunk again after each answered read round, one chunk a round trip
+    under read load instead of one a heartbeat. Its chunks lost here, the transfer stays at its first one while
+    reads come at every tick: the chunk goes again once a heartbeat, and the read rounds are still confirmed."""
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    pr = c.nodes[leader].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for _ in range(5):
+        write(c)
+    c.take_snapshot(leader)
+    c.deliver_filter = lambda m: None if isinstance(m, InstallSnapshot) and m.dst == follower else m
+    c.resume(follower)
+    assert c.run_until(lambda: pr.state is ProgressState.SNAPSHOT, 50)
+    appends = _record_appends_to(c, follower)
+    chunks: list = []
+    send = c.send
+    c.send = lambda m: (chunks.append(m) if isinstance(m, InstallSnapshot) else None, send(m))[1]  # type: ignore
+    heartbeats = 10
+    for _ in range(heartbeats * c.heartbeat_ticks):
+        c.client_read(leader, lease=False)
+        c.process(leader)
+        c.run(1)
+    read_rounds = {m.read_round for m in appends if m.read_round}
+    assert pr.state is ProgressState.SNAPSHOT and len(read_rounds) > 2 * heartbeats
+    assert 1 <= len(chunks) <= heartbeats + 1
