@@ -106,6 +106,10 @@ class Config:
     # the leader's memory. 256 is etcd's usual MaxInflightMsgs (raftexample); 8 MiB is eight full batches, far more
     # than a healthy follower has in flight (the transport sends what is queued for a peer as one frame per round
     # trip of ~1 ms here: bytes in flight over round trip is a bound on the rate, Little's law).
+    # The trade-off: a leader compacts its log up to its snapshot and keeps no entries behind the cut, so a follower
+    # more than a window behind (a GC or fsync stall, a loaded machine) when the leader snapshots is sent the whole
+    # snapshot, where without the window the appends already queued for it carried it past the cut. etcd keeps
+    # SnapshotCatchUpEntries behind a cut for this; not done here.
     max_inflight_messages: int = 256
     max_inflight_bytes: int = 8 << 20
     # Bound on the payload bytes (Entry.data) of the entries a leader appended in its term that are not committed
