@@ -1082,7 +1082,8 @@ class Cluster:
     def _check_inflight_windows(self, node_id: str) -> None:
         """The leader's window of appends in flight to each follower (Progress.inflight): only in REPLICATE, above
         the follower's match_index and below its next_index, in order, its bytes summed right, never more appends
-        than Config.max_inflight_messages. A full one is counted: the bound at work."""
+        than Config.max_inflight_messages. A full one with entries waiting behind it (next_index <= last_index) is
+        counted: the bound at work, holding appends back."""
         n = self.nodes[node_id].node
         for peer in n.peers:
             pr = n.progress(peer)
@@ -1095,7 +1096,8 @@ class Cluster:
                 or len(indices) > n.config.max_inflight_messages
             ):
                 self.fail(f"{node_id}'s window to {peer} is wrong: {pr}")
-            if pr.window_full(n.config.max_inflight_messages, n.config.max_inflight_bytes):
+            if pr.next_index <= n.log.last_index and pr.window_full(
+                    n.config.max_inflight_messages, n.config.max_inflight_bytes):
                 self.stats["appends held back by a full in-flight window"] += 1
 
     def _check_uncommitted_bytes(self, node_id: str) -> None:
