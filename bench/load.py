@@ -374,7 +374,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vs-build", action="append", default=[], metavar="DIR",
                    help="also measure the raftdzmq.py of this checkout (another build, e.g. from git archive), "
                         "alternating, in the same run")
-    p.add_argument("--repeat", type=int, default=1, help="alternate the systems this many times; report medians")
+    p.add_argument("--repeat", type=int, default=1, help="alternate the systems this many times (A B B A ...); report medians")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--raftdzmq-flag", action="append", default=[], help="extra flag for every raftdzmq node")
     p.add_argument("--open-loop", action="store_true", help="fixed request rates, latency from the schedule (above)")
@@ -428,16 +428,17 @@ def start_systems(args: argparse.Namespace, workdir: str, systems: list[System])
 
 def measure(args: argparse.Namespace, systems: list[System], keys: list[str], rng: random.Random, workdir: str,
             client: str) -> dict:
-    """Every workload at every concurrency, the systems alternating, `--repeat` times: {(workload, clients,
-    system): [result, ...]}."""
+    """Every workload at every concurrency, the systems alternating, `--repeat` times, in reverse order every other
+    time (A B, B A, A B, ...: a drift of the machine's load favours neither): {(workload, clients, system): [result,
+    ...]}."""
     value = "v" * rng.randint(*args.value_size)
     for s in systems:  # every key exists before reads
         run_load(s.url, s.write_requests(keys, value), 16, 2, workdir, f"{s.name} prefill", client, sequential=True)
     results: dict = {}
     for workload in args.workloads:
         for c in args.concurrency:
-            for _ in range(args.repeat):
-                for s in systems:
+            for round_number in range(args.repeat):
+                for s in systems if round_number % 2 == 0 else systems[::-1]:
                     reqs = workload_requests(s, workload, keys, rng, args)
                     if reqs is None:
                         continue
@@ -602,8 +603,8 @@ def open_loop(args, systems, keys, rng, workdir, client) -> int:
     for workload in args.workloads:
         rates = args.rates or [round(f * saturation[workload]) for f in args.fractions]
         for rate in rates:
-            for _ in range(args.repeat):
-                for s in systems:
+            for round_number in range(args.repeat):
+                for s in systems if round_number % 2 == 0 else systems[::-1]:
                     reqs = workload_requests(s, workload, keys, rng, args)
                     if reqs is None:
                         continue

@@ -99,6 +99,19 @@ class Config:
     election_ticks: int = 10  # a follower waits election_ticks + rng.randrange(election_ticks) ticks
     heartbeat_ticks: int = 1
     max_batch_bytes: int = 1 << 20  # bound on the entries of one AppendEntries
+    # Bounds on the appends with entries in flight to one follower in REPLICATE, not yet acknowledged (etcd-io/raft's
+    # MaxInflightMsgs and MaxInflightBytes; Progress.window_full): while either is reached, no new entries go to it,
+    # heartbeats still do. Without them a follower that stopped (SIGSTOP, a long pause) or is slow was sent every
+    # new batch, and the transport queued them all for it: up to its 10,000 messages of max_batch_bytes each held in
+    # the leader's memory. 256 is etcd's usual MaxInflightMsgs (raftexample); 8 MiB is eight full batches, far more
+    # than a healthy follower has in flight (the transport sends what is queued for a peer as one frame per round
+    # trip of ~1 ms here: bytes in flight over round trip is a bound on the rate, Little's law).
+    # The trade-off: a leader compacts its log up to its snapshot and keeps no entries behind the cut, so a follower
+    # more than a window behind (a GC or fsync stall, a loaded machine) when the leader snapshots is sent the whole
+    # snapshot, where without the window the appends already queued for it carried it past the cut. etcd keeps
+    # SnapshotCatchUpEntries behind a cut for this; not done here.
+    max_inflight_messages: int = 256
+    max_inflight_bytes: int = 8 << 20
     # Bound on the payload bytes (Entry.data) of the entries a leader appended in its term that are not committed
     # yet (etcd-io/raft's MaxUncommittedEntriesSize): a leader that cannot commit (its followers cut off while
     # check-quorum has not yet stepped it down, or too slow) refuses proposals beyond it with ProposalDropped,
@@ -160,6 +173,8 @@ class Config:
         ticks("election_ticks", self.election_ticks, 1)
         ticks("heartbeat_ticks", self.heartbeat_ticks, 1)
         ticks("max_batch_bytes", self.max_batch_bytes, 1)
+        ticks("max_inflight_messages", self.max_inflight_messages, 1)
+        ticks("max_inflight_bytes", self.max_inflight_bytes, 1)
         ticks("max_uncommitted_bytes", self.max_uncommitted_bytes, 1)
         ticks("snapshot_chunk_bytes", self.snapshot_chunk_bytes, 1)
         ticks("max_committed_entries_per_ready", self.max_committed_entries_per_ready, 1)
@@ -1195,8 +1210,11 @@ class RaftNode:
             pr.batch_tick - pr.previous_batch_tick > 1 or self._ticks > pr.batch_tick + 1)
 
     def _broadcast_heartbeat(self, read_round: int = 0) -> None:
-        """Every heartbeat is a read round (thesis §6.4, §6.4.1): its answers confirm the reads of every round up
-        to it and renew the lease."""
+        """Every heartbeat (the heartbeat timer's call, without read_round) is a read round (thesis §6.4, §6.4.1):
+        its answers confirm the reads of every round up to it and renew the lease. A read round started for the
+        reads queued (_start_read_round, with its read_round) goes the same way, except that it sends no snapshot
+        chunk again: those go once a heartbeat, not once an answered read round (one per round trip under reads)."""
+        from_heartbeat_timer = not read_round
         if not read_round:
             read_round = self._reads.new_round_id()
         self._reads.sent_round(read_round, self._ticks)
@@ -1204,13 +1222,23 @@ class RaftNode:
             pr = self._progress[peer]
             if pr.state is ProgressState.PROBE:
                 pr.probe_sent = False  # a probe lost on the way is sent again with each heartbeat
-            self._send_append(peer, allow_empty=True, read_round=read_round, heartbeat=True)
+            self._send_append(peer, allow_empty=True, read_round=read_round, resend_chunk=from_heartbeat_timer)
 
-    def _send_append(self, peer: str, allow_empty: bool, read_round: int = 0, heartbeat: bool = False) -> None:
+    def _send_append(self, peer: str, allow_empty: bool, read_round: int = 0, resend_chunk: bool = False) -> None:
+        """An append to `peer`: a batch of the entries it is due while its window has room, else an empty one if
+        `allow_empty`; the snapshot instead once those entries are compacted. In SNAPSHOT only the current chunk
+        again if `resend_chunk` (the heartbeat timer's), and the read round's empty append if `read_round`."""
         pr = self._progress[peer]
         if pr.state is ProgressState.SNAPSHOT:
-            if heartbeat:
+            if resend_chunk and not pr.chunk_unanswered:
+                # The current chunk goes again, in case it or its answer was lost, but only once the follower was
+                # heard from since a chunk last went (Progress.chunk_unanswered): a stopped follower answers
+                # nothing, and a chunk (snapshot_chunk_bytes) per heartbeat queued for it grew the leader by ~16
+                # MiB/s for as long as it was stopped. Once it answers anything (the read round's append, below)
+                # the chunk goes at the next heartbeat: never at a read round, or a follower answering reads
+                # would be sent it once a round trip.
                 self._send_snapshot(peer)
+            if read_round:
                 # A chunk's reply carries no read round. An empty append at the snapshot's last entry carries
                 # it, so that this follower still confirms read rounds and renews the lease (thesis §6.4, §6.4.1)
                 # for as long as the transfer takes: it may be needed for a majority. Whatever it answers
@@ -1235,11 +1263,12 @@ class RaftNode:
             self._send_snapshot(peer)
             return
         entries: list[Entry] = []
-        if pr.next_index <= self.log.last_index and not paused:
+        if (pr.next_index <= self.log.last_index and not paused
+                and not pr.window_full(self.config.max_inflight_messages, self.config.max_inflight_bytes)):
             entries = self.log.slice(pr.next_index, self.log.last_index + 1, self.config.max_batch_bytes)
         if not entries and not allow_empty:
             return
-        pr.sent_entries(entries[-1].index if entries else prev_index)
+        pr.sent_entries(entries[-1].index if entries else prev_index, sum(e.size() for e in entries))
         pr.commit_sent = self.commit_index
         if entries:
             pr.previous_batch_tick, pr.batch_tick = pr.batch_tick, self._ticks
@@ -1285,6 +1314,7 @@ class RaftNode:
                 snap.membership, pr.snapshot_offset, chunk, done,
             )
         )
+        pr.chunk_unanswered = True
 
     def _handle_install_snapshot_reply(self, m: InstallSnapshotReply) -> None:
         pr = self._progress.get(m.src)

@@ -8,7 +8,12 @@ holds, whether a majority was heard from). Rules:
   an entry it acknowledged (it saved it first). `next_index` stays above it: match_index < next_index.
 - A follower is in one state: PROBE (one AppendEntries per heartbeat until the follower's log matches ours; §5.3's
   "decrement nextIndex and retry"), REPLICATE (entries go as soon as they exist, next_index moves ahead
-  optimistically: several batches in flight), or SNAPSHOT (a snapshot is being sent, §7; appends wait).
+  optimistically: several batches in flight), or SNAPSHOT (a snapshot is being sent, §7; appends wait; a chunk
+  is sent again only once the follower was heard from since the last went: `chunk_unanswered`).
+- In REPLICATE the appends with entries in flight form a window (etcd-io/raft's tracker/inflights.go): each one's
+  last index and entry bytes (Entry.size), oldest first, bounded by the leader's Config.max_inflight_messages and
+  max_inflight_bytes (`window_full`; the bytes bound is soft: one append may take the window past it, as etcd's).
+  An acknowledgement (match_index) frees every append at or below it; becoming PROBE or SNAPSHOT empties it.
 - A rejection that does not answer the request in flight (`is_stale_rejection`) changes nothing.
 """
 
@@ -17,7 +22,7 @@ from __future__ import annotations
 import enum
 import types
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .messages import Membership, Snapshot
 
@@ -55,6 +60,7 @@ class Progress:
     recent_active: bool = False  # heard from within this election timeout (check-quorum, thesis §6.2)
     snapshot: Snapshot | None = None  # SNAPSHOT: the one being sent, kept until done even if a newer one is taken
     snapshot_offset: int = 0  # SNAPSHOT: how many of its bytes the follower holds
+    chunk_unanswered: bool = False  # SNAPSHOT: a chunk went and nothing was heard from the follower since
     commit_sent: int = 0  # the highest leader_commit sent to it in an AppendEntries (this leadership's)
     batch_tick: int = -1  # the leader's tick count when it last sent it entries
     previous_batch_tick: int = -1  # ... and the time before
@@ -62,6 +68,10 @@ class Progress:
     # (`snapshot_done`: the leader's guess until its next append reply).
     restoring: bool = False
     heard_tick: int = -1  # the leader's tick count at its last reply (`heard`); -1: none in this leadership
+    # REPLICATE: the appends with entries not yet acknowledged, as (last index, bytes of entries), oldest first;
+    # and the sum of their bytes. Empty in PROBE and SNAPSHOT.
+    inflight: list[tuple[int, int]] = field(default_factory=list)
+    inflight_bytes: int = 0
 
     @property
     def snapshot_index(self) -> int:
@@ -77,6 +87,18 @@ class Progress:
         """A probe is in flight: nothing more goes until it is answered or the next heartbeat."""
         return self.state is ProgressState.PROBE and self.probe_sent
 
+    def window_full(self, max_messages: int, max_bytes: int) -> bool:
+        """REPLICATE and no room in the window for one more append with entries: nothing but empty appends (the
+        heartbeats, which carry the commit index and read rounds) goes until an acknowledgement frees some.
+
+        A full window never stays full for good, whatever is lost, held or reordered: each heartbeat is an empty
+        append at prev_log_index next_index - 1, the last entry sent. A follower that holds every entry sent
+        answers it with success at that index, which frees the whole window; one that lacks some (an append lost,
+        or still held on the way) rejects it at that index, above match_index, so not as stale: the leader backs
+        off to PROBE (`rejected`), which empties the window (etcd recovers the same way: the heartbeat's answer
+        sends an append whose rejection ends REPLICATE). A lost heartbeat or answer is made good by the next."""
+        return bool(self.inflight) and (len(self.inflight) >= max_messages or self.inflight_bytes >= max_bytes)
+
     def status(self, tick: int) -> ProgressStatus:
         """A copy, at the leader's tick count `tick`."""
         return ProgressStatus(self.match_index, self.next_index, self.state, self.recent_active, self.restoring,
@@ -87,6 +109,7 @@ class Progress:
         sliding window `heard_within` reads)."""
         self.recent_active = True
         self.heard_tick = tick
+        self.chunk_unanswered = False
 
     def heard_within(self, ticks: int, tick: int) -> bool:
         """A reply came from it in the last `ticks` ticks before the leader's tick count `tick`. Unlike
@@ -97,25 +120,45 @@ class Progress:
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
         self.probe_sent = False
+        self._empty_window()
 
     def become_snapshot(self, snapshot: Snapshot) -> None:
         self.state = ProgressState.SNAPSHOT
         self.snapshot = snapshot
         self.snapshot_offset = 0
+        self.chunk_unanswered = False
+        self._empty_window()
 
-    def sent_entries(self, last_index: int) -> None:
-        """An AppendEntries went out whose last entry (or, when it has none, its prev_log_index) is `last_index`.
-        A probe waits for its answer; replication moves next_index past it at once."""
+    def _empty_window(self) -> None:
+        self.inflight.clear()
+        self.inflight_bytes = 0
+
+    def sent_entries(self, last_index: int, entry_bytes: int = 0) -> None:
+        """An AppendEntries went out whose last entry (or, when it has none, its prev_log_index) is `last_index`,
+        with `entry_bytes` of entries (Entry.size). A probe waits for its answer; replication moves next_index past
+        it at once, and an append with entries (its last index at or past next_index) takes a place in the
+        window."""
         if self.state is ProgressState.PROBE:
             self.probe_sent = True
-        else:
-            self.next_index = max(self.next_index, last_index + 1)
+        elif last_index >= self.next_index:
+            if self.state is ProgressState.REPLICATE:
+                self.inflight.append((last_index, entry_bytes))
+                self.inflight_bytes += entry_bytes
+            self.next_index = last_index + 1
 
     def update_match(self, match_index: int) -> bool:
-        """The follower said its log matches ours up to `match_index`. Returns whether match_index grew."""
+        """The follower said its log matches ours up to `match_index`: the appends in flight that end at or below
+        it are acknowledged and leave the window. Returns whether match_index grew."""
         if match_index <= self.match_index:
             return False
         self.match_index = match_index
+        acknowledged = 0
+        for last_index, entry_bytes in self.inflight:
+            if last_index > match_index:
+                break
+            acknowledged += 1
+            self.inflight_bytes -= entry_bytes
+        del self.inflight[:acknowledged]
         return True
 
     def matched(self) -> None:

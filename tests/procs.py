@@ -208,6 +208,12 @@ class Node:
     def status(self) -> dict:
         return self.request("GET", "/status", timeout=2).json()
 
+    def rss_bytes(self) -> int:
+        """The process's resident memory (VmRSS)."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
@@ -303,7 +309,7 @@ class LocalCluster:
 
         return wait_for(find, timeout, "a leader")
 
-    def write(self, key: str, value: str, timeout: float = 10.0) -> Response:
+    def write(self, key: str, value: str | bytes, timeout: float = 10.0) -> Response:
         """Write through whichever node leads, retrying until acknowledged."""
 
         def attempt():

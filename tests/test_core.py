@@ -806,6 +806,8 @@ def test_a_removed_node_is_not_given_a_read_index_it_can_never_apply():
         ({"election_ticks": 0}, "election_ticks must be an integer of at least 1, not 0"),
         ({"heartbeat_ticks": 1.5}, "heartbeat_ticks must be an integer of at least 1, not 1.5"),
         ({"max_uncommitted_bytes": 0}, "max_uncommitted_bytes must be an integer of at least 1, not 0"),
+        ({"max_inflight_messages": 0}, "max_inflight_messages must be an integer of at least 1, not 0"),
+        ({"max_inflight_bytes": 1.5}, "max_inflight_bytes must be an integer of at least 1, not 1.5"),
     ],
 )
 def test_a_config_the_protocol_cannot_run_on_is_refused(fields, why):
@@ -1798,3 +1800,120 @@ def test_a_hand_over_passes_by_a_joiner_restoring_its_first_snapshot():
     c.process(leader)
     assert c.run_until(lambda: c.leader() not in (None, leader), c.election_ticks)  # less than an election timeout
     assert c.leader() == target
+
+
+def _record_appends_to(c: Cluster, follower: str) -> list:
+    """From now on, the list of the AppendEntries sent to `follower` (before any loss or filter)."""
+    appends: list = []
+    send = c.send
+
+    def recording_send(m) -> None:
+        if isinstance(m, AppendEntries) and m.dst == follower:
+            appends.append(m)
+        send(m)
+
+    c.send = recording_send  # type: ignore[method-assign]
+    return appends
+
+
+def test_a_full_window_holds_back_new_entries_to_a_stopped_follower_but_not_its_heartbeats():
+    """etcd-io/raft's MaxInflightMsgs: a stopped follower (SIGSTOP) was sent every new batch, all of them held by the
+    transport for it in the leader's memory. With at most two appends in flight, the writes commit on the others
+    while heartbeats (empty appends, read rounds) still go to it; resumed, it answers, and catches up."""
+    c = Cluster(seed=5, n=3, config_overrides={"max_inflight_messages": 2})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    pr = c.nodes[leader].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    appends = _record_appends_to(c, follower)
+    c.pause(follower)
+    for _ in range(8):
+        write(c)
+        c.run(3)  # heartbeats go while writes come
+    assert len([m for m in appends if m.entries]) == 2
+    assert pr.window_full(2, 1 << 30) and pr.next_index <= c.nodes[leader].node.log.last_index
+    heartbeats_while_full = [m for m in appends[appends.index([m for m in appends if m.entries][-1]) + 1:]
+                             if not m.entries and m.read_round]
+    assert len(heartbeats_while_full) >= 5
+    c.resume(follower)
+    assert c.run_until(lambda: c.nodes[follower].node.commit_index == c.nodes[leader].node.commit_index, 100)
+
+
+def test_a_full_window_whose_appends_were_all_lost_recovers_at_the_next_heartbeat():
+    """The REQ/REP transport drops a whole batch when a reply times out: every append in the window may be lost,
+    and no acknowledgement will ever free it. The next heartbeat, at prev_log_index next_index - 1, is rejected by
+    the follower (it lacks those entries); the leader backs off to PROBE, which empties the window, and the entries
+    go again (Progress.window_full)."""
+    c = Cluster(seed=6, n=3, config_overrides={"max_inflight_messages": 2})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    n = c.nodes[leader].node
+    pr = n.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.deliver_filter = lambda m: None if isinstance(m, AppendEntries) and m.dst == follower else m  # heartbeats too
+    for _ in range(4):
+        write(c)
+    assert pr.window_full(2, 1 << 30) and c.nodes[follower].node.log.last_index < n.log.last_index
+    c.deliver_filter = None
+    states: list = []
+    assert c.run_until(lambda: (states.append(pr.state), c.nodes[follower].node.log.last_index == n.log.last_index)[1],
+                       3 * c.heartbeat_ticks + 10)
+    assert ProgressState.PROBE in states and pr.state is ProgressState.REPLICATE and not pr.inflight
+
+
+def test_a_stopped_follower_is_sent_the_snapshots_current_chunk_once_not_at_every_heartbeat():
+    """Each heartbeat sent a follower in SNAPSHOT the current chunk again, in case it was lost: a stopped follower
+    (SIGSTOP) answers nothing, and a chunk per heartbeat (1 MiB each, 20 a second) was queued for it in the leader's
+    memory for as long as it was stopped. The chunk goes again only once the follower was heard from since the last
+    (Progress.chunk_unanswered); heartbeats still go; resumed, it answers and the transfer completes."""
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    pr = c.nodes[leader].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for _ in range(5):
+        write(c)
+    c.take_snapshot(leader)
+    appends = _record_appends_to(c, follower)
+    chunks: list = []
+    send = c.send
+    c.send = lambda m: (chunks.append(m) if isinstance(m, InstallSnapshot) else None, send(m))[1]  # type: ignore
+    c.run(10 * c.heartbeat_ticks)
+    assert pr.state is ProgressState.SNAPSHOT and pr.chunk_unanswered
+    assert len(chunks) == 1 and len([m for m in appends if m.read_round]) >= 9
+    c.resume(follower)
+    n = c.nodes[leader].node
+    assert c.run_until(lambda: c.nodes[follower].node.commit_index == n.commit_index
+                       and pr.state is ProgressState.REPLICATE, 200)
+
+
+def test_a_follower_receiving_a_snapshot_is_sent_its_chunk_again_once_a_heartbeat_not_at_every_read_round():
+    """A read round goes out as a heartbeat does, but it is not one: a live follower in SNAPSHOT, answering every
+    round's empty append, was sent the current chunk again after each answered read round, one chunk a round trip
+    under read load instead of one a heartbeat. Its chunks lost here, the transfer stays at its first one while
+    reads come at every tick: the chunk goes again once a heartbeat, and the read rounds are still confirmed."""
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    pr = c.nodes[leader].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for _ in range(5):
+        write(c)
+    c.take_snapshot(leader)
+    c.deliver_filter = lambda m: None if isinstance(m, InstallSnapshot) and m.dst == follower else m
+    c.resume(follower)
+    assert c.run_until(lambda: pr.state is ProgressState.SNAPSHOT, 50)
+    appends = _record_appends_to(c, follower)
+    chunks: list = []
+    send = c.send
+    c.send = lambda m: (chunks.append(m) if isinstance(m, InstallSnapshot) else None, send(m))[1]  # type: ignore
+    heartbeats = 10
+    for _ in range(heartbeats * c.heartbeat_ticks):
+        c.client_read(leader, lease=False)
+        c.process(leader)
+        c.run(1)
+    read_rounds = {m.read_round for m in appends if m.read_round}
+    assert pr.state is ProgressState.SNAPSHOT and len(read_rounds) > 2 * heartbeats
+    assert 1 <= len(chunks) <= heartbeats + 1

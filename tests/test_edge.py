@@ -467,15 +467,10 @@ def test_a_slow_head_or_body_gets_408_and_runs_nothing(cluster):
     assert absent(leader, k1, k2)
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
-
-
 def test_many_huge_heads_at_once_neither_depose_the_leader_nor_bloat_it(cluster):
     leader = leader_of(cluster)
     term = leader.status()["term"]
-    rss0 = _rss_kb(leader.proc.pid)
+    rss0 = leader.rss_bytes()
     host, port = leader.address.rsplit(":", 1)
     line = b"X-Big: " + b"x" * 60000 + b"\r\n"
     head = b"GET /db/k HTTP/1.1\r\nHost: localhost\r\n" + line * 100  # ~6 MB, never finished
@@ -502,7 +497,7 @@ def test_many_huge_heads_at_once_neither_depose_the_leader_nor_bloat_it(cluster)
     # If the term moved, say whether the leader's own loop stalled (its timers late) or the machine did.
     lag = [line for line in leader.request("GET", "/metrics").text.splitlines() if "hub_lag_seconds_bucket" in line]
     assert leader.status()["term"] == term and leader.status()["role"] == "leader", (lag, leader.log_text()[-3000:])
-    assert _rss_kb(leader.proc.pid) - rss0 < 100_000  # kB
+    assert leader.rss_bytes() - rss0 < 100_000 * 1024
 
 
 STATUS_FLOOD_CLIENT = r"""
@@ -1211,11 +1206,6 @@ def test_the_leader_kept_its_term_through_the_whole_module(cluster):
         assert not n.exited()
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def test_a_small_hard_descriptor_limit_is_warned_about_and_a_flood_does_not_pile_up_events(tmp_path):
     """Review 2 F3: under a hard `ulimit -n` of 200, strangers' connections to the Raft port used up the descriptors
     and zmq failed its accept over and over, each failure a monitor event queued without limit and parsed in the
@@ -1235,9 +1225,9 @@ def test_a_small_hard_descriptor_limit_is_warned_about_and_a_flood_does_not_pile
                 break
         time.sleep(1.0)
         assert not n.exited(), "the node died under the flood (its log's last lines follow the report)"
-        before = rss_bytes(n.proc.pid)
+        before = n.rss_bytes()
         time.sleep(6.0)
-        grown = rss_bytes(n.proc.pid) - before
+        grown = n.rss_bytes() - before
         assert grown < 20 << 20, f"grew {grown >> 20} MiB in 6 s"
         for s in flood:
             s.close()

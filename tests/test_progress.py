@@ -182,3 +182,48 @@ def test_the_status_is_a_frozen_copy_of_the_followers_only():
         status["c"].match_index = 9  # type: ignore[misc]
     with pytest.raises(TypeError):
         status["d"] = status["c"]  # type: ignore[index]
+
+
+def test_the_window_of_appends_in_flight_fills_by_count_and_by_bytes_and_acknowledgements_free_it():
+    """etcd-io/raft's Inflights: each append with entries sent in REPLICATE takes a place (its last index and
+    bytes); an empty one (a heartbeat) takes none; an acknowledgement frees every append at or below its match; the
+    bytes bound is soft (the append that crosses it goes)."""
+    pr = replicating(match_index=4, next_index=5)
+    pr.sent_entries(6, 100)
+    pr.sent_entries(6, 0)  # a heartbeat at prev_log_index 6: no entries, no place
+    pr.sent_entries(9, 300)
+    assert pr.inflight == [(6, 100), (9, 300)] and pr.inflight_bytes == 400 and pr.next_index == 10
+    assert pr.window_full(max_messages=2, max_bytes=1000)
+    assert pr.window_full(max_messages=3, max_bytes=400)
+    assert not pr.window_full(max_messages=3, max_bytes=401)
+    assert pr.update_match(7)  # the first append whole, the second in part: only the first is acknowledged
+    assert pr.inflight == [(9, 300)] and pr.inflight_bytes == 300
+    assert not pr.window_full(max_messages=2, max_bytes=1000)
+    assert pr.update_match(9)
+    assert pr.inflight == [] and pr.inflight_bytes == 0
+    assert not pr.window_full(max_messages=1, max_bytes=1)  # an empty window is never full
+
+
+@pytest.mark.parametrize("how", ["rejected", "snapshot", "snapshot_done", "probe"])
+def test_the_window_is_emptied_when_the_follower_leaves_replicate(how):
+    """PROBE and SNAPSHOT have nothing in the window: what was in flight is sent again from the new next_index, or
+    replaced by the snapshot, and a window kept would hold back the follower's next REPLICATE for nothing."""
+    pr = replicating(match_index=4, next_index=5)
+    pr.sent_entries(8, 500)
+    if how == "rejected":
+        pr.rejected(8, 6)
+    elif how == "snapshot":
+        pr.become_snapshot(Snapshot(50, 3, Membership(("a",))))
+    elif how == "snapshot_done":
+        pr.become_snapshot(Snapshot(50, 3, Membership(("a",))))
+        pr.snapshot_done(50, restoring=False)
+    else:
+        pr.become_probe()
+    assert pr.inflight == [] and pr.inflight_bytes == 0
+    assert not pr.window_full(max_messages=1, max_bytes=1)
+
+
+def test_a_probe_takes_no_place_in_the_window():
+    pr = probing(next_index=5)
+    pr.sent_entries(9, 400)
+    assert pr.paused and pr.inflight == [] and pr.inflight_bytes == 0

@@ -76,6 +76,8 @@ FAULTS = (
     # Held links (Cluster.hold, half the schedules): bursts, and held messages delivered after a term change, in
     # every chunk; the rest of HELD over the whole run only (RUN_FAULTS).
     "held bursts", HELD[0],
+    # A leader's window of appends in flight to a follower full (Config.max_inflight_*, small in 3 of 7 schedules).
+    "appends held back by a full in-flight window",
 )
 # The faults required over the whole run only (the full chunks of one session, at least two of them): a forked
 # snapshot's child killed comes ~4 times a chunk of 60, as few as once, so a change to the schedules could leave a

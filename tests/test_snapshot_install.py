@@ -52,6 +52,20 @@ class Sent:
         self.messages.extend(messages)
 
 
+class AnswersHeartbeats(Sent):
+    """A transport to a learner "b" that answers each heartbeat's append (a rejection: its log is empty) and never
+    a chunk: alive, its chunks lost. Set `runtime` to start the answers."""
+
+    runtime: Runtime | None = None
+
+    def send(self, messages):
+        super().send(messages)
+        answers = [AppendEntriesReply("b", m.src, m.term, False, 0, m.prev_log_index, 1)
+                   for m in messages if type(m) is AppendEntries and m.dst == "b" and not m.entries]
+        if self.runtime is not None and answers:
+            gevent.spawn(self.runtime.deliver, answers, False)
+
+
 def values(kv) -> dict[str, bytes]:
     """The key -> value map of a store's records."""
     return {key: record[0] for key, record in kv.data.items()}
@@ -814,8 +828,11 @@ def test_a_leaders_snapshot_file_cut_under_it_is_abandoned_counted_and_logged_at
     stored = storage.state
     node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1, snapshot_chunk_bytes=1 << 10),
                     random.Random(1), stored.hard_state, stored.raft_log(), stored.snapshot)
-    transport = Sent()  # b never answers: the leader sends it the current chunk again with each heartbeat
+    # b answers heartbeats, never a chunk: the leader sends it the current chunk again at each heartbeat after an
+    # answer (Progress.chunk_unanswered).
+    transport = AnswersHeartbeats()
     runtime = Runtime(node, storage, transport, KeyValueStore(), tick_seconds=0.005, snapshot_threshold_bytes=2000)
+    transport.runtime = runtime
     runtime.snapshot_fork = False  # the file is the same either way; in process, the test does not wait for a child
     runtime.start()
     try:
