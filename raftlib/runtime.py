@@ -1548,20 +1548,22 @@ class Runtime:
         self._unreaped = [pid for pid in self._unreaped if not _reaped(pid)]
 
     def _kill_snapshot_child(self) -> None:
-        """SIGKILL a snapshot child still writing, then wait for its exit (reaped; polled, never past
-        STOP_CHILD_EXIT_SECONDS): a write() it was in the middle of completes before `stop` returns, never after
-        the caller closed the storage and released LOCK (review baseleft2 R2). Not gone by then: reaped later."""
+        """SIGKILL a snapshot child still writing, then wait (polled, never past STOP_CHILD_EXIT_SECONDS) until its
+        waiter (`_wait_snapshot_child`) has reaped it and cleared `_snapshot_child`: a write() it was in the middle
+        of completes before `stop` returns, never after the caller closed the storage and released LOCK (review
+        baseleft2 R2). Only the waiter reaps: a pid reaped here was still held by the waiter and by
+        `_snapshot_child`, and killed again after the reap (by the waiter on the pipe's close, or by a second
+        `stop`), when it may already name another process (review final26 L1)."""
         pid = self._snapshot_child
         if pid is None:
             return
         with _suppress_oserror():
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + STOP_CHILD_EXIT_SECONDS
-        while not _reaped(pid):
+        while self._snapshot_child == pid:
             if time.monotonic() >= deadline:
-                logger.warning("snapshot child %d did not exit %gs after SIGKILL: reaped later", pid,
+                logger.warning("snapshot child %d not reaped %gs after SIGKILL: its waiter reaps it later", pid,
                                STOP_CHILD_EXIT_SECONDS)
-                self._unreaped.append(pid)
                 return
             gevent.sleep(0.005)
 

@@ -807,7 +807,8 @@ class Cluster:
                 self.take_snapshot(node_id, crash_at_op=self.rng.randrange(INSTALL_OPS) if crash else None,
                                    commit_now=False)
             if rd.committed_entries and n.apply_pending:
-                # One capped piece of a backlog per drive, as the runtime: the rest at the node's next input.
+                # One capped piece of a backlog per drive (the runtime applies pieces for APPLY_DRIVE_SECONDS of CPU
+                # a drive; one a drive is its slowest case): the rest at the node's next input.
                 self.stats["apply backlog left for the next drive"] += 1
                 return
 

@@ -31,6 +31,7 @@ def test_a_stopped_follower_costs_the_leader_a_bounded_window_not_everything_wri
         for key, value in values.items():  # the keys, the store's memory and the buffers warmed up before measuring
             c.write(key, value)
         leader = c.leader()
+        term = leader.status()["term"]
         follower = next(n for n in c.nodes if n is not leader)
         rss_before = leader.rss_bytes()
         last: dict[str, bytes] = {}
@@ -43,6 +44,10 @@ def test_a_stopped_follower_costs_the_leader_a_bounded_window_not_everything_wri
             with concurrent.futures.ThreadPoolExecutor(WRITERS) as pool:
                 statuses = list(pool.map(write, range(WRITES)))
             grown = leader.rss_bytes() - rss_before
+            # Still the leader, in the same term: the writes went through the process measured (review final26 T1:
+            # after an election the measure would have been a follower's, passing whatever the leader held).
+            st = leader.status()
+            assert st["role"] == "leader" and st["term"] == term, (st["role"], st["term"], term)
         assert statuses == [200] * WRITES
         written = WRITES * VALUE_BYTES
         print(f"the leader grew by {grown >> 20} MiB for {written >> 20} MiB written")

@@ -1270,9 +1270,28 @@ def test_stop_after_a_fatal_error_kills_the_snapshot_child_still_writing(tmp_pat
     """Review baseleft L1: stop killed a running snapshot child only while the node ran; after a fatal error (the
     drive stopped the node itself) the child lived on, writing snapshot-I.snap.tmp into the data dir after the
     caller closed the storage and released LOCK. And stop returned before the killed child had exited (review
-    baseleft2 R2): a write() it was in the middle of completed after that."""
+    baseleft2 R2): a write() it was in the middle of completed after that. And no SIGKILL goes to the child's pid
+    once it is reaped (review final26 L1: stop reaped it while its waiter and `_snapshot_child` still held the pid,
+    and the waiter, or a second stop, killed that pid again, when it may name another process)."""
 
     monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 30.0)  # still at work when stop is called
+    reaped, kills_after_reap = set(), []
+    real_waitpid, real_kill = runtime_module.posix.waitpid, os.kill
+
+    def waitpid(pid, options):
+        got = real_waitpid(pid, options)
+        if got[0]:
+            reaped.add(pid)
+        return got
+
+    def kill(pid, sig):
+        if pid in reaped:
+            kills_after_reap.append((pid, sig))  # and not sent: the pid may be another process's by now
+            return
+        real_kill(pid, sig)
+
+    monkeypatch.setattr(runtime_module.posix, "waitpid", waitpid)
+    monkeypatch.setattr(os, "kill", kill)
     runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
     storage = runtime.storage
     child = None
@@ -1296,8 +1315,10 @@ def test_stop_after_a_fatal_error_kills_the_snapshot_child_still_writing(tmp_pat
             runtime.propose(b"lost", 2.0)
         assert not runtime.running
         runtime.stop()
-        with pytest.raises(ChildProcessError):  # exited and reaped by stop (review baseleft2 R2): nothing waited
-            os.waitpid(child, os.WNOHANG)       # for after it returns, no write() of it completing after
+        with pytest.raises(ChildProcessError):  # exited and reaped before stop returned (review baseleft2 R2):
+            os.waitpid(child, os.WNOHANG)       # no write() of it completing after
+        runtime.stop()  # a second stop: the child is gone, nothing to kill
+        assert child in reaped and kills_after_reap == [], kills_after_reap
     finally:
         runtime.stop()
         if child is not None and not _exited(child):  # the test's own cleanup, fix or not

@@ -71,7 +71,8 @@ FAULTS = (
     # first 4 chunks.
     "proposals refused at max_uncommitted_bytes",
     # A committed backlog applied a capped piece per drive (Config.max_committed_*_per_ready, small in 3 of 7
-    # schedules): in 31 of the 60 schedules of the first chunk.
+    # schedules; the runtime applies pieces for up to APPLY_DRIVE_SECONDS of CPU a drive, the simulator one, its
+    # slowest case): in 31 of the 60 schedules of the first chunk.
     "apply backlog left for the next drive",
     # Held links (Cluster.hold, half the schedules): bursts, and held messages delivered after a term change, in
     # every chunk; the rest of HELD over the whole run only (RUN_FAULTS).
