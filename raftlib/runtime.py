@@ -454,6 +454,7 @@ class Runtime:
         self._snapshot_requested_index = 0
         # Backups asked for (Runtime.backup), started at the end of the next drive: (file path, its result).
         self._backups_asked: list[tuple[str, gevent.event.AsyncResult]] = []
+        self._backup_children: set[int] = set()  # backups' children being read (`backup`), killed by `stop`
         self._backups = 0  # being taken: at most MAX_BACKUPS
         self._backup_numbers = itertools.count(1)
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
@@ -516,6 +517,7 @@ class Runtime:
             self._fail_all(Stopped("node is stopping"))
             self._collector.release(freeze=False)  # a restore under way stops with the node
         self._kill_snapshot_child()  # after a fatal error too: it would write into the data dir once closed
+        self._kill_backup_children()
         self._wait_disk_jobs(STOP_DISK_JOBS_SECONDS)
 
     def _spawn_disk_job(self, run: Callable[..., Any], *args: Any) -> None:
@@ -666,7 +668,11 @@ class Runtime:
                     self._read_child(started.value[1], started.value[2], 0)
                 raise Timeout(f"the backup did not start within {timeout_seconds:g}s") from None
             if pid is not None:
-                answer = self._read_child(pid, r, max(0.0, deadline - time.monotonic()))
+                self._backup_children.add(pid)
+                try:
+                    answer = self._read_child(pid, r, max(0.0, deadline - time.monotonic()))
+                finally:
+                    self._backup_children.discard(pid)  # reaped by `_read_child`: never killed from here on
                 if answer is None:
                     raise Timeout(f"the backup was not written within {timeout_seconds:g}s (its child is killed)")
                 if not answer.startswith(b"ok "):
@@ -1564,6 +1570,22 @@ class Runtime:
             if time.monotonic() >= deadline:
                 logger.warning("snapshot child %d not reaped %gs after SIGKILL: its waiter reaps it later", pid,
                                STOP_CHILD_EXIT_SECONDS)
+                return
+            gevent.sleep(0.005)
+
+    def _kill_backup_children(self) -> None:
+        """SIGKILL the children writing backups (`backup`: they may write for up to its timeout, into a folder the
+        caller may close or remove once `stop` returns), then wait, at most STOP_CHILD_EXIT_SECONDS, until each
+        reader has reaped its child (its `_read_child` sees the pipe close; only it reaps, as with the snapshot
+        child: review final26). The backups fail (BackupFailed: killed)."""
+        for pid in list(self._backup_children):
+            with _suppress_oserror():
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_CHILD_EXIT_SECONDS
+        while self._backup_children:
+            if time.monotonic() >= deadline:
+                logger.warning("backup child(ren) %s not reaped %gs after SIGKILL: their readers reap them later",
+                               sorted(self._backup_children), STOP_CHILD_EXIT_SECONDS)
                 return
             gevent.sleep(0.005)
 

@@ -40,7 +40,7 @@ from raftlib import (
     Snapshot,
 )
 from raftlib import runtime as runtime_module
-from raftlib.runtime import NotRunning, Read, Runtime, Stopped, Timeout
+from raftlib.runtime import BackupFailed, NotRunning, Read, Runtime, Stopped, Timeout
 from raftlib.storage import DiskStorage
 from crashfs import CrashFS
 from runtime_fakes import NullTransport, Values
@@ -906,6 +906,50 @@ def test_a_backup_whose_wait_times_out_as_it_starts_leaves_no_child_and_no_file(
         assert [n for n in os.listdir(tmp_path) if n.startswith("backup-")] == []
     finally:
         runtime.stop()
+
+
+def test_stop_kills_a_backup_child_still_writing_and_it_is_reaped_before_stop_returns(tmp_path, monkeypatch):
+    """Review final26 (outside its diff): stop killed a snapshot child but not a backup's, which writes its file for
+    up to the backup's timeout (600 s from the HTTP route) into a folder the caller may close or remove once stop
+    returned. Now stop kills it, and returns once its reader has reaped it; the backup fails, its file gone."""
+    runtime = _forking_leader(tmp_path)
+    real_export = runtime_module.export_snapshot
+
+    def slow_export(snap, path):  # in the child: still writing when stop comes
+        gevent.monkey.get_original("time", "sleep")(30)
+        return real_export(snap, path)
+
+    children: list[int] = []
+    fork_child = runtime._fork_child
+
+    def recorded(write):
+        pid, r = fork_child(write)
+        children.append(pid)
+        return pid, r
+
+    monkeypatch.setattr(runtime_module, "export_snapshot", slow_export)
+    monkeypatch.setattr(runtime, "_fork_child", recorded)
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    taking = gevent.spawn(runtime.backup, str(folder), 60.0)
+    try:
+        with gevent.Timeout(5):
+            while not runtime._backup_children:
+                gevent.sleep(0.01)
+        started = time.monotonic()
+        runtime.stop()
+        assert time.monotonic() - started < 3
+        with pytest.raises(ChildProcessError):  # killed, and reaped before stop returned
+            os.waitpid(children[0], os.WNOHANG)
+        with gevent.Timeout(5), pytest.raises(BackupFailed):
+            taking.get()
+        assert os.listdir(folder) == []
+    finally:
+        taking.kill()
+        runtime.stop()
+        for pid in children:
+            if not _exited(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_stopping_fails_a_backup_still_queued(one_node, monkeypatch):
