@@ -145,7 +145,7 @@ APPLY_DRIVE_SECONDS = 0.003
 # snapshot's garbage) before it returns and the caller closes the storage (its folder handles, LOCK): review
 # basestep L2/L3. Past it, a warning: a job still running may touch the folder after that.
 STOP_DISK_JOBS_SECONDS = 10.0
-STOP_CHILD_EXIT_SECONDS = 2.0  # stop's bound on a killed snapshot child's exit
+STOP_CHILD_EXIT_SECONDS = 2.0  # stop's bound on the reap of a killed snapshot child, and of the backups' children
 
 
 class Timeout(Exception):
@@ -502,9 +502,10 @@ class Runtime:
 
     def stop(self) -> None:
         """Stop the node and fail every waiting request. On every path (a second call, and after a fatal error,
-        when the drive stopped the node itself, included) it waits, at most STOP_DISK_JOBS_SECONDS, for the
-        threadpool's jobs on the data dir, and kills a snapshot child still writing: once it returns the caller may
-        close the storage."""
+        when the drive stopped the node itself, included) it kills a snapshot child and the backups' children
+        still writing and waits until they are reaped (each at most STOP_CHILD_EXIT_SECONDS), and waits, at most
+        STOP_DISK_JOBS_SECONDS, for the threadpool's jobs on the data dir: once it returns the caller may close the
+        storage."""
         if self.running:
             self.running = False
             self._wake.set()
@@ -654,25 +655,17 @@ class Runtime:
         path = os.path.join(folder, f"backup-{os.getpid()}-{next(self._backup_numbers)}.tmp")
         started = gevent.event.AsyncResult()
         deadline = time.monotonic() + timeout_seconds
-        handed = False
+        handed = read = False
         try:
             self._backups_asked.append((path, started))
             self._wake.set()
             try:
                 index, pid, r, sha256 = started.get(timeout=timeout_seconds)
             except gevent.Timeout:
-                self._backups_asked = [(p, result) for p, result in self._backups_asked if result is not started]
-                if started.successful() and started.value[1] is not None:
-                    # Review of ops, finding 8: started in the same turn as the timeout fired: its child is
-                    # killed and reaped before the file is unlinked (else it wrote it after, until a restart).
-                    self._read_child(started.value[1], started.value[2], 0)
                 raise Timeout(f"the backup did not start within {timeout_seconds:g}s") from None
             if pid is not None:
-                self._backup_children.add(pid)
-                try:
-                    answer = self._read_child(pid, r, max(0.0, deadline - time.monotonic()))
-                finally:
-                    self._backup_children.discard(pid)  # reaped by `_read_child`: never killed from here on
+                read = True
+                answer = self._read_child(pid, r, max(0.0, deadline - time.monotonic()))
                 if answer is None:
                     raise Timeout(f"the backup was not written within {timeout_seconds:g}s (its child is killed)")
                 if not answer.startswith(b"ok "):
@@ -683,6 +676,13 @@ class Runtime:
             handed = True
             return backup
         finally:
+            # However this ends (a timeout, or the caller's greenlet killed while it waited): the request is not
+            # started later for nobody, and a child started for it and not read is killed and reaped before the
+            # file is unlinked (review of ops, finding 8: started in the same turn as the timeout fired, it wrote
+            # the file after, until a restart; review stopkids 1: a killed caller's child was never reaped).
+            self._backups_asked = [(p, result) for p, result in self._backups_asked if result is not started]
+            if not read and started.successful() and started.value[1] is not None:
+                self._read_child(started.value[1], started.value[2], 0)
             if not handed:
                 self._backup_closed()
             with contextlib.suppress(OSError):
@@ -718,6 +718,7 @@ class Runtime:
                 except OSError as e:
                     result.set_exception(BackupFailed(f"could not fork the backup's child: {e}"))
                     continue
+                self._backup_children.add(pid)  # from its fork on: `stop` kills it; `_reap` forgets it
                 result.set((index, pid, r, ""))
                 continue
             try:
@@ -1512,10 +1513,12 @@ class Runtime:
                         closed = True
                         break
                     got += chunk
+        finally:
+            # In the finally: a reader killed meanwhile (its greenlet) still kills a child that did not finish
+            # (review stopkids 2). Before the reap: the pid is this child's until then.
             if not closed or not got.startswith(b"ok"):
                 with _suppress_oserror():
                     os.kill(pid, signal.SIGKILL)
-        finally:
             posix.close(r)
             self._reap(pid)
         return got if closed else None
@@ -1540,15 +1543,23 @@ class Runtime:
 
     def _reap(self, pid: int) -> None:
         """waitpid without blocking the hub: the child has closed its pipe, so it is exiting; poll a bounded time,
-        then leave it to `_reap_later` (a zombie is reaped whenever it exits, never left for good)."""
-        for _ in range(2000):
-            if _reaped(pid):
-                return
-            gevent.sleep(0.005)
-        logger.warning("snapshot child %d did not exit after closing its pipe: reaped later", pid)
-        with _suppress_oserror():
-            os.kill(pid, signal.SIGKILL)
+        then leave it to `_reap_later` (a zombie is reaped whenever it exits, never left for good). Listed in
+        `_unreaped` while it polls, so that a reader killed in the poll leaves it to `_reap_later` too (review
+        stopkids 2); a backup's child is forgotten by `stop` once reaped (`_backup_children`)."""
         self._unreaped.append(pid)
+        try:
+            for attempt in range(2001):
+                if _reaped(pid):  # by this call, or by `_reap_later` meanwhile
+                    if pid in self._unreaped:
+                        self._unreaped.remove(pid)
+                    return
+                if attempt < 2000:
+                    gevent.sleep(0.005)
+            logger.warning("child %d did not exit after closing its pipe: reaped later", pid)
+            with _suppress_oserror():
+                os.kill(pid, signal.SIGKILL)  # not reaped: checked just above, no yield since
+        finally:
+            self._backup_children.discard(pid)
 
     def _reap_later(self) -> None:
         self._unreaped = [pid for pid in self._unreaped if not _reaped(pid)]

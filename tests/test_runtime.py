@@ -952,6 +952,63 @@ def test_stop_kills_a_backup_child_still_writing_and_it_is_reaped_before_stop_re
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("caller_goes", ["before its drive", "while its child writes"])
+def test_a_backup_whose_caller_is_killed_leaves_no_child_and_no_file(tmp_path, monkeypatch, caller_goes):
+    """Review stopkids 1 and 2: a backup's caller killed while it waited for its drive left its request queued, and
+    the next drive forked a child nobody read, killed or reaped (its file written into the folder after stop, the
+    child a zombie); killed while it read its child, it skipped the child's kill. However the caller goes, the
+    child is killed and reaped, stop does not return before, and the folder is left empty."""
+    runtime = _forking_leader(tmp_path)
+    real_export = runtime_module.export_snapshot
+
+    def slow_export(snap, path):  # in the child: still writing when its caller goes and stop comes
+        gevent.monkey.get_original("time", "sleep")(30.0)
+        return real_export(snap, path)
+
+    children: list[int] = []
+    fork_child = runtime._fork_child
+
+    def recorded(write):
+        pid, r = fork_child(write)
+        children.append(pid)
+        return pid, r
+
+    monkeypatch.setattr(runtime_module, "export_snapshot", slow_export)
+    monkeypatch.setattr(runtime, "_fork_child", recorded)
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    taking = gevent.spawn(runtime.backup, str(folder), 60.0)
+    try:
+        if caller_goes == "before its drive":
+            held = [True]  # backups wait while a snapshot is restored: the request stays queued until released
+            monkeypatch.setattr(Runtime, "restoring_snapshot", property(lambda self: held[0]))
+            with gevent.Timeout(5):
+                while not runtime._backups_asked:  # it asked, and waits for a drive to start it
+                    gevent.sleep(0.01)
+            taking.kill()
+            held[0] = False
+            gevent.sleep(0.3)  # drives go on: none may start a child for nobody
+        else:
+            with gevent.Timeout(5):
+                while not children:
+                    gevent.sleep(0.01)
+            gevent.sleep(0.05)  # its caller reads the child's pipe
+            with gevent.Timeout(3):  # the reader kills its child at once (else it waited ~10 s for it to exit)
+                taking.kill()
+        runtime.stop()
+        for pid in children:
+            with pytest.raises(ChildProcessError):  # killed and reaped by the time stop returned
+                os.waitpid(pid, os.WNOHANG)
+        gevent.sleep(0.2)
+        assert os.listdir(folder) == []
+        assert children == ([] if caller_goes == "before its drive" else children[:1])
+    finally:
+        runtime.stop()
+        for pid in children:
+            if not _exited(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_stopping_fails_a_backup_still_queued(one_node, monkeypatch):
     """Review of ops, finding 8: a backup asked for but not started yet (here: while a leader's snapshot is being
     restored) waited out its whole timeout (600 s on a server) when the node stopped."""
@@ -1319,6 +1376,15 @@ def test_stop_after_a_fatal_error_kills_the_snapshot_child_still_writing(tmp_pat
     and the waiter, or a second stop, killed that pid again, when it may name another process)."""
 
     monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 30.0)  # still at work when stop is called
+    real_nb_read = gevent.os.nb_read
+
+    def slow_to_see_the_close(fd, n):  # the waiter sees its child's pipe close after stop looked (review stopkids T1:
+        got = real_nb_read(fd, n)      # without this the race decided whether the test could fail: 6 of 13 runs)
+        if not got:
+            gevent.sleep(0.05)
+        return got
+
+    monkeypatch.setattr(gevent.os, "nb_read", slow_to_see_the_close)
     reaped, kills_after_reap = set(), []
     real_waitpid, real_kill = runtime_module.posix.waitpid, os.kill
 
