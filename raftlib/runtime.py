@@ -520,6 +520,7 @@ class Runtime:
         self._kill_snapshot_child()  # after a fatal error too: it would write into the data dir once closed
         self._kill_backup_children()
         self._wait_disk_jobs(STOP_DISK_JOBS_SECONDS)
+        self._reap_later()  # a child whose reader was killed in its poll (no drive sweeps after stop)
 
     def _spawn_disk_job(self, run: Callable[..., Any], *args: Any) -> None:
         """`run(*args)` in a greenlet that `stop` waits for (it waits for a threadpool job on the data dir). Such a
@@ -1543,15 +1544,16 @@ class Runtime:
 
     def _reap(self, pid: int) -> None:
         """waitpid without blocking the hub: the child has closed its pipe, so it is exiting; poll a bounded time,
-        then leave it to `_reap_later` (a zombie is reaped whenever it exits, never left for good). Listed in
-        `_unreaped` while it polls, so that a reader killed in the poll leaves it to `_reap_later` too (review
-        stopkids 2); a backup's child is forgotten by `stop` once reaped (`_backup_children`)."""
-        self._unreaped.append(pid)
+        then leave it to `_reap_later` (a zombie is reaped whenever it exits, never left for good). Handed to
+        `_reap_later` only once this poll ends without reaping it (its time up, or its reader killed: review
+        stopkids 2): listed there while this poll runs, the drive's sweep could reap it while `_snapshot_child` or
+        `_backup_children` still named it, and `stop` kill a pid no longer this process's child (review
+        stopkids2 S1). Once this ends, `stop` no longer waits for it (`_backup_children`)."""
+        reaped = False
         try:
             for attempt in range(2001):
-                if _reaped(pid):  # by this call, or by `_reap_later` meanwhile
-                    if pid in self._unreaped:
-                        self._unreaped.remove(pid)
+                if _reaped(pid):
+                    reaped = True
                     return
                 if attempt < 2000:
                     gevent.sleep(0.005)
@@ -1559,6 +1561,8 @@ class Runtime:
             with _suppress_oserror():
                 os.kill(pid, signal.SIGKILL)  # not reaped: checked just above, no yield since
         finally:
+            if not reaped:
+                self._unreaped.append(pid)
             self._backup_children.discard(pid)
 
     def _reap_later(self) -> None:
@@ -1570,7 +1574,8 @@ class Runtime:
         of completes before `stop` returns, never after the caller closed the storage and released LOCK (review
         baseleft2 R2). Only the waiter reaps: a pid reaped here was still held by the waiter and by
         `_snapshot_child`, and killed again after the reap (by the waiter on the pipe's close, or by a second
-        `stop`), when it may already name another process (review final26 L1)."""
+        `stop`), when it may already name another process (review final26 L1). (`_reap_later` reaps only what a
+        reader's poll gave up: by then it is named nowhere else.)"""
         pid = self._snapshot_child
         if pid is None:
             return

@@ -4,6 +4,7 @@ and stopping the node fails every waiting request rather than leaving it hanging
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -1007,6 +1008,35 @@ def test_a_backup_whose_caller_is_killed_leaves_no_child_and_no_file(tmp_path, m
         for pid in children:
             if not _exited(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_child_being_reaped_is_left_to_its_reader_and_one_whose_reader_was_killed_is_reaped_by_stop(tmp_path):
+    """Review stopkids2 S1 and L1: `_reap` listed its pid in `_unreaped` while it polled, so a drive's sweep
+    (`_reap_later`) could reap it while `_snapshot_child` or `_backup_children` still named it, and a stop then
+    SIGKILL a pid that may name another process; and a reader killed in its poll left a zombie no sweep took after
+    stop. Now the pid is handed to the sweep only once the poll ends without reaping it, and stop sweeps once."""
+    runtime = _forking_runtime(tmp_path)
+    pid = os.posix_spawn("/bin/sleep", ["sleep", "30"], dict(os.environ))
+    try:
+        runtime._backup_children.add(pid)
+        polling = gevent.spawn(runtime._reap, pid)
+        gevent.sleep(0.05)  # its reader polls: the child lives on
+        assert pid not in runtime._unreaped
+        polling.kill()  # the reader killed in its poll
+        assert pid in runtime._unreaped and pid not in runtime._backup_children
+        os.kill(pid, signal.SIGKILL)
+        with gevent.Timeout(5):
+            while not _exited(pid):  # a zombie now
+                gevent.sleep(0.01)
+        runtime.stop()
+        with pytest.raises(ChildProcessError):  # reaped by stop's sweep
+            os.waitpid(pid, os.WNOHANG)
+    finally:
+        with contextlib.suppress(ChildProcessError):  # the test's own cleanup: reaped already, or now
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        runtime.storage.close()
 
 
 def test_stopping_fails_a_backup_still_queued(one_node, monkeypatch):
