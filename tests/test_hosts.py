@@ -163,6 +163,10 @@ def test_a_rebound_name_is_refused_and_the_nodes_own_and_members_names_are_serve
         wait_for(lambda: cluster._is_voter(b), 30, "b to become a voter")
         b_id = b.status()["node_id"]
         assert ask(a, "POST", "/db/k", f"localhost:{a.http_port}", body=b"before")[0] == 200
+        # b's reads below are stale ones: b must have applied the write first (a follower learns a commit index
+        # with the leader's next append, within two ticks: CI at 698956f read b before, 404).
+        committed = a.status()["commit_index"]
+        wait_for(lambda: b.status()["applied_index"] >= committed, 10, "b to apply the write")
         for node, name in ((a, "evil.example"), (b, "evil.example"), (a, "rebind.localhost"), (b, "dash.localhost"),
                            (b, socket.gethostname())):
             host, page = rebound(node, name)
