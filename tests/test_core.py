@@ -40,7 +40,7 @@ from raftlib import (
 )
 from raftlib import codec
 from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_bytes, snapshot_chunk
-from raftlib.progress import ProgressState
+from raftlib.progress import Progress, ProgressState
 from simulator import Cluster, SafetyViolation, figure_8_scenario
 import wire_637af74
 
@@ -1802,18 +1802,33 @@ def test_a_hand_over_passes_by_a_joiner_restoring_its_first_snapshot():
     assert c.leader() == target
 
 
-def _record_appends_to(c: Cluster, follower: str) -> list:
-    """From now on, the list of the AppendEntries sent to `follower` (before any loss or filter)."""
-    appends: list = []
+def _record_sent_to(c: Cluster, follower: str, kind: type = AppendEntries) -> list:
+    """From now on, the list of the messages of `kind` (AppendEntries, InstallSnapshot) sent to `follower` (before
+    any loss or filter)."""
+    sent: list = []
     send = c.send
 
     def recording_send(m) -> None:
-        if isinstance(m, AppendEntries) and m.dst == follower:
-            appends.append(m)
+        if isinstance(m, kind) and m.dst == follower:
+            sent.append(m)
         send(m)
 
     c.send = recording_send  # type: ignore[method-assign]
-    return appends
+    return sent
+
+
+def _follower_behind_a_snapshot(c: Cluster) -> tuple[str, str, Progress]:
+    """Elect a leader (a window of one append), stop a follower once it replicates, write and snapshot past it:
+    (leader, follower, the leader's progress of it). The follower is left paused."""
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    pr = c.nodes[leader].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for _ in range(5):
+        write(c)
+    c.take_snapshot(leader)
+    return leader, follower, pr
 
 
 def test_a_full_window_holds_back_new_entries_to_a_stopped_follower_but_not_its_heartbeats():
@@ -1825,7 +1840,7 @@ def test_a_full_window_holds_back_new_entries_to_a_stopped_follower_but_not_its_
     follower = next(i for i in c.ids if i != leader)
     pr = c.nodes[leader].node.progress(follower)
     assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
-    appends = _record_appends_to(c, follower)
+    appends = _record_sent_to(c, follower)
     c.pause(follower)
     for _ in range(8):
         write(c)
@@ -1867,18 +1882,9 @@ def test_a_stopped_follower_is_sent_the_snapshots_current_chunk_once_not_at_ever
     memory for as long as it was stopped. The chunk goes again only once the follower was heard from since the last
     (Progress.chunk_unanswered); heartbeats still go; resumed, it answers and the transfer completes."""
     c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
-    leader = elect(c)
-    follower = next(i for i in c.ids if i != leader)
-    pr = c.nodes[leader].node.progress(follower)
-    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
-    c.pause(follower)
-    for _ in range(5):
-        write(c)
-    c.take_snapshot(leader)
-    appends = _record_appends_to(c, follower)
-    chunks: list = []
-    send = c.send
-    c.send = lambda m: (chunks.append(m) if isinstance(m, InstallSnapshot) else None, send(m))[1]  # type: ignore
+    leader, follower, pr = _follower_behind_a_snapshot(c)
+    appends = _record_sent_to(c, follower)
+    chunks = _record_sent_to(c, follower, InstallSnapshot)
     c.run(10 * c.heartbeat_ticks)
     assert pr.state is ProgressState.SNAPSHOT and pr.chunk_unanswered
     assert len(chunks) == 1 and len([m for m in appends if m.read_round]) >= 9
@@ -1894,21 +1900,12 @@ def test_a_follower_receiving_a_snapshot_is_sent_its_chunk_again_once_a_heartbea
     under read load instead of one a heartbeat. Its chunks lost here, the transfer stays at its first one while
     reads come at every tick: the chunk goes again once a heartbeat, and the read rounds are still confirmed."""
     c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
-    leader = elect(c)
-    follower = next(i for i in c.ids if i != leader)
-    pr = c.nodes[leader].node.progress(follower)
-    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
-    c.pause(follower)
-    for _ in range(5):
-        write(c)
-    c.take_snapshot(leader)
+    leader, follower, pr = _follower_behind_a_snapshot(c)
     c.deliver_filter = lambda m: None if isinstance(m, InstallSnapshot) and m.dst == follower else m
     c.resume(follower)
     assert c.run_until(lambda: pr.state is ProgressState.SNAPSHOT, 50)
-    appends = _record_appends_to(c, follower)
-    chunks: list = []
-    send = c.send
-    c.send = lambda m: (chunks.append(m) if isinstance(m, InstallSnapshot) else None, send(m))[1]  # type: ignore
+    appends = _record_sent_to(c, follower)
+    chunks = _record_sent_to(c, follower, InstallSnapshot)
     heartbeats = 10
     for _ in range(heartbeats * c.heartbeat_ticks):
         c.client_read(leader, lease=False)

@@ -909,15 +909,14 @@ def test_a_backup_whose_wait_times_out_as_it_starts_leaves_no_child_and_no_file(
         runtime.stop()
 
 
-def test_stop_kills_a_backup_child_still_writing_and_it_is_reaped_before_stop_returns(tmp_path, monkeypatch):
-    """Review final26 (outside its diff): stop killed a snapshot child but not a backup's, which writes its file for
-    up to the backup's timeout (600 s from the HTTP route) into a folder the caller may close or remove once stop
-    returned. Now stop kills it, and returns once its reader has reaped it; the backup fails, its file gone."""
+def _a_backup_whose_child_writes_for_30_seconds(tmp_path, monkeypatch):
+    """A leading forking runtime taking a backup (in a greenlet, into tmp_path/backups) whose child sleeps 30 s before
+    it writes: (runtime, the pids of the children forked from now on, the backup folder, the greenlet)."""
     runtime = _forking_leader(tmp_path)
     real_export = runtime_module.export_snapshot
 
-    def slow_export(snap, path):  # in the child: still writing when stop comes
-        gevent.monkey.get_original("time", "sleep")(30)
+    def slow_export(snap, path):  # in the child: still writing when its caller goes or stop comes
+        gevent.monkey.get_original("time", "sleep")(30.0)
         return real_export(snap, path)
 
     children: list[int] = []
@@ -932,7 +931,14 @@ def test_stop_kills_a_backup_child_still_writing_and_it_is_reaped_before_stop_re
     monkeypatch.setattr(runtime, "_fork_child", recorded)
     folder = tmp_path / "backups"
     folder.mkdir()
-    taking = gevent.spawn(runtime.backup, str(folder), 60.0)
+    return runtime, children, folder, gevent.spawn(runtime.backup, str(folder), 60.0)
+
+
+def test_stop_kills_a_backup_child_still_writing_and_it_is_reaped_before_stop_returns(tmp_path, monkeypatch):
+    """Review final26 (outside its diff): stop killed a snapshot child but not a backup's, which writes its file for
+    up to the backup's timeout (600 s from the HTTP route) into a folder the caller may close or remove once stop
+    returned. Now stop kills it, and returns once its reader has reaped it; the backup fails, its file gone."""
+    runtime, children, folder, taking = _a_backup_whose_child_writes_for_30_seconds(tmp_path, monkeypatch)
     try:
         with gevent.Timeout(5):
             while not runtime._backup_children:
@@ -959,26 +965,7 @@ def test_a_backup_whose_caller_is_killed_leaves_no_child_and_no_file(tmp_path, m
     the next drive forked a child nobody read, killed or reaped (its file written into the folder after stop, the
     child a zombie); killed while it read its child, it skipped the child's kill. However the caller goes, the
     child is killed and reaped, stop does not return before, and the folder is left empty."""
-    runtime = _forking_leader(tmp_path)
-    real_export = runtime_module.export_snapshot
-
-    def slow_export(snap, path):  # in the child: still writing when its caller goes and stop comes
-        gevent.monkey.get_original("time", "sleep")(30.0)
-        return real_export(snap, path)
-
-    children: list[int] = []
-    fork_child = runtime._fork_child
-
-    def recorded(write):
-        pid, r = fork_child(write)
-        children.append(pid)
-        return pid, r
-
-    monkeypatch.setattr(runtime_module, "export_snapshot", slow_export)
-    monkeypatch.setattr(runtime, "_fork_child", recorded)
-    folder = tmp_path / "backups"
-    folder.mkdir()
-    taking = gevent.spawn(runtime.backup, str(folder), 60.0)
+    runtime, children, folder, taking = _a_backup_whose_child_writes_for_30_seconds(tmp_path, monkeypatch)
     try:
         if caller_goes == "before its drive":
             held = [True]  # backups wait while a snapshot is restored: the request stays queued until released
