@@ -933,7 +933,7 @@ class DiskStorage:
         fdatasync would consume that file's writeback error). `sync` takes the claim before it touches the
         descriptor and skips when the base was abandoned; `done(raised)` closes it at once unless the fdatasync
         runs (then `sync` closes it at its end). A `sync` never run after all leaks nothing: its descriptor was
-        closed by `done`. The lock is held only to flip flags: the loop never waits on the disk."""
+        closed by `done`. The claim takes no lock: the loop never waits on the disk."""
         base = self._base
         if base is None or base.handle is None or base.syncing or base.synced >= base.size or not self._fsync:
             return None
