@@ -454,7 +454,7 @@ class Runtime:
         self._snapshot_requested_index = 0
         # Backups asked for (Runtime.backup), started at the end of the next drive: (file path, its result).
         self._backups_asked: list[tuple[str, gevent.event.AsyncResult]] = []
-        self._backup_children: set[int] = set()  # backups' children being read (`backup`), killed by `stop`
+        self._backup_children: set[int] = set()  # backups' children, from their fork to their reap: `stop` kills them
         self._backups = 0  # being taken: at most MAX_BACKUPS
         self._backup_numbers = itertools.count(1)
         self.snapshot_retry_seconds = 5.0  # a snapshot refused (a full disk, no descriptor) waits this long
