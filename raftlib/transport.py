@@ -84,8 +84,12 @@ from .messages import Member
 logger = logging.getLogger("raftlib.transport")
 TRACE = 5
 CURVE_AVAILABLE = zmq.has("curve")
-FRAME_BUDGET_BYTES = codec.MAX_FRAME_BYTES // 2  # messages batched into one frame, by codec.estimated_size; one
-# message alone may take more, up to codec.MAX_FRAME_BYTES (an AppendEntries: max_batch_bytes and one entry)
+# Messages batched into one frame, by codec.estimated_size; one message alone may take more, up to
+# codec.MAX_FRAME_BYTES (an AppendEntries: max_batch_bytes and one entry; a snapshot chunk). The receiver decodes a
+# frame in one cbor2 call and its runtime saves what it holds in one drive, so a frame of appends holds the peer's
+# loop for as long as its entries take: a catch-up's queued appends packed 2 MiB a frame (MAX_FRAME_BYTES // 2)
+# held a joiner 20-45 ms (issue 13, restore10); as much as one default batch (Config.max_batch_bytes) keeps it ~5 ms.
+FRAME_BUDGET_BYTES = 256 << 10
 HANDSHAKE_SECONDS = 2.0  # a connection must finish the zmq handshake (and CURVE's) within this
 # A sender's connection is probed this often (a ZMTP PING) and closed when nothing came back for the timeout: a
 # stopped or cut-off peer is told from a slow one while the sender waits past its reply timeout. The PING queues

@@ -294,6 +294,25 @@ def test_far_behind_follower_catches_up_through_a_chunked_snapshot():
     assert c.nodes[lagger].node.log.snapshot_index > 10
 
 
+def test_a_follower_far_behind_is_sent_its_entries_in_batches_of_a_few_milliseconds_each():
+    """Issue 13 (restore10): a follower catching up decodes each append and saves its entries in one turn of its
+    loop, so a batch bounds how long its heartbeats wait: 1 MiB of 100-byte writes held a joiner 20-45 ms. By
+    default a batch holds at most 256 KiB of entries (Entry.size), at least one."""
+    c = Cluster(seed=13, n=3)
+    leader = elect(c)
+    lagger = next(i for i in c.ids if i != leader)
+    c.crash(lagger)
+    for k in range(1200):  # ~1.2 MiB of entries, none compacted: the lagger catches up by appends
+        assert c.client_write(leader, f"key{k}", value="v" * 1000) is not None
+    assert c.run_until(lambda: c.nodes[leader].node.commit_index >= 1200, 2000)
+    sent = _record_sent_to(c, lagger)
+    c.restart(lagger)
+    assert c.run_until(lambda: c.nodes[lagger].node.log.last_index == c.nodes[leader].node.log.last_index, 2000)
+    batches = [sum(e.size() for e in m.entries) for m in sent if m.entries]
+    assert sum(batches) > 1 << 20
+    assert max(batches) <= 256 << 10, max(batches)
+
+
 def _lease_read_on_a_leader_paused_through_an_election(catch_up: bool):
     """Thesis §6.4.1: a leader answers lease reads without a round while a majority heard from it within the lease.
     Its old leader is paused while the others elect a new one and commit a write; then, resumed, it is asked for a

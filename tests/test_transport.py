@@ -12,8 +12,8 @@ import gevent
 import zmq
 
 from procs import free_port
-from raftlib import RequestVote, codec
-from raftlib.transport import SERVE_TURN_SECONDS, ZmqTransport
+from raftlib import AppendEntries, Entry, RequestVote, codec
+from raftlib.transport import SERVE_TURN_SECONDS, ZmqTransport, fit_frame
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,3 +116,14 @@ def test_a_timer_runs_before_a_full_monitor_queue_is_drained(monkeypatch):
 
     saw = served_when_a_timer_ran(transport, port, queue, taken, QUEUED)
     assert saw < QUEUED, f"the timer ran only after all {saw} events"
+
+
+def test_a_frame_holds_at_most_one_full_batch_of_appends():
+    """Issue 13 (restore10): a peer decodes a frame in one cbor2 call and saves its entries in one drive, so the
+    appends queued for a follower catching up go one default batch (256 KiB) a frame, not 2 MiB (20-45 ms held)."""
+    batch = tuple(Entry(1, i, data=b"v" * 1000) for i in range(256))  # 256 KiB with Entry.size's overhead
+    appends = [AppendEntries("a", "b", 1, 0, 0, batch, 0) for _ in range(8)]
+    assert fit_frame(appends) == 1
+    assert fit_frame(appends[:1] + [RequestVote("a", "b", 2, 0, 0)]) == 1
+    small = [AppendEntries("a", "b", 1, 0, 0, batch[:16], 0) for _ in range(8)]
+    assert fit_frame(small) == 8
