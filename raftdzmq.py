@@ -59,10 +59,14 @@ from raftlib.server.tuning import freeze_after_start, watch_gc_from_env  # noqa:
 from raftlib.server.nodestart import NAMED_ID  # noqa: E402
 from raftlib.storage_errors import StorageError  # noqa: E402
 from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
+from raftlib.core import Config  # noqa: E402
 from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
 
 COMMAND_OVERHEAD_BYTES = 8192  # a write's entry beyond its body: the key (at most 4 KiB) and the command's encoding
 MAX_BODY_LIMIT = MAX_ENTRY_BYTES - COMMAND_OVERHEAD_BYTES
+# -max-batch-bytes' most: main's batch for long, and a batch with the largest entry after it (MAX_ENTRY_BYTES; the
+# core sends at least one entry) stays 1 MiB under a frame (MAX_FRAME_BYTES), a margin for the encoding's overhead.
+MAX_BATCH_LIMIT = 1 << 20
 
 log = logging.getLogger("raftdzmq")
 
@@ -123,6 +127,12 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
         "most bytes of writes a leader holds appended but not yet committed; beyond, a write gets 503 (not "
         "applied: retry) until a majority catches up. At least twice -max-body plus 8 KiB, so that the largest "
         "write goes in while others are pending (default 64 MiB)"))),
+    (("-max-batch-bytes", "--max-batch-bytes"), dict(dest="max_batch_bytes", metavar="BYTES", type=int,
+                                                     default=Config.max_batch_bytes, help=(
+        "most bytes of entries a leader sends a follower in one append, and one append goes a round trip (default "
+        f"256 KiB, at most {MAX_BATCH_LIMIT >> 10} KiB). A follower catching up decodes and saves each append in one "
+        "go, its heartbeats held meanwhile (~5 ms for 256 KiB of 100-byte writes); over a long link, 256 KiB a "
+        "round trip may be less than a bulk load writes: raise it there (give every node the same)"))),
     (("-max-members", "--max-members"), dict(dest="max_members", metavar="N", type=int, default=64, help=(
         "most members (voters and learners) a join may bring the cluster to; a join beyond gets 409 (default 64; "
         "the leader that takes the join decides: give every node the same)"))),
@@ -255,13 +265,16 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     if args.force_new_cluster and args.join:
         p.error("-force-new-cluster restarts a surviving member as a new cluster: not with -join")
     for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members", "watch_history",
-                 "watch_history_bytes", "max_uncommitted_bytes"):
+                 "watch_history_bytes", "max_uncommitted_bytes", "max_batch_bytes"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
     if args.watch_history < MIN_HISTORY_EVENTS:  # a group (one entry's events) must fit whole, or it is never served
         p.error(f"-watch-history must be at least {MIN_HISTORY_EVENTS} (the most events one entry makes)")
     if args.max_body > MAX_BODY_LIMIT:  # an entry must fit a Raft frame (raftlib.codec.MAX_ENTRY_BYTES)
         p.error(f"-max-body must be at most {MAX_BODY_LIMIT} (a write travels in one Raft frame)")
+    if args.max_batch_bytes > MAX_BATCH_LIMIT:
+        p.error(f"-max-batch-bytes must be at most {MAX_BATCH_LIMIT} (a batch and the largest write after it travel "
+                "in one Raft frame)")
     least_uncommitted = min_uncommitted_bytes(args.max_body)
     if args.max_uncommitted_bytes < least_uncommitted:
         p.error(f"-max-uncommitted-bytes must be at least {least_uncommitted} (twice -max-body {args.max_body}, "
@@ -283,7 +296,7 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
-        max_uncommitted_bytes=args.max_uncommitted_bytes,
+        max_uncommitted_bytes=args.max_uncommitted_bytes, max_batch_bytes=args.max_batch_bytes,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
         watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
         force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise,

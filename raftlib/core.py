@@ -98,14 +98,26 @@ class Config:
     node_id: str
     election_ticks: int = 10  # a follower waits election_ticks + rng.randrange(election_ticks) ticks
     heartbeat_ticks: int = 1
-    max_batch_bytes: int = 1 << 20  # bound on the entries of one AppendEntries
+    # Bounds on the entries of one AppendEntries, by their bytes (Entry.size: data + 24) and their count, at least
+    # one entry whatever the bounds. A follower catching up (a joiner after its snapshot, a restart) is sent full
+    # batches, and decodes each frame and saves its entries in one turn of its loop: at 1 MiB (7,436 writes of 100
+    # bytes) that was ~10 ms of cbor2 and ~6-13 ms of saving, heartbeats held 20-45 ms on a joiner (issue 13,
+    # restore10); at 256 KiB (1,885 of them), ~2.5-4 and ~2-2.5 ms. The cost goes by the entry more than by the byte:
+    # 256 KiB of the smallest writes (`put k=''`, 30 bytes by Entry.size) are 8,738 entries, 11 ms of cbor2 and
+    # 6 ms of saving, so the count is bounded too, at about a batch of 100-byte writes. Normal replication is far
+    # below both. The trade-off: the transport has one request in flight per peer, so a follower is sent at most
+    # one batch a round trip (256 KiB: at most 12.5 MiB/s at 20 ms, 9 measured; 2.5 at 100 ms), which a long link
+    # may need raised (raftdzmq's -max-batch-bytes). The transport's frames follow both bounds (FrameBudget).
+    max_batch_bytes: int = 256 << 10
+    max_batch_entries: int = 2048
     # Bounds on the appends with entries in flight to one follower in REPLICATE, not yet acknowledged (etcd-io/raft's
     # MaxInflightMsgs and MaxInflightBytes; Progress.window_full): while either is reached, no new entries go to it,
     # heartbeats still do. Without them a follower that stopped (SIGSTOP, a long pause) or is slow was sent every
     # new batch, and the transport queued them all for it: up to its 10,000 messages of max_batch_bytes each held in
-    # the leader's memory. 256 is etcd's usual MaxInflightMsgs (raftexample); 8 MiB is eight full batches, far more
-    # than a healthy follower has in flight (the transport sends what is queued for a peer as one frame per round
-    # trip of ~1 ms here: bytes in flight over round trip is a bound on the rate, Little's law).
+    # the leader's memory. 256 is etcd's usual MaxInflightMsgs (raftexample); 8 MiB is 32 full batches (of the
+    # default max_batch_bytes), far more than a healthy follower has in flight (the transport sends what is queued
+    # for a peer as one frame per round trip of ~1 ms here, a full batch a frame: bytes in flight over round trip
+    # is a bound on the rate, Little's law).
     # The trade-off: a leader compacts its log up to its snapshot and keeps no entries behind the cut, so a follower
     # more than a window behind (a GC or fsync stall, a loaded machine) when the leader snapshots is sent the whole
     # snapshot, where without the window the appends already queued for it carried it past the cut. etcd keeps
@@ -173,6 +185,7 @@ class Config:
         ticks("election_ticks", self.election_ticks, 1)
         ticks("heartbeat_ticks", self.heartbeat_ticks, 1)
         ticks("max_batch_bytes", self.max_batch_bytes, 1)
+        ticks("max_batch_entries", self.max_batch_entries, 1)
         ticks("max_inflight_messages", self.max_inflight_messages, 1)
         ticks("max_inflight_bytes", self.max_inflight_bytes, 1)
         ticks("max_uncommitted_bytes", self.max_uncommitted_bytes, 1)
@@ -1265,7 +1278,8 @@ class RaftNode:
         entries: list[Entry] = []
         if (pr.next_index <= self.log.last_index and not paused
                 and not pr.window_full(self.config.max_inflight_messages, self.config.max_inflight_bytes)):
-            entries = self.log.slice(pr.next_index, self.log.last_index + 1, self.config.max_batch_bytes)
+            high = min(self.log.last_index, pr.next_index + self.config.max_batch_entries - 1) + 1
+            entries = self.log.slice(pr.next_index, high, self.config.max_batch_bytes)
         if not entries and not allow_empty:
             return
         pr.sent_entries(entries[-1].index if entries else prev_index, sum(e.size() for e in entries))

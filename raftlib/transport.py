@@ -1,9 +1,10 @@
 """ZmqTransport: Raft messages between nodes over zmq.green REQ/REP, as CBOR frames (raftlib.codec).
 
 Rules: every socket is used by one greenlet only. Each peer has one REQ socket and one request in flight: its
-sender greenlet takes what is queued for that peer, as much as fits FRAME_BUDGET_BYTES (at least one message),
+sender greenlet takes what is queued for that peer, as much as fits its FrameBudget (at least one message),
 sends it as one frame and waits (bounded) for the reply frame, which carries the messages the peer had for us in
-answer (as many as fit; the rest go as requests of our own). Every frame stays under codec.MAX_FRAME_BYTES, which
+answer (as many as fit; the rest go as requests of our own). So a follower is sent at most one full batch of the
+core's a round trip (FrameBudget): a ceiling on replication over a long link (Config.max_batch_bytes). Every frame stays under codec.MAX_FRAME_BYTES, which
 is zmq's MAXMSGSIZE on every socket: a few MiB, since libzmq applies it to handshake commands too (review 2 F1).
 A reply that does not come in time closes the socket with linger 0 and opens a new one (the zguide's "lazy
 pirate"), so a dead peer never wedges the sender; the messages are dropped, as Raft allows. "In time" is
@@ -71,6 +72,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import gevent
 import gevent.event
@@ -79,13 +81,13 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from . import codec
-from .messages import Member
+from .core import Config
+from .messages import AppendEntries, Member
 
 logger = logging.getLogger("raftlib.transport")
 TRACE = 5
 CURVE_AVAILABLE = zmq.has("curve")
-FRAME_BUDGET_BYTES = codec.MAX_FRAME_BYTES // 2  # messages batched into one frame, by codec.estimated_size; one
-# message alone may take more, up to codec.MAX_FRAME_BYTES (an AppendEntries: max_batch_bytes and one entry)
+SMALL_MESSAGES_ROOM_BYTES = 64 << 10  # a frame's room beside a full batch: FrameBudget
 HANDSHAKE_SECONDS = 2.0  # a connection must finish the zmq handshake (and CURVE's) within this
 # A sender's connection is probed this often (a ZMTP PING) and closed when nothing came back for the timeout: a
 # stopped or cut-off peer is told from a slow one while the sender waits past its reply timeout. The PING queues
@@ -114,13 +116,41 @@ _HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "a protocol error", zm
                      "refused by authentication"}
 
 
-def fit_frame(messages) -> int:
-    """How many of `messages`, from the first, go into one frame: at least one, then as many as fit
-    FRAME_BUDGET_BYTES (review 2 F1: frames must stay under MAXMSGSIZE, which is now small)."""
-    total = 0
+@dataclass(frozen=True)
+class FrameBudget:
+    """How much one frame takes of the messages queued for a peer when it packs several (one message alone may take
+    more, up to codec.MAX_FRAME_BYTES: an AppendEntries of max_batch_bytes and one entry, a snapshot chunk): at most
+    `max_bytes` by codec.estimated_size and `max_entries` entries of AppendEntries in all. The receiver decodes a
+    frame in one cbor2 call and its runtime saves what it holds in one drive, so a frame of appends holds the peer's
+    loop for as long as its entries take, by their count more than their bytes: a catch-up's queued appends packed
+    2 MiB a frame held a joiner 20-45 ms (issue 13, restore10). So a frame holds at most one full batch of the
+    core's (Config.max_batch_bytes and max_batch_entries; by default ~5 ms of decoding and saving for writes of
+    ~100 bytes, and the count keeps smaller writes from packing more: 256 KiB of the smallest took ~17 ms) with
+    room for the small messages queued between (heartbeats, read rounds, votes: ~100-200 bytes each; a full batch's
+    estimate is also 8 bytes an entry over its Entry.size, 16 KiB at 2,048 entries). Without that room each
+    heartbeat behind a full batch went alone, a round trip of its own (review of restore10, L1)."""
+
+    max_bytes: int
+    max_entries: int
+
+    @classmethod
+    def for_batches(cls, max_batch_bytes: int, max_batch_entries: int) -> FrameBudget:
+        """The budget of frames that carry the core's batches bounded by these Config values."""
+        return cls(max_batch_bytes + SMALL_MESSAGES_ROOM_BYTES, max_batch_entries)
+
+
+DEFAULT_FRAME_BUDGET = FrameBudget.for_batches(Config.max_batch_bytes, Config.max_batch_entries)
+
+
+def fit_frame(messages, budget: FrameBudget = DEFAULT_FRAME_BUDGET) -> int:
+    """How many of `messages`, from the first, go into one frame: at least one, then as many as fit `budget`
+    (review 2 F1: frames must stay under MAXMSGSIZE, which is now small)."""
+    total_bytes = total_entries = 0
     for n, m in enumerate(messages):
-        total += codec.estimated_size(m)
-        if total > FRAME_BUDGET_BYTES and n > 0:
+        total_bytes += codec.estimated_size(m)
+        if type(m) is AppendEntries:
+            total_entries += len(m.entries)
+        if n > 0 and (total_bytes > budget.max_bytes or total_entries > budget.max_entries):
             return n
     return len(messages)
 
@@ -197,6 +227,7 @@ class ZmqTransport:
         on_vouched_dropped: Callable[[], None] | None = None,
         on_refused: Callable[[str], None] | None = None,
         commit_index: Callable[[], int] | None = None,
+        frame_budget: FrameBudget = DEFAULT_FRAME_BUDGET,
     ) -> None:
         """`handler(messages, reply_wanted) -> list[Message]`: called in the transport's greenlets; when
         `reply_wanted` it may block (bounded) and returns the messages to answer with. A sender waits
@@ -210,7 +241,8 @@ class ZmqTransport:
         vouched list's index and
         the list is dropped (the node forgets it on disk then); `on_refused(public_key)` when the ZAP handler
         refuses a key that neither the configuration nor the vouched list names (the module's rules). Both are
-        called in the transport's greenlets and must not block."""
+        called in the transport's greenlets and must not block. `frame_budget`: FrameBudget.for_batches of the node's
+        Config."""
         if node_key is not None and not CURVE_AVAILABLE:
             raise RuntimeError("a cluster secret needs a libzmq with CURVE (zmq.has('curve') is False)")
         self.node_id = node_id
@@ -222,6 +254,7 @@ class ZmqTransport:
         self.late_replies = 0  # replies taken past the reply timeout, from a peer whose connection was alive
         self.replies_given_up = 0  # requests whose reply never came: the socket was reset
         self._max_queued = max_queued_messages
+        self._frame_budget = frame_budget
         self._context = zmq.Context()  # its own: the ZAP handler is one per context
         self._peers: dict[str, _PeerSender] = {}
         self._greenlets: list = []
@@ -451,7 +484,7 @@ class ZmqTransport:
                 self._warn_dropped("a bad frame on the raft port", len(data), e)
             except Exception:
                 logger.exception("handler failed on a raft frame")
-            n = fit_frame(replies)
+            n = fit_frame(replies, self._frame_budget)
             if n < len(replies):  # the rest as requests of our own: an answer must fit a frame too
                 self.send(replies[n:])
                 replies = replies[:n]
@@ -714,7 +747,7 @@ class _PeerSender:
                 self._wake.wait()
                 continue
             queue = self._queue
-            n = fit_frame(queue) if len(queue) > 1 else 1
+            n = fit_frame(queue, t._frame_budget) if len(queue) > 1 else 1
             batch = [queue.popleft() for _ in range(n)]
             data = t._encode(batch)
             if len(data) > codec.MAX_FRAME_BYTES:  # cannot happen within the core's bounds: see codec

@@ -1259,7 +1259,8 @@ def random_schedule(
     scale = rng.choice([1, 1, 3])
     election_ticks = ELECTION_TICKS * scale
     # One entry per AppendEntries in some schedules: followers then hold parts of a new leader's log, as in Figure 8.
-    overrides = {"max_batch_bytes": rng.choice([1 << 20, 1 << 20, 1])}
+    # The others draw the default bound or the one before it (1 MiB; -max-batch-bytes' most).
+    overrides = {"max_batch_bytes": rng.choice([1 << 20, Config.max_batch_bytes, 1])}
     # The protocol's options are part of the contract too: a share of the schedules runs without each.
     overrides["check_quorum"] = rng.random() >= 0.2
     overrides["pre_vote"] = rng.random() >= 0.2

@@ -76,7 +76,7 @@ from raftlib.progress import best_successor as progress_best_successor
 from raftlib.runtime import EntryLost, NotRunning, Runtime
 from raftlib.storage import DiskStorage
 from raftlib.storage_errors import DiskFull, StorageError
-from raftlib.transport import ZmqTransport, new_node_key, public_key_of
+from raftlib.transport import FrameBudget, ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
@@ -172,6 +172,7 @@ class ServerConfig:
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
     max_uncommitted_bytes: int = 64 << 20  # -max-uncommitted-bytes: raftlib.core.Config.max_uncommitted_bytes
+    max_batch_bytes: int = Config.max_batch_bytes  # -max-batch-bytes: raftlib.core.Config.max_batch_bytes
     secret: bytes | None = None
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
@@ -550,7 +551,7 @@ class Server:
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)),
                              max_uncommitted_bytes=config.max_uncommitted_bytes,
-                             restoring_in_replies=self._members_read_restoring)
+                             max_batch_bytes=config.max_batch_bytes, restoring_in_replies=self._members_read_restoring)
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
         self.watch_hub = WatchHub(config.watch_history_events, config.watch_history_bytes)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
@@ -562,7 +563,9 @@ class Server:
                                       members=lambda: self.node.membership.members,
                                       configuration_index=self.configuration_index,
                                       on_vouched_dropped=self._forget_vouched, on_refused=self._key_refused,
-                                      commit_index=lambda: self.node.commit_index)
+                                      commit_index=lambda: self.node.commit_index,
+                                      frame_budget=FrameBudget.for_batches(raft_config.max_batch_bytes,
+                                                                           raft_config.max_batch_entries))
         self._keys_refresh = KeysRefresh()
         self._fence_checked_at = self._fence_logged_at = float("-inf")
         self._fence_index = 0
