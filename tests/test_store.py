@@ -483,7 +483,7 @@ def test_the_same_commands_give_the_same_snapshot_bytes():
 # The store's imports: the standard library's pure modules, cbor2 and sortedcontainers; admin.py's, the store and
 # the standard library (it reads the clock and a file, but loads nothing of the server's runtime).
 ALLOWED_IMPORTS = {
-    "store": {"__future__", "io", "logging", "operator", "cbor2", "sortedcontainers", "typing", "collections.abc"},
+    "store": {"__future__", "io", "itertools", "logging", "operator", "cbor2", "sortedcontainers", "typing", "collections.abc"},
     "admin": {"__future__", "collections", "hashlib", "hmac", "json", "os", "re", "time", "collections.abc", "store"},
 }
 
@@ -1568,3 +1568,92 @@ def test_check_snapshot_refuses_what_the_restore_would_refuse_at_its_end_without
     for data in fine:
         assert store.check_snapshot(data) == (FEATURE_LEVEL if data is fine[1] else 0)  # V4's level; 0 for older
         KeyValueStore().restore(data)
+
+
+def _exposed_state(kv: KeyValueStore) -> tuple:
+    """What a snapshot holds of `kv`, as exposed: records, leases and their keys, claims, level, level index."""
+    return ({k: kv.record(k) for k in kv.data}, dict(kv.lease_of),
+            {i: (lease.ttl_seconds, set(lease.keys)) for i, lease in kv.leases.items()},
+            dict(kv.admin_claims.claims), float(kv.admin_claims.horizon), kv.feature_level, kv.level_index)
+
+
+def _random_command(rng: random.Random, kv: KeyValueStore, now: float) -> bytes:
+    """A command of any kind on a small key space (so that keys on both sides of a writer's cursor are deleted,
+    created again, moved between leases, deleted by prefix, by a revoke or an expiry)."""
+    key = f"k{rng.randrange(40):02d}"
+    value = bytes([rng.randrange(256)]) * rng.randrange(0, 60)
+    leases = sorted(kv.leases)
+    lease = rng.choice(leases) if leases and rng.random() < 0.8 else 0
+    record = kv.record(key)
+    kind = rng.randrange(16)
+    if kind == 0:
+        return command(DELETE, key)
+    if kind == 1:
+        return command(DELETE_PREFIX, key[:2])
+    if kind == 2:
+        return command(CREATE, key, value)
+    if kind == 3:
+        return command(COMPARE_AND_SET, key, value, None if record is None else record[0])
+    if kind == 4:
+        return command(SET_IF_INDEX, key, value, 0 if record is None else record[2])
+    if kind == 5:
+        return command(DELETE_IF_INDEX, key, b"", 0 if record is None else record[2])
+    if kind == 6:
+        return command(LEASE_GRANT, "", b"", rng.randrange(1, 100))
+    if kind == 7:
+        return command(LEASE_REVOKE, "", b"", lease)
+    if kind == 8:
+        return command(LEASE_EXPIRE, "", b"", rng.sample(leases, min(len(leases), 2)) if leases else [])
+    if kind == 9:
+        return command(PUT_WITH_TTL, key, value, rng.randrange(1, 100))
+    if kind in (10, 11):
+        return command(SET_WITH_LEASE, key, value, lease)  # moves the key to another lease, or off its lease
+    if kind == 12:
+        other = f"k{rng.randrange(40):02d}"
+        return txn([(key, "exists", "==", rng.random() < 0.5)],
+                   [("put", key, value), ("delete", other[:2], True), ("get", "k", True)],
+                   [("delete", other, False), ("put", other, b"v", lease)])
+    if kind == 13:
+        return command(ADMIN_CLAIM, f"sig{rng.randrange(1000)}", b"", [now, now])
+    if kind == 14:
+        return command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL)  # "unchanged": the level never goes down
+    return command(SET, key, value)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_a_stepped_snapshot_writes_the_state_at_its_begin_whatever_applies_between_its_steps(seed, monkeypatch):
+    # Small chunks, so that a chunk ends in the middle of steps and changes: the bytes must still be encode_state's.
+    monkeypatch.setattr(store, "RESTORE_BATCH_KEYS", 3)
+    monkeypatch.setattr(store, "RESTORE_BATCH_BYTES", 150)
+    rng = random.Random(seed)
+    now = 1_700_000_000.0
+    kv, _, _ = upgraded(at=1, level=FEATURE_LEVEL)
+    index = 2
+    for _ in range(rng.randrange(40, 160)):
+        kv.apply(index, _random_command(rng, kv, now))
+        index, now = index + 1, now + rng.random() * 400
+    expected, begin_state = store.encode_state(kv), _exposed_state(kv)
+    writer = kv.begin_stepped_snapshot()
+    assert writer is not None
+    written = b""
+    while not writer.done:
+        for _ in range(rng.randrange(0, 6)):
+            kv.apply(index, _random_command(rng, kv, now))
+            index, now = index + 1, now + rng.random() * 400
+        written += writer.step(rng.randrange(1, 6))
+    assert written == expected
+    restored = KeyValueStore()
+    restored.restore(written)
+    assert _exposed_state(restored) == begin_state
+    assert kv._writer is None and not writer.kept and not writer.kept_leases  # the stash is freed at the end
+
+
+def test_a_stepped_snapshot_is_for_level_3_and_a_restore_closes_it():
+    kv, _ = applied(command(SET, "a", b"1"))
+    assert kv.begin_stepped_snapshot() is None  # below level 3: the whole snapshot (fork or in process)
+    kv, _, _ = upgraded(command(SET, "a", b"1"), command(SET, "b", b"2"))
+    writer = kv.begin_stepped_snapshot()
+    assert writer is not None
+    writer.step(1)
+    kv.restore(store.encode_state(big_store(3)))
+    assert writer.closed and not writer.done and writer.step(10) == b"" and kv._writer is None
