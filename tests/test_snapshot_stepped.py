@@ -1,0 +1,154 @@
+"""Stepped snapshots (issue 13, raftlib.runtime's "stepped" mode) on a one-node runtime over a DiskStorage: written
+by the loop a bounded step at a time while writes apply between the steps, committed, restored after a restart
+with every acknowledged write; and abandoned by `stop` (in its steps or in its file's fsync) with no `*.tmp` left
+and a clean restart. (The store's writer: tests/test_store.py; a real cluster: tests/test_snapshot_fork.py.)"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import gevent
+import pytest
+
+from raftlib import runtime as runtime_module
+from raftlib.core import Config, RaftNode
+from raftlib.interfaces import HardState
+from raftlib.messages import Entry, EntryKind, Member, Membership, Role
+from raftlib.runtime import Runtime
+from raftlib.server.store import FEATURE_LEVEL, SET, SET_FEATURE_LEVEL, KeyValueStore, command
+from raftlib.snapshotfile import SnapshotFileWriter
+from raftlib.storage import DiskStorage
+from runtime_fakes import NullTransport
+
+
+def _kv_runtime(data_dir: str, bootstrap: bool, **runtime_args) -> tuple[Runtime, DiskStorage, KeyValueStore]:
+    """A one-node runtime (not started) on a DiskStorage in `data_dir` with a KeyValueStore, bootstrapped alone
+    (`bootstrap`) or restarted on what the dir holds (its snapshot restored at start, as the server does)."""
+    storage = DiskStorage(data_dir)
+    storage.load()
+    if bootstrap:
+        me = Member("a", "127.0.0.1:1", "")
+        storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a",), (), (me,)))])
+    stored = storage.state
+    node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1), random.Random(1), stored.hard_state,
+                    stored.raft_log(), stored.snapshot)
+    kv = KeyValueStore()
+    runtime = Runtime(node, storage, NullTransport(), kv, tick_seconds=0.005, **runtime_args)
+    assert runtime.snapshot_mode == "stepped", "the default"
+    if stored.snapshot is not None:
+        runtime.restore_at_start(stored.snapshot)
+    return runtime, storage, kv
+
+
+def _lead(runtime: Runtime) -> None:
+    with gevent.Timeout(5):
+        while runtime.node.role is not Role.LEADER:
+            gevent.sleep(0.01)
+
+
+def _no_fork(monkeypatch) -> None:
+    def refused():
+        raise AssertionError("a stepped snapshot forks nothing")
+
+    monkeypatch.setattr(runtime_module.posix, "fork", refused)
+
+
+def _tmp_files(data_dir: str) -> list[str]:
+    return [os.path.join(root, f) for root, _, files in os.walk(data_dir) for f in files if f.endswith(".tmp")]
+
+
+def _restarted_values(data_dir: str) -> dict[str, bytes]:
+    """The key/values a restart on `data_dir` serves once it has restored its snapshot and applied its log."""
+    runtime, storage, kv = _kv_runtime(data_dir, bootstrap=False)
+    runtime.start()
+    try:
+        _lead(runtime)
+        with gevent.Timeout(10):
+            while runtime.restoring_snapshot or runtime.node.last_applied < runtime.node.commit_index:
+                gevent.sleep(0.01)
+        return {key: kv.get(key) for key in kv.keys}
+    finally:
+        runtime.stop()
+        storage.close()
+
+
+def test_stepped_snapshots_taken_under_writes_restart_with_every_acknowledged_write(tmp_path, monkeypatch):
+    # Small steps: each snapshot takes many turns of the loop, and writes (overwrites, new keys) apply between them.
+    monkeypatch.setattr(runtime_module, "STEPPED_SNAPSHOT_STEP_ITEMS", 8)
+    monkeypatch.setattr(runtime_module, "STEPPED_SNAPSHOT_TURN_SECONDS", 0)
+    _no_fork(monkeypatch)
+    data_dir = str(tmp_path)
+    runtime, storage, kv = _kv_runtime(data_dir, bootstrap=True, snapshot_threshold_bytes=20_000)
+    acknowledged: dict[str, bytes] = {}
+    applied_while_writing = 0
+    runtime.start()
+    try:
+        _lead(runtime)
+        runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 2.0)
+        rng = random.Random(7)
+        deadline = time.monotonic() + 60
+        i = 0
+        while runtime.stats["snapshots"] < 3 or i < 2000:
+            assert time.monotonic() < deadline, runtime.stats
+            key, value = f"k{rng.randrange(1500):04d}", b"v%d-" % i + b"x" * rng.randrange(80)
+            runtime.propose(command(SET, key, value), 2.0)
+            acknowledged[key] = value
+            if runtime._snapshot_stepper is not None:
+                applied_while_writing += 1
+            i += 1
+        assert runtime.stats["snapshot_children_failed"] == 0 and runtime.running
+        assert runtime.stats["snapshot_stepped_cpu_microseconds"] > 0
+        assert applied_while_writing > 100, applied_while_writing  # writes did apply between the steps
+        assert {k: kv.get(k) for k in kv.keys} == acknowledged
+    finally:
+        runtime.stop()
+        storage.close()
+    assert not _tmp_files(data_dir)
+    assert _restarted_values(data_dir) == acknowledged
+
+
+@pytest.mark.parametrize("stopped_in", ["steps", "fsync"])
+def test_stop_during_a_stepped_snapshot_leaves_no_tmp_and_the_node_restarts_clean(tmp_path, monkeypatch, stopped_in):
+    """`stop` in the middle of the steps kills the writing greenlet; in the file's fsync (a slow disk) it waits for
+    it (a disk job): either way the snapshot's file and its pre-built base segment are unlinked before it returns,
+    and a restart serves every acknowledged write."""
+    monkeypatch.setattr(runtime_module, "STEPPED_SNAPSHOT_STEP_ITEMS", 1 if stopped_in == "steps" else 256)
+    monkeypatch.setattr(runtime_module, "STEPPED_SNAPSHOT_TURN_SECONDS", 0)
+    syncing = []
+    real_sync = SnapshotFileWriter.sync
+
+    def slow_sync(self):
+        syncing.append(1)
+        time.sleep(0.5)  # in the threadpool's thread
+        real_sync(self)
+
+    monkeypatch.setattr(SnapshotFileWriter, "sync", slow_sync)
+    _no_fork(monkeypatch)
+    data_dir = str(tmp_path)
+    runtime, storage, kv = _kv_runtime(data_dir, bootstrap=True, snapshot_threshold_bytes=60_000)
+    acknowledged: dict[str, bytes] = {}
+    runtime.start()
+    try:
+        _lead(runtime)
+        runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 2.0)
+        deadline = time.monotonic() + 30
+        i = 0
+        while runtime._snapshot_stepper is None:
+            assert time.monotonic() < deadline, "no stepped snapshot began"
+            key, value = f"k{i:05d}", b"x" * 100
+            runtime.propose(command(SET, key, value), 2.0)
+            acknowledged[key] = value
+            i += 1
+        if stopped_in == "fsync":
+            with gevent.Timeout(10):
+                while not syncing:
+                    gevent.sleep(0.001)
+        assert _tmp_files(data_dir), "the snapshot's file is being written"
+    finally:
+        runtime.stop()
+        storage.close()
+    assert runtime.stats["snapshots"] == 0
+    assert not _tmp_files(data_dir)
+    assert _restarted_values(data_dir) == acknowledged
