@@ -1625,6 +1625,7 @@ def test_a_stepped_snapshot_writes_the_state_at_its_begin_whatever_applies_betwe
     # Small chunks, so that a chunk ends in the middle of steps and changes: the bytes must still be encode_state's.
     monkeypatch.setattr(store, "RESTORE_BATCH_KEYS", 3)
     monkeypatch.setattr(store, "RESTORE_BATCH_BYTES", 150)
+    monkeypatch.setattr(store, "SNAPSHOT_STEP_BYTES", 70)  # and steps cut short by their bytes
     rng = random.Random(seed)
     now = 1_700_000_000.0
     kv, _, _ = upgraded(at=1, level=FEATURE_LEVEL)

@@ -153,6 +153,9 @@ SNAPSHOT_V4 = "raftdzmq-kv-v4"
 # values a count bound alone let one step copy 512 MiB (206 ms, the fifth review).
 RESTORE_BATCH_KEYS = 2048
 RESTORE_BATCH_BYTES = 128 << 10
+# A stepped snapshot's step (SteppedSnapshotWriter.step) ends once the values it wrote pass this many bytes, whatever
+# its count of keys: 256 keys of 1 MiB would copy 256 MiB in one step.
+SNAPSHOT_STEP_BYTES = 128 << 10
 # A restore step of V3's lease table decodes at most this many leases, and ends once their keys pass this many: ~2.3 us
 # a lease of one key (two items decoded, a set, a Lease, the checks, lease_of), so ~2.5 ms a step; at 2,048 a step
 # took 4-5 ms here, 10 ms when a dict grew (bench/restore_steps.py). One lease has at most MAX_KEYS_PER_LEASE keys.
@@ -1310,8 +1313,8 @@ class SteppedSnapshotWriter:
             self.claims = AdminClaims(claims.claims, claims.horizon)
 
     def step(self, max_items: int) -> bytes:
-        """Write up to `max_items` more keys (or leases); the snapshot's bytes made by this step (maybe none: a
-        chunk not full yet). Nothing once `done` or `closed`."""
+        """Write up to `max_items` more keys (or leases), fewer once their values pass SNAPSHOT_STEP_BYTES; the
+        snapshot's bytes made by this step (maybe none: a chunk not full yet). Nothing once `done` or `closed`."""
         if self.closed or self.phase == self._DONE:
             return b""
         if self.phase == self._KEYS:
@@ -1340,7 +1343,11 @@ class SteppedSnapshotWriter:
         names = sorted(set(current).union(kept_here)) if kept_here else current
         kept, shards, lease_of, level_index = self.kept, kv.data.shards, kv.lease_of, self.level_index
         flat, value_bytes, lease_keys = self.flat, self.value_bytes, self.lease_keys
-        for key in names:
+        step_bytes = 0
+        for n, key in enumerate(names):
+            if step_bytes >= SNAPSHOT_STEP_BYTES:  # the rest in the next step, from the cursor
+                names, last_step = names[:n], False
+                break
             if key in kept:
                 was = kept[key]
                 if was is None:  # created after the begin
@@ -1354,6 +1361,7 @@ class SteppedSnapshotWriter:
             if lease_id:
                 lease_keys.setdefault(lease_id, []).append(key)
             value_bytes += len(value)
+            step_bytes += len(value)
             if len(flat) == 4 * RESTORE_BATCH_KEYS or value_bytes >= RESTORE_BATCH_BYTES:  # `_write_chunks`' rule
                 _write_chunk(self.out, flat)
                 flat, value_bytes = [], 0
