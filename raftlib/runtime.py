@@ -1298,12 +1298,14 @@ class Runtime:
             {m.node_id: m.raft_address for m in self._membership.members if m.node_id != self.node.node_id}
         )
 
-    # ---- snapshots: a forked child writes the state (Redis's BGSAVE); the loop only commits it -----------------
+    # ---- snapshots: written by steps in the loop, or by a forked child (Redis's BGSAVE); the loop commits them ---
 
     def _maybe_snapshot(self, by_loop: bool = False) -> None:
-        """Called at the end of each drive. Finishes a snapshot whose child has exited; else, past the log
-        threshold, begins one: in a forked child (the loop goes on serving while the child serializes its
-        copy-on-write image and writes and fsyncs the file), or in process where fork is unavailable or off.
+        """Called at the end of each drive. Finishes a snapshot whose file is written (by its stepper or its child);
+        else, past the log threshold, begins one as `snapshot_mode` says: by steps (`_begin_stepped_snapshot`:
+        the loop goes on serving between them), in a forked child (the loop goes on serving while the child
+        serializes its copy-on-write image and writes and fsyncs the file; also for a state machine without steps
+        at its level), or in process where fork is unavailable or off.
         `by_loop`: the loop's own drive (`_drive`), the only one that takes the base segment's steps."""
         if (self._snapshot_child is not None or self._snapshot_stepper is not None
                 or self._snapshot_done is not None) and by_loop:
@@ -1344,7 +1346,7 @@ class Runtime:
         elif self.snapshot_mode == "in-process" or not getattr(self.storage, "snapshot_files", False):
             self._snapshot_in_process(meta)  # (a child's or a stepper's file only on disk)
         elif self.snapshot_mode == "stepped" and self._begin_stepped_snapshot(meta):
-            pass
+            pass  # begun (or refused for now: a full disk, no descriptor)
         elif _CAN_FORK:
             self._fork_snapshot(meta)
         else:
