@@ -102,6 +102,9 @@ def test_stepped_snapshots_taken_under_writes_restart_with_every_acknowledged_wr
         assert runtime.stats["snapshot_stepped_cpu_microseconds"] > 0
         assert applied_while_writing > 100, applied_while_writing  # writes did apply between the steps
         assert {k: kv.get(k) for k in kv.keys} == acknowledged
+        with gevent.Timeout(10):  # no write any more: the one under way still ends (its greenlet runs when idle)
+            while runtime._snapshot_stepper is not None or runtime._snapshot_done is not None:
+                gevent.sleep(0.01)
     finally:
         runtime.stop()
         storage.close()
@@ -150,5 +153,45 @@ def test_stop_during_a_stepped_snapshot_leaves_no_tmp_and_the_node_restarts_clea
         runtime.stop()
         storage.close()
     assert runtime.stats["snapshots"] == 0
+    assert not _tmp_files(data_dir)
+    assert _restarted_values(data_dir) == acknowledged
+
+
+def test_a_stepped_snapshot_that_meets_a_full_disk_is_dropped_and_taken_again_later(tmp_path, monkeypatch, caplog):
+    """As a forked child's: its file unlinked, nothing changed, the next try (snapshot_retry_seconds later) goes
+    through."""
+    monkeypatch.setattr(runtime_module, "SNAPSHOT_IO_BYTES", 1)  # every turn's bytes appended at once
+    _no_fork(monkeypatch)
+    real_append, refused = SnapshotFileWriter.append, []
+
+    def append_once_full(self, data):
+        if not refused and len(data) > 100:  # not the head: a piece of the state
+            refused.append(1)
+            raise runtime_module.DiskFull("no room on the disk (test)")
+        real_append(self, data)
+
+    monkeypatch.setattr(SnapshotFileWriter, "append", append_once_full)
+    data_dir = str(tmp_path)
+    runtime, storage, kv = _kv_runtime(data_dir, bootstrap=True, snapshot_threshold_bytes=4_000)
+    runtime.snapshot_retry_seconds = 0.2
+    acknowledged: dict[str, bytes] = {}
+    runtime.start()
+    try:
+        _lead(runtime)
+        runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 2.0)
+        deadline = time.monotonic() + 20
+        i = 0
+        while runtime.stats["snapshots"] < 1:
+            assert time.monotonic() < deadline, runtime.stats
+            key, value = f"k{i:05d}", b"x" * 100
+            runtime.propose(command(SET, key, value), 2.0)
+            acknowledged[key] = value
+            i += 1
+            gevent.sleep(0.005)
+        assert refused and runtime.stats["snapshot_children_failed"] == 1
+        assert any("could not write the snapshot" in r.getMessage() for r in caplog.records)
+    finally:
+        runtime.stop()
+        storage.close()
     assert not _tmp_files(data_dir)
     assert _restarted_values(data_dir) == acknowledged
