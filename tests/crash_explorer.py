@@ -1119,9 +1119,9 @@ def format1_states(workload: list[tuple], root: str):
         for i, step in enumerate(workload):
             while step[0] in ("full", "fail", "nofds"):
                 step = step[-1]
-            if step[0] in ("reopen", "snapshot_write", "snapshot_abort") or step[0].startswith("base_"):
-                continue  # the old code took its snapshots whole: a forked child's file (or the pre-built base
-                # segment of its commit) is its commit's step
+            if step[0] in ("reopen", "snapshot_write", "snapshot_abort") or step[0].startswith(("base_", "stepped_")):
+                continue  # the old code took its snapshots whole: a forked child's or a stepped one's file (or the
+                # pre-built base segment of its commit) is its commit's step
             if step[0] == "receive":  # the old code had the received snapshot in memory: a save
                 step = ("save",) + step[1:]
             after = model.after(step)
