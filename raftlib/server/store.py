@@ -1257,7 +1257,14 @@ class SteppedSnapshotWriter:
     - The store calls the hooks from the one place each change is made (`_puts`, `_delete`, `_grant`,
       `_drop_lease`, an ADMIN_CLAIM): every command, txn, prefix delete, lease expiry and revoke goes through
       them. A restore that replaces the state closes the writer (`closed`: its snapshot is abandoned).
-    - The stash holds only what changed while the writer runs; `close` frees it (at the end, or abandoned)."""
+    - A step's work is bounded by `max_items` whatever changed meanwhile: it takes at most that many names (keys
+      or lease ids) in all, from the store's and the stash's merged (a name skipped as created after the begin
+      counts as one written; 400k keys deleted ahead of the cursor made a 210 ms step when the stash's were not
+      counted, the review of stepped, L1), fewer once their values pass SNAPSHOT_STEP_BYTES; a lease step also
+      ends once its leases' keys pass RESTORE_BATCH_KEYS (a lease has up to MAX_KEYS_PER_LEASE).
+    - The stash holds only what changed while the writer runs. The keys' stash is freed once the keys are
+      written, a batch per step (`_freeing`'s bound: 1M stashed keys freed at once took 45 ms) before the first
+      lease step; `close` frees what is left at once (a snapshot abandoned: rare)."""
 
     _KEYS, _LEASES, _DONE = 0, 1, 2
 
@@ -1271,6 +1278,7 @@ class SteppedSnapshotWriter:
         self.cursor: str | None = None  # the last key written (None: none yet)
         self.kept: dict[str, tuple[Record, int] | None] = {}  # key -> (record, lease id) at the begin; None: absent
         self.kept_present = SortedList()  # the kept keys that existed at the begin
+        self.stash_freeing: Iterator[None] | None = None  # the keys' stash freed a batch a step (`_freeing`)
         self.lease_cursor = 0  # the last lease id written (ids are >= 1)
         self.kept_leases: dict[int, int | None] = {}  # lease id -> its TTL at the begin; None: absent
         self.kept_leases_present = SortedList()
@@ -1331,16 +1339,12 @@ class SteppedSnapshotWriter:
             self.kv._writer = None
         self.closed = not self.done
         self.kept, self.kept_present, self.kept_leases, self.kept_leases_present = {}, SortedList(), {}, SortedList()
-        self.lease_keys, self.flat = {}, []
+        self.lease_keys, self.flat, self.stash_freeing = {}, [], None
 
     def _keys_step(self, max_keys: int) -> None:
         kv = self.kv
         cursor = self.cursor
-        current = list(islice(kv.keys.irange(minimum=cursor, inclusive=(False, True)), max_keys))
-        last_step = len(current) < max_keys
-        upto = None if last_step else current[-1]
-        kept_here = list(self.kept_present.irange(minimum=cursor, maximum=upto, inclusive=(False, True)))
-        names = sorted(set(current).union(kept_here)) if kept_here else current
+        names, last_step = _next_names(kv.keys, self.kept_present, cursor, max_keys)
         kept, shards, lease_of, level_index = self.kept, kv.data.shards, kv.lease_of, self.level_index
         flat, value_bytes, lease_keys = self.flat, self.value_bytes, self.lease_keys
         step_bytes = 0
@@ -1379,25 +1383,31 @@ class SteppedSnapshotWriter:
             self.out.write(cbor2.dumps(item))
         self.out.write(_head(5, self.lease_count))
         self.phase = self._LEASES
+        self.stash_freeing = _freeing([self.kept, *_sublists_of(self.kept_present)])
         self.kept, self.kept_present = {}, SortedList()
 
     def _leases_step(self, max_leases: int) -> None:
+        if self.stash_freeing is not None:
+            for _ in self.stash_freeing:
+                return  # this step freed a batch of the keys' stash
+            self.stash_freeing = None
         kv = self.kv
-        cursor = self.lease_cursor
-        current = list(islice(kv.lease_ids.irange(minimum=cursor, inclusive=(False, True)), max_leases))
-        last_step = len(current) < max_leases
-        upto = None if last_step else current[-1]
-        kept_here = list(self.kept_leases_present.irange(minimum=cursor, maximum=upto, inclusive=(False, True)))
-        ids = sorted(set(current).union(kept_here)) if kept_here else current
+        ids, last_step = _next_names(kv.lease_ids, self.kept_leases_present, self.lease_cursor, max_leases)
         items: list = []
-        for lease_id in ids:
+        keys_here = 0
+        for n, lease_id in enumerate(ids):
+            if keys_here >= RESTORE_BATCH_KEYS:  # the rest in the next step, from the cursor
+                ids, last_step = ids[:n], False
+                break
             if lease_id in self.kept_leases:
                 ttl = self.kept_leases[lease_id]
                 if ttl is None:  # granted after the begin
                     continue
             else:
                 ttl = kv.leases[lease_id].ttl_seconds
-            items += (lease_id, [ttl, self.lease_keys.pop(lease_id, [])])
+            keys = self.lease_keys.pop(lease_id, [])
+            keys_here += len(keys)
+            items += (lease_id, [ttl, keys])
         _write_items(self.out, items)
         if ids:
             self.lease_cursor = ids[-1]
@@ -1405,6 +1415,22 @@ class SteppedSnapshotWriter:
             assert not self.lease_keys, "every key's begin-time lease was there at the begin"
             self.phase = self._DONE
             self.close()
+
+
+def _next_names(names: SortedList, kept_present: SortedList, cursor: Any, max_items: int) -> tuple[list[Any], bool]:
+    """A stepped snapshot's next names past `cursor` (exclusive; None: from the first), in order: the store's
+    (`names`) merged with the stashed ones that existed at the begin (`kept_present`), at most `max_items` in all
+    (each list read up to `max_items` only: never every stashed name ahead); and whether they are the last."""
+    current = list(islice(names.irange(minimum=cursor, inclusive=(False, True)), max_items))
+    kept_here = list(islice(kept_present.irange(minimum=cursor, inclusive=(False, True)), max_items))
+    merged = sorted(set(current).union(kept_here)) if kept_here else current
+    full = [taken[-1] for taken in (current, kept_here) if len(taken) == max_items]
+    if full:  # a name past a full list's last may come before another unread one: cut there
+        upto = min(full)
+        merged = [name for name in merged if name <= upto]
+    if len(merged) > max_items:
+        return merged[:max_items], False
+    return merged, not full
 
 
 def _admin_claims(claims: object, horizon: object) -> AdminClaims:
