@@ -82,9 +82,13 @@ class SnapshotFileWriter:
     runtime's stepped snapshots, issue 13): the head (`_snapshot_head`), each piece as `append`ed, and the crc32
     trailer at `finish`: the file `_write_snapshot_file` writes of the same bytes. `sync` fsyncs it (the runtime
     runs it in gevent's threadpool: a file no reader uses yet); `close` closes it, whatever happened. Raises
-    DiskFull (no room), OutOfDescriptors (no descriptor for the create) or OSError (fatal to the caller) as
-    raftlib.storage's `_write_file` does; a file not finished is unlinked by whoever began it
-    (DiskStorage.abort_snapshot)."""
+    DiskFull (no room), OutOfDescriptors (no descriptor for the create) or OSError (any other error, EIO
+    included) as raftlib.storage's `_write_file` does. None of them is fatal here, as none is for a forked
+    child's file: the file is only ever committed after a `sync` that returned, so whoever began it unlinks a file
+    not finished (DiskStorage.abort_snapshot) and takes a new snapshot into a new file later, never this one again
+    (fsyncgate). The runtime counts a file that failed once created (DiskFull on an append included) in
+    `snapshot_children_failed`, as a forked child's, and a create refused (DiskFull, OutOfDescriptors) as a
+    snapshot refused for now (`_snapshot_refused`); both are tried again snapshot_retry_seconds later."""
 
     def __init__(self, fs: FileSystem, path: str, meta: Snapshot) -> None:
         self.fs, self.path, self.handle, self.crc = fs, path, None, 0

@@ -5,6 +5,7 @@ and a clean restart. (The store's writer: tests/test_store.py; a real cluster: t
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import time
@@ -17,7 +18,7 @@ from raftlib.core import Config, RaftNode
 from raftlib.interfaces import HardState
 from raftlib.messages import Entry, EntryKind, Member, Membership, Role
 from raftlib.runtime import Runtime
-from raftlib.server.store import FEATURE_LEVEL, SET, SET_FEATURE_LEVEL, KeyValueStore, command
+from raftlib.server.store import FEATURE_LEVEL, SET, SET_FEATURE_LEVEL, KeyValueStore, SteppedSnapshotWriter, command
 from raftlib.snapshotfile import SnapshotFileWriter
 from raftlib.storage import DiskStorage
 from runtime_fakes import NullTransport
@@ -114,9 +115,10 @@ def test_stepped_snapshots_taken_under_writes_restart_with_every_acknowledged_wr
 
 @pytest.mark.parametrize("stopped_in", ["steps", "fsync"])
 def test_stop_during_a_stepped_snapshot_leaves_no_tmp_and_the_node_restarts_clean(tmp_path, monkeypatch, stopped_in):
-    """`stop` in the middle of the steps kills the writing greenlet; in the file's fsync (a slow disk) it waits for
-    it (a disk job): either way the snapshot's file and its pre-built base segment are unlinked before it returns,
-    and a restart serves every acknowledged write."""
+    """`stop` in the middle of the steps (one key a turn: many turns from its end) closes the writer, whose
+    greenlet ends at its next check, and waits for it; in the file's fsync (a slow disk) it waits for it (a disk
+    job): either way the snapshot's file and its pre-built base segment are unlinked before it returns, and a
+    restart serves every acknowledged write."""
     monkeypatch.setattr(runtime_module, "STEPPED_SNAPSHOT_STEP_ITEMS", 1 if stopped_in == "steps" else 256)
     monkeypatch.setattr(runtime_module, "STEPPED_SNAPSHOT_TURN_SECONDS", 0)
     syncing = []
@@ -149,9 +151,13 @@ def test_stop_during_a_stepped_snapshot_leaves_no_tmp_and_the_node_restarts_clea
                 while not syncing:
                     gevent.sleep(0.001)
         assert _tmp_files(data_dir), "the snapshot's file is being written"
+        writer = runtime._snapshot_writer
+        assert stopped_in == "fsync" or not writer.done, "stopped mid-way"
     finally:
         runtime.stop()
         storage.close()
+    if stopped_in == "steps":
+        assert writer.closed and not writer.done, "stop closed the writer: it did not wait for its end"
     assert runtime.stats["snapshots"] == 0
     assert not _tmp_files(data_dir)
     assert _restarted_values(data_dir) == acknowledged
@@ -195,3 +201,109 @@ def test_a_stepped_snapshot_that_meets_a_full_disk_is_dropped_and_taken_again_la
         storage.close()
     assert not _tmp_files(data_dir)
     assert _restarted_values(data_dir) == acknowledged
+
+
+def _write_until_snapshots(runtime: Runtime, acknowledged: dict[str, bytes], snapshots: int = 1) -> None:
+    """Raise the feature level, then write 100-byte values to new keys until `snapshots` snapshots are taken."""
+    _lead(runtime)
+    runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 2.0)
+    deadline = time.monotonic() + 20
+    i = len(acknowledged)
+    while runtime.stats["snapshots"] < snapshots:
+        assert time.monotonic() < deadline, runtime.stats
+        key, value = f"k{i:05d}", b"x" * 100
+        runtime.propose(command(SET, key, value), 2.0)
+        acknowledged[key] = value
+        i += 1
+        gevent.sleep(0.002)
+
+
+@pytest.mark.parametrize("fault", ["eio_at_fsync", "a_bug_in_a_step"])
+def test_a_stepped_snapshot_whose_file_fails_is_never_committed_and_is_taken_again_later(
+        tmp_path, monkeypatch, caplog, fault):
+    """fsyncgate: a file whose fsync failed (EIO) is never committed, even though every byte was appended: it is
+    unlinked, counted, and a new snapshot is taken into a new file snapshot_retry_seconds later. An unexpected
+    exception in a step (a bug) is logged with its traceback and dropped the same way, not retried at once."""
+    _no_fork(monkeypatch)
+    failed: list[str] = []
+    if fault == "eio_at_fsync":
+        real_sync = SnapshotFileWriter.sync
+
+        def sync_fails_once(self):
+            if not failed:
+                failed.append(self.path)
+                raise OSError(errno.EIO, "Input/output error (test)")
+            real_sync(self)
+
+        monkeypatch.setattr(SnapshotFileWriter, "sync", sync_fails_once)
+    else:
+        real_step = SteppedSnapshotWriter.step
+
+        def step_fails_once(self, max_items):
+            if not failed:
+                failed.append("step")
+                raise RuntimeError("a bug (test)")
+            return real_step(self, max_items)
+
+        monkeypatch.setattr(SteppedSnapshotWriter, "step", step_fails_once)
+    data_dir = str(tmp_path)
+    runtime, storage, kv = _kv_runtime(data_dir, bootstrap=True, snapshot_threshold_bytes=4_000)
+    runtime.snapshot_retry_seconds = 0.3
+    committed: list[tuple[int, str]] = []
+    real_commit = storage.commit_snapshot
+
+    def commit(snap, tmp):
+        committed.append((snap.last_included_index, tmp))
+        return real_commit(snap, tmp)
+
+    monkeypatch.setattr(storage, "commit_snapshot", commit)
+    acknowledged: dict[str, bytes] = {}
+    started = time.monotonic()
+    runtime.start()
+    try:
+        _write_until_snapshots(runtime, acknowledged)
+        assert time.monotonic() - started >= runtime.snapshot_retry_seconds  # the retry waited
+        assert failed and runtime.stats["snapshot_children_failed"] == 1
+        assert len(committed) == 1 and committed[0][1] not in failed, (committed, failed)
+        record = next(r for r in caplog.records if "could not write the snapshot" in r.getMessage())
+        assert (record.exc_info is not None) == (fault == "a_bug_in_a_step")
+    finally:
+        runtime.stop()
+        storage.close()
+    assert not _tmp_files(data_dir)
+    assert _restarted_values(data_dir) == acknowledged
+
+
+def test_a_turn_of_stepped_snapshot_steps_is_bounded_by_wall_time_too(tmp_path, monkeypatch):
+    """A turn's steps end once their wall time passes STEPPED_SNAPSHOT_TURN_SECONDS, whatever CPU they took (a
+    loaded machine, a slow page fault): with the CPU clock stopped, the snapshot still takes many turns."""
+    monkeypatch.setattr(runtime_module, "STEPPED_SNAPSHOT_STEP_ITEMS", 1)
+    monkeypatch.setattr(runtime_module.time, "thread_time", lambda: 0.0)  # no CPU bound ever trips
+    _no_fork(monkeypatch)
+    turns = [0]
+    turns_seen: set[int] = set()
+    real_step = SteppedSnapshotWriter.step
+
+    def step(self, max_items):
+        turns_seen.add(turns[0])
+        time.sleep(0.0005)  # wall time, no CPU (time.sleep is not gevent's here: the loop is held)
+        return real_step(self, max_items)
+
+    def count_turns():
+        while True:
+            turns[0] += 1
+            gevent.sleep(0.00001)
+
+    monkeypatch.setattr(SteppedSnapshotWriter, "step", step)
+    data_dir = str(tmp_path)
+    runtime, storage, kv = _kv_runtime(data_dir, bootstrap=True, snapshot_threshold_bytes=8_000)
+    counter = gevent.spawn(count_turns)
+    runtime.start()
+    try:
+        _write_until_snapshots(runtime, {})
+        # one key a step, 0.5 ms each: a 2 ms turn holds about 4 steps, and the ~50 keys take ~13 turns
+        assert len(turns_seen) >= 5, len(turns_seen)
+    finally:
+        counter.kill()
+        runtime.stop()
+        storage.close()
