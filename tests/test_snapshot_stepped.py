@@ -1,7 +1,8 @@
 """Stepped snapshots (issue 13, raftlib.runtime's "stepped" mode) on a one-node runtime over a DiskStorage: written
 by the loop a bounded step at a time while writes apply between the steps, committed, restored after a restart
-with every acknowledged write; and abandoned by `stop` (in its steps or in its file's fsync) with no `*.tmp` left
-and a clean restart. (The store's writer: tests/test_store.py; a real cluster: tests/test_snapshot_fork.py.)"""
+with every acknowledged write; abandoned by `stop` (in its steps or in its file's fsync) with no `*.tmp` left
+and a clean restart; never committed after a failed fsync; overtaken by a leader's snapshot; a turn bounded by
+wall time. (The store's writer: tests/test_store.py; a real cluster: tests/test_snapshot_fork.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from raftlib import runtime as runtime_module
 from raftlib.core import Config, RaftNode
 from raftlib.interfaces import HardState
-from raftlib.messages import Entry, EntryKind, Member, Membership, Role
+from raftlib.messages import AppendEntries, Entry, EntryKind, InstallSnapshot, Member, Membership, Role
 from raftlib.runtime import Runtime
 from raftlib.server.store import FEATURE_LEVEL, SET, SET_FEATURE_LEVEL, KeyValueStore, SteppedSnapshotWriter, command
 from raftlib.snapshotfile import SnapshotFileWriter
@@ -307,3 +308,51 @@ def test_a_turn_of_stepped_snapshot_steps_is_bounded_by_wall_time_too(tmp_path, 
         counter.kill()
         runtime.stop()
         storage.close()
+
+
+def test_a_leaders_snapshot_that_overtakes_a_stepped_one_drops_it_uncounted(tmp_path, monkeypatch):
+    """A follower writing a stepped snapshot (one key a turn) installs a leader's newer snapshot: the restore
+    closes the writer, and its unwritten file is unlinked as overtaken (`can_snapshot_at`), neither counted as a
+    failure nor delaying the next snapshot; the state is the leader's."""
+    monkeypatch.setattr(runtime_module, "STEPPED_SNAPSHOT_STEP_ITEMS", 1)
+    monkeypatch.setattr(runtime_module, "STEPPED_SNAPSHOT_TURN_SECONDS", 0)
+    _no_fork(monkeypatch)
+    data_dir = str(tmp_path)
+    storage = DiskStorage(data_dir)
+    storage.load()
+    members = Membership(("a", "b"), (), (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", "")))
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", members)])
+    stored = storage.state
+    node = RaftNode(Config("b", election_ticks=1000), random.Random(1), stored.hard_state, stored.raft_log(),
+                    stored.snapshot)
+    kv = KeyValueStore()
+    runtime = Runtime(node, storage, NullTransport(), kv, tick_seconds=0.005, snapshot_threshold_bytes=20_000)
+    commands = [command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL),
+                *(command(SET, f"k{i:05d}", b"x" * 100) for i in range(1000))]
+    entries = tuple(Entry(2, 2 + i, EntryKind.COMMAND, c) for i, c in enumerate(commands))
+    leaders = KeyValueStore()
+    leaders.apply(1, command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL))
+    leaders.apply(2, command(SET, "from-the-leader", b"1"))
+    overtaking = 5000
+    runtime.start()
+    try:
+        runtime.deliver([AppendEntries("a", "b", 2, 1, 1, entries, entries[-1].index)], False)
+        with gevent.Timeout(10):
+            while runtime._snapshot_stepper is None:
+                gevent.sleep(0.001)
+        writer = runtime._snapshot_writer
+        runtime.deliver([InstallSnapshot("a", "b", 2, overtaking, 2, members, 0, leaders.snapshot(), True)], False)
+        with gevent.Timeout(10):
+            while (runtime._restoring is not None or runtime._snapshot_stepper is not None
+                   or runtime._snapshot_done is not None):
+                runtime.deliver([AppendEntries("a", "b", 2, overtaking, 2, (), overtaking)], False)
+                gevent.sleep(0.001)
+        assert writer.closed and not writer.done, "overtaken mid-way"
+        assert runtime.stats["snapshot_children_failed"] == 0 and runtime.stats["snapshots"] == 0
+        assert runtime._snapshot_not_before == 0.0  # the next snapshot is not put off
+        assert {key: kv.get(key) for key in kv.keys} == {"from-the-leader": b"1"}
+        assert storage.state.snapshot is not None and storage.state.snapshot.last_included_index == overtaking
+    finally:
+        runtime.stop()
+        storage.close()
+    assert not _tmp_files(data_dir)
