@@ -1321,8 +1321,9 @@ class SteppedSnapshotWriter:
             self.claims = AdminClaims(claims.claims, claims.horizon)
 
     def step(self, max_items: int) -> bytes:
-        """Write up to `max_items` more keys (or leases), fewer once their values pass SNAPSHOT_STEP_BYTES; the
-        snapshot's bytes made by this step (maybe none: a chunk not full yet). Nothing once `done` or `closed`."""
+        """Write up to `max_items` more keys (or leases), fewer once their values pass SNAPSHOT_STEP_BYTES (their
+        keys RESTORE_BATCH_KEYS), or free a batch of the keys' stash (the class's rules); the snapshot's bytes made
+        by this step (maybe none: a chunk not full yet). Nothing once `done` or `closed`."""
         if self.closed or self.phase == self._DONE:
             return b""
         if self.phase == self._KEYS:
