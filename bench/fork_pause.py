@@ -26,6 +26,13 @@ slowest of GET /status asked every 20 ms, against the forks made meanwhile); the
 it never reaches, the same writes again (the same counts with no fork).
 
     python bench/fork_pause.py --node --keys 1000000
+    python bench/fork_pause.py --node --keys 1000000 --mode stepped --no-baseline   # no fork: stepped snapshots
+
+--mode gives the node's -snapshot-mode (fork by default here; stepped: the loop writes the snapshot ~2 ms a turn,
+no clone to trace, so no strace pass): each pass also reports the hub-lag histogram's share of the 10 ms timer's
+wake-ups later than 5, 10 and 20 ms over the pass and the highest bucket reached (the probe's max is since the
+start, restore included), and in the stepped mode the last snapshot's CPU and wall time (/metrics).
+--no-baseline leaves out the pass without snapshots.
 
 Measures; asserts nothing. Note `uptime`: the machine is shared.
 """
@@ -116,14 +123,47 @@ def record_pass(kv) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def node_forks(keys: int, seconds: float, threshold: int) -> int:
+def hub_lag_buckets(port: int) -> dict[float, float]:
+    """The hub-lag histogram's cumulative counts (le bound in seconds -> wake-ups at most that late)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {float(m.group(1)): float(m.group(2))
+            for m in re.finditer(r'^raftdzmq_hub_lag_seconds_bucket{le="([^"]+)"} ([0-9.e+-]+)$', text, re.M)}
+
+
+def lag_summary(before: dict[float, float], after: dict[float, float]) -> str:
+    """The 10 ms timer's wake-ups between two readings: how many, the share later than 5, 10, 20 ms, and the
+    bound of the highest bucket any of them reached."""
+    delta = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+    total = delta.get(float("inf"), 0.0)
+    if not total:
+        return "no hub-lag samples"
+    over = {ms: total - delta[ms / 1000] for ms in (5, 10, 20)}
+    reached = min((b for b in sorted(delta) if delta[b] == total), default=float("inf"))
+    return (f"hub lag ({total:.0f} wake-ups): over 5 ms {over[5]:.0f}, over 10 ms {over[10]:.0f}, over 20 ms "
+            f"{over[20]:.0f}; the latest within {reached * 1000:g} ms")
+
+
+def held_by(lines: list[tuple[str, str]]) -> str:
+    """The probe's logged wake-ups by the largest part of their sleep: the loop's own CPU, the wait for a core
+    (the machine), or idle or blocked (a system call, the GIL)."""
+    counts = {"CPU": 0, "waiting for a core": 0, "idle or blocked": 0}
+    for _, what in lines:
+        m = re.search(r"ran ([0-9.-]+) ms, waited ([0-9.-]+) ms for a core, was idle or blocked ([0-9.-]+) ms", what)
+        if m:
+            parts = dict(zip(counts, map(float, m.groups())))
+            counts[max(parts, key=lambda k: parts[k])] += 1
+    return ", ".join(f"{n} mostly {k}" for k, n in counts.items() if n) or "none"
+
+
+def node_forks(keys: int, seconds: float, threshold: int, mode: str = "fork", baseline: bool = True) -> int:
     """The --node run (the module's docstring)."""
     import load  # noqa: PLC0415 - the node mode's only
     import snapshot_stall  # noqa: PLC0415
 
     os.environ["RAFTDZMQ_LOOP_LAG_PROBE_SECONDS"] = "0.001"
     workdir = tempfile.mkdtemp(prefix="fork-pause-")
-    cluster = load.Raftdzmq(workdir, 1, ["-snapshot-threshold", str(threshold)])
+    cluster = load.Raftdzmq(workdir, 1, ["-snapshot-threshold", str(threshold), "-snapshot-mode", mode])
     port = cluster.http_ports[0]
     value = b"w" * 1024
     try:
@@ -138,7 +178,9 @@ def node_forks(keys: int, seconds: float, threshold: int) -> int:
         time.sleep(5)  # the raise's snapshot
         status = proc_status_of(proc.pid, "VmRSS", "VmPTE", "AnonHugePages")
         print(f"  the node serves {keys:,} keys: " + ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in status.items()))
-        for traced, snapshots in ((True, True), (False, True), (False, False)):
+        passes = [(True, True)] if mode == "fork" else []
+        passes += [(False, True)] + ([(False, False)] if baseline else [])
+        for traced, snapshots in passes:
             if not snapshots:  # the same writes with no snapshot: what the probe counts without forks
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
@@ -150,6 +192,9 @@ def node_forks(keys: int, seconds: float, threshold: int) -> int:
                 time.sleep(3)
             before = snapshot_stall.metrics(port)
             before_snapshots = snapshots_of(port)
+            lags_before = hub_lag_buckets(port)
+            log_path = os.path.join(workdir, "restart-1.log" if snapshots else "no-snapshots.log")
+            log_start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
             trace_path = os.path.join(workdir, "strace.txt")
             tracer = subprocess.Popen(["strace", "-T", "-e", "trace=clone,clone3,fork,vfork", "-p", str(proc.pid),
                                        "-o", trace_path], stderr=subprocess.DEVNULL) if traced else None
@@ -168,6 +213,7 @@ def node_forks(keys: int, seconds: float, threshold: int) -> int:
                     time.sleep(0.01)
             forks = snapshots_of(port) - before_snapshots
             after = snapshot_stall.metrics(port)
+            lags = lag_summary(lags_before, hub_lag_buckets(port))
             if tracer is not None:
                 tracer.send_signal(signal.SIGINT)
                 tracer.wait(timeout=30)
@@ -182,7 +228,17 @@ def node_forks(keys: int, seconds: float, threshold: int) -> int:
                 print(f"  without strace{how}: {writes} writes in {seconds:g}s, {forks} snapshots; the probe's lags "
                       f"over 10 ms meanwhile: {over:.0f}; the slowest GET /status: {slowest * 1000:.0f} ms; the "
                       f"probe's max since the start {after['raftdzmq_loop_lag_seconds_max'] * 1000:.0f} ms (its "
-                      "restore included)")
+                      f"restore included); {lags}")
+                with open(log_path, errors="replace") as f:
+                    f.seek(log_start)
+                    held = re.findall(r"the hub-lag probe woke ([0-9.]+) ms late; (.*)", f.read())
+                held.sort(key=lambda m: -float(m[0]))
+                print(f"  wake-ups later than 50 ms logged: {len(held)} ({held_by(held)})"
+                      + "".join(f"\n    {ms} ms late: {what}" for ms, what in held[:3]))
+                if mode == "stepped" and snapshots:
+                    stepped = snapshot_stall.metrics(port)
+                    print(f"  the last stepped snapshot: CPU {stepped['raftdzmq_snapshot_stepped_cpu_seconds']:.2f} s"
+                          f" in the serving process, wall {stepped['raftdzmq_snapshot_stepped_seconds']:.2f} s")
     finally:
         cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -218,10 +274,13 @@ def main() -> int:
     p.add_argument("--node", action="store_true", help="fork a real node instead (see above)")
     p.add_argument("--seconds", type=float, default=30.0, help="--node: seconds of writes, each way (default 30)")
     p.add_argument("--snapshot-threshold", type=int, default=128 << 10, help="--node: bytes of log a snapshot")
+    p.add_argument("--mode", choices=("fork", "stepped"), default="fork", help="--node: its -snapshot-mode")
+    p.add_argument("--no-baseline", action="store_true", help="--node: no pass without snapshots")
     args = p.parse_args()
     if args.node:
-        print(f"fork_pause --node: {args.keys:,} keys; THP {thp_mode()}; {os.popen('uptime').read().strip()}")
-        return node_forks(args.keys, args.seconds, args.snapshot_threshold)
+        print(f"fork_pause --node: {args.keys:,} keys, -snapshot-mode {args.mode}; THP {thp_mode()}; "
+              f"{os.popen('uptime').read().strip()}")
+        return node_forks(args.keys, args.seconds, args.snapshot_threshold, args.mode, not args.no_baseline)
     print(f"fork_pause: {args.keys:,} keys of {args.value_bytes} bytes, {args.leases:,} leases; THP {thp_mode()}; "
           f"{os.popen('uptime').read().strip()}")
     fields = ("VmRSS", "VmPTE", "AnonHugePages", "RssAnon")

@@ -115,7 +115,8 @@ def metrics(port: int) -> dict[str, float]:
         text = r.read().decode()
     out = {}
     for name in ("raftdzmq_loop_lag_seconds_max", "raftdzmq_loop_lags_over_10ms", "raftdzmq_snapshot_index",
-                 "raftdzmq_restore_step_seconds_max"):
+                 "raftdzmq_restore_step_seconds_max", "raftdzmq_snapshot_stepped_cpu_seconds",
+                 "raftdzmq_snapshot_stepped_seconds"):
         m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
         if m:
             out[name] = float(m.group(1))

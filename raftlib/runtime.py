@@ -66,7 +66,7 @@ from .core import NodeStatus, NotLeader, ProposalDropped, RaftNode, Ready, Targe
 from .interfaces import StateMachine, Storage, Transport
 from .messages import ConfChange, Entry, EntryKind, InstallSnapshot, Membership, Message, Role, Snapshot
 from .fs import NO_DESCRIPTOR
-from .snapshotfile import export_snapshot
+from .snapshotfile import SNAPSHOT_IO_BYTES, export_snapshot
 from .storage_errors import DiskFull, OutOfDescriptors
 
 logger = logging.getLogger("raftlib.runtime")
@@ -75,9 +75,23 @@ logger = logging.getLogger("raftlib.runtime")
 # are derived from run 1.15 times as fast as the monotonic clock (0.87: slower), to test what the lease assumes
 # about clock rates (README, "Lease reads and their clock assumption").
 _CLOCK_RATE = float(os.environ.get("RAFTDZMQ_TEST_CLOCK_RATE") or 1)
-# RAFTDZMQ_SNAPSHOT_FORK=0 takes snapshots in process (the event loop stalls for as long as it takes); the default
-# forks a child for each where os.fork exists.
-_SNAPSHOT_FORK = hasattr(os, "fork") and os.environ.get("RAFTDZMQ_SNAPSHOT_FORK", "1") != "0"
+# How a snapshot of this node's own is written (Runtime.snapshot_mode; the server's -snapshot-mode): "stepped" (the
+# default) by the loop itself a bounded step at a time from a copy-on-write view of the state (issue 13: no fork,
+# whose page-table copy held the loop 10-18 ms at 1M keys), for a state machine that has one
+# (KeyValueStore.begin_stepped_snapshot: from feature level 3), else as "fork"; "fork" by a forked child (Redis's
+# BGSAVE), in process where os.fork does not exist; "in-process" whole in the loop (it stalls for as long as it
+# takes). RAFTDZMQ_SNAPSHOT_MODE sets the default; RAFTDZMQ_SNAPSHOT_FORK=0 (older) means "in-process".
+SNAPSHOT_MODES = ("stepped", "fork", "in-process")
+_CAN_FORK = hasattr(os, "fork")
+_SNAPSHOT_MODE = os.environ.get("RAFTDZMQ_SNAPSHOT_MODE") or (
+    "in-process" if os.environ.get("RAFTDZMQ_SNAPSHOT_FORK", "1") == "0" else "stepped")
+# A stepped snapshot's greenlet runs writer steps of at most STEPPED_SNAPSHOT_STEP_ITEMS keys (or leases: ~0.3 ms
+# at 256 keys of 100 bytes here) and appends their bytes to the file while both its CPU and its wall time in this
+# turn of the loop stay under STEPPED_SNAPSHOT_TURN_SECONDS (the CPU clock alone lets a turn run long in wall time,
+# what clients see, on a loaded machine), then yields a turn (timers, sockets, drives): under the 10 ms stall
+# target (issue 13), progressing under constant load (every turn gives it one) and when idle.
+STEPPED_SNAPSHOT_TURN_SECONDS = 0.002
+STEPPED_SNAPSHOT_STEP_ITEMS = 256
 # RAFTDZMQ_SNAPSHOT_CHILD_TIMEOUT_SECONDS: a snapshot child that has not finished by then is killed, and the next
 # snapshot is taken in process (a child that hangs once may hang again: whatever held it is not known).
 _SNAPSHOT_CHILD_TIMEOUT_SECONDS = float(os.environ.get("RAFTDZMQ_SNAPSHOT_CHILD_TIMEOUT_SECONDS") or 600)
@@ -384,10 +398,12 @@ _COUNTERS = (
     "saves",  # Readies saved (one fsync each when they must sync)
     "snapshots",  # taken of this node's own state machine
     "out_of_descriptors",  # saves and snapshots refused for want of a file descriptor (each try)
-    "snapshot_children_failed",  # forked snapshot children that exited without writing their file
+    "snapshot_children_failed",  # snapshots whose file was not written (a forked child's, or a stepped one's)
     "snapshot_reads_failed",  # snapshot transfers abandoned: the snapshot's file could not be read (logged)
     "restore_step_max_microseconds",  # the longest step of restoring a leader's snapshot, in CPU time
     "snapshot_commit_max_microseconds",  # the longest commit of a snapshot of this node's own, in wall time
+    "snapshot_stepped_cpu_microseconds",  # the last stepped snapshot's CPU in the loop's thread (steps, appends)
+    "snapshot_stepped_wall_microseconds",  # ... and its wall time from its begin to its file's fsync
     "loop_lag_max_microseconds",  # the hub-lag probe, when on: the latest wake-up seen
     "loop_lags_over_10ms",  # ... and how many wake-ups came more than 10 ms late
 )
@@ -403,6 +419,7 @@ class Runtime:
         tick_seconds: float = 0.01,
         snapshot_threshold_bytes: int = 16 << 20,
         on_fatal: Callable[[Exception], object] | None = None,
+        snapshot_mode: str | None = None,
     ) -> None:
         self.node = node
         self.storage = storage
@@ -439,7 +456,12 @@ class Runtime:
         self._waiting_for_descriptors = False  # the save in hand was refused for want of one
         self._snapshot_not_before = 0.0
         self._snapshot_postponed_since: float | None = None  # monotonic time a due snapshot first met a backlog
-        self.snapshot_fork = _SNAPSHOT_FORK
+        self.snapshot_mode = snapshot_mode or _SNAPSHOT_MODE  # one of SNAPSHOT_MODES
+        assert self.snapshot_mode in SNAPSHOT_MODES, self.snapshot_mode
+        # A stepped snapshot's writing greenlet (`_write_stepped`), named from its begin until its outcome is handed
+        # to the drive (`_snapshot_done`), its file's fsync included.
+        self._snapshot_stepper: gevent.Greenlet | None = None
+        self._snapshot_writer: Any = None  # ... and its state machine's writer (`stop` closes it)
         self.snapshot_child_timeout_seconds = _SNAPSHOT_CHILD_TIMEOUT_SECONDS  # then the child is killed
         self._snapshot_in_process_next = False  # set when a child was killed for hanging: the next one in process
         self._unreaped: list[int] = []  # children that closed their pipe but had not exited: reaped later
@@ -503,9 +525,10 @@ class Runtime:
     def stop(self) -> None:
         """Stop the node and fail every waiting request. On every path (a second call, and after a fatal error,
         when the drive stopped the node itself, included) it kills a snapshot child and the backups' children
-        still writing and waits until they are reaped (each at most STOP_CHILD_EXIT_SECONDS), and waits, at most
-        STOP_DISK_JOBS_SECONDS, for the threadpool's jobs on the data dir: once it returns the caller may close the
-        storage."""
+        still writing and waits until they are reaped (each at most STOP_CHILD_EXIT_SECONDS), closes a stepped
+        snapshot's writer, and waits, at most STOP_DISK_JOBS_SECONDS in all, for its greenlet and the threadpool's
+        jobs on the data dir: once it returns the caller may close the storage. (A stepper still in a write then
+        hands over its file after stop: no drive commits it, and start-up deletes the `*.tmp`.)"""
         if self.running:
             self.running = False
             self._wake.set()
@@ -519,7 +542,15 @@ class Runtime:
             self._collector.release(freeze=False)  # a restore under way stops with the node
         self._kill_snapshot_child()  # after a fatal error too: it would write into the data dir once closed
         self._kill_backup_children()
-        self._wait_disk_jobs(STOP_DISK_JOBS_SECONDS)
+        deadline = time.monotonic() + STOP_DISK_JOBS_SECONDS  # one bound for the stepper and the disk jobs
+        stepper = self._snapshot_stepper
+        if stepper is not None:  # its steps end at their next check (a write in the threadpool first: waited for)
+            self._snapshot_writer.close()
+            stepper.join(timeout=STOP_DISK_JOBS_SECONDS)  # then its end in a disk job, waited for below
+        self._wait_disk_jobs(max(0.0, deadline - time.monotonic()))
+        if self._snapshot_done is not None and self._snapshot_stepper is None:  # written or not, never committed now
+            done, self._snapshot_done = self._snapshot_done, None
+            self.storage.abort_snapshot(done[1])
         self._reap_later()  # a child whose reader was killed in its poll (no drive sweeps after stop)
 
     def _spawn_disk_job(self, run: Callable[..., Any], *args: Any) -> None:
@@ -713,7 +744,7 @@ class Runtime:
                                 self.state_machine.snapshot())
                 return b"ok " + export_snapshot(snap, path).encode()
 
-            if self.snapshot_fork and getattr(self.storage, "snapshot_files", False):
+            if self.snapshot_mode != "in-process" and _CAN_FORK and getattr(self.storage, "snapshot_files", False):
                 try:
                     pid, r = self._fork_child(write)
                 except OSError as e:
@@ -1270,14 +1301,17 @@ class Runtime:
             {m.node_id: m.raft_address for m in self._membership.members if m.node_id != self.node.node_id}
         )
 
-    # ---- snapshots: a forked child writes the state (Redis's BGSAVE); the loop only commits it -----------------
+    # ---- snapshots: written by steps in the loop, or by a forked child (Redis's BGSAVE); the loop commits them ---
 
     def _maybe_snapshot(self, by_loop: bool = False) -> None:
-        """Called at the end of each drive. Finishes a snapshot whose child has exited; else, past the log
-        threshold, begins one: in a forked child (the loop goes on serving while the child serializes its
-        copy-on-write image and writes and fsyncs the file), or in process where fork is unavailable or off.
+        """Called at the end of each drive. Finishes a snapshot whose file is written (by its stepper or its child);
+        else, past the log threshold, begins one as `snapshot_mode` says: by steps (`_begin_stepped_snapshot`:
+        the loop goes on serving between them), in a forked child (the loop goes on serving while the child
+        serializes its copy-on-write image and writes and fsyncs the file; also for a state machine without steps
+        at its level), or in process where fork is unavailable or off.
         `by_loop`: the loop's own drive (`_drive`), the only one that takes the base segment's steps."""
-        if (self._snapshot_child is not None or self._snapshot_done is not None) and by_loop:
+        if (self._snapshot_child is not None or self._snapshot_stepper is not None
+                or self._snapshot_done is not None) and by_loop:
             self._base_steps()  # the loop's drives only: a transport greenlet's reply does not wait for them
         if self._snapshot_done is not None and not self._base_wait():
             done, self._snapshot_done = self._snapshot_done, None
@@ -1288,8 +1322,8 @@ class Runtime:
         if self._unreaped:
             self._reap_later()
         node = self.node
-        if self._snapshot_child is not None or self._snapshot_done is not None:
-            return  # one at a time: a child writes, or its snapshot waits for its base segment (`_base_wait`)
+        if self._snapshot_child is not None or self._snapshot_stepper is not None or self._snapshot_done is not None:
+            return  # one at a time: a child or a stepper writes, or its snapshot waits for its base (`_base_wait`)
         requested = self._snapshot_requested_index > node.log.snapshot_index
         if node.last_applied <= node.log.snapshot_index or (
                 self.storage.log_bytes < self.snapshot_threshold_bytes and not requested):
@@ -1312,7 +1346,11 @@ class Runtime:
             logger.warning("taking the snapshot at index %d in process (the last child hung): serving stalls "
                            "meanwhile", meta.last_included_index)
             self._snapshot_in_process(meta)
-        elif self.snapshot_fork and getattr(self.storage, "snapshot_files", False):  # a child's file only on disk
+        elif self.snapshot_mode == "in-process" or not getattr(self.storage, "snapshot_files", False):
+            self._snapshot_in_process(meta)  # (a child's or a stepper's file only on disk)
+        elif self.snapshot_mode == "stepped" and self._begin_stepped_snapshot(meta):
+            pass  # begun (or refused for now: a full disk, no descriptor)
+        elif _CAN_FORK:
             self._fork_snapshot(meta)
         else:
             self._snapshot_in_process(meta)
@@ -1412,15 +1450,15 @@ class Runtime:
         leaves the log as it was."""
         index = snap.last_included_index
         self._snapshot_done_at = 0.0
+        if not self.node.can_snapshot_at(index):  # a leader's snapshot replaced the log meanwhile (written or not)
+            self.storage.abort_snapshot(tmp)
+            return
         if not written:
             self.storage.abort_snapshot(tmp)
             self.stats["snapshot_children_failed"] += 1
-            logger.warning("the snapshot child for index %d failed; trying again in %gs", index,
+            logger.warning("the snapshot for index %d was not written; trying again in %gs", index,
                            self.snapshot_retry_seconds)
             self._snapshot_not_before = time.monotonic() + self.snapshot_retry_seconds
-            return
-        if not self.node.can_snapshot_at(index):  # a leader's snapshot replaced the log meanwhile
-            self.storage.abort_snapshot(tmp)
             return
         started = time.monotonic()
         try:
@@ -1438,6 +1476,116 @@ class Runtime:
         self.events.record(events.SNAPSHOT_TAKEN, index=index, bytes=len(kept.data))
         logger.info("took a snapshot at index %d (%d bytes; its commit held the loop %.1f ms)", index, len(kept.data),
                     took_microseconds / 1e3)
+
+    def _begin_stepped_snapshot(self, meta: Snapshot) -> bool:
+        """Begin a stepped snapshot (`_write_stepped`) of a state machine that has one at its level; False when it
+        has none (the caller forks). A file that cannot be created (a full disk, no descriptor) is a snapshot
+        refused (tried again later), True."""
+        begin = getattr(self.state_machine, "begin_stepped_snapshot", None)
+        writer = begin() if begin is not None else None
+        if writer is None:
+            return False
+        storage: Any = self.storage  # a DiskStorage (snapshot_files)
+        tmp = storage.begin_snapshot(meta.last_included_index)
+        try:
+            out = storage.open_snapshot_file(meta, tmp)
+        except BaseException as e:
+            writer.close()
+            storage.abort_snapshot(tmp)
+            if not isinstance(e, (DiskFull, OutOfDescriptors)):
+                raise
+            self._snapshot_refused(e)
+            return True
+        begin_base = getattr(storage, "begin_base", None)
+        if begin_base is not None:  # its base segment pre-built meanwhile, a step a drive (`_base_steps`)
+            begin_base(meta)
+        logger.info("writing the state at index %d by steps", meta.last_included_index)
+        self._snapshot_writer = writer
+        self._snapshot_stepper = gevent.spawn(self._write_stepped, meta, tmp, writer, out)
+        return True
+
+    def _write_stepped(self, meta: Snapshot, tmp: str, writer: Any, out: Any) -> None:
+        """A stepped snapshot's greenlet: writer steps (raftlib.server.store.SteppedSnapshotWriter) for
+        STEPPED_SNAPSHOT_TURN_SECONDS of CPU a turn of the loop; their bytes, once SNAPSHOT_IO_BYTES are held,
+        appended to the file through the storage's FileSystem (raftlib.snapshotfile.SnapshotFileWriter) in gevent's
+        threadpool, the greenlet waiting (a write() of a file whose pages the kernel is writing back can wait for
+        the disk: 50 ms holds of the loop, "idle or blocked", were seen at 1M keys when the loop wrote); then the
+        rest, the trailer and the fsync in a disk job (`_end_stepped`). A file that cannot be written (DiskFull,
+        OutOfDescriptors, an I/O error), an unexpected exception (a bug: logged with its traceback), or a writer
+        closed (by a restore that replaced the state, a leader's snapshot, or by `stop`): the snapshot is handed
+        over unwritten (`_finish_snapshot` unlinks it, and unless a leader's snapshot overtook it counts it in
+        `snapshot_children_failed` and tries again snapshot_retry_seconds later), as a failed child's is. Never
+        killed (`stop` closes its writer and waits): a write in a thread would go on with the file closed under
+        it."""
+        started, cpu = time.monotonic(), 0.0
+        threadpool = gevent.get_hub().threadpool
+        pieces: list[bytes] = []
+        held = 0
+        handed = False
+        try:
+            while not writer.done and not writer.closed:
+                turn_started, turn_cpu_started = time.perf_counter(), time.thread_time()
+                while not writer.done and not writer.closed:
+                    piece = writer.step(STEPPED_SNAPSHOT_STEP_ITEMS)
+                    if piece:
+                        pieces.append(piece)
+                        held += len(piece)
+                    if (time.thread_time() - turn_cpu_started >= STEPPED_SNAPSHOT_TURN_SECONDS
+                            or time.perf_counter() - turn_started >= STEPPED_SNAPSHOT_TURN_SECONDS):
+                        break
+                cpu += time.thread_time() - turn_cpu_started
+                if held >= SNAPSHOT_IO_BYTES and not writer.closed:  # the wait for the thread is this turn's yield
+                    threadpool.apply(out.append, (b"".join(pieces),))
+                    pieces, held = [], 0
+                else:
+                    gevent.sleep(0.00001)  # a turn of the loop (STACK-NOTES: gevent.sleep(0) lets no timer run)
+            if writer.done:
+                self.stats["snapshot_stepped_cpu_microseconds"] = int(cpu * 1e6)
+                self._spawn_disk_job(self._end_stepped, meta, tmp, out, b"".join(pieces), started)
+                handed = True
+            else:
+                logger.info("the snapshot at index %d is dropped (a leader's snapshot replaced the state, or the "
+                            "node stops)", meta.last_included_index)
+        except Exception as e:
+            self._log_unwritten(meta, e)
+        finally:
+            writer.close()
+            if not handed:
+                out.close()
+                self._stepped_done(meta, tmp, False)
+
+    def _end_stepped(self, meta: Snapshot, tmp: str, out: Any, rest: bytes, started: float) -> None:
+        """A stepped snapshot's last bytes, its trailer and its fsync, in gevent's threadpool (a disk job: `stop`
+        waits for it), its file closed and the outcome handed to the drive."""
+        def end() -> None:
+            out.append(rest)
+            out.finish()
+            out.sync()
+
+        written = False
+        try:
+            gevent.get_hub().threadpool.apply(end)
+            written = True
+            self.stats["snapshot_stepped_wall_microseconds"] = int((time.monotonic() - started) * 1e6)
+        except Exception as e:
+            self._log_unwritten(meta, e)
+        finally:
+            out.close()
+            self._stepped_done(meta, tmp, written)
+
+    @staticmethod
+    def _log_unwritten(meta: Snapshot, e: Exception) -> None:
+        """Log why a stepped snapshot's file was not written: a refusal of the disk (DiskFull, OutOfDescriptors,
+        an I/O error) as a warning, anything else (a bug) with its traceback."""
+        if isinstance(e, (DiskFull, OutOfDescriptors, OSError)):
+            logger.warning("could not write the snapshot at index %d: %s", meta.last_included_index, e)
+        else:
+            logger.exception("could not write the snapshot at index %d (unexpected)", meta.last_included_index)
+
+    def _stepped_done(self, meta: Snapshot, tmp: str, written: bool) -> None:
+        self._snapshot_stepper = self._snapshot_writer = None
+        self._snapshot_done = (meta, tmp, written)
+        self._wake.set()
 
     def _fork_snapshot(self, meta: Snapshot) -> None:
         """Fork a child that writes the snapshot's file (`_fork_child`); a greenlet waits for it
@@ -1461,7 +1609,7 @@ class Runtime:
                 self._snapshot_in_process(meta)
                 return
             # EAGAIN, ENOMEM: a passing shortage (processes, memory). Fork stays on: tried again later. (Where fork
-            # does not exist at all, _SNAPSHOT_FORK is off and snapshots are taken in process from the start.)
+            # does not exist at all, _CAN_FORK is false and snapshots are taken in process from the start.)
             self.stats["snapshot_children_failed"] += 1
             logger.warning("could not fork a snapshot child (%s); trying again in %gs", e,
                            self.snapshot_retry_seconds)

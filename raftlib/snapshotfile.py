@@ -35,7 +35,7 @@ from . import codec, crashpoints
 from .fs import NO_DESCRIPTOR, FileSystem, OsFileSystem
 from .logformat import _HEADER, FORMAT_VERSION, _check_header
 from .messages import Snapshot, SnapshotUnreadable, snapshot_chunk
-from .storage_errors import _NO_ROOM, CorruptLogError
+from .storage_errors import _NO_ROOM, CorruptLogError, DiskFull, OutOfDescriptors
 
 if TYPE_CHECKING:  # SnapshotReceiver works for a DiskStorage, which imports this module
     from .storage import DiskStorage
@@ -75,6 +75,62 @@ def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
     """A snapshot file's bytes, appended a piece at a time (`_snapshot_file_pieces`)."""
     for piece in _snapshot_file_pieces(s):
         fs.append(f, piece)
+
+
+class SnapshotFileWriter:
+    """A snapshot file of this node's own written a piece at a time as the state machine makes its bytes (the
+    runtime's stepped snapshots, issue 13): the head (`_snapshot_head`), each piece as `append`ed, and the crc32
+    trailer at `finish`: the file `_write_snapshot_file` writes of the same bytes. `sync` fsyncs it (the runtime
+    runs it in gevent's threadpool: a file no reader uses yet); `close` closes it, whatever happened. Raises
+    DiskFull (no room), OutOfDescriptors (no descriptor for the create) or OSError (any other error, EIO
+    included) as raftlib.storage's `_write_file` does. None of them is fatal here, as none is for a forked
+    child's file: the file is only ever committed after a `sync` that returned, so whoever began it unlinks a file
+    not finished (DiskStorage.abort_snapshot) and takes a new snapshot into a new file later, never this one again
+    (fsyncgate). The runtime counts a file that failed once created (DiskFull on an append included) in
+    `snapshot_children_failed`, as a forked child's, and a create refused (DiskFull, OutOfDescriptors) as a
+    snapshot refused for now (`_snapshot_refused`); both are tried again snapshot_retry_seconds later."""
+
+    def __init__(self, fs: FileSystem, path: str, meta: Snapshot) -> None:
+        self.fs, self.path, self.handle, self.crc = fs, path, None, 0
+        try:
+            self.handle = fs.create(path)
+        except OSError as e:
+            raise _disk_refusal(e, path) from None
+        self.append(_snapshot_head(meta))
+
+    def append(self, data: bytes) -> None:
+        self._write(data)
+        self.crc = zlib.crc32(data, self.crc)
+
+    def finish(self) -> None:
+        self._write(struct.pack(">I", self.crc))
+
+    def sync(self) -> None:
+        try:
+            self.fs.fsync(self.handle)
+        except OSError as e:
+            raise _disk_refusal(e, self.path) from None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                self.fs.close(self.handle)
+            self.handle = None
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.fs.append(self.handle, data)
+        except OSError as e:
+            raise _disk_refusal(e, self.path) from None
+
+
+def _disk_refusal(e: OSError, path: str) -> Exception:
+    """What an OSError writing the snapshot file `path` is to its writer: DiskFull, OutOfDescriptors, or itself."""
+    if e.errno in NO_DESCRIPTOR:
+        return OutOfDescriptors(f"no file descriptor free to write {path}: {e.strerror}")
+    if e.errno in _NO_ROOM:
+        return DiskFull(f"no room on the disk for {path}: {e.strerror}")
+    return e
 
 
 def export_snapshot(s: Snapshot, path: str) -> str:

@@ -84,7 +84,7 @@ from .logformat import (_HEADER, FORMAT_VERSION, RECORD_BASE, SEGMENT_MAGIC, _Re
                         _scan, encode_base_group_head, encode_base_record, encode_group_parts, encode_group_tail,
                         encode_record)
 from .messages import Entry, HardState, Snapshot
-from .snapshotfile import SnapshotFile, SnapshotReceiver, _write_snapshot_file, read_snapshot
+from .snapshotfile import SnapshotFile, SnapshotFileWriter, SnapshotReceiver, _write_snapshot_file, read_snapshot
 from .storage_errors import (_NO_ROOM, CorruptLogError, DataDirLocked, DiskFull, OutOfDescriptors, StorageError,
                              UnknownFormatError)
 
@@ -795,6 +795,12 @@ class DiskStorage:
         but that file (and the fs): a forked child runs it on its copy of this object, and must not touch the
         log. Raises DiskFull or OutOfDescriptors (the file unlinked, nothing changed), or OSError (fatal)."""
         _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+
+    def open_snapshot_file(self, snapshot: Snapshot, tmp: str) -> SnapshotFileWriter:
+        """`write_snapshot` a piece at a time (the runtime's stepped snapshots): the file under `tmp` (from
+        `begin_snapshot`) created with its head; the caller appends the state machine's bytes, finishes, fsyncs
+        and closes it, then commits or aborts it. Raises as SnapshotFileWriter says."""
+        return SnapshotFileWriter(self.fs, tmp, snapshot)
 
     def abort_snapshot(self, tmp: str) -> None:
         """A snapshot whose writing failed or was killed: unlink what was written (not synced: a power failure

@@ -81,9 +81,10 @@ class Model:
         elif kind in ("snapshot", "snapshot_commit"):  # a commit: the second part of a forked snapshot
             if s.install_snapshot(step[1]):
                 out.durable_commit_index = s.hard_state.commit_index
-        elif kind in ("snapshot_write", "snapshot_abort") or kind.startswith("base_"):
-            pass  # the first part (a forked child's file), or dropping it, or pre-building the base segment of
-            # its commit (DiskStorage.begin_base, base_step, base_sync_job): nothing a reader uses changes
+        elif kind in ("snapshot_write", "snapshot_abort") or kind.startswith(("base_", "stepped_")):
+            pass  # the first part (a forked child's file, or a stepped one's pieces), or dropping it, or
+            # pre-building the base segment of its commit (DiskStorage.begin_base, base_step, base_sync_job):
+            # nothing a reader uses changes
         elif kind == "reopen":
             out.durable_commit_index = s.hard_state.commit_index  # close() fsyncs; load() fsyncs what it read
         return out
@@ -309,6 +310,7 @@ class Explorer:
         storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
         storage.load()
         writing: dict[int, str] = {}  # forked snapshots written and not yet committed: index -> their file
+        stepped: dict[int, list] = {}  # stepped snapshots being written: index -> [their file's writer, bytes left]
         syncing = None  # a pre-built base segment's sync begun ("base_sync_begin") and not yet ended
         for i, step in enumerate(workload):
             if len(self.stats.violations) >= self.limits.max_violations:
@@ -337,6 +339,8 @@ class Explorer:
                     index = step[1].last_included_index
                     writing[index] = storage.begin_snapshot(index)
                     storage.write_snapshot(step[1], writing[index])
+                elif step[0].startswith("stepped_"):  # what the runtime's stepped snapshot runs
+                    stepped_snapshot_step(storage, step, writing, stepped)
                 elif step[0] == "snapshot_commit":  # what the runtime runs once the child exited 0
                     storage.commit_snapshot(step[1], writing.pop(step[1].last_included_index))
                 elif step[0] == "snapshot_abort":  # a child that failed or was killed
@@ -402,6 +406,37 @@ class Explorer:
         storage.close()
 
 
+def stepped_snapshot_step(storage: DiskStorage, step: tuple, writing: dict[int, str], stepped: dict[int, list]) -> None:
+    """A part of a stepped snapshot, as raftlib.runtime writes it (issue 13): ("stepped_begin", snapshot) its
+    file created with its head (DiskStorage.open_snapshot_file); ("stepped_append", index, n) the next n bytes of
+    its data appended (the loop's steps, saves between them); ("stepped_end", index) the rest, the trailer, the
+    fsync (the threadpool's), the close: then a "snapshot_commit" commits it, as a forked child's. A DiskFull or
+    OutOfDescriptors (or a fatal error) closes and aborts it, as the runtime's `_finish_snapshot` does."""
+    kind, index = step[0], (step[1].last_included_index if step[0] == "stepped_begin" else step[1])
+    try:
+        if kind == "stepped_begin":
+            writing[index] = storage.begin_snapshot(index)
+            stepped[index] = [None, snapshot_bytes(step[1].data)]
+            stepped[index][0] = storage.open_snapshot_file(step[1], writing[index])
+            return
+        out, left = stepped[index]
+        n = step[2] if kind == "stepped_append" else len(left)
+        if n:
+            out.append(left[:n])
+        stepped[index][1] = left[n:]
+        if kind == "stepped_end":
+            out.finish()
+            out.sync()
+            out.close()
+            del stepped[index]
+    except BaseException:
+        out = stepped.pop(index, [None])[0]
+        if out is not None:
+            out.close()
+        storage.abort_snapshot(writing.pop(index))
+        raise
+
+
 def receive(storage: DiskStorage, hard_state, entries, snapshot: Snapshot, sync: bool) -> None:
     """What a follower's runtime does with a leader's snapshot (issue 13): its chunks into the storage's sink as
     they come (a few bytes each here, for many file operations), then the Ready's save with the finished data,
@@ -445,6 +480,10 @@ def describe_step(step: tuple) -> str:
         return f"{step[0]} ({step[1].last_included_index}, {step[1].last_included_term})"
     if step[0] == "base_step":
         return f"base_step ({step[1]} bytes)"
+    if step[0] == "stepped_begin":
+        return f"stepped_begin ({step[1].last_included_index}, {step[1].last_included_term})"
+    if step[0].startswith("stepped_"):
+        return f"{step[0]} ({step[1]}{f', {step[2]} bytes' if len(step) > 2 else ''})"
     if step[0].startswith("base_"):
         return step[0]
     return "reopen"
@@ -615,6 +654,44 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
         save(HardState(1, "a", 8), es(1, 10, 1)),
         ("snapshot_write", snap(8, 1)),
         save(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "b", 16), es(17, 1, 2)),
+    ],
+    # Issue 13 (stepped): a snapshot written by the loop a piece at a time, the node saving (and syncing, and not)
+    # between the pieces and while its base segment is pre-built; then committed as a forked child's.
+    "stepped-snapshot-committed-after-saves": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("stepped_begin", snap(8, 1)),
+        ("base_begin", snap(8, 1)),
+        ("stepped_append", 8, 3),
+        save(HardState(2, "a", 9), es(11, 2, 2)),
+        ("base_step", 1),
+        ("stepped_append", 8, 2),
+        save(HardState(2, "a", 10), [], sync=False),
+        ("base_step", 1 << 20),
+        ("stepped_end", 8),
+        ("snapshot_commit", snap(8, 1)),
+        save(HardState(2, "a", 12), es(13, 1, 2)),
+    ],
+    # ... the disk full at a piece (the snapshot dropped, its file unlinked), then at its file's create; the next
+    # one goes through.
+    "stepped-snapshot-disk-full": [
+        save(HardState(1, "a", 9), es(1, 10, 1)),
+        ("stepped_begin", snap(8, 1)),
+        ("stepped_append", 8, 2),
+        ("full", 2, ("stepped_append", 8, 4)),
+        ("full", 0, ("stepped_begin", snap(8, 1))),
+        ("stepped_begin", snap(9, 1)),
+        ("stepped_end", 9),
+        ("snapshot_commit", snap(9, 1)),
+    ],
+    # ... and overtaken by a leader's snapshot received while its pieces are written: its commit changes nothing.
+    "stepped-snapshot-overtaken-by-a-leaders-snapshot": [
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("stepped_begin", snap(8, 1)),
+        ("stepped_append", 8, 4),
+        received(HardState(2, "b", 15), es(16, 1, 2), snap(15, 2)),
+        ("stepped_end", 8),
         ("snapshot_commit", snap(8, 1)),
         save(HardState(2, "b", 16), es(17, 1, 2)),
     ],
@@ -1042,9 +1119,9 @@ def format1_states(workload: list[tuple], root: str):
         for i, step in enumerate(workload):
             while step[0] in ("full", "fail", "nofds"):
                 step = step[-1]
-            if step[0] in ("reopen", "snapshot_write", "snapshot_abort") or step[0].startswith("base_"):
-                continue  # the old code took its snapshots whole: a forked child's file (or the pre-built base
-                # segment of its commit) is its commit's step
+            if step[0] in ("reopen", "snapshot_write", "snapshot_abort") or step[0].startswith(("base_", "stepped_")):
+                continue  # the old code took its snapshots whole: a forked child's or a stepped one's file (or the
+                # pre-built base segment of its commit) is its commit's step
             if step[0] == "receive":  # the old code had the received snapshot in memory: a save
                 step = ("save",) + step[1:]
             after = model.after(step)

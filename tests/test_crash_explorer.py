@@ -276,6 +276,25 @@ def test_the_explorer_finds_a_childs_half_that_does_not_fsync_its_file(monkeypat
     assert any("no readable snapshot" in v for v in stats.violations), stats.violations
 
 
+STEPPED = [name for name in HAND_WRITTEN if name.startswith("stepped-")]
+
+
+def test_a_stepped_snapshot_written_a_piece_at_a_time_is_crash_safe():
+    """Issue 13 (stepped): the file appended a piece at a time through the storage's FileSystem with saves and
+    base steps between the pieces, fsynced, then committed; a full disk at a piece and at its create; a leader's
+    snapshot overtaking it: every crash state of every operation."""
+    stats = explore([(n, HAND_WRITTEN[n]) for n in STEPPED], Limits())
+    assert stats.crash_points > 50 and not stats.violations, stats.violations
+
+
+def test_the_explorer_finds_a_stepped_snapshot_not_fsynced_before_its_commit(monkeypatch):
+    from raftlib.snapshotfile import SnapshotFileWriter
+
+    monkeypatch.setattr(SnapshotFileWriter, "sync", lambda self: None)
+    stats = explore([(n, HAND_WRITTEN[n]) for n in STEPPED], Limits(max_violations=1))
+    assert any("no readable snapshot" in v for v in stats.violations), stats.violations
+
+
 RECEIVED = [name for name in HAND_WRITTEN if name.startswith("received-")]
 
 

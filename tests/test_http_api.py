@@ -149,7 +149,9 @@ class FakeRuntime:
                                                           "snapshot_reads_failed": 3,
                                                           "proposals_refused_uncommitted": 6,
                                                           "restore_step_max_microseconds": 4000,
-                                                          "snapshot_commit_max_microseconds": 3000}),
+                                                          "snapshot_commit_max_microseconds": 3000,
+                                                          "snapshot_stepped_cpu_microseconds": 1_500_000,
+                                                          "snapshot_stepped_wall_microseconds": 2_250_000}),
             leader_contact_at=time.monotonic() - n.leader_contact_seconds_ago, election_timeout_seconds=1.0)
 
 
@@ -1081,6 +1083,8 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert float(samples["raftdzmq_uncommitted_bytes"]) == 2 * len(command(SET, "p", b""))
     assert samples["raftdzmq_restore_step_seconds_max"] == "0.004"
     assert samples["raftdzmq_snapshot_commit_seconds_max"] == "0.003"
+    assert (samples["raftdzmq_snapshot_stepped_cpu_seconds"], samples["raftdzmq_snapshot_stepped_seconds"]) == ("1.5",
+                                                                                                          "2.25")
     assert "# TYPE raftdzmq_snapshot_reads_failed_total counter" in r.text
     assert samples["raftdzmq_leases"] == "0.0"
 

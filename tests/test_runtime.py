@@ -329,7 +329,7 @@ def test_a_snapshot_due_is_taken_within_its_bound_while_commits_keep_a_backlog(t
     node = RaftNode(Config("b", election_ticks=1000, max_committed_entries_per_ready=1), random.Random(1),
                     stored.hard_state, stored.raft_log(), stored.snapshot)
     runtime = Runtime(node, storage, NullTransport(), Values(), tick_seconds=0.005, snapshot_threshold_bytes=4 << 10)
-    runtime.snapshot_fork = False
+    runtime.snapshot_mode = "in-process"
     runtime.start()
     try:
         last, batch, feed_seconds = 1, 50, 1.0
@@ -384,7 +384,7 @@ def test_a_committed_backlog_applied_in_pieces_is_snapshotted_once_at_its_end(tm
     entries = tuple(Entry(2, i, EntryKind.COMMAND, b"v" * 100) for i in range(2, backlog + 2))  # ~200 KiB of log
     runtime = Runtime(node, storage, NullTransport(), state_machine, tick_seconds=0.005,
                       snapshot_threshold_bytes=(20 << 10) if why == "threshold" else (1 << 30))
-    runtime.snapshot_fork = False
+    runtime.snapshot_mode = "in-process"
     state_machine.runtime = runtime
     runtime.start()
     try:
@@ -577,7 +577,8 @@ def test_status_is_a_frozen_copy_of_the_node_and_the_runtime(one_node):
     assert set(before.stats) == {"proposals", "proposals_refused_uncommitted", "applied", "elections_won", "saves",
                                  "snapshots", "out_of_descriptors",
                                  "snapshot_children_failed", "snapshot_reads_failed", "restore_step_max_microseconds",
-                                 "snapshot_commit_max_microseconds", "loop_lag_max_microseconds",
+                                 "snapshot_commit_max_microseconds", "snapshot_stepped_cpu_microseconds",
+                                 "snapshot_stepped_wall_microseconds", "loop_lag_max_microseconds",
                                  "loop_lags_over_10ms"}
     assert st.stats["proposals"] - before.stats["proposals"] == 3
     assert st.stats["applied"] - before.stats["applied"] == 3 and st.stats["saves"] >= 3
@@ -767,7 +768,7 @@ def _forking_runtime(tmp_path, **runtime_args) -> Runtime:
     node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1), random.Random(1), stored.hard_state,
                     stored.raft_log(), stored.snapshot)
     runtime = Runtime(node, storage, NullTransport(), Restorable(), tick_seconds=0.005, **runtime_args)
-    runtime.snapshot_fork = True
+    runtime.snapshot_mode = "fork"
     return runtime
 
 
@@ -802,7 +803,7 @@ def test_a_failed_fork_is_tried_again_later_and_leaves_forking_on(tmp_path, monk
                     gevent.sleep(0.01)
         said = [r.getMessage() for r in caplog.records]
         assert any(line.startswith("could not fork a snapshot child") and "trying again" in line for line in said)
-        assert runtime.snapshot_fork and len(forks) >= 2
+        assert runtime.snapshot_mode == "fork" and len(forks) >= 2
         assert any(line.startswith("snapshot child") and "writing the state" in line for line in said), said
     finally:
         runtime.stop()

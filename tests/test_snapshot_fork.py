@@ -1,6 +1,7 @@
 """Snapshots taken by a forked child (issue 13), with real processes (tests/procs.py): leaders and followers
 snapshot under writes, a new node catches up by InstallSnapshot streamed from the leader's file, and a node
-SIGKILLed while its child writes restarts on the same ports and data dir with nothing acknowledged lost."""
+SIGKILLed while its child writes restarts on the same ports and data dir with nothing acknowledged lost. The first
+also in the stepped mode (the default from feature level 3: written by the serving process a step at a time)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import os
 import re
 import time
 
+import pytest
 from procs import LocalCluster, Node, wait_for
 
-THRESHOLD = ("-snapshot-threshold", "20000")
+THRESHOLD = ("-snapshot-threshold", "20000", "-snapshot-mode", "fork")
+STEPPED = ("-snapshot-threshold", "20000", "-snapshot-mode", "stepped")
 
 
 def _write_many(cluster: LocalCluster, prefix: str, count: int) -> dict[str, str]:
@@ -35,18 +38,22 @@ def _snapshot_children(node: Node) -> list[int]:
     return [int(pid) for pid in re.findall(r"snapshot child (\d+) writing", node.log_text())]
 
 
-def test_leader_and_followers_snapshot_in_children_and_a_new_node_catches_up_from_the_file(tmp_path):
-    c = LocalCluster(str(tmp_path), size=3, extra=THRESHOLD).start()
+@pytest.mark.parametrize("flags", [THRESHOLD, STEPPED], ids=["fork", "stepped"])
+def test_leader_and_followers_snapshot_in_children_and_a_new_node_catches_up_from_the_file(tmp_path, flags):
+    c = LocalCluster(str(tmp_path), size=3, extra=flags).start()
     try:
         written = _write_many(c, "k", 400)
         for n in c.nodes:
             wait_for(lambda n=n: n.status()["snapshot_index"] > 0, 20, f"a snapshot on {n.name}")
-            assert _snapshot_children(n), f"{n.name} took no snapshot in a child:\n{n.log_text()}"
+            if flags is THRESHOLD:
+                assert _snapshot_children(n), f"{n.name} took no snapshot in a child:\n{n.log_text()}"
+            else:
+                assert "by steps" in n.log_text() and not _snapshot_children(n), n.log_text()
             assert "took a snapshot at index" in n.log_text()
         written.update(_write_many(c, "m", 50))  # after the snapshots: the log goes on past them
         late = Node("node.4", str(tmp_path))
         c.nodes.append(late)
-        late.start(*THRESHOLD, join=c.leader().address)
+        late.start(*flags, join=c.leader().address)
         wait_for(lambda: "installed a snapshot" in late.log_text(), 30, "node.4 to install a snapshot")
         leader_commit = c.leader().status()["commit_index"]
         wait_for(lambda: late.status()["applied_index"] >= leader_commit, 30, "node.4 to catch up")
@@ -54,7 +61,7 @@ def test_leader_and_followers_snapshot_in_children_and_a_new_node_catches_up_fro
             _check_every_key(n, written)
         # And it restarts from the snapshot it received (its file), still holding every key.
         late.stop()
-        late.start(*THRESHOLD)
+        late.start(*flags)
         _check_every_key(late, written)
     finally:
         c.stop()

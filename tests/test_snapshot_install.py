@@ -833,7 +833,7 @@ def test_a_leaders_snapshot_file_cut_under_it_is_abandoned_counted_and_logged_at
     transport = AnswersHeartbeats()
     runtime = Runtime(node, storage, transport, KeyValueStore(), tick_seconds=0.005, snapshot_threshold_bytes=2000)
     transport.runtime = runtime
-    runtime.snapshot_fork = False  # the file is the same either way; in process, the test does not wait for a child
+    runtime.snapshot_mode = "in-process"  # the file is the same either way; in process, the test does not wait for a child
     runtime.start()
     try:
         with caplog.at_level("WARNING", logger="raftlib.runtime"), gevent.Timeout(20):

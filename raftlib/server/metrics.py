@@ -124,6 +124,11 @@ GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
     ("raftdzmq_snapshot_commit_seconds_max", "The longest commit of a snapshot of this node's own (the event "
      "loop held that long: a rename, a pre-built log segment's last records, fsyncs), in seconds",
      lambda s: s.stats["snapshot_commit_max_microseconds"] / 1e6),
+    ("raftdzmq_snapshot_stepped_cpu_seconds", "The last stepped snapshot's CPU in the serving process's loop "
+     "(its steps and appends: what a forked child spent elsewhere), in seconds",
+     lambda s: s.stats["snapshot_stepped_cpu_microseconds"] / 1e6),
+    ("raftdzmq_snapshot_stepped_seconds", "The last stepped snapshot's wall time, from its begin to its file's "
+     "fsync, in seconds", lambda s: s.stats["snapshot_stepped_wall_microseconds"] / 1e6),
     ("raftdzmq_out_of_descriptors", "Saves and snapshots refused for want of a file descriptor (each try; "
      "retried)", lambda s: s.stats["out_of_descriptors"]),
 )

@@ -171,6 +171,7 @@ class ServerConfig:
     idle_timeout_seconds: float = 60.0
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
+    snapshot_mode: str | None = None  # -snapshot-mode: raftlib.runtime.SNAPSHOT_MODES (None: its default, "stepped")
     max_uncommitted_bytes: int = 64 << 20  # -max-uncommitted-bytes: raftlib.core.Config.max_uncommitted_bytes
     max_batch_bytes: int = Config.max_batch_bytes  # -max-batch-bytes: raftlib.core.Config.max_batch_bytes
     secret: bytes | None = None
@@ -577,7 +578,8 @@ class Server:
             if not self.transport.vouch(vouched["index"], vouched["members"]):
                 self._forget_vouched()  # our configuration reached it before a crash: the list is stale
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
-                               snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal)
+                               snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal,
+                               snapshot_mode=config.snapshot_mode)
         if stored.snapshot is not None:  # a piece per drive once the runtime runs: heartbeats answered meanwhile
             self.runtime.restore_at_start(stored.snapshot)
         self.metrics.bind(self.runtime.status)

@@ -102,6 +102,10 @@ Rules:
   state is then freed a bounded batch (keys and bytes) per step. A restore dropped before its end (a newer
   snapshot's replaced it, its node stopped) leaves what it built, or the old state it was freeing, to the next
   restore, whose first steps free it the same way (`_garbage`, `_freeing`).
+- A V4 snapshot may also be written a piece at a time while commands apply (`begin_stepped_snapshot`,
+  SteppedSnapshotWriter: the runtime's stepped mode, issue 13): the same bytes as `encode_state` at its begin, from
+  a copy-on-write view kept by hooks in the one place each kind of change is made (`_puts`, `_delete`, `_grant`,
+  `_drop_lease`, an ADMIN_CLAIM); a restore that replaces the state closes it.
 - `keys` holds the keys of `data` in order, kept in step by `apply` and `restore` only: a page of keys costs
   O(log n + page), never a sort of the whole key set (which holds the event loop for as long as it takes). A
   restore builds it from keys that come in increasing order without sorting, checking the order.
@@ -112,6 +116,7 @@ from __future__ import annotations
 import io
 import logging
 import operator
+from itertools import islice
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, NamedTuple, NoReturn, TypeGuard
 
@@ -148,6 +153,9 @@ SNAPSHOT_V4 = "raftdzmq-kv-v4"
 # values a count bound alone let one step copy 512 MiB (206 ms, the fifth review).
 RESTORE_BATCH_KEYS = 2048
 RESTORE_BATCH_BYTES = 128 << 10
+# A stepped snapshot's step (SteppedSnapshotWriter.step) ends once the values it wrote pass this many bytes, whatever
+# its count of keys: 256 keys of 1 MiB would copy 256 MiB in one step.
+SNAPSHOT_STEP_BYTES = 128 << 10
 # A restore step of V3's lease table decodes at most this many leases, and ends once their keys pass this many: ~2.3 us
 # a lease of one key (two items decoded, a set, a Lease, the checks, lease_of), so ~2.5 ms a step; at 2,048 a step
 # took 4-5 ms here, 10 ms when a dict grew (bench/restore_steps.py). One lease has at most MAX_KEYS_PER_LEASE keys.
@@ -498,6 +506,7 @@ class KeyValueStore:
         # when it was taken, so every member's since. A node whose state is still the empty one it restores into
         # (a restart's own snapshot, or a joiner's first from the leader) counts it (raftlib.server.node).
         self.restoring_level = 0
+        self._writer: SteppedSnapshotWriter | None = None  # the stepped snapshot open (one at a time), or None
 
     def get(self, key: str) -> bytes | None:
         record = self.data.get(key)
@@ -557,6 +566,8 @@ class KeyValueStore:
         if op == DELETE:
             return "ok" if self._delete(index, key) else "missing"
         if op == ADMIN_CLAIM:
+            if self._writer is not None:
+                self._writer.keep_claims()
             return self.admin_claims.apply(key, expected)
         if op == SET_FEATURE_LEVEL:
             return self._set_feature_level(index, expected)
@@ -639,6 +650,8 @@ class KeyValueStore:
         if len(self.leases) >= MAX_LEASES:
             return "full"
         assert index not in self.leases, "a lease id is the index of its grant: used once"
+        if self._writer is not None:
+            self._writer.keep_lease(index)
         self.leases[index] = Lease(ttl_seconds)
         self.lease_ids.add(index)
         if self.on_lease is not None:
@@ -679,6 +692,8 @@ class KeyValueStore:
         for key in keys:
             self._delete(index, key, kind)  # unlinks it from the lease
         assert not lease.keys, "every key of a dropped lease was unlinked by its delete"
+        if self._writer is not None:
+            self._writer.keep_lease(lease_id)
         del self.leases[lease_id]
         self.lease_ids.remove(lease_id)
         if self.on_lease is not None:
@@ -704,6 +719,9 @@ class KeyValueStore:
         of them, so that no kind of put can apply differently on some path (review of txnperf, Q2). A branch's puts
         in one loop, without a Python call a key but `exposed`: KeyTable's get and set (its shard looked up here, as
         KeyTable does) and a call a put were three more (docs/BENCHMARKS.md)."""
+        if self._writer is not None:  # before the lease links below: the writer keeps the key's lease too
+            for o in puts:
+                self._writer.keep_key(o[1])
         if self.lease_of or lease_id:  # no dict lookup on the write path of a store without leases
             for o in puts:
                 self._link(o[1], lease_id)
@@ -724,6 +742,8 @@ class KeyValueStore:
                 events.append(_new_event(Event, ("put", key, value, index, exposed(create_index))))
 
     def _delete(self, index: int, key: str, kind: str = "delete") -> bool:
+        if self._writer is not None:
+            self._writer.keep_key(key)
         record = self.data.pop(key, None)
         if record is None:
             return False
@@ -849,6 +869,16 @@ class KeyValueStore:
         """The whole state in the format its feature level calls for (`encode_state`). Run by a forked child on its
         copy of the state (raftlib.runtime), so its time is not the event loop's."""
         return encode_state(self)
+
+    def begin_stepped_snapshot(self) -> SteppedSnapshotWriter | None:
+        """A SteppedSnapshotWriter of the state as it is now (its bytes: `snapshot()`'s of now), or None below
+        feature level 3 (V2 and V3 are written whole: `snapshot`). One at a time: a writer still open is closed."""
+        if self.feature_level < 3:
+            return None
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = SteppedSnapshotWriter(self)
+        return self._writer
 
     def restore(self, data) -> None:
         """Replace the whole state with a snapshot's (empty bytes: the empty state): bytes, or a source with
@@ -1013,6 +1043,8 @@ class KeyValueStore:
         """The one place the state is replaced: everything given was checked (a damaged snapshot raises before
         it gets here, so it changes nothing)."""
         assert len(keys) == len(data) and type(data) is KeyTable
+        if self._writer is not None:
+            self._writer.close()  # the state it was writing is gone: the runtime abandons that snapshot
         self.data = data
         self.keys = keys
         self.admin_claims = state.admin_claims
@@ -1200,6 +1232,206 @@ def _head(major: int, count: int) -> bytes:
         if count < 1 << (8 * width):
             return bytes([major << 5 | info]) + count.to_bytes(width, "big")
     raise ValueError(f"a CBOR length of {count}")
+
+
+class SteppedSnapshotWriter:
+    """The V4 snapshot of a KeyValueStore as it was when the writer was begun (`begin_stepped_snapshot`), written
+    a bounded piece at a time while the store goes on applying commands between the pieces: the same bytes as
+    `encode_state` of the store at the begin (issue 13: a snapshot without fork's pause).
+
+    Rules:
+    - A copy-on-write view at the key level with a cursor: `step` walks `kv.keys` in order from the last key it
+      wrote (`cursor`), a new `irange` a step (never an iterator held across steps). Before the store changes a
+      key (its record, its existence, its lease) beyond the cursor, it calls `keep_key`, which stashes the key's
+      record and lease id as they were at the begin, once (a key absent at the begin stashed as absent); a step
+      merges the store's keys with the stashed keys that existed at the begin and writes each key's begin-time
+      record. Keys at or before the cursor are written already: their changes need nothing.
+    - The leases (V4's last element, `{id: [ttl, sorted(keys)]}`): each key's begin-time lease is noted as the
+      key is written, so that every lease's keys are gathered in key order; the lease map is then written a step
+      at a time in id order from the store's ids merged with the ids stashed by `keep_lease` (called before a
+      grant or a drop: a lease's TTL never changes, its keys go through `keep_key`). Their number is the
+      begin's.
+    - The admin claims are copied by `keep_claims` before the first claim applies after the begin (then the
+      copy is written); the feature level and level index are read at the begin (a level raise changes neither
+      the V4 format nor, above 2, the level index).
+    - The store calls the hooks from the one place each change is made (`_puts`, `_delete`, `_grant`,
+      `_drop_lease`, an ADMIN_CLAIM): every command, txn, prefix delete, lease expiry and revoke goes through
+      them. A restore that replaces the state closes the writer (`closed`: its snapshot is abandoned).
+    - A step's work is bounded by `max_items` whatever changed meanwhile: it takes at most that many names (keys
+      or lease ids) in all, from the store's and the stash's merged (a name skipped as created after the begin
+      counts as one written; 400k keys deleted ahead of the cursor made a 210 ms step when the stash's were not
+      counted, the review of stepped, L1), fewer once their values pass SNAPSHOT_STEP_BYTES; a lease step also
+      ends once its leases' keys pass RESTORE_BATCH_KEYS (a lease has up to MAX_KEYS_PER_LEASE).
+    - The stash holds only what changed while the writer runs. The keys' stash is freed once the keys are
+      written, a batch per step (`_freeing`'s bound: 1M stashed keys freed at once took 45 ms) before the first
+      lease step; `close` frees what is left at once (a snapshot abandoned: rare)."""
+
+    _KEYS, _LEASES, _DONE = 0, 1, 2
+
+    def __init__(self, kv: KeyValueStore) -> None:
+        self.kv = kv
+        self.feature_level, self.level_index = kv.feature_level, kv.level_index
+        self.claims: AdminClaims | None = None  # a copy of the begin's, once a claim applies after the begin
+        self.lease_count = len(kv.leases)
+        self.phase = self._KEYS
+        self.closed = False
+        self.cursor: str | None = None  # the last key written (None: none yet)
+        self.kept: dict[str, tuple[Record, int] | None] = {}  # key -> (record, lease id) at the begin; None: absent
+        self.kept_present = SortedList()  # the kept keys that existed at the begin
+        self.stash_freeing: Iterator[None] | None = None  # the keys' stash freed a batch a step (`_freeing`)
+        self.lease_cursor = 0  # the last lease id written (ids are >= 1)
+        self.kept_leases: dict[int, int | None] = {}  # lease id -> its TTL at the begin; None: absent
+        self.kept_leases_present = SortedList()
+        self.lease_keys: dict[int, list[str]] = {}  # a lease id -> its begin-time keys written so far, in order
+        self.flat: list = []  # the chunk being filled (`_write_chunks`' rule)
+        self.value_bytes = 0
+        self.out = io.BytesIO()  # the bytes made since the last step returned
+        self.out.write(_head(4, 2 + _TAIL_LENGTHS[SNAPSHOT_V4]) + cbor2.dumps(SNAPSHOT_V4) + b"\x9f")
+
+    @property
+    def done(self) -> bool:
+        """Every byte of the snapshot has been returned by `step`."""
+        return self.phase == self._DONE
+
+    def keep_key(self, key: str) -> None:
+        """The store is about to change `key`: stash what it was at the begin, if the writer still has to write it."""
+        if self.phase != self._KEYS or key in self.kept or (self.cursor is not None and key <= self.cursor):
+            return
+        kv = self.kv
+        record = kv.data.get(key)
+        if record is None:
+            self.kept[key] = None
+        else:
+            self.kept[key] = (record, kv.lease_of.get(key, 0))
+            self.kept_present.add(key)
+
+    def keep_lease(self, lease_id: int) -> None:
+        """The store is about to grant or drop `lease_id`: stash its TTL at the begin (or its absence)."""
+        if self.phase == self._DONE or lease_id in self.kept_leases or lease_id <= self.lease_cursor:
+            return
+        lease = self.kv.leases.get(lease_id)
+        self.kept_leases[lease_id] = None if lease is None else lease.ttl_seconds
+        if lease is not None:
+            self.kept_leases_present.add(lease_id)
+
+    def keep_claims(self) -> None:
+        """A claim is about to apply: keep the begin's claims, if they are still to be written."""
+        if self.phase == self._KEYS and self.claims is None:
+            claims = self.kv.admin_claims
+            self.claims = AdminClaims(claims.claims, claims.horizon)
+
+    def step(self, max_items: int) -> bytes:
+        """Write up to `max_items` more keys (or leases), fewer once their values pass SNAPSHOT_STEP_BYTES (their
+        keys RESTORE_BATCH_KEYS), or free a batch of the keys' stash (the class's rules); the snapshot's bytes made
+        by this step (maybe none: a chunk not full yet). Nothing once `done` or `closed`."""
+        if self.closed or self.phase == self._DONE:
+            return b""
+        if self.phase == self._KEYS:
+            self._keys_step(max_items)
+        else:
+            self._leases_step(max_items)
+        out, self.out = self.out, io.BytesIO()
+        return out.getvalue()
+
+    def close(self) -> None:
+        """Stop: free the stash; the store calls no hook of it any more. A writer closed before `done` wrote an
+        unfinished snapshot (a restore replaced the state, or its runtime abandoned it)."""
+        if self.kv._writer is self:
+            self.kv._writer = None
+        self.closed = not self.done
+        self.kept, self.kept_present, self.kept_leases, self.kept_leases_present = {}, SortedList(), {}, SortedList()
+        self.lease_keys, self.flat, self.stash_freeing = {}, [], None
+
+    def _keys_step(self, max_keys: int) -> None:
+        kv = self.kv
+        cursor = self.cursor
+        names, last_step = _next_names(kv.keys, self.kept_present, cursor, max_keys)
+        kept, shards, lease_of, level_index = self.kept, kv.data.shards, kv.lease_of, self.level_index
+        flat, value_bytes, lease_keys = self.flat, self.value_bytes, self.lease_keys
+        step_bytes = 0
+        for n, key in enumerate(names):
+            if step_bytes >= SNAPSHOT_STEP_BYTES:  # the rest in the next step, from the cursor
+                names, last_step = names[:n], False
+                break
+            if key in kept:
+                was = kept[key]
+                if was is None:  # created after the begin
+                    continue
+                (value, create_index, modify_index), lease_id = was
+            else:
+                value, create_index, modify_index = shards[hash(key) & _SHARD_MASK][key]
+                lease_id = lease_of.get(key, 0) if lease_of else 0
+            flat += (key, value, create_index if create_index > level_index else level_index,
+                     modify_index if modify_index > level_index else level_index)
+            if lease_id:
+                lease_keys.setdefault(lease_id, []).append(key)
+            value_bytes += len(value)
+            step_bytes += len(value)
+            if len(flat) == 4 * RESTORE_BATCH_KEYS or value_bytes >= RESTORE_BATCH_BYTES:  # `_write_chunks`' rule
+                _write_chunk(self.out, flat)
+                flat, value_bytes = [], 0
+        self.flat, self.value_bytes = flat, value_bytes
+        if names:
+            self.cursor = names[-1]
+        if not last_step:
+            return
+        if flat:
+            _write_chunk(self.out, flat)
+        self.flat = []
+        self.out.write(b"\xff")
+        claims = self.claims if self.claims is not None else kv.admin_claims
+        for item in (claims.claims, claims.horizon, self.feature_level, self.level_index):
+            self.out.write(cbor2.dumps(item))
+        self.out.write(_head(5, self.lease_count))
+        self.phase = self._LEASES
+        self.stash_freeing = _freeing([self.kept, *_sublists_of(self.kept_present)])
+        self.kept, self.kept_present = {}, SortedList()
+
+    def _leases_step(self, max_leases: int) -> None:
+        if self.stash_freeing is not None:
+            for _ in self.stash_freeing:
+                return  # this step freed a batch of the keys' stash
+            self.stash_freeing = None
+        kv = self.kv
+        ids, last_step = _next_names(kv.lease_ids, self.kept_leases_present, self.lease_cursor, max_leases)
+        items: list = []
+        keys_here = 0
+        for n, lease_id in enumerate(ids):
+            if keys_here >= RESTORE_BATCH_KEYS:  # the rest in the next step, from the cursor
+                ids, last_step = ids[:n], False
+                break
+            if lease_id in self.kept_leases:
+                ttl = self.kept_leases[lease_id]
+                if ttl is None:  # granted after the begin
+                    continue
+            else:
+                ttl = kv.leases[lease_id].ttl_seconds
+            keys = self.lease_keys.pop(lease_id, [])
+            keys_here += len(keys)
+            items += (lease_id, [ttl, keys])
+        _write_items(self.out, items)
+        if ids:
+            self.lease_cursor = ids[-1]
+        if last_step:
+            assert not self.lease_keys, "every key's begin-time lease was there at the begin"
+            self.phase = self._DONE
+            self.close()
+
+
+def _next_names(names: SortedList, kept_present: SortedList, cursor: Any, max_items: int) -> tuple[list[Any], bool]:
+    """A stepped snapshot's next names past `cursor` (exclusive; None: from the first), in order: the store's
+    (`names`) merged with the stashed ones that existed at the begin (`kept_present`), at most `max_items` in all
+    (each list read up to `max_items` only: never every stashed name ahead); and whether they are the last."""
+    current = list(islice(names.irange(minimum=cursor, inclusive=(False, True)), max_items))
+    kept_here = list(islice(kept_present.irange(minimum=cursor, inclusive=(False, True)), max_items))
+    merged = sorted(set(current).union(kept_here)) if kept_here else current
+    full = [taken[-1] for taken in (current, kept_here) if len(taken) == max_items]
+    if full:  # a name past a full list's last may come before another unread one: cut there
+        upto = min(full)
+        merged = [name for name in merged if name <= upto]
+    if len(merged) > max_items:
+        return merged[:max_items], False
+    return merged, not full
 
 
 def _admin_claims(claims: object, horizon: object) -> AdminClaims:
