@@ -61,8 +61,9 @@ class GcPauses:
 class FreezeSurvivors:
     """Each full collection's survivors frozen (gc.freeze in its stop callback), so the next full collection walks
     only what outlived the young generations since: under writes a leader's full collections walked the Raft log's
-    entries again each time (bench: up to ~105,000 `Entry` and the watch history's ~10,000 `Event` of ~117,000
-    objects, 90-116 ms at 64 clients), each walk of them a pause of the event loop.
+    entries again each time (up to ~105,000 `Entry` and the watch history's ~10,000 `Event` of ~117,000 objects,
+    90-116 ms at 64 clients: docs/BENCHMARKS.md, "The collector under sustained writes"), each a pause of the
+    event loop.
 
     Frozen objects are still freed by their reference count (a compacted entry, an evicted event); a cycle of
     garbage among them is not: an object alive at a freeze that later dies in a cycle (a request in flight then)
@@ -93,10 +94,10 @@ class FreezeSurvivors:
             self.sweeping, self.sweeps = False, self.sweeps + 1
             self.frozen_after_sweep = gc.get_freeze_count()
             log.info("swept the objects frozen after full collections: %d unreachable collected, %d frozen again",
-                        info["collected"], self.frozen_after_sweep)
+                     info["collected"], self.frozen_after_sweep)
         elif gc.get_freeze_count() > self.SWEEP_GROWTH * self.frozen_after_sweep + self.SWEEP_SLACK:
             log.info("%d objects frozen (%d after the last sweep): all unfrozen, the next full collection sweeps",
-                        gc.get_freeze_count(), self.frozen_after_sweep)
+                     gc.get_freeze_count(), self.frozen_after_sweep)
             gc.unfreeze()
             self.sweeping = True
         else:
