@@ -56,7 +56,7 @@ from raftlib.server.hosts import parse_allowed_hosts  # noqa: E402
 from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
 from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
-from raftlib.server.tuning import freeze_after_start, watch_gc_from_env  # noqa: E402
+from raftlib.server.tuning import FreezeSurvivors, freeze_after_start, watch_gc_from_env  # noqa: E402
 from raftlib.server.nodestart import NAMED_ID  # noqa: E402
 from raftlib.storage_errors import StorageError  # noqa: E402
 from raftlib.codec import MAX_ENTRY_BYTES  # noqa: E402
@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args, server.node_id)
     freeze_after_start()  # the state on disk is loaded; nothing serves yet
+    FreezeSurvivors().install()  # from now on each full collection's survivors, a sweep bounding the garbage
     try:
         server.start()
     except (OSError, zmq.ZMQError) as e:  # the Raft port (zmq), or the HTTP port

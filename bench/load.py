@@ -494,7 +494,8 @@ def print_gc_stats(systems: list[System], folder: str) -> None:
             gens = "; ".join(f"gen{g} {st['count'][g]}x total {st['total_seconds'][g] * 1000:.0f} ms max "
                              f"{st['max_seconds'][g] * 1000:.1f} ms, {len(st['long_seconds'][g])} >= 1 ms"
                              for g in range(3))
-            print(f"gc {s.name} node{k + 1}: {gens}")
+            full = ", ".join(f"{seconds * 1000:.0f}" for seconds in st["long_seconds"][2])
+            print(f"gc {s.name} node{k + 1}: {gens}; gen2 pauses ms: {full}; frozen at exit {st['frozen']}")
 
 
 # ---- the open loop ------------------------------------------------------------------------------------------

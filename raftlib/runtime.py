@@ -439,7 +439,10 @@ class Runtime:
         self._read_waiting: dict[bool, gevent.event.AsyncResult] = {}  # lease? -> the read not yet taken
         self._request_ids = readonly.request_ids(random.SystemRandom())  # unique across restarts
         # Requests by their timeout: each deque holds (deadline, result) in arrival order, so in deadline order.
-        self._deadlines: dict[float, collections.deque[tuple[float, gevent.event.AsyncResult]]] = {}
+        # Requests waiting for an answer, by timeout: {result: deadline} in the order they came (so in deadline
+        # order). A caller removes its own once answered: kept until its deadline (seconds), every request's result
+        # outlived a few young collections and was walked by the full ones (issue 13, docs/BENCHMARKS.md).
+        self._deadlines: dict[float, dict[gevent.event.AsyncResult, float]] = {}
         self._greenlets: list[gevent.Greenlet] = []
         self._membership: Membership | None = None
         self._soft: tuple[Role | None, int, str | None] = (None, 0, None)  # role, term, leader: as last logged
@@ -815,21 +818,28 @@ class Runtime:
         result = gevent.event.AsyncResult()
         pending = self._deadlines.get(timeout_seconds)
         if pending is None:
-            pending = self._deadlines[timeout_seconds] = collections.deque()
-        pending.append((time.monotonic() + timeout_seconds, result))
+            pending = self._deadlines[timeout_seconds] = {}
+        pending[result] = time.monotonic() + timeout_seconds
         self._put(item_type(argument, result))
         try:
             return result.get()
         except _Expired:
             raise Timeout(f"no answer in {timeout_seconds}s") from None
+        finally:
+            pending.pop(result, None)  # answered (or expired already): not held until its deadline
 
     def _expire_loop(self) -> None:
         while self.running:
             gevent.sleep(self.tick_seconds)
             now = time.monotonic()
             for pending in self._deadlines.values():
-                while pending and pending[0][0] <= now:
-                    result = pending.popleft()[1]
+                expired = []
+                for result, deadline in pending.items():  # oldest first: stop at the first not yet due
+                    if deadline > now:
+                        break
+                    expired.append(result)
+                for result in expired:
+                    del pending[result]
                     if not result.ready():
                         result.set_exception(_Expired())
             for timeout_seconds in [t for t, pending in self._deadlines.items() if not pending]:
@@ -1795,7 +1805,7 @@ class Runtime:
         self._backups_asked = []
         self._proposals, self._reads, self._reads_waiting_apply, self._index_waiters = {}, {}, {}, {}
         for pending in self._deadlines.values():  # requests still in the inbox, or answered already
-            for _, result in pending:
+            for result in pending:
                 if not result.ready():
                     result.set_exception(error)
         self._deadlines = {}

@@ -535,6 +535,15 @@ def test_request_deadlines_of_every_length_are_forgotten_once_past(one_node):
     assert runtime._deadlines == {}
 
 
+def test_an_answered_request_is_not_held_until_its_deadline(one_node):
+    """A request's result leaves the deadlines once answered: held for its whole timeout, each write's result
+    outlived the young collections and was walked by the full ones (issue 13)."""
+    runtime, _, _ = one_node
+    for _ in range(20):
+        runtime.propose(b"x", 60.0)
+    assert [len(pending) for pending in runtime._deadlines.values()] in ([], [0])
+
+
 def test_a_removed_notice_is_logged_once(caplog):
     """A removed node hears it is removed at every election timeout; its log says so at once (also when the notice
     changes nothing else, so the node has no Ready for it), only once, and once more when a leader counts it as a

@@ -112,6 +112,9 @@ class _ReceiveTimeout(Exception):
     """Raised (by a gevent.Timeout) in a handler whose client took longer than -receive-timeout to send a request."""
 
 
+BOTTLE_HEADERS_KEY = "bottle.request.headers"  # where bottle.BaseRequest.headers keeps its WSGIHeaderDict
+
+
 class _Body(io.BytesIO):
     """The request body, read whole before the route runs, as wsgi.input."""
 
@@ -278,6 +281,10 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.wsgi_input = environ["wsgi.input"] = _Body(body)
         self.application = server.application
         self.handle_one_response()
+        # Bottle caches request.headers (get_header: every write's cross-site check) in the environ as a
+        # WSGIHeaderDict that holds the environ: a cycle a request, the body with it, left to the collector (and
+        # promoted to the oldest generation when a young collection found it in flight). Cut once answered.
+        environ.pop(BOTTLE_HEADERS_KEY, None)
         if self.close_connection or self.rfile.closed:
             return None
         return True

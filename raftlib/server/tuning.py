@@ -17,10 +17,13 @@ from __future__ import annotations
 import atexit
 import gc
 import json
+import logging
 import os
 import time
 
 STATS_ENV = "RAFTDZMQ_GC_STATS"
+
+log = logging.getLogger("raftdzmq.tuning")
 
 
 class GcPauses:
@@ -53,6 +56,58 @@ class GcPauses:
     def as_dict(self) -> dict:
         return {"count": self.count, "total_seconds": self.total_seconds, "max_seconds": self.max_seconds,
                 "long_seconds": self.long_seconds, "threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}
+
+
+class FreezeSurvivors:
+    """Each full collection's survivors frozen (gc.freeze in its stop callback), so the next full collection walks
+    only what outlived the young generations since: under writes a leader's full collections walked the Raft log's
+    entries again each time (up to ~105,000 `Entry` and the watch history's ~10,000 `Event` of ~117,000 objects,
+    90-116 ms at 64 clients: docs/BENCHMARKS.md, "The collector under sustained writes"), each a pause of the
+    event loop.
+
+    Frozen objects are still freed by their reference count (a compacted entry, an evicted event); a cycle of
+    garbage among them is not: an object alive at a freeze that later dies in a cycle (a request in flight then)
+    stays frozen. Bounded as CPython bounds the oldest generation's garbage: once the frozen count exceeds
+    SWEEP_GROWTH times its count after the last sweep plus SWEEP_SLACK objects, a full collection's stop
+    unfreezes everything instead, so the next full collection (the sweep) walks the whole heap, frees the frozen
+    garbage, and sets the new count. Frozen garbage therefore stays under SWEEP_GROWTH times what was alive at the
+    last sweep plus the slack. The sweep is one pause of a full collection of the heap, as every full collection
+    was before; the rest walk only what was promoted since the last one.
+
+    Rules: everything runs inside the collector's callbacks (gc.freeze and gc.unfreeze only move lists; a
+    gc.collect there would do nothing). Collections of the younger generations are not touched. A CollectorHold
+    (raftlib/runtime.py) that disables the collector stops the automatic collections, and with them these freezes."""
+
+    SWEEP_GROWTH = 2
+    SWEEP_SLACK = 50_000  # objects: without it a sweep right after start-up (~35,000 frozen) would come soon again
+
+    def __init__(self) -> None:
+        self.frozen_after_sweep = gc.get_freeze_count()
+        self.sweeping = False
+        self.sweeps = 0
+
+    def callback(self, phase: str, info: dict) -> None:
+        if phase != "stop" or info["generation"] != 2:
+            return
+        if self.sweeping:  # this collection walked everything: what survived is the new measure
+            gc.freeze()
+            self.sweeping, self.sweeps = False, self.sweeps + 1
+            self.frozen_after_sweep = gc.get_freeze_count()
+            log.info("swept the objects frozen after full collections: %d unreachable collected, %d frozen again",
+                     info["collected"], self.frozen_after_sweep)
+        elif gc.get_freeze_count() > self.SWEEP_GROWTH * self.frozen_after_sweep + self.SWEEP_SLACK:
+            log.info("%d objects frozen (%d after the last sweep): all unfrozen, the next full collection sweeps",
+                     gc.get_freeze_count(), self.frozen_after_sweep)
+            gc.unfreeze()
+            self.sweeping = True
+        else:
+            gc.freeze()
+
+    def install(self) -> None:
+        gc.callbacks.append(self.callback)
+
+    def uninstall(self) -> None:
+        gc.callbacks.remove(self.callback)
 
 
 def freeze_after_start() -> None:
