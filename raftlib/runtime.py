@@ -1545,7 +1545,7 @@ class Runtime:
                         break
                 cpu += time.thread_time() - turn_cpu_started
                 if held >= SNAPSHOT_IO_BYTES and not writer.closed:  # the wait for the thread is this turn's yield
-                    threadpool.apply(out.append, (b"".join(pieces),))
+                    _threadpool_call(threadpool, out.append, b"".join(pieces))
                     pieces, held = [], 0
                 else:
                     gevent.sleep(0.00001)  # a turn of the loop (STACK-NOTES: gevent.sleep(0) lets no timer run)
@@ -1574,7 +1574,7 @@ class Runtime:
 
         written = False
         try:
-            gevent.get_hub().threadpool.apply(end)
+            _threadpool_call(gevent.get_hub().threadpool, end)
             written = True
             self.stats["snapshot_stepped_wall_microseconds"] = int((time.monotonic() - started) * 1e6)
         except Exception as e:
@@ -1859,6 +1859,23 @@ def _descriptor_limit() -> int:
     what the kernel allows a process (fs.nr_open, 1M by default)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _threadpool_call(threadpool: Any, call: Callable[..., None], *args: Any) -> None:
+    """`call(*args)` in gevent's threadpool, an Exception it raises raised here, in the waiting greenlet: caught
+    in the thread and handed back as a value, since gevent's threadpool prints the traceback of an exception a
+    task raises before the caller sees it (a full disk at a stepped snapshot's write wrote a "Traceback" into the
+    log of a node that handled it: CI at 2b2f029, tests/test_disk_faults.py)."""
+    def task() -> Exception | None:
+        try:
+            call(*args)
+        except Exception as e:  # noqa: BLE001 - raised again below, in the caller's greenlet
+            return e
+        return None
+
+    error = threadpool.apply(task)
+    if error is not None:
+        raise error
 
 
 def _child_main(work: Callable[[], bytes], w: int, parent: int, libc, fd_limit: int) -> None:
