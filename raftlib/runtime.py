@@ -257,6 +257,10 @@ class CollectorHold:
     # gc.get_freeze_count() after the last sweep (or at the first hold), lowered to the count at a restore's end
     # before its freeze whenever that is lower (`_freeze_or_sweep`).
     _frozen_floor: int | None = None
+    # True from the moment everything is unfrozen for a sweep (`begin_sweep`: here, or FreezeSurvivors at a full
+    # collection's stop) until the full collection that walks it all ends it (`end_sweep`): a freeze before that
+    # would cancel the sweep and leave its garbage frozen (review of gcpause, L2), so a restore's end sweeps then.
+    unfrozen_for_sweep = False
 
     def __init__(self) -> None:
         self.held = False
@@ -306,7 +310,7 @@ class CollectorHold:
         floor = min(frozen, CollectorHold._frozen_floor if CollectorHold._frozen_floor is not None else frozen)
         CollectorHold._frozen_floor = floor
         CollectorHold._restores_since_sweep += 1
-        if frozen - floor > CollectorHold.SWEEP_AFTER_FROZEN_GROWTH or \
+        if CollectorHold.unfrozen_for_sweep or frozen - floor > CollectorHold.SWEEP_AFTER_FROZEN_GROWTH or \
                 CollectorHold._restores_since_sweep >= CollectorHold.SWEEP_AFTER_RESTORES:
             CollectorHold.sweep()
         else:
@@ -317,13 +321,29 @@ class CollectorHold:
         """Everything unfrozen, collected in full, frozen again: the frozen garbage freed, in one full collection
         of the whole heap (bench/restore_steps.py --compare times it). Logged: it holds the event loop."""
         started, frozen = time.thread_time(), gc.get_freeze_count()
-        gc.unfreeze()
-        found = gc.collect()
-        gc.freeze()
-        CollectorHold._frozen_floor = gc.get_freeze_count()
-        CollectorHold._restores_since_sweep = 0
+        CollectorHold.begin_sweep()
+        found = gc.collect()  # FreezeSurvivors, when installed, ends the sweep in this collection's stop callback
+        if CollectorHold.unfrozen_for_sweep:
+            CollectorHold.end_sweep()
         logger.info("swept the garbage frozen by restores: %d unreachable objects collected (%d were frozen) in %.0f ms"
                     " of CPU", found, frozen, (time.thread_time() - started) * 1000)
+
+    @staticmethod
+    def begin_sweep() -> None:
+        """Everything unfrozen: the next full collection walks the whole heap (and must end with `end_sweep`)."""
+        gc.unfreeze()
+        CollectorHold.unfrozen_for_sweep = True
+
+    @staticmethod
+    def end_sweep() -> int:
+        """At the end of the full collection that walked the whole heap: everything frozen again, and the counts of
+        both sweeping policies start over here (this class's floor and restores; FreezeSurvivors takes the frozen
+        count returned, after each sweep whoever began it)."""
+        gc.freeze()
+        CollectorHold.unfrozen_for_sweep = False
+        CollectorHold._frozen_floor = frozen = gc.get_freeze_count()
+        CollectorHold._restores_since_sweep = 0
+        return frozen
 
 
 MAX_BACKUPS = 1  # backups written at once: each child may grow to the size of the state (copy on write)

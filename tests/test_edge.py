@@ -25,7 +25,7 @@ import gevent.socket
 import pytest
 
 from procs import ROOT, SERVER, LocalCluster, Node, free_port, wait_for
-from raftlib.server.edge import ONE_SEND_BODY_BYTES, EdgeServer, listen
+from raftlib.server.edge import ONE_SEND_BODY_BYTES, EdgeHandler, EdgeServer, listen
 from test_http_api import Client
 
 MAX_BODY = 4096
@@ -1270,4 +1270,38 @@ def test_an_answered_write_leaves_no_cycle_for_the_collector():
     finally:
         gc.enable()
         conn.close()
+        server.stop(timeout=5.0)
+
+
+def test_a_closed_connection_leaves_no_cycle_for_the_collector():
+    """Review of gcpause, L1: the handler and its last request's environ held each other (`raftdzmq.handler`), so
+    each connection's end left a cycle with the last body in it to the collector, and kept it frozen until a sweep
+    when the connection had lived through a full collection (tuning.FreezeSurvivors). Now, with the collector
+    off, the handler and its last environ are freed by their reference counts once the connection ends."""
+    server = EdgeServer(listen("127.0.0.1", 0), Client().app, max_connections=4, idle_timeout_seconds=5.0,
+                        receive_timeout_seconds=5.0, busy_timeout_seconds=10.0, max_header_bytes=8192,
+                        max_body_bytes=MAX_BODY)
+    server.start()
+    gc.collect()
+    gc.disable()
+
+    def handlers_alive() -> int:
+        return sum(isinstance(o, EdgeHandler) for o in gc.get_objects())
+
+    try:
+        for n in range(3):
+            conn = gevent.socket.create_connection(server.address, timeout=5.0)
+            conn.sendall(post(f"closed-{n}", b"v" * 1000))
+            received = b""
+            with gevent.Timeout(5.0):
+                while not parse_responses(received):
+                    received += conn.recv(65536)
+            assert parse_responses(received)[0][0] == 200
+            conn.close()
+        deadline = time.monotonic() + 5.0
+        while handlers_alive() and time.monotonic() < deadline:  # the handlers see the close
+            gevent.sleep(0.01)
+        assert handlers_alive() == 0, "closed connections' handlers (their last environs, bodies) left to the collector"
+    finally:
+        gc.enable()
         server.stop(timeout=5.0)

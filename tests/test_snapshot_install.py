@@ -442,6 +442,7 @@ def collector_reset():
     CollectorHold._holders = 0
     CollectorHold._frozen_floor = None
     CollectorHold._restores_since_sweep = 0
+    CollectorHold.unfrozen_for_sweep = False
     gc.unfreeze()
     gc.enable()
 

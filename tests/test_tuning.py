@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from raftlib.messages import Entry
-from raftlib.server.tuning import FreezeSurvivors
+from raftlib.runtime import CollectorHold
+from raftlib.server.tuning import FreezeSurvivors, GcPauses
 
 
 class Cell:
@@ -40,6 +41,9 @@ def policy() -> Iterator[FreezeSurvivors]:
         yield survivors
     finally:
         survivors.uninstall()
+        CollectorHold.unfrozen_for_sweep = False
+        CollectorHold._frozen_floor = None
+        CollectorHold._restores_since_sweep = 0
         gc.unfreeze()
 
 
@@ -58,19 +62,97 @@ def test_a_full_collection_freezes_its_survivors_so_the_next_walks_only_what_cam
     assert policy.sweeps == 0
 
 
-def test_garbage_frozen_alive_is_freed_by_a_sweep_before_it_passes_the_bound(policy: FreezeSurvivors) -> None:
+def frozen_garbage_rounds(rounds: int, round_cells: int, watched: list[weakref.ref[Cell]]) -> Iterator[int]:
+    """Rounds of cycles alive at a full collection (frozen, or swept) and garbage after it; yields the number of
+    objects of garbage still alive after each."""
+    for _ in range(rounds):
+        cycles = [a_cycle() for _ in range(round_cells // 2)]
+        watched += [weakref.ref(c) for c in cycles]
+        gc.collect()  # the cycles are alive: frozen (or everything unfrozen for a sweep, or swept)
+        del cycles  # garbage now, in a cycle each: only a collection that walks them frees them
+        yield 2 * sum(r() is not None for r in watched)
+
+
+def test_garbage_frozen_alive_is_freed_by_each_sweep_before_it_passes_the_bound(policy: FreezeSurvivors) -> None:
+    """Through three sweeps (review of gcpause, tests: one sweep only was checked): after every full collection the
+    frozen garbage is within the bound, and each sweep leaves frozen only what lives."""
     policy.SWEEP_SLACK = 2000  # a smaller bound, for a shorter test
     round_cells = 1000
     watched: list[weakref.ref[Cell]] = []
-    for _ in range(1000):  # rounds: bounded; a sweep is due after ~frozen_after_sweep / round_cells of them
-        cycles = [a_cycle() for _ in range(round_cells // 2)]
-        watched += [weakref.ref(c) for c in cycles]
-        gc.collect()  # the cycles are alive: frozen (or, once the bound is passed, everything unfrozen)
-        del cycles  # garbage now, in a cycle each: only a collection that walks them frees them
-        frozen_garbage = 2 * sum(r() is not None for r in watched)
-        assert frozen_garbage <= policy.SWEEP_GROWTH * policy.frozen_after_sweep + policy.SWEEP_SLACK + round_cells, \
-            "frozen garbage passed the bound"
-        if policy.sweeps:
+    sweeps_seen = 0
+    for frozen_garbage in frozen_garbage_rounds(1000, round_cells, watched):  # bounded: ~a few dozen are needed
+        assert frozen_garbage <= policy.sweep_bound() + round_cells, "frozen garbage passed the bound"
+        if policy.sweeps > sweeps_seen:
+            sweeps_seen = policy.sweeps
+            assert frozen_garbage <= round_cells, "the sweep left the earlier rounds' garbage"
+            # what the sweep froze again is what lives (less the round's list, freed since)
+            assert policy.frozen_floor - 1 <= gc.get_freeze_count() <= policy.frozen_floor
+        if sweeps_seen == 3:
             break
-    assert policy.sweeps == 1
-    assert sum(r() is not None for r in watched) <= round_cells // 2, "the sweep left the earlier rounds' garbage"
+    assert sweeps_seen == 3
+
+
+def test_the_count_bound_follows_the_lowest_frozen_count_not_the_count_at_the_last_sweep(
+        policy: FreezeSurvivors) -> None:
+    """Review of gcpause, L3: the bound's base was the count right after the last sweep, the log at its peak then;
+    once compaction freed those entries the garbage allowed grew by as many (at 1M keys the second sweep
+    practically never came). Now the base is the lowest count measured since."""
+    policy.SWEEP_SLACK, policy.COUNT_SECONDS = 2000, 0.0  # every full collection counts the frozen list
+    log = [[] for _ in range(20_000)]  # a full log, alive at a sweep: frozen by it
+    CollectorHold.sweep()
+    assert policy.sweeps == 1 and policy.frozen_floor >= 20_000
+    del log  # compacted: freed by reference count while frozen
+    low = gc.get_freeze_count()
+    round_cells = 1000
+    watched: list[weakref.ref[Cell]] = []
+    for frozen_garbage in frozen_garbage_rounds(1000, round_cells, watched):
+        assert low + frozen_garbage <= policy.SWEEP_GROWTH * low + policy.SWEEP_SLACK + round_cells, \
+            "the frozen count passed the bound of the lowest count"
+        if policy.sweeps == 2:
+            break
+    assert policy.sweeps == 2
+
+
+def test_a_sweep_comes_after_sweep_seconds_whatever_the_counts(policy: FreezeSurvivors) -> None:
+    cycle = a_cycle()
+    watched = weakref.ref(cycle)
+    gc.collect()  # alive: frozen
+    del cycle  # garbage now, frozen: far below the count bound
+    gc.collect()
+    assert watched() is not None and policy.sweeps == 0
+    policy.swept_at -= policy.SWEEP_SECONDS  # a node's life since the last sweep
+    gc.collect()  # arms the sweep
+    gc.collect()  # the sweep
+    assert policy.sweeps == 1 and watched() is None
+
+
+def test_a_restore_ending_while_a_sweep_is_armed_sweeps_instead_of_freezing_unwalked(
+        policy: FreezeSurvivors) -> None:
+    """Review of gcpause, L2: a CollectorHold released between the policy's unfreeze and its sweep froze the whole
+    heap unwalked, and the next full collection counted as the sweep: the garbage stayed, the bound's base grew."""
+    cycles = [a_cycle() for _ in range(100)]
+    watched = [weakref.ref(c) for c in cycles]
+    gc.collect()  # alive: frozen
+    del cycles  # garbage from here
+    policy.swept_at -= policy.SWEEP_SECONDS
+    gc.collect()  # the sweep armed: everything unfrozen
+    assert CollectorHold.unfrozen_for_sweep
+    hold = CollectorHold()
+    hold.hold()  # a restore begins ...
+    hold.release(freeze=True)  # ... and ends before the next full collection
+    assert not CollectorHold.unfrozen_for_sweep and policy.sweeps == 1
+    assert sum(r() is not None for r in watched) == 0, "the restore's freeze kept the armed sweep's garbage"
+    assert gc.get_freeze_count() == policy.frozen_floor
+
+
+def test_the_policy_runs_inside_what_gc_pauses_times(policy: FreezeSurvivors) -> None:
+    """Review of gcpause, L4: installed after GcPauses, the policy's stop ran after GcPauses' stop, outside the
+    pause it measured. It goes first in gc.callbacks whatever the order."""
+    pauses = GcPauses()
+    pauses.install()
+    try:
+        policy.uninstall()
+        policy.install()
+        assert gc.callbacks.index(policy.callback) < gc.callbacks.index(pauses.callback)
+    finally:
+        gc.callbacks.remove(pauses.callback)

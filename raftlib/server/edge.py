@@ -223,6 +223,19 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       are ready (a sleep every few requests would bound nothing once every connection is ready).
     """
 
+    def handle(self):
+        """pywsgi's loop over the connection's requests; once it ends (closed by either side, timed out, evicted,
+        an error), the handler and its last request's environ let go of each other (`raftdzmq.handler`, for a
+        streaming answer): else a cycle a connection, the last body in it, left to the collector (and kept frozen
+        until a sweep by tuning.FreezeSurvivors when the connection outlived a full collection). Both links are
+        cut: Bottle's `request` may still hold that environ until its next request."""
+        try:
+            super().handle()
+        finally:
+            environ = self.__dict__.pop("environ", None)  # as pywsgi's own handle drops its socket and rfile
+            if environ is not None:
+                environ.pop("raftdzmq.handler", None)
+
     def handle_one_request(self):
         if self.rfile.closed:
             return None

@@ -21,6 +21,8 @@ import logging
 import os
 import time
 
+from ..runtime import CollectorHold
+
 STATS_ENV = "RAFTDZMQ_GC_STATS"
 
 log = logging.getLogger("raftdzmq.tuning")
@@ -67,44 +69,76 @@ class FreezeSurvivors:
 
     Frozen objects are still freed by their reference count (a compacted entry, an evicted event); a cycle of
     garbage among them is not: an object alive at a freeze that later dies in a cycle (a request in flight then)
-    stays frozen. Bounded as CPython bounds the oldest generation's garbage: once the frozen count exceeds
-    SWEEP_GROWTH times its count after the last sweep plus SWEEP_SLACK objects, a full collection's stop
-    unfreezes everything instead, so the next full collection (the sweep) walks the whole heap, frees the frozen
-    garbage, and sets the new count. Frozen garbage therefore stays under SWEEP_GROWTH times what was alive at the
-    last sweep plus the slack. The sweep is one pause of a full collection of the heap, as every full collection
-    was before; the rest walk only what was promoted since the last one.
+    stays frozen until a sweep: a full collection's stop unfreezes everything (CollectorHold.begin_sweep), the next
+    full collection walks the whole heap, frees that garbage, and its stop freezes what lives (`end_sweep`). A
+    sweep is armed at a full collection's stop when either
+    - SWEEP_SECONDS have passed since the last sweep, whatever the counts: frozen garbage lives at most that long
+      plus the time to the next two full collections (a node making no garbage may run none for a while); or
+    - the frozen count passes SWEEP_GROWTH times `frozen_floor` plus SWEEP_SLACK objects, `frozen_floor` being the
+      lowest count measured since the last sweep (not the count right after it: that one may come at the log's
+      peak, and at 1M keys it put the next sweep past what the 16 MiB log holds, review of gcpause, L3; measured
+      at most COUNT_SECONDS apart, so a trough shorter than that may be missed). Frozen garbage stays under that
+      many objects. Counted in objects, not bytes: an object may hold a request's body (up to
+      -max-body), which is why the edge cuts its cycles (edge.py) rather than leave them to this.
+    A sweep is one pause of a full collection of the whole heap, the key table included: 59 ms of CPU at 1,000,000
+    keys on a quiet machine, 109-205 ms under load (docs/BENCHMARKS.md, "Snapshot restore steps and the fork
+    pause at 1,000,000 keys", CollectorHold's sweeps); so every full collection was before this policy.
+
+    Counting: gc.get_freeze_count() walks the frozen list in CPython 3.11 (3.4 ms at 1M frozen), so a stop counts
+    only what it freezes (the oldest generation's survivors, len(gc.get_objects(2)), what the collection just
+    walked) and keeps `frozen_estimate`, an upper bound (frozen objects freed by their reference count are not
+    taken off); the frozen list is counted only once that bound passes the count bound, at most COUNT_SECONDS
+    apart otherwise (the floor's measures), and at a sweep's end.
 
     Rules: everything runs inside the collector's callbacks (gc.freeze and gc.unfreeze only move lists; a
-    gc.collect there would do nothing). Collections of the younger generations are not touched. A CollectorHold
-    (raftlib/runtime.py) that disables the collector stops the automatic collections, and with them these freezes."""
+    gc.collect there would do nothing), and the log calls there must not switch greenlets (the stderr handler
+    raftdzmq.py sets does not). `install` puts the policy first in gc.callbacks, so a GcPauses installed before
+    or after times its work within the collection's pause. Collections of the younger generations are not
+    touched. The sweep's bookkeeping is CollectorHold's (raftlib/runtime.py), shared with the restores' sweeps: a
+    restore ending while a sweep is armed sweeps itself, and any sweep restarts both policies' counts. A
+    CollectorHold that disables the collector stops the automatic collections, and with them these freezes."""
 
     SWEEP_GROWTH = 2
     SWEEP_SLACK = 50_000  # objects: without it a sweep right after start-up (~35,000 frozen) would come soon again
+    SWEEP_SECONDS = 300.0  # of a node's life at most between two sweeps (armed at the first full collection after)
+    COUNT_SECONDS = 10.0  # between two counts of the frozen list (each O(frozen)) for `frozen_floor`
 
     def __init__(self) -> None:
-        self.frozen_after_sweep = gc.get_freeze_count()
-        self.sweeping = False
+        self.frozen_floor = self.frozen_estimate = gc.get_freeze_count()
+        self.swept_at = self.counted_at = time.monotonic()
         self.sweeps = 0
+
+    def sweep_bound(self) -> int:
+        """The frozen count past which a full collection's stop arms a sweep."""
+        return self.SWEEP_GROWTH * self.frozen_floor + self.SWEEP_SLACK
 
     def callback(self, phase: str, info: dict) -> None:
         if phase != "stop" or info["generation"] != 2:
             return
-        if self.sweeping:  # this collection walked everything: what survived is the new measure
-            gc.freeze()
-            self.sweeping, self.sweeps = False, self.sweeps + 1
-            self.frozen_after_sweep = gc.get_freeze_count()
-            log.info("swept the objects frozen after full collections: %d unreachable collected, %d frozen again",
-                     info["collected"], self.frozen_after_sweep)
-        elif gc.get_freeze_count() > self.SWEEP_GROWTH * self.frozen_after_sweep + self.SWEEP_SLACK:
-            log.info("%d objects frozen (%d after the last sweep): all unfrozen, the next full collection sweeps",
-                     gc.get_freeze_count(), self.frozen_after_sweep)
-            gc.unfreeze()
-            self.sweeping = True
+        if CollectorHold.unfrozen_for_sweep:  # this collection walked everything: what survived is the new measure
+            self.frozen_floor = self.frozen_estimate = CollectorHold.end_sweep()
+            self.swept_at = self.counted_at = time.monotonic()
+            self.sweeps += 1
+            log.info("swept the frozen objects: %d unreachable collected, %d frozen again", info["collected"],
+                     self.frozen_floor)
+            return
+        survivors = len(gc.get_objects(2))  # what the freeze below would add
+        self.frozen_estimate += survivors
+        now = time.monotonic()
+        overdue = now - self.swept_at >= self.SWEEP_SECONDS
+        if not overdue and (self.frozen_estimate > self.sweep_bound() or now - self.counted_at >= self.COUNT_SECONDS):
+            self.frozen_estimate, self.counted_at = gc.get_freeze_count() + survivors, now
+            self.frozen_floor = min(self.frozen_floor, self.frozen_estimate)
+        if overdue or self.frozen_estimate > self.sweep_bound():
+            log.info("%d objects frozen at most (%d at the lowest since the last sweep, %.0f s ago): all unfrozen, "
+                     "the next full collection sweeps", self.frozen_estimate, self.frozen_floor,
+                     now - self.swept_at)
+            CollectorHold.begin_sweep()
         else:
             gc.freeze()
 
     def install(self) -> None:
-        gc.callbacks.append(self.callback)
+        gc.callbacks.insert(0, self.callback)
 
     def uninstall(self) -> None:
         gc.callbacks.remove(self.callback)
