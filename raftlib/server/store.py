@@ -1425,10 +1425,9 @@ def _next_names(names: SortedList, kept_present: SortedList, cursor: Any, max_it
     current = list(islice(names.irange(minimum=cursor, inclusive=(False, True)), max_items))
     kept_here = list(islice(kept_present.irange(minimum=cursor, inclusive=(False, True)), max_items))
     merged = sorted(set(current).union(kept_here)) if kept_here else current
-    full = [taken[-1] for taken in (current, kept_here) if len(taken) == max_items]
-    if full:  # a name past a full list's last may come before another unread one: cut there
-        upto = min(full)
-        merged = [name for name in merged if name <= upto]
+    full = len(current) == max_items or len(kept_here) == max_items
+    # A name past a full list's last may come before another unread one of that list; the cut to `max_items`
+    # drops every such name: the full list's own `max_items` names all come at or before its last.
     if len(merged) > max_items:
         return merged[:max_items], False
     return merged, not full
