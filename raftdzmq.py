@@ -65,8 +65,10 @@ from raftlib.transport import CURVE_AVAILABLE, TRACE  # noqa: E402
 
 COMMAND_OVERHEAD_BYTES = 8192  # a write's entry beyond its body: the key (at most 4 KiB) and the command's encoding
 MAX_BODY_LIMIT = MAX_ENTRY_BYTES - COMMAND_OVERHEAD_BYTES
-# -max-batch-bytes' most: main's batch for long, and a batch with the largest entry after it (MAX_ENTRY_BYTES; the
-# core sends at least one entry) stays 1 MiB under a frame (MAX_FRAME_BYTES), a margin for the encoding's overhead.
+# -max-batch-bytes' most: main's batch for long. A follower catching up decodes and saves each batch in one turn
+# of its loop (1 MiB held a joiner's heartbeats 20-45 ms: restore10). The frames fit whatever the bound: the core
+# never adds an entry past it but for a lone one (Log.slice), so a frame holds at most a batch and the transport's
+# room for small messages (FrameBudget) or one entry of up to MAX_ENTRY_BYTES, both under MAX_FRAME_BYTES.
 MAX_BATCH_LIMIT = 1 << 20
 
 log = logging.getLogger("raftdzmq")

@@ -47,11 +47,11 @@ from .messages import (
 FORMAT_VERSION = 1
 # zmq's MAXMSGSIZE on the Raft port, so also the most a stranger can make a node hold per connection before the
 # handshake ends (libzmq applies it to handshake commands too: review 2 F1, 64 MiB then). Every sender fits its
-# frames under it (raftlib.transport: FrameBudget): the core bounds an AppendEntries by max_batch_bytes plus one
-# entry (256 KiB by default, at most 1 MiB: raftdzmq's -max-batch-bytes), a snapshot chunk by snapshot_chunk_bytes
-# (1 MiB), and an entry by MAX_ENTRY_BYTES.
+# frames under it (raftlib.transport: FrameBudget): the core bounds an AppendEntries by max_batch_bytes (256 KiB by
+# default, at most 1 MiB: raftdzmq's -max-batch-bytes), never adding an entry past it but for a lone one
+# (Log.slice), a snapshot chunk by snapshot_chunk_bytes (1 MiB), and an entry by MAX_ENTRY_BYTES.
 MAX_FRAME_BYTES = 4 << 20
-MAX_ENTRY_BYTES = 2 << 20  # the largest entry's data that still fits a frame with a whole batch before it
+MAX_ENTRY_BYTES = 2 << 20  # the largest entry's data: alone in its append, it fits a frame with room to spare
 
 
 class CodecError(ValueError):

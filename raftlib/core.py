@@ -93,6 +93,9 @@ class UncommittedBoundExceeded(ProposalDropped):
     metrics, the simulator) tell it from the other refusals without working out why again."""
 
 
+INFLIGHT_WINDOW_BATCHES = 8  # a window's full batches in flight to a follower by default (Config.max_inflight_bytes)
+
+
 @dataclass(frozen=True)
 class Config:
     node_id: str
@@ -114,16 +117,20 @@ class Config:
     # MaxInflightMsgs and MaxInflightBytes; Progress.window_full): while either is reached, no new entries go to it,
     # heartbeats still do. Without them a follower that stopped (SIGSTOP, a long pause) or is slow was sent every
     # new batch, and the transport queued them all for it: up to its 10,000 messages of max_batch_bytes each held in
-    # the leader's memory. 256 is etcd's usual MaxInflightMsgs (raftexample); 8 MiB is 32 full batches (of the
-    # default max_batch_bytes), far more than a healthy follower has in flight (the transport sends what is queued
-    # for a peer as one frame per round trip of ~1 ms here, a full batch a frame: bytes in flight over round trip
-    # is a bound on the rate, Little's law).
-    # The trade-off: a leader compacts its log up to its snapshot and keeps no entries behind the cut, so a follower
-    # more than a window behind (a GC or fsync stall, a loaded machine) when the leader snapshots is sent the whole
-    # snapshot, where without the window the appends already queued for it carried it past the cut. etcd keeps
-    # SnapshotCatchUpEntries behind a cut for this; not done here.
+    # the leader's memory. 256 is etcd's usual MaxInflightMsgs (raftexample). The bytes go by the batch bound unless
+    # given (`inflight_bytes_bound`: INFLIGHT_WINDOW_BATCHES full batches, 2 MiB at the default max_batch_bytes, 8
+    # MiB at -max-batch-bytes' most): the transport sends what is queued for a peer one frame, a full batch, a
+    # round trip, and a heartbeat or read round waits behind every batch queued ahead of it. An 8 MiB window fixed while the
+    # batches went from 1 MiB to 256 KiB was 32 of them ahead of a catching-up follower's heartbeats: their round
+    # trip took ~1 s over a 20 ms link (review final28, L2); 8 batches hold it near 8 round trips. More batches
+    # would not go faster (one frame a round trip bounds the rate: Little's law), and 8 keep one queued while the
+    # acknowledgements come back. The trade-off: a smaller window fills sooner, and a leader compacts its log up to
+    # its snapshot and keeps no entries behind the cut, so a follower more than a window behind (a GC or fsync
+    # stall, a loaded machine) when the leader snapshots is sent the whole snapshot, where without the window the
+    # appends already queued for it carried it past the cut. etcd keeps SnapshotCatchUpEntries behind a cut for
+    # this; not done here.
     max_inflight_messages: int = 256
-    max_inflight_bytes: int = 8 << 20
+    max_inflight_bytes: int | None = None
     # Bound on the payload bytes (Entry.data) of the entries a leader appended in its term that are not committed
     # yet (etcd-io/raft's MaxUncommittedEntriesSize): a leader that cannot commit (its followers cut off while
     # check-quorum has not yet stepped it down, or too slow) refuses proposals beyond it with ProposalDropped,
@@ -187,7 +194,8 @@ class Config:
         ticks("max_batch_bytes", self.max_batch_bytes, 1)
         ticks("max_batch_entries", self.max_batch_entries, 1)
         ticks("max_inflight_messages", self.max_inflight_messages, 1)
-        ticks("max_inflight_bytes", self.max_inflight_bytes, 1)
+        if self.max_inflight_bytes is not None:
+            ticks("max_inflight_bytes", self.max_inflight_bytes, 1)
         ticks("max_uncommitted_bytes", self.max_uncommitted_bytes, 1)
         ticks("snapshot_chunk_bytes", self.snapshot_chunk_bytes, 1)
         ticks("max_committed_entries_per_ready", self.max_committed_entries_per_ready, 1)
@@ -200,6 +208,14 @@ class Config:
                                  f"({self.election_ticks})")
         if self.read_timeout_ticks is not None:
             ticks("read_timeout_ticks", self.read_timeout_ticks, self.election_ticks)
+
+    @property
+    def inflight_bytes_bound(self) -> int:
+        """The window's bound on the entry bytes in flight to one follower: max_inflight_bytes if given, else
+        INFLIGHT_WINDOW_BATCHES full batches (max_batch_bytes each)."""
+        if self.max_inflight_bytes is not None:
+            return self.max_inflight_bytes
+        return INFLIGHT_WINDOW_BATCHES * self.max_batch_bytes
 
 
 @dataclass
@@ -1277,7 +1293,7 @@ class RaftNode:
             return
         entries: list[Entry] = []
         if (pr.next_index <= self.log.last_index and not paused
-                and not pr.window_full(self.config.max_inflight_messages, self.config.max_inflight_bytes)):
+                and not pr.window_full(self.config.max_inflight_messages, self.config.inflight_bytes_bound)):
             high = min(self.log.last_index, pr.next_index + self.config.max_batch_entries - 1) + 1
             entries = self.log.slice(pr.next_index, high, self.config.max_batch_bytes)
         if not entries and not allow_empty:

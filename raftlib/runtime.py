@@ -1535,10 +1535,10 @@ class Runtime:
         return True
 
     def _write_stepped(self, meta: Snapshot, tmp: str, writer: Any, out: Any) -> None:
-        """A stepped snapshot's greenlet: writer steps (raftlib.server.store.SteppedSnapshotWriter) for
-        STEPPED_SNAPSHOT_TURN_SECONDS of CPU a turn of the loop; their bytes, once SNAPSHOT_IO_BYTES are held,
-        appended to the file through the storage's FileSystem (raftlib.snapshotfile.SnapshotFileWriter) in gevent's
-        threadpool, the greenlet waiting (a write() of a file whose pages the kernel is writing back can wait for
+        """A stepped snapshot's greenlet: writer steps (raftlib.server.store.SteppedSnapshotWriter) a turn of the
+        loop until its CPU or its wall time reaches STEPPED_SNAPSHOT_TURN_SECONDS, the first of them; their bytes,
+        once SNAPSHOT_IO_BYTES are held, appended to the file through the storage's FileSystem
+        (raftlib.snapshotfile.SnapshotFileWriter) in gevent's threadpool, the greenlet waiting (a write() of a file whose pages the kernel is writing back can wait for
         the disk: 50 ms holds of the loop, "idle or blocked", were seen at 1M keys when the loop wrote); then the
         rest, the trailer and the fsync in a disk job (`_end_stepped`). A file that cannot be written (DiskFull,
         OutOfDescriptors, an I/O error), an unexpected exception (a bug: logged with its traceback), or a writer

@@ -1098,7 +1098,7 @@ class Cluster:
             ):
                 self.fail(f"{node_id}'s window to {peer} is wrong: {pr}")
             if pr.next_index <= n.log.last_index and pr.window_full(
-                    n.config.max_inflight_messages, n.config.max_inflight_bytes):
+                    n.config.max_inflight_messages, n.config.inflight_bytes_bound):
                 self.stats["appends held back by a full in-flight window"] += 1
 
     def _check_uncommitted_bytes(self, node_id: str) -> None:

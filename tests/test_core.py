@@ -1887,6 +1887,29 @@ def test_a_full_window_holds_back_new_entries_to_a_stopped_follower_but_not_its_
     assert c.run_until(lambda: c.nodes[follower].node.commit_index == c.nodes[leader].node.commit_index, 100)
 
 
+@pytest.mark.parametrize("max_batch_bytes", [Config.max_batch_bytes, 64 << 10])
+def test_a_full_window_holds_eight_full_batches_whatever_the_batch_bound(max_batch_bytes):
+    """The window's bytes go by the batch bound (Config.inflight_bytes_bound: 8 batches, 2 MiB by default): a fixed
+    8 MiB was 32 batches of 256 KiB queued ahead of a catching-up follower's heartbeats, ~1 s round trips over a
+    20 ms link (review final28, L2). 4 MiB written while a follower is stopped: at most 8 batches go to it, and
+    the append that crosses the bound (soft)."""
+    c = Cluster(seed=5, n=3, config_overrides={"max_batch_bytes": max_batch_bytes})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    pr = c.nodes[leader].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    appends = _record_sent_to(c, follower)
+    c.pause(follower)
+    for k in range(400):
+        assert c.client_write(leader, f"key{k}", value="v" * 10_000) is not None
+    assert c.run_until(lambda: c.nodes[leader].node.commit_index >= 400, 2000)
+    sent = [sum(e.size() for e in m.entries) for m in appends if m.entries]
+    assert c.nodes[leader].node.config.inflight_bytes_bound == 8 * max_batch_bytes
+    assert 7 * max_batch_bytes < sum(sent) <= 8 * max_batch_bytes + max(sent), (sum(sent), len(sent))
+    c.resume(follower)
+    assert c.run_until(lambda: c.nodes[follower].node.commit_index == c.nodes[leader].node.commit_index, 2000)
+
+
 def test_a_full_window_whose_appends_were_all_lost_recovers_at_the_next_heartbeat():
     """The REQ/REP transport drops a whole batch when a reply times out: every append in the window may be lost,
     and no acknowledgement will ever free it. The next heartbeat, at prev_log_index next_index - 1, is rejected by

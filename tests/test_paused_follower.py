@@ -16,7 +16,7 @@ WRITERS = 8
 
 def test_a_stopped_follower_costs_the_leader_a_bounded_window_not_everything_written_and_catches_up(tmp_path):
     """The leader sent a stopped follower every new batch, and its transport queued them all: the leader's RSS grew
-    by about what was written (2,400 writes of 8 KB queued for a paused follower). With the window (8 MiB by
+    by about what was written (2,400 writes of 8 KB queued for a paused follower). With the window (8 batches, 2 MiB by
     default) and the log compacted every 4 MiB, 80 MiB written grow it by 30 MiB or so (18 MiB for 40 MiB written
     with no follower stopped: the log, buffers, the allocator), under half of it; resumed, the follower catches up
     (from the leader's snapshot: the entries it missed are compacted) and every key is equal on every node. The

@@ -17,6 +17,7 @@ import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sortedcontainers import SortedList
 
 import format_kv_main
 
@@ -1667,15 +1668,31 @@ def _stepped_store(keys: int) -> tuple[KeyValueStore, int]:
     return kv, keys + 2
 
 
+class _NamesReadCounted(SortedList):
+    """A SortedList that counts the names its `irange`s yielded (`read`): the work a stepped snapshot's step did."""
+
+    def __init__(self, names: SortedList) -> None:
+        super().__init__(names)
+        self.read = 0
+
+    def irange(self, *args, **kwargs):
+        for name in super().irange(*args, **kwargs):
+            self.read += 1
+            yield name
+
+
 def test_a_stepped_snapshot_step_takes_at_most_its_count_of_names_however_many_changed_ahead():
     """A step merges the store's names with the stash's, at most `max_items` in all, created-after-the-begin keys
     (skipped) counted too: 3,000 keys deleted ahead of the cursor, then 3,000 created there, are walked 100 a step
-    (the review of stepped, L1: every stashed key up to the store's next 256 in one step, 210 ms at 400k)."""
+    (the review of stepped, L1: every stashed key up to the store's next 256 in one step, 210 ms at 400k). Each
+    step reads at most 100 stashed names too: one that listed every stashed name ahead and cut the merge took the
+    same names, 37 ms a step at 100k deleted ahead (the second review of stepped, T1)."""
     kv, index = _stepped_store(5000)
     expected = store.encode_state(kv)
     writer = kv.begin_stepped_snapshot()
     assert writer is not None
     written = writer.step(100)
+    writer.kept_present = stash_names = _NamesReadCounted(writer.kept_present)
     kv.apply(index, command(DELETE_PREFIX, "k01"))  # k01000-k01999 ahead of the cursor (k00099)
     kv.apply(index + 1, command(DELETE_PREFIX, "k02"))
     kv.apply(index + 2, command(DELETE_PREFIX, "k03"))
@@ -1688,6 +1705,8 @@ def test_a_stepped_snapshot_step_takes_at_most_its_count_of_names_however_many_c
         if writer.phase == writer._KEYS:
             taken = bisect.bisect_right(names, writer.cursor) - bisect.bisect_right(names, before)
             assert 0 < taken <= 100, (before, writer.cursor)
+            assert stash_names.read <= 100, (before, stash_names.read)
+        stash_names.read = 0
     assert written == expected
 
 
@@ -1711,6 +1730,31 @@ def test_a_stepped_snapshot_frees_its_keys_stash_a_batch_per_step():
     assert written == expected
     assert sizes[0] > 0 and sizes[-1] == 0, sizes  # emptied in place, over several steps
     assert all(a - b <= 2 * store.RESTORE_BATCH_KEYS for a, b in zip([11_999, *sizes], sizes)), sizes
+
+
+def test_a_stepped_snapshot_frees_its_keys_stash_a_batch_of_value_bytes_per_step(monkeypatch):
+    """A freeing step stops once its stashed values pass 2 * RESTORE_BATCH_BYTES: it counted a stash item's length
+    (3: a (record, lease id) pair's record), not its value's bytes, so each step freed 4,096 values whatever their
+    size, 40-45 ms with 256 KiB values (the second review of stepped, L1)."""
+    monkeypatch.setattr(store, "RESTORE_BATCH_BYTES", 1000)  # 2,000 bytes a step: 20 values of 100 bytes
+    kv, _, _ = upgraded(*(command(SET, f"k{i:05d}", b"v" * 100) for i in range(400)))
+    index = 402
+    expected = store.encode_state(kv)
+    writer = kv.begin_stepped_snapshot()
+    assert writer is not None
+    written = writer.step(1)
+    for i in range(1, 400):
+        kv.apply(index + i, command(SET, f"k{i:05d}", b"changed"))  # every key ahead stashed, its old value 100 B
+    stash = writer.kept
+    sizes = []
+    while not writer.done:
+        written += writer.step(100_000)
+        if writer.phase != writer._KEYS:
+            sizes.append(len(stash))
+    assert written == expected
+    assert sizes[0] > 0 and sizes[-1] == 0, sizes
+    freed = [a - b for a, b in zip([399, *sizes], sizes)]
+    assert max(freed) * 100 <= 2 * store.RESTORE_BATCH_BYTES + 100, freed  # the last value taken may pass the bound
 
 
 def test_a_stepped_snapshot_lease_step_ends_once_its_keys_pass_a_batch(monkeypatch):

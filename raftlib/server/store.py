@@ -1425,10 +1425,9 @@ def _next_names(names: SortedList, kept_present: SortedList, cursor: Any, max_it
     current = list(islice(names.irange(minimum=cursor, inclusive=(False, True)), max_items))
     kept_here = list(islice(kept_present.irange(minimum=cursor, inclusive=(False, True)), max_items))
     merged = sorted(set(current).union(kept_here)) if kept_here else current
-    full = [taken[-1] for taken in (current, kept_here) if len(taken) == max_items]
-    if full:  # a name past a full list's last may come before another unread one: cut there
-        upto = min(full)
-        merged = [name for name in merged if name <= upto]
+    full = len(current) == max_items or len(kept_here) == max_items
+    # A name past a full list's last may come before another unread one of that list; the cut to `max_items`
+    # drops every such name: the full list's own `max_items` names all come at or before its last.
     if len(merged) > max_items:
         return merged[:max_items], False
     return merged, not full
@@ -1623,15 +1622,16 @@ def _sublists_of(keys: SortedList | None) -> list[Any]:
 def _freeing(garbage: list[Any]) -> Iterator[None]:
     """Empty the dicts and lists in `garbage`, the first first, yielding after each batch: at most 2 *
     RESTORE_BATCH_KEYS items (a lease counting its keys, a sublist its items) and 2 * RESTORE_BATCH_BYTES of
-    records' values. Freeing a million keys at once holds the loop as long as decoding them. Emptied in place, and
+    records' values (a stash's records too). Freeing a million keys at once holds the loop as long as decoding them. Emptied in place, and
     each leaves `garbage` once empty: a generator dropped midway leaves the rest there (`restoring`)."""
     while garbage:
         container = garbage[0]
         freed_items = freed_bytes = 0
         while container and freed_items < 2 * RESTORE_BATCH_KEYS and freed_bytes < 2 * RESTORE_BATCH_BYTES:
             item = container.popitem()[1] if isinstance(container, dict) else container.pop()
-            if type(item) is tuple:  # a record: (value, create_index, modify_index)
-                freed_bytes += len(item[0])
+            if type(item) is tuple:  # a record (value, create_index, modify_index), or a stash's (record, lease id)
+                record = item[0] if type(item[0]) is tuple else item
+                freed_bytes += len(record[0])
             elif type(item) is list:  # a sorted list's sublist
                 freed_items += len(item)
             elif type(item) is Lease:
