@@ -266,9 +266,10 @@ def test_the_explorer_finds_a_childs_half_that_does_not_fsync_its_file(monkeypat
     """The child's half made unsafe (its file not fsynced before the parent's rename commits it): found."""
     from raftlib import snapshotfile
 
-    def write_without_sync(self, snapshot, tmp):
+    def write_without_sync(self, snapshot, tmp):  # neither a piece's fdatasync nor the file's fsync
         f = self.fs.create(tmp)
-        snapshotfile._write_snapshot_file(self.fs, f, snapshot)
+        for piece in snapshotfile._snapshot_file_pieces(snapshot):
+            self.fs.append(f, piece)
         self.fs.close(f)
 
     monkeypatch.setattr(DiskStorage, "write_snapshot", write_without_sync)
