@@ -78,7 +78,10 @@ def _snapshot_file_pieces(s: Snapshot) -> Iterator[bytes]:
 # keys, "idle or blocked" in the hub-lag probe, in both snapshot modes. Synced a piece at a time (in the
 # threadpool, or a forked child), the log's fsync waits for at most a piece. `python bench/fork_pause.py --node
 # --keys 1000000 --mode stepped --seconds 20`, A B A B (load 0.4-2.0): hub lags over 20 ms 4 and 5 without, 0 and 0
-# with; the longest 58 and 58 ms against 21 and 22 (docs/BENCHMARKS.md).
+# with; the longest 58 and 58 ms against 21 and 22 (docs/BENCHMARKS.md). Safety is the final fsync's, as before: a
+# file is committed only after it returned (the trailer's piece included), never on the pieces' syncs. Writers
+# that run in the loop (an in-process snapshot, an install of an in-memory snapshot) pay the pieces' syncs for
+# nothing (64 MiB: 92-139 ms against 80-84, review of eef4bc2 L2): left, both are rare paths.
 
 
 def _write_snapshot_file(fs: FileSystem, f, s: Snapshot) -> None:
@@ -108,7 +111,13 @@ class SnapshotFileWriter:
             self.handle = fs.create(path)
         except OSError as e:
             raise _disk_refusal(e, path) from None
-        self.append(_snapshot_head(meta))
+        head = _snapshot_head(meta)
+        try:  # not synced here (this runs in the loop): the first `append`'s fdatasync covers it
+            self._write(head)
+        except BaseException:
+            self.close()  # its caller unlinks the file (abort_snapshot); the descriptor is this object's
+            raise
+        self.crc = zlib.crc32(head)
 
     def append(self, data: bytes) -> None:
         """Write `data` and fdatasync it (why: the comment above `_write_snapshot_file`)."""

@@ -1719,3 +1719,41 @@ def test_a_snapshot_file_is_synced_a_piece_at_a_time_so_its_dirty_pages_never_pi
     assert 0 < fs.most_dirty <= piece + 1024, fs.most_dirty  # a piece, with the head or the trailer at most
     committed = s.commit_snapshot(snap, tmp)
     assert committed is not None and bytes(committed.data.read(0, len(data))) == data
+
+
+class _HeadFails(OsFileSystem):
+    """The real file system; the first append to a file fails with EIO; closes counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed: list[object] = []
+        self.syncs = 0
+
+    def append(self, handle, data) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def fdatasync(self, handle) -> None:
+        self.syncs += 1
+        super().fdatasync(handle)
+
+    def close(self, handle) -> None:
+        self.closed.append(handle)
+        super().close(handle)
+
+
+def test_a_stepped_snapshot_files_head_is_not_synced_in_the_loop_and_a_failed_head_closes_its_descriptor(tmp_path):
+    """Review of eef4bc2 (piecesync L1): SnapshotFileWriter's constructor runs in the event loop, so its head is
+    written unsynced (the first piece's fdatasync, in the threadpool, covers it), and an error writing it (EIO, a
+    full disk) closes the descriptor it opened before it goes up (the file is the caller's to unlink)."""
+    path = str(tmp_path / "snapshot.tmp")
+    snap = Snapshot(10, 1, MEMBERSHIP, b"x")
+    synced = _DirtyBytesFS()
+    out = snapshotfile.SnapshotFileWriter(synced, path, snap)
+    try:
+        assert synced.most_dirty > 0 and synced.dirty[out.handle] == synced.most_dirty  # the head, not synced
+    finally:
+        out.close()
+    failing = _HeadFails()
+    with pytest.raises(OSError):
+        snapshotfile.SnapshotFileWriter(failing, path + "2", snap)
+    assert len(failing.closed) == 1 and failing.syncs == 0
