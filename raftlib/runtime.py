@@ -1522,8 +1522,10 @@ class Runtime:
         except BaseException as e:
             writer.close()
             storage.abort_snapshot(tmp)
-            if not isinstance(e, (DiskFull, OutOfDescriptors)):
+            if not isinstance(e, (DiskFull, OutOfDescriptors, OSError)):
                 raise
+            # An I/O error at the new file's create or head is not fatal either (as at any later piece, and as in
+            # a forked child): the file is never committed; tried again later (review of eef4bc2, L1).
             self._snapshot_refused(e)
             return True
         begin_base = getattr(storage, "begin_base", None)

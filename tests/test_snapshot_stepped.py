@@ -359,3 +359,36 @@ def test_a_leaders_snapshot_that_overtakes_a_stepped_one_drops_it_uncounted(tmp_
         runtime.stop()
         storage.close()
     assert not _tmp_files(data_dir)
+
+
+def test_an_io_error_at_a_stepped_snapshot_files_create_is_not_fatal_and_the_snapshot_is_taken_later(
+        tmp_path, monkeypatch):
+    """Review of eef4bc2 (L1): an EIO at the new file's create or head stopped the node, where the same error at
+    any later piece only drops that snapshot: now refused for now and taken again snapshot_retry_seconds later."""
+    import errno
+
+    _no_fork(monkeypatch)
+    from raftlib.storage import DiskStorage
+
+    real_open, refused = DiskStorage.open_snapshot_file, []
+
+    def open_once_eio(self, meta, tmp):
+        if not refused:
+            refused.append(1)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(self, meta, tmp)
+
+    monkeypatch.setattr(DiskStorage, "open_snapshot_file", open_once_eio)
+    data_dir = str(tmp_path)
+    runtime, storage, kv = _kv_runtime(data_dir, bootstrap=True, snapshot_threshold_bytes=4_000)
+    runtime.snapshot_retry_seconds = 0.2
+    acknowledged: dict[str, bytes] = {}
+    runtime.start()
+    try:
+        _write_until_snapshots(runtime, acknowledged)
+        assert refused and runtime.alive
+    finally:
+        runtime.stop()
+        storage.close()
+    assert not _tmp_files(data_dir)
+    assert _restarted_values(data_dir) == acknowledged
