@@ -186,17 +186,7 @@ def test_a_stepped_snapshot_that_meets_a_full_disk_is_dropped_and_taken_again_la
     acknowledged: dict[str, bytes] = {}
     runtime.start()
     try:
-        _lead(runtime)
-        runtime.propose(command(SET_FEATURE_LEVEL, "", b"", FEATURE_LEVEL), 2.0)
-        deadline = time.monotonic() + 20
-        i = 0
-        while runtime.stats["snapshots"] < 1:
-            assert time.monotonic() < deadline, runtime.stats
-            key, value = f"k{i:05d}", b"x" * 100
-            runtime.propose(command(SET, key, value), 2.0)
-            acknowledged[key] = value
-            i += 1
-            gevent.sleep(0.005)
+        _write_until_snapshots(runtime, acknowledged)
         assert refused and runtime.stats["snapshot_children_failed"] == 1
         assert any("could not write the snapshot" in r.getMessage() for r in caplog.records)
         assert "Traceback" not in capfd.readouterr().err

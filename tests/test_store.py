@@ -1720,16 +1720,23 @@ def test_a_stepped_snapshot_frees_its_keys_stash_a_batch_per_step():
     written = writer.step(1)
     for i in range(1, 12_000):
         kv.apply(index + i, command(SET, f"k{i:05d}", b"changed"))  # every key ahead stashed
+    assert len(writer.kept) == 11_999
+    more, sizes = _to_the_end(writer)
+    assert written + more == expected
+    assert sizes[0] > 0 and sizes[-1] == 0, sizes  # emptied in place, over several steps
+    assert all(a - b <= 2 * store.RESTORE_BATCH_KEYS for a, b in zip([11_999, *sizes], sizes)), sizes
+
+
+def _to_the_end(writer: store.SteppedSnapshotWriter) -> tuple[bytes, list[int]]:
+    """Step `writer` to its end in big steps: the bytes made, and its keys' stash's size after each step past the
+    keys (the freeing steps)."""
     stash = writer.kept
-    assert len(stash) == 11_999
-    sizes = []
+    written, sizes = b"", []
     while not writer.done:
         written += writer.step(100_000)
         if writer.phase != writer._KEYS:
             sizes.append(len(stash))
-    assert written == expected
-    assert sizes[0] > 0 and sizes[-1] == 0, sizes  # emptied in place, over several steps
-    assert all(a - b <= 2 * store.RESTORE_BATCH_KEYS for a, b in zip([11_999, *sizes], sizes)), sizes
+    return written, sizes
 
 
 def test_a_stepped_snapshot_frees_its_keys_stash_a_batch_of_value_bytes_per_step(monkeypatch):
@@ -1745,13 +1752,8 @@ def test_a_stepped_snapshot_frees_its_keys_stash_a_batch_of_value_bytes_per_step
     written = writer.step(1)
     for i in range(1, 400):
         kv.apply(index + i, command(SET, f"k{i:05d}", b"changed"))  # every key ahead stashed, its old value 100 B
-    stash = writer.kept
-    sizes = []
-    while not writer.done:
-        written += writer.step(100_000)
-        if writer.phase != writer._KEYS:
-            sizes.append(len(stash))
-    assert written == expected
+    more, sizes = _to_the_end(writer)
+    assert written + more == expected
     assert sizes[0] > 0 and sizes[-1] == 0, sizes
     freed = [a - b for a, b in zip([399, *sizes], sizes)]
     assert max(freed) * 100 <= 2 * store.RESTORE_BATCH_BYTES + 100, freed  # the last value taken may pass the bound
