@@ -10,6 +10,7 @@ import errno
 import os
 import random
 import time
+from collections.abc import Callable
 
 import gevent
 import pytest
@@ -180,16 +181,25 @@ def test_a_stepped_snapshot_that_meets_a_full_disk_is_dropped_and_taken_again_la
         real_append(self, data)
 
     monkeypatch.setattr(SnapshotFileWriter, "append", append_once_full)
-    data_dir = str(tmp_path)
+
+    def check(runtime: Runtime) -> None:
+        assert refused and runtime.stats["snapshot_children_failed"] == 1
+        assert any("could not write the snapshot" in r.getMessage() for r in caplog.records)
+        assert "Traceback" not in capfd.readouterr().err
+
+    _snapshot_taken_after_a_failure(str(tmp_path), check)
+
+
+def _snapshot_taken_after_a_failure(data_dir: str, check: Callable[[Runtime], None]) -> None:
+    """A one-node runtime retrying a failed snapshot 0.2 s later, written to until it takes one; `check(runtime)`
+    then, before it stops; no `*.tmp` left, and a restart serves every acknowledged write."""
     runtime, storage, kv = _kv_runtime(data_dir, bootstrap=True, snapshot_threshold_bytes=4_000)
     runtime.snapshot_retry_seconds = 0.2
     acknowledged: dict[str, bytes] = {}
     runtime.start()
     try:
         _write_until_snapshots(runtime, acknowledged)
-        assert refused and runtime.stats["snapshot_children_failed"] == 1
-        assert any("could not write the snapshot" in r.getMessage() for r in caplog.records)
-        assert "Traceback" not in capfd.readouterr().err
+        check(runtime)
     finally:
         runtime.stop()
         storage.close()
@@ -355,8 +365,6 @@ def test_an_io_error_at_a_stepped_snapshot_files_create_is_not_fatal_and_the_sna
         tmp_path, monkeypatch):
     """Review of eef4bc2 (L1): an EIO at the new file's create or head stopped the node, where the same error at
     any later piece only drops that snapshot: now refused for now and taken again snapshot_retry_seconds later."""
-    import errno
-
     _no_fork(monkeypatch)
     from raftlib.storage import DiskStorage
 
@@ -369,16 +377,8 @@ def test_an_io_error_at_a_stepped_snapshot_files_create_is_not_fatal_and_the_sna
         return real_open(self, meta, tmp)
 
     monkeypatch.setattr(DiskStorage, "open_snapshot_file", open_once_eio)
-    data_dir = str(tmp_path)
-    runtime, storage, kv = _kv_runtime(data_dir, bootstrap=True, snapshot_threshold_bytes=4_000)
-    runtime.snapshot_retry_seconds = 0.2
-    acknowledged: dict[str, bytes] = {}
-    runtime.start()
-    try:
-        _write_until_snapshots(runtime, acknowledged)
+
+    def check(runtime: Runtime) -> None:
         assert refused and runtime.alive
-    finally:
-        runtime.stop()
-        storage.close()
-    assert not _tmp_files(data_dir)
-    assert _restarted_values(data_dir) == acknowledged
+
+    _snapshot_taken_after_a_failure(str(tmp_path), check)
