@@ -1864,17 +1864,24 @@ def _follower_behind_a_snapshot(c: Cluster) -> tuple[str, str, Progress]:
     return leader, follower, pr
 
 
-def test_a_full_window_holds_back_new_entries_to_a_stopped_follower_but_not_its_heartbeats():
-    """etcd-io/raft's MaxInflightMsgs: a stopped follower (SIGSTOP) was sent every new batch, all of them held by the
-    transport for it in the leader's memory. With at most two appends in flight, the writes commit on the others
-    while heartbeats (empty appends, read rounds) still go to it; resumed, it answers, and catches up."""
-    c = Cluster(seed=5, n=3, config_overrides={"max_inflight_messages": 2})
+def _replicating_follower_stopped(c: Cluster) -> tuple[str, str, Progress, list]:
+    """Elect a leader, wait until a follower replicates, record the appends sent to it from then on, and stop it
+    (paused): (leader, follower, the leader's progress of it, the appends recorded)."""
     leader = elect(c)
     follower = next(i for i in c.ids if i != leader)
     pr = c.nodes[leader].node.progress(follower)
     assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
     appends = _record_sent_to(c, follower)
     c.pause(follower)
+    return leader, follower, pr, appends
+
+
+def test_a_full_window_holds_back_new_entries_to_a_stopped_follower_but_not_its_heartbeats():
+    """etcd-io/raft's MaxInflightMsgs: a stopped follower (SIGSTOP) was sent every new batch, all of them held by the
+    transport for it in the leader's memory. With at most two appends in flight, the writes commit on the others
+    while heartbeats (empty appends, read rounds) still go to it; resumed, it answers, and catches up."""
+    c = Cluster(seed=5, n=3, config_overrides={"max_inflight_messages": 2})
+    leader, follower, pr, appends = _replicating_follower_stopped(c)
     for _ in range(8):
         write(c)
         c.run(3)  # heartbeats go while writes come
@@ -1894,12 +1901,7 @@ def test_a_full_window_holds_eight_full_batches_whatever_the_batch_bound(max_bat
     20 ms link (review final28, L2). 4 MiB written while a follower is stopped: at most 8 batches go to it, and
     the append that crosses the bound (soft)."""
     c = Cluster(seed=5, n=3, config_overrides={"max_batch_bytes": max_batch_bytes})
-    leader = elect(c)
-    follower = next(i for i in c.ids if i != leader)
-    pr = c.nodes[leader].node.progress(follower)
-    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
-    appends = _record_sent_to(c, follower)
-    c.pause(follower)
+    leader, follower, _, appends = _replicating_follower_stopped(c)
     for k in range(400):
         assert c.client_write(leader, f"key{k}", value="v" * 10_000) is not None
     assert c.run_until(lambda: c.nodes[leader].node.commit_index >= 400, 2000)
