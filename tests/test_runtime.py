@@ -886,12 +886,8 @@ def _forking_leader(tmp_path) -> Runtime:
     return runtime
 
 
-def test_a_backup_whose_wait_times_out_as_it_starts_leaves_no_child_and_no_file(tmp_path, monkeypatch):
-    """Review of ops, finding 8: the waiter's timeout fired in the same turn as its backup's child was forked; the
-    child was never reaped and wrote its file after the waiter had unlinked the name (there until a restart)."""
-
-    runtime = _forking_leader(tmp_path)
-    monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 0.3)  # the child writes after the timeout
+def _record_forks(runtime: Runtime, monkeypatch) -> list[int]:
+    """From now on, the pids of the children `runtime` forks (its `_fork_child` wrapped, through monkeypatch)."""
     children: list[int] = []
     fork_child = runtime._fork_child
 
@@ -900,12 +896,23 @@ def test_a_backup_whose_wait_times_out_as_it_starts_leaves_no_child_and_no_file(
         children.append(pid)
         return pid, r
 
+    monkeypatch.setattr(runtime, "_fork_child", recorded)
+    return children
+
+
+def test_a_backup_whose_wait_times_out_as_it_starts_leaves_no_child_and_no_file(tmp_path, monkeypatch):
+    """Review of ops, finding 8: the waiter's timeout fired in the same turn as its backup's child was forked; the
+    child was never reaped and wrote its file after the waiter had unlinked the name (there until a restart)."""
+
+    runtime = _forking_leader(tmp_path)
+    monkeypatch.setattr(runtime_module, "_TEST_CHILD_DELAY_SECONDS", 0.3)  # the child writes after the timeout
+    children = _record_forks(runtime, monkeypatch)
+
     class StartedAsTheTimeoutFired(gevent.event.AsyncResult):
         def get(self, block=True, timeout=None):
             super().get(timeout=5)  # the child is forked ...
             raise gevent.Timeout()  # ... and the waiter's timer fired in that turn
 
-    monkeypatch.setattr(runtime, "_fork_child", recorded)
     try:
         monkeypatch.setattr(runtime_module.gevent.event, "AsyncResult", StartedAsTheTimeoutFired)
         with pytest.raises(Timeout):
@@ -929,16 +936,8 @@ def _a_backup_whose_child_writes_for_30_seconds(tmp_path, monkeypatch):
         gevent.monkey.get_original("time", "sleep")(30.0)
         return real_export(snap, path)
 
-    children: list[int] = []
-    fork_child = runtime._fork_child
-
-    def recorded(write):
-        pid, r = fork_child(write)
-        children.append(pid)
-        return pid, r
-
     monkeypatch.setattr(runtime_module, "export_snapshot", slow_export)
-    monkeypatch.setattr(runtime, "_fork_child", recorded)
+    children = _record_forks(runtime, monkeypatch)
     folder = tmp_path / "backups"
     folder.mkdir()
     return runtime, children, folder, gevent.spawn(runtime.backup, str(folder), 60.0)
