@@ -83,8 +83,9 @@ class FreezeSurvivors:
     - the frozen count passes SWEEP_GROWTH times `frozen_floor` plus SWEEP_SLACK objects, `frozen_floor` being the
       lowest count measured since the last sweep (not the count right after it: that one may come at the log's
       peak, and at 1M keys it put the next sweep past what the 16 MiB log holds, review of gcpause, L3; measured
-      at most COUNT_SECONDS apart, so a trough shorter than that may be missed). Frozen garbage stays under that
-      many objects. Counted in objects, not bytes: an object may hold a request's body (up to
+      at a stop at least FLOOR_SECONDS after the last count, and at the bound's crossings, so a trough between
+      two counts may be missed). Frozen garbage stays under that many objects plus what the stops freeze within
+      COUNT_SECONDS after a count (below). Counted in objects, not bytes: an object may hold a request's body (up to
       -max-body), which is why the edge cuts its cycles (edge.py) rather than leave them to this.
     A sweep is one pause of a full collection of the whole heap, the key table included: 59 ms of CPU at 1,000,000
     keys on a quiet machine, 109-205 ms under load (docs/BENCHMARKS.md, "Snapshot restore steps and the fork
@@ -94,8 +95,13 @@ class FreezeSurvivors:
     37,000-88,000 in a node serving 1M keys, where the frozen objects lie far apart), so a stop counts only what it
     freezes (the oldest generation's objects, len(gc.get_objects(2)): what the collection just promoted or walked)
     and keeps `frozen_estimate`, an upper bound (frozen objects freed by their reference count are not taken off);
-    the frozen list is counted only once that bound passes the count bound, at most COUNT_SECONDS apart otherwise
-    (the floor's measures), and at a sweep's end.
+    the frozen list is counted at a stop when that bound passes the count bound (a sweep is armed only if the count
+    passes it too), when FLOOR_SECONDS have passed since the last count (the floor's measures: a trough measure,
+    any cadence finds it), and at a sweep's end; never within COUNT_SECONDS of the last count: the estimate never
+    drops what refcounting freed (a compacted log), so with the live log near the bound it passes it again after
+    each count, and a count at each such stop would put the O(frozen) count into every collection of
+    generation 1 (review of lag10, L2: frozen at 125,000-176,000, 10-20 ms each). Within COUNT_SECONDS of a count
+    a stop freezes whatever the estimate says.
 
     Rules: everything runs inside the collector's callbacks (gc.freeze and gc.unfreeze only move lists; a
     gc.collect there would do nothing), and the log calls there must not switch greenlets (the stderr handler
@@ -109,7 +115,8 @@ class FreezeSurvivors:
     SWEEP_GROWTH = 2
     SWEEP_SLACK = 50_000  # objects: without it a sweep right after start-up (~35,000 frozen) would come soon again
     SWEEP_SECONDS = 300.0  # of a node's life at most between two sweeps (armed at the first stop after)
-    COUNT_SECONDS = 10.0  # between two counts of the frozen list (each O(frozen)) for `frozen_floor`
+    COUNT_SECONDS = 10.0  # at least between two counts of the frozen list (each O(frozen)), at the bound's crossings
+    FLOOR_SECONDS = 60.0  # between two counts of the frozen list for `frozen_floor` alone (no crossing)
 
     def __init__(self) -> None:
         self.frozen_floor = self.frozen_estimate = gc.get_freeze_count()
@@ -138,10 +145,12 @@ class FreezeSurvivors:
         self.frozen_estimate += survivors
         now = time.monotonic()
         overdue = now - self.swept_at >= self.SWEEP_SECONDS
-        if not overdue and (self.frozen_estimate > self.sweep_bound() or now - self.counted_at >= self.COUNT_SECONDS):
+        countable = now - self.counted_at >= self.COUNT_SECONDS
+        if not overdue and countable and (self.frozen_estimate > self.sweep_bound()
+                                          or now - self.counted_at >= self.FLOOR_SECONDS):
             self.frozen_estimate, self.counted_at = gc.get_freeze_count() + survivors, now
             self.frozen_floor = min(self.frozen_floor, self.frozen_estimate)
-        if overdue or self.frozen_estimate > self.sweep_bound():
+        if overdue or (countable and self.frozen_estimate > self.sweep_bound()):  # the estimate just counted
             log.info("%d objects frozen at most (%d at the lowest since the last sweep, %.0f s ago): all unfrozen, "
                      "the next full collection sweeps", self.frozen_estimate, self.frozen_floor,
                      now - self.swept_at)
