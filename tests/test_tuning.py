@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections import deque
 from collections.abc import Iterator
 
 import pytest
@@ -107,6 +108,33 @@ def test_a_middle_collection_freezes_nothing_while_a_sweep_is_armed_or_the_colle
     finally:
         hold.release(freeze=False)
     del cycles, more
+
+
+def test_under_the_collectors_own_collections_a_sweep_comes_and_the_frozen_count_stays_under_the_bound(
+        policy: FreezeSurvivors) -> None:
+    """Review of lag10, L1: every other sweep test calls gc.collect() by hand, yet freezing at each collection of
+    generation 1 zeroes the counts, so no full collection starts on its own: a sweep armed only at a full
+    collection's stop, or freezes at generation 1 with no bookkeeping, never came, and frozen garbage grew without
+    bound. Here requests in flight (cycles alive at some collections, garbage after) and no gc.collect()."""
+    policy.SWEEP_GROWTH, policy.SWEEP_SLACK = 1, 2000  # a bound of 2,000 objects over the frozen floor
+    policy.COUNT_SECONDS = 0.0  # every crossing of the bound counts (the cadence of counts has its own test)
+    over_the_bound: list[tuple[int, int]] = []
+
+    def check_the_bound(phase: str, info: dict) -> None:  # after the policy's stop (it goes first)
+        if phase == "stop" and info["generation"] > 0 and gc.get_freeze_count() > policy.sweep_bound():
+            over_the_bound.append((gc.get_freeze_count(), policy.sweep_bound()))
+
+    in_flight: deque[Cell] = deque(maxlen=200)
+    gc.callbacks.append(check_the_bound)
+    try:
+        for _ in range(500_000):  # bounded: ~100,000 steps make three sweeps
+            in_flight.append(a_cycle())  # the oldest request ends: its cycle is garbage
+            if policy.sweeps == 3:
+                break
+    finally:
+        gc.callbacks.remove(check_the_bound)
+    assert policy.sweeps == 3, "no sweep came under the collector's own collections"
+    assert not over_the_bound, f"frozen (count, bound) past the bound: {over_the_bound[:5]}"
 
 
 def test_the_frozen_list_is_counted_at_a_crossing_of_the_bound_or_for_the_floor_and_at_most_every_count_seconds(
