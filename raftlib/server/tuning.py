@@ -69,8 +69,9 @@ class FreezeSurvivors:
     under ~1,000-1,700 writes/s, 30,000-52,000 entries and events, 13-31 ms of CPU about every 40 s on leader and
     followers alike ("The lags over 10 ms left at 1,000,000 keys"). Frozen as generation 1 promotes them, they are
     walked by the two young generations' collections only, which walk them anyway. gc.freeze sets every
-    generation's count to 0, so the collector then starts no full collection of its own: they come as sweeps
-    (below) or when called.
+    generation's count to 0 (checked on CPython 3.11 only: pyproject allows 3.10 and later, and 3.14's incremental
+    collector has other generations), so the collector then starts no full collection of its own: they come as
+    sweeps (below) or when called.
 
     Frozen objects are still freed by their reference count (a compacted entry, an evicted event); a cycle of
     garbage among them is not: an object alive at a freeze that later dies in a cycle (a request in flight then)
