@@ -512,6 +512,12 @@ class Cluster:
     # ---- network ----------------------------------------------------------------------------------
 
     def send(self, m) -> None:
+        if isinstance(m, AppendEntries) and m.src in self.nodes:
+            bound = self.nodes[m.src].node.config.max_batch_entries
+            if len(m.entries) > bound:
+                self.fail(f"{m.src} sent {len(m.entries)} entries in one append, over max_batch_entries {bound}")
+            if len(m.entries) == bound < Config.max_batch_entries:
+                self.stats["appends cut at max_batch_entries"] += 1
         if (m.src, m.dst) in self.cut:
             return
         if self.deliver_filter is not None:
@@ -1285,6 +1291,12 @@ def random_schedule(
                                                    ("bytes", 200)])
     if window is not None:
         overrides[f"max_inflight_{window[0]}"] = window[1]
+    # A share of the schedules bound an AppendEntries by its entry count (Config.max_batch_entries, 2,048: never
+    # reached here, where the byte bound or the log's end cut every batch) to two or three: the count's cut is then
+    # the one that binds. From an rng of its own, as above.
+    entries = random.Random(seed ^ 0xBA7C).choice([None, None, None, None, 2, 3])
+    if entries is not None:
+        overrides["max_batch_entries"] = entries
     storage_switches = {}
     for name, value in (MUTATIONS[mutation] if mutation else {}).items():
         if name.startswith("storage."):

@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 
 import simulator
-from raftlib import RaftNode, TargetRestoring
+from raftlib import Config, RaftNode, TargetRestoring
 from simulator import SafetyViolation, random_schedule
 
 SIZES = (3, 5, 7)
@@ -79,6 +79,8 @@ FAULTS = (
     "held bursts", HELD[0],
     # A leader's window of appends in flight to a follower full (Config.max_inflight_*, small in 3 of 7 schedules).
     "appends held back by a full in-flight window",
+    # An append cut by its entry count (Config.max_batch_entries, two or three in 2 of 6 schedules).
+    "appends cut at max_batch_entries",
 )
 # The faults required over the whole run only (the full chunks of one session, at least two of them): a forked
 # snapshot's child killed comes ~4 times a chunk of 60, as few as once, so a change to the schedules could leave a
@@ -203,20 +205,22 @@ def test_a_snapshot_written_at_commit_time_but_labelled_with_the_forks_index_is_
 def test_a_schedules_transfer_takes_only_target_restoring_as_a_refusal_and_counts_it(monkeypatch):
     """Review final24, Q1: the schedules' `transfer` action swallowed every exception transfer_leadership raised, so
     a bug raised there passed unseen. It takes TargetRestoring (the one refusal a leader's transfer to one of its
-    voters can meet) and counts it; anything else fails the schedule. Schedule 5 at 3 nodes without holds (the
-    schedule it gave before holds came) tries transfers."""
+    voters can meet) and counts it; anything else fails the schedule. Schedule 5 at 3 nodes without holds and with
+    the default max_batch_entries (the schedule it gave before holds and counted batch cuts came) tries transfers."""
+    as_before = {"max_batch_entries": Config.max_batch_entries}
     def refused(self: RaftNode, target: str) -> None:
         raise TargetRestoring(target)
 
     monkeypatch.setattr(RaftNode, "transfer_leadership", refused)
-    assert random_schedule(5, 3, holds=False).stats["transfers refused: the target restores"] >= 1
+    assert random_schedule(5, 3, holds=False, config_overrides=as_before).stats[
+        "transfers refused: the target restores"] >= 1
 
     def broken(self: RaftNode, target: str) -> None:
         raise KeyError(target)
 
     monkeypatch.setattr(RaftNode, "transfer_leadership", broken)
     with pytest.raises(KeyError):
-        random_schedule(5, 3, holds=False)
+        random_schedule(5, 3, holds=False, config_overrides=as_before)
 
 
 def test_held_bursts_reach_nodes_whose_term_snapshot_and_configuration_moved():
