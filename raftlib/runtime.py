@@ -257,7 +257,7 @@ class CollectorHold:
     # gc.get_freeze_count() after the last sweep (or at the first hold), lowered to the count at a restore's end
     # before its freeze whenever that is lower (`_freeze_or_sweep`).
     _frozen_floor: int | None = None
-    # True from the moment everything is unfrozen for a sweep (`begin_sweep`: here, or FreezeSurvivors at a full
+    # True from the moment everything is unfrozen for a sweep (`begin_sweep`: here, or FreezeSurvivors at a
     # collection's stop) until the full collection that walks it all ends it (`end_sweep`): a freeze before that
     # would cancel the sweep and leave its garbage frozen (review of gcpause, L2), so a restore's end sweeps then.
     unfrozen_for_sweep = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections import deque
 from collections.abc import Iterator
 
 import pytest
@@ -62,6 +63,112 @@ def test_a_full_collection_freezes_its_survivors_so_the_next_walks_only_what_cam
     assert policy.sweeps == 0
 
 
+def test_what_a_middle_collection_promotes_is_frozen_so_no_full_collection_walks_a_growing_log(
+        policy: FreezeSurvivors) -> None:
+    """A log growing an entry at a time under the collector's own collections: each collection of generation 1
+    freezes what it promoted, so a full collection walks only the two younger generations. Frozen only at full
+    collections, at 1M keys under ~1,000 writes/s each walked 30,000-52,000 entries and watch events, 13-25 ms of
+    CPU, about every 40 s (docs/BENCHMARKS.md, "The lags over 10 ms left at 1,000,000 keys")."""
+    young, middle, _ = gc.get_threshold()
+    policy.SWEEP_SLACK = 1 << 40  # no sweep (it walks everything, as it should): the freezes alone are judged here
+    gc.collect()  # the fixture's full collection walked the whole test process: its size is not the log's
+    frozen_before = gc.get_freeze_count()
+    walked: list[int] = []
+
+    def note_walk(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            walked.append(sum(len(gc.get_objects(generation)) for generation in range(3)))
+
+    gc.callbacks.append(note_walk)
+    try:
+        log = [Entry(term=1, index=i, data=b"x" * 100) for i in range(1, 15 * young * middle)]
+    finally:
+        gc.callbacks.remove(note_walk)
+    assert walked == [], f"full collections started on their own, walking {walked} objects"
+    assert gc.get_freeze_count() - frozen_before >= len(log) - 2 * young * middle, "the log was not frozen"
+    del log
+
+
+def test_a_middle_collection_freezes_nothing_while_a_sweep_is_armed_or_the_collector_is_held(
+        policy: FreezeSurvivors) -> None:
+    cycles = [a_cycle() for _ in range(100)]
+    policy.swept_at -= policy.SWEEP_SECONDS
+    gc.collect()  # the sweep armed: everything unfrozen
+    frozen = gc.get_freeze_count()
+    gc.collect(1)
+    assert CollectorHold.unfrozen_for_sweep and gc.get_freeze_count() == frozen
+    gc.collect()  # the sweep
+    hold = CollectorHold()
+    hold.hold()  # a restore: the collector off
+    try:
+        frozen = gc.get_freeze_count()
+        more = [a_cycle() for _ in range(100)]
+        gc.collect(1)
+        assert gc.get_freeze_count() == frozen
+    finally:
+        hold.release(freeze=False)
+    del cycles, more
+
+
+def test_under_the_collectors_own_collections_a_sweep_comes_and_the_frozen_count_stays_under_the_bound(
+        policy: FreezeSurvivors) -> None:
+    """Review of lag10, L1: every other sweep test calls gc.collect() by hand, yet freezing at each collection of
+    generation 1 zeroes the counts, so no full collection starts on its own: a sweep armed only at a full
+    collection's stop, or freezes at generation 1 with no bookkeeping, never came, and frozen garbage grew without
+    bound. Here requests in flight (cycles alive at some collections, garbage after) and no gc.collect()."""
+    policy.SWEEP_GROWTH, policy.SWEEP_SLACK = 1, 2000  # a bound of 2,000 objects over the frozen floor
+    policy.COUNT_SECONDS = 0.0  # every crossing of the bound counts (the cadence of counts has its own test)
+    over_the_bound: list[tuple[int, int]] = []
+
+    def check_the_bound(phase: str, info: dict) -> None:  # after the policy's stop (it goes first)
+        if phase == "stop" and info["generation"] > 0 and gc.get_freeze_count() > policy.sweep_bound():
+            over_the_bound.append((gc.get_freeze_count(), policy.sweep_bound()))
+
+    in_flight: deque[Cell] = deque(maxlen=200)
+    gc.callbacks.append(check_the_bound)
+    try:
+        for _ in range(500_000):  # bounded: ~100,000 steps make three sweeps
+            in_flight.append(a_cycle())  # the oldest request ends: its cycle is garbage
+            if policy.sweeps == 3:
+                break
+    finally:
+        gc.callbacks.remove(check_the_bound)
+    assert policy.sweeps == 3, "no sweep came under the collector's own collections"
+    assert not over_the_bound, f"frozen (count, bound) past the bound: {over_the_bound[:5]}"
+
+
+def test_the_frozen_list_is_counted_at_a_crossing_of_the_bound_or_for_the_floor_and_at_most_every_count_seconds(
+        policy: FreezeSurvivors, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of lag10, L2: each count walks the frozen list (10-20 ms at 125,000-176,000 frozen), and every
+    collection of generation 1 ten seconds after the last counted: pauses of 10 ms or more 2-3 times as many as
+    before. The estimate never drops what refcounting freed, so with the live log near the bound it passes the
+    bound again at each stop: those crossings count at most every COUNT_SECONDS too."""
+    counts = [0]
+
+    def counted() -> int:
+        counts[0] += 1
+        return real_count()
+
+    real_count = gc.get_freeze_count
+    monkeypatch.setattr(gc, "get_freeze_count", counted)
+    policy.SWEEP_SLACK = 1 << 40  # no crossing
+    policy.counted_at -= 30.0  # half a minute since the last count: a floor's measure is not due yet
+    for _ in range(5):
+        gc.collect(1)
+    assert counts[0] == 0, "a collection of generation 1 counted the frozen list with no crossing"
+    policy.counted_at -= policy.FLOOR_SECONDS
+    gc.collect(1)
+    assert counts[0] == 1, "the floor's measure did not come"
+    policy.SWEEP_GROWTH, policy.SWEEP_SLACK = 1, 2000  # the frozen count (the log at its peak) near the bound
+    policy.counted_at -= policy.COUNT_SECONDS
+    for _ in range(20):
+        log = [[] for _ in range(500)]
+        gc.collect(1)  # the log frozen: the estimate grows, passes the bound after a few
+        del log  # compacted: freed by reference count, frozen or not
+    assert counts[0] == 2, "each crossing of the bound counted the frozen list"
+    assert policy.sweeps == 0 and not CollectorHold.unfrozen_for_sweep
+
+
 def frozen_garbage_rounds(rounds: int, round_cells: int, watched: list[weakref.ref[Cell]]) -> Iterator[int]:
     """Rounds of cycles alive at a full collection (frozen, or swept) and garbage after it; yields the number of
     objects of garbage still alive after each."""
@@ -76,7 +183,7 @@ def frozen_garbage_rounds(rounds: int, round_cells: int, watched: list[weakref.r
 def test_garbage_frozen_alive_is_freed_by_each_sweep_before_it_passes_the_bound(policy: FreezeSurvivors) -> None:
     """Through three sweeps (review of gcpause, tests: one sweep only was checked): after every full collection the
     frozen garbage is within the bound, and each sweep leaves frozen only what lives."""
-    policy.SWEEP_SLACK = 2000  # a smaller bound, for a shorter test
+    policy.SWEEP_SLACK, policy.COUNT_SECONDS = 2000, 0.0  # a smaller bound, for a shorter test; every crossing counts
     round_cells = 1000
     watched: list[weakref.ref[Cell]] = []
     sweeps_seen = 0
@@ -97,7 +204,7 @@ def test_the_count_bound_follows_the_lowest_frozen_count_not_the_count_at_the_la
     """Review of gcpause, L3: the bound's base was the count right after the last sweep, the log at its peak then;
     once compaction freed those entries the garbage allowed grew by as many (at 1M keys the second sweep
     practically never came). Now the base is the lowest count measured since."""
-    policy.SWEEP_SLACK, policy.COUNT_SECONDS = 2000, 0.0  # every full collection counts the frozen list
+    policy.SWEEP_SLACK, policy.COUNT_SECONDS, policy.FLOOR_SECONDS = 2000, 0.0, 0.0  # every stop counts
     log = [[] for _ in range(20_000)]  # a full log, alive at a sweep: frozen by it
     CollectorHold.sweep()
     assert policy.sweeps == 1 and policy.frozen_floor >= 20_000
