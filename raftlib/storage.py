@@ -7,8 +7,9 @@ makes of the data dir (its id, JOINING, RESTORE, -force-new-cluster) is the serv
 
 Rules:
 - A Ready's entries and hard state become durable with one record and one fdatasync (`save`). Files are only
-  ever appended to, cut back to a good record, renamed into place or unlinked; never rewritten in place. Every
-  file operation goes through a `raftlib.fs.FileSystem` (the real one unless a test passes another).
+  ever appended to, cut back to a good record, renamed into place or unlinked (garbage: maybe cut from its
+  end first, `garbage_job`); never rewritten in place. Every file operation goes through a
+  `raftlib.fs.FileSystem` (the real one unless a test passes another).
 - Every segment starts with a BASE record, `[snapshot_index, snapshot_term, hard_state, entries]`: the whole log
   after the snapshot at `snapshot_index`. Everything written before it is forgotten, so the newest segment that
   starts with a complete base record IS the log (with the records after its base), and older segments are
@@ -52,7 +53,15 @@ Rules:
   rename (and its folder's fsync) renames it to the next segment's name and fsyncs the log folder: the commit
   point.
 - With `unlink_garbage_later` (the runtime's), what an install makes garbage is unlinked by `garbage_job` in a
-  thread, after the commit point (load would delete it too).
+  thread, after the commit point (load would delete it too). There an old snapshot or segment bigger than
+  GARBAGE_CUT_STEP_BYTES is first cut from its end a step at a time, each cut fdatasynced, so that no one journal
+  commit frees it whole (which the log's next fdatasync waits for: issue 13, unlinkcut). Only final names are cut
+  (`snapshot-I.snap`, `log/N.seg`: indices and sequence numbers only grow, so no new file ever takes the name of
+  a garbage one), never a `*.tmp`. A snapshot file that a SnapshotFile still reads through its handle (a leader's
+  transfer of it under way, a restore from it) is neither cut nor unlinked: it waits, named, in `_unlinking`
+  until its readers are closed or collected (an unlink would keep it readable, but its blocks would then be
+  freed by the last close, in the loop). A crash part way leaves a shorter garbage file, which nothing takes for
+  the log or the snapshot (load reads only the newest base segment and the snapshot it names) and load deletes.
 
 The data dir:
 
@@ -74,6 +83,7 @@ import logging
 import os
 import sys
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -103,6 +113,11 @@ from .storage_errors import RecordTooBig  # noqa: F401
 UNSAFE_REPLAY_FILTER = False
 
 logger = logging.getLogger("raftlib.storage")
+
+# `garbage_job` cuts an old snapshot or segment bigger than this from its end, this much a step (each step
+# fdatasynced), before its unlink: bench/garbage_unlink.py, a 110 MiB file beside 1 KiB fdatasyncs: the slowest
+# 17-29 ms unlinked whole, 2.5-3.2 ms cut 8 MiB a step.
+GARBAGE_CUT_STEP_BYTES = 8 << 20
 
 
 def _write_file(fs: FileSystem, tmp: str, write: Callable[[object], None], private: bool = False) -> None:
@@ -228,7 +243,10 @@ class DiskStorage:
         self._base_failed: OSError | None = None  # a failed sync of it off the loop: fatal at the next call
         # Set (the runtime does): what an install makes garbage is left for `garbage_job` (a thread) to unlink.
         self.unlink_garbage_later = False
-        self._unlinking: list[str] = []
+        self._unlinking: list[str] = []  # garbage for `garbage_job`, a snapshot still read kept until it is not
+        # The SnapshotFiles reading this data dir's snapshot files, by the name each file has now: one that a
+        # reader holds is not freed by `garbage_job` (the module's rules). Weak: a collected reader reads no more.
+        self._snapshot_readers: dict[str, list[weakref.ref[SnapshotFile]]] = {}
         self._make_dir(self.log_dir)
         try:
             self._lock = self.fs.lock(os.path.join(self.data_dir, "LOCK"))
@@ -461,6 +479,8 @@ class DiskStorage:
         except BaseException:
             self.close()
             raise
+        if self.state.snapshot is not None:
+            self._note_reader(self._snapshot_path(self.state.snapshot.last_included_index), self.state.snapshot.data)
         hs = self.state.hard_state
         if hs.commit_index > self.state.last_index:
             # The commit index may be saved ahead of a snapshot-only state; never beyond what we hold.
@@ -1162,6 +1182,9 @@ class DiskStorage:
                 make_segment = lambda: self._create_segment(base)  # noqa: E731
             path = self._snapshot_path(index)
             data = SnapshotFile.at(self.fs, path, held)  # its head read now, before anything changes
+            self._note_reader(path, data)
+            if getattr(snapshot.data, "received_tmp", None) == tmp:  # the core's, and a restore's: this file too
+                self._note_reader(path, snapshot.data)
             if crashpoints.enabled:
                 crashpoints.hit("snapshot.after_write")
             self.fs.rename(tmp, path)
@@ -1194,7 +1217,7 @@ class DiskStorage:
                            "files: they go at the next snapshot or start (%s)", index, e.strerror)
             return kept
         if self.unlink_garbage_later:
-            self._unlinking += names
+            self._unlinking += [n for n in names if n not in self._unlinking]  # one kept for its reader is relisted
             return kept
         self._unlink(names)
         return kept
@@ -1202,20 +1225,64 @@ class DiskStorage:
     def garbage_job(self) -> Callable[[], None] | None:
         """With `unlink_garbage_later`: the unlinks of what installs made garbage (after their commit points: load
         deletes it too) and the folder fsyncs after them, for a thread: the loop does not wait while the file
-        system frees a big file (~50 ms for a 45 MB segment here). A failure is logged: what is left goes at the
-        next install or start. None when there is nothing to unlink."""
-        names, self._unlinking = self._unlinking, []
+        system frees a big file (~50 ms for a 45 MB segment here); a big one is cut a step at a time first
+        (`_cut`). A snapshot file a SnapshotFile still reads is left for a later call (the module's rules): call
+        again after the readers may have finished (the runtime does at the end of each drive). A failure is
+        logged: what is left goes at the next install or start. None when there is nothing to free now."""
+        names = [n for n in self._unlinking if not self._read_now(n)]
         if not names:
             return None
+        self._unlinking = [n for n in self._unlinking if n not in names]
 
         def unlink() -> None:
             try:
+                for path in names:
+                    self._cut(path)
                 self._unlink(names)
             except OSError as e:
                 logger.warning("could not unlink the files a snapshot made garbage (%s): they go at the next "
                                "snapshot or start", e)
 
         return unlink
+
+    def _note_reader(self, path: str, data: object) -> None:
+        """`data` (a SnapshotFile, else nothing to note) reads the snapshot file now named `path`."""
+        if isinstance(data, SnapshotFile):
+            self._snapshot_readers.setdefault(path, []).append(weakref.ref(data))  # unhashable: compared by content
+
+    def _read_now(self, path: str) -> bool:
+        """Whether a SnapshotFile still reads the file at `path` through its handle (not closed, not collected)."""
+        for ref in self._snapshot_readers.get(path, ()):
+            reader = ref()
+            if reader is not None and reader.handle is not None:
+                return True
+        self._snapshot_readers.pop(path, None)
+        return False
+
+    def _cut(self, path: str) -> None:
+        """Cut the garbage file at `path` (a final name: `snapshot-I.snap`, `log/N.seg`; no reader) from its end,
+        GARBAGE_CUT_STEP_BYTES a step, each step fdatasynced, down to one step or less, which its unlink frees: a
+        journal commit then frees one step, not the whole file. Gone already, or no descriptor to open it: it is
+        left to its unlink whole. A failed cut or sync is raised (the caller logs it; load deletes the file)."""
+        if not path.endswith((".snap", ".seg")):
+            return  # a *.tmp: its name may be taken again by a new file meanwhile
+        try:
+            handle = self.fs.open_append(path)
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) or e.errno in NO_DESCRIPTOR:
+                return
+            raise
+        try:
+            size = self.fs.file_size(handle)
+            while size > GARBAGE_CUT_STEP_BYTES:
+                size -= GARBAGE_CUT_STEP_BYTES
+                self.fs.truncate(handle, size)
+                if self._fsync:
+                    self.fs.fdatasync(handle)
+                if crashpoints.enabled:
+                    crashpoints.hit("snapshot.between_cuts")
+        finally:
+            self.fs.close(handle)
 
     def close(self) -> None:
         self._drop_base()

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 from raftlib import Entry, EntryKind, HardState, MemoryStorage, Member, Membership, Snapshot, storage
 from raftlib import logformat, snapshotfile, storage_errors
-from crashfs import CrashFS
+from crashfs import CrashFS, SimulatedCrash
 from raftlib.fs import OsFileSystem
 from raftlib.logformat import encode_record
+from raftlib.messages import snapshot_bytes
 from raftlib.server import nodestart
 from raftlib.snapshotfile import encode_snapshot
 from raftlib.storage import DiskStorage
@@ -502,9 +503,10 @@ POINT_CHILD = textwrap.dedent(
     """
     import sys
     from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, crashpoints
+    from raftlib import storage
     from raftlib.storage import DiskStorage
 
-    data_dir, point, prebuilt = sys.argv[1], sys.argv[2], sys.argv[3] == "prebuilt"
+    data_dir, point, how = sys.argv[1], sys.argv[2], sys.argv[3]
     M = Membership(voters=("a",), members=(Member("a", "localhost:5555", "localhost:8080"),))
     s = DiskStorage(data_dir)
     s.load()
@@ -513,7 +515,7 @@ POINT_CHILD = textwrap.dedent(
     crashpoints.configure(point + "=1")
     if point.startswith("log."):
         s.save(HardState(4, "b", 12), [Entry(4, 13, EntryKind.COMMAND, b"t4-13")])
-    elif prebuilt:  # as the runtime takes one with a forked child: its base segment pre-built meanwhile
+    elif how == "prebuilt":  # as the runtime takes one with a forked child: its base segment pre-built meanwhile
         snap = Snapshot(10, 3, M, b"state-at-10")
         tmp = s.begin_snapshot(10)
         s.write_snapshot(snap, tmp)
@@ -521,6 +523,11 @@ POINT_CHILD = textwrap.dedent(
         s.base_step(1)
         s.base_step(1)
         s.commit_snapshot(snap, tmp)
+    elif how == "cut":  # as the runtime frees the garbage: in its garbage job, a big file cut a step at a time
+        storage.GARBAGE_CUT_STEP_BYTES = 16
+        s.unlink_garbage_later = True
+        s.save_snapshot(Snapshot(12, 4, M, b"state-at-12"))
+        s.garbage_job()()
     else:
         s.save_snapshot(Snapshot(12, 4, M, b"state-at-12"))
     print("the crash point was not reached", flush=True)
@@ -542,6 +549,9 @@ POINT_CHILD = textwrap.dedent(
     ("snapshot.after_rename", "before", "prebuilt"),
     ("snapshot.after_segment", "after", "prebuilt"),  # renamed into place: the commit point
     ("snapshot.between_unlinks", "after", "prebuilt"),
+    # Issue 13 (unlinkcut): the garbage job's cuts of a big old file before its unlink.
+    ("snapshot.between_cuts", "after", "cut"),
+    ("snapshot.between_unlinks", "after", "cut"),
 ])
 def test_each_storage_crash_point_is_reached_and_recovers_to_before_or_after(tmp_path, point, outcome, how):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1757,3 +1767,90 @@ def test_a_stepped_snapshot_files_head_is_not_synced_in_the_loop_and_a_failed_he
     with pytest.raises(OSError):
         snapshotfile.SnapshotFileWriter(failing, path + "2", snap)
     assert len(failing.closed) == 1 and failing.syncs == 0
+
+
+# ---- a big garbage file cut a step at a time before its unlink (issue 13, unlinkcut) -------------------------------
+
+
+def _garbage_after_two_snapshots(monkeypatch, hold_old: bool):
+    """A storage as the runtime's (`unlink_garbage_later`) that took a snapshot at 5 and then one at 8, each of 3,000
+    bytes, cut 256 bytes a step; with `hold_old`, the first one's data held meanwhile (a leader's transfer of it
+    under way). Returns the file system, the storage, the first snapshot when held, and its file's path."""
+    monkeypatch.setattr(storage, "GARBAGE_CUT_STEP_BYTES", 256)
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.unlink_garbage_later = True
+    s.save(HardState(1, "a", 8), entries(1, 10))
+    s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"x" * 3000))
+    old = s.state.snapshot if hold_old else None
+    s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"y" * 3000))
+    return fs, s, old, "/data/snapshot-%020d.snap" % 5
+
+
+def _cuts_of(fs: CrashFS, path: str) -> list[int]:
+    return [int(what.rsplit(" ", 1)[1]) for _, kind, what in fs.ops if kind == "truncate" and what.startswith(path)]
+
+
+def _run_garbage_job(s: DiskStorage) -> None:
+    job = s.garbage_job()
+    if job is not None:
+        job()
+
+
+def test_the_garbage_job_cuts_a_big_old_snapshot_a_step_at_a_time_each_synced_before_its_unlink(monkeypatch):
+    fs, s, _, old_path = _garbage_after_two_snapshots(monkeypatch, hold_old=False)
+    full = fs.size_of(old_path)
+    assert full > 3000  # left for the job, whole
+    _run_garbage_job(s)
+    cuts = _cuts_of(fs, old_path)
+    assert cuts == list(range(full - 256, 0, -256)), cuts  # from its end, down to a step or less
+    ops = [(kind, what) for _, kind, what in fs.ops if what.startswith(old_path)]
+    cut_ops = ops[ops.index(("truncate", f"{old_path} to {cuts[0]}")):]
+    assert cut_ops[: 2 * len(cuts)] == [op for n in cuts for op in (("truncate", f"{old_path} to {n}"),
+                                                                       ("fdatasync", old_path))]
+    assert cut_ops[-1][0] == "unlink"
+    assert "/data/snapshot-%020d.snap" % 8 in fs.tree() and old_path not in fs.tree()
+    s.close()
+
+
+def test_the_garbage_job_neither_cuts_nor_unlinks_a_snapshot_a_transfer_still_reads_until_it_is_done(monkeypatch):
+    """A leader's transfer of its old snapshot reads it through the handle its SnapshotFile holds: an unlink
+    leaves that readable, a cut would not (the follower's chunks would be cut short, the transfer abandoned).
+    Checked: without the guard (`_read_now`) the held data no longer reads."""
+    fs, s, old, old_path = _garbage_after_two_snapshots(monkeypatch, hold_old=True)
+    _run_garbage_job(s)  # the old segments go; the snapshot waits
+    assert _cuts_of(fs, old_path) == [] and old_path in fs.tree()
+    assert snapshot_bytes(old.data) == b"x" * 3000
+    assert s.garbage_job() is None  # still read: nothing to free yet
+    old.data.close()  # the transfer is done (or its snapshot collected)
+    _run_garbage_job(s)
+    assert _cuts_of(fs, old_path) and old_path not in fs.tree()
+    s.close()
+
+
+def test_a_garbage_file_cut_part_way_by_a_crash_is_deleted_at_load_and_never_read(monkeypatch):
+    """The crash explorer goes through every state of every step (tests/crash_explorer.py, "garbage-*"); this is
+    the plain case: a process killed at its third cut leaves the old snapshot two steps short."""
+    fs, s, _, old_path = _garbage_after_two_snapshots(monkeypatch, hold_old=False)
+    full = fs.size_of(old_path)
+    job = s.garbage_job()
+    assert job is not None
+    cuts = []
+
+    def crash_at_the_third_cut(fs, number, kind, what):
+        if kind == "truncate" and what.startswith(old_path):
+            cuts.append(what)
+            if len(cuts) == 3:
+                fs.fail_at[number] = SimulatedCrash()
+
+    fs.before_op = crash_at_the_third_cut
+    with pytest.raises(SimulatedCrash):
+        job()
+    fs.before_op = None
+    fs.crash_process()
+    assert fs.size_of(old_path) == full - 512
+    s2 = DiskStorage("/data", fs=fs)
+    got = s2.load()
+    assert state_of(got)[:2] == ((8, 1), [(9, 1), (10, 1)]) and old_path not in fs.tree()
+    s2.close()
