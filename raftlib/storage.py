@@ -1246,8 +1246,11 @@ class DiskStorage:
         return unlink
 
     def _note_reader(self, path: str, data: object) -> None:
-        """`data` (a SnapshotFile, else nothing to note) reads the snapshot file now named `path`."""
+        """`data` (a SnapshotFile, else nothing to note) reads the snapshot file now named `path`. The names whose
+        readers are all gone are dropped here (without `unlink_garbage_later` nothing else looks at them)."""
         if isinstance(data, SnapshotFile):
+            self._snapshot_readers = {p: refs for p, refs in self._snapshot_readers.items()
+                                      if any(ref() is not None for ref in refs)}
             self._snapshot_readers.setdefault(path, []).append(weakref.ref(data))  # unhashable: compared by content
 
     def _read_now(self, path: str) -> bool:
