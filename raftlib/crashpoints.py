@@ -17,8 +17,6 @@ The points, in the order a write meets them:
     snapshot.after_write       the snapshot's temporary file is written and fsynced, not yet renamed
     snapshot.after_rename      the snapshot file is in place; the new log segment not yet written
     snapshot.after_segment     the new log segment is durable; the old files not yet unlinked
-    snapshot.between_cuts      after each cut (ftruncate, fdatasync) of a big old segment or snapshot, before its
-                               unlink (DiskStorage.garbage_job, in a thread)
     snapshot.between_unlinks   after each unlink of an old segment or snapshot
 """
 

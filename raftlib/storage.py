@@ -8,7 +8,7 @@ makes of the data dir (its id, JOINING, RESTORE, -force-new-cluster) is the serv
 Rules:
 - A Ready's entries and hard state become durable with one record and one fdatasync (`save`). Files are only
   ever appended to, cut back to a good record, renamed into place or unlinked (garbage: maybe cut from its
-  end first, `garbage_job`); never rewritten in place. Every file operation goes through a
+  end once unlinked, `garbage_job`); never rewritten in place. Every file operation goes through a
   `raftlib.fs.FileSystem` (the real one unless a test passes another).
 - Every segment starts with a BASE record, `[snapshot_index, snapshot_term, hard_state, entries]`: the whole log
   after the snapshot at `snapshot_index`. Everything written before it is forgotten, so the newest segment that
@@ -53,15 +53,16 @@ Rules:
   rename (and its folder's fsync) renames it to the next segment's name and fsyncs the log folder: the commit
   point.
 - With `unlink_garbage_later` (the runtime's), what an install makes garbage is unlinked by `garbage_job` in a
-  thread, after the commit point (load would delete it too). There an old snapshot or segment bigger than
-  GARBAGE_CUT_STEP_BYTES is first cut from its end a step at a time, each cut fdatasynced, so that no one journal
-  commit frees it whole (which the log's next fdatasync waits for: issue 13, unlinkcut). Only final names are cut
-  (`snapshot-I.snap`, `log/N.seg`: indices and sequence numbers only grow, so no new file ever takes the name of
-  a garbage one), never a `*.tmp`. A snapshot file that a SnapshotFile still reads through its handle (a leader's
-  transfer of it under way, a restore from it) is neither cut nor unlinked: it waits, named, in `_unlinking`
-  until its readers are closed or collected (an unlink would keep it readable, but its blocks would then be
-  freed by the last close, in the loop). A crash part way leaves a shorter garbage file, which nothing takes for
-  the log or the snapshot (load reads only the newest base segment and the snapshot it names) and load deletes.
+  thread, after the commit point (load would delete it too). There an old snapshot or segment (a final name:
+  `snapshot-I.snap`, `log/N.seg`) that no SnapshotFile reads is opened, unlinked (its folder fsynced), and only
+  then cut from its end through that descriptor, GARBAGE_CUT_STEP_BYTES a step, each cut fdatasynced, and
+  closed: no one journal commit frees it whole (which the log's next fdatasync waits for: issue 13, unlinkcut).
+  Nothing is cut by name: a file that takes a garbage one's name once the job has opened it is never cut, and
+  a crash part way leaves no name (the file system frees the unlinked inode at recovery). A snapshot file that
+  a SnapshotFile still reads through its handle (a leader's transfer of it under way, a restore from it, the
+  core's received file) is unlinked whole, never cut: the reader keeps it whole until its last close, which
+  frees it (in the loop: the rare case). A `*.tmp` is unlinked whole too: no reader of one is noted (a
+  leftover, a backup of another process).
 
 The data dir:
 
@@ -114,8 +115,8 @@ UNSAFE_REPLAY_FILTER = False
 
 logger = logging.getLogger("raftlib.storage")
 
-# `garbage_job` cuts an old snapshot or segment bigger than this from its end, this much a step (each step
-# fdatasynced), before its unlink: bench/garbage_unlink.py, a 110 MiB file beside 1 KiB fdatasyncs: the slowest
+# `garbage_job` cuts an unlinked old snapshot or segment from its end, this much a step (each step fdatasynced),
+# before its close frees the rest: bench/garbage_unlink.py, a 110 MiB file beside 1 KiB fdatasyncs: the slowest
 # 17-29 ms unlinked whole, 2.5-3.2 ms cut 8 MiB a step.
 GARBAGE_CUT_STEP_BYTES = 8 << 20
 
@@ -243,9 +244,10 @@ class DiskStorage:
         self._base_failed: OSError | None = None  # a failed sync of it off the loop: fatal at the next call
         # Set (the runtime does): what an install makes garbage is left for `garbage_job` (a thread) to unlink.
         self.unlink_garbage_later = False
-        self._unlinking: list[str] = []  # garbage for `garbage_job`, a snapshot still read kept until it is not
+        self._unlinking: list[str] = []  # garbage for `garbage_job`
         # The SnapshotFiles reading this data dir's snapshot files, by the name each file has now: one that a
-        # reader holds is not freed by `garbage_job` (the module's rules). Weak: a collected reader reads no more.
+        # reader holds is unlinked whole by `garbage_job`, not cut (the module's rules). Weak: a collected reader
+        # reads no more.
         self._snapshot_readers: dict[str, list[weakref.ref[SnapshotFile]]] = {}
         self._make_dir(self.log_dir)
         try:
@@ -1217,7 +1219,7 @@ class DiskStorage:
                            "files: they go at the next snapshot or start (%s)", index, e.strerror)
             return kept
         if self.unlink_garbage_later:
-            self._unlinking += [n for n in names if n not in self._unlinking]  # one kept for its reader is relisted
+            self._unlinking += [n for n in names if n not in self._unlinking]  # two installs before a job: listed once
             return kept
         self._unlink(names)
         return kept
@@ -1225,23 +1227,33 @@ class DiskStorage:
     def garbage_job(self) -> Callable[[], None] | None:
         """With `unlink_garbage_later`: the unlinks of what installs made garbage (after their commit points: load
         deletes it too) and the folder fsyncs after them, for a thread: the loop does not wait while the file
-        system frees a big file (~50 ms for a 45 MB segment here); a big one is cut a step at a time first
-        (`_cut`). A snapshot file a SnapshotFile still reads is left for a later call (the module's rules): call
-        again after the readers may have finished (the runtime does at the end of each drive). A failure is
-        logged: what is left goes at the next install or start. None when there is nothing to free now."""
-        names = [n for n in self._unlinking if not self._read_now(n)]
+        system frees a big file (~50 ms for a 45 MB segment here). An old snapshot or segment no SnapshotFile
+        reads (noted now, in the loop) is opened first, and cut once unlinked (`_cut`: the module's rules). A
+        failure is logged: what is left goes at the next install or start. None when there is nothing to free."""
+        names, self._unlinking = self._unlinking, []
         if not names:
             return None
-        self._unlinking = [n for n in self._unlinking if n not in names]
+        free = [n for n in names if n.endswith((".snap", ".seg")) and not self._read_now(n)]
 
         def unlink() -> None:
+            handles = []
             try:
-                for path in names:
-                    self._cut(path)
+                for path in free:
+                    try:
+                        handles.append(self.fs.open_append(path))
+                    except OSError as e:  # gone already (an earlier job's), or no descriptor: unlinked whole
+                        if not isinstance(e, FileNotFoundError) and e.errno not in NO_DESCRIPTOR:
+                            raise
                 self._unlink(names)
+                for handle in handles:
+                    self._cut(handle)
             except OSError as e:
                 logger.warning("could not unlink the files a snapshot made garbage (%s): they go at the next "
                                "snapshot or start", e)
+            finally:
+                for handle in handles:
+                    with contextlib.suppress(OSError):
+                        self.fs.close(handle)
 
         return unlink
 
@@ -1262,30 +1274,14 @@ class DiskStorage:
         self._snapshot_readers.pop(path, None)
         return False
 
-    def _cut(self, path: str) -> None:
-        """Cut the garbage file at `path` (a final name: `snapshot-I.snap`, `log/N.seg`; no reader) from its end,
-        GARBAGE_CUT_STEP_BYTES a step, each step fdatasynced, down to one step or less, which its unlink frees: a
-        journal commit then frees one step, not the whole file. Gone already, or no descriptor to open it: it is
-        left to its unlink whole. A failed cut or sync is raised (the caller logs it; load deletes the file)."""
-        if not path.endswith((".snap", ".seg")):
-            return  # a *.tmp: its name may be taken again by a new file meanwhile
-        try:
-            handle = self.fs.open_append(path)
-        except OSError as e:
-            if isinstance(e, FileNotFoundError) or e.errno in NO_DESCRIPTOR:
-                return
-            raise
-        try:
-            size = self.fs.file_size(handle)
-            while size > GARBAGE_CUT_STEP_BYTES:
-                size -= GARBAGE_CUT_STEP_BYTES
-                self.fs.truncate(handle, size)
-                if self._fsync:
-                    self.fs.fdatasync(handle)
-                if crashpoints.enabled:
-                    crashpoints.hit("snapshot.between_cuts")
-        finally:
-            self.fs.close(handle)
+    def _cut(self, handle) -> None:
+        """Cut the unlinked garbage file open at `handle` from its end, GARBAGE_CUT_STEP_BYTES a step, each step
+        fdatasynced, down to one step or less, which its close frees: a journal commit then frees one step, not the
+        whole file. Its size is read at each step (another job may cut the same file: never extended)."""
+        while (size := self.fs.file_size(handle)) > GARBAGE_CUT_STEP_BYTES:
+            self.fs.truncate(handle, size - GARBAGE_CUT_STEP_BYTES)
+            if self._fsync:
+                self.fs.fdatasync(handle)
 
     def close(self) -> None:
         self._drop_base()

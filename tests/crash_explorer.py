@@ -539,9 +539,9 @@ def received(hs, entries=(), snapshot=None, sync=True) -> tuple:
 
 HAND_WRITTEN: dict[str, list[tuple]] = {
     # Issue 13 (unlinkcut): what installs make garbage freed by the runtime's garbage job (`unlink_garbage_later`),
-    # a big file cut from its end a step at a time (GARBAGE_CUT_STEP_BYTES, scaled down) before its unlink; the
-    # node's own snapshots and a leader's, a reopen while garbage waits.
-    "garbage-cut-before-unlink": [
+    # a big file opened, unlinked, then cut from its end a step at a time (GARBAGE_CUT_STEP_BYTES, scaled down)
+    # through its descriptor; the node's own snapshots and a leader's, a reopen while garbage waits.
+    "garbage-unlinked-then-cut": [
         ("garbage_later",),
         save(HardState(1, "a", 8), es(1, 10, 1)),
         ("snapshot", snap(8, 1)),
@@ -557,9 +557,9 @@ HAND_WRITTEN: dict[str, list[tuple]] = {
         ("snapshot", snap(23, 2)),
         ("garbage_job",),
     ],
-    # ... an old snapshot a transfer still reads is neither cut nor unlinked until the transfer is done (then it
-    # must still read whole), and one still held at a reopen is deleted by load.
-    "garbage-held-snapshot-waits-for-its-reader": [
+    # ... an old snapshot a transfer still reads is unlinked whole, never cut (when the transfer is done it must
+    # still read whole), and one still held at a reopen is deleted by load.
+    "garbage-held-snapshot-unlinked-whole": [
         ("garbage_later",),
         save(HardState(1, "a", 8), es(1, 10, 1)),
         ("snapshot", snap(8, 1)),

@@ -432,16 +432,17 @@ def test_the_explorer_finds_a_prebuilt_segment_not_fsynced_before_its_rename():
 GARBAGE = [name for name in HAND_WRITTEN if name.startswith("garbage-")]
 
 
-def test_garbage_cut_a_step_at_a_time_before_its_unlink_is_crash_safe(monkeypatch):
-    """Issue 13 (unlinkcut): the runtime's garbage job cuts a big old snapshot or segment from its end a step at a
-    time (each cut fdatasynced) before its unlink: a crash at any cut, in any state it can leave, recovers the
-    state the install committed, and load deletes the shorter file. The workloads do reach the cuts."""
+def test_garbage_unlinked_then_cut_a_step_at_a_time_is_crash_safe(monkeypatch):
+    """Issue 13 (unlinkcut): the runtime's garbage job opens a big old snapshot or segment, unlinks it (its folder
+    fsynced), then cuts it from its end a step at a time through its descriptor (each cut fdatasynced): a crash
+    at any operation of the job, in any state it can leave, recovers the state the install committed (a crash
+    among the cuts leaves no name: nothing of it is read). The workloads do reach the cuts."""
     cut = []
     real_cut = DiskStorage._cut
 
-    def counted_cut(self, path):
-        cut.append(path)
-        real_cut(self, path)
+    def counted_cut(self, handle):
+        cut.append(self.fs._name(handle))
+        real_cut(self, handle)
 
     monkeypatch.setattr(DiskStorage, "_cut", counted_cut)
     stats = explore([(n, HAND_WRITTEN[n]) for n in GARBAGE], Limits())
