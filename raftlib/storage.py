@@ -1167,6 +1167,7 @@ class DiskStorage:
         index = snapshot.last_included_index
         if held is None:
             held = self._hold_snapshot_file(tmp)
+        data: SnapshotFile | None = None
         try:
             make_segment: Callable[[], tuple[object, int]]
             if prebuilt is not None and prebuilt.handle is not None:
@@ -1198,7 +1199,10 @@ class DiskStorage:
                 crashpoints.hit("snapshot.after_segment")
         except BaseException:
             with contextlib.suppress(Exception):
-                self.fs.close(held)
+                if data is None:
+                    self.fs.close(held)
+                else:  # it owns `held`: closed here, and its collection then closes nothing (that number reused)
+                    data.close()
             raise
         # Committed: the new segment is durable, and it makes everything older garbage.
         kept = Snapshot(index, snapshot.last_included_term, snapshot.membership, data)

@@ -1895,3 +1895,52 @@ def test_a_received_snapshot_the_core_still_reads_is_not_cut_by_the_garbage_job(
     assert _cuts_of(fs, "/data/snapshot-%020d.snap" % 20) == []
     assert snapshot_bytes(core_data) == b"r" * 3000
     s.close()
+
+
+class _FullAtSegment(OsFileSystem):
+    """No room for a new log segment once `full`."""
+
+    full = False
+
+    def create(self, path):
+        if self.full and path.endswith(".seg"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().create(path)
+
+
+def test_a_full_disk_after_the_snapshots_rename_closes_its_descriptor_once(tmp_path):
+    """The install's segment meets ENOSPC after the snapshot's rename: the SnapshotFile made of the held descriptor
+    owns it, so closing the number as well let its collection close it again: another file's by then (the runtime
+    sleeps with the DiskFull alive before it tries again). Checked: the other file closed without the fix."""
+    fs = _FullAtSegment()
+    s = DiskStorage(str(tmp_path / "data"), fs=fs)
+    s.load()
+    s.save(HardState(1, "a", 8), entries(1, 10))
+    fs.full = True
+    with pytest.raises(storage_errors.DiskFull) as failure:  # alive, as in Runtime._save's sleep
+        s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"s" * 100))
+    other = os.open(tmp_path / "other", os.O_CREAT | os.O_RDWR)  # the lowest number free: the one just closed
+    try:
+        del failure
+        gc.collect()
+        os.fstat(other)  # still open
+    finally:
+        os.close(other)
+    fs.full = False
+    s.close()
+
+
+def test_a_snapshot_file_whose_head_does_not_read_leaves_its_descriptor_to_the_caller(tmp_path):
+    """SnapshotFile.at raises on a bad head: the descriptor is still the caller's (_commit_install closes it), so
+    the half-made SnapshotFile's collection must not close it too. Checked: closed at its collection without."""
+    path = tmp_path / "junk.snap"
+    path.write_bytes(b"not a snapshot file at all")
+    fs = OsFileSystem()
+    fd = fs.open_read(str(path))
+    try:
+        with pytest.raises(storage_errors.StorageError):
+            snapshotfile.SnapshotFile.at(fs, str(path), fd)
+        gc.collect()
+        os.fstat(fd)  # still open
+    finally:
+        os.close(fd)
