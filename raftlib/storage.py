@@ -1244,7 +1244,7 @@ class DiskStorage:
             try:
                 for path in free:
                     try:
-                        handles.append(self.fs.open_append(path))
+                        handles.append(self.fs.open_append(path, reserve=False))  # the reserve is the loop's
                     except OSError as e:  # gone already (an earlier job's), or no descriptor: unlinked whole
                         if not isinstance(e, FileNotFoundError) and e.errno not in NO_DESCRIPTOR:
                             raise
@@ -1281,7 +1281,8 @@ class DiskStorage:
     def _cut(self, handle) -> None:
         """Cut the unlinked garbage file open at `handle` from its end, GARBAGE_CUT_STEP_BYTES a step, each step
         fdatasynced, down to one step or less, which its close frees: a journal commit then frees one step, not the
-        whole file. Its size is read at each step (another job may cut the same file: never extended)."""
+        whole file. The runtime runs one job at a time (two cutting one file could extend it: a size read, the
+        other's cut, then this one's)."""
         while (size := self.fs.file_size(handle)) > GARBAGE_CUT_STEP_BYTES:
             self.fs.truncate(handle, size - GARBAGE_CUT_STEP_BYTES)
             if self._fsync:

@@ -1944,3 +1944,32 @@ def test_a_snapshot_file_whose_head_does_not_read_leaves_its_descriptor_to_the_c
         os.fstat(fd)  # still open
     finally:
         os.close(fd)
+
+
+def test_the_garbage_job_opens_its_files_without_the_descriptor_reserve(tmp_path, monkeypatch):
+    """Review unlinkcut2 L1: out of descriptors, the garbage job's opens (a thread's) took the reserve's spares and
+    held them through all their cuts, so an install in the loop meanwhile failed with OutOfDescriptors (and the
+    reserve's check-then-pop ran in two threads). The job opens without the reserve: a file it cannot open is
+    unlinked whole. Here every open through the reserve is counted while the job runs on the real file system."""
+    from raftlib import fs as fs_module
+
+    monkeypatch.setattr(storage, "GARBAGE_CUT_STEP_BYTES", 256)
+    s = DiskStorage(str(tmp_path / "data"), fs=OsFileSystem())
+    s.load()
+    s.unlink_garbage_later = True
+    s.save(HardState(1, "a", 8), entries(1, 10))
+    s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"x" * 3000))
+    s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"y" * 3000))
+    old_path = str(tmp_path / "data" / ("snapshot-%020d.snap" % 5))
+    assert os.path.exists(old_path)
+    through_the_reserve = []
+    real_with_spare = fs_module._with_spare
+    monkeypatch.setattr(fs_module, "_with_spare", lambda opening: through_the_reserve.append(1) or
+                        real_with_spare(opening))
+    cuts = []
+    real_cut = DiskStorage._cut
+    monkeypatch.setattr(DiskStorage, "_cut", lambda self, handle: cuts.append(handle) or real_cut(self, handle))
+    _run_garbage_job(s)
+    assert cuts and not os.path.exists(old_path)  # opened, unlinked, cut
+    assert through_the_reserve == []
+    s.close()
