@@ -49,8 +49,9 @@ class FileSystem(Protocol):
     def create(self, path: str) -> Handle:
         """A new empty file open for appending (an existing one of that name is truncated)."""
 
-    def open_append(self, path: str) -> Handle:
-        """An existing file open for appending at its end."""
+    def open_append(self, path: str, reserve: bool = True) -> Handle:
+        """An existing file open for appending at its end. `reserve=False`: never with a descriptor of the
+        reserve (a thread's open that can do without one: the loop's installs count on the reserve)."""
 
     def open_dir(self, path: str) -> Handle:
         """A folder, held open for `fsync_dir` (which then opens nothing) until `close`."""
@@ -155,8 +156,9 @@ class OsFileSystem:
     def create(self, path: str) -> int:
         return _with_spare(lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644))
 
-    def open_append(self, path: str) -> int:
-        return _with_spare(lambda: os.open(path, os.O_WRONLY | os.O_APPEND))
+    def open_append(self, path: str, reserve: bool = True) -> int:
+        opening = lambda: os.open(path, os.O_WRONLY | os.O_APPEND)  # noqa: E731
+        return _with_spare(opening) if reserve else opening()
 
     def open_dir(self, path: str) -> int:
         return _with_spare(lambda: os.open(path, os.O_RDONLY | os.O_DIRECTORY))

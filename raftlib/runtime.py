@@ -494,6 +494,7 @@ class Runtime:
         # The greenlets that wait for a threadpool job on the data dir (that fdatasync; an unlink of garbage):
         # `stop` waits for them (bounded) so that none touches the folder after the storage is closed.
         self._disk_jobs: list[gevent.Greenlet] = []
+        self._garbage_job: gevent.Greenlet | None = None  # the storage's garbage_job under way (one at a time)
         # request_snapshot: a snapshot at or past this index is taken at the end of a drive, whatever the log's size
         # (0: none asked for). The commit index when asked: the entry whose apply asked is at or below it.
         self._snapshot_requested_index = 0
@@ -576,11 +577,13 @@ class Runtime:
             self.storage.abort_snapshot(done[1])
         self._reap_later()  # a child whose reader was killed in its poll (no drive sweeps after stop)
 
-    def _spawn_disk_job(self, run: Callable[..., Any], *args: Any) -> None:
+    def _spawn_disk_job(self, run: Callable[..., Any], *args: Any) -> gevent.Greenlet:
         """`run(*args)` in a greenlet that `stop` waits for (it waits for a threadpool job on the data dir). Such a
         greenlet is never killed: the thread would run on, unwaited for, and its outcome be lost."""
         self._disk_jobs = [g for g in self._disk_jobs if not g.dead]
-        self._disk_jobs.append(gevent.spawn(run, *args))
+        job = gevent.spawn(run, *args)
+        self._disk_jobs.append(job)
+        return job
 
     def _wait_disk_jobs(self, timeout_seconds: float) -> None:
         """Wait, at most `timeout_seconds`, for the threadpool's jobs on the data dir (a thread cannot be killed:
@@ -1346,9 +1349,12 @@ class Runtime:
         if self._snapshot_done is not None and not self._base_wait():
             done, self._snapshot_done = self._snapshot_done, None
             self._finish_snapshot(*done)
-        unlink = getattr(self.storage, "garbage_job", lambda: None)()
-        if unlink is not None:  # what an install (this node's snapshot or a leader's) made garbage
-            self._spawn_disk_job(gevent.get_hub().threadpool.apply, unlink)
+        # What an install (this node's snapshot or a leader's) made garbage, one job at a time: names listed again
+        # meanwhile wait in the storage, never cut by two threads at once (review of unlinkcut, L2).
+        if self._garbage_job is None or self._garbage_job.dead:
+            unlink = getattr(self.storage, "garbage_job", lambda: None)()
+            if unlink is not None:
+                self._garbage_job = self._spawn_disk_job(gevent.get_hub().threadpool.apply, unlink)
         if self._unreaped:
             self._reap_later()
         node = self.node

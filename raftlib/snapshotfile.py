@@ -193,9 +193,13 @@ class SnapshotFile:
     @classmethod
     def at(cls, fs: FileSystem, path: str, handle) -> SnapshotFile:
         """The data of a snapshot file written by this storage (its checksum not read: O(1)), through `handle`
-        (held open, then owned by the SnapshotFile)."""
+        (held open, then owned by the SnapshotFile; still the caller's when this raises)."""
         source = cls(fs, handle, 0, 0, path)
-        source._locate(handle)
+        try:
+            source._locate(handle)
+        except BaseException:
+            source.handle = None  # its collection must not close the caller's descriptor
+            raise
         return source
 
     def _locate(self, handle) -> None:

@@ -7,8 +7,9 @@ makes of the data dir (its id, JOINING, RESTORE, -force-new-cluster) is the serv
 
 Rules:
 - A Ready's entries and hard state become durable with one record and one fdatasync (`save`). Files are only
-  ever appended to, cut back to a good record, renamed into place or unlinked; never rewritten in place. Every
-  file operation goes through a `raftlib.fs.FileSystem` (the real one unless a test passes another).
+  ever appended to, cut back to a good record, renamed into place or unlinked (garbage: maybe cut from its
+  end once unlinked, `garbage_job`); never rewritten in place. Every file operation goes through a
+  `raftlib.fs.FileSystem` (the real one unless a test passes another).
 - Every segment starts with a BASE record, `[snapshot_index, snapshot_term, hard_state, entries]`: the whole log
   after the snapshot at `snapshot_index`. Everything written before it is forgotten, so the newest segment that
   starts with a complete base record IS the log (with the records after its base), and older segments are
@@ -52,7 +53,16 @@ Rules:
   rename (and its folder's fsync) renames it to the next segment's name and fsyncs the log folder: the commit
   point.
 - With `unlink_garbage_later` (the runtime's), what an install makes garbage is unlinked by `garbage_job` in a
-  thread, after the commit point (load would delete it too).
+  thread, after the commit point (load would delete it too). There an old snapshot or segment (a final name:
+  `snapshot-I.snap`, `log/N.seg`) that no SnapshotFile reads is opened, unlinked (its folder fsynced), and only
+  then cut from its end through that descriptor, GARBAGE_CUT_STEP_BYTES a step, each cut fdatasynced, and
+  closed: no one journal commit frees it whole (which the log's next fdatasync waits for: issue 13, unlinkcut).
+  Nothing is cut by name: a file that takes a garbage one's name once the job has opened it is never cut, and
+  a crash part way leaves no name (the file system frees the unlinked inode at recovery). A snapshot file that
+  a SnapshotFile still reads through its handle (a leader's transfer of it under way, a restore from it, the
+  core's received file) is unlinked whole, never cut: the reader keeps it whole until its last close, which
+  frees it (in the loop: the rare case). A `*.tmp` is unlinked whole too: no reader of one is noted (a
+  leftover, a backup of another process).
 
 The data dir:
 
@@ -74,6 +84,7 @@ import logging
 import os
 import sys
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -103,6 +114,11 @@ from .storage_errors import RecordTooBig  # noqa: F401
 UNSAFE_REPLAY_FILTER = False
 
 logger = logging.getLogger("raftlib.storage")
+
+# `garbage_job` cuts an unlinked old snapshot or segment from its end, this much a step (each step fdatasynced),
+# before its close frees the rest: bench/garbage_unlink.py, a 110 MiB file beside 1 KiB fdatasyncs: the slowest
+# 17-29 ms unlinked whole, 2.5-3.2 ms cut 8 MiB a step.
+GARBAGE_CUT_STEP_BYTES = 8 << 20
 
 
 def _write_file(fs: FileSystem, tmp: str, write: Callable[[object], None], private: bool = False) -> None:
@@ -228,7 +244,11 @@ class DiskStorage:
         self._base_failed: OSError | None = None  # a failed sync of it off the loop: fatal at the next call
         # Set (the runtime does): what an install makes garbage is left for `garbage_job` (a thread) to unlink.
         self.unlink_garbage_later = False
-        self._unlinking: list[str] = []
+        self._unlinking: list[str] = []  # garbage for `garbage_job`
+        # The SnapshotFiles reading this data dir's snapshot files, by the name each file has now: one that a
+        # reader holds is unlinked whole by `garbage_job`, not cut (the module's rules). Weak: a collected reader
+        # reads no more.
+        self._snapshot_readers: dict[str, list[weakref.ref[SnapshotFile]]] = {}
         self._make_dir(self.log_dir)
         try:
             self._lock = self.fs.lock(os.path.join(self.data_dir, "LOCK"))
@@ -461,6 +481,8 @@ class DiskStorage:
         except BaseException:
             self.close()
             raise
+        if self.state.snapshot is not None:
+            self._note_reader(self._snapshot_path(self.state.snapshot.last_included_index), self.state.snapshot.data)
         hs = self.state.hard_state
         if hs.commit_index > self.state.last_index:
             # The commit index may be saved ahead of a snapshot-only state; never beyond what we hold.
@@ -1145,6 +1167,7 @@ class DiskStorage:
         index = snapshot.last_included_index
         if held is None:
             held = self._hold_snapshot_file(tmp)
+        data: SnapshotFile | None = None
         try:
             make_segment: Callable[[], tuple[object, int]]
             if prebuilt is not None and prebuilt.handle is not None:
@@ -1162,6 +1185,9 @@ class DiskStorage:
                 make_segment = lambda: self._create_segment(base)  # noqa: E731
             path = self._snapshot_path(index)
             data = SnapshotFile.at(self.fs, path, held)  # its head read now, before anything changes
+            self._note_reader(path, data)
+            if getattr(snapshot.data, "received_tmp", None) == tmp:  # the core's, and a restore's: this file too
+                self._note_reader(path, snapshot.data)
             if crashpoints.enabled:
                 crashpoints.hit("snapshot.after_write")
             self.fs.rename(tmp, path)
@@ -1173,7 +1199,10 @@ class DiskStorage:
                 crashpoints.hit("snapshot.after_segment")
         except BaseException:
             with contextlib.suppress(Exception):
-                self.fs.close(held)
+                if data is None:
+                    self.fs.close(held)
+                else:  # it owns `held`: closed here, and its collection then closes nothing (that number reused)
+                    data.close()
             raise
         # Committed: the new segment is durable, and it makes everything older garbage.
         kept = Snapshot(index, snapshot.last_included_term, snapshot.membership, data)
@@ -1194,7 +1223,7 @@ class DiskStorage:
                            "files: they go at the next snapshot or start (%s)", index, e.strerror)
             return kept
         if self.unlink_garbage_later:
-            self._unlinking += names
+            self._unlinking += [n for n in names if n not in self._unlinking]  # two installs before a job: listed once
             return kept
         self._unlink(names)
         return kept
@@ -1202,20 +1231,62 @@ class DiskStorage:
     def garbage_job(self) -> Callable[[], None] | None:
         """With `unlink_garbage_later`: the unlinks of what installs made garbage (after their commit points: load
         deletes it too) and the folder fsyncs after them, for a thread: the loop does not wait while the file
-        system frees a big file (~50 ms for a 45 MB segment here). A failure is logged: what is left goes at the
-        next install or start. None when there is nothing to unlink."""
+        system frees a big file (~50 ms for a 45 MB segment here). An old snapshot or segment no SnapshotFile
+        reads (noted now, in the loop) is opened first, and cut once unlinked (`_cut`: the module's rules). A
+        failure is logged: what is left goes at the next install or start. None when there is nothing to free."""
         names, self._unlinking = self._unlinking, []
         if not names:
             return None
+        free = [n for n in names if n.endswith((".snap", ".seg")) and not self._read_now(n)]
 
         def unlink() -> None:
+            handles = []
             try:
+                for path in free:
+                    try:
+                        handles.append(self.fs.open_append(path, reserve=False))  # the reserve is the loop's
+                    except OSError as e:  # gone already (an earlier job's), or no descriptor: unlinked whole
+                        if not isinstance(e, FileNotFoundError) and e.errno not in NO_DESCRIPTOR:
+                            raise
                 self._unlink(names)
+                for handle in handles:
+                    self._cut(handle)
             except OSError as e:
                 logger.warning("could not unlink the files a snapshot made garbage (%s): they go at the next "
                                "snapshot or start", e)
+            finally:
+                for handle in handles:
+                    with contextlib.suppress(OSError):
+                        self.fs.close(handle)
 
         return unlink
+
+    def _note_reader(self, path: str, data: object) -> None:
+        """`data` (a SnapshotFile, else nothing to note) reads the snapshot file now named `path`. The names whose
+        readers are all gone are dropped here (without `unlink_garbage_later` nothing else looks at them)."""
+        if isinstance(data, SnapshotFile):
+            self._snapshot_readers = {p: refs for p, refs in self._snapshot_readers.items()
+                                      if any(ref() is not None for ref in refs)}
+            self._snapshot_readers.setdefault(path, []).append(weakref.ref(data))  # unhashable: compared by content
+
+    def _read_now(self, path: str) -> bool:
+        """Whether a SnapshotFile still reads the file at `path` through its handle (not closed, not collected)."""
+        for ref in self._snapshot_readers.get(path, ()):
+            reader = ref()
+            if reader is not None and reader.handle is not None:
+                return True
+        self._snapshot_readers.pop(path, None)
+        return False
+
+    def _cut(self, handle) -> None:
+        """Cut the unlinked garbage file open at `handle` from its end, GARBAGE_CUT_STEP_BYTES a step, each step
+        fdatasynced, down to one step or less, which its close frees: a journal commit then frees one step, not the
+        whole file. The runtime runs one job at a time (two cutting one file could extend it: a size read, the
+        other's cut, then this one's)."""
+        while (size := self.fs.file_size(handle)) > GARBAGE_CUT_STEP_BYTES:
+            self.fs.truncate(handle, size - GARBAGE_CUT_STEP_BYTES)
+            if self._fsync:
+                self.fs.fdatasync(handle)
 
     def close(self) -> None:
         self._drop_base()

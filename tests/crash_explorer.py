@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crashfs import CrashFS  # noqa: E402
 from raftlib import Entry, EntryKind, HardState, Member, Membership, Snapshot, StoredState  # noqa: E402
-from raftlib.messages import snapshot_bytes  # noqa: E402
+from raftlib.messages import SnapshotUnreadable, snapshot_bytes  # noqa: E402
 from raftlib import logformat  # noqa: E402
 from raftlib import storage as storage_module  # noqa: E402
 from raftlib.storage import DiskStorage  # noqa: E402
@@ -81,9 +81,10 @@ class Model:
         elif kind in ("snapshot", "snapshot_commit"):  # a commit: the second part of a forked snapshot
             if s.install_snapshot(step[1]):
                 out.durable_commit_index = s.hard_state.commit_index
-        elif kind in ("snapshot_write", "snapshot_abort") or kind.startswith(("base_", "stepped_")):
+        elif kind in ("snapshot_write", "snapshot_abort") or kind.startswith(("base_", "stepped_", "garbage_")):
             pass  # the first part (a forked child's file, or a stepped one's pieces), or dropping it, or
-            # pre-building the base segment of its commit (DiskStorage.begin_base, base_step, base_sync_job):
+            # pre-building the base segment of its commit (DiskStorage.begin_base, base_step, base_sync_job), or
+            # freeing what installs made garbage (garbage_job) and holding an old snapshot's reader meanwhile:
             # nothing a reader uses changes
         elif kind == "reopen":
             out.durable_commit_index = s.hard_state.commit_index  # close() fsyncs; load() fsyncs what it read
@@ -309,6 +310,8 @@ class Explorer:
         fs.before_op = hook
         storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
         storage.load()
+        unlink_later = False  # from a "garbage_later" step on, every storage of the run is as the runtime's
+        held: list[Snapshot] = []  # snapshots whose data a "garbage_hold" keeps read (a leader's transfer)
         writing: dict[int, str] = {}  # forked snapshots written and not yet committed: index -> their file
         stepped: dict[int, list] = {}  # stepped snapshots being written: index -> [their file's writer, bytes left]
         syncing = None  # a pre-built base segment's sync begun ("base_sync_begin") and not yet ended
@@ -358,10 +361,35 @@ class Explorer:
                     if syncing is not None:
                         syncing[1](syncing[0]())
                         syncing = None
+                elif step[0] == "garbage_later":  # the runtime's: what installs make garbage, for garbage_job
+                    unlink_later = storage.unlink_garbage_later = True
+                elif step[0] == "garbage_job":  # the threadpool's, at the end of a drive
+                    job = storage.garbage_job()
+                    if job is not None:
+                        job()
+                elif step[0] == "garbage_hold":  # a transfer of the snapshot held now begins
+                    assert storage.state.snapshot is not None, step_label
+                    held.append(storage.state.snapshot)
+                elif step[0] == "garbage_release":  # ... and ends: it read the whole snapshot
+                    for h in held:
+                        try:
+                            unread = snapshot_bytes(h.data) != snap(h.last_included_index, h.last_included_term).data
+                        except SnapshotUnreadable as e:
+                            unread = str(e)
+                        if unread:
+                            self.where = step_label
+                            try:
+                                self.violation(f"a held snapshot ({h.last_included_index}, {h.last_included_term}) no "
+                                               f"longer reads whole: {unread}", None, [model])
+                            except _Found:
+                                return
+                        h.data.close()  # type: ignore[union-attr]
+                    held.clear()
                 else:
                     storage.close()
                     storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
                     storage.load()
+                    storage.unlink_garbage_later = unlink_later
                 model = after
             except DiskFull:
                 # The disk fills only in a "full" step, or when told to fail with ENOSPC; the state must not
@@ -484,7 +512,7 @@ def describe_step(step: tuple) -> str:
         return f"stepped_begin ({step[1].last_included_index}, {step[1].last_included_term})"
     if step[0].startswith("stepped_"):
         return f"{step[0]} ({step[1]}{f', {step[2]} bytes' if len(step) > 2 else ''})"
-    if step[0].startswith("base_"):
+    if step[0].startswith(("base_", "garbage_")):
         return step[0]
     return "reopen"
 
@@ -510,6 +538,46 @@ def received(hs, entries=(), snapshot=None, sync=True) -> tuple:
 
 
 HAND_WRITTEN: dict[str, list[tuple]] = {
+    # Issue 13 (unlinkcut): what installs make garbage freed by the runtime's garbage job (`unlink_garbage_later`),
+    # a big file opened, unlinked, then cut from its end a step at a time (GARBAGE_CUT_STEP_BYTES, scaled down)
+    # through its descriptor; the node's own snapshots and a leader's, a reopen while garbage waits.
+    "garbage-unlinked-then-cut": [
+        ("garbage_later",),
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot", snap(8, 1)),
+        save(HardState(1, "a", 12), es(11, 4, 1)),
+        ("garbage_job",),
+        ("snapshot", snap(12, 1)),
+        received(HardState(2, "b", 20), es(21, 1, 2), snap(20, 2)),
+        ("garbage_job",),
+        save(HardState(2, "b", 21), es(22, 2, 2)),
+        ("snapshot", snap(21, 2)),
+        ("reopen",),  # the garbage not freed yet: load deletes it
+        save(HardState(2, "b", 23), es(24, 1, 2)),
+        ("snapshot", snap(23, 2)),
+        ("garbage_job",),
+    ],
+    # ... an old snapshot a transfer still reads is unlinked whole, never cut (when the transfer is done it must
+    # still read whole), and one still held at a reopen is deleted by load.
+    "garbage-held-snapshot-unlinked-whole": [
+        ("garbage_later",),
+        save(HardState(1, "a", 8), es(1, 10, 1)),
+        ("snapshot", snap(8, 1)),
+        ("garbage_hold",),
+        save(HardState(1, "a", 12), es(11, 4, 1)),
+        ("snapshot", snap(12, 1)),
+        ("garbage_job",),
+        save(HardState(1, "a", 14), [], sync=False),
+        ("garbage_job",),
+        ("garbage_release",),
+        ("garbage_job",),
+        ("garbage_hold",),
+        received(HardState(2, "b", 20), es(21, 1, 2), snap(20, 2)),
+        ("garbage_job",),
+        ("reopen",),
+        ("garbage_release",),
+        save(HardState(2, "b", 21), es(22, 1, 2)),
+    ],
     # Issue 13: a leader's snapshot received into its file chunk by chunk, then installed by a rename.
     "received-snapshot-installed": [
         save(HardState(1, "a", 5), es(1, 10, 1)),
@@ -932,6 +1000,10 @@ def workloads(count: int, seed: int, hand_written: bool = True, forked_base: boo
             yield f"random seed {seed} workload {i}", random_workload(rng, rng.randint(4, 12))
 
 
+# The garbage job's cut, scaled down to these workloads' files (tens of bytes): several cuts a file.
+GARBAGE_CUT_STEP_BYTES = 16
+
+
 def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None, storage_fs=None,
             record_bytes: int | None = None) -> Stats:
     """`record_bytes`: MAX_RECORD_BYTES for the run (scaled down, saves and base records become groups)."""
@@ -940,6 +1012,8 @@ def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None,
     saved_limit = logformat.MAX_RECORD_BYTES
     if record_bytes is not None:
         logformat.MAX_RECORD_BYTES = record_bytes
+    saved_cut = storage_module.GARBAGE_CUT_STEP_BYTES
+    storage_module.GARBAGE_CUT_STEP_BYTES = GARBAGE_CUT_STEP_BYTES
     try:
         for name, workload in items:
             stats = Explorer(name, limits, storage_fs).run(workload)
@@ -949,6 +1023,7 @@ def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None,
     finally:
         storage_module.UNSAFE_REPLAY_FILTER = False
         logformat.MAX_RECORD_BYTES = saved_limit
+        storage_module.GARBAGE_CUT_STEP_BYTES = saved_cut
     return total
 
 
@@ -1119,9 +1194,10 @@ def format1_states(workload: list[tuple], root: str):
         for i, step in enumerate(workload):
             while step[0] in ("full", "fail", "nofds"):
                 step = step[-1]
-            if step[0] in ("reopen", "snapshot_write", "snapshot_abort") or step[0].startswith(("base_", "stepped_")):
+            if step[0] in ("reopen", "snapshot_write", "snapshot_abort") or step[0].startswith(
+                    ("base_", "stepped_", "garbage_")):
                 continue  # the old code took its snapshots whole: a forked child's or a stepped one's file (or the
-                # pre-built base segment of its commit) is its commit's step
+                # pre-built base segment of its commit) is its commit's step; it unlinked its garbage at once
             if step[0] == "receive":  # the old code had the received snapshot in memory: a save
                 step = ("save",) + step[1:]
             after = model.after(step)

@@ -297,7 +297,7 @@ class CrashFS:
         self._handle_paths[handle] = path
         return handle
 
-    def open_append(self, path: str) -> int:
+    def open_append(self, path: str, reserve: bool = True) -> int:
         self._descriptor(path)
         self._file(path)
         return self._open(self._lookup(path), path)

@@ -427,3 +427,31 @@ def test_the_explorer_finds_a_prebuilt_segment_not_fsynced_before_its_rename():
     stats = explore([("forked-base-prebuilt", HAND_WRITTEN["forked-base-prebuilt"])], Limits(max_violations=1),
                     storage_fs=SkipSegmentSyncs)
     assert stats.violations
+
+
+GARBAGE = [name for name in HAND_WRITTEN if name.startswith("garbage-")]
+
+
+def test_garbage_unlinked_then_cut_a_step_at_a_time_is_crash_safe(monkeypatch):
+    """Issue 13 (unlinkcut): the runtime's garbage job opens a big old snapshot or segment, unlinks it (its folder
+    fsynced), then cuts it from its end a step at a time through its descriptor (each cut fdatasynced): a crash
+    at any operation of the job, in any state it can leave, recovers the state the install committed (a crash
+    among the cuts leaves no name: nothing of it is read). The workloads do reach the cuts."""
+    cut = []
+    real_cut = DiskStorage._cut
+
+    def counted_cut(self, handle):
+        cut.append(self.fs._name(handle))
+        real_cut(self, handle)
+
+    monkeypatch.setattr(DiskStorage, "_cut", counted_cut)
+    stats = explore([(n, HAND_WRITTEN[n]) for n in GARBAGE], Limits())
+    assert stats.crash_points > 200 and not stats.violations, stats.violations
+    assert any(p.endswith(".snap") for p in cut) and any(p.endswith(".seg") for p in cut), cut
+
+
+def test_the_explorer_finds_a_held_snapshot_cut_under_its_reader(monkeypatch):
+    """The guard removed (an old snapshot a transfer still reads taken as free): found."""
+    monkeypatch.setattr(DiskStorage, "_read_now", lambda self, path: False)
+    stats = explore([(n, HAND_WRITTEN[n]) for n in GARBAGE], Limits(max_violations=1))
+    assert any("no longer reads whole" in v for v in stats.violations), stats.violations

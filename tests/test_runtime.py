@@ -1524,6 +1524,53 @@ def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_
     assert ended and max(ended) <= stopped, (ended, stopped)
 
 
+def test_the_garbage_of_snapshots_is_freed_by_one_job_at_a_time(tmp_path, monkeypatch):
+    """Review unlinkcut2 L2: a snapshot's install while the last one's garbage job still ran handed out another job,
+    and two threads then cut the same files (a cut read the size, the other's truncate came between: the file
+    grew back sparse). The runtime hands out the next job only once the one under way is done."""
+    import threading
+
+    runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
+    storage = runtime.storage
+    lock = threading.Lock()
+    jobs = {"running": 0, "most": 0, "ran": 0}
+    real_garbage_job = storage.garbage_job
+
+    def slow_garbage_job():
+        unlink = real_garbage_job()
+        if unlink is None:
+            return None
+
+        def slow_unlink():
+            with lock:
+                jobs["running"] += 1
+                jobs["most"] = max(jobs["most"], jobs["running"])
+            time.sleep(0.6)  # long enough for the next snapshots to come meanwhile
+            try:
+                unlink()
+            finally:
+                with lock:
+                    jobs["running"] -= 1
+                    jobs["ran"] += 1
+
+        return slow_unlink
+
+    monkeypatch.setattr(storage, "garbage_job", slow_garbage_job)
+    runtime.start()
+    try:
+        with gevent.Timeout(5):
+            while runtime.node.role is not Role.LEADER:
+                gevent.sleep(0.01)
+        with gevent.Timeout(20):
+            while jobs["ran"] < 2:
+                runtime.propose(b"x" * 300, 2.0)  # a snapshot every few writes (2,000 bytes of log)
+                gevent.sleep(0.01)
+    finally:
+        runtime.stop()
+        storage.close()
+    assert jobs["most"] == 1, jobs
+
+
 def test_a_base_segment_sync_whose_greenlet_is_killed_drops_the_segment_and_never_closes_under_the_thread(tmp_path):
     """Review baseleft2 Q1: `_sync_base` hands any BaseException out of the threadpool call (a GreenletExit when
     its greenlet is killed while the fdatasync runs) to `done(raised=...)`: the segment is dropped at once, its
