@@ -13,7 +13,9 @@ The checks, on each recovered state R, against the save in flight (or, between s
   base segment): R is recovered again from every crash state at every operation of that recovery, and must still
   be allowed; and once a recovery has returned, every crash state after it must load as exactly what it returned;
 - a process crash (SIGKILL: unsynced writes still in the page cache) is recovered too, and power failures during
-  that recovery must not lose what it returned.
+  that recovery must not lose what it returned;
+- no crash state holds a snapshot file cut under its final name (the garbage job cuts one only once its unlink
+  is durable), and a snapshot a transfer held while it was garbage still reads whole when the transfer ends.
 
     python tests/crash_explorer.py                          # the hand-written workloads and 20 random ones
     python tests/crash_explorer.py --workloads 500 --seed 7  # a soak; prints how many crash states it explored
@@ -22,7 +24,9 @@ The checks, on each recovered state R, against the save in flight (or, between s
 Workloads are saves with and without sync, conflicting truncations, hard-state-only saves, snapshots taken by the
 node and installed from a leader (agreeing with the log and not), segment rolls (every install starts a segment)
 and reopens; some of them on a full disk, with a file operation failing, or out of file descriptors (EMFILE after
-n more opens: OutOfDescriptors, and the state must not have moved). Random ones come from --seed; workload i of seed S is the same on every run (`--only i`).
+n more opens: OutOfDescriptors, and the state must not have moved). A share of the random ones leave what installs
+make garbage to the runtime's garbage job, run between their steps (itself on a failing disk at times), while
+transfers hold old snapshots. Random ones come from --seed; workload i of seed S is the same on every run (`--only i`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +137,18 @@ def problems(got: StoredState, candidates: list[Model]) -> str | None:
     return "neither the state before nor the state after the save in flight"
 
 
+SNAPSHOTS_CUT = "snapshot files that do not read whole under their final names"
+
+
+def snapshots_cut(fs: CrashFS) -> list[str]:
+    """The files under a snapshot's final name whose checksum does not hold: a snapshot is renamed into place only
+    once fsynced whole, and the garbage job cuts an old one only once its unlink is durable (storage.py: nothing
+    is cut by name), so no crash may show one cut or unwritten, whether or not load would read it (SNAPSHOTS_CUT:
+    the violation's words)."""
+    return sorted(p for p, data in fs.tree().items() if p.endswith(".snap") and data is not None
+                  and (len(data) < 4 or zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "big")))
+
+
 def in_memory(st: StoredState) -> StoredState:
     """`st` with its snapshot's data read into bytes: a loaded snapshot reads through a handle of the process that
     loaded it, which a later (simulated) process crash closes, while the explorer compares states across crashes."""
@@ -150,6 +167,12 @@ class Stats:
     crash_states: int = 0  # recoveries from a power-failure crash state after a workload operation
     recovery_crash_states: int = 0  # recoveries from a crash state inside a recovery, or after one
     process_crashes: int = 0
+    # What the garbage jobs of the workloads did (with_garbage_job): files opened, unlinked, cuts, and the jobs
+    # an injected fault (a failing operation, EMFILE, ENOSPC) reached.
+    garbage_opens: int = 0
+    garbage_unlinks: int = 0
+    garbage_cuts: int = 0
+    garbage_faults: int = 0
     violations: list = field(default_factory=list)
 
     @property
@@ -161,6 +184,10 @@ class Stats:
         self.crash_states += other.crash_states
         self.recovery_crash_states += other.recovery_crash_states
         self.process_crashes += other.process_crashes
+        self.garbage_opens += other.garbage_opens
+        self.garbage_unlinks += other.garbage_unlinks
+        self.garbage_cuts += other.garbage_cuts
+        self.garbage_faults += other.garbage_faults
         self.violations += other.violations
 
 
@@ -273,15 +300,32 @@ class Explorer:
             for n, state in enumerate(fs.crash_states(self.limits.states, seed=point)):
                 self.stats.crash_states += 1
                 self.where = f"{label} (power failure, crash state {n})"
+                cut = snapshots_cut(state)  # before the recovery deletes them (reported after its checks)
                 if n % self.limits.nested_every == 0:
                     self.recover_crashing(state, candidates, seed=point * 1000 + n)
                 else:
                     self.check(self.recover(state), candidates)
+                if cut:
+                    self.violation(f"{SNAPSHOTS_CUT}: {cut}", None, candidates)
             self.where = f"{label} (process crash)"
             self.stats.process_crashes += 1
             self.recover_crashing(fs.copy(), candidates, seed=point * 1000 + 999)
+            cut = snapshots_cut(fs)
+            if cut:
+                self.violation(f"{SNAPSHOTS_CUT}: {cut}", None, candidates)
         except _Found:
             pass
+
+    def run_garbage_job(self, fs: CrashFS, job) -> None:
+        """Run a garbage job, counting in the stats the files it opened, unlinked and cut, and whether an injected
+        fault reached it (it logs those: the garbage left goes at the next install or start)."""
+        ops, opens, faults = len(fs.ops), fs.descriptors_taken, fs.faults_injected
+        job()
+        kinds = [kind for _, kind, _ in fs.ops[ops:]]
+        self.stats.garbage_opens += fs.descriptors_taken - opens
+        self.stats.garbage_unlinks += kinds.count("unlink")
+        self.stats.garbage_cuts += kinds.count("truncate")
+        self.stats.garbage_faults += fs.faults_injected > faults
 
     def run(self, workload: list[tuple]) -> Stats:
         previous = logging.getLogger("raftlib.storage").level
@@ -366,10 +410,10 @@ class Explorer:
                 elif step[0] == "garbage_job":  # the threadpool's, at the end of a drive
                     job = storage.garbage_job()
                     if job is not None:
-                        job()
-                elif step[0] == "garbage_hold":  # a transfer of the snapshot held now begins
-                    assert storage.state.snapshot is not None, step_label
-                    held.append(storage.state.snapshot)
+                        self.run_garbage_job(fs, job)
+                elif step[0] == "garbage_hold":  # a transfer of the snapshot held now (if any) begins
+                    if storage.state.snapshot is not None:
+                        held.append(storage.state.snapshot)
                 elif step[0] == "garbage_release":  # ... and ends: it read the whole snapshot
                     for h in held:
                         try:
@@ -383,7 +427,9 @@ class Explorer:
                                                f"longer reads whole: {unread}", None, [model])
                             except _Found:
                                 return
-                        h.data.close()  # type: ignore[union-attr]
+                        live_snapshot = storage.state.snapshot
+                        if live_snapshot is None or h.data is not live_snapshot.data:
+                            h.data.close()  # type: ignore[union-attr]  # (the storage still reads the live one)
                     held.clear()
                 else:
                     storage.close()
@@ -409,6 +455,7 @@ class Explorer:
                 if len(self.stats.violations) > found:
                     return
                 fs.crash_process()
+                held.clear()  # the transfers died with the process
                 storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
                 got = storage.load()
                 model = next(m for m in candidates if (m.state.snapshot, m.state.entries) == (got.snapshot,
@@ -986,18 +1033,68 @@ def with_forked_base(rng: random.Random, workload: list[tuple]) -> list[tuple]:
     return out
 
 
-def workloads(count: int, seed: int, hand_written: bool = True, forked_base: bool = False):
+# The share of random workloads run as the runtime's storage runs them (`with_garbage_job`).
+GARBAGE_SHARE = 0.35
+
+
+def with_garbage_job(rng: random.Random, workload: list[tuple]) -> list[tuple]:
+    """`workload` with what installs make garbage left for the garbage job, as the runtime does (review unlinkcut
+    T2): "garbage_later" first; after a step now and then the job (the threadpool's, at the end of a drive), at
+    times with one of its operations failing (EIO or ENOSPC at an unlink, a folder fsync, a cut or a cut's
+    fdatasync: logged, what is left goes at the next install or start) or out of descriptors (a file it cannot
+    open is unlinked whole, a folder fsync refused); and a transfer of the snapshot held then begun
+    ("garbage_hold") and ended a few steps later ("garbage_release": it must still read whole). Only steps are
+    added: the workload's own are kept, in order, and `rng` is the workload's own garbage one."""
+    out: list[tuple] = [("garbage_later",)]
+    release_in = 0  # steps until the transfers held end (0: none held)
+    for step in workload:
+        out.append(step)
+        if step[0] in ("full", "fail", "nofds"):
+            continue  # the step is tried again next: the job comes after that
+        if release_in:
+            release_in -= 1
+            if not release_in:
+                out.append(("garbage_release",))
+        r = rng.random()
+        if r < 0.15:
+            kind = rng.choice(("unlink", "fsync_dir", "truncate", "fdatasync"))
+            out.append(("fail", kind, rng.randint(0, 2), rng.choice((errno.EIO, errno.ENOSPC)), ("garbage_job",)))
+        elif r < 0.25:
+            out.append(("nofds", rng.randint(0, 2), ("garbage_job",)))
+        elif r < 0.55:
+            out.append(("garbage_job",))
+        elif r < 0.7 and not release_in:
+            out.append(("garbage_hold",))
+            release_in = rng.randint(1, 4)
+    if release_in:
+        out.append(("garbage_release",))
+    out.append(("garbage_job",))
+    return out
+
+
+def workloads(count: int, seed: int, hand_written: bool = True, forked_base: bool = False,
+              garbage_share: float | None = None):
     """The hand-written workloads and `count` random ones of `seed`; with `forked_base`, each random one with
-    forked snapshots whose base segment is pre-built interleaved (`with_forked_base`)."""
+    forked snapshots whose base segment is pre-built interleaved (`with_forked_base`). A share of the random ones
+    (`garbage_share`, by default GARBAGE_SHARE, and none with `forked_base`: test_crash_explorer pins its
+    workloads; each drawn from a generator of its own, so the others are as before) leave their garbage to the
+    garbage job (`with_garbage_job`)."""
+    if garbage_share is None:
+        garbage_share = 0.0 if forked_base else GARBAGE_SHARE
     if hand_written:
         yield from HAND_WRITTEN.items()
     for i in range(count):
         rng = random.Random(f"{seed}:{i}")
         if forked_base:
-            yield (f"random seed {seed} forked-base workload {i}",
-                   with_forked_base(rng, random_workload(rng, rng.randint(6, 14))))
+            name = f"random seed {seed} forked-base workload {i}"
+            workload = with_forked_base(rng, random_workload(rng, rng.randint(6, 14)))
         else:
-            yield f"random seed {seed} workload {i}", random_workload(rng, rng.randint(4, 12))
+            name = f"random seed {seed} workload {i}"
+            workload = random_workload(rng, rng.randint(4, 12))
+        garbage_rng = random.Random(f"{seed}:{i}:garbage")
+        if garbage_rng.random() < garbage_share:
+            name, workload = f"{name} (garbage job)", with_garbage_job(garbage_rng, workload)
+        yield name, workload
 
 
 # The garbage job's cut, scaled down to these workloads' files (tens of bytes): several cuts a file.
@@ -1279,13 +1376,16 @@ def main() -> int:
     p.add_argument("--print-workload", action="store_true")
     p.add_argument("--forked-base", action="store_true",
                    help="random workloads with forked snapshots whose base segment is pre-built interleaved")
+    p.add_argument("--garbage-share", type=float, default=None,
+                   help=f"the share of random workloads with the garbage job (default {GARBAGE_SHARE}, "
+                        "none with --forked-base)")
     args = p.parse_args()
     limits = Limits(args.states, args.nested_states, args.nested_every)
     if args.only is not None:
-        items = [w for n, w in enumerate(workloads(args.only + 1, args.seed, False, args.forked_base))
-                 if n == args.only]
+        items = [w for n, w in enumerate(workloads(args.only + 1, args.seed, False, args.forked_base,
+                                                   args.garbage_share)) if n == args.only]
     else:
-        items = workloads(args.workloads, args.seed, forked_base=args.forked_base)
+        items = workloads(args.workloads, args.seed, forked_base=args.forked_base, garbage_share=args.garbage_share)
     started = time.monotonic()
     total = Stats()
     runs = 0

@@ -176,6 +176,8 @@ class CrashFS:
         self.before_op = None
         self.free_bytes: int | None = None
         self.opens_left: int | None = None  # None: no limit
+        self.descriptors_taken = 0  # opens that took a descriptor (counted, for tests of what code reached)
+        self.faults_injected = 0  # fail_at's errors, EMFILE from opens_left and ENOSPC from free_bytes raised
         self.page_bytes = PAGE_BYTES
         self.dead = False
 
@@ -228,8 +230,10 @@ class CrashFS:
             raise SimulatedCrash()
         if self.opens_left is not None:
             if self.opens_left <= 0:
+                self.faults_injected += 1
                 raise OSError(errno.EMFILE, "Too many open files", path)
             self.opens_left -= 1
+        self.descriptors_taken += 1
 
     def _op(self, kind: str, what: str) -> None:
         """Number a mutating operation; run the hook; fail it when told to."""
@@ -245,6 +249,7 @@ class CrashFS:
         if error is not None:
             if isinstance(error, SimulatedCrash):
                 self.dead = True
+            self.faults_injected += 1
             raise error
 
     def _new_inode(self, is_dir: bool) -> int:
@@ -332,6 +337,7 @@ class CrashFS:
             node.data += data
             node.pending.append(("append", data))
         if error is not None:
+            self.faults_injected += 1
             raise error
 
     def truncate(self, handle: int, size: int) -> None:
