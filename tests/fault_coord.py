@@ -18,7 +18,7 @@ minus its gaps):
     index another one saw events at fails, and nothing uncommitted: what one invented the others did not see);
   - acknowledged writes: every write answered 200 at index i (registers, inserts, counters' txns, lease keys,
     each client reads X-Raft-Index) is a put of that key and value at index i;
-  - nothing invented: every put's value is one some client wrote to that key; counters only ever go up by one;
+  - nothing invented: every put's value is one some client wrote to that key; counters only ever go up by one (between two of a watcher's events with none of its gaps between);
   - the state: replaying the events of a watcher without gaps gives the final state exactly (every key, value and
     modify index, read from the leader after the sentinel);
   - a gap (every member 410) fails the run unless a restart-all came after the watcher's last event (every node
@@ -260,6 +260,10 @@ class Watcher(Worker):
         if index < self.position:
             self.problems.append(f"position {index} sent after group or position {self.position} (it went back)")
         self.position = max(self.position, index)
+
+    def gap_between(self, earlier: int, later: int) -> bool:
+        """Whether a gap (indices this watcher never saw) lies between its events at `earlier` and `later`."""
+        return any(earlier <= after < later for after, _, _ in self.gaps)
 
     def covered(self, index: int) -> bool:
         return 0 < index <= self.position and not any(after < index <= resumed for after, resumed, _ in self.gaps)
@@ -537,7 +541,8 @@ class Coordination:
                     if kind == "put":
                         if value not in written.get(key, ()):
                             problems.append(f"{w.name}: a put of {key}={value!r} at index {index} nobody wrote")
-                        if key in COUNTER_KEYS and key in state and int(value) != int(state[key][0]) + 1:
+                        if (key in COUNTER_KEYS and key in state and int(value) != int(state[key][0]) + 1
+                                and not w.gap_between(state[key][1], index)):
                             problems.append(f"{w.name}: counter {key} went from {state[key][0]} to {value} at {index}")
                         state[key] = (value, index)
                     elif key in state or not w.gaps:

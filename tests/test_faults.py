@@ -15,10 +15,11 @@ import os
 import shlex
 import subprocess
 import sys
+import types
 
 import pytest
 
-from fault_coord import WATCH_RECONNECT_SECONDS, explain_gaps, reconnect_delay
+from fault_coord import WATCH_RECONNECT_SECONDS, Watcher, explain_gaps, reconnect_delay
 from procs import netns_unavailable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -218,3 +219,14 @@ def test_a_watch_gap_is_explained_only_by_a_snapshot_restore_on_every_member_at_
     assert explain_gaps([gap], [({a: 130, b: 948}, True)]) == [gap]  # a 410 at 130 is no restore of a (120, 947)
     restart_all = (10, 50, "after a restart-all")
     assert explain_gaps([restart_all], [({a: 51}, True)]) == [restart_all]
+
+
+def test_a_counter_may_jump_over_a_watchers_gap_but_not_elsewhere():
+    """CI of 6ff9b10: a membership run's watcher resumed past an explained gap (every member had restored a
+    snapshot past it) and the counter check, blind to gaps, failed on the increments the gap held. A jump is
+    excused only when one of the watcher's gaps lies between its two events."""
+    watcher = types.SimpleNamespace(gaps=[(793, 947, "every member restored a snapshot past it")])
+    assert Watcher.gap_between(watcher, 790, 956)  # the gap starts between the two events
+    assert Watcher.gap_between(watcher, 793, 950)
+    assert not Watcher.gap_between(watcher, 950, 979)  # after the gap: every increment seen
+    assert not Watcher.gap_between(watcher, 700, 790)  # before it
