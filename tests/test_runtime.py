@@ -1465,6 +1465,39 @@ def test_stop_after_a_fatal_error_kills_the_snapshot_child_still_writing(tmp_pat
         storage.close()
 
 
+def _slowed_garbage_jobs(monkeypatch, storage, seconds: float) -> dict:
+    """The storage's garbage jobs each held `seconds` in their thread before they run: counted as they begin, how
+    many run at once now and at most, and the time each ended."""
+    import threading
+
+    lock = threading.Lock()
+    jobs: dict = {"begun": 0, "running": 0, "most": 0, "ended": []}
+    real_garbage_job = storage.garbage_job
+
+    def slowed_garbage_job():
+        unlink = real_garbage_job()
+        if unlink is None:
+            return None
+
+        def slow_unlink():
+            with lock:
+                jobs["begun"] += 1
+                jobs["running"] += 1
+                jobs["most"] = max(jobs["most"], jobs["running"])
+            time.sleep(seconds)
+            try:
+                unlink()
+            finally:
+                with lock:
+                    jobs["running"] -= 1
+                    jobs["ended"].append(time.monotonic())
+
+        return slow_unlink
+
+    monkeypatch.setattr(storage, "garbage_job", slowed_garbage_job)
+    return jobs
+
+
 @pytest.mark.parametrize("fatal", [False, True], ids=["running", "after a fatal error"])
 @pytest.mark.parametrize("job", ["the base segment's sync", "the unlink of the garbage"])
 def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_is_closed(tmp_path, monkeypatch,
@@ -1478,26 +1511,7 @@ def test_stop_waits_for_the_threadpools_jobs_on_the_data_dir_before_the_storage_
     slow_sync = job == "the base segment's sync"
     runtime, seen = _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds=1.0 if slow_sync else 0.01)
     storage = runtime.storage
-    garbage = {"begun": 0, "ended": []}
-    real_garbage_job = storage.garbage_job
-
-    def slow_garbage_job():
-        unlink = real_garbage_job()
-        if unlink is None:
-            return None
-
-        def slow_unlink():
-            garbage["begun"] += 1
-            time.sleep(1.0)
-            try:
-                unlink()
-            finally:
-                garbage["ended"].append(time.monotonic())
-
-        return slow_unlink
-
-    if not slow_sync:
-        monkeypatch.setattr(storage, "garbage_job", slow_garbage_job)
+    garbage = {"begun": 0, "ended": []} if slow_sync else _slowed_garbage_jobs(monkeypatch, storage, 1.0)
     runtime.start()
     try:
         with gevent.Timeout(5):
@@ -1528,41 +1542,16 @@ def test_the_garbage_of_snapshots_is_freed_by_one_job_at_a_time(tmp_path, monkey
     """Review unlinkcut2 L2: a snapshot's install while the last one's garbage job still ran handed out another job,
     and two threads then cut the same files (a cut read the size, the other's truncate came between: the file
     grew back sparse). The runtime hands out the next job only once the one under way is done."""
-    import threading
-
     runtime = _forking_runtime(tmp_path, snapshot_threshold_bytes=2000)
     storage = runtime.storage
-    lock = threading.Lock()
-    jobs = {"running": 0, "most": 0, "ran": 0}
-    real_garbage_job = storage.garbage_job
-
-    def slow_garbage_job():
-        unlink = real_garbage_job()
-        if unlink is None:
-            return None
-
-        def slow_unlink():
-            with lock:
-                jobs["running"] += 1
-                jobs["most"] = max(jobs["most"], jobs["running"])
-            time.sleep(0.6)  # long enough for the next snapshots to come meanwhile
-            try:
-                unlink()
-            finally:
-                with lock:
-                    jobs["running"] -= 1
-                    jobs["ran"] += 1
-
-        return slow_unlink
-
-    monkeypatch.setattr(storage, "garbage_job", slow_garbage_job)
+    jobs = _slowed_garbage_jobs(monkeypatch, storage, 0.6)  # long enough for the next snapshots to come meanwhile
     runtime.start()
     try:
         with gevent.Timeout(5):
             while runtime.node.role is not Role.LEADER:
                 gevent.sleep(0.01)
         with gevent.Timeout(20):
-            while jobs["ran"] < 2:
+            while len(jobs["ended"]) < 2:
                 runtime.propose(b"x" * 300, 2.0)  # a snapshot every few writes (2,000 bytes of log)
                 gevent.sleep(0.01)
     finally:

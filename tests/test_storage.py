@@ -1772,15 +1772,21 @@ def test_a_stepped_snapshot_files_head_is_not_synced_in_the_loop_and_a_failed_he
 # ---- a big garbage file unlinked, then cut a step at a time through its descriptor (issue 13, unlinkcut) ----------
 
 
-def _garbage_after_two_snapshots(monkeypatch, hold_old: bool):
-    """A storage as the runtime's (`unlink_garbage_later`) that took a snapshot at 5 and then one at 8, each of 3,000
-    bytes, cut 256 bytes a step; with `hold_old`, the first one's data held meanwhile (a leader's transfer of it
-    under way). Returns the file system, the storage, the first snapshot when held, and its file's path."""
+def _garbage_storage(monkeypatch) -> tuple[CrashFS, DiskStorage]:
+    """A loaded storage on a CrashFS as the runtime's (`unlink_garbage_later`), its garbage cut 256 bytes a step."""
     monkeypatch.setattr(storage, "GARBAGE_CUT_STEP_BYTES", 256)
     fs = CrashFS()
     s = DiskStorage("/data", fs=fs)
     s.load()
     s.unlink_garbage_later = True
+    return fs, s
+
+
+def _garbage_after_two_snapshots(monkeypatch, hold_old: bool):
+    """A storage as the runtime's (`_garbage_storage`) that took a snapshot at 5 and then one at 8, each of 3,000
+    bytes; with `hold_old`, the first one's data held meanwhile (a leader's transfer of it under way). Returns the
+    file system, the storage, the first snapshot when held, and its file's path."""
+    fs, s = _garbage_storage(monkeypatch)
     s.save(HardState(1, "a", 8), entries(1, 10))
     s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"x" * 3000))
     old = s.state.snapshot if hold_old else None
@@ -1878,11 +1884,7 @@ def test_a_received_snapshot_the_core_still_reads_is_not_cut_by_the_garbage_job(
     """A follower installs a leader's snapshot received into its file and the core keeps that ReceivedSnapshotFile
     (it sends from it as a leader later); the storage's own reader of the file is then collected. The install
     notes the core's reader too. Checked: without that note the held data reads short (SnapshotUnreadable)."""
-    monkeypatch.setattr(storage, "GARBAGE_CUT_STEP_BYTES", 256)
-    fs = CrashFS()
-    s = DiskStorage("/data", fs=fs)
-    s.load()
-    s.unlink_garbage_later = True
+    fs, s = _garbage_storage(monkeypatch)
     s.save(HardState(1, "a", 4), entries(1, 4))
     sink = s.receive_snapshot(Snapshot(20, 2, MEMBERSHIP))
     sink.write(b"r" * 3000)
