@@ -631,10 +631,13 @@ def main() -> int:
         p.error("--no-raftdzmq: etcd is not installed")
     if not shutil.which("wrk"):
         raise SystemExit("scale: needs wrk (apt-get install wrk)")
+    systems = ([] if args.no_raftdzmq else ["raftdzmq"]) + (
+        [] if args.no_etcd or not shutil.which("etcd") else ["etcd"])
+    # etcd's snapshot step runs etcdctl: checked now, not after a load that can take a quarter of an hour.
+    if "etcd" in systems and not shutil.which("etcdctl"):
+        raise SystemExit("scale: etcd's runs need etcdctl (apt-get install etcd-client)")
     rows = []
     for n in args.keys:
-        systems = ([] if args.no_raftdzmq else ["raftdzmq"]) + (
-            [] if args.no_etcd or not shutil.which("etcd") else ["etcd"])
         for system in systems:
             workdir = tempfile.mkdtemp(prefix=f"raftdzmq-scale-{system}-")
             cluster: Cluster | None = None
