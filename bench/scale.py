@@ -4,6 +4,7 @@
     python bench/scale.py 100000 1000000 --json scale.json        # raftdzmq and etcd (3 nodes each)
     python bench/scale.py 100000 --no-etcd
     python bench/scale.py 1000000 --batch 100 --logs scale-logs   # transactions of 100 puts; keep the nodes' logs
+    python bench/scale.py 5000000 --batch 100 --no-raftdzmq       # etcd only (its fresh node if memory allows)
 
 For each N (keys k000000000 .. of 100-byte values), a fresh 3-node cluster of each system is loaded by wrk (64
 connections, each key written once: one put a request, or with --batch K one transaction of K puts of consecutive
@@ -18,7 +19,10 @@ again, K a request, until none is missing (at most 3 passes): the load's rate is
   (each new term a node reports is printed with the time, to be found in the nodes' logs: --logs keeps them);
 - write and read (linearizable) throughput at that size: wrk, 64 connections, random keys, --seconds each;
 - restart: SIGKILL a follower, start it again, until it answers a linearizable read;
-- join: a fresh fourth node joins, until it has applied the leader's commit index (etcd: its revision).
+- join: a fresh fourth node joins, until it has applied the leader's commit index (etcd: its revision); only if
+  the machine has room for it: it will hold what the largest node holds (its RSS), and --memory-reserve GB must
+  stay available besides (this machine has no swap, and an OOM kill hurts whoever shares it); else the step is
+  reported "skipped: N GB needed, M available".
 
 Rules: every wait has a bound (a step that passes it is reported as "timeout", and the run goes on); every process
 is stopped by its pid; everything lives in one temporary folder, removed at the end (but for the logs --logs
@@ -143,6 +147,25 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def mem_available_bytes() -> int:
+    """The kernel's estimate of the memory that can be allocated without swapping (MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemAvailable in /proc/meminfo")
+
+
+def no_room_for(needed_bytes: int, reserve_bytes: int) -> str | None:
+    """Why a step that grows the machine's memory by `needed_bytes` must not run ("skipped: N GB needed, M
+    available"), or None when it leaves `reserve_bytes` available besides."""
+    available = mem_available_bytes()
+    if available - needed_bytes >= reserve_bytes:
+        return None
+    return (f"skipped: {needed_bytes / 1e9:.1f} GB needed and {reserve_bytes / 1e9:.1f} GB kept free, "
+            f"{available / 1e9:.1f} GB available")
 
 
 def dir_bytes(path: str) -> int:
@@ -543,6 +566,12 @@ def measure(cluster: Cluster, n: int, args: argparse.Namespace, workdir: str) ->
     cluster.restart(follower)
     waited = poll(lambda: cluster.linearizable_read(follower), args.step_bound, 0.02)
     out["restart_seconds"] = None if waited is None else time.monotonic() - t0
+    # The fresh node will hold what the others hold: the largest node's RSS now (the restarted one's new pid too).
+    skipped = no_room_for(max(rss_bytes(p.pid) for p in cluster.procs.values()), int(args.memory_reserve * 1e9))
+    if skipped:
+        print(f"scale: {cluster.name} {n} keys: the fresh node's join {skipped}", file=sys.stderr)
+        out["join_seconds"], out["join_skipped"] = None, skipped
+        return out
     try:
         out["join_seconds"] = cluster.join_fresh()
     except OSError as e:
@@ -573,13 +602,16 @@ def print_table(rows: list[dict]) -> None:
               f"{r['bytes_per_key']:>7.0f}{fmt(size, 'MB'):>11}{fmt(take, 's'):>10}"
               f"{fmt(r['during_load']['longest_status_seconds'], 's'):>8}{len(r['during_load']['terms_seen']):>6}"
               f"{r['write']['ops']:>9.0f}{r['read']['ops']:>8.0f}{fmt(r['restart_seconds'], 's'):>9}"
-              f"{fmt(r['join_seconds'], 's'):>10}")
+              f"{'skipped' if r.get('join_skipped') else fmt(r['join_seconds'], 's'):>10}")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("keys", type=int, nargs="+", help="key counts, e.g. 100000 1000000")
-    p.add_argument("--no-etcd", action="store_true", help="raftdzmq only")
+    one_system = p.add_mutually_exclusive_group()
+    one_system.add_argument("--no-etcd", action="store_true", help="raftdzmq only")
+    one_system.add_argument("--no-raftdzmq", action="store_true", help=(
+        "etcd only (when both systems' runs at a size do not fit in one sitting: etcd's next to raftdzmq's)"))
     p.add_argument("--batch", type=int, default=1, metavar="K", help=(
         "load K keys a request: a transaction of K puts (raftdzmq POST /txn, etcd /v3/kv/txn), at most 128 (both "
         "systems' limit of ops a transaction); the repair pass too. Default 1: one put a key, the way most "
@@ -588,16 +620,25 @@ def main() -> int:
     p.add_argument("--load-bound", type=float, default=1800.0, help="seconds the load may take (default 1800)")
     p.add_argument("--step-bound", type=float, default=300.0, help="seconds a restart may take (default 300)")
     p.add_argument("--raftdzmq-flag", action="append", default=[], help="extra flag for every raftdzmq node")
+    p.add_argument("--memory-reserve", type=float, default=5.0, metavar="GB", help=(
+        "GB that must stay available besides the fresh node's estimate, or its join is skipped (default 5)"))
     p.add_argument("--json", help="write the results to this file")
     p.add_argument("--logs", metavar="DIR", help="keep every node's log in DIR (named KEYS-SYSTEM-NODE.log)")
     args = p.parse_args()
     if not 1 <= args.batch <= 128:
         p.error("--batch: 1 to 128 (the most ops a transaction may have)")
+    if args.no_raftdzmq and not shutil.which("etcd"):
+        p.error("--no-raftdzmq: etcd is not installed")
     if not shutil.which("wrk"):
         raise SystemExit("scale: needs wrk (apt-get install wrk)")
+    systems = ([] if args.no_raftdzmq else ["raftdzmq"]) + (
+        [] if args.no_etcd or not shutil.which("etcd") else ["etcd"])
+    # etcd's snapshot step runs etcdctl: checked now, not after a load that can take a quarter of an hour.
+    if "etcd" in systems and not shutil.which("etcdctl"):
+        raise SystemExit("scale: etcd's runs need etcdctl (apt-get install etcd-client)")
     rows = []
     for n in args.keys:
-        for system in ["raftdzmq"] + ([] if args.no_etcd or not shutil.which("etcd") else ["etcd"]):
+        for system in systems:
             workdir = tempfile.mkdtemp(prefix=f"raftdzmq-scale-{system}-")
             cluster: Cluster | None = None
             try:
