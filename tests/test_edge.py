@@ -852,6 +852,43 @@ def test_many_ready_connections_do_not_stall_the_loops_timers():
     assert result["p50"] < 0.025 and result["p90"] < 0.040, result
 
 
+def test_the_turn_gate_never_arms_a_second_timer_when_an_admitted_request_enters_again():
+    """The 5,000,000-key scale run logged `AttributeError: 'NoneType' object has no attribute 'close'` from
+    TurnGate._admit: a request admitted by it that entered again before blocking (its connection's next request,
+    already read) armed a timer of its own, and _admit's end armed another over it; the orphan, firing after the
+    queue emptied, found `_timer` None (requests left waiting after that were stuck until another one came). Here
+    every request enters three times in a row under a zero budget: at every arming, no other timer of the gate may
+    still be armed, and every request must get through."""
+    from raftlib.server.edge import TurnGate
+
+    gate = TurnGate(0.0)
+    armed: list = []
+    overlaps: list[int] = []
+    real_loop = gate._loop
+
+    class CountingLoop:
+        iteration = property(lambda self: real_loop.iteration)
+
+        def timer(self, after):
+            overlaps.append(sum(t.active for t in armed))
+            armed.append(real_loop.timer(after))
+            return armed[-1]
+
+    gate._loop = CountingLoop()
+    done = []
+
+    def request(n):
+        for _ in range(3):
+            gate.enter()
+        done.append(n)
+
+    greenlets = [gevent.spawn(request, n) for n in range(6)]
+    gevent.joinall(greenlets, timeout=10)
+    assert sorted(done) == list(range(6)), done
+    assert armed and max(overlaps) == 0, overlaps
+    assert gate._timer is None and not gate._waiting
+
+
 ONE_SEND_SERVER = r"""
 from gevent import monkey
 monkey.patch_all()

@@ -718,9 +718,12 @@ class TurnGate:
         return True
 
     def _admit(self) -> None:
-        """In the hub, a turn later: start waiting requests, each running until it blocks, within the budget."""
+        """In the hub, a turn later: start waiting requests, each running until it blocks, within the budget.
+        At most one timer is ever armed: `_timer` stays set while the requests run, so one that enters again
+        meanwhile (its connection's next request, already read) waits for the timer started here at the end, not
+        one of its own. (With `_timer` cleared first, that request armed a second timer, and this one's end a third
+        over it: the orphan, firing after the queue had emptied, closed `_timer` while it was None and raised.)"""
         self._timer.close()
-        self._timer = None
         started = time.perf_counter()
         self._turn, self._turn_started = self._loop.iteration, started
         waiting = self._waiting
@@ -731,6 +734,8 @@ class TurnGate:
         if waiting:
             self._timer = self._loop.timer(0.0)
             self._timer.start(self._admit)
+        else:
+            self._timer = None
 
 
 class EdgeServer(gevent.pywsgi.WSGIServer):
