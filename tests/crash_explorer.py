@@ -455,8 +455,13 @@ class Explorer:
             except (OSError, StorageError) as e:
                 # Fatal (fsyncgate): the node stops. The disk must recover to the state before or after the step,
                 # now and after any crash; the process starts again on what it finds.
-                if not fail or failing[1] >= 0:
-                    raise
+                if not fail or failing[1] >= 0:  # no fault injected (or not yet): the storage's own error
+                    self.where = step_label
+                    try:
+                        self.violation(f"the step failed on a healthy disk: {type(e).__name__}: {e}", None,
+                                       candidates)
+                    except _Found:
+                        return
                 failing = None
                 found = len(self.stats.violations)
                 self.crash_point(fs, candidates, f"{step_label}: after the fatal {type(e).__name__} {e}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import time
 
@@ -527,6 +528,37 @@ def test_the_explorer_finds_a_held_snapshot_cut_under_its_reader(monkeypatch):
     stats = explore([(n, HAND_WRITTEN[n]) for n in GARBAGE], Limits(max_violations=1))
     assert any("no longer reads whole" in v for v in stats.violations), stats.violations
 
+
+
+def test_the_explorer_finds_a_garbage_job_that_frees_the_files_being_written(monkeypatch):
+    """The guard removed (review explmix): the job also frees the `*.tmp` files it finds when its thread runs, as
+    load does, without `_garbage`'s filter of the files being written (a snapshot's, its pre-built base segment):
+    the snapshot's commit then finds no file, and the node stops (a step failing on a healthy disk). Only the
+    mixed workloads run a job while a snapshot is written: the others do not find it (checked by hand: the 49
+    garbage-job workloads of seed 0 and the hand-written ones explore clean with it)."""
+    real_job = DiskStorage.garbage_job
+
+    def job_freeing_every_tmp(self):
+        job = real_job(self)
+        if job is None:
+            return None
+
+        def run():
+            job()
+            with contextlib.suppress(OSError):  # as the job's own failures: logged, left for later
+                self._unlink([os.path.join(folder, n) for folder in (self.data_dir, self.log_dir)
+                              for n in self.fs.listdir(folder) if n.endswith(".tmp")])
+
+        return run
+
+    monkeypatch.setattr(DiskStorage, "garbage_job", job_freeing_every_tmp)
+    mixed = [(n, w) for n, w in workloads(RANDOM_WORKLOADS, seed=0, hand_written=False)
+             if n.endswith(crash_explorer.MIXED)]
+    for item in mixed:
+        stats = explore([item], Limits(states=4, nested_states=2, nested_every=8, max_violations=1))
+        if stats.violations:
+            break
+    assert any("failed on a healthy disk: FileNotFoundError" in v for v in stats.violations), stats.violations
 
 # Review explmix (a defect of raftlib.storage, reported, not fixed here): an install refused after its rename (no
 # room for its segment) leaves its file under the final name; a lower install lists it as its garbage for the
