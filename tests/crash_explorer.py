@@ -26,7 +26,9 @@ node and installed from a leader (agreeing with the log and not), segment rolls 
 and reopens; some of them on a full disk, with a file operation failing, or out of file descriptors (EMFILE after
 n more opens: OutOfDescriptors, and the state must not have moved). A share of the random ones leave what installs
 make garbage to the runtime's garbage job, run between their steps (itself on a failing disk at times), while
-transfers hold old snapshots. Random ones come from --seed; workload i of seed S is the same on every run (`--only i`).
+transfers hold old snapshots; a share of the others run it beside snapshots of the node's own (stepped or forked,
+their base segments pre-built) and leaders' (received), the job made in the loop and its thread run among their
+steps (--mix-share). Random ones come from --seed; workload i of seed S is the same on every run (`--only i`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import random
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -173,6 +175,11 @@ class Stats:
     garbage_unlinks: int = 0
     garbage_cuts: int = 0
     garbage_faults: int = 0
+    # The mix (with_garbage_mix): garbage jobs run while a snapshot of the node's own was written (its file, its
+    # pre-built base segment), the mixed workloads explored and the crash states explored inside them.
+    garbage_jobs_beside_snapshots: int = 0
+    mixed_workloads: int = 0
+    mixed_crash_states: int = 0
     violations: list = field(default_factory=list)
 
     @property
@@ -180,15 +187,8 @@ class Stats:
         return self.crash_states + self.recovery_crash_states + self.process_crashes
 
     def add(self, other: Stats) -> None:
-        self.crash_points += other.crash_points
-        self.crash_states += other.crash_states
-        self.recovery_crash_states += other.recovery_crash_states
-        self.process_crashes += other.process_crashes
-        self.garbage_opens += other.garbage_opens
-        self.garbage_unlinks += other.garbage_unlinks
-        self.garbage_cuts += other.garbage_cuts
-        self.garbage_faults += other.garbage_faults
-        self.violations += other.violations
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass
@@ -316,9 +316,10 @@ class Explorer:
         except _Found:
             pass
 
-    def run_garbage_job(self, fs: CrashFS, job) -> None:
-        """Run a garbage job, counting in the stats the files it opened, unlinked and cut, and whether an injected
-        fault reached it (it logs those: the garbage left goes at the next install or start)."""
+    def run_garbage_job(self, fs: CrashFS, job, beside_a_snapshot: bool) -> None:
+        """Run a garbage job, counting in the stats the files it opened, unlinked and cut, whether an injected
+        fault reached it (it logs those: the garbage left goes at the next install or start), and whether it ran
+        while a snapshot of the node's own was being written (`beside_a_snapshot`: its file or its base segment)."""
         ops, opens, faults = len(fs.ops), fs.descriptors_taken, fs.faults_injected
         job()
         kinds = [kind for _, kind, _ in fs.ops[ops:]]
@@ -326,6 +327,7 @@ class Explorer:
         self.stats.garbage_unlinks += kinds.count("unlink")
         self.stats.garbage_cuts += kinds.count("truncate")
         self.stats.garbage_faults += fs.faults_injected > faults
+        self.stats.garbage_jobs_beside_snapshots += beside_a_snapshot
 
     def run(self, workload: list[tuple]) -> Stats:
         previous = logging.getLogger("raftlib.storage").level
@@ -359,6 +361,7 @@ class Explorer:
         writing: dict[int, str] = {}  # forked snapshots written and not yet committed: index -> their file
         stepped: dict[int, list] = {}  # stepped snapshots being written: index -> [their file's writer, bytes left]
         syncing = None  # a pre-built base segment's sync begun ("base_sync_begin") and not yet ended
+        garbage_running = None  # a garbage job made ("garbage_begin") whose thread has not run yet ("garbage_end")
         for i, step in enumerate(workload):
             if len(self.stats.violations) >= self.limits.max_violations:
                 return
@@ -407,10 +410,15 @@ class Explorer:
                         syncing = None
                 elif step[0] == "garbage_later":  # the runtime's: what installs make garbage, for garbage_job
                     unlink_later = storage.unlink_garbage_later = True
-                elif step[0] == "garbage_job":  # the threadpool's, at the end of a drive
-                    job = storage.garbage_job()
-                    if job is not None:
-                        self.run_garbage_job(fs, job)
+                elif step[0] in ("garbage_job", "garbage_begin", "garbage_end"):
+                    # Made at the end of a drive, for the threadpool, which runs it at once ("garbage_job"), or made
+                    # ("garbage_begin") and run at its "garbage_end", the loop's steps between: one at a time.
+                    if step[0] != "garbage_end":
+                        assert garbage_running is None, "one garbage job at a time (the runtime's rule)"
+                        garbage_running = storage.garbage_job()
+                    if step[0] != "garbage_begin" and garbage_running is not None:
+                        job, garbage_running = garbage_running, None
+                        self.run_garbage_job(fs, job, bool(writing) or storage.base_pending() is not None)
                 elif step[0] == "garbage_hold":  # a transfer of the snapshot held now (if any) begins
                     if storage.state.snapshot is not None:
                         held.append(storage.state.snapshot)
@@ -447,15 +455,21 @@ class Explorer:
             except (OSError, StorageError) as e:
                 # Fatal (fsyncgate): the node stops. The disk must recover to the state before or after the step,
                 # now and after any crash; the process starts again on what it finds.
-                if not fail or failing[1] >= 0:
-                    raise
+                if not fail or failing[1] >= 0:  # no fault injected (or not yet): the storage's own error
+                    self.where = step_label
+                    try:
+                        self.violation(f"the step failed on a healthy disk: {type(e).__name__}: {e}", None,
+                                       candidates)
+                    except _Found:
+                        return
                 failing = None
                 found = len(self.stats.violations)
                 self.crash_point(fs, candidates, f"{step_label}: after the fatal {type(e).__name__} {e}")
                 if len(self.stats.violations) > found:
                     return
                 fs.crash_process()
-                held.clear()  # the transfers died with the process
+                held.clear()  # the transfers died with the process, and a garbage job's thread
+                garbage_running = None
                 storage = DiskStorage(DATA_DIR, fs=self.storage_fs(fs))
                 got = storage.load()
                 model = next(m for m in candidates if (m.state.snapshot, m.state.entries) == (got.snapshot,
@@ -981,6 +995,13 @@ def _apply_to_model(model: StoredState, step: tuple) -> None:
         model.install_snapshot(step[1])
 
 
+def _innermost(step: tuple) -> tuple:
+    """The step a "full", "fail" or "nofds" wraps (the step itself when none)."""
+    while step[0] in ("full", "fail", "nofds"):
+        step = step[-1]
+    return step
+
+
 def with_forked_base(rng: random.Random, workload: list[tuple]) -> list[tuple]:
     """`workload` with forked snapshots whose base segment is pre-built interleaved (review basestep T2): once the
     commit index is past the snapshot's, now and then a child writes a snapshot at a committed index and its base
@@ -994,9 +1015,7 @@ def with_forked_base(rng: random.Random, workload: list[tuple]) -> list[tuple]:
     left = 0
     syncing = False
     for step in workload:
-        inner = step
-        while inner[0] in ("full", "fail", "nofds"):
-            inner = inner[-1]
+        inner = _innermost(step)
         if window is not None and inner[0] in ("reopen", "snapshot"):
             continue
         if window is not None and step[0] == "fail":
@@ -1072,15 +1091,143 @@ def with_garbage_job(rng: random.Random, workload: list[tuple]) -> list[tuple]:
     return out
 
 
+# The share of the other random workloads (those not drawn for `with_garbage_job`) mixed (`with_garbage_mix`).
+MIX_SHARE = 0.12
+MIXED = "(garbage mix)"  # the end of a mixed workload's name
+
+
+def with_garbage_mix(rng: random.Random, workload: list[tuple]) -> list[tuple]:
+    """`workload` run as the runtime's storage runs it, the garbage job beside snapshots of the node's own and
+    leaders' (review explmix): "garbage_later" first; now and then, once the commit index is past the snapshot's,
+    a snapshot at a committed index is begun, stepped (its file a few bytes a step: "stepped_append") or by a
+    forked child, and usually its base segment pre-built ("base_begin", steps, syncs whole or begun and ended
+    across later steps), then ended and committed a few steps later, while a garbage job is made
+    ("garbage_begin": the names the installs so far made garbage, in the loop) and run later ("garbage_end": its
+    thread, then, at times with an operation failing or out of descriptors), or made and run at once
+    ("garbage_job"), and a transfer holds the snapshot of the moment ("garbage_hold", "garbage_release"). A
+    leader's snapshot is received in chunks at times ("receive"). The runtime's orders: one snapshot and one garbage
+    job at a time; no node's own snapshot in process or reopen while one is written (a restart kills the child or
+    the stepper; a fatal failure inside is run without its fault); a job's thread ends before a reopen (the close
+    waits for it). Only steps are added (and some saves received): the workload's own are kept, in order, and
+    `rng` is the workload's own mix one."""
+    out: list[tuple] = [("garbage_later",)]
+    model = StoredState()
+    window: Snapshot | None = None  # the snapshot of the node's own being written
+    stepped_bytes: int | None = 0  # its bytes not yet appended when it is stepped (None: a forked child's)
+    steps_left = 0  # workload steps until it is ended and committed
+    syncing = job_running = False
+    release_in = 0  # steps until the transfers held end (0: none held)
+
+    def garbage_step() -> tuple:
+        r = rng.random()
+        if r < 0.2:
+            kind = rng.choice(("unlink", "fsync_dir", "truncate", "fdatasync"))
+            return ("fail", kind, rng.randint(0, 2), rng.choice((errno.EIO, errno.ENOSPC)), ("garbage_end",))
+        if r < 0.3:
+            return ("nofds", rng.randint(0, 2), ("garbage_end",))
+        return ("garbage_end",)
+
+    for step in workload:
+        inner = _innermost(step)
+        if window is not None and inner[0] in ("reopen", "snapshot"):
+            continue
+        if window is not None and step[0] == "fail":
+            step = inner
+        if inner[0] == "reopen" and job_running:
+            out.append(garbage_step())
+            job_running = False
+        if step is inner and step[0] == "save" and step[3] is not None and rng.random() < 0.5:
+            step = ("receive",) + step[1:]
+        out.append(step)
+        _apply_to_model(model, inner)
+        if step[0] in ("full", "fail", "nofds"):
+            continue  # the step is tried again next: the rest comes after that
+        if not job_running and (inner[0] == "snapshot" or inner[0] == "save" and inner[3] is not None):
+            out.append(("garbage_begin",))  # the job of what an install made garbage, at the end of its drive
+            job_running = True
+        if window is None and model.hard_state.commit_index > model.base_index and (
+                rng.random() < (0.8 if job_running else 0.3)):  # mostly while a job waits for its thread
+            index = rng.randint(model.base_index + 1, min(model.hard_state.commit_index, model.last_index))
+            window = snap(index, model.entries[index - model.base_index - 1].term)
+            if rng.random() < 0.6:
+                out.append(("stepped_begin", window))
+                stepped_bytes = len(snapshot_bytes(window.data))
+            else:
+                out.append(("snapshot_write", window))
+                stepped_bytes = None
+            if rng.random() < 0.8:
+                out.append(("base_begin", window))
+            steps_left, syncing = rng.randint(1, 3), False
+        elif window is not None:
+            for _ in range(rng.randint(1, 3)):
+                r = rng.random()
+                if r < 0.3 and job_running:
+                    out.append(garbage_step())  # the job's thread runs among the snapshot's steps
+                    job_running = False
+                elif r < 0.5 and stepped_bytes:
+                    n = rng.randint(1, min(4, stepped_bytes))
+                    out.append(("stepped_append", window.last_included_index, n))
+                    stepped_bytes -= n
+                elif r < 0.65:
+                    out.append(("base_step", rng.choice((1, 30, 200, 1 << 20))))
+                elif r < 0.85 and not syncing:
+                    out.append(("base_sync_begin",))
+                    syncing = True
+                elif syncing:
+                    out.append(("base_sync_end",))
+                    syncing = False
+                else:
+                    out.append(("base_sync",))
+            steps_left -= 1
+            if steps_left == 0:
+                if stepped_bytes is not None:
+                    out.append(("stepped_end", window.last_included_index))
+                out.append(("snapshot_commit", window))  # a sync begun may still run: the commit must not use it
+                if syncing and rng.random() < 0.5:
+                    out.append(("base_sync_end",))
+                    syncing = False
+                window = None
+                if not job_running:  # the runtime makes the job of what the commit made garbage at once
+                    out.append(("garbage_begin",))
+                    job_running = True
+                continue
+        if release_in:
+            release_in -= 1
+            if not release_in:
+                out.append(("garbage_release",))
+        r = rng.random()
+        if job_running and r < 0.15:
+            out.append(garbage_step())
+            job_running = False
+        elif not job_running and r < 0.3:
+            out.append(("garbage_job",))
+        elif r < 0.45 and not release_in:
+            out.append(("garbage_hold",))
+            release_in = rng.randint(1, 4)
+    if window is not None:
+        if stepped_bytes is not None:
+            out.append(("stepped_end", window.last_included_index))
+        out.append(("snapshot_commit", window))
+    if job_running:
+        out.append(garbage_step())
+    if release_in:
+        out.append(("garbage_release",))
+    return out
+
+
 def workloads(count: int, seed: int, hand_written: bool = True, forked_base: bool = False,
-              garbage_share: float | None = None):
+              garbage_share: float | None = None, mix_share: float | None = None):
     """The hand-written workloads and `count` random ones of `seed`; with `forked_base`, each random one with
     forked snapshots whose base segment is pre-built interleaved (`with_forked_base`). A share of the random ones
     (`garbage_share`, by default GARBAGE_SHARE, and none with `forked_base`: test_crash_explorer pins its
     workloads; each drawn from a generator of its own, so the others are as before) leave their garbage to the
-    garbage job (`with_garbage_job`)."""
+    garbage job (`with_garbage_job`); a share of the rest (`mix_share`, by default MIX_SHARE, none with
+    `forked_base`; a generator of its own too) run it beside snapshots of the node's own and leaders'
+    (`with_garbage_mix`: their names end with MIXED)."""
     if garbage_share is None:
         garbage_share = 0.0 if forked_base else GARBAGE_SHARE
+    if mix_share is None:
+        mix_share = 0.0 if forked_base else MIX_SHARE
     if hand_written:
         yield from HAND_WRITTEN.items()
     for i in range(count):
@@ -1094,6 +1241,11 @@ def workloads(count: int, seed: int, hand_written: bool = True, forked_base: boo
         garbage_rng = random.Random(f"{seed}:{i}:garbage")
         if garbage_rng.random() < garbage_share:
             name, workload = f"{name} (garbage job)", with_garbage_job(garbage_rng, workload)
+        else:
+            mix_rng = random.Random(f"{seed}:{i}:mix")
+            if mix_rng.random() < mix_share:  # a longer workload, its own draw: room for snapshots beside jobs
+                name = f"{name} {MIXED}"
+                workload = with_garbage_mix(mix_rng, random_workload(mix_rng, mix_rng.randint(8, 14)))
         yield name, workload
 
 
@@ -1114,6 +1266,8 @@ def explore(items, limits: Limits, unsafe_replay_filter: bool = False, out=None,
     try:
         for name, workload in items:
             stats = Explorer(name, limits, storage_fs).run(workload)
+            if name.endswith(MIXED):
+                stats.mixed_workloads, stats.mixed_crash_states = 1, stats.total
             total.add(stats)
             if out is not None and stats.violations:
                 print("\n".join(stats.violations), file=out)
@@ -1289,8 +1443,7 @@ def format1_states(workload: list[tuple], root: str):
         shim = old.os
         model = Model()
         for i, step in enumerate(workload):
-            while step[0] in ("full", "fail", "nofds"):
-                step = step[-1]
+            step = _innermost(step)
             if step[0] in ("reopen", "snapshot_write", "snapshot_abort") or step[0].startswith(
                     ("base_", "stepped_", "garbage_")):
                 continue  # the old code took its snapshots whole: a forked child's or a stepped one's file (or the
@@ -1379,13 +1532,17 @@ def main() -> int:
     p.add_argument("--garbage-share", type=float, default=None,
                    help=f"the share of random workloads with the garbage job (default {GARBAGE_SHARE}, "
                         "none with --forked-base)")
+    p.add_argument("--mix-share", type=float, default=None,
+                   help=f"the share of the others with the garbage job beside snapshots (default {MIX_SHARE}, "
+                        "none with --forked-base)")
     args = p.parse_args()
     limits = Limits(args.states, args.nested_states, args.nested_every)
     if args.only is not None:
         items = [w for n, w in enumerate(workloads(args.only + 1, args.seed, False, args.forked_base,
-                                                   args.garbage_share)) if n == args.only]
+                                                   args.garbage_share, args.mix_share)) if n == args.only]
     else:
-        items = workloads(args.workloads, args.seed, forked_base=args.forked_base, garbage_share=args.garbage_share)
+        items = workloads(args.workloads, args.seed, forked_base=args.forked_base, garbage_share=args.garbage_share,
+                          mix_share=args.mix_share)
     started = time.monotonic()
     total = Stats()
     runs = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import time
 
@@ -14,6 +15,7 @@ import crash_explorer
 from crash_explorer import HAND_WRITTEN, Limits, Stats, explore, workloads
 from crashfs import CrashFS
 from raftlib import HardState, Snapshot, logformat
+from raftlib.messages import SnapshotUnreadable
 from raftlib.logformat import encode_record
 from raftlib.server.nodestart import NotJoined
 from raftlib.snapshotfile import encode_snapshot
@@ -55,6 +57,10 @@ def test_no_crash_state_breaks_the_rules(background_result):
     # reopens and faults, and injected faults (a failing operation, EMFILE) reach the job itself.
     assert stats.garbage_opens > 20 and stats.garbage_unlinks > 20 and stats.garbage_cuts > 100, stats
     assert stats.garbage_faults >= 3, stats
+    # Review explmix: some of them run the job beside snapshots of the node's own (stepped or forked, their base
+    # segments pre-built) and leaders' (received), its thread running among their steps.
+    assert stats.mixed_workloads >= 6 and stats.mixed_crash_states > 30_000, stats
+    assert stats.garbage_jobs_beside_snapshots >= 4, stats
 
 
 @pytest.mark.parametrize("name", ["issue11-cut-then-snapshot", "issue11-disagreeing-leader-snapshot"])
@@ -462,25 +468,43 @@ def test_garbage_unlinked_then_cut_a_step_at_a_time_is_crash_safe(monkeypatch):
     assert any(p.endswith(".snap") for p in cut) and any(p.endswith(".seg") for p in cut), cut
 
 
+# Where the swallowing job is looked for: the random workloads of these seeds, at most this many explored.
+SWALLOW_SEEDS, SWALLOW_WORKLOADS, SWALLOW_TRIES = (0, 1, 2), 60, 10
+
+
 def test_the_explorer_finds_a_garbage_job_that_cuts_after_an_unlink_or_folder_fsync_failed(monkeypatch):
     """Mutation: the job's unlinks swallow their error (no folder fsync after a failing unlink, or a failing
     folder fsync) and the cuts go on: a power failure brings the name back on a cut snapshot. Only a random
-    workload injects a fault into the job: the hand-written ones do not find it (review unlinkcut T2)."""
+    workload injects a fault into the job: the hand-written ones do not find it (review unlinkcut T2). The first
+    random workload (of a few seeds) where an unlink or folder fsync of a job that frees a snapshot does fail
+    must be reported (found by searching: a fixed index broke at any change of the draw, review explmix)."""
     real_unlink = DiskStorage._unlink
+    swallowed = []
 
     def unlink_swallowing_errors(self, names):
         try:
             real_unlink(self, names)
         except OSError:
-            pass
+            if any(n.endswith(".snap") for n in names):
+                swallowed.append(names)
 
     monkeypatch.setattr(DiskStorage, "_unlink", unlink_swallowing_errors)
     assert not explore([(n, HAND_WRITTEN[n]) for n in GARBAGE], Limits(max_violations=1)).violations
-    # Workload 39 of seed 0 fails an unlink of its garbage job with ENOSPC (found by the 120 of CI's run).
-    name, workload = list(workloads(40, seed=0, hand_written=False))[39]
-    assert name.endswith("(garbage job)"), name
-    stats = explore([(name, workload)], Limits(max_violations=1))
-    assert any(crash_explorer.SNAPSHOTS_CUT in v for v in stats.violations), stats.violations
+
+    def faults_a_jobs_unlink(workload) -> bool:
+        return any(step[0] == "fail" and step[1] in ("unlink", "fsync_dir")
+                   and step[4][0] in ("garbage_job", "garbage_end") for step in workload)
+
+    candidates = [(name, workload) for seed in SWALLOW_SEEDS
+                  for name, workload in workloads(SWALLOW_WORKLOADS, seed=seed, hand_written=False)
+                  if faults_a_jobs_unlink(workload)]
+    for name, workload in candidates[:SWALLOW_TRIES]:
+        stats = explore([(name, workload)], Limits(max_violations=1))
+        if swallowed:
+            break
+    else:
+        pytest.fail(f"no error swallowed in {SWALLOW_TRIES} of the {len(candidates)} workloads that fault a job")
+    assert any(crash_explorer.SNAPSHOTS_CUT in v for v in stats.violations), (name, stats.violations)
 
 
 def test_the_explorer_finds_a_garbage_file_cut_before_its_unlink_is_durable(monkeypatch):
@@ -503,3 +527,62 @@ def test_the_explorer_finds_a_held_snapshot_cut_under_its_reader(monkeypatch):
     monkeypatch.setattr(DiskStorage, "_read_now", lambda self, path: False)
     stats = explore([(n, HAND_WRITTEN[n]) for n in GARBAGE], Limits(max_violations=1))
     assert any("no longer reads whole" in v for v in stats.violations), stats.violations
+
+
+
+def test_the_explorer_finds_a_garbage_job_that_frees_the_files_being_written(monkeypatch):
+    """The guard removed (review explmix): the job also frees the `*.tmp` files it finds when its thread runs, as
+    load does, without `_garbage`'s filter of the files being written (a snapshot's, its pre-built base segment):
+    the snapshot's commit then finds no file, and the node stops (a step failing on a healthy disk). Only the
+    mixed workloads run a job while a snapshot is written: the others do not find it (checked by hand: the 49
+    garbage-job workloads of seed 0 and the hand-written ones explore clean with it)."""
+    real_job = DiskStorage.garbage_job
+
+    def job_freeing_every_tmp(self):
+        job = real_job(self)
+        if job is None:
+            return None
+
+        def run():
+            job()
+            with contextlib.suppress(OSError):  # as the job's own failures: logged, left for later
+                self._unlink([os.path.join(folder, n) for folder in (self.data_dir, self.log_dir)
+                              for n in self.fs.listdir(folder) if n.endswith(".tmp")])
+
+        return run
+
+    monkeypatch.setattr(DiskStorage, "garbage_job", job_freeing_every_tmp)
+    mixed = [(n, w) for n, w in workloads(RANDOM_WORKLOADS, seed=0, hand_written=False)
+             if n.endswith(crash_explorer.MIXED)]
+    for item in mixed:
+        stats = explore([item], Limits(states=4, nested_states=2, nested_every=8, max_violations=1))
+        if stats.violations:
+            break
+    assert any("failed on a healthy disk: FileNotFoundError" in v for v in stats.violations), stats.violations
+
+# Review explmix (a defect of raftlib.storage, reported, not fixed here): an install refused after its rename (no
+# room for its segment) leaves its file under the final name; a lower install lists it as its garbage for the
+# job; the same snapshot installed again takes that name; the job, made before or after, unlinks the live
+# snapshot (and, made before, opens and cuts it): a power failure then finds a base record naming no file.
+SNAPSHOT_NAME_REUSED = [
+    ("garbage_later",),
+    crash_explorer.save(HardState(1, "a", 5), crash_explorer.es(1, 10, 1)),
+    ("full", 60, crash_explorer.received(HardState(2, "b", 20), [], crash_explorer.snap(20, 2))),
+    ("snapshot", crash_explorer.snap(5, 1)),
+    ("garbage_begin",),
+    crash_explorer.received(HardState(2, "b", 20), [], crash_explorer.snap(20, 2)),
+    ("garbage_end",),
+    crash_explorer.save(HardState(2, "b", 21), crash_explorer.es(21, 1, 2)),
+]
+
+
+@pytest.mark.xfail(strict=True, raises=(AssertionError, SnapshotUnreadable),
+                   reason="the garbage job unlinks a snapshot installed again under a name it holds (review explmix)")
+@pytest.mark.parametrize("job", ["made before the install", "made after it"])
+def test_a_snapshot_installed_again_under_a_name_the_garbage_job_holds_stays(job):
+    workload = list(SNAPSHOT_NAME_REUSED)
+    if job == "made after it":
+        workload.remove(("garbage_begin",))
+        workload[workload.index(("garbage_end",))] = ("garbage_job",)
+    stats = explore([(f"snapshot name reused, the job {job}", workload)], Limits(max_violations=1))
+    assert not stats.violations, stats.violations
