@@ -864,6 +864,7 @@ sends = []  # every send of every answer, as the handler made it
 real_sendall = edge.EdgeHandler._sendall
 edge.EdgeHandler._sendall = lambda self, data: (sends.append(bytes(data)), real_sendall(self, data))[1]
 BIG = b"b" * (edge.ONE_SEND_BODY_BYTES + 1)
+HUGE = bytes(range(256)) * 4096  # 1 MiB: more than one send takes while its reader waits (the listener's SO_SNDBUF)
 
 
 def app(environ, start_response):
@@ -871,22 +872,25 @@ def app(environ, start_response):
     if path == "/stream":  # no Content-Length: chunked, one chunk a piece
         start_response("200 OK", [("Content-Type", "text/plain")])
         return iter([b"first", b"second"])  # an iterator: pywsgi cannot sum a Content-Length
-    body = {"/small": b'{"succeeded": true}\n', "/big": BIG, "/empty": b""}[path]
+    body = {"/small": b'{"succeeded": true}\n', "/big": BIG, "/empty": b"", "/huge": HUGE}[path]
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
 
 
 listener = gevent.socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # the connections' too: a socket takes ~128 KiB a send
 listener.bind(("127.0.0.1", 0))
 listener.listen(16)
 server = edge.EdgeServer(listener, app, max_connections=10, idle_timeout_seconds=10, receive_timeout_seconds=10,
                          busy_timeout_seconds=10, max_header_bytes=8192, max_body_bytes=1024)
 server.start()
 out = {}
-for path in ("/small", "/empty", "/big", "/stream"):
+for path in ("/small", "/empty", "/big", "/stream", "/huge"):
     del sends[:]
     client = gevent.socket.create_connection(listener.getsockname(), timeout=10)
     client.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    if path == "/huge":
+        gevent.sleep(0.2)  # the reader waits: the answer's first send is a partial one
     received = b""
     while chunk := client.recv(65536):
         received += chunk
@@ -901,7 +905,8 @@ def test_a_small_answer_goes_out_in_one_send_with_its_head():
     """pywsgi sends an answer's head and its body apart: two syscalls and two segments (TCP_NODELAY), each waking
     the client; a 10-put transaction's answer cost the leader ~35 us more than a write's empty one
     (docs/BENCHMARKS.md). EdgeHandler sends a body of up to ONE_SEND_BODY_BYTES with its head; a bigger one, an
-    empty one and a chunked stream go as before, and every answer arrives whole."""
+    empty one and a chunked stream go as before, and every answer arrives whole: a 1 MiB one to a reader that waits
+    too (EdgeHandler._sendall's one send takes part of it, sendall the rest)."""
     out = subprocess.run([sys.executable, "-c", ONE_SEND_SERVER, ROOT], capture_output=True, text=True, timeout=60,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -922,6 +927,8 @@ def test_a_small_answer_goes_out_in_one_send_with_its_head():
     assert "Transfer-Encoding: chunked\r\n" in stream
     assert stream.endswith("\r\n\r\n5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"), stream
     assert len(result["/stream"]["sends"]) >= 2  # the first chunk with the head, then each further piece
+    huge = result["/huge"]["received"].encode("latin-1")  # EdgeHandler._sendall: what its one send left, sent after
+    assert huge.endswith(b"\r\n\r\n" + bytes(range(256)) * 4096) and b"Content-Length: 1048576\r\n" in huge
 
 
 def test_one_send_answers_on_a_node_head_pipelined_and_past_the_bound(cluster):
