@@ -51,8 +51,14 @@ SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))  # the methods a cross-site
 
 def cross_site_refusal(req: bottle.BaseRequest) -> bottle.HTTPResponse | None:
     """403 for a request of another method than SAFE_METHODS that a page of another site made a browser send
-    (Sec-Fetch-Site cross-site or same-site, or an Origin whose host:port is not the request's Host); else None."""
-    if req.method in SAFE_METHODS:
+    (Sec-Fetch-Site cross-site or same-site, or an Origin whose host:port is not the request's Host); else None.
+    A request with neither header (curl, the clients, a follower's forward: nearly every write) is let through on
+    two lookups in the environ: get_header would build Bottle's header dict and raise and catch a KeyError for each
+    missing header, ~7 us of every write on the leader (docs/BENCHMARKS.md)."""
+    environ = req.environ
+    if environ.get("REQUEST_METHOD", "GET").upper() in SAFE_METHODS:  # BaseRequest.method's own rule
+        return None
+    if "HTTP_ORIGIN" not in environ and "HTTP_SEC_FETCH_SITE" not in environ:
         return None
     origin = req.get_header("Origin")
     if (req.get_header("Sec-Fetch-Site") not in ("cross-site", "same-site")
