@@ -861,10 +861,38 @@ import gevent, gevent.socket
 from raftlib.server import edge
 
 sends = []  # every send of every answer, as the handler made it
+socket_calls = []  # what EdgeHandler._sendall asked of its socket: ["send", bytes, taken], ["sendall", bytes]
+
+
+class RecordingSocket:
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, data):
+        taken = self.sock.send(data)
+        socket_calls.append(["send", len(data), taken])
+        return taken
+
+    def sendall(self, data):
+        socket_calls.append(["sendall", len(data)])
+        return self.sock.sendall(data)
+
+
 real_sendall = edge.EdgeHandler._sendall
-edge.EdgeHandler._sendall = lambda self, data: (sends.append(bytes(data)), real_sendall(self, data))[1]
+
+
+def recording_sendall(self, data):
+    sends.append(bytes(data))
+    sock, self.socket = self.socket, RecordingSocket(self.socket)
+    try:
+        return real_sendall(self, data)
+    finally:
+        self.socket = sock
+
+
+edge.EdgeHandler._sendall = recording_sendall
 BIG = b"b" * (edge.ONE_SEND_BODY_BYTES + 1)
-HUGE = bytes(range(256)) * 4096  # 1 MiB: more than one send takes while its reader waits (the listener's SO_SNDBUF)
+HUGE = bytes(range(256)) * 4096  # 1 MiB: more than one send takes (SO_SNDBUF); the reader, in this process, waits
 
 
 def app(environ, start_response):
@@ -886,16 +914,15 @@ server = edge.EdgeServer(listener, app, max_connections=10, idle_timeout_seconds
 server.start()
 out = {}
 for path in ("/small", "/empty", "/big", "/stream", "/huge"):
-    del sends[:]
+    del sends[:], socket_calls[:]
     client = gevent.socket.create_connection(listener.getsockname(), timeout=10)
     client.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-    if path == "/huge":
-        gevent.sleep(0.2)  # the reader waits: the answer's first send is a partial one
     received = b""
     while chunk := client.recv(65536):
         received += chunk
     client.close()
-    out[path] = {"sends": [s.decode("latin-1") for s in sends], "received": received.decode("latin-1")}
+    out[path] = {"sends": [s.decode("latin-1") for s in sends], "received": received.decode("latin-1"),
+                 "socket_calls": socket_calls[:]}
 server.stop(timeout=5)
 print(json.dumps(out))
 """
@@ -906,13 +933,16 @@ def test_a_small_answer_goes_out_in_one_send_with_its_head():
     the client; a 10-put transaction's answer cost the leader ~35 us more than a write's empty one
     (docs/BENCHMARKS.md). EdgeHandler sends a body of up to ONE_SEND_BODY_BYTES with its head; a bigger one, an
     empty one and a chunked stream go as before, and every answer arrives whole: a 1 MiB one to a reader that waits
-    too (EdgeHandler._sendall's one send takes part of it, sendall the rest)."""
+    too. EdgeHandler._sendall: a small answer goes in one plain send (no sendall: its getsockopt); of the 1 MiB
+    body, the one send takes a part (~128 KiB) and sendall the rest, asserted so (review edge30 Q3)."""
     out = subprocess.run([sys.executable, "-c", ONE_SEND_SERVER, ROOT], capture_output=True, text=True, timeout=60,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     small = result["/small"]
     assert len(small["sends"]) == 1, small["sends"]
+    answer_bytes = len(small["sends"][0])
+    assert small["socket_calls"] == [["send", answer_bytes, answer_bytes]], small  # one send took it: no sendall
     assert small["sends"][0] == small["received"]
     assert small["received"].startswith("HTTP/1.1 200 OK\r\n")
     assert small["received"].endswith('\r\n\r\n{"succeeded": true}\n')
@@ -929,6 +959,11 @@ def test_a_small_answer_goes_out_in_one_send_with_its_head():
     assert len(result["/stream"]["sends"]) >= 2  # the first chunk with the head, then each further piece
     huge = result["/huge"]["received"].encode("latin-1")  # EdgeHandler._sendall: what its one send left, sent after
     assert huge.endswith(b"\r\n\r\n" + bytes(range(256)) * 4096) and b"Content-Length: 1048576\r\n" in huge
+    assert len(result["/huge"]["sends"]) == 2, result["/huge"]["sends"]  # the head alone, then the body
+    calls = result["/huge"]["socket_calls"]  # the head in one send; the body's one send partial, sendall the rest
+    (_, head, head_taken), (_, asked, taken), rest = calls[0], calls[1], calls[2:]
+    assert head_taken == head and asked == 1 << 20 and 0 < taken < asked, calls
+    assert rest == [["sendall", asked - taken]], calls
 
 
 def test_one_send_answers_on_a_node_head_pipelined_and_past_the_bound(cluster):
