@@ -1362,10 +1362,7 @@ def test_an_answered_write_leaves_no_cycle_for_the_collector(monkeypatch):
     built = []
     build = bottle.WSGIHeaderDict.__init__
     monkeypatch.setattr(bottle.WSGIHeaderDict, "__init__", lambda self, environ: (built.append(1), build(self, environ))[1])
-    server = EdgeServer(listen("127.0.0.1", 0), Client().app, max_connections=4, idle_timeout_seconds=5.0,
-                        receive_timeout_seconds=5.0, busy_timeout_seconds=10.0, max_header_bytes=8192,
-                        max_body_bytes=MAX_BODY)
-    server.start()
+    server = _answering_server(Client().app)
     conn = gevent.socket.create_connection(server.address, timeout=5.0)
     gc.collect()
     gc.disable()
@@ -1395,10 +1392,7 @@ def test_a_closed_connection_leaves_no_cycle_for_the_collector():
     each connection's end left a cycle with the last body in it to the collector, and kept it frozen until a sweep
     when the connection had lived through a full collection (tuning.FreezeSurvivors). Now, with the collector
     off, the handler and its last environ are freed by their reference counts once the connection ends."""
-    server = EdgeServer(listen("127.0.0.1", 0), Client().app, max_connections=4, idle_timeout_seconds=5.0,
-                        receive_timeout_seconds=5.0, busy_timeout_seconds=10.0, max_header_bytes=8192,
-                        max_body_bytes=MAX_BODY)
-    server.start()
+    server = _answering_server(Client().app)
     gc.collect()
     gc.disable()
 
