@@ -516,7 +516,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         every call (a getsockopt syscall: one of the three a write's answer cost, with its recv and its send) and
         walks a memoryview through two more layers; an answer of a few hundred bytes fits the socket's buffer,
         so the one send takes it whole. What that send did not take goes through sendall as before (which waits
-        for the socket, under its timeout if it has one). pywsgi's status, code and response_length kept."""
+        for the socket, under its timeout if it has one). pywsgi's status, code and response_length kept. A
+        handler's socket has no timeout (None); with a timeout T, the one send and sendall could wait T each."""
         try:
             sent = self.socket.send(data)
             if sent < len(data):
