@@ -320,6 +320,23 @@ def test_a_failure_nobody_expected_is_a_500_of_one_line(client, capsys):
     assert "RuntimeError: a bug" in capsys.readouterr().err  # the traceback goes to the log, not to the client
 
 
+def test_a_cross_site_header_that_cannot_be_read_is_refused_in_one_line(client, capsys):
+    """Review edge30 Q4: the cross-site check read Origin through Bottle's get_header, which decodes it as UTF-8: an
+    Origin not UTF-8 (the edge files a header's bytes as latin-1) raised there, a 500 `unknown` for a write never
+    proposed and a traceback in the log a request, without a bound. An Origin urlsplit cannot split did the same.
+    A check that cannot read its headers refuses: 403, one line, `not-applied`, nothing in the log."""
+    for headers in ({"Origin": "http://\xff.example"}, {"Origin": "http://[::1"},
+                    {"Sec-Fetch-Site": "cross\xff", "Origin": "http://localhost:8080"},
+                    {"Origin": "http://localhost:8080", "Host": "localhost:8080\xff"}):
+        r = client("POST", "/db/k", "v", headers={"Host": "localhost:8080", **headers})
+        assert r.status == 403 and one_line(r) and "cannot read" in r.text, (headers, r)
+        assert r.headers["x-raft-outcome"] == "not-applied", (headers, r)
+    assert client.store.get("k") is None and client.runtime.calls == []
+    assert capsys.readouterr().err == ""
+    r = client("POST", "/db/k", "v", headers={"Host": "localhost:8080", "Origin": "http://localhost:8080"})
+    assert r.status == 200, r  # the same-origin write as before
+
+
 # ---- -forward -----------------------------------------------------------------------------------------------------
 
 

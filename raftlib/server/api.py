@@ -51,13 +51,38 @@ SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))  # the methods a cross-site
 
 def cross_site_refusal(req: bottle.BaseRequest) -> bottle.HTTPResponse | None:
     """403 for a request of another method than SAFE_METHODS that a page of another site made a browser send
-    (Sec-Fetch-Site cross-site or same-site, or an Origin whose host:port is not the request's Host); else None."""
-    if req.method in SAFE_METHODS:
+    (Sec-Fetch-Site cross-site or same-site, or an Origin whose host:port is not the request's Host); else None.
+    A request with neither header (curl, the clients, a follower's forward: nearly every write) is let through on
+    two lookups in the environ: get_header would build Bottle's header dict and raise and catch a KeyError for each
+    missing header, ~7 us of every write on the leader (docs/BENCHMARKS.md). The values are read from the environ
+    too, as UTF-8 text as Bottle reads them; a check that cannot read them (not UTF-8, an Origin urlsplit cannot
+    split) refuses 403 with its reason: get_header raised there, a 500 and a traceback a request."""
+    environ = req.environ
+    if environ.get("REQUEST_METHOD", "GET").upper() in SAFE_METHODS:  # BaseRequest.method's own rule
         return None
-    origin = req.get_header("Origin")
-    if (req.get_header("Sec-Fetch-Site") not in ("cross-site", "same-site")
-            and (origin is None or urllib.parse.urlsplit(origin).netloc.lower() == req.get_header("Host", "").lower())):
+    origin = environ.get("HTTP_ORIGIN")
+    fetch_site = environ.get("HTTP_SEC_FETCH_SITE")
+    if origin is None and fetch_site is None:
         return None
+    try:
+        if fetch_site is not None and _header_text(fetch_site) in ("cross-site", "same-site"):
+            return _cross_site_answer()
+        if origin is None or (urllib.parse.urlsplit(_header_text(origin)).netloc.lower()
+                              == _header_text(environ.get("HTTP_HOST", "")).lower()):
+            return None
+    except ValueError as e:  # UnicodeDecodeError; urlsplit's "Invalid IPv6 URL"
+        return text(403, f"refused: the cross-site check cannot read the Origin, Sec-Fetch-Site or Host header ({e})")
+    return _cross_site_answer()
+
+
+def _header_text(value: str) -> str:
+    """A header's value in the environ (its bytes as latin-1, PEP 3333) as the UTF-8 text Bottle's get_header gives;
+    UnicodeDecodeError when it is not UTF-8."""
+    return value.encode("latin-1").decode("utf-8")
+
+
+def _cross_site_answer() -> bottle.HTTPResponse:
+    """The 403 of a write a page of another site made a browser send."""
     return text(403, "refused: sent by a page of another site (Origin or Sec-Fetch-Site); "
                 "send it without those headers or from this node's own page")
 

@@ -294,9 +294,10 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.wsgi_input = environ["wsgi.input"] = _Body(body)
         self.application = server.application
         self.handle_one_response()
-        # Bottle caches request.headers (get_header: every write's cross-site check) in the environ as a
-        # WSGIHeaderDict that holds the environ: a cycle a request, the body with it, left to the collector (and
-        # promoted to the oldest generation when a young collection found it in flight). Cut once answered.
+        # Bottle caches request.headers (get_header: the dashboard's actions, a -forward follower's redirect or
+        # forward, signed admin requests) in the environ as a WSGIHeaderDict that holds the environ: a cycle a
+        # request, the body with it, left to the collector (and promoted to the oldest generation when a young
+        # collection found it in flight). Cut once answered.
         environ.pop(BOTTLE_HEADERS_KEY, None)
         if self.close_connection or self.rfile.closed:
             return None
@@ -459,6 +460,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         return None
 
     provided_date: Any  # pywsgi's: whether the route gave a Date header (None: not yet looked)
+    status: Any  # pywsgi's: the status line's bytes, or (as pywsgi sets it too) the text of a socket error
+    code: Any  # pywsgi's: the status code, negated after a socket error
     _date = (0, b"")  # (second, its Date header): pywsgi would format one per response, on every write's path
 
     def log_request(self):  # no access log: formatting a line per request is a cost on every write's path
@@ -507,6 +510,24 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         towrite += b"\r\n"
         towrite += data
         self._sendall(towrite)
+
+    def _sendall(self, data):
+        """pywsgi's, with one plain send first. gevent's sendall asks the kernel for the socket's send buffer on
+        every call (a getsockopt syscall: one of the three a write's answer cost, with its recv and its send) and
+        walks a memoryview through two more layers; an answer of a few hundred bytes fits the socket's buffer,
+        so the one send takes it whole. What that send did not take goes through sendall as before (which waits
+        for the socket, under its timeout if it has one). pywsgi's status, code and response_length kept. A
+        handler's socket has no timeout (None); with a timeout T, the one send and sendall could wait T each."""
+        try:
+            sent = self.socket.send(data)
+            if sent < len(data):
+                self.socket.sendall(memoryview(data)[sent:])
+        except OSError as ex:
+            self.status = f"socket error: {ex}"
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data)
 
 
 class Stream:
