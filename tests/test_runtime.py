@@ -41,7 +41,7 @@ from raftlib import (
     Snapshot,
 )
 from raftlib import runtime as runtime_module
-from raftlib.runtime import BackupFailed, NotRunning, Read, Runtime, Stopped, Timeout
+from raftlib.runtime import BackupFailed, EntryLost, NotRunning, Read, Runtime, Stopped, Timeout
 from raftlib.storage import DiskStorage
 from crashfs import CrashFS
 from runtime_fakes import NullTransport, Values
@@ -1092,6 +1092,35 @@ def leader_of_three(election_ticks=20):
         while node.log.term(node.commit_index) != node.current_term:
             gevent.sleep(0.01)
     return runtime, followers
+
+
+def test_a_proposal_whose_index_is_applied_with_another_term_fails_with_entry_lost():
+    """Review fresh T1: a proposal waits for its index; a newer leader may overwrite that index before it
+    commits, and then what is applied there is that leader's entry. The waiter must get EntryLost, never that
+    entry's result as its own (a 200 for a write that was lost). Here `a` leads in term 2 with its followers
+    silent, takes a proposal, then `b` leads term 3 and commits its own entry at that index. Checked: with the
+    runtime's term check made `if True:` the waiter gets b's entry's (index, result)."""
+    runtime, followers = leader_of_three()
+    node = runtime.node
+    try:
+        followers.silent = True
+        last = node.log.last_index
+        waiter = gevent.spawn(runtime.propose, b"a's write", 5.0)
+        with gevent.Timeout(3):
+            while node.log.last_index == last:
+                gevent.sleep(0.01)
+        index = node.log.last_index
+        assert node.log.term(index) == 2
+        overwrite = Entry(3, index, EntryKind.COMMAND, b"b's write")
+        runtime.deliver([AppendEntries("b", "a", 3, index - 1, node.log.term(index - 1), (overwrite,), index)],
+                        False)
+        waiter.join(timeout=3)
+        assert waiter.ready() and isinstance(waiter.exception, EntryLost), (waiter.exception, waiter.value)
+        assert node.role is Role.FOLLOWER and node.last_applied == index
+        assert runtime.state_machine.applied[-1] == b"b's write"
+        assert b"a's write" not in runtime.state_machine.applied
+    finally:
+        runtime.stop()
 
 
 def test_a_transfer_the_core_aborts_answers_within_about_an_election_timeout_not_the_callers_bound():
