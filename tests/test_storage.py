@@ -1899,6 +1899,55 @@ def test_a_received_snapshot_the_core_still_reads_is_not_cut_by_the_garbage_job(
     s.close()
 
 
+class _FolderSyncsFail(CrashFS):
+    """Its folder fsyncs fail with EIO while `failing`; the folder (handle or path) of each one is noted."""
+
+    failing = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folders_synced: list[object] = []
+
+    def fsync_dir(self, folder):
+        self.folders_synced.append(folder)
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        super().fsync_dir(folder)
+
+
+def test_a_folder_fsync_failing_in_the_garbage_job_is_fatal_at_the_next_save_and_commit():
+    """Review fresh S1: the job fsynced the folders through the loop's handles of them and only logged an error
+    there. Linux reports a writeback error once per open file description: one the job took, the loop's next
+    commit point (a snapshot's rename, a new segment) did not see, and committed a snapshot whose rename never
+    reached the disk. Any folder fsync's error is fatal (fsyncgate): the job's too, at the next save or commit,
+    and the job syncs through descriptors of its own. Checked: fails with the job's old folder fsyncs."""
+    fs = _FolderSyncsFail()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.unlink_garbage_later = True
+    s.save(HardState(1, "a", 8), entries(1, 10))
+    s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"x" * 300))
+    s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"y" * 300))
+    job = s.garbage_job()
+    assert job is not None
+    fs.folders_synced.clear()
+    fs.failing = True
+    job()
+    fs.failing = False
+    assert fs.folders_synced and not set(fs.folders_synced) & set(s._folders.values())
+    with pytest.raises(OSError) as failed:
+        s.save(HardState(1, "a", 10), [])
+    assert failed.value.errno == errno.EIO
+    snapshot = Snapshot(10, 1, MEMBERSHIP, b"z" * 300)
+    tmp = s.begin_snapshot(10)
+    s.write_snapshot(snapshot, tmp)
+    with pytest.raises(OSError) as failed:
+        s.commit_snapshot(snapshot, tmp)
+    assert failed.value.errno == errno.EIO
+    assert s.state.snapshot.last_included_index == 8
+    s.close()
+
+
 class _FullAtSegment(OsFileSystem):
     """No room for a new log segment once `full`."""
 
