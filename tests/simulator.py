@@ -33,6 +33,16 @@ Rules of the model:
   acknowledged write on every member, and the clients' history through `tests/linearizability.py`.
 - A failure raises SafetyViolation with the seed, the last events, and one command that replays the schedule.
 
+What it does not run (review fresh, Q1): the core and the storage, not raftlib.runtime. A snapshot of a node's
+own is written whole (`write_snapshot`, as a forked child) and committed without a pre-built base segment
+(`begin_base`, `base_step`, `base_sync_job`); what installs make garbage is unlinked in the install, not by the
+garbage job (`unlink_garbage_later`, `garbage_job`); no stepped snapshot (`open_snapshot_file`,
+SteppedSnapshotWriter); a backlog is applied one capped piece per drive, the core's side only, not the runtime's
+(pieces for APPLY_DRIVE_SECONDS of CPU, its proposals' waiters). Those are covered by tests/crash_explorer.py
+(every crash state of the base segment's steps and sync, the garbage job with faults, stepped snapshots: run by
+test_crash_explorer), test_storage, test_snapshot_stepped and test_runtime (pre-built bases, slowed garbage
+jobs, applying in pieces, a waiter whose index another term's entry took).
+
 `PROFILES` are the nemeses a schedule's seed picks from. `MUTATIONS` names deliberately broken variants of the
 core and storage; `--mutation NAME` runs with one on, to show that the checks catch it (tests/test_mutations.py).
 """
