@@ -753,8 +753,7 @@ class DiskStorage:
         or the kernel, takes it to the disk. Raises DiskFull or OutOfDescriptors (nothing changed: try the same
         save again later; only an install opens files, so only a save with a snapshot can meet the second), or
         OSError when the disk fails: the caller must stop, not acknowledge (fsyncgate)."""
-        if self._failed_off_loop is not None:
-            raise self._failed_off_loop
+        self._raise_failed_off_loop()
         if snapshot is not None and snapshot.last_included_index > self.state.base_index:
             self._install_snapshot(snapshot, hard_state, entries)
             return
@@ -852,8 +851,7 @@ class DiskStorage:
         is unlinked (take the snapshot again later)."""
         self._writing.discard(tmp)
         index = snapshot.last_included_index
-        if self._failed_off_loop is not None:
-            raise self._failed_off_loop
+        self._raise_failed_off_loop()
         if index <= self.state.base_index:
             self.abort_snapshot(tmp)
             return None
@@ -896,8 +894,7 @@ class DiskStorage:
         data (at least one), creating it at the first step. Returns how many entries it still lacks (0: caught
         up; also when there is none being built). A full disk or no descriptor drops it: the commit of its
         snapshot then refuses (DiskFull, OutOfDescriptors: nothing changed, the snapshot is taken again later)."""
-        if self._failed_off_loop is not None:
-            raise self._failed_off_loop
+        self._raise_failed_off_loop()
         base = self._base
         if base is None:
             return 0
@@ -1027,6 +1024,12 @@ class DiskStorage:
                 self._failed_off_loop = error
 
         return sync, done
+
+    def _raise_failed_off_loop(self) -> None:
+        """Raise the disk's error met off the loop, if any (fatal: `_failed_off_loop`), with its traceback reset:
+        one stored error raised at each call would otherwise grow a frame longer each time."""
+        if self._failed_off_loop is not None:
+            raise self._failed_off_loop.with_traceback(None)
 
     def _refuse_base(self, index: int, error: OSError) -> None:
         """The commit of the snapshot at `index` refuses (DiskFull): its pre-built segment found no room."""
@@ -1247,10 +1250,11 @@ class DiskStorage:
         the folders through descriptors it opens itself (without the reserve, as its files), never the loop's
         handles of them: Linux reports a writeback error once per open file description, so one the job took
         there, the loop's next commit point (a snapshot's rename, a new segment) would not see, and would commit
-        on what never reached the disk (review fresh, S1). None when there is nothing to free."""
-        names, self._unlinking = self._unlinking, []
-        if not names:
+        on what never reached the disk (review fresh, S1). None when there is nothing to free, or once a folder
+        fsync has failed: a new job's descriptors would not see that error, and it would cut (review r30, S-a)."""
+        if self._failed_off_loop is not None or not self._unlinking:
             return None
+        names, self._unlinking = self._unlinking, []
         free = [n for n in names if n.endswith((".snap", ".seg")) and not self._read_now(n)]
 
         def unlink() -> None:
@@ -1277,10 +1281,10 @@ class DiskStorage:
         return unlink
 
     def _unlink_off_loop(self, names: list[str]) -> bool:
-        """`_unlink` for the garbage job's thread: both folders fsynced through descriptors it opens itself
-        (without the reserve) before any unlink (none free: the OSError goes up, nothing unlinked). Returns
-        whether the unlinks are durable; False: a folder fsync failed, which is fatal (`garbage_job`): logged, and
-        raised by the next save, step or commit."""
+        """`_unlink` for the garbage job's thread: both folders opened by descriptors of its own (without the
+        reserve) before any unlink (none free: the OSError goes up, nothing unlinked), and fsynced through them
+        after. Returns whether the unlinks are durable; False: a folder fsync failed, which is fatal
+        (`garbage_job`): logged, and raised by the next save, step or commit."""
         folders = []
         try:
             if self._fsync:

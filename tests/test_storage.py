@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -1915,36 +1916,52 @@ class _FolderSyncsFail(CrashFS):
         super().fsync_dir(folder)
 
 
-def test_a_folder_fsync_failing_in_the_garbage_job_is_fatal_at_the_next_save_and_commit():
+def test_a_folder_fsync_failing_in_the_garbage_job_is_fatal_at_the_next_save_step_and_commit(monkeypatch):
     """Review fresh S1: the job fsynced the folders through the loop's handles of them and only logged an error
     there. Linux reports a writeback error once per open file description: one the job took, the loop's next
     commit point (a snapshot's rename, a new segment) did not see, and committed a snapshot whose rename never
-    reached the disk. Any folder fsync's error is fatal (fsyncgate): the job's too, at the next save or commit,
-    and the job syncs through descriptors of its own. Checked: fails with the job's old folder fsyncs."""
+    reached the disk. Any folder fsync's error is fatal (fsyncgate): the job's too, at the next save, base step
+    or commit, and the job syncs through descriptors of its own. The job cuts nothing once its folder fsync
+    failed (the unlinks may not be durable: review r30 T-a), and no second job is made (review r30 S-a: an install
+    while job 1 ran listed more garbage; job 2's fresh descriptors would not see the error, and it would cut).
+    Checked: fails with the job's old folder fsyncs, with its cut after a failed fsync, with garbage_job ungated,
+    with base_step's check removed, and with the stored error raised as it is (its traceback grows)."""
+    monkeypatch.setattr(storage, "GARBAGE_CUT_STEP_BYTES", 64)
     fs = _FolderSyncsFail()
     s = DiskStorage("/data", fs=fs)
     s.load()
     s.unlink_garbage_later = True
-    s.save(HardState(1, "a", 8), entries(1, 10))
+    s.save(HardState(1, "a", 12), entries(1, 14))
     s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"x" * 300))
     s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"y" * 300))
     job = s.garbage_job()
     assert job is not None
+    s.save_snapshot(Snapshot(12, 1, MEMBERSHIP, b"z" * 300))  # the loop installs while job 1 runs in its thread
     fs.folders_synced.clear()
+    ops = len(fs.ops)
     fs.failing = True
     job()
     fs.failing = False
     assert fs.folders_synced and not set(fs.folders_synced) & set(s._folders.values())
+    assert [kind for _, kind, _ in fs.ops[ops:] if kind in ("truncate", "fdatasync")] == []
+    assert s._unlinking and s.garbage_job() is None
     with pytest.raises(OSError) as failed:
-        s.save(HardState(1, "a", 10), [])
+        s.save(HardState(1, "a", 12), [])
     assert failed.value.errno == errno.EIO
-    snapshot = Snapshot(10, 1, MEMBERSHIP, b"z" * 300)
-    tmp = s.begin_snapshot(10)
+    frames = len(traceback.extract_tb(failed.value.__traceback__))
+    with pytest.raises(OSError) as failed:
+        s.save(HardState(1, "a", 12), [])
+    assert len(traceback.extract_tb(failed.value.__traceback__)) == frames  # the stored error's, not grown
+    with pytest.raises(OSError) as failed:
+        s.base_step(1 << 20)
+    assert failed.value.errno == errno.EIO
+    snapshot = Snapshot(13, 1, MEMBERSHIP, b"w" * 300)
+    tmp = s.begin_snapshot(13)
     s.write_snapshot(snapshot, tmp)
     with pytest.raises(OSError) as failed:
         s.commit_snapshot(snapshot, tmp)
     assert failed.value.errno == errno.EIO
-    assert s.state.snapshot.last_included_index == 8
+    assert s.state.snapshot.last_included_index == 12
     s.close()
 
 
