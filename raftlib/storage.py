@@ -1282,14 +1282,22 @@ class DiskStorage:
 
     def _unlink_off_loop(self, names: list[str]) -> bool:
         """`_unlink` for the garbage job's thread: both folders opened by descriptors of its own (without the
-        reserve) before any unlink (none free: the OSError goes up, nothing unlinked), and fsynced through them
-        after. Returns whether the unlinks are durable; False: a folder fsync failed, which is fatal
-        (`garbage_job`): logged, and raised by the next save, step or commit."""
+        reserve) before any unlink, and fsynced through them after. Returns whether the unlinks are durable (the
+        job may cut). False: a folder fsync failed, which is fatal (`garbage_job`): logged, and raised by the next
+        save, step or commit. Or no descriptor was free for a folder: the files are unlinked whole, not cut and
+        with no folder fsync (a name a crash brings back is garbage, which load deletes); if even that fails the
+        names go back to `_unlinking`, for the next job (review r30, L-a)."""
         folders = []
         try:
-            if self._fsync:
-                for path in (self.log_dir, self.data_dir):
-                    folders.append(self.fs.open_dir(path, reserve=False))
+            try:
+                if self._fsync:
+                    for path in (self.log_dir, self.data_dir):
+                        folders.append(self.fs.open_dir(path, reserve=False))
+            except OSError as e:
+                if e.errno not in NO_DESCRIPTOR:
+                    raise
+                self._unlink_whole(names, e)
+                return False
             self._unlink_files(names)
             try:
                 for folder in folders:
@@ -1304,6 +1312,19 @@ class DiskStorage:
             for folder in folders:
                 with contextlib.suppress(OSError):
                     self.fs.close(folder)
+
+    def _unlink_whole(self, names: list[str], no_descriptor: OSError) -> None:
+        """The garbage job's unlinks with no descriptor free for a folder (`_unlink_off_loop`). The names it could
+        not unlink go back to `_unlinking`: the runtime makes no job while one runs, so only an install's in-place
+        extend of that list can come between (and a name listed twice is skipped once gone)."""
+        logger.warning("no file descriptor free to fsync the folders after unlinking the garbage of a snapshot (%s): "
+                       "unlinked whole, not cut", no_descriptor.strerror)
+        try:
+            self._unlink_files(names)
+        except OSError as e:
+            self._unlinking += [n for n in names if n not in self._unlinking]
+            logger.warning("could not unlink the files a snapshot made garbage (%s): the next garbage job tries "
+                           "again", e)
 
     def _note_reader(self, path: str, data: object) -> None:
         """`data` (a SnapshotFile, else nothing to note) reads the snapshot file now named `path`. The names whose

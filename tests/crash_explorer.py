@@ -1044,7 +1044,8 @@ def with_garbage_job(rng: random.Random, workload: list[tuple]) -> list[tuple]:
     T2): "garbage_later" first; after a step now and then the job (the threadpool's, at the end of a drive), at
     times with one of its operations failing (EIO or ENOSPC at an unlink, a cut or a cut's fdatasync: logged,
     what is left goes at the next install or start; at a folder fsync: fatal at the next save) or out of
-    descriptors (a file it cannot open is unlinked whole; without a folder's, nothing is unlinked); and a transfer of the snapshot held then begun
+    descriptors (a file it cannot open is unlinked whole; without a folder's, every file is, none cut, and
+    what it could not unlink goes to the next job); and a transfer of the snapshot held then begun
     ("garbage_hold") and ended a few steps later ("garbage_release": it must still read whole). Only steps are
     added: the workload's own are kept, in order, and `rng` is the workload's own garbage one."""
     out: list[tuple] = [("garbage_later",)]

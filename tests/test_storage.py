@@ -1965,6 +1965,72 @@ def test_a_folder_fsync_failing_in_the_garbage_job_is_fatal_at_the_next_save_ste
     s.close()
 
 
+def _garbage_of_each_kind(monkeypatch) -> tuple[CrashFS, DiskStorage, list[str]]:
+    """A storage as the runtime's (`_garbage_storage`) whose two installs left garbage of each kind for the job:
+    old segments, an old snapshot of 3,000 bytes, and a `*.tmp` in each folder. Returns it and that garbage."""
+    fs, s = _garbage_storage(monkeypatch)
+    s.save(HardState(1, "a", 8), entries(1, 10))
+    s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"x" * 3000))
+    for tmp in ("/data/left.tmp", "/data/log/left.seg.tmp"):
+        fs.close(fs.create(tmp))
+        fs.fsync_dir(os.path.dirname(tmp))
+    s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"y" * 3000))
+    garbage = sorted(s._unlinking)
+    assert {os.path.splitext(n)[1] for n in garbage} == {".seg", ".snap", ".tmp"}
+    return fs, s, garbage
+
+
+def test_with_no_descriptor_for_a_folder_the_garbage_job_unlinks_whole_and_load_deletes_what_comes_back(
+        monkeypatch):
+    """Review r30 L-a: with no descriptor free, the job could not open the folders to fsync them, and so unlinked
+    nothing and dropped the names until the next install or start. It unlinks them whole, with no folder fsync and
+    no cut (the unlinks may not be durable): every name a power failure brings back is garbage, which load deletes
+    (each kind: segment, snapshot, `*.tmp`). Checked: fails with the job unlinking nothing then."""
+    fs, s, garbage = _garbage_of_each_kind(monkeypatch)
+    job = s.garbage_job()
+    assert job is not None
+    ops = len(fs.ops)
+    fs.opens_left = 0
+    job()
+    fs.opens_left = None
+    assert not set(garbage) & set(fs.tree())
+    assert [kind for _, kind, _ in fs.ops[ops:]] == ["unlink"] * len(garbage)  # no folder fsync, no cut
+    states = fs.crash_states(limit=64)
+    assert any(set(garbage) <= set(crashed.tree()) for crashed in states)  # some bring every name back
+    for crashed in states:
+        s2 = DiskStorage("/data", fs=crashed)
+        assert state_of(s2.load())[:2] == ((8, 1), [(9, 1), (10, 1)])
+        assert not set(garbage) & set(crashed.tree())
+        s2.close()
+    s.close()
+
+
+def test_garbage_the_job_could_not_unlink_with_no_folder_descriptor_goes_to_the_next_job(monkeypatch):
+    """Review r30 L-a: with no descriptor free for a folder and an unlink failing, the names go back to the
+    storage's garbage list, and the next job (descriptors free again) unlinks them, fsyncs the folders and cuts.
+    Checked: fails with the names dropped."""
+    fs, s, garbage = _garbage_of_each_kind(monkeypatch)
+    job = s.garbage_job()
+    assert job is not None
+
+    def fail_the_first_unlink(fs, number, kind, what):
+        if kind == "unlink":
+            fs.fail_at[number] = OSError(errno.EIO, "Input/output error")
+            fs.before_op = None
+
+    fs.before_op = fail_the_first_unlink
+    fs.opens_left = 0
+    job()
+    fs.opens_left = None
+    assert sorted(s._unlinking) == garbage
+    ops = len(fs.ops)
+    _run_garbage_job(s)
+    assert not set(garbage) & set(fs.tree())
+    kinds = [kind for _, kind, _ in fs.ops[ops:]]
+    assert kinds.count("fsync_dir") == 2 and "truncate" in kinds
+    s.close()
+
+
 class _FullAtSegment(OsFileSystem):
     """No room for a new log segment once `full`."""
 
