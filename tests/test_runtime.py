@@ -43,6 +43,7 @@ from raftlib import (
 from raftlib import runtime as runtime_module
 from raftlib.runtime import BackupFailed, EntryLost, NotRunning, Read, Runtime, Stopped, Timeout
 from raftlib.storage import DiskStorage
+from raftlib.storage_errors import DiskFull, OutOfDescriptors
 from crashfs import CrashFS
 from runtime_fakes import NullTransport, Values
 
@@ -1263,6 +1264,37 @@ def test_a_node_restarted_on_its_snapshot_says_restoring_from_its_first_reply():
         assert runtime.stats["restore_step_max_microseconds"] == 0
     finally:
         runtime.stop()
+
+
+def test_marking_joined_is_tried_again_on_a_full_disk_and_is_fatal_on_any_other_error(monkeypatch):
+    """Review r30: Server._mark_joined_once_reached tried every OSError again, an EIO of node.json's folder fsync
+    too, and the retry's fsync through the same handle of the folder returned 0 (Linux reports a writeback error
+    once per open file description): node.json's "joined" noted on what may not be on the disk. Only no room or no
+    descriptor (nothing changed) is tried again; any other error is fatal. Checked: fails with every OSError tried
+    again."""
+    from raftlib.server import node as node_module
+    from raftlib.server.node import Server
+
+    monkeypatch.setattr(node_module.gevent, "sleep", lambda seconds: None)
+
+    def marking(*outcomes):
+        calls, fatal = [], []
+        left = list(outcomes)
+
+        def mark_joined():
+            calls.append(1)
+            if left:
+                raise left.pop(0)
+
+        storage = types.SimpleNamespace(state=types.SimpleNamespace(hard_state=HardState(2, None, 0)),
+                                        mark_joined=mark_joined)
+        server = types.SimpleNamespace(_stopping=False, storage=storage, _fatal=fatal.append)
+        Server._mark_joined_once_reached(server)  # type: ignore[arg-type]
+        return len(calls), fatal
+
+    assert marking(DiskFull("no room"), OutOfDescriptors("none free")) == (3, [])
+    eio = OSError(errno.EIO, "Input/output error")
+    assert marking(eio) == (1, [eio])
 
 
 def _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds: float):
