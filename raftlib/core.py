@@ -181,6 +181,7 @@ class Config:
     unsafe_forget_vote_on_restart: bool = False
     unsafe_keep_conflicting_suffix: bool = False  # a follower keeps its entries that conflict with the leader's
     unsafe_lease_ticks: int | None = None  # a lease of this many ticks, past the check on lease_ticks
+    unsafe_lease_before_commit_in_term: bool = False  # a lease read before an entry of the term is committed
 
     def __post_init__(self) -> None:
         """Refuse a configuration the protocol cannot run on (a local error: ValueError, naming the field)."""
@@ -1453,7 +1454,7 @@ class RaftNode:
     def _lease_valid(self) -> bool:
         if not self.config.check_quorum or self._no_lease_term == self.current_term:
             return False
-        if self.log.term(self.commit_index) != self.current_term:
+        if self.log.term(self.commit_index) != self.current_term and not self.config.unsafe_lease_before_commit_in_term:
             return False  # §6.4 step 1 holds for leases too
         lease_ticks = self.config.unsafe_lease_ticks or self.config.lease_ticks
         if lease_ticks is None:

@@ -53,8 +53,9 @@ class FileSystem(Protocol):
         """An existing file open for appending at its end. `reserve=False`: never with a descriptor of the
         reserve (a thread's open that can do without one: the loop's installs count on the reserve)."""
 
-    def open_dir(self, path: str) -> Handle:
-        """A folder, held open for `fsync_dir` (which then opens nothing) until `close`."""
+    def open_dir(self, path: str, reserve: bool = True) -> Handle:
+        """A folder, held open for `fsync_dir` (which then opens nothing) until `close`. `reserve`: as
+        `open_append`'s."""
 
     def open_read(self, path: str) -> Handle:
         """An existing file open for `pread` (it stays readable through the handle after a rename or an unlink)."""
@@ -160,8 +161,9 @@ class OsFileSystem:
         opening = lambda: os.open(path, os.O_WRONLY | os.O_APPEND)  # noqa: E731
         return _with_spare(opening) if reserve else opening()
 
-    def open_dir(self, path: str) -> int:
-        return _with_spare(lambda: os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+    def open_dir(self, path: str, reserve: bool = True) -> int:
+        opening = lambda: os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # noqa: E731
+        return _with_spare(opening) if reserve else opening()
 
     def open_read(self, path: str) -> int:
         return _with_spare(lambda: os.open(path, os.O_RDONLY))

@@ -58,7 +58,9 @@ Rules:
   then cut from its end through that descriptor, GARBAGE_CUT_STEP_BYTES a step, each cut fdatasynced, and
   closed: no one journal commit frees it whole (which the log's next fdatasync waits for: issue 13, unlinkcut).
   Nothing is cut by name: a file that takes a garbage one's name once the job has opened it is never cut, and
-  a crash part way leaves no name (the file system frees the unlinked inode at recovery). A snapshot file that
+  a crash part way leaves no name (the file system frees the unlinked inode at recovery). The job fsyncs the
+  folders through descriptors of its own, and their error is fatal at the next save, step or commit (fsyncgate:
+  an error the job took on the loop's handle, the loop's commit point would not see). A snapshot file that
   a SnapshotFile still reads through its handle (a leader's transfer of it under way, a restore from it, the
   core's received file) is unlinked whole, never cut: the reader keeps it whole until its last close, which
   frees it (in the loop: the rare case). A `*.tmp` is unlinked whole too: no reader of one is noted (a
@@ -241,7 +243,9 @@ class DiskStorage:
         self._writing: set[str] = set()  # snapshot files begun (begin_snapshot) and not yet committed or aborted
         self._base: _PrebuiltBase | None = None  # the base segment of a snapshot being taken, pre-built
         self._base_refused: tuple[int, StorageError] | None = None  # a step's DiskFull/OutOfDescriptors, by index
-        self._base_failed: OSError | None = None  # a failed sync of it off the loop: fatal at the next call
+        # The disk's error met off the loop (the pre-built base's sync, a garbage job's folder fsync): fatal at the
+        # next save, step or commit.
+        self._failed_off_loop: OSError | None = None
         # Set (the runtime does): what an install makes garbage is left for `garbage_job` (a thread) to unlink.
         self.unlink_garbage_later = False
         self._unlinking: list[str] = []  # garbage for `garbage_job`
@@ -581,15 +585,20 @@ class DiskStorage:
         return [n for n in names if n not in self._writing]
 
     def _unlink(self, names: list[str]) -> None:
-        fs = self.fs
-        for path in names:
-            with contextlib.suppress(FileNotFoundError):  # gone already (`garbage_job` and an install both list it)
-                fs.unlink(path)
-            if crashpoints.enabled:
-                crashpoints.hit("snapshot.between_unlinks")
+        """Unlink `names`, then fsync both folders through the loop's handles of them (the loop's only: see
+        `garbage_job`)."""
+        self._unlink_files(names)
         if names and self._fsync:
             self._fsync_dir(self.log_dir)
             self._fsync_dir(self.data_dir)
+
+    def _unlink_files(self, names: list[str]) -> None:
+        """Unlink `names`; one gone already is skipped (`garbage_job` and an install both list it)."""
+        for path in names:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.unlink(path)
+            if crashpoints.enabled:
+                crashpoints.hit("snapshot.between_unlinks")
 
     def _load_format1(self, segments: list[tuple[int, str]], interrupted: list[str]) -> None:
         """A log without base records: a data dir written before them (raftdzmq up to d2cfdfd), or a new one. Then,
@@ -744,8 +753,7 @@ class DiskStorage:
         or the kernel, takes it to the disk. Raises DiskFull or OutOfDescriptors (nothing changed: try the same
         save again later; only an install opens files, so only a save with a snapshot can meet the second), or
         OSError when the disk fails: the caller must stop, not acknowledge (fsyncgate)."""
-        if self._base_failed is not None:
-            raise self._base_failed
+        self._raise_failed_off_loop()
         if snapshot is not None and snapshot.last_included_index > self.state.base_index:
             self._install_snapshot(snapshot, hard_state, entries)
             return
@@ -843,8 +851,7 @@ class DiskStorage:
         is unlinked (take the snapshot again later)."""
         self._writing.discard(tmp)
         index = snapshot.last_included_index
-        if self._base_failed is not None:
-            raise self._base_failed
+        self._raise_failed_off_loop()
         if index <= self.state.base_index:
             self.abort_snapshot(tmp)
             return None
@@ -887,8 +894,7 @@ class DiskStorage:
         data (at least one), creating it at the first step. Returns how many entries it still lacks (0: caught
         up; also when there is none being built). A full disk or no descriptor drops it: the commit of its
         snapshot then refuses (DiskFull, OutOfDescriptors: nothing changed, the snapshot is taken again later)."""
-        if self._base_failed is not None:
-            raise self._base_failed
+        self._raise_failed_off_loop()
         base = self._base
         if base is None:
             return 0
@@ -1015,9 +1021,15 @@ class DiskStorage:
             else:
                 # Any other failure: fatal, at the next save, step or commit (a commit never takes a segment
                 # whose sync runs, so this one is not the log; but the disk is failing).
-                self._base_failed = error
+                self._failed_off_loop = error
 
         return sync, done
+
+    def _raise_failed_off_loop(self) -> None:
+        """Raise the disk's error met off the loop, if any (fatal: `_failed_off_loop`), with its traceback reset:
+        one stored error raised at each call would otherwise grow a frame longer each time."""
+        if self._failed_off_loop is not None:
+            raise self._failed_off_loop.with_traceback(None)
 
     def _refuse_base(self, index: int, error: OSError) -> None:
         """The commit of the snapshot at `index` refuses (DiskFull): its pre-built segment found no room."""
@@ -1233,10 +1245,16 @@ class DiskStorage:
         deletes it too) and the folder fsyncs after them, for a thread: the loop does not wait while the file
         system frees a big file (~50 ms for a 45 MB segment here). An old snapshot or segment no SnapshotFile
         reads (noted now, in the loop) is opened first, and cut once unlinked (`_cut`: the module's rules). A
-        failure is logged: what is left goes at the next install or start. None when there is nothing to free."""
-        names, self._unlinking = self._unlinking, []
-        if not names:
+        failure is logged: what is left goes at the next install or start. But a folder fsync's error is fatal,
+        as any folder fsync's (fsyncgate): logged, and raised by the next save, step or commit. The job fsyncs
+        the folders through descriptors it opens itself (without the reserve, as its files), never the loop's
+        handles of them: Linux reports a writeback error once per open file description, so one the job took
+        there, the loop's next commit point (a snapshot's rename, a new segment) would not see, and would commit
+        on what never reached the disk (review fresh, S1). None when there is nothing to free, or once a folder
+        fsync has failed: a new job's descriptors would not see that error, and it would cut (review r30, S-a)."""
+        if self._failed_off_loop is not None or not self._unlinking:
             return None
+        names, self._unlinking = self._unlinking, []
         free = [n for n in names if n.endswith((".snap", ".seg")) and not self._read_now(n)]
 
         def unlink() -> None:
@@ -1248,7 +1266,8 @@ class DiskStorage:
                     except OSError as e:  # gone already (an earlier job's), or no descriptor: unlinked whole
                         if not isinstance(e, FileNotFoundError) and e.errno not in NO_DESCRIPTOR:
                             raise
-                self._unlink(names)
+                if not self._unlink_off_loop(names):
+                    return
                 for handle in handles:
                     self._cut(handle)
             except OSError as e:
@@ -1260,6 +1279,52 @@ class DiskStorage:
                         self.fs.close(handle)
 
         return unlink
+
+    def _unlink_off_loop(self, names: list[str]) -> bool:
+        """`_unlink` for the garbage job's thread: both folders opened by descriptors of its own (without the
+        reserve) before any unlink, and fsynced through them after. Returns whether the unlinks are durable (the
+        job may cut). False: a folder fsync failed, which is fatal (`garbage_job`): logged, and raised by the next
+        save, step or commit. Or no descriptor was free for a folder: the files are unlinked whole, not cut and
+        with no folder fsync (a name a crash brings back is garbage, which load deletes); if even that fails the
+        names go back to `_unlinking`, for the next job (review r30, L-a)."""
+        folders = []
+        try:
+            try:
+                if self._fsync:
+                    for path in (self.log_dir, self.data_dir):
+                        folders.append(self.fs.open_dir(path, reserve=False))
+            except OSError as e:
+                if e.errno not in NO_DESCRIPTOR:
+                    raise
+                self._unlink_whole(names, e)
+                return False
+            self._unlink_files(names)
+            try:
+                for folder in folders:
+                    self.fs.fsync_dir(folder)
+            except OSError as e:
+                logger.error("a folder fsync after unlinking the garbage of a snapshot failed: %s (fatal at the next "
+                             "save)", e)
+                self._failed_off_loop = e
+                return False
+            return True
+        finally:
+            for folder in folders:
+                with contextlib.suppress(OSError):
+                    self.fs.close(folder)
+
+    def _unlink_whole(self, names: list[str], no_descriptor: OSError) -> None:
+        """The garbage job's unlinks with no descriptor free for a folder (`_unlink_off_loop`). The names it could
+        not unlink go back to `_unlinking`: the runtime makes no job while one runs, so only an install's in-place
+        extend of that list can come between (and a name listed twice is skipped once gone)."""
+        logger.warning("no file descriptor free to fsync the folders after unlinking the garbage of a snapshot (%s): "
+                       "unlinked whole, not cut", no_descriptor.strerror)
+        try:
+            self._unlink_files(names)
+        except OSError as e:
+            self._unlinking += [n for n in names if n not in self._unlinking]
+            logger.warning("could not unlink the files a snapshot made garbage (%s): the next garbage job tries "
+                           "again", e)
 
     def _note_reader(self, path: str, data: object) -> None:
         """`data` (a SnapshotFile, else nothing to note) reads the snapshot file now named `path`. The names whose

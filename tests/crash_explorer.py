@@ -318,8 +318,9 @@ class Explorer:
 
     def run_garbage_job(self, fs: CrashFS, job, beside_a_snapshot: bool) -> None:
         """Run a garbage job, counting in the stats the files it opened, unlinked and cut, whether an injected
-        fault reached it (it logs those: the garbage left goes at the next install or start), and whether it ran
-        while a snapshot of the node's own was being written (`beside_a_snapshot`: its file or its base segment)."""
+        fault reached it (it logs those: the garbage left goes at the next install or start; a folder fsync's is
+        fatal at the next save), and whether it ran while a snapshot of the node's own was being written
+        (`beside_a_snapshot`: its file or its base segment)."""
         ops, opens, faults = len(fs.ops), fs.descriptors_taken, fs.faults_injected
         job()
         kinds = [kind for _, kind, _ in fs.ops[ops:]]
@@ -419,6 +420,7 @@ class Explorer:
                     if step[0] != "garbage_begin" and garbage_running is not None:
                         job, garbage_running = garbage_running, None
                         self.run_garbage_job(fs, job, bool(writing) or storage.base_pending() is not None)
+                        storage.save(None, [])  # the runtime's next save: raises a folder fsync's error (fatal)
                 elif step[0] == "garbage_hold":  # a transfer of the snapshot held now (if any) begins
                     if storage.state.snapshot is not None:
                         held.append(storage.state.snapshot)
@@ -1059,9 +1061,10 @@ GARBAGE_SHARE = 0.35
 def with_garbage_job(rng: random.Random, workload: list[tuple]) -> list[tuple]:
     """`workload` with what installs make garbage left for the garbage job, as the runtime does (review unlinkcut
     T2): "garbage_later" first; after a step now and then the job (the threadpool's, at the end of a drive), at
-    times with one of its operations failing (EIO or ENOSPC at an unlink, a folder fsync, a cut or a cut's
-    fdatasync: logged, what is left goes at the next install or start) or out of descriptors (a file it cannot
-    open is unlinked whole, a folder fsync refused); and a transfer of the snapshot held then begun
+    times with one of its operations failing (EIO or ENOSPC at an unlink, a cut or a cut's fdatasync: logged,
+    what is left goes at the next install or start; at a folder fsync: fatal at the next save) or out of
+    descriptors (a file it cannot open is unlinked whole; without a folder's, every file is, none cut, and
+    what it could not unlink goes to the next job); and a transfer of the snapshot held then begun
     ("garbage_hold") and ended a few steps later ("garbage_release": it must still read whole). Only steps are
     added: the workload's own are kept, in order, and `rng` is the workload's own garbage one."""
     out: list[tuple] = [("garbage_later",)]

@@ -307,7 +307,8 @@ class CrashFS:
         self._file(path)
         return self._open(self._lookup(path), path)
 
-    def open_dir(self, path: str) -> int:
+    def open_dir(self, path: str, reserve: bool = True) -> int:
+        self._descriptor(path)
         return self._open(self._directory(path), path)
 
     def open_read(self, path: str) -> int:

@@ -33,6 +33,16 @@ Rules of the model:
   acknowledged write on every member, and the clients' history through `tests/linearizability.py`.
 - A failure raises SafetyViolation with the seed, the last events, and one command that replays the schedule.
 
+What it does not run (review fresh, Q1): the core and the storage, not raftlib.runtime. A snapshot of a node's
+own is written whole (`write_snapshot`, as a forked child) and committed without a pre-built base segment
+(`begin_base`, `base_step`, `base_sync_job`); what installs make garbage is unlinked in the install, not by the
+garbage job (`unlink_garbage_later`, `garbage_job`); no stepped snapshot (`open_snapshot_file`,
+SteppedSnapshotWriter); a backlog is applied one capped piece per drive, the core's side only, not the runtime's
+(pieces for APPLY_DRIVE_SECONDS of CPU, its proposals' waiters). Those are covered by tests/crash_explorer.py
+(every crash state of the base segment's steps and sync, the garbage job with faults, stepped snapshots: run by
+test_crash_explorer), test_storage, test_snapshot_stepped and test_runtime (pre-built bases, slowed garbage
+jobs, applying in pieces, a waiter whose index another term's entry took).
+
 `PROFILES` are the nemeses a schedule's seed picks from. `MUTATIONS` names deliberately broken variants of the
 core and storage; `--mutation NAME` runs with one on, to show that the checks catch it (tests/test_mutations.py).
 """
@@ -105,6 +115,7 @@ MUTATIONS: dict[str, dict] = {
     "commit_previous_term": {"unsafe_commit_previous_term": True},
     "lease_without_margin": {"unsafe_lease_ticks": lambda election_ticks: election_ticks},
     "lease_longer_than_election_timeout": {"unsafe_lease_ticks": lambda election_ticks: 2 * election_ticks},
+    "lease_before_commit_in_term": {"unsafe_lease_before_commit_in_term": True},
     "reply_before_fsync": {"unsafe_reply_before_fsync": True},
     "count_own_entries_before_fsync": {"unsafe_count_own_entries_before_fsync": True},
     "forget_vote_on_restart": {"unsafe_forget_vote_on_restart": True},
@@ -1525,6 +1536,52 @@ def lease_scenario(seed: int, mutation: str | None = None) -> Cluster:
     return c
 
 
+def new_leader_lease_scenario(seed: int, mutation: str | None = None) -> Cluster:
+    """A directed schedule for thesis §6.4 step 1 with leases: a new leader does not know the commit index until
+    an entry of its term commits, so until then it answers no read from its lease. A 3-node cluster's leader
+    acknowledges a write and is cut off at once, before its followers learn that the write committed; one of
+    them that holds the write is made leader (TimeoutNow: its lease is not skipped), and its entries of its own
+    term are kept from the others (they acknowledge its heartbeats, so it holds a lease, but it commits nothing)
+    while a client asks it for a lease read of the written key every tick. Then everything heals. The reads must
+    be linearizable."""
+    overrides = dict(MUTATIONS[mutation]) if mutation else {}
+    c = Cluster(seed, n=3, config_overrides=overrides, max_delay=1)
+    c.replay_command = f"python tests/simulator.py --scenario lease-new-leader --seed {seed}" + (
+        f" --mutation {mutation}" if mutation else "")
+    if not c.run_until(lambda: c.leader() is not None, 20 * c.election_ticks):
+        c.fail("liveness: no leader")
+    old = c.leader()
+    n = c.nodes[old].node
+    c.run_until(lambda: n.log.term(n.commit_index) == n.current_term, 100)
+    c.run(c.rng.randrange(c.election_ticks))
+    w = c.client_write(old, "k")
+    if w is None or not c.run_until(lambda: w.ret != math.inf, 100):
+        c.fail("the write was not acknowledged")
+    c.isolate(old)
+    c.log_event(old, "isolated")
+    new = next((i for i in c.ids if i != old and c.nodes[i].node.log.term(w.index) == w.term), None)
+    if new is None:
+        c.fail("no follower holds the acknowledged write")
+    term = c.nodes[new].node.current_term + 1
+
+    def without_the_new_terms_entries(m):
+        if isinstance(m, AppendEntries) and m.term >= term:
+            return dataclasses.replace(m, entries=tuple(e for e in m.entries if e.term < term))
+        return m
+
+    c.deliver_filter = without_the_new_terms_entries
+    c.nodes[new].node.step(TimeoutNow(old, new, term - 1))
+    c.process(new)
+    for _ in range(2 * c.election_ticks):
+        c.client_read(new, "k", lease=True)
+        c.tick()
+    c.deliver_filter = None
+    c.heal()
+    c.run(4 * c.election_ticks)
+    c.check_history()
+    return c
+
+
 def figure_8_scenario(mutation: str | None = None) -> Cluster:
     """§5.4.2, Figure 8, scripted: S1 (n1), leader of term 4, gets its term-2 entry at index 2 onto a majority; then
     it crashes and S5 (n5), whose index 2 holds term 3, is elected and overwrites it everywhere. Safe only while a
@@ -1622,8 +1679,9 @@ def main() -> None:
     p.add_argument("--count", type=int, default=1, help="run seeds seed .. seed+count-1")
     p.add_argument("--trace", action="store_true", help="print the event trace of each run")
     p.add_argument("--mutation", choices=sorted(MUTATIONS), help="run a deliberately broken core")
-    p.add_argument("--scenario", choices=("random", "lease", "figure8"), default="random",
-                   help="random schedules (default), the directed lease-against-drift one, or Figure 8 scripted")
+    p.add_argument("--scenario", choices=("random", "lease", "lease-new-leader", "figure8"), default="random",
+                   help="random schedules (default), the directed lease-against-drift one, the directed lease of a "
+                   "new leader before it commits in its term, or Figure 8 scripted")
     p.add_argument("--profile", choices=sorted(PROFILES), help="the nemesis (default: drawn from the seed)")
     p.add_argument("--lease-share", type=float, default=0.5, help="of the client reads, the share with a lease")
     p.add_argument("--holds", choices=("on", "off"), help="hold links, then release bursts (default: drawn)")
@@ -1634,7 +1692,8 @@ def main() -> None:
     held: collections.Counter = collections.Counter()
     for seed in range(args.seed, args.seed + args.count):
         if args.scenario != "random":
-            c = lease_scenario(seed, args.mutation) if args.scenario == "lease" else figure_8_scenario(args.mutation)
+            scenario = {"lease": lease_scenario, "lease-new-leader": new_leader_lease_scenario}.get(args.scenario)
+            c = figure_8_scenario(args.mutation) if scenario is None else scenario(seed, args.mutation)
             runs, writes, reads = runs + 1, writes + len(c.acked_writes), reads + c.reads_checked
             continue
         for n in (args.size,) if args.size else (3, 5, 7):

@@ -41,8 +41,9 @@ from raftlib import (
     Snapshot,
 )
 from raftlib import runtime as runtime_module
-from raftlib.runtime import BackupFailed, NotRunning, Read, Runtime, Stopped, Timeout
+from raftlib.runtime import BackupFailed, EntryLost, NotRunning, Read, Runtime, Stopped, Timeout
 from raftlib.storage import DiskStorage
+from raftlib.storage_errors import DiskFull, OutOfDescriptors
 from crashfs import CrashFS
 from runtime_fakes import NullTransport, Values
 
@@ -1094,6 +1095,35 @@ def leader_of_three(election_ticks=20):
     return runtime, followers
 
 
+def test_a_proposal_whose_index_is_applied_with_another_term_fails_with_entry_lost():
+    """Review fresh T1: a proposal waits for its index; a newer leader may overwrite that index before it
+    commits, and then what is applied there is that leader's entry. The waiter must get EntryLost, never that
+    entry's result as its own (a 200 for a write that was lost). Here `a` leads in term 2 with its followers
+    silent, takes a proposal, then `b` leads term 3 and commits its own entry at that index. Checked: with the
+    runtime's term check made `if True:` the waiter gets b's entry's (index, result)."""
+    runtime, followers = leader_of_three()
+    node = runtime.node
+    try:
+        followers.silent = True
+        last = node.log.last_index
+        waiter = gevent.spawn(runtime.propose, b"a's write", 5.0)
+        with gevent.Timeout(3):
+            while node.log.last_index == last:
+                gevent.sleep(0.01)
+        index = node.log.last_index
+        assert node.log.term(index) == 2
+        overwrite = Entry(3, index, EntryKind.COMMAND, b"b's write")
+        runtime.deliver([AppendEntries("b", "a", 3, index - 1, node.log.term(index - 1), (overwrite,), index)],
+                        False)
+        waiter.join(timeout=3)
+        assert waiter.ready() and isinstance(waiter.exception, EntryLost), (waiter.exception, waiter.value)
+        assert node.role is Role.FOLLOWER and node.last_applied == index
+        assert runtime.state_machine.applied[-1] == b"b's write"
+        assert b"a's write" not in runtime.state_machine.applied
+    finally:
+        runtime.stop()
+
+
 def test_a_transfer_the_core_aborts_answers_within_about_an_election_timeout_not_the_callers_bound():
     """Review restoreedges: Runtime.transfer_leadership polled for the target to lead until the caller's bound
     (POST /cluster/transfer's write timeout) even after the core had aborted the transfer (an election timeout
@@ -1234,6 +1264,37 @@ def test_a_node_restarted_on_its_snapshot_says_restoring_from_its_first_reply():
         assert runtime.stats["restore_step_max_microseconds"] == 0
     finally:
         runtime.stop()
+
+
+def test_marking_joined_is_tried_again_on_a_full_disk_and_is_fatal_on_any_other_error(monkeypatch):
+    """Review r30: Server._mark_joined_once_reached tried every OSError again, an EIO of node.json's folder fsync
+    too, and the retry's fsync through the same handle of the folder returned 0 (Linux reports a writeback error
+    once per open file description): node.json's "joined" noted on what may not be on the disk. Only no room or no
+    descriptor (nothing changed) is tried again; any other error is fatal. Checked: fails with every OSError tried
+    again."""
+    from raftlib.server import node as node_module
+    from raftlib.server.node import Server
+
+    monkeypatch.setattr(node_module.gevent, "sleep", lambda seconds: None)
+
+    def marking(*outcomes):
+        calls, fatal = [], []
+        left = list(outcomes)
+
+        def mark_joined():
+            calls.append(1)
+            if left:
+                raise left.pop(0)
+
+        storage = types.SimpleNamespace(state=types.SimpleNamespace(hard_state=HardState(2, None, 0)),
+                                        mark_joined=mark_joined)
+        server = types.SimpleNamespace(_stopping=False, storage=storage, _fatal=fatal.append)
+        Server._mark_joined_once_reached(server)  # type: ignore[arg-type]
+        return len(calls), fatal
+
+    assert marking(DiskFull("no room"), OutOfDescriptors("none free")) == (3, [])
+    eio = OSError(errno.EIO, "Input/output error")
+    assert marking(eio) == (1, [eio])
 
 
 def _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds: float):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -1896,6 +1897,137 @@ def test_a_received_snapshot_the_core_still_reads_is_not_cut_by_the_garbage_job(
     _run_garbage_job(s)
     assert _cuts_of(fs, "/data/snapshot-%020d.snap" % 20) == []
     assert snapshot_bytes(core_data) == b"r" * 3000
+    s.close()
+
+
+class _FolderSyncsFail(CrashFS):
+    """Its folder fsyncs fail with EIO while `failing`; the folder (handle or path) of each one is noted."""
+
+    failing = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folders_synced: list[object] = []
+
+    def fsync_dir(self, folder):
+        self.folders_synced.append(folder)
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        super().fsync_dir(folder)
+
+
+def test_a_folder_fsync_failing_in_the_garbage_job_is_fatal_at_the_next_save_step_and_commit(monkeypatch):
+    """Review fresh S1: the job fsynced the folders through the loop's handles of them and only logged an error
+    there. Linux reports a writeback error once per open file description: one the job took, the loop's next
+    commit point (a snapshot's rename, a new segment) did not see, and committed a snapshot whose rename never
+    reached the disk. Any folder fsync's error is fatal (fsyncgate): the job's too, at the next save, base step
+    or commit, and the job syncs through descriptors of its own. The job cuts nothing once its folder fsync
+    failed (the unlinks may not be durable: review r30 T-a), and no second job is made (review r30 S-a: an install
+    while job 1 ran listed more garbage; job 2's fresh descriptors would not see the error, and it would cut).
+    Checked: fails with the job's old folder fsyncs, with its cut after a failed fsync, with garbage_job ungated,
+    with base_step's check removed, and with the stored error raised as it is (its traceback grows)."""
+    monkeypatch.setattr(storage, "GARBAGE_CUT_STEP_BYTES", 64)
+    fs = _FolderSyncsFail()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.unlink_garbage_later = True
+    s.save(HardState(1, "a", 12), entries(1, 14))
+    s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"x" * 300))
+    s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"y" * 300))
+    job = s.garbage_job()
+    assert job is not None
+    s.save_snapshot(Snapshot(12, 1, MEMBERSHIP, b"z" * 300))  # the loop installs while job 1 runs in its thread
+    fs.folders_synced.clear()
+    ops = len(fs.ops)
+    fs.failing = True
+    job()
+    fs.failing = False
+    assert fs.folders_synced and not set(fs.folders_synced) & set(s._folders.values())
+    assert [kind for _, kind, _ in fs.ops[ops:] if kind in ("truncate", "fdatasync")] == []
+    assert s._unlinking and s.garbage_job() is None
+    with pytest.raises(OSError) as failed:
+        s.save(HardState(1, "a", 12), [])
+    assert failed.value.errno == errno.EIO
+    frames = len(traceback.extract_tb(failed.value.__traceback__))
+    with pytest.raises(OSError) as failed:
+        s.save(HardState(1, "a", 12), [])
+    assert len(traceback.extract_tb(failed.value.__traceback__)) == frames  # the stored error's, not grown
+    with pytest.raises(OSError) as failed:
+        s.base_step(1 << 20)
+    assert failed.value.errno == errno.EIO
+    snapshot = Snapshot(13, 1, MEMBERSHIP, b"w" * 300)
+    tmp = s.begin_snapshot(13)
+    s.write_snapshot(snapshot, tmp)
+    with pytest.raises(OSError) as failed:
+        s.commit_snapshot(snapshot, tmp)
+    assert failed.value.errno == errno.EIO
+    assert s.state.snapshot.last_included_index == 12
+    s.close()
+
+
+def _garbage_of_each_kind(monkeypatch) -> tuple[CrashFS, DiskStorage, list[str]]:
+    """A storage as the runtime's (`_garbage_storage`) whose two installs left garbage of each kind for the job:
+    old segments, an old snapshot of 3,000 bytes, and a `*.tmp` in each folder. Returns it and that garbage."""
+    fs, s = _garbage_storage(monkeypatch)
+    s.save(HardState(1, "a", 8), entries(1, 10))
+    s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"x" * 3000))
+    for tmp in ("/data/left.tmp", "/data/log/left.seg.tmp"):
+        fs.close(fs.create(tmp))
+        fs.fsync_dir(os.path.dirname(tmp))
+    s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"y" * 3000))
+    garbage = sorted(s._unlinking)
+    assert {os.path.splitext(n)[1] for n in garbage} == {".seg", ".snap", ".tmp"}
+    return fs, s, garbage
+
+
+def test_with_no_descriptor_for_a_folder_the_garbage_job_unlinks_whole_and_load_deletes_what_comes_back(
+        monkeypatch):
+    """Review r30 L-a: with no descriptor free, the job could not open the folders to fsync them, and so unlinked
+    nothing and dropped the names until the next install or start. It unlinks them whole, with no folder fsync and
+    no cut (the unlinks may not be durable): every name a power failure brings back is garbage, which load deletes
+    (each kind: segment, snapshot, `*.tmp`). Checked: fails with the job unlinking nothing then."""
+    fs, s, garbage = _garbage_of_each_kind(monkeypatch)
+    job = s.garbage_job()
+    assert job is not None
+    ops = len(fs.ops)
+    fs.opens_left = 0
+    job()
+    fs.opens_left = None
+    assert not set(garbage) & set(fs.tree())
+    assert [kind for _, kind, _ in fs.ops[ops:]] == ["unlink"] * len(garbage)  # no folder fsync, no cut
+    states = fs.crash_states(limit=64)
+    assert any(set(garbage) <= set(crashed.tree()) for crashed in states)  # some bring every name back
+    for crashed in states:
+        s2 = DiskStorage("/data", fs=crashed)
+        assert state_of(s2.load())[:2] == ((8, 1), [(9, 1), (10, 1)])
+        assert not set(garbage) & set(crashed.tree())
+        s2.close()
+    s.close()
+
+
+def test_garbage_the_job_could_not_unlink_with_no_folder_descriptor_goes_to_the_next_job(monkeypatch):
+    """Review r30 L-a: with no descriptor free for a folder and an unlink failing, the names go back to the
+    storage's garbage list, and the next job (descriptors free again) unlinks them, fsyncs the folders and cuts.
+    Checked: fails with the names dropped."""
+    fs, s, garbage = _garbage_of_each_kind(monkeypatch)
+    job = s.garbage_job()
+    assert job is not None
+
+    def fail_the_first_unlink(fs, number, kind, what):
+        if kind == "unlink":
+            fs.fail_at[number] = OSError(errno.EIO, "Input/output error")
+            fs.before_op = None
+
+    fs.before_op = fail_the_first_unlink
+    fs.opens_left = 0
+    job()
+    fs.opens_left = None
+    assert sorted(s._unlinking) == garbage
+    ops = len(fs.ops)
+    _run_garbage_job(s)
+    assert not set(garbage) & set(fs.tree())
+    kinds = [kind for _, kind, _ in fs.ops[ops:]]
+    assert kinds.count("fsync_dir") == 2 and "truncate" in kinds
     s.close()
 
 

@@ -75,7 +75,7 @@ from raftlib.messages import Member, Membership, Message, Removed, Role
 from raftlib.progress import best_successor as progress_best_successor
 from raftlib.runtime import EntryLost, NotRunning, Runtime
 from raftlib.storage import DiskStorage
-from raftlib.storage_errors import DiskFull, StorageError
+from raftlib.storage_errors import DiskFull, OutOfDescriptors, StorageError
 from raftlib.transport import FrameBudget, ZmqTransport, new_node_key, public_key_of
 
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
@@ -776,16 +776,21 @@ class Server:
         """Write node.json's "joined" once this node's log holds a term (a leader reached it and the save was
         fsynced): from then on a start that finds no term in log/ is refused (nodestart.LogMissing), since the node
         may have voted or acknowledged entries. A start that finds a term writes it too (nodestart.start_node),
-        so a crash between the save and this write loses nothing."""
+        so a crash between the save and this write loses nothing. No room or no descriptor (nothing changed): tried
+        again. Any other error is fatal (fsyncgate: a retry's folder fsync through the same handle would return 0
+        after an EIO it reported once: review r30)."""
         while not self._stopping:
             if self.storage.state.hard_state.current_term > 0:
                 try:
                     self.storage.mark_joined()
                     return
-                except OSError as e:  # a full disk: the next start writes it (it finds the term)
+                except (DiskFull, OutOfDescriptors) as e:  # if never written, the next start writes it
                     log.warning("could not note in node.json that this node joined: %s; trying again", e)
                     gevent.sleep(1.0)
                     continue
+                except (OSError, StorageError) as e:
+                    self._fatal(e)
+                    return
             gevent.sleep(JOINED_POLL_SECONDS)
 
     def _key_refused(self, public_key: str) -> None:
