@@ -64,7 +64,11 @@ Rules:
   a SnapshotFile still reads through its handle (a leader's transfer of it under way, a restore from it, the
   core's received file) is unlinked whole, never cut: the reader keeps it whole until its last close, which
   frees it (in the loop: the rare case). A `*.tmp` is unlinked whole too: no reader of one is noted (a
-  leftover, a backup of another process).
+  leftover, a backup of another process). The job is handed only names no file of this process can take again
+  (`_never_named_again`: a segment below the live one, a snapshot's files below the kept index): a name encodes
+  an index, not an install, and the job's names are fixed while the loop goes on installing. The rest of the
+  garbage (a snapshot file above the kept one, left by an install refused after its rename; another leftover
+  `*.tmp`) is unlinked in the loop at the install: the garbage job never unlinks nor cuts what load would read.
 
 The data dir:
 
@@ -84,6 +88,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import types
 import weakref
@@ -121,6 +126,11 @@ logger = logging.getLogger("raftlib.storage")
 # before its close frees the rest: bench/garbage_unlink.py, a 110 MiB file beside 1 KiB fdatasyncs: the slowest
 # 17-29 ms unlinked whole, 2.5-3.2 ms cut 8 MiB a step.
 GARBAGE_CUT_STEP_BYTES = 8 << 20
+
+# The names of files that encode a number the loop only raises (`DiskStorage._never_named_again`).
+_SEGMENT_NAME = re.compile(r"(\d+)\.seg")
+_BASE_TMP_NAME = re.compile(r"base-(\d+)\.seg\.tmp")
+_SNAPSHOT_FILE_NAME = re.compile(r"snapshot-(\d+)\.snap(?:\.tmp|\.received\.tmp)?")
 
 
 def _write_file(fs: FileSystem, tmp: str, write: Callable[[object], None], private: bool = False) -> None:
@@ -1235,10 +1245,33 @@ class DiskStorage:
                            "files: they go at the next snapshot or start (%s)", index, e.strerror)
             return kept
         if self.unlink_garbage_later:
-            self._unlinking += [n for n in names if n not in self._unlinking]  # two installs before a job: listed once
+            now = [n for n in names if not self._never_named_again(n, index)]
+            later = [n for n in names if n not in now and n not in self._unlinking]  # two installs: listed once
+            self._unlinking += later
+            if now:  # rare (an install refused after its rename, a leftover): unlinked here, before any name returns
+                self._unlink(now)
             return kept
         self._unlink(names)
         return kept
+
+    def _never_named_again(self, path: str, kept_index: int) -> bool:
+        """Whether no file of this process can take the name `path` once the install of a snapshot at `kept_index`
+        has committed: the only names `garbage_job` may be handed, since it unlinks (and opens, to cut) by name
+        later, in a thread, while the loop goes on installing. Such a name never becomes what load reads: a log
+        segment numbered below the live one (their numbers only go up), and a snapshot's files (`snapshot-I.snap`,
+        its `.tmp` and `.received.tmp`, `log/base-I.seg.tmp`) at an index I below `kept_index` (installs only go
+        up: `save` and `commit_snapshot` take no snapshot at or below the one held). A name is what it encodes:
+        the index, not the term nor which install made it, so a snapshot's file above the kept one (left by an
+        install refused after its rename) takes a live name again when that snapshot is installed again, and the
+        loop writes the other `*.tmp` names (node.json's, node.key's) again: those are unlinked in the loop."""
+        folder, name = os.path.split(path)
+        if folder == self.log_dir:
+            if (segment := _SEGMENT_NAME.fullmatch(name)) is not None:
+                return int(segment[1]) < self._segment_seq
+            named = _BASE_TMP_NAME.fullmatch(name)
+        else:
+            named = _SNAPSHOT_FILE_NAME.fullmatch(name) if folder == self.data_dir else None
+        return named is not None and int(named[1]) < kept_index
 
     def garbage_job(self) -> Callable[[], None] | None:
         """With `unlink_garbage_later`: the unlinks of what installs made garbage (after their commit points: load

@@ -2064,6 +2064,39 @@ def test_a_full_disk_after_the_snapshots_rename_closes_its_descriptor_once(tmp_p
     s.close()
 
 
+@pytest.mark.parametrize("job", ["made before the install", "made after it"])
+def test_a_snapshot_installed_again_under_a_name_listed_as_garbage_is_never_unlinked(monkeypatch, job):
+    """Review explmix: a leader's install refused after its rename (no room for its segment) leaves its file under
+    the final name (the index is all a name encodes); a lower install, the node's own, lists it as garbage; the
+    leader's snapshot installed again takes that name. The garbage job, its names fixed before that install or
+    after it, must not unlink it (nor cut it): a power failure found a base record naming no file. Checked: with
+    every name handed to the job (`_never_named_again` always true), both ways fail."""
+    fs, s = _garbage_storage(monkeypatch)
+    s.save(HardState(1, "a", 10), entries(1, 10))
+    leaders = Snapshot(8, 1, MEMBERSHIP, b"l" * 3000)
+    live_path = "/data/snapshot-%020d.snap" % 8
+
+    def no_room_for_segments(fs, number, kind, what):
+        if kind == "append" and what.startswith("/data/log/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    fs.before_op = no_room_for_segments
+    with pytest.raises(DiskFull):
+        s.save(None, [], leaders)
+    fs.before_op = None
+    assert live_path in fs.tree()  # renamed, not committed
+    s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"o" * 3000))
+    made_before = s.garbage_job() if job == "made before the install" else None
+    s.save(None, [], leaders)
+    for garbage in (made_before, s.garbage_job()):
+        if garbage is not None:
+            garbage()
+    assert s.state.snapshot is not None and snapshot_bytes(s.state.snapshot.data) == b"l" * 3000
+    assert live_path in fs.tree() and _cuts_of(fs, live_path) == []
+    s.close()
+    assert _loads(fs) == {((8, 1), ((9, 1), (10, 1)))}  # every state a power failure can leave
+
+
 def test_a_snapshot_file_whose_head_does_not_read_leaves_its_descriptor_to_the_caller(tmp_path):
     """SnapshotFile.at raises on a bad head: the descriptor is still the caller's (_commit_install closes it), so
     the half-made SnapshotFile's collection must not close it too. Checked: closed at its collection without."""
