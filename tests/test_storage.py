@@ -1967,11 +1967,13 @@ def test_a_folder_fsync_failing_in_the_garbage_job_is_fatal_at_the_next_save_ste
 
 def _garbage_of_each_kind(monkeypatch) -> tuple[CrashFS, DiskStorage, list[str]]:
     """A storage as the runtime's (`_garbage_storage`) whose two installs left garbage of each kind for the job:
-    old segments, an old snapshot of 3,000 bytes, and a `*.tmp` in each folder. Returns it and that garbage."""
+    old segments, an old snapshot of 3,000 bytes, and a `*.tmp` in each folder (a snapshot's and a base segment's
+    below the index kept: the only temporary files the job is handed, `_never_named_again`). Returns it and that
+    garbage."""
     fs, s = _garbage_storage(monkeypatch)
     s.save(HardState(1, "a", 8), entries(1, 10))
     s.save_snapshot(Snapshot(5, 1, MEMBERSHIP, b"x" * 3000))
-    for tmp in ("/data/left.tmp", "/data/log/left.seg.tmp"):
+    for tmp in (s.snapshot_tmp_path(6), f"/data/log/base-{6:020d}.seg.tmp"):
         fs.close(fs.create(tmp))
         fs.fsync_dir(os.path.dirname(tmp))
     s.save_snapshot(Snapshot(8, 1, MEMBERSHIP, b"y" * 3000))
