@@ -215,6 +215,10 @@ def test_the_reserve_descriptor_lets_a_snapshot_through_when_the_process_has_non
             wait_for(lambda: node.log_text().count("took a snapshot") > taken, 5,
                      "a snapshot while no descriptor is free")
             assert not node.exited()
-        assert "no file descriptor free" not in node.log_text()
+        # Nothing the snapshot or the log opens was refused; the garbage job (after the snapshot) has no reserve:
+        # with no descriptor for the folders it unlinks whole and says so (review r30 L-a), which is not a refusal.
+        refused = [line for line in node.log_text().splitlines()
+                   if "no file descriptor free" in line and "unlinking the garbage" not in line]
+        assert not refused, refused
     finally:
         node.kill()
