@@ -303,6 +303,12 @@ class DiskStorage:
     def _identity_path(self) -> str:
         return os.path.join(self.data_dir, "node.json")
 
+    def _read_file(self, path: str) -> bytes:
+        """A small file of the data dir read whole (node.json, node.key, JOINING): no descriptor free to open it,
+        OutOfDescriptors, as every other open of the storage (`_open`), not a bare OSError(EMFILE) that a caller
+        would take for a failing disk."""
+        return self._open(self.fs.read_file, path, f"no file descriptor free to read {path}")
+
     def _check_format(self) -> None:
         ident = self.read_identity()
         if ident is not None and ident.get("format") != FORMAT_VERSION:
@@ -312,8 +318,10 @@ class DiskStorage:
             )
 
     def read_identity(self) -> dict | None:
+        """node.json's object, None when there is none. No descriptor free to read it: OutOfDescriptors (a node
+        that runs may try again: `mark_joined`'s caller does)."""
         try:
-            ident = json.loads(self.fs.read_file(self._identity_path))
+            ident = json.loads(self._read_file(self._identity_path))
         except FileNotFoundError:
             return None
         except ValueError as e:
@@ -382,7 +390,7 @@ class DiskStorage:
     def read_node_key(self) -> dict | None:
         """The JSON object in node.key, None when there is none; StorageError when it is not one."""
         try:
-            value = json.loads(self.fs.read_file(self._node_key_path))
+            value = json.loads(self._read_file(self._node_key_path))
         except FileNotFoundError:
             return None
         except ValueError as e:
@@ -405,7 +413,7 @@ class DiskStorage:
     def read_join_marker(self) -> str | None:
         """"bootstrap" or "join" while the first start of this dir's node is not done; else None."""
         try:
-            return self.fs.read_file(self._join_marker_path).decode(errors="replace").strip() or None
+            return self._read_file(self._join_marker_path).decode(errors="replace").strip() or None
         except FileNotFoundError:
             return None
 
