@@ -1150,17 +1150,45 @@ class DiskStorage:
             tmp = received  # its file, received and fsynced: renamed into place
         else:
             tmp = self.snapshot_tmp_path(snapshot.last_included_index)
-            _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+            # The node's own snapshot at this index would be written under the same name (the core installs a
+            # leader's only above its commit index, and takes its own at or below it: review st31, r2).
+            assert tmp not in self._writing, f"{tmp}: a snapshot of this node's own is being written at this index"
+            if not self._take_back_leftover(snapshot, tmp):
+                _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
         try:
             handle = self._hold_snapshot_file(tmp)  # OutOfDescriptors: nothing changed, a received file still ours
         except OutOfDescriptors:
             if tmp != received:
                 self.abort_snapshot(tmp)
             raise
-        # Handed over for good: should the install stop at a full disk after the rename, the retry writes a new
-        # file from the data (still readable).
+        # Handed over for good: should the install stop at a full disk after the rename, the retry takes the file
+        # back or writes a new one from the data (`_take_back_leftover`).
         self._writing.discard(tmp)
         self._commit_install(snapshot, tmp, hard_state, entries, built, handle)
+
+    def _take_back_leftover(self, snapshot: Snapshot, tmp: str) -> bool:
+        """Before a leader's snapshot's file is written under `tmp`: the file an install of a snapshot at the same
+        index left at its final name when it was refused after its rename (a full disk at its segment). That name
+        is above the held snapshot, so it is not live: load reads the snapshot the newest base record names, and
+        deletes this one (nor is it the garbage job's: `_never_named_again`). When `snapshot`'s data reads that
+        very file (a received one: its SnapshotFile was noted as its reader at the rename), it is renamed back to
+        `tmp` and installed as it is: True. Else it is unlinked (its folder fsynced) before the new copy is
+        written: False. Either way the retry never needs room for two copies, which a disk with room for one
+        would refuse forever (review st31 L2)."""
+        path = self._snapshot_path(snapshot.last_included_index)
+        assert snapshot.last_included_index > self.state.base_index
+        readers = self._snapshot_readers.get(path, ())
+        try:
+            if any(ref() is snapshot.data for ref in readers):
+                self.fs.rename(path, tmp)  # both names garbage to load: no fsync needed between
+                return True
+            self.fs.unlink(path)
+        except FileNotFoundError:
+            return False
+        self._snapshot_readers.pop(path, None)  # they read the unlinked file, no longer one of this name
+        if self._fsync:
+            self._fsync_dir(self.data_dir)
+        return False
 
     def _hold_snapshot_file(self, tmp: str):
         """A handle of the written snapshot file `tmp`, opened before the commit point: the committed snapshot
