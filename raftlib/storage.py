@@ -90,6 +90,7 @@ import logging
 import os
 import re
 import sys
+import time
 import types
 import weakref
 from collections.abc import Callable
@@ -126,6 +127,9 @@ logger = logging.getLogger("raftlib.storage")
 # before its close frees the rest: bench/garbage_unlink.py, a 110 MiB file beside 1 KiB fdatasyncs: the slowest
 # 17-29 ms unlinked whole, 2.5-3.2 ms cut 8 MiB a step.
 GARBAGE_CUT_STEP_BYTES = 8 << 20
+# Garbage the job could not unlink at all (no folder descriptor, and an unlink failing) waits this long for the
+# next job, or for the next install (`DiskStorage._unlink_whole`): not a job and two warnings at every drive.
+GARBAGE_RETRY_SECONDS = 5.0
 
 # The names of files that encode a number the loop only raises (`DiskStorage._never_named_again`).
 _SEGMENT_NAME = re.compile(r"(\d+)\.seg")
@@ -259,6 +263,7 @@ class DiskStorage:
         # Set (the runtime does): what an install makes garbage is left for `garbage_job` (a thread) to unlink.
         self.unlink_garbage_later = False
         self._unlinking: list[str] = []  # garbage for `garbage_job`
+        self._unlink_retry_at = 0.0  # time.monotonic() before which `garbage_job` makes none (`_unlink_whole`)
         # The SnapshotFiles reading this data dir's snapshot files, by the name each file has now: one that a
         # reader holds is unlinked whole by `garbage_job`, not cut (the module's rules). Weak: a collected reader
         # reads no more.
@@ -1284,6 +1289,7 @@ class DiskStorage:
             now = [n for n in names if not self._never_named_again(n, index)]
             later = [n for n in names if n not in now and n not in self._unlinking]  # two installs: listed once
             self._unlinking += later
+            self._unlink_retry_at = 0.0  # garbage of its own: what waited goes with it
             if now:  # rare (an install refused after its rename, a leftover): unlinked here, before any name returns
                 self._unlink(now)
             return kept
@@ -1319,44 +1325,34 @@ class DiskStorage:
         the folders through descriptors it opens itself (without the reserve, as its files), never the loop's
         handles of them: Linux reports a writeback error once per open file description, so one the job took
         there, the loop's next commit point (a snapshot's rename, a new segment) would not see, and would commit
-        on what never reached the disk (review fresh, S1). None when there is nothing to free, or once a folder
-        fsync has failed: a new job's descriptors would not see that error, and it would cut (review r30, S-a)."""
-        if self._failed_off_loop is not None or not self._unlinking:
+        on what never reached the disk (review fresh, S1). None when there is nothing to free, once a folder
+        fsync has failed: a new job's descriptors would not see that error, and it would cut (review r30, S-a), or
+        while names a job could not unlink wait (`_unlink_whole`)."""
+        if self._failed_off_loop is not None or not self._unlinking or time.monotonic() < self._unlink_retry_at:
             return None
         names, self._unlinking = self._unlinking, []
         free = [n for n in names if n.endswith((".snap", ".seg")) and not self._read_now(n)]
 
         def unlink() -> None:
-            handles = []
             try:
-                for path in free:
-                    try:
-                        handles.append(self.fs.open_append(path, reserve=False))  # the reserve is the loop's
-                    except OSError as e:  # gone already (an earlier job's), or no descriptor: unlinked whole
-                        if not isinstance(e, FileNotFoundError) and e.errno not in NO_DESCRIPTOR:
-                            raise
-                if not self._unlink_off_loop(names):
-                    return
-                for handle in handles:
-                    self._cut(handle)
+                self._unlink_off_loop(names, free)
             except OSError as e:
                 logger.warning("could not unlink the files a snapshot made garbage (%s): they go at the next "
                                "snapshot or start", e)
-            finally:
-                for handle in handles:
-                    with contextlib.suppress(OSError):
-                        self.fs.close(handle)
 
         return unlink
 
-    def _unlink_off_loop(self, names: list[str]) -> bool:
-        """`_unlink` for the garbage job's thread: both folders opened by descriptors of its own (without the
-        reserve) before any unlink, and fsynced through them after. Returns whether the unlinks are durable (the
-        job may cut). False: a folder fsync failed, which is fatal (`garbage_job`): logged, and raised by the next
-        save, step or commit. Or no descriptor was free for a folder: the files are unlinked whole, not cut and
-        with no folder fsync (a name a crash brings back is garbage, which load deletes); if even that fails the
-        names go back to `_unlinking`, for the next job (review r30, L-a)."""
-        folders = []
+    def _unlink_off_loop(self, names: list[str], free: list[str]) -> None:
+        """The garbage job's work, in its thread: both folders opened by descriptors of its own (without the
+        reserve), then the files of `free` to cut, then every unlink, the folders fsynced through those
+        descriptors, and the cuts. The folders first: with few descriptors free, a file that could not be
+        opened is only unlinked whole, whereas no folder descriptor makes every unlink whole and unsynced. A
+        folder fsync's failure is fatal (`garbage_job`): logged, and raised by the next save, step or commit; no
+        cut follows. No descriptor free for a folder: the files are unlinked whole, not cut and with no folder
+        fsync (a name a crash brings back is garbage, which load deletes); if even that fails the names go back
+        to `_unlinking`, for a job after the next install or GARBAGE_RETRY_SECONDS (review r30, L-a; st31 L3). Any other OSError goes up (logged by the job)."""
+        folders: list = []
+        handles: list = []
         try:
             try:
                 if self._fsync:
@@ -1366,7 +1362,13 @@ class DiskStorage:
                 if e.errno not in NO_DESCRIPTOR:
                     raise
                 self._unlink_whole(names, e)
-                return False
+                return
+            for path in free:
+                try:
+                    handles.append(self.fs.open_append(path, reserve=False))  # the reserve is the loop's
+                except OSError as e:  # gone already (an earlier job's), or no descriptor: unlinked whole
+                    if not isinstance(e, FileNotFoundError) and e.errno not in NO_DESCRIPTOR:
+                        raise
             self._unlink_files(names)
             try:
                 for folder in folders:
@@ -1375,25 +1377,29 @@ class DiskStorage:
                 logger.error("a folder fsync after unlinking the garbage of a snapshot failed: %s (fatal at the next "
                              "save)", e)
                 self._failed_off_loop = e
-                return False
-            return True
+                return
+            for handle in handles:
+                self._cut(handle)
         finally:
-            for folder in folders:
+            for handle in handles + folders:
                 with contextlib.suppress(OSError):
-                    self.fs.close(folder)
+                    self.fs.close(handle)
 
     def _unlink_whole(self, names: list[str], no_descriptor: OSError) -> None:
         """The garbage job's unlinks with no descriptor free for a folder (`_unlink_off_loop`). The names it could
         not unlink go back to `_unlinking`: the runtime makes no job while one runs, so only an install's in-place
-        extend of that list can come between (and a name listed twice is skipped once gone)."""
+        extend of that list can come between (and a name listed twice is skipped once gone). They wait for the next
+        install or GARBAGE_RETRY_SECONDS: a disk that keeps refusing them costs no job and warnings at every drive
+        (the job with folder descriptors drops such names: the next install or load lists them again)."""
         logger.warning("no file descriptor free to fsync the folders after unlinking the garbage of a snapshot (%s): "
                        "unlinked whole, not cut", no_descriptor.strerror)
         try:
             self._unlink_files(names)
         except OSError as e:
+            self._unlink_retry_at = time.monotonic() + GARBAGE_RETRY_SECONDS
             self._unlinking += [n for n in names if n not in self._unlinking]
-            logger.warning("could not unlink the files a snapshot made garbage (%s): the next garbage job tries "
-                           "again", e)
+            logger.warning("could not unlink the files a snapshot made garbage (%s): tried again at the next "
+                           "install or in %g s", e, GARBAGE_RETRY_SECONDS)
 
     def _note_reader(self, path: str, data: object) -> None:
         """`data` (a SnapshotFile, else nothing to note) reads the snapshot file now named `path`. The names whose
