@@ -90,6 +90,7 @@ import logging
 import os
 import re
 import sys
+import time
 import types
 import weakref
 from collections.abc import Callable
@@ -126,6 +127,9 @@ logger = logging.getLogger("raftlib.storage")
 # before its close frees the rest: bench/garbage_unlink.py, a 110 MiB file beside 1 KiB fdatasyncs: the slowest
 # 17-29 ms unlinked whole, 2.5-3.2 ms cut 8 MiB a step.
 GARBAGE_CUT_STEP_BYTES = 8 << 20
+# Garbage the job could not unlink at all (no folder descriptor, and an unlink failing) waits this long for the
+# next job, or for the next install (`DiskStorage._unlink_whole`): not a job and two warnings at every drive.
+GARBAGE_RETRY_SECONDS = 5.0
 
 # The names of files that encode a number the loop only raises (`DiskStorage._never_named_again`).
 _SEGMENT_NAME = re.compile(r"(\d+)\.seg")
@@ -259,6 +263,7 @@ class DiskStorage:
         # Set (the runtime does): what an install makes garbage is left for `garbage_job` (a thread) to unlink.
         self.unlink_garbage_later = False
         self._unlinking: list[str] = []  # garbage for `garbage_job`
+        self._unlink_retry_at = 0.0  # time.monotonic() before which `garbage_job` makes none (`_unlink_whole`)
         # The SnapshotFiles reading this data dir's snapshot files, by the name each file has now: one that a
         # reader holds is unlinked whole by `garbage_job`, not cut (the module's rules). Weak: a collected reader
         # reads no more.
@@ -303,6 +308,12 @@ class DiskStorage:
     def _identity_path(self) -> str:
         return os.path.join(self.data_dir, "node.json")
 
+    def _read_file(self, path: str) -> bytes:
+        """A small file of the data dir read whole (node.json, node.key, JOINING): no descriptor free to open it,
+        OutOfDescriptors, as every other open of the storage (`_open`), not a bare OSError(EMFILE) that a caller
+        would take for a failing disk."""
+        return self._open(self.fs.read_file, path, f"no file descriptor free to read {path}")
+
     def _check_format(self) -> None:
         ident = self.read_identity()
         if ident is not None and ident.get("format") != FORMAT_VERSION:
@@ -312,8 +323,10 @@ class DiskStorage:
             )
 
     def read_identity(self) -> dict | None:
+        """node.json's object, None when there is none. No descriptor free to read it: OutOfDescriptors (a node
+        that runs may try again: `mark_joined`'s caller does)."""
         try:
-            ident = json.loads(self.fs.read_file(self._identity_path))
+            ident = json.loads(self._read_file(self._identity_path))
         except FileNotFoundError:
             return None
         except ValueError as e:
@@ -382,7 +395,7 @@ class DiskStorage:
     def read_node_key(self) -> dict | None:
         """The JSON object in node.key, None when there is none; StorageError when it is not one."""
         try:
-            value = json.loads(self.fs.read_file(self._node_key_path))
+            value = json.loads(self._read_file(self._node_key_path))
         except FileNotFoundError:
             return None
         except ValueError as e:
@@ -405,7 +418,7 @@ class DiskStorage:
     def read_join_marker(self) -> str | None:
         """"bootstrap" or "join" while the first start of this dir's node is not done; else None."""
         try:
-            return self.fs.read_file(self._join_marker_path).decode(errors="replace").strip() or None
+            return self._read_file(self._join_marker_path).decode(errors="replace").strip() or None
         except FileNotFoundError:
             return None
 
@@ -1142,17 +1155,45 @@ class DiskStorage:
             tmp = received  # its file, received and fsynced: renamed into place
         else:
             tmp = self.snapshot_tmp_path(snapshot.last_included_index)
-            _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
+            # The node's own snapshot at this index would be written under the same name (the core installs a
+            # leader's only above its commit index, and takes its own at or below it: review st31, r2).
+            assert tmp not in self._writing, f"{tmp}: a snapshot of this node's own is being written at this index"
+            if not self._take_back_leftover(snapshot, tmp):
+                _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
         try:
             handle = self._hold_snapshot_file(tmp)  # OutOfDescriptors: nothing changed, a received file still ours
         except OutOfDescriptors:
             if tmp != received:
                 self.abort_snapshot(tmp)
             raise
-        # Handed over for good: should the install stop at a full disk after the rename, the retry writes a new
-        # file from the data (still readable).
+        # Handed over for good: should the install stop at a full disk after the rename, the retry takes the file
+        # back or writes a new one from the data (`_take_back_leftover`).
         self._writing.discard(tmp)
         self._commit_install(snapshot, tmp, hard_state, entries, built, handle)
+
+    def _take_back_leftover(self, snapshot: Snapshot, tmp: str) -> bool:
+        """Before a leader's snapshot's file is written under `tmp`: the file an install of a snapshot at the same
+        index left at its final name when it was refused after its rename (a full disk at its segment). That name
+        is above the held snapshot, so it is not live: load reads the snapshot the newest base record names, and
+        deletes this one (nor is it the garbage job's: `_never_named_again`). When `snapshot`'s data reads that
+        very file (a received one: its SnapshotFile was noted as its reader at the rename), it is renamed back to
+        `tmp` and installed as it is: True. Else it is unlinked (its folder fsynced) before the new copy is
+        written: False. Either way the retry never needs room for two copies, which a disk with room for one
+        would refuse forever (review st31 L2)."""
+        path = self._snapshot_path(snapshot.last_included_index)
+        assert snapshot.last_included_index > self.state.base_index
+        readers = self._snapshot_readers.get(path, ())
+        try:
+            if any(ref() is snapshot.data for ref in readers):
+                self.fs.rename(path, tmp)  # both names garbage to load: no fsync needed between
+                return True
+            self.fs.unlink(path)
+        except FileNotFoundError:
+            return False
+        self._snapshot_readers.pop(path, None)  # they read the unlinked file, no longer one of this name
+        if self._fsync:
+            self._fsync_dir(self.data_dir)
+        return False
 
     def _hold_snapshot_file(self, tmp: str):
         """A handle of the written snapshot file `tmp`, opened before the commit point: the committed snapshot
@@ -1248,6 +1289,7 @@ class DiskStorage:
             now = [n for n in names if not self._never_named_again(n, index)]
             later = [n for n in names if n not in now and n not in self._unlinking]  # two installs: listed once
             self._unlinking += later
+            self._unlink_retry_at = 0.0  # garbage of its own: what waited goes with it
             if now:  # rare (an install refused after its rename, a leftover): unlinked here, before any name returns
                 self._unlink(now)
             return kept
@@ -1283,44 +1325,34 @@ class DiskStorage:
         the folders through descriptors it opens itself (without the reserve, as its files), never the loop's
         handles of them: Linux reports a writeback error once per open file description, so one the job took
         there, the loop's next commit point (a snapshot's rename, a new segment) would not see, and would commit
-        on what never reached the disk (review fresh, S1). None when there is nothing to free, or once a folder
-        fsync has failed: a new job's descriptors would not see that error, and it would cut (review r30, S-a)."""
-        if self._failed_off_loop is not None or not self._unlinking:
+        on what never reached the disk (review fresh, S1). None when there is nothing to free, once a folder
+        fsync has failed: a new job's descriptors would not see that error, and it would cut (review r30, S-a), or
+        while names a job could not unlink wait (`_unlink_whole`)."""
+        if self._failed_off_loop is not None or not self._unlinking or time.monotonic() < self._unlink_retry_at:
             return None
         names, self._unlinking = self._unlinking, []
         free = [n for n in names if n.endswith((".snap", ".seg")) and not self._read_now(n)]
 
         def unlink() -> None:
-            handles = []
             try:
-                for path in free:
-                    try:
-                        handles.append(self.fs.open_append(path, reserve=False))  # the reserve is the loop's
-                    except OSError as e:  # gone already (an earlier job's), or no descriptor: unlinked whole
-                        if not isinstance(e, FileNotFoundError) and e.errno not in NO_DESCRIPTOR:
-                            raise
-                if not self._unlink_off_loop(names):
-                    return
-                for handle in handles:
-                    self._cut(handle)
+                self._unlink_off_loop(names, free)
             except OSError as e:
                 logger.warning("could not unlink the files a snapshot made garbage (%s): they go at the next "
                                "snapshot or start", e)
-            finally:
-                for handle in handles:
-                    with contextlib.suppress(OSError):
-                        self.fs.close(handle)
 
         return unlink
 
-    def _unlink_off_loop(self, names: list[str]) -> bool:
-        """`_unlink` for the garbage job's thread: both folders opened by descriptors of its own (without the
-        reserve) before any unlink, and fsynced through them after. Returns whether the unlinks are durable (the
-        job may cut). False: a folder fsync failed, which is fatal (`garbage_job`): logged, and raised by the next
-        save, step or commit. Or no descriptor was free for a folder: the files are unlinked whole, not cut and
-        with no folder fsync (a name a crash brings back is garbage, which load deletes); if even that fails the
-        names go back to `_unlinking`, for the next job (review r30, L-a)."""
-        folders = []
+    def _unlink_off_loop(self, names: list[str], free: list[str]) -> None:
+        """The garbage job's work, in its thread: both folders opened by descriptors of its own (without the
+        reserve), then the files of `free` to cut, then every unlink, the folders fsynced through those
+        descriptors, and the cuts. The folders first: with few descriptors free, a file that could not be
+        opened is only unlinked whole, whereas no folder descriptor makes every unlink whole and unsynced. A
+        folder fsync's failure is fatal (`garbage_job`): logged, and raised by the next save, step or commit; no
+        cut follows. No descriptor free for a folder: the files are unlinked whole, not cut and with no folder
+        fsync (a name a crash brings back is garbage, which load deletes); if even that fails the names go back
+        to `_unlinking`, for a job after the next install or GARBAGE_RETRY_SECONDS (review r30, L-a; st31 L3). Any other OSError goes up (logged by the job)."""
+        folders: list = []
+        handles: list = []
         try:
             try:
                 if self._fsync:
@@ -1330,7 +1362,13 @@ class DiskStorage:
                 if e.errno not in NO_DESCRIPTOR:
                     raise
                 self._unlink_whole(names, e)
-                return False
+                return
+            for path in free:
+                try:
+                    handles.append(self.fs.open_append(path, reserve=False))  # the reserve is the loop's
+                except OSError as e:  # gone already (an earlier job's), or no descriptor: unlinked whole
+                    if not isinstance(e, FileNotFoundError) and e.errno not in NO_DESCRIPTOR:
+                        raise
             self._unlink_files(names)
             try:
                 for folder in folders:
@@ -1339,25 +1377,29 @@ class DiskStorage:
                 logger.error("a folder fsync after unlinking the garbage of a snapshot failed: %s (fatal at the next "
                              "save)", e)
                 self._failed_off_loop = e
-                return False
-            return True
+                return
+            for handle in handles:
+                self._cut(handle)
         finally:
-            for folder in folders:
+            for handle in handles + folders:
                 with contextlib.suppress(OSError):
-                    self.fs.close(folder)
+                    self.fs.close(handle)
 
     def _unlink_whole(self, names: list[str], no_descriptor: OSError) -> None:
         """The garbage job's unlinks with no descriptor free for a folder (`_unlink_off_loop`). The names it could
         not unlink go back to `_unlinking`: the runtime makes no job while one runs, so only an install's in-place
-        extend of that list can come between (and a name listed twice is skipped once gone)."""
+        extend of that list can come between (and a name listed twice is skipped once gone). They wait for the next
+        install or GARBAGE_RETRY_SECONDS: a disk that keeps refusing them costs no job and warnings at every drive
+        (the job with folder descriptors drops such names: the next install or load lists them again)."""
         logger.warning("no file descriptor free to fsync the folders after unlinking the garbage of a snapshot (%s): "
                        "unlinked whole, not cut", no_descriptor.strerror)
         try:
             self._unlink_files(names)
         except OSError as e:
+            self._unlink_retry_at = time.monotonic() + GARBAGE_RETRY_SECONDS
             self._unlinking += [n for n in names if n not in self._unlinking]
-            logger.warning("could not unlink the files a snapshot made garbage (%s): the next garbage job tries "
-                           "again", e)
+            logger.warning("could not unlink the files a snapshot made garbage (%s): tried again at the next "
+                           "install or in %g s", e, GARBAGE_RETRY_SECONDS)
 
     def _note_reader(self, path: str, data: object) -> None:
         """`data` (a SnapshotFile, else nothing to note) reads the snapshot file now named `path`. The names whose

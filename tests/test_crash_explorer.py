@@ -512,11 +512,17 @@ def test_the_explorer_finds_a_garbage_file_cut_before_its_unlink_is_durable(monk
     brings the name back on a cut snapshot, which no crash may show (the hand-written workloads and the random
     ones find it)."""
 
-    def unlink_without_folder_fsync(self, names):
+    def unlink_and_cut_without_folder_fsync(self, names, free):
+        handles = []
+        for path in free:
+            with contextlib.suppress(FileNotFoundError):
+                handles.append(self.fs.open_append(path, reserve=False))
         self._unlink_files(names)
-        return True
+        for handle in handles:
+            self._cut(handle)
+            self.fs.close(handle)
 
-    monkeypatch.setattr(DiskStorage, "_unlink_off_loop", unlink_without_folder_fsync)
+    monkeypatch.setattr(DiskStorage, "_unlink_off_loop", unlink_and_cut_without_folder_fsync)
     stats = explore([(n, HAND_WRITTEN[n]) for n in GARBAGE], Limits(max_violations=1))
     assert any(crash_explorer.SNAPSHOTS_CUT in v for v in stats.violations), stats.violations
 

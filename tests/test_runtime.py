@@ -1297,6 +1297,35 @@ def test_marking_joined_is_tried_again_on_a_full_disk_and_is_fatal_on_any_other_
     assert marking(eio) == (1, [eio])
 
 
+def test_marking_joined_with_no_descriptor_free_to_read_node_json_is_tried_again(monkeypatch):
+    """Review st31 L1: the real storage's `mark_joined` reads node.json first, and with no descriptor free (the
+    reserve empty, or ENFILE) that read raised a bare OSError(EMFILE), which the retry above took for a failing
+    disk: the node exited for running out of descriptors. The storage raises OutOfDescriptors for it, as for its
+    other opens; once descriptors are free again the mark is written. Checked: fatal without the fix."""
+    from raftlib.server import node as node_module
+    from raftlib.server.node import Server
+
+    fs = CrashFS()
+    storage = DiskStorage("/data", fs=fs)
+    storage.load()
+    storage.write_identity("n1", "127.0.0.1:1", "127.0.0.1:2")
+    storage.save(HardState(2, None, 0), [Entry(2, 1, data=b"x")])
+    fs.opens_left = 0
+    sleeps: list[float] = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        fs.opens_left = None  # descriptors free again at the next try
+
+    monkeypatch.setattr(node_module.gevent, "sleep", sleep)
+    fatal: list[BaseException] = []
+    server = types.SimpleNamespace(_stopping=False, storage=storage, _fatal=fatal.append)
+    Server._mark_joined_once_reached(server)  # type: ignore[arg-type]
+    assert fatal == [] and sleeps == [1.0]
+    assert (storage.read_identity() or {}).get("joined") is True
+    storage.close()
+
+
 def _prebuilding_runtime(tmp_path, monkeypatch, sync_seconds: float):
     """A forking one-node runtime (`_forking_runtime`) whose snapshot child takes 0.2 s, the pre-built base
     segment's syncs `sync_seconds` each (a slow disk), each counted with its thread; the pre-built segments renamed
