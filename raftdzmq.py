@@ -49,7 +49,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import zmq.green as zmq  # noqa: E402
 
-from raftlib.runtime import SNAPSHOT_MODES  # noqa: E402
+from raftlib.runtime import SNAPSHOT_LOG_RATIO, SNAPSHOT_MODES  # noqa: E402
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, node_request_headers, read_secret  # noqa: E402
 from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
 from raftlib.server.hosts import parse_allowed_hosts  # noqa: E402
@@ -124,7 +124,13 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("-receive-timeout", "--receive-timeout"), dict(dest="receive_timeout", type=float, default=10.0, help=(
         "seconds a client has to send a whole request (head and body) once it has begun; 408 after (default 10)"))),
     (("-snapshot-threshold", "--snapshot-threshold"), dict(dest="snapshot_threshold", type=int, default=16 << 20,
-        help="take a snapshot when the log since the last one passes this many bytes (default 16 MiB)")),
+        help="take a snapshot when the log since the last one passes this many bytes and -snapshot-log-ratio "
+             "(default 16 MiB)")),
+    (("-snapshot-log-ratio", "--snapshot-log-ratio"), dict(dest="snapshot_log_ratio", metavar="R", type=float,
+                                                           default=SNAPSHOT_LOG_RATIO, help=(
+        "take a snapshot only once the log since the last one also holds R times that snapshot's size, so that "
+        "a big state is not rewritten for every -snapshot-threshold of log; 0: the threshold alone "
+        f"(default {SNAPSHOT_LOG_RATIO:g})"))),
     (("-snapshot-mode", "--snapshot-mode"), dict(dest="snapshot_mode", choices=SNAPSHOT_MODES, default=None, help=(
         "how a snapshot is written: stepped (the default from feature level 3: by the serving process, ~2 ms of "
         "work per turn of its loop, from a copy-on-write view of the keys), fork (a forked child: the fork holds "
@@ -276,6 +282,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                  "watch_history_bytes", "max_uncommitted_bytes", "max_batch_bytes"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
+    if not 0 <= args.snapshot_log_ratio < float("inf"):  # NaN too: no comparison holds
+        p.error("-snapshot-log-ratio must be 0 or more (0: -snapshot-threshold alone)")
     if args.watch_history < MIN_HISTORY_EVENTS:  # a group (one entry's events) must fit whole, or it is never served
         p.error(f"-watch-history must be at least {MIN_HISTORY_EVENTS} (the most events one entry makes)")
     if args.max_body > MAX_BODY_LIMIT:  # an entry must fit a Raft frame (raftlib.codec.MAX_ENTRY_BYTES)
@@ -304,6 +312,7 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
+        snapshot_log_ratio=args.snapshot_log_ratio,
         snapshot_mode=args.snapshot_mode,
         max_uncommitted_bytes=args.max_uncommitted_bytes, max_batch_bytes=args.max_batch_bytes,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,

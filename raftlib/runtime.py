@@ -149,6 +149,14 @@ BASE_WAIT_SECONDS = 5.0
 # and an unbounded wait postponed its snapshots for seconds while the log grew (review stall1m L1: 7.2 s, 86.7 MB
 # at a 1 MB threshold). Mid-backlog, a snapshot is taken at most once per this bound (plus its own duration).
 SNAPSHOT_BACKLOG_WAIT_SECONDS = 1.0
+# A snapshot of the node's own is due once the log since the newest snapshot holds at least max(the byte threshold,
+# this ratio x that snapshot's size) (`Runtime._maybe_snapshot`; -snapshot-log-ratio). With a fixed threshold alone,
+# a 580 MB state was rewritten for every 16 MiB of log at 5,000,000 keys (~35x write amplification: every node
+# wrote a stepped snapshot 94-97% of the time, and the cluster changed leader 31 times while loading: issue 13).
+# Redis rewrites its AOF once it has grown by a percentage of its last rewrite the same way. A bigger ratio means
+# fewer snapshots but more log to replay at a restart: see docs/BENCHMARKS.md ("Snapshot log ratio") for the
+# default's measurement. 0: the byte threshold alone (as before).
+SNAPSHOT_LOG_RATIO = 0.25
 # A drive applies committed pieces (Config.max_committed_entries_per_ready / _bytes_) one after the other while the
 # loop's thread has spent less than this much CPU in the drive's Readys, then yields a turn of the loop (`_drive`)
 # and leaves the rest to the next drives. The pieces bound each step; this lets a drive apply more than one, so
@@ -440,6 +448,7 @@ class Runtime:
         snapshot_threshold_bytes: int = 16 << 20,
         on_fatal: Callable[[Exception], object] | None = None,
         snapshot_mode: str | None = None,
+        snapshot_log_ratio: float = SNAPSHOT_LOG_RATIO,
     ) -> None:
         self.node = node
         self.storage = storage
@@ -447,6 +456,8 @@ class Runtime:
         self.state_machine = state_machine
         self.tick_seconds = tick_seconds
         self.snapshot_threshold_bytes = snapshot_threshold_bytes
+        assert snapshot_log_ratio >= 0, snapshot_log_ratio
+        self.snapshot_log_ratio = snapshot_log_ratio  # SNAPSHOT_LOG_RATIO
         self._on_fatal = on_fatal
         self._inbox: collections.deque[InboxItem] = collections.deque()
         self._wake = gevent.event.Event()
@@ -1338,11 +1349,14 @@ class Runtime:
 
     def _maybe_snapshot(self, by_loop: bool = False) -> None:
         """Called at the end of each drive. Finishes a snapshot whose file is written (by its stepper or its child);
-        else, past the log threshold, begins one as `snapshot_mode` says: by steps (`_begin_stepped_snapshot`:
+        else, when one is due, begins one as `snapshot_mode` says: by steps (`_begin_stepped_snapshot`:
         the loop goes on serving between them), in a forked child (the loop goes on serving while the child
         serializes its copy-on-write image and writes and fsyncs the file; also for a state machine without steps
         at its level), or in process where fork is unavailable or off.
-        `by_loop`: the loop's own drive (`_drive`), the only one that takes the base segment's steps."""
+        `by_loop`: the loop's own drive (`_drive`), the only one that takes the base segment's steps.
+        Due: one was requested (`request_snapshot`, whatever the log's size), or the log since the newest snapshot
+        holds at least `snapshot_due_bytes()`: max(snapshot_threshold_bytes, snapshot_log_ratio x the newest
+        snapshot's size), that snapshot this node's own or a leader's it installed (SNAPSHOT_LOG_RATIO)."""
         if (self._snapshot_child is not None or self._snapshot_stepper is not None
                 or self._snapshot_done is not None) and by_loop:
             self._base_steps()  # the loop's drives only: a transport greenlet's reply does not wait for them
@@ -1362,7 +1376,7 @@ class Runtime:
             return  # one at a time: a child or a stepper writes, or its snapshot waits for its base (`_base_wait`)
         requested = self._snapshot_requested_index > node.log.snapshot_index
         if node.last_applied <= node.log.snapshot_index or (
-                self.storage.log_bytes < self.snapshot_threshold_bytes and not requested):
+                self.storage.log_bytes < self.snapshot_due_bytes() and not requested):
             self._snapshot_postponed_since = None  # not due: a later backlog's wait starts afresh
             return
         now = time.monotonic()
@@ -1390,6 +1404,14 @@ class Runtime:
             self._fork_snapshot(meta)
         else:
             self._snapshot_in_process(meta)
+
+    def snapshot_due_bytes(self) -> int:
+        """The log's size (storage.log_bytes) at which a snapshot is due: max(snapshot_threshold_bytes,
+        snapshot_log_ratio x the newest snapshot's size). That size is its data's length, known without reading it
+        (a snapshot file's size, or the bytes' length); none yet: the threshold alone."""
+        snapshot = self.node.snapshot
+        newest_bytes = len(snapshot.data) if snapshot is not None else 0
+        return max(self.snapshot_threshold_bytes, int(self.snapshot_log_ratio * newest_bytes))
 
     def _base_steps(self) -> None:
         """Pre-build the snapshot's base segment (DiskStorage.base_step) while BASE_DRIVE_SECONDS last, and start

@@ -24,7 +24,8 @@ A nemesis driven by one seeded RNG meanwhile injects one fault at a time, in shu
                    while; when the node stays a follower, the others must keep acknowledging writes meanwhile
   skewed-pause     (with --clock-rate) hand leadership to the node whose clock is skewed, then SIGSTOP it for 1-2 s
   membership       all of remove, add, removed-restart and transfer
-Options that apply to every kind: --snapshot-threshold (default 4 KB: snapshots and InstallSnapshot all the time),
+Options that apply to every kind: --snapshot-threshold (default 4 KB, with -snapshot-log-ratio 0: snapshots and
+InstallSnapshot all the time),
 --crash-points (RAFTDZMQ_CRASH_POINTS on every node, raftlib/crashpoints.py: a node that SIGKILLs itself at a named
 point is restarted, as a fault, the run goes on), --clock-rate R (RAFTDZMQ_TEST_CLOCK_RATE on one node, chosen by
 the seed: its ticks run R times as fast; the README's lease margin is 1.25 between a leader and a voter).
@@ -295,8 +296,8 @@ class FaultRun:
         n_slots = size + (1 if "add" in faults else 0)  # a spare for "add"
         self.netns = Netns(n_slots) if any(f in NETWORK_FAULTS for f in faults) else None
         extra = ("-forward", "-write-timeout", "2", "-read-timeout", "2", "-join-timeout", str(JOIN_SECONDS))
-        if snapshot_threshold_bytes:
-            extra += ("-snapshot-threshold", str(snapshot_threshold_bytes))
+        if snapshot_threshold_bytes:  # that threshold alone (-snapshot-log-ratio 0): snapshots all the time
+            extra += ("-snapshot-threshold", str(snapshot_threshold_bytes), "-snapshot-log-ratio", "0")
         self.secret: bytes | None = None
         if self.netns:
             # Beyond loopback, as a real deployment: with a cluster secret, so signed frames get the faults too.

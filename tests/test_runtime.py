@@ -406,6 +406,74 @@ def test_a_committed_backlog_applied_in_pieces_is_snapshotted_once_at_its_end(tm
         runtime.stop()
         storage.close()
 
+class PaddedSnapshots(Values):
+    """Values whose snapshot is `snapshot_bytes` long, whatever it holds: a state of a known size."""
+
+    def __init__(self, snapshot_bytes):
+        super().__init__()
+        self.snapshot_bytes = snapshot_bytes
+
+    def snapshot(self):
+        return b"s" * self.snapshot_bytes
+
+
+def test_a_snapshot_is_due_at_the_log_ratio_of_the_newest_snapshots_size_not_at_the_threshold_alone(tmp_path):
+    """Issue 13 at 5,000,000 keys: a snapshot was due at every -snapshot-threshold of log whatever the state's
+    size, and each node rewrote its 580 MB state for every 16 MiB of log (31 leader changes while loading). Now
+    due at max(threshold, ratio x the newest snapshot's size): after a snapshot of S bytes, a log past the
+    threshold but short of ratio x S takes none; past ratio x S, one. A requested snapshot is not delayed."""
+    threshold, snapshot_bytes, ratio = 4 << 10, 40_000, 2.0
+    storage = DiskStorage(str(tmp_path))
+    storage.load()
+    members = (Member("a", "127.0.0.1:1", ""), Member("b", "127.0.0.1:2", ""))
+    storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(("a", "b"), (), members))])
+    stored = storage.state
+    node = RaftNode(Config("b", election_ticks=1000), random.Random(1), stored.hard_state, stored.raft_log(),
+                    stored.snapshot)
+    runtime = Runtime(node, storage, NullTransport(), PaddedSnapshots(snapshot_bytes), tick_seconds=0.005,
+                      snapshot_threshold_bytes=threshold, snapshot_log_ratio=ratio)
+    runtime.snapshot_mode = "in-process"
+    last = 1
+
+    def feed_until(log_bytes):
+        """Entries of 1,000 bytes from leader `a`, committed and applied, until the log holds `log_bytes` or a
+        snapshot is taken (which empties it)."""
+        nonlocal last
+        snapshots = runtime.stats["snapshots"]
+        while storage.log_bytes < log_bytes and runtime.stats["snapshots"] == snapshots:
+            entries = tuple(Entry(2, i, EntryKind.COMMAND, b"v" * 1000) for i in range(last + 1, last + 11))
+            prev_term = 1 if last == 1 else 2
+            assert runtime.deliver([AppendEntries("a", "b", 2, last, prev_term, entries, last + 10)], True)[0].success
+            last += 10
+            assert runtime.wait_applied(last, 5.0) == last
+
+    def snapshots_reach(count):
+        with gevent.Timeout(5):
+            while runtime.stats["snapshots"] < count:
+                gevent.sleep(0.01)
+        gevent.sleep(0.05)  # a few drives more: none snapshots again
+        assert runtime.stats["snapshots"] == count
+
+    runtime.start()
+    try:
+        feed_until(threshold)  # no snapshot yet: the threshold alone
+        snapshots_reach(1)
+        assert len(node.snapshot.data) == snapshot_bytes  # the file's size, as the storage holds it
+        assert runtime.snapshot_due_bytes() == ratio * snapshot_bytes
+        feed_until(threshold + snapshot_bytes // 2)  # past the threshold, short of ratio x S
+        gevent.sleep(0.1)
+        assert runtime.stats["snapshots"] == 1, storage.log_bytes
+        feed_until(ratio * snapshot_bytes)
+        snapshots_reach(2)
+        assert node.log.snapshot_index == node.last_applied
+        feed_until(storage.log_bytes + 1)  # a little log: a requested snapshot does not wait for the ratio
+        runtime.request_snapshot()
+        snapshots_reach(3)
+    finally:
+        runtime.stop()
+        storage.close()
+
+
 def heartbeats_from_a(runtime, period_seconds=0.02):
     """A greenlet that plays the leader `a` in term 2: a heartbeat every period (its answers are dropped)."""
 

@@ -73,7 +73,7 @@ from raftlib.core import Config, NodeStatus, NotLeader, ProposalDropped, RaftNod
 from raftlib.interfaces import StoredState
 from raftlib.messages import Member, Membership, Message, Removed, Role
 from raftlib.progress import best_successor as progress_best_successor
-from raftlib.runtime import EntryLost, NotRunning, Runtime
+from raftlib.runtime import SNAPSHOT_LOG_RATIO, EntryLost, NotRunning, Runtime
 from raftlib.storage import DiskStorage
 from raftlib.storage_errors import DiskFull, OutOfDescriptors, StorageError
 from raftlib.transport import FrameBudget, ZmqTransport, new_node_key, public_key_of
@@ -171,6 +171,7 @@ class ServerConfig:
     idle_timeout_seconds: float = 60.0
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
+    snapshot_log_ratio: float = SNAPSHOT_LOG_RATIO  # -snapshot-log-ratio: raftlib.runtime.SNAPSHOT_LOG_RATIO
     snapshot_mode: str | None = None  # -snapshot-mode: raftlib.runtime.SNAPSHOT_MODES (None: its default, "stepped")
     max_uncommitted_bytes: int = 64 << 20  # -max-uncommitted-bytes: raftlib.core.Config.max_uncommitted_bytes
     max_batch_bytes: int = Config.max_batch_bytes  # -max-batch-bytes: raftlib.core.Config.max_batch_bytes
@@ -579,7 +580,7 @@ class Server:
                 self._forget_vouched()  # our configuration reached it before a crash: the list is stale
         self.runtime = Runtime(self.node, self.storage, self.transport, self.store, tick_seconds=tick_seconds,
                                snapshot_threshold_bytes=config.snapshot_threshold_bytes, on_fatal=self._fatal,
-                               snapshot_mode=config.snapshot_mode)
+                               snapshot_mode=config.snapshot_mode, snapshot_log_ratio=config.snapshot_log_ratio)
         if stored.snapshot is not None:  # a piece per drive once the runtime runs: heartbeats answered meanwhile
             self.runtime.restore_at_start(stored.snapshot)
         self.metrics.bind(self.runtime.status)
