@@ -2244,6 +2244,46 @@ def test_an_install_refused_after_its_rename_is_retried_without_room_for_a_secon
     s.close()
 
 
+def test_a_taken_back_leftover_with_no_descriptor_to_hold_it_stays_a_leftover():
+    """Review final32 L1: a received snapshot's install refused after its rename (a full disk at its segment); the
+    retry takes the leftover back under `*.tmp`, then finds no descriptor to hold it. Unlinked there, the file's
+    inode stayed allocated (the received data holds it open) and the next retry wrote a second full copy beside
+    it, which a disk with room for one copy refuses forever. It is renamed back to its final name instead: the next
+    retry takes it back again and writes no snapshot file. Checked: without the fix, no leftover is left after the
+    second attempt (and the third creates `snapshot-20.snap.tmp`: the review's r2)."""
+    fs = CrashFS()
+    s = DiskStorage("/data", fs=fs)
+    s.load()
+    s.save(HardState(1, None, 0), entries(1, 2))
+    sink = s.receive_snapshot(Snapshot(20, 1, MEMBERSHIP))
+    sink.write(b"x" * 20_000)
+    snap = Snapshot(20, 1, MEMBERSHIP, sink.finish())
+    path = "/data/snapshot-%020d.snap" % 20
+
+    def full_at_the_segment(fs, number, kind, what):
+        if kind == "create" and what.startswith("/data/log/"):
+            fs.free_bytes, fs.before_op = 10, None
+
+    def no_descriptor_after_the_take_back(fs, number, kind, what):
+        if kind == "rename" and what == f"{path} -> {os.path.basename(path)}.tmp":
+            fs.opens_left, fs.before_op = 0, None
+
+    fs.before_op = full_at_the_segment
+    with pytest.raises(storage_errors.DiskFull):
+        s.save(HardState(1, None, 20), [], snap)
+    fs.free_bytes, fs.before_op = None, no_descriptor_after_the_take_back
+    with pytest.raises(storage_errors.OutOfDescriptors):
+        s.save(HardState(1, None, 20), [], snap)
+    assert fs.before_op is None  # it took the leftover back
+    fs.opens_left = None
+    assert path in fs.tree() and path + ".tmp" not in fs.tree() and s.state.base_index == 0
+    ops = len(fs.ops)
+    s.save(HardState(1, None, 20), [], snap)
+    assert s.state.base_index == 20 and s.state.snapshot.data == b"x" * 20_000
+    assert not any(kind == "create" and what.startswith("/data/snapshot") for _, kind, what in fs.ops[ops:])
+    s.close()
+
+
 def test_a_leaders_snapshot_is_never_written_under_the_name_of_the_nodes_own_being_written():
     """Review st31 (r2): a leader's snapshot of bytes at the index of a snapshot of this node's own still being
     written took the same `*.tmp` name: the install truncated it and renamed it into place, and the own writer's
