@@ -1358,7 +1358,8 @@ class DiskStorage:
         folder fsync's failure is fatal (`garbage_job`): logged, and raised by the next save, step or commit; no
         cut follows. No descriptor free for a folder: the files are unlinked whole, not cut and with no folder
         fsync (a name a crash brings back is garbage, which load deletes); if even that fails the names go back
-        to `_unlinking`, for a job after the next install or GARBAGE_RETRY_SECONDS (review r30, L-a; st31 L3). Any other OSError goes up (logged by the job)."""
+        to `_unlinking`, for a job after the next install or GARBAGE_RETRY_SECONDS (review r30, L-a; st31 L3).
+        Any other OSError goes up (logged by the job)."""
         folders: list = []
         handles: list = []
         try:
