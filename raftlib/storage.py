@@ -1151,6 +1151,7 @@ class DiskStorage:
         self._drop_base()
         built = self._base_record(snapshot, hard_state, entries)  # may be refused (RecordTooBig) before any write
         received = getattr(snapshot.data, "received_tmp", None)
+        taken_back = False
         if received is not None and received in self._writing:
             tmp = received  # its file, received and fsynced: renamed into place
         else:
@@ -1158,12 +1159,18 @@ class DiskStorage:
             # The node's own snapshot at this index would be written under the same name (the core installs a
             # leader's only above its commit index, and takes its own at or below it: review st31, r2).
             assert tmp not in self._writing, f"{tmp}: a snapshot of this node's own is being written at this index"
-            if not self._take_back_leftover(snapshot, tmp):
+            taken_back = self._take_back_leftover(snapshot, tmp)
+            if not taken_back:
                 _write_file(self.fs, tmp, lambda f: _write_snapshot_file(self.fs, f, snapshot))
         try:
             handle = self._hold_snapshot_file(tmp)  # OutOfDescriptors: nothing changed, a received file still ours
         except OutOfDescriptors:
-            if tmp != received:
+            if taken_back:
+                # Left as it was, a leftover for the next retry to take back: unlinked, the inode `snapshot.data`
+                # holds would stay allocated beside the new copy the retry writes (review final32 L1). Unsynced:
+                # both names are garbage to load, the snapshot above the held one.
+                self.fs.rename(tmp, self._snapshot_path(snapshot.last_included_index))
+            elif tmp != received:
                 self.abort_snapshot(tmp)
             raise
         # Handed over for good: should the install stop at a full disk after the rename, the retry takes the file
@@ -1177,9 +1184,10 @@ class DiskStorage:
         is above the held snapshot, so it is not live: load reads the snapshot the newest base record names, and
         deletes this one (nor is it the garbage job's: `_never_named_again`). When `snapshot`'s data reads that
         very file (a received one: its SnapshotFile was noted as its reader at the rename), it is renamed back to
-        `tmp` and installed as it is: True. Else it is unlinked (its folder fsynced) before the new copy is
-        written: False. Either way the retry never needs room for two copies, which a disk with room for one
-        would refuse forever (review st31 L2)."""
+        `tmp` and installed as it is: True (the note stays under the final name, true again once the install
+        commits, or once the file is renamed back there when no descriptor is free to hold it: `_install_snapshot`).
+        Else it is unlinked (its folder fsynced) before the new copy is written: False. Either way the retry never
+        needs room for two copies, which a disk with room for one would refuse forever (review st31 L2)."""
         path = self._snapshot_path(snapshot.last_included_index)
         assert snapshot.last_included_index > self.state.base_index
         readers = self._snapshot_readers.get(path, ())
@@ -1350,7 +1358,8 @@ class DiskStorage:
         folder fsync's failure is fatal (`garbage_job`): logged, and raised by the next save, step or commit; no
         cut follows. No descriptor free for a folder: the files are unlinked whole, not cut and with no folder
         fsync (a name a crash brings back is garbage, which load deletes); if even that fails the names go back
-        to `_unlinking`, for a job after the next install or GARBAGE_RETRY_SECONDS (review r30, L-a; st31 L3). Any other OSError goes up (logged by the job)."""
+        to `_unlinking`, for a job after the next install or GARBAGE_RETRY_SECONDS (review r30, L-a; st31 L3).
+        Any other OSError goes up (logged by the job)."""
         folders: list = []
         handles: list = []
         try:
