@@ -1004,6 +1004,20 @@ def _innermost(step: tuple) -> tuple:
     return step
 
 
+def _base_work(rng: random.Random, r: float, syncing: bool, step_below: float,
+               sync_below: float) -> tuple[tuple, bool]:
+    """One piece of a pre-built base segment's work, drawn from `r`: a step of the base (r < step_below), an
+    fdatasync of its bulk begun in the threadpool (r < sync_below, none running), the running one's end, or one
+    in the loop; and whether one runs after it."""
+    if r < step_below:
+        return ("base_step", rng.choice((1, 30, 200, 1 << 20))), syncing
+    if r < sync_below and not syncing:
+        return ("base_sync_begin",), True
+    if syncing:
+        return ("base_sync_end",), False
+    return ("base_sync",), syncing
+
+
 def with_forked_base(rng: random.Random, workload: list[tuple]) -> list[tuple]:
     """`workload` with forked snapshots whose base segment is pre-built interleaved (review basestep T2): once the
     commit index is past the snapshot's, now and then a child writes a snapshot at a committed index and its base
@@ -1032,17 +1046,8 @@ def with_forked_base(rng: random.Random, workload: list[tuple]) -> list[tuple]:
                 left, syncing = rng.randint(1, 5), False
             continue
         for _ in range(rng.randint(0, 2)):
-            r = rng.random()
-            if r < 0.6:
-                out.append(("base_step", rng.choice((1, 30, 200, 1 << 20))))
-            elif r < 0.8 and not syncing:
-                out.append(("base_sync_begin",))
-                syncing = True
-            elif syncing:
-                out.append(("base_sync_end",))
-                syncing = False
-            else:
-                out.append(("base_sync",))
+            step, syncing = _base_work(rng, rng.random(), syncing, 0.6, 0.8)
+            out.append(step)
         left -= 1
         if left == 0:
             out.append(("snapshot_commit", window))  # a sync begun may still run: the commit must not use it
@@ -1171,16 +1176,9 @@ def with_garbage_mix(rng: random.Random, workload: list[tuple]) -> list[tuple]:
                     n = rng.randint(1, min(4, stepped_bytes))
                     out.append(("stepped_append", window.last_included_index, n))
                     stepped_bytes -= n
-                elif r < 0.65:
-                    out.append(("base_step", rng.choice((1, 30, 200, 1 << 20))))
-                elif r < 0.85 and not syncing:
-                    out.append(("base_sync_begin",))
-                    syncing = True
-                elif syncing:
-                    out.append(("base_sync_end",))
-                    syncing = False
                 else:
-                    out.append(("base_sync",))
+                    step, syncing = _base_work(rng, r, syncing, 0.65, 0.85)
+                    out.append(step)
             steps_left -= 1
             if steps_left == 0:
                 if stepped_bytes is not None:
