@@ -49,9 +49,11 @@ def main() -> int:
     args = p.parse_args()
     args.value_size = [100, 100]
     workdir = tempfile.mkdtemp(prefix="raftdzmq-cpu-")
-    system = Raftdzmq(workdir, 3, []) if args.build is None else Raftdzmq(workdir, 3, [], build=args.build)
-    print(f"{system.name}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    system = None
     try:
+        # A node that fails to join raises here, the nodes started before it stopped by Raftdzmq itself.
+        system = Raftdzmq(workdir, 3, []) if args.build is None else Raftdzmq(workdir, 3, [], build=args.build)
+        print(f"{system.name}, load average {os.getloadavg()[0]:.1f}", flush=True)
         system.follow_leader()
         keys = [f"k{i}" for i in range(1000)]
         rng = random.Random(1)
@@ -75,7 +77,8 @@ def main() -> int:
                       f"request: " + ", ".join(f"{role} {us:.0f} us" for role, us in zip(roles, per_node))
                       + f"  (all {sum(per_node):.0f} us)", flush=True)
     finally:
-        system.stop()
+        if system is not None:
+            system.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -19,7 +19,9 @@ lives).
 
 --node does it to a real node instead: a one-node cluster of this checkout, stopped, given a snapshot of --keys
 keys in its data dir (bench/snapshot_stall.py's preload), started again with the hub-lag probe on
-(RAFTDZMQ_LOOP_LAG_PROBE_SECONDS=0.001) and a small -snapshot-threshold, then sent one write of 1 KiB at a time
+(RAFTDZMQ_LOOP_LAG_PROBE_SECONDS=0.001), a small -snapshot-threshold and -snapshot-log-ratio 0 (the threshold
+alone: at the default 0.25 a snapshot waits for a log of a quarter of the state, ~29 MB at 1,000,000 keys, which
+the pass's writes never reach; --snapshot-log-ratio R gives another), then sent one write of 1 KiB at a time
 for --seconds, so that it snapshots (forks) again and again: once under strace (-T on the main thread's clone
 calls: the time the kernel took in each fork) and once without (the probe's count of lags over 10 ms, and the
 slowest of GET /status asked every 20 ms, against the forks made meanwhile); then, restarted with a threshold
@@ -156,14 +158,16 @@ def held_by(lines: list[tuple[str, str]]) -> str:
     return ", ".join(f"{n} mostly {k}" for k, n in counts.items() if n) or "none"
 
 
-def node_forks(keys: int, seconds: float, threshold: int, mode: str = "fork", baseline: bool = True) -> int:
+def node_forks(keys: int, seconds: float, threshold: int, mode: str = "fork", baseline: bool = True,
+               log_ratio: float = 0.0) -> int:
     """The --node run (the module's docstring)."""
     import load  # noqa: PLC0415 - the node mode's only
     import snapshot_stall  # noqa: PLC0415
 
     os.environ["RAFTDZMQ_LOOP_LAG_PROBE_SECONDS"] = "0.001"
     workdir = tempfile.mkdtemp(prefix="fork-pause-")
-    cluster = load.Raftdzmq(workdir, 1, ["-snapshot-threshold", str(threshold), "-snapshot-mode", mode])
+    cluster = load.Raftdzmq(workdir, 1, ["-snapshot-threshold", str(threshold), "-snapshot-log-ratio", str(log_ratio),
+                                         "-snapshot-mode", mode])
     port = cluster.http_ports[0]
     value = b"w" * 1024
     try:
@@ -274,13 +278,16 @@ def main() -> int:
     p.add_argument("--node", action="store_true", help="fork a real node instead (see above)")
     p.add_argument("--seconds", type=float, default=30.0, help="--node: seconds of writes, each way (default 30)")
     p.add_argument("--snapshot-threshold", type=int, default=128 << 10, help="--node: bytes of log a snapshot")
+    p.add_argument("--snapshot-log-ratio", type=float, default=0.0,
+                   help="--node: its -snapshot-log-ratio (default 0: the threshold alone)")
     p.add_argument("--mode", choices=("fork", "stepped"), default="fork", help="--node: its -snapshot-mode")
     p.add_argument("--no-baseline", action="store_true", help="--node: no pass without snapshots")
     args = p.parse_args()
     if args.node:
-        print(f"fork_pause --node: {args.keys:,} keys, -snapshot-mode {args.mode}; THP {thp_mode()}; "
-              f"{os.popen('uptime').read().strip()}")
-        return node_forks(args.keys, args.seconds, args.snapshot_threshold, args.mode, not args.no_baseline)
+        print(f"fork_pause --node: {args.keys:,} keys, -snapshot-mode {args.mode}, -snapshot-log-ratio "
+              f"{args.snapshot_log_ratio:g}; THP {thp_mode()}; {os.popen('uptime').read().strip()}")
+        return node_forks(args.keys, args.seconds, args.snapshot_threshold, args.mode, not args.no_baseline,
+                          args.snapshot_log_ratio)
     print(f"fork_pause: {args.keys:,} keys of {args.value_bytes} bytes, {args.leases:,} leases; THP {thp_mode()}; "
           f"{os.popen('uptime').read().strip()}")
     fields = ("VmRSS", "VmPTE", "AnonHugePages", "RssAnon")

@@ -124,17 +124,21 @@ class Raftdzmq(System):
         super().__init__(workdir)
         self.name = f"raftdzmq-{nodes}" + ("" if build == ROOT else f"-{os.path.basename(build.rstrip('/'))}")
         self.http_ports = []
-        for i in range(nodes):
-            port, http_port = free_port(), free_port()
-            wrapper = [] if profile_to is None else [os.path.join(HERE, "profile_node.py"), profile_to]
-            args = [sys.executable, *wrapper, os.path.join(build, "raftdzmq.py"), "-p", str(port), "-hp",
-                    str(http_port)]
-            if i > 0:
-                args += ["-join", f"127.0.0.1:{self.http_ports[0]}"]
-            self.spawn(args + extra + [os.path.join(workdir, f"{self.name}-node{i + 1}")], f"{self.name}-{i + 1}.log",
-                       cwd=build)
-            self.http_ports.append(http_port)
-            wait_until(lambda: self._voters() == i + 1, 20, f"{self.name} node {i + 1} to join")
+        try:
+            for i in range(nodes):
+                port, http_port = free_port(), free_port()
+                wrapper = [] if profile_to is None else [os.path.join(HERE, "profile_node.py"), profile_to]
+                args = [sys.executable, *wrapper, os.path.join(build, "raftdzmq.py"), "-p", str(port), "-hp",
+                        str(http_port)]
+                if i > 0:
+                    args += ["-join", f"127.0.0.1:{self.http_ports[0]}"]
+                self.spawn(args + extra + [os.path.join(workdir, f"{self.name}-node{i + 1}")],
+                           f"{self.name}-{i + 1}.log", cwd=build)
+                self.http_ports.append(http_port)
+                wait_until(lambda: self._voters() == i + 1, 20, f"{self.name} node {i + 1} to join")
+        except BaseException:  # a node that failed to join: the caller never gets the object to stop
+            self.stop()
+            raise
         self.url = f"http://127.0.0.1:{self.http_ports[0]}"
 
     def follow_leader(self) -> None:

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """The snapshot stall bench (issue 13): does taking, writing, sending, installing and restoring a big snapshot
 hold a node's event loop, and does it cost leaders? A local 3-node cluster (default flags but a snapshot
-threshold that makes snapshots happen) is formed, stopped, and loaded with --keys distinct keys of --value-bytes
-directly in its data dirs (the same snapshot in each, in the key/value format every build reads: a CBOR map;
-writing a million keys over HTTP would take longer than the rest of the run); it is started again (each node's
-start-up restores that snapshot, timed), takes overwrites of those keys for --seconds (its own snapshots:
-taken, written), then a 4th node joins (it catches up by InstallSnapshot: the leader sends, it receives and
-restores) and a follower is restarted (its start-up restores a snapshot it took). Reported per node:
+threshold that makes snapshots happen, and -snapshot-log-ratio 0: the threshold alone, since at the default 0.25 a
+snapshot waits for a log of a quarter of the state, ~29 MB at 1,000,000 keys; --snapshot-log-ratio R gives another)
+is formed, stopped, and loaded with --keys distinct keys of --value-bytes directly in its data dirs (the same
+snapshot in each, in the key/value format every build reads: a CBOR map; writing a million keys over HTTP would take
+longer than the rest of the run); it is started again (each node's start-up restores that snapshot, timed), takes
+overwrites of those keys for --seconds (its own snapshots: taken, written), then a 4th node joins (it catches up by
+InstallSnapshot: the leader sends, it receives and restores) and a follower is restarted (its start-up restores a
+snapshot it took). Reported per node:
 
 - loop lag: the hub-lag probe's max (RAFTDZMQ_LOOP_LAG_PROBE_SECONDS=0.001, /metrics
   raftdzmq_loop_lag_seconds_max, and the count of wake-ups > 10 ms late), where the build has it; and, for every
@@ -187,6 +189,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--value-bytes", type=int, default=100)
     p.add_argument("--seconds", type=float, default=60.0, help="overwrites after the load, default 60")
     p.add_argument("--snapshot-threshold", type=int, default=4 << 20, help="bytes of log per snapshot")
+    p.add_argument("--snapshot-log-ratio", type=float, default=0.0,
+                   help="the nodes' -snapshot-log-ratio (default 0: the threshold alone)")
     p.add_argument("-c", "--concurrency", type=int, default=32)
     p.add_argument("--build", default=load.ROOT, help="the checkout whose raftdzmq.py runs (default: this one)")
     p.add_argument("--json", help="write the figures here too")
@@ -201,7 +205,13 @@ def main() -> int:
     build = os.path.abspath(args.build)
     print(f"snapshot_stall: {args.keys:,} keys of {args.value_bytes} bytes, threshold {args.snapshot_threshold:,} "
           f"bytes, build {build}; {os.popen('uptime').read().strip()}")
-    cluster = load.Raftdzmq(workdir, 3, ["-snapshot-threshold", str(args.snapshot_threshold)], build=build)
+    snapshot_flags = ["-snapshot-threshold", str(args.snapshot_threshold)]
+    with open(os.path.join(build, "raftdzmq.py")) as f:
+        if "-snapshot-log-ratio" in f.read():
+            snapshot_flags += ["-snapshot-log-ratio", str(args.snapshot_log_ratio)]
+        elif args.snapshot_log_ratio:  # a build from before the ratio takes its snapshots at the threshold alone
+            raise SystemExit(f"bench: {build} has no -snapshot-log-ratio")
+    cluster = load.Raftdzmq(workdir, 3, snapshot_flags, build=build)
     names = {f"node{i + 1}": port for i, port in enumerate(cluster.http_ports)}
     watch = Watch(names)
     result: dict = {"keys": args.keys, "build": build}
@@ -236,8 +246,8 @@ def main() -> int:
         leader_port = next(p for p in cluster.http_ports if get_json(p)["role"] == "leader")
         t_join = time.monotonic()
         cluster.spawn([sys.executable, os.path.join(build, "raftdzmq.py"), "-p", str(port), "-hp", str(http_port),
-                       "-join", f"127.0.0.1:{leader_port}", "-snapshot-threshold", str(args.snapshot_threshold),
-                       os.path.join(workdir, "node4")], "node4.log", cwd=build)
+                       "-join", f"127.0.0.1:{leader_port}", *snapshot_flags, os.path.join(workdir, "node4")],
+                      "node4.log", cwd=build)
         commit = get_json(leader_port)["commit_index"]
         load.wait_until(lambda: get_json(http_port)["applied_index"] >= commit, 600, "node4 to catch up")
         result["join_catch_up_seconds"] = time.monotonic() - t_join

@@ -787,7 +787,7 @@ asyncio.run(main())
 TURNS_UNDER_A_FLOOD = r"""
 from gevent import monkey
 monkey.patch_all()
-import json, subprocess, sys, time, types
+import bisect, json, subprocess, sys, time, types
 sys.path.insert(0, sys.argv[1])
 import gevent, gevent.socket
 from raftlib import Role
@@ -807,11 +807,13 @@ for i in range(1000):
 node = types.SimpleNamespace(node_id="n", last_applied=0, leader_id="n", role=Role.LEADER, removed=None)
 app = make_app(Api(types.SimpleNamespace(node=node, restoring_snapshot=False), kv, Metrics()))
 served = [0]
+starts = []  # when each request started (perf_counter)
 
 
 def counting(environ, start_response):  # plus 1 ms of work: more than the client needs to send the next request
     served[0] += 1
     t = time.perf_counter()
+    starts.append(t)
     while time.perf_counter() - t < 0.001:
         pass
     return app(environ, start_response)
@@ -823,17 +825,23 @@ server.start()
 client = subprocess.Popen([sys.executable, "-c", CLIENT, str(listener.getsockname()[1]), str(CONNECTIONS),
                            str(SECONDS)])
 gevent.sleep(1.0)  # the connections are up and busy
-lags = []
+lags, overdue = [], []
 end = time.monotonic() + SECONDS - 2
 while time.monotonic() < end:  # how late a 10 ms timer fires: what a Raft tick or heartbeat would see
-    t0 = time.monotonic()
+    due = time.perf_counter() + 0.01
     gevent.sleep(0.01)
-    lags.append(time.monotonic() - t0 - 0.01)
+    woke = time.perf_counter()
+    lags.append(woke - due)
+    # The requests the loop started while the timer was due: what held it, counted in this process's own work (a
+    # wait for a core, on a loaded machine, delays the timer too but starts no request).
+    overdue.append(bisect.bisect_left(starts, woke) - bisect.bisect_right(starts, due))
 client.wait()
 lags.sort()
+overdue.sort()
 print(json.dumps({"served": served[0], "samples": len(lags), "p50": lags[len(lags) // 2],
-                  "p90": lags[len(lags) * 9 // 10], "max": lags[-1], "waited": getattr(server, "gate", None)
-                  and server.gate.waited}))
+                  "p90": lags[len(lags) * 9 // 10], "max": lags[-1], "overdue_p50": overdue[len(overdue) // 2],
+                  "overdue_p90": overdue[len(overdue) * 9 // 10], "overdue_max": overdue[-1],
+                  "waited": getattr(server, "gate", None) and server.gate.waited}))
 """
 
 
@@ -843,14 +851,19 @@ def test_many_ready_connections_do_not_stall_the_loops_timers():
     and the stall grows with the number of connections once the server is saturated (each request costs more than
     the client needs to send the next one, so every connection is ready at every turn). Here 150 connections list
     a page of keys through the real routes, with 1 ms of extra work each: without a bound a 10 ms timer fired
-    ~135 ms late (p50; checked); with TurnGate's 5 ms budget, within a few ms."""
+    ~135 ms late (p50; checked); with TurnGate's 5 ms budget, within a few ms. Judged by the requests the loop
+    started while a 10 ms timer was due (about two budgets' worth at most: 3-8 seen, against 560-1,980 with no
+    gate), not by the timer's lateness in milliseconds: on a machine at load 12 and more the process's waits for a
+    core made the timer late too, and the test failed with the gate working."""
     out = subprocess.run([sys.executable, "-c", TURNS_UNDER_A_FLOOD, ROOT, "150", "6", FLOOD_CLIENT],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(result)
-    assert result["served"] > 1000 and result["waited"], result
-    assert result["p50"] < 0.025 and result["p90"] < 0.040, result
+    assert result["overdue_p50"] <= 12 and result["overdue_p90"] <= 20, result
+    # The flood saturated the server (without that the gate has nothing to hold): most requests found the budget of
+    # their turn spent.
+    assert result["served"] > 100 and result["waited"] > result["served"] / 2, result
 
 
 def test_the_turn_gate_never_arms_a_second_timer_when_an_admitted_request_enters_again():

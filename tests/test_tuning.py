@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import weakref
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from procs import ROOT, Node, wait_for
 from raftlib.messages import Entry
 from raftlib.runtime import CollectorHold
 from raftlib.server.tuning import FreezeSurvivors, GcPauses
@@ -286,5 +288,45 @@ def test_the_policy_runs_inside_what_gc_pauses_times(policy: FreezeSurvivors) ->
         gc.callbacks.remove(pauses.callback)
 
 
-if __name__ == "__main__":  # the fresh interpreter of the test above
+SWEEPING_NODE = """
+import sys
+sys.path.insert(0, {root!r})
+import raftdzmq  # monkey-patches with gevent on import
+raftdzmq.FreezeSurvivors.SWEEP_SECONDS = 0.5  # as a node past its first SWEEP_SECONDS: every stop arms a sweep
+import gc
+gc.set_threshold(100, 1)  # collections of generation 1 (the policy's stops) within a few writes, not hundreds
+sys.exit(raftdzmq.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_node_whose_policy_logs_a_sweep_stops_without_a_traceback(tmp_path, stop_signal: int) -> None:
+    """At the exit of every node that had lived past SWEEP_SECONDS (docs/BENCHMARKS.md, the 5,000,000-key run), a
+    collection during the interpreter's teardown ran the policy's callback, which armed a sweep and logged it:
+    logging's threading.current_thread() raised "greenlet is being finalized", printed as a traceback on stderr.
+    The policy is out of gc.callbacks at exit now. A real node (SWEEP_SECONDS lowered by its launcher so that it
+    arms sweeps within the test), written to until it logged one, stopped as tests/procs.py stops nodes (SIGTERM)
+    or by SIGINT."""
+    launcher = tmp_path / "sweeping_node.py"
+    launcher.write_text(SWEEPING_NODE.format(root=ROOT))
+    node = Node("n1", str(tmp_path), server=str(launcher))
+    try:
+        node.start()
+        wait_for(lambda: node.status()["role"] == "leader", 10, "a leader")
+        writes = iter(range(10**6))
+
+        def write_until_a_sweep_is_armed() -> bool:
+            for _ in range(20):
+                assert node.request("POST", f"/db/k{next(writes) % 100}", b"v" * 200).status == 200
+            return "the next full collection sweeps" in node.log_text(current=True)
+
+        wait_for(write_until_a_sweep_is_armed, 30, "the policy to arm a sweep")
+        node.kill(stop_signal)
+    finally:
+        node.stop()
+    assert node.proc is not None and node.proc.returncode == 0, node.log_text(current=True)[-3000:]
+    assert "Traceback" not in node.log_text(current=True), node.log_text(current=True)[-3000:]
+
+
+if __name__ == "__main__":  # the fresh interpreter of test_under_the_collectors_own_collections_...
     print(json.dumps(sweeps_under_the_collectors_own_collections()))

@@ -161,8 +161,16 @@ class FreezeSurvivors:
 
     def install(self) -> None:
         gc.callbacks.insert(0, self.callback)
+        atexit.register(self._uninstall_at_exit)
 
     def uninstall(self) -> None:
+        atexit.unregister(self._uninstall_at_exit)
+        gc.callbacks.remove(self.callback)
+
+    def _uninstall_at_exit(self) -> None:
+        # Out before the interpreter tears itself down: a collection then, on the loop's thread with its greenlet
+        # being finalized, ran the callback, whose log line (a sweep armed, as at every stop past SWEEP_SECONDS)
+        # raised in logging's threading.current_thread() and printed a traceback at every such node's exit.
         gc.callbacks.remove(self.callback)
 
 
