@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import math
 import os
@@ -89,6 +90,16 @@ class System:
         self.procs.append(p)
         return p
 
+    @contextlib.contextmanager
+    def _stopped_on_failure(self):
+        """Stop every process started so far when the start fails (a node that failed to join, a server that never
+        came up): the caller never gets the object to stop."""
+        try:
+            yield
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -124,7 +135,7 @@ class Raftdzmq(System):
         super().__init__(workdir)
         self.name = f"raftdzmq-{nodes}" + ("" if build == ROOT else f"-{os.path.basename(build.rstrip('/'))}")
         self.http_ports = []
-        try:
+        with self._stopped_on_failure():
             for i in range(nodes):
                 port, http_port = free_port(), free_port()
                 wrapper = [] if profile_to is None else [os.path.join(HERE, "profile_node.py"), profile_to]
@@ -136,9 +147,6 @@ class Raftdzmq(System):
                            f"{self.name}-{i + 1}.log", cwd=build)
                 self.http_ports.append(http_port)
                 wait_until(lambda: self._voters() == i + 1, 20, f"{self.name} node {i + 1} to join")
-        except BaseException:  # a node that failed to join: the caller never gets the object to stop
-            self.stop()
-            raise
         self.url = f"http://127.0.0.1:{self.http_ports[0]}"
 
     def follow_leader(self) -> None:
@@ -173,9 +181,10 @@ class Bare(System):
     def __init__(self, workdir: str) -> None:
         super().__init__(workdir)
         port = free_port()
-        self.spawn([sys.executable, os.path.join(HERE, "bare_server.py"), str(port)], "bare.log")
         self.url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: self._up(), 10, "the bare server")
+        with self._stopped_on_failure():
+            self.spawn([sys.executable, os.path.join(HERE, "bare_server.py"), str(port)], "bare.log")
+            wait_until(lambda: self._up(), 10, "the bare server")
 
     def _up(self) -> bool:
         try:
@@ -192,20 +201,21 @@ class Etcd(System):
         self.name = f"etcd-{nodes}-{api}"
         peers = [(f"e{i}", free_port(), free_port()) for i in range(nodes)]
         cluster = ",".join(f"{n}=http://127.0.0.1:{pp}" for n, _, pp in peers)
-        for name, cp, pp in peers:
-            args = [
-                "etcd", "--name", name, "--data-dir", os.path.join(workdir, f"{self.name}-{name}"),
-                "--listen-client-urls", f"http://127.0.0.1:{cp}", "--advertise-client-urls", f"http://127.0.0.1:{cp}",
-                "--listen-peer-urls", f"http://127.0.0.1:{pp}", "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{pp}", "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                "--log-level", "error",
-            ]
-            if api == "v2":
-                args.append("--enable-v2")
-            self.spawn(args, f"{self.name}-{name}.log")
-        self.urls = [f"http://127.0.0.1:{cp}" for _, cp, _ in peers]
-        self.url = self.urls[0]
-        wait_until(lambda: b"true" in get(self.url + "/health"), 30, "etcd to be healthy")
+        with self._stopped_on_failure():
+            for name, cp, pp in peers:
+                args = [
+                    "etcd", "--name", name, "--data-dir", os.path.join(workdir, f"{self.name}-{name}"),
+                    "--listen-client-urls", f"http://127.0.0.1:{cp}", "--advertise-client-urls", f"http://127.0.0.1:{cp}",
+                    "--listen-peer-urls", f"http://127.0.0.1:{pp}", "--initial-advertise-peer-urls",
+                    f"http://127.0.0.1:{pp}", "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                    "--log-level", "error",
+                ]
+                if api == "v2":
+                    args.append("--enable-v2")
+                self.spawn(args, f"{self.name}-{name}.log")
+            self.urls = [f"http://127.0.0.1:{cp}" for _, cp, _ in peers]
+            self.url = self.urls[0]
+            wait_until(lambda: b"true" in get(self.url + "/health"), 30, "etcd to be healthy")
 
     @staticmethod
     def _b64(s: str) -> str:
@@ -238,12 +248,13 @@ class PySyncObjKV(System):
         self.name = f"pysyncobj-{nodes}"
         raft = [free_port() for _ in range(nodes)]
         http = [free_port() for _ in range(nodes)]
-        for i in range(nodes):
-            partners = ",".join(f"127.0.0.1:{p}" for j, p in enumerate(raft) if j != i)
-            self.spawn([sys.executable, os.path.join(HERE, "pysyncobj_server.py"), f"127.0.0.1:{raft[i]}", partners,
-                        str(http[i])], f"{self.name}-{i}.log")
-        self.urls = [f"http://127.0.0.1:{p}" for p in http]
-        wait_until(self._find_leader, 30, "a pysyncobj leader")
+        with self._stopped_on_failure():
+            for i in range(nodes):
+                partners = ",".join(f"127.0.0.1:{p}" for j, p in enumerate(raft) if j != i)
+                self.spawn([sys.executable, os.path.join(HERE, "pysyncobj_server.py"), f"127.0.0.1:{raft[i]}", partners,
+                            str(http[i])], f"{self.name}-{i}.log")
+            self.urls = [f"http://127.0.0.1:{p}" for p in http]
+            wait_until(self._find_leader, 30, "a pysyncobj leader")
 
     def _find_leader(self) -> bool:
         for u in self.urls:
