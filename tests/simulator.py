@@ -529,6 +529,8 @@ class Cluster:
                 self.fail(f"{m.src} sent {len(m.entries)} entries in one append, over max_batch_entries {bound}")
             if len(m.entries) == bound < Config.max_batch_entries:
                 self.stats["appends cut at max_batch_entries"] += 1
+            if m.entries and m.prev_log_index < self.nodes[m.src].node.log.snapshot_index:
+                self.stats["appends sent from behind a snapshot's cut"] += 1  # Config.snapshot_catch_up_entries
         if (m.src, m.dst) in self.cut:
             return
         if self.deliver_filter is not None:
@@ -1308,6 +1310,14 @@ def random_schedule(
     entries = random.Random(seed ^ 0xBA7C).choice([None, None, None, None, 2, 3])
     if entries is not None:
         overrides["max_batch_entries"] = entries
+    # The entries kept behind a snapshot's cut (Config.snapshot_catch_up_*): the default 5,000 outlasts every
+    # schedule's log, so that followers behind a snapshot would never be sent one; most schedules keep none or a few
+    # (4 or 16 entries, or about three writes by their bytes), so that both a snapshot and appends from behind the
+    # cut reach followers a little behind. From an rng of its own, as above.
+    catch_up = random.Random(seed ^ 0xCA7C).choice([("entries", 0), ("entries", 0), ("entries", 4), ("entries", 16),
+                                                     ("bytes", 100), None])
+    if catch_up is not None:
+        overrides[f"snapshot_catch_up_{catch_up[0]}"] = catch_up[1]
     storage_switches = {}
     for name, value in (MUTATIONS[mutation] if mutation else {}).items():
         if name.startswith("storage."):
