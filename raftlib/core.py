@@ -194,6 +194,9 @@ class Config:
     unsafe_keep_conflicting_suffix: bool = False  # a follower keeps its entries that conflict with the leader's
     unsafe_lease_ticks: int | None = None  # a lease of this many ticks, past the check on lease_ticks
     unsafe_lease_before_commit_in_term: bool = False  # a lease read before an entry of the term is committed
+    # The entries kept behind a cut outlive a leader's snapshot installed here, and are found by their distance from
+    # the cut (as if they ended at it): after an install, an index is answered with another index's entry.
+    unsafe_catch_up_counted_from_the_cut: bool = False
 
     def __post_init__(self) -> None:
         """Refuse a configuration the protocol cannot run on (a local error: ValueError, naming the field)."""
@@ -705,7 +708,8 @@ class RaftNode:
         low = max(self.log.first_index, index - limit + 1)
         fresh = self.log.slice(low, index + 1)
         if low == self.log.first_index and self._catch_up:
-            assert self._catch_up[-1].index == self.log.snapshot_index, (self._catch_up[-1].index, low)
+            assert self._catch_up[-1].index == self.log.snapshot_index \
+                or self.config.unsafe_catch_up_counted_from_the_cut, (self._catch_up[-1].index, low)
             fresh = self._catch_up + fresh
         total, start = 0, len(fresh)
         while start > 0 and len(fresh) - start < limit:
@@ -727,9 +731,15 @@ class RaftNode:
 
     def _catch_up_term(self, index: int) -> int | None:
         """The term of the entry at `index` among those kept behind the cut, or None when it is not kept."""
-        if self._catch_up and self._catch_up[0].index <= index <= self._catch_up[-1].index:
-            return self._catch_up[index - self._catch_up[0].index].term
+        first = self._catch_up_first()
+        if self._catch_up and first <= index < first + len(self._catch_up):
+            return self._catch_up[index - first].term
         return None
+
+    def _catch_up_first(self) -> int:
+        if self.config.unsafe_catch_up_counted_from_the_cut:
+            return self.log.snapshot_index - len(self._catch_up) + 1
+        return self._catch_up[0].index if self._catch_up else 0
 
     def step(self, m: Message) -> None:
         """Take one message from a peer."""
@@ -1209,7 +1219,8 @@ class RaftNode:
             # snapshots finished in one drive. Nothing will install the first: its received file goes now.
             self._pending_sink.discard()
         self.log = RaftLog(index, term)
-        self._catch_up, self._catch_up_bytes = [], 0  # behind our old cut, not the new one's: contiguous no more
+        if not self.config.unsafe_catch_up_counted_from_the_cut:
+            self._catch_up, self._catch_up_bytes = [], 0  # behind our old cut, not the new one's: contiguous no more
         self._snapshot = snap
         self._base_membership = snap.membership
         self._refresh_membership()
@@ -1382,7 +1393,7 @@ class RaftNode:
     def _catch_up_slice(self, low: int, high: int) -> list[Entry]:
         """The kept entries with low <= index < high (all kept, high at most the cut + 1), within max_batch_bytes
         as RaftLog.slice bounds a batch: at least one."""
-        first = self._catch_up[0].index
+        first = self._catch_up_first()
         out = self._catch_up[low - first : high - first]
         total = 0
         for n, e in enumerate(out):
