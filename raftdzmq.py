@@ -147,6 +147,12 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
         f"256 KiB, at most {MAX_BATCH_LIMIT >> 10} KiB). A follower catching up decodes and saves each append in one "
         "go, its heartbeats held meanwhile (~5 ms for 256 KiB of 100-byte writes); over a long link, 256 KiB a "
         "round trip may be less than a bulk load writes: raise it there (give every node the same)"))),
+    (("-snapshot-catch-up-entries", "--snapshot-catch-up-entries"), dict(
+        dest="snapshot_catch_up_entries", metavar="N", type=int, default=Config.snapshot_catch_up_entries, help=(
+            "entries kept in memory behind a snapshot's cut (and at most "
+            f"{Config.snapshot_catch_up_bytes >> 20} MiB of them): a follower whose next entry is among them is sent "
+            "appends from them instead of the whole snapshot (etcd's SnapshotCatchUpEntries); 0: none kept "
+            f"(default {Config.snapshot_catch_up_entries})"))),
     (("-max-members", "--max-members"), dict(dest="max_members", metavar="N", type=int, default=64, help=(
         "most members (voters and learners) a join may bring the cluster to; a join beyond gets 409 (default 64; "
         "the leader that takes the join decides: give every node the same)"))),
@@ -282,6 +288,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                  "watch_history_bytes", "max_uncommitted_bytes", "max_batch_bytes"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
+    if args.snapshot_catch_up_entries < 0:
+        p.error("-snapshot-catch-up-entries must be 0 or more (0: a follower behind a snapshot's cut gets the snapshot)")
     if not 0 <= args.snapshot_log_ratio < float("inf"):  # NaN too: no comparison holds
         p.error("-snapshot-log-ratio must be 0 or more (0: -snapshot-threshold alone)")
     if args.watch_history < MIN_HISTORY_EVENTS:  # a group (one entry's events) must fit whole, or it is never served
@@ -315,6 +323,7 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         snapshot_log_ratio=args.snapshot_log_ratio,
         snapshot_mode=args.snapshot_mode,
         max_uncommitted_bytes=args.max_uncommitted_bytes, max_batch_bytes=args.max_batch_bytes,
+        snapshot_catch_up_entries=args.snapshot_catch_up_entries,
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
         watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
         force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise,

@@ -124,11 +124,10 @@ class Config:
     # batches went from 1 MiB to 256 KiB was 32 of them ahead of a catching-up follower's heartbeats: their round
     # trip took ~1 s over a 20 ms link (review final28, L2); 8 batches hold it near 8 round trips. More batches
     # would not go faster (one frame a round trip bounds the rate: Little's law), and 8 keep one queued while the
-    # acknowledgements come back. The trade-off: a smaller window fills sooner, and a leader compacts its log up to
-    # its snapshot and keeps no entries behind the cut, so a follower more than a window behind (a GC or fsync
-    # stall, a loaded machine) when the leader snapshots is sent the whole snapshot, where without the window the
-    # appends already queued for it carried it past the cut. etcd keeps SnapshotCatchUpEntries behind a cut for
-    # this; not done here.
+    # acknowledgements come back. The trade-off: a smaller window fills sooner, so a follower is more often a window
+    # behind (a GC or fsync stall, a loaded machine) when the leader snapshots, and the entries it needs are then
+    # behind the cut, where without the window the appends already queued for it carried it past the cut: the
+    # entries kept behind the cut (snapshot_catch_up_entries, below) are what it is sent instead of the snapshot.
     max_inflight_messages: int = 256
     max_inflight_bytes: int | None = None
     # Bound on the payload bytes (Entry.data) of the entries a leader appended in its term that are not committed
@@ -142,6 +141,19 @@ class Config:
     # values, ~300 writes/s, none refused), far inside the 5 s write timeout.
     max_uncommitted_bytes: int = 64 << 20
     snapshot_chunk_bytes: int = 1 << 20
+    # Bounds on the entries a node keeps in memory behind its own snapshot's cut (etcd's SnapshotCatchUpEntries,
+    # 5,000; its server compacts at snapi - SnapshotCatchUpEntries), the newest ones, by count and by bytes
+    # (Entry.size): a follower whose next index is among them is sent ordinary appends from them instead of the
+    # whole snapshot (§7; at 5,000,000 keys 615 MB, seconds of CPU on both ends, and its watch history restarted).
+    # A follower a window behind (max_inflight_bytes) when the leader snapshots is such a follower. The entries are
+    # committed and applied when they are cut (a snapshot holds only those), so they are the same in every later
+    # term's log (Leader Completeness): valid to send whoever leads. Memory only: a restart, or a leader's snapshot
+    # installed here (the log replaced), keeps none. 8 MiB holds four default windows (2 MiB each), and the largest
+    # window (8 batches at -max-batch-bytes' most, 8 MiB) once: a follower a window or two behind, plus what came
+    # during its stall, stays within it; bigger entries (up to -max-body, 1 MiB) are bounded by the bytes, not by
+    # 5,000 of them (5 GB). 0 entries or bytes: none kept (every follower behind the cut gets the snapshot).
+    snapshot_catch_up_entries: int = 5000
+    snapshot_catch_up_bytes: int = 8 << 20
     # Bounds on the committed entries one Ready hands to the state machine (etcd-io/raft's
     # MaxCommittedSizePerReady), at least one entry whatever the bounds, so that applying always progresses: a
     # node that restored a snapshot, or fell behind (paused, partitioned), finds thousands of entries committed
@@ -182,6 +194,9 @@ class Config:
     unsafe_keep_conflicting_suffix: bool = False  # a follower keeps its entries that conflict with the leader's
     unsafe_lease_ticks: int | None = None  # a lease of this many ticks, past the check on lease_ticks
     unsafe_lease_before_commit_in_term: bool = False  # a lease read before an entry of the term is committed
+    # The entries kept behind a cut outlive a leader's snapshot installed here, and are found by their distance from
+    # the cut (as if they ended at it): after an install, an index is answered with another index's entry.
+    unsafe_catch_up_counted_from_the_cut: bool = False
 
     def __post_init__(self) -> None:
         """Refuse a configuration the protocol cannot run on (a local error: ValueError, naming the field)."""
@@ -199,6 +214,8 @@ class Config:
             ticks("max_inflight_bytes", self.max_inflight_bytes, 1)
         ticks("max_uncommitted_bytes", self.max_uncommitted_bytes, 1)
         ticks("snapshot_chunk_bytes", self.snapshot_chunk_bytes, 1)
+        ticks("snapshot_catch_up_entries", self.snapshot_catch_up_entries, 0)
+        ticks("snapshot_catch_up_bytes", self.snapshot_catch_up_bytes, 0)
         ticks("max_committed_entries_per_ready", self.max_committed_entries_per_ready, 1)
         ticks("max_committed_bytes_per_ready", self.max_committed_bytes_per_ready, 1)
         if self.lease_ticks is not None:
@@ -320,6 +337,13 @@ class RaftNode:
         self.config = config
         self.node_id = config.node_id
         self._rng = rng
+        # The newest entries at or before the snapshot's index, contiguous up to it, within
+        # Config.snapshot_catch_up_entries and _bytes (their Entry.size in _catch_up_bytes): kept by create_snapshot,
+        # read only by _send_append (the log answers every other question as if they were gone), dropped with the
+        # log when a leader's snapshot replaces it (_restore).
+        self._catch_up: list[Entry] = []
+        self._catch_up_bytes = 0
+        self.catch_up_appends = 0  # appends with entries sent from _catch_up since start (instead of a snapshot)
         self._start_from(hard_state, log if log is not None else RaftLog(), snapshot, membership)
         # Set when a member told us that its committed configuration leaves us out: (the leader it knew, or None;
         # an index N). We were removed at or before N: N is the index of that configuration's entry while the
@@ -671,8 +695,51 @@ class RaftNode:
         snap = Snapshot(index, meta.last_included_term, meta.membership, data)
         self._snapshot = snap
         self._base_membership = meta.membership
+        self._keep_behind_cut(index)
         self.log.compact(index, meta.last_included_term)
         return snap
+
+    def _keep_behind_cut(self, index: int) -> None:
+        """Before the log is compacted up to `index`: keep its newest entries up to there in _catch_up, within
+        the bounds (Config.snapshot_catch_up_entries, _bytes), the oldest dropped first."""
+        limit, bytes_bound = self.config.snapshot_catch_up_entries, self.config.snapshot_catch_up_bytes
+        if not limit or not bytes_bound:
+            return
+        low = max(self.log.first_index, index - limit + 1)
+        fresh = self.log.slice(low, index + 1)
+        if low == self.log.first_index and self._catch_up:
+            assert self._catch_up[-1].index == self.log.snapshot_index \
+                or self.config.unsafe_catch_up_counted_from_the_cut, (self._catch_up[-1].index, low)
+            fresh = self._catch_up + fresh
+        total, start = 0, len(fresh)
+        while start > 0 and len(fresh) - start < limit:
+            size = fresh[start - 1].size()
+            if total + size > bytes_bound:
+                break
+            total += size
+            start -= 1
+        self._catch_up = fresh[start:]
+        self._catch_up_bytes = total
+
+    @property
+    def catch_up_entries(self) -> tuple[int, int, int]:
+        """The entries kept behind the snapshot's cut: (first index, how many, their bytes by Entry.size); (0, 0, 0)
+        when none."""
+        if not self._catch_up:
+            return (0, 0, 0)
+        return (self._catch_up[0].index, len(self._catch_up), self._catch_up_bytes)
+
+    def _catch_up_term(self, index: int) -> int | None:
+        """The term of the entry at `index` among those kept behind the cut, or None when it is not kept."""
+        first = self._catch_up_first()
+        if self._catch_up and first <= index < first + len(self._catch_up):
+            return self._catch_up[index - first].term
+        return None
+
+    def _catch_up_first(self) -> int:
+        if self.config.unsafe_catch_up_counted_from_the_cut:
+            return self.log.snapshot_index - len(self._catch_up) + 1
+        return self._catch_up[0].index if self._catch_up else 0
 
     def step(self, m: Message) -> None:
         """Take one message from a peer."""
@@ -1152,6 +1219,8 @@ class RaftNode:
             # snapshots finished in one drive. Nothing will install the first: its received file goes now.
             self._pending_sink.discard()
         self.log = RaftLog(index, term)
+        if not self.config.unsafe_catch_up_counted_from_the_cut:
+            self._catch_up, self._catch_up_bytes = [], 0  # behind our old cut, not the new one's: contiguous no more
         self._snapshot = snap
         self._base_membership = snap.membership
         self._refresh_membership()
@@ -1288,15 +1357,26 @@ class RaftNode:
             return
         prev_index = pr.next_index - 1
         prev_term = self.log.term(prev_index)
-        if prev_term is None:
-            # §7: the entries this follower needs are compacted: send it the snapshot instead.
-            self._send_snapshot(peer)
-            return
+        behind_cut = prev_term is None
+        if behind_cut:
+            # The entries this follower needs are compacted: sent from those kept behind the cut when they reach
+            # back to its prev_log_index (Config.snapshot_catch_up_entries), else (§7) the snapshot instead.
+            prev_term = self._catch_up_term(prev_index)
+            if prev_term is None:
+                self._send_snapshot(peer)
+                return
+        assert prev_term is not None
         entries: list[Entry] = []
         if (pr.next_index <= self.log.last_index and not paused
                 and not pr.window_full(self.config.max_inflight_messages, self.config.inflight_bytes_bound)):
             high = min(self.log.last_index, pr.next_index + self.config.max_batch_entries - 1) + 1
-            entries = self.log.slice(pr.next_index, high, self.config.max_batch_bytes)
+            if behind_cut:
+                # A batch from behind the cut ends at it; the next one, from prev_log_index snapshot_index, comes
+                # from the log.
+                entries = self._catch_up_slice(pr.next_index, min(high, self.log.first_index))
+                self.catch_up_appends += 1
+            else:
+                entries = self.log.slice(pr.next_index, high, self.config.max_batch_bytes)
         if not entries and not allow_empty:
             return
         pr.sent_entries(entries[-1].index if entries else prev_index, sum(e.size() for e in entries))
@@ -1309,6 +1389,18 @@ class RaftNode:
                 self.commit_index, read_round,
             )
         )
+
+    def _catch_up_slice(self, low: int, high: int) -> list[Entry]:
+        """The kept entries with low <= index < high (all kept, high at most the cut + 1), within max_batch_bytes
+        as RaftLog.slice bounds a batch: at least one."""
+        first = self._catch_up_first()
+        out = self._catch_up[low - first : high - first]
+        total = 0
+        for n, e in enumerate(out):
+            total += e.size()
+            if total > self.config.max_batch_bytes and n > 0:
+                return out[:n]
+        return out
 
     def _send_snapshot(self, peer: str) -> None:
         pr = self._progress[peer]

@@ -428,6 +428,8 @@ _COUNTERS = (
     "out_of_descriptors",  # saves and snapshots refused for want of a file descriptor (each try)
     "snapshot_children_failed",  # snapshots whose file was not written (a forked child's, or a stepped one's)
     "snapshot_reads_failed",  # snapshot transfers abandoned: the snapshot's file could not be read (logged)
+    "snapshots_installed",  # leaders' snapshots saved here and restored (or being restored) into the state machine
+    "snapshot_catch_up_appends",  # appends sent from the entries kept behind the snapshot's cut, not the snapshot
     "restore_step_max_microseconds",  # the longest step of restoring a leader's snapshot, in CPU time
     "snapshot_commit_max_microseconds",  # the longest commit of a snapshot of this node's own, in wall time
     "snapshot_stepped_cpu_microseconds",  # the last stepped snapshot's CPU in the loop's thread (steps, appends)
@@ -929,6 +931,7 @@ class Runtime:
             self._process_ready(replies)
             for result, out in replies.values():
                 result.set(out)
+            self.stats["snapshot_catch_up_appends"] = self.node.catch_up_appends
             if self.node.snapshot_reads_failed != self.stats["snapshot_reads_failed"]:
                 self._note_snapshot_read_failure()
             if self.node.removed != self._removed:  # a notice may change nothing else: no Ready for it
@@ -1090,6 +1093,7 @@ class Runtime:
         index = snap.last_included_index
         self._fail_proposals_up_to(index)
         self.events.record(events.SNAPSHOT_INSTALLED, index=index)
+        self.stats["snapshots_installed"] += 1
         steps = getattr(self.state_machine, "restoring", None)
         if steps is None:
             self.state_machine.restore(snap.data)

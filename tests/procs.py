@@ -104,6 +104,12 @@ def http_request(method: str, address: str, path: str, body: bytes | str | None 
         conn.close()
 
 
+def metric_samples(text: str) -> dict[str, float]:
+    """GET /metrics' samples: {'name{labels}': value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     last_error = None

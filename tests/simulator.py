@@ -63,6 +63,7 @@ import dataclasses
 import heapq
 import math
 import random
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -120,6 +121,7 @@ MUTATIONS: dict[str, dict] = {
     "count_own_entries_before_fsync": {"unsafe_count_own_entries_before_fsync": True},
     "forget_vote_on_restart": {"unsafe_forget_vote_on_restart": True},
     "keep_conflicting_suffix": {"unsafe_keep_conflicting_suffix": True},
+    "catch_up_counted_from_the_cut": {"unsafe_catch_up_counted_from_the_cut": True},
     # The storage's own: recovery as before base records (issue 11), each record's entries at or below the
     # snapshot dropped, and with them the cut of a conflicting suffix they stood for.
     "replay_filter": {"storage.UNSAFE_REPLAY_FILTER": True},
@@ -529,6 +531,8 @@ class Cluster:
                 self.fail(f"{m.src} sent {len(m.entries)} entries in one append, over max_batch_entries {bound}")
             if len(m.entries) == bound < Config.max_batch_entries:
                 self.stats["appends cut at max_batch_entries"] += 1
+            if m.entries and m.prev_log_index < self.nodes[m.src].node.log.snapshot_index:
+                self.stats["appends sent from behind a snapshot's cut"] += 1  # Config.snapshot_catch_up_entries
         if (m.src, m.dst) in self.cut:
             return
         if self.deliver_filter is not None:
@@ -713,7 +717,14 @@ class Cluster:
     def _step(self, m, crash_rate: float = 0.0) -> None:
         sn = self.nodes[m.dst]
         role = sn.node.role
-        sn.node.step(m)
+        try:
+            sn.node.step(m)
+        except SafetyViolation:
+            raise
+        except AssertionError as e:  # the core's own invariants (its asserts), with the trace and the replay command
+            at = traceback.extract_tb(e.__traceback__)[-1]
+            self.fail(f"{m.dst}: the core's assertion failed stepping {type(m).__name__} from {m.src}: "
+                      f"{os.path.basename(at.filename)}:{at.lineno} `{at.line}` {e}")
         if sn.node.role is not role:
             self.log_event(m.dst, f"{type(m).__name__} from {m.src} -> {sn.node.role.value}")
         self._after_input(sn, crash_rate)
@@ -1308,6 +1319,14 @@ def random_schedule(
     entries = random.Random(seed ^ 0xBA7C).choice([None, None, None, None, 2, 3])
     if entries is not None:
         overrides["max_batch_entries"] = entries
+    # The entries kept behind a snapshot's cut (Config.snapshot_catch_up_*): the default 5,000 outlasts every
+    # schedule's log, so that followers behind a snapshot would never be sent one; most schedules keep none or a few
+    # (4 or 16 entries, or about three writes by their bytes), so that both a snapshot and appends from behind the
+    # cut reach followers a little behind. From an rng of its own, as above.
+    catch_up = random.Random(seed ^ 0xCA7C).choice([("entries", 0), ("entries", 0), ("entries", 4), ("entries", 16),
+                                                     ("bytes", 100), None])
+    if catch_up is not None:
+        overrides[f"snapshot_catch_up_{catch_up[0]}"] = catch_up[1]
     storage_switches = {}
     for name, value in (MUTATIONS[mutation] if mutation else {}).items():
         if name.startswith("storage."):
@@ -1615,6 +1634,53 @@ def figure_8_scenario(mutation: str | None = None) -> Cluster:
     return c
 
 
+def stale_catch_up_scenario(mutation: str | None = None) -> Cluster:
+    """Entries kept behind a snapshot's cut (Config.snapshot_catch_up_entries), scripted: a follower A snapshots
+    (keeping its entries 1-6), is stopped while the leader writes and snapshots past it, installs the leader's
+    snapshot, and is made leader while B, stopped a few entries before the leader's cut, is behind A's. Safe only
+    while A keeps no entries from before the install (its log was replaced): B is then sent the snapshot."""
+    c = Cluster(seed=12, n=5, config_overrides={"snapshot_catch_up_entries": 8, "max_inflight_messages": 1,
+                                                **(MUTATIONS[mutation] if mutation else {})})
+    c.replay_command = "python tests/simulator.py --scenario stale-catch-up" + (
+        f" --mutation {mutation}" if mutation else "")
+    if not c.run_until(lambda: c.leader() is not None, 500):
+        c.fail("stale catch-up: no leader elected")
+    first = c.leader()
+    assert first is not None
+    a, b = [i for i in c.ids if i != first][:2]
+    leader, new_leader, behind = (c.nodes[i].node for i in (first, a, b))
+
+    def write(count: int) -> None:
+        for _ in range(count):
+            w = c.client_write(first, "k")
+            if w is None or not c.run_until(lambda: w in c.acked_writes, 300):
+                c.fail("stale catch-up: a write was not acknowledged")
+
+    write(4)
+    if not c.run_until(lambda: new_leader.last_applied == leader.log.last_index, 200):
+        c.fail("stale catch-up: A did not apply the first writes")
+    c.take_snapshot(a)
+    c.pause(a)
+    write(16)
+    c.pause(b)
+    write(3)
+    c.take_snapshot(first)  # A is further behind than the leader keeps: it is sent the snapshot
+    c.resume(a)
+    if not c.run_until(lambda: new_leader.log.snapshot_index == leader.log.snapshot_index
+                       and new_leader.last_applied == leader.log.last_index, 500):
+        c.fail("stale catch-up: A did not install the leader's snapshot")
+    if behind.log.last_index >= new_leader.log.snapshot_index:
+        c.fail("stale catch-up: B is not behind the cut")
+    leader.transfer_leadership(a)
+    c.process(first)
+    if not c.run_until(lambda: c.leader() == a, 200):
+        c.fail("stale catch-up: A was not made leader")
+    c.resume(b)
+    if not c.run_until(lambda: behind.commit_index == new_leader.commit_index, 300):
+        c.fail("stale catch-up: B did not catch up")
+    return c
+
+
 def check_liveness(cluster: Cluster, heal_ticks: int) -> None:
     def members() -> list[str]:
         leader = cluster.leader()
@@ -1679,9 +1745,10 @@ def main() -> None:
     p.add_argument("--count", type=int, default=1, help="run seeds seed .. seed+count-1")
     p.add_argument("--trace", action="store_true", help="print the event trace of each run")
     p.add_argument("--mutation", choices=sorted(MUTATIONS), help="run a deliberately broken core")
-    p.add_argument("--scenario", choices=("random", "lease", "lease-new-leader", "figure8"), default="random",
-                   help="random schedules (default), the directed lease-against-drift one, the directed lease of a "
-                   "new leader before it commits in its term, or Figure 8 scripted")
+    p.add_argument("--scenario", choices=("random", "lease", "lease-new-leader", "figure8", "stale-catch-up"),
+                   default="random", help="random schedules (default), the directed lease-against-drift one, the "
+                   "directed lease of a new leader before it commits in its term, Figure 8 scripted, or entries "
+                   "kept behind a cut across a snapshot install, scripted")
     p.add_argument("--profile", choices=sorted(PROFILES), help="the nemesis (default: drawn from the seed)")
     p.add_argument("--lease-share", type=float, default=0.5, help="of the client reads, the share with a lease")
     p.add_argument("--holds", choices=("on", "off"), help="hold links, then release bursts (default: drawn)")
@@ -1693,7 +1760,8 @@ def main() -> None:
     for seed in range(args.seed, args.seed + args.count):
         if args.scenario != "random":
             scenario = {"lease": lease_scenario, "lease-new-leader": new_leader_lease_scenario}.get(args.scenario)
-            c = figure_8_scenario(args.mutation) if scenario is None else scenario(seed, args.mutation)
+            scripted = {"figure8": figure_8_scenario, "stale-catch-up": stale_catch_up_scenario}.get(args.scenario)
+            c = scripted(args.mutation) if scripted is not None else scenario(seed, args.mutation)
             runs, writes, reads = runs + 1, writes + len(c.acked_writes), reads + c.reads_checked
             continue
         for n in (args.size,) if args.size else (3, 5, 7):

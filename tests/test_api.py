@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from procs import SERVER, LocalCluster, Node, free_port, paused, wait_for
+from procs import SERVER, LocalCluster, Node, free_port, metric_samples, paused, wait_for
 from raftlib.codec import MAX_FRAME_BYTES
 
 
@@ -324,12 +324,6 @@ def test_a_max_uncommitted_bytes_that_would_starve_the_largest_write_is_refused_
             "8192 for a key and the encoding): below, the largest write is taken only when no other is pending, "
             "which steady writes never allow"), out
     assert not data_dir.exists()
-
-
-def metric_samples(text: str) -> dict[str, float]:
-    """GET /metrics' samples: {'name{labels}': value}."""
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def test_status_and_prometheus_metrics(cluster):

@@ -44,6 +44,10 @@ from raftlib.progress import Progress, ProgressState
 from simulator import Cluster, SafetyViolation, figure_8_scenario
 import wire_637af74
 
+# No entries kept behind a snapshot's cut (Config.snapshot_catch_up_entries): a follower behind it gets the snapshot,
+# which is what the tests of snapshot transfers need of a follower a few entries behind.
+NO_CATCH_UP = {"snapshot_catch_up_entries": 0}
+
 
 def elect(c: Cluster, max_ticks: int = 500) -> str:
     assert c.run_until(lambda: c.leader() is not None, max_ticks), "no leader elected"
@@ -54,9 +58,9 @@ def elect(c: Cluster, max_ticks: int = 500) -> str:
     return leader
 
 
-def write(c: Cluster, key: str = "k", ticks: int = 200) -> None:
+def write(c: Cluster, key: str = "k", ticks: int = 200, value: str | None = None) -> None:
     leader = c.leader()
-    w = c.client_write(leader, key)
+    w = c.client_write(leader, key, value=value)
     assert w is not None
     assert c.run_until(lambda: w in c.acked_writes, ticks), "write not acknowledged"
 
@@ -281,7 +285,7 @@ def test_follower_read_waits_for_its_own_apply():
 
 def test_far_behind_follower_catches_up_through_a_chunked_snapshot():
     """§7: once the leader compacted the entries a follower needs, it sends its snapshot, here in 64-byte chunks."""
-    c = Cluster(seed=11, n=3, drop_rate=0.05)
+    c = Cluster(seed=11, n=3, drop_rate=0.05, config_overrides=NO_CATCH_UP)
     leader = elect(c)
     lagger = next(i for i in c.ids if i != leader)
     c.crash(lagger)
@@ -503,7 +507,7 @@ def test_a_snapshot_transfer_is_finished_while_the_leader_takes_newer_snapshots(
     a new snapshot every 15 ticks, faster than one transfer takes, under steady writes; the transfer under way is
     finished rather than started again from byte 0, so the follower moves forward, snapshot after snapshot, and
     catches up once the leader stops snapshotting."""
-    c = Cluster(seed=15, n=3)
+    c = Cluster(seed=15, n=3, config_overrides=NO_CATCH_UP)
     leader = elect(c)
     lagger = next(i for i in c.ids if i != leader)
     c.crash(lagger)
@@ -749,7 +753,7 @@ def test_a_stale_rejection_does_not_restart_a_snapshot_transfer():
     """§7: while a snapshot is sent to a follower, no append goes to it, so a rejected append it answers is from
     before the transfer (delayed or duplicated by the network). Taken as news, it would put the follower back to
     probing, and the probe, finding its entries compacted, would start the transfer again from byte 0."""
-    c = Cluster(seed=15, n=3)
+    c = Cluster(seed=15, n=3, config_overrides=NO_CATCH_UP)
     leader = elect(c)
     lagger = next(i for i in c.ids if i != leader)
     rejections = []
@@ -782,7 +786,7 @@ def test_reads_are_served_while_a_follower_needed_for_a_majority_receives_a_snap
     one is down and the other is far behind, so it gets the leader's snapshot, in 64-byte chunks over longer than
     a read may wait (read_timeout_ticks). Its acknowledgements are needed throughout: every read, with a round or
     on the lease, is served during the transfer, none fails."""
-    c = Cluster(seed=15, n=3)
+    c = Cluster(seed=15, n=3, config_overrides=NO_CATCH_UP)
     leader = elect(c)
     lagger, other = [i for i in c.ids if i != leader]
     c.crash(lagger)
@@ -940,7 +944,7 @@ def test_a_transfer_whose_source_is_gone_is_abandoned_and_restarted_from_the_new
     """snapfork review, finding 1: a leader streaming a snapshot whose file could no longer be read raised out of
     step() (the runtime then stopped the node). The transfer is abandoned instead, and the follower catches up
     from the leader's newest snapshot; while there is no newer one, the leader keeps trying the same."""
-    c = Cluster(seed=21, n=3)
+    c = Cluster(seed=21, n=3, config_overrides=NO_CATCH_UP)
     leader = elect(c)
     lagger = next(i for i in c.ids if i != leader)
     c.crash(lagger)
@@ -1220,7 +1224,7 @@ def test_a_snapshot_of_2_gib_and_more_goes_on_the_wire():
     (the heartbeat batched with it too): a snapshot that big could never be sent. The leader's chunks of a 2 GiB
     and of a 4 GiB snapshot must decode, on this version's codec and on 637af74's."""
     for size in (2 << 30, (4 << 30) + 12345):
-        c = Cluster(seed=31, n=3)
+        c = Cluster(seed=31, n=3, config_overrides=NO_CATCH_UP)
         leader = elect(c)
         lagger = next(i for i in c.ids if i != leader)
         c.crash(lagger)
@@ -1242,7 +1246,7 @@ def test_an_old_node_decodes_every_frame_a_new_leader_sends_while_it_catches_up(
     tests/wire_637af74.py) must decode each frame a new leader sends it (elections, appends, heartbeats and the
     InstallSnapshot chunks of a catch-up by snapshot): at b1120ea every chunk carried an added field, so the old
     node dropped each frame with a chunk, and the heartbeat batched with it."""
-    c = Cluster(seed=33, n=3)
+    c = Cluster(seed=33, n=3, config_overrides=NO_CATCH_UP)
     leader = elect(c)
     lagger = next(i for i in c.ids if i != leader)
     c.crash(lagger)
@@ -1265,7 +1269,7 @@ def test_a_leader_that_steps_down_lets_go_of_the_snapshots_it_was_sending():
     it stepped down (and, at b1120ea, in _sent_identity too), until it led again and finished a transfer: in the
     runtime, a replaced snapshot's unlinked file kept its space and a descriptor. Once the transfer is over (done,
     or abandoned because we no longer lead), the core holds no snapshot but its own newest."""
-    c = Cluster(seed=35, n=3)
+    c = Cluster(seed=35, n=3, config_overrides=NO_CATCH_UP)
     leader = elect(c)
     lagger = next(i for i in c.ids if i != leader)
     c.crash(lagger)
@@ -1604,7 +1608,7 @@ def _leader_with_a_snapshot_for(restore_drives: int) -> tuple[Cluster, str, str,
     """3 nodes: the leader took a snapshot past the log of a follower (the installer) that was down meanwhile and
     is now to restart (the caller's filters first) and restore the snapshot over `restore_drives` drives:
     (the cluster, the leader, the other follower, the installer)."""
-    c = Cluster(seed=7, n=3)
+    c = Cluster(seed=7, n=3, config_overrides=NO_CATCH_UP)
     leader = elect(c)
     c.run(20)
     other, installer = sorted(i for i in c.ids if i != leader)
@@ -1939,7 +1943,7 @@ def test_a_stopped_follower_is_sent_the_snapshots_current_chunk_once_not_at_ever
     (SIGSTOP) answers nothing, and a chunk per heartbeat (1 MiB each, 20 a second) was queued for it in the leader's
     memory for as long as it was stopped. The chunk goes again only once the follower was heard from since the last
     (Progress.chunk_unanswered); heartbeats still go; resumed, it answers and the transfer completes."""
-    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1, **NO_CATCH_UP})
     leader, follower, pr = _follower_behind_a_snapshot(c)
     appends = _record_sent_to(c, follower)
     chunks = _record_sent_to(c, follower, InstallSnapshot)
@@ -1957,7 +1961,7 @@ def test_a_follower_receiving_a_snapshot_is_sent_its_chunk_again_once_a_heartbea
     round's empty append, was sent the current chunk again after each answered read round, one chunk a round trip
     under read load instead of one a heartbeat. Its chunks lost here, the transfer stays at its first one while
     reads come at every tick: the chunk goes again once a heartbeat, and the read rounds are still confirmed."""
-    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1, **NO_CATCH_UP})
     leader, follower, pr = _follower_behind_a_snapshot(c)
     c.deliver_filter = lambda m: None if isinstance(m, InstallSnapshot) and m.dst == follower else m
     c.resume(follower)
@@ -1972,3 +1976,106 @@ def test_a_follower_receiving_a_snapshot_is_sent_its_chunk_again_once_a_heartbea
     read_rounds = {m.read_round for m in appends if m.read_round}
     assert pr.state is ProgressState.SNAPSHOT and len(read_rounds) > 2 * heartbeats
     assert 1 <= len(chunks) <= heartbeats + 1
+
+
+def _entries_known(n: RaftNode) -> list[tuple[int, int, bytes]]:
+    """(index, term, data) of the entries a node holds in memory: those kept behind its snapshot's cut, then its log."""
+    first, count, _ = n.catch_up_entries
+    kept = [(e.index, e.term, e.data) for e in n._catch_up] if count else []
+    assert not kept or (kept[0][0], len(kept)) == (first, count)
+    return kept + [(e.index, e.term, e.data) for e in n.log.slice(n.log.first_index, n.log.last_index + 1)]
+
+
+@pytest.mark.parametrize("overrides, from_behind_the_cut", [
+    ({}, True),  # the default: 5,000 entries, 8 MiB
+    ({"snapshot_catch_up_entries": 3}, False),  # the follower is 5 writes behind: more than kept
+    ({"snapshot_catch_up_bytes": 2 * 30}, False),  # ~two writes by their bytes (Entry.size of `k=vN`: ~30)
+    (NO_CATCH_UP, False),  # 0 turns it off
+    ({"snapshot_catch_up_bytes": 0}, False),
+])
+def test_a_follower_a_few_entries_behind_a_snapshot_is_sent_appends_from_behind_the_cut_within_the_bounds(
+        overrides, from_behind_the_cut):
+    """etcd's SnapshotCatchUpEntries: a follower whose next index lies among the entries the leader kept behind its
+    snapshot's cut is sent ordinary appends from them, not the snapshot, and its log ends up equal to the leader's;
+    behind by more than the bounds keep (by count or by bytes), or with them 0, it is sent the snapshot (§7)."""
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1, **overrides})
+    leader, follower, pr = _follower_behind_a_snapshot(c)
+    n = c.nodes[leader].node
+    assert pr.next_index <= n.log.snapshot_index, "the follower is not behind the cut"
+    appends = _record_sent_to(c, follower)
+    chunks = _record_sent_to(c, follower, InstallSnapshot)
+    c.resume(follower)
+    f = c.nodes[follower].node
+    assert c.run_until(lambda: f.commit_index == n.commit_index == f.log.last_index == n.log.last_index
+                       and pr.state is ProgressState.REPLICATE, 300)
+    behind_the_cut = [m for m in appends if m.entries and m.prev_log_index < n.log.snapshot_index]
+    assert bool(behind_the_cut) == from_behind_the_cut and bool(chunks) != from_behind_the_cut, (behind_the_cut,
+                                                                                                 chunks)
+    assert n.catch_up_appends == len(behind_the_cut)
+    if from_behind_the_cut:
+        assert f.log.snapshot_index == 0 and _entries_known(f) == _entries_known(n)[-f.log.last_index:]
+        assert _entries_known(n)[0][0] == 1, "the leader kept every entry behind its cut (12 of 5,000)"
+    else:
+        assert f.log.snapshot_index == n.log.snapshot_index and f.catch_up_entries == (0, 0, 0)
+    assert c.nodes[follower].kv.data == c.nodes[leader].kv.data
+
+
+def test_the_entries_kept_behind_cuts_are_the_newest_within_both_bounds_and_span_several_snapshots():
+    """create_snapshot keeps the newest entries up to its index, contiguous with those kept behind the previous
+    cut, never more than snapshot_catch_up_entries nor over snapshot_catch_up_bytes (by Entry.size)."""
+    value = "v" * 100
+    bytes_bound = 5 * 130  # about five writes of `value` (Entry.size: data + 24)
+    c = Cluster(seed=7, n=3, config_overrides={"snapshot_catch_up_entries": 12, "snapshot_catch_up_bytes": bytes_bound})
+    leader = elect(c)
+    n = c.nodes[leader].node
+
+    def write_and_snapshot(writes: int) -> None:
+        for _ in range(writes):
+            write(c, value=value)
+        assert c.run_until(lambda: n.last_applied == n.log.last_index, 200)
+        c.take_snapshot(leader)
+
+    write_and_snapshot(1)
+    first, count, _ = n.catch_up_entries
+    assert (first, count) == (1, n.log.snapshot_index)  # every entry: few and small
+    write_and_snapshot(8)  # the kept entries now span both cuts, then reach the byte bound
+    first, count, kept_bytes = n.catch_up_entries
+    kept = n._catch_up
+    assert [e.index for e in kept] == list(range(first, n.log.snapshot_index + 1)) and count == len(kept)
+    biggest = max(e.size() for e in kept)
+    assert kept_bytes == sum(e.size() for e in kept) and bytes_bound - biggest < kept_bytes <= bytes_bound
+    assert 1 < first and count < 12
+
+    c = Cluster(seed=7, n=3, config_overrides={"snapshot_catch_up_entries": 3})
+    leader = elect(c)
+    n = c.nodes[leader].node
+    write_and_snapshot(6)
+    assert n.catch_up_entries[:2] == (n.log.snapshot_index - 2, 3)
+
+
+def test_a_node_that_installs_a_leaders_snapshot_keeps_no_entries_behind_a_cut_and_a_restart_keeps_none():
+    """The entries kept behind a cut are in memory only, and contiguous up to the node's snapshot: a leader's
+    snapshot installed replaces the log, and they go with it; a restarted node starts with none."""
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1, "snapshot_catch_up_entries": 3})
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    f = c.nodes[follower].node
+    write(c)
+    assert c.run_until(lambda: f.last_applied == c.nodes[leader].node.log.last_index, 200)
+    c.take_snapshot(follower)
+    assert f.catch_up_entries[1] > 0
+    pr = c.nodes[leader].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for _ in range(5):
+        write(c)
+    c.take_snapshot(leader)
+    chunks = _record_sent_to(c, follower, InstallSnapshot)
+    c.resume(follower)
+    n = c.nodes[leader].node
+    assert c.run_until(lambda: f.log.snapshot_index == n.log.snapshot_index and f.commit_index == n.commit_index, 300)
+    assert chunks and f.catch_up_entries == (0, 0, 0)
+    assert n.catch_up_entries[1] == 3
+    c.crash(leader)
+    c.restart(leader)
+    assert c.nodes[leader].node.catch_up_entries == (0, 0, 0)

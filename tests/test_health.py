@@ -265,7 +265,8 @@ def test_a_follower_installing_the_leaders_snapshot_over_its_state_says_restorin
     and /readyz's reason did not tell receiving from restoring. A follower is stopped while the cluster takes 204,800
     keys (1,600 transactions: a restore of a few hundred ms, so that the polls see it) and the leader compacts its
     log past it; started again, it replays its own log (one key), is sent the leader's snapshot and restores it over
-    that state.
+    that state (no entries kept behind the leader's cut: -snapshot-catch-up-entries 0; 1,600 transactions would fit
+    the 5,000 and 8 MiB kept by default, and it would be sent appends from them).
     Polled meanwhile from a thread, its /status says `restoring` with its old keys counted (not null: its state is
     whole), /readyz 503 with `applying: receiving a snapshot from the leader` or `applying: restoring a snapshot`;
     once it holds the snapshot, `restoring` is false and it is ready.
@@ -273,7 +274,8 @@ def test_a_follower_installing_the_leaders_snapshot_over_its_state_says_restorin
     The follower is killed, not paused (CI at 4f133a2): a paused follower's appends waited in the leader's queue
     for it, and on SIGCONT it took every entry from there and never needed the snapshot."""
     per_txn, txns, value = 128, 1600, "v" * 8
-    c = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", str(4 << 20))).start()
+    c = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", str(4 << 20),
+                                           "-snapshot-catch-up-entries", "0")).start()
     try:
         leader = c.leader()
         follower = next(n for n in c.nodes if n is not leader)

@@ -147,6 +147,8 @@ class FakeRuntime:
                                                           "loop_lags_over_10ms": 0,
                                                           "out_of_descriptors": 2,
                                                           "snapshot_reads_failed": 3,
+                                                          "snapshots_installed": 7,
+                                                          "snapshot_catch_up_appends": 8,
                                                           "proposals_refused_uncommitted": 6,
                                                           "restore_step_max_microseconds": 4000,
                                                           "snapshot_commit_max_microseconds": 3000,
@@ -1096,6 +1098,8 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     assert (samples["raftdzmq_loop_lag_seconds_max"], samples["raftdzmq_loop_lags_over_10ms"]) == ("0.0025", "0.0")
     assert samples["raftdzmq_out_of_descriptors"] == "2.0"
     assert samples["raftdzmq_snapshot_reads_failed_total"] == "3.0"  # fourth review of snapfork
+    assert (samples["raftdzmq_snapshots_installed_total"], samples["raftdzmq_snapshot_catch_up_appends_total"]) == (
+        "7.0", "8.0")
     assert samples["raftdzmq_proposals_refused_uncommitted_total"] == "6.0"  # review of uncommitted, 4
     assert float(samples["raftdzmq_uncommitted_bytes"]) == 2 * len(command(SET, "p", b""))
     assert samples["raftdzmq_restore_step_seconds_max"] == "0.004"

@@ -654,7 +654,8 @@ def test_status_is_a_frozen_copy_of_the_node_and_the_runtime(one_node):
     assert st.node.last_applied == runtime.node.last_applied == st.node.commit_index
     assert set(before.stats) == {"proposals", "proposals_refused_uncommitted", "applied", "elections_won", "saves",
                                  "snapshots", "out_of_descriptors",
-                                 "snapshot_children_failed", "snapshot_reads_failed", "restore_step_max_microseconds",
+                                 "snapshot_children_failed", "snapshot_reads_failed", "snapshots_installed",
+                                 "snapshot_catch_up_appends", "restore_step_max_microseconds",
                                  "snapshot_commit_max_microseconds", "snapshot_stepped_cpu_microseconds",
                                  "snapshot_stepped_wall_microseconds", "loop_lag_max_microseconds",
                                  "loop_lags_over_10ms"}

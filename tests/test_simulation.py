@@ -81,6 +81,9 @@ FAULTS = (
     "appends held back by a full in-flight window",
     # An append cut by its entry count (Config.max_batch_entries, two or three in 2 of 6 schedules).
     "appends cut at max_batch_entries",
+    # Appends sent to a follower from the entries kept behind a snapshot's cut (Config.snapshot_catch_up_*, kept in
+    # 4 of 6 schedules): in 247 of the 1,500 schedules of seeds 0-499.
+    "appends sent from behind a snapshot's cut",
 )
 # The faults required over the whole run only (the full chunks of one session, at least two of them): a forked
 # snapshot's child killed comes ~4 times a chunk of 60, as few as once, so a change to the schedules could leave a

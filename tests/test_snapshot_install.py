@@ -776,11 +776,11 @@ def test_a_reply_to_a_chunk_sent_twice_starts_no_second_chain_of_chunks():
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from simulator import Cluster
-    from test_core import elect, write
+    from test_core import NO_CATCH_UP, elect, write
 
     from raftlib.progress import ProgressState
 
-    c = Cluster(seed=11, n=3)
+    c = Cluster(seed=11, n=3, config_overrides=NO_CATCH_UP)
     leader = elect(c)
     lagger = next(i for i in c.ids if i != leader)
     c.crash(lagger)
@@ -827,7 +827,8 @@ def test_a_leaders_snapshot_file_cut_under_it_is_abandoned_counted_and_logged_at
     storage.load()
     storage.save(HardState(1, None, 1), [Entry(1, 1, EntryKind.MEMBERSHIP, b"", membership)])
     stored = storage.state
-    node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1, snapshot_chunk_bytes=1 << 10),
+    node = RaftNode(Config("a", election_ticks=4, heartbeat_ticks=1, snapshot_chunk_bytes=1 << 10,
+                           snapshot_catch_up_entries=0),  # the learner is a few entries behind: sent the snapshot
                     random.Random(1), stored.hard_state, stored.raft_log(), stored.snapshot)
     # b answers heartbeats, never a chunk: the leader sends it the current chunk again at each heartbeat after an
     # answer (Progress.chunk_unanswered).

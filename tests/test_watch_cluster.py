@@ -170,8 +170,10 @@ def test_a_follower_that_installs_a_snapshot_ends_its_streams_and_a_reconnect_el
         tmp_path):
     """Review 6 (the reviewer's snap.py): a follower paused while the leader snapshots and compacts past it gets
     the snapshot (no events); its stream ends with an error event, a reconnect to it with the old Last-Event-ID
-    gets 410 and X-Raft-Oldest-Index, a reconnect to another node gets exactly the committed sequence."""
-    c = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", "20000")).start()
+    gets 410 and X-Raft-Oldest-Index, a reconnect to another node gets exactly the committed sequence. No entries
+    kept behind the leader's cut (-snapshot-catch-up-entries 0): a follower this few entries behind would be sent
+    appends from them, its stream going on (test_snapshot_catch_up)."""
+    c = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", "20000", "-snapshot-catch-up-entries", "0")).start()
     paused = None
     try:
         wait_for(lambda: all(n.status()["cluster_feature_level"] >= 2 for n in c.running()), 10, "feature level 2")

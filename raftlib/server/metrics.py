@@ -138,6 +138,11 @@ STATUS_COUNTERS: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] =
     ("raftdzmq_snapshot_reads_failed", "Snapshot transfers abandoned because the snapshot's file could not be "
      "read (an I/O error, a file cut short; each retry counts; logged at most every 10 s per peer)",
      lambda s: s.stats["snapshot_reads_failed"]),
+    ("raftdzmq_snapshots_installed", "Leaders' snapshots installed here (saved, then restored into the state "
+     "machine)", lambda s: s.stats["snapshots_installed"]),
+    ("raftdzmq_snapshot_catch_up_appends", "Appends this node sent as leader from the entries it keeps behind its "
+     "snapshot's cut (-snapshot-catch-up-entries) to a follower that would otherwise have been sent the snapshot",
+     lambda s: s.stats["snapshot_catch_up_appends"]),
     ("raftdzmq_proposals_refused_uncommitted", "Proposals this node refused as leader because it held "
      "-max-uncommitted-bytes not yet committed: clients' writes (writes{outcome=\"refused_uncommitted\"}) and its "
      "own entries (lease expiries, the feature-level raise, signed admin claims)",

@@ -175,6 +175,8 @@ class ServerConfig:
     snapshot_mode: str | None = None  # -snapshot-mode: raftlib.runtime.SNAPSHOT_MODES (None: its default, "stepped")
     max_uncommitted_bytes: int = 64 << 20  # -max-uncommitted-bytes: raftlib.core.Config.max_uncommitted_bytes
     max_batch_bytes: int = Config.max_batch_bytes  # -max-batch-bytes: raftlib.core.Config.max_batch_bytes
+    # -snapshot-catch-up-entries: raftlib.core.Config.snapshot_catch_up_entries
+    snapshot_catch_up_entries: int = Config.snapshot_catch_up_entries
     secret: bytes | None = None
     max_members: int = 64  # a join beyond this many voters and learners is refused (409)
     fsync: bool = True  # False: UNSAFE, for experiments only
@@ -553,7 +555,9 @@ class Server:
         raft_config = Config(node_id=self.node_id, heartbeat_ticks=HEARTBEAT_TICKS,
                              election_ticks=max(2, int(config.election_ms / 1000.0 / tick_seconds)),
                              max_uncommitted_bytes=config.max_uncommitted_bytes,
-                             max_batch_bytes=config.max_batch_bytes, restoring_in_replies=self._members_read_restoring)
+                             max_batch_bytes=config.max_batch_bytes,
+                             snapshot_catch_up_entries=config.snapshot_catch_up_entries,
+                             restoring_in_replies=self._members_read_restoring)
         self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
         self.watch_hub = WatchHub(config.watch_history_events, config.watch_history_bytes)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
