@@ -219,7 +219,11 @@ def test_the_dashboard_costs_nothing_while_no_one_asks(tmp_path):
         for i in range(20):
             c.write(f"quiet/{i}", "v")
         time.sleep(2.0)  # two of the page's poll periods with no page: nothing may happen meanwhile
-        assert leader.request("GET", "/events").json()["last_seq"] == seq_before  # no event per write
+        # No event per write. A machine loaded enough to hold a heartbeat back may elect a new leader meanwhile
+        # (CI at load 7-10 did): those few events, whatever the writes, are allowed; no other kind is.
+        added = leader.request("GET", f"/events?since={seq_before}").json()["events"]
+        leadership = {events.ELECTION_STARTED, events.ELECTION_WON, events.LEADER_CHANGED, events.STEPPED_DOWN}
+        assert len(added) < 20 and all(e["kind"] in leadership for e in added), added
 
         def stats_asked(node: Node) -> int:
             return node.log_text(current=True).count("raftdzmq.access: GET /stats")
