@@ -237,10 +237,11 @@ class SocketWriter(_Progress):
             return False  # its greenlet reads again and ends the stream with the error event
         if not events:
             return True  # nothing matched after all (its position moved: the next keep-alive gives it)
+        gone = False
         try:
             sent = self._sendmsg(parts)
-        except OSError:  # a full buffer (EAGAIN), or the client went: the greenlet's blocking write tells which
-            sent = 0
+        except OSError as e:  # a full buffer (EAGAIN), or the client went: the greenlet's blocking write tells which
+            sent, gone = 0, not isinstance(e, BlockingIOError)
         self.sent_position = events[-1][3]
         if sent == length:
             self.stream_writes.add(len(events), now - marked_at)
@@ -251,7 +252,8 @@ class SocketWriter(_Progress):
             return watcher.first_match is None  # a read cut at its budget: the greenlet writes the rest at once
         self.metrics.watch_events.inc("stream", len(events))
         self.pending = _unsent(parts, sent)
-        self.stream.handler.server.hold(self.stream.handler, _objects(self.pending))  # may cut the oldest slow reader
+        if not gone:  # a slow reader (may cut the oldest); one gone, or cut already, would count as the newest
+            self.stream.handler.server.hold(self.stream.handler, _objects(self.pending))
         self.pending_marked_at = marked_at
         self.armed = False
         return False
