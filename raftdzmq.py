@@ -51,7 +51,7 @@ import zmq.green as zmq  # noqa: E402
 
 from raftlib.runtime import SNAPSHOT_LOG_RATIO, SNAPSHOT_MODES  # noqa: E402
 from raftlib.server.admin import SECRET_ENV, SecretError, admin_headers, node_request_headers, read_secret  # noqa: E402
-from raftlib.server.edge import connection_bound, raise_descriptor_limit  # noqa: E402
+from raftlib.server.edge import DEFAULT_MAX_UNSENT_BYTES, connection_bound, raise_descriptor_limit  # noqa: E402
 from raftlib.server.hosts import parse_allowed_hosts  # noqa: E402
 from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
@@ -118,6 +118,10 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("-max-connections", "--max-connections"), dict(dest="max_connections", type=int, help=(
         "most HTTP connections at once; when full, the longest idle one is closed for a new one (default: half the "
         "descriptors left under ulimit -n after 100 kept for Raft and the log, at most 1000)"))),
+    (("-max-unsent-bytes", "--max-unsent-bytes"), dict(dest="max_unsent_bytes", metavar="BYTES", type=int,
+                                                       default=DEFAULT_MAX_UNSENT_BYTES, help=(
+        "most bytes of answers a node holds for clients slow to read them (transaction answers, long polls, watch "
+        "streams' frames); past it the oldest such client is cut off (default 256 MiB)"))),
     (("-idle-timeout", "--idle-timeout"), dict(dest="idle_timeout", type=float, default=60.0, help=(
         "seconds an HTTP connection may wait for its next request before it is closed, and may take beyond the "
         "request's own bounds to read its answer (default 60)"))),
@@ -285,7 +289,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     if args.force_new_cluster and args.join:
         p.error("-force-new-cluster restarts a surviving member as a new cluster: not with -join")
     for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members", "watch_history",
-                 "watch_history_bytes", "max_uncommitted_bytes", "max_batch_bytes"):
+                 "watch_history_bytes", "max_uncommitted_bytes", "max_batch_bytes", "max_unsent_bytes"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
     if args.snapshot_catch_up_entries < 0:
@@ -318,7 +322,8 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         join=args.join, forward=args.forward, heartbeat_ms=args.heartbeat_ms, election_ms=args.election_ms,
         write_timeout_seconds=args.write_timeout, read_timeout_seconds=args.read_timeout,
         join_timeout_seconds=args.join_timeout, max_body_bytes=args.max_body, max_header_bytes=args.max_header_bytes,
-        max_connections=args.max_connections, idle_timeout_seconds=args.idle_timeout,
+        max_connections=args.max_connections, max_unsent_bytes=args.max_unsent_bytes,
+        idle_timeout_seconds=args.idle_timeout,
         receive_timeout_seconds=args.receive_timeout, snapshot_threshold_bytes=args.snapshot_threshold,
         snapshot_log_ratio=args.snapshot_log_ratio,
         snapshot_mode=args.snapshot_mode,

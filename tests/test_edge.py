@@ -1466,3 +1466,44 @@ def test_a_closed_connection_leaves_no_cycle_for_the_collector():
     finally:
         gc.enable()
         server.stop(timeout=5.0)
+
+
+def test_unsent_answers_count_once_each_and_the_oldest_holder_is_cut():
+    """EdgeServer.hold (review edge, L1, L2, Q2): bytes held for slow readers count once per object however many
+    connections hold it (a shared poll body or frame); past -max-unsent-bytes the oldest holder's connection is
+    shut, counted as the eviction "unsent_budget"; the newest holder stays whatever its size."""
+    evictions: list[str] = []
+    server = EdgeServer(listen("127.0.0.1", 0), bottle.Bottle(), max_connections=4, idle_timeout_seconds=5.0,
+                        receive_timeout_seconds=5.0, busy_timeout_seconds=10.0, max_header_bytes=8192,
+                        max_body_bytes=MAX_BODY, max_unsent_bytes=100, on_eviction=evictions.append)
+    shut: list[str] = []
+
+    class Connection:
+        def __init__(self, name: str) -> None:
+            self.name, self.client_address = name, ("127.0.0.1", 1)
+            self.socket = self
+
+        def shutdown(self, how: int) -> None:
+            shut.append(self.name)
+
+    a, b, c, d = (Connection(name) for name in "abcd")
+    shared = b"s" * 50
+    try:
+        server.hold(a, (b"a" * 50,))
+        server.hold(b, (shared,))
+        server.hold(c, [shared])  # the same body: not counted again
+        assert server.unsent_bytes == 100 and shut == [] and evictions == []
+        server.hold(d, (b"d" * 10,))  # 110: the oldest goes
+        assert shut == ["a"] and evictions == ["unsent_budget"] and server.unsent_bytes == 60
+        assert list(server.holding) == [b, c, d]
+        server.release(b)
+        assert server.unsent_bytes == 60  # c still holds it
+        server.release(c)
+        server.release(c)  # twice: nothing more
+        assert server.unsent_bytes == 10
+        server.hold(d, (b"e" * 500,))  # the newest alone, over the budget: kept (it replaces d's own)
+        assert server.unsent_bytes == 500 and shut == ["a"]
+        server.release(d)
+        assert server.unsent_bytes == 0 and server.holding == {} and server._held == {}
+    finally:
+        server.close()

@@ -1412,7 +1412,36 @@ def test_a_txn_answer_is_the_json_of_its_results():
                               ("get", [], True), ("put", "z")])
     for r in (result, TxnResult(False, []), TxnResult(False, [("put", "x")])):
         expected = {"succeeded": r.succeeded, "index": 41, "results": [routes_txn._txn_answer(x) for x in r.results]}
-        assert routes_txn.txn_answer_json(r, 41) == json.dumps(expected) + "\n"
+        answer = routes_txn.txn_answer_json(r, 41)
+        assert (answer.encode() if isinstance(answer, str) else answer) == (json.dumps(expected) + "\n").encode()
+
+
+def test_a_txn_answer_counts_its_gets_as_the_json_they_become():
+    """Review edge, L1: 4 MiB of control bytes were a 24 MB answer. The key-values go in while their JSON fits
+    MAX_TXN_ANSWER_BYTES; past it that get and every later one that found anything say "more" (no key-values), as
+    past the store's own bounds; the answer is built in slices, `turn` passed between them."""
+    value = b"\x01" * 1_000_000  # 6 MB as JSON
+    kvs = [(f"t{i}", value, i, i) for i in range(4)]
+    result = TxnResult(True, [("get", kvs[:2], False), ("put", "p"), ("get", kvs[2:], False), ("get", [], False)])
+    turns = []
+    answer = json.loads(routes_txn.txn_answer_json(result, 7, lambda pieces: turns.append(len(pieces)) or True))
+    first, put, later, empty = answer["results"]
+    assert [kv["key"] for kv in first["kvs"]] == ["t0"] and first["kvs"][0]["value"] == value.decode()
+    assert first["more"] is True and later == {"op": "get", "kvs": [], "more": True}
+    assert put == {"op": "put", "key": "p"} and empty == {"op": "get", "kvs": []}
+    # Passed every ANSWER_SLICE_BYTES of t0 and t1 (whose JSON is then past the bound); t2 cut by its raw size alone.
+    assert len(turns) >= 2_000_000 // routes_txn.ANSWER_SLICE_BYTES - 1 and turns == sorted(turns)
+    # Made in slices, the same bytes as json.dumps: escapes, non-ASCII, a surrogate pair's two halves, base64.
+    mixed = TxnResult(True, [("get", [("m\u00e9", ('\u00e9\U0001f600\x01a"\\' * 60000).encode(), 5, 6),
+                                      ("b", b"\xff" * 300000, 7, 8)], False)])
+    expected = {"succeeded": True, "index": 9, "results": [routes_txn._txn_answer(x) for x in mixed.results]}
+    assert routes_txn.txn_answer_json(mixed, 9, lambda pieces: True) == (json.dumps(expected) + "\n").encode()
+    # A client cut while its answer waited for its turn: no more key-values are made for it.
+    cut = json.loads(routes_txn.txn_answer_json(result, 7, lambda pieces: False))
+    assert cut["results"][0] == {"op": "get", "kvs": [], "more": True}
+    # Under the bound, as the store gave it: a value that escapes a little is whole.
+    small = TxnResult(True, [("get", [("a", b'"quoted"\n' * 1000, 1, 1)], False)])
+    assert json.loads(routes_txn.txn_answer_json(small, 8))["results"][0]["kvs"][0]["value"] == '"quoted"\n' * 1000
 
 
 @pytest.mark.parametrize("body, problem", [

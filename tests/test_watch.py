@@ -1512,7 +1512,8 @@ def loopback_streams():
             server_side.setsockopt(gevent.socket.SOL_SOCKET, gevent.socket.SO_SNDBUF, send_buffer)
         handler = types.SimpleNamespace(socket=server_side, rfile=server_side.makefile("rb", -1),
                                         response_use_chunked=True, close_connection=False,
-                                        server=types.SimpleNamespace(watching={}, busy={}))
+                                        server=types.SimpleNamespace(watching={}, busy={}, hold=lambda handler, objects: None,
+                                                                     release=lambda handler: None))
         watchers_before = set(hub._by_prefix.get(prefix, ()))
         chunks = watchstream.watch_stream(hub, metrics or Metrics(), hub.applied_index, Filter(prefix=prefix),
                                           {"raftdzmq.handler": handler})

@@ -73,6 +73,10 @@ MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
 MAX_CHUNK_LINE_BYTES = 1024
 TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
+# Bytes of answers a node holds for clients that do not take them yet (-max-unsent-bytes: EdgeServer.hold); the
+# oldest such client is cut past it. A quarter of a 1 GB machine: 30 transaction answers at their 8 MiB bound, or
+# 40 frames of a 1 MiB write of control bytes (6 MB as JSON).
+DEFAULT_MAX_UNSENT_BYTES = 256 << 20
 ONE_SEND_BODY_BYTES = 16384  # an answer's first piece (its body, a stream's first chunk) up to this size goes with the head (EdgeHandler)
 # Descriptors kept for all but HTTP: a few dozen for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
 # two per peer (its REQ socket); and the Raft port's inbound connections (at most 32 kept: transport.py).
@@ -232,6 +236,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         try:
             super().handle()
         finally:
+            self.server.release(self)
             environ = self.__dict__.pop("environ", None)  # as pywsgi's own handle drops its socket and rfile
             if environ is not None:
                 environ.pop("raftdzmq.handler", None)
@@ -520,8 +525,12 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         handler's socket has no timeout (None); with a timeout T, the one send and sendall could wait T each."""
         try:
             sent = self.socket.send(data)
-            if sent < len(data):
-                self.socket.sendall(memoryview(data)[sent:])
+            if sent < len(data):  # a client slower than its answer: the answer counts in the node's budget meanwhile
+                self.server.hold(self, (data,))
+                try:
+                    self.socket.sendall(memoryview(data)[sent:])
+                finally:
+                    self.server.release(self)
         except OSError as ex:
             self.status = f"socket error: {ex}"
             if self.code > 0:
@@ -601,6 +610,7 @@ class Stream:
 
     def close(self) -> None:
         self.handler.server.watching.pop(self, None)
+        self.handler.server.release(self.handler)
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
@@ -778,10 +788,11 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                  receive_timeout_seconds: float, busy_timeout_seconds: float, max_header_bytes: int,
                  max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS,
                  on_eviction: Callable[[str], None] | None = None, access_log: bool = False,
-                 host_refusal: Callable[[str | None], str | None] | None = None) -> None:
+                 host_refusal: Callable[[str | None], str | None] | None = None,
+                 max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES) -> None:
         """`on_eviction(reason)` hears of every connection the server closes: "full_idle" or "full_receiving" (the
-        pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count them. `access_log`: a
-        line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
+        pool was full), "idle_timeout" or "busy_timeout" (the sweeper), "unsent_budget" (`hold`); the metrics count
+        them. `access_log`: a line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
         refused (403), or None to serve it (raftlib.server.hosts.AllowedHosts.refusal); None: every Host."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         if access_log:
@@ -798,6 +809,12 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.busy: dict[EdgeHandler, float] = {}
         self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
         self.watching: dict[Stream, float] = {}  # open watches (streams, long polls), oldest first: evictable
+        # Answers held for clients that do not take them (`hold`): the connection, oldest first, and what it holds;
+        # each object (an answer, a frame) by id, with a reference and how many hold it: it counts once.
+        self.max_unsent_bytes = max_unsent_bytes
+        self.unsent_bytes = 0
+        self.holding: dict[EdgeHandler, tuple] = {}
+        self._held: dict[int, list] = {}
         self._refusals = RateLimitedLog("refused HTTP requests", log)
         self._accept_failures = RateLimitedLog("failed accepts", log)
         self._evictions = RateLimitedLog("closed connections", log)
@@ -855,6 +872,43 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
             # (review 2 of watch, item 2).
         self.handler_class(sock, address, self).handle()
 
+    def hold(self, handler: EdgeHandler, objects: tuple | list) -> None:
+        """`handler`'s connection holds `objects` (answers, frames: bytes-like) until `release(handler)`, for a client
+        that has not taken them yet (a send that could not finish). Every slow reader's answer counts in one budget
+        per node: a transaction's answer, a long poll's body, a stream's frame (review edge, L1, L2, Q2: each held up
+        to 24 MB, unbounded in number but by the pool). An object held by several (a poll body or a frame shared by
+        the readers of one filter) counts once. Past `max_unsent_bytes` the oldest holder is cut (its connection
+        shut: its write fails and its greenlet lets go), counted as the eviction "unsent_budget" and logged at most
+        once a second; the newest is kept whatever its size. Called once a send could not finish at once (an answer
+        taken whole costs nothing here), and by a transaction's answer waiting for its turn (routes_txn)."""
+        self.release(handler)
+        held = self._held
+        for o in objects:
+            entry = held.get(id(o))
+            if entry is None:
+                held[id(o)] = [o, 1]
+                self.unsent_bytes += len(o)
+            else:
+                entry[1] += 1
+        self.holding[handler] = tuple(objects)
+        while self.unsent_bytes > self.max_unsent_bytes and len(self.holding) > 1:
+            oldest = next(iter(self.holding))
+            self.release(oldest)
+            self._evict(self.holding, oldest, "unsent_budget")
+
+    def release(self, handler: EdgeHandler) -> None:
+        """What `handler` held (`hold`) is sent, or its connection ended: it no longer counts."""
+        objects = self.holding.pop(handler, None)
+        if objects is None:
+            return
+        held = self._held
+        for o in objects:
+            entry = held[id(o)]
+            entry[1] -= 1
+            if not entry[1]:
+                del held[id(o)]
+                self.unsent_bytes -= len(o)
+
     def _sweep(self) -> None:
         period = min(1.0, self.idle_timeout_seconds / 4)
         while True:
@@ -875,7 +929,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         if self._on_eviction is not None:
             self._on_eviction(reason)
         client = handler.client_address
-        self._evictions.log(logging.WARNING if reason.startswith("full") else logging.INFO,
+        self._evictions.log(logging.WARNING if reason.startswith(("full", "unsent")) else logging.INFO,
                             "closed the HTTP connection of %s (%s)", client[0] if isinstance(client, tuple) else client,
                             reason.replace("_", " "))
         self._close(handlers, handler)

@@ -81,7 +81,7 @@ from raftlib.transport import FrameBudget, ZmqTransport, new_node_key, public_ke
 from .admin import (KEYS_PATH, SECRET_ENV, SIGNATURE_HEADER, AdminGuard, admin_headers, keys_request_headers,
                     parse_vouched, read_keys_answer, valid_public_key, verify_answer)
 from .api import make_app
-from .edge import EdgeServer, RateLimitedLog, listen
+from .edge import DEFAULT_MAX_UNSENT_BYTES, EdgeServer, RateLimitedLog, listen
 from .hosts import AllowedHosts
 from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
@@ -168,6 +168,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_header_bytes: int = 32 << 10
     max_connections: int = 1000
+    max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES  # -max-unsent-bytes: raftlib.server.edge.EdgeServer.hold
     idle_timeout_seconds: float = 60.0
     receive_timeout_seconds: float = 10.0
     snapshot_threshold_bytes: int = 16 << 20
@@ -929,7 +930,7 @@ class Server:
             busy_timeout_seconds=config.receive_timeout_seconds + longest_route_seconds + config.idle_timeout_seconds,
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
             on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log,
-            host_refusal=allowed_hosts.refusal)
+            host_refusal=allowed_hosts.refusal, max_unsent_bytes=config.max_unsent_bytes)
         self.watch_guard.start()  # before HTTP: /readyz asks whether it runs
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import bottle
 
 from .routes_shared import MAX_KEY_BYTES, Api, propose, read_body, require_leader, require_level_2, text
-from .store import MAX_KEYS_PER_LEASE, MAX_TXN_OPS, TXN, NoLease, TxnResult, command, txn_problem
+from .store import MAX_KEYS_PER_LEASE, MAX_TXN_GET_BYTES, MAX_TXN_GET_KEYS, MAX_TXN_OPS, TXN, NoLease, TxnResult, command, txn_problem
 
 
 class BadTxn(Exception):
@@ -146,6 +146,12 @@ def parse_txn(raw: bytes) -> list:
     return parts
 
 
+# A txn's answer holds at most this many bytes of key-values as JSON (txn_answer_json): twice the store's raw
+# MAX_TXN_GET_BYTES (text that escapes a little, non-ASCII text at 2x, base64 at 4/3) and the fields of its most
+# keys, so that only content that escapes heavily (control bytes: 6x) is cut short by it.
+MAX_TXN_ANSWER_BYTES = 2 * MAX_TXN_GET_BYTES + 100 * MAX_TXN_GET_KEYS
+ANSWER_SLICE_BYTES = 128 << 10  # raw bytes of a txn answer's key-values encoded between two passes through TurnGate
+
 # A str as json.dumps writes it (ensure_ascii): json's own C function, without a dumps call around it.
 _json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
@@ -170,13 +176,108 @@ def _txn_answer(result: tuple) -> dict:
                                  for k, v, c, m in detail], **({"more": True} if more[0] else {})}
 
 
-def txn_answer_json(result: TxnResult, index: int) -> str:
+def txn_answer_json(result: TxnResult, index: int,
+                    turn: Callable[[list[bytes]], bool] | None = None) -> str | bytes:
     """POST /txn's answer, the same text as json_answer of {"succeeded", "index", "results": [_txn_answer(r) ...]}
     (tests/test_http_api.py compares them), with each put's result (most of them) written as text rather than
-    built as a dict and encoded: a 10-put txn's answer is ~4x cheaper."""
-    results = ", ".join(f'{{"op": "put", "key": {_json_string(r[1])}}}' if r[0] == "put" else json.dumps(_txn_answer(r))
-                        for r in result.results)
-    return f'{{"succeeded": {"true" if result.succeeded else "false"}, "index": {index}, "results": [{results}]}}\n'
+    built as a dict and encoded: a 10-put txn's answer is ~4x cheaper.
+
+    Gets: their key-values count against MAX_TXN_ANSWER_BYTES as the JSON they are written as (the store's
+    MAX_TXN_GET_BYTES counts raw bytes, and JSON escapes made 4 MiB of control bytes a 24 MB answer: review edge,
+    L1); past it a get says "more": true, as past the store's bounds, and so does every later get that found
+    anything. Not a 4xx: the entry is committed, its puts and deletes applied, and the client needs the answer
+    that says so; "more" already tells it to read the rest with a get of its own. A key-value's JSON is never
+    shorter than its raw bytes, so one past the bound by those is cut without being encoded.
+
+    `turn(pieces)` (post_txn's: the edge's TurnGate, the answer so far held in the node's budget meanwhile) is
+    called before the piece that brings the raw bytes encoded since the last call to ANSWER_SLICE_BYTES (a value
+    is encoded that many characters at a time: _kv_json), so that a big answer is built over many turns of the
+    event loop, at most a few ms each, its timers run in between, and many big answers at once take their turns
+    as requests do; a small answer never calls it. When it returns False (the client was cut meanwhile) no more
+    key-values go in."""
+    head = f'{{"succeeded": {"true" if result.succeeded else "false"}, "index": {index}, "results": ['
+    if all(r[0] == "put" for r in result.results):
+        results = ", ".join(f'{{"op": "put", "key": {_json_string(r[1])}}}' for r in result.results)
+        return f"{head}{results}]}}\n"
+    # As bytes, joined once: a big answer is not copied again from text (ASCII: ensure_ascii) to bytes.
+    pieces = [head.encode()]
+    budget = MAX_TXN_ANSWER_BYTES
+    since_turn = 0
+
+    def paced(cost: int) -> bool:
+        """Before `cost` raw bytes of encoding: pass `turn` once ANSWER_SLICE_BYTES were encoded since the last
+        pass; False when the client was cut meanwhile."""
+        nonlocal since_turn
+        since_turn += cost
+        if turn is None or since_turn < ANSWER_SLICE_BYTES:
+            return True
+        since_turn = cost
+        return turn(pieces)
+
+    for i, r in enumerate(result.results):
+        if i:
+            pieces.append(b", ")
+        if r[0] == "put":
+            pieces.append(f'{{"op": "put", "key": {_json_string(r[1])}}}'.encode())
+        elif r[0] == "delete":
+            pieces.append(json.dumps(_txn_answer(r)).encode())
+        else:
+            pieces.append(b'{"op": "get", "kvs": [')
+            more, first = r[2], True
+            for k, v, c, m in r[1]:
+                start = len(pieces)
+                if not first:
+                    pieces.append(b", ")
+                size = _kv_json(k, v, c, m, pieces, paced) if len(k) + len(v) <= budget else None
+                if size is None or size > budget:
+                    del pieces[start:]
+                    more, budget = True, 0  # the bound ends every later get too, as the store's does
+                    break
+                budget -= size
+                first = False
+            pieces.append(b'], "more": true}' if more else b"]}")
+    pieces.append(b"]}\n")
+    return b"".join(pieces)
+
+
+def _kv_json(key: str, value: bytes, create_index: int, modify_index: int, pieces: list[bytes],
+             paced: Callable[[int], bool]) -> int | None:
+    """Append one key-value's JSON to `pieces` (the caller takes it out again past its bound), the same bytes as json.dumps({"key", _json_value(value),
+    "create_index", "modify_index"}), its value encoded ANSWER_SLICE_BYTES characters at a time with `paced`
+    before each (a 1 MB value of control bytes is 6 MB of JSON: ~20 ms in one go); its length, or None when
+    `paced` said the client was cut."""
+    try:
+        text, field = value.decode(), b', "value": "'
+    except UnicodeDecodeError:
+        text, field = base64.b64encode(value).decode(), b', "value_base64": "'
+    if not paced(len(key)):
+        return None
+    start = len(pieces)  # in `pieces` as it is made: what waits for a turn counts in the budget (_answer_turn)
+    pieces.append(b'{"key": ' + _json_string(key).encode() + field)
+    for at in range(0, len(text), ANSWER_SLICE_BYTES):
+        part = text[at:at + ANSWER_SLICE_BYTES]
+        if not paced(len(part)):
+            return None
+        pieces.append(_json_string(part)[1:-1].encode())  # a slice of a str ends between code points: safe to cut
+    pieces.append(f'", "create_index": {create_index}, "modify_index": {modify_index}}}'.encode())
+    return sum(map(len, pieces[start:]))
+
+
+def _answer_turn(handler) -> Callable[[list[bytes]], bool]:
+    """txn_answer_json's `turn` on the edge: the answer built so far counts in the node's budget of unsent answers
+    while it waits for its turn of the loop (a hundred big answers waiting there at once are no less memory than a
+    hundred unread), and False when it was cut meanwhile (EdgeServer.hold: the oldest holder goes first)."""
+    server = handler.server
+
+    def turn(pieces: list[bytes]) -> bool:
+        server.hold(handler, pieces)
+        server.gate.enter()
+        if handler not in server.holding:
+            return False  # cut: its connection is shut, the answer would go nowhere
+        server.release(handler)
+        return True
+
+    return turn
 
 
 def post_txn(api: Api) -> bottle.HTTPResponse | str:
@@ -199,7 +300,8 @@ def post_txn(api: Api) -> bottle.HTTPResponse | str:
     # The answer as a write's 200 is made (set_key): on Bottle's response, cheaper than an HTTPResponse.
     bottle.response.content_type = "application/json"
     bottle.response.set_header("X-Raft-Index", str(index))
-    return txn_answer_json(result, index)
+    handler = bottle.request.environ.get("raftdzmq.handler")  # None in process (tests)
+    return txn_answer_json(result, index, None if handler is None else _answer_turn(handler))
 
 
 # (method, path, route, the operation its failures are answered as): api.make_app installs them.

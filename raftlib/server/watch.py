@@ -109,6 +109,7 @@ WAKE_TURN_SECONDS = 0.005  # deliveries from the wake per turn of the event loop
 CLOCK_EVERY = 8
 _COMPACT_EVENTS = 4096  # the evicted front of the list is dropped once it is this long and half the list
 _NO_CHUNK: tuple[bytes, ...] = ()
+_NO_EVENTS_BODY = b"[]\n"  # a long poll's body with no events (poll_body of [])
 _index_of: Callable[[Any], int] = itemgetter(3)  # Event.index, by position: faster than the attribute, and bisect's key
 
 
@@ -499,20 +500,38 @@ class WatchHub:
             chunk = answer[4] = ((size_line, frame, b"\r\n"), len(size_line) + len(frame) + 2)
         return answer[0], chunk[0], chunk[1]
 
+    def next_poll(self, watcher: Watcher, max_events: int = MAX_EVENTS_PER_READ,
+                  max_bytes: int = MAX_BYTES_PER_READ) -> tuple[list[Event], bytes]:
+        """`next` and a long poll's body of its events (`poll_body`), shared like `next_sse`'s frame by every poll
+        that made the same read: a hundred polls of one key answered by a 1 MB write hold one 6 MB body between
+        them while their clients are slow to take it, not one each (review edge, L2). No events: ([], b"[]\n")."""
+        answer = self._next(watcher, max_events, max_bytes)
+        if answer is None or not answer[0]:
+            return [], _NO_EVENTS_BODY
+        body = answer[5]
+        if body is None:
+            body = answer[5] = self._count_shared(self.poll_body(answer[0]))
+        return answer[0], body
+
+    def _count_shared(self, made: bytes) -> bytes:
+        """A frame or a poll body just made for the newest shared answer: it counts in shared_bytes (and held_bytes),
+        and the oldest shared answers are forgotten past MAX_SHARED_BYTES."""
+        self._answer_made = True
+        self.shared_bytes += len(made)
+        self.held_bytes += len(made)
+        while self.shared_bytes > MAX_SHARED_BYTES and len(self._shared) > 1:
+            self._forget_oldest_shared()
+        return made
+
     def _frame_of(self, answer: list) -> bytes:
         """The SSE frame of a shared answer, made when first asked for."""
         frame = answer[3]
         if frame is None:  # the answer is the newest in _shared (_next put it there): its frame counts from here
-            frame = answer[3] = self.sse(answer[0])
-            self._answer_made = True
-            self.shared_bytes += len(frame)
-            self.held_bytes += len(frame)
-            while self.shared_bytes > MAX_SHARED_BYTES and len(self._shared) > 1:
-                self._forget_oldest_shared()
+            frame = answer[3] = self._count_shared(self.sse(answer[0]))
         return frame
 
     def _next(self, watcher: Watcher, max_events: int, max_bytes: int) -> list | None:
-        """The shared answer [events, position, whole, frame or None, chunk or None] of the watcher's next read
+        """The shared answer [events, position, whole, frame or None, chunk or None, poll body or None] of the watcher's next read
         (None: nothing matching came since it last read to the end); its position and first_match move."""
         first_match = watcher.first_match
         watcher.woken.clear()  # on both paths: a wake left set from an earlier read would end every wait at once
@@ -536,7 +555,7 @@ class WatchHub:
         else:
             answer = shared.pop(key, None)
             if answer is None:
-                answer = [*self._read(scan_from, wanted, max_events, max_bytes), None, None]
+                answer = [*self._read(scan_from, wanted, max_events, max_bytes), None, None, None]
                 self._answer_made = True  # the wake reads the clock after this delivery (CLOCK_EVERY)
                 if len(shared) >= MAX_SHARED_ANSWERS:
                     self._forget_oldest_shared()
@@ -554,10 +573,11 @@ class WatchHub:
         oldest = next(iter(self._shared))
         if oldest == self._newest_key:
             self._forget_newest()
-        frame = self._shared.pop(oldest)[3]
-        if frame is not None:
-            self.shared_bytes -= len(frame)
-            self.held_bytes -= len(frame)
+        answer = self._shared.pop(oldest)
+        for made in (answer[3], answer[5]):  # its frame, its poll body
+            if made is not None:
+                self.shared_bytes -= len(made)
+                self.held_bytes -= len(made)
 
     def _drop_shared(self) -> None:
         """The history changed: no shared answer holds any more."""

@@ -185,9 +185,23 @@ class SocketWriter(_Progress):
 
     def _send(self, parts: Sequence[bytes | memoryview]) -> None:
         """The greenlet's blocking send of `parts`, without joining them: a frame is the hub's, shared with every
-        watcher that read it, and a stream whose client reads slowly must not hold a copy of it while it waits."""
-        while parts:
-            parts = _unsent(parts, self._sendmsg_waiting(parts))
+        watcher that read it, and a stream whose client reads slowly must not hold a copy of it while it waits.
+        What the socket does not take at once counts in the node's budget of unsent answers (EdgeServer.hold)
+        while it waits."""
+        try:
+            sent = self._sendmsg(parts)
+        except BlockingIOError:
+            sent = 0
+        parts = _unsent(parts, sent)
+        if not parts:
+            return
+        server = self.stream.handler.server
+        server.hold(self.stream.handler, _objects(parts))
+        try:
+            while parts:
+                parts = _unsent(parts, self._sendmsg_waiting(parts))
+        finally:
+            server.release(self.stream.handler)
 
     def wait(self, watcher: Watcher, seconds: float, also: tuple[gevent.event.Event, ...] | None) -> None:
         """Wait armed (the wake writes the watcher's frames meanwhile), then write what the wake left of a frame."""
@@ -199,6 +213,7 @@ class SocketWriter(_Progress):
         if self.pending:
             pending, self.pending = self.pending, []
             self._send(pending)
+            self.stream.handler.server.release(self.stream.handler)  # the wake's hold of it (deliver)
             self.written_at = time.monotonic()
             self.metrics.watch_delivery_seconds.observe(self.written_at - self.pending_marked_at)
 
@@ -222,10 +237,11 @@ class SocketWriter(_Progress):
             return False  # its greenlet reads again and ends the stream with the error event
         if not events:
             return True  # nothing matched after all (its position moved: the next keep-alive gives it)
+        gone = False
         try:
             sent = self._sendmsg(parts)
-        except OSError:  # a full buffer (EAGAIN), or the client went: the greenlet's blocking write tells which
-            sent = 0
+        except OSError as e:  # a full buffer (EAGAIN), or the client went: the greenlet's blocking write tells which
+            sent, gone = 0, not isinstance(e, BlockingIOError)
         self.sent_position = events[-1][3]
         if sent == length:
             self.stream_writes.add(len(events), now - marked_at)
@@ -236,9 +252,16 @@ class SocketWriter(_Progress):
             return watcher.first_match is None  # a read cut at its budget: the greenlet writes the rest at once
         self.metrics.watch_events.inc("stream", len(events))
         self.pending = _unsent(parts, sent)
+        if not gone:  # a slow reader (may cut the oldest); one gone, or cut already, would count as the newest
+            self.stream.handler.server.hold(self.stream.handler, _objects(self.pending))
         self.pending_marked_at = marked_at
         self.armed = False
         return False
+
+
+def _objects(views: Sequence[bytes | memoryview]) -> list:
+    """The objects (frames, chunk lines) that `views` keep alive: what a stream holds while they wait."""
+    return [view.obj if isinstance(view, memoryview) else view for view in views]
 
 
 def _unsent(parts: Sequence[bytes | memoryview], sent: int) -> list[memoryview]:
