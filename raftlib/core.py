@@ -16,7 +16,7 @@ import types
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from .log import RaftLog, membership_at
+from .log import RaftLog, membership_at, within_bytes
 from .messages import (
     AppendEntries,
     AppendEntriesReply,
@@ -1392,15 +1392,9 @@ class RaftNode:
 
     def _catch_up_slice(self, low: int, high: int) -> list[Entry]:
         """The kept entries with low <= index < high (all kept, high at most the cut + 1), within max_batch_bytes
-        as RaftLog.slice bounds a batch: at least one."""
+        as RaftLog.slice bounds a batch (within_bytes): at least one."""
         first = self._catch_up_first()
-        out = self._catch_up[low - first : high - first]
-        total = 0
-        for n, e in enumerate(out):
-            total += e.size()
-            if total > self.config.max_batch_bytes and n > 0:
-                return out[:n]
-        return out
+        return within_bytes(self._catch_up[low - first : high - first], self.config.max_batch_bytes)
 
     def _send_snapshot(self, peer: str) -> None:
         pr = self._progress[peer]

@@ -526,9 +526,16 @@ class Cluster:
 
     def send(self, m) -> None:
         if isinstance(m, AppendEntries) and m.src in self.nodes:
-            bound = self.nodes[m.src].node.config.max_batch_entries
+            config = self.nodes[m.src].node.config
+            bound = config.max_batch_entries
             if len(m.entries) > bound:
                 self.fail(f"{m.src} sent {len(m.entries)} entries in one append, over max_batch_entries {bound}")
+            # More than one entry over max_batch_bytes: unbounded, an append outgrows the codec's frame (4 MiB) and
+            # its follower never catches up (raftlib.log.within_bytes; the batches from behind a snapshot's cut too).
+            batch_bytes = sum(e.size() for e in m.entries)
+            if len(m.entries) > 1 and batch_bytes > config.max_batch_bytes:
+                self.fail(f"{m.src} sent {len(m.entries)} entries of {batch_bytes} bytes in one append, over "
+                          f"max_batch_bytes {config.max_batch_bytes}")
             if len(m.entries) == bound < Config.max_batch_entries:
                 self.stats["appends cut at max_batch_entries"] += 1
             if m.entries and m.prev_log_index < self.nodes[m.src].node.log.snapshot_index:
@@ -1289,6 +1296,11 @@ def random_schedule(
     # One entry per AppendEntries in some schedules: followers then hold parts of a new leader's log, as in Figure 8.
     # The others draw the default bound or the one before it (1 MiB; -max-batch-bytes' most).
     overrides = {"max_batch_bytes": rng.choice([1 << 20, Config.max_batch_bytes, 1])}
+    # A share of the schedules bound a batch to about three writes by their bytes (an entry of a write is ~30 bytes
+    # by Entry.size) instead: the byte bound then cuts batches of several entries, from the log and from behind a
+    # snapshot's cut, where the others send one entry or every entry due. From an rng of its own, as below.
+    if random.Random(seed ^ 0xBB17).random() < 0.25:
+        overrides["max_batch_bytes"] = 100
     # The protocol's options are part of the contract too: a share of the schedules runs without each.
     overrides["check_quorum"] = rng.random() >= 0.2
     overrides["pre_vote"] = rng.random() >= 0.2

@@ -2020,6 +2020,31 @@ def test_a_follower_a_few_entries_behind_a_snapshot_is_sent_appends_from_behind_
     assert c.nodes[follower].kv.data == c.nodes[leader].kv.data
 
 
+def test_appends_from_behind_the_cut_are_bounded_by_max_batch_bytes_so_a_follower_behind_big_writes_catches_up():
+    """A batch from the entries kept behind the cut is bounded by max_batch_bytes as one from the log is (within_bytes,
+    review of cu, Q1): unbounded, a follower stopped while the leader took 100 writes of 64 KiB was sent one append
+    of 4.4 MB from them, which the codec refuses (over MAX_FRAME_BYTES, 4 MiB), and it never caught up."""
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    n, f = c.nodes[leader].node, c.nodes[follower].node
+    pr = n.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for k in range(100):
+        write(c, f"k{k % 5}", value="v" * (64 << 10))
+    c.take_snapshot(leader)
+    first, _, kept_bytes = n.catch_up_entries
+    assert first <= pr.next_index <= n.log.snapshot_index and kept_bytes > codec.MAX_FRAME_BYTES
+    appends = _record_sent_to(c, follower)
+    c.resume(follower)
+    assert c.run_until(lambda: f.commit_index == n.commit_index == f.log.last_index == n.log.last_index, 500)
+    behind_the_cut = [m for m in appends if m.entries and m.prev_log_index < n.log.snapshot_index]
+    assert len(behind_the_cut) > 1 and f.log.snapshot_index == 0
+    for m in appends:
+        assert len(m.entries) == 1 or sum(e.size() for e in m.entries) <= n.config.max_batch_bytes, m.prev_log_index
+
+
 def test_the_entries_kept_behind_cuts_are_the_newest_within_both_bounds_and_span_several_snapshots():
     """create_snapshot keeps the newest entries up to its index, contiguous with those kept behind the previous
     cut, never more than snapshot_catch_up_entries nor over snapshot_catch_up_bytes (by Entry.size)."""
