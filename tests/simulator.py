@@ -1650,11 +1650,14 @@ def figure_8_scenario(mutation: str | None = None) -> Cluster:
 
 
 def stale_catch_up_scenario(mutation: str | None = None) -> Cluster:
-    """Entries kept behind a snapshot's cut (Config.snapshot_catch_up_entries), scripted: a follower A snapshots
-    (keeping its entries 1-6), is stopped while the leader writes and snapshots past it, installs the leader's
-    snapshot, and is made leader while B, stopped a few entries before the leader's cut, is behind A's. Safe only
-    while A keeps no entries from before the install (its log was replaced): B is then sent the snapshot."""
-    c = Cluster(seed=12, n=5, config_overrides={"snapshot_catch_up_entries": 8, "max_inflight_messages": 1,
+    """Entries kept behind a snapshot's cut (Config.snapshot_catch_up_entries), scripted, on 7 nodes: a follower A
+    snapshots (keeping its entries 1-6), is stopped while the leader writes and snapshots past it, installs the
+    leader's snapshot, snapshots again of its own a little past it, and is made leader while B, stopped a few
+    entries before the leader's cut, and C, stopped after the election, are behind A's cut. Safe only while A keeps
+    no entries from before the install (its log was replaced; review of cu, Q2): B and C are then sent the
+    snapshot. Kept, A's old entries and its new ones make one list that is not contiguous: counted from the cut,
+    B is sent wrong entries; by their indices, C is sent the old ones and the new ones in one append."""
+    c = Cluster(seed=12, n=7, config_overrides={"snapshot_catch_up_entries": 8, "max_inflight_messages": 1,
                                                 **(MUTATIONS[mutation] if mutation else {})})
     c.replay_command = "python tests/simulator.py --scenario stale-catch-up" + (
         f" --mutation {mutation}" if mutation else "")
@@ -1662,8 +1665,12 @@ def stale_catch_up_scenario(mutation: str | None = None) -> Cluster:
         c.fail("stale catch-up: no leader elected")
     first = c.leader()
     assert first is not None
-    a, b = [i for i in c.ids if i != first][:2]
-    leader, new_leader, behind = (c.nodes[i].node for i in (first, a, b))
+    a, b, far = [i for i in c.ids if i != first][:3]
+    leader, new_leader, behind, far_behind = (c.nodes[i].node for i in (first, a, b, far))
+    if not c.run_until(lambda: far_behind.log.last_index > 0, 200):
+        c.fail("stale catch-up: C has no entry")
+    c.pause(far)
+    c.isolate(far)  # its backlog would bring it the leader's snapshot once resumed
 
     def write(count: int) -> None:
         for _ in range(count):
@@ -1684,15 +1691,23 @@ def stale_catch_up_scenario(mutation: str | None = None) -> Cluster:
     if not c.run_until(lambda: new_leader.log.snapshot_index == leader.log.snapshot_index
                        and new_leader.last_applied == leader.log.last_index, 500):
         c.fail("stale catch-up: A did not install the leader's snapshot")
-    if behind.log.last_index >= new_leader.log.snapshot_index:
-        c.fail("stale catch-up: B is not behind the cut")
+    write(2)
+    if not c.run_until(lambda: new_leader.last_applied == leader.log.last_index, 200):
+        c.fail("stale catch-up: A did not apply the writes after the install")
+    c.take_snapshot(a)
+    if not c.run_until(lambda: new_leader.log.snapshot_index == leader.log.last_index, 200):
+        c.fail("stale catch-up: A did not snapshot after the install")
+    if max(behind.log.last_index, far_behind.log.last_index) >= leader.log.snapshot_index:
+        c.fail("stale catch-up: B or C is not behind the cut")
     leader.transfer_leadership(a)
     c.process(first)
     if not c.run_until(lambda: c.leader() == a, 200):
         c.fail("stale catch-up: A was not made leader")
     c.resume(b)
-    if not c.run_until(lambda: behind.commit_index == new_leader.commit_index, 300):
-        c.fail("stale catch-up: B did not catch up")
+    c.heal()
+    c.resume(far)
+    if not c.run_until(lambda: behind.commit_index == far_behind.commit_index == new_leader.commit_index, 300):
+        c.fail("stale catch-up: B or C did not catch up")
     return c
 
 
