@@ -235,7 +235,12 @@ def _message_in(v) -> Message:
     _need(len(kinds) - _ADDED_FIELDS.get(cls, 0) <= len(v) - 4 <= len(kinds), f"wrong field count for {cls.__name__}")
     args = [_str(v[1]), _str(v[2]), _int(v[3])]
     args.extend(_field(k, x) for k, x in zip(kinds, v[4:]))
-    return cls(*args)
+    m = cls(*args)
+    if cls is AppendEntries and m.entries:
+        # The follower takes the entries as prev_log_index + 1 onwards (its match index, its commit, §5.3): ones that
+        # start anywhere else would move those past its log.
+        _need(m.entries[0].index == m.prev_log_index + 1, "entries not from prev_log_index + 1")
+    return m
 
 
 class _EveryTagRefused(dict):

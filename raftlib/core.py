@@ -16,7 +16,7 @@ import types
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from .log import RaftLog, membership_at
+from .log import RaftLog, membership_at, within_bytes
 from .messages import (
     AppendEntries,
     AppendEntriesReply,
@@ -141,16 +141,16 @@ class Config:
     # values, ~300 writes/s, none refused), far inside the 5 s write timeout.
     max_uncommitted_bytes: int = 64 << 20
     snapshot_chunk_bytes: int = 1 << 20
-    # Bounds on the entries a node keeps in memory behind its own snapshot's cut (etcd's SnapshotCatchUpEntries,
-    # 5,000; its server compacts at snapi - SnapshotCatchUpEntries), the newest ones, by count and by bytes
-    # (Entry.size): a follower whose next index is among them is sent ordinary appends from them instead of the
-    # whole snapshot (§7; at 5,000,000 keys 615 MB, seconds of CPU on both ends, and its watch history restarted).
-    # A follower a window behind (max_inflight_bytes) when the leader snapshots is such a follower. The entries are
-    # committed and applied when they are cut (a snapshot holds only those), so they are the same in every later
-    # term's log (Leader Completeness): valid to send whoever leads. Memory only: a restart, or a leader's snapshot
-    # installed here (the log replaced), keeps none. 8 MiB holds four default windows (2 MiB each), and the largest
-    # window (8 batches at -max-batch-bytes' most, 8 MiB) once: a follower a window or two behind, plus what came
-    # during its stall, stays within it; bigger entries (up to -max-body, 1 MiB) are bounded by the bytes, not by
+    # Bounds on the entries a node keeps in memory behind its own snapshot's cut (etcd's SnapshotCatchUpEntries, 5,000;
+    # its server compacts at snapi - SnapshotCatchUpEntries), the newest ones, by count (that many and the one before
+    # them, for its term) and by bytes (Entry.size): a follower whose next index is among them is sent ordinary appends
+    # from them instead of the whole snapshot (§7; at 5,000,000 keys 615 MB, seconds of CPU on both ends, and its watch
+    # history restarted). A follower a window behind (max_inflight_bytes) when the leader snapshots is such a follower.
+    # The entries are committed and applied when they are cut (a snapshot holds only those), so they are the same in
+    # every later term's log (Leader Completeness): valid to send whoever leads. Memory only: a restart, or a leader's
+    # snapshot installed here (the log replaced), keeps none. 8 MiB holds four default windows (2 MiB each), and the
+    # largest window (8 batches at -max-batch-bytes' most, 8 MiB) once: a follower a window or two behind, plus what
+    # came during its stall, stays within it; bigger entries (up to -max-body, 1 MiB) are bounded by the bytes, not by
     # 5,000 of them (5 GB). 0 entries or bytes: none kept (every follower behind the cut gets the snapshot).
     snapshot_catch_up_entries: int = 5000
     snapshot_catch_up_bytes: int = 8 << 20
@@ -701,10 +701,14 @@ class RaftNode:
 
     def _keep_behind_cut(self, index: int) -> None:
         """Before the log is compacted up to `index`: keep its newest entries up to there in _catch_up, within
-        the bounds (Config.snapshot_catch_up_entries, _bytes), the oldest dropped first."""
-        limit, bytes_bound = self.config.snapshot_catch_up_entries, self.config.snapshot_catch_up_bytes
-        if not limit or not bytes_bound:
+        the bounds (Config.snapshot_catch_up_entries, _bytes), the oldest dropped first. Up to N + 1 of them for
+        snapshot_catch_up_entries N: the oldest serves only as a batch's previous term, so that a follower whose next
+        index is any of the N up to the cut is served, as etcd's Compact(snapi - SnapshotCatchUpEntries) serves
+        (review of cu, Q4)."""
+        positions, bytes_bound = self.config.snapshot_catch_up_entries, self.config.snapshot_catch_up_bytes
+        if not positions or not bytes_bound:
             return
+        limit = positions + 1
         low = max(self.log.first_index, index - limit + 1)
         fresh = self.log.slice(low, index + 1)
         if low == self.log.first_index and self._catch_up:
@@ -1392,15 +1396,9 @@ class RaftNode:
 
     def _catch_up_slice(self, low: int, high: int) -> list[Entry]:
         """The kept entries with low <= index < high (all kept, high at most the cut + 1), within max_batch_bytes
-        as RaftLog.slice bounds a batch: at least one."""
+        as RaftLog.slice bounds a batch (within_bytes): at least one."""
         first = self._catch_up_first()
-        out = self._catch_up[low - first : high - first]
-        total = 0
-        for n, e in enumerate(out):
-            total += e.size()
-            if total > self.config.max_batch_bytes and n > 0:
-                return out[:n]
-        return out
+        return within_bytes(self._catch_up[low - first : high - first], self.config.max_batch_bytes)
 
     def _send_snapshot(self, peer: str) -> None:
         pr = self._progress[peer]

@@ -47,13 +47,7 @@ class RaftLog:
         """Entries with low <= index < high; at least one when any, at most `max_bytes` more."""
         assert self.snapshot_index < low <= high <= self.last_index + 1, (low, high, self.snapshot_index)
         out = self._entries[low - self.snapshot_index - 1 : high - self.snapshot_index - 1]
-        if max_bytes is not None:
-            total = 0
-            for n, e in enumerate(out):
-                total += e.size()
-                if total > max_bytes and n > 0:
-                    return out[:n]
-        return out
+        return out if max_bytes is None else within_bytes(out, max_bytes)
 
     def match_term(self, index: int, term: int) -> bool:
         return self.term(index) == term
@@ -102,6 +96,19 @@ class RaftLog:
             del self._entries[: index - self.snapshot_index]
         self.snapshot_index = index
         self.snapshot_term = term
+
+
+def within_bytes(entries: list[Entry], max_bytes: int) -> list[Entry]:
+    """The longest prefix of `entries` whose sizes (Entry.size) sum to at most `max_bytes`, and at least the first
+    entry (one bigger than the bound still goes alone, or nothing would progress). The one rule that bounds a batch
+    (Config.max_batch_bytes): of the log's entries (RaftLog.slice) and of those kept behind a snapshot's cut alike,
+    so that no append outgrows the codec's frame (raftlib.codec.MAX_FRAME_BYTES)."""
+    total = 0
+    for n, e in enumerate(entries):
+        total += e.size()
+        if total > max_bytes and n > 0:
+            return entries[:n]
+    return entries
 
 
 def membership_at(base: Membership, entries: list[Entry], index: int) -> Membership:

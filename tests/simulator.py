@@ -526,9 +526,16 @@ class Cluster:
 
     def send(self, m) -> None:
         if isinstance(m, AppendEntries) and m.src in self.nodes:
-            bound = self.nodes[m.src].node.config.max_batch_entries
+            config = self.nodes[m.src].node.config
+            bound = config.max_batch_entries
             if len(m.entries) > bound:
                 self.fail(f"{m.src} sent {len(m.entries)} entries in one append, over max_batch_entries {bound}")
+            # More than one entry over max_batch_bytes: unbounded, an append outgrows the codec's frame (4 MiB) and
+            # its follower never catches up (raftlib.log.within_bytes; the batches from behind a snapshot's cut too).
+            batch_bytes = sum(e.size() for e in m.entries)
+            if len(m.entries) > 1 and batch_bytes > config.max_batch_bytes:
+                self.fail(f"{m.src} sent {len(m.entries)} entries of {batch_bytes} bytes in one append, over "
+                          f"max_batch_bytes {config.max_batch_bytes}")
             if len(m.entries) == bound < Config.max_batch_entries:
                 self.stats["appends cut at max_batch_entries"] += 1
             if m.entries and m.prev_log_index < self.nodes[m.src].node.log.snapshot_index:
@@ -545,7 +552,10 @@ class Cluster:
         hold = self.holds.get((m.src, m.dst))
         for _ in range(copies):
             if self.codec_roundtrip:
-                m = codec.decode_batch(codec.encode_batch([m]))[0]
+                try:
+                    m = codec.decode_batch(codec.encode_batch([m]))[0]
+                except codec.CodecError as e:  # its receiver would drop it, and log it: a sender's bug
+                    self.fail(f"a message the codec refuses ({type(m).__name__} from {m.src}): {e}")
             if hold is not None:
                 hold.messages.append((m, self.receiver_state(m.dst)))
                 self.stats["messages held"] += 1
@@ -1289,6 +1299,11 @@ def random_schedule(
     # One entry per AppendEntries in some schedules: followers then hold parts of a new leader's log, as in Figure 8.
     # The others draw the default bound or the one before it (1 MiB; -max-batch-bytes' most).
     overrides = {"max_batch_bytes": rng.choice([1 << 20, Config.max_batch_bytes, 1])}
+    # A share of the schedules bound a batch to about three writes by their bytes (an entry of a write is ~30 bytes
+    # by Entry.size) instead: the byte bound then cuts batches of several entries, from the log and from behind a
+    # snapshot's cut, where the others send one entry or every entry due. From an rng of its own, as below.
+    if random.Random(seed ^ 0xBB17).random() < 0.25:
+        overrides["max_batch_bytes"] = 100
     # The protocol's options are part of the contract too: a share of the schedules runs without each.
     overrides["check_quorum"] = rng.random() >= 0.2
     overrides["pre_vote"] = rng.random() >= 0.2
@@ -1635,11 +1650,14 @@ def figure_8_scenario(mutation: str | None = None) -> Cluster:
 
 
 def stale_catch_up_scenario(mutation: str | None = None) -> Cluster:
-    """Entries kept behind a snapshot's cut (Config.snapshot_catch_up_entries), scripted: a follower A snapshots
-    (keeping its entries 1-6), is stopped while the leader writes and snapshots past it, installs the leader's
-    snapshot, and is made leader while B, stopped a few entries before the leader's cut, is behind A's. Safe only
-    while A keeps no entries from before the install (its log was replaced): B is then sent the snapshot."""
-    c = Cluster(seed=12, n=5, config_overrides={"snapshot_catch_up_entries": 8, "max_inflight_messages": 1,
+    """Entries kept behind a snapshot's cut (Config.snapshot_catch_up_entries), scripted, on 7 nodes: a follower A
+    snapshots (keeping its entries 1-6), is stopped while the leader writes and snapshots past it, installs the
+    leader's snapshot, snapshots again of its own a little past it, and is made leader while B, stopped a few
+    entries before the leader's cut, and C, stopped after the election, are behind A's cut. Safe only while A keeps
+    no entries from before the install (its log was replaced; review of cu, Q2): B and C are then sent the
+    snapshot. Kept, A's old entries and its new ones make one list that is not contiguous: counted from the cut,
+    B is sent wrong entries; by their indices, C is sent the old ones and the new ones in one append."""
+    c = Cluster(seed=12, n=7, config_overrides={"snapshot_catch_up_entries": 8, "max_inflight_messages": 1,
                                                 **(MUTATIONS[mutation] if mutation else {})})
     c.replay_command = "python tests/simulator.py --scenario stale-catch-up" + (
         f" --mutation {mutation}" if mutation else "")
@@ -1647,8 +1665,12 @@ def stale_catch_up_scenario(mutation: str | None = None) -> Cluster:
         c.fail("stale catch-up: no leader elected")
     first = c.leader()
     assert first is not None
-    a, b = [i for i in c.ids if i != first][:2]
-    leader, new_leader, behind = (c.nodes[i].node for i in (first, a, b))
+    a, b, far = [i for i in c.ids if i != first][:3]
+    leader, new_leader, behind, far_behind = (c.nodes[i].node for i in (first, a, b, far))
+    if not c.run_until(lambda: far_behind.log.last_index > 0, 200):
+        c.fail("stale catch-up: C has no entry")
+    c.pause(far)
+    c.isolate(far)  # its backlog would bring it the leader's snapshot once resumed
 
     def write(count: int) -> None:
         for _ in range(count):
@@ -1669,15 +1691,23 @@ def stale_catch_up_scenario(mutation: str | None = None) -> Cluster:
     if not c.run_until(lambda: new_leader.log.snapshot_index == leader.log.snapshot_index
                        and new_leader.last_applied == leader.log.last_index, 500):
         c.fail("stale catch-up: A did not install the leader's snapshot")
-    if behind.log.last_index >= new_leader.log.snapshot_index:
-        c.fail("stale catch-up: B is not behind the cut")
+    write(2)
+    if not c.run_until(lambda: new_leader.last_applied == leader.log.last_index, 200):
+        c.fail("stale catch-up: A did not apply the writes after the install")
+    c.take_snapshot(a)
+    if not c.run_until(lambda: new_leader.log.snapshot_index == leader.log.last_index, 200):
+        c.fail("stale catch-up: A did not snapshot after the install")
+    if max(behind.log.last_index, far_behind.log.last_index) >= leader.log.snapshot_index:
+        c.fail("stale catch-up: B or C is not behind the cut")
     leader.transfer_leadership(a)
     c.process(first)
     if not c.run_until(lambda: c.leader() == a, 200):
         c.fail("stale catch-up: A was not made leader")
     c.resume(b)
-    if not c.run_until(lambda: behind.commit_index == new_leader.commit_index, 300):
-        c.fail("stale catch-up: B did not catch up")
+    c.heal()
+    c.resume(far)
+    if not c.run_until(lambda: behind.commit_index == far_behind.commit_index == new_leader.commit_index, 300):
+        c.fail("stale catch-up: B or C did not catch up")
     return c
 
 

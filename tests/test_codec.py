@@ -138,6 +138,20 @@ def test_well_formed_cbor_of_the_wrong_shape_raises_only_codec_error(fields, tag
             pass
 
 
+def test_an_append_whose_entries_do_not_start_after_its_prev_log_index_is_refused():
+    """A follower takes an append's entries as prev_log_index + 1 onwards (its match index is prev_log_index plus
+    their count): entries that start anywhere else are refused as junk is, the frame dropped and logged by the
+    transport, and never reach the core (review of cu, Q5)."""
+    sample = next(m for m in SAMPLES if isinstance(m, AppendEntries))
+    assert codec.decode_batch(codec.encode_batch([sample])) == [sample]
+    for shift in (-1, 1, -sample.prev_log_index):
+        shifted = dataclasses.replace(sample, prev_log_index=sample.prev_log_index + shift)
+        with pytest.raises(codec.CodecError, match="prev_log_index"):
+            codec.decode_batch(codec.encode_batch([sample, shifted]))
+    empty = dataclasses.replace(sample, prev_log_index=0, entries=())  # a heartbeat: no entries to check
+    assert codec.decode_batch(codec.encode_batch([empty])) == [empty]
+
+
 def test_hmac_signed_frames_of_older_versions_are_refused_with_the_reason():
     """Frames are not signed any more (a secret means CURVE connections: raftlib.transport); a frame as older
     versions signed it is refused, saying so."""

@@ -1988,7 +1988,9 @@ def _entries_known(n: RaftNode) -> list[tuple[int, int, bytes]]:
 
 @pytest.mark.parametrize("overrides, from_behind_the_cut", [
     ({}, True),  # the default: 5,000 entries, 8 MiB
-    ({"snapshot_catch_up_entries": 3}, False),  # the follower is 5 writes behind: more than kept
+    # The follower's next index is 4 entries behind the cut (cut - 3): N kept serve N positions (review of cu, Q4).
+    ({"snapshot_catch_up_entries": 4}, True),
+    ({"snapshot_catch_up_entries": 3}, False),  # one more than are served
     ({"snapshot_catch_up_bytes": 2 * 30}, False),  # ~two writes by their bytes (Entry.size of `k=vN`: ~30)
     (NO_CATCH_UP, False),  # 0 turns it off
     ({"snapshot_catch_up_bytes": 0}, False),
@@ -2013,16 +2015,43 @@ def test_a_follower_a_few_entries_behind_a_snapshot_is_sent_appends_from_behind_
                                                                                                  chunks)
     assert n.catch_up_appends == len(behind_the_cut)
     if from_behind_the_cut:
-        assert f.log.snapshot_index == 0 and _entries_known(f) == _entries_known(n)[-f.log.last_index:]
-        assert _entries_known(n)[0][0] == 1, "the leader kept every entry behind its cut (12 of 5,000)"
+        known = _entries_known(n)
+        assert f.log.snapshot_index == 0 and _entries_known(f)[-len(known):] == known
+        assert overrides or known[0][0] == 1, "the leader kept every entry behind its cut (12 of 5,000)"
     else:
         assert f.log.snapshot_index == n.log.snapshot_index and f.catch_up_entries == (0, 0, 0)
     assert c.nodes[follower].kv.data == c.nodes[leader].kv.data
 
 
+def test_appends_from_behind_the_cut_are_bounded_by_max_batch_bytes_so_a_follower_behind_big_writes_catches_up():
+    """A batch from the entries kept behind the cut is bounded by max_batch_bytes as one from the log is (within_bytes,
+    review of cu, Q1): unbounded, a follower stopped while the leader took 100 writes of 64 KiB was sent one append
+    of 4.4 MB from them, which the codec refuses (over MAX_FRAME_BYTES, 4 MiB), and it never caught up."""
+    c = Cluster(seed=7, n=3)
+    leader = elect(c)
+    follower = next(i for i in c.ids if i != leader)
+    n, f = c.nodes[leader].node, c.nodes[follower].node
+    pr = n.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for k in range(100):
+        write(c, f"k{k % 5}", value="v" * (64 << 10))
+    c.take_snapshot(leader)
+    first, _, kept_bytes = n.catch_up_entries
+    assert first <= pr.next_index <= n.log.snapshot_index and kept_bytes > codec.MAX_FRAME_BYTES
+    appends = _record_sent_to(c, follower)
+    c.resume(follower)
+    assert c.run_until(lambda: f.commit_index == n.commit_index == f.log.last_index == n.log.last_index, 500)
+    behind_the_cut = [m for m in appends if m.entries and m.prev_log_index < n.log.snapshot_index]
+    assert len(behind_the_cut) > 1 and f.log.snapshot_index == 0
+    for m in appends:
+        assert len(m.entries) == 1 or sum(e.size() for e in m.entries) <= n.config.max_batch_bytes, m.prev_log_index
+
+
 def test_the_entries_kept_behind_cuts_are_the_newest_within_both_bounds_and_span_several_snapshots():
     """create_snapshot keeps the newest entries up to its index, contiguous with those kept behind the previous
-    cut, never more than snapshot_catch_up_entries nor over snapshot_catch_up_bytes (by Entry.size)."""
+    cut, never more than snapshot_catch_up_entries + 1 (N positions
+    served, and the entry before them for its term) nor over snapshot_catch_up_bytes (by Entry.size)."""
     value = "v" * 100
     bytes_bound = 5 * 130  # about five writes of `value` (Entry.size: data + 24)
     c = Cluster(seed=7, n=3, config_overrides={"snapshot_catch_up_entries": 12, "snapshot_catch_up_bytes": bytes_bound})
@@ -2044,13 +2073,14 @@ def test_the_entries_kept_behind_cuts_are_the_newest_within_both_bounds_and_span
     assert [e.index for e in kept] == list(range(first, n.log.snapshot_index + 1)) and count == len(kept)
     biggest = max(e.size() for e in kept)
     assert kept_bytes == sum(e.size() for e in kept) and bytes_bound - biggest < kept_bytes <= bytes_bound
-    assert 1 < first and count < 12
+    assert 1 < first and count < 12 + 1
 
     c = Cluster(seed=7, n=3, config_overrides={"snapshot_catch_up_entries": 3})
     leader = elect(c)
     n = c.nodes[leader].node
     write_and_snapshot(6)
-    assert n.catch_up_entries[:2] == (n.log.snapshot_index - 2, 3)
+    # Three follower positions served (next index cut - 2 to the cut), and the entry before them for its term.
+    assert n.catch_up_entries[:2] == (n.log.snapshot_index - 3, 4)
 
 
 def test_a_node_that_installs_a_leaders_snapshot_keeps_no_entries_behind_a_cut_and_a_restart_keeps_none():
@@ -2075,7 +2105,7 @@ def test_a_node_that_installs_a_leaders_snapshot_keeps_no_entries_behind_a_cut_a
     n = c.nodes[leader].node
     assert c.run_until(lambda: f.log.snapshot_index == n.log.snapshot_index and f.commit_index == n.commit_index, 300)
     assert chunks and f.catch_up_entries == (0, 0, 0)
-    assert n.catch_up_entries[1] == 3
+    assert n.catch_up_entries[1] == 3 + 1
     c.crash(leader)
     c.restart(leader)
     assert c.nodes[leader].node.catch_up_entries == (0, 0, 0)

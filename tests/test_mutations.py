@@ -66,7 +66,7 @@ CASES = [
     Case("keep_conflicting_suffix", "simulator, random schedules", random_schedules(), 40),
     Case("replay_filter", "simulator, random schedules", random_schedules(), 360),
     # Random schedules did not catch it in 600 (a node that installed a leader's snapshot, then leads a follower a
-    # few entries behind its cut, is rare there); scripted, the core's assert on the commit index fires.
+    # few entries behind its cut, is rare there); scripted, the codec refuses the leader's append of wrong entries.
     Case("catch_up_counted_from_the_cut", "simulator, stale catch-up scripted", lambda k, m: stale_catch_up_scenario(m),
          1),
 ]
