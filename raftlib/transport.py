@@ -3,9 +3,7 @@
 Rules: every socket is used by one greenlet only. Each peer has one REQ socket and one request in flight: its
 sender greenlet takes what is queued for that peer, as much as fits its FrameBudget (at least one message),
 sends it as one frame and waits (bounded) for the reply frame, which carries the messages the peer had for us in
-answer (as many as fit; the rest go as requests of our own), handed to the owner once the next request, if
-something is queued for the peer, is out: the owner's step of a reply (a drive) never delays the peer's next
-frame (issue 13: a follower's election timer ran through it). So a follower is sent at most one full batch of the
+answer (as many as fit; the rest go as requests of our own). So a follower is sent at most one full batch of the
 core's a round trip (FrameBudget): a ceiling on replication over a long link (Config.max_batch_bytes). Every frame stays under codec.MAX_FRAME_BYTES, which
 is zmq's MAXMSGSIZE on every socket: a few MiB, since libzmq applies it to handshake commands too (review 2 F1).
 A reply that does not come in time closes the socket with linger 0 and opens a new one (the zguide's "lazy
@@ -743,19 +741,8 @@ class _PeerSender:
 
     def _run(self) -> None:
         t = self.transport
-        # The messages of the last reply, when more was queued for the peer: they are handed to the owner only
-        # once the next request is out (`_hand_over`). Handing them over can take long (the runtime steps them
-        # in this greenlet: a drive, its fsync, and on a starved machine its waits for a core), and meanwhile the
-        # peer heard nothing: a follower's election timer ran from its last frame through our whole round trip and
-        # then that drive (a reply->send gap of 70-300 ms at 2,000,000 keys loaded beside 3 busy loops, issue 13:
-        # docs/BENCHMARKS.md, "Leader changes of a bulk load"). What is queued was made before the reply and
-        # does not depend on it.
-        held: list = []
         while True:
             if not self._queue:
-                if held:
-                    held = self._hand_over(held)
-                    continue
                 self._wake.clear()
                 self._wake.wait()
                 continue
@@ -768,17 +755,14 @@ class _PeerSender:
                                 codec.CodecError(f"{len(batch)} message(s)"))
                 continue
             try:
-                try:
-                    if self._sock is None:
-                        # Inside the try: opening can fail too (EMFILE when the process is out of descriptors),
-                        # and a sender that died here would never speak to this peer again.
-                        self._sock = self._open()
-                    logger.log(TRACE, "send to %s: %s", self.node_id, batch)
-                    self._take_events()  # a disconnection before this request does not count against its reply
-                    self._sock.send(data)
-                    sent_at = time.monotonic()
-                finally:
-                    held = self._hand_over(held)  # the request is out (or failed): the last reply's turn
+                if self._sock is None:
+                    # Inside the try: opening can fail too (EMFILE when the process is out of descriptors), and
+                    # a sender that died here would never speak to this peer again.
+                    self._sock = self._open()
+                logger.log(TRACE, "send to %s: %s", self.node_id, batch)
+                self._take_events()  # a disconnection before this request does not count against its reply
+                self._sock.send(data)
+                sent_at = time.monotonic()
                 frame = self._await_reply(sent_at, t._reply_timeout_ms / 1000.0, t._reply_wait_cap)
                 if frame is None:
                     t.replies_given_up += 1
@@ -806,16 +790,10 @@ class _PeerSender:
                 continue
             if replies:
                 logger.log(TRACE, "reply from %s: %s", self.node_id, replies)
-                held = replies if self._queue else self._hand_over(replies)
-
-    def _hand_over(self, replies: list) -> list:
-        """Give the messages of a reply to the owner (never raises); returns what is left to hand over: none."""
-        if replies:
-            try:
-                self.transport._handler(replies, False)
-            except Exception:
-                logger.exception("handler failed on a reply from %s", self.node_id)
-        return []
+                try:
+                    t._handler(replies, False)
+                except Exception:
+                    logger.exception("handler failed on a reply from %s", self.node_id)
 
     def _await_reply(self, sent_at: float, timeout: float, cap: float):
         """The reply to the request sent at `sent_at` (monotonic), or None if none came within `timeout` seconds
