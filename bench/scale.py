@@ -4,6 +4,7 @@
     python bench/scale.py 100000 1000000 --json scale.json        # raftdzmq and etcd (3 nodes each)
     python bench/scale.py 100000 --no-etcd
     python bench/scale.py 1000000 --batch 100 --logs scale-logs   # transactions of 100 puts; keep the nodes' logs
+    python bench/scale.py 2000000 --batch 100 --no-etcd --load-only   # the load alone: its leader changes
     python bench/scale.py 5000000 --batch 100 --no-raftdzmq       # etcd only (its fresh node if memory allows)
 
 For each N (keys k000000000 .. of 100-byte values), a fresh 3-node cluster of each system is loaded by wrk (64
@@ -550,6 +551,8 @@ def measure(cluster: Cluster, n: int, args: argparse.Namespace, workdir: str) ->
     print(f"scale: {cluster.name} {n} keys loaded in {out['load']['wall_seconds']:.0f} s "
           f"({out['load']['ops']:.0f}/s, complete: {out['load']['complete']}; wrk's CPU "
           f"{out['load']['wrk_cpu_seconds']:.1f} s)", file=sys.stderr)
+    if args.load_only:
+        return out
     time.sleep(2)
     out["rss_bytes"] = {i: rss_bytes(pid) for i, pid in pids.items()}
     lead = cluster.leader()
@@ -622,6 +625,8 @@ def main() -> int:
     p.add_argument("--raftdzmq-flag", action="append", default=[], help="extra flag for every raftdzmq node")
     p.add_argument("--memory-reserve", type=float, default=5.0, metavar="GB", help=(
         "GB that must stay available besides the fresh node's estimate, or its join is skipped (default 5)"))
+    p.add_argument("--load-only", action="store_true", help=(
+        "stop after the load (its rate, longest status pause and terms seen): to count leader changes"))
     p.add_argument("--json", help="write the results to this file")
     p.add_argument("--logs", metavar="DIR", help="keep every node's log in DIR (named KEYS-SYSTEM-NODE.log)")
     args = p.parse_args()
@@ -656,7 +661,13 @@ def main() -> int:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
-    print_table(rows)
+    if args.load_only:
+        for r in rows:
+            during = r["during_load"]
+            print(f"{r['system']} {r['keys']:,} keys: {r['load']['ops']:,.0f} keys/s, longest status pause "
+                  f"{during['longest_status_seconds']:.2f} s, terms seen {during['terms_seen']}")
+    else:
+        print_table(rows)
     return 0
 
 
