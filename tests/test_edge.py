@@ -627,6 +627,56 @@ def test_slowloris_cannot_lock_clients_out_of_a_full_server(tmp_path):
         n.kill()
 
 
+def test_refused_connections_held_open_cannot_lock_clients_out_of_a_full_server(tmp_path):
+    """Review edge L4: a refused request (403, another site's Host) drains its connection for up to 1 s after the
+    answer, and was neither idle nor receiving meanwhile, so nothing could be evicted: a flood of them, held open,
+    kept the pool full and a normal request waited in the backlog behind them. Now a draining one goes first."""
+    n = Node("one", str(tmp_path)).start("-max-connections", "40")
+    refused = b"GET /status HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def flood():  # 200 refused connections a second, each held open 3 s (the pool drains 40 a second unevicted)
+        opened: list[tuple[float, socket.socket]] = []
+        while not stop.wait(0.005):
+            try:
+                s = socket.create_connection(("127.0.0.1", n.http_port), timeout=0.5)
+            except OSError:  # the backlog is full: the next one
+                continue
+            opened.append((time.monotonic(), s))
+            try:
+                s.sendall(refused)
+            except OSError:
+                pass
+            while opened and time.monotonic() - opened[0][0] > 3:
+                opened.pop(0)[1].close()
+        held.extend(s for _, s in opened)
+
+    flooder = threading.Thread(target=flood)
+    try:
+        wait_for(lambda: n.status()["role"] == "leader", 10, "a leader")
+        flooder.start()
+        time.sleep(3)
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert n.request("GET", "/status", timeout=30).status == 200
+            took = time.monotonic() - t0
+            assert took < 1, took
+        stop.set()
+        flooder.join(10)
+        assert "Traceback" not in n.log_text()
+        metrics = n.request("GET", "/metrics", timeout=30).text
+        assert re.search(r'^raftdzmq_http_evictions_total\{reason="full_draining"\} [1-9]', metrics, re.M), metrics
+        assert "(full draining)" in n.log_text()
+    finally:
+        stop.set()
+        if flooder.is_alive():
+            flooder.join(10)
+        for s in held:
+            s.close()
+        n.kill()
+
+
 def test_out_of_descriptors_the_leader_keeps_serving_and_replicating(tmp_path):
     """Issue 17 item 5: the leader under `ulimit -n 300` with 290 idle HTTP connections open, and a follower that
     pauses (so the leader's sender reconnects): new requests are served, and the follower hears from the leader

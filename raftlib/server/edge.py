@@ -445,9 +445,13 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                   b"%sConnection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), outcome, body))
         sock = self.socket
         self.log_refusal(status, len(body))
+        draining = self.server.draining
         try:
             sock.sendall(answer)
             sock.shutdown(socket.SHUT_WR)
+            # Answered: only a courtesy is left, so the first to go when the pool is full (else a flood of refused
+            # connections held open filled the pool with drains nothing could evict: review edge L4).
+            draining[self] = time.monotonic()
             with gevent.Timeout(1.0, False):
                 budget = 1 << 20
                 while budget > 0:
@@ -457,6 +461,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                     budget -= len(data)
         except OSError:
             pass
+        finally:
+            draining.pop(self, None)
         return None
 
     provided_date: Any  # pywsgi's: whether the route gave a Date header (None: not yet looked)
@@ -762,9 +768,10 @@ class TurnGate:
 class EdgeServer(gevent.pywsgi.WSGIServer):
     """The HTTP server with a connection cap. Rules: at most `max_connections` connections at once (a pool; past it
     the server stops accepting and the kernel's backlog holds the rest, using none of this process's descriptors);
-    when the pool fills, the connection that has waited longest for its next request, or spent longest receiving
-    one (whichever began earlier), is closed to make room, so neither idle keep-alive connections nor clients
-    that send a byte now and then (slowloris) can lock others out. There is no cap per client
+    when the pool fills, a refused connection still draining (answered already) is closed to make room, else the
+    connection that has waited longest for its next request, or spent longest receiving one (whichever began
+    earlier), so neither idle keep-alive connections, nor clients that send a byte now and then (slowloris), nor
+    refused ones held open can lock others out. There is no cap per client
     address: -forward followers and proxies bring many clients from one address, and the eviction order already
     bounds what one slow sender holds. A sweeper closes connections that wait for a request
     longer than `idle_timeout_seconds`, or spend longer than `busy_timeout_seconds` on one request (a client that
@@ -779,9 +786,9 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                  max_body_bytes: int, turn_budget_seconds: float = TURN_BUDGET_SECONDS,
                  on_eviction: Callable[[str], None] | None = None, access_log: bool = False,
                  host_refusal: Callable[[str | None], str | None] | None = None) -> None:
-        """`on_eviction(reason)` hears of every connection the server closes: "full_idle" or "full_receiving" (the
-        pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count them. `access_log`: a
-        line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
+        """`on_eviction(reason)` hears of every connection the server closes: "full_idle", "full_receiving" or
+        "full_draining" (the pool was full), "idle_timeout" or "busy_timeout" (the sweeper); the metrics count
+        them. `access_log`: a line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
         refused (403), or None to serve it (raftlib.server.hosts.AllowedHosts.refusal); None: every Host."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         if access_log:
@@ -797,6 +804,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.idle: dict[EdgeHandler, float] = {}
         self.busy: dict[EdgeHandler, float] = {}
         self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
+        self.draining: dict[EdgeHandler, float] = {}  # the busy ones refused and answered, reading what still comes
         self.watching: dict[Stream, float] = {}  # open watches (streams, long polls), oldest first: evictable
         self._refusals = RateLimitedLog("refused HTTP requests", log)
         self._accept_failures = RateLimitedLog("failed accepts", log)
@@ -838,7 +846,11 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         return accepted
 
     def handle(self, sock, address):
-        if self.pool.free_count() == 0:
+        if self.pool.free_count() == 0 and self.draining:
+            # This connection took the last place: make room for the next one. A refused connection's drain goes
+            # first: its answer is sent, and the drain only spares it a reset (EdgeHandler._refuse).
+            self._evict(self.draining, next(iter(self.draining)), "full_draining")
+        elif self.pool.free_count() == 0:
             # This connection took the last place: make room for the next one. Of the one that has waited longest
             # for its next request and the one that has spent longest receiving one (a byte of it is enough to be
             # busy: slowloris), the older goes. Not simply an idle one first: a connection accepted a moment ago
