@@ -26,6 +26,7 @@ import gevent.socket
 import pytest
 
 from procs import ROOT, SERVER, LocalCluster, Node, free_port, wait_for
+from raftlib.server import edge
 from raftlib.server.edge import ONE_SEND_BODY_BYTES, EdgeHandler, EdgeServer, listen
 from test_http_api import Client
 
@@ -1067,13 +1068,61 @@ def test_a_small_answer_goes_out_in_one_send_with_its_head():
     assert rest == [["sendall", asked - taken]], calls
 
 
-def _answering_server(app, **options) -> EdgeServer:
+def _answering_server(app, max_body_bytes: int = MAX_BODY, **options) -> EdgeServer:
     """An EdgeServer in this process on `app`, started, its bounds wide enough never to act in a test."""
     server = EdgeServer(listen("127.0.0.1", 0), app, max_connections=4, idle_timeout_seconds=5.0,
                         receive_timeout_seconds=5.0, busy_timeout_seconds=10.0, max_header_bytes=8192,
-                        max_body_bytes=MAX_BODY, **options)
+                        max_body_bytes=max_body_bytes, **options)
     server.start()
     return server
+
+
+def test_a_body_of_tiny_chunks_is_refused_at_its_chunk_bound_in_bounded_time():
+    """Review edge Q1: a 3.67 MB body of 524,280 two-byte chunks, within a 1 MiB -max-body, cost 2.6 s of the loop
+    (and an object a chunk). Its chunks are now bounded (MAX_BODY_CHUNKS): 413 with the reason, in a bounded CPU
+    time of this process (server and client both); a body of MAX_BODY_CHUNKS tiny chunks still arrives whole."""
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    head = b"POST /db/chunky HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = _answering_server(app, max_body_bytes=1 << 20)
+
+    def answer(chunks: int) -> tuple[bytes, float]:
+        """The answer to a body of `chunks` chunks of `ab`, and the CPU time it took."""
+        client = gevent.socket.create_connection(server.address, timeout=30.0)
+
+        def send():
+            try:
+                client.sendall(head + b"2\r\nab\r\n" * chunks + b"0\r\n\r\n")
+            except OSError:  # refused: the server closes once it has drained what it reads
+                pass
+
+        started = time.process_time()
+        sender = gevent.spawn(send)
+        try:
+            received = b""
+            with gevent.Timeout(60):
+                while not (match := re.search(rb"Content-Length: (\d+)\r\n.*?\r\n\r\n", received, re.S)) or \
+                        len(received) < match.end() + int(match[1]):
+                    piece = client.recv(65536)
+                    assert piece, received
+                    received += piece
+            return received, time.process_time() - started
+        finally:
+            sender.kill()
+            client.close()
+
+    try:
+        whole, _ = answer(edge.MAX_BODY_CHUNKS)
+        assert whole.startswith(b"HTTP/1.1 200 OK\r\n") and whole.endswith(b"\r\n\r\n" + b"ab" * edge.MAX_BODY_CHUNKS)
+        refused, cpu_seconds = answer(524_280)
+        assert refused.startswith(b"HTTP/1.1 413 "), refused
+        assert refused.endswith(b"\r\n\r\nchunked body of over %d chunks; send larger chunks\n" % edge.MAX_BODY_CHUNKS)
+        assert cpu_seconds < 0.25, cpu_seconds  # 0.7-0.9 s here before (the review: 2.6 s of a node's loop)
+    finally:
+        server.stop(timeout=5.0)
 
 
 def test_an_answer_a_client_reset_is_logged_undelivered(caplog):

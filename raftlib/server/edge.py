@@ -72,6 +72,10 @@ MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
 MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
 MAX_CHUNK_LINE_BYTES = 1024
+# Chunks in one request body: each costs a few microseconds of Python (its size line parsed, its data read), so a
+# body of 2-byte chunks within -max-body took 2.6 s of loop time (review edge Q1). A client sends chunks as it
+# writes, pieces of a buffer or lines: 8,192 chunks are a 1 MiB body in pieces of 128 bytes.
+MAX_BODY_CHUNKS = 8192
 TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
 ONE_SEND_BODY_BYTES = 16384  # an answer's first piece (its body, a stream's first chunk) up to this size goes with the head (EdgeHandler)
 # Descriptors kept for all but HTTP: a few dozen for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
@@ -211,7 +215,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       `host_refusal` judges it (403).
     - A body is framed by Content-Length (plain digits; duplicates must agree) or by Transfer-Encoding that is
       exactly `chunked`, never both (400); any other coding gets 501. A declared length over -max-body gets 413
-      before a byte of the body is read; a chunked body is cut off at the limit the same way.
+      before a byte of the body is read; a chunked body is cut off at the limit the same way, or at its
+      MAX_BODY_CHUNKS + 1st chunk.
     - Waits are bounded: a connection waits at most -idle-timeout for a request's first byte (EdgeServer closes
       it); from that byte, the rest of the request must come within -receive-timeout (408), and a request that is
       already whole in the buffer (nearly every one under load) starts no timer; a request's life as a whole, its
@@ -392,9 +397,10 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         """A chunked body (RFC 9112 §7.1): hex sizes only (no sign, prefix or underscore), every chunk followed by
         CRLF, extensions and trailer fields read and dropped within the line and head limits. A size line, its
         extensions included, holds no control character or lone CR (§7.1.1), and each trailer line is a well-formed
-        field line (§7.1.2), as a header's must be."""
+        field line (§7.1.2), as a header's must be. At most MAX_BODY_CHUNKS chunks (413), read into one buffer: an
+        object a chunk cost about 48 bytes each, 25 MiB for a body of tiny chunks (review edge Q1)."""
         rfile, limit = self.rfile, self.server.max_body_bytes
-        parts, total = [], 0
+        body, chunks = bytearray(), 0
         while True:
             line = rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
             if line[-2:] != b"\r\n":
@@ -410,16 +416,19 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             size = int(size_text, 16)
             if size == 0:
                 break
-            total += size
-            if total > limit:
+            if len(body) + size > limit:
                 raise HttpError(413, f"chunked body over the {limit} byte limit")
+            chunks += 1
+            if chunks > MAX_BODY_CHUNKS:
+                raise HttpError(413, f"chunked body of over {MAX_BODY_CHUNKS} chunks; send larger chunks")
             data = rfile.read(size + 2)
             if len(data) != size + 2:
                 raise HttpError(400, "request body cut short (chunked)")
             if data[-2:] != b"\r\n":
                 raise HttpError(400, "chunk data longer than its size, or not followed by CRLF")
-            parts.append(data[:-2])
-            if len(parts) % 256 == 0:
+            body += data
+            del body[-2:]
+            if chunks % 256 == 0:
                 gevent.sleep(0.00001)  # many tiny chunks already buffered never block: let timers run
         budget = self.server.max_header_bytes
         while True:  # the trailer section: field lines until an empty one
@@ -430,7 +439,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                 raise HttpError(400, "request body cut short (chunked)" if line[-1:] != b"\n" else
                                 "a trailer line ends in a bare LF")
             if line == b"\r\n":
-                return b"".join(parts)
+                return bytes(body)
             _field_line(line[:-2])  # a trailer field is a field line like any in the head (RFC 9112 §7.1.2)
             budget -= len(line)
 
