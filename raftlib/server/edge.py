@@ -659,6 +659,16 @@ def waiting_on_its_own(environ: dict) -> Iterator[None]:
             busy[handler] = time.monotonic()
 
 
+def end_connection(environ: dict) -> bool:
+    """Shut down the connection of the request `environ` belongs to, as EdgeServer does to evict one: its greenlet's
+    wait ends as for a client gone. False outside the edge (tests call the app directly)."""
+    handler = environ.get("raftdzmq.handler")
+    if handler is None:
+        return False
+    handler.server.shut_down(handler)
+    return True
+
+
 class AccessLogHandler(EdgeHandler):
     """EdgeHandler with an access log (-v): one line per request answered, the edge's refusals (400, 408, 413,
     431, 501...) included, at INFO on `raftdzmq.access`:
@@ -903,6 +913,10 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
 
     def _close(self, handlers: dict, handler: EdgeHandler) -> None:
         handlers.pop(handler, None)
+        self.shut_down(handler)
+
+    @staticmethod
+    def shut_down(handler: EdgeHandler) -> None:
         try:
             # On the OS socket: the kernel then ends the greenlet's wait with end of file or EPIPE, which pywsgi
             # takes as a client gone. gevent's own shutdown() cancels the wait with EBADF, logged as a traceback.
