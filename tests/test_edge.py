@@ -632,14 +632,14 @@ def test_refused_connections_held_open_cannot_lock_clients_out_of_a_full_server(
     """Review edge L4: a refused request (403, another site's Host) drains its connection for up to 1 s after the
     answer, and was neither idle nor receiving meanwhile, so nothing could be evicted: a flood of them, held open,
     kept the pool full and a normal request waited in the backlog behind them. Now a draining one goes first."""
-    n = Node("one", str(tmp_path)).start("-max-connections", "40")
+    n = Node("one", str(tmp_path)).start("-max-connections", "20")
     refused = b"GET /status HTTP/1.1\r\nHost: evil.example\r\n\r\n"
     stop = threading.Event()
     held: list[socket.socket] = []
 
-    def flood():  # 200 refused connections a second, each held open 3 s (the pool drains 40 a second unevicted)
+    def flood():  # 50 refused connections a second, each held open 3 s (the pool drains 20 a second unevicted)
         opened: list[tuple[float, socket.socket]] = []
-        while not stop.wait(0.005):
+        while not stop.wait(0.02):
             try:
                 s = socket.create_connection(("127.0.0.1", n.http_port), timeout=0.5)
             except OSError:  # the backlog is full: the next one
