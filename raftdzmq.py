@@ -55,6 +55,7 @@ from raftlib.server.edge import DEFAULT_MAX_UNSENT_BYTES, connection_bound, rais
 from raftlib.server.hosts import parse_allowed_hosts  # noqa: E402
 from raftlib.server.node import NAME_PATTERN, CannotStart, JoinFailed, Server, ServerConfig  # noqa: E402
 from raftlib.server.restore import RestoreError, restore_backup  # noqa: E402
+from raftlib.server.routes_shared import BACKUP_MIN_RATE  # noqa: E402
 from raftlib.server.watch import MIN_HISTORY_EVENTS  # noqa: E402
 from raftlib.server.tuning import FreezeSurvivors, freeze_after_start, watch_gc_from_env  # noqa: E402
 from raftlib.server.nodestart import NAMED_ID  # noqa: E402
@@ -127,6 +128,9 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
         "request's own bounds to read its answer (default 60)"))),
     (("-receive-timeout", "--receive-timeout"), dict(dest="receive_timeout", type=float, default=10.0, help=(
         "seconds a client has to send a whole request (head and body) once it has begun; 408 after (default 10)"))),
+    (("-backup-min-rate", "--backup-min-rate"), dict(dest="backup_min_rate", type=int, default=BACKUP_MIN_RATE,
+        help="bytes a second a backup's reader (GET /snapshot) must take on average, with 16 MiB of slack; a "
+             "slower one is cut off, freeing the node's one backup slot (default 256 KiB)")),
     (("-snapshot-threshold", "--snapshot-threshold"), dict(dest="snapshot_threshold", type=int, default=16 << 20,
         help="take a snapshot when the log since the last one passes this many bytes and -snapshot-log-ratio "
              "(default 16 MiB)")),
@@ -289,7 +293,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     if args.force_new_cluster and args.join:
         p.error("-force-new-cluster restarts a surviving member as a new cluster: not with -join")
     for name in ("max_body", "max_header_bytes", "idle_timeout", "receive_timeout", "max_members", "watch_history",
-                 "watch_history_bytes", "max_uncommitted_bytes", "max_batch_bytes", "max_unsent_bytes"):
+                 "watch_history_bytes", "max_uncommitted_bytes", "max_batch_bytes", "max_unsent_bytes",
+                 "backup_min_rate"):
         if getattr(args, name) <= 0:
             p.error(f"-{name.replace('_', '-')} must be positive")
     if args.snapshot_catch_up_entries < 0:
@@ -332,7 +337,7 @@ def server_config(args: argparse.Namespace, secret: bytes | None) -> ServerConfi
         secret=secret, max_members=args.max_members, fsync=not args.no_fsync, access_log=args.verbose,
         watch_history_events=args.watch_history, watch_history_bytes=args.watch_history_bytes,
         force_new_cluster=args.force_new_cluster, force_again=args.force_new_cluster_again, name=args.name, advertise=args.advertise,
-        allowed_hosts=args.allowed_hosts)
+        allowed_hosts=args.allowed_hosts, backup_min_rate=args.backup_min_rate)
 
 
 def load_secret(args: argparse.Namespace) -> bytes | None:

@@ -26,6 +26,7 @@ import gevent.socket
 import pytest
 
 from procs import ROOT, SERVER, LocalCluster, Node, free_port, wait_for
+from raftlib.server import edge
 from raftlib.server.edge import ONE_SEND_BODY_BYTES, EdgeHandler, EdgeServer, listen
 from test_http_api import Client
 
@@ -627,6 +628,56 @@ def test_slowloris_cannot_lock_clients_out_of_a_full_server(tmp_path):
         n.kill()
 
 
+def test_refused_connections_held_open_cannot_lock_clients_out_of_a_full_server(tmp_path):
+    """Review edge L4: a refused request (403, another site's Host) drains its connection for up to 1 s after the
+    answer, and was neither idle nor receiving meanwhile, so nothing could be evicted: a flood of them, held open,
+    kept the pool full and a normal request waited in the backlog behind them. Now a draining one goes first."""
+    n = Node("one", str(tmp_path)).start("-max-connections", "20")
+    refused = b"GET /status HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def flood():  # 50 refused connections a second, each held open 3 s (the pool drains 20 a second unevicted)
+        opened: list[tuple[float, socket.socket]] = []
+        while not stop.wait(0.02):
+            try:
+                s = socket.create_connection(("127.0.0.1", n.http_port), timeout=0.5)
+            except OSError:  # the backlog is full: the next one
+                continue
+            opened.append((time.monotonic(), s))
+            try:
+                s.sendall(refused)
+            except OSError:
+                pass
+            while opened and time.monotonic() - opened[0][0] > 3:
+                opened.pop(0)[1].close()
+        held.extend(s for _, s in opened)
+
+    flooder = threading.Thread(target=flood)
+    try:
+        wait_for(lambda: n.status()["role"] == "leader", 10, "a leader")
+        flooder.start()
+        time.sleep(3)
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert n.request("GET", "/status", timeout=30).status == 200
+            took = time.monotonic() - t0
+            assert took < 1, took
+        stop.set()
+        flooder.join(10)
+        assert "Traceback" not in n.log_text()
+        metrics = n.request("GET", "/metrics", timeout=30).text
+        assert re.search(r'^raftdzmq_http_evictions_total\{reason="full_draining"\} [1-9]', metrics, re.M), metrics
+        assert "(full draining)" in n.log_text()
+    finally:
+        stop.set()
+        if flooder.is_alive():
+            flooder.join(10)
+        for s in held:
+            s.close()
+        n.kill()
+
+
 def test_out_of_descriptors_the_leader_keeps_serving_and_replicating(tmp_path):
     """Issue 17 item 5: the leader under `ulimit -n 300` with 290 idle HTTP connections open, and a follower that
     pauses (so the leader's sender reconnects): new requests are served, and the follower hears from the leader
@@ -1017,13 +1068,61 @@ def test_a_small_answer_goes_out_in_one_send_with_its_head():
     assert rest == [["sendall", asked - taken]], calls
 
 
-def _answering_server(app, **options) -> EdgeServer:
+def _answering_server(app, max_body_bytes: int = MAX_BODY, **options) -> EdgeServer:
     """An EdgeServer in this process on `app`, started, its bounds wide enough never to act in a test."""
     server = EdgeServer(listen("127.0.0.1", 0), app, max_connections=4, idle_timeout_seconds=5.0,
                         receive_timeout_seconds=5.0, busy_timeout_seconds=10.0, max_header_bytes=8192,
-                        max_body_bytes=MAX_BODY, **options)
+                        max_body_bytes=max_body_bytes, **options)
     server.start()
     return server
+
+
+def test_a_body_of_tiny_chunks_is_refused_at_its_chunk_bound_in_bounded_time():
+    """Review edge Q1: a 3.67 MB body of 524,280 two-byte chunks, within a 1 MiB -max-body, cost 2.6 s of the loop
+    (and an object a chunk). Its chunks are now bounded (MAX_BODY_CHUNKS): 413 with the reason, in a bounded CPU
+    time of this process (server and client both); a body of MAX_BODY_CHUNKS tiny chunks still arrives whole."""
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    head = b"POST /db/chunky HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = _answering_server(app, max_body_bytes=1 << 20)
+
+    def answer(chunks: int) -> tuple[bytes, float]:
+        """The answer to a body of `chunks` chunks of `ab`, and the CPU time it took."""
+        client = gevent.socket.create_connection(server.address, timeout=30.0)
+
+        def send():
+            try:
+                client.sendall(head + b"2\r\nab\r\n" * chunks + b"0\r\n\r\n")
+            except OSError:  # refused: the server closes once it has drained what it reads
+                pass
+
+        started = time.process_time()
+        sender = gevent.spawn(send)
+        try:
+            received = b""
+            with gevent.Timeout(60):
+                while not (match := re.search(rb"Content-Length: (\d+)\r\n.*?\r\n\r\n", received, re.S)) or \
+                        len(received) < match.end() + int(match[1]):
+                    piece = client.recv(65536)
+                    assert piece, received
+                    received += piece
+            return received, time.process_time() - started
+        finally:
+            sender.kill()
+            client.close()
+
+    try:
+        whole, _ = answer(edge.MAX_BODY_CHUNKS)
+        assert whole.startswith(b"HTTP/1.1 200 OK\r\n") and whole.endswith(b"\r\n\r\n" + b"ab" * edge.MAX_BODY_CHUNKS)
+        refused, cpu_seconds = answer(524_280)
+        assert refused.startswith(b"HTTP/1.1 413 "), refused
+        assert refused.endswith(b"\r\n\r\nchunked body of over %d chunks; send larger chunks\n" % edge.MAX_BODY_CHUNKS)
+        assert cpu_seconds < 0.25, cpu_seconds  # 0.7-0.9 s here before (the review: 2.6 s of a node's loop)
+    finally:
+        server.stop(timeout=5.0)
 
 
 def test_an_answer_a_client_reset_is_logged_undelivered(caplog):

@@ -187,6 +187,36 @@ def test_a_backup_counts_until_its_answer_is_read_whole(tmp_path):
         node.kill()
 
 
+def test_a_slow_backup_reader_is_cut_off_and_frees_the_slot(tmp_path):
+    """Review edge Q3: a reader that took a piece often enough for the busy bound held the one backup slot for as
+    long as it liked. A backup must now be taken within (size + 16 MiB) / -backup-min-rate (8 MB here at 8 MiB/s:
+    about 3 s): a reader at 40 KB/s is cut off then, logged, and the next backup is taken while it is still
+    connected (what the kernel had queued for it still comes, slowly)."""
+    node = Node("node", str(tmp_path)).start("-backup-min-rate", str(8 << 20))
+    slow = None
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        for i in range(40):  # 8 MB: more than the socket buffers hold
+            assert node.request("POST", f"/db/k{i}", "v" * 200_000).status == 200
+        host, port = node.address.split(":")
+        slow = socket.create_connection((host, int(port)))
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(b"GET /snapshot HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        slow.settimeout(10)
+        started, received = time.monotonic(), 0
+        while "closed the backup at index" not in node.log_text():
+            assert time.monotonic() - started < 15, received  # never, before
+            received += len(slow.recv(4096))
+            time.sleep(0.1)
+        r = node.request("GET", "/snapshot", timeout=30)  # the slow reader still connected
+        assert r.status == 200 and hashlib.sha256(r.body).hexdigest() == r.headers["x-raft-snapshot-sha256"], r
+        assert "Traceback" not in node.log_text()
+    finally:
+        if slow is not None:
+            slow.close()
+        node.kill()
+
+
 def test_backup_signed_with_a_secret(tmp_path):
     """With a cluster secret, GET /snapshot is an admin request: 403 unsigned, 200 signed for this node (-sign
     -sign-node ID), and 403 when the same signed request comes again (review of ops, finding 5)."""

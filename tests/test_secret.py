@@ -118,6 +118,35 @@ def send_raw(secret_key: str, server_key: str, port: int, messages) -> str:
     return out.stdout.strip()
 
 
+def test_a_strangers_junk_frame_is_never_decoded_with_a_secret(tmp_path):
+    """Review edge L3: without a secret, one 4 MiB frame of 4,000,000 empty CBOR arrays holds a node's loop for
+    about a second in cbor2 (README: the Raft port then trusts whoever reaches it). With a secret, what the README
+    promises instead: a stranger's frame, without CURVE or with a key of its own, is never decoded nor answered."""
+    secret = secret_file(tmp_path, "secret", "s3cret-of-the-cluster")
+    node = Node("one", str(tmp_path)).start("-secret-file", secret)
+    context = zmq.Context()
+    try:
+        wait_for(lambda: node.status()["role"] == "leader", 15, "the node to lead")
+        junk = b"\x82\x01\x9a" + (4_000_000).to_bytes(4, "big") + b"\x80" * 4_000_000
+        for curve in (False, True):
+            sock = context.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            if curve:
+                public, secret_key = zmq.curve_keypair()
+                sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                sock.setsockopt(zmq.CURVE_SERVERKEY, node.request("GET", "/cluster").json()[0]["public_key"].encode())
+            sock.connect(f"tcp://127.0.0.1:{node.port}")
+            sock.send(junk)
+            assert not sock.poll(3000), curve  # without a secret: answered (an empty batch) after ~1 s of decoding
+            sock.close()
+        assert "dropped a bad frame" not in node.log_text()
+        assert node.request("POST", "/db/k", "v").status == 200
+    finally:
+        context.destroy(linger=0)  # its sockets too, an assertion's included
+        node.kill()
+
+
 def test_a_member_speaks_only_as_itself_and_not_once_removed(tmp_path):
     """Review 2 F2: with one CURVE key for the whole cluster and no check of a message's `src`, a removed member
     (anyone who ever had the secret) derived the key, sent a TimeoutNow claiming to come from the leader, and the

@@ -72,6 +72,10 @@ MAX_REQUEST_LINE_BYTES = 16384  # a 4,096-byte key percent-encoded, and a query
 MAX_FIELD_LINE_BYTES = 8192
 MAX_HEADER_FIELDS = 100
 MAX_CHUNK_LINE_BYTES = 1024
+# Chunks in one request body: each costs a few microseconds of Python (its size line parsed, its data read), so a
+# body of 2-byte chunks within -max-body took 2.6 s of loop time (review edge Q1). A client sends chunks as it
+# writes, pieces of a buffer or lines: 8,192 chunks are a 1 MiB body in pieces of 128 bytes.
+MAX_BODY_CHUNKS = 8192
 TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
 # Bytes of answers a node holds for clients that do not take them yet (-max-unsent-bytes: EdgeServer.hold); the
 # oldest such client is cut past it. A quarter of a 1 GB machine: 30 transaction answers at their 8 MiB bound, or
@@ -215,7 +219,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       `host_refusal` judges it (403).
     - A body is framed by Content-Length (plain digits; duplicates must agree) or by Transfer-Encoding that is
       exactly `chunked`, never both (400); any other coding gets 501. A declared length over -max-body gets 413
-      before a byte of the body is read; a chunked body is cut off at the limit the same way.
+      before a byte of the body is read; a chunked body is cut off at the limit the same way, or at its
+      MAX_BODY_CHUNKS + 1st chunk.
     - Waits are bounded: a connection waits at most -idle-timeout for a request's first byte (EdgeServer closes
       it); from that byte, the rest of the request must come within -receive-timeout (408), and a request that is
       already whole in the buffer (nearly every one under load) starts no timer; a request's life as a whole, its
@@ -397,9 +402,10 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         """A chunked body (RFC 9112 §7.1): hex sizes only (no sign, prefix or underscore), every chunk followed by
         CRLF, extensions and trailer fields read and dropped within the line and head limits. A size line, its
         extensions included, holds no control character or lone CR (§7.1.1), and each trailer line is a well-formed
-        field line (§7.1.2), as a header's must be."""
+        field line (§7.1.2), as a header's must be. At most MAX_BODY_CHUNKS chunks (413), read into one buffer: an
+        object a chunk cost about 48 bytes each, 25 MiB for a body of tiny chunks (review edge Q1)."""
         rfile, limit = self.rfile, self.server.max_body_bytes
-        parts, total = [], 0
+        body, chunks = bytearray(), 0
         while True:
             line = rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
             if line[-2:] != b"\r\n":
@@ -415,16 +421,19 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
             size = int(size_text, 16)
             if size == 0:
                 break
-            total += size
-            if total > limit:
+            if len(body) + size > limit:
                 raise HttpError(413, f"chunked body over the {limit} byte limit")
+            chunks += 1
+            if chunks > MAX_BODY_CHUNKS:
+                raise HttpError(413, f"chunked body of over {MAX_BODY_CHUNKS} chunks; send larger chunks")
             data = rfile.read(size + 2)
             if len(data) != size + 2:
                 raise HttpError(400, "request body cut short (chunked)")
             if data[-2:] != b"\r\n":
                 raise HttpError(400, "chunk data longer than its size, or not followed by CRLF")
-            parts.append(data[:-2])
-            if len(parts) % 256 == 0:
+            body += data
+            del body[-2:]
+            if chunks % 256 == 0:
                 gevent.sleep(0.00001)  # many tiny chunks already buffered never block: let timers run
         budget = self.server.max_header_bytes
         while True:  # the trailer section: field lines until an empty one
@@ -435,7 +444,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                 raise HttpError(400, "request body cut short (chunked)" if line[-1:] != b"\n" else
                                 "a trailer line ends in a bare LF")
             if line == b"\r\n":
-                return b"".join(parts)
+                return bytes(body)
             _field_line(line[:-2])  # a trailer field is a field line like any in the head (RFC 9112 §7.1.2)
             budget -= len(line)
 
@@ -450,9 +459,13 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                   b"%sConnection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), outcome, body))
         sock = self.socket
         self.log_refusal(status, len(body))
+        draining = self.server.draining
         try:
             sock.sendall(answer)
             sock.shutdown(socket.SHUT_WR)
+            # Answered: only a courtesy is left, so the first to go when the pool is full (else a flood of refused
+            # connections held open filled the pool with drains nothing could evict: review edge L4).
+            draining[self] = time.monotonic()
             with gevent.Timeout(1.0, False):
                 budget = 1 << 20
                 while budget > 0:
@@ -462,6 +475,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
                     budget -= len(data)
         except OSError:
             pass
+        finally:
+            draining.pop(self, None)
         return None
 
     provided_date: Any  # pywsgi's: whether the route gave a Date header (None: not yet looked)
@@ -654,6 +669,16 @@ def waiting_on_its_own(environ: dict) -> Iterator[None]:
             busy[handler] = time.monotonic()
 
 
+def end_connection(environ: dict) -> bool:
+    """Shut down the connection of the request `environ` belongs to, as EdgeServer does to evict one: its greenlet's
+    wait ends as for a client gone. False outside the edge (tests call the app directly)."""
+    handler = environ.get("raftdzmq.handler")
+    if handler is None:
+        return False
+    handler.server.shut_down(handler)
+    return True
+
+
 class AccessLogHandler(EdgeHandler):
     """EdgeHandler with an access log (-v): one line per request answered, the edge's refusals (400, 408, 413,
     431, 501...) included, at INFO on `raftdzmq.access`:
@@ -772,9 +797,10 @@ class TurnGate:
 class EdgeServer(gevent.pywsgi.WSGIServer):
     """The HTTP server with a connection cap. Rules: at most `max_connections` connections at once (a pool; past it
     the server stops accepting and the kernel's backlog holds the rest, using none of this process's descriptors);
-    when the pool fills, the connection that has waited longest for its next request, or spent longest receiving
-    one (whichever began earlier), is closed to make room, so neither idle keep-alive connections nor clients
-    that send a byte now and then (slowloris) can lock others out. There is no cap per client
+    when the pool fills, a refused connection still draining (answered already) is closed to make room, else the
+    connection that has waited longest for its next request, or spent longest receiving one (whichever began
+    earlier), so neither idle keep-alive connections, nor clients that send a byte now and then (slowloris), nor
+    refused ones held open can lock others out. There is no cap per client
     address: -forward followers and proxies bring many clients from one address, and the eviction order already
     bounds what one slow sender holds. A sweeper closes connections that wait for a request
     longer than `idle_timeout_seconds`, or spend longer than `busy_timeout_seconds` on one request (a client that
@@ -790,9 +816,9 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                  on_eviction: Callable[[str], None] | None = None, access_log: bool = False,
                  host_refusal: Callable[[str | None], str | None] | None = None,
                  max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES) -> None:
-        """`on_eviction(reason)` hears of every connection the server closes: "full_idle" or "full_receiving" (the
-        pool was full), "idle_timeout" or "busy_timeout" (the sweeper), "unsent_budget" (`hold`); the metrics count
-        them. `access_log`: a line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
+        """`on_eviction(reason)` hears of every connection the server closes: "full_idle", "full_receiving" or
+        "full_draining" (the pool was full), "idle_timeout" or "busy_timeout" (the sweeper), "unsent_budget"
+        (`hold`); the metrics count them. `access_log`: a line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
         refused (403), or None to serve it (raftlib.server.hosts.AllowedHosts.refusal); None: every Host."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         if access_log:
@@ -808,6 +834,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.idle: dict[EdgeHandler, float] = {}
         self.busy: dict[EdgeHandler, float] = {}
         self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
+        self.draining: dict[EdgeHandler, float] = {}  # the busy ones refused and answered, reading what still comes
         self.watching: dict[Stream, float] = {}  # open watches (streams, long polls), oldest first: evictable
         # Answers held for clients that do not take them (`hold`): the connection, oldest first, and what it holds;
         # each object (an answer, a frame) by id, with a reference and how many hold it: it counts once.
@@ -855,7 +882,11 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         return accepted
 
     def handle(self, sock, address):
-        if self.pool.free_count() == 0:
+        if self.pool.free_count() == 0 and self.draining:
+            # This connection took the last place: make room for the next one. A refused connection's drain goes
+            # first: its answer is sent, and the drain only spares it a reset (EdgeHandler._refuse).
+            self._evict(self.draining, next(iter(self.draining)), "full_draining")
+        elif self.pool.free_count() == 0:
             # This connection took the last place: make room for the next one. Of the one that has waited longest
             # for its next request and the one that has spent longest receiving one (a byte of it is enough to be
             # busy: slowloris), the older goes. Not simply an idle one first: a connection accepted a moment ago
@@ -936,6 +967,10 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
 
     def _close(self, handlers: dict, handler: EdgeHandler) -> None:
         handlers.pop(handler, None)
+        self.shut_down(handler)
+
+    @staticmethod
+    def shut_down(handler: EdgeHandler) -> None:
         try:
             # On the OS socket: the kernel then ends the greenlet's wait with end of file or EPIPE, which pywsgi
             # takes as a client gone. gevent's own shutdown() cancels the wait with EBADF, logged as a traceback.

@@ -161,8 +161,8 @@ class Metrics:
                                        (.00005, .0001, .0002, .0005, .001, .002, .005, .01, .05))
         self.reads = Counter("raftdzmq_reads", "Reads answered, by consistency", "consistency")
         self.http_evictions = Counter("raftdzmq_http_evictions", "HTTP connections the server closed, by reason "
-                                      "(full_idle, full_receiving: the pool was full; idle_timeout, busy_timeout; unsent_budget: "
-                                      "the oldest slow reader, past -max-unsent-bytes)",
+                                      "(full_idle, full_receiving, full_draining: the pool was full; idle_timeout, "
+                                      "busy_timeout; unsent_budget: the oldest slow reader, past -max-unsent-bytes)",
                                       "reason")
         self.read_index_seconds = Histogram("raftdzmq_read_index_seconds", "Time to confirm a read index",
                                             (.0005, .001, .002, .005, .01, .05, .1, .5))

@@ -87,7 +87,7 @@ from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
 from .nodestart import force_new_cluster, name_of, new_node_id, start_node
-from .routes_shared import MAX_WATCHES, Api, restoring_into_the_empty_state
+from .routes_shared import BACKUP_MIN_RATE, MAX_WATCHES, Api, restoring_into_the_empty_state
 from .store import (FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, check_snapshot,
                     command)
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
@@ -189,6 +189,7 @@ class ServerConfig:
     name: str | None = None  # -name: this node's id at its first start (random when None), checked at every start
     advertise: str | None = None  # -advertise: the host peers and clients reach this node at (default: `host`)
     allowed_hosts: tuple[str, ...] = ()  # -allowed-hosts: more names a request's Host may give ("*": any)
+    backup_min_rate: int = BACKUP_MIN_RATE  # -backup-min-rate: bytes a second a backup's reader must take on average
 
     @property
     def advertised_host(self) -> str:
@@ -914,6 +915,7 @@ class Server:
                   min_ttl_seconds=max(1, math.ceil(1.5 * config.election_ms / 1000.0)),
                   backup_folder=self.storage.data_dir,
                   backup_timeout_seconds=self.runtime.snapshot_child_timeout_seconds,
+                  backup_min_rate=config.backup_min_rate,
                   fenced=lambda: self.fenced, data_size=self.storage.disk_bytes)
         self.level_raiser = FeatureLevelRaiser(self.runtime, self.store, self.feature_level, api.membership_lock,
                                                config.write_timeout_seconds, connect=api.connect)

@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import bottle
+import gevent
 import prometheus_client as prom
 
 from raftlib.core import NotLeader
 from raftlib.runtime import Backup, Stopped, Timeout
 
 from .admin import SIGNATURE_HEADER
-from .edge import waiting_on_its_own
+from .edge import end_connection, waiting_on_its_own
 from .health import READY_READ_SECONDS, liveness, readiness, report
 from .routes_shared import (Api, Forbidden, counts_nothing_yet, json_answer, leader_http, log, members,
                             node_request_refusal, text, wait_consistent)
@@ -92,6 +93,7 @@ def get_metrics(api: Api) -> bottle.HTTPResponse:
 SNAPSHOT_INDEX_HEADER = "X-Raft-Snapshot-Index"
 SNAPSHOT_SHA256_HEADER = "X-Raft-Snapshot-Sha256"
 BACKUP_PIECE_BYTES = 1 << 20
+BACKUP_SLACK_BYTES = 16 << 20  # a backup's bound on its reader counts this many bytes more (a slow start)
 
 
 def get_snapshot(api: Api) -> bottle.HTTPResponse:
@@ -114,7 +116,7 @@ def get_snapshot(api: Api) -> bottle.HTTPResponse:
         backup = api.runtime.backup(api.backup_folder, api.backup_timeout_seconds)
     log.info("backup at index %d (%d bytes, sha256 %s) for %s", backup.index, backup.size, backup.sha256,
              bottle.request.remote_addr)
-    return bottle.HTTPResponse(BackupBody(backup, bottle.request.environ), 200, {
+    return bottle.HTTPResponse(BackupBody(backup, bottle.request.environ, api.backup_min_rate), 200, {
         "Content-Type": "application/octet-stream", "Content-Length": str(backup.size),
         SNAPSHOT_INDEX_HEADER: str(backup.index), SNAPSHOT_SHA256_HEADER: backup.sha256})
 
@@ -123,12 +125,20 @@ class BackupBody:
     """The backup's bytes a piece at a time; the sweeper's busy bound counts from each piece (a slow reader of a
     large backup is cut off only when it stops reading). An iterable with close(), which the WSGI server calls at
     the end or when the client goes, even before the first piece (a generator's `finally` would not run then):
-    it closes the Backup, ending its count (Runtime.backup, one at a time)."""
+    it closes the Backup, ending its count (Runtime.backup, one at a time).
 
-    def __init__(self, backup: Backup, environ: dict) -> None:
-        self.backup, self.environ = backup, environ
+    The whole answer must be taken within (size + BACKUP_SLACK_BYTES) / `min_rate` seconds from its first piece,
+    else the connection is closed (logged): a reader that took a piece just often enough for the busy bound (about
+    13 KB/s) held the node's one backup slot, and the copy of the state on its disk, for as long as it liked
+    (review edge Q3: about 22 h for 1 GB)."""
+
+    def __init__(self, backup: Backup, environ: dict, min_rate: int) -> None:
+        self.backup, self.environ, self.min_rate = backup, environ, min_rate
+        self._cutoff: gevent.Greenlet | None = None
 
     def __iter__(self) -> Iterator[bytes]:
+        seconds = (self.backup.size + BACKUP_SLACK_BYTES) / self.min_rate
+        self._cutoff = gevent.spawn_later(seconds, self._cut_off, seconds)
         try:
             while piece := self.backup.file.read(BACKUP_PIECE_BYTES):
                 yield piece
@@ -138,7 +148,15 @@ class BackupBody:
             self.close()
 
     def close(self) -> None:
+        if self._cutoff is not None:
+            self._cutoff.kill(block=False)
         self.backup.close()
+
+    def _cut_off(self, seconds: float) -> None:
+        if end_connection(self.environ):
+            log.warning("closed the backup at index %d for %s: not taken whole within %.0fs (-backup-min-rate %d "
+                        "bytes a second, with %d MiB of slack)", self.backup.index, self.environ.get("REMOTE_ADDR"),
+                        seconds, self.min_rate, BACKUP_SLACK_BYTES >> 20)
 
 
 # (method, path, route, the operation its failures are answered as): api.make_app installs them.

@@ -62,6 +62,7 @@ NOT_LEADER = "raft.Server: Not current leader"  # the Go original's text for a w
 FORWARDED_HEADER = "X-Raftdzmq-Forwarded"  # set by a -forward follower: the leader answers it, never forwards it
 MAX_KEY_BYTES = 4096
 MAX_WATCHES = 10_000  # watches (streams and long polls) open at once on one node; 503 beyond
+BACKUP_MIN_RATE = 256 << 10  # bytes a second a backup's reader must take on average (-backup-min-rate; routes_ops)
 OUTCOME_HEADER = "X-Raft-Outcome"  # on every failed write's answer (the module's rules)
 NOT_APPLIED, UNKNOWN = "not-applied", "unknown"
 
@@ -154,6 +155,7 @@ class Api:
     # and how long the whole backup may take to write (the runtime's bound on a snapshot child).
     backup_folder: str = "."
     backup_timeout_seconds: float = 600.0
+    backup_min_rate: int = BACKUP_MIN_RATE  # -backup-min-rate: routes_ops.BackupBody's bound on its reader
     # The members this node removed by -force-new-cluster (node.json's "fenced"): a join under their names is
     # refused (review of ops, finding 7).
     fenced: Callable[[], frozenset[str]] = frozenset
