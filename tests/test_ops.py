@@ -160,6 +160,19 @@ def test_restore_refuses_bad_input(tmp_path):
     assert out.returncode == 2 and "a log the restore did not make" in out.stderr, out
 
 
+def _slow_backup_reader(node: Node) -> socket.socket:
+    """Write 8 MB (more than the socket buffers hold) to `node`, then ask it for a backup on a socket with a small
+    receive buffer that the caller reads slowly or never."""
+    for i in range(40):
+        assert node.request("POST", f"/db/k{i}", "v" * 200_000).status == 200
+    host, port = node.address.split(":")
+    slow = socket.create_connection((host, int(port)))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sendall(b"GET /snapshot HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    slow.settimeout(10)
+    return slow
+
+
 def test_a_backup_counts_until_its_answer_is_read_whole(tmp_path):
     """Review of ops, finding 3: "one backup at a time" covered writing the file, not streaming it: N clients
     reading slowly held N copies of the state open on the disk the log needs. A second backup is refused (503)
@@ -168,13 +181,7 @@ def test_a_backup_counts_until_its_answer_is_read_whole(tmp_path):
     slow = None
     try:
         wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
-        for i in range(40):  # 8 MB: more than the socket buffers hold
-            assert node.request("POST", f"/db/k{i}", "v" * 200_000).status == 200
-        host, port = node.address.split(":")
-        slow = socket.create_connection((host, int(port)))
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.sendall(b"GET /snapshot HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        slow.settimeout(10)
+        slow = _slow_backup_reader(node)
         assert slow.recv(12) == b"HTTP/1.1 200"  # then never read again
         r = node.request("GET", "/snapshot")
         assert r.status == 503 and b"backup(s) are being taken" in r.body, r
@@ -196,13 +203,7 @@ def test_a_slow_backup_reader_is_cut_off_and_frees_the_slot(tmp_path):
     slow = None
     try:
         wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
-        for i in range(40):  # 8 MB: more than the socket buffers hold
-            assert node.request("POST", f"/db/k{i}", "v" * 200_000).status == 200
-        host, port = node.address.split(":")
-        slow = socket.create_connection((host, int(port)))
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.sendall(b"GET /snapshot HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        slow.settimeout(10)
+        slow = _slow_backup_reader(node)
         started, received = time.monotonic(), 0
         while "closed the backup at index" not in node.log_text():
             assert time.monotonic() - started < 15, received  # never, before
