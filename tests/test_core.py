@@ -7,6 +7,7 @@ import dataclasses
 import random
 import sys
 import types
+from collections.abc import Callable
 
 import pytest
 
@@ -1854,11 +1855,15 @@ def _record_sent_to(c: Cluster, follower: str, kind: type = AppendEntries) -> li
     return sent
 
 
-def _follower_behind_a_snapshot(c: Cluster) -> tuple[str, str, Progress]:
-    """Elect a leader (a window of one append), stop a follower once it replicates, write and snapshot past it:
-    (leader, follower, the leader's progress of it). The follower is left paused."""
+def _follower_behind_a_snapshot(c: Cluster,
+                                before_pause: Callable[[str, str], None] | None = None) -> tuple[str, str, Progress]:
+    """Elect a leader (a window of one append), stop a follower once it replicates (`before_pause(leader,
+    follower)` first), write and snapshot past it: (leader, follower, the leader's progress of it). The follower is
+    left paused."""
     leader = elect(c)
     follower = next(i for i in c.ids if i != leader)
+    if before_pause is not None:
+        before_pause(leader, follower)
     pr = c.nodes[leader].node.progress(follower)
     assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
     c.pause(follower)
@@ -2087,19 +2092,16 @@ def test_a_node_that_installs_a_leaders_snapshot_keeps_no_entries_behind_a_cut_a
     """The entries kept behind a cut are in memory only, and contiguous up to the node's snapshot: a leader's
     snapshot installed replaces the log, and they go with it; a restarted node starts with none."""
     c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1, "snapshot_catch_up_entries": 3})
-    leader = elect(c)
-    follower = next(i for i in c.ids if i != leader)
-    f = c.nodes[follower].node
-    write(c)
-    assert c.run_until(lambda: f.last_applied == c.nodes[leader].node.log.last_index, 200)
-    c.take_snapshot(follower)
-    assert f.catch_up_entries[1] > 0
-    pr = c.nodes[leader].node.progress(follower)
-    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
-    c.pause(follower)
-    for _ in range(5):
+
+    def snapshot_on_the_follower(leader: str, follower: str) -> None:
         write(c)
-    c.take_snapshot(leader)
+        f = c.nodes[follower].node
+        assert c.run_until(lambda: f.last_applied == c.nodes[leader].node.log.last_index, 200)
+        c.take_snapshot(follower)
+        assert f.catch_up_entries[1] > 0
+
+    leader, follower, pr = _follower_behind_a_snapshot(c, snapshot_on_the_follower)
+    f = c.nodes[follower].node
     chunks = _record_sent_to(c, follower, InstallSnapshot)
     c.resume(follower)
     n = c.nodes[leader].node
