@@ -147,8 +147,9 @@ def parse_txn(raw: bytes) -> list:
 
 
 # A txn's answer holds at most this many bytes of key-values as JSON (txn_answer_json): twice the store's raw
-# MAX_TXN_GET_BYTES (text that escapes a little, non-ASCII text at 2x, base64 at 4/3) and the fields of its most
-# keys, so that only content that escapes heavily (control bytes: 6x) is cut short by it.
+# MAX_TXN_GET_BYTES (text that escapes a little, base64 at 4/3, CJK at 2x) and the fields of its most keys. What
+# escapes more is cut short by it: control bytes (6x) and, with json.dumps' ensure_ascii, 2-byte UTF-8 text and
+# emoji (3x: review ef, Q1; README says so).
 MAX_TXN_ANSWER_BYTES = 2 * MAX_TXN_GET_BYTES + 100 * MAX_TXN_GET_KEYS
 ANSWER_SLICE_BYTES = 128 << 10  # raw bytes of a txn answer's key-values encoded between two passes through TurnGate
 
