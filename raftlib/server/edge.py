@@ -12,6 +12,8 @@ Rules:
 - Every wait is bounded: for a request (-idle-timeout), for the rest of one (-receive-timeout, 408), for a whole
   request's life (EdgeServer's sweeper), for the client to take a refusal (a second).
 - At most -max-connections connections; when full, the one that has waited or received longest goes.
+- Answers held for clients slow to take them count in one budget a node (-max-unsent-bytes, EdgeServer.hold);
+  past it the client that has gone longest without taking a byte, of those whose cut frees bytes, is cut.
 - One turn of the event loop starts at most about TURN_BUDGET_SECONDS of HTTP work (TurnGate), so Raft's timers
   keep their pace however many connections have a request ready.
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
@@ -887,8 +889,9 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                  max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES) -> None:
         """`on_eviction(reason)` hears of every connection the server closes: "full_idle", "full_receiving" or
         "full_draining" (the pool was full), "idle_timeout" or "busy_timeout" (the sweeper), "unsent_budget"
-        (`hold`), and any reason given to `end_connection` ("backup_too_slow": routes_ops); the metrics count them. `access_log`: a line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
-        refused (403), or None to serve it (raftlib.server.hosts.AllowedHosts.refusal); None: every Host."""
+        (`hold`), and any reason given to `end_connection` ("backup_too_slow": routes_ops); the metrics count them.
+        `access_log`: a line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that
+        Host is refused (403), or None to serve it (raftlib.server.hosts.AllowedHosts.refusal); None: every Host."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         if access_log:
             self.handler_class = AccessLogHandler
