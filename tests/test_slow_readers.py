@@ -138,14 +138,21 @@ def test_stalled_streams_on_many_prefixes_are_held_within_the_budget(cluster):
 SMALL_BUDGET = 16 << 20
 
 
-@pytest.fixture
-def small_budget_node(tmp_path):
-    node = Node("node", str(tmp_path)).start("-max-unsent-bytes", str(SMALL_BUDGET))
+def budget_node(tmp_path, budget: int) -> Node:
+    node = Node("node", str(tmp_path)).start("-max-unsent-bytes", str(budget))
     try:
         wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
-        yield node
-    finally:
+    except BaseException:
         node.kill()
+        raise
+    return node
+
+
+@pytest.fixture
+def small_budget_node(tmp_path):
+    node = budget_node(tmp_path, SMALL_BUDGET)
+    yield node
+    node.kill()
 
 
 def txn_request(body: bytes) -> bytes:
@@ -217,6 +224,32 @@ def test_a_push_to_long_polls_sharing_one_body_cuts_the_txn_non_readers_not_the_
         for s in polls + txns:
             s.close()
     wait_for(lambda: unsent_gauges(node) == (0, 0), 10, "the budget's fill back to nothing")
+
+
+def test_a_newcomer_over_a_budget_full_of_one_shared_body_is_cut_not_the_sharers(tmp_path):
+    """L1, the budget's edge: 6 long polls share a 6 MB body and a budget of 8 MiB; one client POSTs a transaction
+    get of 6 MB and never reads. Only the newcomer's cut frees bytes (a poll's frees nothing while the others hold
+    the body), so it goes, and the polls get their answer. Main's policy cut the oldest holder, poll after poll, until
+    the body was freed: all six."""
+    node = budget_node(tmp_path, 8 << 20)
+    polls: list[socket.socket] = []
+    txn: list[socket.socket] = []
+    try:
+        assert node.request("POST", "/db/tk", VALUE, timeout=20).status == 200
+        polls = never_reading(node, b"GET /watch?key=pk&poll=1&timeout=60 HTTP/1.1\r\nHost: localhost\r\n\r\n", 6)
+        time.sleep(1)  # every poll is waiting
+        assert node.request("POST", "/db/pk", VALUE, timeout=20).status == 200
+        wait_for(lambda: unsent_gauges(node)[1] == 6, 10, "the 6 polls to hold their answer")
+        txn = never_reading(node, txn_request(b'{"success": [{"op": "get", "key": "tk"}]}'), 1)
+        wait_for(lambda: unsent_budget_cuts(node) >= 1, 10, "a cut")
+        answers = [whole_answer(s) for s in polls]
+        assert all(a is not None and a[0] == 200 for a in answers), [None if a is None else a[0] for a in answers]
+        assert whole_answer(txn[0]) is None
+        assert unsent_budget_cuts(node) == 1
+    finally:
+        for s in polls + txn:
+            s.close()
+        node.kill()
 
 
 def test_a_steady_slow_reader_keeps_its_answer_and_the_non_readers_are_cut(small_budget_node):

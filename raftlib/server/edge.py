@@ -990,12 +990,16 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
           longest without taking a byte of its answer; ties (two seen taking bytes at the same look) go to the one
           that frees more. A client that keeps reading, however slowly, is not stalled, and a long poll or a stream
           that shares its body or frame with others frees nothing: cutting it only drops a reader.
+        - the newest holder (the one this call is for) is one of them: its time without progress starts now, so it
+          goes only when no other holder frees bytes, or every one that does took bytes at this very look (the
+          budget is full of clients that read: the newcomer waits elsewhere). Once it is cut, no more are.
         - only when no holder frees bytes alone, the longest stalled of those that share an object with others but
           not with the newest holder (cut one by one, the sharers of that object free it in the end); if there is
           none, nothing is cut: what is left is held by the newest.
-        - the newest holder (the one this call is for) is kept whatever its size: it has had no time to stall, and an
-          answer larger than the budget on its own (each is bounded: a transaction's, a frame's) still reaches a
-          client that reads it. So the fill may exceed the budget by one answer.
+        - a holder alone is never cut: an answer larger than the budget on its own (each is bounded: a transaction's,
+          a frame's) still reaches a client that reads it, so the fill may exceed the budget by one answer. (Before,
+          the newest was never cut whatever its size: then, a newcomer over a budget full of a shared body cut every
+          sharer of it rather than go itself.)
         A holder's time without progress starts when its hold does, and starts again whenever its socket takes bytes:
         a send that took some (`took_bytes`, the send paths), or the kernel's queue of bytes not yet sent to it
         (SIOCOUTQNSD) seen PROGRESS_BYTES shorter than at the last look (its client read, the window opened between
@@ -1028,6 +1032,8 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                 break
             self.release(victim)
             self._evict(holding, victim, "unsent_budget")
+            if victim is handler:
+                break
 
     def took_bytes(self, handler: EdgeHandler) -> None:
         """A send to `handler`'s client took bytes of what it holds: it is making progress (`hold`)."""
@@ -1060,12 +1066,11 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         now = time.monotonic()
         best, best_key = None, None
         for handler, record in self.holding.items():
-            if handler is newest:
-                continue
             key = (record.alone_bytes >= MIN_FREED_BYTES, now - record.progress_at, record.alone_bytes)
             if best_key is not None and key <= best_key:
                 continue  # a look could only make it younger
-            _look(handler, record, now)
+            if handler is not newest:  # looked at as its hold began
+                _look(handler, record, now)
             key = (record.alone_bytes >= MIN_FREED_BYTES, now - record.progress_at, record.alone_bytes)
             if best_key is None or key > best_key:
                 best, best_key = handler, key
