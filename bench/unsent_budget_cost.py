@@ -93,7 +93,8 @@ server._evict = lambda handlers, handler, reason: (victims.append(handler), hand
 
 
 calls = max(200, 200_000 // holders)
-print(json.dumps({"hold_release": per_call_microseconds(hold_release, calls), "cut": per_call_microseconds(cut, calls)}))
+print(json.dumps({"hold_release": per_call_microseconds(hold_release, calls),
+                  "cut": per_call_microseconds(cut, calls)}))
 """
 
 
