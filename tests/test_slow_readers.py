@@ -226,6 +226,63 @@ def test_a_push_to_long_polls_sharing_one_body_cuts_the_txn_non_readers_not_the_
     wait_for(lambda: unsent_gauges(node) == (0, 0), 10, "the budget's fill back to nothing")
 
 
+def first_event_value(sock: socket.socket, seconds: float = 30.0) -> bytes | None:
+    """The value of the first event a watch stream's client receives (its head skipped, the chunked coding undone),
+    or None if the connection ends first (cut). At most `seconds`."""
+    sock.settimeout(seconds)
+    deadline, data = time.monotonic() + seconds, bytearray()
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        del data[:data.index(b"\r\n\r\n") + 4]
+        while True:
+            size_end = data.find(b"\r\n")
+            if size_end >= 0 and len(data) >= size_end + 2 + int(data[:size_end], 16) + 2:
+                size = int(data[:size_end], 16)
+                frame = bytes(data[size_end + 2:size_end + 2 + size])
+                del data[:size_end + 2 + size + 2]
+                for line in frame.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        return json.loads(line[6:])["value"].encode()
+                continue
+            assert time.monotonic() < deadline, f"no event within {seconds}s"
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return None
+            data += chunk
+    except ConnectionResetError:
+        return None
+
+
+def test_a_push_to_streams_sharing_one_frame_cuts_the_txn_non_readers_not_the_streams(small_budget_node):
+    """L1 for watch streams (server-sent events), whose frames the wake writes: 8 streams of one key, not reading,
+    share one 6 MB frame; then 4 clients POST /txn gets of 6 MB and never read. Past the budget the transactions'
+    non-readers are cut, not the streams, which each get the event whole once they read."""
+    node = small_budget_node
+    assert node.request("POST", "/db/tk", VALUE, timeout=20).status == 200
+    streams = never_reading(node, b"GET /watch?key=sk HTTP/1.1\r\nHost: localhost\r\n\r\n", 8)
+    txns: list[socket.socket] = []
+    try:
+        time.sleep(1)  # every stream is waiting
+        cuts0 = unsent_budget_cuts(node)
+        assert node.request("POST", "/db/sk", VALUE, timeout=20).status == 200
+        wait_for(lambda: unsent_gauges(node)[1] == 8, 10, "the 8 streams to hold their frame")
+        for _ in range(4):
+            txns += never_reading(node, txn_request(b'{"success": [{"op": "get", "key": "tk"}]}'), 1)
+            time.sleep(0.5)
+        values = [first_event_value(s) for s in streams]
+        assert all(v == VALUE for v in values), [None if v is None else len(v) for v in values]  # None: cut
+        cut = [s for s in txns if whole_answer(s) is None]
+        assert len(cut) >= 3, f"{len(cut)} of the 4 transaction non-readers cut"
+        assert unsent_budget_cuts(node) - cuts0 == len(cut)
+    finally:
+        for s in streams + txns:
+            s.close()
+
+
 def test_a_newcomer_over_a_budget_full_of_one_shared_body_is_cut_not_the_sharers(tmp_path):
     """L1, the budget's edge: 6 long polls share a 6 MB body and a budget of 8 MiB; one client POSTs a transaction
     get of 6 MB and never reads. Only the newcomer's cut frees bytes (a poll's frees nothing while the others hold
