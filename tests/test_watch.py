@@ -1513,6 +1513,7 @@ def loopback_streams():
         handler = types.SimpleNamespace(socket=server_side, rfile=server_side.makefile("rb", -1),
                                         response_use_chunked=True, close_connection=False,
                                         server=types.SimpleNamespace(watching={}, busy={}, hold=lambda handler, objects: None,
+                                                                     took_bytes=lambda handler: None,
                                                                      release=lambda handler: None))
         watchers_before = set(hub._by_prefix.get(prefix, ()))
         chunks = watchstream.watch_stream(hub, metrics or Metrics(), hub.applied_index, Filter(prefix=prefix),

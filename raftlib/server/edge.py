@@ -12,6 +12,8 @@ Rules:
 - Every wait is bounded: for a request (-idle-timeout), for the rest of one (-receive-timeout, 408), for a whole
   request's life (EdgeServer's sweeper), for the client to take a refusal (a second).
 - At most -max-connections connections; when full, the one that has waited or received longest goes.
+- Answers held for clients slow to take them count in one budget a node (-max-unsent-bytes, EdgeServer.hold);
+  past it the client that has gone longest without taking a byte, of those whose cut frees bytes, is cut.
 - One turn of the event loop starts at most about TURN_BUDGET_SECONDS of HTTP work (TurnGate), so Raft's timers
   keep their pace however many connections have a request ready.
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
@@ -41,12 +43,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import io
 import logging
 import math
 import re
 import resource
 import socket
+import struct
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -77,10 +81,19 @@ MAX_CHUNK_LINE_BYTES = 1024
 # writes, pieces of a buffer or lines: 8,192 chunks are a 1 MiB body in pieces of 128 bytes.
 MAX_BODY_CHUNKS = 8192
 TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
-# Bytes of answers a node holds for clients that do not take them yet (-max-unsent-bytes: EdgeServer.hold); the
-# oldest such client is cut past it. A quarter of a 1 GB machine: 30 transaction answers at their 8 MiB bound, or
-# 40 frames of a 1 MiB write of control bytes (6 MB as JSON).
+# Bytes of answers a node holds for clients that do not take them yet (-max-unsent-bytes: EdgeServer.hold); past
+# it the client that has gone longest without taking a byte, of those whose cut frees bytes, is cut. A quarter of a
+# 1 GB machine: 30 transaction answers at their 8 MiB bound, or 40 frames of a 1 MiB write of control bytes (6 MB
+# as JSON).
 DEFAULT_MAX_UNSENT_BYTES = 256 << 20
+# A holder whose cut would free less than this (bytes it alone holds) frees "nothing" (EdgeServer.hold): a watch
+# stream's own chunk-size line beside the frame it shares with the other watchers of its filter.
+MIN_FREED_BYTES = 4096
+# A holder has taken bytes (EdgeServer.hold) when the kernel's queue of bytes not yet sent to it shrank by this much
+# since the last look: its receive window opened, so its client read. Less may be the peer's stack tidying a full
+# receive buffer of a client that reads nothing; a reader of a big answer opens its window an MSS or more at a time.
+PROGRESS_BYTES = 16384
+SIOCOUTQNSD = 0x894B  # Linux (linux/sockios.h): bytes in a TCP socket's send queue not yet sent
 ONE_SEND_BODY_BYTES = 16384  # an answer's first piece (its body, a stream's first chunk) up to this size goes with the head (EdgeHandler)
 # Descriptors kept for all but HTTP: a few dozen for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
 # two per peer (its REQ socket); and the Raft port's inbound connections (at most 32 kept: transport.py).
@@ -535,23 +548,42 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         """pywsgi's, with one plain send first. gevent's sendall asks the kernel for the socket's send buffer on
         every call (a getsockopt syscall: one of the three a write's answer cost, with its recv and its send) and
         walks a memoryview through two more layers; an answer of a few hundred bytes fits the socket's buffer,
-        so the one send takes it whole. What that send did not take goes through sendall as before (which waits
-        for the socket, under its timeout if it has one). pywsgi's status, code and response_length kept. A
-        handler's socket has no timeout (None); with a timeout T, the one send and sendall could wait T each."""
+        so the one send takes it whole. That send is the OS socket's, which never waits: gevent's waited for room
+        when the socket was full (a client that had not taken the last answer), the answer not counted in the
+        node's budget meanwhile (review ef). What it did not take is sent by _send_held. pywsgi's status, code and
+        response_length kept."""
+        sock: Any = self.socket
         try:
-            sent = self.socket.send(data)
+            try:
+                sent = getattr(sock, "_sock", sock).send(data)  # the OS socket's: never waits (review ef)
+            except BlockingIOError:  # full: a client that has not taken the last answer yet
+                sent = 0
             if sent < len(data):  # a client slower than its answer: the answer counts in the node's budget meanwhile
-                self.server.hold(self, (data,))
-                try:
-                    self.socket.sendall(memoryview(data)[sent:])
-                finally:
-                    self.server.release(self)
+                self._send_held(data, sent)
         except OSError as ex:
             self.status = f"socket error: {ex}"
             if self.code > 0:
                 self.code = -self.code
             raise
         self.response_length += len(data)
+
+    def _send_held(self, data, sent: int) -> None:
+        """The rest of `data` after `sent` bytes, held in the node's budget (EdgeServer.hold) until sent: gevent's
+        send waits for room, then sends what fits; each send that took bytes tells the budget this client is taking
+        its answer (EdgeServer.took_bytes). The handler's socket has no timeout: a client that stops reading is cut
+        by the sweeper or the budget, which ends the wait with an error."""
+        server = self.server
+        server.hold(self, (data,))
+        try:
+            rest = memoryview(data)[sent:]
+            send = self.socket.send
+            while rest:
+                sent = send(rest)
+                if sent:
+                    server.took_bytes(self)
+                    rest = rest[sent:]
+        finally:
+            server.release(self)
 
 
 class Stream:
@@ -669,14 +701,53 @@ def waiting_on_its_own(environ: dict) -> Iterator[None]:
             busy[handler] = time.monotonic()
 
 
-def end_connection(environ: dict) -> bool:
+def end_connection(environ: dict, reason: str | None = None) -> bool:
     """Shut down the connection of the request `environ` belongs to, as EdgeServer does to evict one: its greenlet's
-    wait ends as for a client gone. False outside the edge (tests call the app directly)."""
+    wait ends as for a client gone; with a `reason`, counted and logged as the server's evictions are
+    (EdgeServer.note_eviction). False outside the edge (tests call the app directly)."""
     handler = environ.get("raftdzmq.handler")
     if handler is None:
         return False
+    if reason is not None:
+        handler.server.note_eviction(handler, reason)
     handler.server.shut_down(handler)
     return True
+
+
+class Holding:
+    """What one connection holds in the node's budget of unsent answers (EdgeServer.hold): its objects, the bytes of
+    them no other connection holds (what cutting it frees), when it last took bytes of them, and the kernel's queue
+    of bytes not yet sent to it at the last look (None: not known)."""
+
+    __slots__ = ("objects", "alone_bytes", "progress_at", "queued")
+
+    def __init__(self, objects: tuple | list) -> None:
+        self.objects = tuple(objects)
+        self.alone_bytes = 0
+        self.progress_at = time.monotonic()
+        self.queued: int | None = None
+
+
+def _unsent_in_kernel(handler: EdgeHandler) -> int | None:
+    """Bytes in the kernel's send queue of `handler`'s socket not yet sent to the client (Linux's SIOCOUTQNSD; they
+    leave as its receive window opens, so as it reads); None where not known (another system, a closed socket)."""
+    try:
+        sock: Any = handler.socket
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def _look(handler: EdgeHandler, record: Holding, now: float) -> None:
+    """Whether `handler`'s client took bytes since the last look (EdgeServer.hold): the kernel's queue of bytes not
+    sent to it shrank by PROGRESS_BYTES or more; then its time without progress starts again at `now`."""
+    queued = _unsent_in_kernel(handler)
+    if queued is None:
+        return
+    if record.queued is None or queued > record.queued:  # not known, or a send added to it since
+        record.queued = queued
+    elif record.queued - queued >= PROGRESS_BYTES:
+        record.progress_at, record.queued = now, queued
 
 
 class AccessLogHandler(EdgeHandler):
@@ -818,8 +889,9 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                  max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES) -> None:
         """`on_eviction(reason)` hears of every connection the server closes: "full_idle", "full_receiving" or
         "full_draining" (the pool was full), "idle_timeout" or "busy_timeout" (the sweeper), "unsent_budget"
-        (`hold`); the metrics count them. `access_log`: a line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that Host is
-        refused (403), or None to serve it (raftlib.server.hosts.AllowedHosts.refusal); None: every Host."""
+        (`hold`), and any reason given to `end_connection` ("backup_too_slow": routes_ops); the metrics count them.
+        `access_log`: a line per request (AccessLogHandler). `host_refusal(Host or None)`: why a request naming that
+        Host is refused (403), or None to serve it (raftlib.server.hosts.AllowedHosts.refusal); None: every Host."""
         super().__init__(listener, application, spawn=gevent.pool.Pool(max_connections), log=None, error_log=log)
         if access_log:
             self.handler_class = AccessLogHandler
@@ -836,12 +908,12 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.receiving: dict[EdgeHandler, float] = {}  # the busy ones whose request has not all arrived yet
         self.draining: dict[EdgeHandler, float] = {}  # the busy ones refused and answered, reading what still comes
         self.watching: dict[Stream, float] = {}  # open watches (streams, long polls), oldest first: evictable
-        # Answers held for clients that do not take them (`hold`): the connection, oldest first, and what it holds;
-        # each object (an answer, a frame) by id, with a reference and how many hold it: it counts once.
+        # Answers held for clients that do not take them (`hold`): each connection's Holding; each object (an
+        # answer, a frame) by id, with a reference and the set of connections that hold it: it counts once.
         self.max_unsent_bytes = max_unsent_bytes
         self.unsent_bytes = 0
-        self.holding: dict[EdgeHandler, tuple] = {}
-        self._held: dict[int, list] = {}
+        self.holding: dict[EdgeHandler, Holding] = {}
+        self._held: dict[int, tuple[Any, set[EdgeHandler]]] = {}
         self._refusals = RateLimitedLog("refused HTTP requests", log)
         self._accept_failures = RateLimitedLog("failed accepts", log)
         self._evictions = RateLimitedLog("closed connections", log)
@@ -908,43 +980,118 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         that has not taken them yet (a send that could not finish). Every slow reader's answer counts in one budget
         per node: a transaction's answer, a long poll's body, a stream's frame (review edge, L1, L2, Q2: each held up
         to 24 MB, unbounded in number but by the pool). An object held by several (a poll body or a frame shared by
-        the readers of one filter) counts once. Past `max_unsent_bytes` the oldest holder is cut (its connection
-        shut: its write fails and its greenlet lets go), counted as the eviction "unsent_budget" and logged at most
-        once a second; the newest is kept whatever its size. Called once a send could not finish at once (an answer
-        taken whole costs nothing here), and by a transaction's answer waiting for its turn (routes_txn)."""
+        the readers of one filter) counts once. Called once a send could not finish at once (an answer taken whole
+        costs nothing here), and by a transaction's answer waiting for its turn (routes_txn).
+
+        Past `max_unsent_bytes`, holders are cut (their connections shut: a write fails and the greenlet lets go),
+        one at a time until the fill is back within it, each counted as the eviction "unsent_budget" and logged at
+        most once a second. The victim (review ef, L1 and L2: the oldest holder was cut before):
+        - of the holders whose cut frees bytes (at least MIN_FREED_BYTES that it alone holds), the one that has gone
+          longest without taking a byte of its answer; ties (two seen taking bytes at the same look) go to the one
+          that frees more. A client that keeps reading, however slowly, is not stalled, and a long poll or a stream
+          that shares its body or frame with others frees nothing: cutting it only drops a reader.
+        - the newest holder (the one this call is for) is one of them: its time without progress starts now, so it
+          goes only when no other holder frees bytes, or every one that does took bytes at this very look (the
+          budget is full of clients that read: the newcomer waits elsewhere). Once it is cut, no more are.
+        - only when no holder frees bytes alone, the longest stalled of those that share an object with others but
+          not with the newest holder (cut one by one, the sharers of that object free it in the end); if there is
+          none, nothing is cut: what is left is held by the newest.
+        - a holder alone is never cut: an answer larger than the budget on its own (each is bounded: a transaction's,
+          a frame's) still reaches a client that reads it, so the fill may exceed the budget by one answer. (Before,
+          the newest was never cut whatever its size: then, a newcomer over a budget full of a shared body cut every
+          sharer of it rather than go itself.)
+        A holder's time without progress starts when its hold does, and starts again whenever its socket takes bytes:
+        a send that took some (`took_bytes`, the send paths), or the kernel's queue of bytes not yet sent to it
+        (SIOCOUTQNSD) seen PROGRESS_BYTES shorter than at the last look (its client read, the window opened between
+        two of our sends, which can be a second apart for a client reading 1 MB/s). The kernel is asked at a hold,
+        at each send that took bytes, by the sweeper once a period for each holder, and, while choosing a victim,
+        for each holder that would be chosen on what was known (a look only makes a holder younger): O(holders) a
+        cut, a syscall for few of them, nothing per byte."""
         self.release(handler)
-        held = self._held
+        holding, held = self.holding, self._held
+        record = Holding(objects)
         for o in objects:
             entry = held.get(id(o))
             if entry is None:
-                held[id(o)] = [o, 1]
+                held[id(o)] = (o, {handler})
                 self.unsent_bytes += len(o)
-            else:
-                entry[1] += 1
-        self.holding[handler] = tuple(objects)
-        while self.unsent_bytes > self.max_unsent_bytes and len(self.holding) > 1:
-            oldest = next(iter(self.holding))
-            self.release(oldest)
-            self._evict(self.holding, oldest, "unsent_budget")
+                record.alone_bytes += len(o)
+                continue
+            holders = entry[1]
+            if handler in holders:
+                continue  # twice in `objects`
+            if len(holders) == 1:
+                for sole in holders:  # it holds this one alone no longer
+                    holding[sole].alone_bytes -= len(o)
+            holders.add(handler)
+        record.queued = _unsent_in_kernel(handler)
+        holding[handler] = record
+        while self.unsent_bytes > self.max_unsent_bytes and len(holding) > 1:
+            victim = self._victim(handler)
+            if victim is None:
+                break
+            self.release(victim)
+            self._evict(holding, victim, "unsent_budget")
+            if victim is handler:
+                break
+
+    def took_bytes(self, handler: EdgeHandler) -> None:
+        """A send to `handler`'s client took bytes of what it holds: it is making progress (`hold`)."""
+        record = self.holding.get(handler)
+        if record is not None:
+            record.progress_at = time.monotonic()
+            record.queued = _unsent_in_kernel(handler)
 
     def release(self, handler: EdgeHandler) -> None:
         """What `handler` held (`hold`) is sent, or its connection ended: it no longer counts."""
-        objects = self.holding.pop(handler, None)
-        if objects is None:
+        record = self.holding.pop(handler, None)
+        if record is None:
             return
-        held = self._held
-        for o in objects:
-            entry = held[id(o)]
-            entry[1] -= 1
-            if not entry[1]:
+        holding, held = self.holding, self._held
+        for o in record.objects:
+            entry = held.get(id(o))
+            if entry is None or handler not in entry[1]:
+                continue  # twice in its objects: let go of already
+            holders = entry[1]
+            holders.discard(handler)
+            if not holders:
                 del held[id(o)]
                 self.unsent_bytes -= len(o)
+            elif len(holders) == 1:
+                for sole in holders:  # it holds this one alone now
+                    holding[sole].alone_bytes += len(o)
+
+    def _victim(self, newest: EdgeHandler) -> EdgeHandler | None:
+        """The holder to cut (`hold`'s rules), or None when cutting any frees nothing."""
+        now = time.monotonic()
+        best, best_key = None, None
+        for handler, record in self.holding.items():
+            key = (record.alone_bytes >= MIN_FREED_BYTES, now - record.progress_at, record.alone_bytes)
+            if best_key is not None and key <= best_key:
+                continue  # a look could only make it younger
+            if handler is not newest:  # looked at as its hold began
+                _look(handler, record, now)
+            key = (record.alone_bytes >= MIN_FREED_BYTES, now - record.progress_at, record.alone_bytes)
+            if best_key is None or key > best_key:
+                best, best_key = handler, key
+        if best_key is None or best_key[0]:
+            return best
+        held = self._held
+        best, best_stalled = None, -1.0
+        for handler, record in self.holding.items():
+            if handler is newest or now - record.progress_at <= best_stalled:
+                continue
+            if any(len(o) >= MIN_FREED_BYTES and newest not in held[id(o)][1] for o in record.objects):
+                best, best_stalled = handler, now - record.progress_at
+        return best
 
     def _sweep(self) -> None:
         period = min(1.0, self.idle_timeout_seconds / 4)
         while True:
             gevent.sleep(period)
             now = time.monotonic()
+            for handler, record in self.holding.items():
+                _look(handler, record, now)  # a holder's progress known to within a period (hold)
             for handlers, limit, reason in ((self.idle, self.idle_timeout_seconds, "idle_timeout"),
                                             (self.busy, self.busy_timeout_seconds, "busy_timeout")):
                 expired = []
@@ -957,13 +1104,17 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
 
     def _evict(self, handlers: dict, handler: EdgeHandler, reason: str) -> None:
         """Close a connection the server chose to close: counted, and logged at most once a second."""
+        self.note_eviction(handler, reason)
+        self._close(handlers, handler)
+
+    def note_eviction(self, handler: EdgeHandler, reason: str) -> None:
+        """Count (`on_eviction`) and log (at most a line a second) a connection closed for `reason`."""
         if self._on_eviction is not None:
             self._on_eviction(reason)
         client = handler.client_address
         self._evictions.log(logging.WARNING if reason.startswith(("full", "unsent")) else logging.INFO,
                             "closed the HTTP connection of %s (%s)", client[0] if isinstance(client, tuple) else client,
                             reason.replace("_", " "))
-        self._close(handlers, handler)
 
     def _close(self, handlers: dict, handler: EdgeHandler) -> None:
         handlers.pop(handler, None)

@@ -162,7 +162,8 @@ class Metrics:
         self.reads = Counter("raftdzmq_reads", "Reads answered, by consistency", "consistency")
         self.http_evictions = Counter("raftdzmq_http_evictions", "HTTP connections the server closed, by reason "
                                       "(full_idle, full_receiving, full_draining: the pool was full; idle_timeout, "
-                                      "busy_timeout; unsent_budget: the oldest slow reader, past -max-unsent-bytes)",
+                                      "busy_timeout; unsent_budget: a stalled slow reader, past -max-unsent-bytes; "
+                                      "backup_too_slow: a backup's reader under -backup-min-rate)",
                                       "reason")
         self.read_index_seconds = Histogram("raftdzmq_read_index_seconds", "Time to confirm a read index",
                                             (.0005, .001, .002, .005, .01, .05, .1, .5))
@@ -190,6 +191,8 @@ class Metrics:
         self.lease_expirations = Counter("raftdzmq_lease_expirations", "Leases this node expired as leader, by "
                                          "outcome of the LEASE_EXPIRE entry", "outcome")
         self.lease_count: Callable[[], int | None] = lambda: 0  # None: no sample (the state is not there yet)
+        # The HTTP edge's budget of unsent answers (edge.EdgeServer.hold): (bytes held now, connections holding them)
+        self.unsent: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._status: Callable[[], RuntimeStatus] | None = None
         self.registry = prom.CollectorRegistry()
         self.registry.register(self)
@@ -205,6 +208,12 @@ class Metrics:
             yield m.collect()
         yield prom_core.GaugeMetricFamily("raftdzmq_watches_open", "Watches open now (streams and long polls)",
                                           value=self.watches_open)
+        unsent_bytes, holders = self.unsent()
+        yield prom_core.GaugeMetricFamily("raftdzmq_http_unsent_bytes", "Bytes of answers held now for HTTP clients "
+                                          "slow to take them, each shared one once (the fill of -max-unsent-bytes)",
+                                          value=unsent_bytes)
+        yield prom_core.GaugeMetricFamily("raftdzmq_http_unsent_holders", "HTTP connections holding such answers now",
+                                          value=holders)
         leases = self.lease_count()
         yield prom_core.GaugeMetricFamily("raftdzmq_leases", "Leases in the replicated state", value=leases)
         if self._status is not None:

@@ -933,6 +933,8 @@ class Server:
             max_header_bytes=config.max_header_bytes, max_body_bytes=config.max_body_bytes,
             on_eviction=self.metrics.http_evictions.inc, access_log=config.access_log,
             host_refusal=allowed_hosts.refusal, max_unsent_bytes=config.max_unsent_bytes)
+        http = self.http
+        self.metrics.unsent = lambda: (http.unsent_bytes, len(http.holding))
         self.watch_guard.start()  # before HTTP: /readyz asks whether it runs
         self.http.start()
         gevent.spawn(self.metrics.watch_hub_lag)

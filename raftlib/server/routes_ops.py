@@ -128,9 +128,9 @@ class BackupBody:
     it closes the Backup, ending its count (Runtime.backup, one at a time).
 
     The whole answer must be taken within (size + BACKUP_SLACK_BYTES) / `min_rate` seconds from its first piece,
-    else the connection is closed (logged): a reader that took a piece just often enough for the busy bound (about
-    13 KB/s) held the node's one backup slot, and the copy of the state on its disk, for as long as it liked
-    (review edge Q3: about 22 h for 1 GB)."""
+    else the connection is closed (logged, and counted as the eviction "backup_too_slow"): a reader that took a
+    piece just often enough for the busy bound (about 13 KB/s) held the node's one backup slot, and the copy of the
+    state on its disk, for as long as it liked (review edge Q3: about 22 h for 1 GB)."""
 
     def __init__(self, backup: Backup, environ: dict, min_rate: int) -> None:
         self.backup, self.environ, self.min_rate = backup, environ, min_rate
@@ -153,7 +153,7 @@ class BackupBody:
         self.backup.close()
 
     def _cut_off(self, seconds: float) -> None:
-        if end_connection(self.environ):
+        if end_connection(self.environ, "backup_too_slow"):
             log.warning("closed the backup at index %d for %s: not taken whole within %.0fs (-backup-min-rate %d "
                         "bytes a second, with %d MiB of slack)", self.backup.index, self.environ.get("REMOTE_ADDR"),
                         seconds, self.min_rate, BACKUP_SLACK_BYTES >> 20)

@@ -267,7 +267,8 @@ def _kv_json(key: str, value: bytes, create_index: int, modify_index: int, piece
 def _answer_turn(handler) -> Callable[[list[bytes]], bool]:
     """txn_answer_json's `turn` on the edge: the answer built so far counts in the node's budget of unsent answers
     while it waits for its turn of the loop (a hundred big answers waiting there at once are no less memory than a
-    hundred unread), and False when it was cut meanwhile (EdgeServer.hold: the oldest holder goes first)."""
+    hundred unread), and False when it was cut meanwhile (EdgeServer.hold: its time without progress starts at each
+    turn's hold, so it goes before a stalled holder only when none of those frees bytes)."""
     server = handler.server
 
     def turn(pieces: list[bytes]) -> bool:

@@ -187,7 +187,7 @@ class SocketWriter(_Progress):
         """The greenlet's blocking send of `parts`, without joining them: a frame is the hub's, shared with every
         watcher that read it, and a stream whose client reads slowly must not hold a copy of it while it waits.
         What the socket does not take at once counts in the node's budget of unsent answers (EdgeServer.hold)
-        while it waits."""
+        while it waits; each send that takes bytes says so (EdgeServer.took_bytes: a reader is not stalled)."""
         try:
             sent = self._sendmsg(parts)
         except BlockingIOError:
@@ -199,7 +199,10 @@ class SocketWriter(_Progress):
         server.hold(self.stream.handler, _objects(parts))
         try:
             while parts:
-                parts = _unsent(parts, self._sendmsg_waiting(parts))
+                sent = self._sendmsg_waiting(parts)
+                if sent:
+                    server.took_bytes(self.stream.handler)
+                    parts = _unsent(parts, sent)
         finally:
             server.release(self.stream.handler)
 
@@ -252,7 +255,7 @@ class SocketWriter(_Progress):
             return watcher.first_match is None  # a read cut at its budget: the greenlet writes the rest at once
         self.metrics.watch_events.inc("stream", len(events))
         self.pending = _unsent(parts, sent)
-        if not gone:  # a slow reader (may cut the oldest); one gone, or cut already, would count as the newest
+        if not gone:  # a slow reader (may cut another); one gone, or cut already, would count as the newest
             self.stream.handler.server.hold(self.stream.handler, _objects(self.pending))
         self.pending_marked_at = marked_at
         self.armed = False
