@@ -2,7 +2,8 @@
 
 The code blocks are read from README.md itself: the walk-through of "Running", the Python client and `raftdzmqctl`,
 "Indices, compare-and-set and transactions", "Leases and TTL keys", "Watches", the health rows of the HTTP API table
-and "Backups and restores". Each command runs in bash against a real 3-node cluster, as a user types it: only the
+"Backups and restores" and "Running in production" (two more nodes with a secret, for raftdzmqctl's signed lines).
+Each command runs in bash against a real 3-node cluster, as a user types it: only the
 ports (8080-8082 are free ports here) and the ids and indices change, to what the earlier answers gave. Each answer
 is checked against the README's comment beside it: status, JSON fields and the values that are deterministic;
 the README's ids and indices stand for "some number", bound to the ones the cluster gave, one for one and in the
@@ -80,11 +81,15 @@ def _split_comment(line: str, quote: str | None) -> tuple[str, str | None, str |
 
 def commands(block: str) -> list[tuple[str, str]]:
     """(command, comment) of each command of a shell block: a command goes on while a quote is open (the txn's
-    body); its comment is the `# ...` after it, and `#` lines right after it go on with that comment."""
+    body) or after a line ending in a backslash; its comment is the `# ...` after it, and `#` lines right after
+    it go on with that comment."""
     out: list[list[str]] = []
     quote = None
     for line in block.splitlines():
-        if quote:
+        if out and out[-1][0].endswith("\\"):
+            code, comment, quote = _split_comment(line, None)
+            out[-1][0] += "\n" + code
+        elif quote:
             code, comment, quote = _split_comment(line, quote)
             out[-1][0] += "\n" + code
         elif line.lstrip().startswith("#"):
@@ -359,6 +364,7 @@ def test_the_readmes_examples_answer_as_their_comments_say(walk, tmp_path):
     health(shell)
     backups(shell, tmp_path)
     membership_last(cluster, shell)
+    production_with_a_secret(shell, tmp_path)
 
 
 def walkthrough(shell: Shell) -> None:
@@ -395,10 +401,10 @@ CTL_LINES = [
     "raftdzmqctl snapshot save backup.snap",
     "raftdzmqctl --secret-file ~/secret snapshot save backup.snap",
 ]
-# Lines this walk does not type: a cluster secret needs a cluster started with it (tests/test_ctl.py and
-# tests/test_secret.py drive one); the membership line runs last (membership_last): it moves the leader off 8080.
+# The membership line runs last (membership_last): it moves the leader off 8080.
 CTL_LATER = {"raftdzmqctl member list; raftdzmqctl member transfer ID; raftdzmqctl member remove ID"}
-CTL_NOT_HERE = {"raftdzmqctl --secret-file ~/secret member remove ID",
+# With a secret: on the two nodes of "Running in production" (production_with_a_secret).
+CTL_SIGNED = {"raftdzmqctl --secret-file ~/secret member remove ID",
                 "raftdzmqctl --secret-file ~/secret snapshot save backup.snap"}
 
 
@@ -492,7 +498,7 @@ def client_and_ctl(cluster: LocalCluster, shell: Shell) -> None:
     assert ran.returncode == 0 and ran.text.startswith("snapshot saved at index "), ran
     assert os.path.getsize(os.path.join(shell.cwd, "backup.snap")) > 0
     os.remove(os.path.join(shell.cwd, "backup.snap"))  # the Backups section makes its own
-    assert set(CTL_LINES) - {CTL_LINES[i] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13)} == CTL_LATER | CTL_NOT_HERE
+    assert set(CTL_LINES) - {CTL_LINES[i] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13)} == CTL_LATER | CTL_SIGNED
 
 
 CAS_LINES = [
@@ -703,3 +709,63 @@ def membership_last(cluster: LocalCluster, shell: Shell) -> None:
     assert f"leadership transferred to {id2}\nmember {id3} removed\n" in ran.text, ran
     members = wait_for(lambda: shell.run("raftdzmqctl -w json member list").text, 10, "member list")
     assert sorted(m["id"] for m in json.loads(members)) == sorted([n1.status()["node_id"], id2]), members
+
+
+PRODUCTION_LINES = [
+    "openssl rand -hex 32 > /etc/raftdzmq/secret",
+    "raftdzmq -h 0.0.0.0 -advertise node1.example -name node1 -p 5555 -hp 8080 \\\n"
+    "         -secret-file /etc/raftdzmq/secret /var/lib/raftdzmq",
+    "raftdzmq -h 0.0.0.0 -advertise node2.example -name node2 -p 5555 -hp 8080 \\\n"
+    "         -secret-file /etc/raftdzmq/secret -join node1.example:8080 /var/lib/raftdzmq",
+]
+
+
+def production_with_a_secret(shell: Shell, tmp_path) -> None:
+    """"Running in production": the secret made, node1 started, node2 joining it (both on this machine: its
+    loopback address, free ports, a data dir each); then raftdzmqctl's lines with `--secret-file ~/secret`: a
+    backup signed for the node asked, on any endpoint and on node2 alone, and node2 removed."""
+    (block, *_) = code_blocks("Running in production")
+    units = commands(block)
+    assert [c for c, _ in units] == PRODUCTION_LINES
+    secret = str(tmp_path / "secret")
+    hosts = {"node1.example": ("localhost", free_port(), free_port()),
+             "node2.example": ("localhost", free_port(), free_port())}
+    procs: list[subprocess.Popen] = []
+    try:
+        ran = shell.run(units[0][0].replace("/etc/raftdzmq/secret", secret))
+        assert ran.returncode == 0 and re.fullmatch(r"[0-9a-f]{64}\n", open(secret).read()), ran
+        for command, node in ((units[1][0], "node1.example"), (units[2][0], "node2.example")):
+            _, raft_port, http_port = hosts[node]
+            typed = (command.replace("-h 0.0.0.0", "-h 127.0.0.1").replace(f"-advertise {node}", "-advertise localhost")
+                     .replace("-p 5555 -hp 8080", f"-p {raft_port} -hp {http_port}")
+                     .replace("-join node1.example:8080", f"-join localhost:{hosts['node1.example'][2]}")
+                     .replace("/etc/raftdzmq/secret", secret)
+                     .replace("/var/lib/raftdzmq", str(tmp_path / f"production-{node}")))
+            procs.append(subprocess.Popen(["bash", "-c", f"exec {typed}"], cwd=shell.cwd, env=shell.env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_for(lambda: json.loads(shell.run(f"curl -s localhost:{http_port}/status").stdout or b"null"), 20,
+                     f"{node} to serve")
+        node2 = f"localhost:{hosts['node2.example'][2]}"
+        endpoints = ",".join(f"localhost:{h[2]}" for h in hosts.values())
+        status2 = wait_for(lambda: (st := json.loads(shell.run(f"curl -s {node2}/status").stdout))["leader"] and st, 20,
+                           "node2 to know its leader")
+        assert status2["node_id"].startswith("node2-") and len(status2["members"]) == 2, status2
+        home = {**shell.env, "HOME": str(tmp_path)}  # ~/secret
+        ctl_signed = [line for line in CTL_LINES if "--secret-file" in line]
+        backups_signed = [c for c, _ in commands(code_blocks("Backups and restores")[1]) if "--secret-file" in c]
+        assert ctl_signed == ["raftdzmqctl --secret-file ~/secret member remove ID",
+                              "raftdzmqctl --secret-file ~/secret snapshot save backup.snap"], ctl_signed
+        assert backups_signed == ["raftdzmqctl --endpoints=localhost:8081 --secret-file ~/secret snapshot save "
+                                  "backup.snap"], backups_signed
+        for line in (ctl_signed[1], backups_signed[0]):
+            line = line.replace("localhost:8081", node2)
+            ran = subprocess.run(["bash", "-c", line], cwd=shell.cwd, env={**home, "RAFTDZMQ_ENDPOINTS": endpoints},
+                                 capture_output=True, timeout=60)
+            assert ran.returncode == 0 and ran.stdout.startswith(b"snapshot saved at index "), ran
+        ran = subprocess.run(["bash", "-c", ctl_signed[0].replace("ID", status2["node_id"])], cwd=shell.cwd,
+                             env={**home, "RAFTDZMQ_ENDPOINTS": endpoints}, capture_output=True, timeout=60)
+        assert (ran.returncode, ran.stdout) == (0, f"member {status2['node_id']} removed\n".encode()), ran
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
