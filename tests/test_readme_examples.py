@@ -1,7 +1,7 @@
 """The README's examples typed as shown (issue 14: "everything above works through curl as the README shows it").
 
 The code blocks are read from README.md itself: the walk-through of "Running", the Python client and `raftdzmqctl`,
-"Indices, compare-and-set and transactions", "Leases and TTL keys", "Watches", the health rows of the HTTP API table
+"Indices, compare-and-set and transactions", "Leases and TTL keys", "Watches", the health rows of the HTTP API table,
 "Backups and restores" and "Running in production" (two more nodes with a secret, for raftdzmqctl's signed lines).
 Each command runs in bash against a real 3-node cluster, as a user types it: only the
 ports (8080-8082 are free ports here) and the ids and indices change, to what the earlier answers gave. Each answer
