@@ -740,6 +740,21 @@ class RaftNode:
             return self._catch_up[index - first].term
         return None
 
+    def _last_index_of_term(self, term: int) -> int:
+        """The last index holding `term` in the log, else among the entries kept behind the cut, by the same rule
+        (newest first, stopping at a lower term); 0 when neither holds it. Without the kept entries, a follower an
+        earlier leader left with an uncommitted tail of a term our cut has passed was probed from the start of its
+        run of that term, below the kept entries, and sent the whole snapshot (review cu2, L1)."""
+        last = self.log.last_index_of_term(term)
+        if last:
+            return last
+        for e in reversed(self._catch_up):
+            if e.term == term:
+                return e.index
+            if e.term < term:
+                break
+        return 0
+
     def _catch_up_first(self) -> int:
         if self.config.unsafe_catch_up_counted_from_the_cut:
             return self.log.snapshot_index - len(self._catch_up) + 1
@@ -1488,7 +1503,7 @@ class RaftNode:
         if pr.is_stale_rejection(m.reject_index):
             return
         if m.conflict_term:
-            last_of_term = self.log.last_index_of_term(m.conflict_term)
+            last_of_term = self._last_index_of_term(m.conflict_term)
             hint = last_of_term + 1 if last_of_term else m.conflict_index
         else:
             hint = m.conflict_index

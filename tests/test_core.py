@@ -2111,3 +2111,59 @@ def test_a_node_that_installs_a_leaders_snapshot_keeps_no_entries_behind_a_cut_a
     c.crash(leader)
     c.restart(leader)
     assert c.nodes[leader].node.catch_up_entries == (0, 0, 0)
+
+
+def test_an_old_leaders_uncommitted_tail_of_a_term_the_cut_passed_is_replaced_by_appends_from_behind_the_cut():
+    """Review cu2, L1: a follower that an earlier leader left with uncommitted entries of its term rejects with
+    that conflict term and the first index of its run of it. The leader looked the term up in its log only, which
+    starts after its cut: not found there, it probed from the run's start, below the entries it kept behind the
+    cut, and sent the whole snapshot. Looked up among the kept entries too, the probe lands just after the term's
+    last kept entry, and the old leader is sent appends from them, never a snapshot chunk."""
+    c = Cluster(seed=7, n=3, config_overrides={"snapshot_catch_up_entries": 16})
+    old = elect(c)
+    o = c.nodes[old].node
+    for _ in range(30):  # committed entries of the old leader's term: a long run of it
+        write(c)
+    old_term, committed = o.current_term, o.commit_index
+    c.isolate(old)
+    for _ in range(3):  # its uncommitted tail, same term
+        assert c.client_write(old, "k", redirect=False) is not None
+    c.process(old)
+    assert o.log.last_index == committed + 3 and o.log.term(o.log.last_index) == old_term
+    assert c.run_until(lambda: c.leader() not in (None, old), 1000)
+    middle = c.leader()
+    assert middle is not None
+    for _ in range(5):
+        write(c)
+    new = next(i for i in c.ids if i not in (old, middle))
+    n = c.nodes[new].node
+    for i in (middle, new):
+        assert c.run_until(lambda: c.nodes[i].node.last_applied == c.nodes[middle].node.log.last_index, 100)
+        c.take_snapshot(i)
+    c.nodes[middle].node.transfer_leadership(new)  # any election after the cut: next_index starts past the old log
+    c.process(middle)
+    assert c.run_until(lambda: c.leader() == new, 300)
+    write(c)
+    first_kept, count, _ = n.catch_up_entries
+    assert first_kept <= committed < n.log.snapshot_index < first_kept + count, "the kept entries cover the divergence"
+    assert n.log.last_index_of_term(old_term) == 0, "the cut passed the old leader's term"
+    rejections: list[AppendEntriesReply] = []
+    send = c.send
+
+    def recording_send(m) -> None:
+        if isinstance(m, AppendEntriesReply) and m.src == old and not m.success:
+            rejections.append(m)
+        send(m)
+
+    c.send = recording_send  # type: ignore[method-assign]
+    appends = _record_sent_to(c, old)
+    chunks = _record_sent_to(c, old, InstallSnapshot)
+    c.heal()
+    assert c.run_until(lambda: o.commit_index == n.commit_index and o.log.last_index == n.log.last_index, 1000)
+    assert any(m.conflict_term == old_term and m.conflict_index < first_kept for m in rejections), rejections
+    assert not chunks and o.log.snapshot_index == 0
+    assert [m for m in appends if m.entries and m.prev_log_index < n.log.snapshot_index]
+    known = _entries_known(n)
+    assert _entries_known(o)[-len(known):] == known  # its tail replaced by the leader's entries
+    assert c.nodes[old].kv.data == c.nodes[new].kv.data
+
