@@ -2167,3 +2167,52 @@ def test_an_old_leaders_uncommitted_tail_of_a_term_the_cut_passed_is_replaced_by
     assert _entries_known(o)[-len(known):] == known  # its tail replaced by the leader's entries
     assert c.nodes[old].kv.data == c.nodes[new].kv.data
 
+
+def test_appends_from_behind_the_cut_across_a_term_change_carry_each_entrys_own_term_as_the_previous_term():
+    """The entries kept behind a cut span two terms (a leader change before the snapshot), and a follower stopped
+    in the first term is behind the term boundary: its catch-up appends from them carry as prev_log_term the term
+    of the kept entry at prev_log_index (the first term), not the snapshot's (the second), and it is accepted at
+    once, with no snapshot. With the snapshot's term (review cu2, variant MA), every such append was rejected, and
+    it took the random schedules' liveness check to notice."""
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
+    first = elect(c)
+    follower = next(i for i in c.ids if i != first)
+    second = next(i for i in c.ids if i not in (first, follower))
+    pr = c.nodes[first].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for _ in range(3):
+        write(c)
+    first_term = c.nodes[first].node.current_term
+    c.nodes[first].node.transfer_leadership(second)
+    c.process(first)
+    assert c.run_until(lambda: c.leader() == second, 300)
+    n = c.nodes[second].node
+    for _ in range(3):
+        write(c)
+    assert c.run_until(lambda: n.last_applied == n.log.last_index, 100)
+    c.take_snapshot(second)
+    f = c.nodes[follower].node
+    assert {first_term, n.current_term} <= {e.term for e in n._catch_up}, "the kept entries span two terms"
+    assert n.log.snapshot_term == n.current_term > first_term == f.log.last_term
+    assert n.catch_up_entries[0] <= f.log.last_index < n.log.snapshot_index
+    appends = _record_sent_to(c, follower)
+    chunks = _record_sent_to(c, follower, InstallSnapshot)
+    rejections: list[AppendEntriesReply] = []
+    send = c.send
+
+    def recording_send(m) -> None:
+        if isinstance(m, AppendEntriesReply) and m.src == follower and not m.success:
+            rejections.append(m)
+        send(m)
+
+    c.send = recording_send  # type: ignore[method-assign]
+    c.resume(follower)
+    assert c.run_until(lambda: f.commit_index == n.commit_index and f.log.last_index == n.log.last_index, 300)
+    across = [m for m in appends if m.entries and m.prev_log_index < n.log.snapshot_index
+              and m.prev_log_term == first_term and m.entries[-1].term == n.current_term]
+    assert across, [(m.prev_log_index, m.prev_log_term, len(m.entries)) for m in appends]
+    assert not [m for m in rejections if m.conflict_term], rejections  # never refused at an entry it holds
+    assert not chunks and f.log.snapshot_index == 0
+    known = _entries_known(n)
+    assert _entries_known(f)[-len(known):] == known
