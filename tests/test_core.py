@@ -2113,6 +2113,40 @@ def test_a_node_that_installs_a_leaders_snapshot_keeps_no_entries_behind_a_cut_a
     assert c.nodes[leader].node.catch_up_entries == (0, 0, 0)
 
 
+def test_a_core_assert_in_a_snapshots_commit_fails_the_schedule_as_a_safety_violation_with_its_replay(monkeypatch):
+    """Review cu2, Q3: the simulator turned the core's asserts into a SafetyViolation (the trace and the replay
+    command) only while stepping a message; one raised in a snapshot's commit escaped as a bare AssertionError,
+    which tests/test_mutations.py does not count as a catch. Broken as the review's variant MC (a leader's
+    snapshot installed leaves the entries kept behind the node's old cut), the node's next snapshot of its own
+    asserts in create_snapshot (they no longer end at its cut): a SafetyViolation naming the commit."""
+    install = RaftNode._restore
+
+    def keeping_the_old_cuts_entries(self: RaftNode, snap: Snapshot, sink=None) -> None:
+        kept = self._catch_up, self._catch_up_bytes
+        install(self, snap, sink)
+        self._catch_up, self._catch_up_bytes = kept
+
+    monkeypatch.setattr(RaftNode, "_restore", keeping_the_old_cuts_entries)
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1, "snapshot_catch_up_entries": 3})
+
+    def snapshot_on_the_follower(leader: str, follower: str) -> None:
+        write(c)
+        assert c.run_until(lambda: c.nodes[follower].node.last_applied == c.nodes[leader].node.log.last_index, 200)
+        c.take_snapshot(follower)
+
+    leader, follower, _ = _follower_behind_a_snapshot(c, snapshot_on_the_follower)
+    f, n = c.nodes[follower].node, c.nodes[leader].node
+    c.resume(follower)
+    assert c.run_until(lambda: f.log.snapshot_index == n.log.snapshot_index and f.commit_index == n.commit_index, 300)
+    assert f.catch_up_entries[1] and f.catch_up_entries[0] + f.catch_up_entries[1] - 1 < f.log.snapshot_index
+    write(c)
+    assert c.run_until(lambda: f.last_applied == n.log.last_index, 200)
+    with pytest.raises(SafetyViolation) as caught:
+        c.take_snapshot(follower)
+    why = str(caught.value)
+    assert why.startswith(f"{follower}: the core's assertion failed committing a snapshot (create_snapshot): core.py:")
+    assert f"replay: {c.replay_command}" in why
+
 def test_an_old_leaders_uncommitted_tail_of_a_term_the_cut_passed_is_replaced_by_appends_from_behind_the_cut():
     """Review cu2, L1: a follower that an earlier leader left with uncommitted entries of its term rejects with
     that conflict term and the first index of its run of it. The leader looked the term up in its log only, which
