@@ -316,6 +316,11 @@ class NodeStatus:
     # The index of the entry of `membership` (RaftNode.membership_index): the configuration is applied here once
     # last_applied reaches it (a node that applied one that leaves it out was removed: server.watchguard).
     membership_index: int = 0
+    # The entries kept in memory behind the snapshot's cut (RaftNode.catch_up_entries, -snapshot-catch-up-entries):
+    # how many, and their bytes by Entry.size. 0 until this node's first snapshot of its own since its start, and
+    # after it installs a leader's.
+    catch_up_entries: int = 0
+    catch_up_bytes: int = 0
 
 
 _NO_PROGRESS: Mapping[str, ProgressStatus] = types.MappingProxyType({})
@@ -496,6 +501,8 @@ class RaftNode:
             leader_active=self.leader_id is not None
             and (leading or self._election_elapsed < self.config.election_ticks),
             uncommitted_bytes=self._uncommitted_bytes if leading else 0,
+            catch_up_entries=len(self._catch_up),
+            catch_up_bytes=self._catch_up_bytes,
         )
 
     def _promotable(self) -> bool:
