@@ -316,6 +316,11 @@ class NodeStatus:
     # The index of the entry of `membership` (RaftNode.membership_index): the configuration is applied here once
     # last_applied reaches it (a node that applied one that leaves it out was removed: server.watchguard).
     membership_index: int = 0
+    # The entries kept in memory behind the snapshot's cut (RaftNode.catch_up_entries, -snapshot-catch-up-entries):
+    # how many, and their bytes by Entry.size. 0 until this node's first snapshot of its own since its start, and
+    # after it installs a leader's.
+    catch_up_entries: int = 0
+    catch_up_bytes: int = 0
 
 
 _NO_PROGRESS: Mapping[str, ProgressStatus] = types.MappingProxyType({})
@@ -496,6 +501,8 @@ class RaftNode:
             leader_active=self.leader_id is not None
             and (leading or self._election_elapsed < self.config.election_ticks),
             uncommitted_bytes=self._uncommitted_bytes if leading else 0,
+            catch_up_entries=len(self._catch_up),
+            catch_up_bytes=self._catch_up_bytes,
         )
 
     def _promotable(self) -> bool:
@@ -739,6 +746,21 @@ class RaftNode:
         if self._catch_up and first <= index < first + len(self._catch_up):
             return self._catch_up[index - first].term
         return None
+
+    def _last_index_of_term(self, term: int) -> int:
+        """The last index holding `term` in the log, else among the entries kept behind the cut, by the same rule
+        (newest first, stopping at a lower term); 0 when neither holds it. Without the kept entries, a follower an
+        earlier leader left with an uncommitted tail of a term our cut has passed was probed from the start of its
+        run of that term, below the kept entries, and sent the whole snapshot (review cu2, L1)."""
+        last = self.log.last_index_of_term(term)
+        if last:
+            return last
+        for e in reversed(self._catch_up):
+            if e.term == term:
+                return e.index
+            if e.term < term:
+                break
+        return 0
 
     def _catch_up_first(self) -> int:
         if self.config.unsafe_catch_up_counted_from_the_cut:
@@ -1488,7 +1510,7 @@ class RaftNode:
         if pr.is_stale_rejection(m.reject_index):
             return
         if m.conflict_term:
-            last_of_term = self.log.last_index_of_term(m.conflict_term)
+            last_of_term = self._last_index_of_term(m.conflict_term)
             hint = last_of_term + 1 if last_of_term else m.conflict_index
         else:
             hint = m.conflict_index

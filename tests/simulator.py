@@ -317,6 +317,27 @@ class Hold:
 ReceiverState = tuple[int, int, int, int] | None
 
 
+class CoreCall:
+    """`with cluster.core_call(node_id, doing):` around a call into the core: an assert of the core's (its own
+    invariants) raised there fails the schedule as a SafetyViolation, with the trace and the replay command, as
+    stepping a message always did. Only the stepping was wrapped before: an assert from a snapshot's commit
+    (create_snapshot) escaped as a bare AssertionError, which tests/test_mutations.py did not count as a catch
+    (review cu2, Q3)."""
+
+    __slots__ = ("cluster", "node_id", "doing")
+
+    def __init__(self, cluster: Cluster, node_id: str, doing: str) -> None:
+        self.cluster, self.node_id, self.doing = cluster, node_id, doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is not None and issubclass(kind, AssertionError) and not issubclass(kind, SafetyViolation):
+            self.cluster.core_assertion_failed(self.node_id, self.doing, error)
+        return False
+
+
 class Cluster:
     # Each answered read is compared at once with the newest write acknowledged before it began (a quick check that
     # names the read); the whole history goes through the linearizability checker at the end either way.
@@ -447,13 +468,14 @@ class Cluster:
             self.fail(f"storage: {node_id} recovered term and vote {recovered}; it had fsynced {sn.durable_vote} "
                       f"and written {sorted(sn.written_votes, key=repr)} since")
         sn.durable_vote, sn.written_votes = recovered, set()  # a recovery makes what it read durable
-        sn.node = RaftNode(
-            self._config(node_id),
-            random.Random(self.rng.randrange(1 << 30)),
-            stored.hard_state,
-            stored.raft_log(),
-            stored.snapshot,
-        )
+        with self.core_call(node_id, "starting from its storage"):
+            sn.node = RaftNode(
+                self._config(node_id),
+                random.Random(self.rng.randrange(1 << 30)),
+                stored.hard_state,
+                stored.raft_log(),
+                stored.snapshot,
+            )
         # A leader's snapshot's chunks go to its file on this node's disk as they come, as in the runtime.
         sn.node.open_snapshot_sink = sn.storage.storage.receive_snapshot
         sn.incarnation += 1
@@ -469,7 +491,8 @@ class Cluster:
             index, data = stored.snapshot.last_included_index, snapshot_bytes(stored.snapshot.data)
             drives = self.restore_rng.randint(0, max(self.restore_drives_max, START_RESTORE_DRIVES_MAX))
             if drives:
-                sn.node.snapshot_not_applied_yet()
+                with self.core_call(node_id, "at snapshot_not_applied_yet"):
+                    sn.node.snapshot_not_applied_yet()
                 sn.restoring = (index, data, drives)
                 self.stats["own snapshot restored at start over several drives"] += 1
             else:
@@ -711,7 +734,8 @@ class Cluster:
     def _tick_node(self, node_id: str, crash_rate: float = 0.0) -> None:
         sn = self.nodes[node_id]
         role = sn.node.role
-        sn.node.tick()
+        with self.core_call(node_id, "at a tick"):
+            sn.node.tick()
         if sn.node.role is not role:
             self.log_event(node_id, f"tick -> {sn.node.role.value}")
         self._after_input(sn, crash_rate)
@@ -731,10 +755,8 @@ class Cluster:
             sn.node.step(m)
         except SafetyViolation:
             raise
-        except AssertionError as e:  # the core's own invariants (its asserts), with the trace and the replay command
-            at = traceback.extract_tb(e.__traceback__)[-1]
-            self.fail(f"{m.dst}: the core's assertion failed stepping {type(m).__name__} from {m.src}: "
-                      f"{os.path.basename(at.filename)}:{at.lineno} `{at.line}` {e}")
+        except AssertionError as e:  # as core_call does (not used here: the type and source are named only then)
+            self.core_assertion_failed(m.dst, f"stepping {type(m).__name__} from {m.src}", e)
         if sn.node.role is not role:
             self.log_event(m.dst, f"{type(m).__name__} from {m.src} -> {sn.node.role.value}")
         self._after_input(sn, crash_rate)
@@ -745,8 +767,9 @@ class Cluster:
         self._check_node(node_id)
         if sn.alive and sn.restoring is not None:
             self._restore_step(sn)
-        while sn.alive and sn.node.has_ready():
-            rd = sn.node.ready()
+        while sn.alive:
+            with self.core_call(node_id, "handing out a Ready"):
+                rd = sn.node.ready() if sn.node.has_ready() else None
             if rd is None:
                 break
             point = None
@@ -832,7 +855,8 @@ class Cluster:
                     r.read_index = index
             for request_id in rd.failed_reads:
                 self.pending_reads[node_id].pop(request_id, None)
-            sn.node.advance(rd, snapshot_applied=not restoring)
+            with self.core_call(node_id, "at advance"):
+                sn.node.advance(rd, snapshot_applied=not restoring)
             self._serve_reads(sn)
             self._check_node(node_id)
             if sn.forked is not None and self.rng.random() < 0.3:
@@ -859,7 +883,8 @@ class Cluster:
             return
         sn.restoring = None
         sn.kv.restore(data, index)
-        sn.node.snapshot_applied(index)
+        with self.core_call(sn.node_id, "at snapshot_applied"):
+            sn.node.snapshot_applied(index)
         self.log_event(sn.node_id, f"restored the snapshot at {index}")
 
     def _stamp(self) -> int:
@@ -931,11 +956,13 @@ class Cluster:
             return
         sn.paused = False
         if sn.alive and catch_up:
-            sn.node.advance_clock(sn.missed_ticks)
+            with self.core_call(node_id, "at advance_clock"):
+                sn.node.advance_clock(sn.missed_ticks)
         if backlog:
             self._deliver_backlog(sn)
         if sn.alive and catch_up:
-            sn.node.fire_timers()
+            with self.core_call(node_id, "firing its timers"):
+                sn.node.fire_timers()
             self.log_event(node_id, f"resumed after {sn.missed_ticks} ticks -> {sn.node.role.value}")
             self.process(node_id)
         sn.missed_ticks = 0
@@ -958,7 +985,8 @@ class Cluster:
             self.next_value += 1
         call = self._stamp()
         try:
-            index = sn.node.propose(f"{key}={value}".encode())
+            with self.core_call(node_id, "at propose"):
+                index = sn.node.propose(f"{key}={value}".encode())
         except NotLeader as e:
             # The client follows the redirect to the leader the node names, once (`curl -L`, or `-forward`).
             hint = self.nodes.get(e.leader_id) if redirect else None
@@ -985,7 +1013,8 @@ class Cluster:
         request_id = next(sn.request_ids)
         call = self._stamp()
         try:
-            sn.node.read_index(request_id, lease=self.rng.random() < self.lease_share if lease is None else lease)
+            with self.core_call(node_id, "at read_index"):
+                sn.node.read_index(request_id, lease=self.rng.random() < self.lease_share if lease is None else lease)
         except NotLeader:
             return None
         r = PendingRead(request_id, key, node_id, self.now, min_index, call=call)
@@ -1002,7 +1031,8 @@ class Cluster:
         n = sn.node
         if not sn.alive or n.last_applied <= n.log.snapshot_index or sn.forked is not None:
             return
-        meta = n.snapshot_metadata(n.last_applied)
+        with self.core_call(node_id, "taking a snapshot (snapshot_metadata)"):
+            meta = n.snapshot_metadata(n.last_applied)
         snap = Snapshot(meta.last_included_index, meta.last_included_term, meta.membership, sn.kv.snapshot_bytes())
         in_child = crash_at_op is not None and crash_at_op < WRITE_SNAPSHOT_OPS
         tmp = sn.storage.write_snapshot(snap, crash_at_op=crash_at_op if in_child else None)
@@ -1034,7 +1064,9 @@ class Cluster:
         snap, tmp, crash_at_op = sn.forked
         sn.forked = None
         index = snap.last_included_index
-        if not n.can_snapshot_at(index):
+        with self.core_call(node_id, "at can_snapshot_at"):
+            can = n.can_snapshot_at(index)
+        if not can:
             sn.storage.storage.abort_snapshot(tmp)
             self.log_event(node_id, f"snapshot at {index} overtaken: dropped")
             self.stats["snapshot overtaken by a leader's"] += 1
@@ -1046,7 +1078,8 @@ class Cluster:
             self.crash(node_id)
             return
         assert kept is not None
-        n.create_snapshot(index, kept.data)
+        with self.core_call(node_id, "committing a snapshot (create_snapshot)"):
+            n.create_snapshot(index, kept.data)
         self.log_event(node_id, f"snapshot at {index}")
 
     def change_membership(self, kind: ConfChangeKind, node_id: str) -> bool:
@@ -1054,9 +1087,10 @@ class Cluster:
         if leader is None:
             return False
         try:
-            index = self.nodes[leader].node.change_membership(
-                ConfChange(kind, Member(node_id, f"raft-{node_id}", f"http-{node_id}"))
-            )
+            with self.core_call(leader, "at change_membership"):
+                index = self.nodes[leader].node.change_membership(
+                    ConfChange(kind, Member(node_id, f"raft-{node_id}", f"http-{node_id}"))
+                )
         except (NotLeader, ProposalDropped, ValueError):
             return False
         self.log_event(leader, f"membership {kind.name} {node_id} at {index}")
@@ -1071,6 +1105,15 @@ class Cluster:
             f"{why}\nseed={self.seed} t={self.now}\n--- last events ---\n{trace}\n"
             f"replay: {self.replay_command}"
         )
+
+    def core_call(self, node_id: str, doing: str) -> CoreCall:
+        return CoreCall(self, node_id, doing)
+
+    def core_assertion_failed(self, node_id: str, doing: str, e: AssertionError) -> None:
+        """The core's own invariants (its asserts): a SafetyViolation with the trace and the replay command."""
+        at = traceback.extract_tb(e.__traceback__)[-1]
+        self.fail(f"{node_id}: the core's assertion failed {doing}: "
+                  f"{os.path.basename(at.filename)}:{at.lineno} `{at.line}` {e}")
 
     def _check_entry(self, node_id: str, e: Entry, term_before: int | None) -> None:
         """Log matching (§5.3), whole logs, incrementally: an (index, term) names one entry everywhere, and one
@@ -1464,7 +1507,8 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
                 # and the target is one of its voters (no ValueError). Anything else raised is a bug, and fails
                 # the schedule (review final24, Q1: every exception was swallowed).
                 try:
-                    cluster.nodes[leader].node.transfer_leadership(target)
+                    with cluster.core_call(leader, "at transfer_leadership"):
+                        cluster.nodes[leader].node.transfer_leadership(target)
                     cluster.log_event(leader, f"transfer to {target}")
                 except TargetRestoring:
                     cluster.stats["transfers refused: the target restores"] += 1

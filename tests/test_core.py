@@ -2111,3 +2111,142 @@ def test_a_node_that_installs_a_leaders_snapshot_keeps_no_entries_behind_a_cut_a
     c.crash(leader)
     c.restart(leader)
     assert c.nodes[leader].node.catch_up_entries == (0, 0, 0)
+
+
+def test_a_core_assert_in_a_snapshots_commit_fails_the_schedule_as_a_safety_violation_with_its_replay(monkeypatch):
+    """Review cu2, Q3: the simulator turned the core's asserts into a SafetyViolation (the trace and the replay
+    command) only while stepping a message; one raised in a snapshot's commit escaped as a bare AssertionError,
+    which tests/test_mutations.py does not count as a catch. Broken as the review's variant MC (a leader's
+    snapshot installed leaves the entries kept behind the node's old cut), the node's next snapshot of its own
+    asserts in create_snapshot (they no longer end at its cut): a SafetyViolation naming the commit."""
+    install = RaftNode._restore
+
+    def keeping_the_old_cuts_entries(self: RaftNode, snap: Snapshot, sink=None) -> None:
+        kept = self._catch_up, self._catch_up_bytes
+        install(self, snap, sink)
+        self._catch_up, self._catch_up_bytes = kept
+
+    monkeypatch.setattr(RaftNode, "_restore", keeping_the_old_cuts_entries)
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1, "snapshot_catch_up_entries": 3})
+
+    def snapshot_on_the_follower(leader: str, follower: str) -> None:
+        write(c)
+        assert c.run_until(lambda: c.nodes[follower].node.last_applied == c.nodes[leader].node.log.last_index, 200)
+        c.take_snapshot(follower)
+
+    leader, follower, _ = _follower_behind_a_snapshot(c, snapshot_on_the_follower)
+    f, n = c.nodes[follower].node, c.nodes[leader].node
+    c.resume(follower)
+    assert c.run_until(lambda: f.log.snapshot_index == n.log.snapshot_index and f.commit_index == n.commit_index, 300)
+    assert f.catch_up_entries[1] and f.catch_up_entries[0] + f.catch_up_entries[1] - 1 < f.log.snapshot_index
+    write(c)
+    assert c.run_until(lambda: f.last_applied == n.log.last_index, 200)
+    with pytest.raises(SafetyViolation) as caught:
+        c.take_snapshot(follower)
+    why = str(caught.value)
+    assert why.startswith(f"{follower}: the core's assertion failed committing a snapshot (create_snapshot): core.py:")
+    assert f"replay: {c.replay_command}" in why
+
+def test_an_old_leaders_uncommitted_tail_of_a_term_the_cut_passed_is_replaced_by_appends_from_behind_the_cut():
+    """Review cu2, L1: a follower that an earlier leader left with uncommitted entries of its term rejects with
+    that conflict term and the first index of its run of it. The leader looked the term up in its log only, which
+    starts after its cut: not found there, it probed from the run's start, below the entries it kept behind the
+    cut, and sent the whole snapshot. Looked up among the kept entries too, the probe lands just after the term's
+    last kept entry, and the old leader is sent appends from them, never a snapshot chunk."""
+    c = Cluster(seed=7, n=3, config_overrides={"snapshot_catch_up_entries": 16})
+    old = elect(c)
+    o = c.nodes[old].node
+    for _ in range(30):  # committed entries of the old leader's term: a long run of it
+        write(c)
+    old_term, committed = o.current_term, o.commit_index
+    c.isolate(old)
+    for _ in range(3):  # its uncommitted tail, same term
+        assert c.client_write(old, "k", redirect=False) is not None
+    c.process(old)
+    assert o.log.last_index == committed + 3 and o.log.term(o.log.last_index) == old_term
+    assert c.run_until(lambda: c.leader() not in (None, old), 1000)
+    middle = c.leader()
+    assert middle is not None
+    for _ in range(5):
+        write(c)
+    new = next(i for i in c.ids if i not in (old, middle))
+    n = c.nodes[new].node
+    for i in (middle, new):
+        assert c.run_until(lambda: c.nodes[i].node.last_applied == c.nodes[middle].node.log.last_index, 100)
+        c.take_snapshot(i)
+    c.nodes[middle].node.transfer_leadership(new)  # any election after the cut: next_index starts past the old log
+    c.process(middle)
+    assert c.run_until(lambda: c.leader() == new, 300)
+    write(c)
+    first_kept, count, _ = n.catch_up_entries
+    assert first_kept <= committed < n.log.snapshot_index < first_kept + count, "the kept entries cover the divergence"
+    assert n.log.last_index_of_term(old_term) == 0, "the cut passed the old leader's term"
+    rejections: list[AppendEntriesReply] = []
+    send = c.send
+
+    def recording_send(m) -> None:
+        if isinstance(m, AppendEntriesReply) and m.src == old and not m.success:
+            rejections.append(m)
+        send(m)
+
+    c.send = recording_send  # type: ignore[method-assign]
+    appends = _record_sent_to(c, old)
+    chunks = _record_sent_to(c, old, InstallSnapshot)
+    c.heal()
+    assert c.run_until(lambda: o.commit_index == n.commit_index and o.log.last_index == n.log.last_index, 1000)
+    assert any(m.conflict_term == old_term and m.conflict_index < first_kept for m in rejections), rejections
+    assert not chunks and o.log.snapshot_index == 0
+    assert [m for m in appends if m.entries and m.prev_log_index < n.log.snapshot_index]
+    known = _entries_known(n)
+    assert _entries_known(o)[-len(known):] == known  # its tail replaced by the leader's entries
+    assert c.nodes[old].kv.data == c.nodes[new].kv.data
+
+
+def test_appends_from_behind_the_cut_across_a_term_change_carry_each_entrys_own_term_as_the_previous_term():
+    """The entries kept behind a cut span two terms (a leader change before the snapshot), and a follower stopped
+    in the first term is behind the term boundary: its catch-up appends from them carry as prev_log_term the term
+    of the kept entry at prev_log_index (the first term), not the snapshot's (the second), and it is accepted at
+    once, with no snapshot. With the snapshot's term (review cu2, variant MA), every such append was rejected, and
+    it took the random schedules' liveness check to notice."""
+    c = Cluster(seed=7, n=3, config_overrides={"max_inflight_messages": 1})
+    first = elect(c)
+    follower = next(i for i in c.ids if i != first)
+    second = next(i for i in c.ids if i not in (first, follower))
+    pr = c.nodes[first].node.progress(follower)
+    assert pr is not None and c.run_until(lambda: pr.state is ProgressState.REPLICATE, 50)
+    c.pause(follower)
+    for _ in range(3):
+        write(c)
+    first_term = c.nodes[first].node.current_term
+    c.nodes[first].node.transfer_leadership(second)
+    c.process(first)
+    assert c.run_until(lambda: c.leader() == second, 300)
+    n = c.nodes[second].node
+    for _ in range(3):
+        write(c)
+    assert c.run_until(lambda: n.last_applied == n.log.last_index, 100)
+    c.take_snapshot(second)
+    f = c.nodes[follower].node
+    assert {first_term, n.current_term} <= {e.term for e in n._catch_up}, "the kept entries span two terms"
+    assert n.log.snapshot_term == n.current_term > first_term == f.log.last_term
+    assert n.catch_up_entries[0] <= f.log.last_index < n.log.snapshot_index
+    appends = _record_sent_to(c, follower)
+    chunks = _record_sent_to(c, follower, InstallSnapshot)
+    rejections: list[AppendEntriesReply] = []
+    send = c.send
+
+    def recording_send(m) -> None:
+        if isinstance(m, AppendEntriesReply) and m.src == follower and not m.success:
+            rejections.append(m)
+        send(m)
+
+    c.send = recording_send  # type: ignore[method-assign]
+    c.resume(follower)
+    assert c.run_until(lambda: f.commit_index == n.commit_index and f.log.last_index == n.log.last_index, 300)
+    across = [m for m in appends if m.entries and m.prev_log_index < n.log.snapshot_index
+              and m.prev_log_term == first_term and m.entries[-1].term == n.current_term]
+    assert across, [(m.prev_log_index, m.prev_log_term, len(m.entries)) for m in appends]
+    assert not [m for m in rejections if m.conflict_term], rejections  # never refused at an entry it holds
+    assert not chunks and f.log.snapshot_index == 0
+    known = _entries_known(n)
+    assert _entries_known(f)[-len(known):] == known

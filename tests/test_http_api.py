@@ -61,6 +61,7 @@ class FakeNode:
     receiving_snapshot: bool = False  # status() only
     restoring_snapshot: bool = False  # status() only (the core says receiving_snapshot then too)
     membership_index: int = 0  # the FeatureLevelRaiser's; a new one with each new configuration, as the core's
+    catch_up: tuple[int, int] = (0, 0)  # status() only: the entries kept behind the snapshot's cut, their bytes
 
     def __setattr__(self, name: str, value) -> None:
         if name == "membership" and value != getattr(self, "membership", value):  # a new configuration's entry
@@ -140,7 +141,8 @@ class FakeRuntime:
                        removed=n.removed, reads_pending=0, leader_active=n.leader_active,
                        leader_commit=n.leader_commit, receiving_snapshot=n.receiving_snapshot,
                        restoring_snapshot=n.restoring_snapshot,
-                       uncommitted_bytes=sum(map(len, self.pending)) if leading else 0),
+                       uncommitted_bytes=sum(map(len, self.pending)) if leading else 0,
+                       catch_up_entries=n.catch_up[0], catch_up_bytes=n.catch_up[1]),
             self.running, self.disk_full, types.MappingProxyType({"proposals": 3, "applied": 4, "elections_won": 1,
                                                           "saves": 5, "snapshots": 0,
                                                           "loop_lag_max_microseconds": 2500,
@@ -1056,7 +1058,7 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
         "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "data_size": None,
         "disk_full": False, "uncommitted_bytes": 2 * len(command(SET, "p", b"")),
-        "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "restoring": False, "members": [
+        "snapshot_catch_up_entries": 0, "snapshot_catch_up_bytes": 0, "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "restoring": False, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
             {"id": "b", "raft_address": "10.0.0.2:5555", "http_address": "10.0.0.2:8080", "role": "voter",
@@ -1066,9 +1068,11 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
     client.be_follower(None)
     client.runtime.node.removed = ("b", 3)
     client.runtime.disk_full = True
+    client.runtime.node.catch_up = (12, 345)
     status = json.loads(client("GET", "/status").body)
     assert (status["role"], status["leader"], status["leader_http"], status["removed"], status["disk_full"],
             status["uncommitted_bytes"]) == ("follower", None, None, {"by": "b", "index": 3}, True, 0)
+    assert (status["snapshot_catch_up_entries"], status["snapshot_catch_up_bytes"]) == (12, 345)
     assert [m["match_index"] for m in status["members"]] == [None, None, None]
     client.api.data_size = lambda: 123456  # the node gives DiskStorage.disk_bytes
     assert json.loads(client("GET", "/status").body)["data_size"] == 123456
@@ -1086,6 +1090,7 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
     client("POST", "/db/k", "v")
     client("GET", "/db/k?consistency=stale")
     client.runtime.pending = [command(SET, "p", b"")] * 2
+    client.runtime.node.catch_up = (12, 345)
     r = client("GET", "/metrics")
     assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=")
     samples = dict(line.rsplit(" ", 1) for line in r.text.splitlines() if line and not line.startswith("#"))
@@ -1102,6 +1107,8 @@ def test_metrics_are_prometheus_text_with_the_runtime_status_as_gauges(client):
         "7.0", "8.0")
     assert samples["raftdzmq_proposals_refused_uncommitted_total"] == "6.0"  # review of uncommitted, 4
     assert float(samples["raftdzmq_uncommitted_bytes"]) == 2 * len(command(SET, "p", b""))
+    assert (samples["raftdzmq_snapshot_catch_up_entries"], samples["raftdzmq_snapshot_catch_up_bytes"]) == ("12.0",
+                                                                                                            "345.0")
     assert samples["raftdzmq_restore_step_seconds_max"] == "0.004"
     assert samples["raftdzmq_snapshot_commit_seconds_max"] == "0.003"
     assert (samples["raftdzmq_snapshot_stepped_cpu_seconds"], samples["raftdzmq_snapshot_stepped_seconds"]) == ("1.5",

@@ -111,6 +111,11 @@ GAUGES: tuple[tuple[str, str, Callable[[RuntimeStatus], float]], ...] = (
     ("raftdzmq_proposals", "Proposals taken by this node as leader", lambda s: s.stats["proposals"]),
     ("raftdzmq_uncommitted_bytes", "Bytes of entries this leader appended in its term and has not committed yet "
      "(-max-uncommitted-bytes bounds them); 0 unless it leads", lambda s: s.node.uncommitted_bytes),
+    ("raftdzmq_snapshot_catch_up_entries", "Entries kept in memory behind this node's snapshot's cut "
+     "(-snapshot-catch-up-entries), sent as appends to a follower a little behind it instead of the snapshot",
+     lambda s: s.node.catch_up_entries),
+    ("raftdzmq_snapshot_catch_up_bytes", "Bytes of the entries kept behind the snapshot's cut (each entry's data "
+     "and 24; at most 8 MiB)", lambda s: s.node.catch_up_bytes),
     ("raftdzmq_applied_entries", "Entries applied", lambda s: s.stats["applied"]),
     ("raftdzmq_elections_won", "Elections this node won", lambda s: s.stats["elections_won"]),
     ("raftdzmq_batches_saved", "Batches made durable (one fsync each)", lambda s: s.stats["saves"]),

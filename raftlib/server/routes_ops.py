@@ -43,6 +43,7 @@ def get_status(api: Api) -> bottle.HTTPResponse:
         "applied_index": node.last_applied, "last_index": node.last_index, "snapshot_index": node.snapshot_index,
         "members": members(node), "data_size": api.data_size(),
         "disk_full": status.disk_full, "uncommitted_bytes": node.uncommitted_bytes,
+        "snapshot_catch_up_entries": node.catch_up_entries, "snapshot_catch_up_bytes": node.catch_up_bytes,
         "removed": node.removed and {"by": node.removed[0], "index": node.removed[1]},
         "feature_level": api.feature_level, "restoring": node.receiving_snapshot or empty,
         "keys": None if empty else len(api.store),
