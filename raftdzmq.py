@@ -104,8 +104,8 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
                                      "redirecting with 307")),
     (("-heartbeat-ms", "--heartbeat-ms"), dict(dest="heartbeat_ms", type=float, default=50, help="leader heartbeat "
                                                "interval in ms (default 50)")),
-    (("-election-ms", "--election-ms"), dict(dest="election_ms", type=float, default=300, help="election timeout in "
-                                             "ms; randomized between this and twice this (default 300)")),
+    (("-election-ms", "--election-ms"), dict(dest="election_ms", type=float, default=1000, help="election timeout "
+                                             "in ms; randomized between this and twice this (default 1000, etcd's)")),
     (("-write-timeout", "--write-timeout"), dict(dest="write_timeout", type=float, default=5.0, help="seconds a "
                                                  "write may take to commit before it gets 503 (default 5)")),
     (("-read-timeout", "--read-timeout"), dict(dest="read_timeout", type=float, default=5.0, help="seconds a "

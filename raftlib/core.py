@@ -335,10 +335,15 @@ class RaftNode:
         log: RaftLog | None = None,
         snapshot: Snapshot | None = None,
         membership: Membership | None = None,
+        bootstrapped: bool = False,
     ) -> None:
         """`rng` is any object with `randrange` (random.Random(seed) in tests). `log` holds the persisted entries
         after `snapshot`; `membership` is the configuration to start from when there is neither a snapshot nor
-        a membership entry (an empty one for a node waiting to be added to a cluster)."""
+        a membership entry (an empty one for a node waiting to be added to a cluster). `bootstrapped`: the caller
+        made this state just now as a new cluster's first node under a new node id (raftlib.server.nodestart's
+        bootstrap, or a backup restored), so the node has never heard from another: as its configuration's only
+        voter it campaigns at its first tick (`_reset_election_timer` says why that is safe only then); ignored
+        unless it is the only voter."""
         self.config = config
         self.node_id = config.node_id
         self._rng = rng
@@ -408,6 +413,8 @@ class RaftNode:
         self._ready_outstanding = False
 
         self._reset_election_timer()
+        if bootstrapped and self._sole_voter():
+            self._randomized_election_ticks = 1
         # Thesis §9.6: each pre-vote round has its own number, echoed in the replies, so that a grant from an
         # earlier round (delayed or duplicated) is not counted in a later one at the same term. Random to start
         # with, so that a restarted node does not number its rounds as it did before.
@@ -957,8 +964,22 @@ class RaftNode:
     # ---- roles ----------------------------------------------------------------------------------
 
     def _reset_election_timer(self) -> None:
+        """An election timeout drawn from [election_ticks, 2 x election_ticks) (§5.2: split votes are rare), or
+        exactly election_ticks for the configuration's only voter, whose vote alone elects it: there is no vote to
+        split, so waiting longer only delays the cluster's one possible leader. Not less, even for it: a node that
+        acknowledged a leader's heartbeat (before a restart, or a leader that removed itself and awaits its commit)
+        promised not to vote, itself included, for an election timeout, and that leader's lease counts on it
+        (thesis §6.4.1; `_take_term` refuses others' votes at a start for the same reason). A bootstrapped node
+        (`__init__`) has heard from no one, so no lease counts on it: it campaigns at its first tick."""
         self._election_elapsed = 0
-        self._randomized_election_ticks = self.config.election_ticks + self._rng.randrange(self.config.election_ticks)
+        if self._sole_voter():
+            self._randomized_election_ticks = self.config.election_ticks
+        else:
+            self._randomized_election_ticks = (self.config.election_ticks
+                                               + self._rng.randrange(self.config.election_ticks))
+
+    def _sole_voter(self) -> bool:
+        return self.membership.voters == (self.node_id,)
 
     def _reset(self, term: int) -> None:
         if term != self.current_term:

@@ -34,6 +34,10 @@ def old_release(dest: str) -> str:
     return os.path.join(dest, "raftdzmq.py")
 
 
+# The election timeout the tests' nodes run with unless a test gives its own (-election-ms in its flags) or asks for
+# the server's default (Node(election_ms=None)): the default became 1,000 ms (etcd's, issue 13), and the tests that
+# kill leaders, wait out elections or watch nodes go leaderless keep the pace they were written for at 300.
+TEST_ELECTION_MS = "300"
 PORT_RACE_RETRIES = 3
 PORT_TAKEN = "Address already in use"  # what the server says when its -p or -hp port is taken (CannotStart)
 
@@ -150,11 +154,13 @@ def log_tails(since: float) -> str:
 
 class Node:
     def __init__(self, name: str, base_dir: str, host: str | None = None, ports: tuple[int, int] | None = None,
-                 wrap: tuple[str, ...] = (), server: str = SERVER) -> None:
+                 wrap: tuple[str, ...] = (), server: str = SERVER, election_ms: str | None = TEST_ELECTION_MS) -> None:
         """`host`: the -h address (default: the server's default, localhost); `ports`: (raft, http), default two
         free ports; `wrap`: a command prefix, such as ("ip", "netns", "exec", NS), that execs the server;
-        `server`: the raftdzmq.py to run (this checkout's; `old_release()`'s for an older release)."""
+        `server`: the raftdzmq.py to run (this checkout's; `old_release()`'s for an older release); `election_ms`:
+        the -election-ms given unless the start's flags give one (None: none, the server's default)."""
         self.server = server
+        self.election_ms = election_ms
         self.name = name
         self.data_dir = os.path.join(base_dir, name)
         self.host = host
@@ -186,6 +192,8 @@ class Node:
             args += ["-h", self.host]
         if join:
             args += ["-join", join]
+        if self.election_ms is not None and not gives_flag(extra, "election-ms"):
+            args += ["-election-ms", self.election_ms]
         args += list(extra) + [self.data_dir]
         self._close_log()  # the last process's, when it died by itself
         self._log = open(self.log_path, "ab")
@@ -257,6 +265,11 @@ class Node:
         """Delete the data dir (the process must be stopped): the next start is a new node."""
         assert not self.proc or self.proc.poll() is not None, f"{self.name} is running"
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def gives_flag(args, name: str) -> bool:
+    """Whether the command line `args` gives the flag `name` (-name or --name, with its value apart or after =)."""
+    return any(a.lstrip("-") == name or a.lstrip("-").startswith(name + "=") for a in args if a.startswith("-"))
 
 
 @contextlib.contextmanager

@@ -475,6 +475,9 @@ class Cluster:
                 stored.hard_state,
                 stored.raft_log(),
                 stored.snapshot,
+                # As the server's first start after its bootstrap: a lone voter (a cluster grown from one node)
+                # leads at its first tick (RaftNode's rules); a restart is a recovery.
+                bootstrapped=not recovering and node_id in self.initial.voters,
             )
         # A leader's snapshot's chunks go to its file on this node's disk as they come, as in the runtime.
         sn.node.open_snapshot_sink = sn.storage.storage.receive_snapshot

@@ -212,6 +212,66 @@ def test_leader_without_a_majority_steps_down_within_an_election_timeout():
     assert c.nodes[leader].node.role is not Role.LEADER
 
 
+def _lone_voter(node_id: str, bootstrapped: bool, seed: int, voters: tuple[str, ...] | None = None,
+                **config) -> RaftNode:
+    """A node whose log is a bootstrap's (index 1: a configuration of `voters`, by default itself alone), as
+    raftlib.server.nodestart writes it: term 1, no vote."""
+    first = Entry(1, 1, EntryKind.MEMBERSHIP, b"", Membership(voters or (node_id,)))
+    return RaftNode(Config(node_id, election_ticks=10, **config), random.Random(seed), HardState(1, None, 1),
+                    RaftLog(entries=(first,)),
+                    bootstrapped=bootstrapped)
+
+
+def _ticks_to_lead(node: RaftNode, most: int = 100) -> int:
+    """Ticks until the node leads (each Ready saved at once, as a lone node's runtime does), at most `most`."""
+    for ticks in range(1, most + 1):
+        node.tick()
+        rd = node.ready()
+        if rd:
+            node.advance(rd)
+        if node.role is Role.LEADER:
+            return ticks
+    raise AssertionError(f"{node.node_id} did not lead within {most} ticks")
+
+
+@pytest.mark.parametrize("pre_vote, check_quorum", [(True, True), (False, True), (True, False), (False, False)])
+def test_a_bootstrapped_lone_voter_leads_at_its_first_tick(pre_vote, check_quorum):
+    """A new cluster's first node (the README's first command) need not wait an election timeout for its first
+    write: it has heard from no one, so no leader's lease counts on its vote (thesis §6.4.1), and its own vote
+    elects it. Through pre-vote (granted by itself) and the vote in the same tick; check-quorum keeps it leading
+    (its own activity is a majority). A node that restarts is not bootstrapped: the next test."""
+    node = _lone_voter("a", True, 1, pre_vote=pre_vote, check_quorum=check_quorum)
+    assert _ticks_to_lead(node) == 1
+    assert (node.current_term, node.voted_for) == (2, "a")
+    assert node.propose(b"x") == 3  # the no-op of term 2 is index 2
+    for _ in range(50):  # five election timeouts: check-quorum's windows pass
+        node.tick()
+        rd = node.ready()
+        if rd:
+            node.advance(rd)
+    assert node.role is Role.LEADER and node.current_term == 2 and node.commit_index == 3
+
+
+def test_a_restarted_lone_voter_campaigns_after_exactly_one_election_timeout():
+    """Not bootstrapped (a restart: it may have answered a leader's heartbeat just before, a leader that removed
+    itself from a configuration of the two and whose lease counts on this node's vote), the lone voter waits a
+    whole election timeout, as it refuses others' votes that long (_take_term). Not more: with one voter there is
+    no vote to split, so the timeout is not randomized up to twice (it was, whatever the seed: 10-19 ticks)."""
+    assert {_ticks_to_lead(_lone_voter("a", False, seed)) for seed in range(30)} == {10}
+
+
+def test_bootstrapped_is_ignored_by_a_node_that_is_not_the_only_voter():
+    """`bootstrapped` speeds up only an election that one vote decides: with two voters the first node waits its
+    randomized timeout as every voter does (else it would campaign at once on every start of a cluster's nodes)."""
+    for seed in range(30):
+        node = _lone_voter("a", True, seed, voters=("a", "b"))
+        for tick in range(1, 21):
+            node.tick()
+            if node.role is not Role.FOLLOWER:
+                break
+        assert 10 <= tick < 20 and node.role is Role.PRE_CANDIDATE, (seed, tick, node.role)
+
+
 def test_leader_removed_from_the_configuration_steps_down():
     """Thesis §4.2.2: the leader replicates its own removal, steps down once it commits, and never campaigns."""
     c = Cluster(seed=6, n=3)

@@ -1058,7 +1058,8 @@ def test_status_is_one_line_of_json_from_the_status_copy(client):
         "node_id": "a", "role": "leader", "term": 7, "leader": "a", "leader_http": "10.0.0.1:8080",
         "commit_index": 2, "applied_index": 2, "last_index": 4, "snapshot_index": 0, "keys": 1, "data_size": None,
         "disk_full": False, "uncommitted_bytes": 2 * len(command(SET, "p", b"")),
-        "snapshot_catch_up_entries": 0, "snapshot_catch_up_bytes": 0, "removed": None, "feature_level": FEATURE_LEVEL, "cluster_feature_level": 1, "restoring": False, "members": [
+        "snapshot_catch_up_entries": 0, "snapshot_catch_up_bytes": 0, "removed": None, "feature_level": FEATURE_LEVEL,
+        "cluster_feature_level": 1, "restoring": False, "election_timeout_ms": 1000, "members": [
             {"id": "a", "raft_address": "10.0.0.1:5555", "http_address": "10.0.0.1:8080", "role": "voter",
              "match_index": 4},
             {"id": "b", "raft_address": "10.0.0.2:5555", "http_address": "10.0.0.2:8080", "role": "voter",

@@ -4,6 +4,7 @@ Each test drives the feature as an operator would: curl-like requests, the comma
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -59,6 +60,13 @@ class Writers:
             t.join(timeout=30)
 
 
+def log_time(log_text: str, what: str) -> float:
+    """The time (seconds, from the text log's timestamp) of the first line of `log_text` that says `what`."""
+    line = next(line for line in log_text.splitlines() if what in line)
+    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
+
+
 def backup(node: Node, path: str) -> int:
     """GET /snapshot into `path` (and `path`.sha256, as sha256sum writes it); returns the backup's index."""
     r = node.request("GET", "/snapshot", timeout=60)
@@ -72,9 +80,10 @@ def backup(node: Node, path: str) -> int:
 def test_backup_restore_under_writes(tmp_path):
     """A backup of a loaded 3-node cluster taken from a follower under writes, restored into a new data dir: the
     node started on it is a one-node cluster with a new id, holding every key acknowledged before the backup's
-    index with its value (and none from after it), which grows with -join."""
+    index with its value (and none from after it), which grows with -join. A new node id: it has heard from no
+    one, so it leads as soon as its restore is done, not an election timeout later (the default's: 1 s)."""
     cluster = LocalCluster(str(tmp_path), extra=("-snapshot-threshold", "20000")).start()
-    restored = Node("restored", str(tmp_path))
+    restored = Node("restored", str(tmp_path), election_ms=None)
     joiner = Node("joiner", str(tmp_path))
     try:
         follower = next(n for n in cluster.nodes if n is not cluster.leader())
@@ -93,6 +102,9 @@ def test_backup_restore_under_writes(tmp_path):
         assert f"index {index}" in done.stdout
         restored.start()
         wait_for(lambda: restored.status()["role"] == "leader", 15, "the restored node to lead")
+        log_text = restored.log_text()
+        restored_at, led_at = (log_time(log_text, line) for line in ("restored the state machine", "became leader"))
+        assert led_at - restored_at < 0.5, log_text  # half an election timeout; a whole one if it waited
         status = restored.status()
         assert status["node_id"] not in old_ids and [m["id"] for m in status["members"]] == [status["node_id"]]
         assert status["snapshot_index"] == index and status["applied_index"] >= index

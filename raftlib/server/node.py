@@ -161,7 +161,7 @@ class ServerConfig:
     join: str | None = None  # host:httpport of a member, for a node not yet in a cluster
     forward: bool = False
     heartbeat_ms: float = 50.0
-    election_ms: float = 300.0
+    election_ms: float = 1000.0  # etcd's default (issue 13: a loaded machine deposed leaders at 300)
     write_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 5.0
     join_timeout_seconds: float = 10.0
@@ -560,7 +560,11 @@ class Server:
                              max_batch_bytes=config.max_batch_bytes,
                              snapshot_catch_up_entries=config.snapshot_catch_up_entries,
                              restoring_in_replies=self._members_read_restoring)
-        self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot)
+        # A new cluster's first node (a bootstrap, or a backup restored: a new node id) campaigns at its first tick,
+        # its restore done (it has heard from no one: RaftNode's rules), so the README's first write does not wait
+        # an election timeout for a leader. A restart, or -force-new-cluster, waits one.
+        self.node = RaftNode(raft_config, random.Random(), stored.hard_state, stored.raft_log(), stored.snapshot,
+                             bootstrapped=self.bootstrapped or bool(self.restored))
         self.watch_hub = WatchHub(config.watch_history_events, config.watch_history_bytes)
         # The raise of the feature level asks for a snapshot at once (store's rules, "Downgrades").
         self.store = WatchedStore(self.watch_hub, lambda: self.node.snapshot,

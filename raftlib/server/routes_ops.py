@@ -48,6 +48,9 @@ def get_status(api: Api) -> bottle.HTTPResponse:
         "feature_level": api.feature_level, "restoring": node.receiving_snapshot or empty,
         "keys": None if empty else len(api.store),
         "cluster_feature_level": None if empty else api.store.feature_level,
+        # The election timeout in force (-election-ms, in whole ticks of -heartbeat-ms / 5): what a follower waits
+        # at least for its leader, and what the lease TTL floor and the watch guard are counted in.
+        "election_timeout_ms": round(status.election_timeout_seconds * 1000),
     })
 
 
