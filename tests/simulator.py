@@ -1548,6 +1548,11 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
                     victim = r.choice(voters)
                     if cluster.change_membership(ConfChangeKind.REMOVE, victim):
                         removed.add(victim)
+                elif len(voters) == 2 and cluster.change_membership(ConfChangeKind.REMOVE, leader):
+                    # A growing cluster's leader of two removes itself (review rv3, T1): the other, its lone voter
+                    # from then on, may be one its lease counts on (self_removal_lease_scenario directs that).
+                    removed.add(leader)
+                    cluster.stats["a leader of two voters removed itself"] += 1
         elif action == "pause":
             victim = r.choice(cluster.ids)
             if cluster.nodes[victim].paused:
