@@ -109,7 +109,8 @@ START_RESTORE_DRIVES_MAX = 40  # a restart restores its own snapshot over 0..thi
 CRASH_POINTS = ("before_save", "mid_save", "after_save", "after_send")
 
 # Deliberately broken variants of the core, each named by what it gets wrong: the Config overrides that make it (a
-# value may be a function of the schedule's election ticks), or "storage.NAME": a switch of raftlib.storage.
+# value may be a function of the schedule's election ticks), "storage.NAME": a switch of raftlib.storage, or
+# "cluster.NAME": an attribute of Cluster, for what the simulator decides in the server's place (how it starts nodes).
 MUTATIONS: dict[str, dict] = {
     "vote_twice": {"unsafe_vote_twice": True},
     "read_without_quorum": {"unsafe_read_without_quorum": True},
@@ -122,6 +123,9 @@ MUTATIONS: dict[str, dict] = {
     "forget_vote_on_restart": {"unsafe_forget_vote_on_restart": True},
     "keep_conflicting_suffix": {"unsafe_keep_conflicting_suffix": True},
     "catch_up_counted_from_the_cut": {"unsafe_catch_up_counted_from_the_cut": True},
+    # The server's: every start of a node passes `bootstrapped` to RaftNode, not only the one that made a new
+    # cluster (raftlib.server.node): a restarted lone voter then campaigns at its first tick (review rv3, T1).
+    "bootstrapped_on_restart": {"cluster.unsafe_bootstrapped_on_restart": True},
     # The storage's own: recovery as before base records (issue 11), each record's entries at or below the
     # snapshot dropped, and with them the cut of a conflicting suffix they stood for.
     "replay_filter": {"storage.UNSAFE_REPLAY_FILTER": True},
@@ -266,6 +270,8 @@ class SimNode:
     leader_since: int = -1000  # when this node last became leader
     batching: bool = False  # this tick, its inputs are all stepped before its Readies are handled
     incarnation: int = 0  # how many times this node has started
+    bootstrapped: bool = False  # this start was a bootstrap (Cluster._start) of its configuration's only voter
+    ticks_since_start: int = 0  # of its own clock, since this start
     request_ids: Iterator[int] = field(default_factory=lambda: iter(()))  # this process's read ids
     # A snapshot whose file the runtime's forked child has written and whose commit the node has not yet made
     # (the node applies, saves and sends meanwhile): (snapshot, its temporary file, the commit's crash op or None).
@@ -380,6 +386,11 @@ class Cluster:
         self.restore_rng = random.Random(f"{seed}/restore")
         self.power_failure_share = 0.5  # of the crashes, the share that lose the page cache (the rest: SIGKILL)
         self.config_overrides = dict(config_overrides or {})
+        # A mutation (MUTATIONS): every start of a node passes `bootstrapped`, as a server that mistook a restart
+        # for a bootstrap would. Set from a "cluster.NAME" override, before any node starts.
+        self.unsafe_bootstrapped_on_restart = False
+        for name in [k for k in self.config_overrides if k.startswith("cluster.")]:
+            setattr(self, name[len("cluster."):], self.config_overrides.pop(name))
         self.election_ticks, self.heartbeat_ticks = election_ticks, heartbeat_ticks
         self.replay_command = f"python tests/simulator.py --seed {seed} --size {n}"
         self.ids = [f"n{i}" for i in range(1, n + spares + 1)]
@@ -402,7 +413,8 @@ class Cluster:
             rate = 100 + self.rng.randint(-clock_drift_percent, clock_drift_percent) if clock_drift_percent else 100
             self.nodes[node_id] = SimNode(node_id, storage, rate_percent=rate,
                                           clock_percent=self.rng.randrange(100) if clock_drift_percent else 0)
-            self._start(node_id)
+            # As the server's first start after its bootstrap (nodestart): the initial voters' first starts only.
+            self._start(node_id, bootstrapped=node_id in voters)
         self.network: list = []
         self._seq = 0
         self.cut: set[tuple[str, str]] = set()  # directed links that drop everything
@@ -459,7 +471,10 @@ class Cluster:
         assert stored is not None
         return stored
 
-    def _start(self, node_id: str) -> None:
+    def _start(self, node_id: str, bootstrapped: bool = False) -> None:
+        """Start the node's process on its disk. `bootstrapped`: this start made its state (Cluster's first start of
+        an initial voter), passed to RaftNode as the server passes it after a bootstrap; never on a restart, nor
+        on a disk a test set up (preload_logs)."""
         sn = self.nodes[node_id]
         recovering = sn.storage.storage is None  # (else: a first start, on the storage as a test set it up)
         stored = self._recover(sn) if recovering else sn.storage.load()
@@ -475,10 +490,12 @@ class Cluster:
                 stored.hard_state,
                 stored.raft_log(),
                 stored.snapshot,
-                # As the server's first start after its bootstrap: a lone voter (a cluster grown from one node)
-                # leads at its first tick (RaftNode's rules); a restart is a recovery.
-                bootstrapped=not recovering and node_id in self.initial.voters,
+                # A lone voter (a cluster grown from one node) leads at its first tick then (RaftNode's rules); a
+                # restart waits one election timeout.
+                bootstrapped=bootstrapped or self.unsafe_bootstrapped_on_restart,
             )
+        sn.bootstrapped = bootstrapped and sn.node.membership.voters == (node_id,)
+        sn.ticks_since_start = 0
         # A leader's snapshot's chunks go to its file on this node's disk as they come, as in the runtime.
         sn.node.open_snapshot_sink = sn.storage.storage.receive_snapshot
         sn.incarnation += 1
@@ -737,6 +754,7 @@ class Cluster:
     def _tick_node(self, node_id: str, crash_rate: float = 0.0) -> None:
         sn = self.nodes[node_id]
         role = sn.node.role
+        sn.ticks_since_start += 1
         with self.core_call(node_id, "at a tick"):
             sn.node.tick()
         if sn.node.role is not role:
@@ -1151,6 +1169,8 @@ class Cluster:
                 self._leaders_checked.add((node_id, n.current_term))
                 sn.leader_since = self.now
                 self._check_leader_completeness(node_id)
+                if sn.bootstrapped and sn.ticks_since_start <= 1:
+                    self.stats["bootstrapped lone voter led at its first tick"] += 1
             before = self._leader_commit.get(node_id, 0)
             if n.commit_index > before:
                 for index in range(max(before, n.log.snapshot_index) + 1, n.commit_index + 1):
@@ -1528,6 +1548,11 @@ def _drive(cluster: Cluster, nemesis: dict, n: int, scale: int, crash_rate: floa
                     victim = r.choice(voters)
                     if cluster.change_membership(ConfChangeKind.REMOVE, victim):
                         removed.add(victim)
+                elif len(voters) == 2 and cluster.change_membership(ConfChangeKind.REMOVE, leader):
+                    # A growing cluster's leader of two removes itself (review rv3, T1): the other, its lone voter
+                    # from then on, may be one its lease counts on (self_removal_lease_scenario directs that).
+                    removed.add(leader)
+                    cluster.stats["a leader of two voters removed itself"] += 1
         elif action == "pause":
             victim = r.choice(cluster.ids)
             if cluster.nodes[victim].paused:
@@ -1659,6 +1684,64 @@ def new_leader_lease_scenario(seed: int, mutation: str | None = None) -> Cluster
     c.deliver_filter = None
     c.heal()
     c.run(4 * c.election_ticks)
+    c.check_history()
+    return c
+
+
+def self_removal_lease_scenario(seed: int, mutation: str | None = None) -> Cluster:
+    """A directed schedule for why only a new cluster's first start is `bootstrapped` (RaftNode: a lone voter
+    campaigns at its first tick then; restarted, it waits one election timeout), in the one case where a leader's
+    lease counts on a lone voter other than itself (review rv3, T1). Leader A of {A, B} removes itself: {B} is in
+    force at both once appended. B saves it, but its answers no longer reach A, which never commits its removal and
+    goes on leading on the lease (4/5 of an election timeout) that B's last answer to a heartbeat gave it. B crashes
+    and restarts as the sole voter of {B}. A client writes the key through B as soon as B leads; another asks A for
+    a lease read of it every tick while A leads. Restarted, B waits a whole election timeout and A's lease runs out
+    first; started as if bootstrapped (`bootstrapped_on_restart`), B leads at its first tick, commits the write
+    alone, and A answers a lease read that misses it. The reads must be linearizable.
+
+    `stats` says what happened: "lease reads the removed leader answered" after B's restart (A's lease was in
+    force) and "ticks from the restart to B's lead"."""
+    overrides = {"check_quorum": True, "pre_vote": True, **(MUTATIONS[mutation] if mutation else {})}
+    c = Cluster(seed, n=2, config_overrides=overrides, max_delay=0)
+    c.replay_command = f"python tests/simulator.py --scenario self-removal-lease --seed {seed}" + (
+        f" --mutation {mutation}" if mutation else "")
+    if not c.run_until(lambda: c.leader() is not None, 20 * c.election_ticks):
+        c.fail("self-removal lease: no leader")
+    a = c.leader()
+    assert a is not None
+    b = next(i for i in c.ids if i != a)
+    old = c.nodes[a].node
+    if not c.run_until(lambda: old.log.term(old.commit_index) == old.current_term, 100):
+        c.fail("self-removal lease: the leader committed nothing in its term")
+    w = c.client_write(a, "k")
+    if w is None or not c.run_until(lambda: w in c.acked_writes, 100):
+        c.fail("self-removal lease: the first write was not acknowledged")
+    # Two heartbeats answered (A's lease is then in force), and then anywhere up to the next one.
+    c.run(2 * c.heartbeat_ticks + c.rng.randrange(c.heartbeat_ticks))
+    if not c.change_membership(ConfChangeKind.REMOVE, a):
+        c.fail("self-removal lease: the leader did not take its own removal")
+    removal = old.log.last_index
+    c.cut.add((b, a))  # before any answer of B's to the removal's append: A keeps its lease and never commits it
+    if not c.run_until(lambda: c.nodes[b].node.log.last_index >= removal
+                       and c.nodes[b].node.membership.voters == (b,), 20):
+        c.fail("self-removal lease: B did not save the removal")
+    c.cut.add((a, b))
+    c.crash(b)
+    c.restart(b)
+    restarted, led = c.now, False
+    for _ in range(3 * c.election_ticks):
+        if not led and c.nodes[b].node.role is Role.LEADER:
+            led = True
+            c.stats["ticks from the restart to B's lead"] = c.now - restarted
+            if c.client_write(b, "k") is None:
+                c.fail("self-removal lease: B leads but took no write")
+        answered = len(c.read_ops)  # every read of the schedule is asked of A, and only a lease answers it now
+        if old.role is Role.LEADER:
+            c.client_read(a, "k", lease=True)
+        c.tick()
+        c.stats["lease reads the removed leader answered"] += len(c.read_ops) - answered
+    if not led:
+        c.fail(f"self-removal lease: B did not lead within {3 * c.election_ticks} ticks of its restart")
     c.check_history()
     return c
 
@@ -1822,10 +1905,12 @@ def main() -> None:
     p.add_argument("--count", type=int, default=1, help="run seeds seed .. seed+count-1")
     p.add_argument("--trace", action="store_true", help="print the event trace of each run")
     p.add_argument("--mutation", choices=sorted(MUTATIONS), help="run a deliberately broken core")
-    p.add_argument("--scenario", choices=("random", "lease", "lease-new-leader", "figure8", "stale-catch-up"),
+    p.add_argument("--scenario", choices=("random", "lease", "lease-new-leader", "self-removal-lease", "figure8",
+                                          "stale-catch-up"),
                    default="random", help="random schedules (default), the directed lease-against-drift one, the "
-                   "directed lease of a new leader before it commits in its term, Figure 8 scripted, or entries "
-                   "kept behind a cut across a snapshot install, scripted")
+                   "directed lease of a new leader before it commits in its term, the directed lease of a leader "
+                   "that removed itself while its lone successor restarts, Figure 8 scripted, or entries kept "
+                   "behind a cut across a snapshot install, scripted")
     p.add_argument("--profile", choices=sorted(PROFILES), help="the nemesis (default: drawn from the seed)")
     p.add_argument("--lease-share", type=float, default=0.5, help="of the client reads, the share with a lease")
     p.add_argument("--holds", choices=("on", "off"), help="hold links, then release bursts (default: drawn)")
@@ -1836,7 +1921,8 @@ def main() -> None:
     held: collections.Counter = collections.Counter()
     for seed in range(args.seed, args.seed + args.count):
         if args.scenario != "random":
-            scenario = {"lease": lease_scenario, "lease-new-leader": new_leader_lease_scenario}.get(args.scenario)
+            scenario = {"lease": lease_scenario, "lease-new-leader": new_leader_lease_scenario,
+                        "self-removal-lease": self_removal_lease_scenario}.get(args.scenario)
             scripted = {"figure8": figure_8_scenario, "stale-catch-up": stale_catch_up_scenario}.get(args.scenario)
             c = scripted(args.mutation) if scripted is not None else scenario(seed, args.mutation)
             runs, writes, reads = runs + 1, writes + len(c.acked_writes), reads + c.reads_checked

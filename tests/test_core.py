@@ -42,7 +42,7 @@ from raftlib import (
 from raftlib import codec
 from raftlib.messages import BytesSink, SnapshotUnreadable, snapshot_bytes, snapshot_chunk
 from raftlib.progress import Progress, ProgressState
-from simulator import Cluster, SafetyViolation, figure_8_scenario
+from simulator import Cluster, SafetyViolation, figure_8_scenario, self_removal_lease_scenario
 import wire_637af74
 
 # No entries kept behind a snapshot's cut (Config.snapshot_catch_up_entries): a follower behind it gets the snapshot,
@@ -270,6 +270,26 @@ def test_bootstrapped_is_ignored_by_a_node_that_is_not_the_only_voter():
             if node.role is not Role.FOLLOWER:
                 break
         assert 10 <= tick < 20 and node.role is Role.PRE_CANDIDATE, (seed, tick, node.role)
+
+
+def test_a_self_removed_leaders_lease_runs_out_before_its_restarted_lone_successor_leads():
+    """Review rv3, T1: why a restart is not `bootstrapped`, in the case where it matters (simulator.
+    self_removal_lease_scenario): leader A of {A, B} removes itself, B saves {B} but its answers are lost, so A
+    goes on leading on its lease; B restarts as the only voter. B waits one election timeout, the promise behind
+    A's lease (4/5 of one), and A's lease reads all come before B's first write: none is stale."""
+    for seed in range(20):
+        c = self_removal_lease_scenario(seed)
+        assert c.stats["lease reads the removed leader answered"] > 0, seed  # A's lease was in force after B's restart
+        assert c.stats["ticks from the restart to B's lead"] == c.election_ticks, seed
+        assert any(w.node_id != c.writes[0].node_id for w in c.acked_writes), seed  # B committed a write
+
+
+def test_a_restarted_lone_voter_taken_as_bootstrapped_lets_the_self_removed_leader_read_stale():
+    """The counter-test: the same scenario with every start bootstrapped (the mutation bootstrapped_on_restart, as
+    a server that passed the flag on a restart): B leads at its first tick, commits a write alone, and A answers a
+    lease read without it."""
+    with pytest.raises(SafetyViolation, match="linearizability"):
+        self_removal_lease_scenario(0, "bootstrapped_on_restart")
 
 
 def test_leader_removed_from_the_configuration_steps_down():

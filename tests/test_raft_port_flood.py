@@ -23,7 +23,7 @@ from raft_port_flood import FLOODER  # noqa: E402  (the bench's flooder: bench/r
 # past it the connections that never sent a valid frame are shut down, and the junk flood dies with them.
 SENDERS = 24
 PIPELINE = 50
-FLOOD_SECONDS = 4.0  # 7-13 election timeouts (300-600 ms by default)
+FLOOD_SECONDS = 4.0  # 7-13 election timeouts (300-600 ms at the tests' -election-ms 300: procs.TEST_ELECTION_MS)
 WRITE_BOUND_SECONDS = 3.0  # each write during the flood: a bound, not a speed
 
 

@@ -93,7 +93,10 @@ FAULTS = (
 # quarter of them in a chunk; test_held_bursts_... requires it over the schedules it runs); held messages delivered
 # after a configuration change or after a snapshot are missing from 1 chunk of 60 in 5 (configuration changes are
 # rare outside the churn profile; review final25, T1: 7 of 33 chunks failed when every chunk required them).
-RUN_FAULTS = ("snapshot child killed", *HELD[1:])
+# A new cluster's lone voter (n1 of a grow schedule) leading at its first tick, as RaftNode does for a start passed
+# `bootstrapped` (review rv3, T2: nothing noticed the first-tick campaign turned off): a seed grows in 1 of 5, its
+# three sizes together, so a chunk (20 seeds) has none about 1 time in 90; the first 5 chunks had 3, 12, 18, 12, 15.
+RUN_FAULTS = ("snapshot child killed", *HELD[1:], "bootstrapped lone voter led at its first tick")
 
 
 @pytest.fixture(scope="module")

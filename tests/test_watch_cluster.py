@@ -222,9 +222,9 @@ def test_a_follower_that_installs_a_snapshot_ends_its_streams_and_a_reconnect_el
         c.stop()
 
 
-# A stream ends within max(3 election timeouts, 3 s) (3 s at the default 300 ms) and a check (0.1 s) of losing its
-# leader; a removed node learns it at its next pre-vote. Generous for a shared, loaded machine: without the guard a
-# stream never ends (keep-alives every 5 s) and a long poll answers [] at its timeout.
+# A stream ends within max(3 election timeouts, 3 s) (3 s at the tests' 300 ms, procs.TEST_ELECTION_MS) and a check
+# (0.1 s) of losing its leader; a removed node learns it at its next pre-vote. Generous for a shared, loaded machine:
+# without the guard a stream never ends (keep-alives every 5 s) and a long poll answers [] at its timeout.
 END_BOUND_SECONDS = 8.0
 
 
