@@ -5,6 +5,7 @@ followers) when the machine's cores are the limit. Bench only; asserts nothing.
 
     python bench/cpu_per_request.py -w write txn -c 64 -d 4 --repeat 2
     python bench/cpu_per_request.py --build /tmp/before   # another checkout's raftdzmq.py (alternate the two)
+    python bench/cpu_per_request.py -w write --follower   # writes sent to a follower, forwarded (-forward)
 
 CPU is each node's utime + stime from /proc over the run, divided by the proposals its leader took
 (`raftdzmq_proposals`); entries per fsync is that over `raftdzmq_batches_saved` (GET /metrics of the leader).
@@ -46,13 +47,16 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--txn-ops", type=int, default=10)
     p.add_argument("--build", metavar="DIR", default=None, help="run this checkout's raftdzmq.py (default: this one)")
+    p.add_argument("--follower", action="store_true", help="send the load to a follower, the nodes started with "
+                   "-forward: the CPU of forwarding each request to the leader")
     args = p.parse_args()
     args.value_size = [100, 100]
     workdir = tempfile.mkdtemp(prefix="raftdzmq-cpu-")
     system = None
     try:
         # A node that fails to join raises here, the nodes started before it stopped by Raftdzmq itself.
-        system = Raftdzmq(workdir, 3, []) if args.build is None else Raftdzmq(workdir, 3, [], build=args.build)
+        flags = ["-forward"] if args.follower else []
+        system = Raftdzmq(workdir, 3, flags) if args.build is None else Raftdzmq(workdir, 3, flags, build=args.build)
         print(f"{system.name}, load average {os.getloadavg()[0]:.1f}", flush=True)
         system.follow_leader()
         keys = [f"k{i}" for i in range(1000)]
@@ -64,7 +68,11 @@ def main() -> int:
                 leader_pid = system.pids()[system.http_ports.index(int(system.url.rsplit(":", 1)[1]))]
                 requests = workload_requests(system, workload, keys, rng, args)
                 before = get(system.url + "/metrics", timeout=5).decode(), [cpu_seconds(p) for p in system.pids()]
-                result = run_load(system.url, requests, args.concurrency, args.duration, workdir, workload, "wrk")
+                target = system.url
+                if args.follower:
+                    target = next(f"http://127.0.0.1:{port}" for port in system.http_ports
+                                  if f":{port}" != system.url[system.url.rindex(":"):])
+                result = run_load(target, requests, args.concurrency, args.duration, workdir, workload, "wrk")
                 after = get(system.url + "/metrics", timeout=5).decode(), [cpu_seconds(p) for p in system.pids()]
                 proposals = counter(after[0], "raftdzmq_proposals") - counter(before[0], "raftdzmq_proposals")
                 saves = counter(after[0], "raftdzmq_batches_saved") - counter(before[0], "raftdzmq_batches_saved")
@@ -72,7 +80,9 @@ def main() -> int:
                     print(f"{workload:<6} left out: the leader changed during the run", flush=True)
                     continue
                 per_node = [(b - a) / proposals * 1e6 for a, b in zip(before[1], after[1])]
-                roles = ["leader" if pid == leader_pid else "follower" for pid in system.pids()]
+                target_pid = system.pids()[system.http_ports.index(int(target.rsplit(":", 1)[1]))]
+                roles = ["leader" if pid == leader_pid else "follower (loaded)" if pid == target_pid else "follower"
+                         for pid in system.pids()]
                 print(f"{workload:<6} {result['ops']:>7.0f}/s  entries per leader fsync {proposals / saves:5.1f}  CPU per "
                       f"request: " + ", ".join(f"{role} {us:.0f} us" for role, us in zip(roles, per_node))
                       + f"  (all {sum(per_node):.0f} us)", flush=True)

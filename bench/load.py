@@ -8,6 +8,7 @@ same way on loopback in the same run: a bare Bottle dict server (--vs bare), etc
     python bench/load.py --vs bare --vs etcd --json out.json --plot out.png
     python bench/load.py --url http://localhost:8080 --workloads write -c 64 -d 10
     python bench/load.py --vs-build /tmp/old -c 1 64 -w write --repeat 5   # this build against another, alternating
+    python bench/load.py --follower --raftdzmq-flag=-forward --vs-build /tmp/old -c 64 -w write   # forwarded writes
     python bench/load.py --vs etcd --open-loop --fractions 0.5 0.8 -w write --plot ol.png   # open loop, see below
     python bench/load.py --vs etcd -c 64 -w write txn --repeat 3   # 10-put transactions against single writes
 
@@ -148,12 +149,14 @@ class Raftdzmq(System):
                 self.http_ports.append(http_port)
                 wait_until(lambda: self._voters() == i + 1, 20, f"{self.name} node {i + 1} to join")
         self.url = f"http://127.0.0.1:{self.http_ports[0]}"
+        self.to_follower = False
 
     def follow_leader(self) -> None:
-        """Point `url` at the node that leads now (a loaded machine can move the leadership between runs)."""
+        """Point `url` at the node that leads now (a loaded machine can move the leadership between runs); with
+        `to_follower` (--follower), at a node that does not lead (its requests forwarded: -forward)."""
         for port in self.http_ports:
             try:
-                if json.loads(get(f"http://127.0.0.1:{port}/status"))["role"] == "leader":
+                if (json.loads(get(f"http://127.0.0.1:{port}/status"))["role"] == "leader") != self.to_follower:
                     self.url = f"http://127.0.0.1:{port}"
                     return
             except OSError:
@@ -392,6 +395,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="alternate the systems this many times (A B B A ...); report medians")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--raftdzmq-flag", action="append", default=[], help="extra flag for every raftdzmq node")
+    p.add_argument("--follower", action="store_true", help="load a follower, not the leader, of each raftdzmq cluster "
+                   "started (with --raftdzmq-flag=-forward its writes are passed on to the leader)")
     p.add_argument("--open-loop", action="store_true", help="fixed request rates, latency from the schedule (above)")
     p.add_argument("--rates", type=float, nargs="+", help="--open-loop: requests per second")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.8, 0.95],
@@ -458,6 +463,7 @@ def measure(args: argparse.Namespace, systems: list[System], keys: list[str], rn
                     if reqs is None:
                         continue
                     if isinstance(s, Raftdzmq):  # an election on a loaded machine: every later run got 307s only
+                        s.to_follower = args.follower
                         s.follow_leader()
                     r = run_load(s.url, reqs, c, args.duration, workdir, f"{s.name} {workload} c={c}", client)
                     results.setdefault((workload, c, s.name), []).append(r)

@@ -51,6 +51,7 @@ from raftlib.storage_errors import DiskFull
 from .admin import (NODE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, AdminGuard, keys_request_body,
                     valid_nonce, wire_target)
 from .edge import RateLimitedLog
+from .forwarding import LeaderConnections, NoAnswer, NotSent
 from .leases import LeaseKeeper
 from .metrics import Metrics
 from .store import ADMIN_CLAIM, FEATURE_LEVEL, MAX_TTL_SECONDS, KeyValueStore, command
@@ -119,8 +120,8 @@ class Raft(Protocol):
 @dataclass(slots=True)
 class Api:
     """What the routes share. `guard` is None without a cluster secret (admin requests are not signed then);
-    `connect` opens the connection a -forward follower passes a request on with (http.client's, unless a test
-    gives another)."""
+    `connect` opens the connections a -forward follower passes requests on with (http.client's, unless a test
+    gives another), kept in `leader_connections`."""
 
     runtime: Raft
     store: KeyValueStore
@@ -134,6 +135,7 @@ class Api:
     # committed; None when there is none): GET /cluster/keys answers with it.
     committed_configuration: Callable[[], tuple[int, Membership] | None] = lambda: None
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
+    leader_connections: LeaderConnections = field(default_factory=LeaderConnections)
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
     # This node's feature level (store.FEATURE_LEVEL; lower only in tests: node.TEST_FEATURE_LEVEL_ENV), and why
     # the cluster's is not raised yet (the node's FeatureLevelRaiser knows which members lag).
@@ -341,39 +343,38 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
     return text(307, NOT_LEADER, Location=f"http://{leader}{wire_target(bottle.request.environ['REQUEST_URI'])}")
 
 
-# The leader's answer headers a forwarding follower hands back: the signature of a signed answer (a join's) too,
-# without which the joining node must refuse the answer.
-_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "x-raft-index", "x-raft-lease", "x-raft-lease-ttl", "location",
-                                       OUTCOME_HEADER.lower(), TIMESTAMP_HEADER.lower(), SIGNATURE_HEADER.lower()))
+# The leader's answer headers a forwarding follower hands back: every X-Raft- header (the README's: X-Raft-Index,
+# X-Raft-Modify-Index on a 412, X-Raft-Outcome, X-Raft-Lease, X-Raft-Lease-TTL, ...), the body's type, a redirect's
+# Location, and the signature of a signed answer (a join's), without which the joining node must refuse the answer.
+_FORWARDED_ANSWER_HEADERS = frozenset(("content-type", "location", TIMESTAMP_HEADER.lower(), SIGNATURE_HEADER.lower()))
+
+
+def forwarded_answer_header(name: str) -> bool:
+    name = name.lower()
+    return name.startswith("x-raft-") or name in _FORWARDED_ANSWER_HEADERS
 
 
 def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
-    """-forward: pass this request on to the leader and hand back its answer (its X-Raft-Outcome too). The target
-    goes as sent, and with it the admin signature headers, which cover it. A request that could not be sent whole
-    (no connection, a reset while sending) was not applied: the leader's edge runs nothing before a whole request
-    has arrived. One sent whole but not answered may have been."""
+    """-forward: pass this request on to the leader and hand back its answer (its X-Raft-Outcome too), over the
+    follower's keep-alive connections to the leader (forwarding.LeaderConnections). The target goes as sent, and
+    with it the admin signature headers, which cover it. A request that could not be sent whole (no connection, a
+    reset while sending) was not applied: the leader's edge runs nothing before a whole request has arrived. One
+    sent whole but not answered may have been."""
     req = bottle.request
-    host, port = leader.rsplit(":", 1)
     headers = {FORWARDED_HEADER: api.runtime.node.node_id, "Content-Type": req.content_type or ""}
     for name in (TIMESTAMP_HEADER, SIGNATURE_HEADER):
         if req.get_header(name) is not None:
             headers[name] = req.get_header(name)
-    conn = api.connect(host, int(port), timeout=api.write_timeout_seconds + 1)
     try:
-        try:
-            conn.request(req.method, wire_target(req.environ["REQUEST_URI"]), body=read_body(), headers=headers)
-        except (OSError, http.client.HTTPException) as e:
-            return text(503, f"could not forward to the leader at {leader}: {e}; not applied",
-                        **{OUTCOME_HEADER: NOT_APPLIED})
-        try:
-            resp = conn.getresponse()
-            keep = {k: v for k, v in resp.getheaders() if k.lower() in _FORWARDED_ANSWER_HEADERS}
-            return bottle.HTTPResponse(resp.read(), resp.status, keep)
-        except (OSError, http.client.HTTPException) as e:
-            return text(503, f"no answer from the leader at {leader}: {e}; outcome unknown",
-                        **{OUTCOME_HEADER: UNKNOWN})
-    finally:
-        conn.close()
+        answer = api.leader_connections.forward(api.connect, leader, req.method, wire_target(req.environ["REQUEST_URI"]),
+                                                read_body(), headers, api.write_timeout_seconds + 1)
+    except NotSent as e:
+        return text(503, f"could not forward to the leader at {leader}: {e}; not applied",
+                    **{OUTCOME_HEADER: NOT_APPLIED})
+    except NoAnswer as e:
+        return text(503, f"no answer from the leader at {leader}: {e}; outcome unknown", **{OUTCOME_HEADER: UNKNOWN})
+    keep = {k: v for k, v in answer.headers if forwarded_answer_header(k)}
+    return bottle.HTTPResponse(answer.body, answer.status, keep)
 
 
 # ---- helpers of the routes ------------------------------------------------------------------------------------
