@@ -232,6 +232,8 @@ def test_smuggling_vectors_are_refused_and_close_the_connection(cluster, name, h
     (b"POST /db/%s\r\n", 400),  # HTTP/0.9
     (b"POST http://x/db/%s HTTP/1.1\r\n", 400),
     (b"PO\x01ST /db/%s HTTP/1.1\r\n", 400),
+    (b"post /db/%s HTTP/1.1\r\n", 501),  # methods are case-sensitive (review edge3, Q3)
+    (b"pUT /db/%s HTTP/1.1\r\n", 501),
 ])
 def test_malformed_request_lines_are_refused(cluster, request_line, status):
     leader = leader_of(cluster)
@@ -240,6 +242,22 @@ def test_malformed_request_lines_are_refused(cluster, request_line, status):
     responses, closed = exchange(leader.address, request + post(smuggled))
     assert [r[0] for r in responses] == [status] and closed, (request_line, responses)
     assert absent(leader, first, smuggled)
+
+
+def test_a_method_not_in_upper_case_runs_nothing(cluster):
+    """Review edge3, Q3: `dElEtE /db/K` deleted the key (Bottle upper-cases the method), past any filter in front
+    that allows only GET. RFC 9110 §9.1: methods are case-sensitive. Refused 501 with its reason, before any
+    route; the key stays, and so does the pipelined write after it."""
+    leader = leader_of(cluster)
+    key, smuggled = fresh("kept"), fresh("smuggled")
+    assert leader.request("POST", f"/db/{key}", b"v").status == 200
+    for method in (b"dElEtE", b"delete", b"get"):
+        responses, closed = exchange(leader.address, b"%s /db/%s HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                                     % (method, key.encode()) + post(smuggled))
+        assert [r[0] for r in responses] == [501] and closed, (method, responses)
+        assert b"case-sensitive" in responses[0][2] and responses[0][2].count(b"\n") == 1, responses[0][2]
+    assert leader.request("GET", f"/db/{key}").body == b"v"
+    assert absent(leader, smuggled)
 
 
 def test_an_edge_refusal_names_an_outcome_for_a_write_only(cluster):
