@@ -260,6 +260,25 @@ def test_a_method_not_in_upper_case_runs_nothing(cluster):
     assert absent(leader, smuggled)
 
 
+def test_junk_bytes_in_this_apis_own_headers_are_a_4xx_of_one_line_without_a_traceback(cluster):
+    """Review edge3, L3, on the wire: bytes that are not UTF-8 (0xE9), or UTF-8 past latin-1 (U+20AC), in an
+    X-Raftdzmq-* header sent to a -forward follower were a 500 with a 26-line traceback at ERROR a request (and
+    `X-Raft-Outcome: unknown` though nothing was forwarded). Now 400 (403 for the signature's headers), one line,
+    `not-applied`, nothing written; the module's fixture finds no traceback in any log."""
+    leader = leader_of(cluster)
+    follower = next(n for n in cluster.nodes if n is not leader)
+    for name, status in ((b"X-Raftdzmq-Forwarded", 400), (b"X-Raftdzmq-Signature", 403),
+                         (b"X-Raftdzmq-Timestamp", 403)):
+        for junk in (b"\xe9", b"\xe2\x82\xac"):
+            key = fresh("junk")
+            responses, _ = exchange(follower.address, b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\n%s: %s\r\n"
+                                    b"Content-Length: 1\r\nConnection: close\r\n\r\nv" % (key.encode(), name, junk))
+            [(got, headers, body)] = responses
+            assert (got, headers.get("x-raft-outcome")) == (status, "not-applied"), (name, junk, responses)
+            assert body.count(b"\n") == 1 and b"malformed " + name in body, body
+            assert absent(leader, key)
+
+
 def test_an_edge_refusal_names_an_outcome_for_a_write_only(cluster):
     """Review (header placement): X-Raft-Outcome is for writes; a refused GET used to carry `not-applied` too. A
     refused POST/PUT/DELETE/PATCH says `not-applied` (nothing ran), whatever failed in its head; a request line
