@@ -1597,33 +1597,39 @@ def test_a_small_hard_descriptor_limit_is_warned_about_and_a_flood_does_not_pile
 
 
 def test_an_answered_write_leaves_no_cycle_for_the_collector(monkeypatch):
-    """A write whose route reads a header (the dashboard's actions: X-Raft-Dashboard; a follower's -forward, a signed
-    admin request) has Bottle keep request.headers in the environ as a WSGIHeaderDict holding the environ, a cycle
-    a request that only the collector freed (and that a young collection finding it in flight moved to the oldest
-    generation). Answered, the request's environ and body are freed by their reference counts: with the collector
-    off, no WSGIHeaderDict outlives its request. In process, on the real edge and application (a FakeRuntime under
-    the Api): three of the page's removals, same-origin. The test counts the dicts built, so that it cannot pass
-    on requests that build none (review edge30 Q1: plain writes no longer do, cross_site_refusal reading the
-    environ)."""
+    """A route that reads a header through Bottle (request.headers, get_header) has Bottle keep request.headers in
+    the environ as a WSGIHeaderDict holding the environ, a cycle a request that only the collector freed (and that
+    a young collection finding it in flight moved to the oldest generation). Answered, the request's environ and
+    body are freed by their reference counts: with the collector off, no WSGIHeaderDict outlives its request. In
+    process, on the real edge and application (a FakeRuntime under the Api). None of the API's routes builds one
+    any more: the dashboard's actions, a follower's -forward and signed admin requests read their headers from
+    the environ (routes_shared.own_header; review edge30 Q1, review edge3 L3), so the page's removals build none,
+    and a route added for the test reads a header through Bottle. The test counts the dicts built, so that it
+    cannot pass on requests that build none."""
     built = []
     build = bottle.WSGIHeaderDict.__init__
     monkeypatch.setattr(bottle.WSGIHeaderDict, "__init__", lambda self, environ: (built.append(1), build(self, environ))[1])
-    server = _answering_server(Client().app)
+    app = Client().app
+    app.route("/header-read", "DELETE", lambda: bottle.HTTPResponse(bottle.request.get_header("X-Raft-Dashboard"), 200))
+    server = _answering_server(app)
     conn = gevent.socket.create_connection(server.address, timeout=5.0)
     gc.collect()
     gc.disable()
     try:
         received = b""
-        for n in range(3):  # keep-alive: three requests on one connection, each answered before the next
-            conn.sendall(b"DELETE /ui/actions/members/nocycle-%d HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n"
-                         b"X-Raft-Dashboard: 1\r\nContent-Length: 0\r\n\r\n" % n)
+        targets = [b"/ui/actions/members/nocycle-%d" % n for n in range(3)] + [b"/header-read"] * 3
+        for n, target in enumerate(targets):  # keep-alive: each answered before the next, on one connection
+            conn.sendall(b"DELETE %s HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n"
+                         b"X-Raft-Dashboard: 1\r\nContent-Length: 0\r\n\r\n" % target)
             with gevent.Timeout(5.0):
                 while len(parse_responses(received)) <= n:
                     received += conn.recv(65536)
+            if n == 2:
+                assert built == [], built  # the page's removals read their header from the environ
         answers = parse_responses(received)
         assert [(status, body) for status, _, body in answers] == [
-            (404, b"nocycle-%d is not a member\n" % n) for n in range(3)], answers
-        assert len(built) == 3, built  # each request built its dict
+            (404, b"nocycle-%d is not a member\n" % n) for n in range(3)] + [(200, b"1")] * 3, answers
+        assert len(built) == 3, built  # each request of the test's route built its dict
         gevent.sleep(0.01)  # the handler past its answer, waiting for the next request
         left = [o for o in gc.get_objects() if isinstance(o, bottle.WSGIHeaderDict)]
         assert not left, f"{len(left)} requests' headers (and environs, bodies) left to the collector"
