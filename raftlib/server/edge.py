@@ -320,10 +320,10 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.wsgi_input = environ["wsgi.input"] = _Body(body)
         self.application = server.application
         self.handle_one_response()
-        # Bottle caches request.headers (get_header: the dashboard's actions, a -forward follower's redirect or
-        # forward, signed admin requests) in the environ as a WSGIHeaderDict that holds the environ: a cycle a
-        # request, the body with it, left to the collector (and promoted to the oldest generation when a young
-        # collection found it in flight). Cut once answered.
+        # Bottle caches request.headers (get_header: none of the API's routes since routes_shared.own_header reads
+        # their headers from the environ; any route that does) in the environ as a WSGIHeaderDict that holds the
+        # environ: a cycle a request, the body with it, left to the collector (and promoted to the oldest generation
+        # when a young collection found it in flight). Cut once answered.
         environ.pop(BOTTLE_HEADERS_KEY, None)
         if self.close_connection or self.rfile.closed:
             return None
