@@ -206,11 +206,17 @@ def normalize_endpoint(endpoint: str) -> str:
     return f"{host}:{int(port)}"
 
 
+_DOT_SEGMENTS = {".": "%2E", "..": "%2E%2E"}
+
+
 def key_path(key: str) -> str:
-    """/db/KEY with the key percent-encoded (a `/` kept: it is a key's own character either way)."""
+    """/db/KEY with the key percent-encoded (a `/` kept: it is a key's own character either way), a `.` or `..`
+    segment too: urllib3 removes dot segments from a URL's path (RFC 3986 §5.2.4), so that put("a/../b") wrote the
+    key "b" (review edge3, Q1); it keeps %2E, which the server decodes back to "."."""
     if not key:
         raise ValueError("a key is at least one character")
-    return "/db/" + urllib.parse.quote(key, safe="/")
+    return "/db/" + "/".join(_DOT_SEGMENTS.get(part, urllib.parse.quote(part, safe=""))
+                             for part in key.split("/"))
 
 
 # ---- transactions ----------------------------------------------------------------------------------------------

@@ -95,6 +95,26 @@ def test_keys_put_get_delete_with_conditions_list_range(client):
         client.get("")
 
 
+DOT_KEYS = ("dot/../ient", "dot/./y", "dot/..", "dot/../..", "dot/.", "dot/a/../../b", "dot//x/..", "dot/%2E/%2e%2E")
+
+
+def test_keys_with_dot_segments_arrive_as_written(cluster, client):
+    """Review edge3, Q1: urllib3 removes `.` and `..` segments from a URL's path, so that put("cl/../ient") wrote
+    "ient" (under a per-tenant prefix, another tenant's key). The client sends them as %2E, and the server decodes
+    that back to ".": every key round-trips, and no other key is touched."""
+    for key in DOT_KEYS:
+        client.put(key, key)
+    assert client.list("dot/") == sorted(DOT_KEYS) and client.list("ient") == client.list("y") == []
+    for key in DOT_KEYS:
+        assert client.get(key).value == key.encode(), key
+    leader = cluster.leader()  # the server's own decoding of %2E, on the wire as the client sends it
+    assert leader.request("GET", "/db/dot/%2E%2E/ient").body == b"dot/../ient"
+    assert leader.request("GET", "/db/dot/%2e").body == b"dot/."
+    for key in DOT_KEYS:
+        client.delete(key)
+    assert client.list("dot/") == []
+
+
 def test_txn_builder_both_branches(client):
     first = (client.txn().compare("t/lock", "exists", "==", False)
              .success(put_op("t/lock", b"me"), get_op(key="t/lock")).failure(get_op(key="t/lock")).commit())

@@ -69,6 +69,20 @@ def test_put_from_stdin_and_get_keep_bytes_intact_and_exit_codes_say_what_happen
     assert r.returncode == 2 and "host:port" in one_line_error(r)
 
 
+def test_keys_with_dot_segments_arrive_as_written(cluster):
+    """Review edge3, Q1: raftdzmqctl writes through the client, whose URLs urllib3 rid of `.` and `..` segments:
+    `put t1/../t2/k` wrote t2/k. Now every such key arrives as written."""
+    keys = ("t1/../t2/k", "t1/./k", "t1/..")
+    for key in keys:
+        assert ctl(cluster, "put", key, key).returncode == 0, key
+    for key in keys:
+        r = ctl(cluster, "get", key)
+        assert (r.returncode, r.stdout) == (0, key.encode()), key
+    assert ctl(cluster, "ls", "t").stdout.decode().split() == sorted(keys)  # no t2/k, no t1/k
+    assert ctl(cluster, "del", "t1/..").returncode == 0
+    assert ctl(cluster, "ls", "t").stdout.decode().split() == sorted(keys[:2])
+
+
 def test_ls_del_txn_and_a_watch(cluster):
     for key in ("ls/a", "ls/b", "ls/c"):
         assert ctl(cluster, "put", key, key.upper()).returncode == 0

@@ -232,6 +232,8 @@ def test_smuggling_vectors_are_refused_and_close_the_connection(cluster, name, h
     (b"POST /db/%s\r\n", 400),  # HTTP/0.9
     (b"POST http://x/db/%s HTTP/1.1\r\n", 400),
     (b"PO\x01ST /db/%s HTTP/1.1\r\n", 400),
+    (b"post /db/%s HTTP/1.1\r\n", 501),  # methods are case-sensitive (review edge3, Q3)
+    (b"pUT /db/%s HTTP/1.1\r\n", 501),
 ])
 def test_malformed_request_lines_are_refused(cluster, request_line, status):
     leader = leader_of(cluster)
@@ -240,6 +242,41 @@ def test_malformed_request_lines_are_refused(cluster, request_line, status):
     responses, closed = exchange(leader.address, request + post(smuggled))
     assert [r[0] for r in responses] == [status] and closed, (request_line, responses)
     assert absent(leader, first, smuggled)
+
+
+def test_a_method_not_in_upper_case_runs_nothing(cluster):
+    """Review edge3, Q3: `dElEtE /db/K` deleted the key (Bottle upper-cases the method), past any filter in front
+    that allows only GET. RFC 9110 §9.1: methods are case-sensitive. Refused 501 with its reason, before any
+    route; the key stays, and so does the pipelined write after it."""
+    leader = leader_of(cluster)
+    key, smuggled = fresh("kept"), fresh("smuggled")
+    assert leader.request("POST", f"/db/{key}", b"v").status == 200
+    for method in (b"dElEtE", b"delete", b"get"):
+        responses, closed = exchange(leader.address, b"%s /db/%s HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                                     % (method, key.encode()) + post(smuggled))
+        assert [r[0] for r in responses] == [501] and closed, (method, responses)
+        assert b"case-sensitive" in responses[0][2] and responses[0][2].count(b"\n") == 1, responses[0][2]
+    assert leader.request("GET", f"/db/{key}").body == b"v"
+    assert absent(leader, smuggled)
+
+
+def test_junk_bytes_in_this_apis_own_headers_are_a_4xx_of_one_line_without_a_traceback(cluster):
+    """Review edge3, L3, on the wire: bytes that are not UTF-8 (0xE9), or UTF-8 past latin-1 (U+20AC), in an
+    X-Raftdzmq-* header sent to a -forward follower were a 500 with a 26-line traceback at ERROR a request (and
+    `X-Raft-Outcome: unknown` though nothing was forwarded). Now 400 (403 for the signature's headers), one line,
+    `not-applied`, nothing written; the module's fixture finds no traceback in any log."""
+    leader = leader_of(cluster)
+    follower = next(n for n in cluster.nodes if n is not leader)
+    for name, status in ((b"X-Raftdzmq-Forwarded", 400), (b"X-Raftdzmq-Signature", 403),
+                         (b"X-Raftdzmq-Timestamp", 403)):
+        for junk in (b"\xe9", b"\xe2\x82\xac"):
+            key = fresh("junk")
+            responses, _ = exchange(follower.address, b"POST /db/%s HTTP/1.1\r\nHost: localhost\r\n%s: %s\r\n"
+                                    b"Content-Length: 1\r\nConnection: close\r\n\r\nv" % (key.encode(), name, junk))
+            [(got, headers, body)] = responses
+            assert (got, headers.get("x-raft-outcome")) == (status, "not-applied"), (name, junk, responses)
+            assert body.count(b"\n") == 1 and b"malformed " + name in body, body
+            assert absent(leader, key)
 
 
 def test_an_edge_refusal_names_an_outcome_for_a_write_only(cluster):
@@ -1560,33 +1597,39 @@ def test_a_small_hard_descriptor_limit_is_warned_about_and_a_flood_does_not_pile
 
 
 def test_an_answered_write_leaves_no_cycle_for_the_collector(monkeypatch):
-    """A write whose route reads a header (the dashboard's actions: X-Raft-Dashboard; a follower's -forward, a signed
-    admin request) has Bottle keep request.headers in the environ as a WSGIHeaderDict holding the environ, a cycle
-    a request that only the collector freed (and that a young collection finding it in flight moved to the oldest
-    generation). Answered, the request's environ and body are freed by their reference counts: with the collector
-    off, no WSGIHeaderDict outlives its request. In process, on the real edge and application (a FakeRuntime under
-    the Api): three of the page's removals, same-origin. The test counts the dicts built, so that it cannot pass
-    on requests that build none (review edge30 Q1: plain writes no longer do, cross_site_refusal reading the
-    environ)."""
+    """A route that reads a header through Bottle (request.headers, get_header) has Bottle keep request.headers in
+    the environ as a WSGIHeaderDict holding the environ, a cycle a request that only the collector freed (and that
+    a young collection finding it in flight moved to the oldest generation). Answered, the request's environ and
+    body are freed by their reference counts: with the collector off, no WSGIHeaderDict outlives its request. In
+    process, on the real edge and application (a FakeRuntime under the Api). None of the API's routes builds one
+    any more: the dashboard's actions, a follower's -forward and signed admin requests read their headers from
+    the environ (routes_shared.own_header; review edge30 Q1, review edge3 L3), so the page's removals build none,
+    and a route added for the test reads a header through Bottle. The test counts the dicts built, so that it
+    cannot pass on requests that build none."""
     built = []
     build = bottle.WSGIHeaderDict.__init__
     monkeypatch.setattr(bottle.WSGIHeaderDict, "__init__", lambda self, environ: (built.append(1), build(self, environ))[1])
-    server = _answering_server(Client().app)
+    app = Client().app
+    app.route("/header-read", "DELETE", lambda: bottle.HTTPResponse(bottle.request.get_header("X-Raft-Dashboard"), 200))
+    server = _answering_server(app)
     conn = gevent.socket.create_connection(server.address, timeout=5.0)
     gc.collect()
     gc.disable()
     try:
         received = b""
-        for n in range(3):  # keep-alive: three requests on one connection, each answered before the next
-            conn.sendall(b"DELETE /ui/actions/members/nocycle-%d HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n"
-                         b"X-Raft-Dashboard: 1\r\nContent-Length: 0\r\n\r\n" % n)
+        targets = [b"/ui/actions/members/nocycle-%d" % n for n in range(3)] + [b"/header-read"] * 3
+        for n, target in enumerate(targets):  # keep-alive: each answered before the next, on one connection
+            conn.sendall(b"DELETE %s HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n"
+                         b"X-Raft-Dashboard: 1\r\nContent-Length: 0\r\n\r\n" % target)
             with gevent.Timeout(5.0):
                 while len(parse_responses(received)) <= n:
                     received += conn.recv(65536)
+            if n == 2:
+                assert built == [], built  # the page's removals read their header from the environ
         answers = parse_responses(received)
         assert [(status, body) for status, _, body in answers] == [
-            (404, b"nocycle-%d is not a member\n" % n) for n in range(3)], answers
-        assert len(built) == 3, built  # each request built its dict
+            (404, b"nocycle-%d is not a member\n" % n) for n in range(3)] + [(200, b"1")] * 3, answers
+        assert len(built) == 3, built  # each request of the test's route built its dict
         gevent.sleep(0.01)  # the handler past its answer, waiting for the next request
         left = [o for o in gc.get_objects() if isinstance(o, bottle.WSGIHeaderDict)]
         assert not left, f"{len(left)} requests' headers (and environs, bodies) left to the collector"

@@ -341,6 +341,56 @@ def test_a_cross_site_header_that_cannot_be_read_is_refused_in_one_line(client, 
     assert r.status == 200, r  # the same-origin write as before
 
 
+JUNK = ("\xe9", "\xe2\x82\xac", "a b")  # a header's bytes as the edge files them (latin-1): not UTF-8, UTF-8 of a
+# character past latin-1 ("\u20ac"), and a space: none of them the shape of an id, hex or digits
+
+
+def test_junk_in_the_apis_own_headers_is_refused_in_one_line_and_logged_at_most_once_a_second(monkeypatch, caplog,
+                                                                                              capsys):
+    """Review edge3, L3: bytes that are not UTF-8 (or UTF-8 past latin-1) in an X-Raftdzmq-* header raised in
+    Bottle's get_header or in the signature's check: a 500, `X-Raft-Outcome: unknown` on a write that was never
+    forwarded, and a traceback at ERROR a request. Now: 403 for the signature's headers (not signed), 400 for the
+    others, one line naming the header, `not-applied` on a write, nothing proposed nor forwarded, and one line of
+    log a second at most."""
+    signed = signed_client()
+    node_headers = node_request_headers(SECRET, "a", "GET", "/snapshot")
+    keys_headers = keys_request_headers(SECRET, "a")
+    transfer_headers = admin_headers(SECRET, "POST", "/cluster/transfer?to=b")
+    cases = []
+    for junk in JUNK:
+        cases += [
+            (signed, "GET", "/snapshot", {**node_headers, SIGNATURE_HEADER: junk}, 403, SIGNATURE_HEADER),
+            (signed, "GET", "/snapshot", {**node_headers, NONCE_HEADER: junk}, 400, NONCE_HEADER),
+            (signed, "GET", "/cluster/keys", {**keys_headers, NODE_HEADER: junk}, 400, NODE_HEADER),
+            (signed, "GET", "/cluster/keys", {**keys_headers, TIMESTAMP_HEADER: junk}, 403, TIMESTAMP_HEADER),
+            (signed, "POST", "/cluster/transfer?to=b", {**transfer_headers, SIGNATURE_HEADER: junk}, 403,
+             SIGNATURE_HEADER),
+        ]
+    monkeypatch.setattr(FakeConnection, "made", [])
+    forwarding = Client(forward=True, write_timeout_seconds=2.0, connect=FakeConnection)
+    forwarding.be_follower("c")
+    for junk in JUNK:
+        for method, target in (("POST", "/db/jx"), ("DELETE", "/db/jx"), ("POST", "/lease?ttl=5"),
+                               ("POST", "/cluster/transfer?to=b")):
+            cases += [(forwarding, method, target, {"X-Raftdzmq-Forwarded": junk}, 400, "X-Raftdzmq-Forwarded"),
+                      (forwarding, method, target, {SIGNATURE_HEADER: junk}, 403, SIGNATURE_HEADER),
+                      (forwarding, method, target, {TIMESTAMP_HEADER: junk}, 403, TIMESTAMP_HEADER)]
+        cases.append((forwarding, "POST", "/ui/actions/transfer?to=b", {"X-Raft-Dashboard": junk}, 400,
+                      "X-Raft-Dashboard"))
+    caplog.set_level("WARNING", logger="raftdzmq.api")
+    for client, method, target, headers, status, name in cases:
+        r = client(method, target, headers=headers)
+        assert (r.status, r.text) == (status, f"refused: malformed {name} header: want 1 to 256 visible ASCII "
+                                              "characters\n"), (method, target, headers, r)
+        if method != "GET":
+            assert r.headers["x-raft-outcome"] == "not-applied", (method, target, headers, r)
+    assert signed.runtime.calls == [] and forwarding.runtime.calls == [] and FakeConnection.made == []
+    assert "Traceback" not in capsys.readouterr().err
+    # One line for each of the two nodes (each has its own log of refusals); the rest within the second left out.
+    assert [rec.levelname for rec in caplog.records] == ["WARNING", "WARNING"]
+    assert all("malformed" in rec.getMessage() for rec in caplog.records)
+
+
 # ---- -forward -----------------------------------------------------------------------------------------------------
 
 
@@ -498,6 +548,48 @@ def test_a_page_of_keys_as_json_with_the_next_key(client):
                                                                                      "lease or stale")):
         r = client("GET", "/db/?" + query)
         assert (r.status, r.text) == (400, text + "\n"), query
+
+
+PAGE_BYTES = 4 << 20  # the bound in bytes of JSON of a page of keys, as the README gives it
+
+
+def test_a_page_of_keys_stops_at_its_bound_in_bytes_of_json_and_names_the_next_key(client):
+    """Review edge3, L2: GET /db/?limit=10000 had no bound in bytes: 10,000 keys of 4,096 control bytes (24.5 KB of
+    JSON each) made one answer of 245 MB. A page stops at 4 MiB of JSON, and "next" says where the next
+    page starts, as when `limit` stops it; paging through gets every key once."""
+    keys = [f"{i:03d}" + "\x01" * 4000 for i in range(400)]  # 24 KB of JSON each: 9.6 MB in all
+    for i, key in enumerate(keys):
+        client.store.apply(i + 1, command(SET, key, b"v"))
+    seen: list[str] = []
+    after, pages = "", 0
+    while True:
+        r = client("GET", "/db/?limit=10000&after=" + urllib.parse.quote(after))
+        # The keys' JSON within the bound, then "next": one key more (at most 6 x 4,096 bytes of JSON).
+        assert r.status == 200 and len(r.body) <= PAGE_BYTES + 6 * 4096 + 100, len(r.body)
+        page = json.loads(r.body)
+        seen += page["keys"]
+        pages += 1
+        if page["next"] is None:
+            break
+        assert page["next"] == page["keys"][-1]
+        after = page["next"]
+    assert seen == keys and pages == 3  # 4 MiB is 174 of these keys
+    assert r.body == (json.dumps({"keys": keys[348:], "next": None}) + "\n").encode()  # json.dumps' own text
+
+
+def test_a_leases_keys_are_listed_up_to_the_page_bound_in_bytes(leased):
+    """Review edge3, L2: GET /lease/ID listed its first 1,000 keys whatever their size (24.5 MB of JSON). It lists
+    at most 4 MiB of them as JSON; key_count counts them all."""
+    client, _, _ = leased
+    assert client("POST", "/lease?ttl=10").status == 200
+    lease_id = max(client.store.leases)
+    keys = sorted(f"{i:03d}" + "\x01" * 4000 for i in range(300))
+    for key in keys:
+        assert client("POST", f"/db/{urllib.parse.quote(key)}?lease={lease_id}", "v").status == 200
+    r = client("GET", f"/lease/{lease_id}")
+    answer = json.loads(r.body)
+    assert r.status == 200 and len(r.body) <= PAGE_BYTES + 200, len(r.body)
+    assert answer["key_count"] == 300 and answer["keys"] == keys[:174]
 
 
 # ---- membership and leadership ------------------------------------------------------------------------------------

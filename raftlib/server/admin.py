@@ -220,7 +220,9 @@ class AdminGuard:
         if not _TIMESTAMP.fullmatch(timestamp):
             return "malformed timestamp: want Unix seconds"
         expected = admin_signature(self.secret, method, target, body, timestamp)
-        if not hmac.compare_digest(signature.encode("latin-1"), expected.encode()):
+        # Compared as ASCII: a value of other characters (a header's bytes as UTF-8 text, "\u20ac") is no signature,
+        # and encoding it must not raise (review edge3, L3).
+        if not signature.isascii() or not hmac.compare_digest(signature.encode("ascii"), expected.encode()):
             return "not signed with this cluster's secret (the signature does not match)"
         skew = float(timestamp) - (time.time() if now is None else now)
         if abs(skew) > ADMIN_CLOCK_SKEW_SECONDS:

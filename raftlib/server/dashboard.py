@@ -56,7 +56,7 @@ from raftlib.messages import Role
 
 from .routes_cluster import remove_member, transfer
 from .routes_shared import (FORWARDED_HEADER, NOT_APPLIED, OUTCOME_HEADER, Api, counts_nothing_yet, forward_to,
-                            json_answer, leader_http, log, members, text)
+                            json_answer, leader_http, log, members, own_header, text)
 
 MEMBER_TIMEOUT_SECONDS = 0.5  # each member gets this long to answer GET /stats (connect, send, read)
 GATHER_SECONDS = 0.6  # a whole gather: the members not answered by then are unreachable
@@ -431,8 +431,7 @@ def _on_the_leader(api: Api, action: Callable[[], bottle.HTTPResponse]) -> bottl
     request that finds no leader here is answered 503). Refused (403) with a cluster secret: it would have to be
     signed, and the page has no secret. Refused (403) too without ACTION_HEADER (or the header of a request a
     follower passed on): a request another site's page made the browser send."""
-    req = bottle.request
-    if req.get_header(ACTION_HEADER) is None and req.get_header(FORWARDED_HEADER) is None:
+    if own_header(ACTION_HEADER) is None and own_header(FORWARDED_HEADER) is None:
         return text(403, f"the dashboard's actions need the {ACTION_HEADER} header (the page sends it); "
                     "a request from another site's page is refused", **{OUTCOME_HEADER: NOT_APPLIED})
     if api.guard is not None:
@@ -442,7 +441,7 @@ def _on_the_leader(api: Api, action: Callable[[], bottle.HTTPResponse]) -> bottl
     if node.role is Role.LEADER:
         return action()
     leader = leader_http(node.membership, node.leader_id)
-    if leader is None or bottle.request.get_header(FORWARDED_HEADER) is not None:
+    if leader is None or own_header(FORWARDED_HEADER) is not None:
         return text(503, "no leader is known right now; retry shortly", **{OUTCOME_HEADER: NOT_APPLIED})
     return forward_to(api, leader)
 

@@ -144,7 +144,7 @@ class _Body(io.BytesIO):
 
 
 def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
-    """The request line checked (RFC 9112 §3): (method, target, version); raises HttpError 400 or 505."""
+    """The request line checked (RFC 9112 §3): (method, target, version); raises HttpError 400, 501 or 505."""
     parts = line.split(b" ")
     if len(parts) != 3:
         raise HttpError(400, "malformed request line: want METHOD SP TARGET SP HTTP/1.1")
@@ -155,6 +155,9 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
         raise HttpError(400, "malformed request line: want METHOD SP TARGET SP HTTP/1.1")
     if not method or method.translate(None, _TCHARS):
         raise HttpError(400, "malformed request method")
+    if method != method.upper():  # Bottle would upper-case it: `post` ran as a write past a filter of GET only
+        raise HttpError(501, "request method not implemented: methods are case-sensitive (RFC 9110 §9.1): "
+                        "send GET, HEAD, POST, PUT, DELETE or OPTIONS")
     if target[:1] != b"/" or target.translate(None, _TARGET_CHARS):
         raise HttpError(400, "malformed request target: want a path starting with / and no control characters")
     return method, target, version
@@ -317,10 +320,10 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         self.wsgi_input = environ["wsgi.input"] = _Body(body)
         self.application = server.application
         self.handle_one_response()
-        # Bottle caches request.headers (get_header: the dashboard's actions, a -forward follower's redirect or
-        # forward, signed admin requests) in the environ as a WSGIHeaderDict that holds the environ: a cycle a
-        # request, the body with it, left to the collector (and promoted to the oldest generation when a young
-        # collection found it in flight). Cut once answered.
+        # Bottle caches request.headers (get_header: none of the API's routes since routes_shared.own_header reads
+        # their headers from the environ; any route that does) in the environ as a WSGIHeaderDict that holds the
+        # environ: a cycle a request, the body with it, left to the collector (and promoted to the oldest generation
+        # when a young collection found it in flight). Cut once answered.
         environ.pop(BOTTLE_HEADERS_KEY, None)
         if self.close_connection or self.rfile.closed:
             return None

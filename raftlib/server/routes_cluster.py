@@ -21,7 +21,7 @@ from raftlib.runtime import NotRunning, Stopped, Timeout
 from .admin import SIGNATURE_HEADER, answer_headers, valid_public_key
 from .nodestart import name_of
 from .routes_shared import (Api, check_signature, claim_signature, json_answer, log, members, node_request_refusal,
-                            read_body, require_leader, text)
+                            own_header, read_body, require_leader, text)
 
 
 def join_refusal(membership: Membership, member: Member, secret: bool, max_members: int = 64,
@@ -147,7 +147,7 @@ def join(api: Api) -> bottle.HTTPResponse:
     answer = json.dumps({"index": index, "leader": node.node_id,
                          "members": {m.node_id: m.public_key for m in node.membership.members},
                          "http_addresses": {m.node_id: m.http_address for m in node.membership.members}}).encode()
-    headers = answer_headers(api.guard.secret, bottle.request.get_header(SIGNATURE_HEADER), answer)
+    headers = answer_headers(api.guard.secret, own_header(SIGNATURE_HEADER) or "", answer)
     return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
 
 
@@ -187,7 +187,7 @@ def cluster_keys(api: Api) -> bottle.HTTPResponse:
     answer = json.dumps({"node_id": node_id, "index": index,
                          "members": {m.node_id: m.public_key for m in membership.members},
                          "http_addresses": {m.node_id: m.http_address for m in membership.members}}).encode()
-    headers = answer_headers(api.guard.secret, bottle.request.get_header(SIGNATURE_HEADER), answer)
+    headers = answer_headers(api.guard.secret, own_header(SIGNATURE_HEADER) or "", answer)
     return bottle.HTTPResponse(answer, 200, {"Content-Type": "application/json", **headers})
 
 

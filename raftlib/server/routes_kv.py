@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import bottle
 
-from .routes_shared import (MAX_KEY_BYTES, Api, check_key, json_answer, parse_lease_id, propose, read_body,
-                            read_headers, require_leader, require_level_2, text, ttl_seconds, wait_consistent)
+from .routes_shared import (MAX_KEY_BYTES, Api, check_key, json_answer, json_string, keys_within, parse_lease_id,
+                            propose, read_body, read_headers, require_leader, require_level_2, text, ttl_seconds, wait_consistent)
 from .store import (COMPARE_AND_SET, CREATE, DELETE, DELETE_IF_INDEX, DELETE_PREFIX, MAX_DELETE_KEYS_PER_ENTRY,
                     MAX_KEYS_PER_LEASE, MAX_LEASES, PUT_WITH_TTL, SET, SET_IF_INDEX, SET_WITH_LEASE, NoLease, command)
 
@@ -125,7 +125,12 @@ def list_keys(api: Api) -> bottle.HTTPResponse:
         raise text(400, "limit must be an integer") from None
     wait_consistent(api)
     page, more = api.store.page(prefix, after, limit)
-    return json_answer({"keys": page, "next": page[-1] if more else None}, **read_headers(api))
+    # Cut at MAX_PAGE_BYTES of JSON too: "next" then names the last key listed, as when `limit` stops a page. The
+    # keys are encoded once, and the answer is written of them (the same text as json_answer's).
+    encoded, cut = keys_within(page)
+    last = json_string(page[len(encoded) - 1]) if (more or cut) and encoded else "null"
+    body = '{"keys": [' + ", ".join(encoded) + '], "next": ' + last + "}\n"
+    return bottle.HTTPResponse(body, 200, {"Content-Type": "application/json", **read_headers(api)})
 
 
 def delete_prefix(api: Api) -> bottle.HTTPResponse:

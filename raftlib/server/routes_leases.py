@@ -23,7 +23,7 @@ import bottle
 from raftlib.core import NotLeader
 
 from .leases import LeaseKeeper
-from .routes_shared import (NOT_APPLIED, OUTCOME_HEADER, Api, json_answer, parse_lease_id, propose, read_body,
+from .routes_shared import (NOT_APPLIED, OUTCOME_HEADER, Api, json_answer, keys_within, parse_lease_id, propose, read_body,
                             require_leader, require_level_2, text, ttl_seconds)
 from .store import LEASE_GRANT, LEASE_REVOKE, MAX_LEASES, command
 
@@ -165,8 +165,11 @@ def get_lease(api: Api, lease_id: str) -> bottle.HTTPResponse:
     if lease is None or not keeper.alive(lid):
         return lease_gone(lid, lease is not None)
     keys = sorted(lease.keys)
+    # The first MAX_LEASE_KEYS_LISTED, and no more than MAX_PAGE_BYTES of them as JSON (review edge3, L2): "key_count"
+    # says how many there are; GET /db/?prefix= pages through them when the lease's keys share a prefix.
+    listed = len(keys_within(keys[:MAX_LEASE_KEYS_LISTED])[0])
     return json_answer({"id": str(lid), "ttl": lease.ttl_seconds, "remaining": round(remaining or 0.0, 3),
-                        "keys": keys[:MAX_LEASE_KEYS_LISTED], "key_count": len(keys)})
+                        "keys": keys[:listed], "key_count": len(keys)})
 
 
 def list_leases(api: Api) -> bottle.HTTPResponse:

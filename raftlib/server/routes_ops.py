@@ -21,7 +21,7 @@ from raftlib.runtime import Backup, Stopped, Timeout
 from .admin import SIGNATURE_HEADER
 from .edge import end_connection, waiting_on_its_own
 from .health import READY_READ_SECONDS, liveness, readiness, report
-from .routes_shared import (Api, Forbidden, counts_nothing_yet, json_answer, leader_http, log, members,
+from .routes_shared import (Api, Forbidden, counts_nothing_yet, json_answer, leader_http, log, members, own_header,
                             node_request_refusal, text, wait_consistent)
 
 
@@ -112,7 +112,7 @@ def get_snapshot(api: Api) -> bottle.HTTPResponse:
         refusal = node_request_refusal(api, "backup")
         if refusal is not None:
             return refusal
-        reason = api.guard.claim(bottle.request.get_header(SIGNATURE_HEADER))
+        reason = api.guard.claim(own_header(SIGNATURE_HEADER) or "")
         if reason is not None:
             raise Forbidden("backup", reason)
     wait_consistent(api)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,6 +196,18 @@ class NotApplied(Exception):
         self.index = index
 
 
+class MalformedHeader(Exception):
+    """A header of this API's own (X-Raftdzmq-*) that is not of its shape: 403 for the admin signature's (the
+    request is not signed), 400 for the others; answered before anything is proposed or forwarded (review edge3,
+    L3: Bottle's get_header raised UnicodeDecodeError on bytes that are not UTF-8, a 500 and a traceback a
+    request)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"malformed {name} header: want 1 to {MAX_OWN_HEADER_BYTES} visible ASCII characters")
+        self.name = name
+        self.status = 403 if name in (TIMESTAMP_HEADER, SIGNATURE_HEADER) else 400
+
+
 # By operation, then by exception type: (status, text; {e} is the exception, {write}/{read} the timeouts; for
 # writes the outcome the metrics count; the X-Raft-Outcome of the answer, None for what is not a write).
 # NotLeader, Forbidden, Unconfirmed and NotApplied are answered alike for every operation, in failure_answer.
@@ -268,8 +281,8 @@ _ANSWERS: dict[str, dict[type, tuple[int, str, str | None, str | None]]] = {
     },
 }
 # What failure_answer answers: api._serving catches these (and only these) around every route.
-ANSWERED_FAILURES = (NotLeader, Forbidden, Unconfirmed, NotApplied, ProposalDropped, EntryLost, Timeout, DiskFull,
-                     Stopped, ValueError, TargetRestoring, BackupBusy, BackupFailed)
+ANSWERED_FAILURES = (NotLeader, Forbidden, Unconfirmed, NotApplied, MalformedHeader, ProposalDropped, EntryLost, Timeout,
+                     DiskFull, Stopped, ValueError, TargetRestoring, BackupBusy, BackupFailed)
 
 
 def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPResponse:
@@ -286,6 +299,8 @@ def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPRespons
                         **{OUTCOME_HEADER: NOT_APPLIED})
         case NotApplied():
             return text(503, f"index {e.index} not applied here within {api.read_timeout_seconds:g}s")
+        case MalformedHeader():
+            return malformed_header_answer(api, e)
         case NotLeader() if operation in ("read", "backup"):
             removed = removed_text(api.runtime.node.removed)
             return text(410, removed) if removed else text(
@@ -306,8 +321,54 @@ def failure_answer(api: Api, operation: str, e: Exception) -> bottle.HTTPRespons
     raise e
 
 
+def malformed_header_answer(api: Api, e: MalformedHeader) -> bottle.HTTPResponse:
+    """The answer to a request with a MalformedHeader, logged as refusals are (at most once a second): nothing
+    was proposed nor forwarded, so a write's is `not-applied`."""
+    api.admin_refusals.log(logging.WARNING, "refused a request from %s: %s", bottle.request.remote_addr, e)
+    return text(e.status, f"refused: {e}", **{OUTCOME_HEADER: NOT_APPLIED})
+
+
+_OWN_HEADER_VALUE = re.compile(r"[\x21-\x7e]+")
+MAX_OWN_HEADER_BYTES = 256  # a signature is 64 hex digits, a nonce at most 128, a node id or a timestamp fewer
+
+
+def own_header(name: str) -> str | None:
+    """This API's own header `name` (X-Raftdzmq-*, which carry ids, hex and digits), read from the environ as the
+    edge wrote it (latin-1, PEP 3333) rather than through Bottle's get_header (which decodes UTF-8 and raises on
+    other bytes); None when absent; MalformedHeader unless 1 to MAX_OWN_HEADER_BYTES visible ASCII characters."""
+    value = bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
+    if value is None:
+        return None
+    if len(value) > MAX_OWN_HEADER_BYTES or _OWN_HEADER_VALUE.fullmatch(value) is None:
+        raise MalformedHeader(name)
+    return value
+
+
 def text(status: int, message: str, **headers: str) -> bottle.HTTPResponse:
     return bottle.HTTPResponse(message + "\n", status, {"Content-Type": "text/plain; charset=utf-8", **headers})
+
+
+# A page of keys (GET /db/, GET /lease/ID's keys) holds at most this many bytes of keys as JSON, as a long poll
+# (MAX_POLL_BYTES) and a txn's answer (routes_txn.MAX_TXN_ANSWER_BYTES) are bounded: a key of 4,096 control bytes is
+# 24.5 KB of JSON, and 10,000 of them made one answer of 245 MB (review edge3, L2).
+MAX_PAGE_BYTES = 4 << 20
+
+# A str as json.dumps writes it (ensure_ascii): json's own C function, without a dumps call around it.
+json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def keys_within(keys: list[str], budget: int = MAX_PAGE_BYTES) -> tuple[list[str], bool]:
+    """`keys` as JSON strings, cut where they would pass `budget` bytes of JSON (at least the first one: a key is
+    at most 24.5 KB of it), and whether some were cut. Each counts as json.dumps writes it, with its ", "."""
+    out: list[str] = []
+    size = 0
+    for key in keys:
+        encoded = json_string(key)
+        size += len(encoded) + 2
+        if size > budget and out:
+            return out, True
+        out.append(encoded)
+    return out, False
 
 
 def json_answer(body: object, **headers: str) -> bottle.HTTPResponse:
@@ -338,8 +399,11 @@ def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
         removed = removed_text(node.removed)
         return text(410, removed) if removed else text(503, "no leader is known right now; retry shortly",
                                                        **{OUTCOME_HEADER: NOT_APPLIED})
-    if api.forward and bottle.request.get_header(FORWARDED_HEADER) is None:
-        return forward_to(api, leader)
+    try:
+        if api.forward and own_header(FORWARDED_HEADER) is None:
+            return forward_to(api, leader)
+    except MalformedHeader as e:  # raised here in failure_answer, which _serving does not guard
+        return malformed_header_answer(api, e)
     return text(307, NOT_LEADER, Location=f"http://{leader}{wire_target(bottle.request.environ['REQUEST_URI'])}")
 
 
@@ -363,8 +427,9 @@ def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
     req = bottle.request
     headers = {FORWARDED_HEADER: api.runtime.node.node_id, "Content-Type": req.content_type or ""}
     for name in (TIMESTAMP_HEADER, SIGNATURE_HEADER):
-        if req.get_header(name) is not None:
-            headers[name] = req.get_header(name)
+        value = own_header(name)
+        if value is not None:
+            headers[name] = value
     try:
         answer = api.leader_connections.forward(api.connect, leader, req.method, wire_target(req.environ["REQUEST_URI"]),
                                                 read_body(), headers, api.write_timeout_seconds + 1)
@@ -401,8 +466,8 @@ def check_signature(api: Api, what: str) -> None:
     if api.guard is None:
         return
     req = bottle.request
-    reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], read_body(), req.get_header(TIMESTAMP_HEADER),
-                              req.get_header(SIGNATURE_HEADER))
+    reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], read_body(), own_header(TIMESTAMP_HEADER),
+                              own_header(SIGNATURE_HEADER))
     if reason is not None:
         raise Forbidden(what, reason)
 
@@ -412,11 +477,13 @@ def claim_signature(api: Api, what: str) -> None:
     entry for a replay to this leader) or by any leader (store.AdminClaims, through the log)."""
     if api.guard is None:
         return
-    req = bottle.request
-    signature = req.get_header(SIGNATURE_HEADER)
+    signature = own_header(SIGNATURE_HEADER)
+    timestamp = own_header(TIMESTAMP_HEADER)
+    if signature is None or timestamp is None:  # check_signature refused it first
+        raise Forbidden(what, "not signed with this cluster's secret (no signature)")
     reason = api.guard.claim(signature)
     if reason is None:
-        claim = command(ADMIN_CLAIM, signature, b"", [float(req.get_header(TIMESTAMP_HEADER)), time.time()])
+        claim = command(ADMIN_CLAIM, signature, b"", [float(timestamp), time.time()])
         try:
             _, result = api.runtime.propose(claim, api.write_timeout_seconds)
         except (ProposalDropped, EntryLost, Timeout, DiskFull, Stopped) as e:
@@ -436,13 +503,13 @@ def node_request_refusal(api: Api, what: str) -> bottle.HTTPResponse | None:
     None."""
     assert api.guard is not None
     req = bottle.request
-    nonce, asked = req.get_header(NONCE_HEADER), req.get_header(NODE_HEADER)
-    if not valid_nonce(nonce):
+    nonce, asked = own_header(NONCE_HEADER), own_header(NODE_HEADER)
+    if nonce is None or not valid_nonce(nonce):
         return text(400, f"a {what} needs {NONCE_HEADER}: a fresh random nonce of 32 to 128 hex digits")
     if not asked:
         return text(400, f"a {what} needs {NODE_HEADER}: the id of the node asked")
     reason = api.guard.verify(req.method, req.environ["REQUEST_URI"], keys_request_body(nonce, asked),
-                              req.get_header(TIMESTAMP_HEADER), req.get_header(SIGNATURE_HEADER))
+                              own_header(TIMESTAMP_HEADER), own_header(SIGNATURE_HEADER))
     if reason is not None:
         raise Forbidden(what, reason)
     node_id = api.runtime.status().node.node_id

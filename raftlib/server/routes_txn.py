@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import bottle
 
-from .routes_shared import MAX_KEY_BYTES, Api, propose, read_body, require_leader, require_level_2, text
+from .routes_shared import MAX_KEY_BYTES, Api, json_string, propose, read_body, require_leader, require_level_2, text
 from .store import MAX_KEYS_PER_LEASE, MAX_TXN_GET_BYTES, MAX_TXN_GET_KEYS, MAX_TXN_OPS, TXN, NoLease, TxnResult, command, txn_problem
 
 
@@ -153,9 +153,6 @@ def parse_txn(raw: bytes) -> list:
 MAX_TXN_ANSWER_BYTES = 2 * MAX_TXN_GET_BYTES + 100 * MAX_TXN_GET_KEYS
 ANSWER_SLICE_BYTES = 128 << 10  # raw bytes of a txn answer's key-values encoded between two passes through TurnGate
 
-# A str as json.dumps writes it (ensure_ascii): json's own C function, without a dumps call around it.
-_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
-
 
 def _json_value(value: bytes) -> dict[str, str]:
     """`value` as answers carry it: "value" when it is UTF-8, else "value_base64"."""
@@ -198,7 +195,7 @@ def txn_answer_json(result: TxnResult, index: int,
     key-values go in."""
     head = f'{{"succeeded": {"true" if result.succeeded else "false"}, "index": {index}, "results": ['
     if all(r[0] == "put" for r in result.results):
-        results = ", ".join(f'{{"op": "put", "key": {_json_string(r[1])}}}' for r in result.results)
+        results = ", ".join(f'{{"op": "put", "key": {json_string(r[1])}}}' for r in result.results)
         return f"{head}{results}]}}\n"
     # As bytes, joined once: a big answer is not copied again from text (ASCII: ensure_ascii) to bytes.
     pieces = [head.encode()]
@@ -219,7 +216,7 @@ def txn_answer_json(result: TxnResult, index: int,
         if i:
             pieces.append(b", ")
         if r[0] == "put":
-            pieces.append(f'{{"op": "put", "key": {_json_string(r[1])}}}'.encode())
+            pieces.append(f'{{"op": "put", "key": {json_string(r[1])}}}'.encode())
         elif r[0] == "delete":
             pieces.append(json.dumps(_txn_answer(r)).encode())
         else:
@@ -254,12 +251,12 @@ def _kv_json(key: str, value: bytes, create_index: int, modify_index: int, piece
     if not paced(len(key)):
         return None
     start = len(pieces)  # in `pieces` as it is made: what waits for a turn counts in the budget (_answer_turn)
-    pieces.append(b'{"key": ' + _json_string(key).encode() + field)
+    pieces.append(b'{"key": ' + json_string(key).encode() + field)
     for at in range(0, len(text), ANSWER_SLICE_BYTES):
         part = text[at:at + ANSWER_SLICE_BYTES]
         if not paced(len(part)):
             return None
-        pieces.append(_json_string(part)[1:-1].encode())  # a slice of a str ends between code points: safe to cut
+        pieces.append(json_string(part)[1:-1].encode())  # a slice of a str ends between code points: safe to cut
     pieces.append(f'", "create_index": {create_index}, "modify_index": {modify_index}}}'.encode())
     return sum(map(len, pieces[start:]))
 
