@@ -285,27 +285,54 @@ class WatchHub:
                 if watchers:
                     self._matched(watchers, event[3])
         if self._by_prefix:
-            for event in events:
-                self._match_prefixes(event[1], event[3])
+            self._match_prefixes(events)
         if self._wake is not None:
             self._wake.set()  # the waiters run once this apply yields: its whole group is in by then
             self._wake = None
 
-    def _match_prefixes(self, key: str, index: int) -> None:
-        """Tell the watchers of every watched prefix of `key` (the radix trie walked along it, shallowest first) of
-        its event at `index`."""
-        node = self._prefix_root
-        depth, end = 0, len(key)
-        while True:
-            if node.group is not None:
-                self._matched(node.group, index)
-            if depth == end:
-                return
-            child = node.children.get(key[depth])
-            if child is None or not key.startswith(child.label, depth):
-                return
-            node = child
-            depth += len(child.label)
+    def _match_prefixes(self, events: list[Event] | tuple[Event, ...]) -> None:
+        """Tell the watchers of every watched prefix of each event's key of that event (the radix trie walked along
+        the key, shallowest first). A key starts its walk where the previous key's ends to share its path: the
+        nodes up to there were matched already in this call (`_matched` marks a group once, and nothing unmarks one
+        before this returns), so a prefix delete's keys, which come in key order under one prefix, cost one
+        comparison and their own nodes each, not every watched prefix above them again (review edge3, L1: 450
+        watchers along one 4 KiB prefix made each of 2,000 events walk 450 nodes)."""
+        path: list[_PrefixNode] = []  # the previous key's walk: path[i] stands for previous[:ends[i]]
+        ends: list[int] = []
+        previous = ""
+        matched = self._matched
+        for event in events:
+            key, index = event[1], event[3]
+            if path:
+                shared = len(path) - 1  # the deepest node of the previous walk that this key reaches too
+                if not key.startswith(previous[:ends[shared]]):
+                    shared, beyond = 0, shared  # path[0], the root, is reached by every key; path[beyond] not
+                    while beyond - shared > 1:
+                        middle = (shared + beyond) // 2
+                        if key.startswith(previous[:ends[middle]]):
+                            shared = middle
+                        else:
+                            beyond = middle
+                    del path[shared + 1:], ends[shared + 1:]
+                node, depth = path[shared], ends[shared]
+            else:
+                node, depth = self._prefix_root, 0
+                path.append(node)
+                ends.append(0)
+                if node.group is not None:
+                    matched(node.group, index)
+            end = len(key)
+            while depth < end:
+                child = node.children.get(key[depth])
+                if child is None or not key.startswith(child.label, depth):
+                    break
+                node = child
+                depth += len(child.label)
+                path.append(node)
+                ends.append(depth)
+                if node.group is not None:
+                    matched(node.group, index)
+            previous = key
 
     def _add_prefix(self, prefix: str, group: _Watchers) -> None:
         """Put `group`, the watchers of `prefix`, in the radix trie (splitting the edge it ends or branches in)."""
