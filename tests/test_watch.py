@@ -389,10 +389,19 @@ def test_a_long_poll_answers_the_events_after_from_or_an_empty_list_after_its_ti
     ("/watch?key=a&timeout=1", "timeout goes with poll=1"),
     ("/watch?key=&poll=1", "key must be 1 to"),
     ("/watch?key=a&from=%B2&poll=1", "from must be an index"),  # "\xb2".isdigit(): a 500 before (review 5)
+    ("/watch?prefix=" + "p" * 4097, "prefix must be at most 4096 bytes"),
+    ("/watch?prefix=" + "%C3%A9" * 2049, "prefix must be at most 4096 bytes"),  # 4,098 bytes of UTF-8
 ])
 def test_junk_gets_400_with_a_reason(client, target, reason):
     r = client("GET", target)
     assert r.status == 400 and reason in r.text and r.text.count("\n") == 1
+
+
+def test_a_prefix_as_long_as_the_longest_key_is_watched(client):
+    longest = "p" * 4096  # a key's most bytes
+    assert client("POST", "/db/" + longest, "v").status == 200
+    r = client("GET", "/watch?prefix=" + longest + "&from=0&poll=1")
+    assert r.status == 200 and [e["key"] for e in r.json()] == [longest]
 
 
 def test_a_last_event_id_that_is_not_ascii_digits_is_400(client):
