@@ -389,8 +389,8 @@ def test_a_long_poll_answers_the_events_after_from_or_an_empty_list_after_its_ti
     ("/watch?key=a&timeout=1", "timeout goes with poll=1"),
     ("/watch?key=&poll=1", "key must be 1 to"),
     ("/watch?key=a&from=%B2&poll=1", "from must be an index"),  # "\xb2".isdigit(): a 500 before (review 5)
-    ("/watch?prefix=" + "p" * 4097, "prefix must be at most 4096 bytes"),
-    ("/watch?prefix=" + "%C3%A9" * 2049, "prefix must be at most 4096 bytes"),  # 4,098 bytes of UTF-8
+    ("/watch?poll=1&timeout=0&prefix=" + "p" * 4097, "prefix must be at most 4096 bytes"),
+    ("/watch?poll=1&timeout=0&prefix=" + "%C3%A9" * 2049, "prefix must be at most 4096 bytes"),  # 4,098 bytes of UTF-8
 ])
 def test_junk_gets_400_with_a_reason(client, target, reason):
     r = client("GET", target)
