@@ -48,7 +48,9 @@ Rules:
   `startswith` per node on the way, so an event costs one step per watched prefix (or branch point) that leads
   to its key, whatever the prefixes' length; review edge3, L1: a trie of one node per character walked 4,092
   steps per event for one long watched prefix, 812 ms for a 2,000-key prefix delete), once per read, shallow
-  prefixes first. The watchers of
+  prefixes first. An entry's keys share their walk: each starts where the previous key's leaves its path
+  (`_match_prefixes`), so a prefix delete (its keys in key order) pays for the prefixes above it once, not per
+  key; keys out of order (a transaction's, several leases' expiries) pay per sorted run. The watchers of
   one key or prefix that are all marked already are skipped as a whole (`_Watchers.all_marked`), so the events
   after a drive's first cost one check each. A watcher with a `deliver` (a stream behind the edge:
   raftlib.server.watchstream) is offered its wake first: its frame is read and written there and then, with no
