@@ -21,7 +21,7 @@ from collections.abc import Callable
 import bottle
 
 from .edge import Stream, waiting_on_its_own
-from .routes_shared import Api, check_key, read_headers, refuse_from_the_empty_state, removed_text, text
+from .routes_shared import MAX_KEY_BYTES, Api, check_key, read_headers, refuse_from_the_empty_state, removed_text, text
 from .watch import Behind, Filter
 from .watchstream import watch_stream
 
@@ -71,6 +71,8 @@ def get_watch(api: Api) -> bottle.HTTPResponse:
         raise text(400, "a watch names ?key=K or ?prefix=P, one of them (an empty prefix watches every key)")
     if key is not None:
         check_key(key)
+    elif prefix is not None and len(prefix.encode()) > MAX_KEY_BYTES:
+        raise text(400, f"prefix must be at most {MAX_KEY_BYTES} bytes (no key is longer: it would match none)")
     poll = q.get("poll", "0")
     if poll not in ("0", "1"):
         raise text(400, "poll must be 1 (a long poll) or 0 (a stream)")
