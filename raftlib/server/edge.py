@@ -44,6 +44,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import heapq
 import io
 import logging
 import math
@@ -93,6 +94,10 @@ MIN_FREED_BYTES = 4096
 # since the last look: its receive window opened, so its client read. Less may be the peer's stack tidying a full
 # receive buffer of a client that reads nothing; a reader of a big answer opens its window an MSS or more at a time.
 PROGRESS_BYTES = 16384
+# A connection that took bytes of a held answer within this many seconds is reading (EdgeServer.hold: cut after
+# every holder not reading). A client reading 64 KiB every 0.1 s takes bytes at each of our sends; one that has
+# taken nothing for a second, beside others that did, is stalled, and ranks with the non-readers by how long.
+READER_SECONDS = 2.0
 SIOCOUTQNSD = 0x894B  # Linux (linux/sockios.h): bytes in a TCP socket's send queue not yet sent
 ONE_SEND_BODY_BYTES = 16384  # an answer's first piece (its body, a stream's first chunk) up to this size goes with the head (EdgeHandler)
 # Descriptors kept for all but HTTP: a few dozen for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
@@ -245,6 +250,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       are ready (a sleep every few requests would bound nothing once every connection is ready).
     """
 
+    took_bytes_at: float | None = None  # when its client last took bytes of a held answer (EdgeServer.hold)
+
     def handle(self):
         """pywsgi's loop over the connection's requests; once it ends (closed by either side, timed out, evicted,
         an error), the handler and its last request's environ let go of each other (`raftdzmq.handler`, for a
@@ -280,6 +287,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         finally:
             server.receiving.pop(self, None)
             server.busy.pop(self, None)
+            server.release(self)  # what its answer held (a transaction's made, then sent whole) counts no more
 
     def _handle_request(self, buffered: bytes):
         server = self.server
@@ -716,16 +724,27 @@ def end_connection(environ: dict, reason: str | None = None) -> bool:
 
 class Holding:
     """What one connection holds in the node's budget of unsent answers (EdgeServer.hold): its objects, the bytes of
-    them no other connection holds (what cutting it frees), when it last took bytes of them, and the kernel's queue
-    of bytes not yet sent to it at the last look (None: not known)."""
+    them no other connection holds, when its hold began (kept by the connection's next hold until a release: the
+    next turn of an answer being made, its send), and the kernel's queue of bytes not yet sent to it at the last
+    look (None: not known). When the connection last took bytes is its handler's (`took_bytes_at`): it outlives a
+    hold, and so a backup's next MiB or a stream's next frame is a reader's."""
 
-    __slots__ = ("objects", "alone_bytes", "progress_at", "queued")
+    __slots__ = ("objects", "alone_bytes", "began_at", "queued")
 
-    def __init__(self, objects: tuple | list) -> None:
+    def __init__(self, objects: tuple | list, began_at: float) -> None:
         self.objects = tuple(objects)
         self.alone_bytes = 0
-        self.progress_at = time.monotonic()
+        self.began_at = began_at
         self.queued: int | None = None
+
+
+def _rank(handler: EdgeHandler, record: Holding, now: float) -> tuple[int, float]:
+    """A holder's place in the order of cuts (EdgeServer.hold; greater goes first): (1, seconds stalled) not reading,
+    (0, seconds stalled) a reader; stalled since it last took bytes, or since its hold began if later."""
+    took = handler.took_bytes_at
+    if took is not None and now - took < READER_SECONDS:
+        return 0, now - took
+    return 1, now - (record.began_at if took is None else max(took, record.began_at))
 
 
 def _unsent_in_kernel(handler: EdgeHandler) -> int | None:
@@ -740,14 +759,14 @@ def _unsent_in_kernel(handler: EdgeHandler) -> int | None:
 
 def _look(handler: EdgeHandler, record: Holding, now: float) -> None:
     """Whether `handler`'s client took bytes since the last look (EdgeServer.hold): the kernel's queue of bytes not
-    sent to it shrank by PROGRESS_BYTES or more; then its time without progress starts again at `now`."""
+    sent to it shrank by PROGRESS_BYTES or more; then it took bytes at `now`."""
     queued = _unsent_in_kernel(handler)
     if queued is None:
         return
     if record.queued is None or queued > record.queued:  # not known, or a send added to it since
         record.queued = queued
     elif record.queued - queued >= PROGRESS_BYTES:
-        record.progress_at, record.queued = now, queued
+        handler.took_bytes_at, record.queued = now, queued
 
 
 class AccessLogHandler(EdgeHandler):
@@ -914,6 +933,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.unsent_bytes = 0
         self.holding: dict[EdgeHandler, Holding] = {}
         self._held: dict[int, tuple[Any, set[EdgeHandler]]] = {}
+        self._shared: dict[int, set[EdgeHandler]] = {}  # of _held, the objects of MIN_FREED_BYTES or more held by several
         self._refusals = RateLimitedLog("refused HTTP requests", log)
         self._accept_failures = RateLimitedLog("failed accepts", log)
         self._evictions = RateLimitedLog("closed connections", log)
@@ -980,36 +1000,45 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         that has not taken them yet (a send that could not finish). Every slow reader's answer counts in one budget
         per node: a transaction's answer, a long poll's body, a stream's frame (review edge, L1, L2, Q2: each held up
         to 24 MB, unbounded in number but by the pool). An object held by several (a poll body or a frame shared by
-        the readers of one filter) counts once. Called once a send could not finish at once (an answer taken whole
-        costs nothing here), and by a transaction's answer waiting for its turn (routes_txn).
+        the readers of one filter, a value that pipelined GETs send) counts once. Called once a send could not finish
+        at once (an answer taken whole costs nothing here), and at each turn of the loop a transaction's answer waits
+        for while it is made (routes_txn). A hold by a connection that holds already (the next turn, the send of the
+        answer made, the wake's frame sent by its greenlet) replaces its objects and keeps its hold's start; a request
+        lets go of what it held when it ends (EdgeHandler).
 
-        Past `max_unsent_bytes`, holders are cut (their connections shut: a write fails and the greenlet lets go),
-        one at a time until the fill is back within it, each counted as the eviction "unsent_budget" and logged at
-        most once a second. The victim (review ef, L1 and L2: the oldest holder was cut before):
-        - of the holders whose cut frees bytes (at least MIN_FREED_BYTES that it alone holds), the one that has gone
-          longest without taking a byte of its answer; ties (two seen taking bytes at the same look) go to the one
-          that frees more. A client that keeps reading, however slowly, is not stalled, and a long poll or a stream
-          that shares its body or frame with others frees nothing: cutting it only drops a reader.
-        - the newest holder (the one this call is for) is one of them: its time without progress starts now, so it
-          goes only when no other holder frees bytes, or every one that does took bytes at this very look (the
-          budget is full of clients that read: the newcomer waits elsewhere). Once it is cut, no more are.
-        - only when no holder frees bytes alone, the longest stalled of those that share an object with others but
-          not with the newest holder (cut one by one, the sharers of that object free it in the end); if there is
-          none, nothing is cut: what is left is held by the newest.
-        - a holder alone is never cut: an answer larger than the budget on its own (each is bounded: a transaction's,
-          a frame's) still reaches a client that reads it, so the fill may exceed the budget by one answer. (Before,
-          the newest was never cut whatever its size: then, a newcomer over a budget full of a shared body cut every
-          sharer of it rather than go itself.)
-        A holder's time without progress starts when its hold does, and starts again whenever its socket takes bytes:
-        a send that took some (`took_bytes`, the send paths), or the kernel's queue of bytes not yet sent to it
-        (SIOCOUTQNSD) seen PROGRESS_BYTES shorter than at the last look (its client read, the window opened between
-        two of our sends, which can be a second apart for a client reading 1 MB/s). The kernel is asked at a hold,
-        at each send that took bytes, by the sweeper once a period for each holder, and, while choosing a victim,
-        for each holder that would be chosen on what was known (a look only makes a holder younger): O(holders) a
-        cut, a syscall for few of them, nothing per byte."""
+        Past `max_unsent_bytes`, candidates are cut (their connections shut: a write fails and the greenlet lets go)
+        until the fill is back within it, each connection counted as the eviction "unsent_budget" and logged at most
+        once a second (`_cut`). A candidate is a holder with every holder it shares a big object with (MIN_FREED_BYTES
+        or more: a long poll's body, a frame, a value), taken as one: cutting it frees all they hold, and it ranks as
+        its least stalled member, so one reader among them keeps them all (review bud, L1: before, a holder that shared
+        was never cut while another freed bytes alone, so pairs of non-readers shielded each other and every honest
+        answer was cut). A candidate that frees less than MIN_FREED_BYTES is not one. The order, first cut first:
+        1. not reading: no byte taken since its hold began (a newcomer, an answer being made, a non-reader), or none
+           for READER_SECONDS; the longest stalled first, stalled since the later of its hold's start and the last
+           byte it took;
+        2. readers: a connection that took bytes of a held answer within READER_SECONDS (of this answer or its last
+           one: a backup's next MiB, a stream's next frame), the longest stalled first.
+        So fresh non-readers arriving one after another (review bud, L2: churn) are cut before a steady reader, and
+        a newcomer that has not read goes before any reader (it waits elsewhere). The last candidate is kept whatever
+        its size (an answer larger than the budget on its own still reaches a client that reads it: the fill may
+        exceed the budget by one candidate's bytes), and once the candidate of this hold's connection is cut, no more
+        are. What it does not promise: a newcomer is not reading until its first byte, so while non-readers fill the
+        budget faster than its answer is made and offered it may be cut among them (the oldest goes first); a client
+        that takes a little every READER_SECONDS is a reader, and keeps its answer as long as the sweeper's bounds
+        allow; readers are cut too, longest stalled first, when readers alone fill the budget and one answer among
+        them goes over it.
+        Progress: a send that took bytes (`took_bytes`, the send paths), or the kernel's queue of bytes not yet sent
+        to the client (SIOCOUTQNSD) seen PROGRESS_BYTES shorter than at the last look (its client read, the window
+        opened between two of our sends). The kernel is asked at a hold, at each send that took bytes, by the sweeper
+        once a period for each holder, and while cutting, once for each candidate about to be cut (a look only makes
+        a candidate rank later). A hold within the budget costs O(its objects); one past it O(holders + the holders of
+        shared objects) to rank the candidates once, then O(log holders) a cut and a look for each candidate cut or
+        put back (review bud, Q1: every holder scanned for each cut before)."""
+        before = self.holding.get(handler)
         self.release(handler)
         holding, held = self.holding, self._held
-        record = Holding(objects)
+        now = time.monotonic()
+        record = Holding(objects, now if before is None else before.began_at)
         for o in objects:
             entry = held.get(id(o))
             if entry is None:
@@ -1023,23 +1052,19 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
             if len(holders) == 1:
                 for sole in holders:  # it holds this one alone no longer
                     holding[sole].alone_bytes -= len(o)
+                if len(o) >= MIN_FREED_BYTES:
+                    self._shared[id(o)] = holders
             holders.add(handler)
         record.queued = _unsent_in_kernel(handler)
         holding[handler] = record
-        while self.unsent_bytes > self.max_unsent_bytes and len(holding) > 1:
-            victim = self._victim(handler)
-            if victim is None:
-                break
-            self.release(victim)
-            self._evict(holding, victim, "unsent_budget")
-            if victim is handler:
-                break
+        if self.unsent_bytes > self.max_unsent_bytes:
+            self._cut(handler, now)
 
     def took_bytes(self, handler: EdgeHandler) -> None:
-        """A send to `handler`'s client took bytes of what it holds: it is making progress (`hold`)."""
+        """A send to `handler`'s client took bytes of what it holds: it is reading (`hold`)."""
         record = self.holding.get(handler)
         if record is not None:
-            record.progress_at = time.monotonic()
+            handler.took_bytes_at = time.monotonic()
             record.queued = _unsent_in_kernel(handler)
 
     def release(self, handler: EdgeHandler) -> None:
@@ -1058,32 +1083,69 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                 del held[id(o)]
                 self.unsent_bytes -= len(o)
             elif len(holders) == 1:
+                self._shared.pop(id(o), None)
                 for sole in holders:  # it holds this one alone now
                     holding[sole].alone_bytes += len(o)
 
-    def _victim(self, newest: EdgeHandler) -> EdgeHandler | None:
-        """The holder to cut (`hold`'s rules), or None when cutting any frees nothing."""
-        now = time.monotonic()
-        best, best_key = None, None
-        for handler, record in self.holding.items():
-            key = (record.alone_bytes >= MIN_FREED_BYTES, now - record.progress_at, record.alone_bytes)
-            if best_key is not None and key <= best_key:
-                continue  # a look could only make it younger
-            if handler is not newest:  # looked at as its hold began
-                _look(handler, record, now)
-            key = (record.alone_bytes >= MIN_FREED_BYTES, now - record.progress_at, record.alone_bytes)
-            if best_key is None or key > best_key:
-                best, best_key = handler, key
-        if best_key is None or best_key[0]:
-            return best
-        held = self._held
-        best, best_stalled = None, -1.0
-        for handler, record in self.holding.items():
-            if handler is newest or now - record.progress_at <= best_stalled:
-                continue
-            if any(len(o) >= MIN_FREED_BYTES and newest not in held[id(o)][1] for o in record.objects):
-                best, best_stalled = handler, now - record.progress_at
-        return best
+    def _candidates(self) -> list[tuple[list[EdgeHandler], int]]:
+        """The holders as `hold`'s candidates: each holder with those it shares big objects with (transitively),
+        and the bytes cutting them all frees. O(holders + the holders of shared objects)."""
+        parent: dict[EdgeHandler, EdgeHandler] = {}
+
+        def root(h: EdgeHandler) -> EdgeHandler:
+            while (up := parent.get(h, h)) is not h:
+                parent[h] = h = parent.get(up, up)
+            return h
+
+        for holders in self._shared.values():
+            first = None
+            for h in holders:
+                if first is None:
+                    first = root(h)
+                elif (r := root(h)) is not first:
+                    parent[r] = first
+        groups: dict[EdgeHandler, tuple[list[EdgeHandler], list[int]]] = {}
+        for h, record in self.holding.items():
+            members, freed = groups.setdefault(root(h), ([], [0]))
+            members.append(h)
+            freed[0] += record.alone_bytes
+        for oid, holders in self._shared.items():
+            for h in holders:
+                groups[root(h)][1][0] += len(self._held[oid][0])
+                break
+        return [(members, freed[0]) for members, freed in groups.values()]
+
+    def _rank(self, members: list[EdgeHandler], now: float) -> tuple[int, float]:
+        """A candidate's place in the order of cuts (`hold`: greater goes first): its least stalled member's."""
+        holding = self.holding
+        return min(_rank(h, holding[h], now) for h in members)
+
+    def _cut(self, newest: EdgeHandler, now: float) -> None:
+        """Cut candidates (`hold`'s rules) until the fill is within the budget, or one is left, or `newest`'s went.
+        Ranked once, then taken greatest first from a heap; each is looked at (the kernel asked) before it goes, and
+        if that made it rank later than the next, put back in its new place."""
+        heap = []
+        for i, (members, freed) in enumerate(self._candidates()):
+            if freed >= MIN_FREED_BYTES:
+                tier, stalled = self._rank(members, now)
+                heap.append((-tier, -stalled, i, members, False))
+        heapq.heapify(heap)
+        holding = self.holding
+        while self.unsent_bytes > self.max_unsent_bytes and len(heap) > 1:
+            tier, stalled, i, members, looked = heapq.heappop(heap)
+            if not looked:
+                for h in members:
+                    if h is not newest:  # looked at as its hold began
+                        _look(h, holding[h], now)
+                key = self._rank(members, now)
+                if (-key[0], -key[1]) > heap[0][:2]:
+                    heapq.heappush(heap, (-key[0], -key[1], i, members, True))
+                    continue
+            for h in members:
+                self.release(h)
+                self._evict(holding, h, "unsent_budget")
+            if newest in members:
+                break
 
     def _sweep(self) -> None:
         period = min(1.0, self.idle_timeout_seconds / 4)
