@@ -44,6 +44,8 @@ listener.listen(holders + 2)
 
 
 class Handler:  # what the budget asks of a connection's EdgeHandler
+    took_bytes_at = None
+
     def __init__(self, sock, client_address):
         self.socket, self.client_address = sock, client_address
 

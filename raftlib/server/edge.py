@@ -54,7 +54,7 @@ import socket
 import struct
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import gevent
@@ -739,12 +739,14 @@ class Holding:
 
 
 def _rank(handler: EdgeHandler, record: Holding, now: float) -> tuple[int, float]:
-    """A holder's place in the order of cuts (EdgeServer.hold; greater goes first): (1, seconds stalled) not reading,
-    (0, seconds stalled) a reader; stalled since it last took bytes, or since its hold began if later."""
+    """A holder's place in the order of cuts (EdgeServer.hold; the least goes first): (-1, since) not reading, (0,
+    since) a reader, `since` when it last took bytes, or when its hold began if later (EdgeServer._cut ranks alike)."""
     took = handler.took_bytes_at
-    if took is not None and now - took < READER_SECONDS:
-        return 0, now - took
-    return 1, now - (record.began_at if took is None else max(took, record.began_at))
+    if took is None:
+        return -1, record.began_at
+    if now - took < READER_SECONDS:
+        return 0, took
+    return -1, max(took, record.began_at)
 
 
 def _unsent_in_kernel(handler: EdgeHandler) -> int | None:
@@ -1087,9 +1089,9 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                 for sole in holders:  # it holds this one alone now
                     holding[sole].alone_bytes += len(o)
 
-    def _candidates(self) -> list[tuple[list[EdgeHandler], int]]:
-        """The holders as `hold`'s candidates: each holder with those it shares big objects with (transitively),
-        and the bytes cutting them all frees. O(holders + the holders of shared objects)."""
+    def _sharing(self) -> list[tuple[list[EdgeHandler], int]]:
+        """The holders of shared objects (`_shared`) as `hold`'s candidates: each with those it shares big objects
+        with (transitively), and the bytes cutting them all frees. O(the holders of shared objects)."""
         parent: dict[EdgeHandler, EdgeHandler] = {}
 
         def root(h: EdgeHandler) -> EdgeHandler:
@@ -1105,46 +1107,59 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                 elif (r := root(h)) is not first:
                     parent[r] = first
         groups: dict[EdgeHandler, tuple[list[EdgeHandler], list[int]]] = {}
-        for h, record in self.holding.items():
-            members, freed = groups.setdefault(root(h), ([], [0]))
-            members.append(h)
-            freed[0] += record.alone_bytes
         for oid, holders in self._shared.items():
             for h in holders:
-                groups[root(h)][1][0] += len(self._held[oid][0])
+                groups.setdefault(root(h), ([], [0]))[1][0] += len(self._held[oid][0])
                 break
+        for h in {h for holders in self._shared.values() for h in holders}:
+            members, freed = groups[root(h)]
+            members.append(h)
+            freed[0] += self.holding[h].alone_bytes
         return [(members, freed[0]) for members, freed in groups.values()]
 
-    def _rank(self, members: list[EdgeHandler], now: float) -> tuple[int, float]:
-        """A candidate's place in the order of cuts (`hold`: greater goes first): its least stalled member's."""
+    def _rank(self, members: Iterable[EdgeHandler], now: float) -> tuple[int, float]:
+        """A candidate's place in the order of cuts (`hold`; the least goes first): its least stalled member's."""
         holding = self.holding
-        return min(_rank(h, holding[h], now) for h in members)
+        return max(_rank(h, holding[h], now) for h in members)
 
     def _cut(self, newest: EdgeHandler, now: float) -> None:
         """Cut candidates (`hold`'s rules) until the fill is within the budget, or one is left, or `newest`'s went.
-        Ranked once, then taken greatest first from a heap; each is looked at (the kernel asked) before it goes, and
-        if that made it rank later than the next, put back in its new place."""
-        heap = []
-        for i, (members, freed) in enumerate(self._candidates()):
-            if freed >= MIN_FREED_BYTES:
-                tier, stalled = self._rank(members, now)
-                heap.append((-tier, -stalled, i, members, False))
-        heapq.heapify(heap)
+        Ranked once (a holder that shares nothing big is a candidate of its own: ranked inline, the common case), then
+        taken from a heap; each is looked at (the kernel asked) before it goes, and if that made it rank later than
+        the next, put back in its new place."""
         holding = self.holding
+        heap: list[tuple[int, float, int, Sequence[EdgeHandler], bool]] = []
+        sharing = set()
+        if self._shared:
+            for i, (members, freed) in enumerate(self._sharing(), start=len(holding)):  # i: each entry's own
+                sharing.update(members)
+                if freed >= MIN_FREED_BYTES:
+                    heap.append((*self._rank(members, now), i, members, False))
+        for i, (h, record) in enumerate(holding.items()):
+            if record.alone_bytes < MIN_FREED_BYTES or h in sharing:
+                continue
+            took = h.took_bytes_at
+            if took is None:
+                heap.append((-1, record.began_at, i, (h,), False))
+            elif now - took < READER_SECONDS:
+                heap.append((0, took, i, (h,), False))
+            else:
+                heap.append((-1, took if took > record.began_at else record.began_at, i, (h,), False))
+        heapq.heapify(heap)
         while self.unsent_bytes > self.max_unsent_bytes and len(heap) > 1:
-            tier, stalled, i, members, looked = heapq.heappop(heap)
+            order, since, i, chosen, looked = heapq.heappop(heap)
             if not looked:
-                for h in members:
+                for h in chosen:
                     if h is not newest:  # looked at as its hold began
                         _look(h, holding[h], now)
-                key = self._rank(members, now)
-                if (-key[0], -key[1]) > heap[0][:2]:
-                    heapq.heappush(heap, (-key[0], -key[1], i, members, True))
+                key = self._rank(chosen, now)
+                if key > heap[0][:2]:
+                    heapq.heappush(heap, (*key, i, chosen, True))
                     continue
-            for h in members:
+            for h in chosen:
                 self.release(h)
                 self._evict(holding, h, "unsent_budget")
-            if newest in members:
+            if newest in chosen:
                 break
 
     def _sweep(self) -> None:
