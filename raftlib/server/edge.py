@@ -13,7 +13,8 @@ Rules:
   request's life (EdgeServer's sweeper), for the client to take a refusal (a second).
 - At most -max-connections connections; when full, the one that has waited or received longest goes.
 - Answers held for clients slow to take them count in one budget a node (-max-unsent-bytes, EdgeServer.hold);
-  past it the client that has gone longest without taking a byte, of those whose cut frees bytes, is cut.
+  past it the clients not reading are cut, the longest stalled first, the clients sharing an answer as one, and
+  readers only after them.
 - One turn of the event loop starts at most about TURN_BUDGET_SECONDS of HTTP work (TurnGate), so Raft's timers
   keep their pace however many connections have a request ready.
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
@@ -83,20 +84,22 @@ MAX_CHUNK_LINE_BYTES = 1024
 MAX_BODY_CHUNKS = 8192
 TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
 # Bytes of answers a node holds for clients that do not take them yet (-max-unsent-bytes: EdgeServer.hold); past
-# it the client that has gone longest without taking a byte, of those whose cut frees bytes, is cut. A quarter of a
+# it the clients not reading are cut, the longest stalled first (those sharing an answer as one). A quarter of a
 # 1 GB machine: 30 transaction answers at their 8 MiB bound, or 40 frames of a 1 MiB write of control bytes (6 MB
 # as JSON).
 DEFAULT_MAX_UNSENT_BYTES = 256 << 20
-# A holder whose cut would free less than this (bytes it alone holds) frees "nothing" (EdgeServer.hold): a watch
-# stream's own chunk-size line beside the frame it shares with the other watchers of its filter.
+# An object this big or bigger held by several makes them one candidate of the budget's cuts, and a candidate whose
+# cut frees less is none (EdgeServer.hold): a watch stream's own chunk-size line, the constant pieces of JSON that
+# many answers hold, are not worth a cut, and link no one.
 MIN_FREED_BYTES = 4096
 # A holder has taken bytes (EdgeServer.hold) when the kernel's queue of bytes not yet sent to it shrank by this much
 # since the last look: its receive window opened, so its client read. Less may be the peer's stack tidying a full
 # receive buffer of a client that reads nothing; a reader of a big answer opens its window an MSS or more at a time.
 PROGRESS_BYTES = 16384
 # A connection that took bytes of a held answer within this many seconds is reading (EdgeServer.hold: cut after
-# every holder not reading). A client reading 64 KiB every 0.1 s takes bytes at each of our sends; one that has
-# taken nothing for a second, beside others that did, is stalled, and ranks with the non-readers by how long.
+# every holder not reading). On loopback a client reading 1 MB/s (64 KiB every 60 ms) was seen taking bytes every
+# 0.1 s, 256 KB/s every 0.45 s; one that took none for this long ranks with the non-readers, by how long, so a
+# client that read once and stopped does not shield itself behind the rank of readers.
 READER_SECONDS = 2.0
 SIOCOUTQNSD = 0x894B  # Linux (linux/sockios.h): bytes in a TCP socket's send queue not yet sent
 ONE_SEND_BODY_BYTES = 16384  # an answer's first piece (its body, a stream's first chunk) up to this size goes with the head (EdgeHandler)
