@@ -123,7 +123,7 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
                                                        default=DEFAULT_MAX_UNSENT_BYTES, help=(
         "most bytes of answers a node holds for clients slow to read them (transaction answers, long polls, watch "
         "streams' frames; one shared counts once); past it clients are cut off: first those not reading (no byte "
-        "taken since their answer began, or for 2 s), the longest stalled first, clients that share an answer as "
+        "taken since their answer was offered, or for 2 s), the longest stalled first, clients that share an answer as "
         "one; readers last. The kernel's send queue of each connection is not counted (default 256 MiB)"))),
     (("-idle-timeout", "--idle-timeout"), dict(dest="idle_timeout", type=float, default=60.0, help=(
         "seconds an HTTP connection may wait for its next request before it is closed, and may take beyond the "

@@ -727,17 +727,18 @@ def end_connection(environ: dict, reason: str | None = None) -> bool:
 
 class Holding:
     """What one connection holds in the node's budget of unsent answers (EdgeServer.hold): its objects, the bytes of
-    them no other connection holds, when its hold began (kept by the connection's next hold until a release: the
-    next turn of an answer being made, its send), and the kernel's queue of bytes not yet sent to it at the last
-    look (None: not known). When the connection last took bytes is its handler's (`took_bytes_at`): it outlives a
+    them no other connection holds, when its hold began (kept by the connection's next hold until a release, unless
+    it was being made: then its latest turn or its send), whether it is an answer being made (not offered to the
+    client yet), and the kernel's queue of bytes not yet sent to it at the last look (None: not known). When the connection last took bytes is its handler's (`took_bytes_at`): it outlives a
     hold, and so a backup's next MiB or a stream's next frame is a reader's."""
 
-    __slots__ = ("objects", "alone_bytes", "began_at", "queued")
+    __slots__ = ("objects", "alone_bytes", "began_at", "making", "queued")
 
-    def __init__(self, objects: tuple | list, began_at: float) -> None:
+    def __init__(self, objects: tuple | list, began_at: float, making: bool) -> None:
         self.objects = tuple(objects)
         self.alone_bytes = 0
         self.began_at = began_at
+        self.making = making
         self.queued: int | None = None
 
 
@@ -1000,16 +1001,18 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
             # (review 2 of watch, item 2).
         self.handler_class(sock, address, self).handle()
 
-    def hold(self, handler: EdgeHandler, objects: tuple | list) -> None:
+    def hold(self, handler: EdgeHandler, objects: tuple | list, making: bool = False) -> None:
         """`handler`'s connection holds `objects` (answers, frames: bytes-like) until `release(handler)`, for a client
         that has not taken them yet (a send that could not finish). Every slow reader's answer counts in one budget
         per node: a transaction's answer, a long poll's body, a stream's frame (review edge, L1, L2, Q2: each held up
         to 24 MB, unbounded in number but by the pool). An object held by several (a poll body or a frame shared by
         the readers of one filter, a value that pipelined GETs send) counts once. Called once a send could not finish
-        at once (an answer taken whole costs nothing here), and at each turn of the loop a transaction's answer waits
-        for while it is made (routes_txn). A hold by a connection that holds already (the next turn, the send of the
-        answer made, the wake's frame sent by its greenlet) replaces its objects and keeps its hold's start; a request
-        lets go of what it held when it ends (EdgeHandler).
+        at once (an answer taken whole costs nothing here), and with `making` at each turn of the loop a transaction's
+        answer waits for while it is made (routes_txn). A hold by a connection that holds already (the send of the
+        answer made, the wake's frame sent by its greenlet) replaces its objects and keeps its hold's start, unless
+        what it held was being made: an answer not offered to its client yet starts again at each turn and at its
+        send (its client could not take a byte of it meanwhile). A request lets go of what it held when it ends
+        (EdgeHandler); when the connection last took bytes is kept across holds.
 
         Past `max_unsent_bytes`, candidates are cut (their connections shut: a write fails and the greenlet lets go)
         until the fill is back within it, each connection counted as the eviction "unsent_budget" and logged at most
@@ -1018,17 +1021,18 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         its least stalled member, so one reader among them keeps them all (review bud, L1: before, a holder that shared
         was never cut while another freed bytes alone, so pairs of non-readers shielded each other and every honest
         answer was cut). A candidate that frees less than MIN_FREED_BYTES is not one. The order, first cut first:
-        1. not reading: no byte taken since its hold began (a newcomer, an answer being made, a non-reader), or none
-           for READER_SECONDS; the longest stalled first, stalled since the later of its hold's start and the last
-           byte it took;
+        1. not reading: no byte taken since its hold began (a newcomer, a non-reader; an answer being made, as begun
+           at its latest turn), or none for READER_SECONDS; the longest stalled first, stalled since the later of its
+           hold's start and the last byte it took;
         2. readers: a connection that took bytes of a held answer within READER_SECONDS (of this answer or its last
            one: a backup's next MiB, a stream's next frame), the longest stalled first.
-        So fresh non-readers arriving one after another (review bud, L2: churn) are cut before a steady reader, and
-        a newcomer that has not read goes before any reader (it waits elsewhere). The last candidate is kept whatever
+        So fresh non-readers arriving one after another (review bud, L2: churn) are cut before a steady reader, an
+        answer being made goes after every non-reader whose answer was offered before its latest turn, and a newcomer
+        that has not read goes before any reader (it waits elsewhere). The last candidate is kept whatever
         its size (an answer larger than the budget on its own still reaches a client that reads it: the fill may
         exceed the budget by one candidate's bytes), and once the candidate of this hold's connection is cut, no more
-        are. What it does not promise: a newcomer is not reading until its first byte, so while non-readers fill the
-        budget faster than its answer is made and offered it may be cut among them (the oldest goes first); a client
+        are. What it does not promise: a newcomer is not reading until its first byte, so when the budget is full of
+        answers being made or just offered it may be cut among them (the longest stalled first); a client
         that takes a little every READER_SECONDS is a reader, and keeps its answer as long as the sweeper's bounds
         allow; readers are cut too, longest stalled first, when readers alone fill the budget and one answer among
         them goes over it.
@@ -1043,7 +1047,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.release(handler)
         holding, held = self.holding, self._held
         now = time.monotonic()
-        record = Holding(objects, now if before is None else before.began_at)
+        record = Holding(objects, now if before is None or before.making else before.began_at, making)
         for o in objects:
             entry = held.get(id(o))
             if entry is None:

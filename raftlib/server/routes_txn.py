@@ -267,12 +267,13 @@ def _kv_json(key: str, value: bytes, create_index: int, modify_index: int, piece
 def _answer_turn(handler) -> Callable[[list[bytes]], bool]:
     """txn_answer_json's `turn` on the edge: the answer made so far counts in the node's budget of unsent answers
     while it waits for its turn of the loop (a hundred big answers waiting there at once are no less memory than a
-    hundred unread), held from the first turn until post_txn lets go of it, as an answer being made (EdgeServer.hold:
-    cut after every client not reading, before readers); False when it was cut meanwhile."""
+    hundred unread), as an answer being made (EdgeServer.hold: not offered to its client, so not stalled: it ranks as
+    begun at its latest turn, after the non-readers offered their answer before it, and before readers); False when
+    it was cut meanwhile. The request's end lets go of it (or its send, which holds what the socket does not take)."""
     server = handler.server
 
     def turn(pieces: list[bytes]) -> bool:
-        server.hold(handler, pieces)
+        server.hold(handler, pieces, making=True)
         server.gate.enter()
         return handler in server.holding  # else cut: its connection is shut, the answer would go nowhere
 
