@@ -476,26 +476,34 @@ def churning_non_reader(node, stop: threading.Event, life: float) -> None:
             s.close()
 
 
-def test_a_steady_reader_keeps_its_answer_while_fresh_non_readers_keep_coming(small_budget_node):
+@pytest.mark.parametrize("reader_first", [True, False], ids=["reading-first", "arriving-into-the-churn"])
+def test_a_steady_reader_keeps_its_answer_while_fresh_non_readers_keep_coming(small_budget_node, reader_first):
     """L2 (review bud): one client takes a 7.8 MB transaction answer at about 1 MB/s; meanwhile 6 clients in turn
-    ask for 6 MB transaction gets, never read, and close after 0.3 s (or once cut), each followed by a fresh one.
-    The steady reader gets its answer whole: a fresh non-reader ranks as not reading from its first hold, and a
-    transaction's answer keeps its hold's start at each turn of its making. Before, every hold started the holder's
-    time without progress again, so the newest always looked less stalled than the reader, which was cut."""
+    ask for 6 MB transaction gets, never read, and close after 0.3 s (or once cut), each followed by a fresh one;
+    the reader comes first, or 1 s into the churn. The reader gets its answer whole: a fresh non-reader ranks as not
+    reading from its first hold, and the reader's answer, while it is made, as begun at its latest turn (after the
+    non-readers offered theirs before). Before, every hold started the holder's time without progress again, so the
+    newest always looked less stalled than the reader, which was cut."""
     node = small_budget_node
     small = b"\x01" * 300_000
     for key, value in (("s/a", VALUE), ("s/b", small), ("tk", VALUE)):
         assert node.request("POST", f"/db/{key}", value, timeout=20).status == 200
     cuts0 = unsent_budget_cuts(node)
-    steady = socket.create_connection(("127.0.0.1", node.http_port))
-    steady.sendall(txn_request(b'{"success": [{"op": "get", "prefix": "s/"}]}'))
-    reader, got = reading(whole_answer, steady, 60, piece=65536, pause=0.06)
     stop = threading.Event()
     churn = [threading.Thread(target=churning_non_reader, args=(node, stop, 0.3)) for _ in range(6)]
+    steady = socket.create_connection(("127.0.0.1", node.http_port))
+    reader: threading.Thread | None = None
     try:
-        time.sleep(0.5)
-        for thread in churn:
-            thread.start()
+        if not reader_first:
+            for thread in churn:
+                thread.start()
+            time.sleep(1)
+        steady.sendall(txn_request(b'{"success": [{"op": "get", "prefix": "s/"}]}'))
+        reader, got = reading(whole_answer, steady, 60, piece=65536, pause=0.06)
+        if reader_first:
+            time.sleep(0.5)
+            for thread in churn:
+                thread.start()
         reader.join(60)
         assert not reader.is_alive()
         cuts = unsent_budget_cuts(node) - cuts0
@@ -511,7 +519,8 @@ def test_a_steady_reader_keeps_its_answer_while_fresh_non_readers_keep_coming(sm
             if thread.is_alive():
                 thread.join(10)
         steady.close()
-        reader.join(10)
+        if reader is not None:
+            reader.join(10)
 
 
 def test_a_backup_reader_cut_off_for_its_rate_is_counted_as_an_eviction(tmp_path):
