@@ -350,7 +350,8 @@ def honest_answer(node, kind: str) -> bool:
         if kind == "txn":
             s.sendall(txn_request(b'{"success": [{"op": "get", "key": "tk"}]}'))
             got = whole_answer(s, 60)
-            return got is not None and got[0] == 200 and json.loads(got[1])["results"][0]["kvs"][0]["value"] == VALUE.decode()
+            return (got is not None and got[0] == 200
+                    and json.loads(got[1])["results"][0]["kvs"][0]["value"] == VALUE.decode())
         if kind == "stream":
             s.sendall(b"GET /watch?key=lone HTTP/1.1\r\nHost: localhost\r\n\r\n")
             time.sleep(0.5)  # the watch is waiting

@@ -729,8 +729,9 @@ class Holding:
     """What one connection holds in the node's budget of unsent answers (EdgeServer.hold): its objects, the bytes of
     them no other connection holds, when its hold began (kept by the connection's next hold until a release, unless
     it was being made: then its latest turn or its send), whether it is an answer being made (not offered to the
-    client yet), and the kernel's queue of bytes not yet sent to it at the last look (None: not known). When the connection last took bytes is its handler's (`took_bytes_at`): it outlives a
-    hold, and so a backup's next MiB or a stream's next frame is a reader's."""
+    client yet), and the kernel's queue of bytes not yet sent to it at the last look (None: not known). When the
+    connection last took bytes is its handler's (`took_bytes_at`): it outlives a hold, and so a backup's next MiB or
+    a stream's next frame is a reader's."""
 
     __slots__ = ("objects", "alone_bytes", "began_at", "making", "queued")
 
