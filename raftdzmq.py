@@ -122,8 +122,9 @@ FLAGS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("-max-unsent-bytes", "--max-unsent-bytes"), dict(dest="max_unsent_bytes", metavar="BYTES", type=int,
                                                        default=DEFAULT_MAX_UNSENT_BYTES, help=(
         "most bytes of answers a node holds for clients slow to read them (transaction answers, long polls, watch "
-        "streams' frames); past it the client that has gone longest without taking a byte, of those whose cut "
-        "frees bytes, is cut off (default 256 MiB)"))),
+        "streams' frames; one shared counts once); past it clients are cut off: first those not reading (no byte "
+        "taken since their answer was offered, or for 2 s), the longest stalled first, clients that share an answer as "
+        "one; readers last. The kernel's send queue of each connection is not counted (default 256 MiB)"))),
     (("-idle-timeout", "--idle-timeout"), dict(dest="idle_timeout", type=float, default=60.0, help=(
         "seconds an HTTP connection may wait for its next request before it is closed, and may take beyond the "
         "request's own bounds to read its answer (default 60)"))),

@@ -5,7 +5,9 @@ kernel queues empty; the answers views of one buffer, 1 MiB each, so nothing is 
 - hold_release: one more connection holds a 64 KiB answer and lets it go, within the budget (the slow path's cost
   at every send that could not finish);
 - cut: one more connection holds 1 MiB past the budget, so one holder is cut (the victim chosen; counting, logging
-  and shutting its socket left out, so the next round's holder is the one cut).
+  and shutting its socket left out, so the next round's holder is the one cut);
+- cut_half: then one hold of N/2 MiB, which cuts about half the holders in one call (once a run: the median of the
+  rounds is of single calls).
 Each build runs in its own interpreter (gevent patched first, as raftdzmq.py does), the builds alternating A B B A;
 CPU is the thread's (time.thread_time), the best and the median of the rounds.
 
@@ -44,6 +46,8 @@ listener.listen(holders + 2)
 
 
 class Handler:  # what the budget asks of a connection's EdgeHandler
+    took_bytes_at = None
+
     def __init__(self, sock, client_address):
         self.socket, self.client_address = sock, client_address
 
@@ -93,8 +97,13 @@ server._evict = lambda handlers, handler, reason: (victims.append(handler), hand
 
 
 calls = max(200, 200_000 // holders)
-print(json.dumps({"hold_release": per_call_microseconds(hold_release, calls),
-                  "cut": per_call_microseconds(cut, calls)}))
+result = {"hold_release": per_call_microseconds(hold_release, calls), "cut": per_call_microseconds(cut, calls)}
+# Last (it cuts half the holders): one hold of holders / 2 MiB, so one call cuts about half of them.
+victims.clear()
+many = memoryview(buffer)[:max(1, holders // 2) * MIB]
+result["cut_half"] = per_call_microseconds(lambda: server.hold(handlers[holders], (many,)), 1)
+result["cut_half_count"] = len(victims)
+print(json.dumps(result))
 """
 
 
@@ -113,7 +122,7 @@ def main() -> int:
                 out = subprocess.run([sys.executable, "-c", CHILD, builds[name], str(holders)], capture_output=True,
                                      text=True, timeout=300, check=True)
                 results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        for step in ("hold_release", "cut"):
+        for step in ("hold_release", "cut", "cut_half"):
             row = [f"{name} {min(r[step] for r in runs):7.2f} / {statistics.median(r[step] for r in runs):7.2f}"
                    for name, runs in results.items()]
             print(f"{holders:>5} holders {step:<13} " + "   ".join(row))

@@ -1670,17 +1670,21 @@ def test_a_closed_connection_leaves_no_cycle_for_the_collector():
         server.stop(timeout=5.0)
 
 
-def test_unsent_answers_count_once_each_and_the_oldest_holder_is_cut():
-    """EdgeServer.hold (review edge, L1, L2, Q2): bytes held for slow readers count once per object however many
-    connections hold it (a shared poll body or frame); past -max-unsent-bytes the oldest holder's connection is
-    shut, counted as the eviction "unsent_budget"; the newest holder stays whatever its size."""
+def test_unsent_answers_count_once_each_and_the_longest_stalled_candidate_is_cut():
+    """EdgeServer.hold (review edge, L1, L2, Q2; review bud, L1, L2): bytes held for slow readers count once per
+    object however many connections hold it (a shared poll body or frame); past -max-unsent-bytes the candidates not
+    reading go first, the longest stalled first, the holders of a shared object as one (all shut), each counted as
+    the eviction "unsent_budget"; a reader goes after them; the last candidate stays whatever its size."""
     evictions: list[str] = []
-    server = EdgeServer(listen("127.0.0.1", 0), bottle.Bottle(), max_connections=4, idle_timeout_seconds=5.0,
+    kib = 1024
+    server = EdgeServer(listen("127.0.0.1", 0), bottle.Bottle(), max_connections=8, idle_timeout_seconds=5.0,
                         receive_timeout_seconds=5.0, busy_timeout_seconds=10.0, max_header_bytes=8192,
-                        max_body_bytes=MAX_BODY, max_unsent_bytes=100, on_eviction=evictions.append)
+                        max_body_bytes=MAX_BODY, max_unsent_bytes=100 * kib, on_eviction=evictions.append)
     shut: list[str] = []
 
     class Connection:
+        took_bytes_at: float | None = None
+
         def __init__(self, name: str) -> None:
             self.name, self.client_address = name, ("127.0.0.1", 1)
             self.socket = self
@@ -1688,24 +1692,25 @@ def test_unsent_answers_count_once_each_and_the_oldest_holder_is_cut():
         def shutdown(self, how: int) -> None:
             shut.append(self.name)
 
-    a, b, c, d = (Connection(name) for name in "abcd")
-    shared = b"s" * 50
+    a, b, c, d, e = (Connection(name) for name in "abcde")
+    shared = b"s" * (50 * kib)
     try:
-        server.hold(a, (b"a" * 50,))
+        server.hold(a, (b"a" * (50 * kib),))
         server.hold(b, (shared,))
         server.hold(c, [shared])  # the same body: not counted again
-        assert server.unsent_bytes == 100 and shut == [] and evictions == []
-        server.hold(d, (b"d" * 10,))  # 110: the oldest goes
-        assert shut == ["a"] and evictions == ["unsent_budget"] and server.unsent_bytes == 60
-        assert list(server.holding) == [b, c, d]
-        server.release(b)
-        assert server.unsent_bytes == 60  # c still holds it
-        server.release(c)
-        server.release(c)  # twice: nothing more
-        assert server.unsent_bytes == 10
-        server.hold(d, (b"e" * 500,))  # the newest alone, over the budget: kept (it replaces d's own)
-        assert server.unsent_bytes == 500 and shut == ["a"]
-        server.release(d)
-        assert server.unsent_bytes == 0 and server.holding == {} and server._held == {}
+        assert server.unsent_bytes == 100 * kib and shut == [] and evictions == []
+        a.took_bytes_at = time.monotonic()  # a reads; b and c, which share, do not
+        server.hold(d, (b"d" * (10 * kib),))  # past the budget: b and c, one candidate, longer stalled than d
+        assert shut == ["b", "c"] and evictions == ["unsent_budget"] * 2 and server.unsent_bytes == 60 * kib
+        assert list(server.holding) == [a, d]
+        server.hold(e, (b"e" * (45 * kib),))  # past it again: d, not reading and the longer stalled, not the reader
+        assert shut == ["b", "c", "d"] and server.unsent_bytes == 95 * kib
+        server.release(e)
+        server.release(e)  # twice: nothing more
+        assert server.unsent_bytes == 50 * kib
+        server.hold(a, (b"x" * (500 * kib),))  # the last candidate, over the budget: kept (it replaces a's own)
+        assert server.unsent_bytes == 500 * kib and len(shut) == 3
+        server.release(a)
+        assert server.unsent_bytes == 0 and server.holding == {} and server._held == {} and server._shared == {}
     finally:
         server.close()

@@ -142,6 +142,8 @@ def budget_node(tmp_path, budget: int) -> Node:
     node = Node("node", str(tmp_path)).start("-max-unsent-bytes", str(budget))
     try:
         wait_for(lambda: node.status()["role"] == "leader", 10, "the node to lead")
+        wait_for(lambda: node.status()["cluster_feature_level"] == node.status()["feature_level"], 10,
+                 "the feature level raised (a transaction is refused 409 meanwhile)")
     except BaseException:
         node.kill()
         raise
@@ -194,16 +196,26 @@ def unsent_gauges(node) -> tuple[float, float]:
     return samples["raftdzmq_http_unsent_bytes"], samples["raftdzmq_http_unsent_holders"]
 
 
+def reading(function, *args, **kwargs) -> tuple[threading.Thread, list]:
+    """`function(*args, **kwargs)` in a thread of its own, started: the thread and the list its result goes in."""
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(function(*args, **kwargs)))
+    thread.start()
+    return thread, got
+
+
 def test_a_push_to_long_polls_sharing_one_body_cuts_the_txn_non_readers_not_the_polls(small_budget_node):
-    """L1: 12 long polls of one key, not reading, share one 6 MB body (it counts once); then 4 clients POST /txn
-    gets of 6 MB each and never read. Past the budget, the cut goes to a transaction's non-reader: cutting a poll
-    frees nothing while the others hold the body. Main's policy cut the oldest holder, so every poll (each one freeing
-    nothing) before the body went, and the transaction non-readers stayed. The gauges show the fill while it is held
-    and nothing once the clients read or go."""
+    """12 long polls of one key share one 6 MB body (it counts once) and read it slowly (about 2 MB/s each); then
+    4 clients POST /txn gets of 6 MB each and never read. Past the budget, the cut goes to the transactions'
+    non-readers: the polls are one candidate (they share the body), as stalled as the least stalled of them, and they
+    read. (Polls that share a body and do not read are the attacker's pairs of review bud, L1: they are cut as one,
+    the longest stalled first: test_pairs_of_non_readers_sharing_answers_are_cut_for_an_honest_client.) The gauges
+    show the fill while it is held and nothing once the clients read or go."""
     node = small_budget_node
     assert node.request("POST", "/db/tk", VALUE, timeout=20).status == 200
     polls = never_reading(node, b"GET /watch?key=pk&poll=1&timeout=60 HTTP/1.1\r\nHost: localhost\r\n\r\n", 12)
     txns: list[socket.socket] = []
+    readers = []
     try:
         time.sleep(1)  # every poll is waiting
         cuts0 = unsent_budget_cuts(node)
@@ -211,10 +223,13 @@ def test_a_push_to_long_polls_sharing_one_body_cuts_the_txn_non_readers_not_the_
         wait_for(lambda: unsent_gauges(node)[1] == 12, 10, "the 12 polls to hold their answer")
         held_bytes, _ = unsent_gauges(node)
         assert 6_000_000 <= held_bytes < 7_000_000, held_bytes  # one body for the 12
+        readers = [reading(whole_answer, s, 60, piece=65536, pause=0.03) for s in polls]
         for _ in range(4):
             txns += never_reading(node, txn_request(b'{"success": [{"op": "get", "key": "tk"}]}'), 1)
             time.sleep(0.5)  # its answer built and held before the next comes
-        answers = [whole_answer(s) for s in polls]
+        for thread, _ in readers:
+            thread.join(60)
+        answers = [got[0] if got else None for _, got in readers]
         assert all(a is not None and a[0] == 200 and json.loads(a[1])[0]["value"] == VALUE.decode()
                    for a in answers), [None if a is None else a[0] for a in answers]
         cut = [s for s in txns if whole_answer(s) is None]
@@ -223,12 +238,16 @@ def test_a_push_to_long_polls_sharing_one_body_cuts_the_txn_non_readers_not_the_
     finally:
         for s in polls + txns:
             s.close()
+        for thread, _ in readers:
+            thread.join(10)
     wait_for(lambda: unsent_gauges(node) == (0, 0), 10, "the budget's fill back to nothing")
 
 
-def first_event_value(sock: socket.socket, seconds: float = 30.0) -> bytes | None:
+def first_event_value(sock: socket.socket, seconds: float = 30.0, piece: int = 1 << 20,
+                      pause: float = 0.0) -> bytes | None:
     """The value of the first event a watch stream's client receives (its head skipped, the chunked coding undone),
-    or None if the connection ends first (cut). At most `seconds`."""
+    or None if the connection ends first (cut); read `piece` bytes at a time with `pause` seconds after each. At most
+    `seconds`."""
     sock.settimeout(seconds)
     deadline, data = time.monotonic() + seconds, bytearray()
     try:
@@ -249,31 +268,37 @@ def first_event_value(sock: socket.socket, seconds: float = 30.0) -> bytes | Non
                         return json.loads(line[6:])["value"].encode()
                 continue
             assert time.monotonic() < deadline, f"no event within {seconds}s"
-            chunk = sock.recv(1 << 20)
+            chunk = sock.recv(piece)
             if not chunk:
                 return None
             data += chunk
+            if pause:
+                time.sleep(pause)
     except ConnectionResetError:
         return None
 
 
 def test_a_push_to_streams_sharing_one_frame_cuts_the_txn_non_readers_not_the_streams(small_budget_node):
-    """L1 for watch streams (server-sent events), whose frames the wake writes: 8 streams of one key, not reading,
-    share one 6 MB frame; then 4 clients POST /txn gets of 6 MB and never read. Past the budget the transactions'
-    non-readers are cut, not the streams, which each get the event whole once they read."""
+    """The same for watch streams (server-sent events), whose frames the wake writes: 8 streams of one key share one
+    6 MB frame and read it slowly; then 4 clients POST /txn gets of 6 MB and never read. Past the budget the
+    transactions' non-readers are cut, not the streams, which each get the event whole."""
     node = small_budget_node
     assert node.request("POST", "/db/tk", VALUE, timeout=20).status == 200
     streams = never_reading(node, b"GET /watch?key=sk HTTP/1.1\r\nHost: localhost\r\n\r\n", 8)
     txns: list[socket.socket] = []
+    readers = []
     try:
         time.sleep(1)  # every stream is waiting
         cuts0 = unsent_budget_cuts(node)
         assert node.request("POST", "/db/sk", VALUE, timeout=20).status == 200
         wait_for(lambda: unsent_gauges(node)[1] == 8, 10, "the 8 streams to hold their frame")
+        readers = [reading(first_event_value, s, 60, piece=65536, pause=0.03) for s in streams]
         for _ in range(4):
             txns += never_reading(node, txn_request(b'{"success": [{"op": "get", "key": "tk"}]}'), 1)
             time.sleep(0.5)
-        values = [first_event_value(s) for s in streams]
+        for thread, _ in readers:
+            thread.join(60)
+        values = [got[0] if got else None for _, got in readers]
         assert all(v == VALUE for v in values), [None if v is None else len(v) for v in values]  # None: cut
         cut = [s for s in txns if whole_answer(s) is None]
         assert len(cut) >= 3, f"{len(cut)} of the 4 transaction non-readers cut"
@@ -281,32 +306,116 @@ def test_a_push_to_streams_sharing_one_frame_cuts_the_txn_non_readers_not_the_st
     finally:
         for s in streams + txns:
             s.close()
+        for thread, _ in readers:
+            thread.join(10)
 
 
-def test_a_newcomer_over_a_budget_full_of_one_shared_body_is_cut_not_the_sharers(tmp_path):
-    """L1, the budget's edge: 6 long polls share a 6 MB body and a budget of 8 MiB; one client POSTs a transaction
-    get of 6 MB and never reads. Only the newcomer's cut frees bytes (a poll's frees nothing while the others hold
-    the body), so it goes, and the polls get their answer. Main's policy cut the oldest holder, poll after poll, until
-    the body was freed: all six."""
-    node = budget_node(tmp_path, 8 << 20)
-    polls: list[socket.socket] = []
-    txn: list[socket.socket] = []
+# Review bud, L1: an attacker fills the budget with answers that pairs of its non-readers share (a long poll's body, a
+# stream's frame, a value pipelined GETs send), one pair to a key. Each pair is one candidate, stalled since its answer
+# was offered, so an honest client's answer (that it reads) is served and the pairs are cut, oldest first. Before, a
+# holder that shared its answer was never cut while another freed bytes alone, and the honest client was cut at once.
+PAIR_REQUESTS = {
+    "polls": b"GET /watch?key=%s&poll=1&timeout=60 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "streams": b"GET /watch?key=%s HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "gets": b"GET /db/%s HTTP/1.1\r\nHost: localhost\r\n\r\n" * 4,  # pipelined: each holds the store's value
+}
+
+
+def fill_with_pairs(node, kind: str, pairs: int) -> list[socket.socket]:
+    """`pairs` pairs of non-readers, each pair sharing one answer of `kind` (about 6 MB), all held."""
+    socks: list[socket.socket] = []
+    try:
+        for i in range(pairs):
+            key = f"p/{i}"
+            if kind == "gets":  # its value as it is stored, 1 MB less than a write's bound
+                assert node.request("POST", f"/db/{key}", b"g" * 1_000_000, timeout=20).status == 200
+            socks += never_reading(node, PAIR_REQUESTS[kind].replace(b"%s", key.encode()), 2)
+        if kind != "gets":
+            time.sleep(1)  # every watch is waiting
+            for i in range(pairs):
+                assert node.request("POST", f"/db/p/{i}", VALUE, timeout=20).status == 200
+        wait_for(lambda: unsent_gauges(node)[1] == 2 * pairs, 10, "the pairs to hold their answers")
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def honest_answer(node, kind: str) -> bool:
+    """An honest client of `kind` reads its answer (a 6 MB transaction get, as fast as it can; a lone stream's 6 MB
+    event at about 2 MB/s; a backup of about 8 MB at about 4 MB/s): whether it came whole."""
+    s = socket.create_connection(("127.0.0.1", node.http_port))
+    try:
+        if kind == "txn":
+            s.sendall(txn_request(b'{"success": [{"op": "get", "key": "tk"}]}'))
+            got = whole_answer(s, 60)
+            return (got is not None and got[0] == 200
+                    and json.loads(got[1])["results"][0]["kvs"][0]["value"] == VALUE.decode())
+        if kind == "stream":
+            s.sendall(b"GET /watch?key=lone HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            time.sleep(0.5)  # the watch is waiting
+            thread, got = reading(first_event_value, s, 60, piece=65536, pause=0.03)
+            assert node.request("POST", "/db/lone", VALUE, timeout=20).status == 200
+            thread.join(70)
+            return bool(got) and got[0] == VALUE
+        s.sendall(b"GET /snapshot HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        got = whole_answer(s, 60, piece=262144, pause=0.06)
+        return got is not None and got[0] == 200 and len(got[1]) > 8_000_000
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("pairs_of, honest", [("polls", "txn"), ("streams", "txn"), ("gets", "txn"),
+                                              ("polls", "stream"), ("polls", "backup")])
+def test_pairs_of_non_readers_sharing_answers_are_cut_for_an_honest_client(tmp_path, pairs_of, honest):
+    """L1 (review bud): 2 pairs of non-readers, each pair sharing one answer, hold 12 MB of a 16 MiB budget (2 MB of
+    a 4 MiB one against pipelined GETs of 1 MB values; 12 MiB for a backup, whose pieces are 1 MiB); an honest client
+    of each kind in turn reads its answer whole, three times (a backup once), and each cut is one of the pairs'."""
+    budget = {"gets": 4 << 20, "polls": 12 << 20 if honest == "backup" else SMALL_BUDGET}.get(pairs_of, SMALL_BUDGET)
+    node = budget_node(tmp_path, budget)
+    attack: list[socket.socket] = []
     try:
         assert node.request("POST", "/db/tk", VALUE, timeout=20).status == 200
-        polls = never_reading(node, b"GET /watch?key=pk&poll=1&timeout=60 HTTP/1.1\r\nHost: localhost\r\n\r\n", 6)
-        time.sleep(1)  # every poll is waiting
-        assert node.request("POST", "/db/pk", VALUE, timeout=20).status == 200
-        wait_for(lambda: unsent_gauges(node)[1] == 6, 10, "the 6 polls to hold their answer")
-        txn = never_reading(node, txn_request(b'{"success": [{"op": "get", "key": "tk"}]}'), 1)
-        wait_for(lambda: unsent_budget_cuts(node) >= 1, 10, "a cut")
-        answers = [whole_answer(s) for s in polls]
-        assert all(a is not None and a[0] == 200 for a in answers), [None if a is None else a[0] for a in answers]
-        assert whole_answer(txn[0]) is None
-        assert unsent_budget_cuts(node) == 1
+        if honest == "backup":
+            for j in range(8):
+                assert node.request("POST", f"/db/b/{j}", bytes(range(256)) * 3907, timeout=20).status == 200
+        attack = fill_with_pairs(node, pairs_of, 2)
+        served = [honest_answer(node, honest) for _ in range(1 if honest == "backup" else 3)]
+        assert all(served), f"the honest {honest} client served: {served}"
+        assert 0 < unsent_budget_cuts(node) <= len(attack)  # the honest ones served: the cuts went to the pairs
     finally:
-        for s in polls + txn:
+        for s in attack:
             s.close()
         node.kill()
+
+
+def test_a_newcomer_that_does_not_read_over_a_budget_full_of_readers_is_cut(small_budget_node):
+    """Two clients read 6 MB transaction answers slowly (about 1 MB/s); a third asks for one and never reads. Past the
+    budget, the newcomer that has not read is cut, not a reader (it ranks as not reading from its first hold)."""
+    node = small_budget_node
+    assert node.request("POST", "/db/tk", VALUE, timeout=20).status == 200
+    readers, socks = [], []
+    try:
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", node.http_port))
+            socks.append(s)
+            s.sendall(txn_request(b'{"success": [{"op": "get", "key": "tk"}]}'))
+            readers.append(reading(whole_answer, s, 60, piece=65536, pause=0.06))
+            time.sleep(0.3)
+        time.sleep(0.5)
+        newcomer = never_reading(node, txn_request(b'{"success": [{"op": "get", "key": "tk"}]}'), 1)[0]
+        socks.append(newcomer)
+        for thread, _ in readers:
+            thread.join(60)
+        assert all(got and got[0] is not None and got[0][0] == 200 for _, got in readers), "a reader was cut"
+        assert whole_answer(newcomer) is None
+        assert unsent_budget_cuts(node) == 1
+    finally:
+        for s in socks:
+            s.close()
+        for thread, _ in readers:
+            thread.join(10)
 
 
 def test_a_steady_slow_reader_keeps_its_answer_and_the_non_readers_are_cut(small_budget_node):
@@ -344,6 +453,75 @@ def test_a_steady_slow_reader_keeps_its_answer_and_the_non_readers_are_cut(small
         for s in others:
             s.close()
         reader.join(10)
+
+
+def churning_non_reader(node, stop: threading.Event, life: float) -> None:
+    """Until `stop`: a new connection asks for a 6 MB transaction get, never reads, and closes after `life` seconds
+    or once the node cut it (an end of file or a reset, peeked at without reading what came)."""
+    request = txn_request(b'{"success": [{"op": "get", "key": "tk"}]}')
+    while not stop.is_set():
+        s = never_reading(node, request, 1)[0]
+        s.settimeout(0.05)
+        end = time.monotonic() + life
+        try:
+            while not stop.is_set() and time.monotonic() < end:
+                try:
+                    if s.recv(1, socket.MSG_PEEK) == b"":
+                        break
+                    time.sleep(0.05)
+                except TimeoutError:
+                    pass
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+
+@pytest.mark.parametrize("reader_first", [True, False], ids=["reading-first", "arriving-into-the-churn"])
+def test_a_steady_reader_keeps_its_answer_while_fresh_non_readers_keep_coming(small_budget_node, reader_first):
+    """L2 (review bud): one client takes a 7.8 MB transaction answer at about 1 MB/s; meanwhile 6 clients in turn
+    ask for 6 MB transaction gets, never read, and close after 0.3 s (or once cut), each followed by a fresh one;
+    the reader comes first, or 1 s into the churn. The reader gets its answer whole: a fresh non-reader ranks as not
+    reading from its first hold, and the reader's answer, while it is made, as begun at its latest turn (after the
+    non-readers offered theirs before). Before, every hold started the holder's time without progress again, so the
+    newest always looked less stalled than the reader, which was cut."""
+    node = small_budget_node
+    small = b"\x01" * 300_000
+    for key, value in (("s/a", VALUE), ("s/b", small), ("tk", VALUE)):
+        assert node.request("POST", f"/db/{key}", value, timeout=20).status == 200
+    cuts0 = unsent_budget_cuts(node)
+    stop = threading.Event()
+    churn = [threading.Thread(target=churning_non_reader, args=(node, stop, 0.3)) for _ in range(6)]
+    steady = socket.create_connection(("127.0.0.1", node.http_port))
+    reader: threading.Thread | None = None
+    try:
+        if not reader_first:
+            for thread in churn:
+                thread.start()
+            time.sleep(1)
+        steady.sendall(txn_request(b'{"success": [{"op": "get", "prefix": "s/"}]}'))
+        reader, got = reading(whole_answer, steady, 60, piece=65536, pause=0.06)
+        if reader_first:
+            time.sleep(0.5)
+            for thread in churn:
+                thread.start()
+        reader.join(60)
+        assert not reader.is_alive()
+        cuts = unsent_budget_cuts(node) - cuts0
+        assert got[0] is not None, f"the steady reader was cut ({cuts} cuts)"
+        status, body = got[0]
+        assert status == 200, (status, body[:200])
+        kvs = json.loads(body)["results"][0]["kvs"]
+        assert [kv["value"].encode() for kv in kvs] == [VALUE, small]
+        assert cuts > 0
+    finally:
+        stop.set()
+        for thread in churn:
+            if thread.is_alive():
+                thread.join(10)
+        steady.close()
+        if reader is not None:
+            reader.join(10)
 
 
 def test_a_backup_reader_cut_off_for_its_rate_is_counted_as_an_eviction(tmp_path):

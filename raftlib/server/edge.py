@@ -13,7 +13,8 @@ Rules:
   request's life (EdgeServer's sweeper), for the client to take a refusal (a second).
 - At most -max-connections connections; when full, the one that has waited or received longest goes.
 - Answers held for clients slow to take them count in one budget a node (-max-unsent-bytes, EdgeServer.hold);
-  past it the client that has gone longest without taking a byte, of those whose cut frees bytes, is cut.
+  past it the clients not reading are cut, the longest stalled first, the clients sharing an answer as one, and
+  readers only after them.
 - One turn of the event loop starts at most about TURN_BUDGET_SECONDS of HTTP work (TurnGate), so Raft's timers
   keep their pace however many connections have a request ready.
 - The parsing runs for every request, so it stays lean: bytes are checked with bytes.translate, and the WSGI
@@ -44,6 +45,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import heapq
 import io
 import logging
 import math
@@ -53,7 +55,7 @@ import socket
 import struct
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import gevent
@@ -82,17 +84,23 @@ MAX_CHUNK_LINE_BYTES = 1024
 MAX_BODY_CHUNKS = 8192
 TURN_BUDGET_SECONDS = 0.005  # HTTP work one turn of the event loop may start (TurnGate)
 # Bytes of answers a node holds for clients that do not take them yet (-max-unsent-bytes: EdgeServer.hold); past
-# it the client that has gone longest without taking a byte, of those whose cut frees bytes, is cut. A quarter of a
+# it the clients not reading are cut, the longest stalled first (those sharing an answer as one). A quarter of a
 # 1 GB machine: 30 transaction answers at their 8 MiB bound, or 40 frames of a 1 MiB write of control bytes (6 MB
 # as JSON).
 DEFAULT_MAX_UNSENT_BYTES = 256 << 20
-# A holder whose cut would free less than this (bytes it alone holds) frees "nothing" (EdgeServer.hold): a watch
-# stream's own chunk-size line beside the frame it shares with the other watchers of its filter.
+# An object this big or bigger held by several makes them one candidate of the budget's cuts, and a candidate whose
+# cut frees less is none (EdgeServer.hold): a watch stream's own chunk-size line, the constant pieces of JSON that
+# many answers hold, are not worth a cut, and link no one.
 MIN_FREED_BYTES = 4096
 # A holder has taken bytes (EdgeServer.hold) when the kernel's queue of bytes not yet sent to it shrank by this much
 # since the last look: its receive window opened, so its client read. Less may be the peer's stack tidying a full
 # receive buffer of a client that reads nothing; a reader of a big answer opens its window an MSS or more at a time.
 PROGRESS_BYTES = 16384
+# A connection that took bytes of a held answer within this many seconds is reading (EdgeServer.hold: cut after
+# every holder not reading). On loopback a client reading 1 MB/s (64 KiB every 60 ms) was seen taking bytes every
+# 0.1 s, 256 KB/s every 0.45 s; one that took none for this long ranks with the non-readers, by how long, so a
+# client that read once and stopped does not shield itself behind the rank of readers.
+READER_SECONDS = 2.0
 SIOCOUTQNSD = 0x894B  # Linux (linux/sockios.h): bytes in a TCP socket's send queue not yet sent
 ONE_SEND_BODY_BYTES = 16384  # an answer's first piece (its body, a stream's first chunk) up to this size goes with the head (EdgeHandler)
 # Descriptors kept for all but HTTP: a few dozen for stdio, the hub, the listeners, the log, zmq's own (a mailbox per socket);
@@ -248,6 +256,8 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
       are ready (a sleep every few requests would bound nothing once every connection is ready).
     """
 
+    took_bytes_at: float | None = None  # when its client last took bytes of a held answer (EdgeServer.hold)
+
     def handle(self):
         """pywsgi's loop over the connection's requests; once it ends (closed by either side, timed out, evicted,
         an error), the handler and its last request's environ let go of each other (`raftdzmq.handler`, for a
@@ -283,6 +293,7 @@ class EdgeHandler(gevent.pywsgi.WSGIHandler):
         finally:
             server.receiving.pop(self, None)
             server.busy.pop(self, None)
+            server.release(self)  # what its answer held (a transaction's made, then sent whole) counts no more
 
     def _handle_request(self, buffered: bytes):
         server = self.server
@@ -719,16 +730,31 @@ def end_connection(environ: dict, reason: str | None = None) -> bool:
 
 class Holding:
     """What one connection holds in the node's budget of unsent answers (EdgeServer.hold): its objects, the bytes of
-    them no other connection holds (what cutting it frees), when it last took bytes of them, and the kernel's queue
-    of bytes not yet sent to it at the last look (None: not known)."""
+    them no other connection holds, when its hold began (kept by the connection's next hold until a release, unless
+    it was being made: then its latest turn or its send), whether it is an answer being made (not offered to the
+    client yet), and the kernel's queue of bytes not yet sent to it at the last look (None: not known). When the
+    connection last took bytes is its handler's (`took_bytes_at`): it outlives a hold, and so a backup's next MiB or
+    a stream's next frame is a reader's."""
 
-    __slots__ = ("objects", "alone_bytes", "progress_at", "queued")
+    __slots__ = ("objects", "alone_bytes", "began_at", "making", "queued")
 
-    def __init__(self, objects: tuple | list) -> None:
+    def __init__(self, objects: tuple | list, began_at: float, making: bool) -> None:
         self.objects = tuple(objects)
         self.alone_bytes = 0
-        self.progress_at = time.monotonic()
+        self.began_at = began_at
+        self.making = making
         self.queued: int | None = None
+
+
+def _rank(handler: EdgeHandler, record: Holding, now: float) -> tuple[int, float]:
+    """A holder's place in the order of cuts (EdgeServer.hold; the least goes first): (-1, since) not reading, (0,
+    since) a reader, `since` when it last took bytes, or when its hold began if later (EdgeServer._cut ranks alike)."""
+    took = handler.took_bytes_at
+    if took is None:
+        return -1, record.began_at
+    if now - took < READER_SECONDS:
+        return 0, took
+    return -1, max(took, record.began_at)
 
 
 def _unsent_in_kernel(handler: EdgeHandler) -> int | None:
@@ -743,14 +769,14 @@ def _unsent_in_kernel(handler: EdgeHandler) -> int | None:
 
 def _look(handler: EdgeHandler, record: Holding, now: float) -> None:
     """Whether `handler`'s client took bytes since the last look (EdgeServer.hold): the kernel's queue of bytes not
-    sent to it shrank by PROGRESS_BYTES or more; then its time without progress starts again at `now`."""
+    sent to it shrank by PROGRESS_BYTES or more; then it took bytes at `now`."""
     queued = _unsent_in_kernel(handler)
     if queued is None:
         return
     if record.queued is None or queued > record.queued:  # not known, or a send added to it since
         record.queued = queued
     elif record.queued - queued >= PROGRESS_BYTES:
-        record.progress_at, record.queued = now, queued
+        handler.took_bytes_at, record.queued = now, queued
 
 
 class AccessLogHandler(EdgeHandler):
@@ -917,6 +943,7 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
         self.unsent_bytes = 0
         self.holding: dict[EdgeHandler, Holding] = {}
         self._held: dict[int, tuple[Any, set[EdgeHandler]]] = {}
+        self._shared: dict[int, set[EdgeHandler]] = {}  # of _held, the objects of MIN_FREED_BYTES or more held by several
         self._refusals = RateLimitedLog("refused HTTP requests", log)
         self._accept_failures = RateLimitedLog("failed accepts", log)
         self._evictions = RateLimitedLog("closed connections", log)
@@ -978,41 +1005,53 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
             # (review 2 of watch, item 2).
         self.handler_class(sock, address, self).handle()
 
-    def hold(self, handler: EdgeHandler, objects: tuple | list) -> None:
+    def hold(self, handler: EdgeHandler, objects: tuple | list, making: bool = False) -> None:
         """`handler`'s connection holds `objects` (answers, frames: bytes-like) until `release(handler)`, for a client
         that has not taken them yet (a send that could not finish). Every slow reader's answer counts in one budget
         per node: a transaction's answer, a long poll's body, a stream's frame (review edge, L1, L2, Q2: each held up
         to 24 MB, unbounded in number but by the pool). An object held by several (a poll body or a frame shared by
-        the readers of one filter) counts once. Called once a send could not finish at once (an answer taken whole
-        costs nothing here), and by a transaction's answer waiting for its turn (routes_txn).
+        the readers of one filter, a value that pipelined GETs send) counts once. Called once a send could not finish
+        at once (an answer taken whole costs nothing here), and with `making` at each turn of the loop a transaction's
+        answer waits for while it is made (routes_txn). A hold by a connection that holds already (the send of the
+        answer made, the wake's frame sent by its greenlet) replaces its objects and keeps its hold's start, unless
+        what it held was being made: an answer not offered to its client yet starts again at each turn and at its
+        send (its client could not take a byte of it meanwhile). A request lets go of what it held when it ends
+        (EdgeHandler); when the connection last took bytes is kept across holds.
 
-        Past `max_unsent_bytes`, holders are cut (their connections shut: a write fails and the greenlet lets go),
-        one at a time until the fill is back within it, each counted as the eviction "unsent_budget" and logged at
-        most once a second. The victim (review ef, L1 and L2: the oldest holder was cut before):
-        - of the holders whose cut frees bytes (at least MIN_FREED_BYTES that it alone holds), the one that has gone
-          longest without taking a byte of its answer; ties (two seen taking bytes at the same look) go to the one
-          that frees more. A client that keeps reading, however slowly, is not stalled, and a long poll or a stream
-          that shares its body or frame with others frees nothing: cutting it only drops a reader.
-        - the newest holder (the one this call is for) is one of them: its time without progress starts now, so it
-          goes only when no other holder frees bytes, or every one that does took bytes at this very look (the
-          budget is full of clients that read: the newcomer waits elsewhere). Once it is cut, no more are.
-        - only when no holder frees bytes alone, the longest stalled of those that share an object with others but
-          not with the newest holder (cut one by one, the sharers of that object free it in the end); if there is
-          none, nothing is cut: what is left is held by the newest.
-        - a holder alone is never cut: an answer larger than the budget on its own (each is bounded: a transaction's,
-          a frame's) still reaches a client that reads it, so the fill may exceed the budget by one answer. (Before,
-          the newest was never cut whatever its size: then, a newcomer over a budget full of a shared body cut every
-          sharer of it rather than go itself.)
-        A holder's time without progress starts when its hold does, and starts again whenever its socket takes bytes:
-        a send that took some (`took_bytes`, the send paths), or the kernel's queue of bytes not yet sent to it
-        (SIOCOUTQNSD) seen PROGRESS_BYTES shorter than at the last look (its client read, the window opened between
-        two of our sends, which can be a second apart for a client reading 1 MB/s). The kernel is asked at a hold,
-        at each send that took bytes, by the sweeper once a period for each holder, and, while choosing a victim,
-        for each holder that would be chosen on what was known (a look only makes a holder younger): O(holders) a
-        cut, a syscall for few of them, nothing per byte."""
+        Past `max_unsent_bytes`, candidates are cut (their connections shut: a write fails and the greenlet lets go)
+        until the fill is back within it, each connection counted as the eviction "unsent_budget" and logged at most
+        once a second (`_cut`). A candidate is a holder with every holder it shares a big object with (MIN_FREED_BYTES
+        or more: a long poll's body, a frame, a value), taken as one: cutting it frees all they hold, and it ranks as
+        its least stalled member, so one reader among them keeps them all (review bud, L1: before, a holder that shared
+        was never cut while another freed bytes alone, so pairs of non-readers shielded each other and every honest
+        answer was cut). A candidate that frees less than MIN_FREED_BYTES is not one. The order, first cut first:
+        1. not reading: no byte taken since its hold began (a newcomer, a non-reader; an answer being made, as begun
+           at its latest turn), or none for READER_SECONDS; the longest stalled first, stalled since the later of its
+           hold's start and the last byte it took;
+        2. readers: a connection that took bytes of a held answer within READER_SECONDS (of this answer or its last
+           one: a backup's next MiB, a stream's next frame), the longest stalled first.
+        So fresh non-readers arriving one after another (review bud, L2: churn) are cut before a steady reader, an
+        answer being made goes after every non-reader whose answer was offered before its latest turn, and a newcomer
+        that has not read goes before any reader (it waits elsewhere). The last candidate is kept whatever
+        its size (an answer larger than the budget on its own still reaches a client that reads it: the fill may
+        exceed the budget by one candidate's bytes), and once the candidate of this hold's connection is cut, no more
+        are. What it does not promise: a newcomer is not reading until its first byte, so when the budget is full of
+        answers being made or just offered it may be cut among them (the longest stalled first); a client
+        that takes a little every READER_SECONDS is a reader, and keeps its answer as long as the sweeper's bounds
+        allow; readers are cut too, longest stalled first, when readers alone fill the budget and one answer among
+        them goes over it.
+        Progress: a send that took bytes (`took_bytes`, the send paths), or the kernel's queue of bytes not yet sent
+        to the client (SIOCOUTQNSD) seen PROGRESS_BYTES shorter than at the last look (its client read, the window
+        opened between two of our sends). The kernel is asked at a hold, at each send that took bytes, by the sweeper
+        once a period for each holder, and while cutting, once for each candidate about to be cut (a look only makes
+        a candidate rank later). A hold within the budget costs O(its objects); one past it O(holders + the holders of
+        shared objects) to rank the candidates once, then O(log holders) a cut and a look for each candidate cut or
+        put back (review bud, Q1: every holder scanned for each cut before)."""
+        before = self.holding.get(handler)
         self.release(handler)
         holding, held = self.holding, self._held
-        record = Holding(objects)
+        now = time.monotonic()
+        record = Holding(objects, now if before is None or before.making else before.began_at, making)
         for o in objects:
             entry = held.get(id(o))
             if entry is None:
@@ -1026,23 +1065,19 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
             if len(holders) == 1:
                 for sole in holders:  # it holds this one alone no longer
                     holding[sole].alone_bytes -= len(o)
+                if len(o) >= MIN_FREED_BYTES:
+                    self._shared[id(o)] = holders
             holders.add(handler)
         record.queued = _unsent_in_kernel(handler)
         holding[handler] = record
-        while self.unsent_bytes > self.max_unsent_bytes and len(holding) > 1:
-            victim = self._victim(handler)
-            if victim is None:
-                break
-            self.release(victim)
-            self._evict(holding, victim, "unsent_budget")
-            if victim is handler:
-                break
+        if self.unsent_bytes > self.max_unsent_bytes:
+            self._cut(handler, now)
 
     def took_bytes(self, handler: EdgeHandler) -> None:
-        """A send to `handler`'s client took bytes of what it holds: it is making progress (`hold`)."""
+        """A send to `handler`'s client took bytes of what it holds: it is reading (`hold`)."""
         record = self.holding.get(handler)
         if record is not None:
-            record.progress_at = time.monotonic()
+            handler.took_bytes_at = time.monotonic()
             record.queued = _unsent_in_kernel(handler)
 
     def release(self, handler: EdgeHandler) -> None:
@@ -1061,32 +1096,82 @@ class EdgeServer(gevent.pywsgi.WSGIServer):
                 del held[id(o)]
                 self.unsent_bytes -= len(o)
             elif len(holders) == 1:
+                self._shared.pop(id(o), None)
                 for sole in holders:  # it holds this one alone now
                     holding[sole].alone_bytes += len(o)
 
-    def _victim(self, newest: EdgeHandler) -> EdgeHandler | None:
-        """The holder to cut (`hold`'s rules), or None when cutting any frees nothing."""
-        now = time.monotonic()
-        best, best_key = None, None
-        for handler, record in self.holding.items():
-            key = (record.alone_bytes >= MIN_FREED_BYTES, now - record.progress_at, record.alone_bytes)
-            if best_key is not None and key <= best_key:
-                continue  # a look could only make it younger
-            if handler is not newest:  # looked at as its hold began
-                _look(handler, record, now)
-            key = (record.alone_bytes >= MIN_FREED_BYTES, now - record.progress_at, record.alone_bytes)
-            if best_key is None or key > best_key:
-                best, best_key = handler, key
-        if best_key is None or best_key[0]:
-            return best
-        held = self._held
-        best, best_stalled = None, -1.0
-        for handler, record in self.holding.items():
-            if handler is newest or now - record.progress_at <= best_stalled:
+    def _sharing(self) -> list[tuple[list[EdgeHandler], int]]:
+        """The holders of shared objects (`_shared`) as `hold`'s candidates: each with those it shares big objects
+        with (transitively), and the bytes cutting them all frees. O(the holders of shared objects)."""
+        parent: dict[EdgeHandler, EdgeHandler] = {}
+
+        def root(h: EdgeHandler) -> EdgeHandler:
+            while (up := parent.get(h, h)) is not h:
+                parent[h] = h = parent.get(up, up)
+            return h
+
+        for holders in self._shared.values():
+            first = None
+            for h in holders:
+                if first is None:
+                    first = root(h)
+                elif (r := root(h)) is not first:
+                    parent[r] = first
+        groups: dict[EdgeHandler, tuple[list[EdgeHandler], list[int]]] = {}
+        for oid, holders in self._shared.items():
+            for h in holders:
+                groups.setdefault(root(h), ([], [0]))[1][0] += len(self._held[oid][0])
+                break
+        for h in {h for holders in self._shared.values() for h in holders}:
+            members, freed = groups[root(h)]
+            members.append(h)
+            freed[0] += self.holding[h].alone_bytes
+        return [(members, freed[0]) for members, freed in groups.values()]
+
+    def _rank(self, members: Iterable[EdgeHandler], now: float) -> tuple[int, float]:
+        """A candidate's place in the order of cuts (`hold`; the least goes first): its least stalled member's."""
+        holding = self.holding
+        return max(_rank(h, holding[h], now) for h in members)
+
+    def _cut(self, newest: EdgeHandler, now: float) -> None:
+        """Cut candidates (`hold`'s rules) until the fill is within the budget, or one is left, or `newest`'s went.
+        Ranked once (a holder that shares nothing big is a candidate of its own: ranked inline, the common case), then
+        taken from a heap; each is looked at (the kernel asked) before it goes, and if that made it rank later than
+        the next, put back in its new place."""
+        holding = self.holding
+        heap: list[tuple[int, float, int, Sequence[EdgeHandler], bool]] = []
+        sharing = set()
+        if self._shared:
+            for i, (members, freed) in enumerate(self._sharing(), start=len(holding)):  # i: each entry's own
+                sharing.update(members)
+                if freed >= MIN_FREED_BYTES:
+                    heap.append((*self._rank(members, now), i, members, False))
+        for i, (h, record) in enumerate(holding.items()):
+            if record.alone_bytes < MIN_FREED_BYTES or h in sharing:
                 continue
-            if any(len(o) >= MIN_FREED_BYTES and newest not in held[id(o)][1] for o in record.objects):
-                best, best_stalled = handler, now - record.progress_at
-        return best
+            took = h.took_bytes_at
+            if took is None:
+                heap.append((-1, record.began_at, i, (h,), False))
+            elif now - took < READER_SECONDS:
+                heap.append((0, took, i, (h,), False))
+            else:
+                heap.append((-1, took if took > record.began_at else record.began_at, i, (h,), False))
+        heapq.heapify(heap)
+        while self.unsent_bytes > self.max_unsent_bytes and len(heap) > 1:
+            order, since, i, chosen, looked = heapq.heappop(heap)
+            if not looked:
+                for h in chosen:
+                    if h is not newest:  # looked at as its hold began
+                        _look(h, holding[h], now)
+                key = self._rank(chosen, now)
+                if key > heap[0][:2]:
+                    heapq.heappush(heap, (*key, i, chosen, True))
+                    continue
+            for h in chosen:
+                self.release(h)
+                self._evict(holding, h, "unsent_budget")
+            if newest in chosen:
+                break
 
     def _sweep(self) -> None:
         period = min(1.0, self.idle_timeout_seconds / 4)

@@ -262,19 +262,17 @@ def _kv_json(key: str, value: bytes, create_index: int, modify_index: int, piece
 
 
 def _answer_turn(handler) -> Callable[[list[bytes]], bool]:
-    """txn_answer_json's `turn` on the edge: the answer built so far counts in the node's budget of unsent answers
+    """txn_answer_json's `turn` on the edge: the answer made so far counts in the node's budget of unsent answers
     while it waits for its turn of the loop (a hundred big answers waiting there at once are no less memory than a
-    hundred unread), and False when it was cut meanwhile (EdgeServer.hold: its time without progress starts at each
-    turn's hold, so it goes before a stalled holder only when none of those frees bytes)."""
+    hundred unread), as an answer being made (EdgeServer.hold: not offered to its client, so not stalled: it ranks as
+    begun at its latest turn, after the non-readers offered their answer before it, and before readers); False when
+    it was cut meanwhile. The request's end lets go of it (or its send, which holds what the socket does not take)."""
     server = handler.server
 
     def turn(pieces: list[bytes]) -> bool:
-        server.hold(handler, pieces)
+        server.hold(handler, pieces, making=True)
         server.gate.enter()
-        if handler not in server.holding:
-            return False  # cut: its connection is shut, the answer would go nowhere
-        server.release(handler)
-        return True
+        return handler in server.holding  # else cut: its connection is shut, the answer would go nowhere
 
     return turn
 
@@ -300,7 +298,9 @@ def post_txn(api: Api) -> bottle.HTTPResponse | str:
     bottle.response.content_type = "application/json"
     bottle.response.set_header("X-Raft-Index", str(index))
     handler = bottle.request.environ.get("raftdzmq.handler")  # None in process (tests)
-    return txn_answer_json(result, index, None if handler is None else _answer_turn(handler))
+    if handler is None:
+        return txn_answer_json(result, index)
+    return txn_answer_json(result, index, _answer_turn(handler))
 
 
 # (method, path, route, the operation its failures are answered as): api.make_app installs them.
