@@ -230,3 +230,60 @@ def test_a_write_the_leader_read_before_closing_is_unknown_and_never_sent_again(
     finally:
         leader.close()
         pool.close()
+
+
+class EarlyHintsLeader:
+    """A fake leader that answers a request whose body is b"alice" first with an interim `103 Early Hints`, then
+    50 ms later with its final 200 (as a proxy or another server at the leader's address may); others at once.
+    Each final answer names the body it answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        with conn:
+            while f.readline():
+                length = 0
+                while (header := f.readline()) not in (b"\r\n", b""):
+                    if header.lower().startswith(b"content-length:"):
+                        length = int(header.split(b":")[1])
+                body = f.read(length)
+                try:
+                    if body == b"alice":
+                        conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+                        time.sleep(0.05)
+                    answer = b"applied " + body
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+                except OSError:  # the pool closed the connection after the 103
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_interim_1xx_answer_is_no_answer_and_never_reaches_the_next_request():
+    """Review fwd, F1: http.client skips only 100; a 103 came back as alice's answer and her connection went back
+    to the pool with her real answer on its way, which bob then read as his. Now alice's write is NoAnswer (503,
+    outcome unknown) and her connection is closed: bob gets his own answer."""
+    leader = EarlyHintsLeader()
+    pool = LeaderConnections()
+    try:
+        with pytest.raises(NoAnswer, match="interim answer 103"):
+            pool.forward(http.client.HTTPConnection, leader.address, "POST", "/db/alice", b"alice", {}, 5.0)
+        bob = pool.forward(http.client.HTTPConnection, leader.address, "POST", "/db/bob", b"bob", {}, 5.0)
+        assert (bob.status, bob.body) == (200, b"applied bob")  # on main: (200, b"applied alice")
+        assert pool.opened == 2  # alice's connection was not reused
+    finally:
+        leader.close()
+        pool.close()

@@ -6,9 +6,10 @@ Rules:
 - At most FORWARD_CONNECTIONS connections to the leader at once, idle or in use; a request waits for a free one
   at most its timeout (then NotSent: nothing reached the leader). One request at a time on a connection.
 - The pool keeps the connections of one leader address: when the leader's address changes, the idle ones are
-  closed, and one in use is closed when its request ends. A connection is closed on any error, on an answer that
-  ends it (`Connection: close`), and when found dropped before reuse (the leader closed it, or sent bytes
-  nobody asked for: readable while idle).
+  closed, and one in use is closed when its request ends. A connection is closed on any error, on an
+  answer that ends it (`Connection: close`), on an interim answer (1xx) where the final one was due (no answer:
+  the real one would be left for the next request), and when found dropped before reuse (the leader closed it,
+  or sent bytes nobody asked for: readable while idle).
 - A request is sent again (once, on a new connection) only when it cannot have reached the leader whole: its
   send failed (the leader's edge runs nothing before a whole request has arrived), or it was a GET or HEAD (safe
   to repeat) on a reused connection that gave no answer. A write sent whole on a reused connection that gave no
@@ -122,6 +123,11 @@ class LeaderConnections:
             try:
                 resp = conn.getresponse()
                 answer = Answer(resp.status, resp.read(), resp.getheaders())
+                if resp.status < 200:
+                    # An interim answer other than 100 (http.client skips only that one: 102, 103) taken for the
+                    # final one would leave the real answer on the connection, for the next request to read
+                    # (review fwd, F1). The leader's edge sends none unasked: whatever sent it is no answer.
+                    raise http.client.HTTPException(f"an interim answer {resp.status} where the final one was due")
             except (OSError, http.client.HTTPException) as e:
                 no_answer = NoAnswer(str(e) or type(e).__name__)
                 raise (_Retry(no_answer) if not fresh and method in SAFE_TO_REPEAT else no_answer) from None
