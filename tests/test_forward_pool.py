@@ -137,6 +137,59 @@ def test_the_leader_closing_idle_pooled_connections_loses_and_repeats_no_write(t
         c.stop()
 
 
+def established_from(pid: int, port: int) -> int:
+    """The ESTABLISHED TCP connections process `pid` holds whose remote end is `port` (/proc/net/tcp and tcp6,
+    matched to the process's descriptors by socket inode)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(name):
+            continue
+        with open(name) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def test_a_follower_that_becomes_leader_closes_its_connections_to_the_old_leader(cluster):
+    """Review fwd, F2: nothing closed the pool, so a follower that became leader kept up to 32 connections to the
+    old leader (half-closed once the old leader timed them out). Now the node's periodic look closes them."""
+    leader, follower = roles(cluster)
+    assert follower.proc is not None
+    errors: list[object] = []
+
+    def writer(t: int) -> None:
+        r = follower.request("POST", f"/db/stale/w{t}", str(t))
+        if r.status != 200:
+            errors.append(r)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    held = established_from(follower.proc.pid, leader.http_port)
+    assert held >= 1, "the follower's pool holds no connection to the leader: nothing to test"
+    follower_id = follower.status()["node_id"]
+    r = leader.request("POST", f"/cluster/transfer?to={follower_id}")
+    assert r.status == 200, r
+    wait_for(lambda: follower.status()["role"] == "leader", 15, "the follower to lead")
+    # On main: all `held` stay ESTABLISHED until the old leader's -idle-timeout (60 s), then sit in CLOSE_WAIT.
+    wait_for(lambda: established_from(follower.proc.pid, leader.http_port) == 0, 5,
+             f"the new leader to close its {held} connections to the old leader")
+
+
 # ---- the pool alone, against a fake leader on a real socket --------------------------------------------------------
 
 

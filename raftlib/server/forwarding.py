@@ -5,8 +5,9 @@ TIME_WAIT, which off loopback caps a follower at a few hundred forwards a second
 Rules:
 - At most FORWARD_CONNECTIONS connections to the leader at once, idle or in use; a request waits for a free one
   at most its timeout (then NotSent: nothing reached the leader). One request at a time on a connection.
-- The pool keeps the connections of one leader address: when the leader's address changes, the idle ones are
-  closed, and one in use is closed when its request ends. A connection is closed on any error, on an
+- The pool keeps the connections of one leader address: when the leader's address changes (seen by the next
+  forward, or by the node's periodic look: keep_only), when the node leads itself and when it stops, the idle
+  ones are closed, and one in use is closed when its request ends. A connection is closed on any error, on an
   answer that ends it (`Connection: close`), on an interim answer (1xx) where the final one was due (no answer:
   the real one would be left for the next request), and when found dropped before reuse (the leader closed it,
   or sent bytes nobody asked for: readable while idle).
@@ -140,9 +141,17 @@ class LeaderConnections:
             self.idle.append(conn)
         return answer
 
+    def keep_only(self, address: str | None) -> None:
+        """Close the connections unless they go to `address` (the leader as the node now knows it; None when it
+        knows none, leads itself, or stops): the idle ones now, one in use when its request ends (review fwd, F2:
+        a follower that became leader kept its connections to the old one)."""
+        if address != self.address:
+            self.close()
+
     def close(self) -> None:
-        """Close the idle connections (a leader's change; the node's stop)."""
-        idle, self.idle = self.idle, []
+        """Close the idle connections, and those in use as their requests end (a leader's change; the node's
+        stop)."""
+        idle, self.idle, self.address = self.idle, [], None
         for conn in idle:
             conn.close()
 
