@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 
+import gevent
 import pytest
 
 from procs import LocalCluster, Node, metric_samples, wait_for
@@ -339,4 +340,36 @@ def test_an_interim_1xx_answer_is_no_answer_and_never_reaches_the_next_request()
         assert pool.opened == 2  # alice's connection was not reused
     finally:
         leader.close()
+        pool.close()
+
+
+def test_a_request_that_waited_for_a_connection_goes_to_the_leader_known_when_one_is_free():
+    """Review fwd, F3: a request that waited for a free connection went to the leader named before its wait, even
+    when another had been elected meanwhile. Now the leader is asked again once a connection is free."""
+    old, new = FakeLeader(), FakeLeader()
+    pool = LeaderConnections(size=1)
+    known = {"leader": old.address}
+
+    def busy_then_new_leader() -> None:  # a request holding the only connection while the leader changes
+        pool.slots.acquire()
+        gevent.sleep(0.2)
+        known["leader"] = new.address
+        pool.slots.release()
+
+    holder = gevent.spawn(busy_then_new_leader)
+    try:
+        gevent.sleep(0)  # the holder takes the slot
+        answer = pool.forward(http.client.HTTPConnection, old.address, "POST", "/db/k", b"v", {}, 5.0,
+                              leader=lambda: known["leader"])
+        assert answer.status == 200
+        assert (old.requests, new.requests) == ([], [(1, "POST /db/k HTTP/1.1")])  # on main: sent to the old one
+        known["leader"] = None
+        with pytest.raises(forwarding.NotSent, match="no leader"):
+            pool.forward(http.client.HTTPConnection, new.address, "POST", "/db/k2", b"v", {}, 5.0,
+                         leader=lambda: known["leader"])
+        assert len(new.requests) == 1
+    finally:
+        holder.kill()
+        old.close()
+        new.close()
         pool.close()

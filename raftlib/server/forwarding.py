@@ -4,7 +4,8 @@ TIME_WAIT, which off loopback caps a follower at a few hundred forwards a second
 
 Rules:
 - At most FORWARD_CONNECTIONS connections to the leader at once, idle or in use; a request waits for a free one
-  at most its timeout (then NotSent: nothing reached the leader). One request at a time on a connection.
+  at most its timeout (then NotSent: nothing reached the leader), then goes to the leader the node knows once
+  one is free (`leader`), not the one it knew before its wait. One request at a time on a connection.
 - The pool keeps the connections of one leader address: when the leader's address changes (seen by the next
   forward, or by the node's periodic look: keep_only), when the node leads itself and when it stops, the idle
   ones are closed, and one in use is closed when its request ends. A connection is closed on any error, on an
@@ -78,11 +79,19 @@ class LeaderConnections:
         self.resent = 0
 
     def forward(self, connect: Callable[..., http.client.HTTPConnection], address: str, method: str, target: str,
-                body: bytes, headers: dict[str, str], timeout: float) -> Answer:
-        """The leader's answer to the request; raises NotSent or NoAnswer."""
+                body: bytes, headers: dict[str, str], timeout: float,
+                leader: Callable[[], str | None] | None = None) -> Answer:
+        """The leader's answer to the request; raises NotSent or NoAnswer. `leader`, when given, names the leader's
+        address as the node knows it now: asked again once a connection is free, for the wait may have outlasted
+        the leader `address` named (review fwd, F3); None then is NotSent."""
         if not self.slots.acquire(timeout=timeout):
             raise NotSent(f"all {self.size} connections to the leader stayed busy for {timeout:g}s")
         try:
+            if leader is not None:
+                now = leader()
+                if now is None:
+                    raise NotSent("no leader was known once a connection to it was free")
+                address = now
             conn = self._take(connect, address, timeout)
             try:
                 return self._exchange(conn, address, method, target, body, headers)

@@ -389,6 +389,11 @@ def leader_http(membership: Membership, leader_id: str | None) -> str | None:
     return member.http_address if member else None
 
 
+def current_leader_http(api: Api) -> str | None:
+    node = api.runtime.node
+    return leader_http(node.membership, node.leader_id)
+
+
 def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
     """307 to the leader with the request target exactly as sent: rebuilding it from the decoded path would change
     the key (%2541 -> %41, %3F -> a query, /../ resolved) and break on a space or non-ASCII. With -forward, the
@@ -432,7 +437,8 @@ def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
             headers[name] = value
     try:
         answer = api.leader_connections.forward(api.connect, leader, req.method, wire_target(req.environ["REQUEST_URI"]),
-                                                read_body(), headers, api.write_timeout_seconds + 1)
+                                                read_body(), headers, api.write_timeout_seconds + 1,
+                                                leader=lambda: current_leader_http(api))
     except NotSent as e:
         return text(503, f"could not forward to the leader at {leader}: {e}; not applied",
                     **{OUTCOME_HEADER: NOT_APPLIED})
