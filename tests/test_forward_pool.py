@@ -191,6 +191,29 @@ def test_a_follower_that_becomes_leader_closes_its_connections_to_the_old_leader
              f"the new leader to close its {held} connections to the old leader")
 
 
+def test_failed_forwards_are_counted_and_logged(tmp_path):
+    """Review fwd, F4: the pool left no trace; a follower's failed forwards are now in /metrics
+    (raftdzmq_forwards_total by result, connections opened) and in one rate-limited log line."""
+    c = LocalCluster(str(tmp_path), extra=("-forward",)).start()
+    try:
+        leader, follower = roles(c)
+        assert follower.request("POST", "/db/trace/a", "a").status == 200
+        leader.kill()  # its port refuses connections until the follower sees the leader gone
+
+        def refused() -> bool:
+            r = follower.request("POST", "/db/trace/b", "b")
+            return r.status == 503 and r.text.startswith("could not forward")
+
+        wait_for(refused, 10, "a forward the follower could not send")
+        samples = metric_samples(follower.request("GET", "/metrics").text)
+        assert samples.get('raftdzmq_forwards_total{result="answered"}', 0) >= 1, samples
+        assert samples.get('raftdzmq_forwards_total{result="not_sent"}', 0) >= 1, samples
+        assert samples.get("raftdzmq_forward_connections_opened_total", 0) >= 1, samples
+        assert "could not forward a POST to the leader at" in follower.log_text(current=True)
+    finally:
+        c.stop()
+
+
 # ---- the pool alone, against a fake leader on a real socket --------------------------------------------------------
 
 

@@ -948,7 +948,8 @@ class Server:
         gevent.spawn(self.level_raiser.run)
         gevent.spawn(self.leases.run)
         if config.forward:
-            self.leader_connections = api.leader_connections
+            self.leader_connections = pool = api.leader_connections
+            self.metrics.forward_pool = lambda: (pool.opened, pool.resent)
             gevent.spawn(self._drop_old_leader_connections)
         if self.node_key is not None:
             self._vouched_watch = gevent.spawn(self._watch_vouched)
