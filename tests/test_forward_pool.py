@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 
+import gevent
 import pytest
 
 from procs import LocalCluster, Node, metric_samples, wait_for
@@ -137,6 +138,82 @@ def test_the_leader_closing_idle_pooled_connections_loses_and_repeats_no_write(t
         c.stop()
 
 
+def established_from(pid: int, port: int) -> int:
+    """The ESTABLISHED TCP connections process `pid` holds whose remote end is `port` (/proc/net/tcp and tcp6,
+    matched to the process's descriptors by socket inode)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(name):
+            continue
+        with open(name) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def test_a_follower_that_becomes_leader_closes_its_connections_to_the_old_leader(cluster):
+    """Review fwd, F2: nothing closed the pool, so a follower that became leader kept up to 32 connections to the
+    old leader (half-closed once the old leader timed them out). Now the node's periodic look closes them."""
+    leader, follower = roles(cluster)
+    assert follower.proc is not None
+    errors: list[object] = []
+
+    def writer(t: int) -> None:
+        r = follower.request("POST", f"/db/stale/w{t}", str(t))
+        if r.status != 200:
+            errors.append(r)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    held = established_from(follower.proc.pid, leader.http_port)
+    assert held >= 1, "the follower's pool holds no connection to the leader: nothing to test"
+    follower_id = follower.status()["node_id"]
+    r = leader.request("POST", f"/cluster/transfer?to={follower_id}")
+    assert r.status == 200, r
+    wait_for(lambda: follower.status()["role"] == "leader", 15, "the follower to lead")
+    # On main: all `held` stay ESTABLISHED until the old leader's -idle-timeout (60 s), then sit in CLOSE_WAIT.
+    wait_for(lambda: established_from(follower.proc.pid, leader.http_port) == 0, 5,
+             f"the new leader to close its {held} connections to the old leader")
+
+
+def test_failed_forwards_are_counted_and_logged(tmp_path):
+    """Review fwd, F4: the pool left no trace; a follower's failed forwards are now in /metrics
+    (raftdzmq_forwards_total by result, connections opened) and in one rate-limited log line."""
+    c = LocalCluster(str(tmp_path), extra=("-forward",)).start()
+    try:
+        leader, follower = roles(c)
+        assert follower.request("POST", "/db/trace/a", "a").status == 200
+        leader.kill()  # its port refuses connections until the follower sees the leader gone
+
+        def refused() -> bool:
+            r = follower.request("POST", "/db/trace/b", "b")
+            return r.status == 503 and r.text.startswith("could not forward")
+
+        wait_for(refused, 10, "a forward the follower could not send")
+        samples = metric_samples(follower.request("GET", "/metrics").text)
+        assert samples.get('raftdzmq_forwards_total{result="answered"}', 0) >= 1, samples
+        assert samples.get('raftdzmq_forwards_total{result="not_sent"}', 0) >= 1, samples
+        assert samples.get("raftdzmq_forward_connections_opened_total", 0) >= 1, samples
+        assert "could not forward a POST to the leader at" in follower.log_text(current=True)
+    finally:
+        c.stop()
+
+
 # ---- the pool alone, against a fake leader on a real socket --------------------------------------------------------
 
 
@@ -229,4 +306,93 @@ def test_a_write_the_leader_read_before_closing_is_unknown_and_never_sent_again(
         assert (pool.opened, pool.resent) == (3, 1)
     finally:
         leader.close()
+        pool.close()
+
+
+class EarlyHintsLeader:
+    """A fake leader that answers a request whose body is b"alice" first with an interim `103 Early Hints`, then
+    50 ms later with its final 200 (as a proxy or another server at the leader's address may); others at once.
+    Each final answer names the body it answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        with conn:
+            while f.readline():
+                length = 0
+                while (header := f.readline()) not in (b"\r\n", b""):
+                    if header.lower().startswith(b"content-length:"):
+                        length = int(header.split(b":")[1])
+                body = f.read(length)
+                try:
+                    if body == b"alice":
+                        conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+                        time.sleep(0.05)
+                    answer = b"applied " + body
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+                except OSError:  # the pool closed the connection after the 103
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_interim_1xx_answer_is_no_answer_and_never_reaches_the_next_request():
+    """Review fwd, F1: http.client skips only 100; a 103 came back as alice's answer and her connection went back
+    to the pool with her real answer on its way, which bob then read as his. Now alice's write is NoAnswer (503,
+    outcome unknown) and her connection is closed: bob gets his own answer."""
+    leader = EarlyHintsLeader()
+    pool = LeaderConnections()
+    try:
+        with pytest.raises(NoAnswer, match="interim answer 103"):
+            pool.forward(http.client.HTTPConnection, leader.address, "POST", "/db/alice", b"alice", {}, 5.0)
+        bob = pool.forward(http.client.HTTPConnection, leader.address, "POST", "/db/bob", b"bob", {}, 5.0)
+        assert (bob.status, bob.body) == (200, b"applied bob")  # on main: (200, b"applied alice")
+        assert pool.opened == 2  # alice's connection was not reused
+    finally:
+        leader.close()
+        pool.close()
+
+
+def test_a_request_that_waited_for_a_connection_goes_to_the_leader_known_when_one_is_free():
+    """Review fwd, F3: a request that waited for a free connection went to the leader named before its wait, even
+    when another had been elected meanwhile. Now the leader is asked again once a connection is free."""
+    old, new = FakeLeader(), FakeLeader()
+    pool = LeaderConnections(size=1)
+    known = {"leader": old.address}
+
+    def busy_then_new_leader() -> None:  # a request holding the only connection while the leader changes
+        pool.slots.acquire()
+        gevent.sleep(0.2)
+        known["leader"] = new.address
+        pool.slots.release()
+
+    holder = gevent.spawn(busy_then_new_leader)
+    try:
+        gevent.sleep(0)  # the holder takes the slot
+        answer = pool.forward(http.client.HTTPConnection, old.address, "POST", "/db/k", b"v", {}, 5.0,
+                              leader=lambda: known["leader"])
+        assert answer.status == 200
+        assert (old.requests, new.requests) == ([], [(1, "POST /db/k HTTP/1.1")])  # on main: sent to the old one
+        known["leader"] = None
+        with pytest.raises(forwarding.NotSent, match="no leader"):
+            pool.forward(http.client.HTTPConnection, new.address, "POST", "/db/k2", b"v", {}, 5.0,
+                         leader=lambda: known["leader"])
+        assert len(new.requests) == 1
+    finally:
+        holder.kill()
+        old.close()
+        new.close()
         pool.close()

@@ -4,11 +4,14 @@ TIME_WAIT, which off loopback caps a follower at a few hundred forwards a second
 
 Rules:
 - At most FORWARD_CONNECTIONS connections to the leader at once, idle or in use; a request waits for a free one
-  at most its timeout (then NotSent: nothing reached the leader). One request at a time on a connection.
-- The pool keeps the connections of one leader address: when the leader's address changes, the idle ones are
-  closed, and one in use is closed when its request ends. A connection is closed on any error, on an answer that
-  ends it (`Connection: close`), and when found dropped before reuse (the leader closed it, or sent bytes
-  nobody asked for: readable while idle).
+  at most its timeout (then NotSent: nothing reached the leader), then goes to the leader the node knows once
+  one is free (`leader`), not the one it knew before its wait. One request at a time on a connection.
+- The pool keeps the connections of one leader address: when the leader's address changes (seen by the next
+  forward, or by the node's periodic look: keep_only), when the node leads itself and when it stops, the idle
+  ones are closed, and one in use is closed when its request ends. A connection is closed on any error, on an
+  answer that ends it (`Connection: close`), on an interim answer (1xx) where the final one was due (no answer:
+  the real one would be left for the next request), and when found dropped before reuse (the leader closed it,
+  or sent bytes nobody asked for: readable while idle).
 - A request is sent again (once, on a new connection) only when it cannot have reached the leader whole: its
   send failed (the leader's edge runs nothing before a whole request has arrived), or it was a GET or HEAD (safe
   to repeat) on a reused connection that gave no answer. A write sent whole on a reused connection that gave no
@@ -76,11 +79,19 @@ class LeaderConnections:
         self.resent = 0
 
     def forward(self, connect: Callable[..., http.client.HTTPConnection], address: str, method: str, target: str,
-                body: bytes, headers: dict[str, str], timeout: float) -> Answer:
-        """The leader's answer to the request; raises NotSent or NoAnswer."""
+                body: bytes, headers: dict[str, str], timeout: float,
+                leader: Callable[[], str | None] | None = None) -> Answer:
+        """The leader's answer to the request; raises NotSent or NoAnswer. `leader`, when given, names the leader's
+        address as the node knows it now: asked again once a connection is free, for the wait may have outlasted
+        the leader `address` named (review fwd, F3); None then is NotSent."""
         if not self.slots.acquire(timeout=timeout):
             raise NotSent(f"all {self.size} connections to the leader stayed busy for {timeout:g}s")
         try:
+            if leader is not None:
+                now = leader()
+                if now is None:
+                    raise NotSent("no leader was known once a connection to it was free")
+                address = now
             conn = self._take(connect, address, timeout)
             try:
                 return self._exchange(conn, address, method, target, body, headers)
@@ -122,6 +133,11 @@ class LeaderConnections:
             try:
                 resp = conn.getresponse()
                 answer = Answer(resp.status, resp.read(), resp.getheaders())
+                if resp.status < 200:
+                    # An interim answer other than 100 (http.client skips only that one: 102, 103) taken for the
+                    # final one would leave the real answer on the connection, for the next request to read
+                    # (review fwd, F1). The leader's edge sends none unasked: whatever sent it is no answer.
+                    raise http.client.HTTPException(f"an interim answer {resp.status} where the final one was due")
             except (OSError, http.client.HTTPException) as e:
                 no_answer = NoAnswer(str(e) or type(e).__name__)
                 raise (_Retry(no_answer) if not fresh and method in SAFE_TO_REPEAT else no_answer) from None
@@ -134,9 +150,17 @@ class LeaderConnections:
             self.idle.append(conn)
         return answer
 
+    def keep_only(self, address: str | None) -> None:
+        """Close the connections unless they go to `address` (the leader as the node now knows it; None when it
+        knows none, leads itself, or stops): the idle ones now, one in use when its request ends (review fwd, F2:
+        a follower that became leader kept its connections to the old one)."""
+        if address != self.address:
+            self.close()
+
     def close(self) -> None:
-        """Close the idle connections (a leader's change; the node's stop)."""
-        idle, self.idle = self.idle, []
+        """Close the idle connections, and those in use as their requests end (a leader's change; the node's
+        stop)."""
+        idle, self.idle, self.address = self.idle, [], None
         for conn in idle:
             conn.close()
 

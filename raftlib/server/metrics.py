@@ -195,6 +195,11 @@ class Metrics:
                                         "outcome")
         self.lease_expirations = Counter("raftdzmq_lease_expirations", "Leases this node expired as leader, by "
                                          "outcome of the LEASE_EXPIRE entry", "outcome")
+        # -forward (review fwd, F4): requests passed on to the leader, by result, and the pool's counts (connections
+        # opened, requests sent again on a new connection after a reused one failed before they could arrive).
+        self.forwards = Counter("raftdzmq_forwards", "Requests this follower passed on to the leader (-forward), by "
+                                "result (answered; not_sent: not applied; no_answer: outcome unknown)", "result")
+        self.forward_pool: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.lease_count: Callable[[], int | None] = lambda: 0  # None: no sample (the state is not there yet)
         # The HTTP edge's budget of unsent answers (edge.EdgeServer.hold): (bytes held now, connections holding them)
         self.unsent: Callable[[], tuple[int, int]] = lambda: (0, 0)
@@ -209,8 +214,15 @@ class Metrics:
     def collect(self) -> Iterator[prom_core.Metric]:
         for m in (self.writes, self.write_seconds, self.fsync_seconds, self.reads, self.read_index_seconds,
                   self.hub_lag_seconds, self.http_evictions, self.watch_events, self.watch_delivery_seconds,
-                  self.watches_behind, self.watches_refused, self.lease_keepalives, self.lease_expirations):
+                  self.watches_behind, self.watches_refused, self.lease_keepalives, self.lease_expirations,
+                  self.forwards):
             yield m.collect()
+        opened, resent = self.forward_pool()
+        yield prom_core.CounterMetricFamily("raftdzmq_forward_connections_opened", "Connections to the leader this "
+                                            "follower opened to pass requests on (-forward)", value=opened)
+        yield prom_core.CounterMetricFamily("raftdzmq_forward_resent", "Forwarded requests sent again on a new "
+                                            "connection, a reused one having failed before they could reach the "
+                                            "leader (-forward)", value=resent)
         yield prom_core.GaugeMetricFamily("raftdzmq_watches_open", "Watches open now (streams and long polls)",
                                           value=self.watches_open)
         unsent_bytes, holders = self.unsent()

@@ -87,7 +87,8 @@ from .leases import TICK_SECONDS as LEASE_TICK_SECONDS
 from .leases import LeaseKeeper
 from .metrics import Metrics
 from .nodestart import force_new_cluster, name_of, new_node_id, start_node
-from .routes_shared import BACKUP_MIN_RATE, MAX_WATCHES, Api, restoring_into_the_empty_state
+from .forwarding import LeaderConnections
+from .routes_shared import BACKUP_MIN_RATE, MAX_WATCHES, Api, leader_http, restoring_into_the_empty_state
 from .store import (FEATURE_LEVEL, LEASE_EXPIRE, MAX_EXPIRE_BATCH, SET_FEATURE_LEVEL, Event, KeyValueStore, check_snapshot,
                     command)
 from .watch import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_EVENTS, WatchHub
@@ -113,6 +114,7 @@ LEVEL_ROLE_CHECK_SECONDS = 0.1  # how often the raiser looks whether this node l
 LEVEL_REQUEST_TIMEOUT_SECONDS = 1.0  # each member asked gets this long to answer
 HEARTBEAT_TICKS = 5  # ticks per heartbeat: the election timeout is counted in fifths of a heartbeat
 HANDOVER_TIMEOUT_SECONDS = 2.0  # how long a stopping leader waits for its successor to take over
+FORWARD_POOL_CHECK_SECONDS = 0.5  # how often -forward's pool is told which leader this node knows (keep_only)
 MIN_HARD_DESCRIPTORS = 1024  # a hard ulimit -n under this is warned about at start
 KEYS_REFRESH_SECONDS = 2.0  # at most one round of GET /cluster/keys this often (a stranger's refusals cause them)
 KEYS_REFRESH_MAX_SECONDS = 30.0  # the pause between rounds doubles up to this while they find nothing newer
@@ -600,6 +602,7 @@ class Server:
         self.http: EdgeServer | None = None
         self.feature_level = own_feature_level()
         self.level_raiser: FeatureLevelRaiser | None = None
+        self.leader_connections: LeaderConnections | None = None  # -forward's pool, once HTTP is set up
         self._stopping = False
 
     def lease_count(self) -> int | None:
@@ -944,6 +947,10 @@ class Server:
         gevent.spawn(self.metrics.watch_hub_lag)
         gevent.spawn(self.level_raiser.run)
         gevent.spawn(self.leases.run)
+        if config.forward:
+            self.leader_connections = pool = api.leader_connections
+            self.metrics.forward_pool = lambda: (pool.opened, pool.resent)
+            gevent.spawn(self._drop_old_leader_connections)
         if self.node_key is not None:
             self._vouched_watch = gevent.spawn(self._watch_vouched)
         if self.node_key is not None and self.node.membership.members:
@@ -962,6 +969,16 @@ class Server:
             log.warning("listening on %s beyond loopback without a cluster secret: anyone who can reach the raft port "
                         "can speak for a member, and anyone who reaches the http port can join; give every node "
                         "-secret-file (or %s)", self.bind_host, SECRET_ENV)
+
+    def _drop_old_leader_connections(self) -> None:
+        """-forward: every FORWARD_POOL_CHECK_SECONDS, close the pool's connections to a leader that is no longer
+        the one (review fwd, F2): this node leads now, or another node does, or none is known. Without this a
+        follower that became leader kept up to 32 connections to the old one, half-closed once it timed them out."""
+        pool = self.leader_connections
+        while not self._stopping and pool is not None:
+            gevent.sleep(FORWARD_POOL_CHECK_SECONDS)
+            node = self.runtime.node
+            pool.keep_only(None if node.role is Role.LEADER else leader_http(node.membership, node.leader_id))
 
     def stop(self) -> None:
         """Stop serving and close the data dir. A leader first hands leadership to its most up-to-date voter
@@ -986,6 +1003,8 @@ class Server:
                 log.warning("leadership transfer before shutdown failed: %s", e)
         if self.http is not None:
             self.http.stop(timeout=1)
+        if self.leader_connections is not None:
+            self.leader_connections.close()  # after HTTP: no request forwards any more
         # After HTTP: while it serves (the hand-over, up to HANDOVER_TIMEOUT_SECONDS), /readyz must not answer
         # `watch guard not running`, a bug's reason (review of health, Q5).
         self.watch_guard.stop()

@@ -138,6 +138,7 @@ class Api:
     connect: Callable[..., http.client.HTTPConnection] = http.client.HTTPConnection
     leader_connections: LeaderConnections = field(default_factory=LeaderConnections)
     admin_refusals: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("refused admin requests", log))
+    forward_failures: RateLimitedLog = field(default_factory=lambda: RateLimitedLog("failed forwards", log, 5.0))
     # This node's feature level (store.FEATURE_LEVEL; lower only in tests: node.TEST_FEATURE_LEVEL_ENV), and why
     # the cluster's is not raised yet (the node's FeatureLevelRaiser knows which members lag).
     feature_level: int = FEATURE_LEVEL
@@ -389,6 +390,11 @@ def leader_http(membership: Membership, leader_id: str | None) -> str | None:
     return member.http_address if member else None
 
 
+def current_leader_http(api: Api) -> str | None:
+    node = api.runtime.node
+    return leader_http(node.membership, node.leader_id)
+
+
 def redirect_to_leader(api: Api) -> bottle.HTTPResponse:
     """307 to the leader with the request target exactly as sent: rebuilding it from the decoded path would change
     the key (%2541 -> %41, %3F -> a query, /../ resolved) and break on a space or non-ASCII. With -forward, the
@@ -432,12 +438,20 @@ def forward_to(api: Api, leader: str) -> bottle.HTTPResponse:
             headers[name] = value
     try:
         answer = api.leader_connections.forward(api.connect, leader, req.method, wire_target(req.environ["REQUEST_URI"]),
-                                                read_body(), headers, api.write_timeout_seconds + 1)
+                                                read_body(), headers, api.write_timeout_seconds + 1,
+                                                leader=lambda: current_leader_http(api))
     except NotSent as e:
+        api.metrics.forwards.inc("not_sent")
+        api.forward_failures.log(logging.WARNING, "could not forward a %s to the leader at %s: %s; not applied",
+                                 req.method, leader, e)
         return text(503, f"could not forward to the leader at {leader}: {e}; not applied",
                     **{OUTCOME_HEADER: NOT_APPLIED})
     except NoAnswer as e:
+        api.metrics.forwards.inc("no_answer")
+        api.forward_failures.log(logging.WARNING, "no answer from the leader at %s to a forwarded %s: %s; outcome "
+                                 "unknown", leader, req.method, e)
         return text(503, f"no answer from the leader at {leader}: {e}; outcome unknown", **{OUTCOME_HEADER: UNKNOWN})
+    api.metrics.forwards.inc("answered")
     keep = {k: v for k, v in answer.headers if forwarded_answer_header(k)}
     return bottle.HTTPResponse(answer.body, answer.status, keep)
 
