@@ -1701,10 +1701,11 @@ def test_unsent_answers_count_once_each_and_the_longest_stalled_candidate_is_cut
         assert server.unsent_bytes == 100 * kib and shut == [] and evictions == []
         a.took_bytes_at = time.monotonic()  # a reads; b and c, which share, do not
         server.hold(d, (b"d" * (10 * kib),))  # past the budget: b and c, one candidate, longer stalled than d
-        assert shut == ["b", "c"] and evictions == ["unsent_budget"] * 2 and server.unsent_bytes == 60 * kib
+        # b and c go together, in no set order (a group's members come from a set: CI at 1f04b16 cut c first)
+        assert sorted(shut) == ["b", "c"] and evictions == ["unsent_budget"] * 2 and server.unsent_bytes == 60 * kib
         assert list(server.holding) == [a, d]
         server.hold(e, (b"e" * (45 * kib),))  # past it again: d, not reading and the longer stalled, not the reader
-        assert shut == ["b", "c", "d"] and server.unsent_bytes == 95 * kib
+        assert sorted(shut[:2]) == ["b", "c"] and shut[2:] == ["d"] and server.unsent_bytes == 95 * kib
         server.release(e)
         server.release(e)  # twice: nothing more
         assert server.unsent_bytes == 50 * kib
