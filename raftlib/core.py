@@ -513,7 +513,20 @@ class RaftNode:
         )
 
     def _promotable(self) -> bool:
-        return self.node_id in self.membership.voters
+        """A voter of the configuration in force may campaign; so may a voter of the one before it while the one in
+        force, which leaves it out, is not committed (its removal is pending, thesis §4.2.2). A leader of two voters
+        that removed itself and went down before its removal reached the other kept the longer log: the other,
+        still in the old configuration, needs its vote and cannot get it (a candidate's log must be as up to date),
+        and it would never campaign, so neither could lead again (random schedule 478, size 3). Elected, it counts
+        votes and acknowledgements in the configuration in force, without itself, commits its removal, and hands
+        over as any leader that removed itself does. Not once a member told it that it was removed."""
+        if self.node_id in self.membership.voters:
+            return True
+        if self.removed is not None or self._membership_index <= self.commit_index:
+            return False
+        entries = self.log.membership_entries()
+        previous = entries[-2].membership if len(entries) >= 2 else self._base_membership
+        return previous is not None and self.node_id in previous.voters
 
     # ---- inputs ---------------------------------------------------------------------------------
 

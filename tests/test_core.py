@@ -308,6 +308,32 @@ def test_leader_removed_from_the_configuration_steps_down():
     assert c.nodes[leader].node.removed == (leader, index)  # it knows why it is idle
 
 
+def test_a_leader_of_two_that_removed_itself_and_went_down_before_the_other_heard_does_not_stall_the_cluster():
+    """Found by CI at 1f04b16 (random schedule 478, size 3, once the simulator's random removals could take out a
+    leader of two voters): leader A of {A, B} appends its own removal, cut off from B, and goes down. A's log is
+    longer, so B, still in {A, B}, can never win A's vote; A, whose configuration in force ({B}) leaves it out,
+    never campaigned: no leader ever again. A voter of the configuration before one that leaves it out and is not
+    committed may campaign (RaftNode._promotable): A leads, commits its removal through B, and hands over; B then
+    leads {B} and takes writes."""
+    for seed in range(10):
+        c = Cluster(seed=seed, n=2)
+        c.power_failure_share = 0.0  # the removal stays on A's disk through its crash (a kill, not a power cut)
+        a = elect(c)
+        b = next(i for i in c.ids if i != a)
+        write(c)
+        c.isolate(a)
+        assert c.change_membership(ConfChangeKind.REMOVE, a)
+        removal = c.nodes[a].node.log.last_index
+        c.run(2)
+        c.crash(a)
+        c.heal()
+        c.restart(a)
+        assert c.nodes[a].node.log.last_index == removal and c.nodes[a].node.membership.voters == (b,), seed
+        assert c.nodes[b].node.log.last_index < removal, seed  # B never heard of it
+        assert c.run_until(lambda: c.leader() == b and c.nodes[b].node.membership.voters == (b,), 3000), seed
+        write(c, key=f"after-{seed}")
+
+
 def test_learner_joins_catches_up_and_is_promoted():
     """Thesis §4.2.1: a new server joins as a non-voting learner and becomes a voter once caught up."""
     c = Cluster(seed=7, n=3, spares=1)
