@@ -48,7 +48,7 @@ from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker, 
 from .readonly import ReadAnswer, ReadOnly
 
 
-# Election timeouts with no leader heard after which a node that never campaigns (a learner, a removed node) drops a
+# Election timeouts with no leader heard after which a node that never campaigns (a learner, a node whose removal it knows committed) drops a
 # partial snapshot transfer (fire_timers). Long enough that a live leader on a lossy link is heard within it.
 LEARNER_TRANSFER_SILENCE_TIMEOUTS = 10
 
@@ -519,11 +519,14 @@ class RaftNode:
         still in the old configuration, needs its vote and cannot get it (a candidate's log must be as up to date),
         and it would never campaign, so neither could lead again (random schedule 478, size 3). Elected, it counts
         votes and acknowledgements in the configuration in force, without itself, commits its removal, and hands
-        over as any leader that removed itself does. Not once a member told it that it was removed."""
+        over as any leader that removed itself does. Not once a member told it that this configuration, or a later one,
+        removed it (a notice of an older removal, delivered late, is stale: review rmv, L1)."""
         if self.node_id in self.membership.voters:
             return True
-        if self.removed is not None or self._membership_index <= self.commit_index:
+        if self._membership_index <= self.commit_index:
             return False
+        if self.removed is not None and self.removed[1] >= self._membership_index:
+            return False  # a member named this configuration, or a later one, as the one that removed it
         entries = self.log.membership_entries()
         previous = entries[-2].membership if len(entries) >= 2 else self._base_membership
         return previous is not None and self.node_id in previous.voters
@@ -573,7 +576,7 @@ class RaftNode:
             self._campaign(pre_vote=self.config.pre_vote)
         elif not self._promotable() and self._incoming_snapshot is not None \
                 and self._election_elapsed >= LEARNER_TRANSFER_SILENCE_TIMEOUTS * self.config.election_ticks:
-            # A learner (or a removed node) never campaigns, so no _reset lets go of a transfer whose leader went
+            # A learner (or a node whose removal is committed) never campaigns, so no _reset lets go of a transfer whose leader went
             # silent (removed mid-transfer, or deposed): after LEARNER_TRANSFER_SILENCE_TIMEOUTS election timeouts
             # with no leader heard, it is dropped (its sink discarded). A later leader starts over from offset 0
             # (review of health, Q6). Not after one timeout: on a lossy link a live leader's transfer would start
