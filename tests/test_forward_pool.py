@@ -20,11 +20,9 @@ from raftlib.server import forwarding
 from raftlib.server.forwarding import FORWARD_CONNECTIONS, LeaderConnections, NoAnswer
 
 
-def sockets_to(port: int) -> set[tuple[str, str]]:
-    """Every TCP socket on this machine (any state but LISTEN, TIME_WAIT included) whose remote end is `port`:
-    (local address, state) from /proc/net/tcp and tcp6. A connection closed by its client stays in TIME_WAIT for
-    60 s, so this counts the connections opened to `port` over the last minute."""
-    found = set()
+def tcp_sockets_to(port: int):
+    """The fields of every line of /proc/net/tcp and tcp6 whose remote end is `port` (fields[1] the local address,
+    [3] the state, [9] the socket's inode)."""
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         if not os.path.exists(name):
             continue
@@ -32,10 +30,15 @@ def sockets_to(port: int) -> set[tuple[str, str]]:
             next(f)
             for line in f:
                 fields = line.split()
-                local, remote, state = fields[1], fields[2], fields[3]
-                if int(remote.rsplit(":", 1)[1], 16) == port and state != "0A":
-                    found.add((local, state))
-    return found
+                if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    yield fields
+
+
+def sockets_to(port: int) -> set[tuple[str, str]]:
+    """Every TCP socket on this machine (any state but LISTEN, TIME_WAIT included) whose remote end is `port`:
+    (local address, state). A connection closed by its client stays in TIME_WAIT for 60 s, so this counts the
+    connections opened to `port` over the last minute."""
+    return {(fields[1], fields[3]) for fields in tcp_sockets_to(port) if fields[3] != "0A"}
 
 
 def roles(cluster: LocalCluster) -> tuple[Node, Node]:
@@ -149,17 +152,7 @@ def established_from(pid: int, port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    count = 0
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(name):
-            continue
-        with open(name) as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in inodes:
-                    count += 1
-    return count
+    return sum(1 for fields in tcp_sockets_to(port) if fields[3] == "01" and fields[9] in inodes)
 
 
 def test_a_follower_that_becomes_leader_closes_its_connections_to_the_old_leader(cluster):
