@@ -48,8 +48,9 @@ from .progress import Progress, ProgressState, ProgressStatus, ProgressTracker, 
 from .readonly import ReadAnswer, ReadOnly
 
 
-# Election timeouts with no leader heard after which a node that never campaigns (a learner, a node whose removal it knows committed) drops a
-# partial snapshot transfer (fire_timers). Long enough that a live leader on a lossy link is heard within it.
+# Election timeouts with no leader heard after which a node that never campaigns (a learner, a node whose removal it
+# knows committed) drops a partial snapshot transfer (fire_timers). Long enough that a live leader on a lossy link is
+# heard within it.
 LEARNER_TRANSFER_SILENCE_TIMEOUTS = 10
 
 
@@ -519,8 +520,8 @@ class RaftNode:
         still in the old configuration, needs its vote and cannot get it (a candidate's log must be as up to date),
         and it would never campaign, so neither could lead again (random schedule 478, size 3). Elected, it counts
         votes and acknowledgements in the configuration in force, without itself, commits its removal, and hands
-        over as any leader that removed itself does. Not once a member told it that this configuration, or a later one,
-        removed it (a notice of an older removal, delivered late, is stale: review rmv, L1)."""
+        over as any leader that removed itself does. Not once a member told it that this configuration, or a later
+        one, removed it (a notice of an older removal, delivered late, is stale: review rmv, L1)."""
         if self.node_id in self.membership.voters:
             return True
         if self._membership_index <= self.commit_index:
@@ -576,10 +577,10 @@ class RaftNode:
             self._campaign(pre_vote=self.config.pre_vote)
         elif not self._promotable() and self._incoming_snapshot is not None \
                 and self._election_elapsed >= LEARNER_TRANSFER_SILENCE_TIMEOUTS * self.config.election_ticks:
-            # A learner (or a node whose removal is committed) never campaigns, so no _reset lets go of a transfer whose leader went
-            # silent (removed mid-transfer, or deposed): after LEARNER_TRANSFER_SILENCE_TIMEOUTS election timeouts
-            # with no leader heard, it is dropped (its sink discarded). A later leader starts over from offset 0
-            # (review of health, Q6). Not after one timeout: on a lossy link a live leader's transfer would start
+            # A learner (or a node whose removal is committed) never campaigns, so no _reset lets go of a transfer
+            # whose leader went silent (removed mid-transfer, or deposed): after LEARNER_TRANSFER_SILENCE_TIMEOUTS
+            # election timeouts with no leader heard, it is dropped (its sink discarded). A later leader starts over
+            # from offset 0 (review of health, Q6). Not after one timeout: on a lossy link a live leader's transfer would start
             # over again and again (review health2, L1: at 80% loss a learner never caught up).
             self._drop_incoming_snapshot()
 
